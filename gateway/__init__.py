@@ -1,0 +1,53 @@
+"""authgw: a plugin-based authentication gateway.
+
+This module is the public plugin API; everything else in ``gateway`` is implementation.
+A plugin is a class with a ``Settings`` model (deriving from :class:`PluginSettings`), built as
+``Plugin(settings, context)`` and registered with pluggy; its hooks are methods marked
+:data:`hookimpl`. See docs/plugins.md.
+"""
+
+from gateway.checks import CheckResult, CheckStatus, ComponentState, SelfTest
+from gateway.errors import AuthgwError, BackendUnavailable, ConfigError, PluginLoadError
+from gateway.model import (
+    MUTUAL_AUTH_KEY,
+    Attempt,
+    CertificateCredential,
+    Decision,
+    Identity,
+    NegotiateCredential,
+    Note,
+    Outcome,
+    PasswordCredential,
+)
+from gateway.registry import PluginContext, hookimpl
+from gateway.settings import ConfigPath, PluginSettings, Secret
+from gateway.stash import Stash, StashKey
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MUTUAL_AUTH_KEY",
+    "Attempt",
+    "AuthgwError",
+    "BackendUnavailable",
+    "CertificateCredential",
+    "CheckResult",
+    "CheckStatus",
+    "ComponentState",
+    "ConfigError",
+    "ConfigPath",
+    "Decision",
+    "Identity",
+    "NegotiateCredential",
+    "Note",
+    "Outcome",
+    "PasswordCredential",
+    "PluginContext",
+    "PluginLoadError",
+    "PluginSettings",
+    "Secret",
+    "SelfTest",
+    "Stash",
+    "StashKey",
+    "hookimpl",
+]

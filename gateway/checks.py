@@ -1,0 +1,60 @@
+"""Records plugins return for self-tests (``authgw check``) and readiness (``/readyz``)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Callable
+
+__all__ = ["CheckResult", "CheckStatus", "ComponentState", "SelfTest"]
+
+
+class CheckStatus(enum.Enum):
+    PASS = "pass"
+    WARN = "warn"
+    FAIL = "fail"
+
+
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    """What one self-test found. ``hint`` tells the operator what to check when it did not pass."""
+
+    status: CheckStatus
+    detail: str
+    hint: str = ""
+
+    @classmethod
+    def ok(cls, detail: str) -> CheckResult:
+        return cls(CheckStatus.PASS, detail)
+
+    @classmethod
+    def warn(cls, detail: str, hint: str = "") -> CheckResult:
+        return cls(CheckStatus.WARN, detail, hint)
+
+    @classmethod
+    def fail(cls, detail: str, hint: str = "") -> CheckResult:
+        return cls(CheckStatus.FAIL, detail, hint)
+
+
+@dataclass(frozen=True, slots=True)
+class SelfTest:
+    """A named connectivity or configuration test a plugin offers.
+
+    ``run`` is blocking and is called from a worker thread; it should finish within a few seconds
+    and return a :class:`CheckResult` (an exception it raises counts as a failure). Names are
+    dotted and start with the plugin's name, e.g. ``ldap.tcp[dc1.example.com:636]``.
+    """
+
+    name: str
+    run: Callable[[], CheckResult]
+    #: Tests that come later in the same plugin are skipped when this one fails.
+    prerequisite: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ComponentState:
+    """One backend component's health as ``/readyz`` and ``authgw check`` show it."""
+
+    name: str
+    ready: bool
+    detail: str = ""

@@ -1,0 +1,224 @@
+"""The ``authgw`` command."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import hashlib
+import json
+import logging
+import secrets
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
+from pathlib import Path
+
+import yaml
+
+from gateway.checks import CheckResult, CheckStatus
+from gateway.config import load_config
+from gateway.errors import AuthgwError, ConfigError, PluginLoadError
+from gateway.runtime import build_runtime, default_config_dir
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+SELFTEST_TIMEOUT = 15.0
+
+
+def _setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(stream=sys.stderr, level=getattr(logging, level, logging.INFO),
+                        format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
+
+
+def _config_dir(args: argparse.Namespace) -> Path:
+    return Path(args.config) if args.config else default_config_dir()
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from gateway.server import serve
+
+    config = load_config(_config_dir(args))
+    _setup_logging(config.core.log_level)
+    return serve(_config_dir(args), state_dir=args.state_dir, workers=args.workers, listen=args.listen or None)
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    runtime = build_runtime(_config_dir(args), state_dir=args.state_dir)
+    config = runtime.config
+    runtime.discard()
+    print(f"configuration OK: {config.directory} ({len(config.files)} files); "
+          f"chain: {' -> '.join(config.core.chain)}"
+          + (f"; plugins: {', '.join(config.core.plugins)}" if config.core.plugins else ""))
+    return EXIT_OK
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    runtime = build_runtime(_config_dir(args), state_dir=args.state_dir)
+    shown = runtime.config.redacted()
+    runtime.discard()
+    print(f"# merged from: {', '.join(str(f) for f in runtime.config.files)} (secrets shown as references)")
+    print(yaml.safe_dump(shown, sort_keys=False, default_flow_style=False).rstrip())
+    return EXIT_OK
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from gateway.registry import discover
+
+    found = discover()
+    enabled: list[str] = []
+    try:
+        enabled = load_config(_config_dir(args)).enabled
+    except ConfigError as exc:
+        print(f"(configuration not read: {exc.problems[0]})", file=sys.stderr)
+    print(f"{'NAME':<16} {'STATE':<14} {'DISTRIBUTION':<28} ENTRY POINT")
+    for name, info in found.items():
+        state = f"enabled #{enabled.index(name) + 1}" if name in enabled else "installed"
+        print(f"{name:<16} {state:<14} {info.distribution + ' ' + info.version:<28} {info.value}")
+    for name in enabled:
+        if name not in found:
+            print(f"{name:<16} {'MISSING':<14} {'-':<28} enabled in conf.d but not installed")
+    return EXIT_OK
+
+
+def _run_one(pool: ThreadPoolExecutor, test) -> CheckResult:
+    try:
+        return pool.submit(test.run).result(timeout=SELFTEST_TIMEOUT)
+    except FutureTimeout:
+        return CheckResult.fail(f"no answer within {SELFTEST_TIMEOUT:.0f}s", "a backend hangs or a timeout is too long")
+    except Exception as exc:
+        return CheckResult.fail(f"the test raised {exc.__class__.__name__}: {exc}")
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config_dir = _config_dir(args)
+    runtime = build_runtime(config_dir, state_dir=args.state_dir)
+    config = runtime.config
+    print(f"authgw configuration log  {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
+    print(f"  config    {config.directory} ({', '.join(f.name for f in config.files)})")
+    print(f"  chain     {' -> '.join(config.core.chain)}")
+    if config.core.plugins:
+        print(f"  plugins   {', '.join(config.core.plugins)}")
+    print(f"  listen    {', '.join(config.core.listen)}")
+    failed = 0
+    total = 0
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        try:
+            runtime.gateway.startup()
+        except Exception as exc:
+            print(f"FAIL  startup: {exc.__class__.__name__}: {exc}")
+            failed += 1
+        blocked: set[str] = set()
+        for test in runtime.gateway.selftests():
+            total += 1
+            plugin = test.name.split(".", 1)[0]
+            if plugin in blocked:
+                print(f"SKIP  {test.name}: an earlier test of {plugin} failed")
+                continue
+            result = _run_one(pool, test)
+            print(f"{result.status.value.upper():<5} {test.name}: {result.detail}")
+            if result.hint and result.status is not CheckStatus.PASS:
+                print(f"      hint: {result.hint}")
+            if result.status is CheckStatus.FAIL:
+                failed += 1
+                if test.prerequisite:
+                    blocked.add(plugin)
+        ready, components = runtime.gateway.readiness()
+        for component in components:
+            print(f"{'READY' if component.ready else 'DOWN':<5} {component.name}: {component.detail}")
+    runtime.close()
+    print(f"{total} self-tests, {failed} failed" if total else "no plugin offers self-tests")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def cmd_hash_password(args: argparse.Namespace) -> int:
+    from gateway.passwords import hash_password
+
+    if args.stdin or not sys.stdin.isatty():
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            print("the passwords differ", file=sys.stderr)
+            return EXIT_FAILED
+    if not password:
+        print("refusing to hash an empty password", file=sys.stderr)
+        return EXIT_FAILED
+    print(hash_password(password))
+    return EXIT_OK
+
+
+def cmd_api_token(args: argparse.Namespace) -> int:
+    token = "agw_" + secrets.token_urlsafe(32)
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    print(f"token (give it to the client; it is not stored): {token}", file=sys.stderr)
+    print(token)
+    print("add to conf.d/gateway.yaml under api_tokens:", file=sys.stderr)
+    print(json.dumps({"name": args.name, "sha256": digest}), file=sys.stderr)
+    return EXIT_OK
+
+
+# -- parser -----------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="DIR",
+                        help="configuration directory (default: $AUTHGW_CONFIG, ./conf.d, /etc/authgw/conf.d)")
+    common.add_argument("--state-dir", metavar="DIR", type=Path, help="state directory (cache, keys)")
+
+    parser = argparse.ArgumentParser(prog="authgw", description="Plugin-based authentication gateway.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", parents=[common], help="run the gateway in the foreground")
+    serve.add_argument("--workers", type=int, metavar="N", help="worker processes sharing the sockets")
+    serve.add_argument("--listen", action="append", metavar="HOST:PORT", help="override `listen:` (repeatable)")
+    serve.set_defaults(func=cmd_serve)
+
+    config = commands.add_parser("config", help="validate or show the configuration")
+    config_commands = config.add_subparsers(dest="config_command", required=True, metavar="COMMAND")
+    config_commands.add_parser("check", parents=[common], help="validate without starting anything"
+                               ).set_defaults(func=cmd_config_check)
+    config_commands.add_parser("show", parents=[common], help="print the merged configuration, secrets redacted"
+                               ).set_defaults(func=cmd_config_show)
+
+    commands.add_parser("plugins", parents=[common], help="list installed and enabled plugins"
+                        ).set_defaults(func=cmd_plugins)
+    commands.add_parser("check", parents=[common], help="run every enabled plugin's self-tests"
+                        ).set_defaults(func=cmd_check)
+
+    hashing = commands.add_parser("hash-password", help="print an argon2id hash for a users file")
+    hashing.add_argument("--stdin", action="store_true", help="read the password from standard input")
+    hashing.set_defaults(func=cmd_hash_password)
+
+    token = commands.add_parser("api-token", help="make an API token for POST /v1/authenticate")
+    token.add_argument("name", help="a name for the client that will use it")
+    token.set_defaults(func=cmd_api_token)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.func is not cmd_serve:
+        _setup_logging("WARNING")
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (PluginLoadError, AuthgwError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""The hooks authgw calls on its plugins. Each docstring is the contract.
+
+Every hook is prefixed ``gateway_``. A plugin implements a hook by defining a method of the same
+name marked with :data:`gateway.hookimpl`; it may accept any subset of the hook's parameters.
+Hooks grow only by gaining optional parameters; a published hook is never broken.
+
+Hooks run in the order of ``chain:`` in ``conf.d/gateway.yaml`` (then the plugins listed under
+``plugins:``), on worker threads: implementations may block, within the attempt's deadline.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterable
+
+import pluggy
+
+if TYPE_CHECKING:
+    from gateway.checks import ComponentState, SelfTest
+    from gateway.model import Attempt, Decision, Identity
+
+hookspec = pluggy.HookspecMarker("authgw")
+
+# ---------------------------------------------------------------------------------------------
+# Start-up
+# ---------------------------------------------------------------------------------------------
+
+
+@hookspec
+def gateway_startup() -> None:
+    """Called once per worker process after every enabled plugin is registered, before the first
+    request. Open pools, start background refreshers, warm caches here.
+
+    Raising stops start-up: the operator sees the plugin's name and the error.
+
+    .. versionadded:: 0.1
+    """
+
+
+@hookspec
+def gateway_selftests() -> Iterable[SelfTest]:
+    """Offer connectivity and configuration self-tests for ``authgw check`` and the console.
+
+    :return: the plugin's :class:`~gateway.checks.SelfTest` records, in the order an operator
+        should read them (for a directory: TCP, then TLS, then bind, then search). ``None`` or an
+        empty iterable means the plugin has nothing to test. All plugins' results are collected.
+
+    .. versionadded:: 0.1
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# Per attempt
+# ---------------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def gateway_authenticate(attempt: Attempt) -> Decision | None:
+    """Decide an attempt, or pass it on. This is the chain; it stops at the first non-``None``.
+
+    Return ``None`` ("not mine, ask the next step") when the attempt carries no credential of
+    this plugin's kind or the client is outside the plugin's allowed networks. Also return
+    ``None`` when the user does not exist in this plugin's backend, after
+    ``attempt.note(Outcome.USER_NOT_FOUND, ...)``, and when the backend is unreachable or timed
+    out, after ``attempt.note(Outcome.UNAVAILABLE, ...)``.
+
+    Return a :class:`~gateway.model.Decision` to stop the chain: ``INVALID_CREDENTIALS`` for a
+    wrong password, bad token or bad certificate; ``ACCOUNT_STATE`` with a reason for a locked,
+    disabled, expired or must-change account; ``SUCCESS`` with an identity.
+
+    When no step decides, the core folds the notes: any ``UNAVAILABLE`` gives ``UNAVAILABLE``,
+    else ``USER_NOT_FOUND``, else ``NOT_APPLICABLE``. An exception becomes a fail-closed deny
+    (``ERROR``, reason ``internal_error``) logged with the plugin's name.
+
+    Chain steps may not use ``tryfirst``/``trylast`` here: the operator's order is the order.
+    Plugins listed under ``plugins:`` (not chain steps) may implement this hook as a
+    ``wrapper=True`` around the whole chain; they then see the folded decision.
+
+    :param attempt: the attempt, with its credentials, client address and deadline. Keep
+        per-attempt state in ``attempt.stash``.
+
+    .. versionadded:: 0.1
+    """
+
+
+@hookspec(firstresult=True)
+def gateway_lookup_user(username: str) -> Identity | None:
+    """Look up a user's directory profile without a password.
+
+    Methods that prove who the user is without the directory (Kerberos, client certificates)
+    call this to get the display name, email and groups. A directory plugin answers with an
+    :class:`~gateway.model.Identity` whose ``method`` is its own name (callers replace it).
+
+    :param username: the name as the calling method mapped it (no realm, no domain).
+    :return: the identity, or ``None`` when this plugin does not know the user (the next plugin
+        is asked). Raise :class:`~gateway.errors.BackendUnavailable` when the directory cannot
+        be reached, so the caller can tell "no such user" from "cannot tell".
+
+    .. versionadded:: 0.1
+    """
+
+
+@hookspec
+def gateway_challenges(attempt: Attempt) -> str | None:
+    """Offer a ``WWW-Authenticate`` challenge for a 401 answer to this attempt.
+
+    Called only when the attempt is denied with a 401. Offer a challenge only where it can
+    succeed: a Kerberos plugin offers ``Negotiate`` only to clients inside its allowed networks.
+
+    :return: one header value such as ``Basic realm="authgw", charset="UTF-8"``, or ``None``.
+        All plugins' answers are collected, de-duplicated, in chain order.
+
+    .. versionadded:: 0.1
+    """
+
+
+@hookspec
+def gateway_readiness() -> Iterable[ComponentState]:
+    """Report backend health for ``/readyz`` and ``authgw check``.
+
+    Must return quickly from state the plugin already holds (for a directory: which server is
+    active and which are backing off); it must not open connections.
+
+    :return: :class:`~gateway.checks.ComponentState` records, or ``None``. The gateway is ready
+        when every chain step that reports has at least one ready component.
+
+    .. versionadded:: 0.1
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# Notification
+# ---------------------------------------------------------------------------------------------
+
+
+@hookspec
+def gateway_auth_finished(attempt: Attempt, decision: Decision) -> None:
+    """Be told the final decision of every attempt (audit sinks, metrics, caches).
+
+    Called after the chain, also for denials, errors and throttled attempts. The return value
+    is ignored; an exception is logged and does not change the decision.
+
+    :param attempt: the attempt as decided.
+    :param decision: the decision the front door is about to answer with.
+
+    .. versionadded:: 0.1
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# Shut-down
+# ---------------------------------------------------------------------------------------------
+
+
+@hookspec
+def gateway_shutdown() -> None:
+    """Called once per worker process on a clean stop (SIGTERM/SIGINT), after the listeners
+    closed and in-flight attempts finished. Close pools and flush buffers here.
+
+    .. versionadded:: 0.1
+    """

@@ -1,0 +1,208 @@
+"""The HTTP front doors (DESIGN.md section 5).
+
+``/auth``              forward-auth for nginx ``auth_request``, Traefik ForwardAuth, Caddy ``forward_auth``
+``/v1/authenticate``   JSON API for other services; needs an API token (it is a password oracle)
+``/healthz``           the process is alive
+``/readyz``            the chain can serve (every step that reports has a ready backend)
+``/metrics``           Prometheus text
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import time
+import uuid
+
+from aiohttp import web
+
+from gateway.chain import Gateway
+from gateway.http.clientaddr import ClientAddressResolver
+from gateway.http.credentials import MalformedCredentials, check_password_credential, parse_authorization
+from gateway.model import (
+    Attempt,
+    CertificateCredential,
+    MUTUAL_AUTH_KEY,
+    Decision,
+    NegotiateCredential,
+    Outcome,
+    PasswordCredential,
+)
+
+__all__ = ["build_app"]
+
+GATEWAY_KEY = web.AppKey("gateway", Gateway)
+
+_DENY_BODY = "401 Unauthorized\n"
+_RETRY_AFTER_UNAVAILABLE = "5"
+_MAX_JSON_BYTES = 8 * 1024
+#: Characters that may not reach a response header (header injection / response splitting).
+_UNSAFE = {c: None for c in range(32)} | {0x7F: None}
+
+
+def _header_value(text: str) -> str:
+    return text.translate(_UNSAFE)
+
+
+class FrontDoor:
+    def __init__(self, gateway: Gateway, metrics=None) -> None:
+        self.gateway = gateway
+        self.metrics = metrics
+        self.resolver = ClientAddressResolver(gateway.settings.trusted_proxies)
+        self.api_tokens = {t.sha256: t.name for t in gateway.settings.api_tokens}
+        self.realm_challenge = f'Basic realm="{gateway.settings.realm}", charset="UTF-8"'
+
+    # -- building attempts -------------------------------------------------------------------
+
+    def attempt(self, request: web.Request, front_door: str, **credentials) -> Attempt:
+        client, _via_proxy = self.resolver.resolve(request.remote, request.headers.getall("X-Forwarded-For", []))
+        return Attempt(
+            request_id=uuid.uuid4().hex,
+            client=client,
+            front_door=front_door,
+            deadline=time.monotonic() + self.gateway.settings.deadline,
+            **credentials,
+        )
+
+    @staticmethod
+    def tls_certificate(request: web.Request) -> CertificateCredential | None:
+        ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+        if ssl_object is None:
+            return None
+        der = ssl_object.getpeercert(binary_form=True)
+        return CertificateCredential((der,), source="tls") if der else None
+
+    async def decide(self, attempt: Attempt, refused: str | None = None) -> Decision:
+        if self.metrics:
+            self.metrics.in_flight.inc()
+        try:
+            if refused is not None:
+                decision = Decision.deny(Outcome.INVALID_CREDENTIALS, step="http", reason=refused)
+                self.gateway.notify(attempt, decision)
+                self.gateway.throttle.record_failure(attempt.username, self.gateway.throttle_client(attempt))
+                return decision
+            return await self.gateway.authenticate(attempt)
+        finally:
+            if self.metrics:
+                self.metrics.in_flight.dec()
+
+    # -- /auth ---------------------------------------------------------------------------------
+
+    async def forward_auth(self, request: web.Request) -> web.Response:
+        refused = None
+        credential = None
+        try:
+            credential = parse_authorization(request.headers.get("Authorization"))
+        except MalformedCredentials as exc:
+            refused = exc.reason
+        attempt = self.attempt(
+            request,
+            "forward_auth",
+            password=credential if isinstance(credential, PasswordCredential) else None,
+            negotiate=credential if isinstance(credential, NegotiateCredential) else None,
+            certificate=self.tls_certificate(request),
+        )
+        decision = await self.decide(attempt, refused)
+        headers = {"X-Request-Id": attempt.request_id, "Cache-Control": "no-store"}
+        if decision.success:
+            identity = decision.identity
+            headers.update({
+                "Remote-User": _header_value(identity.username),
+                "Remote-Groups": _header_value(",".join(identity.groups)),
+                "Remote-Email": _header_value(identity.email),
+                "Remote-Name": _header_value(identity.display_name),
+                "Remote-Auth-Source": "cache" if decision.from_cache else "live",
+            })
+            mutual = attempt.stash.get(MUTUAL_AUTH_KEY, None)
+            if mutual:
+                headers["WWW-Authenticate"] = mutual
+            return web.Response(status=200, text="", headers=headers)
+        return self.denied(attempt, decision, headers)
+
+    def denied(self, attempt: Attempt, decision: Decision, headers: dict[str, str]) -> web.Response:
+        if decision.outcome is Outcome.UNAVAILABLE:
+            headers["Retry-After"] = _RETRY_AFTER_UNAVAILABLE
+            return web.Response(status=503, text="503 Service Unavailable\n", headers=headers)
+        if decision.outcome is Outcome.THROTTLED:
+            headers["Retry-After"] = str(int(self.gateway.settings.throttle.window))
+            return web.Response(status=429, text="429 Too Many Requests\n", headers=headers)
+        response = web.Response(status=401, text=_DENY_BODY, headers=headers)
+        for challenge in self.gateway.challenges(attempt) or [self.realm_challenge]:
+            response.headers.add("WWW-Authenticate", challenge)
+        return response
+
+    # -- /v1/authenticate ------------------------------------------------------------------------
+
+    def api_client(self, request: web.Request) -> str | None:
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token or not self.api_tokens:
+            return None
+        digest = hashlib.sha256(token.strip().encode("utf-8", "surrogatepass")).hexdigest()
+        for stored, name in self.api_tokens.items():
+            if hmac.compare_digest(stored, digest):
+                return name
+        return None
+
+    async def api_authenticate(self, request: web.Request) -> web.Response:
+        if self.api_client(request) is None:
+            return web.json_response({"error": "unauthorized", "detail": "a valid API token is required"},
+                                     status=401, headers={"WWW-Authenticate": 'Bearer realm="authgw"'})
+        body = await request.content.read(_MAX_JSON_BYTES + 1)
+        try:
+            if len(body) > _MAX_JSON_BYTES:
+                raise ValueError("request body too large")
+            data = json.loads(body)
+            if not isinstance(data, dict) or set(data) - {"username", "password"}:
+                raise ValueError("expected an object with `username` and `password`")
+            username, password = data.get("username"), data.get("password")
+            if not isinstance(username, str) or not isinstance(password, str):
+                raise ValueError("`username` and `password` must be strings")
+        except ValueError as exc:  # includes JSON and UTF-8 decoding errors
+            return web.json_response({"error": "bad_request", "detail": str(exc).split(":")[0]}, status=400)
+        refused = None
+        try:
+            credential = check_password_credential(username, password)
+        except MalformedCredentials as exc:
+            refused = exc.reason
+            credential = PasswordCredential(username[:256], "")
+        attempt = self.attempt(request, "api", password=credential)
+        decision = await self.decide(attempt, refused)
+        status = {Outcome.UNAVAILABLE: 503, Outcome.THROTTLED: 429}.get(decision.outcome, 200)
+        return web.json_response({
+            "request_id": attempt.request_id,
+            "outcome": decision.outcome.value,
+            "reason": decision.reason,
+            "step": decision.step,
+            "from_cache": decision.from_cache,
+            "identity": decision.identity.to_json() if decision.identity else None,
+        }, status=status, headers={"Cache-Control": "no-store"})
+
+    # -- health -----------------------------------------------------------------------------------
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        ready, components = self.gateway.readiness()
+        body = {"ready": ready, "components": [
+            {"name": c.name, "ready": c.ready, "detail": c.detail} for c in components]}
+        return web.json_response(body, status=200 if ready else 503)
+
+    async def metrics_text(self, request: web.Request) -> web.Response:
+        if self.metrics is None:
+            raise web.HTTPNotFound()
+        return web.Response(body=self.metrics.exposition(),
+                            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+def build_app(gateway: Gateway, metrics=None) -> web.Application:
+    door = FrontDoor(gateway, metrics)
+    app = web.Application(client_max_size=64 * 1024)
+    app[GATEWAY_KEY] = gateway
+    app.router.add_route("*", "/auth", door.forward_auth)
+    app.router.add_post("/v1/authenticate", door.api_authenticate)
+    app.router.add_get("/healthz", door.healthz)
+    app.router.add_get("/readyz", door.readyz)
+    app.router.add_get("/metrics", door.metrics_text)
+    return app

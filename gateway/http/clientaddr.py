@@ -1,0 +1,59 @@
+"""The client's address: the socket peer, unless that peer is a trusted proxy.
+
+Behind trusted proxies, ``X-Forwarded-For`` is walked from the right (the hop nearest to us),
+skipping trusted hops; the first untrusted address is the client. Everything to the left of it
+was written by the client itself and is ignored. A peer that is not a trusted proxy cannot move
+its address at all.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Iterable
+
+__all__ = ["ClientAddressResolver"]
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_address(text: str) -> IPAddress | None:
+    text = text.strip()
+    if text.startswith("["):  # [v6]:port as some proxies write it
+        text = text[1:].split("]", 1)[0]
+    elif text.count(":") == 1:  # v4:port
+        text = text.split(":", 1)[0]
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return address.ipv4_mapped
+    return address
+
+
+class ClientAddressResolver:
+    def __init__(self, trusted_proxies: Iterable[IPNetwork]) -> None:
+        self.trusted = tuple(trusted_proxies)
+
+    def is_trusted(self, address: IPAddress) -> bool:
+        return any(address in network for network in self.trusted)
+
+    def resolve(self, peer: str | None, forwarded_for: list[str]) -> tuple[IPAddress, bool]:
+        """Return the client address and whether the peer is a trusted proxy.
+
+        :param peer: the socket peer's address text.
+        :param forwarded_for: every ``X-Forwarded-For`` header value, in order received.
+        """
+        address = parse_address(peer or "") or ipaddress.ip_address("0.0.0.0")
+        if not self.trusted or not self.is_trusted(address):
+            return address, False
+        hops = [hop for value in forwarded_for for hop in value.split(",")]
+        for hop in reversed(hops):
+            parsed = parse_address(hop)
+            if parsed is None:  # garbage left of a trusted hop: stop at the last hop we can trust
+                break
+            address = parsed
+            if not self.is_trusted(parsed):
+                break
+        return address, True

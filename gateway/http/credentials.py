@@ -1,0 +1,74 @@
+"""Reading credentials from an ``Authorization`` header, strictly.
+
+Anything malformed (bad base64, no colon, a username or password that is not UTF-8, over the
+length limits, an empty password) is refused here, before the chain, with the same 401 as a wrong
+password.
+"""
+
+from __future__ import annotations
+
+import binascii
+from base64 import b64decode
+
+from gateway.model import NegotiateCredential, PasswordCredential
+
+__all__ = ["MalformedCredentials", "parse_authorization", "check_password_credential",
+           "MAX_USERNAME_BYTES", "MAX_PASSWORD_BYTES"]
+
+MAX_USERNAME_BYTES = 256
+MAX_PASSWORD_BYTES = 1024
+MAX_TOKEN_BYTES = 64 * 1024
+
+
+class MalformedCredentials(ValueError):
+    """The header carries credentials that can never be valid; ``reason`` is a stable code."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def check_password_credential(username: str, password: str) -> PasswordCredential:
+    if not username or len(username.encode("utf-8", "surrogatepass")) > MAX_USERNAME_BYTES:
+        raise MalformedCredentials("malformed_username")
+    if any(ch < " " or ch == "\x7f" for ch in username):
+        raise MalformedCredentials("malformed_username")
+    if not password:
+        # An empty password is an anonymous bind to LDAP; refuse it before any plugin sees it.
+        raise MalformedCredentials("empty_password")
+    if len(password.encode("utf-8", "surrogatepass")) > MAX_PASSWORD_BYTES:
+        raise MalformedCredentials("password_too_long")
+    return PasswordCredential(username, password)
+
+
+def _b64(data: str, limit: int) -> bytes:
+    if len(data) > limit * 4 // 3 + 4:
+        raise MalformedCredentials("credentials_too_long")
+    try:
+        return b64decode(data.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise MalformedCredentials("malformed_authorization") from None
+
+
+def parse_authorization(header: str | None) -> PasswordCredential | NegotiateCredential | None:
+    """``Basic`` gives a password credential, ``Negotiate`` a token; other schemes are ignored."""
+    if not header:
+        return None
+    scheme, _, data = header.strip().partition(" ")
+    scheme = scheme.lower()
+    if scheme == "basic":
+        raw = _b64(data, MAX_USERNAME_BYTES + MAX_PASSWORD_BYTES + 1)
+        try:
+            text = raw.decode("utf-8")  # RFC 7617 charset="UTF-8"
+        except UnicodeDecodeError:
+            raise MalformedCredentials("malformed_encoding") from None
+        username, colon, password = text.partition(":")
+        if not colon:
+            raise MalformedCredentials("malformed_authorization")
+        return check_password_credential(username, password)
+    if scheme == "negotiate":
+        token = _b64(data, MAX_TOKEN_BYTES)
+        if not token:
+            raise MalformedCredentials("malformed_authorization")
+        return NegotiateCredential(token)
+    return None

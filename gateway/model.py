@@ -1,0 +1,209 @@
+"""The request/decision model every front door and plugin speaks.
+
+Frozen dataclasses: an attempt's credentials and a decision cannot be changed after they are
+made. Fields that hold secrets are excluded from ``repr`` so that a stray ``log.debug(attempt)``
+or a traceback never prints a password or a token.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from gateway.stash import Stash, StashKey
+
+__all__ = [
+    "Attempt",
+    "CertificateCredential",
+    "Decision",
+    "Identity",
+    "MUTUAL_AUTH_KEY",
+    "NegotiateCredential",
+    "Note",
+    "Outcome",
+    "PasswordCredential",
+]
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class Outcome(enum.Enum):
+    """What an attempt came to. The values are the stable names used in JSON and the audit log."""
+
+    SUCCESS = "success"
+    INVALID_CREDENTIALS = "invalid_credentials"
+    USER_NOT_FOUND = "user_not_found"
+    ACCOUNT_STATE = "account_state"
+    UNAVAILABLE = "unavailable"
+    NOT_APPLICABLE = "not_applicable"
+    #: A plugin raised; the core denied (fail closed). See docs/design.md for why this is not
+    #: folded into INVALID_CREDENTIALS.
+    ERROR = "error"
+    #: The core refused to run the chain: too many recent failures for this user or client.
+    THROTTLED = "throttled"
+
+
+# ---------------------------------------------------------------------------------------------
+# Credentials
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PasswordCredential:
+    username: str
+    password: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class NegotiateCredential:
+    """The decoded token of an ``Authorization: Negotiate`` header (SPNEGO, RFC 4559)."""
+
+    token: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class CertificateCredential:
+    """A client certificate chain, leaf first, DER encoded.
+
+    ``source`` is ``"tls"`` when this gateway's own TLS listener verified the handshake, or
+    ``"header"`` when a trusted TLS-terminating proxy forwarded it (then nothing has verified the
+    chain yet and the plugin must).
+    """
+
+    chain: tuple[bytes, ...] = field(repr=False)
+    source: str = "tls"
+
+    @property
+    def leaf(self) -> bytes:
+        return self.chain[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Attempt
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Note:
+    """A step's remark about an attempt it passed on (USER_NOT_FOUND or UNAVAILABLE)."""
+
+    outcome: Outcome
+    step: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Attempt:
+    """One login attempt, as a front door saw it.
+
+    :ivar request_id: unique id, also in the audit line and the ``X-Request-Id`` response header.
+    :ivar client: the client address, already resolved through trusted proxies.
+    :ivar front_door: which entry point it came through (``forward_auth``, ``api``, ...).
+    :ivar deadline: :func:`time.monotonic` value by which a decision is due.
+    """
+
+    request_id: str
+    client: IPAddress
+    front_door: str
+    deadline: float
+    password: PasswordCredential | None = None
+    negotiate: NegotiateCredential | None = None
+    certificate: CertificateCredential | None = None
+    started: float = field(default_factory=time.monotonic, repr=False)
+    stash: Stash = field(default_factory=Stash, repr=False)
+    notes: list[Note] = field(default_factory=list, repr=False)
+
+    @property
+    def username(self) -> str | None:
+        """The username presented with a password, if any (for logs and throttling)."""
+        return self.password.username if self.password else None
+
+    def time_left(self) -> float:
+        """Seconds until the deadline (never negative); size backend timeouts from this."""
+        return max(0.0, self.deadline - time.monotonic())
+
+    def note(self, outcome: Outcome, *, step: str, reason: str) -> None:
+        """Record that step *step* passes this attempt on because of *outcome*.
+
+        Only :attr:`Outcome.USER_NOT_FOUND` and :attr:`Outcome.UNAVAILABLE` are notes; the core
+        folds them into the result when no step decides (DESIGN.md section 3).
+        """
+        if outcome not in (Outcome.USER_NOT_FOUND, Outcome.UNAVAILABLE):
+            raise ValueError(f"only USER_NOT_FOUND and UNAVAILABLE can be noted, not {outcome}")
+        self.notes.append(Note(outcome, step, reason))
+
+
+#: A step that completes a mutual authentication (Kerberos) stores here the ``WWW-Authenticate``
+#: value the front door sends with its 200 answer (RFC 4559 section 5).
+MUTUAL_AUTH_KEY: StashKey[str] = StashKey()
+
+# ---------------------------------------------------------------------------------------------
+# Identity and decision
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who a successful attempt proved the client to be.
+
+    :ivar subject: a stable id that survives renames (for AD, the objectGUID).
+    :ivar method: the plugin that proved it (``ldap``, ``kerberos``, ``static``...).
+    :ivar authenticated_at: wall-clock time (:func:`time.time`) of the proof.
+    """
+
+    subject: str
+    username: str
+    method: str
+    display_name: str = ""
+    email: str = ""
+    groups: tuple[str, ...] = ()
+    claims: Mapping[str, Any] = field(default_factory=dict)
+    authenticated_at: float = field(default_factory=time.time)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "subject": self.subject,
+            "username": self.username,
+            "display_name": self.display_name,
+            "email": self.email,
+            "groups": list(self.groups),
+            "claims": dict(self.claims),
+            "method": self.method,
+            "authenticated_at": self.authenticated_at,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The answer to an attempt.
+
+    :ivar reason: a stable machine code (``ldap.locked``, ``kerberos.clock_skew``...), documented
+        in docs/reasons.md; empty for a plain success.
+    :ivar step: the name of the chain step (or wrapper) that decided.
+    :ivar from_cache: the credential cache answered, not the live backend.
+    """
+
+    outcome: Outcome
+    step: str
+    reason: str = ""
+    identity: Identity | None = None
+    from_cache: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.outcome is Outcome.SUCCESS) != (self.identity is not None):
+            raise ValueError("a Decision has an identity exactly when it is a SUCCESS")
+
+    @property
+    def success(self) -> bool:
+        return self.outcome is Outcome.SUCCESS
+
+    @classmethod
+    def allow(cls, identity: Identity, *, step: str, reason: str = "", from_cache: bool = False) -> Decision:
+        return cls(Outcome.SUCCESS, step, reason, identity, from_cache)
+
+    @classmethod
+    def deny(cls, outcome: Outcome, *, step: str, reason: str) -> Decision:
+        return cls(outcome, step, reason)

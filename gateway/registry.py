@@ -1,0 +1,199 @@
+"""Finding, loading and registering plugins.
+
+Discovery is not loading: :func:`discover` only lists the ``authgw.plugins`` entry points;
+:func:`build_plugin_manager` imports just the names ``conf.d`` enables and registers them so that
+pluggy calls them in the operator's order (it calls the last-registered first).
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.metadata as md
+import inspect
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pluggy
+
+from gateway import hookspecs
+from gateway.config import Config
+from gateway.errors import ConfigError, PluginLoadError
+from gateway.settings import GatewaySettings, PluginSettings
+
+__all__ = ["ENTRY_POINT_GROUP", "PluginContext", "PluginInfo", "build_plugin_manager", "discover", "hookimpl"]
+
+ENTRY_POINT_GROUP = "authgw.plugins"
+PROJECT = "authgw"
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+log = logging.getLogger("authgw.plugins")
+
+
+@dataclass(frozen=True, slots=True)
+class PluginInfo:
+    """An installed plugin, as its entry point declares it (nothing imported yet)."""
+
+    name: str
+    value: str
+    distribution: str
+    version: str
+    entry_point: md.EntryPoint
+
+    def describe(self) -> str:
+        return f"plugin {self.name!r} ({self.value}, distribution {self.distribution} {self.version})"
+
+
+@dataclass(frozen=True, slots=True)
+class PluginContext:
+    """What the core hands a plugin besides its settings.
+
+    :ivar name: the plugin's name in ``conf.d`` (use it as ``step=`` in decisions and notes).
+    :ivar hook: the hook relay, to call other plugins' hooks (``hook.gateway_lookup_user``).
+    :ivar state_dir: the gateway's state directory; create what you need below it, 0700/0600.
+    """
+
+    name: str
+    config_dir: Path
+    state_dir: Path
+    gateway: GatewaySettings
+    hook: pluggy.HookRelay
+    log: logging.Logger
+
+
+class _NoSettings(PluginSettings):
+    pass
+
+
+def discover() -> dict[str, PluginInfo]:
+    """List installed plugins by name. Two distributions offering one name is an error."""
+    found: dict[str, PluginInfo] = {}
+    for ep in md.entry_points(group=ENTRY_POINT_GROUP):
+        dist = ep.dist
+        info = PluginInfo(ep.name, ep.value, dist.metadata["Name"] if dist else "?", dist.version if dist else "?", ep)
+        other = found.get(ep.name)
+        if other is not None and (other.distribution, other.value) != (info.distribution, info.value):
+            raise PluginLoadError(
+                f"two installed distributions provide the plugin {ep.name!r}: "
+                f"{other.distribution} ({other.value}) and {info.distribution} ({info.value}); uninstall one"
+            )
+        found[ep.name] = info
+    return dict(sorted(found.items()))
+
+
+def _extra_for(dist: md.Distribution | None, missing: str | None) -> str | None:
+    """Which extra of *dist* would install the missing top-level module, if its requirements say."""
+    if dist is None or not missing:
+        return None
+    wanted = re.sub(r"[-_.]+", "-", missing.split(".")[0]).lower()
+    for requirement in dist.requires or ():
+        name = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", requirement)
+        extra = re.search(r"""extra\s*==\s*["']([^"']+)["']""", requirement)
+        if name and extra and re.sub(r"[-_.]+", "-", name.group(1)).lower() == wanted:
+            return extra.group(1)
+    return None
+
+
+def load(info: PluginInfo) -> Any:
+    """Import one plugin's entry point, explaining failures in operator terms."""
+    try:
+        return info.entry_point.load()
+    except ImportError as exc:
+        extra = _extra_for(info.entry_point.dist, exc.name)
+        hint = (f"; install the extra: pip install '{info.distribution}[{extra}]'" if extra
+                else f"; is {info.distribution} installed completely?")
+        raise PluginLoadError(f"{info.describe()} cannot be imported: {exc}{hint}") from exc
+    except Exception as exc:  # a plugin's import-time bug must not look like ours
+        raise PluginLoadError(f"{info.describe()} failed while importing: {exc.__class__.__name__}: {exc}") from exc
+
+
+def instantiate(name: str, obj: Any, config: Config, context: PluginContext) -> Any:
+    """Build the object to register: a plugin class gets its validated settings and the context."""
+    section = config.section(name)
+    if not inspect.isclass(obj):
+        if section:
+            raise ConfigError(config.locate((name,), f"{name}: this plugin takes no settings"))
+        return obj
+    settings_model = getattr(obj, "Settings", None) or _NoSettings
+    if not (inspect.isclass(settings_model) and issubclass(settings_model, PluginSettings)):
+        raise PluginLoadError(f"plugin {name!r}: {obj.__name__}.Settings must derive from gateway.PluginSettings")
+    settings = config.validate(settings_model, section, (name,))
+    return obj(settings, context)
+
+
+def _check_contract(pm: pluggy.PluginManager, name: str, plugin: Any, info: PluginInfo, is_step: bool) -> None:
+    known = {n for n in dir(hookspecs) if n.startswith("gateway_")}
+    for attr in dir(plugin):
+        if not attr.startswith("gateway_"):
+            continue
+        marked = pm.parse_hookimpl_opts(plugin, attr) is not None
+        if attr not in known:
+            close = difflib.get_close_matches(attr, sorted(known), n=1)
+            raise PluginLoadError(f"{info.describe()} defines {attr!r}, which is not an authgw hook"
+                                  + (f"; did you mean {close[0]!r}?" if close else ""))
+        if not marked:
+            raise PluginLoadError(f"{info.describe()} defines {attr!r} without @gateway.hookimpl; "
+                                  "it would never be called")
+    impls = [i for i in pm.hook.gateway_authenticate.get_hookimpls() if i.plugin_name == name]
+    for impl in impls:
+        if impl.tryfirst or impl.trylast:
+            raise PluginLoadError(f"{info.describe()}: tryfirst/trylast are not allowed on gateway_authenticate; "
+                                  "the order is the operator's `chain:`")
+        if is_step and (impl.wrapper or impl.hookwrapper):
+            raise PluginLoadError(f"{info.describe()} is a chain step, but its gateway_authenticate is a wrapper; "
+                                  "list it under `plugins:` instead")
+    if is_step and not impls:
+        raise PluginLoadError(f"{info.describe()} is listed in `chain:` but does not implement gateway_authenticate")
+
+
+def build_plugin_manager(config: Config, *, state_dir: Path, core_plugins: list[tuple[str, Any]] = (),
+                         discovered: dict[str, PluginInfo] | None = None) -> tuple[pluggy.PluginManager, dict[str, Any]]:
+    """Load, build and register the enabled plugins.
+
+    :param core_plugins: ``(name, object)`` pairs of the core's own plugins, registered first.
+    :return: the plugin manager and the registered plugin objects by name, in chain order.
+    """
+    discovered = discover() if discovered is None else discovered
+    config.check_top_level(set(discovered))
+    reserved = set(GatewaySettings.model_fields)
+    missing = [n for n in config.enabled if n not in discovered]
+    if missing:
+        raise PluginLoadError("; ".join(
+            f"plugin {n!r} is enabled in conf.d but not installed"
+            + (" (it is a gateway setting, not a plugin)" if n in reserved else
+               f"; installed plugins: {', '.join(discovered) or 'none'}")
+            for n in missing))
+
+    pm = pluggy.PluginManager(PROJECT)
+    pm.add_hookspecs(hookspecs)
+    for core_name, core_plugin in core_plugins:
+        pm.register(core_plugin, name=core_name)
+
+    classes = {name: load(discovered[name]) for name in config.enabled}
+    plugins: dict[str, Any] = {}
+    for name in config.enabled:
+        context = PluginContext(name=name, config_dir=config.directory, state_dir=state_dir,
+                                gateway=config.core, hook=pm.hook, log=logging.getLogger(f"authgw.plugin.{name}"))
+        try:
+            plugins[name] = instantiate(name, classes[name], config, context)
+        except (ConfigError, PluginLoadError):
+            raise
+        except Exception as exc:
+            raise PluginLoadError(f"{discovered[name].describe()} failed to start: "
+                                  f"{exc.__class__.__name__}: {exc}") from exc
+
+    # pluggy calls the last-registered implementation first: register in reverse so the first
+    # step of `chain:` is asked first, and `plugins:` come after the chain steps.
+    for name in reversed(config.enabled):
+        try:
+            pm.register(plugins[name], name=name)
+        except pluggy.PluginValidationError as exc:
+            raise PluginLoadError(f"{discovered[name].describe()}: {exc}") from exc
+        _check_contract(pm, name, plugins[name], discovered[name], is_step=name in config.core.chain)
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise PluginLoadError(str(exc)) from exc
+    return pm, plugins

@@ -1,0 +1,82 @@
+"""Assembling a working core from a configuration directory."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.audit import AuditLog
+from gateway.chain import ChainFolder, Gateway
+from gateway.config import Config, load_config
+from gateway.errors import ConfigError
+from gateway.metrics import Metrics
+from gateway.registry import PluginInfo, build_plugin_manager
+
+__all__ = ["Runtime", "build_runtime", "default_config_dir", "default_state_dir"]
+
+log = logging.getLogger("authgw")
+
+SYSTEM_CONFIG_DIR = Path("/etc/authgw/conf.d")
+
+
+def default_config_dir() -> Path:
+    """``$AUTHGW_CONFIG``, else ``./conf.d`` when it exists, else ``/etc/authgw/conf.d``."""
+    if os.environ.get("AUTHGW_CONFIG"):
+        return Path(os.environ["AUTHGW_CONFIG"])
+    local = Path("conf.d")
+    return local if local.is_dir() else SYSTEM_CONFIG_DIR
+
+
+def default_state_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "authgw"
+
+
+def ensure_state_dir(path: Path) -> Path:
+    """Create the state directory 0700 (and refuse to use one others can write to)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o022:
+        raise ConfigError(f"state directory {path} is writable by group or others (mode {mode:o}); chmod 700 it")
+    return path
+
+
+@dataclass
+class Runtime:
+    config: Config
+    gateway: Gateway
+    metrics: Metrics
+    audit: AuditLog
+
+    def close(self) -> None:
+        """Stop after serving: plugins get ``gateway_shutdown``."""
+        self.gateway.shutdown()
+        self.audit.close()
+
+    def discard(self) -> None:
+        """Drop a runtime that was built only to validate (its plugins never started)."""
+        self.gateway.executor.shutdown(wait=False)
+        self.audit.close()
+
+
+def resolve_state_dir(config: Config, override: Path | None) -> Path:
+    return override or config.core.state_dir or default_state_dir()
+
+
+def build_runtime(config_dir: Path, *, state_dir: Path | None = None,
+                  discovered: dict[str, PluginInfo] | None = None, config: Config | None = None) -> Runtime:
+    """Load *config_dir*, build every enabled plugin and the core around them."""
+    config = config or load_config(config_dir)
+    state = ensure_state_dir(resolve_state_dir(config, state_dir))
+    audit = AuditLog(config.core.audit.file)
+    metrics = Metrics()
+    pm, plugins = build_plugin_manager(
+        config, state_dir=state, discovered=discovered,
+        core_plugins=[("core.audit", audit), ("core.metrics", metrics)],
+    )
+    folder = ChainFolder(pm)  # it names culprits from the plugin manager it is registered in
+    pm.register(folder, name="core.chain")
+    gateway = Gateway(config.core, pm, plugins, folder, metrics)
+    return Runtime(config, gateway, metrics, audit)

@@ -1,0 +1,157 @@
+"""``authgw serve``: listening sockets, worker processes, clean stops.
+
+The master process validates the configuration and builds every plugin once (so a bad
+configuration stops start-up before anything listens), binds the sockets, then runs the workers.
+With ``--workers 1`` it serves itself; with more it forks that many workers, which share the
+listening sockets, and restarts one that dies. SIGTERM or SIGINT stops the workers cleanly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+from aiohttp import web
+
+from gateway.http.app import build_app
+from gateway.runtime import build_runtime
+
+__all__ = ["serve"]
+
+log = logging.getLogger("authgw.server")
+
+EXIT_STARTUP_FAILED = 3
+_SHUTDOWN_GRACE = 10.0
+
+
+def bind(addresses: list[tuple[str, int]]) -> list[socket.socket]:
+    sockets = []
+    for host, port in addresses:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.create_server((host, port), family=family, backlog=2048, reuse_port=False)
+        sock.setblocking(False)
+        sockets.append(sock)
+    return sockets
+
+
+async def _serve_worker(config_dir: Path, state_dir: Path | None, sockets: list[socket.socket]) -> None:
+    runtime = build_runtime(config_dir, state_dir=state_dir)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await loop.run_in_executor(runtime.gateway.executor, runtime.gateway.startup)
+    runner = web.AppRunner(build_app(runtime.gateway, runtime.metrics), access_log=None,
+                           handle_signals=False, shutdown_timeout=_SHUTDOWN_GRACE)
+    await runner.setup()
+    for sock in sockets:
+        await web.SockSite(runner, sock).start()
+    names = ", ".join(_url(s) for s in sockets)
+    log.info("authgw worker %d serving on %s; chain: %s", os.getpid(), names, " -> ".join(runtime.config.core.chain))
+    try:
+        await stop.wait()
+        log.info("worker %d stopping", os.getpid())
+    finally:
+        await runner.cleanup()  # stops accepting, lets in-flight requests finish
+        await loop.run_in_executor(None, runtime.close)
+
+
+def _url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _worker_main(config_dir: Path, state_dir: Path | None, sockets: list[socket.socket]) -> int:
+    try:
+        asyncio.run(_serve_worker(config_dir, state_dir, sockets))
+    except Exception:
+        log.exception("worker %d failed", os.getpid())
+        return EXIT_STARTUP_FAILED
+    return 0
+
+
+def _enable_multiprocess_metrics() -> None:
+    """prometheus_client picks its value store at import; switch it before the first metric."""
+    directory = tempfile.mkdtemp(prefix="authgw-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    from prometheus_client import values
+
+    values.ValueClass = values.get_value_class()
+
+
+def serve(config_dir: Path, *, state_dir: Path | None = None, workers: int | None = None,
+          listen: list[str] | None = None) -> int:
+    # Validate and build everything once in the master: configuration and plugin errors stop here.
+    probe = build_runtime(config_dir, state_dir=state_dir)
+    settings = probe.config.core
+    probe.discard()
+    if listen:
+        settings = settings.model_copy(update={"listen": listen})
+    sockets = bind(settings.listen_addresses())
+    count = workers or settings.workers
+    if count == 1:
+        return _worker_main(config_dir, state_dir, sockets)
+
+    _enable_multiprocess_metrics()
+    children: dict[int, float] = {}
+    stopping = False
+
+    def spawn() -> None:
+        pid = os.fork()
+        if pid == 0:  # worker
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            code = 1
+            try:
+                code = _worker_main(config_dir, state_dir, sockets)
+            finally:
+                os._exit(code)
+        children[pid] = time.monotonic()
+
+    def on_signal(signum, frame) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in list(children):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    for _ in range(count):
+        spawn()
+    log.info("authgw master %d running %d workers", os.getpid(), count)
+    exit_code = 0
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        started = children.pop(pid, None)
+        if started is None:
+            continue
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)
+        code = os.waitstatus_to_exitcode(status)
+        if stopping:
+            continue
+        if code == EXIT_STARTUP_FAILED:
+            log.error("worker %d failed to start; stopping", pid)
+            exit_code = EXIT_STARTUP_FAILED
+            on_signal(signal.SIGTERM, None)
+            continue
+        log.warning("worker %d exited (%s); starting a new one", pid, code)
+        if time.monotonic() - started < 1.0:
+            time.sleep(1.0)  # do not spin on a worker that dies at once
+        spawn()
+    for sock in sockets:
+        sock.close()
+    return exit_code

@@ -1,0 +1,232 @@
+"""Typed settings: the base every plugin's settings model derives from, secret references,
+paths relative to the configuration directory, and the core's own settings.
+
+Plugins declare settings as pydantic models deriving from :class:`PluginSettings`; unknown keys,
+wrong types and missing keys are rejected before the plugin is built, with file, line and key
+path (see :mod:`gateway.config`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    PlainSerializer,
+    PlainValidator,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError, core_schema
+
+__all__ = [
+    "ConfigPath",
+    "GatewaySettings",
+    "PluginSettings",
+    "Secret",
+    "ValidationContext",
+]
+
+
+@dataclass
+class ValidationContext:
+    """Passed to pydantic validation: where relative paths start, and where warnings go."""
+
+    config_dir: Path
+    strict: bool = False
+    warnings: list[tuple[str, str]] = field(default_factory=list)  # (message, location hint)
+
+    def resolve(self, value: str | os.PathLike[str]) -> Path:
+        path = Path(os.path.expanduser(value))
+        return path if path.is_absolute() else (self.config_dir / path)
+
+    def check_private(self, path: Path, what: str) -> None:
+        """Warn (or, in strict mode, fail) when a file holding secrets is readable by others."""
+        try:
+            mode = path.stat().st_mode
+        except OSError:
+            return
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            message = f"{what} {path} is readable by group or others (mode {stat.S_IMODE(mode):o}); chmod 600 it"
+            if self.strict:
+                raise ValueError(message)
+            self.warnings.append((message, str(path)))
+
+
+def _context(info: ValidationInfo) -> ValidationContext:
+    ctx = info.context
+    if not isinstance(ctx, ValidationContext):
+        # Built in code or tests without a configuration directory: paths are relative to cwd.
+        return ValidationContext(config_dir=Path.cwd())
+    return ctx
+
+
+class Secret:
+    """A secret given by reference: ``{env: NAME}`` or ``{file: PATH}``, never inline.
+
+    Resolved once, at validation. ``repr``/``str`` and ``authgw config show`` display only the
+    reference; call :meth:`reveal` where the value is needed.
+    """
+
+    __slots__ = ("_value", "reference")
+
+    def __init__(self, value: str, reference: dict[str, str]) -> None:
+        self._value = value
+        self.reference = reference
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        (kind, where), = self.reference.items()
+        return f"Secret({kind}:{where})"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other.reference == self.reference
+
+    def __hash__(self) -> int:
+        return hash(tuple(self.reference.items()))
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+        return core_schema.with_info_plain_validator_function(
+            cls._validate,
+            serialization=core_schema.plain_serializer_function_ser_schema(lambda s: dict(s.reference)),
+        )
+
+    @classmethod
+    def _validate(cls, value: Any, info: ValidationInfo) -> Secret:
+        if isinstance(value, Secret):
+            return value
+        if not (isinstance(value, dict) and len(value) == 1 and next(iter(value)) in ("env", "file")
+                and isinstance(next(iter(value.values())), str)):
+            raise PydanticCustomError(
+                "secret_reference",
+                "a secret must be a reference, {env: NAME} or {file: PATH}; it may not be written inline",
+            )
+        ctx = _context(info)
+        (kind, where), = value.items()
+        if kind == "env":
+            if where not in os.environ:
+                raise PydanticCustomError("secret_missing", "environment variable {name} is not set", {"name": where})
+            secret = os.environ[where]
+        else:
+            path = ctx.resolve(where)
+            try:
+                secret = path.read_text(encoding="utf-8").rstrip("\r\n")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise PydanticCustomError("secret_file", "cannot read secret file {path}: {err}",
+                                          {"path": str(path), "err": exc.__class__.__name__}) from None
+            ctx.check_private(path, "secret file")
+        if not secret:
+            raise PydanticCustomError("secret_empty", "the secret referenced by {ref} is empty", {"ref": f"{kind}:{where}"})
+        return cls(secret, {kind: where})
+
+
+def _resolve_path(value: Any, info: ValidationInfo) -> Path:
+    if not isinstance(value, (str, os.PathLike)) or not str(value):
+        raise PydanticCustomError("path_type", "expected a file or directory path")
+    return _context(info).resolve(value)
+
+
+#: A path; relative values are taken from the configuration directory, not the working directory.
+ConfigPath = Annotated[Path, PlainValidator(_resolve_path), PlainSerializer(str)]
+
+
+class PluginSettings(BaseModel):
+    """Base class of every plugin's settings: unknown keys are errors, and settings are frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The core's settings (top-level keys of conf.d)
+# ---------------------------------------------------------------------------------------------
+
+
+class AuditSettings(PluginSettings):
+    #: Where audit lines go: a file path, or ``-`` for standard error.
+    file: str = "-"
+
+
+class ThrottleSettings(PluginSettings):
+    """Failure throttling. Keep ``user_failures`` below the directory's lockout threshold so the
+    gateway cannot be used to lock accounts out."""
+
+    enabled: bool = True
+    user_failures: int = Field(5, ge=1)
+    client_failures: int = Field(30, ge=1)
+    window: float = Field(300.0, gt=0)
+
+
+class ApiToken(PluginSettings):
+    """A client allowed to call ``POST /v1/authenticate``. Only the SHA-256 of the token is stored
+    (tokens are 256-bit random, so a fast hash is enough); ``authgw api-token`` makes one."""
+
+    name: str = Field(min_length=1)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+def _parse_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
+        raise ValueError(f"{value!r} is not HOST:PORT (IPv6 as [::1]:PORT)")
+    return host.strip("[]"), int(port)
+
+
+class GatewaySettings(PluginSettings):
+    """The top-level keys of ``conf.d`` (conventionally in ``gateway.yaml``)."""
+
+    #: Chain steps, in the order they are asked. Enablement and order in one list.
+    chain: list[str] = Field(min_length=1)
+    #: Plugins that are not chain steps (the cache wrapper, audit or metrics sinks).
+    plugins: list[str] = []
+    #: ``HOST:PORT`` addresses to listen on.
+    listen: list[str] = ["127.0.0.1:9000"]
+    #: Proxies whose ``X-Forwarded-For`` and forwarded certificate headers are believed.
+    trusted_proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    #: Seconds an attempt may take in all; backend timeouts must stay below it.
+    deadline: float = Field(5.0, gt=0, le=120)
+    #: Threads that run plugins (ldap3 and gssapi are blocking) per worker process.
+    threads: int = Field(16, ge=1, le=512)
+    #: Worker processes sharing the listening sockets (``--workers`` overrides it).
+    workers: int = Field(1, ge=1, le=64)
+    #: Realm shown in ``WWW-Authenticate: Basic``.
+    realm: str = "authgw"
+    state_dir: Annotated[Path | None, Field(description="state directory (cache, keys)")] = None
+    #: Make permission warnings errors.
+    strict: bool = False
+    log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
+    audit: AuditSettings = AuditSettings()
+    throttle: ThrottleSettings = ThrottleSettings()
+    api_tokens: list[ApiToken] = []
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: list[str]) -> list[str]:
+        for item in value:
+            _parse_listen(item)
+        return value
+
+    @field_validator("chain", "plugins")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        seen = set()
+        for name in value:
+            if name in seen:
+                raise ValueError(f"{name!r} is listed twice")
+            seen.add(name)
+        return value
+
+    def listen_addresses(self) -> list[tuple[str, int]]:
+        return [_parse_listen(item) for item in self.listen]
