@@ -6,7 +6,7 @@ A plugin is a class with a ``Settings`` model (deriving from :class:`PluginSetti
 :data:`hookimpl`. See docs/plugins.md.
 """
 
-from gateway.checks import CheckResult, CheckStatus, ComponentState, SelfTest
+from gateway.checks import CheckResult, CheckStatus, ComponentState, Listener, SelfTest
 from gateway.errors import AuthgwError, BackendUnavailable, ConfigError, PluginLoadError
 from gateway.model import (
     MUTUAL_AUTH_KEY,
@@ -38,6 +38,7 @@ __all__ = [
     "ConfigPath",
     "Decision",
     "Identity",
+    "Listener",
     "NegotiateCredential",
     "Note",
     "Outcome",

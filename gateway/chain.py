@@ -18,7 +18,8 @@ from typing import Any, Iterable
 
 import pluggy
 
-from gateway.checks import ComponentState
+from gateway.checks import ComponentState, Listener
+from gateway.errors import PluginLoadError
 from gateway.model import Attempt, Decision, Outcome
 from gateway.registry import hookimpl
 from gateway.settings import GatewaySettings
@@ -179,6 +180,18 @@ class Gateway:
             if impl.plugin_name in self.settings.chain and states and not any(s.ready for s in states):
                 ready = False
         return ready, components
+
+    def listeners(self) -> list[Listener]:
+        """Extra listeners plugins asked for; names and addresses must be unique."""
+        result: list[Listener] = []
+        for batch in self.pm.hook.gateway_listeners():
+            for listener in batch or ():
+                clash = [x for x in result if x.name == listener.name or x.address == listener.address]
+                if clash or listener.address in self.settings.listen:
+                    raise PluginLoadError(f"listener {listener.name} ({listener.address}) clashes with "
+                                          + (clash[0].name if clash else "`listen:`"))
+                result.append(listener)
+        return result
 
     def selftests(self) -> Iterable[Any]:
         for batch in self.pm.hook.gateway_selftests():

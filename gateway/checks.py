@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+import ssl
 from typing import Callable
 
-__all__ = ["CheckResult", "CheckStatus", "ComponentState", "SelfTest"]
+__all__ = ["CheckResult", "CheckStatus", "ComponentState", "Listener", "SelfTest"]
 
 
 class CheckStatus(enum.Enum):
@@ -58,3 +59,20 @@ class ComponentState:
     name: str
     ready: bool
     detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """An extra listening socket a plugin needs, served by the same front doors.
+
+    The main use is a TLS listener that asks for client certificates: TLS requests a certificate
+    per connection, not per path, so certificate logins get a listener of their own.
+
+    :ivar name: unique, e.g. ``client_cert.tls``.
+    :ivar address: ``HOST:PORT`` (IPv6 as ``[::1]:PORT``).
+    :ivar ssl_context: builds the server-side :class:`ssl.SSLContext`; called in every worker.
+    """
+
+    name: str
+    address: str
+    ssl_context: Callable[[], ssl.SSLContext]

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Iterable
 import pluggy
 
 if TYPE_CHECKING:
-    from gateway.checks import ComponentState, SelfTest
+    from gateway.checks import ComponentState, Listener, SelfTest
     from gateway.model import Attempt, Decision, Identity
 
 hookspec = pluggy.HookspecMarker("authgw")
@@ -43,6 +43,22 @@ def gateway_selftests() -> Iterable[SelfTest]:
     :return: the plugin's :class:`~gateway.checks.SelfTest` records, in the order an operator
         should read them (for a directory: TCP, then TLS, then bind, then search). ``None`` or an
         empty iterable means the plugin has nothing to test. All plugins' results are collected.
+
+    .. versionadded:: 0.1
+    """
+
+
+@hookspec
+def gateway_listeners() -> Iterable[Listener]:
+    """Ask for extra listening sockets, such as a TLS listener that requests client certificates.
+
+    Called in the master process (which binds the sockets before forking workers) and again in
+    every worker (which builds each listener's SSL context). Requests arriving on these
+    listeners go through the same front doors; a verified TLS peer certificate reaches the
+    attempt as ``attempt.certificate`` with ``source="tls"``.
+
+    :return: :class:`~gateway.checks.Listener` records, or ``None``. All plugins' are collected;
+        two listeners with one name or one address stop start-up.
 
     .. versionadded:: 0.1
     """

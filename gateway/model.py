@@ -103,6 +103,11 @@ class Attempt:
     :ivar client: the client address, already resolved through trusted proxies.
     :ivar front_door: which entry point it came through (``forward_auth``, ``api``, ...).
     :ivar deadline: :func:`time.monotonic` value by which a decision is due.
+    :ivar peer: the socket peer's address (equal to ``client`` unless a trusted proxy forwarded).
+    :ivar trusted_peer: the socket peer is one of ``trusted_proxies``: headers it forwards (such
+        as a client certificate) may be believed.
+    :ivar headers: the request's headers, lower-cased names, without ``Authorization``,
+        ``Proxy-Authorization`` and ``Cookie`` (credentials arrive typed, above).
     """
 
     request_id: str
@@ -112,6 +117,9 @@ class Attempt:
     password: PasswordCredential | None = None
     negotiate: NegotiateCredential | None = None
     certificate: CertificateCredential | None = None
+    peer: IPAddress | None = None
+    trusted_peer: bool = False
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False)
     started: float = field(default_factory=time.monotonic, repr=False)
     stash: Stash = field(default_factory=Stash, repr=False)
     notes: list[Note] = field(default_factory=list, repr=False)

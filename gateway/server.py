@@ -21,6 +21,7 @@ from aiohttp import web
 
 from gateway.http.app import build_app
 from gateway.runtime import build_runtime
+from gateway.settings import parse_listen
 
 __all__ = ["serve"]
 
@@ -30,18 +31,20 @@ EXIT_STARTUP_FAILED = 3
 _SHUTDOWN_GRACE = 10.0
 
 
-def bind(addresses: list[tuple[str, int]]) -> list[socket.socket]:
-    sockets = []
-    for host, port in addresses:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.create_server((host, port), family=family, backlog=2048, reuse_port=False)
-        sock.setblocking(False)
-        sockets.append(sock)
-    return sockets
+def bind(address: str) -> socket.socket:
+    host, port = parse_listen(address)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.create_server((host, port), family=family, backlog=2048, reuse_port=False)
+    sock.setblocking(False)
+    return sock
 
 
-async def _serve_worker(config_dir: Path, state_dir: Path | None, sockets: list[socket.socket]) -> None:
+async def _serve_worker(config_dir: Path, state_dir: Path | None, sockets: list[socket.socket],
+                        extra: dict[str, socket.socket]) -> None:
     runtime = build_runtime(config_dir, state_dir=state_dir)
+    listeners = {listener.name: listener for listener in runtime.gateway.listeners()}
+    if set(listeners) != set(extra):
+        raise RuntimeError("plugins asked for different listeners in the worker than in the master")
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -52,7 +55,9 @@ async def _serve_worker(config_dir: Path, state_dir: Path | None, sockets: list[
     await runner.setup()
     for sock in sockets:
         await web.SockSite(runner, sock).start()
-    names = ", ".join(_url(s) for s in sockets)
+    for name, sock in extra.items():
+        await web.SockSite(runner, sock, ssl_context=listeners[name].ssl_context()).start()
+    names = ", ".join([_url(s) for s in sockets] + [_url(s, "https") + f" ({n})" for n, s in extra.items()])
     log.info("authgw worker %d serving on %s; chain: %s", os.getpid(), names, " -> ".join(runtime.config.core.chain))
     try:
         await stop.wait()
@@ -62,14 +67,15 @@ async def _serve_worker(config_dir: Path, state_dir: Path | None, sockets: list[
         await loop.run_in_executor(None, runtime.close)
 
 
-def _url(sock: socket.socket) -> str:
+def _url(sock: socket.socket, scheme: str = "http") -> str:
     host, port = sock.getsockname()[:2]
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
-def _worker_main(config_dir: Path, state_dir: Path | None, sockets: list[socket.socket]) -> int:
+def _worker_main(config_dir: Path, state_dir: Path | None, sockets: list[socket.socket],
+                 extra: dict[str, socket.socket]) -> int:
     try:
-        asyncio.run(_serve_worker(config_dir, state_dir, sockets))
+        asyncio.run(_serve_worker(config_dir, state_dir, sockets, extra))
     except Exception:
         log.exception("worker %d failed", os.getpid())
         return EXIT_STARTUP_FAILED
@@ -90,13 +96,15 @@ def serve(config_dir: Path, *, state_dir: Path | None = None, workers: int | Non
     # Validate and build everything once in the master: configuration and plugin errors stop here.
     probe = build_runtime(config_dir, state_dir=state_dir)
     settings = probe.config.core
-    probe.discard()
-    if listen:
-        settings = settings.model_copy(update={"listen": listen})
-    sockets = bind(settings.listen_addresses())
+    try:
+        extra_listeners = probe.gateway.listeners()
+    finally:
+        probe.discard()
+    sockets = [bind(address) for address in (listen or settings.listen)]
+    extra = {listener.name: bind(listener.address) for listener in extra_listeners}
     count = workers or settings.workers
     if count == 1:
-        return _worker_main(config_dir, state_dir, sockets)
+        return _worker_main(config_dir, state_dir, sockets, extra)
 
     _enable_multiprocess_metrics()
     children: dict[int, float] = {}
@@ -109,7 +117,7 @@ def serve(config_dir: Path, *, state_dir: Path | None = None, workers: int | Non
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             code = 1
             try:
-                code = _worker_main(config_dir, state_dir, sockets)
+                code = _worker_main(config_dir, state_dir, sockets, extra)
             finally:
                 os._exit(code)
         children[pid] = time.monotonic()
@@ -152,6 +160,6 @@ def serve(config_dir: Path, *, state_dir: Path | None = None, workers: int | Non
         if time.monotonic() - started < 1.0:
             time.sleep(1.0)  # do not spin on a worker that dies at once
         spawn()
-    for sock in sockets:
+    for sock in [*sockets, *extra.values()]:
         sock.close()
     return exit_code

@@ -177,7 +177,7 @@ class ApiToken(PluginSettings):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
-def _parse_listen(value: str) -> tuple[str, int]:
+def parse_listen(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
         raise ValueError(f"{value!r} is not HOST:PORT (IPv6 as [::1]:PORT)")
@@ -215,7 +215,7 @@ class GatewaySettings(PluginSettings):
     @classmethod
     def _check_listen(cls, value: list[str]) -> list[str]:
         for item in value:
-            _parse_listen(item)
+            parse_listen(item)
         return value
 
     @field_validator("chain", "plugins")
@@ -227,6 +227,3 @@ class GatewaySettings(PluginSettings):
                 raise ValueError(f"{name!r} is listed twice")
             seen.add(name)
         return value
-
-    def listen_addresses(self) -> list[tuple[str, int]]:
-        return [_parse_listen(item) for item in self.listen]

@@ -18,7 +18,7 @@ import uuid
 from aiohttp import web
 
 from gateway.chain import Gateway
-from gateway.http.clientaddr import ClientAddressResolver
+from gateway.http.clientaddr import ClientAddressResolver, parse_address
 from gateway.http.credentials import MalformedCredentials, check_password_credential, parse_authorization
 from gateway.model import (
     Attempt,
@@ -37,6 +37,8 @@ GATEWAY_KEY = web.AppKey("gateway", Gateway)
 _DENY_BODY = "401 Unauthorized\n"
 _RETRY_AFTER_UNAVAILABLE = "5"
 _MAX_JSON_BYTES = 8 * 1024
+#: Headers not copied to ``Attempt.headers``: credentials reach plugins typed, or not at all.
+_PRIVATE_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
 #: Characters that may not reach a response header (header injection / response splitting).
 _UNSAFE = {c: None for c in range(32)} | {0x7F: None}
 
@@ -56,12 +58,15 @@ class FrontDoor:
     # -- building attempts -------------------------------------------------------------------
 
     def attempt(self, request: web.Request, front_door: str, **credentials) -> Attempt:
-        client, _via_proxy = self.resolver.resolve(request.remote, request.headers.getall("X-Forwarded-For", []))
+        client, trusted = self.resolver.resolve(request.remote, request.headers.getall("X-Forwarded-For", []))
         return Attempt(
             request_id=uuid.uuid4().hex,
             client=client,
             front_door=front_door,
             deadline=time.monotonic() + self.gateway.settings.deadline,
+            peer=parse_address(request.remote or ""),
+            trusted_peer=trusted,
+            headers={k.lower(): v for k, v in request.headers.items() if k.lower() not in _PRIVATE_HEADERS},
             **credentials,
         )
 

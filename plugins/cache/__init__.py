@@ -1,0 +1,1 @@
+"""Placeholder: the cache plugin is being written."""

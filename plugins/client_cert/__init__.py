@@ -1,0 +1,1 @@
+"""Placeholder: the client_cert plugin is being written."""

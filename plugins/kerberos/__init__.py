@@ -1,0 +1,1 @@
+"""Placeholder: the kerberos plugin is being written."""

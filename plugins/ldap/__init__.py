@@ -1,0 +1,1 @@
+"""Placeholder: the ldap plugin is being written."""

@@ -1,0 +1,42 @@
+"""Shared fixtures. Servers are real processes on 127.0.0.1, started in temp dirs, stopped by PID."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from support.gateway import GatewayProcess, write_conf
+
+
+@pytest.fixture
+def conf_dir(tmp_path: Path) -> Path:
+    directory = tmp_path / "conf.d"
+    directory.mkdir()
+    return directory
+
+
+@pytest.fixture
+def start_gateway(tmp_path: Path):
+    """``start_gateway(conf_dir, env=..., workers=...)`` starts ``authgw serve``; all are stopped at teardown."""
+    started: list[GatewayProcess] = []
+
+    def start(conf: Path, **kwargs) -> GatewayProcess:
+        state = tmp_path / f"state{len(started)}"
+        gateway = GatewayProcess(conf, state, **kwargs)
+        started.append(gateway)
+        return gateway.start()
+
+    yield start
+    for gateway in started:
+        gateway.stop()
+
+
+@pytest.fixture(scope="session")
+def demo_hash() -> str:
+    from gateway.passwords import hash_password
+
+    return hash_password("demo-password")
+
+
+__all__ = ["write_conf"]

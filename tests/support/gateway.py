@@ -1,0 +1,103 @@
+"""A real ``authgw serve`` process on a free loopback port, with its own conf.d and state dir."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from support.http import Response, basic, request
+from support.net import free_port, wait_for_port
+
+
+def write_conf(directory: Path, files: dict[str, str]) -> Path:
+    """Write *files* (name -> YAML text, dedented) into *directory*; returns it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        path = directory / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text))
+        if name.endswith((".yaml", ".yml")) and "users" in name:
+            path.chmod(0o600)
+    return directory
+
+
+def authgw(*args: str, env: dict[str, str] | None = None, input: str | None = None,
+           timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run the ``authgw`` command (as ``python -m gateway``) and capture its output."""
+    return subprocess.run([sys.executable, "-m", "gateway", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, input=input, timeout=timeout)
+
+
+class GatewayProcess:
+    def __init__(self, conf_dir: Path, state_dir: Path, *, env: dict[str, str] | None = None,
+                 workers: int = 1, host: str = "127.0.0.1") -> None:
+        self.conf_dir = conf_dir
+        self.state_dir = state_dir
+        self.host = host
+        self.port = free_port(host)
+        self.env = {**os.environ, **(env or {})}
+        self.workers = workers
+        self.log_path = state_dir.parent / f"authgw-{self.port}.log"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://[{self.host}]:{self.port}" if ":" in self.host else f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> GatewayProcess:
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--config", str(self.conf_dir),
+             "--state-dir", str(self.state_dir), "--workers", str(self.workers),
+             "--listen", f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"],
+            stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
+        wait_for_port(self.host, self.port, timeout=timeout, proc=self.proc)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:  # the socket is bound before the workers serve
+            try:
+                if self.get("/healthz").status == 200:
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"authgw did not become healthy; log:\n{self.output()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(timeout=5)
+        finally:
+            self._log.close()
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def audit(self) -> list[dict]:
+        import json
+
+        lines = []
+        for line in self.output().splitlines():
+            if line.startswith("{") and '"authgw.attempt"' in line:
+                lines.append(json.loads(line))
+        return lines
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def get(self, path: str, headers: dict[str, str] | None = None, **kw) -> Response:
+        return request(self.url, "GET", path, headers, **kw)
+
+    def post(self, path: str, body: bytes, headers: dict[str, str] | None = None, **kw) -> Response:
+        return request(self.url, "POST", path, headers, body=body, **kw)
+
+    def auth(self, username: str | bytes, password: str | bytes, headers: dict[str, str] | None = None, **kw) -> Response:
+        return self.get("/auth", {"Authorization": basic(username, password), **(headers or {})}, **kw)
