@@ -1,13 +1,14 @@
-"""Records plugins return for self-tests (``authgw check``) and readiness (``/readyz``)."""
+"""Records plugins return from hooks: self-tests, readiness, extra listeners, CLI commands."""
 
 from __future__ import annotations
 
+import argparse
 import enum
 from dataclasses import dataclass
 import ssl
 from typing import Callable
 
-__all__ = ["CheckResult", "CheckStatus", "ComponentState", "Listener", "SelfTest"]
+__all__ = ["CheckResult", "CheckStatus", "Command", "ComponentState", "Listener", "SelfTest"]
 
 
 class CheckStatus(enum.Enum):
@@ -76,3 +77,18 @@ class Listener:
     name: str
     address: str
     ssl_context: Callable[[], ssl.SSLContext]
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """An ``authgw NAME ...`` sub-command a plugin adds (for example ``authgw cache list``).
+
+    :ivar add_arguments: called with the sub-command's :class:`argparse.ArgumentParser`.
+    :ivar run: called with the parsed arguments once the plugin is built (not started: call
+        what you need yourself); returns the exit code.
+    """
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]

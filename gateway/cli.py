@@ -164,7 +164,7 @@ def cmd_api_token(args: argparse.Namespace) -> int:
 # -- parser -----------------------------------------------------------------------------------
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction, argparse.ArgumentParser]:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", metavar="DIR",
                         help="configuration directory (default: $AUTHGW_CONFIG, ./conf.d, /etc/authgw/conf.d)")
@@ -197,14 +197,34 @@ def _parser() -> argparse.ArgumentParser:
     token = commands.add_parser("api-token", help="make an API token for POST /v1/authenticate")
     token.add_argument("name", help="a name for the client that will use it")
     token.set_defaults(func=cmd_api_token)
-    return parser
+    return parser, commands, common
+
+
+def _add_plugin_commands(argv: list[str], commands: argparse._SubParsersAction,
+                         common: argparse.ArgumentParser) -> None:
+    """Build the enabled plugins and let them add their sub-commands (``gateway_commands``)."""
+    known, _ = common.parse_known_args(argv)
+    runtime = build_runtime(_config_dir(known), state_dir=known.state_dir)
+    for batch in runtime.gateway.pm.hook.gateway_commands():
+        for command in batch or ():
+            if command.name in commands.choices:
+                raise PluginLoadError(f"plugin command {command.name!r} clashes with an existing command")
+            sub = commands.add_parser(command.name, parents=[common], help=command.help)
+            command.add_arguments(sub)
+            sub.set_defaults(func=lambda args, run=command.run: run(args))
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.func is not cmd_serve:
-        _setup_logging("WARNING")
+    argv = sys.argv[1:] if argv is None else argv
+    parser, commands, common = _parser()
     try:
+        first = next((a for a in argv if not a.startswith("-")), None)
+        if first is not None and first not in commands.choices:
+            _setup_logging("WARNING")
+            _add_plugin_commands(argv, commands, common)
+        args = parser.parse_args(argv)
+        if args.func is not cmd_serve:
+            _setup_logging("WARNING")
         return args.func(args)
     except ConfigError as exc:
         for problem in exc.problems:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Iterable
 import pluggy
 
 if TYPE_CHECKING:
-    from gateway.checks import ComponentState, Listener, SelfTest
+    from gateway.checks import Command, ComponentState, Listener, SelfTest
     from gateway.model import Attempt, Decision, Identity
 
 hookspec = pluggy.HookspecMarker("authgw")
@@ -59,6 +59,20 @@ def gateway_listeners() -> Iterable[Listener]:
 
     :return: :class:`~gateway.checks.Listener` records, or ``None``. All plugins' are collected;
         two listeners with one name or one address stop start-up.
+
+    .. versionadded:: 0.1
+    """
+
+
+@hookspec
+def gateway_commands() -> Iterable[Command]:
+    """Add ``authgw`` sub-commands for operators (``authgw cache purge USER``).
+
+    Only enabled plugins are asked, after the configuration is loaded and the plugins are built
+    (``gateway_startup`` has not run). A name that clashes with a core command or another
+    plugin's stops the command line with an error.
+
+    :return: :class:`~gateway.checks.Command` records, or ``None``.
 
     .. versionadded:: 0.1
     """
