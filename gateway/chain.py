@@ -1,8 +1,9 @@
 """Running an attempt through the chain: deadline, fail-closed handling, folding, notification.
 
-Layers of one ``gateway_authenticate`` call, outermost first::
+Layers of one attempt, outermost first::
 
     Gateway.authenticate      throttle, deadline, metrics; catches what escapes everything below
+      gateway_precheck        shortcuts that skip the chain (a hot cache); usually None
       wrappers (plugins:)     e.g. the credential cache; they see the folded decision
         ChainFolder           innermost wrapper: exception -> ERROR deny; no decision -> fold notes
           chain steps         in the operator's order, firstresult
@@ -104,8 +105,10 @@ class Gateway:
     def decide(self, attempt: Attempt) -> Decision:
         """Run the chain synchronously (on a worker thread). Never raises, never returns None."""
         try:
-            decision = self.pm.hook.gateway_authenticate(attempt=attempt)
-        except Exception as exc:  # a wrapper raised outside the ChainFolder
+            decision = self.pm.hook.gateway_precheck(attempt=attempt)
+            if decision is None:
+                decision = self.pm.hook.gateway_authenticate(attempt=attempt)
+        except Exception as exc:  # a precheck or a wrapper raised outside the ChainFolder
             step = self.folder.culprit(exc)
             log.error("plugin %r raised %s around the chain (attempt %s); denied (fail closed)",
                       step, exc.__class__.__name__, attempt.request_id, exc_info=exc)

@@ -113,6 +113,24 @@ def gateway_authenticate(attempt: Attempt) -> Decision | None:
 
 
 @hookspec(firstresult=True)
+def gateway_precheck(attempt: Attempt) -> Decision | None:
+    """Answer an attempt before the chain runs, from state the plugin already holds.
+
+    For shortcuts that must skip the backends entirely, such as a hot cache of recent
+    successes for forward-auth (a pluggy wrapper cannot skip the implementations it wraps).
+    A result stops everything: the chain and its wrappers are not called, but
+    ``gateway_auth_finished`` is. Must be fast and must never answer with a success the chain
+    would not give for the same credentials; plugins that are not chain steps implement it.
+
+    :param attempt: the attempt, as the chain would see it.
+    :return: a :class:`~gateway.model.Decision`, or ``None`` to run the chain. An exception is a
+        fail-closed deny, as in ``gateway_authenticate``.
+
+    .. versionadded:: 0.1
+    """
+
+
+@hookspec(firstresult=True)
 def gateway_lookup_user(username: str) -> Identity | None:
     """Look up a user's directory profile without a password.
 
