@@ -25,6 +25,18 @@ def credential_kinds(attempt: Attempt) -> str:
     return "+".join(kinds) or "none"
 
 
+class _StandardError(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a line is written, not when it was built."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 class AuditLog:
     """Registered by the core as ``core.audit``."""
 
@@ -34,7 +46,7 @@ class AuditLog:
         self.logger.setLevel(logging.INFO)
         for handler in list(self.logger.handlers):
             self.logger.removeHandler(handler)
-        handler = logging.StreamHandler(sys.stderr) if destination == "-" else logging.FileHandler(destination)
+        handler = _StandardError() if destination == "-" else logging.FileHandler(destination)
         handler.setFormatter(logging.Formatter("%(message)s"))
         self.logger.addHandler(handler)
 

@@ -52,7 +52,11 @@ class ChainFolder:
         self._code_owner: dict[types.CodeType, str] | None = None
 
     def culprit(self, exc: BaseException) -> str:
-        """The name of the plugin whose code raised *exc*, found from the traceback."""
+        """The name of the plugin whose hook raised *exc*, found from the traceback.
+
+        The innermost hook frame wins. A frame is matched by its ``self`` (two steps may be
+        instances of one class) and else by its code object (module-level hook functions).
+        """
         if self._code_owner is None:
             owners: dict[types.CodeType, str] = {}
             for plugin_name, plugin in self._pm.list_name_plugin():
@@ -61,12 +65,14 @@ class ChainFolder:
                     if isinstance(code, types.CodeType) and attr.startswith("gateway_"):
                         owners[code] = plugin_name
             self._code_owner = owners
-        tb = exc.__traceback__
+        by_identity = {id(plugin): plugin_name for plugin_name, plugin in self._pm.list_name_plugin()}
         name = "unknown"
-        while tb is not None:  # the innermost plugin frame is the one that raised
-            owner = self._code_owner.get(tb.tb_frame.f_code)
+        tb = exc.__traceback__
+        while tb is not None:
+            frame = tb.tb_frame
+            owner = self._code_owner.get(frame.f_code)
             if owner is not None:
-                name = owner
+                name = by_identity.get(id(frame.f_locals.get("self")), owner)
             tb = tb.tb_next
         return name
 

@@ -45,6 +45,8 @@ class Config:
     data: dict[str, Any]
     marks: dict[KeyPath, Mark]
     files: list[Path]
+    #: Installed plugin names; when given, unknown top-level keys are checked too.
+    installed: set[str] | None = None
     core: GatewaySettings = field(init=False)
     context: ValidationContext = field(init=False)
 
@@ -56,7 +58,13 @@ class Config:
         if "chain" not in core_data:
             raise ConfigError(f"{display_name(self.directory)}: no file sets `chain:` (the list of "
                               "authentication steps, in order); see docs/configuration.md")
-        self.core = self.validate(GatewaySettings, core_data, ())
+        problems = self._unknown_top_level() if self.installed is not None else []
+        try:
+            self.core = self.validate(GatewaySettings, core_data, ())
+        except ConfigError as exc:
+            raise ConfigError(problems + exc.problems) from None
+        if problems:
+            raise ConfigError(problems)
 
     @property
     def enabled(self) -> list[str]:
@@ -79,21 +87,22 @@ class Config:
         """Validate the section at *prefix* into *model* (see :func:`validate`)."""
         return validate(model, data, prefix, self.marks, self.context, display_name(self.directory))
 
-    def check_top_level(self, installed: set[str]) -> None:
-        """Reject unknown top-level keys; warn about settings of plugins that are not enabled."""
+    def _unknown_top_level(self) -> list[str]:
+        """Unknown top-level keys are errors; settings of installed, disabled plugins are not."""
         core_keys = set(GatewaySettings.model_fields)
+        enabled = {*self.data.get("chain", ()), *self.data.get("plugins", ())} if isinstance(
+            self.data.get("chain"), list) else set()
         problems = []
         for key in self.data:
-            if key in core_keys or key in self.enabled:
+            if key in core_keys or key in enabled:
                 continue
-            if key in installed:
+            if key in self.installed:
                 log.warning("%s", self.locate((key,), f"{key}: settings for plugin {key!r}, which is "
                                                     "not enabled in `chain:` or `plugins:`; ignored"))
                 continue
             problems.append(self.locate((key,), f"{key}: unknown key (neither a gateway setting nor an "
                                                 f"installed plugin; see `authgw plugins`)"))
-        if problems:
-            raise ConfigError(problems)
+        return problems
 
     def redacted(self) -> dict[str, Any]:
         """The merged configuration as shown by ``authgw config show``.
@@ -156,6 +165,6 @@ def load_yaml_file(path: Path, model: type[M], context: ValidationContext) -> M:
     return validate(model, data, (), marks, context, display_name(path))
 
 
-def load_config(directory: Path) -> Config:
+def load_config(directory: Path, installed: set[str] | None = None) -> Config:
     data, marks, files = load_directory(directory)
-    return Config(directory=directory, data=data, marks=marks, files=files)
+    return Config(directory=directory, data=data, marks=marks, files=files, installed=installed)

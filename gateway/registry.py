@@ -156,7 +156,6 @@ def build_plugin_manager(config: Config, *, state_dir: Path, core_plugins: list[
     :return: the plugin manager and the registered plugin objects by name, in chain order.
     """
     discovered = discover() if discovered is None else discovered
-    config.check_top_level(set(discovered))
     reserved = set(GatewaySettings.model_fields)
     missing = [n for n in config.enabled if n not in discovered]
     if missing:

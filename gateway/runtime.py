@@ -12,7 +12,7 @@ from gateway.chain import ChainFolder, Gateway
 from gateway.config import Config, load_config
 from gateway.errors import ConfigError
 from gateway.metrics import Metrics
-from gateway.registry import PluginInfo, build_plugin_manager
+from gateway.registry import PluginInfo, build_plugin_manager, discover
 
 __all__ = ["Runtime", "build_runtime", "default_config_dir", "default_state_dir"]
 
@@ -68,7 +68,8 @@ def resolve_state_dir(config: Config, override: Path | None) -> Path:
 def build_runtime(config_dir: Path, *, state_dir: Path | None = None,
                   discovered: dict[str, PluginInfo] | None = None, config: Config | None = None) -> Runtime:
     """Load *config_dir*, build every enabled plugin and the core around them."""
-    config = config or load_config(config_dir)
+    discovered = discover() if discovered is None else discovered
+    config = config or load_config(config_dir, installed=set(discovered))
     state = ensure_state_dir(resolve_state_dir(config, state_dir))
     audit = AuditLog(config.core.audit.file)
     metrics = Metrics()

@@ -1,0 +1,117 @@
+"""Small plugins for core tests: a configurable chain step, and plugins that break the contract.
+
+Each is a real plugin class; tests reach them through entry points (in-process via
+``support.chainhelp.build`` or as installed distributions via ``support.fakedist``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+from gateway import Attempt, Decision, Identity, Outcome, PluginContext, PluginSettings, hookimpl
+
+#: (plugin name, hook) in call order, for tests that pin the order of hook calls.
+CALLS: list[tuple[str, str]] = []
+
+
+class StepSettings(PluginSettings):
+    action: Literal["abstain", "not_found", "unavailable", "invalid", "account_state", "success",
+                    "raise", "sleep", "not_a_decision"] = "abstain"
+    sleep: float = 0.0
+    challenge: str | None = None
+
+
+class Step:
+    """A chain step that does what its settings say, and records every hook call."""
+
+    Settings = StepSettings
+
+    def __init__(self, settings: StepSettings, context: PluginContext) -> None:
+        self.settings = settings
+        self.name = context.name
+
+    @hookimpl
+    def gateway_precheck(self, attempt: Attempt) -> None:
+        CALLS.append((self.name, "gateway_precheck"))
+
+    @hookimpl
+    def gateway_authenticate(self, attempt: Attempt) -> Decision | None:
+        CALLS.append((self.name, "gateway_authenticate"))
+        action = self.settings.action
+        if action == "not_found":
+            attempt.note(Outcome.USER_NOT_FOUND, step=self.name, reason=f"{self.name}.user_not_found")
+        elif action == "unavailable":
+            attempt.note(Outcome.UNAVAILABLE, step=self.name, reason=f"{self.name}.unreachable")
+        elif action == "invalid":
+            return Decision.deny(Outcome.INVALID_CREDENTIALS, step=self.name, reason=f"{self.name}.invalid")
+        elif action == "account_state":
+            return Decision.deny(Outcome.ACCOUNT_STATE, step=self.name, reason=f"{self.name}.locked")
+        elif action == "success":
+            user = attempt.username or "anonymous"
+            return Decision.allow(Identity(subject=f"{self.name}:{user}", username=user, method=self.name,
+                                           groups=("g1", "g2")), step=self.name)
+        elif action == "raise":
+            raise RuntimeError("boom from a test plugin")
+        elif action == "sleep":
+            time.sleep(self.settings.sleep)
+        elif action == "not_a_decision":
+            return "yes"  # type: ignore[return-value]
+        return None
+
+    @hookimpl
+    def gateway_challenges(self, attempt: Attempt) -> str | None:
+        return self.settings.challenge
+
+    @hookimpl
+    def gateway_auth_finished(self, attempt: Attempt, decision: Decision) -> None:
+        CALLS.append((self.name, "gateway_auth_finished"))
+
+
+class Wrapper:
+    """A non-step plugin wrapping the chain, as the credential cache does."""
+
+    def __init__(self, settings: PluginSettings, context: PluginContext) -> None:
+        self.name = context.name
+
+    @hookimpl(wrapper=True)
+    def gateway_authenticate(self, attempt: Attempt):
+        CALLS.append((self.name, "gateway_authenticate:before"))
+        decision = yield
+        CALLS.append((self.name, f"gateway_authenticate:after:{decision.outcome.value}"))
+        return decision
+
+
+class Misspelled:
+    def __init__(self, settings: PluginSettings, context: PluginContext) -> None:
+        pass
+
+    @hookimpl
+    def gateway_authenticat(self, attempt: Attempt) -> None:  # the typo under test
+        return None
+
+
+class Unmarked:
+    def __init__(self, settings: PluginSettings, context: PluginContext) -> None:
+        pass
+
+    def gateway_authenticate(self, attempt: Attempt) -> None:  # no @hookimpl
+        return None
+
+
+class TryFirst:
+    def __init__(self, settings: PluginSettings, context: PluginContext) -> None:
+        pass
+
+    @hookimpl(tryfirst=True)
+    def gateway_authenticate(self, attempt: Attempt) -> None:
+        return None
+
+
+class NoAuthenticate:
+    def __init__(self, settings: PluginSettings, context: PluginContext) -> None:
+        pass
+
+    @hookimpl
+    def gateway_startup(self) -> None:
+        pass

@@ -1,0 +1,157 @@
+"""Chain semantics (DESIGN.md section 3), in-process, with a fresh plugin manager per test."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from gateway.errors import PluginLoadError
+from gateway.model import Outcome
+from support import testplugins
+from support.chainhelp import attempt, build, decide
+
+
+@pytest.fixture(autouse=True)
+def _clear_calls():
+    testplugins.CALLS.clear()
+    yield
+    testplugins.CALLS.clear()
+
+
+def steps_called() -> list[str]:
+    return [name for name, hook in testplugins.CALLS if hook == "gateway_authenticate"]
+
+
+def test_chain_order_follows_config_not_installation(tmp_path):
+    # Installed (discovered) in the order a, b, c; configured as c, a, b.
+    runtime = build(tmp_path, {"chain": ["c", "a", "b"]})
+    decide(runtime)
+    assert steps_called() == ["c", "a", "b"]
+
+    testplugins.CALLS.clear()
+    runtime = build(tmp_path, {"chain": ["b", "c", "a"]})
+    decide(runtime)
+    assert steps_called() == ["b", "c", "a"]
+
+
+@pytest.mark.parametrize("action, outcome, reason", [
+    ("invalid", Outcome.INVALID_CREDENTIALS, "first.invalid"),
+    ("account_state", Outcome.ACCOUNT_STATE, "first.locked"),
+    ("success", Outcome.SUCCESS, ""),
+])
+def test_a_decision_stops_the_chain(tmp_path, action, outcome, reason):
+    runtime = build(tmp_path, {"chain": ["first", "second"]},
+                    {"first": {"action": action}, "second": {"action": "success"}})
+    decision = decide(runtime)
+    assert (decision.outcome, decision.reason, decision.step) == (outcome, reason, "first")
+    assert steps_called() == ["first"]
+    if outcome is Outcome.SUCCESS:
+        assert decision.identity.username == "alice" and decision.identity.method == "first"
+
+
+@pytest.mark.parametrize("action", ["abstain", "not_found", "unavailable"])
+def test_passing_steps_let_the_next_one_decide(tmp_path, action):
+    runtime = build(tmp_path, {"chain": ["first", "second"]},
+                    {"first": {"action": action}, "second": {"action": "success"}})
+    decision = decide(runtime)
+    assert decision.outcome is Outcome.SUCCESS and decision.step == "second"
+    assert steps_called() == ["first", "second"]
+
+
+@pytest.mark.parametrize("actions, outcome, step, reason", [
+    (["abstain", "abstain"], Outcome.NOT_APPLICABLE, "", "no_applicable_credentials"),
+    (["not_found", "abstain"], Outcome.USER_NOT_FOUND, "a", "a.user_not_found"),
+    (["abstain", "not_found"], Outcome.USER_NOT_FOUND, "b", "b.user_not_found"),
+    (["unavailable", "abstain"], Outcome.UNAVAILABLE, "a", "a.unreachable"),
+    # UNAVAILABLE wins over USER_NOT_FOUND whatever their order: a user missing from one
+    # directory may exist in the one we could not ask.
+    (["not_found", "unavailable"], Outcome.UNAVAILABLE, "b", "b.unreachable"),
+    (["unavailable", "not_found"], Outcome.UNAVAILABLE, "a", "a.unreachable"),
+])
+def test_notes_fold_when_no_step_decides(tmp_path, actions, outcome, step, reason):
+    runtime = build(tmp_path, {"chain": ["a", "b"]}, {"a": {"action": actions[0]}, "b": {"action": actions[1]}})
+    decision = decide(runtime)
+    assert (decision.outcome, decision.step, decision.reason) == (outcome, step, reason)
+
+
+def test_a_raising_plugin_is_a_fail_closed_deny_naming_it(tmp_path, caplog):
+    runtime = build(tmp_path, {"chain": ["ok", "broken", "after"]},
+                    {"broken": {"action": "raise"}, "after": {"action": "success"}})
+    with caplog.at_level(logging.ERROR, logger="authgw.chain"):
+        decision = decide(runtime)
+    assert (decision.outcome, decision.reason, decision.step) == (Outcome.ERROR, "internal_error", "broken")
+    assert decision.identity is None
+    assert steps_called() == ["ok", "broken"], "no later step may turn a crash into a success"
+    assert any("'broken'" in r.getMessage() and "fail closed" in r.getMessage() for r in caplog.records)
+    # The next attempt still works (the plugin manager is intact).
+    assert decide(runtime).outcome is Outcome.ERROR
+
+
+def test_a_step_returning_garbage_is_denied(tmp_path):
+    runtime = build(tmp_path, {"chain": ["odd", "after"]}, {"odd": {"action": "not_a_decision"},
+                                                            "after": {"action": "success"}})
+    decision = decide(runtime)
+    assert decision.outcome is Outcome.ERROR and decision.reason == "internal_error"
+
+
+def test_a_step_that_overruns_the_deadline_does_not_hold_the_attempt(tmp_path):
+    runtime = build(tmp_path, {"chain": ["slow"], "deadline": 0.3}, {"slow": {"action": "sleep", "sleep": 3}})
+    decision = decide(runtime, attempt(deadline=0.3))
+    assert (decision.outcome, decision.reason) == (Outcome.UNAVAILABLE, "deadline_exceeded")
+
+
+def test_the_exact_order_of_hook_calls_for_one_attempt(tmp_path):
+    runtime = build(tmp_path, {"chain": ["a", "b"], "plugins": ["wrap"]},
+                    {"a": {"action": "not_found"}, "b": {"action": "invalid"}},
+                    targets={"wrap": "support.testplugins:Wrapper"})
+    decide(runtime)
+    assert testplugins.CALLS == [
+        ("a", "gateway_precheck"),
+        ("b", "gateway_precheck"),
+        ("wrap", "gateway_authenticate:before"),
+        ("a", "gateway_authenticate"),
+        ("b", "gateway_authenticate"),
+        ("wrap", "gateway_authenticate:after:invalid_credentials"),
+        ("a", "gateway_auth_finished"),
+        ("b", "gateway_auth_finished"),
+    ]
+
+
+def test_a_wrapper_sees_the_folded_decision(tmp_path):
+    runtime = build(tmp_path, {"chain": ["a"], "plugins": ["wrap"]}, {"a": {"action": "unavailable"}},
+                    targets={"wrap": "support.testplugins:Wrapper"})
+    assert decide(runtime).outcome is Outcome.UNAVAILABLE
+    assert ("wrap", "gateway_authenticate:after:unavailable") in testplugins.CALLS
+
+
+def test_challenges_are_collected_in_chain_order_without_duplicates(tmp_path):
+    runtime = build(tmp_path, {"chain": ["k", "p", "q"]},
+                    {"k": {"challenge": "Negotiate"}, "p": {"challenge": 'Basic realm="x"'},
+                     "q": {"challenge": 'Basic realm="x"'}})
+    assert runtime.gateway.challenges(attempt()) == ["Negotiate", 'Basic realm="x"']
+
+
+@pytest.mark.parametrize("target, message", [
+    ("support.testplugins:Misspelled", "'gateway_authenticat', which is not an authgw hook; did you mean 'gateway_authenticate'?"),
+    ("support.testplugins:Unmarked", "without @gateway.hookimpl"),
+    ("support.testplugins:TryFirst", "tryfirst/trylast are not allowed on gateway_authenticate"),
+    ("support.testplugins:NoAuthenticate", "does not implement gateway_authenticate"),
+    ("support.testplugins:Wrapper", "is a chain step, but its gateway_authenticate is a wrapper"),
+])
+def test_plugins_breaking_the_contract_stop_start_up(tmp_path, target, message):
+    with pytest.raises(PluginLoadError) as excinfo:
+        build(tmp_path, {"chain": ["bad"]}, targets={"bad": target})
+    assert message in str(excinfo.value)
+    assert "plugin 'bad'" in str(excinfo.value)
+
+
+def test_throttling_refuses_before_the_chain_after_repeated_failures(tmp_path):
+    runtime = build(tmp_path, {"chain": ["a"], "throttle": {"user_failures": 3, "client_failures": 100}},
+                    {"a": {"action": "invalid"}})
+    outcomes = [decide(runtime).outcome for _ in range(4)]
+    assert outcomes == [Outcome.INVALID_CREDENTIALS] * 3 + [Outcome.THROTTLED]
+    assert steps_called() == ["a", "a", "a"], "a throttled attempt never reaches the directory"
+    # Another user is not affected (the per-client limit is far higher).
+    other = attempt(username="bob")
+    assert decide(runtime, other).outcome is Outcome.INVALID_CREDENTIALS
