@@ -1,0 +1,62 @@
+"""The example third-party plugin in docs/examples/, installed for real and run in `authgw serve`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from support.gateway import authgw, write_conf
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "docs" / "examples" / "authgw-denylist"
+
+
+@pytest.fixture(scope="module")
+def example_site(tmp_path_factory) -> dict[str, str]:
+    """pip-install the example (without dependencies: authgw is already here) into a target dir."""
+    site = tmp_path_factory.mktemp("site")
+    build = tmp_path_factory.mktemp("build")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--target", str(site), str(EXAMPLE)], check=True, cwd=build,
+                   env={"PIP_DISABLE_PIP_VERSION_CHECK": "1", "PATH": "/usr/bin:/bin",
+                        "HOME": str(build)})
+    assert list(site.glob("authgw_denylist-*.dist-info"))
+    return {"PYTHONPATH": str(site)}
+
+
+def conf(conf_dir, demo_hash, chain):
+    return write_conf(conf_dir, {
+        "gateway.yaml": f"chain: {chain}\nthrottle:\n  enabled: false\n",
+        "static.yaml": "static:\n  users_file: users/users.yaml\n",
+        "users/users.yaml": f'users:\n  alice:\n    password_hash: "{demo_hash}"\n'
+                            f'  mallory:\n    password_hash: "{demo_hash}"\n',
+        "denylist.yaml": "denylist:\n  users: [mallory, 'svc-*']\n",
+    })
+
+
+def test_discovered_but_not_loaded_until_enabled(conf_dir, demo_hash, example_site, tmp_path):
+    conf(conf_dir, demo_hash, "[static]")
+    listing = authgw("plugins", "--config", str(conf_dir), env=example_site)
+    line = next(l for l in listing.stdout.splitlines() if l.startswith("denylist"))
+    assert "installed" in line and "authgw-denylist 1.0.0" in line and "authgw_denylist:DenylistPlugin" in line
+
+    code = ("import sys; from pathlib import Path; from gateway.runtime import build_runtime;"
+            f"build_runtime(Path({str(conf_dir)!r}), state_dir=Path({str(tmp_path / 's')!r}));"
+            "print('authgw_denylist' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={**__import__('os').environ, **example_site}, check=True)
+    assert result.stdout.strip() == "False", "an installed plugin that is not enabled is never imported"
+
+
+def test_enabled_example_plugin_runs_in_a_real_server(conf_dir, demo_hash, example_site, start_gateway):
+    gw = start_gateway(conf(conf_dir, demo_hash, "[denylist, static]"), env=example_site)
+    assert gw.auth("alice", "demo-password").status == 200
+    assert gw.auth("mallory", "demo-password").status == 401
+    assert gw.auth("SVC-backup", "whatever").status == 401
+    reasons = [(a["username"], a["reason"], a["step"]) for a in gw.audit()]
+    assert ("mallory", "denylist.user", "denylist") in reasons
+    assert ("SVC-backup", "denylist.user", "denylist") in reasons
+    check = authgw("check", "--config", str(conf_dir), "--state-dir", str(gw.state_dir), env=example_site)
+    assert "PASS  denylist.entries: 2 user patterns, 0 networks" in check.stdout
