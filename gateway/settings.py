@@ -155,26 +155,25 @@ class PluginSettings(BaseModel):
 
 
 class AuditSettings(PluginSettings):
-    #: Where audit lines go: a file path, or ``-`` for standard error.
-    file: str = "-"
+    file: str = Field("-", description="where audit lines go: a file path, or `-` for standard error")
 
 
 class ThrottleSettings(PluginSettings):
     """Failure throttling. Keep ``user_failures`` below the directory's lockout threshold so the
     gateway cannot be used to lock accounts out."""
 
-    enabled: bool = True
-    user_failures: int = Field(5, ge=1)
-    client_failures: int = Field(30, ge=1)
-    window: float = Field(300.0, gt=0)
+    enabled: bool = Field(True, description="refuse (429) users and clients with too many recent failures")
+    user_failures: int = Field(5, ge=1, description="failures per username within `window` before 429")
+    client_failures: int = Field(30, ge=1, description="failures per client address within `window` before 429")
+    window: float = Field(300.0, gt=0, description="seconds a failure is remembered")
 
 
 class ApiToken(PluginSettings):
     """A client allowed to call ``POST /v1/authenticate``. Only the SHA-256 of the token is stored
     (tokens are 256-bit random, so a fast hash is enough); ``authgw api-token`` makes one."""
 
-    name: str = Field(min_length=1)
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    name: str = Field(min_length=1, description="who holds the token (for the operator)")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="hex SHA-256 of the token")
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -187,29 +186,22 @@ def parse_listen(value: str) -> tuple[str, int]:
 class GatewaySettings(PluginSettings):
     """The top-level keys of ``conf.d`` (conventionally in ``gateway.yaml``)."""
 
-    #: Chain steps, in the order they are asked. Enablement and order in one list.
-    chain: list[str] = Field(min_length=1)
-    #: Plugins that are not chain steps (the cache wrapper, audit or metrics sinks).
-    plugins: list[str] = []
-    #: ``HOST:PORT`` addresses to listen on.
-    listen: list[str] = ["127.0.0.1:9000"]
-    #: Proxies whose ``X-Forwarded-For`` and forwarded certificate headers are believed.
-    trusted_proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
-    #: Seconds an attempt may take in all; backend timeouts must stay below it.
-    deadline: float = Field(5.0, gt=0, le=120)
-    #: Threads that run plugins (ldap3 and gssapi are blocking) per worker process.
-    threads: int = Field(16, ge=1, le=512)
-    #: Worker processes sharing the listening sockets (``--workers`` overrides it).
-    workers: int = Field(1, ge=1, le=64)
-    #: Realm shown in ``WWW-Authenticate: Basic``.
-    realm: str = "authgw"
-    state_dir: Annotated[Path | None, Field(description="state directory (cache, keys)")] = None
-    #: Make permission warnings errors.
-    strict: bool = False
-    log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
-    audit: AuditSettings = AuditSettings()
-    throttle: ThrottleSettings = ThrottleSettings()
-    api_tokens: list[ApiToken] = []
+    chain: list[str] = Field(min_length=1, description="authentication steps, in the order they are asked")
+    plugins: list[str] = Field([], description="enabled plugins that are not chain steps (cache, sinks)")
+    listen: list[str] = Field(["127.0.0.1:9000"], description="`HOST:PORT` addresses to listen on")
+    trusted_proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(
+        [], description="proxies whose `X-Forwarded-For` and forwarded certificates are believed")
+    deadline: float = Field(5.0, gt=0, le=120, description="seconds an attempt may take in all")
+    threads: int = Field(16, ge=1, le=512, description="threads per worker running (blocking) plugins")
+    workers: int = Field(1, ge=1, le=64, description="worker processes sharing the sockets")
+    realm: str = Field("authgw", description="realm of the `WWW-Authenticate: Basic` challenge")
+    state_dir: Path | None = Field(None, description="state directory (cache, keys); default "
+                                   "`$XDG_DATA_HOME/authgw`; `--state-dir` overrides")
+    strict: bool = Field(False, description="make permission warnings errors")
+    log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$", description="DEBUG, INFO, WARNING or ERROR")
+    audit: AuditSettings = Field(AuditSettings(), description="the audit log (one JSON line per attempt)")
+    throttle: ThrottleSettings = Field(ThrottleSettings(), description="failure throttling")
+    api_tokens: list[ApiToken] = Field([], description="clients allowed to call `POST /v1/authenticate`")
 
     @field_validator("listen")
     @classmethod

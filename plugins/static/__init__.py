@@ -49,12 +49,12 @@ __all__ = ["StaticPlugin"]
 
 
 class StaticUser(PluginSettings):
-    password_hash: str = Field(pattern=r"^\$argon2id\$", description="from `authgw hash-password`")
+    password_hash: str = Field(pattern=r"^\$argon2id\$", description="argon2id hash from `authgw hash-password`")
     display_name: str = ""
     email: str = ""
     groups: list[str] = []
-    subject: str | None = None
-    disabled: bool = False
+    subject: str | None = Field(None, description="stable id; default `static:<name>`")
+    disabled: bool = Field(False, description="refuse the user (`static.disabled`) even with the right password")
 
 
 class UsersFile(PluginSettings):
@@ -62,9 +62,9 @@ class UsersFile(PluginSettings):
 
 
 class StaticSettings(PluginSettings):
-    users_file: ConfigPath
-    case_insensitive: bool = False
-    reload_interval: float = Field(2.0, ge=0)
+    users_file: ConfigPath = Field(description="YAML users file (relative to conf.d); keep it out of conf.d's top level")
+    case_insensitive: bool = Field(False, description="match usernames case-insensitively (casefold)")
+    reload_interval: float = Field(2.0, ge=0, description="seconds between checks for a changed users file; 0: never")
 
 
 class StaticPlugin:
