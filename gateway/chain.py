@@ -3,7 +3,7 @@
 Layers of one attempt, outermost first::
 
     Gateway.authenticate      throttle, deadline, metrics; catches what escapes everything below
-      gateway_precheck        shortcuts that skip the chain (a hot cache); usually None
+      gateway_precheck        on the event loop: shortcuts that skip the chain (a hot cache)
       wrappers (plugins:)     e.g. the credential cache; they see the folded decision
         ChainFolder           innermost wrapper: exception -> ERROR deny; no decision -> fold notes
           chain steps         in the operator's order, firstresult
@@ -111,17 +111,28 @@ class Gateway:
     def decide(self, attempt: Attempt) -> Decision:
         """Run the chain synchronously (on a worker thread). Never raises, never returns None."""
         try:
-            decision = self.pm.hook.gateway_precheck(attempt=attempt)
-            if decision is None:
-                decision = self.pm.hook.gateway_authenticate(attempt=attempt)
-        except Exception as exc:  # a precheck or a wrapper raised outside the ChainFolder
-            step = self.folder.culprit(exc)
-            log.error("plugin %r raised %s around the chain (attempt %s); denied (fail closed)",
-                      step, exc.__class__.__name__, attempt.request_id, exc_info=exc)
-            return Decision.deny(Outcome.ERROR, step=step, reason="internal_error")
+            decision = self.pm.hook.gateway_authenticate(attempt=attempt)
+        except Exception as exc:  # a wrapper raised outside the ChainFolder
+            return self._crashed(exc, attempt, "around the chain")
         if not isinstance(decision, Decision):
             return Decision.deny(Outcome.ERROR, step="unknown", reason="internal_error")
         return decision
+
+    def precheck(self, attempt: Attempt) -> Decision | None:
+        """Ask ``gateway_precheck`` (on the event loop: its implementations hold no I/O)."""
+        try:
+            decision = self.pm.hook.gateway_precheck(attempt=attempt)
+        except Exception as exc:
+            return self._crashed(exc, attempt, "in gateway_precheck")
+        if decision is not None and not isinstance(decision, Decision):
+            return Decision.deny(Outcome.ERROR, step="unknown", reason="internal_error")
+        return decision
+
+    def _crashed(self, exc: Exception, attempt: Attempt, where: str) -> Decision:
+        step = self.folder.culprit(exc)
+        log.error("plugin %r raised %s %s (attempt %s); denied (fail closed)",
+                  step, exc.__class__.__name__, where, attempt.request_id, exc_info=exc)
+        return Decision.deny(Outcome.ERROR, step=step, reason="internal_error")
 
     def _decide_and_notify(self, attempt: Attempt) -> Decision:
         decision = self.decide(attempt)
@@ -147,20 +158,29 @@ class Gateway:
             decision = Decision.deny(Outcome.THROTTLED, step="gateway", reason="throttled")
             self.notify(attempt, decision)
             return decision
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self.executor, self._decide_and_notify, attempt)
-        try:
-            decision = await asyncio.wait_for(future, timeout=attempt.time_left())
-        except asyncio.TimeoutError:
-            log.warning("attempt %s exceeded its deadline (%.1fs); a plugin did not answer in time",
-                        attempt.request_id, self.settings.deadline)
-            decision = Decision.deny(Outcome.UNAVAILABLE, step="gateway", reason="deadline_exceeded")
-            self.executor.submit(self.notify, attempt, decision)
+        decision = self.precheck(attempt)
+        if decision is not None:
+            self.notify(attempt, decision)
+        else:
+            decision = await self._run_chain(attempt)
         if decision.outcome in _FAILURES:
             self.throttle.record_failure(attempt.username, client)
         elif decision.success:
             self.throttle.record_success(attempt.username)
         return decision
+
+    async def _run_chain(self, attempt: Attempt) -> Decision:
+        """The chain on the pool (plugins block), waited for until the attempt's deadline."""
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self.executor, self._decide_and_notify, attempt)
+        try:
+            return await asyncio.wait_for(future, timeout=attempt.time_left())
+        except asyncio.TimeoutError:
+            log.warning("attempt %s exceeded its deadline (%.1fs); a plugin did not answer in time",
+                        attempt.request_id, self.settings.deadline)
+            decision = Decision.deny(Outcome.UNAVAILABLE, step="gateway", reason="deadline_exceeded")
+            self.executor.submit(self.notify, attempt, decision)
+            return decision
 
     # -- other hooks ----------------------------------------------------------------------------
 

@@ -119,8 +119,9 @@ def gateway_precheck(attempt: Attempt) -> Decision | None:
     For shortcuts that must skip the backends entirely, such as a hot cache of recent
     successes for forward-auth (a pluggy wrapper cannot skip the implementations it wraps).
     A result stops everything: the chain and its wrappers are not called, but
-    ``gateway_auth_finished`` is. Must be fast and must never answer with a success the chain
-    would not give for the same credentials; plugins that are not chain steps implement it.
+    ``gateway_auth_finished`` is. It runs on the event loop, not on a worker thread, so that a
+    hit costs no thread hand-off: it must not block (no I/O, no slow hashing) and must never
+    answer with a success the chain would not give for the same credentials.
 
     :param attempt: the attempt, as the chain would see it.
     :return: a :class:`~gateway.model.Decision`, or ``None`` to run the chain. An exception is a
@@ -184,8 +185,10 @@ def gateway_readiness() -> Iterable[ComponentState]:
 def gateway_auth_finished(attempt: Attempt, decision: Decision) -> None:
     """Be told the final decision of every attempt (audit sinks, metrics, caches).
 
-    Called after the chain, also for denials, errors and throttled attempts. The return value
-    is ignored; an exception is logged and does not change the decision.
+    Called after the chain, also for denials, errors and throttled attempts, on a worker thread
+    or (for throttled and pre-checked attempts) on the event loop: return quickly and hand slow
+    work to a queue of your own. The return value is ignored; an exception is logged and does
+    not change the decision.
 
     :param attempt: the attempt as decided.
     :param decision: the decision the front door is about to answer with.

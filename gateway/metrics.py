@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
@@ -33,11 +34,21 @@ class Metrics:
         self.in_flight = Gauge("authgw_attempts_in_flight", "Attempts being decided",
                                multiprocess_mode="livesum", **kwargs)
 
+        # labels() takes a lock and builds tuples; the label sets are few, so keep the children.
+        self._counters: dict[tuple[str, str, str, bool], Any] = {}
+        self._histograms: dict[str, Any] = {}
+
     @hookimpl
     def gateway_auth_finished(self, attempt: Attempt, decision: Decision) -> None:
-        self.attempts.labels(decision.outcome.value, decision.step or "none", attempt.front_door,
-                             "true" if decision.from_cache else "false").inc()
-        self.latency.labels(attempt.front_door).observe(time.monotonic() - attempt.started)
+        key = (decision.outcome.value, decision.step or "none", attempt.front_door, decision.from_cache)
+        counter = self._counters.get(key)
+        if counter is None:
+            counter = self._counters.setdefault(key, self.attempts.labels(*key[:3], "true" if key[3] else "false"))
+        counter.inc()
+        histogram = self._histograms.get(attempt.front_door)
+        if histogram is None:
+            histogram = self._histograms.setdefault(attempt.front_door, self.latency.labels(attempt.front_door))
+        histogram.observe(time.monotonic() - attempt.started)
 
     def exposition(self) -> bytes:
         if self.multiprocess:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 import json
+import secrets
 import time
-import uuid
+from collections.abc import Mapping
 
 from aiohttp import web
 
@@ -47,26 +49,64 @@ def _header_value(text: str) -> str:
     return text.translate(_UNSAFE)
 
 
+class PublicHeaders(Mapping[str, str]):
+    """A read-only, case-insensitive view of a request's headers without the credentials ones.
+
+    A view, not a copy: most attempts never look at their headers.
+    """
+
+    __slots__ = ("_headers",)
+
+    def __init__(self, headers) -> None:
+        self._headers = headers
+
+    def __getitem__(self, name: str) -> str:
+        if name.lower() in _PRIVATE_HEADERS:
+            raise KeyError(name)
+        return self._headers[name]
+
+    def __iter__(self):
+        return (k.lower() for k in self._headers if k.lower() not in _PRIVATE_HEADERS)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def getall(self, name: str) -> list[str]:
+        return [] if name.lower() in _PRIVATE_HEADERS else self._headers.getall(name, [])
+
+
+class RequestIds:
+    """Unique request ids without a system call each: a random per-process prefix and a counter."""
+
+    def __init__(self) -> None:
+        self._prefix = secrets.token_hex(8)
+        self._counter = itertools.count(1)
+
+    def next(self) -> str:
+        return f"{self._prefix}{next(self._counter):016x}"
+
+
 class FrontDoor:
     def __init__(self, gateway: Gateway, metrics=None) -> None:
         self.gateway = gateway
         self.metrics = metrics
         self.resolver = ClientAddressResolver(gateway.settings.trusted_proxies)
+        self.request_ids = RequestIds()
         self.api_tokens = {t.sha256: t.name for t in gateway.settings.api_tokens}
         self.realm_challenge = f'Basic realm="{gateway.settings.realm}", charset="UTF-8"'
 
     # -- building attempts -------------------------------------------------------------------
 
     def attempt(self, request: web.Request, front_door: str, **credentials) -> Attempt:
-        client, trusted = self.resolver.resolve(request.remote, request.headers.getall("X-Forwarded-For", []))
+        client, trusted = self.resolver.resolve(request.remote, request.headers.getall("X-Forwarded-For", ()))
         return Attempt(
-            request_id=uuid.uuid4().hex,
+            request_id=self.request_ids.next(),
             client=client,
             front_door=front_door,
             deadline=time.monotonic() + self.gateway.settings.deadline,
             peer=parse_address(request.remote or ""),
             trusted_peer=trusted,
-            headers={k.lower(): v for k, v in request.headers.items() if k.lower() not in _PRIVATE_HEADERS},
+            headers=PublicHeaders(request.headers),
             **credentials,
         )
 
