@@ -1,1 +1,217 @@
-"""Placeholder: the kerberos plugin is being written."""
+"""``kerberos``: single sign-on with SPNEGO (``Authorization: Negotiate``, RFC 4559), IP-gated.
+
+A domain-joined browser or ``curl --negotiate -u :`` logs in with its Kerberos ticket. The
+plugin is offered only to clients inside ``allowed_networks`` (the address the core resolved
+through ``trusted_proxies``), so browsers outside the intranet never see a Kerberos prompt.
+
+Decides
+    Negotiate attempts from allowed networks: ``SUCCESS`` (with the directory profile from
+    ``gateway_lookup_user`` when a directory plugin is enabled, and the mutual-authentication
+    token for the 200 answer), or ``INVALID_CREDENTIALS`` with ``kerberos.<reason>``:
+    ``ntlm_not_supported``, ``malformed_token``, ``unsupported_mechanism``, ``replay``,
+    ``clock_skew``, ``ticket_expired``, ``wrong_kvno``, ``key_mismatch``,
+    ``keytab_entry_missing``, ``wrong_principal``, ``unsupported_enctype``, ``anonymous``,
+    ``realm_not_allowed``, ``principal_not_mapped``, ``rejected``. Each failure is logged with what
+    to check (docs/plugins/kerberos.md).
+Abstains
+    when the attempt has no Negotiate token or the client is outside ``allowed_networks`` (and
+    then offers no ``Negotiate`` challenge either); when the directory does not know the mapped
+    user (noting ``USER_NOT_FOUND``, ``kerberos.user_not_found``) or cannot be reached (noting
+    ``UNAVAILABLE``, ``kerberos.directory_unavailable``); when the keytab cannot be read or the
+    replay cache written (noting ``UNAVAILABLE``, ``kerberos.keytab_unavailable``,
+    ``kerberos.replay_cache_unavailable``).
+Settings (``kerberos:`` in conf.d)
+    ``allowed_networks`` (CIDRs, required), ``keytab`` (path, required), ``service_principal``
+    (``HTTP/host@REALM``; default any key in the keytab), ``realms`` (strip_realm allowlist),
+    ``rules`` (``{match, username}`` regular-expression mapping), ``lowercase_username``,
+    ``require_directory_user`` (default true), ``replay_cache`` (default in the state directory).
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import logging
+from pathlib import Path
+
+from pydantic import Field, model_validator
+
+from gateway import (
+    MUTUAL_AUTH_KEY,
+    Attempt,
+    BackendUnavailable,
+    ComponentState,
+    ConfigPath,
+    Decision,
+    Identity,
+    Outcome,
+    PluginContext,
+    PluginSettings,
+    SelfTest,
+    hookimpl,
+)
+
+from .acceptor import HINTS, AcceptFailed, Acceptor
+from .mapping import MappingRule, PrincipalMapper
+from .selftests import KerberosSelfTests
+from .tokens import TokenRefused, inspect_token
+
+__all__ = ["KerberosPlugin", "KerberosSettings"]
+
+#: Reasons that point at the gateway's own configuration: logged as warnings. The others are
+#: the client's doing (or an attacker's) and are logged at info, the audit line has them anyway.
+_OPERATOR_REASONS = frozenset({"clock_skew", "wrong_kvno", "key_mismatch", "keytab_entry_missing",
+                               "wrong_principal", "unsupported_enctype", "keytab_unavailable",
+                               "replay_cache_unavailable"})
+
+
+class KerberosSettings(PluginSettings):
+    """SPNEGO single sign-on, offered only to ``allowed_networks`` (docs/plugins/kerberos.md)."""
+
+    allowed_networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(
+        min_length=1, description="client networks (IPv4/IPv6 CIDRs) that are offered and may use Negotiate; "
+                                  "the client address is the one resolved through trusted_proxies")
+    keytab: ConfigPath = Field(description="the service keytab (relative to conf.d); read through an explicit "
+                                           "credential store, never KRB5_KTNAME; re-read when the file changes")
+    service_principal: str | None = Field(
+        None, pattern=r"^[^@\s]+(@[^@\s]+)?$",
+        description="accept only tickets for this principal (HTTP/host@REALM, or HTTP/host in the default "
+                    "realm); unset: any key in the keytab")
+    realms: list[str] = Field([], description="strip_realm allowlist: alice@REALM logs in as alice when REALM "
+                                              "is listed (exact, case-sensitive)")
+    rules: list[MappingRule] = Field([], description="regular-expression mapping rules, tried before realms; "
+                                                     "the first whose match covers the whole principal wins")
+    lowercase_username: bool = Field(False, description="lower-case the mapped username")
+    require_directory_user: bool = Field(
+        True, description="with a directory plugin answering gateway_lookup_user: a principal it does not "
+                          "know is refused (user_not_found); false: it logs in with a bare identity")
+    replay_cache: ConfigPath | None = Field(
+        None, description="MIT file2 replay cache shared by all workers; default "
+                          "STATE_DIR/kerberos/replay.rcache2")
+
+    @model_validator(mode="after")
+    def _some_mapping(self) -> KerberosSettings:
+        if not self.realms and not self.rules:
+            raise ValueError("set `realms` (strip_realm allowlist) or `rules`: without them no principal "
+                             "maps to a username")
+        return self
+
+
+class KerberosPlugin:
+    """Registered as ``kerberos``."""
+
+    Settings = KerberosSettings
+
+    def __init__(self, settings: KerberosSettings, context: PluginContext) -> None:
+        self.settings = settings
+        self.name = context.name
+        self.context = context
+        self.log = context.log
+        self.networks = tuple(settings.allowed_networks)
+        rcache = settings.replay_cache or Path(context.state_dir) / "kerberos" / "replay.rcache2"
+        self.acceptor = Acceptor(settings.keytab, rcache, settings.service_principal)
+        self.mapper = PrincipalMapper(settings.realms, settings.rules, settings.lowercase_username)
+        self._keytab_problem = "not loaded yet"
+
+    # -- gating ---------------------------------------------------------------------------------------
+
+    def allowed(self, attempt: Attempt) -> bool:
+        """Only the core-resolved client address counts, never a header (DESIGN.md section 5)."""
+        return any(attempt.client in network for network in self.networks)
+
+    # -- hooks ----------------------------------------------------------------------------------------
+
+    @hookimpl
+    def gateway_startup(self) -> None:
+        self.acceptor.rcache.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            loaded = self.acceptor.load()
+        except AcceptFailed as exc:
+            self._keytab_problem = exc.detail
+            raise RuntimeError(f"{exc.detail}; {exc.hint}") from None
+        self._keytab_problem = ""
+        self.log.info("kerberos: keytab %s loaded (%s); accepting %s from %s", self.acceptor.keytab,
+                      ", ".join(loaded.index.principals), self.settings.service_principal or "any key in it",
+                      ", ".join(map(str, self.networks)))
+
+    @hookimpl
+    def gateway_challenges(self, attempt: Attempt) -> str | None:
+        return "Negotiate" if self.allowed(attempt) else None
+
+    @hookimpl
+    def gateway_authenticate(self, attempt: Attempt) -> Decision | None:
+        if attempt.negotiate is None or not self.allowed(attempt):
+            return None
+        token = attempt.negotiate.token
+        try:
+            accepted = self.acceptor.accept(token, inspect_token(token))
+            self._keytab_problem = ""
+        except TokenRefused as exc:
+            return self._refuse(attempt, exc.problem.value, exc.detail)
+        except AcceptFailed as exc:
+            if exc.unavailable:
+                self._keytab_problem = exc.detail
+                self._log(attempt, exc.reason, exc.detail)
+                attempt.note(Outcome.UNAVAILABLE, step=self.name, reason=f"kerberos.{exc.reason}")
+                return None
+            return self._refuse(attempt, exc.reason, exc.detail)
+        mapped = self.mapper.map(accepted.principal)
+        if mapped.username is None:
+            return self._refuse(attempt, mapped.reason, mapped.detail)
+        identity = self._identity(attempt, mapped.username, accepted.principal)
+        if identity is None:
+            return None
+        if accepted.output_token:
+            attempt.stash[MUTUAL_AUTH_KEY] = "Negotiate " + base64.b64encode(accepted.output_token).decode("ascii")
+        return Decision.allow(identity, step=self.name)
+
+    @hookimpl
+    def gateway_readiness(self) -> list[ComponentState]:
+        problem = self._keytab_problem
+        if problem:  # re-reading a local file is quick (no network): recover without waiting for a login
+            try:
+                self.acceptor.load()
+                problem = self._keytab_problem = ""
+            except AcceptFailed as exc:
+                problem = self._keytab_problem = exc.detail
+        return [ComponentState(f"{self.name}.keytab", not problem, problem or str(self.acceptor.keytab))]
+
+    @hookimpl
+    def gateway_selftests(self) -> list[SelfTest]:
+        return KerberosSelfTests(self.name, self.acceptor).tests()
+
+    # -- helpers --------------------------------------------------------------------------------------
+
+    def _identity(self, attempt: Attempt, username: str, principal: str) -> Identity | None:
+        """The directory profile for *username*, a bare identity, or None after a note."""
+        hook = self.context.hook.gateway_lookup_user
+        claims = {"principal": principal}
+        if hook.get_hookimpls():
+            try:
+                found = hook(username=username)
+            except BackendUnavailable as exc:
+                self.log.warning("kerberos: %s authenticated but the directory is unavailable (%s); attempt %s",
+                                 principal, exc.reason, attempt.request_id)
+                attempt.note(Outcome.UNAVAILABLE, step=self.name, reason="kerberos.directory_unavailable")
+                return None
+            if found is not None:
+                return Identity(subject=found.subject, username=found.username or username, method=self.name,
+                                display_name=found.display_name, email=found.email, groups=tuple(found.groups),
+                                claims={**found.claims, **claims, "directory": found.method})
+            if self.settings.require_directory_user:
+                self.log.info("kerberos: %s maps to %r, which no directory knows; attempt %s",
+                              principal, username, attempt.request_id)
+                attempt.note(Outcome.USER_NOT_FOUND, step=self.name, reason="kerberos.user_not_found")
+                return None
+        return Identity(subject=f"kerberos:{principal}", username=username, method=self.name, claims=claims)
+
+    def _refuse(self, attempt: Attempt, reason: str, detail: str) -> Decision:
+        self._log(attempt, reason, detail)
+        return Decision.deny(Outcome.INVALID_CREDENTIALS, step=self.name, reason=f"kerberos.{reason}")
+
+    def _log(self, attempt: Attempt, reason: str, detail: str) -> None:
+        hint = HINTS.get(reason, "")
+        level = logging.WARNING if reason in _OPERATOR_REASONS else logging.INFO
+        self.log.log(level, "kerberos.%s from %s (attempt %s): %s%s", reason, attempt.client,
+                     attempt.request_id, detail, f"; check: {hint}" if hint else "")
+

@@ -1,0 +1,255 @@
+"""Accepting one Negotiate token with python-gssapi, and saying why when it fails.
+
+Acceptor credentials come from an explicit credential store (MIT ``gss_acquire_cred_from``):
+``{"keytab": PATH, "rcache": "file2:PATH"}``, never from ``KRB5_KTNAME`` or the process-wide
+default, so that two plugin instances (or a test) cannot leak keys into each other. They are
+re-acquired when the keytab file changes (inode, mtime or size), so a rotated keytab is used by
+the next request without a restart.
+
+The replay cache stays on: MIT's ``file2`` cache is safe for several processes, so every worker
+shares one file and a token accepted by one worker is a replay for all (RFC 4120 section 3.2.3).
+
+Each request gets its own context through the *raw* ``accept_sec_context``: the high-level
+``SecurityContext.step()`` defers some failures (it returns the error token and raises only on a
+later property read), and code that treats "no exception" as success then accepts replays
+(DESIGN.md section 9). Here success means: no error, no further step wanted, an initiator name,
+and the Kerberos mechanism. Anything else is an :class:`AcceptFailed` with a reason code.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import gssapi
+import gssapi.raw as gss
+from gssapi.raw import ext_cred_store, ext_rfc4178
+
+from .keytab import KeytabError, KeytabIndex, file_signature, read_keytab
+from .tokens import KRB5_OID, KRB5_OIDS, NegotiateToken, TicketInfo, enctype_name, krb_error_of
+
+__all__ = ["AcceptFailed", "Accepted", "Acceptor", "HINTS", "gss_message"]
+
+_KRB5 = gssapi.OID.from_int_seq(KRB5_OID)
+
+#: RFC 4120 section 7.5.9 error codes the acceptor puts in its KRB-ERROR.
+_KRB_AP_ERR_BAD_INTEGRITY, _KRB_AP_ERR_TKT_EXPIRED, _KRB_AP_ERR_TKT_NYV = 31, 32, 33
+_KRB_AP_ERR_REPEAT, _KRB_AP_ERR_NOT_US, _KRB_AP_ERR_SKEW = 34, 35, 37
+_KRB_AP_ERR_MODIFIED, _KRB_AP_ERR_BADKEYVER, _KRB_AP_ERR_NOKEY = 41, 44, 45
+_KDC_ERR_ETYPE_NOSUPP = 14
+
+#: What an operator should check, per reason (also in docs/plugins/kerberos.md).
+HINTS = {
+    "clock_skew": "check time synchronisation (NTP/chrony) of this host, the KDC and the client; "
+                  "the allowed skew is [libdefaults] clockskew in krb5.conf (default 300 s)",
+    "ticket_expired": "the client's ticket has expired: the client should renew it (kinit, or lock "
+                      "and unlock the session); if it just got one, check the clocks",
+    "replay": "the same token arrived twice: a proxy retrying requests, or a captured token "
+              "being replayed; tokens are single-use",
+    "wrong_kvno": "the keytab is older (or newer) than the key the KDC used: re-export it "
+                  "(kadmin ktadd -norandkey, ktpass, msktutil) and compare with `kvno SPN`",
+    "key_mismatch": "the keytab has the right key version but a different key (the account's "
+                    "password was reset without a new kvno): re-export the keytab",
+    "keytab_entry_missing": "the client asked the KDC for a service this keytab has no key for: "
+                            "check the host name in the URL, the SPN registered for it "
+                            "(setspn -Q HTTP/host) and the keytab (klist -k -e)",
+    "wrong_principal": "the ticket is for another service than kerberos.service_principal: check "
+                       "the host name in the URL and the SPN, or drop service_principal to accept "
+                       "any key in the keytab",
+    "unsupported_enctype": "the KDC encrypted the ticket with an encryption type the keytab has no "
+                           "key for (or krb5.conf does not permit): re-export the keytab with that "
+                           "type (AES), or fix msDS-SupportedEncryptionTypes on the account",
+    "malformed_token": "the Authorization header is not a Kerberos/SPNEGO token: a client bug or "
+                       "a proxy rewriting headers",
+    "unsupported_mechanism": "the client did not send a Kerberos ticket (no ticket for this "
+                             "service, or the host is not in the browser's trusted/intranet sites)",
+    "ntlm_not_supported": "the client fell back to NTLM: it has no Kerberos ticket for this host; "
+                          "check the browser's intranet zone / negotiate-auth.trusted-uris, the "
+                          "client's TGT (klist) and the SPN",
+    "realm_not_allowed": "the principal's realm is not in kerberos.realms and no kerberos.rules entry "
+                         "matches: add it if that realm's users should log in",
+    "principal_not_mapped": "the principal has an instance (user/admin@REALM) or maps to an unusable "
+                            "name: add a kerberos.rules entry if it should log in",
+    "anonymous": "an anonymous (PKINIT) ticket proves no user",
+    "replay_cache_unavailable": "the replay cache cannot be written: check kerberos.replay_cache (default "
+                                "STATE_DIR/kerberos/), its owner, mode and free space",
+    "keytab_unavailable": "the keytab cannot be read by the gateway's user, or has no usable key: "
+                          "check kerberos.keytab, its owner and mode, and `authgw check`",
+    "rejected": "GSSAPI refused the token; the detail has the library's message",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    principal: str
+    #: The acceptor's last token (the SPNEGO accept-completed answer carrying the AP-REP, RFC
+    #: 4559 section 5); the front door sends it with the 200 for mutual authentication.
+    output_token: bytes
+
+
+class AcceptFailed(Exception):
+    """Why a token was not accepted. ``unavailable`` means the gateway, not the client, failed."""
+
+    def __init__(self, reason: str, detail: str, *, unavailable: bool = False) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+        self.unavailable = unavailable
+
+    @property
+    def hint(self) -> str:
+        return HINTS.get(self.reason, "")
+
+
+@dataclass(frozen=True, slots=True)
+class _Loaded:
+    creds: gss.Creds
+    index: KeytabIndex
+
+
+class Acceptor:
+    """Thread-safe: credentials are shared read-only, each call makes its own context."""
+
+    def __init__(self, keytab: Path, rcache: Path, service_principal: str | None) -> None:
+        self.keytab = Path(keytab)
+        self.rcache = Path(rcache)
+        self.service_principal = service_principal
+        self._lock = threading.Lock()
+        self._loaded: _Loaded | None = None
+
+    # -- credentials ------------------------------------------------------------------------------
+
+    def store(self) -> dict[bytes, bytes]:
+        return {b"keytab": f"FILE:{self.keytab}".encode(), b"rcache": f"file2:{self.rcache}".encode()}
+
+    def acceptor_name(self) -> gss.Name | None:
+        if not self.service_principal:
+            return None  # GSS_C_NO_NAME: any key in the keytab (MIT "ignore_acceptor_hostname" style)
+        return gss.import_name(self.service_principal.encode(), gssapi.NameType.kerberos_principal)
+
+    def load(self) -> _Loaded:
+        """The current credentials, re-acquired when the keytab file changed since the last call."""
+        try:
+            signature = file_signature(self.keytab)
+        except OSError as exc:
+            raise AcceptFailed("keytab_unavailable", f"keytab {self.keytab}: {exc.strerror}", unavailable=True) from None
+        loaded = self._loaded
+        if loaded is not None and loaded.index.signature == signature:
+            return loaded
+        with self._lock:
+            loaded = self._loaded
+            if loaded is not None and loaded.index.signature == signature:
+                return loaded
+            try:
+                index = read_keytab(self.keytab)
+                creds = ext_cred_store.acquire_cred_from(self.store(), name=self.acceptor_name(), usage="accept").creds
+            except (OSError, KeytabError) as exc:
+                raise AcceptFailed("keytab_unavailable", f"keytab {self.keytab}: {exc}", unavailable=True) from None
+            except gssapi.exceptions.GSSError as exc:
+                raise AcceptFailed("keytab_unavailable", f"keytab {self.keytab}: {gss_message(exc)}",
+                                   unavailable=True) from None
+            # SPNEGO may only settle on Kerberos here, whatever mechanisms (gss-ntlmssp...) the
+            # host has installed: NTLM is refused (DESIGN.md section 7), never a fallback.
+            ext_rfc4178.set_neg_mechs(creds, [_KRB5])
+            self._loaded = _Loaded(creds, index)
+            return self._loaded
+
+    # -- accepting ---------------------------------------------------------------------------------
+
+    def accept(self, token: bytes, info: NegotiateToken) -> Accepted:
+        loaded = self.load()
+        try:
+            result = gss.accept_sec_context(token, acceptor_creds=loaded.creds)
+        except gssapi.exceptions.GSSError as exc:
+            raise self.explain(exc, info.ticket(), loaded.index) from None
+        if result.more_steps:
+            # A single-leg Kerberos exchange completes at once; "continue" is SPNEGO answering
+            # with an error or asking for another mechanism. Either way: not authenticated.
+            krb = krb_error_of(result.token)
+            raise self._from_krb_error(krb.code if krb else None, "", info.ticket(), loaded.index) or \
+                AcceptFailed("rejected", "the acceptor wanted another round trip")
+        if result.initiator_name is None or result.mech is None or result.mech.dotted_form not in KRB5_OIDS:
+            raise AcceptFailed("unsupported_mechanism", f"the context used mechanism {result.mech}")
+        if gssapi.RequirementFlag.anonymity in result.flags:
+            raise AcceptFailed("anonymous", "the client authenticated anonymously")
+        principal = gss.display_name(result.initiator_name, name_type=False).name.decode("utf-8", "replace")
+        return Accepted(principal, result.token or b"")
+
+    # -- explaining ----------------------------------------------------------------------------------
+
+    def explain(self, exc: gssapi.exceptions.GSSError, ticket: TicketInfo | None, index: KeytabIndex) -> AcceptFailed:
+        message = gss_message(exc)
+        krb = krb_error_of(exc.token)
+        found = self._from_krb_error(krb.code if krb else None, message, ticket, index)
+        if found is not None:
+            return found
+        # python-gssapi raises a subclass per GSS status (RFC 2744 section 3.9.1).
+        if isinstance(exc, gss.DuplicateTokenError):
+            return AcceptFailed("replay", message)
+        if isinstance(exc, gss.InvalidTokenError):
+            return AcceptFailed("malformed_token", message)
+        if isinstance(exc, gss.BadMechanismError):
+            return AcceptFailed("unsupported_mechanism", message)
+        if isinstance(exc, (gss.MissingCredentialsError, gss.InvalidCredentialsError)):
+            return AcceptFailed("keytab_unavailable", message, unavailable=True)
+        return AcceptFailed("rejected", message)
+
+    def _from_krb_error(self, code: int | None, message: str, ticket: TicketInfo | None,
+                        index: KeytabIndex) -> AcceptFailed | None:
+        lowered = message.lower()
+        about = f"{ticket.describe()}; " if ticket else ""
+        if str(self.rcache) in message or "replay cache" in lowered:
+            # MIT names the file it failed to open or write: our side, not the client's.
+            return AcceptFailed("replay_cache_unavailable", message, unavailable=True)
+        if code in (_KRB_AP_ERR_SKEW, _KRB_AP_ERR_TKT_NYV) or "clock skew" in lowered:
+            return AcceptFailed("clock_skew", about + (message or "the client's clock differs from ours"))
+        if code == _KRB_AP_ERR_TKT_EXPIRED or "ticket expired" in lowered:
+            return AcceptFailed("ticket_expired", about + (message or "ticket expired"))
+        if code == _KRB_AP_ERR_REPEAT or "request is a replay" in lowered:
+            return AcceptFailed("replay", about + (message or "request is a replay"))
+        keyed = self._keytab_reason(ticket, index) if ticket else None
+        if keyed is not None:
+            return keyed
+        if code == _KDC_ERR_ETYPE_NOSUPP or "encryption type" in lowered or "enctype" in lowered:
+            return AcceptFailed("unsupported_enctype", about + message)
+        if code == _KRB_AP_ERR_BADKEYVER:
+            return AcceptFailed("wrong_kvno", about + message)
+        if code in (_KRB_AP_ERR_NOT_US, _KRB_AP_ERR_NOKEY):
+            return AcceptFailed("keytab_entry_missing", about + message)
+        if code in (_KRB_AP_ERR_BAD_INTEGRITY, _KRB_AP_ERR_MODIFIED) and ticket is not None:
+            # Our keytab has this service, kvno and enctype, yet the ticket does not decrypt.
+            return AcceptFailed("key_mismatch", f"{about}keytab has {index.describe(ticket.service)}; {message}")
+        return None
+
+    def _keytab_reason(self, ticket: TicketInfo, index: KeytabIndex) -> AcceptFailed | None:
+        """Compare the ticket's clear-text header with the keytab's table of contents."""
+        spn = self.service_principal
+        if spn and ticket.service != spn and (("@" in spn) or ticket.service.split("@")[0] != spn):
+            return AcceptFailed("wrong_principal", f"{ticket.describe()}; this gateway accepts only {spn}")
+        kvnos = index.kvnos(ticket.service)
+        if not kvnos:
+            held = ", ".join(index.principals) or "nothing"
+            return AcceptFailed("keytab_entry_missing",
+                                f"{ticket.describe()}; keytab {index.path} has no key for it (it holds {held})")
+        if ticket.kvno is not None and ticket.kvno not in kvnos:
+            return AcceptFailed("wrong_kvno", f"{ticket.describe()}; keytab {index.path} has "
+                                              f"{index.describe(ticket.service)}")
+        if ticket.etype not in index.enctypes(ticket.service, ticket.kvno):
+            return AcceptFailed("unsupported_enctype",
+                                f"{ticket.describe()}; keytab {index.path} has {index.describe(ticket.service)}, "
+                                f"no {enctype_name(ticket.etype)} key")
+        return None
+
+
+def gss_message(exc: gssapi.exceptions.GSSError) -> str:
+    """The library's text without the boilerplate (principal names and codes, never keys)."""
+    texts: list[str] = []
+    for code, is_major in ((exc.min_code, False), (exc.maj_code, True)):
+        if texts or not code:
+            continue
+        try:
+            texts = [t for t in exc.get_all_statuses(code, is_major) if t and "Minor code may" not in t]
+        except Exception:  # display_status can fail on odd codes; the numbers still help
+            texts = []
+    return "; ".join(texts) or f"GSSAPI major {exc.maj_code:#x} minor {exc.min_code}"

@@ -1,0 +1,99 @@
+"""Kerberos principal to gateway username.
+
+Two ways, tried in this order:
+
+``rules``
+    ``{match: REGEX, username: TEMPLATE}`` pairs for multi-realm forests. The regular expression
+    must match the whole principal (``alice@EU.CORP.EXAMPLE``); the template is expanded as in
+    :meth:`re.Match.expand` (``\\1``, ``\\g<user>``). The first matching rule wins.
+``realms``
+    the ``strip_realm`` allowlist: ``alice@CORP.EXAMPLE`` becomes ``alice`` when
+    ``CORP.EXAMPLE`` is listed. Only single-component principals are stripped: a principal with
+    an instance (``alice/admin@...``, ``HTTP/host@...``) is a different identity from ``alice``
+    and needs a rule.
+
+Realm names are compared exactly (they are case-sensitive, RFC 4120 section 6.1). Anything else
+is not mapped, and the login is refused: a trusted realm is not a license to log in as anyone.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from pydantic import Field, field_validator
+
+from gateway import PluginSettings
+
+__all__ = ["MappingRule", "Mapped", "PrincipalMapper", "split_principal"]
+
+_USERNAME_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class MappingRule(PluginSettings):
+    """One ``rules:`` entry."""
+
+    match: str = Field(min_length=1, description="regular expression matched against the whole principal")
+    username: str = Field(min_length=1, description=r"template, e.g. \1 or \g<user>")
+
+    @field_validator("match")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression: {exc}") from None
+        return value
+
+
+def split_principal(principal: str) -> tuple[list[str], str]:
+    """``HTTP/host@REALM`` to (``["HTTP", "host"]``, ``"REALM"``), honouring MIT's ``\\`` escapes."""
+    components, current, realm, in_realm = [], [], [], False
+    chars = iter(principal)
+    for ch in chars:
+        if ch == "\\":
+            (realm if in_realm else current).append(next(chars, ""))
+        elif ch == "@" and not in_realm:
+            in_realm = True
+        elif ch == "/" and not in_realm:
+            components.append("".join(current))
+            current = []
+        else:
+            (realm if in_realm else current).append(ch)
+    components.append("".join(current))
+    return components, "".join(realm)
+
+
+@dataclass(frozen=True, slots=True)
+class Mapped:
+    """The result: a username, or why there is none (a reason code suffix and a detail)."""
+
+    username: str | None
+    reason: str = ""
+    detail: str = ""
+
+
+class PrincipalMapper:
+    def __init__(self, realms: list[str], rules: list[MappingRule], lowercase: bool) -> None:
+        self.realms = frozenset(realms)
+        self.rules = [(re.compile(rule.match), rule.username) for rule in rules]
+        self.lowercase = lowercase
+
+    def _finish(self, username: str, principal: str) -> Mapped:
+        if not username or _USERNAME_FORBIDDEN.search(username):
+            return Mapped(None, "principal_not_mapped", f"{principal} maps to an unusable username")
+        return Mapped(username.lower() if self.lowercase else username)
+
+    def map(self, principal: str) -> Mapped:
+        for pattern, template in self.rules:
+            match = pattern.fullmatch(principal)
+            if match:
+                return self._finish(match.expand(template), principal)
+        components, realm = split_principal(principal)
+        if realm not in self.realms:
+            return Mapped(None, "realm_not_allowed",
+                          f"realm {realm!r} of {principal} is not in kerberos.realms and no rule matches")
+        if len(components) != 1:
+            return Mapped(None, "principal_not_mapped",
+                          f"{principal} has an instance; strip_realm maps only user principals (add a rule)")
+        return self._finish(components[0], principal)
