@@ -1,1 +1,276 @@
-"""Placeholder: the client_cert plugin is being written."""
+"""``client_cert``: log users in with the X.509 certificate their browser, smart card or device
+presents (docs/plugins/client_cert.md).
+
+Certificates arrive on the plugin's own TLS listener (``listener:``; the core puts the verified
+leaf into ``attempt.certificate``) or, behind a TLS-terminating proxy, in a request header
+(``headers:``) believed only when the socket peer is one of ``trusted_proxies``.
+
+Decides
+    attempts that carry a certificate. ``INVALID_CREDENTIALS`` with ``cert.malformed``,
+    ``cert.expired``, ``cert.not_yet_valid``, ``cert.untrusted``, ``cert.wrong_usage``,
+    ``cert.policy_missing``, ``cert.revoked``, ``cert.revocation_unknown`` (hard-fail),
+    ``cert.ambiguous`` (a rule found two names) or ``cert.directory_mismatch`` (the directory
+    does not hold this certificate for the user); ``SUCCESS`` with the mapped identity.
+Abstains
+    when the attempt has no certificate (so Basic or Negotiate can answer), when a certificate
+    header comes from a peer that is not a trusted proxy (ignored and logged); with a
+    ``USER_NOT_FOUND`` note ``cert.unmapped`` (no rule found a name) or ``cert.user_not_found``
+    (the directory knows none of the names); with an ``UNAVAILABLE`` note
+    ``cert.directory_unavailable`` when ``gateway_lookup_user`` cannot reach the directory.
+Settings (``client_cert:`` in conf.d)
+    ``ca_bundle``, ``intermediates``, ``listener`` (``address``, ``certificate``, ``key``,
+    ``key_password``, ``minimum_tls_version``, ``check_validity_in_handshake``), ``headers``
+    (``name``, ``format: pem|xfcc``), ``clock_tolerance``, ``extended_key_usages``,
+    ``require_digital_signature``, ``required_policies``, ``max_chain_depth``, ``revocation``
+    (``policy: off|soft-fail|hard-fail``, CRL and OCSP settings), ``mapping`` (``rules``,
+    ``lookup``, ``require_directory_match``), ``verify_cache_seconds``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from datetime import datetime, timezone
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from gateway import (
+    Attempt,
+    BackendUnavailable,
+    ComponentState,
+    Decision,
+    Identity,
+    Listener,
+    Outcome,
+    PluginContext,
+    SelfTest,
+    hookimpl,
+)
+
+from .headers import parse_pem_header, parse_xfcc
+from .listener import build_listener
+from .mapping import candidates, directory_binding_matches, thumbprint
+from .revocation import RevocationChecker
+from .selftests import selftests
+from .settings import ClientCertSettings, MappingRule
+from .status import Status
+from .verify import CertError, TrustStore, UsagePolicy, describe, load_bundle, parse_der
+
+__all__ = ["ClientCertPlugin"]
+
+
+class ClientCertPlugin:
+    """Registered as ``client_cert``."""
+
+    Settings = ClientCertSettings
+
+    def __init__(self, settings: ClientCertSettings, context: PluginContext) -> None:
+        self.settings = settings
+        self.name = context.name
+        self.log = context.log
+        self.hook = context.hook
+        roots = load_bundle(settings.ca_bundle)
+        intermediates = load_bundle(settings.intermediates) if settings.intermediates else []
+        usage = UsagePolicy(frozenset(settings.extended_key_usages), settings.require_digital_signature,
+                            frozenset(settings.required_policies), settings.clock_tolerance)
+        self.trust = TrustStore(roots, intermediates, usage, max_chain_depth=settings.max_chain_depth,
+                                cache_seconds=settings.verify_cache_seconds)
+        revocation = settings.revocation
+        responder = None
+        if revocation.ocsp_responder_certificate:
+            responder = load_bundle(revocation.ocsp_responder_certificate)[0]
+        self.revocation = RevocationChecker(revocation, self.log, settings.clock_tolerance, responder)
+        self.listener: Listener | None = None
+        if settings.listener is not None:
+            # The handshake trusts exactly what the plugin trusts (see listener.py on intermediates).
+            trust_pem = "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in [*roots, *intermediates])
+            self.listener = build_listener(self.name, settings.listener, trust_pem)
+        if settings.listener is None and not settings.headers:
+            self.log.warning("%s has neither a listener nor headers: it will never see a certificate "
+                             "(unless another plugin's listener hands one over)", self.name)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    @hookimpl
+    def gateway_listeners(self) -> list[Listener] | None:
+        return [self.listener] if self.listener else None
+
+    @hookimpl
+    def gateway_startup(self) -> None:
+        self.revocation.start()
+
+    @hookimpl
+    def gateway_shutdown(self) -> None:
+        self.revocation.stop()
+
+    # -- the chain step --------------------------------------------------------------------------
+
+    def presented(self, attempt: Attempt) -> tuple[tuple[bytes, ...], str] | None:
+        """The certificate chain (DER, leaf first) and where it came from, or ``None``."""
+        if attempt.certificate is not None:
+            return attempt.certificate.chain, attempt.certificate.source
+        for source in self.settings.headers:
+            values = _header_values(attempt.headers, source.name)
+            if not values:
+                continue
+            if not attempt.trusted_peer:
+                # Anyone can send the header; only a trusted proxy's copy means a TLS handshake
+                # happened (DESIGN.md section 5).
+                self.log.warning("ignored the %s header from %s, which is not a trusted proxy (request %s)",
+                                 source.name, attempt.peer, attempt.request_id)
+                return None
+            if len(values) > 1:
+                # The proxy must set the header, replacing any the client sent; two copies mean one
+                # of them may be the client's own.
+                raise CertError("cert.malformed", f"the {source.name} header came {len(values)} times")
+            chain = parse_pem_header(values[0]) if source.format == "pem" else parse_xfcc(values[0])
+            if chain:
+                return chain, "header"
+        return None
+
+    @hookimpl
+    def gateway_authenticate(self, attempt: Attempt) -> Decision | None:
+        chain: tuple[bytes, ...] = ()
+        source = attempt.certificate.source if attempt.certificate is not None else "header"
+        try:
+            presented = self.presented(attempt)
+            if presented is None:
+                return None
+            chain, source = presented
+            path = self.trust.verify(chain)
+            revocation = self.check_revocation(path, attempt)
+        except CertError as exc:
+            self.log.info("certificate refused (%s) from %s via %s: %s%s [request %s]", exc.reason, attempt.client,
+                          source, exc.detail, _describe_der(chain), attempt.request_id)
+            return Decision.deny(Outcome.INVALID_CREDENTIALS, step=self.name, reason=exc.reason)
+        return self.map_user(attempt, path[0], revocation)
+
+    def check_revocation(self, path: list[x509.Certificate], attempt: Attempt) -> str:
+        """``good``, ``unknown`` (allowed under soft-fail) or ``not_checked``; raises CertError."""
+        if not self.revocation.enabled:
+            return "not_checked"
+        verdict = self.revocation.check(path, attempt.deadline)
+        if verdict.status is Status.REVOKED:
+            raise CertError("cert.revoked", verdict.detail)
+        if verdict.status is Status.GOOD:
+            return "good"
+        if self.settings.revocation.policy == "hard-fail":
+            raise CertError("cert.revocation_unknown", verdict.detail)
+        self.log.warning("revocation status unknown, allowed under soft-fail: %s; %s [request %s]",
+                         verdict.detail, describe(path[0]), attempt.request_id)
+        return "unknown"
+
+    def map_user(self, attempt: Attempt, leaf: x509.Certificate, revocation: str) -> Decision | None:
+        mapping = self.settings.mapping
+        claims = {**_leaf_claims(leaf), "certificate_revocation": revocation}
+        looked_up: list[str] = []
+        for rule in mapping.rules:
+            names = candidates(rule, leaf)
+            if len(names) > 1:
+                self.log.info("certificate maps to %d names by rule %s (%s); refused: %s [request %s]",
+                              len(names), rule.type, ", ".join(names), describe(leaf), attempt.request_id)
+                return Decision.deny(Outcome.INVALID_CREDENTIALS, step=self.name, reason="cert.ambiguous")
+            if not names:
+                continue
+            username = names[0]
+            if not mapping.lookup:
+                return Decision.allow(self.trusted_identity(username, leaf, claims), step=self.name)
+            try:
+                identity = self.hook.gateway_lookup_user(username=username)
+            except BackendUnavailable as exc:
+                self.log.warning("directory unavailable while mapping a certificate: %s [request %s]",
+                                 exc, attempt.request_id)
+                attempt.note(Outcome.UNAVAILABLE, step=self.name, reason="cert.directory_unavailable")
+                return None
+            if identity is None:
+                looked_up.append(username)
+                continue
+            if mapping.require_directory_match and not directory_binding_matches(identity.claims, leaf):
+                self.log.info("the directory entry of %r holds no matching certificate mapping; refused: %s "
+                              "[request %s]", username, describe(leaf), attempt.request_id)
+                return Decision.deny(Outcome.INVALID_CREDENTIALS, step=self.name, reason="cert.directory_mismatch")
+            merged = {k: v for k, v in identity.claims.items() if _json_safe(v)}
+            return Decision.allow(dataclasses.replace(identity, method=self.name, claims={**merged, **claims}),
+                                  step=self.name)
+        reason = "cert.user_not_found" if looked_up else "cert.unmapped"
+        self.log.info("certificate maps to no user (%s%s): %s [request %s]", reason,
+                      f": {', '.join(looked_up)} unknown to the directory" if looked_up else "",
+                      describe(leaf), attempt.request_id)
+        attempt.note(Outcome.USER_NOT_FOUND, step=self.name, reason=reason)
+        return None
+
+    def trusted_identity(self, username: str, leaf: x509.Certificate, claims: dict[str, Any]) -> Identity:
+        display_name, email = _profile(leaf)
+        return Identity(subject=f"{self.name}:{username}", username=username, method=self.name,
+                        display_name=display_name, email=email, claims=claims)
+
+    # -- operations ------------------------------------------------------------------------------
+
+    @hookimpl
+    def gateway_selftests(self) -> list[SelfTest]:
+        return selftests(self)
+
+    @hookimpl
+    def gateway_readiness(self) -> list[ComponentState]:
+        states = [ComponentState(f"{self.name}.trust", True, f"{len(self.trust.roots)} root(s), "
+                                 f"{len(self.trust.intermediates)} intermediate(s)")]
+        if self.revocation.enabled:
+            now = datetime.now(timezone.utc)
+            for source, loaded in self.revocation.crls.sources():
+                problem = "not fetched yet" if loaded is None else loaded.too_old(
+                    now, self.settings.revocation, self.settings.clock_tolerance)
+                states.append(ComponentState(f"{self.name}.crl[{source}]", problem is None,
+                                             problem or f"{len(loaded.serials)} revoked serials"))
+        return states
+
+
+def _header_values(headers: Any, name: str) -> list[str]:
+    """Every copy of header *name*: the front door's view has ``getall``, a plain mapping not."""
+    getall = getattr(headers, "getall", None)
+    if getall is not None:
+        return list(getall(name))
+    value = headers.get(name)
+    return [] if value is None else [value]
+
+
+def _describe_der(chain: tuple[bytes, ...]) -> str:
+    """``; subject=... issuer=... serial=...`` of a refused certificate, when it parses at all."""
+    try:
+        return f"; {describe(parse_der(chain[0]))}" if chain else ""
+    except CertError:
+        return ""
+
+
+_EMAIL_RULES = (MappingRule(type="email"), MappingRule(type="subject_email"))
+
+
+# Verified paths are cached, so the same Certificate object comes back for a returning client:
+# derive its texts once (rfc4514_string and fingerprints are not free on the hot path).
+@functools.lru_cache(maxsize=4096)
+def _leaf_claims(leaf: x509.Certificate) -> dict[str, str]:
+    return {
+        "certificate_sha256": thumbprint(leaf),
+        "certificate_subject": leaf.subject.rfc4514_string(),
+        "certificate_issuer": leaf.issuer.rfc4514_string(),
+        "certificate_serial": f"{leaf.serial_number:x}",
+    }
+
+
+@functools.lru_cache(maxsize=4096)
+def _profile(leaf: x509.Certificate) -> tuple[str, str]:
+    """Display name (subject CN) and email (SAN, else subject emailAddress) for a trusted name."""
+    emails = [e for rule in _EMAIL_RULES for e in candidates(rule, leaf)]
+    common = leaf.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)
+    return (str(common[0].value) if common else ""), (emails[0] if emails else "")
+
+
+def _json_safe(value: Any) -> bool:
+    """Directory claims are passed on, except binary values (a DER userCertificate) that the
+    JSON front door could not encode."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return False
+    if isinstance(value, (list, tuple)):
+        return all(_json_safe(v) for v in value)
+    return True

@@ -1,0 +1,321 @@
+"""Certificate revocation lists (RFC 5280 sections 5 and 6.3): files and fetched URLs.
+
+A CRL applies to a certificate when its issuer name equals the certificate's issuer and its
+signature verifies with the issuer's key (the issuer taken from the verified path, never from the
+CRL). Indirect CRLs and delta CRLs are not supported: such CRLs are skipped and logged. Fetched
+CRLs are kept until their ``nextUpdate`` and refreshed in the background every
+``crl_refresh_interval``; a newly fetched CRL older than the one held is refused (no rollback).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from .fetch import Backoff, FetchError, fetch
+from .settings import RevocationSettings
+from .status import Status, Verdict
+
+__all__ = ["CrlStore", "LoadedCrl", "parse_crl"]
+
+UTC = dt.timezone.utc
+_MAX_URLS = 256
+_FILE_CHECK_INTERVAL = 2.0
+_HTTP = ("http://", "https://")  # ldap:// distribution points are not fetched
+
+
+def parse_crl(data: bytes) -> x509.CertificateRevocationList:
+    if data.lstrip().startswith(b"-----BEGIN"):
+        return x509.load_pem_x509_crl(data)
+    return x509.load_der_x509_crl(data)
+
+
+def _key_id(public_key) -> bytes:
+    return hashlib.sha256(public_key.public_bytes(serialization.Encoding.DER,
+                                                  serialization.PublicFormat.SubjectPublicKeyInfo)).digest()
+
+
+@dataclass(eq=False)
+class LoadedCrl:
+    crl: x509.CertificateRevocationList
+    source: str
+    serials: frozenset[int]
+    usable: bool  # False for delta and indirect CRLs
+    verified: dict[bytes, bool] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def make(cls, crl: x509.CertificateRevocationList, source: str, log: logging.Logger) -> LoadedCrl:
+        usable = True
+        try:
+            crl.extensions.get_extension_for_class(x509.DeltaCRLIndicator)
+            log.warning("CRL %s is a delta CRL; delta CRLs are not supported, skipped", source)
+            usable = False
+        except x509.ExtensionNotFound:
+            pass
+        try:
+            idp = crl.extensions.get_extension_for_class(x509.IssuingDistributionPoint).value
+            if idp.indirect_crl:
+                log.warning("CRL %s is an indirect CRL; not supported, skipped", source)
+                usable = False
+        except x509.ExtensionNotFound:
+            pass
+        return cls(crl, source, frozenset(r.serial_number for r in crl), usable)
+
+    def applies_to(self, cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+        if not self.usable or self.crl.issuer != cert.issuer:
+            return False
+        try:
+            idp = self.crl.extensions.get_extension_for_class(x509.IssuingDistributionPoint).value
+        except x509.ExtensionNotFound:
+            idp = None
+        if idp is not None:
+            is_ca = _is_ca(cert)
+            if (idp.only_contains_user_certs and is_ca) or (idp.only_contains_ca_certs and not is_ca):
+                return False
+        key = _key_id(issuer.public_key())
+        with self.lock:
+            known = self.verified.get(key)
+        if known is None:
+            try:
+                known = self.crl.is_signature_valid(issuer.public_key()) and _may_sign_crls(issuer)
+            except Exception:  # an unsupported key type: cannot tell, so not applicable
+                known = False
+            with self.lock:
+                self.verified[key] = known
+        return known
+
+    def partial(self) -> bool:
+        """Covers only some revocation reasons (RFC 5280 5.2.5): cannot prove "good" alone."""
+        try:
+            idp = self.crl.extensions.get_extension_for_class(x509.IssuingDistributionPoint).value
+        except x509.ExtensionNotFound:
+            return False
+        return idp.only_some_reasons is not None
+
+    def too_old(self, now: dt.datetime, settings: RevocationSettings, tolerance: float) -> str | None:
+        next_update = self.crl.next_update_utc
+        if self.crl.last_update_utc > now + dt.timedelta(seconds=tolerance):
+            return f"CRL {self.source} has thisUpdate in the future"
+        if next_update is not None and now > next_update + dt.timedelta(seconds=settings.crl_grace):
+            return f"CRL {self.source} is too old: nextUpdate was {next_update.isoformat()}"
+        if settings.crl_max_age and now > self.crl.last_update_utc + dt.timedelta(seconds=settings.crl_max_age):
+            return f"CRL {self.source} is too old: thisUpdate {self.crl.last_update_utc.isoformat()}"
+        return None
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        return False
+
+
+def _may_sign_crls(issuer: x509.Certificate) -> bool:
+    try:
+        return issuer.extensions.get_extension_for_class(x509.KeyUsage).value.crl_sign
+    except x509.ExtensionNotFound:
+        return True
+
+
+def distribution_points(cert: x509.Certificate) -> list[str]:
+    """The http(s) URLs of the certificate's CRL distribution points (ldap:// is skipped)."""
+    try:
+        points = cert.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+    except x509.ExtensionNotFound:
+        return []
+    urls = []
+    for point in points:
+        for name in point.full_name or ():
+            if isinstance(name, x509.UniformResourceIdentifier) and name.value.lower().startswith(_HTTP):
+                urls.append(name.value)
+    return urls
+
+
+@dataclass
+class _UrlEntry:
+    crl: LoadedCrl | None = None
+    fetched: float = 0.0  # time.monotonic() of the last successful fetch
+    used: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class CrlStore:
+    """CRLs from files and URLs, thread-safe; :meth:`refresh` is the background job."""
+
+    def __init__(self, settings: RevocationSettings, log: logging.Logger, tolerance: float) -> None:
+        self.settings = settings
+        self.log = log
+        self.tolerance = tolerance
+        self.backoff = Backoff(settings.retry_after_failure)
+        self._lock = threading.Lock()
+        self._files: dict[Path, tuple[float, LoadedCrl]] = {}
+        self._files_checked = 0.0
+        self._urls: dict[str, _UrlEntry] = {url: _UrlEntry() for url in settings.crl_urls}
+        for path in settings.crl_files:
+            self._files[path] = (path.stat().st_mtime, self._load_file(path))
+
+    # -- sources -----------------------------------------------------------------------------------
+
+    def _load_file(self, path: Path) -> LoadedCrl:
+        try:
+            return LoadedCrl.make(parse_crl(path.read_bytes()), str(path), self.log)
+        except ValueError as exc:
+            raise ValueError(f"{path}: not a CRL ({exc})") from None
+
+    def _reload_files(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._files_checked < _FILE_CHECK_INTERVAL:
+            return
+        self._files_checked = now
+        for path, (mtime, _) in list(self._files.items()):
+            try:
+                current = path.stat().st_mtime
+                if current != mtime:
+                    loaded = self._load_file(path)
+                    with self._lock:
+                        self._files[path] = (current, loaded)
+                    self.log.info("CRL file %s reloaded: %d entries", path, len(loaded.serials))
+            except (OSError, ValueError) as exc:  # keep the last good one; it will age out
+                self.log.error("CRL file %s not reloaded, keeping the previous one: %s", path, exc)
+
+    def _fetch(self, url: str, entry: _UrlEntry, timeout: float) -> None:
+        """Fetch *url* into *entry* (caller holds ``entry.lock``). Raises FetchError."""
+        data = fetch(url, timeout=timeout, max_bytes=self.settings.crl_max_bytes,
+                     accept="application/pkix-crl")
+        try:
+            loaded = LoadedCrl.make(parse_crl(data), url, self.log)
+        except ValueError as exc:
+            raise FetchError(f"{url}: not a CRL ({exc})") from None
+        if entry.crl is not None and loaded.crl.last_update_utc < entry.crl.crl.last_update_utc:
+            raise FetchError(f"{url}: served a CRL older than the one held; kept the newer one")
+        entry.crl = loaded
+        entry.fetched = time.monotonic()
+
+    def _after_fetch(self, url: str, entry: _UrlEntry) -> None:
+        # A CA that has not published a new CRL keeps serving one past its nextUpdate; fetching it
+        # again on every login would not help, so such a URL backs off like a failed one.
+        if self._needs_fetch(entry, dt.datetime.now(UTC)):
+            self.backoff.failed(url, f"{url}: the CRL served is past its nextUpdate")
+        else:
+            self.backoff.succeeded(url)
+
+    def _needs_fetch(self, entry: _UrlEntry, now: dt.datetime) -> bool:
+        if entry.crl is None:
+            return True
+        next_update = entry.crl.crl.next_update_utc
+        if next_update is not None:
+            return now >= next_update
+        return time.monotonic() - entry.fetched >= self.settings.crl_refresh_interval
+
+    def _url_crl(self, url: str, deadline: float, now: dt.datetime) -> tuple[LoadedCrl | None, str | None]:
+        with self._lock:
+            entry = self._urls.get(url)
+            if entry is None:
+                learned = [u for u in self._urls if u not in self.settings.crl_urls]
+                if len(self._urls) >= _MAX_URLS and learned:  # forget the least recently used one
+                    del self._urls[min(learned, key=lambda u: self._urls[u].used)]
+                entry = self._urls[url] = _UrlEntry()
+            entry.used = time.monotonic()
+        if not self._needs_fetch(entry, now):
+            return entry.crl, None
+        blocked = self.backoff.blocked(url)
+        if blocked:
+            return entry.crl, f"recent fetch failed: {blocked}"
+        timeout = min(self.settings.timeout, deadline - time.monotonic() - 0.1)
+        if timeout <= 0.05:
+            return entry.crl, f"{url}: no time left to fetch"
+        if not entry.lock.acquire(timeout=timeout):
+            return entry.crl, f"{url}: another fetch is still running"
+        try:
+            if self._needs_fetch(entry, now):  # another thread may have fetched meanwhile
+                self._fetch(url, entry, timeout)
+                self._after_fetch(url, entry)
+            return entry.crl, None
+        except FetchError as exc:
+            self.backoff.failed(url, str(exc))
+            self.log.warning("CRL fetch failed: %s", exc)
+            return entry.crl, str(exc)
+        finally:
+            entry.lock.release()
+
+    # -- status ------------------------------------------------------------------------------------
+
+    def status(self, cert: x509.Certificate, issuer: x509.Certificate, deadline: float) -> Verdict:
+        """REVOKED if an applicable CRL lists the serial (even a stale one), GOOD if a fresh
+        complete one does not, UNKNOWN when CRLs should answer but cannot, NONE when no CRL
+        source covers this issuer."""
+        now = dt.datetime.now(UTC)
+        self._reload_files()
+        with self._lock:
+            candidates: list[LoadedCrl] = [loaded for _, loaded in self._files.values()]
+        urls = list(self.settings.crl_urls)
+        if self.settings.crl_distribution_points:
+            urls += [u for u in distribution_points(cert) if u not in urls]
+        problems: list[str] = []
+        for url in urls:
+            loaded, problem = self._url_crl(url, deadline, now)
+            if loaded is not None:
+                candidates.append(loaded)
+            # A configured URL serves one issuer; its failure matters only to that issuer's certs.
+            if problem and (url not in self.settings.crl_urls or (loaded and loaded.applies_to(cert, issuer))):
+                problems.append(problem)
+        applicable = [c for c in candidates if c.applies_to(cert, issuer)]
+        for loaded in applicable:
+            if cert.serial_number in loaded.serials:
+                return Verdict(Status.REVOKED, f"serial {cert.serial_number:x} is on CRL {loaded.source}")
+        stale = []
+        for loaded in applicable:
+            age = loaded.too_old(now, self.settings, self.tolerance)
+            if age:
+                stale.append(age)
+            elif not loaded.partial():
+                return Verdict(Status.GOOD, f"not on CRL {loaded.source}")
+        if stale or problems:
+            return Verdict(Status.UNKNOWN, "; ".join(stale + problems))
+        return Verdict(Status.NONE, "no CRL covers this issuer")
+
+    # -- background refresh and self-tests ----------------------------------------------------------
+
+    def refresh(self) -> None:
+        """Re-read changed files; re-fetch URLs due (nextUpdate reached or refresh interval over)."""
+        self._reload_files(force=True)
+        now = dt.datetime.now(UTC)
+        with self._lock:
+            entries = list(self._urls.items())
+        for url, entry in entries:
+            due = entry.crl is None or self._needs_fetch(entry, now) or \
+                time.monotonic() - entry.fetched >= self.settings.crl_refresh_interval
+            if not due or self.backoff.blocked(url) or not entry.lock.acquire(blocking=False):
+                continue
+            try:
+                self._fetch(url, entry, self.settings.timeout)
+                self._after_fetch(url, entry)
+            except FetchError as exc:
+                self.backoff.failed(url, str(exc))
+                self.log.warning("background CRL refresh failed: %s", exc)
+            finally:
+                entry.lock.release()
+
+    def sources(self) -> list[tuple[str, LoadedCrl | None]]:
+        """Every known CRL source and what is held from it (files first)."""
+        with self._lock:
+            files = [(str(p), loaded) for p, (_, loaded) in self._files.items()]
+            urls = [(u, e.crl) for u, e in self._urls.items()]
+        return files + urls
+
+    def fetch_now(self, url: str) -> LoadedCrl:
+        """Fetch *url* for a self-test (raises FetchError) and keep the result."""
+        with self._lock:
+            entry = self._urls.setdefault(url, _UrlEntry())
+        with entry.lock:
+            self._fetch(url, entry, self.settings.timeout)
+        return entry.crl

@@ -1,0 +1,218 @@
+"""From a verified certificate to a user name, and the optional directory binding check.
+
+Rules are tried in order (``mapping.rules``). A rule yields the distinct names it finds; one name
+ends the search (after ``gateway_lookup_user`` found it, when ``lookup`` is on), none goes on to
+the next rule, and two or more is ``cert.ambiguous``: a certificate that names two users names
+nobody.
+
+Rule types: ``upn`` (SAN otherName 1.3.6.1.4.1.311.20.2.3, the AD smart-card logon name),
+``email`` (SAN rfc822Name), ``cn`` (subject commonName), ``subject_email`` (subject
+emailAddress, PKCS #9), ``subject`` (a regular expression on the RFC 4514 subject),
+``issuer_serial`` and ``thumbprint`` (explicit tables).
+
+Directory binding (``require_directory_match``), like AD strong certificate mapping (KB5014754):
+the directory's identity must carry the presented certificate in its claims, either
+
+* ``userCertificate``: the DER certificates stored for the user (bytes, or base64/PEM text), or
+* ``altSecurityIdentities``: strong mappings ``X509:<I>issuer<SR>serial`` (serial as AD writes
+  it, byte-reversed hex, or in natural order), ``X509:<SKI>hex`` (subjectKeyIdentifier),
+  ``X509:<SHA1-PUKEY>hex`` (SHA-1 of the certificate, as ``certutil`` computes it).
+
+The weak forms (``<I>..<S>``, ``<S>`` alone, ``<RFC822>``) are not accepted.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import re
+from typing import Any, Iterable, Mapping
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509.oid import NameOID
+
+from .settings import MappingRule
+
+__all__ = ["UPN_OID", "candidates", "directory_binding_matches", "thumbprint"]
+
+UPN_OID = x509.ObjectIdentifier("1.3.6.1.4.1.311.20.2.3")
+_MAX_NAME = 256
+
+
+def thumbprint(cert: x509.Certificate) -> str:
+    return cert.fingerprint(hashes.SHA256()).hex()
+
+
+def _der_string(value: bytes) -> str | None:
+    """Decode the DER of an otherName value: UTF8String (AD) or, leniently, IA5String; an
+    explicit ``[0]`` wrapper (RFC 5280 AnotherName ``value [0] EXPLICIT``) is unwrapped if a
+    library left it in place."""
+    def tlv(data: bytes) -> tuple[int, bytes] | None:
+        if len(data) < 2:
+            return None
+        tag, length, pos = data[0], data[1], 2
+        if length & 0x80:
+            count = length & 0x7F
+            if count == 0 or count > 4 or len(data) < 2 + count:
+                return None
+            length, pos = int.from_bytes(data[2:2 + count], "big"), 2 + count
+        if len(data) != pos + length:
+            return None
+        return tag, data[pos:]
+
+    parsed = tlv(value)
+    if parsed and parsed[0] == 0xA0:
+        parsed = tlv(parsed[1])
+    if not parsed or parsed[0] not in (0x0C, 0x16):
+        return None
+    try:
+        return parsed[1].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def _sans(cert: x509.Certificate) -> x509.SubjectAlternativeName | None:
+    try:
+        return cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return None
+
+
+def _raw_values(rule: MappingRule, cert: x509.Certificate) -> list[str]:
+    kind = rule.type
+    if kind == "upn":
+        sans = _sans(cert)
+        found = [_der_string(n.value) for n in (sans.get_values_for_type(x509.OtherName) if sans else [])
+                 if n.type_id == UPN_OID]
+        return [v for v in found if v is not None]
+    if kind == "email":
+        sans = _sans(cert)
+        return list(sans.get_values_for_type(x509.RFC822Name)) if sans else []
+    if kind == "cn":
+        return [str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    if kind == "subject_email":
+        return [str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.EMAIL_ADDRESS)]
+    if kind == "subject":
+        return [cert.subject.rfc4514_string()]
+    if kind == "issuer_serial":
+        issuer = _norm_dn(cert.issuer.rfc4514_string())
+        serial = f"{cert.serial_number:x}"
+        return [e.user for e in rule.certificates if e.serial == serial and _norm_dn(e.issuer) == issuer]
+    if kind == "thumbprint":
+        user = rule.thumbprints.get(thumbprint(cert))
+        return [user] if user else []
+    raise ValueError(f"unknown rule type {kind}")
+
+
+def _norm_dn(text: str) -> str:
+    """Compare DNs as text, forgiving case and blanks around separators."""
+    return re.sub(r"\s*([,+=])\s*", r"\1", text.strip()).casefold()
+
+
+def _shape(rule: MappingRule, value: str) -> str | None:
+    if rule.type in ("upn", "email", "subject_email"):
+        local, at, domain = value.rpartition("@")
+        if rule.domains:
+            if not at or domain.casefold() not in {d.casefold() for d in rule.domains}:
+                return None
+        strip = rule.strip_domain if rule.strip_domain is not None else rule.type == "upn"
+        if strip and at:
+            value = local
+    if rule.pattern is not None:
+        match = re.search(rule.pattern, value)
+        if match is None:
+            return None
+        if "user" in match.re.groupindex:
+            value = match.group("user")
+        elif match.re.groups:
+            value = match.group(1)
+        else:
+            value = match.group(0)
+        if value is None:
+            return None
+    if rule.lowercase:
+        value = value.lower()
+    value = value.strip()
+    if not value or len(value) > _MAX_NAME or any(ord(c) < 32 or ord(c) == 0x7F for c in value):
+        return None
+    return value
+
+
+def candidates(rule: MappingRule, cert: x509.Certificate) -> list[str]:
+    """The distinct user names *rule* finds in *cert*, in order."""
+    names: list[str] = []
+    for raw in _raw_values(rule, cert):
+        name = _shape(rule, raw)
+        if name is not None and name not in names:
+            names.append(name)
+    return names
+
+
+# -- directory binding ---------------------------------------------------------------------------
+
+
+def _as_der(value: Any) -> bytes | None:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("-----BEGIN"):
+            try:
+                return x509.load_pem_x509_certificate(text.encode()).public_bytes(serialization.Encoding.DER)
+            except ValueError:
+                return None
+        try:
+            return base64.b64decode(re.sub(r"\s+", "", text), validate=True)
+        except (binascii.Error, ValueError):
+            return None
+    return None
+
+
+def _listed(value: Any) -> Iterable[Any]:
+    if value is None:
+        return ()
+    if isinstance(value, (str, bytes, bytearray, memoryview)):
+        return (value,)
+    return value if isinstance(value, (list, tuple, set, frozenset)) else ()
+
+
+def strong_mappings(cert: x509.Certificate) -> set[str]:
+    """The ``altSecurityIdentities`` values that strongly name *cert*, normalised."""
+    serial = cert.serial_number.to_bytes(max(1, (cert.serial_number.bit_length() + 8) // 8), "big")
+    serials = {serial.hex(), serial[::-1].hex(), serial.lstrip(b"\0").hex(), serial.lstrip(b"\0")[::-1].hex()}
+    issuer = cert.issuer
+    issuers = {issuer.rfc4514_string(), x509.Name(list(reversed(list(issuer)))).rfc4514_string()}
+    found = {f"x509:<i>{_norm_dn(i)}<sr>{s}" for i in issuers for s in serials}
+    try:
+        ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest.hex()
+        found.add(f"x509:<ski>{ski}")
+    except x509.ExtensionNotFound:
+        pass
+    found.add(f"x509:<sha1-pukey>{hashlib.sha1(cert.public_bytes(serialization.Encoding.DER)).hexdigest()}")
+    return found
+
+
+def _norm_mapping(text: str) -> str:
+    text = text.strip()
+    head, sep, rest = text.partition("<SR>") if "<SR>" in text else text.partition("<sr>")
+    if text.lower().startswith("x509:<i>") and sep:
+        return f"x509:<i>{_norm_dn(head[8:])}<sr>{rest.strip().lower()}"
+    return re.sub(r"\s+", "", text).lower()
+
+
+def directory_binding_matches(claims: Mapping[str, Any], cert: x509.Certificate) -> bool:
+    """True when the directory's claims hold *cert* (``userCertificate``) or a strong
+    ``altSecurityIdentities`` mapping to it. Claim names are matched case-insensitively, and an
+    LDAP option such as ``;binary`` is ignored."""
+    lowered = {str(k).lower().split(";")[0]: v for k, v in claims.items()}  # userCertificate;binary
+    der = cert.public_bytes(serialization.Encoding.DER)
+    for value in _listed(lowered.get("usercertificate")) or ():
+        if _as_der(value) == der:
+            return True
+    strong = strong_mappings(cert)
+    for value in _listed(lowered.get("altsecurityidentities")):
+        if isinstance(value, str) and _norm_mapping(value) in strong:
+            return True
+    return False

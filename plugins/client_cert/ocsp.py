@@ -1,0 +1,286 @@
+"""OCSP (RFC 6960) client: request with a nonce (RFC 8954), verify the answer, cache it.
+
+An answer counts only when all of these hold:
+
+* the response status is ``successful`` and it is signed by an authorised responder
+  (RFC 6960 section 4.2.2.2): the issuing CA itself, a responder certificate issued directly by
+  that CA with the ``id-kp-OCSPSigning`` EKU and valid now, or the locally configured responder
+  certificate;
+* a nonce it carries equals the one sent (RFC 8954 section 2.1; required only when
+  ``ocsp_require_nonce``);
+* it has a single response for exactly this issuer and serial, with ``thisUpdate`` not in the
+  future and ``nextUpdate`` (or, without one, ``ocsp_max_age``) not passed (section 4.2.2.1).
+
+Anything else is "unknown" (not "good"): the revocation policy then decides.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import threading
+import time
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, padding, rsa
+from cryptography.x509 import ocsp
+from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, SignatureAlgorithmOID
+
+from .fetch import Backoff, FetchError, fetch
+from .settings import RevocationSettings
+from .status import Status, Verdict
+
+__all__ = ["OcspClient", "responder_urls"]
+
+UTC = dt.timezone.utc
+_MAX_RESPONSE = 256 * 1024
+_CACHE_LIMIT = 8192
+
+
+def responder_urls(cert: x509.Certificate) -> list[str]:
+    try:
+        aia = cert.extensions.get_extension_for_class(x509.AuthorityInformationAccess).value
+    except x509.ExtensionNotFound:
+        return []
+    return [d.access_location.value for d in aia
+            if d.access_method == AuthorityInformationAccessOID.OCSP
+            and isinstance(d.access_location, x509.UniformResourceIdentifier)
+            and d.access_location.value.lower().startswith(("http://", "https://"))]
+
+
+def key_hash(cert: x509.Certificate) -> bytes:
+    """SHA-1 of the subjectPublicKey BIT STRING: the ResponderID ``byKey`` (RFC 6960 4.2.1)."""
+    digest = hashes.Hash(hashes.SHA1())
+    digest.update(key_hash_input(cert))
+    return digest.finalize()
+
+
+def verify_signature(public_key, signature: bytes, data: bytes, algorithm, signature_oid) -> None:
+    """Raise InvalidSignature (or TypeError for an unsupported key) unless *signature* is good."""
+    if isinstance(public_key, rsa.RSAPublicKey):
+        if signature_oid == SignatureAlgorithmOID.RSASSA_PSS:
+            pad = padding.PSS(mgf=padding.MGF1(algorithm), salt_length=padding.PSS.AUTO)
+        else:
+            pad = padding.PKCS1v15()
+        public_key.verify(signature, data, pad, algorithm)
+    elif isinstance(public_key, ec.EllipticCurvePublicKey):
+        public_key.verify(signature, data, ec.ECDSA(algorithm))
+    elif isinstance(public_key, (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey)):
+        public_key.verify(signature, data)
+    elif isinstance(public_key, dsa.DSAPublicKey):
+        public_key.verify(signature, data, algorithm)
+    else:
+        raise TypeError(f"unsupported responder key {type(public_key).__name__}")
+
+
+class OcspClient:
+    def __init__(self, settings: RevocationSettings, log: logging.Logger, tolerance: float,
+                 responder_cert: x509.Certificate | None = None) -> None:
+        self.settings = settings
+        self.log = log
+        self.tolerance = dt.timedelta(seconds=tolerance)
+        self.responder_cert = responder_cert
+        self.backoff = Backoff(settings.retry_after_failure)
+        self._cache: dict[tuple[bytes, int], tuple[float, Verdict]] = {}
+        self._lock = threading.Lock()
+
+    def urls(self, cert: x509.Certificate) -> list[str]:
+        if self.settings.ocsp_responder:
+            return [self.settings.ocsp_responder]
+        return responder_urls(cert) if self.settings.ocsp else []
+
+    # -- status ------------------------------------------------------------------------------------
+
+    def status(self, cert: x509.Certificate, issuer: x509.Certificate, deadline: float) -> Verdict:
+        urls = self.urls(cert)
+        if not urls:
+            return Verdict(Status.NONE, "no OCSP responder for this certificate")
+        key = (key_hash(issuer), cert.serial_number)
+        with self._lock:
+            cached = self._cache.get(key)
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
+        problems = []
+        for url in urls:
+            blocked = self.backoff.blocked(url)
+            if blocked:
+                problems.append(f"recent OCSP failure: {blocked}")
+                continue
+            timeout = min(self.settings.timeout, deadline - time.monotonic() - 0.1)
+            if timeout <= 0.05:
+                problems.append(f"{url}: no time left to ask")
+                break
+            try:
+                verdict, expires = self.ask(url, cert, issuer, timeout)
+            except FetchError as exc:
+                self.backoff.failed(url, str(exc))
+                self.log.warning("OCSP request failed: %s", exc)
+                problems.append(str(exc))
+                continue
+            self.backoff.succeeded(url)
+            if verdict.status in (Status.GOOD, Status.REVOKED):
+                self._remember(key, verdict, expires)
+                return verdict
+            problems.append(f"{url}: {verdict.detail}")
+        return Verdict(Status.UNKNOWN, "; ".join(problems))
+
+    def _remember(self, key: tuple[bytes, int], verdict: Verdict, expires: dt.datetime | None) -> None:
+        seconds = self.settings.ocsp_cache_seconds
+        if expires is not None:
+            seconds = min(seconds, (expires - dt.datetime.now(UTC)).total_seconds())
+        if seconds <= 0:
+            return
+        with self._lock:
+            if len(self._cache) >= _CACHE_LIMIT:
+                now = time.monotonic()
+                stale = [k for k, (t, _) in self._cache.items() if t <= now] or list(self._cache)[:_CACHE_LIMIT // 4]
+                for key_ in stale:
+                    del self._cache[key_]
+            self._cache[key] = (time.monotonic() + seconds, verdict)
+
+    # -- one request -------------------------------------------------------------------------------
+
+    def ask(self, url: str, cert: x509.Certificate, issuer: x509.Certificate,
+            timeout: float) -> tuple[Verdict, dt.datetime | None]:
+        """POST one request (RFC 6960 appendix A.1); the verdict and when it stops being fresh."""
+        builder = ocsp.OCSPRequestBuilder().add_certificate(cert, issuer, hashes.SHA1())
+        nonce = os.urandom(32) if self.settings.ocsp_nonce else None
+        if nonce:
+            builder = builder.add_extension(x509.OCSPNonce(nonce), critical=False)
+        body = builder.build().public_bytes(serialization.Encoding.DER)
+        data = fetch(url, timeout=timeout, max_bytes=_MAX_RESPONSE, body=body,
+                     content_type="application/ocsp-request", accept="application/ocsp-response")
+        try:
+            response = ocsp.load_der_ocsp_response(data)
+        except ValueError:
+            return Verdict(Status.UNKNOWN, "the answer is not an OCSP response"), None
+        return self.judge(response, cert, issuer, nonce)
+
+    def judge(self, response: ocsp.OCSPResponse, cert: x509.Certificate, issuer: x509.Certificate,
+              nonce: bytes | None) -> tuple[Verdict, dt.datetime | None]:
+        if response.response_status != ocsp.OCSPResponseStatus.SUCCESSFUL:
+            return Verdict(Status.UNKNOWN, f"responder answered {response.response_status.name.lower()}"), None
+        problem = self._check_signer(response, issuer)
+        if problem:
+            return Verdict(Status.UNKNOWN, problem), None
+        try:
+            echoed = response.extensions.get_extension_for_class(x509.OCSPNonce).value.nonce
+        except x509.ExtensionNotFound:
+            echoed = None
+        if echoed is not None and nonce is not None and echoed != nonce:
+            return Verdict(Status.UNKNOWN, "the response carries another request's nonce (replay?)"), None
+        if echoed is None and nonce is not None and self.settings.ocsp_require_nonce:
+            return Verdict(Status.UNKNOWN, "the response carries no nonce"), None
+        now = dt.datetime.now(UTC)
+        for single in response.responses:
+            if single.serial_number != cert.serial_number or not _same_issuer(single, issuer):
+                continue
+            if single.this_update_utc > now + self.tolerance:
+                return Verdict(Status.UNKNOWN, "the response's thisUpdate is in the future"), None
+            next_update = single.next_update_utc
+            if next_update is None:
+                next_update = single.this_update_utc + dt.timedelta(seconds=self.settings.ocsp_max_age)
+            if now > next_update + self.tolerance:
+                return Verdict(Status.UNKNOWN, f"the response is too old (fresh until {next_update.isoformat()})"), None
+            if single.certificate_status == ocsp.OCSPCertStatus.GOOD:
+                return Verdict(Status.GOOD, "OCSP: good"), next_update
+            if single.certificate_status == ocsp.OCSPCertStatus.REVOKED:
+                reason = single.revocation_reason.name if single.revocation_reason else "unspecified"
+                when = single.revocation_time_utc.isoformat()
+                return Verdict(Status.REVOKED, f"OCSP: revoked at {when} ({reason})"), next_update
+            return Verdict(Status.UNKNOWN, "the responder does not know this certificate"), None
+        return Verdict(Status.UNKNOWN, "the response has no answer for this certificate"), None
+
+    def _check_signer(self, response: ocsp.OCSPResponse, issuer: x509.Certificate) -> str | None:
+        """None when an authorised responder signed *response*, else what is wrong."""
+        candidates: list[x509.Certificate] = [issuer, *response.certificates]
+        if self.responder_cert is not None:
+            candidates.append(self.responder_cert)
+        for signer in candidates:
+            if response.responder_name is not None:
+                if signer.subject != response.responder_name:
+                    continue
+            elif response.responder_key_hash != key_hash(signer):
+                continue
+            if signer is not issuer and signer is not self.responder_cert:
+                problem = self._delegate_problem(signer, issuer)
+                if problem:
+                    return problem
+            try:
+                verify_signature(signer.public_key(), response.signature, response.tbs_response_bytes,
+                                 response.signature_hash_algorithm, response.signature_algorithm_oid)
+            except Exception:
+                return "the response signature does not verify"
+            return None
+        return "the response is not signed by the CA or a responder it authorised"
+
+    def _delegate_problem(self, signer: x509.Certificate, issuer: x509.Certificate) -> str | None:
+        try:
+            signer.verify_directly_issued_by(issuer)
+        except Exception:
+            return "the responder certificate is not issued by the certificate's CA"
+        try:
+            ekus = signer.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        except x509.ExtensionNotFound:
+            ekus = []
+        if ExtendedKeyUsageOID.OCSP_SIGNING not in ekus:
+            return "the responder certificate lacks the OCSPSigning EKU"
+        now = dt.datetime.now(UTC)
+        if not signer.not_valid_before_utc - self.tolerance <= now <= signer.not_valid_after_utc + self.tolerance:
+            return "the responder certificate is not valid now"
+        return None
+
+    # -- self-test ---------------------------------------------------------------------------------
+
+    def probe(self, url: str, issuer: x509.Certificate) -> str:
+        """Ask *url* about a serial that does not exist; any well-formed OCSP answer proves the
+        responder reachable. Returns what it said; raises FetchError."""
+        name_hash = hashes.Hash(hashes.SHA1())
+        name_hash.update(issuer.subject.public_bytes())
+        request = ocsp.OCSPRequestBuilder().add_certificate_by_hash(
+            name_hash.finalize(), key_hash(issuer), 1, hashes.SHA1()).build()
+        data = fetch(url, timeout=self.settings.timeout, max_bytes=_MAX_RESPONSE,
+                     body=request.public_bytes(serialization.Encoding.DER), content_type="application/ocsp-request")
+        try:
+            response = ocsp.load_der_ocsp_response(data)
+        except ValueError:
+            raise FetchError(f"{url}: the answer is not an OCSP response") from None
+        return response.response_status.name.lower()
+
+
+def _same_issuer(single: ocsp.OCSPSingleResponse, issuer: x509.Certificate) -> bool:
+    algorithm = single.hash_algorithm
+    name_hash = hashes.Hash(algorithm)
+    name_hash.update(issuer.subject.public_bytes())
+    spki = hashes.Hash(algorithm)
+    spki.update(key_hash_input(issuer))
+    return single.issuer_name_hash == name_hash.finalize() and single.issuer_key_hash == spki.finalize()
+
+
+def key_hash_input(cert: x509.Certificate) -> bytes:
+    """The subjectPublicKey BIT STRING contents (what CertID.issuerKeyHash hashes, RFC 6960 4.1.1)."""
+    spki = cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return _bit_string_of_spki(spki)
+
+
+def _bit_string_of_spki(spki: bytes) -> bytes:
+    """Parse ``SEQUENCE { AlgorithmIdentifier, BIT STRING }`` just enough to return the key bits."""
+    def header(data: bytes, pos: int) -> tuple[int, int, int]:
+        tag = data[pos]
+        length = data[pos + 1]
+        pos += 2
+        if length & 0x80:
+            count = length & 0x7F
+            length = int.from_bytes(data[pos:pos + count], "big")
+            pos += count
+        return tag, length, pos
+
+    _, _, pos = header(spki, 0)          # outer SEQUENCE
+    _, alg_len, alg_pos = header(spki, pos)  # AlgorithmIdentifier
+    tag, bits_len, bits_pos = header(spki, alg_pos + alg_len)
+    if tag != 0x03:
+        raise ValueError("SubjectPublicKeyInfo without a BIT STRING")
+    return spki[bits_pos + 1:bits_pos + bits_len]  # skip the unused-bits octet
+

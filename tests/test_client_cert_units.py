@@ -1,0 +1,345 @@
+"""The client_cert plugin in-process: header decoding, the directory binding check through the
+real core chain (a small directory plugin registered in the test, as the LDAP plugin would answer
+``gateway_lookup_user``), revocation of intermediates, CRL caching, background refresh and
+rollback, OCSP answers that must not be believed, ``authgw check`` self-tests, and settings errors.
+Certificates, CRLs and OCSP answers are real, made by ``support.pki`` and ``support.ocsp``.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import json
+import time
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509 import ocsp
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from gateway import Attempt, BackendUnavailable, CertificateCredential, Identity, Outcome, hookimpl
+from gateway.plugins.client_cert.crl import CrlStore
+from gateway.plugins.client_cert.headers import parse_pem_header, parse_xfcc
+from gateway.plugins.client_cert.mapping import directory_binding_matches
+from gateway.plugins.client_cert.ocsp import OcspClient
+from gateway.plugins.client_cert.settings import RevocationSettings
+from gateway.plugins.client_cert.status import Status
+from gateway.plugins.client_cert.verify import CertError
+from gateway.runtime import build_runtime
+from support.gateway import authgw, write_conf
+from support.net import free_port
+from support.ocsp import PkiServer
+from support.pki import CA, write_bundle
+
+UTC = dt.timezone.utc
+
+
+@pytest.fixture(scope="module")
+def server():
+    pki_server = PkiServer().start()
+    yield pki_server
+    pki_server.stop()
+
+
+@pytest.fixture(scope="module")
+def root() -> CA:
+    return CA.create("units root CA", days=365)
+
+
+@pytest.fixture(scope="module")
+def issuing(root, server) -> CA:
+    ca = root.issue("units issuing CA", ca=True, not_after=dt.datetime.now(UTC) + dt.timedelta(days=200),
+                    ocsp_url=server.url("/ocsp"))
+    server.add_issuer(root)  # the root signs answers about its intermediates itself
+    server.add_issuer(ca, ca.issue("units responder", ekus=[ExtendedKeyUsageOID.OCSP_SIGNING]))
+    return ca
+
+
+def _conf(directory: Path, root: CA, issuing: CA, **client_cert) -> Path:
+    write_bundle(directory / "conf.d" / "root.pem", root)  # relative paths start at conf.d
+    write_bundle(directory / "conf.d" / "issuing.pem", issuing)
+    settings = {"ca_bundle": "root.pem", "intermediates": "issuing.pem", "revocation": "off", **client_cert}
+    return write_conf(directory / "conf.d", {
+        "gateway.yaml": json.dumps({"chain": ["client_cert"], "throttle": {"enabled": False}}),
+        "client_cert.yaml": json.dumps({"client_cert": settings}),
+    })
+
+
+def _attempt(cert) -> Attempt:
+    import ipaddress
+
+    return Attempt(request_id="t", client=ipaddress.ip_address("127.0.0.1"), front_door="forward_auth",
+                   deadline=time.monotonic() + 5, certificate=CertificateCredential((cert.der,), "tls"))
+
+
+class Directory:
+    """A directory answering ``gateway_lookup_user`` the way the LDAP plugin does."""
+
+    def __init__(self) -> None:
+        self.claims: dict = {}
+        self.down = False
+
+    @hookimpl
+    def gateway_lookup_user(self, username: str) -> Identity | None:
+        if self.down:
+            raise BackendUnavailable("ldap.unreachable", "test")
+        if username != "alice":
+            return None
+        return Identity(subject="guid-alice", username="alice", method="ldap", email="alice@example.com",
+                        groups=("staff",), claims=dict(self.claims))
+
+
+@pytest.fixture
+def bound(tmp_path, root, issuing):
+    """An in-process core with ``require_directory_match`` and the test directory."""
+    conf = _conf(tmp_path, root, issuing, mapping={"rules": ["upn"], "require_directory_match": True})
+    runtime = build_runtime(conf, state_dir=tmp_path / "state")
+    directory = Directory()
+    runtime.gateway.pm.register(directory, name="directory")
+    yield runtime.gateway, directory
+    runtime.discard()
+
+
+# -- directory binding (AD strong mapping) -----------------------------------------------------------
+
+
+def test_directory_binding_by_user_certificate(bound, issuing):
+    gateway, directory = bound
+    cert = issuing.issue("Alice", client=True, upn="alice@example.com")
+    other = issuing.issue("Alice", client=True, upn="alice@example.com")
+    directory.claims = {"userCertificate;binary": [other.der, cert.der]}
+    decision = gateway.decide(_attempt(cert))
+    assert decision.success and decision.identity.subject == "guid-alice"
+    assert decision.identity.method == "client_cert" and decision.identity.groups == ("staff",)
+    assert "userCertificate;binary" not in decision.identity.claims  # bytes are not JSON
+    json.dumps(decision.identity.to_json())
+    directory.claims = {"userCertificate": [base64.b64encode(cert.der).decode()]}
+    assert gateway.decide(_attempt(cert)).success
+    directory.claims = {"userCertificate": [other.der]}
+    decision = gateway.decide(_attempt(cert))
+    assert (decision.outcome, decision.reason) == (Outcome.INVALID_CREDENTIALS, "cert.directory_mismatch")
+
+
+def test_directory_binding_by_alt_security_identities(bound, issuing):
+    gateway, directory = bound
+    cert = issuing.issue("Alice", client=True, upn="alice@example.com")
+    serial = cert.cert.serial_number.to_bytes((cert.cert.serial_number.bit_length() + 7) // 8, "big")
+    x500_issuer = "O=authgw tests,CN=units issuing CA"  # AD writes the issuer most significant first
+    ski = x509.SubjectKeyIdentifier.from_public_key(cert.cert.public_key()).digest.hex().upper()
+    sha1 = hashlib.sha1(cert.der).hexdigest()
+    strong = [f"X509:<I>{x500_issuer}<SR>{serial[::-1].hex()}",  # AD: serial bytes reversed
+              f"X509:<I>CN=units issuing CA, O=authgw tests<SR>{serial.hex()}",
+              f"X509:<SKI>{ski}", f"X509:<SHA1-PUKEY>{sha1}"]
+    for mapping in strong:
+        directory.claims = {"altSecurityIdentities": [mapping]}
+        assert gateway.decide(_attempt(cert)).success, mapping
+    weak = [f"X509:<I>{x500_issuer}<S>O=authgw tests,CN=Alice", "X509:<S>O=authgw tests,CN=Alice",
+            "X509:<RFC822>alice@example.com", f"X509:<SKI>{'00' * 20}"]
+    for mapping in weak:
+        directory.claims = {"altSecurityIdentities": mapping}
+        assert gateway.decide(_attempt(cert)).reason == "cert.directory_mismatch", mapping
+    directory.claims = {}
+    assert gateway.decide(_attempt(cert)).reason == "cert.directory_mismatch"
+
+
+def test_directory_unavailable_is_a_note_not_a_deny(bound, issuing):
+    gateway, directory = bound
+    directory.down = True
+    decision = gateway.decide(_attempt(issuing.issue("Alice", client=True, upn="alice@example.com")))
+    assert (decision.outcome, decision.reason) == (Outcome.UNAVAILABLE, "cert.directory_unavailable")
+
+
+def test_binding_ignores_other_claims(issuing):
+    cert = issuing.issue("Alice", client=True)
+    assert not directory_binding_matches({"mail": cert.der, "usercertificate": "not base64!"}, cert.cert)
+    assert directory_binding_matches({"USERCERTIFICATE": cert.pem.decode()}, cert.cert)
+
+
+# -- revocation ----------------------------------------------------------------------------------------
+
+
+def test_revoked_intermediate_with_check_chain(tmp_path, root, issuing, server):
+    """The root answers OCSP itself about the intermediate (CA-signed responses)."""
+    revoked_ca = root.issue("units revoked CA", ca=True, ocsp_url=server.url("/ocsp"))
+    server.add_issuer(revoked_ca)
+    server.revoke(revoked_ca)
+    write_bundle(tmp_path / "conf.d" / "both.pem", issuing, revoked_ca)
+    conf = _conf(tmp_path, root, issuing, intermediates="both.pem", mapping={"rules": ["cn"], "lookup": False},
+                 revocation={"policy": "hard-fail", "check": "chain"})
+    runtime = build_runtime(conf, state_dir=tmp_path / "state")
+    try:
+        ocsp_url = server.url("/ocsp")
+        good = runtime.gateway.decide(_attempt(issuing.issue("amy", client=True, ocsp_url=ocsp_url)))
+        assert good.success, good
+        bad = runtime.gateway.decide(_attempt(revoked_ca.issue("amy", client=True, ocsp_url=ocsp_url)))
+        assert (bad.outcome, bad.reason) == (Outcome.INVALID_CREDENTIALS, "cert.revoked")
+    finally:
+        runtime.discard()
+
+
+def test_crl_file_under_hard_fail(tmp_path, root, issuing):
+    listed, clean = issuing.issue("amy", client=True), issuing.issue("amy", client=True)
+    other = root.issue("units other CA", ca=True)
+    (tmp_path / "conf.d").mkdir()
+    (tmp_path / "conf.d" / "issuing.crl").write_bytes(issuing.crl([listed]))
+    write_bundle(tmp_path / "conf.d" / "both.pem", issuing, other)
+    conf = _conf(tmp_path, root, issuing, intermediates="both.pem", mapping={"rules": ["cn"], "lookup": False},
+                 revocation={"policy": "hard-fail", "crl_files": ["issuing.crl"]})
+    runtime = build_runtime(conf, state_dir=tmp_path / "state")
+    try:
+        assert runtime.gateway.decide(_attempt(clean)).success
+        revoked = runtime.gateway.decide(_attempt(listed))
+        assert (revoked.outcome, revoked.reason) == (Outcome.INVALID_CREDENTIALS, "cert.revoked")
+        # That CRL says nothing about another CA's certificates: hard-fail denies them.
+        unknown = runtime.gateway.decide(_attempt(other.issue("amy", client=True)))
+        assert (unknown.outcome, unknown.reason) == (Outcome.INVALID_CREDENTIALS, "cert.revocation_unknown")
+    finally:
+        runtime.discard()
+
+
+def test_crl_cached_refreshed_in_background_and_never_rolled_back(issuing, server):
+    import logging
+
+    now = dt.datetime.now(UTC)
+    url = server.put_crl("refresh.crl", issuing.crl([], next_update=now + dt.timedelta(seconds=2)))
+    cert = issuing.issue("amy", client=True, crl_url=url)
+    store = CrlStore(RevocationSettings(policy="hard-fail", timeout=2), logging.getLogger("test"), 0)
+    deadline = time.monotonic() + 5
+    assert store.status(cert.cert, issuing.cert, deadline).status is Status.GOOD
+    assert store.status(cert.cert, issuing.cert, deadline).status is Status.GOOD
+    assert server.hits["/crl/refresh.crl"] == 1  # kept until nextUpdate
+    server.put_crl("refresh.crl", issuing.crl([cert], next_update=now + dt.timedelta(hours=1)))
+    time.sleep(2.2)  # let nextUpdate pass
+    store.refresh()  # what the background thread does
+    assert server.hits["/crl/refresh.crl"] == 2
+    assert store.status(cert.cert, issuing.cert, time.monotonic() + 5).status is Status.REVOKED
+    assert server.hits["/crl/refresh.crl"] == 2
+    # A CA's older CRL served again (a replay) does not replace the newer one.
+    server.put_crl("refresh.crl", issuing.crl([], this_update=now - dt.timedelta(hours=1)))
+    store._urls[url].fetched = 0  # due for the periodic refresh without waiting crl_refresh_interval
+    store.refresh()
+    assert server.hits["/crl/refresh.crl"] == 3
+    assert store.status(cert.cert, issuing.cert, time.monotonic() + 5).status is Status.REVOKED
+
+
+def test_ocsp_answers_that_are_not_believed(issuing, server):
+    import logging
+
+    rogue = CA.create("rogue responder")
+    cert = issuing.issue("amy", client=True, ocsp_url=server.url("/ocsp"))
+    client = OcspClient(RevocationSettings(policy="hard-fail", ocsp_require_nonce=True), logging.getLogger("test"), 60)
+
+    def answer(signer, status=ocsp.OCSPCertStatus.GOOD, nonce=None, this_update=None, certs=()):
+        now = dt.datetime.now(UTC)
+        builder = ocsp.OCSPResponseBuilder().add_response(
+            cert=cert.cert, issuer=issuing.cert, algorithm=hashes.SHA1(), cert_status=status,
+            this_update=this_update or now, next_update=(this_update or now) + dt.timedelta(hours=1),
+            revocation_time=None, revocation_reason=None).responder_id(ocsp.OCSPResponderEncoding.NAME, signer.cert)
+        if certs:
+            builder = builder.certificates(list(certs))
+        if nonce:
+            builder = builder.add_extension(x509.OCSPNonce(nonce), critical=False)
+        der = builder.sign(signer.key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+        return ocsp.load_der_ocsp_response(der)
+
+    nonce = b"n" * 32
+    verdict, _ = client.judge(answer(issuing, nonce=nonce), cert.cert, issuing.cert, nonce)
+    assert verdict.status is Status.GOOD
+    no_eku = issuing.issue("responder without OCSPSigning")
+    cases = {
+        "signed by a key the CA never authorised": answer(rogue, nonce=nonce, certs=[rogue.cert]),
+        "signed by a CA-issued certificate without OCSPSigning": answer(no_eku, nonce=nonce, certs=[no_eku.cert]),
+        "without the required nonce": answer(issuing),
+        "with another nonce": answer(issuing, nonce=b"m" * 32),
+        "from the future": answer(issuing, nonce=nonce, this_update=dt.datetime.now(UTC) + dt.timedelta(hours=2)),
+        "too old": answer(issuing, nonce=nonce, this_update=dt.datetime.now(UTC) - dt.timedelta(hours=3)),
+    }
+    for what, response in cases.items():
+        verdict, _ = client.judge(response, cert.cert, issuing.cert, nonce)
+        assert verdict.status is Status.UNKNOWN, what
+    unauthorized = ocsp.load_der_ocsp_response(ocsp.OCSPResponseBuilder.build_unsuccessful(
+        ocsp.OCSPResponseStatus.UNAUTHORIZED).public_bytes(serialization.Encoding.DER))
+    assert client.judge(unauthorized, cert.cert, issuing.cert, nonce)[0].status is Status.UNKNOWN
+
+
+# -- header decoding -------------------------------------------------------------------------------------
+
+
+def test_header_encodings(issuing):
+    cert = issuing.issue("amy", client=True)
+    pem = cert.pem.decode()
+    assert parse_pem_header(quote(pem, safe="")) == (cert.der,)  # nginx $ssl_client_escaped_cert
+    legacy = pem.strip().replace("\n", "\n\t")  # nginx $ssl_client_cert (deprecated)
+    assert parse_pem_header(legacy) == (cert.der,)
+    traefik = ",".join(base64.b64encode(c.der).decode() for c in (cert, issuing))
+    assert parse_pem_header(quote(traefik, safe="")) == (cert.der, issuing.der)  # Traefik, leaf first
+    assert parse_pem_header("") is None and parse_pem_header("-") is None
+    quoted = quote(pem, safe="")
+    xfcc = f'By=spiffe://a;Hash=1;Subject="CN=amy,O=\\"quoted\\", inc";URI=;Cert="{quoted}"'
+    assert parse_xfcc(xfcc) == (cert.der,)
+    assert parse_xfcc("By=spiffe://a;Hash=1") is None  # the proxy forwards no certificate
+    for bad in ('Cert="x', "Cert=a;Cert=b", "=x", f'Cert="{quoted}"junk'):
+        with pytest.raises(CertError) as info:
+            parse_xfcc(bad)
+        assert info.value.reason == "cert.malformed"
+    with pytest.raises(CertError):
+        parse_pem_header("A" * 70000)
+
+
+# -- self-tests and settings --------------------------------------------------------------------------------
+
+
+def test_selftests(tmp_path, root, issuing, server):
+    soon = CA.create("units CA expiring soon", days=20)
+    write_bundle(tmp_path / "roots.pem", root, soon)
+    (tmp_path / "fresh.crl").write_bytes(issuing.crl([]))
+    now = dt.datetime.now(UTC)
+    (tmp_path / "stale.crl").write_bytes(issuing.crl([], this_update=now - dt.timedelta(days=3),
+                                                     next_update=now - dt.timedelta(days=1)))
+    root.issue("localhost", ips=["127.0.0.1"], server=True).write(tmp_path / "conf.d", "server")
+    fresh_url = server.put_crl("units.crl", issuing.crl([]))
+    dead = f"http://127.0.0.1:{free_port()}/crl"
+    conf = _conf(tmp_path, root, issuing, ca_bundle="../roots.pem", revocation={
+        "policy": "hard-fail", "crl_files": ["../fresh.crl", "../stale.crl"], "crl_urls": [fresh_url, dead],
+        "ocsp_responder": server.url("/ocsp"), "timeout": 2},
+        listener={"address": f"127.0.0.1:{free_port()}", "certificate": "server.crt", "key": "server.key"})
+    result = authgw("check", "--config", str(conf), "--state-dir", str(tmp_path / "state"))
+    out = result.stdout
+    lines = {line[6:].split(": ", 1)[0]: line[:4] for line in out.splitlines()  # "STATUS name: detail"
+             if line[:4] in ("PASS", "WARN", "FAIL")}
+    assert lines["client_cert.ca_bundle"] == "WARN", out  # the second root expires within 30 days
+    assert "CN=units CA expiring soon" in out and "within 30 days" in out
+    assert lines["client_cert.intermediates"] == "PASS", out
+    assert lines["client_cert.listener_certificate"] == "WARN", out  # issued for 7 days
+    assert "renew the listener's certificate" in out
+    assert lines[f"client_cert.crl[{tmp_path / 'conf.d' / '..' / 'fresh.crl'}]"] == "PASS", out
+    assert lines[f"client_cert.crl[{tmp_path / 'conf.d' / '..' / 'stale.crl'}]"] == "FAIL", out
+    assert lines[f"client_cert.crl[{fresh_url}]"] == "PASS", out
+    assert lines[f"client_cert.crl[{dead}]"] == "FAIL", out
+    assert lines[f"client_cert.ocsp[{server.url('/ocsp')}]"] == "PASS", out
+    assert "DOWN  client_cert.crl[" in out  # readiness: the stale CRL and the unreachable URL
+    assert result.returncode == 1
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"ca_bundle": "root.pem"}, "client_cert.revocation: required key is missing"),
+    ({"ca_bundle": "root.pem", "revocation": "sometimes"}, "client_cert.revocation.policy"),
+    ({"ca_bundle": "root.pem", "revocation": "off", "mapping": {"rules": ["subject"]}}, "needs a `pattern`"),
+    ({"ca_bundle": "root.pem", "revocation": "off", "headers": [{"name": "Authorization", "format": "pem"}]},
+     "never reaches plugins"),
+    ({"ca_bundle": "root.pem", "revocation": {"policy": "soft-fail", "crl_urls": ["ldap://x/"]}}, "only http"),
+    ({"ca_bundle": "missing.pem", "revocation": "off"}, "missing.pem"),
+])
+def test_settings_errors(tmp_path, root, settings, message):
+    write_bundle(tmp_path / "conf.d" / "root.pem", root)
+    conf = write_conf(tmp_path / "conf.d", {
+        "gateway.yaml": json.dumps({"chain": ["client_cert"]}),
+        "client_cert.yaml": json.dumps({"client_cert": settings}),
+    })
+    result = authgw("config", "check", "--config", str(conf), "--state-dir", str(tmp_path / "state"))
+    assert result.returncode == 2, result.stdout
+    assert message in result.stderr, result.stderr
