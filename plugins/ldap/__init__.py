@@ -1,1 +1,171 @@
-"""Placeholder: the ldap plugin is being written."""
+"""``ldap``: passwords checked against Active Directory or any LDAPv3 directory (ldap3).
+
+Search, then bind: a service account finds exactly one entry for the username under
+``base_dn``, then that entry's DN binds with the password on a pooled connection. Or, without a
+service account, ``direct_bind`` binds a DN or UPN built from the username. Also answers
+``gateway_lookup_user`` so Kerberos and certificate logins get the directory profile.
+
+Decides
+    password attempts whose user the directory holds: ``SUCCESS`` (identity with the mapped
+    attributes and groups), ``INVALID_CREDENTIALS`` (``ldap.invalid_password``,
+    ``ldap.ambiguous_user``, ``ldap.bind_refused``, and ``ldap.empty_password``, refused before
+    any network call: an empty simple bind is an anonymous bind, RFC 4513 section 5.1.2),
+    ``ACCOUNT_STATE`` from AD's bind sub-codes
+    (``ldap.locked``, ``ldap.disabled``, ``ldap.password_expired``, ...; see
+    :mod:`~gateway.plugins.ldap.adcodes`).
+Abstains
+    when the attempt has no password; when the username is empty or longer than
+    ``max_username_length``, noting ``USER_NOT_FOUND``; when no entry matches,
+    noting ``USER_NOT_FOUND`` (``ldap.user_not_found``); when no server answers in time, noting
+    ``UNAVAILABLE`` (``ldap.unavailable``, ``ldap.timeout``, ``ldap.service_bind_failed``).
+Settings (``ldap:`` in conf.d)
+    ``preset`` (active_directory, openldap, freeipa), ``servers``, ``start_tls``, ``insecure``,
+    ``ca_file``, ``bind_dn``, ``bind_password``, ``base_dn``, ``user_filter``, ``scope``,
+    ``direct_bind``, ``attributes``, ``groups`` (``source``, ``nested``, ``max_depth``,
+    ``max_groups``, ``base_dn``, ``filter``, ``nested_filter``, ``object_filter``,
+    ``name_attribute``, ``cache_ttl``, ``cache_size``, ``page_size``), ``connect_timeout``,
+    ``receive_timeout``, ``backoff``, ``pool_size``, ``idle_timeout``, ``allow_expired_password``,
+    ``allow_must_change_password``, ``max_username_length``, ``test_login``. Reference:
+    docs/plugins/ldap.md.
+"""
+
+from __future__ import annotations
+
+import ssl
+import time
+
+import ldap3
+
+from gateway import (
+    Attempt,
+    BackendUnavailable,
+    ComponentState,
+    ConfigError,
+    Decision,
+    Identity,
+    Outcome,
+    PluginContext,
+    SelfTest,
+    hookimpl,
+)
+from gateway.plugins.ldap import wire
+from gateway.plugins.ldap.directory import Directory
+from gateway.plugins.ldap.escaping import fill
+from gateway.plugins.ldap.groups import GroupResolver
+from gateway.plugins.ldap.pool import DirectoryUnavailable, Pool
+from gateway.plugins.ldap.selftests import selftests
+from gateway.plugins.ldap.settings import LdapSettings, resolve
+
+__all__ = ["LdapPlugin"]
+
+
+class LdapPlugin:
+    """Registered as ``ldap``."""
+
+    Settings = LdapSettings
+
+    def __init__(self, settings: LdapSettings, context: PluginContext) -> None:
+        self.settings = settings
+        self.name = context.name
+        self.log = context.log
+        self.context_deadline = context.gateway.deadline
+        self.challenge = f'Basic realm="{context.gateway.realm}", charset="UTF-8"'
+        self._check_timeouts(settings, context.gateway.deadline)
+        self.resolved = resolve(settings)
+        self._check_filters()
+        tls = None
+        if settings.start_tls or any(u.startswith("ldaps://") for u in settings.servers):
+            if settings.ca_file is not None:
+                try:
+                    ssl.create_default_context(cafile=str(settings.ca_file))
+                except (OSError, ssl.SSLError) as exc:
+                    raise ConfigError(f"{self.name}.ca_file: {settings.ca_file} is not a readable PEM bundle "
+                                      f"({exc.__class__.__name__}: {exc})") from None
+            # ldap3 verifies nothing unless told (DESIGN.md section 9): chain and host name.
+            tls = ldap3.Tls(validate=ssl.CERT_REQUIRED,
+                            ca_certs_file=str(settings.ca_file) if settings.ca_file else None)
+        service = (settings.bind_dn, settings.bind_password.reveal()) if settings.bind_dn and settings.bind_password else None
+        self.pool = Pool(settings.servers, tls=tls, start_tls=settings.start_tls,
+                         connect_timeout=settings.connect_timeout, receive_timeout=settings.receive_timeout,
+                         backoff=settings.backoff, pool_size=settings.pool_size or context.gateway.threads,
+                         idle_timeout=settings.idle_timeout, service=service, log=self.log)
+        self.groups = GroupResolver(self.resolved, settings.groups, self.log)
+        self.directory = Directory(self.name, settings, self.resolved, self.pool, self.groups, self.log)
+        plain = [u for u in settings.servers if u.startswith("ldap://")] if not settings.start_tls else []
+        if plain:
+            self.log.warning("%s: plaintext LDAP to %s (insecure: true): passwords cross the network readable",
+                             self.name, ", ".join(plain))
+
+    def _check_timeouts(self, settings: LdapSettings, deadline: float) -> None:
+        for key in ("connect_timeout", "receive_timeout"):
+            value = getattr(settings, key)
+            if value >= deadline:
+                raise ConfigError(f"{self.name}.{key}: {value}s is not below the gateway's deadline "
+                                  f"({deadline}s); an attempt would end before the server could answer")
+
+    def _check_filters(self) -> None:
+        """Compile every filter template once with sample values: a typo stops start-up instead
+        of making every login fail."""
+        r = self.resolved
+        templates = {"user_filter": r.user_filter, "groups.filter": f"(&{r.group_object_filter}{r.group_filter})",
+                     "groups.nested_filter": f"(&{r.group_object_filter}{r.group_nested_filter})"}
+        for key, template in templates.items():
+            try:
+                wire.compile_filter(fill(template, username="sample", dn="cn=sample,dc=example"))
+            except wire.FilterError as exc:
+                raise ConfigError(f"{self.name}.{key}: {template!r} is not a valid RFC 4515 filter: {exc}") from None
+
+    # -- hooks -----------------------------------------------------------------------------------
+
+    @hookimpl
+    def gateway_authenticate(self, attempt: Attempt) -> Decision | None:
+        credential = attempt.password
+        if credential is None:
+            return None
+        username = credential.username
+        # RFC 4513 section 5.1.2: a simple bind with an empty password is an unauthenticated
+        # bind that servers report as success. Refuse it here, before any network traffic.
+        if not credential.password:
+            return Decision.deny(Outcome.INVALID_CREDENTIALS, step=self.name, reason="ldap.empty_password")
+        if not username or len(username) > self.settings.max_username_length:
+            attempt.note(Outcome.USER_NOT_FOUND, step=self.name, reason="ldap.user_not_found")
+            return None
+        try:
+            verdict = self.directory.login(username, credential.password, attempt.deadline)
+        except DirectoryUnavailable as exc:
+            self.log.debug("directory unavailable for %r (attempt %s): %s", username, attempt.request_id, exc)
+            attempt.note(Outcome.UNAVAILABLE, step=self.name, reason=exc.reason)
+            return None
+        if verdict.outcome is Outcome.SUCCESS:
+            assert verdict.identity is not None
+            return Decision.allow(verdict.identity, step=self.name)
+        if verdict.outcome is Outcome.USER_NOT_FOUND:
+            attempt.note(Outcome.USER_NOT_FOUND, step=self.name, reason=verdict.reason)
+            return None
+        return Decision.deny(verdict.outcome, step=self.name, reason=verdict.reason)
+
+    @hookimpl
+    def gateway_lookup_user(self, username: str) -> Identity | None:
+        if self.settings.bind_dn is None or not username or len(username) > self.settings.max_username_length:
+            return None  # without a service account there is nobody to search as
+        try:
+            return self.directory.lookup(username, time.monotonic() + self.context_deadline)
+        except DirectoryUnavailable as exc:
+            raise BackendUnavailable(exc.reason, exc.detail) from None
+
+    @hookimpl
+    def gateway_challenges(self, attempt: Attempt) -> str:
+        return self.challenge
+
+    @hookimpl
+    def gateway_readiness(self) -> list[ComponentState]:
+        return [ComponentState(f"{self.name}.server[{server.url}]", ready, state)
+                for server, state, ready in self.pool.snapshot()]
+
+    @hookimpl
+    def gateway_selftests(self) -> list[SelfTest]:
+        return selftests(self)
+
+    @hookimpl
+    def gateway_shutdown(self) -> None:
+        self.pool.close()

@@ -1,0 +1,242 @@
+"""The login flows: search then bind, or direct bind; and the profile lookup without a password.
+
+Every flow ends in a :class:`Verdict`, which the plugin turns into a decision or a note.
+Directory trouble raises :class:`~gateway.plugins.ldap.pool.DirectoryUnavailable` out of here;
+it is never reported as a wrong password.
+"""
+
+from __future__ import annotations
+
+import base64
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway import Identity, Outcome
+from gateway.plugins.ldap.adcodes import parse_data_code
+from gateway.plugins.ldap.escaping import dn_value, fill, format_guid, plain_name_ok
+from gateway.plugins.ldap.groups import GroupResolver
+from gateway.plugins.ldap.link import TROUBLE_CODES, Entry, Link, ServerTrouble
+from gateway.plugins.ldap.pool import BIND, SERVICE, Pool
+from gateway.plugins.ldap.settings import LdapSettings, Resolved
+
+__all__ = ["Directory", "Verdict"]
+
+_BIND_REFUSED = "ldap.bind_refused"
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What a login came to. ``identity`` is set exactly for SUCCESS."""
+
+    outcome: Outcome
+    reason: str = ""
+    identity: Identity | None = None
+    detail: str = ""
+
+
+@dataclass(slots=True)
+class _Bound:
+    """A user bind's result and, for direct bind, what was read as the user."""
+
+    code: int
+    message: str
+    entry: Entry | None = None
+    groups: tuple[str, ...] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Directory:
+    def __init__(self, name: str, settings: LdapSettings, resolved: Resolved, pool: Pool,
+                 groups: GroupResolver, log) -> None:
+        self.name = name
+        self.s = settings
+        self.r = resolved
+        self.pool = pool
+        self.groups = groups
+        self.log = log
+        self._scope = settings.scope
+        self._attributes = list(resolved.user_attributes)
+        direct = settings.direct_bind or ""
+        #: A direct-bind template that is a DN gets RFC 4514 escaping; any other (a UPN or
+        #: DOMAIN\\name) only accepts names without syntax characters.
+        self._direct_is_dn = "=" in direct.split("{username}", 1)[0]
+
+    # -- finding users --------------------------------------------------------------------------
+
+    def find(self, link: Link, username: str) -> list[Entry]:
+        query = fill(self.r.user_filter, username=username)
+        # Size limit 2: one entry is the answer, two are enough to know it is ambiguous.
+        result, entries, _ = link.search(self.s.base_dn, query, self._attributes, scope=self._scope, size_limit=2)
+        if result.code in TROUBLE_CODES:
+            raise ServerTrouble(f"user search answered {result.code}: {result.message}")
+        if result.code not in (0, 4):  # success; sizeLimitExceeded (2 entries: ambiguous anyway)
+            # An errored search (noSuchObject, insufficientAccessRights, timeLimitExceeded...) may
+            # be incomplete: its entries never make a match.
+            self.log.warning("user search for %r under %s answered %d: %s",
+                             username, self.s.base_dn, result.code, result.message)
+            return []
+        return entries
+
+    def search_user(self, username: str, deadline: float) -> list[Entry]:
+        return self.pool.call(SERVICE, lambda link: self.find(link, username), deadline)
+
+    # -- logging in -----------------------------------------------------------------------------
+
+    def login(self, username: str, password: str, deadline: float) -> Verdict:
+        if self.s.direct_bind is not None:
+            return self._direct_login(username, password, deadline)
+        entries = self.search_user(username, deadline)
+        if not entries:
+            return Verdict(Outcome.USER_NOT_FOUND, "ldap.user_not_found")
+        if len(entries) > 1:
+            self.log.warning("username %r matches several entries under %s; refused", username, self.s.base_dn)
+            return Verdict(Outcome.INVALID_CREDENTIALS, "ldap.ambiguous_user")
+        entry = entries[0]
+        bound = self.pool.call(BIND, lambda link: self._bind(link, entry.dn, password), deadline)
+        verdict, extra = self._judge(bound, username)
+        if verdict is not None:
+            return verdict
+        groups = self.groups.known(entry)
+        if groups is None:
+            groups = self.pool.call(SERVICE, lambda link: self.groups.resolve(link, entry, username), deadline)
+        return Verdict(Outcome.SUCCESS, identity=self.identity(entry, username, groups, extra))
+
+    def _bind(self, link: Link, dn: str, password: str) -> _Bound:
+        result = link.bind(dn, password)
+        if result.code in TROUBLE_CODES:
+            raise ServerTrouble(f"bind answered {result.code}: {result.message}")
+        return _Bound(result.code, result.message)
+
+    def _judge(self, bound: _Bound, username: str) -> tuple[Verdict | None, dict[str, Any]]:
+        """``(None, claims)`` when the bind lets the user in, else the refusing verdict."""
+        if bound.code == 0:
+            return None, {}
+        if bound.code != 49:  # not invalidCredentials: a policy refused (unwillingToPerform...)
+            self.log.info("bind of %r refused with result %d: %s", username, bound.code, bound.message)
+            return Verdict(Outcome.INVALID_CREDENTIALS, _BIND_REFUSED, detail=str(bound.code)), {}
+        ad = parse_data_code(bound.message)
+        if ad is None:
+            return Verdict(Outcome.INVALID_CREDENTIALS, "ldap.invalid_password"), {}
+        if ad.code == "532" and self.s.allow_expired_password:
+            return None, {"password_expired": True}
+        if ad.code == "773" and self.s.allow_must_change_password:
+            return None, {"must_change_password": True}
+        if ad.outcome is Outcome.ACCOUNT_STATE:
+            self.log.info("AD refused %r: %s (data %s)", username, ad.meaning, ad.code)
+        return Verdict(ad.outcome, ad.reason, detail=ad.code), {}
+
+    def _direct_login(self, username: str, password: str, deadline: float) -> Verdict:
+        template = self.s.direct_bind or ""
+        if self._direct_is_dn:
+            bind_name = template.replace("{username}", dn_value(username))
+        elif plain_name_ok(username):
+            bind_name = template.replace("{username}", username)
+        else:
+            return Verdict(Outcome.USER_NOT_FOUND, "ldap.user_not_found")
+        bound = self.pool.call(BIND, lambda link: self._direct_bind(link, bind_name, username, password), deadline)
+        verdict, extra = self._judge(bound, username)
+        if verdict is not None:
+            return verdict
+        entry = bound.entry or Entry(bind_name, {})
+        groups = bound.groups
+        if groups is None:
+            groups = self.pool.call(SERVICE, lambda link: self.groups.resolve(link, entry, username), deadline)
+        return Verdict(Outcome.SUCCESS, identity=self.identity(entry, username, groups, extra))
+
+    def _direct_bind(self, link: Link, bind_name: str, username: str, password: str) -> _Bound:
+        """Bind as the user, then read the profile (and groups) over the same connection."""
+        bound = self._bind(link, bind_name, password)
+        if bound.code != 0:
+            return bound
+        if self._direct_is_dn:
+            result, entries, _ = link.search(bind_name, "(objectClass=*)", self._attributes, scope="base")
+        else:
+            entries = self.find(link, username)
+        bound.entry = entries[0] if len(entries) == 1 else None
+        if bound.entry is None:
+            bound.groups = ()
+            return bound
+        bound.groups = self.groups.known(bound.entry)
+        if bound.groups is None and self.s.bind_dn is None:
+            bound.groups = self.groups.resolve(link, bound.entry, username)
+        return bound
+
+    # -- profile ----------------------------------------------------------------------------------
+
+    def lookup(self, username: str, deadline: float) -> Identity | None:
+        entries = self.search_user(username, deadline)
+        if len(entries) != 1:
+            if entries:
+                self.log.warning("lookup of %r matches several entries; answered as unknown", username)
+            return None
+        entry = entries[0]
+        groups = self.groups.known(entry)
+        if groups is None:
+            groups = self.pool.call(SERVICE, lambda link: self.groups.resolve(link, entry, username), deadline)
+        return self.identity(entry, username, groups, {})
+
+    def identity(self, entry: Entry, username: str, groups: tuple[str, ...], extra: dict[str, Any]) -> Identity:
+        claims: dict[str, Any] = {"dn": entry.dn}
+        for claim, attrs in self.r.claims:
+            for attr in attrs:
+                values = entry.get(attr)
+                if values:
+                    texts = [claim_text(attr, v) for v in values]
+                    claims[claim] = texts[0] if len(texts) == 1 else texts
+                    break
+        claims.update(extra)
+        display = ""
+        for attr in self.r.display_name_attrs:
+            display = _first(entry, attr)
+            if display:
+                break
+        return Identity(
+            subject=self._subject(entry),
+            username=_first(entry, self.r.username_attr) or username,
+            method=self.name,
+            display_name=display,
+            email=_first(entry, self.r.email_attr),
+            groups=groups,
+            claims=claims,
+        )
+
+    def _subject(self, entry: Entry) -> str:
+        values = entry.get(self.r.subject_attr)
+        if not values:
+            return f"dn:{entry.dn}"
+        if self.r.subject_attr.lower() == "objectguid":
+            try:
+                return format_guid(values[0])
+            except ValueError:
+                pass
+        return _text(values[0])
+
+
+#: Attributes whose values are binary (RFC 4523 certificates, AD SIDs and photos): claims carry
+#: them base64-encoded, so a DER certificate survives for the client_cert plugin's directory match.
+BINARY_ATTRIBUTES = frozenset({"usercertificate", "cacertificate", "crosscertificatepair", "objectsid",
+                               "jpegphoto", "thumbnailphoto", "objectguid"})
+
+
+def claim_text(attr: str, value: bytes | str) -> str:
+    """A claim value as text: UTF-8 for text attributes, base64 for binary ones (by name, by the
+    ``;binary`` option, or when the value is not UTF-8)."""
+    if isinstance(value, str):
+        return value
+    name = attr.lower()
+    if ";binary" not in name and name not in BINARY_ATTRIBUTES:
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+    return base64.b64encode(value).decode("ascii")
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8", errors="replace") if isinstance(value, (bytes, bytearray)) else value
+
+
+def _first(entry: Entry, attr: str) -> str:
+    values = entry.get(attr)
+    return _text(values[0]) if values else ""

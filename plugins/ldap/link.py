@@ -1,0 +1,162 @@
+"""One pooled LDAP connection, and the records its operations return.
+
+ldap3 opens a connection (TCP, LDAPS or StartTLS, certificate and host name verification) and
+closes it; the binds and searches of the hot path go over its socket through :mod:`wire`.
+"""
+
+from __future__ import annotations
+
+import select
+import ssl
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import ldap3
+
+from gateway.plugins.ldap import wire
+
+if TYPE_CHECKING:
+    from gateway.plugins.ldap.pool import Server
+
+__all__ = ["TROUBLE_CODES", "Entry", "Link", "LinkBroken", "Result", "ServerTrouble", "describe"]
+
+#: RFC 4511 result codes that say "this server cannot serve now", not "your request is wrong".
+TROUBLE_CODES = frozenset({51, 52, 80})  # busy, unavailable, other
+
+
+class LinkBroken(Exception):
+    """The connection failed (socket, TLS, timeout); the server may be at fault."""
+
+    def __init__(self, detail: str, *, timeout: bool = False, connect: bool = False) -> None:
+        super().__init__(detail)
+        self.timeout = timeout
+        self.connect = connect
+
+
+class ServerTrouble(Exception):
+    """The server answered, but with busy/unavailable: try another one."""
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    code: int
+    message: str
+
+    @property
+    def ok(self) -> bool:
+        return self.code == 0
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    dn: str
+    attributes: dict[str, list[bytes]]
+
+    def get(self, name: str) -> list[bytes]:
+        """Values of *name*, matched case-insensitively as LDAP attribute names are."""
+        values = self.attributes.get(name)
+        if values is not None:
+            return values
+        lower = name.lower()
+        for key, values in self.attributes.items():
+            if key.lower() == lower:
+                return values
+        return []
+
+
+def describe(exc: BaseException) -> str:
+    text = str(exc) or exc.__class__.__name__
+    return text if len(text) < 300 else text[:300] + "..."
+
+
+class Link:
+    """One LDAP connection. ldap3 opened it (TCP, TLS, StartTLS) and will close it; binds and
+    searches go over its socket through :mod:`wire`. Used by one thread at a time."""
+
+    __slots__ = ("conn", "server", "created", "last_used", "reused", "_reader", "_next_id")
+
+    def __init__(self, conn: ldap3.Connection, server: Server) -> None:
+        self.conn = conn
+        self.server = server
+        self.created = self.last_used = time.monotonic()
+        self.reused = False
+        self._reader = wire.Reader(conn.socket)
+        self._next_id = 1000  # above the IDs ldap3 used while opening (StartTLS)
+
+    def alive(self) -> bool:
+        """Nothing is pending on an idle connection; readable means closed or disconnected."""
+        sock = self.conn.socket
+        if sock is None or self.conn.closed or self._reader.buffer:
+            return False
+        try:
+            if isinstance(sock, ssl.SSLSocket) and sock.pending():
+                return False
+            readable, _, _ = select.select([sock], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        return not readable
+
+    def settimeout(self, seconds: float) -> None:
+        self.conn.socket.settimeout(max(seconds, 0.01))
+
+    def _send(self, build) -> int:
+        message_id = self._next_id
+        self._next_id = message_id + 1 if message_id < 0x7FFFFFFF else 1000
+        try:
+            self.conn.socket.sendall(build(message_id))
+        except OSError as exc:
+            raise LinkBroken(describe(exc), timeout=isinstance(exc, TimeoutError)) from None
+        return message_id
+
+    def _receive(self, message_id: int) -> tuple[int, bytes, bytes]:
+        try:
+            while True:
+                got, tag, body, controls = self._reader.message()
+                if got == message_id:
+                    return tag, body, controls
+                if got == 0:  # Notice of Disconnection (RFC 4511 section 4.4.1)
+                    raise wire.ProtocolError("the server sent a notice of disconnection")
+                # an answer to an abandoned request: skip it
+        except (OSError, wire.ProtocolError, IndexError, ValueError) as exc:
+            raise LinkBroken(describe(exc), timeout=isinstance(exc, TimeoutError)) from None
+
+    def bind(self, dn: str, password: str) -> Result:
+        """A simple bind on this connection (RFC 4511 section 4.2: a new bind replaces the
+        connection's identity; a failed one leaves it anonymous)."""
+        message_id = self._send(lambda mid: wire.bind_request(mid, dn, password))
+        tag, body, _ = self._receive(message_id)
+        if tag != wire.BIND_RESPONSE:
+            raise LinkBroken(f"unexpected answer {tag:#x} to a bind")
+        try:
+            return Result(*wire.parse_result(body))
+        except (wire.ProtocolError, IndexError, ValueError) as exc:
+            raise LinkBroken(describe(exc)) from None
+
+    def search(self, base: str, filter_: str, attributes: list[str] | tuple[str, ...], *, scope: str = "subtree",
+               size_limit: int = 0, paged_size: int | None = None,
+               cookie: bytes | None = None) -> tuple[Result, list[Entry], bytes | None]:
+        filter_ber = wire.compile_filter(filter_)  # FilterError: a bug or a bad template, not the server
+        names = [a.encode("ascii") for a in attributes]
+        message_id = self._send(lambda mid: wire.search_request(mid, base, scope, filter_ber, names, size_limit,
+                                                                 paged_size, cookie or b""))
+        entries: list[Entry] = []
+        while True:
+            tag, body, controls = self._receive(message_id)
+            try:
+                if tag == wire.SEARCH_ENTRY:
+                    entries.append(Entry(*wire.parse_entry(body)))
+                elif tag == wire.SEARCH_DONE:
+                    result = Result(*wire.parse_result(body))
+                    next_cookie = wire.paged_cookie(controls) if paged_size and controls else None
+                    return result, entries, next_cookie
+                elif tag != wire.SEARCH_REFERENCE:  # continuation references are not followed
+                    raise LinkBroken(f"unexpected answer {tag:#x} to a search")
+            except (wire.ProtocolError, IndexError, ValueError) as exc:
+                raise LinkBroken(describe(exc)) from None
+
+    def close(self) -> None:
+        try:
+            self.conn.unbind()
+        except Exception:  # noqa: BLE001 - closing a broken connection may fail in any way
+            pass

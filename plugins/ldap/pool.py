@@ -1,0 +1,283 @@
+"""Servers, connections and failover for the ``ldap`` plugin.
+
+Why not ldap3's ``ServerPool``: it fails over only when a socket cannot be opened, never on a
+read timeout, and it remembers failed addresses on shared ``Server`` objects (DESIGN.md section
+9). Here a server is skipped for ``backoff`` seconds after a connect failure, a TLS failure or a
+timeout, the next one in the operator's order is tried, and a server in back-off is still tried
+(last) when nothing else is left, so a lone restarted directory is used again at once.
+
+Connections are pooled per server and per kind:
+
+* ``service`` links are bound as the service account once, then only search;
+* ``bind`` links carry user binds: each login rebinds a pooled link (RFC 4511 section 4.2.1
+  allows a bind on an existing connection) instead of paying TCP + TLS per attempt.
+
+A link taken from the pool is checked for readability first: an idle LDAP connection has
+nothing to read unless the server closed it or sent a Notice of Disconnection (RFC 4511 section
+4.4.1). Either way it is dropped. A reused link that still fails mid-operation is retried once
+on a fresh connection before the server is blamed.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, TypeVar
+from urllib.parse import urlsplit
+
+import ldap3
+from ldap3.core.exceptions import LDAPExceptionError
+
+from gateway.plugins.ldap.link import TROUBLE_CODES, Link, LinkBroken, ServerTrouble, describe
+
+__all__ = ["BIND", "SERVICE", "DirectoryUnavailable", "Pool", "Server", "ServiceBindFailed"]
+
+T = TypeVar("T")
+
+SERVICE = "service"
+BIND = "bind"
+
+class DirectoryUnavailable(Exception):
+    """No server could serve the operation. ``reason`` is a stable ``ldap.*`` code."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class ServiceBindFailed(Exception):
+    """The service account was refused; the configuration, not the server, is at fault."""
+
+
+@dataclass(eq=False)
+class Server:
+    """One directory server and what this process knows about it. Guarded by the pool's lock."""
+
+    url: str
+    host: str
+    port: int
+    use_ssl: bool
+    down_until: float = 0.0
+    failures: int = 0
+    last_error: str = ""
+    last_ok: float = 0.0
+    idle: dict[str, deque[Link]] = field(default_factory=lambda: {SERVICE: deque(), BIND: deque()})
+
+    @property
+    def name(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @classmethod
+    def from_url(cls, url: str) -> Server:
+        parts = urlsplit(url)
+        use_ssl = parts.scheme == "ldaps"
+        return cls(url, parts.hostname or "", parts.port or (636 if use_ssl else 389), use_ssl)
+
+
+class Pool:
+    """The servers in operator order, their pooled links, and failover around an operation."""
+
+    def __init__(self, urls: list[str], *, tls: ldap3.Tls | None, start_tls: bool, connect_timeout: float,
+                 receive_timeout: float, backoff: float, pool_size: int, idle_timeout: float,
+                 service: tuple[str, str] | None, log) -> None:
+        self.servers = [Server.from_url(u) for u in urls]
+        self.tls = tls
+        self.start_tls = start_tls
+        self.connect_timeout = connect_timeout
+        self.receive_timeout = receive_timeout
+        self.backoff = backoff
+        self.pool_size = pool_size
+        self.idle_timeout = idle_timeout
+        self._service = service
+        self.log = log
+        self.active: Server | None = None
+        self._lock = threading.Lock()
+
+    # -- server selection ----------------------------------------------------------------------
+
+    def order(self) -> list[Server]:
+        """Servers to try: those not backing off, in operator order, then the others, soonest
+        retry first (a lone directory that came back is used without waiting out its back-off)."""
+        now = time.monotonic()
+        with self._lock:
+            ready = [s for s in self.servers if s.down_until <= now]
+            waiting = sorted((s for s in self.servers if s.down_until > now), key=lambda s: s.down_until)
+        return ready + waiting
+
+    def _mark_down(self, server: Server, detail: str) -> None:
+        with self._lock:
+            was_down = server.failures > 0
+            server.failures += 1
+            server.last_error = detail
+            server.down_until = time.monotonic() + self.backoff
+            if self.active is server:
+                self.active = None
+        self._drain(server)
+        if not was_down:
+            self.log.warning("LDAP server %s failed (%s); skipping it for %.0fs", server.url, detail, self.backoff)
+
+    def _mark_up(self, server: Server) -> None:
+        if server.failures == 0 and self.active is server:
+            return  # the hot path: nothing changed
+        with self._lock:
+            if server.failures:
+                self.log.info("LDAP server %s answers again", server.url)
+            server.failures = 0
+            server.down_until = 0.0
+            server.last_ok = time.monotonic()
+            self.active = server
+
+    # -- links ---------------------------------------------------------------------------------
+
+    def _take_idle(self, server: Server, kind: str) -> Link | None:
+        now = time.monotonic()
+        while True:
+            with self._lock:
+                queue = server.idle[kind]
+                link = queue.pop() if queue else None
+            if link is None:
+                return None
+            if now - link.last_used > self.idle_timeout or not link.alive():
+                link.close()
+                continue
+            link.reused = True
+            return link
+
+    def open(self, server: Server, kind: str, deadline: float) -> Link:
+        """A new connection to *server*: TCP, TLS (or StartTLS), and for ``service`` the bind."""
+        connect_timeout = max(0.05, min(self.connect_timeout, deadline - time.monotonic()))
+        # A fresh ldap3.Server per connection: ldap3 remembers failed addresses on the object for
+        # a while, which would hide a directory that has just come back.
+        target = ldap3.Server(server.host, port=server.port, use_ssl=server.use_ssl, tls=self.tls,
+                              get_info=ldap3.NONE, connect_timeout=connect_timeout, mode=ldap3.IP_V4_PREFERRED)
+        conn = ldap3.Connection(target, client_strategy=ldap3.SAFE_SYNC, raise_exceptions=False,
+                                check_names=False, auto_referrals=False, read_only=True, auto_escape=False,
+                                return_empty_attributes=False, receive_timeout=None)
+        try:
+            conn.open()
+            conn.socket.settimeout(max(0.05, min(self.receive_timeout, deadline - time.monotonic())))
+            if self.start_tls and not server.use_ssl:
+                conn.start_tls()
+                if not conn.tls_started:  # ldap3 may decline without raising: never go on in clear
+                    raise LDAPExceptionError("StartTLS did not start")
+        except (LDAPExceptionError, OSError) as exc:  # ssl.SSLError is an OSError
+            try:
+                conn.unbind()
+            except Exception:  # noqa: BLE001
+                pass
+            raise LinkBroken(describe(exc), timeout=isinstance(exc, TimeoutError), connect=True) from None
+        link = Link(conn, server)
+        if kind == SERVICE and self._service is not None:
+            result = link.bind(*self._service)
+            if result.code in TROUBLE_CODES:
+                link.close()
+                raise ServerTrouble(f"service bind answered {result.code}: {result.message}")
+            if not result.ok:
+                link.close()
+                raise ServiceBindFailed(f"service account bind refused ({result.code}: {result.message})")
+        return link
+
+    def call(self, kind: str, operation: Callable[[Link], T], deadline: float) -> T:
+        """Run *operation* on a link of *kind*, failing over to the next server on connect
+        failures, broken connections, timeouts and busy answers, until *deadline*.
+
+        :raises DirectoryUnavailable: no server could answer in time.
+        """
+        problems: list[str] = []
+        reason = "ldap.unavailable"
+        for server in self.order():
+            fresh_only = False
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0.01:
+                    raise DirectoryUnavailable("ldap.timeout", "; ".join(problems) or "no time left before the deadline")
+                link = None
+                budget = min(self.receive_timeout, left)
+                try:
+                    link = (None if fresh_only else self._take_idle(server, kind)) or self.open(server, kind, deadline)
+                    link.settimeout(budget)
+                    value = operation(link)
+                except LinkBroken as exc:
+                    reused = link is not None and link.reused
+                    if link is not None:
+                        link.close()
+                    if reused and not fresh_only and not exc.timeout:
+                        # A pooled link the server had closed (restart, idle timeout): so are its
+                        # siblings, opened before the same event. One fresh try, same server.
+                        self._drain(server)
+                        fresh_only = True
+                        continue
+                    if exc.timeout and budget < self.receive_timeout and not exc.connect:
+                        # The attempt's deadline cut the wait short: not evidence against the server.
+                        raise DirectoryUnavailable("ldap.timeout", f"{server.url}: {exc}") from None
+                    problems.append(f"{server.url}: {exc}")
+                    self._mark_down(server, str(exc))
+                    break
+                except ServerTrouble as exc:
+                    if link is not None:
+                        link.close()
+                    problems.append(f"{server.url}: {exc}")
+                    self._mark_down(server, str(exc))
+                    break
+                except ServiceBindFailed as exc:
+                    problems.append(f"{server.url}: {exc}")
+                    reason = "ldap.service_bind_failed"
+                    with self._lock:
+                        server.last_error = str(exc)
+                    break
+                except BaseException:
+                    if link is not None:
+                        link.close()
+                    raise
+                self._mark_up(server)
+                self._release(link, kind)
+                return value
+        raise DirectoryUnavailable(reason, "; ".join(problems) or "no server configured")
+
+    def _drain(self, server: Server) -> None:
+        with self._lock:
+            links = [*server.idle[SERVICE], *server.idle[BIND]]
+            server.idle[SERVICE].clear()
+            server.idle[BIND].clear()
+        for link in links:
+            link.close()
+
+    def _release(self, link: Link, kind: str) -> None:
+        link.last_used = time.monotonic()
+        link.reused = False
+        with self._lock:
+            queue = link.server.idle[kind]
+            if link.server.down_until <= link.last_used and len(queue) < self.pool_size:
+                queue.append(link)
+                return
+        link.close()
+
+    def close(self) -> None:
+        with self._lock:
+            links = [link for s in self.servers for q in s.idle.values() for link in q]
+            for server in self.servers:
+                for queue in server.idle.values():
+                    queue.clear()
+        for link in links:
+            link.close()
+
+    def snapshot(self) -> list[tuple[Server, str, bool]]:
+        """(server, state text, ready) for readiness: from memory only, no network I/O."""
+        now = time.monotonic()
+        out = []
+        with self._lock:
+            for server in self.servers:
+                if server.failures and server.down_until > now:
+                    out.append((server, f"backing off for {server.down_until - now:.0f}s after: {server.last_error}", False))
+                elif server.failures:
+                    out.append((server, f"down, retried on the next attempt; last error: {server.last_error}", False))
+                elif server is self.active:
+                    out.append((server, "active", True))
+                elif server.last_ok:
+                    out.append((server, "standby (answered before)", True))
+                else:
+                    out.append((server, "standby (not contacted yet)", True))
+        return out

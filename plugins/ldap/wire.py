@@ -1,0 +1,319 @@
+"""The two LDAP operations of the hot path, encoded and decoded directly (RFC 4511 section 5.1 BER).
+
+Why: a login is one search and one bind. Through ldap3's generic machinery (pyasn1 encoding,
+request dictionaries, result copies) those cost about a millisecond of CPU per login, several
+times the gateway's own work; written out here they cost a few dozen microseconds. ldap3 still
+opens every connection (TCP, LDAPS, StartTLS and certificate verification) and closes it; only
+BindRequest/SearchRequest and their responses go through this module.
+
+What is covered, and nothing more: simple BindRequest, SearchRequest with the RFC 2696 paged
+results control, string filters (RFC 4515) of every kind, and the responses to them
+(BindResponse, SearchResultEntry, SearchResultReference, SearchResultDone), plus the Notice of
+Disconnection (RFC 4511 section 4.4.1). LDAP allows only definite lengths (section 5.1).
+"""
+
+from __future__ import annotations
+
+import socket
+
+__all__ = ["FilterError", "ProtocolError", "Reader", "bind_request", "compile_filter", "paged_cookie",
+           "parse_entry", "parse_result", "search_request"]
+
+PAGED_OID = b"1.2.840.113556.1.4.319"
+#: The largest message the reader buffers: a user entry with its groups is kilobytes; a server
+#: announcing more is broken or hostile, and must not make the gateway allocate gigabytes.
+MAX_MESSAGE = 16 * 1024 * 1024
+SCOPES = {"base": 0, "one": 1, "subtree": 2}
+
+# protocolOp tags (RFC 4511 section 4.2 ff.), [APPLICATION n]
+BIND_RESPONSE = 0x61
+SEARCH_ENTRY = 0x64
+SEARCH_DONE = 0x65
+SEARCH_REFERENCE = 0x73
+EXTENDED_RESPONSE = 0x78
+
+
+class FilterError(ValueError):
+    """A string filter that RFC 4515 does not allow."""
+
+
+class ProtocolError(Exception):
+    """The server sent something this module cannot read, or disconnected."""
+
+
+# -- BER encoding ----------------------------------------------------------------------------------
+
+
+def _length(n: int) -> bytes:
+    if n < 0x80:
+        return bytes((n,))
+    raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes((0x80 | len(raw),)) + raw
+
+
+def _tlv(tag: int, content: bytes) -> bytes:
+    return bytes((tag,)) + _length(len(content)) + content
+
+
+def _int(tag: int, value: int) -> bytes:
+    return _tlv(tag, value.to_bytes(max(1, (value.bit_length() + 8) // 8), "big", signed=True))
+
+
+def _message(message_id: int, op: bytes, controls: bytes = b"") -> bytes:
+    return _tlv(0x30, _int(0x02, message_id) + op + (_tlv(0xA0, controls) if controls else b""))
+
+
+def bind_request(message_id: int, dn: str, password: str) -> bytes:
+    """BindRequest, LDAPv3, simple authentication (RFC 4511 section 4.2)."""
+    body = b"\x02\x01\x03" + _tlv(0x04, dn.encode("utf-8")) + _tlv(0x80, password.encode("utf-8"))
+    return _message(message_id, _tlv(0x60, body))
+
+
+def search_request(message_id: int, base: str, scope: str, filter_ber: bytes, attributes: list[bytes],
+                   size_limit: int = 0, paged_size: int | None = None, cookie: bytes = b"") -> bytes:
+    """SearchRequest (RFC 4511 section 4.5.1), aliases never dereferenced, no time limit."""
+    body = (_tlv(0x04, base.encode("utf-8")) + _int(0x0A, SCOPES[scope]) + b"\x0a\x01\x00"
+            + _int(0x02, size_limit) + b"\x02\x01\x00" + b"\x01\x01\x00" + filter_ber
+            + _tlv(0x30, b"".join(_tlv(0x04, a) for a in attributes) if attributes else b"\x04\x031.1"))
+    controls = b""
+    if paged_size:
+        value = _tlv(0x30, _int(0x02, paged_size) + _tlv(0x04, cookie))
+        controls = _tlv(0x30, _tlv(0x04, PAGED_OID) + _tlv(0x04, value))
+    return _message(message_id, _tlv(0x63, body), controls)
+
+
+# -- RFC 4515 string filters to BER (RFC 4511 section 4.5.1.7) -----------------------------------
+
+
+def compile_filter(text: str) -> bytes:
+    """Parse a string filter and return its BER encoding; raises :class:`FilterError`."""
+    ber, end = _filter(text, 0)
+    if end != len(text):
+        raise FilterError(f"text after the filter at offset {end}")
+    return ber
+
+
+def _filter(text: str, pos: int) -> tuple[bytes, int]:
+    if pos >= len(text) or text[pos] != "(":
+        raise FilterError(f"'(' expected at offset {pos}")
+    pos += 1
+    if pos >= len(text):
+        raise FilterError("unterminated filter")
+    kind = text[pos]
+    if kind in "&|":
+        pos += 1
+        parts = []
+        while pos < len(text) and text[pos] == "(":
+            part, pos = _filter(text, pos)
+            parts.append(part)
+        if not parts:
+            raise FilterError("an AND/OR needs at least one filter")  # RFC 4526 absolute true/false: not used
+        ber = _tlv(0xA0 if kind == "&" else 0xA1, b"".join(parts))
+    elif kind == "!":
+        inner, pos = _filter(text, pos + 1)
+        ber = _tlv(0xA2, inner)
+    else:
+        end = text.find(")", pos)
+        if end < 0:
+            raise FilterError("unterminated filter")
+        ber = _item(text[pos:end])
+        pos = end
+    if pos >= len(text) or text[pos] != ")":
+        raise FilterError(f"')' expected at offset {pos}")
+    return ber, pos + 1
+
+
+def _item(item: str) -> bytes:
+    eq = item.find("=")
+    if eq <= 0:
+        raise FilterError(f"no attribute and '=' in {item!r}")
+    op = item[eq - 1]
+    value = item[eq + 1:]
+    if op in "<>~":
+        attr = item[:eq - 1]
+        _check_attr(attr)
+        tag = {">": 0xA5, "<": 0xA6, "~": 0xA8}[op]
+        return _tlv(tag, _tlv(0x04, attr.encode()) + _tlv(0x04, _unescape(value)))
+    if op == ":":
+        return _extensible(item[:eq - 1], value)
+    attr = item[:eq]
+    _check_attr(attr)
+    if value == "*":
+        return _tlv(0x87, attr.encode())
+    if "*" in value:
+        pieces = value.split("*")
+        subs = b""
+        if pieces[0]:
+            subs += _tlv(0x80, _unescape(pieces[0]))
+        for middle in pieces[1:-1]:
+            if not middle:
+                raise FilterError(f"empty substring in {item!r}")
+            subs += _tlv(0x81, _unescape(middle))
+        if pieces[-1]:
+            subs += _tlv(0x82, _unescape(pieces[-1]))
+        return _tlv(0xA4, _tlv(0x04, attr.encode()) + _tlv(0x30, subs))
+    return _tlv(0xA3, _tlv(0x04, attr.encode()) + _tlv(0x04, _unescape(value)))
+
+
+def _extensible(left: str, value: str) -> bytes:
+    # attr[:dn][:rule]:=value  or  [:dn]:rule:=value
+    parts = left.split(":")
+    attr, rest = parts[0], parts[1:]
+    dn_attrs = False
+    if rest and rest[0].lower() == "dn":
+        dn_attrs, rest = True, rest[1:]
+    rule = rest[0] if rest else ""
+    if len(rest) > 1 or (not attr and not rule):
+        raise FilterError(f"bad extensible match {left!r}")
+    if attr:
+        _check_attr(attr)
+    if rule:
+        _check_attr(rule)
+    body = (_tlv(0x81, rule.encode()) if rule else b"") + (_tlv(0x82, attr.encode()) if attr else b"")
+    body += _tlv(0x83, _unescape(value)) + (b"\x84\x01\xff" if dn_attrs else b"")
+    return _tlv(0xA9, body)
+
+
+def _check_attr(attr: str) -> None:
+    # RFC 4512 section 2.5: descr or numericoid, plus options (";lang-en").
+    if not attr or not all(c.isascii() and (c.isalnum() or c in "-.;") for c in attr):
+        raise FilterError(f"bad attribute description {attr!r}")
+
+
+def _unescape(value: str) -> bytes:
+    """An assertion value's octets: ``\\XX`` pairs decoded, the rest UTF-8 (RFC 4515 section 3)."""
+    if "(" in value or ")" in value or "*" in value:
+        raise FilterError(f"unescaped special character in value {value!r}")
+    if "\\" not in value:
+        return value.encode("utf-8")
+    out = bytearray()
+    i = 0
+    while i < len(value):
+        ch = value[i]
+        if ch == "\\":
+            pair = value[i + 1:i + 3]
+            if len(pair) != 2:
+                raise FilterError(f"a backslash must start two hex digits in {value!r}")
+            try:
+                out.append(int(pair, 16))
+            except ValueError:
+                raise FilterError(f"a backslash must start two hex digits in {value!r}") from None
+            i += 3
+        else:
+            out += ch.encode("utf-8")
+            i += 1
+    return bytes(out)
+
+
+# -- BER decoding ------------------------------------------------------------------------------------
+
+
+def _header(data: bytes | memoryview, pos: int) -> tuple[int, int, int]:
+    """(tag, content start, content end) of the element at *pos*."""
+    tag = data[pos]
+    first = data[pos + 1]
+    if first < 0x80:
+        return tag, pos + 2, pos + 2 + first
+    count = first & 0x7F
+    if count == 0 or count > 4:
+        raise ProtocolError("indefinite or oversized BER length")
+    length = int.from_bytes(data[pos + 2:pos + 2 + count], "big")
+    start = pos + 2 + count
+    return tag, start, start + length
+
+
+def parse_result(body: bytes) -> tuple[int, str]:
+    """(resultCode, diagnosticMessage) of an LDAPResult body (RFC 4511 section 4.1.9)."""
+    tag, start, end = _header(body, 0)
+    if tag != 0x0A:
+        raise ProtocolError("LDAPResult without a resultCode")
+    code = int.from_bytes(body[start:end], "big")
+    _, start, end = _header(body, end)          # matchedDN
+    _, start, end = _header(body, end)          # diagnosticMessage
+    return code, bytes(body[start:end]).decode("utf-8", errors="replace")
+
+
+def parse_entry(body: bytes) -> tuple[str, dict[str, list[bytes]]]:
+    """(DN, attributes) of a SearchResultEntry body (RFC 4511 section 4.5.2)."""
+    _, start, end = _header(body, 0)
+    dn = bytes(body[start:end]).decode("utf-8", errors="replace")
+    _, pos, stop = _header(body, end)
+    attributes: dict[str, list[bytes]] = {}
+    while pos < stop:
+        _, a_start, a_end = _header(body, pos)
+        _, t_start, t_end = _header(body, a_start)
+        name = bytes(body[t_start:t_end]).decode("ascii", errors="replace")
+        _, v_pos, v_end = _header(body, t_end)
+        values = []
+        while v_pos < v_end:
+            _, s, e = _header(body, v_pos)
+            values.append(bytes(body[s:e]))
+            v_pos = e
+        attributes[name] = values
+        pos = a_end
+    return dn, attributes
+
+
+def paged_cookie(controls: bytes) -> bytes | None:
+    """The cookie of a paged results response control, if present and not empty."""
+    pos = 0
+    while pos < len(controls):
+        _, c_start, c_end = _header(controls, pos)
+        _, o_start, o_end = _header(controls, c_start)
+        if bytes(controls[o_start:o_end]) == PAGED_OID:
+            at = o_end
+            while at < c_end:
+                tag, v_start, v_end = _header(controls, at)
+                if tag == 0x04:  # controlValue: SEQUENCE { size INTEGER, cookie OCTET STRING }
+                    _, s_start, _ = _header(controls, v_start)
+                    _, size_start, size_end = _header(controls, s_start)
+                    _, k_start, k_end = _header(controls, size_end)
+                    return bytes(controls[k_start:k_end]) or None
+                at = v_end
+        pos = c_end
+    return None
+
+
+class Reader:
+    """Splits the byte stream of one connection into LDAP messages."""
+
+    __slots__ = ("sock", "buffer")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = bytearray()
+
+    def message(self) -> tuple[int, int, bytes, bytes]:
+        """The next message: (messageID, protocolOp tag, protocolOp body, controls)."""
+        while True:
+            if len(self.buffer) >= 2:
+                first = self.buffer[1]
+                need = 2 + (first if first < 0x80 else (first & 0x7F))
+                if len(self.buffer) >= need:
+                    tag, start, end = _header(self.buffer, 0)
+                    if tag != 0x30:
+                        raise ProtocolError("an LDAPMessage is a SEQUENCE")
+                    if end > MAX_MESSAGE:
+                        raise ProtocolError(f"a message of {end} bytes is over the {MAX_MESSAGE} limit")
+                    if len(self.buffer) >= end:
+                        data = bytes(self.buffer[start:end])
+                        del self.buffer[:end]
+                        return self._split(data)
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ProtocolError("the server closed the connection")
+            self.buffer += chunk
+
+    @staticmethod
+    def _split(data: bytes) -> tuple[int, int, bytes, bytes]:
+        tag, start, end = _header(data, 0)
+        if tag != 0x02:
+            raise ProtocolError("an LDAPMessage starts with its messageID")
+        message_id = int.from_bytes(data[start:end], "big", signed=True)
+        op_tag, op_start, op_end = _header(data, end)
+        controls = b""
+        if op_end < len(data):
+            c_tag, c_start, c_end = _header(data, op_end)
+            if c_tag == 0xA0:
+                controls = data[c_start:c_end]
+        return message_id, op_tag, data[op_start:op_end], controls
