@@ -1,1 +1,212 @@
-"""Placeholder: the cache plugin is being written."""
+"""``cache``: logins keep working when the directory is down, and repeat logins are fast.
+
+Not a chain step: enabled with ``plugins: [cache]`` in ``gateway.yaml``. Two jobs.
+
+Offline logins (a ``wrapper=True`` around the whole chain; it sees the folded decision)
+    decides, only when the folded decision is ``UNAVAILABLE`` and the attempt carries a
+    password: ``SUCCESS`` with ``from_cache`` (reason ``cache.offline``) for the right password
+    of a cached user; ``INVALID_CREDENTIALS`` (``cache.invalid_password``) for a wrong one;
+    ``ACCOUNT_STATE`` (``cache.too_many_failures``) after ``max_offline_failures`` wrong ones.
+    Learns from live password successes of the steps in ``methods``; forgets a user on a live
+    ``INVALID_CREDENTIALS``, ``ACCOUNT_STATE`` or ``USER_NOT_FOUND``.
+Hot cache (``gateway_precheck``, before the chain; off by default)
+    decides ``SUCCESS`` with ``from_cache`` (reason ``cache.hot``) for the exact credentials,
+    client and front door of a live success less than ``hot.ttl`` seconds old.
+Abstains
+    (leaves the decision as it is) for attempts without a password, for Kerberos and
+    certificate logins, for unknown, expired or unreadable entries, when the store is down,
+    and for everything when ``enabled: false``.
+Settings (``cache:`` in conf.d; docs/plugins/cache.md)
+    ``enabled``, ``store`` (``sqlite``|``redis``), ``sqlite: {path, busy_timeout}``,
+    ``redis: {url, username, password, key_prefix, timeout, ca_file}``, ``max_age``,
+    ``max_offline_failures``, ``methods``, ``usernames`` (``exact``|``casefold``), ``pepper``,
+    ``encryption_key``, ``refresh_after``, ``hash_concurrency``, ``argon2``,
+    ``hot: {enabled, ttl, max_entries}``.
+Commands
+    ``authgw cache list``, ``authgw cache show USER``, ``authgw cache purge [USER] [--expired]``.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+
+from gateway import (
+    Attempt,
+    CheckResult,
+    Command,
+    ComponentState,
+    Decision,
+    PluginContext,
+    SelfTest,
+    hookimpl,
+)
+from gateway.plugins.cache.cli import cache_command
+from gateway.plugins.cache.hot import HotCache
+from gateway.plugins.cache.keys import KeyFileError, key_file_problem, sources
+from gateway.plugins.cache.offline import OfflineCache
+from gateway.plugins.cache.settings import CacheSettings
+from gateway.plugins.cache.store import SQLiteStore, StoreError
+
+__all__ = ["CachePlugin", "CacheSettings"]
+
+
+class CachePlugin:
+    """Registered as ``cache`` (listed under ``plugins:``, never in ``chain:``)."""
+
+    Settings = CacheSettings
+
+    def __init__(self, settings: CacheSettings, context: PluginContext) -> None:
+        self.settings = settings
+        self.name = context.name
+        self.log = context.log
+        self.state_dir = context.state_dir
+        self.offline = OfflineCache(settings, context.state_dir, name=self.name, log=self.log)
+        hot = settings.hot
+        self.hot = HotCache(hot.ttl, hot.max_entries) if settings.enabled and hot.enabled else None
+        unknown = [m for m in settings.methods if m not in context.gateway.chain]
+        if settings.enabled and unknown:
+            self.log.warning("cache.methods names %s, which %s not in `chain:`; nothing from %s is cached",
+                             ", ".join(unknown), "is" if len(unknown) == 1 else "are",
+                             "it" if len(unknown) == 1 else "them")
+
+    # -- life cycle ----------------------------------------------------------------------------------
+
+    @hookimpl
+    def gateway_startup(self) -> None:
+        if not self.settings.enabled:
+            return
+        self.offline.keys(create=True)  # a key file others can read stops start-up (KeyFileError)
+        try:
+            if isinstance(self.offline.store, SQLiteStore):
+                self.offline.purge_expired()
+            else:
+                self.offline.store.probe()
+        except StoreError as exc:
+            # Live logins do not need the cache: serve, say so, and retry at each use.
+            self.offline.store_error = str(exc)
+            self.log.error("credential cache store unavailable at start-up (offline logins off until it "
+                           "answers): %s", exc)
+
+    @hookimpl
+    def gateway_shutdown(self) -> None:
+        self.offline.close()
+
+    # -- per attempt -----------------------------------------------------------------------------------
+
+    def _hot_token(self, attempt: Attempt) -> bytes:
+        credential = attempt.password
+        assert credential is not None and self.hot is not None
+        return self.hot.token(f"{attempt.front_door}\0{attempt.client}", credential.username, credential.password)
+
+    def _hot_eligible(self, attempt: Attempt) -> bool:
+        # Only plain password attempts: with a certificate or a Negotiate token too, an earlier
+        # step could decide differently from the one whose success was remembered.
+        return (self.hot is not None and attempt.password is not None
+                and attempt.negotiate is None and attempt.certificate is None)
+
+    def precheck(self, attempt: Attempt) -> Decision | None:
+        """The hot cache's answer before the chain: a success, or None to run the chain."""
+        if not self._hot_eligible(attempt):
+            return None
+        identity = self.hot.get(self._hot_token(attempt))
+        if identity is None:
+            return None
+        return Decision.allow(identity, step=self.name, reason="cache.hot", from_cache=True)
+
+    @hookimpl
+    def gateway_precheck(self, attempt: Attempt) -> Decision | None:
+        return self.precheck(attempt)
+
+    @hookimpl(wrapper=True)
+    def gateway_authenticate(self, attempt: Attempt):
+        decision = yield
+        if not self.settings.enabled:
+            return decision
+        try:
+            if self._hot_eligible(attempt) and self.offline.cacheable(attempt, decision):
+                self.hot.put(self._hot_token(attempt), self.offline.user_key(attempt.password.username),
+                             decision.identity)
+            return self.offline.after_chain(attempt, decision)
+        except Exception:  # the cache must never turn a live decision into an error
+            self.log.exception("credential cache failed on attempt %s; the chain's decision stands",
+                               attempt.request_id)
+            return decision
+
+    @hookimpl
+    def gateway_auth_finished(self, attempt: Attempt, decision: Decision) -> None:
+        # Any failure for a user clears that user's hot entries, whatever password they hold.
+        if self.hot is not None and not decision.success and attempt.username is not None:
+            self.hot.forget_user(self.offline.user_key(attempt.username))
+
+    # -- operators -------------------------------------------------------------------------------------
+
+    @hookimpl
+    def gateway_commands(self) -> list[Command]:
+        return [cache_command(self.offline)]
+
+    @hookimpl
+    def gateway_readiness(self) -> list[ComponentState]:
+        if not self.settings.enabled:
+            return [ComponentState(f"{self.name}.store", True, "caching is off (enabled: false)")]
+        where = self.offline.location
+        error = self.offline.store_error
+        hot = f"; hot cache {len(self.hot)} entries" if self.hot is not None else ""
+        return [ComponentState(f"{self.name}.store", error is None,
+                               (f"{where}: {error}" if error else f"{where}: ok") + hot)]
+
+    @hookimpl
+    def gateway_selftests(self) -> list[SelfTest]:
+        if not self.settings.enabled:
+            return []
+        return [SelfTest(f"{self.name}.keys", self._test_keys, prerequisite=True),
+                SelfTest(f"{self.name}.store", self._test_store, prerequisite=True),
+                SelfTest(f"{self.name}.argon2", self._test_argon2)]
+
+    def _test_keys(self) -> CheckResult:
+        found = []
+        for source in sources(self.state_dir, self.settings.pepper, self.settings.encryption_key):
+            if source.secret is not None:
+                found.append(source.describe())
+                continue
+            problem = key_file_problem(source.path)
+            if problem == "missing":
+                return CheckResult.warn(f"{source.path} does not exist yet",
+                                        "it is created (0600) when the gateway starts")
+            if problem:
+                return CheckResult.fail(f"{source.path}: {problem}", f"chmod 600 {source.path}")
+            found.append(source.describe())
+        try:
+            kid = self.offline.keys(create=False).kid
+        except KeyFileError as exc:
+            return CheckResult.fail(str(exc), "restore the key file from a backup, or purge the cache and delete it")
+        return CheckResult.ok(f"{'; '.join(found)} (key id {kid})")
+
+    def _test_store(self) -> CheckResult:
+        try:
+            detail = self.offline.store.probe()
+        except StoreError as exc:
+            hint = ("check redis.url, redis.password and that Redis answers from this host"
+                    if self.settings.store == "redis" else "check that the state directory is writable")
+            return CheckResult.fail(str(exc), hint)
+        store = self.offline.store
+        if isinstance(store, SQLiteStore):
+            open_files = []
+            for suffix in ("", "-wal", "-shm"):
+                path = store.path.with_name(store.path.name + suffix)
+                if path.exists() and stat.S_IMODE(os.stat(path).st_mode) & 0o077:
+                    open_files.append(f"{path} ({stat.S_IMODE(os.stat(path).st_mode):o})")
+            if open_files:
+                return CheckResult.warn(f"{detail}; readable by others: {', '.join(open_files)}",
+                                        f"chmod 600 {store.path}*")
+        return CheckResult.ok(detail)
+
+    def _test_argon2(self) -> CheckResult:
+        a = self.settings.argon2
+        started = time.perf_counter()
+        encoded = self.offline.hasher.hash(b"authgw self-test")
+        self.offline.hasher.verify(encoded, b"authgw self-test")
+        per = (time.perf_counter() - started) / 2 * 1000
+        return CheckResult.ok(f"argon2id m={a.memory_cost} KiB t={a.time_cost} p={a.parallelism}: "
+                              f"{per:.0f} ms per hash (OWASP minimum m=19456 t=2 p=1)")

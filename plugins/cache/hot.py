@@ -1,0 +1,114 @@
+"""The hot cache: recent successes in this process's memory, for forward-auth repeats.
+
+A reverse proxy asks ``/auth`` for every request of every page with the same Basic
+credentials; this remembers a success for ``ttl`` seconds so the repeats skip the directory.
+
+Entries are keyed by HMAC-SHA256 under a random key made in (and never leaving) this process,
+over the client address, the front door, the username and the password. The password is
+never stored: the table alone (a swapped-out page, a core file of another process) holds
+nothing that tests a guess without the key, and the key dies with the process. The client
+address is part of the key because a chain step may decide differently for another client
+(network-restricted methods), and a hit must never give a success the chain would not give.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable
+
+from gateway import Identity
+
+__all__ = ["HotCache"]
+
+
+@dataclass(frozen=True, slots=True)
+class _Hit:
+    expires: float
+    identity: Identity
+    user_key: str
+
+
+def _field(value: str) -> bytes:
+    data = value.encode("utf-8", "surrogatepass")
+    return len(data).to_bytes(4, "big") + data  # length-prefixed: no two inputs collide
+
+
+class HotCache:
+    """A bounded LRU of recent successes. Thread-safe; one per worker process."""
+
+    def __init__(self, ttl: float, max_entries: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._reset()
+
+    def _reset(self) -> None:
+        self._pid = os.getpid()
+        self._key = secrets.token_bytes(32)
+        self._entries: OrderedDict[bytes, _Hit] = OrderedDict()
+        self._by_user: dict[str, set[bytes]] = {}
+
+    def token(self, context: str, username: str, password: str) -> bytes:
+        if os.getpid() != self._pid:  # a forked child gets its own key and an empty cache
+            with self._lock:
+                if os.getpid() != self._pid:
+                    self._reset()
+        # hmac.digest is the one-shot C implementation: same HMAC-SHA256, a third of the time.
+        return hmac.digest(self._key, _field(context) + _field(username) + _field(password), "sha256")
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, token: bytes) -> Identity | None:
+        now = self._clock()
+        with self._lock:
+            hit = self._entries.get(token)
+            if hit is None:
+                return None
+            if hit.expires <= now:
+                self._drop(token, hit)
+                return None
+            self._entries.move_to_end(token)
+            return hit.identity
+
+    def put(self, token: bytes, user_key: str, identity: Identity) -> None:
+        with self._lock:
+            old = self._entries.pop(token, None)
+            if old is not None:
+                self._unindex(token, old.user_key)
+            self._entries[token] = _Hit(self._clock() + self.ttl, identity, user_key)
+            self._by_user.setdefault(user_key, set()).add(token)
+            while len(self._entries) > self.max_entries:
+                oldest, hit = self._entries.popitem(last=False)
+                self._unindex(oldest, hit.user_key)
+
+    def forget_user(self, user_key: str) -> int:
+        """Drop every entry of one user (any password, any client); returns how many."""
+        with self._lock:
+            tokens = self._by_user.pop(user_key, set())
+            for token in tokens:
+                self._entries.pop(token, None)
+            return len(tokens)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._by_user.clear()
+
+    def _drop(self, token: bytes, hit: _Hit) -> None:
+        self._entries.pop(token, None)
+        self._unindex(token, hit.user_key)
+
+    def _unindex(self, token: bytes, user_key: str) -> None:
+        tokens = self._by_user.get(user_key)
+        if tokens is not None:
+            tokens.discard(token)
+            if not tokens:
+                del self._by_user[user_key]

@@ -1,0 +1,326 @@
+"""Offline logins: remember live password successes, answer from them when the directory is down.
+
+The rules (DESIGN.md section 3, docs/plugins/cache.md):
+
+* a live SUCCESS of a password attempt, decided by a step listed in ``methods``, stores the
+  argon2id hash of the peppered password and the sealed identity;
+* a live INVALID_CREDENTIALS, ACCOUNT_STATE or USER_NOT_FOUND for a username deletes its entry,
+  so a password the directory has refused never works offline again;
+* only when the folded decision is UNAVAILABLE does the cache answer: the right password gives
+  a SUCCESS with ``from_cache``, a wrong one INVALID_CREDENTIALS; after ``max_offline_failures``
+  wrong ones the user is refused until a live login; an unknown, expired or unreadable entry
+  leaves the decision UNAVAILABLE.
+
+Store errors never change a live decision; they only keep the cache out (and are logged).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import threading
+import time
+import unicodedata
+from collections import OrderedDict
+from pathlib import Path
+
+from argon2 import PasswordHasher, Type
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+
+from gateway import Attempt, Decision, Identity, Outcome, PasswordCredential
+from gateway.plugins.cache.keys import CacheKeys, KeyFileError, load_keys
+from gateway.plugins.cache.settings import CacheSettings
+from gateway.plugins.cache.store import AT_LIMIT, GONE, Entry, SQLiteStore, Store, StoreError
+
+__all__ = ["OfflineCache", "make_store", "normalise"]
+
+SQLITE_FILE = "cache.sqlite3"
+_MEMO_LIMIT = 100_000
+_PURGE_EVERY = 3600.0
+#: Outcomes by which a live directory says "no" to this username.
+_REFUSALS = frozenset({Outcome.INVALID_CREDENTIALS, Outcome.ACCOUNT_STATE, Outcome.USER_NOT_FOUND})
+
+
+def normalise(username: str, mode: str) -> str:
+    """The username as entries are keyed. ``casefold`` applies NFKC first, so that visually equal
+    spellings (full-width letters, ligatures) meet, as Unicode's caseless matching advises."""
+    if mode == "casefold":
+        return unicodedata.normalize("NFKC", username).casefold()
+    return username
+
+
+def make_store(settings: CacheSettings, state_dir: Path) -> Store:
+    if settings.store == "redis":
+        from gateway.plugins.cache.redis_store import RedisStore
+
+        redis = settings.redis
+        assert redis is not None  # the settings model requires it
+        return RedisStore(redis.url, max_age=settings.max_age, key_prefix=redis.key_prefix, username=redis.username,
+                          password=redis.password.reveal() if redis.password else None, timeout=redis.timeout,
+                          ca_file=redis.ca_file)
+    return SQLiteStore(settings.sqlite.path or state_dir / SQLITE_FILE, settings.sqlite.busy_timeout)
+
+
+def identity_from(document: dict, authenticated_at: float) -> Identity:
+    return Identity(subject=str(document["subject"]), username=str(document["username"]),
+                    method=str(document["method"]), display_name=str(document.get("display_name", "")),
+                    email=str(document.get("email", "")), groups=tuple(str(g) for g in document.get("groups", ())),
+                    claims=dict(document.get("claims") or {}), authenticated_at=authenticated_at)
+
+
+class OfflineCache:
+    def __init__(self, settings: CacheSettings, state_dir: Path, *, name: str = "cache",
+                 log: logging.Logger | None = None) -> None:
+        self.settings = settings
+        self.state_dir = state_dir
+        self.name = name
+        self.log = log or logging.getLogger(f"authgw.plugin.{name}")
+        argon2 = settings.argon2
+        self.hasher = PasswordHasher(time_cost=argon2.time_cost, memory_cost=argon2.memory_cost,
+                                     parallelism=argon2.parallelism, hash_len=32, salt_len=16, type=Type.ID)
+        self._hash_slots = threading.BoundedSemaphore(settings.hash_concurrency or os.cpu_count() or 2)
+        self._lock = threading.Lock()
+        self._keys: CacheKeys | None = None
+        self._store: Store | None = None
+        self._memo_key = secrets.token_bytes(32)
+        self._memo: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
+        self._tombstones: OrderedDict[str, None] = OrderedDict()
+        self._last_purge = 0.0
+        #: The last store error, for readiness (None when the last operation worked).
+        self.store_error: str | None = None
+
+    # -- lazily opened state (never in the master process: it forks the workers) ---------------
+
+    def keys(self, create: bool = True) -> CacheKeys:
+        if self._keys is None:
+            with self._lock:
+                if self._keys is None:
+                    self._keys = load_keys(self.state_dir, self.settings.pepper, self.settings.encryption_key,
+                                           create=create)
+        return self._keys
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            with self._lock:
+                if self._store is None:
+                    self._store = make_store(self.settings, self.state_dir)
+        return self._store
+
+    @property
+    def location(self) -> str:
+        """The store's location once opened, else its kind (never opens it)."""
+        return self._store.location if self._store is not None else self.settings.store
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+
+    def user_key(self, username: str) -> str:
+        return normalise(username, self.settings.usernames)
+
+    def row_key(self, username: str) -> str:
+        return self.keys().row_key(self.user_key(username))
+
+    def _ok(self) -> None:
+        self.store_error = None
+
+    def _failed(self, what: str, exc: Exception) -> None:
+        self.store_error = str(exc)
+        self.log.error("credential cache: %s failed: %s", what, exc)
+
+    def purge_expired(self, now: float | None = None) -> int:
+        now = time.time() if now is None else now
+        self._last_purge = now
+        removed = self.store.purge(now - self.settings.max_age)
+        if removed:
+            self.log.info("credential cache: purged %d entries older than max_age", removed)
+        return removed
+
+    # -- live results ---------------------------------------------------------------------------------
+
+    def _credential_mark(self, row_key: str, password: str, identity: Identity, step: str) -> bytes:
+        """What this process last stored for a row, as a keyed hash: the password and the
+        profile (a changed group membership must reach the cache without waiting)."""
+        profile = identity.to_json()
+        profile.pop("authenticated_at", None)
+        mark = hmac.new(self._memo_key, row_key.encode() + b"\0" + step.encode(), hashlib.sha256)
+        mark.update(json.dumps(profile, sort_keys=True, default=str).encode())
+        mark.update(b"\0" + password.encode("utf-8", "surrogatepass"))
+        return mark.digest()
+
+    def remember(self, attempt: Attempt, credential: PasswordCredential, identity: Identity, step: str) -> bool:
+        """Store a live success; False when skipped or failed (the live decision stands anyway)."""
+        try:
+            keys = self.keys()
+            user_key = self.user_key(credential.username)
+            row_key = keys.row_key(user_key)
+            now = time.time()
+            mark = self._credential_mark(row_key, credential.password, identity, step)
+            memo = self._memo.get(row_key)
+            if memo is not None and memo[0] == mark and now - memo[1] < self.settings.refresh_after:
+                # This process stored this very password and profile moments ago: skip the
+                # argon2 cost if that entry, or a later one another process wrote (another
+                # worker or instance that saw a live login after ours), is still in the store
+                # and clean: no refusal deleted it, no offline failure needs resetting.
+                current = self.store.get(row_key)
+                if (current is not None and current.kid == keys.kid and current.failures == 0
+                        and current.stored_at >= memo[1]):
+                    return False
+            if not self._hash_slots.acquire(timeout=max(0.0, attempt.time_left() - 0.05)):
+                self.log.warning("credential cache: no hashing slot before the deadline; %s not stored",
+                                 attempt.request_id)
+                return False
+            try:
+                password_hash = self.hasher.hash(keys.peppered(user_key, credential.password))
+            finally:
+                self._hash_slots.release()
+            self.store.put(Entry(row_key, keys.kid, password_hash, keys.seal(row_key, identity, step), now))
+            with self._lock:
+                self._tombstones.pop(row_key, None)
+                self._memo[row_key] = (mark, now)
+                self._memo.move_to_end(row_key)
+                while len(self._memo) > _MEMO_LIMIT:
+                    self._memo.popitem(last=False)
+            self._ok()
+            if now - self._last_purge > _PURGE_EVERY and isinstance(self.store, SQLiteStore):
+                self.purge_expired(now)  # Redis expires entries itself (PEXPIREAT)
+            return True
+        except (StoreError, KeyFileError) as exc:
+            self._failed("storing a live login", exc)
+            return False
+
+    def forget(self, username: str) -> bool:
+        """Delete a username's entry after the directory refused it. When the store cannot be
+        reached, the entry is remembered as deleted in this process (a tombstone), so it is not
+        used offline here, and the deletion is retried at its next use."""
+        try:
+            row_key = self.row_key(username)
+        except KeyFileError as exc:
+            self._failed("deleting an entry", exc)
+            return False
+        with self._lock:
+            self._memo.pop(row_key, None)
+        try:
+            deleted = self.store.delete(row_key)
+            self._ok()
+            return deleted
+        except StoreError as exc:
+            self._failed("deleting an entry the directory refused", exc)
+            with self._lock:
+                self._tombstones[row_key] = None
+                while len(self._tombstones) > _MEMO_LIMIT:
+                    self._tombstones.popitem(last=False)
+            return False
+
+    # -- offline answers ------------------------------------------------------------------------------
+
+    def answer(self, attempt: Attempt, credential: PasswordCredential, unavailable: Decision) -> Decision:
+        """The decision for a password attempt the live chain could not decide (UNAVAILABLE)."""
+        try:
+            keys = self.keys()
+            user_key = self.user_key(credential.username)
+            row_key = keys.row_key(user_key)
+            if row_key in self._tombstones:
+                self.store.delete(row_key)
+                with self._lock:
+                    self._tombstones.pop(row_key, None)
+                return unavailable
+            entry = self.store.get(row_key)
+            self._ok()
+        except (StoreError, KeyFileError) as exc:
+            self._failed("an offline lookup", exc)
+            return unavailable
+        if entry is None or entry.kid != keys.kid:
+            return unavailable
+        now = time.time()
+        if now - entry.stored_at > self.settings.max_age or entry.stored_at > now + 300:
+            self._delete_quietly(row_key)
+            return unavailable
+        document = keys.open(row_key, entry.sealed)
+        if document is None or document.get("step") not in self.settings.methods:
+            return unavailable
+        step = document["step"]
+        noted = {note.outcome: set() for note in attempt.notes}
+        for note in attempt.notes:
+            noted[note.outcome].add(note.step)
+        if step in noted.get(Outcome.USER_NOT_FOUND, ()):
+            # The directory that proved this user is up and says the user is gone, while another
+            # step is unavailable (that made the fold UNAVAILABLE): a refusal, not an outage.
+            self.forget(credential.username)
+            return unavailable
+        if step not in noted.get(Outcome.UNAVAILABLE, ()):
+            return unavailable  # only an outage of the directory that proved the user counts
+        if entry.failures >= self.settings.max_offline_failures:
+            return self._too_many()
+        try:
+            taken = self.store.take_failure(row_key, self.settings.max_offline_failures)
+        except StoreError as exc:
+            self._failed("counting an offline attempt", exc)
+            return unavailable
+        if taken == AT_LIMIT:
+            return self._too_many()
+        if taken == GONE:  # deleted meanwhile (a refusal elsewhere)
+            return unavailable
+        if not self._hash_slots.acquire(timeout=max(0.0, attempt.time_left() - 0.05)):
+            self._give_back(row_key)
+            return unavailable
+        try:
+            right = self._verify(entry.password_hash, keys.peppered(user_key, credential.password))
+        finally:
+            self._hash_slots.release()
+        if not right:
+            self.log.info("credential cache: wrong password for a cached user offline (attempt %s)",
+                          attempt.request_id)
+            return Decision(Outcome.INVALID_CREDENTIALS, self.name, "cache.invalid_password", from_cache=True)
+        self._give_back(row_key)
+        return Decision.allow(identity_from(document, time.time()), step=self.name, reason="cache.offline",
+                              from_cache=True)
+
+    def _verify(self, encoded: str, peppered: bytes) -> bool:
+        try:
+            return self.hasher.verify(encoded, peppered)
+        except (VerifyMismatchError, VerificationError, InvalidHashError):
+            return False
+
+    def _too_many(self) -> Decision:
+        return Decision(Outcome.ACCOUNT_STATE, self.name, "cache.too_many_failures", from_cache=True)
+
+    def _give_back(self, row_key: str) -> None:
+        try:
+            self.store.give_back_failure(row_key)
+        except StoreError as exc:
+            self._failed("returning an offline attempt", exc)
+
+    def _delete_quietly(self, row_key: str) -> None:
+        try:
+            self.store.delete(row_key)
+        except StoreError as exc:
+            self._failed("deleting an expired entry", exc)
+
+    # -- the wrapper's decision table -----------------------------------------------------------------
+
+    def cacheable(self, attempt: Attempt, decision: Decision) -> bool:
+        """A live success the cache may learn a password from: a password attempt decided by a
+        listed method (never Kerberos or a certificate, which prove no password)."""
+        return (decision.success and not decision.from_cache and attempt.password is not None
+                and decision.step in self.settings.methods and decision.identity is not None)
+
+    def after_chain(self, attempt: Attempt, decision: Decision) -> Decision:
+        credential = attempt.password
+        if credential is None or decision.from_cache:
+            return decision
+        if decision.success:
+            if self.cacheable(attempt, decision):
+                self.remember(attempt, credential, decision.identity, decision.step)
+            return decision
+        if decision.outcome in _REFUSALS:
+            self.forget(credential.username)
+            return decision
+        if decision.outcome is Outcome.UNAVAILABLE:
+            return self.answer(attempt, credential, decision)
+        return decision

@@ -1,0 +1,152 @@
+"""The Redis store: one cache shared by several gateway instances on several machines.
+
+Each entry is a hash ``PREFIX + ROWKEY`` with fields ``kid``, ``hash``, ``sealed``, ``at``
+(stored at) and ``fail``; the server expires it ``max_age`` after the live login that wrote it
+(``PEXPIREAT``), so an abandoned entry disappears even if no gateway ever purges. The offline
+failure counter is changed by Lua scripts, which Redis runs atomically.
+
+Needs the ``redis`` package (``pip install 'authgw[redis]'``), imported only when configured.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from pathlib import Path
+from typing import Any, Iterator
+from urllib.parse import urlsplit
+
+from gateway.plugins.cache.store import AT_LIMIT, GONE, TAKEN, Entry, StoreError
+
+__all__ = ["RedisStore"]
+
+_ROW = re.compile(rb"^[0-9a-f]{64}$")
+
+# KEYS[1] entry; ARGV[1] limit. -1: no entry, 0: at the limit, 1: counted.
+_TAKE = """
+local f = redis.call('HGET', KEYS[1], 'fail')
+if not f then return -1 end
+if tonumber(f) >= tonumber(ARGV[1]) then return 0 end
+redis.call('HINCRBY', KEYS[1], 'fail', 1)
+return 1
+"""
+# Never creates the hash (HINCRBY on a missing key would, without an expiry).
+_GIVE_BACK = """
+local f = redis.call('HGET', KEYS[1], 'fail')
+if f and tonumber(f) > 0 then redis.call('HINCRBY', KEYS[1], 'fail', -1) end
+return 0
+"""
+
+
+def _glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
+
+
+class RedisStore:
+    def __init__(self, url: str, *, max_age: float, key_prefix: str = "authgw:cache:", username: str | None = None,
+                 password: str | None = None, timeout: float = 1.0, ca_file: Path | None = None) -> None:
+        try:
+            import redis
+        except ImportError as exc:  # the core's loader names the extra for top-level imports only
+            raise StoreError("store: redis needs the redis package: pip install 'authgw[redis]'") from exc
+        self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
+        parts = urlsplit(url)
+        self.location = f"{parts.scheme}://{parts.hostname or ''}{':' + str(parts.port) if parts.port else ''}{parts.path}"
+        self.prefix = key_prefix.encode("utf-8")
+        self.max_age = max_age
+        options: dict[str, Any] = dict(username=username, password=password, socket_timeout=timeout,
+                                       socket_connect_timeout=timeout, health_check_interval=30,
+                                       decode_responses=False)
+        if parts.scheme == "rediss" and ca_file is not None:
+            options["ssl_ca_certs"] = str(ca_file)
+        # redis-py's pool is thread-safe and notices a fork (it checks the pid on checkout).
+        self._redis = redis.Redis.from_url(url, **options)
+        self._take = self._redis.register_script(_TAKE)
+        self._give_back = self._redis.register_script(_GIVE_BACK)
+
+    def _name(self, key: str) -> bytes:
+        return self.prefix + key.encode("ascii")
+
+    def _call(self, what: str, function, *args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except self._errors as exc:
+            raise StoreError(f"{self.location}: {what}: {exc.__class__.__name__}: {exc}") from exc
+
+    @staticmethod
+    def _entry(key: str, fields: dict[bytes, bytes]) -> Entry | None:
+        try:
+            return Entry(key, fields[b"kid"].decode(), fields[b"hash"].decode(), fields[b"sealed"],
+                         float(fields[b"at"]), int(fields.get(b"fail", b"0")))
+        except (KeyError, ValueError, UnicodeDecodeError):
+            return None  # a half-written or foreign hash: not an entry
+
+    # -- the interface ----------------------------------------------------------------------------
+
+    def get(self, key: str) -> Entry | None:
+        fields = self._call("HGETALL", self._redis.hgetall, self._name(key))
+        return self._entry(key, fields) if fields else None
+
+    def put(self, entry: Entry) -> None:
+        name = self._name(entry.key)
+        expire_ms = int((entry.stored_at + self.max_age) * 1000)
+        pipe = self._redis.pipeline(transaction=True)  # MULTI/EXEC: nobody sees a partial entry
+        pipe.delete(name)
+        pipe.hset(name, mapping={b"kid": entry.kid.encode(), b"hash": entry.password_hash.encode(),
+                                 b"sealed": entry.sealed, b"at": repr(entry.stored_at).encode(),
+                                 b"fail": str(entry.failures).encode()})
+        pipe.pexpireat(name, expire_ms)
+        self._call("MULTI/EXEC", pipe.execute)
+
+    def delete(self, key: str) -> bool:
+        return bool(self._call("DEL", self._redis.delete, self._name(key)))
+
+    def take_failure(self, key: str, limit: int) -> int:
+        result = int(self._call("EVALSHA", self._take, keys=[self._name(key)], args=[limit]))
+        return {1: TAKEN, 0: AT_LIMIT}.get(result, GONE)
+
+    def give_back_failure(self, key: str) -> None:
+        self._call("EVALSHA", self._give_back, keys=[self._name(key)], args=[])
+
+    def _names(self) -> Iterator[bytes]:
+        pattern = _glob_escape(self.prefix.decode("utf-8")).encode("utf-8") + b"*"
+        for name in self._call("SCAN", lambda: list(self._redis.scan_iter(match=pattern, count=1000))):
+            if _ROW.match(name[len(self.prefix):]):
+                yield name
+
+    def scan(self) -> Iterator[Entry]:
+        for name in self._names():
+            entry = self.get(name[len(self.prefix):].decode("ascii"))
+            if entry is not None:
+                yield entry
+
+    def purge(self, older_than: float | None = None) -> int:
+        removed = 0
+        for name in self._names():
+            if older_than is not None:
+                at = self._call("HGET", self._redis.hget, name, b"at")
+                if at is None or float(at) >= older_than:
+                    continue
+            removed += int(self._call("DEL", self._redis.delete, name))
+        return removed
+
+    def probe(self) -> str:
+        name = self.prefix + b"probe:" + secrets.token_hex(8).encode()
+        value = secrets.token_bytes(16)
+        self._call("SET", self._redis.set, name, value, px=10_000)
+        back = self._call("GET", self._redis.get, name)
+        self._call("DEL", self._redis.delete, name)
+        if back != value:
+            raise StoreError(f"{self.location}: the probe key did not read back")
+        info = self._call("INFO", self._redis.info, "server")
+        started = time.monotonic()
+        self._call("PING", self._redis.ping)
+        return (f"{self.location}: writable, redis {info.get('redis_version', '?')}, "
+                f"ping {1000 * (time.monotonic() - started):.1f} ms")
+
+    def close(self) -> None:
+        try:
+            self._redis.close()
+        except self._errors:
+            pass

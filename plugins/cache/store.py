@@ -1,0 +1,224 @@
+"""Where cache entries live: the store interface, and the embedded SQLite store.
+
+An entry is keyed by a keyed hash of the username (never the name itself) and holds the
+argon2id hash of the peppered password, the sealed identity, the time of the last live login
+and the count of offline failures. Every operation is one statement, atomic on its own, so
+that several threads and worker processes can share a store without read-modify-write races.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Protocol
+
+__all__ = ["Entry", "SQLiteStore", "Store", "StoreError", "TAKEN", "AT_LIMIT", "GONE"]
+
+#: Results of :meth:`Store.take_failure`.
+TAKEN, AT_LIMIT, GONE = 1, 0, -1
+
+
+class StoreError(Exception):
+    """The store could not be reached or refused the operation (the cache then stays out)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    key: str
+    kid: str
+    password_hash: str = field(repr=False)
+    sealed: bytes = field(repr=False)
+    stored_at: float
+    failures: int = 0
+
+
+class Store(Protocol):
+    #: Where the store is, for logs and self-tests (no credentials in it).
+    location: str
+
+    def get(self, key: str) -> Entry | None:
+        """The entry for *key*, or None."""
+
+    def put(self, entry: Entry) -> None:
+        """Insert or replace; the failure count starts again from ``entry.failures``."""
+
+    def delete(self, key: str) -> bool:
+        """Remove the entry; True when there was one."""
+
+    def take_failure(self, key: str, limit: int) -> int:
+        """Atomically count one offline attempt against *key* before it is verified: TAKEN when
+        fewer than *limit* were counted (and now one more is), AT_LIMIT, or GONE (no entry)."""
+
+    def give_back_failure(self, key: str) -> None:
+        """Undo one :meth:`take_failure` (the password was right)."""
+
+    def scan(self) -> Iterator[Entry]:
+        """Every entry, in no particular order."""
+
+    def purge(self, older_than: float | None = None) -> int:
+        """Delete entries stored before the time *older_than* (all when None); returns how many."""
+
+    def probe(self) -> str:
+        """Write, read back and delete a probe entry; a short description. Raises StoreError."""
+
+    def close(self) -> None:
+        """Release connections (the store may be used again afterwards)."""
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    key       TEXT PRIMARY KEY,
+    kid       TEXT NOT NULL,
+    hash      TEXT NOT NULL,
+    sealed    BLOB NOT NULL,
+    stored_at REAL NOT NULL,
+    failures  INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS entries_stored_at ON entries (stored_at);
+PRAGMA user_version = 1;
+"""
+_PROBE_KEY = "probe"
+
+
+class SQLiteStore:
+    """A SQLite database in WAL mode (readers never block the one writer; a crash mid-write
+    leaves the last committed state), one connection per thread and process, every statement
+    its own transaction, ``busy_timeout`` for the moments another process holds the write lock."""
+
+    def __init__(self, path: Path, busy_timeout: float = 5.0) -> None:
+        self.path = Path(path)
+        self.location = f"sqlite:{self.path}"
+        self.busy_timeout = busy_timeout
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._pid = os.getpid()
+        self._connections: list[sqlite3.Connection] = []
+        self._schema_ready = False
+
+    # -- connections ------------------------------------------------------------------------------
+
+    def _prepare_file(self) -> None:
+        """Create the database file 0600 before SQLite does (it would use the umask); SQLite
+        gives its -wal and -shm files the database file's permissions.
+
+        Called with the lock held and only while this process has no connection to the file:
+        closing any descriptor of a file drops every POSIX lock the process holds on it, which
+        would silently release other connections' locks (SQLite "How To Corrupt", section 2.2).
+        """
+        if self._connections:
+            return
+        try:
+            mode = stat.S_IMODE(os.stat(self.path).st_mode)
+        except FileNotFoundError:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            try:
+                os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600))
+            except FileExistsError:
+                pass
+            return
+        if mode & 0o077:
+            os.chmod(self.path, 0o600)
+
+    def _connect(self) -> sqlite3.Connection:
+        if os.getpid() != self._pid:
+            # A forked child must not use its parent's connections (SQLite FAQ "threadsafe"
+            # and "fork"): forget them without closing, and start afresh.
+            with self._lock:
+                self._pid = os.getpid()
+                self._connections = []
+                self._local = threading.local()
+                self._schema_ready = False
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            return conn
+        try:
+            with self._lock:
+                self._prepare_file()
+                conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
+                                       check_same_thread=False)
+                conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+                conn.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: durable across process crashes
+                if not self._schema_ready:
+                    if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                        conn.execute("PRAGMA journal_mode = WAL")
+                    conn.executescript(_SCHEMA)
+                    self._schema_ready = True
+                self._connections.append(conn)
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(f"{self.location}: {exc.__class__.__name__}: {exc}") from exc
+        self._local.conn = conn
+        return conn
+
+    def _run(self, sql: str, params: tuple = ()) -> sqlite3.Cursor:
+        conn = self._connect()
+        try:
+            return conn.execute(sql, params)
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.location}: {exc.__class__.__name__}: {exc}") from exc
+
+    # -- the interface ----------------------------------------------------------------------------
+
+    def get(self, key: str) -> Entry | None:
+        row = self._run("SELECT key, kid, hash, sealed, stored_at, failures FROM entries WHERE key = ?",
+                        (key,)).fetchone()
+        return Entry(row[0], row[1], row[2], bytes(row[3]), row[4], row[5]) if row else None
+
+    def put(self, entry: Entry) -> None:
+        self._run("INSERT INTO entries (key, kid, hash, sealed, stored_at, failures) VALUES (?, ?, ?, ?, ?, ?) "
+                  "ON CONFLICT (key) DO UPDATE SET kid = excluded.kid, hash = excluded.hash, "
+                  "sealed = excluded.sealed, stored_at = excluded.stored_at, failures = excluded.failures",
+                  (entry.key, entry.kid, entry.password_hash, entry.sealed, entry.stored_at, entry.failures))
+
+    def delete(self, key: str) -> bool:
+        return self._run("DELETE FROM entries WHERE key = ?", (key,)).rowcount > 0
+
+    def take_failure(self, key: str, limit: int) -> int:
+        if self._run("UPDATE entries SET failures = failures + 1 WHERE key = ? AND failures < ?",
+                     (key, limit)).rowcount:
+            return TAKEN
+        return AT_LIMIT if self._run("SELECT 1 FROM entries WHERE key = ?", (key,)).fetchone() else GONE
+
+    def give_back_failure(self, key: str) -> None:
+        self._run("UPDATE entries SET failures = failures - 1 WHERE key = ? AND failures > 0", (key,))
+
+    def scan(self) -> Iterator[Entry]:
+        rows = self._run("SELECT key, kid, hash, sealed, stored_at, failures FROM entries "
+                         "WHERE key != ? ORDER BY stored_at", (_PROBE_KEY,)).fetchall()
+        for row in rows:
+            yield Entry(row[0], row[1], row[2], bytes(row[3]), row[4], row[5])
+
+    def purge(self, older_than: float | None = None) -> int:
+        if older_than is None:
+            return self._run("DELETE FROM entries").rowcount
+        return self._run("DELETE FROM entries WHERE stored_at < ?", (older_than,)).rowcount
+
+    def probe(self) -> str:
+        probe = Entry(_PROBE_KEY, "probe", "probe", b"probe", time.time())
+        self.put(probe)
+        back = self.get(_PROBE_KEY)
+        self.delete(_PROBE_KEY)
+        if back != probe:
+            raise StoreError(f"{self.location}: the probe entry did not read back")
+        mode = self._run("PRAGMA journal_mode").fetchone()[0]
+        integrity = self._run("PRAGMA quick_check").fetchone()[0]
+        if integrity != "ok":
+            raise StoreError(f"{self.location}: quick_check says {integrity}")
+        count = self._run("SELECT count(*) FROM entries").fetchone()[0]
+        return f"{self.location}: writable, journal_mode={mode}, {count} entries"
+
+    def close(self) -> None:
+        with self._lock:
+            connections, self._connections = self._connections, []
+            self._local = threading.local()
+        if os.getpid() != self._pid:
+            return
+        for conn in connections:
+            try:
+                conn.close()
+            except sqlite3.Error:
+                pass
