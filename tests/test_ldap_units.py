@@ -422,7 +422,6 @@ def _server_entry(message_id: int, dn: str, attributes: dict[str, list[bytes]]) 
 
 
 def _server_done(message_id: int, code: int, text: str, cookie: bytes | None = None) -> bytes:
-    from ldap3.protocol.controls import build_control
     from ldap3.protocol.rfc2696 import paged_search_control
     from ldap3.protocol.rfc4511 import (
         Controls, LDAPMessage, MessageID, ProtocolOp, ResultCode, SearchResultDone)

@@ -21,7 +21,7 @@ def make_dist(site: Path, name: str, entry_points: dict[str, str], modules: dict
         path.write_text(textwrap.dedent(source))
     dist_info = site / f"{name.replace('-', '_')}-{version}.dist-info"
     dist_info.mkdir(exist_ok=True)
-    metadata = [f"Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}"]
+    metadata = ["Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}"]
     extras = sorted({r.split("extra ==")[1].strip().strip("'\"") for r in requires if "extra ==" in r})
     metadata += [f"Provides-Extra: {extra}" for extra in extras]
     metadata += [f"Requires-Dist: {r}" for r in requires]
