@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from support.http import Response, basic, request
+from support.proc import stop as stop_process
 from support.net import free_port, wait_for_port
 
 
@@ -68,16 +69,11 @@ class GatewayProcess:
         raise TimeoutError(f"authgw did not become healthy; log:\n{self.output()}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else None
-        self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(timeout=5)
-        finally:
+        running = self.proc is not None and self.proc.poll() is None
+        code = stop_process(self.proc, sig, timeout)
+        if running:
             self._log.close()
+        return code
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

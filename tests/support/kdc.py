@@ -30,12 +30,12 @@ import base64
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+from support.proc import stop as stop_process
 from support.net import free_port, wait_for_port
 
 __all__ = ["KDC", "MINT_SCRIPT", "write_krb5_conf"]
@@ -172,13 +172,7 @@ class KDC:
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+        stop_process(self.proc, timeout=timeout)
         if self._log is not None:
             self._log.close()
             self._log = None

@@ -19,11 +19,11 @@ persistence, nothing outside its directory, stopped only by its own PID.
 from __future__ import annotations
 
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
 
+from support.proc import kill as kill_process, stop as stop_process
 from support.net import free_port, wait_for_port
 
 __all__ = ["RedisServer"]
@@ -100,23 +100,11 @@ class RedisServer:
         return redis.Redis.from_url(self.url, password=self.password, socket_timeout=5, **kwargs)
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+        stop_process(self.proc, timeout=timeout)
         self._close_log()
 
     def kill(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
+        kill_process(self.proc)
         self._close_log()
 
     def _close_log(self) -> None:

@@ -71,6 +71,7 @@ import time
 from pathlib import Path
 from typing import Iterable
 
+from support.proc import kill as kill_process, stop as stop_process
 from support.net import free_port, wait_for_port
 
 __all__ = ["Slapd", "escape_dn_value", "ssha"]
@@ -310,24 +311,12 @@ access to *
 
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM by PID and wait (slapd flushes and exits); the data directory is kept."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+        stop_process(self.proc, timeout=timeout)
         self._close_log()
 
     def kill(self) -> None:
         """SIGKILL by PID: the directory vanishes mid-conversation (mdb survives it)."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
+        kill_process(self.proc)
         self._close_log()
 
     def restart(self, timeout: float = 20.0) -> Slapd:
