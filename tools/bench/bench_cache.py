@@ -24,12 +24,8 @@ from __future__ import annotations
 import argparse
 import base64
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -38,65 +34,42 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT / "tests"))
 import loadgen  # noqa: E402
+from support.gateway import GatewayProcess, write_conf  # noqa: E402
 from support.slapd import Slapd  # noqa: E402
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class Gateway(GatewayProcess):
+    """``authgw serve`` with ``chain: [ldap]``, ``plugins: [cache]`` and *cache* as cache.yaml."""
 
-
-class Gateway:
     def __init__(self, tmp: Path, name: str, slapd: Slapd, cache: str, workers: int, threads: int) -> None:
-        conf = tmp / name
-        conf.mkdir()
         secret = tmp / "service.secret"
         secret.write_text(slapd.service_password)
         secret.chmod(0o600)
-        (conf / "gateway.yaml").write_text(textwrap.dedent(f"""\
-            chain: [ldap]
-            plugins: [cache]
-            threads: {threads}
-            throttle: {{enabled: false}}
-            log_level: ERROR
-            audit: {{file: /dev/null}}
-            """))
-        (conf / "ldap.yaml").write_text(textwrap.dedent(f"""\
-            ldap:
-              servers: ["{slapd.url}"]
-              insecure: true
-              bind_dn: "{slapd.service_dn}"
-              bind_password: {{file: {secret}}}
-              base_dn: "{slapd.base_dn}"
-              backoff: 0
-            """))
-        (conf / "cache.yaml").write_text(cache)
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(conf), "--state-dir",
-                                      str(tmp / f"state-{name}"), "--workers", str(workers),
-                                      "--listen", f"127.0.0.1:{self.port}"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                if loadgen.run(self.url + "/healthz", concurrency=1, seconds=0.2, max_requests=1).statuses.get(200):
-                    return
-            except OSError:
-                time.sleep(0.1)
-        raise SystemExit(f"gateway {name} did not start")
+        conf = write_conf(tmp / name, {
+            "gateway.yaml": f"""\
+                chain: [ldap]
+                plugins: [cache]
+                threads: {threads}
+                throttle: {{enabled: false}}
+                log_level: ERROR
+                audit: {{file: /dev/null}}
+                """,
+            "ldap.yaml": f"""\
+                ldap:
+                  servers: ["{slapd.url}"]
+                  insecure: true
+                  bind_dn: "{slapd.service_dn}"
+                  bind_password: {{file: {secret}}}
+                  base_dn: "{slapd.base_dn}"
+                  backoff: 0
+                """,
+            "cache.yaml": cache,
+        })
+        super().__init__(conf, tmp / f"state-{name}", workers=workers)
+        self.start()
 
     def pids(self) -> list[int]:
         return [self.proc.pid, *loadgen.children(self.proc.pid)]
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=5)
 
 
 def measure(label: str, gateway: Gateway, path: str, headers_fn, args) -> loadgen.LoadResult:

@@ -19,23 +19,13 @@ from __future__ import annotations
 import argparse
 import base64
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import textwrap
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 import loadgen  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from support.gateway import GatewayProcess, write_conf  # noqa: E402
 
 
 def main() -> int:
@@ -49,33 +39,21 @@ def main() -> int:
     from gateway.passwords import hash_password
 
     tmp = Path(tempfile.mkdtemp(prefix="authgw-bench-"))
-    conf = tmp / "conf.d"
-    (conf / "users").mkdir(parents=True)
-    (conf / "gateway.yaml").write_text(textwrap.dedent("""\
-        chain: [static]
-        threads: {threads}
-        throttle: {{enabled: false}}
-        log_level: WARNING
-        audit: {{file: /dev/null}}
-        """).format(threads=args.threads))
-    (conf / "static.yaml").write_text("static:\n  users_file: users/users.yaml\n")
-    users = conf / "users" / "users.yaml"
-    users.write_text(f'users:\n  demo:\n    password_hash: "{hash_password("demo")}"\n')
-    users.chmod(0o600)
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(conf), "--state-dir",
-                               str(tmp / "state"), "--workers", str(args.workers), "--listen", f"127.0.0.1:{port}"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+    conf = write_conf(tmp / "conf.d", {
+        "gateway.yaml": f"""\
+            chain: [static]
+            threads: {args.threads}
+            throttle: {{enabled: false}}
+            log_level: WARNING
+            audit: {{file: /dev/null}}
+            """,
+        "static.yaml": "static:\n  users_file: users/users.yaml\n",
+        "users/users.yaml": f'users:\n  demo:\n    password_hash: "{hash_password("demo")}"\n',
+    })
+    server = GatewayProcess(conf, tmp / "state", workers=args.workers).start()
+    url = server.url
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                if loadgen.run(url + "/healthz", concurrency=1, seconds=0.2, max_requests=1).statuses.get(200):
-                    break
-            except OSError:
-                time.sleep(0.1)
-        pids = [server.pid, *loadgen.children(server.pid)]
+        pids = [server.proc.pid, *loadgen.children(server.proc.pid)]
         basic = {"Authorization": "Basic " + base64.b64encode(b"demo:demo").decode()}
         print(f"authgw core benchmark: workers={args.workers} concurrency={args.concurrency} "
               f"{args.seconds:.0f}s per phase, {os.cpu_count()} cores")
@@ -93,11 +71,7 @@ def main() -> int:
             if not label.startswith("reference"):
                 print(f"ratio {label} / healthz: {result.rate / reference:.3f}")
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        server.stop()
     return 0
 
 

@@ -17,7 +17,6 @@ Everything runs on loopback and is stopped (by PID) at the end.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
 import json
 import multiprocessing
@@ -30,13 +29,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 
+import loadgen  # noqa: E402
 from support.gateway import GatewayProcess, write_conf  # noqa: E402
 from support.pki import CA  # noqa: E402
 from support.slapd import Slapd  # noqa: E402
 
 USERS = 1000
 GROUPS = 10
-TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def password(i: int) -> str:
@@ -47,79 +46,14 @@ def username(i: int) -> str:
     return f"user{i:04d}"
 
 
-# -- CPU accounting ------------------------------------------------------------------------------
+# -- load: distinct users, a different one each request (7 is coprime with 1000) -------------------
 
 
-def process_tree(pid: int) -> list[int]:
-    """*pid* and its descendants (the gateway master forks its workers)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                children.setdefault(int(fields[1]), []).append(int(entry))
-            except (OSError, IndexError):
-                continue
-    tree, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        tree.append(current)
-        todo.extend(children.get(current, ()))
-    return tree
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime + stime (fields 14, 15 of stat)
-        except (OSError, IndexError):
-            continue
-    return total / TICKS
-
-
-# -- load generator: raw HTTP/1.1 keep-alive over asyncio (cheap, so the client steals less CPU) --
-
-
-async def _client(host: str, port: int, requests: list[bytes], start: int, stop_at: float,
-                  latencies: list[float], statuses: dict[int, int]) -> None:
-    reader, writer = await asyncio.open_connection(host, port)
-    i = start
-    try:
-        while time.perf_counter() < stop_at:
-            request = requests[i % len(requests)]
-            i += 7  # a different user each time; 7 is coprime with 1000
-            began = time.perf_counter()
-            writer.write(request)
-            head = await reader.readuntil(b"\r\n\r\n")
-            status = int(head[9:12])
-            length = 0
-            for line in head.split(b"\r\n"):
-                if line[:15].lower() == b"content-length:":
-                    length = int(line[15:])
-            if length:
-                await reader.readexactly(length)
-            latencies.append(time.perf_counter() - began)
-            statuses[status] = statuses.get(status, 0) + 1
-    finally:
-        writer.close()
-
-
-async def drive(host: str, port: int, seconds: float, concurrency: int) -> tuple[list[float], dict[int, int], float]:
-    requests = []
-    for i in range(USERS):
-        token = base64.b64encode(f"{username(i)}:{password(i)}".encode()).decode()
-        requests.append(f"GET /auth HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Basic {token}\r\n\r\n".encode())
-    latencies: list[float] = []
-    statuses: dict[int, int] = {}
-    began = time.perf_counter()
-    stop_at = began + seconds
-    await asyncio.gather(*(_client(host, port, requests, k * 31, stop_at, latencies, statuses)
-                           for k in range(concurrency)))
-    return latencies, statuses, time.perf_counter() - began
+def drive(port: int, seconds: float, concurrency: int) -> loadgen.LoadResult:
+    headers = [{"Authorization": "Basic " + base64.b64encode(f"{username(i)}:{password(i)}".encode()).decode()}
+               for i in range(USERS)]
+    return loadgen.run(f"http://127.0.0.1:{port}/auth", lambda n: headers[(n * 7) % USERS],
+                       concurrency=concurrency, seconds=seconds)
 
 
 # -- reference: direct ldap3 search-then-bind ------------------------------------------------------
@@ -199,12 +133,12 @@ def run_direct(slapd: Slapd, seconds: float, processes: int, tls: bool,
         function = direct_loop
         jobs = [(url, slapd.base_dn, slapd.service_dn, slapd.service_password, seconds, k * 131, ca)
                 for k in range(processes)]
-    slapd_cpu = cpu_seconds([slapd.pid])
+    slapd_cpu = loadgen.cpu_seconds([slapd.pid])
     began = time.perf_counter()
     with multiprocessing.get_context("fork").Pool(processes) as pool:
         results = pool.map(function, jobs)
     elapsed = time.perf_counter() - began
-    slapd_cpu = cpu_seconds([slapd.pid]) - slapd_cpu
+    slapd_cpu = loadgen.cpu_seconds([slapd.pid]) - slapd_cpu
     count = sum(r[0] for r in results)
     latencies = [x for r in results for x in r[1]]
     failures = sum(r[2] for r in results)
@@ -215,10 +149,7 @@ def run_direct(slapd: Slapd, seconds: float, processes: int, tls: bool,
 
 
 def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+    return loadgen.LoadResult(seconds=0.0, latencies=values).percentile(q) * 1000
 
 
 def main() -> int:
@@ -228,6 +159,8 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=16, help="gateway threads per worker")
     parser.add_argument("--tls", action="store_true", help="LDAPS for the gateway and the reference")
+    parser.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
+                        help="the gateway's pin_workers setting (one CPU per worker)")
     parser.add_argument("--groups", default="search", choices=["search", "memberof", "none"],
                         help="the plugin's groups.source (search = the openldap preset's default)")
     args = parser.parse_args()
@@ -244,24 +177,25 @@ def main() -> int:
             conf = write_conf(base / "conf.d", {
                 "gateway.yaml": json.dumps({"chain": ["ldap"], "throttle": {"enabled": False},
                                             "threads": args.threads, "log_level": "WARNING",
+                                            "pin_workers": args.pin,
                                             "audit": {"file": str(base / "audit.log")}}),
                 "ldap.yaml": "ldap: " + json.dumps(ldap)})
             gateway = GatewayProcess(conf, base / "state", workers=args.workers).start()
-            tree = process_tree(gateway.proc.pid)
 
             print(f"authgw LDAP benchmark: {USERS} users, slapd (mdb, {'LDAPS' if args.tls else 'plain LDAP'}) "
                   f"on loopback, {os.cpu_count()} CPUs")
-            print(f"gateway: authgw serve --workers {args.workers}, threads {args.threads}, groups.source "
+            print(f"gateway: authgw serve --workers {args.workers}, threads {args.threads}, "
+                  f"pin_workers {args.pin}, groups.source "
                   f"{args.groups}; load: GET /auth, Basic, keep-alive, concurrency {args.concurrency}, "
                   f"{args.seconds:.0f} s")
-            asyncio.run(drive("127.0.0.1", gateway.port, 1.0, args.concurrency))  # warm pools and caches
-            tree = process_tree(gateway.proc.pid)
-            gw_cpu, sl_cpu = cpu_seconds(tree), cpu_seconds([slapd.pid])
-            latencies, statuses, elapsed = asyncio.run(drive("127.0.0.1", gateway.port, args.seconds,
-                                                             args.concurrency))
-            gw_cpu, sl_cpu = cpu_seconds(tree) - gw_cpu, cpu_seconds([slapd.pid]) - sl_cpu
+            drive(gateway.port, 1.0, args.concurrency)  # warm pools and caches
+            tree = [gateway.proc.pid, *loadgen.children(gateway.proc.pid)]
+            gw_cpu, sl_cpu = loadgen.cpu_seconds(tree), loadgen.cpu_seconds([slapd.pid])
+            result = drive(gateway.port, args.seconds, args.concurrency)
+            gw_cpu, sl_cpu = loadgen.cpu_seconds(tree) - gw_cpu, loadgen.cpu_seconds([slapd.pid]) - sl_cpu
+            latencies, statuses = result.latencies, result.statuses
             ok = statuses.get(200, 0)
-            rate = ok / elapsed
+            rate = ok / result.seconds
             print()
             print(f"gateway   {rate:8.0f} logins/s   p50 {pct(latencies, .5):6.2f} ms   p99 {pct(latencies, .99):6.2f} ms"
                   f"   gateway CPU {gw_cpu / max(ok, 1) * 1e6:5.0f} us/login   slapd CPU {sl_cpu / max(ok, 1) * 1e6:4.0f} us/login"
