@@ -19,7 +19,7 @@ from typing import Any, Iterable
 
 import pluggy
 
-from gateway.checks import ComponentState, Listener
+from gateway.checks import ComponentState, Listener, SelfTest
 from gateway.errors import PluginLoadError
 from gateway.model import Attempt, Decision, Outcome
 from gateway.registry import hookimpl
@@ -97,12 +97,11 @@ class Gateway:
     """The core, as the front doors use it: one per worker process."""
 
     def __init__(self, settings: GatewaySettings, pm: pluggy.PluginManager, plugins: dict[str, Any],
-                 folder: ChainFolder, metrics: Any = None) -> None:
+                 folder: ChainFolder) -> None:
         self.settings = settings
         self.pm = pm
         self.plugins = plugins
         self.folder = folder
-        self.metrics = metrics
         self.throttle = Throttle(settings.throttle)
         self.executor = ThreadPoolExecutor(max_workers=settings.threads, thread_name_prefix="authgw-chain")
 
@@ -222,7 +221,7 @@ class Gateway:
                 result.append(listener)
         return result
 
-    def selftests(self) -> Iterable[Any]:
+    def selftests(self) -> Iterable[SelfTest]:
         for batch in self.pm.hook.gateway_selftests():
             yield from batch or ()
 

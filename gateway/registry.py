@@ -172,16 +172,21 @@ def build_plugin_manager(config: Config, *, state_dir: Path, core_plugins: list[
 
     classes = {name: load(discovered[name]) for name in config.enabled}
     plugins: dict[str, Any] = {}
+    problems: list[str] = []  # every plugin's settings problems, reported together
     for name in config.enabled:
         context = PluginContext(name=name, config_dir=config.directory, state_dir=state_dir,
                                 gateway=config.core, hook=pm.hook, log=logging.getLogger(f"authgw.plugin.{name}"))
         try:
             plugins[name] = instantiate(name, classes[name], config, context)
-        except (ConfigError, PluginLoadError):
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+        except PluginLoadError:
             raise
         except Exception as exc:
             raise PluginLoadError(f"{discovered[name].describe()} failed to start: "
                                   f"{exc.__class__.__name__}: {exc}") from exc
+    if problems:
+        raise ConfigError(problems)
 
     # pluggy calls the last-registered implementation first: register in reverse so the first
     # step of `chain:` is asked first, and `plugins:` come after the chain steps.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,8 +14,6 @@ from gateway.metrics import Metrics
 from gateway.registry import PluginInfo, build_plugin_manager, discover
 
 __all__ = ["Runtime", "build_runtime", "default_config_dir", "default_state_dir"]
-
-log = logging.getLogger("authgw")
 
 SYSTEM_CONFIG_DIR = Path("/etc/authgw/conf.d")
 
@@ -61,16 +58,12 @@ class Runtime:
         self.audit.close()
 
 
-def resolve_state_dir(config: Config, override: Path | None) -> Path:
-    return override or config.core.state_dir or default_state_dir()
-
-
 def build_runtime(config_dir: Path, *, state_dir: Path | None = None,
-                  discovered: dict[str, PluginInfo] | None = None, config: Config | None = None) -> Runtime:
+                  discovered: dict[str, PluginInfo] | None = None) -> Runtime:
     """Load *config_dir*, build every enabled plugin and the core around them."""
     discovered = discover() if discovered is None else discovered
-    config = config or load_config(config_dir, installed=set(discovered))
-    state = ensure_state_dir(resolve_state_dir(config, state_dir))
+    config = load_config(config_dir, installed=set(discovered))
+    state = ensure_state_dir(state_dir or config.core.state_dir or default_state_dir())
     audit = AuditLog(config.core.audit.file)
     metrics = Metrics()
     pm, plugins = build_plugin_manager(
@@ -79,5 +72,5 @@ def build_runtime(config_dir: Path, *, state_dir: Path | None = None,
     )
     folder = ChainFolder(pm)  # it names culprits from the plugin manager it is registered in
     pm.register(folder, name="core.chain")
-    gateway = Gateway(config.core, pm, plugins, folder, metrics)
+    gateway = Gateway(config.core, pm, plugins, folder)
     return Runtime(config, gateway, metrics, audit)

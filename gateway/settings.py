@@ -13,7 +13,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -194,6 +194,8 @@ class GatewaySettings(PluginSettings):
     deadline: float = Field(5.0, gt=0, le=120, description="seconds an attempt may take in all")
     threads: int = Field(16, ge=1, le=512, description="threads per worker running (blocking) plugins")
     workers: int = Field(1, ge=1, le=64, description="worker processes sharing the sockets")
+    event_loop: Literal["auto", "asyncio", "uvloop"] = Field(
+        "auto", description="`auto`: uvloop when installed (`authgw[speed]`), else asyncio")
     pin_workers: bool = Field(True, description="with several workers, keep each on its own CPU "
                               "(its event loop and plugin threads share one GIL)")
     realm: str = Field("authgw", description="realm of the `WWW-Authenticate: Basic` challenge")

@@ -146,3 +146,10 @@ def test_unknown_top_level_key_is_an_error_but_a_disabled_plugins_section_is_not
     write_conf(conf_dir, {"zzz.yaml": "ldapp:\n  anything: 1\n"})
     bad = authgw("config", "check", "--config", str(conf_dir), "--state-dir", str(tmp_path / "s"))
     assert bad.returncode == 2 and "zzz.yaml:1: ldapp: unknown key" in bad.stderr
+
+
+def test_every_plugins_settings_problems_are_reported_together(tmp_path):
+    with pytest.raises(ConfigError) as excinfo:
+        build(tmp_path, {"chain": ["a", "b"]}, {"a": {"colour": "red"}, "b": {"action": 3}})
+    text = "\n".join(excinfo.value.problems)
+    assert "a.colour: unknown key" in text and "b.action:" in text

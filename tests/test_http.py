@@ -293,3 +293,15 @@ def test_two_workers_share_the_socket_and_metrics(conf_dir, alice_hash, start_ga
         pinned = [os.sched_getaffinity(pid) for pid in workers]
         assert all(len(cpus) == 1 for cpus in pinned) and pinned[0] != pinned[1]
     assert gw.stop() == 0
+
+
+@pytest.mark.parametrize("choice", ["asyncio", "auto"])
+def test_event_loop_choice(conf_dir, alice_hash, start_gateway, choice):
+    gw = start_gateway(static_conf(conf_dir, alice_hash, f"event_loop: {choice}\n"))
+    assert gw.auth("alice", PASSWORD).status == 200
+    try:
+        import uvloop  # noqa: F401
+        expected = "asyncio" if choice == "asyncio" else "uvloop"
+    except ImportError:
+        expected = "asyncio"
+    assert f"event loop: {expected}" in gw.output()

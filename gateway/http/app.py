@@ -193,7 +193,12 @@ class FrontDoor:
         if self.api_client(request) is None:
             return web.json_response({"error": "unauthorized", "detail": "a valid API token is required"},
                                      status=401, headers={"WWW-Authenticate": 'Bearer realm="authgw"'})
-        body = await request.content.read(_MAX_JSON_BYTES + 1)
+        body = b""
+        while len(body) <= _MAX_JSON_BYTES:  # read() returns what has arrived, not all of it
+            chunk = await request.content.read(_MAX_JSON_BYTES + 1 - len(body))
+            if not chunk:
+                break
+            body += chunk
         try:
             if len(body) > _MAX_JSON_BYTES:
                 raise ValueError("request body too large")
