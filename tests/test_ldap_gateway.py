@@ -157,6 +157,17 @@ def test_unknown_user_is_the_same_401_but_audited_as_not_found(gw) -> None:
     assert (line["outcome"], line["reason"]) == ("user_not_found", "ldap.user_not_found")
 
 
+def test_unknown_user_costs_the_directory_the_same_bind_as_a_wrong_password(gw, directory) -> None:
+    # Uniform failures include timing: an unknown user must not answer a round trip sooner.
+    gw.auth("alice", "warm-up-the-pools")
+    before = directory.bind_count()
+    assert gw.auth("alice", "wrong-again").status == 401
+    wrong = directory.bind_count() - before
+    before = directory.bind_count()
+    assert gw.auth("nobody-at-all", "wrong-again").status == 401
+    assert directory.bind_count() - before == wrong == 1
+
+
 def test_several_matching_entries_are_refused(gw) -> None:
     response = gw.auth("dup", PASSWORDS["dup"])
     assert response.status == 401

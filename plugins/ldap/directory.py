@@ -8,6 +8,7 @@ it is never reported as a wrong password.
 from __future__ import annotations
 
 import base64
+import secrets
 
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,6 +58,8 @@ class Directory:
         self.log = log
         self._scope = settings.scope
         self._attributes = list(resolved.user_attributes)
+        #: Bound by ``_equalizing_bind``; random per process, so no entry can be made to match it.
+        self._nobody_dn = f"cn=authgw-no-such-user-{secrets.token_hex(8)},{settings.base_dn}"
         direct = settings.direct_bind or ""
         #: A direct-bind template that is a DN gets RFC 4514 escaping; any other (a UPN or
         #: DOMAIN\\name) only accepts names without syntax characters.
@@ -88,6 +91,7 @@ class Directory:
             return self._direct_login(username, password, deadline)
         entries = self.search_user(username, deadline)
         if not entries:
+            self._equalizing_bind(deadline)
             return Verdict(Outcome.USER_NOT_FOUND, "ldap.user_not_found")
         if len(entries) > 1:
             self.log.warning("username %r matches several entries under %s; refused", username, self.s.base_dn)
@@ -101,6 +105,15 @@ class Directory:
         if groups is None:
             groups = self.pool.call(SERVICE, lambda link: self.groups.resolve(link, entry, username), deadline)
         return Verdict(Outcome.SUCCESS, identity=self.identity(entry, username, groups, extra))
+
+    def _equalizing_bind(self, deadline: float) -> None:
+        """Spend the bind an existing user would cost, so that an unknown user and a wrong
+        password take the same directory round trips (uniform failures, DESIGN.md section 7).
+        The DN cannot exist and the password is random: the user's password is not sent."""
+        try:
+            self.pool.call(BIND, lambda link: link.bind(self._nobody_dn, secrets.token_urlsafe(18)), deadline)
+        except Exception:  # noqa: BLE001 - the answer is USER_NOT_FOUND whatever happens here
+            pass
 
     def _bind(self, link: Link, dn: str, password: str) -> _Bound:
         result = link.bind(dn, password)
