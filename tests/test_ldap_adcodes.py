@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 
 import pytest
 
@@ -68,16 +67,6 @@ def strict(start, directory) -> GatewayProcess:
     return start(directory.plugin_settings("plain"))
 
 
-def audit_for(gateway: GatewayProcess, request_id: str) -> dict:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        for line in gateway.audit():
-            if line["request_id"] == request_id:
-                return line
-        time.sleep(0.05)
-    raise AssertionError(f"no audit line for {request_id}:\n{gateway.output()}")
-
-
 def api(gateway: GatewayProcess, username: str, password: str) -> tuple[int, dict]:
     response = gateway.post("/v1/authenticate", json.dumps({"username": username, "password": password}).encode(),
                             {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
@@ -89,7 +78,7 @@ def test_ad_sub_codes_become_reasons(strict, uid) -> None:
     code, outcome, reason = STATES[uid]
     response = strict.auth(uid, "pw")
     assert response.status == 401  # uniform: the client never learns the account state
-    line = audit_for(strict, response.header("X-Request-Id"))
+    line = strict.audit_for(response.header("X-Request-Id"))
     assert (line["outcome"], line["reason"], line["step"]) == (outcome, reason, "ldap")
 
 
@@ -121,7 +110,7 @@ def test_a_bind_that_hangs_is_unavailable_never_a_wrong_password(start, director
     gw = start(directory.plugin_settings("plain", receive_timeout=0.5, backoff=60))
     response = gw.auth("slow", "pw")
     assert response.status == 503
-    line = audit_for(gw, response.header("X-Request-Id"))
+    line = gw.audit_for(response.header("X-Request-Id"))
     assert (line["outcome"], line["reason"]) == ("unavailable", "ldap.unavailable")
     # The only server is retried at once for the next attempt (nothing else could answer).
     assert gw.auth("fine", "pw").status == 200

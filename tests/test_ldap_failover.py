@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 
 import pytest
 
@@ -53,16 +52,6 @@ def gateway(tmp_path):
         process.stop()
 
 
-def audit_for(gateway: GatewayProcess, request_id: str) -> dict:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        for line in gateway.audit():
-            if line["request_id"] == request_id:
-                return line
-        time.sleep(0.05)
-    raise AssertionError(f"no audit line for {request_id}:\n{gateway.output()}")
-
-
 def ldap_components(gateway: GatewayProcess) -> tuple[int, dict[str, dict]]:
     response = gateway.get("/readyz")
     return response.status, {c["name"]: c for c in response.json()["components"] if c["name"].startswith("ldap.")}
@@ -79,7 +68,7 @@ def test_killed_directory_gives_503_and_its_restart_is_used_without_restarting_t
         response = gw.auth("carol", PASSWORD)
         assert response.status == 503
         assert response.header("Retry-After")
-        line = audit_for(gw, response.header("X-Request-Id"))
+        line = gw.audit_for(response.header("X-Request-Id"))
         assert (line["outcome"], line["reason"], line["step"]) == ("unavailable", "ldap.unavailable", "ldap")
     status, components = ldap_components(gw)
     assert status == 503

@@ -109,16 +109,6 @@ def last_audit(gateway: GatewayProcess, count: int = 1) -> list[dict]:
     raise AssertionError(f"fewer than {count} audit lines:\n{gateway.output()}")
 
 
-def audit_for(gateway: GatewayProcess, request_id: str) -> dict:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        for line in gateway.audit():
-            if line["request_id"] == request_id:
-                return line
-        time.sleep(0.05)
-    raise AssertionError(f"no audit line for {request_id}:\n{gateway.output()}")
-
-
 # ---------------------------------------------------------------------------------------------
 # Passwords
 # ---------------------------------------------------------------------------------------------
@@ -133,7 +123,7 @@ def test_right_password_gives_the_directory_profile_and_nested_groups(gw) -> Non
     groups = response.header("Remote-Groups").split(",")
     # direct, two levels of nesting, and both members of a membership cycle
     assert sorted(groups) == ["cycle-a", "cycle-b", "employees", "everyone", "staff"]
-    line = audit_for(gw, response.header("X-Request-Id"))
+    line = gw.audit_for(response.header("X-Request-Id"))
     assert (line["outcome"], line["step"]) == ("success", "ldap")
     assert line["subject"] and not line["subject"].startswith("dn:")  # entryUUID, stable over renames
 
@@ -143,7 +133,7 @@ def test_wrong_password_is_a_uniform_401_with_a_basic_challenge(gw) -> None:
     assert response.status == 401
     assert response.header("WWW-Authenticate") == 'Basic realm="authgw", charset="UTF-8"'
     assert response.header("Remote-User") is None
-    line = audit_for(gw, response.header("X-Request-Id"))
+    line = gw.audit_for(response.header("X-Request-Id"))
     assert (line["outcome"], line["reason"], line["step"]) == ("invalid_credentials", "ldap.invalid_password", "ldap")
     assert "not-her-password" not in gw.output()
 
@@ -153,7 +143,7 @@ def test_unknown_user_is_the_same_401_but_audited_as_not_found(gw) -> None:
     unknown = gw.auth("nobody-here", "wrong")
     assert (unknown.status, unknown.body, unknown.header("WWW-Authenticate")) == \
         (known.status, known.body, known.header("WWW-Authenticate"))
-    line = audit_for(gw, unknown.header("X-Request-Id"))
+    line = gw.audit_for(unknown.header("X-Request-Id"))
     assert (line["outcome"], line["reason"]) == ("user_not_found", "ldap.user_not_found")
 
 
@@ -171,7 +161,7 @@ def test_unknown_user_costs_the_directory_the_same_bind_as_a_wrong_password(gw, 
 def test_several_matching_entries_are_refused(gw) -> None:
     response = gw.auth("dup", PASSWORDS["dup"])
     assert response.status == 401
-    line = audit_for(gw, response.header("X-Request-Id"))
+    line = gw.audit_for(response.header("X-Request-Id"))
     assert line["reason"] == "ldap.ambiguous_user"
 
 
@@ -247,7 +237,7 @@ def test_injection_attempts_match_nobody(gw) -> None:
         for password in (PASSWORDS["alice"], PASSWORDS["star*user"]):
             response = gw.auth(username, password)
             assert response.status == 401, username
-            line = audit_for(gw, response.header("X-Request-Id"))
+            line = gw.audit_for(response.header("X-Request-Id"))
             assert line["reason"] == "ldap.user_not_found", (username, line)
 
 
@@ -267,7 +257,7 @@ def test_the_plugin_takes_nul_and_wildcards_literally(tmp_path, directory) -> No
 def test_usernames_with_filter_characters_and_non_ascii_log_in_as_themselves(gw, username) -> None:
     response = gw.auth(username, PASSWORDS[username])
     assert response.status == 200
-    line = audit_for(gw, response.header("X-Request-Id"))
+    line = gw.audit_for(response.header("X-Request-Id"))
     assert line["username"] == username and line["outcome"] == "success"
     assert gw.auth(username, "wrong").status == 401
 
@@ -327,7 +317,7 @@ def test_unverifiable_certificates_fail_closed(gateways, directory, tmp_path, mo
     response = gateway.auth("alice", PASSWORDS["alice"])
     assert response.status == 503
     assert response.header("Retry-After")
-    line = audit_for(gateway, response.header("X-Request-Id"))
+    line = gateway.audit_for(response.header("X-Request-Id"))
     assert (line["outcome"], line["reason"]) == ("unavailable", "ldap.unavailable")
     assert directory.bind_count() == binds  # the password never left over an unverified channel
     ready = gateway.get("/readyz")

@@ -87,6 +87,17 @@ class GatewayProcess:
                 lines.append(json.loads(line))
         return lines
 
+    def audit_for(self, request_id: str, timeout: float = 10.0) -> dict:
+        """The audit line of one request (waiting briefly: a deadline-exceeded attempt is
+        audited after its answer)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.audit():
+                if line["request_id"] == request_id:
+                    return line
+            time.sleep(0.05)
+        raise AssertionError(f"no audit line for {request_id}:\n{self.output()}")
+
     # -- requests ------------------------------------------------------------------------------
 
     def get(self, path: str, headers: dict[str, str] | None = None, **kw) -> Response:
