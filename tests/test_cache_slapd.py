@@ -4,6 +4,8 @@ front of a real slapd that the tests stop, start and change; Redis and SQLite st
 
 from __future__ import annotations
 
+import json
+
 import random
 import signal
 import sqlite3
@@ -47,9 +49,6 @@ def new_user(slapd: Slapd, password: str = "first-Passw0rd", **kw) -> tuple[str,
 
 def conf(tmp_path: Path, slapd: Slapd, cache: str = "cache: {}\n", name: str = "conf.d", workers: int = 1,
          deadline: float = 5.0) -> Path:
-    secret = tmp_path / "ldap-service.secret"
-    secret.write_text(slapd.service_password)
-    secret.chmod(0o600)
     return write_conf(tmp_path / name, {
         "gateway.yaml": f"""\
             chain: [ldap]
@@ -58,15 +57,7 @@ def conf(tmp_path: Path, slapd: Slapd, cache: str = "cache: {}\n", name: str = "
             workers: {workers}
             deadline: {deadline}
         """,
-        "ldap.yaml": f"""\
-            ldap:
-              servers: ["{slapd.url}"]
-              insecure: true
-              bind_dn: "{slapd.service_dn}"
-              bind_password: {{file: {secret}}}
-              base_dn: "{slapd.base_dn}"
-              backoff: 0
-        """,
+        "ldap.yaml": "ldap: " + json.dumps(slapd.plugin_settings("plain", backoff=0)),
         "cache.yaml": cache,
     })
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import json
 import os
 import sys
 import tempfile
@@ -42,9 +43,6 @@ class Gateway(GatewayProcess):
     """``authgw serve`` with ``chain: [ldap]``, ``plugins: [cache]`` and *cache* as cache.yaml."""
 
     def __init__(self, tmp: Path, name: str, slapd: Slapd, cache: str, workers: int, threads: int) -> None:
-        secret = tmp / "service.secret"
-        secret.write_text(slapd.service_password)
-        secret.chmod(0o600)
         conf = write_conf(tmp / name, {
             "gateway.yaml": f"""\
                 chain: [ldap]
@@ -54,15 +52,7 @@ class Gateway(GatewayProcess):
                 log_level: ERROR
                 audit: {{file: /dev/null}}
                 """,
-            "ldap.yaml": f"""\
-                ldap:
-                  servers: ["{slapd.url}"]
-                  insecure: true
-                  bind_dn: "{slapd.service_dn}"
-                  bind_password: {{file: {secret}}}
-                  base_dn: "{slapd.base_dn}"
-                  backoff: 0
-                """,
+            "ldap.yaml": "ldap: " + json.dumps(slapd.plugin_settings("plain", backoff=0)),
             "cache.yaml": cache,
         })
         super().__init__(conf, tmp / f"state-{name}", workers=workers)
