@@ -12,9 +12,9 @@ Layers of one attempt, outermost first::
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import types
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable
 
 import pluggy
@@ -22,6 +22,7 @@ import pluggy
 from gateway.checks import ComponentState, Listener, SelfTest
 from gateway.errors import PluginLoadError
 from gateway.model import Attempt, Decision, Outcome
+from gateway.pool import ChainPool
 from gateway.registry import hookimpl
 from gateway.settings import GatewaySettings
 from gateway.throttle import Throttle
@@ -103,7 +104,7 @@ class Gateway:
         self.plugins = plugins
         self.folder = folder
         self.throttle = Throttle(settings.throttle)
-        self.executor = ThreadPoolExecutor(max_workers=settings.threads, thread_name_prefix="authgw-chain")
+        self.pool = ChainPool(settings.threads)
 
     # -- per attempt ----------------------------------------------------------------------------
 
@@ -170,15 +171,14 @@ class Gateway:
 
     async def _run_chain(self, attempt: Attempt) -> Decision:
         """The chain on the pool (plugins block), waited for until the attempt's deadline."""
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self.executor, self._decide_and_notify, attempt)
+        future = self.pool.run(self._decide_and_notify, attempt)
         try:
             return await asyncio.wait_for(future, timeout=attempt.time_left())
         except asyncio.TimeoutError:
             log.warning("attempt %s exceeded its deadline (%.1fs); a plugin did not answer in time",
                         attempt.request_id, self.settings.deadline)
             decision = Decision.deny(Outcome.UNAVAILABLE, step="gateway", reason="deadline_exceeded")
-            self.executor.submit(self.notify, attempt, decision)
+            self.pool.submit(functools.partial(self.notify, attempt), decision)
             return decision
 
     # -- other hooks ----------------------------------------------------------------------------
@@ -232,4 +232,4 @@ class Gateway:
         try:
             self.pm.hook.gateway_shutdown()
         finally:
-            self.executor.shutdown(wait=False, cancel_futures=True)
+            self.pool.shutdown()

@@ -54,7 +54,7 @@ class Runtime:
 
     def discard(self) -> None:
         """Drop a runtime that was built only to validate (its plugins never started)."""
-        self.gateway.executor.shutdown(wait=False)
+        self.gateway.pool.shutdown()
         self.audit.close()
 
 

@@ -51,7 +51,7 @@ async def _serve_worker(config_dir: Path, state_dir: Path | None, sockets: list[
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await loop.run_in_executor(runtime.gateway.executor, runtime.gateway.startup)
+    await loop.run_in_executor(None, runtime.gateway.startup)
     runner = web.AppRunner(build_app(runtime.gateway, runtime.metrics), access_log=None,
                            handle_signals=False, shutdown_timeout=_SHUTDOWN_GRACE)
     await runner.setup()

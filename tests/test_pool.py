@@ -1,0 +1,60 @@
+"""The chain's thread pool: results, exceptions, and answers that come after the deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from gateway.pool import ChainPool
+
+
+@pytest.fixture
+def pool():
+    p = ChainPool(2)
+    yield p
+    p.shutdown()
+
+
+def test_results_and_exceptions_reach_the_waiter(pool):
+    async def main():
+        assert await pool.run(lambda x: x * 2, 21) == 42
+        with pytest.raises(ZeroDivisionError):
+            await pool.run(lambda x: 1 / x, 0)
+        return threading.current_thread().name
+
+    assert asyncio.run(main()) == "MainThread"
+
+
+def test_an_answer_after_the_deadline_is_dropped_quietly(pool):
+    release = threading.Event()
+    finished = threading.Event()
+
+    def slow(_):
+        release.wait(10)
+        finished.set()
+        return "late"
+
+    async def main():
+        future = pool.run(slow, None)
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(future, timeout=0.05)
+        assert future.cancelled()
+        release.set()
+        await asyncio.get_running_loop().run_in_executor(None, finished.wait, 10)
+        await asyncio.sleep(0.05)  # let the late call_soon_threadsafe run: it must not raise
+        return await pool.run(lambda x: x, "still works")
+
+    assert asyncio.run(main()) == "still works"
+
+
+def test_background_work_runs_and_its_errors_are_logged(pool, caplog):
+    done = threading.Event()
+    pool.submit(lambda _: done.set(), None)
+    assert done.wait(10)
+    pool.submit(lambda _: 1 / 0, None)
+    pool.shutdown()
+    for thread in pool._threads:
+        thread.join(10)
+    assert any("background work" in r.getMessage() for r in caplog.records)
