@@ -90,8 +90,9 @@ class Config:
     def _unknown_top_level(self) -> list[str]:
         """Unknown top-level keys are errors; settings of installed, disabled plugins are not."""
         core_keys = set(GatewaySettings.model_fields)
-        enabled = {*self.data.get("chain", ()), *self.data.get("plugins", ())} if isinstance(
-            self.data.get("chain"), list) else set()
+        # Raw YAML, not validated yet: take only the names that are names.
+        enabled = {name for key in ("chain", "plugins") if isinstance(self.data.get(key), list)
+                   for name in self.data[key] if isinstance(name, str)}
         problems = []
         for key in self.data:
             if key in core_keys or key in enabled:

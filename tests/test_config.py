@@ -153,3 +153,11 @@ def test_every_plugins_settings_problems_are_reported_together(tmp_path):
         build(tmp_path, {"chain": ["a", "b"]}, {"a": {"colour": "red"}, "b": {"action": 3}})
     text = "\n".join(excinfo.value.problems)
     assert "a.colour: unknown key" in text and "b.action:" in text
+
+
+@pytest.mark.parametrize("text", ["chain: [{a: 1}]\n", "chain: static\nplugins: cache\n", "chain: [[x]]\n",
+                                  "chain: [static]\nplugins: [{}]\n", "chain: 3\n", "- a\n- b\n", "chain:\n"])
+def test_malformed_chain_lists_are_errors_not_crashes(conf_dir, text):
+    write_conf(conf_dir, {"gateway.yaml": text})
+    found = problems(conf_dir)
+    assert found and all("gateway.yaml" in p for p in found)
