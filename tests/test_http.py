@@ -186,6 +186,17 @@ def test_api_requires_a_token(api):
     assert not gw.audit(), "no attempt runs without a valid API token"
 
 
+@pytest.mark.parametrize("username, password, reason", [
+    ("alice", "\ud800", "malformed_encoding"), ("\udfff", "pw", "malformed_encoding"),
+    ("alice", "", "empty_password"), ("a" * 300, "pw", "malformed_username"),
+])
+def test_api_refuses_malformed_credentials_with_a_typed_answer(api, username, password, reason):
+    gw, headers = api
+    r = gw.post("/v1/authenticate", json.dumps({"username": username, "password": password}).encode(), headers)
+    assert r.status == 200 and (r.json()["outcome"], r.json()["reason"]) == ("invalid_credentials", reason)
+    assert gw.audit()[-1]["reason"] == reason
+
+
 def test_api_answers_with_the_typed_decision(api):
     gw, headers = api
     ok = gw.post("/v1/authenticate", json.dumps({"username": "alice", "password": PASSWORD}).encode(), headers)

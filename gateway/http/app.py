@@ -215,7 +215,8 @@ class FrontDoor:
             credential = check_password_credential(username, password)
         except MalformedCredentials as exc:
             refused = exc.reason
-            credential = PasswordCredential(username[:256], "")
+            # Audited under a printable, encodable form of the name (it may be why it was refused).
+            credential = PasswordCredential(username.encode("utf-8", "replace").decode("utf-8")[:256], "")
         attempt = self.attempt(request, "api", password=credential)
         decision = await self.decide(attempt, refused)
         status = {Outcome.UNAVAILABLE: 503, Outcome.THROTTLED: 429}.get(decision.outcome, 200)

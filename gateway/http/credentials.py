@@ -29,14 +29,18 @@ class MalformedCredentials(ValueError):
 
 
 def check_password_credential(username: str, password: str) -> PasswordCredential:
-    if not username or len(username.encode("utf-8", "surrogatepass")) > MAX_USERNAME_BYTES:
+    try:  # JSON can carry lone surrogates, which no backend can encode
+        username_bytes, password_bytes = username.encode("utf-8"), password.encode("utf-8")
+    except UnicodeEncodeError:
+        raise MalformedCredentials("malformed_encoding") from None
+    if not username or len(username_bytes) > MAX_USERNAME_BYTES:
         raise MalformedCredentials("malformed_username")
     if any(ch < " " or ch == "\x7f" for ch in username):
         raise MalformedCredentials("malformed_username")
     if not password:
         # An empty password is an anonymous bind to LDAP; refuse it before any plugin sees it.
         raise MalformedCredentials("empty_password")
-    if len(password.encode("utf-8", "surrogatepass")) > MAX_PASSWORD_BYTES:
+    if len(password_bytes) > MAX_PASSWORD_BYTES:
         raise MalformedCredentials("password_too_long")
     return PasswordCredential(username, password)
 
