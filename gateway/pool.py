@@ -35,20 +35,31 @@ class ChainPool:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True)
                          for i in range(threads)]
-        for thread in self._threads:
-            thread.start()
+        self._started = False
+        self._lock = threading.Lock()
+
+    def _put(self, item: tuple) -> None:
+        # Threads start with the first work, so a process that only validated the configuration
+        # (the master, before it forks its workers) never has any.
+        if not self._started:
+            with self._lock:
+                if not self._started:
+                    for thread in self._threads:
+                        thread.start()
+                    self._started = True
+        self._queue.put(item)
 
     def run(self, fn: Callable[[Any], Any], arg: Any) -> asyncio.Future:
         """Run ``fn(arg)`` on a pool thread; the returned future (of the running loop) resolves
         with its result or exception."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._queue.put((loop, future, fn, arg))
+        self._put((loop, future, fn, arg))
         return future
 
     def submit(self, fn: Callable[[Any], Any], arg: Any) -> None:
         """Run ``fn(arg)`` on a pool thread and forget it (exceptions are logged)."""
-        self._queue.put((None, None, fn, arg))
+        self._put((None, None, fn, arg))
 
     def _work(self) -> None:
         while True:
@@ -76,5 +87,6 @@ class ChainPool:
                 self._queue.get_nowait()
             except queue.Empty:
                 break
-        for _ in self._threads:
-            self._queue.put(None)
+        if self._started:
+            for _ in self._threads:
+                self._queue.put(None)

@@ -22,7 +22,7 @@ from aiohttp import web
 
 from gateway.errors import ConfigError
 from gateway.http.app import build_app
-from gateway.runtime import build_runtime
+from gateway.runtime import Runtime, build_runtime
 from gateway.settings import parse_listen
 
 __all__ = ["serve"]
@@ -42,8 +42,8 @@ def bind(address: str) -> socket.socket:
 
 
 async def _serve_worker(config_dir: Path, state_dir: Path | None, sockets: list[socket.socket],
-                        extra: dict[str, socket.socket]) -> None:
-    runtime = build_runtime(config_dir, state_dir=state_dir)
+                        extra: dict[str, socket.socket], runtime: Runtime | None = None) -> None:
+    runtime = runtime or build_runtime(config_dir, state_dir=state_dir)
     listeners = {listener.name: listener for listener in runtime.gateway.listeners()}
     if set(listeners) != set(extra):
         raise RuntimeError("plugins asked for different listeners in the worker than in the master")
@@ -90,9 +90,9 @@ def _event_loop_runner(choice: str):
 
 
 def _worker_main(config_dir: Path, state_dir: Path | None, sockets: list[socket.socket],
-                 extra: dict[str, socket.socket], run) -> int:
+                 extra: dict[str, socket.socket], run, runtime: Runtime | None = None) -> int:
     try:
-        run(_serve_worker(config_dir, state_dir, sockets, extra))
+        run(_serve_worker(config_dir, state_dir, sockets, extra, runtime))
     except Exception:
         log.exception("worker %d failed", os.getpid())
         return EXIT_STARTUP_FAILED
@@ -130,15 +130,16 @@ def serve(config_dir: Path, *, state_dir: Path | None = None, workers: int | Non
     probe = build_runtime(config_dir, state_dir=state_dir)
     settings = probe.config.core
     try:
-        extra_listeners = probe.gateway.listeners()
-    finally:
+        run = _event_loop_runner(settings.event_loop)
+        sockets = [bind(address) for address in (listen or settings.listen)]
+        extra = {listener.name: bind(listener.address) for listener in probe.gateway.listeners()}
+    except BaseException:
         probe.discard()
-    run = _event_loop_runner(settings.event_loop)
-    sockets = [bind(address) for address in (listen or settings.listen)]
-    extra = {listener.name: bind(listener.address) for listener in extra_listeners}
+        raise
     count = workers or settings.workers
-    if count == 1:
-        return _worker_main(config_dir, state_dir, sockets, extra, run)
+    if count == 1:  # serve with the runtime just validated
+        return _worker_main(config_dir, state_dir, sockets, extra, run, probe)
+    probe.discard()  # each worker builds its own after the fork
 
     metrics_dir = _enable_multiprocess_metrics()
     children: dict[int, tuple[int, float]] = {}  # pid -> (slot, started)
