@@ -63,11 +63,8 @@ class Gateway(GatewayProcess):
 
 
 def measure(label: str, gateway: Gateway, path: str, headers_fn, args) -> loadgen.LoadResult:
-    before = loadgen.cpu_seconds(gateway.pids())
-    result = loadgen.run(gateway.url + path, headers_fn, concurrency=args.concurrency, seconds=args.seconds)
-    cpu = loadgen.cpu_seconds(gateway.pids()) - before
-    print(result.summary(label) + f"  server CPU/request {cpu / max(result.count, 1) * 1e6:7.0f} us")
-    return result
+    return loadgen.measure(label, gateway.url + path, headers_fn, gateway.pids(),
+                           concurrency=args.concurrency, seconds=args.seconds)
 
 
 def argon2_loop(seconds: float, threads: int) -> float:

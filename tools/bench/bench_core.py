@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import base64
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -61,17 +62,15 @@ def main() -> int:
         for label, path, headers in (("reference: GET /healthz", "/healthz", {}),
                                      ("GET /auth, no credentials (401)", "/auth", {}),
                                      ("GET /auth, Basic + argon2id (200)", "/auth", basic)):
-            cpu_before = loadgen.cpu_seconds(pids)
-            result = loadgen.run(url + path, lambda i, h=headers: h, concurrency=args.concurrency, seconds=args.seconds)
-            cpu = loadgen.cpu_seconds(pids) - cpu_before
-            results[label] = result
-            print(result.summary(label) + f"  server CPU/request {cpu / max(result.count, 1) * 1e6:7.0f} us")
+            results[label] = loadgen.measure(label, url + path, lambda i, h=headers: h, pids,
+                                             concurrency=args.concurrency, seconds=args.seconds)
         reference = results["reference: GET /healthz"].rate
         for label, result in results.items():
             if not label.startswith("reference"):
                 print(f"ratio {label} / healthz: {result.rate / reference:.3f}")
     finally:
         server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 from urllib.parse import urlsplit
 
-__all__ = ["LoadResult", "run", "cpu_seconds"]
+__all__ = ["LoadResult", "children", "cpu_seconds", "measure", "run"]
 
 
 @dataclass
@@ -86,6 +86,16 @@ async def _run(url: str, headers_fn, concurrency: int, seconds: float, max_reque
 def run(url: str, headers_fn: Callable[[int], dict[str, str]] = lambda i: {}, *, concurrency: int = 32,
         seconds: float = 10.0, max_requests: int = 2_000_000) -> LoadResult:
     return asyncio.run(_run(url, headers_fn, concurrency, seconds, max_requests))
+
+
+def measure(label: str, url: str, headers_fn: Callable[[int], dict[str, str]], pids: list[int], *,
+            concurrency: int, seconds: float) -> LoadResult:
+    """Run a load against *url*, print its summary with the CPU *pids* spent per request."""
+    before = cpu_seconds(pids)
+    result = run(url, headers_fn, concurrency=concurrency, seconds=seconds)
+    cpu = cpu_seconds(pids) - before
+    print(result.summary(label) + f"  server CPU/request {cpu / max(result.count, 1) * 1e6:7.0f} us")
+    return result
 
 
 def cpu_seconds(pids: list[int]) -> float:
