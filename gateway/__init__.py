@@ -6,7 +6,7 @@ A plugin is a class with a ``Settings`` model (deriving from :class:`PluginSetti
 :data:`hookimpl`. See docs/plugins.md.
 """
 
-from gateway.checks import CheckResult, CheckStatus, Command, ComponentState, Listener, SelfTest
+from gateway.checks import CheckResult, CheckStatus, Command, ComponentState, Listener, Route, SelfTest
 from gateway.errors import AuthgwError, BackendUnavailable, ConfigError, PluginLoadError
 from gateway.model import (
     MUTUAL_AUTH_KEY,
@@ -47,6 +47,7 @@ __all__ = [
     "PluginContext",
     "PluginLoadError",
     "PluginSettings",
+    "Route",
     "Secret",
     "SelfTest",
     "Stash",

@@ -19,7 +19,7 @@ from typing import Any, Iterable
 
 import pluggy
 
-from gateway.checks import ComponentState, Listener, SelfTest
+from gateway.checks import ComponentState, Listener, Route, SelfTest
 from gateway.errors import PluginLoadError
 from gateway.model import Attempt, Decision, Outcome
 from gateway.pool import ChainPool
@@ -220,6 +220,13 @@ class Gateway:
                                           + (clash[0].name if clash else "`listen:`"))
                 result.append(listener)
         return result
+
+    def http_routes(self, door) -> list[Route]:
+        """HTTP routes plugins add (``gateway_http_routes``), in plugin order."""
+        routes: list[Route] = []
+        for batch in self.pm.hook.gateway_http_routes(door=door):
+            routes.extend(batch or ())
+        return routes
 
     def selftests(self) -> Iterable[SelfTest]:
         for batch in self.pm.hook.gateway_selftests():

@@ -1,4 +1,5 @@
-"""Records plugins return from hooks: self-tests, readiness, extra listeners, CLI commands."""
+"""Records plugins return from hooks: self-tests, readiness, extra listeners, HTTP routes, CLI
+commands."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ import argparse
 import enum
 from dataclasses import dataclass
 import ssl
-from typing import Callable
+from typing import Any, Awaitable, Callable
 
-__all__ = ["CheckResult", "CheckStatus", "Command", "ComponentState", "Listener", "SelfTest"]
+__all__ = ["CheckResult", "CheckStatus", "Command", "ComponentState", "Listener", "Route", "SelfTest"]
 
 
 class CheckStatus(enum.Enum):
@@ -69,14 +70,39 @@ class Listener:
     The main use is a TLS listener that asks for client certificates: TLS requests a certificate
     per connection, not per path, so certificate logins get a listener of their own.
 
+    A listener with ``own_routes`` serves only the :class:`Route` records that name it (a
+    localhost console, a relay's mutual-TLS link endpoint), not the front doors.
+
     :ivar name: unique, e.g. ``client_cert.tls``.
     :ivar address: ``HOST:PORT`` (IPv6 as ``[::1]:PORT``).
     :ivar ssl_context: builds the server-side :class:`ssl.SSLContext`; called in every worker.
+        ``None`` (or a callable returning ``None``) serves plain HTTP.
+    :ivar own_routes: serve only the routes that name this listener.
     """
 
     name: str
     address: str
-    ssl_context: Callable[[], ssl.SSLContext]
+    ssl_context: Callable[[], ssl.SSLContext | None] | None
+    own_routes: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """An HTTP route a plugin adds (``gateway_http_routes``): a login page, a metadata document,
+    a WebSocket endpoint.
+
+    :ivar method: ``GET``, ``POST``, ... or ``*``.
+    :ivar path: an aiohttp route path, e.g. ``/saml/sso`` or ``/p/{token}``.
+    :ivar handler: ``async def handler(request: aiohttp.web.Request) -> aiohttp.web.StreamResponse``.
+    :ivar listener: ``None`` to serve it with the front doors (the ``listen:`` sockets and every
+        extra listener without ``own_routes``), or the name of one extra listener to serve it
+        there only.
+    """
+
+    method: str
+    path: str
+    handler: Callable[[Any], Awaitable[Any]]
+    listener: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Iterable
 import pluggy
 
 if TYPE_CHECKING:
-    from gateway.checks import Command, ComponentState, Listener, SelfTest
+    from gateway.checks import Command, ComponentState, Listener, Route, SelfTest
+    from gateway.http.app import FrontDoor
     from gateway.model import Attempt, Decision, Identity
 
 hookspec = pluggy.HookspecMarker("authgw")
@@ -61,6 +62,27 @@ def gateway_listeners() -> Iterable[Listener]:
         two listeners with one name or one address stop start-up.
 
     .. versionadded:: 0.1
+    """
+
+
+@hookspec
+def gateway_http_routes(door: FrontDoor) -> Iterable[Route]:
+    """Add HTTP routes: a front door of the plugin's own (a login page, SAML or OIDC endpoints, a
+    relay's link endpoint, a console).
+
+    Called in every worker when its HTTP applications are built. A handler that authenticates
+    someone builds the attempt with ``door.attempt(request, front_door, password=...)`` (the
+    client address comes from trusted proxies only, as for ``/auth``) and decides it with
+    ``await door.decide(attempt)``: throttling, deadline, audit and metrics apply as on every
+    front door. ``door.tls_certificate(request)`` is the verified peer certificate of a TLS
+    listener, ``door.gateway.challenges(attempt)`` the ``WWW-Authenticate`` offers.
+
+    :param door: the worker's :class:`~gateway.http.app.FrontDoor`.
+    :return: :class:`~gateway.checks.Route` records, or ``None``. All plugins' are collected; a
+        route that clashes with another (same method and path on one listener) stops start-up,
+        and so does one naming a listener nobody asked for.
+
+    .. versionadded:: 0.2
     """
 
 

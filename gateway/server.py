@@ -21,7 +21,7 @@ from pathlib import Path
 from aiohttp import web
 
 from gateway.errors import ConfigError
-from gateway.http.app import build_app
+from gateway.http.app import build_apps
 from gateway.runtime import Runtime, build_runtime
 from gateway.settings import parse_listen
 
@@ -52,21 +52,25 @@ async def _serve_worker(config_dir: Path, state_dir: Path | None, sockets: list[
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await loop.run_in_executor(None, runtime.gateway.startup)
-    runner = web.AppRunner(build_app(runtime.gateway, runtime.metrics), access_log=None,
-                           handle_signals=False, shutdown_timeout=_SHUTDOWN_GRACE)
-    await runner.setup()
+    apps = build_apps(runtime.gateway, runtime.metrics, list(listeners.values()))
+    runners = {name: web.AppRunner(app, access_log=None, handle_signals=False,
+                                   shutdown_timeout=_SHUTDOWN_GRACE) for name, app in apps.items()}
+    for runner in runners.values():
+        await runner.setup()
     for sock in sockets:
-        await web.SockSite(runner, sock).start()
+        await web.SockSite(runners[None], sock).start()
     for name, sock in extra.items():
-        await web.SockSite(runner, sock, ssl_context=listeners[name].ssl_context()).start()
-    names = ", ".join([_url(s) for s in sockets] + [_url(s, "https") + f" ({n})" for n, s in extra.items()])
+        factory = listeners[name].ssl_context
+        await web.SockSite(runners[name], sock, ssl_context=factory() if factory else None).start()
+    names = ", ".join([_url(s) for s in sockets] + [_url(s, "https" if listeners[n].ssl_context else "http") + f" ({n})" for n, s in extra.items()])
     log.info("authgw worker %d serving on %s; chain: %s; event loop: %s", os.getpid(), names,
              " -> ".join(runtime.config.core.chain), type(loop).__module__.split(".")[0])
     try:
         await stop.wait()
         log.info("worker %d stopping", os.getpid())
     finally:
-        await runner.cleanup()  # stops accepting, lets in-flight requests finish
+        for runner in runners.values():
+            await runner.cleanup()  # stops accepting, lets in-flight requests finish
         await loop.run_in_executor(None, runtime.close)
 
 

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from aiohttp import web
 
 from gateway.chain import Gateway
+from gateway.errors import PluginLoadError
 from gateway.http.clientaddr import ClientAddressResolver, parse_address
 from gateway.http.credentials import MalformedCredentials, check_password_credential, parse_authorization
 from gateway.model import (
@@ -32,7 +33,7 @@ from gateway.model import (
     PasswordCredential,
 )
 
-__all__ = ["build_app"]
+__all__ = ["FrontDoor", "build_apps"]
 
 GATEWAY_KEY = web.AppKey("gateway", Gateway)
 
@@ -87,6 +88,9 @@ class RequestIds:
 
 
 class FrontDoor:
+    """The front doors of one worker, and what plugin routes use to authenticate
+    (``gateway_http_routes``): :meth:`attempt`, :meth:`decide`, :meth:`tls_certificate`."""
+
     def __init__(self, gateway: Gateway, metrics=None) -> None:
         self.gateway = gateway
         self.metrics = metrics
@@ -98,6 +102,8 @@ class FrontDoor:
     # -- building attempts -------------------------------------------------------------------
 
     def attempt(self, request: web.Request, front_door: str, **credentials) -> Attempt:
+        """A new attempt for *request*: request id, client address (believing ``X-Forwarded-For``
+        only from trusted proxies), deadline, public headers, and the given credentials."""
         client, trusted = self.resolver.resolve(request.remote, request.headers.getall("X-Forwarded-For", ()))
         return Attempt(
             request_id=self.request_ids.next(),
@@ -119,6 +125,8 @@ class FrontDoor:
         return CertificateCredential((der,), source="tls") if der else None
 
     async def decide(self, attempt: Attempt, refused: str | None = None) -> Decision:
+        """Decide *attempt* (throttle, chain, deadline, audit). With *refused* (a reason code for
+        credentials the front door could not accept) it is denied without asking the chain."""
         if self.metrics:
             self.metrics.in_flight.inc()
         try:
@@ -247,13 +255,41 @@ class FrontDoor:
                             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
-def build_app(gateway: Gateway, metrics=None) -> web.Application:
-    door = FrontDoor(gateway, metrics)
-    app = web.Application(client_max_size=64 * 1024)
-    app[GATEWAY_KEY] = gateway
+def _front_doors(app: web.Application, door: FrontDoor) -> None:
     app.router.add_route("*", "/auth", door.forward_auth)
     app.router.add_post("/v1/authenticate", door.api_authenticate)
     app.router.add_get("/healthz", door.healthz)
     app.router.add_get("/readyz", door.readyz)
     app.router.add_get("/metrics", door.metrics_text)
-    return app
+
+
+def build_apps(gateway: Gateway, metrics=None, listeners=()) -> dict[str | None, web.Application]:
+    """One application for the ``listen:`` sockets (key ``None``) and one per extra listener:
+    the front doors plus plugin routes, or only the routes that name a listener with
+    ``own_routes``."""
+    door = FrontDoor(gateway, metrics)
+    routes = gateway.http_routes(door)
+    known = {listener.name for listener in listeners}
+    for route in routes:
+        if route.listener is not None and route.listener not in known:
+            raise PluginLoadError(f"route {route.method} {route.path} names listener {route.listener!r}, "
+                                  "which no plugin asked for")
+    apps: dict[str | None, web.Application] = {}
+    for name, own in [(None, False), *((x.name, x.own_routes) for x in listeners)]:
+        app = web.Application(client_max_size=64 * 1024)
+        app[GATEWAY_KEY] = gateway
+        if not own:
+            _front_doors(app, door)
+        for route in routes:
+            if route.listener == name or (route.listener is None and not own):
+                try:
+                    app.router.add_route(route.method, route.path, route.handler)
+                except (RuntimeError, ValueError) as exc:  # aiohttp: duplicate or malformed route
+                    raise PluginLoadError(f"route {route.method} {route.path}: {exc}") from exc
+        apps[name] = app
+    return apps
+
+
+def build_app(gateway: Gateway, metrics=None) -> web.Application:
+    """The application of the ``listen:`` sockets (front doors and plugin routes)."""
+    return build_apps(gateway, metrics)[None]

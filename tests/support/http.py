@@ -23,6 +23,10 @@ class Response:
     def json(self):
         return json.loads(self.body)
 
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8", "replace")
+
 
 def basic(username: str | bytes, password: str | bytes) -> str:
     raw = (username if isinstance(username, bytes) else username.encode()) + b":" + \
