@@ -22,7 +22,7 @@ import pluggy
 from gateway.checks import ComponentState, Listener, Route, SelfTest
 from gateway.errors import PluginLoadError
 from gateway.model import Attempt, Decision, Outcome
-from gateway.pool import ChainPool
+from gateway.pool import ChainPool, DeadlineExpired, Overloaded
 from gateway.registry import hookimpl
 from gateway.settings import GatewaySettings
 from gateway.throttle import Throttle
@@ -81,7 +81,7 @@ class ChainFolder:
     def gateway_authenticate(self, attempt: Attempt):
         try:
             decision = yield
-        except Exception as exc:
+        except BaseException as exc:  # SystemExit too: a plugin never ends the worker (issue 10)
             step = self.culprit(exc)
             log.error("plugin %r raised %s during attempt %s; denied (fail closed)",
                       step, exc.__class__.__name__, attempt.request_id, exc_info=exc)
@@ -104,7 +104,7 @@ class Gateway:
         self.plugins = plugins
         self.folder = folder
         self.throttle = Throttle(settings.throttle)
-        self.pool = ChainPool(settings.threads)
+        self.pool = ChainPool(settings.threads, max_queue=settings.limits.queue)
 
     # -- per attempt ----------------------------------------------------------------------------
 
@@ -112,7 +112,7 @@ class Gateway:
         """Run the chain synchronously (on a worker thread). Never raises, never returns None."""
         try:
             decision = self.pm.hook.gateway_authenticate(attempt=attempt)
-        except Exception as exc:  # a wrapper raised outside the ChainFolder
+        except BaseException as exc:  # a wrapper raised outside the ChainFolder (SystemExit too)
             return self._crashed(exc, attempt, "around the chain")
         if not isinstance(decision, Decision):
             return Decision.deny(Outcome.ERROR, step="unknown", reason="internal_error")
@@ -122,13 +122,13 @@ class Gateway:
         """Ask ``gateway_precheck`` (on the event loop: its implementations hold no I/O)."""
         try:
             decision = self.pm.hook.gateway_precheck(attempt=attempt)
-        except Exception as exc:
+        except BaseException as exc:
             return self._crashed(exc, attempt, "in gateway_precheck")
         if decision is not None and not isinstance(decision, Decision):
             return Decision.deny(Outcome.ERROR, step="unknown", reason="internal_error")
         return decision
 
-    def _crashed(self, exc: Exception, attempt: Attempt, where: str) -> Decision:
+    def _crashed(self, exc: BaseException, attempt: Attempt, where: str) -> Decision:
         step = self.folder.culprit(exc)
         log.error("plugin %r raised %s %s (attempt %s); denied (fail closed)",
                   step, exc.__class__.__name__, where, attempt.request_id, exc_info=exc)
@@ -170,11 +170,17 @@ class Gateway:
         return decision
 
     async def _run_chain(self, attempt: Attempt) -> Decision:
-        """The chain on the pool (plugins block), waited for until the attempt's deadline."""
-        future = self.pool.run(self._decide_and_notify, attempt)
+        """The chain on the pool (plugins block), waited for until the attempt's deadline.
+        A full queue refuses at once (``overloaded``, 503 with ``Retry-After``), on the loop."""
+        try:
+            future = self.pool.run(self._decide_and_notify, attempt, deadline=attempt.deadline)
+        except Overloaded:
+            decision = Decision.deny(Outcome.UNAVAILABLE, step="gateway", reason="overloaded")
+            self.notify(attempt, decision)
+            return decision
         try:
             return await asyncio.wait_for(future, timeout=attempt.time_left())
-        except asyncio.TimeoutError:
+        except (asyncio.TimeoutError, DeadlineExpired):
             log.warning("attempt %s exceeded its deadline (%.1fs); a plugin did not answer in time",
                         attempt.request_id, self.settings.deadline)
             decision = Decision.deny(Outcome.UNAVAILABLE, step="gateway", reason="deadline_exceeded")

@@ -1,0 +1,182 @@
+"""Overload and broken plugins, through a real ``authgw serve`` (issue 10 items 1 and 3).
+
+A slow plugin (it sleeps, holding a chain thread, as a slow directory does) gives a capacity
+that depends on its sleep, not on this machine's speed, so the tests can count instead of time.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+
+import pytest
+
+from support.fakedist import make_dist
+from support.gateway import write_conf
+from support.http import basic, request
+
+PASSWORD = "Corr3ct-Horse-Battery"
+
+PLUGINS = {"slow_plugins.py": '''
+    import time
+    from gateway import Decision, Identity, PluginSettings, hookimpl
+
+    class SlowSettings(PluginSettings):
+        sleep: float = 0.2
+
+    class Slow:
+        """Accepts everyone after sleeping (a slow directory)."""
+        Settings = SlowSettings
+
+        def __init__(self, settings, context):
+            self.sleep = settings.sleep
+            self.name = context.name
+
+        @hookimpl
+        def gateway_authenticate(self, attempt):
+            time.sleep(self.sleep)
+            user = attempt.username or "anonymous"
+            return Decision.allow(Identity(subject=user, username=user, method=self.name), step=self.name)
+
+    class Hang:
+        """Answers nothing for a long time (a hanging backend)."""
+        Settings = SlowSettings
+
+        def __init__(self, settings, context):
+            self.sleep = settings.sleep
+
+        @hookimpl
+        def gateway_authenticate(self, attempt):
+            time.sleep(self.sleep)
+
+    class Exits:
+        def __init__(self, settings, context):
+            pass
+
+        @hookimpl
+        def gateway_authenticate(self, attempt):
+            raise SystemExit(3)
+
+    class Interrupts:
+        def __init__(self, settings, context):
+            pass
+
+        @hookimpl
+        def gateway_authenticate(self, attempt):
+            raise KeyboardInterrupt
+'''}
+
+
+@pytest.fixture
+def slow_env(tmp_path):
+    site = make_dist(tmp_path / "site", "slow-plugins", {
+        "slow": "slow_plugins:Slow", "hang": "slow_plugins:Hang",
+        "exits": "slow_plugins:Exits", "interrupts": "slow_plugins:Interrupts"}, PLUGINS)
+    return {"PYTHONPATH": str(site)}
+
+
+@pytest.fixture(scope="module")
+def alice_hash():
+    from gateway.passwords import hash_password
+
+    return hash_password(PASSWORD)
+
+
+def conf(conf_dir, alice_hash, gateway_yaml: str, plugins: str = ""):
+    return write_conf(conf_dir, {
+        "gateway.yaml": gateway_yaml + "\nthrottle:\n  enabled: false\n",
+        "static.yaml": "static:\n  users_file: users/users.yaml\n" + plugins,
+        "users/users.yaml": f'users:\n  alice:\n    password_hash: "{alice_hash}"\n',
+    })
+
+
+def burst(gw, clients: int, per_client: int) -> list[tuple[int, float, str | None, str | None]]:
+    """*clients* threads each sending *per_client* logins, one after the other (bounded count):
+    (status, seconds, Retry-After, X-Request-Id) per response."""
+    results: list[tuple[int, float, str | None, str | None]] = []
+    lock = threading.Lock()
+
+    def client() -> None:
+        for _ in range(per_client):
+            started = time.monotonic()
+            try:
+                r = request(gw.url, "GET", "/auth", {"Authorization": basic("alice", PASSWORD)}, timeout=30)
+                item = (r.status, time.monotonic() - started, r.header("Retry-After"), r.header("X-Request-Id"))
+            except OSError:
+                item = (0, time.monotonic() - started, None, None)
+            with lock:
+                results.append(item)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return results
+
+
+def test_excess_work_is_refused_at_once_and_goodput_holds(conf_dir, alice_hash, start_gateway, slow_env):
+    # 2 threads x 0.2 s: ~10 logins/s. 40 clients keep ~40 attempts offered; an unbounded queue
+    # made each wait 40 x 0.2 / 2 = 4 s, past the 2 s deadline: every one failed (collapse).
+    gw = start_gateway(conf(conf_dir, alice_hash, "chain: [slow]\nthreads: 2\ndeadline: 2\nlimits:\n  queue: 2\n",
+                            "slow:\n  sleep: 0.2\n"), env=slow_env)
+    results = burst(gw, clients=40, per_client=8)
+    assert len(results) == 320 and all(status in (200, 503) for status, *_ in results), results
+    ok = [seconds for status, seconds, *_ in results if status == 200]
+    refused = [(seconds, retry) for status, seconds, retry, _ in results if status == 503]
+    assert refused and all(retry == "1" for _, retry in refused)
+    # No collapse: the attempts admitted were served, none ran out its deadline in the queue.
+    assert len(ok) >= 20
+    reasons = {line["reason"] for line in gw.audit() if line["outcome"] == "unavailable"}
+    assert reasons == {"overloaded"}, reasons
+    # Refusals are answered at once, without waiting for a thread: far quicker than a login.
+    assert statistics.median(s for s, _ in refused) * 4 < statistics.median(ok)
+    # Recovery: once the burst is over, the next login is served.
+    assert gw.auth("alice", PASSWORD).status == 200
+    assert "Traceback" not in gw.output()
+
+
+def test_an_attempt_whose_deadline_passed_in_the_queue_is_not_run(conf_dir, alice_hash, start_gateway, slow_env):
+    # One thread, 1.5 s per attempt, deadline 1 s: the second and third attempts wait in the
+    # queue past their deadline; they are answered 503 and never run (the plugin's audit shows
+    # exactly one live decision).
+    gw = start_gateway(conf(conf_dir, alice_hash, "chain: [slow]\nthreads: 1\ndeadline: 1\n",
+                            "slow:\n  sleep: 1.5\n"), env=slow_env)
+    results = burst(gw, clients=3, per_client=1)
+    assert sorted(status for status, *_ in results) == [503, 503, 503]
+    time.sleep(2)  # let the one attempt that ran finish and audit itself
+    ran = [line for line in gw.audit() if line["outcome"] == "success"]
+    assert len(ran) == 1, gw.audit()
+    # The pool is free again: the next attempt runs (and, at 1.5 s, misses its 1 s deadline).
+    assert gw.auth("alice", PASSWORD).status == 503
+
+
+def test_a_hanging_step_does_not_take_every_thread(conf_dir, alice_hash, start_gateway, slow_env):
+    # `hang` sleeps 6 s per call; with 4 threads it may hold 2. Once two calls are stuck, later
+    # attempts skip it as unavailable and `static` answers them.
+    gw = start_gateway(conf(conf_dir, alice_hash, "chain: [hang, static]\nthreads: 4\ndeadline: 4\n",
+                            "hang:\n  sleep: 6\n"), env=slow_env)
+    stuck = [threading.Thread(target=gw.auth, args=("alice", PASSWORD), kwargs={"timeout": 30}) for _ in range(2)]
+    for t in stuck:
+        t.start()
+    time.sleep(1.5)  # the two hanging calls are now older than the 1 s that makes a step "stuck"
+    statuses = [gw.auth("alice", PASSWORD).status for _ in range(10)]
+    still_hanging = all(t.is_alive() for t in stuck)
+    for t in stuck:
+        t.join(30)
+    assert statuses == [200] * 10
+    assert still_hanging  # served while the hanging calls were still outstanding
+    assert "chain step 'hang' holds 2 threads" in gw.output()
+
+
+@pytest.mark.parametrize("plugin, exception", [("exits", "SystemExit"), ("interrupts", "KeyboardInterrupt")])
+def test_a_plugin_raising_a_base_exception_fails_closed(conf_dir, alice_hash, start_gateway, slow_env, plugin, exception):
+    gw = start_gateway(conf(conf_dir, alice_hash, f"chain: [{plugin}, static]\n"), env=slow_env)
+    for _ in range(3):
+        r = gw.auth("alice", PASSWORD)
+        assert r.status == 401
+    entry = gw.audit()[-1]
+    assert (entry["outcome"], entry["reason"], entry["step"]) == ("error", "internal_error", plugin)
+    assert f"plugin '{plugin}' raised {exception}" in gw.output()
+    assert gw.proc.poll() is None and gw.get("/healthz").status == 200
