@@ -105,6 +105,7 @@ class Gateway:
         self.folder = folder
         self.throttle = Throttle(settings.throttle)
         self.pool = ChainPool(settings.threads, max_queue=settings.limits.queue)
+        self.unready_reason: str | None = None  # set by readiness()
 
     # -- per attempt ----------------------------------------------------------------------------
 
@@ -202,9 +203,10 @@ class Gateway:
         return offers
 
     def readiness(self) -> tuple[bool, list[ComponentState]]:
-        """Ready when every chain step that reports components has at least one ready."""
+        """Ready when every chain step that reports components has at least one ready; else
+        :attr:`unready_reason` names the steps (a code for load balancers, no URLs or paths)."""
         components: list[ComponentState] = []
-        ready = True
+        unready: list[str] = []
         for impl in self.pm.hook.gateway_readiness.get_hookimpls():
             try:
                 states = list(impl.function() or ())
@@ -212,8 +214,9 @@ class Gateway:
                 states = [ComponentState(impl.plugin_name, False, f"readiness check raised {exc.__class__.__name__}")]
             components.extend(states)
             if impl.plugin_name in self.settings.chain and states and not any(s.ready for s in states):
-                ready = False
-        return ready, components
+                unready.append(impl.plugin_name)
+        self.unready_reason = f"no ready backend: {', '.join(unready)}" if unready else None
+        return not unready, components
 
     def listeners(self) -> list[Listener]:
         """Extra listeners plugins asked for; names and addresses must be unique."""

@@ -268,12 +268,11 @@ class FrontDoor:
 
     async def readyz(self, request: web.Request) -> web.Response:
         ready, components = self.gateway.readiness()
-        details = self.sees_details(request)
-        body = {"ready": ready, "components": [
-            {"name": c.name, "ready": c.ready, **({"detail": c.detail} if details else {})} for c in components]}
-        reason = getattr(self.gateway, "unready_reason", None)
-        if not ready and reason:
-            body["reason"] = reason
+        body: dict = {"ready": ready}
+        if not ready:
+            body["reason"] = self.gateway.unready_reason
+        if self.sees_details(request):  # component names hold URLs, details hold paths and errors
+            body["components"] = [{"name": c.name, "ready": c.ready, "detail": c.detail} for c in components]
         return web.json_response(body, status=200 if ready else 503, headers={"Cache-Control": "no-store"})
 
     async def metrics_text(self, request: web.Request) -> web.Response:
