@@ -5,9 +5,11 @@ the thread resolves the attempt's asyncio future itself through ``call_soon_thre
 ``concurrent.futures.Future`` in between. Measured alone, a hand-off and back costs ~23 µs of CPU
 this way against ~46 µs (docs/performance.md).
 
-Overload (issue 10): the queue is bounded (``limits.queue``), so excess work is refused at once
-(:class:`Overloaded`, answered 503 on the event loop) instead of waiting behind work that will
-miss its deadline; and an attempt whose deadline passed while it queued is dropped unrun, so a
+Overload (issue 10): excess work is refused at once (:class:`Overloaded`, answered 503 on the
+event loop) instead of waiting behind work that will miss its deadline. It is refused when the
+queue holds ``limits.queue`` items, or sooner when the wait it would have, estimated from the
+measured time per item (how fast the threads really finish work on this machine, now), exceeds
+the attempt's deadline. An attempt whose deadline passed while it queued is dropped unrun, so a
 burst does not leave minutes of dead work behind it.
 """
 
@@ -49,6 +51,8 @@ class ChainPool:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self.max_queue = max_queue if max_queue is not None else 4 * threads
         self.dropped = 0  # attempts not run because their deadline had passed (for tests, metrics)
+        self._size = threads
+        self._per_item: float | None = None  # moving average of seconds per item (None: unknown)
         self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True)
                          for i in range(threads)]
         self._started = False
@@ -74,8 +78,13 @@ class ChainPool:
         with its result or exception. Raises :class:`Overloaded` at once when the queue is full;
         the future fails with :class:`DeadlineExpired` when *deadline* (``time.monotonic()``)
         passes before a thread takes the work."""
-        if self._queue.qsize() >= self.max_queue:
+        waiting = self._queue.qsize()
+        if waiting >= self.max_queue:
             raise Overloaded(f"{self.max_queue} attempts already wait for a chain thread")
+        per_item = self._per_item
+        if deadline is not None and per_item is not None and waiting and \
+                (waiting + 1) * per_item / self._size > deadline - time.monotonic():
+            raise Overloaded(f"{waiting} attempts wait, ~{per_item:.2f}s each: this one would miss its deadline")
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._put((loop, future, fn, arg, deadline))
@@ -101,6 +110,7 @@ class ChainPool:
                 except RuntimeError:
                     pass
                 continue
+            started = time.monotonic()
             try:
                 result, error = fn(arg), None
             except Exception as exc:  # handed to the waiter, which decides
@@ -110,6 +120,9 @@ class ChainPool:
                 # worker: the waiter gets an ordinary exception, and fails closed on it.
                 result, error = None, RuntimeError(f"{exc.__class__.__name__} raised on a chain thread")
                 error.__cause__ = exc
+            if loop is not None:  # attempts only; an unlocked update may lose a sample, no more
+                took = time.monotonic() - started
+                self._per_item = took if self._per_item is None else 0.9 * self._per_item + 0.1 * took
             if loop is None:
                 if error is not None:
                     log.error("background work %r raised", fn, exc_info=error)

@@ -76,6 +76,7 @@ def build_runtime(config_dir: Path, *, state_dir: Path | None = None,
     folder = ChainFolder(pm)  # it names culprits from the plugin manager it is registered in
     pm.register(folder, name="core.chain")
     limits = config.core.limits
-    bound_steps(pm, config.core.chain, limits.step_concurrency or max(1, config.core.threads // 2))
+    bound_steps(pm, config.core.chain, limits.step_concurrency or max(1, config.core.threads // 2),
+                config.core.deadline)
     gateway = Gateway(config.core, pm, plugins, folder)
     return Runtime(config, gateway, metrics, audit, state)

@@ -31,7 +31,7 @@ from gateway.checks import Listener
 from gateway.errors import ConfigError
 from gateway.http.app import build_apps
 from gateway.http.protocol import ConnectionGuard, GuardedSite
-from gateway.lifecycle import die_with_parent, remove_pidfile, write_pidfile
+from gateway.lifecycle import die_with_parent, remove_pidfile, return_freed_memory, write_pidfile
 from gateway.runtime import Runtime, build_runtime
 from gateway.settings import GatewaySettings, parse_listen
 
@@ -267,6 +267,7 @@ def serve(config_dir: Path, *, state_dir: Path | None = None, workers: int | Non
           listen: list[str] | None = None) -> int:
     # A SIGHUP before the reload handlers exist must not end the process (its default).
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    return_freed_memory()  # inherited by the workers
     # Validate and build everything once in the master: configuration and plugin errors stop here.
     probe = build_runtime(config_dir, state_dir=state_dir)
     settings = probe.config.core
