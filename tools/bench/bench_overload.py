@@ -172,6 +172,9 @@ def main() -> int:
             chain: [static]
             threads: {args.threads}
             throttle: {{enabled: false}}
+            # wrk stands for the reverse proxy in front: a trusted proxy, exempt from the
+            # per-client connection cap (256), as a real one must be configured.
+            trusted_proxies: [127.0.0.1/32]
             log_level: ERROR
             audit: {{file: {tmp / "audit.jsonl"}}}
             """,
