@@ -87,3 +87,27 @@ def test_slow_header_flood_leaves_logins_working(conf_dir, alice_hash, start_gat
     assert "127.0.0.2 has 256 connections open (limits.max_connections_per_client)" in log
     assert "no complete request headers within 3 s (limits.header_timeout)" in log
     assert gw.auth("alice", PASSWORD).status == 200
+
+
+def test_an_idle_keep_alive_connection_is_not_a_slow_header(conf_dir, alice_hash, start_gateway):
+    import http.client
+
+    from support.http import basic
+
+    gw = start_gateway(write_conf(conf_dir, {
+        "gateway.yaml": "chain: [static]\nlimits:\n  header_timeout: 1\n",
+        "static.yaml": "static:\n  users_file: users/users.yaml\n",
+        "users/users.yaml": f'users:\n  alice:\n    password_hash: "{alice_hash}"\n',
+    }))
+    conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=10)
+    try:
+        for _ in range(2):  # the pause between the two is longer than the header timeout
+            conn.request("GET", "/auth", headers={"Authorization": basic("alice", PASSWORD)})
+            response = conn.getresponse()
+            response.read()
+            assert response.status == 200
+            time.sleep(2)
+        assert conn.sock is not None  # the same connection served both
+    finally:
+        conn.close()
+    assert "limits.header_timeout" not in gw.output()

@@ -136,9 +136,18 @@ class GuardedRequestHandler(RequestHandler):
             self._header_timer = self._loop.call_at(self._headers_since + self._guard.limits.header_timeout,
                                                     self._check_headers)
 
+    def _busy(self) -> bool:
+        """A request's headers have arrived: it is queued or being handled (its body, if any,
+        has ``limits.body_timeout``)."""
+        return bool(self._messages) or getattr(self, "_request_in_progress", False) or \
+            self._current_request is not None
+
     def _check_headers(self) -> None:
         self._header_timer = None
         if self._host is None or self._headers_since is None:
+            return
+        if self._busy():
+            self._headers_since = None
             return
         due = self._headers_since + self._guard.limits.header_timeout
         if self._loop.time() < due:
@@ -151,12 +160,10 @@ class GuardedRequestHandler(RequestHandler):
             self.transport.close()
 
     def data_received(self, data: bytes) -> None:
-        waiting = self._waiter is not None and not self._waiter.done()
         super().data_received(data)
-        if self._waiter is None or self._waiter.done() or self._messages:
-            # Headers complete (a request is being handled): its body has its own timeout.
+        if self._busy():
             self._headers_since = None
-        elif waiting and self._headers_since is None and data:
+        elif data and self._headers_since is None:
             self._await_headers()  # the first byte of a request after a keep-alive pause
 
     # -- malformed requests ---------------------------------------------------------------------------
