@@ -84,6 +84,7 @@ def pki(tmp_path_factory) -> Pki:
     p.add("erin", issuing.issue("Erin Token", **user))
     p.add("robot", issuing.issue("robot-7", extra_name=[robots], **user))
     p.add("frank", issuing.issue("frank", **user))
+    p.add("gina", issuing.issue("gina", **user))  # disabled in the static users file
     p.add("ambiguous", issuing.issue("Two Names", upns=["alice@example.com", "bob@example.com"], **user))
     p.add("unmapped", issuing.issue("Nobody At All", **user))
     p.add("unknown_user", issuing.issue("zed", **user))
@@ -145,7 +146,8 @@ def gw(pki: Pki, tmp_path_factory, demo_hash: str):
     port = free_port()
     issuer = pki.issuing.cert.subject.rfc4514_string()
     users = {n: {"password_hash": demo_hash, "email": f"{n}@example.com", "groups": ["staff"]}
-             for n in ("alice", "bob", "carol", "dave", "erin", "frank", "robot-7")}
+             for n in ("alice", "bob", "carol", "dave", "erin", "frank", "robot-7", "gina")}
+    users["gina"]["disabled"] = True
     settings = {
         "ca_bundle": str(pki.dir / "root.pem"),
         "intermediates": str(pki.dir / "issuing.pem"),
@@ -561,3 +563,11 @@ def test_two_headers_for_one_proxy_is_a_config_error(pki, headers, message):
     with pytest.raises(ValidationError, match=message):
         ClientCertSettings.model_validate({"ca_bundle": str(pki.dir / "root.pem"), "headers": headers,
                                            "revocation": "off"})
+
+
+def test_disabled_static_user_is_refused_by_certificate(gw, pki):
+    """Issue 9 item 2: static's lookup reported a disabled user as unknown (None), so another
+    directory could answer for the name; it now reports the state, and the certificate is refused."""
+    assert_denied(gw, tls_get(gw, pki, "gina"), "static.disabled", outcome="account_state")
+    assert_denied(gw, via_proxy(gw, {"X-SSL-Client-Cert": header_pem(pki, "gina")}), "static.disabled",
+                  outcome="account_state")

@@ -12,7 +12,10 @@ Decides
     ``cert.expired``, ``cert.not_yet_valid``, ``cert.untrusted``, ``cert.wrong_usage``,
     ``cert.policy_missing``, ``cert.revoked``, ``cert.revocation_unknown`` (hard-fail),
     ``cert.ambiguous`` (a rule found two names) or ``cert.directory_mismatch`` (the directory
-    does not hold this certificate for the user); ``SUCCESS`` with the mapped identity.
+    does not hold this certificate for the user); ``ACCOUNT_STATE`` with the directory's reason
+    (``ldap.disabled``, ``ldap.locked``, ``ldap.account_expired``, ``static.disabled``; the
+    password states only with ``mapping.password_state_refuses``); ``SUCCESS`` with the mapped
+    identity.
 Abstains
     when the attempt has no certificate (so Basic or Negotiate can answer), when a certificate
     header comes from a peer that is not a trusted proxy (ignored and logged); with a
@@ -25,7 +28,7 @@ Settings (``client_cert:`` in conf.d)
     (``name``, ``format: pem|xfcc``, ``proxies``), ``clock_tolerance``, ``extended_key_usages``,
     ``require_digital_signature``, ``required_policies``, ``max_chain_depth``, ``revocation``
     (``policy: off|soft-fail|hard-fail``, CRL and OCSP settings), ``mapping`` (``rules``,
-    ``lookup``, ``require_directory_match``), ``verify_cache_seconds``.
+    ``lookup``, ``require_directory_match``, ``password_state_refuses``), ``verify_cache_seconds``.
 """
 
 from __future__ import annotations
@@ -219,6 +222,13 @@ class ClientCertPlugin:
             if identity is None:
                 looked_up.append(username)
                 continue
+            refusal = identity.refusal(password_state_refuses=mapping.password_state_refuses)
+            if refusal:
+                # A certificate outlives the account it was issued to: the directory's account
+                # state decides, with the password path's reason codes (docs/security.md).
+                self.log.info("certificate of %r refused: the account state is %s: %s [request %s]", username,
+                              refusal, describe(leaf), attempt.request_id)
+                return Decision.deny(Outcome.ACCOUNT_STATE, step=self.name, reason=refusal)
             if mapping.require_directory_match and not directory_binding_matches(identity.claims, leaf):
                 self.log.info("the directory entry of %r holds no matching certificate mapping; refused: %s "
                               "[request %s]", username, describe(leaf), attempt.request_id)

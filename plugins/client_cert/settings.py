@@ -209,6 +209,10 @@ class MappingSettings(PluginSettings):
         False, description="the directory entry must also hold this certificate (`userCertificate` or a strong "
                            "`altSecurityIdentities` mapping); needs `lookup`")
 
+    password_state_refuses: bool = Field(
+        False, description="an expired or must-change password (as the directory reports it) also refuses "
+                           "certificate logins; by default only disabled, locked and expired accounts do")
+
     @model_validator(mode="after")
     def _needs_lookup(self) -> MappingSettings:
         if self.require_directory_match and not self.lookup:
