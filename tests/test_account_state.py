@@ -172,3 +172,17 @@ def test_ppolicy_lock_refuses_the_password_too(world, default):
     response = by_password(world, default, "pplockedforever")
     record = default.audit_for(response.header("X-Request-Id"))
     assert response.status == 401 and record["outcome"] == "invalid_credentials", record  # slapd's 49
+
+
+def test_direct_bind_reads_the_same_state(world, start_gateway):
+    settings = world["slapd"].plugin_settings(mode="plain")
+    for key in ("bind_dn", "bind_password"):
+        settings.pop(key)
+    settings["direct_bind"] = f"uid={{username}},{world['slapd'].users_dn}"
+    conf = write_conf(world["base"] / "direct" / "conf.d", {
+        "gateway.yaml": json.dumps({"chain": ["ldap"], "throttle": {"enabled": False}}),
+        "ldap.yaml": json.dumps({"ldap": settings}),
+    })
+    gateway = start_gateway(conf)
+    for user in ("okuser", "ipadisabled", "addisabled", "adexpired"):
+        check(gateway, gateway.auth(user, f"{user}-pw"), user, USERS[user][1], "ldap")

@@ -163,6 +163,10 @@ class Directory:
         if verdict is not None:
             return verdict
         entry = bound.entry or Entry(bind_name, {})
+        state, _ = account_state(entry)
+        if state:  # as in login(): the entry's flags refuse even a right password
+            self.log.info("%r bound but the entry says %s; refused", username, state)
+            return Verdict(Outcome.ACCOUNT_STATE, state)
         groups = bound.groups
         if groups is None:
             groups = self.pool.call(SERVICE, lambda link: self.groups.resolve(link, entry, username), deadline)
