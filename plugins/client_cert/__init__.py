@@ -17,8 +17,9 @@ Decides
     password states only with ``mapping.password_state_refuses``); ``SUCCESS`` with the mapped
     identity.
 Abstains
-    when the attempt has no certificate (so Basic or Negotiate can answer), when a certificate
-    header comes from a peer that is not a trusted proxy (ignored and logged); with a
+    when the attempt has no certificate (so Basic or Negotiate can answer: an empty, ``-`` or
+    absent header from the proxy means none), when a certificate header comes from a peer that
+    is not a trusted proxy or is not the one header that proxy sets (ignored and logged); with a
     ``USER_NOT_FOUND`` note ``cert.unmapped`` (no rule found a name) or ``cert.user_not_found``
     (the directory knows none of the names); with an ``UNAVAILABLE`` note
     ``cert.directory_unavailable`` when ``gateway_lookup_user`` cannot reach the directory.
