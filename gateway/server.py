@@ -177,6 +177,16 @@ def _restart_only(old: GatewaySettings, new: GatewaySettings) -> None:
             log.warning("reload: `%s` changed; it takes effect at the next restart", key)
 
 
+_early_hups = 0  # SIGHUPs received before a process's reload handling was in place
+
+
+def _note_early_hup(signum, frame) -> None:
+    # Neither ignored (the configuration may have changed after this process read it) nor
+    # fatal (SIGHUP's default): noted, and served once the process can reload.
+    global _early_hups
+    _early_hups += 1
+
+
 async def _serve_worker(config_dir: Path, state_dir: Path | None, sockets: list[socket.socket],
                         extra: dict[str, socket.socket], runtime: Runtime | None = None) -> None:
     loop = asyncio.get_running_loop()
@@ -194,6 +204,7 @@ async def _serve_worker(config_dir: Path, state_dir: Path | None, sockets: list[
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
+    hups += _early_hups
     runtime = runtime or await loop.run_in_executor(None, functools.partial(build_runtime, config_dir, state_dir=state_dir))
     await worker.start(runtime)
     names = ", ".join([_url(s) for s in sockets] + [_url(s, "https" if x.ssl_context else "http") + f" ({n})"
@@ -265,8 +276,7 @@ def _enable_multiprocess_metrics() -> str:
 
 def serve(config_dir: Path, *, state_dir: Path | None = None, workers: int | None = None,
           listen: list[str] | None = None) -> int:
-    # A SIGHUP before the reload handlers exist must not end the process (its default).
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, _note_early_hup)  # until the reload handlers exist
     return_freed_memory()  # inherited by the workers
     # Validate and build everything once in the master: configuration and plugin errors stop here.
     probe = build_runtime(config_dir, state_dir=state_dir)
@@ -304,7 +314,9 @@ def _supervise(config_dir: Path, state_dir: Path | None, sockets: list[socket.so
         if pid == 0:  # worker
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, signal.SIG_DFL)
-            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until its loop handles it
+            global _early_hups
+            _early_hups = 0  # the master's, not this worker's
+            signal.signal(signal.SIGHUP, _note_early_hup)  # until its loop handles it
             code = 1
             try:
                 die_with_parent(master)
@@ -327,6 +339,7 @@ def _supervise(config_dir: Path, state_dir: Path | None, sockets: list[socket.so
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGHUP, on_hup)
+    reload_pending = _early_hups > 0
     for slot in range(count):
         spawn(slot)
     log.info("authgw master %d running %d workers", master, count)
