@@ -19,6 +19,7 @@ from support.http import basic, request
 PASSWORD = "Corr3ct-Horse-Battery"
 
 PLUGINS = {"slow_plugins.py": '''
+    import logging
     import time
     from gateway import Decision, Identity, PluginSettings, hookimpl
 
@@ -48,6 +49,7 @@ PLUGINS = {"slow_plugins.py": '''
 
         @hookimpl
         def gateway_authenticate(self, attempt):
+            logging.getLogger("authgw.test").warning("hang: call entered")
             time.sleep(self.sleep)
 
     class Exits:
@@ -118,8 +120,8 @@ def burst(gw, clients: int, per_client: int) -> list[tuple[int, float, str | Non
 
 def test_excess_work_is_refused_at_once_and_goodput_holds(conf_dir, alice_hash, start_gateway, slow_env):
     # 2 threads x 0.2 s: ~10 logins/s. 40 clients keep ~40 attempts offered; an unbounded queue
-    # made each wait 40 x 0.2 / 2 = 4 s, past the 2 s deadline: every one failed (collapse).
-    gw = start_gateway(conf(conf_dir, alice_hash, "chain: [slow]\nthreads: 2\ndeadline: 2\nlimits:\n  queue: 2\n",
+    # made each wait 40 x 0.2 / 2 = 4 s, past the 3 s deadline: every one failed (collapse).
+    gw = start_gateway(conf(conf_dir, alice_hash, "chain: [slow]\nthreads: 2\ndeadline: 3\nlimits:\n  queue: 2\n",
                             "slow:\n  sleep: 0.2\n"), env=slow_env)
     results = burst(gw, clients=40, per_client=8)
     assert len(results) == 320 and all(status in (200, 503) for status, *_ in results), results
@@ -143,18 +145,19 @@ def test_excess_work_is_refused_at_once_and_goodput_holds(conf_dir, alice_hash, 
 
 
 def test_an_attempt_whose_deadline_passed_in_the_queue_is_not_run(conf_dir, alice_hash, start_gateway, slow_env):
-    # One thread, 1.5 s per attempt, deadline 1 s: the second and third attempts wait in the
-    # queue past their deadline; they are answered 503 and never run (the plugin's audit shows
-    # exactly one live decision).
+    # One thread, 3 s per attempt, deadline 1 s: the second and third attempts (sent within 2 s
+    # of the first) wait in the queue past their deadline; they are answered 503 and never run
+    # (the audit shows exactly one live decision).
     gw = start_gateway(conf(conf_dir, alice_hash, "chain: [slow]\nthreads: 1\ndeadline: 1\n",
-                            "slow:\n  sleep: 1.5\n"), env=slow_env)
+                            "slow:\n  sleep: 3\n"), env=slow_env)
     results = burst(gw, clients=3, per_client=1)
     assert sorted(status for status, *_ in results) == [503, 503, 503]
-    time.sleep(2)  # let the one attempt that ran finish and audit itself
+    deadline = time.monotonic() + 20  # the one attempt that ran finishes and audits itself
+    while not any(line["outcome"] == "success" for line in gw.audit()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(3.5)  # long enough for a second one to finish, had it run
     ran = [line for line in gw.audit() if line["outcome"] == "success"]
     assert len(ran) == 1, gw.audit()
-    # The pool is free again: the next attempt runs (and, at 1.5 s, misses its 1 s deadline).
-    assert gw.auth("alice", PASSWORD).status == 503
 
 
 def test_a_hanging_step_does_not_take_every_thread(conf_dir, alice_hash, start_gateway, slow_env):
@@ -166,11 +169,16 @@ def test_a_hanging_step_does_not_take_every_thread(conf_dir, alice_hash, start_g
     stuck = [threading.Thread(target=gw.auth, args=("alice", PASSWORD), kwargs={"timeout": 30}) for _ in range(2)]
     for t in stuck:
         t.start()
+    deadline = time.monotonic() + 30
+    while gw.output().count("hang: call entered") < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert gw.output().count("hang: call entered") == 2
     time.sleep(2)  # no call of `hang` has finished for over the 1.5 s that makes a step "stuck"
     statuses = [gw.auth("alice", PASSWORD).status for _ in range(6)]
     for t in stuck:
         t.join(30)
     assert statuses == [200] * 6
+    assert gw.output().count("hang: call entered") == 2  # none of the six waited for `hang`
     assert len([line for line in gw.audit() if line["outcome"] == "success"]) == 6
     assert "chain step 'hang' holds 2 threads and finished no call" in gw.output()
 
