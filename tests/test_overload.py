@@ -161,11 +161,11 @@ def test_an_attempt_whose_deadline_passed_in_the_queue_is_not_run(conf_dir, alic
 
 
 def test_a_hanging_step_does_not_take_every_thread(conf_dir, alice_hash, start_gateway, slow_env):
-    # `hang` sleeps 20 s per call; with 4 threads it may hold 2. Once two calls are stuck (no call
-    # finished for half the 3 s deadline), later attempts skip it and `static` answers them.
+    # `hang` sleeps 40 s per call; with 4 threads it may hold 2. Once two calls are stuck (no call
+    # finished for half the 8 s deadline), later attempts skip it and `static` answers them.
     # Without the limit each of them would enter `hang` too and end at the deadline with 503.
-    gw = start_gateway(conf(conf_dir, alice_hash, "chain: [hang, static]\nthreads: 4\ndeadline: 3\n",
-                            "hang:\n  sleep: 20\n"), env=slow_env)
+    gw = start_gateway(conf(conf_dir, alice_hash, "chain: [hang, static]\nthreads: 4\ndeadline: 8\n",
+                            "hang:\n  sleep: 40\n"), env=slow_env)
     stuck = [threading.Thread(target=gw.auth, args=("alice", PASSWORD), kwargs={"timeout": 30}) for _ in range(2)]
     for t in stuck:
         t.start()
@@ -173,11 +173,11 @@ def test_a_hanging_step_does_not_take_every_thread(conf_dir, alice_hash, start_g
     while gw.output().count("hang: call entered") < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert gw.output().count("hang: call entered") == 2
-    time.sleep(2)  # no call of `hang` has finished for over the 1.5 s that makes a step "stuck"
+    time.sleep(4.5)  # no call of `hang` has finished for over the 4 s that makes a step "stuck"
     statuses = [gw.auth("alice", PASSWORD).status for _ in range(6)]
     for t in stuck:
         t.join(30)
-    assert statuses == [200] * 6
+    assert statuses == [200] * 6, [(x["outcome"], x["reason"], x["latency_ms"]) for x in gw.audit()]
     assert gw.output().count("hang: call entered") == 2  # none of the six waited for `hang`
     assert len([line for line in gw.audit() if line["outcome"] == "success"]) == 6
     assert "chain step 'hang' holds 2 threads and finished no call" in gw.output()
