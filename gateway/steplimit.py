@@ -5,8 +5,9 @@ A chain step that already runs on ``limits.step_concurrency`` threads (default h
 further attempts do not wait for it. The step is noted ``UNAVAILABLE`` (reason ``step_saturated``) and
 the chain goes on to the next step, exactly as when the step's backend is down. The other steps,
 and the hot cache (which answers on the event loop), keep answering while one backend hangs.
-A busy but healthy step is never skipped, even on a starved machine where each call takes
-seconds: its calls keep finishing. Its attempts queue as before.
+A busy but healthy step is not skipped while its calls keep finishing, even slowly on a starved
+machine: its attempts queue as before. (When not one call finishes within half the deadline, an
+attempt waiting for that step would have missed its deadline anyway.)
 
 Reads ``threads``, ``limits.step_concurrency``, ``deadline`` and ``chain``.
 """
