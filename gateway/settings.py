@@ -181,9 +181,11 @@ class LimitsSettings(PluginSettings):
     down (docs/design.md, "Overload and slow clients")."""
 
     queue: int | None = Field(None, ge=1, le=100_000, description="attempts waiting for a chain "
-                              "thread before more are refused at once with 503; default 4 x `threads`")
-    step_concurrency: int | None = Field(None, ge=1, le=512, description="threads one chain step may "
-                                         "hold at once (a hanging backend cannot take them all); "
+                              "thread before more are refused at once with 503 (fewer when the "
+                              "measured pace says a new one would miss its deadline); default 4 x `threads`")
+    step_concurrency: int | None = Field(None, ge=1, le=512, description="threads a chain step may "
+                                         "hold while none of its calls finishes for half the deadline; "
+                                         "then it is skipped (a hanging backend cannot take them all); "
                                          "default half of `threads`")
     retry_after: int = Field(1, ge=1, le=3600, description="`Retry-After` seconds of an overload 503")
     header_timeout: float = Field(10.0, gt=0, le=300, description="seconds a client has to send a "
