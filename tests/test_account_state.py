@@ -53,8 +53,16 @@ USERS: dict[str, tuple[dict, str, str]] = {
     # OpenLDAP ppolicy: set after the entry exists (operational attribute, rootdn only).
     "pplockedforever": ({}, "ldap.locked", "ldap.locked"),
     "pplocked": ({}, "ldap.locked", "ldap.locked"),
+    # OpenLDAP 2.5 ppolicy validity window: slapd refuses every bind outside it (review of 9.2).
+    "ppended": ({}, "ldap.account_expired", "ldap.account_expired"),
+    "ppnotstarted": ({}, "ldap.account_expired", "ldap.account_expired"),
+    "ppendsnext": ({}, "", ""),
 }
 PPOLICY_LOCKS = {"pplockedforever": "000001010000Z", "pplocked": "20260101000000Z"}
+#: user -> ppolicy validity attributes (generalized time with fractions and offsets, as slapd takes them)
+PPOLICY_WINDOWS = {"ppended": {"pwdEndTime": "20200101000000.25Z"},
+                   "ppnotstarted": {"pwdStartTime": "20990101000000+0130"},
+                   "ppendsnext": {"pwdStartTime": "20200101000000Z", "pwdEndTime": "209901010000.5-0200"}}
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +85,8 @@ def world(tmp_path_factory):
             dn = slapd.add_user(user, f"{user}-pw", mail=f"{user}@example.test", extra=extra)
             if user in PPOLICY_LOCKS:
                 slapd.modify(dn, {"pwdAccountLockedTime": [(ldap3.MODIFY_REPLACE, [PPOLICY_LOCKS[user]])]})
+            for attr, value in PPOLICY_WINDOWS.get(user, {}).items():
+                slapd.modify(dn, {attr: [(ldap3.MODIFY_REPLACE, [value])]})
             kdc.add_principal(user, f"{user}-krb")
             caches[user] = kdc.kinit(user, f"{user}-krb", base / f"{user}.cc", env=env)
             certs[user] = base64.b64encode(ca.issue(user, client=True).der).decode()
@@ -172,6 +182,19 @@ def test_ppolicy_lock_refuses_the_password_too(world, default):
     response = by_password(world, default, "pplockedforever")
     record = default.audit_for(response.header("X-Request-Id"))
     assert response.status == 401 and record["outcome"] == "invalid_credentials", record  # slapd's 49
+
+
+@pytest.mark.parametrize("user", ["ppended", "ppnotstarted", "ppendsnext"])
+def test_ppolicy_validity_window_is_the_password_paths_answer_too(world, default, user):
+    """slapd itself refuses binds outside pwdStartTime..pwdEndTime (bare 49), and allows them
+    inside: the lookup path must agree with it, or a Kerberos ticket or a certificate logs in an
+    account whose end date passed."""
+    response = by_password(world, default, user)
+    record = default.audit_for(response.header("X-Request-Id"))
+    if USERS[user][1]:
+        assert response.status == 401 and record["outcome"] == "invalid_credentials", record
+    else:
+        assert (response.status, response.header("Remote-User")) == (200, user), record
 
 
 def test_direct_bind_reads_the_same_state(world, start_gateway):
