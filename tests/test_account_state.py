@@ -209,3 +209,44 @@ def test_direct_bind_reads_the_same_state(world, start_gateway):
     gateway = start_gateway(conf)
     for user in ("okuser", "ipadisabled", "addisabled", "adexpired"):
         check(gateway, gateway.auth(user, f"{user}-pw"), user, USERS[user][1], "ldap")
+
+
+@pytest.fixture(scope="module")
+def active_directory(world):
+    """The ``active_directory`` preset against slapd (filter, names and groups overridden for its
+    schema): every AD user entry carries ``userAccountControl``, so an entry without it is one
+    whose state the service account may not read."""
+    d = world["base"] / "ad"
+    ldap = world["slapd"].plugin_settings(
+        mode="plain", preset="active_directory", user_filter="(&(objectClass=inetOrgPerson)(uid={username}))",
+        attributes={"username": "uid", "subject": "entryUUID"}, groups={"source": "memberof"})
+    conf = write_conf(d / "conf.d", {
+        "gateway.yaml": json.dumps({"chain": ["kerberos", "client_cert", "ldap"], "trusted_proxies": ["127.0.0.1/32"],
+                                    "throttle": {"enabled": False}}),
+        "kerberos.yaml": json.dumps({"kerberos": {
+            "allowed_networks": ["127.0.0.3/32"], "keytab": str(world["keytab"]), "service_principal": SPN,
+            "realms": ["EXAMPLE.TEST"]}}),
+        "client_cert.yaml": json.dumps({"client_cert": {
+            "ca_bundle": str(world["base"] / "root.pem"), "revocation": "off",
+            "headers": [{"name": "X-SSL-Client-Cert", "format": "pem"}], "mapping": {"rules": ["cn"]}}}),
+        "ldap.yaml": json.dumps({"ldap": ldap}),
+    })
+    gateway = GatewayProcess(conf, d / "state", env=world["env"]).start()
+    yield gateway
+    gateway.stop()
+
+
+@pytest.mark.parametrize("user, refusal", [
+    ("okuser", "ldap.account_state_unreadable"),  # no userAccountControl at all
+    ("adexpiresnext", "ldap.account_state_unreadable"),
+    ("addisabled", "ldap.disabled"),
+    ("adpwexpired", ""),  # userAccountControl 512: readable and enabled
+])
+def test_active_directory_state_the_service_account_cannot_read_refuses(world, active_directory, user, refusal):
+    """Review of issue 9.2: a lookup read "no userAccountControl" as "not disabled", so a service
+    account without read access to it let every disabled AD account in by Kerberos and certificate."""
+    check(active_directory, by_kerberos(world, active_directory, user), user, refusal, "kerberos")
+    check(active_directory, by_certificate(world, active_directory, user), user, refusal, "client_cert")
+    if refusal == "ldap.account_state_unreadable":
+        assert f"lookup of {user!r}: the entry has no userAccountControl; the service account may not read it" \
+            in active_directory.output()

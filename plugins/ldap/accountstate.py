@@ -18,6 +18,9 @@ Decides the reason codes the password path uses (:mod:`~gateway.plugins.ldap.adc
     mean never. OpenLDAP ppolicy ``pwdEndTime`` passed or ``pwdStartTime`` not reached yet
     (generalized time): slapd refuses every bind outside that window, so it is the account's
     validity period, not the password's age.
+``ldap.account_state_unreadable`` (lookups only)
+    the preset's directory family always carries an attribute (AD: ``userAccountControl``) and
+    the entry came without it: the service account may not read it (see :data:`ALWAYS_PRESENT`).
 ``ldap.password_expired`` / ``ldap.must_change_password`` (password state only)
     UF_PASSWORD_EXPIRED (0x800000) in the computed attribute; AD ``pwdLastSet: 0`` or ppolicy
     ``pwdReset: TRUE`` (must change at next logon).
@@ -37,12 +40,18 @@ import time
 
 from gateway.plugins.ldap.link import Entry
 
-__all__ = ["STATE_ATTRIBUTES", "account_state"]
+__all__ = ["ALWAYS_PRESENT", "STATE_ATTRIBUTES", "account_state"]
 
 #: Asked for with every user search. A server ignores attributes it does not know (RFC 4511
 #: section 4.5.1.8), so one list serves every directory family.
 STATE_ATTRIBUTES = ("userAccountControl", "msDS-User-Account-Control-Computed", "accountExpires", "pwdLastSet",
                     "pwdAccountLockedTime", "pwdReset", "nsAccountLock", "pwdStartTime", "pwdEndTime")
+
+#: State attributes every user entry of a directory family carries (by preset): absent from a
+#: lookup's answer, the service account may not read them, and "not disabled" cannot be told
+#: from "cannot see" (fail closed, ``ldap.account_state_unreadable``). Other families leave
+#: their state attributes out when not set, so nothing can be required of them.
+ALWAYS_PRESENT = {"active_directory": ("userAccountControl",)}
 
 ACCOUNTDISABLE = 0x2
 UF_LOCKOUT = 0x10
