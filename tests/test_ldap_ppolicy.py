@@ -78,6 +78,7 @@ def test_response_control_values(value, expected) -> None:
     control(b"0\x08\x81\x01\x00\xa0\x03\x80\x01\x05"),                 # warning after the error
     control(b"0\x05\xa0\x03\x82\x01\x05"),                             # unknown warning
     control(b"0\x03\x81\x01\x01" + b"\x00"),                           # trailing octet in the value
+    tlv(0x30, tlv(0x04, PPOLICY_OID) + b"\x02\x01\x00" + tlv(0x04, b"0\x03\x81\x01\x01")),  # odd part
     control(b"0\x03\x81\x01\x01")[:-6] + b"\x84\xff\xff\xff\xff",      # absurd length
     b"\x30\x80\x00\x00",                                               # indefinite length
     b"\x30", b"\x04\x01", b"\xff" * 40, bytes(range(256)),
@@ -230,3 +231,32 @@ def test_unknown_user_and_wrong_password_look_the_same_and_cost_one_bind(gateway
     assert unknown[0] == wrong[0] == 200
     assert unknown[1]["outcome"] in ("user_not_found", "invalid_credentials")
     assert unknown[1]["reason"].split(".")[0] == wrong[1]["reason"].split(".")[0] == "ldap"
+
+
+def test_direct_bind_reads_the_control_too(start, directory) -> None:
+    settings = directory.plugin_settings("plain", direct_bind=f"uid={{username}},{directory.users_dn}")
+    for key in ("bind_dn", "bind_password"):
+        settings.pop(key)
+    direct = start(settings)
+    for uid, password, reason in (("pplocked", "locked-pw", "ldap.locked"),
+                                  ("ppexpired", "expired-pw", "ldap.password_expired"),
+                                  ("ppreset", "reset-pw", "ldap.must_change_password"),
+                                  ("okuser", "wrong", "ldap.invalid_password")):
+        assert api(direct, uid, password)[1]["reason"] == reason, uid
+    assert api(direct, "okuser", "ok-pw")[1]["outcome"] == "success"
+
+
+def test_without_use_lockout_a_lock_stays_a_wrong_password(start, tmp_path_factory) -> None:
+    """slapd's default hides the lock in the control: the gateway does not tell it either, and
+    the right and the wrong password look the same."""
+    slapd = Slapd(tmp_path_factory.mktemp("hidden") / "slapd", ppolicy=True).start()
+    try:
+        slapd.add_user("pplocked", "locked-pw")
+        slapd.modify(slapd.user_dn("pplocked"), {"pwdAccountLockedTime": [(ldap3.MODIFY_REPLACE, ["000001010000Z"])]})
+        gateway = start(slapd.plugin_settings("plain"))
+        for password in ("locked-pw", "wrong"):
+            status, body = api(gateway, "pplocked", password)
+            assert (body["outcome"], body["reason"]) == ("invalid_credentials", "ldap.invalid_password"), body
+        gateway.stop()
+    finally:
+        slapd.stop()

@@ -328,28 +328,27 @@ def password_policy(controls: bytes) -> PasswordPolicy | None:
                 continue
             if found is not None:
                 return None  # two answers to one question: believe neither
+            if any(tag not in (0x01, 0x04) for tag, _, _ in parts[1:]):  # criticality, controlValue
+                return None
             values = [p for p in parts[1:] if p[0] == 0x04]
             if len(values) != 1:
                 return None
-            _, v_start, v_end = values[0]
-            (tag, s_start, s_end), = _elements(controls, v_start, v_end)  # exactly one SEQUENCE
+            (tag, s_start, s_end), = _elements(controls, values[0][1], values[0][2])  # one SEQUENCE
             if tag != 0x30:
                 return None
-            found = PasswordPolicy()
+            found, order = PasswordPolicy(), 0  # warning [0] then error [1], each at most once
             for tag, start, end in _elements(controls, s_start, s_end):
-                if tag == 0xA0 and found.error is None and found.time_before_expiration is None \
-                        and found.grace_authns_remaining is None:  # warning [0] CHOICE
+                if tag == 0xA0 and order < 1:  # warning: CHOICE { timeBefore [0], grace [1] }
                     (w_tag, w_start, w_end), = _elements(controls, start, end)
-                    value = _small_int(controls, w_start, w_end)
-                    if w_tag == 0x80:
-                        found = PasswordPolicy(time_before_expiration=value)
-                    elif w_tag == 0x81:
-                        found = PasswordPolicy(grace_authns_remaining=value)
-                    else:
+                    if w_tag not in (0x80, 0x81):
                         return None
-                elif tag == 0x81 and found.error is None:  # error [1] ENUMERATED
+                    value = _small_int(controls, w_start, w_end)
+                    found = PasswordPolicy(None, value if w_tag == 0x80 else None, value if w_tag == 0x81 else None)
+                    order = 1
+                elif tag == 0x81 and order < 2:  # error ENUMERATED
                     found = PasswordPolicy(_small_int(controls, start, end), found.time_before_expiration,
                                            found.grace_authns_remaining)
+                    order = 2
                 else:
                     return None
         return found
