@@ -19,6 +19,7 @@ from gateway.checks import CheckResult, CheckStatus
 from gateway.config import load_config
 from gateway.errors import AuthgwError, ConfigError, PluginLoadError
 from gateway.runtime import build_runtime, default_config_dir
+from gateway.yamlfiles import format_path
 
 __all__ = ["main"]
 
@@ -61,6 +62,8 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     shown = runtime.config.redacted()
     runtime.discard()
     print(f"# merged from: {', '.join(str(f) for f in runtime.config.files)} (secrets shown as references)")
+    for path, variable in runtime.config.environment.items():
+        print(f"# {format_path(path)}: from ${variable}")
     print(yaml.safe_dump(shown, sort_keys=False, default_flow_style=False).rstrip())
     return EXIT_OK
 

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from gateway import ConfigPath, PluginSettings, Secret
-from gateway.settings import parse_listen
+from gateway.settings import InvalidKey, parse_listen
 
 __all__ = [
     "ClientCertSettings",
@@ -182,11 +182,11 @@ class MappingRule(PluginSettings):
     @model_validator(mode="after")
     def _complete(self) -> MappingRule:
         if self.type == "subject" and not self.pattern:
-            raise ValueError("a `subject` rule needs a `pattern`")
+            raise InvalidKey("type", "a `subject` rule needs a `pattern`")
         if self.type == "issuer_serial" and not self.certificates:
-            raise ValueError("an `issuer_serial` rule needs `certificates`")
+            raise InvalidKey("type", "an `issuer_serial` rule needs `certificates`")
         if self.type == "thumbprint" and not self.thumbprints:
-            raise ValueError("a `thumbprint` rule needs `thumbprints`")
+            raise InvalidKey("type", "a `thumbprint` rule needs `thumbprints`")
         return self
 
 
@@ -204,7 +204,7 @@ class MappingSettings(PluginSettings):
     @model_validator(mode="after")
     def _needs_lookup(self) -> MappingSettings:
         if self.require_directory_match and not self.lookup:
-            raise ValueError("require_directory_match needs lookup: true")
+            raise InvalidKey("require_directory_match", "require_directory_match needs lookup: true")
         return self
 
 
