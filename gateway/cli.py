@@ -1,13 +1,19 @@
-"""The ``authgw`` command."""
+"""The ``authgw`` command.
+
+Built-in sub-commands, plus the sub-commands of enabled plugins (``gateway_commands``); the
+commands of installed plugins that are not enabled are listed too, and say how to enable them.
+"""
 
 from __future__ import annotations
 
 import argparse
 import getpass
+import inspect
 import hashlib
 import json
 import logging
 import secrets
+import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
@@ -18,6 +24,7 @@ import yaml
 from gateway.checks import CheckResult, CheckStatus
 from gateway.config import load_config
 from gateway.errors import AuthgwError, ConfigError, PluginLoadError
+from gateway.logs import authgw_version, setup_logging
 from gateway.runtime import build_runtime, default_config_dir
 from gateway.yamlfiles import format_path
 
@@ -27,9 +34,13 @@ EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 SELFTEST_TIMEOUT = 15.0
 
 
-def _setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(stream=sys.stderr, level=getattr(logging, level, logging.INFO),
-                        format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
+log = logging.getLogger("authgw")
+
+
+version = authgw_version
+
+def _setup_logging(level: str = "INFO", fmt: str = "text") -> None:
+    setup_logging(level, fmt)
 
 
 def _config_dir(args: argparse.Namespace) -> Path:
@@ -43,8 +54,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.server import serve
 
     config = load_config(_config_dir(args))
-    _setup_logging(config.core.log_level)
+    _setup_logging(config.core.log_level, config.core.log_format)
+    log.info("authgw %s starting (Python %s); configuration %s", version(), sys.version.split()[0], config.directory)
+    # `systemctl reload` sends SIGHUP, whose default action ends the process: say what a reload
+    # does instead (workers inherit this handler).
+    signal.signal(signal.SIGHUP, _on_sighup)
     return serve(_config_dir(args), state_dir=args.state_dir, workers=args.workers, listen=args.listen or None)
+
+
+def _on_sighup(signum, frame) -> None:
+    log.warning("SIGHUP: nothing to reload in place; the static users file is re-read when it changes, "
+                "other configuration changes need a restart (systemctl restart authgw)")
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
@@ -71,20 +91,34 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 def cmd_plugins(args: argparse.Namespace) -> int:
     from gateway.registry import discover
 
+    from gateway.registry import discover, load
+
     found = discover()
     enabled: list[str] = []
+    failed = False
     try:
-        enabled = load_config(_config_dir(args)).enabled
+        enabled = load_config(_config_dir(args), defer=True).enabled
     except ConfigError as exc:
         print(f"(configuration not read: {exc.problems[0]})", file=sys.stderr)
+        failed = True
     print(f"{'NAME':<16} {'STATE':<14} {'DISTRIBUTION':<28} ENTRY POINT")
+    broken = []
     for name, info in found.items():
         state = f"enabled #{enabled.index(name) + 1}" if name in enabled else "installed"
+        if name in enabled:
+            try:
+                load(info)  # an enabled plugin that cannot be imported stops `serve`: say so here
+            except PluginLoadError as exc:
+                state, failed = "CANNOT LOAD", True
+                broken.append(str(exc))
         print(f"{name:<16} {state:<14} {info.distribution + ' ' + info.version:<28} {info.value}")
     for name in enabled:
         if name not in found:
+            failed = True
             print(f"{name:<16} {'MISSING':<14} {'-':<28} enabled in conf.d but not installed")
-    return EXIT_OK
+    for problem in broken:
+        print(f"error: {problem}", file=sys.stderr)
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 def _run_one(pool: ThreadPoolExecutor, test) -> CheckResult:
@@ -171,13 +205,17 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction, argp
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", metavar="DIR",
                         help="configuration directory (default: $AUTHGW_CONFIG, ./conf.d, /etc/authgw/conf.d)")
-    common.add_argument("--state-dir", metavar="DIR", type=Path, help="state directory (cache, keys)")
+    common.add_argument("--state-dir", metavar="DIR", type=Path,
+                        help="state directory (cache, keys); default: `state_dir:` in conf.d, else "
+                             "$XDG_DATA_HOME/authgw (~/.local/share/authgw)")
 
     parser = argparse.ArgumentParser(prog="authgw", description="Plugin-based authentication gateway.")
+    parser.add_argument("--version", action="version", version=f"authgw {version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", parents=[common], help="run the gateway in the foreground")
-    serve.add_argument("--workers", type=int, metavar="N", help="worker processes sharing the sockets")
+    serve.add_argument("--workers", type=int, metavar="N",
+                       help="worker processes sharing the sockets (default: `workers:` in conf.d, which defaults to 1)")
     serve.add_argument("--listen", action="append", metavar="HOST:PORT", help="override `listen:` (repeatable)")
     serve.set_defaults(func=cmd_serve)
 
@@ -204,17 +242,51 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction, argp
 
 
 def _add_plugin_commands(argv: list[str], commands: argparse._SubParsersAction,
-                         common: argparse.ArgumentParser) -> None:
-    """Build the enabled plugins and let them add their sub-commands (``gateway_commands``)."""
+                         common: argparse.ArgumentParser, *, listing: bool = False) -> None:
+    """Build the enabled plugins and let them add their sub-commands (``gateway_commands``).
+
+    Installed plugins that are not enabled but offer commands get a placeholder named after the
+    plugin that says how to enable it, so ``--help`` shows every command there is. With
+    *listing* (``authgw --help``) a configuration that cannot be built only hides the real ones.
+    """
+    from gateway.registry import discover, load
+
     known, _ = common.parse_known_args(argv)
-    runtime = build_runtime(_config_dir(known), state_dir=known.state_dir)
-    for batch in runtime.gateway.pm.hook.gateway_commands():
-        for command in batch or ():
-            if command.name in commands.choices:
-                raise PluginLoadError(f"plugin command {command.name!r} clashes with an existing command")
-            sub = commands.add_parser(command.name, parents=[common], help=command.help)
-            command.add_arguments(sub)
-            sub.set_defaults(func=lambda args, run=command.run: run(args))
+    discovered = discover()
+    enabled: set[str] = set()
+    try:
+        runtime = build_runtime(_config_dir(known), state_dir=known.state_dir, discovered=discovered)
+    except (ConfigError, PluginLoadError, OSError):
+        if not listing:
+            raise
+    else:
+        enabled = set(runtime.config.enabled)
+        for batch in runtime.gateway.pm.hook.gateway_commands():
+            for command in batch or ():
+                if command.name in commands.choices:
+                    raise PluginLoadError(f"plugin command {command.name!r} clashes with an existing command")
+                sub = commands.add_parser(command.name, parents=[common], help=command.help)
+                command.add_arguments(sub)
+                sub.set_defaults(func=lambda args, run=command.run: run(args))
+        runtime.discard()
+    for name, info in discovered.items():
+        if name in enabled or name in commands.choices:
+            continue
+        try:
+            offers = callable(getattr(load(info), "gateway_commands", None)) if inspect.isclass(load(info)) else False
+        except PluginLoadError:
+            offers = False
+        if offers:
+            sub = commands.add_parser(name, help=f"commands of the {name} plugin (not enabled: add `{name}` to "
+                                                 "`plugins:` or `chain:` in conf.d)", add_help=False)
+            sub.add_argument("rest", nargs=argparse.REMAINDER)
+            sub.set_defaults(func=lambda args, plugin=name: _not_enabled(plugin))
+
+
+def _not_enabled(name: str) -> int:
+    print(f"error: `authgw {name}` needs the {name} plugin enabled: add `{name}` to `plugins:` (or `chain:`) "
+          f"in conf.d, then run `authgw config check`", file=sys.stderr)
+    return EXIT_CONFIG
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,7 +294,10 @@ def main(argv: list[str] | None = None) -> int:
     parser, commands, common = _parser()
     try:
         first = next((a for a in argv if not a.startswith("-")), None)
-        if first is not None and first not in commands.choices:
+        if first is None and "--version" not in argv:  # `authgw --help`: list the plugins' commands too
+            _setup_logging("ERROR")
+            _add_plugin_commands(argv, commands, common, listing=True)
+        elif first is not None and first not in commands.choices:
             _setup_logging("WARNING")
             _add_plugin_commands(argv, commands, common)
         args = parser.parse_args(argv)

@@ -72,11 +72,30 @@ class ValidationContext:
         return path if path.is_absolute() else (self.config_dir / path)
 
     def check_private(self, path: Path, what: str) -> None:
-        """Warn (or, in strict mode, fail) when a file holding secrets is readable by others."""
+        """Warn (or, in strict mode, fail) when a file holding secrets is readable by others.
+
+        A world-readable file of ours is made 0600 instead, once, with a warning saying so: git
+        and archives do not keep modes, so every fresh clone has the shipped users file 0644, and
+        a warning on every command teaches operators to ignore warnings. Taking read access away
+        from others never widens anything. A group-readable file (a deliberate 0640 for a service
+        group) and another user's file are left alone and warned about; strict mode changes
+        nothing and fails.
+        """
         try:
-            mode = path.stat().st_mode
+            info = path.stat()
         except OSError:
             return
+        mode = info.st_mode
+        if mode & stat.S_IRWXO and not self.strict and info.st_uid == os.geteuid():
+            try:
+                os.chmod(path, stat.S_IMODE(mode) & 0o700)
+            except OSError:
+                pass
+            else:
+                self.warnings.append((f"{what} {path} was readable by others (mode {stat.S_IMODE(mode):o}; git and "
+                                      f"archives do not keep modes); changed it to {stat.S_IMODE(mode) & 0o700:o}",
+                                      str(path)))
+                return
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
             message = f"{what} {path} is readable by group or others (mode {stat.S_IMODE(mode):o}); chmod 600 it"
             if self.strict:
