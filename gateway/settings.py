@@ -147,6 +147,15 @@ class Secret:
         )
 
     @classmethod
+    def __get_pydantic_json_schema__(cls, schema: core_schema.CoreSchema, handler: Any) -> dict[str, Any]:
+        ref = {"type": "string", "minLength": 1}
+        return {"description": "a reference, never the secret: {env: NAME} or {file: PATH}",
+                "oneOf": [{"type": "object", "properties": {"env": ref}, "required": ["env"],
+                           "additionalProperties": False},
+                          {"type": "object", "properties": {"file": ref}, "required": ["file"],
+                           "additionalProperties": False}]}
+
+    @classmethod
     def _validate(cls, value: Any, info: ValidationInfo) -> Secret:
         if isinstance(value, Secret):
             return value
@@ -182,7 +191,7 @@ def _resolve_path(value: Any, info: ValidationInfo) -> Path:
 
 
 #: A path; relative values are taken from the configuration directory, not the working directory.
-ConfigPath = Annotated[Path, PlainValidator(_resolve_path), PlainSerializer(str)]
+ConfigPath = Annotated[Path, PlainValidator(_resolve_path, json_schema_input_type=str), PlainSerializer(str)]
 
 
 def _is_bool(annotation: Any) -> bool:

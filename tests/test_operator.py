@@ -184,3 +184,23 @@ def test_the_systemd_unit_passes_systemd_analyze_verify(tmp_path):
     complaints = [line for line in (result.stdout + result.stderr).splitlines()
                   if str(unit) in line or "authgw.service" in line]
     assert result.returncode == 0 and not complaints, result.stdout + result.stderr
+
+
+def test_a_certificate_name_mismatch_to_an_ip_address_gets_the_hint_not_a_dump(tmp_path, start_gateway, conf_dir):
+    from support.slapd import Slapd
+
+    ca = CA.create("authgw operator LDAP CA")
+    write_bundle(tmp_path / "ca.pem", ca)
+    slapd = Slapd(tmp_path / "slapd", tls=ca).start()
+    try:
+        slapd.add_user("alice", "Alice-Pw-1")
+        settings = slapd.plugin_settings("ldaps", servers=[slapd.ldaps_url.replace("localhost", "127.0.0.1")],
+                                         connect_timeout=1.0)
+        write_conf(conf_dir, {"gateway.yaml": "chain: [ldap]\n", "ldap.yaml": "ldap: " + json.dumps(settings)})
+        gw = start_gateway(conf_dir)
+        assert gw.auth("alice", "Alice-Pw-1").status == 503
+        log = gw.output()
+        assert "use the DNS name in the certificate (its subjectAltName) in ldap.servers, not an IP address" in log
+        assert "'subject'" not in log and "notAfter" not in log
+    finally:
+        slapd.stop()

@@ -21,6 +21,7 @@ from aiohttp import web
 
 from gateway.chain import Gateway
 from gateway.errors import PluginLoadError
+from gateway.http.openapi import openapi_document
 from gateway.logs import authgw_version
 from gateway.http.clientaddr import ClientAddressResolver, parse_address
 from gateway.http.credentials import MalformedCredentials, check_password_credential, parse_authorization
@@ -261,6 +262,7 @@ class FrontDoor:
 def _front_doors(app: web.Application, door: FrontDoor) -> None:
     app.router.add_route("*", "/auth", door.forward_auth)
     app.router.add_post("/v1/authenticate", door.api_authenticate)
+    app.router.add_get("/v1/openapi.json", lambda request: web.json_response(openapi_document(authgw_version())))
     app.router.add_get("/healthz", door.healthz)
     app.router.add_get("/readyz", door.readyz)
     app.router.add_get("/metrics", door.metrics_text)
