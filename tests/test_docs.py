@@ -92,3 +92,32 @@ def test_the_config_schema_accepts_the_shipped_conf_d_and_flags_a_mistake(tmp_pa
     assert list(validator.iter_errors({"static": {"users_file": "x", "case_insensitive": "yes"}}))
     assert list(validator.iter_errors({"deadlin": 3}))
     assert not list(validator.iter_errors({"listen": "127.0.0.1:9000"}))
+
+
+def test_the_wrapper_example_in_plugins_md_runs_as_documented(tmp_path, start_gateway):
+    """The worked wrapper (policy) example is real code: installed as a distribution and run."""
+    import os
+
+    from gateway.passwords import hash_password
+    from support.fakedist import make_dist
+    from support.gateway import write_conf
+
+    text = (ROOT / "docs" / "plugins.md").read_text()
+    block = text.split("<!-- wrapper-example:begin -->")[1].split("<!-- wrapper-example:end -->")[0]
+    source = block.split("```python\n")[1].split("```")[0]
+    site = tmp_path / "site"
+    make_dist(site, "authgw-requiregroup", {"requiregroup": "authgw_requiregroup:RequireGroupPlugin"},
+              {"authgw_requiregroup.py": source})
+    digest = hash_password("Pw-for-both-1")
+    conf = write_conf(tmp_path / "conf.d", {
+        "gateway.yaml": "chain: [static]\nplugins: [requiregroup]\nthrottle: {enabled: false}\n",
+        "requiregroup.yaml": "requiregroup:\n  group: vpn-users\n",
+        "static.yaml": "static:\n  users_file: users/users.yaml\n",
+        "users/users.yaml": f'users:\n  alice:\n    password_hash: "{digest}"\n    groups: [vpn-users]\n'
+                            f'  bob:\n    password_hash: "{digest}"\n    groups: [staff]\n',
+    })
+    gw = start_gateway(conf, env={"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])})
+    member, other, wrong = gw.auth("alice", "Pw-for-both-1"), gw.auth("bob", "Pw-for-both-1"), gw.auth("alice", "x")
+    assert (member.status, other.status, wrong.status) == (200, 401, 401)
+    assert (gw.audit_for(other.header("X-Request-Id"))["reason"],
+            gw.audit_for(wrong.header("X-Request-Id"))["reason"]) == ("requiregroup.not_member", "static.invalid_password")

@@ -204,3 +204,28 @@ def test_a_certificate_name_mismatch_to_an_ip_address_gets_the_hint_not_a_dump(t
         assert "'subject'" not in log and "notAfter" not in log
     finally:
         slapd.stop()
+
+
+def test_ldap_certificate_names_subject_alt_name_first_and_the_cn_only_without_one(tmp_path, conf_dir, start_gateway):
+    """What docs/plugins/ldap.md promises: with a subjectAltName only its DNS names count; a
+    certificate without one is matched on its subject CN (the legacy RFC 2818 fallback)."""
+    from support.slapd import Slapd
+
+    ca = CA.create("authgw operator LDAP CA")
+    slapd = Slapd(tmp_path / "slapd", tls=ca).start()
+    try:
+        slapd.add_user("alice", "Alice-Pw-1")
+        write_conf(conf_dir, {"gateway.yaml": "chain: [ldap]\nthrottle: {enabled: false}\n",
+                              "ldap.yaml": "ldap: " + json.dumps(slapd.plugin_settings("ldaps", connect_timeout=1.0))})
+        results = {}
+        for case, cert in [("cn only", ca.issue("localhost", server=True)),
+                           ("san elsewhere, cn matches", ca.issue("localhost", dns=["ldap.example.net"], server=True)),
+                           ("san matches", ca.issue("other", dns=["localhost"], server=True))]:
+            cert.write(tmp_path / "slapd", "server")
+            slapd.restart()
+            gw = start_gateway(conf_dir)
+            results[case] = gw.auth("alice", "Alice-Pw-1").status
+            gw.stop()
+        assert results == {"cn only": 200, "san elsewhere, cn matches": 503, "san matches": 200}
+    finally:
+        slapd.stop()
