@@ -316,9 +316,10 @@ def _add_plugin_commands(argv: list[str], commands: argparse._SubParsersAction,
         if name in enabled or name in commands.choices:
             continue
         try:
-            offers = callable(getattr(load(info), "gateway_commands", None)) if inspect.isclass(load(info)) else False
+            obj = load(info)
         except PluginLoadError:
-            offers = False
+            continue  # `authgw plugins` says why; --help still works
+        offers = inspect.isclass(obj) and callable(getattr(obj, "gateway_commands", None))
         if offers:
             sub = commands.add_parser(name, help=f"commands of the {name} plugin (not enabled: add `{name}` to "
                                                  "`plugins:` or `chain:` in conf.d)", add_help=False)

@@ -40,6 +40,7 @@ from gateway.yamlfiles import (
     load_directory,
     load_file,
     parse_scalar,
+    referenced_paths,
     unread_files,
 )
 
@@ -80,7 +81,7 @@ class Config:
         self.context = ValidationContext(config_dir=self.directory, strict=strict)
         core_keys = set(GatewaySettings.model_fields)
         core_data = {k: v for k, v in self.data.items() if k in core_keys}
-        problems, warnings = unread_files(self.directory)
+        problems, warnings = unread_files(self.directory, referenced_paths(self.data, self.directory))
         for warning in warnings:
             log.warning("%s", warning)
         if self.installed is not None:

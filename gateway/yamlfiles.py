@@ -20,7 +20,7 @@ import yaml
 from gateway.errors import ConfigError
 
 __all__ = ["KeyPath", "Mark", "display_name", "format_path", "load_directory", "load_file", "parse_scalar",
-           "unread_files"]
+           "referenced_paths", "unread_files"]
 
 KeyPath = tuple[str | int, ...]
 
@@ -203,16 +203,20 @@ def _merge(into: dict[str, Any], new: dict[str, Any], path: KeyPath, marks: dict
 _BACKUP = re.compile(r"(~|\.(bak|orig|old|save|swp|rej|dpkg-\w+|rpm\w+|ucf-\w+))$")
 
 
-def unread_files(directory: Path) -> tuple[list[str], list[str]]:
+def unread_files(directory: Path, referenced: set[Path] = frozenset()) -> tuple[list[str], list[str]]:
     """Files of *directory* that are not read, as ``(errors, warnings)``.
 
     ``*.yml`` is an error, not silently skipped: it is surely meant as configuration, and running
     without it (an LDAP section missing) is worse than not starting. Anything else that is not a
     dot-file (``ldap.yaml.bak``, ``notes.txt``) is a warning, so a renamed-away file is visibly off.
+    Files a setting names (*referenced*, resolved: a users file, a keytab) are a plugin's, not
+    configuration, and are not reported.
     """
     errors, warnings = [], []
     for path in sorted(directory.iterdir()):
         if path.name.startswith(".") or not path.is_file() or path.suffix == ".yaml":
+            continue
+        if path.resolve() in referenced:
             continue
         name = display_name(path)
         if path.suffix == ".yml":
@@ -223,6 +227,24 @@ def unread_files(directory: Path) -> tuple[list[str], list[str]]:
             warnings.append(f"{name}: not read ({kind}); only `*.yaml` files of "
                             f"{display_name(directory)} are configuration")
     return errors, warnings
+
+
+def referenced_paths(data: Any, directory: Path) -> set[Path]:
+    """Every string value of *data* taken as a path (relative ones from *directory*), resolved."""
+    found: set[Path] = set()
+    stack = [data]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+        elif isinstance(value, str) and value and "\0" not in value and len(value) < 4096:
+            try:
+                found.add((directory / os.path.expanduser(value)).resolve())
+            except (OSError, RuntimeError, ValueError):
+                pass
+    return found
 
 
 def load_directory(directory: Path) -> tuple[dict[str, Any], dict[KeyPath, Mark], list[Path]]:

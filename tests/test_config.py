@@ -328,6 +328,12 @@ def test_files_that_are_not_read_are_reported(conf_dir):
     write_conf(conf_dir, {"ldap.yml": "ldap: {}\n"})
     assert errors(check(conf_dir)) == [
         "error: conf.d/ldap.yml: not read: configuration files end in `.yaml`; rename it to ldap.yaml"]
+    # A file a setting names is a plugin's file, whatever its name: not reported.
+    (conf_dir / "ldap.yml").unlink()
+    (conf_dir / "static" / "users.yaml").rename(conf_dir / "users.yml")
+    write_conf(conf_dir, {"static.yaml": "static:\n  users_file: users.yml\n"})
+    quiet = check(conf_dir)
+    assert quiet.returncode == 0 and "users.yml" not in quiet.stderr, quiet.stderr
 
 
 def test_environment_variables_override_scalar_keys_and_show_their_source(conf_dir):
