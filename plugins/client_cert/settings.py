@@ -249,12 +249,13 @@ class ClientCertSettings(PluginSettings):
         # A proxy sets one header; two entries for one proxy would bring back the fall-through.
         catch_all = [h.name for h in self.headers if not h.proxies]
         if len(catch_all) > 1:
-            raise ValueError(f"headers: {' and '.join(catch_all)} both apply to every trusted proxy; a proxy "
-                             "sets one certificate header: give each entry the `proxies` that set it")
+            second = [n for n, h in enumerate(self.headers) if not h.proxies][1]
+            raise InvalidKey(f"headers.{second}", f"{' and '.join(catch_all)} both apply to every trusted proxy; a "
+                             "proxy sets one certificate header: give each entry the `proxies` that set it")
         named = [(n, net, h.name) for n, h in enumerate(self.headers) for net in h.proxies]
         for i, (entry, net, name) in enumerate(named):
             for other_entry, other, other_name in named[i + 1:]:
                 if other_entry != entry and net.version == other.version and net.overlaps(other):
-                    raise ValueError(f"headers: proxy {net} sets {name} and {other} sets {other_name}; "
-                                     "a proxy sets one certificate header")
+                    raise InvalidKey(f"headers.{other_entry}", f"proxy {net} sets {name} and {other} sets "
+                                     f"{other_name}; a proxy sets one certificate header")
         return self
