@@ -376,3 +376,19 @@ def test_config_show_redacts_inline_secrets_of_every_section_enabled_or_not(conf
         assert secret not in shown.stdout + shown.stderr
     assert "key_prefix: keep-this-prefix" in shown.stdout
     assert "redis://:<redacted>@127.0.0.1:6379/0" in shown.stdout
+
+
+def test_snapshot_a_check_across_list_entries_points_at_the_entry_at_fault(conf_dir):
+    write_conf(conf_dir, {"gateway.yaml": "chain: [client_cert]\n", "client_cert.yaml": """\
+        client_cert:
+          ca_bundle: root.pem
+          revocation: "off"
+          headers:
+            - name: X-SSL-Client-Cert
+              format: pem
+            - name: X-Forwarded-Client-Cert
+              format: xfcc
+        """})
+    (found,) = errors(check(conf_dir))
+    assert found.startswith("error: conf.d/client_cert.yaml:7: client_cert.headers[1]: x-ssl-client-cert and "
+                            "x-forwarded-client-cert both apply to every trusted proxy"), found
