@@ -46,7 +46,7 @@ def test_version_on_the_command_line_in_the_start_up_log_and_healthz(conf_dir, s
 
 def test_help_lists_plugin_commands_even_when_not_enabled_and_the_defaults(conf_dir, tmp_path):
     write_conf(conf_dir, USERS)
-    env = {"AUTHGW_CONFIG": str(conf_dir)}
+    env = {"AUTHGW_CONFIG": str(conf_dir), "XDG_DATA_HOME": str(tmp_path / "xdg")}  # --help builds the runtime
     top = authgw("--help", env=env)
     assert top.returncode == 0
     assert "not enabled: add `cache` to `plugins:`" in " ".join(top.stdout.split())
