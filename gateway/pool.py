@@ -27,6 +27,11 @@ __all__ = ["ChainPool", "DeadlineExpired", "Overloaded"]
 log = logging.getLogger("authgw.chain")
 
 
+#: What a pool thread is working on (``current.arg``): the service log's JSON lines take the
+#: request id of the attempt from it (:mod:`gateway.logs`).
+current = threading.local()
+
+
 def _resolve(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
     if future.done():  # the attempt's deadline passed and its waiter gave up
         return
@@ -110,6 +115,7 @@ class ChainPool:
                 except RuntimeError:
                     pass
                 continue
+            current.arg = arg
             started = time.monotonic()
             try:
                 result, error = fn(arg), None
