@@ -222,8 +222,9 @@ class FrontDoor:
         try:
             body = await asyncio.wait_for(_read_body(request), self.gateway.settings.limits.body_timeout)
         except asyncio.TimeoutError:
-            return web.json_response({"error": "request_timeout", "detail": "the body did not arrive in time"},
-                                     status=408, headers={"Connection": "close"})
+            # Any body the API cannot read is a 400 (issue 10 item 5); the connection is not reused.
+            return web.json_response({"error": "bad_request", "detail": "the body did not arrive in time"},
+                                     status=400, headers={"Connection": "close"})
         try:
             if len(body) > _MAX_JSON_BYTES:
                 raise ValueError("request body too large")
