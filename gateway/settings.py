@@ -164,6 +164,15 @@ class ThrottleRedisSettings(PluginSettings):
     key_prefix: str = Field("authgw:throttle:", description="prepended to every key (keys are hashes, never usernames)")
     timeout: float = Field(0.5, gt=0, le=10, description="seconds per Redis call; no answer refuses the attempt (503)")
 
+    @field_validator("url")
+    @classmethod
+    def _no_inline_password(cls, value: str) -> str:
+        from urllib.parse import urlsplit
+
+        if urlsplit(value).password is not None:
+            raise ValueError("no password in the URL (it would be shown and logged); use `password: {env: NAME}`")
+        return value
+
 
 class ThrottleSettings(PluginSettings):
     """Password-guess throttling (gateway/throttle.py). Derive the limits from the directory's
