@@ -19,13 +19,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 import types
+from pathlib import Path
 from typing import Any, Iterable
 
 import pluggy
-
-import time
-from pathlib import Path
 
 from gateway.checks import ComponentState, Listener, Route, SelfTest
 from gateway.errors import PluginLoadError

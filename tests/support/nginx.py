@@ -20,7 +20,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 from support.net import free_port, wait_for_port
