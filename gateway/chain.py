@@ -241,7 +241,8 @@ class Gateway:
         finally:
             if ticket is not None:
                 try:
-                    await self._throttle(self.throttle.settle, ticket, decision.outcome)
+                    await self._throttle(functools.partial(self.throttle.settle, ticket, decision.outcome,
+                                                           live=not decision.from_cache))
                 except StoreUnavailable as exc:
                     log.error("throttle store unavailable settling attempt %s: %s", attempt.request_id, exc)
         if attempt.password is not None and decision.outcome in _REFUSALS:

@@ -17,8 +17,8 @@ Decides whether a password attempt may reach the chain, and what its result cost
   account; ``user_failures`` per user (any address) stays below the directory's lockout, so
   the gateway never locks an account out; ``client_failures`` per client stops password spraying.
   The victim of a single guessing address keeps logging in from other addresses until
-  ``user_failures`` is reached; a success clears the user's and that pair's count (as AD resets
-  badPwdCount). Trade-off in docs/design.md item 7.
+  ``user_failures`` is reached; a live success clears the user's and that pair's count (as AD
+  resets badPwdCount; a cache answer resets nothing). Trade-off in docs/design.md item 7.
 * **Shared.** ``store: sqlite`` (one file in the state directory) shares the counts between the
   workers of a machine, ``store: redis`` between instances; ``auto`` is ``memory`` for one
   worker and ``sqlite`` for several. A store that cannot answer fails closed (``UNAVAILABLE``).
@@ -87,8 +87,13 @@ class Throttle:
             keys += [(ticket.pair, s.user_client_failures), (ticket.client, s.client_failures)]
         return ticket if self.store.reserve(keys, ticket.id, self._clock(), s.window) else None
 
-    def settle(self, ticket: Ticket, outcome: Outcome) -> None:
-        """Keep the reservation of a guess; give back the rest; a success clears the user."""
+    def settle(self, ticket: Ticket, outcome: Outcome, *, live: bool = True) -> None:
+        """Keep the reservation of a guess; give back the rest; a live success clears the user.
+
+        A success answered from a cache (*live* false) reached no directory, so the directory's
+        own bad-password count was not reset either: it only gives its reservation back, or
+        every hot-cache hit of an active user would hand guessers a fresh budget.
+        """
         if not ticket.id:
             return
         if outcome in GUESSES:
@@ -96,7 +101,7 @@ class Throttle:
         client = [ticket.client] if ticket.client else []
         if outcome is Outcome.ACCOUNT_STATE:
             self.store.drop(client, ticket.id)
-        elif outcome is Outcome.SUCCESS:
+        elif outcome is Outcome.SUCCESS and live:
             self.store.clear([ticket.user] + ([ticket.pair] if ticket.pair else []))
             self.store.drop(client, ticket.id)
         else:  # unavailable, error, not applicable, a deadline: not a guess

@@ -166,3 +166,24 @@ def test_a_victim_keeps_logging_in_from_a_client_that_has_not_failed(tmp_path, d
     assert from_client("198.51.100.7", "guess-x") == 429, "the attacking address stays refused for bob"
     assert gw.auth("carol", "carol-Passw0rd", {"X-Forwarded-For": "198.51.100.7"}).status == 200, \
         "and other users behind the attacking address are not refused"
+
+
+def test_a_success_from_the_cache_does_not_reset_the_count(tmp_path, directory, start_gateway):
+    """Only a live success resets the user's count (the directory's own count was reset by the
+    bind); an answer from the cache reached no directory, so guessers get no fresh budget."""
+    gw = start_gateway(conf(tmp_path / "c", directory, plugins=("cache",), extra={"cache.yaml": "cache: {}\n"},
+                            throttle={"user_failures": 4, "user_client_failures": 3, "window": 600}))
+
+    def status(client: str, password: str) -> int:
+        return gw.auth("bob", password, {"X-Forwarded-For": client}).status
+
+    assert status("203.0.113.5", "bob-Passw0rd") == 200  # live: cached for offline use
+    directory.stop()
+    try:
+        assert [status("198.51.100.7", f"guess-{i}") for i in range(3)] == [401, 401, 401]
+        r = gw.auth("bob", "bob-Passw0rd", {"X-Forwarded-For": "203.0.113.5"})
+        assert (r.status, r.header("Remote-Auth-Source")) == (200, "cache")
+        assert status("198.51.100.8", "guess-x") == 401
+        assert status("198.51.100.9", "guess-y") == 429, "the cached success handed out a fresh budget"
+    finally:
+        directory.start()
