@@ -133,7 +133,9 @@ class PrecheckStandIn:
         for impl in steps:
             if impl.plugin_name == stands_for:
                 break
-            decision = impl.function(attempt)  # a policy step before the directory: still asked
+            # A policy step before the directory: still asked (with the arguments it declares,
+            # as pluggy would call it).
+            decision = impl.function(*(attempt for _name in impl.argnames))
             if decision is not None:
                 return decision
         return answer
