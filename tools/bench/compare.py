@@ -30,7 +30,7 @@ The table gives, per row, the median of the per-round rates, the median of the p
     python tools/bench/compare.py [--rounds 3] [--duration 10] [--only ldap,hot1] [--json out.json]
 
 Every process is started on 127.0.0.1 and stopped by its PID at the end; the temporary directory
-is removed. With the default 3 x 10 s it runs about 8 minutes (token minting included).
+is removed. With the default 3 x 10 s it runs about 10 minutes (warm-up and token minting included).
 """
 
 from __future__ import annotations
@@ -241,7 +241,8 @@ def learn(gw: GatewayProcess, values: Path) -> None:
     headers = [{"Authorization": line} for line in values.read_text().splitlines()]
     began, passes = time.monotonic(), []
     while time.monotonic() - began < 300:
-        result = loadgen.run(gw.url + "/auth", lambda i: headers[i], concurrency=4,
+        # as many connections as wrk opens: spread over both workers, like the load to come
+        result = loadgen.run(gw.url + "/auth", lambda i: headers[i], concurrency=16,
                              seconds=max(1.0, 300 - (time.monotonic() - began)), max_requests=len(headers))
         passes.append(f"{result.seconds:.1f} s {dict(result.statuses)}")
         if result.seconds < 3:
@@ -254,12 +255,17 @@ def tree(pid: int) -> list[int]:
     return [pid, *loadgen.children(pid)]
 
 
-def measure(load, pids) -> tuple[Load, float]:
-    """Run *load*, return it with the server's CPU µs per success (from /proc, whole process tree)."""
-    before = loadgen.cpu_seconds(pids())
+def measure(load, pids) -> tuple[Load, float, list[float]]:
+    """Run *load*, return it with the server's CPU µs per success (from /proc, whole process tree)
+    and each child's share of the children's CPU (is the load spread over the processes?)."""
+    started = pids()
+    before = {pid: loadgen.cpu_seconds([pid]) for pid in started}
+    total = loadgen.cpu_seconds(started)
     result = load()
-    cpu = loadgen.cpu_seconds(pids()) - before
-    return result, cpu / max(result.ok, 1) * 1e6
+    cpu = loadgen.cpu_seconds(pids()) - total
+    spent = [loadgen.cpu_seconds([pid]) - before[pid] for pid in started[1:]]
+    shares = [x / sum(spent) for x in spent] if sum(spent) > 0 else []
+    return result, cpu / max(result.ok, 1) * 1e6, shares
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -311,13 +317,15 @@ def main(argv: list[str] | None = None) -> int:
                 figures = {}
                 order = ("apache", "authgw") if r % 2 == 0 else ("authgw", "apache")
                 for server in order:
-                    load, cpu = measure(lambda: getattr(row, server)(args.duration), getattr(row, f"{server}_pids"))
+                    load, cpu, shares = measure(lambda: getattr(row, server)(args.duration),
+                                                getattr(row, f"{server}_pids"))
                     figures[server] = {"rate": load.rate, "cpu_us": cpu, "ok": load.ok, "failed": load.failed,
-                                       "exhausted": load.exhausted, "seconds": load.seconds}
+                                       "exhausted": load.exhausted, "seconds": load.seconds, "cpu_shares": shares}
                     warn = (f"  WARNING {load.failed} failed" if load.failed else "") + \
                            (f", tokens ran out ({load.exhausted} reused)" if load.exhausted else "")
                     print(f"round {r + 1} {row.key:<9} {server:<6} {load.rate:>9,.0f} req/s "
-                          f"{cpu:>6,.0f} us CPU/req  ({load.ok} ok in {load.seconds:.1f} s){warn}", flush=True)
+                          f"{cpu:>6,.0f} us CPU/req  ({load.ok} ok in {load.seconds:.1f} s; CPU by process "
+                          + "/".join(f"{x:.0%}" for x in shares) + f"){warn}", flush=True)
                 figures["ratio"] = figures["authgw"]["rate"] / max(figures["apache"]["rate"], 1e-9)
                 row.rounds.append(figures)
         print()
