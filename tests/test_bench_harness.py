@@ -1,4 +1,4 @@
-"""The benchmark harness itself works (tools/bench/apache.py, compare.py, the wrk scripts):
+"""The benchmark harness itself works (tools/bench/apache.py, loads.py, compare.py, the wrk scripts):
 Apache httpd from a private config authenticates against the test slapd through
 mod_authnz_ldap, its LDAP cache is really off or on, wrk's successes and failures are counted,
 and Apache stops by PID. Behaviour only: nothing here is timed."""
@@ -6,6 +6,8 @@ and Apache stops by PID. Behaviour only: nothing here is timed."""
 from __future__ import annotations
 
 import importlib.util
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -19,7 +21,7 @@ BENCH = Path(__file__).resolve().parents[1] / "tools" / "bench"
 
 def _load(name: str):
     if name not in sys.modules:
-        sys.path.insert(0, str(BENCH))  # compare.py imports its neighbours (loadgen, apache)
+        sys.path.insert(0, str(BENCH))  # the bench modules import their neighbours (loadgen)
         spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
@@ -97,30 +99,46 @@ def test_apache_ldap_cache_is_off_or_on(slapd: Slapd, tmp_path: Path) -> None:
 
 
 def test_wrk_counts_successes_and_refusals(slapd: Slapd, tmp_path: Path) -> None:
-    """compare.wrk: each request carries the next header value of a file; answers above 399 are
+    """loads.wrk: each request carries the next header value of a file; answers above 399 are
     not successes; single-use values report reuse once they run out."""
-    compare = _load("compare")
-    apache = compare.Apache(tmp_path / "apache", ldap=_ldap(slapd, cache=False)).start()
+    loads = _load("loads")
+    apache = _load("apache").Apache(tmp_path / "apache", ldap=_ldap(slapd, cache=False)).start()
     try:
-        args = compare.argparse.Namespace(threads=1, connections=2)
+        def wrk(path: str, headers=None):
+            return loads.wrk(apache.url + path, 1, threads=1, connections=2, headers=headers)
+
         good = tmp_path / "good.txt"
         good.write_text(basic("alice", "alice-secret") + "\n")
-        load = compare.wrk(apache.url + "/ldap/ok", args, 1, ("Authorization", good, "cycle"))
+        load = wrk("/ldap/ok", ("Authorization", good, "cycle"))
         assert load.ok > 0 and load.failed == 0 and load.exhausted == 0
 
         mixed = tmp_path / "mixed.txt"
         mixed.write_text(basic("alice", "alice-secret") + "\n" + basic("alice", "wrong") + "\n")
-        load = compare.wrk(apache.url + "/ldap/ok", args, 1, ("Authorization", mixed, "cycle"))
+        load = wrk("/ldap/ok", ("Authorization", mixed, "cycle"))
         assert load.ok > 0 and load.failed > 0
         assert abs(load.ok - load.failed) <= 2  # one request in two is refused (2 connections in flight)
 
-        load = compare.wrk(apache.url + "/ldap/ok", args, 1, ("Authorization", good, "once"))
+        load = wrk("/ldap/ok", ("Authorization", good, "once"))
         # All but the first were reuses, give or take the requests in flight when wrk stopped (one
         # per connection) and the one wrk's start-up check takes from the script.
         answered = load.ok + load.failed
         assert load.ok > 1 and answered - 1 <= load.exhausted <= answered + 2
 
-        bare = compare.wrk(apache.url + "/static", args, 1)
+        bare = wrk("/static")
         assert bare.ok > 0 and bare.failed == 0
     finally:
         apache.stop()
+
+
+@pytest.mark.slow
+def test_compare_prints_the_same_run_table() -> None:
+    """One command: starts slapd, Apache and authgw, loads both, prints the issue's table rows
+    with a ratio, and leaves no Apache behind."""
+    proc = subprocess.run([sys.executable, str(BENCH / "compare.py"), "--rounds", "1", "--duration", "1",
+                           "--warmup", "1", "--only", "bare,ldap"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = {line.split(" | ")[0]: line for line in proc.stdout.splitlines() if line.startswith("| ")}
+    for label in ("| bare HTTP (Apache static file / authgw `/healthz`)", "| LDAP Basic, 1,000 distinct users, no cache"):
+        assert re.fullmatch(r"\| .+ \| [\d,]+ \| [\d,]+ \| \d+\.\d\d \| [\d,]+ / [\d,]+ \|", rows[label]), rows
+    assert len(re.findall(r"^round 1 (bare|ldap) +(apache|authgw) ", proc.stdout, re.M)) == 4
+    assert "authgw-compare-" not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout

@@ -6,8 +6,8 @@ KDC (a user, ``HTTP/localhost`` in a keytab), a test PKI, Apache httpd 2.4 (even
 children: ``apache.py``; one instance with mod_ldap's caches off, serving the static file,
 mod_auth_gssapi and mod_ssl client certificates too, and one with the caches on) and ``authgw
 serve --workers 2`` (one gateway per row's configuration, all running, only one loaded at a
-time). Then, in ``--rounds`` interleaved rounds (Apache first in even rounds, authgw first in odd
-ones), each row loads Apache and authgw for ``--duration`` seconds each:
+time). Then, in ``--rounds`` interleaved rounds (Apache first in rounds 1, 3, ..., authgw first
+in rounds 2, 4, ...), each row loads Apache and authgw for ``--duration`` seconds each:
 
     bare        Apache static file / authgw /healthz                   wrk, no script
     ldap        Basic, 1,000 distinct users, every request searches and binds (no cache)
@@ -17,9 +17,10 @@ ones), each row loads Apache and authgw for ``--duration`` seconds each:
                 before each round's row and never timed
     cert        client certificate, a new TLS connection and full handshake per login
 
-Load: **wrk** (``-t2 -c16`` by default, keep-alive) with ``wrk_headers.lua`` feeding the Basic
-and Negotiate headers; wrk speaks no client-certificate TLS, so the ``cert`` row uses ``openssl
-s_time -new`` clients (C, like wrk), and counts the logins each server logged as successful (the
+Load (``loads.py``): **wrk** (``-t2 -c16`` by default, keep-alive) with ``wrk_headers.lua``
+feeding the Basic and Negotiate headers; wrk speaks no client-certificate TLS, so the ``cert``
+row uses ``openssl s_time -new`` clients (C, like wrk), and counts the logins each server logged
+as successful (the
 Apache access log's 200s, authgw's audit ``success`` lines). A rate counts successes only (wrk's
 non-4xx/5xx answers). Server CPU per request comes from /proc (``utime+stime`` of the parent and
 its children, reaped ones included) before and after each load.
@@ -40,10 +41,8 @@ import base64
 import concurrent.futures
 import json
 import os
-import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -54,6 +53,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parents[1] / "tests"))
 import loadgen  # noqa: E402
+from loads import LogCounter, audit_success, measure, s_time, tree  # noqa: E402
+import loads  # noqa: E402
 from apache import Apache, GssapiAuth, LdapAuth, TlsClientAuth  # noqa: E402
 from support.gateway import GatewayProcess, write_conf  # noqa: E402
 from support.kdc import KDC  # noqa: E402
@@ -76,95 +77,6 @@ ROWS = {
 
 def basic(i: int) -> str:
     return "Basic " + base64.b64encode(f"user{i:04d}:pw-{i:04d}-secret".encode()).decode()
-
-
-# -- load generators -------------------------------------------------------------------------------
-
-
-@dataclass
-class Load:
-    """One load's outcome: successes, the seconds it ran, and what went wrong."""
-
-    ok: int
-    seconds: float
-    failed: int = 0
-    exhausted: int = 0
-    detail: dict = field(default_factory=dict)
-
-    @property
-    def rate(self) -> float:
-        return self.ok / self.seconds if self.seconds else 0.0
-
-
-def wrk(url: str, args: argparse.Namespace, seconds: float, headers: tuple[str, Path, str] | None = None) -> Load:
-    """``wrk`` against *url*; *headers* = (header name, file of values, ``cycle``/``once``)."""
-    script = HERE / ("wrk_headers.lua" if headers else "wrk_report.lua")
-    command = ["wrk", f"-t{args.threads}", f"-c{args.connections}", f"-d{seconds:g}s", "--timeout", "10s",
-               "-s", str(script), url]
-    if headers:
-        name, values, mode = headers
-        command += ["--", name, str(values), mode, str(args.threads)]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60)
-    match = re.search(r"^WRK_JSON (\{.*\})$", proc.stdout, re.M)
-    if proc.returncode != 0 or match is None:
-        raise RuntimeError(f"wrk failed ({proc.returncode}): {proc.stdout}\n{proc.stderr}")
-    report = json.loads(match.group(1))
-    errors = report["read_errors"] + report["write_errors"] + report["timeouts"] + report["connect_errors"]
-    return Load(ok=report["requests"] - report["status_errors"], seconds=report["duration_us"] / 1e6,
-                failed=report["status_errors"] + errors, exhausted=report["exhausted"], detail=report)
-
-
-def s_time(port: int, path: str, pki: dict[str, str], seconds: float, clients: int,
-           successes) -> Load:
-    """*clients* ``openssl s_time -new`` loops (connect, full TLS handshake with the client
-    certificate, ``GET path``, read to close); *successes()* counts the server's logged logins."""
-    command = ["openssl", "s_time", "-connect", f"127.0.0.1:{port}", "-new", "-www", path,
-               "-time", str(max(1, round(seconds))), "-cert", pki["client_crt"], "-key", pki["client_key"],
-               "-CAfile", pki["root"]]
-    before = successes()
-    started = time.monotonic()
-    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for _ in range(clients)]
-    outputs = [proc.communicate(timeout=seconds + 60)[0] for proc in procs]
-    elapsed = time.monotonic() - started
-    connections = 0
-    for output in outputs:
-        found = re.search(r"(\d+) connections in \d+ real seconds", output)
-        if found is None:
-            raise RuntimeError(f"unexpected openssl s_time output:\n{output}")
-        connections += int(found.group(1))
-    ok, settle = successes() - before, time.monotonic() + 3
-    while time.monotonic() < settle:  # log lines may be written in batches: wait until they stop coming
-        time.sleep(0.3)
-        now = successes() - before
-        if now == ok and ok >= connections:
-            break
-        ok = now
-    return Load(ok=ok, seconds=elapsed, failed=max(connections - ok, 0), detail={"connections": connections})
-
-
-class LogCounter:
-    """Counts the lines of a growing log that *matches* accepts, reading only what is new."""
-
-    def __init__(self, path: Path, matches) -> None:
-        self.path, self.matches, self.offset, self.count = path, matches, 0, 0
-
-    def __call__(self) -> int:
-        if self.path.exists():
-            with self.path.open("rb") as f:
-                f.seek(self.offset)
-                data = f.read()
-            end = data.rfind(b"\n") + 1
-            self.count += sum(1 for line in data[:end].splitlines() if self.matches(line))
-            self.offset += end
-        return self.count
-
-
-def audit_success(line: bytes) -> bool:
-    try:
-        return json.loads(line).get("outcome") == "success"
-    except ValueError:
-        return False
 
 
 # -- set-up --------------------------------------------------------------------------------------------
@@ -249,23 +161,6 @@ def learn(gw: GatewayProcess, values: Path) -> None:
             break
     print(f"authgw logged {len(headers)} users in, {len(passes)} pass(es) (offline hashes stored): "
           + ", ".join(passes), flush=True)
-
-
-def tree(pid: int) -> list[int]:
-    return [pid, *loadgen.children(pid)]
-
-
-def measure(load, pids) -> tuple[Load, float, list[float]]:
-    """Run *load*, return it with the server's CPU µs per success (from /proc, whole process tree)
-    and each child's share of the children's CPU (is the load spread over the processes?)."""
-    started = pids()
-    before = {pid: loadgen.cpu_seconds([pid]) for pid in started}
-    total = loadgen.cpu_seconds(started)
-    result = load()
-    cpu = loadgen.cpu_seconds(pids()) - total
-    spent = [loadgen.cpu_seconds([pid]) - before[pid] for pid in started[1:]]
-    shares = [x / sum(spent) for x in spent] if sum(spent) > 0 else []
-    return result, cpu / max(result.ok, 1) * 1e6, shares
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -429,25 +324,25 @@ def setup(base: Path, args: argparse.Namespace, only: list[str], started: list) 
                            "revocation": "off", "mapping": {"rules": ["cn"], "lookup": False}}}})
         wait_for_port("127.0.0.1", cert_port)
 
-    apache_pids = lambda: apache.pids()  # noqa: E731
+    def wrk(url: str, headers: tuple[str, Path, str] | None = None):
+        return lambda seconds: loads.wrk(url, seconds, threads=args.threads, connections=args.connections,
+                                         headers=headers)
+
+    def pids(server):
+        return lambda: server.pids() if isinstance(server, Apache) else tree(server.proc.pid)
+
     rows: list[Row] = []
-    for key in ROWS:
-        if key not in only:
-            continue
+    for key in (k for k in ROWS if k in only):
         if key == "bare":
             gw = gateways["ldap"]
-            rows.append(Row(key, lambda s: wrk(apache.url + "/static", args, s),
-                            lambda s, gw=gw: wrk(gw.url + "/healthz", args, s), apache_pids, lambda gw=gw: tree(gw.proc.pid)))
+            rows.append(Row(key, wrk(apache.url + "/static"), wrk(gw.url + "/healthz"), pids(apache), pids(gw)))
         elif key == "ldap":
             gw, h = gateways["ldap"], ("Authorization", users, "cycle")
-            rows.append(Row(key, lambda s, h=h: wrk(apache.url + "/ldap/ok", args, s, h),
-                            lambda s, gw=gw, h=h: wrk(gw.url + "/auth", args, s, h), apache_pids,
-                            lambda gw=gw: tree(gw.proc.pid)))
+            rows.append(Row(key, wrk(apache.url + "/ldap/ok", h), wrk(gw.url + "/auth", h), pids(apache), pids(gw)))
         elif key in ("hot1", "hot1000"):
             gw, h = gateways["cache"], ("Authorization", one if key == "hot1" else users, "cycle")
-            rows.append(Row(key, lambda s, h=h: wrk(apache_cached.url + "/ldap/ok", args, s, h),
-                            lambda s, gw=gw, h=h: wrk(gw.url + "/auth", args, s, h), lambda: apache_cached.pids(),
-                            lambda gw=gw: tree(gw.proc.pid), prime=lambda gw=gw, h=h: learn(gw, h[1])))
+            rows.append(Row(key, wrk(apache_cached.url + "/ldap/ok", h), wrk(gw.url + "/auth", h),
+                            pids(apache_cached), pids(gw), prime=lambda gw=gw, h=h: learn(gw, h[1])))
         elif key == "negotiate":
             gw, tokens = gateways["kerberos"], base / "tokens.txt"
             h = ("Authorization", tokens, "once")
@@ -459,16 +354,15 @@ def setup(base: Path, args: argparse.Namespace, only: list[str], started: list) 
                 seconds = args.warmup if r < 0 else args.duration
                 mint(kdc, ccache, int(args.token_rate * seconds) + 100, tokens)
 
-            rows.append(Row(key, lambda s, h=h: wrk(apache.url + "/negotiate/ok", args, s, h),
-                            lambda s, gw=gw, h=h: wrk(gw.url + "/auth", args, s, h), apache_pids,
-                            lambda gw=gw: tree(gw.proc.pid), prepare=prepare))
+            rows.append(Row(key, wrk(apache.url + "/negotiate/ok", h), wrk(gw.url + "/auth", h), pids(apache),
+                            pids(gw), prepare=prepare))
         elif key == "cert":
             gw = gateways["cert"]
             apache_ok = LogCounter(apache.access_log_path, lambda line: b'"GET /cert/ok HTTP/1.0" 200 ' in line)
             authgw_ok = LogCounter(base / "audit-cert.log", audit_success)
             rows.append(Row(key, lambda s: s_time(apache.tls_port, "/cert/ok", pki, s, args.cert_clients, apache_ok),
                             lambda s: s_time(cert_port, "/auth", pki, s, args.cert_clients, authgw_ok),
-                            apache_pids, lambda gw=gw: tree(gw.proc.pid)))
+                            pids(apache), pids(gw)))
     return rows
 
 
