@@ -60,6 +60,18 @@ MODULES = Path("/usr/lib/apache2/modules")
 STATIC_BODY = b'{"status": "ok"}\n'  # about the size of authgw's /healthz answer
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM httpd when the thread that started it dies (Linux prctl
+    PR_SET_PDEATHSIG), so an interrupted benchmark or test leaves no Apache behind (httpd stops
+    its children on SIGTERM)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
 def apache_binary() -> str | None:
     """The httpd binary (Debian calls it apache2), or None when it is not installed."""
     return shutil.which("apache2") or next((p for p in ("/usr/sbin/apache2", "/usr/sbin/httpd")
@@ -306,7 +318,7 @@ class Apache:
         self._log = open(self.directory / "httpd.out", "ab")
         self.proc = subprocess.Popen([self.binary, "-f", str(self.directory / "httpd.conf"), "-DFOREGROUND"],
                                      stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env={**os.environ, **self.env})
+                                     env={**os.environ, **self.env}, preexec_fn=_die_with_parent)
         try:
             wait_for_port("127.0.0.1", self.port, timeout=timeout, proc=self.proc)
             if self.tls_port:

@@ -121,9 +121,9 @@ def gateway(base: Path, name: str, files: dict[str, dict], workers: int, env: di
 @dataclass
 class Row:
     key: str
-    apache: object  # () -> Load, one per server
+    apache: object  # (seconds) -> Load: one load of this row on each server
     authgw: object
-    apache_pids: object
+    apache_pids: object  # () -> the server's process tree now
     authgw_pids: object
     prepare: object = None  # (round) -> None, before a round's loads (minting tokens)
     prime: object = None  # () -> None, once before the warm-up
