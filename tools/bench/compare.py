@@ -150,11 +150,12 @@ def learn(gw: GatewayProcess, values: Path) -> None:
     """Log each user in, pass after pass, before the cache rows' warm-up: a worker's first live
     login of a user also stores an argon2id hash for offline logins (tens of ms of CPU each, by
     design; each worker remembers what it stored itself), a one-time cost that a rate-based
-    warm-up would take minutes to see through. Done when a pass hashes (almost) nothing (it takes
-    a second or two) while both workers took a fair share of it (the kernel does not spread a
-    burst of connections evenly: a worker that took none learnt nothing). Bounded: 300 s."""
+    warm-up would take minutes to see through. Done after two passes in a row that hash (almost)
+    nothing (a second or two each) while both workers took a fair share of each (the kernel does
+    not spread a burst of connections evenly: a worker that took none learnt nothing; one such
+    pass still left a round at a tenth of the steady rate). Bounded: 300 s."""
     headers = [{"Authorization": line} for line in values.read_text().splitlines()]
-    began, passes = time.monotonic(), []
+    began, passes, quiet = time.monotonic(), [], 0
     while time.monotonic() - began < 300:
         def one_pass() -> Load:
             # as many connections as wrk opens, like the load to come
@@ -165,7 +166,8 @@ def learn(gw: GatewayProcess, values: Path) -> None:
 
         result, _, shares = measure(one_pass, lambda: tree(gw.proc.pid))
         passes.append(f"{result.seconds:.1f} s, {result.ok} ok, CPU " + "/".join(f"{x:.0%}" for x in shares))
-        if result.seconds < 3 and min(shares, default=1) >= 0.25:
+        quiet = quiet + 1 if result.seconds < 3 and min(shares, default=1) >= 0.25 else 0
+        if quiet == 2:
             break
     print(f"authgw logged {len(headers)} users in, {len(passes)} pass(es) (offline hashes stored): "
           + ", ".join(passes), flush=True)
