@@ -31,7 +31,8 @@ The table gives, per row, the median of the per-round rates, the median of the p
     python tools/bench/compare.py [--rounds 3] [--duration 10] [--only ldap,hot1] [--json out.json]
 
 Every process is started on 127.0.0.1 and stopped by its PID at the end; the temporary directory
-is removed. With the default 3 x 10 s it runs about 10 minutes (warm-up and token minting included).
+is removed. With the default 3 x 10 s it runs 10-15 minutes (warm-up, learning and token minting
+included).
 """
 
 from __future__ import annotations
