@@ -90,9 +90,9 @@ class LoginPlugin:
     @hookimpl
     def gateway_commands(self):
         def add_arguments(parser: argparse.ArgumentParser) -> None:
-            sub = parser.add_subparsers(dest="saml_action", required=True)
-            sub.add_parser("metadata", help="print the IdP metadata (current and next signing certificates)")
-            sub.add_parser("rotate", help="make the next signing key current and make a new next key")
+            parser.add_argument("saml_action", choices=["metadata", "rotate"],
+                                help="`metadata`: print the IdP metadata (current and next signing certificates); "
+                                "`rotate`: make the next signing key current and make a new next key")
 
         def run(args: argparse.Namespace) -> int:
             if args.saml_action == "rotate":
