@@ -59,10 +59,10 @@ class Result:
 class SamlSP:
     def __init__(self, directory: Path, idp_metadata: str, *, acs: str, entity_id: str = "https://sp.example.test/",
                  sign_requests: bool = False, want_response_signed: bool = True,
-                 allow_unsolicited: bool = False) -> None:
+                 allow_unsolicited: bool = False, keys: tuple[Path, Path] | None = None) -> None:
         self.entity_id = entity_id
         self.acs = acs
-        self.cert_file, self.key_file = rsa_pair(directory, "sp", "sp.example.test")
+        self.cert_file, self.key_file = keys or rsa_pair(directory, "sp", "sp.example.test")
         self.idp = re.search(r'entityID="([^"]+)"', idp_metadata).group(1)
         config = SPConfig()
         config.load({
