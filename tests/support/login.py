@@ -41,7 +41,8 @@ class LoginSite:
         self.url = f"https://{host}:{self.port}"
         self.ca_file = tmp_path / "ca.pem"
         self.ca_file.write_bytes(ca.pem)
-        cert, key = ca.issue("localhost", dns=["localhost"], ips=["127.0.0.1"], server=True).write(tmp_path, "login")
+        self.server_cert = ca.issue("localhost", dns=["localhost"], ips=["127.0.0.1"], server=True)
+        cert, key = self.server_cert.write(tmp_path, "login")
         settings = {"base_url": self.url, "listener": {"address": f"127.0.0.1:{self.port}", "certificate": str(cert),
                                                        "key": str(key)}}
         settings.update(login or {})
