@@ -7,7 +7,7 @@ Decides
     nothing in the chain: it is a front door (``front_door: login`` in the audit), not a step.
 Routes
     ``/login``, ``/logout``; ``/saml/metadata``, ``/saml/sso`` (HTTP-Redirect and HTTP-POST
-    bindings), ``/saml/idp`` (IdP-initiated), on the ``listen:`` sockets and on every listener
+    bindings), ``/saml/idp`` (IdP-initiated), ``/wsfed`` (WS-Federation, :mod:`.wsfed`), on the ``listen:`` sockets and on every listener
     that serves the front doors (``client_cert``'s TLS listener, this plugin's ``listener``).
 Commands
     ``authgw saml metadata`` (the IdP metadata to upload), ``authgw saml rotate`` (make the next
@@ -17,7 +17,7 @@ Settings (``login:`` in conf.d)
     ``max_relay_state_bytes``, ``title``, ``messages``, ``sessions`` (``idle``, ``absolute``,
     ``store``, ``redis_url``, ``cookie_name``, ``secure_cookie``), ``listener`` (``address``,
     ``certificate``, ``key``), ``saml`` (``assertion_lifetime``, ``request_lifetime``,
-    ``service_providers``).
+    ``service_providers``), ``wsfed`` (``relying_parties``).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from .saml import SamlIdp
 from .sessions import RedisStore, SessionManager, SqliteStore
 from .settings import LoginSettings
 from .web import LoginDoor
+from .wsfed import WsFed
 
 __all__ = ["LoginPlugin"]
 
@@ -54,6 +55,7 @@ class LoginPlugin:
         self.keys = KeyStore(context.state_dir, urlsplit(settings.base_url).hostname or "authgw")
         self.current, self.next, self.cookie_key = self.keys.ensure()
         self.saml = SamlIdp(settings, self.entity_id, self.current, self.next)
+        self.wsfed = WsFed(settings, self.saml.builder)
 
     def _store(self):
         sessions = self.settings.sessions
@@ -85,6 +87,7 @@ class LoginPlugin:
             Route("POST", "/login", web.login_post),
             Route("*", "/logout", web.logout),
             *self.saml.routes(web),
+            *self.wsfed.routes(web),
         ]
 
     @hookimpl

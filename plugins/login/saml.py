@@ -192,13 +192,51 @@ class ResponseBuilder:
         value = getattr(identity, field)
         return [str(v) for v in value] if isinstance(value, tuple) else ([value] if value else [])
 
+    def name_id(self, identity: Identity, fmt: str, source: str) -> str:
+        if fmt == "transient":
+            return "_" + secrets.token_hex(16)
+        return (self._value(identity, source) or [identity.username])[0]
+
+    def assertion(self, *, audience: str, identity: Identity, name_id_format: str, name_id: str,
+                  attributes: dict[str, str], session_index: str, now: dt.datetime, recipient: str | None = None,
+                  in_response_to: str | None = None, sign: bool = True) -> etree._Element:
+        """A (signed) SAML 2.0 Assertion about *identity* for *audience*; also used by WS-Fed."""
+        E = etree.SubElement
+        assertion = etree.Element(f"{{{SAML}}}Assertion", nsmap={"saml": SAML, "xs": XS, "xsi": XSI},
+                                  ID="_" + secrets.token_hex(20), Version="2.0", IssueInstant=instant(now))
+        E(assertion, f"{{{SAML}}}Issuer").text = self.entity_id
+        if sign:
+            E(assertion, f"{{{DS}}}Signature", Id="placeholder", nsmap={"ds": DS})
+        subject = E(assertion, f"{{{SAML}}}Subject")
+        E(subject, f"{{{SAML}}}NameID", Format=NAMEID_FORMATS[name_id_format], SPNameQualifier=audience).text = name_id
+        confirmation = E(subject, f"{{{SAML}}}SubjectConfirmation", Method="urn:oasis:names:tc:SAML:2.0:cm:bearer")
+        data = E(confirmation, f"{{{SAML}}}SubjectConfirmationData", NotOnOrAfter=instant(now + self.lifetime))
+        if recipient:
+            data.set("Recipient", recipient)
+        if in_response_to:
+            data.set("InResponseTo", in_response_to)
+        conditions = E(assertion, f"{{{SAML}}}Conditions", NotBefore=instant(now - self.skew),
+                       NotOnOrAfter=instant(now + self.lifetime))
+        E(E(conditions, f"{{{SAML}}}AudienceRestriction"), f"{{{SAML}}}Audience").text = audience
+        authn = E(assertion, f"{{{SAML}}}AuthnStatement", SessionIndex=session_index,
+                  AuthnInstant=instant(dt.datetime.fromtimestamp(identity.authenticated_at, dt.timezone.utc)))
+        E(E(authn, f"{{{SAML}}}AuthnContext"), f"{{{SAML}}}AuthnContextClassRef").text = \
+            AUTHN_CONTEXT.get(identity.method, PASSWORD_CONTEXT)
+        if attributes:
+            statement = E(assertion, f"{{{SAML}}}AttributeStatement")
+            for name, field in attributes.items():
+                attribute = E(statement, f"{{{SAML}}}Attribute", Name=name,
+                              NameFormat="urn:oasis:names:tc:SAML:2.0:attrname-format:basic")
+                for value in self._value(identity, field):
+                    E(attribute, f"{{{SAML}}}AttributeValue", {f"{{{XSI}}}type": "xs:string"}).text = value
+        return self._sign(assertion) if sign else assertion
+
     def build(self, sp: SamlServiceProvider, acs: str, identity: Identity, in_response_to: str | None,
               session_index: str, now: dt.datetime) -> bytes:
         E = etree.SubElement
-        nsmap = {"samlp": SAMLP, "saml": SAML}
-        attrs = {"Version": "2.0", "IssueInstant": instant(now)}
-        response = etree.Element(f"{{{SAMLP}}}Response", nsmap=nsmap, ID="_" + secrets.token_hex(20),
-                                 Destination=acs, **attrs)
+        response = etree.Element(f"{{{SAMLP}}}Response", nsmap={"samlp": SAMLP, "saml": SAML},
+                                 ID="_" + secrets.token_hex(20), Version="2.0", IssueInstant=instant(now),
+                                 Destination=acs)
         if in_response_to:
             response.set("InResponseTo", in_response_to)
         E(response, f"{{{SAML}}}Issuer").text = self.entity_id
@@ -206,37 +244,11 @@ class ResponseBuilder:
             E(response, f"{{{DS}}}Signature", Id="placeholder", nsmap={"ds": DS})
         E(E(response, f"{{{SAMLP}}}Status"), f"{{{SAMLP}}}StatusCode",
           Value="urn:oasis:names:tc:SAML:2.0:status:Success")
-
-        assertion = etree.Element(f"{{{SAML}}}Assertion", nsmap={"saml": SAML, "xs": XS, "xsi": XSI},
-                                  ID="_" + secrets.token_hex(20), **attrs)
-        E(assertion, f"{{{SAML}}}Issuer").text = self.entity_id
-        if sp.sign_assertion:
-            E(assertion, f"{{{DS}}}Signature", Id="placeholder", nsmap={"ds": DS})
-        subject = E(assertion, f"{{{SAML}}}Subject")
-        name_id = E(subject, f"{{{SAML}}}NameID", Format=NAMEID_FORMATS[sp.name_id_format],
-                    SPNameQualifier=sp.entity_id)
-        name_id.text = ("_" + secrets.token_hex(16) if sp.name_id_format == "transient"
-                        else (self._value(identity, sp.name_id_source) or [identity.username])[0])
-        confirmation = E(subject, f"{{{SAML}}}SubjectConfirmation", Method="urn:oasis:names:tc:SAML:2.0:cm:bearer")
-        data = E(confirmation, f"{{{SAML}}}SubjectConfirmationData", NotOnOrAfter=instant(now + self.lifetime),
-                 Recipient=acs)
-        if in_response_to:
-            data.set("InResponseTo", in_response_to)
-        conditions = E(assertion, f"{{{SAML}}}Conditions", NotBefore=instant(now - self.skew),
-                       NotOnOrAfter=instant(now + self.lifetime))
-        E(E(conditions, f"{{{SAML}}}AudienceRestriction"), f"{{{SAML}}}Audience").text = sp.entity_id
-        authn = E(assertion, f"{{{SAML}}}AuthnStatement", SessionIndex=session_index,
-                  AuthnInstant=instant(dt.datetime.fromtimestamp(identity.authenticated_at, dt.timezone.utc)))
-        E(E(authn, f"{{{SAML}}}AuthnContext"), f"{{{SAML}}}AuthnContextClassRef").text = \
-            AUTHN_CONTEXT.get(identity.method, PASSWORD_CONTEXT)
-        if sp.attributes:
-            statement = E(assertion, f"{{{SAML}}}AttributeStatement")
-            for name, field in sp.attributes.items():
-                attribute = E(statement, f"{{{SAML}}}Attribute", Name=name,
-                              NameFormat="urn:oasis:names:tc:SAML:2.0:attrname-format:basic")
-                for value in self._value(identity, field):
-                    E(attribute, f"{{{SAML}}}AttributeValue", {f"{{{XSI}}}type": "xs:string"}).text = value
-        response.append(self._sign(assertion) if sp.sign_assertion else assertion)
+        response.append(self.assertion(
+            audience=sp.entity_id, identity=identity, name_id_format=sp.name_id_format,
+            name_id=self.name_id(identity, sp.name_id_format, sp.name_id_source), attributes=sp.attributes,
+            session_index=session_index, now=now, recipient=acs, in_response_to=in_response_to,
+            sign=sp.sign_assertion))
         signed = self._sign(response) if sp.sign_response else response
         return etree.tostring(signed, xml_declaration=True, encoding="UTF-8")
 

@@ -12,7 +12,7 @@ from pydantic import Field, field_validator, model_validator
 
 from gateway import ConfigPath, PluginSettings
 
-__all__ = ["LoginSettings", "SamlServiceProvider", "SamlSettings", "SessionSettings", "TlsListenerSettings"]
+__all__ = ["LoginSettings", "SamlServiceProvider", "SamlSettings", "SessionSettings", "TlsListenerSettings", "WsFedRelyingParty", "WsFedSettings"]
 
 #: The NameID formats an SP may ask for, by their short names (SAML core section 8.3).
 NAMEID_FORMATS = {
@@ -84,6 +84,33 @@ class SamlServiceProvider(PluginSettings):
         return [_https_or_loopback(url) for url in value]
 
 
+class WsFedRelyingParty(PluginSettings):
+    """One WS-Federation relying party (an Auth0 ADFS connection, Entra domain federation)."""
+
+    realm: str = Field(min_length=1, max_length=1024, description="the `wtrealm` it sends (its audience)")
+    reply_urls: list[str] = Field(min_length=1, description="allowed `wreply` URLs (the first is the default)")
+    name_id_format: Literal["unspecified", "emailAddress", "persistent", "transient"] = Field(
+        "unspecified", description="NameID format in the assertion")
+    name_id_source: IDENTITY_FIELDS = Field("username", description="identity field that becomes the NameID")
+    attributes: dict[str, IDENTITY_FIELDS] = Field({}, description="attribute name -> identity field")
+
+    @field_validator("reply_urls")
+    @classmethod
+    def _check_reply(cls, value: list[str]) -> list[str]:
+        return [_https_or_loopback(url) for url in value]
+
+
+class WsFedSettings(PluginSettings):
+    relying_parties: list[WsFedRelyingParty] = Field([], description="realms allowed to log users in here")
+
+    @field_validator("relying_parties")
+    @classmethod
+    def _unique(cls, value: list[WsFedRelyingParty]) -> list[WsFedRelyingParty]:
+        if len({rp.realm for rp in value}) != len(value):
+            raise ValueError("a realm is declared twice")
+        return value
+
+
 class SamlSettings(PluginSettings):
     assertion_lifetime: float = Field(300.0, gt=0, le=3600, description="seconds an assertion may be used")
     request_lifetime: float = Field(300.0, gt=0, le=3600, description="seconds after its IssueInstant an "
@@ -120,6 +147,7 @@ class LoginSettings(PluginSettings):
     sessions: SessionSettings = Field(SessionSettings(), description="browser sessions")
     listener: TlsListenerSettings | None = Field(None, description="an HTTPS listener for the login pages")
     saml: SamlSettings = Field(SamlSettings(), description="the SAML 2.0 identity provider")
+    wsfed: WsFedSettings = Field(WsFedSettings(), description="WS-Federation passive requestor profile")
 
     @field_validator("base_url")
     @classmethod
