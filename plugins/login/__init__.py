@@ -7,7 +7,8 @@ Decides
     nothing in the chain: it is a front door (``front_door: login`` in the audit), not a step.
 Routes
     ``/login``, ``/logout``; ``/saml/metadata``, ``/saml/sso`` (HTTP-Redirect and HTTP-POST
-    bindings), ``/saml/idp`` (IdP-initiated), ``/wsfed`` (WS-Federation, :mod:`.wsfed`), on the ``listen:`` sockets and on every listener
+    bindings), ``/saml/idp`` (IdP-initiated), ``/wsfed`` (WS-Federation, :mod:`.wsfed`), the OpenID
+    Connect provider (:mod:`.oidc`: discovery, ``/oidc/*``), on the ``listen:`` sockets and on every listener
     that serves the front doors (``client_cert``'s TLS listener, this plugin's ``listener``).
 Commands
     ``authgw saml metadata`` (the IdP metadata to upload), ``authgw saml rotate`` (make the next
@@ -17,7 +18,8 @@ Settings (``login:`` in conf.d)
     ``max_relay_state_bytes``, ``title``, ``messages``, ``sessions`` (``idle``, ``absolute``,
     ``store``, ``redis_url``, ``cookie_name``, ``secure_cookie``), ``listener`` (``address``,
     ``certificate``, ``key``), ``saml`` (``assertion_lifetime``, ``request_lifetime``,
-    ``service_providers``), ``wsfed`` (``relying_parties``).
+    ``service_providers``), ``wsfed`` (``relying_parties``), ``oidc`` (``code_lifetime``,
+    ``token_lifetime``, ``clients``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from urllib.parse import urlsplit
 from gateway import Command, ConfigError, Listener, PluginContext, Route, hookimpl
 
 from .keys import KeyStore
+from .oidc import OidcProvider
 from .pages import Pages
 from .saml import SamlIdp
 from .sessions import RedisStore, SessionManager, SqliteStore
@@ -56,6 +59,7 @@ class LoginPlugin:
         self.current, self.next, self.cookie_key = self.keys.ensure()
         self.saml = SamlIdp(settings, self.entity_id, self.current, self.next)
         self.wsfed = WsFed(settings, self.saml.builder)
+        self.oidc = OidcProvider(settings, self.current, self.next)
 
     def _store(self):
         sessions = self.settings.sessions
@@ -88,6 +92,7 @@ class LoginPlugin:
             Route("*", "/logout", web.logout),
             *self.saml.routes(web),
             *self.wsfed.routes(web),
+            *self.oidc.routes(web),
         ]
 
     @hookimpl

@@ -95,6 +95,10 @@ class SqliteStore:
                               (key,)).fetchone()
         return json.loads(row[0]) if row and row[1] > now else None
 
+    def get_pending(self, key: str, now: float) -> dict | None:
+        row = self.db.execute("SELECT data, expires FROM pending WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row and row[1] > now else None
+
     def purge(self, now: float, oldest: float) -> None:
         self.db.execute("DELETE FROM pending WHERE expires < ?", (now,))
         self.db.execute("DELETE FROM sessions WHERE created < ?", (oldest,))
@@ -133,6 +137,10 @@ class RedisStore:
 
     def take_pending(self, key: str, now: float) -> dict | None:
         raw = self.redis.getdel(f"authgw:login:p:{key}")
+        return json.loads(raw) if raw else None
+
+    def get_pending(self, key: str, now: float) -> dict | None:
+        raw = self.redis.get(f"authgw:login:p:{key}")
         return json.loads(raw) if raw else None
 
     def purge(self, now: float, oldest: float) -> None:

@@ -10,9 +10,9 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from gateway import ConfigPath, PluginSettings
+from gateway import ConfigPath, PluginSettings, Secret
 
-__all__ = ["LoginSettings", "SamlServiceProvider", "SamlSettings", "SessionSettings", "TlsListenerSettings", "WsFedRelyingParty", "WsFedSettings"]
+__all__ = ["LoginSettings", "OidcClient", "OidcSettings", "SamlServiceProvider", "SamlSettings", "SessionSettings", "TlsListenerSettings", "WsFedRelyingParty", "WsFedSettings"]
 
 #: The NameID formats an SP may ask for, by their short names (SAML core section 8.3).
 NAMEID_FORMATS = {
@@ -111,6 +111,41 @@ class WsFedSettings(PluginSettings):
         return value
 
 
+class OidcClient(PluginSettings):
+    """One OpenID Connect relying party. It authenticates at the token endpoint with a secret
+    (`client_secret_basic` or `client_secret_post`) or with a JWT signed by its key
+    (`private_key_jwt`, RFC 7523): give exactly one of `client_secret` and `public_key`."""
+
+    client_id: str = Field(min_length=1, max_length=256, description="the client's id")
+    redirect_uris: list[str] = Field(min_length=1, description="allowed redirect URIs, matched exactly")
+    client_secret: Secret | None = Field(None, description="`{env: NAME}` or `{file: PATH}`")
+    public_key: ConfigPath | None = Field(None, description="PEM public key (or certificate) for `private_key_jwt`")
+
+    @field_validator("redirect_uris")
+    @classmethod
+    def _check_redirects(cls, value: list[str]) -> list[str]:
+        return [_https_or_loopback(url) for url in value]
+
+    @model_validator(mode="after")
+    def _one_credential(self) -> OidcClient:
+        if (self.client_secret is None) == (self.public_key is None):
+            raise ValueError("give exactly one of client_secret and public_key")
+        return self
+
+
+class OidcSettings(PluginSettings):
+    code_lifetime: float = Field(60.0, gt=0, le=600, description="seconds an authorization code may be redeemed")
+    token_lifetime: float = Field(300.0, gt=0, le=86400, description="seconds id_token and access_token are valid")
+    clients: list[OidcClient] = Field([], description="registered relying parties")
+
+    @field_validator("clients")
+    @classmethod
+    def _unique(cls, value: list[OidcClient]) -> list[OidcClient]:
+        if len({c.client_id for c in value}) != len(value):
+            raise ValueError("a client_id is declared twice")
+        return value
+
+
 class SamlSettings(PluginSettings):
     assertion_lifetime: float = Field(300.0, gt=0, le=3600, description="seconds an assertion may be used")
     request_lifetime: float = Field(300.0, gt=0, le=3600, description="seconds after its IssueInstant an "
@@ -148,6 +183,7 @@ class LoginSettings(PluginSettings):
     listener: TlsListenerSettings | None = Field(None, description="an HTTPS listener for the login pages")
     saml: SamlSettings = Field(SamlSettings(), description="the SAML 2.0 identity provider")
     wsfed: WsFedSettings = Field(WsFedSettings(), description="WS-Federation passive requestor profile")
+    oidc: OidcSettings = Field(OidcSettings(), description="OpenID Connect provider (issuer = `base_url`)")
 
     @field_validator("base_url")
     @classmethod
