@@ -33,7 +33,7 @@ def hidden(page: str, name: str) -> str | None:
 
 class LoginSite:
     def __init__(self, tmp_path: Path, slapd, ca, *, login: dict | None = None, gateway: dict | None = None,
-                 host: str = "localhost", env: dict | None = None) -> None:
+                 host: str = "localhost", env: dict | None = None, extra: dict[str, str] | None = None) -> None:
         self.dir = tmp_path
         tmp_path.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -51,7 +51,7 @@ class LoginSite:
         self.conf = write_conf(tmp_path / "conf.d", {
             "gateway.yaml": json.dumps(core),
             "ldap.yaml": "ldap: " + json.dumps(slapd.plugin_settings("plain")),
-            "login.yaml": "login: " + json.dumps(settings)})
+            "login.yaml": "login: " + json.dumps(settings), **(extra or {})})
         self.env = env
         self.processes: list[GatewayProcess] = []
 
