@@ -10,6 +10,7 @@ Named checks: ``wsfed.unsupported_action`` (any ``wa`` but ``wsignin1.0``),
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 
 from aiohttp import web
@@ -87,7 +88,8 @@ class WsFed:
         party = self.parties.get(pending["realm"])
         if party is None or pending["reply"] not in party.reply_urls:
             return self.web.refused(request, Refused("wsfed.reply_not_registered", pending["reply"][:200]))
-        wresult = self.token_response(party.realm, session.identity, session.index, dt.datetime.now(dt.timezone.utc))
+        wresult = await asyncio.to_thread(self.token_response, party.realm, session.identity, session.index,
+                                          dt.datetime.now(dt.timezone.utc))
         fields = [("wa", "wsignin1.0"), ("wresult", wresult.decode())]
         if pending["wctx"]:
             fields.append(("wctx", pending["wctx"]))
