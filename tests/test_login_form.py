@@ -187,7 +187,7 @@ def test_logout_needs_the_csrf_token_and_ends_the_session(site):
 
 def test_sessions_are_shared_by_workers_and_by_instances_through_redis(site, tmp_path):
     s = site()
-    first = s.start(workers=2)
+    s.start(workers=2)
     browser = s.client()
     s.sign_in(browser, "alice", "Alice-pw-1")
     assert all("signed in as" in browser.get(f"{s.url}/login").text for _ in range(8))  # both workers

@@ -31,6 +31,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
+from cryptography.hazmat.primitives.serialization import Encoding
 from lxml import etree
 from signxml import CanonicalizationMethod, XMLSigner, XMLVerifier
 from signxml.exceptions import InvalidInput, InvalidSignature as XMLInvalidSignature
@@ -156,7 +157,7 @@ class RequestChecker:
         element (only what was signed is used, against signature wrapping)."""
         if root.find(f"{{{DS}}}Signature") is None:
             raise Refused("saml.signature_missing", sp.entity_id[:200])
-        pem = self.certificates[sp.entity_id].public_bytes(serialization_pem())
+        pem = self.certificates[sp.entity_id].public_bytes(Encoding.PEM)
         try:
             result = XMLVerifier().verify(root, x509_cert=pem.decode(), expect_references=1, id_attribute="ID")
         except (XMLInvalidSignature, InvalidInput) as exc:
@@ -165,12 +166,6 @@ class RequestChecker:
         if signed is None or signed.tag != root.tag or signed.get("ID") != root.get("ID"):
             raise Refused("saml.signature_invalid", "the signature does not cover the request")
         return signed
-
-
-def serialization_pem():
-    from cryptography.hazmat.primitives.serialization import Encoding
-
-    return Encoding.PEM
 
 
 class ResponseBuilder:

@@ -20,8 +20,8 @@ from typing import Awaitable, Callable
 
 from aiohttp import web
 
-from gateway import Decision, Outcome
-from gateway.http.credentials import MalformedCredentials, check_password_credential
+from gateway import Decision, Outcome, PasswordCredential
+from gateway.http.credentials import MalformedCredentials, check_password_credential, parse_authorization
 
 from .pages import AUTOSUBMIT_HASH, STYLE_HASH, Pages
 from .sessions import Session, SessionManager
@@ -161,7 +161,6 @@ class LoginDoor:
                 return await self._signed_in(request, decision, pending_key)
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() == "negotiate" and token:
-            from gateway.http.credentials import parse_authorization
             try:
                 credential = parse_authorization(request.headers["Authorization"])
                 refused = None
@@ -189,7 +188,7 @@ class LoginDoor:
             credential = check_password_credential(username, password)
         except MalformedCredentials as exc:
             refused = exc.reason
-            from gateway import PasswordCredential
+            # Audited under a printable form of the name (it may be why it was refused), as /v1 does.
             credential = PasswordCredential(username.encode("utf-8", "replace").decode("utf-8")[:256], "")
         decision = await self.door.decide(self.door.attempt(request, FRONT_DOOR, password=credential), refused)
         if decision.success:
