@@ -206,3 +206,18 @@ def test_sessions_are_shared_by_workers_and_by_instances_through_redis(site, tmp
         assert "signed in as" in browser.get(f"{r.url}/login").text
     finally:
         redis.stop()
+
+
+def test_the_page_strings_are_localisable_and_unknown_keys_are_config_errors(site, tmp_path):
+    s = site(login={"title": "Anmelden", "messages": {"lang": "de", "username": "Benutzername",
+                                                      "invalid": "Benutzername oder Kennwort ist falsch."}})
+    s.start()
+    page = s.sign_in(s.client(), "alice", "falsch")
+    assert '<html lang="de">' in page.text and "<h1>Anmelden</h1>" in page.text
+    assert '<label for="username">Benutzername</label>' in page.text
+    assert "Benutzername oder Kennwort ist falsch." in page.text
+    from support.gateway import authgw
+    bad = site(login={"messages": {"usernme": "x"}})
+    result = authgw("check", "--config", str(bad.conf), "--state-dir", str(tmp_path / "st"), timeout=60)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "login.yaml:1" in output and "usernme" in output

@@ -122,14 +122,39 @@ def test_idp_initiated_only_where_allowed_and_unsigned_response_with_signed_asse
     assert result.name_id == "alice" and result.name_id_format.endswith(":persistent")
 
 
-def test_rotation_moves_next_to_current_and_the_sp_still_trusts_it(idp, sp, tmp_path):
-    state = tmp_path / "state"
+def test_rotation_moves_next_to_current_and_the_sp_still_trusts_it(idp, sp, slapd, tmp_path):
     import shutil
-    shutil.copytree(idp.gw.state_dir / "login", state / "login",
-                    ignore=shutil.ignore_patterns("sessions.sqlite3*"))
+    state = tmp_path / "state"
+    shutil.copytree(idp.gw.state_dir / "login", state / "login", ignore=shutil.ignore_patterns("sessions.sqlite3*"))
     before = re.findall(r"<ds:X509Certificate>([^<]+)<", idp.metadata)
     result = authgw("saml", "rotate", "--config", str(idp.conf), "--state-dir", str(state))
     assert result.returncode == 0, result.stdout + result.stderr
     after = re.findall(r"<ds:X509Certificate>([^<]+)<",
                        authgw("saml", "metadata", "--config", str(idp.conf), "--state-dir", str(state)).stdout)
     assert after[0] == before[1] and after[1] not in before
+    # The same IdP, restarted on the rotated keys: an SP that read the metadata before the
+    # rotation (sp, with the old current + next) accepts what the new current key signs.
+    rotated = LoginSite(tmp_path / "rotated", slapd, CA.create(), login={
+        "base_url": idp.url, "saml": {"service_providers": [sp_settings()]}})  # same names, another port
+    rotated.start(state=state)
+    try:
+        browser = rotated.client()
+        request_id, location = sp.redirect_request()
+        location = location.replace(idp.url, rotated.url)
+        form = browser.get(location)
+        page = rotated.sign_in(browser, "alice", "Alice-pw-1", url=form.url)
+        xml = re.sub(r"\s", "", base64.b64decode(answer(page)[1]["SAMLResponse"]).decode())  # KeyInfo wraps lines
+        assert after[0] in xml and before[0] not in xml  # signed by the former next key
+        assert sp.accept(answer(page)[1]["SAMLResponse"], request_id).name_id == "alice@example.com"
+    finally:
+        rotated.stop()
+
+
+def test_force_authn_asks_again_despite_the_session(idp, sp):
+    browser = idp.client()
+    idp.sign_in(browser, "alice", "Alice-pw-1")
+    request_id, location = sp.redirect_request(force_authn="true")
+    form = browser.get(location)
+    assert hidden(form.text, "req") and 'id="password"' in form.text
+    page = idp.sign_in(browser, "alice", "Alice-pw-1", url=form.url)
+    assert sp.accept(answer(page)[1]["SAMLResponse"], request_id).name_id == "alice@example.com"

@@ -28,7 +28,7 @@ import argparse
 import ssl
 from urllib.parse import urlsplit
 
-from gateway import Command, ConfigError, Listener, PluginContext, Route, hookimpl
+from gateway import Command, Listener, PluginContext, Route, hookimpl
 
 from .keys import KeyStore
 from .oidc import OidcProvider
@@ -50,10 +50,7 @@ class LoginPlugin:
     def __init__(self, settings: LoginSettings, context: PluginContext) -> None:
         self.settings = settings
         self.context = context
-        try:
-            self.pages = Pages(settings.title, settings.messages)
-        except ValueError as exc:
-            raise ConfigError([f"login.messages: {exc}"]) from None
+        self.pages = Pages(settings.title, settings.messages)
         self.entity_id = settings.entity_id or f"{settings.base_url}/saml/metadata"
         self.keys = KeyStore(context.state_dir, urlsplit(settings.base_url).hostname or "authgw")
         self.current, self.next, self.cookie_key = self.keys.ensure()

@@ -225,6 +225,12 @@ class SessionManager:
             return None
         return self.store.take_pending("p:" + key, time.time())
 
+    def peek(self, key: str) -> dict | None:
+        """The parked data without using it up (a page that only shows the form)."""
+        if not key or len(key) > 64:
+            return None
+        return self.store.get_pending("p:" + key, time.time())
+
     def first_use(self, namespace: str, ident: str, lifetime: float) -> bool:
         """``True`` the first time *ident* is seen within *lifetime* seconds (replay refusal)."""
         return self.store.put_pending(f"seen:{namespace}:{_digest(ident)}", {}, time.time() + lifetime)

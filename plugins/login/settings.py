@@ -189,3 +189,13 @@ class LoginSettings(PluginSettings):
     @classmethod
     def _check_base(cls, value: str) -> str:
         return _https_or_loopback(value.rstrip("/"))
+
+    @field_validator("messages")
+    @classmethod
+    def _known_messages(cls, value: dict[str, str]) -> dict[str, str]:
+        from .pages import MESSAGES  # the page strings are defined beside their templates
+
+        unknown = sorted(set(value) - set(MESSAGES))
+        if unknown:
+            raise ValueError(f"unknown message keys {', '.join(unknown)}; known: {', '.join(MESSAGES)}")
+        return value

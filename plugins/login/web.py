@@ -143,17 +143,18 @@ class LoginDoor:
         pending_key = request.query.get("req", "")[:64]
         session = self.session(request)
         if session is not None:
-            pending = self.sessions.unpark(pending_key) if pending_key else None
-            if pending is not None and not pending.get("force_authn"):
-                return await self.completers[pending["protocol"]](request, pending, session)
-            if pending is not None:  # ForceAuthn: the user proves it again; the request waits
-                pending_key = self.sessions.park({**pending, "force_authn": False}, 600)
-            else:
+            peeked = self.sessions.peek(pending_key) if pending_key else None
+            if peeked is not None and not peeked.get("force_authn"):
+                pending = self.sessions.unpark(pending_key)
+                if pending is not None:
+                    return await self.completers[pending["protocol"]](request, pending, session)
+            elif peeked is None:
                 cookie, token = self.sessions.csrf_pair(request.cookies.get(CSRF_COOKIE))
                 name = session.identity.display_name or session.identity.username
                 response = self.html(self.pages.message("signed_in", name=name, logout="/logout", csrf=token))
                 self._set_cookie(response, CSRF_COOKIE, cookie)
                 return response
+            # ForceAuthn / prompt=login: the user proves it again; the request waits, unused.
         certificate = self.door.tls_certificate(request)
         if certificate is not None:
             decision = await self.door.decide(self.door.attempt(request, FRONT_DOOR, certificate=certificate))
