@@ -18,6 +18,7 @@ from support.slapd import Slapd
 
 ACS = "https://sp.example.test/acs"
 SP_ID = "https://sp.example.test/"
+SLO = "https://sp.example.test/slo"
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def sp_settings(**kw) -> dict:
 def idp(tmp_path_factory, slapd):
     directory = tmp_path_factory.mktemp("idp")
     site = LoginSite(directory, slapd, CA.create(), login={"saml": {"service_providers": [
-        sp_settings(), sp_settings(entity_id="https://other.example.test/", acs_urls=["https://other.example.test/acs"],
+        sp_settings(slo_url=SLO), sp_settings(entity_id="https://other.example.test/", acs_urls=["https://other.example.test/acs"],
                                    name_id_format="persistent", name_id_source="username", attributes={},
                                    sign_response=False, idp_initiated=True)]}})
     site.gw = site.start()
@@ -51,7 +52,7 @@ def idp(tmp_path_factory, slapd):
 
 @pytest.fixture(scope="module")
 def sp(idp, tmp_path_factory):
-    return SamlSP(tmp_path_factory.mktemp("sp"), idp.metadata, acs=ACS, entity_id=SP_ID)
+    return SamlSP(tmp_path_factory.mktemp("sp"), idp.metadata, acs=ACS, entity_id=SP_ID, slo=SLO)
 
 
 def answer(page) -> tuple[str, dict[str, str]]:
@@ -158,3 +159,45 @@ def test_force_authn_asks_again_despite_the_session(idp, sp):
     assert hidden(form.text, "req") and 'id="password"' in form.text
     page = idp.sign_in(browser, "alice", "Alice-pw-1", url=form.url)
     assert sp.accept(answer(page)[1]["SAMLResponse"], request_id).name_id == "alice@example.com"
+
+
+def signed_in(idp, sp, browser):
+    request_id, location = sp.redirect_request()
+    form = browser.get(location)
+    return sp.accept(answer(idp.sign_in(browser, "alice", "Alice-pw-1", url=form.url))[1]["SAMLResponse"], request_id)
+
+
+def test_single_logout_by_redirect_ends_the_session_and_pysaml2_accepts_the_answer(idp, sp):
+    browser = idp.client()
+    result = signed_in(idp, sp, browser)
+    assert "signed in as" in browser.get(f"{idp.url}/login").text
+    request_id, info = sp.logout_request(f"{idp.url}/saml/slo", result, relay_state="bye")
+    page = browser.get(dict(info["headers"])["Location"])
+    action, fields = answer(page)
+    assert action == SLO and fields["RelayState"] == "bye"
+    response = sp.accept_logout(fields["SAMLResponse"])
+    assert response.in_response_to == request_id
+    assert response.status.status_code.value == "urn:oasis:names:tc:SAML:2.0:status:Success"
+    assert "signed in as" not in browser.get(f"{idp.url}/login").text
+
+
+def test_single_logout_by_post_without_the_cookie_ends_the_session_by_its_index(idp, sp):
+    from saml2 import BINDING_HTTP_POST
+    browser = idp.client()
+    result = signed_in(idp, sp, browser)
+    _, info = sp.logout_request(f"{idp.url}/saml/slo", result, binding=BINDING_HTTP_POST)
+    fields = {k: v for k, v in re.findall(r'name="([^"]+)" value="([^"]*)"', info["data"])}
+    page = idp.client().post(f"{idp.url}/saml/slo", data=fields)  # a cross-site POST: no cookie
+    assert answer(page)[0] == SLO
+    assert "signed in as" not in browser.get(f"{idp.url}/login").text
+
+
+def test_single_logout_needs_a_registered_slo_url(idp, tmp_path):
+    other = SamlSP(tmp_path, idp.metadata, acs="https://other.example.test/acs", entity_id="https://other.example.test/")
+    fake = other.client.create_logout_request(f"{idp.url}/saml/slo", other.idp, session_indexes=["_x"],
+                                              name_id=__import__("saml2.saml", fromlist=["NameID"]).NameID(text="alice"))[1]
+    import zlib
+    packer = zlib.compressobj(9, zlib.DEFLATED, -15)
+    encoded = base64.b64encode(packer.compress(str(fake).encode()) + packer.flush()).decode()
+    page = idp.client().get(f"{idp.url}/saml/slo", params={"SAMLRequest": encoded})
+    assert page.status_code == 400 and page.headers["X-Refused-Reason"] == "saml.slo_not_registered"

@@ -7,7 +7,7 @@ Decides
     nothing in the chain: it is a front door (``front_door: login`` in the audit), not a step.
 Routes
     ``/login``, ``/logout``; ``/saml/metadata``, ``/saml/sso`` (HTTP-Redirect and HTTP-POST
-    bindings), ``/saml/idp`` (IdP-initiated), ``/wsfed`` (WS-Federation, :mod:`.wsfed`), the OpenID
+    bindings), ``/saml/idp`` (IdP-initiated), ``/saml/slo`` (Single Logout, :mod:`.slo`), ``/wsfed`` (WS-Federation, :mod:`.wsfed`), the OpenID
     Connect provider (:mod:`.oidc`: discovery, ``/oidc/*``), on the ``listen:`` sockets and on every listener
     that serves the front doors (``client_cert``'s TLS listener, this plugin's ``listener``).
 Commands
@@ -36,6 +36,7 @@ from .pages import Pages
 from .saml import SamlIdp
 from .sessions import RedisStore, SessionManager, SqliteStore
 from .settings import LoginSettings
+from .slo import SingleLogout
 from .web import LoginDoor
 from .wsfed import WsFed
 
@@ -55,6 +56,7 @@ class LoginPlugin:
         self.keys = KeyStore(context.state_dir, urlsplit(settings.base_url).hostname or "authgw")
         self.current, self.next, self.cookie_key = self.keys.ensure()
         self.saml = SamlIdp(settings, self.entity_id, self.current, self.next)
+        self.slo = SingleLogout(self.saml)
         self.wsfed = WsFed(settings, self.saml.builder)
         self.oidc = OidcProvider(settings, self.current, self.next)
 
@@ -88,6 +90,7 @@ class LoginPlugin:
             Route("POST", "/login", web.login_post),
             Route("*", "/logout", web.logout),
             *self.saml.routes(web),
+            *self.slo.routes(web),
             *self.wsfed.routes(web),
             *self.oidc.routes(web),
         ]

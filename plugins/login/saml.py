@@ -179,7 +179,7 @@ class ResponseBuilder:
         self.signer = XMLSigner(signature_algorithm="rsa-sha256", digest_algorithm="sha256",
                                 c14n_algorithm=CanonicalizationMethod.EXCLUSIVE_XML_CANONICALIZATION_1_0)
 
-    def _sign(self, element: etree._Element) -> etree._Element:
+    def sign(self, element: etree._Element) -> etree._Element:
         # The certificate as an object: signxml would re-wrap a PEM string on every signature.
         return self.signer.sign(element, key=self.key.key, cert=[self.key.cert], reference_uri="#" + element.get("ID"))
 
@@ -225,7 +225,7 @@ class ResponseBuilder:
                               NameFormat="urn:oasis:names:tc:SAML:2.0:attrname-format:basic")
                 for value in self._value(identity, field):
                     E(attribute, f"{{{SAML}}}AttributeValue", {f"{{{XSI}}}type": "xs:string"}).text = value
-        return self._sign(assertion) if sign else assertion
+        return self.sign(assertion) if sign else assertion
 
     def build(self, sp: SamlServiceProvider, acs: str, identity: Identity, in_response_to: str | None,
               session_index: str, now: dt.datetime) -> bytes:
@@ -245,7 +245,7 @@ class ResponseBuilder:
             name_id=self.name_id(identity, sp.name_id_format, sp.name_id_source), attributes=sp.attributes,
             session_index=session_index, now=now, recipient=acs, in_response_to=in_response_to,
             sign=sp.sign_assertion))
-        signed = self._sign(response) if sp.sign_response else response
+        signed = self.sign(response) if sp.sign_response else response
         return etree.tostring(signed, xml_declaration=True, encoding="UTF-8")
 
 
@@ -268,6 +268,8 @@ class SamlIdp:
         for pair in (self.current, self.upcoming):  # the next key first appears here: rollover
             key_info = E(E(idp, f"{{{MD}}}KeyDescriptor", use="signing"), f"{{{DS}}}KeyInfo")
             E(E(key_info, f"{{{DS}}}X509Data"), f"{{{DS}}}X509Certificate").text = pair.cert_b64
+        for binding in (BINDING_REDIRECT, BINDING_POST):  # schema order: SLO before NameIDFormat
+            E(idp, f"{{{MD}}}SingleLogoutService", Binding=binding, Location=f"{self.settings.base_url}/saml/slo")
         for fmt in NAMEID_FORMATS.values():
             E(idp, f"{{{MD}}}NameIDFormat").text = fmt
         for binding in (BINDING_REDIRECT, BINDING_POST):
@@ -284,39 +286,52 @@ class SamlIdp:
         return web.Response(body=self.metadata(), content_type="application/samlmetadata+xml",
                             headers={"Cache-Control": "max-age=300"})
 
-    def _relay_state(self, value: str | None) -> str:
+    def relay_state(self, value: str | None) -> str:
         if value is not None and len(value.encode()) > self.settings.max_relay_state_bytes:
             raise Refused("login.relay_state_too_large", f"{len(value.encode())} bytes")
         return value or ""
 
+    async def read_message(self, request: web.Request) -> tuple[bytes, str]:
+        """The decoded ``SAMLRequest`` of either binding and the ``RelayState``."""
+        limits = self.settings
+        if request.method == "GET":
+            params = request.query
+            text = params.get("SAMLRequest")
+            if not text:
+                raise Refused("login.malformed", "no SAMLRequest")
+            data = inflate_redirect(text, limit=limits.max_inflated_bytes, max_parameter=limits.max_parameter_bytes)
+        else:
+            params = await request.post()
+            text = params.get("SAMLRequest")
+            if not isinstance(text, str) or not text:
+                raise Refused("login.malformed", "no SAMLRequest")
+            data = decode_post(text, max_parameter=limits.max_parameter_bytes)
+        return data, self.relay_state(params.get("RelayState"))
+
+    def verify_signed(self, request: web.Request, sp: SamlServiceProvider, data: bytes,
+                      root: etree._Element) -> etree._Element:
+        """For SPs with a ``request_certificate``: the signature (either binding) and replay
+        checks; returns the element to read (only what was signed)."""
+        if sp.entity_id not in self.checker.certificates:
+            return root
+        if request.method == "GET":
+            self.checker.verify_redirect_signature(sp, request.rel_url.raw_query_string)
+        else:
+            root = self.checker.verify_post_signature(sp, data, root)
+        # A signed request is good once: a captured one cannot be played again.
+        window = self.settings.saml.request_lifetime + 2 * self.settings.clock_skew
+        if not self.web.sessions.first_use("saml", f"{sp.entity_id} {root.get('ID')}", window):
+            raise Refused("saml.request_replayed", str(root.get("ID"))[:100])
+        return root
+
     async def sso(self, request: web.Request) -> web.StreamResponse:
         limits = self.settings
         try:
-            if request.method == "GET":
-                params = request.query
-                text = params.get("SAMLRequest")
-                if not text:
-                    raise Refused("login.malformed", "no SAMLRequest")
-                data = inflate_redirect(text, limit=limits.max_inflated_bytes, max_parameter=limits.max_parameter_bytes)
-            else:
-                params = await request.post()
-                text = params.get("SAMLRequest")
-                if not isinstance(text, str) or not text:
-                    raise Refused("login.malformed", "no SAMLRequest")
-                data = decode_post(text, max_parameter=limits.max_parameter_bytes)
-            relay_state = self._relay_state(params.get("RelayState"))
+            data, relay_state = await self.read_message(request)
             root = parse_xml(data)
             authn = read_authn_request(root)
             sp, acs = self.checker.check(authn, dt.datetime.now(dt.timezone.utc))
-            if sp.entity_id in self.checker.certificates:
-                if request.method == "GET":
-                    self.checker.verify_redirect_signature(sp, request.rel_url.raw_query_string)
-                else:
-                    authn = read_authn_request(self.checker.verify_post_signature(sp, data, root))
-                # A signed request is good once: a captured one cannot start a second login.
-                window = limits.saml.request_lifetime + 2 * limits.clock_skew
-                if not self.web.sessions.first_use("saml", f"{sp.entity_id} {authn.id}", window):
-                    raise Refused("saml.request_replayed", authn.id[:100])
+            authn = read_authn_request(self.verify_signed(request, sp, data, root))
         except Refused as exc:
             return self.web.refused(request, exc)
         pending = {"protocol": "saml", "sp": sp.entity_id, "acs": acs, "request_id": authn.id,
@@ -328,7 +343,7 @@ class SamlIdp:
             sp = self.checker.provider(request.query.get("sp", "")[:1024])
             if not sp.idp_initiated:
                 raise Refused("saml.idp_initiated_refused", sp.entity_id[:200])
-            relay_state = self._relay_state(request.query.get("RelayState"))
+            relay_state = self.relay_state(request.query.get("RelayState"))
         except Refused as exc:
             return self.web.refused(request, exc)
         pending = {"protocol": "saml", "sp": sp.entity_id, "acs": sp.acs_urls[0], "request_id": "",

@@ -183,6 +183,8 @@ class SessionManager:
         value = secrets.token_urlsafe(32)
         index = "_" + secrets.token_hex(16)
         self.store.put_session(_digest(value), {"identity": identity_to_json(identity), "index": index}, now)
+        # SAML Single Logout names the session by its SessionIndex (a cross-site POST has no cookie).
+        self.store.put_pending("idx:" + index, {"key": _digest(value)}, now + self.settings.absolute)
         return f"{value}.{self._mac('session', value)}", Session(_digest(value), identity, now, index)
 
     def get(self, cookie: str | None) -> Session | None:
@@ -201,6 +203,13 @@ class SessionManager:
             return None
         self.store.touch_session(key, now)
         return Session(key, identity_from_json(data["identity"]), created, data["index"])
+
+    def end_index(self, index: str) -> bool:
+        """End the session with this SAML SessionIndex; ``True`` when there was one."""
+        record = self.store.take_pending("idx:" + index, time.time()) if 0 < len(index) <= 64 else None
+        if record is not None:
+            self.store.delete_session(record["key"])
+        return record is not None
 
     def end(self, cookie: str | None) -> None:
         value = self._unsign(cookie)

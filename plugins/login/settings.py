@@ -77,11 +77,18 @@ class SamlServiceProvider(PluginSettings):
         None, description="PEM certificate the SP signs its AuthnRequests with; when set, unsigned or badly "
         "signed requests are refused")
     idp_initiated: bool = Field(False, description="allow logins started here (`/saml/idp?sp=ENTITY_ID`)")
+    slo_url: str | None = Field(None, description="where the LogoutResponse to this SP's LogoutRequest is "
+                                "posted; without it the SP's LogoutRequests are refused")
 
     @field_validator("acs_urls")
     @classmethod
     def _check_acs(cls, value: list[str]) -> list[str]:
         return [_https_or_loopback(url) for url in value]
+
+    @field_validator("slo_url")
+    @classmethod
+    def _check_slo(cls, value: str | None) -> str | None:
+        return None if value is None else _https_or_loopback(value)
 
 
 class WsFedRelyingParty(PluginSettings):

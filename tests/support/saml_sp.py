@@ -59,7 +59,8 @@ class Result:
 class SamlSP:
     def __init__(self, directory: Path, idp_metadata: str, *, acs: str, entity_id: str = "https://sp.example.test/",
                  sign_requests: bool = False, want_response_signed: bool = True,
-                 allow_unsolicited: bool = False, keys: tuple[Path, Path] | None = None) -> None:
+                 allow_unsolicited: bool = False, keys: tuple[Path, Path] | None = None,
+                 slo: str | None = None) -> None:
         self.entity_id = entity_id
         self.acs = acs
         self.cert_file, self.key_file = keys or rsa_pair(directory, "sp", "sp.example.test")
@@ -71,7 +72,8 @@ class SamlSP:
             "key_file": str(self.key_file),
             "cert_file": str(self.cert_file),
             "service": {"sp": {
-                "endpoints": {"assertion_consumer_service": [(acs, BINDING_HTTP_POST)]},
+                "endpoints": {"assertion_consumer_service": [(acs, BINDING_HTTP_POST)],
+                              **({"single_logout_service": [(slo, BINDING_HTTP_POST)]} if slo else {})},
                 "authn_requests_signed": sign_requests,
                 "want_response_signed": want_response_signed,
                 "want_assertions_signed": True,
@@ -96,6 +98,23 @@ class SamlSP:
         fields = {html.unescape(m.group(1)): html.unescape(m.group(2))
                   for m in re.finditer(r'<input type="hidden" name="([^"]+)" value="([^"]*)"', page)}
         return request_id, fields
+
+    def logout_request(self, destination: str, result: Result, binding: str = BINDING_HTTP_REDIRECT,
+                       relay_state: str = "") -> tuple[str, dict]:
+        """A LogoutRequest for the session of *result*: ``(request id, pysaml2's binding info)``."""
+        from saml2.saml import NameID
+
+        request_id, request = self.client.create_logout_request(
+            destination, self.idp, name_id=NameID(text=result.name_id, format=result.name_id_format),
+            session_indexes=[result.session_index])
+        return request_id, self.client.apply_binding(binding, str(request), destination, relay_state=relay_state)
+
+    def accept_logout(self, saml_response: str):
+        """pysaml2's check of a LogoutResponse (signature, destination, issuer); returns it."""
+        response = self.client.parse_logout_request_response(saml_response, BINDING_HTTP_POST)
+        if response is None:
+            raise AssertionError("pysaml2 refused the LogoutResponse")
+        return response.response
 
     def accept(self, saml_response: str, request_id: str | None) -> Result:
         outstanding = {request_id: "/"} if request_id else {}
