@@ -184,3 +184,59 @@ def test_no_refusal_leaks_details_and_none_is_a_5xx(idp):
     assert "evil" not in page.text and "acs" not in page.text.lower()
     output = idp.gw.output()
     assert "saml.acs_not_registered" in output and " 500 " not in output and "Traceback" not in output
+
+
+GARBAGE = ["", "%00", "\x00\x01", "A" * 5000, "<x/>", "=" * 100, "😀" * 50, "%ZZ", "../../etc/passwd",
+           "javascript:alert(1)", "https://evil.example.test/", '"><script>x</script>', "%ED%A0%80"]
+
+
+def test_garbage_in_every_parameter_of_every_route_is_never_a_5xx(idp):
+    client = idp.client()
+    routes = [("GET", "/login", ["req"]), ("POST", "/login", ["csrf", "req", "username", "password"]),
+              ("POST", "/logout", ["csrf"]), ("GET", "/saml/sso", ["SAMLRequest", "RelayState", "SigAlg", "Signature"]),
+              ("POST", "/saml/sso", ["SAMLRequest", "RelayState"]), ("GET", "/saml/idp", ["sp", "RelayState"]),
+              ("GET", "/saml/slo", ["SAMLRequest"]), ("POST", "/saml/slo", ["SAMLRequest"]),
+              ("GET", "/wsfed", ["wa", "wtrealm", "wreply", "wctx"]),
+              ("GET", "/oidc/authorize", ["client_id", "redirect_uri", "response_type", "scope", "code_challenge"]),
+              ("POST", "/oidc/token", ["grant_type", "code", "client_id", "client_secret", "client_assertion",
+                                       "client_assertion_type", "code_verifier"]),
+              ("GET", "/oidc/userinfo", [])]
+    statuses = set()
+    for method, path, names in routes:
+        for value in GARBAGE:
+            params = {name: value for name in names}
+            if method == "GET":
+                response = client.get(idp.url + path, params=params, allow_redirects=False,
+                                      headers={"Authorization": "Bearer " + value[:100].encode("ascii", "replace").decode()})
+            else:
+                response = client.post(idp.url + path, data=params, allow_redirects=False,
+                                       headers={"Authorization": "Basic " + value[:100].encode("ascii", "replace").decode()})
+            statuses.add(response.status_code)
+            # Cookies too: a hostile cookie value is just another parameter.
+            client.cookies.set("authgw_session", value.encode("ascii", "replace").decode()[:300])
+            client.cookies.set("authgw_csrf", value.encode("ascii", "replace").decode()[:300])
+            assert response.status_code < 500, (method, path, value[:20], response.status_code, response.text[:200])
+            if "html" in response.headers.get("Content-Type", ""):  # aiohttp's own 400s are text/plain
+                assert "<script>x</script>" not in response.text, (method, path, response.text[:300])
+            assert response.headers.get("Location", "/login?req=").startswith("/login?req="), (method, path)
+    # aiohttp logs the requests its parser refused (control characters in headers); no exception
+    # may come out of a handler.
+    assert "_handle_request" not in idp.gw.output() and "plugins/login" not in idp.gw.output()
+    assert statuses >= {400}
+
+
+def test_an_unreachable_directory_is_said_as_such(tmp_path):
+    class Dead:  # a directory nobody listens on
+        def plugin_settings(self, mode):
+            return {"preset": "openldap", "base_dn": "dc=example,dc=com", "servers": [f"ldap://127.0.0.1:{port}"],
+                    "insecure": True, "bind_dn": "cn=x,dc=example,dc=com", "bind_password": {"env": "AUTHGW_TEST_PW"}}
+
+    from support.net import free_port
+    port = free_port()
+    site = LoginSite(tmp_path / "dead", Dead(), CA.create(), env={"AUTHGW_TEST_PW": "x"})
+    site.start()
+    try:
+        page = site.sign_in(site.client(), "alice", "Alice-pw-1")
+        assert page.status_code == 503 and "The directory cannot be reached right now." in page.text
+    finally:
+        site.stop()

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import hmac
 import json
 import secrets
 import time
@@ -35,7 +34,7 @@ from joserfc.jwk import ECKey, RSAKey
 from gateway import Route
 
 from .keys import KeyPair
-from .sessions import identity_from_json, identity_to_json
+from .sessions import identity_from_json, identity_to_json, same
 from .settings import LoginSettings, OidcClient
 from .web import Refused
 
@@ -158,7 +157,7 @@ class OidcProvider:
         client = self.clients.get(client_id)
         if client is None or client.client_secret is None:
             return None
-        return client if hmac.compare_digest(secret.encode(), client.client_secret.reveal().encode()) else None
+        return client if same(secret, client.client_secret.reveal()) else None
 
     def _assertion_client(self, assertion: str) -> OidcClient | None:
         """``private_key_jwt`` (RFC 7523 section 3): a JWT signed by the client's registered key,
@@ -196,8 +195,9 @@ class OidcProvider:
         if form.get("redirect_uri") != grant["redirect_uri"]:
             return _error("invalid_grant", description="redirect_uri differs")
         verifier = str(form.get("code_verifier", ""))
-        computed = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).decode().rstrip("=")
-        if not verifier or not hmac.compare_digest(computed, grant["challenge"]):
+        computed = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode("utf-8", "surrogatepass")).digest()
+                                            ).decode().rstrip("=")
+        if not verifier or not same(computed, grant["challenge"]):
             return _error("invalid_grant", description="PKCE verifier does not match")
         identity = identity_from_json(grant["identity"])
         now = int(time.time())
@@ -242,7 +242,7 @@ class OidcProvider:
 
 
 def _digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _client_key(client: OidcClient) -> RSAKey | ECKey:

@@ -287,8 +287,9 @@ class SamlIdp:
                             headers={"Cache-Control": "max-age=300"})
 
     def relay_state(self, value: str | None) -> str:
-        if value is not None and len(value.encode()) > self.settings.max_relay_state_bytes:
-            raise Refused("login.relay_state_too_large", f"{len(value.encode())} bytes")
+        size = len(value.encode("utf-8", "surrogatepass")) if value is not None else 0
+        if size > self.settings.max_relay_state_bytes:
+            raise Refused("login.relay_state_too_large", f"{size} bytes")
         return value or ""
 
     async def read_message(self, request: web.Request) -> tuple[bytes, str]:

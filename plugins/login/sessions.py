@@ -32,7 +32,7 @@ from gateway import Identity
 
 from .settings import SessionSettings
 
-__all__ = ["Session", "SessionManager", "SqliteStore", "RedisStore", "identity_from_json", "identity_to_json"]
+__all__ = ["RedisStore", "Session", "SessionManager", "SqliteStore", "identity_from_json", "identity_to_json", "same"]
 
 
 def identity_to_json(identity: Identity) -> dict[str, Any]:
@@ -56,7 +56,13 @@ class Session:
 
 
 def _digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def same(a: str, b: str) -> bool:
+    """Constant-time equality of two strings from anywhere (``hmac.compare_digest`` refuses
+    non-ASCII ``str``: a hostile cookie must not turn into a 500)."""
+    return hmac.compare_digest(a.encode("utf-8", "surrogatepass"), b.encode("utf-8", "surrogatepass"))
 
 
 class SqliteStore:
@@ -162,14 +168,14 @@ class SessionManager:
     # -- signing ---------------------------------------------------------------------------------
 
     def _mac(self, purpose: str, value: str) -> str:
-        mac = hmac.new(self._key, f"{purpose}:{value}".encode(), hashlib.sha256).digest()
+        mac = hmac.new(self._key, f"{purpose}:{value}".encode("utf-8", "surrogatepass"), hashlib.sha256).digest()
         return base64.urlsafe_b64encode(mac[:24]).decode().rstrip("=")
 
     def _unsign(self, cookie: str | None) -> str | None:
         if not cookie or len(cookie) > 200:
             return None
         value, _, mac = cookie.partition(".")
-        return value if value and hmac.compare_digest(mac, self._mac("session", value)) else None
+        return value if value and same(mac, self._mac("session", value)) else None
 
     # -- sessions --------------------------------------------------------------------------------
 
@@ -255,4 +261,4 @@ class SessionManager:
     def csrf_ok(self, cookie: str | None, token: str | None) -> bool:
         if not cookie or not token or len(cookie) > 64 or len(token) > 64:
             return False
-        return hmac.compare_digest(token, self._mac("csrf", cookie))
+        return same(token, self._mac("csrf", cookie))

@@ -54,7 +54,7 @@ class WsFed:
         if reply not in party.reply_urls:
             raise Refused("wsfed.reply_not_registered", reply[:200])
         context = query.get("wctx", "")
-        if len(context.encode()) > MAX_WCTX:
+        if len(context.encode("utf-8", "surrogatepass")) > MAX_WCTX:
             raise Refused("login.parameter_too_large", "wctx")
         return {"protocol": "wsfed", "realm": party.realm, "reply": reply, "wctx": context, "force_authn": False}
 
