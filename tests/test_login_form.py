@@ -222,3 +222,18 @@ def test_the_page_strings_are_localisable_and_unknown_keys_are_config_errors(sit
     result = authgw("check", "--config", str(bad.conf), "--state-dir", str(tmp_path / "st"), timeout=60)
     output = result.stdout + result.stderr
     assert result.returncode != 0 and "login.yaml:1" in output and "usernme" in output
+
+
+def test_a_session_store_that_is_down_gives_503_never_500(site, tmp_path):
+    redis = RedisServer(tmp_path / "redis").start()
+    r = site(login={"sessions": {"store": "redis", "redis_url": redis.url}})
+    gw = r.start()
+    browser = r.client()
+    r.sign_in(browser, "alice", "Alice-pw-1")
+    redis.stop()
+    page = browser.get(f"{r.url}/login")
+    assert page.status_code == 503 and "Sign-in is not available right now." in page.text
+    assert "signed in as" not in page.text
+    token = r.client().post(f"{r.url}/oidc/token", data={"grant_type": "authorization_code", "code": "x"})
+    assert token.status_code in (401, 503)  # no client is registered here: refused before the store
+    assert "_handle_request" not in gw.output() and "session store unavailable" in gw.output()

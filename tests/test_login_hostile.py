@@ -225,7 +225,7 @@ def test_garbage_in_every_parameter_of_every_route_is_never_a_5xx(idp):
     assert statuses >= {400}
 
 
-def test_an_unreachable_directory_is_said_as_such(tmp_path):
+def test_an_unreachable_directory_says_sign_in_is_not_available(tmp_path):
     class Dead:  # a directory nobody listens on
         def plugin_settings(self, mode):
             return {"preset": "openldap", "base_dn": "dc=example,dc=com", "servers": [f"ldap://127.0.0.1:{port}"],
@@ -237,6 +237,6 @@ def test_an_unreachable_directory_is_said_as_such(tmp_path):
     site.start()
     try:
         page = site.sign_in(site.client(), "alice", "Alice-pw-1")
-        assert page.status_code == 503 and "The directory cannot be reached right now." in page.text
+        assert page.status_code == 503 and "Sign-in is not available right now." in page.text
     finally:
         site.stop()

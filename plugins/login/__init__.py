@@ -85,7 +85,7 @@ class LoginPlugin:
         # Built in each worker: the store's connection must not cross a fork.
         sessions = SessionManager(self.settings.sessions, self._store(), self.cookie_key)
         web = LoginDoor(door, sessions, self.pages, self.settings)
-        return [
+        routes = [
             Route("GET", "/login", web.login_get),
             Route("POST", "/login", web.login_post),
             Route("*", "/logout", web.logout),
@@ -94,6 +94,8 @@ class LoginPlugin:
             *self.wsfed.routes(web),
             *self.oidc.routes(web),
         ]
+        return [Route(r.method, r.path, web.guarded(r.handler, json=r.path in ("/oidc/token", "/oidc/userinfo")),
+                      r.listener) for r in routes]
 
     @hookimpl
     def gateway_commands(self):

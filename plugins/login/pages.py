@@ -26,7 +26,7 @@ MESSAGES = {
     "expired": "Your password has expired or must be changed. Change it, then sign in again.",
     "disabled": "Your account cannot sign in at the moment. Contact your help desk.",
     "throttled": "Too many failed attempts. Wait a few minutes, then try again.",
-    "unavailable": "The directory cannot be reached right now. Try again in a moment.",
+    "unavailable": "Sign-in is not available right now. Try again in a moment.",
     "csrf": "This form has expired. Please sign in again.",
     "signed_in": "You are signed in as {name}.",
     "sign_out": "Sign out",

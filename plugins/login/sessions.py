@@ -32,7 +32,22 @@ from gateway import Identity
 
 from .settings import SessionSettings
 
-__all__ = ["RedisStore", "Session", "SessionManager", "SqliteStore", "identity_from_json", "identity_to_json", "same"]
+__all__ = ["STORE_ERRORS", "RedisStore", "Session", "SessionManager", "SqliteStore", "identity_from_json", "identity_to_json", "same"]
+
+
+def _store_errors() -> tuple[type[BaseException], ...]:
+    errors: tuple[type[BaseException], ...] = (sqlite3.Error, OSError)
+    try:
+        import redis
+
+        errors += (redis.RedisError,)
+    except ImportError:  # authgw[redis] not installed: only SQLite can fail
+        pass
+    return errors
+
+
+#: What a store raises when it cannot be used (a locked or full disk, Redis down or timing out).
+STORE_ERRORS = _store_errors()
 
 
 def identity_to_json(identity: Identity) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from gateway import Decision, Outcome, PasswordCredential
 from gateway.http.credentials import MalformedCredentials, check_password_credential, parse_authorization
 
 from .pages import AUTOSUBMIT_HASH, STYLE_HASH, Pages
-from .sessions import Session, SessionManager
+from .sessions import STORE_ERRORS, Session, SessionManager
 
 __all__ = ["LoginDoor", "Refused"]
 
@@ -99,6 +99,23 @@ class LoginDoor:
         or when the user presses Continue without JavaScript."""
         origin = "/".join(url.split("/", 3)[:3])
         return self.html(self.pages.post(url, fields), form_action=origin, script=True)
+
+    def guarded(self, handler, *, json: bool = False):
+        """*handler*, answering 503 (not 500) when the session store cannot be used: sign-ins
+        wait for the store, they are never answered without it (fail closed)."""
+        async def guarded_handler(request: web.Request) -> web.StreamResponse:
+            try:
+                return await handler(request)
+            except STORE_ERRORS as exc:
+                log.error("login session store unavailable: %s: %s", exc.__class__.__name__, exc)
+                if json:
+                    return web.json_response({"error": "temporarily_unavailable"}, status=503,
+                                             headers={"Retry-After": "5", "Cache-Control": "no-store"})
+                response = self.html(self.pages.message("unavailable", alert=True), 503)
+                response.headers["Retry-After"] = "5"
+                return response
+
+        return guarded_handler
 
     # -- sessions ---------------------------------------------------------------------------------
 
