@@ -16,6 +16,7 @@ verifier mismatch). Codes and client-assertion ``jti`` are single use (the sessi
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -209,7 +210,7 @@ class OidcProvider:
             claims["nonce"] = grant["nonce"]
         access = secrets.token_urlsafe(32)
         claims["at_hash"] = base64.urlsafe_b64encode(hashlib.sha256(access.encode()).digest()[:16]).decode().rstrip("=")
-        id_token = jwt.encode({"alg": "RS256", "kid": self.signing.kid}, claims, self.signing)
+        id_token = await asyncio.to_thread(jwt.encode, {"alg": "RS256", "kid": self.signing.kid}, claims, self.signing)
         self.web.sessions.store.put_pending("at:" + _digest(access), {"identity": grant["identity"],
                                             "scope": grant["scope"]}, now + lifetime)
         return web.json_response({"access_token": access, "token_type": "Bearer", "expires_in": lifetime,
