@@ -14,7 +14,7 @@ loopback, ``secure_cookie: false``) and measures, each bounded by --seconds:
 
 Prints logins/s and p50, and the ratios 2/1 and 3/1. Loopback only; stops what it starts.
 
-    python tools/bench/bench_login.py [--seconds 5] [--concurrency 8]
+    python tools/bench/bench_login.py [--seconds 5] [--concurrency 8] [--workers 1]
 """
 
 from __future__ import annotations
@@ -114,13 +114,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-login-"))
     slapd = Slapd(tmp / "slapd").start()
     gateway = None
     try:
         slapd.add_users([(f"user{i}", "bench-pw") for i in range(20)])
-        gateway = GatewayProcess(tmp / "conf.d", tmp / "state")
+        gateway = GatewayProcess(tmp / "conf.d", tmp / "state", workers=args.workers)
         write_conf(tmp / "conf.d", {
             "gateway.yaml": "chain: [ldap]\nplugins: [login]\nthrottle: {enabled: false}\nlog_level: ERROR\n"
                             "audit: {file: /dev/null}\n",
@@ -148,7 +149,7 @@ def main() -> int:
               f"p50 {statistics.median(full) * 1000:7.1f} ms   ratio to 1: {full_rate / raw:.2f}")
         print(f"3. SSO round trip with a session                {sso_rate:8.1f} answers/s  "
               f"p50 {statistics.median(sso_lat) * 1000:7.1f} ms   ratio to 1: {sso_rate / raw:.2f}")
-        print(f"(workers 1, concurrency {args.concurrency}, {args.seconds:.0f} s per phase)")
+        print(f"(workers {args.workers}, concurrency {args.concurrency}, {args.seconds:.0f} s per phase)")
         return 0
     finally:
         if gateway is not None:
