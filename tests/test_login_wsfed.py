@@ -79,3 +79,17 @@ def test_unregistered_realms_and_replies_are_refused(idp, params, reason):
     response = idp.client().get(f"{idp.url}/wsfed", params=params, allow_redirects=False)
     assert response.status_code == 400 and response.headers["X-Refused-Reason"] == reason
     assert "evil" not in response.text
+
+
+def test_federation_metadata_lists_both_certificates_and_the_passive_endpoint(idp):
+    text = idp.client().get(f"{idp.url}/FederationMetadata/2007-06/FederationMetadata.xml").text
+    root = etree.fromstring(text.encode())
+    ns = {"md": "urn:oasis:names:tc:SAML:2.0:metadata", "ds": "http://www.w3.org/2000/09/xmldsig#",
+          "fed": "http://docs.oasis-open.org/wsfed/federation/200706", "wsa": "http://www.w3.org/2005/08/addressing"}
+    role = root.find("md:RoleDescriptor", ns)
+    assert role.get("{http://www.w3.org/2001/XMLSchema-instance}type") == "fed:SecurityTokenServiceType"
+    assert role.findtext("fed:PassiveRequestorEndpoint/wsa:EndpointReference/wsa:Address", namespaces=ns) \
+        == f"{idp.url}/wsfed"
+    saml = idp.client().get(f"{idp.url}/saml/metadata").text
+    assert [c.text for c in role.iterfind(".//ds:X509Certificate", ns)] == \
+        re.findall(r"<ds:X509Certificate>([^<]+)<", saml)

@@ -57,7 +57,7 @@ class LoginPlugin:
         self.current, self.next, self.cookie_key = self.keys.ensure()
         self.saml = SamlIdp(settings, self.entity_id, self.current, self.next)
         self.slo = SingleLogout(self.saml)
-        self.wsfed = WsFed(settings, self.saml.builder)
+        self.wsfed = WsFed(settings, self.saml)
         self.oidc = OidcProvider(settings, self.current, self.next)
 
     def _store(self):

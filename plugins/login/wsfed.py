@@ -1,7 +1,8 @@
 """WS-Federation passive requestor profile (``/wsfed``): ``wa=wsignin1.0`` with ``wtrealm``,
 ``wreply`` and ``wctx``, answered by a form posting ``wresult``, a WS-Trust
 RequestSecurityTokenResponse carrying a signed SAML 2.0 assertion (what ADFS sends, and what
-Auth0's ADFS connections and Entra domain federation accept). Reads ``login.wsfed``.
+Auth0's ADFS connections and Entra domain federation accept). Reads ``login.wsfed``. Its metadata (``/FederationMetadata/2007-06/FederationMetadata.xml``, where an
+"ADFS URL" leads) lists the current and next signing certificates.
 
 Named checks: ``wsfed.unsupported_action`` (any ``wa`` but ``wsignin1.0``),
 ``wsfed.unknown_realm``, ``wsfed.reply_not_registered`` (``wreply`` must be one of the realm's
@@ -18,7 +19,7 @@ from lxml import etree
 
 from gateway import Route
 
-from .saml import ResponseBuilder, instant
+from .saml import DS, MD, XSI, SamlIdp, instant
 from .settings import LoginSettings
 from .web import Refused
 
@@ -29,19 +30,43 @@ WSU = "http://docs.oasis-open.org/wss/2004/01/oasis-200401-wss-wssecurity-utilit
 WSP = "http://schemas.xmlsoap.org/ws/2004/09/policy"
 WSA = "http://www.w3.org/2005/08/addressing"
 SAML2_TOKEN = "urn:oasis:names:tc:SAML:2.0:assertion"
+FED = "http://docs.oasis-open.org/wsfed/federation/200706"
 MAX_WCTX = 4096
 
 
 class WsFed:
-    def __init__(self, settings: LoginSettings, builder: ResponseBuilder) -> None:
+    def __init__(self, settings: LoginSettings, idp: SamlIdp) -> None:
         self.settings = settings
-        self.builder = builder
+        self.idp = idp  # the same issuer, keys and assertions as the SAML IdP
+        self.builder = idp.builder
         self.parties = {rp.realm: rp for rp in settings.wsfed.relying_parties}
 
     def routes(self, web_door) -> list[Route]:
         self.web = web_door
         web_door.completers["wsfed"] = self.complete
-        return [Route("GET", "/wsfed", self.signin)]
+        return [Route("GET", "/wsfed", self.signin),
+                Route("GET", "/FederationMetadata/2007-06/FederationMetadata.xml", self.metadata_handler)]
+
+    def metadata(self, entity_id: str, certificates: list[str]) -> bytes:
+        """WS-Federation metadata (the document an "ADFS URL" points relying parties to): a
+        security token service role with the signing certificates (current and next) and the
+        passive requestor endpoint."""
+        E = etree.SubElement
+        root = etree.Element(f"{{{MD}}}EntityDescriptor", nsmap={"md": MD, "ds": DS, "fed": FED, "xsi": XSI,
+                                                                 "wsa": WSA}, entityID=entity_id)
+        role = E(root, f"{{{MD}}}RoleDescriptor", {f"{{{XSI}}}type": "fed:SecurityTokenServiceType"},
+                 protocolSupportEnumeration="http://docs.oasis-open.org/wsfed/federation/200706")
+        for certificate in certificates:
+            key_info = E(E(role, f"{{{MD}}}KeyDescriptor", use="signing"), f"{{{DS}}}KeyInfo")
+            E(E(key_info, f"{{{DS}}}X509Data"), f"{{{DS}}}X509Certificate").text = certificate
+        endpoint = E(role, f"{{{FED}}}PassiveRequestorEndpoint")
+        E(E(endpoint, f"{{{WSA}}}EndpointReference"), f"{{{WSA}}}Address").text = f"{self.settings.base_url}/wsfed"
+        return etree.tostring(root, xml_declaration=True, encoding="UTF-8", pretty_print=True)
+
+    async def metadata_handler(self, request: web.Request) -> web.Response:
+        idp = self.idp
+        body = self.metadata(idp.entity_id, [idp.current.cert_b64, idp.upcoming.cert_b64])
+        return web.Response(body=body, content_type="application/xml", headers={"Cache-Control": "max-age=300"})
 
     def check(self, query) -> dict:
         """The pending sign-in for a request, or :class:`Refused` (no I/O)."""
