@@ -15,6 +15,7 @@ from support.pki import CA
 from support.slapd import Slapd
 
 REALM, REPLY = "urn:auth0:example:adfs-connection", "https://example.auth0.test/login/callback"
+ENTRA, ENTRA_REPLY = "urn:federation:MicrosoftOnline", "https://login.microsoftonline.test/login.srf"
 
 
 @pytest.fixture(scope="module")
@@ -24,11 +25,27 @@ def idp(tmp_path_factory):
     slapd.add_user("alice", "Alice-pw-1", cn="Alice Liddell", mail="alice@example.com", groups=["staff"])
     site = LoginSite(base / "idp", slapd, CA.create(), login={"wsfed": {"relying_parties": [
         {"realm": REALM, "reply_urls": [REPLY], "name_id_source": "email", "name_id_format": "emailAddress",
-         "attributes": {"http://schemas.xmlsoap.org/claims/Group": "groups"}}]}})
+         "attributes": {"http://schemas.xmlsoap.org/claims/Group": "groups"}},
+        {"realm": ENTRA, "reply_urls": [ENTRA_REPLY], "token": "saml11", "name_id_format": "persistent",
+         "name_id_source": "subject", "attributes": {
+             "http://schemas.xmlsoap.org/claims/UPN": "email",
+             "http://schemas.microsoft.com/LiveID/Federation/2008/05/ImmutableID": "subject"}}]}})
     site.gw = site.start()
     yield site
     site.stop()
     slapd.stop()
+
+
+def xmlsec1_verify(cert, path, id_attr: str, node: str):
+    return subprocess.run(["xmlsec1", "--verify", "--pubkey-cert-pem", str(cert), f"--id-attr:{id_attr}", node,
+                           str(path)], capture_output=True, text=True)
+
+
+def current_cert(idp, tmp_path):
+    metadata = idp.client().get(f"{idp.url}/saml/metadata").text
+    cert = re.search(r"<ds:X509Certificate>([^<]+)<", metadata).group(1)
+    (tmp_path / "idp.pem").write_text(f"-----BEGIN CERTIFICATE-----\n{cert}\n-----END CERTIFICATE-----\n")
+    return tmp_path / "idp.pem"
 
 
 def fields(page) -> tuple[str, dict[str, str]]:
@@ -57,9 +74,7 @@ def test_wsignin_answers_an_rstr_whose_assertion_xmlsec1_verifies(idp, tmp_path)
     (tmp_path / "wresult.xml").write_text(answer["wresult"])
 
     def verify(path):
-        return subprocess.run(["xmlsec1", "--verify", "--pubkey-cert-pem", str(tmp_path / "idp.pem"),
-                               "--id-attr:ID", "urn:oasis:names:tc:SAML:2.0:assertion:Assertion", str(path)],
-                              capture_output=True, text=True)
+        return xmlsec1_verify(tmp_path / "idp.pem", path, "ID", "urn:oasis:names:tc:SAML:2.0:assertion:Assertion")
 
     result = verify(tmp_path / "wresult.xml")
     assert result.returncode == 0 and "OK" in result.stderr, result.stderr
@@ -93,3 +108,27 @@ def test_federation_metadata_lists_both_certificates_and_the_passive_endpoint(id
     saml = idp.client().get(f"{idp.url}/saml/metadata").text
     assert [c.text for c in role.iterfind(".//ds:X509Certificate", ns)] == \
         re.findall(r"<ds:X509Certificate>([^<]+)<", saml)
+
+
+def test_a_saml_1_1_token_for_entra_style_realms_verifies_with_xmlsec1(idp, tmp_path):
+    browser = idp.client()
+    form = browser.get(f"{idp.url}/wsfed", params={"wa": "wsignin1.0", "wtrealm": ENTRA})
+    action, answer = fields(idp.sign_in(browser, "alice", "Alice-pw-1", url=form.url))
+    assert action == ENTRA_REPLY
+    rstr = etree.fromstring(answer["wresult"].encode())
+    ns = {"t": "http://schemas.xmlsoap.org/ws/2005/02/trust", "s": "urn:oasis:names:tc:SAML:1.0:assertion"}
+    assert rstr.findtext("t:TokenType", namespaces=ns).endswith("#SAMLV1.1")
+    assertion = rstr.find(".//s:Assertion", ns)
+    assert assertion.get("MajorVersion") == "1" and assertion.get("MinorVersion") == "1"
+    assert rstr.findtext(".//s:Audience", namespaces=ns) == ENTRA
+    values = {a.get("AttributeName"): a.findtext("s:AttributeValue", namespaces=ns)
+              for a in rstr.iterfind(".//s:Attribute", ns)}
+    assert values["UPN"] == "alice@example.com" and values["ImmutableID"]
+    assert rstr.findtext(".//s:NameIdentifier", namespaces=ns) == values["ImmutableID"]
+    (tmp_path / "token.xml").write_text(answer["wresult"])
+    cert = current_cert(idp, tmp_path)
+    node = "urn:oasis:names:tc:SAML:1.0:assertion:Assertion"
+    result = xmlsec1_verify(cert, tmp_path / "token.xml", "AssertionID", node)
+    assert result.returncode == 0 and "OK" in result.stderr, result.stderr
+    (tmp_path / "forged.xml").write_text(answer["wresult"].replace("alice@example.com", "mallory@example.com"))
+    assert xmlsec1_verify(cert, tmp_path / "forged.xml", "AssertionID", node).returncode != 0

@@ -176,12 +176,16 @@ class ResponseBuilder:
         self.key = key
         self.lifetime = dt.timedelta(seconds=settings.saml.assertion_lifetime)
         self.skew = dt.timedelta(seconds=settings.clock_skew)
-        self.signer = XMLSigner(signature_algorithm="rsa-sha256", digest_algorithm="sha256",
-                                c14n_algorithm=CanonicalizationMethod.EXCLUSIVE_XML_CANONICALIZATION_1_0)
 
-    def sign(self, element: etree._Element) -> etree._Element:
-        # The certificate as an object: signxml would re-wrap a PEM string on every signature.
-        return self.signer.sign(element, key=self.key.key, cert=[self.key.cert], reference_uri="#" + element.get("ID"))
+    def sign(self, element: etree._Element, id_attribute: str = "ID") -> etree._Element:
+        """An enveloped RSA-SHA256 signature over *element* (at its ``ds:Signature`` placeholder).
+        A signer per call: ``XMLSigner.sign`` sets attributes on itself, and answers are signed
+        on several threads. The certificate goes in as an object (a PEM string would be
+        re-wrapped on every signature)."""
+        signer = XMLSigner(signature_algorithm="rsa-sha256", digest_algorithm="sha256",
+                           c14n_algorithm=CanonicalizationMethod.EXCLUSIVE_XML_CANONICALIZATION_1_0)
+        return signer.sign(element, key=self.key.key, cert=[self.key.cert], id_attribute=id_attribute,
+                           reference_uri="#" + element.get(id_attribute))
 
     @staticmethod
     def _value(identity: Identity, field: str) -> list[str]:

@@ -99,7 +99,10 @@ class WsFedRelyingParty(PluginSettings):
     name_id_format: Literal["unspecified", "emailAddress", "persistent", "transient"] = Field(
         "unspecified", description="NameID format in the assertion")
     name_id_source: IDENTITY_FIELDS = Field("username", description="identity field that becomes the NameID")
-    attributes: dict[str, IDENTITY_FIELDS] = Field({}, description="attribute name -> identity field")
+    attributes: dict[str, IDENTITY_FIELDS] = Field({}, description="attribute name -> identity field; for "
+                                                   "`saml11`, a claim URI (namespace/name)")
+    token: Literal["saml2", "saml11"] = Field("saml2", description="assertion in the RSTR: SAML 2.0, or SAML 1.1 "
+                                              "(what Entra domain federation and older ADFS relying parties want)")
 
     @field_validator("reply_urls")
     @classmethod

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import secrets
 
 from aiohttp import web
 from lxml import etree
@@ -20,7 +21,7 @@ from lxml import etree
 from gateway import Route
 
 from .saml import DS, MD, XSI, SamlIdp, instant
-from .settings import LoginSettings
+from .settings import NAMEID_FORMATS, LoginSettings
 from .web import Refused
 
 __all__ = ["WsFed"]
@@ -30,6 +31,9 @@ WSU = "http://docs.oasis-open.org/wss/2004/01/oasis-200401-wss-wssecurity-utilit
 WSP = "http://schemas.xmlsoap.org/ws/2004/09/policy"
 WSA = "http://www.w3.org/2005/08/addressing"
 SAML2_TOKEN = "urn:oasis:names:tc:SAML:2.0:assertion"
+SAML1 = "urn:oasis:names:tc:SAML:1.0:assertion"
+SAML11_TOKEN = "http://docs.oasis-open.org/wss/oasis-wss-saml-token-profile-1.1#SAMLV1.1"
+SAML1_METHOD = {"kerberos": "urn:ietf:rfc:1510", "client_cert": "urn:ietf:rfc:2246"}
 FED = "http://docs.oasis-open.org/wsfed/federation/200706"
 MAX_WCTX = 4096
 
@@ -100,14 +104,50 @@ class WsFed:
         applies = E(rstr, f"{{{WSP}}}AppliesTo", nsmap={"wsp": WSP})
         E(E(applies, f"{{{WSA}}}EndpointReference", nsmap={"wsa": WSA}), f"{{{WSA}}}Address").text = realm
         token = E(rstr, f"{{{TRUST}}}RequestedSecurityToken")
-        token.append(self.builder.assertion(
-            audience=realm, identity=identity, name_id_format=party.name_id_format,
-            name_id=self.builder.name_id(identity, party.name_id_format, party.name_id_source),
-            attributes=party.attributes, session_index=session_index, now=now))
-        E(rstr, f"{{{TRUST}}}TokenType").text = SAML2_TOKEN
+        name_id = self.builder.name_id(identity, party.name_id_format, party.name_id_source)
+        if party.token == "saml11":
+            token.append(self.saml11_assertion(party, identity, name_id, now))
+        else:
+            token.append(self.builder.assertion(
+                audience=realm, identity=identity, name_id_format=party.name_id_format, name_id=name_id,
+                attributes=party.attributes, session_index=session_index, now=now))
+        E(rstr, f"{{{TRUST}}}TokenType").text = SAML11_TOKEN if party.token == "saml11" else SAML2_TOKEN
         E(rstr, f"{{{TRUST}}}RequestType").text = f"{TRUST}/Issue"
         E(rstr, f"{{{TRUST}}}KeyType").text = "http://schemas.xmlsoap.org/ws/2005/05/identity/NoProofKey"
         return etree.tostring(rstr, encoding="UTF-8")
+
+    def saml11_assertion(self, party, identity, name_id: str, now: dt.datetime) -> etree._Element:
+        """A signed SAML 1.1 assertion (OASIS SAML 1.1 core): the subject in an attribute
+        statement and an authentication statement, the signature last, by ``AssertionID``."""
+        E = etree.SubElement
+        fmt = NAMEID_FORMATS[party.name_id_format]  # Entra sends and expects the 2.0 persistent URI here too
+        assertion = etree.Element(f"{{{SAML1}}}Assertion", nsmap={"saml": SAML1}, MajorVersion="1", MinorVersion="1",
+                                  AssertionID="_" + secrets.token_hex(20), Issuer=self.idp.entity_id,
+                                  IssueInstant=instant(now))
+        conditions = E(assertion, f"{{{SAML1}}}Conditions", NotBefore=instant(now - self.builder.skew),
+                       NotOnOrAfter=instant(now + self.builder.lifetime))
+        E(E(conditions, f"{{{SAML1}}}AudienceRestrictionCondition"), f"{{{SAML1}}}Audience").text = party.realm
+
+        def subject(parent):
+            node = E(parent, f"{{{SAML1}}}Subject")
+            E(node, f"{{{SAML1}}}NameIdentifier", Format=fmt).text = name_id
+            E(E(node, f"{{{SAML1}}}SubjectConfirmation"), f"{{{SAML1}}}ConfirmationMethod").text = \
+                "urn:oasis:names:tc:SAML:1.0:cm:bearer"
+
+        statement = E(assertion, f"{{{SAML1}}}AttributeStatement")
+        subject(statement)
+        for claim, field in party.attributes.items():
+            namespace, _, name = claim.rpartition("/")
+            attribute = E(statement, f"{{{SAML1}}}Attribute", AttributeName=name or claim,
+                          AttributeNamespace=namespace or "http://schemas.xmlsoap.org/claims")
+            for value in self.builder._value(identity, field):
+                E(attribute, f"{{{SAML1}}}AttributeValue").text = value
+        authn = E(assertion, f"{{{SAML1}}}AuthenticationStatement",
+                  AuthenticationMethod=SAML1_METHOD.get(identity.method, "urn:oasis:names:tc:SAML:1.0:am:password"),
+                  AuthenticationInstant=instant(dt.datetime.fromtimestamp(identity.authenticated_at, dt.timezone.utc)))
+        subject(authn)
+        E(assertion, f"{{{DS}}}Signature", Id="placeholder", nsmap={"ds": DS})
+        return self.builder.sign(assertion, id_attribute="AssertionID")
 
     async def complete(self, request: web.Request, pending: dict, session) -> web.Response:
         party = self.parties.get(pending["realm"])
