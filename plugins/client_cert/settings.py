@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from gateway import ConfigPath, PluginSettings, Secret
-from gateway.settings import parse_listen
+from gateway.settings import InvalidKey, parse_listen
 
 __all__ = [
     "ClientCertSettings",
@@ -77,7 +77,7 @@ class HeaderSource(PluginSettings):
                     "`xfcc`: Envoy `X-Forwarded-Client-Cert`")
     proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(
         [], description="the trusted proxies (CIDRs) that set this header; empty: every trusted proxy "
-                        "that no other entry names")
+                        "that no other entry names. `::ffff:a.b.c.d` is read as `a.b.c.d`, as the peer is")
 
     @field_validator("name")
     @classmethod
@@ -87,6 +87,21 @@ class HeaderSource(PluginSettings):
         if value.lower() in ("authorization", "proxy-authorization", "cookie"):
             raise ValueError(f"{value} never reaches plugins; use another header")
         return value.lower()
+
+    @field_validator("proxies")
+    @classmethod
+    def _unmapped(cls, value: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
+                  ) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        # The core unwraps an IPv4-mapped peer (::ffff:a.b.c.d) to IPv4, so a mapped network
+        # would match no peer, and that proxy would fall to the catch-all entry: the header it
+        # passes through from the client would be believed. Name the IPv4 proxy instead.
+        mapped = ipaddress.IPv6Network("::ffff:0:0/96")
+        out: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        for net in value:
+            if isinstance(net, ipaddress.IPv6Network) and net.subnet_of(mapped):
+                net = ipaddress.IPv4Network((net.network_address.ipv4_mapped, net.prefixlen - 96))
+            out.append(net)
+        return out
 
 
 class RevocationSettings(PluginSettings):
@@ -190,11 +205,11 @@ class MappingRule(PluginSettings):
     @model_validator(mode="after")
     def _complete(self) -> MappingRule:
         if self.type == "subject" and not self.pattern:
-            raise ValueError("a `subject` rule needs a `pattern`")
+            raise InvalidKey("type", "a `subject` rule needs a `pattern`")
         if self.type == "issuer_serial" and not self.certificates:
-            raise ValueError("an `issuer_serial` rule needs `certificates`")
+            raise InvalidKey("type", "an `issuer_serial` rule needs `certificates`")
         if self.type == "thumbprint" and not self.thumbprints:
-            raise ValueError("a `thumbprint` rule needs `thumbprints`")
+            raise InvalidKey("type", "a `thumbprint` rule needs `thumbprints`")
         return self
 
 
@@ -216,7 +231,7 @@ class MappingSettings(PluginSettings):
     @model_validator(mode="after")
     def _needs_lookup(self) -> MappingSettings:
         if self.require_directory_match and not self.lookup:
-            raise ValueError("require_directory_match needs lookup: true")
+            raise InvalidKey("require_directory_match", "require_directory_match needs lookup: true")
         return self
 
 
@@ -249,12 +264,13 @@ class ClientCertSettings(PluginSettings):
         # A proxy sets one header; two entries for one proxy would bring back the fall-through.
         catch_all = [h.name for h in self.headers if not h.proxies]
         if len(catch_all) > 1:
-            raise ValueError(f"headers: {' and '.join(catch_all)} both apply to every trusted proxy; a proxy "
-                             "sets one certificate header: give each entry the `proxies` that set it")
+            second = [n for n, h in enumerate(self.headers) if not h.proxies][1]
+            raise InvalidKey(f"headers.{second}", f"{' and '.join(catch_all)} both apply to every trusted proxy; a "
+                             "proxy sets one certificate header: give each entry the `proxies` that set it")
         named = [(n, net, h.name) for n, h in enumerate(self.headers) for net in h.proxies]
         for i, (entry, net, name) in enumerate(named):
             for other_entry, other, other_name in named[i + 1:]:
                 if other_entry != entry and net.version == other.version and net.overlaps(other):
-                    raise ValueError(f"headers: proxy {net} sets {name} and {other} sets {other_name}; "
-                                     "a proxy sets one certificate header")
+                    raise InvalidKey(f"headers.{other_entry}", f"proxy {net} sets {name} and {other} sets "
+                                     f"{other_name}; a proxy sets one certificate header")
         return self

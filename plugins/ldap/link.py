@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import ldap3
+from ldap3.core.exceptions import LDAPCertificateError
 
 from gateway.plugins.ldap import wire
 
@@ -67,6 +68,11 @@ class Entry:
 
 def describe(exc: BaseException) -> str:
     text = str(exc) or exc.__class__.__name__
+    if isinstance(exc, LDAPCertificateError) and "doesn't match any name in" in text:
+        # ldap3 puts the whole certificate (a dict) in this message: say what to do instead.
+        tried = text.rsplit("doesn't match any name in", 1)[1].strip()
+        return (f"the server certificate does not name {tried}: use the DNS name in the certificate "
+                "(its subjectAltName) in ldap.servers, not an IP address")
     return text if len(text) < 300 else text[:300] + "..."
 
 

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator, model_validator
 
 from gateway import ConfigPath, PluginSettings, Secret
+from gateway.settings import InvalidKey
 
 __all__ = ["GroupSettings", "LdapSettings", "PRESETS", "Preset", "Resolved", "TestLogin", "resolve"]
 
@@ -174,18 +175,20 @@ class LdapSettings(PluginSettings):
     def _check(self) -> LdapSettings:
         plain = [u for u in self.servers if u.startswith("ldap://")]
         if plain and not self.start_tls and not self.insecure:
-            raise ValueError(f"{plain[0]} is plaintext: use ldaps://, set start_tls: true, or accept "
+            raise InvalidKey(f"servers.{self.servers.index(plain[0])}",
+                             f"{plain[0]} is plaintext: use ldaps://, set start_tls: true, or accept "
                              "readable passwords on the network with insecure: true")
         if self.start_tls and any(u.startswith("ldaps://") for u in self.servers):
-            raise ValueError("start_tls applies to ldap:// servers; ldaps:// is TLS already")
+            raise InvalidKey("start_tls", "start_tls applies to ldap:// servers; ldaps:// is TLS already")
         if (self.bind_dn is None) != (self.bind_password is None):
-            raise ValueError("bind_dn and bind_password go together")
+            raise InvalidKey("bind_dn" if self.bind_dn is not None else "bind_password",
+                             "bind_dn and bind_password go together")
         if self.direct_bind is not None and "{username}" not in self.direct_bind:
-            raise ValueError("direct_bind must contain {username}")
+            raise InvalidKey("direct_bind", "direct_bind must contain {username}")
         if self.direct_bind is None and self.bind_dn is None:
             raise ValueError("set bind_dn/bind_password (search, then bind) or direct_bind")
         if self.user_filter is not None and "{username}" not in self.user_filter:
-            raise ValueError("user_filter must contain {username}")
+            raise InvalidKey("user_filter", "user_filter must contain {username}")
         return self
 
 
