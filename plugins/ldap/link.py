@@ -43,6 +43,8 @@ class ServerTrouble(Exception):
 class Result:
     code: int
     message: str
+    #: A bind's password policy response control (OpenLDAP ppolicy), when one came and parsed.
+    policy: wire.PasswordPolicy | None = None
 
     @property
     def ok(self) -> bool:
@@ -131,11 +133,12 @@ class Link:
         """A simple bind on this connection (RFC 4511 section 4.2: a new bind replaces the
         connection's identity; a failed one leaves it anonymous)."""
         message_id = self._send(lambda mid: wire.bind_request(mid, dn, password))
-        tag, body, _ = self._receive(message_id)
+        tag, body, controls = self._receive(message_id)
         if tag != wire.BIND_RESPONSE:
             raise LinkBroken(f"unexpected answer {tag:#x} to a bind")
         try:
-            return Result(*wire.parse_result(body))
+            # The control rides in the same answer: no extra round trip. Unreadable = absent.
+            return Result(*wire.parse_result(body), wire.password_policy(controls) if controls else None)
         except (wire.ProtocolError, IndexError, ValueError) as exc:
             raise LinkBroken(describe(exc)) from None
 

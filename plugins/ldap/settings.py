@@ -151,9 +151,11 @@ class LdapSettings(PluginSettings):
     idle_timeout: float = Field(240.0, gt=0, description="idle connections older than this are closed, not "
                                                          "reused (AD drops them after 900 s)")
     allow_expired_password: bool = Field(False, description="AD 532: let a correct, expired password in "
-                                                            "(claim `password_expired: true`)")
-    allow_must_change_password: bool = Field(False, description="AD 773: let a correct password that must be "
-                                                                "changed in (claim `must_change_password: true`)")
+                                                            "(claim `password_expired: true`); not ppolicy's "
+                                                            "passwordExpired, a refusal by slapd")
+    allow_must_change_password: bool = Field(False, description="AD 773, ppolicy changeAfterReset: let a correct "
+                                                                "password that must be changed in (claim "
+                                                                "`must_change_password: true`)")
     max_username_length: int = Field(256, ge=1, le=4096, description="longer usernames are not looked up")
     test_login: TestLogin | None = Field(None, description="an account for the optional login self-test")
 
