@@ -79,5 +79,5 @@ def build_runtime(config_dir: Path, *, state_dir: Path | None = None,
     limits = config.core.limits
     bound_steps(pm, config.core.chain, limits.step_concurrency or max(1, config.core.threads // 2),
                 config.core.deadline)
-    gateway = Gateway(config.core, pm, plugins, folder)
+    gateway = Gateway(config.core, pm, plugins, folder, state_dir=state)
     return Runtime(config, gateway, metrics, audit, state)
