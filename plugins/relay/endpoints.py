@@ -1,0 +1,193 @@
+"""The relay listener's routes: enrolment (``GET|POST /p/{token}``) and the link (``GET /link``,
+a WebSocket over mutual TLS).
+
+The listener asks for a client certificate but does not require one (``CERT_OPTIONAL``): a
+connector enrolling has none yet, and both routes share the one public port (443 through the
+firewall). OpenSSL verifies a presented certificate against the relay CA, validity included, so
+the link handler only has to insist that one was presented, then checks the registry: the
+connector is known, its connection matches, it is not revoked.
+
+Every refusal is a 4xx with ``{"error": CODE, "detail": ...}``; nothing a client sends can
+produce a 5xx (bodies are size-capped, JSON is type-checked, the CSR is parsed defensively).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from aiohttp import WSMsgType, web
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
+
+from gateway.plugins import linkproto as proto
+
+from .ca import CSRRefused
+from .hub import LinkSession
+from .store import TicketRefused
+
+if TYPE_CHECKING:
+    from . import RelayPlugin
+
+__all__ = ["Endpoints"]
+
+log = logging.getLogger("authgw.plugin.relay")
+
+_MAX_CSR_BODY = 16 * 1024
+#: A link that sends this many refused frames is closed (a confused or hostile peer).
+_MAX_BAD_FRAMES = 20
+_TOKEN_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
+def _refuse(status: int, code: str, detail: str) -> web.Response:
+    return web.json_response({"error": code, "detail": detail}, status=status, headers={"Cache-Control": "no-store"})
+
+
+def _token(request: web.Request) -> str | None:
+    token = request.match_info.get("token", "")
+    return token if 20 <= len(token) <= 100 and set(token) <= _TOKEN_CHARS else None
+
+
+class Endpoints:
+    def __init__(self, plugin: RelayPlugin, door) -> None:
+        self.plugin = plugin
+        self.door = door
+        self.settings = plugin.settings
+
+    async def _store(self, method, *args):
+        return await asyncio.get_running_loop().run_in_executor(None, method, *args)
+
+    # -- enrolment ---------------------------------------------------------------------------------
+
+    async def ticket_info(self, request: web.Request) -> web.Response:
+        token = _token(request)
+        if token is None:
+            return _refuse(404, "ticket_unknown", "no such ticket; ask the relay operator for a new one")
+        try:
+            connection, connector, expires = await self._store(self.plugin.store.ticket, token, time.time())
+        except TicketRefused as exc:
+            return _refuse(410 if exc.code != "ticket_unknown" else 404, exc.code, exc.detail)
+        return web.json_response({"protocol": proto.VERSION, "connection": connection, "connector": connector,
+                                  "expires": expires, "csr_subject": f"CN={connector}", "key": "P-256",
+                                  "link_url": self.plugin.link_url}, headers={"Cache-Control": "no-store"})
+
+    async def enrol(self, request: web.Request) -> web.Response:
+        token = _token(request)
+        if token is None:
+            return _refuse(404, "ticket_unknown", "no such ticket; ask the relay operator for a new one")
+        body = b""
+        while len(body) <= _MAX_CSR_BODY:  # read() returns what has arrived, not all of it
+            chunk = await request.content.read(_MAX_CSR_BODY + 1 - len(body))
+            if not chunk:
+                break
+            body += chunk
+        if len(body) > _MAX_CSR_BODY:
+            return _refuse(413, "too_large", f"the request body is limited to {_MAX_CSR_BODY} bytes")
+        try:
+            data = json.loads(body)
+            csr = data["csr"] if isinstance(data, dict) else None
+            if not isinstance(csr, str):
+                raise ValueError
+        except (ValueError, KeyError, UnicodeDecodeError):
+            return _refuse(400, "bad_request", 'expected {"csr": "<PEM certificate request>"}')
+        store = self.plugin.store
+        try:
+            connection, connector, _ = await self._store(store.ticket, token, time.time())
+            # Check the CSR before using the ticket up: a typo should not cost a new ticket.
+            self.plugin.ca.sign(csr, connector_id=connector, connection=connection, lifetime=1)
+            connection, connector = await self._store(store.use_ticket, token, time.time())
+            cert = self.plugin.ca.sign(csr, connector_id=connector, connection=connection,
+                                       lifetime=self.settings.certificate_lifetime)
+        except TicketRefused as exc:
+            return _refuse(410 if exc.code != "ticket_unknown" else 404, exc.code, exc.detail)
+        except CSRRefused as exc:
+            return _refuse(400, exc.code, exc.detail)
+        await self._store(store.record_connector, connector, connection, cert.serial_number,
+                          cert.not_valid_after_utc.timestamp())
+        log.info("connector %s of %s enrolled (certificate serial %x, valid until %s)", connector, connection,
+                 cert.serial_number, cert.not_valid_after_utc.isoformat())
+        return web.json_response({
+            "protocol": proto.VERSION, "connection": connection, "connector": connector,
+            "certificate": cert.public_bytes(serialization.Encoding.PEM).decode("ascii"),
+            "ca": self.plugin.ca.pem, "link_url": self.plugin.link_url,
+        }, headers={"Cache-Control": "no-store"})
+
+    # -- the link ----------------------------------------------------------------------------------
+
+    async def link(self, request: web.Request) -> web.StreamResponse:
+        presented = self.door.tls_certificate(request)
+        if presented is None:
+            return _refuse(401, "certificate_required", "the link needs the connector certificate from enrolment")
+        cert = x509.load_der_x509_certificate(presented.leaf)  # OpenSSL verified it against the relay CA
+        names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        units = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+        connector = names[0].value if names else ""
+        connection = units[0].value if units else ""
+        known = await self._store(self.plugin.store.connector, connector)
+        if known is None or known.connection != connection:
+            return _refuse(403, "unknown_connector", "this certificate names no enrolled connector")
+        if known.revoked is not None:
+            log.warning("refused a link from revoked connector %s", connector)
+            return _refuse(403, "revoked", "this connector was revoked; enrol again with a new ticket")
+        ws = web.WebSocketResponse(heartbeat=self.settings.ping_interval, max_msg_size=proto.MAX_FRAME,
+                                   autoping=True)
+        await ws.prepare(request)
+        session = LinkSession(ws, connector, connection, cert.public_key(), cert.not_valid_after_utc.timestamp())
+        hub = self.plugin.hub
+        hub.add(session)
+        self.plugin.ensure_maintenance()
+        log.info("connector %s of %s linked from %s", connector, connection, request.remote)
+        bad = 0
+        try:
+            async for msg in ws:
+                if msg.type != WSMsgType.TEXT:
+                    bad += 1
+                    await ws.send_str(proto.error(None, "bad_request", "text frames only"))
+                else:
+                    try:
+                        message = proto.decode(msg.data, now=time.time(), guard=session.guard,
+                                               accept=proto.CONNECTOR_TO_RELAY)
+                    except proto.ProtocolError as exc:
+                        bad += 1
+                        await ws.send_str(proto.error(exc.request_id, exc.code, exc.detail))
+                    else:
+                        if message.is_request:
+                            await ws.send_str(await self._serve(session, message))
+                        else:
+                            session.answered(message)
+                if bad >= _MAX_BAD_FRAMES:
+                    await ws.close(code=1008, message=b"too many refused frames")
+                    break
+        finally:
+            hub.remove(session)
+            log.info("connector %s link closed (%s)", connector, ws.close_code)
+        return ws
+
+    async def _serve(self, session: LinkSession, message: proto.Message) -> str:
+        """Requests a connector sends: ``hello`` (first, marks the link ready) and ``renew``."""
+        if message.type == "hello":
+            session.version = str(message.body.get("version", ""))[:64]
+            session.ready = True
+            await self._store(self.plugin.store.seen, session.connector, session.version,
+                              time.time() + 3 * self.settings.ping_interval)
+            return proto.answer(message.id, {"time": time.time(), "connector": session.connector,
+                                             "not_after": session.not_after})
+        # renew: same name, same rules as enrolment, over the authenticated link
+        csr = message.body.get("csr")
+        if not isinstance(csr, str) or len(csr) > _MAX_CSR_BODY:
+            return proto.error(message.id, "bad_request", "renew needs `csr`")
+        try:
+            cert = self.plugin.ca.sign(csr, connector_id=session.connector, connection=session.connection,
+                                       lifetime=self.settings.certificate_lifetime)
+        except CSRRefused as exc:
+            return proto.error(message.id, "bad_request", f"{exc.code}: {exc.detail}")
+        await self._store(self.plugin.store.record_connector, session.connector, session.connection,
+                          cert.serial_number, cert.not_valid_after_utc.timestamp())
+        log.info("connector %s renewed its certificate (valid until %s)", session.connector,
+                 cert.not_valid_after_utc.isoformat())
+        return proto.answer(message.id, {"certificate": cert.public_bytes(serialization.Encoding.PEM).decode("ascii"),
+                                         "ca": self.plugin.ca.pem})
