@@ -115,7 +115,8 @@ class Hub:
         healthy = [s for s in self.sessions.get(connection, ())
                    if s.ready and not s.closing and not s.ws.closed and id(s) not in tried
                    and s.in_flight < self.max_in_flight]
-        return min(healthy, key=lambda s: s.in_flight, default=None)
+        # Ties (an idle site) go to the link that served least, so idle links stay warm and tested.
+        return min(healthy, key=lambda s: (s.in_flight, s.served), default=None)
 
     async def call(self, connection: str, type_: str, body: dict[str, Any], timeout: float, *,
                    retry: bool, password: str | None = None) -> dict[str, Any]:
