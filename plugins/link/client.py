@@ -116,33 +116,48 @@ class LinkClient:
         proxy, proxy_auth = self._proxy()
         # trust_env: HTTPS_PROXY/NO_PROXY (and credentials in that URL) unless `proxy:` is set.
         async with aiohttp.ClientSession(trust_env=proxy is None) as http:
-            async with http.ws_connect(enrolment.link_url, ssl=context, heartbeat=self.settings.ping_interval,
-                                       max_msg_size=proto.MAX_FRAME, proxy=proxy, proxy_auth=proxy_auth,
-                                       autoping=True, timeout=aiohttp.ClientWSTimeout(ws_close=5.0)) as ws:
-                pending: dict[str, asyncio.Future] = {}
-                guard = proto.ReplayGuard()
-                reader = asyncio.ensure_future(self._read(ws, enrolment, pending, guard))
-                try:
-                    hello = await self._ask(ws, pending, "hello", {
-                        "version": self.version, "time": time.time(), "not_after": enrolment.not_after}, reader)
-                    self.status.connected = True
-                    self.status.connector = enrolment.connector
-                    self.status.detail = f"linked to {enrolment.link_url} as {enrolment.connector}"
-                    log.info("link up: %s as %s (clock skew %+.3fs)", enrolment.link_url, enrolment.connector,
-                             self.status.skew or 0.0)
-                    _ = hello
-                    renewer = asyncio.ensure_future(self._renew_when_due(ws, pending, enrolment, reader))
+            try:
+                await self._linked(http, enrolment, context, proxy, proxy_auth)
+            except aiohttp.WSServerHandshakeError as exc:
+                if exc.status not in (401, 403):
+                    raise
+                # The relay says why in a JSON body the WebSocket handshake does not show.
+                url = "https://" + enrolment.link_url.split("://", 1)[1]
+                async with http.get(url, ssl=context, proxy=proxy, proxy_auth=proxy_auth) as response:
                     try:
-                        await reader
-                    finally:
-                        renewer.cancel()
+                        problem = await response.json(content_type=None)
+                        why = f"{problem['error']}: {problem['detail']}"
+                    except Exception:
+                        why = f"HTTP {exc.status}"
+                raise ConnectionError(f"the relay refused the link: {why}") from None
+
+    async def _linked(self, http, enrolment: state.Enrolment, context, proxy, proxy_auth) -> None:
+        async with http.ws_connect(enrolment.link_url, ssl=context, heartbeat=self.settings.ping_interval,
+                                   max_msg_size=proto.MAX_FRAME, proxy=proxy, proxy_auth=proxy_auth,
+                                   autoping=True, timeout=aiohttp.ClientWSTimeout(ws_close=5.0)) as ws:
+            pending: dict[str, asyncio.Future] = {}
+            guard = proto.ReplayGuard()
+            reader = asyncio.ensure_future(self._read(ws, enrolment, pending, guard))
+            try:
+                await self._ask(ws, pending, "hello", {
+                    "version": self.version, "time": time.time(), "not_after": enrolment.not_after}, reader)
+                self.status.connected = True
+                self.status.connector = enrolment.connector
+                self.status.detail = f"linked to {enrolment.link_url} as {enrolment.connector}"
+                log.info("link up: %s as %s (clock skew %+.3fs)", enrolment.link_url, enrolment.connector,
+                         self.status.skew if self.status.skew is not None else 0.0)
+                renewer = asyncio.ensure_future(self._renew_when_due(ws, pending, enrolment, reader))
+                try:
+                    await reader
                 finally:
-                    reader.cancel()
-                    for future in pending.values():
-                        future.cancel()
-                close = f"closed by the relay ({ws.close_code})"
-                self.status.detail = close
-                log.warning("link to %s %s", enrolment.link_url, close)
+                    renewer.cancel()
+            finally:
+                reader.cancel()
+                for future in pending.values():
+                    future.cancel()
+            close = f"closed by the relay ({ws.close_code})"
+            self.status.detail = close
+            log.warning("link to %s %s", enrolment.link_url, close)
 
     async def _ask(self, ws, pending: dict[str, asyncio.Future], type_: str, body: dict[str, Any],
                    reader: asyncio.Future) -> dict[str, Any]:

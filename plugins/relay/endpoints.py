@@ -47,6 +47,14 @@ def _refuse(status: int, code: str, detail: str) -> web.Response:
     return web.json_response({"error": code, "detail": detail}, status=status, headers={"Cache-Control": "no-store"})
 
 
+async def _send(ws: web.WebSocketResponse, frame: str) -> None:
+    """Send unless the peer already went away (its problem, not a server error)."""
+    try:
+        await ws.send_str(frame)
+    except ConnectionError:
+        pass
+
+
 def _token(request: web.Request) -> str | None:
     token = request.match_info.get("token", "")
     return token if 20 <= len(token) <= 100 and set(token) <= _TOKEN_CHARS else None
@@ -144,19 +152,21 @@ class Endpoints:
         bad = 0
         try:
             async for msg in ws:
-                if msg.type != WSMsgType.TEXT:
+                if msg.type == WSMsgType.BINARY:
                     bad += 1
-                    await ws.send_str(proto.error(None, "bad_request", "text frames only"))
+                    await _send(ws, proto.error(None, "bad_request", "text frames only"))
+                elif msg.type != WSMsgType.TEXT:  # ERROR (e.g. an oversized frame: aiohttp closes 1009)
+                    break
                 else:
                     try:
                         message = proto.decode(msg.data, now=time.time(), guard=session.guard,
                                                accept=proto.CONNECTOR_TO_RELAY)
                     except proto.ProtocolError as exc:
                         bad += 1
-                        await ws.send_str(proto.error(exc.request_id, exc.code, exc.detail))
+                        await _send(ws, proto.error(exc.request_id, exc.code, exc.detail))
                     else:
                         if message.is_request:
-                            await ws.send_str(await self._serve(session, message))
+                            await _send(ws, await self._serve(session, message))
                         else:
                             session.answered(message)
                 if bad >= _MAX_BAD_FRAMES:
