@@ -3,6 +3,9 @@ slapd. Logins through the relay's ``/auth`` and ``/v1/authenticate`` travel the 
 
 from __future__ import annotations
 
+import signal
+import threading
+
 import pytest
 
 from support.linkenv import Connector, Relay
@@ -92,3 +95,53 @@ def test_no_connector_online_cached_users_from_the_cache_others_503(site):
     live = relay.login("carol", "Carol-Passw0rd")
     assert live.status == 200 and live.json()["from_cache"] is False
     connectors[1].start().wait_linked(relay)
+
+
+def test_killing_a_connector_mid_load_fails_only_logins_in_flight_on_it(site, slapd):
+    relay, connectors = site
+    threads, total = 4, 160
+    users = [(f"ha{i}", f"Ha-Passw0rd-{i}") for i in range(threads)]
+    for name, password in users:
+        slapd.add_user(name, password, cn=name)
+    for name, password in users:  # warm: every pool connection exists before counting
+        for _ in range(3):
+            assert relay.login(name, password).status == 200
+    binds, opened = slapd.bind_count(), slapd.connection_count()
+    for name, password in users:
+        assert relay.login(name, password).status == 200
+    per_login = (slapd.bind_count() - binds - (slapd.connection_count() - opened)) / len(users)
+    assert per_login >= 1
+
+    results: list[int] = []
+    lock = threading.Lock()
+    killed = threading.Event()
+
+    def work(name: str, password: str) -> None:
+        while True:
+            with lock:
+                if len(results) >= total:
+                    return
+                if len(results) >= total // 4 and not killed.is_set():
+                    killed.set()
+                    connectors[0].stop(sig=signal.SIGKILL)
+            status = relay.login(name, password).status
+            with lock:
+                results.append(status)
+
+    binds, opened = slapd.bind_count(), slapd.connection_count()
+    pool = [threading.Thread(target=work, args=user) for user in users]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join(60)
+    checked = slapd.bind_count() - binds - (slapd.connection_count() - opened)
+    failed = [s for s in results if s != 200]
+    try:
+        assert killed.is_set() and len(results) >= total
+        # only what was in flight on the killed connector may fail: at most one per client thread
+        assert len(failed) <= threads and set(failed) <= {503}
+        # and no password was checked twice: never more user binds than logins
+        assert checked <= per_login * len(results)
+    finally:
+        connectors[0].start().wait_linked(relay)
+
