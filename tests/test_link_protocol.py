@@ -83,3 +83,15 @@ def test_a_sealed_password_opens_only_with_the_key_and_the_id():
     with pytest.raises(proto.ProtocolError):
         proto.open_password(key, "!!not base64!!", "id-1")
     assert proto.seal_password(key.public_key(), "same", "id-1") != proto.seal_password(key.public_key(), "same", "id-1")
+
+
+def test_back_off_grows_is_capped_and_jittered(tmp_path):
+    from gateway.plugins.link.client import LinkClient
+    from gateway.plugins.link.settings import LinkSettings
+
+    client = LinkClient(LinkSettings(backoff_initial=0.5, backoff_max=30), tmp_path, None, None, "test")
+    assert all(0.25 <= client.delay(0) < 0.5 for _ in range(50))
+    assert all(2.0 <= client.delay(3) < 4.0 for _ in range(50))
+    late = [client.delay(40) for _ in range(200)]  # capped, and spread over half the ceiling
+    assert all(15.0 <= d < 30.0 for d in late)
+    assert max(late) - min(late) > 10.0

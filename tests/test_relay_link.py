@@ -8,8 +8,33 @@ import threading
 
 import pytest
 
+from support.fakedist import make_dist
 from support.linkenv import Connector, Relay
 from support.slapd import Slapd
+
+
+#: A relay-side plugin that asks gateway_lookup_user, as a Kerberos or certificate login would.
+WHOIS = {"whois_probe.py": '''
+    import asyncio
+    from aiohttp import web
+    from gateway import BackendUnavailable, Route, hookimpl
+
+    class Whois:
+        def __init__(self, settings, context):
+            self.hook = context.hook
+
+        @hookimpl
+        def gateway_http_routes(self, door):
+            async def whois(request):
+                name = request.match_info["name"]
+                loop = asyncio.get_running_loop()
+                try:
+                    found = await loop.run_in_executor(None, lambda: self.hook.gateway_lookup_user(username=name))
+                except BackendUnavailable as exc:
+                    return web.json_response({"unavailable": str(exc)}, status=503)
+                return web.json_response(found.to_json() if found else None)
+            return [Route("GET", "/whois/{name}", whois)]
+'''}
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +51,8 @@ def slapd(tmp_path_factory):
 def site(tmp_path_factory, slapd):
     """A relay with two enrolled, linked connectors (shared: a test that stops one restarts it)."""
     tmp_path = tmp_path_factory.mktemp("site")
-    relay = Relay(tmp_path / "relay").setup().start()
+    probe = make_dist(tmp_path / "site-packages", "whois-probe", {"whois": "whois_probe:Whois"}, WHOIS)
+    relay = Relay(tmp_path / "relay", plugins=("whois",), env={"PYTHONPATH": str(probe)}).setup().start()
     connectors = []
     try:
         for name in ("c1", "c2"):
@@ -145,3 +171,20 @@ def test_killing_a_connector_mid_load_fails_only_logins_in_flight_on_it(site, sl
     finally:
         connectors[0].start().wait_linked(relay)
 
+
+
+def test_directory_lookups_at_the_relay_go_over_the_link(site):
+    relay, _ = site
+    alice = relay.process.get("/whois/alice").json()
+    assert (alice["username"], alice["email"], alice["groups"]) == ("alice", "alice@example.com", ["staff"])
+    assert relay.process.get("/whois/nobody").json() is None
+    assert relay.process.get("/whois/" + "a*)(uid=*").json() is None  # escaped by the connector's ldap plugin
+
+
+def test_a_restarted_relay_gets_its_connectors_back(site):
+    relay, connectors = site
+    relay.stop()
+    relay.start()
+    for connector in connectors:
+        connector.wait_linked(relay, timeout=15)
+    assert relay.login("alice", "Alice-Passw0rd").status == 200

@@ -34,7 +34,8 @@ __all__ = ["Connector", "Relay", "listening_ports"]
 
 class Relay:
     def __init__(self, directory: Path, *, connection: str = "acme", cache: bool = True,
-                 certificate_lifetime: float | None = None, extra: str = "", env: dict | None = None) -> None:
+                 certificate_lifetime: float | None = None, extra: str = "", env: dict | None = None,
+                 plugins: tuple[str, ...] = ()) -> None:
         self.directory = directory
         self.connection = connection
         self.conf = directory / "conf.d"
@@ -48,7 +49,8 @@ class Relay:
         if certificate_lifetime is not None:
             relay["certificate_lifetime"] = certificate_lifetime
         files = {
-            "gateway.yaml": f"chain: [relay]\nplugins: [{'cache' if cache else ''}]\nthrottle: {{enabled: false}}\n"
+            "gateway.yaml": f"chain: [relay]\nplugins: [{', '.join((['cache'] if cache else []) + list(plugins))}]\n"
+                            "throttle: {enabled: false}\n"
                             f"api_tokens:\n  - name: tests\n    sha256: {digest}\n{extra}",
             "relay.yaml": "relay: " + json.dumps(relay) + "\n",
         }
