@@ -188,3 +188,12 @@ def test_a_restarted_relay_gets_its_connectors_back(site):
     for connector in connectors:
         connector.wait_linked(relay, timeout=15)
     assert relay.login("alice", "Alice-Passw0rd").status == 200
+
+
+def test_check_runs_the_cloud_connection_test(site):
+    relay, connectors = site
+    check = connectors[0].cli("check")
+    assert check.returncode == 0, check.stdout
+    for name in ("link.enrolment", "link.dns[127.0.0.1]", "link.tcp", "link.tls[127.0.0.1:", "link.link"):
+        assert f"PASS  {name}" in check.stdout, check.stdout
+    assert "clock skew" in check.stdout and "verified with the pinned CA" in check.stdout

@@ -9,6 +9,7 @@ as a login at this connector's own ``/auth``. The connector opens no port for th
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import logging
 import random
@@ -279,22 +280,25 @@ class LinkClient:
     # -- renewal --------------------------------------------------------------------------------------
 
     async def _renew_when_due(self, ws, pending, enrolment: state.Enrolment, reader) -> None:
-        """At two thirds of the certificate's life, send a CSR for the same name over the link
-        and store the new certificate; the next dial presents it."""
-        await asyncio.sleep(max(0.0, enrolment.renew_at - time.time()))
-        csr = (x509.CertificateSigningRequestBuilder()
-               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, enrolment.connector)]))
-               .sign(enrolment.key, hashes.SHA256()))
-        try:
-            answer = await self._ask(ws, pending, "renew",
-                                     {"csr": csr.public_bytes(serialization.Encoding.PEM).decode("ascii")}, reader)
-            cert = x509.load_pem_x509_certificate(answer["certificate"].encode("ascii"))
-            if cert.public_key().public_numbers() != enrolment.key.public_key().public_numbers():
-                raise ValueError("the renewed certificate is for another key")
-        except Exception as exc:
-            log.error("link: certificate renewal failed (%s); it expires at %s", exc,
-                      enrolment.certificate.not_valid_after_utc.isoformat())
-            return
-        await asyncio.get_running_loop().run_in_executor(
-            None, state.write_file, enrolment.directory / "cert.pem", cert.public_bytes(serialization.Encoding.PEM))
-        log.info("link: certificate renewed, valid until %s", cert.not_valid_after_utc.isoformat())
+        """At two thirds of the certificate's life, send a CSR for the same name and key over
+        the link and store the new certificate: this link goes on, the next dial presents it."""
+        while True:
+            await asyncio.sleep(max(0.0, enrolment.renew_at - time.time()))
+            csr = (x509.CertificateSigningRequestBuilder()
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, enrolment.connector)]))
+                   .sign(enrolment.key, hashes.SHA256()))
+            try:
+                answer = await self._ask(ws, pending, "renew",
+                                         {"csr": csr.public_bytes(serialization.Encoding.PEM).decode("ascii")}, reader)
+                cert = x509.load_pem_x509_certificate(answer["certificate"].encode("ascii"))
+                if cert.public_key().public_numbers() != enrolment.key.public_key().public_numbers():
+                    raise ValueError("the renewed certificate is for another key")
+            except Exception as exc:
+                log.error("link: certificate renewal failed (%s); it expires at %s; retrying in %.0fs", exc,
+                          enrolment.certificate.not_valid_after_utc.isoformat(), self.settings.backoff_max)
+                await asyncio.sleep(self.settings.backoff_max)
+                continue
+            await asyncio.get_running_loop().run_in_executor(
+                None, state.write_file, enrolment.directory / "cert.pem", cert.public_bytes(serialization.Encoding.PEM))
+            enrolment = dataclasses.replace(enrolment, certificate=cert)
+            log.info("link: certificate renewed over the link, valid until %s", cert.not_valid_after_utc.isoformat())

@@ -132,11 +132,20 @@ class RelayPlugin:
             await asyncio.sleep(_MAINTENANCE_INTERVAL)
             try:
                 revoked = await loop.run_in_executor(None, self.store.revoked)
+                now = time.time()
                 for session in self.hub.all():
-                    if session.connector in revoked and not session.closing:
+                    if session.closing:
+                        continue
+                    if session.connector in revoked:
                         log.warning("connector %s revoked: closing its link", session.connector)
                         self.hub.remove(session)
                         await session.ws.close(code=4003, message=b"revoked")
+                    elif session.not_after <= now:
+                        # TLS checked the certificate once, at the handshake; its end ends the link.
+                        log.warning("connector %s: certificate expired without renewal; closing its link "
+                                    "(it must re-enrol with a new ticket)", session.connector)
+                        self.hub.remove(session)
+                        await session.ws.close(code=4001, message=b"certificate expired")
                 if time.monotonic() - last_seen_write >= self.settings.ping_interval:
                     last_seen_write = time.monotonic()
                     until = time.time() + 3 * self.settings.ping_interval

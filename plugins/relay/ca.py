@@ -133,11 +133,12 @@ class RelayCA:
         if not (isinstance(public_key, ec.EllipticCurvePublicKey) and isinstance(public_key.curve, ec.SECP256R1)):
             raise CSRRefused("csr_wrong_key", "the connector key must be P-256 (passwords are sealed to it)")
         now = dt.datetime.now(UTC)
+        backdate = min(_BACKDATE, dt.timedelta(seconds=lifetime / 10))  # tests use lifetimes of seconds
         subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, connection),
                              x509.NameAttribute(NameOID.COMMON_NAME, connector_id)])
         return (x509.CertificateBuilder().subject_name(subject).issuer_name(self.cert.subject)
                 .public_key(public_key).serial_number(int.from_bytes(secrets.token_bytes(16), "big") >> 1)
-                .not_valid_before(now - _BACKDATE).not_valid_after(now + dt.timedelta(seconds=lifetime))
+                .not_valid_before(now - backdate).not_valid_after(now + dt.timedelta(seconds=lifetime))
                 .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
                 .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
                                              key_encipherment=False, data_encipherment=False, key_agreement=True,

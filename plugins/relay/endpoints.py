@@ -195,6 +195,10 @@ class Endpoints:
                                        lifetime=self.settings.certificate_lifetime)
         except CSRRefused as exc:
             return proto.error(message.id, "bad_request", f"{exc.code}: {exc.detail}")
+        if cert.public_key().public_numbers() != session.public_key.public_numbers():
+            # Renewal keeps the key the link was authenticated with; a new key needs a new ticket.
+            return proto.error(message.id, "forbidden", "renewal must keep the connector's key")
+        session.not_after = cert.not_valid_after_utc.timestamp()  # this link now runs on the new one
         await self._store(self.plugin.store.record_connector, session.connector, session.connection,
                           cert.serial_number, cert.not_valid_after_utc.timestamp())
         log.info("connector %s renewed its certificate (valid until %s)", session.connector,
