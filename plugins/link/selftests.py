@@ -108,7 +108,7 @@ def selftests(plugin) -> list[SelfTest]:
         except OSError as exc:
             return CheckResult.fail(f"the proxy did not answer CONNECT: {exc}")
         if " 200" not in status:
-            hint = "proxy credentials: proxy_username/proxy_password" if " 407" in status else \
+            hint = "proxy credentials: proxy_username/proxy_password" if status.split(" ")[1:2] in (["407"], ["401"]) else \
                 "the proxy must allow CONNECT to the relay's port"
             return CheckResult.fail(f"CONNECT {host}:{port} through {proxy_parts.hostname}: {status}", hint)
         return CheckResult.ok(f"CONNECT {host}:{port} through {proxy_parts.hostname}:{proxy_parts.port}: {status}")
