@@ -48,7 +48,8 @@ from .cli import relay_command
 from .endpoints import Endpoints, log
 from .hub import Hub, Unreachable
 from .settings import RelaySettings
-from .store import SQLiteStore
+from .router import Router
+from .store import RedisStore, SQLiteStore
 
 __all__ = ["RelayPlugin"]
 
@@ -68,13 +69,20 @@ class RelayPlugin:
         self.name = context.name
         self.log = context.log
         self.state_dir = context.state_dir
-        self.store = SQLiteStore(context.state_dir / "relay" / "relay.sqlite3")
+        if settings.redis is not None:
+            self.store = RedisStore(settings.redis)
+        else:
+            self.store = SQLiteStore(context.state_dir / "relay" / "relay.sqlite3")
         self.ca = RelayCA.load_or_create(context.state_dir, settings.connection)
+        if settings.redis is not None:
+            self.ca = RelayCA.from_pem(*self.store.shared_ca(self.ca.key_pem, self.ca.pem.encode()))
+            self.ca.save(context.state_dir)
         self.hub = Hub(settings.max_in_flight)
         self.link_url = "wss://" + settings.public_url.split("://", 1)[1] + "/link"
         self.loop: asyncio.AbstractEventLoop | None = None
         self._listener: Listener | None = None
         self._maintenance: asyncio.Task | None = None
+        self._inbox: asyncio.Task | None = None
 
     @staticmethod
     def valid_name(name: str) -> bool:
@@ -110,6 +118,9 @@ class RelayPlugin:
         # Called on the worker's event loop while it builds its applications: the links live
         # on this loop, and the chain step's threads reach them through it.
         self.loop = asyncio.get_running_loop()
+        if self.settings.redis is not None:
+            self.hub.router = Router(self.settings.redis, self.store, self.hub, self.settings.ping_interval)
+        self.loop.call_soon(self.ensure_maintenance)
         endpoints = Endpoints(self, door)
         listener = f"{self.name}.link"
         return [Route("GET", "/p/{token}", endpoints.ticket_info, listener),
@@ -128,9 +139,14 @@ class RelayPlugin:
         """Close revoked connectors' links at once; tell the registry who is online."""
         loop = asyncio.get_running_loop()
         last_seen_write = time.monotonic()
+        router = self.hub.router
+        if router is not None:
+            self._inbox = loop.create_task(router.serve())
         while True:
             await asyncio.sleep(_MAINTENANCE_INTERVAL)
             try:
+                if router is not None:
+                    await router.heartbeat()
                 revoked = await loop.run_in_executor(None, self.store.revoked)
                 now = time.time()
                 for session in self.hub.all():

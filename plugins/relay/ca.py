@@ -53,6 +53,22 @@ class RelayCA:
         self.cert = cert
 
     @property
+    def key_pem(self) -> bytes:
+        return _key_pem(self.key)
+
+    @classmethod
+    def from_pem(cls, key_pem: bytes, cert_pem: bytes) -> RelayCA:
+        return cls(serialization.load_pem_private_key(key_pem, None), x509.load_pem_x509_certificate(cert_pem))
+
+    def save(self, state: Path) -> None:
+        """Write this CA over the state directory's (an instance adopting the shared CA), so
+        that ``STATE_DIR/relay/ca/ca.crt`` is always the CA connectors are given."""
+        directory = state / "relay" / "ca"
+        if (directory / "ca.crt").read_text() != self.pem:
+            _write_private(directory / "ca.key", self.key_pem)
+            (directory / "ca.crt").write_text(self.pem)
+
+    @property
     def pem(self) -> str:
         return self.cert.public_bytes(serialization.Encoding.PEM).decode("ascii")
 

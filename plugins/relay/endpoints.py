@@ -115,7 +115,7 @@ class Endpoints:
         except CSRRefused as exc:
             return _refuse(400, exc.code, exc.detail)
         await self._store(store.record_connector, connector, connection, cert.serial_number,
-                          cert.not_valid_after_utc.timestamp())
+                          cert.not_valid_after_utc.timestamp(), cert.public_bytes(serialization.Encoding.PEM).decode())
         log.info("connector %s of %s enrolled (certificate serial %x, valid until %s)", connector, connection,
                  cert.serial_number, cert.not_valid_after_utc.isoformat())
         return web.json_response({
@@ -175,6 +175,11 @@ class Endpoints:
         finally:
             hub.remove(session)
             log.info("connector %s link closed (%s)", connector, ws.close_code)
+            if hub.router is not None:
+                try:
+                    await hub.router.unlinked(connection, connector)
+                except Exception as exc:  # the route entry goes stale; forwarders skip dead instances
+                    log.warning("relay routing: cannot unregister %s: %s", connector, exc)
         return ws
 
     async def _serve(self, session: LinkSession, message: proto.Message) -> str:
@@ -182,6 +187,8 @@ class Endpoints:
         if message.type == "hello":
             session.version = str(message.body.get("version", ""))[:64]
             session.ready = True
+            if self.plugin.hub.router is not None:
+                await self.plugin.hub.router.linked(session.connection, session.connector)
             await self._store(self.plugin.store.seen, session.connector, session.version,
                               time.time() + 3 * self.settings.ping_interval)
             return proto.answer(message.id, {"time": time.time(), "connector": session.connector,
@@ -200,7 +207,8 @@ class Endpoints:
             return proto.error(message.id, "forbidden", "renewal must keep the connector's key")
         session.not_after = cert.not_valid_after_utc.timestamp()  # this link now runs on the new one
         await self._store(self.plugin.store.record_connector, session.connector, session.connection,
-                          cert.serial_number, cert.not_valid_after_utc.timestamp())
+                          cert.serial_number, cert.not_valid_after_utc.timestamp(),
+                          cert.public_bytes(serialization.Encoding.PEM).decode())
         log.info("connector %s renewed its certificate (valid until %s)", session.connector,
                  cert.not_valid_after_utc.isoformat())
         return proto.answer(message.id, {"certificate": cert.public_bytes(serialization.Encoding.PEM).decode("ascii"),

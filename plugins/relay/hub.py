@@ -56,13 +56,13 @@ class LinkSession:
         self.closing = False
         self.served = 0
 
-    async def call(self, type_: str, body_for, timeout: float) -> proto.Message:
+    async def call(self, type_: str, body_for, timeout: float, request_id: str | None = None) -> proto.Message:
         """Send a request and wait for its answer or error. *body_for(request_id)* builds the
         body (a sealed password is bound to the id). Raises :class:`_NotSent` when nothing
         was written, :class:`Unreachable` when the link failed or time ran out after."""
         if self.closing or self.ws.closed:
             raise _NotSent()
-        request_id = proto.new_id()
+        request_id = request_id or proto.new_id()
         _, frame = proto.request(type_, body_for(request_id), now=time.time(), timeout=timeout,
                                  request_id=request_id)
         future = asyncio.get_running_loop().create_future()
@@ -98,6 +98,7 @@ class Hub:
     def __init__(self, max_in_flight: int) -> None:
         self.sessions: dict[str, list[LinkSession]] = {}
         self.max_in_flight = max_in_flight
+        self.router = None  # a Router when relay instances share Redis
 
     def add(self, session: LinkSession) -> None:
         self.sessions.setdefault(session.connection, []).append(session)
@@ -126,6 +127,11 @@ class Hub:
         tried: set[int] = set()
         while True:
             session = self._pick(connection, tried)
+            if session is None and self.router is not None:
+                # No link here: the instance holding one answers (router.py).
+                message = await self.router.forward(connection, type_, body, max(0.05, deadline - time.monotonic()),
+                                                    retry=retry, password=password)
+                return _body(message)
             if session is None:
                 raise Unreachable("relay.no_connector", f"no connector of {connection!r} is online")
             tried.add(id(session))
@@ -143,9 +149,14 @@ class Hub:
                 if retry and exc.reason == "relay.link_lost" and time.monotonic() < deadline:
                     continue
                 raise
-            if message.type == proto.ERROR:
-                code = message.body.get("code")
-                if code == "unavailable":
-                    raise Unreachable("relay.connector_unavailable", str(message.body.get("detail"))[:200])
-                raise Unreachable("relay.connector_error", f"{code}: {str(message.body.get('detail'))[:200]}")
-            return message.body
+            return _body(message)
+
+
+def _body(message: proto.Message) -> dict[str, Any]:
+    """The answer's body; a connector's error frame becomes :class:`Unreachable`."""
+    if message.type == proto.ERROR:
+        code = message.body.get("code")
+        if code == "unavailable":
+            raise Unreachable("relay.connector_unavailable", str(message.body.get("detail"))[:200])
+        raise Unreachable("relay.connector_error", f"{code}: {str(message.body.get('detail'))[:200]}")
+    return message.body

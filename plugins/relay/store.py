@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Connector", "SQLiteStore", "TicketRefused", "token_hash"]
+__all__ = ["Connector", "RedisStore", "SQLiteStore", "TicketRefused", "token_hash"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS connections (name TEXT PRIMARY KEY, created REAL NOT NULL);
@@ -24,7 +24,7 @@ CREATE TABLE IF NOT EXISTS tickets (hash TEXT PRIMARY KEY, connection TEXT NOT N
 CREATE TABLE IF NOT EXISTS connectors (id TEXT PRIMARY KEY, connection TEXT NOT NULL, serial TEXT NOT NULL,
                                        not_after REAL NOT NULL, enrolled REAL NOT NULL, revoked REAL,
                                        version TEXT NOT NULL DEFAULT '', last_seen REAL,
-                                       online_until REAL);
+                                       online_until REAL, cert TEXT NOT NULL DEFAULT '');
 """
 
 
@@ -50,6 +50,7 @@ class Connector:
     version: str
     last_seen: float | None
     online_until: float | None
+    cert: str = ""  # PEM of the current certificate (another relay instance seals passwords to its key)
 
 
 class SQLiteStore:
@@ -105,11 +106,11 @@ class SQLiteStore:
 
     # -- connectors -------------------------------------------------------------------------------
 
-    def record_connector(self, connector: str, connection: str, serial: int, not_after: float) -> None:
+    def record_connector(self, connector: str, connection: str, serial: int, not_after: float, cert: str) -> None:
         self._db().execute(
-            "INSERT INTO connectors (id, connection, serial, not_after, enrolled) VALUES (?, ?, ?, ?, ?) "
-            "ON CONFLICT(id) DO UPDATE SET serial = excluded.serial, not_after = excluded.not_after",
-            (connector, connection, f"{serial:x}", not_after, time.time()))
+            "INSERT INTO connectors (id, connection, serial, not_after, enrolled, cert) VALUES (?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT(id) DO UPDATE SET serial = excluded.serial, not_after = excluded.not_after, "
+            "cert = excluded.cert", (connector, connection, f"{serial:x}", not_after, time.time(), cert))
 
     def connector(self, connector: str) -> Connector | None:
         row = self._db().execute("SELECT * FROM connectors WHERE id = ?", (connector,)).fetchone()
@@ -135,3 +136,105 @@ class SQLiteStore:
         if db is not None:
             db.close()
             self._local.db = None
+
+
+class RedisStore:
+    """The same registry in Redis, for several relay instances (``relay: {redis: ...}``).
+
+    ``PREFIX connections`` (set), ``PREFIX ticket:<sha256>`` (hash, expiring a day after the
+    ticket), ``PREFIX connector:<id>`` (hash) and ``PREFIX connectors`` (set). Using a ticket is
+    ``HSETNX used``: of two instances racing, one wins.
+    """
+
+    def __init__(self, settings) -> None:
+        import redis
+
+        self.prefix = settings.key_prefix
+        self.settings = settings
+        self.redis = redis.Redis.from_url(settings.url, password=settings.password.reveal() if settings.password else None,
+                                          socket_timeout=settings.timeout, socket_connect_timeout=settings.timeout,
+                                          decode_responses=True)
+
+    def _k(self, *parts: str) -> str:
+        return self.prefix + ":".join(parts)
+
+    def add_connection(self, name: str) -> bool:
+        return self.redis.sadd(self._k("connections"), name) == 1
+
+    def connections(self) -> list[str]:
+        return sorted(self.redis.smembers(self._k("connections")))
+
+    def add_ticket(self, connection: str, token: str, connector: str, expires: float) -> None:
+        key = self._k("ticket", token_hash(token))
+        self.redis.hset(key, mapping={"connection": connection, "connector": connector, "expires": repr(expires)})
+        self.redis.expireat(key, int(expires) + 86400)  # kept a day to tell "expired" from "unknown"
+
+    def ticket(self, token: str, now: float) -> tuple[str, str, float]:
+        row = self.redis.hgetall(self._k("ticket", token_hash(token)))
+        if not row:
+            raise TicketRefused("ticket_unknown", "no such ticket; ask the relay operator for a new one")
+        if "used" in row:
+            raise TicketRefused("ticket_used", "this ticket was already used; each ticket enrols one connector")
+        if float(row["expires"]) < now:
+            raise TicketRefused("ticket_expired", "this ticket has expired; ask the relay operator for a new one")
+        return row["connection"], row["connector"], float(row["expires"])
+
+    def use_ticket(self, token: str, now: float) -> tuple[str, str]:
+        connection, connector, _ = self.ticket(token, now)
+        if not self.redis.hsetnx(self._k("ticket", token_hash(token)), "used", repr(now)):
+            raise TicketRefused("ticket_used", "this ticket was already used; each ticket enrols one connector")
+        return connection, connector
+
+    def record_connector(self, connector: str, connection: str, serial: int, not_after: float, cert: str) -> None:
+        key = self._k("connector", connector)
+        self.redis.hsetnx(key, "enrolled", repr(time.time()))
+        self.redis.hset(key, mapping={"connection": connection, "serial": f"{serial:x}", "not_after": repr(not_after),
+                                      "cert": cert})
+        self.redis.sadd(self._k("connectors"), connector)
+
+    def connector(self, connector: str) -> Connector | None:
+        row = self.redis.hgetall(self._k("connector", connector))
+        return self._row(connector, row) if row else None
+
+    @staticmethod
+    def _row(connector: str, row: dict) -> Connector:
+        def number(name: str) -> float | None:
+            return float(row[name]) if name in row else None
+
+        return Connector(connector, row["connection"], row["serial"], float(row["not_after"]), float(row["enrolled"]),
+                         number("revoked"), row.get("version", ""), number("last_seen"), number("online_until"),
+                         row.get("cert", ""))
+
+    def connectors(self) -> list[Connector]:
+        found = [self.connector(c) for c in sorted(self.redis.smembers(self._k("connectors")))]
+        return sorted((c for c in found if c is not None), key=lambda c: (c.connection, c.id))
+
+    def revoke(self, connector: str) -> bool:
+        if not self.redis.exists(self._k("connector", connector)):
+            return False
+        return bool(self.redis.hsetnx(self._k("connector", connector), "revoked", repr(time.time())))
+
+    def revoked(self) -> set[str]:
+        ids = sorted(self.redis.smembers(self._k("connectors")))
+        pipe = self.redis.pipeline()
+        for connector in ids:
+            pipe.hexists(self._k("connector", connector), "revoked")
+        return {c for c, flag in zip(ids, pipe.execute()) if flag}
+
+    def seen(self, connector: str, version: str, online_until: float) -> None:
+        self.redis.hset(self._k("connector", connector), mapping={
+            "version": version[:64], "last_seen": repr(time.time()), "online_until": repr(online_until)})
+
+    def shared_ca(self, key_pem: bytes, cert_pem: bytes) -> tuple[bytes, bytes]:
+        """The relay CA all instances use: the first instance's (SET NX), so that a connector
+        enrolled at one instance is trusted by all. Redis then holds the CA key: protect it
+        as the CA itself (ACL user, TLS, no shared database)."""
+        import json as _json
+
+        key = self._k("ca")
+        self.redis.set(key, _json.dumps({"key": key_pem.decode(), "cert": cert_pem.decode()}), nx=True)
+        stored = _json.loads(self.redis.get(key))
+        return stored["key"].encode(), stored["cert"].encode()
+
+    def close(self) -> None:
+        self.redis.close()

@@ -35,7 +35,7 @@ __all__ = ["Connector", "Relay", "listening_ports"]
 class Relay:
     def __init__(self, directory: Path, *, connection: str = "acme", cache: bool = True,
                  certificate_lifetime: float | None = None, extra: str = "", env: dict | None = None,
-                 plugins: tuple[str, ...] = ()) -> None:
+                 plugins: tuple[str, ...] = (), redis_url: str | None = None) -> None:
         self.directory = directory
         self.connection = connection
         self.conf = directory / "conf.d"
@@ -48,6 +48,8 @@ class Relay:
                  "public_url": f"https://127.0.0.1:{self.port}", "ping_interval": 1.0}
         if certificate_lifetime is not None:
             relay["certificate_lifetime"] = certificate_lifetime
+        if redis_url is not None:
+            relay["redis"] = {"url": redis_url}
         files = {
             "gateway.yaml": f"chain: [relay]\nplugins: [{', '.join((['cache'] if cache else []) + list(plugins))}]\n"
                             "throttle: {enabled: false}\n"
