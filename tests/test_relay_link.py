@@ -197,3 +197,15 @@ def test_check_runs_the_cloud_connection_test(site):
     for name in ("link.enrolment", "link.dns[127.0.0.1]", "link.tcp", "link.tls[127.0.0.1:", "link.link"):
         assert f"PASS  {name}" in check.stdout, check.stdout
     assert "clock skew" in check.stdout and "verified with the pinned CA" in check.stdout
+
+
+def test_operators_see_live_links_and_a_connector_selftest(site):
+    relay, connectors = site
+    auth = {"Authorization": f"Bearer {relay.token}"}
+    assert relay.process.get("/v1/relay/connectors").status == 401
+    links = relay.process.get("/v1/relay/connectors", auth).json()["links"]
+    assert {link["connector"] for link in links} == {c.connector_id for c in connectors}
+    assert relay.process.post("/v1/relay/selftest", b"", {"Authorization": "Bearer wrong"}).status == 401
+    results = relay.process.post("/v1/relay/selftest", b"", auth).json()["results"]
+    names = {r["name"].split("[")[0]: r["status"] for r in results}
+    assert names.get("ldap.tcp") == "pass" and not any(n.startswith("link.") for n in names)

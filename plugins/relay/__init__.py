@@ -78,6 +78,9 @@ class RelayPlugin:
             self.ca = RelayCA.from_pem(*self.store.shared_ca(self.ca.key_pem, self.ca.pem.encode()))
             self.ca.save(context.state_dir)
         self.hub = Hub(settings.max_in_flight)
+        if settings.redis is None and context.gateway.workers > 1:
+            self.log.warning("relay: with workers: %d and no `redis:`, a login reaches the connectors linked to "
+                             "its own worker only; set workers: 1 or relay.redis", context.gateway.workers)
         self.link_url = "wss://" + settings.public_url.split("://", 1)[1] + "/link"
         self.loop: asyncio.AbstractEventLoop | None = None
         self._listener: Listener | None = None
@@ -125,7 +128,9 @@ class RelayPlugin:
         listener = f"{self.name}.link"
         return [Route("GET", "/p/{token}", endpoints.ticket_info, listener),
                 Route("POST", "/p/{token}", endpoints.enrol, listener),
-                Route("GET", "/link", endpoints.link, listener)]
+                Route("GET", "/link", endpoints.link, listener),
+                Route("GET", "/v1/relay/connectors", endpoints.connectors),
+                Route("POST", "/v1/relay/selftest", endpoints.selftest)]
 
     @hookimpl
     def gateway_commands(self) -> list[Command]:

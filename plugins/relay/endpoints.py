@@ -27,7 +27,7 @@ from cryptography.x509.oid import NameOID
 from gateway.plugins import linkproto as proto
 
 from .ca import CSRRefused
-from .hub import LinkSession
+from .hub import LinkSession, Unreachable
 from .store import TicketRefused
 
 if TYPE_CHECKING:
@@ -123,6 +123,31 @@ class Endpoints:
             "certificate": cert.public_bytes(serialization.Encoding.PEM).decode("ascii"),
             "ca": self.plugin.ca.pem, "link_url": self.plugin.link_url,
         }, headers={"Cache-Control": "no-store"})
+
+    # -- operators' view (main listener, API token) -------------------------------------------------
+
+    async def connectors(self, request: web.Request) -> web.Response:
+        """``GET /v1/relay/connectors``: the links this relay process holds, live."""
+        if self.door.api_client(request) is None:
+            return _refuse(401, "unauthorized", "a valid API token is required")
+        return web.json_response({"connection": self.settings.connection, "links": [
+            {"connector": s.connector, "version": s.version, "ready": s.ready, "in_flight": s.in_flight,
+             "served": s.served, "not_after": s.not_after} for s in self.plugin.hub.all()]},
+            headers={"Cache-Control": "no-store"})
+
+    async def selftest(self, request: web.Request) -> web.Response:
+        """``POST /v1/relay/selftest``: one connector runs its self-tests (the configuration log)
+        and answers over the link."""
+        if self.door.api_client(request) is None:
+            return _refuse(401, "unauthorized", "a valid API token is required")
+        try:
+            body = await self.plugin.hub.call(self.settings.connection, "selftest", {}, 20.0, retry=True)
+        except Unreachable as exc:
+            return _refuse(503, exc.reason, str(exc))
+        results = body.get("results")
+        if not isinstance(results, list):
+            return _refuse(502, "relay.bad_answer", "the connector's answer has no results")
+        return web.json_response({"results": results}, headers={"Cache-Control": "no-store"})
 
     # -- the link ----------------------------------------------------------------------------------
 
