@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 import threading
 
+import ldap3
 import pytest
 
 from support.fakedist import make_dist
@@ -32,14 +33,18 @@ WHOIS = {"whois_probe.py": '''
                     found = await loop.run_in_executor(None, lambda: self.hook.gateway_lookup_user(username=name))
                 except BackendUnavailable as exc:
                     return web.json_response({"unavailable": str(exc)}, status=503)
-                return web.json_response(found.to_json() if found else None)
+                if found is None:
+                    return web.json_response(None)
+                return web.json_response({**found.to_json(), "account_state": found.account_state})
             return [Route("GET", "/whois/{name}", whois)]
 '''}
 
 
 @pytest.fixture(scope="module")
 def slapd(tmp_path_factory):
-    server = Slapd(tmp_path_factory.mktemp("ldap")).start()
+    server = Slapd(tmp_path_factory.mktemp("ldap"), ppolicy=True).start()
+    locked = server.add_user("locked", "Locked-Passw0rd", cn="Locked L")
+    server.modify(locked, {"pwdAccountLockedTime": [(ldap3.MODIFY_REPLACE, ["000001010000Z"])]})
     server.add_user("alice", "Alice-Passw0rd", cn="Alice A", mail="alice@example.com", groups=["staff"])
     server.add_user("bob", "Bob-Passw0rd", cn="Bob B", mail="bob@example.com", groups=["ops"])
     server.add_user("carol", "Carol-Passw0rd", cn="Carol C", mail="carol@example.com")  # never cached
@@ -177,6 +182,9 @@ def test_directory_lookups_at_the_relay_go_over_the_link(site):
     relay, _ = site
     alice = relay.process.get("/whois/alice").json()
     assert (alice["username"], alice["email"], alice["groups"]) == ("alice", "alice@example.com", ["staff"])
+    assert alice["account_state"] == ""
+    # the account's state crosses the link: Kerberos and certificate logins at the relay refuse it
+    assert relay.process.get("/whois/locked").json()["account_state"] == "ldap.locked"
     assert relay.process.get("/whois/nobody").json() is None
     assert relay.process.get("/whois/" + "a*)(uid=*").json() is None  # escaped by the connector's ldap plugin
 

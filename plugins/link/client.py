@@ -37,6 +37,13 @@ _MAX_USERNAME = 256
 _MAX_PASSWORD = 1024
 
 
+def _identity_json(identity) -> dict[str, Any]:
+    """The identity with its account and password state: the relay must refuse a disabled or
+    locked account on its Kerberos and certificate paths too (docs/security.md)."""
+    return {**identity.to_json(), "account_state": identity.account_state,
+            "password_state": identity.password_state}
+
+
 class LinkStatus:
     """What the link is doing, for readiness and logs."""
 
@@ -248,7 +255,7 @@ class LinkClient:
             decision = await self.door.decide(attempt)
             return {"outcome": decision.outcome.value, "reason": decision.reason, "step": decision.step,
                     "from_cache": decision.from_cache,
-                    "identity": decision.identity.to_json() if decision.identity else None}
+                    "identity": _identity_json(decision.identity) if decision.identity else None}
         if message.type == "lookup_user":
             username = body.get("username")
             if not isinstance(username, str) or not 0 < len(username) <= _MAX_USERNAME:
@@ -257,7 +264,7 @@ class LinkClient:
             identity = await asyncio.wait_for(
                 loop.run_in_executor(None, lambda: self.hook.gateway_lookup_user(username=username)),
                 self._time_left(message))
-            return {"found": identity is not None, "identity": identity.to_json() if identity else None}
+            return {"found": identity is not None, "identity": _identity_json(identity) if identity else None}
         if message.type == "selftest":
             return {"results": await asyncio.get_running_loop().run_in_executor(None, self._selftests)}
         raise proto.ProtocolError("unknown_type", f"{message.type} is not served", message.id)

@@ -261,5 +261,7 @@ def _identity(data: Any) -> Identity:
                     method=_text(data.get("method", "relay"), 64),
                     display_name=_text(data.get("display_name", "")), email=_text(data.get("email", "")),
                     groups=tuple(_text(g) for g in groups), claims=claims,
-                    authenticated_at=float(data.get("authenticated_at", time.time())))
+                    authenticated_at=float(data.get("authenticated_at", time.time())),
+                    account_state=_text(data.get("account_state", ""), 100),
+                    password_state=_text(data.get("password_state", ""), 100))
 
