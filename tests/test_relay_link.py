@@ -221,3 +221,35 @@ def test_operators_see_live_links_and_a_connector_selftest(site):
     for connector in connectors:
         row = next(line for line in listing if line.startswith(connector.connector_id))
         assert " online " in row and " 0.1.0 " in row
+
+
+def test_a_connector_stopped_cleanly_under_load_fails_no_login(site):
+    relay, connectors = site
+    results: list[tuple[int, bool]] = []
+    lock = threading.Lock()
+    stopped = threading.Event()
+
+    def work() -> None:
+        while True:
+            with lock:
+                if len(results) >= 120:
+                    return
+                if len(results) >= 30 and not stopped.is_set():
+                    stopped.set()
+                    threading.Thread(target=connectors[1].stop).start()  # SIGTERM: drain, then exit
+            response = relay.login("bob", "Bob-Passw0rd")
+            with lock:
+                results.append((response.status, response.status == 200 and response.json()["from_cache"]))
+
+    pool = [threading.Thread(target=work) for _ in range(4)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join(60)
+    try:
+        assert stopped.is_set() and len(results) >= 120
+        assert set(results) == {(200, False)}  # every login live: none failed, none fell back to the cache
+        assert "is stopping: no new requests" in relay.process.output()
+    finally:
+        connectors[1].process.proc.wait(30)
+        connectors[1].start().wait_linked(relay)

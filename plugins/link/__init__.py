@@ -32,6 +32,9 @@ from .settings import LinkSettings
 
 __all__ = ["LinkPlugin"]
 
+#: Seconds a stopping connector gives requests in flight on its link.
+_DRAIN_GRACE = 5.0
+
 
 class LinkPlugin:
     """Registered as ``link`` (listed under ``plugins:``)."""
@@ -69,8 +72,16 @@ class LinkPlugin:
 
     @hookimpl
     def gateway_shutdown(self) -> None:
-        if self._task is not None:
-            self._task.get_loop().call_soon_threadsafe(self._task.cancel)
+        # Called on a thread while the worker's loop still runs: drain the link there first.
+        if self._task is None:
+            return
+        loop = self._task.get_loop()
+        if self.client is not None and not loop.is_closed():
+            try:
+                asyncio.run_coroutine_threadsafe(self.client.drain(_DRAIN_GRACE), loop).result(_DRAIN_GRACE + 2)
+            except Exception as exc:  # stopping regardless
+                self.client.status.detail = f"drain failed: {exc}"
+        loop.call_soon_threadsafe(self._task.cancel)
 
     @hookimpl
     def gateway_commands(self) -> list[Command]:

@@ -65,6 +65,7 @@ class LinkClient:
         self.status = LinkStatus()
         self._busy = asyncio.Semaphore(settings.max_concurrent)
         self._tasks: set[asyncio.Task] = set()
+        self._live: tuple | None = None  # (ws, pending, reader) of the link while it is up
 
     # -- the dialling loop --------------------------------------------------------------------------
 
@@ -150,6 +151,7 @@ class LinkClient:
                 await self._ask(ws, pending, "hello", {
                     "version": self.version, "time": time.time(), "not_after": enrolment.not_after}, reader)
                 self.status.connected = True
+                self._live = (ws, pending, reader)
                 self.status.connector = enrolment.connector
                 self.status.detail = f"linked to {enrolment.link_url} as {enrolment.connector}"
                 log.info("link up: %s as %s (clock skew %+.3fs)", enrolment.link_url, enrolment.connector,
@@ -160,12 +162,27 @@ class LinkClient:
                 finally:
                     renewer.cancel()
             finally:
+                self._live = None
                 reader.cancel()
                 for future in pending.values():
                     future.cancel()
             close = f"closed by the relay ({ws.close_code})"
             self.status.detail = close
             log.warning("link to %s %s", enrolment.link_url, close)
+
+    async def drain(self, grace: float) -> None:
+        """A clean stop: tell the relay to send nothing new, answer what is in flight (at most
+        *grace* seconds), then close. A planned restart of one connector fails no login."""
+        if self._live is None:
+            return
+        ws, pending, reader = self._live
+        try:
+            await self._ask(ws, pending, "drain", {}, reader)
+        except Exception as exc:  # the link is going anyway
+            log.warning("link: drain not acknowledged: %s", exc)
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=grace)
+        await ws.close(code=1001, message=b"connector stopping")
 
     async def _ask(self, ws, pending: dict[str, asyncio.Future], type_: str, body: dict[str, Any],
                    reader: asyncio.Future) -> dict[str, Any]:

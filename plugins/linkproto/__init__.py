@@ -51,7 +51,7 @@ MAX_AHEAD = 120.0
 ANSWER, ERROR = "answer", "error"
 #: Requests the relay sends to a connector, and those a connector sends to the relay.
 RELAY_TO_CONNECTOR = frozenset({"authenticate", "lookup_user", "selftest", "ping"})
-CONNECTOR_TO_RELAY = frozenset({"hello", "renew"})
+CONNECTOR_TO_RELAY = frozenset({"hello", "renew", "drain"})
 REQUEST_TYPES = RELAY_TO_CONNECTOR | CONNECTOR_TO_RELAY
 
 #: Error codes (docs/link-protocol.md#errors).

@@ -208,7 +208,8 @@ class Endpoints:
         return ws
 
     async def _serve(self, session: LinkSession, message: proto.Message) -> str:
-        """Requests a connector sends: ``hello`` (first, marks the link ready) and ``renew``."""
+        """Requests a connector sends: ``hello`` (first, marks the link ready), ``drain`` (it is
+        stopping) and ``renew``."""
         if message.type == "hello":
             session.version = str(message.body.get("version", ""))[:64]
             session.ready = True
@@ -218,6 +219,10 @@ class Endpoints:
                               time.time() + 3 * self.settings.ping_interval)
             return proto.answer(message.id, {"time": time.time(), "connector": session.connector,
                                              "not_after": session.not_after})
+        if message.type == "drain":
+            session.draining = True
+            log.info("connector %s is stopping: no new requests on its link", session.connector)
+            return proto.answer(message.id, {"in_flight": session.in_flight})
         # renew: same name, same rules as enrolment, over the authenticated link
         csr = message.body.get("csr")
         if not isinstance(csr, str) or len(csr) > _MAX_CSR_BODY:

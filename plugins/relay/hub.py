@@ -54,6 +54,7 @@ class LinkSession:
         self.version = ""
         self.ready = False  # set once the connector's hello was answered
         self.closing = False
+        self.draining = False  # the connector is stopping: no new requests, finish the ones in flight
         self.served = 0
 
     async def call(self, type_: str, body_for, timeout: float, request_id: str | None = None) -> proto.Message:
@@ -114,7 +115,7 @@ class Hub:
 
     def _pick(self, connection: str, tried: set[int]) -> LinkSession | None:
         healthy = [s for s in self.sessions.get(connection, ())
-                   if s.ready and not s.closing and not s.ws.closed and id(s) not in tried
+                   if s.ready and not s.closing and not s.draining and not s.ws.closed and id(s) not in tried
                    and s.in_flight < self.max_in_flight]
         # Ties (an idle site) go to the link that served least, so idle links stay warm and tested.
         return min(healthy, key=lambda s: (s.in_flight, s.served), default=None)
