@@ -126,7 +126,13 @@ class RelayCA:
                 .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False)
                 .sign(self.key, hashes.SHA256()))
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        # One file per process: workers of several relays may share a state directory in tests.
+        # One pair per process (each worker issues its own): a worker loading its pair never
+        # sees another's half-written one. Pairs of processes that are gone are removed.
+        for old in directory.glob("server-*.crt"):
+            pid = old.stem.split("-", 1)[1]
+            if pid.isdigit() and Path("/proc/self").exists() and not Path(f"/proc/{pid}").exists():
+                old.unlink(missing_ok=True)
+                old.with_suffix(".key").unlink(missing_ok=True)
         stem = f"server-{os.getpid()}"
         cert_path, key_path = directory / f"{stem}.crt", directory / f"{stem}.key"
         cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
