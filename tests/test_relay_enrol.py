@@ -120,3 +120,21 @@ class _NoDirectory:
     def plugin_settings(self, mode, **overrides):
         return {"preset": "openldap", "base_dn": "dc=example,dc=com", "servers": ["ldap://127.0.0.1:9"],
                 "insecure": True, "direct_bind": "uid={username},ou=people,dc=example,dc=com", **overrides}
+
+
+def test_a_reusable_connection_ticket_enrols_several_connectors_each_with_its_own_key(relay, tmp_path):
+    url = relay.ticket("--uses", "3")
+    first = Connector(tmp_path / "c1", slapd=_NoDirectory()).enroll(url, relay.ca_file)
+    second = Connector(tmp_path / "c2", slapd=_NoDirectory()).enroll(url, relay.ca_file)
+    assert first.connector_id != second.connector_id
+    assert first.connector_id.startswith("acme-") and second.connector_id.startswith("acme-")
+    keys = {(c.state / "link" / "key.pem").read_bytes() for c in (first, second)}
+    assert len(keys) == 2
+    # an existing connector's name, or one not of the connection's form, is refused (no use spent)
+    for name in (first.connector_id, "acme-zzzzzzzz", "other-0123abcd"):
+        status, body = _post(url, relay.ca_file, _csr(name))
+        assert (status, body["error"]) == (400, "csr_wrong_name")
+    status, body = _post(url, relay.ca_file, _csr("acme-0123abcd"))
+    assert status == 200
+    fourth = Connector(tmp_path / "c4", slapd=_NoDirectory()).cli("link", "enroll", url, "--ca", str(relay.ca_file))
+    assert fourth.returncode == 1 and "ticket_used" in fourth.stderr

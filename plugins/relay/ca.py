@@ -139,6 +139,15 @@ class RelayCA:
         _write_private(key_path, _key_pem(key))
         return cert_path, key_path
 
+    @staticmethod
+    def requested_name(csr_pem: str) -> str:
+        """The CN a CSR asks for ("" when it has none or does not parse; :meth:`sign` says why)."""
+        try:
+            names = x509.load_pem_x509_csr(csr_pem.encode("ascii")).subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        except (ValueError, UnicodeEncodeError):
+            return ""
+        return str(names[0].value) if len(names) == 1 else ""
+
     def sign(self, csr_pem: str, *, connector_id: str, connection: str, lifetime: float) -> x509.Certificate:
         """Sign a connector's CSR. The subject must be exactly ``CN=<connector_id>`` (the id the
         ticket named) and the key P-256: the relay seals passwords to it with HPKE."""

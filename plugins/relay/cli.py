@@ -42,6 +42,8 @@ def relay_command(plugin: RelayPlugin) -> Command:
         _common(connection_sub.add_parser("list", help="list connections"))
         ticket = _common(sub.add_parser("ticket", help="print a one-time enrolment ticket URL for a connector"))
         ticket.add_argument("connection")
+        ticket.add_argument("--uses", type=int, default=1, metavar="N",
+                            help="a reusable connection ticket: N connectors may enrol with it, each with its own key")
         ticket.add_argument("--lifetime", type=float, metavar="SECONDS",
                             help=f"seconds the ticket stays usable (default {plugin.settings.ticket_lifetime:.0f})")
         _common(sub.add_parser("connectors", help="enrolled connectors: online, version, last seen, certificate expiry"))
@@ -68,12 +70,17 @@ def relay_command(plugin: RelayPlugin) -> Command:
             if lifetime <= 0:
                 print("error: --lifetime must be positive", file=sys.stderr)
                 return EXIT_FAILED
+            if args.uses < 1:
+                print("error: --uses must be at least 1", file=sys.stderr)
+                return EXIT_FAILED
             token = secrets.token_urlsafe(32)
-            connector = f"{args.connection}-{secrets.token_hex(4)}"
+            connector = f"{args.connection}-{secrets.token_hex(4)}" if args.uses == 1 else ""
             expires = time.time() + lifetime
-            store.add_ticket(args.connection, token, connector, expires)
-            print(f"one-time ticket for connector {connector}, valid until {_when(expires)}; "
-                  f"on the connector run: authgw link enroll URL", file=sys.stderr)
+            store.add_ticket(args.connection, token, connector, expires, args.uses)
+            what = f"one-time ticket for connector {connector}" if connector else \
+                f"ticket for {args.uses} connectors of {args.connection}"
+            print(f"{what}, valid until {_when(expires)}; on the connector run: authgw link enroll URL",
+                  file=sys.stderr)
             print(f"{plugin.settings.public_url}/p/{token}")
             return EXIT_OK
         if args.relay_command == "connectors":

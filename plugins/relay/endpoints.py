@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
+import secrets
 import time
 from typing import TYPE_CHECKING
 
@@ -45,6 +47,13 @@ _TOKEN_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz01
 
 def _refuse(status: int, code: str, detail: str) -> web.Response:
     return web.json_response({"error": code, "detail": detail}, status=status, headers={"Cache-Control": "no-store"})
+
+
+_REUSABLE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}-[0-9a-f]{8}$")
+
+
+def _new_connector_id(connection: str) -> str:
+    return f"{connection}-{secrets.token_hex(4)}"
 
 
 async def _send(ws: web.WebSocketResponse, frame: str) -> None:
@@ -79,6 +88,8 @@ class Endpoints:
             connection, connector, expires = await self._store(self.plugin.store.ticket, token, time.time())
         except TicketRefused as exc:
             return _refuse(410 if exc.code != "ticket_unknown" else 404, exc.code, exc.detail)
+        if not connector:  # a reusable ticket: each enrolment gets a new id
+            connector = _new_connector_id(connection)
         return web.json_response({"protocol": proto.VERSION, "connection": connection, "connector": connector,
                                   "expires": expires, "csr_subject": f"CN={connector}", "key": "P-256",
                                   "link_url": self.plugin.link_url}, headers={"Cache-Control": "no-store"})
@@ -105,9 +116,15 @@ class Endpoints:
         store = self.plugin.store
         try:
             connection, connector, _ = await self._store(store.ticket, token, time.time())
+            if not connector:  # reusable ticket: the CSR names a new id of this connection
+                connector = self.plugin.ca.requested_name(csr)
+                if not _REUSABLE_ID.match(connector) or not connector.startswith(connection + "-") \
+                        or await self._store(store.connector, connector) is not None:
+                    raise CSRRefused("csr_wrong_name", f"the CSR must name a new connector id: CN={connection}-"
+                                     "<8 hex digits> (as GET on the ticket suggests)")
             # Check the CSR before using the ticket up: a typo should not cost a new ticket.
             self.plugin.ca.sign(csr, connector_id=connector, connection=connection, lifetime=1)
-            connection, connector = await self._store(store.use_ticket, token, time.time())
+            connection, _ = await self._store(store.use_ticket, token, time.time())
             cert = self.plugin.ca.sign(csr, connector_id=connector, connection=connection,
                                        lifetime=self.settings.certificate_lifetime)
         except TicketRefused as exc:

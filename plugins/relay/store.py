@@ -20,7 +20,7 @@ __all__ = ["Connector", "RedisStore", "SQLiteStore", "TicketRefused", "token_has
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS connections (name TEXT PRIMARY KEY, created REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS tickets (hash TEXT PRIMARY KEY, connection TEXT NOT NULL, connector TEXT NOT NULL,
-                                    expires REAL NOT NULL, used REAL);
+                                    expires REAL NOT NULL, used REAL, uses INTEGER NOT NULL DEFAULT 1);
 CREATE TABLE IF NOT EXISTS connectors (id TEXT PRIMARY KEY, connection TEXT NOT NULL, serial TEXT NOT NULL,
                                        not_after REAL NOT NULL, enrolled REAL NOT NULL, revoked REAL,
                                        version TEXT NOT NULL DEFAULT '', last_seen REAL,
@@ -79,9 +79,11 @@ class SQLiteStore:
     def connections(self) -> list[str]:
         return [row[0] for row in self._db().execute("SELECT name FROM connections ORDER BY name")]
 
-    def add_ticket(self, connection: str, token: str, connector: str, expires: float) -> None:
-        self._db().execute("INSERT INTO tickets VALUES (?, ?, ?, ?, NULL)",
-                           (token_hash(token), connection, connector, expires))
+    def add_ticket(self, connection: str, token: str, connector: str, expires: float, uses: int = 1) -> None:
+        """*connector* is the id the CSR must name; ``""`` for a reusable ticket (*uses* > 1),
+        where each enrolment names a new id of the connection."""
+        self._db().execute("INSERT INTO tickets VALUES (?, ?, ?, ?, NULL, ?)",
+                           (token_hash(token), connection, connector, expires, uses))
 
     def ticket(self, token: str, now: float) -> tuple[str, str, float]:
         """``(connection, connector id, expires)`` of a usable ticket, else :class:`TicketRefused`."""
@@ -98,8 +100,9 @@ class SQLiteStore:
     def use_ticket(self, token: str, now: float) -> tuple[str, str]:
         """Mark the ticket used, exactly once; returns ``(connection, connector id)``."""
         connection, connector, _ = self.ticket(token, now)
-        cur = self._db().execute("UPDATE tickets SET used = ? WHERE hash = ? AND used IS NULL AND expires >= ?",
-                                 (now, token_hash(token), now))
+        cur = self._db().execute(
+            "UPDATE tickets SET uses = uses - 1, used = CASE WHEN uses <= 1 THEN ? ELSE NULL END "
+            "WHERE hash = ? AND used IS NULL AND uses >= 1 AND expires >= ?", (now, token_hash(token), now))
         if cur.rowcount != 1:  # lost a race with another enrolment
             raise TicketRefused("ticket_used", "this ticket was already used; each ticket enrols one connector")
         return connection, connector
@@ -164,9 +167,10 @@ class RedisStore:
     def connections(self) -> list[str]:
         return sorted(self.redis.smembers(self._k("connections")))
 
-    def add_ticket(self, connection: str, token: str, connector: str, expires: float) -> None:
+    def add_ticket(self, connection: str, token: str, connector: str, expires: float, uses: int = 1) -> None:
         key = self._k("ticket", token_hash(token))
-        self.redis.hset(key, mapping={"connection": connection, "connector": connector, "expires": repr(expires)})
+        self.redis.hset(key, mapping={"connection": connection, "connector": connector, "expires": repr(expires),
+                                      "uses": uses})
         self.redis.expireat(key, int(expires) + 86400)  # kept a day to tell "expired" from "unknown"
 
     def ticket(self, token: str, now: float) -> tuple[str, str, float]:
@@ -181,8 +185,12 @@ class RedisStore:
 
     def use_ticket(self, token: str, now: float) -> tuple[str, str]:
         connection, connector, _ = self.ticket(token, now)
-        if not self.redis.hsetnx(self._k("ticket", token_hash(token)), "used", repr(now)):
+        key = self._k("ticket", token_hash(token))
+        left = self.redis.hincrby(key, "uses", -1)  # atomic: of racing enrolments, only `uses` win
+        if left < 0:
             raise TicketRefused("ticket_used", "this ticket was already used; each ticket enrols one connector")
+        if left == 0:
+            self.redis.hset(key, "used", repr(now))
         return connection, connector
 
     def record_connector(self, connector: str, connection: str, serial: int, not_after: float, cert: str) -> None:
