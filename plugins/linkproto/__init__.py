@@ -31,7 +31,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-try:  # HPKE arrived in cryptography 46; the link refuses to run without it (no home-made ECIES)
+try:  # HPKE is recent in cryptography; the link refuses to run without it (no home-made ECIES)
     from cryptography.hazmat.primitives import hpke
 except ImportError:  # pragma: no cover - depends on the installed cryptography
     hpke = None
@@ -176,7 +176,7 @@ class ReplayGuard:
 
 def _suite():
     if hpke is None:
-        raise RuntimeError("the link needs HPKE: install cryptography >= 46")
+        raise RuntimeError("the link needs HPKE (cryptography.hazmat.primitives.hpke): upgrade cryptography")
     return hpke.Suite(hpke.KEM.P256, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
 
 
