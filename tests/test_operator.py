@@ -58,6 +58,7 @@ def test_help_lists_plugin_commands_even_when_not_enabled_and_the_defaults(conf_
 
     write_conf(conf_dir, {"gateway.yaml": "chain: [static]\nplugins: [cache]\n"})
     enabled = authgw("--help", env=env)
+    # (other installed plugins with commands, such as login, are still listed as not enabled)
     assert "add `cache` to" not in " ".join(enabled.stdout.split()) and "cache" in enabled.stdout
 
 
