@@ -35,10 +35,14 @@ FLUSH_INTERVAL = 0.1  # seconds: the most a crash (not a clean stop) can lose
 MAX_BATCH = 512  # lines: wake the writer early under load, bounding the memory a batch holds
 
 
+_KINDS = {(p, n, c): "+".join(kind for kind, present in (("password", p), ("negotiate", n), ("certificate", c))
+                                if present) or "none"
+          for p in (False, True) for n in (False, True) for c in (False, True)}
+
+
 def credential_kinds(attempt: Attempt) -> str:
-    kinds = [kind for kind, present in (("password", attempt.password), ("negotiate", attempt.negotiate),
-                                        ("certificate", attempt.certificate)) if present is not None]
-    return "+".join(kinds) or "none"
+    """``password``, ``negotiate+certificate``... or ``none`` (a table: this runs per attempt)."""
+    return _KINDS[attempt.password is not None, attempt.negotiate is not None, attempt.certificate is not None]
 
 
 def encode(record: dict) -> bytes:
@@ -136,6 +140,7 @@ class AuditLog:
         self._lock = threading.Lock()
         self._second = -1
         self._stamp = ""
+        self._clients: dict = {}
 
     @staticmethod
     def _open(path: str) -> int:
@@ -148,6 +153,15 @@ class AuditLog:
             logging.getLogger("authgw.audit").warning("audit log %s is readable by others (mode %o); chmod 600 it "
                                                       "(or 640 with the log reader's group)", path, mode)
         return fd
+
+    def _client_text(self, client) -> str:
+        """``str()`` of an address costs more than a dict look-up; few clients (proxies) repeat."""
+        text = self._clients.get(client)
+        if text is None:
+            if len(self._clients) >= 4096:  # bounded: a scan from many addresses cannot grow it
+                self._clients.clear()
+            text = self._clients[client] = str(client)
+        return text
 
     def _time(self) -> str:
         now = time.time()
@@ -164,7 +178,7 @@ class AuditLog:
             "time": self._time(),
             "event": "authgw.attempt",
             "request_id": attempt.request_id,
-            "client": str(attempt.client),
+            "client": self._client_text(attempt.client),
             "front_door": attempt.front_door,
             "username": username if username is not None else (identity.username if identity else None),
             "method": credential_kinds(attempt),
