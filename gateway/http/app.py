@@ -110,8 +110,18 @@ class FrontDoor:
 
     def attempt(self, request: web.Request, front_door: str, **credentials) -> Attempt:
         """A new attempt for *request*: request id, client address (believing ``X-Forwarded-For``
-        only from trusted proxies), deadline, public headers, and the given credentials."""
-        client, trusted = self.resolver.resolve(request.remote, request.headers.getall("X-Forwarded-For", ()))
+        only from trusted proxies), deadline, public headers, and the given credentials.
+
+        On a connection whose TLS authgw terminated itself (a plugin's TLS listener) no peer is a
+        proxy: a proxy in front of it can only pass TCP through, so every header was written by
+        the client (review of issue 9.1).
+        """
+        transport = request.transport
+        if transport is not None and transport.get_extra_info("ssl_object") is not None:
+            client, trusted = self.resolver.resolve(request.remote, ())
+            trusted = False
+        else:
+            client, trusted = self.resolver.resolve(request.remote, request.headers.getall("X-Forwarded-For", ()))
         return Attempt(
             request_id=self.request_ids.next(),
             client=client,
