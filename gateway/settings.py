@@ -343,6 +343,21 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def unmapped_networks(networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
+                      ) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """IPv4-mapped networks (``::ffff:10.0.0.5/128``, as dual-stack logs write addresses) as the
+    IPv4 networks they name: the core unwraps a mapped peer to IPv4 before matching it."""
+    out: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    for net in networks:
+        if isinstance(net, ipaddress.IPv6Network) and net.subnet_of(_MAPPED):
+            net = ipaddress.IPv4Network((net.network_address.ipv4_mapped, max(net.prefixlen - 96, 0)))
+        out.append(net)
+    return out
+
+
 class GatewaySettings(PluginSettings):
     """The top-level keys of ``conf.d`` (conventionally in ``gateway.yaml``)."""
 
@@ -372,6 +387,12 @@ class GatewaySettings(PluginSettings):
     api_tokens: list[ApiToken] = Field([], description="clients allowed to call `POST /v1/authenticate`")
     limits: LimitsSettings = Field(LimitsSettings(), description="overload and slow-client limits")
     health: HealthSettings = Field(HealthSettings(), description="backend probes; who sees health details")
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _unmapped(cls, value: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
+                  ) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return unmapped_networks(value)  # else a proxy written `::ffff:a.b.c.d` is never trusted
 
     @field_validator("listen", mode="before")
     @classmethod
