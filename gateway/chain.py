@@ -26,6 +26,7 @@ from typing import Any, Iterable
 
 import pluggy
 
+from gateway import logs
 from gateway.checks import ComponentState, Listener, Route, SelfTest
 from gateway.errors import PluginLoadError
 from gateway.failtiming import FailureTiming
@@ -217,6 +218,13 @@ class Gateway:
         time (gateway/failtiming.py); a precheck answer still goes through the chain's wrappers
         and the steps before the one it stands for (:class:`PrecheckStandIn`).
         """
+        token = logs.current_request_id.set(attempt.request_id)  # for lines logged on the loop
+        try:
+            return await self._authenticate(attempt)
+        finally:
+            logs.current_request_id.reset(token)
+
+    async def _authenticate(self, attempt: Attempt) -> Decision:
         ticket = None
         if attempt.password is not None:
             try:

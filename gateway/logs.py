@@ -3,12 +3,14 @@
 Reads the core settings ``log_level`` and ``log_format`` (``text`` or ``json``). In JSON, each
 line is one object: ``time`` (UTC, RFC 3339), ``level``, ``logger``, ``pid``, ``message``, and
 ``request_id`` when the line was logged while an attempt was being decided (on a chain thread,
-see :data:`gateway.pool.current`) or when the caller passed ``extra={"request_id": ...}``;
+see :data:`gateway.pool.current`; on the event loop, :data:`current_request_id`) or when the
+caller passed ``extra={"request_id": ...}``;
 ``exception`` holds a traceback. The audit log is separate (:mod:`gateway.audit`).
 """
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import importlib.metadata as md
 import json
@@ -19,6 +21,9 @@ import time
 from gateway import pool
 
 __all__ = ["JsonFormatter", "TEXT_FORMAT", "authgw_version", "setup_logging"]
+
+#: The attempt the event loop's current task is deciding (set by ``Gateway.authenticate``).
+current_request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("authgw_request_id", default=None)
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
 
@@ -40,7 +45,7 @@ def _request_id(record: logging.LogRecord) -> str | None:
         return str(explicit)
     working = getattr(pool.current, "arg", None)  # the attempt a chain thread is deciding
     rid = getattr(working, "request_id", None)
-    return rid if isinstance(rid, str) else None
+    return rid if isinstance(rid, str) else current_request_id.get()
 
 
 class JsonFormatter(logging.Formatter):

@@ -112,6 +112,11 @@ class Plugin:
         self.log = context.log
 
     @hookimpl
+    def gateway_precheck(self, attempt):  # on the event loop, not a chain thread
+        self.log.warning("prechecked an attempt")
+        return None
+
+    @hookimpl
     def gateway_authenticate(self, attempt):
         self.log.warning("looked at an attempt")
         return None
@@ -132,6 +137,9 @@ def test_json_service_log_lines_carry_the_request_id(conf_dir, tmp_path, start_g
     assert service and all({"time", "level", "logger", "pid", "message"} <= set(e) for e in service)
     (looked,) = [e for e in service if e["message"] == "looked at an attempt"]
     assert looked["request_id"] == response.header("X-Request-Id") and looked["level"] == "WARNING"
+    (prechecked,) = [e for e in service if e["message"] == "prechecked an attempt"]
+    assert prechecked["request_id"] == response.header("X-Request-Id")
+    assert all("request_id" not in e for e in service if "starting" in e["message"])
     assert any(e["message"].startswith(f"authgw {installed_version()} starting") for e in service)
     assert all(not line.strip() or line.startswith("{") for line in gw.output().splitlines()), gw.output()
 
