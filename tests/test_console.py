@@ -116,7 +116,7 @@ def test_pages_carry_a_strict_policy_and_no_inline_script(console, conf_dir, sta
         assert "script-src 'self'" in csp and "unsafe-inline" not in csp and "frame-ancestors 'none'" in csp
         assert response.header("X-Frame-Options") == "DENY"
         assert response.header("Cache-Control") == "no-store"
-        assert response.header("Referrer-Policy") == "no-referrer"
+        assert response.header("Referrer-Policy") == "same-origin"
         assert not re.search(r"<script(?![^>]*\bsrc=)", response.text), path
         assert not re.search(r"\son\w+=", response.text), path  # no inline event handlers
     script = client.get("/static/console.js")
