@@ -60,7 +60,7 @@ def describe(name: str) -> tuple[str, str, str]:
     for prefix, label, what, check in TROUBLESHOOTING:
         if base == prefix or base.startswith(prefix + ".") or base.split(".", 1)[0] == prefix:
             return label, what, check
-    return base, "", ""
+    return base.split(".", 1)[0], "", ""
 
 
 def start_run(store: ConsoleStore, config_dir: Path, state_dir: Path) -> str:

@@ -97,12 +97,13 @@ class Pages:
 
     # -- set-up ---------------------------------------------------------------------------------
 
-    def _setup(self, request, form=None, status=200, ticket_message="", ticket_ok=False, errors=()):
+    def _setup(self, request, form=None, status=200, ticket_message="", ticket_ok=False, errors=(), ticket_url=""):
         form = form or setup.current_directory(self.config_dir)
         if form is not None and not form.password_set:
             form.password_set = setup.current_directory(self.config_dir).password_set
         return self.render(request, "setup.html", status=status, form=form, presets=setup.PRESETS,
                            ticket_message=ticket_message, ticket_ok=ticket_ok, errors=list(errors),
+                           ticket_url=ticket_url,
                            config_dir=str(self.config_dir), console_file=setup.CONSOLE_FILE)
 
     async def setup_page(self, request: web.Request) -> web.StreamResponse:
@@ -116,7 +117,8 @@ class Pages:
         ca = ca.strip() if isinstance(ca, str) else ""
         ok, line = await asyncio.get_running_loop().run_in_executor(
             None, setup.enrol, url, self.config_dir, self.state_dir, ca)
-        return self._setup(request, status=200 if ok else 400, ticket_message=line, ticket_ok=ok)
+        return self._setup(request, status=200 if ok else 400, ticket_message=line, ticket_ok=ok,
+                           ticket_url="" if ok else url[:2048])
 
     async def directory(self, request: web.Request) -> web.StreamResponse:
         form = setup.DirectoryForm.from_post(await request.post())

@@ -113,3 +113,15 @@ def walk(chromium, link: str, slapd, service_password: str, *, unreachable_ticke
     _shot(second, shots, "console-link-used.png")
     other.close()
     return result
+
+
+def status_shot(chromium, link: str, shots: Path, name: str = "console-status.png") -> str:
+    """Sign in with *link* and photograph the status page; returns its HTML."""
+    context = chromium.new_context(viewport={"width": 1100, "height": 900})
+    page = context.new_page()
+    page.goto(link)
+    page.goto(link.split("/login/")[0] + "/status")
+    _shot(page, shots, name)
+    html = page.content()
+    context.close()
+    return html
