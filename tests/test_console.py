@@ -189,3 +189,31 @@ def test_an_unreachable_ticket_url_says_so_and_saves_nothing(console, conf_dir, 
     assert message and message.group(1).strip()
     assert sorted(p.name for p in conf_dir.rglob("*")) == before
     assert sorted(p.name for p in gw.state_dir.rglob("*")) == state_before
+
+
+def test_with_audit_to_stderr_the_status_page_shows_this_workers_events(conf_dir, demo_hash, start_gateway):
+    port = free_port()
+    console_conf(conf_dir, port, demo_hash, audit="-")
+    gw = start_gateway(conf_dir)
+    assert gw.auth("alice", "demo-password").status == 200
+    assert gw.auth("alice", "wrong").status == 401
+    client = signed_in(gw, f"http://127.0.0.1:{port}")
+    page = client.get("/status?user=ALICE").text
+    assert "this worker (audit.file is standard error)" in page
+    rows = re.findall(r"<td>forward_auth</td>\s*<td>(\w+)</td><td>(\w+)</td>", page)
+    assert rows == [("alice", "invalid_credentials"), ("alice", "success")]
+    assert "demo-password" not in page
+
+
+def test_a_ticket_enrols_through_authgw_link(console, conf_dir, start_gateway):
+    """The success path, once `authgw link enroll` and a relay to test it against exist."""
+    if authgw("link", "--help", "--config", str(conf_dir)).returncode != 0:
+        pytest.skip("`authgw link` is not available yet (the link engineer's branch)")
+    relay = pytest.importorskip("support.relay", reason="no relay test helper (tests/support/relay.py)")
+    gw = start_gateway(conf_dir)
+    client = signed_in(gw, console)
+    with relay.Relay.started(conf_dir.parent / "relay") as running:  # contract: a real relay process
+        response = client.post_form("/setup/ticket", {"ticket_url": running.ticket(),
+                                                      "ticket_ca": str(running.ca_file)})
+    assert response.status == 200, response.text
+    assert 'class="ok" id="ticket-result"' in response.text

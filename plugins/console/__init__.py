@@ -53,6 +53,9 @@ class ConsolePlugin:
         self.tls = settings.tls_cert is not None
         self.store = ConsoleStore(context.state_dir / "console.sqlite")
         self.recent = RecentEvents(settings.audit_events)
+        # With an audit file the status page reads it (all workers write there); the ring is
+        # only for audit to standard error, so the hot path skips it otherwise.
+        self._keep_events = context.gateway.audit.file == "-" and settings.audit_events > 0
         if self.tls:
             self._ssl_context()  # an unreadable certificate or key stops start-up, not the first visit
 
@@ -81,7 +84,8 @@ class ConsolePlugin:
 
     @hookimpl
     def gateway_auth_finished(self, attempt: Attempt, decision: Decision) -> None:
-        self.recent.add(attempt, decision, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        if self._keep_events:
+            self.recent.add(attempt, decision, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
     @hookimpl
     def gateway_commands(self) -> list[Command]:

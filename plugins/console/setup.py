@@ -176,8 +176,8 @@ def save_directory(form: DirectoryForm, config_dir: Path, state_dir: Path) -> li
             return _real_names(exc.problems, copy, config_dir)
         if isinstance(chain_edit, str):
             return _real_names([chain_edit], copy, config_dir)
-        if chain_edit is not None:
-            staged[chain_edit[0].name] = (chain_edit[1].encode(), 0o644)
+        if chain_edit is not None:  # keep the operator's file mode
+            staged[chain_edit[0].name] = (chain_edit[1].encode(), chain_edit[0].stat().st_mode & 0o777)
         if form.password:
             staged[PASSWORD_FILE] = (form.password.encode("utf-8"), 0o600)
         if form.ca_upload:
@@ -226,9 +226,10 @@ def reload_gateway(state_dir: Path) -> str:
     return "saved; the gateway is reloading its configuration"
 
 
-def link_available() -> bool:
-    result = subprocess.run([sys.executable, "-m", "gateway", "link", "--help"], capture_output=True,
-                            timeout=30, stdin=subprocess.DEVNULL)
+def link_available(config_dir: Path, state_dir: Path) -> bool:
+    result = subprocess.run([sys.executable, "-m", "gateway", "link", "--help", "--config", str(config_dir),
+                             "--state-dir", str(state_dir)], capture_output=True, timeout=30,
+                            stdin=subprocess.DEVNULL)
     return result.returncode == 0
 
 
@@ -237,7 +238,7 @@ def enrol(ticket_url: str, config_dir: Path, state_dir: Path, ca_path: str = "")
     parts = urlsplit(ticket_url)
     if parts.scheme not in ("https", "http") or not parts.hostname or len(ticket_url) > 2048:
         return False, "the ticket URL must be an https:// URL, as the cloud service shows it"
-    if not link_available():
+    if not link_available(config_dir, state_dir):
         return False, "enrolment is not available: this installation has no `authgw link` command"
     command = [sys.executable, "-m", "gateway", "link", "enroll", ticket_url,
                "--config", str(config_dir), "--state-dir", str(state_dir)]

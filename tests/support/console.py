@@ -22,10 +22,13 @@ from support.http import Response, request
 CSRF = re.compile(r'name="csrf" value="([^"]+)"')
 
 
-def console_conf(conf_dir, port: int, demo_hash: str, *, chain: str = "[static]", extra: str = "") -> None:
+def console_conf(conf_dir, port: int, demo_hash: str, *, chain: str = "[static]", extra: str = "",
+                 audit: str | None = None) -> None:
+    """conf.d with the demo user alice, the console on *port*, and the audit log in a file
+    beside conf.d (or *audit*, e.g. ``-`` for standard error)."""
     write_conf(conf_dir, {
         "gateway.yaml": f"chain: {chain}\nplugins: [console]\nthrottle:\n  enabled: false\n"
-                        f"audit:\n  file: {conf_dir.parent / 'audit.log'}\n",
+                        f"audit:\n  file: \"{audit or conf_dir.parent / 'audit.log'}\"\n",
         "static.yaml": "static:\n  users_file: users/users.yaml\n",
         "console.yaml": f"console:\n  listen: 127.0.0.1:{port}\n{extra}",
         "users/users.yaml": f'users:\n  alice:\n    password_hash: "{demo_hash}"\n',
