@@ -31,6 +31,8 @@ CREATE TABLE IF NOT EXISTS results (run TEXT NOT NULL, seq INTEGER NOT NULL, nam
 """
 #: Runs kept for the log page; older ones are deleted when a new one starts.
 _KEEP_RUNS = 20
+#: A run unfinished after this many seconds lost its worker (every test has a 15 s timeout).
+_ABANDONED_AFTER = 600.0
 
 
 def _digest(value: str) -> str:
@@ -146,7 +148,10 @@ class ConsoleStore:
                 return None
             results = [TestRow(*r) for r in conn.execute(
                 "SELECT seq, name, status, detail, hint FROM results WHERE run = ? ORDER BY seq", (run,))]
-        return {"id": row[0], "started": row[1], "finished": row[2], "summary": row[3]}, results
+        info = {"id": row[0], "started": row[1], "finished": row[2], "summary": row[3]}
+        if info["finished"] is None and time.time() - info["started"] > _ABANDONED_AFTER:
+            info.update(finished=info["started"], summary="interrupted: the worker running it stopped; run the tests again")
+        return info, results
 
     def latest_run(self) -> str | None:
         with closing(self._connect()) as conn:
