@@ -161,3 +161,40 @@ def test_a_login_works_through_auth_after_the_reload(slapd, console, conf_dir):
     while time.monotonic() < deadline and gw.auth("carol", ALICE).status != 200:
         time.sleep(0.2)
     assert gw.auth("carol", ALICE).status == 200
+
+
+HUP_LISTENER = """
+import pathlib, signal, sys, time
+signal.signal(signal.SIGHUP, lambda *_: pathlib.Path(sys.argv[1]).write_text("hup"))
+print("ready", flush=True)
+end = time.monotonic() + 60
+while time.monotonic() < end and not pathlib.Path(sys.argv[1]).exists():
+    time.sleep(0.05)
+"""
+
+
+def test_when_the_tests_have_run_the_pid_in_the_state_dir_gets_sighup(slapd, console, conf_dir, tmp_path):
+    """The console's half of the reload: a stand-in master (any process with a SIGHUP handler)
+    whose PID is in <state_dir>/authgw.pid is signalled once the save's tests have run."""
+    import subprocess
+    import sys
+
+    from support.proc import stop
+
+    gw, client = console
+    marker = tmp_path / "reloaded"
+    master = subprocess.Popen([sys.executable, "-c", HUP_LISTENER, str(marker)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert master.stdout.readline().strip() == "ready"
+        (gw.state_dir / "authgw.pid").write_text(f"{master.pid}\n")
+        saved = client.post_form("/setup/directory", directory_form(slapd, SERVICE_PASSWORD))
+        assert "saved=reload" in saved.header("Location")
+        run = client.wait_run(saved.header("Location"))
+        assert set(statuses(run).values()) == {"pass"}
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and not marker.exists():
+            time.sleep(0.05)
+        assert marker.read_text() == "hup"
+        assert "reloads its configuration when the tests have run" in client.get(saved.header("Location")).text
+    finally:
+        stop(master)

@@ -13,6 +13,7 @@ import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
 from pathlib import Path
+from typing import Callable
 
 from gateway.checks import CheckResult, CheckStatus
 from gateway.plugins.console.store import ConsoleStore
@@ -63,10 +64,12 @@ def describe(name: str) -> tuple[str, str, str]:
     return base.split(".", 1)[0], "", ""
 
 
-def start_run(store: ConsoleStore, config_dir: Path, state_dir: Path) -> str:
-    """Start the self-tests of *config_dir* in a thread; returns the run id at once."""
+def start_run(store: ConsoleStore, config_dir: Path, state_dir: Path,
+              after: Callable[[], object] | None = None) -> str:
+    """Start the self-tests of *config_dir* in a thread; returns the run id at once. *after* is
+    called when the run has finished (the reload: a reload may replace the worker running it)."""
     run = store.new_run()
-    thread = threading.Thread(target=_run, args=(store, run, config_dir, state_dir),
+    thread = threading.Thread(target=_run, args=(store, run, config_dir, state_dir, after),
                               name=f"console-run-{run}", daemon=True)
     thread.start()
     return run
@@ -81,7 +84,19 @@ def _run_one(pool: ThreadPoolExecutor, test) -> CheckResult:
         return CheckResult.fail(f"the test raised {exc.__class__.__name__}: {exc}")
 
 
-def _run(store: ConsoleStore, run: str, config_dir: Path, state_dir: Path) -> None:
+def _run(store: ConsoleStore, run: str, config_dir: Path, state_dir: Path,
+         after: Callable[[], object] | None = None) -> None:
+    try:
+        _tests(store, run, config_dir, state_dir)
+    finally:
+        if after is not None:
+            try:
+                after()
+            except Exception:
+                log.exception("after the self-test run %s", run)
+
+
+def _tests(store: ConsoleStore, run: str, config_dir: Path, state_dir: Path) -> None:
     from gateway.errors import AuthgwError, ConfigError
     from gateway.runtime import build_runtime
 

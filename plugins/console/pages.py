@@ -8,6 +8,7 @@ update itself, and every page works without it.
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 import jinja2
@@ -21,6 +22,7 @@ from gateway.plugins.console.store import ConsoleStore
 
 __all__ = ["Pages"]
 
+log = logging.getLogger("authgw.plugin.console")
 HERE = Path(__file__).parent
 STATIC = {"console.js": "application/javascript", "console.css": "text/css"}
 OUTCOMES = ("success", "invalid_credentials", "user_not_found", "account_state", "unavailable",
@@ -127,9 +129,10 @@ class Pages:
         if problems:
             form.password = ""  # never echoed back
             return self._setup(request, form=form, status=400, errors=problems)
-        notice = setup.reload_gateway(self.state_dir)
-        run = start_run(self.store, self.config_dir, self.state_dir)
-        raise web.HTTPSeeOther(f"/log/{run}?saved={'reload' if 'reloading' in notice else 'restart'}")
+        reloads = setup.can_reload(self.state_dir)
+        run = start_run(self.store, self.config_dir, self.state_dir,
+                        after=(lambda: log.info("console: %s", setup.reload_gateway(self.state_dir))) if reloads else None)
+        raise web.HTTPSeeOther(f"/log/{run}?saved={'reload' if reloads else 'restart'}")
 
     # -- the configuration log -------------------------------------------------------------------
 
@@ -157,7 +160,7 @@ class Pages:
             return self.message(request, 404, "No such configuration-log run.")
         run, results = found
         saved = request.query.get("saved")
-        notice = {"reload": "Saved; the gateway is reloading its configuration.",
+        notice = {"reload": "Saved; the gateway reloads its configuration when the tests have run.",
                   "restart": "Saved. This gateway cannot reload itself: restart authgw to use the new "
                              "settings."}.get(saved or "", "")
         return self.render(request, "log.html", run=run, rows=self._rows(results), notice=notice)

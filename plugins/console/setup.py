@@ -29,7 +29,8 @@ from gateway.config import load_config
 from gateway.errors import AuthgwError, ConfigError
 from gateway.yamlfiles import display_name
 
-__all__ = ["CONSOLE_FILE", "DirectoryForm", "current_directory", "enrol", "reload_gateway", "save_directory"]
+__all__ = ["CONSOLE_FILE", "DirectoryForm", "can_reload", "current_directory", "enrol", "reload_gateway",
+           "save_directory"]
 
 CONSOLE_FILE = "50-console.yaml"
 SECRETS_DIR = "console"  # below conf.d: the bind password and an uploaded CA
@@ -210,6 +211,10 @@ def _real_names(problems: list[str], copy: Path, config_dir: Path) -> list[str]:
             problem = problem.replace(name, real)
         out.append(problem)
     return out
+
+
+def can_reload(state_dir: Path) -> bool:
+    return (state_dir / "authgw.pid").is_file()
 
 
 def reload_gateway(state_dir: Path) -> str:
