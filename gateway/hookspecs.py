@@ -161,6 +161,13 @@ def gateway_lookup_user(username: str) -> Identity | None:
     call this to get the display name, email and groups. A directory plugin answers with an
     :class:`~gateway.model.Identity` whose ``method`` is its own name (callers replace it).
 
+    The answer must report the account's state: a user the directory holds but would refuse
+    (disabled, locked, expired account) is returned with :attr:`~gateway.model.Identity.account_state`
+    set to the reason code its password path uses, and a password that expired or must be changed
+    with :attr:`~gateway.model.Identity.password_state`; never as ``None`` (the next plugin would
+    be asked) nor as a usable identity. Callers refuse such identities with ``ACCOUNT_STATE``
+    (docs/security.md, "account state on every path").
+
     :param username: the name as the calling method mapped it (no realm, no domain).
     :return: the identity, or ``None`` when this plugin does not know the user (the next plugin
         is asked). Raise :class:`~gateway.errors.BackendUnavailable` when the directory cannot

@@ -160,6 +160,12 @@ class Identity:
     :ivar subject: a stable id that survives renames (for AD, the objectGUID).
     :ivar method: the plugin that proved it (``ldap``, ``kerberos``, ``static``...).
     :ivar authenticated_at: wall-clock time (:func:`time.time`) of the proof.
+    :ivar account_state: set by a ``gateway_lookup_user`` answer when the account may not log in
+        whatever the credential: the reason code the password path uses (``ldap.disabled``,
+        ``ldap.locked``, ``ldap.account_expired``, ``static.disabled``); empty when usable.
+        Methods without a password (Kerberos, certificates) refuse with ``ACCOUNT_STATE``.
+    :ivar password_state: the account's password may not be used (``ldap.password_expired``,
+        ``ldap.must_change_password``); a method without a password decides by configuration.
     """
 
     subject: str
@@ -170,6 +176,12 @@ class Identity:
     groups: tuple[str, ...] = ()
     claims: Mapping[str, Any] = field(default_factory=dict)
     authenticated_at: float = field(default_factory=time.time)
+    account_state: str = ""
+    password_state: str = ""
+
+    def refusal(self, *, password_state_refuses: bool = False) -> str:
+        """The reason code to refuse this identity with (``ACCOUNT_STATE``), or ``""``."""
+        return self.account_state or (self.password_state if password_state_refuses else "")
 
     def to_json(self) -> dict[str, Any]:
         return {

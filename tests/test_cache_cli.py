@@ -84,6 +84,7 @@ def test_purge_one_user_expired_entries_or_everything(setup):
     store = runtime.gateway.plugins["cache"].offline.store
     bob = [e for e in store.scan()]
     old = bob[0]
+    store.delete(old.key)  # age the entry (put never writes over a newer one)
     store.put(Entry(old.key, old.kid, old.password_hash, old.sealed, time.time() - 30 * 86400))
 
     expired = run(conf, state, "purge", "--expired")

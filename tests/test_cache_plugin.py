@@ -138,6 +138,7 @@ def test_entries_older_than_max_age_are_not_used_and_are_deleted(tmp_path):
     login(live)
     store = plugin(live).offline.store
     old = entries(live)[0]
+    store.delete(old.key)  # age the entry (put never writes over a newer one)
     store.put(Entry(old.key, old.kid, old.password_hash, old.sealed, time.time() - 8 * 86400))
     down = runtime(tmp_path, "unavailable")
     assert login(down).outcome is Outcome.UNAVAILABLE
@@ -148,8 +149,9 @@ def test_max_age_is_a_setting(tmp_path):
     login(runtime(tmp_path, "success"))
     assert login(runtime(tmp_path, "unavailable", {"max_age": "1d"})).success
     entry = entries(runtime(tmp_path, "unavailable"))[0]
-    plugin(runtime(tmp_path, "unavailable")).offline.store.put(
-        Entry(entry.key, entry.kid, entry.password_hash, entry.sealed, time.time() - 7200))
+    store = plugin(runtime(tmp_path, "unavailable")).offline.store
+    store.delete(entry.key)  # age the entry (put never writes over a newer one)
+    store.put(Entry(entry.key, entry.kid, entry.password_hash, entry.sealed, time.time() - 7200))
     assert login(runtime(tmp_path, "unavailable", {"max_age": "1d"})).success
     assert login(runtime(tmp_path, "unavailable", {"max_age": "1h"})).outcome is Outcome.UNAVAILABLE
 

@@ -305,3 +305,74 @@ def test_rediss_verifies_the_server_certificate(tmp_path):
         system_only = RedisStore(server.url, max_age=DAY)  # no ca_file: system trust, still verified
         with pytest.raises(StoreError):
             system_only.get(stored.key)
+
+
+# -- issue 9 item 4: the store's write is conditional on being newer ----------------------------------
+
+
+def test_an_older_write_never_replaces_a_newer_entry(store):
+    newer, older = entry(7, at=time.time()), entry(7, at=time.time() - 60)
+    older = Entry(older.key, older.kid, "$argon2id$older", b"older", older.stored_at)
+    assert store.put(newer) is True
+    assert store.put(older) is False  # the worker that finished late stored an older login
+    assert store.get(newer.key) == newer
+    same = Entry(newer.key, "kid0", "$argon2id$same-time", b"same", newer.stored_at)
+    assert store.put(same) is True and store.get(newer.key) == same  # not older: written
+
+
+def test_concurrent_writers_leave_the_newest_timestamp(store):
+    """8 threads store one user with 8 timestamps at the same moment, 40 rounds: the entry always
+    ends with the newest (unconditional writes left an older one in most rounds)."""
+    writers, rounds = 8, 40
+    barrier = threading.Barrier(writers)
+    wrong: list[tuple[int, float, float]] = []
+    errors: list[BaseException] = []
+    base = time.time()  # Redis expires entries max_age after stored_at: keep them current
+
+    def write(w: int) -> None:
+        try:
+            for r in range(rounds):
+                at = base + r * 10 + w * 0.001  # distinct, newest from the last writer
+                barrier.wait(timeout=30)
+                store.put(Entry(f"{r:064x}", "kid0", f"$argon2id$w{w}", f"w{w}".encode(), at))
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=write, args=(w,)) for w in reversed(range(writers))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+    for r in range(rounds):
+        held = store.get(f"{r:064x}")
+        newest = base + r * 10 + (writers - 1) * 0.001
+        if held is None or held.stored_at != newest or held.password_hash != f"$argon2id$w{writers - 1}":
+            wrong.append((r, held and held.stored_at, newest))
+    assert wrong == []
+
+
+_RACER = textwrap.dedent("""
+    import sys, time
+    from gateway.plugins.cache.store import Entry, SQLiteStore
+    store = SQLiteStore(sys.argv[1])
+    w, start = int(sys.argv[2]), float(sys.argv[3])
+    while time.time() < start:
+        time.sleep(0.001)
+    for r in range(200):
+        store.put(Entry(f"{r:064x}", "kid0", f"$argon2id$w{w}", b"s", 1_700_000_000.0 + r + w * 0.001))
+""")
+
+
+def test_sqlite_writers_in_several_processes_leave_the_newest_timestamp(tmp_path):
+    path = tmp_path / "cache.sqlite3"
+    SQLiteStore(path).probe()  # create the file and schema before the race
+    start = time.time() + 1.0
+    procs = [subprocess.Popen([sys.executable, "-c", _RACER, str(path), str(w), str(start)])
+             for w in range(4)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0, 0]
+    store = SQLiteStore(path)
+    held = {e.key: e.stored_at for e in store.scan()}
+    assert held == {f"{r:064x}": 1_700_000_000.0 + r + 3 * 0.001 for r in range(200)}
+    store.close()

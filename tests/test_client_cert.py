@@ -34,6 +34,7 @@ from support.pki import CA, Issued, self_signed, write_bundle
 
 UTC = dt.timezone.utc
 POLICY = "1.3.6.1.4.1.55555.1.1"
+NGINX, ENVOY = "127.0.0.1", "127.0.0.3"  # the two trusted proxies of ``gw``, one header each
 
 
 @dataclass
@@ -83,6 +84,7 @@ def pki(tmp_path_factory) -> Pki:
     p.add("erin", issuing.issue("Erin Token", **user))
     p.add("robot", issuing.issue("robot-7", extra_name=[robots], **user))
     p.add("frank", issuing.issue("frank", **user))
+    p.add("gina", issuing.issue("gina", **user))  # disabled in the static users file
     p.add("ambiguous", issuing.issue("Two Names", upns=["alice@example.com", "bob@example.com"], **user))
     p.add("unmapped", issuing.issue("Nobody At All", **user))
     p.add("unknown_user", issuing.issue("zed", **user))
@@ -144,14 +146,16 @@ def gw(pki: Pki, tmp_path_factory, demo_hash: str):
     port = free_port()
     issuer = pki.issuing.cert.subject.rfc4514_string()
     users = {n: {"password_hash": demo_hash, "email": f"{n}@example.com", "groups": ["staff"]}
-             for n in ("alice", "bob", "carol", "dave", "erin", "frank", "robot-7")}
+             for n in ("alice", "bob", "carol", "dave", "erin", "frank", "robot-7", "gina")}
+    users["gina"]["disabled"] = True
     settings = {
         "ca_bundle": str(pki.dir / "root.pem"),
         "intermediates": str(pki.dir / "issuing.pem"),
         "listener": {"address": f"127.0.0.1:{port}", "certificate": str(pki.dir / "server.crt"),
                      "key": str(pki.dir / "server.key")},
-        "headers": [{"name": "X-SSL-Client-Cert", "format": "pem"},
-                    {"name": "X-Forwarded-Client-Cert", "format": "xfcc"}],
+        # nginx at 127.0.0.1 sets X-SSL-Client-Cert; Envoy at 127.0.0.3 sets XFCC: one header each.
+        "headers": [{"name": "X-SSL-Client-Cert", "format": "pem", "proxies": [NGINX + "/32"]},
+                    {"name": "X-Forwarded-Client-Cert", "format": "xfcc", "proxies": [ENVOY + "/32"]}],
         "revocation": {"policy": "soft-fail", "timeout": 2},
         "mapping": {"lookup": True, "rules": [
             {"type": "upn", "domains": ["example.com"]},
@@ -166,7 +170,8 @@ def gw(pki: Pki, tmp_path_factory, demo_hash: str):
         ]},
     }
     gateway = _start(tmp_path_factory, "gw", {
-        "gateway.yaml": _yaml({"chain": ["client_cert", "static"], "trusted_proxies": ["127.0.0.1/32"],
+        "gateway.yaml": _yaml({"chain": ["client_cert", "static"],
+                               "trusted_proxies": [NGINX + "/32", ENVOY + "/32"],
                                "throttle": {"enabled": False}}),
         "client_cert.yaml": _yaml({"client_cert": settings}),
         "static.yaml": _yaml({"static": {"users_file": "users.yml"}}),
@@ -417,7 +422,7 @@ def test_envoy_xfcc_from_trusted_proxy(gw, pki):
     injected = header_pem(pki, "alice")  # an element a client could have written upstream
     value = (f'Hash=00;Cert="{injected}",By=spiffe://proxy;Hash=abc;'
              f'Subject="CN=frank,O=authgw tests";Cert="{cert}";Chain="{chain}";DNS=frank.example')
-    response = via_proxy(gw, {"X-Forwarded-Client-Cert": value})
+    response = via_proxy(gw, {"X-Forwarded-Client-Cert": value}, source=ENVOY)
     assert (response.status, response.header("Remote-User")) == (200, "frank")  # the last element
 
 
@@ -461,7 +466,7 @@ def test_malformed_header_is_401_not_500(gw, value):
 
 @pytest.mark.parametrize("value", ['Cert="unterminated', "Hash", 'Cert="%2D%2D%2D%2D%2DBEGIN"'])
 def test_malformed_xfcc_is_401_not_500(gw, value):
-    assert_denied(gw, via_proxy(gw, {"X-Forwarded-Client-Cert": value}), "cert.malformed")
+    assert_denied(gw, via_proxy(gw, {"X-Forwarded-Client-Cert": value}, source=ENVOY), "cert.malformed")
 
 
 def test_header_sent_twice_is_refused(gw, pki):
@@ -482,3 +487,87 @@ def test_header_sent_twice_is_refused(gw, pki):
 def test_empty_nginx_header_means_no_certificate(gw):
     response = via_proxy(gw, {"X-SSL-Client-Cert": "", "Authorization": basic("carol", "demo-password")})
     assert (response.status, response.header("Remote-User")) == (200, "carol")
+
+
+# -- issue 9 item 1: one header per proxy, no fall-through ------------------------------------------
+
+
+def xfcc(pki: Pki, name: str) -> str:
+    return f'Hash=00;Cert="{header_pem(pki, name)}";Subject="CN={name}"'
+
+
+def assert_no_certificate_login(gateway: GatewayProcess, response: Response) -> None:
+    """401 without a user, and the chain saw no credential at all (the header was ignored)."""
+    assert response.status == 401, response.body
+    assert response.header("Remote-User") is None
+    record = audit_of(gateway, response)
+    assert (record["outcome"], record["method"]) == ("not_applicable", "none"), record
+
+
+@pytest.mark.parametrize("nginx_value", ["", "-", None], ids=["empty", "dash", "absent"])
+def test_nginx_no_certificate_ends_the_path_injected_xfcc_ignored(gw, pki, nginx_value):
+    """nginx sends an empty (or `-`) X-SSL-Client-Cert without a client certificate and passes the
+    client's own X-Forwarded-Client-Cert through: that must not log anyone in (it did: 200 alice)."""
+    headers = {"X-Forwarded-Client-Cert": xfcc(pki, "alice")}
+    if nginx_value is not None:
+        headers["X-SSL-Client-Cert"] = nginx_value
+    assert_no_certificate_login(gw, via_proxy(gw, headers, source=NGINX))
+    assert f"ignored the x-forwarded-client-cert header from {NGINX}, a trusted proxy that sets " \
+           "x-ssl-client-cert" in gw.output()
+
+
+def test_nginx_real_certificate_wins_over_injected_xfcc(gw, pki):
+    headers = {"X-SSL-Client-Cert": header_pem(pki, "bob"), "X-Forwarded-Client-Cert": xfcc(pki, "alice")}
+    response = via_proxy(gw, headers, source=NGINX)
+    assert (response.status, response.header("Remote-User")) == (200, "bob")
+
+
+@pytest.mark.parametrize("envoy_value", ["", "-", "Hash=00;Subject=\"\"", None],
+                         ids=["empty", "dash", "no-cert-element", "absent"])
+def test_envoy_no_certificate_injected_nginx_header_ignored(gw, pki, envoy_value):
+    headers = {"X-SSL-Client-Cert": header_pem(pki, "alice")}
+    if envoy_value is not None:
+        headers["X-Forwarded-Client-Cert"] = envoy_value
+    assert_no_certificate_login(gw, via_proxy(gw, headers, source=ENVOY))
+    assert f"ignored the x-ssl-client-cert header from {ENVOY}, a trusted proxy that sets " \
+           "x-forwarded-client-cert" in gw.output()
+
+
+def test_envoy_real_xfcc_wins_over_injected_nginx_header(gw, pki):
+    """A real Envoy XFCC plus an injected X-SSL-Client-Cert logged in as the injected user."""
+    headers = {"X-Forwarded-Client-Cert": xfcc(pki, "frank"), "X-SSL-Client-Cert": header_pem(pki, "alice")}
+    response = via_proxy(gw, headers, source=ENVOY)
+    assert (response.status, response.header("Remote-User")) == (200, "frank")
+
+
+def test_no_certificate_still_lets_basic_answer(gw, pki):
+    """Ending the certificate path is not a denial: the chain goes on to a password."""
+    headers = {"X-SSL-Client-Cert": "-", "X-Forwarded-Client-Cert": xfcc(pki, "alice"),
+               "Authorization": basic("carol", "demo-password")}
+    response = via_proxy(gw, headers, source=NGINX)
+    assert (response.status, response.header("Remote-User")) == (200, "carol")
+
+
+@pytest.mark.parametrize("headers, message", [
+    ([{"name": "X-SSL-Client-Cert", "format": "pem"}, {"name": "X-Forwarded-Client-Cert", "format": "xfcc"}],
+     "both apply to every trusted proxy"),
+    ([{"name": "X-SSL-Client-Cert", "format": "pem", "proxies": ["10.0.0.0/24"]},
+      {"name": "X-Forwarded-Client-Cert", "format": "xfcc", "proxies": ["10.0.0.5/32"]}],
+     "a proxy sets one certificate header"),
+])
+def test_two_headers_for_one_proxy_is_a_config_error(pki, headers, message):
+    from pydantic import ValidationError
+
+    from gateway.plugins.client_cert.settings import ClientCertSettings
+
+    with pytest.raises(ValidationError, match=message):
+        ClientCertSettings.model_validate({"ca_bundle": str(pki.dir / "root.pem"), "headers": headers,
+                                           "revocation": "off"})
+
+
+def test_disabled_static_user_is_refused_by_certificate(gw, pki):
+    """Issue 9 item 2: static's lookup reported a disabled user as unknown (None), so another
+    directory could answer for the name; it now reports the state, and the certificate is refused."""
+    assert_denied(gw, tls_get(gw, pki, "gina"), "static.disabled", outcome="account_state")
+    assert_denied(gw, via_proxy(gw, {"X-SSL-Client-Cert": header_pem(pki, "gina")}), "static.disabled",
+                  outcome="account_state")

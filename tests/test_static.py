@@ -54,8 +54,11 @@ def test_case_insensitive_matching_is_opt_in(tmp_path):
     runtime, _ = runtime_with(tmp_path, users)
     assert decide(runtime, attempt("alice", "pw")).outcome is Outcome.USER_NOT_FOUND
     runtime, _ = runtime_with(tmp_path, users, case_insensitive=True)
-    decision = decide(runtime, attempt("alice", "pw"))
-    assert decision.outcome is Outcome.SUCCESS and decision.identity.username == "alice"
+    # The identity carries the name as the users file spells it, not as typed (issue 9 item 4).
+    for typed in ("alice", "ALICE", "aLiCe"):
+        decision = decide(runtime, attempt(typed, "pw"))
+        assert decision.outcome is Outcome.SUCCESS and decision.identity.username == "Alice", typed
+        assert decision.identity.subject == "static:Alice"
 
 
 def test_the_users_file_is_reloaded_when_it_changes_and_a_broken_edit_keeps_the_old(tmp_path):
@@ -82,3 +85,15 @@ def test_check_reports_a_world_readable_users_file(conf_dir, tmp_path):
     (conf_dir / "users" / "u.yaml").chmod(0o600)
     assert "PASS  static.users_file:" in authgw("check", "--config", str(conf_dir),
                                                 "--state-dir", str(tmp_path / "s")).stdout
+
+
+def test_case_insensitive_login_answers_the_canonical_name_through_serve(conf_dir, start_gateway, demo_hash):
+    """Issue 9 item 4: `DEMO`, `Demo` and `demo` were three users to the application behind."""
+    write_conf(conf_dir, {"gateway.yaml": "chain: [static]\nthrottle: {enabled: false}\n",
+                          "static.yaml": "static:\n  users_file: users/u.yaml\n  case_insensitive: true\n",
+                          "users/u.yaml": f'users:\n  Demo:\n    password_hash: "{demo_hash}"\n'})
+    (conf_dir / "users" / "u.yaml").chmod(0o600)
+    gateway = start_gateway(conf_dir)
+    for typed in ("demo", "DEMO", "Demo", "dEmO"):
+        response = gateway.auth(typed, "demo-password")
+        assert (response.status, response.header("Remote-User")) == (200, "Demo"), typed

@@ -2,8 +2,10 @@
 
 Each entry is a hash ``PREFIX + ROWKEY`` with fields ``kid``, ``hash``, ``sealed``, ``at``
 (stored at) and ``fail``; the server expires it ``max_age`` after the live login that wrote it
-(``PEXPIREAT``), so an abandoned entry disappears even if no gateway ever purges. The offline
-failure counter is changed by Lua scripts, which Redis runs atomically.
+(``PEXPIREAT``), so an abandoned entry disappears even if no gateway ever purges. Writes (never
+over an entry stored later) and the offline failure counter are Lua scripts, which Redis runs
+atomically. Instances sharing one Redis compare each other's ``time.time()``: keep their clocks
+synchronised (NTP), as ``max_age`` already requires.
 
 Needs the ``redis`` package (``pip install 'authgw[redis]'``), imported only when configured.
 """
@@ -29,6 +31,16 @@ local f = redis.call('HGET', KEYS[1], 'fail')
 if not f then return -1 end
 if tonumber(f) >= tonumber(ARGV[1]) then return 0 end
 redis.call('HINCRBY', KEYS[1], 'fail', 1)
+return 1
+"""
+# KEYS[1] entry; ARGV: at, expire_ms, kid, hash, sealed, fail. Replaces the entry unless the one
+# held was stored later (two instances storing one user at once keep the newer); 1: written.
+_PUT = """
+local at = redis.call('HGET', KEYS[1], 'at')
+if at and tonumber(at) > tonumber(ARGV[1]) then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'kid', ARGV[3], 'hash', ARGV[4], 'sealed', ARGV[5], 'at', ARGV[1], 'fail', ARGV[6])
+redis.call('PEXPIREAT', KEYS[1], ARGV[2])
 return 1
 """
 # Never creates the hash (HINCRBY on a missing key would, without an expiry).
@@ -62,6 +74,7 @@ class RedisStore:
             options["ssl_ca_certs"] = str(ca_file)
         # redis-py's pool is thread-safe and notices a fork (it checks the pid on checkout).
         self._redis = redis.Redis.from_url(url, **options)
+        self._put = self._redis.register_script(_PUT)
         self._take = self._redis.register_script(_TAKE)
         self._give_back = self._redis.register_script(_GIVE_BACK)
 
@@ -88,16 +101,13 @@ class RedisStore:
         fields = self._call("HGETALL", self._redis.hgetall, self._name(key))
         return self._entry(key, fields) if fields else None
 
-    def put(self, entry: Entry) -> None:
-        name = self._name(entry.key)
+    def put(self, entry: Entry) -> bool:
+        # One Lua script: Redis runs it atomically, so nobody sees a partial entry and no other
+        # writer slips in between the comparison and the write.
         expire_ms = int((entry.stored_at + self.max_age) * 1000)
-        pipe = self._redis.pipeline(transaction=True)  # MULTI/EXEC: nobody sees a partial entry
-        pipe.delete(name)
-        pipe.hset(name, mapping={b"kid": entry.kid.encode(), b"hash": entry.password_hash.encode(),
-                                 b"sealed": entry.sealed, b"at": repr(entry.stored_at).encode(),
-                                 b"fail": str(entry.failures).encode()})
-        pipe.pexpireat(name, expire_ms)
-        self._call("MULTI/EXEC", pipe.execute)
+        return bool(int(self._call("EVALSHA", self._put, keys=[self._name(entry.key)], args=[
+            repr(entry.stored_at).encode(), expire_ms, entry.kid.encode(), entry.password_hash.encode(),
+            entry.sealed, str(entry.failures).encode()])))
 
     def delete(self, key: str) -> bool:
         return bool(self._call("DEL", self._redis.delete, self._name(key)))

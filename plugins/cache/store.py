@@ -44,8 +44,13 @@ class Store(Protocol):
     def get(self, key: str) -> Entry | None:
         """The entry for *key*, or None."""
 
-    def put(self, entry: Entry) -> None:
-        """Insert or replace; the failure count starts again from ``entry.failures``."""
+    def put(self, entry: Entry) -> bool:
+        """Insert, or replace an entry stored no later than ``entry.stored_at`` (the failure count
+        starts again from ``entry.failures``); an entry stored later is kept. True when written.
+
+        Conditional in one atomic step: two workers storing one user at nearly the same time
+        must never leave the older timestamp (issue 9 item 4), or the entry looks due for
+        ``refresh_after`` and is hashed again."""
 
     def delete(self, key: str) -> bool:
         """Remove the entry; True when there was one."""
@@ -168,11 +173,15 @@ class SQLiteStore:
                         (key,)).fetchone()
         return Entry(row[0], row[1], row[2], bytes(row[3]), row[4], row[5]) if row else None
 
-    def put(self, entry: Entry) -> None:
-        self._run("INSERT INTO entries (key, kid, hash, sealed, stored_at, failures) VALUES (?, ?, ?, ?, ?, ?) "
-                  "ON CONFLICT (key) DO UPDATE SET kid = excluded.kid, hash = excluded.hash, "
-                  "sealed = excluded.sealed, stored_at = excluded.stored_at, failures = excluded.failures",
-                  (entry.key, entry.kid, entry.password_hash, entry.sealed, entry.stored_at, entry.failures))
+    def put(self, entry: Entry) -> bool:
+        # The upsert's WHERE makes the write conditional inside SQLite's write lock: no window
+        # between reading the stored time and writing.
+        return self._run("INSERT INTO entries (key, kid, hash, sealed, stored_at, failures) VALUES (?, ?, ?, ?, ?, ?) "
+                         "ON CONFLICT (key) DO UPDATE SET kid = excluded.kid, hash = excluded.hash, "
+                         "sealed = excluded.sealed, stored_at = excluded.stored_at, failures = excluded.failures "
+                         "WHERE excluded.stored_at >= entries.stored_at",
+                         (entry.key, entry.kid, entry.password_hash, entry.sealed, entry.stored_at,
+                          entry.failures)).rowcount > 0
 
     def delete(self, key: str) -> bool:
         return self._run("DELETE FROM entries WHERE key = ?", (key,)).rowcount > 0

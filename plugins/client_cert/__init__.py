@@ -3,27 +3,33 @@ presents (docs/plugins/client_cert.md).
 
 Certificates arrive on the plugin's own TLS listener (``listener:``; the core puts the verified
 leaf into ``attempt.certificate``) or, behind a TLS-terminating proxy, in a request header
-(``headers:``) believed only when the socket peer is one of ``trusted_proxies``.
+(``headers:``) believed only when the socket peer is one of ``trusted_proxies``, and only the
+one header configured for that proxy (``headers[].proxies``); empty or ``-`` there means "no
+certificate" and no other header is read.
 
 Decides
     attempts that carry a certificate. ``INVALID_CREDENTIALS`` with ``cert.malformed``,
     ``cert.expired``, ``cert.not_yet_valid``, ``cert.untrusted``, ``cert.wrong_usage``,
     ``cert.policy_missing``, ``cert.revoked``, ``cert.revocation_unknown`` (hard-fail),
     ``cert.ambiguous`` (a rule found two names) or ``cert.directory_mismatch`` (the directory
-    does not hold this certificate for the user); ``SUCCESS`` with the mapped identity.
+    does not hold this certificate for the user); ``ACCOUNT_STATE`` with the directory's reason
+    (``ldap.disabled``, ``ldap.locked``, ``ldap.account_expired``, ``static.disabled``; the
+    password states only with ``mapping.password_state_refuses``); ``SUCCESS`` with the mapped
+    identity.
 Abstains
-    when the attempt has no certificate (so Basic or Negotiate can answer), when a certificate
-    header comes from a peer that is not a trusted proxy (ignored and logged); with a
+    when the attempt has no certificate (so Basic or Negotiate can answer: an empty, ``-`` or
+    absent header from the proxy means none), when a certificate header comes from a peer that
+    is not a trusted proxy or is not the one header that proxy sets (ignored and logged); with a
     ``USER_NOT_FOUND`` note ``cert.unmapped`` (no rule found a name) or ``cert.user_not_found``
     (the directory knows none of the names); with an ``UNAVAILABLE`` note
     ``cert.directory_unavailable`` when ``gateway_lookup_user`` cannot reach the directory.
 Settings (``client_cert:`` in conf.d)
     ``ca_bundle``, ``intermediates``, ``listener`` (``address``, ``certificate``, ``key``,
     ``key_password``, ``minimum_tls_version``, ``check_validity_in_handshake``), ``headers``
-    (``name``, ``format: pem|xfcc``), ``clock_tolerance``, ``extended_key_usages``,
+    (``name``, ``format: pem|xfcc``, ``proxies``), ``clock_tolerance``, ``extended_key_usages``,
     ``require_digital_signature``, ``required_policies``, ``max_chain_depth``, ``revocation``
     (``policy: off|soft-fail|hard-fail``, CRL and OCSP settings), ``mapping`` (``rules``,
-    ``lookup``, ``require_directory_match``), ``verify_cache_seconds``.
+    ``lookup``, ``require_directory_match``, ``password_state_refuses``), ``verify_cache_seconds``.
 """
 
 from __future__ import annotations
@@ -54,7 +60,7 @@ from .listener import build_listener
 from .mapping import candidates, directory_binding_matches, thumbprint
 from .revocation import RevocationChecker
 from .selftests import selftests
-from .settings import ClientCertSettings, MappingRule
+from .settings import ClientCertSettings, HeaderSource, MappingRule
 from .status import Status
 from .verify import CertError, TrustStore, UsagePolicy, describe, load_bundle, parse_der
 
@@ -82,11 +88,19 @@ class ClientCertPlugin:
         if revocation.ocsp_responder_certificate:
             responder = load_bundle(revocation.ocsp_responder_certificate)[0]
         self.revocation = RevocationChecker(revocation, self.log, settings.clock_tolerance, responder)
+        #: Certificate headers watched for, to log (and ignore) those the peer does not set.
+        self._cert_headers = tuple(dict.fromkeys([*(h.name for h in settings.headers), *_KNOWN_CERT_HEADERS]))
         self.listener: Listener | None = None
         if settings.listener is not None:
             # The handshake trusts exactly what the plugin trusts (see listener.py on intermediates).
             trust_pem = "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in [*roots, *intermediates])
             self.listener = build_listener(self.name, settings.listener, trust_pem)
+        trusted = context.gateway.trusted_proxies
+        for source in settings.headers:
+            for net in source.proxies:
+                if not any(net.version == t.version and net.subnet_of(t) for t in trusted):  # type: ignore[arg-type]
+                    self.log.warning("%s: headers: %s is named for %s but is not in trusted_proxies; its "
+                                     "header will be ignored", self.name, net, source.name)
         if settings.listener is None and not settings.headers:
             self.log.warning("%s has neither a listener nor headers: it will never see a certificate "
                              "(unless another plugin's listener hands one over)", self.name)
@@ -107,28 +121,50 @@ class ClientCertPlugin:
 
     # -- the chain step --------------------------------------------------------------------------
 
+    def header_for(self, attempt: Attempt) -> HeaderSource | None:
+        """The one header the socket peer (a trusted proxy) sets, or ``None``."""
+        peer = attempt.peer
+        if peer is None:
+            return None
+        for source in self.settings.headers:
+            if any(peer.version == net.version and peer in net for net in source.proxies):
+                return source
+        return next((source for source in self.settings.headers if not source.proxies), None)
+
     def presented(self, attempt: Attempt) -> tuple[tuple[bytes, ...], str] | None:
-        """The certificate chain (DER, leaf first) and where it came from, or ``None``."""
+        """The certificate chain (DER, leaf first) and where it came from, or ``None``.
+
+        Behind a proxy exactly one header is read: the one configured for that proxy. Empty or
+        ``-`` there means the client presented no certificate, and that ends the certificate path;
+        no other header is consulted, because the proxy passes headers it does not set through
+        from the client unchanged (docs/security.md, "forwarded certificates").
+        """
         if attempt.certificate is not None:
             return attempt.certificate.chain, attempt.certificate.source
-        for source in self.settings.headers:
-            values = _header_values(attempt.headers, source.name)
-            if not values:
-                continue
-            if not attempt.trusted_peer:
-                # Anyone can send the header; only a trusted proxy's copy means a TLS handshake
-                # happened (DESIGN.md section 5).
-                self.log.warning("ignored the %s header from %s, which is not a trusted proxy (request %s)",
-                                 source.name, attempt.peer, attempt.request_id)
-                return None
-            if len(values) > 1:
-                # The proxy must set the header, replacing any the client sent; two copies mean one
-                # of them may be the client's own.
-                raise CertError("cert.malformed", f"the {source.name} header came {len(values)} times")
-            chain = parse_pem_header(values[0]) if source.format == "pem" else parse_xfcc(values[0])
-            if chain:
-                return chain, "header"
-        return None
+        source = self.header_for(attempt) if attempt.trusted_peer else None
+        ignored = [name for name in self._cert_headers
+                   if (source is None or name != source.name) and _header_values(attempt.headers, name)]
+        if ignored:
+            # Anyone can send these; only the header the peer itself sets means a TLS handshake
+            # happened (DESIGN.md section 5).
+            why = ("which is not a trusted proxy" if not attempt.trusted_peer else
+                   "a trusted proxy that sets no certificate header" if source is None else
+                   f"a trusted proxy that sets {source.name}")
+            self.log.warning("ignored the %s header from %s, %s (request %s)", ", ".join(ignored),
+                             attempt.peer, why, attempt.request_id)
+        if source is None:
+            return None
+        values = _header_values(attempt.headers, source.name)
+        if not values:
+            return None
+        if len(values) > 1:
+            # The proxy must set the header, replacing any the client sent; two copies mean one
+            # of them may be the client's own.
+            raise CertError("cert.malformed", f"the {source.name} header came {len(values)} times")
+        if values[0].strip() in ("", "-"):
+            return None  # nginx: the client presented no certificate
+        chain = parse_pem_header(values[0]) if source.format == "pem" else parse_xfcc(values[0])
+        return (chain, "header") if chain else None
 
     @hookimpl
     def gateway_authenticate(self, attempt: Attempt) -> Decision | None:
@@ -187,6 +223,13 @@ class ClientCertPlugin:
             if identity is None:
                 looked_up.append(username)
                 continue
+            refusal = identity.refusal(password_state_refuses=mapping.password_state_refuses)
+            if refusal:
+                # A certificate outlives the account it was issued to: the directory's account
+                # state decides, with the password path's reason codes (docs/security.md).
+                self.log.info("certificate of %r refused: the account state is %s: %s [request %s]", username,
+                              refusal, describe(leaf), attempt.request_id)
+                return Decision.deny(Outcome.ACCOUNT_STATE, step=self.name, reason=refusal)
             if mapping.require_directory_match and not directory_binding_matches(identity.claims, leaf):
                 self.log.info("the directory entry of %r holds no matching certificate mapping; refused: %s "
                               "[request %s]", username, describe(leaf), attempt.request_id)
@@ -242,6 +285,11 @@ def _describe_der(chain: tuple[bytes, ...]) -> str:
     except CertError:
         return ""
 
+
+#: Headers proxies commonly forward certificates in (nginx recipes, Envoy, Traefik, HAProxy,
+#: Apache): a client that sends one is trying something, so it is logged when ignored.
+_KNOWN_CERT_HEADERS = ("x-ssl-client-cert", "x-forwarded-client-cert", "x-forwarded-tls-client-cert",
+                       "ssl-client-cert", "x-client-cert", "x-ssl-cert")
 
 _EMAIL_RULES = (MappingRule(type="email"), MappingRule(type="subject_email"))
 

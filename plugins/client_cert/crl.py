@@ -143,8 +143,10 @@ def distribution_points(cert: x509.Certificate) -> list[str]:
 @dataclass
 class _UrlEntry:
     crl: LoadedCrl | None = None
-    fetched: float = 0.0  # time.monotonic() of the last successful fetch
-    used: float = 0.0
+    # time.monotonic() of the last successful fetch; None: never. Not 0.0: monotonic() counts
+    # from boot, so on a machine up for less than crl_refresh_interval "0.0" would look recent.
+    fetched: float | None = None
+    used: float = 0.0  # only compared with other entries' (least recently used)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -158,7 +160,7 @@ class CrlStore:
         self.backoff = Backoff(settings.retry_after_failure)
         self._lock = threading.Lock()
         self._files: dict[Path, tuple[float, LoadedCrl]] = {}
-        self._files_checked = 0.0
+        self._files_checked: float | None = None  # monotonic(); None: never (see _UrlEntry.fetched)
         self._urls: dict[str, _UrlEntry] = {url: _UrlEntry() for url in settings.crl_urls}
         for path in settings.crl_files:
             self._files[path] = (path.stat().st_mtime, self._load_file(path))
@@ -173,7 +175,7 @@ class CrlStore:
 
     def _reload_files(self, force: bool = False) -> None:
         now = time.monotonic()
-        if not force and now - self._files_checked < _FILE_CHECK_INTERVAL:
+        if not force and self._files_checked is not None and now - self._files_checked < _FILE_CHECK_INTERVAL:
             return
         self._files_checked = now
         for path, (mtime, _) in list(self._files.items()):
@@ -214,7 +216,11 @@ class CrlStore:
         next_update = entry.crl.crl.next_update_utc
         if next_update is not None:
             return now >= next_update
-        return time.monotonic() - entry.fetched >= self.settings.crl_refresh_interval
+        return self._refresh_due(entry)
+
+    def _refresh_due(self, entry: _UrlEntry) -> bool:
+        """The periodic re-fetch is due: never fetched, or ``crl_refresh_interval`` passed."""
+        return entry.fetched is None or time.monotonic() - entry.fetched >= self.settings.crl_refresh_interval
 
     def _url_crl(self, url: str, deadline: float, now: dt.datetime) -> tuple[LoadedCrl | None, str | None]:
         with self._lock:
@@ -292,8 +298,7 @@ class CrlStore:
         with self._lock:
             entries = list(self._urls.items())
         for url, entry in entries:
-            due = entry.crl is None or self._needs_fetch(entry, now) or \
-                time.monotonic() - entry.fetched >= self.settings.crl_refresh_interval
+            due = entry.crl is None or self._needs_fetch(entry, now) or self._refresh_due(entry)
             if not due or self.backoff.blocked(url) or not entry.lock.acquire(blocking=False):
                 continue
             try:

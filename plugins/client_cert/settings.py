@@ -6,6 +6,7 @@ step. Paths are relative to the configuration directory.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Any, Literal
 
@@ -64,12 +65,19 @@ class ListenerSettings(PluginSettings):
 
 
 class HeaderSource(PluginSettings):
-    """A request header in which a trusted TLS-terminating proxy forwards the certificate."""
+    """The one request header in which a trusted TLS-terminating proxy forwards the certificate.
+
+    Each proxy sets exactly one header; any other certificate header from that proxy was passed
+    through from the client and is ignored (issue 9: a fall-through to a second header let a
+    client without a certificate name any user)."""
 
     name: str = Field(description="header name, e.g. `X-SSL-Client-Cert` or `X-Forwarded-Client-Cert`")
     format: Literal["pem", "xfcc"] = Field(
         description="`pem`: URL-encoded PEM (nginx `$ssl_client_escaped_cert`; bare base64 DER also read); "
                     "`xfcc`: Envoy `X-Forwarded-Client-Cert`")
+    proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(
+        [], description="the trusted proxies (CIDRs) that set this header; empty: every trusted proxy "
+                        "that no other entry names")
 
     @field_validator("name")
     @classmethod
@@ -201,6 +209,10 @@ class MappingSettings(PluginSettings):
         False, description="the directory entry must also hold this certificate (`userCertificate` or a strong "
                            "`altSecurityIdentities` mapping); needs `lookup`")
 
+    password_state_refuses: bool = Field(
+        False, description="an expired or must-change password (as the directory reports it) also refuses "
+                           "certificate logins; by default only disabled, locked and expired accounts do")
+
     @model_validator(mode="after")
     def _needs_lookup(self) -> MappingSettings:
         if self.require_directory_match and not self.lookup:
@@ -231,3 +243,18 @@ class ClientCertSettings(PluginSettings):
     @classmethod
     def _oids(cls, value: list[str]) -> list[str]:
         return [_oid(v) for v in value]
+
+    @model_validator(mode="after")
+    def _one_header_per_proxy(self) -> ClientCertSettings:
+        # A proxy sets one header; two entries for one proxy would bring back the fall-through.
+        catch_all = [h.name for h in self.headers if not h.proxies]
+        if len(catch_all) > 1:
+            raise ValueError(f"headers: {' and '.join(catch_all)} both apply to every trusted proxy; a proxy "
+                             "sets one certificate header: give each entry the `proxies` that set it")
+        named = [(n, net, h.name) for n, h in enumerate(self.headers) for net in h.proxies]
+        for i, (entry, net, name) in enumerate(named):
+            for other_entry, other, other_name in named[i + 1:]:
+                if other_entry != entry and net.version == other.version and net.overlaps(other):
+                    raise ValueError(f"headers: proxy {net} sets {name} and {other} sets {other_name}; "
+                                     "a proxy sets one certificate header")
+        return self

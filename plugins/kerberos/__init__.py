@@ -12,7 +12,9 @@ Decides
     ``clock_skew``, ``ticket_expired``, ``wrong_kvno``, ``key_mismatch``,
     ``keytab_entry_missing``, ``wrong_principal``, ``unsupported_enctype``, ``anonymous``,
     ``realm_not_allowed``, ``principal_not_mapped``, ``rejected``. Each failure is logged with what
-    to check (docs/plugins/kerberos.md).
+    to check (docs/plugins/kerberos.md). ``ACCOUNT_STATE`` with the directory's reason code
+    (``ldap.disabled``, ``ldap.locked``, ``ldap.account_expired``, ``static.disabled``; password
+    states only with ``password_state_refuses``) when the looked-up account may not log in.
 Abstains
     when the attempt has no Negotiate token or the client is outside ``allowed_networks`` (and
     then offers no ``Negotiate`` challenge either); when the directory does not know the mapped
@@ -24,7 +26,8 @@ Settings (``kerberos:`` in conf.d)
     ``allowed_networks`` (CIDRs, required), ``keytab`` (path, required), ``service_principal``
     (``HTTP/host@REALM``; default any key in the keytab), ``realms`` (strip_realm allowlist),
     ``rules`` (``{match, username}`` regular-expression mapping), ``lowercase_username``,
-    ``require_directory_user`` (default true), ``replay_cache`` (default in the state directory).
+    ``require_directory_user`` (default true), ``password_state_refuses`` (default false),
+    ``replay_cache`` (default in the state directory).
 """
 
 from __future__ import annotations
@@ -85,6 +88,9 @@ class KerberosSettings(PluginSettings):
     require_directory_user: bool = Field(
         True, description="with a directory plugin answering gateway_lookup_user: a principal it does not "
                           "know is refused (user_not_found); false: it logs in with a bare identity")
+    password_state_refuses: bool = Field(
+        False, description="an expired or must-change password (as the directory reports it) also refuses "
+                           "Kerberos logins; by default only disabled, locked and expired accounts do")
     replay_cache: ConfigPath | None = Field(
         None, description="MIT file2 replay cache shared by all workers; default "
                           "STATE_DIR/kerberos/replay.rcache2")
@@ -159,8 +165,8 @@ class KerberosPlugin:
         if mapped.username is None:
             return self._refuse(attempt, mapped.reason, mapped.detail)
         identity = self._identity(attempt, mapped.username, accepted.principal)
-        if identity is None:
-            return None
+        if not isinstance(identity, Identity):
+            return identity  # None after a note, or the account-state refusal
         if accepted.output_token:
             attempt.stash[MUTUAL_AUTH_KEY] = "Negotiate " + base64.b64encode(accepted.output_token).decode("ascii")
         return Decision.allow(identity, step=self.name)
@@ -182,8 +188,9 @@ class KerberosPlugin:
 
     # -- helpers --------------------------------------------------------------------------------------
 
-    def _identity(self, attempt: Attempt, username: str, principal: str) -> Identity | None:
-        """The directory profile for *username*, a bare identity, or None after a note."""
+    def _identity(self, attempt: Attempt, username: str, principal: str) -> Identity | Decision | None:
+        """The directory profile for *username*, a bare identity, an ``ACCOUNT_STATE`` refusal, or
+        None after a note."""
         hook = self.context.hook.gateway_lookup_user
         claims = {"principal": principal}
         if hook.get_hookimpls():
@@ -195,6 +202,13 @@ class KerberosPlugin:
                 attempt.note(Outcome.UNAVAILABLE, step=self.name, reason="kerberos.directory_unavailable")
                 return None
             if found is not None:
+                refusal = found.refusal(password_state_refuses=self.settings.password_state_refuses)
+                if refusal:
+                    # A ticket obtained before the account was disabled stays valid for hours:
+                    # the directory's account state decides (docs/security.md).
+                    self.log.info("kerberos: %s maps to %r, whose account state is %s; refused; attempt %s",
+                                  principal, username, refusal, attempt.request_id)
+                    return Decision.deny(Outcome.ACCOUNT_STATE, step=self.name, reason=refusal)
                 return Identity(subject=found.subject, username=found.username or username, method=self.name,
                                 display_name=found.display_name, email=found.email, groups=tuple(found.groups),
                                 claims={**found.claims, **claims, "directory": found.method})

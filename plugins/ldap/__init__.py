@@ -3,7 +3,9 @@
 Search, then bind: a service account finds exactly one entry for the username under
 ``base_dn``, then that entry's DN binds with the password on a pooled connection. Or, without a
 service account, ``direct_bind`` binds a DN or UPN built from the username. Also answers
-``gateway_lookup_user`` so Kerberos and certificate logins get the directory profile.
+``gateway_lookup_user`` so Kerberos and certificate logins get the directory profile, with the
+account state read from the entry (:mod:`~gateway.plugins.ldap.accountstate`: disabled, locked,
+expired accounts are reported with the password path's reason codes, never as usable).
 
 Decides
     password attempts whose user the directory holds: ``SUCCESS`` (identity with the mapped
@@ -12,7 +14,8 @@ Decides
     any network call: an empty simple bind is an anonymous bind, RFC 4513 section 5.1.2),
     ``ACCOUNT_STATE`` from AD's bind sub-codes
     (``ldap.locked``, ``ldap.disabled``, ``ldap.password_expired``, ...; see
-    :mod:`~gateway.plugins.ldap.adcodes`).
+    :mod:`~gateway.plugins.ldap.adcodes`), or after a successful bind from the entry's state
+    attributes (``ldap.disabled``, ``ldap.locked``, ``ldap.account_expired``).
 Abstains
     when the attempt has no password; when the username is empty or longer than
     ``max_username_length``, noting ``USER_NOT_FOUND``; when no entry matches,

@@ -8,12 +8,14 @@ it is never reported as a wrong password.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import secrets
 
 from dataclasses import dataclass, field
 from typing import Any
 
 from gateway import Identity, Outcome
+from gateway.plugins.ldap.accountstate import STATE_ATTRIBUTES, account_state
 from gateway.plugins.ldap.adcodes import parse_data_code
 from gateway.plugins.ldap.escaping import dn_value, fill, format_guid, plain_name_ok
 from gateway.plugins.ldap.groups import GroupResolver
@@ -57,7 +59,9 @@ class Directory:
         self.groups = groups
         self.log = log
         self._scope = settings.scope
-        self._attributes = list(resolved.user_attributes)
+        # The state attributes ride along with every user search (lookups must report them).
+        self._attributes = list(resolved.user_attributes) + [
+            a for a in STATE_ATTRIBUTES if a.lower() not in {u.lower() for u in resolved.user_attributes}]
         #: Bound by ``_equalizing_bind``; random per process, so no entry can be made to match it.
         self._nobody_dn = f"cn=authgw-no-such-user-{secrets.token_hex(8)},{settings.base_dn}"
         direct = settings.direct_bind or ""
@@ -101,6 +105,13 @@ class Directory:
         verdict, extra = self._judge(bound, username)
         if verdict is not None:
             return verdict
+        state, _ = account_state(entry)
+        if state:
+            # The password was right, but a directory that does not enforce its own flags on
+            # binds (nsAccountLock without the 389-DS plugin, an expired accountExpires read
+            # before AD's replication caught up) still says no: the same answer as every path.
+            self.log.info("%r bound but the entry says %s; refused", username, state)
+            return Verdict(Outcome.ACCOUNT_STATE, state)
         groups = self.groups.known(entry)
         if groups is None:
             groups = self.pool.call(SERVICE, lambda link: self.groups.resolve(link, entry, username), deadline)
@@ -152,6 +163,10 @@ class Directory:
         if verdict is not None:
             return verdict
         entry = bound.entry or Entry(bind_name, {})
+        state, _ = account_state(entry)
+        if state:  # as in login(): the entry's flags refuse even a right password
+            self.log.info("%r bound but the entry says %s; refused", username, state)
+            return Verdict(Outcome.ACCOUNT_STATE, state)
         groups = bound.groups
         if groups is None:
             groups = self.pool.call(SERVICE, lambda link: self.groups.resolve(link, entry, username), deadline)
@@ -184,10 +199,15 @@ class Directory:
                 self.log.warning("lookup of %r matches several entries; answered as unknown", username)
             return None
         entry = entries[0]
+        state, password_state = account_state(entry)
+        if state:
+            # Refused anyway: no group search; the caller answers ACCOUNT_STATE.
+            return dataclasses.replace(self.identity(entry, username, (), {}), account_state=state,
+                                       password_state=password_state)
         groups = self.groups.known(entry)
         if groups is None:
             groups = self.pool.call(SERVICE, lambda link: self.groups.resolve(link, entry, username), deadline)
-        return self.identity(entry, username, groups, {})
+        return dataclasses.replace(self.identity(entry, username, groups, {}), password_state=password_state)
 
     def identity(self, entry: Entry, username: str, groups: tuple[str, ...], extra: dict[str, Any]) -> Identity:
         claims: dict[str, Any] = {"dn": entry.dn}

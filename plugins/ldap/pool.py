@@ -63,7 +63,7 @@ class Server:
     down_until: float = 0.0
     failures: int = 0
     last_error: str = ""
-    last_ok: float = 0.0
+    last_ok: float | None = None  # monotonic(); None: never (0.0 is a real time on a fresh boot)
     idle: dict[str, deque[Link]] = field(default_factory=lambda: {SERVICE: deque(), BIND: deque()})
 
     @property
@@ -276,7 +276,7 @@ class Pool:
                     out.append((server, f"down, retried on the next attempt; last error: {server.last_error}", False))
                 elif server is self.active:
                     out.append((server, "active", True))
-                elif server.last_ok:
+                elif server.last_ok is not None:
                     out.append((server, "standby (answered before)", True))
                 else:
                     out.append((server, "standby (not contacted yet)", True))

@@ -3,8 +3,11 @@
 For demos, and for break-glass accounts that must work when the directory does not.
 
 Decides
-    password attempts for users in the file: ``SUCCESS``, ``INVALID_CREDENTIALS`` (wrong
+    password attempts for users in the file: ``SUCCESS`` (the identity carries the name as the
+    users file spells it, also with ``case_insensitive``), ``INVALID_CREDENTIALS`` (wrong
     password), ``ACCOUNT_STATE`` with ``static.disabled`` (right password, ``disabled: true``).
+    ``gateway_lookup_user`` answers for users in the file, a disabled one with
+    ``account_state: static.disabled``.
 Abstains
     when the attempt has no password; when the user is not in the file (noting
     ``USER_NOT_FOUND``, after verifying against a dummy hash so that an unknown user costs the
@@ -87,7 +90,9 @@ class StaticPlugin:
     def _key(self, username: str) -> str:
         return username.casefold() if self.settings.case_insensitive else username
 
-    def _read(self) -> tuple[dict[str, StaticUser], float]:
+    def _read(self) -> tuple[dict[str, tuple[str, StaticUser]], float]:
+        """The users by lookup key, each with its name as the file spells it (the canonical name
+        the identity carries, whatever case the client typed)."""
         path = self.settings.users_file
         mtime = path.stat().st_mtime if path.exists() else 0.0
         self._validation.check_private(path, "users file")
@@ -98,10 +103,10 @@ class StaticPlugin:
             if key in table:
                 raise ConfigError(f"{path}: users {name!r} and another differ only in case, "
                                   "but case_insensitive is on")
-            table[key] = user
+            table[key] = (name, user)
         return table, mtime
 
-    def _current(self) -> dict[str, StaticUser]:
+    def _current(self) -> dict[str, tuple[str, StaticUser]]:
         """The users table, re-read when the file changed (checked every reload_interval)."""
         interval = self.settings.reload_interval
         if not interval or time.monotonic() - self._checked < interval:
@@ -129,31 +134,31 @@ class StaticPlugin:
         credential = attempt.password
         if credential is None:
             return None
-        user = self._current().get(self._key(credential.username))
-        if user is None:
+        found = self._current().get(self._key(credential.username))
+        if found is None:
             verify_password(DUMMY_HASH, credential.password)  # same cost as a wrong password
             attempt.note(Outcome.USER_NOT_FOUND, step=self.name, reason="static.user_not_found")
             return None
+        name, user = found
         if not verify_password(user.password_hash, credential.password):
             return Decision.deny(Outcome.INVALID_CREDENTIALS, step=self.name, reason="static.invalid_password")
         if user.disabled:
             return Decision.deny(Outcome.ACCOUNT_STATE, step=self.name, reason="static.disabled")
-        return Decision.allow(Identity(
-            subject=user.subject or f"static:{credential.username}",
-            username=credential.username,
-            method=self.name,
-            display_name=user.display_name,
-            email=user.email,
-            groups=tuple(user.groups),
-        ), step=self.name)
+        return Decision.allow(self._identity(name, user), step=self.name)
 
     @hookimpl
     def gateway_lookup_user(self, username: str) -> Identity | None:
-        user = self._current().get(self._key(username))
-        if user is None or user.disabled:
+        found = self._current().get(self._key(username))
+        if found is None:
             return None
-        return Identity(subject=user.subject or f"static:{username}", username=username, method=self.name,
-                        display_name=user.display_name, email=user.email, groups=tuple(user.groups))
+        # A disabled user is reported, not hidden: None would let the next directory answer for
+        # the name, and the caller must refuse with ACCOUNT_STATE (gateway_lookup_user contract).
+        return self._identity(*found)
+
+    def _identity(self, name: str, user: StaticUser) -> Identity:
+        return Identity(subject=user.subject or f"static:{name}", username=name, method=self.name,
+                        display_name=user.display_name, email=user.email, groups=tuple(user.groups),
+                        account_state="static.disabled" if user.disabled else "")
 
     @hookimpl
     def gateway_challenges(self, attempt: Attempt) -> str:

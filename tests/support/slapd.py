@@ -50,6 +50,13 @@ Details that matter to tests:
 * Access rules: ``userPassword`` can be used to authenticate by anyone, written by its owner
   and the rootdn, and read by nobody; everything else is readable by the service account and by
   any authenticated user (so a rebound connection can read its own groups).
+* Account state (issue 9 item 2): every instance knows the auxiliary class
+  ``authgwAccountState`` carrying the Active Directory attributes ``userAccountControl``,
+  ``msDS-User-Account-Control-Computed`` (constructed in AD, stored here), ``accountExpires``,
+  ``pwdLastSet`` and 389-DS/FreeIPA's ``nsAccountLock``, under their real OIDs: ``add_user(..., extra={
+  "objectClass": "authgwAccountState", "userAccountControl": "514"})``. ``Slapd(ppolicy=True)``
+  loads the ppolicy overlay with a default policy (``cn=default,ou=policies,BASE``: pwdLockout, no failure limit): binds of an entry with ``pwdAccountLockedTime``
+  fail with 49, as OpenLDAP answers a locked account; set it with :meth:`modify` as the rootdn.
 * ``loglevel`` (default ``"none"``) goes to ``slapd.log`` in the directory; pass ``"stats"`` to
   see operations there (slower; keep it off in benchmarks).
 * Ports come from :func:`support.net.free_port`; :meth:`start` waits until the plain port
@@ -78,6 +85,23 @@ __all__ = ["Slapd", "escape_dn_value", "ssha"]
 
 SLAPD = shutil.which("slapd") or "/usr/sbin/slapd"
 SCHEMA_DIR = Path("/etc/ldap/schema")
+#: What Active Directory and 389-DS/FreeIPA say about an account, as an auxiliary class that any
+#: test entry may carry (the real OIDs, so clients see what those servers would send).
+ACCOUNT_STATE_SCHEMA = """\
+attributetype ( 1.2.840.113556.1.4.8 NAME 'userAccountControl'
+    SYNTAX 1.3.6.1.4.1.1466.115.121.1.27 SINGLE-VALUE )
+attributetype ( 1.2.840.113556.1.4.1460 NAME 'msDS-User-Account-Control-Computed'
+    SYNTAX 1.3.6.1.4.1.1466.115.121.1.27 SINGLE-VALUE )
+attributetype ( 1.2.840.113556.1.4.159 NAME 'accountExpires'
+    SYNTAX 1.3.6.1.4.1.1466.115.121.1.27 SINGLE-VALUE )
+attributetype ( 1.2.840.113556.1.4.96 NAME 'pwdLastSet'
+    SYNTAX 1.3.6.1.4.1.1466.115.121.1.27 SINGLE-VALUE )
+attributetype ( 2.16.840.1.113730.3.1.610 NAME 'nsAccountLock'
+    EQUALITY caseIgnoreMatch SYNTAX 1.3.6.1.4.1.1466.115.121.1.15 SINGLE-VALUE )
+objectclass ( 1.3.6.1.4.1.55555.9.1 NAME 'authgwAccountState' AUXILIARY
+    MAY ( userAccountControl $ msDS-User-Account-Control-Computed $ accountExpires $ pwdLastSet $
+          nsAccountLock ) )
+"""
 MODULE_DIR = Path("/usr/lib/ldap")
 
 
@@ -117,7 +141,8 @@ class Slapd:
 
     def __init__(self, directory: Path | str, *, base_dn: str = "dc=example,dc=com", tls=None,
                  hostname: str = "localhost", loglevel: str = "none", admin_password: str = "admin-secret",
-                 service_password: str = "service-secret", threads: int = 8, retcode: bool = False) -> None:
+                 service_password: str = "service-secret", threads: int = 8, retcode: bool = False,
+                 ppolicy: bool = False) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.base_dn = base_dn
@@ -125,6 +150,7 @@ class Slapd:
         self.loglevel = loglevel
         self.threads = threads
         self.retcode = retcode
+        self.ppolicy = ppolicy
         self.port = free_port()
         self.ldaps_port = free_port() if tls is not None else None
         self.admin_dn = f"cn=admin,{base_dn}"
@@ -216,6 +242,8 @@ class Slapd:
             cert, key = self._cert_files
             tls = f"TLSCACertificateFile {self.ca_file}\nTLSCertificateFile {cert}\nTLSCertificateKeyFile {key}\n"
         schemas = "".join(f"include {SCHEMA_DIR / n}.schema\n" for n in ("core", "cosine", "inetorgperson", "nis"))
+        (self.directory / "account-state.schema").write_text(ACCOUNT_STATE_SCHEMA)
+        schemas += f"include {self.directory / 'account-state.schema'}\n"
         # retcode-parent keeps its generated-entry mode out of the way (it would answer binds as
         # the rootdn with noSuchObject); retcode-indir reads errAuxObject data of real entries.
         retcode = (f'overlay retcode\nretcode-parent "ou=retcode,{self.base_dn}"\nretcode-indir\n'
@@ -232,6 +260,7 @@ modulepath {MODULE_DIR}
 moduleload back_mdb
 moduleload memberof
 {"moduleload retcode" if self.retcode else ""}
+{"moduleload ppolicy" if self.ppolicy else ""}
 pidfile {self.directory / 'slapd.pid'}
 argsfile {self.directory / 'slapd.args'}
 loglevel {self.loglevel}
@@ -253,6 +282,7 @@ index member,memberOf eq
 
 overlay memberof
 memberof-refint TRUE
+{f'overlay ppolicy{chr(10)}ppolicy_default "cn=default,ou=policies,{self.base_dn}"' if self.ppolicy else ""}
 {retcode}
 {retcode_acl}access to attrs=userPassword
     by self =wx
@@ -359,6 +389,10 @@ access to *
                 conn.add(f"ou={ou},{self.base_dn}", ["top", "organizationalUnit"], {"ou": ou})
             conn.add(self.service_dn, ["top", "person", "simpleSecurityObject"],
                      {"cn": "service", "sn": "service", "userPassword": ssha(self.service_password)})
+            if self.ppolicy:  # the overlay judges binds only under a policy
+                conn.add(f"ou=policies,{self.base_dn}", ["top", "organizationalUnit"], {"ou": "policies"})
+                conn.add(f"cn=default,ou=policies,{self.base_dn}", ["top", "organizationalRole", "pwdPolicy"],
+                         {"cn": "default", "pwdAttribute": "userPassword", "pwdLockout": "TRUE"})
         finally:
             conn.unbind()
 

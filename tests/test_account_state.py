@@ -1,0 +1,188 @@
+"""Account state on every path (issue 9 item 2), through real ``authgw serve`` processes against
+a real slapd (ppolicy overlay, AD and 389-DS attributes from the fixture's schema) and a real
+MIT KDC.
+
+A disabled, locked or expired account used to be refused with its password only: Kerberos SSO
+(a ticket obtained before the account was disabled) and client certificates (which outlive the
+account) looked the user up with ``gateway_lookup_user``, which read no state. Every path now
+refuses with ``ACCOUNT_STATE`` and the password path's reason codes.
+
+Two gateways, chain ``[kerberos, client_cert, ldap]``: ``default`` (an expired or must-change
+password does not block Kerberos or certificates) and ``strict`` (``password_state_refuses``).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+
+import ldap3
+import pytest
+
+from support.gateway import GatewayProcess, write_conf
+from support.http import basic
+from support.kdc import KDC, write_krb5_conf
+from support.pki import CA, write_bundle
+from support.slapd import Slapd
+
+INSIDE = ("127.0.0.3", 0)  # a Kerberos client in allowed_networks
+PROXY = ("127.0.0.1", 0)  # the TLS-terminating proxy that forwards certificates
+SPN = "HTTP/localhost@EXAMPLE.TEST"
+
+
+def filetime(offset_seconds: float) -> str:
+    """AD FILETIME (100 ns since 1601) *offset_seconds* from now."""
+    return str(int((time.time() + offset_seconds + 11644473600) * 10_000_000))
+
+
+#: user -> (state attributes, refusal on every path, refusal with password_state_refuses)
+USERS: dict[str, tuple[dict, str, str]] = {
+    "okuser": ({}, "", ""),
+    "addisabled": ({"userAccountControl": "514"}, "ldap.disabled", "ldap.disabled"),
+    "adlocked": ({"userAccountControl": "512", "msDS-User-Account-Control-Computed": "16"}, "ldap.locked",
+                 "ldap.locked"),
+    "adexpired": ({"accountExpires": filetime(-86400)}, "ldap.account_expired", "ldap.account_expired"),
+    "adexpiresnext": ({"accountExpires": filetime(86400)}, "", ""),
+    "adneverzero": ({"accountExpires": "0"}, "", ""),
+    "adnevermax": ({"accountExpires": "9223372036854775807"}, "", ""),
+    "adpwexpired": ({"userAccountControl": "512", "msDS-User-Account-Control-Computed": str(0x800000)}, "",
+                    "ldap.password_expired"),
+    "admustchange": ({"pwdLastSet": "0"}, "", "ldap.must_change_password"),
+    "ipadisabled": ({"nsAccountLock": "TRUE"}, "ldap.disabled", "ldap.disabled"),
+    # OpenLDAP ppolicy: set after the entry exists (operational attribute, rootdn only).
+    "pplockedforever": ({}, "ldap.locked", "ldap.locked"),
+    "pplocked": ({}, "ldap.locked", "ldap.locked"),
+}
+PPOLICY_LOCKS = {"pplockedforever": "000001010000Z", "pplocked": "20260101000000Z"}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    base = tmp_path_factory.mktemp("state")
+    slapd = Slapd(base / "ldap", ppolicy=True).start()
+    kdc = KDC(base / "kdc", "EXAMPLE.TEST")
+    try:
+        kdc.start()
+        conf = write_krb5_conf(base / "krb5.conf", [kdc])
+        env = {**kdc.env, "KRB5_CONFIG": str(conf)}
+        kdc.kadmin(f"addprinc -randkey {SPN}")
+        keytab = kdc.export("HTTP/localhost", base / "http.keytab")
+        ca = CA.create("account state CA")
+        write_bundle(base / "root.pem", ca)
+        caches, certs = {}, {}
+        for user, (attrs, _, _) in USERS.items():
+            extra = {"objectClass": ["top", "person", "organizationalPerson", "inetOrgPerson",
+                                     "authgwAccountState"], **attrs} if attrs else None
+            dn = slapd.add_user(user, f"{user}-pw", mail=f"{user}@example.test", extra=extra)
+            if user in PPOLICY_LOCKS:
+                slapd.modify(dn, {"pwdAccountLockedTime": [(ldap3.MODIFY_REPLACE, [PPOLICY_LOCKS[user]])]})
+            kdc.add_principal(user, f"{user}-krb")
+            caches[user] = kdc.kinit(user, f"{user}-krb", base / f"{user}.cc", env=env)
+            certs[user] = base64.b64encode(ca.issue(user, client=True).der).decode()
+        yield {"base": base, "slapd": slapd, "kdc": kdc, "env": env, "keytab": keytab, "caches": caches,
+               "certs": certs}
+    finally:
+        kdc.stop()
+        slapd.stop()
+
+
+def _gateway(world, name: str, refuses: bool) -> GatewayProcess:
+    d = world["base"] / name
+    conf = write_conf(d / "conf.d", {
+        "gateway.yaml": json.dumps({"chain": ["kerberos", "client_cert", "ldap"], "trusted_proxies": ["127.0.0.1/32"],
+                                    "throttle": {"enabled": False}}),
+        "kerberos.yaml": json.dumps({"kerberos": {
+            "allowed_networks": ["127.0.0.3/32"], "keytab": str(world["keytab"]), "service_principal": SPN,
+            "realms": ["EXAMPLE.TEST"], "password_state_refuses": refuses}}),
+        "client_cert.yaml": json.dumps({"client_cert": {
+            "ca_bundle": str(world["base"] / "root.pem"), "revocation": "off",
+            "headers": [{"name": "X-SSL-Client-Cert", "format": "pem"}],
+            "mapping": {"rules": ["cn"], "password_state_refuses": refuses}}}),
+        "ldap.yaml": json.dumps({"ldap": world["slapd"].plugin_settings(mode="plain")}),
+    })
+    gateway = GatewayProcess(conf, d / "state", env=world["env"])
+    try:
+        return gateway.start()
+    except (RuntimeError, TimeoutError) as exc:
+        raise RuntimeError(f"{exc}; log:\n{gateway.output()}") from None
+
+
+@pytest.fixture(scope="module")
+def default(world):
+    gateway = _gateway(world, "default", refuses=False)
+    yield gateway
+    gateway.stop()
+
+
+@pytest.fixture(scope="module")
+def strict(world):
+    gateway = _gateway(world, "strict", refuses=True)
+    yield gateway
+    gateway.stop()
+
+
+def by_kerberos(world, gateway: GatewayProcess, user: str):
+    token = world["kdc"].mint(world["caches"][user], [(SPN, 1)], env=world["env"])[0][0]
+    return gateway.get("/auth", {"Authorization": "Negotiate " + base64.b64encode(token).decode()},
+                       source_address=INSIDE)
+
+
+def by_certificate(world, gateway: GatewayProcess, user: str):
+    return gateway.get("/auth", {"X-SSL-Client-Cert": world["certs"][user]}, source_address=PROXY)
+
+
+def by_password(world, gateway: GatewayProcess, user: str):
+    return gateway.get("/auth", {"Authorization": basic(user, f"{user}-pw")}, source_address=PROXY)
+
+
+def check(gateway: GatewayProcess, response, user: str, refusal: str, step: str) -> None:
+    record = gateway.audit_for(response.header("X-Request-Id"))
+    if not refusal:
+        assert (response.status, response.header("Remote-User")) == (200, user), (record, response.body)
+        return
+    assert response.status == 401 and response.header("Remote-User") is None, response.body
+    assert (record["outcome"], record["reason"], record["step"]) == ("account_state", refusal, step), record
+
+
+@pytest.mark.parametrize("user", list(USERS))
+def test_kerberos_refuses_by_account_state(world, default, user):
+    check(default, by_kerberos(world, default, user), user, USERS[user][1], "kerberos")
+
+
+@pytest.mark.parametrize("user", list(USERS))
+def test_certificate_refuses_by_account_state(world, default, user):
+    check(default, by_certificate(world, default, user), user, USERS[user][1], "client_cert")
+
+
+@pytest.mark.parametrize("user", ["adpwexpired", "admustchange", "okuser", "addisabled"])
+def test_password_state_refuses_when_configured(world, strict, user):
+    check(strict, by_kerberos(world, strict, user), user, USERS[user][2], "kerberos")
+    check(strict, by_certificate(world, strict, user), user, USERS[user][2], "client_cert")
+
+
+@pytest.mark.parametrize("user", ["okuser", "ipadisabled", "adexpired", "addisabled"])
+def test_password_path_reads_the_same_state(world, default, user):
+    """slapd binds these users (it enforces none of AD's or 389-DS's flags): the entry still says
+    no, with the same reason code as the other paths."""
+    check(default, by_password(world, default, user), user, USERS[user][1], "ldap")
+
+
+def test_ppolicy_lock_refuses_the_password_too(world, default):
+    response = by_password(world, default, "pplockedforever")
+    record = default.audit_for(response.header("X-Request-Id"))
+    assert response.status == 401 and record["outcome"] == "invalid_credentials", record  # slapd's 49
+
+
+def test_direct_bind_reads_the_same_state(world, start_gateway):
+    settings = world["slapd"].plugin_settings(mode="plain")
+    for key in ("bind_dn", "bind_password"):
+        settings.pop(key)
+    settings["direct_bind"] = f"uid={{username}},{world['slapd'].users_dn}"
+    conf = write_conf(world["base"] / "direct" / "conf.d", {
+        "gateway.yaml": json.dumps({"chain": ["ldap"], "throttle": {"enabled": False}}),
+        "ldap.yaml": json.dumps({"ldap": settings}),
+    })
+    gateway = start_gateway(conf)
+    for user in ("okuser", "ipadisabled", "addisabled", "adexpired"):
+        check(gateway, gateway.auth(user, f"{user}-pw"), user, USERS[user][1], "ldap")
