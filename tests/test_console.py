@@ -205,15 +205,24 @@ def test_with_audit_to_stderr_the_status_page_shows_this_workers_events(conf_dir
     assert "demo-password" not in page
 
 
-def test_a_ticket_enrols_through_authgw_link(console, conf_dir, start_gateway):
-    """The success path, once `authgw link enroll` and a relay to test it against exist."""
-    if authgw("link", "--help", "--config", str(conf_dir)).returncode != 0:
-        pytest.skip("`authgw link` is not available yet (the link engineer's branch)")
-    relay = pytest.importorskip("support.relay", reason="no relay test helper (tests/support/relay.py)")
-    gw = start_gateway(conf_dir)
-    client = signed_in(gw, console)
-    with relay.Relay.started(conf_dir.parent / "relay") as running:  # contract: a real relay process
-        response = client.post_form("/setup/ticket", {"ticket_url": running.ticket(),
-                                                      "ticket_ca": str(running.ca_file)})
-    assert response.status == 200, response.text
-    assert 'class="ok" id="ticket-result"' in response.text
+def test_a_ticket_enrols_through_authgw_link(conf_dir, demo_hash, start_gateway, tmp_path):
+    """The success path, against a real relay, once `authgw link` exists (the link issue)."""
+    port = free_port()
+    console_conf(conf_dir, port, demo_hash, plugins="[console, link]")
+    (conf_dir / "link.yaml").write_text("link: {ping_interval: 1.0, backoff_initial: 0.2}\n")
+    if authgw("link", "--help", "--config", str(conf_dir), "--state-dir", str(tmp_path / "s")).returncode != 0:
+        pytest.skip("`authgw link` is not available yet (the link issue)")
+    linkenv = pytest.importorskip("support.linkenv")
+    relay = linkenv.Relay(tmp_path / "relay").setup().start()
+    try:
+        gw = start_gateway(conf_dir)
+        client = signed_in(gw, f"http://127.0.0.1:{port}")
+        ticket = relay.ticket()
+        response = client.post_form("/setup/ticket", {"ticket_url": ticket, "ticket_ca": str(relay.ca_file)})
+        assert response.status == 200, response.text
+        assert re.search(r'<p class="ok" id="ticket-result">[^<]*enrolled', response.text)
+        assert (gw.state_dir / "link" / "link.json").exists()
+        spent = client.post_form("/setup/ticket", {"ticket_url": ticket, "ticket_ca": str(relay.ca_file)})
+        assert spent.status == 400 and 'class="error" id="ticket-result"' in spent.text
+    finally:
+        relay.stop()

@@ -119,6 +119,8 @@ class Pages:
         ca = ca.strip() if isinstance(ca, str) else ""
         ok, line = await asyncio.get_running_loop().run_in_executor(
             None, setup.enrol, url, self.config_dir, self.state_dir, ca)
+        if ok and setup.can_reload(self.state_dir):  # the running link plugin picks the enrolment up
+            line = f"{line} ({setup.reload_gateway(self.state_dir)})"
         return self._setup(request, status=200 if ok else 400, ticket_message=line, ticket_ok=ok,
                            ticket_url="" if ok else url[:2048])
 

@@ -244,7 +244,8 @@ def enrol(ticket_url: str, config_dir: Path, state_dir: Path, ca_path: str = "")
     if parts.scheme not in ("https", "http") or not parts.hostname or len(ticket_url) > 2048:
         return False, "the ticket URL must be an https:// URL, as the cloud service shows it"
     if not link_available(config_dir, state_dir):
-        return False, "enrolment is not available: this installation has no `authgw link` command"
+        return False, ("enrolment is not available: enable the link plugin (`plugins: [link]` in conf.d) "
+                       "so that `authgw link enroll` exists")
     command = [sys.executable, "-m", "gateway", "link", "enroll", ticket_url,
                "--config", str(config_dir), "--state-dir", str(state_dir)]
     if ca_path:

@@ -23,11 +23,11 @@ CSRF = re.compile(r'name="csrf" value="([^"]+)"')
 
 
 def console_conf(conf_dir, port: int, demo_hash: str, *, chain: str = "[static]", extra: str = "",
-                 audit: str | None = None) -> None:
+                 audit: str | None = None, plugins: str = "[console]") -> None:
     """conf.d with the demo user alice, the console on *port*, and the audit log in a file
     beside conf.d (or *audit*, e.g. ``-`` for standard error)."""
     write_conf(conf_dir, {
-        "gateway.yaml": f"chain: {chain}\nplugins: [console]\nthrottle:\n  enabled: false\n"
+        "gateway.yaml": f"chain: {chain}\nplugins: {plugins}\nthrottle:\n  enabled: false\n"
                         f"audit:\n  file: \"{audit or conf_dir.parent / 'audit.log'}\"\n",
         "static.yaml": "static:\n  users_file: users/users.yaml\n",
         "console.yaml": f"console:\n  listen: 127.0.0.1:{port}\n{extra}",
