@@ -53,8 +53,16 @@ USERS: dict[str, tuple[dict, str, str]] = {
     # OpenLDAP ppolicy: set after the entry exists (operational attribute, rootdn only).
     "pplockedforever": ({}, "ldap.locked", "ldap.locked"),
     "pplocked": ({}, "ldap.locked", "ldap.locked"),
+    # OpenLDAP 2.5 ppolicy validity window: slapd refuses every bind outside it (review of 9.2).
+    "ppended": ({}, "ldap.account_expired", "ldap.account_expired"),
+    "ppnotstarted": ({}, "ldap.account_expired", "ldap.account_expired"),
+    "ppendsnext": ({}, "", ""),
 }
 PPOLICY_LOCKS = {"pplockedforever": "000001010000Z", "pplocked": "20260101000000Z"}
+#: user -> ppolicy validity attributes (generalized time with fractions and offsets, as slapd takes them)
+PPOLICY_WINDOWS = {"ppended": {"pwdEndTime": "20200101000000.25Z"},
+                   "ppnotstarted": {"pwdStartTime": "20990101000000+0130"},
+                   "ppendsnext": {"pwdStartTime": "20200101000000Z", "pwdEndTime": "209901010000.5-0200"}}
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +85,8 @@ def world(tmp_path_factory):
             dn = slapd.add_user(user, f"{user}-pw", mail=f"{user}@example.test", extra=extra)
             if user in PPOLICY_LOCKS:
                 slapd.modify(dn, {"pwdAccountLockedTime": [(ldap3.MODIFY_REPLACE, [PPOLICY_LOCKS[user]])]})
+            for attr, value in PPOLICY_WINDOWS.get(user, {}).items():
+                slapd.modify(dn, {attr: [(ldap3.MODIFY_REPLACE, [value])]})
             kdc.add_principal(user, f"{user}-krb")
             caches[user] = kdc.kinit(user, f"{user}-krb", base / f"{user}.cc", env=env)
             certs[user] = base64.b64encode(ca.issue(user, client=True).der).decode()
@@ -174,6 +184,19 @@ def test_ppolicy_lock_refuses_the_password_too(world, default):
     assert response.status == 401 and record["outcome"] == "invalid_credentials", record  # slapd's 49
 
 
+@pytest.mark.parametrize("user", ["ppended", "ppnotstarted", "ppendsnext"])
+def test_ppolicy_validity_window_is_the_password_paths_answer_too(world, default, user):
+    """slapd itself refuses binds outside pwdStartTime..pwdEndTime (bare 49), and allows them
+    inside: the lookup path must agree with it, or a Kerberos ticket or a certificate logs in an
+    account whose end date passed."""
+    response = by_password(world, default, user)
+    record = default.audit_for(response.header("X-Request-Id"))
+    if USERS[user][1]:
+        assert response.status == 401 and record["outcome"] == "invalid_credentials", record
+    else:
+        assert (response.status, response.header("Remote-User")) == (200, user), record
+
+
 def test_direct_bind_reads_the_same_state(world, start_gateway):
     settings = world["slapd"].plugin_settings(mode="plain")
     for key in ("bind_dn", "bind_password"):
@@ -186,3 +209,44 @@ def test_direct_bind_reads_the_same_state(world, start_gateway):
     gateway = start_gateway(conf)
     for user in ("okuser", "ipadisabled", "addisabled", "adexpired"):
         check(gateway, gateway.auth(user, f"{user}-pw"), user, USERS[user][1], "ldap")
+
+
+@pytest.fixture(scope="module")
+def active_directory(world):
+    """The ``active_directory`` preset against slapd (filter, names and groups overridden for its
+    schema): every AD user entry carries ``userAccountControl``, so an entry without it is one
+    whose state the service account may not read."""
+    d = world["base"] / "ad"
+    ldap = world["slapd"].plugin_settings(
+        mode="plain", preset="active_directory", user_filter="(&(objectClass=inetOrgPerson)(uid={username}))",
+        attributes={"username": "uid", "subject": "entryUUID"}, groups={"source": "memberof"})
+    conf = write_conf(d / "conf.d", {
+        "gateway.yaml": json.dumps({"chain": ["kerberos", "client_cert", "ldap"], "trusted_proxies": ["127.0.0.1/32"],
+                                    "throttle": {"enabled": False}}),
+        "kerberos.yaml": json.dumps({"kerberos": {
+            "allowed_networks": ["127.0.0.3/32"], "keytab": str(world["keytab"]), "service_principal": SPN,
+            "realms": ["EXAMPLE.TEST"]}}),
+        "client_cert.yaml": json.dumps({"client_cert": {
+            "ca_bundle": str(world["base"] / "root.pem"), "revocation": "off",
+            "headers": [{"name": "X-SSL-Client-Cert", "format": "pem"}], "mapping": {"rules": ["cn"]}}}),
+        "ldap.yaml": json.dumps({"ldap": ldap}),
+    })
+    gateway = GatewayProcess(conf, d / "state", env=world["env"]).start()
+    yield gateway
+    gateway.stop()
+
+
+@pytest.mark.parametrize("user, refusal", [
+    ("okuser", "ldap.account_state_unreadable"),  # no userAccountControl at all
+    ("adexpiresnext", "ldap.account_state_unreadable"),
+    ("addisabled", "ldap.disabled"),
+    ("adpwexpired", ""),  # userAccountControl 512: readable and enabled
+])
+def test_active_directory_state_the_service_account_cannot_read_refuses(world, active_directory, user, refusal):
+    """Review of issue 9.2: a lookup read "no userAccountControl" as "not disabled", so a service
+    account without read access to it let every disabled AD account in by Kerberos and certificate."""
+    check(active_directory, by_kerberos(world, active_directory, user), user, refusal, "kerberos")
+    check(active_directory, by_certificate(world, active_directory, user), user, refusal, "client_cert")
+    if refusal == "ldap.account_state_unreadable":
+        assert f"lookup of {user!r}: the entry has no userAccountControl; the service account may not read it" \
+            in active_directory.output()

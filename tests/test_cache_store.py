@@ -376,3 +376,20 @@ def test_sqlite_writers_in_several_processes_leave_the_newest_timestamp(tmp_path
     held = {e.key: e.stored_at for e in store.scan()}
     assert held == {f"{r:064x}": 1_700_000_000.0 + r + 3 * 0.001 for r in range(200)}
     store.close()
+
+
+def test_an_entry_from_a_clock_far_ahead_does_not_block_later_writes(store):
+    """Review of issue 9.4: an entry stamped by a clock an hour ahead (another instance's, or ours
+    before an NTP step back) refused every later write for that hour, so a changed password never
+    reached the cache and the old one kept working offline. The offline path already ignores an
+    entry more than 300 s in the future; the write now replaces it too. Within that tolerance the
+    later timestamp still wins."""
+    now = time.time()
+    far = Entry(entry(8).key, "kid0", "$argon2id$old-password", b"old", now + 3600)
+    fresh = Entry(far.key, "kid0", "$argon2id$new-password", b"new", now)
+    assert store.put(far) is True
+    assert store.put(fresh) is True and store.get(far.key) == fresh
+    near = Entry(entry(9).key, "kid0", "$argon2id$near", b"near", now + 200)
+    assert store.put(near) is True
+    assert store.put(Entry(near.key, "kid0", "$argon2id$late", b"late", now)) is False
+    assert store.get(near.key) == near

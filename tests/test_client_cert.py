@@ -571,3 +571,28 @@ def test_disabled_static_user_is_refused_by_certificate(gw, pki):
     assert_denied(gw, tls_get(gw, pki, "gina"), "static.disabled", outcome="account_state")
     assert_denied(gw, via_proxy(gw, {"X-SSL-Client-Cert": header_pem(pki, "gina")}), "static.disabled",
                   outcome="account_state")
+
+
+def test_ipv4_mapped_proxy_address_names_the_ipv4_proxy(pki, tmp_path, start_gateway):
+    """Review of issue 9.1: the core sees an IPv4 peer (``::ffff:a.b.c.d`` is unwrapped), so an
+    operator who copied ``::ffff:127.0.0.5`` from a dual-stack log into ``headers[].proxies``
+    named no proxy at all: nginx at 127.0.0.5 fell to the catch-all XFCC entry, and the client's
+    own X-Forwarded-Client-Cert, which nginx passes through, logged in as alice (200)."""
+    mapped = "127.0.0.5"
+    conf = write_conf(tmp_path / "conf.d", {
+        "gateway.yaml": _yaml({"chain": ["client_cert"], "trusted_proxies": [mapped + "/32"],
+                               "throttle": {"enabled": False}}),
+        "client_cert.yaml": _yaml({"client_cert": {
+            "ca_bundle": str(pki.dir / "root.pem"), "intermediates": str(pki.dir / "issuing.pem"),
+            "revocation": "off", "mapping": {"lookup": False, "rules": ["upn"]},
+            "headers": [{"name": "X-SSL-Client-Cert", "format": "pem", "proxies": [f"::ffff:{mapped}/128"]},
+                        {"name": "X-Forwarded-Client-Cert", "format": "xfcc"}]}}),
+    })
+    gateway = start_gateway(conf)
+    for nginx_value in ("", "-"):
+        response = via_proxy(gateway, {"X-SSL-Client-Cert": nginx_value,
+                                       "X-Forwarded-Client-Cert": xfcc(pki, "alice")}, source=mapped)
+        assert_no_certificate_login(gateway, response)
+    response = via_proxy(gateway, {"X-SSL-Client-Cert": header_pem(pki, "alice")}, source=mapped)
+    assert (response.status, response.header("Remote-User")) == (200, "alice")
+    assert "is not in trusted_proxies" not in gateway.output()

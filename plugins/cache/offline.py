@@ -34,7 +34,7 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 from gateway import Attempt, Decision, Identity, Outcome, PasswordCredential
 from gateway.plugins.cache.keys import CacheKeys, KeyFileError, load_keys
 from gateway.plugins.cache.settings import CacheSettings
-from gateway.plugins.cache.store import AT_LIMIT, GONE, Entry, SQLiteStore, Store, StoreError
+from gateway.plugins.cache.store import AT_LIMIT, FUTURE_TOLERANCE, GONE, Entry, SQLiteStore, Store, StoreError
 
 __all__ = ["OfflineCache", "make_store", "normalise"]
 
@@ -238,7 +238,7 @@ class OfflineCache:
         if entry is None or entry.kid != keys.kid:
             return unavailable
         now = time.time()
-        if now - entry.stored_at > self.settings.max_age or entry.stored_at > now + 300:
+        if now - entry.stored_at > self.settings.max_age or entry.stored_at > now + FUTURE_TOLERANCE:
             self._delete_quietly(row_key)
             return unavailable
         document = keys.open(row_key, entry.sealed)

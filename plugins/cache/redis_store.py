@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlsplit
 
-from gateway.plugins.cache.store import AT_LIMIT, GONE, TAKEN, Entry, StoreError
+from gateway.plugins.cache.store import AT_LIMIT, FUTURE_TOLERANCE, GONE, TAKEN, Entry, StoreError
 
 __all__ = ["RedisStore"]
 
@@ -33,11 +33,14 @@ if tonumber(f) >= tonumber(ARGV[1]) then return 0 end
 redis.call('HINCRBY', KEYS[1], 'fail', 1)
 return 1
 """
-# KEYS[1] entry; ARGV: at, expire_ms, kid, hash, sealed, fail. Replaces the entry unless the one
-# held was stored later (two instances storing one user at once keep the newer); 1: written.
+# KEYS[1] entry; ARGV: at, expire_ms, kid, hash, sealed, fail, tolerance. Replaces the entry unless
+# the one held was stored later (two instances storing one user at once keep the newer), but not
+# more than FUTURE_TOLERANCE later (a clock far ahead); 1: written.
 _PUT = """
 local at = redis.call('HGET', KEYS[1], 'at')
-if at and tonumber(at) > tonumber(ARGV[1]) then return 0 end
+if at and tonumber(at) > tonumber(ARGV[1]) and tonumber(at) <= tonumber(ARGV[1]) + tonumber(ARGV[7]) then
+  return 0
+end
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'kid', ARGV[3], 'hash', ARGV[4], 'sealed', ARGV[5], 'at', ARGV[1], 'fail', ARGV[6])
 redis.call('PEXPIREAT', KEYS[1], ARGV[2])
@@ -107,7 +110,7 @@ class RedisStore:
         expire_ms = int((entry.stored_at + self.max_age) * 1000)
         return bool(int(self._call("EVALSHA", self._put, keys=[self._name(entry.key)], args=[
             repr(entry.stored_at).encode(), expire_ms, entry.kid.encode(), entry.password_hash.encode(),
-            entry.sealed, str(entry.failures).encode()])))
+            entry.sealed, str(entry.failures).encode(), repr(FUTURE_TOLERANCE).encode()])))
 
     def delete(self, key: str) -> bool:
         return bool(self._call("DEL", self._redis.delete, self._name(key)))

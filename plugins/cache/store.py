@@ -17,10 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Protocol
 
-__all__ = ["Entry", "SQLiteStore", "Store", "StoreError", "TAKEN", "AT_LIMIT", "GONE"]
+__all__ = ["Entry", "FUTURE_TOLERANCE", "SQLiteStore", "Store", "StoreError", "TAKEN", "AT_LIMIT", "GONE"]
 
 #: Results of :meth:`Store.take_failure`.
 TAKEN, AT_LIMIT, GONE = 1, 0, -1
+#: Seconds an entry may be stamped after the reader's (or writer's) clock. Beyond it the entry
+#: came from a clock far ahead: offline answers ignore it and a write replaces it, or it would
+#: refuse every later write (a changed password) until that clock's time arrives.
+FUTURE_TOLERANCE = 300.0
 
 
 class StoreError(Exception):
@@ -50,7 +54,8 @@ class Store(Protocol):
 
         Conditional in one atomic step: two workers storing one user at nearly the same time
         must never leave the older timestamp (issue 9 item 4), or the entry looks due for
-        ``refresh_after`` and is hashed again."""
+        ``refresh_after`` and is hashed again. An entry stored more than
+        :data:`FUTURE_TOLERANCE` after ``entry.stored_at`` is replaced (a clock far ahead)."""
 
     def delete(self, key: str) -> bool:
         """Remove the entry; True when there was one."""
@@ -179,9 +184,9 @@ class SQLiteStore:
         return self._run("INSERT INTO entries (key, kid, hash, sealed, stored_at, failures) VALUES (?, ?, ?, ?, ?, ?) "
                          "ON CONFLICT (key) DO UPDATE SET kid = excluded.kid, hash = excluded.hash, "
                          "sealed = excluded.sealed, stored_at = excluded.stored_at, failures = excluded.failures "
-                         "WHERE excluded.stored_at >= entries.stored_at",
+                         "WHERE excluded.stored_at >= entries.stored_at OR entries.stored_at > excluded.stored_at + ?",
                          (entry.key, entry.kid, entry.password_hash, entry.sealed, entry.stored_at,
-                          entry.failures)).rowcount > 0
+                          entry.failures, FUTURE_TOLERANCE)).rowcount > 0
 
     def delete(self, key: str) -> bool:
         return self._run("DELETE FROM entries WHERE key = ?", (key,)).rowcount > 0

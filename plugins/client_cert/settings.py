@@ -77,7 +77,7 @@ class HeaderSource(PluginSettings):
                     "`xfcc`: Envoy `X-Forwarded-Client-Cert`")
     proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(
         [], description="the trusted proxies (CIDRs) that set this header; empty: every trusted proxy "
-                        "that no other entry names")
+                        "that no other entry names. `::ffff:a.b.c.d` is read as `a.b.c.d`, as the peer is")
 
     @field_validator("name")
     @classmethod
@@ -87,6 +87,21 @@ class HeaderSource(PluginSettings):
         if value.lower() in ("authorization", "proxy-authorization", "cookie"):
             raise ValueError(f"{value} never reaches plugins; use another header")
         return value.lower()
+
+    @field_validator("proxies")
+    @classmethod
+    def _unmapped(cls, value: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
+                  ) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        # The core unwraps an IPv4-mapped peer (::ffff:a.b.c.d) to IPv4, so a mapped network
+        # would match no peer, and that proxy would fall to the catch-all entry: the header it
+        # passes through from the client would be believed. Name the IPv4 proxy instead.
+        mapped = ipaddress.IPv6Network("::ffff:0:0/96")
+        out: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        for net in value:
+            if isinstance(net, ipaddress.IPv6Network) and net.subnet_of(mapped):
+                net = ipaddress.IPv4Network((net.network_address.ipv4_mapped, net.prefixlen - 96))
+            out.append(net)
+        return out
 
 
 class RevocationSettings(PluginSettings):

@@ -15,7 +15,8 @@ Decides
     ``ACCOUNT_STATE`` from AD's bind sub-codes
     (``ldap.locked``, ``ldap.disabled``, ``ldap.password_expired``, ...; see
     :mod:`~gateway.plugins.ldap.adcodes`), or after a successful bind from the entry's state
-    attributes (``ldap.disabled``, ``ldap.locked``, ``ldap.account_expired``).
+    attributes (``ldap.disabled``, ``ldap.locked``, ``ldap.account_expired``). Lookups also answer
+    ``ldap.account_state_unreadable`` (AD entry without ``userAccountControl``).
 Abstains
     when the attempt has no password; when the username is empty or longer than
     ``max_username_length``, noting ``USER_NOT_FOUND``; when no entry matches,

@@ -15,27 +15,43 @@ Decides the reason codes the password path uses (:mod:`~gateway.plugins.ldap.adc
     ``pwdAccountLockedTime`` (any value; ``000001010000Z`` is an administrative lock for ever).
 ``ldap.account_expired``
     AD ``accountExpires`` (FILETIME: 100 ns since 1601) in the past; 0 and 0x7FFFFFFFFFFFFFFF
-    mean never.
+    mean never. OpenLDAP ppolicy ``pwdEndTime`` passed or ``pwdStartTime`` not reached yet
+    (generalized time): slapd refuses every bind outside that window, so it is the account's
+    validity period, not the password's age.
+``ldap.account_state_unreadable`` (lookups only)
+    the preset's directory family always carries an attribute (AD: ``userAccountControl``) and
+    the entry came without it: the service account may not read it (see :data:`ALWAYS_PRESENT`).
 ``ldap.password_expired`` / ``ldap.must_change_password`` (password state only)
     UF_PASSWORD_EXPIRED (0x800000) in the computed attribute; AD ``pwdLastSet: 0`` or ppolicy
     ``pwdReset: TRUE`` (must change at next logon).
 
 A ppolicy lock whose ``pwdLockoutDuration`` has passed stays in the entry until the user's next
-password bind; until then it still refuses (fail closed). Reads no settings.
+password bind; until then it still refuses (fail closed). Every value of an attribute counts (a
+multi-valued copy cannot hide a flag behind a harmless first value), and a value that does not
+parse refuses with the attribute's reason: a state the gateway cannot read is not a usable
+account (fail closed). Reads no settings.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import re
 import time
 
 from gateway.plugins.ldap.link import Entry
 
-__all__ = ["STATE_ATTRIBUTES", "account_state"]
+__all__ = ["ALWAYS_PRESENT", "STATE_ATTRIBUTES", "account_state"]
 
 #: Asked for with every user search. A server ignores attributes it does not know (RFC 4511
 #: section 4.5.1.8), so one list serves every directory family.
 STATE_ATTRIBUTES = ("userAccountControl", "msDS-User-Account-Control-Computed", "accountExpires", "pwdLastSet",
-                    "pwdAccountLockedTime", "pwdReset", "nsAccountLock")
+                    "pwdAccountLockedTime", "pwdReset", "nsAccountLock", "pwdStartTime", "pwdEndTime")
+
+#: State attributes every user entry of a directory family carries (by preset): absent from a
+#: lookup's answer, the service account may not read them, and "not disabled" cannot be told
+#: from "cannot see" (fail closed, ``ldap.account_state_unreadable``). Other families leave
+#: their state attributes out when not set, so nothing can be required of them.
+ALWAYS_PRESENT = {"active_directory": ("userAccountControl",)}
 
 ACCOUNTDISABLE = 0x2
 UF_LOCKOUT = 0x10
@@ -44,40 +60,94 @@ _FILETIME_NEVER = (0, 0x7FFFFFFFFFFFFFFF)
 _FILETIME_EPOCH = 11644473600  # seconds from 1601-01-01 to 1970-01-01
 
 
-def _int(entry: Entry, attr: str) -> int | None:
-    values = entry.get(attr)
-    if not values:
-        return None
-    text = values[0].decode("ascii", "replace") if isinstance(values[0], (bytes, bytearray)) else values[0]
+#: Stands for a value that is present but does not parse: refuses (fail closed).
+_GARBAGE = object()
+#: RFC 4517 section 3.3.13: YYYYMMDDHH[MM[SS]][(.|,)fraction](Z|+-HH[MM]).
+_GENERALIZED = re.compile(r"(\d{10})(\d{2})?(\d{2})?(?:[.,](\d+))?(Z|[+-]\d{2}(?:\d{2})?)")
+
+
+def _texts(entry: Entry, attr: str) -> list[str]:
+    return [v.decode("utf-8", "replace") if isinstance(v, (bytes, bytearray)) else str(v)
+            for v in entry.get(attr) or ()]
+
+
+def _ints(entry: Entry, attr: str) -> list[int] | object:
+    """Every value as an integer; ``_GARBAGE`` when one does not parse."""
     try:
-        return int(text.strip())
+        return [int(text.strip()) for text in _texts(entry, attr)]
     except ValueError:
-        return None
+        return _GARBAGE
+
+
+def _flags(entry: Entry, attr: str) -> int:
+    """The OR of every value's bits; all bits set when a value does not parse."""
+    values = _ints(entry, attr)
+    if values is _GARBAGE:
+        return -1
+    result = 0
+    for value in values:  # type: ignore[union-attr]
+        result |= value
+    return result
 
 
 def _true(entry: Entry, attr: str) -> bool:
-    values = entry.get(attr)
-    return bool(values) and (values[0].decode("utf-8", "replace") if isinstance(values[0], (bytes, bytearray))
-                             else values[0]).strip().lower() == "true"
+    return any(text.strip().lower() == "true" for text in _texts(entry, attr))
+
+
+def _generalized_time(text: str) -> float | None:
+    """Seconds since the epoch of an LDAP generalized time, or None when it does not parse."""
+    match = _GENERALIZED.fullmatch(text.strip())
+    if match is None:
+        return None
+    hours, minutes, seconds, fraction, zone = match.groups()
+    offset = dt.timedelta(0)
+    if zone != "Z":
+        sign = -1 if zone[0] == "-" else 1
+        offset = sign * dt.timedelta(hours=int(zone[1:3]), minutes=int(zone[3:5] or 0))
+    # The fraction is of the last unit written (an hour, a minute or a second).
+    unit = 3600 if minutes is None else 60 if seconds is None else 1
+    try:
+        when = dt.datetime.strptime(hours + (minutes or "00") + (seconds or "00"), "%Y%m%d%H%M%S")
+        return ((when.replace(tzinfo=dt.timezone.utc) - offset).timestamp()
+                + (float(f"0.{fraction}") * unit if fraction else 0.0))
+    except (ValueError, OverflowError):
+        return None
+
+
+def _outside_window(entry: Entry, now: float) -> bool:
+    """ppolicy ``pwdStartTime`` not reached or ``pwdEndTime`` passed (unparsable: outside)."""
+    for attr, outside in (("pwdStartTime", lambda t: now < t), ("pwdEndTime", lambda t: now >= t)):
+        for text in _texts(entry, attr):
+            when = _generalized_time(text)
+            if when is None or outside(when):
+                return True
+    return False
+
+
+def _expired(entry: Entry, now: float) -> bool:
+    values = _ints(entry, "accountExpires")
+    if values is _GARBAGE:
+        return True
+    return any(v not in _FILETIME_NEVER and now >= v / 10_000_000 - _FILETIME_EPOCH
+               for v in values)  # type: ignore[union-attr]
 
 
 def account_state(entry: Entry, now: float | None = None) -> tuple[str, str]:
     """``(account_state, password_state)`` reason codes of *entry*; empty strings when fine."""
-    uac = _int(entry, "userAccountControl") or 0
-    computed = _int(entry, "msDS-User-Account-Control-Computed") or 0
+    now = time.time() if now is None else now
+    uac = _flags(entry, "userAccountControl")
+    computed = _flags(entry, "msDS-User-Account-Control-Computed")
     account = ""
     if uac & ACCOUNTDISABLE or _true(entry, "nsAccountLock"):
         account = "ldap.disabled"
     elif (uac | computed) & UF_LOCKOUT or entry.get("pwdAccountLockedTime"):
         account = "ldap.locked"
-    else:
-        expires = _int(entry, "accountExpires")
-        if expires is not None and expires not in _FILETIME_NEVER:
-            if (time.time() if now is None else now) >= expires / 10_000_000 - _FILETIME_EPOCH:
-                account = "ldap.account_expired"
+    elif _expired(entry, now) or _outside_window(entry, now):
+        account = "ldap.account_expired"
     password = ""
+    last_set = _ints(entry, "pwdLastSet")
     if computed & UF_PASSWORD_EXPIRED:
         password = "ldap.password_expired"
-    elif _int(entry, "pwdLastSet") == 0 or _true(entry, "pwdReset"):
+    elif last_set is _GARBAGE or 0 in last_set or _true(entry, "pwdReset"):  # type: ignore[operator]
         password = "ldap.must_change_password"
     return account, password

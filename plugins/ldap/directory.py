@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway import Identity, Outcome
-from gateway.plugins.ldap.accountstate import STATE_ATTRIBUTES, account_state
+from gateway.plugins.ldap.accountstate import ALWAYS_PRESENT, STATE_ATTRIBUTES, account_state
 from gateway.plugins.ldap.adcodes import parse_data_code
 from gateway.plugins.ldap.escaping import dn_value, fill, format_guid, plain_name_ok
 from gateway.plugins.ldap.groups import GroupResolver
@@ -62,6 +62,7 @@ class Directory:
         # The state attributes ride along with every user search (lookups must report them).
         self._attributes = list(resolved.user_attributes) + [
             a for a in STATE_ATTRIBUTES if a.lower() not in {u.lower() for u in resolved.user_attributes}]
+        self._always_present = ALWAYS_PRESENT.get(settings.preset, ())
         #: Bound by ``_equalizing_bind``; random per process, so no entry can be made to match it.
         self._nobody_dn = f"cn=authgw-no-such-user-{secrets.token_hex(8)},{settings.base_dn}"
         direct = settings.direct_bind or ""
@@ -200,6 +201,13 @@ class Directory:
             return None
         entry = entries[0]
         state, password_state = account_state(entry)
+        unreadable = [attr for attr in self._always_present if not entry.get(attr)]
+        if unreadable and not state:
+            # A lookup answers for logins that bind no password: the directory never judges
+            # them, so a state the service account cannot read must not pass for "enabled".
+            self.log.warning("lookup of %r: the entry has no %s; the service account may not read it; "
+                             "refused as ldap.account_state_unreadable", username, ", ".join(unreadable))
+            state = "ldap.account_state_unreadable"
         if state:
             # Refused anyway: no group search; the caller answers ACCOUNT_STATE.
             return dataclasses.replace(self.identity(entry, username, (), {}), account_state=state,
