@@ -2,19 +2,28 @@
 
 Layout and merge rules (also in docs/configuration.md):
 
-* every ``*.yaml`` file of the directory is read in lexical order; dot-files and other suffixes
-  are ignored;
+* every ``*.yaml`` file of the directory is read in lexical order; dot-files are ignored, a
+  ``*.yml`` file is an error and any other file a warning (it is not read);
 * top-level keys are the core's settings (:class:`~gateway.settings.GatewaySettings`) and one
   key per plugin name, holding that plugin's settings (by convention in ``<plugin>.yaml``);
 * mappings merge key by key across files; a list or a value set in two files is an error naming
   both places (no silent override);
 * settings for a plugin that is installed but not enabled are ignored with a warning; a
-  top-level key that is neither a core setting nor an installed plugin is an error.
+  top-level key that is neither a core setting nor an installed plugin is an error;
+* ``AUTHGW_<KEY>`` environment variables override scalar keys (``AUTHGW_DEADLINE=3``,
+  ``AUTHGW_LDAP__RECEIVE_TIMEOUT=2``: ``__`` between levels), when the first level names a core
+  setting or an installed plugin; their values are typed like YAML scalars.
+
+Problems are collected, not raised one by one: with ``defer=True`` the core's problems wait in
+:attr:`Config.problems` so that the plugins' are reported in the same run.
 """
 
 from __future__ import annotations
 
+import difflib
 import logging
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,8 +31,18 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from gateway.errors import ConfigError
-from gateway.settings import GatewaySettings, ValidationContext
-from gateway.yamlfiles import KeyPath, Mark, display_name, format_path, load_directory, load_file
+from gateway.settings import GatewaySettings, InvalidKey, ValidationContext
+from gateway.yamlfiles import (
+    KeyPath,
+    Mark,
+    display_name,
+    format_path,
+    load_directory,
+    load_file,
+    parse_scalar,
+    referenced_paths,
+    unread_files,
+)
 
 __all__ = ["Config", "load_config", "load_yaml_file", "validate"]
 
@@ -34,6 +53,7 @@ M = TypeVar("M", bound=BaseModel)
 _MESSAGES = {
     "extra_forbidden": "unknown key",
     "missing": "required key is missing",
+    "bool_type": "expected true or false (yes, no, on, off, 1 and 0 are not booleans here)",
 }
 
 
@@ -47,29 +67,46 @@ class Config:
     files: list[Path]
     #: Installed plugin names; when given, unknown top-level keys are checked too.
     installed: set[str] | None = None
-    core: GatewaySettings = field(init=False)
+    #: Key paths set by ``AUTHGW_...`` variables, and the variable's name.
+    environment: dict[KeyPath, str] = field(default_factory=dict)
+    #: Keep the core's problems in :attr:`problems` instead of raising them (see module docstring).
+    defer: bool = False
+    #: Problems found so far (only with ``defer``); the caller adds the plugins' and raises.
+    problems: list[str] = field(default_factory=list)
+    core: GatewaySettings | None = field(init=False)
     context: ValidationContext = field(init=False)
 
     def __post_init__(self) -> None:
-        strict = self.data.get("strict") is True
+        strict = self.data.get("strict") is True  # a non-boolean `strict` is an error below
         self.context = ValidationContext(config_dir=self.directory, strict=strict)
         core_keys = set(GatewaySettings.model_fields)
         core_data = {k: v for k, v in self.data.items() if k in core_keys}
+        problems, warnings = unread_files(self.directory, referenced_paths(self.data, self.directory))
+        for warning in warnings:
+            log.warning("%s", warning)
+        if self.installed is not None:
+            problems += self._unknown_top_level()
+        self.core = None
         if "chain" not in core_data:
-            raise ConfigError(f"{display_name(self.directory)}: no file sets `chain:` (the list of "
-                              "authentication steps, in order); see docs/configuration.md")
-        problems = self._unknown_top_level() if self.installed is not None else []
-        try:
-            self.core = self.validate(GatewaySettings, core_data, ())
-        except ConfigError as exc:
-            raise ConfigError(problems + exc.problems) from None
-        if problems:
+            problems.append(f"{display_name(self.directory)}: no file sets `chain:` (the list of "
+                            "authentication steps, in order); see docs/configuration.md")
+        else:
+            try:
+                self.core = self.validate(GatewaySettings, core_data, ())
+            except ConfigError as exc:
+                problems += exc.problems
+        if problems and not self.defer:
             raise ConfigError(problems)
+        self.problems = problems
 
     @property
     def enabled(self) -> list[str]:
         """Every plugin the operator enabled: chain steps first, in order, then ``plugins:``."""
-        return [*self.core.chain, *self.core.plugins]
+        if self.core is not None:
+            return [*self.core.chain, *self.core.plugins]
+        # The core is invalid (deferred problems): the names that are names, to check plugins too.
+        return list(dict.fromkeys(name for key in ("chain", "plugins") if isinstance(self.data.get(key), list)
+                                  for name in self.data[key] if isinstance(name, str)))
 
     def section(self, name: str) -> dict[str, Any]:
         value = self.data.get(name, {})
@@ -102,31 +139,106 @@ class Config:
                                                     "not enabled in `chain:` or `plugins:`; ignored"))
                 continue
             problems.append(self.locate((key,), f"{key}: unknown key (neither a gateway setting nor an "
-                                                f"installed plugin; see `authgw plugins`)"))
+                                                f"installed plugin; see `authgw plugins`)"
+                                                + did_you_mean(key, core_keys | self.installed)))
         return problems
 
     def redacted(self) -> dict[str, Any]:
-        """The merged configuration as shown by ``authgw config show``.
+        """The merged configuration as shown by ``authgw config show``, every section (enabled
+        or not: a disabled plugin's section is never validated, so it may hold inline secrets).
 
         Secrets are references by construction; any other value that looks like an inline secret
-        (a key named like a password or token) is masked anyway.
+        (a key named like a password, key or token, a URL with a password, a PEM private key) is
+        masked anyway.
         """
         return _redact(self.data)
 
 
-_SECRET_WORDS = {"password", "passwd", "secret", "token", "credential"}
+_SECRET_WORDS = {"password", "passwd", "passphrase", "secret", "token", "credential", "credentials",
+                 "pepper", "salt", "psk"}
+#: ``*_key`` names a key (``encryption_key``, ``private_key``); ``key_prefix`` or ``key_file`` do not.
+_SECRET_LAST = {"key", "pin"}
+_URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^/@\s:]*:)(?P<pw>[^@\s]*)(?=@)", re.IGNORECASE)
+
+
+def _secret_key(key: str) -> bool:
+    words = re.split(r"[_\-.]", key.lower())
+    return bool(_SECRET_WORDS & set(words)) or words[-1] in _SECRET_LAST
 
 
 def _redact(value: Any, key: str = "") -> Any:
     if isinstance(value, dict):
         if set(value) in ({"env"}, {"file"}):
             return dict(value)  # a reference is not the secret
-        return {k: _redact(v, k) for k, v in value.items()}
+        return {k: _redact(v, str(k)) for k, v in value.items()}
     if isinstance(value, list):
         return [_redact(v, key) for v in value]
-    if isinstance(value, str) and _SECRET_WORDS & set(key.lower().split("_")):
+    if value is not None and not isinstance(value, bool) and _secret_key(key):
         return "<redacted>"
+    if isinstance(value, str):
+        if "PRIVATE KEY" in value:
+            return "<redacted>"
+        return _URL_PASSWORD.sub(lambda m: m.group("head") + "<redacted>", value)
     return value
+
+
+def did_you_mean(key: str, candidates: set[str]) -> str:
+    close = difflib.get_close_matches(key, sorted(candidates), n=1, cutoff=0.7)
+    return f"; did you mean `{close[0]}`?" if close else ""
+
+
+def _field_names(model: type[BaseModel], seen: set[type] | None = None) -> set[str]:
+    """Every key a model and its nested models accept (candidates for "did you mean")."""
+    seen = seen if seen is not None else set()
+    if model in seen:
+        return set()
+    seen.add(model)
+    names = set(model.model_fields)
+    for info in model.model_fields.values():
+        stack = [info.annotation]
+        while stack:
+            annotation = stack.pop()
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                names |= _field_names(annotation, seen)
+            stack.extend(getattr(annotation, "__args__", ()))
+    return names
+
+
+def apply_environment(data: dict[str, Any], marks: dict[KeyPath, Mark], known: set[str],
+                      environ: dict[str, str] | None = None) -> dict[KeyPath, str]:
+    """Set scalar keys from ``AUTHGW_...`` variables (containers configure by environment).
+
+    ``AUTHGW_DEADLINE=3`` sets ``deadline``; ``AUTHGW_LDAP__RECEIVE_TIMEOUT=2`` sets
+    ``ldap.receive_timeout``. Only variables whose first level is in *known* (core settings and
+    installed plugins) are taken: others, like ``AUTHGW_CONFIG`` or a secret referenced with
+    ``{env: AUTHGW_LDAP_PASSWORD}``, are not configuration keys. Returns what was set, by key path.
+    """
+    environ = os.environ if environ is None else environ
+    problems, applied = [], {}
+    for name in sorted(environ):
+        if not name.startswith("AUTHGW_"):
+            continue
+        path = tuple(part.lower() for part in name[len("AUTHGW_"):].split("__"))
+        if path[0] not in known or not all(path):
+            continue
+        where = f"${name}"
+        target = data
+        for part in path[:-1]:
+            if not isinstance(target.get(part, {}), dict):
+                problems.append(f"{where}: {format_path(path)}: {format_path(path[:-1])} is not a mapping")
+                break
+            target = target.setdefault(part, {})
+        else:
+            if isinstance(target.get(path[-1]), dict):
+                problems.append(f"{where}: {format_path(path)}: is a mapping; the environment sets scalar "
+                                "keys only (use AUTHGW_A__B for a.b)")
+                continue
+            target[path[-1]] = parse_scalar(environ[name])
+            marks[path] = Mark(where, 0)
+            applied[path] = name
+    if problems:
+        raise ConfigError(problems)
+    return applied
 
 
 def locate(marks: dict[KeyPath, Mark], path: KeyPath, message: str, fallback: str) -> str:
@@ -148,8 +260,13 @@ def validate(model: type[M], data: Any, prefix: KeyPath, marks: dict[KeyPath, Ma
         problems = []
         for error in exc.errors(include_url=False, include_input=False):
             path = (*prefix, *error["loc"])
+            blamed = (error.get("ctx") or {}).get("error")
+            if isinstance(blamed, InvalidKey):  # a cross-field check naming the key at fault
+                path = (*path, *(int(k) if k.isdigit() else k for k in blamed.key.split(".")))
             message = _MESSAGES.get(error["type"], error["msg"])
             message = message.removeprefix("Value error, ")
+            if error["type"] == "extra_forbidden":
+                message += did_you_mean(str(path[-1]), _field_names(model))
             problems.append(locate(marks, path, f"{format_path(path)}: {message}", fallback))
         raise ConfigError(problems) from None
     finally:
@@ -166,6 +283,10 @@ def load_yaml_file(path: Path, model: type[M], context: ValidationContext) -> M:
     return validate(model, data, (), marks, context, display_name(path))
 
 
-def load_config(directory: Path, installed: set[str] | None = None) -> Config:
+def load_config(directory: Path, installed: set[str] | None = None, *, defer: bool = False) -> Config:
+    """Read *directory*, apply ``AUTHGW_...`` overrides and validate the core settings."""
     data, marks, files = load_directory(directory)
-    return Config(directory=directory, data=data, marks=marks, files=files, installed=installed)
+    known = set(GatewaySettings.model_fields) | (installed or set()) | {k for k in data if isinstance(data[k], dict)}
+    environment = apply_environment(data, marks, known)
+    return Config(directory=directory, data=data, marks=marks, files=files, installed=installed,
+                  environment=environment, defer=defer)

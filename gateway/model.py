@@ -103,11 +103,18 @@ class Attempt:
     :ivar client: the client address, already resolved through trusted proxies.
     :ivar front_door: which entry point it came through (``forward_auth``, ``api``, ...).
     :ivar deadline: :func:`time.monotonic` value by which a decision is due.
+    :ivar password: the username and password presented (Basic, or the JSON API), if any.
+    :ivar negotiate: the SPNEGO/Kerberos token presented (``Authorization: Negotiate``), if any.
+    :ivar certificate: the client certificate chain (own TLS listener or a trusted proxy), if any.
     :ivar peer: the socket peer's address (equal to ``client`` unless a trusted proxy forwarded).
     :ivar trusted_peer: the socket peer is one of ``trusted_proxies``: headers it forwards (such
         as a client certificate) may be believed.
     :ivar headers: the request's headers, lower-cased names, without ``Authorization``,
         ``Proxy-Authorization`` and ``Cookie`` (credentials arrive typed, above).
+    :ivar started: :func:`time.monotonic` value when the front door built it (latency).
+    :ivar stash: per-attempt plugin state, under module-level ``StashKey`` keys.
+    :ivar notes: what steps that passed on remarked (``USER_NOT_FOUND``, ``UNAVAILABLE``); the
+        core folds them when no step decides.
     """
 
     request_id: str
@@ -158,6 +165,11 @@ class Identity:
     """Who a successful attempt proved the client to be.
 
     :ivar subject: a stable id that survives renames (for AD, the objectGUID).
+    :ivar username: the name upstream applications see (``Remote-User``): the backend's spelling.
+    :ivar display_name: a human name (``Remote-Name``), empty when unknown.
+    :ivar email: ``Remote-Email``, empty when unknown.
+    :ivar groups: group names (``Remote-Groups``), nested memberships resolved.
+    :ivar claims: further attributes a plugin maps (LDAP ``attributes:``), JSON-safe values.
     :ivar method: the plugin that proved it (``ldap``, ``kerberos``, ``static``...).
     :ivar authenticated_at: wall-clock time (:func:`time.time`) of the proof.
     :ivar account_state: set by a ``gateway_lookup_user`` answer when the account may not log in
@@ -200,6 +212,8 @@ class Identity:
 class Decision:
     """The answer to an attempt.
 
+    :ivar outcome: what the attempt came to; only ``SUCCESS`` carries an identity.
+    :ivar identity: who was proved, on ``SUCCESS``; ``None`` otherwise.
     :ivar reason: a stable machine code (``ldap.locked``, ``kerberos.clock_skew``...), documented
         in docs/reasons.md; empty for a plain success.
     :ivar step: the name of the chain step (or wrapper) that decided.

@@ -19,6 +19,11 @@ __all__ = ["ChainPool"]
 log = logging.getLogger("authgw.chain")
 
 
+#: What a pool thread is working on (``current.arg``): the service log's JSON lines take the
+#: request id of the attempt from it (:mod:`gateway.logs`).
+current = threading.local()
+
+
 def _resolve(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
     if future.done():  # the attempt's deadline passed and its waiter gave up
         return
@@ -67,6 +72,7 @@ class ChainPool:
             if item is None:
                 return
             loop, future, fn, arg = item
+            current.arg = arg
             try:
                 result, error = fn(arg), None
             except BaseException as exc:  # handed to the waiter, which decides

@@ -19,11 +19,14 @@ from typing import Any
 import pluggy
 
 from gateway import hookspecs
-from gateway.config import Config
+from gateway.config import Config, KeyPath
+from gateway.config import did_you_mean
 from gateway.errors import ConfigError, PluginLoadError
 from gateway.settings import GatewaySettings, PluginSettings
+from gateway.yamlfiles import format_path
 
-__all__ = ["ENTRY_POINT_GROUP", "PluginContext", "PluginInfo", "build_plugin_manager", "discover", "hookimpl"]
+__all__ = ["ENTRY_POINT_GROUP", "PluginContext", "PluginInfo", "build_plugin_manager", "check_config", "discover",
+           "hookimpl"]
 
 ENTRY_POINT_GROUP = "authgw.plugins"
 PROJECT = "authgw"
@@ -120,7 +123,67 @@ def instantiate(name: str, obj: Any, config: Config, context: PluginContext) -> 
     if not (inspect.isclass(settings_model) and issubclass(settings_model, PluginSettings)):
         raise PluginLoadError(f"plugin {name!r}: {obj.__name__}.Settings must derive from gateway.PluginSettings")
     settings = config.validate(settings_model, section, (name,))
-    return obj(settings, context)
+    try:
+        return obj(settings, context)
+    except ConfigError as exc:
+        # Checks a plugin makes when it is built (a CA file that cannot be read, a filter that
+        # does not compile, a timeout above the deadline) name their key: add its file:line.
+        raise ConfigError([_locate_problem(config, name, problem) for problem in exc.problems]) from None
+
+
+_KEY_PREFIX = re.compile(r"^(?P<path>[A-Za-z_][\w-]*(?:\.[A-Za-z_][\w-]*|\[\d+\])*): ")
+
+
+def _locate_problem(config: Config, name: str, problem: str) -> str:
+    """``ldap.ca_file: ...`` -> ``conf.d/ldap.yaml:7: ldap.ca_file: ...`` (a problem that starts
+    with a key path of the plugin's section and has no location yet)."""
+    match = _KEY_PREFIX.match(problem)
+    if not match or not (match.group("path") + ".").startswith(name + "."):
+        return config.locate((name,), problem) if not _has_location(problem) else problem
+    path: KeyPath = tuple(int(part[1:-1]) if part.startswith("[") else part
+                          for part in re.findall(r"\[\d+\]|[^.\[\]]+", match.group("path")))
+    return config.locate(path, problem)
+
+
+def _has_location(problem: str) -> bool:
+    return bool(re.match(r"^\S+:\d+: ", problem))
+
+
+def settings_problems(config: Config, discovered: dict[str, PluginInfo]) -> list[str]:
+    """Validate the settings of every enabled, installed plugin without building it: used when
+    the core's settings are wrong, so one run still reports the plugins' problems too."""
+    problems = []
+    for name in config.enabled:
+        if name not in discovered:
+            continue
+        obj = load(discovered[name])
+        settings_model = getattr(obj, "Settings", None) if inspect.isclass(obj) else None
+        if not (inspect.isclass(settings_model) and issubclass(settings_model, PluginSettings)):
+            continue
+        try:
+            config.validate(settings_model, config.section(name), (name,))
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    return problems
+
+
+def _not_installed(config: Config, names: list[str], discovered: dict[str, PluginInfo]) -> list[str]:
+    """One located problem per enabled plugin that is not installed (at its `chain:` item)."""
+    reserved = set(GatewaySettings.model_fields)
+    problems = []
+    for n in names:
+        where: KeyPath = ("chain",)
+        for key in ("chain", "plugins"):
+            items = config.data.get(key)
+            if isinstance(items, list) and n in items:
+                where = (key, items.index(n))
+                break
+        message = (f"{format_path(where)}: plugin {n!r} is enabled in conf.d but not installed"
+                   + (" (it is a gateway setting, not a plugin)" if n in reserved else
+                      f"; installed plugins: {', '.join(discovered) or 'none'}"
+                      + did_you_mean(n, set(discovered))))
+        problems.append(config.locate(where, message))
+    return problems
 
 
 def _check_contract(pm: pluggy.PluginManager, name: str, plugin: Any, info: PluginInfo, is_step: bool) -> None:
@@ -148,6 +211,15 @@ def _check_contract(pm: pluggy.PluginManager, name: str, plugin: Any, info: Plug
         raise PluginLoadError(f"{info.describe()} is listed in `chain:` but does not implement gateway_authenticate")
 
 
+def check_config(config: Config, discovered: dict[str, PluginInfo]) -> None:
+    """Raise every problem found so far at once: the core's (deferred by ``load_config``),
+    enabled plugins that are not installed, and, then, every enabled plugin's settings."""
+    missing = [n for n in config.enabled if n not in discovered]
+    if config.problems or missing:
+        raise ConfigError(config.problems + _not_installed(config, missing, discovered)
+                          + settings_problems(config, discovered))
+
+
 def build_plugin_manager(config: Config, *, state_dir: Path, core_plugins: list[tuple[str, Any]] = (),
                          discovered: dict[str, PluginInfo] | None = None) -> tuple[pluggy.PluginManager, dict[str, Any]]:
     """Load, build and register the enabled plugins.
@@ -156,14 +228,7 @@ def build_plugin_manager(config: Config, *, state_dir: Path, core_plugins: list[
     :return: the plugin manager and the registered plugin objects by name, in chain order.
     """
     discovered = discover() if discovered is None else discovered
-    reserved = set(GatewaySettings.model_fields)
-    missing = [n for n in config.enabled if n not in discovered]
-    if missing:
-        raise PluginLoadError("; ".join(
-            f"plugin {n!r} is enabled in conf.d but not installed"
-            + (" (it is a gateway setting, not a plugin)" if n in reserved else
-               f"; installed plugins: {', '.join(discovered) or 'none'}")
-            for n in missing))
+    check_config(config, discovered)
 
     pm = pluggy.PluginManager(PROJECT)
     pm.add_hookspecs(hookspecs)

@@ -11,7 +11,7 @@ from gateway.chain import ChainFolder, Gateway
 from gateway.config import Config, load_config
 from gateway.errors import ConfigError
 from gateway.metrics import Metrics
-from gateway.registry import PluginInfo, build_plugin_manager, discover
+from gateway.registry import PluginInfo, build_plugin_manager, check_config, discover
 
 __all__ = ["Runtime", "build_runtime", "default_config_dir", "default_state_dir"]
 
@@ -62,7 +62,8 @@ def build_runtime(config_dir: Path, *, state_dir: Path | None = None,
                   discovered: dict[str, PluginInfo] | None = None) -> Runtime:
     """Load *config_dir*, build every enabled plugin and the core around them."""
     discovered = discover() if discovered is None else discovered
-    config = load_config(config_dir, installed=set(discovered))
+    config = load_config(config_dir, installed=set(discovered), defer=True)
+    check_config(config, discovered)  # every problem of the core and the enabled plugins at once
     state = ensure_state_dir(state_dir or config.core.state_dir or default_state_dir())
     audit = AuditLog(config.core.audit.file)
     metrics = Metrics()

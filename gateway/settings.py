@@ -4,6 +4,11 @@ paths relative to the configuration directory, and the core's own settings.
 Plugins declare settings as pydantic models deriving from :class:`PluginSettings`; unknown keys,
 wrong types and missing keys are rejected before the plugin is built, with file, line and key
 path (see :mod:`gateway.config`).
+
+Booleans are strict in every model deriving from :class:`PluginSettings` (the core's and every
+plugin's, built-in or not): only ``true``/``false`` are accepted, never ``yes``, ``on``, ``1`` or
+the string ``"true"``. A validator that checks several keys raises :class:`InvalidKey` to name
+the key at fault, so the error points at that key's own line.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from __future__ import annotations
 import ipaddress
 import os
 import stat
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -22,6 +29,7 @@ from pydantic import (
     GetCoreSchemaHandler,
     PlainSerializer,
     PlainValidator,
+    Strict,
     ValidationInfo,
     field_validator,
 )
@@ -30,10 +38,25 @@ from pydantic_core import PydanticCustomError, core_schema
 __all__ = [
     "ConfigPath",
     "GatewaySettings",
+    "InvalidKey",
     "PluginSettings",
     "Secret",
+    "StrictBool",
     "ValidationContext",
 ]
+
+#: The one boolean type of the configuration: ``true`` or ``false``, nothing that looks like one.
+#: :class:`PluginSettings` applies it to every field annotated ``bool``, so no model can forget it.
+StrictBool = Annotated[bool, Strict()]
+
+
+class InvalidKey(ValueError):
+    """Raised by a settings validator to blame one key (dotted, relative to the model), so the
+    error names ``file:line`` of that key instead of the section's first line."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 @dataclass
@@ -49,11 +72,30 @@ class ValidationContext:
         return path if path.is_absolute() else (self.config_dir / path)
 
     def check_private(self, path: Path, what: str) -> None:
-        """Warn (or, in strict mode, fail) when a file holding secrets is readable by others."""
+        """Warn (or, in strict mode, fail) when a file holding secrets is readable by others.
+
+        A world-readable file of ours is made 0600 instead, once, with a warning saying so: git
+        and archives do not keep modes, so every fresh clone has the shipped users file 0644, and
+        a warning on every command teaches operators to ignore warnings. Taking read access away
+        from others never widens anything. A group-readable file (a deliberate 0640 for a service
+        group) and another user's file are left alone and warned about; strict mode changes
+        nothing and fails.
+        """
         try:
-            mode = path.stat().st_mode
+            info = path.stat()
         except OSError:
             return
+        mode = info.st_mode
+        if mode & stat.S_IRWXO and not self.strict and info.st_uid == os.geteuid():
+            try:
+                os.chmod(path, stat.S_IMODE(mode) & 0o700)
+            except OSError:
+                pass
+            else:
+                self.warnings.append((f"{what} {path} was readable by others (mode {stat.S_IMODE(mode):o}; git and "
+                                      f"archives do not keep modes); changed it to {stat.S_IMODE(mode) & 0o700:o}",
+                                      str(path)))
+                return
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
             message = f"{what} {path} is readable by group or others (mode {stat.S_IMODE(mode):o}); chmod 600 it"
             if self.strict:
@@ -105,6 +147,15 @@ class Secret:
         )
 
     @classmethod
+    def __get_pydantic_json_schema__(cls, schema: core_schema.CoreSchema, handler: Any) -> dict[str, Any]:
+        ref = {"type": "string", "minLength": 1}
+        return {"description": "a reference, never the secret: {env: NAME} or {file: PATH}",
+                "oneOf": [{"type": "object", "properties": {"env": ref}, "required": ["env"],
+                           "additionalProperties": False},
+                          {"type": "object", "properties": {"file": ref}, "required": ["file"],
+                           "additionalProperties": False}]}
+
+    @classmethod
     def _validate(cls, value: Any, info: ValidationInfo) -> Secret:
         if isinstance(value, Secret):
             return value
@@ -140,13 +191,33 @@ def _resolve_path(value: Any, info: ValidationInfo) -> Path:
 
 
 #: A path; relative values are taken from the configuration directory, not the working directory.
-ConfigPath = Annotated[Path, PlainValidator(_resolve_path), PlainSerializer(str)]
+ConfigPath = Annotated[Path, PlainValidator(_resolve_path, json_schema_input_type=str), PlainSerializer(str)]
+
+
+def _is_bool(annotation: Any) -> bool:
+    if annotation is bool:
+        return True
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType) and bool in typing.get_args(annotation)
 
 
 class PluginSettings(BaseModel):
-    """Base class of every plugin's settings: unknown keys are errors, and settings are frozen."""
+    """Base class of every plugin's settings: unknown keys are errors, booleans are strict
+    (``true``/``false`` only), and settings are frozen."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        # pydantic's lax bool accepts "yes", "on", "1" and 1: in a security product's
+        # configuration `insecure: on` must be an error, not True. Done here, once, so that every
+        # model (third-party plugins too) is strict without having to remember a special type.
+        changed = False
+        for field_info in cls.model_fields.values():
+            if _is_bool(field_info.annotation) and not any(isinstance(m, Strict) for m in field_info.metadata):
+                field_info.metadata.append(Strict())
+                changed = True
+        if changed:
+            cls.model_rebuild(force=True, raise_errors=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,7 +226,18 @@ class PluginSettings(BaseModel):
 
 
 class AuditSettings(PluginSettings):
-    file: str = Field("-", description="where audit lines go: a file path, or `-` for standard error")
+    file: str = Field("auto", description="where audit lines go: a file path, `-` for standard error, or "
+                      "`auto`: `$LOGS_DIRECTORY/audit.log` under systemd (`LogsDirectory=authgw`), else `-`")
+
+    @field_validator("file")
+    @classmethod
+    def _auto(cls, value: str) -> str:
+        # A service's standard error is its journal, mixed with the service log: the audit trail
+        # gets a file of its own there. Interactively, the terminal is the useful place.
+        if value == "auto":
+            logs = os.environ.get("LOGS_DIRECTORY", "").split(":")[0]
+            return os.path.join(logs, "audit.log") if logs else "-"
+        return value
 
 
 class ThrottleSettings(PluginSettings):
@@ -203,9 +285,18 @@ class GatewaySettings(PluginSettings):
                                    "`$XDG_DATA_HOME/authgw`; `--state-dir` overrides")
     strict: bool = Field(False, description="make permission warnings errors")
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$", description="DEBUG, INFO, WARNING or ERROR")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="service log lines: `text`, or `json` (one object per line, with `request_id` "
+                            "where there is one)")
     audit: AuditSettings = Field(AuditSettings(), description="the audit log (one JSON line per attempt)")
     throttle: ThrottleSettings = Field(ThrottleSettings(), description="failure throttling")
     api_tokens: list[ApiToken] = Field([], description="clients allowed to call `POST /v1/authenticate`")
+
+    @field_validator("listen", mode="before")
+    @classmethod
+    def _one_address(cls, value: Any) -> Any:
+        # `listen: 127.0.0.1:9000` is how operators write a single address.
+        return [value] if isinstance(value, str) else value
 
     @field_validator("listen")
     @classmethod

@@ -19,7 +19,8 @@ import yaml
 
 from gateway.errors import ConfigError
 
-__all__ = ["KeyPath", "Mark", "display_name", "format_path", "load_directory", "load_file"]
+__all__ = ["KeyPath", "Mark", "display_name", "format_path", "load_directory", "load_file", "parse_scalar",
+           "referenced_paths", "unread_files"]
 
 KeyPath = tuple[str | int, ...]
 
@@ -30,7 +31,8 @@ class Mark:
     line: int
 
     def __str__(self) -> str:
-        return f"{self.file}:{self.line}"
+        # Line 0: not from a file (an AUTHGW_... environment variable).
+        return f"{self.file}:{self.line}" if self.line else self.file
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -52,6 +54,16 @@ _resolver(
     r"^[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$",
     "-+0123456789.",
 )
+
+
+def parse_scalar(text: str) -> Any:
+    """*text* typed as this loader types a plain scalar (``true``, ``3``, ``1.5``, else a string)."""
+    loader = _StrictLoader("")
+    try:
+        tag = loader.resolve(yaml.ScalarNode, text, (True, False))
+        return loader.construct_object(yaml.ScalarNode(tag, text), deep=True)
+    finally:
+        loader.dispose()
 
 
 def display_name(path: Path) -> str:
@@ -89,11 +101,57 @@ def load_file(path: Path, marks: dict[KeyPath, Mark]) -> dict[str, Any]:
             raise ConfigError(f"{name}:{node.start_mark.line + 1}: the top level must be a mapping of keys")
         return _construct(loader, node, (), name, marks)
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = f":{mark.line + 1}" if mark else ""
-        raise ConfigError(f"{name}{line}: invalid YAML: {exc.problem or exc.context}") from None
+        raise ConfigError(_yaml_problem(name, text, exc)) from None
     finally:
         loader.dispose()
+
+
+#: PyYAML's parser messages, said the way an operator fixes them: (context, problem start) -> text,
+#: and whether the mistake is at the context's line (an unclosed bracket or quote) or the problem's.
+_YAML_HINTS: list[tuple[str, str, str, bool]] = [
+    ("flow sequence", "", "a `[` list is not closed with `]` on this line (or an item holds an unquoted `:`)", True),
+    ("flow mapping", "", "a `{` mapping is not closed with `}` on this line (or a value holds an unquoted `:`)", True),
+    ("quoted scalar", "", "a quoted value is not closed (a quote inside it? write '' in single quotes)", True),
+    ("", "mapping values are not allowed", "a value holds an unquoted `: `, or a key is indented under a value; "
+                                           "quote the value or fix the indentation", False),
+    ("", "found character '\\t'", "a tab character: YAML indents with spaces only", False),
+    ("", "found character", "a value starts with a character YAML reserves (@ ` % | >); quote the value", False),
+    ("", "found undefined alias", "`*` starts a YAML alias; quote a value that starts with `*`", False),
+    ("block mapping", "expected <block end>", "the indentation does not match the keys above, or a quoted "
+                                             "value is followed by more text", False),
+    ("block collection", "expected <block end>", "a list item's indentation does not match the items above", False),
+]
+
+
+def _key_at(text: str, line: int) -> str:
+    """The dotted key path that holds *line* (1-based), from indentation alone: used when the YAML
+    cannot be parsed, so no node is available to name the key."""
+    lines = text.splitlines()[:line]
+    path: list[tuple[int, str]] = []
+    for raw in lines:
+        match = re.match(r"^( *)(?:- +)?([A-Za-z_][\w.-]*)\s*:(\s|$)", raw)
+        if not match:
+            continue
+        indent = len(match.group(1))
+        while path and path[-1][0] >= indent:
+            path.pop()
+        path.append((indent, match.group(2)))
+    return ".".join(key for _, key in path)
+
+
+def _yaml_problem(name: str, text: str, exc: yaml.MarkedYAMLError) -> str:
+    """Rewrite a PyYAML error as ``file:line: key: what to fix`` at the line of the mistake."""
+    context, problem = exc.context or "", exc.problem or ""
+    for in_context, starts, hint, at_context in _YAML_HINTS:
+        if in_context in context and problem.startswith(starts):
+            mark = exc.context_mark if at_context and exc.context_mark else exc.problem_mark or exc.context_mark
+            break
+    else:
+        hint = f"invalid YAML: {problem or context}"
+        mark = exc.problem_mark or exc.context_mark
+    line = mark.line + 1 if mark else 1
+    key = _key_at(text, line)
+    return f"{name}:{line}: {key + ': ' if key else ''}{hint}"
 
 
 def _construct(loader: _StrictLoader, node: yaml.Node, path: KeyPath, name: str, marks: dict[KeyPath, Mark]) -> Any:
@@ -141,19 +199,74 @@ def _merge(into: dict[str, Any], new: dict[str, Any], path: KeyPath, marks: dict
         marks.setdefault(key_path, mark)
 
 
+#: Left behind by editors and package managers; reported as "not read", never read.
+_BACKUP = re.compile(r"(~|\.(bak|orig|old|save|swp|rej|dpkg-\w+|rpm\w+|ucf-\w+))$")
+
+
+def unread_files(directory: Path, referenced: set[Path] = frozenset()) -> tuple[list[str], list[str]]:
+    """Files of *directory* that are not read, as ``(errors, warnings)``.
+
+    ``*.yml`` is an error, not silently skipped: it is surely meant as configuration, and running
+    without it (an LDAP section missing) is worse than not starting. Anything else that is not a
+    dot-file (``ldap.yaml.bak``, ``notes.txt``) is a warning, so a renamed-away file is visibly off.
+    Files a setting names (*referenced*, resolved: a users file, a keytab) are a plugin's, not
+    configuration, and are not reported.
+    """
+    errors, warnings = [], []
+    for path in sorted(directory.iterdir()):
+        if path.name.startswith(".") or not path.is_file() or path.suffix == ".yaml":
+            continue
+        if path.resolve() in referenced:
+            continue
+        name = display_name(path)
+        if path.suffix == ".yml":
+            errors.append(f"{name}: not read: configuration files end in `.yaml`; rename it to "
+                          f"{path.with_suffix('.yaml').name}")
+        else:
+            kind = "a backup" if _BACKUP.search(path.name) else "not `*.yaml`"
+            warnings.append(f"{name}: not read ({kind}); only `*.yaml` files of "
+                            f"{display_name(directory)} are configuration")
+    return errors, warnings
+
+
+def referenced_paths(data: Any, directory: Path) -> set[Path]:
+    """Every string value of *data* taken as a path (relative ones from *directory*), resolved."""
+    found: set[Path] = set()
+    stack = [data]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+        elif isinstance(value, str) and value and "\0" not in value and len(value) < 4096:
+            try:
+                found.add((directory / os.path.expanduser(value)).resolve())
+            except (OSError, RuntimeError, ValueError):
+                pass
+    return found
+
+
 def load_directory(directory: Path) -> tuple[dict[str, Any], dict[KeyPath, Mark], list[Path]]:
     """Read and merge every ``*.yaml`` file of *directory* in lexical order.
 
-    Dot-files and other suffixes are skipped. Returns the merged data, the mark of every key path,
-    and the files read.
+    Dot-files and sub-directories are skipped; other files are reported by :func:`unread_files`.
+    Returns the merged data, the mark of every key path, and the files read. Every file's
+    problems are collected before raising, so one run shows them all.
     """
     if not directory.is_dir():
         raise ConfigError(f"{display_name(directory)}: configuration directory not found")
     files = sorted(p for p in directory.iterdir() if p.suffix == ".yaml" and not p.name.startswith(".") and p.is_file())
     merged: dict[str, Any] = {}
     marks: dict[KeyPath, Mark] = {}
+    problems: list[str] = []
     for path in files:
         file_marks: dict[KeyPath, Mark] = {}
-        data = load_file(path, file_marks)
-        _merge(merged, data, (), marks, file_marks)
+        try:
+            data = load_file(path, file_marks)
+            _merge(merged, data, (), marks, file_marks)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise ConfigError(problems)
     return merged, marks, files

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -38,7 +42,6 @@ def test_files_merge_in_lexical_order_and_a_key_set_twice_names_both_places(conf
         "10-core.yaml": "chain: [a]\naudit:\n  file: '-'\n",
         "20-more.yaml": "deadline: 2\n",
         ".hidden.yaml": "chain: [ignored]\n",
-        "notes.yml": "chain: [ignored]\n",
         "README.txt": "not yaml: [",
     })
     config = load_config(conf_dir)
@@ -81,7 +84,7 @@ def test_a_missing_chain_is_explained(conf_dir):
 def test_malformed_yaml_names_file_and_line(conf_dir):
     write_conf(conf_dir, {"gateway.yaml": "chain: [static\ndeadline: 3\n"})
     (problem,) = problems(conf_dir)
-    assert "gateway.yaml:" in problem and "invalid YAML" in problem
+    assert "gateway.yaml:1: chain: a `[` list is not closed" in problem
 
 
 class _WithSecret(PluginSettings):
@@ -161,3 +164,231 @@ def test_malformed_chain_lists_are_errors_not_crashes(conf_dir, text):
     write_conf(conf_dir, {"gateway.yaml": text})
     found = problems(conf_dir)
     assert found and all("gateway.yaml" in p for p in found)
+
+
+# -- snapshots: every problem of a run, each at its key's own file:line ---------------------------
+
+
+def check(conf: Path, env: dict[str, str] | None = None, *args: str) -> subprocess.CompletedProcess:
+    """``authgw config check`` run from the directory above *conf*, so files read ``conf.d/x.yaml``."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("AUTHGW_")}
+    return subprocess.run([sys.executable, "-m", "gateway", "config", *(args or ("check",)), "--config", "conf.d",
+                           "--state-dir", str(conf.parent / "state")],
+                          capture_output=True, text=True, cwd=conf.parent, env={**clean, **(env or {})}, timeout=60)
+
+
+def errors(result: subprocess.CompletedProcess) -> list[str]:
+    assert result.returncode == 2, result.stdout + result.stderr
+    return [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+
+
+LDAP_OK = """\
+    ldap:
+      servers:
+        - ldaps://127.0.0.1:1636
+      base_dn: dc=example,dc=com
+      bind_dn: cn=svc,dc=example,dc=com
+      bind_password: {env: OPS_TEST_BIND}
+    """
+USERS = {"static/users.yaml": "users: {}\n", "static.yaml": "static:\n  users_file: static/users.yaml\n"}
+
+
+def test_snapshot_core_and_every_plugin_problem_in_one_run(conf_dir):
+    write_conf(conf_dir, {**USERS,
+        "gateway.yaml": """\
+            chain:
+              - static
+              - ldap
+              - kerbros
+            strict: yes
+            throttle:
+              enabled: off
+            deadlin: 4
+            """,
+        "ldap.yaml": """\
+            ldap:
+              servers:
+                - ldaps://127.0.0.1:1636
+              insecure: on
+              base_dn: dc=example,dc=com
+              direct_bind: "uid={username},dc=example,dc=com"
+              recieve_timeout: 2
+            """,
+        "static.yaml": "static:\n  users_file: static/users.yaml\n  case_insensitive: 'true'\n",
+    })
+    assert errors(check(conf_dir)) == [
+        "error: conf.d/gateway.yaml:8: deadlin: unknown key (neither a gateway setting nor an installed plugin; "
+        "see `authgw plugins`); did you mean `deadline`?",
+        "error: conf.d/gateway.yaml:5: strict: expected true or false (yes, no, on, off, 1 and 0 are not booleans here)",
+        "error: conf.d/gateway.yaml:7: throttle.enabled: expected true or false (yes, no, on, off, 1 and 0 are not "
+        "booleans here)",
+        "error: conf.d/gateway.yaml:4: chain[2]: plugin 'kerbros' is enabled in conf.d but not installed; installed "
+        "plugins: cache, client_cert, kerberos, ldap, static; did you mean `kerberos`?",
+        "error: conf.d/static.yaml:3: static.case_insensitive: expected true or false (yes, no, on, off, 1 and 0 are "
+        "not booleans here)",
+        "error: conf.d/ldap.yaml:4: ldap.insecure: expected true or false (yes, no, on, off, 1 and 0 are not booleans "
+        "here)",
+        "error: conf.d/ldap.yaml:7: ldap.recieve_timeout: unknown key; did you mean `receive_timeout`?",
+    ]
+
+
+@pytest.mark.parametrize("case, ldap_extra, gateway_extra, expected", [
+    ("start_tls with ldaps", "  start_tls: true\n", "",
+     "conf.d/ldap.yaml:7: ldap.start_tls: start_tls applies to ldap:// servers; ldaps:// is TLS already"),
+    ("missing ca_file", "  ca_file: missing/ca.pem\n", "",
+     "conf.d/ldap.yaml:7: ldap.ca_file: {conf}/missing/ca.pem is not a readable PEM bundle"),
+    ("receive_timeout above deadline", "  receive_timeout: 9\n", "deadline: 3\n",
+     "conf.d/ldap.yaml:7: ldap.receive_timeout: 9.0s is not below the gateway's deadline (3.0s)"),
+    ("bad filter", "  user_filter: (uid={username}\n", "",
+     "conf.d/ldap.yaml:7: ldap.user_filter: '(uid={username}' is not a valid RFC 4515 filter"),
+    ("bad group filter", "  groups:\n    cache_ttl: 0\n    filter: (member={dn}\n", "",
+     "conf.d/ldap.yaml:9: ldap.groups.filter: "),
+    ("a list of one", "", "listen: nonsense\n",
+     "conf.d/gateway.yaml:2: listen: Value error, 'nonsense' is not HOST:PORT"),
+])
+def test_snapshot_checks_beyond_types_point_at_the_keys_own_line(conf_dir, case, ldap_extra, gateway_extra, expected):
+    write_conf(conf_dir, {**USERS, "gateway.yaml": "chain: [static, ldap]\n" + gateway_extra,
+                          "ldap.yaml": textwrap.dedent(LDAP_OK) + ldap_extra})
+    found = errors(check(conf_dir, {"OPS_TEST_BIND": "x"}))
+    assert len(found) == 1, found
+    assert found[0].startswith("error: " + expected.replace("{conf}", "conf.d").replace("Value error, ", "")), found
+
+
+def test_the_default_listen_and_a_single_address_string(conf_dir):
+    write_conf(conf_dir, {"gateway.yaml": "chain: [a]\nlisten: 127.0.0.1:9100\n"})
+    assert load_config(conf_dir).core.listen == ["127.0.0.1:9100"]
+
+
+@pytest.mark.parametrize("value", ["yes", "on", "off", "no", "'true'", "1", "0", "'false'", "y"])
+def test_every_boolean_of_every_model_accepts_only_true_and_false(value):
+    import importlib.metadata as md
+    import typing
+
+    from pydantic import BaseModel, ValidationError
+
+    from gateway.settings import GatewaySettings
+
+    models = [GatewaySettings] + [getattr(ep.load(), "Settings") for ep in md.entry_points(group="authgw.plugins")
+                                  if ep.dist and ep.dist.name == "authgw" and hasattr(ep.load(), "Settings")]
+    seen: set[type] = set()
+    checked = 0
+    while models:
+        model = models.pop()
+        if model in seen:
+            continue
+        seen.add(model)
+        for name, info in model.model_fields.items():
+            for arg in (info.annotation, *typing.get_args(info.annotation)):
+                if isinstance(arg, type) and issubclass(arg, BaseModel):
+                    models.append(arg)
+            if info.annotation is bool or bool in typing.get_args(info.annotation):
+                checked += 1
+                adapter_input = {name: __import__("yaml").safe_load(value) if value.startswith("'") else
+                                 (int(value) if value.isdigit() else value)}
+                with pytest.raises(ValidationError) as excinfo:
+                    model.model_validate(adapter_input)
+                assert any(e["loc"] == (name,) and e["type"] == "bool_type" for e in excinfo.value.errors()), \
+                    (model.__name__, name)
+    assert checked >= 20
+
+
+def test_strict_yes_no_longer_looks_on_and_true_is_on(conf_dir, tmp_path):
+    users = conf_dir / "static" / "users.yaml"
+    write_conf(conf_dir, {**USERS, "gateway.yaml": "chain: [static]\nstrict: true\n"})
+    users.chmod(0o644)
+    strict = check(conf_dir)
+    assert strict.returncode == 2 and "readable by group or others" in strict.stderr
+    write_conf(conf_dir, {"gateway.yaml": "chain: [static]\nstrict: yes\n"})
+    users.chmod(0o644)
+    assert errors(check(conf_dir))[0].startswith("error: conf.d/gateway.yaml:2: strict: expected true or false")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("chain: [static\ndeadline: 3\n", "conf.d/gateway.yaml:1: chain: a `[` list is not closed with `]`"),
+    ("chain: [static]\nrealm: a: b\n", "conf.d/gateway.yaml:2: realm: a value holds an unquoted `: `"),
+    ("chain: [static]\naudit:\n\tfile: x\n", "conf.d/gateway.yaml:3: audit: a tab character"),
+    ("chain: [static]\nrealm: \"abc\ndeadline: 3\n", "conf.d/gateway.yaml:2: realm: a quoted value is not closed"),
+    ("chain: [static]\nrealm: 'it's'\n", "conf.d/gateway.yaml:2: realm: the indentation does not match"),
+    ("chain: [static]\nrealm: @home\n", "conf.d/gateway.yaml:2: realm: a value starts with a character YAML "
+                                          "reserves"),
+])
+def test_snapshot_yaml_mistakes_are_rewritten_at_their_line(conf_dir, text, expected):
+    write_conf(conf_dir, {"gateway.yaml": text})
+    (found,) = errors(check(conf_dir))
+    assert found.startswith("error: " + expected), found
+
+
+def test_files_that_are_not_read_are_reported(conf_dir):
+    write_conf(conf_dir, {**USERS, "gateway.yaml": "chain: [static]\n", "ldap.yaml.bak": "x: 1\n",
+                          "notes.txt": "hello\n"})
+    ok = check(conf_dir)
+    assert ok.returncode == 0, ok.stderr
+    assert "conf.d/ldap.yaml.bak: not read (a backup)" in ok.stderr
+    assert "conf.d/notes.txt: not read (not `*.yaml`)" in ok.stderr
+    write_conf(conf_dir, {"ldap.yml": "ldap: {}\n"})
+    assert errors(check(conf_dir)) == [
+        "error: conf.d/ldap.yml: not read: configuration files end in `.yaml`; rename it to ldap.yaml"]
+    # A file a setting names is a plugin's file, whatever its name: not reported.
+    (conf_dir / "ldap.yml").unlink()
+    (conf_dir / "static" / "users.yaml").rename(conf_dir / "users.yml")
+    write_conf(conf_dir, {"static.yaml": "static:\n  users_file: users.yml\n"})
+    quiet = check(conf_dir)
+    assert quiet.returncode == 0 and "users.yml" not in quiet.stderr, quiet.stderr
+
+
+def test_environment_variables_override_scalar_keys_and_show_their_source(conf_dir):
+    write_conf(conf_dir, {**USERS, "gateway.yaml": "chain: [static]\ndeadline: 5\nthrottle:\n  window: 60\n"})
+    env = {"AUTHGW_DEADLINE": "2.5", "AUTHGW_THROTTLE__ENABLED": "false", "AUTHGW_STATIC__CASE_INSENSITIVE": "true",
+           "AUTHGW_LDAP_PASSWORD": "not-a-key-but-a-secret-reference"}
+    shown = check(conf_dir, env, "show")
+    assert shown.returncode == 0, shown.stderr
+    assert "deadline: 2.5" in shown.stdout and "case_insensitive: true" in shown.stdout
+    assert "# deadline: from $AUTHGW_DEADLINE" in shown.stdout
+    assert "# throttle.enabled: from $AUTHGW_THROTTLE__ENABLED" in shown.stdout
+    assert "not-a-key-but-a-secret-reference" not in shown.stdout
+    bad = errors(check(conf_dir, {"AUTHGW_THROTTLE__ENABLED": "on", "AUTHGW_DEADLINE": "soon"}))
+    assert bad == ["error: $AUTHGW_DEADLINE: deadline: Input should be a valid number, unable to parse string as a "
+                   "number",
+                   "error: $AUTHGW_THROTTLE__ENABLED: throttle.enabled: expected true or false (yes, no, on, off, 1 "
+                   "and 0 are not booleans here)"]
+
+
+def test_config_show_redacts_inline_secrets_of_every_section_enabled_or_not(conf_dir):
+    secrets = ["Pepper-Inline-Secret-0123456789abcdef", "Encryption-Inline-Secret-0123456789abc", "RedisPw-Inline-9",
+               "LdapBindInline-7", "-----BEGIN PRIVATE KEY-----"]
+    write_conf(conf_dir, {**USERS, "gateway.yaml": "chain: [static]\n", "cache.yaml": f"""\
+        cache:
+          store: redis
+          pepper: {secrets[0]}
+          encryption_key: {secrets[1]}
+          redis:
+            url: redis://:{secrets[2]}@127.0.0.1:6379/0
+            key_prefix: keep-this-prefix
+        """, "ldap.yaml": f"""\
+        ldap:
+          servers: ["ldaps://admin:{secrets[3]}@127.0.0.1"]
+          bind_password: {secrets[3]}
+          tls_key: "{secrets[4]}\\nMIIB"
+        """})
+    shown = check(conf_dir, None, "show")
+    assert shown.returncode == 0, shown.stderr
+    for secret in secrets:
+        assert secret not in shown.stdout + shown.stderr
+    assert "key_prefix: keep-this-prefix" in shown.stdout
+    assert "redis://:<redacted>@127.0.0.1:6379/0" in shown.stdout
+
+
+def test_snapshot_a_check_across_list_entries_points_at_the_entry_at_fault(conf_dir):
+    write_conf(conf_dir, {"gateway.yaml": "chain: [client_cert]\n", "client_cert.yaml": """\
+        client_cert:
+          ca_bundle: root.pem
+          revocation: "off"
+          headers:
+            - name: X-SSL-Client-Cert
+              format: pem
+            - name: X-Forwarded-Client-Cert
+              format: xfcc
+        """})
+    (found,) = errors(check(conf_dir))
+    assert found.startswith("error: conf.d/client_cert.yaml:7: client_cert.headers[1]: x-ssl-client-cert and "
+                            "x-forwarded-client-cert both apply to every trusted proxy"), found

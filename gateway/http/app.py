@@ -21,6 +21,8 @@ from aiohttp import web
 
 from gateway.chain import Gateway
 from gateway.errors import PluginLoadError
+from gateway.http.openapi import openapi_document
+from gateway.logs import authgw_version
 from gateway.http.clientaddr import ClientAddressResolver, parse_address
 from gateway.http.credentials import MalformedCredentials, check_password_credential, parse_authorization
 from gateway.model import (
@@ -181,7 +183,9 @@ class FrontDoor:
             headers["Retry-After"] = str(int(self.gateway.settings.throttle.window))
             return web.Response(status=429, text="429 Too Many Requests\n", headers=headers)
         response = web.Response(status=401, text=_DENY_BODY, headers=headers)
-        for challenge in self.gateway.challenges(attempt) or [self.realm_challenge]:
+        # Only steps that can answer a challenge offer one: a certificate-only chain must not make
+        # a browser prompt for a password that can never succeed.
+        for challenge in self.gateway.challenges(attempt):
             response.headers.add("WWW-Authenticate", challenge)
         return response
 
@@ -240,7 +244,7 @@ class FrontDoor:
     # -- health -----------------------------------------------------------------------------------
 
     async def healthz(self, request: web.Request) -> web.Response:
-        return web.Response(text="ok\n")
+        return web.Response(text=f"ok authgw {authgw_version()}\n")
 
     async def readyz(self, request: web.Request) -> web.Response:
         ready, components = self.gateway.readiness()
@@ -258,6 +262,7 @@ class FrontDoor:
 def _front_doors(app: web.Application, door: FrontDoor) -> None:
     app.router.add_route("*", "/auth", door.forward_auth)
     app.router.add_post("/v1/authenticate", door.api_authenticate)
+    app.router.add_get("/v1/openapi.json", lambda request: web.json_response(openapi_document(authgw_version())))
     app.router.add_get("/healthz", door.healthz)
     app.router.add_get("/readyz", door.readyz)
     app.router.add_get("/metrics", door.metrics_text)

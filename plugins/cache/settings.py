@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from gateway import ConfigPath, PluginSettings, Secret
+from gateway.settings import InvalidKey
 
 __all__ = ["Argon2Settings", "CacheSettings", "HotSettings", "RedisSettings", "SQLiteSettings", "parse_duration"]
 
@@ -131,5 +132,5 @@ class CacheSettings(PluginSettings):
     @model_validator(mode="after")
     def _store_configured(self) -> CacheSettings:
         if self.store == "redis" and self.redis is None:
-            raise ValueError("store: redis needs a `redis:` section with at least `url`")
+            raise InvalidKey("store", "store: redis needs a `redis:` section with at least `url`")
         return self

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from gateway import ConfigPath, PluginSettings, Secret
-from gateway.settings import parse_listen
+from gateway.settings import InvalidKey, parse_listen
 
 __all__ = [
     "ClientCertSettings",
@@ -205,11 +205,11 @@ class MappingRule(PluginSettings):
     @model_validator(mode="after")
     def _complete(self) -> MappingRule:
         if self.type == "subject" and not self.pattern:
-            raise ValueError("a `subject` rule needs a `pattern`")
+            raise InvalidKey("type", "a `subject` rule needs a `pattern`")
         if self.type == "issuer_serial" and not self.certificates:
-            raise ValueError("an `issuer_serial` rule needs `certificates`")
+            raise InvalidKey("type", "an `issuer_serial` rule needs `certificates`")
         if self.type == "thumbprint" and not self.thumbprints:
-            raise ValueError("a `thumbprint` rule needs `thumbprints`")
+            raise InvalidKey("type", "a `thumbprint` rule needs `thumbprints`")
         return self
 
 
@@ -231,7 +231,7 @@ class MappingSettings(PluginSettings):
     @model_validator(mode="after")
     def _needs_lookup(self) -> MappingSettings:
         if self.require_directory_match and not self.lookup:
-            raise ValueError("require_directory_match needs lookup: true")
+            raise InvalidKey("require_directory_match", "require_directory_match needs lookup: true")
         return self
 
 
@@ -264,12 +264,13 @@ class ClientCertSettings(PluginSettings):
         # A proxy sets one header; two entries for one proxy would bring back the fall-through.
         catch_all = [h.name for h in self.headers if not h.proxies]
         if len(catch_all) > 1:
-            raise ValueError(f"headers: {' and '.join(catch_all)} both apply to every trusted proxy; a proxy "
-                             "sets one certificate header: give each entry the `proxies` that set it")
+            second = [n for n, h in enumerate(self.headers) if not h.proxies][1]
+            raise InvalidKey(f"headers.{second}", f"{' and '.join(catch_all)} both apply to every trusted proxy; a "
+                             "proxy sets one certificate header: give each entry the `proxies` that set it")
         named = [(n, net, h.name) for n, h in enumerate(self.headers) for net in h.proxies]
         for i, (entry, net, name) in enumerate(named):
             for other_entry, other, other_name in named[i + 1:]:
                 if other_entry != entry and net.version == other.version and net.overlaps(other):
-                    raise ValueError(f"headers: proxy {net} sets {name} and {other} sets {other_name}; "
-                                     "a proxy sets one certificate header")
+                    raise InvalidKey(f"headers.{other_entry}", f"proxy {net} sets {name} and {other} sets "
+                                     f"{other_name}; a proxy sets one certificate header")
         return self

@@ -20,12 +20,16 @@ from gateway.plugins.ldap.adcodes import parse_data_code
 from gateway.plugins.ldap.escaping import dn_value, fill, format_guid, plain_name_ok
 from gateway.plugins.ldap.groups import GroupResolver
 from gateway.plugins.ldap.link import TROUBLE_CODES, Entry, Link, ServerTrouble
+from gateway.plugins.ldap.wire import PasswordPolicy
 from gateway.plugins.ldap.pool import BIND, SERVICE, Pool
 from gateway.plugins.ldap.settings import LdapSettings, Resolved
 
 __all__ = ["Directory", "Verdict"]
 
 _BIND_REFUSED = "ldap.bind_refused"
+#: The password policy control's errors that say why a bind was refused (draft-behera section
+#: 6.2), with the reason codes AD's sub-codes (adcodes.py) and the entry's state use.
+_PPOLICY_REASONS = {0: "ldap.password_expired", 1: "ldap.locked", 2: "ldap.must_change_password"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +48,7 @@ class _Bound:
 
     code: int
     message: str
+    policy: PasswordPolicy | None = None
     entry: Entry | None = None
     groups: tuple[str, ...] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -131,16 +136,33 @@ class Directory:
         result = link.bind(dn, password)
         if result.code in TROUBLE_CODES:
             raise ServerTrouble(f"bind answered {result.code}: {result.message}")
-        return _Bound(result.code, result.message)
+        return _Bound(result.code, result.message, result.policy)
 
     def _judge(self, bound: _Bound, username: str) -> tuple[Verdict | None, dict[str, Any]]:
-        """``(None, claims)`` when the bind lets the user in, else the refusing verdict."""
+        """``(None, claims)`` when the bind lets the user in, else the refusing verdict.
+
+        Only the bind's result code can let a user in; a password policy control refines a
+        refusal into its account state, or refuses a bind that succeeded in a restricted state
+        (ppolicy's changeAfterReset: the connection may only change the password)."""
+        policy = bound.policy
+        error = policy.error if policy is not None else None
         if bound.code == 0:
-            return None, {}
+            if error == 2 and self.s.allow_must_change_password:
+                return None, {"must_change_password": True}
+            if error in _PPOLICY_REASONS:
+                self.log.info("bind of %r succeeded but the password policy says %s; refused",
+                              username, _PPOLICY_REASONS[error])
+                return Verdict(Outcome.ACCOUNT_STATE, _PPOLICY_REASONS[error], detail=f"ppolicy {error}"), {}
+            return None, self._policy_warnings(policy, username)
         if bound.code != 49:  # not invalidCredentials: a policy refused (unwillingToPerform...)
             self.log.info("bind of %r refused with result %d: %s", username, bound.code, bound.message)
             return Verdict(Outcome.INVALID_CREDENTIALS, _BIND_REFUSED, detail=str(bound.code)), {}
         ad = parse_data_code(bound.message)
+        if ad is None and error in _PPOLICY_REASONS:
+            # ppolicy: a bare 49 plus the reason in the control (accountLocked only when slapd
+            # has ppolicy_use_lockout; else a locked account stays ldap.invalid_password).
+            self.log.info("bind of %r refused by the password policy: %s", username, _PPOLICY_REASONS[error])
+            return Verdict(Outcome.ACCOUNT_STATE, _PPOLICY_REASONS[error], detail=f"ppolicy {error}"), {}
         if ad is None:
             return Verdict(Outcome.INVALID_CREDENTIALS, "ldap.invalid_password"), {}
         if ad.code == "532" and self.s.allow_expired_password:
@@ -150,6 +172,20 @@ class Directory:
         if ad.outcome is Outcome.ACCOUNT_STATE:
             self.log.info("AD refused %r: %s (data %s)", username, ad.meaning, ad.code)
         return Verdict(ad.outcome, ad.reason, detail=ad.code), {}
+
+    def _policy_warnings(self, policy: PasswordPolicy | None, username: str) -> dict[str, Any]:
+        """A successful bind's expiry warnings, as claims (a login page may tell the user); they
+        never change the decision."""
+        if policy is None:
+            return {}
+        claims: dict[str, Any] = {}
+        if policy.time_before_expiration is not None:
+            claims["password_expires_in"] = policy.time_before_expiration
+        if policy.grace_authns_remaining is not None:
+            claims["grace_logins_remaining"] = policy.grace_authns_remaining
+        if claims:
+            self.log.info("password of %r: %s", username, claims)
+        return claims
 
     def _direct_login(self, username: str, password: str, deadline: float) -> Verdict:
         template = self.s.direct_bind or ""

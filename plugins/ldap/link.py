@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import ldap3
+from ldap3.core.exceptions import LDAPCertificateError
 
 from gateway.plugins.ldap import wire
 
@@ -42,6 +43,8 @@ class ServerTrouble(Exception):
 class Result:
     code: int
     message: str
+    #: A bind's password policy response control (OpenLDAP ppolicy), when one came and parsed.
+    policy: wire.PasswordPolicy | None = None
 
     @property
     def ok(self) -> bool:
@@ -67,6 +70,11 @@ class Entry:
 
 def describe(exc: BaseException) -> str:
     text = str(exc) or exc.__class__.__name__
+    if isinstance(exc, LDAPCertificateError) and "doesn't match any name in" in text:
+        # ldap3 puts the whole certificate (a dict) in this message: say what to do instead.
+        tried = text.rsplit("doesn't match any name in", 1)[1].strip()
+        return (f"the server certificate does not name {tried}: use the DNS name in the certificate "
+                "(its subjectAltName) in ldap.servers, not an IP address")
     return text if len(text) < 300 else text[:300] + "..."
 
 
@@ -125,11 +133,12 @@ class Link:
         """A simple bind on this connection (RFC 4511 section 4.2: a new bind replaces the
         connection's identity; a failed one leaves it anonymous)."""
         message_id = self._send(lambda mid: wire.bind_request(mid, dn, password))
-        tag, body, _ = self._receive(message_id)
+        tag, body, controls = self._receive(message_id)
         if tag != wire.BIND_RESPONSE:
             raise LinkBroken(f"unexpected answer {tag:#x} to a bind")
         try:
-            return Result(*wire.parse_result(body))
+            # The control rides in the same answer: no extra round trip. Unreadable = absent.
+            return Result(*wire.parse_result(body), wire.password_policy(controls) if controls else None)
         except (wire.ProtocolError, IndexError, ValueError) as exc:
             raise LinkBroken(describe(exc)) from None
 

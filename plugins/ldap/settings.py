@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator, model_validator
 
 from gateway import ConfigPath, PluginSettings, Secret
+from gateway.settings import InvalidKey
 
 __all__ = ["GroupSettings", "LdapSettings", "PRESETS", "Preset", "Resolved", "TestLogin", "resolve"]
 
@@ -150,9 +151,11 @@ class LdapSettings(PluginSettings):
     idle_timeout: float = Field(240.0, gt=0, description="idle connections older than this are closed, not "
                                                          "reused (AD drops them after 900 s)")
     allow_expired_password: bool = Field(False, description="AD 532: let a correct, expired password in "
-                                                            "(claim `password_expired: true`)")
-    allow_must_change_password: bool = Field(False, description="AD 773: let a correct password that must be "
-                                                                "changed in (claim `must_change_password: true`)")
+                                                            "(claim `password_expired: true`); not ppolicy's "
+                                                            "passwordExpired, a refusal by slapd")
+    allow_must_change_password: bool = Field(False, description="AD 773, ppolicy changeAfterReset: let a correct "
+                                                                "password that must be changed in (claim "
+                                                                "`must_change_password: true`)")
     max_username_length: int = Field(256, ge=1, le=4096, description="longer usernames are not looked up")
     test_login: TestLogin | None = Field(None, description="an account for the optional login self-test")
 
@@ -174,18 +177,20 @@ class LdapSettings(PluginSettings):
     def _check(self) -> LdapSettings:
         plain = [u for u in self.servers if u.startswith("ldap://")]
         if plain and not self.start_tls and not self.insecure:
-            raise ValueError(f"{plain[0]} is plaintext: use ldaps://, set start_tls: true, or accept "
+            raise InvalidKey(f"servers.{self.servers.index(plain[0])}",
+                             f"{plain[0]} is plaintext: use ldaps://, set start_tls: true, or accept "
                              "readable passwords on the network with insecure: true")
         if self.start_tls and any(u.startswith("ldaps://") for u in self.servers):
-            raise ValueError("start_tls applies to ldap:// servers; ldaps:// is TLS already")
+            raise InvalidKey("start_tls", "start_tls applies to ldap:// servers; ldaps:// is TLS already")
         if (self.bind_dn is None) != (self.bind_password is None):
-            raise ValueError("bind_dn and bind_password go together")
+            raise InvalidKey("bind_dn" if self.bind_dn is not None else "bind_password",
+                             "bind_dn and bind_password go together")
         if self.direct_bind is not None and "{username}" not in self.direct_bind:
-            raise ValueError("direct_bind must contain {username}")
+            raise InvalidKey("direct_bind", "direct_bind must contain {username}")
         if self.direct_bind is None and self.bind_dn is None:
             raise ValueError("set bind_dn/bind_password (search, then bind) or direct_bind")
         if self.user_filter is not None and "{username}" not in self.user_filter:
-            raise ValueError("user_filter must contain {username}")
+            raise InvalidKey("user_filter", "user_filter must contain {username}")
         return self
 
 

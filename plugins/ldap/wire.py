@@ -6,20 +6,24 @@ times the gateway's own work; written out here they cost a few dozen microsecond
 opens every connection (TCP, LDAPS, StartTLS and certificate verification) and closes it; only
 BindRequest/SearchRequest and their responses go through this module.
 
-What is covered, and nothing more: simple BindRequest, SearchRequest with the RFC 2696 paged
-results control, string filters (RFC 4515) of every kind, and the responses to them
-(BindResponse, SearchResultEntry, SearchResultReference, SearchResultDone), plus the Notice of
-Disconnection (RFC 4511 section 4.4.1). LDAP allows only definite lengths (section 5.1).
+What is covered, and nothing more: simple BindRequest with the Password Policy request control
+(draft-behera-ldap-password-policy-10 section 6), SearchRequest with the RFC 2696 paged results
+control, string filters (RFC 4515) of every kind, and the responses to them
+(BindResponse and its password policy response control, SearchResultEntry,
+SearchResultReference, SearchResultDone), plus the Notice of Disconnection (RFC 4511 section
+4.4.1). LDAP allows only definite lengths (section 5.1).
 """
 
 from __future__ import annotations
 
 import socket
+from dataclasses import dataclass
 
-__all__ = ["FilterError", "ProtocolError", "Reader", "bind_request", "compile_filter", "paged_cookie",
-           "parse_entry", "parse_result", "search_request"]
+__all__ = ["FilterError", "PasswordPolicy", "ProtocolError", "Reader", "bind_request", "compile_filter",
+           "paged_cookie", "parse_entry", "parse_result", "password_policy", "search_request"]
 
 PAGED_OID = b"1.2.840.113556.1.4.319"
+PPOLICY_OID = b"1.3.6.1.4.1.42.2.27.8.5.1"
 #: The largest message the reader buffers: a user entry with its groups is kilobytes; a server
 #: announcing more is broken or hostile, and must not make the gateway allocate gigabytes.
 MAX_MESSAGE = 16 * 1024 * 1024
@@ -55,6 +59,11 @@ def _tlv(tag: int, content: bytes) -> bytes:
     return bytes((tag,)) + _length(len(content)) + content
 
 
+#: The password policy request control: controlType only, criticality FALSE (the default, so left
+#: out) and no value. Non-critical: a server without the overlay ignores it (RFC 4511 4.1.11).
+_PPOLICY_REQUEST = _tlv(0x30, _tlv(0x04, PPOLICY_OID))
+
+
 def _int(tag: int, value: int) -> bytes:
     return _tlv(tag, value.to_bytes(max(1, (value.bit_length() + 8) // 8), "big", signed=True))
 
@@ -63,10 +72,11 @@ def _message(message_id: int, op: bytes, controls: bytes = b"") -> bytes:
     return _tlv(0x30, _int(0x02, message_id) + op + (_tlv(0xA0, controls) if controls else b""))
 
 
-def bind_request(message_id: int, dn: str, password: str) -> bytes:
-    """BindRequest, LDAPv3, simple authentication (RFC 4511 section 4.2)."""
+def bind_request(message_id: int, dn: str, password: str, *, ppolicy: bool = True) -> bytes:
+    """BindRequest, LDAPv3, simple authentication (RFC 4511 section 4.2), asking for the
+    password policy response control (OpenLDAP's ppolicy says why it refused in it)."""
     body = b"\x02\x01\x03" + _tlv(0x04, dn.encode("utf-8")) + _tlv(0x80, password.encode("utf-8"))
-    return _message(message_id, _tlv(0x60, body))
+    return _message(message_id, _tlv(0x60, body), _PPOLICY_REQUEST if ppolicy else b"")
 
 
 def search_request(message_id: int, base: str, scope: str, filter_ber: bytes, attributes: list[bytes],
@@ -272,6 +282,78 @@ def paged_cookie(controls: bytes) -> bytes | None:
                 at = v_end
         pos = c_end
     return None
+
+
+@dataclass(frozen=True, slots=True)
+class PasswordPolicy:
+    """A password policy response control (draft-behera-ldap-password-policy-10 section 6.2).
+
+    ``error``: passwordExpired (0), accountLocked (1), changeAfterReset (2), or the password
+    change errors (3-8) that a bind does not produce; ``None`` when the server sent none.
+    """
+
+    error: int | None = None
+    time_before_expiration: int | None = None
+    grace_authns_remaining: int | None = None
+
+
+def _elements(data: bytes, pos: int, stop: int):
+    """(tag, start, end) of each element from *pos* to *stop*, every length checked to fit."""
+    while pos < stop:
+        if stop - pos < 2:
+            raise ProtocolError("truncated element")
+        tag, start, end = _header(data, pos)
+        if tag & 0x1F == 0x1F or end > stop:  # multi-byte tags are not LDAP's; overruns are lies
+            raise ProtocolError("element overruns its container")
+        yield tag, start, end
+        pos = end
+
+
+def _small_int(data: bytes, start: int, end: int) -> int:
+    """A non-negative INTEGER or ENUMERATED of at most four octets (the draft's maxInt)."""
+    if not 0 < end - start <= 4 or data[start] & 0x80:
+        raise ProtocolError("integer out of range")
+    return int.from_bytes(data[start:end], "big")
+
+
+def password_policy(controls: bytes) -> PasswordPolicy | None:
+    """The password policy response control in a response's controls; ``None`` when absent,
+    repeated or malformed in any way: a control only ever refines a refusal, so one that cannot
+    be read must count as not sent (never an exception, never a guess)."""
+    try:
+        found = None
+        for _, c_start, c_end in _elements(controls, 0, len(controls)):
+            parts = list(_elements(controls, c_start, c_end))
+            if not parts or parts[0][0] != 0x04 or controls[parts[0][1]:parts[0][2]] != PPOLICY_OID:
+                continue
+            if found is not None:
+                return None  # two answers to one question: believe neither
+            if any(tag not in (0x01, 0x04) for tag, _, _ in parts[1:]):  # criticality, controlValue
+                return None
+            values = [p for p in parts[1:] if p[0] == 0x04]
+            if len(values) != 1:
+                return None
+            (tag, s_start, s_end), = _elements(controls, values[0][1], values[0][2])  # one SEQUENCE
+            if tag != 0x30:
+                return None
+            found, order = PasswordPolicy(), 0  # warning [0] then error [1], each at most once
+            for tag, start, end in _elements(controls, s_start, s_end):
+                if tag == 0xA0 and order < 1:  # warning: CHOICE { timeBefore [0], grace [1] }
+                    (w_tag, w_start, w_end), = _elements(controls, start, end)
+                    if w_tag not in (0x80, 0x81):
+                        return None
+                    value = _small_int(controls, w_start, w_end)
+                    found = PasswordPolicy(None, value if w_tag == 0x80 else None, value if w_tag == 0x81 else None)
+                    order = 1
+                elif tag == 0x81 and order < 2:  # error ENUMERATED
+                    found = PasswordPolicy(_small_int(controls, start, end), found.time_before_expiration,
+                                           found.grace_authns_remaining)
+                    order = 2
+                else:
+                    return None
+        return found
+    except (ProtocolError, IndexError, ValueError, TypeError):
+        return None
 
 
 class Reader:

@@ -85,6 +85,15 @@ class StaticPlugin:
         self._users, self._mtime = self._read()
         self._checked = time.monotonic()
 
+    @hookimpl
+    def gateway_startup(self) -> None:
+        # The shipped conf.d works out of the box with demo/demo: say so loudly at every start,
+        # so a gateway exposed with it is not a surprise.
+        _, demo = self._users.get(self._key("demo"), (None, None))
+        if demo is not None and verify_password(demo.password_hash, "demo"):
+            self.log.warning("demo/demo is enabled (the shipped DEMO account): remove it from %s "
+                             "before anyone else can reach this gateway", self.settings.users_file)
+
     # -- the users file ----------------------------------------------------------------------
 
     def _key(self, username: str) -> str:

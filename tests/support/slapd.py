@@ -57,6 +57,8 @@ Details that matter to tests:
   "objectClass": "authgwAccountState", "userAccountControl": "514"})``. ``Slapd(ppolicy=True)``
   loads the ppolicy overlay with a default policy (``cn=default,ou=policies,BASE``: pwdLockout, no failure limit): binds of an entry with ``pwdAccountLockedTime``
   fail with 49, as OpenLDAP answers a locked account; set it with :meth:`modify` as the rootdn.
+  ``ppolicy_use_lockout=True`` adds slapd's ``ppolicy_use_lockout``: the password policy response
+  control then names accountLocked (slapd's default hides it).
 * ``loglevel`` (default ``"none"``) goes to ``slapd.log`` in the directory; pass ``"stats"`` to
   see operations there (slower; keep it off in benchmarks).
 * Ports come from :func:`support.net.free_port`; :meth:`start` waits until the plain port
@@ -142,7 +144,7 @@ class Slapd:
     def __init__(self, directory: Path | str, *, base_dn: str = "dc=example,dc=com", tls=None,
                  hostname: str = "localhost", loglevel: str = "none", admin_password: str = "admin-secret",
                  service_password: str = "service-secret", threads: int = 8, retcode: bool = False,
-                 ppolicy: bool = False) -> None:
+                 ppolicy: bool = False, ppolicy_use_lockout: bool = False) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.base_dn = base_dn
@@ -151,6 +153,8 @@ class Slapd:
         self.threads = threads
         self.retcode = retcode
         self.ppolicy = ppolicy
+        #: slapd tells accountLocked in the password policy control only with this option.
+        self.ppolicy_use_lockout = ppolicy_use_lockout
         self.port = free_port()
         self.ldaps_port = free_port() if tls is not None else None
         self.admin_dn = f"cn=admin,{base_dn}"
@@ -283,6 +287,7 @@ index member,memberOf eq
 overlay memberof
 memberof-refint TRUE
 {f'overlay ppolicy{chr(10)}ppolicy_default "cn=default,ou=policies,{self.base_dn}"' if self.ppolicy else ""}
+{"ppolicy_use_lockout" if self.ppolicy and self.ppolicy_use_lockout else ""}
 {retcode}
 {retcode_acl}access to attrs=userPassword
     by self =wx

@@ -1,0 +1,74 @@
+"""The service log: its format and where the request id of a line comes from.
+
+Reads the core settings ``log_level`` and ``log_format`` (``text`` or ``json``). In JSON, each
+line is one object: ``time`` (UTC, RFC 3339), ``level``, ``logger``, ``pid``, ``message``, and
+``request_id`` when the line was logged while an attempt was being decided (on a chain thread,
+see :data:`gateway.pool.current`) or when the caller passed ``extra={"request_id": ...}``;
+``exception`` holds a traceback. The audit log is separate (:mod:`gateway.audit`).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata as md
+import json
+import logging
+import sys
+import time
+
+from gateway import pool
+
+__all__ = ["JsonFormatter", "TEXT_FORMAT", "authgw_version", "setup_logging"]
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
+
+
+@functools.lru_cache(maxsize=1)
+def authgw_version() -> str:
+    """The installed distribution's version (start-up log, ``--version``, ``/healthz``)."""
+    try:
+        return md.version("authgw")
+    except md.PackageNotFoundError:  # a source tree that is not installed
+        from gateway import __version__
+
+        return __version__
+
+
+def _request_id(record: logging.LogRecord) -> str | None:
+    explicit = getattr(record, "request_id", None)
+    if explicit:
+        return str(explicit)
+    working = getattr(pool.current, "arg", None)  # the attempt a chain thread is deciding
+    rid = getattr(working, "request_id", None)
+    return rid if isinstance(rid, str) else None
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log shippers (journald, Loki, Elasticsearch)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+                    + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "pid": record.process,
+            "message": record.getMessage(),
+        }
+        rid = _request_id(record)
+        if rid:
+            entry["request_id"] = rid
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
+    """Send the service log to standard error (the journal under systemd) in *fmt*."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, level, logging.INFO))
