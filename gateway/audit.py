@@ -8,6 +8,9 @@ Fields: ``time`` (UTC, RFC 3339), ``request_id``, ``client``, ``front_door``, ``
 from __future__ import annotations
 
 import json
+import logging
+import os
+import stat
 import sys
 import threading
 import time
@@ -33,11 +36,23 @@ class AuditLog:
     """
 
     def __init__(self, destination: str) -> None:
-        self._file = None if destination == "-" else open(destination, "a", buffering=1, encoding="utf-8")
+        self._file = None if destination == "-" else self._open(destination)
         self._lock = threading.Lock()
         self._encode = json.JSONEncoder(ensure_ascii=False).encode
         self._second = -1
         self._stamp = ""
+
+    @staticmethod
+    def _open(path: str):
+        """Append to *path*, creating it 0600: audit lines name users and client addresses.
+        An existing file keeps its mode (a log shipper may read it through its group), but one
+        that others can read is reported."""
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)
+        if mode & 0o007:
+            logging.getLogger("authgw.audit").warning("audit log %s is readable by others (mode %o); chmod 600 it "
+                                                      "(or 640 with the log reader's group)", path, mode)
+        return os.fdopen(fd, "a", buffering=1, encoding="utf-8")
 
     def _time(self) -> str:
         now = time.time()

@@ -2,11 +2,16 @@
 
 Layers of one attempt, outermost first::
 
-    Gateway.authenticate      throttle, deadline, metrics; catches what escapes everything below
-      gateway_precheck        on the event loop: shortcuts that skip the chain (a hot cache)
-      wrappers (plugins:)     e.g. the credential cache; they see the folded decision
+    Gateway.authenticate      throttle (counted before the chain), deadline, failure timing
+      gateway_precheck        on the event loop: an answer for one step (a hot cache hit)
+      wrappers (plugins:)     e.g. the credential cache, policies; they see every decision
         ChainFolder           innermost wrapper: exception -> ERROR deny; no decision -> fold notes
+          PrecheckStandIn     on a precheck answer: the steps before the answered one, then it
           chain steps         in the operator's order, firstresult
+
+A precheck answer saves only the work of the step it stands for (the directory bind): the
+steps before that step and every wrapper still see the attempt, so a policy (a deny list, a
+group rule) is never skipped by a cache.
 """
 
 from __future__ import annotations
@@ -14,25 +19,31 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 import types
+from pathlib import Path
 from typing import Any, Iterable
 
 import pluggy
 
 from gateway.checks import ComponentState, Listener, Route, SelfTest
 from gateway.errors import PluginLoadError
+from gateway.failtiming import FailureTiming
 from gateway.model import Attempt, Decision, Outcome
 from gateway.pool import ChainPool
 from gateway.registry import hookimpl
 from gateway.settings import GatewaySettings
-from gateway.throttle import Throttle
+from gateway.stash import StashKey
+from gateway.throttle import StoreUnavailable, Throttle
 
-__all__ = ["ChainFolder", "Gateway", "fold"]
+__all__ = ["ChainFolder", "Gateway", "PrecheckStandIn", "fold"]
 
 log = logging.getLogger("authgw.chain")
 
-#: Outcomes that count as a failed guess for throttling.
-_FAILURES = frozenset({Outcome.INVALID_CREDENTIALS, Outcome.USER_NOT_FOUND, Outcome.ACCOUNT_STATE})
+#: Refusals held back to the common failure time (gateway/failtiming.py).
+_REFUSALS = frozenset({Outcome.INVALID_CREDENTIALS, Outcome.USER_NOT_FOUND, Outcome.ACCOUNT_STATE})
+#: The ``gateway_precheck`` answer of an attempt, for :class:`PrecheckStandIn`.
+PRECHECKED: StashKey[Decision] = StashKey()
 
 
 def fold(attempt: Attempt) -> Decision:
@@ -94,17 +105,58 @@ class ChainFolder:
         return decision
 
 
+class PrecheckStandIn:
+    """Registered by the core as ``core.precheck``: puts a ``gateway_precheck`` answer in the
+    chain at the place of the step it stands for.
+
+    The first non-wrapper implementation called (``tryfirst``; chain steps may not use it). For
+    an attempt with a precheck answer it calls the chain steps *before* the step that proved the
+    remembered identity (``identity.method``) in order, and returns the first decision of theirs,
+    else the answer; that step and the ones after it are not called. A deny, or an answer for a
+    step not in the chain, stands for the whole chain. The wrappers around see the result
+    either way. Without an answer it returns None at once.
+    """
+
+    def __init__(self, pm: pluggy.PluginManager) -> None:
+        self._pm = pm
+
+    @hookimpl(tryfirst=True)
+    def gateway_authenticate(self, attempt: Attempt) -> Decision | None:
+        answer = attempt.stash.get(PRECHECKED, None)
+        if answer is None:
+            return None
+        steps = [impl for impl in reversed(self._pm.hook.gateway_authenticate.get_hookimpls())
+                 if not (impl.wrapper or impl.hookwrapper) and impl.plugin is not self]
+        stands_for = answer.identity.method if answer.identity is not None else None
+        if stands_for not in {impl.plugin_name for impl in steps}:
+            return answer
+        for impl in steps:
+            if impl.plugin_name == stands_for:
+                break
+            # A policy step before the directory: still asked (with the arguments it declares,
+            # as pluggy would call it).
+            decision = impl.function(*(attempt for _name in impl.argnames))
+            if decision is not None:
+                return decision
+        return answer
+
+
 class Gateway:
     """The core, as the front doors use it: one per worker process."""
 
     def __init__(self, settings: GatewaySettings, pm: pluggy.PluginManager, plugins: dict[str, Any],
-                 folder: ChainFolder) -> None:
+                 folder: ChainFolder, *, state_dir: Path | None = None) -> None:
         self.settings = settings
         self.pm = pm
         self.plugins = plugins
         self.folder = folder
-        self.throttle = Throttle(settings.throttle)
+        self.throttle = Throttle(settings.throttle, state_dir=state_dir, workers=settings.workers)
+        timing = settings.failure_timing
+        self.failure_timing = FailureTiming(enabled=timing.enabled, floor=timing.floor,
+                                            percentile=timing.percentile, max_floor=timing.max_floor)
         self.pool = ChainPool(settings.threads)
+        if pm.get_plugin("core.precheck") is None:
+            pm.register(PrecheckStandIn(pm), name="core.precheck")
 
     # -- per attempt ----------------------------------------------------------------------------
 
@@ -151,22 +203,56 @@ class Gateway:
         only the per-user limit applies to them."""
         return None if attempt.front_door == "api" else str(attempt.client)
 
+    async def _throttle(self, work, *args):
+        if self.throttle.blocking:  # a network store: off the event loop
+            return await asyncio.get_running_loop().run_in_executor(None, work, *args)
+        return work(*args)
+
     async def authenticate(self, attempt: Attempt) -> Decision:
-        """Decide *attempt* within its deadline; the front doors' one entry into the core."""
-        client = self.throttle_client(attempt)
-        if self.throttle.blocked(attempt.username, client):
-            decision = Decision.deny(Outcome.THROTTLED, step="gateway", reason="throttled")
-            self.notify(attempt, decision)
-            return decision
-        decision = self.precheck(attempt)
-        if decision is not None:
-            self.notify(attempt, decision)
-        else:
-            decision = await self._run_chain(attempt)
-        if decision.outcome in _FAILURES:
-            self.throttle.record_failure(attempt.username, client)
-        elif decision.success:
-            self.throttle.record_success(attempt.username)
+        """Decide *attempt* within its deadline; the front doors' one entry into the core.
+
+        A password attempt is counted by the throttle *before* the chain runs (so concurrent
+        guesses count) and settled after; a refused password is held back to the common failure
+        time (gateway/failtiming.py); a precheck answer still goes through the chain's wrappers
+        and the steps before the one it stands for (:class:`PrecheckStandIn`).
+        """
+        ticket = None
+        if attempt.password is not None:
+            try:
+                ticket = await self._throttle(self.throttle.admit, attempt.user_key, self.throttle_client(attempt))
+            except StoreUnavailable as exc:
+                log.error("throttle store unavailable; password attempt %s refused (fail closed): %s",
+                          attempt.request_id, exc)
+                decision = Decision.deny(Outcome.UNAVAILABLE, step="gateway", reason="throttle_unavailable")
+                self.notify(attempt, decision)
+                return decision
+            if ticket is None:
+                decision = Decision.deny(Outcome.THROTTLED, step="gateway", reason="throttled")
+                self.notify(attempt, decision)
+                return decision
+        decision = Decision.deny(Outcome.ERROR, step="gateway", reason="internal_error")  # if cancelled
+        try:
+            answer = self.precheck(attempt)
+            if answer is not None and answer.outcome is Outcome.ERROR:  # a precheck crashed: fail closed
+                self.notify(attempt, answer)
+                decision = answer
+            else:
+                if answer is not None:
+                    attempt.stash[PRECHECKED] = answer
+                decision = await self._run_chain(attempt)
+        finally:
+            if ticket is not None:
+                try:
+                    await self._throttle(functools.partial(self.throttle.settle, ticket, decision.outcome,
+                                                           live=not decision.from_cache))
+                except StoreUnavailable as exc:
+                    log.error("throttle store unavailable settling attempt %s: %s", attempt.request_id, exc)
+        if attempt.password is not None and decision.outcome in _REFUSALS:
+            elapsed = time.monotonic() - attempt.started
+            self.failure_timing.record((decision.step, decision.outcome.value), elapsed)
+            delay = self.failure_timing.delay(elapsed, attempt.time_left())
+            if delay > 0:
+                await asyncio.sleep(delay)
         return decision
 
     async def _run_chain(self, attempt: Attempt) -> Decision:
@@ -240,3 +326,4 @@ class Gateway:
             self.pm.hook.gateway_shutdown()
         finally:
             self.pool.shutdown()
+            self.throttle.close()

@@ -138,12 +138,15 @@ def gateway_authenticate(attempt: Attempt) -> Decision | None:
 def gateway_precheck(attempt: Attempt) -> Decision | None:
     """Answer an attempt before the chain runs, from state the plugin already holds.
 
-    For shortcuts that must skip the backends entirely, such as a hot cache of recent
-    successes for forward-auth (a pluggy wrapper cannot skip the implementations it wraps).
-    A result stops everything: the chain and its wrappers are not called, but
-    ``gateway_auth_finished`` is. It runs on the event loop, not on a worker thread, so that a
-    hit costs no thread hand-off: it must not block (no I/O, no slow hashing) and must never
-    answer with a success the chain would not give for the same credentials.
+    For shortcuts that save a backend's work, such as a hot cache of recent successes for
+    forward-auth (a pluggy wrapper cannot skip the implementations it wraps). A result saves
+    only the work of one step: a success stands in for the chain step that proved its identity
+    (``identity.method``); the steps before that one are still asked in order (a policy step
+    such as a deny list may refuse), and every ``gateway_authenticate`` wrapper sees the
+    decision, as for a live one. A deny, or a success for a step not in ``chain:``, stands for
+    every step (the wrappers still see it). It runs on the event loop: it must not block (no
+    I/O, no slow hashing) and must never answer with a success the chain would not give for
+    the same credentials.
 
     :param attempt: the attempt, as the chain would see it.
     :return: a :class:`~gateway.model.Decision`, or ``None`` to run the chain. An exception is a

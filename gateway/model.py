@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import time
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -25,6 +26,7 @@ __all__ = [
     "Note",
     "Outcome",
     "PasswordCredential",
+    "canonical_username",
 ]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -51,10 +53,34 @@ class Outcome(enum.Enum):
 # ---------------------------------------------------------------------------------------------
 
 
+def canonical_username(name: str) -> str:
+    """The one spelling of a presented username that the core, the throttle and the caches use.
+
+    NFKC (full-width ``ｂｏｂ`` is ``bob``, a no-break space is a space), format characters such as
+    a zero-width space dropped, and white space trimmed at both ends and collapsed inside: what
+    slapd's and Active Directory's string matching (RFC 4518 insignificant space handling)
+    already treat as the same name. Case is kept: whether ``Bob`` is ``bob`` is the identity
+    source's rule (LDAP and AD ignore case, ``static`` has ``case_insensitive``); keys that must
+    not tell spellings apart use :attr:`Attempt.user_key`, which also folds case.
+    """
+    name = unicodedata.normalize("NFKC", name)
+    if not name.isascii():
+        name = "".join(ch for ch in name if unicodedata.category(ch) != "Cf")
+    return " ".join(name.split())
+
+
 @dataclass(frozen=True, slots=True)
 class PasswordCredential:
+    """A username and password. The username is canonicalised on construction
+    (:func:`canonical_username`), so no plugin ever sees another spelling."""
+
     username: str
     password: str = field(repr=False)
+
+    def __post_init__(self) -> None:
+        canonical = canonical_username(self.username)
+        if canonical != self.username:
+            object.__setattr__(self, "username", canonical)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,8 +159,14 @@ class Attempt:
 
     @property
     def username(self) -> str | None:
-        """The username presented with a password, if any (for logs and throttling)."""
+        """The username presented with a password, canonicalised (for logs and plugins)."""
         return self.password.username if self.password else None
+
+    @property
+    def user_key(self) -> str | None:
+        """The username as throttling keys it: canonical and case-folded, so that no spelling
+        of one name (``bob``, ``" BOB"``, ``ｂｏｂ``) gets a budget of its own."""
+        return self.password.username.casefold() if self.password else None
 
     def time_left(self) -> float:
         """Seconds until the deadline (never negative); size backend timeouts from this."""

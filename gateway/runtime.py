@@ -73,5 +73,5 @@ def build_runtime(config_dir: Path, *, state_dir: Path | None = None,
     )
     folder = ChainFolder(pm)  # it names culprits from the plugin manager it is registered in
     pm.register(folder, name="core.chain")
-    gateway = Gateway(config.core, pm, plugins, folder)
+    gateway = Gateway(config.core, pm, plugins, folder, state_dir=state)
     return Runtime(config, gateway, metrics, audit)

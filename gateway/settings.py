@@ -240,14 +240,57 @@ class AuditSettings(PluginSettings):
         return value
 
 
-class ThrottleSettings(PluginSettings):
-    """Failure throttling. Keep ``user_failures`` below the directory's lockout threshold so the
-    gateway cannot be used to lock accounts out."""
+class ThrottleRedisSettings(PluginSettings):
+    url: str = Field(pattern=r"^rediss?://", description="`redis://HOST:PORT/DB` or `rediss://` (TLS); no password in it")
+    password: Secret | None = Field(None, description="Redis password (`{env:}`/`{file:}`)")
+    key_prefix: str = Field("authgw:throttle:", description="prepended to every key (keys are hashes, never usernames)")
+    timeout: float = Field(0.5, gt=0, le=10, description="seconds per Redis call; no answer refuses the attempt (503)")
 
-    enabled: bool = Field(True, description="refuse (429) users and clients with too many recent failures")
-    user_failures: int = Field(5, ge=1, description="failures per username within `window` before 429")
-    client_failures: int = Field(30, ge=1, description="failures per client address within `window` before 429")
-    window: float = Field(300.0, gt=0, description="seconds a failure is remembered")
+    @field_validator("url")
+    @classmethod
+    def _no_inline_password(cls, value: str) -> str:
+        from urllib.parse import urlsplit
+
+        if urlsplit(value).password is not None:
+            raise ValueError("no password in the URL (it would be shown and logged); use `password: {env: NAME}`")
+        return value
+
+
+class ThrottleSettings(PluginSettings):
+    """Password-guess throttling (gateway/throttle.py). Derive the limits from the directory's
+    lockout policy: ``user_failures`` below its threshold, ``window`` at least its observation
+    window (docs/configuration.md)."""
+
+    enabled: bool = Field(True, description="refuse (429) users and clients with too many recent password guesses")
+    user_failures: int = Field(4, ge=1, description="guesses per username (from any client) within `window` "
+                               "before 429; keep it below the directory's lockout threshold")
+    user_client_failures: int = Field(3, ge=1, description="guesses per username from one client within `window` "
+                                      "before that client gets 429 for that user (others may still log in)")
+    client_failures: int = Field(30, ge=1, description="guesses per client address (any usernames) within `window` before 429")
+    window: float = Field(1800.0, gt=0, description="seconds a guess is remembered; at least the directory's "
+                          "lockout observation window")
+    store: Literal["auto", "memory", "sqlite", "redis"] = Field(
+        "auto", description="where counts live: `memory` (one worker), `sqlite` (the workers of this machine, "
+        "in the state directory), `redis` (several instances); `auto`: memory for one worker, else sqlite")
+    redis: ThrottleRedisSettings | None = Field(None, description="the Redis server, with `store: redis`")
+
+    @field_validator("redis")
+    @classmethod
+    def _redis_for_store(cls, value, info: ValidationInfo):
+        if info.data.get("store") == "redis" and value is None:
+            raise ValueError("`store: redis` needs `redis: {url: ...}`")
+        return value
+
+
+class FailureTimingSettings(PluginSettings):
+    """Refused passwords take as long wherever the chain stopped (gateway/failtiming.py)."""
+
+    enabled: bool = Field(True, description="hold back refused password attempts to a common floor")
+    floor: float = Field(0.0, ge=0, le=10, description="minimum seconds a refusal takes (the adaptive floor "
+                         "may be higher)")
+    percentile: float = Field(0.9, gt=0, le=1, description="the adaptive floor: this percentile of the "
+                              "slowest kind of refusal")
+    max_floor: float = Field(1.0, gt=0, le=10, description="never hold a refusal back longer than this")
 
 
 class ApiToken(PluginSettings):
@@ -290,6 +333,7 @@ class GatewaySettings(PluginSettings):
                             "where there is one)")
     audit: AuditSettings = Field(AuditSettings(), description="the audit log (one JSON line per attempt)")
     throttle: ThrottleSettings = Field(ThrottleSettings(), description="failure throttling")
+    failure_timing: FailureTimingSettings = Field(FailureTimingSettings(), description="uniform failure time")
     api_tokens: list[ApiToken] = Field([], description="clients allowed to call `POST /v1/authenticate`")
 
     @field_validator("listen", mode="before")

@@ -1,73 +1,111 @@
-"""Failure throttling per user and per client address.
+"""Failure throttling: password guesses per user, per (user, client) and per client address.
 
-Counts failed attempts in a sliding window. A user or a client address that reached its limit
-is refused (``THROTTLED``, HTTP 429) before the chain runs, so that the gateway cannot be used to
-guess passwords quickly or to push accounts into the directory's own lockout. A success clears
-the user's count. State is per worker process (see docs/design.md).
+Decides whether a password attempt may reach the chain, and what its result costs. Reads the
+``throttle:`` settings (``enabled``, ``user_failures``, ``user_client_failures``,
+``client_failures``, ``window``, ``store``, ``redis``) and the state directory.
+
+* **Counted before the chain.** :meth:`Throttle.admit` reserves a failure on every key of the
+  attempt in one atomic step, refusing when a key is at its limit, so in-flight attempts count:
+  100 simultaneous wrong passwords with a limit of 5 reach the directory at most 5 times.
+  :meth:`Throttle.settle` then keeps the reservation (a guess), or gives it back.
+* **Guesses only.** Only password attempts are throttled, and only ``INVALID_CREDENTIALS`` and
+  ``USER_NOT_FOUND`` are guesses (``ACCOUNT_STATE`` counts for the user, not for the address).
+  A Kerberos ticket or a certificate cannot be guessed: a replayed ticket, a malformed token or a
+  malformed header costs nobody anything, so a browser retrying cannot lock out the users who
+  share its address.
+* **Three keys.** ``user_client_failures`` per (user, client) stops one address guessing one
+  account; ``user_failures`` per user (any address) stays below the directory's lockout, so
+  the gateway never locks an account out; ``client_failures`` per client stops password spraying.
+  The victim of a single guessing address keeps logging in from other addresses until
+  ``user_failures`` is reached; a live success clears the user's and that pair's count (as AD
+  resets badPwdCount; a cache answer resets nothing). Trade-off in docs/design.md item 7.
+* **Shared.** ``store: sqlite`` (one file in the state directory) shares the counts between the
+  workers of a machine, ``store: redis`` between instances; ``auto`` is ``memory`` for one
+  worker and ``sqlite`` for several. A store that cannot answer fails closed (``UNAVAILABLE``).
+
+Keys are SHA-256 hashes of ``kind, username, client``: the store never holds a username.
 """
 
 from __future__ import annotations
 
-import threading
+import hashlib
+import secrets
 import time
-from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
 
+from gateway.model import Outcome
 from gateway.settings import ThrottleSettings
+from gateway.throttle_stores import MemoryStore, StoreUnavailable, ThrottleStore, open_store
 
-__all__ = ["Throttle"]
+__all__ = ["StoreUnavailable", "Throttle", "Ticket"]
 
-_MAX_KEYS = 100_000
+#: Refusals that are guesses at a password.
+GUESSES = frozenset({Outcome.INVALID_CREDENTIALS, Outcome.USER_NOT_FOUND})
+
+
+def _key(kind: str, *parts: str) -> str:
+    data = "\0".join((kind, *parts)).encode("utf-8", "surrogatepass")
+    return kind + hashlib.sha256(data).hexdigest()[:40]
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    """One admitted attempt's reservation: the keys it was counted on."""
+
+    id: str
+    user: str
+    pair: str | None
+    client: str | None
 
 
 class Throttle:
-    def __init__(self, settings: ThrottleSettings, clock=time.monotonic) -> None:
+    def __init__(self, settings: ThrottleSettings, *, state_dir: Path | None = None, workers: int = 1,
+                 clock=time.time) -> None:
         self.settings = settings
         self._clock = clock
-        self._lock = threading.Lock()
-        self._failures: dict[str, deque[float]] = {}
+        self.store: ThrottleStore = open_store(settings, state_dir, workers) if settings.enabled else MemoryStore()
+        #: The store does network I/O: call it off the event loop.
+        self.blocking = self.store.blocking
 
-    def _recent(self, key: str, now: float) -> deque[float] | None:
-        times = self._failures.get(key)
-        if times is None:
-            return None
-        horizon = now - self.settings.window
-        while times and times[0] <= horizon:
-            times.popleft()
-        if not times:
-            del self._failures[key]
-            return None
-        return times
+    def ticket(self, user_key: str, client: str | None) -> Ticket:
+        return Ticket(secrets.token_hex(8), _key("u", user_key),
+                      None if client is None else _key("p", user_key, client),
+                      None if client is None else _key("c", client))
 
-    def _keys(self, username: str | None, client: str | None) -> list[tuple[str, int]]:
-        keys = [] if client is None else [(f"c:{client}", self.settings.client_failures)]
-        if username is not None:
-            keys.append((f"u:{username.casefold()}", self.settings.user_failures))
-        return keys
+    def admit(self, user_key: str | None, client: str | None) -> Ticket | None:
+        """Reserve a failure for this attempt, or None when a key is at its limit (429).
 
-    def blocked(self, username: str | None, client: str | None) -> bool:
-        if not self.settings.enabled:
-            return False
-        now = self._clock()
-        with self._lock:
-            for key, limit in self._keys(username, client):
-                times = self._recent(key, now)
-                if times is not None and len(times) >= limit:
-                    return True
-        return False
+        Raises :class:`StoreUnavailable` when the shared store cannot answer (fail closed).
+        """
+        if not self.settings.enabled or user_key is None:
+            return Ticket("", "", None, None)  # nothing is counted
+        s = self.settings
+        ticket = self.ticket(user_key, client)
+        keys = [(ticket.user, s.user_failures)]
+        if ticket.pair is not None:
+            keys += [(ticket.pair, s.user_client_failures), (ticket.client, s.client_failures)]
+        return ticket if self.store.reserve(keys, ticket.id, self._clock(), s.window) else None
 
-    def record_failure(self, username: str | None, client: str | None) -> None:
-        if not self.settings.enabled:
+    def settle(self, ticket: Ticket, outcome: Outcome, *, live: bool = True) -> None:
+        """Keep the reservation of a guess; give back the rest; a live success clears the user.
+
+        A success answered from a cache (*live* false) reached no directory, so the directory's
+        own bad-password count was not reset either: it only gives its reservation back, or
+        every hot-cache hit of an active user would hand guessers a fresh budget.
+        """
+        if not ticket.id:
             return
-        now = self._clock()
-        with self._lock:
-            if len(self._failures) >= _MAX_KEYS:  # bounded memory under a spray of addresses
-                for key in list(self._failures)[: _MAX_KEYS // 10]:
-                    del self._failures[key]
-            for key, limit in self._keys(username, client):
-                times = self._failures.setdefault(key, deque(maxlen=limit))
-                times.append(now)
+        if outcome in GUESSES:
+            return
+        client = [ticket.client] if ticket.client else []
+        if outcome is Outcome.ACCOUNT_STATE:
+            self.store.drop(client, ticket.id)
+        elif outcome is Outcome.SUCCESS and live:
+            self.store.clear([ticket.user] + ([ticket.pair] if ticket.pair else []))
+            self.store.drop(client, ticket.id)
+        else:  # unavailable, error, not applicable, a deadline: not a guess
+            self.store.drop([ticket.user, *([ticket.pair] if ticket.pair else []), *client], ticket.id)
 
-    def record_success(self, username: str | None) -> None:
-        if username is not None:
-            with self._lock:
-                self._failures.pop(f"u:{username.casefold()}", None)
+    def close(self) -> None:
+        self.store.close()

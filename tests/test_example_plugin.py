@@ -60,3 +60,30 @@ def test_enabled_example_plugin_runs_in_a_real_server(conf_dir, demo_hash, examp
     assert ("SVC-backup", "denylist.user", "denylist") in reasons
     check = authgw("check", "--config", str(conf_dir), "--state-dir", str(gw.state_dir), env=example_site)
     assert "PASS  denylist.entries: 2 user patterns, 0 networks" in check.stdout
+
+
+def test_a_hot_cache_hit_still_asks_the_deny_list(conf_dir, demo_hash, example_site, start_gateway):
+    """Issue 9 item 3: a hot-cache hit saves the directory's work, never a policy step's. alice is
+    held by the hot cache; adding her to the deny list refuses her on the very next request."""
+    files = {
+        "gateway.yaml": "chain: [denylist, static]\nplugins: [cache]\nthrottle:\n  enabled: false\n",
+        "static.yaml": "static:\n  users_file: users/users.yaml\n",
+        "users/users.yaml": f'users:\n  alice:\n    password_hash: "{demo_hash}"\n',
+        "denylist.yaml": "denylist:\n  users: [mallory]\n  users_file: denied.txt\n",
+        "cache.yaml": "cache:\n  methods: [static]\n  hot: {enabled: true, ttl: 600}\n",
+    }
+    gw = start_gateway(write_conf(conf_dir, files), env=example_site)
+    first, second = gw.auth("alice", "demo-password"), gw.auth("alice", "demo-password")
+    assert (first.status, first.header("Remote-Auth-Source")) == (200, "live")
+    assert (second.status, second.header("Remote-Auth-Source")) == (200, "cache"), "the hot cache holds alice"
+    assert gw.audit()[-1]["reason"] == "cache.hot"
+
+    (conf_dir / "denied.txt").write_text("# added by the operator\nalice\n")
+    refused = gw.auth("alice", "demo-password")
+    assert refused.status == 401
+    assert (gw.audit()[-1]["reason"], gw.audit()[-1]["step"]) == ("denylist.user", "denylist")
+
+    (conf_dir / "denied.txt").write_text("")
+    assert gw.auth("alice", "demo-password").header("Remote-Auth-Source") == "live", \
+        "the refusal also dropped alice's hot entry"
+    assert gw.auth("alice", "demo-password").header("Remote-Auth-Source") == "cache"

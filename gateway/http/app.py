@@ -135,7 +135,7 @@ class FrontDoor:
             if refused is not None:
                 decision = Decision.deny(Outcome.INVALID_CREDENTIALS, step="http", reason=refused)
                 self.gateway.notify(attempt, decision)
-                self.gateway.throttle.record_failure(attempt.username, self.gateway.throttle_client(attempt))
+                # Not throttled: a malformed header tests no password (gateway/throttle.py).
                 return decision
             return await self.gateway.authenticate(attempt)
         finally:

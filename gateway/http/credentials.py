@@ -1,8 +1,9 @@
 """Reading credentials from an ``Authorization`` header, strictly.
 
 Anything malformed (bad base64, no colon, a username or password that is not UTF-8, over the
-length limits, an empty password) is refused here, before the chain, with the same 401 as a wrong
-password.
+length limits, an empty password, a username that is only white space) is refused here, before
+the chain, with the same 401 as a wrong password. Usernames reach the chain canonicalised
+(:func:`gateway.model.canonical_username`).
 """
 
 from __future__ import annotations
@@ -42,7 +43,10 @@ def check_password_credential(username: str, password: str) -> PasswordCredentia
         raise MalformedCredentials("empty_password")
     if len(password_bytes) > MAX_PASSWORD_BYTES:
         raise MalformedCredentials("password_too_long")
-    return PasswordCredential(username, password)
+    credential = PasswordCredential(username, password)
+    if not credential.username:  # " " or a zero-width space: nothing left after canonicalising
+        raise MalformedCredentials("malformed_username")
+    return credential
 
 
 def _b64(data: str, limit: int) -> bytes:

@@ -10,8 +10,10 @@ Offline logins (a ``wrapper=True`` around the whole chain; it sees the folded de
     Learns from live password successes of the steps in ``methods``; forgets a user on a live
     ``INVALID_CREDENTIALS``, ``ACCOUNT_STATE`` or ``USER_NOT_FOUND``.
 Hot cache (``gateway_precheck``, before the chain; off by default)
-    decides ``SUCCESS`` with ``from_cache`` (reason ``cache.hot``) for the exact credentials,
-    client and front door of a live success less than ``hot.ttl`` seconds old.
+    answers ``SUCCESS`` with ``from_cache`` (reason ``cache.hot``) for the exact credentials,
+    client and front door of a live success less than ``hot.ttl`` seconds old. The answer
+    stands in for the step that proved the identity only: the steps before it (policies such
+    as a deny list) and every wrapper under ``plugins:`` still see the attempt.
 Abstains
     (leaves the decision as it is) for attempts without a password, for Kerberos and
     certificate logins, for unknown, expired or unreadable entries, when the store is down,
@@ -126,8 +128,7 @@ class CachePlugin:
             return decision
         try:
             if self._hot_eligible(attempt) and self.offline.cacheable(attempt, decision):
-                self.hot.put(self._hot_token(attempt), self.offline.user_key(attempt.password.username),
-                             decision.identity)
+                self.hot.put(self._hot_token(attempt), attempt.user_key, decision.identity)
             return self.offline.after_chain(attempt, decision)
         except Exception:  # the cache must never turn a live decision into an error
             self.log.exception("credential cache failed on attempt %s; the chain's decision stands",
@@ -136,9 +137,10 @@ class CachePlugin:
 
     @hookimpl
     def gateway_auth_finished(self, attempt: Attempt, decision: Decision) -> None:
-        # Any failure for a user clears that user's hot entries, whatever password they hold.
-        if self.hot is not None and not decision.success and attempt.username is not None:
-            self.hot.forget_user(self.offline.user_key(attempt.username))
+        # Any failure for a user clears that user's hot entries, whatever password they hold and
+        # however the name was spelled (Attempt.user_key folds case too).
+        if self.hot is not None and not decision.success and attempt.user_key is not None:
+            self.hot.forget_user(attempt.user_key)
 
     # -- operators -------------------------------------------------------------------------------------
 

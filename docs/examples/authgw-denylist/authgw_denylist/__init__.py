@@ -7,23 +7,31 @@ Decides
 Abstains
     for everyone else, so the next step of the chain decides.
 Settings (``denylist:`` in conf.d)
-    ``users`` (list of patterns), ``networks`` (list of CIDRs).
+    ``users`` (list of patterns), ``users_file`` (more patterns, one a line, re-read when the
+    file changes: add a user without a restart), ``networks`` (list of CIDRs).
 """
 
 from __future__ import annotations
 
 import fnmatch
 import ipaddress
+import os
 import re
 import threading
 
 import gateway
-from gateway import Attempt, CheckResult, Decision, Outcome, PluginContext, PluginSettings, SelfTest, hookimpl
+from gateway import (Attempt, CheckResult, ConfigPath, Decision, Outcome, PluginContext, PluginSettings,
+                     SelfTest, hookimpl)
 
 
 class DenylistSettings(PluginSettings):
     users: list[str] = []
+    users_file: ConfigPath | None = None
     networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+
+
+def _compile(patterns: list[str]) -> re.Pattern | None:
+    return re.compile("|".join(fnmatch.translate(p.casefold()) for p in patterns)) if patterns else None
 
 
 class DenylistPlugin:
@@ -33,18 +41,38 @@ class DenylistPlugin:
         self.settings = settings
         self.name = context.name
         self.log = context.log
-        # Compiled once at start-up, not per attempt.
-        patterns = [fnmatch.translate(p.casefold()) for p in settings.users]
-        self._regex = re.compile("|".join(patterns)) if patterns else None
+        # Compiled once at start-up (and when users_file changes), not per attempt.
+        self._regex = _compile(settings.users)
         self._lock = threading.Lock()
+        self._file_stamp: tuple[int, int] | None = None
+        self._loaded = False
         self.refused = 0
+
+    def _current(self) -> re.Pattern | None:
+        """The patterns, re-read from users_file when its size or time changed (a stat per attempt)."""
+        path = self.settings.users_file
+        if path is None:
+            return self._regex
+        try:
+            st = os.stat(path)
+            stamp: tuple[int, int] | None = (st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            stamp = None
+        if self._loaded and stamp == self._file_stamp:
+            return self._regex
+        lines = path.read_text(encoding="utf-8").splitlines() if stamp is not None else []
+        patterns = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        with self._lock:
+            self._regex, self._file_stamp, self._loaded = _compile(self.settings.users + patterns), stamp, True
+        return self._regex
 
     @hookimpl
     def gateway_authenticate(self, attempt: Attempt) -> Decision | None:
         if any(attempt.client in network for network in self.settings.networks):
             return self._refuse("denylist.network")
         username = attempt.username
-        if username is not None and self._regex is not None and self._regex.fullmatch(username.casefold()):
+        regex = self._current()
+        if username is not None and regex is not None and regex.fullmatch(username.casefold()):
             return self._refuse("denylist.user")
         return None
 

@@ -1,0 +1,242 @@
+"""Where throttling counts live: this process, a SQLite file shared by the workers of a machine,
+or Redis shared by instances. Reads ``throttle.store`` and ``throttle.redis``.
+
+Every store keeps, per key, the times of the reservations (failures) made in the last
+``window`` seconds, each tagged with its attempt's ticket, and offers three operations:
+``reserve`` (check every key against its limit and add the ticket to all of them, atomically),
+``drop`` (take one ticket back) and ``clear`` (forget keys). Times are wall-clock
+(:func:`time.time`) because they are compared across processes and machines.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from collections import deque
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlsplit
+
+from gateway.settings import ThrottleSettings
+
+__all__ = ["MemoryStore", "RedisStore", "SQLiteStore", "StoreUnavailable", "ThrottleStore", "open_store"]
+
+_MAX_KEYS = 100_000
+
+
+class StoreUnavailable(Exception):
+    """The shared throttle store did not answer; the attempt is refused (fail closed)."""
+
+
+class ThrottleStore(Protocol):
+    blocking: bool
+
+    def reserve(self, keys: list[tuple[str, int]], ticket: str, now: float, window: float) -> bool: ...
+    def drop(self, keys: list[str], ticket: str) -> None: ...
+    def clear(self, keys: list[str]) -> None: ...
+    def close(self) -> None: ...
+
+
+def open_store(settings: ThrottleSettings, state_dir: Path | None, workers: int) -> ThrottleStore:
+    kind = settings.store
+    if kind == "auto":
+        kind = "sqlite" if workers > 1 and state_dir is not None else "memory"
+    if kind == "redis":
+        r = settings.redis
+        assert r is not None  # the settings model requires it with store: redis
+        return RedisStore(r.url, prefix=r.key_prefix, password=r.password.reveal() if r.password else None,
+                          timeout=r.timeout)
+    if kind == "sqlite":
+        if state_dir is None:
+            raise ValueError("throttle.store: sqlite needs a state directory")
+        return SQLiteStore(state_dir / "throttle.sqlite3")
+    return MemoryStore()
+
+
+class MemoryStore:
+    """One worker's counts (``workers: 1``)."""
+
+    blocking = False
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._keys: dict[str, deque[tuple[float, str]]] = {}
+
+    def reserve(self, keys: list[tuple[str, int]], ticket: str, now: float, window: float) -> bool:
+        horizon = now - window
+        with self._lock:
+            for key, limit in keys:
+                times = self._keys.get(key)
+                while times and times[0][0] <= horizon:
+                    times.popleft()
+                if times is not None and len(times) >= limit:
+                    return False
+            if len(self._keys) >= _MAX_KEYS:  # bounded memory under a spray of names and addresses
+                for key in [k for k, v in self._keys.items() if not v or v[-1][0] <= horizon][: _MAX_KEYS // 2] \
+                        or list(self._keys)[: _MAX_KEYS // 10]:
+                    del self._keys[key]
+            for key, _limit in keys:
+                self._keys.setdefault(key, deque()).append((now, ticket))
+        return True
+
+    def drop(self, keys: list[str], ticket: str) -> None:
+        with self._lock:
+            for key in keys:
+                times = self._keys.get(key)
+                if times:
+                    kept = deque(entry for entry in times if entry[1] != ticket)
+                    if kept:
+                        self._keys[key] = kept
+                    else:
+                        del self._keys[key]
+
+    def clear(self, keys: list[str]) -> None:
+        with self._lock:
+            for key in keys:
+                self._keys.pop(key, None)
+
+    def close(self) -> None:
+        pass
+
+
+class SQLiteStore:
+    """Counts shared by the workers of one machine: ``throttle.sqlite3`` in the state directory.
+
+    One connection per process (opened after the fork), WAL, ``BEGIN IMMEDIATE`` around each
+    reservation so that check-and-add is atomic across workers. A transaction is a few dozen
+    microseconds, so it runs on the event loop.
+    """
+
+    blocking = False
+    _PURGE_EVERY = 60.0
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._pid = -1
+        self._conn: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+        self._purged_at: float | None = None
+
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None or self._pid != os.getpid():
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)  # private from the first byte
+            os.close(fd)
+            conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")  # counts may be lost by a power cut, not corrupted
+            conn.execute("CREATE TABLE IF NOT EXISTS failure (key TEXT NOT NULL, at REAL NOT NULL, "
+                         "ticket TEXT NOT NULL)")
+            conn.execute("CREATE INDEX IF NOT EXISTS failure_key ON failure (key, at)")
+            self._conn, self._pid = conn, os.getpid()
+        return self._conn
+
+    def _run(self, work):
+        with self._lock:
+            try:
+                db = self._db()
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    result = work(db)
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+                db.execute("COMMIT")
+                return result
+            except sqlite3.Error as exc:
+                raise StoreUnavailable(f"throttle store {self.path}: {exc}") from exc
+
+    def reserve(self, keys: list[tuple[str, int]], ticket: str, now: float, window: float) -> bool:
+        horizon = now - window
+
+        def work(db: sqlite3.Connection) -> bool:
+            if self._purged_at is None or now - self._purged_at > self._PURGE_EVERY:
+                db.execute("DELETE FROM failure WHERE at <= ?", (horizon,))
+                self._purged_at = now
+            for key, limit in keys:
+                (count,) = db.execute("SELECT count(*) FROM failure WHERE key = ? AND at > ?",
+                                      (key, horizon)).fetchone()
+                if count >= limit:
+                    return False
+            db.executemany("INSERT INTO failure (key, at, ticket) VALUES (?, ?, ?)",
+                           [(key, now, ticket) for key, _limit in keys])
+            return True
+
+        return self._run(work)
+
+    def drop(self, keys: list[str], ticket: str) -> None:
+        if keys:
+            self._run(lambda db: db.executemany("DELETE FROM failure WHERE key = ? AND ticket = ?",
+                                                [(key, ticket) for key in keys]))
+
+    def clear(self, keys: list[str]) -> None:
+        if keys:
+            self._run(lambda db: db.executemany("DELETE FROM failure WHERE key = ?", [(key,) for key in keys]))
+
+    def close(self) -> None:
+        if self._conn is not None and self._pid == os.getpid():
+            self._conn.close()
+        self._conn = None
+
+
+# KEYS: the keys; ARGV[1] now (ms), ARGV[2] window (ms), ARGV[3] ticket, ARGV[3+i] limit of KEYS[i].
+_RESERVE = """
+local horizon = tonumber(ARGV[1]) - tonumber(ARGV[2])
+for i, key in ipairs(KEYS) do
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', horizon)
+  if redis.call('ZCARD', key) >= tonumber(ARGV[3 + i]) then return 0 end
+end
+for i, key in ipairs(KEYS) do
+  redis.call('ZADD', key, ARGV[1], ARGV[3])
+  redis.call('PEXPIRE', key, ARGV[2])
+end
+return 1
+"""
+
+
+class RedisStore:
+    """Counts shared by gateway instances: one sorted set per key (member ticket, score time),
+    expiring after the window. The check-and-add is one Lua script, which Redis runs atomically.
+    Needs the ``redis`` package (``authgw[redis]``)."""
+
+    blocking = True
+
+    def __init__(self, url: str, *, prefix: str, password: str | None, timeout: float) -> None:
+        try:
+            import redis
+        except ImportError as exc:
+            raise ValueError("throttle.store: redis needs the redis package: pip install 'authgw[redis]'") from exc
+        self._errors = (redis.RedisError, OSError)
+        parts = urlsplit(url)
+        self.location = f"{parts.scheme}://{parts.hostname or ''}:{parts.port or 6379}"
+        self._prefix = prefix
+        self._client = redis.Redis.from_url(url, password=password, socket_timeout=timeout,
+                                            socket_connect_timeout=timeout, decode_responses=False)
+        self._reserve = self._client.register_script(_RESERVE)
+
+    def _call(self, what, *args):
+        try:
+            return what(*args)
+        except self._errors as exc:
+            raise StoreUnavailable(f"throttle store {self.location}: {exc.__class__.__name__}") from None
+
+    def reserve(self, keys: list[tuple[str, int]], ticket: str, now: float, window: float) -> bool:
+        names = [self._prefix + key for key, _limit in keys]
+        args = [int(now * 1000), int(window * 1000), ticket, *(limit for _key, limit in keys)]
+        return bool(self._call(lambda: self._reserve(keys=names, args=args)))
+
+    def drop(self, keys: list[str], ticket: str) -> None:
+        if keys:
+            def work():
+                pipe = self._client.pipeline(transaction=False)
+                for key in keys:
+                    pipe.zrem(self._prefix + key, ticket)
+                pipe.execute()
+            self._call(work)
+
+    def clear(self, keys: list[str]) -> None:
+        if keys:
+            self._call(self._client.delete, *(self._prefix + key for key in keys))
+
+    def close(self) -> None:
+        self._client.close()

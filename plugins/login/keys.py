@@ -1,0 +1,125 @@
+"""Signing keys of the login front door, kept in the state directory (never in conf.d).
+
+``STATE/login/`` holds, each 0600:
+
+* ``signing-current.key``/``.crt``: RSA-2048 key and self-signed certificate (SHA-256) that
+  sign SAML answers now;
+* ``signing-next.key``/``.crt``: the next pair, published in the metadata beside the current one
+  so that service providers trust it before it signs (rollover without a flag day);
+* ``cookie.key``: 32 random bytes for the HMAC of session cookies and CSRF tokens.
+
+They are made on first start under an exclusive ``flock`` (the master and every worker build
+the plugin). ``authgw saml rotate`` makes *next* current and a fresh *next*; the old current is
+kept as ``signing-previous.*`` for the record.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import os
+import secrets
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
+
+__all__ = ["KeyPair", "KeyStore"]
+
+#: Certificates in SAML metadata are trust anchors, not CA-validated: their validity period is
+#: not checked by most SPs, and rollover is by `rotate`, so they are made long-lived.
+CERT_DAYS = 3650
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    key: rsa.RSAPrivateKey
+    cert: x509.Certificate
+
+    @property
+    def cert_pem(self) -> bytes:
+        return self.cert.public_bytes(serialization.Encoding.PEM)
+
+    @property
+    def cert_b64(self) -> str:
+        """The DER certificate in base64, as ``ds:X509Certificate`` wants it."""
+        return "".join(self.cert_pem.decode().splitlines()[1:-1])
+
+    @property
+    def key_pem(self) -> bytes:
+        return self.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption())
+
+
+def _new_pair(common_name: str) -> KeyPair:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name[:64])])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=CERT_DAYS)).sign(key, hashes.SHA256()))
+    return KeyPair(key, cert)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    os.replace(tmp, path)  # atomic: a reader sees the old file or the new one, never half
+
+
+class KeyStore:
+    """The key files of one state directory."""
+
+    def __init__(self, state_dir: Path, common_name: str) -> None:
+        self.directory = state_dir / "login"
+        self.common_name = common_name
+
+    @contextmanager
+    def _locked(self):
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _path(self, slot: str, ext: str) -> Path:
+        return self.directory / f"signing-{slot}.{ext}"
+
+    def _load(self, slot: str) -> KeyPair:
+        key = serialization.load_pem_private_key(self._path(slot, "key").read_bytes(), None)
+        cert = x509.load_pem_x509_certificate(self._path(slot, "crt").read_bytes())
+        return KeyPair(key, cert)
+
+    def _save(self, slot: str, pair: KeyPair) -> None:
+        _write_private(self._path(slot, "key"), pair.key_pem)
+        _write_private(self._path(slot, "crt"), pair.cert_pem)
+
+    def ensure(self) -> tuple[KeyPair, KeyPair, bytes]:
+        """Current and next signing pairs and the cookie key, made if missing."""
+        with self._locked():
+            for slot in ("current", "next"):
+                if not self._path(slot, "key").exists():
+                    self._save(slot, _new_pair(self.common_name))
+            cookie = self.directory / "cookie.key"
+            if not cookie.exists():
+                _write_private(cookie, secrets.token_bytes(32))
+            return self._load("current"), self._load("next"), cookie.read_bytes()
+
+    def rotate(self) -> tuple[KeyPair, KeyPair]:
+        """Make *next* current and a new *next*. Running gateways pick it up when restarted."""
+        self.ensure()
+        with self._locked():
+            current, upcoming = self._load("current"), self._load("next")
+            self._save("previous", current)
+            self._save("current", upcoming)
+            fresh = _new_pair(self.common_name)
+            self._save("next", fresh)
+            return upcoming, fresh

@@ -1,0 +1,256 @@
+"""OpenID Connect provider: authorization code flow with PKCE (S256 required), ``query`` or
+``form_post`` response mode, id_token (RS256, joserfc) and userinfo. Reads ``login.oidc`` and
+``login.base_url`` (the issuer).
+
+Endpoints: ``/.well-known/openid-configuration``, ``/oidc/jwks`` (current and next key),
+``/oidc/authorize``, ``/oidc/token``, ``/oidc/userinfo``.
+
+Named checks at ``/oidc/authorize`` (refused on a page, never redirected, so a bad request
+cannot bounce the browser anywhere): ``oidc.unknown_client``, ``oidc.redirect_uri_not_registered``
+(exact match), ``oidc.unsupported_response_type``, ``oidc.scope_missing_openid``,
+``oidc.pkce_required``, ``oidc.unsupported_response_mode``, ``login.parameter_too_large``.
+At ``/oidc/token`` (RFC 6749 section 5.2 JSON errors): ``invalid_client`` (secret or client
+JWT), ``invalid_grant`` (unknown, used or expired code; another client's; redirect_uri or PKCE
+verifier mismatch). Codes and client-assertion ``jti`` are single use (the session store).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import secrets
+import time
+from urllib.parse import unquote_plus, urlencode
+
+from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from joserfc import jwt
+from joserfc.errors import JoseError
+from joserfc.jwk import ECKey, RSAKey
+
+from gateway import Route
+
+from .keys import KeyPair
+from .sessions import identity_from_json, identity_to_json, same
+from .settings import LoginSettings, OidcClient
+from .web import Refused
+
+__all__ = ["OidcProvider"]
+
+ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+MAX_PARAM = 2048
+
+
+def _rsa(pair: KeyPair) -> RSAKey:
+    key = RSAKey.import_key(pair.key_pem)
+    key.ensure_kid()
+    return key
+
+
+def _error(code: str, status: int = 400, description: str = "") -> web.Response:
+    body = {"error": code, **({"error_description": description} if description else {})}
+    headers = {"Cache-Control": "no-store"}
+    if code == "invalid_client":
+        headers["WWW-Authenticate"] = 'Basic realm="authgw"'
+    return web.json_response(body, status=status, headers=headers)
+
+
+class OidcProvider:
+    def __init__(self, settings: LoginSettings, current: KeyPair, upcoming: KeyPair) -> None:
+        self.settings = settings
+        self.issuer = settings.base_url
+        self.clients = {c.client_id: c for c in settings.oidc.clients}
+        self.signing = _rsa(current)
+        # The next key is published before it signs, so relying parties have it when it does.
+        self.public = {"keys": [{**k.as_dict(private=False), "use": "sig", "alg": "RS256"}
+                                for k in (self.signing, _rsa(upcoming))]}
+        self.client_keys = {c.client_id: _client_key(c) for c in settings.oidc.clients if c.public_key}
+        self.token_url = f"{self.issuer}/oidc/token"
+
+    def routes(self, web_door) -> list[Route]:
+        self.web = web_door
+        web_door.completers["oidc"] = self.complete
+        return [Route("GET", "/.well-known/openid-configuration", self.discovery),
+                Route("GET", "/oidc/jwks", self.jwks), Route("GET", "/oidc/authorize", self.authorize),
+                Route("POST", "/oidc/token", self.token), Route("*", "/oidc/userinfo", self.userinfo)]
+
+    # -- discovery ---------------------------------------------------------------------------------
+
+    async def discovery(self, request: web.Request) -> web.Response:
+        return web.json_response({
+            "issuer": self.issuer, "authorization_endpoint": f"{self.issuer}/oidc/authorize",
+            "token_endpoint": self.token_url, "userinfo_endpoint": f"{self.issuer}/oidc/userinfo",
+            "jwks_uri": f"{self.issuer}/oidc/jwks", "response_types_supported": ["code"],
+            "response_modes_supported": ["query", "form_post"], "grant_types_supported": ["authorization_code"],
+            "subject_types_supported": ["public"], "id_token_signing_alg_values_supported": ["RS256"],
+            "code_challenge_methods_supported": ["S256"], "scopes_supported": ["openid", "profile", "email", "groups"],
+            "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "private_key_jwt"],
+            "token_endpoint_auth_signing_alg_values_supported": ["RS256", "ES256"],
+            "claims_supported": ["sub", "name", "preferred_username", "email", "groups", "nonce", "auth_time"]})
+
+    async def jwks(self, request: web.Request) -> web.Response:
+        return web.json_response(self.public, headers={"Cache-Control": "max-age=300"})
+
+    # -- authorization -----------------------------------------------------------------------------
+
+    def check(self, query) -> dict:
+        """The pending authorization for a request, or :class:`Refused` (no I/O)."""
+        if any(len(v) > MAX_PARAM for v in query.values()):
+            raise Refused("login.parameter_too_large", "an authorization parameter")
+        client = self.clients.get(query.get("client_id", ""))
+        if client is None:
+            raise Refused("oidc.unknown_client", query.get("client_id", "")[:100])
+        redirect_uri = query.get("redirect_uri", "")
+        if redirect_uri not in client.redirect_uris:
+            raise Refused("oidc.redirect_uri_not_registered", redirect_uri[:200])
+        if query.get("response_type") != "code":
+            raise Refused("oidc.unsupported_response_type", query.get("response_type", "")[:40])
+        if "openid" not in query.get("scope", "").split():
+            raise Refused("oidc.scope_missing_openid")
+        challenge = query.get("code_challenge", "")
+        if query.get("code_challenge_method") != "S256" or not 43 <= len(challenge) <= 128:
+            raise Refused("oidc.pkce_required")
+        mode = query.get("response_mode", "query")
+        if mode not in ("query", "form_post"):
+            raise Refused("oidc.unsupported_response_mode", mode[:40])
+        return {"protocol": "oidc", "client_id": client.client_id, "redirect_uri": redirect_uri,
+                "state": query.get("state", ""), "nonce": query.get("nonce", ""), "challenge": challenge,
+                "mode": mode, "scope": query.get("scope", ""), "force_authn": query.get("prompt") == "login"}
+
+    async def authorize(self, request: web.Request) -> web.StreamResponse:
+        try:
+            pending = self.check(request.query)
+        except Refused as exc:
+            return self.web.refused(request, exc)
+        return await self.web.begin(request, pending, 600)
+
+    async def complete(self, request: web.Request, pending: dict, session) -> web.StreamResponse:
+        code = secrets.token_urlsafe(32)
+        grant = {**pending, "identity": identity_to_json(session.identity), "sid": session.index}
+        self.web.sessions.store.put_pending("code:" + _digest(code), grant,
+                                            time.time() + self.settings.oidc.code_lifetime)
+        answer = [("code", code), ("iss", self.issuer)] + ([("state", pending["state"])] if pending["state"] else [])
+        if pending["mode"] == "form_post":
+            return self.web.auto_post(pending["redirect_uri"], answer)
+        separator = "&" if "?" in pending["redirect_uri"] else "?"
+        raise web.HTTPSeeOther(pending["redirect_uri"] + separator + urlencode(answer),
+                               headers={"Cache-Control": "no-store"})
+
+    # -- token ---------------------------------------------------------------------------------------
+
+    def _client(self, request: web.Request, form) -> OidcClient | None:
+        """The authenticated client (secret in Basic or the body, or a signed JWT), or ``None``."""
+        scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() == "basic":
+            try:
+                raw = base64.b64decode(value, validate=True).decode()
+                client_id, secret = (unquote_plus(x) for x in raw.split(":", 1))
+            except (ValueError, UnicodeDecodeError):
+                return None
+        elif form.get("client_assertion_type") == ASSERTION_TYPE:
+            return self._assertion_client(str(form.get("client_assertion", "")))
+        else:
+            client_id, secret = str(form.get("client_id", "")), str(form.get("client_secret", ""))
+        client = self.clients.get(client_id)
+        if client is None or client.client_secret is None:
+            return None
+        return client if same(secret, client.client_secret.reveal()) else None
+
+    def _assertion_client(self, assertion: str) -> OidcClient | None:
+        """``private_key_jwt`` (RFC 7523 section 3): a JWT signed by the client's registered key,
+        ``iss`` = ``sub`` = client id, ``aud`` this token endpoint or issuer, unexpired, ``jti``
+        used once."""
+        try:
+            # The unverified `iss` only chooses which registered key must have signed.
+            payload = assertion.split(".")[1]
+            issuer = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["iss"]
+            claims = jwt.decode(assertion, self.client_keys[issuer], algorithms=["RS256", "ES256"]).claims
+        except (JoseError, KeyError, ValueError, IndexError, TypeError):
+            return None
+        audience = claims.get("aud")
+        audiences = set(audience if isinstance(audience, list) else [audience])
+        exp = claims.get("exp")
+        if (claims.get("iss") != issuer or claims.get("sub") != issuer or not {self.token_url, self.issuer} & audiences
+                or not isinstance(exp, (int, float)) or exp < time.time() - self.settings.clock_skew
+                or not isinstance(claims.get("jti"), str)):
+            return None
+        if not self.web.sessions.first_use("oidc-jti", f"{issuer} {claims['jti']}", 600):
+            return None
+        return self.clients.get(issuer)
+
+    async def token(self, request: web.Request) -> web.Response:
+        form = await request.post()
+        client = self._client(request, form)
+        if client is None:
+            return _error("invalid_client", 401)
+        if form.get("grant_type") != "authorization_code":
+            return _error("unsupported_grant_type")
+        code = str(form.get("code", ""))[:MAX_PARAM]
+        grant = self.web.sessions.store.take_pending("code:" + _digest(code), time.time()) if code else None
+        if grant is None or grant["client_id"] != client.client_id:
+            return _error("invalid_grant", description="unknown, used or expired code")
+        if form.get("redirect_uri") != grant["redirect_uri"]:
+            return _error("invalid_grant", description="redirect_uri differs")
+        verifier = str(form.get("code_verifier", ""))
+        computed = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode("utf-8", "surrogatepass")).digest()
+                                            ).decode().rstrip("=")
+        if not verifier or not same(computed, grant["challenge"]):
+            return _error("invalid_grant", description="PKCE verifier does not match")
+        identity = identity_from_json(grant["identity"])
+        now = int(time.time())
+        lifetime = int(self.settings.oidc.token_lifetime)
+        claims = {"iss": self.issuer, "sub": identity.subject, "aud": client.client_id, "iat": now,
+                  "exp": now + lifetime, "auth_time": int(identity.authenticated_at), "sid": grant["sid"],
+                  **self._profile(identity, grant["scope"])}
+        if grant["nonce"]:
+            claims["nonce"] = grant["nonce"]
+        access = secrets.token_urlsafe(32)
+        claims["at_hash"] = base64.urlsafe_b64encode(hashlib.sha256(access.encode()).digest()[:16]).decode().rstrip("=")
+        id_token = await asyncio.to_thread(jwt.encode, {"alg": "RS256", "kid": self.signing.kid}, claims, self.signing)
+        self.web.sessions.store.put_pending("at:" + _digest(access), {"identity": grant["identity"],
+                                            "scope": grant["scope"]}, now + lifetime)
+        return web.json_response({"access_token": access, "token_type": "Bearer", "expires_in": lifetime,
+                                  "id_token": id_token, "scope": grant["scope"]},
+                                 headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
+
+    @staticmethod
+    def _profile(identity, scope: str) -> dict:
+        scopes = set(scope.split())
+        claims: dict = {}
+        if "profile" in scopes:
+            claims.update(name=identity.display_name or identity.username, preferred_username=identity.username)
+        if "email" in scopes and identity.email:
+            claims["email"] = identity.email
+        if "groups" in scopes:
+            claims["groups"] = list(identity.groups)
+        return claims
+
+    async def userinfo(self, request: web.Request) -> web.Response:
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        record = None
+        if scheme.lower() == "bearer" and token and len(token) <= 128:
+            record = self.web.sessions.store.get_pending("at:" + _digest(token.strip()), time.time())
+        if record is None:
+            return web.json_response({"error": "invalid_token"}, status=401,
+                                     headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+        identity = identity_from_json(record["identity"])
+        return web.json_response({"sub": identity.subject, **self._profile(identity, record["scope"])},
+                                 headers={"Cache-Control": "no-store"})
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _client_key(client: OidcClient) -> RSAKey | ECKey:
+    """The client's registered public key (a PEM key or certificate), RSA or EC."""
+    data = client.public_key.read_bytes()
+    if b"CERTIFICATE" in data:
+        public = x509.load_pem_x509_certificate(data).public_key()
+    else:
+        public = serialization.load_pem_public_key(data)
+    return (ECKey if isinstance(public, ec.EllipticCurvePublicKey) else RSAKey).import_key(public)

@@ -1,0 +1,279 @@
+"""Browser sessions and short-lived login state, shared by every worker (and instance).
+
+Decides whether a session cookie names a live session: its HMAC must verify (``cookie.key``
+from the state directory), its server-side record must exist, be younger than
+``sessions.absolute`` and have been used within ``sessions.idle``. Reads ``login.sessions``.
+
+The cookie is ``ID.MAC`` with a 256-bit random id; the store keys records by SHA-256 of the id,
+so a copy of the store gives no usable cookie. Ids are only ever made here, at login (a new one
+each time, the old session deleted): a cookie planted before login never becomes a session
+(no fixation).
+
+Two stores: SQLite in the state directory (one machine: every worker opens the same file, in
+WAL mode) and Redis (several instances). They also keep *pending* logins (a validated
+AuthnRequest waiting for the user to sign in, single use) and *seen* ids (replay refusal).
+Times are wall-clock seconds (``time.time()``): they are compared across processes and hosts.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import secrets
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gateway import Identity
+
+from .settings import SessionSettings
+
+__all__ = ["STORE_ERRORS", "RedisStore", "Session", "SessionManager", "SqliteStore", "identity_from_json", "identity_to_json", "same"]
+
+
+def _store_errors() -> tuple[type[BaseException], ...]:
+    errors: tuple[type[BaseException], ...] = (sqlite3.Error, OSError)
+    try:
+        import redis
+
+        errors += (redis.RedisError,)
+    except ImportError:  # authgw[redis] not installed: only SQLite can fail
+        pass
+    return errors
+
+
+#: What a store raises when it cannot be used (a locked or full disk, Redis down or timing out).
+STORE_ERRORS = _store_errors()
+
+
+def identity_to_json(identity: Identity) -> dict[str, Any]:
+    return {"subject": identity.subject, "username": identity.username, "method": identity.method,
+            "display_name": identity.display_name, "email": identity.email, "groups": list(identity.groups),
+            "authenticated_at": identity.authenticated_at}
+
+
+def identity_from_json(data: dict[str, Any]) -> Identity:
+    return Identity(subject=data["subject"], username=data["username"], method=data["method"],
+                    display_name=data.get("display_name", ""), email=data.get("email", ""),
+                    groups=tuple(data.get("groups", ())), authenticated_at=data["authenticated_at"])
+
+
+@dataclass(frozen=True)
+class Session:
+    key: str            # SHA-256 of the cookie id (the store's key)
+    identity: Identity
+    created: float
+    index: str          # SAML SessionIndex: random, not the cookie id
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def same(a: str, b: str) -> bool:
+    """Constant-time equality of two strings from anywhere (``hmac.compare_digest`` refuses
+    non-ASCII ``str``: a hostile cookie must not turn into a 500)."""
+    return hmac.compare_digest(a.encode("utf-8", "surrogatepass"), b.encode("utf-8", "surrogatepass"))
+
+
+class SqliteStore:
+    """One SQLite file; each worker opens its own connection (SQLite locks across processes)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.db = sqlite3.connect(path, isolation_level=None, timeout=5.0, check_same_thread=False)
+        path.chmod(0o600)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("CREATE TABLE IF NOT EXISTS sessions (key TEXT PRIMARY KEY, data TEXT NOT NULL, "
+                        "created REAL NOT NULL, seen REAL NOT NULL)")
+        self.db.execute("CREATE TABLE IF NOT EXISTS pending (key TEXT PRIMARY KEY, data TEXT NOT NULL, "
+                        "expires REAL NOT NULL)")
+
+    def put_session(self, key: str, data: dict, now: float) -> None:
+        self.db.execute("INSERT INTO sessions VALUES (?, ?, ?, ?)", (key, json.dumps(data), now, now))
+
+    def get_session(self, key: str) -> tuple[dict, float, float] | None:
+        row = self.db.execute("SELECT data, created, seen FROM sessions WHERE key = ?", (key,)).fetchone()
+        return (json.loads(row[0]), row[1], row[2]) if row else None
+
+    def touch_session(self, key: str, now: float) -> None:
+        self.db.execute("UPDATE sessions SET seen = ? WHERE key = ?", (now, key))
+
+    def delete_session(self, key: str) -> None:
+        self.db.execute("DELETE FROM sessions WHERE key = ?", (key,))
+
+    def put_pending(self, key: str, data: dict, expires: float) -> bool:
+        """Store *data* under *key* unless the key is taken (then ``False``: a replay)."""
+        cursor = self.db.execute("INSERT OR IGNORE INTO pending VALUES (?, ?, ?)", (key, json.dumps(data), expires))
+        return cursor.rowcount == 1
+
+    def take_pending(self, key: str, now: float) -> dict | None:
+        row = self.db.execute("DELETE FROM pending WHERE key = ? RETURNING data, expires",
+                              (key,)).fetchone()
+        return json.loads(row[0]) if row and row[1] > now else None
+
+    def get_pending(self, key: str, now: float) -> dict | None:
+        row = self.db.execute("SELECT data, expires FROM pending WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row and row[1] > now else None
+
+    def purge(self, now: float, oldest: float) -> None:
+        self.db.execute("DELETE FROM pending WHERE expires < ?", (now,))
+        self.db.execute("DELETE FROM sessions WHERE created < ?", (oldest,))
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class RedisStore:
+    """The same records in Redis, with server-side expiry (several gateway instances)."""
+
+    def __init__(self, url: str, ttl: float) -> None:
+        import redis  # authgw[redis]
+
+        self.redis = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        self.ttl = int(ttl) + 1
+
+    def put_session(self, key: str, data: dict, now: float) -> None:
+        self.redis.set(f"authgw:login:s:{key}", json.dumps([data, now, now]), ex=self.ttl)
+
+    def get_session(self, key: str) -> tuple[dict, float, float] | None:
+        raw = self.redis.get(f"authgw:login:s:{key}")
+        return tuple(json.loads(raw)) if raw else None
+
+    def touch_session(self, key: str, now: float) -> None:
+        record = self.get_session(key)
+        if record:
+            self.redis.set(f"authgw:login:s:{key}", json.dumps([record[0], record[1], now]), ex=self.ttl)
+
+    def delete_session(self, key: str) -> None:
+        self.redis.delete(f"authgw:login:s:{key}")
+
+    def put_pending(self, key: str, data: dict, expires: float) -> bool:
+        return bool(self.redis.set(f"authgw:login:p:{key}", json.dumps(data),
+                                   ex=max(1, int(expires - time.time()) + 1), nx=True))
+
+    def take_pending(self, key: str, now: float) -> dict | None:
+        raw = self.redis.getdel(f"authgw:login:p:{key}")
+        return json.loads(raw) if raw else None
+
+    def get_pending(self, key: str, now: float) -> dict | None:
+        raw = self.redis.get(f"authgw:login:p:{key}")
+        return json.loads(raw) if raw else None
+
+    def purge(self, now: float, oldest: float) -> None:
+        pass  # Redis expires keys itself
+
+    def close(self) -> None:
+        self.redis.close()
+
+
+class SessionManager:
+    """Cookies, CSRF tokens and the store, for one worker."""
+
+    def __init__(self, settings: SessionSettings, store, cookie_key: bytes) -> None:
+        self.settings = settings
+        self.store = store
+        self._key = cookie_key
+        self._last_purge = None  # wall-clock time of the last purge; None until the first
+
+    # -- signing ---------------------------------------------------------------------------------
+
+    def _mac(self, purpose: str, value: str) -> str:
+        mac = hmac.new(self._key, f"{purpose}:{value}".encode("utf-8", "surrogatepass"), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(mac[:24]).decode().rstrip("=")
+
+    def _unsign(self, cookie: str | None) -> str | None:
+        if not cookie or len(cookie) > 200:
+            return None
+        value, _, mac = cookie.partition(".")
+        return value if value and same(mac, self._mac("session", value)) else None
+
+    # -- sessions --------------------------------------------------------------------------------
+
+    def create(self, identity: Identity, old_cookie: str | None = None) -> tuple[str, Session]:
+        """A new session (and cookie value) for *identity*; the previous one, if any, ends."""
+        old = self._unsign(old_cookie)
+        if old:
+            self.store.delete_session(_digest(old))
+        now = time.time()
+        self._maybe_purge(now)
+        value = secrets.token_urlsafe(32)
+        index = "_" + secrets.token_hex(16)
+        self.store.put_session(_digest(value), {"identity": identity_to_json(identity), "index": index}, now)
+        # SAML Single Logout names the session by its SessionIndex (a cross-site POST has no cookie).
+        self.store.put_pending("idx:" + index, {"key": _digest(value)}, now + self.settings.absolute)
+        return f"{value}.{self._mac('session', value)}", Session(_digest(value), identity, now, index)
+
+    def get(self, cookie: str | None) -> Session | None:
+        """The live session the cookie names, or ``None`` (bad MAC, unknown, idle or too old)."""
+        value = self._unsign(cookie)
+        if value is None:
+            return None
+        key = _digest(value)
+        record = self.store.get_session(key)
+        if record is None:
+            return None
+        data, created, seen = record
+        now = time.time()
+        if now - created > self.settings.absolute or now - seen > self.settings.idle:
+            self.store.delete_session(key)
+            return None
+        self.store.touch_session(key, now)
+        return Session(key, identity_from_json(data["identity"]), created, data["index"])
+
+    def end_index(self, index: str) -> bool:
+        """End the session with this SAML SessionIndex; ``True`` when there was one."""
+        record = self.store.take_pending("idx:" + index, time.time()) if 0 < len(index) <= 64 else None
+        if record is not None:
+            self.store.delete_session(record["key"])
+        return record is not None
+
+    def end(self, cookie: str | None) -> None:
+        value = self._unsign(cookie)
+        if value:
+            self.store.delete_session(_digest(value))
+
+    def _maybe_purge(self, now: float) -> None:
+        if self._last_purge is None or now - self._last_purge > 60:
+            self._last_purge = now
+            self.store.purge(now, now - self.settings.absolute)
+
+    # -- pending logins and replay ----------------------------------------------------------------
+
+    def park(self, data: dict, lifetime: float) -> str:
+        """Keep *data* (a validated request) for the user's login; returns its single-use id."""
+        key = secrets.token_urlsafe(24)
+        self.store.put_pending("p:" + key, data, time.time() + lifetime)
+        return key
+
+    def unpark(self, key: str) -> dict | None:
+        if not key or len(key) > 64:
+            return None
+        return self.store.take_pending("p:" + key, time.time())
+
+    def peek(self, key: str) -> dict | None:
+        """The parked data without using it up (a page that only shows the form)."""
+        if not key or len(key) > 64:
+            return None
+        return self.store.get_pending("p:" + key, time.time())
+
+    def first_use(self, namespace: str, ident: str, lifetime: float) -> bool:
+        """``True`` the first time *ident* is seen within *lifetime* seconds (replay refusal)."""
+        return self.store.put_pending(f"seen:{namespace}:{_digest(ident)}", {}, time.time() + lifetime)
+
+    # -- CSRF --------------------------------------------------------------------------------------
+
+    def csrf_pair(self, cookie: str | None) -> tuple[str, str]:
+        """The CSRF cookie to (re)set and the form token that goes with it (double submit,
+        the token bound to the cookie by HMAC so a planted cookie alone is useless)."""
+        seed = cookie if cookie and 16 <= len(cookie) <= 64 and cookie.isascii() else secrets.token_urlsafe(24)
+        return seed, self._mac("csrf", seed)
+
+    def csrf_ok(self, cookie: str | None, token: str | None) -> bool:
+        if not cookie or not token or len(cookie) > 64 or len(token) > 64:
+            return False
+        return same(token, self._mac("csrf", cookie))

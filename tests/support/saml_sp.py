@@ -1,0 +1,127 @@
+"""An independent SAML 2.0 service provider for tests: pysaml2's ``Saml2Client`` (it validates
+the IdP's signatures with ``xmlsec1``, the audience, recipient, destination, InResponseTo and the
+time window itself).
+
+::
+
+    sp = SamlSP(tmp_path, idp_metadata_xml, acs="https://127.0.0.1:PORT/acs", sign_requests=False)
+    request_id, url = sp.redirect_request(relay_state="abc")     # HTTP-Redirect binding
+    request_id, fields = sp.post_request()                       # HTTP-POST binding (form fields)
+    result = sp.accept(saml_response_b64, request_id)            # raises on any failed check
+    result.name_id, result.attributes, result.session_index
+    sp.cert_file                                                 # the SP's signing certificate (RSA)
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import html
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
+from saml2 import BINDING_HTTP_POST, BINDING_HTTP_REDIRECT
+from saml2.client import Saml2Client
+from saml2.config import SPConfig
+
+__all__ = ["SamlSP", "rsa_pair"]
+
+
+def rsa_pair(directory: Path, stem: str, cn: str) -> tuple[Path, Path]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=2)).sign(key, hashes.SHA256()))
+    directory.mkdir(parents=True, exist_ok=True)
+    cert_file, key_file = directory / f"{stem}.crt", directory / f"{stem}.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    key_file.chmod(0o600)
+    return cert_file, key_file
+
+
+@dataclass
+class Result:
+    name_id: str
+    name_id_format: str
+    attributes: dict[str, list[str]]
+    session_index: str
+    issuer: str
+
+
+class SamlSP:
+    def __init__(self, directory: Path, idp_metadata: str, *, acs: str, entity_id: str = "https://sp.example.test/",
+                 sign_requests: bool = False, want_response_signed: bool = True,
+                 allow_unsolicited: bool = False, keys: tuple[Path, Path] | None = None,
+                 slo: str | None = None) -> None:
+        self.entity_id = entity_id
+        self.acs = acs
+        self.cert_file, self.key_file = keys or rsa_pair(directory, "sp", "sp.example.test")
+        self.idp = re.search(r'entityID="([^"]+)"', idp_metadata).group(1)
+        config = SPConfig()
+        config.load({
+            "entityid": entity_id,
+            "xmlsec_binary": "/usr/bin/xmlsec1",
+            "key_file": str(self.key_file),
+            "cert_file": str(self.cert_file),
+            "service": {"sp": {
+                "endpoints": {"assertion_consumer_service": [(acs, BINDING_HTTP_POST)],
+                              **({"single_logout_service": [(slo, BINDING_HTTP_POST)]} if slo else {})},
+                "authn_requests_signed": sign_requests,
+                "want_response_signed": want_response_signed,
+                "want_assertions_signed": True,
+                "allow_unsolicited": allow_unsolicited,
+                "signing_algorithm": "http://www.w3.org/2001/04/xmldsig-more#rsa-sha256",
+                "digest_algorithm": "http://www.w3.org/2001/04/xmlenc#sha256",
+            }},
+            "metadata": {"inline": [idp_metadata]},
+            "allow_unknown_attributes": True,
+        })
+        self.client = Saml2Client(config)
+
+    def redirect_request(self, relay_state: str = "", **kw) -> tuple[str, str]:
+        request_id, info = self.client.prepare_for_authenticate(entityid=self.idp, relay_state=relay_state,
+                                                                binding=BINDING_HTTP_REDIRECT, **kw)
+        return request_id, dict(info["headers"])["Location"]
+
+    def post_request(self, relay_state: str = "", **kw) -> tuple[str, dict[str, str]]:
+        request_id, info = self.client.prepare_for_authenticate(entityid=self.idp, relay_state=relay_state,
+                                                                binding=BINDING_HTTP_POST, **kw)
+        page = info["data"]
+        fields = {html.unescape(m.group(1)): html.unescape(m.group(2))
+                  for m in re.finditer(r'<input type="hidden" name="([^"]+)" value="([^"]*)"', page)}
+        return request_id, fields
+
+    def logout_request(self, destination: str, result: Result, binding: str = BINDING_HTTP_REDIRECT,
+                       relay_state: str = "") -> tuple[str, dict]:
+        """A LogoutRequest for the session of *result*: ``(request id, pysaml2's binding info)``."""
+        from saml2.saml import NameID
+
+        request_id, request = self.client.create_logout_request(
+            destination, self.idp, name_id=NameID(text=result.name_id, format=result.name_id_format),
+            session_indexes=[result.session_index])
+        return request_id, self.client.apply_binding(binding, str(request), destination, relay_state=relay_state)
+
+    def accept_logout(self, saml_response: str):
+        """pysaml2's check of a LogoutResponse (signature, destination, issuer); returns it."""
+        response = self.client.parse_logout_request_response(saml_response, BINDING_HTTP_POST)
+        if response is None:
+            raise AssertionError("pysaml2 refused the LogoutResponse")
+        return response.response
+
+    def accept(self, saml_response: str, request_id: str | None) -> Result:
+        outstanding = {request_id: "/"} if request_id else {}
+        response = self.client.parse_authn_request_response(saml_response, BINDING_HTTP_POST, outstanding=outstanding)
+        if response is None:
+            raise AssertionError("pysaml2 refused the response")
+        name_id = response.name_id
+        statement = response.assertion.authn_statement[0]
+        return Result(name_id.text, name_id.format, {k: list(v) for k, v in response.ava.items()},
+                      statement.session_index, response.response.issuer.text)

@@ -1,0 +1,28 @@
+"""The audit log file (issue 9 item 7): created 0600, and never a password in it."""
+
+from __future__ import annotations
+
+import stat
+import time
+
+from support.gateway import write_conf
+
+
+def test_audit_file_is_created_private_and_holds_no_password(conf_dir, demo_hash, start_gateway, tmp_path):
+    audit = tmp_path / "audit" / "authgw-audit.jsonl"
+    audit.parent.mkdir()
+    conf = write_conf(conf_dir, {
+        "gateway.yaml": f"chain: [static]\naudit:\n  file: {audit}\n",
+        "static.yaml": "static:\n  users_file: users/users.yaml\n",
+        "users/users.yaml": f'users:\n  alice:\n    password_hash: "{demo_hash}"\n',
+    })
+    gw = start_gateway(conf)
+    assert gw.auth("alice", "demo-password").status == 200
+    assert gw.auth("alice", "Wrong-Secret-42").status == 401
+    assert stat.S_IMODE(audit.stat().st_mode) == 0o600
+    deadline = time.monotonic() + 10
+    while audit.read_text().count("\n") < 2 and time.monotonic() < deadline:  # written just after the answer
+        time.sleep(0.05)
+    text = audit.read_text()
+    assert text.count('"username": "alice"') == 2
+    assert "demo-password" not in text and "Wrong-Secret-42" not in text

@@ -1,0 +1,242 @@
+"""Hostile input at the login front door: each named check refused alone, with a vector that
+fails only that check, never a 5xx, never a leak. Through a real ``authgw serve``; signed
+requests made by pysaml2 (independent of the code under test)."""
+
+from __future__ import annotations
+
+import base64
+import re
+import datetime as dt
+import time
+import zlib
+from urllib.parse import urlencode, urlsplit
+
+import pytest
+
+from gateway.plugins.login.web import Refused
+from gateway.plugins.login.xmlsafe import inflate_redirect, parse_xml
+from support.login import LoginSite
+from support.pki import CA
+from support.saml_sp import SamlSP, rsa_pair
+from support.slapd import Slapd
+
+SP_ID, ACS = "https://sp.example.test/", "https://sp.example.test/acs"
+SIGNED_ID, SIGNED_ACS = "https://signed.example.test/", "https://signed.example.test/acs"
+
+
+def authn_request(idp_url: str, *, issuer: str = SP_ID, acs: str | None = ACS, destination: str | None = None,
+                  issued: dt.datetime | None = None, binding: str | None = None, prolog: str = "",
+                  request_id: str = "_r1", body: str = "") -> bytes:
+    when = (issued or dt.datetime.now(dt.timezone.utc)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    attrs = f' AssertionConsumerServiceURL="{acs}"' if acs else ""
+    attrs += f' Destination="{destination or idp_url + "/saml/sso"}"'
+    attrs += f' ProtocolBinding="{binding}"' if binding else ""
+    return (f'<?xml version="1.0"?>{prolog}<samlp:AuthnRequest xmlns:samlp="urn:oasis:names:tc:SAML:2.0:protocol" '
+            f'xmlns:saml="urn:oasis:names:tc:SAML:2.0:assertion" ID="{request_id}" Version="2.0" '
+            f'IssueInstant="{when}"{attrs}><saml:Issuer>{issuer}</saml:Issuer>{body}</samlp:AuthnRequest>').encode()
+
+
+def deflated(xml: bytes) -> str:
+    packer = zlib.compressobj(9, zlib.DEFLATED, -15)
+    return base64.b64encode(packer.compress(xml) + packer.flush()).decode()
+
+
+@pytest.fixture(scope="module")
+def idp(tmp_path_factory):
+    base = tmp_path_factory.mktemp("hostile")
+    slapd = Slapd(base / "slapd").start()
+    slapd.add_user("alice", "Alice-pw-1", mail="alice@example.com")
+    signer = rsa_pair(base / "signer", "sp", "signed.example.test")
+    site = LoginSite(base / "idp", slapd, CA.create(), login={"saml": {"service_providers": [
+        {"entity_id": SP_ID, "acs_urls": [ACS]},
+        {"entity_id": SIGNED_ID, "acs_urls": [SIGNED_ACS], "request_certificate": str(signer[0])}]}})
+    site.gw = site.start()
+    site.signer = signer
+    site.metadata = site.client().get(f"{site.url}/saml/metadata").text
+    yield site
+    site.stop()
+    slapd.stop()
+
+
+def refused(response) -> str:
+    assert response.status_code == 400, (response.status_code, response.text[:300])
+    assert "This sign-in request cannot be accepted." in response.text
+    return response.headers["X-Refused-Reason"]
+
+
+def redirect(idp, xml: bytes, **extra):
+    return idp.client().get(f"{idp.url}/saml/sso?" + urlencode({"SAMLRequest": deflated(xml), **extra}),
+                            allow_redirects=False)
+
+
+def test_a_valid_request_reaches_the_form(idp):
+    # The baseline every vector below departs from in one field only.
+    response = redirect(idp, authn_request(idp.url))
+    assert response.status_code == 303 and response.headers["Location"].startswith("/login?req=")
+
+
+def test_xxe_is_refused_and_nothing_is_read(idp):
+    prolog = '<!DOCTYPE r [<!ENTITY x SYSTEM "file:///etc/passwd">]>'
+    xml = authn_request(idp.url, prolog=prolog, issuer="&x;")
+    for response in (redirect(idp, xml),
+                     idp.client().post(f"{idp.url}/saml/sso", data={"SAMLRequest": base64.b64encode(xml)})):
+        assert refused(response) == "login.xml_forbidden"
+        assert "root:" not in response.text
+    assert "root:" not in idp.gw.output()
+
+
+def test_entity_expansion_is_refused(idp):
+    lol = '<!DOCTYPE r [<!ENTITY a "lollollollollollol">' + "".join(
+        f'<!ENTITY {chr(98 + i)} "{("&" + chr(97 + i) + ";") * 10}">' for i in range(8)) + "]>"
+    assert refused(redirect(idp, authn_request(idp.url, prolog=lol, issuer="&i;"))) == "login.xml_forbidden"
+
+
+def test_a_1_gb_deflate_bomb_is_refused_after_the_cap():
+    packer, chunk, parts = zlib.compressobj(9, zlib.DEFLATED, -15), bytes(1 << 20), []
+    for _ in range(1024):  # 1 GiB of zeros, compressed piecewise (about 1 MB)
+        parts.append(packer.compress(chunk))
+    bomb = base64.b64encode(b"".join(parts) + packer.flush()).decode()
+    started = time.monotonic()
+    with pytest.raises(Refused) as caught:
+        inflate_redirect(bomb, limit=262144, max_parameter=len(bomb))
+    assert caught.value.reason == "login.inflate_too_large"
+    capped = time.monotonic() - started
+    small = deflated(bytes(200_000))
+    started = time.monotonic()
+    assert len(inflate_redirect(small, limit=262144, max_parameter=len(small))) == 200_000
+    # Refusing the 1 GiB bomb costs about what inflating 256 KiB does, not what 1 GiB would.
+    assert capped < 50 * max(time.monotonic() - started, 0.001)
+
+
+def test_a_deflate_bomb_through_the_server_is_refused(idp):
+    bomb = deflated(bytes(5_000_000))  # fits a URL, inflates to 5 MB > max_inflated_bytes
+    response = idp.client().get(f"{idp.url}/saml/sso?" + urlencode({"SAMLRequest": bomb}), allow_redirects=False)
+    assert refused(response) == "login.inflate_too_large"
+
+
+def test_parse_xml_alone_refuses_doctype_in_any_case():
+    for doc in (b'<!doctype r><r/>', b'<?xml version="1.0"?>\n<!DOCTYPE r SYSTEM "http://127.0.0.1:1/x.dtd"><r/>'):
+        with pytest.raises(Refused) as caught:
+            parse_xml(doc)
+        assert caught.value.reason == "login.xml_forbidden"
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"issuer": "https://unknown.example.test/"}, "saml.unknown_sp"),
+    ({"acs": "https://evil.example.test/acs"}, "saml.acs_not_registered"),
+    ({"acs": ACS + "/../../evil"}, "saml.acs_not_registered"),
+    ({"acs": ACS + "?next=https://evil.example.test"}, "saml.acs_not_registered"),
+    ({"binding": "urn:oasis:names:tc:SAML:2.0:bindings:HTTP-Artifact"}, "saml.binding_unsupported"),
+    ({"destination": "https://elsewhere.example.test/saml/sso"}, "saml.destination_mismatch"),
+    ({"issued": dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=1)}, "saml.request_expired"),
+    ({"issued": dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1)}, "saml.request_expired"),
+])
+def test_each_named_check_alone(idp, change, reason):
+    assert refused(redirect(idp, authn_request(idp.url, **change))) == reason
+
+
+def test_malformed_and_oversize_parameters(idp):
+    client = idp.client()
+    assert refused(client.get(f"{idp.url}/saml/sso")) == "login.malformed"
+    assert refused(client.get(f"{idp.url}/saml/sso", params={"SAMLRequest": "%%%not base64"})) == "login.malformed"
+    assert refused(client.get(f"{idp.url}/saml/sso", params={"SAMLRequest": deflated(b"<not-xml")})) == "login.malformed"
+    not_request = b'<samlp:LogoutRequest xmlns:samlp="urn:oasis:names:tc:SAML:2.0:protocol" ID="x" Version="2.0"/>'
+    assert refused(client.get(f"{idp.url}/saml/sso", params={"SAMLRequest": deflated(not_request)})) \
+        == "saml.not_authn_request"
+    assert refused(redirect(idp, authn_request(idp.url), RelayState="r" * 81)) == "login.relay_state_too_large"
+    big = base64.b64encode(authn_request(idp.url, body="<x>" + "a" * 20000 + "</x>")).decode()
+    assert refused(client.post(f"{idp.url}/saml/sso", data={"SAMLRequest": big})) == "login.parameter_too_large"
+    huge = client.post(f"{idp.url}/saml/sso", data={"SAMLRequest": "A" * 200_000})
+    assert huge.status_code == 413
+    assert refused(client.get(f"{idp.url}/saml/idp", params={"sp": "https://nobody/"})) == "saml.unknown_sp"
+
+
+def test_signed_requests_are_required_checked_and_single_use(idp, tmp_path):
+    sp = SamlSP(tmp_path, idp.metadata, acs=SIGNED_ACS, entity_id=SIGNED_ID, sign_requests=True, keys=idp.signer)
+    client = idp.client()
+    _, url = sp.redirect_request(relay_state="rs")
+    assert "Signature=" in url
+    first = client.get(url, allow_redirects=False)
+    assert first.status_code == 303, first.text[:300]
+    assert refused(client.get(url, allow_redirects=False)) == "saml.request_replayed"
+    _, url = sp.redirect_request()
+    query = dict(p.split("=", 1) for p in urlsplit(url).query.split("&"))
+    tampered = url.replace(query["Signature"], "A" + query["Signature"][1:])
+    assert refused(client.get(tampered, allow_redirects=False)) == "saml.signature_invalid"
+    unsigned = url.split("&Signature=")[0].replace("&SigAlg=", "&x=")
+    assert refused(client.get(unsigned, allow_redirects=False)) == "saml.signature_missing"
+    # HTTP-POST binding: an enveloped XML signature (made by pysaml2/xmlsec1).
+    _, fields = sp.post_request()
+    assert client.post(f"{idp.url}/saml/sso", data=fields, allow_redirects=False).status_code == 303
+    assert refused(client.post(f"{idp.url}/saml/sso", data=fields, allow_redirects=False)) == "saml.request_replayed"
+    xml = base64.b64decode(sp.post_request()[1]["SAMLRequest"])
+    xml = re.sub(rb'ID="([^"]+)"', lambda m: b'ID="' + m.group(1)[:-1] + (b"1" if m.group(1).endswith(b"0") else b"0") + b'"',
+                 xml, count=1)  # one byte of the signed request changed
+    response = client.post(f"{idp.url}/saml/sso", data={"SAMLRequest": base64.b64encode(xml)})
+    assert refused(response) == "saml.signature_invalid"
+    unsigned = authn_request(idp.url, issuer=SIGNED_ID, acs=SIGNED_ACS)
+    response = client.post(f"{idp.url}/saml/sso", data={"SAMLRequest": base64.b64encode(unsigned)})
+    assert refused(response) == "saml.signature_missing"
+
+
+def test_no_refusal_leaks_details_and_none_is_a_5xx(idp):
+    page = redirect(idp, authn_request(idp.url, acs="https://evil.example.test/acs"))
+    assert "evil" not in page.text and "acs" not in page.text.lower()
+    output = idp.gw.output()
+    assert "saml.acs_not_registered" in output and " 500 " not in output and "Traceback" not in output
+
+
+GARBAGE = ["", "%00", "\x00\x01", "A" * 5000, "<x/>", "=" * 100, "😀" * 50, "%ZZ", "../../etc/passwd",
+           "javascript:alert(1)", "https://evil.example.test/", '"><script>x</script>', "%ED%A0%80"]
+
+
+def test_garbage_in_every_parameter_of_every_route_is_never_a_5xx(idp):
+    client = idp.client()
+    routes = [("GET", "/login", ["req"]), ("POST", "/login", ["csrf", "req", "username", "password"]),
+              ("POST", "/logout", ["csrf"]), ("GET", "/saml/sso", ["SAMLRequest", "RelayState", "SigAlg", "Signature"]),
+              ("POST", "/saml/sso", ["SAMLRequest", "RelayState"]), ("GET", "/saml/idp", ["sp", "RelayState"]),
+              ("GET", "/saml/slo", ["SAMLRequest"]), ("POST", "/saml/slo", ["SAMLRequest"]),
+              ("GET", "/wsfed", ["wa", "wtrealm", "wreply", "wctx"]),
+              ("GET", "/oidc/authorize", ["client_id", "redirect_uri", "response_type", "scope", "code_challenge"]),
+              ("POST", "/oidc/token", ["grant_type", "code", "client_id", "client_secret", "client_assertion",
+                                       "client_assertion_type", "code_verifier"]),
+              ("GET", "/oidc/userinfo", [])]
+    statuses = set()
+    for method, path, names in routes:
+        for value in GARBAGE:
+            params = {name: value for name in names}
+            if method == "GET":
+                response = client.get(idp.url + path, params=params, allow_redirects=False,
+                                      headers={"Authorization": "Bearer " + value[:100].encode("ascii", "replace").decode()})
+            else:
+                response = client.post(idp.url + path, data=params, allow_redirects=False,
+                                       headers={"Authorization": "Basic " + value[:100].encode("ascii", "replace").decode()})
+            statuses.add(response.status_code)
+            # Cookies too: a hostile cookie value is just another parameter.
+            client.cookies.set("authgw_session", value.encode("ascii", "replace").decode()[:300])
+            client.cookies.set("authgw_csrf", value.encode("ascii", "replace").decode()[:300])
+            assert response.status_code < 500, (method, path, value[:20], response.status_code, response.text[:200])
+            if "html" in response.headers.get("Content-Type", ""):  # aiohttp's own 400s are text/plain
+                assert "<script>x</script>" not in response.text, (method, path, response.text[:300])
+            assert response.headers.get("Location", "/login?req=").startswith("/login?req="), (method, path)
+    # aiohttp logs the requests its parser refused (control characters in headers); no exception
+    # may come out of a handler.
+    assert "_handle_request" not in idp.gw.output() and "plugins/login" not in idp.gw.output()
+    assert statuses >= {400}
+
+
+def test_an_unreachable_directory_says_sign_in_is_not_available(tmp_path):
+    class Dead:  # a directory nobody listens on
+        def plugin_settings(self, mode):
+            return {"preset": "openldap", "base_dn": "dc=example,dc=com", "servers": [f"ldap://127.0.0.1:{port}"],
+                    "insecure": True, "bind_dn": "cn=x,dc=example,dc=com", "bind_password": {"env": "AUTHGW_TEST_PW"}}
+
+    from support.net import free_port
+    port = free_port()
+    site = LoginSite(tmp_path / "dead", Dead(), CA.create(), env={"AUTHGW_TEST_PW": "x"})
+    site.start()
+    try:
+        page = site.sign_in(site.client(), "alice", "Alice-pw-1")
+        assert page.status_code == 503 and "Sign-in is not available right now." in page.text
+    finally:
+        site.stop()

@@ -1,0 +1,174 @@
+"""The OpenID Connect provider with an independent relying party (Authlib's OAuth 2.0 client and
+its OIDC id_token validation), through a real ``authgw serve`` and slapd."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import secrets
+import time
+import uuid
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from authlib.integrations.requests_client import OAuth2Session
+from authlib.jose import JsonWebKey, jwt as authlib_jwt
+from authlib.oauth2.rfc7523 import PrivateKeyJWT
+from authlib.oidc.core import CodeIDToken
+
+from support.login import LoginSite, hidden
+from support.pki import CA
+from support.saml_sp import rsa_pair
+from support.slapd import Slapd
+
+CB = "https://rp.example.test/callback"
+SECRET = "rp-secret-value-0123456789"
+
+
+@pytest.fixture(scope="module")
+def op(tmp_path_factory):
+    base = tmp_path_factory.mktemp("oidc")
+    slapd = Slapd(base / "slapd").start()
+    slapd.add_user("alice", "Alice-pw-1", cn="Alice Liddell", mail="alice@example.com", groups=["staff"])
+    (base / "secret").write_text(SECRET)
+    (base / "secret").chmod(0o600)
+    cert, key = rsa_pair(base / "rp", "rp", "rp.example.test")
+    site = LoginSite(base / "op", slapd, CA.create(), login={"oidc": {"clients": [
+        {"client_id": "rp", "redirect_uris": [CB], "client_secret": {"file": str(base / "secret")}},
+        {"client_id": "rp-jwt", "redirect_uris": [CB], "public_key": str(cert)}]}})
+    site.gw = site.start()
+    site.rp_key = key.read_text()
+    site.config = site.client().get(f"{site.url}/.well-known/openid-configuration").json()
+    site.jwks = site.client().get(site.config["jwks_uri"]).json()
+    yield site
+    site.stop()
+    slapd.stop()
+
+
+def rp(op, client_id="rp", secret=SECRET, **kw) -> OAuth2Session:
+    session = OAuth2Session(client_id, secret, scope="openid profile email groups", redirect_uri=CB,
+                            code_challenge_method="S256", **kw)
+    session.trust_env = False
+    session.verify = str(op.ca_file)
+    return session
+
+
+def authorize(op, client: OAuth2Session, browser=None, **params) -> tuple[str, str, str]:
+    """Drive the browser part; returns (callback URL, verifier, nonce)."""
+    verifier, nonce = secrets.token_urlsafe(48), secrets.token_urlsafe(16)
+    uri, _ = client.create_authorization_url(op.config["authorization_endpoint"], code_verifier=verifier,
+                                             nonce=nonce, **params)
+    browser = browser or op.client()
+    form = browser.get(uri)
+    if hidden(form.text, "req"):
+        answer = op.sign_in(browser, "alice", "Alice-pw-1", url=form.url, allow_redirects=False)
+    else:
+        answer = form
+    return answer, verifier, nonce
+
+
+def test_discovery_and_jwks_publish_the_current_and_next_key(op):
+    assert op.config["issuer"] == op.url and op.config["code_challenge_methods_supported"] == ["S256"]
+    kids = [k["kid"] for k in op.jwks["keys"]]
+    assert len(kids) == 2 and kids[0] != kids[1]
+
+
+def test_code_flow_with_pkce_validated_by_authlib(op):
+    client = rp(op)
+    answer, verifier, nonce = authorize(op, client)
+    assert answer.status_code == 303
+    callback = answer.headers["Location"]
+    assert callback.startswith(CB + "?") and parse_qs(urlsplit(callback).query)["iss"] == [op.url]
+    token = client.fetch_token(op.config["token_endpoint"], authorization_response=callback, code_verifier=verifier)
+    claims = authlib_jwt.decode(token["id_token"], JsonWebKey.import_key_set(op.jwks), claims_cls=CodeIDToken,
+                                claims_options={"iss": {"essential": True, "value": op.url}},
+                                claims_params={"nonce": nonce, "client_id": "rp", "access_token": token["access_token"]})
+    claims.validate()
+    assert (claims["email"], claims["preferred_username"], claims["groups"]) == ("alice@example.com", "alice", ["staff"])
+    info = client.get(op.config["userinfo_endpoint"]).json()
+    assert info["sub"] == claims["sub"] and info["email"] == "alice@example.com"
+    # The code is single use.
+    again = client.post(op.config["token_endpoint"], data={
+        "grant_type": "authorization_code", "code": parse_qs(urlsplit(callback).query)["code"][0],
+        "redirect_uri": CB, "code_verifier": verifier}, auth=("rp", SECRET))
+    assert again.status_code == 400 and again.json()["error"] == "invalid_grant"
+
+
+def test_form_post_mode_and_sso_with_the_session(op):
+    browser = op.client()
+    client = rp(op)
+    authorize(op, client, browser)  # signs in
+    page, verifier, _ = authorize(op, client, browser, response_mode="form_post", state="st-1")
+    assert f'<form method="post" action="{CB}"' in page.text and hidden(page.text, "state") == "st-1"
+    code = hidden(page.text, "code")
+    token = client.fetch_token(op.config["token_endpoint"], code=code, code_verifier=verifier)
+    assert token["token_type"] == "Bearer"
+
+
+def test_private_key_jwt_client_and_assertions_are_single_use(op):
+    client = rp(op, "rp-jwt", op.rp_key, token_endpoint_auth_method=PrivateKeyJWT(op.config["token_endpoint"]))
+    answer, verifier, _ = authorize(op, client)
+    token = client.fetch_token(op.config["token_endpoint"], authorization_response=answer.headers["Location"],
+                               code_verifier=verifier)
+    assert token["id_token"]
+    from joserfc import jwt
+    from joserfc.jwk import RSAKey
+    now = int(time.time())
+    assertion = jwt.encode({"alg": "RS256"}, {"iss": "rp-jwt", "sub": "rp-jwt", "aud": op.config["token_endpoint"],
+                                              "exp": now + 60, "jti": str(uuid.uuid4())}, RSAKey.import_key(op.rp_key))
+    answer, verifier, _ = authorize(op, client)
+    code = parse_qs(urlsplit(answer.headers["Location"]).query)["code"][0]
+    body = {"grant_type": "authorization_code", "code": code, "redirect_uri": CB, "code_verifier": verifier,
+            "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            "client_assertion": assertion}
+    first = op.client().post(op.config["token_endpoint"], data=body)
+    assert first.status_code == 200
+    replay = op.client().post(op.config["token_endpoint"], data=body)
+    assert replay.status_code == 401 and replay.json()["error"] == "invalid_client"
+    forged = jwt.encode({"alg": "RS256"}, {"iss": "rp-jwt", "sub": "rp-jwt", "aud": op.config["token_endpoint"],
+                                           "exp": now + 60, "jti": "x"}, RSAKey.generate_key(2048))
+    assert op.client().post(op.config["token_endpoint"], data={**body, "client_assertion": forged}).status_code == 401
+
+
+def test_token_endpoint_refuses_wrong_secret_verifier_and_client(op):
+    client = rp(op)
+    answer, verifier, _ = authorize(op, client)
+    code = parse_qs(urlsplit(answer.headers["Location"]).query)["code"][0]
+    body = {"grant_type": "authorization_code", "code": code, "redirect_uri": CB, "code_verifier": verifier}
+    post = op.client().post
+    assert post(op.config["token_endpoint"], data=body, auth=("rp", "wrong")).json()["error"] == "invalid_client"
+    wrong = post(op.config["token_endpoint"], data={**body, "code_verifier": "x" * 43}, auth=("rp", SECRET))
+    assert wrong.json()["error"] == "invalid_grant"
+    # The failed verifier consumed the code: it cannot be retried with the right one.
+    assert post(op.config["token_endpoint"], data=body, auth=("rp", SECRET)).json()["error"] == "invalid_grant"
+
+
+def challenge() -> dict:
+    verifier = secrets.token_urlsafe(48)
+    digest = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).decode().rstrip("=")
+    return {"code_challenge": digest, "code_challenge_method": "S256"}
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"client_id": "nobody"}, "oidc.unknown_client"),
+    ({"redirect_uri": "https://evil.example.test/cb"}, "oidc.redirect_uri_not_registered"),
+    ({"redirect_uri": CB + "/../evil"}, "oidc.redirect_uri_not_registered"),
+    ({"response_type": "token"}, "oidc.unsupported_response_type"),
+    ({"scope": "profile"}, "oidc.scope_missing_openid"),
+    ({"code_challenge_method": "plain"}, "oidc.pkce_required"),
+    ({"code_challenge": ""}, "oidc.pkce_required"),
+    ({"response_mode": "fragment"}, "oidc.unsupported_response_mode"),
+    ({"state": "s" * 3000}, "login.parameter_too_large"),
+])
+def test_each_authorization_check_alone(op, change, reason):
+    params = {"client_id": "rp", "redirect_uri": CB, "response_type": "code", "scope": "openid", **challenge(),
+              **change}
+    response = op.client().get(op.config["authorization_endpoint"], params=params, allow_redirects=False)
+    assert response.status_code == 400 and response.headers["X-Refused-Reason"] == reason
+    assert "evil" not in response.text and "Location" not in response.headers
+
+
+def test_the_baseline_authorization_request_is_accepted(op):
+    params = {"client_id": "rp", "redirect_uri": CB, "response_type": "code", "scope": "openid", **challenge()}
+    response = op.client().get(op.config["authorization_endpoint"], params=params, allow_redirects=False)
+    assert response.status_code == 303 and response.headers["Location"].startswith("/login?req=")

@@ -1,0 +1,134 @@
+"""WS-Federation passive sign-in: the RSTR's SAML assertion verified by ``xmlsec1 --verify``
+(Debian xmlsec1, independent of signxml) with the certificate from the metadata; only registered
+realms and replies."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+import pytest
+from lxml import etree
+
+from support.login import LoginSite
+from support.pki import CA
+from support.slapd import Slapd
+
+REALM, REPLY = "urn:auth0:example:adfs-connection", "https://example.auth0.test/login/callback"
+ENTRA, ENTRA_REPLY = "urn:federation:MicrosoftOnline", "https://login.microsoftonline.test/login.srf"
+
+
+@pytest.fixture(scope="module")
+def idp(tmp_path_factory):
+    base = tmp_path_factory.mktemp("wsfed")
+    slapd = Slapd(base / "slapd").start()
+    slapd.add_user("alice", "Alice-pw-1", cn="Alice Liddell", mail="alice@example.com", groups=["staff"])
+    site = LoginSite(base / "idp", slapd, CA.create(), login={"wsfed": {"relying_parties": [
+        {"realm": REALM, "reply_urls": [REPLY], "name_id_source": "email", "name_id_format": "emailAddress",
+         "attributes": {"http://schemas.xmlsoap.org/claims/Group": "groups"}},
+        {"realm": ENTRA, "reply_urls": [ENTRA_REPLY], "token": "saml11", "name_id_format": "persistent",
+         "name_id_source": "subject", "attributes": {
+             "http://schemas.xmlsoap.org/claims/UPN": "email",
+             "http://schemas.microsoft.com/LiveID/Federation/2008/05/ImmutableID": "subject"}}]}})
+    site.gw = site.start()
+    yield site
+    site.stop()
+    slapd.stop()
+
+
+def xmlsec1_verify(cert, path, id_attr: str, node: str):
+    return subprocess.run(["xmlsec1", "--verify", "--pubkey-cert-pem", str(cert), f"--id-attr:{id_attr}", node,
+                           str(path)], capture_output=True, text=True)
+
+
+def current_cert(idp, tmp_path):
+    metadata = idp.client().get(f"{idp.url}/saml/metadata").text
+    cert = re.search(r"<ds:X509Certificate>([^<]+)<", metadata).group(1)
+    (tmp_path / "idp.pem").write_text(f"-----BEGIN CERTIFICATE-----\n{cert}\n-----END CERTIFICATE-----\n")
+    return tmp_path / "idp.pem"
+
+
+def fields(page) -> tuple[str, dict[str, str]]:
+    import html
+    action = re.search(r'<form method="post" action="([^"]+)"', page.text).group(1)
+    found = {m.group(1): html.unescape(m.group(2))
+             for m in re.finditer(r'<input type="hidden" name="([^"]+)" value="([^"]*)"', page.text)}
+    return action, found
+
+
+def test_wsignin_answers_an_rstr_whose_assertion_xmlsec1_verifies(idp, tmp_path):
+    browser = idp.client()
+    form = browser.get(f"{idp.url}/wsfed", params={"wa": "wsignin1.0", "wtrealm": REALM, "wreply": REPLY,
+                                                   "wctx": "rm=0&id=passive&ru=%2f"})
+    page = idp.sign_in(browser, "alice", "Alice-pw-1", url=form.url)
+    action, answer = fields(page)
+    assert action == REPLY and answer["wa"] == "wsignin1.0" and answer["wctx"] == "rm=0&id=passive&ru=%2f"
+    rstr = etree.fromstring(answer["wresult"].encode())
+    ns = {"t": "http://schemas.xmlsoap.org/ws/2005/02/trust", "s": "urn:oasis:names:tc:SAML:2.0:assertion"}
+    assert rstr.findtext(".//s:Audience", namespaces=ns) == REALM
+    assert rstr.findtext(".//s:NameID", namespaces=ns) == "alice@example.com"
+    assert rstr.findtext(".//s:AttributeValue", namespaces=ns) == "staff"
+    metadata = idp.client().get(f"{idp.url}/saml/metadata").text
+    cert = re.search(r"<ds:X509Certificate>([^<]+)<", metadata).group(1)
+    (tmp_path / "idp.pem").write_text(f"-----BEGIN CERTIFICATE-----\n{cert}\n-----END CERTIFICATE-----\n")
+    (tmp_path / "wresult.xml").write_text(answer["wresult"])
+
+    def verify(path):
+        return xmlsec1_verify(tmp_path / "idp.pem", path, "ID", "urn:oasis:names:tc:SAML:2.0:assertion:Assertion")
+
+    result = verify(tmp_path / "wresult.xml")
+    assert result.returncode == 0 and "OK" in result.stderr, result.stderr
+    # The check can fail: the same token with its NameID changed does not verify.
+    (tmp_path / "forged.xml").write_text(answer["wresult"].replace("alice@example.com", "mallory@example.com"))
+    assert verify(tmp_path / "forged.xml").returncode != 0
+
+
+@pytest.mark.parametrize("params, reason", [
+    ({"wa": "wsignout1.0", "wtrealm": REALM}, "wsfed.unsupported_action"),
+    ({"wa": "wsignin1.0", "wtrealm": "urn:unknown"}, "wsfed.unknown_realm"),
+    ({"wa": "wsignin1.0", "wtrealm": REALM, "wreply": "https://evil.example.test/callback"}, "wsfed.reply_not_registered"),
+    ({"wa": "wsignin1.0", "wtrealm": REALM, "wreply": REPLY + "/../../evil"}, "wsfed.reply_not_registered"),
+    ({"wa": "wsignin1.0", "wtrealm": REALM, "wctx": "x" * 5000}, "login.parameter_too_large"),
+])
+def test_unregistered_realms_and_replies_are_refused(idp, params, reason):
+    response = idp.client().get(f"{idp.url}/wsfed", params=params, allow_redirects=False)
+    assert response.status_code == 400 and response.headers["X-Refused-Reason"] == reason
+    assert "evil" not in response.text
+
+
+def test_federation_metadata_lists_both_certificates_and_the_passive_endpoint(idp):
+    text = idp.client().get(f"{idp.url}/FederationMetadata/2007-06/FederationMetadata.xml").text
+    root = etree.fromstring(text.encode())
+    ns = {"md": "urn:oasis:names:tc:SAML:2.0:metadata", "ds": "http://www.w3.org/2000/09/xmldsig#",
+          "fed": "http://docs.oasis-open.org/wsfed/federation/200706", "wsa": "http://www.w3.org/2005/08/addressing"}
+    role = root.find("md:RoleDescriptor", ns)
+    assert role.get("{http://www.w3.org/2001/XMLSchema-instance}type") == "fed:SecurityTokenServiceType"
+    assert role.findtext("fed:PassiveRequestorEndpoint/wsa:EndpointReference/wsa:Address", namespaces=ns) \
+        == f"{idp.url}/wsfed"
+    saml = idp.client().get(f"{idp.url}/saml/metadata").text
+    assert [c.text for c in role.iterfind(".//ds:X509Certificate", ns)] == \
+        re.findall(r"<ds:X509Certificate>([^<]+)<", saml)
+
+
+def test_a_saml_1_1_token_for_entra_style_realms_verifies_with_xmlsec1(idp, tmp_path):
+    browser = idp.client()
+    form = browser.get(f"{idp.url}/wsfed", params={"wa": "wsignin1.0", "wtrealm": ENTRA})
+    action, answer = fields(idp.sign_in(browser, "alice", "Alice-pw-1", url=form.url))
+    assert action == ENTRA_REPLY
+    rstr = etree.fromstring(answer["wresult"].encode())
+    ns = {"t": "http://schemas.xmlsoap.org/ws/2005/02/trust", "s": "urn:oasis:names:tc:SAML:1.0:assertion"}
+    assert rstr.findtext("t:TokenType", namespaces=ns).endswith("#SAMLV1.1")
+    assertion = rstr.find(".//s:Assertion", ns)
+    assert assertion.get("MajorVersion") == "1" and assertion.get("MinorVersion") == "1"
+    assert rstr.findtext(".//s:Audience", namespaces=ns) == ENTRA
+    values = {a.get("AttributeName"): a.findtext("s:AttributeValue", namespaces=ns)
+              for a in rstr.iterfind(".//s:Attribute", ns)}
+    assert values["UPN"] == "alice@example.com" and values["ImmutableID"]
+    assert rstr.findtext(".//s:NameIdentifier", namespaces=ns) == values["ImmutableID"]
+    (tmp_path / "token.xml").write_text(answer["wresult"])
+    cert = current_cert(idp, tmp_path)
+    node = "urn:oasis:names:tc:SAML:1.0:assertion:Assertion"
+    result = xmlsec1_verify(cert, tmp_path / "token.xml", "AssertionID", node)
+    assert result.returncode == 0 and "OK" in result.stderr, result.stderr
+    (tmp_path / "forged.xml").write_text(answer["wresult"].replace("alice@example.com", "mallory@example.com"))
+    assert xmlsec1_verify(cert, tmp_path / "forged.xml", "AssertionID", node).returncode != 0

@@ -1,0 +1,80 @@
+"""The README's nginx recipe, run in a real nginx in front of a real ``authgw serve`` (issue 9
+items 5 and 7): 429 and 503 from ``/auth`` reach the browser with ``Retry-After`` (not nginx's
+500), and the user's ``Authorization`` header never reaches the application."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from support.gateway import write_conf
+from support.http import basic, request
+from support.net import free_port
+from support.nginx import Nginx
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def recipe(gateway_port: int, nginx_port: int, app_port: int) -> str:
+    """The README's nginx block, pointed at this test's gateway and application."""
+    text = re.search(r"## Behind nginx\n\n```nginx\n(.*?)```", README.read_text(), re.S).group(1)
+    assert "127.0.0.1:9000" in text and "proxy_pass http://app;" in text
+    text = text.replace("127.0.0.1:9000", f"127.0.0.1:{gateway_port}")
+    text = text.replace("server {\n", f"server {{\n    listen 127.0.0.1:{nginx_port};\n", 1)
+    text = text.replace("error_page 401 = @login;", "")  # the recipe's login page is the site's own
+    # The application: echoes what nginx passed on to it.
+    app = (f"upstream app {{ server 127.0.0.1:{app_port}; }}\n"
+           f"server {{ listen 127.0.0.1:{app_port}; location / {{ default_type text/plain; "
+           "return 200 \"user=$http_remote_user authorization=[$http_authorization]\\n\"; } }\n")
+    return app + text
+
+
+@pytest.fixture
+def site(tmp_path, conf_dir, demo_hash, start_gateway):
+    def start(gateway_yaml: str):
+        conf = write_conf(conf_dir, {
+            "gateway.yaml": "chain: [static]\ntrusted_proxies: [127.0.0.1/32]\n" + gateway_yaml,
+            "static.yaml": "static:\n  users_file: users/users.yaml\n",
+            "users/users.yaml": f'users:\n  alice:\n    password_hash: "{demo_hash}"\n',
+        })
+        gw = start_gateway(conf)
+        port = free_port()
+        server = Nginx(tmp_path / f"nginx{port}", recipe(gw.port, port, free_port()), port=port).start()
+        started.append(server)
+        return gw, server
+
+    started: list[Nginx] = []
+    yield start
+    for server in started:
+        server.stop()
+
+
+def test_the_application_gets_the_user_but_never_the_password(site):
+    gw, nginx = site("throttle: {user_failures: 3, user_client_failures: 2, window: 600}\n")
+    r = request(nginx.url, "GET", "/page", {"Authorization": basic("alice", "demo-password")})
+    assert r.status == 200, r.body
+    assert r.text == "user=alice authorization=[]\n", "Remote-User passed on, the Basic password dropped"
+    assert b"demo-password" not in r.body and basic("alice", "demo-password").encode() not in r.body
+
+
+def test_throttled_is_429_with_retry_after_through_nginx(site):
+    gw, nginx = site("throttle: {user_failures: 3, user_client_failures: 2, window: 600}\n")
+    statuses = [request(nginx.url, "GET", "/", {"Authorization": basic("alice", "wrong")}).status for _ in range(2)]
+    assert statuses == [401, 401]
+    r = request(nginx.url, "GET", "/", {"Authorization": basic("alice", "wrong")})
+    assert r.status == 429, (r.status, r.body, nginx.error_log()[-2000:])
+    assert r.header("Retry-After") == "600"
+    assert gw.audit()[-1]["outcome"] == "throttled"
+    ok = request(nginx.url, "GET", "/", {"Authorization": basic("nobody", "x")})
+    assert ok.status == 401 and ok.header("Retry-After") is None, "other answers carry no Retry-After"
+
+
+def test_unavailable_is_503_with_retry_after_through_nginx(site):
+    # A throttle store that does not answer: the gateway refuses password attempts with 503.
+    gw, nginx = site(f"throttle: {{store: redis, redis: {{url: 'redis://127.0.0.1:{free_port()}/0', timeout: 0.2}}}}\n")
+    r = request(nginx.url, "GET", "/", {"Authorization": basic("alice", "demo-password")})
+    assert r.status == 503, (r.status, r.body, nginx.error_log()[-2000:])
+    assert r.header("Retry-After") == "5"
+    assert (gw.audit()[-1]["outcome"], gw.audit()[-1]["reason"]) == ("unavailable", "throttle_unavailable")

@@ -1,0 +1,189 @@
+"""Issue 9 items 4 and 5 through real ``authgw serve`` processes in front of a real slapd: one
+identity whatever the spelling, throttling counted before the chain, shared by workers (SQLite)
+and instances (Redis), keyed per (user, client). Directory binds are counted by slapd's
+monitor (``Slapd.bind_count``)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+
+from support.gateway import GatewayProcess, write_conf
+from support.redis import RedisServer
+from support.slapd import Slapd
+
+TOKEN = secrets.token_urlsafe(32)
+SPELLINGS = ["bob", " bob", "bob ", "bob\u00a0", "\uff42\uff4f\uff42", "\u3000bob", "b\u200bob", "BOB"]
+
+
+@pytest.fixture(scope="module")
+def slapd(tmp_path_factory):
+    server = Slapd(tmp_path_factory.mktemp("ldap")).start()
+    server.add_user("bob", "bob-Passw0rd", cn="Bob Builder", mail="bob@example.com")
+    server.add_user("carol", "carol-Passw0rd", cn="Carol", mail="carol@example.com")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def directory(slapd):
+    if not slapd.running:  # a test stopped it
+        slapd.start()
+    return slapd
+
+
+def conf(path: Path, slapd: Slapd, *, throttle: dict, plugins: tuple = (), extra: dict | None = None,
+         workers: int = 1) -> Path:
+    core = {"chain": ["ldap"], "plugins": list(plugins), "trusted_proxies": ["127.0.0.1/32"], "throttle": throttle, "workers": workers,
+            "api_tokens": [{"name": "portal", "sha256": hashlib.sha256(TOKEN.encode()).hexdigest()}]}
+    return write_conf(path, {"gateway.yaml": json.dumps(core),
+                             "ldap.yaml": "ldap: " + json.dumps(slapd.plugin_settings("plain", backoff=0)),
+                             **(extra or {})})
+
+
+def api(gw: GatewayProcess, username: str, password: str) -> dict:
+    r = gw.post("/v1/authenticate", json.dumps({"username": username, "password": password}).encode(),
+                {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+    assert r.status in (200, 429, 503), (r.status, r.body)
+    return r.json()
+
+
+def binds_per_attempt(gw: GatewayProcess, slapd: Slapd) -> int:
+    """Directory binds one wrong password costs this gateway (user bind, service re-bind)."""
+    before = slapd.bind_count()
+    assert api(gw, "carol", "wrong")["outcome"] == "invalid_credentials"
+    return slapd.bind_count() - before
+
+
+def test_spellings_of_one_name_are_one_identity_for_the_throttle(tmp_path, directory, start_gateway):
+    gw = start_gateway(conf(tmp_path / "c", directory, throttle={"user_failures": 5, "window": 600}))
+    per = binds_per_attempt(gw, directory)
+    assert per >= 1
+    before = directory.bind_count()
+    outcomes = [api(gw, SPELLINGS[i % len(SPELLINGS)], f"guess-{i}")["outcome"] for i in range(200)]
+    assert outcomes.count("invalid_credentials") == 5 and outcomes.count("throttled") == 195, outcomes[:12]
+    assert directory.bind_count() - before <= 5 * per, "200 spellings of bob reached the directory"
+    right = api(gw, "\uff42\uff4f\uff42", "bob-Passw0rd")
+    assert right["outcome"] == "throttled", "the canonical user is the one that is throttled"
+    assert {a["username"] for a in gw.audit()[-20:]} <= {"bob", "BOB"}, "audited canonically (case kept)"
+
+
+def test_the_identity_is_the_directorys_name_and_the_offline_cache_keeps_one_row(tmp_path, directory,
+                                                                                 start_gateway):
+    """White space, NBSP, full-width and zero-width spellings are canonicalised by the core; case
+    by the cache's `usernames: casefold` (slapd ignores case in uid)."""
+    gw = start_gateway(conf(tmp_path / "c", directory, throttle={"enabled": False}, plugins=("cache",),
+                            extra={"cache.yaml": "cache: {usernames: casefold}\n"}))
+    for spelling in SPELLINGS:
+        answer = api(gw, spelling, "bob-Passw0rd")
+        assert answer["outcome"] == "success", (spelling, answer)
+        assert answer["identity"]["username"] == "bob"
+    with sqlite3.connect(gw.state_dir / "cache.sqlite3") as db:
+        assert db.execute("SELECT count(*) FROM entries").fetchone()[0] == 1, "one row, whatever the spelling"
+    # A live refusal of the old password under one spelling forgets the user under every spelling.
+    directory.set_password("bob", "bob-Newer-Passw0rd")
+    try:
+        assert api(gw, " bob", "bob-Passw0rd")["outcome"] == "invalid_credentials"
+        directory.stop()
+        for spelling in SPELLINGS:
+            assert api(gw, spelling, "bob-Passw0rd")["outcome"] != "success", spelling
+    finally:
+        if not directory.running:
+            directory.start()
+        directory.set_password("bob", "bob-Passw0rd")
+
+
+def concurrent(count: int, work) -> list:
+    """*count* calls of *work* released together."""
+    results: list = [None] * count
+    gate = threading.Barrier(count)
+
+    def run(i: int) -> None:
+        gate.wait(timeout=30)
+        results[i] = work(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return results
+
+
+def test_simultaneous_guesses_are_counted_before_the_chain(tmp_path, directory, start_gateway):
+    gw = start_gateway(conf(tmp_path / "c", directory, throttle={"user_failures": 5, "window": 600}))
+    per = binds_per_attempt(gw, directory)
+    before = directory.bind_count()
+    outcomes = concurrent(100, lambda i: api(gw, "bob", f"guess-{i}")["outcome"])
+    assert outcomes.count("invalid_credentials") <= 5, outcomes
+    assert outcomes.count("throttled") >= 95
+    assert directory.bind_count() - before <= 5 * per, "in-flight guesses were not counted"
+
+
+def test_workers_of_one_machine_share_the_counts(tmp_path, directory, start_gateway):
+    gw = start_gateway(conf(tmp_path / "c", directory, throttle={"user_failures": 5, "window": 600}, workers=2),
+                       workers=2)
+    per = binds_per_attempt(gw, directory)
+    before = directory.bind_count()
+    outcomes = [api(gw, "bob", f"guess-{i}")["outcome"] for i in range(40)]
+    assert outcomes.count("invalid_credentials") == 5, outcomes
+    assert directory.bind_count() - before <= 5 * per
+    assert (gw.state_dir / "throttle.sqlite3").stat().st_mode & 0o077 == 0
+
+
+def test_instances_share_the_counts_through_redis(tmp_path, directory, start_gateway):
+    redis = RedisServer(tmp_path / "redis", password="throttle-pw").start()
+    try:
+        (tmp_path / "redis.pw").write_text("throttle-pw\n")
+        (tmp_path / "redis.pw").chmod(0o600)
+        throttle = {"user_failures": 5, "window": 600, "store": "redis",
+                    "redis": {"url": redis.url, "password": {"file": str(tmp_path / "redis.pw")}}}
+        gws = [start_gateway(conf(tmp_path / f"c{n}", directory, throttle=throttle)) for n in range(2)]
+        outcomes = [api(gws[i % 2], "bob", f"guess-{i}")["outcome"] for i in range(30)]
+        assert outcomes.count("invalid_credentials") == 5, outcomes
+        keys = redis.client().keys("*")
+        assert keys and not any(b"bob" in key for key in keys), "keys are hashes, never usernames"
+        assert api(gws[0], "carol", "carol-Passw0rd")["outcome"] == "success"
+    finally:
+        redis.stop()
+
+
+def test_a_victim_keeps_logging_in_from_a_client_that_has_not_failed(tmp_path, directory, start_gateway):
+    gw = start_gateway(conf(tmp_path / "c", directory, throttle={}))  # the defaults
+
+    def from_client(address: str, password: str) -> int:
+        return gw.auth("bob", password, {"X-Forwarded-For": address}).status
+
+    attacker = [from_client("198.51.100.7", f"guess-{i}") for i in range(20)]
+    assert attacker[:3] == [401, 401, 401] and set(attacker[3:]) == {429}, attacker
+    assert from_client("203.0.113.5", "bob-Passw0rd") == 200, "the victim from another address"
+    assert from_client("198.51.100.7", "guess-x") == 429, "the attacking address stays refused for bob"
+    assert gw.auth("carol", "carol-Passw0rd", {"X-Forwarded-For": "198.51.100.7"}).status == 200, \
+        "and other users behind the attacking address are not refused"
+
+
+def test_a_success_from_the_cache_does_not_reset_the_count(tmp_path, directory, start_gateway):
+    """Only a live success resets the user's count (the directory's own count was reset by the
+    bind); an answer from the cache reached no directory, so guessers get no fresh budget."""
+    gw = start_gateway(conf(tmp_path / "c", directory, plugins=("cache",), extra={"cache.yaml": "cache: {}\n"},
+                            throttle={"user_failures": 4, "user_client_failures": 3, "window": 600}))
+
+    def status(client: str, password: str) -> int:
+        return gw.auth("bob", password, {"X-Forwarded-For": client}).status
+
+    assert status("203.0.113.5", "bob-Passw0rd") == 200  # live: cached for offline use
+    directory.stop()
+    try:
+        assert [status("198.51.100.7", f"guess-{i}") for i in range(3)] == [401, 401, 401]
+        r = gw.auth("bob", "bob-Passw0rd", {"X-Forwarded-For": "203.0.113.5"})
+        assert (r.status, r.header("Remote-Auth-Source")) == (200, "cache")
+        assert status("198.51.100.8", "guess-x") == 401
+        assert status("198.51.100.9", "guess-y") == 429, "the cached success handed out a fresh budget"
+    finally:
+        directory.start()
