@@ -1,0 +1,115 @@
+"""``link``: the connector's outbound link to a relay (docs/connector.md). Not a chain step:
+enabled with ``plugins: [link]``; it answers the relay's requests by running this gateway's own
+chain (``authenticate``, through the same throttling and audit as ``/auth``) and directory
+plugins (``lookup_user``), and its self-tests (``selftest``).
+
+Decides
+    nothing itself: attempts arriving over the link are decided by the chain, audited with
+    ``front_door: link``.
+Settings (``link:`` in conf.d)
+    ``ping_interval``, ``backoff_initial``, ``backoff_max``, ``max_clock_skew``,
+    ``max_concurrent``, ``proxy``, ``proxy_username``, ``proxy_password``. Where to connect and
+    with which certificate comes from enrolment, in ``STATE_DIR/link/``.
+Commands
+    ``authgw link enroll TICKET_URL [--ca FILE]``, ``authgw link status``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+import gateway
+from gateway import Command, ComponentState, PluginContext, Route, SelfTest, hookimpl
+
+from gateway.plugins.linkproto.cli import accept_common_options
+
+from . import state
+from .client import LinkClient
+from .enroll import EnrolError, enroll
+from .settings import LinkSettings
+
+__all__ = ["LinkPlugin"]
+
+#: Seconds a stopping connector gives requests in flight on its link.
+_DRAIN_GRACE = 5.0
+
+
+class LinkPlugin:
+    """Registered as ``link`` (listed under ``plugins:``)."""
+
+    Settings = LinkSettings
+
+    def __init__(self, settings: LinkSettings, context: PluginContext) -> None:
+        self.settings = settings
+        self.name = context.name
+        self.state_dir = context.state_dir
+        self.hook = context.hook
+        self.client: LinkClient | None = None
+        self._task: asyncio.Task | None = None
+
+    @hookimpl
+    def gateway_http_routes(self, door) -> list[Route]:
+        # The one hook that runs on the worker's event loop: start dialling from there, so
+        # that requests from the relay are decided with this worker's door.
+        self.client = LinkClient(self.settings, self.state_dir, door, self.hook, gateway.__version__)
+        self._task = asyncio.get_running_loop().create_task(self.client.run())
+        return []
+
+    @hookimpl
+    def gateway_readiness(self) -> list[ComponentState] | None:
+        if self.client is None:
+            return None
+        status = self.client.status
+        return [ComponentState(f"{self.name}.relay", status.connected, status.detail)]
+
+    @hookimpl
+    def gateway_selftests(self) -> list[SelfTest]:
+        from .selftests import selftests
+
+        return selftests(self)
+
+    @hookimpl
+    def gateway_shutdown(self) -> None:
+        # Called on a thread while the worker's loop still runs: drain the link there first.
+        if self._task is None:
+            return
+        loop = self._task.get_loop()
+        if self.client is not None and not loop.is_closed():
+            try:
+                asyncio.run_coroutine_threadsafe(self.client.drain(_DRAIN_GRACE), loop).result(_DRAIN_GRACE + 2)
+            except Exception as exc:  # stopping regardless
+                self.client.status.detail = f"drain failed: {exc}"
+        loop.call_soon_threadsafe(self._task.cancel)
+
+    @hookimpl
+    def gateway_commands(self) -> list[Command]:
+        def add_arguments(parser: argparse.ArgumentParser) -> None:
+            sub = parser.add_subparsers(dest="link_command", required=True, metavar="COMMAND")
+            enrol = accept_common_options(sub.add_parser("enroll", help="provision this connector from a ticket URL"))
+            enrol.add_argument("ticket_url")
+            enrol.add_argument("--ca", metavar="FILE", help="CA bundle to verify the relay with "
+                               "(default: the system's)")
+            accept_common_options(sub.add_parser("status", help="show this connector's enrolment"))
+
+        def run(args: argparse.Namespace) -> int:
+            if args.link_command == "enroll":
+                from pathlib import Path
+
+                try:
+                    print(enroll(args.ticket_url, self.state_dir, Path(args.ca) if args.ca else None))
+                except EnrolError as exc:
+                    print(f"error: enrolment failed: {exc}", file=sys.stderr)
+                    return 1
+                return 0
+            enrolment = state.load(self.state_dir)
+            if enrolment is None:
+                print("not enrolled: run `authgw link enroll TICKET_URL`")
+                return 1
+            print(f"connector {enrolment.connector} of connection {enrolment.connection}\n"
+                  f"link      {enrolment.link_url}\n"
+                  f"expires   {enrolment.certificate.not_valid_after_utc:%Y-%m-%d %H:%M:%SZ}")
+            return 0
+
+        return [Command("link", "this connector's enrolment at a relay", add_arguments, run)]

@@ -1,0 +1,328 @@
+"""The connector's side of the link: dial out, say hello, answer the relay's requests, renew the
+certificate, and dial again with jittered exponential back-off whenever the link is lost.
+
+Runs as a task on the worker's event loop (started when the worker builds its applications),
+so ``authenticate`` goes through ``door.decide``: the same throttling, deadline, audit and chain
+as a login at this connector's own ``/auth``. The connector opens no port for the link.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import ipaddress
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509.oid import NameOID
+
+from gateway import Attempt, BackendUnavailable, PasswordCredential
+from gateway.plugins import linkproto as proto
+
+from . import state
+from .settings import LinkSettings
+
+__all__ = ["LinkClient", "LinkStatus"]
+
+log = logging.getLogger("authgw.plugin.link")
+
+_HELLO_TIMEOUT = 10.0
+_MAX_USERNAME = 256
+_MAX_PASSWORD = 1024
+
+
+def _identity_json(identity) -> dict[str, Any]:
+    """The identity with its account and password state: the relay must refuse a disabled or
+    locked account on its Kerberos and certificate paths too (docs/security.md)."""
+    return {**identity.to_json(), "account_state": identity.account_state,
+            "password_state": identity.password_state}
+
+
+class LinkStatus:
+    """What the link is doing, for readiness and logs."""
+
+    def __init__(self) -> None:
+        self.connected = False
+        self.connector = ""
+        self.detail = "not started"
+        self.skew: float | None = None
+        self.round_trip: float | None = None
+
+
+class LinkClient:
+    def __init__(self, settings: LinkSettings, state_dir: Path, door, hook, version: str) -> None:
+        self.settings = settings
+        self.state_dir = state_dir
+        self.door = door
+        self.hook = hook
+        self.version = version
+        self.status = LinkStatus()
+        self._busy = asyncio.Semaphore(settings.max_concurrent)
+        self._tasks: set[asyncio.Task] = set()
+        self._live: tuple | None = None  # (ws, pending, reader) of the link while it is up
+
+    # -- the dialling loop --------------------------------------------------------------------------
+
+    def delay(self, failures: int) -> float:
+        """Full back-off times a random factor in [0.5, 1): connectors cut off together (a relay
+        restart) come back spread out, not in the same second."""
+        ceiling = min(self.settings.backoff_max, self.settings.backoff_initial * 2 ** min(failures, 30))
+        return ceiling * random.uniform(0.5, 1.0)
+
+    async def run(self) -> None:
+        failures = 0
+        said = ""
+        loop = asyncio.get_running_loop()
+        while True:
+            enrolment = await loop.run_in_executor(None, state.load, self.state_dir)
+            problem = ""
+            if enrolment is None:
+                problem = "not enrolled: run `authgw link enroll TICKET_URL`"
+            elif enrolment.not_after <= time.time():
+                expired = enrolment.certificate.not_valid_after_utc.strftime("%Y-%m-%d %H:%M:%SZ")
+                problem = (f"the link certificate expired at {expired}: "
+                           "re-enrol with a new ticket (authgw link enroll TICKET_URL)")
+            if problem:
+                if problem != said:
+                    log.error("link: %s", problem)
+                    said = problem
+                self.status.detail = problem
+                await asyncio.sleep(self.delay(failures))
+                failures = min(failures + 1, 30)
+                continue
+            said = ""
+            started = time.monotonic()
+            try:
+                await self._session(enrolment)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # every failure means: wait, then dial again (never exit)
+                self.status.detail = f"{exc.__class__.__name__}: {exc}"
+                log.warning("link to %s failed: %s", enrolment.link_url, self.status.detail)
+            finally:
+                self.status.connected = False
+            if time.monotonic() - started > 2 * self.settings.backoff_max:
+                failures = 0  # it was up a good while: this is a fresh outage
+            wait = self.delay(failures)
+            failures += 1
+            log.info("link: dialling again in %.1fs", wait)
+            await asyncio.sleep(wait)
+
+    def _proxy(self) -> tuple[str | None, aiohttp.BasicAuth | None]:
+        auth = None
+        if self.settings.proxy_username is not None:
+            auth = aiohttp.BasicAuth(self.settings.proxy_username, self.settings.proxy_password.reveal())
+        return self.settings.proxy, auth
+
+    async def _session(self, enrolment: state.Enrolment) -> None:
+        context = enrolment.ssl_context()
+        proxy, proxy_auth = self._proxy()
+        # trust_env: HTTPS_PROXY/NO_PROXY (and credentials in that URL) unless `proxy:` is set.
+        async with aiohttp.ClientSession(trust_env=proxy is None) as http:
+            try:
+                await self._linked(http, enrolment, context, proxy, proxy_auth)
+            except aiohttp.WSServerHandshakeError as exc:
+                if exc.status not in (401, 403):
+                    raise
+                # The relay says why in a JSON body the WebSocket handshake does not show.
+                url = "https://" + enrolment.link_url.split("://", 1)[1]
+                async with http.get(url, ssl=context, proxy=proxy, proxy_auth=proxy_auth) as response:
+                    try:
+                        problem = await response.json(content_type=None)
+                        why = f"{problem['error']}: {problem['detail']}"
+                    except Exception:
+                        why = f"HTTP {exc.status}"
+                raise ConnectionError(f"the relay refused the link: {why}") from None
+
+    async def _linked(self, http, enrolment: state.Enrolment, context, proxy, proxy_auth) -> None:
+        async with http.ws_connect(enrolment.link_url, ssl=context, heartbeat=self.settings.ping_interval,
+                                   max_msg_size=proto.MAX_FRAME, proxy=proxy, proxy_auth=proxy_auth,
+                                   autoping=True, timeout=aiohttp.ClientWSTimeout(ws_close=5.0)) as ws:
+            pending: dict[str, asyncio.Future] = {}
+            guard = proto.ReplayGuard()
+            reader = asyncio.ensure_future(self._read(ws, enrolment, pending, guard))
+            try:
+                await self._ask(ws, pending, "hello", {
+                    "version": self.version, "time": time.time(), "not_after": enrolment.not_after}, reader)
+                self.status.connected = True
+                self._live = (ws, pending, reader)
+                self.status.connector = enrolment.connector
+                self.status.detail = f"linked to {enrolment.link_url} as {enrolment.connector}"
+                log.info("link up: %s as %s (clock skew %+.3fs)", enrolment.link_url, enrolment.connector,
+                         self.status.skew if self.status.skew is not None else 0.0)
+                renewer = asyncio.ensure_future(self._renew_when_due(ws, pending, enrolment, reader))
+                try:
+                    await reader
+                finally:
+                    renewer.cancel()
+            finally:
+                self._live = None
+                reader.cancel()
+                for future in pending.values():
+                    future.cancel()
+            close = f"closed by the relay ({ws.close_code})"
+            self.status.detail = close
+            log.warning("link to %s %s", enrolment.link_url, close)
+
+    async def drain(self, grace: float) -> None:
+        """A clean stop: tell the relay to send nothing new, answer what is in flight (at most
+        *grace* seconds), then close. A planned restart of one connector fails no login."""
+        if self._live is None:
+            return
+        ws, pending, reader = self._live
+        try:
+            await self._ask(ws, pending, "drain", {}, reader)
+        except Exception as exc:  # the link is going anyway
+            log.warning("link: drain not acknowledged: %s", exc)
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=grace)
+        await ws.close(code=1001, message=b"connector stopping")
+
+    async def _ask(self, ws, pending: dict[str, asyncio.Future], type_: str, body: dict[str, Any],
+                   reader: asyncio.Future) -> dict[str, Any]:
+        request_id, frame = proto.request(type_, body, now=time.time(), timeout=_HELLO_TIMEOUT)
+        future = asyncio.get_running_loop().create_future()
+        pending[request_id] = future
+        sent = time.time()
+        try:
+            await ws.send_str(frame)
+            done, _ = await asyncio.wait({future, reader}, timeout=_HELLO_TIMEOUT,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if future not in done:
+                raise ConnectionError(f"no answer to {type_} from the relay")
+            message = future.result()
+        finally:
+            pending.pop(request_id, None)
+        if message.type == proto.ERROR:
+            raise ConnectionError(f"the relay refused {type_}: {message.body['code']}: {message.body['detail']}")
+        if type_ == "hello" and isinstance(message.body.get("time"), (int, float)):
+            received = time.time()
+            self.status.round_trip = received - sent
+            self.status.skew = message.body["time"] - (sent + received) / 2
+        return message.body
+
+    async def _read(self, ws, enrolment: state.Enrolment, pending: dict[str, asyncio.Future],
+                    guard: proto.ReplayGuard) -> None:
+        async for msg in ws:
+            if msg.type != aiohttp.WSMsgType.TEXT:
+                continue
+            try:
+                # Deadlines are the relay's clock: tolerate the configured skew, no more.
+                message = proto.decode(msg.data, now=time.time() - self.settings.max_clock_skew, guard=guard,
+                                       accept=proto.RELAY_TO_CONNECTOR)
+            except proto.ProtocolError as exc:
+                log.warning("link: refused a request: %s", exc)
+                await ws.send_str(proto.error(exc.request_id, exc.code, exc.detail))
+                continue
+            if not message.is_request:
+                future = pending.get(message.id)
+                if future is not None and not future.done():
+                    future.set_result(message)
+                continue
+            task = asyncio.ensure_future(self._answer(ws, enrolment, message))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    # -- requests from the relay ----------------------------------------------------------------------
+
+    async def _answer(self, ws, enrolment: state.Enrolment, message: proto.Message) -> None:
+        async with self._busy:
+            try:
+                body = await self._serve(enrolment, message)
+                frame = proto.answer(message.id, body)
+            except proto.ProtocolError as exc:
+                frame = proto.error(message.id, exc.code, exc.detail)
+            except BackendUnavailable as exc:
+                frame = proto.error(message.id, "unavailable", str(exc)[:200])
+            except asyncio.TimeoutError:
+                frame = proto.error(message.id, "unavailable", "no answer before the deadline")
+            except Exception as exc:  # fail closed: the relay maps this to UNAVAILABLE, never a success
+                log.exception("link: %s request failed", message.type)
+                frame = proto.error(message.id, "internal", exc.__class__.__name__)
+        if not ws.closed:
+            await ws.send_str(frame)
+
+    def _time_left(self, message: proto.Message) -> float:
+        return max(0.0, message.deadline + self.settings.max_clock_skew - time.time())
+
+    async def _serve(self, enrolment: state.Enrolment, message: proto.Message) -> dict[str, Any]:
+        body = message.body
+        if message.type == "ping":
+            return {"time": time.time()}
+        if message.type == "authenticate":
+            username, sealed = body.get("username"), body.get("password")
+            if not isinstance(username, str) or not 0 < len(username) <= _MAX_USERNAME or not username.isprintable():
+                raise proto.ProtocolError("bad_request", "`username` must be 1-256 printable characters", message.id)
+            if not isinstance(sealed, str) or len(sealed) > 4 * _MAX_PASSWORD:
+                raise proto.ProtocolError("bad_request", "`password` must be a sealed string", message.id)
+            password = proto.open_password(enrolment.key, sealed, message.id)
+            try:
+                client = ipaddress.ip_address(str(body.get("client", "")))
+            except ValueError:
+                raise proto.ProtocolError("bad_request", "`client` must be an IP address", message.id) from None
+            attempt = Attempt(request_id=self.door.request_ids.next(), client=client, front_door="link",
+                              deadline=time.monotonic() + min(self._time_left(message), proto.MAX_AHEAD),
+                              password=PasswordCredential(username, password), peer=None)
+            decision = await self.door.decide(attempt)
+            return {"outcome": decision.outcome.value, "reason": decision.reason, "step": decision.step,
+                    "from_cache": decision.from_cache,
+                    "identity": _identity_json(decision.identity) if decision.identity else None}
+        if message.type == "lookup_user":
+            username = body.get("username")
+            if not isinstance(username, str) or not 0 < len(username) <= _MAX_USERNAME:
+                raise proto.ProtocolError("bad_request", "`username` must be 1-256 characters", message.id)
+            loop = asyncio.get_running_loop()
+            identity = await asyncio.wait_for(
+                loop.run_in_executor(None, lambda: self.hook.gateway_lookup_user(username=username)),
+                self._time_left(message))
+            return {"found": identity is not None, "identity": _identity_json(identity) if identity else None}
+        if message.type == "selftest":
+            return {"results": await asyncio.get_running_loop().run_in_executor(None, self._selftests)}
+        raise proto.ProtocolError("unknown_type", f"{message.type} is not served", message.id)
+
+    def _selftests(self) -> list[dict[str, str]]:
+        results = []
+        for batch in self.hook.gateway_selftests():
+            for test in batch or ():
+                if test.name.startswith("link."):
+                    continue  # the relay asked through the link: it works
+                try:
+                    result = test.run()
+                    results.append({"name": test.name, "status": result.status.value, "detail": result.detail,
+                                    "hint": result.hint})
+                except Exception as exc:
+                    results.append({"name": test.name, "status": "fail", "detail": exc.__class__.__name__,
+                                    "hint": ""})
+        return results
+
+    # -- renewal --------------------------------------------------------------------------------------
+
+    async def _renew_when_due(self, ws, pending, enrolment: state.Enrolment, reader) -> None:
+        """At two thirds of the certificate's life, send a CSR for the same name and key over
+        the link and store the new certificate: this link goes on, the next dial presents it."""
+        while True:
+            await asyncio.sleep(max(0.0, enrolment.renew_at - time.time()))
+            csr = (x509.CertificateSigningRequestBuilder()
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, enrolment.connector)]))
+                   .sign(enrolment.key, hashes.SHA256()))
+            try:
+                answer = await self._ask(ws, pending, "renew",
+                                         {"csr": csr.public_bytes(serialization.Encoding.PEM).decode("ascii")}, reader)
+                cert = x509.load_pem_x509_certificate(answer["certificate"].encode("ascii"))
+                if cert.public_key().public_numbers() != enrolment.key.public_key().public_numbers():
+                    raise ValueError("the renewed certificate is for another key")
+            except Exception as exc:
+                log.error("link: certificate renewal failed (%s); it expires at %s; retrying in %.0fs", exc,
+                          enrolment.certificate.not_valid_after_utc.isoformat(), self.settings.backoff_max)
+                await asyncio.sleep(self.settings.backoff_max)
+                continue
+            await asyncio.get_running_loop().run_in_executor(
+                None, state.write_file, enrolment.directory / "cert.pem", cert.public_bytes(serialization.Encoding.PEM))
+            enrolment = dataclasses.replace(enrolment, certificate=cert)
+            log.info("link: certificate renewed over the link, valid until %s", cert.not_valid_after_utc.isoformat())

@@ -1,0 +1,112 @@
+"""``authgw link enroll TICKET_URL [--ca FILE]``: provision this connector from a ticket URL.
+
+1. ``GET TICKET_URL`` over verified HTTPS (the system CAs, or ``--ca``): the ticket's
+   connection, the connector id to put in the CSR, the link URL. A used, expired or unknown
+   ticket stops here with the relay's message.
+2. Generate a P-256 key (it never leaves this machine) and ``POST`` a CSR for ``CN=<id>``.
+3. Check the answer (our key, our name, issued by the CA sent along), then store the
+   enrolment in the state directory (see :mod:`.state`).
+
+``HTTPS_PROXY``/``NO_PROXY`` are honoured (urllib tunnels HTTPS with CONNECT; credentials in the
+proxy URL become ``Proxy-Authorization``). Exit 0 on success, else 1 with one line on stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import urllib.error
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from . import state
+
+__all__ = ["EnrolError", "enroll"]
+
+_MAX_ANSWER = 64 * 1024
+_TIMEOUT = 15.0
+
+
+class EnrolError(Exception):
+    """Enrolment failed; the message is the one line the operator sees."""
+
+
+def _call(url: str, context: ssl.SSLContext, body: dict | None = None) -> dict:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method="GET" if body is None else "POST",
+                                     headers={"Accept": "application/json", "Content-Type": "application/json"})
+    opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=context))
+    try:
+        with opener.open(request, timeout=_TIMEOUT) as response:
+            return json.loads(response.read(_MAX_ANSWER))
+    except urllib.error.HTTPError as exc:
+        try:
+            problem = json.loads(exc.read(_MAX_ANSWER))
+            detail = f"{problem['error']}: {problem['detail']}"
+        except Exception:  # not our relay's JSON: say what HTTP said
+            detail = f"HTTP {exc.code} {exc.reason}"
+        raise EnrolError(f"the relay refused: {detail}") from None
+    except urllib.error.URLError as exc:
+        reason = exc.reason
+        if isinstance(reason, ssl.SSLCertVerificationError):
+            raise EnrolError(f"cannot verify the relay's certificate ({reason.verify_message}); "
+                             "pass the relay's CA with --ca FILE") from None
+        raise EnrolError(f"cannot reach the relay at {urlsplit(url).netloc}: {reason}") from None
+    except (OSError, ValueError) as exc:
+        raise EnrolError(f"bad answer from the relay: {exc}") from None
+
+
+def enroll(ticket_url: str, state_dir: Path, ca_file: Path | None = None) -> str:
+    """Enrol; returns the success line. Raises :class:`EnrolError`."""
+    parts = urlsplit(ticket_url)
+    if parts.scheme != "https" or not parts.hostname or not parts.path.startswith("/p/"):
+        raise EnrolError("a ticket URL looks like https://relay.example/p/TOKEN (HTTPS only)")
+    try:
+        context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+        server_ca = ca_file.read_bytes() if ca_file else None
+    except (OSError, ssl.SSLError) as exc:
+        raise EnrolError(f"cannot read the CA file {ca_file}: {exc}") from None
+    info = _call(ticket_url, context)
+    connector = info.get("connector")
+    if not isinstance(connector, str) or not connector:
+        raise EnrolError("the relay's ticket information names no connector")
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, connector)]))
+           .sign(key, hashes.SHA256()))
+    answer = _call(ticket_url, context, {"csr": csr.public_bytes(serialization.Encoding.PEM).decode("ascii")})
+    try:
+        cert = x509.load_pem_x509_certificate(answer["certificate"].encode("ascii"))
+        relay_ca = x509.load_pem_x509_certificate(answer["ca"].encode("ascii"))
+        link_url, connection = answer["link_url"], answer["connection"]
+        cert.verify_directly_issued_by(relay_ca)
+    except Exception as exc:
+        raise EnrolError(f"the relay's answer is not a usable certificate: {exc.__class__.__name__}") from None
+    if cert.public_key().public_numbers() != key.public_key().public_numbers():
+        raise EnrolError("the relay returned a certificate for another key")
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if not names or names[0].value != connector:
+        raise EnrolError("the relay returned a certificate for another name")
+    if urlsplit(link_url).scheme != "wss":
+        raise EnrolError("the relay's link URL is not wss://")
+
+    directory = state.directory(state_dir)
+    state.write_file(directory / "key.pem", key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()), private=True)
+    state.write_file(directory / "cert.pem", cert.public_bytes(serialization.Encoding.PEM))
+    state.write_file(directory / "relay-ca.pem", relay_ca.public_bytes(serialization.Encoding.PEM))
+    if server_ca is not None:
+        state.write_file(directory / "server-ca.pem", server_ca)
+    else:
+        (directory / "server-ca.pem").unlink(missing_ok=True)
+    state.write_file(directory / "link.json", json.dumps(
+        {"link_url": link_url, "connection": connection, "connector": connector}, indent=1).encode())
+    return (f"enrolled as connector {connector} of connection {connection}; certificate valid until "
+            f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M:%SZ}; link {link_url}")

@@ -1,0 +1,84 @@
+"""The connector's enrolment, kept in ``STATE_DIR/link/``: its private key (``key.pem``, 0600,
+P-256, generated here and never sent), its certificate (``cert.pem``), the relay CA
+(``relay-ca.pem``, pinned for the link), the CA that verified enrolment when one was given
+(``server-ca.pem``) and ``link.json`` (link URL, connection, connector id).
+
+Files are replaced by rename, so a reader sees the old enrolment or the new one, never half.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+__all__ = ["Enrolment", "directory", "load", "write_file"]
+
+
+def directory(state_dir: Path) -> Path:
+    path = state_dir / "link"
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return path
+
+
+def write_file(path: Path, data: bytes, private: bool = False) -> None:
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
+    temp.replace(path)
+
+
+@dataclass(frozen=True)
+class Enrolment:
+    directory: Path
+    link_url: str
+    connection: str
+    connector: str
+    certificate: x509.Certificate
+    key: ec.EllipticCurvePrivateKey
+    has_server_ca: bool
+
+    @property
+    def not_before(self) -> float:
+        return self.certificate.not_valid_before_utc.timestamp()
+
+    @property
+    def not_after(self) -> float:
+        return self.certificate.not_valid_after_utc.timestamp()
+
+    @property
+    def renew_at(self) -> float:
+        """Two thirds into the certificate's life (CONNECTOR.md section 2)."""
+        return self.not_before + (self.not_after - self.not_before) * 2 / 3
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """Client side of the link: our certificate, and the relay verified against the pinned
+        relay CA plus the CA that verified enrolment (or the system's, when none was given)."""
+        context = ssl.create_default_context(cafile=str(self.directory / "server-ca.pem")) if self.has_server_ca \
+            else ssl.create_default_context()
+        context.load_verify_locations(cafile=str(self.directory / "relay-ca.pem"))
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(str(self.directory / "cert.pem"), str(self.directory / "key.pem"))
+        return context
+
+
+def load(state_dir: Path) -> Enrolment | None:
+    """The current enrolment, or ``None`` when there is none (yet)."""
+    path = state_dir / "link"
+    try:
+        info = json.loads((path / "link.json").read_text())
+        cert = x509.load_pem_x509_certificate((path / "cert.pem").read_bytes())
+        key = serialization.load_pem_private_key((path / "key.pem").read_bytes(), None)
+    except FileNotFoundError:
+        return None
+    return Enrolment(path, info["link_url"], info["connection"], info["connector"], cert, key,
+                     (path / "server-ca.pem").exists())

@@ -1,0 +1,267 @@
+"""``relay``: the cloud side of the connector link. Connectors enrol here from ticket URLs and
+hold outbound WebSocket links; the chain step ``relay`` forwards password attempts (and
+``gateway_lookup_user``) over one of them (docs/connector.md, docs/link-protocol.md).
+
+Decides
+    password attempts, with the connector's outcome and reason code as its own (``step`` is
+    ``relay``): ``SUCCESS`` with the connector's identity, ``INVALID_CREDENTIALS``,
+    ``ACCOUNT_STATE``, ``THROTTLED``, ``ERROR``.
+Abstains
+    when the attempt has no password; with a ``USER_NOT_FOUND`` note carrying the connector's
+    reason; with an ``UNAVAILABLE`` note ``relay.no_connector`` (none linked), ``relay.timeout``,
+    ``relay.link_lost`` (the link failed after the password was sent: never re-sent),
+    ``relay.connector_unavailable`` or ``relay.connector_error``. With ``plugins: [cache]`` and
+    ``cache: {methods: [relay]}`` the cache then answers users it has seen.
+Settings (``relay:`` in conf.d)
+    ``connection``, ``listen``, ``public_url``, ``public_names``, ``certificate``, ``key``,
+    ``ticket_lifetime``, ``certificate_lifetime``, ``ping_interval``, ``max_in_flight``, ``redis``.
+Commands
+    ``authgw relay connection add NAME``, ``authgw relay ticket CONNECTION``,
+    ``authgw relay connectors``, ``authgw relay revoke CONNECTOR``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import re
+import ssl
+import time
+from typing import Any
+
+from gateway import (
+    Attempt,
+    BackendUnavailable,
+    Command,
+    ComponentState,
+    Decision,
+    Identity,
+    Listener,
+    Outcome,
+    PluginContext,
+    Route,
+    hookimpl,
+)
+
+from .ca import RelayCA
+from .cli import relay_command
+from .endpoints import Endpoints, log
+from .hub import Hub, Unreachable
+from .settings import RelaySettings
+from .router import Router
+from .store import RedisStore, SQLiteStore
+
+__all__ = ["RelayPlugin"]
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+#: Outcomes a connector may answer that stop the relay's chain; the others are notes or nothing.
+_DECIDING = {Outcome.SUCCESS, Outcome.INVALID_CREDENTIALS, Outcome.ACCOUNT_STATE, Outcome.THROTTLED, Outcome.ERROR}
+_MAINTENANCE_INTERVAL = 1.0
+
+
+class RelayPlugin:
+    """Registered as ``relay`` (a chain step)."""
+
+    Settings = RelaySettings
+
+    def __init__(self, settings: RelaySettings, context: PluginContext) -> None:
+        self.settings = settings
+        self.name = context.name
+        self.log = context.log
+        self.state_dir = context.state_dir
+        if settings.redis is not None:
+            self.store = RedisStore(settings.redis)
+        else:
+            self.store = SQLiteStore(context.state_dir / "relay" / "relay.sqlite3")
+        self.ca = RelayCA.load_or_create(context.state_dir, settings.connection)
+        if settings.redis is not None:
+            self.ca = RelayCA.from_pem(*self.store.shared_ca(self.ca.key_pem, self.ca.pem.encode()))
+            self.ca.save(context.state_dir)
+        self.hub = Hub(settings.max_in_flight)
+        if settings.redis is None and context.gateway.workers > 1:
+            self.log.warning("relay: with workers: %d and no `redis:`, a login reaches the connectors linked to "
+                             "its own worker only; set workers: 1 or relay.redis", context.gateway.workers)
+        self.link_url = "wss://" + settings.public_url.split("://", 1)[1] + "/link"
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._listener: Listener | None = None
+        self._maintenance: asyncio.Task | None = None
+        self._inbox: asyncio.Task | None = None
+
+    @staticmethod
+    def valid_name(name: str) -> bool:
+        return bool(_NAME.match(name))
+
+    # -- listener and routes ------------------------------------------------------------------------
+
+    @hookimpl
+    def gateway_listeners(self) -> list[Listener]:
+        if self._listener is None:
+            if self.settings.certificate is not None:
+                cert, key = self.settings.certificate, self.settings.key
+            else:
+                cert, key = self.ca.server_certificate(self.state_dir / "relay" / "tls", self.settings.names)
+            ca_pem = self.ca.pem
+
+            def factory() -> ssl.SSLContext:
+                context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+                context.minimum_version = ssl.TLSVersion.TLSv1_2
+                context.load_cert_chain(str(cert), str(key))
+                # Optional: enrolment comes without a certificate; /link insists on one.
+                context.verify_mode = ssl.CERT_OPTIONAL
+                context.load_verify_locations(cadata=ca_pem)
+                context.options |= ssl.OP_NO_RENEGOTIATION
+                return context
+
+            factory()  # a bad certificate or key stops start-up here, naming the plugin
+            self._listener = Listener(f"{self.name}.link", self.settings.listen, factory, own_routes=True)
+        return [self._listener]
+
+    @hookimpl
+    def gateway_http_routes(self, door) -> list[Route]:
+        # Called on the worker's event loop while it builds its applications: the links live
+        # on this loop, and the chain step's threads reach them through it.
+        self.loop = asyncio.get_running_loop()
+        if self.settings.redis is not None:
+            self.hub.router = Router(self.settings.redis, self.store, self.hub, self.settings.ping_interval)
+        self.loop.call_soon(self.ensure_maintenance)
+        endpoints = Endpoints(self, door)
+        listener = f"{self.name}.link"
+        return [Route("GET", "/p/{token}", endpoints.ticket_info, listener),
+                Route("POST", "/p/{token}", endpoints.enrol, listener),
+                Route("GET", "/link", endpoints.link, listener),
+                Route("GET", "/v1/relay/connectors", endpoints.connectors),
+                Route("POST", "/v1/relay/selftest", endpoints.selftest)]
+
+    @hookimpl
+    def gateway_commands(self) -> list[Command]:
+        return [relay_command(self)]
+
+    def ensure_maintenance(self) -> None:
+        if self._maintenance is None or self._maintenance.done():
+            self._maintenance = asyncio.get_running_loop().create_task(self._maintain())
+
+    async def _maintain(self) -> None:
+        """Close revoked connectors' links at once; tell the registry who is online."""
+        loop = asyncio.get_running_loop()
+        last_seen_write = time.monotonic()
+        router = self.hub.router
+        if router is not None:
+            self._inbox = loop.create_task(router.serve())
+        while True:
+            await asyncio.sleep(_MAINTENANCE_INTERVAL)
+            try:
+                if router is not None:
+                    await router.heartbeat()
+                revoked = await loop.run_in_executor(None, self.store.revoked)
+                now = time.time()
+                for session in self.hub.all():
+                    if session.closing:
+                        continue
+                    if session.connector in revoked:
+                        log.warning("connector %s revoked: closing its link", session.connector)
+                        self.hub.remove(session)
+                        await session.ws.close(code=4003, message=b"revoked")
+                    elif session.not_after <= now:
+                        # TLS checked the certificate once, at the handshake; its end ends the link.
+                        log.warning("connector %s: certificate expired without renewal; closing its link "
+                                    "(it must re-enrol with a new ticket)", session.connector)
+                        self.hub.remove(session)
+                        await session.ws.close(code=4001, message=b"certificate expired")
+                if time.monotonic() - last_seen_write >= self.settings.ping_interval:
+                    last_seen_write = time.monotonic()
+                    until = time.time() + 3 * self.settings.ping_interval
+                    for session in self.hub.all():
+                        if session.ready:
+                            await loop.run_in_executor(None, self.store.seen, session.connector,
+                                                       session.version, until)
+            except Exception:  # the registry may be busy; try again next round
+                log.exception("relay maintenance failed")
+
+    # -- calling connectors from worker threads ------------------------------------------------------
+
+    def _call(self, type_: str, body: dict[str, Any], timeout: float, *, retry: bool,
+              password: str | None = None) -> dict[str, Any]:
+        if self.loop is None:
+            raise Unreachable("relay.no_connector", "the relay is not serving")
+        future = asyncio.run_coroutine_threadsafe(
+            self.hub.call(self.settings.connection, type_, body, timeout, retry=retry, password=password), self.loop)
+        try:
+            return future.result(timeout + 0.5)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise Unreachable("relay.timeout") from None
+
+    @hookimpl
+    def gateway_authenticate(self, attempt: Attempt) -> Decision | None:
+        if attempt.password is None:
+            return None
+        body = {"username": attempt.password.username, "client": str(attempt.client),
+                "request_id": attempt.request_id, "front_door": attempt.front_door}
+        try:
+            answer = self._call("authenticate", body, attempt.time_left(), retry=False,
+                                password=attempt.password.password)
+        except Unreachable as exc:
+            attempt.note(Outcome.UNAVAILABLE, step=self.name, reason=exc.reason)
+            return None
+        try:
+            outcome = Outcome(answer.get("outcome"))
+            reason = str(answer.get("reason") or "")[:100]
+            identity = _identity(answer.get("identity")) if outcome is Outcome.SUCCESS else None
+        except (ValueError, TypeError, KeyError):
+            log.warning("connector answered a malformed decision; denied")
+            return Decision.deny(Outcome.ERROR, step=self.name, reason="relay.bad_answer")
+        if outcome in (Outcome.USER_NOT_FOUND, Outcome.UNAVAILABLE):
+            attempt.note(outcome, step=self.name, reason=reason or f"relay.{outcome.value}")
+            return None
+        if outcome not in _DECIDING:
+            return None
+        if outcome is Outcome.SUCCESS:
+            return Decision.allow(identity, step=self.name, reason=reason)
+        return Decision.deny(outcome, step=self.name, reason=reason)
+
+    @hookimpl
+    def gateway_lookup_user(self, username: str) -> Identity | None:
+        try:
+            answer = self._call("lookup_user", {"username": username}, 5.0, retry=True)
+        except Unreachable as exc:
+            raise BackendUnavailable(f"no connector answered: {exc.reason}") from None
+        if not answer.get("found"):
+            return None
+        return _identity(answer.get("identity"))
+
+    @hookimpl
+    def gateway_readiness(self) -> list[ComponentState]:
+        links = [s for s in self.hub.all() if s.ready and not s.closing]
+        return [ComponentState(f"{self.name}.{self.settings.connection}", bool(links),
+                               f"{len(links)} connector link(s): " + ", ".join(s.connector for s in links)
+                               if links else "no connector linked")]
+
+    @hookimpl
+    def gateway_shutdown(self) -> None:
+        self.store.close()
+
+
+def _text(value: Any, limit: int = 1024) -> str:
+    if not isinstance(value, str):
+        raise TypeError("expected a string")
+    return value[:limit]
+
+
+def _identity(data: Any) -> Identity:
+    """An identity from a connector's answer, every field type-checked and bounded."""
+    if not isinstance(data, dict):
+        raise TypeError("identity must be an object")
+    groups = data.get("groups", [])
+    if not isinstance(groups, list) or len(groups) > 10_000:
+        raise TypeError("groups must be a list")
+    claims = data.get("claims", {})
+    if not isinstance(claims, dict):
+        raise TypeError("claims must be an object")
+    return Identity(subject=_text(data["subject"]), username=_text(data["username"], 256),
+                    method=_text(data.get("method", "relay"), 64),
+                    display_name=_text(data.get("display_name", "")), email=_text(data.get("email", "")),
+                    groups=tuple(_text(g) for g in groups), claims=claims,
+                    authenticated_at=float(data.get("authenticated_at", time.time())),
+                    account_state=_text(data.get("account_state", ""), 100),
+                    password_state=_text(data.get("password_state", ""), 100))
+

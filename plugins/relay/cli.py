@@ -1,0 +1,105 @@
+"""``authgw relay connection add NAME | ticket CONNECTION | connectors | revoke CONNECTOR``.
+
+Run against the relay's configuration and state directory (``--config``, ``--state-dir``): they
+share the SQLite registry with the serving process, which closes a revoked connector's link
+within a second. A ticket URL is printed once on standard output; only its hash is stored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import sys
+import time
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING
+
+from gateway import Command
+from gateway.plugins.linkproto.cli import accept_common_options as _common
+
+if TYPE_CHECKING:
+    from . import RelayPlugin
+
+__all__ = ["relay_command"]
+
+EXIT_OK, EXIT_FAILED = 0, 1
+
+
+def _when(timestamp: float | None) -> str:
+    if timestamp is None:
+        return "-"
+    return datetime.fromtimestamp(timestamp, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def relay_command(plugin: RelayPlugin) -> Command:
+    store = plugin.store
+
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        sub = parser.add_subparsers(dest="relay_command", required=True, metavar="COMMAND")
+        connection = sub.add_parser("connection", help="manage connections")
+        connection_sub = connection.add_subparsers(dest="connection_command", required=True, metavar="COMMAND")
+        _common(connection_sub.add_parser("add", help="create a connection")).add_argument("name")
+        _common(connection_sub.add_parser("list", help="list connections"))
+        ticket = _common(sub.add_parser("ticket", help="print a one-time enrolment ticket URL for a connector"))
+        ticket.add_argument("connection")
+        ticket.add_argument("--uses", type=int, default=1, metavar="N",
+                            help="a reusable connection ticket: N connectors may enrol with it, each with its own key")
+        ticket.add_argument("--lifetime", type=float, metavar="SECONDS",
+                            help=f"seconds the ticket stays usable (default {plugin.settings.ticket_lifetime:.0f})")
+        _common(sub.add_parser("connectors", help="enrolled connectors: online, version, last seen, certificate expiry"))
+        _common(sub.add_parser("revoke", help="cut a connector off now and refuse it from then on")).add_argument("connector")
+
+    def run(args: argparse.Namespace) -> int:
+        if args.relay_command == "connection":
+            if args.connection_command == "list":
+                for name in store.connections():
+                    print(name)
+                return EXIT_OK
+            name = args.name
+            if not plugin.valid_name(name):
+                print(f"error: {name!r} is not a connection name (letters, digits, `_.-`, up to 63)", file=sys.stderr)
+                return EXIT_FAILED
+            print(f"connection {name} " + ("created" if store.add_connection(name) else "already exists"))
+            return EXIT_OK
+        if args.relay_command == "ticket":
+            if args.connection not in store.connections():
+                print(f"error: no connection {args.connection!r}; create it with: authgw relay connection add NAME",
+                      file=sys.stderr)
+                return EXIT_FAILED
+            lifetime = args.lifetime or plugin.settings.ticket_lifetime
+            if lifetime <= 0:
+                print("error: --lifetime must be positive", file=sys.stderr)
+                return EXIT_FAILED
+            if args.uses < 1:
+                print("error: --uses must be at least 1", file=sys.stderr)
+                return EXIT_FAILED
+            token = secrets.token_urlsafe(32)
+            connector = f"{args.connection}-{secrets.token_hex(4)}" if args.uses == 1 else ""
+            expires = time.time() + lifetime
+            store.add_ticket(args.connection, token, connector, expires, args.uses)
+            what = f"one-time ticket for connector {connector}" if connector else \
+                f"ticket for {args.uses} connectors of {args.connection}"
+            print(f"{what}, valid until {_when(expires)}; on the connector run: authgw link enroll URL",
+                  file=sys.stderr)
+            print(f"{plugin.settings.public_url}/p/{token}")
+            return EXIT_OK
+        if args.relay_command == "connectors":
+            now = time.time()
+            print(f"{'CONNECTOR':<28} {'CONNECTION':<16} {'STATE':<8} {'VERSION':<10} {'LAST SEEN':<21} CERT EXPIRES")
+            for c in store.connectors():
+                state = ("revoked" if c.revoked is not None else "expired" if c.not_after < now
+                         else "online" if c.online_until is not None and c.online_until >= now else "offline")
+                print(f"{c.id:<28} {c.connection:<16} {state:<8} {c.version or '-':<10} {_when(c.last_seen):<21} "
+                      f"{_when(c.not_after)}")
+            return EXIT_OK
+        if args.relay_command == "revoke":
+            if store.connector(args.connector) is None:
+                print(f"error: no enrolled connector {args.connector!r} (see: authgw relay connectors)", file=sys.stderr)
+                return EXIT_FAILED
+            done = store.revoke(args.connector)
+            print(f"connector {args.connector} " + ("revoked; its link closes within a second" if done
+                                                     else "was already revoked"))
+            return EXIT_OK
+        return EXIT_FAILED
+
+    return Command("relay", "the relay's connections, tickets and connectors", add_arguments, run)

@@ -1,0 +1,262 @@
+"""The relay listener's routes: enrolment (``GET|POST /p/{token}``) and the link (``GET /link``,
+a WebSocket over mutual TLS).
+
+The listener asks for a client certificate but does not require one (``CERT_OPTIONAL``): a
+connector enrolling has none yet, and both routes share the one public port (443 through the
+firewall). OpenSSL verifies a presented certificate against the relay CA, validity included, so
+the link handler only has to insist that one was presented, then checks the registry: the
+connector is known, its connection matches, it is not revoked.
+
+Every refusal is a 4xx with ``{"error": CODE, "detail": ...}``; nothing a client sends can
+produce a 5xx (bodies are size-capped, JSON is type-checked, the CSR is parsed defensively).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import secrets
+import time
+from typing import TYPE_CHECKING
+
+from aiohttp import WSMsgType, web
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
+
+from gateway.plugins import linkproto as proto
+
+from .ca import CSRRefused
+from .hub import LinkSession, Unreachable
+from .store import TicketRefused
+
+if TYPE_CHECKING:
+    from . import RelayPlugin
+
+__all__ = ["Endpoints"]
+
+log = logging.getLogger("authgw.plugin.relay")
+
+_MAX_CSR_BODY = 16 * 1024
+#: A link that sends this many refused frames is closed (a confused or hostile peer).
+_MAX_BAD_FRAMES = 20
+_TOKEN_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
+def _refuse(status: int, code: str, detail: str) -> web.Response:
+    return web.json_response({"error": code, "detail": detail}, status=status, headers={"Cache-Control": "no-store"})
+
+
+_REUSABLE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}-[0-9a-f]{8}$")
+
+
+def _new_connector_id(connection: str) -> str:
+    return f"{connection}-{secrets.token_hex(4)}"
+
+
+async def _send(ws: web.WebSocketResponse, frame: str) -> None:
+    """Send unless the peer already went away (its problem, not a server error)."""
+    try:
+        await ws.send_str(frame)
+    except ConnectionError:
+        pass
+
+
+def _token(request: web.Request) -> str | None:
+    token = request.match_info.get("token", "")
+    return token if 20 <= len(token) <= 100 and set(token) <= _TOKEN_CHARS else None
+
+
+class Endpoints:
+    def __init__(self, plugin: RelayPlugin, door) -> None:
+        self.plugin = plugin
+        self.door = door
+        self.settings = plugin.settings
+
+    async def _store(self, method, *args):
+        return await asyncio.get_running_loop().run_in_executor(None, method, *args)
+
+    # -- enrolment ---------------------------------------------------------------------------------
+
+    async def ticket_info(self, request: web.Request) -> web.Response:
+        token = _token(request)
+        if token is None:
+            return _refuse(404, "ticket_unknown", "no such ticket; ask the relay operator for a new one")
+        try:
+            connection, connector, expires = await self._store(self.plugin.store.ticket, token, time.time())
+        except TicketRefused as exc:
+            return _refuse(410 if exc.code != "ticket_unknown" else 404, exc.code, exc.detail)
+        if not connector:  # a reusable ticket: each enrolment gets a new id
+            connector = _new_connector_id(connection)
+        return web.json_response({"protocol": proto.VERSION, "connection": connection, "connector": connector,
+                                  "expires": expires, "csr_subject": f"CN={connector}", "key": "P-256",
+                                  "link_url": self.plugin.link_url}, headers={"Cache-Control": "no-store"})
+
+    async def enrol(self, request: web.Request) -> web.Response:
+        token = _token(request)
+        if token is None:
+            return _refuse(404, "ticket_unknown", "no such ticket; ask the relay operator for a new one")
+        body = b""
+        while len(body) <= _MAX_CSR_BODY:  # read() returns what has arrived, not all of it
+            chunk = await request.content.read(_MAX_CSR_BODY + 1 - len(body))
+            if not chunk:
+                break
+            body += chunk
+        if len(body) > _MAX_CSR_BODY:
+            return _refuse(413, "too_large", f"the request body is limited to {_MAX_CSR_BODY} bytes")
+        try:
+            data = json.loads(body)
+            csr = data["csr"] if isinstance(data, dict) else None
+            if not isinstance(csr, str):
+                raise ValueError
+        except (ValueError, KeyError, UnicodeDecodeError):
+            return _refuse(400, "bad_request", 'expected {"csr": "<PEM certificate request>"}')
+        store = self.plugin.store
+        try:
+            connection, connector, _ = await self._store(store.ticket, token, time.time())
+            if not connector:  # reusable ticket: the CSR names a new id of this connection
+                connector = self.plugin.ca.requested_name(csr)
+                if not _REUSABLE_ID.match(connector) or not connector.startswith(connection + "-") \
+                        or await self._store(store.connector, connector) is not None:
+                    raise CSRRefused("csr_wrong_name", f"the CSR must name a new connector id: CN={connection}-"
+                                     "<8 hex digits> (as GET on the ticket suggests)")
+            # Check the CSR before using the ticket up: a typo should not cost a new ticket.
+            self.plugin.ca.sign(csr, connector_id=connector, connection=connection, lifetime=1)
+            connection, _ = await self._store(store.use_ticket, token, time.time())
+            cert = self.plugin.ca.sign(csr, connector_id=connector, connection=connection,
+                                       lifetime=self.settings.certificate_lifetime)
+        except TicketRefused as exc:
+            return _refuse(410 if exc.code != "ticket_unknown" else 404, exc.code, exc.detail)
+        except CSRRefused as exc:
+            return _refuse(400, exc.code, exc.detail)
+        await self._store(store.record_connector, connector, connection, cert.serial_number,
+                          cert.not_valid_after_utc.timestamp(), cert.public_bytes(serialization.Encoding.PEM).decode())
+        log.info("connector %s of %s enrolled (certificate serial %x, valid until %s)", connector, connection,
+                 cert.serial_number, cert.not_valid_after_utc.isoformat())
+        return web.json_response({
+            "protocol": proto.VERSION, "connection": connection, "connector": connector,
+            "certificate": cert.public_bytes(serialization.Encoding.PEM).decode("ascii"),
+            "ca": self.plugin.ca.pem, "link_url": self.plugin.link_url,
+        }, headers={"Cache-Control": "no-store"})
+
+    # -- operators' view (main listener, API token) -------------------------------------------------
+
+    async def connectors(self, request: web.Request) -> web.Response:
+        """``GET /v1/relay/connectors``: the links this relay process holds, live."""
+        if self.door.api_client(request) is None:
+            return _refuse(401, "unauthorized", "a valid API token is required")
+        return web.json_response({"connection": self.settings.connection, "links": [
+            {"connector": s.connector, "version": s.version, "ready": s.ready, "in_flight": s.in_flight,
+             "served": s.served, "not_after": s.not_after} for s in self.plugin.hub.all()]},
+            headers={"Cache-Control": "no-store"})
+
+    async def selftest(self, request: web.Request) -> web.Response:
+        """``POST /v1/relay/selftest``: one connector runs its self-tests (the configuration log)
+        and answers over the link."""
+        if self.door.api_client(request) is None:
+            return _refuse(401, "unauthorized", "a valid API token is required")
+        try:
+            body = await self.plugin.hub.call(self.settings.connection, "selftest", {}, 20.0, retry=True)
+        except Unreachable as exc:
+            return _refuse(503, exc.reason, str(exc))
+        results = body.get("results")
+        if not isinstance(results, list):
+            return _refuse(502, "relay.bad_answer", "the connector's answer has no results")
+        return web.json_response({"results": results}, headers={"Cache-Control": "no-store"})
+
+    # -- the link ----------------------------------------------------------------------------------
+
+    async def link(self, request: web.Request) -> web.StreamResponse:
+        presented = self.door.tls_certificate(request)
+        if presented is None:
+            return _refuse(401, "certificate_required", "the link needs the connector certificate from enrolment")
+        cert = x509.load_der_x509_certificate(presented.leaf)  # OpenSSL verified it against the relay CA
+        names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        units = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+        connector = names[0].value if names else ""
+        connection = units[0].value if units else ""
+        known = await self._store(self.plugin.store.connector, connector)
+        if known is None or known.connection != connection:
+            return _refuse(403, "unknown_connector", "this certificate names no enrolled connector")
+        if known.revoked is not None:
+            log.warning("refused a link from revoked connector %s", connector)
+            return _refuse(403, "revoked", "this connector was revoked; enrol again with a new ticket")
+        ws = web.WebSocketResponse(heartbeat=self.settings.ping_interval, max_msg_size=proto.MAX_FRAME,
+                                   autoping=True)
+        await ws.prepare(request)
+        session = LinkSession(ws, connector, connection, cert.public_key(), cert.not_valid_after_utc.timestamp())
+        hub = self.plugin.hub
+        hub.add(session)
+        self.plugin.ensure_maintenance()
+        log.info("connector %s of %s linked from %s", connector, connection, request.remote)
+        bad = 0
+        try:
+            async for msg in ws:
+                if msg.type == WSMsgType.BINARY:
+                    bad += 1
+                    await _send(ws, proto.error(None, "bad_request", "text frames only"))
+                elif msg.type != WSMsgType.TEXT:  # ERROR (e.g. an oversized frame: aiohttp closes 1009)
+                    break
+                else:
+                    try:
+                        message = proto.decode(msg.data, now=time.time(), guard=session.guard,
+                                               accept=proto.CONNECTOR_TO_RELAY)
+                    except proto.ProtocolError as exc:
+                        bad += 1
+                        await _send(ws, proto.error(exc.request_id, exc.code, exc.detail))
+                    else:
+                        if message.is_request:
+                            await _send(ws, await self._serve(session, message))
+                        else:
+                            session.answered(message)
+                if bad >= _MAX_BAD_FRAMES:
+                    await ws.close(code=1008, message=b"too many refused frames")
+                    break
+        finally:
+            hub.remove(session)
+            log.info("connector %s link closed (%s)", connector, ws.close_code)
+            if hub.router is not None:
+                try:
+                    await hub.router.unlinked(connection, connector)
+                except Exception as exc:  # the route entry goes stale; forwarders skip dead instances
+                    log.warning("relay routing: cannot unregister %s: %s", connector, exc)
+        return ws
+
+    async def _serve(self, session: LinkSession, message: proto.Message) -> str:
+        """Requests a connector sends: ``hello`` (first, marks the link ready), ``drain`` (it is
+        stopping) and ``renew``."""
+        if message.type == "hello":
+            session.version = str(message.body.get("version", ""))[:64]
+            session.ready = True
+            if self.plugin.hub.router is not None:
+                await self.plugin.hub.router.linked(session.connection, session.connector)
+            await self._store(self.plugin.store.seen, session.connector, session.version,
+                              time.time() + 3 * self.settings.ping_interval)
+            return proto.answer(message.id, {"time": time.time(), "connector": session.connector,
+                                             "not_after": session.not_after})
+        if message.type == "drain":
+            session.draining = True
+            log.info("connector %s is stopping: no new requests on its link", session.connector)
+            return proto.answer(message.id, {"in_flight": session.in_flight})
+        # renew: same name, same rules as enrolment, over the authenticated link
+        csr = message.body.get("csr")
+        if not isinstance(csr, str) or len(csr) > _MAX_CSR_BODY:
+            return proto.error(message.id, "bad_request", "renew needs `csr`")
+        try:
+            cert = self.plugin.ca.sign(csr, connector_id=session.connector, connection=session.connection,
+                                       lifetime=self.settings.certificate_lifetime)
+        except CSRRefused as exc:
+            return proto.error(message.id, "bad_request", f"{exc.code}: {exc.detail}")
+        if cert.public_key().public_numbers() != session.public_key.public_numbers():
+            # Renewal keeps the key the link was authenticated with; a new key needs a new ticket.
+            return proto.error(message.id, "forbidden", "renewal must keep the connector's key")
+        session.not_after = cert.not_valid_after_utc.timestamp()  # this link now runs on the new one
+        await self._store(self.plugin.store.record_connector, session.connector, session.connection,
+                          cert.serial_number, cert.not_valid_after_utc.timestamp(),
+                          cert.public_bytes(serialization.Encoding.PEM).decode())
+        log.info("connector %s renewed its certificate (valid until %s)", session.connector,
+                 cert.not_valid_after_utc.isoformat())
+        return proto.answer(message.id, {"certificate": cert.public_bytes(serialization.Encoding.PEM).decode("ascii"),
+                                         "ca": self.plugin.ca.pem})

@@ -1,0 +1,139 @@
+"""Routing between relay instances through Redis: a request that reaches an instance holding no
+link of the connection goes to the instance that holds one.
+
+* ``PREFIX route:<connection>`` (hash): connector id -> instance id, written when a link is
+  ready, removed when it closes; ``PREFIX instance:<id>`` (expiring key) says an instance is alive.
+* A forwarded request is a JSON item pushed to ``PREFIX inbox:<instance>``; the holder answers on
+  ``PREFIX reply:<request id>`` (a list, expiring). Lists with BLPOP, not pub/sub: an item waits
+  for a consumer busy for a moment instead of being lost.
+* The forwarding instance seals the password to the chosen connector's key (its certificate is
+  in the registry) under the request id the holder then uses: no password crosses Redis in
+  clear, and the holder cannot re-address it to another connector.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import secrets
+import time
+from typing import TYPE_CHECKING, Any
+
+from cryptography import x509
+
+from gateway.plugins import linkproto as proto
+
+from .hub import Unreachable, _NotSent
+
+if TYPE_CHECKING:
+    from .hub import Hub
+
+__all__ = ["Router"]
+
+log = logging.getLogger("authgw.plugin.relay")
+
+
+class Router:
+    def __init__(self, settings, store, hub: Hub, ping_interval: float) -> None:
+        import redis.asyncio
+
+        self.prefix = settings.key_prefix
+        self.instance = secrets.token_hex(6)
+        self.store = store
+        self.hub = hub
+        self.ping_interval = ping_interval
+        self.redis = redis.asyncio.Redis.from_url(
+            settings.url, password=settings.password.reveal() if settings.password else None,
+            socket_connect_timeout=settings.timeout, decode_responses=True)
+        self._keys: dict[str, Any] = {}
+
+    def _k(self, *parts: str) -> str:
+        return self.prefix + ":".join(parts)
+
+    # -- the holder's side ---------------------------------------------------------------------------
+
+    async def linked(self, connection: str, connector: str) -> None:
+        await self.redis.hset(self._k("route", connection), connector, self.instance)
+
+    async def unlinked(self, connection: str, connector: str) -> None:
+        if await self.redis.hget(self._k("route", connection), connector) == self.instance:
+            await self.redis.hdel(self._k("route", connection), connector)
+
+    async def heartbeat(self) -> None:
+        await self.redis.set(self._k("instance", self.instance), "1", ex=max(2, int(3 * self.ping_interval)))
+
+    async def serve(self) -> None:
+        """Take forwarded requests from this instance's inbox, forever."""
+        inbox = self._k("inbox", self.instance)
+        while True:
+            try:
+                item = await self.redis.blpop([inbox], timeout=1)
+            except Exception as exc:  # Redis away: keep the links, retry
+                log.warning("relay routing: Redis unavailable (%s)", exc)
+                await asyncio.sleep(1.0)
+                continue
+            if item is not None:
+                asyncio.ensure_future(self._handle(json.loads(item[1])))
+
+    async def _handle(self, item: dict[str, Any]) -> None:
+        reply = {"unreachable": "relay.no_connector"}
+        session = next((s for s in self.hub.all() if s.connector == item["connector"] and s.ready
+                        and not s.closing), None)
+        if session is not None:
+            try:
+                message = await session.call(item["type"], lambda _: item["body"], item["timeout"],
+                                             request_id=item["id"])
+                reply = {"message": {"type": message.type, "body": message.body}}
+            except _NotSent:
+                reply = {"unreachable": "relay.not_sent"}
+            except Unreachable as exc:
+                reply = {"unreachable": exc.reason}
+        key = self._k("reply", item["id"])
+        await self.redis.rpush(key, json.dumps(reply))
+        await self.redis.expire(key, 60)
+
+    # -- the forwarder's side ------------------------------------------------------------------------
+
+    async def forward(self, connection: str, type_: str, body: dict[str, Any], timeout: float, *,
+                      retry: bool, password: str | None) -> proto.Message:
+        deadline = time.monotonic() + timeout
+        try:
+            routes = await self.redis.hgetall(self._k("route", connection))
+        except Exception as exc:
+            raise Unreachable("relay.no_connector", f"Redis unavailable: {exc}") from None
+        candidates = [(c, i) for c, i in routes.items() if i != self.instance]
+        random.shuffle(candidates)
+        for connector, instance in candidates:
+            if not await self.redis.exists(self._k("instance", instance)):
+                continue
+            request_id = proto.new_id()
+            sealed = dict(body)
+            if password is not None:
+                key = await self._public_key(connector)
+                if key is None:
+                    continue
+                sealed["password"] = proto.seal_password(key, password, request_id)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            await self.redis.rpush(self._k("inbox", instance), json.dumps(
+                {"id": request_id, "connector": connector, "type": type_, "body": sealed, "timeout": left}))
+            item = await self.redis.blpop([self._k("reply", request_id)], timeout=max(1, int(left + 1)))
+            if item is None:
+                raise Unreachable("relay.timeout", f"relay instance {instance} did not answer")
+            reply = json.loads(item[1])
+            if "message" in reply:
+                return proto.Message(request_id, reply["message"]["type"], reply["message"]["body"])
+            # Not sent at all, or a read-only request: another instance's connector may answer.
+            if reply["unreachable"] in ("relay.not_sent", "relay.no_connector") or retry:
+                continue
+            raise Unreachable(reply["unreachable"])
+        raise Unreachable("relay.no_connector", f"no connector of {connection!r} is online at any relay instance")
+
+    async def _public_key(self, connector: str):
+        record = await asyncio.get_running_loop().run_in_executor(None, self.store.connector, connector)
+        if record is None or not record.cert or record.revoked is not None:
+            return None
+        return x509.load_pem_x509_certificate(record.cert.encode()).public_key()

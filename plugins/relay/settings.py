@@ -1,0 +1,59 @@
+"""The ``relay:`` section of conf.d, as a typed model (see docs/connector.md)."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from pydantic import Field, field_validator, model_validator
+
+from gateway import ConfigPath, PluginSettings, Secret
+
+__all__ = ["RedisSettings", "RelaySettings"]
+
+
+class RedisSettings(PluginSettings):
+    """State shared by several relay instances (tickets, registry, revocations, routing)."""
+
+    url: str = Field(pattern=r"^rediss?://", description="`redis://HOST:PORT/DB` or `rediss://`; no password in it")
+    password: Secret | None = Field(None, description="`{env: NAME}` or `{file: PATH}`")
+    key_prefix: str = Field("authgw:relay:", min_length=1, max_length=100, description="prepended to every key")
+    timeout: float = Field(2.0, gt=0, le=30, description="seconds for connecting and for each command")
+
+
+class RelaySettings(PluginSettings):
+    """The relay: connectors enrol and hold their links here; the chain step `relay` forwards."""
+
+    connection: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$",
+                            description="the connection whose connectors the chain step `relay` asks")
+    listen: str = Field(description="`HOST:PORT` of the TLS listener for enrolment (`/p/TOKEN`) and the link (`/link`)")
+    public_url: str = Field(description="`https://HOST[:PORT]` connectors reach that listener at "
+                            "(ticket URLs and the link URL start with it)")
+    public_names: list[str] = Field([], description="names in the listener's certificate when the relay issues it "
+                                    "itself; default: the host of `public_url`")
+    certificate: ConfigPath | None = Field(None, description="listener certificate (PEM); default: issued by the relay CA")
+    key: ConfigPath | None = Field(None, description="its private key (PEM, 0600)")
+    ticket_lifetime: float = Field(86400.0, gt=0, description="seconds a ticket stays usable")
+    certificate_lifetime: float = Field(90 * 86400.0, ge=1, description="seconds a connector certificate is valid; "
+                                        "connectors renew at two thirds of it")
+    ping_interval: float = Field(5.0, gt=0, le=60, description="seconds between WebSocket pings on a link")
+    max_in_flight: int = Field(64, ge=1, description="requests one link carries at once")
+    redis: RedisSettings | None = Field(None, description="share state between relay instances (absent: SQLite "
+                                        "in the state directory, one instance)")
+
+    @field_validator("public_url")
+    @classmethod
+    def _https(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme != "https" or not parts.hostname or parts.path not in ("", "/") or parts.query:
+            raise ValueError("expected https://HOST[:PORT] (the link is TLS only)")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _key_with_certificate(self) -> RelaySettings:
+        if (self.certificate is None) != (self.key is None):
+            raise ValueError("`certificate` and `key` go together")
+        return self
+
+    @property
+    def names(self) -> list[str]:
+        return self.public_names or [urlsplit(self.public_url).hostname]

@@ -1,0 +1,248 @@
+"""The relay's durable state: connections, tickets (hashed), enrolled connectors, revocations.
+
+One relay instance keeps it in SQLite under the state directory (``relay/relay.sqlite3``), which
+the ``authgw relay ...`` commands and the serving process share. Tickets are stored as SHA-256
+of the token only (256-bit random tokens: a fast hash suffices, as for API tokens); using one is
+a single conditional UPDATE, so two enrolments racing for one ticket cannot both win.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["Connector", "RedisStore", "SQLiteStore", "TicketRefused", "token_hash"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS connections (name TEXT PRIMARY KEY, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS tickets (hash TEXT PRIMARY KEY, connection TEXT NOT NULL, connector TEXT NOT NULL,
+                                    expires REAL NOT NULL, used REAL, uses INTEGER NOT NULL DEFAULT 1);
+CREATE TABLE IF NOT EXISTS connectors (id TEXT PRIMARY KEY, connection TEXT NOT NULL, serial TEXT NOT NULL,
+                                       not_after REAL NOT NULL, enrolled REAL NOT NULL, revoked REAL,
+                                       version TEXT NOT NULL DEFAULT '', last_seen REAL,
+                                       online_until REAL, cert TEXT NOT NULL DEFAULT '');
+"""
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()
+
+
+class TicketRefused(Exception):
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class Connector:
+    id: str
+    connection: str
+    serial: str
+    not_after: float
+    enrolled: float
+    revoked: float | None
+    version: str
+    last_seen: float | None
+    online_until: float | None
+    cert: str = ""  # PEM of the current certificate (another relay instance seals passwords to its key)
+
+
+class SQLiteStore:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.path = path
+        self._local = threading.local()
+        with self._db() as db:
+            db.executescript(_SCHEMA)
+        path.chmod(0o600)
+
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            self._local.db = db
+        return db
+
+    # -- connections and tickets ----------------------------------------------------------------
+
+    def add_connection(self, name: str) -> bool:
+        cur = self._db().execute("INSERT OR IGNORE INTO connections VALUES (?, ?)", (name, time.time()))
+        return cur.rowcount == 1
+
+    def connections(self) -> list[str]:
+        return [row[0] for row in self._db().execute("SELECT name FROM connections ORDER BY name")]
+
+    def add_ticket(self, connection: str, token: str, connector: str, expires: float, uses: int = 1) -> None:
+        """*connector* is the id the CSR must name; ``""`` for a reusable ticket (*uses* > 1),
+        where each enrolment names a new id of the connection."""
+        self._db().execute("INSERT INTO tickets VALUES (?, ?, ?, ?, NULL, ?)",
+                           (token_hash(token), connection, connector, expires, uses))
+
+    def ticket(self, token: str, now: float) -> tuple[str, str, float]:
+        """``(connection, connector id, expires)`` of a usable ticket, else :class:`TicketRefused`."""
+        row = self._db().execute("SELECT connection, connector, expires, used FROM tickets WHERE hash = ?",
+                                 (token_hash(token),)).fetchone()
+        if row is None:
+            raise TicketRefused("ticket_unknown", "no such ticket; ask the relay operator for a new one")
+        if row[3] is not None:
+            raise TicketRefused("ticket_used", "this ticket was already used; each ticket enrols one connector")
+        if row[2] < now:
+            raise TicketRefused("ticket_expired", "this ticket has expired; ask the relay operator for a new one")
+        return row[0], row[1], row[2]
+
+    def use_ticket(self, token: str, now: float) -> tuple[str, str]:
+        """Mark the ticket used, exactly once; returns ``(connection, connector id)``."""
+        connection, connector, _ = self.ticket(token, now)
+        cur = self._db().execute(
+            "UPDATE tickets SET uses = uses - 1, used = CASE WHEN uses <= 1 THEN ? ELSE NULL END "
+            "WHERE hash = ? AND used IS NULL AND uses >= 1 AND expires >= ?", (now, token_hash(token), now))
+        if cur.rowcount != 1:  # lost a race with another enrolment
+            raise TicketRefused("ticket_used", "this ticket was already used; each ticket enrols one connector")
+        return connection, connector
+
+    # -- connectors -------------------------------------------------------------------------------
+
+    def record_connector(self, connector: str, connection: str, serial: int, not_after: float, cert: str) -> None:
+        self._db().execute(
+            "INSERT INTO connectors (id, connection, serial, not_after, enrolled, cert) VALUES (?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT(id) DO UPDATE SET serial = excluded.serial, not_after = excluded.not_after, "
+            "cert = excluded.cert", (connector, connection, f"{serial:x}", not_after, time.time(), cert))
+
+    def connector(self, connector: str) -> Connector | None:
+        row = self._db().execute("SELECT * FROM connectors WHERE id = ?", (connector,)).fetchone()
+        return Connector(*row) if row else None
+
+    def connectors(self) -> list[Connector]:
+        return [Connector(*row) for row in self._db().execute("SELECT * FROM connectors ORDER BY connection, id")]
+
+    def revoke(self, connector: str) -> bool:
+        cur = self._db().execute("UPDATE connectors SET revoked = ? WHERE id = ? AND revoked IS NULL",
+                                 (time.time(), connector))
+        return cur.rowcount == 1
+
+    def revoked(self) -> set[str]:
+        return {row[0] for row in self._db().execute("SELECT id FROM connectors WHERE revoked IS NOT NULL")}
+
+    def seen(self, connector: str, version: str, online_until: float) -> None:
+        self._db().execute("UPDATE connectors SET version = ?, last_seen = ?, online_until = ? WHERE id = ?",
+                           (version[:64], time.time(), online_until, connector))
+
+    def close(self) -> None:
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
+
+
+class RedisStore:
+    """The same registry in Redis, for several relay instances (``relay: {redis: ...}``).
+
+    ``PREFIX connections`` (set), ``PREFIX ticket:<sha256>`` (hash, expiring a day after the
+    ticket), ``PREFIX connector:<id>`` (hash) and ``PREFIX connectors`` (set). Using a ticket is
+    ``HSETNX used``: of two instances racing, one wins.
+    """
+
+    def __init__(self, settings) -> None:
+        import redis
+
+        self.prefix = settings.key_prefix
+        self.settings = settings
+        self.redis = redis.Redis.from_url(settings.url, password=settings.password.reveal() if settings.password else None,
+                                          socket_timeout=settings.timeout, socket_connect_timeout=settings.timeout,
+                                          decode_responses=True)
+
+    def _k(self, *parts: str) -> str:
+        return self.prefix + ":".join(parts)
+
+    def add_connection(self, name: str) -> bool:
+        return self.redis.sadd(self._k("connections"), name) == 1
+
+    def connections(self) -> list[str]:
+        return sorted(self.redis.smembers(self._k("connections")))
+
+    def add_ticket(self, connection: str, token: str, connector: str, expires: float, uses: int = 1) -> None:
+        key = self._k("ticket", token_hash(token))
+        self.redis.hset(key, mapping={"connection": connection, "connector": connector, "expires": repr(expires),
+                                      "uses": uses})
+        self.redis.expireat(key, int(expires) + 86400)  # kept a day to tell "expired" from "unknown"
+
+    def ticket(self, token: str, now: float) -> tuple[str, str, float]:
+        row = self.redis.hgetall(self._k("ticket", token_hash(token)))
+        if not row:
+            raise TicketRefused("ticket_unknown", "no such ticket; ask the relay operator for a new one")
+        if "used" in row:
+            raise TicketRefused("ticket_used", "this ticket was already used; each ticket enrols one connector")
+        if float(row["expires"]) < now:
+            raise TicketRefused("ticket_expired", "this ticket has expired; ask the relay operator for a new one")
+        return row["connection"], row["connector"], float(row["expires"])
+
+    def use_ticket(self, token: str, now: float) -> tuple[str, str]:
+        connection, connector, _ = self.ticket(token, now)
+        key = self._k("ticket", token_hash(token))
+        left = self.redis.hincrby(key, "uses", -1)  # atomic: of racing enrolments, only `uses` win
+        if left < 0:
+            raise TicketRefused("ticket_used", "this ticket was already used; each ticket enrols one connector")
+        if left == 0:
+            self.redis.hset(key, "used", repr(now))
+        return connection, connector
+
+    def record_connector(self, connector: str, connection: str, serial: int, not_after: float, cert: str) -> None:
+        key = self._k("connector", connector)
+        self.redis.hsetnx(key, "enrolled", repr(time.time()))
+        self.redis.hset(key, mapping={"connection": connection, "serial": f"{serial:x}", "not_after": repr(not_after),
+                                      "cert": cert})
+        self.redis.sadd(self._k("connectors"), connector)
+
+    def connector(self, connector: str) -> Connector | None:
+        row = self.redis.hgetall(self._k("connector", connector))
+        return self._row(connector, row) if row else None
+
+    @staticmethod
+    def _row(connector: str, row: dict) -> Connector:
+        def number(name: str) -> float | None:
+            return float(row[name]) if name in row else None
+
+        return Connector(connector, row["connection"], row["serial"], float(row["not_after"]), float(row["enrolled"]),
+                         number("revoked"), row.get("version", ""), number("last_seen"), number("online_until"),
+                         row.get("cert", ""))
+
+    def connectors(self) -> list[Connector]:
+        found = [self.connector(c) for c in sorted(self.redis.smembers(self._k("connectors")))]
+        return sorted((c for c in found if c is not None), key=lambda c: (c.connection, c.id))
+
+    def revoke(self, connector: str) -> bool:
+        if not self.redis.exists(self._k("connector", connector)):
+            return False
+        return bool(self.redis.hsetnx(self._k("connector", connector), "revoked", repr(time.time())))
+
+    def revoked(self) -> set[str]:
+        ids = sorted(self.redis.smembers(self._k("connectors")))
+        pipe = self.redis.pipeline()
+        for connector in ids:
+            pipe.hexists(self._k("connector", connector), "revoked")
+        return {c for c, flag in zip(ids, pipe.execute()) if flag}
+
+    def seen(self, connector: str, version: str, online_until: float) -> None:
+        self.redis.hset(self._k("connector", connector), mapping={
+            "version": version[:64], "last_seen": repr(time.time()), "online_until": repr(online_until)})
+
+    def shared_ca(self, key_pem: bytes, cert_pem: bytes) -> tuple[bytes, bytes]:
+        """The relay CA all instances use: the first instance's (SET NX), so that a connector
+        enrolled at one instance is trusted by all. Redis then holds the CA key: protect it
+        as the CA itself (ACL user, TLS, no shared database)."""
+        import json as _json
+
+        key = self._k("ca")
+        self.redis.set(key, _json.dumps({"key": key_pem.decode(), "cert": cert_pem.decode()}), nx=True)
+        stored = _json.loads(self.redis.get(key))
+        return stored["key"].encode(), stored["cert"].encode()
+
+    def close(self) -> None:
+        self.redis.close()

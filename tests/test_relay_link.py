@@ -1,0 +1,264 @@
+"""Issue 13, step 2-3: one relay and two connectors (all ``authgw serve``) in front of a real
+slapd. Logins through the relay's ``/auth`` and ``/v1/authenticate`` travel the link."""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+import ldap3
+import pytest
+
+from support.fakedist import make_dist
+from support.linkenv import Connector, Relay
+from support.slapd import Slapd
+
+
+#: A relay-side plugin that asks gateway_lookup_user, as a Kerberos or certificate login would.
+WHOIS = {"whois_probe.py": '''
+    import asyncio
+    from aiohttp import web
+    from gateway import BackendUnavailable, Route, hookimpl
+
+    class Whois:
+        def __init__(self, settings, context):
+            self.hook = context.hook
+
+        @hookimpl
+        def gateway_http_routes(self, door):
+            async def whois(request):
+                name = request.match_info["name"]
+                loop = asyncio.get_running_loop()
+                try:
+                    found = await loop.run_in_executor(None, lambda: self.hook.gateway_lookup_user(username=name))
+                except BackendUnavailable as exc:
+                    return web.json_response({"unavailable": str(exc)}, status=503)
+                if found is None:
+                    return web.json_response(None)
+                return web.json_response({**found.to_json(), "account_state": found.account_state})
+            return [Route("GET", "/whois/{name}", whois)]
+'''}
+
+
+@pytest.fixture(scope="module")
+def slapd(tmp_path_factory):
+    server = Slapd(tmp_path_factory.mktemp("ldap"), ppolicy=True).start()
+    locked = server.add_user("locked", "Locked-Passw0rd", cn="Locked L")
+    server.modify(locked, {"pwdAccountLockedTime": [(ldap3.MODIFY_REPLACE, ["000001010000Z"])]})
+    server.add_user("alice", "Alice-Passw0rd", cn="Alice A", mail="alice@example.com", groups=["staff"])
+    server.add_user("bob", "Bob-Passw0rd", cn="Bob B", mail="bob@example.com", groups=["ops"])
+    server.add_user("carol", "Carol-Passw0rd", cn="Carol C", mail="carol@example.com")  # never cached
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory, slapd):
+    """A relay with two enrolled, linked connectors (shared: a test that stops one restarts it)."""
+    tmp_path = tmp_path_factory.mktemp("site")
+    probe = make_dist(tmp_path / "site-packages", "whois-probe", {"whois": "whois_probe:Whois"}, WHOIS)
+    relay = Relay(tmp_path / "relay", plugins=("whois",), env={"PYTHONPATH": str(probe)}).setup().start()
+    connectors = []
+    try:
+        for name in ("c1", "c2"):
+            connectors.append(Connector(tmp_path / name, slapd).enroll(relay.ticket(), relay.ca_file).start())
+        for connector in connectors:
+            connector.wait_linked(relay)
+        yield relay, connectors
+    finally:
+        for connector in connectors:
+            connector.stop()
+        relay.stop()
+
+
+def test_password_logins_through_the_relay(site, slapd):
+    relay, connectors = site
+    before = sum(len(c.process.audit()) for c in connectors)
+    ok = relay.process.auth("alice", "Alice-Passw0rd")
+    assert ok.status == 200
+    assert ok.header("Remote-User") == "alice" and ok.header("Remote-Groups") == "staff"
+    assert ok.header("Remote-Email") == "alice@example.com"
+    api = relay.login("bob", "Bob-Passw0rd")
+    assert api.status == 200
+    body = api.json()
+    assert (body["outcome"], body["step"], body["identity"]["display_name"]) == ("success", "relay", "Bob B")
+    wrong = relay.login("alice", "wrong-password")
+    assert (wrong.json()["outcome"], wrong.json()["reason"]) == ("invalid_credentials", "ldap.invalid_password")
+    assert relay.process.auth("alice", "wrong-password").status == 401
+    unknown = relay.login("nobody", "whatever-1")
+    assert (unknown.json()["outcome"], unknown.json()["reason"]) == ("user_not_found", "ldap.user_not_found")
+    # each connector decided some of them with its own chain, audited as arriving over the link
+    decided = [line for c in connectors for line in c.process.audit()]
+    assert {line["front_door"] for line in decided} == {"link"}
+    assert len(decided) - before == 5
+    relay_audit = relay.process.audit()
+    assert [a["outcome"] for a in relay_audit][-5:] == ["success", "success", "invalid_credentials",
+                                                        "invalid_credentials", "user_not_found"]
+
+
+def test_connectors_never_listen_for_the_link(site):
+    _, connectors = site
+    for connector in connectors:
+        assert connector.listening_ports() == {connector.process.port}
+
+
+def test_least_in_flight_spreads_logins_over_both_connectors(site):
+    relay, connectors = site
+    before = [len(c.process.audit()) for c in connectors]
+    for _ in range(10):
+        assert relay.login("alice", "Alice-Passw0rd").status == 200
+    counts = [len(c.process.audit()) - b for c, b in zip(connectors, before)]
+    assert sum(counts) == 10 and min(counts) >= 1
+
+
+def test_no_connector_online_cached_users_from_the_cache_others_503(site):
+    relay, connectors = site
+    assert relay.login("alice", "Alice-Passw0rd").json()["from_cache"] is False
+    for connector in connectors:
+        connector.stop()
+    cached = relay.login("alice", "Alice-Passw0rd")
+    assert cached.status == 200 and cached.json()["from_cache"] is True
+    assert relay.login("alice", "wrong-password").json()["outcome"] == "invalid_credentials"
+    other = relay.login("carol", "Carol-Passw0rd")
+    assert other.status == 503 and other.json()["reason"] == "relay.no_connector"
+    assert relay.process.auth("carol", "Carol-Passw0rd").status == 503
+    connectors[0].start().wait_linked(relay)
+    live = relay.login("carol", "Carol-Passw0rd")
+    assert live.status == 200 and live.json()["from_cache"] is False
+    connectors[1].start().wait_linked(relay)
+
+
+def test_killing_a_connector_mid_load_fails_only_logins_in_flight_on_it(site, slapd):
+    relay, connectors = site
+    threads, total = 4, 160
+    users = [(f"ha{i}", f"Ha-Passw0rd-{i}") for i in range(threads)]
+    for name, password in users:
+        slapd.add_user(name, password, cn=name)
+    def warm(name: str, password: str) -> None:
+        for _ in range(6):
+            relay.login(name, password)
+
+    # warm, concurrently: the connectors' directory pools grow to the load's size before counting
+    warmers = [threading.Thread(target=warm, args=user) for user in users]
+    for thread in warmers:
+        thread.start()
+    for thread in warmers:
+        thread.join(60)
+    binds, opened = slapd.bind_count(), slapd.connection_count()
+    for name, password in users:
+        assert relay.login(name, password).status == 200
+    per_login = (slapd.bind_count() - binds - (slapd.connection_count() - opened)) / len(users)
+    assert per_login >= 1
+
+    results: list[int] = []
+    lock = threading.Lock()
+    killed = threading.Event()
+
+    def work(name: str, password: str) -> None:
+        while True:
+            with lock:
+                if len(results) >= total:
+                    return
+                if len(results) >= total // 4 and not killed.is_set():
+                    killed.set()
+                    connectors[0].stop(sig=signal.SIGKILL)
+            status = relay.login(name, password).status
+            with lock:
+                results.append(status)
+
+    binds, opened = slapd.bind_count(), slapd.connection_count()
+    pool = [threading.Thread(target=work, args=user) for user in users]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join(60)
+    checked = slapd.bind_count() - binds - (slapd.connection_count() - opened)
+    failed = [s for s in results if s != 200]
+    seen = {"failed": failed, "checked": checked, "per_login": per_login, "logins": len(results),
+            "new_connections": slapd.connection_count() - opened}
+    try:
+        assert killed.is_set() and len(results) >= total, seen
+        # only what was in flight on the killed connector may fail: at most one per client thread
+        assert len(failed) <= threads and set(failed) <= {503}, seen
+        # and no password was checked twice: never more user binds than logins
+        assert checked <= per_login * len(results), seen
+    finally:
+        connectors[0].start().wait_linked(relay)
+
+
+
+def test_directory_lookups_at_the_relay_go_over_the_link(site):
+    relay, _ = site
+    alice = relay.process.get("/whois/alice").json()
+    assert (alice["username"], alice["email"], alice["groups"]) == ("alice", "alice@example.com", ["staff"])
+    assert alice["account_state"] == ""
+    # the account's state crosses the link: Kerberos and certificate logins at the relay refuse it
+    assert relay.process.get("/whois/locked").json()["account_state"] == "ldap.locked"
+    assert relay.process.get("/whois/nobody").json() is None
+    assert relay.process.get("/whois/" + "a*)(uid=*").json() is None  # escaped by the connector's ldap plugin
+
+
+def test_a_restarted_relay_gets_its_connectors_back(site):
+    relay, connectors = site
+    relay.stop()
+    relay.start()
+    for connector in connectors:
+        connector.wait_linked(relay, timeout=15)
+    assert relay.login("alice", "Alice-Passw0rd").status == 200
+
+
+def test_check_runs_the_cloud_connection_test(site):
+    relay, connectors = site
+    check = connectors[0].cli("check")
+    assert check.returncode == 0, check.stdout
+    for name in ("link.enrolment", "link.dns[127.0.0.1]", "link.tcp", "link.tls[127.0.0.1:", "link.link"):
+        assert f"PASS  {name}" in check.stdout, check.stdout
+    assert "clock skew" in check.stdout and "verified with the pinned CA" in check.stdout
+
+
+def test_operators_see_live_links_and_a_connector_selftest(site):
+    relay, connectors = site
+    auth = {"Authorization": f"Bearer {relay.token}"}
+    assert relay.process.get("/v1/relay/connectors").status == 401
+    links = relay.process.get("/v1/relay/connectors", auth).json()["links"]
+    assert {link["connector"] for link in links} == {c.connector_id for c in connectors}
+    assert relay.process.post("/v1/relay/selftest", b"", {"Authorization": "Bearer wrong"}).status == 401
+    results = relay.process.post("/v1/relay/selftest", b"", auth).json()["results"]
+    names = {r["name"].split("[")[0]: r["status"] for r in results}
+    assert names.get("ldap.tcp") == "pass" and not any(n.startswith("link.") for n in names)
+    listing = relay.cli("relay", "connectors").stdout.splitlines()
+    for connector in connectors:
+        row = next(line for line in listing if line.startswith(connector.connector_id))
+        assert " online " in row and " 0.1.0 " in row
+
+
+def test_a_connector_stopped_cleanly_under_load_fails_no_login(site):
+    relay, connectors = site
+    results: list[tuple[int, bool]] = []
+    lock = threading.Lock()
+    stopped = threading.Event()
+
+    def work() -> None:
+        while True:
+            with lock:
+                if len(results) >= 120:
+                    return
+                if len(results) >= 30 and not stopped.is_set():
+                    stopped.set()
+                    threading.Thread(target=connectors[1].stop).start()  # SIGTERM: drain, then exit
+            response = relay.login("bob", "Bob-Passw0rd")
+            with lock:
+                results.append((response.status, response.status == 200 and response.json()["from_cache"]))
+
+    pool = [threading.Thread(target=work) for _ in range(4)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join(60)
+    try:
+        assert stopped.is_set() and len(results) >= 120
+        assert set(results) == {(200, False)}  # every login live: none failed, none fell back to the cache
+        assert "is stopping: no new requests" in relay.process.output()
+    finally:
+        connectors[1].process.proc.wait(30)
+        connectors[1].start().wait_linked(relay)
