@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import stat
 import time
 
@@ -24,5 +25,6 @@ def test_audit_file_is_created_private_and_holds_no_password(conf_dir, demo_hash
     while audit.read_text().count("\n") < 2 and time.monotonic() < deadline:  # written just after the answer
         time.sleep(0.05)
     text = audit.read_text()
-    assert text.count('"username": "alice"') == 2
+    records = [json.loads(line) for line in text.splitlines()]  # one JSON object a line
+    assert [(r["username"], r["outcome"]) for r in records] == [("alice", "success"), ("alice", "invalid_credentials")]
     assert "demo-password" not in text and "Wrong-Secret-42" not in text

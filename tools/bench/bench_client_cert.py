@@ -180,7 +180,7 @@ def make_pki(base: Path) -> dict[str, str]:
 def _audit_successes(path: Path) -> int:
     if not path.exists():
         return 0
-    return sum(1 for line in path.read_text().splitlines() if '"outcome": "success"' in line)
+    return sum(1 for line in path.read_text().splitlines() if json.loads(line).get("outcome") == "success")
 
 
 def main() -> int:
