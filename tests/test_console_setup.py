@@ -138,6 +138,9 @@ def test_the_status_page_shows_servers_throttling_events_and_version(slapd, cons
     port = int(re.search(r"listen: 127\.0\.0\.1:(\d+)", (conf_dir / "console.yaml").read_text()).group(1))
     client = ConsoleClient(f"http://127.0.0.1:{port}")
     client.get(link_path(console_link(gw2)))
+    deadline = time.monotonic() + 15  # audit lines reach the file in batches (gateway/audit.py)
+    while time.monotonic() < deadline and "invalid_credentials" not in client.get("/status?user=carol").text:
+        time.sleep(0.2)
     page = client.get("/status")
     assert page.status == 200
     components = re.search(r'<table id="components">.*?</table>', page.text, re.S).group(0)
