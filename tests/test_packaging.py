@@ -8,7 +8,7 @@ import sys
 
 from gateway.registry import ENTRY_POINT_GROUP, discover
 
-BUILT_INS = {"static", "ldap", "kerberos", "client_cert", "cache", "login", "link", "relay"}
+BUILT_INS = {"static", "ldap", "kerberos", "client_cert", "cache", "login", "link", "relay", "console"}
 
 
 def test_no_top_level_plugins_package_is_installed(tmp_path):

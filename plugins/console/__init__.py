@@ -1,0 +1,111 @@
+"""``console``: a browser console on 127.0.0.1:8357 to set the connector up and watch it.
+
+Not a chain step: enabled with ``plugins: [console]``. It decides no attempt; it adds
+
+Listener ``console.http``
+    on ``console.listen`` (default ``127.0.0.1:8357``) serving only the console's routes; plain
+    HTTP on loopback only, HTTPS with ``tls_cert``/``tls_key`` anywhere else (refused at load
+    time otherwise).
+Routes
+    ``/login/{token}`` (one-time link -> session cookie), ``/setup`` (ticket URL via
+    ``authgw link enroll``, directory settings -> ``conf.d/50-console.yaml``), ``/log/{run}``
+    (the configuration log: every plugin's self-tests, live), ``/status``.
+Command
+    ``authgw console``: prints a one-time login link and writes it 0600 to
+    ``<state_dir>/console-login-link``.
+Hooks
+    ``gateway_auth_finished`` keeps the last audit events of this worker for the status page
+    when the audit log goes to standard error.
+Settings (``console:`` in conf.d; docs/console.md)
+    ``listen``, ``tls_cert``, ``tls_key``, ``hosts``, ``login_link_ttl``, ``session_ttl``,
+    ``audit_events``.
+
+Shared state (tokens, sessions, configuration-log runs) is ``<state_dir>/console.sqlite``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import ssl
+import sys
+import time
+
+from gateway import Attempt, Command, Decision, Listener, PluginContext, Route, hookimpl
+from gateway.plugins.console.settings import ConsoleSettings
+from gateway.plugins.console.status import RecentEvents
+from gateway.plugins.console.store import ConsoleStore
+
+__all__ = ["ConsolePlugin", "ConsoleSettings"]
+
+LISTENER = "console.http"
+LINK_FILE = "console-login-link"
+
+
+class ConsolePlugin:
+    """Registered as ``console`` (listed under ``plugins:``)."""
+
+    Settings = ConsoleSettings
+
+    def __init__(self, settings: ConsoleSettings, context: PluginContext) -> None:
+        self.settings = settings
+        self.context = context
+        self.tls = settings.tls_cert is not None
+        self.store = ConsoleStore(context.state_dir / "console.sqlite")
+        self.recent = RecentEvents(settings.audit_events)
+        # With an audit file the status page reads it (all workers write there); the ring is
+        # only for audit to standard error, so the hot path skips it otherwise.
+        self._keep_events = context.gateway.audit.file == "-" and settings.audit_events > 0
+        if self.tls:
+            self._ssl_context()  # an unreadable certificate or key stops start-up, not the first visit
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(str(self.settings.tls_cert), str(self.settings.tls_key))
+        return context
+
+    def url(self) -> str:
+        host, _, port = self.settings.listen.rpartition(":")
+        return f"{'https' if self.tls else 'http'}://{host}:{port}"
+
+    # -- hooks ----------------------------------------------------------------------------------
+
+    @hookimpl
+    def gateway_listeners(self) -> list[Listener]:
+        return [Listener(LISTENER, self.settings.listen, self._ssl_context if self.tls else None, own_routes=True)]
+
+    @hookimpl
+    def gateway_http_routes(self, door) -> list[Route]:
+        from gateway.plugins.console.pages import Pages
+
+        pages = Pages(store=self.store, config_dir=self.context.config_dir, state_dir=self.context.state_dir,
+                      settings=self.settings, recent=self.recent, gateway=door.gateway, tls=self.tls)
+        return [Route(method, path, handler, LISTENER) for method, path, handler in pages.routes()]
+
+    @hookimpl
+    def gateway_auth_finished(self, attempt: Attempt, decision: Decision) -> None:
+        if self._keep_events:
+            self.recent.add(attempt, decision, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+    @hookimpl
+    def gateway_commands(self) -> list[Command]:
+        return [Command("console", "print a one-time login link for the browser console",
+                        lambda parser: None, self._command)]
+
+    # -- authgw console -------------------------------------------------------------------------
+
+    def _command(self, args: argparse.Namespace) -> int:
+        token = self.store.new_login_token(self.settings.login_link_ttl)
+        link = f"{self.url()}/login/{token}"
+        path = self.context.state_dir / LINK_FILE
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # an older file may have had another mode
+        with os.fdopen(fd, "w") as out:
+            out.write(link + "\n")
+        minutes = self.settings.login_link_ttl / 60
+        print(f"Open this link in a browser on this machine (it works once, for {minutes:.0f} minutes):",
+              file=sys.stderr)
+        print(link)
+        print(f"(also written to {path}; over SSH: ssh -L {self.settings.listen.rpartition(':')[2]}:"
+              f"{self.settings.listen} THIS-HOST, see docs/console.md)", file=sys.stderr)
+        return 0

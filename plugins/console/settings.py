@@ -1,0 +1,58 @@
+"""Settings of the ``console`` plugin (``console:`` in conf.d).
+
+The console manages the directory settings and shows status, so it must not be reachable from
+the network by accident: a listen address that is not loopback needs a TLS certificate and key,
+and is refused at load time (with the file and line of ``listen``) otherwise.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from pydantic import Field, ValidationInfo, field_validator
+
+from gateway import ConfigPath, PluginSettings
+from gateway.settings import parse_listen
+
+__all__ = ["ConsoleSettings", "is_loopback"]
+
+DEFAULT_LISTEN = "127.0.0.1:8357"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class ConsoleSettings(PluginSettings):
+    """``console:`` in conf.d. See docs/console.md."""
+
+    tls_cert: ConfigPath | None = Field(None, description="PEM certificate (chain) of the console's HTTPS "
+                                                          "listener; required for a non-loopback `listen`")
+    tls_key: ConfigPath | None = Field(None, description="PEM private key of `tls_cert` (keep it 0600)")
+    listen: str = Field(DEFAULT_LISTEN, description="`HOST:PORT` of the console; plain HTTP only on loopback")
+    hosts: list[str] = Field([], description="extra host names the browser may use in `Host` (besides "
+                                             "127.0.0.1, ::1 and localhost); others are refused "
+                                             "(DNS rebinding)")
+    login_link_ttl: float = Field(900.0, gt=0, le=86400, description="seconds a one-time login link from "
+                                                                     "`authgw console` stays valid")
+    session_ttl: float = Field(3600.0, gt=0, le=86400, description="seconds a console session lasts "
+                                                                   "without activity")
+    audit_events: int = Field(50, ge=0, le=1000, description="recent audit events shown on the status page")
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str, info: ValidationInfo) -> str:
+        host, _ = parse_listen(value)
+        tls = info.data.get("tls_cert") is not None and info.data.get("tls_key") is not None
+        if not is_loopback(host) and not tls:
+            raise ValueError(f"{value} is not a loopback address: the console serves plain HTTP only on "
+                             "127.0.0.1/::1; set tls_cert and tls_key to listen elsewhere, or reach it "
+                             "through an SSH tunnel (docs/console.md)")
+        if (info.data.get("tls_cert") is None) != (info.data.get("tls_key") is None):
+            raise ValueError("tls_cert and tls_key go together")
+        return value

@@ -1,0 +1,261 @@
+"""The set-up steps: enrol a ticket URL, and write the directory settings into conf.d.
+
+The directory step turns the form into an ``ldap:`` section, writes it as
+``conf.d/50-console.yaml`` (the password into a 0600 file beside it, referenced with
+``{file:}``) in a **temporary copy** of conf.d, and validates that copy exactly as
+``authgw config check`` does (:func:`gateway.runtime.build_runtime`). Only a valid copy is moved
+into place; otherwise the form shows the same ``file:line`` messages, with the real directory's
+name. When ``ldap`` is not in ``chain:`` yet and ``chain:`` is a one-line list, ``ldap`` is put
+first in it (the only edit outside the console's own file); any other shape is left to the
+operator with a message naming the line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import yaml
+
+from gateway.config import load_config
+from gateway.errors import AuthgwError, ConfigError
+from gateway.yamlfiles import display_name
+
+__all__ = ["CONSOLE_FILE", "DirectoryForm", "can_reload", "current_directory", "enrol", "reload_gateway",
+           "save_directory"]
+
+CONSOLE_FILE = "50-console.yaml"
+SECRETS_DIR = "console"  # below conf.d: the bind password and an uploaded CA
+PASSWORD_FILE = f"{SECRETS_DIR}/ldap-bind-password"
+CA_FILE = f"{SECRETS_DIR}/ldap-ca.pem"
+PRESETS = {"active_directory": "Active Directory", "openldap": "OpenLDAP", "freeipa": "FreeIPA"}
+_CHAIN_LINE = re.compile(r"^(chain:\s*\[)([^\]#]*)(\]\s*(#.*)?)$")
+ENROL_TIMEOUT = 60.0
+
+
+@dataclass
+class DirectoryForm:
+    preset: str = "openldap"
+    servers: str = ""
+    start_tls: bool = False
+    insecure: bool = False
+    base_dn: str = ""
+    bind_dn: str = ""
+    password: str = ""  # never filled from storage; empty means "keep the stored one"
+    ca_path: str = ""
+    ca_upload: bytes = b""
+    password_set: bool = False
+    errors: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_post(cls, data) -> DirectoryForm:
+        def text(name: str, limit: int = 4096) -> str:
+            value = data.get(name, "")
+            return value.strip()[:limit] if isinstance(value, str) else ""
+
+        upload = data.get("ca_upload")
+        raw = upload.file.read(256 * 1024) if hasattr(upload, "file") else b""
+        return cls(preset=text("preset"), servers=text("servers"), start_tls=data.get("start_tls") == "on",
+                   insecure=data.get("insecure") == "on", base_dn=text("base_dn"), bind_dn=text("bind_dn"),
+                   password=data.get("password", "") if isinstance(data.get("password", ""), str) else "",
+                   ca_path=text("ca_path"), ca_upload=raw)
+
+
+def current_directory(config_dir: Path) -> DirectoryForm:
+    """The form as the merged conf.d fills it: the password only as "set" or not."""
+    form = DirectoryForm()
+    try:
+        section = load_config(config_dir).data.get("ldap") or {}
+    except ConfigError:
+        return form
+    if not isinstance(section, dict):
+        return form
+    form.preset = str(section.get("preset", "openldap"))
+    servers = section.get("servers") or []
+    form.servers = " ".join(str(s) for s in servers) if isinstance(servers, list) else ""
+    form.start_tls = section.get("start_tls") is True
+    form.insecure = section.get("insecure") is True
+    form.base_dn = str(section.get("base_dn") or "")
+    form.bind_dn = str(section.get("bind_dn") or "")
+    form.ca_path = str(section.get("ca_file") or "")
+    form.password_set = section.get("bind_password") is not None
+    return form
+
+
+def _section(form: DirectoryForm, existing_password: object) -> tuple[dict, list[str]]:
+    problems = []
+    if form.preset not in PRESETS:
+        problems.append("preset: choose Active Directory, OpenLDAP or FreeIPA")
+    servers = [s for s in re.split(r"[\s,]+", form.servers) if s]
+    if not servers:
+        problems.append("connection string: give at least one ldaps:// or ldap:// URL")
+    if not form.password and existing_password is None and form.bind_dn:
+        # An empty password is an unauthenticated bind (RFC 4513 5.1.2): never send one.
+        problems.append("password: the service account needs its password")
+    section: dict = {"preset": form.preset, "servers": servers, "base_dn": form.base_dn}
+    if form.start_tls:
+        section["start_tls"] = True
+    if form.insecure:
+        section["insecure"] = True
+    if form.bind_dn:
+        section["bind_dn"] = form.bind_dn
+        section["bind_password"] = {"file": PASSWORD_FILE} if form.password else existing_password
+    if form.ca_upload:
+        section["ca_file"] = CA_FILE
+    elif form.ca_path:
+        section["ca_file"] = form.ca_path
+    return section, problems
+
+
+def _check_upload(data: bytes) -> str | None:
+    from cryptography import x509
+
+    try:
+        x509.load_pem_x509_certificates(data)
+    except ValueError:
+        return "CA upload: not a PEM certificate (-----BEGIN CERTIFICATE-----)"
+    return None
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+def _chain_with_ldap(config_dir: Path) -> tuple[Path, str] | str | None:
+    """``None`` when ldap is in the chain; else (file, new text) or a message for the operator."""
+    config = load_config(config_dir)
+    if "ldap" in config.core.chain:
+        return None
+    mark = config.marks.get(("chain",))
+    where = f"{mark}" if mark else display_name(config_dir)
+    if mark is None:
+        return f"{where}: chain: add ldap to it to use the directory"
+    path = config_dir / Path(mark.file).name
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    match = _CHAIN_LINE.match(lines[mark.line - 1].rstrip("\n"))
+    if not match:
+        return f"{where}: chain: add ldap to it to use the directory (it is not a one-line list)"
+    steps = ", ".join(["ldap", *[s.strip() for s in match.group(2).split(",") if s.strip()]])
+    lines[mark.line - 1] = f"{match.group(1)}{steps}{match.group(3)}\n"
+    return path, "".join(lines)
+
+
+def save_directory(form: DirectoryForm, config_dir: Path, state_dir: Path) -> list[str]:
+    """Validate and save; returns the problems (empty when saved)."""
+    from gateway.runtime import build_runtime
+
+    try:
+        existing = (load_config(config_dir).data.get("ldap") or {}).get("bind_password")
+    except (ConfigError, AttributeError):
+        existing = None
+    if form.ca_upload and (problem := _check_upload(form.ca_upload)):
+        return [problem]
+    section, problems = _section(form, existing)
+    if problems:
+        return problems
+    with tempfile.TemporaryDirectory(prefix="authgw-console-") as tmp:
+        copy = Path(tmp) / "conf.d"
+        shutil.copytree(config_dir, copy, symlinks=True)
+        staged: dict[str, tuple[bytes, int]] = {}
+        try:
+            chain_edit = _chain_with_ldap(copy)
+        except ConfigError as exc:
+            return _real_names(exc.problems, copy, config_dir)
+        if isinstance(chain_edit, str):
+            return _real_names([chain_edit], copy, config_dir)
+        if chain_edit is not None:  # keep the operator's file mode
+            staged[chain_edit[0].name] = (chain_edit[1].encode(), chain_edit[0].stat().st_mode & 0o777)
+        if form.password:
+            staged[PASSWORD_FILE] = (form.password.encode("utf-8"), 0o600)
+        if form.ca_upload:
+            staged[CA_FILE] = (form.ca_upload, 0o644)
+        text = ("# Written by the authgw console (docs/console.md). The password is in "
+                f"{PASSWORD_FILE} (0600).\n" + yaml.safe_dump({"ldap": section}, sort_keys=False))
+        staged[CONSOLE_FILE] = (text.encode("utf-8"), 0o644)
+        for name, (data, mode) in staged.items():
+            _write_private(copy / name, data)
+            os.chmod(copy / name, mode)
+        try:
+            build_runtime(copy, state_dir=state_dir).discard()
+        except ConfigError as exc:
+            return _real_names(exc.problems, copy, config_dir)
+        except (AuthgwError, OSError) as exc:
+            return _real_names([str(exc)], copy, config_dir)
+        for name, (data, mode) in staged.items():
+            _write_private(config_dir / name, data)
+            os.chmod(config_dir / name, mode)
+    return []
+
+
+def _real_names(problems: list[str], copy: Path, config_dir: Path) -> list[str]:
+    """Messages about the temporary copy, naming the files the operator has."""
+    real = display_name(config_dir)
+    names = {str(copy), display_name(copy)}
+    out = []
+    for problem in problems:
+        for name in names:
+            problem = problem.replace(name, real)
+        out.append(problem)
+    return out
+
+
+def can_reload(state_dir: Path) -> bool:
+    return (state_dir / "authgw.pid").is_file()
+
+
+def reload_gateway(state_dir: Path) -> str:
+    """SIGHUP the master whose PID is in ``<state_dir>/authgw.pid`` (written by gateways that
+    reload on SIGHUP). Without that file a SIGHUP would kill a gateway that cannot reload."""
+    pid_file = state_dir / "authgw.pid"
+    try:
+        pid = int(pid_file.read_text().strip())
+        os.kill(pid, signal.SIGHUP)
+    except FileNotFoundError:
+        return "saved; this gateway cannot reload itself: restart authgw to use the new settings"
+    except (ValueError, ProcessLookupError, PermissionError) as exc:
+        return f"saved; could not signal the gateway ({pid_file}: {exc.__class__.__name__}): restart authgw"
+    return "saved; the gateway is reloading its configuration"
+
+
+def link_available(config_dir: Path, state_dir: Path) -> bool:
+    result = subprocess.run([sys.executable, "-m", "gateway", "link", "--help", "--config", str(config_dir),
+                             "--state-dir", str(state_dir)], capture_output=True, timeout=30,
+                            stdin=subprocess.DEVNULL)
+    return result.returncode == 0
+
+
+def enrol(ticket_url: str, config_dir: Path, state_dir: Path, ca_path: str = "") -> tuple[bool, str]:
+    """Run ``authgw link enroll TICKET_URL`` as the CLI does; (ok, one line for the page)."""
+    parts = urlsplit(ticket_url)
+    if parts.scheme not in ("https", "http") or not parts.hostname or len(ticket_url) > 2048:
+        return False, "the ticket URL must be an https:// URL, as the cloud service shows it"
+    if not link_available(config_dir, state_dir):
+        return False, ("enrolment is not available: enable the link plugin (`plugins: [link]` in conf.d) "
+                       "so that `authgw link enroll` exists")
+    command = [sys.executable, "-m", "gateway", "link", "enroll", ticket_url,
+               "--config", str(config_dir), "--state-dir", str(state_dir)]
+    if ca_path:
+        command += ["--ca", ca_path]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=ENROL_TIMEOUT,
+                                stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return False, f"enrolment did not finish within {ENROL_TIMEOUT:.0f}s: is the ticket URL reachable?"
+    lines = [line for line in (result.stderr + "\n" + result.stdout).splitlines() if line.strip()]
+    if result.returncode != 0:
+        return False, (lines[-1] if lines else f"enrolment failed (exit {result.returncode})").removeprefix("error: ")
+    return True, lines[-1] if lines else "enrolled"

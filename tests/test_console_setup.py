@@ -1,0 +1,203 @@
+"""The console's directory step and configuration log against a real slapd, through a real
+``authgw serve``: validation with config check's file:line messages, what is saved (and how),
+self-tests turning red then green, no stored secret in any page, the status page."""
+
+from __future__ import annotations
+
+import re
+import stat
+import time
+
+import pytest
+import yaml
+
+from support.console import ConsoleClient, LongLivedCA, console_conf, console_link, link_path
+from support.gateway import authgw
+from support.net import free_port
+from support.slapd import Slapd
+
+SERVICE_PASSWORD = "Svc-Pa55-7c1e9f3a"
+ALICE = "Al1ce-ldap-password"
+
+
+@pytest.fixture(scope="module")
+def slapd(tmp_path_factory) -> Slapd:
+    directory = Slapd(tmp_path_factory.mktemp("ldap") / "slapd", tls=LongLivedCA(),
+                      service_password=SERVICE_PASSWORD).start()
+    directory.add_user("carol", ALICE, cn="Carol C", mail="carol@example.com", groups=["staff"])
+    yield directory
+    directory.stop()
+
+
+@pytest.fixture
+def console(conf_dir, demo_hash, start_gateway):
+    port = free_port()
+    console_conf(conf_dir, port, demo_hash)
+    gw = start_gateway(conf_dir)
+    client = ConsoleClient(f"http://127.0.0.1:{port}")
+    assert client.get(link_path(console_link(gw))).status == 303
+    client.get("/setup")
+    return gw, client
+
+
+def directory_form(slapd: Slapd, password: str, **overrides) -> dict[str, str]:
+    return {"preset": "openldap", "servers": slapd.ldaps_url, "base_dn": slapd.base_dn,
+            "bind_dn": slapd.service_dn, "password": password, "ca_path": str(slapd.ca_file), **overrides}
+
+
+def statuses(run: dict) -> dict[str, str]:
+    return {row["name"].split("[", 1)[0]: row["status"] for row in run["rows"]}
+
+
+def test_a_wrong_password_turns_test_2_red_and_the_right_one_all_green(slapd, console, conf_dir):
+    gw, client = console
+    saved = client.post_form("/setup/directory", directory_form(slapd, "wrong-password"))
+    assert saved.status == 303, saved.text
+    run = client.wait_run(saved.header("Location"))
+    assert statuses(run) == {"static.users_file": "pass", "ldap.tcp": "pass", "ldap.tls": "pass",
+                             "ldap.bind": "fail", "ldap.search": "skip"}
+    bind = next(row for row in run["rows"] if row["name"] == "ldap.bind")
+    assert bind["label"] == "Test 2: bind" and "bind_password" in bind["hint"]
+    assert "username and password" in bind["check"] or "service account" in bind["check"]
+    page = client.get(saved.header("Location"))  # the same log without JavaScript
+    assert re.search(r'class="test fail" id="test-\d+" data-name="ldap.bind"', page.text)
+    assert "If this test fails" in page.text
+
+    client.get("/setup")
+    fixed = client.post_form("/setup/directory", directory_form(slapd, SERVICE_PASSWORD))
+    run = client.wait_run(fixed.header("Location"))
+    assert set(statuses(run).values()) == {"pass"}, run
+    assert run["summary"] == "5 tests, 0 failed"
+
+
+def test_what_is_saved_passes_config_check_with_the_secret_in_a_0600_file(slapd, console, conf_dir):
+    gw, client = console
+    response = client.post_multipart("/setup/directory", directory_form(slapd, SERVICE_PASSWORD, ca_path=""),
+                                     {"ca_upload": ("ca.pem", slapd.ca_file.read_bytes())})
+    assert response.status == 303, response.text
+    data = yaml.safe_load((conf_dir / "50-console.yaml").read_text())["ldap"]
+    assert data["bind_password"] == {"file": "console/ldap-bind-password"}
+    assert data["ca_file"] == "console/ldap-ca.pem" and data["servers"] == [slapd.ldaps_url]
+    secret = conf_dir / "console" / "ldap-bind-password"
+    assert secret.read_text() == SERVICE_PASSWORD
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    assert SERVICE_PASSWORD not in (conf_dir / "50-console.yaml").read_text()
+    assert "chain: [ldap, static]" in (conf_dir / "gateway.yaml").read_text()
+    check = authgw("config", "check", "--config", str(conf_dir), "--state-dir", str(gw.state_dir))
+    assert check.returncode == 0, check.stderr
+    assert "chain: ldap -> static" in check.stdout
+    assert set(statuses(client.wait_run(response.header("Location"))).values()) == {"pass"}
+
+    # Saving again without typing the password keeps the stored one.
+    again = client.post_form("/setup/directory", directory_form(slapd, "", ca_path="console/ldap-ca.pem"))
+    assert again.status == 303
+    assert secret.read_text() == SERVICE_PASSWORD
+    assert set(statuses(client.wait_run(again.header("Location"))).values()) == {"pass"}
+
+
+def test_no_page_shows_the_stored_password(slapd, console, conf_dir):
+    gw, client = console
+    saved = client.post_form("/setup/directory", directory_form(slapd, SERVICE_PASSWORD))
+    run_path = saved.header("Location")
+    client.wait_run(run_path)
+    pages = {path: client.get(path) for path in ("/setup", run_path, "/status", "/status?outcome=success")}
+    pages["json"] = client.get("/api/log/" + run_path.split("/")[2].split("?")[0])
+    for path, page in pages.items():
+        assert page.status == 200, path
+        assert SERVICE_PASSWORD not in page.text, path
+    assert "Password: set" in pages["/setup"].text
+    assert 'name="password" autocomplete="new-password"' in pages["/setup"].text
+    assert 'value="' + SERVICE_PASSWORD not in pages["/setup"].text
+
+
+def test_an_invalid_combination_is_refused_with_config_checks_message(slapd, console, conf_dir):
+    gw, client = console
+    response = client.post_form("/setup/directory", directory_form(slapd, SERVICE_PASSWORD,
+                                                                    servers=slapd.url, ca_path=""))
+    assert response.status == 400
+    # The message config check would give, naming the real conf.d, file and line.
+    assert re.search(r"conf\.d/50-console\.yaml:\d+: ldap(\.servers\[0\])?: ldap://127\.0\.0\.1:\d+ is plaintext",
+                     response.text), response.text
+    assert "authgw-console-" not in response.text  # not the temporary copy's name
+    assert not (conf_dir / "50-console.yaml").exists()
+    assert not (conf_dir / "console").exists()
+    assert "chain: [static]" in (conf_dir / "gateway.yaml").read_text()
+    missing = client.post_form("/setup/directory", directory_form(slapd, "", servers=""))
+    assert missing.status == 400 and "connection string" in missing.text and "password" in missing.text
+
+
+def test_the_status_page_shows_servers_throttling_events_and_version(slapd, console, conf_dir, start_gateway):
+    gw, client = console
+    saved = client.post_form("/setup/directory", directory_form(slapd, SERVICE_PASSWORD))
+    client.wait_run(saved.header("Location"))
+    gw.stop()
+    gw2 = start_gateway(conf_dir)  # the saved conf.d, as a restart (or a reload) would load it
+    assert gw2.auth("carol", ALICE).status == 200
+    assert gw2.auth("carol", "wrong").status == 401
+    assert gw2.auth("alice", "demo-password").status == 200
+    port = int(re.search(r"listen: 127\.0\.0\.1:(\d+)", (conf_dir / "console.yaml").read_text()).group(1))
+    client = ConsoleClient(f"http://127.0.0.1:{port}")
+    client.get(link_path(console_link(gw2)))
+    deadline = time.monotonic() + 15  # audit lines reach the file in batches (gateway/audit.py)
+    while time.monotonic() < deadline and "invalid_credentials" not in client.get("/status?user=carol").text:
+        time.sleep(0.2)
+    page = client.get("/status")
+    assert page.status == 200
+    components = re.search(r'<table id="components">.*?</table>', page.text, re.S).group(0)
+    assert "<td>ldap</td>" in components and "<td>up</td>" in components
+    assert '<p id="throttle">off.</p>' in page.text  # the test configuration turns it off
+    assert re.search(r"authgw \d+\.\d+\.\d+; chain: ldap → static", page.text)
+    assert "carol" in page.text and "invalid_credentials" in page.text
+    only = client.get("/status?user=carol&outcome=invalid_credentials").text
+    events = re.findall(r"<tr class=\"(?:pass|fail)\"><td>[^<]*</td><td>[^<]*</td><td>forward_auth</td>\s*<td>(\w*)</td><td>(\w+)</td>", only)
+    assert events == [("carol", "invalid_credentials")]
+    assert ALICE not in page.text and SERVICE_PASSWORD not in page.text
+
+
+def test_a_login_works_through_auth_after_the_reload(slapd, console, conf_dir):
+    gw, client = console
+    if not (gw.state_dir / "authgw.pid").exists():
+        pytest.skip("this gateway does not reload on SIGHUP yet (no <state_dir>/authgw.pid)")
+    saved = client.post_form("/setup/directory", directory_form(slapd, SERVICE_PASSWORD))
+    assert saved.status == 303 and "saved=reload" in saved.header("Location")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and gw.auth("carol", ALICE).status != 200:
+        time.sleep(0.2)
+    assert gw.auth("carol", ALICE).status == 200
+
+
+HUP_LISTENER = """
+import pathlib, signal, sys, time
+signal.signal(signal.SIGHUP, lambda *_: pathlib.Path(sys.argv[1]).write_text("hup"))
+print("ready", flush=True)
+end = time.monotonic() + 60
+while time.monotonic() < end and not pathlib.Path(sys.argv[1]).exists():
+    time.sleep(0.05)
+"""
+
+
+def test_when_the_tests_have_run_the_pid_in_the_state_dir_gets_sighup(slapd, console, conf_dir, tmp_path):
+    """The console's half of the reload: a stand-in master (any process with a SIGHUP handler)
+    whose PID is in <state_dir>/authgw.pid is signalled once the save's tests have run."""
+    import subprocess
+    import sys
+
+    from support.proc import stop
+
+    gw, client = console
+    marker = tmp_path / "reloaded"
+    master = subprocess.Popen([sys.executable, "-c", HUP_LISTENER, str(marker)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert master.stdout.readline().strip() == "ready"
+        (gw.state_dir / "authgw.pid").write_text(f"{master.pid}\n")
+        saved = client.post_form("/setup/directory", directory_form(slapd, SERVICE_PASSWORD))
+        assert "saved=reload" in saved.header("Location")
+        run = client.wait_run(saved.header("Location"))
+        assert set(statuses(run).values()) == {"pass"}
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and not marker.exists():
+            time.sleep(0.05)
+        assert marker.read_text() == "hup"
+        assert "reloads its configuration when the tests have run" in client.get(saved.header("Location")).text
+    finally:
+        stop(master)
