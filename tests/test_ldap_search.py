@@ -77,6 +77,26 @@ def test_pages_with_limit_and_cursor_cover_every_match_once(plugin) -> None:
         plugin.gateway_search_users(query="member", limit=5, cursor="!!not-base64!!")
 
 
+def _searches(directory: Slapd) -> int:
+    """SEARCH operations slapd completed (its monitor backend), this read's own excluded."""
+    conn = directory._admin()
+    try:
+        _, _, entries, _ = conn.search("cn=Search,cn=Operations,cn=Monitor", "(objectClass=*)",
+                                       search_scope="BASE", attributes=["monitorOpCompleted"])
+        return int(entries[0]["attributes"]["monitorOpCompleted"][0])
+    finally:
+        conn.unbind()
+
+
+def test_one_call_reads_the_server_in_rfc2696_pages(plugin, directory) -> None:
+    plugin.gateway_search_users(query="nobody-matches", limit=5, cursor=None)  # the pool's link is open
+    before = _searches(directory)
+    page = plugin.gateway_search_users(query="member", limit=50, cursor=None)
+    assert names(page) == sorted(MANY)
+    # 23 entries in pages of 4: six search requests on the wire for one hook call (+1: the first read).
+    assert _searches(directory) - before == 6 + 1
+
+
 def test_limit_is_capped_and_display_names_match_by_substring(plugin) -> None:
     everyone = plugin.gateway_search_users(query="", limit=10_000, cursor=None)
     assert len(everyone.users) == min(MAX_LIMIT, 30)  # 23 + alice, bob, nogroups, 3 special, disabled1
