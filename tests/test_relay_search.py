@@ -151,3 +151,37 @@ def test_with_one_connector_stopped_the_other_answers_and_with_none_503(site):
     finally:
         for connector in connectors:
             connector.start().wait_linked(relay)
+
+
+class _DeadDirectory:
+    """Connector settings pointing the ldap plugin at a port nobody listens on."""
+
+    def __init__(self, slapd: Slapd) -> None:
+        self.slapd = slapd
+
+    def plugin_settings(self, mode: str, **overrides) -> dict:
+        from support.net import free_port
+
+        return self.slapd.plugin_settings(mode, **{**overrides, "servers": [f"ldap://127.0.0.1:{free_port()}"],
+                                                   "connect_timeout": 0.5})
+
+
+def test_read_only_requests_retry_past_a_connector_whose_directory_is_down(site, slapd, tmp_path):
+    relay, connectors = site
+    dead = Connector(tmp_path / "dead", _DeadDirectory(slapd)).enroll(relay.ticket(), relay.ca_file).start()
+    try:
+        dead.wait_linked(relay)
+        connectors[1].stop()  # left: one connector with a directory, one without
+        for _ in range(6):  # least-in-flight ties alternate: the dead one is picked too
+            answer = _get(relay, "/v1/relay/users", q="bob", limit=5)
+            assert answer.status == 200, answer.text
+            assert [u["username"] for u in answer.json()["users"]] == ["bob"]
+            assert _get(relay, "/v1/relay/users/alice/groups").json()["groups"] == ["employees", "staff"]
+        connectors[0].stop()  # only the dead directory is left: 503, not a wrong answer
+        answer = _get(relay, "/v1/relay/users", q="bob", limit=5)
+        assert answer.status == 503 and "relay.connector_unavailable" in answer.text
+    finally:
+        dead.stop()
+        for connector in connectors:
+            if connector.process.proc.poll() is not None:
+                connector.start().wait_linked(relay)
