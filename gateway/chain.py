@@ -30,7 +30,7 @@ from gateway.checks import ComponentState, Listener, Route, SelfTest
 from gateway.errors import PluginLoadError
 from gateway.failtiming import FailureTiming
 from gateway.model import Attempt, Decision, Outcome
-from gateway.pool import ChainPool
+from gateway.pool import ChainPool, DeadlineExpired, Overloaded
 from gateway.registry import hookimpl
 from gateway.settings import GatewaySettings
 from gateway.stash import StashKey
@@ -92,7 +92,7 @@ class ChainFolder:
     def gateway_authenticate(self, attempt: Attempt):
         try:
             decision = yield
-        except Exception as exc:
+        except BaseException as exc:  # SystemExit too: a plugin never ends the worker (issue 10)
             step = self.culprit(exc)
             log.error("plugin %r raised %s during attempt %s; denied (fail closed)",
                       step, exc.__class__.__name__, attempt.request_id, exc_info=exc)
@@ -154,7 +154,8 @@ class Gateway:
         timing = settings.failure_timing
         self.failure_timing = FailureTiming(enabled=timing.enabled, floor=timing.floor,
                                             percentile=timing.percentile, max_floor=timing.max_floor)
-        self.pool = ChainPool(settings.threads)
+        self.pool = ChainPool(settings.threads, max_queue=settings.limits.queue)
+        self.unready_reason: str | None = None  # set by readiness()
         if pm.get_plugin("core.precheck") is None:
             pm.register(PrecheckStandIn(pm), name="core.precheck")
 
@@ -164,7 +165,7 @@ class Gateway:
         """Run the chain synchronously (on a worker thread). Never raises, never returns None."""
         try:
             decision = self.pm.hook.gateway_authenticate(attempt=attempt)
-        except Exception as exc:  # a wrapper raised outside the ChainFolder
+        except BaseException as exc:  # a wrapper raised outside the ChainFolder (SystemExit too)
             return self._crashed(exc, attempt, "around the chain")
         if not isinstance(decision, Decision):
             return Decision.deny(Outcome.ERROR, step="unknown", reason="internal_error")
@@ -174,13 +175,13 @@ class Gateway:
         """Ask ``gateway_precheck`` (on the event loop: its implementations hold no I/O)."""
         try:
             decision = self.pm.hook.gateway_precheck(attempt=attempt)
-        except Exception as exc:
+        except BaseException as exc:
             return self._crashed(exc, attempt, "in gateway_precheck")
         if decision is not None and not isinstance(decision, Decision):
             return Decision.deny(Outcome.ERROR, step="unknown", reason="internal_error")
         return decision
 
-    def _crashed(self, exc: Exception, attempt: Attempt, where: str) -> Decision:
+    def _crashed(self, exc: BaseException, attempt: Attempt, where: str) -> Decision:
         step = self.folder.culprit(exc)
         log.error("plugin %r raised %s %s (attempt %s); denied (fail closed)",
                   step, exc.__class__.__name__, where, attempt.request_id, exc_info=exc)
@@ -256,11 +257,17 @@ class Gateway:
         return decision
 
     async def _run_chain(self, attempt: Attempt) -> Decision:
-        """The chain on the pool (plugins block), waited for until the attempt's deadline."""
-        future = self.pool.run(self._decide_and_notify, attempt)
+        """The chain on the pool (plugins block), waited for until the attempt's deadline.
+        A full queue refuses at once (``overloaded``, 503 with ``Retry-After``), on the loop."""
+        try:
+            future = self.pool.run(self._decide_and_notify, attempt, deadline=attempt.deadline)
+        except Overloaded:
+            decision = Decision.deny(Outcome.UNAVAILABLE, step="gateway", reason="overloaded")
+            self.notify(attempt, decision)
+            return decision
         try:
             return await asyncio.wait_for(future, timeout=attempt.time_left())
-        except asyncio.TimeoutError:
+        except (asyncio.TimeoutError, DeadlineExpired):
             log.warning("attempt %s exceeded its deadline (%.1fs); a plugin did not answer in time",
                         attempt.request_id, self.settings.deadline)
             decision = Decision.deny(Outcome.UNAVAILABLE, step="gateway", reason="deadline_exceeded")
@@ -282,9 +289,10 @@ class Gateway:
         return offers
 
     def readiness(self) -> tuple[bool, list[ComponentState]]:
-        """Ready when every chain step that reports components has at least one ready."""
+        """Ready when every chain step that reports components has at least one ready; else
+        :attr:`unready_reason` names the steps (a code for load balancers, no URLs or paths)."""
         components: list[ComponentState] = []
-        ready = True
+        unready: list[str] = []
         for impl in self.pm.hook.gateway_readiness.get_hookimpls():
             try:
                 states = list(impl.function() or ())
@@ -292,8 +300,9 @@ class Gateway:
                 states = [ComponentState(impl.plugin_name, False, f"readiness check raised {exc.__class__.__name__}")]
             components.extend(states)
             if impl.plugin_name in self.settings.chain and states and not any(s.ready for s in states):
-                ready = False
-        return ready, components
+                unready.append(impl.plugin_name)
+        self.unready_reason = f"no ready backend: {', '.join(unready)}" if unready else None
+        return not unready, components
 
     def listeners(self) -> list[Listener]:
         """Extra listeners plugins asked for; names and addresses must be unique."""

@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import secrets
-import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
@@ -56,15 +55,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = load_config(_config_dir(args))
     _setup_logging(config.core.log_level, config.core.log_format)
     log.info("authgw %s starting (Python %s); configuration %s", version(), sys.version.split()[0], config.directory)
-    # `systemctl reload` sends SIGHUP, whose default action ends the process: say what a reload
-    # does instead (workers inherit this handler).
-    signal.signal(signal.SIGHUP, _on_sighup)
+    # `systemctl reload` sends SIGHUP: serve() reloads conf.d in place (gateway/server.py).
     return serve(_config_dir(args), state_dir=args.state_dir, workers=args.workers, listen=args.listen or None)
-
-
-def _on_sighup(signum, frame) -> None:
-    log.warning("SIGHUP: nothing to reload in place; the static users file is re-read when it changes, "
-                "other configuration changes need a restart (systemctl restart authgw)")
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:

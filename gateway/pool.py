@@ -4,6 +4,13 @@ Lighter than ``loop.run_in_executor`` on a ``ThreadPoolExecutor``: one ``SimpleQ
 the thread resolves the attempt's asyncio future itself through ``call_soon_threadsafe``, with no
 ``concurrent.futures.Future`` in between. Measured alone, a hand-off and back costs ~23 µs of CPU
 this way against ~46 µs (docs/performance.md).
+
+Overload (issue 10): excess work is refused at once (:class:`Overloaded`, answered 503 on the
+event loop) instead of waiting behind work that will miss its deadline. It is refused when the
+queue holds ``limits.queue`` items, or sooner when the wait it would have, estimated from the
+measured time per item (how fast the threads really finish work on this machine, now), exceeds
+the attempt's deadline. An attempt whose deadline passed while it queued is dropped unrun, so a
+burst does not leave minutes of dead work behind it.
 """
 
 from __future__ import annotations
@@ -12,9 +19,10 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from typing import Any, Callable
 
-__all__ = ["ChainPool"]
+__all__ = ["ChainPool", "DeadlineExpired", "Overloaded"]
 
 log = logging.getLogger("authgw.chain")
 
@@ -33,11 +41,23 @@ def _resolve(future: asyncio.Future, result: Any, error: BaseException | None) -
         future.set_result(result)
 
 
-class ChainPool:
-    """A fixed number of daemon threads taking work from one queue."""
+class Overloaded(Exception):
+    """The queue is full: the attempt is refused without waiting (``limits.queue``)."""
 
-    def __init__(self, threads: int, name: str = "authgw-chain") -> None:
+
+class DeadlineExpired(Exception):
+    """The attempt's deadline passed before a thread took it; it was not run."""
+
+
+class ChainPool:
+    """A fixed number of daemon threads taking work from one bounded queue."""
+
+    def __init__(self, threads: int, name: str = "authgw-chain", max_queue: int | None = None) -> None:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.max_queue = max_queue if max_queue is not None else 4 * threads
+        self.dropped = 0  # attempts not run because their deadline had passed (for tests, metrics)
+        self._size = threads
+        self._per_item: float | None = None  # moving average of seconds per item (None: unknown)
         self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True)
                          for i in range(threads)]
         self._started = False
@@ -54,29 +74,61 @@ class ChainPool:
                     self._started = True
         self._queue.put(item)
 
-    def run(self, fn: Callable[[Any], Any], arg: Any) -> asyncio.Future:
+    def waiting(self) -> int:
+        """Work queued and not yet taken by a thread (approximate, as any queue size is)."""
+        return self._queue.qsize()
+
+    def run(self, fn: Callable[[Any], Any], arg: Any, deadline: float | None = None) -> asyncio.Future:
         """Run ``fn(arg)`` on a pool thread; the returned future (of the running loop) resolves
-        with its result or exception."""
+        with its result or exception. Raises :class:`Overloaded` at once when the queue is full;
+        the future fails with :class:`DeadlineExpired` when *deadline* (``time.monotonic()``)
+        passes before a thread takes the work."""
+        waiting = self._queue.qsize()
+        if waiting >= self.max_queue:
+            raise Overloaded(f"{self.max_queue} attempts already wait for a chain thread")
+        per_item = self._per_item
+        if deadline is not None and per_item is not None and waiting and \
+                (waiting + 1) * per_item / self._size > deadline - time.monotonic():
+            raise Overloaded(f"{waiting} attempts wait, ~{per_item:.2f}s each: this one would miss its deadline")
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._put((loop, future, fn, arg))
+        self._put((loop, future, fn, arg, deadline))
         return future
 
     def submit(self, fn: Callable[[Any], Any], arg: Any) -> None:
-        """Run ``fn(arg)`` on a pool thread and forget it (exceptions are logged)."""
-        self._put((None, None, fn, arg))
+        """Run ``fn(arg)`` on a pool thread and forget it (exceptions are logged). Not bounded:
+        callers submit only small, already-decided work (a late notification)."""
+        self._put((None, None, fn, arg, None))
 
     def _work(self) -> None:
         while True:
             item = self._queue.get()
             if item is None:
                 return
-            loop, future, fn, arg = item
+            loop, future, fn, arg, deadline = item
+            if deadline is not None and time.monotonic() >= deadline:
+                # Its waiter has answered (or is about to answer) "deadline exceeded": running
+                # it now would only delay the attempts queued behind it.
+                self.dropped += 1
+                try:
+                    loop.call_soon_threadsafe(_resolve, future, None, DeadlineExpired())
+                except RuntimeError:
+                    pass
+                continue
             current.arg = arg
+            started = time.monotonic()
             try:
                 result, error = fn(arg), None
-            except BaseException as exc:  # handed to the waiter, which decides
+            except Exception as exc:  # handed to the waiter, which decides
                 result, error = None, exc
+            except BaseException as exc:
+                # SystemExit or KeyboardInterrupt re-raised in the event loop would end the
+                # worker: the waiter gets an ordinary exception, and fails closed on it.
+                result, error = None, RuntimeError(f"{exc.__class__.__name__} raised on a chain thread")
+                error.__cause__ = exc
+            if loop is not None:  # attempts only; an unlocked update may lose a sample, no more
+                took = time.monotonic() - started
+                self._per_item = took if self._per_item is None else 0.9 * self._per_item + 0.1 * took
             if loop is None:
                 if error is not None:
                     log.error("background work %r raised", fn, exc_info=error)

@@ -12,6 +12,7 @@ from gateway.config import Config, load_config
 from gateway.errors import ConfigError
 from gateway.metrics import Metrics
 from gateway.registry import PluginInfo, build_plugin_manager, check_config, discover
+from gateway.steplimit import bound_steps
 
 __all__ = ["Runtime", "build_runtime", "default_config_dir", "default_state_dir"]
 
@@ -46,6 +47,7 @@ class Runtime:
     gateway: Gateway
     metrics: Metrics
     audit: AuditLog
+    state_dir: Path | None = None
 
     def close(self) -> None:
         """Stop after serving: plugins get ``gateway_shutdown``."""
@@ -59,19 +61,23 @@ class Runtime:
 
 
 def build_runtime(config_dir: Path, *, state_dir: Path | None = None,
-                  discovered: dict[str, PluginInfo] | None = None) -> Runtime:
-    """Load *config_dir*, build every enabled plugin and the core around them."""
+                  discovered: dict[str, PluginInfo] | None = None, metrics: Metrics | None = None) -> Runtime:
+    """Load *config_dir*, build every enabled plugin and the core around them. A reload passes
+    the running *metrics*, so counters go on across configurations."""
     discovered = discover() if discovered is None else discovered
     config = load_config(config_dir, installed=set(discovered), defer=True)
     check_config(config, discovered)  # every problem of the core and the enabled plugins at once
     state = ensure_state_dir(state_dir or config.core.state_dir or default_state_dir())
     audit = AuditLog(config.core.audit.file)
-    metrics = Metrics()
+    metrics = metrics or Metrics()
     pm, plugins = build_plugin_manager(
         config, state_dir=state, discovered=discovered,
         core_plugins=[("core.audit", audit), ("core.metrics", metrics)],
     )
     folder = ChainFolder(pm)  # it names culprits from the plugin manager it is registered in
     pm.register(folder, name="core.chain")
+    limits = config.core.limits
+    bound_steps(pm, config.core.chain, limits.step_concurrency or max(1, config.core.threads // 2),
+                config.core.deadline)
     gateway = Gateway(config.core, pm, plugins, folder, state_dir=state)
-    return Runtime(config, gateway, metrics, audit)
+    return Runtime(config, gateway, metrics, audit, state)

@@ -301,11 +301,61 @@ class ApiToken(PluginSettings):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="hex SHA-256 of the token")
 
 
+class LimitsSettings(PluginSettings):
+    """What one worker accepts before it refuses, so overload and slow clients cannot take it
+    down (docs/design.md, "Overload and slow clients")."""
+
+    queue: int | None = Field(None, ge=1, le=100_000, description="attempts waiting for a chain "
+                              "thread before more are refused at once with 503 (fewer when the "
+                              "measured pace says a new one would miss its deadline); default 4 x `threads`")
+    step_concurrency: int | None = Field(None, ge=1, le=512, description="threads a chain step may "
+                                         "hold while none of its calls finishes for half the deadline; "
+                                         "then it is skipped (a hanging backend cannot take them all); "
+                                         "default half of `threads`")
+    retry_after: int = Field(1, ge=1, le=3600, description="`Retry-After` seconds of an overload 503")
+    header_timeout: float = Field(10.0, gt=0, le=300, description="seconds a client has to send a "
+                                  "request's headers (slow-header floods)")
+    body_timeout: float = Field(10.0, gt=0, le=300, description="seconds a client has to send a "
+                                "request body to `/v1/authenticate`")
+    keepalive_timeout: float = Field(75.0, gt=0, le=3600, description="seconds an idle keep-alive "
+                                     "connection stays open")
+    max_connections: int = Field(4096, ge=1, le=1_000_000, description="open connections per worker; "
+                                 "more are closed at once (logged)")
+    max_connections_per_client: int = Field(256, ge=1, le=1_000_000, description="open connections "
+                                            "per client address and worker (`trusted_proxies` exempt)")
+
+
+class HealthSettings(PluginSettings):
+    """Backend probes and what ``/readyz`` and ``/metrics`` show."""
+
+    probe_interval: float = Field(30.0, ge=1, le=3600, description="seconds between backend probes "
+                                  "(state changes are logged at WARNING)")
+    details_from: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(
+        ["127.0.0.0/8", "::1/128"], description="addresses that see `/readyz` details (URLs, "
+        "paths) and `/metrics`; others get only ready/not ready and the reason code, and 404 for "
+        "`/metrics`")
+
+
 def parse_listen(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
         raise ValueError(f"{value!r} is not HOST:PORT (IPv6 as [::1]:PORT)")
     return host.strip("[]"), int(port)
+
+
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def unmapped_networks(networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
+                      ) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """IPv4-mapped networks (``::ffff:10.0.0.5/128``, as dual-stack logs write addresses) as the
+    IPv4 networks they name: the core unwraps a mapped peer to IPv4 before matching it."""
+    out: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    for net in networks:
+        if isinstance(net, ipaddress.IPv6Network) and net.subnet_of(_MAPPED):
+            net = ipaddress.IPv4Network((net.network_address.ipv4_mapped, max(net.prefixlen - 96, 0)))
+        out.append(net)
+    return out
 
 
 class GatewaySettings(PluginSettings):
@@ -335,6 +385,14 @@ class GatewaySettings(PluginSettings):
     throttle: ThrottleSettings = Field(ThrottleSettings(), description="failure throttling")
     failure_timing: FailureTimingSettings = Field(FailureTimingSettings(), description="uniform failure time")
     api_tokens: list[ApiToken] = Field([], description="clients allowed to call `POST /v1/authenticate`")
+    limits: LimitsSettings = Field(LimitsSettings(), description="overload and slow-client limits")
+    health: HealthSettings = Field(HealthSettings(), description="backend probes; who sees health details")
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _unmapped(cls, value: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
+                  ) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return unmapped_networks(value)  # else a proxy written `::ffff:a.b.c.d` is never trusted
 
     @field_validator("listen", mode="before")
     @classmethod

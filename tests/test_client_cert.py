@@ -426,6 +426,18 @@ def test_envoy_xfcc_from_trusted_proxy(gw, pki):
     assert (response.status, response.header("Remote-User")) == (200, "frank")  # the last element
 
 
+def test_headers_on_the_tls_listener_are_never_believed(gw, pki):
+    # From 127.0.0.1, a trusted proxy on the main listener: on the TLS listener authgw terminates
+    # TLS itself, so a proxy there could only pass TCP through and the client wrote the headers.
+    forged = {"X-SSL-Client-Cert": header_pem(pki, "alice"), "X-Forwarded-For": "198.51.100.7"}
+    response = tls_get(gw, pki, None, forged)
+    assert response.status == 401 and response.header("Remote-User") is None
+    entry = audit_of(gw, response)
+    assert entry["client"] == "127.0.0.1"  # the socket's peer, not the forged address
+    with_cert = tls_get(gw, pki, "bob", {"X-SSL-Client-Cert": header_pem(pki, "alice")})
+    assert (with_cert.status, with_cert.header("Remote-User")) == (200, "bob")  # the handshake's
+
+
 def test_header_from_untrusted_peer_is_ignored(gw, pki):
     response = via_proxy(gw, {"X-SSL-Client-Cert": header_pem(pki, "alice")}, source="127.0.0.2")
     assert response.status == 401

@@ -142,6 +142,13 @@ def test_a_spoofed_forwarded_for_from_an_untrusted_peer_is_ignored(gw):
     assert gw.audit()[-1]["client"] == "127.0.0.1"
 
 
+def test_a_proxy_written_as_an_ipv4_mapped_address_is_trusted(conf_dir, alice_hash, start_gateway):
+    # Dual-stack logs write 127.0.0.1 as ::ffff:127.0.0.1; the core matches peers as IPv4.
+    gw = start_gateway(static_conf(conf_dir, alice_hash, "trusted_proxies: ['::ffff:127.0.0.1/128']\n"))
+    gw.auth("alice", PASSWORD, {"X-Forwarded-For": "203.0.113.5"})
+    assert gw.audit()[-1]["client"] == "203.0.113.5"
+
+
 def test_forwarded_for_from_a_trusted_proxy_is_walked_right_to_left(conf_dir, alice_hash, start_gateway):
     gw = start_gateway(static_conf(conf_dir, alice_hash, "trusted_proxies: [127.0.0.0/8, 10.0.0.0/8]\n"))
     gw.auth("alice", PASSWORD, {"X-Forwarded-For": "203.0.113.5"})

@@ -59,3 +59,56 @@ def test_background_work_runs_and_its_errors_are_logged(pool, caplog):
             break
         threading.Event().wait(0.05)
     assert any("background work" in r.getMessage() and r.exc_info[0] is ZeroDivisionError for r in caplog.records)
+
+
+def test_a_full_queue_refuses_at_once_and_expired_work_is_dropped():
+    import time
+
+    from gateway.pool import DeadlineExpired, Overloaded
+
+    pool = ChainPool(1, max_queue=2)
+    release = threading.Event()
+    try:
+        async def main():
+            blocker = pool.run(lambda _: release.wait(10), None)
+            await asyncio.sleep(0.1)  # the thread holds the blocker; the queue is empty
+            expired = pool.run(lambda _: "ran", None, deadline=time.monotonic() - 1)
+            queued = pool.run(lambda _: "ran", None)
+            with pytest.raises(Overloaded):
+                pool.run(lambda _: "ran", None)
+            release.set()
+            assert await blocker is True
+            with pytest.raises(DeadlineExpired):
+                await expired
+            assert await queued == "ran"
+            assert pool.dropped == 1
+
+        asyncio.run(main())
+    finally:
+        release.set()
+        pool.shutdown()
+
+
+def test_work_that_would_miss_its_deadline_is_refused_from_the_measured_pace():
+    import time
+
+    from gateway.pool import Overloaded
+
+    pool = ChainPool(1, max_queue=100)
+    release = threading.Event()
+    try:
+        async def main():
+            await pool.run(time.sleep, 0.3)  # measured: ~0.3 s per item on one thread
+            blocker = pool.run(lambda _: release.wait(10), None)
+            await asyncio.sleep(0.1)
+            first = pool.run(lambda _: "ran", None, deadline=time.monotonic() + 5)  # waits 0
+            with pytest.raises(Overloaded):  # 2 x ~0.3 s of queue ahead, 0.4 s left
+                pool.run(lambda _: "ran", None, deadline=time.monotonic() + 0.4)
+            release.set()
+            await blocker
+            assert await first == "ran"
+
+        asyncio.run(main())
+    finally:
+        release.set()
+        pool.shutdown()

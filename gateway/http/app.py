@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import hashlib
+import asyncio
 import hmac
 import itertools
 import json
@@ -25,6 +26,7 @@ from gateway.http.openapi import openapi_document
 from gateway.logs import authgw_version
 from gateway.http.clientaddr import ClientAddressResolver, parse_address
 from gateway.http.credentials import MalformedCredentials, check_password_credential, parse_authorization
+from gateway.http.protocol import SERVER_HEADER
 from gateway.model import (
     Attempt,
     CertificateCredential,
@@ -42,6 +44,9 @@ GATEWAY_KEY = web.AppKey("gateway", Gateway)
 _DENY_BODY = "401 Unauthorized\n"
 _RETRY_AFTER_UNAVAILABLE = "5"
 _MAX_JSON_BYTES = 8 * 1024
+#: Deepest JSON nesting /v1/authenticate reads (its body is one flat object): deeper input is a
+#: 400 before json.loads could recurse (issue 10 item 5).
+_MAX_JSON_DEPTH = 32
 #: Headers not copied to ``Attempt.headers``: credentials reach plugins typed, or not at all.
 _PRIVATE_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
 #: Characters that may not reach a response header (header injection / response splitting).
@@ -105,8 +110,18 @@ class FrontDoor:
 
     def attempt(self, request: web.Request, front_door: str, **credentials) -> Attempt:
         """A new attempt for *request*: request id, client address (believing ``X-Forwarded-For``
-        only from trusted proxies), deadline, public headers, and the given credentials."""
-        client, trusted = self.resolver.resolve(request.remote, request.headers.getall("X-Forwarded-For", ()))
+        only from trusted proxies), deadline, public headers, and the given credentials.
+
+        On a connection whose TLS authgw terminated itself (a plugin's TLS listener) no peer is a
+        proxy: a proxy in front of it can only pass TCP through, so every header was written by
+        the client (review of issue 9.1).
+        """
+        transport = request.transport
+        if transport is not None and transport.get_extra_info("ssl_object") is not None:
+            client, trusted = self.resolver.resolve(request.remote, ())
+            trusted = False
+        else:
+            client, trusted = self.resolver.resolve(request.remote, request.headers.getall("X-Forwarded-For", ()))
         return Attempt(
             request_id=self.request_ids.next(),
             client=client,
@@ -175,9 +190,16 @@ class FrontDoor:
             return web.Response(status=200, text="", headers=headers)
         return self.denied(attempt, decision, headers)
 
+    def retry_after(self, decision: Decision) -> str:
+        """``Retry-After`` of a 503: short for overload (capacity returns within a second or
+        so), longer for a backend that is down."""
+        if decision.reason in ("overloaded", "step_saturated"):
+            return str(self.gateway.settings.limits.retry_after)
+        return _RETRY_AFTER_UNAVAILABLE
+
     def denied(self, attempt: Attempt, decision: Decision, headers: dict[str, str]) -> web.Response:
         if decision.outcome is Outcome.UNAVAILABLE:
-            headers["Retry-After"] = _RETRY_AFTER_UNAVAILABLE
+            headers["Retry-After"] = self.retry_after(decision)
             return web.Response(status=503, text="503 Service Unavailable\n", headers=headers)
         if decision.outcome is Outcome.THROTTLED:
             headers["Retry-After"] = str(int(self.gateway.settings.throttle.window))
@@ -205,22 +227,26 @@ class FrontDoor:
         if self.api_client(request) is None:
             return web.json_response({"error": "unauthorized", "detail": "a valid API token is required"},
                                      status=401, headers={"WWW-Authenticate": 'Bearer realm="authgw"'})
-        body = b""
-        while len(body) <= _MAX_JSON_BYTES:  # read() returns what has arrived, not all of it
-            chunk = await request.content.read(_MAX_JSON_BYTES + 1 - len(body))
-            if not chunk:
-                break
-            body += chunk
+        if (request.content_length or 0) > _MAX_JSON_BYTES:  # refused before reading a byte
+            return web.json_response({"error": "bad_request", "detail": "request body too large"}, status=400)
+        try:
+            body = await asyncio.wait_for(_read_body(request), self.gateway.settings.limits.body_timeout)
+        except asyncio.TimeoutError:
+            # Any body the API cannot read is a 400 (issue 10 item 5); the connection is not reused.
+            return web.json_response({"error": "bad_request", "detail": "the body did not arrive in time"},
+                                     status=400, headers={"Connection": "close"})
         try:
             if len(body) > _MAX_JSON_BYTES:
                 raise ValueError("request body too large")
+            if _too_deep(body):
+                raise ValueError("JSON nested too deeply")
             data = json.loads(body)
             if not isinstance(data, dict) or set(data) - {"username", "password"}:
                 raise ValueError("expected an object with `username` and `password`")
             username, password = data.get("username"), data.get("password")
             if not isinstance(username, str) or not isinstance(password, str):
                 raise ValueError("`username` and `password` must be strings")
-        except ValueError as exc:  # includes JSON and UTF-8 decoding errors
+        except (ValueError, RecursionError) as exc:  # JSON and UTF-8 decoding errors, nesting
             return web.json_response({"error": "bad_request", "detail": str(exc).split(":")[0]}, status=400)
         refused = None
         try:
@@ -232,6 +258,9 @@ class FrontDoor:
         attempt = self.attempt(request, "api", password=credential)
         decision = await self.decide(attempt, refused)
         status = {Outcome.UNAVAILABLE: 503, Outcome.THROTTLED: 429}.get(decision.outcome, 200)
+        headers = {"Cache-Control": "no-store"}
+        if status == 503:
+            headers["Retry-After"] = self.retry_after(decision)
         return web.json_response({
             "request_id": attempt.request_id,
             "outcome": decision.outcome.value,
@@ -239,24 +268,72 @@ class FrontDoor:
             "step": decision.step,
             "from_cache": decision.from_cache,
             "identity": decision.identity.to_json() if decision.identity else None,
-        }, status=status, headers={"Cache-Control": "no-store"})
+        }, status=status, headers=headers)
 
     # -- health -----------------------------------------------------------------------------------
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.Response(text=f"ok authgw {authgw_version()}\n")
 
+    def sees_details(self, request: web.Request) -> bool:
+        """Health details (backend URLs, file paths) and /metrics only for ``health.details_from``
+        (the socket peer: a proxy in front would otherwise lend every client its address)."""
+        peer = parse_address(request.remote or "")
+        return peer is not None and any(peer in net for net in self.gateway.settings.health.details_from)
+
     async def readyz(self, request: web.Request) -> web.Response:
         ready, components = self.gateway.readiness()
-        body = {"ready": ready, "components": [
-            {"name": c.name, "ready": c.ready, "detail": c.detail} for c in components]}
-        return web.json_response(body, status=200 if ready else 503)
+        body: dict = {"ready": ready}
+        if not ready:
+            body["reason"] = self.gateway.unready_reason
+        if self.sees_details(request):  # component names hold URLs, details hold paths and errors
+            body["components"] = [{"name": c.name, "ready": c.ready, "detail": c.detail} for c in components]
+        return web.json_response(body, status=200 if ready else 503, headers={"Cache-Control": "no-store"})
 
     async def metrics_text(self, request: web.Request) -> web.Response:
-        if self.metrics is None:
+        if self.metrics is None or not self.sees_details(request):
             raise web.HTTPNotFound()
         return web.Response(body=self.metrics.exposition(),
                             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+async def _read_body(request: web.Request) -> bytes:
+    body = b""
+    while len(body) <= _MAX_JSON_BYTES:  # read() returns what has arrived, not all of it
+        chunk = await request.content.read(_MAX_JSON_BYTES + 1 - len(body))
+        if not chunk:
+            break
+        body += chunk
+    return body
+
+
+def _too_deep(body: bytes) -> bool:
+    """Nesting deeper than ``_MAX_JSON_DEPTH`` (brackets inside strings are not counted)."""
+    if body.count(b"[") + body.count(b"{") <= _MAX_JSON_DEPTH:  # the usual case, in C
+        return False
+    depth, in_string, escaped = 0, False, False
+    for byte in body:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):
+            depth += 1
+            if depth > _MAX_JSON_DEPTH:
+                return True
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return False
+
+
+async def _no_versions(request: web.Request, response: web.StreamResponse) -> None:
+    # aiohttp would send ``Server: Python/3.x aiohttp/3.y``: versions help only an attacker.
+    response.headers["Server"] = SERVER_HEADER
 
 
 def _front_doors(app: web.Application, door: FrontDoor) -> None:
@@ -283,6 +360,7 @@ def build_apps(gateway: Gateway, metrics=None, listeners=()) -> dict[str | None,
     for name, own in [(None, False), *((x.name, x.own_routes) for x in listeners)]:
         app = web.Application(client_max_size=64 * 1024)
         app[GATEWAY_KEY] = gateway
+        app.on_response_prepare.append(_no_versions)
         if not own:
             _front_doors(app, door)
         for route in routes:

@@ -16,7 +16,8 @@ __all__ = ["CORE_REASONS", "openapi_document"]
 #: Reason codes the core and the front door give (docs/reasons.md); plugins add their own,
 #: prefixed with their name (``ldap.*``, ``kerberos.*``, ``cert.*``, ``cache.*``, ``static.*``).
 CORE_REASONS = ["no_applicable_credentials", "empty_password", "password_too_long", "malformed_username",
-                "malformed_encoding", "credentials_too_long", "internal_error", "deadline_exceeded", "throttled"]
+                "malformed_encoding", "credentials_too_long", "internal_error", "deadline_exceeded", "throttled",
+                "overloaded", "step_saturated"]
 
 
 def _error(example: str, detail: str) -> dict[str, Any]:
@@ -52,7 +53,9 @@ def openapi_document(version: str) -> dict[str, Any]:
                                                    "`user_not_found`, `account_state`, `not_applicable`, "
                                                    "`error`) with `identity: null`."},
                 "400": {**_error("bad_request", "expected an object with `username` and `password`"),
-                        "description": "The body is not a JSON object of two strings, or is over 8 KiB."},
+                        "description": "The body is not a JSON object of two strings, is over 8 KiB, "
+                                       "is nested deeper than 32, or did not arrive within "
+                                       "`limits.body_timeout`."},
                 "401": {**_error("unauthorized", "a valid API token is required"),
                         "description": "No valid API token (`Authorization: Bearer TOKEN`).",
                         "headers": {"WWW-Authenticate": {"schema": {"type": "string",
@@ -60,7 +63,9 @@ def openapi_document(version: str) -> dict[str, Any]:
                 "429": {**decision, "description": "`outcome: throttled`: too many recent failures for this "
                                                    "user (`throttle:`); retry later."},
                 "503": {**decision, "description": "`outcome: unavailable`: a backend did not answer (reason "
-                                                   "`deadline_exceeded` or a plugin's `*.unreachable`)."},
+                                                   "`deadline_exceeded` or a plugin's `*.unreachable`), or "
+                                                   "the gateway is overloaded (`overloaded`, with "
+                                                   "`Retry-After`)."},
             },
         }}},
         "components": {

@@ -9,6 +9,10 @@ Offline logins (a ``wrapper=True`` around the whole chain; it sees the folded de
     ``ACCOUNT_STATE`` (``cache.too_many_failures``) after ``max_offline_failures`` wrong ones.
     Learns from live password successes of the steps in ``methods``; forgets a user on a live
     ``INVALID_CREDENTIALS``, ``ACCOUNT_STATE`` or ``USER_NOT_FOUND``.
+Refused accounts on every path (a ``wrapper=True`` around ``gateway_lookup_user``)
+    forgets a user's offline entry and this process's hot entries whenever the directory's
+    answer reports the account refused (``Identity.refusal``): Kerberos and certificate
+    refusals carry no password username, and the cached password must die with the account.
 Hot cache (``gateway_precheck``, before the chain; off by default)
     answers ``SUCCESS`` with ``from_cache`` (reason ``cache.hot``) for the exact credentials,
     client and front door of a live success less than ``hot.ttl`` seconds old. The answer
@@ -44,6 +48,7 @@ from gateway import (
     SelfTest,
     hookimpl,
 )
+from gateway.model import canonical_username
 from gateway.plugins.cache.cli import cache_command
 from gateway.plugins.cache.hot import HotCache
 from gateway.plugins.cache.keys import KeyFileError, key_file_problem, sources
@@ -134,6 +139,28 @@ class CachePlugin:
             self.log.exception("credential cache failed on attempt %s; the chain's decision stands",
                                attempt.request_id)
             return decision
+
+    @hookimpl(wrapper=True)
+    def gateway_lookup_user(self, username: str):
+        # Kerberos and certificate logins learn the account's state only here, and their
+        # refusal carries no password username for after_chain to forget. The directory's word
+        # that an account may not log in (disabled, locked, expired, or its password expired)
+        # is the moment the cached password stops being one the directory would accept, so
+        # it is forgotten now, whichever path asked (docs/plugins/cache.md, "Forgetting").
+        identity = yield
+        if self.settings.enabled and identity is not None and identity.refusal(password_state_refuses=True):
+            self.forget_refused(username, identity.username)
+        return identity
+
+    def forget_refused(self, *names: str) -> None:
+        """Forget the offline entry and this process's hot entries of every spelling given."""
+        for name in dict.fromkeys(canonical_username(n) for n in names if n):
+            try:
+                self.offline.forget(name)
+            except Exception:  # never turn the directory's answer into an error
+                self.log.exception("credential cache: forgetting a refused account failed")
+            if self.hot is not None:
+                self.hot.forget_user(name.casefold())
 
     @hookimpl
     def gateway_auth_finished(self, attempt: Attempt, decision: Decision) -> None:

@@ -5,7 +5,8 @@ The rules (DESIGN.md section 3, docs/plugins/cache.md):
 * a live SUCCESS of a password attempt, decided by a step listed in ``methods``, stores the
   argon2id hash of the peppered password and the sealed identity;
 * a live INVALID_CREDENTIALS, ACCOUNT_STATE or USER_NOT_FOUND for a username deletes its entry,
-  so a password the directory has refused never works offline again;
+  so a password the directory has refused never works offline again (with a short-lived
+  "forgotten at" marker, so a write of an older login already under way cannot re-create it);
 * only when the folded decision is UNAVAILABLE does the cache answer: the right password gives
   a SUCCESS with ``from_cache``, a wrong one INVALID_CREDENTIALS; after ``max_offline_failures``
   wrong ones the user is refused until a live login; an unknown, expired or unreadable entry
@@ -206,7 +207,7 @@ class OfflineCache:
         with self._lock:
             self._memo.pop(row_key, None)
         try:
-            deleted = self.store.delete(row_key)
+            deleted = self.store.forget(row_key, time.time())
             self._ok()
             return deleted
         except StoreError as exc:
@@ -226,7 +227,7 @@ class OfflineCache:
             user_key = self.user_key(credential.username)
             row_key = keys.row_key(user_key)
             if row_key in self._tombstones:
-                self.store.delete(row_key)
+                self.store.forget(row_key, time.time())
                 with self._lock:
                     self._tombstones.pop(row_key, None)
                 return unavailable

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlsplit
 
-from gateway.plugins.cache.store import AT_LIMIT, FUTURE_TOLERANCE, GONE, TAKEN, Entry, StoreError
+from gateway.plugins.cache.store import (AT_LIMIT, FORGOTTEN_FOR, FUTURE_TOLERANCE, GONE, TAKEN, Entry,
+                                         StoreError)
 
 __all__ = ["RedisStore"]
 
@@ -33,10 +34,13 @@ if tonumber(f) >= tonumber(ARGV[1]) then return 0 end
 redis.call('HINCRBY', KEYS[1], 'fail', 1)
 return 1
 """
-# KEYS[1] entry; ARGV: at, expire_ms, kid, hash, sealed, fail, tolerance. Replaces the entry unless
-# the one held was stored later (two instances storing one user at once keep the newer), but not
-# more than FUTURE_TOLERANCE later (a clock far ahead); 1: written.
+# KEYS[1] entry, KEYS[2] its "forgotten at" marker; ARGV: at, expire_ms, kid, hash, sealed, fail,
+# tolerance. Never writes an entry stamped before the marker (a refusal meanwhile); replaces the
+# entry unless the one held was stored later (two instances storing one user at once keep the
+# newer), but not more than FUTURE_TOLERANCE later (a clock far ahead); 1: written.
 _PUT = """
+local forgotten = redis.call('GET', KEYS[2])
+if forgotten and tonumber(forgotten) >= tonumber(ARGV[1]) then return 0 end
 local at = redis.call('HGET', KEYS[1], 'at')
 if at and tonumber(at) > tonumber(ARGV[1]) and tonumber(at) <= tonumber(ARGV[1]) + tonumber(ARGV[7]) then
   return 0
@@ -45,6 +49,13 @@ redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'kid', ARGV[3], 'hash', ARGV[4], 'sealed', ARGV[5], 'at', ARGV[1], 'fail', ARGV[6])
 redis.call('PEXPIREAT', KEYS[1], ARGV[2])
 return 1
+"""
+# KEYS[1] entry, KEYS[2] marker; ARGV: at, marker lifetime in ms. Keeps the latest refusal time;
+# the server expires the marker (bounded growth whatever the number of refused names).
+_FORGET = """
+local m = redis.call('GET', KEYS[2])
+if not m or tonumber(m) < tonumber(ARGV[1]) then redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2]) end
+return redis.call('DEL', KEYS[1])
 """
 # Never creates the hash (HINCRBY on a missing key would, without an expiry).
 _GIVE_BACK = """
@@ -80,9 +91,14 @@ class RedisStore:
         self._put = self._redis.register_script(_PUT)
         self._take = self._redis.register_script(_TAKE)
         self._give_back = self._redis.register_script(_GIVE_BACK)
+        self._forget = self._redis.register_script(_FORGET)
 
     def _name(self, key: str) -> bytes:
         return self.prefix + key.encode("ascii")
+
+    def _marker(self, key: str) -> bytes:
+        # Not 64 hex digits after the prefix: scan, purge and `cache list` never take it for a row.
+        return self.prefix + b"forgotten:" + key.encode("ascii")
 
     def _call(self, what: str, function, *args, **kwargs):
         try:
@@ -108,12 +124,16 @@ class RedisStore:
         # One Lua script: Redis runs it atomically, so nobody sees a partial entry and no other
         # writer slips in between the comparison and the write.
         expire_ms = int((entry.stored_at + self.max_age) * 1000)
-        return bool(int(self._call("EVALSHA", self._put, keys=[self._name(entry.key)], args=[
+        return bool(int(self._call("EVALSHA", self._put, keys=[self._name(entry.key), self._marker(entry.key)], args=[
             repr(entry.stored_at).encode(), expire_ms, entry.kid.encode(), entry.password_hash.encode(),
             entry.sealed, str(entry.failures).encode(), repr(FUTURE_TOLERANCE).encode()])))
 
     def delete(self, key: str) -> bool:
         return bool(self._call("DEL", self._redis.delete, self._name(key)))
+
+    def forget(self, key: str, at: float) -> bool:
+        return bool(int(self._call("EVALSHA", self._forget, keys=[self._name(key), self._marker(key)],
+                                   args=[repr(at).encode(), int(FORGOTTEN_FOR * 1000)])))
 
     def take_failure(self, key: str, limit: int) -> int:
         result = int(self._call("EVALSHA", self._take, keys=[self._name(key)], args=[limit]))

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Protocol
 
-__all__ = ["Entry", "FUTURE_TOLERANCE", "SQLiteStore", "Store", "StoreError", "TAKEN", "AT_LIMIT", "GONE"]
+__all__ = ["Entry", "FORGOTTEN_FOR", "FUTURE_TOLERANCE", "SQLiteStore", "Store", "StoreError", "TAKEN", "AT_LIMIT",
+           "GONE"]
 
 #: Results of :meth:`Store.take_failure`.
 TAKEN, AT_LIMIT, GONE = 1, 0, -1
@@ -25,6 +26,12 @@ TAKEN, AT_LIMIT, GONE = 1, 0, -1
 #: came from a clock far ahead: offline answers ignore it and a write replaces it, or it would
 #: refuse every later write (a changed password) until that clock's time arrives.
 FUTURE_TOLERANCE = 300.0
+#: Seconds a "forgotten at T" marker outlives a refusal. A write stamped before T is refused
+#: meanwhile: a worker stamps a live login, hashes (bounded by the attempt deadline and the
+#: hashing slot wait, seconds), then writes; a refusal seen by another worker in between must
+#: not be undone by that write. Markers older than this are pruned at every forget, so a spray
+#: of refused names holds at most (refusals per second x FORGOTTEN_FOR) small rows.
+FORGOTTEN_FOR = 300.0
 
 
 class StoreError(Exception):
@@ -60,6 +67,11 @@ class Store(Protocol):
     def delete(self, key: str) -> bool:
         """Remove the entry; True when there was one."""
 
+    def forget(self, key: str, at: float) -> bool:
+        """Delete the entry because the directory refused the user at time *at*, and keep a
+        marker for :data:`FORGOTTEN_FOR` seconds so that a write stamped before *at* is refused
+        (:meth:`put` returns False). True when there was an entry."""
+
     def take_failure(self, key: str, limit: int) -> int:
         """Atomically count one offline attempt against *key* before it is verified: TAKEN when
         fewer than *limit* were counted (and now one more is), AT_LIMIT, or GONE (no entry)."""
@@ -90,6 +102,11 @@ CREATE TABLE IF NOT EXISTS entries (
     failures  INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS entries_stored_at ON entries (stored_at);
+CREATE TABLE IF NOT EXISTS forgotten (
+    key TEXT PRIMARY KEY,
+    at  REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS forgotten_at ON forgotten (at);
 PRAGMA user_version = 1;
 """
 _PROBE_KEY = "probe"
@@ -180,16 +197,28 @@ class SQLiteStore:
 
     def put(self, entry: Entry) -> bool:
         # The upsert's WHERE makes the write conditional inside SQLite's write lock: no window
-        # between reading the stored time and writing.
-        return self._run("INSERT INTO entries (key, kid, hash, sealed, stored_at, failures) VALUES (?, ?, ?, ?, ?, ?) "
+        # between reading the stored time and writing. The SELECT's WHERE refuses a write
+        # stamped before a refusal's marker, whether it would insert or update (the WHERE also
+        # keeps SQLite's INSERT ... SELECT ... ON CONFLICT parse unambiguous).
+        return self._run("INSERT INTO entries (key, kid, hash, sealed, stored_at, failures) SELECT ?, ?, ?, ?, ?, ? "
+                         "WHERE NOT EXISTS (SELECT 1 FROM forgotten WHERE key = ? AND at >= ?) "
                          "ON CONFLICT (key) DO UPDATE SET kid = excluded.kid, hash = excluded.hash, "
                          "sealed = excluded.sealed, stored_at = excluded.stored_at, failures = excluded.failures "
                          "WHERE excluded.stored_at >= entries.stored_at OR entries.stored_at > excluded.stored_at + ?",
                          (entry.key, entry.kid, entry.password_hash, entry.sealed, entry.stored_at,
-                          entry.failures, FUTURE_TOLERANCE)).rowcount > 0
+                          entry.failures, entry.key, entry.stored_at, FUTURE_TOLERANCE)).rowcount > 0
 
     def delete(self, key: str) -> bool:
         return self._run("DELETE FROM entries WHERE key = ?", (key,)).rowcount > 0
+
+    def forget(self, key: str, at: float) -> bool:
+        # Marker first: a write that slips in between the two statements is then either refused
+        # (stamped before *at*) or removed by the delete (fail closed: a later live login
+        # writes the entry again).
+        self._run("DELETE FROM forgotten WHERE at < ?", (at - FORGOTTEN_FOR,))
+        self._run("INSERT INTO forgotten (key, at) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET at = "
+                  "max(forgotten.at, excluded.at)", (key, at))
+        return self.delete(key)
 
     def take_failure(self, key: str, limit: int) -> int:
         if self._run("UPDATE entries SET failures = failures + 1 WHERE key = ? AND failures < ?",
@@ -208,6 +237,7 @@ class SQLiteStore:
 
     def purge(self, older_than: float | None = None) -> int:
         if older_than is None:
+            self._run("DELETE FROM forgotten")
             return self._run("DELETE FROM entries").rowcount
         return self._run("DELETE FROM entries WHERE stored_at < ?", (older_than,)).rowcount
 

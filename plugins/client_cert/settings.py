@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from gateway import ConfigPath, PluginSettings, Secret
-from gateway.settings import InvalidKey, parse_listen
+from gateway.settings import InvalidKey, parse_listen, unmapped_networks
 
 __all__ = [
     "ClientCertSettings",
@@ -92,16 +92,9 @@ class HeaderSource(PluginSettings):
     @classmethod
     def _unmapped(cls, value: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
                   ) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
-        # The core unwraps an IPv4-mapped peer (::ffff:a.b.c.d) to IPv4, so a mapped network
-        # would match no peer, and that proxy would fall to the catch-all entry: the header it
-        # passes through from the client would be believed. Name the IPv4 proxy instead.
-        mapped = ipaddress.IPv6Network("::ffff:0:0/96")
-        out: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
-        for net in value:
-            if isinstance(net, ipaddress.IPv6Network) and net.subnet_of(mapped):
-                net = ipaddress.IPv4Network((net.network_address.ipv4_mapped, net.prefixlen - 96))
-            out.append(net)
-        return out
+        # A mapped network would match no peer, and that proxy would fall to the catch-all entry:
+        # the header it passes through from the client would be believed.
+        return unmapped_networks(value)
 
 
 class RevocationSettings(PluginSettings):

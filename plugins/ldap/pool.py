@@ -65,6 +65,8 @@ class Server:
     last_error: str = ""
     last_ok: float | None = None  # monotonic(); None: never (0.0 is a real time on a fresh boot)
     idle: dict[str, deque[Link]] = field(default_factory=lambda: {SERVICE: deque(), BIND: deque()})
+    #: Why the service account was refused (the server answers, but cannot serve): "" when not.
+    service_refused: str = ""
 
     @property
     def name(self) -> str:
@@ -178,6 +180,7 @@ class Pool:
             if not result.ok:
                 link.close()
                 raise ServiceBindFailed(f"service account bind refused ({result.code}: {result.message})")
+            server.service_refused = ""
         return link
 
     def call(self, kind: str, operation: Callable[[Link], T], deadline: float) -> T:
@@ -227,6 +230,7 @@ class Pool:
                     reason = "ldap.service_bind_failed"
                     with self._lock:
                         server.last_error = str(exc)
+                        server.service_refused = str(exc)
                     break
                 except BaseException:
                     if link is not None:
@@ -270,7 +274,9 @@ class Pool:
         out = []
         with self._lock:
             for server in self.servers:
-                if server.failures and server.down_until > now:
+                if server.service_refused:
+                    out.append((server, server.service_refused, False))
+                elif server.failures and server.down_until > now:
                     out.append((server, f"backing off for {server.down_until - now:.0f}s after: {server.last_error}", False))
                 elif server.failures:
                     out.append((server, f"down, retried on the next attempt; last error: {server.last_error}", False))
@@ -281,3 +287,27 @@ class Pool:
                 else:
                     out.append((server, "standby (not contacted yet)", True))
         return out
+
+    def probe(self) -> None:
+        """Open one link to every server (with the service bind when there is a service
+        account) and record what happened, as a login would: run by the plugin at start-up and
+        every ``health.probe_interval``, so readiness is known before the first login fails."""
+        kind = SERVICE if self._service is not None else BIND
+        for server in self.servers:
+            deadline = time.monotonic() + self.connect_timeout + self.receive_timeout
+            try:
+                link = self.open(server, kind, deadline)
+            except (LinkBroken, ServerTrouble) as exc:
+                self._mark_down(server, str(exc))
+                continue
+            except ServiceBindFailed as exc:
+                with self._lock:
+                    server.last_error = server.service_refused = str(exc)
+                continue
+            with self._lock:  # up, without making a standby server the active one
+                if server.failures:
+                    self.log.info("LDAP server %s answers again", server.url)
+                server.failures = 0
+                server.down_until = 0.0
+                server.last_ok = time.monotonic()
+            self._release(link, kind)

@@ -1,0 +1,219 @@
+"""The connection layer under the front doors: slow clients, connection caps, malformed requests.
+
+aiohttp has no header timeout, no cap on open connections, and on a request it cannot parse it
+logs a traceback holding the raw bytes and echoes them in the 400 body (issue 9 item 7: base64
+credentials, API tokens, JSON passwords). :class:`GuardedRequestHandler` is aiohttp's
+connection protocol with those three things decided here instead:
+
+* **header timeout** -- a connection must complete each request's headers within
+  ``limits.header_timeout`` seconds of it opening or of its previous response; otherwise it is
+  closed (one-byte-every-15-s floods exhausted the file descriptors). An idle keep-alive
+  connection (no byte of a next request) is closed after ``limits.keepalive_timeout``;
+* **connection caps** -- more than ``limits.max_connections`` open connections per worker, or
+  ``limits.max_connections_per_client`` from one address (trusted proxies exempt: every client
+  behind them shares their address), and a new connection is closed at once;
+* **malformed requests** -- answered with a fixed body (``400 Bad Request``) and logged as one
+  WARNING line naming the client and the parser's error class, never the bytes.
+
+Every limit hit is logged at WARNING, at most once per 10 s per kind, with the count since.
+``Server:`` carries no versions (``authgw``). Reads ``limits.*`` and ``trusted_proxies``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from http import HTTPStatus
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+from gateway.http.clientaddr import parse_address
+from gateway.settings import LimitsSettings
+
+__all__ = ["ConnectionGuard", "GuardedSite", "SERVER_HEADER"]
+
+log = logging.getLogger("authgw.http")
+
+SERVER_HEADER = "authgw"
+_LOG_EVERY = 10.0
+
+
+class _RateLimitedWarning:
+    """One WARNING per kind per ``_LOG_EVERY`` seconds, counting what it did not log."""
+
+    def __init__(self) -> None:
+        self.last: dict[str, float] = {}
+        self.skipped: Counter[str] = Counter()
+
+    def __call__(self, kind: str, message: str, *args) -> None:
+        now = time.monotonic()
+        last = self.last.get(kind)
+        if last is not None and now - last < _LOG_EVERY:
+            self.skipped[kind] += 1
+            return
+        self.last[kind] = now
+        skipped = self.skipped.pop(kind, 0)
+        log.warning(message + (f" ({skipped} more since the last warning)" if skipped else ""), *args)
+
+
+class ConnectionGuard:
+    """The open connections of one worker, across all its sockets."""
+
+    def __init__(self, limits: LimitsSettings, trusted_proxies=()) -> None:
+        self.limits = limits
+        self.trusted = tuple(trusted_proxies)
+        self.open = 0
+        self.per_client: Counter[str] = Counter()
+        self.warn = _RateLimitedWarning()
+
+    def admit(self, host: str) -> bool:
+        """Count a new connection from *host*, or refuse it (False) with a logged warning."""
+        if self.open >= self.limits.max_connections:
+            self.warn("max_connections", "%d connections open (limits.max_connections); closing new ones",
+                      self.open)
+            return False
+        if self.per_client[host] >= self.limits.max_connections_per_client and not self._trusted(host):
+            self.warn("per_client", "%s has %d connections open (limits.max_connections_per_client); "
+                      "closing its new ones", host, self.per_client[host])
+            return False
+        self.open += 1
+        self.per_client[host] += 1
+        return True
+
+    def release(self, host: str) -> None:
+        self.open -= 1
+        self.per_client[host] -= 1
+        if self.per_client[host] <= 0:
+            del self.per_client[host]
+
+    def _trusted(self, host: str) -> bool:
+        address = parse_address(host)
+        return address is not None and any(address in net for net in self.trusted)
+
+
+class GuardedRequestHandler(RequestHandler):
+    """aiohttp's connection protocol with a header timeout, connection caps, and malformed
+    requests answered without echoing or logging their bytes."""
+
+    def __init__(self, manager, *, guard: ConnectionGuard, **kwargs) -> None:
+        super().__init__(manager, **kwargs)
+        self._guard = guard
+        self._host: str | None = None  # set when the connection was admitted (and counted)
+        self._headers_since: float | None = None
+        self._header_timer: asyncio.TimerHandle | None = None
+
+    # -- connection caps --------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = transport.get_extra_info("peername")
+        host = peer[0] if isinstance(peer, tuple) and peer else str(peer)
+        if not self._guard.admit(host):
+            transport.abort()
+            return
+        self._host = host
+        super().connection_made(transport)
+        self._await_headers()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._host is None:  # refused in connection_made: aiohttp never saw it
+            return
+        self._guard.release(self._host)
+        self._host = None
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+        super().connection_lost(exc)
+
+    # -- header timeout -----------------------------------------------------------------------------
+
+    def _await_headers(self) -> None:
+        """Start the clock for the next request's headers."""
+        self._headers_since = self._loop.time()
+        if self._header_timer is None:
+            self._header_timer = self._loop.call_at(self._headers_since + self._guard.limits.header_timeout,
+                                                    self._check_headers)
+
+    def _busy(self) -> bool:
+        """A request's headers have arrived: it is queued or being handled (its body, if any,
+        has ``limits.body_timeout``)."""
+        return bool(self._messages) or getattr(self, "_request_in_progress", False) or \
+            self._current_request is not None
+
+    def _check_headers(self) -> None:
+        self._header_timer = None
+        if self._host is None or self._headers_since is None:
+            return
+        if self._busy():
+            self._headers_since = None
+            return
+        due = self._headers_since + self._guard.limits.header_timeout
+        if self._loop.time() < due:
+            self._header_timer = self._loop.call_at(due, self._check_headers)
+            return
+        self._guard.warn("header_timeout", "closed a connection from %s: no complete request headers "
+                         "within %.0f s (limits.header_timeout)", self._host, self._guard.limits.header_timeout)
+        self.force_close()
+        if self.transport is not None:
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._busy():
+            self._headers_since = None
+        elif data and self._headers_since is None:
+            self._await_headers()  # the first byte of a request after a keep-alive pause
+
+    # -- malformed requests ---------------------------------------------------------------------------
+
+    def handle_error(self, request, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        # aiohttp's own version logs a traceback whose message holds the raw request bytes and
+        # echoes *message* (those bytes again) in the body: neither may happen here.
+        remote = self._host or "?"
+        if status >= 500 and exc is not None:
+            log.error("a request handler raised %s (client %s)", exc.__class__.__name__, remote, exc_info=exc)
+        else:
+            self._guard.warn(f"bad_request_{status}", "refused a malformed request from %s: %s (%d)", remote,
+                             exc.__class__.__name__ if exc is not None else "error", status)
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started")
+        phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Error"
+        response = web.Response(status=status, text=f"{status} {phrase}\n",
+                                headers={"Server": SERVER_HEADER, "Cache-Control": "no-store"})
+        response.force_close()
+        return response
+
+    def log_exception(self, *args, **kw) -> None:
+        # aiohttp's last-resort "Unhandled exception" path: name the error, not its text.
+        exc = kw.get("exc_info")
+        log.error("connection error: %s", exc.__class__.__name__ if isinstance(exc, BaseException) else args[0])
+
+
+class GuardedSite(web.BaseSite):
+    """``web.SockSite`` serving with :class:`GuardedRequestHandler` on an already bound socket."""
+
+    def __init__(self, runner: web.BaseRunner, sock, guard: ConnectionGuard, *, ssl_context=None) -> None:
+        super().__init__(runner, ssl_context=ssl_context, backlog=2048)
+        self._sock = sock
+        self._guard = guard
+
+    @property
+    def name(self) -> str:
+        host, port = self._sock.getsockname()[:2]
+        return f"{'https' if self._ssl_context else 'http'}://{host}:{port}"
+
+    async def start(self) -> None:
+        await super().start()
+        loop = asyncio.get_running_loop()
+        server = self._runner.server
+        guard = self._guard
+
+        def protocol() -> GuardedRequestHandler:
+            return GuardedRequestHandler(server, loop=loop, guard=guard, access_log=None,
+                                         keepalive_timeout=guard.limits.keepalive_timeout)
+
+        self._server = await loop.create_server(protocol, sock=self._sock, ssl=self._ssl_context,
+                                                backlog=self._backlog)

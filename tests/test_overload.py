@@ -1,0 +1,195 @@
+"""Overload and broken plugins, through a real ``authgw serve`` (issue 10 items 1 and 3).
+
+A slow plugin (it sleeps, holding a chain thread, as a slow directory does) gives a capacity
+that depends on its sleep, not on this machine's speed, so the tests can count instead of time.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+
+import pytest
+
+from support.fakedist import make_dist
+from support.gateway import write_conf
+from support.http import basic, request
+
+PASSWORD = "Corr3ct-Horse-Battery"
+
+PLUGINS = {"slow_plugins.py": '''
+    import logging
+    import time
+    from gateway import Decision, Identity, PluginSettings, hookimpl
+
+    class SlowSettings(PluginSettings):
+        sleep: float = 0.2
+
+    class Slow:
+        """Accepts everyone after sleeping (a slow directory)."""
+        Settings = SlowSettings
+
+        def __init__(self, settings, context):
+            self.sleep = settings.sleep
+            self.name = context.name
+
+        @hookimpl
+        def gateway_authenticate(self, attempt):
+            time.sleep(self.sleep)
+            user = attempt.username or "anonymous"
+            return Decision.allow(Identity(subject=user, username=user, method=self.name), step=self.name)
+
+    class Hang:
+        """Answers nothing for a long time (a hanging backend)."""
+        Settings = SlowSettings
+
+        def __init__(self, settings, context):
+            self.sleep = settings.sleep
+
+        @hookimpl
+        def gateway_authenticate(self, attempt):
+            logging.getLogger("authgw.test").warning("hang: call entered")
+            time.sleep(self.sleep)
+
+    class Exits:
+        def __init__(self, settings, context):
+            pass
+
+        @hookimpl
+        def gateway_authenticate(self, attempt):
+            raise SystemExit(3)
+
+    class Interrupts:
+        def __init__(self, settings, context):
+            pass
+
+        @hookimpl
+        def gateway_authenticate(self, attempt):
+            raise KeyboardInterrupt
+'''}
+
+
+@pytest.fixture
+def slow_env(tmp_path):
+    site = make_dist(tmp_path / "site", "slow-plugins", {
+        "slow": "slow_plugins:Slow", "hang": "slow_plugins:Hang",
+        "exits": "slow_plugins:Exits", "interrupts": "slow_plugins:Interrupts"}, PLUGINS)
+    return {"PYTHONPATH": str(site)}
+
+
+@pytest.fixture(scope="module")
+def alice_hash():
+    from gateway.passwords import hash_password
+
+    return hash_password(PASSWORD)
+
+
+def conf(conf_dir, alice_hash, gateway_yaml: str, plugins: str = ""):
+    return write_conf(conf_dir, {
+        "gateway.yaml": gateway_yaml + "\nthrottle:\n  enabled: false\n",
+        "static.yaml": "static:\n  users_file: users/users.yaml\n" + plugins,
+        "users/users.yaml": f'users:\n  alice:\n    password_hash: "{alice_hash}"\n',
+    })
+
+
+def burst(gw, clients: int, per_client: int) -> list[tuple[int, float, str | None, str | None]]:
+    """*clients* threads each sending *per_client* logins, one after the other (bounded count):
+    (status, seconds, Retry-After, X-Request-Id) per response."""
+    results: list[tuple[int, float, str | None, str | None]] = []
+    lock = threading.Lock()
+
+    def client() -> None:
+        for _ in range(per_client):
+            started = time.monotonic()
+            try:
+                r = request(gw.url, "GET", "/auth", {"Authorization": basic("alice", PASSWORD)}, timeout=30)
+                item = (r.status, time.monotonic() - started, r.header("Retry-After"), r.header("X-Request-Id"))
+            except OSError:
+                item = (0, time.monotonic() - started, None, None)
+            with lock:
+                results.append(item)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return results
+
+
+def test_excess_work_is_refused_at_once_and_goodput_holds(conf_dir, alice_hash, start_gateway, slow_env):
+    # 2 threads x 0.2 s: ~10 logins/s. 40 clients keep ~40 attempts offered; an unbounded queue
+    # made each wait 40 x 0.2 / 2 = 4 s, past the 3 s deadline: every one failed (collapse).
+    gw = start_gateway(conf(conf_dir, alice_hash, "chain: [slow]\nthreads: 2\ndeadline: 3\nlimits:\n  queue: 2\n",
+                            "slow:\n  sleep: 0.2\n"), env=slow_env)
+    results = burst(gw, clients=40, per_client=8)
+    assert len(results) == 320 and all(status in (200, 503) for status, *_ in results), results
+    ok = [seconds for status, seconds, *_ in results if status == 200]
+    refused = [(seconds, retry) for status, seconds, retry, _ in results if status == 503]
+    assert refused and all(retry == "1" for _, retry in refused)
+    # No collapse: attempts were served throughout, and every one admitted was served (none ran
+    # out its deadline in the queue, as all of them did with the unbounded queue).
+    assert len(ok) >= 4
+    audit = gw.audit()
+    reasons = {line["reason"] for line in audit if line["outcome"] == "unavailable"}
+    assert reasons == {"overloaded"}, reasons
+    # Refusals are decided at once, without waiting for a thread: far quicker than a login (the
+    # gateway's own latency from the audit lines; the clients' threads add their own delays).
+    refusal_ms = [line["latency_ms"] for line in audit if line["reason"] == "overloaded"]
+    login_ms = [line["latency_ms"] for line in audit if line["outcome"] == "success"]
+    assert statistics.median(refusal_ms) * 4 < statistics.median(login_ms)
+    # Recovery: once the burst is over, the next login is served.
+    assert gw.auth("alice", PASSWORD).status == 200
+    assert "Traceback" not in gw.output()
+
+
+def test_an_attempt_whose_deadline_passed_in_the_queue_is_not_run(conf_dir, alice_hash, start_gateway, slow_env):
+    # One thread, 3 s per attempt, deadline 1 s: the second and third attempts (sent within 2 s
+    # of the first) wait in the queue past their deadline; they are answered 503 and never run
+    # (the audit shows exactly one live decision).
+    gw = start_gateway(conf(conf_dir, alice_hash, "chain: [slow]\nthreads: 1\ndeadline: 1\n",
+                            "slow:\n  sleep: 3\n"), env=slow_env)
+    results = burst(gw, clients=3, per_client=1)
+    assert sorted(status for status, *_ in results) == [503, 503, 503]
+    deadline = time.monotonic() + 20  # the one attempt that ran finishes and audits itself
+    while not any(line["outcome"] == "success" for line in gw.audit()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(3.5)  # long enough for a second one to finish, had it run
+    ran = [line for line in gw.audit() if line["outcome"] == "success"]
+    assert len(ran) == 1, gw.audit()
+
+
+def test_a_hanging_step_does_not_take_every_thread(conf_dir, alice_hash, start_gateway, slow_env):
+    # `hang` sleeps 40 s per call; with 4 threads it may hold 2. Once two calls are stuck (no call
+    # finished for half the 8 s deadline), later attempts skip it and `static` answers them.
+    # Without the limit each of them would enter `hang` too and end at the deadline with 503.
+    gw = start_gateway(conf(conf_dir, alice_hash, "chain: [hang, static]\nthreads: 4\ndeadline: 8\n",
+                            "hang:\n  sleep: 40\n"), env=slow_env)
+    stuck = [threading.Thread(target=gw.auth, args=("alice", PASSWORD), kwargs={"timeout": 30}) for _ in range(2)]
+    for t in stuck:
+        t.start()
+    deadline = time.monotonic() + 30
+    while gw.output().count("hang: call entered") < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert gw.output().count("hang: call entered") == 2
+    time.sleep(4.5)  # no call of `hang` has finished for over the 4 s that makes a step "stuck"
+    statuses = [gw.auth("alice", PASSWORD).status for _ in range(6)]
+    for t in stuck:
+        t.join(30)
+    assert statuses == [200] * 6, [(x["outcome"], x["reason"], x["latency_ms"]) for x in gw.audit()]
+    assert gw.output().count("hang: call entered") == 2  # none of the six waited for `hang`
+    assert len([line for line in gw.audit() if line["outcome"] == "success"]) == 6
+    assert "chain step 'hang' holds 2 threads and finished no call" in gw.output()
+
+
+@pytest.mark.parametrize("plugin, exception", [("exits", "SystemExit"), ("interrupts", "KeyboardInterrupt")])
+def test_a_plugin_raising_a_base_exception_fails_closed(conf_dir, alice_hash, start_gateway, slow_env, plugin, exception):
+    gw = start_gateway(conf(conf_dir, alice_hash, f"chain: [{plugin}, static]\n"), env=slow_env)
+    for _ in range(3):
+        r = gw.auth("alice", PASSWORD)
+        assert r.status == 401
+    entry = gw.audit()[-1]
+    assert (entry["outcome"], entry["reason"], entry["step"]) == ("error", "internal_error", plugin)
+    assert f"plugin '{plugin}' raised {exception}" in gw.output()
+    assert gw.proc.poll() is None and gw.get("/healthz").status == 200

@@ -1,0 +1,213 @@
+#!/usr/bin/env python3
+"""Overload: does goodput hold, are refusals fast, and does the gateway recover (issue 10)?
+
+Starts ``authgw serve`` on a free loopback port with the ``static`` plugin (argon2id: a login
+costs real CPU) and drives it with ``wrk`` (C, two threads) at rising offered load: 16, 64, 256
+and 1,000 connections by default, each for ``--seconds``. For each level it prints
+
+* goodput (200 answers per second) and its ratio to the same run's goodput at the first level,
+  the reference (issue 10's goal: >= 0.9 at 1,000 connections);
+* refusals (503, answered at once with ``Retry-After``), other answers, and wrk's socket errors
+  (time-outs, resets);
+* p50/p99 of successful logins as a user sees them: a separate probe client sends one login
+  at a time during the load (wrk cannot split its latencies by status; its overall p50/p99 are
+  printed too);
+* time to recover: from the end of the burst to the first 200 of a login sent every 20 ms;
+* the gateway's RSS (master and workers) before, at the peak during, and after the level;
+* the refusals by reason, from the audit log (``overloaded``, ``deadline_exceeded``, ...).
+
+Bounded: ``--seconds`` per level (default 8) plus a few seconds of recovery each; stops the
+server it started and removes its temporary directory. wrk comes with Debian's ``wrk`` package
+(.ci/install-system-packages).
+
+    python tools/bench/bench_overload.py [--levels 16,64,256,1000] [--seconds 8] [--workers 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import collections
+import http.client
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+import loadgen  # noqa: E402
+from support.gateway import GatewayProcess, write_conf  # noqa: E402
+
+BASIC = "Basic " + base64.b64encode(b"demo:demo").decode()
+
+# Counts answers by status in every wrk thread and prints them once at the end.
+WRK_SCRIPT = """
+wrk.headers["Authorization"] = "%s"
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+function init(args) ok = 0; refused = 0; other = 0 end
+function response(status, headers, body)
+  if status == 200 then ok = ok + 1 elseif status == 503 then refused = refused + 1 else other = other + 1 end
+end
+function done(summary, latency, requests)
+  local o, r, x = 0, 0, 0
+  for _, t in ipairs(threads) do o = o + t:get("ok"); r = r + t:get("refused"); x = x + t:get("other") end
+  local e = summary.errors
+  io.write(string.format("COUNTS %%d %%d %%d %%d %%d %%d %%d\\n", o, r, x, e.connect, e.read, e.write, e.timeout))
+  io.write(string.format("LATENCY %%d %%d\\n", latency:percentile(50), latency:percentile(99)))
+end
+""" % BASIC
+
+
+def rss_kib(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            for line in open(f"/proc/{pid}/status"):
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+def login(host: str, port: int, timeout: float = 10.0) -> tuple[int, float]:
+    started = time.perf_counter()
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request("GET", "/auth", headers={"Authorization": BASIC})
+        status = conn.getresponse().status
+    except OSError:
+        status = 0
+    finally:
+        conn.close()
+    return status, time.perf_counter() - started
+
+
+def reasons(audit: Path, start: int) -> tuple[collections.Counter, int]:
+    """Counts of (outcome, reason) in the audit file from byte *start*; the new end."""
+    with open(audit, "rb") as f:
+        f.seek(start)
+        data = f.read()
+    counts = collections.Counter()
+    for line in data.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("outcome") != "success":
+            counts[record.get("reason")] += 1
+    return counts, start + len(data)
+
+
+def level(server: GatewayProcess, script: Path, connections: int, seconds: float) -> dict:
+    pids = [server.proc.pid, *loadgen.children(server.proc.pid)]
+    before = rss_kib(pids)
+    peak = [before]
+    probe: list[tuple[int, float]] = []
+    stop = threading.Event()
+
+    def sample() -> None:  # the probe client and the RSS sampler, until wrk ends
+        while not stop.is_set():
+            probe.append(login("127.0.0.1", server.port))
+            peak[0] = max(peak[0], rss_kib(pids))
+            stop.wait(0.05)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    wrk = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "10s",
+                          "-s", str(script), f"http://127.0.0.1:{server.port}/auth"],
+                         capture_output=True, text=True, timeout=seconds + 60)
+    ended = time.perf_counter()
+    stop.set()
+    sampler.join(30)
+    recovery = None
+    while time.perf_counter() - ended < 30:  # bounded
+        status, _ = login("127.0.0.1", server.port)
+        if status == 200:
+            recovery = time.perf_counter() - ended
+            break
+        time.sleep(0.02)
+    time.sleep(2)  # let the allocator settle before reading RSS "after"
+    counts = re.search(r"COUNTS (\d+) (\d+) (\d+) (\d+) (\d+) (\d+) (\d+)", wrk.stdout)
+    latency = re.search(r"LATENCY (\d+) (\d+)", wrk.stdout)
+    if counts is None or latency is None:
+        raise RuntimeError(f"wrk failed: {wrk.stdout}\n{wrk.stderr}")
+    ok, refused, other, *errors = (int(x) for x in counts.groups())
+    successes = sorted(s for status, s in probe if status == 200)
+    return {
+        "connections": connections, "goodput": ok / seconds, "ok": ok, "refused": refused, "other": other,
+        "errors": sum(errors), "timeouts": errors[3],
+        "wrk_p50": int(latency.group(1)) / 1e6, "wrk_p99": int(latency.group(2)) / 1e6,
+        "probe_ok": len(successes), "probe_all": len(probe),
+        "p50": statistics.median(successes) if successes else float("nan"),
+        "p99": successes[min(len(successes) - 1, int(0.99 * len(successes)))] if successes else float("nan"),
+        "recovery": recovery, "rss": (before, peak[0], rss_kib(pids)),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--levels", default="16,64,256,1000", help="offered connections per level; the first is the reference")
+    parser.add_argument("--seconds", type=float, default=8.0, help="seconds of load per level")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=16, help="the gateway's `threads:` setting")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        print("wrk is not installed: apt-get install wrk (see .ci/install-system-packages)", file=sys.stderr)
+        return 2
+
+    from gateway.passwords import hash_password
+
+    tmp = Path(tempfile.mkdtemp(prefix="authgw-overload-"))
+    conf = write_conf(tmp / "conf.d", {
+        "gateway.yaml": f"""\
+            chain: [static]
+            threads: {args.threads}
+            throttle: {{enabled: false}}
+            # wrk stands for the reverse proxy in front: a trusted proxy, exempt from the
+            # per-client connection cap (256), as a real one must be configured.
+            trusted_proxies: [127.0.0.1/32]
+            log_level: ERROR
+            audit: {{file: {tmp / "audit.jsonl"}}}
+            """,
+        "static.yaml": "static:\n  users_file: users/users.yaml\n",
+        "users/users.yaml": f'users:\n  demo:\n    password_hash: "{hash_password("demo")}"\n',
+    })
+    script = tmp / "count.lua"
+    script.write_text(WRK_SCRIPT)
+    server = GatewayProcess(conf, tmp / "state", workers=args.workers).start()
+    try:
+        print(f"authgw overload benchmark: workers={args.workers} threads={args.threads} "
+              f"{args.seconds:g}s per level, {os.cpu_count()} cores, wrk -t2")
+        print(f"{'conns':>6} {'goodput/s':>10} {'ratio':>6} {'200':>7} {'503':>7} {'other':>6} {'errors':>6} "
+              f"{'probe p50':>10} {'p99':>8} {'wrk p50':>8} {'p99':>8} {'recover':>8}  RSS MiB before/peak/after")
+        reference = None
+        offset = 0
+        for connections in (int(x) for x in args.levels.split(",")):
+            r = level(server, script, connections, args.seconds)
+            refusals, offset = reasons(tmp / "audit.jsonl", offset)
+            reference = reference or r["goodput"]
+            recovery = f"{r['recovery']:.2f}s" if r["recovery"] is not None else "never"
+            before, peak, after = (x / 1024 for x in r["rss"])
+            print(f"{connections:>6} {r['goodput']:>10.1f} {r['goodput'] / reference:>6.2f} {r['ok']:>7} "
+                  f"{r['refused']:>7} {r['other']:>6} {r['errors']:>6} {r['p50'] * 1000:>8.1f}ms "
+                  f"{r['p99'] * 1000:>6.1f}ms {r['wrk_p50'] * 1000:>6.1f}ms {r['wrk_p99'] * 1000:>6.1f}ms "
+                  f"{recovery:>8}  {before:.0f}/{peak:.0f}/{after:.0f}", flush=True)
+            print(f"{'':>6} refusals by reason: {dict(refusals.most_common())}", flush=True)
+        print(f"reference: goodput at {args.levels.split(',')[0]} connections, same run = {reference:.1f}/s")
+    finally:
+        server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
