@@ -18,6 +18,7 @@ from gateway.model import (
     Note,
     Outcome,
     PasswordCredential,
+    UserPage,
 )
 from gateway.registry import PluginContext, hookimpl
 from gateway.settings import ConfigPath, PluginSettings, Secret
@@ -52,5 +53,6 @@ __all__ = [
     "SelfTest",
     "Stash",
     "StashKey",
+    "UserPage",
     "hookimpl",
 ]

@@ -17,7 +17,7 @@ import pluggy
 if TYPE_CHECKING:
     from gateway.checks import Command, ComponentState, Listener, Route, SelfTest
     from gateway.http.app import FrontDoor
-    from gateway.model import Attempt, Decision, Identity
+    from gateway.model import Attempt, Decision, Identity, UserPage
 
 hookspec = pluggy.HookspecMarker("authgw")
 
@@ -177,6 +177,41 @@ def gateway_lookup_user(username: str) -> Identity | None:
         be reached, so the caller can tell "no such user" from "cannot tell".
 
     .. versionadded:: 0.1
+    """
+
+
+@hookspec(firstresult=True)
+def gateway_search_users(query: str, limit: int, cursor: str | None) -> UserPage | None:
+    """Search the directory for users whose login name starts with, or display name contains,
+    *query* (an admin console's user picker, a relay's ``GET /v1/relay/users``).
+
+    *query* is user text: the plugin escapes it for its backend (LDAP: RFC 4515) and matches it
+    literally, never as a pattern. The search is bounded: the plugin caps *limit* and the work
+    done per call, whatever the caller asks. Each identity carries its account state as a
+    ``gateway_lookup_user`` answer does, and never a password or a hash; groups may be empty
+    (ask ``gateway_list_groups`` for one user's groups).
+
+    :param query: the text to match; empty matches every user (still bounded).
+    :param limit: the most users to return (the plugin may return fewer).
+    :param cursor: ``None`` for the first page, else the ``next_cursor`` of the previous page.
+    :return: a :class:`~gateway.model.UserPage`, or ``None`` when this plugin has no directory
+        (the next plugin is asked). Raise :class:`~gateway.errors.BackendUnavailable` when the
+        directory cannot answer, and :class:`ValueError` for a cursor it did not issue.
+
+    .. versionadded:: 0.2
+    """
+
+
+@hookspec(firstresult=True)
+def gateway_list_groups(username: str) -> list[str] | None:
+    """List a user's group names, nested memberships resolved as for a login.
+
+    :param username: the name as a login would give it (no realm, no domain).
+    :return: the sorted group names (empty when the user is in none), or ``None`` when this
+        plugin does not know the user (the next plugin is asked). Raise
+        :class:`~gateway.errors.BackendUnavailable` when the directory cannot answer.
+
+    .. versionadded:: 0.2
     """
 
 

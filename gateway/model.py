@@ -26,6 +26,7 @@ __all__ = [
     "Note",
     "Outcome",
     "PasswordCredential",
+    "UserPage",
     "canonical_username",
 ]
 
@@ -238,6 +239,19 @@ class Identity:
             "method": self.method,
             "authenticated_at": self.authenticated_at,
         }
+
+
+@dataclass(frozen=True, slots=True)
+class UserPage:
+    """One page of a ``gateway_search_users`` answer.
+
+    :ivar users: the matching identities, in a stable order, with their account state set as a
+        ``gateway_lookup_user`` answer would (never a password nor a hash in ``claims``).
+    :ivar next_cursor: an opaque text to pass back for the next page; ``None`` on the last page.
+    """
+
+    users: tuple[Identity, ...]
+    next_cursor: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

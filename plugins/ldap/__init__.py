@@ -3,7 +3,8 @@
 Search, then bind: a service account finds exactly one entry for the username under
 ``base_dn``, then that entry's DN binds with the password on a pooled connection. Or, without a
 service account, ``direct_bind`` binds a DN or UPN built from the username. Also answers
-``gateway_lookup_user`` so Kerberos and certificate logins get the directory profile, with the
+``gateway_lookup_user`` so Kerberos and certificate logins get the directory profile (and
+``gateway_search_users``/``gateway_list_groups``, :mod:`~gateway.plugins.ldap.search`), with the
 account state read from the entry (:mod:`~gateway.plugins.ldap.accountstate`: disabled, locked,
 expired accounts are reported with the password path's reason codes, never as usable).
 
@@ -53,6 +54,7 @@ from gateway import (
     Outcome,
     PluginContext,
     SelfTest,
+    UserPage,
     hookimpl,
 )
 from gateway.plugins.ldap import wire
@@ -60,6 +62,7 @@ from gateway.plugins.ldap.directory import Directory
 from gateway.plugins.ldap.escaping import fill
 from gateway.plugins.ldap.groups import GroupResolver
 from gateway.plugins.ldap.pool import DirectoryUnavailable, Pool
+from gateway.plugins.ldap.search import UserSearch
 from gateway.plugins.ldap.selftests import selftests
 from gateway.plugins.ldap.settings import LdapSettings, resolve
 
@@ -101,6 +104,7 @@ class LdapPlugin:
         self._states: dict[str, tuple[bool, str]] = {}  # server URL -> last (ready, state) logged
         self.groups = GroupResolver(self.resolved, settings.groups, self.log)
         self.directory = Directory(self.name, settings, self.resolved, self.pool, self.groups, self.log)
+        self.search = UserSearch(self.directory)
         plain = [u for u in settings.servers if u.startswith("ldap://")] if not settings.start_tls else []
         if plain:
             self.log.warning("%s: plaintext LDAP to %s (insecure: true): passwords cross the network readable",
@@ -160,6 +164,24 @@ class LdapPlugin:
             return None  # without a service account there is nobody to search as
         try:
             return self.directory.lookup(username, time.monotonic() + self.context_deadline)
+        except DirectoryUnavailable as exc:
+            raise BackendUnavailable(exc.reason, exc.detail) from None
+
+    @hookimpl
+    def gateway_search_users(self, query: str, limit: int, cursor: str | None) -> UserPage | None:
+        if self.settings.bind_dn is None:
+            return None  # without a service account there is nobody to search as
+        try:
+            return self.search.search(query, limit, cursor, time.monotonic() + self.context_deadline)
+        except DirectoryUnavailable as exc:
+            raise BackendUnavailable(exc.reason, exc.detail) from None
+
+    @hookimpl
+    def gateway_list_groups(self, username: str) -> list[str] | None:
+        if self.settings.bind_dn is None or not username or len(username) > self.settings.max_username_length:
+            return None
+        try:
+            return self.search.list_groups(username, time.monotonic() + self.context_deadline)
         except DirectoryUnavailable as exc:
             raise BackendUnavailable(exc.reason, exc.detail) from None
 

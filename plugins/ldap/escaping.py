@@ -1,7 +1,8 @@
 """Every value that goes from a user into LDAP passes through this module (DESIGN.md section 7).
 
 * Search filters: RFC 4515 section 3 escaping of assertion values (:func:`filter_value`), and
-  template filling that never interprets the value (:func:`fill`).
+  template filling that never interprets the value (:func:`fill`); directory searches
+  (:func:`fill_search`, :func:`contains`) add a wildcard around the escaped text, never in it.
 * DNs: RFC 4514 section 2.4 escaping of attribute values (:func:`dn_value`), used only for the
   ``direct_bind`` DN template; in search-then-bind the DN comes from the directory.
 * Bind names that are not DNs (``{username}@example.com``): :func:`plain_name_ok` refuses the
@@ -15,7 +16,7 @@ from __future__ import annotations
 import re
 import uuid
 
-__all__ = ["dn_value", "filter_value", "fill", "first_rdn_value", "format_guid", "plain_name_ok"]
+__all__ = ["contains", "dn_value", "filter_value", "fill", "fill_search", "first_rdn_value", "format_guid", "plain_name_ok"]
 
 # RFC 4515 section 3: in an assertion value, '*', '(', ')', '\' and NUL must be written as a
 # backslash and two hex digits. Other octets (UTF-8 included) may stay as they are.
@@ -104,3 +105,16 @@ def format_guid(raw: bytes) -> str:
     if len(raw) != 16:
         raise ValueError("an objectGUID has 16 octets")
     return str(uuid.UUID(bytes_le=bytes(raw)))
+
+
+def fill_search(template: str, prefix: str) -> str:
+    """Fill a user filter template's ``{username}`` for a directory search: the escaped *prefix*
+    followed by an unescaped ``*`` (RFC 4515 substring ``initial``), or a presence test when
+    *prefix* is empty. The wildcard is the only filter syntax added; *prefix* stays literal."""
+    value = filter_value(prefix) + "*"
+    return _PLACEHOLDER.sub(lambda m: value if m.group(1) == "username" else m.group(0), template)
+
+
+def contains(attr: str, text: str) -> str:
+    """``(attr=*text*)`` with *text* escaped: a literal substring match (RFC 4515 ``any``)."""
+    return f"({attr}=*{filter_value(text)}*)"

@@ -1,7 +1,8 @@
 """``link``: the connector's outbound link to a relay (docs/connector.md). Not a chain step:
 enabled with ``plugins: [link]``; it answers the relay's requests by running this gateway's own
 chain (``authenticate``, through the same throttling and audit as ``/auth``) and directory
-plugins (``lookup_user``), and its self-tests (``selftest``).
+plugins (``lookup_user``, ``search_users``, ``list_groups``: plugins/link/directory.py), and its
+self-tests (``selftest``).
 
 Decides
     nothing itself: attempts arriving over the link are decided by the chain, audited with

@@ -25,7 +25,7 @@ from cryptography.x509.oid import NameOID
 from gateway import Attempt, BackendUnavailable, PasswordCredential
 from gateway.plugins import linkproto as proto
 
-from . import state
+from . import directory, state
 from .settings import LinkSettings
 
 __all__ = ["LinkClient", "LinkStatus"]
@@ -282,6 +282,10 @@ class LinkClient:
                 loop.run_in_executor(None, lambda: self.hook.gateway_lookup_user(username=username)),
                 self._time_left(message))
             return {"found": identity is not None, "identity": _identity_json(identity) if identity else None}
+        if message.type == "search_users":
+            return await directory.search_users(self.hook, body, message.id, self._time_left(message))
+        if message.type == "list_groups":
+            return await directory.list_groups(self.hook, body, message.id, self._time_left(message))
         if message.type == "selftest":
             return {"results": await asyncio.get_running_loop().run_in_executor(None, self._selftests)}
         raise proto.ProtocolError("unknown_type", f"{message.type} is not served", message.id)

@@ -37,7 +37,7 @@ except ImportError:  # pragma: no cover - depends on the installed cryptography
     hpke = None
 
 __all__ = [
-    "ANSWER", "ERROR", "MAX_AHEAD", "MAX_FRAME", "REQUEST_TYPES", "VERSION",
+    "ANSWER", "ERROR", "MAX_AHEAD", "MAX_FRAME", "MAX_SEARCH_LIMIT", "REQUEST_TYPES", "VERSION",
     "Message", "ProtocolError", "ReplayGuard", "answer", "decode", "error", "new_id", "open_password",
     "request", "seal_password",
 ]
@@ -47,10 +47,12 @@ VERSION = 1
 MAX_FRAME = 64 * 1024
 #: Largest ``deadline - now`` a receiver accepts: nonces are remembered this long, no longer.
 MAX_AHEAD = 120.0
+#: Most users one ``search_users`` answer holds: a page of profiles must fit one frame.
+MAX_SEARCH_LIMIT = 100
 
 ANSWER, ERROR = "answer", "error"
 #: Requests the relay sends to a connector, and those a connector sends to the relay.
-RELAY_TO_CONNECTOR = frozenset({"authenticate", "lookup_user", "selftest", "ping"})
+RELAY_TO_CONNECTOR = frozenset({"authenticate", "lookup_user", "search_users", "list_groups", "selftest", "ping"})
 CONNECTOR_TO_RELAY = frozenset({"hello", "renew", "drain"})
 REQUEST_TYPES = RELAY_TO_CONNECTOR | CONNECTOR_TO_RELAY
 

@@ -1,6 +1,6 @@
 """``relay``: the cloud side of the connector link. Connectors enrol here from ticket URLs and
 hold outbound WebSocket links; the chain step ``relay`` forwards password attempts (and
-``gateway_lookup_user``) over one of them (docs/connector.md, docs/link-protocol.md).
+``gateway_lookup_user``, ``gateway_search_users``, ``gateway_list_groups``) over one of them (docs/connector.md, docs/link-protocol.md).
 
 Decides
     password attempts, with the connector's outcome and reason code as its own (``step`` is
@@ -40,8 +40,11 @@ from gateway import (
     Outcome,
     PluginContext,
     Route,
+    UserPage,
     hookimpl,
 )
+
+from gateway.plugins import linkproto as proto
 
 from .ca import RelayCA
 from .cli import relay_command
@@ -130,7 +133,9 @@ class RelayPlugin:
                 Route("POST", "/p/{token}", endpoints.enrol, listener),
                 Route("GET", "/link", endpoints.link, listener),
                 Route("GET", "/v1/relay/connectors", endpoints.connectors),
-                Route("POST", "/v1/relay/selftest", endpoints.selftest)]
+                Route("POST", "/v1/relay/selftest", endpoints.selftest),
+                Route("GET", "/v1/relay/users", endpoints.users),
+                Route("GET", "/v1/relay/users/{name}/groups", endpoints.groups)]
 
     @hookimpl
     def gateway_commands(self) -> list[Command]:
@@ -230,6 +235,32 @@ class RelayPlugin:
         return _identity(answer.get("identity"))
 
     @hookimpl
+    def gateway_search_users(self, query: str, limit: int, cursor: str | None) -> UserPage | None:
+        body = {"query": query, "limit": max(1, min(int(limit), proto.MAX_SEARCH_LIMIT)), "cursor": cursor}
+        try:
+            answer = self._call("search_users", body, 10.0, retry=True)
+        except Unreachable as exc:
+            if exc.reason == "relay.connector_error" and str(exc).startswith("bad_request:"):
+                raise ValueError(str(exc)) from None  # the caller's cursor or query
+            raise BackendUnavailable(f"no connector answered: {exc.reason}") from None
+        if not answer.get("found"):
+            return None
+        return search_page(answer)
+
+    @hookimpl
+    def gateway_list_groups(self, username: str) -> list[str] | None:
+        try:
+            answer = self._call("list_groups", {"username": username}, 10.0, retry=True)
+        except Unreachable as exc:
+            raise BackendUnavailable(f"no connector answered: {exc.reason}") from None
+        if not answer.get("found"):
+            return None
+        groups = answer.get("groups")
+        if not isinstance(groups, list) or len(groups) > 10_000:
+            raise BackendUnavailable("relay.bad_answer: groups must be a list")
+        return [_text(g) for g in groups]
+
+    @hookimpl
     def gateway_readiness(self) -> list[ComponentState]:
         links = [s for s in self.hub.all() if s.ready and not s.closing]
         return [ComponentState(f"{self.name}.{self.settings.connection}", bool(links),
@@ -265,3 +296,16 @@ def _identity(data: Any) -> Identity:
                     account_state=_text(data.get("account_state", ""), 100),
                     password_state=_text(data.get("password_state", ""), 100))
 
+
+
+def search_page(answer: dict[str, Any]) -> UserPage:
+    """A page from a connector's ``search_users`` answer, every field type-checked and bounded."""
+    users, cursor = answer.get("users"), answer.get("next_cursor")
+    try:
+        if not isinstance(users, list) or len(users) > proto.MAX_SEARCH_LIMIT:
+            raise TypeError("users must be a list")
+        if cursor is not None:
+            cursor = _text(cursor)
+        return UserPage(tuple(_identity({**u, "method": "relay"}) for u in users), cursor)
+    except (TypeError, KeyError, ValueError, AttributeError) as exc:
+        raise BackendUnavailable(f"relay.bad_answer: {exc}") from None

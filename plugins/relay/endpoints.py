@@ -26,6 +26,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
+from gateway import UserPage
 from gateway.plugins import linkproto as proto
 
 from .ca import CSRRefused
@@ -166,6 +167,56 @@ class Endpoints:
             return _refuse(502, "relay.bad_answer", "the connector's answer has no results")
         return web.json_response({"results": results}, headers={"Cache-Control": "no-store"})
 
+    async def users(self, request: web.Request) -> web.Response:
+        """``GET /v1/relay/users?q=TEXT&limit=N&cursor=C``: one page of a directory search on a
+        connector (login name prefix, display name substring; docs/link-protocol.md)."""
+        if self.door.api_client(request) is None:
+            return _refuse(401, "unauthorized", "a valid API token is required")
+        query, cursor = request.query.get("q", ""), request.query.get("cursor") or None
+        try:
+            limit = int(request.query.get("limit", "20"))
+        except ValueError:
+            return _refuse(400, "bad_request", "`limit` must be an integer")
+        if not 1 <= limit <= proto.MAX_SEARCH_LIMIT or len(query) > 256 or len(cursor or "") > 1024:
+            return _refuse(400, "bad_request", f"`limit` 1-{proto.MAX_SEARCH_LIMIT}, `q` at most 256 characters")
+        body = await self._directory("search_users", {"query": query, "limit": limit, "cursor": cursor})
+        if isinstance(body, web.Response):
+            return body
+        from . import search_page  # the package imports this module first
+
+        try:
+            page = search_page(body) if body.get("found") else UserPage(())
+        except Exception as exc:  # BackendUnavailable: a malformed answer
+            return _refuse(502, "relay.bad_answer", str(exc)[:200])
+        return web.json_response({"users": [_user(u) for u in page.users], "next_cursor": page.next_cursor},
+                                 headers={"Cache-Control": "no-store"})
+
+    async def groups(self, request: web.Request) -> web.Response:
+        """``GET /v1/relay/users/{name}/groups``: a user's groups, nested ones resolved."""
+        if self.door.api_client(request) is None:
+            return _refuse(401, "unauthorized", "a valid API token is required")
+        name = request.match_info["name"]
+        if not 0 < len(name) <= 256:
+            return _refuse(400, "bad_request", "the name must be 1-256 characters")
+        body = await self._directory("list_groups", {"username": name})
+        if isinstance(body, web.Response):
+            return body
+        if not body.get("found"):
+            return _refuse(404, "not_found", "the directory does not know this user")
+        groups = body.get("groups")
+        if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
+            return _refuse(502, "relay.bad_answer", "the connector's answer has no group list")
+        return web.json_response({"username": name, "groups": groups}, headers={"Cache-Control": "no-store"})
+
+    async def _directory(self, type_: str, body: dict) -> dict | web.Response:
+        """A read-only request to one connector (retried on another when its link is lost)."""
+        try:
+            return await self.plugin.hub.call(self.settings.connection, type_, body, 10.0, retry=True)
+        except Unreachable as exc:
+            if exc.reason == "relay.connector_error" and str(exc).startswith("bad_request:"):
+                return _refuse(400, "bad_request", str(exc)[len("bad_request: "):])
+            return _refuse(503, exc.reason, str(exc))
+
     # -- the link ----------------------------------------------------------------------------------
 
     async def link(self, request: web.Request) -> web.StreamResponse:
@@ -260,3 +311,9 @@ class Endpoints:
                  cert.not_valid_after_utc.isoformat())
         return proto.answer(message.id, {"certificate": cert.public_bytes(serialization.Encoding.PEM).decode("ascii"),
                                          "ca": self.plugin.ca.pem})
+
+
+def _user(identity) -> dict:
+    return {"username": identity.username, "subject": identity.subject, "display_name": identity.display_name,
+            "email": identity.email, "account_state": identity.account_state,
+            "password_state": identity.password_state}

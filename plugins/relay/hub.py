@@ -10,8 +10,9 @@ Routing rules (docs/connector.md#high-availability):
 * a password check is sent **once**: when its frame was written and the link then fails, the
   attempt is UNAVAILABLE (``relay.link_lost``), never re-sent to another connector, because the
   first one may have reached the directory and counted a failure towards the lockout;
-* read-only requests (``lookup_user``, ``selftest``) are retried on another link when theirs is
-  lost.
+* read-only requests (``lookup_user``, ``search_users``, ``list_groups``, ``selftest``) are
+  retried on another link when theirs is lost, or when its connector answers ``unavailable``
+  (its directory did not answer) and another link is ready.
 """
 
 from __future__ import annotations
@@ -150,7 +151,15 @@ class Hub:
                 if retry and exc.reason == "relay.link_lost" and time.monotonic() < deadline:
                     continue
                 raise
-            return _body(message)
+            try:
+                return _body(message)
+            except Unreachable as exc:
+                # A read-only request whose connector's directory did not answer: another
+                # connector (another site, another domain controller) may reach its own.
+                if retry and exc.reason == "relay.connector_unavailable" and time.monotonic() < deadline \
+                        and self._pick(connection, tried) is not None:
+                    continue
+                raise
 
 
 def _body(message: proto.Message) -> dict[str, Any]:
