@@ -21,7 +21,7 @@ from gateway.model import (
     UserPage,
 )
 from gateway.registry import PluginContext, hookimpl
-from gateway.settings import ConfigPath, PluginSettings, Secret
+from gateway.settings import ConfigPath, InvalidKey, InvalidKeys, PluginSettings, Secret
 from gateway.stash import Stash, StashKey
 
 __version__ = "0.1.0"
@@ -40,6 +40,8 @@ __all__ = [
     "ConfigPath",
     "Decision",
     "Identity",
+    "InvalidKey",
+    "InvalidKeys",
     "Listener",
     "NegotiateCredential",
     "Note",

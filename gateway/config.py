@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from gateway.errors import ConfigError
-from gateway.settings import GatewaySettings, InvalidKey, ValidationContext
+from gateway.settings import GatewaySettings, InvalidKey, InvalidKeys, ValidationContext
 from gateway.yamlfiles import (
     KeyPath,
     Mark,
@@ -261,6 +261,12 @@ def validate(model: type[M], data: Any, prefix: KeyPath, marks: dict[KeyPath, Ma
         for error in exc.errors(include_url=False, include_input=False):
             path = (*prefix, *error["loc"])
             blamed = (error.get("ctx") or {}).get("error")
+            if isinstance(blamed, InvalidKeys):  # several cross-field problems: one error each
+                for problem in blamed.problems:
+                    key = problem.key.split(".") if isinstance(problem, InvalidKey) else []
+                    where = (*path, *(int(k) if k.isdigit() else k for k in key))
+                    problems.append(locate(marks, where, f"{format_path(where)}: {problem}", fallback))
+                continue
             if isinstance(blamed, InvalidKey):  # a cross-field check naming the key at fault
                 path = (*path, *(int(k) if k.isdigit() else k for k in blamed.key.split(".")))
             message = _MESSAGES.get(error["type"], error["msg"])

@@ -39,6 +39,7 @@ __all__ = [
     "ConfigPath",
     "GatewaySettings",
     "InvalidKey",
+    "InvalidKeys",
     "PluginSettings",
     "Secret",
     "StrictBool",
@@ -57,6 +58,16 @@ class InvalidKey(ValueError):
     def __init__(self, key: str, message: str) -> None:
         super().__init__(message)
         self.key = key
+
+
+class InvalidKeys(ValueError):
+    """Raised by a settings validator that found several problems, so all of them are reported
+    in one run: each :class:`InvalidKey` at its key's ``file:line``, any other ``ValueError`` at
+    the model's. Raise it only when *problems* is not empty."""
+
+    def __init__(self, problems: list[ValueError]) -> None:
+        super().__init__("; ".join(str(problem) for problem in problems))
+        self.problems = list(problems)
 
 
 @dataclass

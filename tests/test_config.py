@@ -256,6 +256,45 @@ def test_snapshot_checks_beyond_types_point_at_the_keys_own_line(conf_dir, case,
     assert found[0].startswith("error: " + expected.replace("{conf}", "conf.d").replace("Value error, ", "")), found
 
 
+def test_snapshot_every_ldap_problem_and_a_core_error_in_one_run(conf_dir):
+    write_conf(conf_dir, {**USERS,
+        "gateway.yaml": "chain: [static, ldap]\nlisten: nonsense\n",
+        "ldap.yaml": """\
+            ldap:
+              servers:
+                - ldaps://127.0.0.1:1636
+              start_tls: true
+              base_dn: dc=example,dc=com
+              ca_file: missing/ca.pem
+              direct_bind: "uid=alice,dc=example,dc=com"
+              user_filter: (uid={username}
+              groups:
+                filter: (member={dn}
+            """,
+    })
+    found = errors(check(conf_dir))
+    assert found[0] == "error: conf.d/gateway.yaml:2: listen: 'nonsense' is not HOST:PORT (IPv6 as [::1]:PORT)"
+    assert [line.split(": ", 3)[1:3] for line in found[1:]] == [
+        ["conf.d/ldap.yaml:4", "ldap.start_tls"], ["conf.d/ldap.yaml:7", "ldap.direct_bind"],
+        ["conf.d/ldap.yaml:6", "ldap.ca_file"], ["conf.d/ldap.yaml:8", "ldap.user_filter"],
+        ["conf.d/ldap.yaml:10", "ldap.groups.filter"]]
+    assert found[1:3] == [
+        "error: conf.d/ldap.yaml:4: ldap.start_tls: start_tls applies to ldap:// servers; ldaps:// is TLS already",
+        "error: conf.d/ldap.yaml:7: ldap.direct_bind: direct_bind must contain {username}"]
+    assert found[3].startswith("error: conf.d/ldap.yaml:6: ldap.ca_file: conf.d/missing/ca.pem is not a readable "
+                               "PEM bundle")
+    assert found[4].startswith("error: conf.d/ldap.yaml:8: ldap.user_filter: '(uid={username}' is not a valid RFC "
+                               "4515 filter")
+
+
+def test_ldap_timeouts_above_the_deadline_are_reported_together(conf_dir):
+    write_conf(conf_dir, {**USERS, "gateway.yaml": "chain: [static, ldap]\ndeadline: 1\n",
+                          "ldap.yaml": textwrap.dedent(LDAP_OK) + "  connect_timeout: 2\n  receive_timeout: 3\n"})
+    found = errors(check(conf_dir, {"OPS_TEST_BIND": "x"}))
+    assert [line.split(": ", 3)[1:3] for line in found] == [
+        ["conf.d/ldap.yaml:7", "ldap.connect_timeout"], ["conf.d/ldap.yaml:8", "ldap.receive_timeout"]]
+
+
 def test_the_default_listen_and_a_single_address_string(conf_dir):
     write_conf(conf_dir, {"gateway.yaml": "chain: [a]\nlisten: 127.0.0.1:9100\n"})
     assert load_config(conf_dir).core.listen == ["127.0.0.1:9100"]

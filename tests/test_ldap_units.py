@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 from ldap3.operation.search import compile_filter, parse_filter
+from pydantic import ValidationError
 
-from gateway import ConfigError, Outcome
-from gateway.errors import PluginLoadError
+from gateway import ConfigError, InvalidKeys, Outcome
 from gateway.plugins.ldap import LdapPlugin
 from gateway.plugins.ldap.adcodes import AD_CODES, parse_data_code
 from gateway.plugins.ldap.escaping import dn_value, fill, filter_value, first_rdn_value, format_guid, plain_name_ok
@@ -267,13 +267,22 @@ def test_timeouts_must_stay_below_the_attempt_deadline(tmp_path: Path) -> None:
 
 
 def test_a_broken_filter_template_stops_start_up(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="not a valid RFC 4515 filter"):
-        LdapPlugin(settings(user_filter="(&(uid={username})"), _context(tmp_path))
+    with pytest.raises(ValueError, match="not a valid RFC 4515 filter"):
+        settings(user_filter="(&(uid={username})")
 
 
 def test_a_missing_ca_file_stops_start_up(tmp_path: Path) -> None:
-    with pytest.raises((ConfigError, PluginLoadError), match="ca_file"):
-        LdapPlugin(settings(ca_file=str(tmp_path / "nope.pem")), _context(tmp_path))
+    with pytest.raises(ValueError, match="nope.pem is not a readable PEM bundle"):
+        settings(ca_file=str(tmp_path / "nope.pem"))
+
+
+def test_every_cross_field_problem_is_raised_together(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError) as excinfo:
+        settings(start_tls=True, direct_bind="uid=x,dc=example,dc=com", user_filter="(uid={username}",
+                 ca_file=str(tmp_path / "nope.pem"))
+    blamed = excinfo.value.errors()[0]["ctx"]["error"]
+    assert isinstance(blamed, InvalidKeys)
+    assert [p.key for p in blamed.problems] == ["start_tls", "direct_bind", "ca_file", "user_filter"]
 
 
 def test_readiness_before_any_traffic_is_from_memory(tmp_path: Path) -> None:

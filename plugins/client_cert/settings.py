@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from gateway import ConfigPath, PluginSettings, Secret
-from gateway.settings import InvalidKey, parse_listen, unmapped_networks
+from gateway.settings import InvalidKey, InvalidKeys, parse_listen, unmapped_networks
 
 __all__ = [
     "ClientCertSettings",
@@ -255,15 +255,21 @@ class ClientCertSettings(PluginSettings):
     @model_validator(mode="after")
     def _one_header_per_proxy(self) -> ClientCertSettings:
         # A proxy sets one header; two entries for one proxy would bring back the fall-through.
+        # Every entry at fault is reported in one run, once (its first conflict).
+        problems: dict[str, InvalidKey] = {}
         catch_all = [h.name for h in self.headers if not h.proxies]
         if len(catch_all) > 1:
             second = [n for n, h in enumerate(self.headers) if not h.proxies][1]
-            raise InvalidKey(f"headers.{second}", f"{' and '.join(catch_all)} both apply to every trusted proxy; a "
-                             "proxy sets one certificate header: give each entry the `proxies` that set it")
+            problems[f"headers.{second}"] = InvalidKey(
+                f"headers.{second}", f"{' and '.join(catch_all)} both apply to every trusted proxy; a "
+                "proxy sets one certificate header: give each entry the `proxies` that set it")
         named = [(n, net, h.name) for n, h in enumerate(self.headers) for net in h.proxies]
         for i, (entry, net, name) in enumerate(named):
             for other_entry, other, other_name in named[i + 1:]:
                 if other_entry != entry and net.version == other.version and net.overlaps(other):
-                    raise InvalidKey(f"headers.{other_entry}", f"proxy {net} sets {name} and {other} sets "
-                                     f"{other_name}; a proxy sets one certificate header")
+                    problems.setdefault(f"headers.{other_entry}", InvalidKey(
+                        f"headers.{other_entry}", f"proxy {net} sets {name} and {other} sets "
+                        f"{other_name}; a proxy sets one certificate header"))
+        if problems:
+            raise InvalidKeys(list(problems.values()))
         return self

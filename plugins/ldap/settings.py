@@ -3,11 +3,13 @@
 A preset supplies the user filter, the attribute-to-claim mapping, the subject attribute and
 the group strategy of a directory family; any key the operator sets wins over the preset.
 :func:`resolve` merges both into one frozen :class:`Resolved` record at start-up, so the hot
-path never looks at the preset again.
+path never looks at the preset again. :meth:`LdapSettings._check` collects every cross-field,
+CA file and filter problem and raises them together (:class:`gateway.InvalidKeys`).
 """
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import urlsplit
@@ -15,7 +17,9 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator, model_validator
 
 from gateway import ConfigPath, PluginSettings, Secret
-from gateway.settings import InvalidKey
+from gateway.plugins.ldap import wire
+from gateway.plugins.ldap.escaping import fill
+from gateway.settings import InvalidKey, InvalidKeys
 
 __all__ = ["GroupSettings", "LdapSettings", "PRESETS", "Preset", "Resolved", "TestLogin", "resolve"]
 
@@ -175,22 +179,37 @@ class LdapSettings(PluginSettings):
 
     @model_validator(mode="after")
     def _check(self) -> LdapSettings:
+        # Every independent problem is collected, so one run reports them all (issue 11 item 1).
+        problems: list[ValueError] = []
         plain = [u for u in self.servers if u.startswith("ldap://")]
         if plain and not self.start_tls and not self.insecure:
-            raise InvalidKey(f"servers.{self.servers.index(plain[0])}",
-                             f"{plain[0]} is plaintext: use ldaps://, set start_tls: true, or accept "
-                             "readable passwords on the network with insecure: true")
+            problems.append(InvalidKey(f"servers.{self.servers.index(plain[0])}",
+                                       f"{plain[0]} is plaintext: use ldaps://, set start_tls: true, or accept "
+                                       "readable passwords on the network with insecure: true"))
         if self.start_tls and any(u.startswith("ldaps://") for u in self.servers):
-            raise InvalidKey("start_tls", "start_tls applies to ldap:// servers; ldaps:// is TLS already")
+            problems.append(InvalidKey("start_tls", "start_tls applies to ldap:// servers; ldaps:// is TLS already"))
         if (self.bind_dn is None) != (self.bind_password is None):
-            raise InvalidKey("bind_dn" if self.bind_dn is not None else "bind_password",
-                             "bind_dn and bind_password go together")
+            problems.append(InvalidKey("bind_dn" if self.bind_dn is not None else "bind_password",
+                                       "bind_dn and bind_password go together"))
         if self.direct_bind is not None and "{username}" not in self.direct_bind:
-            raise InvalidKey("direct_bind", "direct_bind must contain {username}")
+            problems.append(InvalidKey("direct_bind", "direct_bind must contain {username}"))
         if self.direct_bind is None and self.bind_dn is None:
-            raise ValueError("set bind_dn/bind_password (search, then bind) or direct_bind")
+            problems.append(ValueError("set bind_dn/bind_password (search, then bind) or direct_bind"))
         if self.user_filter is not None and "{username}" not in self.user_filter:
-            raise InvalidKey("user_filter", "user_filter must contain {username}")
+            problems.append(InvalidKey("user_filter", "user_filter must contain {username}"))
+        # Checks that read a file or compile a filter run here too, not at start-up, so that they
+        # are reported with the others above instead of only once those are fixed.
+        uses_tls = self.start_tls or any(u.startswith("ldaps://") for u in self.servers)
+        if uses_tls and self.ca_file is not None:
+            try:
+                ssl.create_default_context(cafile=str(self.ca_file))
+            except (OSError, ssl.SSLError) as exc:
+                problems.append(InvalidKey("ca_file", f"{self.ca_file} is not a readable PEM bundle "
+                                                      f"({exc.__class__.__name__}: {exc})"))
+        blamed = {p.key for p in problems if isinstance(p, InvalidKey)}
+        problems.extend(p for p in filter_problems(resolve(self)) if p.key not in blamed)
+        if problems:
+            raise InvalidKeys(problems)
         return self
 
 
@@ -212,6 +231,20 @@ class Resolved:
     in_chain: bool
     #: Attributes requested with the user search, computed once.
     user_attributes: tuple[str, ...]
+
+
+def filter_problems(r: Resolved) -> list[InvalidKey]:
+    """Compile every filter template once with sample values: a typo stops start-up instead
+    of making every login fail."""
+    templates = {"user_filter": r.user_filter, "groups.filter": f"(&{r.group_object_filter}{r.group_filter})",
+                 "groups.nested_filter": f"(&{r.group_object_filter}{r.group_nested_filter})"}
+    problems = []
+    for key, template in templates.items():
+        try:
+            wire.compile_filter(fill(template, username="sample", dn="cn=sample,dc=example"))
+        except wire.FilterError as exc:
+            problems.append(InvalidKey(key, f"{template!r} is not a valid RFC 4515 filter: {exc}"))
+    return problems
 
 
 def _attrs(value: str | list[str]) -> tuple[str, ...]:
