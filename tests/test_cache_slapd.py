@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import random
+import re
 import signal
 import sqlite3
 import threading
@@ -17,7 +18,9 @@ from pathlib import Path
 import ldap3
 import pytest
 
+from support.console import ConsoleClient, console_link, link_path
 from support.gateway import GatewayProcess, authgw, write_conf
+from support.net import free_port
 from support.redis import RedisServer
 from support.slapd import Slapd
 
@@ -310,3 +313,58 @@ def test_hot_cache_hits_skip_the_directory_and_expire(tmp_path, directory, start
     expired = gateway.auth(uid, password)
     assert expired.status == 200 and source(expired) == "live"
     assert directory.bind_count() > binds
+
+
+def _cache_detail(gateway: GatewayProcess) -> str:
+    components = gateway.get("/readyz").json()["components"]  # details are shown to loopback
+    return next(c["detail"] for c in components if c["name"] == "cache.store")
+
+
+def _wait_for_detail(gateway: GatewayProcess, text: str, timeout: float = 30.0) -> str:
+    deadline = time.monotonic() + timeout  # the count is refreshed on the cache's own thread
+    while True:
+        detail = _cache_detail(gateway)
+        if text in detail or time.monotonic() > deadline:
+            assert text in detail, detail
+            return detail
+        time.sleep(0.2)
+
+
+def _utc_seconds(before: float, after: float) -> set[str]:
+    return {time.strftime("%H:%M:%S", time.gmtime(t)) for t in range(int(before), int(after) + 2)}
+
+
+def test_readiness_and_the_console_show_offline_entries_and_the_last_offline_answer(tmp_path, directory,
+                                                                                   start_gateway):
+    port = free_port()
+    conf_dir = conf(tmp_path, directory)
+    write_conf(conf_dir, {"console.yaml": f"console:\n  listen: 127.0.0.1:{port}\n"})
+    gateway_yaml = conf_dir / "gateway.yaml"
+    gateway_yaml.write_text(gateway_yaml.read_text().replace("plugins: [cache]", "plugins: [cache, console]"))
+    gateway = start_gateway(conf_dir)
+    detail = _wait_for_detail(gateway, "; 0 offline entries (counted ")
+    assert "no offline answer yet" in detail
+
+    users = [new_user(directory), new_user(directory)]
+    for uid, password in users:
+        assert source(gateway.auth(uid, password)) == "live"
+    detail = _wait_for_detail(gateway, "; 2 offline entries (counted ")
+    assert "no offline answer yet" in detail and "last offline answer" not in detail
+
+    directory.stop()
+    assert gateway.auth("never-seen-user", "whatever").status == 503  # no entry: not an offline answer
+    assert "no offline answer yet" in _cache_detail(gateway)
+    before = time.time()
+    cached = gateway.auth(*users[0])
+    after = time.time()
+    assert cached.status == 200 and source(cached) == "cache"
+    detail = _cache_detail(gateway)
+    answered = re.search(r"last offline answer (\d\d:\d\d:\d\d) UTC", detail)
+    assert answered and answered.group(1) in _utc_seconds(before, after), detail
+    assert "2 offline entries" in detail
+
+    client = ConsoleClient(f"http://127.0.0.1:{port}")
+    assert client.get(link_path(console_link(gateway))).status == 303
+    page = client.get("/status").text
+    assert f"<li>last offline answer {answered.group(1)} UTC</li>" in page
+    assert re.search(r"<li>2 offline entries \(counted \d\d:\d\d:\d\d\)</li>", page), page

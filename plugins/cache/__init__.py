@@ -55,6 +55,7 @@ from gateway.plugins.cache.keys import KeyFileError, key_file_problem, sources
 from gateway.plugins.cache.offline import OfflineCache
 from gateway.plugins.cache.settings import CacheSettings
 from gateway.plugins.cache.store import SQLiteStore, StoreError
+from gateway.plugins.cache.tally import EntryTally
 
 __all__ = ["CachePlugin", "CacheSettings"]
 
@@ -72,6 +73,7 @@ class CachePlugin:
         self.offline = OfflineCache(settings, context.state_dir, name=self.name, log=self.log)
         hot = settings.hot
         self.hot = HotCache(hot.ttl, hot.max_entries) if settings.enabled and hot.enabled else None
+        self.tally = EntryTally(self._count_entries, self.log)
         unknown = [m for m in settings.methods if m not in context.gateway.chain]
         if settings.enabled and unknown:
             self.log.warning("cache.methods names %s, which %s not in `chain:`; nothing from %s is cached",
@@ -95,10 +97,17 @@ class CachePlugin:
             self.offline.store_error = str(exc)
             self.log.error("credential cache store unavailable at start-up (offline logins off until it "
                            "answers): %s", exc)
+        self.tally.start()
 
     @hookimpl
     def gateway_shutdown(self) -> None:
+        self.tally.stop()
         self.offline.close()
+
+    def _count_entries(self) -> int:
+        store = self.offline.store
+        # SQLite counts in one statement; Redis has no per-prefix count, so its entries are scanned.
+        return store.count() if isinstance(store, SQLiteStore) else sum(1 for _ in store.scan())
 
     # -- per attempt -----------------------------------------------------------------------------------
 
@@ -134,6 +143,7 @@ class CachePlugin:
         try:
             if self._hot_eligible(attempt) and self.offline.cacheable(attempt, decision):
                 self.hot.put(self._hot_token(attempt), attempt.user_key, decision.identity)
+            self.tally.changed()  # it may have learned or forgotten a user: recount on the tally's thread
             return self.offline.after_chain(attempt, decision)
         except Exception:  # the cache must never turn a live decision into an error
             self.log.exception("credential cache failed on attempt %s; the chain's decision stands",
@@ -161,6 +171,7 @@ class CachePlugin:
                 self.log.exception("credential cache: forgetting a refused account failed")
             if self.hot is not None:
                 self.hot.forget_user(name.casefold())
+        self.tally.changed()
 
     @hookimpl
     def gateway_auth_finished(self, attempt: Attempt, decision: Decision) -> None:
@@ -182,8 +193,14 @@ class CachePlugin:
         where = self.offline.location
         error = self.offline.store_error
         hot = f"; hot cache {len(self.hot)} entries" if self.hot is not None else ""
+        # Memory only (readiness does no I/O): the tally's last count and the last offline answer.
+        counted = self.tally.last
+        entries = (f"; {counted[0]} offline entries (counted {_utc(counted[1])})" if counted
+                   else "; offline entries not counted yet")
+        answered = self.offline.last_offline_answer
+        offline = f"; last offline answer {_utc(answered)} UTC" if answered is not None else "; no offline answer yet"
         return [ComponentState(f"{self.name}.store", error is None,
-                               (f"{where}: {error}" if error else f"{where}: ok") + hot)]
+                               (f"{where}: {error}" if error else f"{where}: ok") + entries + offline + hot)]
 
     @hookimpl
     def gateway_selftests(self) -> list[SelfTest]:
@@ -239,3 +256,7 @@ class CachePlugin:
         per = (time.perf_counter() - started) / 2 * 1000
         return CheckResult.ok(f"argon2id m={a.memory_cost} KiB t={a.time_cost} p={a.parallelism}: "
                               f"{per:.0f} ms per hash (OWASP minimum m=19456 t=2 p=1)")
+
+
+def _utc(stamp: float) -> str:
+    return time.strftime("%H:%M:%S", time.gmtime(stamp))

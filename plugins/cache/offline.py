@@ -91,6 +91,8 @@ class OfflineCache:
         self._memo: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
         self._tombstones: OrderedDict[str, None] = OrderedDict()
         self._last_purge = 0.0
+        #: When this worker last answered from the store (time.time(); None: not yet).
+        self.last_offline_answer: float | None = None
         #: The last store error, for readiness (None when the last operation worked).
         self.store_error: str | None = None
 
@@ -323,5 +325,8 @@ class OfflineCache:
             self.forget(credential.username)
             return decision
         if decision.outcome is Outcome.UNAVAILABLE:
-            return self.answer(attempt, credential, decision)
+            answered = self.answer(attempt, credential, decision)
+            if answered.from_cache:  # the store decided (a login, a wrong password or too many)
+                self.last_offline_answer = time.time()  # wall clock, for the readiness line only
+            return answered
         return decision

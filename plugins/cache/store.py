@@ -241,6 +241,10 @@ class SQLiteStore:
             return self._run("DELETE FROM entries").rowcount
         return self._run("DELETE FROM entries WHERE stored_at < ?", (older_than,)).rowcount
 
+    def count(self) -> int:
+        """How many entries are stored (for the readiness line; never on an attempt's path)."""
+        return self._run("SELECT count(*) FROM entries").fetchone()[0]
+
     def probe(self) -> str:
         probe = Entry(_PROBE_KEY, "probe", "probe", b"probe", time.time())
         self.put(probe)
