@@ -101,7 +101,9 @@ def test_no_server_versions_in_any_response(gw):
     b'{"username": ' + b"[" * 2000 + b"]" * 2000 + b', "password": "x"}',
     b"{" * 5000,
     b'{"username": "alice", "password": "' + b"[" * 40 + b'"}',  # brackets in a string: not nesting
-])
+], ids=["deep-array", "deep-username", "deep-objects", "brackets-in-a-string"])
+# Short ids: pytest puts the test id in PYTEST_CURRENT_TEST, and an environment string over
+# 128 KiB makes every process the test starts fail with E2BIG.
 def test_deep_or_oversized_json_is_a_400(gw, body):
     headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
     r = gw.post("/v1/authenticate", body, headers)

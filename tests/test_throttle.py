@@ -119,11 +119,14 @@ def concurrent(count: int, work) -> list:
 def test_simultaneous_guesses_are_counted_before_the_chain(tmp_path, directory, start_gateway):
     gw = start_gateway(conf(tmp_path / "c", directory, throttle={"user_failures": 5, "window": 600}))
     per = binds_per_attempt(gw, directory)
-    before = directory.bind_count()
+    before, connections = directory.bind_count(), directory.connection_count()
     outcomes = concurrent(100, lambda i: api(gw, "bob", f"guess-{i}")["outcome"])
     assert outcomes.count("invalid_credentials") <= 5, outcomes
     assert outcomes.count("throttled") >= 95
-    assert directory.bind_count() - before <= 5 * per, "in-flight guesses were not counted"
+    # Concurrency grows the LDAP pool (and a health probe may run): each new connection makes
+    # one service-account bind, which is not a guess.
+    opened = directory.connection_count() - connections
+    assert directory.bind_count() - before - opened <= 5 * per, "in-flight guesses were not counted"
 
 
 def test_workers_of_one_machine_share_the_counts(tmp_path, directory, start_gateway):
