@@ -6,9 +6,11 @@ and Apache stops by PID. Behaviour only: nothing here is timed."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -134,11 +136,27 @@ def test_wrk_counts_successes_and_refusals(slapd: Slapd, tmp_path: Path) -> None
 def test_compare_prints_the_same_run_table() -> None:
     """One command: starts slapd, Apache and authgw, loads both, prints the issue's table rows
     with a ratio, and leaves no Apache behind."""
+    mark = f"AUTHGW_COMPARE_TEST={uuid.uuid4().hex}"  # inherited by everything this run starts
     proc = subprocess.run([sys.executable, str(BENCH / "compare.py"), "--rounds", "1", "--duration", "1",
-                           "--warmup", "1", "--only", "bare,ldap"], capture_output=True, text=True, timeout=300)
+                           "--warmup", "1", "--only", "bare,ldap"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, mark.split("=")[0]: mark.split("=")[1]})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = {line.split(" | ")[0]: line for line in proc.stdout.splitlines() if line.startswith("| ")}
     for label in ("| bare HTTP (Apache static file / authgw `/healthz`)", "| LDAP Basic, 1,000 distinct users, no cache"):
         assert re.fullmatch(r"\| .+ \| [\d,]+ \| [\d,]+ \| \d+\.\d\d \| [\d,]+ / [\d,]+ \|", rows[label]), rows
     assert len(re.findall(r"^round 1 (bare|ldap) +(apache|authgw) ", proc.stdout, re.M)) == 4
-    assert "authgw-compare-" not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert not _processes_with(mark.encode()), "compare.py left processes running"
+
+
+def _processes_with(marker: bytes) -> list[int]:
+    """Live processes whose environment holds *marker* (this test's run only, not another's)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker in (entry / "environ").read_bytes().split(b"\0") and \
+                        (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
