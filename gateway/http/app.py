@@ -134,6 +134,19 @@ class FrontDoor:
         )
 
     @staticmethod
+    def password_credential(username: str, password: str) -> tuple[PasswordCredential, str | None]:
+        """A typed username and password, checked as ``/auth`` checks Basic credentials.
+
+        :return: the credential and ``None``, or, for credentials the front doors refuse before
+            the chain, a stand-in credential and the reason code to pass to :meth:`decide`.
+        """
+        try:
+            return check_password_credential(username, password), None
+        except MalformedCredentials as exc:
+            # Audited under a printable, encodable form of the name (it may be why it was refused).
+            return PasswordCredential(username.encode("utf-8", "replace").decode("utf-8")[:256], ""), exc.reason
+
+    @staticmethod
     def tls_certificate(request: web.Request) -> CertificateCredential | None:
         ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
         if ssl_object is None:
@@ -248,13 +261,7 @@ class FrontDoor:
                 raise ValueError("`username` and `password` must be strings")
         except (ValueError, RecursionError) as exc:  # JSON and UTF-8 decoding errors, nesting
             return web.json_response({"error": "bad_request", "detail": str(exc).split(":")[0]}, status=400)
-        refused = None
-        try:
-            credential = check_password_credential(username, password)
-        except MalformedCredentials as exc:
-            refused = exc.reason
-            # Audited under a printable, encodable form of the name (it may be why it was refused).
-            credential = PasswordCredential(username.encode("utf-8", "replace").decode("utf-8")[:256], "")
+        credential, refused = self.password_credential(username, password)
         attempt = self.attempt(request, "api", password=credential)
         decision = await self.decide(attempt, refused)
         status = {Outcome.UNAVAILABLE: 503, Outcome.THROTTLED: 429}.get(decision.outcome, 200)

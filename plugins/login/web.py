@@ -20,8 +20,8 @@ from typing import Awaitable, Callable
 
 from aiohttp import web
 
-from gateway import Decision, Outcome, PasswordCredential
-from gateway.http.credentials import MalformedCredentials, check_password_credential, parse_authorization
+from gateway import Decision, Outcome
+from gateway.http.credentials import MalformedCredentials, parse_authorization
 
 from .pages import AUTOSUBMIT_HASH, STYLE_HASH, Pages
 from .sessions import STORE_ERRORS, Session, SessionManager
@@ -201,13 +201,7 @@ class LoginDoor:
         username, password = form.get("username", ""), form.get("password", "")
         if not isinstance(username, str) or not isinstance(password, str):
             return self._form(request, pending_key, status=400, error="invalid")
-        refused = None
-        try:
-            credential = check_password_credential(username, password)
-        except MalformedCredentials as exc:
-            refused = exc.reason
-            # Audited under a printable form of the name (it may be why it was refused), as /v1 does.
-            credential = PasswordCredential(username.encode("utf-8", "replace").decode("utf-8")[:256], "")
+        credential, refused = self.door.password_credential(username, password)
         decision = await self.door.decide(self.door.attempt(request, FRONT_DOOR, password=credential), refused)
         if decision.success:
             return await self._signed_in(request, decision, pending_key)
