@@ -93,6 +93,7 @@ class Config:
         else:
             try:
                 self.core = self.validate(GatewaySettings, core_data, ())
+                self.context.deadline = self.core.deadline
             except ConfigError as exc:
                 problems += exc.problems
         if problems and not self.defer:

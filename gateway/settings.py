@@ -76,6 +76,10 @@ class ValidationContext:
 
     config_dir: Path
     strict: bool = False
+    #: The core's ``deadline`` once the core settings are valid (None before, or when they are
+    #: not): plugins check their own timeouts against it while validating, so that a timeout
+    #: above it is reported with every other problem of the run (issue 11 item 1).
+    deadline: float | None = None
     warnings: list[tuple[str, str]] = field(default_factory=list)  # (message, location hint)
 
     def resolve(self, value: str | os.PathLike[str]) -> Path:
@@ -323,6 +327,9 @@ class LimitsSettings(PluginSettings):
                                          "hold while none of its calls finishes for half the deadline; "
                                          "then it is skipped (a hanging backend cannot take them all); "
                                          "default half of `threads`")
+    queue_wait: float = Field(0.5, gt=0, le=300, description="seconds an attempt may be expected "
+                              "to wait for a chain thread (estimated from the measured pace); more "
+                              "is refused at once with 503, so a burst leaves no backlog behind it")
     retry_after: int = Field(1, ge=1, le=3600, description="`Retry-After` seconds of an overload 503")
     header_timeout: float = Field(10.0, gt=0, le=300, description="seconds a client has to send a "
                                   "request's headers (slow-header floods)")

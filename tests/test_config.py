@@ -433,3 +433,15 @@ def test_snapshot_a_check_across_list_entries_points_at_the_entry_at_fault(conf_
     (found,) = errors(check(conf_dir))
     assert found.startswith("error: conf.d/client_cert.yaml:7: client_cert.headers[1]: x-ssl-client-cert and "
                             "x-forwarded-client-cert both apply to every trusted proxy"), found
+
+
+def test_a_timeout_above_the_deadline_is_reported_with_the_other_ldap_problems(conf_dir):
+    # The deadline check used to run only when the plugin was built, i.e. after every other
+    # problem of the section had been fixed: one run now reports them together.
+    write_conf(conf_dir, {**USERS, "gateway.yaml": "chain: [static, ldap]\ndeadline: 2\n",
+                          "ldap.yaml": textwrap.dedent(LDAP_OK) + "  ca_file: missing/ca.pem\n  receive_timeout: 3\n"})
+    found = errors(check(conf_dir, {"OPS_TEST_BIND": "x"}))
+    assert [line.split(": ", 3)[1:3] for line in found] == [
+        ["conf.d/ldap.yaml:8", "ldap.receive_timeout"], ["conf.d/ldap.yaml:7", "ldap.ca_file"]]
+    assert found[0].endswith("ldap.receive_timeout: 3.0s is not below the gateway's deadline (2.0s); an attempt "
+                             "would end before the server could answer")

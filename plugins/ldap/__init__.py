@@ -78,8 +78,8 @@ class LdapPlugin:
         self.log = context.log
         self.context_deadline = context.gateway.deadline
         self.challenge = f'Basic realm="{context.gateway.realm}", charset="UTF-8"'
-        # The other checks run when the settings are validated (LdapSettings._check); this one
-        # needs the gateway's deadline.
+        # LdapSettings._check reports this with every other problem when the configuration is
+        # validated; settings built without that context (an embedding program) are checked here.
         self._check_timeouts(settings, context.gateway.deadline)
         self.resolved = resolve(settings)
         tls = None

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from gateway import ConfigPath, PluginSettings, Secret
 from gateway.plugins.ldap import wire
@@ -178,9 +178,14 @@ class LdapSettings(PluginSettings):
         return value
 
     @model_validator(mode="after")
-    def _check(self) -> LdapSettings:
+    def _check(self, info: ValidationInfo) -> LdapSettings:
         # Every independent problem is collected, so one run reports them all (issue 11 item 1).
         problems: list[ValueError] = []
+        deadline = getattr(info.context, "deadline", None)
+        if deadline is not None:
+            problems += [InvalidKey(key, f"{getattr(self, key)}s is not below the gateway's deadline ({deadline}s); "
+                                         "an attempt would end before the server could answer")
+                         for key in ("connect_timeout", "receive_timeout") if getattr(self, key) >= deadline]
         plain = [u for u in self.servers if u.startswith("ldap://")]
         if plain and not self.start_tls and not self.insecure:
             problems.append(InvalidKey(f"servers.{self.servers.index(plain[0])}",
