@@ -22,7 +22,7 @@ import logging
 import time
 import types
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import pluggy
 
@@ -31,7 +31,7 @@ from gateway.checks import ComponentState, Listener, Route, SelfTest
 from gateway.errors import PluginLoadError
 from gateway.failtiming import FailureTiming
 from gateway.model import Attempt, Decision, Outcome
-from gateway.pool import ChainPool, DeadlineExpired, Overloaded
+from gateway.pool import Abandoned, ChainPool, DeadlineExpired, Overloaded
 from gateway.registry import hookimpl
 from gateway.settings import GatewaySettings
 from gateway.stash import StashKey
@@ -45,6 +45,9 @@ log = logging.getLogger("authgw.chain")
 _REFUSALS = frozenset({Outcome.INVALID_CREDENTIALS, Outcome.USER_NOT_FOUND, Outcome.ACCOUNT_STATE})
 #: The ``gateway_precheck`` answer of an attempt, for :class:`PrecheckStandIn`.
 PRECHECKED: StashKey[Decision] = StashKey()
+#: Set by a front door: says, cheaply and from any thread, that the attempt's client has gone
+#: (its connection closed), so a chain thread drops the attempt unrun (gateway/pool.py).
+CLIENT_GONE: StashKey[Callable[[], bool]] = StashKey()
 
 
 def fold(attempt: Attempt) -> Decision:
@@ -155,7 +158,8 @@ class Gateway:
         timing = settings.failure_timing
         self.failure_timing = FailureTiming(enabled=timing.enabled, floor=timing.floor,
                                             percentile=timing.percentile, max_floor=timing.max_floor)
-        self.pool = ChainPool(settings.threads, max_queue=settings.limits.queue)
+        self.pool = ChainPool(settings.threads, max_queue=settings.limits.queue,
+                              max_wait=settings.limits.queue_wait)
         self.unready_reason: str | None = None  # set by readiness()
         if pm.get_plugin("core.precheck") is None:
             pm.register(PrecheckStandIn(pm), name="core.precheck")
@@ -268,13 +272,18 @@ class Gateway:
         """The chain on the pool (plugins block), waited for until the attempt's deadline.
         A full queue refuses at once (``overloaded``, 503 with ``Retry-After``), on the loop."""
         try:
-            future = self.pool.run(self._decide_and_notify, attempt, deadline=attempt.deadline)
+            future = self.pool.run(self._decide_and_notify, attempt, deadline=attempt.deadline,
+                                   abandoned=attempt.stash.get(CLIENT_GONE, None))
         except Overloaded:
             decision = Decision.deny(Outcome.UNAVAILABLE, step="gateway", reason="overloaded")
             self.notify(attempt, decision)
             return decision
         try:
             return await asyncio.wait_for(future, timeout=attempt.time_left())
+        except Abandoned:
+            decision = Decision.deny(Outcome.UNAVAILABLE, step="gateway", reason="client_gone")
+            self.notify(attempt, decision)
+            return decision
         except (asyncio.TimeoutError, DeadlineExpired):
             log.warning("attempt %s exceeded its deadline (%.1fs); a plugin did not answer in time",
                         attempt.request_id, self.settings.deadline)

@@ -9,8 +9,9 @@ Overload (issue 10): excess work is refused at once (:class:`Overloaded`, answer
 event loop) instead of waiting behind work that will miss its deadline. It is refused when the
 queue holds ``limits.queue`` items, or sooner when the wait it would have, estimated from the
 measured time per item (how fast the threads really finish work on this machine, now), exceeds
-the attempt's deadline. An attempt whose deadline passed while it queued is dropped unrun, so a
-burst does not leave minutes of dead work behind it.
+``limits.queue_wait`` or the attempt's deadline. Work is dropped unrun when a thread finds its
+deadline passed or its client gone (the connection closed while it queued), so a burst does not
+leave seconds of dead work behind it: the gateway answers normally again as soon as the burst ends.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import threading
 import time
 from typing import Any, Callable
 
-__all__ = ["ChainPool", "DeadlineExpired", "Overloaded"]
+__all__ = ["Abandoned", "ChainPool", "DeadlineExpired", "Overloaded"]
 
 log = logging.getLogger("authgw.chain")
 
@@ -49,13 +50,19 @@ class DeadlineExpired(Exception):
     """The attempt's deadline passed before a thread took it; it was not run."""
 
 
+class Abandoned(Exception):
+    """The attempt's client went away before a thread took it; it was not run."""
+
+
 class ChainPool:
     """A fixed number of daemon threads taking work from one bounded queue."""
 
-    def __init__(self, threads: int, name: str = "authgw-chain", max_queue: int | None = None) -> None:
+    def __init__(self, threads: int, name: str = "authgw-chain", max_queue: int | None = None,
+                 max_wait: float | None = None) -> None:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self.max_queue = max_queue if max_queue is not None else 4 * threads
-        self.dropped = 0  # attempts not run because their deadline had passed (for tests, metrics)
+        self.max_wait = max_wait  # seconds of estimated queue wait beyond which work is refused
+        self.dropped = 0  # attempts not run: deadline passed or client gone (for tests, metrics)
         self._size = threads
         self._per_item: float | None = None  # moving average of seconds per item (None: unknown)
         self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True)
@@ -78,40 +85,53 @@ class ChainPool:
         """Work queued and not yet taken by a thread (approximate, as any queue size is)."""
         return self._queue.qsize()
 
-    def run(self, fn: Callable[[Any], Any], arg: Any, deadline: float | None = None) -> asyncio.Future:
+    def run(self, fn: Callable[[Any], Any], arg: Any, deadline: float | None = None,
+            abandoned: Callable[[], bool] | None = None) -> asyncio.Future:
         """Run ``fn(arg)`` on a pool thread; the returned future (of the running loop) resolves
-        with its result or exception. Raises :class:`Overloaded` at once when the queue is full;
-        the future fails with :class:`DeadlineExpired` when *deadline* (``time.monotonic()``)
-        passes before a thread takes the work."""
+        with its result or exception. Raises :class:`Overloaded` at once when the queue is full
+        or the estimated wait is too long; the future fails with :class:`DeadlineExpired` when
+        *deadline* (``time.monotonic()``) passes before a thread takes the work, and with
+        :class:`Abandoned` when *abandoned()* (called on the thread: it must be a cheap read,
+        such as a transport's ``is_closing``) says the client has gone by then."""
         waiting = self._queue.qsize()
         if waiting >= self.max_queue:
             raise Overloaded(f"{self.max_queue} attempts already wait for a chain thread")
         per_item = self._per_item
-        if deadline is not None and per_item is not None and waiting and \
-                (waiting + 1) * per_item / self._size > deadline - time.monotonic():
-            raise Overloaded(f"{waiting} attempts wait, ~{per_item:.2f}s each: this one would miss its deadline")
+        if per_item is not None and waiting:
+            wait = (waiting + 1) * per_item / self._size
+            if self.max_wait is not None and wait > self.max_wait:
+                raise Overloaded(f"{waiting} attempts wait, ~{per_item:.2f}s each: ~{wait:.2f}s, over "
+                                 f"limits.queue_wait ({self.max_wait:g}s)")
+            if deadline is not None and wait > deadline - time.monotonic():
+                raise Overloaded(f"{waiting} attempts wait, ~{per_item:.2f}s each: this one would miss its deadline")
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._put((loop, future, fn, arg, deadline))
+        self._put((loop, future, fn, arg, deadline, abandoned))
         return future
 
     def submit(self, fn: Callable[[Any], Any], arg: Any) -> None:
         """Run ``fn(arg)`` on a pool thread and forget it (exceptions are logged). Not bounded:
         callers submit only small, already-decided work (a late notification)."""
-        self._put((None, None, fn, arg, None))
+        self._put((None, None, fn, arg, None, None))
 
     def _work(self) -> None:
         while True:
             item = self._queue.get()
             if item is None:
                 return
-            loop, future, fn, arg, deadline = item
+            loop, future, fn, arg, deadline, abandoned = item
+            # Work nobody will read: its waiter has answered (or is about to answer) "deadline
+            # exceeded", or its client closed the connection (a proxy that gave up, a load
+            # generator that stopped). Running it would only delay the work queued behind it.
+            unwanted = None
             if deadline is not None and time.monotonic() >= deadline:
-                # Its waiter has answered (or is about to answer) "deadline exceeded": running
-                # it now would only delay the attempts queued behind it.
+                unwanted = DeadlineExpired()
+            elif future is not None and (future.done() or (abandoned is not None and abandoned())):
+                unwanted = Abandoned()
+            if unwanted is not None:
                 self.dropped += 1
                 try:
-                    loop.call_soon_threadsafe(_resolve, future, None, DeadlineExpired())
+                    loop.call_soon_threadsafe(_resolve, future, None, unwanted)
                 except RuntimeError:
                     pass
                 continue

@@ -193,3 +193,35 @@ def test_a_plugin_raising_a_base_exception_fails_closed(conf_dir, alice_hash, st
     assert (entry["outcome"], entry["reason"], entry["step"]) == ("error", "internal_error", plugin)
     assert f"plugin '{plugin}' raised {exception}" in gw.output()
     assert gw.proc.poll() is None and gw.get("/healthz").status == 200
+
+
+def test_queued_work_whose_client_hung_up_is_not_run(conf_dir, alice_hash, start_gateway, slow_env):
+    # One thread, held 2 s by `hang` (then `static` says yes). Three clients send a login behind
+    # it and close their connections at once, as a proxy that gave up or a load generator that
+    # stopped does: their attempts are dropped unrun (`client_gone`), so the burst leaves no
+    # backlog; before, each of them entered `hang` in turn and the next real login waited 6 s.
+    import socket
+
+    gw = start_gateway(conf(conf_dir, alice_hash, "chain: [hang, static]\nthreads: 1\ndeadline: 10\n"
+                            "limits:\n  step_concurrency: 1\n", "hang:\n  sleep: 2\n"), env=slow_env)
+    first: list[int] = []
+    holder = threading.Thread(target=lambda: first.append(gw.auth("alice", PASSWORD, timeout=30).status))
+    holder.start()
+    deadline = time.monotonic() + 30
+    while "hang: call entered" not in gw.output() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert gw.output().count("hang: call entered") == 1
+    raw = (f"GET /auth HTTP/1.1\r\nHost: x\r\nAuthorization: {basic('alice', PASSWORD)}\r\n\r\n").encode()
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
+            sock.sendall(raw)
+            time.sleep(0.1)  # the request is read and queued; then the client hangs up (FIN)
+    holder.join(30)
+    assert first == [200]
+    deadline = time.monotonic() + 30  # each dropped attempt audits itself when a thread reaches it
+    while len(gw.audit()) < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    reasons = sorted(line["reason"] or line["outcome"] for line in gw.audit())
+    assert reasons == ["client_gone"] * 3 + ["success"], gw.audit()
+    assert gw.output().count("hang: call entered") == 1  # none of the three ran
+    assert gw.auth("alice", PASSWORD).status == 200

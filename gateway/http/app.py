@@ -20,7 +20,7 @@ from collections.abc import Mapping
 
 from aiohttp import web
 
-from gateway.chain import Gateway
+from gateway.chain import CLIENT_GONE, Gateway
 from gateway.errors import PluginLoadError
 from gateway.http.openapi import openapi_document
 from gateway.logs import authgw_version
@@ -122,7 +122,7 @@ class FrontDoor:
             trusted = False
         else:
             client, trusted = self.resolver.resolve(request.remote, request.headers.getall("X-Forwarded-For", ()))
-        return Attempt(
+        attempt = Attempt(
             request_id=self.request_ids.next(),
             client=client,
             front_door=front_door,
@@ -132,6 +132,9 @@ class FrontDoor:
             headers=PublicHeaders(request.headers),
             **credentials,
         )
+        if transport is not None:  # a queued attempt whose client hung up is not run (gateway/pool.py)
+            attempt.stash[CLIENT_GONE] = transport.is_closing
+        return attempt
 
     @staticmethod
     def password_credential(username: str, password: str) -> tuple[PasswordCredential, str | None]:

@@ -17,7 +17,7 @@ __all__ = ["CORE_REASONS", "openapi_document"]
 #: prefixed with their name (``ldap.*``, ``kerberos.*``, ``cert.*``, ``cache.*``, ``static.*``).
 CORE_REASONS = ["no_applicable_credentials", "empty_password", "password_too_long", "malformed_username",
                 "malformed_encoding", "credentials_too_long", "internal_error", "deadline_exceeded", "throttled",
-                "overloaded", "step_saturated"]
+                "overloaded", "step_saturated", "client_gone"]
 
 
 def _error(example: str, detail: str) -> dict[str, Any]:
