@@ -182,5 +182,6 @@ class Pages:
         outcome = request.query.get("outcome", "")
         outcome = outcome if outcome in OUTCOMES else ""
         data = await asyncio.get_running_loop().run_in_executor(
-            None, collect, self.gateway, self.recent, self.settings.audit_events, user, outcome)
+            None, collect, self.gateway, self.recent, self.settings.audit_events, user, outcome,
+            self.settings.certificate_warning_days)
         return self.render(request, "status.html", user=user, outcome=outcome, outcomes=OUTCOMES, **data)

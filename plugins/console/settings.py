@@ -43,6 +43,9 @@ class ConsoleSettings(PluginSettings):
     session_ttl: float = Field(3600.0, gt=0, le=86400, description="seconds a console session lasts "
                                                                    "without activity")
     audit_events: int = Field(50, ge=0, le=1000, description="recent audit events shown on the status page")
+    certificate_warning_days: float = Field(14.0, ge=0, le=3650, description="the status page warns when a "
+                                            "certificate a component reports (the link's, the relay's) ends "
+                                            "within this many days")
 
     @field_validator("listen")
     @classmethod

@@ -1,7 +1,9 @@
 """What the status page shows, read from the running core and never from the secrets.
 
 * components: every plugin's ``gateway_readiness`` records (directory servers and their
-  back-off, the link and its relay, the cache store), grouped by plugin;
+  back-off, the link and its relay with its round trip, the cache store), grouped by plugin;
+* certificate expiry: a component detail saying "valid until <ISO 8601>Z" (the link's
+  certificate, the relay's) is a warning when that is within ``certificate_warning_days``;
 * throttling: the core's limits;
 * recent audit events: the tail of the audit file when ``audit.file`` is a file (every worker
   writes there), else the ones this worker saw; filtered by user and outcome. Audit lines hold
@@ -14,16 +16,45 @@ from __future__ import annotations
 
 import collections
 import json
+import re
 import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from gateway import Attempt, Decision
 
-__all__ = ["RecentEvents", "collect"]
+__all__ = ["Expiry", "RecentEvents", "collect", "expiries"]
 
 #: Audit fields the page shows (nothing else from a line is displayed).
 FIELDS = ("time", "client", "front_door", "username", "method", "outcome", "reason", "step", "from_cache")
 _TAIL_BYTES = 256 * 1024
+#: How components state a certificate's end (plugins/link: "connector certificate valid until ...").
+_VALID_UNTIL = re.compile(r"valid until (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ)")
+
+
+@dataclass(frozen=True)
+class Expiry:
+    """A certificate a component reports, ending within the warning window (or ended)."""
+
+    component: str
+    until: str
+    days_left: float
+
+
+def expiries(components, warning_days: float, now: float | None = None) -> dict[str, Expiry]:
+    """Components whose certificate ends within *warning_days*, by component name."""
+    now = time.time() if now is None else now
+    found = {}
+    for component in components:
+        match = _VALID_UNTIL.search(component.detail or "")
+        if match is None:
+            continue
+        end = datetime.strptime(match.group(1), "%Y-%m-%dT%H:%M:%S%z").timestamp()
+        if end - now <= warning_days * 86400:
+            found[component.name] = Expiry(component.name, match.group(1), (end - now) / 86400)
+    return found
 
 
 class RecentEvents:
@@ -65,7 +96,8 @@ def audit_tail(path: Path, count: int) -> list[dict]:
     return events
 
 
-def collect(gateway, recent: RecentEvents, count: int, user: str = "", outcome: str = "") -> dict:
+def collect(gateway, recent: RecentEvents, count: int, user: str = "", outcome: str = "",
+            warning_days: float = 14.0) -> dict:
     import gateway as core
     from gateway.registry import discover
 
@@ -83,6 +115,8 @@ def collect(gateway, recent: RecentEvents, count: int, user: str = "", outcome: 
     enabled = [*gateway.settings.chain, *gateway.settings.plugins]
     return {
         "groups": groups,
+        "expiring": expiries(components, warning_days),
+        "warning_days": warning_days,
         "throttle": gateway.settings.throttle,
         "events": list(reversed(events[-count:])) if count else [],
         "audit_source": audit_file if audit_file != "-" else "this worker (audit.file is standard error)",

@@ -13,6 +13,9 @@ Settings (``link:`` in conf.d)
     with which certificate comes from enrolment, in ``STATE_DIR/link/``.
 Commands
     ``authgw link enroll TICKET_URL [--ca FILE]``, ``authgw link status``.
+Readiness
+    ``link.relay`` (linked or not, to which relay, the WebSocket ping round trip),
+    ``link.certificate`` and, while linked, ``link.relay_certificate`` ("valid until ...Z").
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import time
+from datetime import datetime, timezone
 
 import gateway
 from gateway import Command, ComponentState, PluginContext, Route, SelfTest, hookimpl
@@ -35,6 +40,13 @@ __all__ = ["LinkPlugin"]
 
 #: Seconds a stopping connector gives requests in flight on its link.
 _DRAIN_GRACE = 5.0
+
+
+def _validity(what: str, not_after: float, now: float) -> str:
+    until = datetime.fromtimestamp(not_after, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    if not_after <= now:
+        return f"{what} expired: valid until {until}; re-enrol with a new ticket (authgw link enroll TICKET_URL)"
+    return f"{what} valid until {until} ({(not_after - now) / 86400:.1f} days left)"
 
 
 class LinkPlugin:
@@ -60,10 +72,26 @@ class LinkPlugin:
 
     @hookimpl
     def gateway_readiness(self) -> list[ComponentState] | None:
+        # From memory only (the client keeps it current): the relay, the link's round trip,
+        # and both certificates' ends as "valid until <ISO 8601>Z", which the console reads to
+        # warn ahead of an expiry (docs/console.md).
         if self.client is None:
             return None
         status = self.client.status
-        return [ComponentState(f"{self.name}.relay", status.connected, status.detail)]
+        now = time.time()
+        detail = status.detail
+        if status.connected and status.round_trip is not None:
+            detail += f"; round trip {status.round_trip * 1000:.1f} ms"
+        states = [ComponentState(f"{self.name}.relay", status.connected, detail)]
+        if status.certificate_not_after is not None:
+            states.append(ComponentState(f"{self.name}.certificate", status.certificate_not_after > now,
+                                         _validity("connector certificate", status.certificate_not_after, now)))
+        if status.relay_certificate_not_after is not None:
+            states.append(ComponentState(
+                f"{self.name}.relay_certificate", status.relay_certificate_not_after > now,
+                _validity(f"relay certificate {status.relay_certificate_subject}",
+                          status.relay_certificate_not_after, now)))
+        return states
 
     @hookimpl
     def gateway_selftests(self) -> list[SelfTest]:

@@ -9,10 +9,13 @@ as a login at this connector's own ``/auth``. The connector opens no port for th
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import ipaddress
 import logging
+import os
 import random
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -44,15 +47,30 @@ def _identity_json(identity) -> dict[str, Any]:
             "password_state": identity.password_state}
 
 
+#: WebSocket pong round trips the reported latency is the median of.
+_ROUND_TRIPS = 5
+
+
 class LinkStatus:
-    """What the link is doing, for readiness and logs."""
+    """What the link is doing, for readiness, the console and logs. Only memory: readiness
+    reads it without I/O."""
 
     def __init__(self) -> None:
         self.connected = False
         self.connector = ""
         self.detail = "not started"
         self.skew: float | None = None
+        #: the hello's round trip, then the median of the last WebSocket ping/pong round trips
         self.round_trip: float | None = None
+        self.round_trips: collections.deque[float] = collections.deque(maxlen=_ROUND_TRIPS)
+        #: notAfter (Unix time) of this connector's certificate, and of the relay's while linked
+        self.certificate_not_after: float | None = None
+        self.relay_certificate_not_after: float | None = None
+        self.relay_certificate_subject = ""
+
+    def add_round_trip(self, seconds: float) -> None:
+        self.round_trips.append(seconds)
+        self.round_trip = statistics.median(self.round_trips)
 
 
 class LinkClient:
@@ -66,6 +84,7 @@ class LinkClient:
         self._busy = asyncio.Semaphore(settings.max_concurrent)
         self._tasks: set[asyncio.Task] = set()
         self._live: tuple | None = None  # (ws, pending, reader) of the link while it is up
+        self._pings: dict[bytes, float] = {}  # payload of a ping in flight -> monotonic time sent
 
     # -- the dialling loop --------------------------------------------------------------------------
 
@@ -88,6 +107,8 @@ class LinkClient:
                 expired = enrolment.certificate.not_valid_after_utc.strftime("%Y-%m-%d %H:%M:%SZ")
                 problem = (f"the link certificate expired at {expired}: "
                            "re-enrol with a new ticket (authgw link enroll TICKET_URL)")
+            if enrolment is not None:
+                self.status.certificate_not_after = enrolment.not_after
             if problem:
                 if problem != said:
                     log.error("link: %s", problem)
@@ -97,6 +118,7 @@ class LinkClient:
                 failures = min(failures + 1, 30)
                 continue
             said = ""
+            self.status.certificate_not_after = enrolment.not_after
             started = time.monotonic()
             try:
                 await self._session(enrolment)
@@ -143,9 +165,14 @@ class LinkClient:
     async def _linked(self, http, enrolment: state.Enrolment, context, proxy, proxy_auth) -> None:
         async with http.ws_connect(enrolment.link_url, ssl=context, heartbeat=self.settings.ping_interval,
                                    max_msg_size=proto.MAX_FRAME, proxy=proxy, proxy_auth=proxy_auth,
-                                   autoping=True, timeout=aiohttp.ClientWSTimeout(ws_close=5.0)) as ws:
+                                   # autoping off: pongs reach _read, which times them (latency)
+                                   # and answers the relay's pings itself
+                                   autoping=False, timeout=aiohttp.ClientWSTimeout(ws_close=5.0)) as ws:
             pending: dict[str, asyncio.Future] = {}
             guard = proto.ReplayGuard()
+            self._pings.clear()
+            self.status.round_trips.clear()
+            self._note_relay_certificate(ws)
             reader = asyncio.ensure_future(self._read(ws, enrolment, pending, guard))
             try:
                 await self._ask(ws, pending, "hello", {
@@ -157,18 +184,42 @@ class LinkClient:
                 log.info("link up: %s as %s (clock skew %+.3fs)", enrolment.link_url, enrolment.connector,
                          self.status.skew if self.status.skew is not None else 0.0)
                 renewer = asyncio.ensure_future(self._renew_when_due(ws, pending, enrolment, reader))
+                pinger = asyncio.ensure_future(self._ping(ws))
                 try:
                     await reader
                 finally:
                     renewer.cancel()
+                    pinger.cancel()
             finally:
                 self._live = None
+                self.status.relay_certificate_not_after = None
                 reader.cancel()
                 for future in pending.values():
                     future.cancel()
             close = f"closed by the relay ({ws.close_code})"
             self.status.detail = close
             log.warning("link to %s %s", enrolment.link_url, close)
+
+    def _note_relay_certificate(self, ws) -> None:
+        """The relay's TLS certificate (already verified with the pinned CA) for the status."""
+        try:
+            der = ws.get_extra_info("ssl_object").getpeercert(binary_form=True)
+            cert = x509.load_der_x509_certificate(der)
+        except Exception:  # no TLS object (a future transport): the status just lacks it
+            return
+        self.status.relay_certificate_not_after = cert.not_valid_after_utc.timestamp()
+        self.status.relay_certificate_subject = cert.subject.rfc4514_string()
+
+    async def _ping(self, ws) -> None:
+        """A WebSocket ping every ``ping_interval`` with a random payload; _read times its pong.
+        Pings unanswered are forgotten after a few rounds (the heartbeat closes a dead link)."""
+        while not ws.closed:
+            payload = os.urandom(8)
+            if len(self._pings) > 2 * _ROUND_TRIPS:
+                self._pings.clear()
+            self._pings[payload] = time.monotonic()
+            await ws.ping(payload)
+            await asyncio.sleep(self.settings.ping_interval)
 
     async def drain(self, grace: float) -> None:
         """A clean stop: tell the relay to send nothing new, answer what is in flight (at most
@@ -210,6 +261,14 @@ class LinkClient:
     async def _read(self, ws, enrolment: state.Enrolment, pending: dict[str, asyncio.Future],
                     guard: proto.ReplayGuard) -> None:
         async for msg in ws:
+            if msg.type == aiohttp.WSMsgType.PING:
+                await ws.pong(msg.data)
+                continue
+            if msg.type == aiohttp.WSMsgType.PONG:
+                sent = self._pings.pop(msg.data, None)
+                if sent is not None:
+                    self.status.add_round_trip(time.monotonic() - sent)
+                continue
             if msg.type != aiohttp.WSMsgType.TEXT:
                 continue
             try:
@@ -329,4 +388,5 @@ class LinkClient:
             await asyncio.get_running_loop().run_in_executor(
                 None, state.write_file, enrolment.directory / "cert.pem", cert.public_bytes(serialization.Encoding.PEM))
             enrolment = dataclasses.replace(enrolment, certificate=cert)
+            self.status.certificate_not_after = enrolment.not_after
             log.info("link: certificate renewed over the link, valid until %s", cert.not_valid_after_utc.isoformat())
