@@ -1,10 +1,13 @@
-"""Headless Chromium walks the console set-up against a real slapd and a real ``authgw serve``:
-the one-time link works once only; a wrong service password turns test 2 red with its hint;
-the right one turns every test green; the saved conf.d passes ``authgw config check``; and,
-where the gateway reloads on SIGHUP, a login then works through ``/auth``."""
+"""Headless Chromium walks the console set-up against a real slapd, a real relay (``authgw
+serve`` with ``chain: [relay]``) and a real ``authgw serve`` with the console and the link: the
+one-time link works once only; an unreachable ticket URL says so, a ticket minted by the relay
+enrols the connector; a wrong service password turns test 2 red with its hint; the right one
+turns every test green, test 4 (the cloud link) included; the saved conf.d passes ``authgw
+config check``; and after the reload a login works through ``/auth`` and through the relay."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -27,27 +30,36 @@ DAVE = "Dave-ldap-pa55"
 def walked(tmp_path_factory, demo_hash):
     from support.gateway import GatewayProcess
 
+    from support.linkenv import Relay
+
     root = tmp_path_factory.mktemp("browser")
     slapd = Slapd(root / "slapd", tls=LongLivedCA(), service_password=SERVICE_PASSWORD).start()
     slapd.add_user("dave", DAVE, cn="Dave D", mail="dave@example.com")
+    relay = Relay(root / "relay", cache=False).setup().start()
     conf_dir = root / "conf.d"
-    console_conf(conf_dir, free_port(), demo_hash)
+    console_conf(conf_dir, free_port(), demo_hash, plugins="[console, link]")
+    (conf_dir / "link.yaml").write_text("link: {ping_interval: 1.0, backoff_initial: 0.2, backoff_max: 1.0}\n")
     gw = GatewayProcess(conf_dir, root / "state").start()
     try:
         link = console_link(gw)
         with browser() as chromium:
             result = walk(chromium, link, slapd, SERVICE_PASSWORD,
-                          unreachable_ticket=f"https://127.0.0.1:{free_port()}/enroll/t1")
-        yield gw, result
+                          unreachable_ticket=f"https://127.0.0.1:{free_port()}/enroll/t1",
+                          ticket=relay.ticket(), ticket_ca=str(relay.ca_file))
+        yield gw, relay, result
     finally:
         gw.stop()
+        relay.stop()
         slapd.stop()
 
 
 def test_the_browser_walks_the_set_up_to_all_green(walked):
-    gw, result = walked
+    gw, relay, result = walked
     assert result.ticket_error.strip()
-    assert not (gw.conf_dir / "link.yaml").exists()
+    assert "enrolled" in result.ticket_enrolled, result.ticket_enrolled
+    assert result.ticket_enrolled_class == "ok", result.ticket_enrolled
+    connector = json.loads((gw.state_dir / "link" / "link.json").read_text())["connector"]
+    assert connector in relay.cli("relay", "connectors").stdout
     assert result.failed_statuses["ldap.bind"] == "fail"
     assert result.failed_statuses["ldap.search"] == "skip"
     assert result.failed_statuses["ldap.tcp"] == "pass"
@@ -55,6 +67,8 @@ def test_the_browser_walks_the_set_up_to_all_green(walked):
     assert "If this test fails" in result.failed_bind_hint
     assert set(result.green_statuses.values()) == {"pass"}, result.green_statuses
     assert {"ldap.tcp", "ldap.tls", "ldap.bind", "ldap.search"} <= set(result.green_statuses)
+    assert {"link.enrolment", "link.tcp", "link.tls", "link.link"} <= set(result.green_statuses)
+    assert "Test 4: cloud link" in result.green_link_label
     assert result.green_summary.endswith("0 failed")
     assert "used or expired" in result.second_use
     for html in result.pages_html:
@@ -63,17 +77,27 @@ def test_the_browser_walks_the_set_up_to_all_green(walked):
 
 
 def test_the_saved_configuration_passes_config_check(walked):
-    gw, _ = walked
+    gw, _, _ = walked
     check = authgw("config", "check", "--config", str(gw.conf_dir), "--state-dir", str(gw.state_dir))
     assert check.returncode == 0, check.stderr
     assert "chain: ldap -> static" in check.stdout
 
 
-def test_a_login_then_works_through_auth(walked):
-    gw, _ = walked
-    if not (gw.state_dir / "authgw.pid").exists():
-        pytest.skip("this gateway does not reload on SIGHUP yet (no <state_dir>/authgw.pid)")
+def test_a_login_then_works_through_auth_and_through_the_relay(walked):
+    gw, relay, _ = walked
+    assert (gw.state_dir / "authgw.pid").exists()  # the console's SIGHUP reload needs it
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and gw.auth("dave", DAVE).status != 200:
         time.sleep(0.2)
     assert gw.auth("dave", DAVE).status == 200
+    assert gw.auth("dave", "not-daves-password").status == 401
+    # the cloud side: the relay asks this connector over the link, which runs the saved chain
+    def outcome(password: str) -> tuple[str, str, str]:
+        answer = relay.login("dave", password)
+        body = answer.json() if answer.status == 200 else {}
+        return body.get("outcome", f"HTTP {answer.status}"), body.get("reason", ""), body.get("step", "")
+
+    while time.monotonic() < deadline and outcome(DAVE)[0] != "success":
+        time.sleep(0.2)
+    assert outcome(DAVE) == ("success", "", "relay")
+    assert outcome("not-daves-password") == ("invalid_credentials", "ldap.invalid_password", "relay")

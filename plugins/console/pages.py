@@ -8,6 +8,7 @@ update itself, and every page works without it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from pathlib import Path
 
@@ -117,8 +118,10 @@ class Pages:
         ca = data.get("ticket_ca", "")
         url = url.strip() if isinstance(url, str) else ""
         ca = ca.strip() if isinstance(ca, str) else ""
-        ok, line = await asyncio.get_running_loop().run_in_executor(
-            None, setup.enrol, url, self.config_dir, self.state_dir, ca)
+        settings = self.gateway.settings
+        ok, line = await asyncio.get_running_loop().run_in_executor(None, functools.partial(
+            setup.enrol, url, self.config_dir, self.state_dir, ca,
+            link_enabled="link" in (*settings.chain, *settings.plugins)))
         if ok and setup.can_reload(self.state_dir):  # the running link plugin picks the enrolment up
             line = f"{line} ({setup.reload_gateway(self.state_dir)})"
         return self._setup(request, status=200 if ok else 400, ticket_message=line, ticket_ok=ok,

@@ -3,7 +3,12 @@ Playwright), shared by ``tests/test_console_browser.py`` and ``tools/screenshots
 screenshots in docs/console.md come from the same run the test asserts on.
 
     with browser() as chromium:
-        result = walk(chromium, link, slapd, service_password, shots=Path("docs/img/console"))
+        result = walk(chromium, link, slapd, service_password, shots=Path("docs/img/console"),
+                      unreachable_ticket=..., ticket=relay.ticket(), ticket_ca=str(relay.ca_file))
+
+With *ticket* (a ticket URL minted by a real relay, support/linkenv.py) the walk enrols the
+connector through the ticket step after the unreachable one failed, and the configuration log
+then includes test 4 (the cloud link).
 """
 
 from __future__ import annotations
@@ -13,8 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 CHROMIUM = "/usr/bin/chromium"
-#: Seconds the page may take to show a finished configuration log.
+#: Milliseconds the page may take to show a finished configuration log.
 RUN_TIMEOUT_MS = 60_000
+#: Milliseconds any page may take: the ticket step runs `authgw link enroll` (bounded by the
+#: console's 60 s ENROL_TIMEOUT), slow on a loaded two-core CI machine.
+PAGE_TIMEOUT_MS = 90_000
 
 
 @contextlib.contextmanager
@@ -35,8 +43,11 @@ class Walk:
     failed_statuses: dict[str, str] = field(default_factory=dict)
     green_statuses: dict[str, str] = field(default_factory=dict)
     green_summary: str = ""
+    green_link_label: str = ""
     second_use: str = ""
     ticket_error: str = ""
+    ticket_enrolled: str = ""
+    ticket_enrolled_class: str = ""
     pages_html: list[str] = field(default_factory=list)
     console_errors: list[str] = field(default_factory=list)
 
@@ -62,10 +73,11 @@ def _fill_directory(page, slapd, password: str) -> None:
 
 
 def walk(chromium, link: str, slapd, service_password: str, *, unreachable_ticket: str,
-         shots: Path | None = None) -> Walk:
+         shots: Path | None = None, ticket: str | None = None, ticket_ca: str = "") -> Walk:
     result = Walk()
     context = chromium.new_context(viewport={"width": 1100, "height": 900})
     page = context.new_page()
+    page.set_default_timeout(PAGE_TIMEOUT_MS)
     page.on("console", lambda message: result.console_errors.append(message.text)
             if message.type == "error" else None)
     page.goto(link)
@@ -77,6 +89,16 @@ def walk(chromium, link: str, slapd, service_password: str, *, unreachable_ticke
     page.click("#ticket button[type=submit]")
     result.ticket_error = page.inner_text("#ticket-result")
     _shot(page, shots, "console-ticket-error.png")
+
+    # 1b. A real ticket: the connector enrols (as `authgw link enroll` does).
+    if ticket is not None:
+        page.fill("input[name=ticket_url]", ticket)
+        page.fill("input[name=ticket_ca]", ticket_ca)
+        page.click("#ticket button[type=submit]")
+        result.ticket_enrolled = page.inner_text("#ticket-result")
+        result.ticket_enrolled_class = page.get_attribute("#ticket-result", "class") or ""
+        result.pages_html.append(page.content())
+        _shot(page, shots, "console-ticket-enrolled.png")
 
     # 2. A wrong service password: test 2 turns red, with its hint; the search is skipped.
     _fill_directory(page, slapd, "not-the-password")
@@ -95,6 +117,8 @@ def walk(chromium, link: str, slapd, service_password: str, *, unreachable_ticke
     page.wait_for_selector("#summary[data-finished=yes]", timeout=RUN_TIMEOUT_MS)
     result.green_statuses = _statuses(page)
     result.green_summary = page.inner_text("#summary")
+    if ticket is not None:
+        result.green_link_label = page.inner_text("li.test[data-name='link.link']")
     result.pages_html.append(page.content())
     _shot(page, shots, "console-log-green.png")
 
