@@ -13,7 +13,14 @@ connection protocol with those three things decided here instead:
   ``limits.max_connections_per_client`` from one address (trusted proxies exempt: every client
   behind them shares their address), and a new connection is closed at once;
 * **malformed requests** -- answered with a fixed body (``400 Bad Request``) and logged as one
-  WARNING line naming the client and the parser's error class, never the bytes.
+  WARNING line naming the client and the parser's error class, never the bytes;
+* **retirement at reload** -- a connection the retiring generation accepted whose first request
+  has not arrived yet is not an idle keep-alive connection: its client sent (or is sending) a
+  request on a fresh connection and, unlike one on a reused connection, does not retry it. aiohttp
+  closes it at once and drops those bytes; here it is given up to 2 s (within
+  ``limits.header_timeout`` and the shutdown grace) to send that request, which is answered. A
+  connection silent for longer is a browser's preconnect or idle, and is closed as idle ones are.
+  Responses of a retiring generation carry ``Connection: close``.
 
 Every limit hit is logged at WARNING, at most once per 10 s per kind, with the count since.
 ``Server:`` carries no versions (``authgw``). Reads ``limits.*`` and ``trusted_proxies``.
@@ -39,6 +46,9 @@ log = logging.getLogger("authgw.http")
 
 SERVER_HEADER = "authgw"
 _LOG_EVERY = 10.0
+#: Seconds a retiring generation waits for the first request of a connection it accepted: a
+#: client sends it right after connecting; this covers a loaded machine's scheduling delays.
+_FIRST_REQUEST_GRACE = 2.0
 
 
 class _RateLimitedWarning:
@@ -104,6 +114,7 @@ class GuardedRequestHandler(RequestHandler):
         self._host: str | None = None  # set when the connection was admitted (and counted)
         self._headers_since: float | None = None
         self._header_timer: asyncio.TimerHandle | None = None
+        self._first_request: asyncio.Future | None = None  # set while retirement waits for it
 
     # -- connection caps --------------------------------------------------------------------------
 
@@ -118,6 +129,8 @@ class GuardedRequestHandler(RequestHandler):
         self._await_headers()
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        if self._first_request is not None and not self._first_request.done():
+            self._first_request.set_result(None)
         if self._host is None:  # refused in connection_made: aiohttp never saw it
             return
         self._guard.release(self._host)
@@ -161,10 +174,40 @@ class GuardedRequestHandler(RequestHandler):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
+        if self._first_request is not None and self._request_count and not self._first_request.done():
+            self._first_request.set_result(None)
         if self._busy():
             self._headers_since = None
         elif data and self._headers_since is None:
             self._await_headers()  # the first byte of a request after a keep-alive pause
+
+    # -- retirement at reload -------------------------------------------------------------------------
+
+    def _fresh(self) -> bool:
+        """Accepted, open, and no request received yet (not even partly parsed)."""
+        return self._request_count == 0 and self.transport is not None and not self._force_close
+
+    def close(self) -> None:
+        # aiohttp's pre-shutdown close() would drop a fresh connection's request bytes
+        # (data_received ignores them once closing); shutdown() below serves that request.
+        if not self._fresh():
+            super().close()
+
+    async def shutdown(self, timeout: float | None = 15.0) -> None:
+        if self._fresh():
+            self._first_request = self._loop.create_future()
+            wait = min(_FIRST_REQUEST_GRACE, self._guard.limits.header_timeout, timeout or _FIRST_REQUEST_GRACE)
+            try:
+                await asyncio.wait_for(asyncio.shield(self._first_request), wait)
+            except asyncio.TimeoutError:
+                pass  # it sent nothing: closed as any idle connection
+        # aiohttp finishes a request it has received (in progress or queued) before closing.
+        await super().shutdown(timeout)
+
+    async def finish_response(self, request, resp, start_time):
+        if self._force_close or self._first_request is not None:
+            resp.force_close()  # retiring: the client opens its next connection to the new generation
+        return await super().finish_response(request, resp, start_time)
 
     # -- malformed requests ---------------------------------------------------------------------------
 
