@@ -77,8 +77,12 @@ class SamlServiceProvider(PluginSettings):
         None, description="PEM certificate the SP signs its AuthnRequests with; when set, unsigned or badly "
         "signed requests are refused")
     idp_initiated: bool = Field(False, description="allow logins started here (`/saml/idp?sp=ENTITY_ID`)")
-    slo_url: str | None = Field(None, description="where the LogoutResponse to this SP's LogoutRequest is "
-                                "posted; without it the SP's LogoutRequests are refused")
+    slo_url: str | None = Field(None, description="the SP's Single Logout endpoint (HTTP-POST binding): the "
+                                "LogoutResponse to its LogoutRequest is posted there, and so is a LogoutRequest "
+                                "when the user logs out elsewhere; without it the SP's LogoutRequests are refused")
+    signed_logout: bool = Field(True, description="with `request_certificate`: the SP's LogoutRequests and "
+                                "LogoutResponses must be signed with it (`false`: unsigned ones are accepted, "
+                                "a signature that is there is still checked)")
 
     @field_validator("acs_urls")
     @classmethod
