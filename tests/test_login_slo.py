@@ -21,6 +21,7 @@ ONE, TWO, THREE = "https://one.example.test/", "https://two.example.test/", "htt
 ACS = {ONE: "https://one.example.test/acs", TWO: "https://two.example.test/acs", THREE: "https://three.example.test/acs"}
 SLO = {ONE: "https://one.example.test/slo", TWO: "https://two.example.test/slo", THREE: "https://three.example.test/slo"}
 STATUS = "urn:oasis:names:tc:SAML:2.0:status:"
+WSFED_REPLY = "https://rp.example.test/signed-out"
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,8 @@ def site(tmp_path_factory, slapd):
         # three: no Single Logout endpoint registered: it cannot be told
         {"entity_id": THREE, "acs_urls": [ACS[THREE]], "name_id_format": "emailAddress", "name_id_source": "email"},
     ]
-    login = LoginSite(directory, slapd, CA.create(), login={"saml": {"service_providers": providers}})
+    login = LoginSite(directory, slapd, CA.create(), login={"saml": {"service_providers": providers}, "wsfed": {
+        "relying_parties": [{"realm": "urn:example:realm", "reply_urls": [WSFED_REPLY]}]}})
     login.gw = login.start()
     login.metadata = login.client().get(f"{login.url}/saml/metadata").text
     login.keys = keys
@@ -184,3 +186,16 @@ def test_a_logout_request_naming_another_subject_does_not_end_that_session(site,
     action, fields = answer(page)
     assert action == SLO[ONE]  # answered, but the victim's session stays
     assert "signed in as" in victim.get(f"{site.url}/login").text
+
+
+def test_ws_federation_signout_tells_the_saml_sps_then_goes_to_its_reply(site, tmp_path):
+    one = make_sp(site, tmp_path, ONE)
+    browser = site.client()
+    sso(site, one, browser, first=True)
+    page = browser.get(f"{site.url}/wsfed", params={"wa": "wsignout1.0", "wreply": WSFED_REPLY})
+    action, fields = answer(page)
+    assert action == SLO[ONE]
+    _, back_to, reply = one.receive_logout(fields["SAMLRequest"])
+    done = browser.post(back_to, data=reply, allow_redirects=False)
+    assert done.status_code == 303 and done.headers["Location"] == WSFED_REPLY
+    assert 'id="password"' in browser.get(f"{site.url}/login").text

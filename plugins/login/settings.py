@@ -107,8 +107,10 @@ class WsFedRelyingParty(PluginSettings):
                                                    "`saml11`, a claim URI (namespace/name)")
     token: Literal["saml2", "saml11"] = Field("saml2", description="assertion in the RSTR: SAML 2.0, or SAML 1.1 "
                                               "(what Entra domain federation and older ADFS relying parties want)")
+    signout_urls: list[str] = Field([], description="`wreply` URLs allowed after `wa=wsignout1.0`, besides "
+                                    "`reply_urls` (matched exactly)")
 
-    @field_validator("reply_urls")
+    @field_validator("reply_urls", "signout_urls")
     @classmethod
     def _check_reply(cls, value: list[str]) -> list[str]:
         return [_https_or_loopback(url) for url in value]
@@ -134,8 +136,10 @@ class OidcClient(PluginSettings):
     redirect_uris: list[str] = Field(min_length=1, description="allowed redirect URIs, matched exactly")
     client_secret: Secret | None = Field(None, description="`{env: NAME}` or `{file: PATH}`")
     public_key: ConfigPath | None = Field(None, description="PEM public key (or certificate) for `private_key_jwt`")
+    post_logout_redirect_uris: list[str] = Field([], description="where RP-initiated logout may send the browser "
+                                                 "afterwards (`post_logout_redirect_uri`, matched exactly)")
 
-    @field_validator("redirect_uris")
+    @field_validator("redirect_uris", "post_logout_redirect_uris")
     @classmethod
     def _check_redirects(cls, value: list[str]) -> list[str]:
         return [_https_or_loopback(url) for url in value]

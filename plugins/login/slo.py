@@ -13,8 +13,10 @@
 * a ``LogoutResponse`` from such an SP, found by its ``InResponseTo`` (the random ID of the
   request authgw sent, kept server-side with the rest of the round, single use).
 
-``POST /logout`` (the "Sign out" button, CSRF-checked in :mod:`.web`) starts the same round
-without an initiating SP and ends on the "signed out" page. Reads
+``POST /logout`` (the "Sign out" button, CSRF-checked in :mod:`.web`), WS-Federation
+``wsignout1.0`` and OpenID Connect RP-initiated logout start the same round without an initiating
+SP; it ends on the "signed out" page, or with a redirect to the (registered) address they were
+given. Reads
 ``login.saml.service_providers[].slo_url`` / ``signed_logout`` / ``request_certificate`` and
 ``login.saml.request_lifetime`` (how long a round waits for an SP's answer).
 
@@ -39,7 +41,6 @@ from gateway import Route
 
 from .logout import SUCCESS, logout_request, logout_response, read_logout
 from .saml import SamlIdp, _parse_instant
-from .sessions import Session
 from .xmlsafe import parse_xml
 from .web import Refused
 
@@ -110,9 +111,13 @@ class SingleLogout:
         response.del_cookie(self.web.cookie, path="/")
         return response
 
-    async def start_round(self, request: web.Request, session: Session) -> web.StreamResponse:
-        """``POST /logout``: end *session* and tell every SP that got an assertion in it."""
-        return await self.next_step(self._round({session.key: session.index}, initiator=None))
+    async def start_round(self, request: web.Request, ending: dict[str, str | None],
+                          after: str | None = None) -> web.StreamResponse:
+        """End the sessions in *ending* (store key -> SessionIndex), tell every SP that got an
+        assertion in them, then show "signed out" or go to *after* (a registered address)."""
+        state = self._round(ending, initiator=None)
+        state["after"] = after
+        return await self.next_step(state)
 
     def _round(self, ending: dict[str, str | None], initiator: str | None) -> dict:
         """End the sessions in *ending*; the state of the logout round for their participants."""
@@ -152,6 +157,8 @@ class SingleLogout:
     async def finish(self, state: dict) -> web.Response:
         log.info("single logout done: initiator=%s told=%s failed=%s", state["initiator"] or "authgw",
                  ",".join(state["told"]) or "-", ",".join(state["failed"]) or "-")
+        if state.get("after"):  # registered by the protocol that started the round (WS-Fed, OIDC)
+            return web.Response(status=303, headers={"Location": state["after"], "Cache-Control": "no-store"})
         sp = self.idp.checker.providers.get(state["initiator"] or "")
         if sp is None or sp.slo_url is None:
             return self.web.html(self.web.pages.message("signed_out_partial" if state["failed"] else "signed_out"))

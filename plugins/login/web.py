@@ -72,7 +72,8 @@ class LoginDoor:
         self.cookie = settings.sessions.cookie_name
         self.completers: dict[str, Completer] = {}
         #: Ends a session and tells the services it was used with (SAML Single Logout, :mod:`.slo`).
-        self.logout_round: Callable[[web.Request, Session], Awaitable[web.StreamResponse]] | None = None
+        #: Arguments: the request, the sessions to end (store key -> SessionIndex), where to go after.
+        self.logout_round: Callable[..., Awaitable[web.StreamResponse]] | None = None
 
     # -- responses -------------------------------------------------------------------------------
 
@@ -217,7 +218,7 @@ class LoginDoor:
             if self.sessions.csrf_ok(request.cookies.get(CSRF_COOKIE), str(form.get("csrf", ""))):
                 session = self.session(request)
                 if session is not None and self.logout_round is not None:
-                    response = await self.logout_round(request, session)
+                    response = await self.logout_round(request, {session.key: session.index})
                 else:
                     self.sessions.end(request.cookies.get(self.cookie))
                     response = self.html(self.pages.message("signed_out"))
