@@ -14,6 +14,7 @@ import pytest
 
 from support.login import LoginSite, hidden
 from support.pki import CA
+from support.redis import RedisServer
 from support.saml_sp import SamlSP, rsa_pair
 from support.slapd import Slapd
 
@@ -32,9 +33,7 @@ def slapd(tmp_path_factory):
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def site(tmp_path_factory, slapd):
-    directory = tmp_path_factory.mktemp("slo")
+def build_site(directory, slapd, **login) -> LoginSite:
     keys = {sp: rsa_pair(directory / "sp", f"sp{n}", urlsplit(sp).hostname) for n, sp in enumerate((ONE, TWO, THREE))}
     providers = [
         # one: signs its logout messages (required); persistent NameID
@@ -46,11 +45,17 @@ def site(tmp_path_factory, slapd):
         # three: no Single Logout endpoint registered: it cannot be told
         {"entity_id": THREE, "acs_urls": [ACS[THREE]], "name_id_format": "emailAddress", "name_id_source": "email"},
     ]
-    login = LoginSite(directory, slapd, CA.create(), login={"saml": {"service_providers": providers}, "wsfed": {
-        "relying_parties": [{"realm": "urn:example:realm", "reply_urls": [WSFED_REPLY]}]}})
+    site = LoginSite(directory, slapd, CA.create(), login={"saml": {"service_providers": providers}, "wsfed": {
+        "relying_parties": [{"realm": "urn:example:realm", "reply_urls": [WSFED_REPLY]}]}, **login})
+    site.keys = keys
+    return site
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory, slapd):
+    login = build_site(tmp_path_factory.mktemp("slo"), slapd)
     login.gw = login.start()
     login.metadata = login.client().get(f"{login.url}/saml/metadata").text
-    login.keys = keys
     yield login
     login.stop()
 
@@ -199,3 +204,27 @@ def test_ws_federation_signout_tells_the_saml_sps_then_goes_to_its_reply(site, t
     done = browser.post(back_to, data=reply, allow_redirects=False)
     assert done.status_code == 303 and done.headers["Location"] == WSFED_REPLY
     assert 'id="password"' in browser.get(f"{site.url}/login").text
+
+
+def test_the_round_works_across_workers_with_sessions_in_redis(tmp_path, slapd):
+    redis = RedisServer(tmp_path / "redis").start()
+    site = build_site(tmp_path / "site", slapd, sessions={"store": "redis", "redis_url": redis.url})
+    try:
+        site.gw = site.start(workers=2)
+        site.metadata = site.client().get(f"{site.url}/saml/metadata").text
+        one, two = make_sp(site, tmp_path, ONE), make_sp(site, tmp_path, TWO)
+        browser = site.client()
+        at_one = sso(site, one, browser, first=True)
+        at_two = sso(site, two, browser, first=False)
+        _, info = one.logout_request(f"{site.url}/saml/slo", at_one, relay_state="r")
+        action, fields = answer(browser.get(dict(info["headers"])["Location"]))
+        assert action == SLO[TWO]
+        request, back_to, reply = two.receive_logout(fields["SAMLRequest"])
+        assert request.name_id.text == at_two.name_id
+        action, fields = answer(browser.post(back_to, data=reply))
+        response = one.accept_logout(fields["SAMLResponse"])
+        assert response.status.status_code.value == STATUS + "Success" and response.status.status_code.status_code is None
+        assert all('id="password"' in browser.get(f"{site.url}/login").text for _ in range(4))  # both workers
+    finally:
+        site.stop()
+        redis.stop()
