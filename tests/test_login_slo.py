@@ -18,9 +18,9 @@ from support.redis import RedisServer
 from support.saml_sp import SamlSP, rsa_pair
 from support.slapd import Slapd
 
-ONE, TWO, THREE = "https://one.example.test/", "https://two.example.test/", "https://three.example.test/"
-ACS = {ONE: "https://one.example.test/acs", TWO: "https://two.example.test/acs", THREE: "https://three.example.test/acs"}
-SLO = {ONE: "https://one.example.test/slo", TWO: "https://two.example.test/slo", THREE: "https://three.example.test/slo"}
+ONE, TWO, THREE, FOUR = (f"https://{n}.example.test/" for n in ("one", "two", "three", "four"))
+ACS = {sp: sp + "acs" for sp in (ONE, TWO, THREE, FOUR)}
+SLO = {sp: sp + "slo" for sp in (ONE, TWO, THREE, FOUR)}
 STATUS = "urn:oasis:names:tc:SAML:2.0:status:"
 WSFED_REPLY = "https://rp.example.test/signed-out"
 
@@ -34,7 +34,8 @@ def slapd(tmp_path_factory):
 
 
 def build_site(directory, slapd, **login) -> LoginSite:
-    keys = {sp: rsa_pair(directory / "sp", f"sp{n}", urlsplit(sp).hostname) for n, sp in enumerate((ONE, TWO, THREE))}
+    keys = {sp: rsa_pair(directory / "sp", f"sp{n}", urlsplit(sp).hostname)
+            for n, sp in enumerate((ONE, TWO, THREE, FOUR))}
     providers = [
         # one: signs its logout messages (required); persistent NameID
         {"entity_id": ONE, "acs_urls": [ACS[ONE]], "slo_url": SLO[ONE], "name_id_format": "persistent",
@@ -44,6 +45,9 @@ def build_site(directory, slapd, **login) -> LoginSite:
          "request_certificate": str(keys[TWO][0])},
         # three: no Single Logout endpoint registered: it cannot be told
         {"entity_id": THREE, "acs_urls": [ACS[THREE]], "name_id_format": "emailAddress", "name_id_source": "email"},
+        # four: logout messages by HTTP-Redirect (query signatures)
+        {"entity_id": FOUR, "acs_urls": [ACS[FOUR]], "slo_url": SLO[FOUR], "slo_binding": "redirect",
+         "request_certificate": str(keys[FOUR][0])},
     ]
     site = LoginSite(directory, slapd, CA.create(), login={"saml": {"service_providers": providers}, "wsfed": {
         "relying_parties": [{"realm": "urn:example:realm", "reply_urls": [WSFED_REPLY]}]}, **login})
@@ -228,3 +232,38 @@ def test_the_round_works_across_workers_with_sessions_in_redis(tmp_path, slapd):
     finally:
         site.stop()
         redis.stop()
+
+
+def test_http_redirect_binding_both_ways(site, tmp_path):
+    one, four = make_sp(site, tmp_path, ONE), make_sp(site, tmp_path, FOUR)
+    browser = site.client()
+    at_one = sso(site, one, browser, first=True)
+    at_four = sso(site, four, browser, first=False)
+    # one logs out: four is sent a LogoutRequest by HTTP-Redirect, signed over the query
+    _, info = one.logout_request(f"{site.url}/saml/slo", at_one)
+    sent = browser.get(dict(info["headers"])["Location"], allow_redirects=False)
+    assert sent.status_code == 303 and sent.headers["Location"].startswith(SLO[FOUR] + "?SAMLRequest=")
+    request, back = four.receive_logout_redirect(sent.headers["Location"])
+    assert request.name_id.text == at_four.name_id and [i.text for i in request.session_index] == [at_four.session_index]
+    forged = sent.headers["Location"].replace("SigAlg=", "RelayState=x&SigAlg=")
+    with pytest.raises(AssertionError):
+        four._redirect_signature_ok(forged, "SAMLRequest")
+    # four answers by HTTP-Redirect too (its query signature checked by authgw); one gets Success
+    assert back.startswith(f"{site.url}/saml/slo?SAMLResponse=") and "Signature=" in back
+    action, fields = answer(browser.get(back))
+    assert action == SLO[ONE]
+    assert one.accept_logout(fields["SAMLResponse"]).status.status_code.status_code is None
+    assert "told=https://four.example.test/ failed=-" in site.gw.output()
+
+    # four logs out: one gets a POSTed LogoutRequest, four its LogoutResponse by HTTP-Redirect
+    at_four = sso(site, four, browser, first=True)
+    sso(site, one, browser, first=False)
+    request_id, info = four.logout_request(f"{site.url}/saml/slo", at_four, relay_state="four")
+    action, fields = answer(browser.get(dict(info["headers"])["Location"]))
+    assert action == SLO[ONE]
+    _, back_to, reply = one.receive_logout(fields["SAMLRequest"])
+    done = browser.post(back_to, data=reply, allow_redirects=False)
+    assert done.status_code == 303 and done.headers["Location"].startswith(SLO[FOUR] + "?SAMLResponse=")
+    response, relay_state = four.accept_logout_redirect(done.headers["Location"])
+    assert response.in_response_to == request_id and relay_state == "four"
+    assert response.status.status_code.value == STATUS + "Success" and response.status.status_code.status_code is None

@@ -8,16 +8,21 @@ the SP signs (against signature wrapping), as for AuthnRequests.
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import secrets
+import zlib
 from dataclasses import dataclass
+from urllib.parse import urlencode
 
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding
 from lxml import etree
 
-from .saml import DS, SAML, SAMLP, ResponseBuilder, instant
+from .saml import DS, RSA_SHA256, SAML, SAMLP, ResponseBuilder, instant
 from .web import Refused
 
-__all__ = ["LogoutMessage", "PARTIAL_LOGOUT", "SUCCESS", "logout_request", "logout_response", "read_logout"]
+__all__ = ["LogoutMessage", "PARTIAL_LOGOUT", "SUCCESS", "encode", "logout_request", "logout_response", "read_logout"]
 
 SUCCESS = "urn:oasis:names:tc:SAML:2.0:status:Success"
 PARTIAL_LOGOUT = "urn:oasis:names:tc:SAML:2.0:status:PartialLogout"
@@ -55,35 +60,51 @@ def read_logout(root: etree._Element, expect: str | None = None) -> LogoutMessag
                          root.get("InResponseTo"), code.get("Value") if code is not None else None)
 
 
-def logout_request(builder: ResponseBuilder, *, destination: str, name_id: str, name_id_format: str,
+def logout_request(entity_id: str, *, destination: str, name_id: str, name_id_format: str,
                    sp_name_qualifier: str, session_index: str, now: dt.datetime,
-                   lifetime: dt.timedelta) -> tuple[str, bytes]:
-    """A signed LogoutRequest naming the subject exactly as it was issued to that SP:
-    ``(its ID, the XML)``."""
+                   lifetime: dt.timedelta) -> etree._Element:
+    """A LogoutRequest (unsigned: :func:`encode` signs it for its binding) naming the subject
+    exactly as it was issued to that SP."""
     E = etree.SubElement
-    request_id = "_" + secrets.token_hex(20)
-    root = etree.Element(f"{{{SAMLP}}}LogoutRequest", nsmap={"samlp": SAMLP, "saml": SAML}, ID=request_id,
-                         Version="2.0", IssueInstant=instant(now), Destination=destination,
-                         NotOnOrAfter=instant(now + lifetime))
-    E(root, f"{{{SAML}}}Issuer").text = builder.entity_id
-    E(root, f"{{{DS}}}Signature", Id="placeholder", nsmap={"ds": DS})
+    root = etree.Element(f"{{{SAMLP}}}LogoutRequest", nsmap={"samlp": SAMLP, "saml": SAML},
+                         ID="_" + secrets.token_hex(20), Version="2.0", IssueInstant=instant(now),
+                         Destination=destination, NotOnOrAfter=instant(now + lifetime))
+    E(root, f"{{{SAML}}}Issuer").text = entity_id
     E(root, f"{{{SAML}}}NameID", Format=name_id_format, SPNameQualifier=sp_name_qualifier).text = name_id
     E(root, f"{{{SAMLP}}}SessionIndex").text = session_index
-    return request_id, etree.tostring(builder.sign(root), xml_declaration=True, encoding="UTF-8")
+    return root
 
 
-def logout_response(builder: ResponseBuilder, *, destination: str, in_response_to: str, now: dt.datetime,
-                    partial: bool = False) -> bytes:
-    """A signed LogoutResponse: ``Success``, with the second-level ``PartialLogout`` when some
-    other session participant could not be logged out (core section 3.2.2.2: the requester's
-    own session did end)."""
+def logout_response(entity_id: str, *, destination: str, in_response_to: str, now: dt.datetime,
+                    partial: bool = False) -> etree._Element:
+    """A LogoutResponse (unsigned: see :func:`encode`): ``Success``, with the second-level
+    ``PartialLogout`` when some other session participant could not be logged out (core section
+    3.2.2.2: the requester's own session did end)."""
     E = etree.SubElement
     root = etree.Element(f"{{{SAMLP}}}LogoutResponse", nsmap={"samlp": SAMLP, "saml": SAML},
                          ID="_" + secrets.token_hex(20), Version="2.0", IssueInstant=instant(now),
                          Destination=destination, InResponseTo=in_response_to)
-    E(root, f"{{{SAML}}}Issuer").text = builder.entity_id
-    E(root, f"{{{DS}}}Signature", Id="placeholder", nsmap={"ds": DS})
+    E(root, f"{{{SAML}}}Issuer").text = entity_id
     code = E(E(root, f"{{{SAMLP}}}Status"), f"{{{SAMLP}}}StatusCode", Value=SUCCESS)
     if partial:
         E(code, f"{{{SAMLP}}}StatusCode", Value=PARTIAL_LOGOUT)
-    return etree.tostring(builder.sign(root), xml_declaration=True, encoding="UTF-8")
+    return root
+
+
+def encode(builder: ResponseBuilder, message: etree._Element, binding: str, url: str,
+           relay_state: str = "") -> list[tuple[str, str]] | str:
+    """*message* signed for *binding*: for ``post`` the form fields (an enveloped signature right
+    after the Issuer, schema order); for ``redirect`` the URL to send the browser to (DEFLATE,
+    base64, and the RSA-SHA256 signature over ``SAMLRequest=..&RelayState=..&SigAlg=..`` as sent,
+    SAML bindings section 3.4.4.1, made by ``cryptography``)."""
+    field = "SAMLRequest" if message.tag == f"{{{SAMLP}}}LogoutRequest" else "SAMLResponse"
+    if binding == "post":
+        message.insert(1, etree.Element(f"{{{DS}}}Signature", Id="placeholder", nsmap={"ds": DS}))
+        xml = etree.tostring(builder.sign(message), xml_declaration=True, encoding="UTF-8")
+        return [(field, base64.b64encode(xml).decode())] + ([("RelayState", relay_state)] if relay_state else [])
+    packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    deflated = packer.compress(etree.tostring(message, encoding="UTF-8")) + packer.flush()
+    params = [(field, base64.b64encode(deflated).decode())] + ([("RelayState", relay_state)] if relay_state else [])
+    octets = urlencode(params + [("SigAlg", RSA_SHA256)])
+    signature = builder.key.key.sign(octets.encode("ascii"), padding.PKCS1v15(), hashes.SHA256())
+    return f"{url}{'&' if '?' in url else '?'}{octets}&{urlencode({'Signature': base64.b64encode(signature)})}"

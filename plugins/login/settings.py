@@ -80,6 +80,9 @@ class SamlServiceProvider(PluginSettings):
     slo_url: str | None = Field(None, description="the SP's Single Logout endpoint (HTTP-POST binding): the "
                                 "LogoutResponse to its LogoutRequest is posted there, and so is a LogoutRequest "
                                 "when the user logs out elsewhere; without it the SP's LogoutRequests are refused")
+    slo_binding: Literal["post", "redirect"] = Field(
+        "post", description="how authgw's LogoutRequest and LogoutResponse reach `slo_url`: `post` (an "
+        "auto-submitted form, XML signature) or `redirect` (HTTP-Redirect, DEFLATE and a query signature)")
     signed_logout: bool = Field(True, description="with `request_certificate`: the SP's LogoutRequests and "
                                 "LogoutResponses must be signed with it (`false`: unsigned ones are accepted, "
                                 "a signature that is there is still checked)")

@@ -5,9 +5,10 @@
 * a ``LogoutRequest`` from a registered SP that has an ``slo_url``: authgw ends the sessions its
   ``SessionIndex`` names (where the NameID is the one issued to that SP) and the browser's own
   (when its cookie comes along), then sends a signed LogoutRequest to every *other* SP that got
-  an assertion in those sessions, one after another through the browser (HTTP-POST to its
-  registered ``slo_url``, the NameID and SessionIndex as issued), checks each LogoutResponse,
-  and finally posts a signed LogoutResponse to the initiating SP: ``Success``, or ``Success``
+  an assertion in those sessions, one after another through the browser (to its registered
+  ``slo_url``, by its ``slo_binding``: HTTP-POST or HTTP-Redirect; the NameID and SessionIndex
+  as issued), checks each LogoutResponse, and finally sends a signed LogoutResponse to the
+  initiating SP the same way: ``Success``, or ``Success``
   with the second-level ``PartialLogout`` when another participant could not be logged out
   (no ``slo_url``, a refusal, a bad or missing signature);
 * a ``LogoutResponse`` from such an SP, found by its ``InResponseTo`` (the random ID of the
@@ -30,7 +31,6 @@ checks of SSO. Only registered ``slo_url`` addresses are ever posted to.
 from __future__ import annotations
 
 import asyncio
-import base64
 import datetime as dt
 import logging
 
@@ -39,7 +39,7 @@ from lxml import etree
 
 from gateway import Route
 
-from .logout import SUCCESS, logout_request, logout_response, read_logout
+from .logout import SUCCESS, encode, logout_request, logout_response, read_logout
 from .saml import SamlIdp, _parse_instant
 from .xmlsafe import parse_xml
 from .web import Refused
@@ -145,14 +145,22 @@ class SingleLogout:
             if sp is None or sp.slo_url is None:  # the configuration changed during the round
                 state["failed"].append(target["sp"])
                 continue
-            request_id, xml = await asyncio.to_thread(
-                logout_request, self.idp.builder, destination=sp.slo_url, name_id=target["name_id"],
-                name_id_format=target["format"], sp_name_qualifier=sp.entity_id, session_index=target["index"],
-                now=dt.datetime.now(dt.timezone.utc), lifetime=self.lifetime)
+            message = logout_request(
+                self.idp.entity_id, destination=sp.slo_url, name_id=target["name_id"], name_id_format=target["format"],
+                sp_name_qualifier=sp.entity_id, session_index=target["index"], now=dt.datetime.now(dt.timezone.utc),
+                lifetime=self.lifetime)
             state["sent"] = sp.entity_id
-            self.web.sessions.park_as(request_id, state, self.lifetime.total_seconds())
-            return self.web.auto_post(sp.slo_url, [("SAMLRequest", base64.b64encode(xml).decode())])
+            self.web.sessions.park_as(message.get("ID"), state, self.lifetime.total_seconds())
+            return await self._send(sp, message)
         return await self.finish(state)
+
+    async def _send(self, sp, message: etree._Element, relay_state: str = "") -> web.Response:
+        """*message* to the SP's registered ``slo_url``, by its ``slo_binding``."""
+        # An RSA signature (and C14N for POST) takes milliseconds: off the event loop.
+        encoded = await asyncio.to_thread(encode, self.idp.builder, message, sp.slo_binding, sp.slo_url, relay_state)
+        if isinstance(encoded, str):
+            return web.Response(status=303, headers={"Location": encoded, "Cache-Control": "no-store"})
+        return self.web.auto_post(sp.slo_url, encoded)
 
     async def finish(self, state: dict) -> web.Response:
         log.info("single logout done: initiator=%s told=%s failed=%s", state["initiator"] or "authgw",
@@ -162,13 +170,9 @@ class SingleLogout:
         sp = self.idp.checker.providers.get(state["initiator"] or "")
         if sp is None or sp.slo_url is None:
             return self.web.html(self.web.pages.message("signed_out_partial" if state["failed"] else "signed_out"))
-        xml = await asyncio.to_thread(logout_response, self.idp.builder, destination=sp.slo_url,
-                                      in_response_to=state["request_id"], now=dt.datetime.now(dt.timezone.utc),
-                                      partial=bool(state["failed"]))
-        fields = [("SAMLResponse", base64.b64encode(xml).decode())]
-        if state["relay_state"]:
-            fields.append(("RelayState", state["relay_state"]))
-        return self.web.auto_post(sp.slo_url, fields)
+        message = logout_response(self.idp.entity_id, destination=sp.slo_url, in_response_to=state["request_id"],
+                                  now=dt.datetime.now(dt.timezone.utc), partial=bool(state["failed"]))
+        return await self._send(sp, message, state["relay_state"])
 
     # -- a LogoutResponse from an SP authgw sent a LogoutRequest to ------------------------------------
 

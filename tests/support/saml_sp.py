@@ -132,6 +132,40 @@ class SamlSP:
                   for m in re.finditer(r'<input type="hidden" name="([^"]+)" value="([^"]*)"', info["data"])}
         return request.message, info["url"], fields
 
+    def _redirect_signature_ok(self, url: str, field: str) -> dict[str, str]:
+        """The query of an HTTP-Redirect message, once pysaml2 verified its signature with a
+        signing certificate of the IdP's metadata (raises otherwise)."""
+        from urllib.parse import parse_qs, urlsplit
+
+        from saml2.sigver import verify_redirect_signature
+
+        query = {k: v[0] for k, v in parse_qs(urlsplit(url).query).items()}
+        message = {k: query[k] for k in (field, "RelayState", "SigAlg", "Signature") if k in query}
+        certs = self.client.sec.metadata.certs(self.idp, "any", "signing")
+        if "Signature" not in message or not any(verify_redirect_signature(message, self.client.sec.sec_backend, cert)
+                                                 for _, cert in certs):
+            raise AssertionError("pysaml2 refused the query signature")
+        return query
+
+    def receive_logout_redirect(self, url: str) -> tuple[object, str]:
+        """As :meth:`receive_logout` for the HTTP-Redirect binding: ``(the request, the URL of
+        the LogoutResponse, by HTTP-Redirect)``."""
+        query = self._redirect_signature_ok(url, "SAMLRequest")
+        request = self.client.parse_logout_request(query["SAMLRequest"], BINDING_HTTP_REDIRECT)
+        if request is None:
+            raise AssertionError("pysaml2 refused the LogoutRequest")
+        info = self.client.handle_logout_request(query["SAMLRequest"], request.message.name_id, BINDING_HTTP_REDIRECT,
+                                                 relay_state=query.get("RelayState"))
+        return request.message, dict(info["headers"])["Location"]
+
+    def accept_logout_redirect(self, url: str):
+        """pysaml2's check of a LogoutResponse by HTTP-Redirect (query signature required)."""
+        query = self._redirect_signature_ok(url, "SAMLResponse")
+        response = self.client.parse_logout_request_response(query["SAMLResponse"], BINDING_HTTP_REDIRECT)
+        if response is None:
+            raise AssertionError("pysaml2 refused the LogoutResponse")
+        return response.response, query.get("RelayState")
+
     def accept_logout(self, saml_response: str):
         """pysaml2's check of a LogoutResponse (signature, destination, issuer); returns it."""
         response = self.client.parse_logout_request_response(saml_response, BINDING_HTTP_POST)
