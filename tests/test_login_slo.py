@@ -186,7 +186,7 @@ def test_sign_out_button_starts_an_idp_initiated_round(site, tmp_path):
 
 
 def test_a_logout_request_naming_another_subject_does_not_end_that_session(site, tmp_path):
-    one = make_sp(site, tmp_path, ONE)
+    one, two = make_sp(site, tmp_path, ONE), make_sp(site, tmp_path, TWO)
     victim = site.client()
     at_one = sso(site, one, victim, first=True)
     forged = at_one.__class__(**{**at_one.__dict__, "name_id": "mallory"})
@@ -195,6 +195,11 @@ def test_a_logout_request_naming_another_subject_does_not_end_that_session(site,
     action, fields = answer(page)
     assert action == SLO[ONE]  # answered, but the victim's session stays
     assert "signed in as" in victim.get(f"{site.url}/login").text
+    # an SP that never got an assertion in that session cannot end it with its index either
+    _, info = two.logout_request(f"{site.url}/saml/slo", at_one)
+    assert answer(site.client().get(dict(info["headers"])["Location"]))[0] == SLO[TWO]
+    assert "signed in as" in victim.get(f"{site.url}/login").text
+    assert "named a session it has no part in" in site.gw.output()
 
 
 def test_ws_federation_signout_tells_the_saml_sps_then_goes_to_its_reply(site, tmp_path):

@@ -3,7 +3,7 @@
 ``/saml/slo`` takes, by HTTP-Redirect or HTTP-POST:
 
 * a ``LogoutRequest`` from a registered SP that has an ``slo_url``: authgw ends the sessions its
-  ``SessionIndex`` names (where the NameID is the one issued to that SP) and the browser's own
+  ``SessionIndex`` names (where that SP got an assertion, with this NameID) and the browser's own
   (when its cookie comes along), then sends a signed LogoutRequest to every *other* SP that got
   an assertion in those sessions, one after another through the browser (to its registered
   ``slo_url``, by its ``slo_binding``: HTTP-POST or HTTP-Redirect; the NameID and SessionIndex
@@ -97,9 +97,9 @@ class SingleLogout:
             if key is None:
                 continue
             issued = sessions.participants(key).get(sp.entity_id)
-            if issued is not None and issued["name_id"] != message.name_id:
-                # Not the subject this SP was told about: that session is not the SP's to end.
-                log.warning("single logout: %s named a session of another subject; it stays", sp.entity_id)
+            if issued is None or issued["name_id"] != message.name_id:
+                # Not a session this SP was told about, or not for this subject: not its to end.
+                log.warning("single logout: %s named a session it has no part in; it stays", sp.entity_id)
                 continue
             ending[key] = index
         own = self.web.session(request)
