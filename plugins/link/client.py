@@ -218,7 +218,10 @@ class LinkClient:
             if len(self._pings) > 2 * _ROUND_TRIPS:
                 self._pings.clear()
             self._pings[payload] = time.monotonic()
-            await ws.ping(payload)
+            try:
+                await ws.ping(payload)
+            except (ConnectionError, RuntimeError):  # the link is closing: the reader ends it
+                return
             await asyncio.sleep(self.settings.ping_interval)
 
     async def drain(self, grace: float) -> None:
