@@ -103,7 +103,8 @@ def test_no_page_shows_the_stored_password(slapd, console, conf_dir):
     pages = {path: client.get(path) for path in ("/setup", run_path, "/status", "/status?outcome=success")}
     pages["json"] = client.get("/api/log/" + run_path.split("/")[2].split("?")[0])
     for path, page in pages.items():
-        assert page.status == 200, path
+        # with the gateway's log: a 500 once in ~50 runs before (issue 14) left no trace to read
+        assert page.status == 200, (path, gw.output()[-4000:])
         assert SERVICE_PASSWORD not in page.text, path
     assert "Password: set" in pages["/setup"].text
     assert 'name="password" autocomplete="new-password"' in pages["/setup"].text
