@@ -61,6 +61,9 @@ class ComponentState:
     name: str
     ready: bool
     detail: str = ""
+    #: This component can answer password logins for the chain's steps when none of them can
+    #: (an offline credential cache): while it is ready, steps being down leave ``/readyz`` true.
+    fallback: bool = False
 
 
 @dataclass(frozen=True, slots=True)

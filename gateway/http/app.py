@@ -3,7 +3,7 @@
 ``/auth``              forward-auth for nginx ``auth_request``, Traefik ForwardAuth, Caddy ``forward_auth``
 ``/v1/authenticate``   JSON API for other services; needs an API token (it is a password oracle)
 ``/healthz``           the process is alive
-``/readyz``            the chain can serve (every step that reports has a ready backend)
+``/readyz``            the chain can serve (one step or a fallback can answer; core stores up)
 ``/metrics``           Prometheus text
 """
 
@@ -296,6 +296,8 @@ class FrontDoor:
         body: dict = {"ready": ready}
         if not ready:
             body["reason"] = self.gateway.unready_reason
+        elif self.gateway.degraded:  # down but covered by another step (docs/design.md point 16)
+            body["degraded"] = list(self.gateway.degraded)
         if self.sees_details(request):  # component names hold URLs, details hold paths and errors
             body["components"] = [{"name": c.name, "ready": c.ready, "detail": c.detail} for c in components]
         return web.json_response(body, status=200 if ready else 503, headers={"Cache-Control": "no-store"})

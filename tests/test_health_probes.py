@@ -1,0 +1,81 @@
+"""Every backend probed, not only LDAP (issue 10 item 4), through a real ``authgw serve``: the
+core's health thread pings a Redis throttle store, re-reads a Kerberos keytab and fetches CRLs
+on ``health.probe_interval``; ``/readyz`` follows with a reason, each change is one WARNING
+line, and the recovery is noticed without any login."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from support.gateway import GatewayProcess, write_conf
+from support.redis import RedisServer
+
+PASSWORD = "Corr3ct-Horse-Battery"
+
+
+def wait_for(predicate, timeout: float = 30.0):
+    """Poll until *predicate* is truthy (bounded; a probe runs every second in these tests)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError("timed out")
+
+
+def health_lines(gw: GatewayProcess) -> list[str]:
+    return [line for line in gw.output().splitlines() if "health: " in line]
+
+
+@pytest.fixture(scope="module")
+def alice_hash() -> str:
+    from gateway.passwords import hash_password
+
+    return hash_password(PASSWORD)
+
+
+def static_files(alice_hash: str) -> dict[str, str]:
+    return {"static.yaml": "static:\n  users_file: users/users.yaml\n",
+            "users/users.yaml": f'users:\n  alice:\n    password_hash: "{alice_hash}"\n'}
+
+
+# -- Redis throttle store ---------------------------------------------------------------------------
+
+
+def test_a_stopped_redis_throttle_store_makes_readyz_false_and_its_return_is_noticed(tmp_path, start_gateway,
+                                                                                    alice_hash):
+    redis = RedisServer(tmp_path / "redis").start()
+    try:
+        core = {"chain": ["static"], "health": {"probe_interval": 1},
+                "throttle": {"store": "redis", "redis": {"url": redis.url, "timeout": 0.5}}}
+        gw = start_gateway(write_conf(tmp_path / "conf.d", {"gateway.yaml": json.dumps(core),
+                                                            **static_files(alice_hash)}))
+        body = gw.get("/readyz").json()
+        assert body["ready"] is True
+        assert {"name": "gateway.throttle_store", "ready": True,
+                "detail": f"redis://127.0.0.1:{redis.port}: answers"} in body["components"]
+        assert gw.auth("alice", PASSWORD).status == 200
+
+        redis.stop()
+        down = wait_for(lambda: (r := gw.get("/readyz")).status == 503 and r)
+        assert down.json()["reason"] == "gateway.throttle_store unavailable"
+        assert gw.auth("alice", PASSWORD).status == 503  # fail closed, as /readyz announced
+        wait_for(lambda: health_lines(gw))
+        (line,) = health_lines(gw)  # one line for the outage, however many rounds saw it
+        assert "WARNING" in line and "gateway.throttle_store is NOT ready" in line
+        assert "/readyz: NOT ready (gateway.throttle_store unavailable)" in line
+
+        redis.start()  # same port
+        wait_for(lambda: gw.get("/readyz").status == 200)
+        lines = wait_for(lambda: len(health_lines(gw)) == 2 and health_lines(gw))
+        assert "gateway.throttle_store is ready again" in lines[1] and "/readyz: ready" in lines[1]
+        assert gw.auth("alice", PASSWORD).status == 200
+    finally:
+        redis.stop()
