@@ -79,3 +79,59 @@ def test_a_stopped_redis_throttle_store_makes_readyz_false_and_its_return_is_not
         assert gw.auth("alice", PASSWORD).status == 200
     finally:
         redis.stop()
+
+
+# -- Kerberos keytab --------------------------------------------------------------------------------
+
+SPN = "HTTP/localhost@EXAMPLE.TEST"
+
+
+@pytest.fixture(scope="module")
+def kdc(tmp_path_factory):
+    from support.kdc import KDC
+
+    realm = KDC(tmp_path_factory.mktemp("krbhealth"), "EXAMPLE.TEST")
+    realm.start()
+    try:
+        realm.add_service("HTTP/localhost", realm.dir / "http.keytab")
+        realm.add_service("HTTP/other.test", realm.dir / "other.keytab")
+        yield realm
+    finally:
+        realm.stop()
+
+
+def keytab_state(gw: GatewayProcess) -> tuple[int, str | None, dict]:
+    r = gw.get("/readyz")
+    body = r.json()
+    (component,) = [c for c in body["components"] if c["name"] == "kerberos.keytab"]
+    return r.status, body.get("reason"), component
+
+
+def test_a_removed_or_replaced_keytab_flips_readyz_and_recovers_without_a_login(kdc, tmp_path, start_gateway):
+    keytab = Path(shutil.copy(kdc.dir / "http.keytab", tmp_path / "http.keytab"))
+    keytab.chmod(0o600)
+    conf = write_conf(tmp_path / "conf.d", {
+        "gateway.yaml": "chain: [kerberos]\nthrottle: {enabled: false}\nhealth: {probe_interval: 1}\n",
+        "kerberos.yaml": f"kerberos:\n  allowed_networks: [127.0.0.0/8]\n  keytab: {keytab}\n"
+                         f"  service_principal: {SPN}\n  realms: [EXAMPLE.TEST]\n"})
+    gw = start_gateway(conf, env=kdc.env)
+    assert keytab_state(gw)[0] == 200
+
+    keytab.rename(tmp_path / "moved.keytab")  # no login from here on: the probe must notice
+    status, reason, component = wait_for(lambda: (s := keytab_state(gw))[0] == 503 and s)
+    assert reason == "no ready backend: kerberos" and "No such file" in component["detail"]
+
+    # Replaced by a keytab for another service: readable, but no key for ours.
+    shutil.copy(kdc.dir / "other.keytab", keytab)
+    keytab.chmod(0o600)
+    status, _, component = wait_for(lambda: (s := keytab_state(gw))[2]["detail"] != component["detail"] and s)
+    assert status == 503 and not component["ready"]
+    assert "HTTP/localhost@EXAMPLE.TEST" in component["detail"]
+
+    shutil.copy(tmp_path / "moved.keytab", keytab)
+    wait_for(lambda: keytab_state(gw)[0] == 200)
+    lines = health_lines(gw)
+    assert len(lines) == 2, lines  # down (whatever the reason became meanwhile), back up
+    assert all("WARNING" in line for line in lines)
+    assert "kerberos.keytab is NOT ready" in lines[0] and "/readyz: NOT ready" in lines[0]
+    assert "kerberos.keytab is ready again" in lines[1] and "/readyz: ready" in lines[1]
