@@ -14,8 +14,8 @@ runs one daemon thread. Each round, at start-up and then every ``probe_interval`
 :func:`decide` is the readiness rule (docs/design.md point 16): the gateway is ready when at
 least one chain step that reports components has one ready (or an offline ``fallback`` such as
 the credential cache can answer for it) and no core component that every password login needs
-(the shared throttle store) is down. A step that fails while another covers it shows in the
-details and in ``degraded``, but does not turn ``/readyz`` false.
+(the shared throttle store) is down. A component that fails while something covers it shows in
+the details and its plugin in ``degraded``, but does not turn ``/readyz`` false.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ class Readiness:
 
     ready: bool
     reason: str | None = None
-    #: Steps or plugins with no ready component while the gateway stays ready (they are covered).
+    #: Plugins with a component down while the gateway stays ready (another server, step or
+    #: the cache covers it, or the policy lets logins go on, as ``soft-fail`` does).
     degraded: tuple[str, ...] = ()
     components: list[ComponentState] = field(default_factory=list)
 
@@ -53,7 +54,7 @@ def decide(core: list[ComponentState], reports: list[tuple[str, list[ComponentSt
     components = list(core)
     serving: dict[str, bool] = {}
     fallback = False
-    others_down: list[str] = []
+    impaired: list[str] = []  # plugins with a component down
     for name, states in reports:
         components.extend(states)
         if not states:
@@ -61,9 +62,9 @@ def decide(core: list[ComponentState], reports: list[tuple[str, list[ComponentSt
         if any(s.ready and s.fallback for s in states):
             fallback = True
         if name in chain:
-            serving[name] = any(s.ready for s in states)
-        elif not all(s.ready for s in states):
-            others_down.append(name)
+            serving[name] = any(s.ready for s in states) and all(s.ready for s in states if s.required)
+        if not all(s.ready for s in states):
+            impaired.append(name)
     steps_down = [name for name, ok in serving.items() if not ok]
     problems = []
     if steps_down and len(steps_down) == len(serving) and not fallback:
@@ -71,7 +72,7 @@ def decide(core: list[ComponentState], reports: list[tuple[str, list[ComponentSt
     problems.extend(f"{s.name} unavailable" for s in core if not s.ready)
     if problems:
         return Readiness(False, "; ".join(problems), (), components)
-    return Readiness(True, None, tuple(steps_down + others_down), components)
+    return Readiness(True, None, tuple(impaired), components)
 
 
 class StoreProbe:

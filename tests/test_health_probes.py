@@ -135,3 +135,71 @@ def test_a_removed_or_replaced_keytab_flips_readyz_and_recovers_without_a_login(
     assert all("WARNING" in line for line in lines)
     assert "kerberos.keytab is NOT ready" in lines[0] and "/readyz: NOT ready" in lines[0]
     assert "kerberos.keytab is ready again" in lines[1] and "/readyz: ready" in lines[1]
+
+
+# -- client certificates: CRL sources and the OCSP responder -----------------------------------------
+
+
+@pytest.fixture
+def pki_server():
+    from support.ocsp import PkiServer
+
+    server = PkiServer().start()
+    yield server
+    server.stop()
+
+
+def cert_gateway(tmp_path: Path, start_gateway, revocation: dict) -> tuple[GatewayProcess, object]:
+    from support.pki import CA, write_bundle
+
+    ca = CA.create("health CA", days=30)
+    write_bundle(tmp_path / "conf.d" / "root.pem", ca)
+    settings = {"ca_bundle": "root.pem", "headers": [{"name": "X-SSL-Client-Cert", "format": "pem"}],
+                "revocation": {"retry_after_failure": 0, "timeout": 2, **revocation}}
+    core = {"chain": ["client_cert"], "throttle": {"enabled": False}, "trusted_proxies": ["127.0.0.1/32"],
+            "health": {"probe_interval": 1}}
+    conf = write_conf(tmp_path / "conf.d", {"gateway.yaml": json.dumps(core),
+                                            "client_cert.yaml": json.dumps({"client_cert": settings})})
+    return start_gateway(conf), ca
+
+
+def components(gw: GatewayProcess) -> dict[str, dict]:
+    return {c["name"]: c for c in gw.get("/readyz").json()["components"]}
+
+
+def test_an_unreachable_crl_url_under_hard_fail_makes_readyz_false_with_the_reason(tmp_path, start_gateway):
+    from support.net import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}/ca.crl"
+    gw, _ca = cert_gateway(tmp_path, start_gateway, {"policy": "hard-fail", "crl_urls": [dead]})
+    response = gw.get("/readyz")  # the first probe round ran before the gateway served
+    body = response.json()
+    assert response.status == 503 and body["reason"] == "no ready backend: client_cert"
+    found = {c["name"]: c for c in body["components"]}
+    assert found["client_cert.trust"]["ready"] is True
+    crl = found[f"client_cert.crl[{dead}]"]
+    assert crl["ready"] is False and crl["detail"].startswith("fetch failed:") and dead in crl["detail"]
+    assert found["client_cert.revocation"]["ready"] is False
+    assert "every certificate login is refused" in found["client_cert.revocation"]["detail"]
+    (line,) = health_lines(gw)
+    assert "WARNING" in line and f"client_cert.crl[{dead}] is NOT ready" in line
+
+
+def test_a_failing_crl_under_soft_fail_is_degraded_and_its_repair_is_noticed(tmp_path, start_gateway, pki_server):
+    url = pki_server.url("/crl/ca.crl")  # 404 until the CRL is published
+    gw, ca = cert_gateway(tmp_path, start_gateway, {"policy": "soft-fail", "crl_urls": [url],
+                                                    "ocsp_responder": pki_server.url("/ocsp")})
+    body = gw.get("/readyz").json()
+    assert body["ready"] is True and body["degraded"] == ["client_cert"]  # soft-fail: logins go on
+    found = {c["name"]: c for c in body["components"]}
+    assert found[f"client_cert.crl[{url}]"]["ready"] is False and "404" in found[f"client_cert.crl[{url}]"]["detail"]
+    assert found[f"client_cert.ocsp[{pki_server.url('/ocsp')}]"] == {
+        "name": f"client_cert.ocsp[{pki_server.url('/ocsp')}]", "ready": True, "detail": "answers (unauthorized)"}
+    assert "client_cert.revocation" not in found  # only hard-fail needs a working source
+
+    pki_server.put_crl("ca.crl", ca.crl([]))
+    crl = wait_for(lambda: (c := components(gw)[f"client_cert.crl[{url}]"])["ready"] and c)
+    assert crl["detail"] == "0 revoked serials"
+    assert "degraded" not in gw.get("/readyz").json()
+    lines = wait_for(lambda: len(health_lines(gw)) == 2 and health_lines(gw))
+    assert f"client_cert.crl[{url}] is ready again" in lines[1]
