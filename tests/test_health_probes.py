@@ -203,3 +203,50 @@ def test_a_failing_crl_under_soft_fail_is_degraded_and_its_repair_is_noticed(tmp
     assert "degraded" not in gw.get("/readyz").json()
     lines = wait_for(lambda: len(health_lines(gw)) == 2 and health_lines(gw))
     assert f"client_cert.crl[{url}] is ready again" in lines[1]
+
+
+# -- the credential cache on Redis: probed, and a fallback for a directory that is down ---------------
+
+
+def test_the_cache_redis_store_is_probed_and_covers_a_directory_that_goes_down(tmp_path, start_gateway):
+    from support.slapd import Slapd
+
+    slapd = Slapd(tmp_path / "slapd").start()
+    redis = RedisServer(tmp_path / "redis").start()
+    try:
+        slapd.add_user("alice", PASSWORD, cn="Alice")
+        core = {"chain": ["ldap"], "plugins": ["cache"], "throttle": {"enabled": False},
+                "health": {"probe_interval": 1}}
+        gw = start_gateway(write_conf(tmp_path / "conf.d", {
+            "gateway.yaml": json.dumps(core),
+            "ldap.yaml": "ldap: " + json.dumps(slapd.plugin_settings("plain", backoff=1, connect_timeout=1.0)),
+            "cache.yaml": "cache: " + json.dumps({"store": "redis", "redis": {"url": redis.url, "timeout": 0.5}})}))
+        assert gw.auth("alice", PASSWORD).status == 200  # the cache learns alice
+        wait_for(lambda: "; 1 offline entries" in components(gw)["cache.store"]["detail"])
+
+        redis.stop()  # live logins go on: the cache is degraded, /readyz stays true
+        store = wait_for(lambda: (c := components(gw)["cache.store"])["ready"] is False and c)
+        assert f"redis://127.0.0.1:{redis.port}" in store["detail"]
+        body = gw.get("/readyz").json()
+        assert body["ready"] is True and body["degraded"] == ["cache"]
+        assert "cache.store is NOT ready" in wait_for(lambda: health_lines(gw))[0]
+        redis.start()  # empty (no persistence): the entries are counted again, not assumed
+        wait_for(lambda: "; 0 offline entries" in components(gw)["cache.store"]["detail"])
+        assert components(gw)["cache.store"]["ready"] is True
+        assert "cache.store is ready again" in health_lines(gw)[-1]
+        assert gw.auth("alice", PASSWORD).status == 200  # learnt again
+        wait_for(lambda: "; 1 offline entries" in components(gw)["cache.store"]["detail"])
+
+        slapd.stop()  # the directory is gone, but the cache can answer for alice: still ready
+        wait_for(lambda: not any(c["ready"] for n, c in components(gw).items() if n.startswith("ldap.")))
+        body = gw.get("/readyz").json()
+        assert body["ready"] is True and body["degraded"] == ["ldap"]
+        response = gw.auth("alice", PASSWORD)
+        assert response.status == 200 and response.header("Remote-Auth-Source") == "cache"
+
+        redis.stop()  # and now nothing can answer a password: not ready, with the reason
+        down = wait_for(lambda: (r := gw.get("/readyz")).status == 503 and r)
+        assert down.json()["reason"] == "no ready backend: ldap"
+    finally:
+        redis.stop()
+        slapd.stop()
