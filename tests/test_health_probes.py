@@ -250,3 +250,32 @@ def test_the_cache_redis_store_is_probed_and_covers_a_directory_that_goes_down(t
     finally:
         redis.stop()
         slapd.stop()
+
+
+# -- the login front door's Redis session store --------------------------------------------------------
+
+
+def test_the_login_session_store_on_redis_is_probed_and_shows_as_degraded(tmp_path, start_gateway, alice_hash):
+    redis = RedisServer(tmp_path / "redis").start()
+    try:
+        core = {"chain": ["static"], "plugins": ["login"], "throttle": {"enabled": False},
+                "health": {"probe_interval": 1}}
+        login = {"base_url": "https://login.example.test", "sessions": {"store": "redis", "redis_url": redis.url}}
+        gw = start_gateway(write_conf(tmp_path / "conf.d", {"gateway.yaml": json.dumps(core),
+                                                            "login.yaml": "login: " + json.dumps(login),
+                                                            **static_files(alice_hash)}))
+        assert components(gw)["login.sessions"] == {"name": "login.sessions", "ready": True,
+                                                    "detail": f"redis://127.0.0.1:{redis.port}: answers"}
+        redis.stop()
+        sessions = wait_for(lambda: (c := components(gw)["login.sessions"])["ready"] is False and c)
+        assert sessions["detail"].startswith(f"redis://127.0.0.1:{redis.port}: ")
+        # Not a chain step: /auth still answers, so the gateway stays ready and says what is degraded.
+        response = gw.get("/readyz")
+        assert response.status == 200 and response.json()["degraded"] == ["login"]
+        assert gw.auth("alice", PASSWORD).status == 200
+        assert "login.sessions is NOT ready" in wait_for(lambda: health_lines(gw))[0]
+        redis.start()
+        wait_for(lambda: components(gw)["login.sessions"]["ready"])
+        assert "degraded" not in gw.get("/readyz").json()
+    finally:
+        redis.stop()
