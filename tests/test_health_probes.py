@@ -279,3 +279,38 @@ def test_the_login_session_store_on_redis_is_probed_and_shows_as_degraded(tmp_pa
         assert "degraded" not in gw.get("/readyz").json()
     finally:
         redis.stop()
+
+
+# -- the rule itself --------------------------------------------------------------------------------
+
+
+def test_the_readiness_rule():
+    from gateway.checks import ComponentState as C
+    from gateway.health import decide
+
+    up, down = C("a.x", True), C("a.y", False)
+    chain = ["ldap", "static"]
+    # One server of two down: ready, the step degraded.
+    r = decide([], [("ldap", [C("ldap.s1", True), C("ldap.s2", False)])], chain)
+    assert (r.ready, r.reason, r.degraded) == (True, None, ("ldap",))
+    # Every step down: not ready, naming them; a step reporting nothing does not count.
+    r = decide([], [("ldap", [C("ldap.s1", False)]), ("static", []), ("login", [up])], chain)
+    assert (r.ready, r.reason) == (False, "no ready backend: ldap")
+    # Another step covers: ready, degraded.
+    r = decide([], [("ldap", [C("ldap.s1", False)]), ("static", [C("static.users", True)])], chain)
+    assert (r.ready, r.degraded) == (True, ("ldap",))
+    # A required component down takes its step down, whatever its others say.
+    r = decide([], [("client_cert", [C("t", True), C("r", False, required=True)])], ["client_cert"])
+    assert (r.ready, r.reason) == (False, "no ready backend: client_cert")
+    # A ready fallback (not a step) covers the steps; a fallback that is down does not.
+    cache = [C("cache.store", True, fallback=True)]
+    assert decide([], [("ldap", [down]), ("cache", cache)], chain).ready is True
+    assert decide([], [("ldap", [down]), ("cache", [C("cache.store", False)])], chain).ready is False
+    # A core store down: not ready whatever the steps say, and every reason is given.
+    core = [C("gateway.throttle_store", False, "redis://127.0.0.1:1: ConnectionError")]
+    r = decide(core, [("ldap", [down])], chain)
+    assert (r.ready, r.reason) == (False, "no ready backend: ldap; gateway.throttle_store unavailable")
+    assert r.components[0] is core[0]
+    # A plugin outside the chain that is down: degraded only.
+    r = decide([], [("static", [up]), ("login", [C("login.sessions", False)])], chain)
+    assert (r.ready, r.degraded) == (True, ("login",))
