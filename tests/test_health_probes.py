@@ -6,7 +6,6 @@ line, and the recovery is noticed without any login."""
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import time
 from pathlib import Path
@@ -100,6 +99,14 @@ def kdc(tmp_path_factory):
         realm.stop()
 
 
+def replace(source: Path, target: Path) -> None:
+    """Write *target* as a copy of *source* in one step (a probe never reads half a file)."""
+    temporary = target.with_suffix(".new")
+    shutil.copy(source, temporary)
+    temporary.chmod(0o600)
+    temporary.replace(target)
+
+
 def keytab_state(gw: GatewayProcess) -> tuple[int, str | None, dict]:
     r = gw.get("/readyz")
     body = r.json()
@@ -121,14 +128,14 @@ def test_a_removed_or_replaced_keytab_flips_readyz_and_recovers_without_a_login(
     status, reason, component = wait_for(lambda: (s := keytab_state(gw))[0] == 503 and s)
     assert reason == "no ready backend: kerberos" and "No such file" in component["detail"]
 
-    # Replaced by a keytab for another service: readable, but no key for ours.
-    shutil.copy(kdc.dir / "other.keytab", keytab)
-    keytab.chmod(0o600)
+    # Replaced (atomically, as an operator should) by a keytab for another service: readable,
+    # but no key for ours.
+    replace(kdc.dir / "other.keytab", keytab)
     status, _, component = wait_for(lambda: (s := keytab_state(gw))[2]["detail"] != component["detail"] and s)
     assert status == 503 and not component["ready"]
     assert "HTTP/localhost@EXAMPLE.TEST" in component["detail"]
 
-    shutil.copy(tmp_path / "moved.keytab", keytab)
+    replace(tmp_path / "moved.keytab", keytab)
     wait_for(lambda: keytab_state(gw)[0] == 200)
     lines = health_lines(gw)
     assert len(lines) == 2, lines  # down (whatever the reason became meanwhile), back up
@@ -172,7 +179,10 @@ def test_an_unreachable_crl_url_under_hard_fail_makes_readyz_false_with_the_reas
 
     dead = f"http://127.0.0.1:{free_port()}/ca.crl"
     gw, _ca = cert_gateway(tmp_path, start_gateway, {"policy": "hard-fail", "crl_urls": [dead]})
-    response = gw.get("/readyz")  # the first probe round ran before the gateway served
+    # Not ready from the first request on (the first round ran before serving); the error text
+    # comes from whichever fetch ran first, the round's or the plugin's own refresher's.
+    wait_for(lambda: components(gw)[f"client_cert.crl[{dead}]"]["detail"].startswith("fetch failed:"))
+    response = gw.get("/readyz")
     body = response.json()
     assert response.status == 503 and body["reason"] == "no ready backend: client_cert"
     found = {c["name"]: c for c in body["components"]}
@@ -189,6 +199,7 @@ def test_a_failing_crl_under_soft_fail_is_degraded_and_its_repair_is_noticed(tmp
     url = pki_server.url("/crl/ca.crl")  # 404 until the CRL is published
     gw, ca = cert_gateway(tmp_path, start_gateway, {"policy": "soft-fail", "crl_urls": [url],
                                                     "ocsp_responder": pki_server.url("/ocsp")})
+    wait_for(lambda: "404" in components(gw)[f"client_cert.crl[{url}]"]["detail"])
     body = gw.get("/readyz").json()
     assert body["ready"] is True and body["degraded"] == ["client_cert"]  # soft-fail: logins go on
     found = {c["name"]: c for c in body["components"]}
