@@ -314,12 +314,13 @@ class Gateway:
 
     def readiness(self) -> tuple[bool, list[ComponentState]]:
         """(ready, components) from memory (:func:`gateway.health.decide`); :attr:`unready_reason`
-        says why not (a code for load balancers, no URLs or paths), :attr:`degraded` which steps
-        are down while others cover them."""
+        says why not (a code for load balancers, no URLs or paths), :attr:`degraded` which plugins
+        have a component down while something covers it. :meth:`health` gives all in one."""
         health = self.health()
         return health.ready, health.components
 
     def health(self) -> Readiness:
+        """Ask every ``gateway_readiness`` (memory only) and decide; safe from any thread."""
         reports: list[tuple[str, list[ComponentState]]] = []
         for impl in self.pm.hook.gateway_readiness.get_hookimpls():
             try:

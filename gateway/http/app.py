@@ -292,15 +292,15 @@ class FrontDoor:
         return peer is not None and any(peer in net for net in self.gateway.settings.health.details_from)
 
     async def readyz(self, request: web.Request) -> web.Response:
-        ready, components = self.gateway.readiness()
-        body: dict = {"ready": ready}
-        if not ready:
-            body["reason"] = self.gateway.unready_reason
-        elif self.gateway.degraded:  # down but covered by another step (docs/design.md point 16)
-            body["degraded"] = list(self.gateway.degraded)
+        health = self.gateway.health()  # one snapshot: the health thread decides concurrently
+        body: dict = {"ready": health.ready}
+        if not health.ready:
+            body["reason"] = health.reason
+        elif health.degraded:  # down but covered by something else (docs/design.md point 16)
+            body["degraded"] = list(health.degraded)
         if self.sees_details(request):  # component names hold URLs, details hold paths and errors
-            body["components"] = [{"name": c.name, "ready": c.ready, "detail": c.detail} for c in components]
-        return web.json_response(body, status=200 if ready else 503, headers={"Cache-Control": "no-store"})
+            body["components"] = [{"name": c.name, "ready": c.ready, "detail": c.detail} for c in health.components]
+        return web.json_response(body, status=200 if health.ready else 503, headers={"Cache-Control": "no-store"})
 
     async def metrics_text(self, request: web.Request) -> web.Response:
         if self.metrics is None or not self.sees_details(request):
