@@ -325,3 +325,49 @@ def test_the_readiness_rule():
     # A plugin outside the chain that is down: degraded only.
     r = decide([], [("static", [up]), ("login", [C("login.sessions", False)])], chain)
     assert (r.ready, r.degraded) == (True, ("login",))
+
+
+def test_a_probe_that_raises_does_not_stop_the_round_and_changes_are_logged_once(tmp_path, caplog):
+    """In-process: the core's health round with two plugins, one whose probe raises."""
+    from gateway import ComponentState, hookimpl
+    from support.chainhelp import build
+
+    class Broken:
+        @hookimpl
+        def gateway_probe(self) -> None:
+            raise RuntimeError("probe bug")
+
+    class Flaky:
+        up = True
+        probes = 0
+
+        @hookimpl
+        def gateway_probe(self) -> None:
+            self.probes += 1
+
+        @hookimpl
+        def gateway_readiness(self) -> list[ComponentState]:
+            return [ComponentState("flaky.backend", self.up, "ok" if self.up else "refused")]
+
+    runtime = build(tmp_path, {"chain": ["one"]})
+    gateway = runtime.gateway
+    broken, flaky = Broken(), Flaky()
+    gateway.pm.register(broken, name="broken")  # registered last: called first
+    gateway.pm.register(flaky, name="one.health")
+    try:
+        caplog.set_level("INFO", logger="authgw")
+        watch = gateway.health_watch
+        watch.round()
+        assert flaky.probes == 1 and "the gateway_probe of plugin 'broken' raised" in caplog.text
+        changes = lambda: [r.getMessage() for r in caplog.records if r.name == "authgw.health"]  # noqa: E731
+        assert changes() == []  # all ready at the first round: nothing to say
+        flaky.up = False
+        watch.round()
+        watch.round()
+        assert changes() == ["health: flaky.backend is NOT ready: refused"]  # a plugin outside the chain
+        flaky.up = True
+        watch.round()
+        assert changes()[1:] == ["health: flaky.backend is ready again: ok"]
+        assert all(r.levelname == "WARNING" for r in caplog.records if r.name == "authgw.health")
+    finally:
+        runtime.discard()
