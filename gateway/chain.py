@@ -330,7 +330,9 @@ class Gateway:
             reports.append((impl.plugin_name, states))
         reports.reverse()  # pluggy lists implementations last-registered first
         core = [self.throttle_probe.state()] if self.throttle_probe is not None else []
-        health = decide(core, reports, self.settings.chain)
+        password_steps = frozenset(name for name in self.settings.chain
+                                   if "password" in getattr(self.pm.get_plugin(name), "credentials", ("password",)))
+        health = decide(core, reports, self.settings.chain, password_steps)
         self.unready_reason, self.degraded = health.reason, health.degraded
         return health
 

@@ -14,7 +14,8 @@ runs one daemon thread. Each round, at start-up and then every ``probe_interval`
 :func:`decide` is the readiness rule (docs/design.md point 16): the gateway is ready when at
 least one chain step that reports components has one ready (or an offline ``fallback`` such as
 the credential cache can answer for it) and no core component that every password login needs
-(the shared throttle store) is down. A component that fails while something covers it shows in
+(the shared throttle store) is down; and, when the chain takes passwords, one of the steps
+that check them (a plugin's ``credentials`` attribute says which it checks) is up too. A component that fails while something covers it shows in
 the details and its plugin in ``degraded``, but does not turn ``/readyz`` false.
 """
 
@@ -48,9 +49,10 @@ class Readiness:
 
 
 def decide(core: list[ComponentState], reports: list[tuple[str, list[ComponentState]]],
-           chain: list[str]) -> Readiness:
+           chain: list[str], password_steps: frozenset[str] | None = None) -> Readiness:
     """The readiness rule. *core*: the core's components (each one needed by every password
-    login); *reports*: (plugin name, its components) in plugin order; *chain*: the step names."""
+    login); *reports*: (plugin name, its components) in plugin order; *chain*: the step names;
+    *password_steps*: the steps that check passwords (None: any step may)."""
     components = list(core)
     serving: dict[str, bool] = {}
     fallback = False
@@ -66,9 +68,14 @@ def decide(core: list[ComponentState], reports: list[tuple[str, list[ComponentSt
         if not all(s.ready for s in states):
             impaired.append(name)
     steps_down = [name for name, ok in serving.items() if not ok]
+    # Password logins are what a load balancer sends most of: a chain that takes them but whose
+    # password steps are all down cannot serve them, even if a certificate step still can.
+    password = {name: ok for name, ok in serving.items() if password_steps is None or name in password_steps}
     problems = []
     if steps_down and len(steps_down) == len(serving) and not fallback:
         problems.append(f"no ready backend: {', '.join(steps_down)}")
+    elif password and not any(password.values()) and not fallback:
+        problems.append(f"no ready backend for password logins: {', '.join(password)}")
     problems.extend(f"{s.name} unavailable" for s in core if not s.ready)
     if problems:
         return Readiness(False, "; ".join(problems), (), components)

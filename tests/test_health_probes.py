@@ -322,6 +322,15 @@ def test_the_readiness_rule():
     r = decide(core, [("ldap", [down])], chain)
     assert (r.ready, r.reason) == (False, "no ready backend: ldap; gateway.throttle_store unavailable")
     assert r.components[0] is core[0]
+    # A chain that takes passwords whose password steps are all down is not ready, though a
+    # certificate step still is; with no password step at all, the certificate step suffices.
+    both = ["client_cert", "ldap"]
+    r = decide([], [("client_cert", [up]), ("ldap", [down])], both, frozenset({"ldap"}))
+    assert (r.ready, r.reason) == (False, "no ready backend for password logins: ldap")
+    assert decide([], [("client_cert", [up]), ("ldap", [up])], both, frozenset({"ldap"})).ready is True
+    assert decide([], [("client_cert", [up]), ("ldap", [down]), ("cache", cache)], both,
+                  frozenset({"ldap"})).ready is True  # the offline cache answers passwords
+    assert decide([], [("client_cert", [up])], ["client_cert"], frozenset()).ready is True
     # A plugin outside the chain that is down: degraded only.
     r = decide([], [("static", [up]), ("login", [C("login.sessions", False)])], chain)
     assert (r.ready, r.degraded) == (True, ("login",))

@@ -73,6 +73,8 @@ class ClientCertPlugin:
     """Registered as ``client_cert``."""
 
     Settings = ClientCertSettings
+    #: What this step checks (readiness: which steps can serve password logins).
+    credentials = ("certificate",)
 
     def __init__(self, settings: ClientCertSettings, context: PluginContext) -> None:
         self.settings = settings

@@ -109,6 +109,8 @@ class KerberosPlugin:
     """Registered as ``kerberos``."""
 
     Settings = KerberosSettings
+    #: What this step checks (readiness: which steps can serve password logins).
+    credentials = ("negotiate",)
 
     def __init__(self, settings: KerberosSettings, context: PluginContext) -> None:
         self.settings = settings

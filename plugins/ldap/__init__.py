@@ -71,6 +71,8 @@ class LdapPlugin:
     """Registered as ``ldap``."""
 
     Settings = LdapSettings
+    #: What this step checks (readiness: which steps can serve password logins).
+    credentials = ("password",)
 
     def __init__(self, settings: LdapSettings, context: PluginContext) -> None:
         self.settings = settings
