@@ -321,7 +321,12 @@ class Gateway:
         ticket = None
         if attempt.password is not None:
             try:
-                ticket = await self._throttle(self.throttle.admit, attempt.user_key, self.throttle_client(attempt))
+                user, client = attempt.user_key, self.throttle_client(attempt)
+                # a local store answers at once: only a network store is worth a coroutine and a thread
+                if self.throttle.blocking:
+                    ticket = await self._throttle(self.throttle.admit, user, client)
+                else:
+                    ticket = self.throttle.admit(user, client)
             except StoreUnavailable as exc:
                 log.error("throttle store unavailable; password attempt %s refused (fail closed): %s",
                           attempt.request_id, exc)
@@ -348,8 +353,12 @@ class Gateway:
         finally:
             if ticket is not None:
                 try:
-                    await self._throttle(functools.partial(self.throttle.settle, ticket, decision.outcome,
-                                                           live=not decision.from_cache))
+                    settle = functools.partial(self.throttle.settle, ticket, decision.outcome,
+                                               live=not decision.from_cache)
+                    if self.throttle.blocking:
+                        await self._throttle(settle)
+                    else:
+                        settle()
                 except StoreUnavailable as exc:
                     log.error("throttle store unavailable settling attempt %s: %s", attempt.request_id, exc)
         if attempt.password is not None and decision.outcome in _REFUSALS:
