@@ -9,15 +9,14 @@ processes, judged by ``/v1/authenticate`` reason codes and the audit log.
 
 from __future__ import annotations
 
-import hashlib
-import json
 
 import ldap3
 import pytest
 
 from gateway.plugins.ldap import wire
 from gateway.plugins.ldap.wire import PPOLICY_OID, PasswordPolicy, password_policy
-from support.gateway import GatewayProcess, write_conf
+from support.gateway import GatewayProcess
+from support.ldapgw import api_login, ldap_gateways
 from support.slapd import Slapd
 
 TOKEN = "ppolicy-test-api-token"
@@ -138,21 +137,7 @@ def directory(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def start(tmp_path_factory):
-    base = tmp_path_factory.mktemp("gw")
-    started: list[GatewayProcess] = []
-
-    def run(ldap: dict) -> GatewayProcess:
-        core = {"chain": ["ldap"], "throttle": {"enabled": False},
-                "api_tokens": [{"name": "tests", "sha256": hashlib.sha256(TOKEN.encode()).hexdigest()}]}
-        conf = write_conf(base / f"conf{len(started)}", {"gateway.yaml": json.dumps(core),
-                                                          "ldap.yaml": "ldap: " + json.dumps(ldap)})
-        process = GatewayProcess(conf, base / f"state{len(started)}")
-        started.append(process)
-        return process.start()
-
-    yield run
-    for process in started:
-        process.stop()
+    yield from ldap_gateways(tmp_path_factory.mktemp("gw"), TOKEN)
 
 
 @pytest.fixture(scope="module")
@@ -161,9 +146,7 @@ def gateway(start, directory) -> GatewayProcess:
 
 
 def api(gateway: GatewayProcess, username: str, password: str) -> tuple[int, dict]:
-    response = gateway.post("/v1/authenticate", json.dumps({"username": username, "password": password}).encode(),
-                            {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
-    return response.status, response.json()
+    return api_login(gateway, TOKEN, username, password)
 
 
 @pytest.mark.parametrize("uid, password, reason", [

@@ -91,6 +91,30 @@ def test_entity_expansion_is_refused(idp):
     assert refused(redirect(idp, authn_request(idp.url, prolog=lol, issuer="&i;"))) == "login.xml_forbidden"
 
 
+def test_hostile_logout_responses_are_refused_like_requests(idp):
+    prolog = '<!DOCTYPE r [<!ENTITY x SYSTEM "file:///etc/passwd">]>'
+    xxe = (f'{prolog}<samlp:LogoutResponse xmlns:samlp="urn:oasis:names:tc:SAML:2.0:protocol" '
+           'xmlns:saml="urn:oasis:names:tc:SAML:2.0:assertion" ID="_a" Version="2.0" InResponseTo="_b" '
+           'IssueInstant="2026-01-01T00:00:00Z"><saml:Issuer>&x;</saml:Issuer></samlp:LogoutResponse>').encode()
+    client = idp.client()
+    response = client.post(f"{idp.url}/saml/slo", data={"SAMLResponse": base64.b64encode(xxe)})
+    assert refused(response) == "login.xml_forbidden" and "root:" not in response.text
+    bomb = deflated(bytes(5_000_000))
+    response = client.get(f"{idp.url}/saml/slo?" + urlencode({"SAMLResponse": bomb}), allow_redirects=False)
+    assert refused(response) == "login.inflate_too_large"
+    # well-formed, but an answer to nothing authgw sent
+    stray = xxe.replace(prolog.encode(), b"").replace(b"&x;", SP_ID.encode())
+    response = client.post(f"{idp.url}/saml/slo", data={"SAMLResponse": base64.b64encode(stray)})
+    assert refused(response) == "saml.logout_unknown"
+    # a LogoutRequest where a response belongs, and the reverse
+    response = client.post(f"{idp.url}/saml/slo", data={"SAMLRequest": base64.b64encode(stray)})
+    assert refused(response) == "saml.not_logout_request"
+    response = client.post(f"{idp.url}/saml/slo", data={"SAMLResponse": base64.b64encode(
+        stray.replace(b"LogoutResponse", b"LogoutRequest"))})
+    assert refused(response) == "saml.not_logout_response"
+    assert "root:" not in idp.gw.output()
+
+
 def test_a_1_gb_deflate_bomb_is_refused_after_the_cap():
     packer, chunk, parts = zlib.compressobj(9, zlib.DEFLATED, -15), bytes(1 << 20), []
     for _ in range(1024):  # 1 GiB of zeros, compressed piecewise (about 1 MB)
@@ -196,6 +220,11 @@ def test_garbage_in_every_parameter_of_every_route_is_never_a_5xx(idp):
               ("POST", "/logout", ["csrf"]), ("GET", "/saml/sso", ["SAMLRequest", "RelayState", "SigAlg", "Signature"]),
               ("POST", "/saml/sso", ["SAMLRequest", "RelayState"]), ("GET", "/saml/idp", ["sp", "RelayState"]),
               ("GET", "/saml/slo", ["SAMLRequest"]), ("POST", "/saml/slo", ["SAMLRequest"]),
+              ("GET", "/saml/slo", ["SAMLResponse", "RelayState", "SigAlg", "Signature"]),
+              ("POST", "/saml/slo", ["SAMLResponse", "RelayState"]),
+              ("GET", "/wsfed?wa=wsignout1.0", ["wtrealm", "wreply"]),
+              ("GET", "/oidc/logout", ["id_token_hint", "client_id", "post_logout_redirect_uri", "state"]),
+              ("POST", "/oidc/logout", ["id_token_hint", "client_id", "post_logout_redirect_uri", "state"]),
               ("GET", "/wsfed", ["wa", "wtrealm", "wreply", "wctx"]),
               ("GET", "/oidc/authorize", ["client_id", "redirect_uri", "response_type", "scope", "code_challenge"]),
               ("POST", "/oidc/token", ["grant_type", "code", "client_id", "client_secret", "client_assertion",

@@ -23,6 +23,7 @@ from support.slapd import Slapd
 
 CB = "https://rp.example.test/callback"
 SECRET = "rp-secret-value-0123456789"
+BYE = "https://rp.example.test/signed-out"
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,8 @@ def op(tmp_path_factory):
     (base / "secret").chmod(0o600)
     cert, key = rsa_pair(base / "rp", "rp", "rp.example.test")
     site = LoginSite(base / "op", slapd, CA.create(), login={"oidc": {"clients": [
-        {"client_id": "rp", "redirect_uris": [CB], "client_secret": {"file": str(base / "secret")}},
+        {"client_id": "rp", "redirect_uris": [CB], "client_secret": {"file": str(base / "secret")},
+         "post_logout_redirect_uris": [BYE]},
         {"client_id": "rp-jwt", "redirect_uris": [CB], "public_key": str(cert)}]}})
     site.gw = site.start()
     site.rp_key = key.read_text()
@@ -172,3 +174,55 @@ def test_the_baseline_authorization_request_is_accepted(op):
     params = {"client_id": "rp", "redirect_uri": CB, "response_type": "code", "scope": "openid", **challenge()}
     response = op.client().get(op.config["authorization_endpoint"], params=params, allow_redirects=False)
     assert response.status_code == 303 and response.headers["Location"].startswith("/login?req=")
+
+
+def id_token(op, browser) -> str:
+    client = rp(op)
+    answer, verifier, _ = authorize(op, client, browser)
+    return client.fetch_token(op.config["token_endpoint"], authorization_response=answer.headers["Location"],
+                              code_verifier=verifier)["id_token"]
+
+
+def signed_in(op, browser) -> bool:
+    return "signed in as" in browser.get(f"{op.url}/login").text
+
+
+def test_rp_initiated_logout_needs_a_hint_from_here_and_a_registered_uri(op):
+    endpoint = op.config["end_session_endpoint"]
+    assert endpoint == f"{op.url}/oidc/logout"
+    browser = op.client()
+    hint = id_token(op, browser)
+    assert signed_in(op, browser)
+
+    def logout(**params):
+        return browser.get(endpoint, params=params, allow_redirects=False)
+
+    forged = authlib_jwt.encode({"alg": "RS256"}, {**authlib_jwt.decode(hint, JsonWebKey.import_key_set(op.jwks))},
+                                op.rp_key).decode()
+    for params, reason in [
+            ({"id_token_hint": hint, "post_logout_redirect_uri": "https://evil.example.test/"},
+             "oidc.post_logout_redirect_uri_not_registered"),
+            ({"id_token_hint": hint, "post_logout_redirect_uri": CB}, "oidc.post_logout_redirect_uri_not_registered"),
+            ({"id_token_hint": forged, "post_logout_redirect_uri": BYE}, "oidc.id_token_hint_invalid"),
+            ({"id_token_hint": hint[:-4] + "AAAA", "post_logout_redirect_uri": BYE}, "oidc.id_token_hint_invalid"),
+            ({"id_token_hint": hint, "client_id": "rp-jwt", "post_logout_redirect_uri": BYE}, "oidc.client_mismatch"),
+            ({"id_token_hint": "x" * 9000}, "login.parameter_too_large")]:
+        refused = browser.post(endpoint, data=params, allow_redirects=False)  # a 9 KB query is the core's to refuse
+        assert (refused.status_code, refused.headers.get("X-Refused-Reason")) == (400, reason), params
+        assert "evil" not in refused.text and "Location" not in refused.headers
+    # without a hint nothing proves the RP asked: the user is shown the Sign out button instead
+    asked = logout(post_logout_redirect_uri=BYE)
+    assert asked.status_code == 303 and asked.headers["Location"] == "/login"
+    assert signed_in(op, browser)
+    done = logout(id_token_hint=hint, post_logout_redirect_uri=BYE, state="st 1")
+    assert done.status_code == 303 and done.headers["Location"] == BYE + "?state=st+1"
+    assert not signed_in(op, browser)
+
+
+def test_rp_initiated_logout_ends_the_session_its_sid_names_without_the_cookie(op):
+    browser = op.client()
+    hint = id_token(op, browser)
+    done = op.client().post(op.config["end_session_endpoint"], data={"id_token_hint": hint, "client_id": "rp"},
+                            allow_redirects=False)  # a back-end call or another browser: no cookie
+    assert done.status_code == 200 and "You are signed out." in done.text
+    assert not signed_in(op, browser)

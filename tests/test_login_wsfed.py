@@ -16,6 +16,7 @@ from support.slapd import Slapd
 
 REALM, REPLY = "urn:auth0:example:adfs-connection", "https://example.auth0.test/login/callback"
 ENTRA, ENTRA_REPLY = "urn:federation:MicrosoftOnline", "https://login.microsoftonline.test/login.srf"
+SIGNED_OUT = "https://example.auth0.test/logged-out"
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,8 @@ def idp(tmp_path_factory):
     slapd = Slapd(base / "slapd").start()
     slapd.add_user("alice", "Alice-pw-1", cn="Alice Liddell", mail="alice@example.com", groups=["staff"])
     site = LoginSite(base / "idp", slapd, CA.create(), login={"wsfed": {"relying_parties": [
-        {"realm": REALM, "reply_urls": [REPLY], "name_id_source": "email", "name_id_format": "emailAddress",
+        {"realm": REALM, "reply_urls": [REPLY], "signout_urls": [SIGNED_OUT], "name_id_source": "email",
+         "name_id_format": "emailAddress",
          "attributes": {"http://schemas.xmlsoap.org/claims/Group": "groups"}},
         {"realm": ENTRA, "reply_urls": [ENTRA_REPLY], "token": "saml11", "name_id_format": "persistent",
          "name_id_source": "subject", "attributes": {
@@ -84,7 +86,9 @@ def test_wsignin_answers_an_rstr_whose_assertion_xmlsec1_verifies(idp, tmp_path)
 
 
 @pytest.mark.parametrize("params, reason", [
-    ({"wa": "wsignout1.0", "wtrealm": REALM}, "wsfed.unsupported_action"),
+    ({"wa": "wattr1.0", "wtrealm": REALM}, "wsfed.unsupported_action"),
+    ({"wa": "wsignout1.0", "wtrealm": REALM, "wreply": "https://evil.example.test/"}, "wsfed.reply_not_registered"),
+    ({"wa": "wsignout1.0", "wtrealm": "urn:unknown", "wreply": REPLY}, "wsfed.unknown_realm"),
     ({"wa": "wsignin1.0", "wtrealm": "urn:unknown"}, "wsfed.unknown_realm"),
     ({"wa": "wsignin1.0", "wtrealm": REALM, "wreply": "https://evil.example.test/callback"}, "wsfed.reply_not_registered"),
     ({"wa": "wsignin1.0", "wtrealm": REALM, "wreply": REPLY + "/../../evil"}, "wsfed.reply_not_registered"),
@@ -132,3 +136,26 @@ def test_a_saml_1_1_token_for_entra_style_realms_verifies_with_xmlsec1(idp, tmp_
     assert result.returncode == 0 and "OK" in result.stderr, result.stderr
     (tmp_path / "forged.xml").write_text(answer["wresult"].replace("alice@example.com", "mallory@example.com"))
     assert xmlsec1_verify(cert, tmp_path / "forged.xml", "AssertionID", node).returncode != 0
+
+
+def test_wsignout_ends_the_session_and_goes_only_to_a_registered_reply(idp):
+    browser = idp.client()
+    idp.sign_in(browser, "alice", "Alice-pw-1")
+    assert "signed in as" in browser.get(f"{idp.url}/login").text
+    # an unregistered wreply: refused, nothing happens (the session stays)
+    refused = browser.get(f"{idp.url}/wsfed", params={"wa": "wsignout1.0", "wreply": "https://evil.example.test/"},
+                          allow_redirects=False)
+    assert refused.status_code == 400 and refused.headers["X-Refused-Reason"] == "wsfed.reply_not_registered"
+    assert "signed in as" in browser.get(f"{idp.url}/login").text
+    out = browser.get(f"{idp.url}/wsfed", params={"wa": "wsignout1.0", "wtrealm": REALM, "wreply": SIGNED_OUT},
+                      allow_redirects=False)
+    assert out.status_code == 303 and out.headers["Location"] == SIGNED_OUT
+    assert 'id="password"' in browser.get(f"{idp.url}/login").text
+    # without wreply: the signed-out page; a sign-in reply URL is a valid sign-out reply too
+    idp.sign_in(browser, "alice", "Alice-pw-1")
+    page = browser.get(f"{idp.url}/wsfed", params={"wa": "wsignout1.0"})
+    assert page.status_code == 200 and "You are signed out." in page.text
+    idp.sign_in(browser, "alice", "Alice-pw-1")
+    out = browser.get(f"{idp.url}/wsfed", params={"wa": "wsignoutcleanup1.0", "wreply": REPLY}, allow_redirects=False)
+    assert out.status_code == 303 and out.headers["Location"] == REPLY
+    assert 'id="password"' in browser.get(f"{idp.url}/login").text

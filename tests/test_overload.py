@@ -225,3 +225,4 @@ def test_queued_work_whose_client_hung_up_is_not_run(conf_dir, alice_hash, start
     assert reasons == ["client_gone"] * 3 + ["success"], gw.audit()
     assert gw.output().count("hang: call entered") == 1  # none of the three ran
     assert gw.auth("alice", PASSWORD).status == 200
+    assert "Traceback" not in gw.output() and "ERROR" not in gw.output()

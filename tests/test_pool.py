@@ -112,3 +112,32 @@ def test_work_that_would_miss_its_deadline_is_refused_from_the_measured_pace():
     finally:
         release.set()
         pool.shutdown()
+
+
+def test_a_wait_beyond_the_target_is_refused_and_work_of_a_gone_client_is_dropped():
+    import time
+
+    from gateway.pool import Abandoned, Overloaded
+
+    pool = ChainPool(1, max_queue=100, max_wait=0.5)
+    release = threading.Event()
+    ran: list[str] = []
+    try:
+        async def main():
+            await pool.run(time.sleep, 0.3)  # measured: ~0.3 s per item on one thread
+            blocker = pool.run(lambda _: release.wait(10), None)
+            await asyncio.sleep(0.1)
+            gone = pool.run(ran.append, "gone", deadline=time.monotonic() + 60, abandoned=lambda: True)
+            with pytest.raises(Overloaded, match="queue_wait"):  # ~0.6 s > 0.5 s, deadline far
+                pool.run(ran.append, "refused", deadline=time.monotonic() + 60)
+            release.set()
+            await blocker
+            with pytest.raises(Abandoned):
+                await gone
+            assert await pool.run(ran.append, "kept", abandoned=lambda: False) is None
+
+        asyncio.run(main())
+    finally:
+        release.set()
+        pool.shutdown()
+    assert ran == ["kept"]

@@ -9,8 +9,7 @@ import threading
 import ldap3
 import pytest
 
-from support.fakedist import make_dist
-from support.linkenv import Connector, Relay
+from support.linkenv import linked_site
 from support.slapd import Slapd
 
 
@@ -55,20 +54,7 @@ def slapd(tmp_path_factory):
 @pytest.fixture(scope="module")
 def site(tmp_path_factory, slapd):
     """A relay with two enrolled, linked connectors (shared: a test that stops one restarts it)."""
-    tmp_path = tmp_path_factory.mktemp("site")
-    probe = make_dist(tmp_path / "site-packages", "whois-probe", {"whois": "whois_probe:Whois"}, WHOIS)
-    relay = Relay(tmp_path / "relay", plugins=("whois",), env={"PYTHONPATH": str(probe)}).setup().start()
-    connectors = []
-    try:
-        for name in ("c1", "c2"):
-            connectors.append(Connector(tmp_path / name, slapd).enroll(relay.ticket(), relay.ca_file).start())
-        for connector in connectors:
-            connector.wait_linked(relay)
-        yield relay, connectors
-    finally:
-        for connector in connectors:
-            connector.stop()
-        relay.stop()
+    yield from linked_site(tmp_path_factory.mktemp("site"), slapd, ("whois-probe", {"whois": "whois_probe:Whois"}, WHOIS))
 
 
 def test_password_logins_through_the_relay(site, slapd):

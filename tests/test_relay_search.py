@@ -9,8 +9,7 @@ import urllib.parse
 
 import pytest
 
-from support.fakedist import make_dist
-from support.linkenv import Connector, Relay
+from support.linkenv import Connector, Relay, linked_site
 from support.slapd import Slapd
 
 #: More users than one page holds.
@@ -66,20 +65,7 @@ def slapd(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory, slapd):
-    tmp_path = tmp_path_factory.mktemp("site")
-    probe = make_dist(tmp_path / "site-packages", "dir-probe", {"dirprobe": "dirprobe:DirProbe"}, PROBE)
-    relay = Relay(tmp_path / "relay", plugins=("dirprobe",), env={"PYTHONPATH": str(probe)}).setup().start()
-    connectors = []
-    try:
-        for name in ("c1", "c2"):
-            connectors.append(Connector(tmp_path / name, slapd).enroll(relay.ticket(), relay.ca_file).start())
-        for connector in connectors:
-            connector.wait_linked(relay)
-        yield relay, connectors
-    finally:
-        for connector in connectors:
-            connector.stop()
-        relay.stop()
+    yield from linked_site(tmp_path_factory.mktemp("site"), slapd, ("dir-probe", {"dirprobe": "dirprobe:DirProbe"}, PROBE))
 
 
 def _get(relay: Relay, path: str, **query):

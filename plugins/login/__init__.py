@@ -109,7 +109,8 @@ class LoginPlugin:
                 current, upcoming = self.keys.rotate()
                 print(f"signing certificate now: {current.cert.fingerprint(_sha256()).hex()}")
                 print(f"next certificate:        {upcoming.cert.fingerprint(_sha256()).hex()}")
-                print("restart authgw to sign with it; service providers that read the metadata already trust it")
+                print("reload authgw to sign with it (kill -HUP $(cat STATE_DIR/authgw.pid), or systemctl reload "
+                      "authgw); service providers that read the metadata already trust it")
                 return 0
             print(self.saml.metadata().decode())
             return 0

@@ -114,7 +114,8 @@ class KeyStore:
             return self._load("current"), self._load("next"), cookie.read_bytes()
 
     def rotate(self) -> tuple[KeyPair, KeyPair]:
-        """Make *next* current and a new *next*. Running gateways pick it up when restarted."""
+        """Make *next* current and a new *next*. Running gateways pick it up when reloaded
+        (SIGHUP: every worker builds the plugin again, which loads the pairs) or restarted."""
         self.ensure()
         with self._locked():
             current, upcoming = self._load("current"), self._load("next")

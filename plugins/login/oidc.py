@@ -3,7 +3,17 @@
 ``login.base_url`` (the issuer).
 
 Endpoints: ``/.well-known/openid-configuration``, ``/oidc/jwks`` (current and next key),
-``/oidc/authorize``, ``/oidc/token``, ``/oidc/userinfo``.
+``/oidc/authorize``, ``/oidc/token``, ``/oidc/userinfo``, ``/oidc/logout`` (RP-initiated logout,
+the discovery's ``end_session_endpoint``).
+
+RP-initiated logout needs an ``id_token_hint`` this provider signed (current or next key; an
+expired one is fine, it only names the session): without one any page could log the user out,
+so the user is asked instead (the "Sign out" button). It ends the session the hint's ``sid``
+names and the browser's own when it is the hint's subject (with the SAML Single Logout round of
+:mod:`.slo`), then redirects to ``post_logout_redirect_uri`` (with ``state``) only when it is one
+of the client's ``post_logout_redirect_uris`` exactly. Checks: ``oidc.id_token_hint_invalid``,
+``oidc.unknown_client``, ``oidc.client_mismatch`` (``client_id`` not the hint's audience),
+``oidc.post_logout_redirect_uri_not_registered``, ``login.parameter_too_large``.
 
 Named checks at ``/oidc/authorize`` (refused on a page, never redirected, so a bad request
 cannot bounce the browser anywhere): ``oidc.unknown_client``, ``oidc.redirect_uri_not_registered``
@@ -30,7 +40,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from joserfc import jwt
 from joserfc.errors import JoseError
-from joserfc.jwk import ECKey, RSAKey
+from joserfc.jwk import ECKey, KeySet, RSAKey
 
 from gateway import Route
 
@@ -43,6 +53,7 @@ __all__ = ["OidcProvider"]
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 MAX_PARAM = 2048
+MAX_HINT = 8192  # an id_token with many groups is longer than the other parameters
 
 
 def _rsa(pair: KeyPair) -> RSAKey:
@@ -68,6 +79,7 @@ class OidcProvider:
         # The next key is published before it signs, so relying parties have it when it does.
         self.public = {"keys": [{**k.as_dict(private=False), "use": "sig", "alg": "RS256"}
                                 for k in (self.signing, _rsa(upcoming))]}
+        self.own_keys = KeySet.import_key_set(self.public)  # id_token_hint: signed here, current or next
         self.client_keys = {c.client_id: _client_key(c) for c in settings.oidc.clients if c.public_key}
         self.token_url = f"{self.issuer}/oidc/token"
 
@@ -76,7 +88,8 @@ class OidcProvider:
         web_door.completers["oidc"] = self.complete
         return [Route("GET", "/.well-known/openid-configuration", self.discovery),
                 Route("GET", "/oidc/jwks", self.jwks), Route("GET", "/oidc/authorize", self.authorize),
-                Route("POST", "/oidc/token", self.token), Route("*", "/oidc/userinfo", self.userinfo)]
+                Route("POST", "/oidc/token", self.token), Route("*", "/oidc/userinfo", self.userinfo),
+                Route("GET", "/oidc/logout", self.end_session), Route("POST", "/oidc/logout", self.end_session)]
 
     # -- discovery ---------------------------------------------------------------------------------
 
@@ -85,6 +98,7 @@ class OidcProvider:
             "issuer": self.issuer, "authorization_endpoint": f"{self.issuer}/oidc/authorize",
             "token_endpoint": self.token_url, "userinfo_endpoint": f"{self.issuer}/oidc/userinfo",
             "jwks_uri": f"{self.issuer}/oidc/jwks", "response_types_supported": ["code"],
+            "end_session_endpoint": f"{self.issuer}/oidc/logout",
             "response_modes_supported": ["query", "form_post"], "grant_types_supported": ["authorization_code"],
             "subject_types_supported": ["public"], "id_token_signing_alg_values_supported": ["RS256"],
             "code_challenge_methods_supported": ["S256"], "scopes_supported": ["openid", "profile", "email", "groups"],
@@ -137,8 +151,9 @@ class OidcProvider:
         if pending["mode"] == "form_post":
             return self.web.auto_post(pending["redirect_uri"], answer)
         separator = "&" if "?" in pending["redirect_uri"] else "?"
-        raise web.HTTPSeeOther(pending["redirect_uri"] + separator + urlencode(answer),
-                               headers={"Cache-Control": "no-store"})
+        # Returned, not raised: /login sets the new session cookie on this very response.
+        return web.Response(status=303, headers={"Location": pending["redirect_uri"] + separator + urlencode(answer),
+                                                 "Cache-Control": "no-store"})
 
     # -- token ---------------------------------------------------------------------------------------
 
@@ -240,6 +255,64 @@ class OidcProvider:
         identity = identity_from_json(record["identity"])
         return web.json_response({"sub": identity.subject, **self._profile(identity, record["scope"])},
                                  headers={"Cache-Control": "no-store"})
+
+
+    # -- RP-initiated logout -------------------------------------------------------------------------
+
+    def _hint(self, token: str) -> dict:
+        try:
+            claims = jwt.decode(token, self.own_keys, algorithms=["RS256"]).claims
+        except (JoseError, ValueError, TypeError):
+            raise Refused("oidc.id_token_hint_invalid", "not signed by this provider") from None
+        if claims.get("iss") != self.issuer or not claims.get("sub"):
+            raise Refused("oidc.id_token_hint_invalid", "another issuer")
+        return claims
+
+    def check_logout(self, params) -> tuple[dict | None, str | None]:
+        """The hint's claims and the URL to go to afterwards, or :class:`Refused` (no I/O)."""
+        if any(len(v) > (MAX_HINT if k == "id_token_hint" else MAX_PARAM) for k, v in params.items()):
+            raise Refused("login.parameter_too_large", "a logout parameter")
+        hint = params.get("id_token_hint", "")
+        claims = self._hint(hint) if hint else None
+        audience = claims.get("aud", []) if claims else []
+        audience = [audience] if isinstance(audience, str) else list(audience)
+        client_id = params.get("client_id", "")
+        if claims and client_id and client_id not in audience:
+            raise Refused("oidc.client_mismatch", client_id[:100])
+        uri = params.get("post_logout_redirect_uri", "")
+        if not uri or claims is None:
+            return claims, None
+        client = self.clients.get(client_id or (audience[0] if len(audience) == 1 else ""))
+        if client is None:
+            raise Refused("oidc.unknown_client", client_id[:100])
+        if uri not in client.post_logout_redirect_uris:
+            raise Refused("oidc.post_logout_redirect_uri_not_registered", uri[:200])
+        if params.get("state"):
+            uri += ("&" if "?" in uri else "?") + urlencode({"state": params["state"]})
+        return claims, uri
+
+    async def end_session(self, request: web.Request) -> web.StreamResponse:
+        params = request.query if request.method == "GET" else await request.post()
+        try:
+            claims, after = self.check_logout({k: v for k, v in params.items() if isinstance(v, str)})
+        except Refused as exc:
+            return self.web.refused(request, exc)
+        session = self.web.session(request)
+        if claims is None:  # nothing proves the request comes from the relying party: ask the user
+            if session is None:
+                return self.web.html(self.web.pages.message("signed_out"))
+            raise web.HTTPSeeOther("/login", headers={"Cache-Control": "no-store"})  # "signed in as", Sign out
+        ending: dict[str, str | None] = {}
+        if session is not None and (session.index == claims.get("sid") or session.identity.subject == claims["sub"]):
+            ending[session.key] = session.index
+        sid = claims.get("sid")
+        key = self.web.sessions.key_of_index(sid) if isinstance(sid, str) else None
+        if key is not None:
+            ending.setdefault(key, sid)
+        response = await self.web.logout_round(request, ending, after)
+        if session is not None and session.key in ending:
+            response.del_cookie(self.web.cookie, path="/")
+        return response
 
 
 def _digest(text: str) -> str:

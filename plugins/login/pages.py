@@ -31,6 +31,8 @@ MESSAGES = {
     "signed_in": "You are signed in as {name}.",
     "sign_out": "Sign out",
     "signed_out": "You are signed out.",
+    "signed_out_partial": "You are signed out here, but not every application could be told. Close your browser "
+                          "to end your sessions with them.",
     "continue": "Continue",
     "continue_hint": "Your browser did not continue on its own. Press Continue.",
     "refused": "This sign-in request cannot be accepted. Start again from the application.",

@@ -137,14 +137,15 @@ class RequestChecker:
         return sp, acs
 
     def verify_redirect_signature(self, sp: SamlServiceProvider, raw_query: str) -> None:
-        """HTTP-Redirect: the signature is over ``SAMLRequest=..&RelayState=..&SigAlg=..`` as
-        sent (URL-encoded), SAML bindings section 3.4.4.1."""
+        """HTTP-Redirect: the signature is over ``SAMLRequest=..&RelayState=..&SigAlg=..`` (or
+        ``SAMLResponse=..``) as sent (URL-encoded), SAML bindings section 3.4.4.1."""
         parts = dict(p.split("=", 1) for p in raw_query.split("&") if "=" in p)
         if "Signature" not in parts or "SigAlg" not in parts:
             raise Refused("saml.signature_missing", sp.entity_id[:200])
         if unquote_plus(parts["SigAlg"]) != RSA_SHA256:
             raise Refused("saml.signature_invalid", "only rsa-sha256 is accepted")
-        octets = "&".join(f"{k}={parts[k]}" for k in ("SAMLRequest", "RelayState", "SigAlg") if k in parts)
+        octets = "&".join(f"{k}={parts[k]}" for k in ("SAMLRequest", "SAMLResponse", "RelayState", "SigAlg")
+                          if k in parts)
         try:
             signature = base64.b64decode(unquote_plus(parts["Signature"]), validate=True)
             self.certificates[sp.entity_id].public_key().verify(signature, octets.encode("ascii"),
@@ -232,7 +233,7 @@ class ResponseBuilder:
         return self.sign(assertion) if sign else assertion
 
     def build(self, sp: SamlServiceProvider, acs: str, identity: Identity, in_response_to: str | None,
-              session_index: str, now: dt.datetime) -> bytes:
+              session_index: str, now: dt.datetime, name_id: str | None = None) -> bytes:
         E = etree.SubElement
         response = etree.Element(f"{{{SAMLP}}}Response", nsmap={"samlp": SAMLP, "saml": SAML},
                                  ID="_" + secrets.token_hex(20), Version="2.0", IssueInstant=instant(now),
@@ -246,7 +247,7 @@ class ResponseBuilder:
           Value="urn:oasis:names:tc:SAML:2.0:status:Success")
         response.append(self.assertion(
             audience=sp.entity_id, identity=identity, name_id_format=sp.name_id_format,
-            name_id=self.name_id(identity, sp.name_id_format, sp.name_id_source), attributes=sp.attributes,
+            name_id=name_id or self.name_id(identity, sp.name_id_format, sp.name_id_source), attributes=sp.attributes,
             session_index=session_index, now=now, recipient=acs, in_response_to=in_response_to,
             sign=sp.sign_assertion))
         signed = self.sign(response) if sp.sign_response else response
@@ -296,28 +297,33 @@ class SamlIdp:
             raise Refused("login.relay_state_too_large", f"{size} bytes")
         return value or ""
 
-    async def read_message(self, request: web.Request) -> tuple[bytes, str]:
-        """The decoded ``SAMLRequest`` of either binding and the ``RelayState``."""
+    async def read_message(self, request: web.Request, field: str = "SAMLRequest") -> tuple[bytes, str]:
+        """The decoded ``SAMLRequest`` (or *field*) of either binding and the ``RelayState``."""
         limits = self.settings
         if request.method == "GET":
             params = request.query
-            text = params.get("SAMLRequest")
+            text = params.get(field)
             if not text:
-                raise Refused("login.malformed", "no SAMLRequest")
+                raise Refused("login.malformed", f"no {field}")
             data = inflate_redirect(text, limit=limits.max_inflated_bytes, max_parameter=limits.max_parameter_bytes)
         else:
             params = await request.post()
-            text = params.get("SAMLRequest")
+            text = params.get(field)
             if not isinstance(text, str) or not text:
-                raise Refused("login.malformed", "no SAMLRequest")
+                raise Refused("login.malformed", f"no {field}")
             data = decode_post(text, max_parameter=limits.max_parameter_bytes)
         return data, self.relay_state(params.get("RelayState"))
 
     def verify_signed(self, request: web.Request, sp: SamlServiceProvider, data: bytes,
-                      root: etree._Element) -> etree._Element:
+                      root: etree._Element, required: bool = True) -> etree._Element:
         """For SPs with a ``request_certificate``: the signature (either binding) and replay
-        checks; returns the element to read (only what was signed)."""
+        checks; returns the element to read (only what was signed). Not *required* (an SP's
+        ``signed_logout: false``): an unsigned message is read as it is."""
         if sp.entity_id not in self.checker.certificates:
+            return root
+        signed = ("Signature" in request.query if request.method == "GET"
+                  else root.find(f"{{{DS}}}Signature") is not None)
+        if not required and not signed:
             return root
         if request.method == "GET":
             self.checker.verify_redirect_signature(sp, request.rel_url.raw_query_string)
@@ -359,9 +365,14 @@ class SamlIdp:
         sp = self.checker.provider(pending["sp"])
         if pending["acs"] not in sp.acs_urls:  # the configuration changed while the user signed in
             return self.web.refused(request, Refused("saml.acs_not_registered", pending["acs"][:200]))
+        name_id = self.builder.name_id(session.identity, sp.name_id_format, sp.name_id_source)
+        # Single Logout tells this SP about the logout with the NameID and index as issued here.
+        self.web.sessions.add_participant(session, sp.entity_id, {
+            "name_id": name_id, "format": NAMEID_FORMATS[sp.name_id_format], "index": session.index})
         # Two RSA signatures and C14N take milliseconds: off the event loop, so /auth is not held up.
         xml = await asyncio.to_thread(self.builder.build, sp, pending["acs"], session.identity,
-                                      pending["request_id"] or None, session.index, dt.datetime.now(dt.timezone.utc))
+                                      pending["request_id"] or None, session.index, dt.datetime.now(dt.timezone.utc),
+                                      name_id)
         fields = [("SAMLResponse", base64.b64encode(xml).decode())]
         if pending["relay_state"]:
             fields.append(("RelayState", pending["relay_state"]))

@@ -92,6 +92,8 @@ class SqliteStore:
                         "created REAL NOT NULL, seen REAL NOT NULL)")
         self.db.execute("CREATE TABLE IF NOT EXISTS pending (key TEXT PRIMARY KEY, data TEXT NOT NULL, "
                         "expires REAL NOT NULL)")
+        self.db.execute("CREATE TABLE IF NOT EXISTS participants (session TEXT NOT NULL, party TEXT NOT NULL, "
+                        "data TEXT NOT NULL, PRIMARY KEY (session, party))")
 
     def put_session(self, key: str, data: dict, now: float) -> None:
         self.db.execute("INSERT INTO sessions VALUES (?, ?, ?, ?)", (key, json.dumps(data), now, now))
@@ -105,6 +107,15 @@ class SqliteStore:
 
     def delete_session(self, key: str) -> None:
         self.db.execute("DELETE FROM sessions WHERE key = ?", (key,))
+        self.db.execute("DELETE FROM participants WHERE session = ?", (key,))
+
+    def put_participant(self, key: str, party: str, data: dict) -> None:
+        # One row per (session, party), replaced: a transient NameID changes with each answer.
+        self.db.execute("INSERT OR REPLACE INTO participants VALUES (?, ?, ?)", (key, party, json.dumps(data)))
+
+    def get_participants(self, key: str) -> dict[str, dict]:
+        rows = self.db.execute("SELECT party, data FROM participants WHERE session = ?", (key,)).fetchall()
+        return {party: json.loads(data) for party, data in rows}
 
     def put_pending(self, key: str, data: dict, expires: float) -> bool:
         """Store *data* under *key* unless the key is taken (then ``False``: a replay)."""
@@ -123,6 +134,7 @@ class SqliteStore:
     def purge(self, now: float, oldest: float) -> None:
         self.db.execute("DELETE FROM pending WHERE expires < ?", (now,))
         self.db.execute("DELETE FROM sessions WHERE created < ?", (oldest,))
+        self.db.execute("DELETE FROM participants WHERE session NOT IN (SELECT key FROM sessions)")
 
     def close(self) -> None:
         self.db.close()
@@ -150,7 +162,18 @@ class RedisStore:
             self.redis.set(f"authgw:login:s:{key}", json.dumps([record[0], record[1], now]), ex=self.ttl)
 
     def delete_session(self, key: str) -> None:
-        self.redis.delete(f"authgw:login:s:{key}")
+        self.redis.delete(f"authgw:login:s:{key}", f"authgw:login:sp:{key}")
+
+    def put_participant(self, key: str, party: str, data: dict) -> None:
+        # A hash per session (one field per party), expiring with the session's longest life.
+        pipe = self.redis.pipeline()
+        pipe.hset(f"authgw:login:sp:{key}", party, json.dumps(data))
+        pipe.expire(f"authgw:login:sp:{key}", self.ttl)
+        pipe.execute()
+
+    def get_participants(self, key: str) -> dict[str, dict]:
+        raw = self.redis.hgetall(f"authgw:login:sp:{key}")
+        return {party.decode(): json.loads(data) for party, data in raw.items()}
 
     def put_pending(self, key: str, data: dict, expires: float) -> bool:
         return bool(self.redis.set(f"authgw:login:p:{key}", json.dumps(data),
@@ -237,6 +260,27 @@ class SessionManager:
         if value:
             self.store.delete_session(_digest(value))
 
+    # -- Single Logout: who was told about a session -------------------------------------------------
+
+    def add_participant(self, session: Session, party: str, data: dict) -> None:
+        """Note that *party* (a SAML SP's entity id) got an answer in *session*, with *data* as
+        issued (NameID, its format, SessionIndex): logout is propagated to it with exactly these."""
+        self.store.put_participant(session.key, party, data)
+
+    def key_of_index(self, index: str) -> str | None:
+        """The store key of the live session with this SAML SessionIndex, or ``None``."""
+        record = self.store.get_pending("idx:" + index, time.time()) if 0 < len(index) <= 64 else None
+        return record["key"] if record is not None else None
+
+    def participants(self, key: str) -> dict[str, dict]:
+        return self.store.get_participants(key)
+
+    def end_key(self, key: str, index: str | None) -> None:
+        """End the session stored under *key* (its participants are forgotten with it)."""
+        self.store.delete_session(key)
+        if index:
+            self.store.take_pending("idx:" + index, time.time())
+
     def _maybe_purge(self, now: float) -> None:
         if self._last_purge is None or now - self._last_purge > 60:
             self._last_purge = now
@@ -260,6 +304,15 @@ class SessionManager:
         if not key or len(key) > 64:
             return None
         return self.store.get_pending("p:" + key, time.time())
+
+    def park_as(self, key: str, data: dict, lifetime: float) -> None:
+        """Keep *data* under a key the caller made (a random message ID it sent), single use."""
+        self.store.put_pending("m:" + key, data, time.time() + lifetime)
+
+    def unpark_as(self, key: str) -> dict | None:
+        if not key or len(key) > 64:
+            return None
+        return self.store.take_pending("m:" + key, time.time())
 
     def first_use(self, namespace: str, ident: str, lifetime: float) -> bool:
         """``True`` the first time *ident* is seen within *lifetime* seconds (replay refusal)."""

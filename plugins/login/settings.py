@@ -77,8 +77,15 @@ class SamlServiceProvider(PluginSettings):
         None, description="PEM certificate the SP signs its AuthnRequests with; when set, unsigned or badly "
         "signed requests are refused")
     idp_initiated: bool = Field(False, description="allow logins started here (`/saml/idp?sp=ENTITY_ID`)")
-    slo_url: str | None = Field(None, description="where the LogoutResponse to this SP's LogoutRequest is "
-                                "posted; without it the SP's LogoutRequests are refused")
+    slo_url: str | None = Field(None, description="the SP's Single Logout endpoint (HTTP-POST binding): the "
+                                "LogoutResponse to its LogoutRequest is posted there, and so is a LogoutRequest "
+                                "when the user logs out elsewhere; without it the SP's LogoutRequests are refused")
+    slo_binding: Literal["post", "redirect"] = Field(
+        "post", description="how authgw's LogoutRequest and LogoutResponse reach `slo_url`: `post` (an "
+        "auto-submitted form, XML signature) or `redirect` (HTTP-Redirect, DEFLATE and a query signature)")
+    signed_logout: bool = Field(True, description="with `request_certificate`: the SP's LogoutRequests and "
+                                "LogoutResponses must be signed with it (`false`: unsigned ones are accepted, "
+                                "a signature that is there is still checked)")
 
     @field_validator("acs_urls")
     @classmethod
@@ -103,8 +110,10 @@ class WsFedRelyingParty(PluginSettings):
                                                    "`saml11`, a claim URI (namespace/name)")
     token: Literal["saml2", "saml11"] = Field("saml2", description="assertion in the RSTR: SAML 2.0, or SAML 1.1 "
                                               "(what Entra domain federation and older ADFS relying parties want)")
+    signout_urls: list[str] = Field([], description="`wreply` URLs allowed after `wa=wsignout1.0`, besides "
+                                    "`reply_urls` (matched exactly)")
 
-    @field_validator("reply_urls")
+    @field_validator("reply_urls", "signout_urls")
     @classmethod
     def _check_reply(cls, value: list[str]) -> list[str]:
         return [_https_or_loopback(url) for url in value]
@@ -130,8 +139,10 @@ class OidcClient(PluginSettings):
     redirect_uris: list[str] = Field(min_length=1, description="allowed redirect URIs, matched exactly")
     client_secret: Secret | None = Field(None, description="`{env: NAME}` or `{file: PATH}`")
     public_key: ConfigPath | None = Field(None, description="PEM public key (or certificate) for `private_key_jwt`")
+    post_logout_redirect_uris: list[str] = Field([], description="where RP-initiated logout may send the browser "
+                                                 "afterwards (`post_logout_redirect_uri`, matched exactly)")
 
-    @field_validator("redirect_uris")
+    @field_validator("redirect_uris", "post_logout_redirect_uris")
     @classmethod
     def _check_redirects(cls, value: list[str]) -> list[str]:
         return [_https_or_loopback(url) for url in value]

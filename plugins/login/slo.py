@@ -1,86 +1,209 @@
-"""SAML 2.0 Single Logout, SP-initiated (SAML profiles section 4.4): ``/saml/slo`` takes a
-``LogoutRequest`` by HTTP-Redirect or HTTP-POST from a registered SP that has an ``slo_url``,
-ends the authgw session its ``SessionIndex`` names (and the browser's own, when its cookie
-comes along), and posts a signed ``LogoutResponse`` to that ``slo_url``. Reads
-``login.saml.service_providers[].slo_url``.
+"""SAML 2.0 Single Logout (SAML profiles section 4.4), authgw as the session authority.
+
+``/saml/slo`` takes, by HTTP-Redirect or HTTP-POST:
+
+* a ``LogoutRequest`` from a registered SP that has an ``slo_url``: authgw ends the sessions its
+  ``SessionIndex`` names (where that SP got an assertion, with this NameID) and the browser's own
+  (when its cookie comes along), then sends a signed LogoutRequest to every *other* SP that got
+  an assertion in those sessions, one after another through the browser (to its registered
+  ``slo_url``, by its ``slo_binding``: HTTP-POST or HTTP-Redirect; the NameID and SessionIndex
+  as issued), checks each LogoutResponse, and finally sends a signed LogoutResponse to the
+  initiating SP the same way: ``Success``, or ``Success``
+  with the second-level ``PartialLogout`` when another participant could not be logged out
+  (no ``slo_url``, a refusal, a bad or missing signature);
+* a ``LogoutResponse`` from such an SP, found by its ``InResponseTo`` (the random ID of the
+  request authgw sent, kept server-side with the rest of the round, single use).
+
+``POST /logout`` (the "Sign out" button, CSRF-checked in :mod:`.web`), WS-Federation
+``wsignout1.0`` and OpenID Connect RP-initiated logout start the same round without an initiating
+SP; it ends on the "signed out" page, or with a redirect to the (registered) address they were
+given. Reads
+``login.saml.service_providers[].slo_url`` / ``signed_logout`` / ``request_certificate`` and
+``login.saml.request_lifetime`` (how long a round waits for an SP's answer).
 
 Named checks: the decoding checks of :mod:`.xmlsafe`, ``saml.not_logout_request``,
-``saml.unknown_sp``, ``saml.slo_not_registered`` (the SP has no ``slo_url``),
-``saml.destination_mismatch``, ``saml.request_expired``, and for SPs with a
-``request_certificate`` the signature and replay checks of SSO. Logout is not propagated to the
-other SPs the user visited (front-channel logout of every session participant is not done).
+``saml.not_logout_response``, ``saml.unknown_sp``, ``saml.slo_not_registered``,
+``saml.destination_mismatch``, ``saml.request_expired``, ``saml.logout_unknown`` (a
+LogoutResponse to nothing authgw sent, or sent too long ago), and the signature and replay
+checks of SSO. Only registered ``slo_url`` addresses are ever posted to.
 """
 
 from __future__ import annotations
 
-import base64
+import asyncio
 import datetime as dt
-import secrets
+import logging
 
 from aiohttp import web
 from lxml import etree
 
 from gateway import Route
 
-from .saml import DS, SAML, SAMLP, SamlIdp, _parse_instant, instant
+from .logout import SUCCESS, encode, logout_request, logout_response, read_logout
+from .saml import SamlIdp, _parse_instant
 from .xmlsafe import parse_xml
 from .web import Refused
 
 __all__ = ["SingleLogout"]
 
-
-def read_logout_request(root: etree._Element) -> tuple[str, str, str | None, str, list[str]]:
-    """``(ID, Issuer, Destination, IssueInstant, SessionIndexes)`` of a LogoutRequest."""
-    if root.tag != f"{{{SAMLP}}}LogoutRequest" or root.get("Version") != "2.0":
-        raise Refused("saml.not_logout_request", str(root.tag)[:100])
-    issuer, request_id = root.findtext(f"{{{SAML}}}Issuer"), root.get("ID")
-    if not issuer or not request_id or len(request_id) > 256:
-        raise Refused("saml.not_logout_request", "no Issuer or ID")
-    indexes = [(e.text or "").strip() for e in root.findall(f"{{{SAMLP}}}SessionIndex")]
-    return request_id, issuer.strip(), root.get("Destination"), root.get("IssueInstant", ""), indexes
+log = logging.getLogger("authgw.plugin.login")
 
 
 class SingleLogout:
     def __init__(self, idp: SamlIdp) -> None:
         self.idp = idp
         self.url = f"{idp.settings.base_url}/saml/slo"
+        self.lifetime = dt.timedelta(seconds=idp.settings.saml.request_lifetime)
 
     def routes(self, web_door) -> list[Route]:
         self.web = web_door
-        return [Route("GET", "/saml/slo", self.logout), Route("POST", "/saml/slo", self.logout)]
+        web_door.logout_round = self.start_round
+        return [Route("GET", "/saml/slo", self.endpoint), Route("POST", "/saml/slo", self.endpoint)]
 
-    def response(self, destination: str, in_response_to: str, now: dt.datetime) -> bytes:
-        E = etree.SubElement
-        root = etree.Element(f"{{{SAMLP}}}LogoutResponse", nsmap={"samlp": SAMLP, "saml": SAML},
-                             ID="_" + secrets.token_hex(20), Version="2.0", IssueInstant=instant(now),
-                             Destination=destination, InResponseTo=in_response_to)
-        E(root, f"{{{SAML}}}Issuer").text = self.idp.entity_id
-        E(root, f"{{{DS}}}Signature", Id="placeholder", nsmap={"ds": DS})
-        E(E(root, f"{{{SAMLP}}}Status"), f"{{{SAMLP}}}StatusCode", Value="urn:oasis:names:tc:SAML:2.0:status:Success")
-        return etree.tostring(self.idp.builder.sign(root), xml_declaration=True, encoding="UTF-8")
+    async def endpoint(self, request: web.Request) -> web.StreamResponse:
+        params = request.query if request.method == "GET" else await request.post()
+        if "SAMLResponse" in params:
+            return await self.confirmation(request)
+        return await self.logout(request)
+
+    # -- a LogoutRequest from an SP ------------------------------------------------------------------
+
+    def _check_times(self, issued: str, not_on_or_after: str | None, now: dt.datetime) -> None:
+        when, skew = _parse_instant(issued), self.idp.checker.skew
+        if when > now + skew or when < now - self.idp.checker.lifetime - skew:
+            raise Refused("saml.request_expired", issued[:40])
+        if not_on_or_after is not None and _parse_instant(not_on_or_after) < now - skew:
+            raise Refused("saml.request_expired", f"NotOnOrAfter {not_on_or_after[:40]}")
 
     async def logout(self, request: web.Request) -> web.StreamResponse:
         now = dt.datetime.now(dt.timezone.utc)
         try:
             data, relay_state = await self.idp.read_message(request)
             root = parse_xml(data)
-            request_id, issuer, destination, issued, _ = read_logout_request(root)
-            sp = self.idp.checker.provider(issuer)
+            message = read_logout(root, "request")
+            sp = self.idp.checker.provider(message.issuer)
             if sp.slo_url is None:
                 raise Refused("saml.slo_not_registered", sp.entity_id[:200])
-            if destination is not None and destination != self.url:
-                raise Refused("saml.destination_mismatch", destination[:200])
-            when, skew = _parse_instant(issued), self.idp.checker.skew
-            if when > now + skew or when < now - self.idp.checker.lifetime - skew:
-                raise Refused("saml.request_expired", issued[:40])
-            request_id, _, _, _, indexes = read_logout_request(self.idp.verify_signed(request, sp, data, root))
+            if message.destination is not None and message.destination != self.url:
+                raise Refused("saml.destination_mismatch", message.destination[:200])
+            self._check_times(message.issue_instant, message.not_on_or_after, now)
+            message = read_logout(self.idp.verify_signed(request, sp, data, root, sp.signed_logout), "request")
         except Refused as exc:
             return self.web.refused(request, exc)
-        for index in indexes:
-            self.web.sessions.end_index(index)
-        self.web.sessions.end(request.cookies.get(self.web.cookie))
-        xml = self.response(sp.slo_url, request_id, now)
-        fields = [("SAMLResponse", base64.b64encode(xml).decode())] + ([("RelayState", relay_state)] if relay_state else [])
-        response = self.web.auto_post(sp.slo_url, fields)
+        sessions = self.web.sessions
+        ending: dict[str, str | None] = {}  # store key -> SessionIndex
+        for index in message.session_indexes:
+            key = sessions.key_of_index(index)
+            if key is None:
+                continue
+            issued = sessions.participants(key).get(sp.entity_id)
+            if issued is None or issued["name_id"] != message.name_id:
+                # Not a session this SP was told about, or not for this subject: not its to end.
+                log.warning("single logout: %s named a session it has no part in; it stays", sp.entity_id)
+                continue
+            ending[key] = index
+        own = self.web.session(request)
+        if own is not None:
+            ending.setdefault(own.key, own.index)
+        state = self._round(ending, initiator=sp.entity_id)
+        state.update(request_id=message.id, relay_state=relay_state)
+        response = await self.next_step(state)
         response.del_cookie(self.web.cookie, path="/")
         return response
+
+    async def start_round(self, request: web.Request, ending: dict[str, str | None],
+                          after: str | None = None) -> web.StreamResponse:
+        """End the sessions in *ending* (store key -> SessionIndex), tell every SP that got an
+        assertion in them, then show "signed out" or go to *after* (a registered address)."""
+        state = self._round(ending, initiator=None)
+        state["after"] = after
+        return await self.next_step(state)
+
+    def _round(self, ending: dict[str, str | None], initiator: str | None) -> dict:
+        """End the sessions in *ending*; the state of the logout round for their participants."""
+        sessions, queue, failed = self.web.sessions, [], []
+        for key, index in ending.items():
+            for party, issued in sessions.participants(key).items():
+                if party == initiator:
+                    continue
+                target = {"sp": party, **issued}
+                if target in queue:
+                    continue
+                sp = self.idp.checker.providers.get(party)
+                if sp is None or sp.slo_url is None:
+                    failed.append(party)  # it cannot be told: the logout is partial
+                else:
+                    queue.append(target)
+            sessions.end_key(key, index)
+        return {"initiator": initiator, "queue": queue, "failed": failed, "told": []}
+
+    async def next_step(self, state: dict) -> web.Response:
+        """Send the browser with a LogoutRequest to the next participant, or finish the round."""
+        while state["queue"]:
+            target = state["queue"].pop(0)
+            sp = self.idp.checker.providers.get(target["sp"])
+            if sp is None or sp.slo_url is None:  # the configuration changed during the round
+                state["failed"].append(target["sp"])
+                continue
+            message = logout_request(
+                self.idp.entity_id, destination=sp.slo_url, name_id=target["name_id"], name_id_format=target["format"],
+                sp_name_qualifier=sp.entity_id, session_index=target["index"], now=dt.datetime.now(dt.timezone.utc),
+                lifetime=self.lifetime)
+            state["sent"] = sp.entity_id
+            self.web.sessions.park_as(message.get("ID"), state, self.lifetime.total_seconds())
+            return await self._send(sp, message)
+        return await self.finish(state)
+
+    async def _send(self, sp, message: etree._Element, relay_state: str = "") -> web.Response:
+        """*message* to the SP's registered ``slo_url``, by its ``slo_binding``."""
+        # An RSA signature (and C14N for POST) takes milliseconds: off the event loop.
+        encoded = await asyncio.to_thread(encode, self.idp.builder, message, sp.slo_binding, sp.slo_url, relay_state)
+        if isinstance(encoded, str):
+            return web.Response(status=303, headers={"Location": encoded, "Cache-Control": "no-store"})
+        return self.web.auto_post(sp.slo_url, encoded)
+
+    async def finish(self, state: dict) -> web.Response:
+        log.info("single logout done: initiator=%s told=%s failed=%s", state["initiator"] or "authgw",
+                 ",".join(state["told"]) or "-", ",".join(state["failed"]) or "-")
+        if state.get("after"):  # registered by the protocol that started the round (WS-Fed, OIDC)
+            return web.Response(status=303, headers={"Location": state["after"], "Cache-Control": "no-store"})
+        sp = self.idp.checker.providers.get(state["initiator"] or "")
+        if sp is None or sp.slo_url is None:
+            return self.web.html(self.web.pages.message("signed_out_partial" if state["failed"] else "signed_out"))
+        message = logout_response(self.idp.entity_id, destination=sp.slo_url, in_response_to=state["request_id"],
+                                  now=dt.datetime.now(dt.timezone.utc), partial=bool(state["failed"]))
+        return await self._send(sp, message, state["relay_state"])
+
+    # -- a LogoutResponse from an SP authgw sent a LogoutRequest to ------------------------------------
+
+    async def confirmation(self, request: web.Request) -> web.StreamResponse:
+        try:
+            data, _ = await self.idp.read_message(request, "SAMLResponse")
+            root = parse_xml(data)
+            message = read_logout(root, "response")
+            state = self.web.sessions.unpark_as(message.in_response_to or "")
+            if state is None:
+                raise Refused("saml.logout_unknown", str(message.in_response_to)[:100])
+        except Refused as exc:
+            return self.web.refused(request, exc)
+        expected = state.pop("sent")
+        try:
+            self._check_confirmation(request, expected, message, data, root)
+            state["told"].append(expected)
+        except Refused as exc:
+            log.warning("single logout: %s did not confirm: reason=%s %s", expected, exc.reason, exc.detail[:200])
+            state["failed"].append(expected)
+        return await self.next_step(state)
+
+    def _check_confirmation(self, request: web.Request, expected: str, message, data: bytes,
+                            root: etree._Element) -> None:
+        if message.issuer != expected:
+            raise Refused("saml.unknown_sp", f"a LogoutResponse for {expected[:100]} from {message.issuer[:100]}")
+        sp = self.idp.checker.provider(expected)
+        if message.destination is not None and message.destination != self.url:
+            raise Refused("saml.destination_mismatch", message.destination[:200])
+        signed = read_logout(self.idp.verify_signed(request, sp, data, root, sp.signed_logout), "response")
+        if signed.in_response_to != message.in_response_to or signed.issuer != expected:
+            raise Refused("saml.signature_invalid", "the signature does not cover the response")
+        if signed.status != SUCCESS:
+            raise Refused("saml.logout_failed", str(signed.status)[:200])

@@ -71,6 +71,9 @@ class LoginDoor:
         self.settings = settings
         self.cookie = settings.sessions.cookie_name
         self.completers: dict[str, Completer] = {}
+        #: Ends a session and tells the services it was used with (SAML Single Logout, :mod:`.slo`).
+        #: Arguments: the request, the sessions to end (store key -> SessionIndex), where to go after.
+        self.logout_round: Callable[..., Awaitable[web.StreamResponse]] | None = None
 
     # -- responses -------------------------------------------------------------------------------
 
@@ -213,8 +216,12 @@ class LoginDoor:
         if request.method == "POST":
             form = await request.post()
             if self.sessions.csrf_ok(request.cookies.get(CSRF_COOKIE), str(form.get("csrf", ""))):
-                self.sessions.end(request.cookies.get(self.cookie))
-                response = self.html(self.pages.message("signed_out"))
+                session = self.session(request)
+                if session is not None and self.logout_round is not None:
+                    response = await self.logout_round(request, {session.key: session.index})
+                else:
+                    self.sessions.end(request.cookies.get(self.cookie))
+                    response = self.html(self.pages.message("signed_out"))
                 response.del_cookie(self.cookie, path="/")
                 return response
         return self._form(request, "", status=403 if request.method == "POST" else 200,

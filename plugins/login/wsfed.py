@@ -4,7 +4,12 @@ RequestSecurityTokenResponse carrying a signed SAML 2.0 assertion (what ADFS sen
 Auth0's ADFS connections and Entra domain federation accept). Reads ``login.wsfed``. Its metadata (``/FederationMetadata/2007-06/FederationMetadata.xml``, where an
 "ADFS URL" leads) lists the current and next signing certificates.
 
-Named checks: ``wsfed.unsupported_action`` (any ``wa`` but ``wsignin1.0``),
+``wa=wsignout1.0`` (and ``wsignoutcleanup1.0``) ends the browser's session, with the SAML
+Single Logout round of :mod:`.slo` for the SAML SPs of that session, then redirects to ``wreply``
+when it is one of the realm's ``reply_urls`` or ``signout_urls`` (of any realm when no
+``wtrealm`` is given), exactly; else it shows "signed out".
+
+Named checks: ``wsfed.unsupported_action`` (any other ``wa``),
 ``wsfed.unknown_realm``, ``wsfed.reply_not_registered`` (``wreply`` must be one of the realm's
 ``reply_urls`` exactly), ``login.parameter_too_large`` (``wctx`` over 4 KiB).
 """
@@ -87,7 +92,34 @@ class WsFed:
             raise Refused("login.parameter_too_large", "wctx")
         return {"protocol": "wsfed", "realm": party.realm, "reply": reply, "wctx": context, "force_authn": False}
 
+    def signout_reply(self, query) -> str | None:
+        """Where to go after ``wsignout1.0``: ``None`` or a registered ``wreply`` (no I/O)."""
+        realm = query.get("wtrealm")
+        if realm is not None and realm not in self.parties:
+            raise Refused("wsfed.unknown_realm", realm[:200])
+        reply = query.get("wreply")
+        if not reply:
+            return None
+        parties = [self.parties[realm]] if realm is not None else list(self.parties.values())
+        if not any(reply in party.reply_urls or reply in party.signout_urls for party in parties):
+            raise Refused("wsfed.reply_not_registered", reply[:200])
+        return reply
+
+    async def signout(self, request: web.Request) -> web.StreamResponse:
+        # A plain GET, as the profile has it: any page can end the session (not more), so
+        # nothing is refused for lack of a token; the redirect is checked like a sign-in's.
+        try:
+            reply = self.signout_reply(request.query)
+        except Refused as exc:
+            return self.web.refused(request, exc)
+        session = self.web.session(request)
+        response = await self.web.logout_round(request, {session.key: session.index} if session else {}, reply)
+        response.del_cookie(self.web.cookie, path="/")
+        return response
+
     async def signin(self, request: web.Request) -> web.StreamResponse:
+        if request.query.get("wa") in ("wsignout1.0", "wsignoutcleanup1.0"):
+            return await self.signout(request)
         try:
             pending = self.check(request.query)
         except Refused as exc:

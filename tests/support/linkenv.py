@@ -163,3 +163,27 @@ def listening_ports(pid: int) -> set[int]:
             if fields[3] == "0A" and fields[9] in inodes:
                 ports.add(int(fields[1].rsplit(":", 1)[1], 16))
     return ports
+
+
+def linked_site(tmp_path: Path, slapd, probe: tuple[str, dict[str, str], dict[str, str]],
+                names: tuple[str, ...] = ("c1", "c2")):
+    """For a module fixture (``yield from``): a relay with a probe plugin (``make_dist``'s
+    distribution name, entry points, files) and connectors to *slapd*, enrolled and linked;
+    yields ``(relay, connectors)`` and stops them all at the end."""
+    from support.fakedist import make_dist
+
+    dist, entry_points, files = probe
+    site_packages = make_dist(tmp_path / "site-packages", dist, entry_points, files)
+    relay = Relay(tmp_path / "relay", plugins=tuple(entry_points),
+                  env={"PYTHONPATH": str(site_packages)}).setup().start()
+    connectors = []
+    try:
+        for name in names:
+            connectors.append(Connector(tmp_path / name, slapd).enroll(relay.ticket(), relay.ca_file).start())
+        for connector in connectors:
+            connector.wait_linked(relay)
+        yield relay, connectors
+    finally:
+        for connector in connectors:
+            connector.stop()
+        relay.stop()

@@ -60,7 +60,7 @@ class SamlSP:
     def __init__(self, directory: Path, idp_metadata: str, *, acs: str, entity_id: str = "https://sp.example.test/",
                  sign_requests: bool = False, want_response_signed: bool = True,
                  allow_unsolicited: bool = False, keys: tuple[Path, Path] | None = None,
-                 slo: str | None = None) -> None:
+                 slo: str | None = None, sign_logout: bool = False) -> None:
         self.entity_id = entity_id
         self.acs = acs
         self.cert_file, self.key_file = keys or rsa_pair(directory, "sp", "sp.example.test")
@@ -78,6 +78,8 @@ class SamlSP:
                 "want_response_signed": want_response_signed,
                 "want_assertions_signed": True,
                 "allow_unsolicited": allow_unsolicited,
+                "logout_requests_signed": sign_logout,
+                "logout_responses_signed": sign_logout,
                 "signing_algorithm": "http://www.w3.org/2001/04/xmldsig-more#rsa-sha256",
                 "digest_algorithm": "http://www.w3.org/2001/04/xmlenc#sha256",
             }},
@@ -101,13 +103,68 @@ class SamlSP:
 
     def logout_request(self, destination: str, result: Result, binding: str = BINDING_HTTP_REDIRECT,
                        relay_state: str = "") -> tuple[str, dict]:
-        """A LogoutRequest for the session of *result*: ``(request id, pysaml2's binding info)``."""
+        """A LogoutRequest for the session of *result*: ``(request id, pysaml2's binding info)``;
+        signed (query signature, or enveloped for POST) when made with ``sign_logout``."""
         from saml2.saml import NameID
 
+        sign = self.client.config.getattr("logout_requests_signed", "sp")
         request_id, request = self.client.create_logout_request(
             destination, self.idp, name_id=NameID(text=result.name_id, format=result.name_id_format),
-            session_indexes=[result.session_index])
-        return request_id, self.client.apply_binding(binding, str(request), destination, relay_state=relay_state)
+            session_indexes=[result.session_index], sign=bool(sign and binding == BINDING_HTTP_POST))
+        extra = {"sign": True} if sign and binding == BINDING_HTTP_REDIRECT else {}
+        return request_id, self.client.apply_binding(binding, str(request), destination, relay_state=relay_state,
+                                                     **extra)
+
+    def receive_logout(self, saml_request: str) -> tuple[object, str, dict[str, str]]:
+        """pysaml2's handling of a LogoutRequest posted by the IdP (HTTP-POST binding): the
+        signature must be there and verify against the IdP's metadata, the subject (NameID as it
+        was issued) is logged out of the SP's cache; returns ``(the request, where the
+        LogoutResponse goes, its form fields)``. Raises on any failed check."""
+        import base64
+
+        if not self.client.sec.correctly_signed_logout_request(base64.b64decode(saml_request).decode(), must=True):
+            raise AssertionError("pysaml2 refused the LogoutRequest's signature")
+        request = self.client.parse_logout_request(saml_request, BINDING_HTTP_POST)
+        if request is None:
+            raise AssertionError("pysaml2 refused the LogoutRequest")
+        info = self.client.handle_logout_request(saml_request, request.message.name_id, BINDING_HTTP_POST)
+        fields = {html.unescape(m.group(1)): html.unescape(m.group(2))
+                  for m in re.finditer(r'<input type="hidden" name="([^"]+)" value="([^"]*)"', info["data"])}
+        return request.message, info["url"], fields
+
+    def _redirect_signature_ok(self, url: str, field: str) -> dict[str, str]:
+        """The query of an HTTP-Redirect message, once pysaml2 verified its signature with a
+        signing certificate of the IdP's metadata (raises otherwise)."""
+        from urllib.parse import parse_qs, urlsplit
+
+        from saml2.sigver import verify_redirect_signature
+
+        query = {k: v[0] for k, v in parse_qs(urlsplit(url).query).items()}
+        message = {k: query[k] for k in (field, "RelayState", "SigAlg", "Signature") if k in query}
+        certs = self.client.sec.metadata.certs(self.idp, "any", "signing")
+        if "Signature" not in message or not any(verify_redirect_signature(message, self.client.sec.sec_backend, cert)
+                                                 for _, cert in certs):
+            raise AssertionError("pysaml2 refused the query signature")
+        return query
+
+    def receive_logout_redirect(self, url: str) -> tuple[object, str]:
+        """As :meth:`receive_logout` for the HTTP-Redirect binding: ``(the request, the URL of
+        the LogoutResponse, by HTTP-Redirect)``."""
+        query = self._redirect_signature_ok(url, "SAMLRequest")
+        request = self.client.parse_logout_request(query["SAMLRequest"], BINDING_HTTP_REDIRECT)
+        if request is None:
+            raise AssertionError("pysaml2 refused the LogoutRequest")
+        info = self.client.handle_logout_request(query["SAMLRequest"], request.message.name_id, BINDING_HTTP_REDIRECT,
+                                                 relay_state=query.get("RelayState"))
+        return request.message, dict(info["headers"])["Location"]
+
+    def accept_logout_redirect(self, url: str):
+        """pysaml2's check of a LogoutResponse by HTTP-Redirect (query signature required)."""
+        query = self._redirect_signature_ok(url, "SAMLResponse")
+        response = self.client.parse_logout_request_response(query["SAMLResponse"], BINDING_HTTP_REDIRECT)
+        if response is None:
+            raise AssertionError("pysaml2 refused the LogoutResponse")
+        return response.response, query.get("RelayState")
 
     def accept_logout(self, saml_response: str):
         """pysaml2's check of a LogoutResponse (signature, destination, issuer); returns it."""

@@ -2,8 +2,8 @@
 """Overload: does goodput hold, are refusals fast, and does the gateway recover (issue 10)?
 
 Starts ``authgw serve`` on a free loopback port with the ``static`` plugin (argon2id: a login
-costs real CPU) and drives it with ``wrk`` (C, two threads, on a core of its own unless
-``--shared-cores``) at rising offered load: 16, 64, 256
+costs real CPU) and drives it with ``wrk`` (C, two threads; on a core of its own with
+``--wrk-core``) at rising offered load: 16, 64, 256
 and 1,000 connections by default, each for ``--seconds``. For each level it prints
 
 * goodput (200 answers per second) and its ratio to the same run's goodput at the first level,
@@ -164,15 +164,16 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=8.0, help="seconds of load per level")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--threads", type=int, default=16, help="the gateway's `threads:` setting")
-    parser.add_argument("--shared-cores", action="store_true", help="let wrk and the gateway share "
-                        "every core (the default gives wrk the last core and the gateway the others)")
+    parser.add_argument("--wrk-core", action="store_true", help="give wrk the last core and the "
+                        "gateway the others (the default: they share every core, as in issue 10's run)")
     args = parser.parse_args()
     cores = sorted(os.sched_getaffinity(0))
     # A closed-loop generator answered at once with 503s keeps resending as fast as it can: on
-    # cores it shares with the gateway it takes CPU from the logins it is measuring, which is the
-    # benchmark's artefact, not the gateway's (a real proxy runs elsewhere). So wrk gets a core
-    # of its own, as issue 10 allows ("an asyncio client on a separate core").
-    gateway_cores = cores if args.shared_cores or len(cores) < 2 else cores[:-1]
+    # cores it shares with the gateway it takes CPU from the logins it is measuring (a real proxy
+    # runs elsewhere). --wrk-core separates them, as issue 10 allows ("an asyncio client on a
+    # separate core"); on two cores that leaves the gateway one, so its event loop competes with
+    # every chain thread there (docs/performance.md compares both).
+    gateway_cores = cores if not args.wrk_core or len(cores) < 2 else cores[:-1]
     if gateway_cores != cores:
         WRK_PREFIX[:] = ["taskset", "-c", str(cores[-1])]
     if shutil.which("wrk") is None:
