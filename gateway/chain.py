@@ -184,16 +184,17 @@ class Gateway:
         self.unready_reason: str | None = None  # set by readiness()
         if pm.get_plugin("core.precheck") is None:
             pm.register(PrecheckStandIn(pm), name="core.precheck")
-        self._on_loop: dict[str | None, bool] = {}  # answered step -> may run on the loop
+        self._on_loop: dict[tuple, bool] = {}  # (answered step, implementations) -> may run on the loop
         self.direct = DirectHooks(pm)
 
     def runs_on_loop(self, answer: Decision) -> bool:
         """Whether an attempt with the precheck *answer* runs its chain on the event loop: no
         step is asked before the answered one, and every wrapper is :func:`loop_safe`."""
         stands_for = answer.identity.method if answer.success and answer.identity is not None else None
-        known = self._on_loop.get(stands_for)
+        impls = self.pm.hook.gateway_authenticate.get_hookimpls()
+        key = (stands_for, *map(id, impls))  # a plugin registered later is seen
+        known = self._on_loop.get(key)
         if known is None:
-            impls = self.pm.hook.gateway_authenticate.get_hookimpls()
             steps = [i for i in reversed(impls) if not (i.wrapper or i.hookwrapper)
                      and not isinstance(i.plugin, PrecheckStandIn)]
             names = [i.plugin_name for i in steps]
@@ -201,7 +202,9 @@ class Gateway:
             known = not before and all(
                 getattr(getattr(i.plugin, "gateway_authenticate", None), "__authgw_loop_safe__", False)
                 for i in impls if i.wrapper or i.hookwrapper)
-            self._on_loop[stands_for] = known
+            if len(self._on_loop) >= 64:  # bounded: steps and registrations are few
+                self._on_loop.clear()
+            self._on_loop[key] = known
         return known
 
     # -- per attempt ----------------------------------------------------------------------------

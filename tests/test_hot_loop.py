@@ -182,3 +182,16 @@ def test_the_core_calls_its_own_hooks_directly_and_any_other_through_pluggy(tmp_
     assert 'Custom realm="x"' in gw.challenges(attempt())
     gw.pm.unregister(listener)
     assert gw.direct.plan("gateway_auth_finished") is not None
+
+
+def test_a_wrapper_registered_after_the_first_hit_sends_hits_back_to_the_pool(tmp_path):
+    rt = runtime(tmp_path)
+    answer = hit_decision(rt)
+    assert rt.gateway.runs_on_loop(answer)
+    testplugins.CALLS.clear()
+    from support.testplugins import Wrapper
+
+    rt.gateway.pm.register(Wrapper(None, type("Ctx", (), {"name": "late"})()), name="late")
+    assert not rt.gateway.runs_on_loop(answer)
+    assert decide(rt, attempt(USER, PASSWORD)).reason == "cache.hot"
+    assert ("late", "gateway_authenticate:after:success") in testplugins.CALLS
