@@ -37,7 +37,6 @@ import pluggy
 
 from gateway import logs
 from gateway.checks import ComponentState, Listener, Route, SelfTest
-from gateway.directhooks import DirectHooks
 from gateway.errors import PluginLoadError
 from gateway.failtiming import FailureTiming
 from gateway.model import Attempt, Decision, Outcome
@@ -185,7 +184,6 @@ class Gateway:
         if pm.get_plugin("core.precheck") is None:
             pm.register(PrecheckStandIn(pm), name="core.precheck")
         self._on_loop: dict[tuple, bool] = {}  # (answered step, implementations) -> may run on the loop
-        self.direct = DirectHooks(pm)
 
     def runs_on_loop(self, answer: Decision) -> bool:
         """Whether an attempt with the precheck *answer* runs its chain on the event loop: no
@@ -222,7 +220,7 @@ class Gateway:
     def precheck(self, attempt: Attempt) -> Decision | None:
         """Ask ``gateway_precheck`` (on the event loop: its implementations hold no I/O)."""
         try:
-            decision = self.direct.first("gateway_precheck", attempt=attempt)
+            decision = self.pm.hook.gateway_precheck(attempt=attempt)
         except BaseException as exc:
             return self._crashed(exc, attempt, "in gateway_precheck")
         if decision is not None and not isinstance(decision, Decision):
@@ -242,7 +240,7 @@ class Gateway:
 
     def notify(self, attempt: Attempt, decision: Decision) -> None:
         try:
-            self.direct.every("gateway_auth_finished", attempt=attempt, decision=decision)
+            self.pm.hook.gateway_auth_finished(attempt=attempt, decision=decision)
         except Exception:
             log.exception("a gateway_auth_finished implementation raised; the decision stands")
 
@@ -368,7 +366,7 @@ class Gateway:
     def challenges(self, attempt: Attempt) -> list[str]:
         offers: list[str] = []
         try:
-            results = self.direct.every("gateway_challenges", attempt=attempt)
+            results = self.pm.hook.gateway_challenges(attempt=attempt)
         except Exception:
             log.exception("a gateway_challenges implementation raised")
             results = []

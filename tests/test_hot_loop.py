@@ -127,63 +127,6 @@ def test_an_unmarked_wrapper_or_a_step_before_keeps_hits_on_the_pool(tmp_path):
     assert ("ldap", "gateway_authenticate") not in testplugins.CALLS
 
 
-# -- the core's own hooks called directly ----------------------------------------------------------
-
-
-def builtin_runtime(tmp_path):
-    """``chain: [static]``, ``plugins: [cache]``: only the project's own code (real entry points)."""
-    from gateway.passwords import hash_password
-    from gateway.runtime import build_runtime
-
-    conf = tmp_path / "conf.d"
-    (conf / "users").mkdir(parents=True)
-    (conf / "gateway.yaml").write_text("chain: [static]\nplugins: [cache]\nthrottle: {enabled: false}\n")
-    (conf / "static.yaml").write_text("static:\n  users_file: users/users.yaml\n")
-    (conf / "cache.yaml").write_text("cache:\n  methods: [static]\n  hot: {enabled: true, ttl: 60}\n")
-    users = conf / "users" / "users.yaml"
-    users.write_text(f'users:\n  {USER}:\n    password_hash: "{hash_password(PASSWORD)}"\n')
-    users.chmod(0o600)
-    return build_runtime(conf, state_dir=tmp_path / "state")
-
-
-class Listener:
-    def __init__(self) -> None:
-        self.told: list[tuple[str, str]] = []
-
-    @hookimpl
-    def gateway_auth_finished(self, attempt, decision) -> None:
-        self.told.append((attempt.request_id, decision.reason))
-
-    @hookimpl
-    def gateway_challenges(self, attempt) -> str:
-        return 'Custom realm="x"'
-
-
-def test_the_core_calls_its_own_hooks_directly_and_any_other_through_pluggy(tmp_path):
-    rt = builtin_runtime(tmp_path)
-    gw = rt.gateway
-    for name in ("gateway_precheck", "gateway_auth_finished", "gateway_challenges"):
-        plan = gw.direct.plan(name)
-        assert plan is not None, name
-        # pluggy's order: the last registered implementation first
-        assert [f for f, _ in plan] == [i.function for i in reversed(getattr(gw.pm.hook, name).get_hookimpls())]
-    assert gw.direct.every("gateway_challenges", attempt=attempt()) == gw.pm.hook.gateway_challenges(attempt=attempt())
-    live = decide(rt, attempt(USER, PASSWORD))
-    assert (live.outcome, live.from_cache) == (Outcome.SUCCESS, False)
-    assert decide(rt, attempt(USER, PASSWORD)).reason == "cache.hot"  # the direct precheck answered
-    # a third party's implementation: that hook goes through pluggy again, and it is told
-    listener = Listener()
-    gw.pm.register(listener, name="third-party")
-    assert gw.direct.plan("gateway_auth_finished") is None and gw.direct.plan("gateway_challenges") is None
-    assert gw.direct.plan("gateway_precheck") is not None  # it implements no precheck
-    hit = attempt(USER, PASSWORD)
-    assert decide(rt, hit).reason == "cache.hot"
-    assert (hit.request_id, "cache.hot") in listener.told
-    assert 'Custom realm="x"' in gw.challenges(attempt())
-    gw.pm.unregister(listener)
-    assert gw.direct.plan("gateway_auth_finished") is not None
-
-
 def test_a_wrapper_registered_after_the_first_hit_sends_hits_back_to_the_pool(tmp_path):
     rt = runtime(tmp_path)
     answer = hit_decision(rt)

@@ -8,10 +8,8 @@ Builds the core in this process from the project's own plugins (``chain: [static
 of the whole process (so the pool's threads and the audit writer count) per attempt. Variants,
 interleaved over ``--rounds`` rounds, medians:
 
-    now          the code as it is
+    now          the code as it is: a hit decided on the event loop
     pool         hits sent to the chain threads as before (``runs_on_loop`` answering False)
-    pluggy       the per-attempt hooks through pluggy (a third-party no-op plugin registered)
-    both         both of the above: the hot path before issue 15's core changes
 
 No HTTP (``profile_hot.py`` measures that, against ``/healthz``)::
 
@@ -33,24 +31,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
-from gateway import hookimpl  # noqa: E402
 from gateway.model import Attempt, PasswordCredential  # noqa: E402
 from gateway.passwords import hash_password  # noqa: E402
 from gateway.runtime import build_runtime  # noqa: E402
 
 USER, PASSWORD = "alice", "correct horse battery"
-
-
-class ThirdParty:
-    """A plugin outside the project: the per-attempt hooks go through pluggy again."""
-
-    @hookimpl
-    def gateway_auth_finished(self, attempt, decision) -> None:
-        return None
-
-    @hookimpl
-    def gateway_precheck(self, attempt) -> None:
-        return None
 
 
 def runtime(base: Path, throttle: bool = True):
@@ -81,14 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         rt = runtime(Path(tmp), throttle=not args.no_throttle)
         gw = rt.gateway
         on_loop = gw.runs_on_loop
-        third = ThirdParty()
 
         def variant(name: str) -> None:
-            gw.runs_on_loop = (lambda answer: False) if name in ("pool", "both") else on_loop
-            if name in ("pluggy", "both") and gw.pm.get_plugin("third-party") is None:
-                gw.pm.register(third, name="third-party")
-            elif name not in ("pluggy", "both") and gw.pm.get_plugin("third-party") is not None:
-                gw.pm.unregister(third)
+            gw.runs_on_loop = (lambda answer: False) if name == "pool" else on_loop
 
         async def run(n: int) -> float:
             started = time.process_time()
@@ -99,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
         async def rounds() -> dict[str, list[float]]:
             assert (await gw.authenticate(attempt())).from_cache is False  # learn (one argon2id)
-            figures: dict[str, list[float]] = {k: [] for k in ("now", "pool", "pluggy", "both")}
+            figures: dict[str, list[float]] = {k: [] for k in ("now", "pool")}
             for r in range(args.rounds):
                 order = list(figures) if r % 2 == 0 else list(reversed(figures))
                 for name in order:
