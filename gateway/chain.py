@@ -39,6 +39,7 @@ from gateway import logs
 from gateway.checks import ComponentState, Listener, Route, SelfTest
 from gateway.errors import PluginLoadError
 from gateway.failtiming import FailureTiming
+from gateway.health import HealthWatch, Readiness, StoreProbe, decide
 from gateway.model import Attempt, Decision, Outcome
 from gateway.pool import Abandoned, ChainPool, DeadlineExpired, Overloaded
 from gateway.registry import hookimpl
@@ -181,6 +182,10 @@ class Gateway:
         self.pool = ChainPool(settings.threads, max_queue=settings.limits.queue,
                               max_wait=settings.limits.queue_wait)
         self.unready_reason: str | None = None  # set by readiness()
+        self.degraded: tuple[str, ...] = ()  # set by readiness()
+        ping = getattr(self.throttle.store, "ping", None)  # a network store: every password login needs it
+        self.throttle_probe = StoreProbe("gateway.throttle_store", ping) if ping else None
+        self.health_watch = HealthWatch(self, settings.health.probe_interval)
         if pm.get_plugin("core.precheck") is None:
             pm.register(PrecheckStandIn(pm), name="core.precheck")
         self._on_loop: dict[tuple, bool] = {}  # (answered step, implementations) -> may run on the loop
@@ -282,6 +287,8 @@ class Gateway:
             except StoreUnavailable as exc:
                 log.error("throttle store unavailable; password attempt %s refused (fail closed): %s",
                           attempt.request_id, exc)
+                if self.throttle_probe is not None:  # /readyz says so before the next probe
+                    self.throttle_probe.failed(str(exc))
                 decision = Decision.deny(Outcome.UNAVAILABLE, step="gateway", reason="throttle_unavailable")
                 self.notify(attempt, decision)
                 return decision
@@ -376,20 +383,39 @@ class Gateway:
         return offers
 
     def readiness(self) -> tuple[bool, list[ComponentState]]:
-        """Ready when every chain step that reports components has at least one ready; else
-        :attr:`unready_reason` names the steps (a code for load balancers, no URLs or paths)."""
-        components: list[ComponentState] = []
-        unready: list[str] = []
+        """(ready, components) from memory (:func:`gateway.health.decide`); :attr:`unready_reason`
+        says why not (a code for load balancers, no URLs or paths), :attr:`degraded` which plugins
+        have a component down while something covers it. :meth:`health` gives all in one."""
+        health = self.health()
+        return health.ready, health.components
+
+    def health(self) -> Readiness:
+        """Ask every ``gateway_readiness`` (memory only) and decide; safe from any thread."""
+        reports: list[tuple[str, list[ComponentState]]] = []
         for impl in self.pm.hook.gateway_readiness.get_hookimpls():
             try:
                 states = list(impl.function() or ())
             except Exception as exc:
                 states = [ComponentState(impl.plugin_name, False, f"readiness check raised {exc.__class__.__name__}")]
-            components.extend(states)
-            if impl.plugin_name in self.settings.chain and states and not any(s.ready for s in states):
-                unready.append(impl.plugin_name)
-        self.unready_reason = f"no ready backend: {', '.join(unready)}" if unready else None
-        return not unready, components
+            reports.append((impl.plugin_name, states))
+        reports.reverse()  # pluggy lists implementations last-registered first
+        core = [self.throttle_probe.state()] if self.throttle_probe is not None else []
+        password_steps = frozenset(name for name in self.settings.chain
+                                   if "password" in getattr(self.pm.get_plugin(name), "credentials", ("password",)))
+        health = decide(core, reports, self.settings.chain, password_steps)
+        self.unready_reason, self.degraded = health.reason, health.degraded
+        return health
+
+    def probe(self) -> None:
+        """One round of probes with I/O: the core's, then every plugin's ``gateway_probe``
+        (each alone: one that raises does not stop the others). On the health thread only."""
+        if self.throttle_probe is not None:
+            self.throttle_probe.probe()
+        for impl in reversed(self.pm.hook.gateway_probe.get_hookimpls()):
+            try:
+                impl.function()
+            except Exception:  # noqa: BLE001 - a broken probe is logged, the round goes on
+                log.exception("the gateway_probe of plugin %r raised", impl.plugin_name)
 
     def listeners(self) -> list[Listener]:
         """Extra listeners plugins asked for; names and addresses must be unique."""
@@ -416,9 +442,11 @@ class Gateway:
 
     def startup(self) -> None:
         self.pm.hook.gateway_startup()
+        self.health_watch.start()  # the first probe round before serving, then periodic
 
     def shutdown(self) -> None:
         try:
+            self.health_watch.stop()
             self.pm.hook.gateway_shutdown()
         finally:
             self.pool.shutdown()

@@ -61,6 +61,13 @@ class ComponentState:
     name: str
     ready: bool
     detail: str = ""
+    #: This component can answer password logins for the chain's steps when none of them can
+    #: (an offline credential cache): while it is ready, steps being down leave ``/readyz`` true.
+    fallback: bool = False
+    #: The step cannot answer while this component is down, whatever its other components say
+    #: (one revocation source under ``hard-fail``); without it, one ready component is enough
+    #: (one directory server of several).
+    required: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -230,14 +230,32 @@ def gateway_challenges(attempt: Attempt) -> str | None:
 
 
 @hookspec
+def gateway_probe() -> None:
+    """Check a backend's health with I/O (ping a store, re-read a keytab, fetch a CRL), off the
+    request path, so that ``gateway_readiness`` can answer from memory.
+
+    Called on the worker's health thread once at start-up (after ``gateway_startup``, before the
+    first request) and then every ``health.probe_interval`` seconds; every plugin is called, one
+    after the other, each with its exceptions caught and logged. Bound the time you take (a
+    short timeout per connection): the other plugins' probes wait for yours. The core logs each
+    change of the components you then report at WARNING; do not log them again.
+
+    .. versionadded:: 0.2
+    """
+
+
+@hookspec
 def gateway_readiness() -> Iterable[ComponentState]:
     """Report backend health for ``/readyz`` and ``authgw check``.
 
     Must return quickly from state the plugin already holds (for a directory: which server is
-    active and which are backing off); it must not open connections.
+    active and which are backing off; what ``gateway_probe`` found last); it must not open
+    connections or files.
 
     :return: :class:`~gateway.checks.ComponentState` records, or ``None``. The gateway is ready
-        when every chain step that reports has at least one ready component.
+        when at least one chain step that reports has a ready component (or a ready ``fallback``
+        component can answer for them) and the core's own components are ready; a step with none
+        ready is then listed as ``degraded`` (docs/design.md point 16).
 
     .. versionadded:: 0.1
     """

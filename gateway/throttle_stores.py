@@ -238,5 +238,11 @@ class RedisStore:
         if keys:
             self._call(self._client.delete, *(self._prefix + key for key in keys))
 
+    def ping(self) -> str:
+        """Whether Redis answers (the core's health probe, :mod:`gateway.health`): the
+        location, or raises :class:`StoreUnavailable`. Bounded by ``throttle.redis.timeout``."""
+        self._call(self._client.ping)
+        return f"{self.location}: answers"
+
     def close(self) -> None:
         self._client.close()

@@ -80,3 +80,24 @@ def test_details_and_metrics_only_for_the_allowed_addresses(directory, start):
     assert gw.get("/metrics").status == 404
     text = json.dumps(body)
     assert directory.ldaps_url not in text and "ldap.server" not in text
+
+
+def test_a_certificate_step_does_not_hide_that_no_password_login_can_be_served(directory, tmp_path, start_gateway):
+    # chain [client_cert, ldap] with the service account refused: certificates could still log
+    # in, but every password login would get 503, so a load balancer must be told.
+    from support.pki import write_bundle
+
+    wrong = tmp_path / "wrong-pw"
+    wrong.write_text("not-the-service-password")
+    wrong.chmod(0o600)
+    write_bundle(tmp_path / "roots.pem", CA.create("health roots"))
+    ldap = directory.plugin_settings("ldaps", bind_password={"file": str(wrong)})
+    conf = write_conf(tmp_path / "conf", {
+        "gateway.yaml": json.dumps({"chain": ["client_cert", "ldap"], "throttle": {"enabled": False}}),
+        "client_cert.yaml": json.dumps({"client_cert": {"ca_bundle": str(tmp_path / "roots.pem"),
+                                                        "revocation": "off"}}),
+        "ldap.yaml": "ldap: " + json.dumps(ldap)})
+    gw = start_gateway(conf)
+    ready = wait_for(lambda: (r := gw.get("/readyz")).status == 503 and r)
+    assert ready.json()["reason"] == "no ready backend for password logins: ldap"
+    assert gw.auth("alice", "alice-pw").status == 503

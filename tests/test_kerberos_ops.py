@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -118,7 +119,10 @@ def test_selftests_warn_when_the_kdc_cannot_be_reached(kdc, tmp_path):
 def test_a_keytab_that_disappears_makes_kerberos_unavailable_not_a_500(kdc, tmp_path, start_gateway):
     keytab = Path(shutil.copy(kdc.dir / "http.keytab", tmp_path / "http.keytab"))
     keytab.chmod(0o600)
-    gateway = start_gateway(kerberos_conf(tmp_path / "conf.d", keytab), env=kdc.env)
+    conf = kerberos_conf(tmp_path / "conf.d", keytab)
+    with open(conf / "gateway.yaml", "a") as core:  # the keytab is re-checked every second
+        core.write("health: {probe_interval: 1}\n")
+    gateway = start_gateway(conf, env=kdc.env)
     assert gateway.get("/auth", negotiate_header(kdc)).status == 200
     assert (tmp_path / "state0" / "kerberos" / "replay.rcache2").stat().st_mode & 0o077 == 0
 
@@ -130,7 +134,10 @@ def test_a_keytab_that_disappears_makes_kerberos_unavailable_not_a_500(kdc, tmp_
     assert gateway.get("/readyz").status == 503
 
     (tmp_path / "moved.keytab").rename(keytab)
-    assert gateway.get("/readyz").status == 200  # recovers by itself, before any login
+    deadline = time.monotonic() + 30  # recovers by itself (the health probe), before any login
+    while gateway.get("/readyz").status != 200 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert gateway.get("/readyz").status == 200
     assert gateway.get("/auth", negotiate_header(kdc)).status == 200
 
 

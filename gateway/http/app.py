@@ -3,7 +3,7 @@
 ``/auth``              forward-auth for nginx ``auth_request``, Traefik ForwardAuth, Caddy ``forward_auth``
 ``/v1/authenticate``   JSON API for other services; needs an API token (it is a password oracle)
 ``/healthz``           the process is alive
-``/readyz``            the chain can serve (every step that reports has a ready backend)
+``/readyz``            the chain can serve (one step or a fallback can answer; core stores up)
 ``/metrics``           Prometheus text
 """
 
@@ -292,13 +292,15 @@ class FrontDoor:
         return peer is not None and any(peer in net for net in self.gateway.settings.health.details_from)
 
     async def readyz(self, request: web.Request) -> web.Response:
-        ready, components = self.gateway.readiness()
-        body: dict = {"ready": ready}
-        if not ready:
-            body["reason"] = self.gateway.unready_reason
+        health = self.gateway.health()  # one snapshot: the health thread decides concurrently
+        body: dict = {"ready": health.ready}
+        if not health.ready:
+            body["reason"] = health.reason
+        elif health.degraded:  # down but covered by something else (docs/design.md point 16)
+            body["degraded"] = list(health.degraded)
         if self.sees_details(request):  # component names hold URLs, details hold paths and errors
-            body["components"] = [{"name": c.name, "ready": c.ready, "detail": c.detail} for c in components]
-        return web.json_response(body, status=200 if ready else 503, headers={"Cache-Control": "no-store"})
+            body["components"] = [{"name": c.name, "ready": c.ready, "detail": c.detail} for c in health.components]
+        return web.json_response(body, status=200 if health.ready else 503, headers={"Cache-Control": "no-store"})
 
     async def metrics_text(self, request: web.Request) -> web.Response:
         if self.metrics is None or not self.sees_details(request):

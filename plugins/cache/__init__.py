@@ -27,7 +27,9 @@ Settings (``cache:`` in conf.d; docs/plugins/cache.md)
     ``redis: {url, username, password, key_prefix, timeout, ca_file}``, ``max_age``,
     ``max_offline_failures``, ``methods``, ``usernames`` (``exact``|``casefold``), ``pepper``,
     ``encryption_key``, ``refresh_after``, ``hash_concurrency``, ``argon2``,
-    ``hot: {enabled, ttl, max_entries}``.
+    ``hot: {enabled, ttl, max_entries}``. From the core: ``health.probe_interval`` (a Redis store
+    is pinged; while the store answers and holds entries it is a ``fallback`` that keeps
+    ``/readyz`` true when the chain's steps are down).
 Commands
     ``authgw cache list``, ``authgw cache show USER``, ``authgw cache purge [USER] [--expired]``.
 """
@@ -193,6 +195,22 @@ class CachePlugin:
         return [cache_command(self.offline)]
 
     @hookimpl
+    def gateway_probe(self) -> None:
+        """A Redis store is shared and remote: PING it every ``health.probe_interval`` so that
+        ``/readyz`` knows it is down (or back) before an offline answer is needed. SQLite is a
+        local file whose errors the next operation reports."""
+        if not self.settings.enabled or self.settings.store != "redis":
+            return
+        try:
+            self.offline.store.ping()
+        except StoreError as exc:
+            self.offline.store_error = str(exc)
+            return
+        if self.offline.store_error is not None:
+            self.offline.store_error = None
+            self.tally.changed()  # a restarted Redis may have lost its entries: count again
+
+    @hookimpl
     def gateway_readiness(self) -> list[ComponentState]:
         if not self.settings.enabled:
             return [ComponentState(f"{self.name}.store", True, "caching is off (enabled: false)")]
@@ -205,8 +223,11 @@ class CachePlugin:
                    else "; offline entries not counted yet")
         answered = self.offline.last_offline_answer
         offline = f"; last offline answer {_utc(answered)} UTC" if answered is not None else "; no offline answer yet"
+        # A fallback for the chain's steps (docs/design.md point 16) only while it holds users
+        # whose offline answer it could give.
         return [ComponentState(f"{self.name}.store", error is None,
-                               (f"{where}: {error}" if error else f"{where}: ok") + entries + offline + hot)]
+                               (f"{where}: {error}" if error else f"{where}: ok") + entries + offline + hot,
+                               fallback=error is None and counted is not None and counted[0] > 0)]
 
     @hookimpl
     def gateway_selftests(self) -> list[SelfTest]:

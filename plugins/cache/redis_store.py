@@ -178,6 +178,11 @@ class RedisStore:
         return (f"{self.location}: writable, redis {info.get('redis_version', '?')}, "
                 f"ping {1000 * (time.monotonic() - started):.1f} ms")
 
+    def ping(self) -> str:
+        """PING within ``redis.timeout``: the health probe's cheap question (raises StoreError)."""
+        self._call("PING", self._redis.ping)
+        return f"{self.location}: answers"
+
     def close(self) -> None:
         try:
             self._redis.close()

@@ -30,13 +30,14 @@ Settings (``client_cert:`` in conf.d)
     ``require_digital_signature``, ``required_policies``, ``max_chain_depth``, ``revocation``
     (``policy: off|soft-fail|hard-fail``, CRL and OCSP settings), ``mapping`` (``rules``,
     ``lookup``, ``require_directory_match``, ``password_state_refuses``), ``verify_cache_seconds``.
+    From the core: ``health.probe_interval`` (CRL sources and a configured OCSP responder are
+    probed in the background; ``/readyz`` reports them, :mod:`~gateway.plugins.client_cert.health`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from datetime import datetime, timezone
 from typing import Any
 
 from cryptography import x509
@@ -58,6 +59,7 @@ from gateway import (
 from .headers import parse_pem_header, parse_xfcc
 from .listener import build_listener
 from .mapping import candidates, directory_binding_matches, thumbprint
+from .health import RevocationHealth
 from .revocation import RevocationChecker
 from .selftests import selftests
 from .settings import ClientCertSettings, HeaderSource, MappingRule
@@ -71,6 +73,8 @@ class ClientCertPlugin:
     """Registered as ``client_cert``."""
 
     Settings = ClientCertSettings
+    #: What this step checks (readiness: which steps can serve password logins).
+    credentials = ("certificate",)
 
     def __init__(self, settings: ClientCertSettings, context: PluginContext) -> None:
         self.settings = settings
@@ -88,6 +92,7 @@ class ClientCertPlugin:
         if revocation.ocsp_responder_certificate:
             responder = load_bundle(revocation.ocsp_responder_certificate)[0]
         self.revocation = RevocationChecker(revocation, self.log, settings.clock_tolerance, responder)
+        self.health = RevocationHealth(self.name, settings, self.revocation, (intermediates or roots)[0])
         #: Certificate headers watched for, to log (and ignore) those the peer does not set.
         self._cert_headers = tuple(dict.fromkeys([*(h.name for h in settings.headers), *_KNOWN_CERT_HEADERS]))
         self.listener: Listener | None = None
@@ -256,17 +261,13 @@ class ClientCertPlugin:
         return selftests(self)
 
     @hookimpl
+    def gateway_probe(self) -> None:
+        self.health.probe()
+
+    @hookimpl
     def gateway_readiness(self) -> list[ComponentState]:
-        states = [ComponentState(f"{self.name}.trust", True, f"{len(self.trust.roots)} root(s), "
-                                 f"{len(self.trust.intermediates)} intermediate(s)")]
-        if self.revocation.enabled:
-            now = datetime.now(timezone.utc)
-            for source, loaded in self.revocation.crls.sources():
-                problem = "not fetched yet" if loaded is None else loaded.too_old(
-                    now, self.settings.revocation, self.settings.clock_tolerance)
-                states.append(ComponentState(f"{self.name}.crl[{source}]", problem is None,
-                                             problem or f"{len(loaded.serials)} revoked serials"))
-        return states
+        return [ComponentState(f"{self.name}.trust", True, f"{len(self.trust.roots)} root(s), "
+                               f"{len(self.trust.intermediates)} intermediate(s)"), *self.health.states()]
 
 
 def _header_values(headers: Any, name: str) -> list[str]:

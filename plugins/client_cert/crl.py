@@ -147,6 +147,7 @@ class _UrlEntry:
     # from boot, so on a machine up for less than crl_refresh_interval "0.0" would look recent.
     fetched: float | None = None
     used: float = 0.0  # only compared with other entries' (least recently used)
+    error: str | None = None  # the last fetch's failure, for readiness; None after a success
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -201,6 +202,7 @@ class CrlStore:
             raise FetchError(f"{url}: served a CRL older than the one held; kept the newer one")
         entry.crl = loaded
         entry.fetched = time.monotonic()
+        entry.error = None
 
     def _after_fetch(self, url: str, entry: _UrlEntry) -> None:
         # A CA that has not published a new CRL keeps serving one past its nextUpdate; fetching it
@@ -247,6 +249,7 @@ class CrlStore:
                 self._after_fetch(url, entry)
             return entry.crl, None
         except FetchError as exc:
+            entry.error = str(exc)
             self.backoff.failed(url, str(exc))
             self.log.warning("CRL fetch failed: %s", exc)
             return entry.crl, str(exc)
@@ -305,6 +308,7 @@ class CrlStore:
                 self._fetch(url, entry, self.settings.timeout)
                 self._after_fetch(url, entry)
             except FetchError as exc:
+                entry.error = str(exc)
                 self.backoff.failed(url, str(exc))
                 self.log.warning("background CRL refresh failed: %s", exc)
             finally:
@@ -316,6 +320,11 @@ class CrlStore:
             files = [(str(p), loaded) for p, (_, loaded) in self._files.items()]
             urls = [(u, e.crl) for u, e in self._urls.items()]
         return files + urls
+
+    def fetch_errors(self) -> dict[str, str]:
+        """The URLs whose last fetch failed, with the error (memory only, for readiness)."""
+        with self._lock:
+            return {u: e.error for u, e in self._urls.items() if e.error}
 
     def fetch_now(self, url: str) -> LoadedCrl:
         """Fetch *url* for a self-test (raises FetchError) and keep the result."""

@@ -27,7 +27,9 @@ Settings (``kerberos:`` in conf.d)
     (``HTTP/host@REALM``; default any key in the keytab), ``realms`` (strip_realm allowlist),
     ``rules`` (``{match, username}`` regular-expression mapping), ``lowercase_username``,
     ``require_directory_user`` (default true), ``password_state_refuses`` (default false),
-    ``replay_cache`` (default in the state directory).
+    ``replay_cache`` (default in the state directory). From the core: ``health.probe_interval``
+    (``gateway_probe`` re-reads a changed keytab and checks it holds a key for the service
+    principal; ``/readyz`` shows ``kerberos.keytab`` from that, without waiting for a login).
 """
 
 from __future__ import annotations
@@ -107,6 +109,8 @@ class KerberosPlugin:
     """Registered as ``kerberos``."""
 
     Settings = KerberosSettings
+    #: What this step checks (readiness: which steps can serve password logins).
+    credentials = ("negotiate",)
 
     def __init__(self, settings: KerberosSettings, context: PluginContext) -> None:
         self.settings = settings
@@ -172,14 +176,29 @@ class KerberosPlugin:
         return Decision.allow(identity, step=self.name)
 
     @hookimpl
+    def gateway_probe(self) -> None:
+        """Re-read the keytab when it changed on disk (the acceptor compares inode, mtime and
+        size) and check it still holds a key for the service principal, so that a keytab
+        removed, made unreadable or replaced by one without our key shows in ``/readyz`` before
+        the first Negotiate login fails (and its repair, without waiting for one)."""
+        try:
+            loaded = self.acceptor.load()
+        except AcceptFailed as exc:
+            self._keytab_problem = exc.detail
+            return
+        self._keytab_problem = self._missing_key(loaded.index.principals)
+
+    def _missing_key(self, principals: list[str]) -> str:
+        wanted = self.settings.service_principal
+        if not principals:
+            return f"keytab {self.acceptor.keytab} holds no keys"
+        if wanted is None or any(p == wanted or p.split("@", 1)[0] == wanted for p in principals):
+            return ""
+        return f"keytab {self.acceptor.keytab} holds no key for {wanted} (it has {', '.join(principals)})"
+
+    @hookimpl
     def gateway_readiness(self) -> list[ComponentState]:
-        problem = self._keytab_problem
-        if problem:  # re-reading a local file is quick (no network): recover without waiting for a login
-            try:
-                self.acceptor.load()
-                problem = self._keytab_problem = ""
-            except AcceptFailed as exc:
-                problem = self._keytab_problem = exc.detail
+        problem = self._keytab_problem  # what the last probe or login found: no file I/O here
         return [ComponentState(f"{self.name}.keytab", not problem, problem or str(self.acceptor.keytab))]
 
     @hookimpl

@@ -32,14 +32,14 @@ Settings (``ldap:`` in conf.d)
     ``receive_timeout``, ``backoff``, ``pool_size``, ``idle_timeout``, ``allow_expired_password``,
     ``allow_must_change_password``, ``max_username_length``, ``test_login``. Reference:
     docs/plugins/ldap.md. From the core: ``health.probe_interval`` (every server is probed,
-    service bind included, at start-up and then periodically; state changes are logged at
-    WARNING and ``/readyz`` reflects them before any login fails).
+    service bind included, by ``gateway_probe`` on the core's health round at start-up and
+    then periodically; the core logs state changes at WARNING and ``/readyz`` reflects them
+    before any login fails).
 """
 
 from __future__ import annotations
 
 import ssl
-import threading
 import time
 
 import ldap3
@@ -71,6 +71,8 @@ class LdapPlugin:
     """Registered as ``ldap``."""
 
     Settings = LdapSettings
+    #: What this step checks (readiness: which steps can serve password logins).
+    credentials = ("password",)
 
     def __init__(self, settings: LdapSettings, context: PluginContext) -> None:
         self.settings = settings
@@ -92,9 +94,6 @@ class LdapPlugin:
                          connect_timeout=settings.connect_timeout, receive_timeout=settings.receive_timeout,
                          backoff=settings.backoff, pool_size=settings.pool_size or context.gateway.threads,
                          idle_timeout=settings.idle_timeout, service=service, log=self.log)
-        self.probe_interval = context.gateway.health.probe_interval
-        self._probing = threading.Event()  # set: stop probing
-        self._states: dict[str, tuple[bool, str]] = {}  # server URL -> last (ready, state) logged
         self.groups = GroupResolver(self.resolved, settings.groups, self.log)
         self.directory = Directory(self.name, settings, self.resolved, self.pool, self.groups, self.log)
         self.search = UserSearch(self.directory)
@@ -180,30 +179,10 @@ class LdapPlugin:
         return selftests(self)
 
     @hookimpl
-    def gateway_startup(self) -> None:
-        threading.Thread(target=self._probe_loop, name=f"{self.name}-probe", daemon=True).start()
-
-    def _probe_loop(self) -> None:
-        while not self._probing.is_set():
-            try:
-                self.probe_once()
-            except Exception:  # noqa: BLE001 - a probe must never end the thread
-                self.log.exception("%s: probing the directory servers raised", self.name)
-            self._probing.wait(self.probe_interval)
-
-    def probe_once(self) -> None:
-        """Probe every server; log each change of readiness at WARNING (at start-up: not ready)."""
+    def gateway_probe(self) -> None:
+        """Every server, service bind included (the core's health round logs the changes)."""
         self.pool.probe()
-        for server, state, ready in self.pool.snapshot():
-            before = self._states.get(server.url)
-            self._states[server.url] = (ready, state)
-            if before is None and ready:
-                continue
-            if before is None or before[0] != ready:
-                self.log.warning("%s: server %s is %s: %s", self.name, server.url,
-                                 "ready" if ready else "NOT ready", state)
 
     @hookimpl
     def gateway_shutdown(self) -> None:
-        self._probing.set()
         self.pool.close()

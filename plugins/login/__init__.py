@@ -28,7 +28,7 @@ import argparse
 import ssl
 from urllib.parse import urlsplit
 
-from gateway import Command, Listener, PluginContext, Route, hookimpl
+from gateway import Command, ComponentState, Listener, PluginContext, Route, hookimpl
 
 from .keys import KeyStore
 from .oidc import OidcProvider
@@ -59,12 +59,37 @@ class LoginPlugin:
         self.slo = SingleLogout(self.saml)
         self.wsfed = WsFed(settings, self.saml)
         self.oidc = OidcProvider(settings, self.current, self.next)
+        self._probe_store: RedisStore | None = None
+        self._sessions_state: ComponentState | None = None
 
     def _store(self):
         sessions = self.settings.sessions
         if sessions.store == "redis":
             return RedisStore(sessions.redis_url, sessions.absolute)
         return SqliteStore(self.context.state_dir / "login" / "sessions.sqlite3")
+
+    @hookimpl
+    def gateway_probe(self) -> None:
+        """A Redis session store is pinged on the health round (its own client, made in the
+        worker). Not a chain step: when it is down ``/readyz`` lists ``login`` as degraded."""
+        if self.settings.sessions.store != "redis":
+            return
+        if self._probe_store is None:
+            self._probe_store = self._store()
+        try:
+            self._sessions_state = ComponentState("login.sessions", True, self._probe_store.ping())
+        except Exception as exc:  # noqa: BLE001 - any failure means the store is down
+            self._sessions_state = ComponentState("login.sessions", False,
+                                                  f"{self._probe_store.location}: {exc.__class__.__name__}")
+
+    @hookimpl
+    def gateway_readiness(self) -> list[ComponentState] | None:
+        return [self._sessions_state] if self._sessions_state is not None else None
+
+    @hookimpl
+    def gateway_shutdown(self) -> None:
+        if self._probe_store is not None:
+            self._probe_store.close()
 
     @hookimpl
     def gateway_listeners(self):

@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from gateway import Identity
 
@@ -148,6 +149,13 @@ class RedisStore:
 
         self.redis = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
         self.ttl = int(ttl) + 1
+        parts = urlsplit(url)  # for readiness: never the password the URL may carry
+        self.location = f"{parts.scheme}://{parts.hostname or ''}:{parts.port or 6379}"
+
+    def ping(self) -> str:
+        """The health probe's question (raises on failure; at most the 2 s socket timeout)."""
+        self.redis.ping()
+        return f"{self.location}: answers"
 
     def put_session(self, key: str, data: dict, now: float) -> None:
         self.redis.set(f"authgw:login:s:{key}", json.dumps([data, now, now]), ex=self.ttl)

@@ -66,6 +66,8 @@ class RelayPlugin:
     """Registered as ``relay`` (a chain step)."""
 
     Settings = RelaySettings
+    #: What this step checks (readiness: which steps can serve password logins).
+    credentials = ("password",)
 
     def __init__(self, settings: RelaySettings, context: PluginContext) -> None:
         self.settings = settings

@@ -74,6 +74,8 @@ class StaticPlugin:
     """Registered as ``static``."""
 
     Settings = StaticSettings
+    #: What this step checks (readiness: which steps can serve password logins).
+    credentials = ("password",)
 
     def __init__(self, settings: StaticSettings, context: PluginContext) -> None:
         self.settings = settings
