@@ -6,6 +6,7 @@ A plugin is a class with a ``Settings`` model (deriving from :class:`PluginSetti
 :data:`hookimpl`. See docs/plugins.md.
 """
 
+from gateway.chain import loop_safe
 from gateway.checks import CheckResult, CheckStatus, Command, ComponentState, Listener, Route, SelfTest
 from gateway.errors import AuthgwError, BackendUnavailable, ConfigError, PluginLoadError
 from gateway.model import (
@@ -57,4 +58,5 @@ __all__ = [
     "StashKey",
     "UserPage",
     "hookimpl",
+    "loop_safe",
 ]

@@ -12,6 +12,15 @@ Layers of one attempt, outermost first::
 A precheck answer saves only the work of the step it stands for (the directory bind): the
 steps before that step and every wrapper still see the attempt, so a policy (a deny list, a
 group rule) is never skipped by a cache.
+
+Where the chain runs: on the pool's threads (plugins block), except for a precheck answer that
+leaves nothing blocking to run. When the answered step is the chain's first (or the answer stands
+for the whole chain) and every ``gateway_authenticate`` wrapper is marked :func:`loop_safe`, the
+wrappers run on the event loop, as ``gateway_precheck`` does: a hot cache hit then costs no
+thread hand-off (about half of its CPU, docs/performance.md). The deadline and a client that hung
+up are checked as a chain thread would check them; throttling, failure timing and the audit are
+the same code on both paths. Reads ``deadline``, ``threads``, ``limits.queue``,
+``limits.queue_wait``, ``failure_timing`` and ``throttle``.
 """
 
 from __future__ import annotations
@@ -38,7 +47,7 @@ from gateway.settings import GatewaySettings
 from gateway.stash import StashKey
 from gateway.throttle import StoreUnavailable, Throttle
 
-__all__ = ["ChainFolder", "Gateway", "PrecheckStandIn", "fold"]
+__all__ = ["ChainFolder", "Gateway", "PrecheckStandIn", "fold", "loop_safe"]
 
 log = logging.getLogger("authgw.chain")
 
@@ -49,6 +58,16 @@ PRECHECKED: StashKey[Decision] = StashKey()
 #: Set by a front door: says, cheaply and from any thread, that the attempt's client has gone
 #: (its connection closed), so a chain thread drops the attempt unrun (gateway/pool.py).
 CLIENT_GONE: StashKey[Callable[[], bool]] = StashKey()
+
+
+def loop_safe(function):
+    """Mark a ``gateway_authenticate`` wrapper as one that never blocks for an attempt
+    ``gateway_precheck`` answered: for such an attempt (it sees that answer, or an ``ERROR``
+    deny) it does no I/O, no slow computation and waits for no lock held across either. When
+    every wrapper is marked, pre-checked attempts skip the chain threads (see the module
+    docstring); one unmarked wrapper (any third-party one) keeps them on the pool."""
+    function.__authgw_loop_safe__ = True
+    return function
 
 
 def fold(attempt: Attempt) -> Decision:
@@ -93,6 +112,7 @@ class ChainFolder:
             tb = tb.tb_next
         return name
 
+    @loop_safe
     @hookimpl(wrapper=True, trylast=True)
     def gateway_authenticate(self, attempt: Attempt):
         try:
@@ -168,6 +188,27 @@ class Gateway:
         self.health_watch = HealthWatch(self, settings.health.probe_interval)
         if pm.get_plugin("core.precheck") is None:
             pm.register(PrecheckStandIn(pm), name="core.precheck")
+        self._on_loop: dict[tuple, bool] = {}  # (answered step, implementations) -> may run on the loop
+
+    def runs_on_loop(self, answer: Decision) -> bool:
+        """Whether an attempt with the precheck *answer* runs its chain on the event loop: no
+        step is asked before the answered one, and every wrapper is :func:`loop_safe`."""
+        stands_for = answer.identity.method if answer.success and answer.identity is not None else None
+        impls = self.pm.hook.gateway_authenticate.get_hookimpls()
+        key = (stands_for, *map(id, impls))  # a plugin registered later is seen
+        known = self._on_loop.get(key)
+        if known is None:
+            steps = [i for i in reversed(impls) if not (i.wrapper or i.hookwrapper)
+                     and not isinstance(i.plugin, PrecheckStandIn)]
+            names = [i.plugin_name for i in steps]
+            before = names[:names.index(stands_for)] if stands_for in names else []
+            known = not before and all(
+                getattr(getattr(i.plugin, "gateway_authenticate", None), "__authgw_loop_safe__", False)
+                for i in impls if i.wrapper or i.hookwrapper)
+            if len(self._on_loop) >= 64:  # bounded: steps and registrations are few
+                self._on_loop.clear()
+            self._on_loop[key] = known
+        return known
 
     # -- per attempt ----------------------------------------------------------------------------
 
@@ -237,7 +278,12 @@ class Gateway:
         ticket = None
         if attempt.password is not None:
             try:
-                ticket = await self._throttle(self.throttle.admit, attempt.user_key, self.throttle_client(attempt))
+                user, client = attempt.user_key, self.throttle_client(attempt)
+                # a local store answers at once: only a network store is worth a coroutine and a thread
+                if self.throttle.blocking:
+                    ticket = await self._throttle(self.throttle.admit, user, client)
+                else:
+                    ticket = self.throttle.admit(user, client)
             except StoreUnavailable as exc:
                 log.error("throttle store unavailable; password attempt %s refused (fail closed): %s",
                           attempt.request_id, exc)
@@ -259,12 +305,19 @@ class Gateway:
             else:
                 if answer is not None:
                     attempt.stash[PRECHECKED] = answer
-                decision = await self._run_chain(attempt)
+                if answer is not None and self.runs_on_loop(answer):
+                    decision = self._run_on_loop(attempt)
+                else:
+                    decision = await self._run_chain(attempt)
         finally:
             if ticket is not None:
                 try:
-                    await self._throttle(functools.partial(self.throttle.settle, ticket, decision.outcome,
-                                                           live=not decision.from_cache))
+                    settle = functools.partial(self.throttle.settle, ticket, decision.outcome,
+                                               live=not decision.from_cache)
+                    if self.throttle.blocking:
+                        await self._throttle(settle)
+                    else:
+                        settle()
                 except StoreUnavailable as exc:
                     log.error("throttle store unavailable settling attempt %s: %s", attempt.request_id, exc)
         if attempt.password is not None and decision.outcome in _REFUSALS:
@@ -297,6 +350,23 @@ class Gateway:
             decision = Decision.deny(Outcome.UNAVAILABLE, step="gateway", reason="deadline_exceeded")
             self.pool.submit(functools.partial(self.notify, attempt), decision)
             return decision
+
+    def _run_on_loop(self, attempt: Attempt) -> Decision:
+        """The chain's wrappers around a precheck answer, here on the event loop (nothing in
+        them blocks: :meth:`runs_on_loop`). What a chain thread checks before it runs an
+        attempt is checked here too: a passed deadline and a client that hung up."""
+        gone = attempt.stash.get(CLIENT_GONE, None)
+        if attempt.deadline <= time.monotonic():
+            decision = Decision.deny(Outcome.UNAVAILABLE, step="gateway", reason="deadline_exceeded")
+        elif gone is not None and gone():
+            decision = Decision.deny(Outcome.UNAVAILABLE, step="gateway", reason="client_gone")
+        else:
+            try:
+                return self._decide_and_notify(attempt)
+            except BaseException as exc:  # an auth_finished hook's SystemExit never ends the worker
+                return self._crashed(exc, attempt, "after the chain")
+        self.notify(attempt, decision)
+        return decision
 
     # -- other hooks ----------------------------------------------------------------------------
 

@@ -49,6 +49,7 @@ from gateway import (
     PluginContext,
     SelfTest,
     hookimpl,
+    loop_safe,
 )
 from gateway.model import canonical_username
 from gateway.plugins.cache.cli import cache_command
@@ -137,12 +138,17 @@ class CachePlugin:
     def gateway_precheck(self, attempt: Attempt) -> Decision | None:
         return self.precheck(attempt)
 
+    # loop_safe: for a hot hit (its own from_cache answer, or an ERROR deny) nothing below
+    # touches the store, so a hit needs no chain thread (gateway/chain.py).
+    @loop_safe
     @hookimpl(wrapper=True)
     def gateway_authenticate(self, attempt: Attempt):
         decision = yield
         if not self.settings.enabled:
             return decision
         try:
+            if decision.from_cache:  # a hot hit: nothing to learn or forget, the store untouched
+                return decision
             if self._hot_eligible(attempt) and self.offline.cacheable(attempt, decision):
                 self.hot.put(self._hot_token(attempt), attempt.user_key, decision.identity)
             self.tally.changed()  # it may have learned or forgotten a user: recount on the tally's thread
