@@ -64,7 +64,8 @@ def directory(tmp_path_factory, ca) -> Slapd:
 
 
 def conf_files(ldap: dict, **gateway) -> dict[str, str]:
-    core = {"chain": ["ldap"], "throttle": {"enabled": False}, **gateway}
+    # No periodic probe: each is a service bind slapd counts, and these tests count binds exactly.
+    core = {"chain": ["ldap"], "throttle": {"enabled": False}, "health": {"probe_interval": 3600}, **gateway}
     return {"gateway.yaml": json.dumps(core), "ldap.yaml": "ldap: " + json.dumps(ldap)}
 
 

@@ -21,7 +21,7 @@ def ldap_gateways(base: Path, token: str) -> Iterator[Callable[[dict], GatewayPr
     started: list[GatewayProcess] = []
 
     def run(ldap: dict) -> GatewayProcess:
-        core = {"chain": ["ldap"], "throttle": {"enabled": False},
+        core = {"chain": ["ldap"], "throttle": {"enabled": False}, "health": {"probe_interval": 3600},
                 "api_tokens": [{"name": "tests", "sha256": hashlib.sha256(token.encode()).hexdigest()}]}
         conf = write_conf(base / f"conf{len(started)}", {"gateway.yaml": json.dumps(core),
                                                           "ldap.yaml": "ldap: " + json.dumps(ldap)})
