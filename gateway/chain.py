@@ -193,7 +193,8 @@ class Gateway:
     def runs_on_loop(self, answer: Decision) -> bool:
         """Whether an attempt with the precheck *answer* runs its chain on the event loop: no
         step is asked before the answered one, and every wrapper is :func:`loop_safe`."""
-        stands_for = answer.identity.method if answer.success and answer.identity is not None else None
+        # as PrecheckStandIn decides which steps it still asks (only a success carries an identity)
+        stands_for = answer.identity.method if answer.identity is not None else None
         impls = self.pm.hook.gateway_authenticate.get_hookimpls()
         key = (stands_for, *map(id, impls))  # a plugin registered later is seen
         known = self._on_loop.get(key)
