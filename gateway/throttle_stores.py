@@ -19,6 +19,7 @@ from typing import Protocol
 from urllib.parse import urlsplit
 
 from gateway.settings import ThrottleSettings
+from gateway.sqlitedb import connect_wal
 
 __all__ = ["MemoryStore", "RedisStore", "SQLiteStore", "StoreUnavailable", "ThrottleStore", "open_store"]
 
@@ -122,8 +123,7 @@ class SQLiteStore:
         if self._conn is None or self._pid != os.getpid():
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)  # private from the first byte
             os.close(fd)
-            conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
+            conn = connect_wal(self.path, timeout=5.0, check_same_thread=False)  # every worker at once
             conn.execute("PRAGMA synchronous=NORMAL")  # counts may be lost by a power cut, not corrupted
             conn.execute("CREATE TABLE IF NOT EXISTS failure (key TEXT NOT NULL, at REAL NOT NULL, "
                          "ticket TEXT NOT NULL)")

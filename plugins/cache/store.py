@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Protocol
 
+from gateway.sqlitedb import connect_wal
+
 __all__ = ["Entry", "FORGOTTEN_FOR", "FUTURE_TOLERANCE", "SQLiteStore", "Store", "StoreError", "TAKEN", "AT_LIMIT",
            "GONE"]
 
@@ -166,13 +168,10 @@ class SQLiteStore:
         try:
             with self._lock:
                 self._prepare_file()
-                conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
-                                       check_same_thread=False)
-                conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+                # every worker at once: the switch to WAL is retried (gateway/sqlitedb.py)
+                conn = connect_wal(self.path, timeout=self.busy_timeout, check_same_thread=False)
                 conn.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: durable across process crashes
                 if not self._schema_ready:
-                    if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-                        conn.execute("PRAGMA journal_mode = WAL")
                     conn.executescript(_SCHEMA)
                     self._schema_ready = True
                 self._connections.append(conn)

@@ -30,6 +30,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from gateway import Identity
+from gateway.sqlitedb import connect_wal
 
 from .settings import SessionSettings
 
@@ -86,9 +87,8 @@ class SqliteStore:
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.db = sqlite3.connect(path, isolation_level=None, timeout=5.0, check_same_thread=False)
+        self.db = connect_wal(path, timeout=5.0, check_same_thread=False)  # every worker at once
         path.chmod(0o600)
-        self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("CREATE TABLE IF NOT EXISTS sessions (key TEXT PRIMARY KEY, data TEXT NOT NULL, "
                         "created REAL NOT NULL, seen REAL NOT NULL)")
         self.db.execute("CREATE TABLE IF NOT EXISTS pending (key TEXT PRIMARY KEY, data TEXT NOT NULL, "

