@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import stat
-import time
 
 from support.gateway import write_conf
+from support.net import wait_for
 
 
 def test_audit_file_is_created_private_and_holds_no_password(conf_dir, demo_hash, start_gateway, tmp_path):
@@ -21,9 +21,8 @@ def test_audit_file_is_created_private_and_holds_no_password(conf_dir, demo_hash
     assert gw.auth("alice", "demo-password").status == 200
     assert gw.auth("alice", "Wrong-Secret-42").status == 401
     assert stat.S_IMODE(audit.stat().st_mode) == 0o600
-    deadline = time.monotonic() + 10
-    while audit.read_text().count("\n") < 2 and time.monotonic() < deadline:  # written just after the answer
-        time.sleep(0.05)
+    wait_for(lambda: audit.read_text().count("\n") >= 2, 10, interval=0.05,  # written just after the answer
+             what="two audit lines")
     text = audit.read_text()
     records = [json.loads(line) for line in text.splitlines()]  # one JSON object a line
     assert [(r["username"], r["outcome"]) for r in records] == [("alice", "success"), ("alice", "invalid_credentials")]

@@ -20,7 +20,7 @@ import pytest
 
 from support.console import ConsoleClient, console_link, link_path
 from support.gateway import GatewayProcess, authgw, write_conf
-from support.net import free_port
+from support.net import free_port, wait_for
 from support.redis import RedisServer
 from support.slapd import Slapd
 
@@ -71,13 +71,9 @@ def source(response) -> str | None:
 
 
 def last_audit(gateway: GatewayProcess, username: str) -> dict:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:  # the audit line is written just after the answer
-        lines = [a for a in gateway.audit() if a["username"] == username]
-        if lines:
-            return lines[-1]
-        time.sleep(0.05)
-    raise AssertionError(f"no audit line for {username}")
+    lines = wait_for(lambda: [a for a in gateway.audit() if a["username"] == username], 10, interval=0.05,
+                     what=f"an audit line for {username}")  # written just after the answer
+    return lines[-1]
 
 
 def test_offline_logins_follow_the_directory(tmp_path, directory, start_gateway):
@@ -322,13 +318,9 @@ def _cache_detail(gateway: GatewayProcess) -> str:
 
 
 def _wait_for_detail(gateway: GatewayProcess, text: str, timeout: float = 30.0) -> str:
-    deadline = time.monotonic() + timeout  # the count is refreshed on the cache's own thread
-    while True:
-        detail = _cache_detail(gateway)
-        if text in detail or time.monotonic() > deadline:
-            assert text in detail, detail
-            return detail
-        time.sleep(0.2)
+    # the count is refreshed on the cache's own thread
+    return wait_for(lambda: text in (detail := _cache_detail(gateway)) and detail, timeout, interval=0.2,
+                    what=f"{text!r} in the cache's readiness detail", log=lambda: _cache_detail(gateway))
 
 
 def _utc_seconds(before: float, after: float) -> set[str]:

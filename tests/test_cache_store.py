@@ -16,7 +16,7 @@ import pytest
 
 from gateway.plugins.cache.redis_store import RedisStore
 from gateway.plugins.cache.store import AT_LIMIT, GONE, TAKEN, Entry, SQLiteStore, StoreError
-from support.net import free_port
+from support.net import free_port, wait_for
 from support.redis import RedisServer
 
 DAY = 86400.0
@@ -246,10 +246,7 @@ def test_redis_entries_expire_on_the_server(redis_server):
     client = redis_server.client()
     name = b"expiry:" + entry(8).key.encode()
     assert 0 < client.pttl(name) <= 500
-    deadline = time.monotonic() + 10
-    while client.exists(name) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not client.exists(name)
+    wait_for(lambda: not client.exists(name), 10, interval=0.05, what="redis to expire the entry")
     assert store.get(entry(8).key) is None
     store.close()
 

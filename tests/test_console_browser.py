@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 import pytest
 
 from support.console import LongLivedCA, console_conf, console_link
 from support.console_browser import CHROMIUM, browser, walk
 from support.gateway import authgw
-from support.net import free_port
+from support.net import free_port, wait_for
 from support.slapd import Slapd
 
 pytest.importorskip("playwright")
@@ -86,10 +85,7 @@ def test_the_saved_configuration_passes_config_check(walked):
 def test_a_login_then_works_through_auth_and_through_the_relay(walked):
     gw, relay, _ = walked
     assert (gw.state_dir / "authgw.pid").exists()  # the console's SIGHUP reload needs it
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and gw.auth("dave", DAVE).status != 200:
-        time.sleep(0.2)
-    assert gw.auth("dave", DAVE).status == 200
+    wait_for(lambda: gw.auth("dave", DAVE).status == 200, 30, interval=0.2, what="dave's login", log=gw.output)
     assert gw.auth("dave", "not-daves-password").status == 401
     # the cloud side: the relay asks this connector over the link, which runs the saved chain
     def outcome(password: str) -> tuple[str, str, str]:
@@ -97,7 +93,6 @@ def test_a_login_then_works_through_auth_and_through_the_relay(walked):
         body = answer.json() if answer.status == 200 else {}
         return body.get("outcome", f"HTTP {answer.status}"), body.get("reason", ""), body.get("step", "")
 
-    while time.monotonic() < deadline and outcome(DAVE)[0] != "success":
-        time.sleep(0.2)
+    wait_for(lambda: outcome(DAVE)[0] == "success", 30, interval=0.2, what="dave's login through the relay")
     assert outcome(DAVE) == ("success", "", "relay")
     assert outcome("not-daves-password") == ("invalid_credentials", "ldap.invalid_password", "relay")

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import html
 import re
-import time
 
 import pytest
 from cryptography import x509
 
 from support.console import ConsoleClient, console_conf, console_link, link_path
-from support.net import free_port
+from support.net import free_port, wait_for
 
 linkenv = pytest.importorskip("support.linkenv")
 
@@ -29,14 +28,12 @@ def _row(page: str, name: str) -> tuple[str, str, str]:
 
 
 def _linked_status(client: ConsoleClient, timeout: float = 30.0) -> str:
-    deadline = time.monotonic() + timeout
-    page = ""
-    while time.monotonic() < deadline:
+    def linked() -> str | None:
         page = client.get("/status").text
-        if "round trip" in page and "link.relay_certificate" in page:
-            return page
-        time.sleep(0.2)
-    raise AssertionError(f"the status page never showed a linked relay:\n{page[-3000:]}")
+        return page if "round trip" in page and "link.relay_certificate" in page else None
+
+    return wait_for(linked, timeout, interval=0.2, what="the status page to show a linked relay",
+                    log=lambda: client.get("/status").text)
 
 
 @pytest.mark.parametrize("lifetime_days, warned", [(5.0, True), (90.0, False)])

@@ -10,12 +10,11 @@ import http.client
 import os
 import signal
 import socket
-import time
 
 import pytest
 
 from support.console import console_conf
-from support.net import free_port
+from support.net import free_port, wait_for
 
 
 def _reloads(gw) -> int:
@@ -29,10 +28,7 @@ def _send_after_reload(gw, port: int, path: str) -> http.client.HTTPResponse:
     assert gw.get("/healthz").status == 200  # the loop has run its accepts past our connection
     before = _reloads(gw)
     os.kill(int((gw.state_dir / "authgw.pid").read_text()), signal.SIGHUP)
-    deadline = time.monotonic() + 60
-    while _reloads(gw) == before and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert _reloads(gw) > before, gw.output()[-2000:]
+    wait_for(lambda: _reloads(gw) > before, 60, interval=0.02, what="the reload", log=gw.output)
     conn.request("GET", path)
     return conn.getresponse()
 

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import re
 import stat
-import time
 
 import pytest
 import yaml
 
 from support.console import ConsoleClient, LongLivedCA, console_conf, console_link, link_path
 from support.gateway import authgw
-from support.net import free_port
+from support.net import free_port, wait_for
 from support.slapd import Slapd
 
 SERVICE_PASSWORD = "Svc-Pa55-7c1e9f3a"
@@ -139,9 +138,9 @@ def test_the_status_page_shows_servers_throttling_events_and_version(slapd, cons
     port = int(re.search(r"listen: 127\.0\.0\.1:(\d+)", (conf_dir / "console.yaml").read_text()).group(1))
     client = ConsoleClient(f"http://127.0.0.1:{port}")
     client.get(link_path(console_link(gw2)))
-    deadline = time.monotonic() + 15  # audit lines reach the file in batches (gateway/audit.py)
-    while time.monotonic() < deadline and "invalid_credentials" not in client.get("/status?user=carol").text:
-        time.sleep(0.2)
+    # audit lines reach the file in batches (gateway/audit.py)
+    wait_for(lambda: "invalid_credentials" in client.get("/status?user=carol").text, 15, interval=0.2,
+             what="carol's refused login on the status page")
     page = client.get("/status")
     assert page.status == 200
     components = re.search(r'<table id="components">.*?</table>', page.text, re.S).group(0)
@@ -161,10 +160,7 @@ def test_a_login_works_through_auth_after_the_reload(slapd, console, conf_dir):
         pytest.skip("this gateway does not reload on SIGHUP yet (no <state_dir>/authgw.pid)")
     saved = client.post_form("/setup/directory", directory_form(slapd, SERVICE_PASSWORD))
     assert saved.status == 303 and "saved=reload" in saved.header("Location")
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and gw.auth("carol", ALICE).status != 200:
-        time.sleep(0.2)
-    assert gw.auth("carol", ALICE).status == 200
+    wait_for(lambda: gw.auth("carol", ALICE).status == 200, 30, interval=0.2, what="carol's login", log=gw.output)
 
 
 HUP_LISTENER = """
@@ -195,9 +191,7 @@ def test_when_the_tests_have_run_the_pid_in_the_state_dir_gets_sighup(slapd, con
         assert "saved=reload" in saved.header("Location")
         run = client.wait_run(saved.header("Location"))
         assert set(statuses(run).values()) == {"pass"}
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and not marker.exists():
-            time.sleep(0.05)
+        wait_for(marker.exists, 15, interval=0.05, what="the SIGHUP")
         assert marker.read_text() == "hup"
         assert "reloads its configuration when the tests have run" in client.get(saved.header("Location")).text
     finally:

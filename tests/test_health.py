@@ -6,11 +6,11 @@ paths) and ``/metrics`` are shown only to ``health.details_from``."""
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
 from support.gateway import GatewayProcess, write_conf
+from support.net import wait_for
 from support.pki import CA
 from support.slapd import Slapd
 
@@ -31,16 +31,6 @@ def start(tmp_path, start_gateway):
             "ldap.yaml": "ldap: " + json.dumps(ldap)})
         return start_gateway(conf)
     return start
-
-
-def wait_for(predicate, timeout: float = 20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError("timed out")
 
 
 def test_a_refused_service_account_makes_readyz_false_before_any_login(directory, start, tmp_path):

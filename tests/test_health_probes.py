@@ -7,26 +7,15 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
 
 import pytest
 
 from support.gateway import GatewayProcess, write_conf
+from support.net import wait_for
 from support.redis import RedisServer
 
 PASSWORD = "Corr3ct-Horse-Battery"
-
-
-def wait_for(predicate, timeout: float = 30.0):
-    """Poll until *predicate* is truthy (bounded; a probe runs every second in these tests)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError("timed out")
 
 
 def health_lines(gw: GatewayProcess) -> list[str]:

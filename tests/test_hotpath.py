@@ -22,6 +22,7 @@ from gateway.metrics import _BUCKETS, Metrics
 from gateway.model import Attempt, Decision, Identity, Outcome, PasswordCredential
 from support.gateway import write_conf
 from support.http import basic, request
+from support.net import wait_for
 
 PASSWORD = "Corr3ct-Horse-Battery"
 WRONG = "Wr0ng-Horse-Battery"
@@ -83,9 +84,8 @@ def test_audit_file_gets_every_line_at_close_and_soon_without(tmp_path):
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     identity = Identity(subject="uid=alice", username="alice", method="static")
     log.gateway_auth_finished(_attempt("first"), Decision.allow(identity, step="static"))
-    deadline = time.monotonic() + 10  # the writer thread flushes within FLUSH_INTERVAL, given CPU
-    while not path.read_text() and time.monotonic() < deadline:
-        time.sleep(0.02)
+    # the writer thread flushes within FLUSH_INTERVAL, given CPU
+    wait_for(path.read_text, 10, interval=0.02, what="the first audit line")
     assert json.loads(path.read_text())["username"] == "first"
 
     names = [f"user{i}" for i in range(2000)] + ["bad\udcffname"]  # more than a batch; a lone surrogate

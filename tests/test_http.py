@@ -8,13 +8,13 @@ import importlib.util
 import json
 import os
 import signal
-import time
 
 import pytest
 
 from support.fakedist import make_dist
 from support.gateway import GatewayProcess, write_conf
 from support.http import basic
+from support.net import wait_for
 
 PASSWORD = "Corr3ct-Horse-Battery"
 
@@ -305,11 +305,9 @@ def test_a_plugin_missing_its_extra_names_the_extra(conf_dir, alice_hash, tmp_pa
 def test_two_workers_share_the_socket_and_metrics(conf_dir, alice_hash, start_gateway):
     gw = start_gateway(static_conf(conf_dir, alice_hash), workers=2)
     assert [gw.auth("alice", PASSWORD).status for _ in range(6)] == [200] * 6
-    deadline = time.monotonic() + 10  # another worker publishes its counts every PUBLISH_INTERVAL
-    while 'outcome="success",step="static"} 6.0' not in (text := gw.get("/metrics").body.decode()) \
-            and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert 'outcome="success",step="static"} 6.0' in text, "metrics aggregate every worker"
+    # another worker publishes its counts every PUBLISH_INTERVAL
+    wait_for(lambda: 'outcome="success",step="static"} 6.0' in gw.get("/metrics").body.decode(), 10,
+             what="metrics that aggregate every worker")
     workers = [int(p) for p in open(f"/proc/{gw.proc.pid}/task/{gw.proc.pid}/children").read().split()]
     assert len(workers) == 2
     if len(os.sched_getaffinity(0)) > 1:  # pin_workers: one CPU each, different ones

@@ -19,7 +19,7 @@ from gateway.plugins.ldap import LdapPlugin
 from gateway.registry import PluginContext
 from gateway.settings import GatewaySettings
 from support.gateway import GatewayProcess, authgw, write_conf
-from support.net import free_port
+from support.net import free_port, wait_for
 from support.pki import CA
 from support.slapd import Slapd
 
@@ -101,13 +101,9 @@ def gw(gateways, directory) -> GatewayProcess:
 
 
 def last_audit(gateway: GatewayProcess, count: int = 1) -> list[dict]:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:  # the audit line is written right after the answer
-        lines = gateway.audit()
-        if len(lines) >= count:
-            return lines[-count:]
-        time.sleep(0.05)
-    raise AssertionError(f"fewer than {count} audit lines:\n{gateway.output()}")
+    lines = wait_for(lambda: len(lines := gateway.audit()) >= count and lines, 10, interval=0.05,
+                     what=f"{count} audit lines", log=gateway.output)  # written right after the answer
+    return lines[-count:]
 
 
 # ---------------------------------------------------------------------------------------------

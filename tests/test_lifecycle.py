@@ -10,11 +10,11 @@ import signal
 import socket
 import stat
 import threading
-import time
 
 import pytest
 
 from support.gateway import write_conf
+from support.net import wait_for
 
 PASSWORD = "Corr3ct-Horse-Battery"
 
@@ -37,15 +37,6 @@ def conf(conf_dir, alice_hash, realm: str):
         "static.yaml": "static:\n  users_file: users/users.yaml\n",
         "users/users.yaml": f'users:\n  alice:\n    password_hash: "{alice_hash}"\n',
     })
-
-
-def wait_for(predicate, timeout: float = 30.0, what: str = "", gw=None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}" + (f"; log:\n{gw.output()[-4000:]}" if gw else ""))
 
 
 def master_pid(gw) -> int:
@@ -82,12 +73,12 @@ def test_reloads_under_continuous_logins(conf_dir, alice_hash, start_gateway, wo
                 (conf_dir / "gateway.yaml").write_text(gateway_yaml(f"r{i}"))
             os.kill(master_pid(gw), signal.SIGHUP)
             if i == 6:
-                wait_for(lambda: gw.output().count("reload refused") > before, what="the refusal", gw=gw)
+                wait_for(lambda: gw.output().count("reload refused") > before, what="the refusal", log=gw.output)
                 r = gw.auth("alice", "wrong")
                 assert r.all("WWW-Authenticate") == [f'Basic realm="r{i - 1}", charset="UTF-8"'], (r.status, r.body)
                 continue
             valid += 1
-            wait_for(lambda: gw.output().count(" reloaded ") >= valid * workers, timeout=60, what=f"reload {i}", gw=gw)
+            wait_for(lambda: gw.output().count(" reloaded ") >= valid * workers, timeout=60, what=f"reload {i}", log=gw.output)
             for _ in range(4):  # the new settings take effect (in every worker)
                 r = gw.auth("alice", "wrong")
                 assert r.all("WWW-Authenticate") == [f'Basic realm="r{i}", charset="UTF-8"'], \

@@ -12,6 +12,7 @@ import pytest
 from cryptography import x509
 
 from support.linkenv import Connector, Relay
+from support.net import wait_for
 from support.slapd import Slapd
 
 
@@ -59,10 +60,8 @@ def test_an_expired_certificate_asks_for_a_new_ticket(tmp_path, slapd):
         assert check.returncode == 1
         assert "FAIL  link.enrolment" in check.stdout and "re-enrol with a new ticket" in check.stdout
         connector.start()
-        deadline = time.monotonic() + 10
-        while "re-enrol with a new ticket" not in connector.process.output() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert "re-enrol with a new ticket" in connector.process.output()
+        wait_for(lambda: "re-enrol with a new ticket" in connector.process.output(), 10,
+                 what="the connector to ask for a new ticket", log=connector.process.output)
         assert relay.ready_links() == ""
         assert relay.login("alice", "Alice-Passw0rd").status == 503
 

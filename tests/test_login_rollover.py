@@ -8,13 +8,13 @@ import base64
 import os
 import re
 import signal
-import time
 from urllib.parse import urlsplit
 
 import pytest
 
 from support.gateway import authgw
 from support.login import LoginSite, hidden
+from support.net import wait_for
 from support.pki import CA
 from support.saml_sp import SamlSP
 from support.slapd import Slapd
@@ -48,10 +48,7 @@ def signing_cert(saml_response: str) -> str:
 
 
 def wait_for_reloads(gw, count: int) -> None:
-    deadline = time.monotonic() + 60
-    while gw.output().count(" reloaded ") < count:
-        assert time.monotonic() < deadline, f"the workers did not reload:\n{gw.output()[-3000:]}"
-        time.sleep(0.1)
+    wait_for(lambda: gw.output().count(" reloaded ") >= count, 60, what="the workers to reload", log=gw.output)
 
 
 def test_rotate_and_sighup_switch_the_signing_key_without_breaking_an_sp(tmp_path, slapd):

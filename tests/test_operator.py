@@ -10,13 +10,13 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from support.fakedist import make_dist
 from support.gateway import authgw, write_conf
+from support.net import wait_for
 from support.pki import CA, write_bundle
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,10 +37,7 @@ def test_version_on_the_command_line_in_the_start_up_log_and_healthz(conf_dir, s
     assert gw.get("/healthz").text == f"ok authgw {installed_version()}\n"
     assert f"authgw {installed_version()} starting" in gw.output()
     gw.proc.send_signal(signal.SIGHUP)  # what `systemctl reload` (ExecReload) sends: a reload
-    deadline = time.monotonic() + 30
-    while " reloaded " not in gw.output() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert " reloaded " in gw.output()
+    wait_for(lambda: " reloaded " in gw.output(), 30, interval=0.05, what="the reload", log=gw.output)
     assert gw.proc.poll() is None and gw.get("/healthz").status == 200
 
 

@@ -15,6 +15,7 @@ import pytest
 from support.fakedist import make_dist
 from support.gateway import write_conf
 from support.http import basic, request
+from support.net import wait_for
 
 PASSWORD = "Corr3ct-Horse-Battery"
 
@@ -152,9 +153,8 @@ def test_an_attempt_whose_deadline_passed_in_the_queue_is_not_run(conf_dir, alic
                             "slow:\n  sleep: 3\n"), env=slow_env)
     results = burst(gw, clients=3, per_client=1)
     assert sorted(status for status, *_ in results) == [503, 503, 503]
-    deadline = time.monotonic() + 20  # the one attempt that ran finishes and audits itself
-    while not any(line["outcome"] == "success" for line in gw.audit()) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    # the one attempt that ran finishes and audits itself
+    wait_for(lambda: any(line["outcome"] == "success" for line in gw.audit()), 20, what="the success audit line")
     time.sleep(3.5)  # long enough for a second one to finish, had it run
     ran = [line for line in gw.audit() if line["outcome"] == "success"]
     assert len(ran) == 1, gw.audit()
@@ -169,9 +169,7 @@ def test_a_hanging_step_does_not_take_every_thread(conf_dir, alice_hash, start_g
     stuck = [threading.Thread(target=gw.auth, args=("alice", PASSWORD), kwargs={"timeout": 30}) for _ in range(2)]
     for t in stuck:
         t.start()
-    deadline = time.monotonic() + 30
-    while gw.output().count("hang: call entered") < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for(lambda: gw.output().count("hang: call entered") >= 2, 30, interval=0.05, what="two stuck calls")
     assert gw.output().count("hang: call entered") == 2
     time.sleep(4.5)  # no call of `hang` has finished for over the 4 s that makes a step "stuck"
     statuses = [gw.auth("alice", PASSWORD).status for _ in range(6)]
@@ -207,9 +205,7 @@ def test_queued_work_whose_client_hung_up_is_not_run(conf_dir, alice_hash, start
     first: list[int] = []
     holder = threading.Thread(target=lambda: first.append(gw.auth("alice", PASSWORD, timeout=30).status))
     holder.start()
-    deadline = time.monotonic() + 30
-    while "hang: call entered" not in gw.output() and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_for(lambda: "hang: call entered" in gw.output(), 30, interval=0.02, what="the stuck call")
     assert gw.output().count("hang: call entered") == 1
     raw = (f"GET /auth HTTP/1.1\r\nHost: x\r\nAuthorization: {basic('alice', PASSWORD)}\r\n\r\n").encode()
     for _ in range(3):
@@ -218,9 +214,8 @@ def test_queued_work_whose_client_hung_up_is_not_run(conf_dir, alice_hash, start
             time.sleep(0.1)  # the request is read and queued; then the client hangs up (FIN)
     holder.join(30)
     assert first == [200]
-    deadline = time.monotonic() + 30  # each dropped attempt audits itself when a thread reaches it
-    while len(gw.audit()) < 4 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    # each dropped attempt audits itself when a thread reaches it
+    wait_for(lambda: len(gw.audit()) >= 4, 30, interval=0.05, what="four audit lines")
     reasons = sorted(line["reason"] or line["outcome"] for line in gw.audit())
     assert reasons == ["client_gone"] * 3 + ["success"], gw.audit()
     assert gw.output().count("hang: call entered") == 1  # none of the three ran

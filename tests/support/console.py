@@ -12,12 +12,12 @@ client (cookie jar, CSRF token from the last page) over :mod:`support.http`.
 from __future__ import annotations
 
 import re
-import time
 import uuid
 from urllib.parse import urlencode, urlsplit
 
 from support.gateway import authgw, write_conf
 from support.http import Response, request
+from support.net import wait_for
 
 CSRF = re.compile(r'name="csrf" value="([^"]+)"')
 
@@ -92,13 +92,8 @@ class ConsoleClient:
     def wait_run(self, location: str, timeout: float = 60.0) -> dict:
         """Poll the configuration log's JSON until the run at *location* (``/log/RUN...``) ends."""
         run = urlsplit(location).path.rsplit("/", 1)[1]
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            data = self.get(f"/api/log/{run}").json()
-            if data["finished"]:
-                return data
-            time.sleep(0.2)
-        raise TimeoutError(f"run {run} did not finish")
+        return wait_for(lambda: (data := self.get(f"/api/log/{run}").json())["finished"] and data, timeout,
+                        interval=0.2, what=f"run {run} to finish", error=TimeoutError)
 
 
 class LongLivedCA:

@@ -7,12 +7,11 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 from support.http import Response, basic, request
 from support.proc import stop as stop_process
-from support.net import free_port, wait_for_port
+from support.net import free_port, wait_for, wait_for_port
 
 
 def write_conf(directory: Path, files: dict[str, str]) -> Path:
@@ -58,15 +57,16 @@ class GatewayProcess:
              "--listen", f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"],
             stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
         wait_for_port(self.host, self.port, timeout=timeout, proc=self.proc)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:  # the socket is bound before the workers serve
+
+        def healthy() -> bool:  # the socket is bound before the workers serve
             try:
-                if self.get("/healthz").status == 200:
-                    return self
+                return self.get("/healthz").status == 200
             except OSError:
-                pass
-            time.sleep(0.05)
-        raise TimeoutError(f"authgw did not become healthy; log:\n{self.output()}")
+                return False
+
+        wait_for(healthy, timeout, interval=0.05, what="authgw to become healthy", log=self.output,
+                 error=TimeoutError)
+        return self
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int | None:
         running = self.proc is not None and self.proc.poll() is None
@@ -90,13 +90,8 @@ class GatewayProcess:
     def audit_for(self, request_id: str, timeout: float = 10.0) -> dict:
         """The audit line of one request (waiting briefly: a deadline-exceeded attempt is
         audited after its answer)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in self.audit():
-                if line["request_id"] == request_id:
-                    return line
-            time.sleep(0.05)
-        raise AssertionError(f"no audit line for {request_id}:\n{self.output()}")
+        return wait_for(lambda: next((line for line in self.audit() if line["request_id"] == request_id), None),
+                        timeout, interval=0.05, what=f"the audit line of {request_id}", log=self.output)
 
     # -- requests ------------------------------------------------------------------------------
 

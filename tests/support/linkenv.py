@@ -22,12 +22,11 @@ import hashlib
 import json
 import os
 import secrets
-import time
 from pathlib import Path
 
 from support.gateway import GatewayProcess, authgw, write_conf
 from support.http import Response, request
-from support.net import free_port
+from support.net import free_port, wait_for
 
 __all__ = ["Connector", "Relay", "listening_ports"]
 
@@ -135,12 +134,9 @@ class Connector:
             self.process.stop(**kw)
 
     def wait_linked(self, relay: Relay, timeout: float = 20.0) -> Connector:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.connector_id in relay.ready_links():
-                return self
-            time.sleep(0.1)
-        raise AssertionError(f"{self.connector_id} did not link; its log:\n{self.process.output()[-3000:]}")
+        wait_for(lambda: self.connector_id in relay.ready_links(), timeout, what=f"{self.connector_id} to link",
+                 log=self.process.output)
+        return self
 
     def listening_ports(self) -> set[int]:
         return listening_ports(self.process.proc.pid)

@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import loadgen  # noqa: E402
+from support.net import free_port, wait_for_port  # noqa: E402
 from support.pki import CA, write_bundle  # noqa: E402  (the tests' certificate generator)
 
 REFERENCE_SERVER = r"""
@@ -69,25 +70,6 @@ async def main():
 
 asyncio.run(main())
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before listening")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on {port}")
 
 
 def stop(procs: list[subprocess.Popen]) -> None:
@@ -136,7 +118,7 @@ def start_reference(files: dict[str, str], processes: int) -> tuple[int, list[su
                                files["trust"], str(sock.fileno())], pass_fds=[sock.fileno()])
              for _ in range(processes)]
     sock.close()
-    wait_port(port, procs[0])
+    wait_for_port("127.0.0.1", port, 30.0, procs[0])
     return port, procs
 
 
@@ -158,7 +140,7 @@ def start_gateway(base: Path, files: dict[str, str], workers: int) -> tuple[int,
     proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(conf), "--state-dir",
                              str(base / f"state-{workers}"), "--workers", str(workers),
                              "--listen", f"127.0.0.1:{http_port}"], stdout=log, stderr=subprocess.STDOUT)
-    wait_port(tls_port, proc)
+    wait_for_port("127.0.0.1", tls_port, 30.0, proc)
     time.sleep(0.5 if workers == 1 else 1.5)  # the workers build their SSL contexts after the bind
     return tls_port, http_port, [proc], base / f"audit-{workers}.log"
 
