@@ -7,14 +7,10 @@ SameSite=Lax cookie), and the first SP validates the final LogoutResponse."""
 from __future__ import annotations
 
 import html
-import ssl
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs
 
 import pytest
 
-from support.browser import chromium
+from support.browser import SamlSPServer, chromium
 from support.login import LoginSite
 from support.net import free_port
 from support.pki import CA
@@ -22,77 +18,36 @@ from support.saml_sp import SamlSP
 from support.slapd import Slapd
 
 
-class SPServer:
-    """pysaml2 on https://127.0.0.1:PORT: ``/start`` (login), ``/acs``, ``/logout`` (starts SP-
-    initiated logout by HTTP-Redirect) and ``/slo`` (takes a LogoutRequest or a LogoutResponse
-    by HTTP-POST). Every page says what happened in an ``h1``."""
+class SloSPServer(SamlSPServer):
+    """The support SP plus ``/logout`` (starts SP-initiated logout by HTTP-Redirect) and ``/slo``
+    (takes a LogoutRequest or a LogoutResponse by HTTP-POST). Every page says what happened in an
+    ``h1``; ``events`` lists the logouts this SP saw."""
 
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.url = f"https://127.0.0.1:{port}"
-        self.sp: SamlSP | None = None
-        self.outstanding: dict[str, str] = {}
+    def __init__(self, sp: SamlSP, certificate, key_dir) -> None:
+        super().__init__(sp, certificate, key_dir, relay_state="")
         self.result = None
         self.events: list[str] = []
 
-    def start(self, sp: SamlSP, certificate, key_dir) -> SPServer:
-        self.sp, owner = sp, self
-        cert_file, key_file = certificate.write(key_dir, f"sp-{self.port}")
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(cert_file, key_file)
+    def answer_get(self, path: str) -> tuple[int, str, dict]:
+        if path.startswith("/logout"):
+            _, info = self.sp.logout_request(self.sp.idp_slo, self.result, relay_state="from-sp")
+            return 302, "", {"Location": dict(info["headers"])["Location"]}
+        return super().answer_get(path)
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def _send(self, status: int, body: str, headers: dict | None = None) -> None:
-                data = body.encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "text/html; charset=utf-8")
-                self.send_header("Content-Length", str(len(data)))
-                for k, v in (headers or {}).items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self):
-                if self.path.startswith("/start"):
-                    request_id, location = owner.sp.redirect_request()
-                    owner.outstanding[request_id] = "/"
-                    return self._send(302, "", {"Location": location})
-                if self.path.startswith("/logout"):
-                    _, info = owner.sp.logout_request(owner.sp.idp_slo, owner.result, relay_state="from-sp")
-                    return self._send(302, "", {"Location": dict(info["headers"])["Location"]})
-                return self._send(404, "not found")
-
-            def do_POST(self):
-                length = int(self.headers.get("Content-Length", "0"))
-                form = {k: v[0] for k, v in parse_qs(self.rfile.read(length).decode()).items()}
-                try:
-                    if self.path == "/acs":
-                        owner.result = owner.sp.accept(form["SAMLResponse"], next(iter(owner.outstanding), None))
-                        return self._send(200, f"<h1 id='hello'>Hello {html.escape(owner.result.name_id)}</h1>")
-                    if "SAMLRequest" in form:  # the IdP tells this SP to log the user out
-                        request, _, fields = owner.sp.receive_logout(form["SAMLRequest"])
-                        owner.events.append(f"logged out {request.name_id.text}")
-                        inputs = "".join(f'<input type="hidden" name="{html.escape(k)}" value="{html.escape(v)}">'
-                                         for k, v in fields.items())
-                        return self._send(200, f'<body onload="document.forms[0].submit()"><form method="post" '
-                                               f'action="{html.escape(owner.sp.idp_slo)}">{inputs}</form></body>')
-                    response = owner.sp.accept_logout(form["SAMLResponse"])
-                    owner.events.append("logout answered " + response.status.status_code.value.rsplit(":", 1)[1])
-                    return self._send(200, f"<h1 id='done'>Signed out ({html.escape(form.get('RelayState', ''))})</h1>")
-                except Exception as exc:  # the page must say why the SP refused
-                    return self._send(403, f"<h1 id='refused'>SP refused: {html.escape(repr(exc))}</h1>")
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    def answer_post(self, path: str, form: dict[str, str]) -> tuple[int, str, dict]:
+        if path == "/acs":
+            self.result = self.sp.accept(form["SAMLResponse"], next(iter(self.outstanding), None))
+            return 200, f"<h1 id='hello'>Hello {html.escape(self.result.name_id)}</h1>", {}
+        if "SAMLRequest" in form:  # the IdP tells this SP to log the user out
+            request, _, fields = self.sp.receive_logout(form["SAMLRequest"])
+            self.events.append(f"logged out {request.name_id.text}")
+            inputs = "".join(f'<input type="hidden" name="{html.escape(k)}" value="{html.escape(v)}">'
+                             for k, v in fields.items())
+            return 200, (f'<body onload="document.forms[0].submit()"><form method="post" '
+                         f'action="{html.escape(self.sp.idp_slo)}">{inputs}</form></body>'), {}
+        response = self.sp.accept_logout(form["SAMLResponse"])
+        self.events.append("logout answered " + response.status.status_code.value.rsplit(":", 1)[1])
+        return 200, f"<h1 id='done'>Signed out ({html.escape(form.get('RelayState', ''))})</h1>", {}
 
 
 @pytest.fixture(scope="module")
@@ -101,18 +56,18 @@ def world(tmp_path_factory):
     slapd = Slapd(base / "slapd").start()
     slapd.add_user("alice", "Alice-pw-1", mail="alice@example.com")
     ca = CA.create()
-    servers = [SPServer(free_port()), SPServer(free_port())]
+    urls = [f"https://127.0.0.1:{free_port()}" for _ in range(2)]
     site = LoginSite(base / "idp", slapd, ca, login={"saml": {"service_providers": [
-        {"entity_id": s.url + "/", "acs_urls": [s.url + "/acs"], "slo_url": s.url + "/slo",
-         "name_id_format": "emailAddress", "name_id_source": "email"} for s in servers]}})
+        {"entity_id": url + "/", "acs_urls": [url + "/acs"], "slo_url": url + "/slo",
+         "name_id_format": "emailAddress", "name_id_source": "email"} for url in urls]}})
     site.gw = site.start()
     metadata = site.client().get(f"{site.url}/saml/metadata").text
     tls = ca.issue("127.0.0.1", ips=["127.0.0.1"], server=True)
-    for n, server in enumerate(servers):
-        sp = SamlSP(base / f"sp{n}", metadata, acs=server.url + "/acs", entity_id=server.url + "/",
-                    slo=server.url + "/slo")
+    servers = []
+    for n, url in enumerate(urls):
+        sp = SamlSP(base / f"sp{n}", metadata, acs=url + "/acs", entity_id=url + "/", slo=url + "/slo")
         sp.idp_slo = f"{site.url}/saml/slo"
-        server.start(sp, tls, base)
+        servers.append(SloSPServer(sp, tls, base).start())
     yield site, servers, [site.server_cert, tls]
     for server in servers:
         server.stop()

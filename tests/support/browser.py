@@ -67,14 +67,19 @@ def chromium(trust=(), args=(), env=None, user_data_dir=None):
 
 
 class SamlSPServer:
-    """pysaml2 behind a tiny HTTPS server on 127.0.0.1 (another site than the IdP's localhost)."""
+    """pysaml2 behind a tiny HTTPS server on 127.0.0.1 (another site than the IdP's localhost).
 
-    def __init__(self, sp, certificate, key_dir) -> None:
+    ``GET /start`` sends the browser to the IdP with *relay_state*; a POST (the ACS) shows the
+    validated name and attributes. A test needing more pages subclasses it and extends
+    :meth:`answer_get` / :meth:`answer_post`; an exception there becomes a 403 page saying why."""
+
+    def __init__(self, sp, certificate, key_dir, relay_state: str = "/app") -> None:
         self.sp = sp
         self.port = int(sp.acs.rsplit(":", 1)[1].split("/")[0])
         self.url = f"https://127.0.0.1:{self.port}"
+        self.relay_state = relay_state
         self.outstanding: dict[str, str] = {}
-        cert_file, key_file = certificate.write(key_dir, "sp-server")
+        cert_file, key_file = certificate.write(key_dir, f"sp-server-{self.port}")
         self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self.context.load_cert_chain(cert_file, key_file)
         self.server: ThreadingHTTPServer | None = None
@@ -83,6 +88,23 @@ class SamlSPServer:
     def free_acs() -> str:
         return f"https://127.0.0.1:{free_port()}/acs"
 
+    def answer_get(self, path: str) -> tuple[int, str, dict]:
+        """``(status, HTML body, extra headers)`` for a GET of *path*."""
+        if path.startswith("/start"):
+            request_id, location = self.sp.redirect_request(relay_state=self.relay_state)
+            self.outstanding[request_id] = self.relay_state
+            return 302, "", {"Location": location}
+        return 404, "not found", {}
+
+    def answer_post(self, path: str, form: dict[str, str]) -> tuple[int, str, dict]:
+        """``(status, HTML body, extra headers)`` for a POST of *form* to *path*."""
+        result = self.sp.client.parse_authn_request_response(
+            form["SAMLResponse"], "urn:oasis:names:tc:SAML:2.0:bindings:HTTP-POST", outstanding=dict(self.outstanding))
+        name = result.name_id.text
+        attributes = ", ".join(f"{k}={'|'.join(v)}" for k, v in sorted(result.ava.items()))
+        return 200, (f"<h1 id='hello'>Hello {html.escape(name)}</h1><p id='attrs'>{html.escape(attributes)}</p>"
+                     f"<p id='relay'>{html.escape(form.get('RelayState', ''))}</p>"), {}
+
     def start(self) -> SamlSPServer:
         owner = self
 
@@ -90,37 +112,29 @@ class SamlSPServer:
             def log_message(self, *args):
                 pass
 
-            def _send(self, status: int, body: str, headers: dict | None = None) -> None:
+            def _send(self, status: int, body: str, headers: dict) -> None:
                 data = body.encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "text/html; charset=utf-8")
                 self.send_header("Content-Length", str(len(data)))
-                for k, v in (headers or {}).items():
+                for k, v in headers.items():
                     self.send_header(k, v)
                 self.end_headers()
                 self.wfile.write(data)
 
+            def _answer(self, answer, *args) -> None:
+                try:
+                    return self._send(*answer(*args))
+                except Exception as exc:  # the page must say why the SP refused
+                    return self._send(403, f"<h1 id='refused'>SP refused: {html.escape(repr(exc))}</h1>", {})
+
             def do_GET(self):
-                if self.path.startswith("/start"):
-                    request_id, location = owner.sp.redirect_request(relay_state="/app")
-                    owner.outstanding[request_id] = "/app"
-                    return self._send(302, "", {"Location": location})
-                return self._send(404, "not found")
+                self._answer(owner.answer_get, self.path)
 
             def do_POST(self):
                 length = int(self.headers.get("Content-Length", "0"))
                 form = {k: v[0] for k, v in parse_qs(self.rfile.read(length).decode()).items()}
-                try:
-                    outstanding = dict(owner.outstanding)
-                    result = owner.sp.client.parse_authn_request_response(
-                        form["SAMLResponse"], "urn:oasis:names:tc:SAML:2.0:bindings:HTTP-POST", outstanding=outstanding)
-                    name = result.name_id.text
-                    attributes = ", ".join(f"{k}={'|'.join(v)}" for k, v in sorted(result.ava.items()))
-                    body = (f"<h1 id='hello'>Hello {html.escape(name)}</h1><p id='attrs'>{html.escape(attributes)}</p>"
-                            f"<p id='relay'>{html.escape(form.get('RelayState', ''))}</p>")
-                    return self._send(200, body)
-                except Exception as exc:  # the page must say why the SP refused
-                    return self._send(403, f"<h1 id='refused'>SP refused: {html.escape(repr(exc))}</h1>")
+                self._answer(owner.answer_post, self.path, form)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         self.server.socket = self.context.wrap_socket(self.server.socket, server_side=True)
