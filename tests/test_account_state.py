@@ -13,7 +13,6 @@ password does not block Kerberos or certificates) and ``strict`` (``password_sta
 
 from __future__ import annotations
 
-import base64
 import json
 import time
 
@@ -21,14 +20,7 @@ import ldap3
 import pytest
 
 from support.gateway import GatewayProcess, write_conf
-from support.http import basic
-from support.kdc import KDC, write_krb5_conf
-from support.pki import CA, write_bundle
-from support.slapd import Slapd
-
-INSIDE = ("127.0.0.3", 0)  # a Kerberos client in allowed_networks
-PROXY = ("127.0.0.1", 0)  # the TLS-terminating proxy that forwards certificates
-SPN = "HTTP/localhost@EXAMPLE.TEST"
+from support.threedoors import by_certificate, by_kerberos, by_password, start_three_door_gateway, three_door_world
 
 
 def filetime(offset_seconds: float) -> str:
@@ -68,54 +60,19 @@ PPOLICY_WINDOWS = {"ppended": {"pwdEndTime": "20200101000000.25Z"},
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     base = tmp_path_factory.mktemp("state")
-    slapd = Slapd(base / "ldap", ppolicy=True).start()
-    kdc = KDC(base / "kdc", "EXAMPLE.TEST")
-    try:
-        kdc.start()
-        conf = write_krb5_conf(base / "krb5.conf", [kdc])
-        env = {**kdc.env, "KRB5_CONFIG": str(conf)}
-        kdc.kadmin(f"addprinc -randkey {SPN}")
-        keytab = kdc.export("HTTP/localhost", base / "http.keytab")
-        ca = CA.create("account state CA")
-        write_bundle(base / "root.pem", ca)
-        caches, certs = {}, {}
-        for user, (attrs, _, _) in USERS.items():
-            extra = {"objectClass": ["top", "person", "organizationalPerson", "inetOrgPerson",
-                                     "authgwAccountState"], **attrs} if attrs else None
-            dn = slapd.add_user(user, f"{user}-pw", mail=f"{user}@example.test", extra=extra)
+    extra = {user: {"objectClass": ["top", "person", "organizationalPerson", "inetOrgPerson", "authgwAccountState"],
+                    **attrs} for user, (attrs, _, _) in USERS.items() if attrs}
+    with three_door_world(base, USERS, "account state CA", extra) as world:
+        for user, dn in world["dns"].items():
             if user in PPOLICY_LOCKS:
-                slapd.modify(dn, {"pwdAccountLockedTime": [(ldap3.MODIFY_REPLACE, [PPOLICY_LOCKS[user]])]})
+                world["slapd"].modify(dn, {"pwdAccountLockedTime": [(ldap3.MODIFY_REPLACE, [PPOLICY_LOCKS[user]])]})
             for attr, value in PPOLICY_WINDOWS.get(user, {}).items():
-                slapd.modify(dn, {attr: [(ldap3.MODIFY_REPLACE, [value])]})
-            kdc.add_principal(user, f"{user}-krb")
-            caches[user] = kdc.kinit(user, f"{user}-krb", base / f"{user}.cc", env=env)
-            certs[user] = base64.b64encode(ca.issue(user, client=True).der).decode()
-        yield {"base": base, "slapd": slapd, "kdc": kdc, "env": env, "keytab": keytab, "caches": caches,
-               "certs": certs}
-    finally:
-        kdc.stop()
-        slapd.stop()
+                world["slapd"].modify(dn, {attr: [(ldap3.MODIFY_REPLACE, [value])]})
+        yield world
 
 
 def _gateway(world, name: str, refuses: bool) -> GatewayProcess:
-    d = world["base"] / name
-    conf = write_conf(d / "conf.d", {
-        "gateway.yaml": json.dumps({"chain": ["kerberos", "client_cert", "ldap"], "trusted_proxies": ["127.0.0.1/32"],
-                                    "throttle": {"enabled": False}}),
-        "kerberos.yaml": json.dumps({"kerberos": {
-            "allowed_networks": ["127.0.0.3/32"], "keytab": str(world["keytab"]), "service_principal": SPN,
-            "realms": ["EXAMPLE.TEST"], "password_state_refuses": refuses}}),
-        "client_cert.yaml": json.dumps({"client_cert": {
-            "ca_bundle": str(world["base"] / "root.pem"), "revocation": "off",
-            "headers": [{"name": "X-SSL-Client-Cert", "format": "pem"}],
-            "mapping": {"rules": ["cn"], "password_state_refuses": refuses}}}),
-        "ldap.yaml": json.dumps({"ldap": world["slapd"].plugin_settings(mode="plain")}),
-    })
-    gateway = GatewayProcess(conf, d / "state", env=world["env"])
-    try:
-        return gateway.start()
-    except (RuntimeError, TimeoutError) as exc:
-        raise RuntimeError(f"{exc}; log:\n{gateway.output()}") from None
+    return start_three_door_gateway(world, world["base"] / name, refuses=refuses)
 
 
 @pytest.fixture(scope="module")
@@ -130,20 +87,6 @@ def strict(world):
     gateway = _gateway(world, "strict", refuses=True)
     yield gateway
     gateway.stop()
-
-
-def by_kerberos(world, gateway: GatewayProcess, user: str):
-    token = world["kdc"].mint(world["caches"][user], [(SPN, 1)], env=world["env"])[0][0]
-    return gateway.get("/auth", {"Authorization": "Negotiate " + base64.b64encode(token).decode()},
-                       source_address=INSIDE)
-
-
-def by_certificate(world, gateway: GatewayProcess, user: str):
-    return gateway.get("/auth", {"X-SSL-Client-Cert": world["certs"][user]}, source_address=PROXY)
-
-
-def by_password(world, gateway: GatewayProcess, user: str):
-    return gateway.get("/auth", {"Authorization": basic(user, f"{user}-pw")}, source_address=PROXY)
 
 
 def check(gateway: GatewayProcess, response, user: str, refusal: str, step: str) -> None:
@@ -175,11 +118,11 @@ def test_password_state_refuses_when_configured(world, strict, user):
 def test_password_path_reads_the_same_state(world, default, user):
     """slapd binds these users (it enforces none of AD's or 389-DS's flags): the entry still says
     no, with the same reason code as the other paths."""
-    check(default, by_password(world, default, user), user, USERS[user][1], "ldap")
+    check(default, by_password(default, user), user, USERS[user][1], "ldap")
 
 
 def test_ppolicy_lock_refuses_the_password_too(world, default):
-    response = by_password(world, default, "pplockedforever")
+    response = by_password(default, "pplockedforever")
     record = default.audit_for(response.header("X-Request-Id"))
     assert response.status == 401 and record["outcome"] == "invalid_credentials", record  # slapd's 49
 
@@ -189,7 +132,7 @@ def test_ppolicy_validity_window_is_the_password_paths_answer_too(world, default
     """slapd itself refuses binds outside pwdStartTime..pwdEndTime (bare 49), and allows them
     inside: the lookup path must agree with it, or a Kerberos ticket or a certificate logs in an
     account whose end date passed."""
-    response = by_password(world, default, user)
+    response = by_password(default, user)
     record = default.audit_for(response.header("X-Request-Id"))
     if USERS[user][1]:
         assert response.status == 401 and record["outcome"] == "invalid_credentials", record
@@ -216,22 +159,10 @@ def active_directory(world):
     """The ``active_directory`` preset against slapd (filter, names and groups overridden for its
     schema): every AD user entry carries ``userAccountControl``, so an entry without it is one
     whose state the service account may not read."""
-    d = world["base"] / "ad"
     ldap = world["slapd"].plugin_settings(
         mode="plain", preset="active_directory", user_filter="(&(objectClass=inetOrgPerson)(uid={username}))",
         attributes={"username": "uid", "subject": "entryUUID"}, groups={"source": "memberof"})
-    conf = write_conf(d / "conf.d", {
-        "gateway.yaml": json.dumps({"chain": ["kerberos", "client_cert", "ldap"], "trusted_proxies": ["127.0.0.1/32"],
-                                    "throttle": {"enabled": False}}),
-        "kerberos.yaml": json.dumps({"kerberos": {
-            "allowed_networks": ["127.0.0.3/32"], "keytab": str(world["keytab"]), "service_principal": SPN,
-            "realms": ["EXAMPLE.TEST"]}}),
-        "client_cert.yaml": json.dumps({"client_cert": {
-            "ca_bundle": str(world["base"] / "root.pem"), "revocation": "off",
-            "headers": [{"name": "X-SSL-Client-Cert", "format": "pem"}], "mapping": {"rules": ["cn"]}}}),
-        "ldap.yaml": json.dumps({"ldap": ldap}),
-    })
-    gateway = GatewayProcess(conf, d / "state", env=world["env"]).start()
+    gateway = start_three_door_gateway(world, world["base"] / "ad", ldap=ldap)
     yield gateway
     gateway.stop()
 

@@ -11,90 +11,35 @@ by default, so every spelling of one name shares one row that one refusal forget
 
 from __future__ import annotations
 
-import base64
 import json
 import sqlite3
 
 import ldap3
 import pytest
 
-from support.gateway import GatewayProcess, write_conf
-from support.http import basic
-from support.kdc import KDC, write_krb5_conf
-from support.pki import CA, write_bundle
-from support.slapd import Slapd
+from support.gateway import GatewayProcess
+from support.threedoors import by_certificate, by_kerberos, by_password, start_three_door_gateway, three_door_world
 
-INSIDE = ("127.0.0.3", 0)  # a Kerberos client in allowed_networks
-PROXY = ("127.0.0.1", 0)  # the proxy that forwards certificates
-SPN = "HTTP/localhost@EXAMPLE.TEST"
 USERS = ("krbuser", "certuser", "caseuser")
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    base = tmp_path_factory.mktemp("refusals")
-    slapd = Slapd(base / "ldap", ppolicy=True).start()
-    kdc = KDC(base / "kdc", "EXAMPLE.TEST")
-    try:
-        kdc.start()
-        conf = write_krb5_conf(base / "krb5.conf", [kdc])
-        env = {**kdc.env, "KRB5_CONFIG": str(conf)}
-        kdc.kadmin(f"addprinc -randkey {SPN}")
-        keytab = kdc.export("HTTP/localhost", base / "http.keytab")
-        ca = CA.create("cache refusals CA")
-        write_bundle(base / "root.pem", ca)
-        caches, certs, dns = {}, {}, {}
-        for user in USERS:
-            dns[user] = slapd.add_user(user, f"{user}-pw", mail=f"{user}@example.test")
-            kdc.add_principal(user, f"{user}-krb")
-            caches[user] = kdc.kinit(user, f"{user}-krb", base / f"{user}.cc", env=env)
-            certs[user] = base64.b64encode(ca.issue(user, client=True).der).decode()
-        yield {"base": base, "slapd": slapd, "kdc": kdc, "env": env, "keytab": keytab, "caches": caches,
-               "certs": certs, "dns": dns}
-    finally:
-        kdc.stop()
-        slapd.stop()
+    with three_door_world(tmp_path_factory.mktemp("refusals"), USERS, "cache refusals CA") as world:
+        yield world
 
 
 @pytest.fixture
 def gateway(world, tmp_path):
     if not world["slapd"].running:
         world["slapd"].start()
-    conf = write_conf(tmp_path / "conf.d", {
-        "gateway.yaml": json.dumps({"chain": ["kerberos", "client_cert", "ldap"], "plugins": ["cache"],
-                                    "trusted_proxies": ["127.0.0.1/32"], "throttle": {"enabled": False},
-                                    "workers": 1}),
-        "kerberos.yaml": json.dumps({"kerberos": {
-            "allowed_networks": ["127.0.0.3/32"], "keytab": str(world["keytab"]), "service_principal": SPN,
-            "realms": ["EXAMPLE.TEST"]}}),
-        "client_cert.yaml": json.dumps({"client_cert": {
-            "ca_bundle": str(world["base"] / "root.pem"), "revocation": "off",
-            "headers": [{"name": "X-SSL-Client-Cert", "format": "pem"}], "mapping": {"rules": ["cn"]}}}),
-        "ldap.yaml": json.dumps({"ldap": world["slapd"].plugin_settings(mode="plain", backoff=0)}),
+    process = start_three_door_gateway(
+        world, tmp_path, core={"plugins": ["cache"], "workers": 1},
+        ldap=world["slapd"].plugin_settings(mode="plain", backoff=0),
         # The hot cache too: its entries must go with the offline row.
-        "cache.yaml": json.dumps({"cache": {"hot": {"enabled": True, "ttl": 600}}}),
-    })
-    process = GatewayProcess(conf, tmp_path / "state", env=world["env"])
-    try:
-        process.start()
-    except (RuntimeError, TimeoutError) as exc:
-        raise RuntimeError(f"{exc}; log:\n{process.output()}") from None
+        files={"cache.yaml": json.dumps({"cache": {"hot": {"enabled": True, "ttl": 600}}})})
     yield process
     process.stop()
-
-
-def by_password(gateway: GatewayProcess, user: str, spelling: str | None = None):
-    return gateway.get("/auth", {"Authorization": basic(spelling or user, f"{user}-pw")}, source_address=PROXY)
-
-
-def by_kerberos(world, gateway: GatewayProcess, user: str):
-    token = world["kdc"].mint(world["caches"][user], [(SPN, 1)], env=world["env"])[0][0]
-    return gateway.get("/auth", {"Authorization": "Negotiate " + base64.b64encode(token).decode()},
-                       source_address=INSIDE)
-
-
-def by_certificate(world, gateway: GatewayProcess, user: str):
-    return gateway.get("/auth", {"X-SSL-Client-Cert": world["certs"][user]}, source_address=PROXY)
 
 
 def record(gateway: GatewayProcess, response) -> tuple:
