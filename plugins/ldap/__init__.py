@@ -62,7 +62,7 @@ from gateway.plugins.ldap.groups import GroupResolver
 from gateway.plugins.ldap.pool import DirectoryUnavailable, Pool
 from gateway.plugins.ldap.search import UserSearch
 from gateway.plugins.ldap.selftests import selftests
-from gateway.plugins.ldap.settings import LdapSettings, resolve
+from gateway.plugins.ldap.settings import LdapSettings, deadline_problems, resolve
 
 __all__ = ["LdapPlugin"]
 
@@ -82,7 +82,9 @@ class LdapPlugin:
         self.challenge = f'Basic realm="{context.gateway.realm}", charset="UTF-8"'
         # LdapSettings._check reports this with every other problem when the configuration is
         # validated; settings built without that context (an embedding program) are checked here.
-        self._check_timeouts(settings, context.gateway.deadline)
+        problems = deadline_problems(settings, context.gateway.deadline)
+        if problems:
+            raise ConfigError([f"{self.name}.{problem.key}: {problem}" for problem in problems])
         self.resolved = resolve(settings)
         tls = None
         if settings.start_tls or any(u.startswith("ldaps://") for u in settings.servers):
@@ -101,13 +103,6 @@ class LdapPlugin:
         if plain:
             self.log.warning("%s: plaintext LDAP to %s (insecure: true): passwords cross the network readable",
                              self.name, ", ".join(plain))
-
-    def _check_timeouts(self, settings: LdapSettings, deadline: float) -> None:
-        problems = [f"{self.name}.{key}: {getattr(settings, key)}s is not below the gateway's deadline "
-                    f"({deadline}s); an attempt would end before the server could answer"
-                    for key in ("connect_timeout", "receive_timeout") if getattr(settings, key) >= deadline]
-        if problems:
-            raise ConfigError(problems)
 
     # -- hooks -----------------------------------------------------------------------------------
 

@@ -21,7 +21,8 @@ from gateway.plugins.ldap import wire
 from gateway.plugins.ldap.escaping import fill
 from gateway.settings import InvalidKey, InvalidKeys
 
-__all__ = ["GroupSettings", "LdapSettings", "PRESETS", "Preset", "Resolved", "TestLogin", "resolve"]
+__all__ = ["GroupSettings", "LdapSettings", "PRESETS", "Preset", "Resolved", "TestLogin", "deadline_problems",
+           "resolve"]
 
 #: LDAP_MATCHING_RULE_IN_CHAIN (MS-ADTS 3.1.1.3.4.4.3): AD walks nested membership server-side.
 IN_CHAIN = "1.2.840.113556.1.4.1941"
@@ -183,9 +184,7 @@ class LdapSettings(PluginSettings):
         problems: list[ValueError] = []
         deadline = getattr(info.context, "deadline", None)
         if deadline is not None:
-            problems += [InvalidKey(key, f"{getattr(self, key)}s is not below the gateway's deadline ({deadline}s); "
-                                         "an attempt would end before the server could answer")
-                         for key in ("connect_timeout", "receive_timeout") if getattr(self, key) >= deadline]
+            problems += deadline_problems(self, deadline)
         plain = [u for u in self.servers if u.startswith("ldap://")]
         if plain and not self.start_tls and not self.insecure:
             problems.append(InvalidKey(f"servers.{self.servers.index(plain[0])}",
@@ -236,6 +235,15 @@ class Resolved:
     in_chain: bool
     #: Attributes requested with the user search, computed once.
     user_attributes: tuple[str, ...]
+
+
+def deadline_problems(settings: LdapSettings, deadline: float) -> list[InvalidKey]:
+    """The timeouts that are not below the gateway's *deadline*: one LDAP operation would
+    outlive the attempt waiting for it. Checked while validating (with every other problem) and
+    again by the plugin for settings built without the gateway's deadline in their context."""
+    return [InvalidKey(key, f"{getattr(settings, key)}s is not below the gateway's deadline ({deadline}s); "
+                            "an attempt would end before the server could answer")
+            for key in ("connect_timeout", "receive_timeout") if getattr(settings, key) >= deadline]
 
 
 def filter_problems(r: Resolved) -> list[InvalidKey]:
