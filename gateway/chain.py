@@ -186,6 +186,11 @@ class Gateway:
         ping = getattr(self.throttle.store, "ping", None)  # a network store: every password login needs it
         self.throttle_probe = StoreProbe("gateway.throttle_store", ping) if ping else None
         self.health_watch = HealthWatch(self, settings.health.probe_interval)
+        # The chain steps that can serve password logins (a plugin without ``credentials`` is
+        # taken to): readiness needs one of them up. Fixed here, as the chain is: a reload builds
+        # a new Gateway, so health() need not work it out again on every call.
+        self._password_steps = frozenset(name for name in settings.chain
+                                         if "password" in getattr(pm.get_plugin(name), "credentials", ("password",)))
         if pm.get_plugin("core.precheck") is None:
             pm.register(PrecheckStandIn(pm), name="core.precheck")
         self._on_loop: dict[tuple, bool] = {}  # (answered step, implementations) -> may run on the loop
@@ -401,9 +406,7 @@ class Gateway:
             reports.append((impl.plugin_name, states))
         reports.reverse()  # pluggy lists implementations last-registered first
         core = [self.throttle_probe.state()] if self.throttle_probe is not None else []
-        password_steps = frozenset(name for name in self.settings.chain
-                                   if "password" in getattr(self.pm.get_plugin(name), "credentials", ("password",)))
-        health = decide(core, reports, self.settings.chain, password_steps)
+        health = decide(core, reports, self.settings.chain, self._password_steps)
         self.unready_reason, self.degraded = health.reason, health.degraded
         return health
 
