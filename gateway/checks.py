@@ -1,15 +1,20 @@
 """Records plugins return from hooks: self-tests, readiness, extra listeners, HTTP routes, CLI
-commands."""
+commands; and :func:`run_selftest`, how ``authgw check`` and the console run one self-test."""
 
 from __future__ import annotations
 
 import argparse
 import enum
+from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
 from dataclasses import dataclass
 import ssl
 from typing import Any, Awaitable, Callable
 
-__all__ = ["CheckResult", "CheckStatus", "Command", "ComponentState", "Listener", "Route", "SelfTest"]
+__all__ = ["CheckResult", "CheckStatus", "Command", "ComponentState", "Listener", "Route", "SelfTest",
+           "SELFTEST_TIMEOUT", "run_selftest"]
+
+#: Seconds one self-test may take before it counts as failed (a backend that hangs).
+SELFTEST_TIMEOUT = 15.0
 
 
 class CheckStatus(enum.Enum):
@@ -52,6 +57,17 @@ class SelfTest:
     run: Callable[[], CheckResult]
     #: Tests that come later in the same plugin are skipped when this one fails.
     prerequisite: bool = False
+
+
+def run_selftest(pool: ThreadPoolExecutor, test: SelfTest) -> CheckResult:
+    """*test*'s result, run on *pool* so that a hung test fails after :data:`SELFTEST_TIMEOUT`
+    instead of holding the caller; an exception it raises is a failure that names it."""
+    try:
+        return pool.submit(test.run).result(timeout=SELFTEST_TIMEOUT)
+    except FutureTimeout:
+        return CheckResult.fail(f"no answer within {SELFTEST_TIMEOUT:.0f}s", "a backend hangs or a timeout is too long")
+    except Exception as exc:
+        return CheckResult.fail(f"the test raised {exc.__class__.__name__}: {exc}")
 
 
 @dataclass(frozen=True, slots=True)

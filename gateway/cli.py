@@ -15,12 +15,12 @@ import logging
 import secrets
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
 
-from gateway.checks import CheckResult, CheckStatus
+from gateway.checks import CheckStatus, run_selftest
 from gateway.config import load_config
 from gateway.errors import AuthgwError, ConfigError, PluginLoadError
 from gateway.logs import authgw_version, setup_logging
@@ -30,7 +30,6 @@ from gateway.yamlfiles import format_path
 __all__ = ["main"]
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
-SELFTEST_TIMEOUT = 15.0
 
 
 log = logging.getLogger("authgw")
@@ -154,15 +153,6 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
-def _run_one(pool: ThreadPoolExecutor, test) -> CheckResult:
-    try:
-        return pool.submit(test.run).result(timeout=SELFTEST_TIMEOUT)
-    except FutureTimeout:
-        return CheckResult.fail(f"no answer within {SELFTEST_TIMEOUT:.0f}s", "a backend hangs or a timeout is too long")
-    except Exception as exc:
-        return CheckResult.fail(f"the test raised {exc.__class__.__name__}: {exc}")
-
-
 def cmd_check(args: argparse.Namespace) -> int:
     config_dir = _config_dir(args)
     runtime = build_runtime(config_dir, state_dir=args.state_dir)
@@ -188,7 +178,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             if plugin in blocked:
                 print(f"SKIP  {test.name}: an earlier test of {plugin} failed")
                 continue
-            result = _run_one(pool, test)
+            result = run_selftest(pool, test)
             print(f"{result.status.value.upper():<5} {test.name}: {result.detail}")
             if result.hint and result.status is not CheckStatus.PASS:
                 print(f"      hint: {result.hint}")

@@ -11,19 +11,16 @@ from __future__ import annotations
 
 import logging
 import threading
-from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
-from gateway.checks import CheckResult, CheckStatus
+from gateway.checks import CheckStatus, run_selftest
 from gateway.plugins.console.store import ConsoleStore
 
 __all__ = ["TROUBLESHOOTING", "describe", "start_run"]
 
 log = logging.getLogger("authgw.plugin.console")
-
-#: Seconds one self-test may take (as ``authgw check``).
-SELFTEST_TIMEOUT = 15.0
 
 # (name prefix after the plugin, label, what the test does, what to check when it fails)
 TROUBLESHOOTING: list[tuple[str, str, str, str]] = [
@@ -75,15 +72,6 @@ def start_run(store: ConsoleStore, config_dir: Path, state_dir: Path,
     return run
 
 
-def _run_one(pool: ThreadPoolExecutor, test) -> CheckResult:
-    try:
-        return pool.submit(test.run).result(timeout=SELFTEST_TIMEOUT)
-    except FutureTimeout:
-        return CheckResult.fail(f"no answer within {SELFTEST_TIMEOUT:.0f}s", "a backend hangs or a timeout is too long")
-    except Exception as exc:
-        return CheckResult.fail(f"the test raised {exc.__class__.__name__}: {exc}")
-
-
 def _run(store: ConsoleStore, run: str, config_dir: Path, state_dir: Path,
          after: Callable[[], object] | None = None) -> None:
     try:
@@ -124,7 +112,7 @@ def _tests(store: ConsoleStore, run: str, config_dir: Path, state_dir: Path) -> 
                     store.record(run, seq, "skip", f"an earlier test of {plugin} failed")
                     continue
                 store.record(run, seq, "running")
-                result = _run_one(pool, test)
+                result = run_selftest(pool, test)
                 hint = result.hint if result.status is not CheckStatus.PASS else ""
                 store.record(run, seq, result.status.value, result.detail, hint)
                 if result.status is CheckStatus.FAIL:
