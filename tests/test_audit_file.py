@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import stat
 
-from support.gateway import write_conf
+from support.gateway import static_users, write_conf
 from support.net import wait_for
 
 
@@ -14,8 +14,7 @@ def test_audit_file_is_created_private_and_holds_no_password(conf_dir, demo_hash
     audit.parent.mkdir()
     conf = write_conf(conf_dir, {
         "gateway.yaml": f"chain: [static]\naudit:\n  file: {audit}\n",
-        "static.yaml": "static:\n  users_file: users/users.yaml\n",
-        "users/users.yaml": f'users:\n  alice:\n    password_hash: "{demo_hash}"\n',
+        **static_users({"alice": demo_hash}),
     })
     gw = start_gateway(conf)
     assert gw.auth("alice", "demo-password").status == 200

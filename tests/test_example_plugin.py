@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from support.gateway import authgw, write_conf
+from support.gateway import authgw, static_users, write_conf
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "docs" / "examples" / "authgw-denylist"
 
@@ -29,9 +29,7 @@ def example_site(tmp_path_factory) -> dict[str, str]:
 def conf(conf_dir, demo_hash, chain):
     return write_conf(conf_dir, {
         "gateway.yaml": f"chain: {chain}\nthrottle:\n  enabled: false\n",
-        "static.yaml": "static:\n  users_file: users/users.yaml\n",
-        "users/users.yaml": f'users:\n  alice:\n    password_hash: "{demo_hash}"\n'
-                            f'  mallory:\n    password_hash: "{demo_hash}"\n',
+        **static_users({"alice": demo_hash, "mallory": demo_hash}),
         "denylist.yaml": "denylist:\n  users: [mallory, 'svc-*']\n",
     })
 
@@ -67,8 +65,7 @@ def test_a_hot_cache_hit_still_asks_the_deny_list(conf_dir, demo_hash, example_s
     held by the hot cache; adding her to the deny list refuses her on the very next request."""
     files = {
         "gateway.yaml": "chain: [denylist, static]\nplugins: [cache]\nthrottle:\n  enabled: false\n",
-        "static.yaml": "static:\n  users_file: users/users.yaml\n",
-        "users/users.yaml": f'users:\n  alice:\n    password_hash: "{demo_hash}"\n',
+        **static_users({"alice": demo_hash}),
         "denylist.yaml": "denylist:\n  users: [mallory]\n  users_file: denied.txt\n",
         "cache.yaml": "cache:\n  methods: [static]\n  hot: {enabled: true, ttl: 600}\n",
     }

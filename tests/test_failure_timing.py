@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from support.gateway import write_conf
+from support.gateway import static_users, write_conf
 from support.kdc import KDC
 from support.pki import CA
 from support.slapd import Slapd
@@ -49,8 +49,7 @@ def test_unknown_user_and_wrong_password_take_the_same_time(backends, conf_dir, 
         "client_cert.yaml": "client_cert: " + json.dumps({"ca_bundle": str(backends["ca"]),
                                                            "revocation": {"policy": "off"}}),
         "ldap.yaml": "ldap: " + json.dumps(slapd.plugin_settings("plain", backoff=0)),
-        "static.yaml": "static:\n  users_file: users/users.yaml\n",
-        "users/users.yaml": f'users:\n  breakglass:\n    password_hash: "{demo_hash}"\n',
+        **static_users({"breakglass": demo_hash}),
     })
     gw = start_gateway(conf, env=backends["kdc"].env)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from support.gateway import GatewayProcess, write_conf
+from support.gateway import GatewayProcess, static_users, write_conf
 from support.net import wait_for
 from support.redis import RedisServer
 
@@ -29,11 +29,6 @@ def alice_hash() -> str:
     return hash_password(PASSWORD)
 
 
-def static_files(alice_hash: str) -> dict[str, str]:
-    return {"static.yaml": "static:\n  users_file: users/users.yaml\n",
-            "users/users.yaml": f'users:\n  alice:\n    password_hash: "{alice_hash}"\n'}
-
-
 # -- Redis throttle store ---------------------------------------------------------------------------
 
 
@@ -44,7 +39,7 @@ def test_a_stopped_redis_throttle_store_makes_readyz_false_and_its_return_is_not
         core = {"chain": ["static"], "health": {"probe_interval": 1},
                 "throttle": {"store": "redis", "redis": {"url": redis.url, "timeout": 0.5}}}
         gw = start_gateway(write_conf(tmp_path / "conf.d", {"gateway.yaml": json.dumps(core),
-                                                            **static_files(alice_hash)}))
+                                                            **static_users({"alice": alice_hash})}))
         body = gw.get("/readyz").json()
         assert body["ready"] is True
         assert {"name": "gateway.throttle_store", "ready": True,
@@ -263,7 +258,7 @@ def test_the_login_session_store_on_redis_is_probed_and_shows_as_degraded(tmp_pa
         login = {"base_url": "https://login.example.test", "sessions": {"store": "redis", "redis_url": redis.url}}
         gw = start_gateway(write_conf(tmp_path / "conf.d", {"gateway.yaml": json.dumps(core),
                                                             "login.yaml": "login: " + json.dumps(login),
-                                                            **static_files(alice_hash)}))
+                                                            **static_users({"alice": alice_hash})}))
         assert components(gw)["login.sessions"] == {"name": "login.sessions", "ready": True,
                                                     "detail": f"redis://127.0.0.1:{redis.port}: answers"}
         redis.stop()

@@ -20,7 +20,7 @@ from gateway import audit as audit_module
 from gateway.audit import AuditLog
 from gateway.metrics import _BUCKETS, Metrics
 from gateway.model import Attempt, Decision, Identity, Outcome, PasswordCredential
-from support.gateway import write_conf
+from support.gateway import static_users, write_conf
 from support.http import basic, request
 from support.net import wait_for
 
@@ -106,8 +106,7 @@ def test_audit_file_gets_every_line_at_close_and_soon_without(tmp_path):
 def _conf(conf_dir, password_hash, audit_path, workers_extra=""):
     return write_conf(conf_dir, {
         "gateway.yaml": f"chain: [static]\nthrottle:\n  enabled: false\naudit:\n  file: {audit_path}\n{workers_extra}",
-        "static.yaml": "static:\n  users_file: users/users.yaml\n",
-        "users/users.yaml": f'users:\n  alice:\n    password_hash: "{password_hash}"\n',
+        **static_users({"alice": password_hash}),
     })
 
 

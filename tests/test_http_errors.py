@@ -15,7 +15,7 @@ import socket
 
 import pytest
 
-from support.gateway import write_conf
+from support.gateway import static_users, write_conf
 
 PASSWORD = "Corr3ct-Horse-Battery"
 SECRET = "Sup3r-Secret-Passw0rd-XYZ"
@@ -34,8 +34,7 @@ def gw(conf_dir, alice_hash, start_gateway):
     digest = hashlib.sha256(TOKEN.encode()).hexdigest()
     return start_gateway(write_conf(conf_dir, {
         "gateway.yaml": f"chain: [static]\nthrottle:\n  enabled: false\napi_tokens:\n  - name: svc\n    sha256: {digest}\n",
-        "static.yaml": "static:\n  users_file: users/users.yaml\n",
-        "users/users.yaml": f'users:\n  alice:\n    password_hash: "{alice_hash}"\n',
+        **static_users({"alice": alice_hash}),
     }))
 
 
@@ -118,8 +117,7 @@ def test_a_body_that_never_arrives_times_out(conf_dir, alice_hash, start_gateway
     gw = start_gateway(write_conf(conf_dir, {
         "gateway.yaml": f"chain: [static]\nlimits:\n  body_timeout: 0.5\napi_tokens:\n  - name: svc\n"
                         f"    sha256: {hashlib.sha256(TOKEN.encode()).hexdigest()}\n",
-        "static.yaml": "static:\n  users_file: users/users.yaml\n",
-        "users/users.yaml": f'users:\n  alice:\n    password_hash: "{alice_hash}"\n',
+        **static_users({"alice": alice_hash}),
     }))
     with socket.create_connection(("127.0.0.1", gw.port), timeout=20) as sock:
         sock.sendall(f"POST /v1/authenticate HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {TOKEN}\r\n"

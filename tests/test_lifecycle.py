@@ -13,7 +13,7 @@ import threading
 
 import pytest
 
-from support.gateway import write_conf
+from support.gateway import static_users, write_conf
 from support.net import wait_for
 
 PASSWORD = "Corr3ct-Horse-Battery"
@@ -34,8 +34,7 @@ def gateway_yaml(realm: str, extra: str = "") -> str:
 def conf(conf_dir, alice_hash, realm: str):
     return write_conf(conf_dir, {
         "gateway.yaml": gateway_yaml(realm),
-        "static.yaml": "static:\n  users_file: users/users.yaml\n",
-        "users/users.yaml": f'users:\n  alice:\n    password_hash: "{alice_hash}"\n',
+        **static_users({"alice": alice_hash}),
     })
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from support.gateway import write_conf
+from support.gateway import static_users, write_conf
 from support.http import basic, request
 from support.net import free_port
 from support.nginx import Nginx
@@ -36,8 +36,7 @@ def site(tmp_path, conf_dir, demo_hash, start_gateway):
     def start(gateway_yaml: str):
         conf = write_conf(conf_dir, {
             "gateway.yaml": "chain: [static]\ntrusted_proxies: [127.0.0.1/32]\n" + gateway_yaml,
-            "static.yaml": "static:\n  users_file: users/users.yaml\n",
-            "users/users.yaml": f'users:\n  alice:\n    password_hash: "{demo_hash}"\n',
+            **static_users({"alice": demo_hash}),
         })
         gw = start_gateway(conf)
         port = free_port()

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from support.gateway import write_conf
+from support.gateway import static_users, write_conf
 
 PASSWORD = "Corr3ct-Horse-Battery"
 FLOOD = 3000
@@ -59,8 +59,7 @@ def test_slow_header_flood_leaves_logins_working(conf_dir, alice_hash, start_gat
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, FLOOD + 200), hard))
     gw = start_gateway(write_conf(conf_dir, {
         "gateway.yaml": "chain: [static]\nthrottle:\n  enabled: false\nlimits:\n  header_timeout: 3\n",
-        "static.yaml": "static:\n  users_file: users/users.yaml\n",
-        "users/users.yaml": f'users:\n  alice:\n    password_hash: "{alice_hash}"\n',
+        **static_users({"alice": alice_hash}),
     }))
     # The gateway gets the descriptors a small default system gives (without caps, 1,024 slow
     # connections are enough to refuse every real login).
@@ -96,8 +95,7 @@ def test_an_idle_keep_alive_connection_is_not_a_slow_header(conf_dir, alice_hash
 
     gw = start_gateway(write_conf(conf_dir, {
         "gateway.yaml": "chain: [static]\nlimits:\n  header_timeout: 1\n",
-        "static.yaml": "static:\n  users_file: users/users.yaml\n",
-        "users/users.yaml": f'users:\n  alice:\n    password_hash: "{alice_hash}"\n',
+        **static_users({"alice": alice_hash}),
     }))
     conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=10)
     try:

@@ -14,6 +14,14 @@ from support.proc import stop as stop_process
 from support.net import free_port, wait_for, wait_for_port
 
 
+def static_users(users: dict[str, str]) -> dict[str, str]:
+    """The conf.d files of the ``static`` plugin with *users* (name -> password hash), for
+    :func:`write_conf`."""
+    return {"static.yaml": "static:\n  users_file: users/users.yaml\n",
+            "users/users.yaml": "users:\n" + "".join(f'  {name}:\n    password_hash: "{digest}"\n'
+                                                        for name, digest in users.items())}
+
+
 def write_conf(directory: Path, files: dict[str, str]) -> Path:
     """Write *files* (name -> YAML text, dedented) into *directory*; returns it."""
     directory.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 import loadgen  # noqa: E402
-from support.gateway import GatewayProcess, write_conf  # noqa: E402
+from support.gateway import GatewayProcess, static_users, write_conf  # noqa: E402
 
 
 def main() -> int:
@@ -48,8 +48,7 @@ def main() -> int:
             log_level: WARNING
             audit: {{file: /dev/null}}
             """,
-        "static.yaml": "static:\n  users_file: users/users.yaml\n",
-        "users/users.yaml": f'users:\n  demo:\n    password_hash: "{hash_password("demo")}"\n',
+        **static_users({"demo": hash_password("demo")}),
     })
     server = GatewayProcess(conf, tmp / "state", workers=args.workers).start()
     url = server.url

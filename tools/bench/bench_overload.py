@@ -44,7 +44,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 import loadgen  # noqa: E402
-from support.gateway import GatewayProcess, write_conf  # noqa: E402
+from support.gateway import GatewayProcess, static_users, write_conf  # noqa: E402
 
 BASIC = "Basic " + base64.b64encode(b"demo:demo").decode()
 
@@ -194,8 +194,7 @@ def main() -> int:
             log_level: ERROR
             audit: {{file: {tmp / "audit.jsonl"}}}
             """,
-        "static.yaml": "static:\n  users_file: users/users.yaml\n",
-        "users/users.yaml": f'users:\n  demo:\n    password_hash: "{hash_password("demo")}"\n',
+        **static_users({"demo": hash_password("demo")}),
     })
     script = tmp / "count.lua"
     script.write_text(WRK_SCRIPT)
