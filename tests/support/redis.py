@@ -23,7 +23,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from support.proc import kill as kill_process, stop as stop_process
+from support.proc import Daemon
 from support.net import free_port, wait_for_port
 
 __all__ = ["RedisServer"]
@@ -31,7 +31,7 @@ __all__ = ["RedisServer"]
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
 
-class RedisServer:
+class RedisServer(Daemon):
     def __init__(self, directory: Path | str, *, password: str | None = None, tls=None) -> None:
         """*tls*: a :class:`support.pki.CA`; the server then speaks only TLS, with a certificate
         for ``localhost`` issued by it (clients are not asked for certificates)."""
@@ -55,14 +55,6 @@ class RedisServer:
         if self._tls_args:
             return f"rediss://localhost:{self.port}/0"
         return f"redis://127.0.0.1:{self.port}/0"
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
 
     def start(self, timeout: float = 15.0) -> RedisServer:
         if self.running:
@@ -98,22 +90,3 @@ class RedisServer:
         if self.ca_file is not None:
             kwargs.setdefault("ssl_ca_certs", str(self.ca_file))
         return redis.Redis.from_url(self.url, password=self.password, socket_timeout=5, **kwargs)
-
-    def stop(self, timeout: float = 10.0) -> None:
-        stop_process(self.proc, timeout=timeout)
-        self._close_log()
-
-    def kill(self) -> None:
-        kill_process(self.proc)
-        self._close_log()
-
-    def _close_log(self) -> None:
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    def __enter__(self) -> RedisServer:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()

@@ -74,13 +74,12 @@ import base64
 import hashlib
 import os
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
 from typing import Iterable
 
-from support.proc import kill as kill_process, stop as stop_process
+from support.proc import Daemon, die_with_parent
 from support.net import free_port, wait_for_port
 
 __all__ = ["Slapd", "escape_dn_value", "ssha"]
@@ -107,17 +106,6 @@ objectclass ( 1.3.6.1.4.1.55555.9.1 NAME 'authgwAccountState' AUXILIARY
 MODULE_DIR = Path("/usr/lib/ldap")
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM slapd when the test process dies (Linux prctl
-    PR_SET_PDEATHSIG), so a crashed or interrupted test run leaves no directory behind."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
-
-
 def ssha(password: str) -> str:
     """An ``{SSHA}`` userPassword value (salted SHA-1, what slappasswd makes by default)."""
     salt = os.urandom(8)
@@ -138,7 +126,7 @@ def escape_dn_value(value: str) -> str:
     return "".join(out)
 
 
-class Slapd:
+class Slapd(Daemon):
     """One slapd process with an mdb database under *directory*."""
 
     def __init__(self, directory: Path | str, *, base_dn: str = "dc=example,dc=com", tls=None,
@@ -190,14 +178,6 @@ class Slapd:
     @property
     def ldaps_url(self) -> str | None:
         return f"ldaps://{self.hostname}:{self.ldaps_port}" if self.ldaps_port else None
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
 
     @property
     def log_path(self) -> Path:
@@ -313,7 +293,7 @@ access to *
         debug = "0" if self.loglevel == "none" else self.loglevel
         self.proc = subprocess.Popen([SLAPD, "-f", str(self.directory / "slapd.conf"), "-h", urls, "-d", debug],
                                      stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     preexec_fn=_die_with_parent)
+                                     preexec_fn=die_with_parent)
         try:
             wait_for_port("127.0.0.1", self.port, timeout=timeout, proc=self.proc)
             if self.ldaps_port:
@@ -345,32 +325,16 @@ access to *
         raise TimeoutError(f"slapd on {self.url} did not answer a bind: {last}; log:\n{self.output()}")
 
     def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM by PID and wait (slapd flushes and exits); the data directory is kept."""
-        stop_process(self.proc, timeout=timeout)
-        self._close_log()
-
-    def kill(self) -> None:
-        """SIGKILL by PID: the directory vanishes mid-conversation (mdb survives it)."""
-        kill_process(self.proc)
-        self._close_log()
+        """SIGTERM by PID and wait (slapd flushes and exits); the data directory is kept. (kill():
+        SIGKILL, the directory vanishes mid-conversation; mdb survives it.)"""
+        super().stop(timeout)
 
     def restart(self, timeout: float = 20.0) -> Slapd:
         self.stop()
         return self.start(timeout)
 
-    def _close_log(self) -> None:
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
     def output(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def __enter__(self) -> Slapd:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
     # -- content -----------------------------------------------------------------------------------
 

@@ -42,7 +42,6 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -52,24 +51,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 from support.net import free_port, wait_for_port  # noqa: E402
-from support.proc import stop as stop_process  # noqa: E402
+from support.proc import Daemon, die_with_parent  # noqa: E402
 
 __all__ = ["Apache", "GssapiAuth", "LdapAuth", "TlsClientAuth", "apache_binary"]
 
 MODULES = Path("/usr/lib/apache2/modules")
 STATIC_BODY = b'{"status": "ok"}\n'  # about the size of authgw's /healthz answer
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM httpd when the thread that started it dies (Linux prctl
-    PR_SET_PDEATHSIG), so an interrupted benchmark or test leaves no Apache behind (httpd stops
-    its children on SIGTERM)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
 
 
 def apache_binary() -> str | None:
@@ -111,7 +98,7 @@ class TlsClientAuth:
     trust: Path
 
 
-class Apache:
+class Apache(Daemon):
     """One httpd (event MPM) from a private config in *directory*; see the module docstring."""
 
     def __init__(self, directory: Path | str, *, ldap: LdapAuth | None = None, gssapi: GssapiAuth | None = None,
@@ -144,14 +131,6 @@ class Apache:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
 
     @property
     def access_log_path(self) -> Path:
@@ -317,9 +296,10 @@ class Apache:
         if check.returncode != 0:
             raise RuntimeError(f"httpd -t: {check.stderr.strip()}")
         self._log = open(self.directory / "httpd.out", "ab")
+        # SIGTERM to the parent (by PID, or when this thread dies) stops its children too.
         self.proc = subprocess.Popen([self.binary, "-f", str(self.directory / "httpd.conf"), "-DFOREGROUND"],
                                      stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env={**os.environ, **self.env}, preexec_fn=_die_with_parent)
+                                     env={**os.environ, **self.env}, preexec_fn=die_with_parent)
         try:
             wait_for_port("127.0.0.1", self.port, timeout=timeout, proc=self.proc)
             if self.tls_port:
@@ -336,10 +316,7 @@ class Apache:
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM to the parent by PID (it stops its children), wait; then remove the children's
         directory when it was a separate one."""
-        stop_process(self.proc, signal.SIGTERM, timeout)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        super().stop(timeout)
         if self._user is not None and self.www.exists():
             shutil.rmtree(self.www, ignore_errors=True)
 
@@ -348,9 +325,3 @@ class Apache:
         parts = [p.read_text(errors="replace") for p in (self.error_log_path, self.directory / "httpd.out")
                  if p.exists()]
         return "\n".join(parts)
-
-    def __enter__(self) -> Apache:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
