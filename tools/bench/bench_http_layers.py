@@ -58,14 +58,14 @@ from support.proc import stop  # noqa: E402
 
 BODY = b"ok authgw 0.1.0\n"  # the length of authgw's /healthz answer
 REFERENCE = "authgw"
-CANDIDATES = {  # name -> the module it needs (None: the project's own dependencies)
-    "authgw": None,
-    "aiohttp-guarded": None,
-    "aiohttp": None,
-    "uvicorn": "httptools",
-    "granian-rsgi": "granian",
-    "granian-asgi": "granian",
-    "authgw-hot": None,
+CANDIDATES = {  # name -> the modules it needs beyond the project's own dependencies
+    "authgw": (),
+    "aiohttp-guarded": (),
+    "aiohttp": (),
+    "uvicorn": ("uvicorn", "httptools"),
+    "granian-rsgi": ("granian",),
+    "granian-asgi": ("granian",),
+    "authgw-hot": (),
 }
 INSTALL_HINT = "pip install -e '.[bench]'  (uvicorn, httptools, granian: benchmark-only)"
 USER, PASSWORD = "bench", "bench-password-1"
@@ -282,11 +282,13 @@ def authgw_gateway(base: Path) -> GatewayProcess:
 
 def run(args) -> int:
     chosen = [name for name in CANDIDATES if name in args.only]
-    missing = {name: CANDIDATES[name] for name in chosen
-               if CANDIDATES[name] and importlib.util.find_spec(CANDIDATES[name]) is None}
-    for name, module in missing.items():
-        print(f"skipping {name}: {module} is not installed; {INSTALL_HINT}")
+    missing = {name: [m for m in CANDIDATES[name] if importlib.util.find_spec(m) is None] for name in chosen}
+    missing = {name: modules for name, modules in missing.items() if modules}
+    for name, modules in missing.items():
+        print(f"skipping {name}: {', '.join(modules)} not installed; {INSTALL_HINT}")
     chosen = [name for name in chosen if name not in missing]
+    if not chosen:
+        return 1
     if shutil.which("wrk") is None:
         raise SystemExit("wrk not found (Debian package wrk)")
     cpu = sorted(os.sched_getaffinity(0))[0]
