@@ -264,7 +264,7 @@ class Server:
 
 
 def authgw_gateway(base: Path) -> GatewayProcess:
-    """``authgw serve --workers 1``: /healthz, and /auth answered by hot-cache hits."""
+    """``authgw serve --workers 1`` (not started): /healthz, and /auth answered by hot-cache hits."""
     from gateway.passwords import hash_password
 
     conf = write_conf(base / "conf.d", {
@@ -274,7 +274,7 @@ def authgw_gateway(base: Path) -> GatewayProcess:
         "cache.yaml": "cache:\n  methods: [static]\n  hot: {enabled: true, ttl: 3600}\n",
         "users/users.yaml": f'users:\n  {USER}:\n    password_hash: "{hash_password(PASSWORD)}"\n',
     })
-    return GatewayProcess(conf, base / "state", workers=1).start()
+    return GatewayProcess(conf, base / "state", workers=1)  # the caller starts it (and stops it)
 
 
 # -- the comparison ------------------------------------------------------------------------------------
@@ -298,8 +298,10 @@ def run(args) -> int:
     try:
         if {"authgw", "authgw-hot"} & set(chosen):
             gateway = authgw_gateway(base)
+            gateway.start()
         for name in chosen:
-            servers.append(Server(name, base).start(gateway))
+            servers.append(Server(name, base))  # listed first: stopped even if it fails to start
+            servers[-1].start(gateway)
         print(f"HTTP layers, same run: {args.rounds} round(s) x {args.duration:g} s, wrk -t{args.threads} "
               f"-c{args.connections}, every server pinned to CPU {cpu} (of {os.cpu_count()}), "
               f"load average {os.getloadavg()[0]:.2f} at the start", flush=True)
@@ -310,7 +312,7 @@ def run(args) -> int:
         for r in range(args.rounds):
             order = servers[r % len(servers):] + servers[:r % len(servers)]
             for server in order:
-                pin(server.pids(), cpu)  # threads started since inherit nothing from us
+                pin(server.pids(), cpu)  # again: anything started since by an unpinned thread
                 load, cpu_us, _ = loads.measure(lambda: server.load(args.duration, args), server.pids)
                 figures[server.name].append({"rate": load.rate, "cpu_us": cpu_us, "failed": load.failed})
                 warn = f"  WARNING {load.failed} failed" if load.failed else ""
