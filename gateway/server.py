@@ -5,6 +5,13 @@ configuration stops start-up before anything listens), binds the sockets, then r
 With ``--workers 1`` it serves itself; with more it forks that many workers, which share the
 listening sockets, and restarts one that dies. SIGTERM or SIGINT stops the workers cleanly.
 
+With ``reuse_port`` (the default) each worker slot listens on a socket of its own
+(``SO_REUSEPORT``), so the kernel spreads new connections evenly over the workers; on one
+shared socket, whichever worker wakes first takes a whole burst (64 connections opened together
+went 64/0 in 4 bursts of 5). The master binds and keeps every slot's socket: a worker that
+dies is replaced on the same socket, and the connections queued on it meanwhile wait for the
+new worker instead of being refused.
+
 SIGHUP reloads conf.d (docs/design.md, "Reload"): the master validates it completely and logs
 the errors of an invalid one, which changes nothing; each worker then builds the new
 configuration beside the running one and swaps it in without dropping a request in flight.
@@ -43,12 +50,41 @@ EXIT_STARTUP_FAILED = 3
 _SHUTDOWN_GRACE = 10.0
 
 
-def bind(address: str) -> socket.socket:
+def bind(address: str, reuse_port: bool = False) -> socket.socket:
     host, port = parse_listen(address)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.create_server((host, port), family=family, backlog=2048, reuse_port=False)
+    sock = socket.create_server((host, port), family=family, backlog=2048, reuse_port=reuse_port)
     sock.setblocking(False)
     return sock
+
+
+def bind_slots(addresses: list[str], count: int, reuse_port: bool) -> list[list[socket.socket]]:
+    """The listening sockets of each of *count* worker slots: the same ones for every slot (one
+    accept queue per address, which the workers share), or with *reuse_port* one socket per
+    address and slot in a ``SO_REUSEPORT`` group, each with its own queue."""
+    if not reuse_port or count == 1:
+        return [[bind(address) for address in addresses]] * count
+    for address in addresses:
+        _check_free(address)
+    slots: list[list[socket.socket]] = []
+    try:
+        for _ in range(count):
+            slots.append([bind(address, True) for address in addresses])
+    except BaseException:
+        for sock in {sock for slot in slots for sock in slot}:
+            sock.close()
+        raise
+    return slots
+
+
+def _check_free(address: str) -> None:
+    """EADDRINUSE when anything listens on *address* already. A ``SO_REUSEPORT`` bind alone
+    would succeed next to another group of the same user, a stale gateway for one, and the two
+    would split the connections without a word."""
+    host, port = parse_listen(address)
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as create_server does
+        probe.bind((host, port))
 
 
 class _Generation:
@@ -172,7 +208,7 @@ def _problems(exc: Exception) -> str:
 
 def _restart_only(old: GatewaySettings, new: GatewaySettings) -> None:
     """Keys the running process cannot change (its sockets, its process layout): say so."""
-    for key in ("listen", "workers", "event_loop", "pin_workers", "state_dir"):
+    for key in ("listen", "workers", "event_loop", "pin_workers", "reuse_port", "state_dir"):
         if getattr(old, key) != getattr(new, key):
             log.warning("reload: `%s` changed; it takes effect at the next restart", key)
 
@@ -281,28 +317,29 @@ def serve(config_dir: Path, *, state_dir: Path | None = None, workers: int | Non
     # Validate and build everything once in the master: configuration and plugin errors stop here.
     probe = build_runtime(config_dir, state_dir=state_dir)
     settings = probe.config.core
+    count = workers or settings.workers
     try:
         run = _event_loop_runner(settings.event_loop)
-        sockets = [bind(address) for address in (listen or settings.listen)]
+        slots = bind_slots(listen or settings.listen, count, settings.reuse_port)
         extra = {listener.name: bind(listener.address) for listener in probe.gateway.listeners()}
         pidfile = write_pidfile(probe.state_dir)
     except BaseException:
         probe.discard()
         raise
     try:
-        count = workers or settings.workers
         if count == 1:  # serve with the runtime just validated; SIGHUP reloads in this process
-            return _worker_main(config_dir, state_dir, sockets, extra, run, probe)
+            return _worker_main(config_dir, state_dir, slots[0], extra, run, probe)
         probe.discard()  # each worker builds its own after the fork
-        return _supervise(config_dir, state_dir, sockets, extra, run, count, settings.pin_workers)
+        return _supervise(config_dir, state_dir, slots, extra, run, settings.pin_workers)
     finally:
         remove_pidfile(pidfile)
 
 
-def _supervise(config_dir: Path, state_dir: Path | None, sockets: list[socket.socket],
-               extra: dict[str, socket.socket], run, count: int, pin: bool) -> int:
-    """The master of several workers: starts them, restarts one that dies, stops them on
-    SIGTERM/SIGINT, and on SIGHUP validates conf.d and has every worker reload it."""
+def _supervise(config_dir: Path, state_dir: Path | None, slots: list[list[socket.socket]],
+               extra: dict[str, socket.socket], run, pin: bool) -> int:
+    """The master of one worker per slot: starts them, restarts one that dies (on its slot's
+    sockets), stops them on SIGTERM/SIGINT, and on SIGHUP validates conf.d and has every worker
+    reload it."""
     metrics_dir = _enable_multiprocess_metrics()
     master = os.getpid()
     children: dict[int, tuple[int, float]] = {}  # pid -> (slot, started)
@@ -322,7 +359,9 @@ def _supervise(config_dir: Path, state_dir: Path | None, sockets: list[socket.so
                 die_with_parent(master)
                 if pin:
                     _pin(slot)
-                code = _worker_main(config_dir, state_dir, sockets, extra, run)
+                for other in {sock for others in slots for sock in others} - set(slots[slot]):
+                    other.close()  # the master keeps them for the workers of those slots
+                code = _worker_main(config_dir, state_dir, slots[slot], extra, run)
             finally:
                 os._exit(code)
         children[pid] = (slot, time.monotonic())
@@ -340,9 +379,11 @@ def _supervise(config_dir: Path, state_dir: Path | None, sockets: list[socket.so
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGHUP, on_hup)
     reload_pending = _early_hups > 0
-    for slot in range(count):
+    for slot in range(len(slots)):
         spawn(slot)
-    log.info("authgw master %d running %d workers", master, count)
+    own_sockets = any(slot is not slots[0] for slot in slots)
+    log.info("authgw master %d running %d workers%s", master, len(slots),
+             ", each on a listening socket of its own (reuse_port)" if own_sockets else "")
     exit_code = 0
     while children:
         if reload_pending and not stopping:
@@ -374,7 +415,7 @@ def _supervise(config_dir: Path, state_dir: Path | None, sockets: list[socket.so
         if time.monotonic() - started < 1.0:
             time.sleep(1.0)  # do not spin on a worker that dies at once
         spawn(slot)
-    for sock in [*sockets, *extra.values()]:
+    for sock in {sock for slot in slots for sock in slot} | set(extra.values()):
         sock.close()
     shutil.rmtree(metrics_dir, ignore_errors=True)
     return exit_code

@@ -391,6 +391,9 @@ class GatewaySettings(PluginSettings):
         "auto", description="`auto`: uvloop when installed (`authgw[speed]`), else asyncio")
     pin_workers: bool = Field(True, description="with several workers, keep each on its own CPU "
                               "(its event loop and plugin threads share one GIL)")
+    reuse_port: bool = Field(True, description="with several workers, give each its own listening socket "
+                             "(`SO_REUSEPORT`): the kernel spreads new connections evenly over them; `false`: "
+                             "one shared socket, whose bursts one worker often takes whole (docs/operations.md)")
     realm: str = Field("authgw", description="realm of the `WWW-Authenticate: Basic` challenge")
     state_dir: Path | None = Field(None, description="state directory (cache, keys); default "
                                    "`$XDG_DATA_HOME/authgw`; `--state-dir` overrides")
