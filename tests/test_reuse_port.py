@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 
-from support.gateway import GatewayProcess, write_conf
+from support.gateway import GatewayProcess, static_users, write_conf
 from support.net import free_port
 
 REQUEST = b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n"
@@ -23,8 +23,7 @@ def conf(conf_dir, demo_hash, reuse_port: bool | None = None):
     setting = "" if reuse_port is None else f"reuse_port: {str(reuse_port).lower()}\n"
     return write_conf(conf_dir, {
         "gateway.yaml": f"chain: [static]\n{setting}",
-        "static.yaml": "static:\n  users_file: users/users.yaml\n",
-        "users/users.yaml": f'users:\n  demo:\n    password_hash: "{demo_hash}"\n',
+        **static_users({"demo": demo_hash}),
     })
 
 
