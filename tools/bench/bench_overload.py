@@ -15,7 +15,10 @@ and 1,000 connections by default, each for ``--seconds``. For each level it prin
   printed too);
 * time to recover: from the end of the burst to the first 200 of a login sent every 20 ms;
 * the gateway's RSS (master and workers) before, at the peak during, and after the level;
-* the refusals by reason, from the audit log (``overloaded``, ``deadline_exceeded``, ...).
+* the refusals by reason, from the audit log (``overloaded``, ``deadline_exceeded``, ...), and
+  the successes it records (wrk's, the probe's, and any whose client had gone);
+* where the CPU went: the gateway's event loop, its other threads (the chain threads), wrk, and
+  the whole machine, in cores.
 
 Bounded: ``--seconds`` per level (default 8) plus a few seconds of recovery each; stops the
 server it started and removes its temporary directory. wrk comes with Debian's ``wrk`` package
@@ -92,6 +95,41 @@ def login(host: str, port: int, timeout: float = 10.0) -> tuple[int, float]:
     return status, time.perf_counter() - started
 
 
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds of the gateway process *pid*: its main thread (``loop``: the event loop, which
+    reads, refuses and answers) and its other ``threads`` (the chain threads, which run the
+    logins; the few others idle under this load)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    spent = {"loop": 0.0, "threads": 0.0}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                stat = f.read()
+        except OSError:  # the thread ended meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        spent["loop" if int(tid) == pid else "threads"] += (int(fields[11]) + int(fields[12])) / tick
+    return spent
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds of process *pid* (all its threads), 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy() -> float:
+    """CPU seconds the whole machine spent not idle, all cores."""
+    with open("/proc/stat") as f:
+        values = [int(x) for x in f.readline().split()[1:]]
+    return (sum(values) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
+
+
 def reasons(audit: Path, start: int) -> tuple[collections.Counter, int]:
     """Counts of (outcome, reason) in the audit file from byte *start*; the new end."""
     with open(audit, "rb") as f:
@@ -103,8 +141,7 @@ def reasons(audit: Path, start: int) -> tuple[collections.Counter, int]:
             record = json.loads(line)
         except ValueError:
             continue
-        if record.get("outcome") != "success":
-            counts[record.get("reason")] += 1
+        counts[record.get("reason") if record.get("outcome") != "success" else "(success)"] += 1
     return counts, start + len(data)
 
 
@@ -127,10 +164,22 @@ def level(server: GatewayProcess, script: Path, connections: int, seconds: float
 
     sampler = threading.Thread(target=sample)
     sampler.start()
-    wrk = subprocess.run([*WRK_PREFIX, "wrk", "-t2", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "10s",
-                          "-s", str(script), f"http://127.0.0.1:{server.port}/auth"],
-                         capture_output=True, text=True, timeout=seconds + 60)
+    worker = pids[-1]  # with one worker, the process that serves (the master itself otherwise)
+    cpu_before, busy_before, began = thread_cpu(worker), machine_busy(), time.perf_counter()
+    wrk = subprocess.Popen([*WRK_PREFIX, "wrk", "-t2", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "10s",
+                            "-s", str(script), f"http://127.0.0.1:{server.port}/auth"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wrk_cpu = 0.0
+    while wrk.poll() is None and time.perf_counter() - began < seconds + 60:  # bounded
+        wrk_cpu = max(wrk_cpu, process_cpu(wrk.pid))  # read while it runs: gone once reaped
+        time.sleep(0.1)
+    stdout, stderr = wrk.communicate(timeout=60)
     ended = time.perf_counter()
+    cpu_after, busy_after, wall = thread_cpu(worker), machine_busy(), ended - began
+    cores = {kind: (cpu_after[kind] - cpu_before[kind]) / wall for kind in cpu_after}
+    cores["wrk"] = wrk_cpu / wall
+    cores["machine"] = (busy_after - busy_before) / wall
+    wrk = subprocess.CompletedProcess(wrk.args, wrk.returncode, stdout, stderr)
     stop.set()
     sampler.join(30)
     recovery = None
@@ -154,7 +203,7 @@ def level(server: GatewayProcess, script: Path, connections: int, seconds: float
         "probe_ok": len(successes), "probe_all": len(probe),
         "p50": statistics.median(successes) if successes else float("nan"),
         "p99": successes[min(len(successes) - 1, int(0.99 * len(successes)))] if successes else float("nan"),
-        "recovery": recovery, "rss": (before, peak[0], rss_kib(pids)),
+        "recovery": recovery, "rss": (before, peak[0], rss_kib(pids)), "cores": cores,
     }
 
 
@@ -222,7 +271,11 @@ def main() -> int:
                   f"{r['refused']:>7} {r['other']:>6} {r['errors']:>6} {r['p50'] * 1000:>8.1f}ms "
                   f"{r['p99'] * 1000:>6.1f}ms {r['wrk_p50'] * 1000:>6.1f}ms {r['wrk_p99'] * 1000:>6.1f}ms "
                   f"{recovery:>8}  {before:.0f}/{peak:.0f}/{after:.0f}", flush=True)
-            print(f"{'':>6} refusals by reason: {dict(refusals.most_common())}", flush=True)
+            done = refusals.pop("(success)", 0)  # wrk's, the probe's, and those no one read
+            print(f"{'':>6} logins in the audit: {done} successes (wrk saw {r['ok']}); refusals by reason: "
+                  f"{dict(refusals.most_common())}", flush=True)
+            print(f"{'':>6} CPU in cores: " + ", ".join(f"{kind} {value:.2f}" for kind, value in r["cores"].items()),
+                  flush=True)
         print(f"reference: goodput at {args.levels.split(',')[0]} connections, same run = {reference:.1f}/s")
     finally:
         server.stop()

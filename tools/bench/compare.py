@@ -109,10 +109,11 @@ def mint(kdc: KDC, ccache: Path, count: int, out: Path) -> Path:
     return out
 
 
-def gateway(base: Path, name: str, files: dict[str, dict], workers: int, env: dict | None = None) -> GatewayProcess:
+def gateway(base: Path, name: str, files: dict[str, dict], workers: int, env: dict | None = None,
+            reuse_port: bool = True) -> GatewayProcess:
     """``authgw serve`` with *files* (conf.d name -> settings) and the benchmark's common settings:
     throttling off (Apache has none), the audit log on, to a file (Apache logs every request)."""
-    core = {"throttle": {"enabled": False}, "log_level": "WARNING",
+    core = {"throttle": {"enabled": False}, "log_level": "WARNING", "reuse_port": reuse_port,
             "audit": {"file": str(base / f"audit-{name}.log")}}
     core.update(files.pop("gateway.yaml"))
     texts = {"gateway.yaml": json.dumps(core), **{k: json.dumps(v) for k, v in files.items()}}
@@ -189,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--groups", default="memberof", choices=["memberof", "search", "none"],
                         help="authgw's groups.source: memberof reads them in the user search, as Apache "
                              "fetches memberOf in its one search")
+    parser.add_argument("--shared-socket", action="store_true",
+                        help="authgw's workers share one listening socket (reuse_port: false)")
     parser.add_argument("--only", default=",".join(ROWS), help="rows to run, comma-separated: " + ",".join(ROWS))
     parser.add_argument("--json", type=Path, help="also write every round's figures here")
     args = parser.parse_args(argv)
@@ -307,7 +310,7 @@ def setup(base: Path, args: argparse.Namespace, only: list[str], started: list) 
     gateways: dict[str, GatewayProcess] = {}
 
     def start(name: str, files: dict, env: dict | None = None) -> GatewayProcess:
-        gw = gateway(base, name, files, args.workers, env)
+        gw = gateway(base, name, files, args.workers, env, reuse_port=not args.shared_socket)
         started.append(gw)
         gateways[name] = gw
         return gw
