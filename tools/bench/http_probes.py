@@ -29,6 +29,21 @@ from support.proc import stop
 
 SCRIPT = str(HERE / "bench_http_layers.py")
 
+def each_server(cases: list, base: Path, env: dict, check) -> None:
+    """For each ``(label, command(port))`` in *cases*: start the server on a free loopback port
+    (its output to a log in *base*), wait until it listens, ``check(label, port)``, stop it by
+    PID, whatever happens."""
+    for label, command in cases:
+        port = free_port()
+        with open(base / f"server-{port}.log", "wb") as log:
+            proc = subprocess.Popen(command(port), stdout=log, stderr=subprocess.STDOUT, env=env)
+            try:
+                wait_for_port("127.0.0.1", port, timeout=30, proc=proc)
+                check(label, port)
+            finally:
+                stop(proc)
+
+
 # -- the client-certificate probe ---------------------------------------------------------------------
 
 
@@ -36,7 +51,6 @@ def probe_tls(args) -> int:
     from support.pki import CA, write_bundle
 
     base = Path(tempfile.mkdtemp(prefix="authgw-http-probe-"))
-    procs: list[subprocess.Popen] = []
     try:
         root = CA.create("probe root CA", days=2)
         server_crt, server_key = root.issue("localhost", dns=["localhost"], ips=["127.0.0.1"], server=True) \
@@ -58,26 +72,18 @@ def probe_tls(args) -> int:
                               lambda port, i=interface: granian_command(port, i, certs)))
         if not cases:
             print(f"nothing to probe: {INSTALL_HINT}")
-        for label, command in cases:
-            port = free_port()
-            log = open(base / f"probe-{port}.log", "wb")
-            proc = subprocess.Popen(command(port), stdout=log, stderr=subprocess.STDOUT, env=env)
-            procs.append(proc)
-            try:
-                wait_for_port("127.0.0.1", port, timeout=30, proc=proc)
-                curl = ["curl", "-sS", "--max-time", "10", "--cacert", certs["ca"], f"https://localhost:{port}/healthz",
-                        "--resolve", f"localhost:{port}:127.0.0.1"]
-                with_cert = subprocess.run(curl + ["--cert", str(client_crt), "--key", str(client_key)],
-                                           capture_output=True, text=True, timeout=20)
-                without = subprocess.run(curl, capture_output=True, text=True, timeout=20)
-                print(f"== {label}\n  with a client certificate: {with_cert.stdout.strip() or with_cert.stderr.strip()}"
-                      f"\n  without one: {'answered ' + without.stdout.strip()[:60] if without.returncode == 0 else 'refused (curl ' + str(without.returncode) + ')'}")
-            finally:
-                stop(proc)
-                log.close()
+
+        def check(label: str, port: int) -> None:
+            curl = ["curl", "-sS", "--max-time", "10", "--cacert", certs["ca"], f"https://localhost:{port}/healthz",
+                    "--resolve", f"localhost:{port}:127.0.0.1"]
+            with_cert = subprocess.run(curl + ["--cert", str(client_crt), "--key", str(client_key)],
+                                       capture_output=True, text=True, timeout=20)
+            without = subprocess.run(curl, capture_output=True, text=True, timeout=20)
+            print(f"== {label}\n  with a client certificate: {with_cert.stdout.strip() or with_cert.stderr.strip()}"
+                  f"\n  without one: {'answered ' + without.stdout.strip()[:60] if without.returncode == 0 else 'refused (curl ' + str(without.returncode) + ')'}")
+
+        each_server(cases, base, env, check)
     finally:
-        for proc in procs:
-            stop(proc)
         shutil.rmtree(base, ignore_errors=True)
     return 0
 
@@ -128,24 +134,14 @@ def probe_slow(args) -> int:
     if importlib.util.find_spec("granian"):
         cases.append(("granian RSGI (--http1-header-read-timeout 2000)",
                       lambda p: granian_command(p, "rsgi", header_timeout_ms=2000)))
-    procs = []
+
+    def check(label: str, port: int) -> None:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            trickle, idle = pool.map(lambda t: slow_client(port, args.slow_seconds, t), (True, False))
+        print(f"== {label}\n  header lines trickled, one a second: {trickle}\n  nothing sent: {idle}", flush=True)
+
     try:
-        for label, command in cases:
-            port = free_port()
-            log = open(base / f"slow-{port}.log", "wb")
-            proc = subprocess.Popen(command(port), stdout=log, stderr=subprocess.STDOUT, env=env)
-            procs.append(proc)
-            try:
-                wait_for_port("127.0.0.1", port, timeout=30, proc=proc)
-                with concurrent.futures.ThreadPoolExecutor(2) as pool:
-                    trickle, idle = pool.map(lambda t: slow_client(port, args.slow_seconds, t), (True, False))
-                print(f"== {label}\n  header lines trickled, one a second: {trickle}\n  nothing sent: {idle}",
-                      flush=True)
-            finally:
-                stop(proc)
-                log.close()
+        each_server(cases, base, env, check)
     finally:
-        for proc in procs:
-            stop(proc)
         shutil.rmtree(base, ignore_errors=True)
     return 0
