@@ -84,6 +84,9 @@ class ComponentState:
     #: (one revocation source under ``hard-fail``); without it, one ready component is enough
     #: (one directory server of several).
     required: bool = False
+    #: When a certificate this component depends on ends (Unix time), for the console's expiry
+    #: warning; None when it has none.
+    valid_until: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,8 +15,9 @@ runs one daemon thread. Each round, at start-up and then every ``probe_interval`
 least one chain step that reports components has one ready (or an offline ``fallback`` such as
 the credential cache can answer for it) and no core component that every password login needs
 (the shared throttle store) is down; and, when the chain takes passwords, one of the steps
-that check them (a plugin's ``credentials`` attribute says which it checks) is up too. A component that fails while something covers it shows in
-the details and its plugin in ``degraded``, but does not turn ``/readyz`` false.
+that check them (a plugin's ``credentials`` attribute says which it checks) is up too. A
+component that fails while something covers it shows in the details and its plugin in
+``degraded``, but does not turn ``/readyz`` false.
 """
 
 from __future__ import annotations

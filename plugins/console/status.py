@@ -2,8 +2,8 @@
 
 * components: every plugin's ``gateway_readiness`` records (directory servers and their
   back-off, the link and its relay with its round trip, the cache store), grouped by plugin;
-* certificate expiry: a component detail saying "valid until <ISO 8601>Z" (the link's
-  certificate, the relay's) is a warning when that is within ``certificate_warning_days``;
+* certificate expiry: a component whose ``valid_until`` (the link's certificate, the relay's)
+  is within ``certificate_warning_days`` is a warning;
 * throttling: the core's limits;
 * recent audit events: the tail of the audit file when ``audit.file`` is a file (every worker
   writes there), else the ones this worker saw; filtered by user and outcome. Audit lines hold
@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import collections
 import json
-import re
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 from gateway import Attempt, Decision
@@ -30,8 +29,6 @@ __all__ = ["Expiry", "RecentEvents", "collect", "expiries"]
 #: Audit fields the page shows (nothing else from a line is displayed).
 FIELDS = ("time", "client", "front_door", "username", "method", "outcome", "reason", "step", "from_cache")
 _TAIL_BYTES = 256 * 1024
-#: How components state a certificate's end (plugins/link: "connector certificate valid until ...").
-_VALID_UNTIL = re.compile(r"valid until (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ)")
 
 
 @dataclass(frozen=True)
@@ -46,15 +43,9 @@ class Expiry:
 def expiries(components, warning_days: float, now: float | None = None) -> dict[str, Expiry]:
     """Components whose certificate ends within *warning_days*, by component name."""
     now = time.time() if now is None else now
-    found = {}
-    for component in components:
-        match = _VALID_UNTIL.search(component.detail or "")
-        if match is None:
-            continue
-        end = datetime.strptime(match.group(1), "%Y-%m-%dT%H:%M:%S%z").timestamp()
-        if end - now <= warning_days * 86400:
-            found[component.name] = Expiry(component.name, match.group(1), (end - now) / 86400)
-    return found
+    return {c.name: Expiry(c.name, datetime.fromtimestamp(c.valid_until, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                           (c.valid_until - now) / 86400)
+            for c in components if c.valid_until is not None and c.valid_until - now <= warning_days * 86400}
 
 
 class RecentEvents:

@@ -15,7 +15,8 @@ Commands
     ``authgw link enroll TICKET_URL [--ca FILE]``, ``authgw link status``.
 Readiness
     ``link.relay`` (linked or not, to which relay, the WebSocket ping round trip),
-    ``link.certificate`` and, while linked, ``link.relay_certificate`` ("valid until ...Z").
+    ``link.certificate`` and, while linked, ``link.relay_certificate`` ("valid until ...Z", and
+    ``valid_until`` for the console's expiry warning).
 """
 
 from __future__ import annotations
@@ -73,8 +74,7 @@ class LinkPlugin:
     @hookimpl
     def gateway_readiness(self) -> list[ComponentState] | None:
         # From memory only (the client keeps it current): the relay, the link's round trip,
-        # and both certificates' ends as "valid until <ISO 8601>Z", which the console reads to
-        # warn ahead of an expiry (docs/console.md).
+        # and both certificates' ends (``valid_until``: the console warns ahead of an expiry).
         if self.client is None:
             return None
         status = self.client.status
@@ -85,12 +85,14 @@ class LinkPlugin:
         states = [ComponentState(f"{self.name}.relay", status.connected, detail)]
         if status.certificate_not_after is not None:
             states.append(ComponentState(f"{self.name}.certificate", status.certificate_not_after > now,
-                                         _validity("connector certificate", status.certificate_not_after, now)))
+                                         _validity("connector certificate", status.certificate_not_after, now),
+                                         valid_until=status.certificate_not_after))
         if status.relay_certificate_not_after is not None:
             states.append(ComponentState(
                 f"{self.name}.relay_certificate", status.relay_certificate_not_after > now,
                 _validity(f"relay certificate {status.relay_certificate_subject}",
-                          status.relay_certificate_not_after, now)))
+                          status.relay_certificate_not_after, now),
+                valid_until=status.relay_certificate_not_after))
         return states
 
     @hookimpl

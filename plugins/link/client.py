@@ -118,7 +118,6 @@ class LinkClient:
                 failures = min(failures + 1, 30)
                 continue
             said = ""
-            self.status.certificate_not_after = enrolment.not_after
             started = time.monotonic()
             try:
                 await self._session(enrolment)
