@@ -71,10 +71,15 @@ def bind_slots(addresses: list[str], count: int, reuse_port: bool) -> list[list[
         for _ in range(count):
             slots.append([bind(address, True) for address in addresses])
     except BaseException:
-        for sock in {sock for slot in slots for sock in slot}:
+        for sock in _distinct(slots):
             sock.close()
         raise
     return slots
+
+
+def _distinct(slots: list[list[socket.socket]]) -> set[socket.socket]:
+    """Every socket of *slots* once (slots share theirs without ``reuse_port``)."""
+    return {sock for slot in slots for sock in slot}
 
 
 def _check_free(address: str) -> None:
@@ -359,7 +364,7 @@ def _supervise(config_dir: Path, state_dir: Path | None, slots: list[list[socket
                 die_with_parent(master)
                 if pin:
                     _pin(slot)
-                for other in {sock for others in slots for sock in others} - set(slots[slot]):
+                for other in _distinct(slots) - set(slots[slot]):
                     other.close()  # the master keeps them for the workers of those slots
                 code = _worker_main(config_dir, state_dir, slots[slot], extra, run)
             finally:
@@ -381,9 +386,8 @@ def _supervise(config_dir: Path, state_dir: Path | None, slots: list[list[socket
     reload_pending = _early_hups > 0
     for slot in range(len(slots)):
         spawn(slot)
-    own_sockets = any(slot is not slots[0] for slot in slots)
     log.info("authgw master %d running %d workers%s", master, len(slots),
-             ", each on a listening socket of its own (reuse_port)" if own_sockets else "")
+             ", each on a listening socket of its own (reuse_port)" if len(_distinct(slots)) > len(slots[0]) else "")
     exit_code = 0
     while children:
         if reload_pending and not stopping:
@@ -415,7 +419,7 @@ def _supervise(config_dir: Path, state_dir: Path | None, slots: list[list[socket
         if time.monotonic() - started < 1.0:
             time.sleep(1.0)  # do not spin on a worker that dies at once
         spawn(slot)
-    for sock in {sock for slot in slots for sock in slot} | set(extra.values()):
+    for sock in _distinct(slots) | set(extra.values()):
         sock.close()
     shutil.rmtree(metrics_dir, ignore_errors=True)
     return exit_code
