@@ -4,6 +4,8 @@ not hold the connector's link is routed to the one that does."""
 
 from __future__ import annotations
 
+import json
+import secrets
 
 import pytest
 
@@ -58,3 +60,62 @@ def test_a_login_at_the_other_instance_is_routed_to_the_link(tmp_path, slapd, re
         assert b.login("alice", "Alice-Passw0rd").status == 503
     finally:
         connector.stop()
+
+
+# -- issue 10 item 4: the relay's Redis store is probed -----------------------------------------------
+
+
+def _components(relay: Relay) -> dict[str, dict]:
+    return {c["name"]: c for c in relay.process.get("/readyz").json()["components"]}
+
+
+def test_the_relay_store_on_redis_is_probed_and_a_stop_leaves_the_local_links_serving(tmp_path, slapd):
+    """Redis down: ``relay.store`` down with a WARNING line, ``/readyz`` still true with ``relay``
+    degraded (the link this process holds still serves logins); back without a login; and a
+    ready store alone never makes the step ready (no link: not ready)."""
+    password = "Redis-" + secrets.token_hex(12)
+    redis = RedisServer(tmp_path / "redis", password=password).start()
+    relay = Relay(tmp_path / "relay", cache=False, redis_url=redis.url, env={"RELAY_REDIS_PASSWORD": password},
+                  extra="health: {probe_interval: 1}\n")
+    conf = relay.conf / "relay.yaml"
+    settings = json.loads(conf.read_text().removeprefix("relay: "))
+    settings["redis"]["password"] = {"env": "RELAY_REDIS_PASSWORD"}
+    conf.write_text("relay: " + json.dumps(settings) + "\n")
+    connector = None
+    try:
+        relay.setup().start()
+        connector = Connector(tmp_path / "c1", slapd).enroll(relay.ticket(), relay.ca_file).start()
+        connector.wait_linked(relay)
+        where = f"redis://127.0.0.1:{redis.port}"
+        store = _components(relay)["relay.store"]
+        assert (store["ready"], store["detail"]) == (True, f"{where}: answers")
+
+        redis.stop()
+        store = wait_for(lambda: (c := _components(relay)["relay.store"])["ready"] is False and c,
+                         what="relay.store to be seen down", log=relay.process.output)
+        assert store["detail"].startswith(f"{where}: ")
+        readyz = relay.process.get("/readyz")
+        assert (readyz.status, readyz.json()["ready"], readyz.json()["degraded"]) == (200, True, ["relay"])
+        assert relay.login("alice", "Alice-Passw0rd").status == 200  # the local link needs no Redis
+        lines = wait_for(lambda: [line for line in relay.process.output().splitlines()
+                                  if "health: " in line and "relay.store is NOT ready" in line])
+        assert "WARNING" in lines[0] and where in lines[0]
+
+        redis.start()
+        wait_for(lambda: _components(relay)["relay.store"]["ready"], what="relay.store to recover",
+                 log=relay.process.output)
+        readyz = relay.process.get("/readyz").json()
+        assert readyz["ready"] is True and "degraded" not in readyz
+        assert "relay.store is ready again" in relay.process.output()
+        assert password not in relay.process.output() and password not in relay.process.get("/readyz").text
+
+        connector.stop()  # the store answers, but no connector: the step cannot answer
+        wait_for(lambda: relay.process.get("/readyz").status == 503, what="/readyz to turn false")
+        readyz = relay.process.get("/readyz").json()
+        assert readyz["reason"] == "no ready backend: relay"
+        assert _components(relay)["relay.store"]["ready"] is True
+    finally:
+        if connector is not None:
+            connector.stop()
+        relay.stop()
+        redis.stop()

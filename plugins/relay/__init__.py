@@ -15,6 +15,16 @@ Abstains
 Settings (``relay:`` in conf.d)
     ``connection``, ``listen``, ``public_url``, ``public_names``, ``certificate``, ``key``,
     ``ticket_lifetime``, ``certificate_lifetime``, ``ping_interval``, ``max_in_flight``, ``redis``.
+Health
+    ``relay.CONNECTION``: the connectors linked to this process; the step cannot answer without
+    one (``required``). ``relay.store`` (with ``redis:`` only): a ``PING`` on a client of its
+    own every ``health.probe_interval``. The store is *not* required: with Redis down, logins
+    through the links this process holds go on (they need neither Redis nor the registry), so a
+    load balancer should keep sending them here and ``/readyz`` shows ``relay`` as degraded;
+    what Redis carries stops, failing closed: routing to other instances (``relay.no_connector``),
+    enrolment and new links (the registry, revocations included, cannot be read, so no
+    connector, revoked or not, gets in). A process holding no link is not ready either way.
+    SQLite is a local file: nothing to probe, its errors surface on the next operation.
 Commands
     ``authgw relay connection add NAME``, ``authgw relay ticket CONNECTION``,
     ``authgw relay connectors``, ``authgw relay revoke CONNECTOR``.
@@ -44,6 +54,7 @@ from gateway import (
     hookimpl,
 )
 
+from gateway.health import StoreProbe
 from gateway.plugins import linkproto as proto
 
 from .ca import RelayCA
@@ -91,6 +102,9 @@ class RelayPlugin:
         self._listener: Listener | None = None
         self._maintenance: asyncio.Task | None = None
         self._inbox: asyncio.Task | None = None
+        #: The Redis store's health (``redis:`` only), made on the worker's first health round.
+        self._store_probe: StoreProbe | None = None
+        self._probe_client: RedisStore | None = None
 
     @staticmethod
     def valid_name(name: str) -> bool:
@@ -263,15 +277,32 @@ class RelayPlugin:
         return [_text(g) for g in groups]
 
     @hookimpl
+    def gateway_probe(self) -> None:
+        """PING a Redis store (see Health in the module docstring). Its own client, made here in
+        the worker: the store's client serves the executor's threads, whose calls may queue."""
+        if self.settings.redis is None:
+            return
+        if self._store_probe is None:
+            self._probe_client = RedisStore(self.settings.redis)
+            self._store_probe = StoreProbe(f"{self.name}.store", self._probe_client.ping)
+        self._store_probe.probe()
+
+    @hookimpl
     def gateway_readiness(self) -> list[ComponentState]:
         links = [s for s in self.hub.all() if s.ready and not s.closing]
-        return [ComponentState(f"{self.name}.{self.settings.connection}", bool(links),
-                               f"{len(links)} connector link(s): " + ", ".join(s.connector for s in links)
-                               if links else "no connector linked")]
+        # required: a ready store alone must not make the step look able to answer.
+        states = [ComponentState(f"{self.name}.{self.settings.connection}", bool(links),
+                                 f"{len(links)} connector link(s): " + ", ".join(s.connector for s in links)
+                                 if links else "no connector linked", required=True)]
+        if self._store_probe is not None:
+            states.append(self._store_probe.state())
+        return states
 
     @hookimpl
     def gateway_shutdown(self) -> None:
         self.store.close()
+        if self._probe_client is not None:
+            self._probe_client.close()
 
 
 def _text(value: Any, limit: int = 1024) -> str:

@@ -14,6 +14,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from gateway.sqlitedb import connect_wal
 
@@ -158,6 +159,17 @@ class RedisStore:
         self.redis = redis.Redis.from_url(settings.url, password=settings.password.reveal() if settings.password else None,
                                           socket_timeout=settings.timeout, socket_connect_timeout=settings.timeout,
                                           decode_responses=True)
+        parts = urlsplit(settings.url)  # for readiness: never the password a URL may carry
+        self.location = f"{parts.scheme}://{parts.hostname or ''}:{parts.port or 6379}"
+
+    def ping(self) -> str:
+        """The health probe's round trip (``PING``, within ``redis.timeout``). Raises with the
+        location and the error's class only: what ``/readyz`` shows holds no secret."""
+        try:
+            self.redis.ping()
+        except Exception as exc:  # noqa: BLE001 - refused, timed out, wrong password: all "down"
+            raise ConnectionError(f"{self.location}: {exc.__class__.__name__}") from None
+        return f"{self.location}: answers"
 
     def _k(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
