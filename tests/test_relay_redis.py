@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import secrets
+import ssl
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -69,10 +72,23 @@ def _components(relay: Relay) -> dict[str, dict]:
     return {c["name"]: c for c in relay.process.get("/readyz").json()["components"]}
 
 
+def _get(url: str, ca, certificate: tuple[str, str] | None = None) -> tuple[int, dict]:
+    """GET on the relay's TLS listener (with a connector's certificate and key when given)."""
+    context = ssl.create_default_context(cafile=str(ca))
+    if certificate is not None:
+        context.load_cert_chain(*certificate)
+    try:
+        with urllib.request.urlopen(url, context=context, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
 def test_the_relay_store_on_redis_is_probed_and_a_stop_leaves_the_local_links_serving(tmp_path, slapd):
     """Redis down: ``relay.store`` down with a WARNING line, ``/readyz`` still true with ``relay``
-    degraded (the link this process holds still serves logins); back without a login; and a
-    ready store alone never makes the step ready (no link: not ready)."""
+    degraded (the link this process holds still serves logins) while enrolment and new links
+    are refused with 503 (the registry and its revocations cannot be read: fail closed); back
+    without a login; and a ready store alone never makes the step ready (no link: not ready)."""
     password = "Redis-" + secrets.token_hex(12)
     redis = RedisServer(tmp_path / "redis", password=password).start()
     relay = Relay(tmp_path / "relay", cache=False, redis_url=redis.url, env={"RELAY_REDIS_PASSWORD": password},
@@ -86,6 +102,10 @@ def test_the_relay_store_on_redis_is_probed_and_a_stop_leaves_the_local_links_se
         relay.setup().start()
         connector = Connector(tmp_path / "c1", slapd).enroll(relay.ticket(), relay.ca_file).start()
         connector.wait_linked(relay)
+        ticket = relay.ticket()
+        own = connector.state / "link"
+        certificate = (str(own / "cert.pem"), str(own / "key.pem"))
+        assert _get(ticket, relay.ca_file)[0] == 200
         where = f"redis://127.0.0.1:{redis.port}"
         store = _components(relay)["relay.store"]
         assert (store["ready"], store["detail"]) == (True, f"{where}: answers")
@@ -97,6 +117,10 @@ def test_the_relay_store_on_redis_is_probed_and_a_stop_leaves_the_local_links_se
         readyz = relay.process.get("/readyz")
         assert (readyz.status, readyz.json()["ready"], readyz.json()["degraded"]) == (200, True, ["relay"])
         assert relay.login("alice", "Alice-Passw0rd").status == 200  # the local link needs no Redis
+        refused = (503, {"error": "store_unavailable",
+                         "detail": "the relay cannot read its registry now; try again later"})
+        assert _get(ticket, relay.ca_file) == refused
+        assert _get(f"{relay.url}/link", relay.ca_file, certificate) == refused
         lines = wait_for(lambda: [line for line in relay.process.output().splitlines()
                                   if "health: " in line and "relay.store is NOT ready" in line])
         assert "WARNING" in lines[0] and where in lines[0]

@@ -9,6 +9,9 @@ connector is known, its connection matches, it is not revoked.
 
 Every refusal is a 4xx with ``{"error": CODE, "detail": ...}``; nothing a client sends can
 produce a 5xx (bodies are size-capped, JSON is type-checked, the CSR is parsed defensively).
+When the registry cannot be read (its Redis is down), enrolment and new links are refused with
+503 ``store_unavailable``: no connector, revoked or not, gets a link its registry entry was not
+checked for (the links already up go on; ``/readyz`` shows ``relay.store``).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import json
 import logging
 import re
 import secrets
+import sqlite3
 import time
 from typing import TYPE_CHECKING
 
@@ -36,6 +40,13 @@ from .store import TicketRefused
 if TYPE_CHECKING:
     from . import RelayPlugin
 
+try:
+    from redis import RedisError
+except ImportError:  # authgw[redis] not installed: the SQLite registry only
+    RedisError = sqlite3.Error
+#: The registry's own failures (not a refusal of what the client sent).
+_STORE_ERRORS = (sqlite3.Error, RedisError)
+
 __all__ = ["Endpoints"]
 
 log = logging.getLogger("authgw.plugin.relay")
@@ -48,6 +59,14 @@ _TOKEN_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz01
 
 def _refuse(status: int, code: str, detail: str) -> web.Response:
     return web.json_response({"error": code, "detail": detail}, status=status, headers={"Cache-Control": "no-store"})
+
+
+class StoreUnavailable(Exception):
+    """The registry did not answer (``/readyz`` shows it as ``relay.store``)."""
+
+
+def _unavailable() -> web.Response:
+    return _refuse(503, "store_unavailable", "the relay cannot read its registry now; try again later")
 
 
 _REUSABLE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}-[0-9a-f]{8}$")
@@ -77,7 +96,12 @@ class Endpoints:
         self.settings = plugin.settings
 
     async def _store(self, method, *args):
-        return await asyncio.get_running_loop().run_in_executor(None, method, *args)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, method, *args)
+        except _STORE_ERRORS as exc:
+            # INFO: the health round already said it at WARNING, once; connectors retry often.
+            log.info("relay registry unavailable (%s): refused %s", exc.__class__.__name__, method.__name__)
+            raise StoreUnavailable() from None
 
     # -- enrolment ---------------------------------------------------------------------------------
 
@@ -89,6 +113,8 @@ class Endpoints:
             connection, connector, expires = await self._store(self.plugin.store.ticket, token, time.time())
         except TicketRefused as exc:
             return _refuse(410 if exc.code != "ticket_unknown" else 404, exc.code, exc.detail)
+        except StoreUnavailable:
+            return _unavailable()
         if not connector:  # a reusable ticket: each enrolment gets a new id
             connector = _new_connector_id(connection)
         return web.json_response({"protocol": proto.VERSION, "connection": connection, "connector": connector,
@@ -132,8 +158,13 @@ class Endpoints:
             return _refuse(410 if exc.code != "ticket_unknown" else 404, exc.code, exc.detail)
         except CSRRefused as exc:
             return _refuse(400, exc.code, exc.detail)
-        await self._store(store.record_connector, connector, connection, cert.serial_number,
-                          cert.not_valid_after_utc.timestamp(), cert.public_bytes(serialization.Encoding.PEM).decode())
+        except StoreUnavailable:
+            return _unavailable()
+        try:
+            await self._store(store.record_connector, connector, connection, cert.serial_number,
+                              cert.not_valid_after_utc.timestamp(), cert.public_bytes(serialization.Encoding.PEM).decode())
+        except StoreUnavailable:  # the ticket is used up, the certificate not recorded: it cannot link
+            return _unavailable()
         log.info("connector %s of %s enrolled (certificate serial %x, valid until %s)", connector, connection,
                  cert.serial_number, cert.not_valid_after_utc.isoformat())
         return web.json_response({
@@ -228,7 +259,10 @@ class Endpoints:
         units = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
         connector = names[0].value if names else ""
         connection = units[0].value if units else ""
-        known = await self._store(self.plugin.store.connector, connector)
+        try:
+            known = await self._store(self.plugin.store.connector, connector)
+        except StoreUnavailable:  # revocations cannot be checked: fail closed
+            return _unavailable()
         if known is None or known.connection != connection:
             return _refuse(403, "unknown_connector", "this certificate names no enrolled connector")
         if known.revoked is not None:
