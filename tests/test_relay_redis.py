@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import secrets
 import ssl
+import time
 import urllib.error
 import urllib.request
 
@@ -124,6 +125,13 @@ def test_the_relay_store_on_redis_is_probed_and_a_stop_leaves_the_local_links_se
         lines = wait_for(lambda: [line for line in relay.process.output().splitlines()
                                   if "health: " in line and "relay.store is NOT ready" in line])
         assert "WARNING" in lines[0] and where in lines[0]
+        # The relay's own loops say it once per outage, not every second (two more rounds here).
+        wait_for(lambda: "the registry does not answer" in relay.process.output(), log=relay.process.output)
+        time.sleep(2.5)
+        output = relay.process.output()
+        assert output.count("relay maintenance: the registry does not answer") == 1
+        assert output.count("relay routing: Redis unavailable") == 1
+        assert "relay maintenance failed" not in output
 
         redis.start()
         wait_for(lambda: _components(relay)["relay.store"]["ready"], what="relay.store to recover",
@@ -131,6 +139,8 @@ def test_the_relay_store_on_redis_is_probed_and_a_stop_leaves_the_local_links_se
         readyz = relay.process.get("/readyz").json()
         assert readyz["ready"] is True and "degraded" not in readyz
         assert "relay.store is ready again" in relay.process.output()
+        wait_for(lambda: "relay maintenance: the registry answers again" in relay.process.output()
+                 and "relay routing: Redis answers again" in relay.process.output(), log=relay.process.output)
         assert password not in relay.process.output() and password not in relay.process.get("/readyz").text
 
         connector.stop()  # the store answers, but no connector: the step cannot answer

@@ -162,23 +162,38 @@ class RelayPlugin:
             self._maintenance = asyncio.get_running_loop().create_task(self._maintain())
 
     async def _maintain(self) -> None:
-        """Close revoked connectors' links at once; tell the registry who is online."""
+        """Close revoked connectors' links at once, and links whose certificate ended; tell the
+        registry who is online. While the registry does not answer, expiries still end links
+        and the loss and the return are logged once each (``/readyz`` shows ``relay.store``)."""
         loop = asyncio.get_running_loop()
         last_seen_write = time.monotonic()
         router = self.hub.router
         if router is not None:
             self._inbox = loop.create_task(router.serve())
+        away = False  # the registry failed last round: said once, not every second of an outage
         while True:
             await asyncio.sleep(_MAINTENANCE_INTERVAL)
             try:
                 if router is not None:
                     await router.heartbeat()
                 revoked = await loop.run_in_executor(None, self.store.revoked)
+            except Exception as exc:  # noqa: BLE001 - Redis away or SQLite busy: try again next round
+                revoked = None
+                if not away:
+                    log.warning("relay maintenance: the registry does not answer (%s); revocations are checked "
+                                "again when it does, new links and enrolments are refused until then",
+                                exc.__class__.__name__)
+                away = True
+            else:
+                if away:
+                    log.warning("relay maintenance: the registry answers again")
+                away = False
+            try:
                 now = time.time()
                 for session in self.hub.all():
                     if session.closing:
                         continue
-                    if session.connector in revoked:
+                    if revoked is not None and session.connector in revoked:
                         log.warning("connector %s revoked: closing its link", session.connector)
                         self.hub.remove(session)
                         await session.ws.close(code=4003, message=b"revoked")
@@ -188,7 +203,7 @@ class RelayPlugin:
                                     "(it must re-enrol with a new ticket)", session.connector)
                         self.hub.remove(session)
                         await session.ws.close(code=4001, message=b"certificate expired")
-                if time.monotonic() - last_seen_write >= self.settings.ping_interval:
+                if revoked is not None and time.monotonic() - last_seen_write >= self.settings.ping_interval:
                     last_seen_write = time.monotonic()
                     until = time.time() + 3 * self.settings.ping_interval
                     for session in self.hub.all():

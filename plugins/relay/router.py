@@ -67,13 +67,19 @@ class Router:
     async def serve(self) -> None:
         """Take forwarded requests from this instance's inbox, forever."""
         inbox = self._k("inbox", self.instance)
+        away = False  # said once per outage, not every second
         while True:
             try:
                 item = await self.redis.blpop([inbox], timeout=1)
             except Exception as exc:  # Redis away: keep the links, retry
-                log.warning("relay routing: Redis unavailable (%s)", exc)
+                if not away:
+                    log.warning("relay routing: Redis unavailable (%s); retrying every second", exc)
+                away = True
                 await asyncio.sleep(1.0)
                 continue
+            if away:
+                log.warning("relay routing: Redis answers again")
+            away = False
             if item is not None:
                 asyncio.ensure_future(self._handle(json.loads(item[1])))
 
