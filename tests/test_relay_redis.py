@@ -153,3 +153,32 @@ def test_the_relay_store_on_redis_is_probed_and_a_stop_leaves_the_local_links_se
             connector.stop()
         relay.stop()
         redis.stop()
+
+
+def test_a_renewal_while_the_relay_store_is_down_keeps_the_link_and_is_asked_again(tmp_path, slapd):
+    """The renewal cannot be recorded: the connector gets an ``unavailable`` answer (not a dropped
+    link), keeps its certificate and link, and renews once Redis is back."""
+    lifetime = 40.0  # renewal at two thirds: room for a slow start before Redis is stopped
+    redis = RedisServer(tmp_path / "redis").start()
+    relay = Relay(tmp_path / "relay", cache=False, redis_url=redis.url, certificate_lifetime=lifetime)
+    connector = None
+    try:
+        relay.setup().start()
+        connector = Connector(tmp_path / "c1", slapd, link={"backoff_max": 1.0})
+        connector.enroll(relay.ticket(), relay.ca_file).start().wait_linked(relay)
+        redis.stop()
+        wait_for(lambda: "certificate renewal failed" in connector.process.output(), lifetime,
+                 what="the renewal to be refused", log=connector.process.output)
+        assert "cannot record the renewal" in connector.process.output()
+        assert connector.connector_id in relay.ready_links()
+        assert relay.login("alice", "Alice-Passw0rd").status == 200
+        redis.start()
+        wait_for(lambda: "certificate renewed over the link" in connector.process.output(), 20,
+                 what="the renewal once Redis is back", log=connector.process.output)
+        assert connector.process.output().count("link up:") == 1  # one link all along
+        assert connector.connector_id in relay.ready_links()
+    finally:
+        if connector is not None:
+            connector.stop()
+        relay.stop()
+        redis.stop()

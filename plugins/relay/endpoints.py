@@ -337,10 +337,13 @@ class Endpoints:
         if cert.public_key().public_numbers() != session.public_key.public_numbers():
             # Renewal keeps the key the link was authenticated with; a new key needs a new ticket.
             return proto.error(message.id, "forbidden", "renewal must keep the connector's key")
+        try:
+            await self._store(self.plugin.store.record_connector, session.connector, session.connection,
+                              cert.serial_number, cert.not_valid_after_utc.timestamp(),
+                              cert.public_bytes(serialization.Encoding.PEM).decode())
+        except StoreUnavailable:  # unrecorded, so not given: the connector keeps its certificate, asks again
+            return proto.error(message.id, "unavailable", "the relay cannot record the renewal now; try again later")
         session.not_after = cert.not_valid_after_utc.timestamp()  # this link now runs on the new one
-        await self._store(self.plugin.store.record_connector, session.connector, session.connection,
-                          cert.serial_number, cert.not_valid_after_utc.timestamp(),
-                          cert.public_bytes(serialization.Encoding.PEM).decode())
         log.info("connector %s renewed its certificate (valid until %s)", session.connector,
                  cert.not_valid_after_utc.isoformat())
         return proto.answer(message.id, {"certificate": cert.public_bytes(serialization.Encoding.PEM).decode("ascii"),
