@@ -138,9 +138,10 @@ def test_the_relay_store_on_redis_is_probed_and_a_stop_leaves_the_local_links_se
                  log=relay.process.output)
         readyz = relay.process.get("/readyz").json()
         assert readyz["ready"] is True and "degraded" not in readyz
-        assert "relay.store is ready again" in relay.process.output()
-        wait_for(lambda: "relay maintenance: the registry answers again" in relay.process.output()
-                 and "relay routing: Redis answers again" in relay.process.output(), log=relay.process.output)
+        # The health thread logs just after it decides: wait for the line rather than race it.
+        wait_for(lambda: all(line in relay.process.output() for line in (
+            "relay.store is ready again", "relay maintenance: the registry answers again",
+            "relay routing: Redis answers again")), log=relay.process.output)
         assert password not in relay.process.output() and password not in relay.process.get("/readyz").text
 
         connector.stop()  # the store answers, but no connector: the step cannot answer
