@@ -192,8 +192,7 @@ def level(server: GatewayProcess, script: Path, connections: int, seconds: float
     cores["wrk"] = wrk_cpu / wall
     cores["machine"] = (busy_after - busy_before) / wall
     wrk = subprocess.CompletedProcess(wrk.args, wrk.returncode, stdout, stderr)
-    stop.set()
-    sampler.join(30)
+    stop.set()  # the probe's login in flight, if any, ends on its own: recovery does not wait for it
     recovery = None
     while time.perf_counter() - ended < 30:  # bounded
         status, _ = login("127.0.0.1", server.port)
@@ -201,6 +200,7 @@ def level(server: GatewayProcess, script: Path, connections: int, seconds: float
             recovery = time.perf_counter() - ended
             break
         time.sleep(0.02)
+    sampler.join(30)
     time.sleep(2)  # let the allocator settle before reading RSS "after"
     counts = re.search(r"COUNTS (\d+) (\d+) (\d+) (\d+) (\d+) (\d+) (\d+)", wrk.stdout)
     latency = re.search(r"LATENCY (\d+) (\d+)", wrk.stdout)
