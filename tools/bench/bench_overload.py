@@ -49,6 +49,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -182,10 +183,15 @@ def level(server: GatewayProcess, script: Path, connections: int, seconds: float
                             "-s", str(script), f"http://127.0.0.1:{server.port}/auth"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wrk_cpu = 0.0
-    while wrk.poll() is None and time.perf_counter() - began < seconds + 60:  # bounded
-        wrk_cpu = max(wrk_cpu, process_cpu(wrk.pid))  # read while it runs: gone once reaped
-        time.sleep(0.1)
-    stdout, stderr = wrk.communicate(timeout=60)
+    try:
+        while wrk.poll() is None and time.perf_counter() - began < seconds + 60:  # bounded
+            wrk_cpu = max(wrk_cpu, process_cpu(wrk.pid))  # read while it runs: gone once reaped
+            time.sleep(0.1)
+        stdout, stderr = wrk.communicate(timeout=60)
+    finally:
+        if wrk.poll() is None:  # interrupted (Ctrl-C, SIGTERM): no wrk left behind
+            wrk.kill()
+            wrk.wait()
     ended = time.perf_counter()
     cpu_after, busy_after, wall = thread_cpu(worker), machine_busy(), ended - began
     cores = {kind: (cpu_after[kind] - cpu_before[kind]) / wall for kind in cpu_after}
@@ -230,6 +236,8 @@ def main() -> int:
     parser.add_argument("--wrk-core", action="store_true", help="give wrk the last core and the "
                         "gateway the others (the default: they share every core, as in issue 10's run)")
     args = parser.parse_args()
+    # SIGTERM unwinds like Ctrl-C, so the finally blocks stop wrk and the gateway this started.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     cores = sorted(os.sched_getaffinity(0))
     # A closed-loop generator answered at once with 503s keeps resending as fast as it can: on
     # cores it shares with the gateway it takes CPU from the logins it is measuring (a real proxy
