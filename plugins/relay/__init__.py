@@ -23,7 +23,9 @@ Health
     load balancer should keep sending them here and ``/readyz`` shows ``relay`` as degraded;
     what Redis carries stops, failing closed: routing to other instances (``relay.no_connector``),
     enrolment and new links (the registry, revocations included, cannot be read, so no
-    connector, revoked or not, gets in). A process holding no link is not ready either way.
+    connector, revoked or not, gets in; the links already up stay, a revocation closes them
+    within a second of Redis answering again, an expiry at once; a renewal is answered
+    ``unavailable`` and asked again). A process holding no link is not ready either way.
     SQLite is a local file: nothing to probe, its errors surface on the next operation.
 Commands
     ``authgw relay connection add NAME``, ``authgw relay ticket CONNECTION``,
