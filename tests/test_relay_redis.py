@@ -5,8 +5,11 @@ not hold the connector's link is routed to the one that does."""
 from __future__ import annotations
 
 import json
+import os
 import secrets
+import signal
 import ssl
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -183,3 +186,47 @@ def test_a_renewal_while_the_relay_store_is_down_keeps_the_link_and_is_asked_aga
             connector.stop()
         relay.stop()
         redis.stop()
+
+
+def test_redis_lost_while_a_login_is_forwarded_answers_unavailable(tmp_path, slapd, relays):
+    """b forwards a login to a (which holds the link) and waits for the answer in Redis; Redis
+    goes away meanwhile: the login is unavailable (503, retry later), not an error of the step."""
+    (a, b), redis = relays
+    connector = Connector(tmp_path / "c1", slapd).enroll(a.ticket(), a.ca_file).start()
+    frozen: list[int] = []
+    try:
+        connector.wait_linked(a)
+        assert b.login("alice", "Alice-Passw0rd").status == 200  # routed through Redis to a's link
+        # a stops answering (frozen, by PID, with its workers): b's forward waits in BLPOP
+        pid = a.process.proc.pid
+        try:
+            frozen = [pid, *(int(p) for p in open(f"/proc/{pid}/task/{pid}/children").read().split())]
+        except OSError:
+            frozen = [pid]
+        for p in frozen:
+            os.kill(p, signal.SIGSTOP)
+        watch = redis.client()
+
+        def pushes() -> int:  # RPUSH calls so far: b hands a forwarded request to a's inbox with one
+            return watch.info("commandstats").get("cmdstat_rpush", {}).get("calls", 0)
+
+        before = pushes()
+        answers = []
+        login = threading.Thread(target=lambda: answers.append(b.login("alice", "Alice-Passw0rd")))
+        login.start()
+        wait_for(lambda: pushes() > before or answers, 10, what="b to hand the login to a")
+        assert not answers, f"b answered before forwarding: {answers[0].text}"
+        redis.stop()
+        login.join(30)
+        assert answers, "the forwarded login got no answer"
+        response = answers[0]
+        assert response.status == 503, response.text
+        assert (response.json()["outcome"], response.json()["reason"]) == ("unavailable", "relay.no_connector")
+        assert "Alice-Passw0rd" not in b.process.output()
+    finally:
+        for p in frozen:
+            try:
+                os.kill(p, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        connector.stop()

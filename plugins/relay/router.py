@@ -48,6 +48,7 @@ class Router:
             settings.url, password=settings.password.reveal() if settings.password else None,
             socket_connect_timeout=settings.timeout, decode_responses=True)
         self._keys: dict[str, Any] = {}
+        self._lost = (redis.RedisError, OSError)  # Redis gone mid-way (imported here: an optional extra)
 
     def _k(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
@@ -111,6 +112,13 @@ class Router:
             raise Unreachable("relay.no_connector", f"Redis unavailable: {exc}") from None
         candidates = [(c, i) for c, i in routes.items() if i != self.instance]
         random.shuffle(candidates)
+        try:
+            return await self._forward(candidates, connection, type_, body, deadline, retry=retry, password=password)
+        except self._lost as exc:  # Redis lost mid-way: unavailable (503), not an error of the step
+            raise Unreachable("relay.no_connector", f"Redis unavailable: {exc.__class__.__name__}") from None
+
+    async def _forward(self, candidates: list[tuple[str, str]], connection: str, type_: str, body: dict[str, Any],
+                       deadline: float, *, retry: bool, password: str | None) -> proto.Message:
         for connector, instance in candidates:
             if not await self.redis.exists(self._k("instance", instance)):
                 continue
