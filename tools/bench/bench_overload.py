@@ -125,17 +125,6 @@ def thread_cpu(pid: int) -> dict[str, float]:
     return spent
 
 
-def process_cpu(pid: int) -> float:
-    """CPU seconds of process *pid* (all its threads), 0 once it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return 0.0
-    fields = stat[stat.rindex(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def machine_busy() -> float:
     """CPU seconds the whole machine spent not idle, all cores."""
     with open("/proc/stat") as f:
@@ -185,7 +174,7 @@ def level(server: GatewayProcess, script: Path, connections: int, seconds: float
     wrk_cpu = 0.0
     try:
         while wrk.poll() is None and time.perf_counter() - began < seconds + 60:  # bounded
-            wrk_cpu = max(wrk_cpu, process_cpu(wrk.pid))  # read while it runs: gone once reaped
+            wrk_cpu = max(wrk_cpu, loadgen.cpu_seconds([wrk.pid]))  # read while it runs: gone once reaped
             time.sleep(0.1)
         stdout, stderr = wrk.communicate(timeout=60)
     finally:
