@@ -15,6 +15,7 @@ from support.fakedist import make_dist
 from support.gateway import GatewayProcess, write_conf
 from support.http import basic
 from support.net import wait_for
+from support.proc import children
 
 PASSWORD = "Corr3ct-Horse-Battery"
 
@@ -308,7 +309,7 @@ def test_two_workers_share_the_socket_and_metrics(conf_dir, alice_hash, start_ga
     # another worker publishes its counts every PUBLISH_INTERVAL
     wait_for(lambda: 'outcome="success",step="static"} 6.0' in gw.get("/metrics").body.decode(), 10,
              what="metrics that aggregate every worker")
-    workers = [int(p) for p in open(f"/proc/{gw.proc.pid}/task/{gw.proc.pid}/children").read().split()]
+    workers = children(gw.proc.pid)
     assert len(workers) == 2
     if len(os.sched_getaffinity(0)) > 1:  # pin_workers: one CPU each, different ones
         pinned = [os.sched_getaffinity(pid) for pid in workers]

@@ -18,6 +18,7 @@ import pytest
 
 from support.linkenv import Connector, Relay
 from support.net import wait_for
+from support.proc import children
 from support.redis import RedisServer
 from support.slapd import Slapd
 
@@ -198,11 +199,7 @@ def test_redis_lost_while_a_login_is_forwarded_answers_unavailable(tmp_path, sla
         connector.wait_linked(a)
         assert b.login("alice", "Alice-Passw0rd").status == 200  # routed through Redis to a's link
         # a stops answering (frozen, by PID, with its workers): b's forward waits in BLPOP
-        pid = a.process.proc.pid
-        try:
-            frozen = [pid, *(int(p) for p in open(f"/proc/{pid}/task/{pid}/children").read().split())]
-        except OSError:
-            frozen = [pid]
+        frozen = [a.process.proc.pid, *children(a.process.proc.pid)]
         for p in frozen:
             os.kill(p, signal.SIGSTOP)
         watch = redis.client()

@@ -11,10 +11,10 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 
-from support.gateway import GatewayProcess, static_users, write_conf
+from support.gateway import static_users, write_conf
 from support.net import free_port
+from support.proc import children
 
 REQUEST = b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n"
 
@@ -28,8 +28,7 @@ def conf(conf_dir, demo_hash, reuse_port: bool | None = None):
 
 
 def workers_of(gw) -> list[int]:
-    pid = gw.proc.pid
-    return [int(p) for p in open(f"/proc/{pid}/task/{pid}/children").read().split()]
+    return children(gw.proc.pid)
 
 
 def tcp_sockets(port: int) -> dict[int, str]:

@@ -25,6 +25,11 @@ def kill(proc: subprocess.Popen | None) -> None:
     stop(proc, signal.SIGKILL, timeout=10.0)
 
 
+def children(pid: int) -> list[int]:
+    """The PIDs of *pid*'s children (a gateway master's workers), from /proc."""
+    return [int(p) for p in open(f"/proc/{pid}/task/{pid}/children").read().split()]
+
+
 def die_with_parent() -> None:
     """``preexec_fn`` of a server the tests start: in the child, before exec, ask Linux to send it
     SIGTERM when the thread that started it dies (prctl PR_SET_PDEATHSIG), so a crashed or
