@@ -26,13 +26,14 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
+from urllib.parse import urlsplit
 
 from gateway.checks import ComponentState
 
 if TYPE_CHECKING:
     from gateway.chain import Gateway
 
-__all__ = ["HealthWatch", "Readiness", "StoreProbe", "decide"]
+__all__ = ["HealthWatch", "Readiness", "StoreProbe", "decide", "redis_location"]
 
 log = logging.getLogger("authgw.health")
 
@@ -81,6 +82,13 @@ def decide(core: list[ComponentState], reports: list[tuple[str, list[ComponentSt
     if problems:
         return Readiness(False, "; ".join(problems), (), components)
     return Readiness(True, None, tuple(impaired), components)
+
+
+def redis_location(url: str) -> str:
+    """``scheme://host:port`` of a Redis URL, what readiness details and errors name: never the
+    password the URL may carry."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname or ''}:{parts.port or 6379}"
 
 
 class StoreProbe:

@@ -16,8 +16,8 @@ import threading
 from collections import deque
 from pathlib import Path
 from typing import Protocol
-from urllib.parse import urlsplit
 
+from gateway.health import redis_location
 from gateway.settings import ThrottleSettings
 from gateway.sqlitedb import connect_wal
 
@@ -207,8 +207,7 @@ class RedisStore:
         except ImportError as exc:
             raise ValueError("throttle.store: redis needs the redis package: pip install 'authgw[redis]'") from exc
         self._errors = (redis.RedisError, OSError)
-        parts = urlsplit(url)
-        self.location = f"{parts.scheme}://{parts.hostname or ''}:{parts.port or 6379}"
+        self.location = redis_location(url)  # for readiness and errors: no password
         self._prefix = prefix
         self._client = redis.Redis.from_url(url, password=password, socket_timeout=timeout,
                                             socket_connect_timeout=timeout, decode_responses=False)

@@ -27,9 +27,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from gateway import Identity
+from gateway.health import redis_location
 from gateway.sqlitedb import connect_wal
 
 from .settings import SessionSettings
@@ -149,8 +149,7 @@ class RedisStore:
 
         self.redis = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
         self.ttl = int(ttl) + 1
-        parts = urlsplit(url)  # for readiness: never the password the URL may carry
-        self.location = f"{parts.scheme}://{parts.hostname or ''}:{parts.port or 6379}"
+        self.location = redis_location(url)  # for readiness and errors: no password
 
     def ping(self) -> str:
         """The health probe's question (raises on failure; at most the 2 s socket timeout)."""

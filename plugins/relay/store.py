@@ -14,8 +14,8 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
+from gateway.health import redis_location
 from gateway.sqlitedb import connect_wal
 
 __all__ = ["Connector", "RedisStore", "SQLiteStore", "TicketRefused", "token_hash"]
@@ -159,8 +159,7 @@ class RedisStore:
         self.redis = redis.Redis.from_url(settings.url, password=settings.password.reveal() if settings.password else None,
                                           socket_timeout=settings.timeout, socket_connect_timeout=settings.timeout,
                                           decode_responses=True)
-        parts = urlsplit(settings.url)  # for readiness: never the password a URL may carry
-        self.location = f"{parts.scheme}://{parts.hostname or ''}:{parts.port or 6379}"
+        self.location = redis_location(settings.url)  # for readiness and errors: no password
 
     def ping(self) -> str:
         """The health probe's round trip (``PING``, within ``redis.timeout``). Raises with the
