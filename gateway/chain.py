@@ -117,6 +117,10 @@ class ChainFolder:
     def gateway_authenticate(self, attempt: Attempt):
         try:
             decision = yield
+        except Abandoned:  # a step saw its attempt given up before costly work (pool.check_wanted)
+            return Decision.deny(Outcome.UNAVAILABLE, step="gateway", reason="client_gone")
+        except DeadlineExpired:
+            return Decision.deny(Outcome.UNAVAILABLE, step="gateway", reason="deadline_exceeded")
         except BaseException as exc:  # SystemExit too: a plugin never ends the worker (issue 10)
             step = self.culprit(exc)
             log.error("plugin %r raised %s during attempt %s; denied (fail closed)",

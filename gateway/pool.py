@@ -12,6 +12,8 @@ measured time per item (how fast the threads really finish work on this machine,
 ``limits.queue_wait`` or the attempt's deadline. Work is dropped unrun when a thread finds its
 deadline passed or its client gone (the connection closed while it queued), so a burst does not
 leave seconds of dead work behind it: the gateway answers normally again as soon as the burst ends.
+A step that waits before costly work (a password check for its turn) asks :func:`check_wanted`
+the same question when its turn comes.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import threading
 import time
 from typing import Any, Callable
 
-__all__ = ["Abandoned", "ChainPool", "DeadlineExpired", "Overloaded"]
+__all__ = ["Abandoned", "ChainPool", "DeadlineExpired", "Overloaded", "check_wanted"]
 
 log = logging.getLogger("authgw.chain")
 
@@ -52,6 +54,31 @@ class DeadlineExpired(Exception):
 
 class Abandoned(Exception):
     """The attempt's client went away before a thread took it; it was not run."""
+
+
+def _unwanted(future: asyncio.Future | None, deadline: float | None,
+              abandoned: Callable[[], bool] | None) -> Exception | None:
+    """Why nobody will read this work's answer any more, or None while somebody will."""
+    if deadline is not None and time.monotonic() >= deadline:
+        return DeadlineExpired()
+    if future is not None and (future.done() or (abandoned is not None and abandoned())):
+        return Abandoned()
+    return None
+
+
+def check_wanted() -> None:
+    """Raise :class:`DeadlineExpired` or :class:`Abandoned` when the attempt this pool thread
+    runs is no longer wanted (its deadline passed, or its client hung up); elsewhere do nothing.
+
+    For a step about to start costly work after a wait (a password hash after its turn in
+    :class:`gateway.slots.FairSlots`): the chain answers the attempt ``deadline_exceeded`` or
+    ``client_gone`` (:class:`gateway.chain.ChainFolder`), as if the pool had dropped it unrun.
+    """
+    wanted = getattr(current, "wanted", None)
+    if wanted is not None:
+        unwanted = _unwanted(*wanted)
+        if unwanted is not None:
+            raise unwanted
 
 
 class ChainPool:
@@ -123,11 +150,7 @@ class ChainPool:
             # Work nobody will read: its waiter has answered (or is about to answer) "deadline
             # exceeded", or its client closed the connection (a proxy that gave up, a load
             # generator that stopped). Running it would only delay the work queued behind it.
-            unwanted = None
-            if deadline is not None and time.monotonic() >= deadline:
-                unwanted = DeadlineExpired()
-            elif future is not None and (future.done() or (abandoned is not None and abandoned())):
-                unwanted = Abandoned()
+            unwanted = _unwanted(future, deadline, abandoned)
             if unwanted is not None:
                 self.dropped += 1
                 try:
@@ -136,6 +159,7 @@ class ChainPool:
                     pass
                 continue
             current.arg = arg
+            current.wanted = (future, deadline, abandoned) if future is not None else None
             started = time.monotonic()
             try:
                 result, error = fn(arg), None
@@ -146,6 +170,8 @@ class ChainPool:
                 # worker: the waiter gets an ordinary exception, and fails closed on it.
                 result, error = None, RuntimeError(f"{exc.__class__.__name__} raised on a chain thread")
                 error.__cause__ = exc
+            finally:
+                current.wanted = None
             if loop is not None:  # attempts only; an unlocked update may lose a sample, no more
                 took = time.monotonic() - started
                 self._per_item = took if self._per_item is None else 0.9 * self._per_item + 0.1 * took

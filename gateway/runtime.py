@@ -11,6 +11,7 @@ from gateway.chain import ChainFolder, Gateway
 from gateway.config import Config, load_config
 from gateway.errors import ConfigError
 from gateway.metrics import Metrics
+from gateway.passwords import set_hash_concurrency
 from gateway.registry import PluginInfo, build_plugin_manager, check_config, discover
 from gateway.steplimit import bound_steps
 
@@ -79,5 +80,6 @@ def build_runtime(config_dir: Path, *, state_dir: Path | None = None,
     limits = config.core.limits
     bound_steps(pm, config.core.chain, limits.step_concurrency or max(1, config.core.threads // 2),
                 config.core.deadline)
+    set_hash_concurrency(limits.hash_concurrency)
     gateway = Gateway(config.core, pm, plugins, folder, state_dir=state)
     return Runtime(config, gateway, metrics, audit, state)

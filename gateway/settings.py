@@ -327,10 +327,20 @@ class LimitsSettings(PluginSettings):
                                          "hold while none of its calls finishes for half the deadline; "
                                          "then it is skipped (a hanging backend cannot take them all); "
                                          "default half of `threads`")
+    hash_concurrency: int | None = Field(None, ge=1, le=512, description="password hashes "
+                                         "(argon2id: the static users file) verified at once per "
+                                         "worker; the others wait their turn in arrival order, and "
+                                         "are skipped when their client has gone; default: the CPUs "
+                                         "the worker may use")
     queue_wait: float = Field(0.5, gt=0, le=300, description="seconds an attempt may be expected "
                               "to wait for a chain thread (estimated from the measured pace); more "
                               "is refused at once with 503, so a burst leaves no backlog behind it")
     retry_after: int = Field(1, ge=1, le=3600, description="`Retry-After` seconds of an overload 503")
+    overload_refusals: float = Field(200, gt=0, le=1_000_000, description="overload 503s per "
+                                     "second a worker answers before the connections it refused "
+                                     "wait longer than `retry_after` for their next request to be read")
+    max_hold: float = Field(10, ge=1, le=300, description="seconds at most a refused connection's "
+                            "next request waits unread (its `Retry-After`)")
     header_timeout: float = Field(10.0, gt=0, le=300, description="seconds a client has to send a "
                                   "request's headers (slow-header floods)")
     body_timeout: float = Field(10.0, gt=0, le=300, description="seconds a client has to send a "

@@ -125,10 +125,12 @@ def test_excess_work_is_refused_at_once_and_goodput_holds(conf_dir, alice_hash, 
     gw = start_gateway(conf(conf_dir, alice_hash, "chain: [slow]\nthreads: 2\ndeadline: 3\nlimits:\n  queue: 2\n",
                             "slow:\n  sleep: 0.2\n"), env=slow_env)
     results = burst(gw, clients=40, per_client=8)
-    assert len(results) == 320 and all(status in (200, 503) for status, *_ in results), results
+    assert len(results) == 320 and all(status in (200, 503) for status, *_ in results), [r for r in results if r[0] not in (200, 503)]
     ok = [seconds for status, seconds, *_ in results if status == 200]
     refused = [(seconds, retry) for status, seconds, retry, _ in results if status == 503]
-    assert refused and all(retry == "1" for _, retry in refused)
+    # Retry-After: 1 s (limits.retry_after), longer once refusals pass limits.overload_refusals a
+    # second (up to limits.max_hold), as each refused connection's next request waits that long.
+    assert refused and all(1 <= int(retry) <= 10 for _, retry in refused), refused
     # No collapse: attempts were served throughout, and every one admitted was served (none ran
     # out its deadline in the queue, as all of them did with the unbounded queue).
     assert len(ok) >= 4
@@ -221,3 +223,104 @@ def test_queued_work_whose_client_hung_up_is_not_run(conf_dir, alice_hash, start
     assert gw.output().count("hang: call entered") == 1  # none of the three ran
     assert gw.auth("alice", PASSWORD).status == 200
     assert "Traceback" not in gw.output() and "ERROR" not in gw.output()
+
+
+def _metric(gw, name: str) -> float | None:
+    for line in gw.get("/metrics").body.decode().splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def test_a_password_check_whose_client_left_while_it_waited_for_its_turn_is_not_run(conf_dir, alice_hash,
+                                                                                  start_gateway):
+    # Four chain threads but one password check at a time (limits.hash_concurrency). `slow`'s
+    # own hash costs seconds (argon2id takes its cost from the hash). Three clients send alice's
+    # login behind it, each on a free thread, and hang up while their check waits for its turn:
+    # when the turn comes, the check is skipped (`client_gone`). Before, sixteen checks ran at
+    # once on two cores, and after a burst the next login waited for every one of them.
+    import socket
+
+    from argon2 import PasswordHasher, Type
+
+    slow_hash = PasswordHasher(time_cost=400, memory_cost=8 * 1024, parallelism=1, type=Type.ID).hash("slow-pw")
+    gw = start_gateway(write_conf(conf_dir, {
+        "gateway.yaml": "chain: [static]\nthreads: 4\ndeadline: 30\nthrottle:\n  enabled: false\n"
+                        "limits:\n  hash_concurrency: 1\n",
+        "static.yaml": "static:\n  users_file: users/users.yaml\n",
+        "users/users.yaml": f'users:\n  alice:\n    password_hash: "{alice_hash}"\n'
+                            f'  slow:\n    password_hash: "{slow_hash}"\n',
+    }))
+    first: list[int] = []
+    holder = threading.Thread(target=lambda: first.append(gw.auth("slow", "slow-pw", timeout=60).status))
+    holder.start()
+    wait_for(lambda: _metric(gw, "authgw_attempts_in_flight") == 1, 30, interval=0.05, what="the slow check")
+    raw = (f"GET /auth HTTP/1.1\r\nHost: x\r\nAuthorization: {basic('alice', PASSWORD)}\r\n\r\n").encode()
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
+            sock.sendall(raw)
+            time.sleep(0.1)  # read, on a thread, waiting for the one check slot; then the client hangs up
+    holder.join(60)
+    assert first == [200]
+    wait_for(lambda: len(gw.audit()) >= 4, 30, interval=0.05, what="four audit lines")
+    assert sorted(line["reason"] or line["outcome"] for line in gw.audit()) == ["client_gone"] * 3 + ["success"]
+    assert gw.auth("alice", PASSWORD).status == 200
+    assert "Traceback" not in gw.output()
+
+
+def test_a_refused_connection_waits_its_retry_after_and_a_closed_one_is_let_go(conf_dir, alice_hash,
+                                                                              start_gateway, slow_env):
+    # One thread, held by `hang`, one attempt queued: every other login is refused `overloaded`.
+    # Past limits.overload_refusals (0.5 a second: one turn every 2 s) the refused connections'
+    # next requests are given turns, up to limits.max_hold, and Retry-After says when.
+    import http.client
+    import socket
+
+    gw = start_gateway(conf(conf_dir, alice_hash, "chain: [hang, static]\nthreads: 1\ndeadline: 20\n"
+                            "limits:\n  queue: 1\n  overload_refusals: 0.5\n  max_hold: 10\n"
+                            "  max_connections_per_client: 8\n", "hang:\n  sleep: 4\n"), env=slow_env)
+    background = [threading.Thread(target=gw.auth, args=("alice", PASSWORD), kwargs={"timeout": 60})
+                  for _ in range(2)]
+    background[0].start()
+    wait_for(lambda: "hang: call entered" in gw.output(), 30, interval=0.05, what="the running attempt")
+    background[1].start()
+    wait_for(lambda: _metric(gw, "authgw_attempts_in_flight") == 2, 30, interval=0.05,
+             what="one attempt running, one queued")
+    connections, retry = [], []
+    for _ in range(4):
+        conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=30)
+        conn.request("GET", "/auth", headers={"Authorization": basic("alice", PASSWORD)})
+        r = conn.getresponse()
+        r.read()
+        assert r.status == 503
+        connections.append(conn)
+        retry.append(int(r.headers["Retry-After"]))
+    assert retry[0] == 1 and retry == sorted(retry) and 5 <= retry[-1] <= 10, retry
+    # The first connection resends at once: its request is answered no sooner than it was told.
+    started = time.monotonic()
+    connections[0].request("GET", "/healthz")
+    r = connections[0].getresponse()
+    r.read()
+    assert r.status == 200 and time.monotonic() - started >= 0.5
+    # The others hang up while held: they are let go at once, not kept open (and counted against
+    # max_connections_per_client, 8 with the two logins above) until their turn, seconds away.
+    for conn in connections:
+        conn.close()
+
+    def six_new_connections_served() -> bool:
+        socks = []
+        try:
+            for _ in range(6):
+                sock = socket.create_connection(("127.0.0.1", gw.port), timeout=5)
+                socks.append(sock)
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            return all(sock.recv(12).startswith(b"HTTP/1.1 200") for sock in socks)
+        except OSError:
+            return False
+        finally:
+            for sock in socks:
+                sock.close()
+    wait_for(six_new_connections_served, 4, interval=0.2, what="the closed held connections let go")
+    for thread in background:
+        thread.join(60)
+    assert "Traceback" not in gw.output()

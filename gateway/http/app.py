@@ -14,6 +14,7 @@ import asyncio
 import hmac
 import itertools
 import json
+import math
 import secrets
 import time
 from collections.abc import Mapping
@@ -204,18 +205,24 @@ class FrontDoor:
             if mutual:
                 headers["WWW-Authenticate"] = mutual
             return web.Response(status=200, text="", headers=headers)
-        return self.denied(attempt, decision, headers)
+        return self.denied(request, attempt, decision, headers)
 
-    def retry_after(self, decision: Decision) -> str:
+    def retry_after(self, request: web.Request, decision: Decision) -> str:
         """``Retry-After`` of a 503: short for overload (capacity returns within a second or
-        so), longer for a backend that is down."""
+        so; the connection's next request is read no sooner, :mod:`gateway.http.protocol`),
+        longer for a backend that is down."""
+        if decision.reason == "overloaded":
+            hold = getattr(request.protocol, "hold_after_refusal", None)
+            if hold is not None:
+                return str(math.ceil(hold()))
         if decision.reason in ("overloaded", "step_saturated"):
             return str(self.gateway.settings.limits.retry_after)
         return _RETRY_AFTER_UNAVAILABLE
 
-    def denied(self, attempt: Attempt, decision: Decision, headers: dict[str, str]) -> web.Response:
+    def denied(self, request: web.Request, attempt: Attempt, decision: Decision,
+               headers: dict[str, str]) -> web.Response:
         if decision.outcome is Outcome.UNAVAILABLE:
-            headers["Retry-After"] = self.retry_after(decision)
+            headers["Retry-After"] = self.retry_after(request, decision)
             return web.Response(status=503, text="503 Service Unavailable\n", headers=headers)
         if decision.outcome is Outcome.THROTTLED:
             headers["Retry-After"] = str(int(self.gateway.settings.throttle.window))
@@ -270,7 +277,7 @@ class FrontDoor:
         status = {Outcome.UNAVAILABLE: 503, Outcome.THROTTLED: 429}.get(decision.outcome, 200)
         headers = {"Cache-Control": "no-store"}
         if status == 503:
-            headers["Retry-After"] = self.retry_after(decision)
+            headers["Retry-After"] = self.retry_after(request, decision)
         return web.json_response({
             "request_id": attempt.request_id,
             "outcome": decision.outcome.value,

@@ -14,6 +14,11 @@ connection protocol with those three things decided here instead:
   behind them shares their address), and a new connection is closed at once;
 * **malformed requests** -- answered with a fixed body (``400 Bad Request``) and logged as one
   WARNING line naming the client and the parser's error class, never the bytes;
+* **overload holds** -- a connection answered 503 ``overloaded`` has its next request kept,
+  unparsed, for the ``Retry-After`` it was given: at least ``limits.retry_after``, longer past
+  ``limits.overload_refusals`` refusals a second (turns spaced to keep to that rate), at most
+  ``limits.max_hold``. A client resending at once cannot keep the event loop refusing and take
+  the CPU from the logins; one that closes meanwhile is seen at once;
 * **retirement at reload** -- a connection the retiring generation accepted whose first request
   has not arrived yet is not an idle keep-alive connection: its client sent (or is sending) a
   request on a fresh connection and, unlike one on a reused connection, does not retry it. aiohttp
@@ -49,6 +54,9 @@ _LOG_EVERY = 10.0
 #: Seconds a retiring generation waits for the first request of a connection it accepted: a
 #: client sends it right after connecting; this covers a loaded machine's scheduling delays.
 _FIRST_REQUEST_GRACE = 2.0
+#: Bytes a held connection may send before reading from it pauses (a request's headers and a
+#: ``/v1/authenticate`` body fit; reading resumes when the hold ends).
+_HOLD_BUFFER = 64 * 1024
 
 
 class _RateLimitedWarning:
@@ -78,6 +86,20 @@ class ConnectionGuard:
         self.open = 0
         self.per_client: Counter[str] = Counter()
         self.warn = _RateLimitedWarning()
+        self._next_read = 0.0  # loop time before which no held connection reads again
+
+    def hold_after_refusal(self, now: float) -> float:
+        """Seconds a connection just refused for overload waits before its next request is read.
+
+        At least ``limits.retry_after`` (what its ``Retry-After`` asks); beyond
+        ``limits.overload_refusals`` a second, the held connections are given turns spaced so
+        that the worker reads no more of their requests than that, up to ``limits.max_hold``.
+        A client that resends at once, ignoring ``Retry-After``, then costs no CPU while it waits:
+        refusing it again and again would take the cores from the logins (issue 10)."""
+        start = max(now + self.limits.retry_after, self._next_read)
+        start = min(start, now + max(self.limits.max_hold, self.limits.retry_after))
+        self._next_read = start + 1.0 / self.limits.overload_refusals
+        return start - now
 
     def admit(self, host: str) -> bool:
         """Count a new connection from *host*, or refuse it (False) with a logged warning."""
@@ -115,6 +137,9 @@ class GuardedRequestHandler(RequestHandler):
         self._headers_since: float | None = None
         self._header_timer: asyncio.TimerHandle | None = None
         self._first_request: asyncio.Future | None = None  # set while retirement waits for it
+        self._hold: float | None = None  # seconds to hold the next request after this response
+        self._hold_timer: asyncio.TimerHandle | None = None
+        self._held: bytearray | None = None  # what the client sent while held (None: not held)
 
     # -- connection caps --------------------------------------------------------------------------
 
@@ -135,6 +160,10 @@ class GuardedRequestHandler(RequestHandler):
             return
         self._guard.release(self._host)
         self._host = None
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+            self._hold_timer = None
+        self._held = None
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
@@ -173,6 +202,11 @@ class GuardedRequestHandler(RequestHandler):
             self.transport.close()
 
     def data_received(self, data: bytes) -> None:
+        if self._held is not None:  # kept unparsed until the hold ends (overload, below)
+            self._held += data
+            if len(self._held) > _HOLD_BUFFER:
+                self.transport.pause_reading()  # resumed when the hold ends
+            return
         super().data_received(data)
         if self._first_request is not None and self._request_count and not self._first_request.done():
             self._first_request.set_result(None)
@@ -187,14 +221,22 @@ class GuardedRequestHandler(RequestHandler):
         """Accepted, open, and no request received yet (not even partly parsed)."""
         return self._request_count == 0 and self.transport is not None and not self._force_close
 
+    def _unread(self) -> bool:
+        """A request is probably on its way that aiohttp has not seen: the connection is fresh,
+        or held after an overload 503 (its client resent at once)."""
+        return self._fresh() or self._hold_timer is not None
+
     def close(self) -> None:
-        # aiohttp's pre-shutdown close() would drop a fresh connection's request bytes
-        # (data_received ignores them once closing); shutdown() below serves that request.
-        if not self._fresh():
+        # aiohttp's pre-shutdown close() would drop such a request's bytes (data_received
+        # ignores them once closing); shutdown() below serves that request.
+        if not self._unread():
             super().close()
 
     async def shutdown(self, timeout: float | None = 15.0) -> None:
-        if self._fresh():
+        if self._unread():
+            if self._hold_timer is not None:  # read the held request now: this generation answers it
+                self._hold_timer.cancel()
+                self._end_hold()
             self._first_request = self._loop.create_future()
             wait = min(_FIRST_REQUEST_GRACE, self._guard.limits.header_timeout, timeout or _FIRST_REQUEST_GRACE)
             try:
@@ -207,7 +249,32 @@ class GuardedRequestHandler(RequestHandler):
     async def finish_response(self, request, resp, start_time):
         if self._force_close or self._first_request is not None:
             resp.force_close()  # retiring: the client opens its next connection to the new generation
-        return await super().finish_response(request, resp, start_time)
+        try:
+            return await super().finish_response(request, resp, start_time)
+        finally:
+            hold, self._hold = self._hold, None
+            if hold and self.transport is not None and not self.transport.is_closing() and not self._force_close:
+                self._held = bytearray()
+                self._hold_timer = self._loop.call_later(hold, self._end_hold)
+
+    # -- overload ---------------------------------------------------------------------------------------
+
+    def hold_after_refusal(self) -> float:
+        """Called by a front door answering 503 ``overloaded``: the seconds this connection's
+        next request will wait (:meth:`ConnectionGuard.hold_after_refusal`), for its
+        ``Retry-After``. Once the 503 is written, what the client sends is kept, unparsed, until
+        then; a client that closes meanwhile is seen at once (its connection is not held open)."""
+        self._hold = self._guard.hold_after_refusal(self._loop.time())
+        return self._hold
+
+    def _end_hold(self) -> None:
+        self._hold_timer = None
+        held, self._held = self._held, None
+        if self.transport is None or self.transport.is_closing():
+            return
+        self.transport.resume_reading()  # if the buffer filled up
+        if held:
+            self.data_received(bytes(held))
 
     # -- malformed requests ---------------------------------------------------------------------------
 

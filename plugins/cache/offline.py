@@ -21,7 +21,6 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import secrets
 import threading
 import time
@@ -36,6 +35,7 @@ from gateway import Attempt, Decision, Identity, Outcome, PasswordCredential
 from gateway.plugins.cache.keys import CacheKeys, KeyFileError, load_keys
 from gateway.plugins.cache.settings import CacheSettings
 from gateway.plugins.cache.store import AT_LIMIT, FUTURE_TOLERANCE, GONE, Entry, SQLiteStore, Store, StoreError
+from gateway.slots import FairSlots, usable_cpus
 
 __all__ = ["OfflineCache", "make_store", "normalise"]
 
@@ -83,7 +83,7 @@ class OfflineCache:
         argon2 = settings.argon2
         self.hasher = PasswordHasher(time_cost=argon2.time_cost, memory_cost=argon2.memory_cost,
                                      parallelism=argon2.parallelism, hash_len=32, salt_len=16, type=Type.ID)
-        self._hash_slots = threading.BoundedSemaphore(settings.hash_concurrency or os.cpu_count() or 2)
+        self._hash_slots = FairSlots(settings.hash_concurrency or usable_cpus())  # first come, first served
         self._lock = threading.Lock()
         self._keys: CacheKeys | None = None
         self._store: Store | None = None

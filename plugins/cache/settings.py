@@ -110,7 +110,8 @@ class CacheSettings(PluginSettings):
     refresh_after: Duration = Field(300.0, ge=0, description="seconds during which a repeat live login with the "
                                                              "same password is not hashed again (0: always)")
     hash_concurrency: int | None = Field(None, ge=1, le=64,
-                                         description="password hashes computed at once per process; default: CPUs")
+                                         description="password hashes computed at once per process, the others "
+                                         "waiting in arrival order; default: the CPUs it may use")
     argon2: Argon2Settings = Field(Argon2Settings(), description="argon2id cost; never below the OWASP minimum")
     hot: HotSettings = Field(HotSettings(), description="the in-memory hot cache")
 
