@@ -324,3 +324,39 @@ def test_a_refused_connection_waits_its_retry_after_and_a_closed_one_is_let_go(c
     for thread in background:
         thread.join(60)
     assert "Traceback" not in gw.output()
+
+
+def test_a_held_request_is_answered_when_a_reload_retires_its_connection(conf_dir, alice_hash, start_gateway,
+                                                                         slow_env):
+    # A refused connection is held 30 s (Retry-After); its client resends at once. A reload
+    # retires the generation that holds it: the held request is read and answered then (with
+    # Connection: close), not dropped with the connection as an idle one would be.
+    import http.client
+    import os
+    import signal
+
+    gw = start_gateway(conf(conf_dir, alice_hash, "chain: [hang, static]\nthreads: 1\ndeadline: 20\n"
+                            "limits:\n  queue: 1\n  retry_after: 30\n  max_hold: 30\n", "hang:\n  sleep: 3\n"),
+                       env=slow_env)
+    background = [threading.Thread(target=gw.auth, args=("alice", PASSWORD), kwargs={"timeout": 60})
+                  for _ in range(2)]
+    background[0].start()
+    wait_for(lambda: "hang: call entered" in gw.output(), 30, interval=0.05, what="the running attempt")
+    background[1].start()
+    wait_for(lambda: _metric(gw, "authgw_attempts_in_flight") == 2, 30, interval=0.05,
+             what="one attempt running, one queued")
+    conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=60)
+    conn.request("GET", "/auth", headers={"Authorization": basic("alice", PASSWORD)})
+    r = conn.getresponse()
+    r.read()
+    assert (r.status, r.headers["Retry-After"]) == (503, "30")
+    conn.request("GET", "/healthz")
+    os.kill(gw.proc.pid, signal.SIGHUP)
+    r = conn.getresponse()
+    assert r.status == 200 and r.headers.get("Connection", "").lower() == "close"
+    r.read()
+    conn.close()
+    wait_for(lambda: " reloaded " in gw.output(), 30, what="the reload")
+    for thread in background:
+        thread.join(60)
+    assert gw.auth("alice", PASSWORD).status == 200

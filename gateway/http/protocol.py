@@ -233,10 +233,10 @@ class GuardedRequestHandler(RequestHandler):
             super().close()
 
     async def shutdown(self, timeout: float | None = 15.0) -> None:
-        if self._unread():
-            if self._hold_timer is not None:  # read the held request now: this generation answers it
-                self._hold_timer.cancel()
-                self._end_hold()
+        if self._hold_timer is not None:  # parse the held request now: this generation answers it
+            self._hold_timer.cancel()
+            self._end_hold()
+        if self._fresh():
             self._first_request = self._loop.create_future()
             wait = min(_FIRST_REQUEST_GRACE, self._guard.limits.header_timeout, timeout or _FIRST_REQUEST_GRACE)
             try:
