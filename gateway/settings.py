@@ -336,10 +336,10 @@ class LimitsSettings(PluginSettings):
                               "to wait for a chain thread (estimated from the measured pace); more "
                               "is refused at once with 503, so a burst leaves no backlog behind it")
     retry_after: int = Field(1, ge=1, le=3600, description="`Retry-After` seconds of an overload 503")
-    overload_refusals: float = Field(200, gt=0, le=1_000_000, description="overload 503s per "
+    overload_refusals: float = Field(100, gt=0, le=1_000_000, description="overload 503s per "
                                      "second a worker answers before the connections it refused "
                                      "wait longer than `retry_after` for their next request to be read")
-    max_hold: float = Field(10, ge=1, le=300, description="seconds at most a refused connection's "
+    max_hold: float = Field(8, ge=1, le=300, description="seconds at most a refused connection's "
                             "next request waits unread (its `Retry-After`)")
     header_timeout: float = Field(10.0, gt=0, le=300, description="seconds a client has to send a "
                                   "request's headers (slow-header floods)")

@@ -54,9 +54,10 @@ _LOG_EVERY = 10.0
 #: Seconds a retiring generation waits for the first request of a connection it accepted: a
 #: client sends it right after connecting; this covers a loaded machine's scheduling delays.
 _FIRST_REQUEST_GRACE = 2.0
-#: Bytes a held connection may send before reading from it pauses (a request's headers and a
-#: ``/v1/authenticate`` body fit; reading resumes when the hold ends).
-_HOLD_BUFFER = 64 * 1024
+#: Bytes kept from a held connection before reading from it pauses until the hold ends (a
+#: usual request fits). Small, since every open connection may be held: 4,096 x 8 KiB = 32 MiB.
+#: Reading keeps a client's close visible; a paused one is seen when the hold ends.
+_HOLD_BUFFER = 8 * 1024
 
 
 class _RateLimitedWarning:
