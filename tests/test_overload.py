@@ -232,6 +232,19 @@ def _metric(gw, name: str) -> float | None:
     return None
 
 
+def _one_running_one_queued(gw) -> list[threading.Thread]:
+    """Fill a one-thread, one-slot-queue gateway whose chain starts with `hang`: one login on the
+    thread, one queued; every further login is refused `overloaded`. Join the threads returned."""
+    background = [threading.Thread(target=gw.auth, args=("alice", PASSWORD), kwargs={"timeout": 60})
+                  for _ in range(2)]
+    background[0].start()
+    wait_for(lambda: "hang: call entered" in gw.output(), 30, interval=0.05, what="the running attempt")
+    background[1].start()  # only now: sent together, the second could find the first still queued
+    wait_for(lambda: _metric(gw, "authgw_attempts_in_flight") == 2, 30, interval=0.05,
+             what="one attempt running, one queued")
+    return background
+
+
 def test_a_password_check_whose_client_left_while_it_waited_for_its_turn_is_not_run(conf_dir, alice_hash,
                                                                                   start_gateway):
     # Four chain threads but one password check at a time (limits.hash_concurrency). `slow`'s
@@ -279,13 +292,7 @@ def test_a_refused_connection_waits_its_retry_after_and_a_closed_one_is_let_go(c
     gw = start_gateway(conf(conf_dir, alice_hash, "chain: [hang, static]\nthreads: 1\ndeadline: 20\n"
                             "limits:\n  queue: 1\n  overload_refusals: 0.5\n  max_hold: 10\n"
                             "  max_connections_per_client: 8\n", "hang:\n  sleep: 4\n"), env=slow_env)
-    background = [threading.Thread(target=gw.auth, args=("alice", PASSWORD), kwargs={"timeout": 60})
-                  for _ in range(2)]
-    background[0].start()
-    wait_for(lambda: "hang: call entered" in gw.output(), 30, interval=0.05, what="the running attempt")
-    background[1].start()
-    wait_for(lambda: _metric(gw, "authgw_attempts_in_flight") == 2, 30, interval=0.05,
-             what="one attempt running, one queued")
+    background = _one_running_one_queued(gw)
     connections, retry = [], []
     for _ in range(4):
         conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=30)
@@ -338,13 +345,7 @@ def test_a_held_request_is_answered_when_a_reload_retires_its_connection(conf_di
     gw = start_gateway(conf(conf_dir, alice_hash, "chain: [hang, static]\nthreads: 1\ndeadline: 20\n"
                             "limits:\n  queue: 1\n  retry_after: 30\n  max_hold: 30\n", "hang:\n  sleep: 3\n"),
                        env=slow_env)
-    background = [threading.Thread(target=gw.auth, args=("alice", PASSWORD), kwargs={"timeout": 60})
-                  for _ in range(2)]
-    background[0].start()
-    wait_for(lambda: "hang: call entered" in gw.output(), 30, interval=0.05, what="the running attempt")
-    background[1].start()
-    wait_for(lambda: _metric(gw, "authgw_attempts_in_flight") == 2, 30, interval=0.05,
-             what="one attempt running, one queued")
+    background = _one_running_one_queued(gw)
     conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=60)
     conn.request("GET", "/auth", headers={"Authorization": basic("alice", PASSWORD)})
     r = conn.getresponse()
