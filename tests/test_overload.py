@@ -361,3 +361,30 @@ def test_a_held_request_is_answered_when_a_reload_retires_its_connection(conf_di
     for thread in background:
         thread.join(60)
     assert gw.auth("alice", PASSWORD).status == 200
+
+
+def test_pipelined_refusals_keep_what_the_client_sends_next(conf_dir, alice_hash, start_gateway, slow_env):
+    # Two logins pipelined in one packet are both refused; the first refusal starts the hold, the
+    # second must not start another over it (that dropped the bytes held so far). A request sent
+    # right after them is answered once the hold ends, and the stream stays in step.
+    import socket
+
+    gw = start_gateway(conf(conf_dir, alice_hash, "chain: [hang, static]\nthreads: 1\ndeadline: 20\n"
+                            "limits:\n  queue: 1\n", "hang:\n  sleep: 3\n"), env=slow_env)
+    background = _one_running_one_queued(gw)
+    login = (f"GET /auth HTTP/1.1\r\nHost: x\r\nAuthorization: {basic('alice', PASSWORD)}\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=30) as sock:
+        sock.sendall(login + login)
+        received = b""
+        while received.count(b"HTTP/1.1 503") < 2:
+            chunk = sock.recv(65536)
+            assert chunk, received
+            received += chunk
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        while b"HTTP/1.1 200" not in received:
+            chunk = sock.recv(65536)
+            assert chunk, received
+            received += chunk
+    assert received.count(b"HTTP/1.1 ") == 3
+    for thread in background:
+        thread.join(60)

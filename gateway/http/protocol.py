@@ -254,7 +254,10 @@ class GuardedRequestHandler(RequestHandler):
             return await super().finish_response(request, resp, start_time)
         finally:
             hold, self._hold = self._hold, None
-            if hold and self.transport is not None and not self.transport.is_closing() and not self._force_close:
+            # Already held (the refused request was pipelined behind another refused one): that
+            # hold stands, with what it has kept so far.
+            if (hold and self._held is None and self.transport is not None
+                    and not self.transport.is_closing() and not self._force_close):
                 self._held = bytearray()
                 self._hold_timer = self._loop.call_later(hold, self._end_hold)
 
