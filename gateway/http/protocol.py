@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import Counter
 from http import HTTPStatus
@@ -43,6 +44,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from gateway.http.clientaddr import parse_address
+from gateway.lifecycle import trim_freed_memory
 from gateway.settings import LimitsSettings
 
 __all__ = ["ConnectionGuard", "GuardedSite", "SERVER_HEADER"]
@@ -58,6 +60,9 @@ _FIRST_REQUEST_GRACE = 2.0
 #: usual request fits). Small, since every open connection may be held: 4,096 x 8 KiB = 32 MiB.
 #: Reading keeps a client's close visible; a paused one is seen when the hold ends.
 _HOLD_BUFFER = 8 * 1024
+#: Open connections that make a burst: when they fall to an eighth of such a peak, freed memory
+#: is given back to the system (:func:`gateway.lifecycle.trim_freed_memory`).
+_BURST = 256
 
 
 class _RateLimitedWarning:
@@ -88,6 +93,7 @@ class ConnectionGuard:
         self.per_client: Counter[str] = Counter()
         self.warn = _RateLimitedWarning()
         self._next_read = 0.0  # loop time before which no held connection reads again
+        self._peak = 0  # most connections open at once since the last trim
 
     def hold_after_refusal(self, now: float) -> float:
         """Seconds a connection just refused for overload waits before its next request is read.
@@ -114,10 +120,17 @@ class ConnectionGuard:
             return False
         self.open += 1
         self.per_client[host] += 1
+        if self.open > self._peak:
+            self._peak = self.open
         return True
 
     def release(self, host: str) -> None:
         self.open -= 1
+        if self._peak >= _BURST and self.open <= self._peak // 8:
+            # A burst of connections has ended: give back the memory its buffers left in holes
+            # of glibc's heaps (issue 10: RSS after a burst near its level before), on a thread.
+            self._peak = self.open
+            threading.Thread(target=trim_freed_memory, name="authgw-trim", daemon=True).start()
         self.per_client[host] -= 1
         if self.per_client[host] <= 0:
             del self.per_client[host]

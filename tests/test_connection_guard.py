@@ -1,0 +1,41 @@
+"""ConnectionGuard's bookkeeping, alone (the limits themselves are tested through a real server
+in test_slow_clients.py and test_overload.py): when a burst of connections ends, freed memory is
+given back once; the turns of held connections keep to limits.overload_refusals."""
+
+from __future__ import annotations
+
+import threading
+
+from gateway.http import protocol
+from gateway.http.protocol import ConnectionGuard
+from gateway.settings import LimitsSettings
+from support.net import wait_for
+
+
+def test_the_end_of_a_burst_gives_freed_memory_back_once(monkeypatch):
+    trims: list[str] = []
+    monkeypatch.setattr(protocol, "trim_freed_memory", lambda: trims.append(threading.current_thread().name))
+    guard = ConnectionGuard(LimitsSettings(max_connections_per_client=10_000))
+    for _ in range(100):  # a small crowd coming and going is no burst
+        guard.admit("127.0.0.1")
+    for _ in range(100):
+        guard.release("127.0.0.1")
+    assert trims == []
+    for _ in range(protocol._BURST):
+        guard.admit("127.0.0.1")
+    for _ in range(protocol._BURST - protocol._BURST // 8):
+        guard.release("127.0.0.1")
+    wait_for(lambda: trims, 10, interval=0.01, what="the trim")
+    assert trims == ["authgw-trim"]  # on a thread of its own, not the event loop's
+    for _ in range(protocol._BURST // 8):
+        guard.release("127.0.0.1")
+    assert guard.open == 0 and not guard.per_client and trims == ["authgw-trim"]
+
+
+def test_held_connections_get_turns_at_the_refusal_rate_up_to_max_hold():
+    guard = ConnectionGuard(LimitsSettings(retry_after=1, overload_refusals=2, max_hold=3))
+    holds = [guard.hold_after_refusal(100.0) for _ in range(5)]
+    # 1 s (retry_after), then one turn every 0.5 s, capped at 3 s.
+    assert holds == [1.0, 1.5, 2.0, 2.5, 3.0]
+    assert guard.hold_after_refusal(100.0) == 3.0
+    assert guard.hold_after_refusal(110.0) == 1.0  # the turns have passed: back to retry_after
