@@ -63,6 +63,7 @@ _HOLD_BUFFER = 8 * 1024
 #: Open connections that make a burst: when they fall to an eighth of such a peak, freed memory
 #: is given back to the system (:func:`gateway.lifecycle.trim_freed_memory`).
 _BURST = 256
+_TRIM_AFTER = 1.0  # seconds from the fall below an eighth of the peak to the trim
 
 
 class _RateLimitedWarning:
@@ -126,14 +127,22 @@ class ConnectionGuard:
 
     def release(self, host: str) -> None:
         self.open -= 1
-        if self._peak >= _BURST and self.open <= self._peak // 8:
-            # A burst of connections has ended: give back the memory its buffers left in holes
-            # of glibc's heaps (issue 10: RSS after a burst near its level before), on a thread.
-            self._peak = self.open
-            threading.Thread(target=trim_freed_memory, name="authgw-trim", daemon=True).start()
         self.per_client[host] -= 1
         if self.per_client[host] <= 0:
             del self.per_client[host]
+        if self._peak >= _BURST and self.open <= self._peak // 8:
+            # A burst of connections is ending: once the rest of it has closed too, give back the
+            # memory its buffers left in holes of glibc's heaps (issue 10: RSS after a burst near
+            # its level before), on a thread of its own.
+            self._peak = self.open
+            try:
+                asyncio.get_running_loop().call_later(_TRIM_AFTER, self._trim)
+            except RuntimeError:  # no event loop (a unit test): at once
+                self._trim()
+
+    @staticmethod
+    def _trim() -> None:
+        threading.Thread(target=trim_freed_memory, name="authgw-trim", daemon=True).start()
 
     def _trusted(self, host: str) -> bool:
         address = parse_address(host)
