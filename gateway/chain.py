@@ -53,6 +53,10 @@ log = logging.getLogger("authgw.chain")
 
 #: Refusals held back to the common failure time (gateway/failtiming.py).
 _REFUSALS = frozenset({Outcome.INVALID_CREDENTIALS, Outcome.USER_NOT_FOUND, Outcome.ACCOUNT_STATE})
+#: An attempt given up before it ran, or before its costly part: its client hung up, or its
+#: deadline passed (:mod:`gateway.pool`). Decisions are immutable: one of each serves every attempt.
+_CLIENT_GONE = Decision.deny(Outcome.UNAVAILABLE, step="gateway", reason="client_gone")
+_DEADLINE_EXCEEDED = Decision.deny(Outcome.UNAVAILABLE, step="gateway", reason="deadline_exceeded")
 #: The ``gateway_precheck`` answer of an attempt, for :class:`PrecheckStandIn`.
 PRECHECKED: StashKey[Decision] = StashKey()
 #: Set by a front door: says, cheaply and from any thread, that the attempt's client has gone
@@ -118,9 +122,9 @@ class ChainFolder:
         try:
             decision = yield
         except Abandoned:  # a step saw its attempt given up before costly work (pool.check_wanted)
-            return Decision.deny(Outcome.UNAVAILABLE, step="gateway", reason="client_gone")
+            return _CLIENT_GONE
         except DeadlineExpired:
-            return Decision.deny(Outcome.UNAVAILABLE, step="gateway", reason="deadline_exceeded")
+            return _DEADLINE_EXCEEDED
         except BaseException as exc:  # SystemExit too: a plugin never ends the worker (issue 10)
             step = self.culprit(exc)
             log.error("plugin %r raised %s during attempt %s; denied (fail closed)",
@@ -351,13 +355,13 @@ class Gateway:
         try:
             return await asyncio.wait_for(future, timeout=attempt.time_left())
         except Abandoned:
-            decision = Decision.deny(Outcome.UNAVAILABLE, step="gateway", reason="client_gone")
+            decision = _CLIENT_GONE
             self.notify(attempt, decision)
             return decision
         except (asyncio.TimeoutError, DeadlineExpired):
             log.warning("attempt %s exceeded its deadline (%.1fs); a plugin did not answer in time",
                         attempt.request_id, self.settings.deadline)
-            decision = Decision.deny(Outcome.UNAVAILABLE, step="gateway", reason="deadline_exceeded")
+            decision = _DEADLINE_EXCEEDED
             self.pool.submit(functools.partial(self.notify, attempt), decision)
             return decision
 
@@ -367,9 +371,9 @@ class Gateway:
         attempt is checked here too: a passed deadline and a client that hung up."""
         gone = attempt.stash.get(CLIENT_GONE, None)
         if attempt.deadline <= time.monotonic():
-            decision = Decision.deny(Outcome.UNAVAILABLE, step="gateway", reason="deadline_exceeded")
+            decision = _DEADLINE_EXCEEDED
         elif gone is not None and gone():
-            decision = Decision.deny(Outcome.UNAVAILABLE, step="gateway", reason="client_gone")
+            decision = _CLIENT_GONE
         else:
             try:
                 return self._decide_and_notify(attempt)
