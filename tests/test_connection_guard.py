@@ -4,31 +4,42 @@ given back once; the turns of held connections keep to limits.overload_refusals.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
 from gateway.http import protocol
 from gateway.http.protocol import ConnectionGuard
 from gateway.settings import LimitsSettings
-from support.net import wait_for
 
 
 def test_the_end_of_a_burst_gives_freed_memory_back_once(monkeypatch):
     trims: list[str] = []
     monkeypatch.setattr(protocol, "trim_freed_memory", lambda: trims.append(threading.current_thread().name))
-    guard = ConnectionGuard(LimitsSettings(max_connections_per_client=10_000))
-    for _ in range(100):  # a small crowd coming and going is no burst
-        guard.admit("127.0.0.1")
-    for _ in range(100):
-        guard.release("127.0.0.1")
-    assert trims == []
-    for _ in range(protocol._BURST):
-        guard.admit("127.0.0.1")
-    for _ in range(protocol._BURST - protocol._BURST // 8):
-        guard.release("127.0.0.1")
-    wait_for(lambda: trims, 10, interval=0.01, what="the trim")
-    assert trims == ["authgw-trim"]  # on a thread of its own, not the event loop's
-    for _ in range(protocol._BURST // 8):
-        guard.release("127.0.0.1")
+    monkeypatch.setattr(protocol, "_TRIM_AFTER", 0.05)
+
+    async def connections_come_and_go() -> ConnectionGuard:  # on an event loop, as in a worker
+        guard = ConnectionGuard(LimitsSettings(max_connections_per_client=10_000))
+        for _ in range(100):  # a small crowd coming and going is no burst
+            guard.admit("127.0.0.1")
+        for _ in range(100):
+            guard.release("127.0.0.1")
+        await asyncio.sleep(0.2)
+        assert trims == []
+        for _ in range(protocol._BURST):
+            guard.admit("127.0.0.1")
+        for _ in range(protocol._BURST - protocol._BURST // 8):
+            guard.release("127.0.0.1")
+        for _ in range(200):
+            if trims:
+                break
+            await asyncio.sleep(0.05)
+        assert trims == ["authgw-trim"]  # on a thread of its own, not the event loop's
+        for _ in range(protocol._BURST // 8):
+            guard.release("127.0.0.1")
+        await asyncio.sleep(0.2)
+        return guard
+
+    guard = asyncio.run(connections_come_and_go())
     assert guard.open == 0 and not guard.per_client and trims == ["authgw-trim"]
 
 

@@ -135,10 +135,7 @@ class ConnectionGuard:
             # memory its buffers left in holes of glibc's heaps (issue 10: RSS after a burst near
             # its level before), on a thread of its own.
             self._peak = self.open
-            try:
-                asyncio.get_running_loop().call_later(_TRIM_AFTER, self._trim)
-            except RuntimeError:  # no event loop (a unit test): at once
-                self._trim()
+            asyncio.get_running_loop().call_later(_TRIM_AFTER, self._trim)
 
     @staticmethod
     def _trim() -> None:
@@ -161,8 +158,8 @@ class GuardedRequestHandler(RequestHandler):
         self._header_timer: asyncio.TimerHandle | None = None
         self._first_request: asyncio.Future | None = None  # set while retirement waits for it
         self._hold: float | None = None  # seconds to hold the next request after this response
-        self._hold_timer: asyncio.TimerHandle | None = None
         self._held: bytearray | None = None  # what the client sent while held (None: not held)
+        self._hold_timer: asyncio.TimerHandle | None = None  # ends the hold; set exactly while held
 
     # -- connection caps --------------------------------------------------------------------------
 
@@ -247,7 +244,7 @@ class GuardedRequestHandler(RequestHandler):
     def _unread(self) -> bool:
         """A request is probably on its way that aiohttp has not seen: the connection is fresh,
         or held after an overload 503 (its client resent at once)."""
-        return self._fresh() or self._hold_timer is not None
+        return self._fresh() or self._held is not None
 
     def close(self) -> None:
         # aiohttp's pre-shutdown close() would drop such a request's bytes (data_received
@@ -256,7 +253,7 @@ class GuardedRequestHandler(RequestHandler):
             super().close()
 
     async def shutdown(self, timeout: float | None = 15.0) -> None:
-        if self._hold_timer is not None:  # parse the held request now: this generation answers it
+        if self._held is not None:  # parse the held request now: this generation answers it
             self._hold_timer.cancel()
             self._end_hold()
         if self._fresh():
