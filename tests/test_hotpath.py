@@ -11,12 +11,14 @@ import signal
 import stat
 import threading
 import time
+import types
 
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import audit as audit_module
+from gateway import metrics as metrics_module
 from gateway.audit import AuditLog
 from gateway.metrics import _BUCKETS, Metrics
 from gateway.model import Attempt, Decision, Identity, Outcome, PasswordCredential
@@ -58,9 +60,16 @@ def test_metrics_expose_what_prometheus_client_would(monkeypatch):
              ("api", 0.4, Decision.deny(Outcome.NOT_APPLICABLE, step=None, reason="no_credentials")),
              ("forward_auth", 4.0, Decision.allow(identity, step="static")),
              ("forward_auth", 40.0, Decision.allow(identity, step="static"))]  # past the last bucket: +Inf
+    # The metrics read the clock when an attempt finishes: pinned to each attempt's start + its
+    # age + a microsecond (what an idle machine adds), so that a loaded machine's delay between
+    # the two cannot move it into the next bucket.
+    finished_at = [0.0]
+    monkeypatch.setattr(metrics_module, "time", types.SimpleNamespace(monotonic=lambda: finished_at[0]))
     for round_ in range(3):
         for front_door, age, decision in cases:
-            metrics.gateway_auth_finished(_attempt("alice", front_door, age), decision)
+            attempt = _attempt("alice", front_door, age)
+            finished_at[0] = attempt.started + age + 1e-6
+            metrics.gateway_auth_finished(attempt, decision)
             attempts.labels(decision.outcome.value, decision.step or "none", front_door,
                             "true" if decision.from_cache else "false").inc()
             latency.labels(front_door).observe(age)
