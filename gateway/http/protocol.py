@@ -104,10 +104,12 @@ class ConnectionGuard:
         that the worker reads no more of their requests than that, up to ``limits.max_hold``.
         A client that resends at once, ignoring ``Retry-After``, then costs no CPU while it waits:
         refusing it again and again would take the cores from the logins (issue 10)."""
-        start = max(now + self.limits.retry_after, self._next_read)
-        start = min(start, now + max(self.limits.max_hold, self.limits.retry_after))
-        self._next_read = start + 1.0 / self.limits.overload_refusals
-        return start - now
+        # A duration, not a difference of loop times: (now + 30) - now may come out as
+        # 30.000000000004, and its Retry-After as 31.
+        hold = max(float(self.limits.retry_after), self._next_read - now)
+        hold = min(hold, max(self.limits.max_hold, self.limits.retry_after))
+        self._next_read = now + hold + 1.0 / self.limits.overload_refusals
+        return hold
 
     def admit(self, host: str) -> bool:
         """Count a new connection from *host*, or refuse it (False) with a logged warning."""
