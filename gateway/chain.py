@@ -17,9 +17,12 @@ Where the chain runs: on the pool's threads (plugins block), except for a preche
 leaves nothing blocking to run. When the answered step is the chain's first (or the answer stands
 for the whole chain) and every ``gateway_authenticate`` wrapper is marked :func:`loop_safe`, the
 wrappers run on the event loop, as ``gateway_precheck`` does: a hot cache hit then costs no
-thread hand-off (about half of its CPU, docs/performance.md). The deadline and a client that hung
-up are checked as a chain thread would check them; throttling, failure timing and the audit are
-the same code on both paths. Reads ``deadline``, ``threads``, ``limits.queue``,
+thread hand-off (about half of its CPU, docs/performance.md). And when every chain step is
+``loop_capable`` (its waits go through :mod:`gateway.aio`: the ldap plugin) and every wrapper is
+``loop_safe(live=True)``, the whole chain runs on the event loop in a greenlet per attempt, up to
+``threads`` at a time: an LDAP login then costs no hand-off either. The deadline and a client
+that hung up are checked as a chain thread would check them; throttling, failure timing and the
+audit are the same code on every path. Reads ``deadline``, ``threads``, ``limits.queue``,
 ``limits.queue_wait``, ``failure_timing`` and ``throttle``.
 """
 
@@ -35,7 +38,7 @@ from typing import Any, Callable, Iterable
 
 import pluggy
 
-from gateway import logs
+from gateway import aio, logs
 from gateway.checks import ComponentState, Listener, Route, SelfTest
 from gateway.errors import PluginLoadError
 from gateway.failtiming import FailureTiming
@@ -64,14 +67,22 @@ PRECHECKED: StashKey[Decision] = StashKey()
 CLIENT_GONE: StashKey[Callable[[], bool]] = StashKey()
 
 
-def loop_safe(function):
+def loop_safe(function=None, *, live: bool = False):
     """Mark a ``gateway_authenticate`` wrapper as one that never blocks for an attempt
     ``gateway_precheck`` answered: for such an attempt (it sees that answer, or an ``ERROR``
     deny) it does no I/O, no slow computation and waits for no lock held across either. When
     every wrapper is marked, pre-checked attempts skip the chain threads (see the module
-    docstring); one unmarked wrapper (any third-party one) keeps them on the pool."""
-    function.__authgw_loop_safe__ = True
-    return function
+    docstring); one unmarked wrapper (any third-party one) keeps them on the pool.
+
+    ``@loop_safe(live=True)``: never blocks for any attempt, so a chain whose steps are all
+    ``loop_capable`` may run on the event loop with this wrapper around it."""
+    def mark(fn):
+        fn.__authgw_loop_safe__ = True
+        if live:
+            fn.__authgw_loop_live__ = True
+        return fn
+
+    return mark(function) if function is not None else mark
 
 
 def fold(attempt: Attempt) -> Decision:
@@ -116,12 +127,14 @@ class ChainFolder:
             tb = tb.tb_next
         return name
 
-    @loop_safe
+    @loop_safe(live=True)
     @hookimpl(wrapper=True, trylast=True)
     def gateway_authenticate(self, attempt: Attempt):
         try:
             decision = yield
-        except Abandoned:  # a step saw its attempt given up before costly work (pool.check_wanted)
+        except (Abandoned, asyncio.CancelledError):
+            # A step saw its attempt given up before costly work (pool.check_wanted), or, on the
+            # event loop, the request's task was cancelled while a step waited (gateway.aio).
             return _CLIENT_GONE
         except DeadlineExpired:
             return _DEADLINE_EXCEEDED
@@ -202,6 +215,7 @@ class Gateway:
         if pm.get_plugin("core.precheck") is None:
             pm.register(PrecheckStandIn(pm), name="core.precheck")
         self._on_loop: dict[tuple, bool] = {}  # (answered step, implementations) -> may run on the loop
+        self._live_running = 0  # attempts in _run_live_on_loop
 
     def runs_on_loop(self, answer: Decision) -> bool:
         """Whether an attempt with the precheck *answer* runs its chain on the event loop: no
@@ -220,6 +234,24 @@ class Gateway:
                 getattr(getattr(i.plugin, "gateway_authenticate", None), "__authgw_loop_safe__", False)
                 for i in impls if i.wrapper or i.hookwrapper)
             if len(self._on_loop) >= 64:  # bounded: steps and registrations are few
+                self._on_loop.clear()
+            self._on_loop[key] = known
+        return known
+
+    def live_on_loop(self) -> bool:
+        """Whether an attempt runs its whole chain on the event loop (:meth:`_run_live_on_loop`):
+        every chain step is ``loop_capable`` (its waits go through :mod:`gateway.aio`) and every
+        wrapper is :func:`loop_safe` with ``live=True``."""
+        impls = self.pm.hook.gateway_authenticate.get_hookimpls()
+        key = ("live", *map(id, impls))
+        known = self._on_loop.get(key)
+        if known is None:
+            known = all(
+                getattr(getattr(i.plugin, "gateway_authenticate", None), "__authgw_loop_live__", False)
+                if i.wrapper or i.hookwrapper else
+                isinstance(i.plugin, PrecheckStandIn) or getattr(i.plugin, "loop_capable", False) is True
+                for i in impls)
+            if len(self._on_loop) >= 64:
                 self._on_loop.clear()
             self._on_loop[key] = known
         return known
@@ -321,6 +353,8 @@ class Gateway:
                     attempt.stash[PRECHECKED] = answer
                 if answer is not None and self.runs_on_loop(answer):
                     decision = self._run_on_loop(attempt)
+                elif self._live_running < self.settings.threads and self.live_on_loop():
+                    decision = await self._run_live_on_loop(attempt)
                 else:
                     decision = await self._run_chain(attempt)
         finally:
@@ -365,10 +399,24 @@ class Gateway:
             self.pool.submit(functools.partial(self.notify, attempt), decision)
             return decision
 
+    async def _run_live_on_loop(self, attempt: Attempt) -> Decision:
+        """The whole chain on the event loop, each wait of its steps parking the attempt's
+        greenlet (:mod:`gateway.aio`): no thread hand-off, which cost an LDAP login more CPU than
+        its own work (docs/performance.md). At most ``threads`` attempts at a time, as on the
+        pool, so a step's connections stay bounded; beyond that they go to the pool, whose
+        bounded queue refuses the excess. The steps bound their waits by the attempt's deadline
+        (the ``loop_capable`` contract), as they do on a thread."""
+        self._live_running += 1
+        try:
+            return await aio.run(self._run_on_loop, attempt)
+        finally:
+            self._live_running -= 1
+
     def _run_on_loop(self, attempt: Attempt) -> Decision:
-        """The chain's wrappers around a precheck answer, here on the event loop (nothing in
-        them blocks: :meth:`runs_on_loop`). What a chain thread checks before it runs an
-        attempt is checked here too: a passed deadline and a client that hung up."""
+        """The chain on the event loop: the wrappers around a precheck answer (nothing in them
+        blocks: :meth:`runs_on_loop`), or in a greenlet the whole chain (:meth:`live_on_loop`).
+        What a chain thread checks before it runs an attempt is checked here too: a passed
+        deadline and a client that hung up."""
         gone = attempt.stash.get(CLIENT_GONE, None)
         if attempt.deadline <= time.monotonic():
             decision = _DEADLINE_EXCEEDED

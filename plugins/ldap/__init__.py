@@ -73,6 +73,10 @@ class LdapPlugin:
     Settings = LdapSettings
     #: What this step checks (readiness: which steps can serve password logins).
     credentials = ("password",)
+    #: Its waits for the directory go through gateway.aio (link.py, and ldap3's connecting on a
+    #: thread), bounded by the attempt's deadline, and it holds no lock across one: a chain of
+    #: such steps runs on the event loop, without a thread hand-off per login.
+    loop_capable = True
 
     def __init__(self, settings: LdapSettings, context: PluginContext) -> None:
         self.settings = settings

@@ -2,6 +2,10 @@
 
 ldap3 opens a connection (TCP, LDAPS or StartTLS, certificate and host name verification) and
 closes it; the binds and searches of the hot path go over its socket through :mod:`wire`.
+
+A link works from a chain thread (a blocking socket with a timeout) and from the event loop (a
+login whose chain runs there, :mod:`gateway.aio`): there its socket is non-blocking and each wait
+for the server parks the login's greenlet, with the same timeout.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import TYPE_CHECKING
 import ldap3
 from ldap3.core.exceptions import LDAPCertificateError
 
+from gateway import aio
 from gateway.plugins.ldap import wire
 
 if TYPE_CHECKING:
@@ -80,17 +85,20 @@ def describe(exc: BaseException) -> str:
 
 class Link:
     """One LDAP connection. ldap3 opened it (TCP, TLS, StartTLS) and will close it; binds and
-    searches go over its socket through :mod:`wire`. Used by one thread at a time."""
+    searches go over its socket through :mod:`wire`. Used by one attempt at a time."""
 
-    __slots__ = ("conn", "server", "created", "last_used", "reused", "_reader", "_next_id")
+    __slots__ = ("conn", "server", "created", "last_used", "reused", "_reader", "_next_id", "_on_loop",
+                 "_timeout")
 
     def __init__(self, conn: ldap3.Connection, server: Server) -> None:
         self.conn = conn
         self.server = server
         self.created = self.last_used = time.monotonic()
         self.reused = False
-        self._reader = wire.Reader(conn.socket)
+        self._reader = wire.Reader(self)
         self._next_id = 1000  # above the IDs ldap3 used while opening (StartTLS)
+        self._on_loop = False
+        self._timeout = 1.0
 
     def alive(self) -> bool:
         """Nothing is pending on an idle connection; readable means closed or disconnected."""
@@ -106,13 +114,44 @@ class Link:
         return not readable
 
     def settimeout(self, seconds: float) -> None:
-        self.conn.socket.settimeout(max(seconds, 0.01))
+        """The wait allowed for each answer from now on; also where the link learns whether it
+        is used from the event loop (non-blocking) or from a thread (blocking)."""
+        self._timeout = max(seconds, 0.01)
+        self._on_loop = aio.on_loop()
+        self.conn.socket.settimeout(0.0 if self._on_loop else self._timeout)
+
+    def recv(self, size: int) -> bytes:
+        """Bytes from the server (for :class:`wire.Reader`), waiting at most the timeout."""
+        sock = self.conn.socket
+        if not self._on_loop:
+            return sock.recv(size)
+        while True:
+            try:
+                return sock.recv(size)
+            except (BlockingIOError, ssl.SSLWantReadError):
+                aio.wait_io(sock, timeout=self._timeout)
+            except ssl.SSLWantWriteError:  # TLS may need to write before it can read
+                aio.wait_io(sock, write=True, timeout=self._timeout)
+
+    def _sendall(self, data: bytes) -> None:
+        sock = self.conn.socket
+        if not self._on_loop:
+            sock.sendall(data)
+            return
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[sock.send(view):]
+            except (BlockingIOError, ssl.SSLWantWriteError):
+                aio.wait_io(sock, write=True, timeout=self._timeout)
+            except ssl.SSLWantReadError:
+                aio.wait_io(sock, timeout=self._timeout)
 
     def _send(self, build) -> int:
         message_id = self._next_id
         self._next_id = message_id + 1 if message_id < 0x7FFFFFFF else 1000
         try:
-            self.conn.socket.sendall(build(message_id))
+            self._sendall(build(message_id))
         except OSError as exc:
             raise LinkBroken(describe(exc), timeout=isinstance(exc, TimeoutError)) from None
         return message_id

@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 import ldap3
 from ldap3.core.exceptions import LDAPExceptionError
 
+from gateway import aio
 from gateway.plugins.ldap.link import TROUBLE_CODES, Link, LinkBroken, ServerTrouble, describe
 
 __all__ = ["BIND", "SERVICE", "DirectoryUnavailable", "Pool", "Server", "ServiceBindFailed"]
@@ -149,7 +150,24 @@ class Pool:
             return link
 
     def open(self, server: Server, kind: str, deadline: float) -> Link:
-        """A new connection to *server*: TCP, TLS (or StartTLS), and for ``service`` the bind."""
+        """A new connection to *server*: TCP, TLS (or StartTLS), and for ``service`` the bind.
+        ldap3 connects and blocks while it does: from the event loop, on a thread
+        (:func:`gateway.aio.blocking`)."""
+        conn = aio.blocking(self._connect, server, deadline)
+        link = Link(conn, server)
+        link.settimeout(max(0.05, min(self.receive_timeout, deadline - time.monotonic())))
+        if kind == SERVICE and self._service is not None:
+            result = link.bind(*self._service)
+            if result.code in TROUBLE_CODES:
+                link.close()
+                raise ServerTrouble(f"service bind answered {result.code}: {result.message}")
+            if not result.ok:
+                link.close()
+                raise ServiceBindFailed(f"service account bind refused ({result.code}: {result.message})")
+            server.service_refused = ""
+        return link
+
+    def _connect(self, server: Server, deadline: float) -> ldap3.Connection:
         connect_timeout = max(0.05, min(self.connect_timeout, deadline - time.monotonic()))
         # A fresh ldap3.Server per connection: ldap3 remembers failed addresses on the object for
         # a while, which would hide a directory that has just come back.
@@ -171,17 +189,7 @@ class Pool:
             except Exception:  # noqa: BLE001
                 pass
             raise LinkBroken(describe(exc), timeout=isinstance(exc, TimeoutError), connect=True) from None
-        link = Link(conn, server)
-        if kind == SERVICE and self._service is not None:
-            result = link.bind(*self._service)
-            if result.code in TROUBLE_CODES:
-                link.close()
-                raise ServerTrouble(f"service bind answered {result.code}: {result.message}")
-            if not result.ok:
-                link.close()
-                raise ServiceBindFailed(f"service account bind refused ({result.code}: {result.message})")
-            server.service_refused = ""
-        return link
+        return conn
 
     def call(self, kind: str, operation: Callable[[Link], T], deadline: float) -> T:
         """Run *operation* on a link of *kind*, failing over to the next server on connect

@@ -16,7 +16,6 @@ SearchResultReference, SearchResultDone), plus the Notice of Disconnection (RFC 
 
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass
 
 __all__ = ["FilterError", "PasswordPolicy", "ProtocolError", "Reader", "bind_request", "compile_filter",
@@ -357,12 +356,13 @@ def password_policy(controls: bytes) -> PasswordPolicy | None:
 
 
 class Reader:
-    """Splits the byte stream of one connection into LDAP messages."""
+    """Splits the byte stream of one connection into LDAP messages. *source* is anything with
+    a socket's ``recv(size)`` (a socket, or a :class:`~gateway.plugins.ldap.link.Link`)."""
 
     __slots__ = ("sock", "buffer")
 
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
+    def __init__(self, source) -> None:
+        self.sock = source
         self.buffer = bytearray()
 
     def message(self) -> tuple[int, int, bytes, bytes]:

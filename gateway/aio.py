@@ -1,0 +1,117 @@
+"""Blocking-style plugin code run on the event loop, through greenlets.
+
+A chain step written as ordinary blocking code (the LDAP plugin: send a request, wait for its
+answer) hands each attempt to a chain thread, and that hand-off costs more CPU than the step's own
+work on a fast directory (docs/performance.md). Such a step can instead run on the event loop when
+its waits go through this module: :func:`run`, a coroutine, starts the code in a greenlet; inside
+it, :func:`wait_io` and :func:`wait` park the greenlet until the socket is ready or the awaitable
+is done, and the loop serves other requests meanwhile. The same code called on a chain thread,
+or with no loop at all (``authgw`` commands), takes its ordinary blocking path: :func:`on_loop`
+tells which. So one implementation serves both, rather than a second, asynchronous copy of the
+LDAP code; SQLAlchemy's asyncio support is built the same way, on the same library.
+
+Rules for code that runs here (``loop_capable`` steps, docs/plugins.md): every wait goes through
+this module (or :func:`blocking`, which runs a blocking call on a thread), and no lock is held
+across a wait, since another greenlet on the same thread would then block the whole loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import socket
+from typing import Any, Awaitable, Callable, TypeVar
+
+import greenlet
+
+__all__ = ["blocking", "on_loop", "run", "wait", "wait_io"]
+
+T = TypeVar("T")
+
+
+class _Spawned(greenlet.greenlet):
+    """A greenlet started by :func:`run`; ``driver`` is the coroutine's greenlet that awaits
+    for it."""
+
+    def __init__(self, fn: Callable[..., Any], driver: greenlet.greenlet) -> None:
+        super().__init__(fn, driver)
+        self.driver = driver
+
+
+async def run(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` in a greenlet on this loop, its :func:`wait` calls awaited here.
+
+    The greenlet sees the caller's context variables (a copy, as a task would). When the task
+    is cancelled while the greenlet waits, the greenlet gets the ``CancelledError`` where it
+    waits (so its ``finally`` blocks run and its sockets are closed) and is run to its end; then
+    the cancellation goes on.
+    """
+    child = _Spawned(fn, greenlet.getcurrent())
+    child.gr_context = contextvars.copy_context()
+    cancelled: asyncio.CancelledError | None = None
+    pending = child.switch(*args)
+    while not child.dead:
+        try:
+            value = await pending
+        except asyncio.CancelledError as exc:
+            cancelled = exc
+            pending = child.throw(exc)
+        except BaseException as exc:  # noqa: BLE001 - the waiting code decides what it means
+            pending = child.throw(exc)
+        else:
+            pending = child.switch(value)
+    if cancelled is not None:
+        raise cancelled
+    return pending
+
+
+def on_loop() -> bool:
+    """Whether this code runs in a greenlet of :func:`run` (so it must not block)."""
+    return isinstance(greenlet.getcurrent(), _Spawned)
+
+
+def wait(awaitable: Awaitable[T]) -> T:
+    """The result of *awaitable*, awaited by the loop while this greenlet is parked."""
+    current = greenlet.getcurrent()
+    if not isinstance(current, _Spawned):
+        raise RuntimeError("gateway.aio.wait outside gateway.aio.run")
+    return current.driver.switch(awaitable)
+
+
+def _expire(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError("timed out"))
+
+
+def _ready(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def wait_io(sock: socket.socket, *, write: bool = False, timeout: float) -> None:
+    """Park until *sock* is readable (writable with *write*); :class:`TimeoutError` after
+    *timeout* seconds, as a blocking socket with that timeout would raise."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+    fd = sock.fileno()
+    if write:
+        loop.add_writer(fd, _ready, future)
+    else:
+        loop.add_reader(fd, _ready, future)
+    timer = loop.call_later(timeout, _expire, future)
+    try:
+        wait(future)
+    finally:
+        timer.cancel()
+        if write:
+            loop.remove_writer(fd)
+        else:
+            loop.remove_reader(fd)
+
+
+def blocking(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)``: on the loop's executor, waited for, when on the loop (it would block the
+    loop); called here otherwise."""
+    if not on_loop():
+        return fn(*args)
+    return wait(asyncio.get_running_loop().run_in_executor(None, fn, *args))

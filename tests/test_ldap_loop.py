@@ -1,0 +1,179 @@
+"""LDAP logins decided on the event loop, without a chain thread (issue 15).
+
+A chain whose steps are all ``loop_capable`` (the ldap plugin) and whose wrappers are all
+``loop_safe(live=True)`` runs on the event loop, each wait for the directory parking the
+attempt's greenlet (gateway/aio.py). In-process, over the real core and the real ldap plugin
+against a real slapd (plain, LDAPS and StartTLS): the loop keeps serving while a login waits,
+failover and timeouts hold there, at most ``threads`` logins run on the loop at once (the rest go
+to the pool), a cancelled login is audited as ``client_gone``, and chains with a blocking
+wrapper or step stay on the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+
+import pytest
+
+from gateway import Outcome, hookimpl
+from support.chainhelp import attempt, build
+from support.pki import CA
+from support.slapd import Slapd
+
+LDAP = "gateway.plugins.ldap:LdapPlugin"
+PASSWORD = "erin-pw"
+
+
+@pytest.fixture(scope="module")
+def directory(tmp_path_factory) -> Slapd:
+    slapd = Slapd(tmp_path_factory.mktemp("ldap") / "slapd", tls=CA.create()).start()
+    slapd.add_user("erin", PASSWORD, cn="Erin", mail="erin@example.com", groups=["ops"])
+    yield slapd
+    slapd.stop()
+
+
+@pytest.fixture
+def hung():
+    """A server that accepts TCP and never answers (the kernel completes the handshakes)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    yield f"ldap://127.0.0.1:{sock.getsockname()[1]}"
+    sock.close()
+
+
+class Spy:
+    """Notes, per attempt, the thread it was decided on and the decision."""
+
+    def __init__(self) -> None:
+        self.threads: dict[str, str] = {}
+        self.decisions: dict[str, object] = {}
+
+    @hookimpl
+    def gateway_auth_finished(self, attempt, decision) -> None:
+        self.threads[attempt.request_id] = threading.current_thread().name
+        self.decisions[attempt.request_id] = decision
+
+
+def runtime(tmp_path, ldap: dict, chain=("ldap",), plugins=(), targets=None, sections=None, **core):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    rt = build(tmp_path, {"chain": list(chain), "plugins": list(plugins), **core},
+               {"ldap": ldap, **(sections or {})}, targets={"ldap": LDAP, **(targets or {})})
+    spy = Spy()
+    rt.gateway.pm.register(spy, name="spy")
+    return rt, spy
+
+
+def run(rt, coro):
+    async def main():
+        try:
+            return await coro
+        finally:
+            rt.gateway.pm.hook.gateway_shutdown()  # the pooled links, closed on their loop
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("mode", ["plain", "ldaps", "starttls"])
+def test_ldap_logins_are_decided_on_the_event_loop(directory, tmp_path, mode):
+    rt, spy = runtime(tmp_path, directory.plugin_settings(mode))
+    assert rt.gateway.live_on_loop()
+    right, wrong, unknown = attempt("erin", PASSWORD), attempt("erin", "nope"), attempt("nobody", PASSWORD)
+    again = attempt("erin", PASSWORD)  # over the pooled links the first logins left
+
+    async def logins():
+        return [await rt.gateway.authenticate(a) for a in (right, wrong, unknown, again)]
+
+    ok, refused, missing, pooled = run(rt, logins())
+    assert ok.outcome is Outcome.SUCCESS and ok.identity.groups == ("ops",) and ok.identity.email == "erin@example.com"
+    assert (refused.outcome, refused.reason) == (Outcome.INVALID_CREDENTIALS, "ldap.invalid_password")
+    assert (missing.outcome, missing.reason) == (Outcome.USER_NOT_FOUND, "ldap.user_not_found")
+    assert pooled.outcome is Outcome.SUCCESS
+    main = threading.main_thread().name
+    assert [spy.threads[a.request_id] for a in (right, wrong, unknown, again)] == [main] * 4
+    assert not rt.gateway.pool._started  # no chain thread was ever needed
+
+
+def test_the_loop_serves_others_while_a_login_waits_for_a_hung_server_then_fails_over(directory, tmp_path, hung):
+    rt, spy = runtime(tmp_path, directory.plugin_settings("plain", servers=[hung, directory.url],
+                                                          receive_timeout=2.0, connect_timeout=2.0))
+
+    async def scenario():
+        login = asyncio.ensure_future(rt.gateway.authenticate(attempt("erin", PASSWORD)))
+        ticks = 0
+        while ticks < 10:  # a blocked loop would run none of these before the login ended
+            await asyncio.sleep(0.01)
+            ticks += 1
+        waiting = not login.done()
+        return waiting, await login, await rt.gateway.authenticate(attempt("erin", PASSWORD))
+
+    waiting, first, second = run(rt, scenario())
+    assert waiting
+    assert first.outcome is Outcome.SUCCESS and second.outcome is Outcome.SUCCESS
+    servers = {c.name: c for c in rt.gateway.pm.get_plugin("ldap").gateway_readiness()}
+    assert not servers[f"ldap.server[{hung}]"].ready and "timed out" in servers[f"ldap.server[{hung}]"].detail
+    assert servers[f"ldap.server[{directory.url}]"].detail == "active"
+
+
+def test_a_lone_hung_server_is_unavailable_not_a_wrong_password(directory, tmp_path, hung):
+    rt, spy = runtime(tmp_path, directory.plugin_settings("plain", servers=[hung], receive_timeout=0.5,
+                                                          connect_timeout=0.5))
+    late = attempt("erin", PASSWORD)
+    decision = run(rt, rt.gateway.authenticate(late))
+    assert (decision.outcome, decision.reason) == (Outcome.UNAVAILABLE, "ldap.unavailable")
+    assert spy.threads[late.request_id] == threading.main_thread().name
+
+
+def test_at_most_threads_logins_run_on_the_loop_the_others_on_the_pool(directory, tmp_path):
+    rt, spy = runtime(tmp_path, directory.plugin_settings("ldaps"), threads=2, limits={"queue": 20})
+    attempts = [attempt("erin", PASSWORD) for _ in range(12)]
+
+    async def together():
+        return await asyncio.gather(*(rt.gateway.authenticate(a) for a in attempts))
+
+    decisions = run(rt, together())
+    assert all(d.outcome is Outcome.SUCCESS for d in decisions)
+    threads = [spy.threads[a.request_id] for a in attempts]
+    # the first two started before any finished: on the loop; the ten after them on the pool
+    assert threads[:2] == [threading.main_thread().name] * 2
+    assert all(name.startswith("authgw-chain") for name in threads[2:])
+
+
+def test_a_login_cancelled_while_it_waits_is_audited_as_client_gone(directory, tmp_path, hung, caplog):
+    rt, spy = runtime(tmp_path, directory.plugin_settings("plain", servers=[hung], receive_timeout=3.0))
+    gone = attempt("erin", PASSWORD)
+
+    async def scenario():
+        login = asyncio.ensure_future(rt.gateway.authenticate(gone))
+        await asyncio.sleep(0.3)
+        login.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await login
+        return rt.gateway._live_running
+
+    with caplog.at_level(logging.INFO):
+        running = run(rt, scenario())
+    decision = spy.decisions[gone.request_id]
+    assert (decision.outcome, decision.reason) == (Outcome.UNAVAILABLE, "client_gone")
+    assert running == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_a_blocking_wrapper_or_step_keeps_ldap_logins_on_the_pool(directory, tmp_path):
+    # the credential cache's wrapper hashes the password of a live success: not for the loop
+    cached, spy = runtime(tmp_path / "cache", directory.plugin_settings("ldaps"), plugins=("cache",),
+                          targets={"cache": "gateway.plugins.cache:CachePlugin"},
+                          sections={"cache": {"hot": {"enabled": True, "ttl": 60}}})
+    assert not cached.gateway.live_on_loop()
+    first = attempt("erin", PASSWORD)
+    assert run(cached, cached.gateway.authenticate(first)).outcome is Outcome.SUCCESS
+    assert spy.threads[first.request_id].startswith("authgw-chain")
+    # a step that did not say it is loop_capable may block: the whole chain stays on the pool
+    mixed, spy = runtime(tmp_path / "mixed", directory.plugin_settings("ldaps"), chain=("policy", "ldap"),
+                         sections={"policy": {"action": "abstain"}})
+    assert not mixed.gateway.live_on_loop()
+    second = attempt("erin", PASSWORD)
+    assert run(mixed, mixed.gateway.authenticate(second)).outcome is Outcome.SUCCESS
+    assert spy.threads[second.request_id].startswith("authgw-chain")
