@@ -409,6 +409,37 @@ def test_a_keytab_rotated_while_running_is_picked_up(krb, anykey):
     assert_refused(anykey, negotiate(anykey, old_token), "wrong_kvno")
 
 
+def test_negotiate_logins_are_decided_on_the_event_loop_without_a_chain_thread(krb, tmp_path):
+    """chain: [kerberos] with no blocking lookup: the chain runs on the loop (gateway/aio.py).
+    The pool starts its threads with its first work, so a login that went through it would
+    add them (issue 15); the replay cache holds on the loop as on a thread."""
+    conf = write_conf(tmp_path / "conf.d", {
+        "gateway.yaml": "chain: [kerberos]\nthreads: 4\nthrottle: {enabled: false}\n",
+        "kerberos.yaml": f"""
+            kerberos:
+              allowed_networks: [127.0.0.0/8]
+              keytab: {krb["main_keytab"]}
+              service_principal: {SPN}
+              realms: [EXAMPLE.TEST]
+            """,
+    })
+    gateway = _start(conf, tmp_path / "state", krb["env"])
+    try:
+        def threads() -> int:
+            status = Path(f"/proc/{gateway.proc.pid}/status").read_text()
+            return int(next(line.split()[1] for line in status.splitlines() if line.startswith("Threads:")))
+
+        before = threads()
+        token, other = mint(krb, "alice", count=2)
+        response = negotiate(gateway, token)
+        assert response.status == 200 and response.header("Remote-User") == "alice"
+        assert_refused(gateway, negotiate(gateway, token), "replay")
+        assert negotiate(gateway, other).status == 200
+        assert threads() == before
+    finally:
+        gateway.stop()
+
+
 def _append_keytab(source: Path, target: Path, env: dict[str, str]) -> None:
     listing = subprocess.run(["klist", "-k", str(target)], capture_output=True, text=True, check=True,
                              env={**os.environ, **env}, timeout=30).stdout.splitlines()[3:]

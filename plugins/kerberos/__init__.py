@@ -123,6 +123,16 @@ class KerberosPlugin:
         self.mapper = PrincipalMapper(settings.realms, settings.rules, settings.lowercase_username)
         self._keytab_problem = "not loaded yet"
 
+    @property
+    def loop_capable(self) -> bool:
+        """Whether this step may run on the event loop (gateway/aio.py): its own work is bounded
+        (GSSAPI's accept, ~100 us of C, and the local replay cache file), so it is when every
+        ``gateway_lookup_user`` it calls for the profile is too (the ldap plugin's is; a third
+        party's lookup may block, and then logins stay on the chain threads)."""
+        return all(getattr(getattr(impl.plugin, "gateway_lookup_user", None), "__authgw_loop_live__", False)
+                   if impl.wrapper or impl.hookwrapper else getattr(impl.plugin, "loop_capable", False) is True
+                   for impl in self.context.hook.gateway_lookup_user.get_hookimpls())
+
     # -- gating ---------------------------------------------------------------------------------------
 
     def allowed(self, attempt: Attempt) -> bool:
