@@ -141,6 +141,28 @@ def test_at_most_threads_logins_run_on_the_loop_the_others_on_the_pool(directory
     assert all(name.startswith("authgw-chain") for name in threads[2:])
 
 
+def test_a_hung_directory_fills_the_loop_then_the_pool_and_the_excess_is_refused_at_once(directory, tmp_path, hung):
+    rt, spy = runtime(tmp_path, directory.plugin_settings("plain", servers=[hung], receive_timeout=2.0),
+                      threads=1, limits={"queue": 1})
+    attempts = [attempt("erin", PASSWORD) for _ in range(6)]
+
+    async def burst():
+        finished: list = []
+        tasks = [asyncio.ensure_future(rt.gateway.authenticate(a)) for a in attempts]
+        for task in tasks:
+            task.add_done_callback(lambda t: finished.append(t.result()))
+        await asyncio.gather(*tasks)
+        return finished
+
+    finished = run(rt, burst())
+    # one on the loop, one on the pool's only thread, at most one queued (all waiting for the
+    # hung server's 2 s); the others are refused at once, before any of those ends
+    refused = [d for d in finished if d.reason == "overloaded"]
+    assert len(refused) >= 3 and finished[:len(refused)] == refused
+    assert all(d.outcome is Outcome.UNAVAILABLE for d in finished)
+    assert spy.threads[attempts[0].request_id] == threading.main_thread().name
+
+
 def test_a_login_cancelled_while_it_waits_is_audited_as_client_gone(directory, tmp_path, hung, caplog):
     rt, spy = runtime(tmp_path, directory.plugin_settings("plain", servers=[hung], receive_timeout=3.0))
     gone = attempt("erin", PASSWORD)
