@@ -50,7 +50,7 @@ from gateway.settings import GatewaySettings
 from gateway.stash import StashKey
 from gateway.throttle import StoreUnavailable, Throttle
 
-__all__ = ["ChainFolder", "Gateway", "PrecheckStandIn", "fold", "loop_safe"]
+__all__ = ["ChainFolder", "Gateway", "PrecheckStandIn", "fold", "loop_safe", "may_run_on_loop"]
 
 log = logging.getLogger("authgw.chain")
 
@@ -83,6 +83,14 @@ def loop_safe(function=None, *, live: bool = False):
         return fn
 
     return mark(function) if function is not None else mark
+
+
+def may_run_on_loop(impl: pluggy.HookImpl) -> bool:
+    """Whether a hook implementation may run on the event loop for a live attempt: a wrapper
+    marked ``loop_safe(live=True)``, or any other of a ``loop_capable`` plugin."""
+    if impl.wrapper or impl.hookwrapper:
+        return getattr(impl.function, "__authgw_loop_live__", False)
+    return isinstance(impl.plugin, PrecheckStandIn) or getattr(impl.plugin, "loop_capable", False) is True
 
 
 def fold(attempt: Attempt) -> Decision:
@@ -246,11 +254,7 @@ class Gateway:
         key = ("live", *map(id, impls))
         known = self._on_loop.get(key)
         if known is None:
-            known = all(
-                getattr(getattr(i.plugin, "gateway_authenticate", None), "__authgw_loop_live__", False)
-                if i.wrapper or i.hookwrapper else
-                isinstance(i.plugin, PrecheckStandIn) or getattr(i.plugin, "loop_capable", False) is True
-                for i in impls)
+            known = all(map(may_run_on_loop, impls))
             if len(self._on_loop) >= 64:
                 self._on_loop.clear()
             self._on_loop[key] = known

@@ -55,6 +55,7 @@ from gateway import (
     SelfTest,
     hookimpl,
 )
+from gateway.chain import may_run_on_loop
 
 from .acceptor import HINTS, AcceptFailed, Acceptor
 from .mapping import MappingRule, PrincipalMapper
@@ -129,9 +130,7 @@ class KerberosPlugin:
         (GSSAPI's accept, ~100 us of C, and the local replay cache file), so it is when every
         ``gateway_lookup_user`` it calls for the profile is too (the ldap plugin's is; a third
         party's lookup may block, and then logins stay on the chain threads)."""
-        return all(getattr(getattr(impl.plugin, "gateway_lookup_user", None), "__authgw_loop_live__", False)
-                   if impl.wrapper or impl.hookwrapper else getattr(impl.plugin, "loop_capable", False) is True
-                   for impl in self.context.hook.gateway_lookup_user.get_hookimpls())
+        return all(map(may_run_on_loop, self.context.hook.gateway_lookup_user.get_hookimpls()))
 
     # -- gating ---------------------------------------------------------------------------------------
 
