@@ -13,7 +13,7 @@ from __future__ import annotations
 import select
 import ssl
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import ldap3
@@ -60,17 +60,19 @@ class Result:
 class Entry:
     dn: str
     attributes: dict[str, list[bytes]]
+    #: The attributes by lower-case name, made once: a login looks up a dozen names, most of
+    #: them absent (the account state attributes of other directories), each a full scan before.
+    folded: dict[str, list[bytes]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "folded", {key.lower(): values for key, values in self.attributes.items()})
 
     def get(self, name: str) -> list[bytes]:
         """Values of *name*, matched case-insensitively as LDAP attribute names are."""
         values = self.attributes.get(name)
         if values is not None:
             return values
-        lower = name.lower()
-        for key, values in self.attributes.items():
-            if key.lower() == lower:
-                return values
-        return []
+        return self.folded.get(name.lower(), [])
 
 
 def describe(exc: BaseException) -> str:
