@@ -395,7 +395,8 @@ class GatewaySettings(PluginSettings):
     trusted_proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(
         [], description="proxies whose `X-Forwarded-For` and forwarded certificates are believed")
     deadline: float = Field(5.0, gt=0, le=120, description="seconds an attempt may take in all")
-    threads: int = Field(16, ge=1, le=512, description="threads per worker running (blocking) plugins")
+    threads: int = Field(16, ge=1, le=512, description="threads per worker running (blocking) plugins; also the most "
+                         "attempts a worker runs on its event loop at once for a chain of `loop_capable` steps")
     workers: int = Field(1, ge=1, le=64, description="worker processes sharing the sockets")
     event_loop: Literal["auto", "asyncio", "uvloop"] = Field(
         "auto", description="`auto`: uvloop when installed (`authgw[speed]`), else asyncio")
