@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import select
 import socket
 import threading
 
@@ -43,6 +44,44 @@ def hung():
     sock.listen(64)
     yield f"ldap://127.0.0.1:{sock.getsockname()[1]}"
     sock.close()
+
+
+class Dribbler:
+    """A server that answers every connection with the start of an LDAP message, one byte every
+    0.2 s, up to 50 bytes: never a whole answer, never silent for long. Counts what it sent."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.url = f"ldap://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.sent: list[int] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        try:
+            conn, _ = self.sock.accept()
+        except OSError:
+            return
+        with conn:
+            conn.recv(4096)  # the request
+            answer = b"\x30\x84\x00\x00\x10\x00" + bytes(44)  # a 4 KiB message, announced
+            sent = 0
+            for byte in answer:
+                readable, _, _ = select.select([conn], [], [], 0.2)
+                if readable and not conn.recv(1):  # the client hung up
+                    break
+                try:
+                    conn.sendall(bytes((byte,)))
+                except OSError:
+                    break
+                sent += 1
+            self.sent.append(sent)
+
+    def close(self) -> None:
+        self.sock.close()
+        self.thread.join(15)
 
 
 class Spy:
@@ -124,6 +163,22 @@ def test_a_lone_hung_server_is_unavailable_not_a_wrong_password(directory, tmp_p
     decision = run(rt, rt.gateway.authenticate(late))
     assert (decision.outcome, decision.reason) == (Outcome.UNAVAILABLE, "ldap.unavailable")
     assert spy.threads[late.request_id] == threading.main_thread().name
+
+
+@pytest.mark.parametrize("chain", [("ldap",), ("policy", "ldap")], ids=["loop", "pool"])
+def test_a_server_dribbling_its_answer_gets_the_receive_timeout_in_all_not_per_byte(directory, tmp_path, chain):
+    dribbler = Dribbler()
+    try:
+        settings = directory.plugin_settings("plain", servers=[dribbler.url], receive_timeout=1.0, bind_dn=None,
+                                             bind_password=None, direct_bind="uid={username},ou=people,dc=example,dc=com")
+        rt, spy = runtime(tmp_path, settings, chain=chain,
+                          sections={"policy": {"action": "abstain"}} if "policy" in chain else None)
+        decision = run(rt, rt.gateway.authenticate(attempt("erin", PASSWORD)))
+    finally:
+        dribbler.close()
+    assert (decision.outcome, decision.reason) == (Outcome.UNAVAILABLE, "ldap.unavailable")
+    # ~5 bytes in the 1 s the answer may take; a timeout per read would have taken all 50 (10 s)
+    assert dribbler.sent and dribbler.sent[0] < 25
 
 
 def test_at_most_threads_logins_run_on_the_loop_the_others_on_the_pool(directory, tmp_path):

@@ -90,7 +90,7 @@ class Link:
     searches go over its socket through :mod:`wire`. Used by one attempt at a time."""
 
     __slots__ = ("conn", "server", "created", "last_used", "reused", "_reader", "_next_id", "_on_loop",
-                 "_timeout")
+                 "_answer_time", "_until")
 
     def __init__(self, conn: ldap3.Connection, server: Server) -> None:
         self.conn = conn
@@ -100,7 +100,8 @@ class Link:
         self._reader = wire.Reader(self)
         self._next_id = 1000  # above the IDs ldap3 used while opening (StartTLS)
         self._on_loop = False
-        self._timeout = 1.0
+        self._answer_time = 1.0  # set by settimeout() before every operation
+        self._until = 0.0
 
     def alive(self) -> bool:
         """Nothing is pending on an idle connection; readable means closed or disconnected."""
@@ -116,28 +117,38 @@ class Link:
         return not readable
 
     def settimeout(self, seconds: float) -> None:
-        """The wait allowed for each answer from now on; also where the link learns whether it
-        is used from the event loop (non-blocking) or from a thread (blocking)."""
-        self._timeout = max(seconds, 0.01)
+        """The time each answer may take from its request, in all: a server that dribbles an
+        answer a byte at a time gets no more than one that sends nothing. Also where the link
+        learns whether it is used from the event loop (non-blocking) or a thread (blocking)."""
+        self._answer_time = max(seconds, 0.01)
+        self._until = time.monotonic() + self._answer_time
         self._on_loop = aio.on_loop()
-        self.conn.socket.settimeout(0.0 if self._on_loop else self._timeout)
+        self.conn.socket.settimeout(0.0 if self._on_loop else max(seconds, 0.01))
+
+    def _left(self) -> float:
+        left = self._until - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("timed out")
+        return left
 
     def recv(self, size: int) -> bytes:
-        """Bytes from the server (for :class:`wire.Reader`), waiting at most the timeout."""
+        """Bytes from the server (for :class:`wire.Reader`), within the answer's time."""
         sock = self.conn.socket
         if not self._on_loop:
+            sock.settimeout(self._left())
             return sock.recv(size)
         while True:
             try:
                 return sock.recv(size)
             except (BlockingIOError, ssl.SSLWantReadError):
-                aio.wait_io(sock, timeout=self._timeout)
+                aio.wait_io(sock, timeout=self._left())
             except ssl.SSLWantWriteError:  # TLS may need to write before it can read
-                aio.wait_io(sock, write=True, timeout=self._timeout)
+                aio.wait_io(sock, write=True, timeout=self._left())
 
     def _sendall(self, data: bytes) -> None:
         sock = self.conn.socket
         if not self._on_loop:
+            sock.settimeout(self._left())  # sendall's timeout is for all of it (Python 3.5+)
             sock.sendall(data)
             return
         view = memoryview(data)
@@ -145,13 +156,14 @@ class Link:
             try:
                 view = view[sock.send(view):]
             except (BlockingIOError, ssl.SSLWantWriteError):
-                aio.wait_io(sock, write=True, timeout=self._timeout)
+                aio.wait_io(sock, write=True, timeout=self._left())
             except ssl.SSLWantReadError:
-                aio.wait_io(sock, timeout=self._timeout)
+                aio.wait_io(sock, timeout=self._left())
 
     def _send(self, build) -> int:
         message_id = self._next_id
         self._next_id = message_id + 1 if message_id < 0x7FFFFFFF else 1000
+        self._until = time.monotonic() + self._answer_time  # this request's answer
         try:
             self._sendall(build(message_id))
         except OSError as exc:

@@ -148,7 +148,8 @@ class LdapSettings(PluginSettings):
     groups: GroupSettings = GroupSettings()
     connect_timeout: float = Field(1.5, gt=0, description="seconds to connect (TCP and TLS) to one server; "
                                                           "below `deadline`")
-    receive_timeout: float = Field(2.5, gt=0, description="seconds to wait for one answer; below `deadline`")
+    receive_timeout: float = Field(2.5, gt=0, description="seconds one answer may take from its request, in all; "
+                                   "below `deadline`")
     backoff: float = Field(30.0, ge=0, description="seconds a failed server is skipped (still tried when "
                                                    "no other server is left)")
     pool_size: int = Field(0, ge=0, description="idle connections kept per server and kind (service, bind); "
