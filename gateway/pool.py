@@ -146,43 +146,47 @@ class ChainPool:
             item = self._queue.get()
             if item is None:
                 return
-            loop, future, fn, arg, deadline, abandoned = item
-            # Work nobody will read: its waiter has answered (or is about to answer) "deadline
-            # exceeded", or its client closed the connection (a proxy that gave up, a load
-            # generator that stopped). Running it would only delay the work queued behind it.
-            unwanted = _unwanted(future, deadline, abandoned)
-            if unwanted is not None:
-                self.dropped += 1
-                try:
-                    loop.call_soon_threadsafe(_resolve, future, None, unwanted)
-                except RuntimeError:
-                    pass
-                continue
-            current.arg = arg
-            current.wanted = (future, deadline, abandoned) if future is not None else None
-            started = time.monotonic()
+            self._run(*item)
+            # An idle thread holds nothing of its last attempt (its request, its closed
+            # connection) while it waits for the next one: after a burst, that was every thread's.
+            item = None
+
+    def _run(self, loop, future, fn, arg, deadline, abandoned) -> None:
+        # Work nobody will read: its waiter has answered (or is about to answer) "deadline
+        # exceeded", or its client closed the connection (a proxy that gave up, a load
+        # generator that stopped). Running it would only delay the work queued behind it.
+        unwanted = _unwanted(future, deadline, abandoned)
+        if unwanted is not None:
+            self.dropped += 1
             try:
-                result, error = fn(arg), None
-            except Exception as exc:  # handed to the waiter, which decides
-                result, error = None, exc
-            except BaseException as exc:
-                # SystemExit or KeyboardInterrupt re-raised in the event loop would end the
-                # worker: the waiter gets an ordinary exception, and fails closed on it.
-                result, error = None, RuntimeError(f"{exc.__class__.__name__} raised on a chain thread")
-                error.__cause__ = exc
-            finally:
-                current.wanted = None
-            if loop is not None:  # attempts only; an unlocked update may lose a sample, no more
-                took = time.monotonic() - started
-                self._per_item = took if self._per_item is None else 0.9 * self._per_item + 0.1 * took
-            if loop is None:
-                if error is not None:
-                    log.error("background work %r raised", fn, exc_info=error)
-                continue
-            try:
-                loop.call_soon_threadsafe(_resolve, future, result, error)
-            except RuntimeError:  # the loop closed while the plugin ran (shutting down)
+                loop.call_soon_threadsafe(_resolve, future, None, unwanted)
+            except RuntimeError:
                 pass
+            return
+        current.arg = arg
+        current.wanted = (future, deadline, abandoned) if future is not None else None
+        started = time.monotonic()
+        try:
+            result, error = fn(arg), None
+        except Exception as exc:  # handed to the waiter, which decides
+            result, error = None, exc
+        except BaseException as exc:
+            # SystemExit or KeyboardInterrupt re-raised in the event loop would end the
+            # worker: the waiter gets an ordinary exception, and fails closed on it.
+            result, error = None, RuntimeError(f"{exc.__class__.__name__} raised on a chain thread")
+            error.__cause__ = exc
+        finally:
+            current.wanted = current.arg = None
+        if loop is None:
+            if error is not None:
+                log.error("background work %r raised", fn, exc_info=error)
+            return
+        took = time.monotonic() - started  # an unlocked update may lose a sample, no more
+        self._per_item = took if self._per_item is None else 0.9 * self._per_item + 0.1 * took
+        try:
+            loop.call_soon_threadsafe(_resolve, future, result, error)
+        except RuntimeError:  # the loop closed while the plugin ran (shutting down)
+            pass
 
     def shutdown(self) -> None:
         """Let the threads finish what they hold and exit; queued work is dropped."""

@@ -8,6 +8,7 @@ import threading
 import pytest
 
 from gateway.pool import ChainPool
+from support.net import wait_for
 
 
 @pytest.fixture
@@ -141,3 +142,45 @@ def test_a_wait_beyond_the_target_is_refused_and_work_of_a_gone_client_is_droppe
         release.set()
         pool.shutdown()
     assert ran == ["kept"]
+
+
+class _Work:
+    """Stands for an attempt: something a finished thread must not keep alive."""
+
+
+@pytest.mark.parametrize("kind", ["answered", "failed", "background", "dropped"])
+def test_an_idle_thread_keeps_nothing_of_its_last_work(pool, kind):
+    # After a burst every chain thread used to hold its last attempt (its request, its closed
+    # connection) until the next one came: memory a burst left behind (issue 10).
+    import gc
+    import time
+    import weakref
+
+    work = _Work()
+    ref = weakref.ref(work)
+    done = threading.Event()
+
+    def fn(arg):
+        done.set()
+        if kind == "failed":
+            raise ValueError("no")
+        return arg
+
+    async def main():
+        if kind == "background":
+            pool.submit(fn, work)
+            await asyncio.get_running_loop().run_in_executor(None, done.wait, 10)
+        elif kind == "dropped":  # its deadline passed before a thread took it
+            with pytest.raises(Exception):
+                await pool.run(fn, work, deadline=time.monotonic() - 1)
+        else:
+            try:
+                await pool.run(fn, work)
+            except ValueError:
+                pass
+
+    asyncio.run(main())
+    del work
+    # the thread lets go right after it hands the answer over
+    wait_for(lambda: gc.collect() is not None and ref() is None, timeout=10, interval=0.02,
+             what="the thread to let go of its last work")
