@@ -1,11 +1,12 @@
 """Blocking-style plugin code run on the event loop, through greenlets.
 
 A chain step written as ordinary blocking code (the LDAP plugin: send a request, wait for its
-answer) hands each attempt to a chain thread, and that hand-off costs more CPU than the step's own
-work on a fast directory (docs/performance.md). Such a step can instead run on the event loop when
-its waits go through this module: :func:`run`, a coroutine, starts the code in a greenlet; inside
-it, :func:`wait_io` and :func:`wait` park the greenlet until the socket is ready or the awaitable
-is done, and the loop serves other requests meanwhile. The same code called on a chain thread,
+answer) hands each attempt to a chain thread and back: with one worker, a fifth of an LDAP
+login's CPU, the GIL passed between the loop and the threads (docs/performance.md). Such a step
+can instead run on the event loop when its waits go through this module: :func:`run`, a
+coroutine, starts the code in a greenlet; inside it, :func:`wait_io` and :func:`wait` park the
+greenlet until the socket is ready or the awaitable is done, and the loop serves other requests
+meanwhile. The same code called on a chain thread,
 or with no loop at all (``authgw`` commands), takes its ordinary blocking path: :func:`on_loop`
 tells which. So one implementation serves both, rather than a second, asynchronous copy of the
 LDAP code; SQLAlchemy's asyncio support is built the same way, on the same library.

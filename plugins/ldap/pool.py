@@ -157,7 +157,11 @@ class Pool:
         link = Link(conn, server)
         link.settimeout(max(0.05, min(self.receive_timeout, deadline - time.monotonic())))
         if kind == SERVICE and self._service is not None:
-            result = link.bind(*self._service)
+            try:
+                result = link.bind(*self._service)
+            except BaseException:  # a broken or timed-out link, or a cancelled login: not left open
+                link.close()
+                raise
             if result.code in TROUBLE_CODES:
                 link.close()
                 raise ServerTrouble(f"service bind answered {result.code}: {result.message}")
