@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import socket
+from concurrent.futures import Executor
 from typing import Any, Awaitable, Callable, TypeVar
 
 import greenlet
@@ -110,9 +111,11 @@ def wait_io(sock: socket.socket, *, write: bool = False, timeout: float) -> None
             loop.remove_reader(fd)
 
 
-def blocking(fn: Callable[..., T], *args: Any) -> T:
-    """``fn(*args)``: on the loop's executor, waited for, when on the loop (it would block the
-    loop); called here otherwise."""
+def blocking(fn: Callable[..., T], *args: Any, executor: Executor | None = None) -> T:
+    """``fn(*args)``: on *executor* (the loop's default one when None), waited for, when on the
+    loop (it would block the loop); called here otherwise. A caller whose calls may hang (a
+    connect to a dead server) brings its own executor, so that they cannot fill the default
+    one that other work shares."""
     if not on_loop():
         return fn(*args)
-    return wait(asyncio.get_running_loop().run_in_executor(None, fn, *args))
+    return wait(asyncio.get_running_loop().run_in_executor(executor, fn, *args))

@@ -218,6 +218,32 @@ def test_a_hung_directory_fills_the_loop_then_the_pool_and_the_excess_is_refused
     assert spy.threads[attempts[0].request_id] == threading.main_thread().name
 
 
+def test_connects_that_hang_do_not_fill_the_loops_default_executor(tmp_path, hung):
+    # LDAPS to a server that never answers the TLS handshake: each connect blocks its thread for
+    # connect_timeout. Twelve at once must not hold up other work of the loop's default executor
+    # (a network throttle store's calls), nor wait for each other.
+    url = hung.replace("ldap://127.0.0.1", "ldaps://localhost")
+    rt, spy = runtime(tmp_path, {"preset": "openldap", "base_dn": "dc=example,dc=com", "servers": [url],
+                                 "connect_timeout": 1.5, "receive_timeout": 1.0,
+                                 "direct_bind": "uid={username},ou=people,dc=example,dc=com"})
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        finished: list[str] = []
+        logins = [asyncio.ensure_future(rt.gateway.authenticate(attempt("erin", PASSWORD))) for _ in range(12)]
+        for task in logins:
+            task.add_done_callback(lambda t: finished.append(t.result().reason))
+        await asyncio.sleep(0.2)  # the connects have started
+        other = loop.run_in_executor(None, lambda: "other work")
+        other.add_done_callback(lambda f: finished.append(f.result()))
+        await asyncio.gather(*logins, other)
+        return finished
+
+    finished = run(rt, scenario())
+    assert finished[0] == "other work"
+    assert finished[1:] == ["ldap.unavailable"] * 12
+
+
 def test_a_login_cancelled_while_it_waits_is_audited_as_client_gone(directory, tmp_path, hung, caplog):
     rt, spy = runtime(tmp_path, directory.plugin_settings("plain", servers=[hung], receive_timeout=3.0))
     gone = attempt("erin", PASSWORD)

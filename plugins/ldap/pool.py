@@ -23,6 +23,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, TypeVar
 from urllib.parse import urlsplit
@@ -95,6 +96,7 @@ class Pool:
         self.pool_size = pool_size
         self.idle_timeout = idle_timeout
         self._service = service
+        self._connects: ThreadPoolExecutor | None = None  # see _connector()
         self.log = log
         self.active: Server | None = None
         self._lock = threading.Lock()
@@ -153,7 +155,7 @@ class Pool:
         """A new connection to *server*: TCP, TLS (or StartTLS), and for ``service`` the bind.
         ldap3 connects and blocks while it does: from the event loop, on a thread
         (:func:`gateway.aio.blocking`)."""
-        conn = aio.blocking(self._connect, server, deadline)
+        conn = aio.blocking(self._connect, server, deadline, executor=self._connector())
         link = Link(conn, server)
         link.settimeout(max(0.05, min(self.receive_timeout, deadline - time.monotonic())))
         if kind == SERVICE and self._service is not None:
@@ -170,6 +172,19 @@ class Pool:
                 raise ServiceBindFailed(f"service account bind refused ({result.code}: {result.message})")
             server.service_refused = ""
         return link
+
+    def _connector(self) -> ThreadPoolExecutor | None:
+        """Threads for ldap3's connects from the event loop, only this pool's: connects to a dead
+        or hung server wait up to ``connect_timeout`` each, and must not fill the loop's default
+        executor, which other work (a network throttle store) shares. Made on first use; a
+        chain thread connects itself."""
+        if not aio.on_loop():
+            return None
+        with self._lock:
+            if self._connects is None:
+                self._connects = ThreadPoolExecutor(max_workers=max(2, self.pool_size),
+                                                    thread_name_prefix="authgw-ldap-connect")
+            return self._connects
 
     def _connect(self, server: Server, deadline: float) -> ldap3.Connection:
         connect_timeout = max(0.05, min(self.connect_timeout, deadline - time.monotonic()))
@@ -277,8 +292,11 @@ class Pool:
             for server in self.servers:
                 for queue in server.idle.values():
                     queue.clear()
+            connects, self._connects = self._connects, None
         for link in links:
             link.close()
+        if connects is not None:
+            connects.shutdown(wait=False)  # a connect still running ends by its own timeout
 
     def snapshot(self) -> list[tuple[Server, str, bool]]:
         """(server, state text, ready) for readiness: from memory only, no network I/O."""
