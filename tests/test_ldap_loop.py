@@ -4,9 +4,11 @@ A chain whose steps are all ``loop_capable`` (the ldap plugin) and whose wrapper
 ``loop_safe(live=True)`` runs on the event loop, each wait for the directory parking the
 attempt's greenlet (gateway/aio.py). In-process, over the real core and the real ldap plugin
 against a real slapd (plain, LDAPS and StartTLS): the loop keeps serving while a login waits,
-failover and timeouts hold there, at most ``threads`` logins run on the loop at once (the rest go
-to the pool), a cancelled login is audited as ``client_gone``, and chains with a blocking
-wrapper or step stay on the pool.
+failover and timeouts hold there (a server dribbling its answer gets ``receive_timeout`` in all,
+on both paths), at most ``threads`` logins run on the loop at once (the rest go to the pool, whose
+bounded queue refuses the excess), connects that hang do not fill the loop's default executor, a
+cancelled login is audited as ``client_gone``, and chains with a blocking wrapper or step stay on
+the pool.
 """
 
 from __future__ import annotations
