@@ -222,43 +222,44 @@ class Gateway:
                                          if "password" in getattr(pm.get_plugin(name), "credentials", ("password",)))
         if pm.get_plugin("core.precheck") is None:
             pm.register(PrecheckStandIn(pm), name="core.precheck")
-        self._on_loop: dict[tuple, bool] = {}  # (answered step, implementations) -> may run on the loop
+        self._on_loop: dict[tuple, bool] = {}  # (kind, implementations) -> may run on the loop
         self._live_running = 0  # attempts in _run_live_on_loop
+
+    def _loop_verdict(self, kind: tuple, decide: Callable[[list], bool]) -> bool:
+        """``decide(implementations)``, remembered per *kind* and set of ``gateway_authenticate``
+        implementations (a plugin registered later is seen)."""
+        impls = self.pm.hook.gateway_authenticate.get_hookimpls()
+        key = (kind, *map(id, impls))
+        known = self._on_loop.get(key)
+        if known is None:
+            known = decide(impls)
+            if len(self._on_loop) >= 64:  # bounded: steps and registrations are few
+                self._on_loop.clear()
+            self._on_loop[key] = known
+        return known
 
     def runs_on_loop(self, answer: Decision) -> bool:
         """Whether an attempt with the precheck *answer* runs its chain on the event loop: no
         step is asked before the answered one, and every wrapper is :func:`loop_safe`."""
         # as PrecheckStandIn decides which steps it still asks (only a success carries an identity)
         stands_for = answer.identity.method if answer.identity is not None else None
-        impls = self.pm.hook.gateway_authenticate.get_hookimpls()
-        key = (stands_for, *map(id, impls))  # a plugin registered later is seen
-        known = self._on_loop.get(key)
-        if known is None:
+
+        def decide(impls: list) -> bool:
             steps = [i for i in reversed(impls) if not (i.wrapper or i.hookwrapper)
                      and not isinstance(i.plugin, PrecheckStandIn)]
             names = [i.plugin_name for i in steps]
             before = names[:names.index(stands_for)] if stands_for in names else []
-            known = not before and all(
+            return not before and all(
                 getattr(getattr(i.plugin, "gateway_authenticate", None), "__authgw_loop_safe__", False)
                 for i in impls if i.wrapper or i.hookwrapper)
-            if len(self._on_loop) >= 64:  # bounded: steps and registrations are few
-                self._on_loop.clear()
-            self._on_loop[key] = known
-        return known
+
+        return self._loop_verdict(("answer", stands_for), decide)
 
     def live_on_loop(self) -> bool:
         """Whether an attempt runs its whole chain on the event loop (:meth:`_run_live_on_loop`):
         every chain step is ``loop_capable`` (its waits go through :mod:`gateway.aio`) and every
         wrapper is :func:`loop_safe` with ``live=True``."""
-        impls = self.pm.hook.gateway_authenticate.get_hookimpls()
-        key = ("live", *map(id, impls))
-        known = self._on_loop.get(key)
-        if known is None:
-            known = all(map(may_run_on_loop, impls))
-            if len(self._on_loop) >= 64:
-                self._on_loop.clear()
-            self._on_loop[key] = known
-        return known
+        return self._loop_verdict(("live",), lambda impls: all(map(may_run_on_loop, impls)))
 
     # -- per attempt ----------------------------------------------------------------------------
 

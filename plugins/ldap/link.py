@@ -101,7 +101,7 @@ class Link:
         self._next_id = 1000  # above the IDs ldap3 used while opening (StartTLS)
         self._on_loop = False
         self._answer_time = 1.0  # set by settimeout() before every operation
-        self._until = 0.0
+        self._until = 0.0  # when the answer to the last request must be complete (set by _send)
 
     def alive(self) -> bool:
         """Nothing is pending on an idle connection; readable means closed or disconnected."""
@@ -121,9 +121,11 @@ class Link:
         answer a byte at a time gets no more than one that sends nothing. Also where the link
         learns whether it is used from the event loop (non-blocking) or a thread (blocking)."""
         self._answer_time = max(seconds, 0.01)
-        self._until = time.monotonic() + self._answer_time
         self._on_loop = aio.on_loop()
-        self.conn.socket.settimeout(0.0 if self._on_loop else max(seconds, 0.01))
+        if self._on_loop:
+            # Non-blocking: each read and send waits through gateway.aio. From a thread, each one
+            # sets the socket's timeout to the time the answer has left instead.
+            self.conn.socket.settimeout(0.0)
 
     def _left(self) -> float:
         left = self._until - time.monotonic()
