@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import http.client
 import json
+import socket
 import ssl
 import subprocess
 from dataclasses import dataclass, field
@@ -608,3 +609,113 @@ def test_ipv4_mapped_proxy_address_names_the_ipv4_proxy(pki, tmp_path, start_gat
     response = via_proxy(gateway, {"X-SSL-Client-Cert": header_pem(pki, "alice")}, source=mapped)
     assert (response.status, response.header("Remote-User")) == (200, "alice")
     assert "is not in trusted_proxies" not in gateway.output()
+
+
+# -- TLS sessions and where certificate logins run (issue 15) ----------------------------------------
+
+
+@dataclass
+class TlsConnection:
+    version: str | None
+    session: ssl.SSLSession | None  # with any ticket the server sent
+    session_reused: bool
+
+
+def client_context(pki: Pki, cert: str) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(pki.dir / "root.pem"))
+    context.load_cert_chain(*pki.paths(cert))
+    return context
+
+
+def tls_session_get(gateway: GatewayProcess, context: ssl.SSLContext,
+                    session: ssl.SSLSession | None = None) -> tuple[Response, TlsConnection]:
+    """GET /auth on a new TLS connection (offering *session*, made with the same *context*, for
+    resumption), read to its end: the response, and what the connection was."""
+    raw = socket.create_connection(("127.0.0.1", gateway.tls_port), timeout=15)
+    with context.wrap_socket(raw, server_hostname="127.0.0.1", session=session) as sock:
+        sock.sendall(b"GET /auth HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(65536):  # tickets arrive after the handshake, read with the answer
+            data += chunk
+        connection = TlsConnection(sock.version(), sock.session, sock.session_reused)
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = http.client.HTTPMessage()
+    for line in lines:
+        name, _, value = line.partition(":")
+        headers[name.strip()] = value.strip()
+    return Response(int(status_line.split()[1]), headers, body), connection
+
+
+def test_listener_sends_no_session_tickets_by_default(gw, pki):
+    """Each ticket costs the gateway about as much CPU as the rest of a certificate login
+    (OpenSSL 3.0 copies the session, decoding the client certificate again; docs/performance.md),
+    and only resumes on the worker that issued it: none by default (``session_tickets``)."""
+    alice = client_context(pki, "alice")
+    response, tls = tls_session_get(gw, alice)
+    assert (response.status, response.header("Remote-User")) == (200, "alice")
+    assert tls.version == "TLSv1.3"
+    assert tls.session is not None and not tls.session.has_ticket
+    response, tls = tls_session_get(gw, alice, session=tls.session)
+    assert response.status == 200 and not tls.session_reused
+
+
+def test_session_tickets_resume_and_each_request_is_still_checked(pki, tmp_path, start_gateway):
+    """``session_tickets: 1``: a client resumes without a new handshake, and the plugin still
+    decides each request from the certificate the session carries (an audit line each).
+    Revocation off and no lookup: nothing in the step waits, so it runs on the event loop
+    (``loop_capable``) and the chain threads, started by their first work, never start."""
+    port = free_port()
+    conf = write_conf(tmp_path / "conf.d", {
+        "gateway.yaml": _yaml({"chain": ["client_cert"], "threads": 4, "throttle": {"enabled": False}}),
+        "client_cert.yaml": _yaml({"client_cert": {
+            "ca_bundle": str(pki.dir / "root.pem"), "intermediates": str(pki.dir / "issuing.pem"),
+            "listener": {"address": f"127.0.0.1:{port}", "certificate": str(pki.dir / "server.crt"),
+                         "key": str(pki.dir / "server.key"), "session_tickets": 1},
+            "revocation": "off", "mapping": {"lookup": False, "rules": ["upn"]}}}),
+    })
+    gateway = start_gateway(conf)
+    wait_for_port("127.0.0.1", port, timeout=15, proc=gateway.proc)
+    gateway.tls_port = port
+
+    def threads() -> int:
+        status = Path(f"/proc/{gateway.proc.pid}/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("Threads:")))
+
+    before = threads()
+    alice = client_context(pki, "alice")
+    first, tls = tls_session_get(gateway, alice)
+    assert (first.status, first.header("Remote-User")) == (200, "alice")
+    assert tls.session.has_ticket
+    second, resumed = tls_session_get(gateway, alice, session=tls.session)
+    assert resumed.session_reused
+    assert (second.status, second.header("Remote-User")) == (200, "alice")
+    for response in (first, second):
+        record = gateway.audit_for(response.header("X-Request-Id"))
+        assert (record["step"], record["outcome"], record["username"]) == ("client_cert", "success", "alice")
+    assert threads() == before
+
+
+@pytest.mark.parametrize("revocation, lookup, on_loop", [
+    ("off", False, True),
+    ("soft-fail", False, False),  # CRL and OCSP fetches block
+    ("off", True, False),  # static's gateway_lookup_user is not loop_capable
+])
+def test_certificate_logins_run_on_the_loop_only_when_nothing_blocks(pki, tmp_path, demo_hash, revocation, lookup,
+                                                                      on_loop):
+    from support.chainhelp import build
+
+    users = tmp_path / "users.yml"
+    users.write_text(_yaml({"users": {"alice": {"password_hash": demo_hash}}}))
+    users.chmod(0o600)
+    runtime = build(tmp_path, {"chain": ["client_cert", "static"]}, {
+        "client_cert": {"ca_bundle": str(pki.dir / "root.pem"), "intermediates": str(pki.dir / "issuing.pem"),
+                        "headers": [{"name": "X-SSL-Client-Cert", "format": "pem"}],
+                        "revocation": revocation, "mapping": {"lookup": lookup, "rules": ["upn"]}},
+        "static": {"users_file": str(users)},
+    }, targets={"client_cert": "gateway.plugins.client_cert:ClientCertPlugin",
+                "static": "gateway.plugins.static:StaticPlugin"})
+    try:
+        assert runtime.gateway.pm.get_plugin("client_cert").loop_capable is on_loop
+    finally:
+        runtime.discard()

@@ -56,6 +56,8 @@ from gateway import (
     hookimpl,
 )
 
+from gateway.chain import may_run_on_loop
+
 from .headers import parse_pem_header, parse_xfcc
 from .listener import build_listener
 from .mapping import candidates, directory_binding_matches, thumbprint
@@ -109,6 +111,21 @@ class ClientCertPlugin:
         if settings.listener is None and not settings.headers:
             self.log.warning("%s has neither a listener nor headers: it will never see a certificate "
                              "(unless another plugin's listener hands one over)", self.name)
+
+    @property
+    def loop_capable(self) -> bool:
+        """Whether this step may run on the event loop (gateway/aio.py). Its own work does not
+        wait: the path is validated in memory (cached per chain, ``verify_cache_seconds``) and the
+        mapping rules read the certificate, so a certificate login needs no chain thread, as long as
+        nothing asks the network: revocation checks fetch CRLs and ask OCSP responders with
+        blocking sockets, so with ``revocation.policy`` other than ``off`` logins stay on the
+        chain threads; with ``mapping.lookup``, every ``gateway_lookup_user`` must be able to run
+        on the loop too (the ldap plugin's is)."""
+        if self.revocation.enabled:
+            return False
+        if self.settings.mapping.lookup:
+            return all(map(may_run_on_loop, self.hook.gateway_lookup_user.get_hookimpls()))
+        return True
 
     # -- lifecycle -----------------------------------------------------------------------------
 

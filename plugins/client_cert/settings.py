@@ -56,6 +56,10 @@ class ListenerSettings(PluginSettings):
     check_validity_in_handshake: bool = Field(
         True, description="OpenSSL refuses expired and not-yet-valid certificates in the handshake (no audit "
                           "line); `false` lets the plugin deny them with `cert.expired`/`cert.not_yet_valid`")
+    session_tickets: int = Field(
+        0, ge=0, le=8, description="TLS session tickets sent after each full handshake, for a client to resume "
+                                   "with; `0`: none, each connection makes a full handshake (each ticket "
+                                   "costs about as much CPU as the rest of a login: docs/plugins/client_cert.md)")
 
     @field_validator("address")
     @classmethod
