@@ -60,8 +60,11 @@ def usage(pid: int) -> tuple[float, float, int, int]:
     return int(fields[11]) / tick, int(fields[12]) / tick, switches[0], switches[1]
 
 
-def spy(pid: int, seconds: float, out: Path) -> subprocess.Popen:
-    return subprocess.Popen(["py-spy", "record", "--nonblocking", "--format", "raw", "--rate", "250",
+def spy(pid: int, seconds: float, out: Path, native: bool = False) -> subprocess.Popen:
+    # --native needs the process paused for each sample: the row's rate then means nothing, the
+    # shares of the samples still do (a native profile of certificate logins showed the cost of OpenSSL session tickets).
+    mode = ["--native"] if native else ["--nonblocking"]
+    return subprocess.Popen(["py-spy", "record", *mode, "--threads", "--format", "raw", "--rate", "250",
                              "--duration", str(max(1, int(seconds) - 1)), "--pid", str(pid), "-o", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -75,7 +78,10 @@ def summary(raw: Path, top: int) -> str:
         stack, _, count = line.rpartition(" ")
         n = int(count)
         total += n
-        frames = [f.split(" (")[0] + " " + f.rsplit("/", 1)[-1].split(":")[0].rstrip(")") for f in stack.split(";")]
+        names = stack.split(";")
+        if names[0].startswith("thread ("):  # --threads: "thread (tid): name", counted by its frames
+            names = names[1:]
+        frames = [f.split(" (")[0] + " " + f.rsplit("/", 1)[-1].split(":")[0].rstrip(")") for f in names]
         for frame in set(frames):
             inclusive[frame] += n
         own[frames[-1]] += n
@@ -97,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--only", default="healthz,hot1,ldap")
     parser.add_argument("--py-spy", action="store_true", help="also sample each row with py-spy")
+    parser.add_argument("--native", action="store_true", help="with --py-spy: C frames too (OpenSSL, uvloop, "
+                        "libldap...); pauses the worker at each sample, so that round's figures are not rates")
+    parser.add_argument("--keep-raw", type=Path, help="with --py-spy: copy py-spy's collapsed stacks here")
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args(argv)
     only = args.only.split(",")
@@ -135,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
                 load = lambda: loads.wrk(gw.url + path, args.seconds, threads=2,  # noqa: E731
                                          connections=args.connections, headers=headers)
                 workers = tree(gw.proc.pid)[1:] or [gw.proc.pid]  # one worker: no fork
-                sampler = spy(workers[0], args.seconds, base / f"{key}.raw") if args.py_spy and r == 0 else None
+                sampler = (spy(workers[0], args.seconds, base / f"{key}.raw", args.native)
+                           if args.py_spy and r == 0 else None)
                 before = usage(workers[0])
                 result, cpu, shares = measure(load, lambda gw=gw: tree(gw.proc.pid))
                 after = usage(workers[0])
@@ -154,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
                 raw = base / f"{key}.raw"
                 if raw.exists():
                     print(f"\n{key} (py-spy, first round, worker 1):\n{summary(raw, args.top)}")
+                    if args.keep_raw:
+                        args.keep_raw.mkdir(parents=True, exist_ok=True)
+                        shutil.copy(raw, args.keep_raw / raw.name)
     finally:
         for thing in reversed(started):
             thing.stop()
