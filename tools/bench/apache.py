@@ -96,6 +96,8 @@ class TlsClientAuth:
     certificate: Path
     key: Path
     trust: Path
+    #: TLS 1.3 session tickets per handshake (``SSLOpenSSLConfCmd NumTickets``); None: OpenSSL's 2.
+    session_tickets: int | None = None
 
 
 class Apache(Daemon):
@@ -257,6 +259,8 @@ class Apache(Daemon):
                 # need TLS 1.3 post-handshake authentication, which clients rarely offer.
                 "  SSLVerifyClient require",
                 "  SSLVerifyDepth 3",
+                *([f"  SSLOpenSSLConfCmd NumTickets {self.tls.session_tickets}"]
+                  if self.tls.session_tickets is not None else []),
                 "</VirtualHost>",
             ]
         return "\n".join(lines) + "\n"

@@ -296,7 +296,10 @@ def setup(base: Path, args: argparse.Namespace, only: list[str], started: list) 
 
     apache = Apache(base / "apache", ldap=ldap_auth(False) if need_ldap else None,
                     gssapi=GssapiAuth(keytab, kdc.krb5_conf) if kdc else None,
-                    tls=TlsClientAuth(Path(pki["server_crt"]), Path(pki["server_key"]), Path(pki["trust"]))
+                    # Like for like: no session tickets, as authgw's listener by default (each costs
+                    # either server a copy of the session with the client certificate in it).
+                    tls=TlsClientAuth(Path(pki["server_crt"]), Path(pki["server_key"]), Path(pki["trust"]),
+                                      session_tickets=0)
                     if pki else None, servers=args.workers)
     started.append(apache)
     apache.start()
