@@ -3,7 +3,7 @@
 connection (a full handshake per login), against a minimal Python ``ssl`` server in the same run.
 
 Both servers get the same server certificate, trust bundle (root + issuing CA) and client
-certificate (EC P-256 keys, TLS 1.3 by default), ask for the certificate with CERT_REQUIRED
+certificate (EC P-256 keys, TLS 1.3 by default, no session tickets), ask for the certificate with CERT_REQUIRED
 (the gateway's listener: CERT_OPTIONAL, the same handshake when a certificate comes) and answer
 a ``GET /auth`` with 200. The gateway then also builds an attempt, verifies the path with
 ``cryptography``, maps the CN, writes an audit line. The load generator is the same for both:
@@ -49,6 +49,7 @@ ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
 ctx.load_cert_chain(certfile, keyfile)
 ctx.verify_mode = ssl.CERT_REQUIRED
 ctx.load_verify_locations(trust)
+ctx.num_tickets = 0  # as the gateway's listener by default (listener.session_tickets)
 
 async def handle(reader, writer):
     try:
