@@ -658,6 +658,15 @@ def test_listener_sends_no_session_tickets_by_default(gw, pki):
     assert tls.session is not None and not tls.session.has_ticket
     response, tls = tls_session_get(gw, alice, session=tls.session)
     assert response.status == 200 and not tls.session_reused
+    # TLS 1.2 has session IDs (OpenSSL's session cache, per worker): they still resume, and the
+    # plugin still decides the resumed connection's request from its certificate.
+    alice12 = client_context(pki, "alice")
+    alice12.maximum_version = ssl.TLSVersion.TLSv1_2
+    first, tls = tls_session_get(gw, alice12)
+    assert tls.version == "TLSv1.2" and not tls.session.has_ticket
+    second, tls = tls_session_get(gw, alice12, session=tls.session)
+    assert tls.session_reused and (second.status, second.header("Remote-User")) == (200, "alice")
+    assert gw.audit_for(second.header("X-Request-Id"))["step"] == "client_cert"
 
 
 def test_session_tickets_resume_and_each_request_is_still_checked(pki, tmp_path, start_gateway):

@@ -18,11 +18,12 @@ listener of their own; the core binds it and serves the same front doors on it.
   not-yet-valid certificates reach the plugin and are denied with an audit line.
 * Client-initiated renegotiation is off: the certificate of a connection cannot change under a
   request.
-* No session tickets unless ``session_tickets`` asks for them. With OpenSSL 3.0 each ticket costs a
-  copy of the session that decodes the client certificate again: ~0.6 ms of CPU per new
-  connection, measured, about what the rest of a certificate login costs
-  (docs/plugins/client_cert.md). A ticket only resumes on the worker that issued it (each has its
-  own ticket key) and not after a reload; the plugin checks a resumed session's certificate again
+* No session tickets unless ``session_tickets`` asks for them. With OpenSSL 3.0 a ticket costs a
+  copy of the session that decodes the client certificate again: ~0.6 ms of CPU per ticket and
+  connection, measured (OpenSSL's default of two took a certificate login from ~2.8 to ~4.3 ms;
+  docs/performance.md). A ticket only resumes on the worker that issued it (each has its own
+  ticket key) and not after a reload. TLS 1.2 clients can still resume by session ID on the same
+  worker (OpenSSL's session cache). The plugin checks a resumed session's certificate again
   either way.
 """
 
