@@ -342,13 +342,14 @@ class LimitsSettings(PluginSettings):
     max_hold: float = Field(8, ge=1, le=300, description="seconds at most a refused connection's "
                             "next request waits unread (its `Retry-After`)")
     header_timeout: float = Field(10.0, gt=0, le=300, description="seconds a client has to send a "
-                                  "request's headers (slow-header floods)")
+                                  "request's headers (slow-header floods), and to finish its TLS handshake "
+                                  "on a TLS listener")
     body_timeout: float = Field(10.0, gt=0, le=300, description="seconds a client has to send a "
                                 "request body to `/v1/authenticate`")
     keepalive_timeout: float = Field(75.0, gt=0, le=3600, description="seconds an idle keep-alive "
                                      "connection stays open")
-    max_connections: int = Field(4096, ge=1, le=1_000_000, description="open connections per worker; "
-                                 "more are closed at once (logged)")
+    max_connections: int = Field(4096, ge=1, le=1_000_000, description="open connections per worker, "
+                                 "TLS ones from their TCP accept; more are closed at once (logged)")
     max_connections_per_client: int = Field(256, ge=1, le=1_000_000, description="open connections "
                                             "per client address and worker (`trusted_proxies` exempt)")
 

@@ -37,6 +37,7 @@ import asyncio
 import logging
 import threading
 import time
+from asyncio.sslproto import SSLProtocol as _AsyncioSSLProtocol
 from collections import Counter
 from http import HTTPStatus
 
@@ -46,6 +47,11 @@ from aiohttp.web_protocol import RequestHandler
 from gateway.http.clientaddr import parse_address
 from gateway.lifecycle import trim_freed_memory
 from gateway.settings import LimitsSettings
+
+try:  # uvloop's TLS protocol (compiled) for uvloop's loop; asyncio's for asyncio's
+    from uvloop.loop import Loop as _UvLoop, SSLProtocol as _UvSSLProtocol
+except ImportError:  # pragma: no cover - uvloop is an optional speed-up
+    _UvLoop = _UvSSLProtocol = None
 
 __all__ = ["ConnectionGuard", "GuardedSite", "SERVER_HEADER"]
 
@@ -162,13 +168,14 @@ class GuardedRequestHandler(RequestHandler):
         self._hold: float | None = None  # seconds to hold the next request after this response
         self._held: bytearray | None = None  # what the client sent while held (None: not held)
         self._hold_timer: asyncio.TimerHandle | None = None  # ends the hold; set exactly while held
+        #: The client, when :class:`_TlsAccept` counted this connection at its TCP accept.
+        self.admitted: str | None = None
 
     # -- connection caps --------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        peer = transport.get_extra_info("peername")
-        host = peer[0] if isinstance(peer, tuple) and peer else str(peer)
-        if not self._guard.admit(host):
+        host = self.admitted or _peer_host(transport)
+        if self.admitted is None and not self._guard.admit(host):
             transport.abort()
             return
         self._host = host
@@ -327,8 +334,63 @@ class GuardedRequestHandler(RequestHandler):
         log.error("connection error: %s", exc.__class__.__name__ if isinstance(exc, BaseException) else args[0])
 
 
+def _peer_host(transport: asyncio.BaseTransport) -> str:
+    peer = transport.get_extra_info("peername")
+    return peer[0] if isinstance(peer, tuple) and peer else str(peer)
+
+
+class _TlsAccept(asyncio.Protocol):
+    """A new connection to a TLS listener: counted and given its handshake here, at TCP accept.
+
+    With ``create_server(ssl=...)`` the HTTP protocol hears of a connection only once its TLS
+    handshake is done, so a client that connected and never finished one (or sent nothing) was
+    neither counted against the connection caps nor timed out before the event loop's 60-s
+    handshake timeout: 400 such connections from one client under a cap of 100 were all held,
+    and nothing was logged. Here the connection is counted (or refused) at once, its handshake
+    must end within ``limits.header_timeout`` (the time a request's headers get), and the TLS
+    protocol the event loop would have used is put in this one's place before the first byte is
+    read. A connection whose handshake fails or times out is counted off when it ends; one that
+    completes goes to :class:`GuardedRequestHandler`, which counts it off when it closes.
+    """
+
+    def __init__(self, app_factory, context, guard: ConnectionGuard, loop: asyncio.AbstractEventLoop) -> None:
+        self._app_factory = app_factory
+        self._context = context
+        self._guard = guard
+        self._loop = loop
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        host = _peer_host(transport)
+        if not self._guard.admit(host):
+            transport.abort()
+            return
+        app = self._app_factory()
+        app.admitted = host
+        timeout = self._guard.limits.header_timeout
+        started = self._loop.time()
+        waiter = self._loop.create_future()
+
+        def settled(future: asyncio.Future) -> None:
+            if future.cancelled() or future.exception() is not None:  # no error of this process
+                transport.abort()  # as the loop's own server does with a failed handshake
+            if app._host is None:  # the HTTP protocol never had it: failed, timed out or gone
+                self._guard.release(host)
+                if self._loop.time() - started >= timeout:
+                    self._guard.warn("handshake_timeout", "closed a connection from %s: no TLS handshake within "
+                                     "%.0f s (limits.header_timeout)", host, timeout)
+
+        waiter.add_done_callback(settled)
+        uvloop = _UvLoop is not None and isinstance(self._loop, _UvLoop)
+        tls = (_UvSSLProtocol if uvloop else _AsyncioSSLProtocol)(
+            self._loop, app, self._context, waiter, server_side=True, ssl_handshake_timeout=timeout)
+        # Before the loop reads the first byte (it starts reading when this method returns).
+        transport.set_protocol(tls)
+        tls.connection_made(transport)
+
+
 class GuardedSite(web.BaseSite):
-    """``web.SockSite`` serving with :class:`GuardedRequestHandler` on an already bound socket."""
+    """``web.SockSite`` serving with :class:`GuardedRequestHandler` on an already bound socket;
+    on a TLS listener each connection is accepted through :class:`_TlsAccept`."""
 
     def __init__(self, runner: web.BaseRunner, sock, guard: ConnectionGuard, *, ssl_context=None) -> None:
         super().__init__(runner, ssl_context=ssl_context, backlog=2048)
@@ -350,5 +412,10 @@ class GuardedSite(web.BaseSite):
             return GuardedRequestHandler(server, loop=loop, guard=guard, access_log=None,
                                          keepalive_timeout=guard.limits.keepalive_timeout)
 
-        self._server = await loop.create_server(protocol, sock=self._sock, ssl=self._ssl_context,
+        context = self._ssl_context
+
+        def tls() -> _TlsAccept:
+            return _TlsAccept(protocol, context, guard, loop)
+
+        self._server = await loop.create_server(tls if context is not None else protocol, sock=self._sock,
                                                 backlog=self._backlog)
