@@ -373,7 +373,7 @@ def test_wire_requests_and_responses_round_trip() -> None:
     assert (int(op["version"]), str(op["name"])) == (3, "uid=a,dc=x")
     assert bytes(op["authentication"]["simple"]) == "pässword".encode()
 
-    search = wire.search_request(7, "dc=x", "one", wire.compile_filter("(uid=a)"), [b"cn", b"memberOf"], 2,
+    search = wire.search_request(7, "dc=x", "one", wire.compile_filter("(uid=a)"), ["cn", "memberOf"], 2,
                                  paged_size=500, cookie=b"\x01\x02")
     message, rest = decoder.decode(search, asn1Spec=LDAPMessage())
     op = message["protocolOp"]["searchRequest"]

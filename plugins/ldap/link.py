@@ -201,8 +201,7 @@ class Link:
                size_limit: int = 0, paged_size: int | None = None,
                cookie: bytes | None = None) -> tuple[Result, list[Entry], bytes | None]:
         filter_ber = wire.compile_filter(filter_)  # FilterError: a bug or a bad template, not the server
-        names = [a.encode("ascii") for a in attributes]
-        message_id = self._send(lambda mid: wire.search_request(mid, base, scope, filter_ber, names, size_limit,
+        message_id = self._send(lambda mid: wire.search_request(mid, base, scope, filter_ber, attributes, size_limit,
                                                                  paged_size, cookie or b""))
         entries: list[Entry] = []
         while True:

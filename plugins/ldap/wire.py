@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Sequence
 
 __all__ = ["FilterError", "PasswordPolicy", "ProtocolError", "Reader", "bind_request", "compile_filter",
            "paged_cookie", "parse_entry", "parse_result", "password_policy", "search_request"]
@@ -80,16 +81,18 @@ def bind_request(message_id: int, dn: str, password: str, *, ppolicy: bool = Tru
 
 
 @functools.lru_cache(maxsize=64)
-def _selection(attributes: tuple[bytes, ...]) -> bytes:
+def _selection(attributes: tuple[str, ...]) -> bytes:
     """The attribute selection of a search, encoded once per list: a directory asks for the same
-    few lists on every login (about 20 names, as many TLVs, each login before)."""
+    few lists on every login (about 20 names, as many encodings and TLVs, each login before)."""
     # no attribute wanted: the special name "1.1" (RFC 4511 section 4.5.1.8)
-    return _tlv(0x30, b"".join(_tlv(0x04, a) for a in attributes) if attributes else b"\x04\x031.1")
+    return _tlv(0x30, b"".join(_tlv(0x04, a.encode("ascii")) for a in attributes) if attributes
+                else b"\x04\x031.1")
 
 
-def search_request(message_id: int, base: str, scope: str, filter_ber: bytes, attributes: list[bytes],
+def search_request(message_id: int, base: str, scope: str, filter_ber: bytes, attributes: Sequence[str],
                    size_limit: int = 0, paged_size: int | None = None, cookie: bytes = b"") -> bytes:
-    """SearchRequest (RFC 4511 section 4.5.1), aliases never dereferenced, no time limit."""
+    """SearchRequest (RFC 4511 section 4.5.1), aliases never dereferenced, no time limit.
+    *attributes* are names (ASCII, RFC 4512 section 2.5)."""
     body = (_tlv(0x04, base.encode("utf-8")) + _int(0x0A, SCOPES[scope]) + b"\x0a\x01\x00"
             + _int(0x02, size_limit) + b"\x02\x01\x00" + b"\x01\x01\x00" + filter_ber
             + _selection(tuple(attributes)))
