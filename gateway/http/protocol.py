@@ -48,7 +48,7 @@ from gateway.http.clientaddr import parse_address
 from gateway.lifecycle import trim_freed_memory
 from gateway.settings import LimitsSettings
 
-try:  # uvloop's TLS protocol (compiled) for uvloop's loop; asyncio's for asyncio's
+try:
     from uvloop.loop import Loop as _UvLoop, SSLProtocol as _UvSSLProtocol
 except ImportError:  # pragma: no cover - uvloop is an optional speed-up
     _UvLoop = _UvSSLProtocol = None
@@ -353,8 +353,10 @@ class _TlsAccept(asyncio.Protocol):
     completes goes to :class:`GuardedRequestHandler`, which counts it off when it closes.
     """
 
-    def __init__(self, app_factory, context, guard: ConnectionGuard, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, app_factory, tls_protocol, context, guard: ConnectionGuard,
+                 loop: asyncio.AbstractEventLoop) -> None:
         self._app_factory = app_factory
+        self._tls_protocol = tls_protocol  # the event loop's own TLS protocol class
         self._context = context
         self._guard = guard
         self._loop = loop
@@ -380,9 +382,8 @@ class _TlsAccept(asyncio.Protocol):
                                      "%.0f s (limits.header_timeout)", host, timeout)
 
         waiter.add_done_callback(settled)
-        uvloop = _UvLoop is not None and isinstance(self._loop, _UvLoop)
-        tls = (_UvSSLProtocol if uvloop else _AsyncioSSLProtocol)(
-            self._loop, app, self._context, waiter, server_side=True, ssl_handshake_timeout=timeout)
+        tls = self._tls_protocol(self._loop, app, self._context, waiter, server_side=True,
+                                 ssl_handshake_timeout=timeout)
         # Before the loop reads the first byte (it starts reading when this method returns).
         transport.set_protocol(tls)
         tls.connection_made(transport)
@@ -413,9 +414,11 @@ class GuardedSite(web.BaseSite):
                                          keepalive_timeout=guard.limits.keepalive_timeout)
 
         context = self._ssl_context
+        # uvloop's TLS protocol (compiled) on uvloop's loop, asyncio's on asyncio's
+        tls_protocol = _UvSSLProtocol if _UvLoop is not None and isinstance(loop, _UvLoop) else _AsyncioSSLProtocol
 
         def tls() -> _TlsAccept:
-            return _TlsAccept(protocol, context, guard, loop)
+            return _TlsAccept(protocol, tls_protocol, context, guard, loop)
 
         self._server = await loop.create_server(tls if context is not None else protocol, sock=self._sock,
                                                 backlog=self._backlog)
