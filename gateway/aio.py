@@ -6,9 +6,8 @@ login's CPU, the GIL passed between the loop and the threads (docs/performance.m
 can instead run on the event loop when its waits go through this module: :func:`run`, a
 coroutine, starts the code in a greenlet; inside it, :func:`wait_io` and :func:`wait` park the
 greenlet until the socket is ready or the awaitable is done, and the loop serves other requests
-meanwhile. The same code called on a chain thread,
-or with no loop at all (``authgw`` commands), takes its ordinary blocking path: :func:`on_loop`
-tells which. So one implementation serves both, rather than a second, asynchronous copy of the
+meanwhile. The same code called on a chain thread, or with no loop at all (``authgw`` commands),
+takes its ordinary blocking path: :func:`on_loop` tells which. So one implementation serves both, rather than a second, asynchronous copy of the
 LDAP code; SQLAlchemy's asyncio support is built the same way, on the same library.
 
 Rules for code that runs here (``loop_capable`` steps, docs/plugins.md): every wait goes through
