@@ -324,3 +324,40 @@ def test_event_loop_choice(conf_dir, alice_hash, start_gateway, choice):
     has_uvloop = importlib.util.find_spec("uvloop") is not None
     expected = "uvloop" if choice == "auto" and has_uvloop else "asyncio"
     assert f"event loop: {expected}" in gw.output()
+
+
+def _with_headers(gateway: GatewayProcess, method: str, path: str, headers: list[tuple[str, str]],
+                  body: bytes = b"") -> tuple[int, bytes]:
+    """A request carrying *headers* exactly, repeated names included (a dict cannot)."""
+    import http.client
+
+    conn = http.client.HTTPConnection(gateway.host, gateway.port, timeout=15)
+    try:
+        conn.putrequest(method, path)
+        for name, value in [*headers, ("Content-Length", str(len(body)))]:
+            conn.putheader(name, value)
+        conn.endheaders(body)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def test_two_authorization_headers_are_refused_not_the_first_believed(gw):
+    """Authorization is not a list header: with a valid one first and another after it, the
+    first was checked and 200 answered, while what reads the request behind authgw may take the
+    other. Now it is a malformed request: the uniform 401, audited."""
+    for pair in ([basic("alice", PASSWORD), basic("mallory", "x")], [basic("alice", PASSWORD)] * 2):
+        status, body = _with_headers(gw, "GET", "/auth", [("Authorization", value) for value in pair])
+        assert (status, body) == (401, b"401 Unauthorized\n")
+        assert gw.audit()[-1]["reason"] == "duplicate_authorization"
+    assert gw.auth("alice", PASSWORD).status == 200
+
+
+def test_two_api_tokens_are_no_token(api):
+    gw, headers = api
+    body = json.dumps({"username": "alice", "password": PASSWORD}).encode()
+    assert gw.post("/v1/authenticate", body, headers).status == 200
+    twice = [*headers.items(), ("Authorization", headers["Authorization"])]
+    status, _ = _with_headers(gw, "POST", "/v1/authenticate", twice, body)
+    assert status == 401

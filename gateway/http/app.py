@@ -26,7 +26,8 @@ from gateway.errors import PluginLoadError
 from gateway.http.openapi import openapi_document
 from gateway.logs import authgw_version
 from gateway.http.clientaddr import ClientAddressResolver, parse_address
-from gateway.http.credentials import MalformedCredentials, check_password_credential, parse_authorization
+from gateway.http.credentials import (MalformedCredentials, check_password_credential, parse_authorization,
+                                      single_authorization)
 from gateway.http.protocol import SERVER_HEADER
 from gateway.model import (
     Attempt,
@@ -180,7 +181,7 @@ class FrontDoor:
         refused = None
         credential = None
         try:
-            credential = parse_authorization(request.headers.get("Authorization"))
+            credential = parse_authorization(single_authorization(request.headers))
         except MalformedCredentials as exc:
             refused = exc.reason
         attempt = self.attempt(
@@ -237,7 +238,10 @@ class FrontDoor:
     # -- /v1/authenticate ------------------------------------------------------------------------
 
     def api_client(self, request: web.Request) -> str | None:
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        try:
+            scheme, _, token = (single_authorization(request.headers) or "").partition(" ")
+        except MalformedCredentials:
+            return None
         if scheme.lower() != "bearer" or not token or not self.api_tokens:
             return None
         digest = hashlib.sha256(token.strip().encode("utf-8", "surrogatepass")).hexdigest()

@@ -13,7 +13,7 @@ from base64 import b64decode
 
 from gateway.model import NegotiateCredential, PasswordCredential
 
-__all__ = ["MalformedCredentials", "parse_authorization", "check_password_credential",
+__all__ = ["MalformedCredentials", "parse_authorization", "check_password_credential", "single_authorization",
            "MAX_USERNAME_BYTES", "MAX_PASSWORD_BYTES"]
 
 MAX_USERNAME_BYTES = 256
@@ -56,6 +56,19 @@ def _b64(data: str, limit: int) -> bytes:
         return b64decode(data.strip(), validate=True)
     except (binascii.Error, ValueError):
         raise MalformedCredentials("malformed_authorization") from None
+
+
+def single_authorization(headers) -> str | None:
+    """The request's one ``Authorization`` header, ``None`` without one.
+
+    It is not a list header (RFC 9110 section 11.6.2): two of them are refused
+    (``duplicate_authorization``) rather than the first believed, which a proxy or an
+    application behind authgw may not read the same way.
+    """
+    values = headers.getall("Authorization", ())
+    if len(values) > 1:
+        raise MalformedCredentials("duplicate_authorization")
+    return values[0] if values else None
 
 
 def parse_authorization(header: str | None) -> PasswordCredential | NegotiateCredential | None:

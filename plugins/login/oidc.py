@@ -43,6 +43,7 @@ from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, KeySet, RSAKey
 
 from gateway import Route
+from gateway.http.credentials import MalformedCredentials, single_authorization
 
 from .keys import KeyPair
 from .sessions import identity_from_json, identity_to_json, same
@@ -159,7 +160,10 @@ class OidcProvider:
 
     def _client(self, request: web.Request, form) -> OidcClient | None:
         """The authenticated client (secret in Basic or the body, or a signed JWT), or ``None``."""
-        scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+        try:
+            scheme, _, value = (single_authorization(request.headers) or "").partition(" ")
+        except MalformedCredentials:
+            return None
         if scheme.lower() == "basic":
             try:
                 raw = base64.b64decode(value, validate=True).decode()
@@ -245,7 +249,10 @@ class OidcProvider:
         return claims
 
     async def userinfo(self, request: web.Request) -> web.Response:
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        try:
+            scheme, _, token = (single_authorization(request.headers) or "").partition(" ")
+        except MalformedCredentials:
+            scheme = token = ""
         record = None
         if scheme.lower() == "bearer" and token and len(token) <= 128:
             record = self.web.sessions.store.get_pending("at:" + _digest(token.strip()), time.time())

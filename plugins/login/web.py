@@ -21,7 +21,7 @@ from typing import Awaitable, Callable
 from aiohttp import web
 
 from gateway import Decision, Outcome
-from gateway.http.credentials import MalformedCredentials, parse_authorization
+from gateway.http.credentials import MalformedCredentials, parse_authorization, single_authorization
 
 from .pages import AUTOSUBMIT_HASH, STYLE_HASH, Pages
 from .sessions import STORE_ERRORS, Session, SessionManager
@@ -183,7 +183,7 @@ class LoginDoor:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() == "negotiate" and token:
             try:
-                credential = parse_authorization(request.headers["Authorization"])
+                credential = parse_authorization(single_authorization(request.headers))
                 refused = None
             except MalformedCredentials as exc:
                 credential, refused = None, exc.reason
