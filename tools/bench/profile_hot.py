@@ -82,6 +82,8 @@ def summary(raw: Path, top: int) -> str:
         if names[0].startswith("thread ("):  # --threads: "thread (tid): name", counted by its frames
             names = names[1:]
         frames = [f.split(" (")[0] + " " + f.rsplit("/", 1)[-1].split(":")[0].rstrip(")") for f in names]
+        if not frames:  # a thread sampled with no Python frame: idle in C
+            frames = ["(no Python frame)"]
         for frame in set(frames):
             inclusive[frame] += n
         own[frames[-1]] += n
