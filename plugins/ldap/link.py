@@ -124,8 +124,11 @@ class Link:
         self._on_loop = aio.on_loop()
         if self._on_loop:
             # Non-blocking: each read and send waits through gateway.aio. From a thread, each one
-            # sets the socket's timeout to the time the answer has left instead.
-            self.conn.socket.settimeout(0.0)
+            # sets the socket's timeout to the time the answer has left instead. Set only when
+            # it changes: settimeout() is an ioctl each time, even to the value it has.
+            sock = self.conn.socket
+            if sock.gettimeout() != 0.0:
+                sock.settimeout(0.0)
 
     def _left(self) -> float:
         left = self._until - time.monotonic()
