@@ -52,9 +52,14 @@ def state(**attributes: list[str]) -> tuple[str, str]:
     ({"pwdStartTime": ["20260601113000-0100"]}, "ldap.account_expired"),  # 12:30Z, not yet
     ({"pwdStartTime": ["20260601113000Z"], "pwdEndTime": ["99991231235959Z"]}, ""),
     ({"pwdEndTime": ["99991231230000-0200"]}, "ldap.account_expired"),  # past year 9999: unreadable
+    # Names are matched as LDAP matches them, whatever their case (the entry's own spelling).
+    ({"USERACCOUNTCONTROL": ["514"]}, "ldap.disabled"),
+    ({"nsaccountlock": ["TRUE"]}, "ldap.disabled"),
+    ({"PWDACCOUNTLOCKEDTIME": ["000001010000Z"]}, "ldap.locked"),
     # Well-formed shapes, for reference.
     ({"userAccountControl": ["512"], "accountExpires": ["9223372036854775807"]}, ""),
     ({}, ""),
+    ({"cn": ["Alice"], "mail": ["alice@example.com"], "memberOf": ["cn=staff,dc=example,dc=com"]}, ""),
 ])
 def test_unexpected_shapes_fail_closed(attributes, expected):
     assert state(**attributes)[0] == expected

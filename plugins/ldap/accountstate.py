@@ -53,6 +53,9 @@ STATE_ATTRIBUTES = ("userAccountControl", "msDS-User-Account-Control-Computed", 
 #: their state attributes out when not set, so nothing can be required of them.
 ALWAYS_PRESENT = {"active_directory": ("userAccountControl",)}
 
+#: The same, as :class:`Entry` folds names: an entry with none of them is a usable account.
+_STATE_FOLDED = frozenset(name.lower() for name in STATE_ATTRIBUTES)
+
 ACCOUNTDISABLE = 0x2
 UF_LOCKOUT = 0x10
 UF_PASSWORD_EXPIRED = 0x800000
@@ -134,6 +137,10 @@ def _expired(entry: Entry, now: float) -> bool:
 
 def account_state(entry: Entry, now: float | None = None) -> tuple[str, str]:
     """``(account_state, password_state)`` reason codes of *entry*; empty strings when fine."""
+    if _STATE_FOLDED.isdisjoint(entry.folded):
+        # No state attribute at all (an OpenLDAP user without ppolicy state, most logins there):
+        # every test below would find nothing, at some forty calls per login.
+        return "", ""
     now = time.time() if now is None else now
     uac = _flags(entry, "userAccountControl")
     computed = _flags(entry, "msDS-User-Account-Control-Computed")
