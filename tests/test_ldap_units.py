@@ -390,6 +390,10 @@ def test_wire_requests_and_responses_round_trip() -> None:
     message_id, tag, body, _ = reader.message()
     assert (message_id, tag) == (7, wire.SEARCH_ENTRY)
     assert wire.parse_entry(body) == ("uid=a,dc=example,dc=com", {"cn": [b"a some", b"a two"], "mail": [b"a@ex"]})
+    # Values of every length form: short (< 128 octets), one and two length octets, and empty.
+    values = {"cn": [b"", b"x" * 127, b"y" * 128, b"z" * 300], "userCertificate": [bytes(range(256)) * 300, b"w"]}
+    _, _, long_body, _ = wire.Reader(_FakeSocket([_server_entry(8, "uid=b,dc=example,dc=com", values)])).message()
+    assert wire.parse_entry(long_body) == ("uid=b,dc=example,dc=com", values)
     message_id, tag, body, controls = reader.message()
     assert (message_id, tag) == (7, wire.SEARCH_DONE)
     assert wire.parse_result(body) == (4, "size limit exceeded")

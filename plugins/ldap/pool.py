@@ -106,6 +106,8 @@ class Pool:
     def order(self) -> list[Server]:
         """Servers to try: those not backing off, in operator order, then the others, soonest
         retry first (a lone directory that came back is used without waiting out its back-off)."""
+        if len(self.servers) == 1:  # the usual set-up, twice a login: nothing to order
+            return self.servers
         now = time.monotonic()
         with self._lock:
             ready = [s for s in self.servers if s.down_until <= now]

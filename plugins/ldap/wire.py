@@ -17,6 +17,7 @@ SearchResultReference, SearchResultDone), plus the Notice of Disconnection (RFC 
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -57,7 +58,10 @@ def _length(n: int) -> bytes:
 
 
 def _tlv(tag: int, content: bytes) -> bytes:
-    return bytes((tag,)) + _length(len(content)) + content
+    n = len(content)
+    if n < 0x80:  # the short form, as most elements of a login's requests are
+        return bytes((tag, n)) + content
+    return bytes((tag,)) + _length(n) + content
 
 
 #: The password policy request control: controlType only, criticality FALSE (the default, so left
@@ -195,9 +199,13 @@ def _extensible(left: str, value: str) -> bytes:
     return _tlv(0xA9, body)
 
 
+#: RFC 4512 section 2.5: descr or numericoid, plus options (";lang-en"), loosely: the letters,
+#: digits and punctuation they are made of (ASCII only: the server judges the rest).
+_ATTRIBUTE_DESCRIPTION = re.compile(r"[A-Za-z0-9.;-]+")
+
+
 def _check_attr(attr: str) -> None:
-    # RFC 4512 section 2.5: descr or numericoid, plus options (";lang-en").
-    if not attr or not all(c.isascii() and (c.isalnum() or c in "-.;") for c in attr):
+    if _ATTRIBUTE_DESCRIPTION.fullmatch(attr) is None:
         raise FilterError(f"bad attribute description {attr!r}")
 
 
@@ -267,9 +275,14 @@ def parse_entry(body: bytes) -> tuple[str, dict[str, list[bytes]]]:
         _, v_pos, v_end = _header(body, t_end)
         values = []
         while v_pos < v_end:
-            _, s, e = _header(body, v_pos)
-            values.append(bytes(body[s:e]))
-            v_pos = e
+            length = body[v_pos + 1]
+            if length < 0x80:  # the short form, as most values are: _header inlined (a login reads a dozen)
+                v_pos += 2
+                values.append(bytes(body[v_pos:v_pos + length]))
+                v_pos += length
+            else:
+                _, v_start, v_pos = _header(body, v_pos)
+                values.append(bytes(body[v_start:v_pos]))
         attributes[name] = values
         pos = a_end
     return dn, attributes
