@@ -55,6 +55,8 @@ __all__ = ["ChainFolder", "Gateway", "PrecheckStandIn", "fold", "loop_safe", "ma
 log = logging.getLogger("authgw.chain")
 
 #: Refusals held back to the common failure time (gateway/failtiming.py).
+#: The arguments of gateway_auth_finished, as an implementation that takes both declares them.
+_FINISHED_ARGS = ("attempt", "decision")
 _REFUSALS = frozenset({Outcome.INVALID_CREDENTIALS, Outcome.USER_NOT_FOUND, Outcome.ACCOUNT_STATE})
 #: An attempt given up before it ran, or before its costly part: its client hung up, or its
 #: deadline passed (:mod:`gateway.pool`). Decisions are immutable: one of each serves every attempt.
@@ -223,6 +225,8 @@ class Gateway:
         if pm.get_plugin("core.precheck") is None:
             pm.register(PrecheckStandIn(pm), name="core.precheck")
         self._on_loop: dict[tuple, bool] = {}  # (kind, implementations) -> may run on the loop
+        #: (gateway_auth_finished implementations, how notify() calls them; None: through pluggy)
+        self._finished: tuple[list, list | None] = ([], [])
         self._live_running = 0  # attempts in _run_live_on_loop
 
     def _loop_verdict(self, kind: tuple, decide: Callable[[list], bool]) -> bool:
@@ -295,10 +299,33 @@ class Gateway:
         return decision
 
     def notify(self, attempt: Attempt, decision: Decision) -> None:
-        try:
-            self.pm.hook.gateway_auth_finished(attempt=attempt, decision=decision)
-        except Exception:
-            log.exception("a gateway_auth_finished implementation raised; the decision stands")
+        """Tell every ``gateway_auth_finished`` implementation, in pluggy's order, each one on
+        its own: one that raises is logged and the others are still told. Through pluggy, the
+        first exception ended the call, so a third-party plugin's broken hook (registered after
+        the core's, so called before them) lost the attempt's audit line, its metrics and the
+        cache's forgetting of a failed user's hot entries. A wrapper around this hook, which
+        nothing here needs, gets pluggy's call as before."""
+        impls = self.pm.hook.gateway_auth_finished.get_hookimpls()
+        planned, plan = self._finished  # one tuple: threads that notify at once see a pair that agrees
+        if impls != planned:  # registrations changed (start-up, a test): plan again
+            plan = None if any(i.wrapper or i.hookwrapper for i in impls) else [
+                (i.function, i.plugin_name, i.argnames) for i in reversed(impls)]
+            self._finished = (impls, plan)
+        if plan is None:
+            try:
+                self.pm.hook.gateway_auth_finished(attempt=attempt, decision=decision)
+            except Exception:
+                log.exception("a gateway_auth_finished implementation raised; the decision stands")
+            return
+        for function, name, argnames in plan:
+            try:
+                if argnames == _FINISHED_ARGS:
+                    function(attempt, decision)
+                else:  # an implementation may take fewer arguments, by name (as pluggy passes them)
+                    function(*[attempt if n == "attempt" else decision for n in argnames])
+            except Exception:
+                log.exception("gateway_auth_finished of plugin %r raised on attempt %s; the decision stands "
+                              "and the other plugins were told", name, attempt.request_id)
 
     @staticmethod
     def throttle_client(attempt: Attempt) -> str | None:

@@ -273,7 +273,8 @@ def gateway_auth_finished(attempt: Attempt, decision: Decision) -> None:
     Called after the chain, also for denials, errors and throttled attempts, on a worker thread
     or (for throttled and pre-checked attempts) on the event loop: return quickly and hand slow
     work to a queue of your own. The return value is ignored; an exception is logged and does
-    not change the decision.
+    not change the decision, nor keep the other plugins (the audit log, metrics, the cache)
+    from being told.
 
     :param attempt: the attempt as decided.
     :param decision: the decision the front door is about to answer with.

@@ -327,6 +327,21 @@ def test_a_wrong_password_through_the_chain_clears_the_hot_entry(tmp_path):
     assert login(hot).outcome is Outcome.INVALID_CREDENTIALS  # asked the directory again
 
 
+def test_a_wrong_password_clears_the_hot_entry_even_when_another_plugins_hook_raises(tmp_path):
+    # A third party's gateway_auth_finished that raises, in the place pluggy calls before the
+    # cache's: its exception used to end the call before the cache forgot the entry, so the
+    # remembered password kept answering after the directory refused (this test, before the fix).
+    hot = build(tmp_path, {"chain": ["ldap"], "plugins": ["broken", "cache"]},
+                {"ldap": {"action": "success"}, "cache": HOT},
+                targets={"cache": CACHE, "broken": "support.testplugins:BrokenNotify"})
+    login(hot)
+    assert plugin(hot).precheck(attempt(USER, PASSWORD)) is not None
+    hot.gateway.plugins["ldap"].settings = type(hot.gateway.plugins["ldap"].settings)(action="invalid")
+    assert login(hot, password="guess").outcome is Outcome.INVALID_CREDENTIALS
+    assert ("broken", "gateway_auth_finished") in testplugins.CALLS
+    assert plugin(hot).precheck(attempt(USER, PASSWORD)) is None  # forgotten all the same
+
+
 def test_hot_cache_is_off_by_default_and_with_enabled_false(tmp_path):
     for settings in ({}, {"enabled": False, **HOT}):
         rt = runtime(tmp_path, "success", settings)

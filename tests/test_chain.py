@@ -125,6 +125,26 @@ def test_the_exact_order_of_hook_calls_for_one_attempt(tmp_path):
     ]
 
 
+def test_a_raising_auth_finished_keeps_no_other_plugin_from_being_told(tmp_path, caplog):
+    # Called by pluggy before the core's audit and metrics and before "terse": through pluggy,
+    # its exception ended the call, and those were never told (this test, before the fix).
+    audit = tmp_path / "audit.log"
+    runtime = build(tmp_path, {"chain": ["a", "b"], "plugins": ["broken", "terse"], "audit": {"file": str(audit)}},
+                    {"a": {"action": "abstain"}, "b": {"action": "success"}},
+                    targets={"broken": "support.testplugins:BrokenNotify", "terse": "support.testplugins:DecisionOnly"})
+    with caplog.at_level(logging.ERROR, logger="authgw"):
+        decisions = [decide(runtime) for _ in range(3)]
+    runtime.gateway.shutdown()
+    assert all(d.outcome is Outcome.SUCCESS for d in decisions)  # the decision stands
+    told = [call for call in testplugins.CALLS if call[1].startswith("gateway_auth_finished")]
+    assert told.count(("broken", "gateway_auth_finished")) == 3
+    assert told.count(("a", "gateway_auth_finished")) == told.count(("b", "gateway_auth_finished")) == 3
+    assert told.count(("terse", "gateway_auth_finished:success")) == 3  # called with the one argument it takes
+    assert len(audit.read_text().splitlines()) == 3  # every attempt audited
+    failures = [r for r in caplog.records if "gateway_auth_finished of plugin 'broken' raised" in r.getMessage()]
+    assert len(failures) == 3 and all(r.exc_info for r in failures)
+
+
 def test_a_wrapper_sees_the_folded_decision(tmp_path):
     runtime = build(tmp_path, {"chain": ["a"], "plugins": ["wrap"]}, {"a": {"action": "unavailable"}},
                     targets={"wrap": "support.testplugins:Wrapper"})

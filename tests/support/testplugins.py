@@ -82,6 +82,29 @@ class Wrapper:
         return decision
 
 
+class BrokenNotify:
+    """A plugin whose ``gateway_auth_finished`` raises (a third party's bug)."""
+
+    def __init__(self, settings: PluginSettings, context: PluginContext) -> None:
+        self.name = context.name
+
+    @hookimpl
+    def gateway_auth_finished(self, attempt: Attempt, decision: Decision) -> None:
+        CALLS.append((self.name, "gateway_auth_finished"))
+        raise RuntimeError("boom from a test plugin's gateway_auth_finished")
+
+
+class DecisionOnly:
+    """A ``gateway_auth_finished`` that declares only the argument it uses (pluggy allows it)."""
+
+    def __init__(self, settings: PluginSettings, context: PluginContext) -> None:
+        self.name = context.name
+
+    @hookimpl
+    def gateway_auth_finished(self, decision: Decision) -> None:
+        CALLS.append((self.name, f"gateway_auth_finished:{decision.outcome.value}"))
+
+
 class Misspelled:
     def __init__(self, settings: PluginSettings, context: PluginContext) -> None:
         pass
