@@ -537,9 +537,15 @@ class Gateway:
         self.health_watch.start()  # the first probe round before serving, then periodic
 
     def shutdown(self) -> None:
+        """Stop probing, then every plugin's ``gateway_shutdown``, each alone: one that raises is
+        logged and the others still close their pools and flush their buffers."""
         try:
             self.health_watch.stop()
-            self.pm.hook.gateway_shutdown()
+            for impl in reversed(self.pm.hook.gateway_shutdown.get_hookimpls()):
+                try:
+                    impl.function()
+                except Exception:  # noqa: BLE001 - logged; the other plugins still shut down
+                    log.exception("the gateway_shutdown of plugin %r raised", impl.plugin_name)
         finally:
             self.pool.shutdown()
             self.throttle.close()

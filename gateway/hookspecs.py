@@ -291,7 +291,8 @@ def gateway_auth_finished(attempt: Attempt, decision: Decision) -> None:
 @hookspec
 def gateway_shutdown() -> None:
     """Called once per worker process on a clean stop (SIGTERM/SIGINT), after the listeners
-    closed and in-flight attempts finished. Close pools and flush buffers here.
+    closed and in-flight attempts finished. Close pools and flush buffers here. An exception
+    is logged; the other plugins still shut down.
 
     .. versionadded:: 0.1
     """

@@ -134,7 +134,9 @@ def test_a_raising_auth_finished_keeps_no_other_plugin_from_being_told(tmp_path,
                     targets={"broken": "support.testplugins:BrokenNotify", "terse": "support.testplugins:DecisionOnly"})
     with caplog.at_level(logging.ERROR, logger="authgw"):
         decisions = [decide(runtime) for _ in range(3)]
-    runtime.gateway.shutdown()
+        runtime.gateway.shutdown()  # its gateway_shutdown raises too: the others still shut down
+    assert ("broken", "gateway_shutdown") in testplugins.CALLS and ("terse", "gateway_shutdown") in testplugins.CALLS
+    assert any("the gateway_shutdown of plugin 'broken' raised" in r.getMessage() for r in caplog.records)
     assert all(d.outcome is Outcome.SUCCESS for d in decisions)  # the decision stands
     told = [call for call in testplugins.CALLS if call[1].startswith("gateway_auth_finished")]
     assert told.count(("broken", "gateway_auth_finished")) == 3

@@ -93,6 +93,11 @@ class BrokenNotify:
         CALLS.append((self.name, "gateway_auth_finished"))
         raise RuntimeError("boom from a test plugin's gateway_auth_finished")
 
+    @hookimpl
+    def gateway_shutdown(self) -> None:
+        CALLS.append((self.name, "gateway_shutdown"))
+        raise RuntimeError("boom from a test plugin's gateway_shutdown")
+
 
 class DecisionOnly:
     """A ``gateway_auth_finished`` that declares only the argument it uses (pluggy allows it)."""
@@ -103,6 +108,10 @@ class DecisionOnly:
     @hookimpl
     def gateway_auth_finished(self, decision: Decision) -> None:
         CALLS.append((self.name, f"gateway_auth_finished:{decision.outcome.value}"))
+
+    @hookimpl
+    def gateway_shutdown(self) -> None:
+        CALLS.append((self.name, "gateway_shutdown"))
 
 
 class Misspelled:
