@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import re
 import time
 import types
 from pathlib import Path
@@ -39,13 +40,13 @@ from typing import Any, Callable, Iterable
 import pluggy
 
 from gateway import aio, logs
-from gateway.checks import ComponentState, Listener, Route, SelfTest
+from gateway.checks import CheckResult, ComponentState, Listener, Route, SelfTest
 from gateway.errors import PluginLoadError
 from gateway.failtiming import FailureTiming
 from gateway.health import HealthWatch, Readiness, StoreProbe, decide
 from gateway.model import Attempt, Decision, Outcome
 from gateway.pool import Abandoned, ChainPool, DeadlineExpired, Overloaded
-from gateway.registry import hookimpl
+from gateway.registry import hookimpl, one_by_one
 from gateway.settings import GatewaySettings
 from gateway.stash import StashKey
 from gateway.throttle import StoreUnavailable, Throttle
@@ -55,6 +56,8 @@ __all__ = ["ChainFolder", "Gateway", "PrecheckStandIn", "fold", "loop_safe", "ma
 log = logging.getLogger("authgw.chain")
 
 #: Refusals held back to the common failure time (gateway/failtiming.py).
+#: A header value: no control character (CR or LF would end the header; gateway/http/app.py).
+_PRINTABLE_HEADER = re.compile(r"[^\x00-\x1f\x7f]*")
 #: The arguments of gateway_auth_finished, as an implementation that takes both declares them.
 _FINISHED_ARGS = ("attempt", "decision")
 _REFUSALS = frozenset({Outcome.INVALID_CREDENTIALS, Outcome.USER_NOT_FOUND, Outcome.ACCOUNT_STATE})
@@ -122,8 +125,13 @@ class ChainFolder:
             owners: dict[types.CodeType, str] = {}
             for plugin_name, plugin in self._pm.list_name_plugin():
                 for attr in dir(plugin):
-                    code = getattr(getattr(plugin, attr, None), "__code__", None)
-                    if isinstance(code, types.CodeType) and attr.startswith("gateway_"):
+                    if not attr.startswith("gateway_"):  # before getattr: a property may raise
+                        continue
+                    try:
+                        code = getattr(getattr(plugin, attr, None), "__code__", None)
+                    except Exception:  # noqa: BLE001 - not a hook function, whatever it is
+                        continue
+                    if isinstance(code, types.CodeType):
                         owners[code] = plugin_name
             self._code_owner = owners
         by_identity = {id(plugin): plugin_name for plugin_name, plugin in self._pm.list_name_plugin()}
@@ -303,27 +311,20 @@ class Gateway:
         its own: one that raises is logged and the others are still told. Through pluggy, the
         first exception ended the call, so a third-party plugin's broken hook (registered after
         the core's, so called before them) lost the attempt's audit line, its metrics and the
-        cache's forgetting of a failed user's hot entries. A wrapper around this hook, which
-        nothing here needs, gets pluggy's call as before."""
+        cache's forgetting of a failed user's hot entries. No plugin may wrap this hook
+        (:data:`gateway.registry.ONE_BY_ONE`)."""
         impls = self.pm.hook.gateway_auth_finished.get_hookimpls()
         planned, plan = self._finished  # one tuple: threads that notify at once see a pair that agrees
         if impls != planned:  # registrations changed (start-up, a test): plan again
-            plan = None if any(i.wrapper or i.hookwrapper for i in impls) else [
-                (i.function, i.plugin_name, i.argnames) for i in reversed(impls)]
+            plan = [(i.function, i.plugin_name, i.argnames) for i in reversed(one_by_one(impls))]
             self._finished = (impls, plan)
-        if plan is None:
-            try:
-                self.pm.hook.gateway_auth_finished(attempt=attempt, decision=decision)
-            except Exception:
-                log.exception("a gateway_auth_finished implementation raised; the decision stands")
-            return
         for function, name, argnames in plan:
             try:
                 if argnames == _FINISHED_ARGS:
                     function(attempt, decision)
                 else:  # an implementation may take fewer arguments, by name (as pluggy passes them)
                     function(*[attempt if n == "attempt" else decision for n in argnames])
-            except Exception:
+            except BaseException:  # noqa: BLE001 - SystemExit too: a plugin's, never the worker's end
                 log.exception("gateway_auth_finished of plugin %r raised on attempt %s; the decision stands "
                               "and the other plugins were told", name, attempt.request_id)
 
@@ -465,13 +466,21 @@ class Gateway:
     # -- other hooks ----------------------------------------------------------------------------
 
     def challenges(self, attempt: Attempt) -> list[str]:
+        """The ``WWW-Authenticate`` offers of every plugin, each asked on its own (one that
+        raises loses only its own), in pluggy's order, without duplicates. An offer that is not
+        a header value (not text, or with a control character such as CR or LF, which would
+        end the header) is dropped and logged: it would break the 401 it rides on."""
         offers: list[str] = []
-        try:
-            results = self.pm.hook.gateway_challenges(attempt=attempt)
-        except Exception:
-            log.exception("a gateway_challenges implementation raised")
-            results = []
-        for offer in results:
+        for impl in reversed(one_by_one(self.pm.hook.gateway_challenges.get_hookimpls())):
+            try:
+                offer = impl.function(*(attempt for _name in impl.argnames))
+            except Exception:  # noqa: BLE001 - logged; the other offers still go out
+                log.exception("the gateway_challenges of plugin %r raised", impl.plugin_name)
+                continue
+            if offer is not None and (not isinstance(offer, str) or not _PRINTABLE_HEADER.fullmatch(offer)):
+                log.error("the gateway_challenges of plugin %r offered %r, which is not a header value; dropped",
+                          impl.plugin_name, offer if isinstance(offer, (str, bytes)) else type(offer))
+                continue
             if offer and offer not in offers:
                 offers.append(offer)
         return offers
@@ -486,9 +495,11 @@ class Gateway:
     def health(self) -> Readiness:
         """Ask every ``gateway_readiness`` (memory only) and decide; safe from any thread."""
         reports: list[tuple[str, list[ComponentState]]] = []
-        for impl in self.pm.hook.gateway_readiness.get_hookimpls():
+        for impl in one_by_one(self.pm.hook.gateway_readiness.get_hookimpls()):
             try:
                 states = list(impl.function() or ())
+                if not all(isinstance(state, ComponentState) for state in states):
+                    raise TypeError("its answer is not a list of ComponentState")
             except Exception as exc:
                 states = [ComponentState(impl.plugin_name, False, f"readiness check raised {exc.__class__.__name__}")]
             reports.append((impl.plugin_name, states))
@@ -503,10 +514,10 @@ class Gateway:
         (each alone: one that raises does not stop the others). On the health thread only."""
         if self.throttle_probe is not None:
             self.throttle_probe.probe()
-        for impl in reversed(self.pm.hook.gateway_probe.get_hookimpls()):
+        for impl in reversed(one_by_one(self.pm.hook.gateway_probe.get_hookimpls())):
             try:
                 impl.function()
-            except Exception:  # noqa: BLE001 - a broken probe is logged, the round goes on
+            except BaseException:  # noqa: BLE001 - a broken probe (SystemExit too) is logged, the round goes on
                 log.exception("the gateway_probe of plugin %r raised", impl.plugin_name)
 
     def listeners(self) -> list[Listener]:
@@ -529,8 +540,15 @@ class Gateway:
         return routes
 
     def selftests(self) -> Iterable[SelfTest]:
-        for batch in self.pm.hook.gateway_selftests():
-            yield from batch or ()
+        """Every plugin's self-tests, asked plugin by plugin: one whose ``gateway_selftests``
+        raises shows as one failed test of its own, the others' tests still run."""
+        for impl in reversed(one_by_one(self.pm.hook.gateway_selftests.get_hookimpls())):
+            try:
+                batch = list(impl.function() or ())
+            except Exception as exc:  # noqa: BLE001 - reported as a failed test, named
+                message = f"gateway_selftests raised {exc.__class__.__name__}: {exc}"
+                batch = [SelfTest(f"{impl.plugin_name}.selftests", lambda message=message: CheckResult.fail(message))]
+            yield from batch
 
     def startup(self) -> None:
         self.pm.hook.gateway_startup()
@@ -541,10 +559,10 @@ class Gateway:
         logged and the others still close their pools and flush their buffers."""
         try:
             self.health_watch.stop()
-            for impl in reversed(self.pm.hook.gateway_shutdown.get_hookimpls()):
+            for impl in reversed(one_by_one(self.pm.hook.gateway_shutdown.get_hookimpls())):
                 try:
                     impl.function()
-                except Exception:  # noqa: BLE001 - logged; the other plugins still shut down
+                except BaseException:  # noqa: BLE001 - logged (SystemExit too); the others still shut down
                     log.exception("the gateway_shutdown of plugin %r raised", impl.plugin_name)
         finally:
             self.pool.shutdown()

@@ -23,6 +23,7 @@ import yaml
 from gateway.checks import CheckStatus, run_selftest
 from gateway.config import load_config
 from gateway.errors import AuthgwError, ConfigError, PluginLoadError
+from gateway.registry import one_by_one
 from gateway.logs import authgw_version, setup_logging
 from gateway.runtime import build_runtime, default_config_dir
 from gateway.yamlfiles import format_path
@@ -266,6 +267,19 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction, argp
     return parser, commands, common
 
 
+def _plugin_commands(pm) -> list[list]:
+    """Each plugin's ``gateway_commands``, asked plugin by plugin: one that raises is reported
+    and loses only its own commands (``authgw cache purge`` must work whatever another does)."""
+    batches = []
+    for impl in reversed(one_by_one(pm.hook.gateway_commands.get_hookimpls())):
+        try:
+            batches.append(list(impl.function() or ()))
+        except Exception as exc:  # noqa: BLE001 - reported; the other plugins' commands stay
+            print(f"authgw: plugin {impl.plugin_name!r} could not list its commands: "
+                  f"{exc.__class__.__name__}: {exc}", file=sys.stderr)
+    return batches
+
+
 def _add_plugin_commands(argv: list[str], commands: argparse._SubParsersAction,
                          common: argparse.ArgumentParser, *, listing: bool = False) -> None:
     """Build the enabled plugins and let them add their sub-commands (``gateway_commands``).
@@ -286,8 +300,8 @@ def _add_plugin_commands(argv: list[str], commands: argparse._SubParsersAction,
             raise
     else:
         enabled = set(runtime.config.enabled)
-        for batch in runtime.gateway.pm.hook.gateway_commands():
-            for command in batch or ():
+        for batch in _plugin_commands(runtime.gateway.pm):
+            for command in batch:
                 if command.name in commands.choices:
                     raise PluginLoadError(f"plugin command {command.name!r} clashes with an existing command")
                 sub = commands.add_parser(command.name, parents=[common], help=command.help)

@@ -186,6 +186,21 @@ def _not_installed(config: Config, names: list[str], discovered: dict[str, Plugi
     return problems
 
 
+#: Hooks the core calls implementation by implementation, so that one that raises silences no
+#: other (the audit log, the metrics and the cache are told of every attempt; every plugin shuts
+#: down): pluggy's call ends at the first exception. A wrapper has nothing to wrap there, and is
+#: refused at load.
+ONE_BY_ONE = ("gateway_auth_finished", "gateway_challenges", "gateway_probe", "gateway_readiness",
+              "gateway_selftests", "gateway_shutdown", "gateway_commands")
+
+
+def one_by_one(impls: list) -> list:
+    """The plain implementations of a :data:`ONE_BY_ONE` hook, in the order pluggy lists them
+    (a wrapper cannot be loaded; one registered by hand is left out rather than called as a
+    plain function)."""
+    return [impl for impl in impls if not (impl.wrapper or impl.hookwrapper)]
+
+
 def _check_contract(pm: pluggy.PluginManager, name: str, plugin: Any, info: PluginInfo, is_step: bool) -> None:
     known = {n for n in dir(hookspecs) if n.startswith("gateway_")}
     for attr in dir(plugin):
@@ -199,6 +214,10 @@ def _check_contract(pm: pluggy.PluginManager, name: str, plugin: Any, info: Plug
         if not marked:
             raise PluginLoadError(f"{info.describe()} defines {attr!r} without @gateway.hookimpl; "
                                   "it would never be called")
+    for hook in ONE_BY_ONE:
+        if any(i.wrapper or i.hookwrapper for i in getattr(pm.hook, hook).get_hookimpls() if i.plugin_name == name):
+            raise PluginLoadError(f"{info.describe()}: {hook} may not be a wrapper; the core calls each plugin's "
+                                  "on its own, so that one failing never keeps the others from being called")
     impls = [i for i in pm.hook.gateway_authenticate.get_hookimpls() if i.plugin_name == name]
     for impl in impls:
         if impl.tryfirst or impl.trylast:

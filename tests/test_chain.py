@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from gateway.checks import CheckStatus
 from gateway.errors import PluginLoadError
 from gateway.model import Outcome
 from support import testplugins
@@ -184,3 +185,74 @@ def test_throttling_refuses_before_the_chain_after_repeated_failures(tmp_path):
     # Another user is not affected (the per-client limit is far higher).
     other = attempt(username="bob")
     assert decide(runtime, other).outcome is Outcome.INVALID_CREDENTIALS
+
+
+# -- a plugin that breaks its contract in a hook the core calls plugin by plugin ----------------
+
+
+def test_a_wrapper_on_a_hook_called_plugin_by_plugin_is_refused_at_load(tmp_path):
+    with pytest.raises(PluginLoadError, match="gateway_auth_finished may not be a wrapper"):
+        build(tmp_path, {"chain": ["a"], "plugins": ["wraps"]}, targets={"wraps": "support.testplugins:WrapsNotify"})
+
+
+@pytest.mark.parametrize("chain_on", ["pool", "loop"])
+def test_system_exit_in_auth_finished_is_logged_and_the_decision_stands(tmp_path, caplog, chain_on):
+    audit = tmp_path / "audit.log"
+    runtime = build(tmp_path, {"chain": ["a"], "plugins": ["exits"], "audit": {"file": str(audit)}},
+                    {"a": {"action": "success"}}, targets={"exits": "support.testplugins:ExitNotify"})
+    if chain_on == "loop":  # as the ldap plugin's logins: the whole chain in a greenlet on the loop
+        runtime.gateway.live_on_loop = lambda: True
+    with caplog.at_level(logging.ERROR, logger="authgw"):
+        decision = decide(runtime)
+    runtime.gateway.shutdown()
+    assert decision.outcome is Outcome.SUCCESS
+    assert len(audit.read_text().splitlines()) == 1
+    assert any("gateway_auth_finished of plugin 'exits' raised" in r.getMessage() for r in caplog.records)
+
+
+def test_a_raising_property_of_another_plugin_does_not_hide_which_step_raised(tmp_path):
+    runtime = build(tmp_path, {"chain": ["a"], "plugins": ["status"]}, {"a": {"action": "raise"}},
+                    targets={"status": "support.testplugins:RaisingProperty"})
+    testplugins.RaisingProperty.broken = True
+    try:
+        decision = decide(runtime)
+    finally:
+        testplugins.RaisingProperty.broken = False
+    assert (decision.outcome, decision.step, decision.reason) == (Outcome.ERROR, "a", "internal_error")
+
+
+@pytest.mark.parametrize("action", ["raise", "bytes", "crlf"])
+def test_a_bad_challenge_loses_only_its_own_offer(tmp_path, caplog, action):
+    runtime = build(tmp_path, {"chain": ["a"], "plugins": ["offers"]},
+                    {"a": {"action": "invalid", "challenge": 'Basic realm="test"'}, "offers": {"action": action}},
+                    targets={"offers": "support.testplugins:BadOffers"})
+    with caplog.at_level(logging.ERROR, logger="authgw"):
+        assert runtime.gateway.challenges(attempt()) == ['Basic realm="test"']
+    assert any("'offers'" in r.getMessage() for r in caplog.records)
+
+
+def test_a_readiness_answer_that_is_not_component_states_is_a_not_ready_component(tmp_path):
+    runtime = build(tmp_path, {"chain": ["a"], "plugins": ["offers"]}, {"offers": {"action": "strings"}},
+                    targets={"offers": "support.testplugins:BadOffers"})
+    health = runtime.gateway.health()
+    (state,) = [c for c in health.components if c.name == "offers"]
+    assert not state.ready and "raised TypeError" in state.detail
+
+
+def test_a_raising_gateway_selftests_is_one_failed_test_and_the_others_still_run(tmp_path):
+    runtime = build(tmp_path, {"chain": ["a"], "plugins": ["offers", "cache"]}, {"offers": {"action": "abstain"}},
+                    targets={"offers": "support.testplugins:BadOffers", "cache": "gateway.plugins.cache:CachePlugin"})
+    tests = {t.name: t for t in runtime.gateway.selftests()}
+    assert "offers.selftests" in tests and any(name.startswith("cache.") for name in tests)
+    result = tests["offers.selftests"].run()
+    assert result.status is CheckStatus.FAIL and "boom from gateway_selftests" in result.detail
+
+
+def test_a_raising_gateway_commands_loses_only_its_own_commands(tmp_path, capsys):
+    from gateway.cli import _plugin_commands
+
+    runtime = build(tmp_path, {"chain": ["a"], "plugins": ["offers", "cache"]}, {"offers": {"action": "abstain"}},
+                    targets={"offers": "support.testplugins:BadOffers", "cache": "gateway.plugins.cache:CachePlugin"})
+    names = [command.name for batch in _plugin_commands(runtime.gateway.pm) for command in batch]
+    assert "cache" in names
+    assert "plugin 'offers' could not list its commands" in capsys.readouterr().err

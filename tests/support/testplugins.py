@@ -17,7 +17,7 @@ CALLS: list[tuple[str, str]] = []
 
 class StepSettings(PluginSettings):
     action: Literal["abstain", "not_found", "unavailable", "invalid", "account_state", "success",
-                    "raise", "sleep", "not_a_decision"] = "abstain"
+                    "raise", "sleep", "not_a_decision", "bytes", "crlf", "strings"] = "abstain"
     sleep: float = 0.0
     challenge: str | None = None
 
@@ -112,6 +112,76 @@ class DecisionOnly:
     @hookimpl
     def gateway_shutdown(self) -> None:
         CALLS.append((self.name, "gateway_shutdown"))
+
+
+class ExitNotify:
+    """A ``gateway_auth_finished`` that raises SystemExit (a plugin calling sys.exit)."""
+
+    def __init__(self, settings: PluginSettings, context: PluginContext) -> None:
+        self.name = context.name
+
+    @hookimpl
+    def gateway_auth_finished(self, attempt: Attempt, decision: Decision) -> None:
+        raise SystemExit(3)
+
+
+class WrapsNotify:
+    """A wrapper on ``gateway_auth_finished``: refused at load (the core calls it one by one)."""
+
+    def __init__(self, settings: PluginSettings, context: PluginContext) -> None:
+        pass
+
+    @hookimpl(wrapper=True)
+    def gateway_auth_finished(self, attempt: Attempt, decision: Decision):
+        return (yield)
+
+
+class RaisingProperty:
+    """A plugin with a property that starts raising after it was loaded (a dropped connection,
+    say): the test sets ``broken``."""
+
+    broken = False
+
+    def __init__(self, settings: PluginSettings, context: PluginContext) -> None:
+        pass
+
+    @property
+    def status(self) -> str:
+        if RaisingProperty.broken:
+            raise ConnectionResetError("the property's backend went away")
+        return "fine"
+
+    @hookimpl
+    def gateway_startup(self) -> None:
+        pass
+
+
+class BadOffers:
+    """``gateway_challenges`` and friends answering what they must not, by settings."""
+
+    Settings = StepSettings  # action: "raise", "bytes", "crlf", "strings"
+
+    def __init__(self, settings: StepSettings, context: PluginContext) -> None:
+        self.action = settings.action
+        self.name = context.name
+
+    @hookimpl
+    def gateway_challenges(self, attempt: Attempt):
+        if self.action == "raise":
+            raise RuntimeError("boom from gateway_challenges")
+        return {"bytes": b"Custom realm", "crlf": "Custom realm\r\nSet-Cookie: x=1"}.get(self.action)
+
+    @hookimpl
+    def gateway_readiness(self):
+        return ["ready"] if self.action == "strings" else []
+
+    @hookimpl
+    def gateway_selftests(self):
+        raise RuntimeError("boom from gateway_selftests")
+
+    @hookimpl
+    def gateway_commands(self):
+        raise RuntimeError("boom from gateway_commands")
 
 
 class Misspelled:
