@@ -22,7 +22,7 @@ PASSWORD = "Corr3ct-Horse-Battery"
 PLUGINS = {"slow_plugins.py": '''
     import logging
     import time
-    from gateway import Decision, Identity, PluginSettings, hookimpl
+    from gateway import Decision, Identity, Outcome, PluginSettings, hookimpl
 
     class SlowSettings(PluginSettings):
         sleep: float = 0.2
@@ -42,8 +42,9 @@ PLUGINS = {"slow_plugins.py": '''
             return Decision.allow(Identity(subject=user, username=user, method=self.name), step=self.name)
 
     class Hang:
-        """Answers nothing for a long time (a hanging backend)."""
+        """Answers nothing for a long time (a hanging directory, which passes when down)."""
         Settings = SlowSettings
+        passes_when_unavailable = True
 
         def __init__(self, settings, context):
             self.sleep = settings.sleep
@@ -52,6 +53,16 @@ PLUGINS = {"slow_plugins.py": '''
         def gateway_authenticate(self, attempt):
             logging.getLogger("authgw.test").warning("hang: call entered")
             time.sleep(self.sleep)
+
+    class HangingPolicy(Hang):
+        """A deny list whose backend hangs: it may refuse, so it is never skipped."""
+        passes_when_unavailable = False
+
+        @hookimpl
+        def gateway_authenticate(self, attempt):
+            logging.getLogger("authgw.test").warning("policy: call entered")
+            time.sleep(self.sleep)
+            return Decision.deny(Outcome.INVALID_CREDENTIALS, step="policy", reason="policy.denied")
 
     class Exits:
         def __init__(self, settings, context):
@@ -74,7 +85,7 @@ PLUGINS = {"slow_plugins.py": '''
 @pytest.fixture
 def slow_env(tmp_path):
     site = make_dist(tmp_path / "site", "slow-plugins", {
-        "slow": "slow_plugins:Slow", "hang": "slow_plugins:Hang",
+        "slow": "slow_plugins:Slow", "hang": "slow_plugins:Hang", "policy": "slow_plugins:HangingPolicy",
         "exits": "slow_plugins:Exits", "interrupts": "slow_plugins:Interrupts"}, PLUGINS)
     return {"PYTHONPATH": str(site)}
 
@@ -181,6 +192,28 @@ def test_a_hanging_step_does_not_take_every_thread(conf_dir, alice_hash, start_g
     assert gw.output().count("hang: call entered") == 2  # none of the six waited for `hang`
     assert len([line for line in gw.audit() if line["outcome"] == "success"]) == 6
     assert "chain step 'hang' holds 2 threads and finished no call" in gw.output()
+
+
+def test_a_hanging_step_that_may_refuse_is_never_skipped(conf_dir, alice_hash, start_gateway, slow_env):
+    # The same as above with a deny list in front (it refuses alice once it answers): skipping it
+    # would let `static` accept her. Saturated, it refuses every attempt (503), never a 200.
+    gw = start_gateway(conf(conf_dir, alice_hash, "chain: [policy, static]\nthreads: 4\ndeadline: 8\n",
+                            "policy:\n  sleep: 40\n"), env=slow_env)
+    stuck = [threading.Thread(target=gw.auth, args=("alice", PASSWORD), kwargs={"timeout": 30}) for _ in range(2)]
+    for t in stuck:
+        t.start()
+    wait_for(lambda: gw.output().count("policy: call entered") >= 2, 30, interval=0.05, what="two stuck calls")
+    time.sleep(4.5)  # stuck: no call finished for half the deadline
+    answers = [gw.auth("alice", PASSWORD) for _ in range(4)]
+    for t in stuck:
+        t.join(30)
+    assert [r.status for r in answers] == [503] * 4
+    assert all(r.headers.get("Retry-After") for r in answers)
+    refused = [line for line in gw.audit() if line["reason"] == "step_saturated"]
+    assert len(refused) == 4 and {line["step"] for line in refused} == {"policy"}
+    assert not [line for line in gw.audit() if line["outcome"] == "success"]
+    assert gw.output().count("policy: call entered") == 2  # none of the four waited for it
+    assert "attempts are refused as unavailable" in gw.output()
 
 
 @pytest.mark.parametrize("plugin, exception", [("exits", "SystemExit"), ("interrupts", "KeyboardInterrupt")])

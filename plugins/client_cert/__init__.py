@@ -77,6 +77,8 @@ class ClientCertPlugin:
     Settings = ClientCertSettings
     #: What this step checks (readiness: which steps can serve password logins).
     credentials = ("certificate",)
+    #: Down or hung, this step notes UNAVAILABLE and the chain goes on (gateway/steplimit.py).
+    passes_when_unavailable = True
 
     def __init__(self, settings: ClientCertSettings, context: PluginContext) -> None:
         self.settings = settings

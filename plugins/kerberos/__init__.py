@@ -112,6 +112,8 @@ class KerberosPlugin:
     Settings = KerberosSettings
     #: What this step checks (readiness: which steps can serve password logins).
     credentials = ("negotiate",)
+    #: Down or hung, this step notes UNAVAILABLE and the chain goes on (gateway/steplimit.py).
+    passes_when_unavailable = True
 
     def __init__(self, settings: KerberosSettings, context: PluginContext) -> None:
         self.settings = settings

@@ -73,6 +73,8 @@ class LdapPlugin:
     Settings = LdapSettings
     #: What this step checks (readiness: which steps can serve password logins).
     credentials = ("password",)
+    #: Down or hung, this step notes UNAVAILABLE and the chain goes on (gateway/steplimit.py).
+    passes_when_unavailable = True
     #: Its waits for the directory go through gateway.aio (link.py, and ldap3's connecting on a
     #: thread), bounded by the attempt's deadline, and it holds no lock across one: a chain of
     #: such steps runs on the event loop, without a thread hand-off per login.

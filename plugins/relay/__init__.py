@@ -81,6 +81,8 @@ class RelayPlugin:
     Settings = RelaySettings
     #: What this step checks (readiness: which steps can serve password logins).
     credentials = ("password",)
+    #: Down or hung, this step notes UNAVAILABLE and the chain goes on (gateway/steplimit.py).
+    passes_when_unavailable = True
 
     def __init__(self, settings: RelaySettings, context: PluginContext) -> None:
         self.settings = settings
