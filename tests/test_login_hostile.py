@@ -9,7 +9,7 @@ import re
 import datetime as dt
 import time
 import zlib
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import quote_plus, urlencode, urlsplit
 
 import pytest
 
@@ -202,6 +202,72 @@ def test_signed_requests_are_required_checked_and_single_use(idp, tmp_path):
     unsigned = authn_request(idp.url, issuer=SIGNED_ID, acs=SIGNED_ACS)
     response = client.post(f"{idp.url}/saml/sso", data={"SAMLRequest": base64.b64encode(unsigned)})
     assert refused(response) == "saml.signature_missing"
+
+
+def test_a_binding_parameter_twice_is_refused_so_the_message_read_is_the_one_signed(idp, tmp_path):
+    # A captured signed request and a forged unsigned one in one query: the signature check read
+    # the last SAMLRequest, the message used was the first (a forged request, any RelayState).
+    sp = SamlSP(tmp_path, idp.metadata, acs=SIGNED_ACS, entity_id=SIGNED_ID, sign_requests=True, keys=idp.signer)
+    client = idp.client()
+    _, url = sp.redirect_request(relay_state="legit")
+    signed_query = urlsplit(url).query
+    forged = deflated(authn_request(idp.url, issuer=SIGNED_ID, acs=SIGNED_ACS, request_id="_forged"))
+    for order in (f"SAMLRequest={quote_plus(forged)}&RelayState=https%3A%2F%2Fevil.example%2F&{signed_query}",
+                  f"{signed_query}&SAMLRequest={quote_plus(forged)}"):
+        assert refused(client.get(f"{idp.url}/saml/sso?{order}", allow_redirects=False)) == "login.malformed"
+    assert client.get(url, allow_redirects=False).status_code == 303  # the real one, alone, still works once
+    # the same in a form, and at the logout endpoint
+    fields = sp.post_request(relay_state="first")[1]
+    assert fields["RelayState"] == "first"
+    body = urlencode(list(fields.items()) + [("RelayState", "second")])
+    response = client.post(f"{idp.url}/saml/sso", data=body, allow_redirects=False,
+                           headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert refused(response) == "login.malformed"
+    twice = f"SAMLRequest={quote_plus(forged)}&SAMLRequest={quote_plus(forged)}"
+    assert refused(client.get(f"{idp.url}/saml/slo?{twice}", allow_redirects=False)) == "login.malformed"
+
+
+@pytest.mark.parametrize("content_type", ["application/x-www-form-urlencoded; charset=bogus", "multipart/form-data",
+                                          "multipart/form-data; boundary=x"])
+def test_a_body_that_cannot_be_read_is_a_400_never_a_500(idp, content_type):
+    client = idp.client()
+    for path in ("/login", "/logout", "/saml/sso", "/saml/slo", "/oidc/logout", "/oidc/token"):
+        response = client.post(idp.url + path, data=b"a=b&SAMLRequest=x", headers={"Content-Type": content_type},
+                               allow_redirects=False)
+        assert response.status_code == 400, (path, response.status_code, response.text[:200])
+        if path == "/oidc/token":
+            assert response.json()["error"] == "invalid_request"
+        else:
+            assert response.headers["X-Refused-Reason"] == "login.malformed"
+    assert "Traceback" not in idp.gw.output() and " 500 " not in idp.gw.output()
+
+
+def test_a_relay_state_file_part_a_unicode_index_and_unreadable_signatures_are_refused(idp, tmp_path):
+    client = idp.client()
+    request = base64.b64encode(authn_request(idp.url)).decode()
+    files = {"SAMLRequest": (None, request), "RelayState": ("r.txt", b"abc")}
+    assert refused(client.post(f"{idp.url}/saml/sso", files=files, allow_redirects=False)) == "login.malformed"
+    by_index = authn_request(idp.url, acs=None).replace(b"<samlp:AuthnRequest ",
+                                                         b'<samlp:AuthnRequest AssertionConsumerServiceIndex="\xc2\xb2" ')
+    assert refused(redirect(idp, by_index)) == "saml.acs_not_registered"
+    sp = SamlSP(tmp_path, idp.metadata, acs=SIGNED_ACS, entity_id=SIGNED_ID, sign_requests=True, keys=idp.signer)
+    # pysaml2's signature (xmlsec1), whatever prefix it gives the namespace
+    for damage in (lambda x: re.subn(rb"<(\w+:)?SignedInfo\b.*?</(\w+:)?SignedInfo>", b"", x, flags=re.S),
+                   lambda x: re.subn(rb"(<(\w+:)?SignatureValue\b[^>]*>)[^<]+", rb"\1", x)):
+        xml, changed = damage(base64.b64decode(sp.post_request()[1]["SAMLRequest"]))
+        assert changed == 1
+        response = client.post(f"{idp.url}/saml/sso", data={"SAMLRequest": base64.b64encode(xml)},
+                               allow_redirects=False)
+        assert refused(response) == "saml.signature_invalid"
+    assert "Traceback" not in idp.gw.output()
+
+
+def test_a_line_break_in_a_refused_value_does_not_forge_a_log_line(idp):
+    forged = "FORGED-LINE authgw.audit: success user=admin"
+    assert refused(redirect(idp, authn_request(idp.url, acs=f"https://x/&#10;{forged}"))) == "saml.acs_not_registered"
+    lines = idp.gw.output().splitlines()
+    assert not [line for line in lines if line.startswith("FORGED-LINE")]
+    assert any("\\nFORGED-LINE" in line for line in lines)
 
 
 def test_no_refusal_leaks_details_and_none_is_a_5xx(idp):

@@ -132,6 +132,32 @@ def test_private_key_jwt_client_and_assertions_are_single_use(op):
     assert op.client().post(op.config["token_endpoint"], data={**body, "client_assertion": forged}).status_code == 401
 
 
+def test_client_assertions_valid_too_long_or_not_yet_or_with_an_odd_audience_are_refused(op):
+    # Each is signed by the client's own key and otherwise valid: its jti is remembered until it
+    # expires, so one valid for longer than an hour is refused rather than remembered that long.
+    from joserfc import jwt
+    from joserfc.jwk import RSAKey
+
+    key, now, endpoint = RSAKey.import_key(op.rp_key), int(time.time()), op.config["token_endpoint"]
+    base = {"iss": "rp-jwt", "sub": "rp-jwt", "aud": endpoint}
+    cases = {"valid for two hours": {"exp": now + 7200}, "not valid yet": {"exp": now + 120, "nbf": now + 600},
+             "audience a dict": {"exp": now + 60, "aud": {"x": endpoint}},
+             "audience a nested list": {"exp": now + 60, "aud": [[endpoint]]}, "exp true": {"exp": True}}
+    for name, claims in cases.items():
+        assertion = jwt.encode({"alg": "RS256"}, {**base, "jti": str(uuid.uuid4()), **claims}, key)
+        answer = op.client().post(endpoint, data={
+            "grant_type": "authorization_code", "code": "x", "redirect_uri": CB, "code_verifier": "v" * 43,
+            "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            "client_assertion": assertion})
+        assert (answer.status_code, answer.json()["error"]) == (401, "invalid_client"), name
+    # the same client's assertion valid for 50 minutes authenticates it (the code is what is wrong)
+    assertion = jwt.encode({"alg": "RS256"}, {**base, "jti": str(uuid.uuid4()), "exp": now + 3000}, key)
+    answer = op.client().post(endpoint, data={
+        "grant_type": "authorization_code", "code": "x", "redirect_uri": CB, "code_verifier": "v" * 43,
+        "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer", "client_assertion": assertion})
+    assert (answer.status_code, answer.json()["error"]) == (400, "invalid_grant")
+
+
 def test_token_endpoint_refuses_wrong_secret_verifier_and_client(op):
     client = rp(op)
     answer, verifier, _ = authorize(op, client)

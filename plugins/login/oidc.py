@@ -48,7 +48,7 @@ from gateway.http.credentials import MalformedCredentials, single_authorization
 from .keys import KeyPair
 from .sessions import identity_from_json, identity_to_json, same
 from .settings import LoginSettings, OidcClient
-from .web import Refused
+from .web import Refused, read_form
 
 __all__ = ["OidcProvider"]
 
@@ -70,6 +70,11 @@ def _error(code: str, status: int = 400, description: str = "") -> web.Response:
         headers["WWW-Authenticate"] = 'Basic realm="authgw"'
     return web.json_response(body, status=status, headers=headers)
 
+
+#: The longest a client assertion may still be valid when it arrives (RFC 7523 leaves it to the
+#: server): its jti is remembered that long, so a longer one would make the replay store hold
+#: each for longer. An hour, as client libraries commonly sign them.
+MAX_ASSERTION_LIFETIME = 3600
 
 class OidcProvider:
     def __init__(self, settings: LoginSettings, current: KeyPair, upcoming: KeyPair) -> None:
@@ -191,18 +196,23 @@ class OidcProvider:
         except (JoseError, KeyError, ValueError, IndexError, TypeError):
             return None
         audience = claims.get("aud")
-        audiences = set(audience if isinstance(audience, list) else [audience])
-        exp = claims.get("exp")
-        if (claims.get("iss") != issuer or claims.get("sub") != issuer or not {self.token_url, self.issuer} & audiences
-                or not isinstance(exp, (int, float)) or exp < time.time() - self.settings.clock_skew
-                or not isinstance(claims.get("jti"), str)):
+        audiences = audience if isinstance(audience, list) else [audience]
+        exp, now, skew = claims.get("exp"), time.time(), self.settings.clock_skew
+        if (claims.get("iss") != issuer or claims.get("sub") != issuer
+                or not all(isinstance(a, str) for a in audiences) or not {self.token_url, self.issuer} & set(audiences)
+                or not isinstance(exp, (int, float)) or isinstance(exp, bool) or exp < now - skew
+                or exp > now + MAX_ASSERTION_LIFETIME + skew
+                or not isinstance(claims.get("jti"), str)
+                or (claims.get("nbf") is not None and not (isinstance(claims["nbf"], (int, float))
+                                                           and claims["nbf"] <= now + skew))):
             return None
-        if not self.web.sessions.first_use("oidc-jti", f"{issuer} {claims['jti']}", 600):
+        # Remembered until it expires: a captured assertion is refused for as long as it is valid.
+        if not self.web.sessions.first_use("oidc-jti", f"{issuer} {claims['jti']}", exp - now + skew):
             return None
         return self.clients.get(issuer)
 
     async def token(self, request: web.Request) -> web.Response:
-        form = await request.post()
+        form = await read_form(request)
         client = self._client(request, form)
         if client is None:
             return _error("invalid_client", 401)
@@ -299,7 +309,7 @@ class OidcProvider:
         return claims, uri
 
     async def end_session(self, request: web.Request) -> web.StreamResponse:
-        params = request.query if request.method == "GET" else await request.post()
+        params = request.query if request.method == "GET" else await read_form(request)
         try:
             claims, after = self.check_logout({k: v for k, v in params.items() if isinstance(v, str)})
         except Refused as exc:

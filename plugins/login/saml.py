@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
+import re
 import secrets
 from dataclasses import dataclass
 from urllib.parse import unquote_plus
@@ -41,7 +42,7 @@ from gateway import Identity, Route
 from .keys import KeyPair
 from .settings import NAMEID_FORMATS, LoginSettings, SamlServiceProvider
 from .xmlsafe import decode_post, inflate_redirect, parse_xml
-from .web import Refused
+from .web import Refused, read_form
 
 __all__ = ["AuthnRequest", "RequestChecker", "ResponseBuilder", "SamlIdp"]
 
@@ -122,7 +123,7 @@ class RequestChecker:
                 raise Refused("saml.acs_not_registered", request.acs_url[:200])
             acs = request.acs_url
         elif request.acs_index is not None:
-            if not request.acs_index.isdigit() or int(request.acs_index) >= len(sp.acs_urls):
+            if not _INDEX.fullmatch(request.acs_index) or int(request.acs_index) >= len(sp.acs_urls):
                 raise Refused("saml.acs_not_registered", f"index {request.acs_index[:10]}")
             acs = sp.acs_urls[int(request.acs_index)]
         else:
@@ -139,7 +140,11 @@ class RequestChecker:
     def verify_redirect_signature(self, sp: SamlServiceProvider, raw_query: str) -> None:
         """HTTP-Redirect: the signature is over ``SAMLRequest=..&RelayState=..&SigAlg=..`` (or
         ``SAMLResponse=..``) as sent (URL-encoded), SAML bindings section 3.4.4.1."""
-        parts = dict(p.split("=", 1) for p in raw_query.split("&") if "=" in p)
+        pairs = [p.split("=", 1) for p in raw_query.split("&") if "=" in p]
+        parts = dict(pairs)
+        if len(parts) != len(pairs) and any(sum(k == name for k, _ in pairs) > 1 for name in BINDING_PARAMETERS):
+            # the message read (the first) and the one verified (the last) would differ
+            raise Refused("login.malformed", "a SAML binding parameter appears more than once")
         if "Signature" not in parts or "SigAlg" not in parts:
             raise Refused("saml.signature_missing", sp.entity_id[:200])
         if unquote_plus(parts["SigAlg"]) != RSA_SHA256:
@@ -163,10 +168,27 @@ class RequestChecker:
             result = XMLVerifier().verify(root, x509_cert=pem.decode(), expect_references=1, id_attribute="ID")
         except (XMLInvalidSignature, InvalidInput) as exc:
             raise Refused("saml.signature_invalid", str(exc)[:200]) from None
+        except Exception as exc:  # noqa: BLE001 - a signature the verifier cannot even read (no SignedInfo,
+            # an empty SignatureValue: lxml's DocumentInvalid, a TypeError) is not a valid one: fail closed
+            raise Refused("saml.signature_invalid", f"unreadable signature: {exc.__class__.__name__}") from None
         signed = result.signed_xml
         if signed is None or signed.tag != root.tag or signed.get("ID") != root.get("ID"):
             raise Refused("saml.signature_invalid", "the signature does not cover the request")
         return signed
+
+
+#: The parameters of the SAML bindings (bindings section 3.4.4 and 3.5.4): each at most once. With
+#: two, the message read and the one whose signature was checked could differ.
+BINDING_PARAMETERS = ("SAMLRequest", "SAMLResponse", "RelayState", "SigAlg", "Signature")
+#: An AssertionConsumerServiceIndex (xs:unsignedShort), in ASCII digits (str.isdigit() takes "²").
+_INDEX = re.compile(r"[0-9]{1,5}")
+
+
+def once(params) -> None:
+    """Refuse a query or form that carries a SAML binding parameter more than once."""
+    for name in BINDING_PARAMETERS:
+        if len(params.getall(name, ())) > 1:
+            raise Refused("login.malformed", f"{name} appears more than once")
 
 
 class ResponseBuilder:
@@ -291,7 +313,9 @@ class SamlIdp:
         return web.Response(body=self.metadata(), content_type="application/samlmetadata+xml",
                             headers={"Cache-Control": "max-age=300"})
 
-    def relay_state(self, value: str | None) -> str:
+    def relay_state(self, value) -> str:
+        if value is not None and not isinstance(value, str):  # a multipart file part
+            raise Refused("login.malformed", "RelayState is not text")
         size = len(value.encode("utf-8", "surrogatepass")) if value is not None else 0
         if size > self.settings.max_relay_state_bytes:
             raise Refused("login.relay_state_too_large", f"{size} bytes")
@@ -302,12 +326,14 @@ class SamlIdp:
         limits = self.settings
         if request.method == "GET":
             params = request.query
+            once(params)
             text = params.get(field)
             if not text:
                 raise Refused("login.malformed", f"no {field}")
             data = inflate_redirect(text, limit=limits.max_inflated_bytes, max_parameter=limits.max_parameter_bytes)
         else:
-            params = await request.post()
+            params = await read_form(request)
+            once(params)
             text = params.get(field)
             if not isinstance(text, str) or not text:
                 raise Refused("login.malformed", f"no {field}")

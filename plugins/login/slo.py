@@ -42,7 +42,7 @@ from gateway import Route
 from .logout import SUCCESS, encode, logout_request, logout_response, read_logout
 from .saml import SamlIdp, _parse_instant
 from .xmlsafe import parse_xml
-from .web import Refused
+from .web import Refused, read_form
 
 __all__ = ["SingleLogout"]
 
@@ -61,7 +61,7 @@ class SingleLogout:
         return [Route("GET", "/saml/slo", self.endpoint), Route("POST", "/saml/slo", self.endpoint)]
 
     async def endpoint(self, request: web.Request) -> web.StreamResponse:
-        params = request.query if request.method == "GET" else await request.post()
+        params = request.query if request.method == "GET" else await read_form(request)
         if "SAMLResponse" in params:
             return await self.confirmation(request)
         return await self.logout(request)

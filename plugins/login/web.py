@@ -46,6 +46,25 @@ class Refused(Exception):
         self.detail = detail
 
 
+class UnreadableBody(Refused):
+    """A request body that is not a form this front door can read (an unknown charset, a
+    multipart body without its boundary): a 400, never a 500 with a traceback."""
+
+
+async def read_form(request: web.Request):
+    """``await request.post()``, a body aiohttp cannot parse raising :class:`UnreadableBody`."""
+    try:
+        return await request.post()
+    except (ValueError, LookupError, UnicodeDecodeError, AssertionError) as exc:
+        raise UnreadableBody("login.malformed", f"unreadable body: {exc.__class__.__name__}") from None
+
+
+def _printable(text: str) -> str:
+    """*text* for a log line: control characters (a newline that would start a forged line)
+    written as escapes."""
+    return text.encode("unicode_escape").decode("ascii") if any(c < " " or c == "\x7f" for c in text) else text
+
+
 def _message_key(decision: Decision) -> str:
     if decision.outcome is Outcome.ACCOUNT_STATE:
         if "locked" in decision.reason:
@@ -88,7 +107,7 @@ class LoginDoor:
         """The generic page for a request that failed a named check (logged with its reason)."""
         reference = self.door.request_ids.next()
         log.warning("login request refused: reason=%s reference=%s client=%s %s", exc.reason, reference,
-                    request.remote, exc.detail[:200])
+                    request.remote, _printable(exc.detail[:200]))
         response = self.html(self.pages.message("refused", alert=True, reference=reference), 400)
         response.headers["X-Refused-Reason"] = exc.reason
         return response
@@ -105,10 +124,17 @@ class LoginDoor:
 
     def guarded(self, handler, *, json: bool = False):
         """*handler*, answering 503 (not 500) when the session store cannot be used: sign-ins
-        wait for the store, they are never answered without it (fail closed)."""
+        wait for the store, they are never answered without it (fail closed); and 400 for a
+        body it cannot read (:func:`read_form`)."""
         async def guarded_handler(request: web.Request) -> web.StreamResponse:
             try:
                 return await handler(request)
+            except UnreadableBody as exc:
+                if json:
+                    log.warning("login request refused: reason=%s client=%s %s", exc.reason, request.remote, exc.detail)
+                    return web.json_response({"error": "invalid_request", "error_description": "unreadable body"},
+                                             status=400, headers={"Cache-Control": "no-store"})
+                return self.refused(request, exc)
             except STORE_ERRORS as exc:
                 log.error("login session store unavailable: %s: %s", exc.__class__.__name__, exc)
                 if json:
@@ -196,7 +222,7 @@ class LoginDoor:
         return self._form(request, pending_key, status=401 if negotiate else 200, challenge=negotiate)
 
     async def login_post(self, request: web.Request) -> web.StreamResponse:
-        form = await request.post()
+        form = await read_form(request)
         pending_key = str(form.get("req", ""))[:64]
         if not self.sessions.csrf_ok(request.cookies.get(CSRF_COOKIE), str(form.get("csrf", ""))):
             log.warning("login form refused: reason=login.csrf client=%s", request.remote)
@@ -214,7 +240,7 @@ class LoginDoor:
 
     async def logout(self, request: web.Request) -> web.StreamResponse:
         if request.method == "POST":
-            form = await request.post()
+            form = await read_form(request)
             if self.sessions.csrf_ok(request.cookies.get(CSRF_COOKIE), str(form.get("csrf", ""))):
                 session = self.session(request)
                 if session is not None and self.logout_round is not None:
