@@ -56,6 +56,8 @@ __all__ = ["ChainFolder", "Gateway", "PrecheckStandIn", "fold", "loop_safe", "ma
 log = logging.getLogger("authgw.chain")
 
 #: Refusals held back to the common failure time (gateway/failtiming.py).
+#: The decision an attempt was first told with (in a 1-tuple, unique to that call).
+_TOLD: StashKey[tuple] = StashKey()
 #: A header value: no control character (CR or LF would end the header; gateway/http/app.py).
 _PRINTABLE_HEADER = re.compile(r"[^\x00-\x1f\x7f]*")
 #: The arguments of gateway_auth_finished, as an implementation that takes both declares them.
@@ -307,6 +309,25 @@ class Gateway:
         return decision
 
     def notify(self, attempt: Attempt, decision: Decision) -> None:
+        """Tell the plugins *decision*, once per attempt: the first decision told is the one its
+        client got; a step that answers after the deadline (its thread still ran) is logged,
+        not audited a second time (:meth:`_claim`)."""
+        if self._claim(attempt, decision):
+            self._tell(attempt, decision)
+
+    @staticmethod
+    def _claim(attempt: Attempt, decision: Decision) -> bool:
+        """Whether *decision* is the first told for *attempt* (atomic: a dict's setdefault)."""
+        mine = (decision,)
+        first = attempt.stash.setdefault(_TOLD, mine)
+        if first is not mine:
+            log.info("attempt %s: %s (%s) came after the attempt was answered %s (%s); not told again",
+                     attempt.request_id, decision.outcome.value, decision.reason or decision.step,
+                     first[0].outcome.value, first[0].reason or first[0].step)
+            return False
+        return True
+
+    def _tell(self, attempt: Attempt, decision: Decision) -> None:
         """Tell every ``gateway_auth_finished`` implementation, in pluggy's order, each one on
         its own: one that raises is logged and the others are still told. Through pluggy, the
         first exception ended the call, so a third-party plugin's broken hook (registered after
@@ -429,7 +450,13 @@ class Gateway:
             log.warning("attempt %s exceeded its deadline (%.1fs); a plugin did not answer in time",
                         attempt.request_id, self.settings.deadline)
             decision = _DEADLINE_EXCEEDED
-            self.pool.submit(functools.partial(self.notify, attempt), decision)
+            if self._claim(attempt, decision):  # now, on the loop: a late answer is not told first
+                self.pool.submit(functools.partial(self._tell, attempt), decision)
+            return decision
+        except Exception:  # the pool itself failed (decide and notify never raise): fail closed
+            log.exception("attempt %s: the chain pool failed", attempt.request_id)
+            decision = Decision.deny(Outcome.ERROR, step="gateway", reason="internal_error")
+            self.notify(attempt, decision)
             return decision
 
     async def _run_live_on_loop(self, attempt: Attempt) -> Decision:

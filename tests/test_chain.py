@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 
@@ -106,6 +107,31 @@ def test_a_step_that_overruns_the_deadline_does_not_hold_the_attempt(tmp_path):
     give_up = time.monotonic() + 10
     while ("slow", "gateway_auth_finished") not in testplugins.CALLS and time.monotonic() < give_up:
         time.sleep(0.05)
+
+
+def test_an_answer_after_the_deadline_is_not_audited_as_a_second_decision(tmp_path, caplog):
+    # The client got deadline_exceeded; the chain thread goes on and `after` says yes a second
+    # later. Before, that late success was audited and counted too, under the same request id.
+    audit = tmp_path / "audit.log"
+    runtime = build(tmp_path, {"chain": ["slow", "after"], "deadline": 0.3, "audit": {"file": str(audit)}},
+                    {"slow": {"action": "sleep", "sleep": 1}, "after": {"action": "success"}})
+    with caplog.at_level(logging.INFO, logger="authgw"):
+        decision = decide(runtime, attempt(deadline=0.3))
+        assert (decision.outcome, decision.reason) == (Outcome.UNAVAILABLE, "deadline_exceeded")
+        audit_log = runtime.gateway.pm.get_plugin("core.audit")
+        late = "success (after) came after the attempt was answered unavailable (deadline_exceeded)"
+        give_up = time.monotonic() + 10
+        # until the late answer is either refused (logged) or told (a second audit line)
+        while not any(late in r.getMessage() for r in caplog.records):
+            audit_log.flush()
+            if len(audit.read_text().splitlines()) > 1:
+                break
+            assert time.monotonic() < give_up, "the late answer never came"
+            time.sleep(0.05)
+    runtime.gateway.shutdown()
+    lines = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert [(line["outcome"], line["reason"]) for line in lines] == [("unavailable", "deadline_exceeded")]
+    assert any(late in r.getMessage() for r in caplog.records)
 
 
 def test_the_exact_order_of_hook_calls_for_one_attempt(tmp_path):
