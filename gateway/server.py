@@ -134,8 +134,10 @@ class _Worker:
         loop = asyncio.get_running_loop()
         listeners = self._listeners(runtime)
         generation = _Generation(runtime)
-        await loop.run_in_executor(None, runtime.gateway.startup)
         try:
+            # In the try: when one plugin's start-up fails, those already started are shut down
+            # (their threads and pools), not left running beside the generation that stays.
+            await loop.run_in_executor(None, runtime.gateway.startup)
             apps = build_apps(runtime.gateway, runtime.metrics, list(listeners.values()))
             for name, app in apps.items():
                 runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=_SHUTDOWN_GRACE)

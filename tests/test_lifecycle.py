@@ -138,3 +138,45 @@ def test_sighup_before_anything_else_does_not_kill_a_single_worker(conf_dir, ali
     os.kill(gw.proc.pid, signal.SIGHUP)
     wait_for(lambda: " reloaded " in gw.output(), what="the reload")
     assert gw.proc.poll() is None and gw.auth("alice", PASSWORD).status == 200
+
+
+def test_a_reload_whose_start_up_fails_shuts_down_the_plugins_it_started(tmp_path, monkeypatch):
+    # In-process, the worker's own reload: the new configuration adds a plugin whose
+    # gateway_startup raises. The reload is refused and the running generation stays; the
+    # plugins the refused one had already started (a refresher thread) are shut down, not left
+    # running beside it, once per SIGHUP.
+    import asyncio
+    import functools
+
+    import yaml
+
+    import gateway.server as server
+    from gateway.runtime import build_runtime
+    from support import testplugins
+    from support.chainhelp import plugin_info
+
+    discovered = {"a": plugin_info("a", "support.testplugins:Step"),
+                  "refresher": plugin_info("refresher", "support.testplugins:Refresher"),
+                  "bad": plugin_info("bad", "support.testplugins:StartupRaises")}
+    monkeypatch.setattr(server, "build_runtime", functools.partial(build_runtime, discovered=discovered))
+    conf = tmp_path / "conf.d"
+    conf.mkdir()
+
+    def write(plugins):
+        (conf / "gateway.yaml").write_text(yaml.safe_dump({"throttle": {"enabled": False}, "chain": ["a"],
+                                                           "plugins": plugins}))
+
+    async def main():
+        write(["refresher"])
+        worker = server._Worker(conf, tmp_path / "state", [], {})
+        await worker.start(server.build_runtime(conf, state_dir=tmp_path / "state"))
+        running = set(testplugins.Refresher.RUNNING)
+        assert len(running) == 1
+        write(["refresher", "bad"])
+        assert [await worker.reload() for _ in range(3)] == [False] * 3
+        wait_for(lambda: testplugins.Refresher.RUNNING == running, 10, interval=0.05,
+                 what="the refused generations' refreshers stopped")
+        await worker.stop()
+        wait_for(lambda: not testplugins.Refresher.RUNNING, 10, interval=0.05, what="every refresher stopped")
+
+    asyncio.run(main())

@@ -6,6 +6,7 @@ Each is a real plugin class; tests reach them through entry points (in-process v
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Literal
 
@@ -182,6 +183,39 @@ class BadOffers:
     @hookimpl
     def gateway_commands(self):
         raise RuntimeError("boom from gateway_commands")
+
+
+class Refresher:
+    """Starts a thread in ``gateway_startup`` and stops it in ``gateway_shutdown`` (as a key or
+    list refresher does); ``RUNNING`` names the live ones."""
+
+    RUNNING: set[str] = set()
+
+    def __init__(self, settings: PluginSettings, context: PluginContext) -> None:
+        self.stop = threading.Event()
+        self.thread_name = f"test-refresher-{id(self)}"
+
+    @hookimpl
+    def gateway_startup(self) -> None:
+        Refresher.RUNNING.add(self.thread_name)
+        threading.Thread(target=self._run, name=self.thread_name, daemon=True).start()
+
+    def _run(self) -> None:
+        self.stop.wait()
+        Refresher.RUNNING.discard(self.thread_name)
+
+    @hookimpl
+    def gateway_shutdown(self) -> None:
+        self.stop.set()
+
+
+class StartupRaises:
+    def __init__(self, settings: PluginSettings, context: PluginContext) -> None:
+        pass
+
+    @hookimpl
+    def gateway_startup(self) -> None:
+        raise RuntimeError("boom from gateway_startup")
 
 
 class Misspelled:
