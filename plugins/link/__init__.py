@@ -113,6 +113,8 @@ class LinkPlugin:
             except Exception as exc:  # stopping regardless
                 self.client.status.detail = f"drain failed: {exc}"
         loop.call_soon_threadsafe(self._task.cancel)
+        if self.client is not None:
+            self.client.close()
 
     @hookimpl
     def gateway_commands(self) -> list[Command]:
