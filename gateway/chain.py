@@ -55,13 +55,13 @@ __all__ = ["ChainFolder", "Gateway", "PrecheckStandIn", "fold", "loop_safe", "ma
 
 log = logging.getLogger("authgw.chain")
 
-#: Refusals held back to the common failure time (gateway/failtiming.py).
 #: The decision an attempt was first told with (in a 1-tuple, unique to that call).
 _TOLD: StashKey[tuple] = StashKey()
 #: A header value: no control character (CR or LF would end the header; gateway/http/app.py).
 _PRINTABLE_HEADER = re.compile(r"[^\x00-\x1f\x7f]*")
 #: The arguments of gateway_auth_finished, as an implementation that takes both declares them.
 _FINISHED_ARGS = ("attempt", "decision")
+#: Refusals held back to the common failure time (gateway/failtiming.py).
 _REFUSALS = frozenset({Outcome.INVALID_CREDENTIALS, Outcome.USER_NOT_FOUND, Outcome.ACCOUNT_STATE})
 #: An attempt given up before it ran, or before its costly part: its client hung up, or its
 #: deadline passed (:mod:`gateway.pool`). Decisions are immutable: one of each serves every attempt.
@@ -235,8 +235,8 @@ class Gateway:
         if pm.get_plugin("core.precheck") is None:
             pm.register(PrecheckStandIn(pm), name="core.precheck")
         self._on_loop: dict[tuple, bool] = {}  # (kind, implementations) -> may run on the loop
-        #: (gateway_auth_finished implementations, how notify() calls them; None: through pluggy)
-        self._finished: tuple[list, list | None] = ([], [])
+        #: (gateway_auth_finished implementations, the (function, plugin, arguments) notify calls)
+        self._finished: tuple[list, list] = ([], [])
         self._live_running = 0  # attempts in _run_live_on_loop
 
     def _loop_verdict(self, kind: tuple, decide: Callable[[list], bool]) -> bool:
@@ -501,7 +501,7 @@ class Gateway:
         for impl in reversed(one_by_one(self.pm.hook.gateway_challenges.get_hookimpls())):
             try:
                 offer = impl.function(*(attempt for _name in impl.argnames))
-            except Exception:  # noqa: BLE001 - logged; the other offers still go out
+            except BaseException:  # noqa: BLE001 - logged (SystemExit too); the other offers still go out
                 log.exception("the gateway_challenges of plugin %r raised", impl.plugin_name)
                 continue
             if offer is not None and (not isinstance(offer, str) or not _PRINTABLE_HEADER.fullmatch(offer)):
@@ -527,7 +527,7 @@ class Gateway:
                 states = list(impl.function() or ())
                 if not all(isinstance(state, ComponentState) for state in states):
                     raise TypeError("its answer is not a list of ComponentState")
-            except Exception as exc:
+            except BaseException as exc:  # noqa: BLE001 - SystemExit too: a not-ready component, never a 500
                 states = [ComponentState(impl.plugin_name, False, f"readiness check raised {exc.__class__.__name__}")]
             reports.append((impl.plugin_name, states))
         reports.reverse()  # pluggy lists implementations last-registered first
