@@ -23,8 +23,8 @@ import yaml
 from gateway.checks import CheckStatus, run_selftest
 from gateway.config import load_config
 from gateway.errors import AuthgwError, ConfigError, PluginLoadError
-from gateway.registry import one_by_one
 from gateway.logs import authgw_version, setup_logging
+from gateway.registry import one_by_one
 from gateway.runtime import build_runtime, default_config_dir
 from gateway.yamlfiles import format_path
 
