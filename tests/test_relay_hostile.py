@@ -6,15 +6,23 @@ relay keeps serving."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import os
 import socket
 import ssl
 import time
+from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from gateway.plugins import linkproto as proto
+from gateway.plugins.relay.ca import RelayCA
 from support.linkenv import Connector, Relay
 from support.net import wait_for
 from support.pki import self_signed
@@ -152,3 +160,140 @@ def test_a_revoked_connector_is_cut_off_and_refused(relay, tmp_path):
     finally:
         connector.stop()
     _no_server_errors(relay)
+
+
+def _slow_enrol(relay, path: str, wait: float) -> tuple[bytes, float, bool]:
+    """POST to the enrolment *path* announcing a 16,000-byte body and sending one byte of it:
+    (the status line, seconds until it came, whether the relay then closed the connection)."""
+    context = ssl.create_default_context(cafile=str(relay.ca_file))
+    with socket.create_connection(("127.0.0.1", relay.port), timeout=wait) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+            started = time.monotonic()
+            sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                         "Content-Length: 16000\r\n\r\n{".encode())
+            data = b""
+            try:
+                while b"\r\n\r\n" not in data:
+                    chunk = sock.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+            except socket.timeout:
+                return b"", time.monotonic() - started, False
+            took = time.monotonic() - started
+            try:
+                while sock.recv(4096):
+                    pass
+                closed = True
+            except socket.timeout:
+                closed = False
+            return data.split(b"\r\n", 1)[0], took, closed
+
+
+def test_enrolment_waits_for_no_body_of_an_unknown_ticket_and_bounds_a_slow_one(tmp_path):
+    # The enrolment listener is public and needs no credentials. A slow body used to hold its
+    # connection for ever (made-up tickets too): a few thousand filled max_connections and
+    # stopped every listener of the relay.
+    relay = Relay(tmp_path / "relay", extra="limits: {body_timeout: 1}\n").setup().start()
+    try:
+        ticket = relay.ticket()
+        made_up = "/p/" + "A" * 43
+        status, took, closed = _slow_enrol(relay, made_up, wait=5)
+        assert status.startswith(b"HTTP/1.1 404") and took < 1 and closed, (status, took, closed)
+        status, took, closed = _slow_enrol(relay, urlsplit(ticket).path, wait=5)
+        assert status.startswith(b"HTTP/1.1 400") and 0.9 < took < 4 and closed, (status, took, closed)
+        # the ticket was only looked at: it still enrols a connector
+        Connector(tmp_path / "connector", NoDirectory()).enroll(ticket, relay.ca_file)
+        _no_server_errors(relay)
+    finally:
+        relay.stop()
+
+
+def _upgrade(sock) -> bytes:
+    """Ask for the link on *sock* (TLS done); the status line of the answer."""
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall((f"GET /link HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                  f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(1)
+        if not chunk:
+            break
+        head += chunk
+    return head.split(b"\r\n", 1)[0]
+
+
+def test_a_certificate_expired_since_a_resumed_tls_session_gets_no_link(tmp_path):
+    # OpenSSL checks a client certificate's dates on a full handshake only: a TLS session
+    # resumed after the certificate's end brought it back unchecked, and it linked (and renewed).
+    relay = Relay(tmp_path / "relay", cache=False, certificate_lifetime=6).setup().start()
+    try:
+        connector = Connector(tmp_path / "c", NoDirectory()).enroll(relay.ticket(), relay.ca_file)
+        cert = x509.load_pem_x509_certificate((connector.state / "link" / "cert.pem").read_bytes())
+        context = _context(relay, connector)
+
+        def tls(session=None):
+            return context.wrap_socket(socket.create_connection(("127.0.0.1", relay.port), timeout=5),
+                                       server_hostname="127.0.0.1", session=session)
+
+        with tls() as first:  # while valid: a full handshake, and the session tickets read
+            assert _upgrade(first).startswith(b"HTTP/1.1 101")
+            first.settimeout(0.5)
+            try:
+                first.recv(4096)
+            except socket.timeout:
+                pass
+            session = first.session
+        assert session is not None
+        time.sleep(max(0.0, cert.not_valid_after_utc.timestamp() - time.time()) + 1)
+        with tls(session) as resumed:
+            assert resumed.session_reused  # the relay's listener resumes sessions: the link must refuse
+            assert _upgrade(resumed).startswith(b"HTTP/1.1 403")
+        assert "certificate is not valid now" in relay.process.output()
+    finally:
+        relay.stop()
+
+
+def test_one_connector_id_gets_one_key_even_from_enrolments_at_once(tmp_path):
+    # A reusable ticket and two enrolments naming the same new id with different keys, at once:
+    # both used to get a certificate (the id check and the write were apart), and both linked.
+    relay = Relay(tmp_path / "relay", cache=False).setup().start()
+    try:
+        url = relay.ticket("--uses", "20")
+        context = ssl.create_default_context(cafile=str(relay.ca_file))
+
+        async def enrol_twice(connector_id: str):
+            keys = [ec.generate_private_key(ec.SECP256R1()) for _ in range(2)]
+            csrs = [x509.CertificateSigningRequestBuilder().subject_name(
+                x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, connector_id)])).sign(k, hashes.SHA256())
+                .public_bytes(serialization.Encoding.PEM).decode() for k in keys]
+            async with aiohttp.ClientSession() as http:
+                async def post(csr):
+                    async with http.post(url, json={"csr": csr}, ssl=context) as answer:
+                        return answer.status, await answer.json()
+                return keys, await asyncio.gather(*(post(csr) for csr in csrs))
+
+        for n in range(6):
+            keys, answers = asyncio.run(enrol_twice(f"acme-{n:08x}"))
+            assert sorted(status for status, _ in answers) in ([200, 400], [400, 200]), answers
+            refused = [body for status, body in answers if status == 400]
+            assert refused[0]["error"] == "csr_wrong_name", refused
+        # and a certificate of the relay's CA for an enrolled id with another key does not link
+        ca = RelayCA.from_pem((relay.state / "relay" / "ca" / "ca.key").read_bytes(), relay.ca_file.read_bytes())
+        other = ec.generate_private_key(ec.SECP256R1())
+        csr = x509.CertificateSigningRequestBuilder().subject_name(
+            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "acme-00000000")])).sign(other, hashes.SHA256())
+        forged = ca.sign(csr.public_bytes(serialization.Encoding.PEM).decode(), connector_id="acme-00000000",
+                         connection="acme", lifetime=600)
+        (tmp_path / "forged.pem").write_bytes(forged.public_bytes(serialization.Encoding.PEM))
+        (tmp_path / "forged.key").write_bytes(other.private_bytes(serialization.Encoding.PEM,
+                                                                  serialization.PrivateFormat.PKCS8,
+                                                                  serialization.NoEncryption()))
+        forged_context = ssl.create_default_context(cafile=str(relay.ca_file))
+        forged_context.load_cert_chain(str(tmp_path / "forged.pem"), str(tmp_path / "forged.key"))
+        with forged_context.wrap_socket(socket.create_connection(("127.0.0.1", relay.port), timeout=5),
+                                        server_hostname="127.0.0.1") as sock:
+            assert _upgrade(sock).startswith(b"HTTP/1.1 403")
+        _no_server_errors(relay)
+    finally:
+        relay.stop()

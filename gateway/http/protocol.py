@@ -168,6 +168,7 @@ class GuardedRequestHandler(RequestHandler):
         self._hold: float | None = None  # seconds to hold the next request after this response
         self._held: bytearray | None = None  # what the client sent while held (None: not held)
         self._hold_timer: asyncio.TimerHandle | None = None  # ends the hold; set exactly while held
+        self._no_linger = False  # close right after this response (no_linger)
         #: The client, when :class:`_TlsAccept` counted this connection at its TCP accept.
         self.admitted: str | None = None
 
@@ -281,6 +282,10 @@ class GuardedRequestHandler(RequestHandler):
         try:
             return await super().finish_response(request, resp, start_time)
         finally:
+            if self._no_linger:
+                self._no_linger = False
+                if self.transport is not None and not request.content.is_eof():
+                    self.force_close()  # the response is written: close now, not after lingering
             hold, self._hold = self._hold, None
             # Already held (the refused request was pipelined behind another refused one): that
             # hold stands, with what it has kept so far.
@@ -288,6 +293,13 @@ class GuardedRequestHandler(RequestHandler):
                     and not self.transport.is_closing() and not self._force_close):
                 self._held = bytearray()
                 self._hold_timer = self._loop.call_later(hold, self._end_hold)
+
+    def no_linger(self) -> None:
+        """Close the connection as soon as this request's response is written, without
+        aiohttp's lingering (up to 10 s reading the rest of a body nobody will read): for
+        refusals on a listener that needs no credentials, where a slow body would otherwise
+        hold the connection."""
+        self._no_linger = True
 
     # -- overload ---------------------------------------------------------------------------------------
 

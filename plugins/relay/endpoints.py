@@ -61,6 +61,37 @@ def _refuse(status: int, code: str, detail: str) -> web.Response:
     return web.json_response({"error": code, "detail": detail}, status=status, headers={"Cache-Control": "no-store"})
 
 
+def _same_key(pem: str, cert: x509.Certificate) -> bool:
+    """Whether the certificate *pem* (the registry's) and *cert* hold the same public key."""
+    try:
+        recorded = x509.load_pem_x509_certificate(pem.encode()).public_key()
+    except ValueError:
+        return False
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    return (recorded.public_bytes(serialization.Encoding.DER, spki)
+            == cert.public_key().public_bytes(serialization.Encoding.DER, spki))
+
+
+def _closing(request: web.Request, response: web.Response) -> web.Response:
+    """*response*, and the connection closed right after it: what is left of a body is not
+    waited for (gateway.http.protocol.GuardedRequestHandler.no_linger)."""
+    response.force_close()
+    no_linger = getattr(request.protocol, "no_linger", None)
+    if no_linger is not None:
+        no_linger()
+    return response
+
+
+async def _read_body(request: web.Request) -> bytes:
+    body = b""
+    while len(body) <= _MAX_CSR_BODY:  # read() returns what has arrived, not all of it
+        chunk = await request.content.read(_MAX_CSR_BODY + 1 - len(body))
+        if not chunk:
+            break
+        body += chunk
+    return body
+
+
 class StoreUnavailable(Exception):
     """The registry did not answer (``/readyz`` shows it as ``relay.store``)."""
 
@@ -122,17 +153,29 @@ class Endpoints:
                                   "link_url": self.plugin.link_url}, headers={"Cache-Control": "no-store"})
 
     async def enrol(self, request: web.Request) -> web.Response:
+        # This listener is public and needs no credentials: nothing is read or kept open for a
+        # request that cannot be a real enrolment (no such ticket, a body too large), and the
+        # body must arrive within limits.body_timeout. Before, a slow body held the connection
+        # for ever: a few thousand of them filled max_connections and stopped every listener.
         token = _token(request)
         if token is None:
-            return _refuse(404, "ticket_unknown", "no such ticket; ask the relay operator for a new one")
-        body = b""
-        while len(body) <= _MAX_CSR_BODY:  # read() returns what has arrived, not all of it
-            chunk = await request.content.read(_MAX_CSR_BODY + 1 - len(body))
-            if not chunk:
-                break
-            body += chunk
+            return _closing(request, _refuse(404, "ticket_unknown",
+                                             "no such ticket; ask the relay operator for a new one"))
+        too_large = f"the request body is limited to {_MAX_CSR_BODY} bytes"
+        if (request.content_length or 0) > _MAX_CSR_BODY:
+            return _closing(request, _refuse(413, "too_large", too_large))
+        try:
+            await self._store(self.plugin.store.ticket, token, time.time())
+        except TicketRefused as exc:
+            return _closing(request, _refuse(410 if exc.code != "ticket_unknown" else 404, exc.code, exc.detail))
+        except StoreUnavailable:
+            return _closing(request, _unavailable())
+        try:
+            body = await asyncio.wait_for(_read_body(request), self.door.gateway.settings.limits.body_timeout)
+        except asyncio.TimeoutError:
+            return _closing(request, _refuse(400, "bad_request", "the body did not arrive in time"))
         if len(body) > _MAX_CSR_BODY:
-            return _refuse(413, "too_large", f"the request body is limited to {_MAX_CSR_BODY} bytes")
+            return _closing(request, _refuse(413, "too_large", too_large))
         try:
             data = json.loads(body)
             csr = data["csr"] if isinstance(data, dict) else None
@@ -141,9 +184,11 @@ class Endpoints:
         except (ValueError, KeyError, UnicodeDecodeError):
             return _refuse(400, "bad_request", 'expected {"csr": "<PEM certificate request>"}')
         store = self.plugin.store
+        reusable = False
         try:
             connection, connector, _ = await self._store(store.ticket, token, time.time())
             if not connector:  # reusable ticket: the CSR names a new id of this connection
+                reusable = True
                 connector = self.plugin.ca.requested_name(csr)
                 if not _REUSABLE_ID.match(connector) or not connector.startswith(connection + "-") \
                         or await self._store(store.connector, connector) is not None:
@@ -160,9 +205,15 @@ class Endpoints:
             return _refuse(400, exc.code, exc.detail)
         except StoreUnavailable:
             return _unavailable()
+        pem = cert.public_bytes(serialization.Encoding.PEM).decode()
         try:
-            await self._store(store.record_connector, connector, connection, cert.serial_number,
-                              cert.not_valid_after_utc.timestamp(), cert.public_bytes(serialization.Encoding.PEM).decode())
+            if reusable:  # the id must still be new: two enrolments naming it at once, one wins
+                if not await self._store(store.add_connector, connector, connection, cert.serial_number,
+                                         cert.not_valid_after_utc.timestamp(), pem):
+                    return _refuse(400, "csr_wrong_name", f"{connector} was enrolled meanwhile; name a new id")
+            else:
+                await self._store(store.record_connector, connector, connection, cert.serial_number,
+                                  cert.not_valid_after_utc.timestamp(), pem)
         except StoreUnavailable:  # the ticket is used up, the certificate not recorded: it cannot link
             return _unavailable()
         log.info("connector %s of %s enrolled (certificate serial %x, valid until %s)", connector, connection,
@@ -268,6 +319,17 @@ class Endpoints:
         if known.revoked is not None:
             log.warning("refused a link from revoked connector %s", connector)
             return _refuse(403, "revoked", "this connector was revoked; enrol again with a new ticket")
+        now = time.time()
+        if not cert.not_valid_before_utc.timestamp() <= now < cert.not_valid_after_utc.timestamp():
+            # OpenSSL checks the dates on a full handshake only: a resumed TLS session brings back
+            # a certificate that has expired since (re-enrol with a new ticket, not renew).
+            log.warning("refused a link from connector %s: its certificate is not valid now", connector)
+            return _refuse(403, "certificate_expired", "the link certificate is not valid now; enrol again "
+                           "with a new ticket")
+        if known.cert and not _same_key(known.cert, cert):
+            # one key per connector: the registry's (renewal keeps it), not another certificate for the id
+            log.warning("refused a link from connector %s: its key is not the one enrolled", connector)
+            return _refuse(403, "unknown_connector", "this certificate is not the one enrolled for the connector")
         ws = web.WebSocketResponse(heartbeat=self.settings.ping_interval, max_msg_size=proto.MAX_FRAME,
                                    autoping=True)
         await ws.prepare(request)

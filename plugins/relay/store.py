@@ -117,6 +117,14 @@ class SQLiteStore:
             "ON CONFLICT(id) DO UPDATE SET serial = excluded.serial, not_after = excluded.not_after, "
             "cert = excluded.cert", (connector, connection, f"{serial:x}", not_after, time.time(), cert))
 
+    def add_connector(self, connector: str, connection: str, serial: int, not_after: float, cert: str) -> bool:
+        """Record a new connector id; False, and nothing written, when the id exists (two
+        enrolments naming one id at once: one wins, atomically)."""
+        cur = self._db().execute(
+            "INSERT INTO connectors (id, connection, serial, not_after, enrolled, cert) VALUES (?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT(id) DO NOTHING", (connector, connection, f"{serial:x}", not_after, time.time(), cert))
+        return cur.rowcount == 1
+
     def connector(self, connector: str) -> Connector | None:
         row = self._db().execute("SELECT * FROM connectors WHERE id = ?", (connector,)).fetchone()
         return Connector(*row) if row else None
@@ -211,6 +219,16 @@ class RedisStore:
         self.redis.hset(key, mapping={"connection": connection, "serial": f"{serial:x}", "not_after": repr(not_after),
                                       "cert": cert})
         self.redis.sadd(self._k("connectors"), connector)
+
+    def add_connector(self, connector: str, connection: str, serial: int, not_after: float, cert: str) -> bool:
+        """As :meth:`SQLiteStore.add_connector`: the id is claimed by HSETNX, atomically."""
+        key = self._k("connector", connector)
+        if not self.redis.hsetnx(key, "connection", connection):
+            return False
+        self.redis.hset(key, mapping={"enrolled": repr(time.time()), "serial": f"{serial:x}",
+                                      "not_after": repr(not_after), "cert": cert})
+        self.redis.sadd(self._k("connectors"), connector)
+        return True
 
     def connector(self, connector: str) -> Connector | None:
         row = self.redis.hgetall(self._k("connector", connector))
