@@ -173,18 +173,25 @@ def test_an_attempt_whose_deadline_passed_in_the_queue_is_not_run(conf_dir, alic
     assert [line["reason"] for line in gw.audit()] == ["deadline_exceeded"] * 3  # one line per attempt
 
 
+def _stick_two(gw, step: str) -> list[threading.Thread]:
+    """Two logins stuck in *step* (a 4-thread, 8-s-deadline gateway), then long enough for the
+    step to count as stuck: no call finished for half the deadline. Join the threads after."""
+    stuck = [threading.Thread(target=gw.auth, args=("alice", PASSWORD), kwargs={"timeout": 30}) for _ in range(2)]
+    for t in stuck:
+        t.start()
+    wait_for(lambda: gw.output().count(f"{step}: call entered") >= 2, 30, interval=0.05, what="two stuck calls")
+    assert gw.output().count(f"{step}: call entered") == 2
+    time.sleep(4.5)
+    return stuck
+
+
 def test_a_hanging_step_does_not_take_every_thread(conf_dir, alice_hash, start_gateway, slow_env):
     # `hang` sleeps 40 s per call; with 4 threads it may hold 2. Once two calls are stuck (no call
     # finished for half the 8 s deadline), later attempts skip it and `static` answers them.
     # Without the limit each of them would enter `hang` too and end at the deadline with 503.
     gw = start_gateway(conf(conf_dir, alice_hash, "chain: [hang, static]\nthreads: 4\ndeadline: 8\n",
                             "hang:\n  sleep: 40\n"), env=slow_env)
-    stuck = [threading.Thread(target=gw.auth, args=("alice", PASSWORD), kwargs={"timeout": 30}) for _ in range(2)]
-    for t in stuck:
-        t.start()
-    wait_for(lambda: gw.output().count("hang: call entered") >= 2, 30, interval=0.05, what="two stuck calls")
-    assert gw.output().count("hang: call entered") == 2
-    time.sleep(4.5)  # no call of `hang` has finished for over the 4 s that makes a step "stuck"
+    stuck = _stick_two(gw, "hang")
     statuses = [gw.auth("alice", PASSWORD).status for _ in range(6)]
     for t in stuck:
         t.join(30)
@@ -199,11 +206,7 @@ def test_a_hanging_step_that_may_refuse_is_never_skipped(conf_dir, alice_hash, s
     # would let `static` accept her. Saturated, it refuses every attempt (503), never a 200.
     gw = start_gateway(conf(conf_dir, alice_hash, "chain: [policy, static]\nthreads: 4\ndeadline: 8\n",
                             "policy:\n  sleep: 40\n"), env=slow_env)
-    stuck = [threading.Thread(target=gw.auth, args=("alice", PASSWORD), kwargs={"timeout": 30}) for _ in range(2)]
-    for t in stuck:
-        t.start()
-    wait_for(lambda: gw.output().count("policy: call entered") >= 2, 30, interval=0.05, what="two stuck calls")
-    time.sleep(4.5)  # stuck: no call finished for half the deadline
+    stuck = _stick_two(gw, "policy")
     answers = [gw.auth("alice", PASSWORD) for _ in range(4)]
     for t in stuck:
         t.join(30)

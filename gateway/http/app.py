@@ -257,7 +257,8 @@ class FrontDoor:
         if (request.content_length or 0) > _MAX_JSON_BYTES:  # refused before reading a byte
             return web.json_response({"error": "bad_request", "detail": "request body too large"}, status=400)
         try:
-            body = await asyncio.wait_for(_read_body(request), self.gateway.settings.limits.body_timeout)
+            body = await asyncio.wait_for(read_body(request, _MAX_JSON_BYTES),
+                                          self.gateway.settings.limits.body_timeout)
         except asyncio.TimeoutError:
             # Any body the API cannot read is a 400 (issue 10 item 5); the connection is not reused.
             return web.json_response({"error": "bad_request", "detail": "the body did not arrive in time"},
@@ -320,10 +321,12 @@ class FrontDoor:
                             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
-async def _read_body(request: web.Request) -> bytes:
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The request body, or its first ``limit + 1`` bytes when it is longer (so the caller can
+    refuse it). Bound the wait with ``asyncio.wait_for(..., limits.body_timeout)``."""
     body = b""
-    while len(body) <= _MAX_JSON_BYTES:  # read() returns what has arrived, not all of it
-        chunk = await request.content.read(_MAX_JSON_BYTES + 1 - len(body))
+    while len(body) <= limit:  # read() returns what has arrived, not all of it
+        chunk = await request.content.read(limit + 1 - len(body))
         if not chunk:
             break
         body += chunk

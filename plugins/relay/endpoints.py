@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from gateway import UserPage
+from gateway.http.app import read_body
 from gateway.plugins import linkproto as proto
 
 from .ca import CSRRefused
@@ -80,16 +81,6 @@ def _closing(request: web.Request, response: web.Response) -> web.Response:
     if no_linger is not None:
         no_linger()
     return response
-
-
-async def _read_body(request: web.Request) -> bytes:
-    body = b""
-    while len(body) <= _MAX_CSR_BODY:  # read() returns what has arrived, not all of it
-        chunk = await request.content.read(_MAX_CSR_BODY + 1 - len(body))
-        if not chunk:
-            break
-        body += chunk
-    return body
 
 
 class StoreUnavailable(Exception):
@@ -171,7 +162,8 @@ class Endpoints:
         except StoreUnavailable:
             return _closing(request, _unavailable())
         try:
-            body = await asyncio.wait_for(_read_body(request), self.door.gateway.settings.limits.body_timeout)
+            body = await asyncio.wait_for(read_body(request, _MAX_CSR_BODY),
+                                          self.door.gateway.settings.limits.body_timeout)
         except asyncio.TimeoutError:
             return _closing(request, _refuse(400, "bad_request", "the body did not arrive in time"))
         if len(body) > _MAX_CSR_BODY:
