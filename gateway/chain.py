@@ -51,7 +51,8 @@ from gateway.settings import GatewaySettings
 from gateway.stash import StashKey
 from gateway.throttle import StoreUnavailable, Throttle
 
-__all__ = ["ChainFolder", "Gateway", "PrecheckStandIn", "fold", "loop_safe", "may_run_on_loop"]
+__all__ = ["PRECHECK_STEP", "ChainFolder", "Gateway", "PrecheckStandIn", "fold", "loop_safe", "may_run_on_loop",
+           "stands_for"]
 
 log = logging.getLogger("authgw.chain")
 
@@ -69,6 +70,17 @@ _CLIENT_GONE = Decision.deny(Outcome.UNAVAILABLE, step="gateway", reason="client
 _DEADLINE_EXCEEDED = Decision.deny(Outcome.UNAVAILABLE, step="gateway", reason="deadline_exceeded")
 #: The ``gateway_precheck`` answer of an attempt, for :class:`PrecheckStandIn`.
 PRECHECKED: StashKey[Decision] = StashKey()
+#: Set by a ``gateway_precheck`` implementation beside its success: the chain step that decided
+#: when the identity was remembered, which the answer stands in for (:func:`stands_for`).
+PRECHECK_STEP: StashKey[str] = StashKey()
+
+
+def stands_for(attempt: Attempt, answer: Decision) -> str | None:
+    """The chain step a precheck *answer* stands in for: :data:`PRECHECK_STEP` when the plugin
+    set it, else the remembered identity's ``method``; None for a deny (it stands for all)."""
+    if answer.identity is None:
+        return None
+    return attempt.stash.get(PRECHECK_STEP, None) or answer.identity.method
 #: Set by a front door: says, cheaply and from any thread, that the attempt's client has gone
 #: (its connection closed), so a chain thread drops the attempt unrun (gateway/pool.py).
 CLIENT_GONE: StashKey[Callable[[], bool]] = StashKey()
@@ -177,10 +189,12 @@ class PrecheckStandIn:
 
     The first non-wrapper implementation called (``tryfirst``; chain steps may not use it). For
     an attempt with a precheck answer it calls the chain steps *before* the step that proved the
-    remembered identity (``identity.method``) in order, and returns the first decision of theirs,
-    else the answer; that step and the ones after it are not called. A deny, or an answer for a
-    step not in the chain, stands for the whole chain. The wrappers around see the result
-    either way. Without an answer it returns None at once.
+    remembered identity (:func:`stands_for`) in order, and returns the first decision of theirs,
+    else the answer; that step and the ones after it are not called. A deny stands for the
+    whole chain. A success for no step of this chain is not used: the chain runs as without an
+    answer (it stood for the whole chain before, so a hot hit relayed from a connector, whose
+    identity names the connector's step, skipped the relay hub's deny list). The wrappers
+    around see the result either way. Without an answer it returns None at once.
     """
 
     def __init__(self, pm: pluggy.PluginManager) -> None:
@@ -193,11 +207,13 @@ class PrecheckStandIn:
             return None
         steps = [impl for impl in reversed(self._pm.hook.gateway_authenticate.get_hookimpls())
                  if not (impl.wrapper or impl.hookwrapper) and impl.plugin is not self]
-        stands_for = answer.identity.method if answer.identity is not None else None
-        if stands_for not in {impl.plugin_name for impl in steps}:
+        if answer.identity is None:  # a deny: for every step
             return answer
+        step = stands_for(attempt, answer)
+        if step not in {impl.plugin_name for impl in steps}:
+            return None  # for no step of this chain: the chain decides, as without an answer
         for impl in steps:
-            if impl.plugin_name == stands_for:
+            if impl.plugin_name == step:
                 break
             # A policy step before the directory: still asked (with the arguments it declares,
             # as pluggy would call it).
@@ -252,22 +268,26 @@ class Gateway:
             self._on_loop[key] = known
         return known
 
-    def runs_on_loop(self, answer: Decision) -> bool:
-        """Whether an attempt with the precheck *answer* runs its chain on the event loop: no
-        step is asked before the answered one, and every wrapper is :func:`loop_safe`."""
-        # as PrecheckStandIn decides which steps it still asks (only a success carries an identity)
-        stands_for = answer.identity.method if answer.identity is not None else None
+    def runs_on_loop(self, answer: Decision, step: str | None = None) -> bool:
+        """Whether an attempt with the precheck *answer*, standing for chain *step*
+        (:func:`stands_for`; None for a deny), runs its chain on the event loop: no step is asked
+        before the answered one, and every wrapper is :func:`loop_safe`."""
+        if step is None and answer.identity is not None:
+            step = answer.identity.method
+        # as PrecheckStandIn decides which steps it still asks
 
         def decide(impls: list) -> bool:
             steps = [i for i in reversed(impls) if not (i.wrapper or i.hookwrapper)
                      and not isinstance(i.plugin, PrecheckStandIn)]
             names = [i.plugin_name for i in steps]
-            before = names[:names.index(stands_for)] if stands_for in names else []
+            if step is not None and step not in names:
+                return False  # the answer is not used: the whole chain runs, on the pool
+            before = names[:names.index(step)] if step in names else []
             return not before and all(
                 getattr(getattr(i.plugin, "gateway_authenticate", None), "__authgw_loop_safe__", False)
                 for i in impls if i.wrapper or i.hookwrapper)
 
-        return self._loop_verdict(("answer", stands_for), decide)
+        return self._loop_verdict(("answer", step), decide)
 
     def live_on_loop(self) -> bool:
         """Whether an attempt runs its whole chain on the event loop (:meth:`_run_live_on_loop`):
@@ -405,7 +425,7 @@ class Gateway:
             else:
                 if answer is not None:
                     attempt.stash[PRECHECKED] = answer
-                if answer is not None and self.runs_on_loop(answer):
+                if answer is not None and self.runs_on_loop(answer, stands_for(attempt, answer)):
                     decision = self._run_on_loop(attempt)
                 elif self._live_running < self.settings.threads and self.live_on_loop():
                     decision = await self._run_live_on_loop(attempt)

@@ -140,11 +140,12 @@ def gateway_precheck(attempt: Attempt) -> Decision | None:
 
     For shortcuts that save a backend's work, such as a hot cache of recent successes for
     forward-auth (a pluggy wrapper cannot skip the implementations it wraps). A result saves
-    only the work of one step: a success stands in for the chain step that proved its identity
-    (``identity.method``); the steps before that one are still asked in order (a policy step
-    such as a deny list may refuse), and every ``gateway_authenticate`` wrapper sees the
-    decision, as for a live one. A deny, or a success for a step not in ``chain:``, stands for
-    every step (the wrappers still see it). It runs on the event loop: it must not block (no
+    only the work of one step: a success stands in for the chain step that decided when the
+    identity was remembered (``attempt.stash[gateway.chain.PRECHECK_STEP]``, set beside the
+    answer; else ``identity.method``); the steps before that one are still asked in order (a
+    policy step such as a deny list may refuse), and every ``gateway_authenticate`` wrapper sees
+    the decision, as for a live one. A success for no step of ``chain:`` is not used (the chain
+    runs as without it); a deny stands for every step (the wrappers still see it). It runs on the event loop: it must not block (no
     I/O, no slow hashing) and must never answer with a success the chain would not give for
     the same credentials.
 

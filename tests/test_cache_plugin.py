@@ -342,6 +342,39 @@ def test_a_wrong_password_clears_the_hot_entry_even_when_another_plugins_hook_ra
     assert plugin(hot).precheck(attempt(USER, PASSWORD)) is None  # forgotten all the same
 
 
+def test_a_hot_hit_stands_for_the_step_that_decided_so_a_policy_before_it_is_asked(tmp_path):
+    # A relay hub: `deny` (a policy) then `relay`, whose identities name the connector's step
+    # (`ldap`, not in this chain). The hit used to stand for the whole chain: once the policy
+    # refused mallory, her remembered password still got in for the hot cache's ttl.
+    hub = build(tmp_path, {"chain": ["deny", "relay"], "plugins": ["cache"]},
+                {"deny": {"action": "abstain"}, "relay": {}, "cache": {"methods": ["relay"], **HOT}},
+                targets={"cache": CACHE, "relay": "support.testplugins:Relayed"})
+    first = login(hub)
+    assert (first.outcome, first.step, first.identity.method) == (Outcome.SUCCESS, "relay", "ldap")
+    hit = login(hub)
+    assert hit.reason == "cache.hot" and ("deny", "gateway_authenticate") in testplugins.CALLS
+    hub.gateway.plugins["deny"].settings = type(hub.gateway.plugins["deny"].settings)(action="account_state")
+    testplugins.CALLS.clear()
+    refused = login(hub)
+    assert (refused.outcome, refused.step) == (Outcome.ACCOUNT_STATE, "deny"), refused
+    assert ("relay", "gateway_authenticate") not in testplugins.CALLS  # the policy answered first
+
+
+def test_a_hit_for_no_step_of_the_chain_is_not_used(tmp_path):
+    # An entry whose deciding step is not in this chain (an answer from a step since removed):
+    # the chain decides, as without a hit, rather than the hit standing for every step.
+    rt = runtime(tmp_path, "success", HOT)
+    login(rt)
+    cache = plugin(rt)
+    token = cache._hot_token(attempt(USER, PASSWORD))
+    hit = cache.hot.lookup(token)
+    cache.hot.put(token, USER.casefold(), hit.identity, "gone")
+    testplugins.CALLS.clear()
+    decision = login(rt)
+    assert (decision.step, decision.from_cache) == ("ldap", False)
+    assert ("ldap", "gateway_authenticate") in testplugins.CALLS
+
+
 def test_hot_cache_is_off_by_default_and_with_enabled_false(tmp_path):
     for settings in ({}, {"enabled": False, **HOT}):
         rt = runtime(tmp_path, "success", settings)

@@ -51,6 +51,7 @@ from gateway import (
     hookimpl,
     loop_safe,
 )
+from gateway.chain import PRECHECK_STEP
 from gateway.model import canonical_username
 from gateway.plugins.cache.cli import cache_command
 from gateway.plugins.cache.hot import HotCache
@@ -129,10 +130,12 @@ class CachePlugin:
         """The hot cache's answer before the chain: a success, or None to run the chain."""
         if not self._hot_eligible(attempt):
             return None
-        identity = self.hot.get(self._hot_token(attempt))
-        if identity is None:
+        hit = self.hot.lookup(self._hot_token(attempt))
+        if hit is None:
             return None
-        return Decision.allow(identity, step=self.name, reason="cache.hot", from_cache=True)
+        if hit.step:  # stand in for the step that decided (a relayed identity names the connector's)
+            attempt.stash[PRECHECK_STEP] = hit.step
+        return Decision.allow(hit.identity, step=self.name, reason="cache.hot", from_cache=True)
 
     @hookimpl
     def gateway_precheck(self, attempt: Attempt) -> Decision | None:
@@ -150,7 +153,7 @@ class CachePlugin:
             if decision.from_cache:  # a hot hit: nothing to learn or forget, the store untouched
                 return decision
             if self._hot_eligible(attempt) and self.offline.cacheable(attempt, decision):
-                self.hot.put(self._hot_token(attempt), attempt.user_key, decision.identity)
+                self.hot.put(self._hot_token(attempt), attempt.user_key, decision.identity, decision.step)
             self.tally.changed()  # it may have learned or forgotten a user: recount on the tally's thread
             return self.offline.after_chain(attempt, decision)
         except Exception:  # the cache must never turn a live decision into an error

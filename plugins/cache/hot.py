@@ -32,6 +32,8 @@ class _Hit:
     expires: float
     identity: Identity
     user_key: str
+    #: The chain step that decided when the success was remembered: the hit stands in for it.
+    step: str = ""
 
 
 def _field(value: str) -> bytes:
@@ -67,6 +69,11 @@ class HotCache:
         return len(self._entries)
 
     def get(self, token: bytes) -> Identity | None:
+        hit = self.lookup(token)
+        return hit.identity if hit is not None else None
+
+    def lookup(self, token: bytes) -> _Hit | None:
+        """The remembered success (identity, deciding step), or None."""
         now = self._clock()
         with self._lock:
             hit = self._entries.get(token)
@@ -76,14 +83,14 @@ class HotCache:
                 self._drop(token, hit)
                 return None
             self._entries.move_to_end(token)
-            return hit.identity
+            return hit
 
-    def put(self, token: bytes, user_key: str, identity: Identity) -> None:
+    def put(self, token: bytes, user_key: str, identity: Identity, step: str = "") -> None:
         with self._lock:
             old = self._entries.pop(token, None)
             if old is not None:
                 self._unindex(token, old.user_key)
-            self._entries[token] = _Hit(self._clock() + self.ttl, identity, user_key)
+            self._entries[token] = _Hit(self._clock() + self.ttl, identity, user_key, step)
             self._by_user.setdefault(user_key, set()).add(token)
             while len(self._entries) > self.max_entries:
                 oldest, hit = self._entries.popitem(last=False)

@@ -185,6 +185,17 @@ class BadOffers:
         raise RuntimeError("boom from gateway_commands")
 
 
+class Relayed(Step):
+    """A step that answers with an identity another gateway proved (as the relay step does:
+    the identity's ``method`` names the connector's step, not this one)."""
+
+    @hookimpl
+    def gateway_authenticate(self, attempt: Attempt) -> Decision | None:
+        CALLS.append((self.name, "gateway_authenticate"))
+        user = attempt.username or "anonymous"
+        return Decision.allow(Identity(subject=f"remote:{user}", username=user, method="ldap"), step=self.name)
+
+
 class Refresher:
     """Starts a thread in ``gateway_startup`` and stops it in ``gateway_shutdown`` (as a key or
     list refresher does); ``RUNNING`` names the live ones."""
