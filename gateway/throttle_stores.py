@@ -10,6 +10,7 @@ Every store keeps, per key, the times of the reservations (failures) made in the
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import threading
@@ -24,6 +25,8 @@ from gateway.sqlitedb import connect_wal
 __all__ = ["MemoryStore", "RedisStore", "SQLiteStore", "StoreUnavailable", "ThrottleStore", "open_store"]
 
 _MAX_KEYS = 100_000
+
+log = logging.getLogger("authgw.throttle")
 
 
 class StoreUnavailable(Exception):
@@ -56,13 +59,21 @@ def open_store(settings: ThrottleSettings, state_dir: Path | None, workers: int)
 
 
 class MemoryStore:
-    """One worker's counts (``workers: 1``)."""
+    """One worker's counts (``workers: 1``).
+
+    At most :data:`_MAX_KEYS` counters (bounded memory under a spray of names and addresses).
+    When that many are live, a reservation that needs a new counter is refused (throttled) until
+    counters expire; a live count is never forgotten. (It used to drop the oldest tenth, live ones
+    too: a spray from new addresses wiped a victim's count and gave a fresh budget of guesses.)
+    """
 
     blocking = False
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._keys: dict[str, deque[tuple[float, str]]] = {}
+        self._next_sweep = 0.0  # when full: the earliest time to look for expired counters again
+        self._next_warning = 0.0
 
     def reserve(self, keys: list[tuple[str, int]], ticket: str, now: float, window: float) -> bool:
         horizon = now - window
@@ -73,10 +84,18 @@ class MemoryStore:
                     times.popleft()
                 if times is not None and len(times) >= limit:
                     return False
-            if len(self._keys) >= _MAX_KEYS:  # bounded memory under a spray of names and addresses
-                for key in [k for k, v in self._keys.items() if not v or v[-1][0] <= horizon][: _MAX_KEYS // 2] \
-                        or list(self._keys)[: _MAX_KEYS // 10]:
-                    del self._keys[key]
+            new = sum(1 for key, _limit in keys if key not in self._keys)
+            if new and len(self._keys) + new > _MAX_KEYS:
+                if now >= self._next_sweep:  # at most once a second: a sweep reads every counter
+                    self._next_sweep = now + 1.0
+                    for key in [k for k, v in self._keys.items() if not v or v[-1][0] <= horizon]:
+                        del self._keys[key]
+                if len(self._keys) + new > _MAX_KEYS:
+                    if now >= self._next_warning:
+                        self._next_warning = now + 60.0
+                        log.warning("throttle: %d live counters (the memory store's limit); password attempts "
+                                    "that need a new one are refused until counters expire", len(self._keys))
+                    return False
             for key, _limit in keys:
                 self._keys.setdefault(key, deque()).append((now, ticket))
         return True

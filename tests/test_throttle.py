@@ -195,3 +195,39 @@ def test_a_success_from_the_cache_does_not_reset_the_count(tmp_path, directory, 
         assert status("198.51.100.9", "guess-y") == 429, "the cached success handed out a fresh budget"
     finally:
         directory.start()
+
+
+def test_a_spray_of_new_addresses_never_wipes_a_users_count_from_the_memory_store(monkeypatch, caplog):
+    # The memory store (one worker's) holds a bounded number of counters. Full of live ones, it
+    # used to drop the oldest tenth, a victim's count among them: 33,332 requests from new
+    # addresses gave a guesser 4 more guesses at alice, and again. Now a reservation that needs
+    # a new counter is refused until counters expire; alice's count stays.
+    import logging
+
+    import gateway.throttle_stores as stores
+    from gateway.model import Outcome
+    from gateway.settings import ThrottleSettings
+    from gateway.throttle import Throttle
+
+    monkeypatch.setattr(stores, "_MAX_KEYS", 300)
+    now = [1_000_000.0]
+    throttle = Throttle(ThrottleSettings(store="memory"), clock=lambda: now[0])
+
+    def guess(user: str, client: str) -> bool:
+        ticket = throttle.admit(user, client)
+        if ticket is None:
+            return False
+        throttle.settle(ticket, Outcome.INVALID_CREDENTIALS)
+        return True
+
+    def budget(user: str) -> int:
+        return sum(guess(user, f"198.51.100.{n}") for n in range(1, 9))  # a new client each time
+
+    assert budget("alice") == 4  # user_failures
+    with caplog.at_level(logging.WARNING, logger="authgw.throttle"):
+        sprayed = sum(guess(f"spray{n}", f"2001:db8::{n:x}") for n in range(400))
+    assert sprayed < 100  # three counters each: the store filled up, then refused new ones
+    assert any("live counters" in r.getMessage() for r in caplog.records)
+    assert budget("alice") == 0  # her four guesses are still counted
+    now[0] += 1801  # the window passes: counters expire and are swept, new ones are taken again
+    assert guess("bob", "192.0.2.1") and budget("alice") == 4
