@@ -9,7 +9,7 @@ import threading
 import ldap3
 import pytest
 
-from support.linkenv import linked_site
+from support.linkenv import Connector, Relay, linked_site
 from support.slapd import Slapd
 
 
@@ -248,3 +248,24 @@ def test_a_connector_stopped_cleanly_under_load_fails_no_login(site):
     finally:
         connectors[1].process.proc.wait(30)
         connectors[1].start().wait_linked(relay)
+
+
+def test_a_connectors_cache_answer_stays_a_cache_answer_at_the_relay(tmp_path, slapd):
+    # The connector answered from its hot cache; the relay made it a live success (from_cache
+    # false): its throttle then cleared the user's count as after a real directory answer.
+    relay = Relay(tmp_path / "relay").setup().start()
+    connector = None
+    try:
+        connector = Connector(tmp_path / "connector", slapd,
+                              cache={"methods": ["ldap"], "hot": {"enabled": True, "ttl": 60}})
+        connector.enroll(relay.ticket(), relay.ca_file).start().wait_linked(relay)
+        first = relay.login("alice", "Alice-Passw0rd").json()
+        second = relay.login("alice", "Alice-Passw0rd").json()
+        assert (first["outcome"], first["from_cache"]) == ("success", False)
+        assert (second["outcome"], second["from_cache"]) == ("success", True)
+        assert connector.process.audit()[-1]["reason"] == "cache.hot"  # the connector's own hit
+        assert relay.process.audit()[-1]["from_cache"] is True
+    finally:
+        if connector is not None and connector.process is not None:
+            connector.stop()
+        relay.stop()

@@ -256,7 +256,10 @@ class RelayPlugin:
         if outcome not in _DECIDING:
             return None
         if outcome is Outcome.SUCCESS:
-            return Decision.allow(identity, step=self.name, reason=reason)
+            # A connector's cache answer stays one here: settled as a live success it would
+            # clear this relay's throttle counts, and be stored by its cache as a live login.
+            return Decision.allow(identity, step=self.name, reason=reason,
+                                  from_cache=answer.get("from_cache") is True)
         return Decision.deny(outcome, step=self.name, reason=reason)
 
     @hookimpl

@@ -101,18 +101,23 @@ class Relay:
 
 
 class Connector:
-    def __init__(self, directory: Path, slapd, *, env: dict | None = None, link: dict | None = None) -> None:
+    def __init__(self, directory: Path, slapd, *, env: dict | None = None, link: dict | None = None,
+                 cache: dict | None = None) -> None:
         self.directory = directory
         self.conf = directory / "conf.d"
         self.state = directory / "state"
         self.state.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.env = env or {}
         settings = {"backoff_initial": 0.2, "backoff_max": 2.0, "ping_interval": 1.0, **(link or {})}
-        write_conf(self.conf, {
-            "gateway.yaml": "chain: [ldap]\nplugins: [link]\nthrottle: {enabled: false}\n",
+        files = {
+            "gateway.yaml": f"chain: [ldap]\nplugins: [link{', cache' if cache is not None else ''}]\n"
+                            "throttle: {enabled: false}\n",
             "ldap.yaml": "ldap: " + json.dumps(slapd.plugin_settings("plain", backoff=0)) + "\n",
             "link.yaml": "link: " + json.dumps(settings) + "\n",
-        })
+        }
+        if cache is not None:  # the connector's own credential cache (cache.yaml)
+            files["cache.yaml"] = "cache: " + json.dumps(cache) + "\n"
+        write_conf(self.conf, files)
         self.process: GatewayProcess | None = None
         self.connector_id: str | None = None
 
