@@ -51,7 +51,7 @@ from gateway.settings import GatewaySettings
 from gateway.stash import StashKey
 from gateway.throttle import StoreUnavailable, Throttle
 
-__all__ = ["PRECHECK_STEP", "ChainFolder", "Gateway", "PrecheckStandIn", "fold", "loop_safe", "may_run_on_loop",
+__all__ = ["PRECHECK_STEP", "SERVICE_CALLER", "ChainFolder", "Gateway", "PrecheckStandIn", "fold", "loop_safe", "may_run_on_loop",
            "stands_for"]
 
 log = logging.getLogger("authgw.chain")
@@ -70,6 +70,9 @@ _CLIENT_GONE = Decision.deny(Outcome.UNAVAILABLE, step="gateway", reason="client
 _DEADLINE_EXCEEDED = Decision.deny(Outcome.UNAVAILABLE, step="gateway", reason="deadline_exceeded")
 #: The ``gateway_precheck`` answer of an attempt, for :class:`PrecheckStandIn`.
 PRECHECKED: StashKey[Decision] = StashKey()
+#: Set by a front door whose attempt comes from a service acting for many users (a connector's
+#: link, for a login a relay received at its API): no per-client throttle on that service.
+SERVICE_CALLER: StashKey[bool] = StashKey()
 #: Set by a ``gateway_precheck`` implementation beside its success: the chain step that decided
 #: when the identity was remembered, which the answer stands in for (:func:`stands_for`).
 PRECHECK_STEP: StashKey[str] = StashKey()
@@ -372,8 +375,11 @@ class Gateway:
     @staticmethod
     def throttle_client(attempt: Attempt) -> str | None:
         """The client key for throttling. API callers are services acting for many users, so
-        only the per-user limit applies to them."""
-        return None if attempt.front_door == "api" else str(attempt.client)
+        only the per-user limit applies to them: at the API front door, and for an attempt a
+        relay forwarded from its own API (:data:`SERVICE_CALLER`)."""
+        if attempt.front_door == "api" or attempt.stash.get(SERVICE_CALLER, False):
+            return None
+        return str(attempt.client)
 
     async def _throttle(self, work, *args):
         if self.throttle.blocking:  # a network store: off the event loop

@@ -269,3 +269,26 @@ def test_a_connectors_cache_answer_stays_a_cache_answer_at_the_relay(tmp_path, s
         if connector is not None and connector.process is not None:
             connector.stop()
         relay.stop()
+
+
+def test_logins_the_relay_received_at_its_api_get_no_per_client_limit_at_the_connector(tmp_path, slapd):
+    # The relay's API callers are portals acting for many users; the relay forwards the portal's
+    # address as `client`. The connector throttled per client on it: 30 wrong passwords for 30
+    # different users through one portal locked every other user of that portal out.
+    relay = Relay(tmp_path / "relay", cache=False).setup().start()
+    connector = None
+    try:
+        connector = Connector(tmp_path / "connector", slapd, throttle=True)
+        connector.enroll(relay.ticket(), relay.ca_file).start().wait_linked(relay)
+        for n in range(35):  # client_failures is 30
+            assert relay.login(f"ghost{n}", "wrong-password-1").json()["outcome"] == "user_not_found"
+        carol = relay.login("carol", "Carol-Passw0rd").json()
+        assert (carol["outcome"], carol["reason"]) == ("success", ""), carol
+        # forward-auth at the relay still carries the user's own address: per-client limits stay
+        for n in range(3):
+            relay.process.auth("bob", f"wrong-{n}")
+        assert relay.process.auth("bob", "Bob-Passw0rd").status == 429
+    finally:
+        if connector is not None and connector.process is not None:
+            connector.stop()
+        relay.stop()

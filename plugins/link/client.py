@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 
 from gateway import Attempt, BackendUnavailable, PasswordCredential
+from gateway.chain import SERVICE_CALLER
 from gateway.checks import run_selftest
 from gateway.plugins import linkproto as proto
 
@@ -339,6 +340,8 @@ class LinkClient:
             attempt = Attempt(request_id=self.door.request_ids.next(), client=client, front_door="link",
                               deadline=time.monotonic() + min(self._time_left(message), proto.MAX_AHEAD),
                               password=PasswordCredential(username, password), peer=None)
+            if body.get("front_door") == "api":  # the relay's API: its `client` is a portal, not a user's
+                attempt.stash[SERVICE_CALLER] = True
             decision = await self.door.decide(attempt)
             return {"outcome": decision.outcome.value, "reason": decision.reason, "step": decision.step,
                     "from_cache": decision.from_cache,

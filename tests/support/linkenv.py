@@ -102,7 +102,7 @@ class Relay:
 
 class Connector:
     def __init__(self, directory: Path, slapd, *, env: dict | None = None, link: dict | None = None,
-                 cache: dict | None = None) -> None:
+                 cache: dict | None = None, throttle: bool = False) -> None:
         self.directory = directory
         self.conf = directory / "conf.d"
         self.state = directory / "state"
@@ -111,7 +111,7 @@ class Connector:
         settings = {"backoff_initial": 0.2, "backoff_max": 2.0, "ping_interval": 1.0, **(link or {})}
         files = {
             "gateway.yaml": f"chain: [ldap]\nplugins: [link{', cache' if cache is not None else ''}]\n"
-                            "throttle: {enabled: false}\n",
+                            f"throttle: {{enabled: {str(throttle).lower()}}}\n",
             "ldap.yaml": "ldap: " + json.dumps(slapd.plugin_settings("plain", backoff=0)) + "\n",
             "link.yaml": "link: " + json.dumps(settings) + "\n",
         }
