@@ -20,7 +20,7 @@ import time
 
 from gateway import pool
 
-__all__ = ["JsonFormatter", "TEXT_FORMAT", "authgw_version", "setup_logging"]
+__all__ = ["JsonFormatter", "TEXT_FORMAT", "authgw_version", "printable", "setup_logging"]
 
 #: The attempt the event loop's current task is deciding (set by ``Gateway.authenticate``).
 current_request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("authgw_request_id", default=None)
@@ -37,6 +37,16 @@ def authgw_version() -> str:
         from gateway import __version__
 
         return __version__
+
+
+def printable(text: object) -> str:
+    """*text* with every character that is not printable written as an escape (``\\n``,
+    ``\\x1b``, ``\\u2028``): an attacker's value in a log line or on a terminal cannot start
+    a forged line or send control sequences."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
 
 
 def _request_id(record: logging.LogRecord) -> str | None:

@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 from gateway import Command
+from gateway.logs import printable
 from gateway.plugins.cache.keys import CacheKeys, KeyFileError
 from gateway.plugins.cache.store import Entry, StoreError
 
@@ -22,10 +23,6 @@ if TYPE_CHECKING:
 __all__ = ["cache_command"]
 
 EXIT_OK, EXIT_FAILED = 0, 1
-
-
-def _clean(text: object) -> str:
-    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in str(text))
 
 
 def _when(timestamp: float) -> str:
@@ -59,7 +56,7 @@ class _Report:
 
     @property
     def username(self) -> str:
-        return _clean(self.document["username"]) if self.document else f"? ({self.entry.key[:12]}...)"
+        return printable(self.document["username"]) if self.document else f"? ({self.entry.key[:12]}...)"
 
 
 def _keys(cache: OfflineCache) -> CacheKeys | None:
@@ -75,7 +72,7 @@ def _list(cache: OfflineCache) -> int:
     reports = sorted((_Report(cache, keys, e, now) for e in cache.store.scan()), key=lambda r: r.username)
     print(f"{'USERNAME':<24} {'STEP':<8} {'STORED (UTC)':<21} {'AGE':>7} {'FAILS':>5}  STATE")
     for report in reports:
-        step = _clean(report.document.get("step", "")) if report.document else "?"
+        step = printable(report.document.get("step", "")) if report.document else "?"
         print(f"{report.username:<24} {step:<8} {_when(report.entry.stored_at):<21} {_age(report.age):>7} "
               f"{report.entry.failures:>5}  {report.state}")
     print(f"{len(reports)} entries in {cache.store.location}"
@@ -86,21 +83,21 @@ def _list(cache: OfflineCache) -> int:
 def _show(cache: OfflineCache, username: str) -> int:
     keys = _keys(cache)
     if keys is None:
-        print(f"no entry for {_clean(username)} (the cache keys do not exist yet)")
+        print(f"no entry for {printable(username)} (the cache keys do not exist yet)")
         return EXIT_FAILED
     entry = cache.store.get(keys.row_key(cache.user_key(username)))
     if entry is None:
-        print(f"no entry for {_clean(username)}")
+        print(f"no entry for {printable(username)}")
         return EXIT_FAILED
     report = _Report(cache, keys, entry, time.time())
     doc = report.document or {}
     rows = [
         ("username", report.username),
-        ("subject", _clean(doc.get("subject", "?"))),
-        ("display name", _clean(doc.get("display_name", ""))),
-        ("email", _clean(doc.get("email", ""))),
-        ("groups", ", ".join(_clean(g) for g in doc.get("groups", ()))),
-        ("proved by", _clean(doc.get("step", "?"))),
+        ("subject", printable(doc.get("subject", "?"))),
+        ("display name", printable(doc.get("display_name", ""))),
+        ("email", printable(doc.get("email", ""))),
+        ("groups", ", ".join(printable(g) for g in doc.get("groups", ()))),
+        ("proved by", printable(doc.get("step", "?"))),
         ("stored", f"{_when(entry.stored_at)} ({_age(report.age)} ago, at the last live login)"),
         ("expires", _when(entry.stored_at + cache.settings.max_age)),
         ("offline failures", f"{entry.failures} of {cache.settings.max_offline_failures}"),
@@ -115,7 +112,7 @@ def _purge(cache: OfflineCache, username: str | None, expired: bool) -> int:
     if username is not None:
         keys = _keys(cache)
         deleted = keys is not None and cache.store.delete(keys.row_key(cache.user_key(username)))
-        print(f"deleted the entry for {_clean(username)}" if deleted else f"no entry for {_clean(username)}")
+        print(f"deleted the entry for {printable(username)}" if deleted else f"no entry for {printable(username)}")
         return EXIT_OK if deleted else EXIT_FAILED
     removed = cache.purge_expired() if expired else cache.store.purge()
     print(f"deleted {removed} {'expired ' if expired else ''}entries from {cache.store.location}")

@@ -22,6 +22,7 @@ from aiohttp import web
 
 from gateway import Decision, Outcome
 from gateway.http.credentials import MalformedCredentials, parse_authorization, single_authorization
+from gateway.logs import printable
 
 from .pages import AUTOSUBMIT_HASH, STYLE_HASH, Pages
 from .sessions import STORE_ERRORS, Session, SessionManager
@@ -57,12 +58,6 @@ async def read_form(request: web.Request):
         return await request.post()
     except (ValueError, LookupError, UnicodeDecodeError, AssertionError) as exc:
         raise UnreadableBody("login.malformed", f"unreadable body: {exc.__class__.__name__}") from None
-
-
-def _printable(text: str) -> str:
-    """*text* for a log line: control characters (a newline that would start a forged line)
-    written as escapes."""
-    return text.encode("unicode_escape").decode("ascii") if any(c < " " or c == "\x7f" for c in text) else text
 
 
 def _message_key(decision: Decision) -> str:
@@ -107,7 +102,7 @@ class LoginDoor:
         """The generic page for a request that failed a named check (logged with its reason)."""
         reference = self.door.request_ids.next()
         log.warning("login request refused: reason=%s reference=%s client=%s %s", exc.reason, reference,
-                    request.remote, _printable(exc.detail[:200]))
+                    request.remote, printable(exc.detail[:200]))
         response = self.html(self.pages.message("refused", alert=True, reference=reference), 400)
         response.headers["X-Refused-Reason"] = exc.reason
         return response
