@@ -505,3 +505,36 @@ def test_the_wire_reader_refuses_an_oversized_message():
         left.sendall(b"\x30\x84\x80\x00\x00\x00" + b"\x02\x01\x01")
         with pytest.raises(wire.ProtocolError, match="over the"):
             wire.Reader(right).message()
+
+
+def test_wire_who_am_i_request_and_answers() -> None:
+    """RFC 4532 over the project's wire code, checked against ldap3's pyasn1 schema."""
+    from pyasn1.codec.ber import decoder, encoder
+
+    from gateway.plugins.ldap import wire
+    from ldap3.protocol.rfc4511 import (LDAPMessage, ExtendedResponse, MessageID, ProtocolOp, ResponseValue,
+                                        ResultCode)
+
+    message, rest = decoder.decode(wire.extended_request(9, wire.WHO_AM_I_OID), asn1Spec=LDAPMessage())
+    assert rest == b"" and int(message["messageID"]) == 9
+    assert str(message["protocolOp"]["extendedReq"]["requestName"]) == "1.3.6.1.4.1.4203.1.11.3"
+
+    def answer(code: int, value: bytes | None) -> bytes:
+        response = ExtendedResponse()
+        response["resultCode"], response["matchedDN"], response["diagnosticMessage"] = ResultCode(code), "", "m"
+        if value is not None:
+            response["responseValue"] = ResponseValue(value)
+        out = LDAPMessage()
+        out["messageID"] = MessageID(9)
+        out["protocolOp"] = ProtocolOp().setComponentByName("extendedResp", response)
+        return wire.Reader(_FakeSocket([encoder.encode(out)])).message()[2]
+
+    assert wire.parse_extended(answer(0, b"u:CORP\\jsmith")) == (0, "m", b"u:CORP\\jsmith")
+    assert wire.parse_extended(answer(0, b"")) == (0, "m", b"")
+    assert wire.parse_extended(answer(2, None)) == (2, "m", None)
+    body = answer(0, b"dn:x")
+    for hostile in (body + b"\x8b\x01y",            # a second value
+                    body[:-1],                      # the value overruns its container
+                    b"\x0a\x01\x00\x04\x00"):       # no diagnosticMessage
+        with pytest.raises(wire.ProtocolError):
+            wire.parse_extended(hostile)

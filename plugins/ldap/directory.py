@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway import Identity, Outcome
+from gateway.logs import printable
 from gateway.plugins.ldap.accountstate import ALWAYS_PRESENT, STATE_ATTRIBUTES, account_state
 from gateway.plugins.ldap.adcodes import parse_data_code
 from gateway.plugins.ldap.escaping import dn_value, fill, format_guid, plain_name_ok
 from gateway.plugins.ldap.groups import GroupResolver
-from gateway.plugins.ldap.link import TROUBLE_CODES, Entry, Link, ServerTrouble
+from gateway.plugins.ldap.link import TROUBLE_CODES, Entry, Link, Result, ServerTrouble
 from gateway.plugins.ldap.wire import PasswordPolicy
 from gateway.plugins.ldap.pool import BIND, SERVICE, Pool
 from gateway.plugins.ldap.settings import LdapSettings, Resolved
@@ -52,6 +53,8 @@ class _Bound:
     entry: Entry | None = None
     groups: tuple[str, ...] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Why ``entry`` is None: for the log.
+    unread: str = ""
 
 
 class Directory:
@@ -199,7 +202,15 @@ class Directory:
         verdict, extra = self._judge(bound, username)
         if verdict is not None:
             return verdict
-        entry = bound.entry or Entry(bind_name, {})
+        entry = bound.entry
+        unreadable = [attr for attr in self._always_present if entry is not None and not entry.get(attr)]
+        if entry is None or unreadable:
+            # The password was right, but whose entry it opens (and its flags) is unknown: a
+            # directory that does not enforce its own flags on binds would let a disabled
+            # account in. Refused, as a lookup refuses a state it cannot read.
+            self.log.warning("%r bound as %r, but %s; refused as ldap.account_state_unreadable", username, bind_name,
+                             printable(bound.unread or f"the entry has no {', '.join(unreadable)}"))
+            return Verdict(Outcome.ACCOUNT_STATE, "ldap.account_state_unreadable")
         state, _ = account_state(entry)
         if state:  # as in login(): the entry's flags refuse even a right password
             self.log.info("%r bound but the entry says %s; refused", username, state)
@@ -213,19 +224,44 @@ class Directory:
         """Bind as the user, then read the profile (and groups) over the same connection."""
         bound = self._bind(link, bind_name, password)
         if bound.code != 0:
+            bound.unread = f"the bind answered {bound.code}, so the entry was not read"
             return bound
         if self._direct_is_dn:
             result, entries, _ = link.search(bind_name, "(objectClass=*)", self._attributes, scope="base")
+            where = bind_name
         else:
-            entries = self.find(link, username)
-        bound.entry = entries[0] if len(entries) == 1 else None
-        if bound.entry is None:
-            bound.groups = ()
+            result, entries, where = self._bound_entry(link)
+        if result.code in TROUBLE_CODES:
+            raise ServerTrouble(f"reading the bound entry answered {result.code}: {result.message}")
+        if not result.ok or len(entries) != 1:
+            bound.unread = (f"reading {where} as the user answered {result.code} ({result.message}) "
+                            f"with {len(entries)} entries")
             return bound
+        bound.entry = entries[0]
         bound.groups = self.groups.known(bound.entry)
         if bound.groups is None and self.s.bind_dn is None:
             bound.groups = self.groups.resolve(link, bound.entry, username)
         return bound
+
+    def _bound_entry(self, link: Link) -> tuple[Result, list[Entry], str]:
+        """The entry of the identity *link* is bound as, by the server's word (RFC 4532 "Who am
+        I?"), never by the name typed: AD binds ``jdoe@corp`` to the account whose UPN that is,
+        and ``jdoe`` may be another account's sAMAccountName (a renamed user), which a search
+        with the user filter would find instead. AD names the identity ``u:DOMAIN\\name``."""
+        result, authz = link.who_am_i()
+        if not result.ok:
+            return result, [], "the identity (Who am I?)"
+        kind, _, name = authz.partition(":")
+        if kind == "dn" and name:
+            found, entries, _ = link.search(name, "(objectClass=*)", self._attributes, scope="base")
+            return found, entries, name
+        account = name.rpartition("\\")[2]
+        if kind == "u" and "\\" in name and plain_name_ok(account):
+            query = fill("(sAMAccountName={username})", username=account)
+            found, entries, _ = link.search(self.s.base_dn, query, self._attributes, scope=self._scope, size_limit=2)
+            return found, entries, f"{query} under {self.s.base_dn}"
+        # anonymous (empty), or a user id this gateway cannot turn into an entry
+        return Result(0, ""), [], f"the identity {authz!r} (Who am I?)"
 
     # -- profile ----------------------------------------------------------------------------------
 

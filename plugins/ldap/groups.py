@@ -134,20 +134,14 @@ class GroupResolver:
 
     def _search(self, link: Link, query: str) -> list[Entry]:
         full = f"(&{self.r.group_object_filter}{query})"
-        entries: list[Entry] = []
-        cookie = None
-        while True:
-            result, page, cookie = link.search(self.r.group_base, full, (self._name_attr,),
-                                               paged_size=self.s.page_size, cookie=cookie)
-            if result.code in TROUBLE_CODES:
-                raise ServerTrouble(f"group search answered {result.code}: {result.message}")
-            if not result.ok:
-                self.log.warning("group search under %s answered %d (%s); groups may be incomplete",
-                                 self.r.group_base, result.code, result.message)
-                return entries + page
-            entries.extend(page)
-            if not cookie or len(entries) >= self.s.max_groups:
-                return entries
+        result, entries = link.search_pages(self.r.group_base, full, (self._name_attr,),
+                                            page_size=self.s.page_size, limit=self.s.max_groups)
+        if result.code in TROUBLE_CODES:
+            raise ServerTrouble(f"group search answered {result.code}: {result.message}")
+        if not result.ok:
+            self.log.warning("group search under %s answered %d (%s); groups may be incomplete",
+                             self.r.group_base, result.code, result.message)
+        return entries
 
     def _name(self, entry: Entry) -> str:
         values = entry.get(self._name_attr)

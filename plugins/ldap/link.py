@@ -10,6 +10,7 @@ for the server parks the login's greenlet, with the same timeout.
 
 from __future__ import annotations
 
+import math
 import select
 import ssl
 import time
@@ -29,6 +30,11 @@ __all__ = ["TROUBLE_CODES", "Entry", "Link", "LinkBroken", "Result", "ServerTrou
 
 #: RFC 4511 result codes that say "this server cannot serve now", not "your request is wrong".
 TROUBLE_CODES = frozenset({51, 52, 80})  # busy, unavailable, other
+
+
+#: Empty pages in a row a paged search accepts before it calls the server's paging broken (AD
+#: may send an empty page with a cookie when a page's time runs out; not forever).
+_EMPTY_PAGES = 3
 
 
 class LinkBroken(Exception):
@@ -90,7 +96,7 @@ class Link:
     searches go over its socket through :mod:`wire`. Used by one attempt at a time."""
 
     __slots__ = ("conn", "server", "created", "last_used", "reused", "_reader", "_next_id", "_on_loop",
-                 "_answer_time", "_until")
+                 "_answer_time", "_deadline", "_until")
 
     def __init__(self, conn: ldap3.Connection, server: Server) -> None:
         self.conn = conn
@@ -101,6 +107,7 @@ class Link:
         self._next_id = 1000  # above the IDs ldap3 used while opening (StartTLS)
         self._on_loop = False
         self._answer_time = 1.0  # set by settimeout() before every operation
+        self._deadline = math.inf  # the attempt's, set with it
         self._until = 0.0  # when the answer to the last request must be complete (set by _send)
 
     def alive(self) -> bool:
@@ -116,11 +123,14 @@ class Link:
             return False
         return not readable
 
-    def settimeout(self, seconds: float) -> None:
+    def settimeout(self, seconds: float, deadline: float = math.inf) -> None:
         """The time each answer may take from its request, in all: a server that dribbles an
-        answer a byte at a time gets no more than one that sends nothing. Also where the link
-        learns whether it is used from the event loop (non-blocking) or a thread (blocking)."""
+        answer a byte at a time gets no more than one that sends nothing. No answer is waited
+        for past *deadline* (the attempt's), however many requests an operation makes (a
+        paged search). Also where the link learns whether it is used from the event loop
+        (non-blocking) or a thread (blocking)."""
         self._answer_time = max(seconds, 0.01)
+        self._deadline = deadline
         self._on_loop = aio.on_loop()
         if self._on_loop:
             # Non-blocking: each read and send waits through gateway.aio. From a thread, each one
@@ -168,7 +178,7 @@ class Link:
     def _send(self, build) -> int:
         message_id = self._next_id
         self._next_id = message_id + 1 if message_id < 0x7FFFFFFF else 1000
-        self._until = time.monotonic() + self._answer_time  # this request's answer
+        self._until = min(time.monotonic() + self._answer_time, self._deadline)  # this request's answer
         try:
             self._sendall(build(message_id))
         except OSError as exc:
@@ -220,6 +230,43 @@ class Link:
                     raise LinkBroken(f"unexpected answer {tag:#x} to a search")
             except (wire.ProtocolError, IndexError, ValueError) as exc:
                 raise LinkBroken(describe(exc)) from None
+
+    def search_pages(self, base: str, filter_: str, attributes: list[str] | tuple[str, ...], *, page_size: int,
+                     limit: int, scope: str = "subtree", size_limit: int = 0) -> tuple[Result, list[Entry]]:
+        """A paged search (RFC 2696), page after page until the server has no more, a page is
+        not a success, or *limit* entries have come: the last page's result and every entry.
+
+        :raises ServerTrouble: the server pages without progress (a cookie it sent before, or
+            empty pages that go on): a broken or hostile server is not waited on page by page.
+        """
+        entries: list[Entry] = []
+        cookies: set[bytes] = set()
+        cookie: bytes | None = None
+        empty = 0
+        while True:
+            result, page, cookie = self.search(base, filter_, attributes, scope=scope, size_limit=size_limit,
+                                               paged_size=page_size, cookie=cookie)
+            entries.extend(page)
+            if not result.ok or not cookie or len(entries) >= limit:
+                return result, entries
+            empty = 0 if page else empty + 1
+            if cookie in cookies or empty > _EMPTY_PAGES:
+                raise ServerTrouble(f"a paged search made no progress after {len(cookies) + 1} pages "
+                                    f"({len(entries)} entries)")
+            cookies.add(cookie)
+
+    def who_am_i(self) -> tuple[Result, str]:
+        """The server's name for the identity this connection is bound as (RFC 4532): its
+        authzId, ``dn:<DN>`` or ``u:<user id>`` (AD: ``u:DOMAIN\\name``), empty for anonymous."""
+        message_id = self._send(lambda mid: wire.extended_request(mid, wire.WHO_AM_I_OID))
+        tag, body, _ = self._receive(message_id)
+        if tag != wire.EXTENDED_RESPONSE:
+            raise LinkBroken(f"unexpected answer {tag:#x} to an extended request")
+        try:
+            code, message, value = wire.parse_extended(body)
+        except (wire.ProtocolError, IndexError, ValueError) as exc:
+            raise LinkBroken(describe(exc)) from None
+        return Result(code, message), (value or b"").decode("utf-8", errors="replace")
 
     def close(self) -> None:
         try:

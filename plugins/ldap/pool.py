@@ -159,7 +159,7 @@ class Pool:
         (:func:`gateway.aio.blocking`)."""
         conn = aio.blocking(self._connect, server, deadline, executor=self._connector())
         link = Link(conn, server)
-        link.settimeout(max(0.05, min(self.receive_timeout, deadline - time.monotonic())))
+        link.settimeout(max(0.05, min(self.receive_timeout, deadline - time.monotonic())), deadline)
         if kind == SERVICE and self._service is not None:
             try:
                 result = link.bind(*self._service)
@@ -230,7 +230,7 @@ class Pool:
                 budget = min(self.receive_timeout, left)
                 try:
                     link = (None if fresh_only else self._take_idle(server, kind)) or self.open(server, kind, deadline)
-                    link.settimeout(budget)
+                    link.settimeout(budget, deadline)
                     value = operation(link)
                 except LinkBroken as exc:
                     reused = link is not None and link.reused
@@ -242,7 +242,8 @@ class Pool:
                         self._drain(server)
                         fresh_only = True
                         continue
-                    if exc.timeout and budget < self.receive_timeout and not exc.connect:
+                    if exc.timeout and not exc.connect and (budget < self.receive_timeout
+                                                            or time.monotonic() >= deadline):
                         # The attempt's deadline cut the wait short: not evidence against the server.
                         raise DirectoryUnavailable("ldap.timeout", f"{server.url}: {exc}") from None
                     problems.append(f"{server.url}: {exc}")

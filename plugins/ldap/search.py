@@ -69,23 +69,17 @@ class UserSearch:
     def _scan(self, link: Link, query: str) -> list[Entry]:
         s = self.d.s
         page = max(1, min(s.groups.page_size, MAX_SCAN))
-        entries: list[Entry] = []
-        cookie: bytes | None = None
-        while True:
-            result, got, cookie = link.search(s.base_dn, query, self.d._attributes, scope=s.scope,
-                                              size_limit=MAX_SCAN, paged_size=page, cookie=cookie)
-            if result.code in TROUBLE_CODES:
-                raise ServerTrouble(f"directory search answered {result.code}: {result.message}")
-            entries.extend(got)
-            if result.code == 4 or len(entries) >= MAX_SCAN:  # sizeLimitExceeded: bounded on purpose
-                self.d.log.warning("directory search %s reached its bound of %d entries; answered from those",
-                                   query, MAX_SCAN)
-                return entries[:MAX_SCAN]
-            if result.code != 0:
-                self.d.log.warning("directory search under %s answered %d: %s", s.base_dn, result.code, result.message)
-                return entries
-            if not cookie:
-                return entries
+        result, entries = link.search_pages(s.base_dn, query, self.d._attributes, scope=s.scope, size_limit=MAX_SCAN,
+                                            page_size=page, limit=MAX_SCAN)
+        if result.code in TROUBLE_CODES:
+            raise ServerTrouble(f"directory search answered {result.code}: {result.message}")
+        if result.code == 4 or len(entries) >= MAX_SCAN:  # sizeLimitExceeded: bounded on purpose
+            self.d.log.warning("directory search %s reached its bound of %d entries; answered from those",
+                               query, MAX_SCAN)
+            return entries[:MAX_SCAN]
+        if result.code != 0:
+            self.d.log.warning("directory search under %s answered %d: %s", s.base_dn, result.code, result.message)
+        return entries
 
     def search(self, query: str, limit: int, cursor: str | None, deadline: float) -> UserPage:
         if len(query) > MAX_QUERY:

@@ -26,6 +26,7 @@ __all__ = ["FilterError", "PasswordPolicy", "ProtocolError", "Reader", "bind_req
 
 PAGED_OID = b"1.2.840.113556.1.4.319"
 PPOLICY_OID = b"1.3.6.1.4.1.42.2.27.8.5.1"
+WHO_AM_I_OID = b"1.3.6.1.4.1.4203.1.11.3"  # RFC 4532
 #: The largest message the reader buffers: a user entry with its groups is kilobytes; a server
 #: announcing more is broken or hostile, and must not make the gateway allocate gigabytes.
 MAX_MESSAGE = 16 * 1024 * 1024
@@ -82,6 +83,11 @@ def bind_request(message_id: int, dn: str, password: str, *, ppolicy: bool = Tru
     password policy response control (OpenLDAP's ppolicy says why it refused in it)."""
     body = b"\x02\x01\x03" + _tlv(0x04, dn.encode("utf-8")) + _tlv(0x80, password.encode("utf-8"))
     return _message(message_id, _tlv(0x60, body), _PPOLICY_REQUEST if ppolicy else b"")
+
+
+def extended_request(message_id: int, oid: bytes) -> bytes:
+    """ExtendedRequest (RFC 4511 section 4.12) without a value, as "Who am I?" is."""
+    return _message(message_id, _tlv(0x77, _tlv(0x80, oid)))
 
 
 @functools.lru_cache(maxsize=64)
@@ -260,6 +266,22 @@ def parse_result(body: bytes) -> tuple[int, str]:
     _, start, end = _header(body, end)          # matchedDN
     _, start, end = _header(body, end)          # diagnosticMessage
     return code, bytes(body[start:end]).decode("utf-8", errors="replace")
+
+
+def parse_extended(body: bytes) -> tuple[int, str, bytes | None]:
+    """(resultCode, diagnosticMessage, responseValue or None) of an ExtendedResponse body (RFC
+    4511 section 4.12)."""
+    elements = list(_elements(body, 0, len(body)))
+    if len(elements) < 3 or elements[0][0] != 0x0A:
+        raise ProtocolError("ExtendedResponse without an LDAPResult")
+    _, start, end = elements[0]
+    code = int.from_bytes(body[start:end], "big")
+    _, start, end = elements[2]
+    message = bytes(body[start:end]).decode("utf-8", errors="replace")
+    values = [bytes(body[start:end]) for tag, start, end in elements[3:] if tag == 0x8B]
+    if len(values) > 1:
+        raise ProtocolError("ExtendedResponse with two values")
+    return code, message, values[0] if values else None
 
 
 def parse_entry(body: bytes) -> tuple[str, dict[str, list[bytes]]]:

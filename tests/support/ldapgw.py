@@ -17,12 +17,13 @@ from support.gateway import GatewayProcess, write_conf
 
 def ldap_gateways(base: Path, token: str) -> Iterator[Callable[[dict], GatewayProcess]]:
     """For a module fixture (``yield from``): a function starting a gateway on the given
-    ``ldap:`` settings; every gateway it started is stopped at the end."""
+    ``ldap:`` settings (keyword arguments: core settings); every gateway it started is stopped
+    at the end."""
     started: list[GatewayProcess] = []
 
-    def run(ldap: dict) -> GatewayProcess:
+    def run(ldap: dict, **settings) -> GatewayProcess:
         core = {"chain": ["ldap"], "throttle": {"enabled": False}, "health": {"probe_interval": 3600},
-                "api_tokens": [{"name": "tests", "sha256": hashlib.sha256(token.encode()).hexdigest()}]}
+                "api_tokens": [{"name": "tests", "sha256": hashlib.sha256(token.encode()).hexdigest()}], **settings}
         conf = write_conf(base / f"conf{len(started)}", {"gateway.yaml": json.dumps(core),
                                                           "ldap.yaml": "ldap: " + json.dumps(ldap)})
         process = GatewayProcess(conf, base / f"state{len(started)}")
