@@ -1,7 +1,8 @@
 """The client_cert plugin in-process: header decoding, the directory binding check through the
 real core chain (a small directory plugin registered in the test, as the LDAP plugin would answer
 ``gateway_lookup_user``), revocation of intermediates, CRL caching, background refresh and
-rollback, OCSP answers that must not be believed, ``authgw check`` self-tests, and settings errors.
+rollback, partitioned CRLs, OCSP answers that must not be believed, ``authgw check`` self-tests,
+and settings errors.
 Certificates, CRLs and OCSP answers are real, made by ``support.pki`` and ``support.ocsp``.
 """
 
@@ -11,6 +12,7 @@ import base64
 import datetime as dt
 import hashlib
 import json
+import logging
 import time
 from pathlib import Path
 from urllib.parse import quote
@@ -19,7 +21,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
-from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gateway import Attempt, BackendUnavailable, CertificateCredential, Identity, Outcome, hookimpl
 from gateway.plugins.client_cert.crl import CrlStore
@@ -28,12 +30,12 @@ from gateway.plugins.client_cert.mapping import directory_binding_matches
 from gateway.plugins.client_cert.ocsp import OcspClient
 from gateway.plugins.client_cert.settings import RevocationSettings
 from gateway.plugins.client_cert.status import Status
-from gateway.plugins.client_cert.verify import CertError
+from gateway.plugins.client_cert.verify import CertError, TrustStore, UsagePolicy
 from gateway.runtime import build_runtime
 from support.gateway import authgw, write_conf
 from support.net import free_port
 from support.ocsp import PkiServer
-from support.pki import CA, write_bundle
+from support.pki import CA, partition, write_bundle
 
 UTC = dt.timezone.utc
 
@@ -226,6 +228,88 @@ def test_crl_cached_refreshed_in_background_and_never_rolled_back(issuing, serve
     store.refresh()
     assert server.hits["/crl/refresh.crl"] == 3
     assert store.status(cert.cert, issuing.cert, time.monotonic() + 5).status is Status.REVOKED
+
+
+def _crl_store(directory: Path, *crls: bytes, **settings) -> CrlStore:
+    """A store holding *crls* as files (hard-fail, no OCSP: the CRLs alone answer)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    files = []
+    for number, der in enumerate(crls):
+        files.append(directory / f"{number}.crl")
+        files[-1].write_bytes(der)
+    return CrlStore(RevocationSettings(policy="hard-fail", crl_files=files, ocsp=False, **settings),
+                    logging.getLogger("test"), 0)
+
+
+def test_crl_of_another_partition_proves_nothing(tmp_path, issuing):
+    """RFC 5280 6.3.3 (b)(2)(i): the CA splits its CRL by distribution point. The certificate's is
+    B; partition A, fresh and signed by the same CA, does not list it and must not make it good."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    part_a, part_b = f"{dead}/part-a.crl", f"{dead}/part-b.crl"
+    listed, clean = issuing.issue("amy", client=True, crl_url=part_b), issuing.issue("amy", client=True, crl_url=part_b)
+    deadline = time.monotonic() + 5
+
+    # A held, B unreachable (the review's case): unknown, with both reasons.
+    store = _crl_store(tmp_path / "a", issuing.crl([], idp=partition(part_a)))
+    verdict = store.status(clean.cert, issuing.cert, deadline)
+    assert verdict.status is Status.UNKNOWN, verdict
+    assert part_b in verdict.detail and "a distribution point the certificate does not name" in verdict.detail
+    # B never fetched: A alone is still no answer (not NONE either: the issuer's CRL is missing).
+    store = _crl_store(tmp_path / "a-only", issuing.crl([], idp=partition(part_a)), crl_distribution_points=False)
+    assert store.status(clean.cert, issuing.cert, deadline).status is Status.UNKNOWN
+    # B held: its contents answer, also next to A.
+    for name, crls in {"b": [issuing.crl([listed], idp=partition(part_b))],
+                       "a-and-b": [issuing.crl([], idp=partition(part_a)),
+                                   issuing.crl([listed], idp=partition("ldap://dir.example/cn=B", part_b))]}.items():
+        store = _crl_store(tmp_path / name, *crls, crl_distribution_points=False)
+        assert store.status(listed.cert, issuing.cert, deadline).status is Status.REVOKED, name
+        assert store.status(clean.cert, issuing.cert, deadline).status is Status.GOOD, name
+    # A CRL without an issuingDistributionPoint covers every certificate of its issuer, as before.
+    store = _crl_store(tmp_path / "whole", issuing.crl([listed]), crl_distribution_points=False)
+    assert store.status(listed.cert, issuing.cert, deadline).status is Status.REVOKED
+    assert store.status(clean.cert, issuing.cert, deadline).status is Status.GOOD
+
+
+def test_crls_whose_scope_leaves_the_certificate_out(tmp_path, issuing):
+    """Issuer and signature are right; the issuingDistributionPoint says the CRL is not about
+    this certificate, so its status stays unknown."""
+    with_dp = issuing.issue("amy", client=True, crl_url="http://crl.example/b.crl")
+    without_dp = issuing.issue("amy", client=True)
+    deadline = time.monotonic() + 5
+    cases = {
+        "attribute certificates only": (with_dp, partition(only_contains_attribute_certs=True)),
+        "CA certificates only": (with_dp, partition(only_contains_ca_certs=True)),
+        "a partition, for a certificate without distribution points":
+            (without_dp, partition("http://crl.example/b.crl")),
+    }
+    for what, (cert, idp) in cases.items():
+        store = _crl_store(tmp_path / what.replace(" ", "-"), issuing.crl([], idp=idp), crl_distribution_points=False)
+        verdict = store.status(cert.cert, issuing.cert, deadline)
+        assert verdict.status is Status.UNKNOWN and "does not cover it" in verdict.detail, (what, verdict)
+    # The scope flags that do fit still apply: an end-entity-only CRL answers for a leaf.
+    store = _crl_store(tmp_path / "users", issuing.crl([], idp=partition(only_contains_user_certs=True)),
+                       crl_distribution_points=False)
+    assert store.status(without_dp.cert, issuing.cert, deadline).status is Status.GOOD
+
+
+@pytest.mark.parametrize("policy, outcome, reason", [
+    ("hard-fail", Outcome.INVALID_CREDENTIALS, "cert.revocation_unknown"),
+    ("soft-fail", Outcome.SUCCESS, ""),
+])
+def test_other_partitions_crl_under_each_policy(tmp_path, root, issuing, policy, outcome, reason):
+    part_b = f"http://127.0.0.1:{free_port()}/part-b.crl"  # unreachable
+    (tmp_path / "conf.d").mkdir()
+    (tmp_path / "conf.d" / "part-a.crl").write_bytes(issuing.crl([], idp=partition("http://127.0.0.1:9/part-a.crl")))
+    conf = _conf(tmp_path, root, issuing, mapping={"rules": ["cn"], "lookup": False},
+                 revocation={"policy": policy, "crl_files": ["part-a.crl"], "timeout": 1})
+    runtime = build_runtime(conf, state_dir=tmp_path / "state")
+    try:
+        decision = runtime.gateway.decide(_attempt(issuing.issue("amy", client=True, crl_url=part_b)))
+        assert (decision.outcome, decision.reason) == (outcome, reason), decision
+        if decision.success:
+            assert decision.identity.claims["certificate_revocation"] == "unknown"
+    finally:
+        runtime.discard()
 
 
 def test_ocsp_answers_that_are_not_believed(issuing, server):

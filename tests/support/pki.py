@@ -2,7 +2,8 @@
 
 ``CA.create()`` makes a root; ``ca.issue(...)`` makes leaf or intermediate certificates with the
 extensions a test needs (SANs, EKU, key usage, validity window, CRL/OCSP pointers);
-``ca.crl(...)`` signs a CRL; ``self_signed(...)`` makes a self-signed client certificate;
+``ca.crl(...)`` signs a CRL (one partition of the CA's with ``idp=partition(url)``);
+``self_signed(...)`` makes a self-signed client certificate;
 ``write_bundle`` writes several certificates into one PEM file.
 """
 
@@ -145,19 +146,32 @@ class CA(Issued):
         return CA(cert, key, serial=self.serial * 100) if ca else Issued(cert, key)
 
     def crl(self, revoked: list[Issued | int] = (), *, this_update: dt.datetime | None = None,
-            next_update: dt.datetime | None = None, hours: float = 24) -> bytes:
-        """A DER CRL signed by this CA listing *revoked* (certificates or serial numbers)."""
+            next_update: dt.datetime | None = None, hours: float = 24,
+            idp: x509.IssuingDistributionPoint | None = None) -> bytes:
+        """A DER CRL signed by this CA listing *revoked* (certificates or serial numbers), with
+        *idp* as its issuingDistributionPoint (critical, RFC 5280 5.2.5)."""
         now = dt.datetime.now(UTC)
         this_update = this_update or now - dt.timedelta(minutes=5)
         builder = (x509.CertificateRevocationListBuilder().issuer_name(self.cert.subject)
                    .last_update(this_update).next_update(next_update or now + dt.timedelta(hours=hours))
                    .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), False)
                    .add_extension(x509.CRLNumber(int(this_update.timestamp())), False))
+        if idp is not None:
+            builder = builder.add_extension(idp, critical=True)
         for item in revoked:
             serial = item.cert.serial_number if isinstance(item, Issued) else item
             builder = builder.add_revoked_certificate(
                 x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(this_update).build())
         return builder.sign(self.key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+
+
+def partition(*urls: str, **flags) -> x509.IssuingDistributionPoint:
+    """An issuingDistributionPoint naming *urls* (none: no name), with any of its boolean flags
+    (``only_contains_user_certs``...) or ``only_some_reasons``."""
+    scope = dict(only_contains_user_certs=False, only_contains_ca_certs=False, only_some_reasons=None,
+                 indirect_crl=False, only_contains_attribute_certs=False) | flags
+    return x509.IssuingDistributionPoint(
+        full_name=[x509.UniformResourceIdentifier(u) for u in urls] or None, relative_name=None, **scope)
 
 
 def self_signed(cn: str, *, client: bool = True, emails: list[str] = ()) -> Issued:
