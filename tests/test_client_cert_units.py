@@ -1,8 +1,8 @@
 """The client_cert plugin in-process: header decoding, the directory binding check through the
 real core chain (a small directory plugin registered in the test, as the LDAP plugin would answer
 ``gateway_lookup_user``), revocation of intermediates, CRL caching, background refresh and
-rollback, partitioned CRLs, OCSP answers that must not be believed, ``authgw check`` self-tests,
-and settings errors.
+rollback, partitioned CRLs, OCSP answers that must not be believed, rfc822Name constraints on the
+subject's emailAddress, ``authgw check`` self-tests, and settings errors.
 Certificates, CRLs and OCSP answers are real, made by ``support.pki`` and ``support.ocsp``.
 """
 
@@ -350,6 +350,96 @@ def test_ocsp_answers_that_are_not_believed(issuing, server):
     unauthorized = ocsp.load_der_ocsp_response(ocsp.OCSPResponseBuilder.build_unsuccessful(
         ocsp.OCSPResponseStatus.UNAUTHORIZED).public_bytes(serialization.Encoding.DER))
     assert client.judge(unauthorized, cert.cert, issuing.cert, nonce)[0].status is Status.UNKNOWN
+
+
+# -- name constraints on the subject's emailAddress ---------------------------------------------------------
+
+
+def _email(address: str) -> x509.NameAttribute:
+    return x509.NameAttribute(NameOID.EMAIL_ADDRESS, address)
+
+
+def _constrained(root: CA, permitted=(), excluded=()) -> CA:
+    """A partner sub-CA under *root* with rfc822Name name constraints."""
+    constraints = x509.NameConstraints(permitted_subtrees=[x509.RFC822Name(n) for n in permitted] or None,
+                                       excluded_subtrees=[x509.RFC822Name(n) for n in excluded] or None)
+    return root.issue("units partner CA", ca=True, name_constraints=constraints)
+
+
+def _verify(root: CA, leaf, *intermediates: CA) -> str | None:
+    """None when the path verifies, else the reason code."""
+    usage = UsagePolicy(frozenset({ExtendedKeyUsageOID.CLIENT_AUTH.dotted_string}), True, frozenset(), 60)
+    trust = TrustStore([root.cert], [ca.cert for ca in intermediates], usage, cache_seconds=0)
+    try:
+        trust.verify([leaf.der])
+    except CertError as exc:
+        return exc.reason
+    return None
+
+
+@pytest.mark.parametrize("permitted, excluded, subject_emails, sans, accepted", [
+    # host form: every mailbox on that host, and no other host
+    (["partner.example"], [], ["ann@partner.example"], [], True),
+    (["partner.example"], [], ["Ann@PARTNER.Example"], [], True),
+    (["partner.example"], [], ["admin@corp.example"], [], False),  # the review's certificate
+    (["partner.example"], [], ["ann@eu.partner.example"], [], False),
+    (["partner.example"], [], ["ann@partner.example", "admin@corp.example"], [], False),
+    (["partner.example"], [], ["admin"], [], False),  # not a mailbox: cannot be shown inside
+    (["partner.example"], [], [], [], True),  # nothing to check
+    # domain form: any host below the domain, not the domain itself
+    ([".partner.example"], [], ["ann@eu.partner.example"], [], True),
+    ([".partner.example"], [], ["ann@partner.example"], [], False),
+    ([".partner.example"], [], ["ann@evilpartner.example"], [], False),
+    # mailbox form: that one mailbox
+    (["boss@partner.example"], [], ["boss@partner.example"], [], True),
+    (["boss@partner.example"], [], ["ann@partner.example"], [], False),
+    # excluded subtrees, alone and within a permitted one
+    ([], ["corp.example"], ["ann@partner.example"], [], True),
+    ([], ["corp.example"], ["admin@corp.example"], [], False),
+    ([], ["corp.example"], ["ADMIN@Corp.Example."], [], False),  # case and root label do not escape
+    ([], [".corp.example"], ["admin@hq.corp.example"], [], False),
+    (["partner.example"], ["intern@partner.example"], ["intern@partner.example"], [], False),
+    # a SAN email inside the constraints: the verifier checks the SAN, this check the subject
+    (["partner.example"], [], [], ["ann@partner.example"], True),
+    (["partner.example"], [], ["ann@partner.example"], ["ann@partner.example"], True),
+    (["partner.example"], [], ["admin@corp.example"], ["ann@partner.example"], False),
+])
+def test_rfc822_constraints_bind_the_subject_email(root, permitted, excluded, subject_emails, sans, accepted):
+    """RFC 5280 4.2.1.10: rfc822Name constraints apply to the subject's emailAddress, which the
+    ``subject_email`` rule and the profile's email read (cryptography checks the SAN only)."""
+    partner = _constrained(root, permitted, excluded)
+    leaf = partner.issue("admin", client=True, emails=sans, extra_name=[_email(e) for e in subject_emails])
+    assert _verify(root, leaf, partner) == (None if accepted else "cert.untrusted")
+
+
+def test_rfc822_constraints_of_every_ca_on_the_path(root):
+    """A constraint binds the whole subtree below its CA, not only the certificates it signs."""
+    partner = _constrained(root, permitted=["partner.example"])
+    issuing = partner.issue("units partner issuing CA", ca=True)
+    inside = issuing.issue("ann", client=True, extra_name=[_email("ann@partner.example")])
+    outside = issuing.issue("admin", client=True, extra_name=[_email("admin@corp.example")])
+    assert _verify(root, inside, partner, issuing) is None
+    assert _verify(root, outside, partner, issuing) == "cert.untrusted"
+    # Without constraints anywhere, a subject email is not restricted.
+    plain = root.issue("units plain CA", ca=True)
+    assert _verify(root, plain.issue("admin", client=True, extra_name=[_email("admin@corp.example")]), plain) is None
+
+
+def test_subject_email_outside_the_constraints_logs_nobody_in(tmp_path, root, issuing):
+    partner = _constrained(root, permitted=["partner.example"])
+    write_bundle(tmp_path / "conf.d" / "cas.pem", issuing, partner)
+    conf = _conf(tmp_path, root, issuing, intermediates="cas.pem",
+                 mapping={"rules": ["subject_email"], "lookup": False})
+    runtime = build_runtime(conf, state_dir=tmp_path / "state")
+    try:
+        ann = runtime.gateway.decide(_attempt(partner.issue("ann", client=True,
+                                                            extra_name=[_email("ann@partner.example")])))
+        assert ann.success and ann.identity.email == "ann@partner.example", ann
+        admin = runtime.gateway.decide(_attempt(partner.issue("admin", client=True,
+                                                              extra_name=[_email("admin@corp.example")])))
+        assert (admin.outcome, admin.reason) == (Outcome.INVALID_CREDENTIALS, "cert.untrusted")
+    finally:
+        runtime.discard()
 
 
 # -- header decoding -------------------------------------------------------------------------------------
