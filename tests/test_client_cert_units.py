@@ -1,7 +1,8 @@
 """The client_cert plugin in-process: header decoding, the directory binding check through the
 real core chain (a small directory plugin registered in the test, as the LDAP plugin would answer
 ``gateway_lookup_user``), revocation of intermediates, CRL caching, background refresh and
-rollback, OCSP answers that must not be believed, ``authgw check`` self-tests, and settings errors.
+rollback, partitioned CRLs, OCSP answers that must not be believed, rfc822Name constraints on the
+subject's emailAddress, ``authgw check`` self-tests, and settings errors.
 Certificates, CRLs and OCSP answers are real, made by ``support.pki`` and ``support.ocsp``.
 """
 
@@ -11,6 +12,7 @@ import base64
 import datetime as dt
 import hashlib
 import json
+import logging
 import time
 from pathlib import Path
 from urllib.parse import quote
@@ -19,7 +21,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
-from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gateway import Attempt, BackendUnavailable, CertificateCredential, Identity, Outcome, hookimpl
 from gateway.plugins.client_cert.crl import CrlStore
@@ -28,12 +30,12 @@ from gateway.plugins.client_cert.mapping import directory_binding_matches
 from gateway.plugins.client_cert.ocsp import OcspClient
 from gateway.plugins.client_cert.settings import RevocationSettings
 from gateway.plugins.client_cert.status import Status
-from gateway.plugins.client_cert.verify import CertError
+from gateway.plugins.client_cert.verify import CertError, TrustStore, UsagePolicy
 from gateway.runtime import build_runtime
 from support.gateway import authgw, write_conf
 from support.net import free_port
 from support.ocsp import PkiServer
-from support.pki import CA, write_bundle
+from support.pki import CA, partition, write_bundle
 
 UTC = dt.timezone.utc
 
@@ -228,6 +230,88 @@ def test_crl_cached_refreshed_in_background_and_never_rolled_back(issuing, serve
     assert store.status(cert.cert, issuing.cert, time.monotonic() + 5).status is Status.REVOKED
 
 
+def _crl_store(directory: Path, *crls: bytes, **settings) -> CrlStore:
+    """A store holding *crls* as files (hard-fail, no OCSP: the CRLs alone answer)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    files = []
+    for number, der in enumerate(crls):
+        files.append(directory / f"{number}.crl")
+        files[-1].write_bytes(der)
+    return CrlStore(RevocationSettings(policy="hard-fail", crl_files=files, ocsp=False, **settings),
+                    logging.getLogger("test"), 0)
+
+
+def test_crl_of_another_partition_proves_nothing(tmp_path, issuing):
+    """RFC 5280 6.3.3 (b)(2)(i): the CA splits its CRL by distribution point. The certificate's is
+    B; partition A, fresh and signed by the same CA, does not list it and must not make it good."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    part_a, part_b = f"{dead}/part-a.crl", f"{dead}/part-b.crl"
+    listed, clean = issuing.issue("amy", client=True, crl_url=part_b), issuing.issue("amy", client=True, crl_url=part_b)
+    deadline = time.monotonic() + 5
+
+    # A held, B unreachable (the review's case): unknown, with both reasons.
+    store = _crl_store(tmp_path / "a", issuing.crl([], idp=partition(part_a)))
+    verdict = store.status(clean.cert, issuing.cert, deadline)
+    assert verdict.status is Status.UNKNOWN, verdict
+    assert part_b in verdict.detail and "a distribution point the certificate does not name" in verdict.detail
+    # B never fetched: A alone is still no answer (not NONE either: the issuer's CRL is missing).
+    store = _crl_store(tmp_path / "a-only", issuing.crl([], idp=partition(part_a)), crl_distribution_points=False)
+    assert store.status(clean.cert, issuing.cert, deadline).status is Status.UNKNOWN
+    # B held: its contents answer, also next to A.
+    for name, crls in {"b": [issuing.crl([listed], idp=partition(part_b))],
+                       "a-and-b": [issuing.crl([], idp=partition(part_a)),
+                                   issuing.crl([listed], idp=partition("ldap://dir.example/cn=B", part_b))]}.items():
+        store = _crl_store(tmp_path / name, *crls, crl_distribution_points=False)
+        assert store.status(listed.cert, issuing.cert, deadline).status is Status.REVOKED, name
+        assert store.status(clean.cert, issuing.cert, deadline).status is Status.GOOD, name
+    # A CRL without an issuingDistributionPoint covers every certificate of its issuer, as before.
+    store = _crl_store(tmp_path / "whole", issuing.crl([listed]), crl_distribution_points=False)
+    assert store.status(listed.cert, issuing.cert, deadline).status is Status.REVOKED
+    assert store.status(clean.cert, issuing.cert, deadline).status is Status.GOOD
+
+
+def test_crls_whose_scope_leaves_the_certificate_out(tmp_path, issuing):
+    """Issuer and signature are right; the issuingDistributionPoint says the CRL is not about
+    this certificate, so its status stays unknown."""
+    with_dp = issuing.issue("amy", client=True, crl_url="http://crl.example/b.crl")
+    without_dp = issuing.issue("amy", client=True)
+    deadline = time.monotonic() + 5
+    cases = {
+        "attribute certificates only": (with_dp, partition(only_contains_attribute_certs=True)),
+        "CA certificates only": (with_dp, partition(only_contains_ca_certs=True)),
+        "a partition, for a certificate without distribution points":
+            (without_dp, partition("http://crl.example/b.crl")),
+    }
+    for what, (cert, idp) in cases.items():
+        store = _crl_store(tmp_path / what.replace(" ", "-"), issuing.crl([], idp=idp), crl_distribution_points=False)
+        verdict = store.status(cert.cert, issuing.cert, deadline)
+        assert verdict.status is Status.UNKNOWN and "does not cover it" in verdict.detail, (what, verdict)
+    # The scope flags that do fit still apply: an end-entity-only CRL answers for a leaf.
+    store = _crl_store(tmp_path / "users", issuing.crl([], idp=partition(only_contains_user_certs=True)),
+                       crl_distribution_points=False)
+    assert store.status(without_dp.cert, issuing.cert, deadline).status is Status.GOOD
+
+
+@pytest.mark.parametrize("policy, outcome, reason", [
+    ("hard-fail", Outcome.INVALID_CREDENTIALS, "cert.revocation_unknown"),
+    ("soft-fail", Outcome.SUCCESS, ""),
+])
+def test_other_partitions_crl_under_each_policy(tmp_path, root, issuing, policy, outcome, reason):
+    part_b = f"http://127.0.0.1:{free_port()}/part-b.crl"  # unreachable
+    (tmp_path / "conf.d").mkdir()
+    (tmp_path / "conf.d" / "part-a.crl").write_bytes(issuing.crl([], idp=partition("http://127.0.0.1:9/part-a.crl")))
+    conf = _conf(tmp_path, root, issuing, mapping={"rules": ["cn"], "lookup": False},
+                 revocation={"policy": policy, "crl_files": ["part-a.crl"], "timeout": 1})
+    runtime = build_runtime(conf, state_dir=tmp_path / "state")
+    try:
+        decision = runtime.gateway.decide(_attempt(issuing.issue("amy", client=True, crl_url=part_b)))
+        assert (decision.outcome, decision.reason) == (outcome, reason), decision
+        if decision.success:
+            assert decision.identity.claims["certificate_revocation"] == "unknown"
+    finally:
+        runtime.discard()
+
+
 def test_ocsp_answers_that_are_not_believed(issuing, server):
     import logging
 
@@ -266,6 +350,96 @@ def test_ocsp_answers_that_are_not_believed(issuing, server):
     unauthorized = ocsp.load_der_ocsp_response(ocsp.OCSPResponseBuilder.build_unsuccessful(
         ocsp.OCSPResponseStatus.UNAUTHORIZED).public_bytes(serialization.Encoding.DER))
     assert client.judge(unauthorized, cert.cert, issuing.cert, nonce)[0].status is Status.UNKNOWN
+
+
+# -- name constraints on the subject's emailAddress ---------------------------------------------------------
+
+
+def _email(address: str) -> x509.NameAttribute:
+    return x509.NameAttribute(NameOID.EMAIL_ADDRESS, address)
+
+
+def _constrained(root: CA, permitted=(), excluded=()) -> CA:
+    """A partner sub-CA under *root* with rfc822Name name constraints."""
+    constraints = x509.NameConstraints(permitted_subtrees=[x509.RFC822Name(n) for n in permitted] or None,
+                                       excluded_subtrees=[x509.RFC822Name(n) for n in excluded] or None)
+    return root.issue("units partner CA", ca=True, name_constraints=constraints)
+
+
+def _verify(root: CA, leaf, *intermediates: CA) -> str | None:
+    """None when the path verifies, else the reason code."""
+    usage = UsagePolicy(frozenset({ExtendedKeyUsageOID.CLIENT_AUTH.dotted_string}), True, frozenset(), 60)
+    trust = TrustStore([root.cert], [ca.cert for ca in intermediates], usage, cache_seconds=0)
+    try:
+        trust.verify([leaf.der])
+    except CertError as exc:
+        return exc.reason
+    return None
+
+
+@pytest.mark.parametrize("permitted, excluded, subject_emails, sans, accepted", [
+    # host form: every mailbox on that host, and no other host
+    (["partner.example"], [], ["ann@partner.example"], [], True),
+    (["partner.example"], [], ["Ann@PARTNER.Example"], [], True),
+    (["partner.example"], [], ["admin@corp.example"], [], False),  # the review's certificate
+    (["partner.example"], [], ["ann@eu.partner.example"], [], False),
+    (["partner.example"], [], ["ann@partner.example", "admin@corp.example"], [], False),
+    (["partner.example"], [], ["admin"], [], False),  # not a mailbox: cannot be shown inside
+    (["partner.example"], [], [], [], True),  # nothing to check
+    # domain form: any host below the domain, not the domain itself
+    ([".partner.example"], [], ["ann@eu.partner.example"], [], True),
+    ([".partner.example"], [], ["ann@partner.example"], [], False),
+    ([".partner.example"], [], ["ann@evilpartner.example"], [], False),
+    # mailbox form: that one mailbox
+    (["boss@partner.example"], [], ["boss@partner.example"], [], True),
+    (["boss@partner.example"], [], ["ann@partner.example"], [], False),
+    # excluded subtrees, alone and within a permitted one
+    ([], ["corp.example"], ["ann@partner.example"], [], True),
+    ([], ["corp.example"], ["admin@corp.example"], [], False),
+    ([], ["corp.example"], ["ADMIN@Corp.Example."], [], False),  # case and root label do not escape
+    ([], [".corp.example"], ["admin@hq.corp.example"], [], False),
+    (["partner.example"], ["intern@partner.example"], ["intern@partner.example"], [], False),
+    # a SAN email inside the constraints: the verifier checks the SAN, this check the subject
+    (["partner.example"], [], [], ["ann@partner.example"], True),
+    (["partner.example"], [], ["ann@partner.example"], ["ann@partner.example"], True),
+    (["partner.example"], [], ["admin@corp.example"], ["ann@partner.example"], False),
+])
+def test_rfc822_constraints_bind_the_subject_email(root, permitted, excluded, subject_emails, sans, accepted):
+    """RFC 5280 4.2.1.10: rfc822Name constraints apply to the subject's emailAddress, which the
+    ``subject_email`` rule and the profile's email read (cryptography checks the SAN only)."""
+    partner = _constrained(root, permitted, excluded)
+    leaf = partner.issue("admin", client=True, emails=sans, extra_name=[_email(e) for e in subject_emails])
+    assert _verify(root, leaf, partner) == (None if accepted else "cert.untrusted")
+
+
+def test_rfc822_constraints_of_every_ca_on_the_path(root):
+    """A constraint binds the whole subtree below its CA, not only the certificates it signs."""
+    partner = _constrained(root, permitted=["partner.example"])
+    issuing = partner.issue("units partner issuing CA", ca=True)
+    inside = issuing.issue("ann", client=True, extra_name=[_email("ann@partner.example")])
+    outside = issuing.issue("admin", client=True, extra_name=[_email("admin@corp.example")])
+    assert _verify(root, inside, partner, issuing) is None
+    assert _verify(root, outside, partner, issuing) == "cert.untrusted"
+    # Without constraints anywhere, a subject email is not restricted.
+    plain = root.issue("units plain CA", ca=True)
+    assert _verify(root, plain.issue("admin", client=True, extra_name=[_email("admin@corp.example")]), plain) is None
+
+
+def test_subject_email_outside_the_constraints_logs_nobody_in(tmp_path, root, issuing):
+    partner = _constrained(root, permitted=["partner.example"])
+    write_bundle(tmp_path / "conf.d" / "cas.pem", issuing, partner)
+    conf = _conf(tmp_path, root, issuing, intermediates="cas.pem",
+                 mapping={"rules": ["subject_email"], "lookup": False})
+    runtime = build_runtime(conf, state_dir=tmp_path / "state")
+    try:
+        ann = runtime.gateway.decide(_attempt(partner.issue("ann", client=True,
+                                                            extra_name=[_email("ann@partner.example")])))
+        assert ann.success and ann.identity.email == "ann@partner.example", ann
+        admin = runtime.gateway.decide(_attempt(partner.issue("admin", client=True,
+                                                              extra_name=[_email("admin@corp.example")])))
+        assert (admin.outcome, admin.reason) == (Outcome.INVALID_CREDENTIALS, "cert.untrusted")
+    finally:
+        runtime.discard()
 
 
 # -- header decoding -------------------------------------------------------------------------------------

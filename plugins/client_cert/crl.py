@@ -1,10 +1,15 @@
 """Certificate revocation lists (RFC 5280 sections 5 and 6.3): files and fetched URLs.
 
-A CRL applies to a certificate when its issuer name equals the certificate's issuer and its
+A CRL applies to a certificate when its issuer name equals the certificate's issuer, its
 signature verifies with the issuer's key (the issuer taken from the verified path, never from the
-CRL). Indirect CRLs and delta CRLs are not supported: such CRLs are skipped and logged. Fetched
-CRLs are kept until their ``nextUpdate`` and refreshed in the background every
-``crl_refresh_interval``; a newly fetched CRL older than the one held is refused (no rollback).
+CRL), and its issuingDistributionPoint, if it has one, covers the certificate (RFC 5280 5.2.5,
+6.3.3 (b)(2)): the kind of certificate it lists, and the partition it is. A CRL that names its
+distribution point covers only certificates whose CRL distribution points name one of its URIs
+(a relative name is not matched: fail closed). The issuer's CRLs that leave a certificate out make
+its status unknown, never good. Indirect CRLs and delta CRLs are not supported: such CRLs are
+skipped and logged. Fetched CRLs are kept until their ``nextUpdate`` and refreshed in the
+background every ``crl_refresh_interval``; a newly fetched CRL older than the one held is refused
+(no rollback).
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ class LoadedCrl:
     source: str
     serials: frozenset[int]
     usable: bool  # False for delta and indirect CRLs
+    idp: x509.IssuingDistributionPoint | None
     verified: dict[bytes, bool] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -63,24 +69,37 @@ class LoadedCrl:
             pass
         try:
             idp = crl.extensions.get_extension_for_class(x509.IssuingDistributionPoint).value
-            if idp.indirect_crl:
-                log.warning("CRL %s is an indirect CRL; not supported, skipped", source)
-                usable = False
-        except x509.ExtensionNotFound:
-            pass
-        return cls(crl, source, frozenset(r.serial_number for r in crl), usable)
-
-    def applies_to(self, cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-        if not self.usable or self.crl.issuer != cert.issuer:
-            return False
-        try:
-            idp = self.crl.extensions.get_extension_for_class(x509.IssuingDistributionPoint).value
         except x509.ExtensionNotFound:
             idp = None
-        if idp is not None:
-            is_ca = _is_ca(cert)
-            if (idp.only_contains_user_certs and is_ca) or (idp.only_contains_ca_certs and not is_ca):
-                return False
+        if idp is not None and idp.indirect_crl:
+            log.warning("CRL %s is an indirect CRL; not supported, skipped", source)
+            usable = False
+        return cls(crl, source, frozenset(r.serial_number for r in crl), usable, idp)
+
+    def out_of_scope(self, cert: x509.Certificate) -> str | None:
+        """Why this CRL's issuingDistributionPoint leaves *cert* out (RFC 5280 6.3.3 (b)(2)), or
+        ``None``. Says nothing about issuer or signature (:meth:`applies_to`)."""
+        idp = self.idp
+        if idp is None:
+            return None
+        if idp.only_contains_attribute_certs:
+            return "it lists attribute certificates only"
+        is_ca = _is_ca(cert)
+        if idp.only_contains_user_certs and is_ca:
+            return "it lists end-entity certificates only"
+        if idp.only_contains_ca_certs and not is_ca:
+            return "it lists CA certificates only"
+        if idp.relative_name is not None:
+            return "its distribution point is a relative name, which is not matched"
+        # A partitioned CRL (RFC 5280 6.3.3 (b)(2)(i)): one partition's CRL proves nothing about
+        # a certificate the CA put in another, even though issuer and signature are right.
+        if idp.full_name is not None and not _uris(idp.full_name) & _distribution_point_uris(cert):
+            return "it is the CRL of a distribution point the certificate does not name"
+        return None
+
+    def applies_to(self, cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+        if not self.usable or self.crl.issuer != cert.issuer or self.out_of_scope(cert):
+            return False
         key = _key_id(issuer.public_key())
         with self.lock:
             known = self.verified.get(key)
@@ -95,11 +114,7 @@ class LoadedCrl:
 
     def partial(self) -> bool:
         """Covers only some revocation reasons (RFC 5280 5.2.5): cannot prove "good" alone."""
-        try:
-            idp = self.crl.extensions.get_extension_for_class(x509.IssuingDistributionPoint).value
-        except x509.ExtensionNotFound:
-            return False
-        return idp.only_some_reasons is not None
+        return self.idp is not None and self.idp.only_some_reasons is not None
 
     def too_old(self, now: dt.datetime, settings: RevocationSettings, tolerance: float) -> str | None:
         next_update = self.crl.next_update_utc
@@ -124,6 +139,21 @@ def _may_sign_crls(issuer: x509.Certificate) -> bool:
         return issuer.extensions.get_extension_for_class(x509.KeyUsage).value.crl_sign
     except x509.ExtensionNotFound:
         return True
+
+
+def _uris(names: list[x509.GeneralName] | None) -> set[str]:
+    return {n.value for n in names or () if isinstance(n, x509.UniformResourceIdentifier)}
+
+
+def _distribution_point_uris(cert: x509.Certificate) -> set[str]:
+    """Every URI (http, ldap...) of the certificate's CRL distribution points that its issuer's
+    own CRLs serve: a point with a cRLIssuer is served by an indirect CRL (RFC 5280 6.3.3 (b)(1)),
+    which is not supported."""
+    try:
+        points = cert.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+    except x509.ExtensionNotFound:
+        return set()
+    return {uri for point in points if point.crl_issuer is None for uri in _uris(point.full_name)}
 
 
 def distribution_points(cert: x509.Certificate) -> list[str]:
@@ -260,8 +290,9 @@ class CrlStore:
 
     def status(self, cert: x509.Certificate, issuer: x509.Certificate, deadline: float) -> Verdict:
         """REVOKED if an applicable CRL lists the serial (even a stale one), GOOD if a fresh
-        complete one does not, UNKNOWN when CRLs should answer but cannot, NONE when no CRL
-        source covers this issuer."""
+        complete one does not, UNKNOWN when CRLs should answer but cannot (unreachable, too old,
+        or the issuer's CRLs held leave this certificate out), NONE when no CRL source covers this
+        issuer."""
         now = dt.datetime.now(UTC)
         self._reload_files()
         with self._lock:
@@ -288,8 +319,12 @@ class CrlStore:
                 stale.append(age)
             elif not loaded.partial():
                 return Verdict(Status.GOOD, f"not on CRL {loaded.source}")
-        if stale or problems:
-            return Verdict(Status.UNKNOWN, "; ".join(stale + problems))
+        # The issuer's CRLs held do not cover this certificate (another partition, another kind):
+        # its CRL is missing, which is unknown, not "no CRL for this issuer".
+        outside = [f"CRL {c.source} does not cover it: {why}" for c in candidates
+                   if c.usable and c.crl.issuer == cert.issuer and (why := c.out_of_scope(cert))]
+        if stale or problems or outside:
+            return Verdict(Status.UNKNOWN, "; ".join(stale + problems + outside))
         return Verdict(Status.NONE, "no CRL covers this issuer")
 
     # -- background refresh and self-tests ----------------------------------------------------------

@@ -11,7 +11,8 @@ with its own reason code:
 ``cert.not_yet_valid``    notBefore is later than now + clock tolerance
 ``cert.expired``          notAfter is earlier than now - clock tolerance
 ``cert.untrusted``        no path to a configured root (unknown issuer, self-signed, bad
-                          signature, an expired or unusable CA on the path)
+                          signature, an expired or unusable CA on the path), or a subject
+                          emailAddress outside a CA's rfc822Name name constraints
 ``cert.wrong_usage``      no acceptable extendedKeyUsage, or keyUsage without digitalSignature
 ``cert.policy_missing``   a required certificate policy OID is not asserted
 """
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Sequence
 
 from cryptography import x509
+from cryptography.x509.oid import NameOID
 from cryptography.x509.verification import Criticality, ExtensionPolicy, PolicyBuilder, Store, VerificationError
 
 __all__ = ["CertError", "TrustStore", "UsagePolicy", "load_bundle", "parse_der"]
@@ -100,6 +102,57 @@ def check_validity(cert: x509.Certificate, now: dt.datetime, tolerance: float) -
         raise CertError("cert.not_yet_valid", f"valid from {cert.not_valid_before_utc.isoformat()}")
     if now - slack > cert.not_valid_after_utc:
         raise CertError("cert.expired", f"expired at {cert.not_valid_after_utc.isoformat()}")
+
+
+def _rfc822(subtrees: list[x509.GeneralName] | None) -> list[str]:
+    return [name.value for name in subtrees or () if isinstance(name, x509.RFC822Name)]
+
+
+def _mailbox(text: str) -> tuple[str, str]:
+    """Local part and host, without regard to case, as the directory compares user names (a case
+    variant must not slip past an exclusion); a trailing root label names the same host."""
+    local, _, host = text.rpartition("@")
+    return local.casefold(), host.casefold().removesuffix(".")
+
+
+def _mailbox_within(address: tuple[str, str], constraint: str) -> bool:
+    """RFC 5280 4.2.1.10: ``user@host`` is one mailbox, ``host`` every mailbox on that host only,
+    ``.domain`` every mailbox on any host below the domain."""
+    if "@" in constraint:
+        return address == _mailbox(constraint)
+    _, domain = _mailbox(constraint)
+    if domain.startswith("."):
+        return address[1].endswith(domain)
+    return address[1] == domain
+
+
+def check_email_constraints(path: Sequence[x509.Certificate]) -> None:
+    """The leaf's subject emailAddress values (PKCS #9) against the rfc822Name constraints of every
+    CA on the verified *path* (leaf first). RFC 5280 4.2.1.10 applies those constraints to the
+    subject's emailAddress too; the verifier checks subjectAltName only, yet the ``subject_email``
+    rule and the profile's email read the subject. Checked with or without a SAN, as OpenSSL does,
+    since the mapping reads the subject either way."""
+    emails = [str(a.value) for a in path[0].subject.get_attributes_for_oid(NameOID.EMAIL_ADDRESS)]
+    if not emails:
+        return
+    for ca in path[1:]:
+        try:
+            constraints = ca.extensions.get_extension_for_class(x509.NameConstraints).value
+        except x509.ExtensionNotFound:
+            continue
+        permitted, excluded = _rfc822(constraints.permitted_subtrees), _rfc822(constraints.excluded_subtrees)
+        if not permitted and not excluded:
+            continue
+        where = f"the rfc822Name constraints of {ca.subject.rfc4514_string()!r}"
+        for email in emails:
+            address = _mailbox(email)
+            if not all(address):
+                raise CertError("cert.untrusted", f"subject emailAddress {email!r} is not a mailbox, "
+                                                  f"so cannot be checked against {where}")
+            if permitted and not any(_mailbox_within(address, c) for c in permitted):
+                raise CertError("cert.untrusted", f"subject emailAddress {email!r} is outside {where}")
+            if any(_mailbox_within(address, c) for c in excluded):
+                raise CertError("cert.untrusted", f"subject emailAddress {email!r} is excluded by {where}")
 
 
 def check_usage(cert: x509.Certificate, usage: UsagePolicy) -> None:
@@ -176,6 +229,7 @@ class TrustStore:
         # the leaf, and the CAs on the path must be valid at that same moment.
         at = min(max(now, leaf.not_valid_before_utc), leaf.not_valid_after_utc)
         path = self._build(leaf, extra, at)
+        check_email_constraints(path)
         check_usage(path[0], self.usage)
         self._remember(key, path)
         return path
