@@ -3,14 +3,18 @@ settings. Tokens are built here byte by byte (not with the plugin's own code).""
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 import struct
 import sys
 import textwrap
+import time
 
 import pytest
 
 from support.gateway import authgw, write_conf
 
+from gateway import Attempt, NegotiateCredential, Outcome
 from gateway.plugins.kerberos import KerberosPlugin, KerberosSettings
 from gateway.plugins.kerberos.keytab import KeytabError, read_keytab
 from gateway.plugins.kerberos.mapping import MappingRule, PrincipalMapper, split_principal
@@ -190,28 +194,34 @@ def test_without_the_extra_enabling_the_plugin_names_it(tmp_path):
     assert "pip install 'authgw[kerberos]'" in result.stderr + result.stdout
 
 
-def test_negotiate_is_offered_and_read_only_inside_the_allowed_networks(tmp_path):
-    """Gating happens before any token parsing or keytab access (the keytab here does not exist)."""
-    import ipaddress
-    import logging
-    import time
-
+def in_process_plugin(tmp_path, **settings) -> KerberosPlugin:
+    """The plugin as the core makes it, with no other plugin registered."""
     import pluggy
 
-    from gateway import Attempt, NegotiateCredential, Outcome, hookspecs
+    from gateway import hookspecs
     from gateway.registry import PluginContext
     from gateway.settings import GatewaySettings
 
     pm = pluggy.PluginManager("authgw")
     pm.add_hookspecs(hookspecs)
     context = PluginContext(name="kerberos", config_dir=tmp_path, state_dir=tmp_path,
-                            gateway=GatewaySettings(chain=["kerberos"]), hook=pm.hook, log=logging.getLogger("test"))
-    plugin = KerberosPlugin(KerberosSettings(allowed_networks=["10.0.0.0/8", "fd00::/8"], keytab=tmp_path / "absent",
-                                             realms=["R"]), context)
+                            gateway=GatewaySettings(chain=["kerberos"]), hook=pm.hook,
+                            log=logging.getLogger("test.kerberos"))
+    return KerberosPlugin(KerberosSettings(**settings), context)
+
+
+def negotiate_attempt(client: str, token: bytes) -> Attempt:
+    return Attempt(request_id="t", client=ipaddress.ip_address(client), front_door="test",
+                   deadline=time.monotonic() + 5, negotiate=NegotiateCredential(token))
+
+
+def test_negotiate_is_offered_and_read_only_inside_the_allowed_networks(tmp_path):
+    """Gating happens before any token parsing or keytab access (the keytab here does not exist)."""
+    plugin = in_process_plugin(tmp_path, allowed_networks=["10.0.0.0/8", "fd00::/8"], keytab=tmp_path / "absent",
+                               realms=["R"])
 
     def attempt(client: str) -> Attempt:
-        return Attempt(request_id="t", client=ipaddress.ip_address(client), front_door="test",
-                       deadline=time.monotonic() + 5, negotiate=NegotiateCredential(NTLM_NEGOTIATE))
+        return negotiate_attempt(client, NTLM_NEGOTIATE)
 
     for inside in ("10.1.2.3", "fd00::5"):
         assert plugin.gateway_challenges(attempt(inside)) == "Negotiate"
@@ -220,3 +230,36 @@ def test_negotiate_is_offered_and_read_only_inside_the_allowed_networks(tmp_path
     for outside in ("192.0.2.1", "2001:db8::1", "11.0.0.1"):
         assert plugin.gateway_challenges(attempt(outside)) is None
         assert plugin.gateway_authenticate(attempt(outside)) is None
+
+
+# -- log lines ---------------------------------------------------------------------------------------------
+
+FORGED_SNAME = ("HTTP", "evil\n2026-01-01 00:00:00,000 WARNING [1] authgw: FORGED\r\x1b[2K\u2028\x00")
+
+
+def test_the_tickets_clear_text_service_name_is_escaped_in_its_description():
+    detail = inspect_token(spnego(["krb5"], krb5_ap_req(service=FORGED_SNAME, realm="EXAMPLE.TEST\n"))).ticket().describe()
+    assert detail.isprintable(), detail
+    assert detail == ("ticket for HTTP/evil\\n2026-01-01 00:00:00,000 WARNING [1] authgw: FORGED\\r\\x1b[2K\\u2028\\x00"
+                      "@EXAMPLE.TEST\\n (kvno 7, aes256-cts-hmac-sha1-96)")
+
+
+def test_a_refusal_naming_a_forged_service_is_logged_on_one_line(tmp_path, monkeypatch, caplog):
+    """The client's service name reaches a WARNING (wrong_principal: an operator's reason) through
+    the plugin's own logging, escaped; the refusal is not changed by it."""
+    (tmp_path / "krb5.conf").write_text("[libdefaults]\n  default_realm = EXAMPLE.TEST\n")
+    monkeypatch.setenv("KRB5_CONFIG", str(tmp_path / "krb5.conf"))
+    keytab = tmp_path / "http.keytab"
+    keytab.write_bytes(b"\x05\x02" + keytab_entry(["HTTP", "localhost"], "EXAMPLE.TEST", 7, 18))
+    keytab.chmod(0o600)
+    plugin = in_process_plugin(tmp_path, allowed_networks=["10.0.0.0/8"], keytab=keytab,
+                               service_principal="HTTP/localhost@EXAMPLE.TEST", realms=["EXAMPLE.TEST"])
+    token = spnego(["krb5"], krb5_ap_req(service=FORGED_SNAME, realm="EXAMPLE.TEST"))
+    with caplog.at_level(logging.INFO, logger="test.kerberos"):
+        decision = plugin.gateway_authenticate(negotiate_attempt("10.1.2.3", token))
+    assert (decision.outcome, decision.reason) == (Outcome.INVALID_CREDENTIALS, "kerberos.wrong_principal")
+    (record,) = [r for r in caplog.records if "kerberos.wrong_principal" in r.getMessage()]
+    message = record.getMessage()
+    assert record.levelno == logging.WARNING
+    assert message.isprintable() and "FORGED" in message, message
+    assert "HTTP/evil\\n2026-01-01" in message and "\\x1b[2K\\u2028\\x00" in message

@@ -56,6 +56,7 @@ from gateway import (
     hookimpl,
 )
 from gateway.chain import may_run_on_loop
+from gateway.logs import printable
 
 from .acceptor import HINTS, AcceptFailed, Acceptor
 from .mapping import MappingRule, PrincipalMapper
@@ -228,7 +229,7 @@ class KerberosPlugin:
                 found = hook(username=username)
             except BackendUnavailable as exc:
                 self.log.warning("kerberos: %s authenticated but the directory is unavailable (%s); attempt %s",
-                                 principal, exc.reason, attempt.request_id)
+                                 printable(principal), exc.reason, attempt.request_id)
                 attempt.note(Outcome.UNAVAILABLE, step=self.name, reason="kerberos.directory_unavailable")
                 return None
             if found is not None:
@@ -237,14 +238,14 @@ class KerberosPlugin:
                     # A ticket obtained before the account was disabled stays valid for hours:
                     # the directory's account state decides (docs/security.md).
                     self.log.info("kerberos: %s maps to %r, whose account state is %s; refused; attempt %s",
-                                  principal, username, refusal, attempt.request_id)
+                                  printable(principal), username, refusal, attempt.request_id)
                     return Decision.deny(Outcome.ACCOUNT_STATE, step=self.name, reason=refusal)
                 return Identity(subject=found.subject, username=found.username or username, method=self.name,
                                 display_name=found.display_name, email=found.email, groups=tuple(found.groups),
                                 claims={**found.claims, **claims, "directory": found.method})
             if self.settings.require_directory_user:
                 self.log.info("kerberos: %s maps to %r, which no directory knows; attempt %s",
-                              principal, username, attempt.request_id)
+                              printable(principal), username, attempt.request_id)
                 attempt.note(Outcome.USER_NOT_FOUND, step=self.name, reason="kerberos.user_not_found")
                 return None
         return Identity(subject=f"kerberos:{principal}", username=username, method=self.name, claims=claims)
@@ -256,6 +257,8 @@ class KerberosPlugin:
     def _log(self, attempt: Attempt, reason: str, detail: str) -> None:
         hint = HINTS.get(reason, "")
         level = logging.WARNING if reason in _OPERATOR_REASONS else logging.INFO
+        # The detail quotes GSSAPI's messages (MIT names the ticket's server in them) and the
+        # client's principal: the client's own text, escaped so that it stays on this line.
         self.log.log(level, "kerberos.%s from %s (attempt %s): %s%s", reason, attempt.client,
-                     attempt.request_id, detail, f"; check: {hint}" if hint else "")
+                     attempt.request_id, printable(detail), f"; check: {hint}" if hint else "")
 
