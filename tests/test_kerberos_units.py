@@ -17,7 +17,7 @@ from support.gateway import authgw, write_conf
 from gateway import Attempt, NegotiateCredential, Outcome
 from gateway.plugins.kerberos import KerberosPlugin, KerberosSettings
 from gateway.plugins.kerberos.keytab import KeytabError, read_keytab
-from gateway.plugins.kerberos.mapping import MappingRule, PrincipalMapper, split_principal
+from gateway.plugins.kerberos.mapping import CrossRealmPolicy, MappingRule, PrincipalMapper, split_principal
 from gateway.plugins.kerberos.tokens import TokenProblem, TokenRefused, inspect_token, krb_error_of
 
 
@@ -125,6 +125,21 @@ def test_strip_realm_with_an_allowlist_and_rules():
     # a rule must match the whole principal, not a prefix
     assert mapper.map("bob@EU.CORP.EXAMPLE.EVIL").reason == "realm_not_allowed"
     assert PrincipalMapper(["R"], [], True).map("Alice@R").username == "alice"
+
+
+def test_only_a_named_realms_kdc_may_name_another_realms_principals():
+    """The realm of the key that opened the ticket against the client's realm (tests/test_kerberos.py
+    has the forged ticket itself, from real KDCs)."""
+    anykey = CrossRealmPolicy(["CORP.EXAMPLE"], service_principal_set=False)
+    assert anykey.refusal("carol@OTHER.TEST", "HTTP/web@OTHER.TEST") is None  # its own principals
+    assert anykey.refusal("bob@EU.CORP.EXAMPLE", "HTTP/web@CORP.EXAMPLE") is None  # a listed realm's trusts
+    refused = anykey.refusal("alice@CORP.EXAMPLE", "HTTP/web@OTHER.TEST")
+    assert (refused.username, refused.reason) == (None, "cross_realm_not_allowed")
+    assert "the KDC of OTHER.TEST" in refused.detail
+    assert anykey.refusal("alice@CORP.EXAMPLE", "HTTP/web@corp.example").reason == "cross_realm_not_allowed"
+    # the operator named the service (and so its realm): its KDC's trusts are theirs
+    resource = CrossRealmPolicy(["USERS.EXAMPLE"], service_principal_set=True)
+    assert resource.refusal("alice@USERS.EXAMPLE", "HTTP/web@RESOURCE.EXAMPLE") is None
 
 
 def test_escaped_principals_split_like_mit():
@@ -238,7 +253,8 @@ FORGED_SNAME = ("HTTP", "evil\n2026-01-01 00:00:00,000 WARNING [1] authgw: FORGE
 
 
 def test_the_tickets_clear_text_service_name_is_escaped_in_its_description():
-    detail = inspect_token(spnego(["krb5"], krb5_ap_req(service=FORGED_SNAME, realm="EXAMPLE.TEST\n"))).ticket().describe()
+    token = spnego(["krb5"], krb5_ap_req(service=FORGED_SNAME, realm="EXAMPLE.TEST\n"))
+    detail = inspect_token(token).ticket().describe()
     assert detail.isprintable(), detail
     assert detail == ("ticket for HTTP/evil\\n2026-01-01 00:00:00,000 WARNING [1] authgw: FORGED\\r\\x1b[2K\\u2028\\x00"
                       "@EXAMPLE.TEST\\n (kvno 7, aes256-cts-hmac-sha1-96)")
