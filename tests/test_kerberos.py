@@ -10,6 +10,9 @@ started once for the module:
 * ``anykey``: any key in its keytab (HTTP/rotate.test, HTTP/aes128.test with only an AES-128 key,
   HTTP/localhost@OTHER.TEST), realm allowlist EXAMPLE.TEST plus a rule for carol@OTHER.TEST, no
   directory. Its keytab is rotated by a test.
+
+The cross-realm tests add trusts for their own duration, and a third KDC: OTHER.TEST's
+administrator's fake EXAMPLE.TEST.
 """
 
 from __future__ import annotations
@@ -383,6 +386,56 @@ def test_realm_allowlist_and_mapping_rules(krb, anykey):
     carol = negotiate(anykey, mint(krb, "carol", "HTTP/localhost@OTHER.TEST")[0])
     assert carol.status == 200 and carol.header("Remote-User") == "carol.other"
     assert_refused(anykey, negotiate(anykey, mint(krb, "dave", "HTTP/localhost@OTHER.TEST")[0]), "realm_not_allowed")
+
+
+@pytest.fixture
+def forged(krb, tmp_path):
+    """What OTHER.TEST's administrator can do alone: create ``krbtgt/OTHER.TEST@EXAMPLE.TEST`` (a
+    trust "from" EXAMPLE.TEST that EXAMPLE.TEST never made) and run a fake EXAMPLE.TEST KDC holding
+    the same key and an ``alice``. The real OTHER.TEST KDC then issues a ticket for
+    HTTP/localhost@OTHER.TEST whose client is alice@EXAMPLE.TEST. Two such tokens."""
+    other, trust = krb["other"], "krbtgt/OTHER.TEST@EXAMPLE.TEST"
+    fake = KDC(tmp_path / "fake", "EXAMPLE.TEST").start()
+    try:
+        for kdc in (other, fake):
+            kdc.kadmin(f"addprinc -pw chosen-by-the-attacker {trust}")
+        fake.add_principal("alice", "chosen-by-the-attacker")
+        env = {**fake.env, "KRB5_CONFIG": str(write_krb5_conf(tmp_path / "attacker.conf", [fake, other]))}
+        cache = fake.kinit("alice", "chosen-by-the-attacker", tmp_path / "alice.cc", env=env)
+        yield fake.mint(cache, [("HTTP/localhost@OTHER.TEST", 2)], env=env)[0]
+    finally:
+        fake.stop()
+        other.kadmin(f"delprinc -force {trust}")
+
+
+def test_a_realm_whose_key_is_in_the_keytab_cannot_name_another_realms_users(krb, anykey, forged):
+    """The ticket is genuine OTHER.TEST work, opened by OTHER.TEST's key; only its client is
+    EXAMPLE.TEST's, and EXAMPLE.TEST is in ``realms``. Without ``service_principal`` a key of a
+    realm not in ``realms`` carries only that realm's principals."""
+    plain, relabelled = forged
+    assert_refused(anykey, negotiate(anykey, plain), "cross_realm_not_allowed")
+    assert "kerberos.cross_realm_not_allowed" in anykey.output()
+    assert "alice@EXAMPLE.TEST was named by the KDC of OTHER.TEST" in anykey.output()
+    # The ticket header's realm is the client's text, and MIT tries every key anyway: the realm
+    # that counts is that of the key that opened the ticket.
+    start = relabelled.index(b"OTHER.TEST")
+    relabelled = relabelled[:start] + b"OTHER.TESX" + relabelled[start + len(b"OTHER.TESX"):]
+    assert_refused(anykey, negotiate(anykey, relabelled), "cross_realm_not_allowed")
+
+
+def test_a_listed_realms_cross_realm_trust_still_names_another_realms_users(krb, anykey, tmp_path):
+    """The forest case of docs/plugins/kerberos.md: EXAMPLE.TEST (in ``realms``) trusts OTHER.TEST,
+    so carol@OTHER.TEST gets a ticket for EXAMPLE.TEST's service; a rule maps her."""
+    example, other, trust = krb["example"], krb["other"], "krbtgt/EXAMPLE.TEST@OTHER.TEST"
+    for kdc in (example, other):
+        kdc.kadmin(f"addprinc -pw shared-by-both-realms {trust}")
+    try:
+        cache = other.kinit("carol", "carol-password", tmp_path / "carol.cc", env=krb["env"])
+        response = negotiate(anykey, mint(krb, "carol", "HTTP/rotate.test@EXAMPLE.TEST", cache=cache)[0])
+        assert response.status == 200 and response.header("Remote-User") == "carol.other"
+    finally:
+        for kdc in (example, other):
+            kdc.kadmin(f"delprinc -force {trust}")
 
 
 def test_a_keytab_rotated_while_running_is_picked_up(krb, anykey):

@@ -148,7 +148,8 @@ def test_the_replay_cache_is_shared_by_every_acceptor_using_it(kdc, tmp_path, mo
     first, second = (Acceptor(kdc.dir / "http.keytab", tmp_path / "shared.rcache2", SPN) for _ in range(2))
     alone = Acceptor(kdc.dir / "http.keytab", tmp_path / "other.rcache2", SPN)
     token = kdc.mint(kdc.dir / "alice.cc", [(SPN, 1)])[0][0]
-    assert first.accept(token, inspect_token(token)).principal == "alice@EXAMPLE.TEST"
+    accepted = first.accept(token, inspect_token(token))
+    assert (accepted.principal, accepted.service) == ("alice@EXAMPLE.TEST", SPN)
     with pytest.raises(AcceptFailed) as refused:
         second.accept(token, inspect_token(token))
     assert refused.value.reason == "replay"

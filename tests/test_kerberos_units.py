@@ -3,17 +3,21 @@ settings. Tokens are built here byte by byte (not with the plugin's own code).""
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 import struct
 import sys
 import textwrap
+import time
 
 import pytest
 
 from support.gateway import authgw, write_conf
 
+from gateway import Attempt, NegotiateCredential, Outcome
 from gateway.plugins.kerberos import KerberosPlugin, KerberosSettings
 from gateway.plugins.kerberos.keytab import KeytabError, read_keytab
-from gateway.plugins.kerberos.mapping import MappingRule, PrincipalMapper, split_principal
+from gateway.plugins.kerberos.mapping import CrossRealmPolicy, MappingRule, PrincipalMapper, split_principal
 from gateway.plugins.kerberos.tokens import TokenProblem, TokenRefused, inspect_token, krb_error_of
 
 
@@ -123,6 +127,21 @@ def test_strip_realm_with_an_allowlist_and_rules():
     assert PrincipalMapper(["R"], [], True).map("Alice@R").username == "alice"
 
 
+def test_only_a_named_realms_kdc_may_name_another_realms_principals():
+    """The realm of the key that opened the ticket against the client's realm (tests/test_kerberos.py
+    has the forged ticket itself, from real KDCs)."""
+    anykey = CrossRealmPolicy(["CORP.EXAMPLE"], service_principal_set=False)
+    assert anykey.refusal("carol@OTHER.TEST", "HTTP/web@OTHER.TEST") is None  # its own principals
+    assert anykey.refusal("bob@EU.CORP.EXAMPLE", "HTTP/web@CORP.EXAMPLE") is None  # a listed realm's trusts
+    refused = anykey.refusal("alice@CORP.EXAMPLE", "HTTP/web@OTHER.TEST")
+    assert (refused.username, refused.reason) == (None, "cross_realm_not_allowed")
+    assert "the KDC of OTHER.TEST" in refused.detail
+    assert anykey.refusal("alice@CORP.EXAMPLE", "HTTP/web@corp.example").reason == "cross_realm_not_allowed"
+    # the operator named the service (and so its realm): its KDC's trusts are theirs
+    resource = CrossRealmPolicy(["USERS.EXAMPLE"], service_principal_set=True)
+    assert resource.refusal("alice@USERS.EXAMPLE", "HTTP/web@RESOURCE.EXAMPLE") is None
+
+
 def test_escaped_principals_split_like_mit():
     assert split_principal(r"a\/b@R") == (["a/b"], "R")
     assert split_principal(r"x\@y/host@R\@S") == (["x@y", "host"], "R@S")
@@ -190,28 +209,34 @@ def test_without_the_extra_enabling_the_plugin_names_it(tmp_path):
     assert "pip install 'authgw[kerberos]'" in result.stderr + result.stdout
 
 
-def test_negotiate_is_offered_and_read_only_inside_the_allowed_networks(tmp_path):
-    """Gating happens before any token parsing or keytab access (the keytab here does not exist)."""
-    import ipaddress
-    import logging
-    import time
-
+def in_process_plugin(tmp_path, **settings) -> KerberosPlugin:
+    """The plugin as the core makes it, with no other plugin registered."""
     import pluggy
 
-    from gateway import Attempt, NegotiateCredential, Outcome, hookspecs
+    from gateway import hookspecs
     from gateway.registry import PluginContext
     from gateway.settings import GatewaySettings
 
     pm = pluggy.PluginManager("authgw")
     pm.add_hookspecs(hookspecs)
     context = PluginContext(name="kerberos", config_dir=tmp_path, state_dir=tmp_path,
-                            gateway=GatewaySettings(chain=["kerberos"]), hook=pm.hook, log=logging.getLogger("test"))
-    plugin = KerberosPlugin(KerberosSettings(allowed_networks=["10.0.0.0/8", "fd00::/8"], keytab=tmp_path / "absent",
-                                             realms=["R"]), context)
+                            gateway=GatewaySettings(chain=["kerberos"]), hook=pm.hook,
+                            log=logging.getLogger("test.kerberos"))
+    return KerberosPlugin(KerberosSettings(**settings), context)
+
+
+def negotiate_attempt(client: str, token: bytes) -> Attempt:
+    return Attempt(request_id="t", client=ipaddress.ip_address(client), front_door="test",
+                   deadline=time.monotonic() + 5, negotiate=NegotiateCredential(token))
+
+
+def test_negotiate_is_offered_and_read_only_inside_the_allowed_networks(tmp_path):
+    """Gating happens before any token parsing or keytab access (the keytab here does not exist)."""
+    plugin = in_process_plugin(tmp_path, allowed_networks=["10.0.0.0/8", "fd00::/8"], keytab=tmp_path / "absent",
+                               realms=["R"])
 
     def attempt(client: str) -> Attempt:
-        return Attempt(request_id="t", client=ipaddress.ip_address(client), front_door="test",
-                       deadline=time.monotonic() + 5, negotiate=NegotiateCredential(NTLM_NEGOTIATE))
+        return negotiate_attempt(client, NTLM_NEGOTIATE)
 
     for inside in ("10.1.2.3", "fd00::5"):
         assert plugin.gateway_challenges(attempt(inside)) == "Negotiate"
@@ -220,3 +245,37 @@ def test_negotiate_is_offered_and_read_only_inside_the_allowed_networks(tmp_path
     for outside in ("192.0.2.1", "2001:db8::1", "11.0.0.1"):
         assert plugin.gateway_challenges(attempt(outside)) is None
         assert plugin.gateway_authenticate(attempt(outside)) is None
+
+
+# -- log lines ---------------------------------------------------------------------------------------------
+
+FORGED_SNAME = ("HTTP", "evil\n2026-01-01 00:00:00,000 WARNING [1] authgw: FORGED\r\x1b[2K\u2028\x00")
+
+
+def test_the_tickets_clear_text_service_name_is_escaped_in_its_description():
+    token = spnego(["krb5"], krb5_ap_req(service=FORGED_SNAME, realm="EXAMPLE.TEST\n"))
+    detail = inspect_token(token).ticket().describe()
+    assert detail.isprintable(), detail
+    assert detail == ("ticket for HTTP/evil\\n2026-01-01 00:00:00,000 WARNING [1] authgw: FORGED\\r\\x1b[2K\\u2028\\x00"
+                      "@EXAMPLE.TEST\\n (kvno 7, aes256-cts-hmac-sha1-96)")
+
+
+def test_a_refusal_naming_a_forged_service_is_logged_on_one_line(tmp_path, monkeypatch, caplog):
+    """The client's service name reaches a WARNING (wrong_principal: an operator's reason) through
+    the plugin's own logging, escaped; the refusal is not changed by it."""
+    (tmp_path / "krb5.conf").write_text("[libdefaults]\n  default_realm = EXAMPLE.TEST\n")
+    monkeypatch.setenv("KRB5_CONFIG", str(tmp_path / "krb5.conf"))
+    keytab = tmp_path / "http.keytab"
+    keytab.write_bytes(b"\x05\x02" + keytab_entry(["HTTP", "localhost"], "EXAMPLE.TEST", 7, 18))
+    keytab.chmod(0o600)
+    plugin = in_process_plugin(tmp_path, allowed_networks=["10.0.0.0/8"], keytab=keytab,
+                               service_principal="HTTP/localhost@EXAMPLE.TEST", realms=["EXAMPLE.TEST"])
+    token = spnego(["krb5"], krb5_ap_req(service=FORGED_SNAME, realm="EXAMPLE.TEST"))
+    with caplog.at_level(logging.INFO, logger="test.kerberos"):
+        decision = plugin.gateway_authenticate(negotiate_attempt("10.1.2.3", token))
+    assert (decision.outcome, decision.reason) == (Outcome.INVALID_CREDENTIALS, "kerberos.wrong_principal")
+    (record,) = [r for r in caplog.records if "kerberos.wrong_principal" in r.getMessage()]
+    message = record.getMessage()
+    assert record.levelno == logging.WARNING
+    assert message.isprintable() and "FORGED" in message, message
+    assert "HTTP/evil\\n2026-01-01" in message and "\\x1b[2K\\u2028\\x00" in message

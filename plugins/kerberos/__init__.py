@@ -11,10 +11,11 @@ Decides
     ``ntlm_not_supported``, ``malformed_token``, ``unsupported_mechanism``, ``replay``,
     ``clock_skew``, ``ticket_expired``, ``wrong_kvno``, ``key_mismatch``,
     ``keytab_entry_missing``, ``wrong_principal``, ``unsupported_enctype``, ``anonymous``,
-    ``realm_not_allowed``, ``principal_not_mapped``, ``rejected``. Each failure is logged with what
-    to check (docs/plugins/kerberos.md). ``ACCOUNT_STATE`` with the directory's reason code
-    (``ldap.disabled``, ``ldap.locked``, ``ldap.account_expired``, ``static.disabled``; password
-    states only with ``password_state_refuses``) when the looked-up account may not log in.
+    ``cross_realm_not_allowed``, ``realm_not_allowed``, ``principal_not_mapped``, ``rejected``.
+    Each failure is logged with what to check (docs/plugins/kerberos.md). ``ACCOUNT_STATE`` with
+    the directory's reason code (``ldap.disabled``, ``ldap.locked``, ``ldap.account_expired``,
+    ``static.disabled``; password states only with ``password_state_refuses``) when the looked-up
+    account may not log in.
 Abstains
     when the attempt has no Negotiate token or the client is outside ``allowed_networks`` (and
     then offers no ``Negotiate`` challenge either); when the directory does not know the mapped
@@ -24,7 +25,8 @@ Abstains
     ``kerberos.replay_cache_unavailable``).
 Settings (``kerberos:`` in conf.d)
     ``allowed_networks`` (CIDRs, required), ``keytab`` (path, required), ``service_principal``
-    (``HTTP/host@REALM``; default any key in the keytab), ``realms`` (strip_realm allowlist),
+    (``HTTP/host@REALM``; default any key in the keytab, and then a key of a realm not in
+    ``realms`` opens only tickets of its own realm's principals), ``realms`` (strip_realm allowlist),
     ``rules`` (``{match, username}`` regular-expression mapping), ``lowercase_username``,
     ``require_directory_user`` (default true), ``password_state_refuses`` (default false),
     ``replay_cache`` (default in the state directory). From the core: ``health.probe_interval``
@@ -56,9 +58,10 @@ from gateway import (
     hookimpl,
 )
 from gateway.chain import may_run_on_loop
+from gateway.logs import printable
 
 from .acceptor import HINTS, AcceptFailed, Acceptor
-from .mapping import MappingRule, PrincipalMapper
+from .mapping import CrossRealmPolicy, MappingRule, PrincipalMapper
 from .selftests import KerberosSelfTests
 from .tokens import TokenRefused, inspect_token
 
@@ -66,9 +69,11 @@ __all__ = ["KerberosPlugin", "KerberosSettings"]
 
 #: Reasons that point at the gateway's own configuration: logged as warnings. The others are
 #: the client's doing (or an attacker's) and are logged at info, the audit line has them anyway.
+#: ``cross_realm_not_allowed`` is either a trust the configuration does not name or a realm's
+#: administrator forging another realm's users: a warning both ways.
 _OPERATOR_REASONS = frozenset({"clock_skew", "wrong_kvno", "key_mismatch", "keytab_entry_missing",
                                "wrong_principal", "unsupported_enctype", "keytab_unavailable",
-                               "replay_cache_unavailable"})
+                               "replay_cache_unavailable", "cross_realm_not_allowed"})
 
 
 class KerberosSettings(PluginSettings):
@@ -82,7 +87,8 @@ class KerberosSettings(PluginSettings):
     service_principal: str | None = Field(
         None, pattern=r"^[^@\s]+(@[^@\s]+)?$",
         description="accept only tickets for this principal (HTTP/host@REALM, or HTTP/host in the default "
-                    "realm); unset: any key in the keytab")
+                    "realm); unset: any key in the keytab, a key of a realm not in `realms` opening only "
+                    "tickets of its own realm's principals")
     realms: list[str] = Field([], description="strip_realm allowlist: alice@REALM logs in as alice when REALM "
                                               "is listed (exact, case-sensitive)")
     rules: list[MappingRule] = Field([], description="regular-expression mapping rules, tried before realms; "
@@ -124,6 +130,7 @@ class KerberosPlugin:
         rcache = settings.replay_cache or Path(context.state_dir) / "kerberos" / "replay.rcache2"
         self.acceptor = Acceptor(settings.keytab, rcache, settings.service_principal)
         self.mapper = PrincipalMapper(settings.realms, settings.rules, settings.lowercase_username)
+        self.cross_realm = CrossRealmPolicy(settings.realms, settings.service_principal is not None)
         self._keytab_problem = "not loaded yet"
 
     @property
@@ -176,7 +183,7 @@ class KerberosPlugin:
                 attempt.note(Outcome.UNAVAILABLE, step=self.name, reason=f"kerberos.{exc.reason}")
                 return None
             return self._refuse(attempt, exc.reason, exc.detail)
-        mapped = self.mapper.map(accepted.principal)
+        mapped = self.cross_realm.refusal(accepted.principal, accepted.service) or self.mapper.map(accepted.principal)
         if mapped.username is None:
             return self._refuse(attempt, mapped.reason, mapped.detail)
         identity = self._identity(attempt, mapped.username, accepted.principal)
@@ -228,7 +235,7 @@ class KerberosPlugin:
                 found = hook(username=username)
             except BackendUnavailable as exc:
                 self.log.warning("kerberos: %s authenticated but the directory is unavailable (%s); attempt %s",
-                                 principal, exc.reason, attempt.request_id)
+                                 printable(principal), exc.reason, attempt.request_id)
                 attempt.note(Outcome.UNAVAILABLE, step=self.name, reason="kerberos.directory_unavailable")
                 return None
             if found is not None:
@@ -237,14 +244,14 @@ class KerberosPlugin:
                     # A ticket obtained before the account was disabled stays valid for hours:
                     # the directory's account state decides (docs/security.md).
                     self.log.info("kerberos: %s maps to %r, whose account state is %s; refused; attempt %s",
-                                  principal, username, refusal, attempt.request_id)
+                                  printable(principal), username, refusal, attempt.request_id)
                     return Decision.deny(Outcome.ACCOUNT_STATE, step=self.name, reason=refusal)
                 return Identity(subject=found.subject, username=found.username or username, method=self.name,
                                 display_name=found.display_name, email=found.email, groups=tuple(found.groups),
                                 claims={**found.claims, **claims, "directory": found.method})
             if self.settings.require_directory_user:
                 self.log.info("kerberos: %s maps to %r, which no directory knows; attempt %s",
-                              principal, username, attempt.request_id)
+                              printable(principal), username, attempt.request_id)
                 attempt.note(Outcome.USER_NOT_FOUND, step=self.name, reason="kerberos.user_not_found")
                 return None
         return Identity(subject=f"kerberos:{principal}", username=username, method=self.name, claims=claims)
@@ -256,6 +263,8 @@ class KerberosPlugin:
     def _log(self, attempt: Attempt, reason: str, detail: str) -> None:
         hint = HINTS.get(reason, "")
         level = logging.WARNING if reason in _OPERATOR_REASONS else logging.INFO
+        # The detail quotes GSSAPI's messages (MIT names the ticket's server in them) and the
+        # client's principal: the client's own text, escaped so that it stays on this line.
         self.log.log(level, "kerberos.%s from %s (attempt %s): %s%s", reason, attempt.client,
-                     attempt.request_id, detail, f"; check: {hint}" if hint else "")
+                     attempt.request_id, printable(detail), f"; check: {hint}" if hint else "")
 

@@ -69,6 +69,10 @@ HINTS = {
                           "client's TGT (klist) and the SPN",
     "realm_not_allowed": "the principal's realm is not in kerberos.realms and no kerberos.rules entry "
                          "matches: add it if that realm's users should log in",
+    "cross_realm_not_allowed": "a key in the keytab of a realm that is neither kerberos.service_principal's "
+                               "nor in kerberos.realms opened a ticket naming a client of another realm: "
+                               "that realm's KDC can name anyone so (a forged cross-realm ticket?); if its "
+                               "trust is real, set kerberos.service_principal to the service in that realm",
     "principal_not_mapped": "the principal has an instance (user/admin@REALM) or maps to an unusable "
                             "name: add a kerberos.rules entry if it should log in",
     "anonymous": "an anonymous (PKINIT) ticket proves no user",
@@ -83,6 +87,10 @@ HINTS = {
 @dataclass(frozen=True, slots=True)
 class Accepted:
     principal: str
+    #: The service principal whose key opened the ticket, as the context reports it: not the
+    #: ticket's clear-text sname and realm, which the client writes (without an acceptor name,
+    #: MIT tries every key in the keytab whatever the header says).
+    service: str
     #: The acceptor's last token (the SPNEGO accept-completed answer carrying the AP-REP, RFC
     #: 4559 section 5); the front door sends it with the 200 for mutual authentication.
     output_token: bytes
@@ -173,8 +181,11 @@ class Acceptor:
             raise AcceptFailed("unsupported_mechanism", f"the context used mechanism {result.mech}")
         if gssapi.RequirementFlag.anonymity in result.flags:
             raise AcceptFailed("anonymous", "the client authenticated anonymously")
-        principal = gss.display_name(result.initiator_name, name_type=False).name.decode("utf-8", "replace")
-        return Accepted(principal, result.token or b"")
+        target = gss.inquire_context(result.context, initiator_name=False, target_name=True, lifetime=False,
+                                     mech=False, flags=False, locally_init=False, complete=False).target_name
+        if target is None:
+            raise AcceptFailed("rejected", "the context names no acceptor")
+        return Accepted(_text(result.initiator_name), _text(target), result.token or b"")
 
     # -- explaining ----------------------------------------------------------------------------------
 
@@ -240,6 +251,10 @@ class Acceptor:
                                 f"{ticket.describe()}; keytab {index.path} has {index.describe(ticket.service)}, "
                                 f"no {enctype_name(ticket.etype)} key")
         return None
+
+
+def _text(name: gss.Name) -> str:
+    return gss.display_name(name, name_type=False).name.decode("utf-8", "replace")
 
 
 def gss_message(exc: gssapi.exceptions.GSSError) -> str:

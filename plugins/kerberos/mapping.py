@@ -14,6 +14,9 @@ Two ways, tried in this order:
 
 Realm names are compared exactly (they are case-sensitive, RFC 4120 section 6.1). Anything else
 is not mapped, and the login is refused: a trusted realm is not a license to log in as anyone.
+
+Before either, :class:`CrossRealmPolicy` checks that the realm whose key opened the ticket may
+name a client of the client's realm at all.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from pydantic import Field, field_validator
 
 from gateway import PluginSettings
 
-__all__ = ["MappingRule", "Mapped", "PrincipalMapper", "split_principal"]
+__all__ = ["CrossRealmPolicy", "MappingRule", "Mapped", "PrincipalMapper", "split_principal"]
 
 _USERNAME_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -97,3 +100,34 @@ class PrincipalMapper:
             return Mapped(None, "principal_not_mapped",
                           f"{principal} has an instance; strip_realm maps only user principals (add a rule)")
         return self._finish(components[0], principal)
+
+
+class CrossRealmPolicy:
+    """Which service realms' KDCs may name clients of other realms.
+
+    A service ticket is written by the KDC of the service's realm, client name and realm
+    included, and a KDC holding a cross-realm key ``krbtgt/ITS.REALM@CLIENT.REALM`` names clients
+    of CLIENT.REALM (RFC 4120 section 1.2). Whoever administers that KDC can create such a key and
+    so name ``alice@CORP.EXAMPLE`` without CORP.EXAMPLE taking part. Any key in the keytab opens
+    tickets when ``service_principal`` is unset, so a second realm's key would let that realm's
+    administrator log in as CORP's users. Trusted to name clients of other realms (their cross-realm
+    trusts, as in an AD forest) are the KDCs of the realms the operator named: the realm of
+    ``service_principal`` (the only key then accepted) and the realms in ``realms`` (whose
+    administrators can already mint any username through strip_realm). A key of any other realm
+    carries only principals of its own realm.
+    """
+
+    def __init__(self, realms: list[str], service_principal_set: bool) -> None:
+        self.realms = frozenset(realms)
+        self.service_principal_set = service_principal_set
+
+    def refusal(self, principal: str, service: str) -> Mapped | None:
+        """``None`` when the KDC of *service*'s realm may name *principal*, else why not."""
+        _, client_realm = split_principal(principal)
+        _, service_realm = split_principal(service)
+        if client_realm == service_realm or self.service_principal_set or service_realm in self.realms:
+            return None
+        return Mapped(None, "cross_realm_not_allowed",
+                      f"{principal} was named by the KDC of {service_realm} (the ticket is for {service}); "
+                      f"a realm neither kerberos.service_principal's nor in kerberos.realms may name only "
+                      f"its own principals")

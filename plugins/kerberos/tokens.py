@@ -14,6 +14,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from gateway.logs import printable
+
 from .der import DERError, TLV, children, oid_text, read_int, read_one, tagged
 
 __all__ = ["KRB5_OIDS", "NTLM_OID", "SPNEGO_OID", "KrbError", "NegotiateToken", "TicketInfo", "TokenProblem",
@@ -70,8 +72,10 @@ class TicketInfo:
     kvno: int | None
 
     def describe(self) -> str:
+        """For logs: the service name and realm are the client's unauthenticated bytes, so they
+        are escaped (a newline in them would start a forged log line)."""
         kvno = "no kvno" if self.kvno is None else f"kvno {self.kvno}"
-        return f"ticket for {self.service} ({kvno}, {enctype_name(self.etype)})"
+        return f"ticket for {printable(self.service)} ({kvno}, {enctype_name(self.etype)})"
 
 
 @dataclass(frozen=True, slots=True)
