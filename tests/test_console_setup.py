@@ -196,3 +196,23 @@ def test_when_the_tests_have_run_the_pid_in_the_state_dir_gets_sighup(slapd, con
         assert "reloads its configuration when the tests have run" in client.get(saved.header("Location")).text
     finally:
         stop(master)
+
+
+def test_a_refused_save_changes_nothing_through_a_symlinked_secrets_directory(console, conf_dir, tmp_path):
+    """conf.d/console may be a symlink (secrets kept elsewhere): the validation copy must not
+    write through it, or a form that says "not saved" has replaced the live password."""
+    from support.pki import CA
+
+    gw, client = console
+    secrets = tmp_path / "secrets"
+    secrets.mkdir(mode=0o700)
+    (secrets / "ldap-bind-password").write_text("the-live-password")
+    (conf_dir / "console").symlink_to(secrets)
+    before = {p.name: p.read_bytes() for p in secrets.iterdir()}
+    refused = client.post_multipart("/setup/directory", {
+        "preset": "openldap", "servers": "ldap://127.0.0.1:1", "base_dn": "dc=example,dc=com",
+        "bind_dn": "cn=svc,dc=example,dc=com", "password": "NEW-UNSAVED-PASSWORD"},
+        {"ca_upload": ("ca.pem", CA.create().pem)})
+    assert refused.status == 400 and "is plaintext" in refused.text
+    assert {p.name: p.read_bytes() for p in secrets.iterdir()} == before
+    assert not (conf_dir / "50-console.yaml").exists()

@@ -5,9 +5,10 @@ The directory step turns the form into an ``ldap:`` section, writes it as
 ``{file:}``) in a **temporary copy** of conf.d, and validates that copy exactly as
 ``authgw config check`` does (:func:`gateway.runtime.build_runtime`). Only a valid copy is moved
 into place; otherwise the form shows the same ``file:line`` messages, with the real directory's
-name. When ``ldap`` is not in ``chain:`` yet and ``chain:`` is a one-line list, ``ldap`` is put
-first in it (the only edit outside the console's own file); any other shape is left to the
-operator with a message naming the line.
+name, and nothing on disk has changed. The copy follows symlinks (``conf.d/console`` may be one):
+a file written into it never lands in the real directory. When ``ldap`` is not in ``chain:`` yet
+and ``chain:`` is a one-line list, ``ldap`` is put first in it (the only edit outside the
+console's own file); any other shape is left to the operator with a message naming the line.
 """
 
 from __future__ import annotations
@@ -155,7 +156,7 @@ def _chain_with_ldap(config_dir: Path) -> tuple[Path, str] | str | None:
 
 
 def save_directory(form: DirectoryForm, config_dir: Path, state_dir: Path) -> list[str]:
-    """Validate and save; returns the problems (empty when saved)."""
+    """Validate and save; returns the problems (empty when saved, else nothing was written)."""
     from gateway.runtime import build_runtime
 
     try:
@@ -169,7 +170,13 @@ def save_directory(form: DirectoryForm, config_dir: Path, state_dir: Path) -> li
         return problems
     with tempfile.TemporaryDirectory(prefix="authgw-console-") as tmp:
         copy = Path(tmp) / "conf.d"
-        shutil.copytree(config_dir, copy, symlinks=True)
+        # Symlinks followed: a symlink kept in the copy (conf.d/console -> /etc/secrets) would let
+        # the staged writes below replace the live files before validation.
+        try:
+            shutil.copytree(config_dir, copy, symlinks=False, ignore_dangling_symlinks=True)
+        except OSError as exc:  # shutil.Error too; e.g. a symlink loop
+            return [f"{display_name(config_dir)}: could not be copied to check it ({exc.__class__.__name__}): "
+                    "nothing saved"]
         staged: dict[str, tuple[bytes, int]] = {}
         try:
             chain_edit = _chain_with_ldap(copy)
@@ -186,7 +193,10 @@ def save_directory(form: DirectoryForm, config_dir: Path, state_dir: Path) -> li
         text = ("# Written by the authgw console (docs/console.md). The password is in "
                 f"{PASSWORD_FILE} (0600).\n" + yaml.safe_dump({"ldap": section}, sort_keys=False))
         staged[CONSOLE_FILE] = (text.encode("utf-8"), 0o644)
+        inside = copy.resolve()
         for name, (data, mode) in staged.items():
+            if not (copy / name).parent.resolve().is_relative_to(inside):  # the copy has no symlinks: never
+                return [f"{display_name(config_dir)}/{name}: leads out of conf.d: nothing saved"]
             _write_private(copy / name, data)
             os.chmod(copy / name, mode)
         try:
