@@ -226,3 +226,42 @@ def test_a_ticket_enrols_through_authgw_link(conf_dir, demo_hash, start_gateway,
         assert spent.status == 400 and 'class="error" id="ticket-result"' in spent.text
     finally:
         relay.stop()
+
+
+def _part(headers: str, value: bytes = b"x") -> bytes:
+    return (f"--B\r\nContent-Disposition: form-data; name=\"csrf\"\r\n{headers}\r\n".encode() + value
+            + b"\r\n--B--\r\n")
+
+
+#: Bodies aiohttp cannot read as a form; the charset names are the client's own text, which must
+#: reach neither the page nor the log.
+UNREADABLE = {
+    "urlencoded, invalid UTF-8": ("application/x-www-form-urlencoded", b"csrf=x&base_dn=\xff\xfe"),
+    "urlencoded, unknown charset": ("application/x-www-form-urlencoded; charset=client-cs-1", b"csrf=x"),
+    "urlencoded, not a text charset": ("application/x-www-form-urlencoded; charset=rot13", b"csrf=x"),
+    "multipart without a boundary": ("multipart/form-data", b"csrf=x"),
+    "multipart, truncated": ("multipart/form-data; boundary=B",
+                             b'--B\r\nContent-Disposition: form-data; name="csrf"\r\n\r\nabc'),
+    "multipart, a part with an unknown charset": ("multipart/form-data; boundary=B",
+                                                  _part("Content-Type: text/plain; charset=client-cs-2\r\n")),
+    "multipart, a part with an unknown transfer encoding": ("multipart/form-data; boundary=B",
+                                                            _part("Content-Transfer-Encoding: client-cte-3\r\n")),
+    "multipart, a part header without a colon": ("multipart/form-data; boundary=B", _part("client-header-4\r\n")),
+}
+
+
+def test_a_form_that_cannot_be_read_is_a_400_never_a_500(console, conf_dir, start_gateway):
+    gw = start_gateway(conf_dir)
+    client = signed_in(gw, console)
+    for kind, (content_type, body) in UNREADABLE.items():
+        for path in ("/log", "/setup/directory", "/setup/ticket", "/logout"):
+            response = client._send("POST", path, {"Content-Type": content_type}, body)
+            assert response.status == 400, (kind, path, response.status, response.text[:300])
+            assert response.header("Content-Security-Policy") and response.header("Cache-Control") == "no-store"
+            assert "could not be read" in response.text, (kind, path)
+            assert "client-" not in response.text, (kind, path)
+    assert client.post_form("/log", {}).status == 303  # the session still works
+    output = gw.output()
+    assert "Traceback" not in output and " 500 " not in output
+    assert "client-" not in output
+    assert "unreadable form" in output  # one line each, naming the kind of error only

@@ -196,3 +196,61 @@ def test_when_the_tests_have_run_the_pid_in_the_state_dir_gets_sighup(slapd, con
         assert "reloads its configuration when the tests have run" in client.get(saved.header("Location")).text
     finally:
         stop(master)
+
+
+def test_a_refused_save_changes_nothing_through_a_symlinked_secrets_directory(console, conf_dir, tmp_path):
+    """conf.d/console may be a symlink (secrets kept elsewhere): the validation copy must not
+    write through it, or a form that says "not saved" has replaced the live password."""
+    from support.pki import CA
+
+    gw, client = console
+    secrets = tmp_path / "secrets"
+    secrets.mkdir(mode=0o700)
+    (secrets / "ldap-bind-password").write_text("the-live-password")
+    (conf_dir / "console").symlink_to(secrets)
+    before = {p.name: p.read_bytes() for p in secrets.iterdir()}
+    refused = client.post_multipart("/setup/directory", {
+        "preset": "openldap", "servers": "ldap://127.0.0.1:1", "base_dn": "dc=example,dc=com",
+        "bind_dn": "cn=svc,dc=example,dc=com", "password": "NEW-UNSAVED-PASSWORD"},
+        {"ca_upload": ("ca.pem", CA.create().pem)})
+    assert refused.status == 400 and "is plaintext" in refused.text
+    assert {p.name: p.read_bytes() for p in secrets.iterdir()} == before
+    assert not (conf_dir / "50-console.yaml").exists()
+
+
+def test_saves_at_once_are_one_after_the_other(conf_dir, demo_hash, start_gateway):
+    """Two workers, eight saves at a time: each is whole (no 500, no stray temporary file), and
+    the password on disk is the one of the request whose YAML is on disk."""
+    import threading
+
+    port = free_port()
+    console_conf(conf_dir, port, demo_hash)
+    gw = start_gateway(conf_dir, workers=2)
+    signed = ConsoleClient(f"http://127.0.0.1:{port}")
+    assert signed.get(link_path(console_link(gw))).status == 303
+    signed.get("/setup")
+
+    def password(i: int) -> str:
+        return f"pw-of-acct{i}:" + str(i) * (5000 * (i % 4))
+
+    def save(i: int, statuses: dict) -> None:
+        client = ConsoleClient(signed.base)
+        client.cookies, client.csrf = dict(signed.cookies), signed.csrf
+        statuses[i] = client.post_form("/setup/directory", {
+            "preset": "openldap", "servers": f"ldaps://127.0.0.{i + 1}:1", "base_dn": "dc=x",
+            "bind_dn": f"cn=acct{i},dc=x", "password": password(i)}).status
+
+    for _ in range(3):
+        statuses: dict[int, int] = {}
+        threads = [threading.Thread(target=save, args=(i, statuses)) for i in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert sorted(statuses.values()) == [303] * 8, (statuses, gw.output()[-3000:])
+        account = yaml.safe_load((conf_dir / "50-console.yaml").read_text())["ldap"]["bind_dn"]
+        i = int(account.split(",")[0].removeprefix("cn=acct"))
+        assert (conf_dir / "console" / "ldap-bind-password").read_text() == password(i)
+        assert sorted(p.name for p in (conf_dir / "console").iterdir()) == ["ldap-bind-password"]
+        assert not list(conf_dir.glob(".*"))
+    assert "Traceback" not in gw.output()

@@ -16,7 +16,7 @@ import jinja2
 from aiohttp import web
 
 from gateway.plugins.console import setup
-from gateway.plugins.console.access import SESSION_KEY, Guard
+from gateway.plugins.console.access import FORM_KEY, SESSION_KEY, Guard
 from gateway.plugins.console.configlog import describe, start_run
 from gateway.plugins.console.status import RecentEvents, collect
 from gateway.plugins.console.store import ConsoleStore
@@ -113,7 +113,7 @@ class Pages:
         return self._setup(request)
 
     async def ticket(self, request: web.Request) -> web.StreamResponse:
-        data = await request.post()
+        data = request[FORM_KEY]
         url = data.get("ticket_url", "")
         ca = data.get("ticket_ca", "")
         url = url.strip() if isinstance(url, str) else ""
@@ -128,7 +128,7 @@ class Pages:
                            ticket_url="" if ok else url[:2048])
 
     async def directory(self, request: web.Request) -> web.StreamResponse:
-        form = setup.DirectoryForm.from_post(await request.post())
+        form = setup.DirectoryForm.from_post(request[FORM_KEY])
         loop = asyncio.get_running_loop()
         problems = await loop.run_in_executor(None, setup.save_directory, form, self.config_dir, self.state_dir)
         if problems:

@@ -5,13 +5,19 @@ The directory step turns the form into an ``ldap:`` section, writes it as
 ``{file:}``) in a **temporary copy** of conf.d, and validates that copy exactly as
 ``authgw config check`` does (:func:`gateway.runtime.build_runtime`). Only a valid copy is moved
 into place; otherwise the form shows the same ``file:line`` messages, with the real directory's
-name. When ``ldap`` is not in ``chain:`` yet and ``chain:`` is a one-line list, ``ldap`` is put
-first in it (the only edit outside the console's own file); any other shape is left to the
-operator with a message naming the line.
+name, and nothing on disk has changed. The copy follows symlinks (``conf.d/console`` may be one):
+a file written into it never lands in the real directory. When ``ldap`` is not in ``chain:`` yet
+and ``chain:`` is a one-line list, ``ldap`` is put first in it (the only edit outside the
+console's own file); any other shape is left to the operator with a message naming the line.
+
+One save at a time, across workers (an exclusive ``flock`` on ``<state_dir>/console-save.lock``
+from the check to the last file written); each file is written to a temporary file of its own
+(``mkstemp``), then renamed over the old one.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
@@ -19,6 +25,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -36,6 +43,7 @@ CONSOLE_FILE = "50-console.yaml"
 SECRETS_DIR = "console"  # below conf.d: the bind password and an uploaded CA
 PASSWORD_FILE = f"{SECRETS_DIR}/ldap-bind-password"
 CA_FILE = f"{SECRETS_DIR}/ldap-ca.pem"
+SAVE_LOCK = "console-save.lock"  # in the state directory
 PRESETS = {"active_directory": "Active Directory", "openldap": "OpenLDAP", "freeipa": "FreeIPA"}
 _CHAIN_LINE = re.compile(r"^(chain:\s*\[)([^\]#]*)(\]\s*(#.*)?)$")
 ENROL_TIMEOUT = 60.0
@@ -125,14 +133,34 @@ def _check_upload(data: bytes) -> str | None:
     return None
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def _write_file(path: Path, data: bytes, mode: int) -> None:
+    """Replace *path* with *data*: a temporary file of this write's own beside it (0600 from its
+    creation, ``mkstemp``), given *mode*, then renamed over *path*."""
     path.parent.mkdir(mode=0o700, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            os.fchmod(out.fileno(), mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def _one_save_at_a_time(state_dir: Path):
+    """An exclusive ``flock`` on ``<state_dir>/console-save.lock`` for one whole save (validate
+    and write), so that saves from two workers (or two threads of one) never interleave their
+    files. flock locks belong to the open file, so two threads of one process exclude each
+    other too."""
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(state_dir / SAVE_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _chain_with_ldap(config_dir: Path) -> tuple[Path, str] | str | None:
@@ -155,7 +183,12 @@ def _chain_with_ldap(config_dir: Path) -> tuple[Path, str] | str | None:
 
 
 def save_directory(form: DirectoryForm, config_dir: Path, state_dir: Path) -> list[str]:
-    """Validate and save; returns the problems (empty when saved)."""
+    """Validate and save; returns the problems (empty when saved, else nothing was written)."""
+    with _one_save_at_a_time(state_dir):
+        return _save_directory(form, config_dir, state_dir)
+
+
+def _save_directory(form: DirectoryForm, config_dir: Path, state_dir: Path) -> list[str]:
     from gateway.runtime import build_runtime
 
     try:
@@ -169,7 +202,13 @@ def save_directory(form: DirectoryForm, config_dir: Path, state_dir: Path) -> li
         return problems
     with tempfile.TemporaryDirectory(prefix="authgw-console-") as tmp:
         copy = Path(tmp) / "conf.d"
-        shutil.copytree(config_dir, copy, symlinks=True)
+        # Symlinks followed: a symlink kept in the copy (conf.d/console -> /etc/secrets) would let
+        # the staged writes below replace the live files before validation.
+        try:
+            shutil.copytree(config_dir, copy, symlinks=False, ignore_dangling_symlinks=True)
+        except OSError as exc:  # shutil.Error too; e.g. a symlink loop
+            return [f"{display_name(config_dir)}: could not be copied to check it ({exc.__class__.__name__}): "
+                    "nothing saved"]
         staged: dict[str, tuple[bytes, int]] = {}
         try:
             chain_edit = _chain_with_ldap(copy)
@@ -186,9 +225,11 @@ def save_directory(form: DirectoryForm, config_dir: Path, state_dir: Path) -> li
         text = ("# Written by the authgw console (docs/console.md). The password is in "
                 f"{PASSWORD_FILE} (0600).\n" + yaml.safe_dump({"ldap": section}, sort_keys=False))
         staged[CONSOLE_FILE] = (text.encode("utf-8"), 0o644)
+        inside = copy.resolve()
         for name, (data, mode) in staged.items():
-            _write_private(copy / name, data)
-            os.chmod(copy / name, mode)
+            if not (copy / name).parent.resolve().is_relative_to(inside):  # the copy has no symlinks: never
+                return [f"{display_name(config_dir)}/{name}: leads out of conf.d: nothing saved"]
+            _write_file(copy / name, data, mode)
         try:
             build_runtime(copy, state_dir=state_dir).discard()
         except ConfigError as exc:
@@ -196,8 +237,7 @@ def save_directory(form: DirectoryForm, config_dir: Path, state_dir: Path) -> li
         except (AuthgwError, OSError) as exc:
             return _real_names([str(exc)], copy, config_dir)
         for name, (data, mode) in staged.items():
-            _write_private(config_dir / name, data)
-            os.chmod(config_dir / name, mode)
+            _write_file(config_dir / name, data, mode)
     return []
 
 

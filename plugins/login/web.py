@@ -21,6 +21,7 @@ from typing import Awaitable, Callable
 from aiohttp import web
 
 from gateway import Decision, Outcome
+from gateway.http import forms
 from gateway.http.credentials import MalformedCredentials, parse_authorization, single_authorization
 from gateway.logs import printable
 
@@ -53,11 +54,12 @@ class UnreadableBody(Refused):
 
 
 async def read_form(request: web.Request):
-    """``await request.post()``, a body aiohttp cannot parse raising :class:`UnreadableBody`."""
+    """:func:`gateway.http.forms.read_form`, a body it cannot read raising :class:`UnreadableBody`
+    (``login.malformed``, answered by :meth:`LoginDoor.guarded`)."""
     try:
-        return await request.post()
-    except (ValueError, LookupError, UnicodeDecodeError, AssertionError) as exc:
-        raise UnreadableBody("login.malformed", f"unreadable body: {exc.__class__.__name__}") from None
+        return await forms.read_form(request)
+    except forms.UnreadableForm as exc:
+        raise UnreadableBody("login.malformed", str(exc)) from None
 
 
 def _message_key(decision: Decision) -> str:
