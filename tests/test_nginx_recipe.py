@@ -27,7 +27,8 @@ def recipe(gateway_port: int, nginx_port: int, app_port: int) -> str:
     # The application: echoes what nginx passed on to it.
     app = (f"upstream app {{ server 127.0.0.1:{app_port}; }}\n"
            f"server {{ listen 127.0.0.1:{app_port}; location / {{ default_type text/plain; "
-           "return 200 \"user=$http_remote_user authorization=[$http_authorization]\\n\"; } }\n")
+           "return 200 \"user=$http_remote_user authorization=[$http_authorization]\\n"
+           "groups=[$http_remote_groups] email=[$http_remote_email] name=[$http_remote_name]\\n\"; } }\n")
     return app + text
 
 
@@ -54,8 +55,19 @@ def test_the_application_gets_the_user_but_never_the_password(site):
     gw, nginx = site("throttle: {user_failures: 3, user_client_failures: 2, window: 600}\n")
     r = request(nginx.url, "GET", "/page", {"Authorization": basic("alice", "demo-password")})
     assert r.status == 200, r.body
-    assert r.text == "user=alice authorization=[]\n", "Remote-User passed on, the Basic password dropped"
+    assert r.text.splitlines()[0] == "user=alice authorization=[]", "Remote-User passed on, the Basic password dropped"
     assert b"demo-password" not in r.body and basic("alice", "demo-password").encode() not in r.body
+
+
+def test_a_clients_own_remote_headers_never_reach_the_application(site):
+    gw, nginx = site("")
+    forged = {"Remote-User": "admin", "Remote-Groups": "admins", "Remote-Email": "boss@example.com",
+              "Remote-Name": "The Boss", "Remote_User": "admin"}
+    r = request(nginx.url, "GET", "/page", {"Authorization": basic("alice", "demo-password"), **forged})
+    assert r.status == 200, r.body
+    # alice's static entry has no groups, email or name: the application sees them empty, not forged
+    assert r.text == "user=alice authorization=[]\ngroups=[] email=[] name=[]\n", r.text
+    assert b"admin" not in r.body and b"boss" not in r.body.lower()
 
 
 def test_throttled_is_429_with_retry_after_through_nginx(site):
