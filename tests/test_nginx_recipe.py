@@ -28,7 +28,8 @@ def recipe(gateway_port: int, nginx_port: int, app_port: int) -> str:
     app = (f"upstream app {{ server 127.0.0.1:{app_port}; }}\n"
            f"server {{ listen 127.0.0.1:{app_port}; location / {{ default_type text/plain; "
            "return 200 \"user=$http_remote_user authorization=[$http_authorization]\\n"
-           "groups=[$http_remote_groups] email=[$http_remote_email] name=[$http_remote_name]\\n\"; } }\n")
+           "groups=[$http_remote_groups] email=[$http_remote_email] name=[$http_remote_name] "
+           "source=[$http_remote_auth_source]\\n\"; } }\n")
     return app + text
 
 
@@ -62,11 +63,11 @@ def test_the_application_gets_the_user_but_never_the_password(site):
 def test_a_clients_own_remote_headers_never_reach_the_application(site):
     gw, nginx = site("")
     forged = {"Remote-User": "admin", "Remote-Groups": "admins", "Remote-Email": "boss@example.com",
-              "Remote-Name": "The Boss", "Remote_User": "admin"}
+              "Remote-Name": "The Boss", "Remote-Auth-Source": "forged", "Remote_User": "admin"}
     r = request(nginx.url, "GET", "/page", {"Authorization": basic("alice", "demo-password"), **forged})
     assert r.status == 200, r.body
     # alice's static entry has no groups, email or name: the application sees them empty, not forged
-    assert r.text == "user=alice authorization=[]\ngroups=[] email=[] name=[]\n", r.text
+    assert r.text == "user=alice authorization=[]\ngroups=[] email=[] name=[] source=[live]\n", r.text
     assert b"admin" not in r.body and b"boss" not in r.body.lower()
 
 
