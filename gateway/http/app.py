@@ -20,6 +20,7 @@ import time
 from collections.abc import Mapping
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from gateway.chain import CLIENT_GONE, Gateway
 from gateway.errors import PluginLoadError
@@ -259,9 +260,11 @@ class FrontDoor:
         try:
             body = await asyncio.wait_for(read_body(request, _MAX_JSON_BYTES),
                                           self.gateway.settings.limits.body_timeout)
-        except asyncio.TimeoutError:
+        except (asyncio.TimeoutError, RequestPayloadError) as exc:
             # Any body the API cannot read is a 400 (issue 10 item 5); the connection is not reused.
-            return web.json_response({"error": "bad_request", "detail": "the body did not arrive in time"},
+            detail = ("the body did not arrive in time" if isinstance(exc, asyncio.TimeoutError)
+                      else "the body could not be decoded (Content-Encoding)")
+            return web.json_response({"error": "bad_request", "detail": detail},
                                      status=400, headers={"Connection": "close"})
         try:
             if len(body) > _MAX_JSON_BYTES:
@@ -323,7 +326,8 @@ class FrontDoor:
 
 async def read_body(request: web.Request, limit: int) -> bytes:
     """The request body, or its first ``limit + 1`` bytes when it is longer (so the caller can
-    refuse it). Bound the wait with ``asyncio.wait_for(..., limits.body_timeout)``."""
+    refuse it). Bound the wait with ``asyncio.wait_for(..., limits.body_timeout)``; a
+    ``Content-Encoding`` that does not decode raises ``RequestPayloadError``."""
     body = b""
     while len(body) <= limit:  # read() returns what has arrived, not all of it
         chunk = await request.content.read(limit + 1 - len(body))
