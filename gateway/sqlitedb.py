@@ -11,11 +11,23 @@ is in WAL mode already (the mode is kept in the file).
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from os import PathLike
 
-__all__ = ["connect_wal"]
+__all__ = ["connect_wal", "create_private"]
+
+
+def create_private(path: str | PathLike[str]) -> None:
+    """Create *path* empty and private (0600) unless it exists, without ever opening an existing
+    file: closing any descriptor of a database file releases every POSIX lock this process holds
+    on it, SQLite's in other threads included (https://www.sqlite.org/howtocorrupt.html, section
+    2.2), and another thread's transaction then runs unlocked against other processes."""
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600))
+    except FileExistsError:
+        pass
 
 
 def connect_wal(path: str | PathLike[str], *, timeout: float = 5.0, check_same_thread: bool = True,

@@ -20,7 +20,7 @@ from typing import Protocol
 
 from gateway.health import redis_location
 from gateway.settings import ThrottleSettings
-from gateway.sqlitedb import connect_wal
+from gateway.sqlitedb import connect_wal, create_private
 
 __all__ = ["MemoryStore", "RedisStore", "SQLiteStore", "StoreUnavailable", "ThrottleStore", "open_store"]
 
@@ -140,8 +140,7 @@ class SQLiteStore:
 
     def _db(self) -> sqlite3.Connection:
         if self._conn is None or self._pid != os.getpid():
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)  # private from the first byte
-            os.close(fd)
+            create_private(self.path)  # private from the first byte
             conn = connect_wal(self.path, timeout=5.0, check_same_thread=False)  # every worker at once
             conn.execute("PRAGMA synchronous=NORMAL")  # counts may be lost by a power cut, not corrupted
             conn.execute("CREATE TABLE IF NOT EXISTS failure (key TEXT NOT NULL, at REAL NOT NULL, "

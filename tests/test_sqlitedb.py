@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import multiprocessing
 import sqlite3
+import subprocess
+import sys
 
 from gateway.sqlitedb import connect_wal
 
@@ -61,3 +63,44 @@ def test_an_error_other_than_locked_is_raised_at_once(tmp_path):
         assert "locked" not in str(exc)
     else:
         raise AssertionError("a file that is not a database was opened")
+
+
+def _lock_state(path) -> str:
+    """Whether another process can take a write lock on *path* at once."""
+    code = ("import sqlite3, sys\nc = sqlite3.connect(sys.argv[1], timeout=0, isolation_level=None)\n"
+            "try:\n    c.execute('BEGIN IMMEDIATE')\n    print('free')\nexcept sqlite3.OperationalError:\n"
+            "    print('locked')\n")
+    return subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                          timeout=30).stdout.strip()
+
+
+def test_a_new_store_on_the_same_file_keeps_another_threads_lock(tmp_path) -> None:
+    """A reload makes a new store object on the file another thread is writing: opening it must
+    not close a descriptor of the file, which drops every POSIX lock of the process (SQLite's
+    "How To Corrupt" 2.2). Seen as "disk I/O error" in console self-test runs during saves."""
+    from gateway.plugins.console.store import ConsoleStore
+
+    path = tmp_path / "console.sqlite"
+    ConsoleStore(path).new_run()
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        assert _lock_state(path) == "locked"
+        ConsoleStore(path)._connect().close()  # the reloaded plugin's store, first use
+        assert _lock_state(path) == "locked", "opening the store again released this process's lock"
+    finally:
+        holder.rollback()
+        holder.close()
+    assert _lock_state(path) == "free"
+
+
+def test_create_private_makes_a_private_file_and_leaves_an_existing_one(tmp_path) -> None:
+    from gateway.sqlitedb import create_private
+
+    path = tmp_path / "db.sqlite"
+    create_private(path)
+    assert path.exists() and path.stat().st_mode & 0o777 == 0o600
+    path.write_bytes(b"kept")
+    path.chmod(0o640)
+    create_private(path)
+    assert path.read_bytes() == b"kept" and path.stat().st_mode & 0o777 == 0o640

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Protocol
 
-from gateway.sqlitedb import connect_wal
+from gateway.sqlitedb import connect_wal, create_private
 
 __all__ = ["Entry", "FORGOTTEN_FOR", "FUTURE_TOLERANCE", "SQLiteStore", "Store", "StoreError", "TAKEN", "AT_LIMIT",
            "GONE"]
@@ -145,10 +145,7 @@ class SQLiteStore:
             mode = stat.S_IMODE(os.stat(self.path).st_mode)
         except FileNotFoundError:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            try:
-                os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600))
-            except FileExistsError:
-                pass
+            create_private(self.path)
             return
         if mode & 0o077:
             os.chmod(self.path, 0o600)

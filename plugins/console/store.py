@@ -10,13 +10,14 @@ Expiry uses wall-clock time (``time.time``): it is compared across processes, wh
 from __future__ import annotations
 
 import hashlib
-import os
 import secrets
 import sqlite3
 import time
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
+
+from gateway.sqlitedb import create_private
 
 __all__ = ["ConsoleStore", "Session", "TestRow"]
 
@@ -64,8 +65,7 @@ class ConsoleStore:
     def _connect(self) -> sqlite3.Connection:
         if not self._ready:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-            os.close(fd)
+            create_private(self.path)
         conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
         conn.execute("PRAGMA busy_timeout = 5000")
         if not self._ready:
