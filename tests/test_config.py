@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -445,3 +446,51 @@ def test_a_timeout_above_the_deadline_is_reported_with_the_other_ldap_problems(c
         ["conf.d/ldap.yaml:8", "ldap.receive_timeout"], ["conf.d/ldap.yaml:7", "ldap.ca_file"]]
     assert found[0].endswith("ldap.receive_timeout: 3.0s is not below the gateway's deadline (2.0s); an attempt "
                              "would end before the server could answer")
+
+
+@pytest.mark.parametrize("url, problem", [
+    ("http://localhost.evil.example/cb", "plain http only on the loopback"),
+    ("http://127.0.0.1.nip.io/cb", "plain http only on the loopback"),
+    ("http://[::1].evil.example/cb", "plain http only on the loopback"),
+    ("http://127.0.0.1@evil.example/", "no user name or password"),
+    ("https://rp.example.test@evil.example/cb", "no user name or password"),
+    ("https://rp.example.test/cb#frag", "no fragment"),
+])
+def test_login_urls_are_read_by_their_host_not_their_prefix(url, problem):
+    from pydantic import ValidationError
+
+    from gateway.plugins.login.settings import LoginSettings
+
+    for where in ({"oidc": {"clients": [{"client_id": "rp", "redirect_uris": [url], "client_secret": {"env": "X"}}]}},
+                  {"saml": {"service_providers": [{"entity_id": "sp", "acs_urls": [url]}]}},
+                  {"wsfed": {"relying_parties": [{"realm": "r", "reply_urls": [url]}]}}):
+        with pytest.raises(ValidationError, match=re.escape(problem)):
+            LoginSettings.model_validate({"base_url": "https://login.example.test", **where})
+    if "#" not in url:
+        with pytest.raises(ValidationError, match=re.escape(problem)):
+            LoginSettings.model_validate({"base_url": url})
+    for good in ("http://127.0.0.1:8080/cb", "http://localhost/cb", "http://[::1]:9000/cb", "https://rp.example.test/cb"):
+        settings = LoginSettings.model_validate({"base_url": "https://login.example.test", "saml": {
+            "service_providers": [{"entity_id": "sp", "acs_urls": [good]}]}})
+        assert settings.saml.service_providers[0].acs_urls == [good]
+
+
+def test_a_login_url_refused_names_its_file_line_and_key(conf_dir):
+    write_conf(conf_dir, {**USERS, "gateway.yaml": "chain: [static]\nplugins: [login]\n", "login.yaml": """\
+        login:
+          base_url: https://login.example.test
+          saml:
+            service_providers:
+              - entity_id: sp
+                acs_urls: ["http://localhost.evil.example/acs"]
+          oidc:
+            clients:
+              - client_id: rp
+                client_secret: {env: OPS_TEST_SECRET}
+                redirect_uris: ["https://rp.example.test/cb#x"]
+        """})
+    found = errors(check(conf_dir, {"OPS_TEST_SECRET": "x" * 32}))
+    assert any(line.startswith("error: conf.d/login.yaml:6: login.saml.service_providers[0].acs_urls: ")
+               and "localhost.evil.example" in line for line in found), found
+    assert any(line.startswith("error: conf.d/login.yaml:11: login.oidc.clients[0].redirect_uris: ")
+               and "no fragment" in line for line in found), found

@@ -5,14 +5,20 @@ requests made by pysaml2 (independent of the code under test)."""
 from __future__ import annotations
 
 import base64
+import http.client
 import re
 import datetime as dt
+import ssl
 import time
 import zlib
-from urllib.parse import quote_plus, urlencode, urlsplit
+from types import SimpleNamespace
+from urllib.parse import quote, quote_plus, urlencode, urlsplit
 
 import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding
 
+from gateway.plugins.login.saml import RSA_SHA256
 from gateway.plugins.login.web import Refused
 from gateway.plugins.login.xmlsafe import inflate_redirect, parse_xml
 from support.login import LoginSite
@@ -225,6 +231,91 @@ def test_a_binding_parameter_twice_is_refused_so_the_message_read_is_the_one_sig
     assert refused(response) == "login.malformed"
     twice = f"SAMLRequest={quote_plus(forged)}&SAMLRequest={quote_plus(forged)}"
     assert refused(client.get(f"{idp.url}/saml/slo?{twice}", allow_redirects=False)) == "login.malformed"
+
+
+def raw_get(idp, target: str):
+    """GET with the request target sent byte for byte (requests would turn ``%53`` into ``S``)."""
+    connection = http.client.HTTPSConnection("localhost", idp.port, timeout=15,
+                                             context=ssl.create_default_context(cafile=str(idp.ca_file)))
+    try:
+        connection.putrequest("GET", target, skip_accept_encoding=True)
+        connection.endheaders()
+        response = connection.getresponse()
+        return SimpleNamespace(status_code=response.status, headers=dict(response.getheaders()),
+                               text=response.read().decode("utf-8", "replace"))
+    finally:
+        connection.close()
+
+
+def test_a_percent_encoded_relay_state_name_cannot_join_a_signed_request(idp, tmp_path):
+    # Relay%53tate is RelayState to aiohttp's query reader, but was not part of the signed octets:
+    # a RelayState of the attacker's choice rode on the SP's signed request.
+    sp = SamlSP(tmp_path, idp.metadata, acs=SIGNED_ACS, entity_id=SIGNED_ID, sign_requests=True, keys=idp.signer)
+    _, url = sp.redirect_request()
+    assert "Signature=" in url and "RelayState" not in url
+    response = raw_get(idp, url[len(idp.url):] + "&Relay%53tate=https%3A%2F%2Fevil.example%2F")
+    assert refused(response) == "login.malformed"
+    # the same request, unchanged, is still good (the refusal did not spend it)
+    assert idp.client().get(url, allow_redirects=False).status_code == 303
+
+
+def test_a_signature_over_another_message_does_not_open_a_forged_request(idp):
+    # The attacker has a signed HTTP-Redirect message of the SP whose field is SAMLResponse (its
+    # LogoutResponse), and sends it beside a forged AuthnRequest named SAML%52equest: the
+    # signature was checked over SAMLResponse=..&SigAlg=.., the message read was the forgery.
+    key = serialization.load_pem_private_key(idp.signer[1].read_bytes(), None)
+    captured = quote(deflated(b"<LogoutResponse/>"), safe="")
+    octets = f"SAMLResponse={captured}&SigAlg={quote(RSA_SHA256, safe='')}"
+    signature = quote(base64.b64encode(key.sign(octets.encode(), padding.PKCS1v15(), hashes.SHA256())).decode(),
+                      safe="")
+    forged = quote(deflated(authn_request(idp.url, issuer=SIGNED_ID, acs=SIGNED_ACS, request_id="_forged")), safe="")
+    response = raw_get(idp, f"/saml/sso?SAML%52equest={forged}&{octets}&Signature={signature}")
+    assert refused(response) == "login.malformed"
+    # the reverse at /saml/slo, and both message fields by their plain names
+    response = raw_get(idp, f"/saml/slo?SAML%52equest={forged}&{octets}&Signature={signature}")
+    assert refused(response) == "login.malformed"
+    response = raw_get(idp, f"/saml/sso?SAMLRequest={forged}&{octets}&Signature={signature}")
+    assert refused(response) == "login.malformed"
+    assert refused(raw_get(idp, f"/saml/sso?{octets}&Signature={signature}")) == "login.malformed"
+    assert "Traceback" not in idp.gw.output()
+
+
+def test_the_redirect_query_is_read_once_raw_and_decoded_together():
+    from gateway.plugins.login.saml import read_redirect_query
+
+    query = read_redirect_query("x=1&SAMLRequest=a%2Bb%3D&Signature=c%3D&SigAlg=s%3Aa&RelayState=r+1%21")
+    assert (query.field, query.message, query.relay_state, query.sig_alg, query.signature) == \
+        ("SAMLRequest", "a+b=", "r 1!", "s:a", "c=")
+    # bindings 3.4.4.1: the raw values, message, RelayState, SigAlg; Signature and others left out
+    assert query.signed_octets == "SAMLRequest=a%2Bb%3D&RelayState=r+1%21&SigAlg=s%3Aa"
+    assert read_redirect_query("SAMLResponse=a&SigAlg=s", None).signed_octets == "SAMLResponse=a&SigAlg=s"
+    for raw, expected in [("SAML%52equest=a", "SAMLRequest"), ("SAMLRequest=a&Relay%53tate=b", "SAMLRequest"),
+                          ("SAMLRequest=a&SAMLRequest=b", "SAMLRequest"), ("SAMLRequest=a&SigAlg=s&SigAlg=t", None),
+                          ("SAMLRequest=a&SAMLResponse=b", None), ("SAMLResponse=a", "SAMLRequest"),
+                          ("SAMLRequest=a", "SAMLResponse"), ("SAMLRequest=a&RelayState=%FF", "SAMLRequest")]:
+        with pytest.raises(Refused) as caught:
+            read_redirect_query(raw, expected)
+        assert caught.value.reason == "login.malformed", raw
+
+
+def test_a_signature_opens_one_request_even_if_it_was_checked_over_another():
+    # Defence in depth: were a signature ever checked over another message than the one read (the
+    # bug above), the same signature value still opens one request, whatever ID the forgery has.
+    from gateway.plugins.login.saml import BindingMessage, SamlIdp, read_redirect_query
+
+    seen: set[str] = set()
+    sp = SimpleNamespace(entity_id=SIGNED_ID)
+    idp = SimpleNamespace(
+        checker=SimpleNamespace(certificates={SIGNED_ID: None}, verify_redirect_signature=lambda sp, query: None),
+        settings=SimpleNamespace(saml=SimpleNamespace(request_lifetime=300), clock_skew=120),
+        web=SimpleNamespace(sessions=SimpleNamespace(first_use=lambda ns, ident, _: not (
+            (ns, ident) in seen or seen.add((ns, ident))))))
+    query = read_redirect_query("SAMLRequest=a&SigAlg=s&Signature=" + quote(base64.b64encode(b"sig").decode()))
+    message = BindingMessage("SAMLRequest", b"", "", query)
+    SamlIdp.verify_signed(idp, message, sp, parse_xml(b'<r ID="_one"/>'))
+    with pytest.raises(Refused) as caught:
+        SamlIdp.verify_signed(idp, message, sp, parse_xml(b'<r ID="_two"/>'))
+    assert caught.value.reason == "saml.request_replayed"
 
 
 @pytest.mark.parametrize("content_type", ["application/x-www-form-urlencoded; charset=bogus", "multipart/form-data",

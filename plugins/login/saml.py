@@ -14,7 +14,10 @@ handlers at the bottom do the HTTP.
 
 Signatures are made and verified by signxml (exclusive C14N, RSA-SHA256); the HTTP-Redirect
 request signature (bindings section 3.4.4.1) is checked over the raw query octets with
-``cryptography``.
+``cryptography``. The query is parsed once (:func:`read_redirect_query`): the message, RelayState
+and SigAlg read are those whose raw values were verified; a binding parameter with a
+percent-encoded name or given twice, both ``SAMLRequest`` and ``SAMLResponse``, or the message
+field another endpoint takes, is ``login.malformed``.
 """
 
 from __future__ import annotations
@@ -44,7 +47,8 @@ from .settings import NAMEID_FORMATS, LoginSettings, SamlServiceProvider
 from .xmlsafe import decode_post, inflate_redirect, parse_xml
 from .web import Refused, read_form
 
-__all__ = ["AuthnRequest", "RequestChecker", "ResponseBuilder", "SamlIdp"]
+__all__ = ["AuthnRequest", "BindingMessage", "RedirectQuery", "RequestChecker", "ResponseBuilder", "SamlIdp",
+           "read_redirect_query"]
 
 SAMLP = "urn:oasis:names:tc:SAML:2.0:protocol"
 SAML = "urn:oasis:names:tc:SAML:2.0:assertion"
@@ -137,30 +141,25 @@ class RequestChecker:
             raise Refused("saml.request_expired", request.issue_instant[:40])
         return sp, acs
 
-    def verify_redirect_signature(self, sp: SamlServiceProvider, raw_query: str) -> None:
-        """HTTP-Redirect: the signature is over ``SAMLRequest=..&RelayState=..&SigAlg=..`` (or
-        ``SAMLResponse=..``) as sent (URL-encoded), SAML bindings section 3.4.4.1."""
-        pairs = [p.split("=", 1) for p in raw_query.split("&") if "=" in p]
-        parts = dict(pairs)
-        if len(parts) != len(pairs) and any(sum(k == name for k, _ in pairs) > 1 for name in BINDING_PARAMETERS):
-            # the message read (the first) and the one verified (the last) would differ
-            raise Refused("login.malformed", "a SAML binding parameter appears more than once")
-        if "Signature" not in parts or "SigAlg" not in parts:
+    def verify_redirect_signature(self, sp: SamlServiceProvider, query: RedirectQuery) -> None:
+        """HTTP-Redirect: the signature over the raw octets of the parameters that were read
+        (:func:`read_redirect_query`), SAML bindings section 3.4.4.1."""
+        if query.signature is None or query.sig_alg is None:
             raise Refused("saml.signature_missing", sp.entity_id[:200])
-        if unquote_plus(parts["SigAlg"]) != RSA_SHA256:
+        if query.sig_alg != RSA_SHA256:
             raise Refused("saml.signature_invalid", "only rsa-sha256 is accepted")
-        octets = "&".join(f"{k}={parts[k]}" for k in ("SAMLRequest", "SAMLResponse", "RelayState", "SigAlg")
-                          if k in parts)
         try:
-            signature = base64.b64decode(unquote_plus(parts["Signature"]), validate=True)
-            self.certificates[sp.entity_id].public_key().verify(signature, octets.encode("ascii"),
+            self.certificates[sp.entity_id].public_key().verify(_signature_bytes(query.signature),
+                                                                query.signed_octets.encode("ascii"),
                                                                 padding.PKCS1v15(), hashes.SHA256())
         except (InvalidSignature, ValueError, TypeError):
             raise Refused("saml.signature_invalid", sp.entity_id[:200]) from None
 
-    def verify_post_signature(self, sp: SamlServiceProvider, data: bytes, root: etree._Element) -> etree._Element:
+    def verify_post_signature(self, sp: SamlServiceProvider, data: bytes,
+                              root: etree._Element) -> tuple[etree._Element, bytes]:
         """HTTP-POST: an enveloped XML signature over the whole AuthnRequest; returns the signed
-        element (only what was signed is used, against signature wrapping)."""
+        element (only what was signed is used, against signature wrapping) and the value of the
+        signature that was checked."""
         if root.find(f"{{{DS}}}Signature") is None:
             raise Refused("saml.signature_missing", sp.entity_id[:200])
         pem = self.certificates[sp.entity_id].public_bytes(Encoding.PEM)
@@ -174,21 +173,95 @@ class RequestChecker:
         signed = result.signed_xml
         if signed is None or signed.tag != root.tag or signed.get("ID") != root.get("ID"):
             raise Refused("saml.signature_invalid", "the signature does not cover the request")
-        return signed
+        try:
+            value = _signature_bytes(result.signature_xml.findtext(f"{{{DS}}}SignatureValue") or "")
+        except ValueError:
+            raise Refused("saml.signature_invalid", "unreadable signature value") from None
+        return signed, value
 
 
 #: The parameters of the SAML bindings (bindings section 3.4.4 and 3.5.4): each at most once. With
 #: two, the message read and the one whose signature was checked could differ.
 BINDING_PARAMETERS = ("SAMLRequest", "SAMLResponse", "RelayState", "SigAlg", "Signature")
+#: The message parameters: a query or form carries exactly one, the one its endpoint expects.
+MESSAGE_FIELDS = ("SAMLRequest", "SAMLResponse")
 #: An AssertionConsumerServiceIndex (xs:unsignedShort), in ASCII digits (str.isdigit() takes "²").
 _INDEX = re.compile(r"[0-9]{1,5}")
 
 
 def once(params) -> None:
-    """Refuse a query or form that carries a SAML binding parameter more than once."""
+    """Refuse a form that carries a SAML binding parameter more than once."""
     for name in BINDING_PARAMETERS:
         if len(params.getall(name, ())) > 1:
             raise Refused("login.malformed", f"{name} appears more than once")
+
+
+def message_field(present, expected: str | None) -> str:
+    """The one message parameter among *present* (names): refused when both are there, or when
+    it is not the *expected* one (``None``: either)."""
+    fields = [name for name in MESSAGE_FIELDS if name in present]
+    if len(fields) > 1:
+        raise Refused("login.malformed", "both SAMLRequest and SAMLResponse")
+    field = fields[0] if fields else expected or MESSAGE_FIELDS[0]
+    if expected is not None and field != expected:
+        raise Refused("login.malformed", f"{field} where a {expected} belongs")
+    return field
+
+
+@dataclass(frozen=True)
+class RedirectQuery:
+    """The binding parameters of one HTTP-Redirect query, read once from the raw query string:
+    the message, RelayState and SigAlg used are the ones whose raw values are the signed octets."""
+
+    field: str
+    message: str
+    relay_state: str | None
+    sig_alg: str | None
+    signature: str | None
+    signed_octets: str
+
+
+def read_redirect_query(raw_query: str, expected: str | None = "SAMLRequest") -> RedirectQuery:
+    """Parse *raw_query* (as sent) into the binding parameters, raw and decoded together. A
+    binding parameter with a percent-encoded name, given twice or not UTF-8 is refused: a
+    reader that decodes names (aiohttp's ``request.query``) would see another query than the
+    signed octets are made of."""
+    raw: dict[str, str] = {}
+    decoded: dict[str, str] = {}
+    for part in raw_query.split("&"):
+        raw_name, _, raw_value = part.partition("=")
+        name = unquote_plus(raw_name, errors="replace")
+        if name not in BINDING_PARAMETERS:
+            continue  # not read, not signed
+        if raw_name != name:
+            raise Refused("login.malformed", f"{name} with a percent-encoded name")
+        if name in raw:
+            raise Refused("login.malformed", f"{name} appears more than once")
+        try:
+            decoded[name] = unquote_plus(raw_value, errors="strict")
+        except UnicodeDecodeError:
+            raise Refused("login.malformed", f"{name} is not UTF-8") from None
+        raw[name] = raw_value
+    field = message_field(raw, expected)
+    # Bindings 3.4.4.1: the signed octets are the parameters as sent, in this order.
+    octets = "&".join(f"{name}={raw[name]}" for name in (field, "RelayState", "SigAlg") if name in raw)
+    return RedirectQuery(field, decoded.get(field, ""), decoded.get("RelayState"), decoded.get("SigAlg"),
+                         decoded.get("Signature"), octets)
+
+
+def _signature_bytes(text: str) -> bytes:
+    return base64.b64decode("".join(text.split()), validate=True)
+
+
+@dataclass(frozen=True)
+class BindingMessage:
+    """A SAML message as received by either binding: the decoded XML, the RelayState and, for
+    HTTP-Redirect, the query whose signature covers it."""
+
+    field: str
+    data: bytes
+    relay_state: str
+    query: RedirectQuery | None
 
 
 class ResponseBuilder:
@@ -321,58 +394,65 @@ class SamlIdp:
             raise Refused("login.relay_state_too_large", f"{size} bytes")
         return value or ""
 
-    async def read_message(self, request: web.Request, field: str = "SAMLRequest") -> tuple[bytes, str]:
-        """The decoded ``SAMLRequest`` (or *field*) of either binding and the ``RelayState``."""
+    async def read_message(self, request: web.Request, field: str | None = "SAMLRequest") -> BindingMessage:
+        """The decoded message of either binding (``SAMLRequest``, or *field*; ``None``: the one
+        that is there) and its ``RelayState``."""
         limits = self.settings
         if request.method == "GET":
-            params = request.query
-            once(params)
-            text = params.get(field)
-            if not text:
-                raise Refused("login.malformed", f"no {field}")
-            data = inflate_redirect(text, limit=limits.max_inflated_bytes, max_parameter=limits.max_parameter_bytes)
-        else:
-            params = await read_form(request)
-            once(params)
-            text = params.get(field)
-            if not isinstance(text, str) or not text:
-                raise Refused("login.malformed", f"no {field}")
-            data = decode_post(text, max_parameter=limits.max_parameter_bytes)
-        return data, self.relay_state(params.get("RelayState"))
+            query = read_redirect_query(request.rel_url.raw_query_string, field)
+            if not query.message:
+                raise Refused("login.malformed", f"no {query.field}")
+            data = inflate_redirect(query.message, limit=limits.max_inflated_bytes,
+                                    max_parameter=limits.max_parameter_bytes)
+            return BindingMessage(query.field, data, self.relay_state(query.relay_state), query)
+        params = await read_form(request)
+        once(params)
+        field = message_field(params, field)
+        text = params.get(field)
+        if not isinstance(text, str) or not text:
+            raise Refused("login.malformed", f"no {field}")
+        data = decode_post(text, max_parameter=limits.max_parameter_bytes)
+        return BindingMessage(field, data, self.relay_state(params.get("RelayState")), None)
 
-    def verify_signed(self, request: web.Request, sp: SamlServiceProvider, data: bytes,
-                      root: etree._Element, required: bool = True) -> etree._Element:
+    def verify_signed(self, message: BindingMessage, sp: SamlServiceProvider, root: etree._Element,
+                      required: bool = True) -> etree._Element:
         """For SPs with a ``request_certificate``: the signature (either binding) and replay
         checks; returns the element to read (only what was signed). Not *required* (an SP's
         ``signed_logout: false``): an unsigned message is read as it is."""
         if sp.entity_id not in self.checker.certificates:
             return root
-        signed = ("Signature" in request.query if request.method == "GET"
-                  else root.find(f"{{{DS}}}Signature") is not None)
+        query = message.query
+        signed = query.signature is not None if query is not None else root.find(f"{{{DS}}}Signature") is not None
         if not required and not signed:
             return root
-        if request.method == "GET":
-            self.checker.verify_redirect_signature(sp, request.rel_url.raw_query_string)
+        if query is not None:
+            self.checker.verify_redirect_signature(sp, query)
+            signature = _signature_bytes(query.signature)
         else:
-            root = self.checker.verify_post_signature(sp, data, root)
-        # A signed request is good once: a captured one cannot be played again.
+            root, signature = self.checker.verify_post_signature(sp, message.data, root)
+        # A signed request is good once: a captured one cannot be played again, by its ID or by
+        # its signature (should a signature ever be checked over another message than the one
+        # read, it still opens one request at most).
         window = self.settings.saml.request_lifetime + 2 * self.settings.clock_skew
-        if not self.web.sessions.first_use("saml", f"{sp.entity_id} {root.get('ID')}", window):
+        sessions = self.web.sessions
+        if not sessions.first_use("saml", f"{sp.entity_id} {root.get('ID')}", window):
             raise Refused("saml.request_replayed", str(root.get("ID"))[:100])
+        if not sessions.first_use("saml-signature", f"{sp.entity_id} {signature.hex()}", window):
+            raise Refused("saml.request_replayed", f"signature of {str(root.get('ID'))[:100]} seen before")
         return root
 
     async def sso(self, request: web.Request) -> web.StreamResponse:
         limits = self.settings
         try:
-            data, relay_state = await self.read_message(request)
-            root = parse_xml(data)
+            message = await self.read_message(request)
+            root = parse_xml(message.data)
             authn = read_authn_request(root)
             sp, acs = self.checker.check(authn, dt.datetime.now(dt.timezone.utc))
-            authn = read_authn_request(self.verify_signed(request, sp, data, root))
+            authn = read_authn_request(self.verify_signed(message, sp, root))
         except Refused as exc:
             return self.web.refused(request, exc)
         pending = {"protocol": "saml", "sp": sp.entity_id, "acs": acs, "request_id": authn.id,
-                   "relay_state": relay_state, "force_authn": authn.force_authn}
+                   "relay_state": message.relay_state, "force_authn": authn.force_authn}
         return await self.web.begin(request, pending, limits.saml.request_lifetime)
 
     async def idp_initiated(self, request: web.Request) -> web.StreamResponse:

@@ -6,7 +6,9 @@ Unknown keys are errors; the SP's request-signing certificate is a path read at 
 
 from __future__ import annotations
 
+import re
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
@@ -24,9 +26,30 @@ NAMEID_FORMATS = {
 IDENTITY_FIELDS = Literal["username", "subject", "email", "display_name", "groups"]
 
 
-def _https_or_loopback(url: str) -> str:
-    if not (url.startswith("https://") or url.startswith(("http://127.0.0.1", "http://localhost", "http://[::1]"))):
+#: The host (and port) of a plain http:// URL: the loopback itself, nothing that starts like it.
+_LOOPBACK = re.compile(r"(127\.0\.0\.1|localhost|\[::1\])(:[0-9]{1,5})?", re.IGNORECASE)
+
+
+def _https_or_loopback(url: str, *, fragment: bool = True) -> str:
+    """*url* if it is https://, or http:// to the loopback itself (for tests). The host is read as
+    a browser reads it (urlsplit), not by its prefix: ``http://localhost.evil.example/``,
+    ``http://127.0.0.1.nip.io/`` and ``http://127.0.0.1@evil.example/`` are other hosts. Not
+    *fragment*: a ``#`` is refused (RFC 6749 section 3.1.2 for redirect URIs; an ACS or reply
+    URL answered with a fragment would lose it, or what is appended after it)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        raise ValueError(f"{url!r} is not a URL") from None
+    if not url.startswith(("https://", "http://")) or not parts.hostname:
         raise ValueError(f"{url!r}: use an https:// URL (plain http only on the loopback, for tests)")
+    if "@" in parts.netloc:
+        raise ValueError(f"{url!r}: no user name or password in the URL")
+    if parts.scheme == "http" and not _LOOPBACK.fullmatch(parts.netloc):
+        raise ValueError(f"{url!r}: use an https:// URL (plain http only on the loopback: 127.0.0.1, localhost "
+                         "or [::1], for tests)")
+    if not fragment and "#" in url:
+        raise ValueError(f"{url!r}: no fragment (#) in the URL")
     return url
 
 
@@ -90,7 +113,7 @@ class SamlServiceProvider(PluginSettings):
     @field_validator("acs_urls")
     @classmethod
     def _check_acs(cls, value: list[str]) -> list[str]:
-        return [_https_or_loopback(url) for url in value]
+        return [_https_or_loopback(url, fragment=False) for url in value]
 
     @field_validator("slo_url")
     @classmethod
@@ -113,9 +136,14 @@ class WsFedRelyingParty(PluginSettings):
     signout_urls: list[str] = Field([], description="`wreply` URLs allowed after `wa=wsignout1.0`, besides "
                                     "`reply_urls` (matched exactly)")
 
-    @field_validator("reply_urls", "signout_urls")
+    @field_validator("reply_urls")
     @classmethod
     def _check_reply(cls, value: list[str]) -> list[str]:
+        return [_https_or_loopback(url, fragment=False) for url in value]
+
+    @field_validator("signout_urls")
+    @classmethod
+    def _check_signout(cls, value: list[str]) -> list[str]:
         return [_https_or_loopback(url) for url in value]
 
 
@@ -142,9 +170,14 @@ class OidcClient(PluginSettings):
     post_logout_redirect_uris: list[str] = Field([], description="where RP-initiated logout may send the browser "
                                                  "afterwards (`post_logout_redirect_uri`, matched exactly)")
 
-    @field_validator("redirect_uris", "post_logout_redirect_uris")
+    @field_validator("redirect_uris")
     @classmethod
     def _check_redirects(cls, value: list[str]) -> list[str]:
+        return [_https_or_loopback(url, fragment=False) for url in value]
+
+    @field_validator("post_logout_redirect_uris")
+    @classmethod
+    def _check_post_logout(cls, value: list[str]) -> list[str]:
         return [_https_or_loopback(url) for url in value]
 
     @model_validator(mode="after")

@@ -40,9 +40,9 @@ from lxml import etree
 from gateway import Route
 
 from .logout import SUCCESS, encode, logout_request, logout_response, read_logout
-from .saml import SamlIdp, _parse_instant
+from .saml import BindingMessage, SamlIdp, _parse_instant
 from .xmlsafe import parse_xml
-from .web import Refused, read_form
+from .web import Refused
 
 __all__ = ["SingleLogout"]
 
@@ -61,10 +61,13 @@ class SingleLogout:
         return [Route("GET", "/saml/slo", self.endpoint), Route("POST", "/saml/slo", self.endpoint)]
 
     async def endpoint(self, request: web.Request) -> web.StreamResponse:
-        params = request.query if request.method == "GET" else await read_form(request)
-        if "SAMLResponse" in params:
-            return await self.confirmation(request)
-        return await self.logout(request)
+        try:  # one reading of the query or form decides the kind and gives the message
+            message = await self.idp.read_message(request, None)
+        except Refused as exc:
+            return self.web.refused(request, exc)
+        if message.field == "SAMLResponse":
+            return await self.confirmation(request, message)
+        return await self.logout(request, message)
 
     # -- a LogoutRequest from an SP ------------------------------------------------------------------
 
@@ -75,11 +78,10 @@ class SingleLogout:
         if not_on_or_after is not None and _parse_instant(not_on_or_after) < now - skew:
             raise Refused("saml.request_expired", f"NotOnOrAfter {not_on_or_after[:40]}")
 
-    async def logout(self, request: web.Request) -> web.StreamResponse:
+    async def logout(self, request: web.Request, received: BindingMessage) -> web.StreamResponse:
         now = dt.datetime.now(dt.timezone.utc)
         try:
-            data, relay_state = await self.idp.read_message(request)
-            root = parse_xml(data)
+            root = parse_xml(received.data)
             message = read_logout(root, "request")
             sp = self.idp.checker.provider(message.issuer)
             if sp.slo_url is None:
@@ -87,7 +89,7 @@ class SingleLogout:
             if message.destination is not None and message.destination != self.url:
                 raise Refused("saml.destination_mismatch", message.destination[:200])
             self._check_times(message.issue_instant, message.not_on_or_after, now)
-            message = read_logout(self.idp.verify_signed(request, sp, data, root, sp.signed_logout), "request")
+            message = read_logout(self.idp.verify_signed(received, sp, root, sp.signed_logout), "request")
         except Refused as exc:
             return self.web.refused(request, exc)
         sessions = self.web.sessions
@@ -106,7 +108,7 @@ class SingleLogout:
         if own is not None:
             ending.setdefault(own.key, own.index)
         state = self._round(ending, initiator=sp.entity_id)
-        state.update(request_id=message.id, relay_state=relay_state)
+        state.update(request_id=message.id, relay_state=received.relay_state)
         response = await self.next_step(state)
         response.del_cookie(self.web.cookie, path="/")
         return response
@@ -176,10 +178,9 @@ class SingleLogout:
 
     # -- a LogoutResponse from an SP authgw sent a LogoutRequest to ------------------------------------
 
-    async def confirmation(self, request: web.Request) -> web.StreamResponse:
+    async def confirmation(self, request: web.Request, received: BindingMessage) -> web.StreamResponse:
         try:
-            data, _ = await self.idp.read_message(request, "SAMLResponse")
-            root = parse_xml(data)
+            root = parse_xml(received.data)
             message = read_logout(root, "response")
             state = self.web.sessions.unpark_as(message.in_response_to or "")
             if state is None:
@@ -188,21 +189,20 @@ class SingleLogout:
             return self.web.refused(request, exc)
         expected = state.pop("sent")
         try:
-            self._check_confirmation(request, expected, message, data, root)
+            self._check_confirmation(expected, message, received, root)
             state["told"].append(expected)
         except Refused as exc:
             log.warning("single logout: %s did not confirm: reason=%s %s", expected, exc.reason, exc.detail[:200])
             state["failed"].append(expected)
         return await self.next_step(state)
 
-    def _check_confirmation(self, request: web.Request, expected: str, message, data: bytes,
-                            root: etree._Element) -> None:
+    def _check_confirmation(self, expected: str, message, received: BindingMessage, root: etree._Element) -> None:
         if message.issuer != expected:
             raise Refused("saml.unknown_sp", f"a LogoutResponse for {expected[:100]} from {message.issuer[:100]}")
         sp = self.idp.checker.provider(expected)
         if message.destination is not None and message.destination != self.url:
             raise Refused("saml.destination_mismatch", message.destination[:200])
-        signed = read_logout(self.idp.verify_signed(request, sp, data, root, sp.signed_logout), "response")
+        signed = read_logout(self.idp.verify_signed(received, sp, root, sp.signed_logout), "response")
         if signed.in_response_to != message.in_response_to or signed.issuer != expected:
             raise Refused("saml.signature_invalid", "the signature does not cover the response")
         if signed.status != SUCCESS:
