@@ -65,7 +65,7 @@ def test_chromium_signs_in_through_the_saml_redirect_dance(world, tmp_path):
         page.wait_for_selector("#hello, #refused", timeout=15000)
         assert page.inner_text("h1") == "Hello alice@example.com"
         cookies = {c["name"]: c for c in page.context.cookies(site.url)}
-        session = cookies["authgw_session"]
+        session = cookies["__Host-authgw_session"]
         assert session["secure"] and session["httpOnly"] and session["sameSite"] == "Lax"
 
 

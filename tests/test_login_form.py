@@ -3,6 +3,7 @@ a real slapd (the AD account states played by slapd's retcode overlay)."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import time
@@ -14,6 +15,7 @@ from support.pki import CA
 from support.redis import RedisServer
 from support.slapd import Slapd
 
+SESSION = "__Host-authgw_session"  # on https the cookies carry the __Host- prefix
 AD = "80090308: LdapErr: DSID-0C09044E, comment: AcceptSecurityContext error, data {}, v4563"
 
 
@@ -57,7 +59,7 @@ def test_the_form_is_plain_accessible_html_with_a_csrf_token(site):
     assert "script-src" not in page.headers["Content-Security-Policy"]
     assert page.headers["Cache-Control"] == "no-store" and page.headers["X-Frame-Options"] == "DENY"
     cookie = page.headers["Set-Cookie"]
-    assert cookie.startswith("authgw_csrf=") and "HttpOnly" in cookie and "Secure" in cookie and "SameSite=Lax" in cookie
+    assert cookie.startswith("__Host-authgw_csrf=") and "HttpOnly" in cookie and "Secure" in cookie and "SameSite=Lax" in cookie
 
 
 def test_a_password_login_makes_a_secure_session_audited_like_auth(site):
@@ -67,8 +69,7 @@ def test_a_password_login_makes_a_secure_session_audited_like_auth(site):
     page = s.sign_in(browser, "alice", "Alice-pw-1")
     assert page.status_code == 200
     assert "You are signed in as Alice Liddell." in page.text
-    session = next(c for c in page.headers["Set-Cookie"].split(", authgw") if "authgw_session=" in c or
-                   c.startswith("_session="))
+    session = next(c for c in page.headers["Set-Cookie"].split(", __Host-") if c.startswith("authgw_session="))
     assert "HttpOnly" in session and "Secure" in session and "SameSite=Lax" in session
     assert "You are signed in as Alice Liddell." in browser.get(f"{s.url}/login").text  # the session holds
     line = [a for a in gw.audit() if a["front_door"] == "login"]
@@ -132,18 +133,18 @@ def test_a_planted_session_cookie_never_becomes_a_session(site):
     s = site()
     s.start()
     victim = s.client()
-    victim.cookies.set("authgw_session", "attacker-chosen.value")
+    victim.cookies.set(SESSION, "attacker-chosen.value")
     first = s.sign_in(victim, "alice", "Alice-pw-1")
-    issued = first.cookies.get("authgw_session")
+    issued = first.cookies.get(SESSION)
     assert issued and not issued.startswith("attacker-chosen")
     # Signing in again rotates the id and ends the session the browser had.
     holder = s.client()
-    holder.cookies.set("authgw_session", issued)
+    holder.cookies.set(SESSION, issued)
     assert "signed in as" in holder.get(f"{s.url}/login").text
     again = s.client()
-    again.cookies.set("authgw_session", issued)
+    again.cookies.set(SESSION, issued)
     second = s.sign_in(again, "alice", "Alice-pw-1")
-    assert second.cookies.get("authgw_session") not in (None, issued)
+    assert second.cookies.get(SESSION) not in (None, issued)
     assert "signed in as" not in holder.get(f"{s.url}/login").text
 
 
@@ -237,3 +238,111 @@ def test_a_session_store_that_is_down_gives_503_never_500(site, tmp_path):
     token = r.client().post(f"{r.url}/oidc/token", data={"grant_type": "authorization_code", "code": "x"})
     assert token.status_code in (401, 503)  # no client is registered here: refused before the store
     assert "_handle_request" not in gw.output() and "session store unavailable" in gw.output()
+
+
+def test_a_form_posted_from_another_site_is_refused_before_the_chain(site):
+    s = site()
+    gw = s.start()
+    browser = s.client()
+    page = browser.get(f"{s.url}/login")
+    form = {"csrf": hidden(page.text, "csrf"), "username": "alice", "password": "Alice-pw-1"}
+    for headers in ({"Origin": "https://evil.example.test"}, {"Origin": "null"}, {"Sec-Fetch-Site": "cross-site"},
+                    {"Origin": s.url.replace("localhost", "sub.localhost")}):
+        refused = browser.post(f"{s.url}/login", data=form, headers=headers)
+        assert (refused.status_code, refused.headers.get("X-Refused-Reason")) == (403, "login.cross_site"), headers
+    assert gw.audit() == []  # nothing reached the directory
+    page = browser.post(f"{s.url}/login", data=form, headers={"Origin": s.url, "Sec-Fetch-Site": "same-origin"})
+    assert "You are signed in as Alice Liddell." in page.text
+    out = browser.post(f"{s.url}/logout", data={"csrf": hidden(page.text, "csrf")},
+                       headers={"Origin": "https://evil.example.test"})
+    assert out.status_code == 403 and "signed in as" in browser.get(f"{s.url}/login").text
+    assert page.headers["Referrer-Policy"] == "same-origin"  # else Chromium posts the form with Origin: null
+
+
+def test_cookies_carry_the_host_prefix_so_a_planted_csrf_cookie_is_not_read(site):
+    # A sibling host or a plain-http answer can plant `authgw_csrf` (and learn its token from a
+    # GET of its own); it cannot plant a __Host- cookie, and the door reads only that one.
+    s = site()
+    s.start()
+    chosen = "attacker-chosen-csrf-0001"
+    attacker = s.client()
+    token = hidden(attacker.get(f"{s.url}/login", headers={"Cookie": f"authgw_csrf={chosen}"}).text, "csrf")
+    victim = s.client()
+    page = victim.post(f"{s.url}/login", data={"csrf": token, "username": "bob", "password": "Bob-pw-1"},
+                       headers={"Cookie": f"authgw_csrf={chosen}"})
+    assert page.status_code == 403 and "Builder" not in page.text
+    cookies = page.headers["Set-Cookie"]
+    assert "__Host-authgw_csrf=" in cookies and chosen not in cookies and "Path=/" in cookies
+    page = s.sign_in(s.client(), "alice", "Alice-pw-1")
+    assert "__Host-authgw_session=" in page.headers["Set-Cookie"] and "Domain" not in page.headers["Set-Cookie"]
+
+
+def _store(tmp_path):
+    from gateway.plugins.login.sessions import SessionManager, SqliteStore
+    from gateway.plugins.login.settings import SessionSettings
+
+    return SessionManager(SessionSettings(), SqliteStore(tmp_path / "s.sqlite3"), b"k" * 32)
+
+
+def test_the_account_check_of_a_session_unit(tmp_path):
+    from gateway import Identity
+
+    manager = _store(tmp_path)
+    alice = Identity(subject="guid-a", username="alice", method="ldap", groups=("staff",))
+    _, known = manager.create(alice, directory="guid-a")
+    _, unknown = manager.create(alice, directory=None)  # no directory held it at sign-in
+    assert manager.recheck_due(known)  # the first reuse is always checked
+    now = Identity(subject="guid-a", username="alice", method="ldap", display_name="A.", groups=("admins",))
+    refreshed = manager.rechecked(known, now)
+    assert refreshed.identity.groups == ("admins",) and refreshed.identity.display_name == "A."
+    assert refreshed.identity.authenticated_at == alice.authenticated_at and not manager.recheck_due(refreshed)
+    assert manager.by_index(known.index).identity.groups == ("admins",)  # kept in the store, for every worker
+    assert manager.rechecked(known, None) is None  # deleted
+    assert manager.rechecked(known, Identity(subject="guid-b", username="alice", method="ldap")) is None  # name reused
+    assert manager.rechecked(known, Identity(subject="guid-a", username="alice", method="ldap",
+                                             account_state="ldap.disabled")) is None
+    assert manager.rechecked(unknown, None) is not None  # cannot be told from "never known": stays
+
+
+def test_a_session_whose_account_is_deleted_or_cannot_be_checked_issues_nothing(tmp_path, ca):
+    import base64 as b64
+    from urllib.parse import urlsplit
+
+    directory = Slapd(tmp_path / "slapd").start()
+    try:
+        for user in ("carol", "erin", "dave"):
+            directory.add_user(user, f"{user}-pw-1", mail=f"{user}@example.com", groups=["staff"])
+        s = LoginSite(tmp_path / "site", directory, ca, login={
+            "saml": {"service_providers": [{"entity_id": "https://sp.example.test/", "idp_initiated": True,
+                                            "acs_urls": ["https://sp.example.test/acs"],
+                                            "attributes": {"groups": "groups"}}]},
+            "wsfed": {"relying_parties": [{"realm": "urn:example:rp", "reply_urls": ["https://rp.example.test/"]}]}},
+            extra={"ldap.yaml": "ldap: " + json.dumps({**directory.plugin_settings("plain"),
+                                                       "groups": {"cache_ttl": 0}})})  # groups as they are now
+        gw = s.start()
+        idp = f"{s.url}/saml/idp?sp=https://sp.example.test/"
+        wsfed = f"{s.url}/wsfed?wa=wsignin1.0&wtrealm=urn:example:rp"
+        browsers = {user: s.client() for user in ("carol", "erin", "dave")}
+        for user, browser in browsers.items():
+            s.sign_in(browser, user, f"{user}-pw-1")
+        # deleted: no SAML Response, no WS-Fed token; the session ends and the form is shown
+        directory.delete(directory.user_dn("carol"))
+        for url in (idp, wsfed):
+            gone = browsers["carol"].get(url, allow_redirects=False)
+            assert gone.status_code == 303 and urlsplit(gone.headers["Location"]).path == "/login", url
+            assert "SAMLResponse" not in gone.text and "wresult" not in gone.text
+            assert 'id="password"' in browsers["carol"].get(s.url + gone.headers["Location"]).text
+        assert "the account of carol is gone" in gw.output()
+        # the groups of an answer are those of the directory now, not of the sign-in
+        directory.add_group("admins", [directory.user_dn("erin")])
+        response = b64.b64decode(hidden(browsers["erin"].get(idp).text, "SAMLResponse")).decode()
+        assert ">admins<" in response and ">staff<" in response
+        # the directory cannot say: fail closed
+        directory.stop()
+        down = browsers["dave"].get(idp)
+        assert down.status_code == 503 and "SAMLResponse" not in down.text
+        assert "Sign-in is not available right now." in down.text
+    finally:
+        if "s" in locals():
+            s.stop()
+        directory.stop()

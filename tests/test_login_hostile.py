@@ -400,8 +400,8 @@ def test_garbage_in_every_parameter_of_every_route_is_never_a_5xx(idp):
                                        headers={"Authorization": "Basic " + value[:100].encode("ascii", "replace").decode()})
             statuses.add(response.status_code)
             # Cookies too: a hostile cookie value is just another parameter.
-            client.cookies.set("authgw_session", value.encode("ascii", "replace").decode()[:300])
-            client.cookies.set("authgw_csrf", value.encode("ascii", "replace").decode()[:300])
+            client.cookies.set("__Host-authgw_session", value.encode("ascii", "replace").decode()[:300])
+            client.cookies.set("__Host-authgw_csrf", value.encode("ascii", "replace").decode()[:300])
             assert response.status_code < 500, (method, path, value[:20], response.status_code, response.text[:200])
             if "html" in response.headers.get("Content-Type", ""):  # aiohttp's own 400s are text/plain
                 assert "<script>x</script>" not in response.text, (method, path, response.text[:300])

@@ -31,6 +31,7 @@ def op(tmp_path_factory):
     base = tmp_path_factory.mktemp("oidc")
     slapd = Slapd(base / "slapd").start()
     slapd.add_user("alice", "Alice-pw-1", cn="Alice Liddell", mail="alice@example.com", groups=["staff"])
+    slapd.add_user("carol", "Carol-pw-1", mail="carol@example.com", groups=["staff"])
     (base / "secret").write_text(SECRET)
     (base / "secret").chmod(0o600)
     cert, key = rsa_pair(base / "rp", "rp", "rp.example.test")
@@ -39,6 +40,7 @@ def op(tmp_path_factory):
          "post_logout_redirect_uris": [BYE]},
         {"client_id": "rp-jwt", "redirect_uris": [CB], "public_key": str(cert)}]}})
     site.gw = site.start()
+    site.slapd = slapd
     site.rp_key = key.read_text()
     site.config = site.client().get(f"{site.url}/.well-known/openid-configuration").json()
     site.jwks = site.client().get(site.config["jwks_uri"]).json()
@@ -252,3 +254,86 @@ def test_rp_initiated_logout_ends_the_session_its_sid_names_without_the_cookie(o
                             allow_redirects=False)  # a back-end call or another browser: no cookie
     assert done.status_code == 200 and "You are signed out." in done.text
     assert not signed_in(op, browser)
+
+
+def start(op, browser, **params):
+    """GET /oidc/authorize (no redirect followed) with a fresh PKCE pair; (response, verifier)."""
+    verifier = secrets.token_urlsafe(48)
+    digest = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).decode().rstrip("=")
+    query = {"client_id": "rp", "redirect_uri": CB, "response_type": "code", "scope": "openid groups",
+             "code_challenge": digest, "code_challenge_method": "S256", "state": "st-9", **params}
+    return browser.get(op.config["authorization_endpoint"], params=query, allow_redirects=False), verifier
+
+
+def callback(response) -> dict[str, str]:
+    location = response.headers["Location"]
+    assert location.startswith(CB + "?"), location
+    return {k: v[0] for k, v in parse_qs(urlsplit(location).query).items()}
+
+
+def test_prompt_none_never_shows_a_page(op):
+    fresh = op.client()
+    answer, _ = start(op, fresh, prompt="none")
+    assert answer.status_code == 303
+    assert callback(answer) == {"error": "login_required", "state": "st-9", "iss": op.url}
+    posted, _ = start(op, fresh, prompt="none", response_mode="form_post")
+    assert f'action="{CB}"' in posted.text and hidden(posted.text, "error") == "login_required"
+    assert hidden(posted.text, "state") == "st-9" and 'id="password"' not in posted.text
+    browser = op.client()
+    authorize(op, rp(op), browser)  # signs in
+    answer, _ = start(op, browser, prompt="none")
+    assert "code" in callback(answer)
+
+
+@pytest.mark.parametrize("params", [{"prompt": "none login"}, {"prompt": "consent none"}, {"max_age": "soon"},
+                                    {"max_age": "-1"}, {"max_age": "1²"}])
+def test_prompt_none_with_another_value_or_a_bad_max_age_is_invalid_request(op, params):
+    answer, _ = start(op, op.client(), **params)
+    assert answer.status_code == 303
+    assert callback(answer)["error"] == "invalid_request" and callback(answer)["state"] == "st-9"
+
+
+def test_prompt_login_anywhere_and_max_age_make_the_user_sign_in_again(op):
+    browser = op.client()
+    authorize(op, rp(op), browser)
+    for params in ({"prompt": "login"}, {"prompt": "consent login"}, {"max_age": "0"}):
+        again, _ = start(op, browser, **params)
+        assert again.status_code == 303 and again.headers["Location"].startswith("/login?req="), params
+    answer, _ = start(op, browser, max_age="3600")
+    assert "code" in callback(answer)
+    time.sleep(2.1)
+    again, verifier = start(op, browser, max_age="1")
+    assert again.headers["Location"].startswith("/login?req=")
+    declined, _ = start(op, browser, max_age="1", prompt="none")  # too old, and no page may be shown
+    assert callback(declined)["error"] == "login_required"
+    before = int(time.time())
+    done = op.sign_in(browser, "alice", "Alice-pw-1", url=op.url + again.headers["Location"], allow_redirects=False)
+    token = rp(op).fetch_token(op.config["token_endpoint"], authorization_response=done.headers["Location"],
+                               code_verifier=verifier)
+    claims = authlib_jwt.decode(token["id_token"], JsonWebKey.import_key_set(op.jwks))
+    assert claims["auth_time"] >= before  # the new sign-in's time
+
+
+def test_a_deleted_account_gets_no_code_and_no_userinfo(op):
+    def sign_in(browser):
+        pending, verifier = start(op, browser)
+        done = op.sign_in(browser, "carol", "Carol-pw-1", url=op.url + pending.headers["Location"],
+                          allow_redirects=False)
+        client = rp(op)
+        client.fetch_token(op.config["token_endpoint"], authorization_response=done.headers["Location"],
+                           code_verifier=verifier)
+        return client
+
+    first, second = op.client(), op.client()
+    tokens = [sign_in(first), sign_in(second)]
+    # (no userinfo call here: it would count as the sessions' account check for RECHECK_INTERVAL)
+    op.slapd.delete(op.slapd.user_dn("carol"))
+    # a new code from the first session: none; the session ends, the browser is sent to the form
+    again, _ = start(op, first)
+    assert again.status_code == 303 and again.headers["Location"].startswith("/login?req=")
+    assert 'id="password"' in first.get(op.url + again.headers["Location"]).text
+    # userinfo for the second session's token: refused, and that session ends too
+    info = tokens[1].get(op.config["userinfo_endpoint"])
+    assert info.status_code == 401 and info.json()["error"] == "invalid_token"
+    assert not signed_in(op, second)
+    assert tokens[0].get(op.config["userinfo_endpoint"]).status_code == 401  # its session is over

@@ -29,6 +29,7 @@ WSFED_REPLY = "https://rp.example.test/signed-out"
 def slapd(tmp_path_factory):
     server = Slapd(tmp_path_factory.mktemp("ldap") / "slapd").start()
     server.add_user("alice", "Alice-pw-1", cn="Alice Liddell", mail="alice@example.com")
+    server.add_user("bob", "Bob-pw-1", mail="bob@example.com")
     yield server
     server.stop()
 
@@ -272,3 +273,40 @@ def test_http_redirect_binding_both_ways(site, tmp_path):
     response, relay_state = four.accept_logout_redirect(done.headers["Location"])
     assert response.in_response_to == request_id and relay_state == "four"
     assert response.status.status_code.value == STATUS + "Success" and response.status.status_code.status_code is None
+
+
+def test_a_re_authentication_keeps_the_participants_and_the_session_index(site, tmp_path):
+    one, two = make_sp(site, tmp_path, ONE), make_sp(site, tmp_path, TWO)
+    browser = site.client()
+    at_one = sso(site, one, browser, first=True)
+    request_id, location = two.redirect_request(force_authn="true")  # the user proves it again
+    page = site.sign_in(browser, "alice", "Alice-pw-1", url=browser.get(location).url)
+    at_two = two.accept(answer(page)[1]["SAMLResponse"], request_id)
+    assert at_two.session_index == at_one.session_index  # the same user's session goes on
+    # one logs out naming the index it got before the re-authentication: two is told
+    _, info = one.logout_request(f"{site.url}/saml/slo", at_one)
+    action, fields = answer(browser.get(dict(info["headers"])["Location"]))
+    assert action == SLO[TWO]
+    request, back_to, reply = two.receive_logout(fields["SAMLRequest"])
+    assert request.name_id.text == at_two.name_id
+    action, fields = answer(browser.post(back_to, data=reply))
+    assert action == SLO[ONE]
+    assert one.accept_logout(fields["SAMLResponse"]).status.status_code.value == STATUS + "Success"
+
+
+def test_another_user_signing_in_over_a_session_leaves_its_participants_to_the_next_logout(site, tmp_path):
+    one = make_sp(site, tmp_path, ONE)
+    browser = site.client()
+    at_one = sso(site, one, browser, first=True)  # alice
+    assert "signed in as bob" in site.sign_in(browser, "bob", "Bob-pw-1").text
+    # the old SessionIndex names no session any more: alice's SP cannot end bob's
+    _, info = one.logout_request(f"{site.url}/saml/slo", at_one)
+    assert answer(site.client().get(dict(info["headers"])["Location"]))[0] == SLO[ONE]
+    page = browser.get(f"{site.url}/login")
+    assert "signed in as bob" in page.text
+    # bob's Sign out still tells one about alice, as issued to it
+    action, fields = answer(browser.post(f"{site.url}/logout", data={"csrf": hidden(page.text, "csrf")}))
+    assert action == SLO[ONE]
+    request, back_to, reply = one.receive_logout(fields["SAMLRequest"])
+    assert request.name_id.text == at_one.name_id and [i.text for i in request.session_index] == [at_one.session_index]
+    assert "You are signed out." in browser.post(back_to, data=reply).text

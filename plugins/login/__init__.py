@@ -109,7 +109,7 @@ class LoginPlugin:
     def gateway_http_routes(self, door):
         # Built in each worker: the store's connection must not cross a fork.
         sessions = SessionManager(self.settings.sessions, self._store(), self.cookie_key)
-        web = LoginDoor(door, sessions, self.pages, self.settings)
+        web = LoginDoor(door, sessions, self.pages, self.settings, self.context.hook)
         routes = [
             Route("GET", "/login", web.login_get),
             Route("POST", "/login", web.login_post),

@@ -19,9 +19,19 @@ Named checks at ``/oidc/authorize`` (refused on a page, never redirected, so a b
 cannot bounce the browser anywhere): ``oidc.unknown_client``, ``oidc.redirect_uri_not_registered``
 (exact match), ``oidc.unsupported_response_type``, ``oidc.scope_missing_openid``,
 ``oidc.pkce_required``, ``oidc.unsupported_response_mode``, ``login.parameter_too_large``.
+Once the client and its ``redirect_uri`` are known, ``prompt`` and ``max_age`` (OIDC Core section
+3.1.2.1) are answered at the ``redirect_uri`` (with ``state`` and ``iss``), as section 3.1.2.6 has
+it: ``error=invalid_request`` for ``none`` with another value or a ``max_age`` that is not a number
+of seconds, ``error=login_required`` for ``prompt=none`` when no session may answer (none, too old
+for ``max_age``, its account gone: no page is ever shown). ``login`` among the values, or a sign-in
+older than ``max_age`` (``0``: any), makes the user sign in again; ``auth_time`` is always in the
+id_token.
 At ``/oidc/token`` (RFC 6749 section 5.2 JSON errors): ``invalid_client`` (secret or client
 JWT), ``invalid_grant`` (unknown, used or expired code; another client's; redirect_uri or PKCE
 verifier mismatch). Codes and client-assertion ``jti`` are single use (the session store).
+``/oidc/userinfo`` answers while the sign-in session the token was issued in lives and its account
+passes the account check of :mod:`.web` (else ``invalid_token``), with the profile as that check
+refreshed it.
 """
 
 from __future__ import annotations
@@ -30,6 +40,8 @@ import asyncio
 import base64
 import hashlib
 import json
+import logging
+import re
 import secrets
 import time
 from urllib.parse import unquote_plus, urlencode
@@ -42,7 +54,7 @@ from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, KeySet, RSAKey
 
-from gateway import Route
+from gateway import Identity, Route
 from gateway.http.credentials import MalformedCredentials, single_authorization
 
 from .keys import KeyPair
@@ -50,7 +62,9 @@ from .sessions import identity_from_json, identity_to_json, same
 from .settings import LoginSettings, OidcClient
 from .web import Refused, read_form
 
-__all__ = ["OidcProvider"]
+__all__ = ["AuthorizationError", "OidcProvider"]
+
+log = logging.getLogger("authgw.plugin.login")
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 MAX_PARAM = 2048
@@ -70,6 +84,20 @@ def _error(code: str, status: int = 400, description: str = "") -> web.Response:
         headers["WWW-Authenticate"] = 'Basic realm="authgw"'
     return web.json_response(body, status=status, headers=headers)
 
+
+class AuthorizationError(Exception):
+    """A request from a known client to a registered ``redirect_uri`` that is answered there with
+    an OAuth error (RFC 6749 section 4.1.2.1, OIDC Core section 3.1.2.6), not on a page."""
+
+    def __init__(self, error: str, description: str, pending: dict) -> None:
+        super().__init__(f"{error}: {description}")
+        self.error = error
+        self.description = description
+        self.pending = pending
+
+
+#: max_age: ASCII digits, up to about 31 years (str.isdigit() takes "²").
+_MAX_AGE = re.compile(r"[0-9]{1,9}")
 
 #: The longest a client assertion may still be valid when it arrives (RFC 7523 leaves it to the
 #: server): its jti is remembered that long, so a longer one would make the replay store hold
@@ -92,6 +120,7 @@ class OidcProvider:
     def routes(self, web_door) -> list[Route]:
         self.web = web_door
         web_door.completers["oidc"] = self.complete
+        web_door.declined["oidc"] = self.login_required
         return [Route("GET", "/.well-known/openid-configuration", self.discovery),
                 Route("GET", "/oidc/jwks", self.jwks), Route("GET", "/oidc/authorize", self.authorize),
                 Route("POST", "/oidc/token", self.token), Route("*", "/oidc/userinfo", self.userinfo),
@@ -137,23 +166,50 @@ class OidcProvider:
         mode = query.get("response_mode", "query")
         if mode not in ("query", "form_post"):
             raise Refused("oidc.unsupported_response_mode", mode[:40])
-        return {"protocol": "oidc", "client_id": client.client_id, "redirect_uri": redirect_uri,
-                "state": query.get("state", ""), "nonce": query.get("nonce", ""), "challenge": challenge,
-                "mode": mode, "scope": query.get("scope", ""), "force_authn": query.get("prompt") == "login"}
+        pending = {"protocol": "oidc", "client_id": client.client_id, "redirect_uri": redirect_uri,
+                   "state": query.get("state", ""), "nonce": query.get("nonce", ""), "challenge": challenge,
+                   "mode": mode, "scope": query.get("scope", "")}
+        # OIDC Core 3.1.2.1: prompt is a space-separated list; none may not come with another value.
+        prompts = set(query.get("prompt", "").split(" ")) - {""}
+        if "none" in prompts and len(prompts) > 1:
+            raise AuthorizationError("invalid_request", "prompt=none with another value", pending)
+        max_age = query.get("max_age")
+        if max_age is not None and not _MAX_AGE.fullmatch(max_age):
+            raise AuthorizationError("invalid_request", "max_age is not a number of seconds", pending)
+        pending.update(force_authn="login" in prompts, prompt_none="none" in prompts,
+                       max_age=int(max_age) if max_age is not None else None)
+        return pending
 
     async def authorize(self, request: web.Request) -> web.StreamResponse:
         try:
             pending = self.check(request.query)
         except Refused as exc:
             return self.web.refused(request, exc)
+        except AuthorizationError as exc:
+            log.info("oidc authorization answered with error=%s (%s) client=%s", exc.error, exc.description,
+                     exc.pending["client_id"])
+            return self.error_answer(exc.pending, exc.error, exc.description)
         return await self.web.begin(request, pending, 600)
+
+    async def login_required(self, request: web.Request, pending: dict) -> web.StreamResponse:
+        """``prompt=none`` and no session may answer: the RP is told, no page is shown."""
+        return self.error_answer(pending, "login_required")
+
+    def error_answer(self, pending: dict, error: str, description: str = "") -> web.Response:
+        fields = [("error", error)] + ([("error_description", description)] if description else [])
+        return self._answer(pending, fields)
 
     async def complete(self, request: web.Request, pending: dict, session) -> web.StreamResponse:
         code = secrets.token_urlsafe(32)
         grant = {**pending, "identity": identity_to_json(session.identity), "sid": session.index}
         self.web.sessions.store.put_pending("code:" + _digest(code), grant,
                                             time.time() + self.settings.oidc.code_lifetime)
-        answer = [("code", code), ("iss", self.issuer)] + ([("state", pending["state"])] if pending["state"] else [])
+        return self._answer(pending, [("code", code)])
+
+    def _answer(self, pending: dict, fields: list[tuple[str, str]]) -> web.Response:
+        """*fields* (with ``iss`` and ``state``) to the validated ``redirect_uri``, by the
+        request's response mode."""
+        answer = fields + [("iss", self.issuer)] + ([("state", pending["state"])] if pending["state"] else [])
         if pending["mode"] == "form_post":
             return self.web.auto_post(pending["redirect_uri"], answer)
         separator = "&" if "?" in pending["redirect_uri"] else "?"
@@ -241,7 +297,7 @@ class OidcProvider:
         claims["at_hash"] = base64.urlsafe_b64encode(hashlib.sha256(access.encode()).digest()[:16]).decode().rstrip("=")
         id_token = await asyncio.to_thread(jwt.encode, {"alg": "RS256", "kid": self.signing.kid}, claims, self.signing)
         self.web.sessions.store.put_pending("at:" + _digest(access), {"identity": grant["identity"],
-                                            "scope": grant["scope"]}, now + lifetime)
+                                            "scope": grant["scope"], "sid": grant["sid"]}, now + lifetime)
         return web.json_response({"access_token": access, "token_type": "Bearer", "expires_in": lifetime,
                                   "id_token": id_token, "scope": grant["scope"]},
                                  headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
@@ -266,13 +322,28 @@ class OidcProvider:
         record = None
         if scheme.lower() == "bearer" and token and len(token) <= 128:
             record = self.web.sessions.store.get_pending("at:" + _digest(token.strip()), time.time())
-        if record is None:
+        identity = await self._userinfo_identity(record) if record is not None else None
+        if identity is None:
             return web.json_response({"error": "invalid_token"}, status=401,
                                      headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
-        identity = identity_from_json(record["identity"])
         return web.json_response({"sub": identity.subject, **self._profile(identity, record["scope"])},
                                  headers={"Cache-Control": "no-store"})
 
+
+    async def _userinfo_identity(self, record: dict) -> Identity | None:
+        """The identity to answer for an access token: that of the live session it was issued in,
+        its account checked again (:meth:`.web.LoginDoor.recheck`); ``None`` when the session is
+        over or the account is gone (that session then ends: no browser is here to take the
+        Single Logout round, so its participants are not told)."""
+        sessions = self.web.sessions
+        session = sessions.by_index(record.get("sid"))
+        if session is None or session.identity.subject != identity_from_json(record["identity"]).subject:
+            return None
+        checked = await self.web.recheck(session)
+        if checked is None:
+            sessions.end_key(session.key, session.index)
+            return None
+        return checked.identity
 
     # -- RP-initiated logout -------------------------------------------------------------------------
 
@@ -328,7 +399,7 @@ class OidcProvider:
             ending.setdefault(key, sid)
         response = await self.web.logout_round(request, ending, after)
         if session is not None and session.key in ending:
-            response.del_cookie(self.web.cookie, path="/")
+            self.web.drop_cookie(response)
         return response
 
 

@@ -13,6 +13,11 @@ Two stores: SQLite in the state directory (one machine: every worker opens the s
 WAL mode) and Redis (several instances). They also keep *pending* logins (a validated
 AuthnRequest waiting for the user to sign in, single use) and *seen* ids (replay refusal).
 Times are wall-clock seconds (``time.time()``): they are compared across processes and hosts.
+
+A session reused for a new answer has its account checked again (:meth:`SessionManager.rechecked`,
+the lookup itself is :mod:`.web`'s), at most every :data:`RECHECK_INTERVAL` seconds; the time of
+the last check and the subject the directory knows the account by are kept in the session's
+record, so every worker and instance sees them.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import json
 import secrets
 import sqlite3
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +39,7 @@ from gateway.sqlitedb import connect_wal
 
 from .settings import SessionSettings
 
-__all__ = ["STORE_ERRORS", "RedisStore", "Session", "SessionManager", "SqliteStore", "identity_from_json", "identity_to_json", "same"]
+__all__ = ["RECHECK_INTERVAL", "STORE_ERRORS", "RedisStore", "Session", "SessionManager", "SqliteStore", "identity_from_json", "identity_to_json", "same"]
 
 
 def _store_errors() -> tuple[type[BaseException], ...]:
@@ -64,16 +69,29 @@ def identity_from_json(data: dict[str, Any]) -> Identity:
                     groups=tuple(data.get("groups", ())), authenticated_at=data["authenticated_at"])
 
 
+#: Seconds a session's account check stands: a session reused for a new answer (a SAML Response,
+#: a WS-Fed token, an OIDC code, a userinfo answer) within this time of the last check is not
+#: checked again; its first reuse after sign-in always is. (A constant for now: it would be a
+#: ``login.sessions`` setting.)
+RECHECK_INTERVAL = 60.0
+
+
 @dataclass(frozen=True)
 class Session:
     key: str            # SHA-256 of the cookie id (the store's key)
     identity: Identity
     created: float
     index: str          # SAML SessionIndex: random, not the cookie id
+    checked: float = 0.0            # when the directory last vouched for the account (0: never)
+    directory: str | None = None    # the subject the directory knows the account by; None: unknown to it
 
 
 def _digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _record(identity: Identity, index: str, checked: float, directory: str | None) -> dict[str, Any]:
+    return {"identity": identity_to_json(identity), "index": index, "checked": checked, "directory": directory}
 
 
 def same(a: str, b: str) -> bool:
@@ -105,6 +123,9 @@ class SqliteStore:
 
     def touch_session(self, key: str, now: float) -> None:
         self.db.execute("UPDATE sessions SET seen = ? WHERE key = ?", (now, key))
+
+    def update_session(self, key: str, data: dict) -> None:
+        self.db.execute("UPDATE sessions SET data = ? WHERE key = ?", (json.dumps(data), key))
 
     def delete_session(self, key: str) -> None:
         self.db.execute("DELETE FROM sessions WHERE key = ?", (key,))
@@ -168,6 +189,11 @@ class RedisStore:
         if record:
             self.redis.set(f"authgw:login:s:{key}", json.dumps([record[0], record[1], now]), ex=self.ttl)
 
+    def update_session(self, key: str, data: dict) -> None:
+        record = self.get_session(key)
+        if record:
+            self.redis.set(f"authgw:login:s:{key}", json.dumps([data, record[1], record[2]]), ex=self.ttl)
+
     def delete_session(self, key: str) -> None:
         self.redis.delete(f"authgw:login:s:{key}", f"authgw:login:sp:{key}")
 
@@ -224,19 +250,39 @@ class SessionManager:
 
     # -- sessions --------------------------------------------------------------------------------
 
-    def create(self, identity: Identity, old_cookie: str | None = None) -> tuple[str, Session]:
-        """A new session (and cookie value) for *identity*; the previous one, if any, ends."""
+    def create(self, identity: Identity, old_cookie: str | None = None, *,
+               directory: str | None = None) -> tuple[str, Session]:
+        """A new session (and cookie value) for *identity*; the previous one, if any, ends.
+
+        The services the previous session answered (its Single Logout participants) are carried
+        into the new one, so that a logout still reaches them: a re-authentication (``ForceAuthn``,
+        ``prompt=login``, ``max_age``) of the same subject keeps its SessionIndex too (the SPs
+        name the session by it); another subject's sign-in gets a new one, and the old index no
+        longer names a session. *directory* is the subject the directory knows the account by
+        (:meth:`rechecked`); the account is checked again at the session's first reuse."""
+        now = time.time()
+        index, carried = "", {}
         old = self._unsign(old_cookie)
         if old:
-            self.store.delete_session(_digest(old))
-        now = time.time()
+            old_key = _digest(old)
+            record = self.store.get_session(old_key)
+            if record is not None:
+                carried = self.store.get_participants(old_key)
+                old_index = record[0]["index"]
+                self.store.take_pending("idx:" + old_index, now)
+                if record[0]["identity"]["subject"] == identity.subject:
+                    index = old_index
+            self.store.delete_session(old_key)
         self._maybe_purge(now)
         value = secrets.token_urlsafe(32)
-        index = "_" + secrets.token_hex(16)
-        self.store.put_session(_digest(value), {"identity": identity_to_json(identity), "index": index}, now)
+        key = _digest(value)
+        index = index or "_" + secrets.token_hex(16)
+        self.store.put_session(key, _record(identity, index, 0.0, directory), now)
+        for party, data in carried.items():
+            self.store.put_participant(key, party, data)
         # SAML Single Logout names the session by its SessionIndex (a cross-site POST has no cookie).
-        self.store.put_pending("idx:" + index, {"key": _digest(value)}, now + self.settings.absolute)
-        return f"{value}.{self._mac('session', value)}", Session(_digest(value), identity, now, index)
+        self.store.put_pending("idx:" + index, {"key": key}, now + self.settings.absolute)
+        return f"{value}.{self._mac('session', value)}", Session(key, identity, now, index, 0.0, directory)
 
     def get(self, cookie: str | None) -> Session | None:
         """The live session the cookie names, or ``None`` (bad MAC, unknown, idle or too old)."""
@@ -244,6 +290,17 @@ class SessionManager:
         if value is None:
             return None
         key = _digest(value)
+        session = self._live(key)
+        if session is not None:
+            self.store.touch_session(key, time.time())
+        return session
+
+    def by_index(self, index: str) -> Session | None:
+        """The live session with this SessionIndex (an OIDC ``sid``), not counted as a use."""
+        key = self.key_of_index(index) if isinstance(index, str) else None
+        return self._live(key) if key is not None else None
+
+    def _live(self, key: str) -> Session | None:
         record = self.store.get_session(key)
         if record is None:
             return None
@@ -252,8 +309,36 @@ class SessionManager:
         if now - created > self.settings.absolute or now - seen > self.settings.idle:
             self.store.delete_session(key)
             return None
-        self.store.touch_session(key, now)
-        return Session(key, identity_from_json(data["identity"]), created, data["index"])
+        return Session(key, identity_from_json(data["identity"]), created, data["index"],
+                       data.get("checked", 0.0), data.get("directory"))
+
+    # -- the account behind a session ----------------------------------------------------------------
+
+    @staticmethod
+    def recheck_due(session: Session) -> bool:
+        return time.time() - session.checked >= RECHECK_INTERVAL
+
+    def rechecked(self, session: Session, found: Identity | None) -> Session | None:
+        """*session* after the directory answered *found* (a ``gateway_lookup_user`` answer for
+        its user): ``None`` when the account is gone (unknown now, though the directory knew it
+        in this session; known by another subject: a new account with the old name) or may not
+        sign in (``account_state``); the caller ends the session. Else the session with the
+        profile (groups, name, email) as the directory has it now, the check's time stored.
+        An account the directory never knew (a Kerberos or certificate identity no directory
+        holds, an LDAP plugin without a service account) cannot be checked: it stays."""
+        now = time.time()
+        if found is None:
+            if session.directory is not None:
+                return None
+            directory, identity = None, session.identity
+        elif found.account_state or (session.directory is not None and found.subject != session.directory):
+            return None
+        else:
+            directory = found.subject
+            identity = replace(session.identity, display_name=found.display_name, email=found.email,
+                               groups=tuple(found.groups))
+        self.store.update_session(session.key, _record(identity, session.index, now, directory))
+        return replace(session, identity=identity, checked=now, directory=directory)
 
     def end_index(self, index: str) -> bool:
         """End the session with this SAML SessionIndex; ``True`` when there was one."""

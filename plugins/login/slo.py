@@ -110,7 +110,7 @@ class SingleLogout:
         state = self._round(ending, initiator=sp.entity_id)
         state.update(request_id=message.id, relay_state=received.relay_state)
         response = await self.next_step(state)
-        response.del_cookie(self.web.cookie, path="/")
+        self.web.drop_cookie(response)
         return response
 
     async def start_round(self, request: web.Request, ending: dict[str, str | None],

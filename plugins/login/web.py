@@ -11,16 +11,30 @@ those of ``/auth``.
 Never a URL from the request is redirected to: after login the browser goes on to a *pending*
 request (an id into the store, made by a protocol module from a validated, registered return
 address) or sees a "signed in" page.
+
+A session answers a new request only when the request allows it (no ``ForceAuthn`` /
+``prompt=login``, within ``max_age``) and its account still passes ``gateway_lookup_user``
+(checked at most every :data:`~.sessions.RECHECK_INTERVAL` seconds): an account that is gone or
+may not sign in ends the session (with the Single Logout round) and the browser is sent to the
+form; a directory that cannot answer is a 503, never an answer from the old profile.
+
+``POST /login`` and ``POST /logout`` are refused (``login.cross_site``) when the browser says the
+form comes from another site (``Sec-Fetch-Site: cross-site``, or an ``Origin`` other than the
+door's); on https the cookies carry the ``__Host-`` prefix, so that no other host (a sibling
+subdomain, a plain-http answer) can plant them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from typing import Awaitable, Callable
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from gateway import Decision, Outcome
+from gateway import BackendUnavailable, Decision, Identity, Outcome
 from gateway.http import forms
 from gateway.http.credentials import MalformedCredentials, parse_authorization, single_authorization
 from gateway.logs import printable
@@ -28,7 +42,7 @@ from gateway.logs import printable
 from .pages import AUTOSUBMIT_HASH, STYLE_HASH, Pages
 from .sessions import STORE_ERRORS, Session, SessionManager
 
-__all__ = ["LoginDoor", "Refused"]
+__all__ = ["AccountUncheckable", "LoginDoor", "Refused"]
 
 log = logging.getLogger("authgw.plugin.login")
 
@@ -36,6 +50,23 @@ CSRF_COOKIE = "authgw_csrf"
 FRONT_DOOR = "login"
 #: Completes a pending request for a session: returns the answer page (e.g. a SAML POST form).
 Completer = Callable[[web.Request, dict, Session], Awaitable[web.StreamResponse]]
+#: Answers a pending request that may show no page (OIDC ``prompt=none``) when no session can.
+Declined = Callable[[web.Request, dict], Awaitable[web.StreamResponse]]
+
+
+class AccountUncheckable(Exception):
+    """The directory could not say whether a session's account still exists: nothing is issued
+    from that session (a 503, as when the session store is down)."""
+
+
+def _origin(url: str) -> str:
+    """The serialized origin of *url* (RFC 6454 section 6.1): scheme, host, non-default port."""
+    parts = urlsplit(url)
+    default = {"https": 443, "http": 80}.get(parts.scheme)
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    port = f":{parts.port}" if parts.port not in (None, default) else ""
+    return f"{parts.scheme}://{host}{port}"
 
 
 class Refused(Exception):
@@ -80,13 +111,21 @@ _STATUS = {"throttled": 429, "unavailable": 503}
 
 
 class LoginDoor:
-    def __init__(self, door, sessions: SessionManager, pages: Pages, settings) -> None:
+    def __init__(self, door, sessions: SessionManager, pages: Pages, settings, hook=None) -> None:
         self.door = door
         self.sessions = sessions
         self.pages = pages
         self.settings = settings
-        self.cookie = settings.sessions.cookie_name
+        self.hook = hook  # the plugin manager's hook relay: gateway_lookup_user
+        # __Host-: Secure, Path=/, no Domain, so a sibling host or a plain-http answer cannot set
+        # it (a planted CSRF or session cookie is login CSRF). Browsers take it only from https.
+        self.secure = settings.base_url.startswith("https://") and settings.sessions.secure_cookie
+        prefix = "__Host-" if self.secure else ""
+        self.cookie = prefix + settings.sessions.cookie_name
+        self.csrf_cookie = prefix + CSRF_COOKIE
+        self.origin = _origin(settings.base_url)
         self.completers: dict[str, Completer] = {}
+        self.declined: dict[str, Declined] = {}
         #: Ends a session and tells the services it was used with (SAML Single Logout, :mod:`.slo`).
         #: Arguments: the request, the sessions to end (store key -> SessionIndex), where to go after.
         self.logout_round: Callable[..., Awaitable[web.StreamResponse]] | None = None
@@ -98,7 +137,7 @@ class LoginDoor:
                f"frame-ancestors 'none'; base-uri 'none'" + (f"; script-src '{AUTOSUBMIT_HASH}'" if script else ""))
         return web.Response(text=body, status=status, content_type="text/html", headers={
             "Cache-Control": "no-store", "Content-Security-Policy": csp, "X-Frame-Options": "DENY",
-            "Referrer-Policy": "no-referrer", "X-Content-Type-Options": "nosniff"})
+            "Referrer-Policy": "same-origin", "X-Content-Type-Options": "nosniff"})
 
     def refused(self, request: web.Request, exc: Refused) -> web.Response:
         """The generic page for a request that failed a named check (logged with its reason)."""
@@ -112,6 +151,26 @@ class LoginDoor:
     def _set_cookie(self, response: web.StreamResponse, name: str, value: str) -> None:
         response.set_cookie(name, value, path="/", httponly=True, samesite="Lax",
                             secure=self.settings.sessions.secure_cookie)
+
+    def drop_cookie(self, response: web.StreamResponse) -> None:
+        """Remove the session cookie (a ``__Host-`` cookie is only replaced by a ``Secure`` one)."""
+        response.del_cookie(self.cookie, path="/", secure=self.settings.sessions.secure_cookie,
+                            httponly=True, samesite="Lax")
+
+    def cross_site(self, request: web.Request) -> bool:
+        """Whether the browser says this request comes from another site: ``Sec-Fetch-Site:
+        cross-site``, or an ``Origin`` that is neither the door's (``base_url``) nor the one this
+        request was sent to (another listener of the door, e.g. ``client_cert``'s). ``Origin:
+        null`` is another site's: the door's pages send their origin (``Referrer-Policy:
+        same-origin``). Requests without these headers (non-browser clients) pass: the CSRF
+        token still applies."""
+        if request.headers.get("Sec-Fetch-Site", "").lower() == "cross-site":
+            return True
+        origin = request.headers.get("Origin")
+        if origin is None:
+            return False
+        own = f"{'https' if request.secure else 'http'}://{request.host}"
+        return origin.lower() not in (self.origin.lower(), own.lower())
 
     def auto_post(self, url: str, fields: list[tuple[str, str]]) -> web.Response:
         """The answer page: a form that posts *fields* to *url* (a registered address) on load,
@@ -132,8 +191,11 @@ class LoginDoor:
                     return web.json_response({"error": "invalid_request", "error_description": "unreadable body"},
                                              status=400, headers={"Cache-Control": "no-store"})
                 return self.refused(request, exc)
-            except STORE_ERRORS as exc:
-                log.error("login session store unavailable: %s: %s", exc.__class__.__name__, exc)
+            except (*STORE_ERRORS, AccountUncheckable) as exc:
+                if isinstance(exc, AccountUncheckable):
+                    log.error("login: nothing issued: %s", exc)
+                else:
+                    log.error("login session store unavailable: %s: %s", exc.__class__.__name__, exc)
                 if json:
                     return web.json_response({"error": "temporarily_unavailable"}, status=503,
                                              headers={"Retry-After": "5", "Cache-Control": "no-store"})
@@ -148,12 +210,67 @@ class LoginDoor:
     def session(self, request: web.Request) -> Session | None:
         return self.sessions.get(request.cookies.get(self.cookie))
 
+    @staticmethod
+    def reusable(session: Session, pending: dict) -> bool:
+        """Whether *pending* may be answered from *session* without a new sign-in: not when it
+        forces one (``ForceAuthn``, ``prompt=login``), nor when the sign-in is older than its
+        ``max_age`` (OIDC Core section 3.1.2.1; ``max_age=0``: always a new one)."""
+        if pending.get("force_authn"):
+            return False
+        max_age = pending.get("max_age")
+        return max_age is None or (max_age > 0 and time.time() - session.identity.authenticated_at <= max_age)
+
+    async def lookup(self, username: str) -> Identity | None:
+        """``gateway_lookup_user`` (off the event loop: a directory's lookup may block);
+        :class:`AccountUncheckable` when the directory cannot answer (or its plugin fails)."""
+        try:
+            return await asyncio.to_thread(self.hook.gateway_lookup_user, username=username)
+        except BackendUnavailable as exc:
+            raise AccountUncheckable(f"the directory cannot check {printable(username)!s}'s account "
+                                     f"({exc.reason})") from None
+        except Exception as exc:  # noqa: BLE001 - any plugin failure: fail closed, as the chain does
+            log.exception("login: gateway_lookup_user failed for %s", printable(username))
+            raise AccountUncheckable(f"the account lookup failed: {exc.__class__.__name__}") from None
+
+    def can_check(self) -> bool:
+        return self.hook is not None and bool(self.hook.gateway_lookup_user.get_hookimpls())
+
+    async def recheck(self, session: Session) -> Session | None:
+        """*session* with its account checked again (at most every RECHECK_INTERVAL seconds), its
+        profile refreshed; ``None`` when the account is gone or may not sign in (the caller ends
+        the session). Without any ``gateway_lookup_user`` plugin it is returned as it is."""
+        if not self.can_check() or not self.sessions.recheck_due(session):
+            return session
+        checked = self.sessions.rechecked(session, await self.lookup(session.identity.username))
+        if checked is None:
+            log.warning("login: the account of %s is gone or may not sign in; its session ends",
+                        printable(session.identity.username))
+        return checked
+
+    async def end_and_go(self, request: web.Request, session: Session, target: str) -> web.StreamResponse:
+        """End *session* as logout does (the Single Logout round for its participants), then
+        send the browser to *target* (a path of this door)."""
+        if self.logout_round is not None:
+            response = await self.logout_round(request, {session.key: session.index}, target)
+        else:
+            self.sessions.end_key(session.key, session.index)
+            response = web.Response(status=303, headers={"Location": target, "Cache-Control": "no-store"})
+        self.drop_cookie(response)
+        return response
+
     async def begin(self, request: web.Request, pending: dict, lifetime: float) -> web.StreamResponse:
-        """Continue a validated protocol request: at once with a live session, else after
-        ``/login`` (the request parked under a single-use id)."""
+        """Continue a validated protocol request: at once with a live session that may answer it,
+        else after ``/login`` (the request parked under a single-use id); a request that may show
+        no page (``prompt=none``) is declined instead."""
         session = self.session(request)
-        if session is not None and not pending.get("force_authn"):
-            return await self.completers[pending["protocol"]](request, pending, session)
+        if session is not None and self.reusable(session, pending):
+            checked = await self.recheck(session)
+            if checked is not None:
+                return await self.completers[pending["protocol"]](request, pending, checked)
+            key = self.sessions.park(pending, lifetime)
+            return await self.end_and_go(request, session, f"/login?req={key}")
+        if pending.get("prompt_none"):
+            return await self.declined[pending["protocol"]](request, pending)
         key = self.sessions.park(pending, lifetime)
         raise web.HTTPSeeOther(f"/login?req={key}", headers={"Cache-Control": "no-store"})
 
@@ -161,43 +278,65 @@ class LoginDoor:
 
     def _form(self, request: web.Request, pending: str, *, status: int = 200, error: str = "",
               username: str = "", challenge: str | None = None) -> web.Response:
-        cookie, token = self.sessions.csrf_pair(request.cookies.get(CSRF_COOKIE))
+        cookie, token = self.sessions.csrf_pair(request.cookies.get(self.csrf_cookie))
         response = self.html(self.pages.form(action="/login", csrf=token, pending=pending, username=username,
                                              error=error), status)
         if challenge:
             response.headers["WWW-Authenticate"] = challenge
-        self._set_cookie(response, CSRF_COOKIE, cookie)
+        self._set_cookie(response, self.csrf_cookie, cookie)
         return response
 
+    async def _directory_of(self, identity: Identity) -> str | None:
+        """The subject the directory knows a new session's account by (``None``: unknown to it,
+        or the directory cannot answer now): a later check that no longer finds the account
+        tells a deleted one from one no directory ever held. The first reuse of the session
+        checks the account again whatever this found (the session's ``checked`` is 0)."""
+        if not self.can_check():
+            return None
+        try:
+            found = await self.lookup(identity.username)
+        except AccountUncheckable as exc:
+            log.info("login: %s at sign-in; the account is checked at the session's first use", exc)
+            return None
+        return found.subject if found is not None else None
+
     async def _signed_in(self, request: web.Request, decision: Decision, pending_key: str) -> web.StreamResponse:
-        value, session = self.sessions.create(decision.identity, request.cookies.get(self.cookie))
+        value, session = self.sessions.create(decision.identity, request.cookies.get(self.cookie),
+                                              directory=await self._directory_of(decision.identity))
         pending = self.sessions.unpark(pending_key) if pending_key else None
         if pending is not None:
             response = await self.completers[pending["protocol"]](request, pending, session)
         else:
-            cookie, token = self.sessions.csrf_pair(request.cookies.get(CSRF_COOKIE))
+            cookie, token = self.sessions.csrf_pair(request.cookies.get(self.csrf_cookie))
             name = session.identity.display_name or session.identity.username
             response = self.html(self.pages.message("signed_in", name=name, logout="/logout", csrf=token))
-            self._set_cookie(response, CSRF_COOKIE, cookie)
+            self._set_cookie(response, self.csrf_cookie, cookie)
         self._set_cookie(response, self.cookie, value)
         return response
 
     async def login_get(self, request: web.Request) -> web.StreamResponse:
         pending_key = request.query.get("req", "")[:64]
         session = self.session(request)
+        peeked = self.sessions.peek(pending_key) if pending_key else None
         if session is not None:
-            peeked = self.sessions.peek(pending_key) if pending_key else None
-            if peeked is not None and not peeked.get("force_authn"):
+            if peeked is not None and self.reusable(session, peeked):
+                checked = await self.recheck(session)
+                if checked is None:
+                    return await self.end_and_go(request, session, f"/login?req={pending_key}")
                 pending = self.sessions.unpark(pending_key)
                 if pending is not None:
-                    return await self.completers[pending["protocol"]](request, pending, session)
+                    return await self.completers[pending["protocol"]](request, pending, checked)
             elif peeked is None:
-                cookie, token = self.sessions.csrf_pair(request.cookies.get(CSRF_COOKIE))
+                cookie, token = self.sessions.csrf_pair(request.cookies.get(self.csrf_cookie))
                 name = session.identity.display_name or session.identity.username
                 response = self.html(self.pages.message("signed_in", name=name, logout="/logout", csrf=token))
-                self._set_cookie(response, CSRF_COOKIE, cookie)
+                self._set_cookie(response, self.csrf_cookie, cookie)
                 return response
-            # ForceAuthn / prompt=login: the user proves it again; the request waits, unused.
+            # ForceAuthn / prompt=login / max_age: the user proves it again; the request waits, unused.
+        if peeked is not None and peeked.get("prompt_none"):  # no page may be shown: declined
+            pending = self.sessions.unpark(pending_key)
+            if pending is not None:
+                return await self.declined[pending["protocol"]](request, pending)
         certificate = self.door.tls_certificate(request)
         if certificate is not None:
             decision = await self.door.decide(self.door.attempt(request, FRONT_DOOR, certificate=certificate))
@@ -218,10 +357,20 @@ class LoginDoor:
         negotiate = next((o for o in offers if o.lower().startswith("negotiate")), None)
         return self._form(request, pending_key, status=401 if negotiate else 200, challenge=negotiate)
 
+    def _refuse_cross_site(self, request: web.Request, pending_key: str) -> web.Response:
+        log.warning("login form refused: reason=login.cross_site client=%s origin=%s sec-fetch-site=%s",
+                    request.remote, printable(request.headers.get("Origin", "-")[:200]),
+                    printable(request.headers.get("Sec-Fetch-Site", "-")[:40]))
+        response = self._form(request, pending_key, status=403, error="csrf")
+        response.headers["X-Refused-Reason"] = "login.cross_site"
+        return response
+
     async def login_post(self, request: web.Request) -> web.StreamResponse:
         form = await read_form(request)
         pending_key = str(form.get("req", ""))[:64]
-        if not self.sessions.csrf_ok(request.cookies.get(CSRF_COOKIE), str(form.get("csrf", ""))):
+        if self.cross_site(request):  # login CSRF: another site signing this browser in
+            return self._refuse_cross_site(request, pending_key)
+        if not self.sessions.csrf_ok(request.cookies.get(self.csrf_cookie), str(form.get("csrf", ""))):
             log.warning("login form refused: reason=login.csrf client=%s", request.remote)
             return self._form(request, pending_key, status=403, error="csrf")
         username, password = form.get("username", ""), form.get("password", "")
@@ -238,14 +387,16 @@ class LoginDoor:
     async def logout(self, request: web.Request) -> web.StreamResponse:
         if request.method == "POST":
             form = await read_form(request)
-            if self.sessions.csrf_ok(request.cookies.get(CSRF_COOKIE), str(form.get("csrf", ""))):
+            if self.cross_site(request):
+                return self._refuse_cross_site(request, "")
+            if self.sessions.csrf_ok(request.cookies.get(self.csrf_cookie), str(form.get("csrf", ""))):
                 session = self.session(request)
                 if session is not None and self.logout_round is not None:
                     response = await self.logout_round(request, {session.key: session.index})
                 else:
                     self.sessions.end(request.cookies.get(self.cookie))
                     response = self.html(self.pages.message("signed_out"))
-                response.del_cookie(self.cookie, path="/")
+                self.drop_cookie(response)
                 return response
         return self._form(request, "", status=403 if request.method == "POST" else 200,
                           error="csrf" if request.method == "POST" else "")

@@ -114,7 +114,7 @@ class WsFed:
             return self.web.refused(request, exc)
         session = self.web.session(request)
         response = await self.web.logout_round(request, {session.key: session.index} if session else {}, reply)
-        response.del_cookie(self.web.cookie, path="/")
+        self.web.drop_cookie(response)
         return response
 
     async def signin(self, request: web.Request) -> web.StreamResponse:
