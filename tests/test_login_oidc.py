@@ -160,6 +160,22 @@ def test_client_assertions_valid_too_long_or_not_yet_or_with_an_odd_audience_are
     assert (answer.status_code, answer.json()["error"]) == (400, "invalid_grant")
 
 
+def test_a_client_assertion_with_deep_or_huge_json_is_invalid_client_never_a_500(op):
+    endpoint = op.config["token_endpoint"]
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+    header = b64(b'{"alg":"ES256"}')
+    for payload in (b"[" * 3000, b'{"a":' * 2000, b'{"iss": "' + b"x" * 20000 + b'"}'):
+        answer = op.client().post(endpoint, data={
+            "grant_type": "authorization_code", "code": "x", "redirect_uri": CB, "code_verifier": "v" * 43,
+            "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            "client_assertion": f"{header}.{b64(payload)}.sig"})
+        assert (answer.status_code, answer.json()["error"]) == (401, "invalid_client"), payload[:10]
+    assert "RecursionError" not in op.gw.output() and "a request handler raised" not in op.gw.output()
+
+
 def test_token_endpoint_refuses_wrong_secret_verifier_and_client(op):
     client = rp(op)
     answer, verifier, _ = authorize(op, client)

@@ -103,6 +103,8 @@ _MAX_AGE = re.compile(r"[0-9]{1,9}")
 #: server): its jti is remembered that long, so a longer one would make the replay store hold
 #: each for longer. An hour, as client libraries commonly sign them.
 MAX_ASSERTION_LIFETIME = 3600
+#: The longest client assertion read: a JWT with a few claims is well under 2 KiB.
+MAX_ASSERTION_BYTES = 8 * 1024
 
 class OidcProvider:
     def __init__(self, settings: LoginSettings, current: KeyPair, upcoming: KeyPair) -> None:
@@ -244,12 +246,14 @@ class OidcProvider:
         """``private_key_jwt`` (RFC 7523 section 3): a JWT signed by the client's registered key,
         ``iss`` = ``sub`` = client id, ``aud`` this token endpoint or issuer, unexpired, ``jti``
         used once."""
+        if len(assertion) > MAX_ASSERTION_BYTES:
+            return None
         try:
             # The unverified `iss` only chooses which registered key must have signed.
             payload = assertion.split(".")[1]
             issuer = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["iss"]
             claims = jwt.decode(assertion, self.client_keys[issuer], algorithms=["RS256", "ES256"]).claims
-        except (JoseError, KeyError, ValueError, IndexError, TypeError):
+        except (JoseError, KeyError, ValueError, IndexError, TypeError, RecursionError):  # deep JSON: not a client
             return None
         audience = claims.get("aud")
         audiences = audience if isinstance(audience, list) else [audience]
