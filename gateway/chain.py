@@ -29,6 +29,7 @@ audit are the same code on every path. Reads ``deadline``, ``threads``, ``limits
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import functools
 import logging
 import re
@@ -372,14 +373,20 @@ class Gateway:
                 log.exception("gateway_auth_finished of plugin %r raised on attempt %s; the decision stands "
                               "and the other plugins were told", name, attempt.request_id)
 
-    @staticmethod
-    def throttle_client(attempt: Attempt) -> str | None:
+    def throttle_client(self, attempt: Attempt) -> str | None:
         """The client key for throttling. API callers are services acting for many users, so
         only the per-user limit applies to them: at the API front door, and for an attempt a
-        relay forwarded from its own API (:data:`SERVICE_CALLER`)."""
+        relay forwarded from its own API (:data:`SERVICE_CALLER`). An IPv6 client is counted by
+        its network (``throttle.ipv6_prefix``, a /64: what one host is given), or every address
+        of it would be a client with a budget of its own."""
         if attempt.front_door == "api" or attempt.stash.get(SERVICE_CALLER, False):
             return None
-        return str(attempt.client)
+        client = attempt.client
+        if client.version == 6 and client.ipv4_mapped is None:
+            prefix = self.settings.throttle.ipv6_prefix
+            if prefix < 128:
+                return str(ipaddress.IPv6Network((int(client) >> (128 - prefix) << (128 - prefix), prefix)))
+        return str(client)
 
     async def _throttle(self, work, *args):
         if self.throttle.blocking:  # a network store: off the event loop

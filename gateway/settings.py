@@ -284,6 +284,8 @@ class ThrottleSettings(PluginSettings):
     client_failures: int = Field(30, ge=1, description="guesses per client address (any usernames) within `window` before 429")
     window: float = Field(1800.0, gt=0, description="seconds a guess is remembered; at least the directory's "
                           "lockout observation window")
+    ipv6_prefix: int = Field(64, ge=32, le=128, description="an IPv6 client is counted by its network of this "
+                             "length (a /64 is one host's: every address in it is one client), 128: by address")
     store: Literal["auto", "memory", "sqlite", "redis"] = Field(
         "auto", description="where counts live: `memory` (one worker), `sqlite` (the workers of this machine, "
         "in the state directory), `redis` (several instances); `auto`: memory for one worker, else sqlite")

@@ -101,6 +101,23 @@ def test_the_identity_is_the_directorys_name_and_the_offline_cache_keeps_one_row
         directory.set_password("bob", "bob-Passw0rd")
 
 
+def test_the_addresses_of_one_ipv6_network_are_one_client(tmp_path, directory, start_gateway):
+    # A host is given a /64: counted by address, each of its 2**64 addresses had a budget of its own
+    # (client_failures did not stop a spray, and new counters filled the memory store).
+    throttle = {"user_failures": 100, "user_client_failures": 100, "client_failures": 5, "window": 600}
+    gw = start_gateway(conf(tmp_path / "c", directory, throttle=throttle))
+    statuses = [gw.auth(f"sprayed{i}", "guess", {"X-Forwarded-For": f"2001:db8:1:2::{i + 1:x}"}).status
+                for i in range(8)]
+    assert statuses == [401] * 5 + [429] * 3, statuses
+    assert gw.auth("sprayed9", "guess", {"X-Forwarded-For": "2001:db8:1:3::1"}).status == 401  # another /64
+    assert gw.auth("sprayed9", "guess", {"X-Forwarded-For": "::ffff:192.0.2.7"}).status == 401  # IPv4, mapped
+    assert {a["client"] for a in gw.audit()[-3:]} >= {"2001:db8:1:3::1"}, "the audit keeps the address"
+    by_address = start_gateway(conf(tmp_path / "d", directory, throttle={**throttle, "ipv6_prefix": 128}))
+    statuses = [by_address.auth(f"sprayed{i}", "guess", {"X-Forwarded-For": f"2001:db8:1:2::{i + 1:x}"}).status
+                for i in range(8)]
+    assert statuses == [401] * 8, statuses
+
+
 def concurrent(count: int, work) -> list:
     """*count* calls of *work* released together."""
     results: list = [None] * count
