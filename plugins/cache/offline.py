@@ -10,7 +10,8 @@ The rules (DESIGN.md section 3, docs/plugins/cache.md):
 * only when the folded decision is UNAVAILABLE does the cache answer: the right password gives
   a SUCCESS with ``from_cache``, a wrong one INVALID_CREDENTIALS; after ``max_offline_failures``
   wrong ones the user is refused until a live login; an unknown, expired or unreadable entry
-  leaves the decision UNAVAILABLE.
+  leaves the decision UNAVAILABLE. ``max_age`` counts from the time sealed in the entry; an
+  entry whose stored time differs from it was changed in the store and is deleted.
 
 Store errors never change a live decision; they only keep the cache out (and are logged).
 """
@@ -32,7 +33,7 @@ from argon2 import PasswordHasher, Type
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
 from gateway import Attempt, Decision, Identity, Outcome, PasswordCredential
-from gateway.plugins.cache.keys import CacheKeys, KeyFileError, load_keys
+from gateway.plugins.cache.keys import CacheKeys, KeyFileError, load_keys, sealed_time
 from gateway.plugins.cache.settings import CacheSettings
 from gateway.plugins.cache.store import AT_LIMIT, FUTURE_TOLERANCE, GONE, Entry, SQLiteStore, Store, StoreError
 from gateway.slots import FairSlots, usable_cpus
@@ -182,7 +183,7 @@ class OfflineCache:
                 password_hash = self.hasher.hash(keys.peppered(user_key, credential.password))
             finally:
                 self._hash_slots.release()
-            self.store.put(Entry(row_key, keys.kid, password_hash, keys.seal(row_key, identity, step), now))
+            self.store.put(Entry(row_key, keys.kid, password_hash, keys.seal(row_key, identity, step, now), now))
             with self._lock:
                 self._tombstones.pop(row_key, None)
                 self._memo[row_key] = (mark, now)
@@ -240,12 +241,24 @@ class OfflineCache:
             return unavailable
         if entry is None or entry.kid != keys.kid:
             return unavailable
-        now = time.time()
-        if now - entry.stored_at > self.settings.max_age or entry.stored_at > now + FUTURE_TOLERANCE:
+        document = keys.open(row_key, entry.sealed)
+        if document is None:
+            return unavailable
+        stored_at = sealed_time(document)
+        if stored_at is None:
+            return unavailable  # sealed by a version that did not seal the time: replaced at the next live login
+        if stored_at != entry.stored_at:
+            # Only a writer of the store changes one without the other (put writes both at
+            # once): a captured row put back after a refusal deleted it, with a fresh time.
+            self.log.warning("credential cache: an entry's stored time is not the one sealed with it "
+                             "(changed in the store); deleted (attempt %s)", attempt.request_id)
             self._delete_quietly(row_key)
             return unavailable
-        document = keys.open(row_key, entry.sealed)
-        if document is None or document.get("step") not in self.settings.methods:
+        now = time.time()
+        if now - stored_at > self.settings.max_age or stored_at > now + FUTURE_TOLERANCE:
+            self._delete_quietly(row_key)
+            return unavailable
+        if document.get("step") not in self.settings.methods:
             return unavailable
         step = document["step"]
         noted = {note.outcome: set() for note in attempt.notes}
