@@ -114,3 +114,48 @@ def test_a_replayed_row_older_than_max_age_is_refused_by_its_sealed_time(tmp_pat
     assert decide(down, attempt(USER, PASSWORD)).outcome is Outcome.UNAVAILABLE
     overwrite(live, replace(old, stored_at=time.time() - 6 * DAY))  # or any time within max_age
     assert decide(down, attempt(USER, PASSWORD)).outcome is Outcome.UNAVAILABLE
+
+
+def _params(encoded: str) -> str:
+    return encoded.split("$")[3]
+
+
+@pytest.mark.parametrize("change", [
+    lambda h: h.replace(_params(h), "m=2097152,t=1,p=1"),  # 2 GiB per verify
+    lambda h: h.replace(_params(h), "m=19456,t=20,p=1"),  # seconds per verify
+    lambda h: h.replace(_params(h), "m=8,t=1,p=1"),  # cheaper than configured
+    lambda h: h.replace(_params(h), "m=19456,t=2,p=2"),
+    lambda h: h.replace("$argon2id$", "$argon2i$"),
+    lambda h: h.replace("$v=19$", "$v=16$"),
+    lambda h: h.replace(_params(h), "m=019456,t=2,p=1"),  # the same number, spelled otherwise
+    lambda h: h[:h.rindex("$")] + "$" + h[h.rindex("$") + 1:] + "AAAA",  # a longer hash
+], ids=["2GiB", "t20", "weaker", "p2", "argon2i", "v16", "leading-zero", "hash-len"])
+def test_a_hash_with_other_argon2_parameters_is_never_verified(tmp_path, cache_settings, change, caplog,
+                                                               monkeypatch):
+    live = runtime(tmp_path, "success", cache_settings)
+    assert decide(live, attempt(USER, PASSWORD)).success
+    entry = the_entry(live)
+    overwrite(live, replace(entry, password_hash=change(entry.password_hash)))
+
+    down = runtime(tmp_path, "unavailable", cache_settings)
+    verified = []
+    monkeypatch.setattr(offline(down), "_verify", lambda *args: verified.append(args) or False)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            decision = decide(down, attempt(USER, PASSWORD))
+            assert (decision.outcome, decision.from_cache) == (Outcome.UNAVAILABLE, False)  # absent
+    assert verified == []  # no argon2 run with the store's parameters
+    assert the_entry(down).failures == 0  # no offline attempt counted
+    warnings = [r for r in caplog.records if "argon2 parameters" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING  # once per process
+
+
+def test_entries_hashed_before_the_argon2_parameters_changed_are_not_used(tmp_path, cache_settings):
+    assert decide(runtime(tmp_path, "success", cache_settings), attempt(USER, PASSWORD)).success
+    raised = {"argon2": {"memory_cost": 32 * 1024}}
+    assert decide(runtime(tmp_path, "unavailable", cache_settings, **raised),
+                  attempt(USER, PASSWORD)).outcome is Outcome.UNAVAILABLE
+    # The next live login hashes with the new parameters; offline answers work again.
+    assert decide(runtime(tmp_path, "success", cache_settings, **raised), attempt(USER, PASSWORD)).success
+    decision = decide(runtime(tmp_path, "unavailable", cache_settings, **raised), attempt(USER, PASSWORD))
+    assert (decision.outcome, decision.reason) == (Outcome.SUCCESS, "cache.offline")

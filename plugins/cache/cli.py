@@ -52,6 +52,8 @@ class _Report:
             self.state = "not used offline (written by an older version; the next live login replaces it)"
         elif sealed_at != entry.stored_at:
             self.state = "not used offline (its time was changed in the store)"
+        elif not cache.usable_hash(entry.password_hash):
+            self.state = "not used offline (hashed with other argon2 parameters; the next live login replaces it)"
         elif self.age > settings.max_age:
             self.state = "expired"
         elif entry.failures >= settings.max_offline_failures:
