@@ -244,6 +244,21 @@ class OfflineCache:
                     self._tombstones.popitem(last=False)
             return False
 
+    def proved_by(self, username: str) -> str | None:
+        """The step that proved the user whose entry this is (None: no readable entry)."""
+        try:
+            keys = self.keys()
+            row_key = keys.row_key(self.user_key(username))
+            entry = self.store.get(row_key)
+            self._ok()
+        except (StoreError, KeyFileError) as exc:
+            self._failed("reading an entry", exc)
+            return None
+        if entry is None or entry.kid != keys.kid:
+            return None
+        document = keys.open(row_key, entry.sealed)
+        return str(document.get("step")) if document is not None else None
+
     # -- offline answers ------------------------------------------------------------------------------
 
     def answer(self, attempt: Attempt, credential: PasswordCredential, unavailable: Decision) -> Decision:
