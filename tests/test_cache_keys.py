@@ -13,7 +13,7 @@ import pytest
 
 from gateway import Identity, Secret
 from gateway.plugins.cache.hot import HotCache
-from gateway.plugins.cache.keys import ENCRYPTION_FILE, PEPPER_FILE, KeyFileError, load_keys
+from gateway.plugins.cache.keys import ENCRYPTION_FILE, PEPPER_FILE, KeyFileError, load_keys, sealed_time
 
 
 def ident(name: str = "alice") -> Identity:
@@ -69,10 +69,11 @@ def test_sealed_identities_open_only_on_their_row_with_their_key(tmp_path):
     keys = load_keys(tmp_path / "a", None, None, create=True)
     other = load_keys(tmp_path / "b", None, None, create=True)
     row = keys.row_key("alice")
-    sealed = keys.seal(row, ident(), "ldap")
+    sealed = keys.seal(row, ident(), "ldap", 1234.5)
     assert b"Alice" not in sealed and b"wonderland" not in sealed and b"alice" not in sealed
     document = keys.open(row, sealed)
     assert document["groups"] == ["wonderland", "staff"] and document["step"] == "ldap"
+    assert sealed_time(document) == 1234.5
     assert keys.open(keys.row_key("bob"), sealed) is None  # copied onto another user's row
     assert other.open(row, sealed) is None  # another install's key
     tampered = sealed[:-1] + bytes([sealed[-1] ^ 1])

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from gateway import Attempt, NegotiateCredential, Outcome, PasswordCredential
+from gateway.plugins.cache.offline import identity_from
 from gateway.plugins.cache.store import Entry
 from support import testplugins
 from support.chainhelp import attempt, build, decide
@@ -49,6 +50,17 @@ def plugin(rt):
 
 def entries(rt) -> list[Entry]:
     return list(plugin(rt).offline.store.scan())
+
+
+def age(rt, entry: Entry, at: float) -> None:
+    """Rewrite *entry* as if its live login had been at *at*: the time in the row and the one
+    sealed with it (an entry whose two times differ is not used)."""
+    offline = plugin(rt).offline
+    keys = offline.keys()
+    document = keys.open(entry.key, entry.sealed)
+    sealed = keys.seal(entry.key, identity_from(document, at), document["step"], at)
+    offline.store.delete(entry.key)  # put never writes over a newer entry
+    offline.store.put(Entry(entry.key, entry.kid, entry.password_hash, sealed, at))
 
 
 def steps_called() -> list[str]:
@@ -138,10 +150,7 @@ def test_only_an_outage_of_the_directory_that_proved_the_user_is_answered(tmp_pa
 def test_entries_older_than_max_age_are_not_used_and_are_deleted(tmp_path):
     live = runtime(tmp_path, "success")
     login(live)
-    store = plugin(live).offline.store
-    old = entries(live)[0]
-    store.delete(old.key)  # age the entry (put never writes over a newer one)
-    store.put(Entry(old.key, old.kid, old.password_hash, old.sealed, time.time() - 8 * 86400))
+    age(live, entries(live)[0], time.time() - 8 * 86400)
     down = runtime(tmp_path, "unavailable")
     assert login(down).outcome is Outcome.UNAVAILABLE
     assert entries(down) == []
@@ -150,10 +159,8 @@ def test_entries_older_than_max_age_are_not_used_and_are_deleted(tmp_path):
 def test_max_age_is_a_setting(tmp_path):
     login(runtime(tmp_path, "success"))
     assert login(runtime(tmp_path, "unavailable", {"max_age": "1d"})).success
-    entry = entries(runtime(tmp_path, "unavailable"))[0]
-    store = plugin(runtime(tmp_path, "unavailable")).offline.store
-    store.delete(entry.key)  # age the entry (put never writes over a newer one)
-    store.put(Entry(entry.key, entry.kid, entry.password_hash, entry.sealed, time.time() - 7200))
+    rt = runtime(tmp_path, "unavailable")
+    age(rt, entries(rt)[0], time.time() - 7200)
     assert login(runtime(tmp_path, "unavailable", {"max_age": "1d"})).success
     assert login(runtime(tmp_path, "unavailable", {"max_age": "1h"})).outcome is Outcome.UNAVAILABLE
 

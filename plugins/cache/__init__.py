@@ -11,7 +11,8 @@ Offline logins (a ``wrapper=True`` around the whole chain; it sees the folded de
     ``INVALID_CREDENTIALS``, ``ACCOUNT_STATE`` or ``USER_NOT_FOUND``.
 Refused accounts on every path (a ``wrapper=True`` around ``gateway_lookup_user``)
     forgets a user's offline entry and this process's hot entries whenever the directory's
-    answer reports the account refused (``Identity.refusal``): Kerberos and certificate
+    answer reports the account refused (``Identity.refusal``), or when no plugin knows the user
+    and the step that proved the entry was asked (a deleted account): Kerberos and certificate
     refusals carry no password username, and the cached password must die with the account.
 Hot cache (``gateway_precheck``, before the chain; off by default)
     answers ``SUCCESS`` with ``from_cache`` (reason ``cache.hot``) for the exact credentials,
@@ -73,6 +74,7 @@ class CachePlugin:
         self.settings = settings
         self.name = context.name
         self.log = context.log
+        self.hook = context.hook
         self.state_dir = context.state_dir
         self.offline = OfflineCache(settings, context.state_dir, name=self.name, log=self.log)
         hot = settings.hot
@@ -168,10 +170,29 @@ class CachePlugin:
         # that an account may not log in (disabled, locked, expired, or its password expired)
         # is the moment the cached password stops being one the directory would accept, so
         # it is forgotten now, whichever path asked (docs/plugins/cache.md, "Forgetting").
-        identity = yield
-        if self.settings.enabled and identity is not None and identity.refusal(password_state_refuses=True):
+        identity = yield  # BackendUnavailable (the directory cannot tell) passes through: nothing forgotten
+        if not self.settings.enabled:
+            return identity
+        if identity is None:
+            self.forget_unknown(username)
+        elif identity.refusal(password_state_refuses=True):
             self.forget_refused(username, identity.username)
         return identity
+
+    def forget_unknown(self, username: str) -> None:
+        """Every directory answered the lookup and none knows *username* (``None`` from each,
+        none unavailable): forget the user's entry if the step that proved it was among them,
+        as a password attempt's ``USER_NOT_FOUND`` does. A deleted account's password must not
+        keep working offline until ``max_age``."""
+        asked = {impl.plugin_name for impl in self.hook.gateway_lookup_user.get_hookimpls()
+                 if not (impl.wrapper or impl.hookwrapper)}
+        try:
+            step = self.offline.proved_by(canonical_username(username)) if username else None
+        except Exception:  # never turn the directory's answer into an error
+            self.log.exception("credential cache: reading the entry of a user no directory knows failed")
+            return
+        if step is not None and step in asked:
+            self.forget_refused(username)
 
     def forget_refused(self, *names: str) -> None:
         """Forget the offline entry and this process's hot entries of every spelling given."""

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from gateway import Command
 from gateway.logs import printable
-from gateway.plugins.cache.keys import CacheKeys, KeyFileError
+from gateway.plugins.cache.keys import CacheKeys, KeyFileError, sealed_time
 from gateway.plugins.cache.store import Entry, StoreError
 
 if TYPE_CHECKING:
@@ -45,8 +45,15 @@ class _Report:
         self.entry = entry
         self.document = keys.open(entry.key, entry.sealed) if keys is not None and entry.kid == keys.kid else None
         self.age = now - entry.stored_at
+        sealed_at = sealed_time(self.document) if self.document is not None else None
         if self.document is None:
             self.state = "unreadable (written with other keys)"
+        elif sealed_at is None:
+            self.state = "not used offline (written by an older version; the next live login replaces it)"
+        elif sealed_at != entry.stored_at:
+            self.state = "not used offline (its time was changed in the store)"
+        elif not cache.usable_hash(entry.password_hash):
+            self.state = "not used offline (hashed with other argon2 parameters; the next live login replaces it)"
         elif self.age > settings.max_age:
             self.state = "expired"
         elif entry.failures >= settings.max_offline_failures:

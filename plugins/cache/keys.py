@@ -7,8 +7,11 @@ processes starting together agree on one):
 * the **pepper** keys an HMAC applied to the password before argon2id (the OWASP "pre-hashing
   pepper"), and the HMAC that turns a username into the store's row key. A stolen database
   without the pepper can neither be brute-forced offline nor be read for usernames.
-* the **encryption key** seals the identity (profile, groups) with AES-256-GCM; the row key is
-  the associated data, so a ciphertext copied onto another user's row does not open.
+* the **encryption key** seals the identity (profile, groups), the step that proved it and the
+  time of that live login with AES-256-GCM; the row key is the associated data, so a ciphertext
+  copied onto another user's row does not open. The store's own copy of the time is not
+  authenticated: offline answers compare it with the sealed one (a row put back by someone
+  who can write to the store, with a fresh time, must not live past ``max_age``).
 
 Each secret is stretched with HKDF-SHA256 (RFC 5869) into separate keys per purpose.
 """
@@ -33,7 +36,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from gateway import Identity, Secret
 
-__all__ = ["CacheKeys", "KeyFileError", "KeySource", "key_file_problem", "load_keys"]
+__all__ = ["CacheKeys", "KeyFileError", "KeySource", "key_file_problem", "load_keys", "sealed_time"]
 
 PEPPER_FILE = "cache-pepper.key"
 ENCRYPTION_FILE = "cache-encryption.key"
@@ -148,11 +151,14 @@ class CacheKeys:
     def _aad(self, row_key: str) -> bytes:
         return _VERSION + b"\0" + row_key.encode("ascii")
 
-    def seal(self, row_key: str, identity: Identity, step: str) -> bytes:
-        """AES-256-GCM over the identity and the name of the step that proved it."""
+    def seal(self, row_key: str, identity: Identity, step: str, stored_at: float) -> bytes:
+        """AES-256-GCM over the identity, the name of the step that proved it and *stored_at*,
+        the time of that live login (the entry's ``stored_at``; the sealed copy is the one
+        ``max_age`` is judged by)."""
         document = identity.to_json()
         document.pop("authenticated_at", None)
         document["step"] = step
+        document["stored_at"] = stored_at
         plaintext = json.dumps(document, separators=(",", ":"), default=str).encode("utf-8")
         nonce = secrets.token_bytes(12)  # random 96-bit nonces: NIST SP 800-38D section 8.2.2
         return nonce + self.aead.encrypt(nonce, plaintext, self._aad(row_key))
@@ -166,6 +172,14 @@ class CacheKeys:
         except InvalidTag:
             return None
         return json.loads(plaintext)
+
+
+def sealed_time(document: dict) -> float | None:
+    """The time of the live login sealed in an entry (what ``max_age`` counts from), or None
+    for an entry sealed without it. The store's own ``stored_at`` is not authenticated: anyone
+    who can write to the store can change it (and the failure count), not the sealed copy."""
+    value = document.get("stored_at")
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def sources(state_dir: Path, pepper: Secret | None, encryption_key: Secret | None) -> tuple[KeySource, KeySource]:

@@ -10,7 +10,9 @@ The rules (DESIGN.md section 3, docs/plugins/cache.md):
 * only when the folded decision is UNAVAILABLE does the cache answer: the right password gives
   a SUCCESS with ``from_cache``, a wrong one INVALID_CREDENTIALS; after ``max_offline_failures``
   wrong ones the user is refused until a live login; an unknown, expired or unreadable entry
-  leaves the decision UNAVAILABLE.
+  leaves the decision UNAVAILABLE. ``max_age`` counts from the time sealed in the entry; an
+  entry whose stored time differs from it was changed in the store and is deleted; a password
+  hash with argon2 parameters other than the configured ones is never verified (absent).
 
 Store errors never change a live decision; they only keep the cache out (and are logged).
 """
@@ -21,6 +23,7 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 import secrets
 import threading
 import time
@@ -29,10 +32,12 @@ from collections import OrderedDict
 from pathlib import Path
 
 from argon2 import PasswordHasher, Type
+from argon2.low_level import ARGON2_VERSION
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
 from gateway import Attempt, Decision, Identity, Outcome, PasswordCredential
-from gateway.plugins.cache.keys import CacheKeys, KeyFileError, load_keys
+from gateway.logs import printable
+from gateway.plugins.cache.keys import CacheKeys, KeyFileError, load_keys, sealed_time
 from gateway.plugins.cache.settings import CacheSettings
 from gateway.plugins.cache.store import AT_LIMIT, FUTURE_TOLERANCE, GONE, Entry, SQLiteStore, Store, StoreError
 from gateway.slots import FairSlots, usable_cpus
@@ -44,6 +49,22 @@ _MEMO_LIMIT = 100_000
 _PURGE_EVERY = 3600.0
 #: Outcomes by which a live directory says "no" to this username.
 _REFUSALS = frozenset({Outcome.INVALID_CREDENTIALS, Outcome.ACCOUNT_STATE, Outcome.USER_NOT_FOUND})
+
+
+_SALT_LEN, _HASH_LEN = 16, 32
+_B64 = "[A-Za-z0-9+/]"  # argon2's encoding: standard base64 alphabet, no padding
+_PARAMETERS = re.compile(r"\$([^$]{0,20})\$([^$]{0,20})\$([^$]{0,60})\$")
+
+
+def _hash_format(memory_cost: int, time_cost: int, parallelism: int) -> re.Pattern[str]:
+    """The one encoded form a hash made by this configuration can have. argon2 verifies with
+    the parameters written in the hash string, which the store can change (2 GiB and seconds
+    per check); only a hash made with the configured ones is verified."""
+    def b64(size: int) -> str:
+        return f"{_B64}{{{(size * 4 + 2) // 3}}}"
+
+    return re.compile(rf"\$argon2id\$v={ARGON2_VERSION}\$m={memory_cost},t={time_cost},p={parallelism}"
+                      rf"\${b64(_SALT_LEN)}\${b64(_HASH_LEN)}", re.ASCII)
 
 
 def normalise(username: str, mode: str) -> str:
@@ -82,7 +103,10 @@ class OfflineCache:
         self.log = log or logging.getLogger(f"authgw.plugin.{name}")
         argon2 = settings.argon2
         self.hasher = PasswordHasher(time_cost=argon2.time_cost, memory_cost=argon2.memory_cost,
-                                     parallelism=argon2.parallelism, hash_len=32, salt_len=16, type=Type.ID)
+                                     parallelism=argon2.parallelism, hash_len=_HASH_LEN, salt_len=_SALT_LEN,
+                                     type=Type.ID)
+        self._hash_format = _hash_format(argon2.memory_cost, argon2.time_cost, argon2.parallelism)
+        self._foreign_hash_logged = False
         self._hash_slots = FairSlots(settings.hash_concurrency or usable_cpus())  # first come, first served
         self._lock = threading.Lock()
         self._keys: CacheKeys | None = None
@@ -172,7 +196,7 @@ class OfflineCache:
                 # and clean: no refusal deleted it, no offline failure needs resetting.
                 current = self.store.get(row_key)
                 if (current is not None and current.kid == keys.kid and current.failures == 0
-                        and current.stored_at >= memo[1]):
+                        and current.stored_at >= memo[1] and self.usable_hash(current.password_hash)):
                     return False
             if not self._hash_slots.acquire(timeout=max(0.0, attempt.time_left() - 0.05)):
                 self.log.warning("credential cache: no hashing slot before the deadline; %s not stored",
@@ -182,7 +206,7 @@ class OfflineCache:
                 password_hash = self.hasher.hash(keys.peppered(user_key, credential.password))
             finally:
                 self._hash_slots.release()
-            self.store.put(Entry(row_key, keys.kid, password_hash, keys.seal(row_key, identity, step), now))
+            self.store.put(Entry(row_key, keys.kid, password_hash, keys.seal(row_key, identity, step, now), now))
             with self._lock:
                 self._tombstones.pop(row_key, None)
                 self._memo[row_key] = (mark, now)
@@ -220,6 +244,21 @@ class OfflineCache:
                     self._tombstones.popitem(last=False)
             return False
 
+    def proved_by(self, username: str) -> str | None:
+        """The step that proved the user whose entry this is (None: no readable entry)."""
+        try:
+            keys = self.keys()
+            row_key = keys.row_key(self.user_key(username))
+            entry = self.store.get(row_key)
+            self._ok()
+        except (StoreError, KeyFileError) as exc:
+            self._failed("reading an entry", exc)
+            return None
+        if entry is None or entry.kid != keys.kid:
+            return None
+        document = keys.open(row_key, entry.sealed)
+        return str(document.get("step")) if document is not None else None
+
     # -- offline answers ------------------------------------------------------------------------------
 
     def answer(self, attempt: Attempt, credential: PasswordCredential, unavailable: Decision) -> Decision:
@@ -240,12 +279,24 @@ class OfflineCache:
             return unavailable
         if entry is None or entry.kid != keys.kid:
             return unavailable
-        now = time.time()
-        if now - entry.stored_at > self.settings.max_age or entry.stored_at > now + FUTURE_TOLERANCE:
+        document = keys.open(row_key, entry.sealed)
+        if document is None:
+            return unavailable
+        stored_at = sealed_time(document)
+        if stored_at is None:
+            return unavailable  # sealed by a version that did not seal the time: replaced at the next live login
+        if stored_at != entry.stored_at:
+            # Only a writer of the store changes one without the other (put writes both at
+            # once): a captured row put back after a refusal deleted it, with a fresh time.
+            self.log.warning("credential cache: an entry's stored time is not the one sealed with it "
+                             "(changed in the store); deleted (attempt %s)", attempt.request_id)
             self._delete_quietly(row_key)
             return unavailable
-        document = keys.open(row_key, entry.sealed)
-        if document is None or document.get("step") not in self.settings.methods:
+        now = time.time()
+        if now - stored_at > self.settings.max_age or stored_at > now + FUTURE_TOLERANCE:
+            self._delete_quietly(row_key)
+            return unavailable
+        if document.get("step") not in self.settings.methods:
             return unavailable
         step = document["step"]
         noted = {note.outcome: set() for note in attempt.notes}
@@ -258,6 +309,9 @@ class OfflineCache:
             return unavailable
         if step not in noted.get(Outcome.UNAVAILABLE, ()):
             return unavailable  # only an outage of the directory that proved the user counts
+        if not self.usable_hash(entry.password_hash):
+            self._foreign_hash(entry.password_hash)
+            return unavailable
         if entry.failures >= self.settings.max_offline_failures:
             return self._too_many()
         try:
@@ -283,6 +337,23 @@ class OfflineCache:
         self._give_back(row_key)
         return Decision.allow(identity_from(document, time.time()), step=self.name, reason="cache.offline",
                               from_cache=True)
+
+    def usable_hash(self, encoded: str) -> bool:
+        """Whether *encoded* is an argon2id hash made with the configured parameters (the only
+        ones verified: see :func:`_hash_format`)."""
+        return self._hash_format.fullmatch(encoded) is not None
+
+    def _foreign_hash(self, encoded: str) -> None:
+        if self._foreign_hash_logged:
+            return
+        self._foreign_hash_logged = True
+        found = _PARAMETERS.match(encoded)
+        a = self.settings.argon2
+        self.log.warning("credential cache: an entry's password hash has other argon2 parameters (%s) than "
+                         "the configured argon2id v=%d m=%d,t=%d,p=%d: such entries are not used offline "
+                         "(hashed before argon2: changed, or changed in the store); further ones are not logged",
+                         printable(" ".join(found.groups())) if found else "unreadable", ARGON2_VERSION,
+                         a.memory_cost, a.time_cost, a.parallelism)
 
     def _verify(self, encoded: str, peppered: bytes) -> bool:
         try:

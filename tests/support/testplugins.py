@@ -10,7 +10,8 @@ import threading
 import time
 from typing import Literal
 
-from gateway import Attempt, Decision, Identity, Outcome, PluginContext, PluginSettings, hookimpl
+from gateway import (Attempt, BackendUnavailable, Decision, Identity, Outcome, PluginContext, PluginSettings,
+                     hookimpl)
 
 #: (plugin name, hook) in call order, for tests that pin the order of hook calls.
 CALLS: list[tuple[str, str]] = []
@@ -67,6 +68,28 @@ class Step:
     @hookimpl
     def gateway_auth_finished(self, attempt: Attempt, decision: Decision) -> None:
         CALLS.append((self.name, "gateway_auth_finished"))
+
+
+class DirectorySettings(StepSettings):
+    lookup: Literal["found", "unknown", "unavailable", "disabled"] = "found"
+
+
+class Directory(Step):
+    """A :class:`Step` that also answers ``gateway_lookup_user`` as its ``lookup`` setting says:
+    the user found (or found disabled), unknown (``None``), or the directory unavailable."""
+
+    Settings = DirectorySettings
+
+    @hookimpl
+    def gateway_lookup_user(self, username: str) -> Identity | None:
+        CALLS.append((self.name, "gateway_lookup_user"))
+        lookup = self.settings.lookup
+        if lookup == "unknown":
+            return None
+        if lookup == "unavailable":
+            raise BackendUnavailable(f"{self.name}.unreachable")
+        return Identity(subject=f"{self.name}:{username}", username=username, method=self.name,
+                        account_state=f"{self.name}.disabled" if lookup == "disabled" else "")
 
 
 class Wrapper:
