@@ -346,6 +346,8 @@ class LimitsSettings(PluginSettings):
     header_timeout: float = Field(10.0, gt=0, le=300, description="seconds a client has to send a "
                                   "request's headers (slow-header floods), and to finish its TLS handshake "
                                   "on a TLS listener")
+    write_timeout: float = Field(10.0, gt=0, le=300, description="seconds an answer may wait on a client that "
+                                 "reads nothing (its buffers full) before the connection is closed")
     body_timeout: float = Field(10.0, gt=0, le=300, description="seconds a client has to send a "
                                 "request body to `/v1/authenticate`")
     keepalive_timeout: float = Field(75.0, gt=0, le=3600, description="seconds an idle keep-alive "

@@ -369,6 +369,30 @@ def test_a_refused_connection_waits_its_retry_after_and_a_closed_one_is_let_go(c
     assert "Traceback" not in gw.output()
 
 
+def test_a_trusted_proxys_connection_is_not_held_after_a_refusal(conf_dir, alice_hash, start_gateway, slow_env):
+    # A proxy's keep-alive connection carries other clients' requests: holding it after one
+    # client's 503 delayed the next user's request (and health checks) by Retry-After or more.
+    import http.client
+
+    gw = start_gateway(conf(conf_dir, alice_hash, "chain: [hang, static]\nthreads: 1\ndeadline: 20\n"
+                            "trusted_proxies: [127.0.0.1/32]\nlimits:\n  queue: 1\n  retry_after: 5\n",
+                            "hang:\n  sleep: 3\n"), env=slow_env)
+    background = _one_running_one_queued(gw)
+    conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=30)
+    conn.request("GET", "/auth", headers={"Authorization": basic("alice", PASSWORD), "X-Forwarded-For": "192.0.2.1"})
+    r = conn.getresponse()
+    r.read()
+    assert (r.status, r.headers["Retry-After"]) == (503, "5")
+    started = time.monotonic()
+    conn.request("GET", "/healthz", headers={"X-Forwarded-For": "192.0.2.2"})
+    r = conn.getresponse()
+    r.read()
+    assert r.status == 200 and time.monotonic() - started < 1.0, time.monotonic() - started
+    conn.close()
+    for thread in background:
+        thread.join(60)
+
+
 def test_a_held_request_is_answered_when_a_reload_retires_its_connection(conf_dir, alice_hash, start_gateway,
                                                                          slow_env):
     # A refused connection is held 30 s (Retry-After); its client resends at once. A reload

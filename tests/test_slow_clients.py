@@ -11,6 +11,7 @@ import time
 import pytest
 
 from support.gateway import static_users, write_conf
+from support.net import wait_for
 
 PASSWORD = "Corr3ct-Horse-Battery"
 FLOOD = 3000
@@ -109,3 +110,49 @@ def test_an_idle_keep_alive_connection_is_not_a_slow_header(conf_dir, alice_hash
     finally:
         conn.close()
     assert "limits.header_timeout" not in gw.output()
+
+
+def _pipeline_unread(port: int, requests: int) -> socket.socket:
+    """A connection that sends *requests* pipelined requests and reads none of the answers."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
+    sock.connect(("127.0.0.1", port))
+    sock.setblocking(False)
+    data = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" * requests
+    progress = time.monotonic()
+    while data and time.monotonic() - progress < 0.3:  # the server stops reading once it cannot write
+        try:
+            data = data[sock.send(data):]
+            progress = time.monotonic()
+        except BlockingIOError:
+            time.sleep(0.01)
+    return sock
+
+
+def _served(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            return sock.recv(12).startswith(b"HTTP/1.1 200")
+    except OSError:
+        return False
+
+
+def test_a_client_that_reads_none_of_its_answers_is_let_go_after_write_timeout(conf_dir, alice_hash,
+                                                                               start_gateway):
+    # Pipelined requests whose answers are never read fill the buffers; the handler then waits
+    # to write, the header clock is stopped, and nothing else bounded the wait: a few such
+    # connections per address held every slot for ever.
+    gw = start_gateway(write_conf(conf_dir, {
+        "gateway.yaml": "chain: [static]\nlimits:\n  write_timeout: 4\n  max_connections_per_client: 2\n",
+        **static_users({"alice": alice_hash})}))
+    stalled = [_pipeline_unread(gw.port, 200_000) for _ in range(2)]
+    try:
+        assert not _served(gw.port), "two stalled connections hold this address's two slots"
+        started = time.monotonic()
+        wait_for(lambda: _served(gw.port), 15, interval=0.2, what="a slot freed by write_timeout")
+        assert time.monotonic() - started < 10
+        assert "limits.write_timeout" in gw.output()
+    finally:
+        for sock in stalled:
+            sock.close()

@@ -123,7 +123,7 @@ class ConnectionGuard:
             self.warn("max_connections", "%d connections open (limits.max_connections); closing new ones",
                       self.open)
             return False
-        if self.per_client[host] >= self.limits.max_connections_per_client and not self._trusted(host):
+        if self.per_client[host] >= self.limits.max_connections_per_client and not self.trusted_host(host):
             self.warn("per_client", "%s has %d connections open (limits.max_connections_per_client); "
                       "closing its new ones", host, self.per_client[host])
             return False
@@ -149,7 +149,8 @@ class ConnectionGuard:
     def _trim() -> None:
         threading.Thread(target=trim_freed_memory, name="authgw-trim", daemon=True).start()
 
-    def _trusted(self, host: str) -> bool:
+    def trusted_host(self, host: str) -> bool:
+        """*host* (a socket peer) is one of ``trusted_proxies``."""
         address = parse_address(host)
         return address is not None and any(address in net for net in self.trusted)
 
@@ -169,6 +170,7 @@ class GuardedRequestHandler(RequestHandler):
         self._held: bytearray | None = None  # what the client sent while held (None: not held)
         self._hold_timer: asyncio.TimerHandle | None = None  # ends the hold; set exactly while held
         self._no_linger = False  # close right after this response (no_linger)
+        self._write_timer: asyncio.TimerHandle | None = None  # set exactly while writing is paused
         #: The client, when :class:`_TlsAccept` counted this connection at its TCP accept.
         self.admitted: str | None = None
 
@@ -197,7 +199,35 @@ class GuardedRequestHandler(RequestHandler):
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
         super().connection_lost(exc)
+
+    # -- write timeout --------------------------------------------------------------------------------
+
+    def pause_writing(self) -> None:
+        """The transport's buffer is full: the client reads nothing of what it asked for (a
+        pipeline of requests whose answers it never reads). Nothing in aiohttp bounds that wait,
+        and the header clock stops while a request is handled: without this, such a connection
+        is held for ever, and enough of them take every slot (``limits.max_connections``)."""
+        super().pause_writing()
+        if self._write_timer is None and self._host is not None:
+            self._write_timer = self._loop.call_later(self._guard.limits.write_timeout, self._write_stalled)
+
+    def resume_writing(self) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+        super().resume_writing()
+
+    def _write_stalled(self) -> None:
+        self._write_timer = None
+        if self.transport is None:
+            return
+        self._guard.warn("write_timeout", "closed a connection from %s: it read none of its answers for "
+                         "%.0f s (limits.write_timeout)", self._host, self._guard.limits.write_timeout)
+        self.transport.abort()  # what is buffered for a client that does not read is dropped
 
     # -- header timeout -----------------------------------------------------------------------------
 
@@ -308,6 +338,10 @@ class GuardedRequestHandler(RequestHandler):
         next request will wait (:meth:`ConnectionGuard.hold_after_refusal`), for its
         ``Retry-After``. Once the 503 is written, what the client sends is kept, unparsed, until
         then; a client that closes meanwhile is seen at once (its connection is not held open)."""
+        if self._host is not None and self._guard.trusted_host(self._host):
+            # A proxy's keep-alive connection carries other clients' requests next: it is not
+            # held, so one client's refusal does not delay theirs. The proxy passes the 503 on.
+            return float(self._guard.limits.retry_after)
         self._hold = self._guard.hold_after_refusal(self._loop.time())
         return self._hold
 
