@@ -155,11 +155,15 @@ class Config:
         return _redact(self.data)
 
 
-_SECRET_WORDS = {"password", "passwd", "passphrase", "secret", "token", "credential", "credentials",
+_SECRET_WORDS = {"password", "passwd", "passphrase", "pw", "pwd", "secret", "token", "credential", "credentials",
                  "pepper", "salt", "psk"}
 #: ``*_key`` names a key (``encryption_key``, ``private_key``); ``key_prefix`` or ``key_file`` do not.
 _SECRET_LAST = {"key", "pin"}
-_URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^/@\s:]*:)(?P<pw>[^@\s]*)(?=@)", re.IGNORECASE)
+#: The password of a URL runs to the last ``@`` before the host (``ldap://admin:P@ss@dc1``).
+_URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^/@\s:]*:)(?P<pw>\S*)(?=@[^@\s/?#]*(?:[/?#\s]|$))",
+                           re.IGNORECASE)
+#: A credential in a URL's query (``redis://host/0?password=...``).
+_QUERY_PASSWORD = re.compile(r"(?P<head>[?&](?:password|passwd|pass|pwd|secret|token)=)[^&#\s]*", re.IGNORECASE)
 
 
 def _secret_key(key: str) -> bool:
@@ -179,7 +183,8 @@ def _redact(value: Any, key: str = "") -> Any:
     if isinstance(value, str):
         if "PRIVATE KEY" in value:
             return "<redacted>"
-        return _URL_PASSWORD.sub(lambda m: m.group("head") + "<redacted>", value)
+        value = _URL_PASSWORD.sub(lambda m: m.group("head") + "<redacted>", value)
+        return _QUERY_PASSWORD.sub(lambda m: m.group("head") + "<redacted>", value)
     return value
 
 

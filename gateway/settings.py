@@ -21,6 +21,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import (
     BaseModel,
@@ -255,6 +256,27 @@ class AuditSettings(PluginSettings):
         return value
 
 
+#: Query parameters of a Redis URL that carry a credential (redis-py reads ``?password=``, and
+#: it would win over ``password: {env: ...}``).
+_URL_QUERY_SECRETS = frozenset({"password", "passwd", "pass", "pwd", "secret", "token", "username"})
+
+
+def redis_url(value: str) -> str:
+    """A Redis URL without a credential in it (it would be shown by `config show` and logged):
+    no password before the host, none in the query; the password is a ``Secret`` of its own."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("redis", "rediss"):
+        raise ValueError("`redis://HOST:PORT/DB` or `rediss://` (TLS)")
+    if parts.password is not None:
+        raise ValueError("no password in the URL (it would be shown and logged); use `password: {env: NAME}`")
+    if any(name.lower() in _URL_QUERY_SECRETS for name, _ in parse_qsl(parts.query, keep_blank_values=True)):
+        raise ValueError("no credential in the URL's query (it would be shown and logged, and win over "
+                         "`password:`); use `password: {env: NAME}`")
+    if not parts.hostname:
+        raise ValueError("the URL names no host")
+    return value
+
+
 class ThrottleRedisSettings(PluginSettings):
     url: str = Field(pattern=r"^rediss?://", description="`redis://HOST:PORT/DB` or `rediss://` (TLS); no password in it")
     password: Secret | None = Field(None, description="Redis password (`{env:}`/`{file:}`)")
@@ -264,11 +286,7 @@ class ThrottleRedisSettings(PluginSettings):
     @field_validator("url")
     @classmethod
     def _no_inline_password(cls, value: str) -> str:
-        from urllib.parse import urlsplit
-
-        if urlsplit(value).password is not None:
-            raise ValueError("no password in the URL (it would be shown and logged); use `password: {env: NAME}`")
-        return value
+        return redis_url(value)
 
 
 class ThrottleSettings(PluginSettings):

@@ -420,6 +420,32 @@ def test_config_show_redacts_inline_secrets_of_every_section_enabled_or_not(conf
     assert "redis://:<redacted>@127.0.0.1:6379/0" in shown.stdout
 
 
+def test_config_show_redacts_a_password_with_an_at_sign_a_query_password_and_pw_keys(conf_dir):
+    write_conf(conf_dir, {**USERS, "gateway.yaml": "chain: [static]\n", "ldap.yaml": """\
+        ldap:
+          servers: ["ldap://admin:P@ssInline-5@dc1.example:389"]
+          bind_pw: Hunter2-Inline
+        """, "relay.yaml": """\
+        relay:
+          redis: {url: "redis://127.0.0.1:6379/0?password=QueryPw-Inline-3"}
+        """})
+    shown = check(conf_dir, None, "show")
+    assert shown.returncode == 0, shown.stderr
+    for secret in ("ssInline-5", "Hunter2-Inline", "QueryPw-Inline-3"):
+        assert secret not in shown.stdout + shown.stderr, secret
+    assert "ldap://admin:<redacted>@dc1.example:389" in shown.stdout
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/0?password=x", "rediss://127.0.0.1/0?PWD=x",
+                                 "redis://u:pw@127.0.0.1/0", "redis:///0"])
+def test_no_redis_url_carries_a_credential(conf_dir, url):
+    write_conf(conf_dir, {**USERS, "gateway.yaml": f"chain: [static]\nthrottle:\n  store: redis\n  redis:\n"
+                                                   f"    url: '{url}'\n"})
+    (found,) = errors(check(conf_dir))
+    assert "gateway.yaml:5: throttle.redis.url" in found and ("credential" in found or "password" in found
+                                                              or "no host" in found), found
+
+
 def test_snapshot_a_check_across_list_entries_points_at_the_entry_at_fault(conf_dir):
     write_conf(conf_dir, {"gateway.yaml": "chain: [client_cert]\n", "client_cert.yaml": """\
         client_cert:

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import re
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
 
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from gateway import ConfigPath, PluginSettings, Secret
-from gateway.settings import InvalidKey
+from gateway.settings import InvalidKey, redis_url
 
 __all__ = ["Argon2Settings", "CacheSettings", "HotSettings", "RedisSettings", "SQLiteSettings", "parse_duration"]
 
@@ -58,12 +57,7 @@ class RedisSettings(PluginSettings):
     @field_validator("url")
     @classmethod
     def _no_inline_password(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.password:
-            raise ValueError("the URL holds a password; give it as redis.password: {env: NAME} or {file: PATH}")
-        if not parts.hostname and not parts.path:
-            raise ValueError("the URL names no host")
-        return value
+        return redis_url(value)
 
 
 class HotSettings(PluginSettings):

@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator, model_validator
 
 from gateway import ConfigPath, PluginSettings, Secret
+from gateway.settings import redis_url
 
 __all__ = ["LoginSettings", "OidcClient", "OidcSettings", "SamlServiceProvider", "SamlSettings", "SessionSettings", "TlsListenerSettings", "WsFedRelyingParty", "WsFedSettings"]
 
@@ -70,6 +71,8 @@ class SessionSettings(PluginSettings):
     def _redis_needs_url(self) -> SessionSettings:
         if self.store == "redis" and not self.redis_url:
             raise ValueError("store: redis needs redis_url")
+        if self.redis_url:
+            redis_url(self.redis_url)
         if self.absolute < self.idle:
             raise ValueError("absolute must be at least idle")
         return self
