@@ -1,20 +1,32 @@
 """The link protocol without sockets (gateway.plugins.linkproto): each check refuses exactly the
-frame that breaks it, with its error code."""
+frame that breaks it, with its error code. Then the connector's read path in-process (the real
+LinkClient linked to a scripted relay on a local WebSocket): replays across links, floods."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
+import time
+from types import SimpleNamespace
 
+import aiohttp
 import pytest
+from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from gateway import Decision, Identity, Outcome, hookimpl
+from gateway.http.app import FrontDoor
 from gateway.plugins import linkproto as proto
+from gateway.plugins.link.client import LinkClient
+from gateway.plugins.link.settings import LinkSettings
+from support.chainhelp import build
 
 NOW = 1_800_000_000.0
 
 
 def _frame(**changes) -> str:
-    data = {"v": 1, "id": "abc", "type": "authenticate", "deadline": NOW + 5, "nonce": "n" * 22, "body": {}}
+    data = {"v": proto.VERSION, "id": "abc", "type": "authenticate", "deadline": NOW + 5, "nonce": "n" * 22, "body": {}}
     data.update(changes)
     return json.dumps({k: v for k, v in data.items() if v is not ...})
 
@@ -37,7 +49,8 @@ def test_a_request_round_trips():
     ({"deadline": float("nan")}, "bad_request"),
     ({"nonce": "short"}, "bad_request"),
     ({"nonce": ...}, "bad_request"),
-    ({"v": 2}, "bad_request"),
+    ({"v": 1}, "bad_request"),  # version 1 bound only the id into a sealed password
+    ({"v": proto.VERSION + 1}, "bad_request"),
     ({"type": "format_disk"}, "unknown_type"),
     ({"body": []}, "bad_request"),
 ])
@@ -71,18 +84,79 @@ def test_the_replay_guard_forgets_only_expired_nonces():
     assert not guard.fresh("b" * 16, NOW + 100, NOW + 2)
 
 
-def test_a_sealed_password_opens_only_with_the_key_and_the_id():
+CONNECTOR = "acme-0000abcd"
+BODY = {"username": "alice", "client": "203.0.113.7", "request_id": "r1", "front_door": "forward_auth"}
+
+
+def _sealed(key, password: str = "Corr3ct-horse", connector: str = CONNECTOR) -> dict:
+    """An ``authenticate`` frame (as a dict) with *password* sealed for *connector*."""
+    stamp = proto.new_stamp(now=NOW, timeout=5)
+    body = {**BODY, "password": proto.seal_password(key.public_key(), password, stamp, connector=connector,
+                                                    body=BODY)}
+    return json.loads(proto.request("authenticate", body, stamp=stamp)[1])
+
+
+def _open(key, frame: dict, connector: str = CONNECTOR) -> str:
+    message = proto.decode(json.dumps(frame), now=NOW)
+    return proto.open_password(key, message.body["password"], message, connector=connector)
+
+
+def test_a_sealed_password_opens_only_with_the_key():
     key = ec.generate_private_key(ec.SECP256R1())
-    sealed = proto.seal_password(key.public_key(), "Corr3ct-horse", "id-1")
-    assert "Corr3ct" not in sealed
-    assert proto.open_password(key, sealed, "id-1") == "Corr3ct-horse"
-    for other_key, other_id in ((ec.generate_private_key(ec.SECP256R1()), "id-1"), (key, "id-2")):
-        with pytest.raises(proto.ProtocolError) as refused:
-            proto.open_password(other_key, sealed, other_id)
-        assert refused.value.code == "bad_request"
+    frame = _sealed(key)
+    assert "Corr3ct" not in json.dumps(frame)
+    assert _open(key, frame) == "Corr3ct-horse"
+    with pytest.raises(proto.ProtocolError) as refused:
+        _open(ec.generate_private_key(ec.SECP256R1()), frame)
+    assert refused.value.code == "bad_request"
+    frame["body"]["password"] = "!!not base64!!"
     with pytest.raises(proto.ProtocolError):
-        proto.open_password(key, "!!not base64!!", "id-1")
-    assert proto.seal_password(key.public_key(), "same", "id-1") != proto.seal_password(key.public_key(), "same", "id-1")
+        _open(key, frame)
+    assert _sealed(key)["body"]["password"] != _sealed(key)["body"]["password"]
+
+
+@pytest.mark.parametrize("change", [
+    {"id": "another-id"},
+    {"nonce": "a-fresh-nonce-of-the-copier"},       # a copy made to pass the replay guard
+    {"deadline": NOW + 60},                         # kept alive past its deadline
+    {"body": {"username": "bob"}},                  # tried on another account
+    {"body": {"client": "198.51.100.9"}},           # throttled and audited as another address
+    {"body": {"front_door": "api"}},                # let off the per-client limit
+    {"connector": "acme-ffff0000"},                 # opened at another connector (same key here)
+], ids=lambda change: next(iter(change.get("body", change))))
+def test_a_sealed_password_opens_only_in_the_request_it_was_sealed_for(change):
+    # Version 1 bound the id alone: a frame copied with a fresh nonce and another username
+    # passed the replay guard and opened, trying the password on another account.
+    key = ec.generate_private_key(ec.SECP256R1())
+    frame = _sealed(key)
+    connector = change.get("connector", CONNECTOR)
+    frame.update({k: v for k, v in change.items() if k not in ("body", "connector")})
+    frame["body"].update(change.get("body", {}))
+    with pytest.raises(proto.ProtocolError) as refused:
+        _open(key, frame, connector)
+    assert (refused.value.code, refused.value.detail) == (
+        "bad_request", "the sealed password does not open with this connector's key")
+
+
+def test_a_request_id_seen_is_a_replay_under_a_fresh_nonce():
+    guard = proto.ReplayGuard()
+    proto.decode(_frame(), now=NOW, guard=guard)
+    with pytest.raises(proto.ProtocolError) as refused:
+        proto.decode(_frame(nonce="m" * 22), now=NOW, guard=guard)
+    assert refused.value.code == "replayed"
+
+
+def test_another_version_is_refused_in_its_own_envelope_and_its_refusals_are_read():
+    with pytest.raises(proto.ProtocolError) as refused:
+        proto.decode(_frame(v=1), now=NOW)
+    assert (refused.value.code, refused.value.peer_version) == ("bad_request", 1)
+    assert "version 1" in refused.value.detail and f"speaks {proto.VERSION}" in refused.value.detail
+    answer = json.loads(proto.error("abc", "bad_request", "x", version=refused.value.peer_version))
+    assert answer["v"] == 1
+    # the other end's error frame, whatever its version, reaches the request that waits for it
+    theirs = proto.decode(json.dumps({"v": 1, "id": "abc", "type": "error",
+                                      "body": {"code": "bad_request", "detail": "this end speaks 1"}}), now=NOW)
+    assert (theirs.type, theirs.body["detail"]) == ("error", "this end speaks 1")
 
 
 def test_back_off_grows_is_capped_and_jittered(tmp_path):
@@ -95,3 +169,201 @@ def test_back_off_grows_is_capped_and_jittered(tmp_path):
     late = [client.delay(40) for _ in range(200)]  # capped, and spread over half the ceiling
     assert all(15.0 <= d < 30.0 for d in late)
     assert max(late) - min(late) > 10.0
+
+
+# -- the connector's read path, in-process, against a scripted relay ------------------------------------
+
+GATE = threading.Event()  # the directory answers lookups once set
+LOOKUPS: list[str] = []
+
+
+class Directory:
+    """A chain step that knows one password, and a directory whose lookups wait for GATE."""
+
+    def __init__(self, settings, context) -> None:
+        pass
+
+    @hookimpl
+    def gateway_authenticate(self, attempt):
+        if attempt.password.password != "Corr3ct-horse":
+            return Decision.deny(Outcome.INVALID_CREDENTIALS, step="dir", reason="dir.invalid")
+        user = attempt.password.username
+        return Decision.allow(Identity(subject=f"uid={user}", username=user, method="dir"), step="dir")
+
+    @hookimpl
+    def gateway_lookup_user(self, username):
+        LOOKUPS.append(username)
+        GATE.wait(20)
+        return None
+
+
+class ScriptedRelay:
+    """A relay's /link over plain WebSocket: each link's frames go to a queue the test reads,
+    and the test writes what the relay sends."""
+
+    def __init__(self) -> None:
+        self.links: asyncio.Queue = asyncio.Queue()
+
+    async def start(self) -> str:
+        app = web.Application()
+        app.router.add_get("/link", self._link)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        return f"ws://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/link"
+
+    async def _link(self, request):
+        ws = web.WebSocketResponse(max_msg_size=proto.MAX_FRAME)
+        await ws.prepare(request)
+        link = SimpleNamespace(ws=ws, frames=asyncio.Queue())
+        await self.links.put(link)
+        async for msg in ws:
+            await link.frames.put(json.loads(msg.data))
+        await link.frames.put(("closed", ws.close_code))
+        return ws
+
+    async def accept(self):
+        """The next link, its hello answered."""
+        link = await asyncio.wait_for(self.links.get(), 5)
+        hello = await asyncio.wait_for(link.frames.get(), 5)
+        assert hello["type"] == "hello"
+        await link.ws.send_str(proto.answer(hello["id"], {"time": time.time()}))
+        return link
+
+
+def _connector(tmp_path, **settings):
+    runtime = build(tmp_path, {"chain": ["dir"]}, targets={"dir": "test_link_protocol:Directory"})
+    client = LinkClient(LinkSettings(max_clock_skew=0, **settings), tmp_path, FrontDoor(runtime.gateway),
+                        runtime.gateway.pm.hook, "test")
+    key = ec.generate_private_key(ec.SECP256R1())
+    return runtime, client, key
+
+
+async def _dial(client, key, url):
+    """One link of *client* (a task) to the scripted relay at *url*."""
+    enrolment = SimpleNamespace(link_url=url, connector=CONNECTOR, key=key, not_after=time.time() + 3600,
+                                renew_at=time.time() + 3600)
+    http = aiohttp.ClientSession()
+    task = asyncio.ensure_future(client._linked(http, enrolment, False, None, None))
+    task.add_done_callback(lambda _: asyncio.ensure_future(http.close()))
+    return task
+
+
+def _authenticate(key, password="Corr3ct-horse", username="alice") -> tuple[str, str]:
+    stamp = proto.new_stamp(now=time.time(), timeout=10)
+    body = {"username": username, "client": "203.0.113.7", "request_id": "r", "front_door": "forward_auth"}
+    body["password"] = proto.seal_password(key.public_key(), password, stamp, connector=CONNECTOR, body=body)
+    return proto.request("authenticate", body, stamp=stamp)
+
+
+async def _answer_to(link, request_id: str, timeout: float = 5) -> dict:
+    while True:
+        frame = await asyncio.wait_for(link.frames.get(), timeout)
+        if isinstance(frame, dict) and frame.get("id") == request_id:
+            return frame
+
+
+def test_a_request_copied_onto_the_next_link_is_refused_as_a_replay(tmp_path):
+    # The replay guard was per link: after a reconnect the same frame, verbatim, was served
+    # again (a password tried twice towards the directory's lockout, or a login answered twice).
+    runtime, client, key = _connector(tmp_path)
+
+    async def main():
+        relay = ScriptedRelay()
+        url = await relay.start()
+        try:
+            first = await _dial(client, key, url)
+            link = await relay.accept()
+            request_id, frame = _authenticate(key)
+            await link.ws.send_str(frame)
+            answer = await _answer_to(link, request_id)
+            assert (answer["type"], answer["body"]["outcome"]) == ("answer", "success")
+            await link.ws.close()
+            await asyncio.wait_for(first, 5)
+            second = await _dial(client, key, url)
+            link = await relay.accept()
+            await link.ws.send_str(frame)
+            copy = await _answer_to(link, request_id)
+            assert (copy["type"], copy["body"]["code"]) == ("error", "replayed")
+            fresh_id, fresh = _authenticate(key)  # the next real request goes through
+            await link.ws.send_str(fresh)
+            assert (await _answer_to(link, fresh_id))["body"]["outcome"] == "success"
+            await link.ws.close()
+            await asyncio.wait_for(second, 5)
+        finally:
+            await relay.runner.cleanup()
+
+    try:
+        asyncio.run(main())
+    finally:
+        client.close()
+        runtime.discard()
+
+
+def test_a_flood_of_requests_is_held_bounded_and_the_rest_refused_at_once(tmp_path):
+    # The connector started a task per request frame and bounded only the work inside it:
+    # 20,000 lookups with long deadlines and padding held 20,000 tasks and their frames (1.2 GB).
+    runtime, client, key = _connector(tmp_path, max_concurrent=4)
+    GATE.clear()
+    LOOKUPS.clear()
+    pad = "x" * 60_000
+
+    async def main():
+        relay = ScriptedRelay()
+        url = await relay.start()
+        try:
+            first = await _dial(client, key, url)
+            link = await relay.accept()
+            sent = []
+            for n in range(200):
+                # the first four hold the directory longer than the next ones may wait
+                request_id, frame = proto.request("lookup_user", {"username": f"u{n}", "pad": pad},
+                                                  now=time.time(), timeout=2.5 if n < 4 else 1.0)
+                sent.append(request_id)
+                if link.ws.closed:
+                    break
+                await link.ws.send_str(frame)
+            refused = []
+            while True:
+                frame = await asyncio.wait_for(link.frames.get(), 5)
+                if isinstance(frame, tuple):
+                    closed = frame
+                    break
+                refused.append(frame)
+            # 2 x max_concurrent held (4 at the directory, 4 waiting); each one more is answered
+            # unavailable without a task, and a relay that keeps on has its link closed
+            assert len(client._tasks) == 8
+            assert [(f["id"], f["type"], f["body"]["code"]) for f in refused] == [
+                (i, "error", "unavailable") for i in sent[8:28]]
+            assert closed == ("closed", 1008)
+            await asyncio.wait_for(first, 5)
+            await asyncio.sleep(3.0)  # past the deadlines: the four waiting got their slots too late
+            GATE.set()
+            for _ in range(50):
+                if not client._tasks:
+                    break
+                await asyncio.sleep(0.1)
+            assert not client._tasks
+            assert sorted(LOOKUPS) == ["u0", "u1", "u2", "u3"]  # the late ones never reached the directory
+            # and the next link serves as before
+            second = await _dial(client, key, url)
+            link = await relay.accept()
+            request_id, frame = _authenticate(key)
+            await link.ws.send_str(frame)
+            assert (await _answer_to(link, request_id))["body"]["outcome"] == "success"
+            request_id, frame = proto.request("lookup_user", {"username": "carol"}, now=time.time(), timeout=5)
+            await link.ws.send_str(frame)
+            assert (await _answer_to(link, request_id))["body"] == {"found": False, "identity": None}
+            await link.ws.close()
+            await asyncio.wait_for(second, 5)
+        finally:
+            GATE.set()
+            await relay.runner.cleanup()
+
+    try:
+        asyncio.run(main())
+    finally:
+        GATE.set()
+        client.close()
+        runtime.discard()

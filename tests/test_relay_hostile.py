@@ -111,11 +111,60 @@ def test_forged_expired_replayed_and_malformed_requests_are_refused(relay, ident
     _, hello = proto.request("hello", {"version": "test"}, now=now, timeout=5)
     expired = json.loads(proto.request("hello", {}, now=now - 60, timeout=5)[1])
     frames = [forged, hello, hello.replace(json.loads(hello)["id"], "another-id"), json.dumps(expired),
-              "not json", b"\x00binary", json.dumps({"v": 1, "id": "x", "type": "renew", "deadline": now + 5,
-                                                    "nonce": "n" * 20, "body": {"csr": "garbage"}})]
+              "not json", b"\x00binary", json.dumps({"v": proto.VERSION, "id": "x", "type": "renew",
+                                                    "deadline": now + 5, "nonce": "n" * 20,
+                                                    "body": {"csr": "garbage"}})]
     received = asyncio.run(_link(relay, _context(relay, identity), frames))
     errors = [(m["body"]["code"] if m["type"] == "error" else m["type"]) for m in received]
     assert errors == ["unknown_type", "answer", "replayed", "expired", "bad_request", "bad_request", "bad_request"]
+    _no_server_errors(relay)
+
+
+def test_a_new_link_of_a_connector_replaces_its_older_one(relay, identity):
+    # One connector identity held any number of links, and new links won routing ties: a stolen
+    # key (or a copied enrolment) drew most of the connection's password checks.
+    auth = {"Authorization": f"Bearer {relay.token}"}
+
+    def links() -> list[str]:
+        return [link["connector"] for link in relay.process.get("/v1/relay/connectors", auth).json()["links"]]
+
+    async def two_links():
+        async with aiohttp.ClientSession() as http:
+            first = await http.ws_connect(f"wss://127.0.0.1:{relay.port}/link", ssl=_context(relay, identity))
+            await first.send_str(proto.request("hello", {"version": "first"}, now=time.time(), timeout=5)[1])
+            assert json.loads((await first.receive(timeout=5)).data)["type"] == "answer"
+            assert links().count(identity.connector_id) == 1
+            # `authgw check` dials a probe: answered, never routed to, replaces nothing
+            probe = await http.ws_connect(f"wss://127.0.0.1:{relay.port}/link", ssl=_context(relay, identity))
+            await probe.send_str(proto.request("hello", {"version": "check", "probe": True}, now=time.time(),
+                                               timeout=5)[1])
+            assert json.loads((await probe.receive(timeout=5)).data)["type"] == "answer"
+            await probe.close()
+            second = await http.ws_connect(f"wss://127.0.0.1:{relay.port}/link", ssl=_context(relay, identity))
+            await second.send_str(proto.request("hello", {"version": "second"}, now=time.time(), timeout=5)[1])
+            assert json.loads((await second.receive(timeout=5)).data)["type"] == "answer"
+            closing = await first.receive(timeout=5)
+            assert (closing.type, closing.data) == (aiohttp.WSMsgType.CLOSE, 4004)
+            held = relay.process.get("/v1/relay/connectors", auth).json()["links"]
+            assert [(link["connector"], link["version"]) for link in held
+                    if link["connector"] == identity.connector_id] == [(identity.connector_id, "second")]
+            await second.close()
+
+    asyncio.run(asyncio.wait_for(two_links(), 30))
+    lines = [line for line in relay.process.output().splitlines()
+             if f"connector {identity.connector_id} linked again from" in line]
+    assert len(lines) == 1 and "WARNING" in lines[0] and lines[0].count("127.0.0.1") == 2, lines
+    _no_server_errors(relay)
+
+
+def test_a_connector_of_another_protocol_version_is_told_and_closed(relay, identity):
+    old = json.loads(proto.request("hello", {"version": "0.0.1"}, now=time.time(), timeout=5)[1])
+    old["v"] = 1
+    received = asyncio.run(_link(relay, _context(relay, identity), [json.dumps(old)]))
+    assert received[0]["v"] == 1 and received[0]["body"]["code"] == "bad_request"  # readable by a version-1 end
+    assert "version 1" in received[0]["body"]["detail"] and f"speaks {proto.VERSION}" in received[0]["body"]["detail"]
+    assert received[1] == ("closed", 4002)
+    assert "speaks link protocol 1" in relay.process.output()
     _no_server_errors(relay)
 
 

@@ -4,6 +4,11 @@ certificate, and dial again with jittered exponential back-off whenever the link
 Runs as a task on the worker's event loop (started when the worker builds its applications),
 so ``authenticate`` goes through ``door.decide``: the same throttling, deadline, audit and chain
 as a login at this connector's own ``/auth``. The connector opens no port for the link.
+
+The relay keeps one link per connector id (the newest), so one worker dials: the one holding
+``STATE_DIR/link/link.lock`` (the others, and a new generation during a reload, wait for it).
+Requests the relay sends are bounded here, not by trusting the relay: at most
+``max_concurrent`` run and as many wait; more are answered ``unavailable`` at once.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import fcntl
 import ipaddress
 import logging
 import os
@@ -39,6 +45,10 @@ __all__ = ["LinkClient", "LinkStatus"]
 log = logging.getLogger("authgw.plugin.link")
 
 _HELLO_TIMEOUT = 10.0
+#: Requests refused in a row for want of room after which the link is closed (1008), as the
+#: relay closes a link after as many refused frames: an honest relay stays under its own
+#: ``max_in_flight`` (64), below what is held here by default (2 x ``max_concurrent``).
+_MAX_OVERRUNS = 20
 _MAX_USERNAME = 256
 _MAX_PASSWORD = 1024
 
@@ -87,14 +97,43 @@ class LinkClient:
         self._busy = asyncio.Semaphore(settings.max_concurrent)
         self._selftesting: asyncio.Future | None = None  # the self-test run going on, if any
         self._selftest_pool: ThreadPoolExecutor | None = None
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task] = set()  # one per request from the relay, running or waiting
+        #: requests held at once: max_concurrent running, as many waiting for a slot
+        self._max_held = 2 * settings.max_concurrent
+        #: nonces and ids of the relay's requests, for this process and across its links: a
+        #: request copied onto the next link is as much a replay as one repeated on the same
+        self._guard = proto.ReplayGuard()
+        self._lock: int | None = None  # fd of STATE_DIR/link/link.lock while this client may dial
         self._live: tuple | None = None  # (ws, pending, reader) of the link while it is up
         self._pings: dict[bytes, float] = {}  # payload of a ping in flight -> monotonic time sent
 
     def close(self) -> None:
-        """Let the self-test thread go (a test still hanging ends by itself, unwaited)."""
+        """Let the self-test thread go (a test still hanging ends by itself, unwaited), and the
+        link to another worker or generation."""
         if self._selftest_pool is not None:
             self._selftest_pool.shutdown(wait=False, cancel_futures=True)
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+    def _may_dial(self) -> bool:
+        """Whether this client holds ``link.lock``: the relay keeps one link per connector id,
+        so of several workers (or two generations during a reload) one dials; the lock goes
+        with its process, and another worker takes the link over."""
+        if self._lock is not None:
+            return True
+        try:
+            fd = os.open(state.directory(self.state_dir) / "link.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:  # a read-only state directory: nothing to coordinate with
+            log.warning("link: cannot open link.lock (%s); dialling without it", exc)
+            return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        self._lock = fd
+        return True
 
     # -- the dialling loop --------------------------------------------------------------------------
 
@@ -109,6 +148,10 @@ class LinkClient:
         said = ""
         loop = asyncio.get_running_loop()
         while True:
+            if not await loop.run_in_executor(None, self._may_dial):
+                self.status.detail = "another worker of this connector holds the link"
+                await asyncio.sleep(self.settings.backoff_initial)
+                continue
             enrolment = await loop.run_in_executor(None, state.load, self.state_dir)
             problem = ""
             if enrolment is None:
@@ -178,11 +221,10 @@ class LinkClient:
                                    # and answers the relay's pings itself
                                    autoping=False, timeout=aiohttp.ClientWSTimeout(ws_close=5.0)) as ws:
             pending: dict[str, asyncio.Future] = {}
-            guard = proto.ReplayGuard()
             self._pings.clear()
             self.status.round_trips.clear()
             self._note_relay_certificate(ws)
-            reader = asyncio.ensure_future(self._read(ws, enrolment, pending, guard))
+            reader = asyncio.ensure_future(self._read(ws, enrolment, pending))
             try:
                 await self._ask(ws, pending, "hello", {
                     "version": self.version, "time": time.time(), "not_after": enrolment.not_after}, reader)
@@ -270,8 +312,8 @@ class LinkClient:
             self.status.skew = message.body["time"] - (sent + received) / 2
         return message.body
 
-    async def _read(self, ws, enrolment: state.Enrolment, pending: dict[str, asyncio.Future],
-                    guard: proto.ReplayGuard) -> None:
+    async def _read(self, ws, enrolment: state.Enrolment, pending: dict[str, asyncio.Future]) -> None:
+        overruns = 0  # requests refused in a row for want of room
         async for msg in ws:
             if msg.type == aiohttp.WSMsgType.PING:
                 await ws.pong(msg.data)
@@ -285,17 +327,32 @@ class LinkClient:
                 continue
             try:
                 # Deadlines are the relay's clock: tolerate the configured skew, no more.
-                message = proto.decode(msg.data, now=time.time() - self.settings.max_clock_skew, guard=guard,
+                message = proto.decode(msg.data, now=time.time() - self.settings.max_clock_skew, guard=self._guard,
                                        accept=proto.RELAY_TO_CONNECTOR)
             except proto.ProtocolError as exc:
                 log.warning("link: refused a request: %s", exc)
-                await ws.send_str(proto.error(exc.request_id, exc.code, exc.detail))
+                await ws.send_str(proto.error(exc.request_id, exc.code, exc.detail,
+                                              version=exc.peer_version or proto.VERSION))
                 continue
             if not message.is_request:
                 future = pending.get(message.id)
                 if future is not None and not future.done():
                     future.set_result(message)
                 continue
+            if len(self._tasks) >= self._max_held:
+                # Counted here, before any task: a relay sending faster than the directory
+                # answers gets refusals, not a task (and its frame kept) per request.
+                overruns += 1
+                await ws.send_str(proto.error(message.id, "unavailable",
+                                              f"the connector is busy: {len(self._tasks)} requests held"))
+                if overruns >= _MAX_OVERRUNS:
+                    log.warning("link: the relay sent %d requests in a row beyond %d held (max_concurrent %d "
+                                "and as many waiting); closing the link", overruns, self._max_held,
+                                self.settings.max_concurrent)
+                    await ws.close(code=1008, message=b"too many requests beyond max_concurrent")
+                    return
+                continue
+            overruns = 0
             task = asyncio.ensure_future(self._answer(ws, enrolment, message))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -305,6 +362,8 @@ class LinkClient:
     async def _answer(self, ws, enrolment: state.Enrolment, message: proto.Message) -> None:
         async with self._busy:
             try:
+                if self._time_left(message) <= 0:  # waited for a slot past its deadline: nobody waits for it
+                    raise BackendUnavailable("no request slot free before the deadline (max_concurrent)")
                 body = await self._serve(enrolment, message)
                 frame = proto.answer(message.id, body)
             except proto.ProtocolError as exc:
@@ -332,7 +391,7 @@ class LinkClient:
                 raise proto.ProtocolError("bad_request", "`username` must be 1-256 printable characters", message.id)
             if not isinstance(sealed, str) or len(sealed) > 4 * _MAX_PASSWORD:
                 raise proto.ProtocolError("bad_request", "`password` must be a sealed string", message.id)
-            password = proto.open_password(enrolment.key, sealed, message.id)
+            password = proto.open_password(enrolment.key, sealed, message, connector=enrolment.connector)
             try:
                 client = ipaddress.ip_address(str(body.get("client", "")))
             except ValueError:

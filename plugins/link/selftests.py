@@ -161,7 +161,9 @@ async def _hello(plugin, enrolment: state.Enrolment, proxy: str | None) -> tuple
                                    proxy_auth=auth, max_msg_size=proto.MAX_FRAME,
                                    timeout=aiohttp.ClientWSTimeout(ws_receive=_TIMEOUT, ws_close=2.0)) as ws:
             sent = time.time()
-            request_id, frame = proto.request("hello", {"version": "check", "time": sent,
+            # probe: the relay answers, but neither routes to this link nor lets it replace the
+            # connector's own (one link per connector id)
+            request_id, frame = proto.request("hello", {"version": "check", "time": sent, "probe": True,
                                                         "not_after": enrolment.not_after}, now=sent, timeout=_TIMEOUT)
             await ws.send_str(frame)
             while True:

@@ -6,18 +6,22 @@ or JSON text out. docs/link-protocol.md is the specification for third parties.
 
 Frames are WebSocket text frames holding one JSON object each:
 
-* a **request** ``{"v": 1, "id", "type", "deadline", "nonce", "body"}``: ``deadline`` is a
+* a **request** ``{"v": 2, "id", "type", "deadline", "nonce", "body"}``: ``deadline`` is a
   wall-clock Unix time (requests cross machines, so no monotonic clock can be shared), ``nonce``
   a one-time random string; the receiver refuses an expired request (``expired``), a nonce it
   has already seen (``replayed``), and a deadline too far ahead (``bad_request``), which bounds
   the memory a replay guard needs.
-* an **answer** ``{"v": 1, "id", "type": "answer", "body"}`` or an **error**
-  ``{"v": 1, "id", "type": "error", "body": {"code", "detail"}}``, ``id`` being the request's.
+* an **answer** ``{"v": 2, "id", "type": "answer", "body"}`` or an **error**
+  ``{"v": 2, "id", "type": "error", "body": {"code", "detail"}}``, ``id`` being the request's.
+  Error frames keep that shape in every version, so each end can read the other's refusal of
+  its version.
 
 Passwords travel sealed to the connector's public key with HPKE (RFC 9180, DHKEM(P-256,
-HKDF-SHA256), HKDF-SHA256, AES-256-GCM) from ``cryptography``, the request id bound in as
-HPKE ``info``: a TLS-inspecting proxy sees ciphertext only, and a sealed password lifted from
-one request does not open under another id.
+HKDF-SHA256), HKDF-SHA256, AES-256-GCM) from ``cryptography``, with the request's context as
+HPKE ``info`` (:func:`password_info`: id, nonce, deadline, the connector it is sealed for, and
+the body fields that say what the password is for): a TLS-inspecting proxy sees ciphertext only,
+and a sealed password lifted into a request that differs in any of those does not open.
+Version 1 bound the id alone: a copy with a fresh nonce and another username opened.
 """
 
 from __future__ import annotations
@@ -37,12 +41,13 @@ except ImportError:  # pragma: no cover - depends on the installed cryptography
     hpke = None
 
 __all__ = [
-    "ANSWER", "ERROR", "MAX_AHEAD", "MAX_FRAME", "MAX_SEARCH_LIMIT", "REQUEST_TYPES", "VERSION",
-    "Message", "ProtocolError", "ReplayGuard", "answer", "decode", "error", "new_id", "open_password",
-    "request", "seal_password",
+    "ANSWER", "ERROR", "MAX_AHEAD", "MAX_FRAME", "MAX_SEARCH_LIMIT", "REQUEST_TYPES", "SEALED_FIELDS", "VERSION",
+    "Message", "ProtocolError", "ReplayGuard", "Stamp", "answer", "decode", "error", "new_id", "new_stamp",
+    "open_password", "password_info", "request", "seal_password",
 ]
 
-VERSION = 1
+#: 2: the sealed password is bound to the request's whole context (version 1: to its id only).
+VERSION = 2
 #: Largest frame either side accepts (bytes); WebSocket readers are configured with it too.
 MAX_FRAME = 64 * 1024
 #: Largest ``deadline - now`` a receiver accepts: nonces are remembered this long, no longer.
@@ -62,13 +67,17 @@ ERROR_CODES = frozenset({"bad_request", "expired", "replayed", "unknown_type", "
 
 
 class ProtocolError(Exception):
-    """A frame the receiver refuses; ``code`` is one of :data:`ERROR_CODES`."""
+    """A frame the receiver refuses; ``code`` is one of :data:`ERROR_CODES`. ``peer_version`` is
+    set when the frame is of another protocol version: the refusal is then sent in that
+    version's envelope (``error(..., version=peer_version)``) so that the peer can read it."""
 
-    def __init__(self, code: str, detail: str, request_id: str | None = None) -> None:
+    def __init__(self, code: str, detail: str, request_id: str | None = None, *,
+                 peer_version: int | None = None) -> None:
         super().__init__(f"{code}: {detail}")
         self.code = code
         self.detail = detail
         self.request_id = request_id
+        self.peer_version = peer_version
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,26 +103,47 @@ def new_id() -> str:
     return secrets.token_hex(12)
 
 
-def request(type_: str, body: dict[str, Any], *, now: float, timeout: float,
-            request_id: str | None = None) -> tuple[str, str]:
-    """A new request frame; returns ``(id, text)``. *timeout* is capped at :data:`MAX_AHEAD`.
-    Pass *request_id* (from :func:`new_id`) when the body must be bound to it (a sealed password)."""
+@dataclass(frozen=True, slots=True)
+class Stamp:
+    """What makes one request unlike any other: its id, its one-time nonce and its deadline
+    (wall-clock, rounded to the millisecond as it is sent). Made before the body when the body
+    is bound to it (a sealed password), possibly by another relay instance (router.py)."""
+
+    id: str
+    nonce: str
+    deadline: float
+
+
+def new_stamp(*, now: float, timeout: float, request_id: str | None = None) -> Stamp:
+    """A fresh stamp; *timeout* is capped at :data:`MAX_AHEAD`."""
+    deadline = now + min(max(timeout, 0.0), MAX_AHEAD)
+    return Stamp(request_id or new_id(), secrets.token_urlsafe(16), round(deadline, 3))
+
+
+def request(type_: str, body: dict[str, Any], *, now: float | None = None, timeout: float | None = None,
+            stamp: Stamp | None = None) -> tuple[str, str]:
+    """A new request frame; returns ``(id, text)``. Give *now* and *timeout* for a fresh stamp,
+    or the *stamp* the body was bound to (:func:`seal_password`)."""
     if type_ not in REQUEST_TYPES:
         raise ValueError(f"unknown request type {type_!r}")
-    request_id = request_id or new_id()
-    deadline = now + min(max(timeout, 0.0), MAX_AHEAD)
-    return request_id, _dump({"v": VERSION, "id": request_id, "type": type_, "deadline": round(deadline, 3),
-                              "nonce": secrets.token_urlsafe(16), "body": body})
+    if stamp is None:
+        if now is None or timeout is None:
+            raise TypeError("request() needs `now` and `timeout`, or a `stamp`")
+        stamp = new_stamp(now=now, timeout=timeout)
+    return stamp.id, _dump({"v": VERSION, "id": stamp.id, "type": type_, "deadline": stamp.deadline,
+                            "nonce": stamp.nonce, "body": body})
 
 
 def answer(request_id: str, body: dict[str, Any]) -> str:
     return _dump({"v": VERSION, "id": request_id, "type": ANSWER, "body": body})
 
 
-def error(request_id: str | None, code: str, detail: str) -> str:
+def error(request_id: str | None, code: str, detail: str, *, version: int = VERSION) -> str:
+    """An error frame; *version* is another end's protocol version when refusing that version
+    (:attr:`ProtocolError.peer_version`): error frames have the same shape in every version."""
     if code not in ERROR_CODES:
         raise ValueError(f"unknown error code {code!r}")
-    return _dump({"v": VERSION, "id": request_id or "", "type": ERROR, "body": {"code": code, "detail": detail}})
+    return _dump({"v": version, "id": request_id or "", "type": ERROR, "body": {"code": code, "detail": detail}})
 
 
 def decode(text: str | bytes, *, now: float, guard: ReplayGuard | None = None,
@@ -131,10 +161,14 @@ def decode(text: str | bytes, *, now: float, guard: ReplayGuard | None = None,
     request_id = data.get("id")
     if not isinstance(request_id, str) or not 0 < len(request_id) <= 64:
         raise ProtocolError("bad_request", "`id` must be a string of 1-64 characters")
-    if data.get("v") != VERSION:
-        raise ProtocolError("bad_request", f"unsupported protocol version {data.get('v')!r}; this end speaks {VERSION}",
-                            request_id)
-    type_, body = data.get("type"), data.get("body")
+    version, type_, body = data.get("v"), data.get("type"), data.get("body")
+    if version != VERSION:
+        if isinstance(version, int) and not isinstance(version, bool) and type_ == ERROR and isinstance(body, dict) \
+                and isinstance(body.get("code"), str) and isinstance(body.get("detail"), str):
+            return Message(request_id, ERROR, body)  # the other end's refusal, of our version perhaps
+        peer = version if isinstance(version, int) and not isinstance(version, bool) and 0 < version < 2**31 else None
+        raise ProtocolError("bad_request", f"unsupported link protocol version {version!r}; this end speaks {VERSION}",
+                            request_id, peer_version=peer)
     if not isinstance(type_, str) or not isinstance(body, dict):
         raise ProtocolError("bad_request", "`type` must be a string and `body` an object", request_id)
     if type_ in (ANSWER, ERROR):
@@ -152,27 +186,32 @@ def decode(text: str | bytes, *, now: float, guard: ReplayGuard | None = None,
         raise ProtocolError("expired", f"deadline passed {now - deadline:.3f}s ago", request_id)
     if deadline > now + MAX_AHEAD:
         raise ProtocolError("bad_request", f"deadline more than {MAX_AHEAD:.0f}s ahead", request_id)
-    if guard is not None and not guard.fresh(nonce, deadline, now):
-        raise ProtocolError("replayed", "this nonce was already used", request_id)
+    if guard is not None and not guard.fresh(nonce, deadline, now, request_id):
+        raise ProtocolError("replayed", "this nonce or request id was already used", request_id)
     return Message(request_id, type_, body, float(deadline), nonce)
 
 
 class ReplayGuard:
-    """Nonces seen and not yet expired. A request's nonce is remembered until its deadline,
-    after which :func:`decode` refuses it as expired anyway; :data:`MAX_AHEAD` bounds that."""
+    """Nonces and request ids seen and not yet expired. Each is remembered until its request's
+    deadline, after which :func:`decode` refuses the request as expired anyway; :data:`MAX_AHEAD`
+    bounds that. A connector keeps one for its process, not one per link: a request copied onto
+    the next link is a replay too."""
 
-    def __init__(self, max_entries: int = 100_000) -> None:
-        self._seen: dict[str, float] = {}
+    def __init__(self, max_entries: int = 200_000) -> None:
+        self._seen: dict[tuple[str, str], float] = {}
         self._max = max_entries
 
-    def fresh(self, nonce: str, deadline: float, now: float) -> bool:
-        if nonce in self._seen:
+    def fresh(self, nonce: str, deadline: float, now: float, request_id: str | None = None) -> bool:
+        """Record the request's nonce (and *request_id*); ``False`` if either was seen before."""
+        keys = [("nonce", nonce)] + ([("id", request_id)] if request_id is not None else [])
+        if any(key in self._seen for key in keys):
             return False
-        if len(self._seen) >= self._max:
-            self._seen = {n: d for n, d in self._seen.items() if d >= now}
-            if len(self._seen) >= self._max:  # flooded with live nonces: refuse rather than forget
+        if len(self._seen) + len(keys) > self._max:
+            self._seen = {k: d for k, d in self._seen.items() if d >= now}
+            if len(self._seen) + len(keys) > self._max:  # flooded with live nonces: refuse rather than forget
                 return False
-        self._seen[nonce] = deadline
+        for key in keys:
+            self._seen[key] = deadline
         return True
 
 
@@ -182,21 +221,49 @@ def _suite():
     return hpke.Suite(hpke.KEM.P256, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
 
 
-def _info(request_id: str) -> bytes:
-    return f"authgw-link/{VERSION} password {request_id}".encode()
+#: The body fields of ``authenticate`` that say what its password is used for, bound in the seal:
+#: the account it is tried on, the address throttled and audited, and how it is throttled.
+SEALED_FIELDS = ("username", "client", "front_door")
 
 
-def seal_password(public_key: ec.EllipticCurvePublicKey, password: str, request_id: str) -> str:
-    """The password sealed to the connector's P-256 key for request *request_id* (base64url)."""
-    sealed = _suite().encrypt(password.encode("utf-8"), public_key, info=_info(request_id))
+def password_info(*, request_id: str, nonce: str, deadline: float, connector: str, body: dict[str, Any]) -> bytes:
+    """The HPKE ``info`` a password is sealed under: the label ``authgw-link/2 password``, then
+    the id, the nonce, the deadline in whole milliseconds, the connector id and the body's
+    :data:`SEALED_FIELDS` (``""`` when absent), each as a 2-byte big-endian length and its UTF-8
+    (docs/link-protocol.md#password-sealing). Any difference in one of them and it does not open."""
+    fields = [request_id, nonce, str(round(deadline * 1000)), connector]
+    for name in SEALED_FIELDS:
+        value = body.get(name, "")
+        if not isinstance(value, str):
+            raise ValueError(f"`{name}` must be a string")
+        fields.append(value)
+    info = bytearray(f"authgw-link/{VERSION} password".encode())
+    for value in fields:
+        raw = value.encode("utf-8", "surrogatepass")
+        if len(raw) > 0xFFFF:
+            raise ValueError("a sealed field is longer than 65535 bytes")
+        info += len(raw).to_bytes(2, "big") + raw
+    return bytes(info)
+
+
+def seal_password(public_key: ec.EllipticCurvePublicKey, password: str, stamp: Stamp, *, connector: str,
+                  body: dict[str, Any]) -> str:
+    """*password* sealed (base64url) to *connector*'s P-256 key for the request of *stamp* whose
+    body is *body*: it opens only in that request, at that connector."""
+    info = password_info(request_id=stamp.id, nonce=stamp.nonce, deadline=stamp.deadline, connector=connector,
+                         body=body)
+    sealed = _suite().encrypt(password.encode("utf-8"), public_key, info=info)
     return base64.urlsafe_b64encode(sealed).decode("ascii").rstrip("=")
 
 
-def open_password(private_key: ec.EllipticCurvePrivateKey, sealed: str, request_id: str) -> str:
-    """Open a password sealed by :func:`seal_password`; :class:`ProtocolError` if it does not."""
+def open_password(private_key: ec.EllipticCurvePrivateKey, sealed: str, message: Message, *, connector: str) -> str:
+    """Open the password of *message* (an ``authenticate`` request) sealed by :func:`seal_password`
+    to *connector*; :class:`ProtocolError` ``bad_request`` if it does not open."""
     try:
+        info = password_info(request_id=message.id, nonce=message.nonce or "", deadline=message.deadline or 0.0,
+                             connector=connector, body=message.body)
         raw = base64.urlsafe_b64decode(sealed + "=" * (-len(sealed) % 4))
-        return _suite().decrypt(raw, private_key, info=_info(request_id)).decode("utf-8")
-    except Exception:  # any failure is the same answer: it was not sealed to us for this id
+        return _suite().decrypt(raw, private_key, info=info).decode("utf-8")
+    except Exception:  # any failure is the same answer: it was not sealed to us for this request
         raise ProtocolError("bad_request", "the sealed password does not open with this connector's key",
-                            request_id) from None
+                            message.id) from None

@@ -55,6 +55,10 @@ log = logging.getLogger("authgw.plugin.relay")
 _MAX_CSR_BODY = 16 * 1024
 #: A link that sends this many refused frames is closed (a confused or hostile peer).
 _MAX_BAD_FRAMES = 20
+#: Seconds a link replaced by a newer one of its connector has to answer what it carries.
+_REPLACED_GRACE = 5.0
+#: Close codes (docs/link-protocol.md#the-link).
+_CLOSE_VERSION, _CLOSE_REPLACED = 4002, 4004
 _TOKEN_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
 
 
@@ -325,7 +329,8 @@ class Endpoints:
         ws = web.WebSocketResponse(heartbeat=self.settings.ping_interval, max_msg_size=proto.MAX_FRAME,
                                    autoping=True)
         await ws.prepare(request)
-        session = LinkSession(ws, connector, connection, cert.public_key(), cert.not_valid_after_utc.timestamp())
+        session = LinkSession(ws, connector, connection, cert.public_key(), cert.not_valid_after_utc.timestamp(),
+                              peer=str(request.remote))
         hub = self.plugin.hub
         hub.add(session)
         self.plugin.ensure_maintenance()
@@ -344,6 +349,13 @@ class Endpoints:
                                                accept=proto.CONNECTOR_TO_RELAY)
                     except proto.ProtocolError as exc:
                         bad += 1
+                        if exc.peer_version is not None:  # answered in its version, so that it can read it
+                            log.warning("connector %s speaks link protocol %d, this relay %d: closing its link "
+                                        "(upgrade the connector)", connector, exc.peer_version, proto.VERSION)
+                            await _send(ws, proto.error(exc.request_id, exc.code, exc.detail,
+                                                        version=exc.peer_version))
+                            await ws.close(code=_CLOSE_VERSION, message=b"unsupported link protocol version")
+                            break
                         await _send(ws, proto.error(exc.request_id, exc.code, exc.detail))
                     else:
                         if message.is_request:
@@ -356,7 +368,7 @@ class Endpoints:
         finally:
             hub.remove(session)
             log.info("connector %s link closed (%s)", connector, ws.close_code)
-            if hub.router is not None:
+            if hub.router is not None and not hub.holds(connector):  # not when a newer link replaced it
                 try:
                     await hub.router.unlinked(connection, connector)
                 except Exception as exc:  # the route entry goes stale; forwarders skip dead instances
@@ -367,8 +379,19 @@ class Endpoints:
         """Requests a connector sends: ``hello`` (first, marks the link ready), ``drain`` (it is
         stopping) and ``renew``."""
         if message.type == "hello":
+            if message.body.get("probe") is True:  # `authgw check`: answered, never routed to, replaces nothing
+                return proto.answer(message.id, {"time": time.time(), "connector": session.connector,
+                                                 "not_after": session.not_after})
+            if session.closing:  # a newer link of this connector said hello first
+                return proto.error(message.id, "unavailable", "a newer link of this connector replaced this one")
             session.version = str(message.body.get("version", ""))[:64]
-            session.ready = True
+            for old in self.plugin.hub.make_ready(session):
+                # One link per connector id: a connector that lost its link (a network blip)
+                # dials again before the old one is known dead, and must get its requests on the
+                # new one; two processes sharing one enrolment (a copied key) show up here, in turn.
+                log.warning("connector %s linked again from %s: closing its older link from %s",
+                            session.connector, session.peer, old.peer)
+                asyncio.ensure_future(_close_replaced(old))
             if self.plugin.hub.router is not None:
                 await self.plugin.hub.router.linked(session.connection, session.connector)
             await self._store(self.plugin.store.seen, session.connector, session.version,
@@ -402,6 +425,18 @@ class Endpoints:
                  cert.not_valid_after_utc.isoformat())
         return proto.answer(message.id, {"certificate": cert.public_bytes(serialization.Encoding.PEM).decode("ascii"),
                                          "ca": self.plugin.ca.pem})
+
+
+async def _close_replaced(session: LinkSession) -> None:
+    """Close a link a newer one of its connector replaced (already out of routing): what it
+    carries gets up to :data:`_REPLACED_GRACE` seconds to be answered, then the close (the
+    link's handler then fails what is left as ``relay.link_lost``; a password is never re-sent)."""
+    if session.pending:
+        await asyncio.wait(list(session.pending.values()), timeout=_REPLACED_GRACE)
+    try:
+        await session.ws.close(code=_CLOSE_REPLACED, message=b"replaced by a newer link of this connector")
+    except ConnectionError:
+        pass
 
 
 def _user(identity) -> dict:

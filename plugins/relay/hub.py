@@ -6,7 +6,10 @@ thread with :func:`asyncio.run_coroutine_threadsafe`.
 Routing rules (docs/connector.md#high-availability):
 
 * a request goes to one **healthy** link of the connection (its ``hello`` answered, not closing,
-  below ``max_in_flight``), the one with the fewest requests in flight;
+  below ``max_in_flight``), the one with the fewest requests in flight, ties broken at random
+  (a link just opened must not draw every login of an idle site);
+* a connector id holds one link per relay process: a new link of the id replaces the older one
+  (endpoints.py), so opening more links draws no more requests;
 * a password check is sent **once**: when its frame was written and the link then fails, the
   attempt is UNAVAILABLE (``relay.link_lost``), never re-sent to another connector, because the
   first one may have reached the directory and counted a failure towards the lockout;
@@ -18,6 +21,7 @@ Routing rules (docs/connector.md#high-availability):
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from typing import Any
 
@@ -43,8 +47,10 @@ class _NotSent(Exception):
 class LinkSession:
     """One connector's live WebSocket."""
 
-    def __init__(self, ws: web.WebSocketResponse, connector: str, connection: str, public_key, not_after: float) -> None:
+    def __init__(self, ws: web.WebSocketResponse, connector: str, connection: str, public_key, not_after: float,
+                 peer: str = "") -> None:
         self.ws = ws
+        self.peer = peer  # the address the link came from, for the logs
         self.connector = connector
         self.connection = connection
         self.public_key = public_key
@@ -58,15 +64,15 @@ class LinkSession:
         self.draining = False  # the connector is stopping: no new requests, finish the ones in flight
         self.served = 0
 
-    async def call(self, type_: str, body_for, timeout: float, request_id: str | None = None) -> proto.Message:
-        """Send a request and wait for its answer or error. *body_for(request_id)* builds the
-        body (a sealed password is bound to the id). Raises :class:`_NotSent` when nothing
-        was written, :class:`Unreachable` when the link failed or time ran out after."""
+    async def call(self, type_: str, body_for, timeout: float, stamp: proto.Stamp | None = None) -> proto.Message:
+        """Send a request and wait for its answer or error. *body_for(stamp)* builds the body (a
+        sealed password is bound to the stamp); *stamp* is given when another relay instance made
+        it. Raises :class:`_NotSent` when nothing was written, :class:`Unreachable` when the link
+        failed or time ran out after."""
         if self.closing or self.ws.closed:
             raise _NotSent()
-        request_id = request_id or proto.new_id()
-        _, frame = proto.request(type_, body_for(request_id), now=time.time(), timeout=timeout,
-                                 request_id=request_id)
+        stamp = stamp or proto.new_stamp(now=time.time(), timeout=timeout)
+        request_id, frame = proto.request(type_, body_for(stamp), stamp=stamp)
         future = asyncio.get_running_loop().create_future()
         self.pending[request_id] = future
         self.in_flight += 1
@@ -105,6 +111,23 @@ class Hub:
     def add(self, session: LinkSession) -> None:
         self.sessions.setdefault(session.connection, []).append(session)
 
+    def make_ready(self, session: LinkSession) -> list[LinkSession]:
+        """*session* said hello: it is now the link of its connector. Returns the older links
+        of that connector it replaces, taken out of routing here (the caller closes them)."""
+        if session.closing:  # itself replaced already (its hello came late): it stays out
+            return []
+        links = self.sessions.get(session.connection, [])
+        replaced = [s for s in links if s.connector == session.connector and s is not session]
+        for old in replaced:
+            links.remove(old)
+            old.closing = True
+        session.ready = True
+        return replaced
+
+    def holds(self, connector: str) -> bool:
+        """Whether a ready link of *connector* is held here (its route entry in Redis stays)."""
+        return any(s.connector == connector and s.ready and not s.closing for s in self.all())
+
     def remove(self, session: LinkSession) -> None:
         session.lost()
         links = self.sessions.get(session.connection, [])
@@ -118,8 +141,12 @@ class Hub:
         healthy = [s for s in self.sessions.get(connection, ())
                    if s.ready and not s.closing and not s.draining and not s.ws.closed and id(s) not in tried
                    and s.in_flight < self.max_in_flight]
-        # Ties (an idle site) go to the link that served least, so idle links stay warm and tested.
-        return min(healthy, key=lambda s: (s.in_flight, s.served), default=None)
+        if not healthy:
+            return None
+        # Ties (an idle site) at random: idle links stay warm and tested, and a link opened just
+        # now (served nothing yet) does not draw every login until it has served as many.
+        fewest = min(s.in_flight for s in healthy)
+        return random.choice([s for s in healthy if s.in_flight == fewest])
 
     async def call(self, connection: str, type_: str, body: dict[str, Any], timeout: float, *,
                    retry: bool, password: str | None = None) -> dict[str, Any]:
@@ -138,10 +165,11 @@ class Hub:
                 raise Unreachable("relay.no_connector", f"no connector of {connection!r} is online")
             tried.add(id(session))
 
-            def body_for(request_id: str, session=session) -> dict[str, Any]:
+            def body_for(stamp: proto.Stamp, session=session) -> dict[str, Any]:
                 if password is None:
                     return body
-                return {**body, "password": proto.seal_password(session.public_key, password, request_id)}
+                return {**body, "password": proto.seal_password(session.public_key, password, stamp,
+                                                                connector=session.connector, body=body)}
 
             try:
                 message = await session.call(type_, body_for, max(0.05, deadline - time.monotonic()))

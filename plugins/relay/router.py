@@ -7,8 +7,8 @@ link of the connection goes to the instance that holds one.
   ``PREFIX reply:<request id>`` (a list, expiring). Lists with BLPOP, not pub/sub: an item waits
   for a consumer busy for a moment instead of being lost.
 * The forwarding instance seals the password to the chosen connector's key (its certificate is
-  in the registry) under the request id the holder then uses: no password crosses Redis in
-  clear, and the holder cannot re-address it to another connector.
+  in the registry) under the stamp (id, nonce, deadline) the holder then sends it with: no
+  password crosses Redis in clear, and the holder cannot re-address it to another connector.
 """
 
 from __future__ import annotations
@@ -88,10 +88,10 @@ class Router:
         reply = {"unreachable": "relay.no_connector"}
         session = next((s for s in self.hub.all() if s.connector == item["connector"] and s.ready
                         and not s.closing), None)
-        if session is not None:
+        if session is not None and "nonce" in item:  # none: an instance of link protocol 1 sealed it
             try:
-                message = await session.call(item["type"], lambda _: item["body"], item["timeout"],
-                                             request_id=item["id"])
+                stamp = proto.Stamp(item["id"], item["nonce"], item["deadline"])
+                message = await session.call(item["type"], lambda _: item["body"], item["timeout"], stamp=stamp)
                 reply = {"message": {"type": message.type, "body": message.body}}
             except _NotSent:
                 reply = {"unreachable": "relay.not_sent"}
@@ -122,18 +122,20 @@ class Router:
         for connector, instance in candidates:
             if not await self.redis.exists(self._k("instance", instance)):
                 continue
-            request_id = proto.new_id()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            stamp = proto.new_stamp(now=time.time(), timeout=left)
+            request_id = stamp.id
             sealed = dict(body)
             if password is not None:
                 key = await self._public_key(connector)
                 if key is None:
                     continue
-                sealed["password"] = proto.seal_password(key, password, request_id)
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
+                sealed["password"] = proto.seal_password(key, password, stamp, connector=connector, body=body)
             await self.redis.rpush(self._k("inbox", instance), json.dumps(
-                {"id": request_id, "connector": connector, "type": type_, "body": sealed, "timeout": left}))
+                {"id": request_id, "nonce": stamp.nonce, "deadline": stamp.deadline, "connector": connector,
+                 "type": type_, "body": sealed, "timeout": left}))
             item = await self.redis.blpop([self._k("reply", request_id)], timeout=max(1, int(left + 1)))
             if item is None:
                 raise Unreachable("relay.timeout", f"relay instance {instance} did not answer")
