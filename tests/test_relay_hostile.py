@@ -258,6 +258,40 @@ def test_enrolment_waits_for_no_body_of_an_unknown_ticket_and_bounds_a_slow_one(
         relay.stop()
 
 
+def _enrol_body(relay, path: str, body: bytes, headers: str = "") -> bytes:
+    """POST *body* to the enrolment *path*: the status line of the answer."""
+    context = ssl.create_default_context(cafile=str(relay.ca_file))
+    with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+            sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                         f"{headers}Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+            data = b""
+            while chunk := sock.recv(4096):
+                data += chunk
+            return data.split(b"\r\n", 1)[0]
+
+
+def test_enrolment_bodies_nested_too_deep_or_not_decoding_are_400s_and_leave_the_ticket(tmp_path):
+    relay = Relay(tmp_path / "relay").setup().start()
+    try:
+        ticket = relay.ticket()
+        path = urlsplit(ticket).path
+        for body, headers in ((b"[" * 5000, ""), (b'{"a":' * 3000, ""), (b"not gzip at all", "Content-Encoding: gzip\r\n")):
+            status = _enrol_body(relay, path, body, headers)
+            assert status.startswith(b"HTTP/1.1 400"), (status, body[:10], headers)
+        Connector(tmp_path / "connector", NoDirectory()).enroll(ticket, relay.ca_file)  # the ticket still works
+        _no_server_errors(relay)
+    finally:
+        relay.stop()
+
+
+def test_a_link_frame_nested_too_deep_is_a_bad_request_not_a_crash() -> None:
+    for text in ("[" * 5000, '{"a":' * 3000):
+        with pytest.raises(proto.ProtocolError) as refused:
+            proto.decode(text, now=time.time())
+        assert refused.value.code == "bad_request"
+
+
 def _upgrade(sock) -> bytes:
     """Ask for the link on *sock* (TLS done); the status line of the answer."""
     key = base64.b64encode(os.urandom(16)).decode()

@@ -60,6 +60,8 @@ def _call(url: str, context: ssl.SSLContext, body: dict | None = None) -> dict:
         raise EnrolError(f"cannot reach the relay at {urlsplit(url).netloc}: {reason}") from None
     except (OSError, ValueError) as exc:
         raise EnrolError(f"bad answer from the relay: {exc}") from None
+    except RecursionError:  # JSON nested deeper than json reads
+        raise EnrolError("bad answer from the relay: not the JSON it answers") from None
 
 
 def enroll(ticket_url: str, state_dir: Path, ca_file: Path | None = None) -> str:

@@ -154,7 +154,7 @@ def decode(text: str | bytes, *, now: float, guard: ReplayGuard | None = None,
         raise ProtocolError("bad_request", f"frame larger than {MAX_FRAME} bytes")
     try:
         data = json.loads(text)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # nested deeper than json can read: not ours
         raise ProtocolError("bad_request", "not JSON") from None
     if not isinstance(data, dict):
         raise ProtocolError("bad_request", "a frame is a JSON object")

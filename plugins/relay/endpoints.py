@@ -26,6 +26,7 @@ import time
 from typing import TYPE_CHECKING
 
 from aiohttp import WSMsgType, web
+from aiohttp.web_protocol import RequestPayloadError
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
@@ -170,6 +171,8 @@ class Endpoints:
                                           self.door.gateway.settings.limits.body_timeout)
         except asyncio.TimeoutError:
             return _closing(request, _refuse(400, "bad_request", "the body did not arrive in time"))
+        except RequestPayloadError:  # a Content-Encoding that does not decode
+            return _closing(request, _refuse(400, "bad_request", "the body could not be decoded"))
         if len(body) > _MAX_CSR_BODY:
             return _closing(request, _refuse(413, "too_large", too_large))
         try:
@@ -177,7 +180,7 @@ class Endpoints:
             csr = data["csr"] if isinstance(data, dict) else None
             if not isinstance(csr, str):
                 raise ValueError
-        except (ValueError, KeyError, UnicodeDecodeError):
+        except (ValueError, KeyError, UnicodeDecodeError, RecursionError):  # deep JSON too: never a 500
             return _refuse(400, "bad_request", 'expected {"csr": "<PEM certificate request>"}')
         store = self.plugin.store
         reusable = False

@@ -7,6 +7,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator, model_validator
 
 from gateway import ConfigPath, PluginSettings, Secret
+from gateway.settings import redis_url
 
 __all__ = ["RedisSettings", "RelaySettings"]
 
@@ -18,6 +19,11 @@ class RedisSettings(PluginSettings):
     password: Secret | None = Field(None, description="`{env: NAME}` or `{file: PATH}`")
     key_prefix: str = Field("authgw:relay:", min_length=1, max_length=100, description="prepended to every key")
     timeout: float = Field(2.0, gt=0, le=30, description="seconds for connecting and for each command")
+
+    @field_validator("url")
+    @classmethod
+    def _no_inline_password(cls, value: str) -> str:
+        return redis_url(value)
 
 
 class RelaySettings(PluginSettings):
