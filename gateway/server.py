@@ -84,6 +84,19 @@ def bind_slots(addresses: list[str], count: int, reuse_port: bool) -> list[list[
     return slots
 
 
+def _rebind(addresses: list[str], slot: int) -> list[socket.socket]:
+    """New sockets in the ``SO_REUSEPORT`` groups for a slot whose own were closed."""
+    sockets: list[socket.socket] = []
+    try:
+        for address in addresses:
+            sockets.append(bind(address, True))
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
 def _distinct(slots: list[list[socket.socket]]) -> set[socket.socket]:
     """Every socket of *slots* once (slots share theirs without ``reuse_port``)."""
     return {sock for slot in slots for sock in slot}
@@ -452,8 +465,10 @@ def serve(config_dir: Path, *, state_dir: Path | None = None, workers: int | Non
         log.info("authgw master %d running %d workers%s", os.getpid(), count,
                  ", each on a listening socket of its own (reuse_port)" if len(_distinct(slots)) > len(slots[0]) else "")
         try:
-            return supervise(config_dir, state_dir, count, _distinct(slots) | set(extra.values()), probe.config,
-                             worker_main, reload_at_once=_early_hups > 0)
+            own = len(_distinct(slots)) > len(slots[0])  # reuse_port: a socket per slot
+            return supervise(config_dir, state_dir, slots, set(extra.values()), probe.config, worker_main,
+                             rebind=functools.partial(_rebind, listen or settings.listen) if own else None,
+                             reload_at_once=_early_hups > 0)
         finally:
             shutil.rmtree(metrics_dir, ignore_errors=True)
     finally:

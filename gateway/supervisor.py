@@ -8,6 +8,9 @@ configuration goes to the workers over their links (:mod:`gateway.lifecycle`), a
 whether it serves it; some that do and some that do not is logged as a mixed configuration.
 Only the very first start can stop the gateway: once a worker has served, a replacement that
 fails to start is tried again, after 1, 2, 4 ... up to 30 seconds, with an ERROR each time.
+Meanwhile a slot with a listening socket of its own (``reuse_port``) has it closed, or the
+kernel would go on queueing a share of new connections there, for no one to accept; it
+listens again when the next try starts.
 """
 
 from __future__ import annotations
@@ -67,12 +70,16 @@ class _Reload:
 
 
 class _Master:
-    def __init__(self, config_dir: Path, state_dir: Path | None, count: int, sockets: set[socket.socket],
-                 config: Config, worker_main: WorkerMain) -> None:
+    def __init__(self, config_dir: Path, state_dir: Path | None, slots: list[list[socket.socket]],
+                 extra: set[socket.socket], config: Config, worker_main: WorkerMain,
+                 rebind: Callable[[int], list[socket.socket]] | None) -> None:
         self.config_dir = config_dir
         self.state_dir = state_dir
-        self.count = count
-        self.sockets = sockets
+        self.count = len(slots)
+        self.slots = slots
+        self.extra = extra
+        self.rebind = rebind
+        self.unbound: set[int] = set()  # slots whose sockets are closed until their next try
         self.accepted = config
         self.worker_main = worker_main
         self.pid = os.getpid()
@@ -126,6 +133,14 @@ class _Master:
         return self.exit_code
 
     def spawn(self, slot: int) -> None:
+        if slot in self.unbound:
+            try:
+                self.slots[slot][:] = self.rebind(slot)
+            except OSError as exc:
+                log.error("slot %d cannot listen again: %s; trying again in %.0f s", slot, exc, _MAX_BACKOFF)
+                self.due[slot] = time.monotonic() + _MAX_BACKOFF
+                return
+            self.unbound.discard(slot)
         parent_end, child_end = socket.socketpair()
         # A signal between fork and the child's own handlers would run the master's handler in
         # the child (a SIGTERM there signalled its siblings): held back until they are in place.
@@ -219,8 +234,15 @@ class _Master:
             failures = self.failures[child.slot] = self.failures.get(child.slot, 0) + 1
             delay = min(2.0 ** (failures - 1), _MAX_BACKOFF)
             serving = sum(c.serving for c in self.children.values())
+            closed = ""
+            if self.rebind is not None and child.slot not in self.unbound:
+                for sock in self.slots[child.slot]:
+                    sock.close()
+                self.unbound.add(child.slot)
+                closed = "; its listening socket is closed meanwhile (new connections go to the others)"
             log.error("worker %d failed to start (exit %s), %d time(s) in a row on slot %d; %d of %d workers "
-                      "serve; trying again in %.0f s", pid, code, failures, child.slot, serving, self.count, delay)
+                      "serve; trying again in %.0f s%s", pid, code, failures, child.slot, serving, self.count, delay,
+                      closed)
         self.due[child.slot] = time.monotonic() + delay
 
     # -- stopping --------------------------------------------------------------------------------
@@ -234,7 +256,7 @@ class _Master:
         log.info("master %d stopping: listening sockets closed, workers finish their requests", self.pid)
 
     def _close_sockets(self) -> None:
-        for sock in self.sockets:
+        for sock in {sock for slot in self.slots for sock in slot} | self.extra:
             sock.close()
 
     def _escalate(self) -> None:
@@ -288,11 +310,15 @@ class _Master:
                   ", ".join(map(str, sorted(reload.applied))), ", ".join(map(str, sorted(reload.refused))), reasons)
 
 
-def supervise(config_dir: Path, state_dir: Path | None, count: int, sockets: set[socket.socket], config: Config,
-              worker_main: WorkerMain, reload_at_once: bool = False) -> int:
-    """Run *count* workers, each forked to run ``worker_main(slot, config, link)`` with the
-    accepted *config*, until SIGTERM/SIGINT; the exit code of ``authgw serve``. *sockets* are
-    every listening socket the master holds for them, closed when the stop begins."""
-    master = _Master(config_dir, state_dir, count, sockets, config, worker_main)
+def supervise(config_dir: Path, state_dir: Path | None, slots: list[list[socket.socket]], extra: set[socket.socket],
+              config: Config, worker_main: WorkerMain, rebind: Callable[[int], list[socket.socket]] | None = None,
+              reload_at_once: bool = False) -> int:
+    """Run a worker per slot, each forked to run ``worker_main(slot, config, link)`` with the
+    accepted *config*, until SIGTERM/SIGINT; the exit code of ``authgw serve``. *slots* (each
+    slot's listening sockets) and *extra* (the plugins' listeners) are closed when the stop
+    begins. With *rebind* (slots with sockets of their own), a slot whose worker fails to start
+    has its sockets closed, and ``rebind(slot)`` binds new ones for the next try (in *slots*,
+    where ``worker_main`` finds them)."""
+    master = _Master(config_dir, state_dir, slots, extra, config, worker_main, rebind)
     master.reload_pending = reload_at_once
     return master.run()

@@ -261,7 +261,9 @@ def test_a_replacement_that_fails_to_start_is_retried_while_the_others_serve(
     wait_for(lambda: len(re.findall(r"failed to start .* time\(s\) in a row", gw.output())) >= 2, timeout=20,
              what="two failed starts", log=gw.output)
     assert gw.proc.poll() is None
-    assert gw.auth("alice", PASSWORD).status == 200  # the other worker serves meanwhile
+    # The other worker serves meanwhile, every new connection: none waits in the queue of a
+    # socket that no worker accepts from (reuse_port: a socket per slot).
+    assert [gw.auth("alice", PASSWORD, timeout=5).status for _ in range(12)] == [200] * 12
     failing.unlink()
     wait_for(lambda: len(serving(gw)) == 3, timeout=20, what="the replacement serving", log=gw.output)
     assert gw.proc.poll() is None and gw.auth("alice", PASSWORD).status == 200
