@@ -244,6 +244,7 @@ class Gateway:
                               max_wait=settings.limits.queue_wait)
         self.unready_reason: str | None = None  # set by readiness()
         self.degraded: tuple[str, ...] = ()  # set by readiness()
+        self.shutting_down: str | None = None  # the plugin in its gateway_shutdown, during shutdown()
         ping = getattr(self.throttle.store, "ping", None)  # a network store: every password login needs it
         self.throttle_probe = StoreProbe("gateway.throttle_store", ping) if ping else None
         self.health_watch = HealthWatch(self, settings.health.probe_interval)
@@ -620,10 +621,12 @@ class Gateway:
         try:
             self.health_watch.stop()
             for impl in reversed(one_by_one(self.pm.hook.gateway_shutdown.get_hookimpls())):
+                self.shutting_down = impl.plugin_name  # named by a caller that stops waiting
                 try:
                     impl.function()
                 except BaseException:  # noqa: BLE001 - logged (SystemExit too); the others still shut down
                     log.exception("the gateway_shutdown of plugin %r raised", impl.plugin_name)
         finally:
+            self.shutting_down = None
             self.pool.shutdown()
             self.throttle.close()

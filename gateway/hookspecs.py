@@ -292,8 +292,10 @@ def gateway_auth_finished(attempt: Attempt, decision: Decision) -> None:
 @hookspec
 def gateway_shutdown() -> None:
     """Called once per worker process on a clean stop (SIGTERM/SIGINT), after the listeners
-    closed and in-flight attempts finished. Close pools and flush buffers here. An exception
-    is logged; the other plugins still shut down.
+    closed and in-flight attempts finished, and for the configuration a reload replaced. Close
+    pools and flush buffers here. An exception is logged; the other plugins still shut down.
+    In ``authgw serve`` the plugins' shut-downs have 5 seconds together: one still running then
+    is named in the log and the process goes on without waiting for it (it is not interrupted).
 
     .. versionadded:: 0.1
     """

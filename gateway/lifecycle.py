@@ -7,6 +7,13 @@ master.
 * A worker asks the kernel for SIGTERM when its master dies (``PR_SET_PDEATHSIG``), so a killed
   master leaves no orphan holding the port (issue 10).
 * Memory used for a burst is given back (:func:`return_freed_memory`).
+* A stop is bounded: in-flight requests get :data:`SHUTDOWN_GRACE` in all, the plugins'
+  ``gateway_shutdown`` :data:`CLOSE_GRACE` after that, and the master kills (SIGKILL) a worker
+  still running :data:`KILL_AFTER` seconds after its SIGTERM (under systemd's
+  ``TimeoutStopSec=20``).
+* The master and each worker share a *link* (a socket pair) of pickled tuples
+  (:func:`send_message`, :class:`MessageReader`): the master hands a reload's configuration
+  over it, and the worker says it serves and how each reload went.
 """
 
 from __future__ import annotations
@@ -14,16 +21,26 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import pickle
 import signal
+import socket
+import struct
 from pathlib import Path
+from typing import Any
 
-__all__ = ["PID_FILE", "die_with_parent", "remove_pidfile", "return_freed_memory", "write_pidfile"]
+__all__ = ["CLOSE_GRACE", "KILL_AFTER", "PID_FILE", "SHUTDOWN_GRACE", "MessageReader", "die_with_parent",
+           "encode_message", "remove_pidfile", "return_freed_memory", "write_pidfile"]
 
 log = logging.getLogger("authgw.server")
 
 PID_FILE = "authgw.pid"
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _M_MMAP_THRESHOLD = -3  # <malloc.h>
+
+SHUTDOWN_GRACE = 10.0  # in-flight requests of a stopping or retiring generation, all told
+CLOSE_GRACE = 5.0  # the plugins' gateway_shutdown, all together; then the process goes on without them
+KILL_AFTER = SHUTDOWN_GRACE + CLOSE_GRACE + 2.0
+_LENGTH = struct.Struct("!I")
 
 
 def write_pidfile(state_dir: Path) -> Path:
@@ -88,3 +105,38 @@ def trim_freed_memory() -> None:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def encode_message(message: tuple) -> bytes:
+    """*message* framed for a link: its length, then its pickle. Only a master and the workers
+    it forked share a link, so a pickle is as trusted as the process itself."""
+    payload = pickle.dumps(message)
+    return _LENGTH.pack(len(payload)) + payload
+
+
+class MessageReader:
+    """The messages that come in on one end of a link, as its bytes arrive."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = bytearray()
+
+    def read(self) -> list[Any] | None:
+        """The messages complete so far ([] when none); None once the other end has closed."""
+        try:
+            data = self.sock.recv(1 << 16)
+        except (BlockingIOError, InterruptedError, TimeoutError):
+            return []
+        except OSError:
+            return None
+        if not data:
+            return None
+        self.buffer += data
+        messages = []
+        while len(self.buffer) >= _LENGTH.size:
+            (length,) = _LENGTH.unpack_from(self.buffer)
+            if len(self.buffer) < _LENGTH.size + length:
+                break
+            messages.append(pickle.loads(bytes(self.buffer[_LENGTH.size:_LENGTH.size + length])))
+            del self.buffer[:_LENGTH.size + length]
+        return messages

@@ -62,11 +62,14 @@ class Runtime:
 
 
 def build_runtime(config_dir: Path, *, state_dir: Path | None = None,
-                  discovered: dict[str, PluginInfo] | None = None, metrics: Metrics | None = None) -> Runtime:
+                  discovered: dict[str, PluginInfo] | None = None, metrics: Metrics | None = None,
+                  config: Config | None = None) -> Runtime:
     """Load *config_dir*, build every enabled plugin and the core around them. A reload passes
-    the running *metrics*, so counters go on across configurations."""
+    the running *metrics*, so counters go on across configurations. With *config* (one loaded
+    before, such as the master's validated configuration) conf.d is not read again; files it
+    refers to (users files, keys, ``{file:}`` secrets) are, by the plugins that use them."""
     discovered = discover() if discovered is None else discovered
-    config = load_config(config_dir, installed=set(discovered), defer=True)
+    config = config or load_config(config_dir, installed=set(discovered), defer=True)
     check_config(config, discovered)  # every problem of the core and the enabled plugins at once
     state = ensure_state_dir(state_dir or config.core.state_dir or default_state_dir())
     audit = AuditLog(config.core.audit.file)

@@ -15,8 +15,14 @@ new worker instead of being refused.
 SIGHUP reloads conf.d (docs/design.md, "Reload"): the master validates it completely and logs
 the errors of an invalid one, which changes nothing; each worker then builds the new
 configuration beside the running one and swaps it in without dropping a request in flight.
-Workers die with their master (``PR_SET_PDEATHSIG``); the master's PID is in
-``<state_dir>/authgw.pid`` (:mod:`gateway.lifecycle`).
+The master's side (the configuration it accepted, replacements, reloads) is
+:mod:`gateway.supervisor`. Workers die with their master (``PR_SET_PDEATHSIG``); the master's
+PID is in ``<state_dir>/authgw.pid`` (:mod:`gateway.lifecycle`).
+
+SIGTERM closes the listening sockets at once (a new connection is refused, not left waiting in
+a queue nobody reads), then in-flight requests finish within ``SHUTDOWN_GRACE``; the plugins'
+``gateway_shutdown`` gets ``CLOSE_GRACE``, and one that overruns it is named in the log and
+left behind, as it is when a reload retires a generation.
 """
 
 from __future__ import annotations
@@ -29,25 +35,26 @@ import shutil
 import signal
 import socket
 import tempfile
-import time
+import threading
 from pathlib import Path
+from typing import Any, Callable
 
 from aiohttp import web
 
 from gateway.checks import Listener
+from gateway.config import Config
 from gateway.errors import ConfigError
 from gateway.http.app import build_apps
 from gateway.http.protocol import ConnectionGuard, GuardedSite
-from gateway.lifecycle import die_with_parent, remove_pidfile, return_freed_memory, write_pidfile
+from gateway.lifecycle import (CLOSE_GRACE, SHUTDOWN_GRACE, MessageReader, encode_message, remove_pidfile,
+                               return_freed_memory, write_pidfile)
 from gateway.runtime import Runtime, build_runtime
 from gateway.settings import GatewaySettings, parse_listen
+from gateway.supervisor import EXIT_STARTUP_FAILED, explain, supervise
 
 __all__ = ["serve"]
 
 log = logging.getLogger("authgw.server")
-
-EXIT_STARTUP_FAILED = 3
-_SHUTDOWN_GRACE = 10.0
 
 
 def bind(address: str, reuse_port: bool = False) -> socket.socket:
@@ -75,6 +82,19 @@ def bind_slots(addresses: list[str], count: int, reuse_port: bool) -> list[list[
             sock.close()
         raise
     return slots
+
+
+def _rebind(addresses: list[str], slot: int) -> list[socket.socket]:
+    """New sockets in the ``SO_REUSEPORT`` groups for a slot whose own were closed."""
+    sockets: list[socket.socket] = []
+    try:
+        for address in addresses:
+            sockets.append(bind(address, True))
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
 
 
 def _distinct(slots: list[list[socket.socket]]) -> set[socket.socket]:
@@ -114,8 +134,12 @@ class _Worker:
         self.extra = extra
         self.current: _Generation | None = None
         self.guard: ConnectionGuard | None = None
-        self.reloads = 0  # reload requests seen; a reload in progress serves them all
+        #: The latest reload asked for, (configuration or None for conf.d, callback with the
+        #: result); a reload in progress serves the ones asked for before it.
+        self.wanted: tuple[Config | None, Callable[[bool], Any] | None] | None = None
         self.reloading: asyncio.Task | None = None
+        self.refusal = ""  # why the last reload was refused
+        self.retiring: set[asyncio.Task] = set()
 
     async def start(self, runtime: Runtime) -> None:
         settings = runtime.config.core
@@ -140,7 +164,10 @@ class _Worker:
             await loop.run_in_executor(None, runtime.gateway.startup)
             apps = build_apps(runtime.gateway, runtime.metrics, list(listeners.values()))
             for name, app in apps.items():
-                runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=_SHUTDOWN_GRACE)
+                # aiohttp waits this long for a request in flight, cancels it, and waits as long
+                # again: half the grace each, so that a stop takes the grace at most.
+                runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                                       shutdown_timeout=SHUTDOWN_GRACE / 2)
                 await runner.setup()
                 generation.runners[name] = runner
             # Each generation listens on its own duplicate of the socket: closing it when the
@@ -157,60 +184,107 @@ class _Worker:
         return generation
 
     async def _stop_generation(self, generation: _Generation) -> None:
+        # Every site first (each closes its socket), then the drains together: a second
+        # listener must not accept while the first one's requests finish.
         for runner in generation.runners.values():
-            await runner.cleanup()  # stops accepting, lets in-flight requests finish
-        await asyncio.get_running_loop().run_in_executor(None, generation.runtime.close)
+            for site in runner.sites:
+                await site.stop()
+        await asyncio.gather(*(runner.cleanup() for runner in generation.runners.values()))
+        runtime = generation.runtime
+        try:
+            await asyncio.wait_for(asyncio.shield(_in_thread(runtime.close)), CLOSE_GRACE)
+        except asyncio.TimeoutError:
+            log.error("worker %d: plugin %r is still in its gateway_shutdown after %.0f s; going on without it",
+                      os.getpid(), runtime.gateway.shutting_down or "?", CLOSE_GRACE)
 
-    def request_reload(self) -> None:
-        self.reloads += 1
+    def _retire(self, generation: _Generation) -> None:
+        """Stop *generation* in the background: a reload after this one need not wait for it."""
+        task = asyncio.get_running_loop().create_task(self._stop_generation(generation))
+        self.retiring.add(task)
+        task.add_done_callback(self.retiring.discard)
+
+    def request_reload(self, config: Config | None = None, done: Callable[[bool], Any] | None = None) -> None:
+        self.wanted = (config, done)
         if self.reloading is None or self.reloading.done():
             self.reloading = asyncio.get_running_loop().create_task(self._reload_all())
 
     async def _reload_all(self) -> None:
-        done = 0
-        while done < self.reloads:
-            done = self.reloads
-            await self.reload()
+        while self.wanted is not None:
+            config, done = self.wanted
+            self.wanted = None
+            applied = await self.reload(config)
+            if done is not None:
+                done(applied)
 
-    async def reload(self) -> bool:
-        """Swap in conf.d as it is now; False (and the errors logged) when it is refused."""
+    async def reload(self, config: Config | None = None) -> bool:
+        """Swap in *config* (the master's), or else conf.d as it is now; False (and the errors
+        logged) when it is refused."""
         loop = asyncio.get_running_loop()
         old = self.current
         if old is None:
             return False
         try:
             runtime = await loop.run_in_executor(None, functools.partial(
-                build_runtime, self.config_dir, state_dir=self.state_dir, metrics=old.runtime.metrics))
+                build_runtime, self.config_dir, state_dir=self.state_dir, metrics=old.runtime.metrics, config=config))
         except Exception as exc:
-            log.error("reload refused, the running configuration stays: %s", _problems(exc))
-            return False
+            return self._refused(exc)
         try:
             _restart_only(old.runtime.config.core, runtime.config.core)
             new = await self._start_generation(runtime)
         except Exception as exc:
             runtime.discard()
-            log.error("reload refused, the running configuration stays: %s", _problems(exc))
-            return False
+            return self._refused(exc)
         self.guard.limits = runtime.config.core.limits
         self.guard.trusted = tuple(runtime.config.core.trusted_proxies)
         self.current = new
         log.warning("worker %d reloaded %s; chain: %s", os.getpid(), self.config_dir,
                     " -> ".join(runtime.config.core.chain))
-        await self._stop_generation(old)
+        self._retire(old)
         return True
 
+    def _refused(self, exc: Exception) -> bool:
+        self.refusal = explain(exc)
+        log.error("reload refused, the running configuration stays: %s", self.refusal)
+        return False
+
     async def stop(self) -> None:
+        self.wanted = None
         if self.reloading is not None and not self.reloading.done():
             await asyncio.wait([self.reloading])
+        # This process's own references first: once the generation's sites close theirs, the
+        # kernel refuses new connections (unless another process still holds the socket).
+        for sock in (*self.sockets, *self.extra.values()):
+            sock.close()
         if self.current is not None:
             await self._stop_generation(self.current)
             self.current = None
+        if self.retiring:
+            await asyncio.wait(list(self.retiring))
 
 
-def _problems(exc: Exception) -> str:
-    if isinstance(exc, ConfigError):
-        return "\n  " + "\n  ".join(exc.problems)
-    return f"{exc.__class__.__name__}: {exc}"
+def _in_thread(function: Callable[[], Any]) -> asyncio.Future:
+    """*function* run on a daemon thread of its own: one that hangs (a plugin's shut-down) must
+    not keep the process from exiting, as a thread of the loop's executor would."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if not future.done():
+            future.set_exception(error) if error is not None else future.set_result(result)
+
+    def run() -> None:
+        result, error = None, None
+        try:
+            result = function()
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+            error = exc
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
+
+    threading.Thread(target=run, name="authgw-close", daemon=True).start()
+    return future
 
 
 def _restart_only(old: GatewaySettings, new: GatewaySettings) -> None:
@@ -231,7 +305,10 @@ def _note_early_hup(signum, frame) -> None:
 
 
 async def _serve_worker(config_dir: Path, state_dir: Path | None, sockets: list[socket.socket],
-                        extra: dict[str, socket.socket], runtime: Runtime | None = None) -> None:
+                        extra: dict[str, socket.socket], runtime: Runtime | None = None,
+                        config: Config | None = None, link: socket.socket | None = None) -> None:
+    """Serve until SIGTERM/SIGINT. Alone (no *link*), SIGHUP reloads conf.d here; a worker of a
+    master builds *config* (the master's) and takes reloads over its *link*."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     worker = _Worker(config_dir, state_dir, sockets, extra)
@@ -246,21 +323,57 @@ async def _serve_worker(config_dir: Path, state_dir: Path | None, sockets: list[
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, on_hup)
-    hups += _early_hups
-    runtime = runtime or await loop.run_in_executor(None, functools.partial(build_runtime, config_dir, state_dir=state_dir))
+    if link is None:
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
+        hups += _early_hups
+    else:
+        loop.add_signal_handler(signal.SIGHUP, lambda: log.info(
+            "worker %d: SIGHUP ignored; reloads are the master's (kill -HUP %d)", os.getpid(), os.getppid()))
+    runtime = runtime or await loop.run_in_executor(None, functools.partial(
+        build_runtime, config_dir, state_dir=state_dir, config=config))
     await worker.start(runtime)
     names = ", ".join([_url(s) for s in sockets] + [_url(s, "https" if x.ssl_context else "http") + f" ({n})"
                       for n, s in extra.items() for x in runtime.gateway.listeners() if x.name == n])
     log.info("authgw worker %d serving on %s; chain: %s; event loop: %s", os.getpid(), names,
              " -> ".join(runtime.config.core.chain), type(loop).__module__.split(".")[0])
+    if link is not None:
+        _follow_master(worker, link)
     if hups:
         worker.request_reload()
     try:
         await stop.wait()
         log.info("worker %d stopping", os.getpid())
     finally:
+        if link is not None:
+            loop.remove_reader(link.fileno())
         await worker.stop()
+
+
+def _follow_master(worker: _Worker, link: socket.socket) -> None:
+    """Tell the master this worker serves; from now on, reload what it sends, and say how it went."""
+    loop = asyncio.get_running_loop()
+    link.setblocking(False)
+    reader = MessageReader(link)
+
+    def tell(message: tuple) -> None:
+        try:
+            link.sendall(encode_message(message))
+        except OSError as exc:  # the master is gone (this worker is told to stop) or stuck
+            log.warning("worker %d cannot tell the master %s: %s", os.getpid(), message[0], exc)
+
+    def answer(number: int, applied: bool) -> None:
+        tell(("reloaded", number) if applied else ("refused", number, worker.refusal))
+
+    def on_message() -> None:
+        messages = reader.read()
+        if messages is None:
+            loop.remove_reader(link.fileno())
+            return
+        for _kind, number, config in messages:  # ("reload", number, configuration)
+            worker.request_reload(config, functools.partial(answer, number))
+
+    tell(("serving",))
+    loop.add_reader(link.fileno(), on_message)
 
 
 def _url(sock: socket.socket, scheme: str = "http") -> str:
@@ -283,9 +396,10 @@ def _event_loop_runner(choice: str):
 
 
 def _worker_main(config_dir: Path, state_dir: Path | None, sockets: list[socket.socket],
-                 extra: dict[str, socket.socket], run, runtime: Runtime | None = None) -> int:
+                 extra: dict[str, socket.socket], run, runtime: Runtime | None = None,
+                 config: Config | None = None, link: socket.socket | None = None) -> int:
     try:
-        run(_serve_worker(config_dir, state_dir, sockets, extra, runtime))
+        run(_serve_worker(config_dir, state_dir, sockets, extra, runtime, config, link))
     except Exception:
         log.exception("worker %d failed", os.getpid())
         return EXIT_STARTUP_FAILED
@@ -336,112 +450,26 @@ def serve(config_dir: Path, *, state_dir: Path | None = None, workers: int | Non
     try:
         if count == 1:  # serve with the runtime just validated; SIGHUP reloads in this process
             return _worker_main(config_dir, state_dir, slots[0], extra, run, probe)
-        probe.discard()  # each worker builds its own after the fork
-        return _supervise(config_dir, state_dir, slots, extra, run, settings.pin_workers)
-    finally:
-        remove_pidfile(pidfile)
+        probe.discard()  # each worker builds its own after the fork, from probe.config
 
-
-def _supervise(config_dir: Path, state_dir: Path | None, slots: list[list[socket.socket]],
-               extra: dict[str, socket.socket], run, pin: bool) -> int:
-    """The master of one worker per slot: starts them, restarts one that dies (on its slot's
-    sockets), stops them on SIGTERM/SIGINT, and on SIGHUP validates conf.d and has every worker
-    reload it."""
-    metrics_dir = _enable_multiprocess_metrics()
-    master = os.getpid()
-    children: dict[int, tuple[int, float]] = {}  # pid -> (slot, started)
-    stopping = False
-    reload_pending = False
-
-    def spawn(slot: int) -> None:
-        pid = os.fork()
-        if pid == 0:  # worker
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, signal.SIG_DFL)
+        def worker_main(slot: int, config: Config, link: socket.socket) -> int:
             global _early_hups
             _early_hups = 0  # the master's, not this worker's
-            signal.signal(signal.SIGHUP, _note_early_hup)  # until its loop handles it
-            code = 1
-            try:
-                die_with_parent(master)
-                if pin:
-                    _pin(slot)
-                for other in _distinct(slots) - set(slots[slot]):
-                    other.close()  # the master keeps them for the workers of those slots
-                code = _worker_main(config_dir, state_dir, slots[slot], extra, run)
-            finally:
-                os._exit(code)
-        children[pid] = (slot, time.monotonic())
+            if settings.pin_workers:
+                _pin(slot)
+            for other in _distinct(slots) - set(slots[slot]):
+                other.close()  # the master keeps them for the workers of those slots
+            return _worker_main(config_dir, state_dir, slots[slot], extra, run, config=config, link=link)
 
-    def on_signal(signum, frame) -> None:
-        nonlocal stopping
-        stopping = True
-        _kill_all(children, signal.SIGTERM)
-
-    def on_hup(signum, frame) -> None:
-        nonlocal reload_pending
-        reload_pending = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGHUP, on_hup)
-    reload_pending = _early_hups > 0
-    for slot in range(len(slots)):
-        spawn(slot)
-    log.info("authgw master %d running %d workers%s", master, len(slots),
-             ", each on a listening socket of its own (reuse_port)" if len(_distinct(slots)) > len(slots[0]) else "")
-    exit_code = 0
-    while children:
-        if reload_pending and not stopping:
-            reload_pending = False
-            _validate_then_reload(config_dir, state_dir, children)
+        metrics_dir = _enable_multiprocess_metrics()
+        log.info("authgw master %d running %d workers%s", os.getpid(), count,
+                 ", each on a listening socket of its own (reuse_port)" if len(_distinct(slots)) > len(slots[0]) else "")
         try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            break
-        if pid == 0:
-            time.sleep(0.1)  # signals interrupt nothing here: handlers only set flags
-            continue
-        child = children.pop(pid, None)
-        if child is None:
-            continue
-        slot, started = child
-        from prometheus_client import multiprocess
-
-        multiprocess.mark_process_dead(pid)
-        code = os.waitstatus_to_exitcode(status)
-        if stopping:
-            continue
-        if code == EXIT_STARTUP_FAILED:
-            log.error("worker %d failed to start; stopping", pid)
-            exit_code = EXIT_STARTUP_FAILED
-            on_signal(signal.SIGTERM, None)
-            continue
-        log.warning("worker %d exited (%s); starting a new one", pid, code)
-        if time.monotonic() - started < 1.0:
-            time.sleep(1.0)  # do not spin on a worker that dies at once
-        spawn(slot)
-    for sock in _distinct(slots) | set(extra.values()):
-        sock.close()
-    shutil.rmtree(metrics_dir, ignore_errors=True)
-    return exit_code
-
-
-def _kill_all(children: dict[int, tuple[int, float]], sig: int) -> None:
-    for pid in list(children):
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-
-
-def _validate_then_reload(config_dir: Path, state_dir: Path | None, children: dict[int, tuple[int, float]]) -> None:
-    """Build conf.d once in the master (the errors are logged once, not once per worker); when
-    it is valid, each worker builds and swaps it in (``_Worker.reload``)."""
-    try:
-        build_runtime(config_dir, state_dir=state_dir).discard()
-    except Exception as exc:
-        log.error("reload refused, the running configuration stays: %s", _problems(exc))
-        return
-    log.info("reload: %s is valid; workers reload it", config_dir)
-    _kill_all(children, signal.SIGHUP)
+            own = len(_distinct(slots)) > len(slots[0])  # reuse_port: a socket per slot
+            return supervise(config_dir, state_dir, slots, set(extra.values()), probe.config, worker_main,
+                             rebind=functools.partial(_rebind, listen or settings.listen) if own else None,
+                             reload_at_once=_early_hups > 0)
+        finally:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+    finally:
+        remove_pidfile(pidfile)

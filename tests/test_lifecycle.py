@@ -180,3 +180,230 @@ def test_a_reload_whose_start_up_fails_shuts_down_the_plugins_it_started(tmp_pat
         wait_for(lambda: not testplugins.Refresher.RUNNING, 10, interval=0.05, what="every refresher stopped")
 
     asyncio.run(main())
+
+
+# -- the master's configuration, replacements and stops (review of the process side) -------------
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture
+def plugin_env(tmp_path):
+    """The test plugins of :mod:`support.testplugins` installed for a real ``authgw serve``."""
+    from support.fakedist import make_dist
+
+    site = make_dist(tmp_path / "site", "lifecycle-test-plugins", {
+        "slowstep": "support.testplugins:Step", "hangs": "support.testplugins:HangingShutdown",
+        "failsin": "support.testplugins:StartupFailsIn"}, {})
+    return {"PYTHONPATH": os.pathsep.join([str(site), TESTS_DIR, os.environ.get("PYTHONPATH", "")])}
+
+
+def realms(gw, count: int = 30) -> set[str]:
+    """The realms answered on *count* new connections (with two workers on reuse_port sockets,
+    both are asked: all on one has odds of 2**-29)."""
+    return {gw.auth("alice", "wrong").header("WWW-Authenticate") for _ in range(count)}
+
+
+def realm(name: str) -> str:
+    return f'Basic realm="{name}", charset="UTF-8"'
+
+
+def serving(gw) -> list[int]:
+    return [int(pid) for pid in re.findall(r"authgw worker (\d+) serving", gw.output())]
+
+
+def kill_a_worker(gw) -> int:
+    from support.proc import children
+
+    wait_for(lambda: len(serving(gw)) >= 2, what="two workers serving", log=gw.output)
+    victim = children(gw.proc.pid)[0]
+    os.kill(victim, signal.SIGKILL)
+    return victim
+
+
+@pytest.mark.parametrize("edit", ["invalid, refused at SIGHUP", "valid, not reloaded"])
+def test_a_replacement_worker_serves_the_accepted_configuration_not_conf_d_as_it_is_now(
+        conf_dir, alice_hash, start_gateway, edit):
+    # A replaced worker (OOM, SIGKILL) read conf.d from disk: after a refused reload it failed
+    # to start and the master stopped the whole gateway; an edit not reloaded yet went live on
+    # that worker alone.
+    gw = start_gateway(conf(conf_dir, alice_hash, "r0"), workers=2)
+    if edit.startswith("invalid"):
+        (conf_dir / "gateway.yaml").write_text(gateway_yaml("r1", "threads: lots\n"))
+        os.kill(master_pid(gw), signal.SIGHUP)
+        wait_for(lambda: "reload refused" in gw.output(), what="the refusal", log=gw.output)
+    else:
+        (conf_dir / "gateway.yaml").write_text(gateway_yaml("r1"))
+    kill_a_worker(gw)
+    wait_for(lambda: len(serving(gw)) == 3, what="the replacement serving", log=gw.output)
+    assert realms(gw) == {realm("r0")}
+    assert gw.proc.poll() is None
+    (conf_dir / "gateway.yaml").write_text(gateway_yaml("r2"))
+    os.kill(master_pid(gw), signal.SIGHUP)
+    wait_for(lambda: gw.output().count(" reloaded ") == 2, what="the reload", log=gw.output)
+    assert realms(gw) == {realm("r2")}
+    # ... and the next replacement starts with what was reloaded.
+    kill_a_worker(gw)
+    wait_for(lambda: len(serving(gw)) == 4, what="the second replacement serving", log=gw.output)
+    assert realms(gw) == {realm("r2")}
+
+
+def test_a_replacement_that_fails_to_start_is_retried_while_the_others_serve(
+        conf_dir, alice_hash, start_gateway, plugin_env, tmp_path):
+    failing = tmp_path / "failing-pid"
+    conf(conf_dir, alice_hash, "r0")
+    (conf_dir / "gateway.yaml").write_text(gateway_yaml("r0", "plugins: [failsin]\n"))
+    (conf_dir / "failsin.yaml").write_text(f"failsin:\n  pid_file: {failing}\n")
+    gw = start_gateway(conf_dir, workers=2, env=plugin_env)
+    wait_for(lambda: len(serving(gw)) == 2, what="two workers serving", log=gw.output)
+    failing.write_text("all")
+    kill_a_worker(gw)
+    wait_for(lambda: len(re.findall(r"failed to start .* time\(s\) in a row", gw.output())) >= 2, timeout=20,
+             what="two failed starts", log=gw.output)
+    assert gw.proc.poll() is None
+    # The other worker serves meanwhile, every new connection: none waits in the queue of a
+    # socket that no worker accepts from (reuse_port: a socket per slot).
+    assert [gw.auth("alice", PASSWORD, timeout=5).status for _ in range(12)] == [200] * 12
+    failing.unlink()
+    wait_for(lambda: len(serving(gw)) == 3, timeout=20, what="the replacement serving", log=gw.output)
+    assert gw.proc.poll() is None and gw.auth("alice", PASSWORD).status == 200
+
+
+def test_sigterm_while_a_replacement_waits_its_back_off_stops_the_master(conf_dir, alice_hash, start_gateway):
+    from support.proc import children
+
+    gw = start_gateway(conf(conf_dir, alice_hash, "r0"), workers=2)
+    before = set(serving(gw))
+    kill_a_worker(gw)
+    replacement = wait_for(lambda: set(children(gw.proc.pid)) - before, interval=0.01, what="the replacement",
+                           log=gw.output).pop()
+    os.kill(replacement, signal.SIGKILL)  # dies at once: its own replacement waits a second
+    wait_for(lambda: replacement not in children(gw.proc.pid), what="the replacement gone", interval=0.01)
+    os.kill(gw.proc.pid, signal.SIGTERM)
+    assert gw.proc.wait(timeout=10) == 0, gw.output()[-2000:]
+
+
+def test_a_hanging_gateway_shutdown_holds_up_neither_the_next_reload_nor_the_stop(
+        conf_dir, alice_hash, start_gateway, plugin_env):
+    conf(conf_dir, alice_hash, "r0")
+    (conf_dir / "gateway.yaml").write_text(gateway_yaml("r0", "plugins: [hangs]\n"))
+    gw = start_gateway(conf_dir, workers=2, env=plugin_env)
+    for i in (1, 2):  # the first reload retires a generation whose shut-down never returns
+        (conf_dir / "gateway.yaml").write_text(gateway_yaml(f"r{i}", "plugins: [hangs]\n"))
+        os.kill(master_pid(gw), signal.SIGHUP)
+        wait_for(lambda: gw.output().count(" reloaded ") == 2 * i, timeout=20, what=f"reload {i}", log=gw.output)
+    assert realms(gw) == {realm("r2")}
+    wait_for(lambda: gw.output().count("plugin 'hangs' is still in its gateway_shutdown") >= 2, timeout=20,
+             what="the overrun named", log=gw.output)
+    os.kill(gw.proc.pid, signal.SIGTERM)
+    assert gw.proc.wait(timeout=15) == 0, gw.output()[-2000:]
+
+
+def test_the_master_kills_a_worker_that_does_not_stop(conf_dir, alice_hash, start_gateway):
+    from gateway.lifecycle import KILL_AFTER
+    from support.proc import children
+
+    gw = start_gateway(conf(conf_dir, alice_hash, "r0"), workers=2)
+    wait_for(lambda: len(serving(gw)) == 2, what="two workers serving", log=gw.output)
+    stuck = children(gw.proc.pid)[0]
+    os.kill(stuck, signal.SIGSTOP)  # it cannot act on SIGTERM
+    try:
+        os.kill(gw.proc.pid, signal.SIGTERM)
+        assert gw.proc.wait(timeout=KILL_AFTER + 10) == 0
+        assert re.search(rf"worker\(s\) {stuck} still running .* killing them \(SIGKILL\)", gw.output()), gw.output()
+    finally:
+        try:
+            os.kill(stuck, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_stopping_gateway_refuses_new_connections_and_finishes_those_in_flight(
+        conf_dir, alice_hash, start_gateway, plugin_env, workers):
+    import time
+
+    conf(conf_dir, alice_hash, "r0")
+    (conf_dir / "gateway.yaml").write_text(gateway_yaml("r0").replace("[static]", "[slowstep, static]"))
+    (conf_dir / "slowstep.yaml").write_text("slowstep:\n  action: sleep\n  sleep: 3\n")
+    gw = start_gateway(conf_dir, workers=workers, env=plugin_env)
+    answers: list[object] = []
+    in_flight = threading.Thread(target=lambda: answers.append(gw.auth("alice", PASSWORD, timeout=30).status))
+    in_flight.start()
+    time.sleep(1)  # in the step's sleep
+    os.kill(gw.proc.pid, signal.SIGTERM)
+    time.sleep(0.5)
+    started = time.monotonic()
+    with pytest.raises(ConnectionRefusedError):  # not queued, unanswered, until the process exits
+        socket.create_connection(("127.0.0.1", gw.port), timeout=5).close()
+    assert time.monotonic() - started < 1
+    in_flight.join(30)
+    assert answers == [200]
+    assert gw.proc.wait(timeout=10) == 0
+
+
+def test_a_stop_drains_requests_in_flight_for_the_grace_and_no_longer(
+        conf_dir, alice_hash, start_gateway, plugin_env):
+    # aiohttp waits its shutdown_timeout for a request, then as long again for its cancellation:
+    # a stop took twice the grace.
+    import time
+
+    from gateway.lifecycle import CLOSE_GRACE, SHUTDOWN_GRACE
+
+    conf(conf_dir, alice_hash, "r0")
+    (conf_dir / "gateway.yaml").write_text(gateway_yaml("r0").replace("[static]", "[slowstep, static]"))
+    (conf_dir / "slowstep.yaml").write_text("slowstep:\n  action: sleep\n  sleep: 40\n")
+    gw = start_gateway(conf_dir, env=plugin_env)
+    in_flight = threading.Thread(target=lambda: _ignore_errors(lambda: gw.auth("alice", PASSWORD, timeout=60)))
+    in_flight.start()
+    time.sleep(1)
+    started = time.monotonic()
+    os.kill(gw.proc.pid, signal.SIGTERM)
+    gw.proc.wait(timeout=SHUTDOWN_GRACE + CLOSE_GRACE + 10)
+    assert time.monotonic() - started < SHUTDOWN_GRACE + 2, gw.output()[-2000:]
+    in_flight.join(60)
+
+
+def _ignore_errors(call) -> None:
+    try:
+        call()
+    except OSError:
+        pass
+
+
+def test_a_reload_some_workers_refuse_is_logged_as_a_mixed_configuration(
+        conf_dir, alice_hash, start_gateway, plugin_env, tmp_path):
+    failing = tmp_path / "failing-pid"
+    conf(conf_dir, alice_hash, "r0")
+    gw = start_gateway(conf_dir, workers=2, env=plugin_env)
+    wait_for(lambda: len(serving(gw)) == 2, what="two workers serving", log=gw.output)
+    refusing = serving(gw)[0]
+    failing.write_text(str(refusing))
+    (conf_dir / "gateway.yaml").write_text(gateway_yaml("r1", "plugins: [failsin]\n"))
+    (conf_dir / "failsin.yaml").write_text(f"failsin:\n  pid_file: {failing}\n")
+    os.kill(master_pid(gw), signal.SIGHUP)
+    line = wait_for(lambda: re.search(r"MIXED CONFIGURATION: .*", gw.output()), what="the mixed configuration",
+                    log=gw.output).group(0)
+    assert f"worker(s) {refusing} refused it" in line
+    assert "backend unreachable at start-up" in gw.output().split("MIXED CONFIGURATION")[1]
+    assert realms(gw) == {realm("r0"), realm("r1")}
+    failing.unlink()
+    os.kill(master_pid(gw), signal.SIGHUP)  # what the error tells the operator to do
+    wait_for(lambda: gw.output().count(" reloaded ") == 3, what="the second reload", log=gw.output)
+    assert realms(gw) == {realm("r1")}
+
+
+def test_a_reload_every_worker_refuses_is_not_what_a_replacement_starts_with(
+        conf_dir, alice_hash, start_gateway, plugin_env, tmp_path):
+    failing = tmp_path / "failing-pid"
+    conf(conf_dir, alice_hash, "r0")
+    gw = start_gateway(conf_dir, workers=2, env=plugin_env)
+    failing.write_text("all")
+    (conf_dir / "gateway.yaml").write_text(gateway_yaml("r1", "plugins: [failsin]\n"))
+    (conf_dir / "failsin.yaml").write_text(f"failsin:\n  pid_file: {failing}\n")
+    os.kill(master_pid(gw), signal.SIGHUP)
+    wait_for(lambda: "reload refused by every worker" in gw.output(), what="the refusals", log=gw.output)
+    failing.unlink()
+    kill_a_worker(gw)
+    wait_for(lambda: len(serving(gw)) == 3, what="the replacement serving", log=gw.output)
+    assert realms(gw) == {realm("r0")}

@@ -285,3 +285,46 @@ class NoAuthenticate:
     @hookimpl
     def gateway_startup(self) -> None:
         pass
+
+
+class HangingShutdownSettings(PluginSettings):
+    hang: float = 3600.0
+
+
+class HangingShutdown:
+    """A ``gateway_shutdown`` that does not return (an unbind on a dead link, say)."""
+
+    Settings = HangingShutdownSettings
+
+    def __init__(self, settings: HangingShutdownSettings, context: PluginContext) -> None:
+        self.hang = settings.hang
+
+    @hookimpl
+    def gateway_shutdown(self) -> None:
+        time.sleep(self.hang)
+
+
+class StartupFailsInSettings(PluginSettings):
+    pid_file: str
+
+
+class StartupFailsIn:
+    """A ``gateway_startup`` that raises in the process whose PID ``pid_file`` holds, or in
+    every process when it holds ``all`` (a backend that workers cannot reach for a moment)."""
+
+    Settings = StartupFailsInSettings
+
+    def __init__(self, settings: StartupFailsInSettings, context: PluginContext) -> None:
+        self.pid_file = settings.pid_file
+
+    @hookimpl
+    def gateway_startup(self) -> None:
+        import os
+
+        try:
+            with open(self.pid_file) as f:
+                failing = f.read().strip()
+        except FileNotFoundError:
+            return
+        if failing in (str(os.getpid()), "all"):
+            raise RuntimeError("backend unreachable at start-up")

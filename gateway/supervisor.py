@@ -1,0 +1,324 @@
+"""The master of several workers (``authgw serve --workers N``): starts one per slot, replaces
+one that dies, reloads on SIGHUP, stops them on SIGTERM/SIGINT.
+
+The master keeps the configuration it last accepted (validated at start or at a SIGHUP), and
+a replacement worker is built from that, never from conf.d as it is on disk at that moment: an
+edit refused at SIGHUP, or made and not yet reloaded, reaches no worker. A reload's
+configuration goes to the workers over their links (:mod:`gateway.lifecycle`), and each says
+whether it serves it; some that do and some that do not is logged as a mixed configuration.
+Only the very first start can stop the gateway: once a worker has served, a replacement that
+fails to start is tried again, after 1, 2, 4 ... up to 30 seconds, with an ERROR each time.
+Meanwhile a slot with a listening socket of its own (``reuse_port``) has it closed, or the
+kernel would go on queueing a share of new connections there, for no one to accept; it
+listens again when the next try starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from gateway.config import Config
+from gateway.errors import ConfigError
+from gateway.lifecycle import KILL_AFTER, MessageReader, die_with_parent, encode_message
+from gateway.runtime import build_runtime
+
+__all__ = ["EXIT_STARTUP_FAILED", "explain", "supervise"]
+
+log = logging.getLogger("authgw.server")
+
+EXIT_STARTUP_FAILED = 3
+_MAX_BACKOFF = 30.0
+_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+#: Runs in the forked worker: (slot, the configuration to build, its end of the link) -> exit code.
+WorkerMain = Callable[[int, Config, socket.socket], int]
+
+
+def explain(exc: Exception) -> str:
+    """A refused configuration's problems, one a line, for the log."""
+    if isinstance(exc, ConfigError):
+        return "\n  " + "\n  ".join(exc.problems)
+    return f"{exc.__class__.__name__}: {exc}"
+
+
+@dataclass
+class _Child:
+    slot: int
+    started: float
+    link: socket.socket
+    reader: MessageReader
+    serving: bool = False
+
+
+@dataclass
+class _Reload:
+    """One accepted SIGHUP while the workers' answers come in."""
+
+    number: int
+    previous: Config
+    waiting: set[int]
+    applied: list[int] = field(default_factory=list)
+    refused: dict[int, str] = field(default_factory=dict)
+
+
+class _Master:
+    def __init__(self, config_dir: Path, state_dir: Path | None, slots: list[list[socket.socket]],
+                 extra: set[socket.socket], config: Config, worker_main: WorkerMain,
+                 rebind: Callable[[int], list[socket.socket]] | None) -> None:
+        self.config_dir = config_dir
+        self.state_dir = state_dir
+        self.count = len(slots)
+        self.slots = slots
+        self.extra = extra
+        self.rebind = rebind
+        self.unbound: set[int] = set()  # slots whose sockets are closed until their next try
+        self.accepted = config
+        self.worker_main = worker_main
+        self.pid = os.getpid()
+        self.children: dict[int, _Child] = {}
+        self.due: dict[int, float] = {}  # slot -> when its next worker starts
+        self.failures: dict[int, int] = {}  # slot -> failed starts in a row
+        self.served = False  # some worker has served: no start failure is fatal from then on
+        self.stop_requested = False
+        self.stopping_since: float | None = None
+        self.killed = False
+        self.reload_pending = False
+        self.reload: _Reload | None = None
+        self.reloads = 0
+        self.exit_code = 0
+
+    # -- signals ---------------------------------------------------------------------------------
+
+    def on_stop(self, signum, frame) -> None:
+        self.stop_requested = True
+        self._kill_all(signal.SIGTERM)
+
+    def on_hup(self, signum, frame) -> None:
+        self.reload_pending = True
+
+    def _kill_all(self, sig: int) -> None:
+        for pid in list(self.children):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self.on_stop)
+        signal.signal(signal.SIGINT, self.on_stop)
+        signal.signal(signal.SIGHUP, self.on_hup)
+        for slot in range(self.count):
+            self.spawn(slot)
+        while self.children or (self.due and not self.stop_requested):
+            if self.stop_requested and self.stopping_since is None:
+                self._begin_stop()
+            if self.reload_pending and not self.stop_requested:
+                self.reload_pending = False
+                self._reload()
+            self._start_due()
+            self._read_links(0.1)  # signals interrupt nothing here: handlers only set flags
+            self._reap()
+            self._escalate()
+        self._close_sockets()
+        return self.exit_code
+
+    def spawn(self, slot: int) -> None:
+        if slot in self.unbound:
+            try:
+                self.slots[slot][:] = self.rebind(slot)
+            except OSError as exc:
+                log.error("slot %d cannot listen again: %s; trying again in %.0f s", slot, exc, _MAX_BACKOFF)
+                self.due[slot] = time.monotonic() + _MAX_BACKOFF
+                return
+            self.unbound.discard(slot)
+        parent_end, child_end = socket.socketpair()
+        # A signal between fork and the child's own handlers would run the master's handler in
+        # the child (a SIGTERM there signalled its siblings): held back until they are in place.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        try:
+            pid = os.fork()
+            if pid == 0:  # worker
+                code = 1
+                try:
+                    for sig in (signal.SIGTERM, signal.SIGINT):
+                        signal.signal(sig, signal.SIG_DFL)
+                    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reloads come over the link
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+                    parent_end.close()
+                    for child in self.children.values():
+                        child.link.close()  # the siblings' links are the master's
+                    die_with_parent(self.pid)
+                    code = self.worker_main(slot, self.accepted, child_end)
+                finally:
+                    os._exit(code)
+        finally:
+            if os.getpid() == self.pid:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+        child_end.close()
+        parent_end.settimeout(2.0)  # a stuck worker costs the master two seconds, not its loop
+        self.children[pid] = _Child(slot, time.monotonic(), parent_end, MessageReader(parent_end))
+
+    def _start_due(self) -> None:
+        now = time.monotonic()
+        for slot, when in sorted(self.due.items()):
+            if when <= now and not self.stop_requested:
+                del self.due[slot]
+                self.spawn(slot)
+
+    def _read_links(self, timeout: float) -> None:
+        links = {child.link: pid for pid, child in self.children.items()}
+        try:
+            ready, _, _ = select.select(list(links), [], [], timeout)
+        except (OSError, ValueError):  # a link closed meanwhile: its worker is reaped below
+            ready = []
+        for link in ready:
+            pid = links[link]
+            child = self.children.get(pid)
+            for message in (child.reader.read() or []) if child else []:
+                self._on_message(pid, child, message)
+
+    def _on_message(self, pid: int, child: _Child, message: tuple) -> None:
+        if message[0] == "serving":
+            child.serving = self.served = True
+            self.failures.pop(child.slot, None)
+        elif message[0] in ("reloaded", "refused") and self.reload and message[1] == self.reload.number:
+            self.reload.waiting.discard(pid)
+            if message[0] == "reloaded":
+                self.reload.applied.append(pid)
+            else:
+                self.reload.refused[pid] = message[2]
+            self._settle_reload()
+
+    def _reap(self) -> None:
+        from prometheus_client import multiprocess
+
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            child = self.children.pop(pid, None)
+            if child is None:
+                continue
+            child.link.close()
+            multiprocess.mark_process_dead(pid)
+            if self.reload:
+                self.reload.waiting.discard(pid)
+                self._settle_reload()
+            if self.stop_requested:
+                continue
+            self._replace(pid, child, os.waitstatus_to_exitcode(status))
+
+    def _replace(self, pid: int, child: _Child, code: int) -> None:
+        if child.serving:
+            log.warning("worker %d exited (%s); starting a new one", pid, code)
+            delay = 1.0 if time.monotonic() - child.started < 1.0 else 0.0  # no spinning
+        elif not self.served:
+            log.error("worker %d failed to start; stopping", pid)
+            self.exit_code = EXIT_STARTUP_FAILED
+            self.on_stop(signal.SIGTERM, None)
+            return
+        else:
+            failures = self.failures[child.slot] = self.failures.get(child.slot, 0) + 1
+            delay = min(2.0 ** (failures - 1), _MAX_BACKOFF)
+            serving = sum(c.serving for c in self.children.values())
+            closed = ""
+            if self.rebind is not None and child.slot not in self.unbound:
+                for sock in self.slots[child.slot]:
+                    sock.close()
+                self.unbound.add(child.slot)
+                closed = "; its listening socket is closed meanwhile (new connections go to the others)"
+            log.error("worker %d failed to start (exit %s), %d time(s) in a row on slot %d; %d of %d workers "
+                      "serve; trying again in %.0f s%s", pid, code, failures, child.slot, serving, self.count, delay,
+                      closed)
+        self.due[child.slot] = time.monotonic() + delay
+
+    # -- stopping --------------------------------------------------------------------------------
+
+    def _begin_stop(self) -> None:
+        self.stopping_since = time.monotonic()
+        self.due.clear()
+        # The kernel refuses a connection at once when no process holds the listening socket;
+        # the workers close theirs too, and finish the requests in flight.
+        self._close_sockets()
+        log.info("master %d stopping: listening sockets closed, workers finish their requests", self.pid)
+
+    def _close_sockets(self) -> None:
+        for sock in {sock for slot in self.slots for sock in slot} | self.extra:
+            sock.close()
+
+    def _escalate(self) -> None:
+        if self.stopping_since is None or self.killed or not self.children:
+            return
+        if time.monotonic() - self.stopping_since > KILL_AFTER:
+            log.error("worker(s) %s still running %.0f s after SIGTERM; killing them (SIGKILL)",
+                      ", ".join(map(str, sorted(self.children))), KILL_AFTER)
+            self.killed = True
+            self._kill_all(signal.SIGKILL)
+
+    # -- reloading -------------------------------------------------------------------------------
+
+    def _reload(self) -> None:
+        """Build conf.d once here (its errors logged once, not once per worker); when it is
+        valid, it is the accepted configuration and each worker builds and swaps it in."""
+        try:
+            runtime = build_runtime(self.config_dir, state_dir=self.state_dir)
+            runtime.discard()
+            self.reloads += 1
+            message = encode_message(("reload", self.reloads, runtime.config))
+        except Exception as exc:
+            log.error("reload refused, the running configuration stays: %s", explain(exc))
+            return
+        self.reload = _Reload(self.reloads, previous=self.accepted, waiting=set(self.children))
+        self.accepted = runtime.config
+        log.info("reload: %s is valid; workers reload it", self.config_dir)
+        for pid, child in self.children.items():
+            try:
+                child.link.sendall(message)
+            except OSError as exc:  # exiting, or stuck: it is replaced with the new configuration
+                log.warning("reload: worker %d did not take the configuration: %s", pid, exc)
+                self.reload.waiting.discard(pid)
+        self._settle_reload()
+
+    def _settle_reload(self) -> None:
+        reload = self.reload
+        if reload is None or reload.waiting:
+            return
+        self.reload = None
+        if not reload.refused:
+            return
+        reasons = "".join(f"\n  worker {pid}: {reason}" for pid, reason in sorted(reload.refused.items()))
+        if not reload.applied:
+            if self.reloads == reload.number:
+                self.accepted = reload.previous  # what replacement workers build, too
+            log.error("reload refused by every worker, the running configuration stays:%s", reasons)
+            return
+        log.error("MIXED CONFIGURATION: worker(s) %s serve the new configuration, worker(s) %s refused it and "
+                  "serve the one before; remove the cause and send SIGHUP again:%s",
+                  ", ".join(map(str, sorted(reload.applied))), ", ".join(map(str, sorted(reload.refused))), reasons)
+
+
+def supervise(config_dir: Path, state_dir: Path | None, slots: list[list[socket.socket]], extra: set[socket.socket],
+              config: Config, worker_main: WorkerMain, rebind: Callable[[int], list[socket.socket]] | None = None,
+              reload_at_once: bool = False) -> int:
+    """Run a worker per slot, each forked to run ``worker_main(slot, config, link)`` with the
+    accepted *config*, until SIGTERM/SIGINT; the exit code of ``authgw serve``. *slots* (each
+    slot's listening sockets) and *extra* (the plugins' listeners) are closed when the stop
+    begins. With *rebind* (slots with sockets of their own), a slot whose worker fails to start
+    has its sockets closed, and ``rebind(slot)`` binds new ones for the next try (in *slots*,
+    where ``worker_main`` finds them)."""
+    master = _Master(config_dir, state_dir, slots, extra, config, worker_main, rebind)
+    master.reload_pending = reload_at_once
+    return master.run()
