@@ -29,8 +29,8 @@ audit are the same code on every path. Reads ``deadline``, ``threads``, ``limits
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import functools
+import ipaddress
 import logging
 import re
 import time
