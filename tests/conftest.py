@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from support.gateway import GatewayProcess, write_conf
+from support.redis import RedisServer
 
 
 @pytest.fixture
@@ -40,3 +41,10 @@ def demo_hash() -> str:
 
 
 __all__ = ["write_conf"]
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory):
+    """A redis-server of the test module's own (a module may define its own to override it)."""
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server

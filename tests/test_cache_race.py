@@ -18,16 +18,9 @@ from argon2 import PasswordHasher
 from gateway.plugins.cache.redis_store import RedisStore
 from gateway.plugins.cache.store import FORGOTTEN_FOR, Entry, SQLiteStore
 from support.net import free_port
-from support.redis import RedisServer
 
 KEY = "ab" * 32
 HASHER = PasswordHasher(time_cost=2, memory_cost=19456, parallelism=1)
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
-        yield server
 
 
 @pytest.fixture(params=["sqlite", "redis"])

@@ -22,12 +22,6 @@ from support.redis import RedisServer
 DAY = 86400.0
 
 
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
-        yield server
-
-
 @pytest.fixture(params=["sqlite", "redis"])
 def store(request, tmp_path, redis_server):
     if request.param == "sqlite":

@@ -24,17 +24,10 @@ from gateway import Outcome
 from gateway.plugins.cache.offline import identity_from
 from gateway.plugins.cache.store import Entry, SQLiteStore
 from support.chainhelp import attempt, build, decide
-from support.redis import RedisServer
 
 CACHE = "gateway.plugins.cache:CachePlugin"
 USER, PASSWORD = "bob-5d2a", "old-Passw0rd 5d2a"
 DAY = 86400.0
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
-        yield server
 
 
 @pytest.fixture(params=["sqlite", "redis"])
