@@ -254,10 +254,16 @@ class OfflineCache:
         except (StoreError, KeyFileError) as exc:
             self._failed("reading an entry", exc)
             return None
+        document = self._opened(keys, row_key, entry)
+        return str(document.get("step")) if document is not None else None
+
+    @staticmethod
+    def _opened(keys, row_key: str, entry) -> dict | None:
+        """*entry*'s sealed document, or None: no entry, one sealed under another key, or one
+        that does not open."""
         if entry is None or entry.kid != keys.kid:
             return None
-        document = keys.open(row_key, entry.sealed)
-        return str(document.get("step")) if document is not None else None
+        return keys.open(row_key, entry.sealed)
 
     # -- offline answers ------------------------------------------------------------------------------
 
@@ -277,9 +283,7 @@ class OfflineCache:
         except (StoreError, KeyFileError) as exc:
             self._failed("an offline lookup", exc)
             return unavailable
-        if entry is None or entry.kid != keys.kid:
-            return unavailable
-        document = keys.open(row_key, entry.sealed)
+        document = self._opened(keys, row_key, entry)
         if document is None:
             return unavailable
         stored_at = sealed_time(document)
