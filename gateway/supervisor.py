@@ -212,6 +212,11 @@ class _Master:
             child = self.children.pop(pid, None)
             if child is None:
                 continue
+            # What it said before it died ("serving") decides whether it failed to start: a
+            # worker killed with its message unread is not a failed start.
+            while messages := child.reader.read():
+                for message in messages:
+                    self._on_message(pid, child, message)
             child.link.close()
             multiprocess.mark_process_dead(pid)
             if self.reload:
