@@ -133,6 +133,30 @@ def test_hot_tokens_separate_users_passwords_and_clients():
     assert base != HotCache(ttl=30, max_entries=10).token("10.0.0.1", "alice", "pw")  # per-process key
 
 
+def test_a_forked_child_starts_the_hot_cache_with_a_new_key_and_no_entries():
+    # Workers are forked from the master: a parent's entries must not answer in a child, and
+    # two children must not share a key (a token seen in one tells nothing about the other).
+    hot = HotCache(ttl=30, max_entries=10)
+    token = hot.token("c", "alice", "pw")
+    hot.put(token, "alice", ident())
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report, then leave without running the parent's cleanup
+        try:
+            same_key = hot.token("c", "alice", "pw") == token
+            os.write(write, f"{len(hot)} {hot.get(token) is None} {same_key}".encode())
+            hot.put(hot.token("c", "alice", "pw"), "alice", ident())  # usable after the fork
+            os.write(write, f" {len(hot)}".encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        report = pipe.read()
+    assert os.waitpid(pid, 0)[1] == 0
+    assert report == "0 True False 1"
+    assert hot.get(token) is not None and hot.token("c", "alice", "pw") == token  # the parent's stay
+
+
 def test_forgetting_a_user_drops_every_password_and_client():
     hot = HotCache(ttl=30, max_entries=10)
     for client, password in (("c1", "pw"), ("c2", "pw"), ("c1", "other")):
