@@ -57,7 +57,9 @@ _UNSAFE = {c: None for c in range(32)} | {0x7F: None}
 
 
 def _header_value(text: str) -> str:
-    return text.translate(_UNSAFE)
+    # isprintable() is False for every character _UNSAFE removes (and for some it keeps, such
+    # as U+2028): a printable value, the usual case, needs no copy.
+    return text if text.isprintable() else text.translate(_UNSAFE)
 
 
 class PublicHeaders(Mapping[str, str]):

@@ -9,6 +9,7 @@ the chain, with the same 401 as a wrong password. Usernames reach the chain cano
 from __future__ import annotations
 
 import binascii
+import re
 from base64 import b64decode
 
 from gateway.model import NegotiateCredential, PasswordCredential
@@ -19,6 +20,8 @@ __all__ = ["MalformedCredentials", "parse_authorization", "check_password_creden
 MAX_USERNAME_BYTES = 256
 MAX_PASSWORD_BYTES = 1024
 MAX_TOKEN_BYTES = 64 * 1024
+#: A control character (C0 or DEL): never part of a username.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class MalformedCredentials(ValueError):
@@ -36,7 +39,7 @@ def check_password_credential(username: str, password: str) -> PasswordCredentia
         raise MalformedCredentials("malformed_encoding") from None
     if not username or len(username_bytes) > MAX_USERNAME_BYTES:
         raise MalformedCredentials("malformed_username")
-    if any(ch < " " or ch == "\x7f" for ch in username):
+    if _CONTROL.search(username):
         raise MalformedCredentials("malformed_username")
     if not password:
         # An empty password is an anonymous bind to LDAP; refuse it before any plugin sees it.
