@@ -96,7 +96,7 @@ class Link:
     searches go over its socket through :mod:`wire`. Used by one attempt at a time."""
 
     __slots__ = ("conn", "server", "created", "last_used", "reused", "_reader", "_next_id", "_on_loop",
-                 "_answer_time", "_deadline", "_until")
+                 "_answer_time", "_deadline", "_until", "_asked")
 
     def __init__(self, conn: ldap3.Connection, server: Server) -> None:
         self.conn = conn
@@ -109,6 +109,7 @@ class Link:
         self._answer_time = 1.0  # set by settimeout() before every operation
         self._deadline = math.inf  # the attempt's, set with it
         self._until = 0.0  # when the answer to the last request must be complete (set by _send)
+        self._asked = False  # a request went out since the last read: its answer cannot be there yet
 
     def alive(self) -> bool:
         """Nothing is pending on an idle connection; readable means closed or disconnected."""
@@ -152,6 +153,12 @@ class Link:
         if not self._on_loop:
             sock.settimeout(self._left())
             return sock.recv(size)
+        if self._asked:
+            # Just after a request the answer is still on its way: wait for it before the first
+            # read, which would fail (EAGAIN, raised and caught) on nearly every request.
+            self._asked = False
+            if not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+                aio.wait_io(sock, timeout=self._left())
         while True:
             try:
                 return sock.recv(size)
@@ -181,6 +188,7 @@ class Link:
         self._until = min(time.monotonic() + self._answer_time, self._deadline)  # this request's answer
         try:
             self._sendall(build(message_id))
+            self._asked = True
         except OSError as exc:
             raise LinkBroken(describe(exc), timeout=isinstance(exc, TimeoutError)) from None
         return message_id
