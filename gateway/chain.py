@@ -410,7 +410,7 @@ class Gateway:
 
     async def _authenticate(self, attempt: Attempt) -> Decision:
         ticket = None
-        if attempt.password is not None:
+        if attempt.password is not None and self.throttle.settings.enabled:  # off: nothing to count or key
             try:
                 user, client = attempt.user_key, self.throttle_client(attempt)
                 # a local store answers at once: only a network store is worth a coroutine and a thread
