@@ -248,3 +248,28 @@ def test_a_spray_of_new_addresses_never_wipes_a_users_count_from_the_memory_stor
     assert budget("alice") == 0  # her four guesses are still counted
     now[0] += 1801  # the window passes: counters expire and are swept, new ones are taken again
     assert guess("bob", "192.0.2.1") and budget("alice") == 4
+
+
+def test_reservation_ids_are_unique_in_a_process_and_across_forked_workers():
+    # Workers sharing a Redis store must never reuse each other's reservation ids: settling one
+    # attempt would give back another's reservation. Ids are a per-process prefix and a counter
+    # (no getrandom per attempt), and a forked worker draws a prefix of its own.
+    import os
+
+    from gateway.throttle import _TICKET_IDS
+
+    mine = {_TICKET_IDS.next() for _ in range(1000)}
+    assert len(mine) == 1000
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.write(write, " ".join(_TICKET_IDS.next() for _ in range(1000)).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        theirs = set(pipe.read().split())
+    assert os.waitpid(pid, 0)[1] == 0
+    assert len(theirs) == 1000 and not theirs & mine
+    assert {i[:16] for i in theirs} != {i[:16] for i in mine}  # another prefix, not just later numbers
