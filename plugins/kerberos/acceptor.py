@@ -32,6 +32,9 @@ from .tokens import KRB5_OID, KRB5_OIDS, NegotiateToken, TicketInfo, enctype_nam
 __all__ = ["AcceptFailed", "Accepted", "Acceptor", "HINTS", "gss_message"]
 
 _KRB5 = gssapi.OID.from_int_seq(KRB5_OID)
+#: The Kerberos mechanisms as GSSAPI OIDs: compared as such (an OID's dotted_form is built in
+#: Python on each read, a microsecond or more per login).
+_KRB5_MECHS = frozenset(map(gssapi.OID.from_int_seq, KRB5_OIDS))
 
 #: RFC 4120 section 7.5.9 error codes the acceptor puts in its KRB-ERROR.
 _KRB_AP_ERR_BAD_INTEGRITY, _KRB_AP_ERR_TKT_EXPIRED, _KRB_AP_ERR_TKT_NYV = 31, 32, 33
@@ -177,7 +180,7 @@ class Acceptor:
             krb = krb_error_of(result.token)
             raise self._from_krb_error(krb.code if krb else None, "", info.ticket(), loaded.index) or \
                 AcceptFailed("rejected", "the acceptor wanted another round trip")
-        if result.initiator_name is None or result.mech is None or result.mech.dotted_form not in KRB5_OIDS:
+        if result.initiator_name is None or result.mech is None or result.mech not in _KRB5_MECHS:
             raise AcceptFailed("unsupported_mechanism", f"the context used mechanism {result.mech}")
         if gssapi.RequirementFlag.anonymity in result.flags:
             raise AcceptFailed("anonymous", "the client authenticated anonymously")

@@ -8,7 +8,8 @@ trusted for a decision; GSSAPI decides, this only routes and explains.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from typing import NamedTuple
 
 __all__ = ["DERError", "TLV", "children", "oid_text", "read_int", "read_one", "tagged"]
 
@@ -20,9 +21,9 @@ class DERError(ValueError):
     """The bytes are not the DER the caller expected."""
 
 
-@dataclass(frozen=True, slots=True)
-class TLV:
-    """One element: the identifier octet, and where its contents lie in the buffer."""
+class TLV(NamedTuple):
+    """One element: the identifier octet, and where its contents lie in the buffer. A named
+    tuple, not a frozen dataclass: a login reads a dozen, and a tuple is built in C."""
 
     tag: int
     data: bytes
@@ -94,6 +95,11 @@ def oid_text(item: TLV) -> str:
     raw = item.value
     if item.tag != 0x06 or not raw or raw[-1] & 0x80:
         raise DERError("expected an OBJECT IDENTIFIER")
+    return _dotted(raw)
+
+
+@functools.lru_cache(maxsize=64)  # a login's tokens name the same few mechanisms; bounded for others
+def _dotted(raw: bytes) -> str:
     arcs: list[int] = []
     value = 0
     for octet in raw:
