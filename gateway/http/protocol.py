@@ -309,6 +309,10 @@ class GuardedRequestHandler(RequestHandler):
     async def finish_response(self, request, resp, start_time):
         if self._force_close or self._first_request is not None:
             resp.force_close()  # retiring: the client opens its next connection to the new generation
+        if self._no_linger and not request.content.is_eof():
+            # Closed once written (below): the answer says so (``Connection: close``), or a
+            # keep-alive client sends its next request into the closing connection and gets none.
+            resp.force_close()
         try:
             return await super().finish_response(request, resp, start_time)
         finally:
