@@ -5,11 +5,11 @@ credentials; this remembers a success for ``ttl`` seconds so the repeats skip th
 
 Entries are keyed by keyed BLAKE2b (RFC 7693's MAC mode, 256 bits) under a random key made in
 (and never leaving) this process, over the client address, the front door, the username and the
-password. The password is
-never stored: the table alone (a swapped-out page, a core file of another process) holds
-nothing that tests a guess without the key, and the key dies with the process. The client
-address is part of the key because a chain step may decide differently for another client
-(network-restricted methods), and a hit must never give a success the chain would not give.
+password. The password is never stored: the table alone (a swapped-out page, a core file of
+another process) holds nothing that tests a guess without the key, and the key dies with the
+process (a forked child makes its own). The client address is part of the key because a chain
+step may decide differently for another client (network-restricted methods), and a hit must
+never give a success the chain would not give.
 """
 
 from __future__ import annotations
