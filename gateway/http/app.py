@@ -12,10 +12,8 @@ from __future__ import annotations
 import hashlib
 import asyncio
 import hmac
-import itertools
 import json
 import math
-import secrets
 import time
 from collections.abc import Mapping
 
@@ -26,6 +24,7 @@ from gateway.chain import CLIENT_GONE, Gateway
 from gateway.errors import PluginLoadError
 from gateway.http.openapi import openapi_document
 from gateway.logs import authgw_version
+from gateway.perprocess import UniqueIds
 from gateway.http.clientaddr import ClientAddressResolver, parse_address
 from gateway.http.credentials import (MalformedCredentials, check_password_credential, parse_authorization,
                                       single_authorization)
@@ -88,17 +87,6 @@ class PublicHeaders(Mapping[str, str]):
         return [] if name.lower() in _PRIVATE_HEADERS else self._headers.getall(name, [])
 
 
-class RequestIds:
-    """Unique request ids without a system call each: a random per-process prefix and a counter."""
-
-    def __init__(self) -> None:
-        self._prefix = secrets.token_hex(8)
-        self._counter = itertools.count(1)
-
-    def next(self) -> str:
-        return f"{self._prefix}{next(self._counter):016x}"
-
-
 class FrontDoor:
     """The front doors of one worker, and what plugin routes use to authenticate
     (``gateway_http_routes``): :meth:`attempt`, :meth:`decide`, :meth:`tls_certificate`."""
@@ -107,7 +95,7 @@ class FrontDoor:
         self.gateway = gateway
         self.metrics = metrics
         self.resolver = ClientAddressResolver(gateway.settings.trusted_proxies)
-        self.request_ids = RequestIds()
+        self.request_ids = UniqueIds()
         self.api_tokens = {t.sha256: t.name for t in gateway.settings.api_tokens}
         self.realm_challenge = f'Basic realm="{gateway.settings.realm}", charset="UTF-8"'
 

@@ -15,21 +15,17 @@ never give a success the chain would not give.
 from __future__ import annotations
 
 import hashlib
-import os
 import secrets
 import threading
 import time
-import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
 from gateway import Identity
+from gateway.perprocess import renew_in_children
 
 __all__ = ["HotCache"]
-
-#: Every hot cache of this process: a forked child starts each with a new key and no entries.
-_CACHES: weakref.WeakSet[HotCache] = weakref.WeakSet()
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,10 +49,10 @@ class HotCache:
         self.ttl = ttl
         self.max_entries = max_entries
         self._clock = clock
-        self._reset()
-        _CACHES.add(self)
+        self.renew()
+        renew_in_children(self)  # a forked child starts with a new key and no entries
 
-    def _reset(self) -> None:
+    def renew(self) -> None:
         self._lock = threading.Lock()  # a child may be forked while another thread holds it
         self._key = secrets.token_bytes(32)
         self._entries: OrderedDict[bytes, _Hit] = OrderedDict()
@@ -123,11 +119,3 @@ class HotCache:
             tokens.discard(token)
             if not tokens:
                 del self._by_user[user_key]
-
-
-def _after_fork_in_child() -> None:
-    for cache in list(_CACHES):
-        cache._reset()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
