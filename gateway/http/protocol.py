@@ -309,17 +309,17 @@ class GuardedRequestHandler(RequestHandler):
     async def finish_response(self, request, resp, start_time):
         if self._force_close or self._first_request is not None:
             resp.force_close()  # retiring: the client opens its next connection to the new generation
-        if self._no_linger and not request.content.is_eof():
-            # Closed once written (below): the answer says so (``Connection: close``), or a
-            # keep-alive client sends its next request into the closing connection and gets none.
+        # A body left unread (no_linger): the connection is closed once the answer is written,
+        # and the answer says so (``Connection: close``), or a keep-alive client sends its next
+        # request into the closing connection and gets none.
+        close_unread, self._no_linger = self._no_linger and not request.content.is_eof(), False
+        if close_unread:
             resp.force_close()
         try:
             return await super().finish_response(request, resp, start_time)
         finally:
-            if self._no_linger:
-                self._no_linger = False
-                if self.transport is not None and not request.content.is_eof():
-                    self.force_close()  # the response is written: close now, not after lingering
+            if close_unread and self.transport is not None:
+                self.force_close()  # the response is written: close now, not after lingering
             hold, self._hold = self._hold, None
             # Already held (the refused request was pipelined behind another refused one): that
             # hold stands, with what it has kept so far.
