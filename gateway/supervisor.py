@@ -184,8 +184,15 @@ class _Master:
         for link in ready:
             pid = links[link]
             child = self.children.get(pid)
-            for message in (child.reader.read() or []) if child else []:
-                self._on_message(pid, child, message)
+            if child is not None:
+                self._take_messages(pid, child)
+
+    def _take_messages(self, pid: int, child: _Child) -> bool:
+        """Act on what *child* has said so far; False when nothing complete was waiting."""
+        messages = child.reader.read()
+        for message in messages or []:
+            self._on_message(pid, child, message)
+        return bool(messages)
 
     def _on_message(self, pid: int, child: _Child, message: tuple) -> None:
         if message[0] == "serving":
@@ -214,9 +221,8 @@ class _Master:
                 continue
             # What it said before it died ("serving") decides whether it failed to start: a
             # worker killed with its message unread is not a failed start.
-            while messages := child.reader.read():
-                for message in messages:
-                    self._on_message(pid, child, message)
+            while self._take_messages(pid, child):
+                pass
             child.link.close()
             multiprocess.mark_process_dead(pid)
             if self.reload:
