@@ -223,10 +223,10 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(4):  # prepared input (tokens) sized from the rates seen so far
                 if row.prepare:
                     row.prepare(-1, row.peak)
-                loads_ = [warm(row.key, server, getattr(row, server), args.warmup, steady=row.key.startswith("hot"))
+                warmed = [warm(row.key, server, getattr(row, server), args.warmup, steady=row.key.startswith("hot"))
                           for server in ("apache", "authgw")]
-                row.peak = max([row.peak, *(x.rate for x in loads_)])
-                if not any(x.exhausted for x in loads_):
+                row.peak = max([row.peak, *(x.rate for x in warmed)])
+                if not any(x.exhausted for x in warmed):
                     break
                 # A server used up its input: its rate was a floor. Twice that, and warm up again.
                 row.peak *= 2
