@@ -334,10 +334,10 @@ async def _serve_worker(config_dir: Path, state_dir: Path | None, sockets: list[
     await worker.start(runtime)
     names = ", ".join([_url(s) for s in sockets] + [_url(s, "https" if x.ssl_context else "http") + f" ({n})"
                       for n, s in extra.items() for x in runtime.gateway.listeners() if x.name == n])
+    if link is not None:  # the master first: once this line is logged, the master has been told
+        _follow_master(worker, link)
     log.info("authgw worker %d serving on %s; chain: %s; event loop: %s", os.getpid(), names,
              " -> ".join(runtime.config.core.chain), type(loop).__module__.split(".")[0])
-    if link is not None:
-        _follow_master(worker, link)
     if hups:
         worker.request_reload()
     try:

@@ -13,7 +13,7 @@ import sys
 import threading
 
 from support.gateway import static_users, write_conf
-from support.net import free_port
+from support.net import free_port, wait_for
 from support.proc import children
 
 REQUEST = b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n"
@@ -98,6 +98,10 @@ def test_reuse_port_false_shares_one_socket(conf_dir, demo_hash, start_gateway):
 def test_a_killed_worker_is_replaced_on_its_socket_and_no_connection_is_refused(conf_dir, demo_hash, start_gateway):
     gw = start_gateway(conf(conf_dir, demo_hash, reuse_port=True), workers=2)
     victim, survivor = workers_of(gw)
+    # Healthy means one worker answers; the victim must be serving too (the master told so), or
+    # its death is a failed start, whose slot's socket the master closes (resetting its queue).
+    wait_for(lambda: all(f"authgw worker {pid} serving" in gw.output() for pid in (victim, survivor)),
+             30, what="both workers to serve", log=gw.output)
     os.kill(victim, signal.SIGKILL)
     # Until the master replaces it, the connections the kernel hashes to the dead worker's
     # socket wait in its queue (the master keeps the socket open), then are answered.
