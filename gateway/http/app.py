@@ -25,6 +25,7 @@ from gateway.errors import PluginLoadError
 from gateway.http.openapi import openapi_document
 from gateway.logs import authgw_version
 from gateway.perprocess import UniqueIds
+from gateway.http.answer import Answer
 from gateway.http.clientaddr import ClientAddressResolver, parse_address
 from gateway.http.credentials import (MalformedCredentials, check_password_credential, parse_authorization,
                                       single_authorization)
@@ -168,7 +169,7 @@ class FrontDoor:
 
     # -- /auth ---------------------------------------------------------------------------------
 
-    async def forward_auth(self, request: web.Request) -> web.Response:
+    async def forward_auth(self, request: web.Request) -> Answer:
         refused = None
         credential = None
         try:
@@ -196,7 +197,7 @@ class FrontDoor:
             mutual = attempt.stash.get(MUTUAL_AUTH_KEY, None)
             if mutual:
                 headers["WWW-Authenticate"] = mutual
-            return web.Response(status=200, text="", headers=headers)
+            return Answer(200, "", headers)
         return self.denied(request, attempt, decision, headers)
 
     def retry_after(self, request: web.Request, decision: Decision) -> str:
@@ -212,19 +213,16 @@ class FrontDoor:
         return _RETRY_AFTER_UNAVAILABLE
 
     def denied(self, request: web.Request, attempt: Attempt, decision: Decision,
-               headers: dict[str, str]) -> web.Response:
+               headers: dict[str, str]) -> Answer:
         if decision.outcome is Outcome.UNAVAILABLE:
             headers["Retry-After"] = self.retry_after(request, decision)
-            return web.Response(status=503, text="503 Service Unavailable\n", headers=headers)
+            return Answer(503, "503 Service Unavailable\n", headers)
         if decision.outcome is Outcome.THROTTLED:
             headers["Retry-After"] = str(int(self.gateway.settings.throttle.window))
-            return web.Response(status=429, text="429 Too Many Requests\n", headers=headers)
-        response = web.Response(status=401, text=_DENY_BODY, headers=headers)
+            return Answer(429, "429 Too Many Requests\n", headers)
         # Only steps that can answer a challenge offer one: a certificate-only chain must not make
         # a browser prompt for a password that can never succeed.
-        for challenge in self.gateway.challenges(attempt):
-            response.headers.add("WWW-Authenticate", challenge)
-        return response
+        return Answer(401, _DENY_BODY, headers, self.gateway.challenges(attempt))
 
     # -- /v1/authenticate ------------------------------------------------------------------------
 
@@ -287,8 +285,8 @@ class FrontDoor:
 
     # -- health -----------------------------------------------------------------------------------
 
-    async def healthz(self, request: web.Request) -> web.Response:
-        return web.Response(text=f"ok authgw {authgw_version()}\n")
+    async def healthz(self, request: web.Request) -> Answer:
+        return Answer(200, f"ok authgw {authgw_version()}\n", {})
 
     def sees_details(self, request: web.Request) -> bool:
         """Health details (backend URLs, file paths) and /metrics only for ``health.details_from``
