@@ -4,17 +4,20 @@ Fields: ``time`` (UTC, RFC 3339), ``request_id``, ``client``, ``front_door``, ``
 ``method`` (the credential kinds presented), ``outcome``, ``reason``, ``step``, ``from_cache``,
 ``subject`` (on success) and ``latency_ms``. Never a password, token, certificate or hash.
 
-Reads ``audit.file`` (``-`` is standard error). Lines to a file are written in batches by a
-writer thread: at most :data:`FLUSH_INTERVAL` seconds after the attempt (sooner when
+Reads ``audit.file`` (``-`` is standard error). Lines to a file are written in batches, one
+``write`` each: at most :data:`FLUSH_INTERVAL` seconds after the attempt (sooner when
 :data:`MAX_BATCH` lines wait), and all of them on a clean stop (``gateway_shutdown`` and
 ``close``, which SIGTERM reaches) or interpreter exit. A process killed outright (SIGKILL, the
 OOM killer, a segfault) loses at most the lines of its last :data:`FLUSH_INTERVAL`; what was
 written is in the kernel and survives the process. Lines to standard error stay one ``write``
 each, in order with the log records they sit between.
+
+In a worker the batches are written by its event loop, not by a thread (:class:`_BatchWriter`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import json
 import logging
@@ -55,11 +58,23 @@ def encode(record: dict) -> bytes:
 
 
 class _BatchWriter:
-    """Appends lines to a file descriptor from a thread of its own, a batch per ``write``.
+    """Appends lines to a file descriptor, a batch per ``write``.
 
-    The hot path only appends to a list under a lock (~0.2 µs); the thread is started by the
-    first line, so a runtime built only to validate a configuration (or in a master before it
-    forks) never has one."""
+    The hot path only appends to a list under a lock (~0.2 µs). The batch is written by the
+    worker's event loop once the server hands it over (:meth:`use_loop`), with a timer its first
+    line sets (lines added on other threads reach it through ``call_soon_threadsafe``, once per
+    batch); without one (commands, tests, a loop that has closed), by a thread of its own,
+    started by the first line, so that a runtime built only to validate a configuration (or in
+    a master before it forks) never has one.
+
+    Not a thread in a worker: a thread that wakes up needs the GIL, which the loop holds nearly
+    all the time and releases at every callback; the woken thread loses the race again and
+    again until the switch interval forces a hand-over, and each round costs both threads CPU
+    (in-process, with one GIL release per attempt: ~600 wake-ups and ~4 ms of the writer's CPU
+    per batch, 8 µs an attempt; docs/performance.md). The loop's write goes to the page cache
+    of a local file: ~0.2 ms per 100 KB batch, at most every :data:`FLUSH_INTERVAL` or
+    :data:`MAX_BATCH` lines (``audit.file`` on a network file system would stall the loop).
+    """
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
@@ -68,22 +83,56 @@ class _BatchWriter:
         self._pending: list[bytes] = []
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        atexit.register(self.flush)
+
+    def use_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Write the batches from *loop* (a worker's, which runs as long as this log is open)."""
+        self._loop = loop
 
     def add(self, line: bytes) -> None:
         with self._lock:
             if self._closed:  # as a closed file would: a line must not go astray silently
                 raise ValueError("the audit log is closed")
             self._pending.append(line)
-            if self._thread is None:
-                self._start()
-            elif len(self._pending) == MAX_BATCH:
-                self._wake.set()
+            waiting = len(self._pending)
+        if waiting == 1:
+            self._arrange(FLUSH_INTERVAL)
+        elif waiting == MAX_BATCH:
+            self._arrange(0.0)
 
-    def _start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="authgw-audit", daemon=True)
-        self._thread.start()
-        atexit.register(self.flush)
+    def _arrange(self, delay: float) -> None:
+        """Have the waiting lines written within *delay* seconds."""
+        loop = self._loop
+        if loop is not None:
+            try:
+                here = asyncio.get_running_loop()
+            except RuntimeError:
+                here = None
+            try:
+                if here is not loop:
+                    loop.call_soon_threadsafe(self._arrange, delay)
+                elif delay > 0:
+                    loop.call_later(delay, self._write_from_loop)
+                else:
+                    loop.call_soon(self._write_from_loop)
+                return
+            except RuntimeError:  # the loop has closed: the thread writes from now on
+                self._loop = None
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="authgw-audit", daemon=True)
+                self._thread.start()
+        if delay <= 0:
+            self._wake.set()
+
+    def _write_from_loop(self) -> None:
+        try:
+            self.flush()
+        except OSError as exc:  # disk full, say: report it; the lines are kept for the next batch
+            logging.getLogger("authgw.audit").error("cannot write the audit log: %s", exc)
+            self._arrange(FLUSH_INTERVAL)
 
     def _run(self) -> None:
         while not self._closed:
@@ -98,7 +147,7 @@ class _BatchWriter:
         with self._write_lock:
             with self._lock:
                 lines, self._pending = self._pending, []
-            if not lines:
+            if not lines or self._fd < 0:  # closed: a timer that fires late writes nothing
                 return
             data = memoryview(b"".join(lines))
             try:
@@ -116,14 +165,15 @@ class _BatchWriter:
                 return
             self._closed = True
         self._wake.set()
-        if self._thread is not None:
-            atexit.unregister(self.flush)
-            if self._thread is not threading.current_thread():
-                self._thread.join(timeout=5)
+        atexit.unregister(self.flush)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
         try:
             self.flush()
         finally:
-            os.close(self._fd)
+            with self._write_lock:
+                os.close(self._fd)
+                self._fd = -1
 
 
 class AuditLog:
@@ -195,6 +245,11 @@ class AuditLog:
         stream = sys.stderr  # looked up per line: tests and daemons swap stderr
         with self._lock:
             stream.write(line.decode())
+
+    def use_loop(self, loop) -> None:
+        """Write the file's batches from *loop*, the worker's event loop (:class:`_BatchWriter`)."""
+        if self._writer is not None:
+            self._writer.use_loop(loop)
 
     @hookimpl
     def gateway_shutdown(self) -> None:

@@ -112,6 +112,51 @@ def test_audit_file_gets_every_line_at_close_and_soon_without(tmp_path):
         log.gateway_auth_finished(_attempt("late"), Decision.allow(identity, step="static"))
 
 
+def test_a_worker_loop_writes_the_audit_batches_and_no_thread_wakes(tmp_path, caplog):
+    """In a worker the event loop writes the batches (a thread would fight it for the GIL): lines
+    from the loop and from other threads, a full batch at once, a write error kept for the next
+    batch, and a timer that fires after close writes nothing."""
+    import asyncio
+
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(str(path))
+    identity = Identity(subject="uid=alice", username="alice", method="static")
+    ok = Decision.allow(identity, step="static")
+
+    def lines() -> list[str]:
+        return [json.loads(line)["username"] for line in path.read_text().splitlines()]
+
+    async def serve() -> None:
+        log.use_loop(asyncio.get_running_loop())
+        log.gateway_auth_finished(_attempt("on-loop"), ok)
+        helper = threading.Thread(target=lambda: log.gateway_auth_finished(_attempt("on-a-thread"), ok))
+        helper.start()
+        helper.join()
+        assert lines() == []  # a batch waits for its timer...
+        await asyncio.sleep(audit_module.FLUSH_INTERVAL * 3)
+        assert lines() == ["on-loop", "on-a-thread"]  # ...written by the loop
+        for i in range(audit_module.MAX_BATCH):  # a full batch is written without waiting for the timer
+            log.gateway_auth_finished(_attempt(f"b{i}"), ok)
+        await asyncio.sleep(0)
+        assert len(lines()) == 2 + audit_module.MAX_BATCH
+        writer = log._writer
+        good_fd, writer._fd = writer._fd, os.open("/dev/full", os.O_WRONLY)  # the disk is full
+        log.gateway_auth_finished(_attempt("kept"), ok)
+        await asyncio.sleep(audit_module.FLUSH_INTERVAL * 2)
+        assert "cannot write the audit log" in caplog.text and "kept" not in lines()
+        os.close(writer._fd)
+        writer._fd = good_fd  # space again: the kept line goes with the next batch
+        await asyncio.sleep(audit_module.FLUSH_INTERVAL * 2)
+        assert lines()[-1] == "kept"
+        log.gateway_auth_finished(_attempt("last"), ok)
+        log.close()  # its timer is still set: when it fires, nothing is written, to no descriptor
+        await asyncio.sleep(audit_module.FLUSH_INTERVAL * 2)
+        assert writer._thread is None  # never a thread
+
+    asyncio.run(serve())
+    assert lines()[-2:] == ["kept", "last"] and lines().count("last") == 1
+
+
 def _conf(conf_dir, password_hash, audit_path, workers_extra=""):
     return write_conf(conf_dir, {
         "gateway.yaml": f"chain: [static]\nthrottle:\n  enabled: false\naudit:\n  file: {audit_path}\n{workers_extra}",
