@@ -44,7 +44,7 @@ from aiohttp import web
 from gateway.checks import Listener
 from gateway.config import Config
 from gateway.errors import ConfigError
-from gateway.http.app import build_apps
+from gateway.http.app import EXACT_TARGETS, build_apps, exact_targets
 from gateway.http.protocol import ConnectionGuard, GuardedSite
 from gateway.lifecycle import (CLOSE_GRACE, SHUTDOWN_GRACE, MessageReader, encode_message, remove_pidfile,
                                return_freed_memory, write_pidfile)
@@ -170,6 +170,8 @@ class _Worker:
                 runner = web.AppRunner(app, access_log=None, handle_signals=False,
                                        shutdown_timeout=SHUTDOWN_GRACE / 2)
                 await runner.setup()
+                if EXACT_TARGETS in app:  # /auth straight to its handler (gateway/http/app.py)
+                    runner.server.request_handler = exact_targets(runner.server.request_handler, app[EXACT_TARGETS])
                 generation.runners[name] = runner
             # Each generation listens on its own duplicate of the socket: closing it when the
             # generation retires leaves the socket (and its queue of connections) to the next.

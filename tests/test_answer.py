@@ -60,6 +60,8 @@ async def _exchange(port: int, request: bytes, *, again: bool) -> tuple[bytes, b
         head = b""
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            if head.startswith(b"HTTP/1.1 100 "):  # an interim answer to Expect: the answer follows
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
         except asyncio.IncompleteReadError as exc:
             assert exc.partial == b""
             return b"", False
@@ -137,3 +139,37 @@ def test_an_answer_reads_like_a_response():
     assert answer.headers["x-request-id"] == "r"
     answer.force_close()
     assert answer.keep_alive is False and not answer.prepared
+
+
+def test_exact_targets_go_straight_to_their_handler_and_the_rest_to_the_router():
+    """``/auth`` skips aiohttp's router (gateway/http/app.py ``exact_targets``); anything else, a
+    query string, or an ``Expect`` header (which the router's handler answers) does not."""
+    from gateway.http.app import exact_targets
+
+    async def main() -> list[tuple[str, bytes]]:
+        async def direct(request):
+            return Answer(200, "direct\n", {})
+
+        async def routed(request):
+            return Answer(200, "routed\n", {})
+
+        app = web.Application()
+        app.router.add_route("*", "/auth", routed)
+        app.router.add_route("*", "/other", routed)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        runner.server.request_handler = exact_targets(runner.server.request_handler, {"/auth": direct})
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        await GuardedSite(runner, sock, ConnectionGuard(LimitsSettings())).start()
+        try:
+            port, got = sock.getsockname()[1], []
+            for target, extra in [("/auth", ""), ("/auth?x=1", ""), ("/other", ""), ("/auth", "Expect: 100-continue\r\n")]:
+                raw, _ = await _exchange(port, f"GET {target} HTTP/1.1\r\nHost: t\r\n{extra}\r\n".encode(), again=False)
+                got.append((target + (" expect" if extra else ""), raw.rpartition(b"\r\n\r\n")[2]))
+            return got
+        finally:
+            await runner.cleanup()
+
+    assert asyncio.run(main()) == [("/auth", b"direct\n"), ("/auth?x=1", b"routed\n"), ("/other", b"routed\n"),
+                                   ("/auth expect", b"routed\n")]

@@ -61,6 +61,22 @@ def test_auth_success_sets_identity_headers(gw):
     assert len(r.header("X-Request-Id")) == 32
 
 
+def test_auth_answers_alike_straight_or_through_the_router(gw):
+    """/auth goes to its handler without aiohttp's router; with a query string or an Expect
+    header it goes through the router: the same answers either way."""
+    from support.http import request
+
+    drop = {"X-Request-Id", "Date"}
+    answers = []
+    for path, extra in [("/auth", {}), ("/auth?rd=/x", {}), ("/auth", {"Expect": "100-continue"})]:
+        for credentials in (basic("alice", PASSWORD), basic("alice", "wrong")):
+            r = request(gw.url, "GET", path, {"Authorization": credentials, **extra})
+            answers.append((r.status, r.body, {k: v for k, v in r.headers.items() if k not in drop}))
+    assert [a[0] for a in answers] == [200, 401] * 3
+    assert answers[0::2] == [answers[0]] * 3 and answers[1::2] == [answers[1]] * 3
+    assert answers[1][2]["WWW-Authenticate"] == 'Basic realm="authgw", charset="UTF-8"'
+
+
 def test_failures_are_uniform_for_unknown_user_and_wrong_password(gw):
     wrong = gw.auth("alice", "not-the-password")
     unknown = gw.auth("nobody-here", "not-the-password")
