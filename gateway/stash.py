@@ -40,10 +40,7 @@ class Stash:
         return cast(T, self._data[key])
 
     def get(self, key: StashKey[T], default: D) -> T | D:
-        try:
-            return self[key]
-        except KeyError:
-            return default
+        return cast("T | D", self._data.get(key, default))
 
     def setdefault(self, key: StashKey[T], default: T) -> T:
         return cast(T, self._data.setdefault(key, default))
