@@ -47,7 +47,7 @@ from gateway.failtiming import FailureTiming
 from gateway.health import HealthWatch, Readiness, StoreProbe, decide
 from gateway.model import Attempt, Decision, Outcome
 from gateway.pool import Abandoned, ChainPool, DeadlineExpired, Overloaded
-from gateway.registry import hookimpl, one_by_one
+from gateway.registry import Planned, hookimpl, one_by_one
 from gateway.settings import GatewaySettings
 from gateway.stash import StashKey
 from gateway.throttle import StoreUnavailable, Throttle
@@ -69,6 +69,8 @@ _REFUSALS = frozenset({Outcome.INVALID_CREDENTIALS, Outcome.USER_NOT_FOUND, Outc
 #: deadline passed (:mod:`gateway.pool`). Decisions are immutable: one of each serves every attempt.
 _CLIENT_GONE = Decision.deny(Outcome.UNAVAILABLE, step="gateway", reason="client_gone")
 _DEADLINE_EXCEEDED = Decision.deny(Outcome.UNAVAILABLE, step="gateway", reason="deadline_exceeded")
+#: The answer of an attempt whose deciding was cancelled or broke before it had one.
+_INTERNAL_ERROR = Decision.deny(Outcome.ERROR, step="gateway", reason="internal_error")
 #: The ``gateway_precheck`` answer of an attempt, for :class:`PrecheckStandIn`.
 PRECHECKED: StashKey[Decision] = StashKey()
 #: Set by a front door whose attempt comes from a service acting for many users (a connector's
@@ -203,18 +205,24 @@ class PrecheckStandIn:
 
     def __init__(self, pm: pluggy.PluginManager) -> None:
         self._pm = pm
+        #: The chain steps in the order pluggy calls them, and their names.
+        self._steps = Planned(pm, self._chain_steps)
+
+    def _chain_steps(self) -> tuple[list[pluggy.HookImpl], frozenset[str]]:
+        steps = [impl for impl in reversed(self._pm.hook.gateway_authenticate.get_hookimpls())
+                 if not (impl.wrapper or impl.hookwrapper) and impl.plugin is not self]
+        return steps, frozenset(impl.plugin_name for impl in steps)
 
     @hookimpl(tryfirst=True)
     def gateway_authenticate(self, attempt: Attempt) -> Decision | None:
         answer = attempt.stash.get(PRECHECKED, None)
         if answer is None:
             return None
-        steps = [impl for impl in reversed(self._pm.hook.gateway_authenticate.get_hookimpls())
-                 if not (impl.wrapper or impl.hookwrapper) and impl.plugin is not self]
         if answer.identity is None:  # a deny: for every step
             return answer
+        steps, names = self._steps.get()
         step = stands_for(attempt, answer)
-        if step not in {impl.plugin_name for impl in steps}:
+        if step not in names:
             return None  # for no step of this chain: the chain decides, as without an answer
         for impl in steps:
             if impl.plugin_name == step:
@@ -255,22 +263,25 @@ class Gateway:
                                          if "password" in getattr(pm.get_plugin(name), "credentials", ("password",)))
         if pm.get_plugin("core.precheck") is None:
             pm.register(PrecheckStandIn(pm), name="core.precheck")
-        self._on_loop: dict[tuple, bool] = {}  # (kind, implementations) -> may run on the loop
-        #: (gateway_auth_finished implementations, the (function, plugin, arguments) notify calls)
-        self._finished: tuple[list, list] = ([], [])
+        #: kind -> whether such attempts run on the loop, for the registrations as they are
+        self._on_loop: Planned = Planned(pm, dict)
+        #: The (function, plugin, arguments) calls that tell a decision (gateway_auth_finished).
+        self._finished = Planned(pm, self._plan_finished)
+        #: The gateway_precheck implementations as (function, takes the attempt) in pluggy's
+        #: order, or None to call the hook through pluggy (a wrapper, a monitor).
+        self._prechecks = Planned(pm, self._plan_precheck)
         self._live_running = 0  # attempts in _run_live_on_loop
 
     def _loop_verdict(self, kind: tuple, decide: Callable[[list], bool]) -> bool:
-        """``decide(implementations)``, remembered per *kind* and set of ``gateway_authenticate``
-        implementations (a plugin registered later is seen)."""
-        impls = self.pm.hook.gateway_authenticate.get_hookimpls()
-        key = (kind, *map(id, impls))
-        known = self._on_loop.get(key)
+        """``decide(implementations)`` of ``gateway_authenticate``, remembered per *kind* until
+        the registrations change (a plugin registered later is seen)."""
+        verdicts = self._on_loop.get()
+        known = verdicts.get(kind)
         if known is None:
-            known = decide(impls)
-            if len(self._on_loop) >= 64:  # bounded: steps and registrations are few
-                self._on_loop.clear()
-            self._on_loop[key] = known
+            known = decide(self.pm.hook.gateway_authenticate.get_hookimpls())
+            if len(verdicts) >= 64:  # bounded: the steps an answer may name are few
+                verdicts.clear()
+            verdicts[kind] = known
         return known
 
     def runs_on_loop(self, answer: Decision, step: str | None = None) -> bool:
@@ -312,10 +323,29 @@ class Gateway:
             return Decision.deny(Outcome.ERROR, step="unknown", reason="internal_error")
         return decision
 
+    def _plan_precheck(self) -> list[tuple[Callable[..., Any], bool]] | None:
+        impls = self.pm.hook.gateway_precheck.get_hookimpls()
+        if getattr(self.pm, "monitored", 1) or any(impl.wrapper or impl.hookwrapper for impl in impls):
+            return None
+        return [(impl.function, bool(impl.argnames)) for impl in reversed(impls)]
+
     def precheck(self, attempt: Attempt) -> Decision | None:
-        """Ask ``gateway_precheck`` (on the event loop: its implementations hold no I/O)."""
+        """Ask ``gateway_precheck`` (on the event loop: its implementations hold no I/O).
+
+        Its plain implementations are called here as pluggy calls a ``firstresult`` hook (last
+        registered first, the first answer that is not None wins, an exception goes through):
+        pluggy's dispatch cost a hot hit more than the lookup it made (docs/performance.md).
+        A wrapper or a monitor on the hook (pluggy's tracing) gets pluggy's call."""
         try:
-            decision = self.pm.hook.gateway_precheck(attempt=attempt)
+            calls = self._prechecks.get()
+            if calls is None:
+                decision = self.pm.hook.gateway_precheck(attempt=attempt)
+            else:
+                decision = None
+                for function, takes_attempt in calls:
+                    decision = function(attempt) if takes_attempt else function()
+                    if decision is not None:
+                        break
         except BaseException as exc:
             return self._crashed(exc, attempt, "in gateway_precheck")
         if decision is not None and not isinstance(decision, Decision):
@@ -359,12 +389,7 @@ class Gateway:
         the core's, so called before them) lost the attempt's audit line, its metrics and the
         cache's forgetting of a failed user's hot entries. No plugin may wrap this hook
         (:data:`gateway.registry.ONE_BY_ONE`)."""
-        impls = self.pm.hook.gateway_auth_finished.get_hookimpls()
-        planned, plan = self._finished  # one tuple: threads that notify at once see a pair that agrees
-        if impls != planned:  # registrations changed (start-up, a test): plan again
-            plan = [(i.function, i.plugin_name, i.argnames) for i in reversed(one_by_one(impls))]
-            self._finished = (impls, plan)
-        for function, name, argnames in plan:
+        for function, name, argnames in self._finished.get():
             try:
                 if argnames == _FINISHED_ARGS:
                     function(attempt, decision)
@@ -373,6 +398,10 @@ class Gateway:
             except BaseException:  # noqa: BLE001 - SystemExit too: a plugin's, never the worker's end
                 log.exception("gateway_auth_finished of plugin %r raised on attempt %s; the decision stands "
                               "and the other plugins were told", name, attempt.request_id)
+
+    def _plan_finished(self) -> list[tuple[Callable[..., Any], str, tuple[str, ...]]]:
+        impls = one_by_one(self.pm.hook.gateway_auth_finished.get_hookimpls())
+        return [(i.function, i.plugin_name, i.argnames) for i in reversed(impls)]
 
     def throttle_client(self, attempt: Attempt) -> str | None:
         """The client key for throttling. API callers are services acting for many users, so
@@ -430,7 +459,7 @@ class Gateway:
                 decision = Decision.deny(Outcome.THROTTLED, step="gateway", reason="throttled")
                 self.notify(attempt, decision)
                 return decision
-        decision = Decision.deny(Outcome.ERROR, step="gateway", reason="internal_error")  # if cancelled
+        decision = _INTERNAL_ERROR  # if cancelled
         try:
             answer = self.precheck(attempt)
             if answer is not None and answer.outcome is Outcome.ERROR:  # a precheck crashed: fail closed

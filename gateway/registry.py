@@ -14,7 +14,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pluggy
 
@@ -25,14 +25,83 @@ from gateway.errors import ConfigError, PluginLoadError
 from gateway.settings import GatewaySettings, PluginSettings
 from gateway.yamlfiles import format_path
 
-__all__ = ["ENTRY_POINT_GROUP", "PluginContext", "PluginInfo", "build_plugin_manager", "check_config", "discover",
-           "hookimpl"]
+__all__ = ["ENTRY_POINT_GROUP", "Planned", "PluginContext", "PluginInfo", "PluginManager", "build_plugin_manager",
+           "check_config", "discover", "hookimpl"]
 
 ENTRY_POINT_GROUP = "authgw.plugins"
 PROJECT = "authgw"
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 log = logging.getLogger("authgw.plugins")
+
+
+class PluginManager(pluggy.PluginManager):
+    """pluggy's plugin manager, counting the changes to what it calls.
+
+    ``generation`` goes up after every registration, unregistration, new hook specification and
+    hook-call monitor (pluggy's tracing), once the change is made: the core works out how it
+    calls its own hooks once per generation (:class:`Planned`) instead of on every attempt.
+    ``monitored`` counts the monitors in place: while there is one, every call goes through
+    pluggy, so that the monitor sees it.
+    """
+
+    def __init__(self, project_name: str) -> None:
+        super().__init__(project_name)
+        self.generation = 0
+        self.monitored = 0
+
+    def register(self, plugin: Any, name: str | None = None) -> str | None:
+        try:
+            return super().register(plugin, name)
+        finally:
+            self.generation += 1
+
+    def unregister(self, plugin: Any = None, name: str | None = None) -> Any:
+        try:
+            return super().unregister(plugin, name)
+        finally:
+            self.generation += 1
+
+    def add_hookspecs(self, module_or_class: Any) -> None:
+        try:
+            super().add_hookspecs(module_or_class)
+        finally:
+            self.generation += 1
+
+    def add_hookcall_monitoring(self, before, after):
+        undo = super().add_hookcall_monitoring(before, after)
+        self.monitored += 1
+        self.generation += 1
+
+        def undo_and_count() -> None:
+            undo()
+            self.monitored -= 1
+            self.generation += 1
+
+        return undo_and_count
+
+
+class Planned:
+    """A value worked out from a plugin manager's registrations by ``make()``, and worked out
+    again only when they change (:attr:`PluginManager.generation`); with another plugin manager,
+    on every :meth:`get`. Safe across threads: the value and its generation are read and set as
+    one tuple, and the generation is read before the registrations are."""
+
+    __slots__ = ("_pm", "_make", "_known")
+
+    def __init__(self, pm: pluggy.PluginManager, make: Callable[[], Any]) -> None:
+        self._pm = pm
+        self._make = make
+        self._known: tuple[int | None, Any] = (None, None)
+
+    def get(self) -> Any:
+        generation = getattr(self._pm, "generation", None)
+        known = self._known
+        if generation is not None and known[0] == generation:
+            return known[1]
+        value = self._make()
+        self._known = (generation, value)
+        return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,7 +309,7 @@ def check_config(config: Config, discovered: dict[str, PluginInfo]) -> None:
 
 
 def build_plugin_manager(config: Config, *, state_dir: Path, core_plugins: list[tuple[str, Any]] = (),
-                         discovered: dict[str, PluginInfo] | None = None) -> tuple[pluggy.PluginManager, dict[str, Any]]:
+                         discovered: dict[str, PluginInfo] | None = None) -> tuple[PluginManager, dict[str, Any]]:
     """Load, build and register the enabled plugins.
 
     :param core_plugins: ``(name, object)`` pairs of the core's own plugins, registered first.
@@ -249,7 +318,7 @@ def build_plugin_manager(config: Config, *, state_dir: Path, core_plugins: list[
     discovered = discover() if discovered is None else discovered
     check_config(config, discovered)
 
-    pm = pluggy.PluginManager(PROJECT)
+    pm = PluginManager(PROJECT)
     pm.add_hookspecs(hookspecs)
     for core_name, core_plugin in core_plugins:
         pm.register(core_plugin, name=core_name)

@@ -10,7 +10,8 @@ import pytest
 
 from gateway.checks import CheckStatus
 from gateway.errors import PluginLoadError
-from gateway.model import Outcome
+from gateway.model import Decision, Outcome
+from gateway.registry import hookimpl
 from support import testplugins
 from support.chainhelp import attempt, build, decide
 
@@ -282,3 +283,101 @@ def test_a_raising_gateway_commands_loses_only_its_own_commands(tmp_path, capsys
     names = [command.name for batch in _plugin_commands(runtime.gateway.pm) for command in batch]
     assert "cache" in names
     assert "plugin 'offers' could not list its commands" in capsys.readouterr().err
+
+
+class _Prechecks:
+    """gateway_precheck implementations registered by hand: an answer, a crash, a wrapper."""
+
+    def __init__(self, name: str, answer=None, crash: bool = False) -> None:
+        self.name, self.answer, self.crash = name, answer, crash
+
+    @hookimpl
+    def gateway_precheck(self, attempt):
+        testplugins.CALLS.append((self.name, "gateway_precheck"))
+        if self.crash:
+            raise RuntimeError("a precheck that breaks")
+        return self.answer
+
+
+class _PrecheckWrapper:
+    @hookimpl(wrapper=True)
+    def gateway_precheck(self, attempt):
+        testplugins.CALLS.append(("wrapper", "gateway_precheck:before"))
+        answer = yield
+        testplugins.CALLS.append(("wrapper", "gateway_precheck:after"))
+        return answer
+
+
+def prechecks_called() -> list[str]:
+    return [name for name, hook in testplugins.CALLS if hook == "gateway_precheck"]
+
+
+def test_prechecks_are_called_as_pluggy_calls_them_and_registrations_are_seen(tmp_path):
+    # The core calls gateway_precheck's implementations itself (no wrapper, no monitor): last
+    # registered first, the first answer wins, and a plugin (un)registered later is seen at once.
+    runtime = build(tmp_path, {"chain": ["a", "b"]}, {"a": {"action": "invalid"}})
+    gateway, pm = runtime.gateway, runtime.gateway.pm
+    assert decide(runtime).reason == "a.invalid" and prechecks_called() == ["a", "b"]
+
+    refused = Decision.deny(Outcome.INVALID_CREDENTIALS, step="late", reason="late.refused")
+    pm.register(_Prechecks("quiet"), name="quiet")
+    pm.register(_Prechecks("late", refused), name="late")
+    for ask in (lambda: gateway.precheck(attempt()), lambda: pm.hook.gateway_precheck(attempt=attempt())):
+        testplugins.CALLS.clear()
+        assert ask() is refused
+        assert prechecks_called() == ["late"]  # the first answer ends the hook, as pluggy's firstresult
+    testplugins.CALLS.clear()
+    decision = decide(runtime)
+    assert (decision.reason, decision.step) == ("late.refused", "late")
+    assert steps_called() == []  # a deny answer stands for the whole chain
+
+    pm.unregister(name="late")
+    testplugins.CALLS.clear()
+    assert decide(runtime).reason == "a.invalid"
+    assert prechecks_called() == ["quiet", "a", "b"]
+
+    pm.register(_Prechecks("crash", crash=True), name="crash")
+    decision = decide(runtime)
+    assert (decision.outcome, decision.step, decision.reason) == (Outcome.ERROR, "crash", "internal_error")
+    runtime.gateway.shutdown()
+
+
+def test_a_precheck_wrapper_or_a_monitor_gets_pluggys_own_call(tmp_path):
+    runtime = build(tmp_path, {"chain": ["a"]}, {"a": {"action": "invalid"}})
+    gateway, pm = runtime.gateway, runtime.gateway.pm
+    pm.register(_PrecheckWrapper(), name="wrapper")
+    decide(runtime)
+    assert testplugins.CALLS[:3] == [("wrapper", "gateway_precheck:before"), ("a", "gateway_precheck"),
+                                     ("wrapper", "gateway_precheck:after")]
+    pm.unregister(name="wrapper")
+
+    seen: list[str] = []
+    undo = pm.add_hookcall_monitoring(lambda name, impls, kwargs: seen.append(name), lambda *args: None)
+    decide(runtime)
+    assert "gateway_precheck" in seen and "gateway_authenticate" in seen
+    undo()
+    seen.clear()
+    testplugins.CALLS.clear()
+    assert decide(runtime).reason == "a.invalid"
+    assert seen == [] and prechecks_called() == ["a"]
+    runtime.gateway.shutdown()
+
+
+def test_the_plugin_manager_counts_every_change_to_what_it_calls():
+    from gateway import hookspecs
+    from gateway.registry import PROJECT, Planned, PluginManager
+
+    pm = PluginManager(PROJECT)
+    made: list[int] = []
+    planned = Planned(pm, lambda: made.append(len(pm.get_plugins())) or len(made))
+    pm.add_hookspecs(hookspecs)
+    assert planned.get() == planned.get() == 1  # worked out once while nothing changes
+    pm.register(_Prechecks("one"), name="one")
+    assert planned.get() == 2 and made[-1] == 1
+    undo = pm.add_hookcall_monitoring(lambda *args: None, lambda *args: None)
+    assert pm.monitored == 1 and planned.get() == 3
+    undo()
+    assert pm.monitored == 0 and planned.get() == 4
+    pm.set_blocked("one")  # unregisters
+    assert planned.get() == 5 and made[-1] == 0
+    assert planned.get() == 5
