@@ -29,7 +29,7 @@ import time
 
 import orjson
 
-from gateway.model import Attempt, Decision
+from gateway.model import Attempt, Decision, address_text
 from gateway.registry import hookimpl
 
 __all__ = ["AuditLog", "credential_kinds", "FLUSH_INTERVAL", "MAX_BATCH"]
@@ -190,7 +190,6 @@ class AuditLog:
         self._lock = threading.Lock()
         self._second = -1
         self._stamp = ""
-        self._clients: dict = {}
 
     @staticmethod
     def _open(path: str) -> int:
@@ -203,15 +202,6 @@ class AuditLog:
             logging.getLogger("authgw.audit").warning("audit log %s is readable by others (mode %o); chmod 600 it "
                                                       "(or 640 with the log reader's group)", path, mode)
         return fd
-
-    def _client_text(self, client) -> str:
-        """``str()`` of an address costs more than a dict look-up; few clients (proxies) repeat."""
-        text = self._clients.get(client)
-        if text is None:
-            if len(self._clients) >= 4096:  # bounded: a scan from many addresses cannot grow it
-                self._clients.clear()
-            text = self._clients[client] = str(client)
-        return text
 
     def _time(self) -> str:
         now = time.time()
@@ -228,7 +218,7 @@ class AuditLog:
             "time": self._time(),
             "event": "authgw.attempt",
             "request_id": attempt.request_id,
-            "client": self._client_text(attempt.client),
+            "client": address_text(attempt.client),
             "front_door": attempt.front_door,
             "username": username if username is not None else (identity.username if identity else None),
             "method": credential_kinds(attempt),

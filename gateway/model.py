@@ -8,6 +8,7 @@ or a traceback never prints a password or a token.
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 import time
 import unicodedata
@@ -27,10 +28,19 @@ __all__ = [
     "Outcome",
     "PasswordCredential",
     "UserPage",
+    "address_text",
     "canonical_username",
 ]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@functools.lru_cache(maxsize=4096)
+def address_text(address: IPAddress) -> str:
+    """``str(address)``, remembered for the few addresses that repeat (proxies, a site's NAT):
+    :mod:`ipaddress` formats in Python, several times the cost of this look-up, and the hot
+    path needs the text twice per attempt (the hot cache's key, the audit line)."""
+    return str(address)
 
 
 class Outcome(enum.Enum):

@@ -47,13 +47,14 @@ from gateway import (
     Command,
     ComponentState,
     Decision,
+    Identity,
     PluginContext,
     SelfTest,
     hookimpl,
     loop_safe,
 )
 from gateway.chain import PRECHECK_STEP
-from gateway.model import canonical_username
+from gateway.model import address_text, canonical_username
 from gateway.plugins.cache.cli import cache_command
 from gateway.plugins.cache.hot import HotCache
 from gateway.plugins.cache.keys import KeyFileError, key_file_problem, sources
@@ -120,7 +121,8 @@ class CachePlugin:
     def _hot_token(self, attempt: Attempt) -> bytes:
         credential = attempt.password
         assert credential is not None and self.hot is not None
-        return self.hot.token(f"{attempt.front_door}\0{attempt.client}", credential.username, credential.password)
+        return self.hot.token(f"{attempt.front_door}\0{address_text(attempt.client)}", credential.username,
+                              credential.password)
 
     def _hot_eligible(self, attempt: Attempt) -> bool:
         # Only plain password attempts: with a certificate or a Negotiate token too, an earlier
@@ -137,7 +139,10 @@ class CachePlugin:
             return None
         if hit.step:  # stand in for the step that decided (a relayed identity names the connector's)
             attempt.stash[PRECHECK_STEP] = hit.step
-        return Decision.allow(hit.identity, step=self.name, reason="cache.hot", from_cache=True)
+        return hit.answer or self._hot_answer(hit.identity)
+
+    def _hot_answer(self, identity: Identity) -> Decision:
+        return Decision.allow(identity, step=self.name, reason="cache.hot", from_cache=True)
 
     @hookimpl
     def gateway_precheck(self, attempt: Attempt) -> Decision | None:
@@ -155,7 +160,8 @@ class CachePlugin:
             if decision.from_cache:  # a hot hit: nothing to learn or forget, the store untouched
                 return decision
             if self._hot_eligible(attempt) and self.offline.cacheable(attempt, decision):
-                self.hot.put(self._hot_token(attempt), attempt.user_key, decision.identity, decision.step)
+                self.hot.put(self._hot_token(attempt), attempt.user_key, decision.identity, decision.step,
+                             self._hot_answer(decision.identity))
             self.tally.changed()  # it may have learned or forgotten a user: recount on the tally's thread
             return self.offline.after_chain(attempt, decision)
         except Exception:  # the cache must never turn a live decision into an error

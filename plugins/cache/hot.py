@@ -20,7 +20,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from gateway import Identity
 from gateway.perprocess import renew_in_children
@@ -35,6 +35,9 @@ class _Hit:
     user_key: str
     #: The chain step that decided when the success was remembered: the hit stands in for it.
     step: str = ""
+    #: What the cache answers for this hit, made once when it is remembered (decisions are
+    #: immutable); None when the caller gave none.
+    answer: Any = None
 
 
 def _field(value: str) -> bytes:
@@ -85,12 +88,12 @@ class HotCache:
             self._entries.move_to_end(token)
             return hit
 
-    def put(self, token: bytes, user_key: str, identity: Identity, step: str = "") -> None:
+    def put(self, token: bytes, user_key: str, identity: Identity, step: str = "", answer: Any = None) -> None:
         with self._lock:
             old = self._entries.pop(token, None)
             if old is not None:
                 self._unindex(token, old.user_key)
-            self._entries[token] = _Hit(self._clock() + self.ttl, identity, user_key, step)
+            self._entries[token] = _Hit(self._clock() + self.ttl, identity, user_key, step, answer)
             self._by_user.setdefault(user_key, set()).add(token)
             while len(self._entries) > self.max_entries:
                 oldest, hit = self._entries.popitem(last=False)
