@@ -70,6 +70,55 @@ def test_fill_is_one_pass_and_leaves_unknown_placeholders() -> None:
     assert text == "(|(member=cn=a\\5c,b)(memberUid={dn})(x={other}))"
 
 
+#: Templates as operators write them: the presets', substrings around the name, the name twice
+#: (adjacent too), extensible and ordering matches, and other placeholders left as text.
+TEMPLATES = [
+    "(&(objectClass=inetOrgPerson)(uid={username}))",
+    "(&(objectClass=person)(uid={username}))",
+    "(&(objectCategory=person)(objectClass=user)(|(sAMAccountName={username})(userPrincipalName={username})))",
+    "(|(uid={username})(mail={username}@example.com)(cn=*{username}*))",
+    "(cn={username}{username})", "(cn=A*{username}*Z)", "(uid:caseExactMatch:={username})",
+    "(uidNumber>={username})", "(&(uid={username})(x={other}))", "(!(uid={username}))",
+]
+USERNAMES = ["a", "alice", "user0042", "*", "a*b", "x)(uid=*", "*)(|(objectClass=*", "\\", "\\2a", "nul\x00byte",
+             "jösé", "用户", "{dn}", "{username}", " spaced  name ", "x" * 200, "é" * 150]
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_a_filter_template_encodes_what_fill_and_compile_filter_do(template: str) -> None:
+    """FilterTemplate splices the value's octets into an encoding made once per length: for every
+    template and username (escapes, wildcards, long-form BER lengths) it must give exactly the
+    bytes of filling the text and parsing it."""
+    from gateway.plugins.ldap.escaping import FilterTemplate
+    from gateway.plugins.ldap.wire import compile_filter as wire_filter
+
+    compiled = FilterTemplate(template)
+    for username in USERNAMES * 2:  # the second time from the remembered encodings
+        assert compiled(username) == wire_filter(fill(template, username=username)), username
+    assert all(shape is not None for shape in compiled._shapes.values())  # spliced, not parsed again
+
+
+@pytest.mark.parametrize("template", ["({username}=x)", "(uid=x)", "(uid=*)", "(uid={username}", "(uid:{username}:=x)"])
+def test_a_template_that_cannot_be_spliced_is_filled_and_parsed_each_time(template: str) -> None:
+    # The name as an attribute or a rule, no placeholder, or a broken template: the old path,
+    # with its answers and its errors.
+    from gateway.plugins.ldap.escaping import FilterTemplate
+    from gateway.plugins.ldap.wire import FilterError, compile_filter as wire_filter
+
+    compiled = FilterTemplate(template)
+    for username in ("alice", "uid", "*"):
+        try:
+            expected = wire_filter(fill(template, username=username))
+        except FilterError:
+            with pytest.raises(FilterError):
+                compiled(username)
+        else:
+            assert compiled(username) == expected
+    assert set(compiled._shapes.values()) == {None}
+    with pytest.raises(UnicodeEncodeError):
+        FilterTemplate("(uid={username})")("lone \udc80 surrogate")
+
+
 # ---------------------------------------------------------------------------------------------
 # RFC 4514 DN escaping and parsing
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from gateway import Identity, Outcome
 from gateway.logs import printable
 from gateway.plugins.ldap.accountstate import ALWAYS_PRESENT, STATE_ATTRIBUTES, account_state
 from gateway.plugins.ldap.adcodes import parse_data_code
-from gateway.plugins.ldap.escaping import dn_value, fill, format_guid, plain_name_ok
+from gateway.plugins.ldap.escaping import FilterTemplate, dn_value, fill, format_guid, plain_name_ok
 from gateway.plugins.ldap.groups import GroupResolver
 from gateway.plugins.ldap.link import TROUBLE_CODES, Entry, Link, Result, ServerTrouble
 from gateway.plugins.ldap.wire import PasswordPolicy
@@ -71,6 +71,8 @@ class Directory:
         self._attributes = list(resolved.user_attributes) + [
             a for a in STATE_ATTRIBUTES if a.lower() not in {u.lower() for u in resolved.user_attributes}]
         self._always_present = ALWAYS_PRESENT.get(settings.preset, ())
+        #: The user filter with ``{username}`` filled, as BER (escaping.FilterTemplate).
+        self._user_filter = FilterTemplate(resolved.user_filter)
         #: Bound by ``_equalizing_bind``; random per process, so no entry can be made to match it.
         self._nobody_dn = f"cn=authgw-no-such-user-{secrets.token_hex(8)},{settings.base_dn}"
         direct = settings.direct_bind or ""
@@ -81,9 +83,9 @@ class Directory:
     # -- finding users --------------------------------------------------------------------------
 
     def find(self, link: Link, username: str) -> list[Entry]:
-        query = fill(self.r.user_filter, username=username)
         # Size limit 2: one entry is the answer, two are enough to know it is ambiguous.
-        result, entries, _ = link.search(self.s.base_dn, query, self._attributes, scope=self._scope, size_limit=2)
+        result, entries, _ = link.search(self.s.base_dn, self._user_filter(username), self._attributes,
+                                         scope=self._scope, size_limit=2)
         if result.code in TROUBLE_CODES:
             raise ServerTrouble(f"user search answered {result.code}: {result.message}")
         if result.code not in (0, 4):  # success; sizeLimitExceeded (2 entries: ambiguous anyway)

@@ -16,7 +16,10 @@ from __future__ import annotations
 import re
 import uuid
 
-__all__ = ["contains", "dn_value", "filter_value", "fill", "fill_search", "first_rdn_value", "format_guid", "plain_name_ok"]
+from gateway.plugins.ldap.wire import FilterError, compile_filter
+
+__all__ = ["FilterTemplate", "contains", "dn_value", "filter_value", "fill", "fill_search", "first_rdn_value",
+           "format_guid", "plain_name_ok"]
 
 # RFC 4515 section 3: in an assertion value, '*', '(', ')', '\' and NUL must be written as a
 # backslash and two hex digits. Other octets (UTF-8 included) may stay as they are.
@@ -40,6 +43,70 @@ def fill(template: str, **values: str) -> str:
 
 
 _PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")
+
+
+class FilterTemplate:
+    """A filter template with one kind of placeholder, as BER: ``template(value)`` is
+    ``compile_filter(fill(template, name=value))``, without filling and parsing a string per call
+    (about 11 µs of a login's user search, in a tight loop; a copy and a splice instead).
+
+    Why it is the same: a filled value is escaped, so it never changes the filter's structure,
+    only the octets of the assertion values it is in, which are its UTF-8; and BER lengths depend
+    on how many octets there are, not which. So for each length of value (in octets) the template
+    is compiled twice, with the value all 0x00 and all 0xFF octets (written as escapes): the two
+    encodings differ exactly where the value goes, and a call writes the value there. A template
+    where they do not differ so (the placeholder outside an assertion value, or absent) is filled
+    and parsed on every call, as before, and raises what that raises.
+    """
+
+    #: Lengths of value remembered (a username is at most 256 octets at the front doors).
+    MAX_LENGTHS = 1024
+
+    def __init__(self, template: str, name: str = "username") -> None:
+        self.template = template
+        self.name = name
+        self._shapes: dict[int, tuple[bytes, tuple[int, ...]] | None] = {}
+
+    def __call__(self, value: str) -> bytes:
+        data = value.encode("utf-8")  # a lone surrogate: UnicodeEncodeError, as compile_filter raises
+        size = len(data)
+        try:
+            shape = self._shapes[size]
+        except KeyError:
+            shape = self._shape(size)
+            if len(self._shapes) < self.MAX_LENGTHS:
+                self._shapes[size] = shape
+        if shape is None:
+            return compile_filter(fill(self.template, **{self.name: value}))
+        encoded, starts = shape
+        if len(starts) == 1:
+            start = starts[0]
+            return encoded[:start] + data + encoded[start + size:]
+        out = bytearray(encoded)
+        for start in starts:
+            out[start:start + size] = data
+        return bytes(out)
+
+    def _shape(self, size: int) -> tuple[bytes, tuple[int, ...]] | None:
+        """The template's encoding for values of *size* octets and where the value goes."""
+        if size == 0:
+            return None
+        try:
+            low, high = (compile_filter(_PLACEHOLDER.sub(
+                lambda m: escaped if m.group(1) == self.name else m.group(0), self.template))
+                for escaped in ("\\00" * size, "\\ff" * size))
+        except FilterError:
+            return None
+        if len(low) != len(high):
+            return None
+        places = [i for i in range(len(low)) if low[i] != high[i]]
+        if not places or len(places) % size:
+            return None
+        starts = tuple(places[::size])
+        for start in starts:
+            if low[start:start + size] != bytes(size) or high[start:start + size] != b"\xff" * size:
+                return None
+        return low, starts
 
 
 def dn_value(value: str) -> str:

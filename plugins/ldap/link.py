@@ -218,10 +218,12 @@ class Link:
         except (wire.ProtocolError, IndexError, ValueError) as exc:
             raise LinkBroken(describe(exc)) from None
 
-    def search(self, base: str, filter_: str, attributes: list[str] | tuple[str, ...], *, scope: str = "subtree",
-               size_limit: int = 0, paged_size: int | None = None,
+    def search(self, base: str, filter_: str | bytes, attributes: list[str] | tuple[str, ...], *,
+               scope: str = "subtree", size_limit: int = 0, paged_size: int | None = None,
                cookie: bytes | None = None) -> tuple[Result, list[Entry], bytes | None]:
-        filter_ber = wire.compile_filter(filter_)  # FilterError: a bug or a bad template, not the server
+        """A search with *filter_* as RFC 4515 text, or already encoded (:class:`FilterTemplate`)."""
+        # FilterError: a bug or a bad template, not the server
+        filter_ber = filter_ if isinstance(filter_, bytes) else wire.compile_filter(filter_)
         message_id = self._send(lambda mid: wire.search_request(mid, base, scope, filter_ber, attributes, size_limit,
                                                                  paged_size, cookie or b""))
         entries: list[Entry] = []
