@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import http.client
 import json
+import re
 import socket
 import ssl
 import subprocess
@@ -706,6 +707,51 @@ def test_session_tickets_resume_and_each_request_is_still_checked(pki, tmp_path,
         record = gateway.audit_for(response.header("X-Request-Id"))
         assert (record["step"], record["outcome"], record["username"]) == ("client_cert", "success", "alice")
     assert threads() == before
+
+
+def served_certificates(port: int, pki: Pki) -> tuple[list[str], bool]:
+    """The subjects of the certificates the listener sends, as ``openssl s_client`` lists them,
+    and whether it verified them against the test root alone."""
+    out = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-showcerts",
+                          "-CAfile", str(pki.dir / "root.pem")],
+                         input="", capture_output=True, text=True, timeout=30).stdout
+    return re.findall(r"^ *\d+ s:.*CN ?= ?([^,\n]+)$", out, re.M), "Verify return code: 0 (ok)" in out
+
+
+def test_listener_sends_the_chain_from_the_trust_bundle(gw, pki):
+    """``gw``'s certificate file holds its certificate alone (issued by the root): the root found
+    in the trust bundle follows it, as OpenSSL's own chain building sent it (found once, at
+    start, rather than on every handshake: docs/performance.md)."""
+    assert served_certificates(gw.tls_port, pki) == (["localhost", "authgw test root CA"], True)
+
+
+@pytest.mark.parametrize("file_holds_chain", [False, True])
+def test_listener_chain_through_an_intermediate(pki, tmp_path, start_gateway, file_holds_chain):
+    """A server certificate from the issuing CA: alone in its file, the issuing CA and the root
+    follow it (a client knowing only the root verifies it, and logs in); a file with its own
+    chain is sent as it is."""
+    server = pki.issuing.issue("localhost", dns=["localhost"], ips=["127.0.0.1"], server=True)
+    crt, key = server.write(tmp_path, "server")
+    if file_holds_chain:
+        crt.write_bytes(server.pem + pki.issuing.pem)
+    port = free_port()
+    conf = write_conf(tmp_path / "conf.d", {
+        "gateway.yaml": _yaml({"chain": ["client_cert"], "throttle": {"enabled": False}}),
+        "client_cert.yaml": _yaml({"client_cert": {
+            "ca_bundle": str(pki.dir / "root.pem"), "intermediates": str(pki.dir / "issuing.pem"),
+            "listener": {"address": f"127.0.0.1:{port}", "certificate": str(crt), "key": str(key)},
+            "revocation": "off", "mapping": {"lookup": False, "rules": ["upn"]}}}),
+    })
+    private_tmp = tmp_path / "tmp"
+    private_tmp.mkdir()
+    gateway = start_gateway(conf, env={"TMPDIR": str(private_tmp)})
+    wait_for_port("127.0.0.1", port, timeout=15, proc=gateway.proc)
+    gateway.tls_port = port
+    expected = ["localhost", "authgw issuing CA"] + ([] if file_holds_chain else ["authgw test root CA"])
+    assert served_certificates(port, pki) == (expected, True)
+    response = tls_get(gateway, pki, "alice")
+    assert (response.status, response.header("Remote-User")) == (200, "alice")
+    assert not list(private_tmp.iterdir())  # the file the chain was loaded from is gone
 
 
 @pytest.mark.parametrize("revocation, lookup, on_loop", [

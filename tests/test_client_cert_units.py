@@ -519,3 +519,44 @@ def test_settings_errors(tmp_path, root, settings, message):
     result = authgw("config", "check", "--config", str(conf), "--state-dir", str(tmp_path / "state"))
     assert result.returncode == 2, result.stdout
     assert message in result.stderr, result.stderr
+
+
+# -- the listener's own chain (issue 15) ----------------------------------------------------------------
+
+
+def _cross_signed(ca: CA, by: CA) -> x509.Certificate:
+    """*ca*'s name and key in a certificate *by* signed: a second issuer for all *ca* issued."""
+    now = dt.datetime.now(UTC)
+    return (x509.CertificateBuilder().subject_name(ca.cert.subject).issuer_name(by.cert.subject)
+            .public_key(ca.key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=7))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(by.key, hashes.SHA256()))
+
+
+def test_served_chain_is_the_path_openssl_would_build_on_each_handshake(root, issuing):
+    """A certificate file with the server's certificate alone: OpenSSL would look its issuers up
+    in the trust store on every handshake and send them, the root included; they are found
+    once. A file that holds a chain, or a certificate with no single path to a root, is left
+    to OpenSSL as before (None)."""
+    from gateway.plugins.client_cert.listener import served_chain
+
+    leaf = issuing.issue("localhost", dns=["localhost"], server=True)
+    by_root = root.issue("localhost", dns=["localhost"], server=True)
+    stranger = CA.create("another root CA")
+    trust = [root.cert, issuing.cert, stranger.cert]
+    assert served_chain(leaf.pem, trust) == [issuing.cert, root.cert]
+    assert served_chain(by_root.pem, trust) == [root.cert]
+    assert served_chain(by_root.pem, [root.cert, root.cert]) == [root.cert]  # a bundle listing it twice
+    assert served_chain(leaf.pem + issuing.pem, trust) is None  # sent as the file has it
+    assert served_chain(leaf.pem, [root.cert]) is None  # the issuing CA is not in the bundle
+    assert served_chain(leaf.pem, [issuing.cert]) is None  # no root above it
+    assert served_chain(stranger.pem, trust) is None  # self-signed: nothing to add
+    # An issuer with the right name but another key does not sign the certificate.
+    impostor = stranger.issue("units issuing CA", ca=True)
+    assert served_chain(leaf.pem, [root.cert, impostor.cert]) is None
+    assert served_chain(leaf.pem, [root.cert, impostor.cert, issuing.cert]) == [issuing.cert, root.cert]
+    # Two certificates of the issuing CA's key (cross-signed): a choice left to OpenSSL.
+    assert served_chain(leaf.pem, [*trust, _cross_signed(issuing, stranger)]) is None
+    with pytest.raises(ValueError):
+        served_chain(b"not a certificate", trust)
