@@ -125,6 +125,31 @@ def test_a_killed_worker_is_replaced_on_its_socket_and_no_connection_is_refused(
     assert f"worker {victim} exited" in gw.output()
 
 
+def test_connections_inherit_tcp_keepalive_from_the_listening_socket(conf_dir, demo_hash, start_gateway):
+    """TCP keepalive is set once on each listening socket, and every connection accepted from it
+    has it (aiohttp is told not to set it on each one): the kernel's keepalive timer runs on the
+    gateway's end of an open connection ("tr" 2 in /proc/net/tcp; 0 without keepalive)."""
+    gw = start_gateway(conf(conf_dir, demo_hash), workers=2)
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=60) as sock:
+        sock.sendall(REQUEST)
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        client_port = sock.getsockname()[1]
+
+        def timers() -> dict[str, str]:
+            found = {}
+            for line in open("/proc/net/tcp").read().splitlines()[1:]:
+                fields = line.split()
+                local, remote = (int(f.split(":")[1], 16) for f in fields[1:3])
+                if fields[3] == "01" and {local, remote} == {gw.port, client_port}:
+                    found["gateway" if local == gw.port else "client"] = fields[5].split(":")[0]
+            return found
+
+        # Until the client's ACK of the answer arrives, the gateway's end shows its retransmission
+        # timer (1) instead.
+        expected = {"gateway": "02", "client": "00"}
+        wait_for(lambda: timers() == expected, timeout=10, what=f"timers {expected}", log=lambda: f"seen: {timers()}")
+
+
 def test_a_port_already_listened_on_is_refused(conf_dir, demo_hash, tmp_path):
     # Another SO_REUSEPORT listener of this user (a stale gateway, say): a plain SO_REUSEPORT
     # bind would join its group and the two would share the connections silently.

@@ -461,7 +461,8 @@ class GuardedSite(web.BaseSite):
 
         def protocol() -> GuardedRequestHandler:
             return GuardedRequestHandler(server, loop=loop, guard=guard, access_log=None,
-                                         keepalive_timeout=guard.limits.keepalive_timeout)
+                                         keepalive_timeout=guard.limits.keepalive_timeout,
+                                         tcp_keepalive=False)  # inherited from the listening socket (server.bind)
 
         context = self._ssl_context
         # uvloop's TLS protocol (compiled) on uvloop's loop, asyncio's on asyncio's
