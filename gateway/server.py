@@ -61,10 +61,11 @@ def bind(address: str, reuse_port: bool = False) -> socket.socket:
     host, port = parse_listen(address)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.create_server((host, port), family=family, backlog=2048, reuse_port=reuse_port)
-    # TCP keepalive on every connection, set once here: accepted sockets inherit it. (aiohttp would
-    # set it on each connection, a system call and some Python per connection; GuardedSite tells
-    # it not to.)
+    # TCP keepalive and no Nagle delay on every connection, set once here: accepted sockets inherit
+    # both. (aiohttp would set them on each connection, a system call and some Python each; it is
+    # kept from it: GuardedSite, _NoDelayAlreadySet in gateway/http/protocol.py.)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setblocking(False)
     return sock
 

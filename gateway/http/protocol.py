@@ -42,6 +42,7 @@ from collections import Counter
 from http import HTTPStatus
 
 from aiohttp import web
+from aiohttp.base_protocol import BaseProtocol
 from aiohttp.web_protocol import RequestHandler
 
 from gateway.http.clientaddr import parse_address
@@ -155,7 +156,24 @@ class ConnectionGuard:
         return address is not None and any(address in net for net in self.trusted)
 
 
-class GuardedRequestHandler(RequestHandler):
+class _NoDelayAlreadySet(BaseProtocol):
+    """Sits between aiohttp's ``RequestHandler`` and ``BaseProtocol`` in
+    :class:`GuardedRequestHandler`'s MRO: keeps the transport, as ``BaseProtocol.connection_made``
+    does, without setting ``TCP_NODELAY`` on the connection. Every connection has it already,
+    from its listening socket (``gateway.server.bind``; uvloop sets it on each as well). aiohttp's
+    setsockopt went through uvloop's socket stand-in, which makes and drops a socket object each
+    call: ~25 µs of a certificate login, which opens a connection per login
+    (docs/performance.md). Tested (tests/test_connection_setup.py): the connections of either
+    loop, plain and TLS, have ``TCP_NODELAY``, and this leaves a protocol as aiohttp's own does,
+    but for the system call."""
+
+    __slots__ = ()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+
+class GuardedRequestHandler(RequestHandler, _NoDelayAlreadySet):
     """aiohttp's connection protocol with a header timeout, connection caps, and malformed
     requests answered without echoing or logging their bytes."""
 
