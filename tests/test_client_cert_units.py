@@ -560,3 +560,41 @@ def test_served_chain_is_the_path_openssl_would_build_on_each_handshake(root, is
     assert served_chain(leaf.pem, [*trust, _cross_signed(issuing, stranger)]) is None
     with pytest.raises(ValueError):
         served_chain(b"not a certificate", trust)
+
+
+def test_listener_context_without_a_writable_temporary_directory(tmp_path, root, issuing, monkeypatch):
+    """The chain goes to a temporary file for the ssl module to read; with none to be had the
+    listener still starts (OpenSSL builds the chain itself, as before). Either way no file is
+    left behind, and the context serves: a handshake with a client that trusts only the root."""
+    import ssl
+    import tempfile
+
+    from gateway.plugins.client_cert.listener import ssl_context_factory
+    from gateway.plugins.client_cert.settings import ListenerSettings
+
+    crt, key = issuing.issue("localhost", dns=["localhost"], server=True).write(tmp_path, "server")
+    settings = ListenerSettings(address="127.0.0.1:1", certificate=str(crt), key=str(key))
+    trust_pem = (root.pem + issuing.pem).decode()
+    client = ssl.create_default_context(cadata=root.pem.decode())
+    for directory in (tmp_path / "tmp", tmp_path / "missing"):
+        if directory.name == "tmp":
+            directory.mkdir()
+        monkeypatch.setattr(tempfile, "tempdir", str(directory))
+        server = ssl_context_factory(settings, trust_pem)()
+        client_in, client_out, server_in, server_out = (ssl.MemoryBIO() for _ in range(4))
+        c = client.wrap_bio(client_in, client_out, server_hostname="localhost")
+        s = server.wrap_bio(server_in, server_out, server_side=True)
+        done = set()
+        for _ in range(10):
+            for name, end, src, dst in (("client", c, client_out, server_in), ("server", s, server_out, client_in)):
+                if name not in done:
+                    try:
+                        end.do_handshake()
+                        done.add(name)
+                    except ssl.SSLWantReadError:
+                        pass
+                if data := src.read():
+                    dst.write(data)
+        assert done == {"client", "server"}, directory  # the chain reached a client knowing only the root
+        if directory.exists():
+            assert not list(directory.iterdir())

@@ -102,7 +102,7 @@ def _load_certificate(context: ssl.SSLContext, settings: ListenerSettings, trust
         chain = None
     combined = None
     if chain:
-        leaf = x509.load_pem_x509_certificate(pem)
+        leaf = x509.load_pem_x509_certificates(pem)[0]  # as served_chain read it
         try:
             fd, combined = tempfile.mkstemp(prefix="authgw-chain-", suffix=".pem")
             with os.fdopen(fd, "wb") as f:
