@@ -148,6 +148,17 @@ def test_escaped_principals_split_like_mit():
     assert PrincipalMapper(["R"], [], False).map(r"a\/b@R").username == "a/b"
 
 
+@pytest.mark.parametrize("principal", [
+    "alice@CORP.EXAMPLE", "HTTP/web.corp.example@CORP.EXAMPLE", "alice", "", "@", "@R", "a@", "/", "a//b@R",
+    "a/b/c@R", "a@b@c", "a@R/x", "host/a@R@S/t", "üser/ünicode@RÉALM", "a b@R", "/a@", "a\tb@R",
+])
+def test_principals_without_escapes_split_as_the_escape_aware_loop_splits_them(principal):
+    """split_principal's quick path (no backslash) and the character loop agree."""
+    from gateway.plugins.kerberos.mapping import _split_escaped
+
+    assert split_principal(principal) == _split_escaped(principal)
+
+
 # -- keytab ------------------------------------------------------------------------------------------------
 
 

@@ -51,6 +51,13 @@ class MappingRule(PluginSettings):
 
 def split_principal(principal: str) -> tuple[list[str], str]:
     """``HTTP/host@REALM`` to (``["HTTP", "host"]``, ``"REALM"``), honouring MIT's ``\\`` escapes."""
+    if "\\" not in principal:  # nearly every principal: the same split without the character loop
+        name, _, realm = principal.partition("@")
+        return name.split("/"), realm
+    return _split_escaped(principal)
+
+
+def _split_escaped(principal: str) -> tuple[list[str], str]:
     components, current, realm, in_realm = [], [], [], False
     chars = iter(principal)
     for ch in chars:
@@ -123,9 +130,11 @@ class CrossRealmPolicy:
 
     def refusal(self, principal: str, service: str) -> Mapped | None:
         """``None`` when the KDC of *service*'s realm may name *principal*, else why not."""
+        if self.service_principal_set:  # the only key accepted is that realm's (first: no parsing)
+            return None
         _, client_realm = split_principal(principal)
         _, service_realm = split_principal(service)
-        if client_realm == service_realm or self.service_principal_set or service_realm in self.realms:
+        if client_realm == service_realm or service_realm in self.realms:
             return None
         return Mapped(None, "cross_realm_not_allowed",
                       f"{principal} was named by the KDC of {service_realm} (the ticket is for {service}); "
