@@ -1,7 +1,8 @@
 """What an accepted connection gets before its first request, on either event loop, plain and
-TLS: ``TCP_NODELAY`` (the loop sets it; aiohttp is kept from setting it again) and TCP keepalive
-(inherited from the listening socket, ``gateway.server.bind``); and the protocol state the step
-that skips aiohttp's second ``TCP_NODELAY`` leaves is what aiohttp's own would."""
+TLS: ``TCP_NODELAY`` and TCP keepalive, both inherited from the listening socket
+(``gateway.server.bind``) rather than set by aiohttp on each connection; and the protocol state
+the class that keeps aiohttp from setting ``TCP_NODELAY`` again leaves is what aiohttp's own
+would."""
 
 from __future__ import annotations
 
