@@ -17,7 +17,15 @@ T = TypeVar("T")
 #: Ports handed out come from the range just below the kernel's ephemeral range, through a
 #: counter shared by every test process of the machine (see :func:`free_port`).
 _PORT_SPAN = 12000
-_PORT_COUNTER = Path(tempfile.gettempdir()) / "authgw-test-ports"
+
+
+def _port_counter() -> Path:
+    """The counter's file: in /tmp whatever ``TMPDIR`` says, so that suites run side by side with
+    temporary directories of their own share it (each with its own counter, two suites handed
+    out the same ports: a server of one took a port the other had just found free); one per user,
+    who must be able to write it."""
+    directory = "/tmp" if os.access("/tmp", os.W_OK) else tempfile.gettempdir()
+    return Path(directory) / f"authgw-test-ports-{os.getuid()}"
 
 
 def _ephemeral_low() -> int:
@@ -41,7 +49,7 @@ def free_port(host: str = "127.0.0.1") -> int:
     low = _ephemeral_low()
     first = max(1024, low - _PORT_SPAN)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    fd = os.open(_PORT_COUNTER, os.O_RDWR | os.O_CREAT, 0o666)
+    fd = os.open(_port_counter(), os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         text = os.pread(fd, 32, 0).decode(errors="replace").strip()
