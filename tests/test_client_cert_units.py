@@ -574,13 +574,12 @@ def test_listener_context_without_a_writable_temporary_directory(tmp_path, root,
 
     crt, key = issuing.issue("localhost", dns=["localhost"], server=True).write(tmp_path, "server")
     settings = ListenerSettings(address="127.0.0.1:1", certificate=str(crt), key=str(key))
-    trust_pem = (root.pem + issuing.pem).decode()
     client = ssl.create_default_context(cadata=root.pem.decode())
     for directory in (tmp_path / "tmp", tmp_path / "missing"):
         if directory.name == "tmp":
             directory.mkdir()
         monkeypatch.setattr(tempfile, "tempdir", str(directory))
-        server = ssl_context_factory(settings, trust_pem)()
+        server = ssl_context_factory(settings, [root.cert, issuing.cert])()
         client_in, client_out, server_in, server_out = (ssl.MemoryBIO() for _ in range(4))
         c = client.wrap_bio(client_in, client_out, server_hostname="localhost")
         s = server.wrap_bio(server_in, server_out, server_side=True)

@@ -41,7 +41,6 @@ import functools
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from gateway import (
     Attempt,
@@ -102,8 +101,7 @@ class ClientCertPlugin:
         self.listener: Listener | None = None
         if settings.listener is not None:
             # The handshake trusts exactly what the plugin trusts (see listener.py on intermediates).
-            trust_pem = "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in [*roots, *intermediates])
-            self.listener = build_listener(self.name, settings.listener, trust_pem)
+            self.listener = build_listener(self.name, settings.listener, [*roots, *intermediates])
         trusted = context.gateway.trusted_proxies
         for source in settings.headers:
             for net in source.proxies:

@@ -73,10 +73,11 @@ def served_chain(certificate: bytes, trust: Sequence[x509.Certificate]) -> list[
     it does; ``None`` when the file already holds more than one certificate (OpenSSL then sends
     those as they are) or when there is no single such path (OpenSSL is left to it, as before)."""
     certs = x509.load_pem_x509_certificates(certificate)
-    if len(certs) != 1:
-        return None
+    return _issuers(certs[0], trust) if len(certs) == 1 else None
+
+
+def _issuers(cert: x509.Certificate, trust: Sequence[x509.Certificate]) -> list[x509.Certificate] | None:
     chain: list[x509.Certificate] = []
-    cert = certs[0]
     while len(chain) <= _MAX_ISSUERS:
         if cert.issuer == cert.subject and _issued_by(cert, cert):
             return chain or None  # a root: the path ends here (a self-signed server certificate: nothing)
@@ -88,29 +89,35 @@ def served_chain(certificate: bytes, trust: Sequence[x509.Certificate]) -> list[
     return None
 
 
+def _chain_file(certs: Sequence[x509.Certificate]) -> str | None:
+    """*certs* in a temporary PEM file for the ssl module, which loads certificates only from a
+    file (certificates only: the key is read from its own); ``None`` when none can be written."""
+    try:
+        fd, name = tempfile.mkstemp(prefix="authgw-chain-", suffix=".pem")
+    except OSError:
+        return None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(b"".join(c.public_bytes(Encoding.PEM) for c in certs))
+    except OSError:
+        Path(name).unlink(missing_ok=True)
+        return None
+    return name
+
+
 def _load_certificate(context: ssl.SSLContext, settings: ListenerSettings, trust: Sequence[x509.Certificate],
                       password: str | None) -> None:
-    """The server's certificate and key, with the chain :func:`served_chain` finds. The ssl module
-    loads certificates only from a file: the certificate and its chain go to a temporary one,
-    read once and removed (certificates only; the key is read from its own file)."""
+    """The server's certificate and key, with the chain :func:`served_chain` finds, from a file
+    read once and removed; with no chain to add, or no temporary file to be had, from the
+    operator's file as it is (OpenSSL builds the chain then, as before)."""
     path = str(settings.certificate)
     with open(path, "rb") as f:
-        pem = f.read()
-    try:
-        chain = served_chain(pem, trust)
-    except ValueError:  # not PEM certificates: load_cert_chain says so below
-        chain = None
-    combined = None
-    if chain:
-        leaf = x509.load_pem_x509_certificates(pem)[0]  # as served_chain read it
         try:
-            fd, combined = tempfile.mkstemp(prefix="authgw-chain-", suffix=".pem")
-            with os.fdopen(fd, "wb") as f:
-                f.write(b"".join(c.public_bytes(Encoding.PEM) for c in (leaf, *chain)))
-        except OSError:  # no writable temporary directory: OpenSSL builds the chain, as before
-            if combined:
-                Path(combined).unlink(missing_ok=True)
-            combined = None
+            certs = x509.load_pem_x509_certificates(f.read())
+        except ValueError:  # not PEM certificates: load_cert_chain says so below
+            certs = []
+    chain = _issuers(certs[0], trust) if len(certs) == 1 else None
+    combined = _chain_file([certs[0], *chain]) if chain else None
     try:
         context.load_cert_chain(combined or path, str(settings.key), password=password)
     finally:
@@ -118,9 +125,10 @@ def _load_certificate(context: ssl.SSLContext, settings: ListenerSettings, trust
             Path(combined).unlink(missing_ok=True)
 
 
-def ssl_context_factory(settings: ListenerSettings, trust_pem: str) -> Callable[[], ssl.SSLContext]:
+def ssl_context_factory(settings: ListenerSettings,
+                        trust: Sequence[x509.Certificate]) -> Callable[[], ssl.SSLContext]:
     password = settings.key_password.reveal() if settings.key_password else None
-    trust = x509.load_pem_x509_certificates(trust_pem.encode())
+    trust_pem = "".join(c.public_bytes(Encoding.PEM).decode() for c in trust)
 
     def factory() -> ssl.SSLContext:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -139,10 +147,11 @@ def ssl_context_factory(settings: ListenerSettings, trust_pem: str) -> Callable[
     return factory
 
 
-def build_listener(name: str, settings: ListenerSettings, trust_pem: str) -> Listener:
+def build_listener(name: str, settings: ListenerSettings, trust: Sequence[x509.Certificate]) -> Listener:
     """The listener record; its factory is called once here so that a bad certificate, key or
-    password stops start-up with the plugin's name instead of failing in a worker."""
-    factory = ssl_context_factory(settings, trust_pem)
+    password stops start-up with the plugin's name instead of failing in a worker. *trust*: the
+    roots and intermediates the handshake trusts."""
+    factory = ssl_context_factory(settings, trust)
     try:
         factory()
     except (OSError, ssl.SSLError, ValueError) as exc:
