@@ -191,12 +191,18 @@ class _Worker:
             raise
         return generation
 
-    async def _stop_generation(self, generation: _Generation) -> None:
-        # Every site first (each closes its socket), then the drains together: a second
-        # listener must not accept while the first one's requests finish.
+    @staticmethod
+    async def _stop_accepting(generation: _Generation) -> None:
+        """Every site of *generation* stops accepting (each closes its socket); its connections
+        stay open."""
         for runner in generation.runners.values():
-            for site in runner.sites:
+            for site in list(runner.sites):
                 await site.stop()
+
+    async def _stop_generation(self, generation: _Generation) -> None:
+        # Every site first, then the drains together: a second listener must not accept while
+        # the first one's requests finish.
+        await self._stop_accepting(generation)
         await asyncio.gather(*(runner.cleanup() for runner in generation.runners.values()))
         runtime = generation.runtime
         try:
@@ -245,6 +251,10 @@ class _Worker:
         self.guard.limits = runtime.config.core.limits
         self.guard.trusted = tuple(runtime.config.core.trusted_proxies)
         self.current = new
+        # The old generation stops accepting before the reload is said done: it listened on the
+        # same sockets, and until its retirement ran, a connection made after "reloaded" could
+        # still reach it and be served with the configuration before.
+        await self._stop_accepting(old)
         log.warning("worker %d reloaded %s; chain: %s", os.getpid(), self.config_dir,
                     " -> ".join(runtime.config.core.chain))
         self._retire(old)
