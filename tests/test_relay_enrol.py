@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from support.linkenv import Connector, Relay
+from support.pki import unknown_algorithm_csrs
 
 
 @pytest.fixture
@@ -100,9 +101,13 @@ def test_a_csr_for_another_name_is_refused_and_keeps_the_ticket(relay):
     assert (status, body["error"]) == (400, "bad_request")
     status, body = _post(url, relay.ca_file, b"x" * 20000)
     assert status == 413
-    # none of that used the ticket up: the right CSR still enrols
     connector_id = json.loads(urllib.request.urlopen(url, context=ssl.create_default_context(
         cafile=str(relay.ca_file)), timeout=10).read())["connector"]
+    for pem in unknown_algorithm_csrs(connector_id):  # an unknown curve or key type: refused, not a 500
+        status, body = _post(url, relay.ca_file, json.dumps({"csr": pem}).encode())
+        assert (status, body["error"]) == (400, "csr_wrong_key")
+    assert "Traceback" not in relay.process.output()
+    # none of that used the ticket up: the right CSR still enrols
     status, body = _post(url, relay.ca_file, _csr(connector_id))
     assert status == 200 and "BEGIN CERTIFICATE" in body["certificate"]
     status, body = _post(url, relay.ca_file, _csr(connector_id))

@@ -25,7 +25,7 @@ from gateway.plugins import linkproto as proto
 from gateway.plugins.relay.ca import RelayCA
 from support.linkenv import Connector, Relay
 from support.net import wait_for
-from support.pki import self_signed
+from support.pki import self_signed, unknown_algorithm_csrs
 
 
 class NoDirectory:
@@ -114,9 +114,13 @@ def test_forged_expired_replayed_and_malformed_requests_are_refused(relay, ident
               "not json", b"\x00binary", json.dumps({"v": proto.VERSION, "id": "x", "type": "renew",
                                                     "deadline": now + 5, "nonce": "n" * 20,
                                                     "body": {"csr": "garbage"}})]
+    frames += [json.dumps({"v": proto.VERSION, "id": f"odd-{i}", "type": "renew", "deadline": now + 5, "nonce": f"{i}" * 20,
+                           "body": {"csr": pem}}) for i, pem in enumerate(unknown_algorithm_csrs(identity.connector_id))]
     received = asyncio.run(_link(relay, _context(relay, identity), frames))
     errors = [(m["body"]["code"] if m["type"] == "error" else m["type"]) for m in received]
-    assert errors == ["unknown_type", "answer", "replayed", "expired", "bad_request", "bad_request", "bad_request"]
+    assert errors == ["unknown_type", "answer", "replayed", "expired", "bad_request", "bad_request", "bad_request",
+                      "bad_request", "bad_request"]
+    assert all("csr_wrong_key" in m["body"]["detail"] for m in received[-2:]), received[-2:]
     _no_server_errors(relay)
 
 

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -155,12 +156,19 @@ class RelayCA:
             csr = x509.load_pem_x509_csr(csr_pem.encode("ascii"))
         except (ValueError, UnicodeEncodeError):
             raise CSRRefused("csr_malformed", "the CSR is not a PEM certificate request") from None
-        if not csr.is_signature_valid:
+        try:
+            # A key or signature algorithm (or an elliptic curve) the library does not know
+            # raises rather than answers: refused like any key that is not P-256, never a 500.
+            public_key = csr.public_key()
+            signed = csr.is_signature_valid
+        except (UnsupportedAlgorithm, ValueError):
+            raise CSRRefused("csr_wrong_key", "the CSR's key or signature algorithm is not supported; "
+                                              "the connector key must be P-256") from None
+        if not signed:
             raise CSRRefused("csr_malformed", "the CSR's signature does not verify")
         names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
         if len(names) != 1 or names[0].value != connector_id or len(csr.subject) != 1:
             raise CSRRefused("csr_wrong_name", f"the CSR must name exactly CN={connector_id}")
-        public_key = csr.public_key()
         if not (isinstance(public_key, ec.EllipticCurvePublicKey) and isinstance(public_key.curve, ec.SECP256R1)):
             raise CSRRefused("csr_wrong_key", "the connector key must be P-256 (passwords are sealed to it)")
         now = dt.datetime.now(UTC)

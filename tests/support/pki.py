@@ -9,6 +9,7 @@ constraints); ``ca.crl(...)`` signs a CRL (one partition of the CA's with
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import ipaddress
 from dataclasses import dataclass, field
@@ -201,3 +202,23 @@ def write_bundle(path: Path, *certs: Issued) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"".join(c.pem for c in certs))
     return path
+
+
+#: DER of OIDs in a P-256 CSR, and unknown ones of the same length to put in their place.
+_PRIME256V1, _UNKNOWN_CURVE = bytes.fromhex("06082a8648ce3d030107"), bytes.fromhex("06082a8648ce3d030109")
+_EC_PUBLIC_KEY, _UNKNOWN_KEY_TYPE = bytes.fromhex("06072a8648ce3d0201"), bytes.fromhex("06072a8648ce3d0209")
+
+
+def unknown_algorithm_csrs(cn: str) -> list[str]:
+    """Two PEM CSRs for ``CN=cn``, signed, whose curve (first) or key type (second) cryptography
+    does not know: reading their key or checking their signature raises ``UnsupportedAlgorithm``."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (x509.CertificateSigningRequestBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+           .sign(key, hashes.SHA256()))
+    der = csr.public_bytes(serialization.Encoding.DER)
+    pems = []
+    for known, unknown in ((_PRIME256V1, _UNKNOWN_CURVE), (_EC_PUBLIC_KEY, _UNKNOWN_KEY_TYPE)):
+        assert der.count(known) == 1
+        body = base64.encodebytes(der.replace(known, unknown)).decode()
+        pems.append(f"-----BEGIN CERTIFICATE REQUEST-----\n{body}-----END CERTIFICATE REQUEST-----\n")
+    return pems
