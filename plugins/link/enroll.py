@@ -5,7 +5,10 @@
    ticket stops here with the relay's message.
 2. Generate a P-256 key (it never leaves this machine) and ``POST`` a CSR for ``CN=<id>``.
 3. Check the answer (our key, our name, issued by the CA sent along), then store the
-   enrolment in the state directory (see :mod:`.state`).
+   enrolment in the state directory (see :mod:`.state`). When the certificate the relay
+   presented on these connections is the relay CA's (the relay's default), the link will trust
+   that CA alone (``pinned``); one from another CA (an operator's certificate) leaves the link
+   trusting what verified enrolment.
 
 ``HTTPS_PROXY``/``NO_PROXY`` are honoured (urllib tunnels HTTPS with CONNECT; credentials in the
 proxy URL become ``Proxy-Authorization``). Exit 0 on success, else 1 with one line on stderr.
@@ -13,6 +16,7 @@ proxy URL become ``Proxy-Authorization``). Exit 0 on success, else 1 with one li
 
 from __future__ import annotations
 
+import http.client
 import json
 import ssl
 import urllib.error
@@ -37,11 +41,31 @@ class EnrolError(Exception):
     """Enrolment failed; the message is the one line the operator sees."""
 
 
-def _call(url: str, context: ssl.SSLContext, body: dict | None = None) -> dict:
+class _SeenCertificates(urllib.request.HTTPSHandler):
+    """urllib's HTTPS (proxies included: the certificate is the one at the tunnel's end), noting
+    the certificate each server presented, DER, in :attr:`seen`."""
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        super().__init__(context=context)
+        self.context = context
+        self.seen: list[bytes] = []
+
+    def https_open(self, req):
+        seen = self.seen
+
+        class Connection(http.client.HTTPSConnection):
+            def connect(self) -> None:
+                super().connect()
+                seen.append(self.sock.getpeercert(binary_form=True))
+
+        return self.do_open(Connection, req, context=self.context)
+
+
+def _call(url: str, handler: _SeenCertificates, body: dict | None = None) -> dict:
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, method="GET" if body is None else "POST",
                                      headers={"Accept": "application/json", "Content-Type": "application/json"})
-    opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=context))
+    opener = urllib.request.build_opener(handler)
     try:
         with opener.open(request, timeout=_TIMEOUT) as response:
             return json.loads(response.read(_MAX_ANSWER))
@@ -74,7 +98,8 @@ def enroll(ticket_url: str, state_dir: Path, ca_file: Path | None = None) -> str
         server_ca = ca_file.read_bytes() if ca_file else None
     except (OSError, ssl.SSLError) as exc:
         raise EnrolError(f"cannot read the CA file {ca_file}: {exc}") from None
-    info = _call(ticket_url, context)
+    https = _SeenCertificates(context)
+    info = _call(ticket_url, https)
     connector = info.get("connector")
     if not isinstance(connector, str) or not connector:
         raise EnrolError("the relay's ticket information names no connector")
@@ -83,7 +108,7 @@ def enroll(ticket_url: str, state_dir: Path, ca_file: Path | None = None) -> str
     csr = (x509.CertificateSigningRequestBuilder()
            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, connector)]))
            .sign(key, hashes.SHA256()))
-    answer = _call(ticket_url, context, {"csr": csr.public_bytes(serialization.Encoding.PEM).decode("ascii")})
+    answer = _call(ticket_url, https, {"csr": csr.public_bytes(serialization.Encoding.PEM).decode("ascii")})
     try:
         cert = x509.load_pem_x509_certificate(answer["certificate"].encode("ascii"))
         relay_ca = x509.load_pem_x509_certificate(answer["ca"].encode("ascii"))
@@ -98,6 +123,7 @@ def enroll(ticket_url: str, state_dir: Path, ca_file: Path | None = None) -> str
         raise EnrolError("the relay returned a certificate for another name")
     if urlsplit(link_url).scheme != "wss":
         raise EnrolError("the relay's link URL is not wss://")
+    pinned = bool(https.seen) and all(_issued_by(der, relay_ca) for der in https.seen)
 
     directory = state.directory(state_dir)
     state.write_file(directory / "key.pem", key.private_bytes(
@@ -109,6 +135,17 @@ def enroll(ticket_url: str, state_dir: Path, ca_file: Path | None = None) -> str
     else:
         (directory / "server-ca.pem").unlink(missing_ok=True)
     state.write_file(directory / "link.json", json.dumps(
-        {"link_url": link_url, "connection": connection, "connector": connector}, indent=1).encode())
+        {"link_url": link_url, "connection": connection, "connector": connector, "pinned": pinned}, indent=1).encode())
+    trust = "the relay CA, pinned" if pinned else \
+        ("the CA of --ca" if server_ca is not None else "the system's CAs (not pinned: the relay's certificate "
+                                                        "is not its CA's; --ca FILE narrows it)")
     return (f"enrolled as connector {connector} of connection {connection}; certificate valid until "
-            f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M:%SZ}; link {link_url}")
+            f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M:%SZ}; link {link_url}, verified with {trust}")
+
+
+def _issued_by(der: bytes, ca: x509.Certificate) -> bool:
+    try:
+        x509.load_der_x509_certificate(der).verify_directly_issued_by(ca)
+    except Exception:  # noqa: BLE001 - unreadable, another issuer, a bad signature: not the relay CA's
+        return False
+    return True

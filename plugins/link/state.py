@@ -1,7 +1,16 @@
 """The connector's enrolment, kept in ``STATE_DIR/link/``: its private key (``key.pem``, 0600,
 P-256, generated here and never sent), its certificate (``cert.pem``), the relay CA
-(``relay-ca.pem``, pinned for the link), the CA that verified enrolment when one was given
-(``server-ca.pem``) and ``link.json`` (link URL, connection, connector id).
+(``relay-ca.pem``), the CA that verified enrolment when one was given (``server-ca.pem``) and
+``link.json`` (link URL, connection, connector id, and whether the relay CA is pinned).
+
+What the link trusts for the relay's certificate (:meth:`Enrolment.ssl_context`):
+
+* the relay CA **alone**, when the relay's certificate at enrolment was issued by it (the
+  relay's default, ``pinned``): no other CA can stand in for the relay, not even one the
+  connector's host trusts (a TLS-inspecting proxy's);
+* otherwise (the relay serves a certificate of the operator's, from a public CA) what verified
+  enrolment: the ``--ca`` file, or the system's CAs; the relay CA as well. Such a link is only
+  as safe from a rogue CA as the host's store: re-enrol with ``--ca`` to narrow it.
 
 Files are replaced by rename, so a reader sees the old enrolment or the new one, never half.
 """
@@ -46,6 +55,8 @@ class Enrolment:
     certificate: x509.Certificate
     key: ec.EllipticCurvePrivateKey
     has_server_ca: bool
+    #: The relay's certificate at enrolment was the relay CA's: the link trusts that CA alone.
+    pinned: bool = False
 
     @property
     def not_before(self) -> float:
@@ -60,12 +71,23 @@ class Enrolment:
         """Two thirds into the certificate's life (CONNECTOR.md section 2)."""
         return self.not_before + (self.not_after - self.not_before) * 2 / 3
 
+    @property
+    def trust(self) -> str:
+        """What verifies the relay's certificate on the link, for messages."""
+        if self.pinned:
+            return "the pinned relay CA"
+        return "the CA given at enrolment (--ca)" if self.has_server_ca else "the system's CAs (not pinned)"
+
     def ssl_context(self) -> ssl.SSLContext:
-        """Client side of the link: our certificate, and the relay verified against the pinned
-        relay CA plus the CA that verified enrolment (or the system's, when none was given)."""
-        context = ssl.create_default_context(cafile=str(self.directory / "server-ca.pem")) if self.has_server_ca \
-            else ssl.create_default_context()
-        context.load_verify_locations(cafile=str(self.directory / "relay-ca.pem"))
+        """Client side of the link: our certificate, and the relay verified against the relay CA
+        alone when pinned, else also against what verified enrolment (module docstring)."""
+        relay_ca = str(self.directory / "relay-ca.pem")
+        if self.pinned:  # cafile: create_default_context loads no system CAs then
+            context = ssl.create_default_context(cafile=relay_ca)
+        else:
+            context = ssl.create_default_context(cafile=str(self.directory / "server-ca.pem")) \
+                if self.has_server_ca else ssl.create_default_context()
+            context.load_verify_locations(cafile=relay_ca)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.load_cert_chain(str(self.directory / "cert.pem"), str(self.directory / "key.pem"))
         return context
@@ -80,5 +102,6 @@ def load(state_dir: Path) -> Enrolment | None:
         key = serialization.load_pem_private_key((path / "key.pem").read_bytes(), None)
     except FileNotFoundError:
         return None
+    # An enrolment written before pinning (no "pinned") keeps the trust it had.
     return Enrolment(path, info["link_url"], info["connection"], info["connector"], cert, key,
-                     (path / "server-ca.pem").exists())
+                     (path / "server-ca.pem").exists(), info.get("pinned") is True)
