@@ -265,3 +265,48 @@ def test_a_form_that_cannot_be_read_is_a_400_never_a_500(console, conf_dir, star
     assert "Traceback" not in output and " 500 " not in output
     assert "client-" not in output
     assert "unreadable form" in output  # one line each, naming the kind of error only
+
+
+def test_the_ticket_is_not_on_the_enrolment_command_line(tmp_path):
+    """Any user of the host can read a running process's command line (/proc/PID/cmdline), and
+    whoever sends a CSR with a ticket first enrols: the console hands the ticket to
+    ``authgw link enroll -`` on standard input. A server that accepts and never answers holds the
+    enrolment while its command line is read."""
+    import os
+    import socket
+    import threading
+
+    from gateway.passwords import hash_password
+    from gateway.plugins.console.setup import enrol
+    from support.gateway import static_users, write_conf
+
+    conf = write_conf(tmp_path / "conf.d", {"gateway.yaml": "chain: [static]\nplugins: [link]\n",
+                                            **static_users({"alice": hash_password("Alice-Passw0rd")})})
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(30)  # bounded: an enrolment that never connects fails the test
+    ticket = f"https://127.0.0.1:{server.getsockname()[1]}/p/SECRET-TICKET-TOKEN"
+    result: list = []
+    thread = threading.Thread(target=lambda: result.append(
+        enrol(ticket, conf, tmp_path / "state", link_enabled=True)))
+    thread.start()
+    try:
+        held, _ = server.accept()  # the enrolment connected: its process runs now
+
+        def enrolling() -> list[bytes]:
+            found = []
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    line = open(f"/proc/{pid}/cmdline", "rb").read()
+                except OSError:
+                    continue
+                if b"link\0enroll" in line and f"{os.getpid()}" != pid:
+                    found.append(line)
+            return found
+
+        lines = enrolling()
+        assert lines and all(b"SECRET-TICKET-TOKEN" not in line for line in lines), lines
+        held.close()
+    finally:
+        server.close()
+        thread.join(timeout=60)
+    assert result and result[0][0] is False  # the stalled "relay" hung up: no enrolment

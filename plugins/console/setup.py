@@ -282,13 +282,15 @@ def enrol(ticket_url: str, config_dir: Path, state_dir: Path, ca_path: str = "",
     if not link_enabled:
         return False, ("enrolment is not available: enable the link plugin (`plugins: [link]` in conf.d) "
                        "so that `authgw link enroll` exists")
-    command = [sys.executable, "-m", "gateway", "link", "enroll", ticket_url,
+    # The ticket goes on standard input: a command line is readable by every user of the host
+    # (/proc/PID/cmdline) while it runs, and whoever sends a CSR with the ticket first enrols.
+    command = [sys.executable, "-m", "gateway", "link", "enroll", "-",
                "--config", str(config_dir), "--state-dir", str(state_dir)]
     if ca_path:
         command += ["--ca", ca_path]
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=ENROL_TIMEOUT,
-                                stdin=subprocess.DEVNULL)
+                                input=ticket_url + "\n")
     except subprocess.TimeoutExpired:
         return False, f"enrolment did not finish within {ENROL_TIMEOUT:.0f}s: is the ticket URL reachable?"
     lines = [line for line in (result.stderr + "\n" + result.stdout).splitlines() if line.strip()]

@@ -121,7 +121,8 @@ class LinkPlugin:
         def add_arguments(parser: argparse.ArgumentParser) -> None:
             sub = parser.add_subparsers(dest="link_command", required=True, metavar="COMMAND")
             enrol = accept_common_options(sub.add_parser("enroll", help="provision this connector from a ticket URL"))
-            enrol.add_argument("ticket_url")
+            enrol.add_argument("ticket_url", help="the ticket URL, or - to read it from standard input (a "
+                               "command line is readable by the host's other users while it runs)")
             enrol.add_argument("--ca", metavar="FILE", help="CA bundle to verify the relay with "
                                "(default: the system's)")
             accept_common_options(sub.add_parser("status", help="show this connector's enrolment"))
@@ -130,8 +131,9 @@ class LinkPlugin:
             if args.link_command == "enroll":
                 from pathlib import Path
 
+                ticket_url = sys.stdin.readline(4096).strip() if args.ticket_url == "-" else args.ticket_url
                 try:
-                    print(enroll(args.ticket_url, self.state_dir, Path(args.ca) if args.ca else None))
+                    print(enroll(ticket_url, self.state_dir, Path(args.ca) if args.ca else None))
                 except EnrolError as exc:
                     print(f"error: enrolment failed: {exc}", file=sys.stderr)
                     return 1
