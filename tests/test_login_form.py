@@ -187,6 +187,27 @@ def test_logout_needs_the_csrf_token_and_ends_the_session(site):
     assert "signed in as" not in browser.get(f"{s.url}/login").text
 
 
+def test_logout_through_redis_ends_the_session_for_every_worker(site, tmp_path):
+    """Each cookie check touches the session (a compare-and-set in Redis, never recreating a
+    deleted record: tests/test_login_sessions.py makes the interleaving); after the logout no
+    worker takes the cookie."""
+    redis = RedisServer(tmp_path / "redis").start()
+    try:
+        r = site(login={"sessions": {"store": "redis", "redis_url": redis.url}})
+        r.start(workers=2)
+        browser = r.client()
+        page = r.sign_in(browser, "alice", "Alice-pw-1")
+        assert all("signed in as" in browser.get(f"{r.url}/login").text for _ in range(4))  # touched
+        cookie = browser.cookies.get(SESSION)
+        assert "You are signed out." in browser.post(f"{r.url}/logout", data={"csrf": hidden(page.text, "csrf")}).text
+        assert not redis.client().keys("authgw:login:s:*")
+        kept = r.client()  # a copy of the cookie the logout dropped
+        kept.cookies.set(SESSION, cookie)
+        assert not any("signed in as" in kept.get(f"{r.url}/login").text for _ in range(4))
+    finally:
+        redis.stop()
+
+
 def test_sessions_are_shared_by_workers_and_by_instances_through_redis(site, tmp_path):
     s = site()
     s.start(workers=2)

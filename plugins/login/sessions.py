@@ -31,7 +31,7 @@ import sqlite3
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from gateway import Identity
 from gateway.health import redis_location
@@ -162,6 +162,17 @@ class SqliteStore:
         self.db.close()
 
 
+#: Compare-and-set: the new record replaces the old only if the old is still there, unchanged.
+#: The JSON is made in Python (cjson would turn ``[]`` into ``{}`` and round the times).
+_SWAP = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+return 1
+"""
+#: Compare-and-set attempts before a touch or update gives way to the writes that won.
+_REWRITE_TRIES = 5
+
+
 class RedisStore:
     """The same records in Redis, with server-side expiry (several gateway instances)."""
 
@@ -171,6 +182,7 @@ class RedisStore:
         self.redis = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
         self.ttl = int(ttl) + 1
         self.location = redis_location(url)  # for readiness and errors: no password
+        self._swap = self.redis.register_script(_SWAP)
 
     def ping(self) -> str:
         """The health probe's question (raises on failure; at most the 2 s socket timeout)."""
@@ -185,14 +197,25 @@ class RedisStore:
         return tuple(json.loads(raw)) if raw else None
 
     def touch_session(self, key: str, now: float) -> None:
-        record = self.get_session(key)
-        if record:
-            self.redis.set(f"authgw:login:s:{key}", json.dumps([record[0], record[1], now]), ex=self.ttl)
+        self._rewrite(key, lambda data, created, seen: [data, created, now])
 
     def update_session(self, key: str, data: dict) -> None:
-        record = self.get_session(key)
-        if record:
-            self.redis.set(f"authgw:login:s:{key}", json.dumps([data, record[1], record[2]]), ex=self.ttl)
+        self._rewrite(key, lambda _, created, seen: [data, created, seen])
+
+    def _rewrite(self, key: str, change: Callable[[dict, float, float], list]) -> None:
+        """Replace the record under *key* with ``change(data, created, seen)``, as SQLite's
+        ``UPDATE`` does: never recreating a record deleted meanwhile (a GET then a SET would
+        bring back a session that a concurrent logout ended, its cookie valid again), nor
+        overwriting a concurrent touch or update (the write is a compare-and-set, retried)."""
+        name = f"authgw:login:s:{key}"
+        for _ in range(_REWRITE_TRIES):
+            raw = self.redis.get(name)
+            if raw is None:
+                return
+            if self._swap(keys=[name], args=[raw, json.dumps(change(*json.loads(raw))), self.ttl]):
+                return
+        # Every try lost to other workers' writes of this session: a touch is theirs as well; an
+        # account check not stored is made again at the session's next use.
 
     def delete_session(self, key: str) -> None:
         self.redis.delete(f"authgw:login:s:{key}", f"authgw:login:sp:{key}")
