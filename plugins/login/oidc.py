@@ -122,6 +122,8 @@ class OidcProvider:
     def routes(self, web_door) -> list[Route]:
         self.web = web_door
         web_door.completers["oidc"] = self.complete
+        web_door.answerable["oidc"] = self.answer_target
+        web_door.redirects["oidc"] = self.redirect_of
         web_door.declined["oidc"] = self.login_required
         return [Route("GET", "/.well-known/openid-configuration", self.discovery),
                 Route("GET", "/oidc/jwks", self.jwks), Route("GET", "/oidc/authorize", self.authorize),
@@ -193,6 +195,24 @@ class OidcProvider:
             return self.error_answer(exc.pending, exc.error, exc.description)
         return await self.web.begin(request, pending, 600)
 
+    def answer_target(self, pending: dict) -> OidcClient:
+        """The client to answer *pending* for, as configured now: a reload while the user signed
+        in may have removed it (``oidc.unknown_client``) or its ``redirect_uri``
+        (``oidc.redirect_uri_not_registered``); the answer, a code or an error, would then go to
+        an address no longer registered."""
+        client = self.clients.get(pending["client_id"])
+        if client is None:
+            raise Refused("oidc.unknown_client", pending["client_id"][:100])
+        if pending["redirect_uri"] not in client.redirect_uris:
+            raise Refused("oidc.redirect_uri_not_registered", pending["redirect_uri"][:200])
+        return client
+
+    @staticmethod
+    def redirect_of(pending: dict) -> str | None:
+        """Where *pending* is answered by a redirect (``response_mode=query``); ``form_post``
+        answers with a page."""
+        return pending["redirect_uri"] if pending["mode"] == "query" else None
+
     async def login_required(self, request: web.Request, pending: dict) -> web.StreamResponse:
         """``prompt=none`` and no session may answer: the RP is told, no page is shown."""
         return self.error_answer(pending, "login_required")
@@ -202,6 +222,7 @@ class OidcProvider:
         return self._answer(pending, fields)
 
     async def complete(self, request: web.Request, pending: dict, session) -> web.StreamResponse:
+        self.answer_target(pending)  # before a code exists
         code = secrets.token_urlsafe(32)
         grant = {**pending, "identity": identity_to_json(session.identity), "sid": session.index}
         self.web.sessions.store.put_pending("code:" + _digest(code), grant,
@@ -210,7 +231,8 @@ class OidcProvider:
 
     def _answer(self, pending: dict, fields: list[tuple[str, str]]) -> web.Response:
         """*fields* (with ``iss`` and ``state``) to the validated ``redirect_uri``, by the
-        request's response mode."""
+        request's response mode; :class:`Refused` when a reload removed it."""
+        self.answer_target(pending)
         answer = fields + [("iss", self.issuer)] + ([("state", pending["state"])] if pending["state"] else [])
         if pending["mode"] == "form_post":
             return self.web.auto_post(pending["redirect_uri"], answer)

@@ -379,6 +379,7 @@ class SamlIdp:
     def routes(self, web_door) -> list[Route]:
         self.web = web_door
         web_door.completers["saml"] = self.complete
+        web_door.answerable["saml"] = self.answer_target
         return [Route("GET", "/saml/metadata", self.metadata_handler), Route("GET", "/saml/sso", self.sso),
                 Route("POST", "/saml/sso", self.sso), Route("GET", "/saml/idp", self.idp_initiated)]
 
@@ -467,10 +468,16 @@ class SamlIdp:
                    "relay_state": relay_state, "force_authn": False}
         return await self.web.begin(request, pending, self.settings.saml.request_lifetime)
 
-    async def complete(self, request: web.Request, pending: dict, session) -> web.Response:
+    def answer_target(self, pending: dict) -> SamlServiceProvider:
+        """The SP to answer *pending* for, as configured now: a reload while the user signed in
+        may have removed it (``saml.unknown_sp``) or its ACS URL (``saml.acs_not_registered``)."""
         sp = self.checker.provider(pending["sp"])
-        if pending["acs"] not in sp.acs_urls:  # the configuration changed while the user signed in
-            return self.web.refused(request, Refused("saml.acs_not_registered", pending["acs"][:200]))
+        if pending["acs"] not in sp.acs_urls:
+            raise Refused("saml.acs_not_registered", pending["acs"][:200])
+        return sp
+
+    async def complete(self, request: web.Request, pending: dict, session) -> web.Response:
+        sp = self.answer_target(pending)
         name_id = self.builder.name_id(session.identity, sp.name_id_format, sp.name_id_source)
         # Single Logout tells this SP about the logout with the NameID and index as issued here.
         self.web.sessions.add_participant(session, sp.entity_id, {

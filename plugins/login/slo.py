@@ -58,6 +58,7 @@ class SingleLogout:
     def routes(self, web_door) -> list[Route]:
         self.web = web_door
         web_door.logout_round = self.start_round
+        web_door.logout_redirects = self.first_redirects
         return [Route("GET", "/saml/slo", self.endpoint), Route("POST", "/saml/slo", self.endpoint)]
 
     async def endpoint(self, request: web.Request) -> web.StreamResponse:
@@ -112,6 +113,13 @@ class SingleLogout:
         response = await self.next_step(state)
         self.web.drop_cookie(response)
         return response
+
+    def first_redirects(self, session) -> list[str]:
+        """The addresses ``POST /logout`` for *session* may redirect the browser to first: the
+        ``slo_url`` of each of its participants that takes HTTP-Redirect (:mod:`.web` lists their
+        origins in the Sign out page's ``form-action``)."""
+        providers = (self.idp.checker.providers.get(party) for party in self.web.sessions.participants(session.key))
+        return [sp.slo_url for sp in providers if sp is not None and sp.slo_url and sp.slo_binding == "redirect"]
 
     async def start_round(self, request: web.Request, ending: dict[str, str | None],
                           after: str | None = None) -> web.StreamResponse:

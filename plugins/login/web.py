@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from typing import Awaitable, Callable
 from urllib.parse import urlsplit
@@ -52,6 +53,12 @@ FRONT_DOOR = "login"
 Completer = Callable[[web.Request, dict, Session], Awaitable[web.StreamResponse]]
 #: Answers a pending request that may show no page (OIDC ``prompt=none``) when no session can.
 Declined = Callable[[web.Request, dict], Awaitable[web.StreamResponse]]
+#: Raises :class:`Refused` when a pending request can no longer be answered: a reload removed
+#: its client, service provider or return address while the user signed in.
+Answerable = Callable[[dict], None]
+#: The address a completion answers *with a redirect* (OIDC ``response_mode=query``), or ``None``
+#: (an auto-posting page, or no answer); see :meth:`LoginDoor.form_action`.
+Redirect = Callable[[dict], str | None]
 
 
 class AccountUncheckable(Exception):
@@ -67,6 +74,21 @@ def _origin(url: str) -> str:
     host = f"[{host}]" if ":" in host else host
     port = f":{parts.port}" if parts.port not in (None, default) else ""
     return f"{parts.scheme}://{host}{port}"
+
+
+#: What an origin from a (validated, registered) URL must look like to be written into a CSP
+#: header: a host name or IP literal and a port, nothing that could end the directive.
+_CSP_ORIGIN = re.compile(r"https?://[A-Za-z0-9.\-]+(:[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
+
+
+def form_targets(urls) -> str:
+    """``form-action`` for a page whose form is answered with a redirect to one of *urls*:
+    ``'self'`` and their origins. Chromium checks ``form-action`` again at every redirect that
+    follows a form submission (tests/test_login_csp_browser.py), so a ``303`` from ``POST /login`` to a
+    relying party's ``redirect_uri`` is blocked unless its origin is listed. Only origins: CSP
+    ignores a source's path once a request was redirected."""
+    origins = dict.fromkeys(o for o in map(_origin, urls) if _CSP_ORIGIN.fullmatch(o))
+    return " ".join(["'self'", *origins])
 
 
 class Refused(Exception):
@@ -126,6 +148,11 @@ class LoginDoor:
         self.origin = _origin(settings.base_url)
         self.completers: dict[str, Completer] = {}
         self.declined: dict[str, Declined] = {}
+        self.answerable: dict[str, Answerable] = {}
+        self.redirects: dict[str, Redirect] = {}
+        #: The Single Logout addresses ``POST /logout`` for a session may redirect the browser to
+        #: first (:mod:`.slo`: its participants' HTTP-Redirect ``slo_url``).
+        self.logout_redirects: Callable[[Session], list[str]] | None = None
         #: Ends a session and tells the services it was used with (SAML Single Logout, :mod:`.slo`).
         #: Arguments: the request, the sessions to end (store key -> SessionIndex), where to go after.
         self.logout_round: Callable[..., Awaitable[web.StreamResponse]] | None = None
@@ -180,15 +207,17 @@ class LoginDoor:
 
     def guarded(self, handler, *, json: bool = False):
         """*handler*, answering 503 (not 500) when the session store cannot be used: sign-ins
-        wait for the store, they are never answered without it (fail closed); and 400 for a
-        body it cannot read (:func:`read_form`)."""
+        wait for the store, they are never answered without it (fail closed); and the 400 page of
+        :meth:`refused` for any :class:`Refused` it raises: a body it cannot read
+        (:func:`read_form`), a completer's pending request that a reload made unanswerable."""
         async def guarded_handler(request: web.Request) -> web.StreamResponse:
             try:
                 return await handler(request)
-            except UnreadableBody as exc:
+            except Refused as exc:  # an unreadable body; a pending request a reload made unanswerable
                 if json:
                     log.warning("login request refused: reason=%s client=%s %s", exc.reason, request.remote, exc.detail)
-                    return web.json_response({"error": "invalid_request", "error_description": "unreadable body"},
+                    description = "unreadable body" if isinstance(exc, UnreadableBody) else exc.reason
+                    return web.json_response({"error": "invalid_request", "error_description": description},
                                              status=400, headers={"Cache-Control": "no-store"})
                 return self.refused(request, exc)
             except (*STORE_ERRORS, AccountUncheckable) as exc:
@@ -280,7 +309,7 @@ class LoginDoor:
               username: str = "", challenge: str | None = None) -> web.Response:
         cookie, token = self.sessions.csrf_pair(request.cookies.get(self.csrf_cookie))
         response = self.html(self.pages.form(action="/login", csrf=token, pending=pending, username=username,
-                                             error=error), status)
+                                             error=error), status, form_action=self.form_action(pending))
         if challenge:
             response.headers["WWW-Authenticate"] = challenge
         self._set_cookie(response, self.csrf_cookie, cookie)
@@ -300,17 +329,37 @@ class LoginDoor:
             return None
         return found.subject if found is not None else None
 
+    def form_action(self, pending_key: str) -> str:
+        """The form page's ``form-action``: ``'self'``, and the origin of the address the pending
+        request is answered at when that answer is a redirect (:func:`form_targets`)."""
+        pending = self.sessions.peek(pending_key) if pending_key else None
+        redirect = self.redirects.get(pending["protocol"]) if pending is not None else None
+        target = redirect(pending) if redirect is not None else None
+        return form_targets([target] if target else [])
+
+    def _signed_in_page(self, request: web.Request, session: Session) -> web.Response:
+        """"Signed in as", with the Sign out button; its ``form-action`` admits the Single Logout
+        addresses ``POST /logout`` may redirect to first (:func:`form_targets`)."""
+        cookie, token = self.sessions.csrf_pair(request.cookies.get(self.csrf_cookie))
+        name = session.identity.display_name or session.identity.username
+        targets = self.logout_redirects(session) if self.logout_redirects is not None else []
+        response = self.html(self.pages.message("signed_in", name=name, logout="/logout", csrf=token),
+                             form_action=form_targets(targets))
+        self._set_cookie(response, self.csrf_cookie, cookie)
+        return response
+
     async def _signed_in(self, request: web.Request, decision: Decision, pending_key: str) -> web.StreamResponse:
+        # The pending request is checked before the session is made: one a reload made
+        # unanswerable is refused (a 400 page), and no session is left behind without its cookie.
+        pending = self.sessions.unpark(pending_key) if pending_key else None
+        if pending is not None:
+            self.answerable[pending["protocol"]](pending)
         value, session = self.sessions.create(decision.identity, request.cookies.get(self.cookie),
                                               directory=await self._directory_of(decision.identity))
-        pending = self.sessions.unpark(pending_key) if pending_key else None
         if pending is not None:
             response = await self.completers[pending["protocol"]](request, pending, session)
         else:
-            cookie, token = self.sessions.csrf_pair(request.cookies.get(self.csrf_cookie))
-            name = session.identity.display_name or session.identity.username
-            response = self.html(self.pages.message("signed_in", name=name, logout="/logout", csrf=token))
-            self._set_cookie(response, self.csrf_cookie, cookie)
+            response = self._signed_in_page(request, session)
         self._set_cookie(response, self.cookie, value)
         return response
 
@@ -327,11 +376,7 @@ class LoginDoor:
                 if pending is not None:
                     return await self.completers[pending["protocol"]](request, pending, checked)
             elif peeked is None:
-                cookie, token = self.sessions.csrf_pair(request.cookies.get(self.csrf_cookie))
-                name = session.identity.display_name or session.identity.username
-                response = self.html(self.pages.message("signed_in", name=name, logout="/logout", csrf=token))
-                self._set_cookie(response, self.csrf_cookie, cookie)
-                return response
+                return self._signed_in_page(request, session)
             # ForceAuthn / prompt=login / max_age: the user proves it again; the request waits, unused.
         if peeked is not None and peeked.get("prompt_none"):  # no page may be shown: declined
             pending = self.sessions.unpark(pending_key)

@@ -26,7 +26,7 @@ from lxml import etree
 from gateway import Route
 
 from .saml import DS, MD, XSI, SamlIdp, instant
-from .settings import NAMEID_FORMATS, LoginSettings
+from .settings import NAMEID_FORMATS, LoginSettings, WsFedRelyingParty
 from .web import Refused
 
 __all__ = ["WsFed"]
@@ -53,6 +53,7 @@ class WsFed:
     def routes(self, web_door) -> list[Route]:
         self.web = web_door
         web_door.completers["wsfed"] = self.complete
+        web_door.answerable["wsfed"] = self.answer_target
         return [Route("GET", "/wsfed", self.signin),
                 Route("GET", "/FederationMetadata/2007-06/FederationMetadata.xml", self.metadata_handler)]
 
@@ -181,10 +182,19 @@ class WsFed:
         E(assertion, f"{{{DS}}}Signature", Id="placeholder", nsmap={"ds": DS})
         return self.builder.sign(assertion, id_attribute="AssertionID")
 
-    async def complete(self, request: web.Request, pending: dict, session) -> web.Response:
+    def answer_target(self, pending: dict) -> WsFedRelyingParty:
+        """The relying party to answer *pending* for, as configured now: a reload while the user
+        signed in may have removed it (``wsfed.unknown_realm``) or its reply URL
+        (``wsfed.reply_not_registered``)."""
         party = self.parties.get(pending["realm"])
-        if party is None or pending["reply"] not in party.reply_urls:
-            return self.web.refused(request, Refused("wsfed.reply_not_registered", pending["reply"][:200]))
+        if party is None:
+            raise Refused("wsfed.unknown_realm", pending["realm"][:200])
+        if pending["reply"] not in party.reply_urls:
+            raise Refused("wsfed.reply_not_registered", pending["reply"][:200])
+        return party
+
+    async def complete(self, request: web.Request, pending: dict, session) -> web.Response:
+        party = self.answer_target(pending)
         wresult = await asyncio.to_thread(self.token_response, party.realm, session.identity, session.index,
                                           dt.datetime.now(dt.timezone.utc))
         fields = [("wa", "wsignin1.0"), ("wresult", wresult.decode())]
