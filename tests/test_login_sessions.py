@@ -102,3 +102,25 @@ def test_a_touch_keeps_the_record_and_renews_the_expiry(stores):
     assert store.get_session(KEY) == (DATA, 1000.0, 1234.5)
     if isinstance(store, RedisStore):
         assert store.redis.ttl(f"authgw:login:s:{KEY}") > 5  # the session's whole life again, as before
+
+
+def test_expired_parked_requests_are_purged_without_any_sign_in(tmp_path):
+    """Anyone can park a request (/saml/sso, /oidc/authorize): parking purges the expired ones,
+    at most once a minute, so requests nobody finishes do not pile up in the file."""
+    from gateway.plugins.login.sessions import SessionManager
+    from gateway.plugins.login.settings import SessionSettings
+
+    store = SqliteStore(tmp_path / "sessions.sqlite3")
+    manager = SessionManager(SessionSettings(), store, b"k" * 32)
+    try:
+        def pending() -> int:
+            return store.db.execute("SELECT COUNT(*) FROM pending").fetchone()[0]
+
+        for _ in range(50):
+            manager.park({"request": "x" * 1000}, lifetime=-1.0)  # expired at once
+        assert pending() == 50  # the first park purged (nothing yet); the next ones within the minute did not
+        manager._last_purge -= 61  # a minute later
+        kept = manager.park({"request": "live"}, lifetime=600)
+        assert pending() == 1 and manager.peek(kept) == {"request": "live"}
+    finally:
+        store.close()

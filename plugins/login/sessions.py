@@ -404,9 +404,15 @@ class SessionManager:
     # -- pending logins and replay ----------------------------------------------------------------
 
     def park(self, data: dict, lifetime: float) -> str:
-        """Keep *data* (a validated request) for the user's login; returns its single-use id."""
+        """Keep *data* (a validated request) for the user's login; returns its single-use id.
+
+        Requests are parked for anyone, before any sign-in: the expired ones are purged here too
+        (at most once a minute), not only when a session is made, or a flood of requests nobody
+        finishes would grow the SQLite file without end (review)."""
+        now = time.time()
+        self._maybe_purge(now)
         key = secrets.token_urlsafe(24)
-        self.store.put_pending("p:" + key, data, time.time() + lifetime)
+        self.store.put_pending("p:" + key, data, now + lifetime)
         return key
 
     def unpark(self, key: str) -> dict | None:
