@@ -35,7 +35,8 @@ def authn_request(idp_url: str, *, issuer: str = SP_ID, acs: str | None = ACS, d
                   request_id: str = "_r1", body: str = "") -> bytes:
     when = (issued or dt.datetime.now(dt.timezone.utc)).strftime("%Y-%m-%dT%H:%M:%SZ")
     attrs = f' AssertionConsumerServiceURL="{acs}"' if acs else ""
-    attrs += f' Destination="{destination or idp_url + "/saml/sso"}"'
+    if destination != "":  # "": none at all
+        attrs += f' Destination="{destination or idp_url + "/saml/sso"}"'
     attrs += f' ProtocolBinding="{binding}"' if binding else ""
     return (f'<?xml version="1.0"?>{prolog}<samlp:AuthnRequest xmlns:samlp="urn:oasis:names:tc:SAML:2.0:protocol" '
             f'xmlns:saml="urn:oasis:names:tc:SAML:2.0:assertion" ID="{request_id}" Version="2.0" '
@@ -210,6 +211,25 @@ def test_signed_requests_are_required_checked_and_single_use(idp, tmp_path):
     assert refused(response) == "saml.signature_missing"
 
 
+def test_a_signed_request_must_name_its_destination(idp):
+    # SAML bindings 3.4.5.2: a signed request without Destination could be one the SP signed for
+    # another IdP. The same request with it, signed the same way, is accepted.
+    key = serialization.load_pem_private_key(idp.signer[1].read_bytes(), None)
+
+    def signed(request_id: str, destination: str | None) -> str:
+        message = quote(deflated(authn_request(idp.url, issuer=SIGNED_ID, acs=SIGNED_ACS, request_id=request_id,
+                                               destination=destination)), safe="")
+        octets = f"SAMLRequest={message}&SigAlg={quote(RSA_SHA256, safe='')}"
+        signature = base64.b64encode(key.sign(octets.encode(), padding.PKCS1v15(), hashes.SHA256())).decode()
+        return f"/saml/sso?{octets}&Signature={quote(signature, safe='')}"
+
+    assert refused(raw_get(idp, signed("_no_destination", ""))) == "saml.destination_mismatch"
+    assert raw_get(idp, signed("_with_destination", None)).status_code == 303
+    unsigned = idp.client().get(f"{idp.url}/saml/sso", params={"SAMLRequest": deflated(authn_request(
+        idp.url, request_id="_unsigned", destination=""))}, allow_redirects=False)
+    assert unsigned.status_code == 303  # optional in an unsigned request (bindings 3.4.5.2)
+
+
 def test_a_binding_parameter_twice_is_refused_so_the_message_read_is_the_one_signed(idp, tmp_path):
     # A captured signed request and a forged unsigned one in one query: the signature check read
     # the last SAMLRequest, the message used was the first (a forged request, any RelayState).
@@ -312,9 +332,9 @@ def test_a_signature_opens_one_request_even_if_it_was_checked_over_another():
             (ns, ident) in seen or seen.add((ns, ident))))))
     query = read_redirect_query("SAMLRequest=a&SigAlg=s&Signature=" + quote(base64.b64encode(b"sig").decode()))
     message = BindingMessage("SAMLRequest", b"", "", query)
-    SamlIdp.verify_signed(idp, message, sp, parse_xml(b'<r ID="_one"/>'))
+    SamlIdp.verify_signed(idp, message, sp, parse_xml(b'<r ID="_one" Destination="d"/>'))
     with pytest.raises(Refused) as caught:
-        SamlIdp.verify_signed(idp, message, sp, parse_xml(b'<r ID="_two"/>'))
+        SamlIdp.verify_signed(idp, message, sp, parse_xml(b'<r ID="_two" Destination="d"/>'))
     assert caught.value.reason == "saml.request_replayed"
 
 

@@ -8,7 +8,8 @@ A request passes named checks, each with its own reason code (docs/reasons.md), 
 size and decoding (``login.*``), ``saml.not_authn_request``, ``saml.unknown_sp``,
 ``saml.acs_not_registered``, ``saml.binding_unsupported``, ``saml.destination_mismatch``,
 ``saml.request_expired``, then, for SPs with a ``request_certificate``,
-``saml.signature_missing`` / ``saml.signature_invalid`` and ``saml.request_replayed``.
+``saml.signature_missing`` / ``saml.signature_invalid``, ``saml.destination_mismatch`` (a signed
+message must name its Destination) and ``saml.request_replayed``.
 :class:`RequestChecker` and :class:`ResponseBuilder` are sans-I/O (time is passed in); the
 handlers at the bottom do the HTTP.
 
@@ -431,6 +432,11 @@ class SamlIdp:
             signature = _signature_bytes(query.signature)
         else:
             root, signature = self.checker.verify_post_signature(sp, message.data, root)
+        if root.get("Destination") is None:
+            # SAML bindings 3.4.5.2 and 3.5.5.2: a signed message MUST name where it was sent, and
+            # the recipient check it (what it names is checked with the request's other fields),
+            # so that a signature made for another recipient does not open a request here.
+            raise Refused("saml.destination_mismatch", "a signed message names no Destination")
         # A signed request is good once: a captured one cannot be played again, by its ID or by
         # its signature (should a signature ever be checked over another message than the one
         # read, it still opens one request at most).
