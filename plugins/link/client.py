@@ -14,6 +14,7 @@ Requests the relay sends are bounded here, not by trusting the relay: at most
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import dataclasses
 import fcntl
@@ -23,9 +24,12 @@ import os
 import random
 import statistics
 import time
+import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import aiohttp
 from cryptography import x509
@@ -40,7 +44,7 @@ from gateway.plugins import linkproto as proto
 from . import directory, state
 from .settings import LinkSettings
 
-__all__ = ["LinkClient", "LinkStatus"]
+__all__ = ["LinkClient", "LinkStatus", "Proxy", "proxy_for"]
 
 log = logging.getLogger("authgw.plugin.link")
 
@@ -58,6 +62,47 @@ def _identity_json(identity) -> dict[str, Any]:
     locked account on its Kerberos and certificate paths too (docs/security.md)."""
     return {**identity.to_json(), "account_state": identity.account_state,
             "password_state": identity.password_state}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Proxy:
+    """The HTTP proxy the link is tunnelled through (``CONNECT``): its URL without credentials,
+    and the ``Proxy-Authorization`` value its CONNECT carries, if any."""
+
+    url: str
+    authorization: str | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def headers(self) -> dict[str, str] | None:
+        return {"Proxy-Authorization": self.authorization} if self.authorization else None
+
+
+def _basic(username: str, password: str) -> str:
+    # RFC 7617, UTF-8. By hand: aiohttp 3.14 deprecates BasicAuth, and encode_basic_auth is recent
+    return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
+
+
+def proxy_for(settings: LinkSettings, link_url: str) -> Proxy | None:
+    """The proxy for the link to *link_url*: ``proxy`` (with ``proxy_username``/``proxy_password``)
+    if set, else the environment's as urllib (enrolment) picks it for an ``https://`` URL of the
+    same host: ``HTTPS_PROXY`` unless ``NO_PROXY`` names the host, credentials in its URL becoming
+    Basic. Not aiohttp's ``trust_env``: it looks a ``wss://`` URL's proxy up in ``WSS_PROXY``."""
+    if settings.proxy is not None:
+        authorization = None
+        if settings.proxy_username is not None:
+            authorization = _basic(settings.proxy_username, settings.proxy_password.reveal())
+        return Proxy(settings.proxy, authorization)
+    url = urllib.request.getproxies().get("https")
+    host = urlsplit(link_url).netloc.rpartition("@")[2]
+    if not url or urllib.request.proxy_bypass(host):
+        return None
+    if "://" not in url:  # "host:port", as urllib takes it
+        url = "http://" + url
+    parts = urlsplit(url)
+    authorization = None
+    if parts.username is not None:
+        authorization = _basic(unquote(parts.username), unquote(parts.password or ""))
+    return Proxy(parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl(), authorization)
 
 
 #: WebSocket pong round trips the reported latency is the median of.
@@ -87,8 +132,11 @@ class LinkStatus:
 
 
 class LinkClient:
-    def __init__(self, settings: LinkSettings, state_dir: Path, door, hook, version: str) -> None:
+    def __init__(self, settings: LinkSettings, state_dir: Path, door, hook, version: str, *,
+                 clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
+        #: the wall clock deadlines are stamped and checked with (the relay's differs by the skew)
+        self._clock = clock
         self.state_dir = state_dir
         self.door = door
         self.hook = hook
@@ -156,7 +204,7 @@ class LinkClient:
             problem = ""
             if enrolment is None:
                 problem = "not enrolled: run `authgw link enroll TICKET_URL`"
-            elif enrolment.not_after <= time.time():
+            elif enrolment.not_after <= self._clock():
                 expired = enrolment.certificate.not_valid_after_utc.strftime("%Y-%m-%d %H:%M:%SZ")
                 problem = (f"the link certificate expired at {expired}: "
                            "re-enrol with a new ticket (authgw link enroll TICKET_URL)")
@@ -188,25 +236,19 @@ class LinkClient:
             log.info("link: dialling again in %.1fs", wait)
             await asyncio.sleep(wait)
 
-    def _proxy(self) -> tuple[str | None, aiohttp.BasicAuth | None]:
-        auth = None
-        if self.settings.proxy_username is not None:
-            auth = aiohttp.BasicAuth(self.settings.proxy_username, self.settings.proxy_password.reveal())
-        return self.settings.proxy, auth
-
     async def _session(self, enrolment: state.Enrolment) -> None:
         context = enrolment.ssl_context()
-        proxy, proxy_auth = self._proxy()
-        # trust_env: HTTPS_PROXY/NO_PROXY (and credentials in that URL) unless `proxy:` is set.
-        async with aiohttp.ClientSession(trust_env=proxy is None) as http:
+        proxy = proxy_for(self.settings, enrolment.link_url)
+        url, headers = (proxy.url, proxy.headers) if proxy else (None, None)
+        async with aiohttp.ClientSession() as http:  # no trust_env: the proxy was chosen above
             try:
-                await self._linked(http, enrolment, context, proxy, proxy_auth)
+                await self._linked(http, enrolment, context, url, headers)
             except aiohttp.WSServerHandshakeError as exc:
                 if exc.status not in (401, 403):
                     raise
                 # The relay says why in a JSON body the WebSocket handshake does not show.
-                url = "https://" + enrolment.link_url.split("://", 1)[1]
-                async with http.get(url, ssl=context, proxy=proxy, proxy_auth=proxy_auth) as response:
+                https = "https://" + enrolment.link_url.split("://", 1)[1]
+                async with http.get(https, ssl=context, proxy=url, proxy_headers=headers) as response:
                     try:
                         problem = await response.json(content_type=None)
                         why = f"{problem['error']}: {problem['detail']}"
@@ -214,9 +256,9 @@ class LinkClient:
                         why = f"HTTP {exc.status}"
                 raise ConnectionError(f"the relay refused the link: {why}") from None
 
-    async def _linked(self, http, enrolment: state.Enrolment, context, proxy, proxy_auth) -> None:
+    async def _linked(self, http, enrolment: state.Enrolment, context, proxy, proxy_headers) -> None:
         async with http.ws_connect(enrolment.link_url, ssl=context, heartbeat=self.settings.ping_interval,
-                                   max_msg_size=proto.MAX_FRAME, proxy=proxy, proxy_auth=proxy_auth,
+                                   max_msg_size=proto.MAX_FRAME, proxy=proxy, proxy_headers=proxy_headers,
                                    # autoping off: pongs reach _read, which times them (latency)
                                    # and answers the relay's pings itself
                                    autoping=False, timeout=aiohttp.ClientWSTimeout(ws_close=5.0)) as ws:
@@ -227,7 +269,7 @@ class LinkClient:
             reader = asyncio.ensure_future(self._read(ws, enrolment, pending))
             try:
                 await self._ask(ws, pending, "hello", {
-                    "version": self.version, "time": time.time(), "not_after": enrolment.not_after}, reader)
+                    "version": self.version, "time": self._clock(), "not_after": enrolment.not_after}, reader)
                 self.status.connected = True
                 self._live = (ws, pending, reader)
                 self.status.connector = enrolment.connector
@@ -252,7 +294,7 @@ class LinkClient:
             log.warning("link to %s %s", enrolment.link_url, close)
 
     def _note_relay_certificate(self, ws) -> None:
-        """The relay's TLS certificate (already verified with the pinned CA) for the status."""
+        """The relay's TLS certificate (already verified: state.Enrolment.ssl_context) for the status."""
         try:
             der = ws.get_extra_info("ssl_object").getpeercert(binary_form=True)
             cert = x509.load_der_x509_certificate(der)
@@ -291,10 +333,10 @@ class LinkClient:
 
     async def _ask(self, ws, pending: dict[str, asyncio.Future], type_: str, body: dict[str, Any],
                    reader: asyncio.Future) -> dict[str, Any]:
-        request_id, frame = proto.request(type_, body, now=time.time(), timeout=_HELLO_TIMEOUT)
+        request_id, frame = proto.request(type_, body, now=self._clock(), timeout=_HELLO_TIMEOUT)
         future = asyncio.get_running_loop().create_future()
         pending[request_id] = future
-        sent = time.time()
+        sent = self._clock()
         try:
             await ws.send_str(frame)
             done, _ = await asyncio.wait({future, reader}, timeout=_HELLO_TIMEOUT,
@@ -307,7 +349,7 @@ class LinkClient:
         if message.type == proto.ERROR:
             raise ConnectionError(f"the relay refused {type_}: {message.body['code']}: {message.body['detail']}")
         if type_ == "hello" and isinstance(message.body.get("time"), (int, float)):
-            received = time.time()
+            received = self._clock()
             self.status.round_trip = received - sent
             self.status.skew = message.body["time"] - (sent + received) / 2
         return message.body
@@ -327,8 +369,8 @@ class LinkClient:
                 continue
             try:
                 # Deadlines are the relay's clock: tolerate the configured skew, no more.
-                message = proto.decode(msg.data, now=time.time() - self.settings.max_clock_skew, guard=self._guard,
-                                       accept=proto.RELAY_TO_CONNECTOR)
+                message = proto.decode(msg.data, now=self._clock(), skew=self.settings.max_clock_skew,
+                                       guard=self._guard, accept=proto.RELAY_TO_CONNECTOR)
             except proto.ProtocolError as exc:
                 log.warning("link: refused a request: %s", exc)
                 await ws.send_str(proto.error(exc.request_id, exc.code, exc.detail,
@@ -379,12 +421,12 @@ class LinkClient:
             await ws.send_str(frame)
 
     def _time_left(self, message: proto.Message) -> float:
-        return max(0.0, message.deadline + self.settings.max_clock_skew - time.time())
+        return max(0.0, message.deadline + self.settings.max_clock_skew - self._clock())
 
     async def _serve(self, enrolment: state.Enrolment, message: proto.Message) -> dict[str, Any]:
         body = message.body
         if message.type == "ping":
-            return {"time": time.time()}
+            return {"time": self._clock()}
         if message.type == "authenticate":
             username, sealed = body.get("username"), body.get("password")
             if not isinstance(username, str) or not 0 < len(username) <= _MAX_USERNAME or not username.isprintable():
@@ -451,7 +493,7 @@ class LinkClient:
         """At two thirds of the certificate's life, send a CSR for the same name and key over
         the link and store the new certificate: this link goes on, the next dial presents it."""
         while True:
-            await asyncio.sleep(max(0.0, enrolment.renew_at - time.time()))
+            await asyncio.sleep(max(0.0, enrolment.renew_at - self._clock()))
             csr = (x509.CertificateSigningRequestBuilder()
                    .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, enrolment.connector)]))
                    .sign(enrolment.key, hashes.SHA256()))

@@ -9,11 +9,9 @@ Each test names what it checked and, when it fails, what to do about it. They ru
 from __future__ import annotations
 
 import asyncio
-import base64
 import socket
 import ssl
 import time
-import urllib.request
 from datetime import datetime, timezone
 from urllib.parse import urlsplit
 
@@ -23,6 +21,7 @@ from gateway import CheckResult, SelfTest
 from gateway.plugins import linkproto as proto
 
 from . import state
+from .client import Proxy, proxy_for
 
 __all__ = ["selftests"]
 
@@ -32,16 +31,6 @@ _REENROL = "re-enrol with a new ticket: authgw link enroll TICKET_URL"
 
 def _when(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
-
-
-def _proxy_for(plugin, url: str) -> str | None:
-    if plugin.settings.proxy:
-        return plugin.settings.proxy
-    host = urlsplit(url).hostname or ""
-    proxies = urllib.request.getproxies()
-    if not proxies.get("https") or urllib.request.proxy_bypass(host):
-        return None
-    return proxies["https"]
 
 
 def selftests(plugin) -> list[SelfTest]:
@@ -67,7 +56,7 @@ def selftests(plugin) -> list[SelfTest]:
         return tests
     parts = urlsplit(enrolment.link_url)
     host, port = parts.hostname or "", parts.port or 443
-    proxy = _proxy_for(plugin, enrolment.link_url)
+    proxy = proxy_for(plugin.settings, enrolment.link_url)  # the link's own choice (client.py)
 
     def dns() -> CheckResult:
         try:
@@ -79,7 +68,7 @@ def selftests(plugin) -> list[SelfTest]:
         return CheckResult.ok(f"{host} -> {', '.join(addresses)}")
 
     def tcp() -> CheckResult:
-        target = (urlsplit(proxy).hostname, urlsplit(proxy).port or 80) if proxy else (host, port)
+        target = (urlsplit(proxy.url).hostname, urlsplit(proxy.url).port or 80) if proxy else (host, port)
         started = time.monotonic()
         try:
             with socket.create_connection(target, timeout=_TIMEOUT):
@@ -92,15 +81,10 @@ def selftests(plugin) -> list[SelfTest]:
                               + (" (proxy)" if proxy else ""))
 
     def through_proxy() -> CheckResult:
-        proxy_parts = urlsplit(proxy)
+        proxy_parts = urlsplit(proxy.url)
         request = f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n"
-        if plugin.settings.proxy_username is not None:
-            token = base64.b64encode(f"{plugin.settings.proxy_username}:"
-                                     f"{plugin.settings.proxy_password.reveal()}".encode()).decode()
-            request += f"Proxy-Authorization: Basic {token}\r\n"
-        elif proxy_parts.username:
-            token = base64.b64encode(f"{proxy_parts.username}:{proxy_parts.password or ''}".encode()).decode()
-            request += f"Proxy-Authorization: Basic {token}\r\n"
+        if proxy.authorization:
+            request += f"Proxy-Authorization: {proxy.authorization}\r\n"
         try:
             with socket.create_connection((proxy_parts.hostname, proxy_parts.port or 80), timeout=_TIMEOUT) as sock:
                 sock.sendall((request + "\r\n").encode())
@@ -120,11 +104,11 @@ def selftests(plugin) -> list[SelfTest]:
                 with context.wrap_socket(sock, server_hostname=host) as tls_sock:
                     version = tls_sock.version()
         except ssl.SSLCertVerificationError as exc:
-            return CheckResult.fail(f"the relay's certificate does not verify with the pinned CA: {exc.verify_message}",
+            return CheckResult.fail(f"the relay's certificate does not verify with {enrolment.trust}: {exc.verify_message}",
                                     "a TLS-inspecting proxy or the wrong relay? re-enrol if the relay changed its CA")
         except (OSError, ssl.SSLError) as exc:
             return CheckResult.fail(f"TLS with {host}:{port} failed: {exc}")
-        return CheckResult.ok(f"{version} with {host}:{port}, relay certificate verified with the pinned CA")
+        return CheckResult.ok(f"{version} with {host}:{port}, relay certificate verified with {enrolment.trust}")
 
     def linked() -> CheckResult:
         try:
@@ -150,15 +134,13 @@ def selftests(plugin) -> list[SelfTest]:
     return tests
 
 
-async def _hello(plugin, enrolment: state.Enrolment, proxy: str | None) -> tuple[float, float]:
+async def _hello(plugin, enrolment: state.Enrolment, proxy: Proxy | None) -> tuple[float, float]:
     """Dial the link (through the proxy, with the pinned CA and our certificate), send hello;
     returns (round trip, clock skew) in seconds."""
-    auth = None
-    if plugin.settings.proxy_username is not None:
-        auth = aiohttp.BasicAuth(plugin.settings.proxy_username, plugin.settings.proxy_password.reveal())
-    async with aiohttp.ClientSession(trust_env=plugin.settings.proxy is None) as http:
-        async with http.ws_connect(enrolment.link_url, ssl=enrolment.ssl_context(), proxy=plugin.settings.proxy,
-                                   proxy_auth=auth, max_msg_size=proto.MAX_FRAME,
+    async with aiohttp.ClientSession() as http:  # no trust_env: the proxy is the link's (proxy_for)
+        async with http.ws_connect(enrolment.link_url, ssl=enrolment.ssl_context(),
+                                   proxy=proxy.url if proxy else None, proxy_headers=proxy.headers if proxy else None,
+                                   max_msg_size=proto.MAX_FRAME,
                                    timeout=aiohttp.ClientWSTimeout(ws_receive=_TIMEOUT, ws_close=2.0)) as ws:
             sent = time.time()
             # probe: the relay answers, but neither routes to this link nor lets it replace the
