@@ -84,6 +84,44 @@ def test_the_replay_guard_forgets_only_expired_nonces():
     assert not guard.fresh("b" * 16, NOW + 100, NOW + 2)
 
 
+def test_a_tolerated_skew_widens_the_deadline_checks_both_ways():
+    behind = _frame(deadline=NOW - 29)  # stamped by a clock 34 s behind ours, 5 s ahead of its own
+    with pytest.raises(proto.ProtocolError) as refused:
+        proto.decode(behind, now=NOW, guard=proto.ReplayGuard())
+    assert refused.value.code == "expired"
+    assert proto.decode(behind, now=NOW, skew=30, guard=proto.ReplayGuard()).deadline == NOW - 29
+    with pytest.raises(proto.ProtocolError) as refused:
+        proto.decode(_frame(deadline=NOW - 31), now=NOW, skew=30)
+    assert refused.value.code == "expired" and "more than the 30s of clock skew tolerated" in refused.value.detail
+    ahead = _frame(deadline=NOW + proto.MAX_AHEAD + 29)  # a clock ahead, its request as far as allowed
+    assert proto.decode(ahead, now=NOW, skew=30).deadline == NOW + proto.MAX_AHEAD + 29
+    with pytest.raises(proto.ProtocolError) as refused:
+        proto.decode(_frame(deadline=NOW + proto.MAX_AHEAD + 31), now=NOW, skew=30)
+    assert refused.value.code == "bad_request"
+    for skew in (-1.0, float("nan"), float("inf")):  # NaN would pass every comparison
+        with pytest.raises(ValueError):
+            proto.decode(behind, now=NOW, skew=skew)
+
+
+def test_the_replay_guard_keeps_a_nonce_as_long_as_the_skew_lets_its_request_in():
+    # Past its deadline but within the skew, a request is still accepted: its nonce must still
+    # be known, even when the guard is full and forgets what has expired.
+    guard = proto.ReplayGuard(max_entries=2)  # one request: its nonce and its id
+    proto.decode(_frame(deadline=NOW + 5), now=NOW, skew=30, guard=guard)
+    later = NOW + 20
+    with pytest.raises(proto.ProtocolError) as refused:  # full of one live request: refuse, do not forget
+        proto.decode(_frame(id="other", nonce="m" * 22, deadline=later + 5), now=later, skew=30, guard=guard)
+    assert refused.value.code == "replayed"
+    with pytest.raises(proto.ProtocolError) as refused:
+        proto.decode(_frame(deadline=NOW + 5), now=later, skew=30, guard=guard)
+    assert refused.value.code == "replayed"
+    gone = NOW + 36  # deadline + skew passed: expired, and forgotten to make room
+    with pytest.raises(proto.ProtocolError) as refused:
+        proto.decode(_frame(deadline=NOW + 5), now=gone, skew=30, guard=guard)
+    assert refused.value.code == "expired"
+    proto.decode(_frame(id="other", nonce="m" * 22, deadline=gone + 5), now=gone, skew=30, guard=guard)
+
+
 CONNECTOR = "acme-0000abcd"
 BODY = {"username": "alice", "client": "203.0.113.7", "request_id": "r1", "front_door": "forward_auth"}
 

@@ -223,7 +223,7 @@ def test_check_runs_the_cloud_connection_test(site):
     assert check.returncode == 0, check.stdout
     for name in ("link.enrolment", "link.dns[127.0.0.1]", "link.tcp", "link.tls[127.0.0.1:", "link.link"):
         assert f"PASS  {name}" in check.stdout, check.stdout
-    assert "clock skew" in check.stdout and "verified with the pinned CA" in check.stdout
+    assert "clock skew" in check.stdout and "verified with the pinned relay CA" in check.stdout
 
 
 def test_operators_see_live_links_and_a_connector_selftest(site):

@@ -10,7 +10,9 @@ Frames are WebSocket text frames holding one JSON object each:
   wall-clock Unix time (requests cross machines, so no monotonic clock can be shared), ``nonce``
   a one-time random string; the receiver refuses an expired request (``expired``), a nonce it
   has already seen (``replayed``), and a deadline too far ahead (``bad_request``), which bounds
-  the memory a replay guard needs.
+  the memory a replay guard needs. Each end tolerates a configured clock skew with the other
+  both ways (``decode(skew=)``), and remembers a nonce for as long as that makes its request
+  acceptable.
 * an **answer** ``{"v": 2, "id", "type": "answer", "body"}`` or an **error**
   ``{"v": 2, "id", "type": "error", "body": {"code", "detail"}}``, ``id`` being the request's.
   Error frames keep that shape in every version, so each end can read the other's refusal of
@@ -50,7 +52,8 @@ __all__ = [
 VERSION = 2
 #: Largest frame either side accepts (bytes); WebSocket readers are configured with it too.
 MAX_FRAME = 64 * 1024
-#: Largest ``deadline - now`` a receiver accepts: nonces are remembered this long, no longer.
+#: Largest ``deadline - now`` a receiver accepts (plus the clock skew it tolerates): nonces are
+#: remembered this long (plus that skew), no longer.
 MAX_AHEAD = 120.0
 #: Most users one ``search_users`` answer holds: a page of profiles must fit one frame.
 MAX_SEARCH_LIMIT = 100
@@ -147,9 +150,16 @@ def error(request_id: str | None, code: str, detail: str, *, version: int = VERS
 
 
 def decode(text: str | bytes, *, now: float, guard: ReplayGuard | None = None,
-           accept: frozenset[str] = REQUEST_TYPES) -> Message:
+           accept: frozenset[str] = REQUEST_TYPES, skew: float = 0.0) -> Message:
     """Parse and check one frame. Requests are checked for version, type (*accept*), deadline
-    and, with *guard*, replay. Raises :class:`ProtocolError` with the code to answer."""
+    and, with *guard*, replay. Raises :class:`ProtocolError` with the code to answer.
+
+    *skew* is the clock difference with the sender tolerated, either way: a deadline is stamped
+    with the sender's clock, so a request is expired only when it passed more than *skew* ago
+    by ours, and too far ahead beyond ``now + skew +`` :data:`MAX_AHEAD`. The guard then keeps
+    its nonce until ``deadline + skew``, all the time it could be accepted again."""
+    if not 0.0 <= skew < math.inf:  # a NaN would pass every deadline check
+        raise ValueError(f"skew must be finite seconds >= 0, not {skew!r}")
     if len(text) > MAX_FRAME:
         raise ProtocolError("bad_request", f"frame larger than {MAX_FRAME} bytes")
     try:
@@ -182,36 +192,38 @@ def decode(text: str | bytes, *, now: float, guard: ReplayGuard | None = None,
         raise ProtocolError("bad_request", "`deadline` must be a Unix time", request_id)
     if not isinstance(nonce, str) or not 16 <= len(nonce) <= 64:
         raise ProtocolError("bad_request", "`nonce` must be a string of 16-64 characters", request_id)
-    if deadline < now:
-        raise ProtocolError("expired", f"deadline passed {now - deadline:.3f}s ago", request_id)
-    if deadline > now + MAX_AHEAD:
-        raise ProtocolError("bad_request", f"deadline more than {MAX_AHEAD:.0f}s ahead", request_id)
-    if guard is not None and not guard.fresh(nonce, deadline, now, request_id):
+    if deadline < now - skew:
+        beyond = f", more than the {skew:g}s of clock skew tolerated" if skew else ""
+        raise ProtocolError("expired", f"deadline passed {now - deadline:.3f}s ago{beyond}", request_id)
+    if deadline > now + skew + MAX_AHEAD:
+        raise ProtocolError("bad_request", f"deadline more than {MAX_AHEAD + skew:.0f}s ahead", request_id)
+    if guard is not None and not guard.fresh(nonce, deadline + skew, now, request_id):
         raise ProtocolError("replayed", "this nonce or request id was already used", request_id)
     return Message(request_id, type_, body, float(deadline), nonce)
 
 
 class ReplayGuard:
     """Nonces and request ids seen and not yet expired. Each is remembered until its request's
-    deadline, after which :func:`decode` refuses the request as expired anyway; :data:`MAX_AHEAD`
-    bounds that. A connector keeps one for its process, not one per link: a request copied onto
-    the next link is a replay too."""
+    deadline plus the clock skew tolerated, after which :func:`decode` refuses the request as
+    expired anyway; :data:`MAX_AHEAD` and the skew bound that. A connector keeps one for its
+    process, not one per link: a request copied onto the next link is a replay too."""
 
     def __init__(self, max_entries: int = 200_000) -> None:
         self._seen: dict[tuple[str, str], float] = {}
         self._max = max_entries
 
-    def fresh(self, nonce: str, deadline: float, now: float, request_id: str | None = None) -> bool:
-        """Record the request's nonce (and *request_id*); ``False`` if either was seen before."""
+    def fresh(self, nonce: str, until: float, now: float, request_id: str | None = None) -> bool:
+        """Record the request's nonce (and *request_id*) until *until*, when it can no longer be
+        accepted; ``False`` if either was seen before."""
         keys = [("nonce", nonce)] + ([("id", request_id)] if request_id is not None else [])
         if any(key in self._seen for key in keys):
             return False
         if len(self._seen) + len(keys) > self._max:
-            self._seen = {k: d for k, d in self._seen.items() if d >= now}
+            self._seen = {k: u for k, u in self._seen.items() if u >= now}
             if len(self._seen) + len(keys) > self._max:  # flooded with live nonces: refuse rather than forget
                 return False
         for key in keys:
-            self._seen[key] = deadline
+            self._seen[key] = until
         return True
 
 

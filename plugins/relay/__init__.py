@@ -14,7 +14,8 @@ Abstains
     ``cache: {methods: [relay]}`` the cache then answers users it has seen.
 Settings (``relay:`` in conf.d)
     ``connection``, ``listen``, ``public_url``, ``public_names``, ``certificate``, ``key``,
-    ``ticket_lifetime``, ``certificate_lifetime``, ``ping_interval``, ``max_in_flight``, ``redis``.
+    ``ticket_lifetime``, ``certificate_lifetime``, ``ping_interval``, ``max_in_flight``,
+    ``max_clock_skew``, ``redis``.
 Health
     ``relay.CONNECTION``: the connectors linked to this process; the step cannot answer without
     one (``required``). ``relay.store`` (with ``redis:`` only): a ``PING`` on a client of its

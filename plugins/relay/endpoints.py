@@ -348,8 +348,10 @@ class Endpoints:
                     break
                 else:
                     try:
-                        message = proto.decode(msg.data, now=time.time(), guard=session.guard,
-                                               accept=proto.CONNECTOR_TO_RELAY)
+                        # Deadlines are the connector's clock: one running behind could never
+                        # say hello otherwise. The session's guard keeps nonces as long (decode).
+                        message = proto.decode(msg.data, now=time.time(), skew=self.settings.max_clock_skew,
+                                               guard=session.guard, accept=proto.CONNECTOR_TO_RELAY)
                     except proto.ProtocolError as exc:
                         bad += 1
                         if exc.peer_version is not None:  # answered in its version, so that it can read it

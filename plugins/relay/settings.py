@@ -43,6 +43,8 @@ class RelaySettings(PluginSettings):
                                         "connectors renew at two thirds of it")
     ping_interval: float = Field(5.0, gt=0, le=60, description="seconds between WebSocket pings on a link")
     max_in_flight: int = Field(64, ge=1, description="requests one link carries at once")
+    max_clock_skew: float = Field(30.0, ge=0, le=300, description="seconds of clock difference with a connector "
+                                  "tolerated on the deadlines of its requests (hello, renew, drain)")
     redis: RedisSettings | None = Field(None, description="share state between relay instances (absent: SQLite "
                                         "in the state directory, one instance)")
 
