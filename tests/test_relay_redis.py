@@ -227,3 +227,38 @@ def test_redis_lost_while_a_login_is_forwarded_answers_unavailable(tmp_path, sla
             except ProcessLookupError:
                 pass
         connector.stop()
+
+
+def test_a_hello_while_the_relay_store_is_down_is_refused_as_unavailable(tmp_path, slapd):
+    """The link is authenticated against the registry when it opens; Redis gone before its hello:
+    the hello cannot be recorded (nor routed), so it is refused, ``unavailable``, and the
+    connector dials again later; never an unhandled error in the link's handler."""
+    import asyncio
+
+    import aiohttp
+
+    from gateway.plugins import linkproto as proto
+
+    redis = RedisServer(tmp_path / "redis").start()
+    relay = Relay(tmp_path / "relay", cache=False, redis_url=redis.url)
+    try:
+        relay.setup().start()
+        identity = Connector(tmp_path / "c1", slapd).enroll(relay.ticket(), relay.ca_file)
+        context = ssl.create_default_context(cafile=str(relay.ca_file))
+        context.load_cert_chain(str(identity.state / "link" / "cert.pem"), str(identity.state / "link" / "key.pem"))
+
+        async def hello_after_redis_stops() -> dict:
+            async with aiohttp.ClientSession() as http:
+                async with http.ws_connect(f"wss://127.0.0.1:{relay.port}/link", ssl=context) as ws:
+                    redis.stop()
+                    await ws.send_str(proto.request("hello", {"version": "test"}, now=time.time(), timeout=10)[1])
+                    return json.loads((await ws.receive(timeout=15)).data)
+
+        answer = asyncio.run(hello_after_redis_stops())
+        assert (answer["type"], answer["body"]["code"]) == ("error", "unavailable"), answer
+        assert identity.connector_id not in relay.ready_links()
+        output = relay.process.output()
+        assert "Traceback" not in output and "a request handler raised" not in output, output[-3000:]
+    finally:
+        relay.stop()
+        redis.stop()

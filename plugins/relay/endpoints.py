@@ -390,6 +390,15 @@ class Endpoints:
             if session.closing:  # a newer link of this connector said hello first
                 return proto.error(message.id, "unavailable", "a newer link of this connector replaced this one")
             session.version = str(message.body.get("version", ""))[:64]
+            try:  # recorded before the link is used: with the registry gone it fails closed, as a new link does
+                await self._store(self.plugin.store.seen, session.connector, session.version,
+                                  time.time() + 3 * self.settings.ping_interval)
+                if self.plugin.hub.router is not None:
+                    await self.plugin.hub.router.linked(session.connection, session.connector)
+            except (StoreUnavailable, RedisError) as exc:
+                log.info("relay registry unavailable (%s): refused the hello of connector %s",
+                         exc.__class__.__name__, session.connector)
+                return proto.error(message.id, "unavailable", "the relay cannot record this link now; try again later")
             for old in self.plugin.hub.make_ready(session):
                 # One link per connector id: a connector that lost its link (a network blip)
                 # dials again before the old one is known dead, and must get its requests on the
@@ -397,10 +406,6 @@ class Endpoints:
                 log.warning("connector %s linked again from %s: closing its older link from %s",
                             session.connector, session.peer, old.peer)
                 asyncio.ensure_future(_close_replaced(old))
-            if self.plugin.hub.router is not None:
-                await self.plugin.hub.router.linked(session.connection, session.connector)
-            await self._store(self.plugin.store.seen, session.connector, session.version,
-                              time.time() + 3 * self.settings.ping_interval)
             return proto.answer(message.id, {"time": time.time(), "connector": session.connector,
                                              "not_after": session.not_after})
         if message.type == "drain":
