@@ -240,7 +240,12 @@ class LinkClient:
         context = enrolment.ssl_context()
         proxy = proxy_for(self.settings, enrolment.link_url)
         url, headers = (proxy.url, proxy.headers) if proxy else (None, None)
-        async with aiohttp.ClientSession() as http:  # no trust_env: the proxy was chosen above
+        # Opening the link is bounded (aiohttp's default is 300 s in all: a relay address that
+        # takes the TCP connection and then says nothing held every re-dial that long); the link,
+        # once open, is not (its pings are).
+        dial = aiohttp.ClientTimeout(total=None, connect=self.settings.dial_timeout,
+                                     sock_read=self.settings.dial_timeout)
+        async with aiohttp.ClientSession(timeout=dial) as http:  # no trust_env: the proxy was chosen above
             try:
                 await self._linked(http, enrolment, context, url, headers)
             except aiohttp.WSServerHandshakeError as exc:

@@ -17,6 +17,9 @@ class LinkSettings(PluginSettings):
                                  "without a pong for as long is closed and dialled again")
     backoff_initial: float = Field(0.5, gt=0, le=60, description="seconds before the first re-dial (jittered)")
     backoff_max: float = Field(30.0, gt=0, le=3600, description="longest wait between re-dials (jittered)")
+    dial_timeout: float = Field(15.0, gt=0, le=300, description="seconds a dial may take to open the link (TCP, "
+                                "the proxy's CONNECT, TLS, the WebSocket upgrade) before it is given up and "
+                                "dialled again")
     max_clock_skew: float = Field(5.0, ge=0, le=300, description="seconds of clock difference with the relay "
                                   "tolerated on request deadlines; `authgw check` warns above it")
     max_concurrent: int = Field(64, ge=1, le=1024, description="requests the connector works on at once")
