@@ -234,7 +234,9 @@ def test_api_answers_with_the_typed_decision(api):
 
 
 @pytest.mark.parametrize("body", [b"", b"{", b"[]", b'{"username": 1, "password": "x"}', b'{"username": "a"}',
-                                  b'{"username": "a", "password": "b", "extra": 1}', b"\xff\xfe", b"x" * 9000])
+                                  b'{"username": "a", "password": "b", "extra": 1}', b"\xff\xfe", b"x" * 9000,
+                                  # a key twice: something in front may have read the other one
+                                  b'{"username": "bob", "username": "alice", "password": "' + PASSWORD.encode() + b'"}'])
 def test_api_garbage_is_a_400_never_a_500(api, body):
     gw, headers = api
     r = gw.post("/v1/authenticate", body, headers)

@@ -262,7 +262,7 @@ class FrontDoor:
                 raise ValueError("request body too large")
             if _too_deep(body):
                 raise ValueError("JSON nested too deeply")
-            data = json.loads(body)
+            data = json.loads(body, object_pairs_hook=_unique_keys)
             if not isinstance(data, dict) or set(data) - {"username", "password"}:
                 raise ValueError("expected an object with `username` and `password`")
             username, password = data.get("username"), data.get("password")
@@ -326,6 +326,16 @@ async def read_body(request: web.Request, limit: int) -> bytes:
             break
         body += chunk
     return body
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object, refused when a key comes twice: ``json`` keeps the last one, while a
+    proxy or WAF in front may have read the first (``{"username": "bob", "username": "alice"}``
+    checked as bob, decided as alice)."""
+    data = dict(pairs)
+    if len(data) != len(pairs):
+        raise ValueError("a key given twice")
+    return data
 
 
 def _too_deep(body: bytes) -> bool:

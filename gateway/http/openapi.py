@@ -53,7 +53,7 @@ def openapi_document(version: str) -> dict[str, Any]:
                                                    "`user_not_found`, `account_state`, `not_applicable`, "
                                                    "`error`) with `identity: null`."},
                 "400": {**_error("bad_request", "expected an object with `username` and `password`"),
-                        "description": "The body is not a JSON object of two strings, is over 8 KiB, "
+                        "description": "The body is not a JSON object of two strings (each key once), is over 8 KiB, "
                                        "is nested deeper than 32, or did not arrive within "
                                        "`limits.body_timeout`."},
                 "401": {**_error("unauthorized", "a valid API token is required"),
