@@ -214,6 +214,8 @@ def test_api_requires_a_token(api):
 @pytest.mark.parametrize("username, password, reason", [
     ("alice", "\ud800", "malformed_encoding"), ("\udfff", "pw", "malformed_encoding"),
     ("alice", "", "empty_password"), ("a" * 300, "pw", "malformed_username"),
+    ("\ufdfa" * 80, "pw", "malformed_username"),  # 240 bytes sent, 2,640 after NFKC
+    ("ali\x85ce", "pw", "malformed_username"),  # a C1 control (NEL)
 ])
 def test_api_refuses_malformed_credentials_with_a_typed_answer(api, username, password, reason):
     gw, headers = api

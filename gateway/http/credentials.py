@@ -20,8 +20,8 @@ __all__ = ["MalformedCredentials", "parse_authorization", "check_password_creden
 MAX_USERNAME_BYTES = 256
 MAX_PASSWORD_BYTES = 1024
 MAX_TOKEN_BYTES = 64 * 1024
-#: A control character (C0 or DEL): never part of a username.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: A control character (C0, DEL or C1): never part of a username.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 class MalformedCredentials(ValueError):
@@ -47,7 +47,10 @@ def check_password_credential(username: str, password: str) -> PasswordCredentia
     if len(password_bytes) > MAX_PASSWORD_BYTES:
         raise MalformedCredentials("password_too_long")
     credential = PasswordCredential(username, password)
-    if not credential.username:  # " " or a zero-width space: nothing left after canonicalising
+    # " " or a zero-width space: nothing left after canonicalising; or a name NFKC made longer
+    # than the limit (U+FDFA is 18 characters, 33 bytes, in NFKC): the limit holds for the name
+    # plugins see and logs write, not only for the one sent.
+    if not credential.username or len(credential.username.encode("utf-8")) > MAX_USERNAME_BYTES:
         raise MalformedCredentials("malformed_username")
     return credential
 
