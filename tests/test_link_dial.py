@@ -8,16 +8,8 @@ from __future__ import annotations
 import socket
 import threading
 
-from support.linkenv import Connector, Relay
+from support.linkenv import Connector, NoDirectory, Relay
 from support.net import wait_for
-
-
-class _NoDirectory:
-    """The connector's conf.d needs an LDAP step; this one points nowhere (no login is made)."""
-
-    def plugin_settings(self, mode, **overrides):
-        return {"preset": "openldap", "base_dn": "dc=example,dc=com", "servers": ["ldap://127.0.0.1:9"],
-                "insecure": True, "direct_bind": "uid={username},ou=people,dc=example,dc=com", **overrides}
 
 
 class _Silent:
@@ -47,10 +39,13 @@ class _Silent:
 
 
 def test_a_silent_relay_address_is_dialled_again_after_the_dial_timeout(tmp_path):
-    relay = Relay(tmp_path / "relay", cache=False).setup().start()
-    connector = Connector(tmp_path / "c1", _NoDirectory(), link={"dial_timeout": 1.0, "backoff_max": 0.5})
-    connector.enroll(relay.ticket(), relay.ca_file)
-    relay.stop()
+    relay = Relay(tmp_path / "relay", cache=False).setup()
+    connector = Connector(tmp_path / "c1", NoDirectory(), link={"dial_timeout": 1.0, "backoff_max": 0.5})
+    try:
+        relay.start()
+        connector.enroll(relay.ticket(), relay.ca_file)
+    finally:
+        relay.stop()
     silent = _Silent(relay.port)
     try:
         connector.start()

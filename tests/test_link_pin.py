@@ -73,18 +73,30 @@ class _Impostor:
             await runner.cleanup()
 
 
-def test_a_relay_ca_certificate_pins_the_link_to_the_relay_ca(tmp_path):
-    inspection = CA.create("Corporate TLS inspection CA")
-    relay = Relay(tmp_path / "relay", cache=False).setup().start()
-    system_store = tmp_path / "system.pem"
-    system_store.write_bytes(relay.ca_file.read_bytes() + inspection.pem)
-    env = {"SSL_CERT_FILE": str(system_store)}
-    conf, state = _connector(tmp_path / "c1")
-    enrolment = _enroll(conf, state, relay.ticket(), env)
-    assert enrolment["pinned"] is True and "pinned" in enrolment["stdout"]
+def _linked(conf: Path, state: Path, env: dict[str, str], relay: Relay, connector_id: str) -> GatewayProcess:
+    """``authgw serve`` of the connector, once the relay lists its link (stopped if it never does)."""
     connector = GatewayProcess(conf, state, env=env).start()
     try:
-        wait_for(lambda: enrolment["connector"] in relay.ready_links(), 20, what="the link", log=connector.output)
+        wait_for(lambda: connector_id in relay.ready_links(), 20, what="the link", log=connector.output)
+    except BaseException:
+        connector.stop()
+        raise
+    return connector
+
+
+def test_a_relay_ca_certificate_pins_the_link_to_the_relay_ca(tmp_path):
+    inspection = CA.create("Corporate TLS inspection CA")
+    relay = Relay(tmp_path / "relay", cache=False).setup()
+    connector = None
+    try:
+        relay.start()
+        system_store = tmp_path / "system.pem"
+        system_store.write_bytes(relay.ca_file.read_bytes() + inspection.pem)
+        env = {"SSL_CERT_FILE": str(system_store)}
+        conf, state = _connector(tmp_path / "c1")
+        enrolment = _enroll(conf, state, relay.ticket(), env)
+        assert enrolment["pinned"] is True and "pinned" in enrolment["stdout"]
+        connector = _linked(conf, state, env, relay, enrolment["connector"])
         relay.stop()  # someone else answers at the relay's address now (DNS, a route, a proxy)
         cert, key = inspection.issue("relay", ips=["127.0.0.1"], server=True).write(tmp_path, "impostor")
         impostor = _Impostor(relay.port, str(cert), str(key))
@@ -101,7 +113,8 @@ def test_a_relay_ca_certificate_pins_the_link_to_the_relay_ca(tmp_path):
         asyncio.run(impostor.serve(until=lambda: impostor.hellos > 0))
         assert impostor.hellos > 0
     finally:
-        connector.stop()
+        if connector is not None:
+            connector.stop()
         relay.stop()
 
 
@@ -112,14 +125,13 @@ def test_an_operator_certificate_leaves_the_link_on_what_verified_enrolment(tmp_
     settings = json.loads((relay.conf / "relay.yaml").read_text().split("relay: ", 1)[1])
     write_conf(relay.conf, {"relay.yaml": "relay: " + json.dumps({**settings, "certificate": str(cert),
                                                                    "key": str(key)}) + "\n"})
-    relay.setup().start()
-    env = {"SSL_CERT_FILE": str(write_bundle(tmp_path / "system.pem", public))}  # not the relay CA
-    conf, state = _connector(tmp_path / "c1")
-    enrolment = _enroll(conf, state, relay.ticket(), env)
-    assert enrolment["pinned"] is False and "not pinned" in enrolment["stdout"]
-    connector = GatewayProcess(conf, state, env=env).start()
+    relay.setup()
     try:
-        wait_for(lambda: enrolment["connector"] in relay.ready_links(), 20, what="the link", log=connector.output)
+        relay.start()
+        env = {"SSL_CERT_FILE": str(write_bundle(tmp_path / "system.pem", public))}  # not the relay CA
+        conf, state = _connector(tmp_path / "c1")
+        enrolment = _enroll(conf, state, relay.ticket(), env)
+        assert enrolment["pinned"] is False and "not pinned" in enrolment["stdout"]
+        _linked(conf, state, env, relay, enrolment["connector"]).stop()
     finally:
-        connector.stop()
         relay.stop()

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from support.linkenv import Connector, Relay
+from support.linkenv import Connector, NoDirectory, Relay
 from support.pki import unknown_algorithm_csrs
 
 
@@ -53,7 +53,7 @@ def test_a_ticket_enrols_one_connector_with_its_own_key(relay, tmp_path):
     assert token not in json.dumps(db.execute("SELECT * FROM tickets").fetchall())
     assert (relay.state / "relay" / "ca" / "ca.key").stat().st_mode & 0o777 == 0o600
 
-    connector = Connector(tmp_path / "c1", slapd=_NoDirectory()).enroll(url, relay.ca_file)
+    connector = Connector(tmp_path / "c1", slapd=NoDirectory()).enroll(url, relay.ca_file)
     link = connector.state / "link"
     assert (link / "key.pem").stat().st_mode & 0o777 == 0o600
     cert = x509.load_pem_x509_certificate((link / "cert.pem").read_bytes())
@@ -64,7 +64,7 @@ def test_a_ticket_enrols_one_connector_with_its_own_key(relay, tmp_path):
     assert (link / "relay-ca.pem").read_bytes() == relay.ca_file.read_bytes()
 
     # the same ticket a second time: refused, clearly, exit 1
-    again = Connector(tmp_path / "c2", slapd=_NoDirectory()).cli("link", "enroll", url, "--ca", str(relay.ca_file))
+    again = Connector(tmp_path / "c2", slapd=NoDirectory()).cli("link", "enroll", url, "--ca", str(relay.ca_file))
     assert again.returncode == 1
     errors = [line for line in again.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "ticket_used" in errors[0]
@@ -75,19 +75,19 @@ def test_a_ticket_enrols_one_connector_with_its_own_key(relay, tmp_path):
 def test_expired_and_unknown_tickets_are_refused(relay, tmp_path):
     url = relay.ticket("--lifetime", "1")
     time.sleep(1.5)
-    result = Connector(tmp_path / "c1", slapd=_NoDirectory()).cli("link", "enroll", url, "--ca", str(relay.ca_file))
+    result = Connector(tmp_path / "c1", slapd=NoDirectory()).cli("link", "enroll", url, "--ca", str(relay.ca_file))
     assert result.returncode == 1 and "ticket_expired" in result.stderr
     unknown = url.rsplit("/", 1)[0] + "/" + "x" * 43
-    result = Connector(tmp_path / "c2", slapd=_NoDirectory()).cli("link", "enroll", unknown, "--ca", str(relay.ca_file))
+    result = Connector(tmp_path / "c2", slapd=NoDirectory()).cli("link", "enroll", unknown, "--ca", str(relay.ca_file))
     assert result.returncode == 1 and "ticket_unknown" in result.stderr
     assert not (tmp_path / "c2" / "state" / "link" / "cert.pem").exists()
 
 
 def test_enrolment_needs_a_verified_relay(relay, tmp_path):
     url = relay.ticket()
-    result = Connector(tmp_path / "c1", slapd=_NoDirectory()).cli("link", "enroll", url)  # system CAs only
+    result = Connector(tmp_path / "c1", slapd=NoDirectory()).cli("link", "enroll", url)  # system CAs only
     assert result.returncode == 1 and "--ca" in result.stderr
-    http = Connector(tmp_path / "c2", slapd=_NoDirectory()).cli("link", "enroll", url.replace("https", "http"))
+    http = Connector(tmp_path / "c2", slapd=NoDirectory()).cli("link", "enroll", url.replace("https", "http"))
     assert http.returncode == 1 and "HTTPS only" in http.stderr
 
 
@@ -119,18 +119,10 @@ def test_tickets_only_for_existing_connections(relay):
     assert result.returncode == 1 and "connection add" in result.stderr
 
 
-class _NoDirectory:
-    """Enrolment needs no directory: a connector conf.d pointing nowhere."""
-
-    def plugin_settings(self, mode, **overrides):
-        return {"preset": "openldap", "base_dn": "dc=example,dc=com", "servers": ["ldap://127.0.0.1:9"],
-                "insecure": True, "direct_bind": "uid={username},ou=people,dc=example,dc=com", **overrides}
-
-
 def test_a_reusable_connection_ticket_enrols_several_connectors_each_with_its_own_key(relay, tmp_path):
     url = relay.ticket("--uses", "3")
-    first = Connector(tmp_path / "c1", slapd=_NoDirectory()).enroll(url, relay.ca_file)
-    second = Connector(tmp_path / "c2", slapd=_NoDirectory()).enroll(url, relay.ca_file)
+    first = Connector(tmp_path / "c1", slapd=NoDirectory()).enroll(url, relay.ca_file)
+    second = Connector(tmp_path / "c2", slapd=NoDirectory()).enroll(url, relay.ca_file)
     assert first.connector_id != second.connector_id
     assert first.connector_id.startswith("acme-") and second.connector_id.startswith("acme-")
     keys = {(c.state / "link" / "key.pem").read_bytes() for c in (first, second)}
@@ -141,5 +133,5 @@ def test_a_reusable_connection_ticket_enrols_several_connectors_each_with_its_ow
         assert (status, body["error"]) == (400, "csr_wrong_name")
     status, body = _post(url, relay.ca_file, _csr("acme-0123abcd"))
     assert status == 200
-    fourth = Connector(tmp_path / "c4", slapd=_NoDirectory()).cli("link", "enroll", url, "--ca", str(relay.ca_file))
+    fourth = Connector(tmp_path / "c4", slapd=NoDirectory()).cli("link", "enroll", url, "--ca", str(relay.ca_file))
     assert fourth.returncode == 1 and "ticket_used" in fourth.stderr

@@ -23,17 +23,9 @@ from cryptography.x509.oid import NameOID
 
 from gateway.plugins import linkproto as proto
 from gateway.plugins.relay.ca import RelayCA
-from support.linkenv import Connector, Relay
+from support.linkenv import Connector, NoDirectory, Relay
 from support.net import wait_for
 from support.pki import self_signed, unknown_algorithm_csrs
-
-
-class NoDirectory:
-    """A connector conf.d whose directory is nowhere: the link does not need one."""
-
-    def plugin_settings(self, mode, **overrides):
-        return {"preset": "openldap", "base_dn": "dc=example,dc=com", "servers": ["ldap://127.0.0.1:9"],
-                "insecure": True, "direct_bind": "uid={username},ou=people,dc=example,dc=com", **overrides}
 
 
 @pytest.fixture(scope="module")

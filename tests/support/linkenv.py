@@ -28,7 +28,16 @@ from support.gateway import GatewayProcess, authgw, write_conf
 from support.http import Response, request
 from support.net import free_port, wait_for
 
-__all__ = ["Connector", "Relay", "listening_ports"]
+__all__ = ["Connector", "NoDirectory", "Relay", "listening_ports"]
+
+
+class NoDirectory:
+    """Stands in for a slapd in :class:`Connector`: a conf.d whose directory is nowhere (enrolment
+    and the link need none; no login is made)."""
+
+    def plugin_settings(self, mode, **overrides):
+        return {"preset": "openldap", "base_dn": "dc=example,dc=com", "servers": ["ldap://127.0.0.1:9"],
+                "insecure": True, "direct_bind": "uid={username},ou=people,dc=example,dc=com", **overrides}
 
 
 class Relay:
