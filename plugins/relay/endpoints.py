@@ -396,8 +396,9 @@ class Endpoints:
                 if self.plugin.hub.router is not None:
                     await self.plugin.hub.router.linked(session.connection, session.connector)
             except (StoreUnavailable, RedisError) as exc:
-                log.info("relay registry unavailable (%s): refused the hello of connector %s",
-                         exc.__class__.__name__, session.connector)
+                if isinstance(exc, RedisError):  # the route; _store has said it for the registry
+                    log.info("relay registry unavailable (%s): refused the hello of connector %s",
+                             exc.__class__.__name__, session.connector)
                 return proto.error(message.id, "unavailable", "the relay cannot record this link now; try again later")
             for old in self.plugin.hub.make_ready(session):
                 # One link per connector id: a connector that lost its link (a network blip)
