@@ -323,6 +323,55 @@ def test_the_account_check_of_a_session_unit(tmp_path):
     assert manager.rechecked(known, Identity(subject="guid-a", username="alice", method="ldap",
                                              account_state="ldap.disabled")) is None
     assert manager.rechecked(unknown, None) is not None  # cannot be told from "never known": stays
+    # The directory could not answer at sign-in: not knowing the account later is not given the
+    # benefit of "never known"; an answer that knows it makes the session like any other.
+    _, unasked = manager.create(alice, directory=None, asked=False)
+    assert manager.rechecked(unasked, None) is None
+    _, unasked = manager.create(alice, directory=None, asked=False)
+    vouched = manager.rechecked(unasked, now)
+    assert vouched.asked and vouched.directory == "guid-a"
+    assert manager.by_index(unasked.index).asked  # stored
+    assert manager.rechecked(vouched, None) is None
+
+
+def test_a_session_signed_in_while_the_directory_was_down_ends_when_its_account_is_gone(tmp_path, ca):
+    """The credential cache signs users in while the directory is down, so their sessions could
+    not learn how the directory knows them: when it is back and no longer knows the account,
+    the session ends (it used to stay, as for an identity no directory ever held)."""
+    from urllib.parse import urlsplit
+
+    directory = Slapd(tmp_path / "slapd").start()
+    try:
+        for user in ("frank", "grace"):
+            directory.add_user(user, f"{user}-pw-1", groups=["staff"])
+        s = LoginSite(tmp_path / "site", directory, ca, gateway={"plugins": ["login", "cache"]}, login={
+            "saml": {"service_providers": [{"entity_id": "https://sp.example.test/", "idp_initiated": True,
+                                            "acs_urls": ["https://sp.example.test/acs"]}]}})
+        gw = s.start()
+        for user in ("frank", "grace"):  # live sign-ins: the cache learns the passwords
+            assert s.sign_in(s.client(), user, f"{user}-pw-1").status_code == 200
+        directory.stop()
+        browsers = {user: s.client() for user in ("frank", "grace")}
+        for user, browser in browsers.items():
+            signed = s.sign_in(browser, user, f"{user}-pw-1")
+            assert signed.status_code == 200 and 'id="password"' not in signed.text, user
+        assert "login: the directory cannot check frank's account" in gw.output()
+        directory.start()
+        directory.delete(directory.user_dn("frank"))
+        idp = f"{s.url}/saml/idp?sp=https://sp.example.test/"
+        deadline = time.monotonic() + 20
+        while (kept := browsers["grace"].get(idp, allow_redirects=False)).status_code == 503:
+            assert time.monotonic() < deadline, "the directory never answered again"
+            time.sleep(0.2)
+        assert kept.status_code == 200 and "SAMLResponse" in kept.text  # still there: answered
+        gone = browsers["frank"].get(idp, allow_redirects=False)
+        assert gone.status_code == 303 and urlsplit(gone.headers["Location"]).path == "/login"
+        assert "SAMLResponse" not in gone.text
+        assert "the account of frank is gone" in gw.output()
+    finally:
+        if "s" in locals():
+            s.stop()
+        directory.stop()
 
 
 def test_a_session_whose_account_is_deleted_or_cannot_be_checked_issues_nothing(tmp_path, ca):

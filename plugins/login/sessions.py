@@ -84,14 +84,16 @@ class Session:
     index: str          # SAML SessionIndex: random, not the cookie id
     checked: float = 0.0            # when the directory last vouched for the account (0: never)
     directory: str | None = None    # the subject the directory knows the account by; None: unknown to it
+    asked: bool = True              # False: the directory could not answer at sign-in (not asked yet)
 
 
 def _digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def _record(identity: Identity, index: str, checked: float, directory: str | None) -> dict[str, Any]:
-    return {"identity": identity_to_json(identity), "index": index, "checked": checked, "directory": directory}
+def _record(identity: Identity, index: str, checked: float, directory: str | None, asked: bool = True) -> dict[str, Any]:
+    return {"identity": identity_to_json(identity), "index": index, "checked": checked, "directory": directory,
+            "asked": asked}
 
 
 def same(a: str, b: str) -> bool:
@@ -274,7 +276,7 @@ class SessionManager:
     # -- sessions --------------------------------------------------------------------------------
 
     def create(self, identity: Identity, old_cookie: str | None = None, *,
-               directory: str | None = None) -> tuple[str, Session]:
+               directory: str | None = None, asked: bool = True) -> tuple[str, Session]:
         """A new session (and cookie value) for *identity*; the previous one, if any, ends.
 
         The services the previous session answered (its Single Logout participants) are carried
@@ -282,7 +284,8 @@ class SessionManager:
         ``prompt=login``, ``max_age``) of the same subject keeps its SessionIndex too (the SPs
         name the session by it); another subject's sign-in gets a new one, and the old index no
         longer names a session. *directory* is the subject the directory knows the account by
-        (:meth:`rechecked`); the account is checked again at the session's first reuse."""
+        (:meth:`rechecked`), *asked* false when the directory could not answer at sign-in; the
+        account is checked again at the session's first reuse."""
         now = time.time()
         index, carried = "", {}
         old = self._unsign(old_cookie)
@@ -300,12 +303,12 @@ class SessionManager:
         value = secrets.token_urlsafe(32)
         key = _digest(value)
         index = index or "_" + secrets.token_hex(16)
-        self.store.put_session(key, _record(identity, index, 0.0, directory), now)
+        self.store.put_session(key, _record(identity, index, 0.0, directory, asked), now)
         for party, data in carried.items():
             self.store.put_participant(key, party, data)
         # SAML Single Logout names the session by its SessionIndex (a cross-site POST has no cookie).
         self.store.put_pending("idx:" + index, {"key": key}, now + self.settings.absolute)
-        return f"{value}.{self._mac('session', value)}", Session(key, identity, now, index, 0.0, directory)
+        return f"{value}.{self._mac('session', value)}", Session(key, identity, now, index, 0.0, directory, asked)
 
     def get(self, cookie: str | None) -> Session | None:
         """The live session the cookie names, or ``None`` (bad MAC, unknown, idle or too old)."""
@@ -333,7 +336,7 @@ class SessionManager:
             self.store.delete_session(key)
             return None
         return Session(key, identity_from_json(data["identity"]), created, data["index"],
-                       data.get("checked", 0.0), data.get("directory"))
+                       data.get("checked", 0.0), data.get("directory"), data.get("asked", True))
 
     # -- the account behind a session ----------------------------------------------------------------
 
@@ -347,11 +350,14 @@ class SessionManager:
         in this session; known by another subject: a new account with the old name) or may not
         sign in (``account_state``); the caller ends the session. Else the session with the
         profile (groups, name, email) as the directory has it now, the check's time stored.
-        An account the directory never knew (a Kerberos or certificate identity no directory
-        holds, an LDAP plugin without a service account) cannot be checked: it stays."""
+        An account the directory did not know at sign-in (a Kerberos or certificate identity no
+        directory holds, an LDAP plugin without a service account) cannot be checked: it stays.
+        When the directory could not answer at sign-in (down: the credential cache signed the
+        user in), nothing tells a deleted account from one no directory ever held: unknown now,
+        the session ends (fail closed; a Kerberos or certificate user signs in again at once)."""
         now = time.time()
         if found is None:
-            if session.directory is not None:
+            if session.directory is not None or not session.asked:
                 return None
             directory, identity = None, session.identity
         elif found.account_state or (session.directory is not None and found.subject != session.directory):
@@ -361,7 +367,7 @@ class SessionManager:
             identity = replace(session.identity, display_name=found.display_name, email=found.email,
                                groups=tuple(found.groups))
         self.store.update_session(session.key, _record(identity, session.index, now, directory))
-        return replace(session, identity=identity, checked=now, directory=directory)
+        return replace(session, identity=identity, checked=now, directory=directory, asked=True)
 
     def end_index(self, index: str) -> bool:
         """End the session with this SAML SessionIndex; ``True`` when there was one."""

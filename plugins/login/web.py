@@ -315,19 +315,20 @@ class LoginDoor:
         self._set_cookie(response, self.csrf_cookie, cookie)
         return response
 
-    async def _directory_of(self, identity: Identity) -> str | None:
-        """The subject the directory knows a new session's account by (``None``: unknown to it,
-        or the directory cannot answer now): a later check that no longer finds the account
-        tells a deleted one from one no directory ever held. The first reuse of the session
-        checks the account again whatever this found (the session's ``checked`` is 0)."""
+    async def _directory_of(self, identity: Identity) -> tuple[str | None, bool]:
+        """The subject the directory knows a new session's account by (``None``: unknown to it),
+        and whether the directory answered (``False``: it cannot now): a later check that no
+        longer finds the account tells a deleted one from one no directory ever held, and one
+        not asked is not given that benefit (:meth:`.SessionManager.rechecked`). The first
+        reuse of the session checks the account again whatever this found (``checked`` is 0)."""
         if not self.can_check():
-            return None
+            return None, True
         try:
             found = await self.lookup(identity.username)
         except AccountUncheckable as exc:
             log.info("login: %s at sign-in; the account is checked at the session's first use", exc)
-            return None
-        return found.subject if found is not None else None
+            return None, False
+        return (found.subject if found is not None else None), True
 
     def form_action(self, pending_key: str) -> str:
         """The form page's ``form-action``: ``'self'``, and the origin of the address the pending
@@ -354,8 +355,9 @@ class LoginDoor:
         pending = self.sessions.unpark(pending_key) if pending_key else None
         if pending is not None:
             self.answerable[pending["protocol"]](pending)
+        directory, asked = await self._directory_of(decision.identity)
         value, session = self.sessions.create(decision.identity, request.cookies.get(self.cookie),
-                                              directory=await self._directory_of(decision.identity))
+                                              directory=directory, asked=asked)
         if pending is not None:
             response = await self.completers[pending["protocol"]](request, pending, session)
         else:
