@@ -100,6 +100,33 @@ def test_unregistered_realms_and_replies_are_refused(idp, params, reason):
     assert "evil" not in response.text
 
 
+def test_wfresh_and_prompt_login_ask_for_a_new_sign_in_over_a_live_session(idp):
+    """WS-Federation 1.2 section 13.2.1: ``wfresh=0`` re-prompts the user before a token is
+    issued (what Entra ID sends for an application's ``prompt=login``); it used to be ignored,
+    and the old session answered."""
+    browser = idp.client()
+    first = idp.sign_in(browser, "alice", "Alice-pw-1", url=browser.get(
+        f"{idp.url}/wsfed", params={"wa": "wsignin1.0", "wtrealm": REALM}).url)
+    instant = re.compile(r'AuthnInstant="([^"]+)"')
+    signed_in_at = instant.search(fields(first)[1]["wresult"]).group(1)
+
+    def ask(**extra):
+        return browser.get(f"{idp.url}/wsfed", params={"wa": "wsignin1.0", "wtrealm": REALM, **extra})
+
+    for fresh in ({"wfresh": "0"}, {"wfresh": "0", "wauth": "urn:oasis:names:tc:SAML:1.0:am:password"},
+                  {"prompt": "login"}):
+        page = ask(**fresh)
+        assert 'id="password"' in page.text and "wresult" not in page.text, fresh
+    assert "wresult" in ask(wfresh="60").text  # a sign-in within the hour: the session answers
+    assert "wresult" in ask().text
+    again = idp.sign_in(browser, "alice", "Alice-pw-1", url=ask(wfresh="0").url)
+    assert instant.search(fields(again)[1]["wresult"]).group(1) >= signed_in_at
+    for bad in ("-1", "1.5", "x", "²", "9" * 10):
+        refused = browser.get(f"{idp.url}/wsfed", params={"wa": "wsignin1.0", "wtrealm": REALM, "wfresh": bad},
+                              allow_redirects=False)
+        assert refused.status_code == 400 and refused.headers["X-Refused-Reason"] == "login.malformed", bad
+
+
 def test_federation_metadata_lists_both_certificates_and_the_passive_endpoint(idp):
     text = idp.client().get(f"{idp.url}/FederationMetadata/2007-06/FederationMetadata.xml").text
     root = etree.fromstring(text.encode())

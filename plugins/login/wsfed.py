@@ -9,6 +9,9 @@ Single Logout round of :mod:`.slo` for the SAML SPs of that session, then redire
 when it is one of the realm's ``reply_urls`` or ``signout_urls`` (of any realm when no
 ``wtrealm`` is given), exactly; else it shows "signed out".
 
+``wfresh`` (minutes; ``0``: sign in again) and ``prompt=login`` (Entra ID's ``NativeSupport``)
+ask for a sign-in newer than the session's, as OIDC's ``max_age`` and ``prompt=login`` do.
+
 Named checks: ``wsfed.unsupported_action`` (any other ``wa``),
 ``wsfed.unknown_realm``, ``wsfed.reply_not_registered`` (``wreply`` must be one of the realm's
 ``reply_urls`` exactly), ``login.parameter_too_large`` (``wctx`` over 4 KiB).
@@ -91,7 +94,20 @@ class WsFed:
         context = query.get("wctx", "")
         if len(context.encode("utf-8", "surrogatepass")) > MAX_WCTX:
             raise Refused("login.parameter_too_large", "wctx")
-        return {"protocol": "wsfed", "realm": party.realm, "reply": reply, "wctx": context, "force_authn": False}
+        return {"protocol": "wsfed", "realm": party.realm, "reply": reply, "wctx": context,
+                "force_authn": "login" in query.get("prompt", "").split(), "max_age": self.freshness(query)}
+
+    @staticmethod
+    def freshness(query) -> int | None:
+        """``wfresh`` as a maximum age of the sign-in in seconds (``None``: any): minutes in the
+        request, ``0`` a new sign-in whatever the session (WS-Federation 1.2 section 13.2.1;
+        what Entra ID sends for an application's ``prompt=login``)."""
+        value = query.get("wfresh")
+        if value is None or value == "":
+            return None
+        if not (value.isascii() and value.isdigit() and len(value) <= 9):
+            raise Refused("login.malformed", "wfresh is not a number of minutes")
+        return int(value) * 60
 
     def signout_reply(self, query) -> str | None:
         """Where to go after ``wsignout1.0``: ``None`` or a registered ``wreply`` (no I/O)."""
