@@ -28,6 +28,8 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from gateway.files import write_atomic
+
 __all__ = ["CLOSE_GRACE", "KILL_AFTER", "PID_FILE", "SHUTDOWN_GRACE", "MessageReader", "die_with_parent",
            "encode_message", "remove_pidfile", "return_freed_memory", "write_pidfile"]
 
@@ -46,13 +48,7 @@ _LENGTH = struct.Struct("!I")
 def write_pidfile(state_dir: Path) -> Path:
     """Write this process's PID to ``state_dir/authgw.pid`` (0600, replaced atomically)."""
     path = state_dir / PID_FILE
-    temporary = state_dir / f".{PID_FILE}.{os.getpid()}"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, f"{os.getpid()}\n".encode())
-    finally:
-        os.close(fd)
-    os.replace(temporary, path)
+    write_atomic(path, f"{os.getpid()}\n".encode())
     return path
 
 

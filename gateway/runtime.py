@@ -34,9 +34,15 @@ def default_state_dir() -> Path:
 
 
 def ensure_state_dir(path: Path) -> Path:
-    """Create the state directory 0700 (and refuse to use one others can write to)."""
+    """Create the state directory 0700, and refuse one that another user owns or that group or
+    others can write to: they could plant names in it (a link where a key or the PID file is
+    written) or read what it keeps."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    mode = path.stat().st_mode & 0o777
+    info = path.stat()
+    mode = info.st_mode & 0o777
+    if info.st_uid != os.geteuid():
+        raise ConfigError(f"state directory {path} belongs to uid {info.st_uid}, not to this user (uid "
+                          f"{os.geteuid()}); run authgw as its owner (e.g. sudo -u authgw) or chown it")
     if mode & 0o022:
         raise ConfigError(f"state directory {path} is writable by group or others (mode {mode:o}); chmod 700 it")
     return path

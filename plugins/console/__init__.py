@@ -26,12 +26,12 @@ Shared state (tokens, sessions, configuration-log runs) is ``<state_dir>/console
 from __future__ import annotations
 
 import argparse
-import os
 import ssl
 import sys
 import time
 
 from gateway import Attempt, Command, Decision, Listener, PluginContext, Route, hookimpl
+from gateway.files import write_atomic
 from gateway.plugins.console.settings import ConsoleSettings
 from gateway.plugins.console.status import RecentEvents
 from gateway.plugins.console.store import ConsoleStore
@@ -98,10 +98,7 @@ class ConsolePlugin:
         token = self.store.new_login_token(self.settings.login_link_ttl)
         link = f"{self.url()}/login/{token}"
         path = self.context.state_dir / LINK_FILE
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.fchmod(fd, 0o600)  # an older file may have had another mode
-        with os.fdopen(fd, "w") as out:
-            out.write(link + "\n")
+        write_atomic(path, f"{link}\n".encode())
         minutes = self.settings.login_link_ttl / 60
         print(f"Open this link in a browser on this machine (it works once, for {minutes:.0f} minutes):",
               file=sys.stderr)

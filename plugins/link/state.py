@@ -18,7 +18,6 @@ Files are replaced by rename, so a reader sees the old enrolment or the new one,
 from __future__ import annotations
 
 import json
-import os
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,8 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+
+from gateway.files import write_atomic
 
 __all__ = ["Enrolment", "directory", "load", "write_file"]
 
@@ -37,13 +38,7 @@ def directory(state_dir: Path) -> Path:
 
 
 def write_file(path: Path, data: bytes, private: bool = False) -> None:
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-    temp.replace(path)
+    write_atomic(path, data, mode=0o600 if private else 0o644)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from gateway.files import write_atomic
+
 __all__ = ["CSRRefused", "RelayCA"]
 
 UTC = dt.timezone.utc
@@ -35,12 +37,6 @@ class CSRRefused(Exception):
         super().__init__(detail)
         self.code = code
         self.detail = detail
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
 
 
 def _key_pem(key) -> bytes:
@@ -66,7 +62,7 @@ class RelayCA:
         that ``STATE_DIR/relay/ca/ca.crt`` is always the CA connectors are given."""
         directory = state / "relay" / "ca"
         if (directory / "ca.crt").read_text() != self.pem:
-            _write_private(directory / "ca.key", self.key_pem)
+            write_atomic(directory / "ca.key", self.key_pem)
             (directory / "ca.crt").write_text(self.pem)
 
     @property
@@ -93,7 +89,7 @@ class RelayCA:
                                                  encipher_only=False, decipher_only=False), critical=True)
                     .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
                     .sign(key, hashes.SHA256()))
-            _write_private(staging / "ca.key", _key_pem(key))
+            write_atomic(staging / "ca.key", _key_pem(key))
             (staging / "ca.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
             try:
                 staging.rename(directory)
@@ -137,7 +133,7 @@ class RelayCA:
         stem = f"server-{os.getpid()}"
         cert_path, key_path = directory / f"{stem}.crt", directory / f"{stem}.key"
         cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        _write_private(key_path, _key_pem(key))
+        write_atomic(key_path, _key_pem(key))
         return cert_path, key_path
 
     @staticmethod
