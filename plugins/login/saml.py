@@ -9,7 +9,18 @@ size and decoding (``login.*``), ``saml.not_authn_request``, ``saml.unknown_sp``
 ``saml.acs_not_registered``, ``saml.binding_unsupported``, ``saml.destination_mismatch``,
 ``saml.request_expired``, then, for SPs with a ``request_certificate``,
 ``saml.signature_missing`` / ``saml.signature_invalid``, ``saml.destination_mismatch`` (a signed
-message must name its Destination) and ``saml.request_replayed``.
+message must name its Destination) and ``saml.request_replayed``; a ``<saml:Subject>`` that is not
+one ``<saml:NameID>`` is ``saml.subject_unsupported``. These get the generic 400 page.
+
+A request that passed them is answered at its (validated) ACS URL, signed as the SP's Success
+Responses are; with an error status instead of an assertion (core section 3.2.2.2) when it asks
+for what cannot be given: a ``NameIDPolicy`` Format other than the SP's ``name_id_format``
+(``Requester``/``InvalidNameIDPolicy``, ``saml.nameid_policy_unsupported``, checked before any
+session is looked at), ``IsPassive`` where no session may answer (``Responder``/``NoPassive``,
+``saml.no_passive``; also with ``ForceAuthn``), a ``<saml:Subject>`` other than the NameID this
+SP would be given for the user signed in (``Responder``/``UnknownPrincipal``,
+``saml.subject_mismatch``, checked when the answer is made: after a fresh sign-in as for a
+reused session, so that no assertion ever names someone the request did not, core 3.4.1.4).
 :class:`RequestChecker` and :class:`ResponseBuilder` are sans-I/O (time is passed in); the
 handlers at the bottom do the HTTP.
 
@@ -26,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
+import logging
 import re
 import secrets
 from dataclasses import dataclass
@@ -42,6 +54,7 @@ from signxml import CanonicalizationMethod, XMLSigner, XMLVerifier
 from signxml.exceptions import InvalidInput, InvalidSignature as XMLInvalidSignature
 
 from gateway import Identity, Route
+from gateway.logs import printable
 
 from .keys import KeyPair
 from .settings import NAMEID_FORMATS, LoginSettings, SamlServiceProvider
@@ -65,6 +78,19 @@ AUTHN_CONTEXT = {
     "client_cert": "urn:oasis:names:tc:SAML:2.0:ac:classes:X509",
 }
 PASSWORD_CONTEXT = "urn:oasis:names:tc:SAML:2.0:ac:classes:PasswordProtectedTransport"
+#: Attribute NameFormats (core sections 8.2.2, 8.2.3): a name that is a URI (has a ``:``, as
+#: ``urn:oid:...`` and ``http://schemas.xmlsoap.org/claims/UPN``) is not an ``xs:Name``.
+ATTRNAME_BASIC = "urn:oasis:names:tc:SAML:2.0:attrname-format:basic"
+ATTRNAME_URI = "urn:oasis:names:tc:SAML:2.0:attrname-format:uri"
+#: Status codes (core section 3.2.2.2).
+STATUS = "urn:oasis:names:tc:SAML:2.0:status:"
+SUCCESS, REQUESTER, RESPONDER = STATUS + "Success", STATUS + "Requester", STATUS + "Responder"
+NO_PASSIVE, UNKNOWN_PRINCIPAL = STATUS + "NoPassive", STATUS + "UnknownPrincipal"
+INVALID_NAMEID_POLICY = STATUS + "InvalidNameIDPolicy"
+#: NameID Formats a request may name without asking for one (core 3.4.1.1, 8.3.1).
+UNSPECIFIED = "urn:oasis:names:tc:SAML:1.1:nameid-format:unspecified"
+
+log = logging.getLogger("authgw.plugin.login")
 
 
 def instant(when: dt.datetime) -> str:
@@ -89,6 +115,43 @@ class AuthnRequest:
     destination: str | None
     issue_instant: str
     force_authn: bool
+    is_passive: bool = False
+    #: The ``<saml:Subject>``'s NameID: ``{"name_id", "format", "name_qualifier",
+    #: "sp_name_qualifier"}`` (absent attributes ``None``), or ``None`` without a Subject.
+    subject: dict | None = None
+    #: ``NameIDPolicy``: ``{"format", "sp_name_qualifier"}``, or ``None`` without one.
+    name_id_policy: dict | None = None
+
+
+def _children(element: etree._Element, tag: str) -> list[etree._Element]:
+    return [child for child in element if child.tag == tag]
+
+
+def _read_subject(root: etree._Element) -> dict | None:
+    """The request's ``<saml:Subject>`` (core 3.4.1): exactly one ``<saml:NameID>`` is read; a
+    ``BaseID``, ``EncryptedID``, ``SubjectConfirmation`` or a second NameID cannot be honoured, and
+    is refused rather than ignored (``saml.subject_unsupported``)."""
+    subjects = _children(root, f"{{{SAML}}}Subject")
+    if not subjects:
+        return None
+    if len(subjects) > 1:
+        raise Refused("saml.subject_unsupported", "more than one Subject")
+    parts = [child for child in subjects[0] if isinstance(child.tag, str)]  # not comments
+    if len(parts) != 1 or parts[0].tag != f"{{{SAML}}}NameID":
+        names = ", ".join(etree.QName(child).localname for child in parts) or "nothing"
+        raise Refused("saml.subject_unsupported", f"a Subject with {names[:100]}, not one NameID")
+    name_id = parts[0]
+    return {"name_id": (name_id.text or "").strip(), "format": name_id.get("Format"),
+            "name_qualifier": name_id.get("NameQualifier"), "sp_name_qualifier": name_id.get("SPNameQualifier")}
+
+
+def _read_name_id_policy(root: etree._Element) -> dict | None:
+    policies = _children(root, f"{{{SAMLP}}}NameIDPolicy")
+    if len(policies) > 1:
+        raise Refused("login.malformed", "more than one NameIDPolicy")
+    if not policies:
+        return None
+    return {"format": policies[0].get("Format"), "sp_name_qualifier": policies[0].get("SPNameQualifier")}
 
 
 def read_authn_request(root: etree._Element) -> AuthnRequest:
@@ -100,7 +163,56 @@ def read_authn_request(root: etree._Element) -> AuthnRequest:
         raise Refused("saml.not_authn_request", "no Issuer or ID")
     return AuthnRequest(request_id, issuer.strip(), root.get("AssertionConsumerServiceURL"),
                         root.get("AssertionConsumerServiceIndex"), root.get("ProtocolBinding"),
-                        root.get("Destination"), root.get("IssueInstant", ""), root.get("ForceAuthn") in ("true", "1"))
+                        root.get("Destination"), root.get("IssueInstant", ""), root.get("ForceAuthn") in ("true", "1"),
+                        root.get("IsPassive") in ("true", "1"), _read_subject(root), _read_name_id_policy(root))
+
+
+@dataclass(frozen=True)
+class Unanswerable:
+    """Why a request gets an error Response instead of an assertion: the reason code (logged),
+    the top-level and second-level status codes and the StatusMessage."""
+
+    reason: str
+    status: str
+    second: str
+    message: str
+    detail: str = ""
+
+
+def unanswerable(idp: str, sp: SamlServiceProvider, policy: dict | None, subject: dict | None,
+                 name_id: str | None = None) -> Unanswerable | None:
+    """What in a request's ``NameIDPolicy`` and ``<saml:Subject>`` *sp* cannot be given (core
+    3.4.1.1, 3.4.1.4): a policy Format other than ``unspecified`` and the one this SP is issued
+    (``encrypted`` included: not supported), or another ``SPNameQualifier``; a Subject in another
+    Format, qualified by another IdP than *idp* (this entity id) or for another SP, naming a
+    transient identifier (never issued twice), or, with *name_id* (the NameID the signed-in user
+    would get), naming someone else. ``None``: fine."""
+    issued_format = NAMEID_FORMATS[sp.name_id_format]
+    if policy is not None:
+        if policy["format"] not in (None, UNSPECIFIED, issued_format):
+            return Unanswerable("saml.nameid_policy_unsupported", REQUESTER, INVALID_NAMEID_POLICY,
+                                f"NameIDPolicy Format {issued_format} only", str(policy["format"])[:200])
+        if policy["sp_name_qualifier"] not in (None, sp.entity_id):
+            return Unanswerable("saml.nameid_policy_unsupported", REQUESTER, INVALID_NAMEID_POLICY,
+                                "NameIDPolicy SPNameQualifier is not the requester",
+                                str(policy["sp_name_qualifier"])[:200])
+    if subject is None:
+        return None
+    other = None
+    if subject["format"] not in (None, UNSPECIFIED, issued_format):
+        other = f"Format {subject['format'][:200]}"
+    elif sp.name_id_format == "transient":
+        other = "a transient NameID"
+    elif subject["name_qualifier"] not in (None, idp):
+        other = f"NameQualifier {subject['name_qualifier'][:200]}"
+    elif subject["sp_name_qualifier"] not in (None, sp.entity_id):
+        other = f"SPNameQualifier {subject['sp_name_qualifier'][:200]}"
+    elif name_id is not None and subject["name_id"] != name_id:
+        other = f"NameID {subject['name_id'][:200]!r}, not {name_id[:200]!r}"
+    if other is not None:
+        return Unanswerable("saml.subject_mismatch", RESPONDER, UNKNOWN_PRINCIPAL,
+                            "the request's Subject is not the user signed in", other)
+    return None
 
 
 class RequestChecker:
@@ -323,7 +435,7 @@ class ResponseBuilder:
             statement = E(assertion, f"{{{SAML}}}AttributeStatement")
             for name, field in attributes.items():
                 attribute = E(statement, f"{{{SAML}}}Attribute", Name=name,
-                              NameFormat="urn:oasis:names:tc:SAML:2.0:attrname-format:basic")
+                              NameFormat=ATTRNAME_URI if ":" in name else ATTRNAME_BASIC)
                 for value in self._value(identity, field):
                     E(attribute, f"{{{SAML}}}AttributeValue", {f"{{{XSI}}}type": "xs:string"}).text = value
         return self.sign(assertion) if sign else assertion
@@ -339,13 +451,31 @@ class ResponseBuilder:
         E(response, f"{{{SAML}}}Issuer").text = self.entity_id
         if sp.sign_response:
             E(response, f"{{{DS}}}Signature", Id="placeholder", nsmap={"ds": DS})
-        E(E(response, f"{{{SAMLP}}}Status"), f"{{{SAMLP}}}StatusCode",
-          Value="urn:oasis:names:tc:SAML:2.0:status:Success")
+        E(E(response, f"{{{SAMLP}}}Status"), f"{{{SAMLP}}}StatusCode", Value=SUCCESS)
         response.append(self.assertion(
             audience=sp.entity_id, identity=identity, name_id_format=sp.name_id_format,
             name_id=name_id or self.name_id(identity, sp.name_id_format, sp.name_id_source), attributes=sp.attributes,
             session_index=session_index, now=now, recipient=acs, in_response_to=in_response_to,
             sign=sp.sign_assertion))
+        signed = self.sign(response) if sp.sign_response else response
+        return etree.tostring(signed, xml_declaration=True, encoding="UTF-8")
+
+    def error(self, sp: SamlServiceProvider, acs: str, in_response_to: str | None, why: Unanswerable,
+              now: dt.datetime) -> bytes:
+        """A Response with an error status and no assertion (core 3.2.2.2), to a validated *acs*;
+        signed as this SP's Success Responses are (``sign_response``)."""
+        E = etree.SubElement
+        response = etree.Element(f"{{{SAMLP}}}Response", nsmap={"samlp": SAMLP, "saml": SAML},
+                                 ID="_" + secrets.token_hex(20), Version="2.0", IssueInstant=instant(now),
+                                 Destination=acs)
+        if in_response_to:
+            response.set("InResponseTo", in_response_to)
+        E(response, f"{{{SAML}}}Issuer").text = self.entity_id
+        if sp.sign_response:
+            E(response, f"{{{DS}}}Signature", Id="placeholder", nsmap={"ds": DS})
+        status = E(response, f"{{{SAMLP}}}Status")
+        E(E(status, f"{{{SAMLP}}}StatusCode", Value=why.status), f"{{{SAMLP}}}StatusCode", Value=why.second)
+        E(status, f"{{{SAMLP}}}StatusMessage").text = why.message
         signed = self.sign(response) if sp.sign_response else response
         return etree.tostring(signed, xml_declaration=True, encoding="UTF-8")
 
@@ -380,6 +510,7 @@ class SamlIdp:
     def routes(self, web_door) -> list[Route]:
         self.web = web_door
         web_door.completers["saml"] = self.complete
+        web_door.declined["saml"] = self.no_passive
         web_door.answerable["saml"] = self.answer_target
         return [Route("GET", "/saml/metadata", self.metadata_handler), Route("GET", "/saml/sso", self.sso),
                 Route("POST", "/saml/sso", self.sso), Route("GET", "/saml/idp", self.idp_initiated)]
@@ -459,7 +590,14 @@ class SamlIdp:
         except Refused as exc:
             return self.web.refused(request, exc)
         pending = {"protocol": "saml", "sp": sp.entity_id, "acs": acs, "request_id": authn.id,
-                   "relay_state": message.relay_state, "force_authn": authn.force_authn}
+                   "relay_state": message.relay_state, "force_authn": authn.force_authn,
+                   # IsPassive: no page may be shown; without a session that may answer, web.py
+                   # declines (no_passive), ForceAuthn or not (a new sign-in needs the form).
+                   "prompt_none": authn.is_passive, "subject": authn.subject, "name_id_policy": authn.name_id_policy}
+        # What no user's session can satisfy is answered at once, before any session is used.
+        why = unanswerable(self.entity_id, sp, authn.name_id_policy, authn.subject)
+        if why is not None:
+            return await self.error_answer(request, pending, sp, why)
         return await self.web.begin(request, pending, limits.saml.request_lifetime)
 
     async def idp_initiated(self, request: web.Request) -> web.StreamResponse:
@@ -482,9 +620,38 @@ class SamlIdp:
             raise Refused("saml.acs_not_registered", pending["acs"][:200])
         return sp
 
+    async def error_answer(self, request: web.Request, pending: dict, sp: SamlServiceProvider,
+                           why: Unanswerable) -> web.Response:
+        """An error Response (no assertion) posted to the request's validated ACS URL, with its
+        RelayState; logged with the reason code, which is also sent as ``X-Refused-Reason``."""
+        log.warning("login request refused: reason=%s client=%s sp=%s status=%s %s", why.reason, request.remote,
+                    printable(sp.entity_id[:200]), why.second.rsplit(":", 1)[-1], printable(why.detail[:200]))
+        xml = await asyncio.to_thread(self.builder.error, sp, pending["acs"], pending["request_id"] or None, why,
+                                      dt.datetime.now(dt.timezone.utc))
+        fields = [("SAMLResponse", base64.b64encode(xml).decode())]
+        if pending["relay_state"]:
+            fields.append(("RelayState", pending["relay_state"]))
+        response = self.web.auto_post(pending["acs"], fields)
+        response.headers["X-Refused-Reason"] = why.reason
+        return response
+
+    async def no_passive(self, request: web.Request, pending: dict) -> web.Response:
+        """``IsPassive`` and no session may answer (none, ``ForceAuthn``, its account gone): the
+        SP is told ``NoPassive`` (core 3.4.1), no page is shown."""
+        sp = self.answer_target(pending)
+        return await self.error_answer(request, pending, sp, Unanswerable(
+            "saml.no_passive", RESPONDER, NO_PASSIVE, "the user cannot be signed in without a page",
+            "IsPassive and no session may answer" + (" (ForceAuthn)" if pending.get("force_authn") else "")))
+
     async def complete(self, request: web.Request, pending: dict, session) -> web.Response:
         sp = self.answer_target(pending)
         name_id = self.builder.name_id(session.identity, sp.name_id_format, sp.name_id_source)
+        # The request's Subject against the user signed in (checked again in full: a reload may
+        # have changed the SP's NameID format while the request waited). Nothing is issued, and
+        # the SP not recorded as a participant, for another user.
+        why = unanswerable(self.entity_id, sp, pending.get("name_id_policy"), pending.get("subject"), name_id)
+        if why is not None:
+            return await self.error_answer(request, pending, sp, why)
         # Single Logout tells this SP about the logout with the NameID and index as issued here.
         self.web.sessions.add_participant(session, sp.entity_id, {
             "name_id": name_id, "format": NAMEID_FORMATS[sp.name_id_format], "index": session.index})
