@@ -10,7 +10,9 @@
 
 They are made on first start under an exclusive ``flock`` (the master and every worker build
 the plugin). ``authgw saml rotate`` makes *next* current and a fresh *next*; the old current is
-kept as ``signing-previous.*`` for the record.
+kept as ``signing-previous.*``: :meth:`KeyStore.ensure` hands it on as the current pair's
+:attr:`KeyPair.replaced`, so the OIDC provider can keep publishing it (an id_token signed
+before the rotation still verifies) until the next rotation replaces it.
 """
 
 from __future__ import annotations
@@ -20,13 +22,15 @@ import fcntl
 import os
 import secrets
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
+
+from gateway.files import write_atomic
 
 __all__ = ["KeyPair", "KeyStore"]
 
@@ -39,6 +43,9 @@ CERT_DAYS = 3650
 class KeyPair:
     key: rsa.RSAPrivateKey
     cert: x509.Certificate
+    #: The pair this one replaced as current (``signing-previous.*``), when it is the current pair
+    #: and a rotation left one; ``None`` otherwise. It signs nothing any more.
+    replaced: KeyPair | None = field(default=None, compare=False, repr=False)
 
     @property
     def cert_pem(self) -> bytes:
@@ -63,14 +70,6 @@ def _new_pair(common_name: str) -> KeyPair:
             .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
             .not_valid_after(now + dt.timedelta(days=CERT_DAYS)).sign(key, hashes.SHA256()))
     return KeyPair(key, cert)
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    os.replace(tmp, path)  # atomic: a reader sees the old file or the new one, never half
 
 
 class KeyStore:
@@ -99,19 +98,24 @@ class KeyStore:
         return KeyPair(key, cert)
 
     def _save(self, slot: str, pair: KeyPair) -> None:
-        _write_private(self._path(slot, "key"), pair.key_pem)
-        _write_private(self._path(slot, "crt"), pair.cert_pem)
+        write_atomic(self._path(slot, "key"), pair.key_pem)
+        write_atomic(self._path(slot, "crt"), pair.cert_pem)
 
     def ensure(self) -> tuple[KeyPair, KeyPair, bytes]:
-        """Current and next signing pairs and the cookie key, made if missing."""
+        """Current and next signing pairs and the cookie key, made if missing. The current pair
+        carries the one it replaced (``signing-previous.*``, if a rotation left it) as
+        :attr:`KeyPair.replaced`."""
         with self._locked():
             for slot in ("current", "next"):
                 if not self._path(slot, "key").exists():
                     self._save(slot, _new_pair(self.common_name))
             cookie = self.directory / "cookie.key"
             if not cookie.exists():
-                _write_private(cookie, secrets.token_bytes(32))
-            return self._load("current"), self._load("next"), cookie.read_bytes()
+                write_atomic(cookie, secrets.token_bytes(32))
+            current = self._load("current")
+            if self._path("previous", "key").exists() and self._path("previous", "crt").exists():
+                current = KeyPair(current.key, current.cert, replaced=self._load("previous"))
+            return current, self._load("next"), cookie.read_bytes()
 
     def rotate(self) -> tuple[KeyPair, KeyPair]:
         """Make *next* current and a new *next*. Running gateways pick it up when reloaded

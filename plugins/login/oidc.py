@@ -2,12 +2,13 @@
 ``form_post`` response mode, id_token (RS256, joserfc) and userinfo. Reads ``login.oidc`` and
 ``login.base_url`` (the issuer).
 
-Endpoints: ``/.well-known/openid-configuration``, ``/oidc/jwks`` (current and next key),
-``/oidc/authorize``, ``/oidc/token``, ``/oidc/userinfo``, ``/oidc/logout`` (RP-initiated logout,
-the discovery's ``end_session_endpoint``).
+Endpoints: ``/.well-known/openid-configuration``, ``/oidc/jwks`` (current and next key, and the
+previous one a rotation left, ``signing-previous.*``, until the next rotation), ``/oidc/authorize``
+(GET, or POST with a form body: OIDC Core 3.1.2.1), ``/oidc/token``, ``/oidc/userinfo``,
+``/oidc/logout`` (RP-initiated logout, the discovery's ``end_session_endpoint``).
 
-RP-initiated logout needs an ``id_token_hint`` this provider signed (current or next key; an
-expired one is fine, it only names the session): without one any page could log the user out,
+RP-initiated logout needs an ``id_token_hint`` this provider signed (current, next or previous
+key; an expired one is fine, it only names the session): without one any page could log the user out,
 so the user is asked instead (the "Sign out" button). It ends the session the hint's ``sid``
 names and the browser's own when it is the hint's subject (with the SAML Single Logout round of
 :mod:`.slo`), then redirects to ``post_logout_redirect_uri`` (with ``state``) only when it is one
@@ -15,20 +16,29 @@ of the client's ``post_logout_redirect_uris`` exactly. Checks: ``oidc.id_token_h
 ``oidc.unknown_client``, ``oidc.client_mismatch`` (``client_id`` not the hint's audience),
 ``oidc.post_logout_redirect_uri_not_registered``, ``login.parameter_too_large``.
 
-Named checks at ``/oidc/authorize`` (refused on a page, never redirected, so a bad request
-cannot bounce the browser anywhere): ``oidc.unknown_client``, ``oidc.redirect_uri_not_registered``
-(exact match), ``oidc.unsupported_response_type``, ``oidc.scope_missing_openid``,
-``oidc.pkce_required``, ``oidc.unsupported_response_mode``, ``login.parameter_too_large``.
-Once the client and its ``redirect_uri`` are known, ``prompt`` and ``max_age`` (OIDC Core section
-3.1.2.1) are answered at the ``redirect_uri`` (with ``state`` and ``iss``), as section 3.1.2.6 has
-it: ``error=invalid_request`` for ``none`` with another value or a ``max_age`` that is not a number
-of seconds, ``error=login_required`` for ``prompt=none`` when no session may answer (none, too old
-for ``max_age``, its account gone: no page is ever shown). ``login`` among the values, or a sign-in
-older than ``max_age`` (``0``: any), makes the user sign in again; ``auth_time`` is always in the
-id_token.
-At ``/oidc/token`` (RFC 6749 section 5.2 JSON errors): ``invalid_client`` (secret or client
-JWT), ``invalid_grant`` (unknown, used or expired code; another client's; redirect_uri or PKCE
-verifier mismatch). Codes and client-assertion ``jti`` are single use (the session store).
+Named checks at ``/oidc/authorize`` refused on a page, never redirected, so a bad request cannot
+bounce the browser anywhere: ``login.parameter_too_large``, ``login.malformed`` (``client_id`` or
+``redirect_uri`` given twice, an unreadable POST body), ``oidc.unknown_client``,
+``oidc.redirect_uri_not_registered`` (exact match). Once the client and its ``redirect_uri`` are
+known, every other error is answered at the ``redirect_uri`` (with ``state`` and ``iss``; by
+``form_post`` when that was asked, else in the query), as RFC 6749 section 4.1.2.1 and OIDC Core
+section 3.1.2.6 have it, and logged with its reason: ``invalid_request`` for a parameter given
+twice (``oidc.repeated_parameter``), a ``response_mode`` other than ``query``/``form_post``
+(``oidc.unsupported_response_mode``), no ``response_type``, no PKCE S256 challenge
+(``oidc.pkce_required``), ``prompt=none`` with another value or a ``max_age`` that is not a number
+of seconds; ``request_not_supported`` / ``request_uri_not_supported`` (OIDC Core 6.1, 6.2: request
+objects are not read); ``unsupported_response_type`` (not ``code``); ``invalid_scope`` (no
+``openid``, ``oidc.scope_missing_openid``); ``login_required`` for ``prompt=none`` when no session
+may answer (none, too old for ``max_age``, its account gone: no page is ever shown). ``login``
+among the ``prompt`` values, or a sign-in older than ``max_age`` (``0``: any), makes the user
+sign in again; ``auth_time`` is always in the id_token.
+At ``/oidc/token`` (RFC 6749 section 5.2 JSON errors): ``invalid_request`` (a parameter given
+twice), ``invalid_client`` (secret or client JWT; a ``client_secret_basic`` pair is taken
+form-decoded, as RFC 6749 section 2.3.1 has it, or as sent), ``invalid_grant`` (unknown, used or
+expired code; another client's; redirect_uri or PKCE verifier mismatch). Codes and
+client-assertion ``jti`` are single use (the session store); a code presented again revokes the
+access token issued from it (RFC 6749 section 4.1.2; a tombstone ``code-used:`` names it while the
+code or the token could be in use).
 ``/oidc/userinfo`` answers while the sign-in session the token was issued in lives and its account
 passes the account check of :mod:`.web` (else ``invalid_token``), with the profile as that check
 refreshed it.
@@ -47,6 +57,7 @@ import time
 from urllib.parse import unquote_plus, urlencode
 
 from aiohttp import web
+from multidict import MultiDict
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -87,13 +98,35 @@ def _error(code: str, status: int = 400, description: str = "") -> web.Response:
 
 class AuthorizationError(Exception):
     """A request from a known client to a registered ``redirect_uri`` that is answered there with
-    an OAuth error (RFC 6749 section 4.1.2.1, OIDC Core section 3.1.2.6), not on a page."""
+    an OAuth error (RFC 6749 section 4.1.2.1, OIDC Core section 3.1.2.6), not on a page;
+    *reason* is the code logged with it (docs/reasons.md)."""
 
-    def __init__(self, error: str, description: str, pending: dict) -> None:
+    def __init__(self, error: str, description: str, pending: dict, reason: str = "") -> None:
         super().__init__(f"{error}: {description}")
         self.error = error
         self.description = description
         self.pending = pending
+        self.reason = reason or f"oidc.{error}"
+
+
+#: Authorization request parameters OAuth 2.0 and OIDC Core define: each may be given once
+#: (RFC 6749 section 3.1). Others (RFC 8707 ``resource`` may repeat) are not looked at.
+AUTHORIZATION_PARAMETERS = frozenset({
+    "response_type", "client_id", "redirect_uri", "scope", "state", "response_mode", "nonce", "display",
+    "prompt", "max_age", "ui_locales", "id_token_hint", "login_hint", "acr_values", "claims_locales", "claims",
+    "request", "request_uri", "registration", "code_challenge", "code_challenge_method"})
+#: Token request parameters (RFC 6749 section 4.1.3, RFC 7636, RFC 7523): each may be given once.
+TOKEN_PARAMETERS = frozenset({"grant_type", "code", "redirect_uri", "code_verifier", "client_id", "client_secret",
+                              "client_assertion", "client_assertion_type"})
+
+
+def _repeated(params, names: frozenset) -> list[str]:
+    """The names among *names* that *params* (a multidict) holds more than once."""
+    counts: dict[str, int] = {}
+    for key, _ in params.items():  # items(): keys() names each key once (multidict 7)
+        if key in names:
+            counts[key] = counts.get(key, 0) + 1
+    return sorted(k for k, n in counts.items() if n > 1)
 
 
 #: max_age: ASCII digits, up to about 31 years (str.isdigit() takes "²").
@@ -112,10 +145,13 @@ class OidcProvider:
         self.issuer = settings.base_url
         self.clients = {c.client_id: c for c in settings.oidc.clients}
         self.signing = _rsa(current)
-        # The next key is published before it signs, so relying parties have it when it does.
+        # The next key is published before it signs, so relying parties have it when it does; the
+        # previous one (``signing-previous.*``, left by the last rotation) until the next
+        # rotation, so that id_tokens it signed before the reload still verify.
+        keys = [self.signing, _rsa(upcoming)] + ([_rsa(current.replaced)] if current.replaced is not None else [])
         self.public = {"keys": [{**k.as_dict(private=False), "use": "sig", "alg": "RS256"}
-                                for k in (self.signing, _rsa(upcoming))]}
-        self.own_keys = KeySet.import_key_set(self.public)  # id_token_hint: signed here, current or next
+                                for k in {k.kid: k for k in keys}.values()]}
+        self.own_keys = KeySet.import_key_set(self.public)  # id_token_hint: signed here, current, next or previous
         self.client_keys = {c.client_id: _client_key(c) for c in settings.oidc.clients if c.public_key}
         self.token_url = f"{self.issuer}/oidc/token"
 
@@ -127,6 +163,7 @@ class OidcProvider:
         web_door.declined["oidc"] = self.login_required
         return [Route("GET", "/.well-known/openid-configuration", self.discovery),
                 Route("GET", "/oidc/jwks", self.jwks), Route("GET", "/oidc/authorize", self.authorize),
+                Route("POST", "/oidc/authorize", self.authorize),
                 Route("POST", "/oidc/token", self.token), Route("*", "/oidc/userinfo", self.userinfo),
                 Route("GET", "/oidc/logout", self.end_session), Route("POST", "/oidc/logout", self.end_session)]
 
@@ -141,6 +178,8 @@ class OidcProvider:
             "response_modes_supported": ["query", "form_post"], "grant_types_supported": ["authorization_code"],
             "subject_types_supported": ["public"], "id_token_signing_alg_values_supported": ["RS256"],
             "code_challenge_methods_supported": ["S256"], "scopes_supported": ["openid", "profile", "email", "groups"],
+            # OIDC Core 6: no request objects (request_uri_parameter_supported is true when omitted).
+            "request_parameter_supported": False, "request_uri_parameter_supported": False,
             "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "private_key_jwt"],
             "token_endpoint_auth_signing_alg_values_supported": ["RS256", "ES256"],
             "claims_supported": ["sub", "name", "preferred_username", "email", "groups", "nonce", "auth_time"]})
@@ -151,48 +190,87 @@ class OidcProvider:
     # -- authorization -----------------------------------------------------------------------------
 
     def check(self, query) -> dict:
-        """The pending authorization for a request, or :class:`Refused` (no I/O)."""
-        if any(len(v) > MAX_PARAM for v in query.values()):
+        """The pending authorization for a request's parameters (a multidict of strings):
+        :class:`Refused` (a page) while its client and ``redirect_uri`` are not known to be good,
+        :class:`AuthorizationError` (answered at that ``redirect_uri``) after; no I/O."""
+        if any(len(v) > MAX_PARAM for _, v in query.items()):
             raise Refused("login.parameter_too_large", "an authorization parameter")
+        # Which client and where to answer must be beyond doubt before anything is sent there.
+        repeated = _repeated(query, frozenset({"client_id", "redirect_uri"}))
+        if repeated:
+            raise Refused("login.malformed", f"{' and '.join(repeated)} given more than once")
         client = self.clients.get(query.get("client_id", ""))
         if client is None:
             raise Refused("oidc.unknown_client", query.get("client_id", "")[:100])
         redirect_uri = query.get("redirect_uri", "")
         if redirect_uri not in client.redirect_uris:
             raise Refused("oidc.redirect_uri_not_registered", redirect_uri[:200])
-        if query.get("response_type") != "code":
-            raise Refused("oidc.unsupported_response_type", query.get("response_type", "")[:40])
-        if "openid" not in query.get("scope", "").split():
-            raise Refused("oidc.scope_missing_openid")
-        challenge = query.get("code_challenge", "")
-        if query.get("code_challenge_method") != "S256" or not 43 <= len(challenge) <= 128:
-            raise Refused("oidc.pkce_required")
+        # From here on errors go to the redirect_uri (RFC 6749 4.1.2.1, OIDC Core 3.1.2.6), by the
+        # requested response mode when it is one of ours, else by this code flow's default (query).
         mode = query.get("response_mode", "query")
-        if mode not in ("query", "form_post"):
-            raise Refused("oidc.unsupported_response_mode", mode[:40])
+        challenge = query.get("code_challenge", "")
         pending = {"protocol": "oidc", "client_id": client.client_id, "redirect_uri": redirect_uri,
                    "state": query.get("state", ""), "nonce": query.get("nonce", ""), "challenge": challenge,
-                   "mode": mode, "scope": query.get("scope", "")}
+                   "mode": mode if mode in ("query", "form_post") else "query", "scope": query.get("scope", "")}
+
+        def error(code: str, description: str, reason: str = "") -> AuthorizationError:
+            return AuthorizationError(code, description, pending, reason)
+
+        repeated = _repeated(query, AUTHORIZATION_PARAMETERS)
+        if repeated:
+            raise error("invalid_request", f"{', '.join(repeated)} given more than once", "oidc.repeated_parameter")
+        if mode not in ("query", "form_post"):
+            raise error("invalid_request", "response_mode must be query or form_post", "oidc.unsupported_response_mode")
+        # OIDC Core 6.1, 6.2: a provider without request objects MUST say so, not ignore them.
+        if "request" in query:
+            raise error("request_not_supported", "request objects are not supported")
+        if "request_uri" in query:
+            raise error("request_uri_not_supported", "request_uri is not supported")
+        if "response_type" not in query:
+            raise error("invalid_request", "response_type is missing", "oidc.unsupported_response_type")
+        if query["response_type"] != "code":
+            raise error("unsupported_response_type", "only the code flow (response_type=code) is supported")
+        if "openid" not in query.get("scope", "").split():
+            raise error("invalid_scope", "the openid scope is required", "oidc.scope_missing_openid")
+        # RFC 7636 4.4.1: a missing challenge or another transform is invalid_request.
+        if not 43 <= len(challenge) <= 128:
+            raise error("invalid_request", "code_challenge (PKCE, S256) is required", "oidc.pkce_required")
+        if query.get("code_challenge_method") != "S256":
+            raise error("invalid_request", "code_challenge_method must be S256", "oidc.pkce_required")
         # OIDC Core 3.1.2.1: prompt is a space-separated list; none may not come with another value.
         prompts = set(query.get("prompt", "").split(" ")) - {""}
         if "none" in prompts and len(prompts) > 1:
-            raise AuthorizationError("invalid_request", "prompt=none with another value", pending)
+            raise error("invalid_request", "prompt=none with another value", "oidc.prompt_invalid")
         max_age = query.get("max_age")
         if max_age is not None and not _MAX_AGE.fullmatch(max_age):
-            raise AuthorizationError("invalid_request", "max_age is not a number of seconds", pending)
+            raise error("invalid_request", "max_age is not a number of seconds", "oidc.max_age_invalid")
         pending.update(force_authn="login" in prompts, prompt_none="none" in prompts,
                        max_age=int(max_age) if max_age is not None else None)
         return pending
 
     async def authorize(self, request: web.Request) -> web.StreamResponse:
+        """``GET`` (the query) or ``POST`` (a form body, alone: OIDC Core 3.1.2.1) ``/oidc/authorize``.
+        A POST comes from another site, so the browser's ``SameSite=Lax`` session cookie is not
+        sent with it: the request waits at ``/login`` (a GET, which gets the cookie), where a
+        session answers it or ``prompt=none`` declines it, as it would have here."""
+        if request.method == "POST":
+            form = await read_form(request)  # gateway.http.forms: the size and time limits of /login
+            if not all(isinstance(v, str) for v in form.values()):
+                raise Refused("login.malformed", "a file in an authorization request")
+            params = MultiDict(form.items())
+        else:
+            params = request.query
         try:
-            pending = self.check(request.query)
+            pending = self.check(params)
         except Refused as exc:
             return self.web.refused(request, exc)
         except AuthorizationError as exc:
-            log.info("oidc authorization answered with error=%s (%s) client=%s", exc.error, exc.description,
-                     exc.pending["client_id"])
+            log.info("oidc authorization answered with error=%s reason=%s (%s) client=%s", exc.error, exc.reason,
+                     exc.description, exc.pending["client_id"])
             return self.error_answer(exc.pending, exc.error, exc.description)
+        if request.method == "POST":
+            key = self.web.sessions.park(pending, 600)
+            raise web.HTTPSeeOther(f"/login?req={key}", headers={"Cache-Control": "no-store"})
         return await self.web.begin(request, pending, 600)
 
     def answer_target(self, pending: dict) -> OidcClient:
@@ -252,17 +330,38 @@ class OidcProvider:
         if scheme.lower() == "basic":
             try:
                 raw = base64.b64decode(value, validate=True).decode()
-                client_id, secret = (unquote_plus(x) for x in raw.split(":", 1))
             except (ValueError, UnicodeDecodeError):
                 return None
-        elif form.get("client_assertion_type") == ASSERTION_TYPE:
+            return self._basic_client(raw)
+        if form.get("client_assertion_type") == ASSERTION_TYPE:
             return self._assertion_client(str(form.get("client_assertion", "")))
-        else:
-            client_id, secret = str(form.get("client_id", "")), str(form.get("client_secret", ""))
-        client = self.clients.get(client_id)
-        if client is None or client.client_secret is None:
+        return self._secret_client([(str(form.get("client_id", "")), str(form.get("client_secret", "")))])
+
+    def _basic_client(self, raw: str) -> OidcClient | None:
+        """``client_secret_basic``. RFC 6749 section 2.3.1 form-encodes id and secret before
+        joining them with ``:``, but common clients (Authlib, many others) send them as they are,
+        so a ``+`` or ``%`` in a secret would make them fail: both readings are tried, the
+        form-decoded one and the raw one (its client id is a registered one followed by ``:``, as
+        an id may hold ``:``). Every candidate is compared in constant time; the answer says
+        nothing about which failed."""
+        encoded_id, colon, encoded_secret = raw.partition(":")
+        if not colon:
             return None
-        return client if same(secret, client.client_secret.reveal()) else None
+        pairs = [(unquote_plus(encoded_id), unquote_plus(encoded_secret))]
+        pairs += [(client_id, raw[len(client_id) + 1:]) for client_id in self.clients if raw.startswith(client_id + ":")]
+        return self._secret_client(pairs)
+
+    def _secret_client(self, pairs: list[tuple[str, str]]) -> OidcClient | None:
+        """The client one of *pairs* (client id, secret) authenticates, or ``None``. All of them
+        are compared (no early exit), each in constant time."""
+        found = None
+        for client_id, secret in pairs:
+            client = self.clients.get(client_id)
+            if client is None or client.client_secret is None:
+                continue
+            if same(secret, client.client_secret.reveal()) and found is None:
+                found = client
+        return found
 
     def _assertion_client(self, assertion: str) -> OidcClient | None:
         """``private_key_jwt`` (RFC 7523 section 3): a JWT signed by the client's registered key,
@@ -295,14 +394,30 @@ class OidcProvider:
 
     async def token(self, request: web.Request) -> web.Response:
         form = await read_form(request)
+        repeated = _repeated(form, TOKEN_PARAMETERS)
+        if repeated:  # RFC 6749 3.1 and 5.2: a repeated parameter is invalid_request
+            return _error("invalid_request", description=f"{', '.join(repeated)} given more than once")
         client = self._client(request, form)
         if client is None:
             return _error("invalid_client", 401)
         if form.get("grant_type") != "authorization_code":
             return _error("unsupported_grant_type")
         code = str(form.get("code", ""))[:MAX_PARAM]
-        grant = self.web.sessions.store.take_pending("code:" + _digest(code), time.time()) if code else None
-        if grant is None or grant["client_id"] != client.client_id:
+        if not code:
+            return _error("invalid_grant", description="unknown, used or expired code")
+        store, code_key = self.web.sessions.store, _digest(code)
+        grant = store.take_pending("code:" + code_key, time.time())
+        if grant is None:
+            self._code_replayed(code_key)
+            return _error("invalid_grant", description="unknown, used or expired code")
+        # The code is redeemed now (whatever follows): the tombstone names the access token it is
+        # about to give, so that a second redemption can revoke it (RFC 6749 4.1.2), and is kept
+        # while either the code or that token could still be in use.
+        access = secrets.token_urlsafe(32)
+        lifetime = int(self.settings.oidc.token_lifetime)
+        store.put_pending("code-used:" + code_key, {"at": [_digest(access)]},
+                          time.time() + max(self.settings.oidc.code_lifetime, lifetime) + 1)
+        if grant["client_id"] != client.client_id:
             return _error("invalid_grant", description="unknown, used or expired code")
         if form.get("redirect_uri") != grant["redirect_uri"]:
             return _error("invalid_grant", description="redirect_uri differs")
@@ -313,20 +428,40 @@ class OidcProvider:
             return _error("invalid_grant", description="PKCE verifier does not match")
         identity = identity_from_json(grant["identity"])
         now = int(time.time())
-        lifetime = int(self.settings.oidc.token_lifetime)
         claims = {"iss": self.issuer, "sub": identity.subject, "aud": client.client_id, "iat": now,
                   "exp": now + lifetime, "auth_time": int(identity.authenticated_at), "sid": grant["sid"],
                   **self._profile(identity, grant["scope"])}
         if grant["nonce"]:
             claims["nonce"] = grant["nonce"]
-        access = secrets.token_urlsafe(32)
         claims["at_hash"] = base64.urlsafe_b64encode(hashlib.sha256(access.encode()).digest()[:16]).decode().rstrip("=")
         id_token = await asyncio.to_thread(jwt.encode, {"alg": "RS256", "kid": self.signing.kid}, claims, self.signing)
-        self.web.sessions.store.put_pending("at:" + _digest(access), {"identity": grant["identity"],
-                                            "scope": grant["scope"], "sid": grant["sid"]}, now + lifetime)
+        store.put_pending("at:" + _digest(access), {"identity": grant["identity"], "scope": grant["scope"],
+                                                    "sid": grant["sid"]}, now + lifetime)
+        if store.get_pending("code-replayed:" + code_key, time.time()) is not None:
+            # A second redemption came while this one ran, before its tombstone named the token
+            # or before the token was stored: it could not revoke it, so it is not given.
+            store.take_pending("at:" + _digest(access), time.time())
+            log.warning("oidc: code redeemed twice at once (client=%s): no token given", client.client_id)
+            return _error("invalid_grant", description="unknown, used or expired code")
         return web.json_response({"access_token": access, "token_type": "Bearer", "expires_in": lifetime,
                                   "id_token": id_token, "scope": grant["scope"]},
                                  headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
+
+    def _code_replayed(self, code_key: str) -> None:
+        """A code that is not (or no longer) redeemable was presented by an authenticated client:
+        when it was redeemed before, the access token issued from it is revoked (RFC 6749
+        section 4.1.2: "SHOULD revoke ... all tokens previously issued based on that
+        authorization code"). The mark left first tells a redemption still running that it must
+        not give its token (it checks after storing it; see :meth:`token`)."""
+        store, now = self.web.sessions.store, time.time()
+        store.put_pending("code-replayed:" + code_key, {}, now + max(self.settings.oidc.code_lifetime, 60))
+        tombstone = store.get_pending("code-used:" + code_key, now)
+        if tombstone is None:
+            return
+        revoked = [digest for digest in tombstone.get("at", []) if store.take_pending("at:" + digest, now) is not None]
+        if revoked:
+            log.warning("oidc: an authorization code was redeemed again: %d access token(s) issued from it revoked",
+                        len(revoked))
 
     @staticmethod
     def _profile(identity, scope: str) -> dict:
