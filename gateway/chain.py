@@ -24,6 +24,12 @@ thread hand-off (about half of its CPU, docs/performance.md). And when every cha
 that hung up are checked as a chain thread would check them; throttling, failure timing and the
 audit are the same code on every path. Reads ``deadline``, ``threads``, ``limits.queue``,
 ``limits.queue_wait``, ``failure_timing`` and ``throttle``.
+
+A network throttle store (Redis) is called on threads of its own (``threads`` of them, at most
+4 x ``threads`` calls waiting), never the loop's default executor, and the attempt waits for it
+until its deadline at most: a store that does not answer in time refuses the attempt (503,
+``throttle_unavailable``), and a call whose attempt gave up while it waited is not made. An
+outage is logged at ERROR once, then summed up every minute until the store answers again.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import functools
 import ipaddress
 import logging
 import re
+import threading
 import time
 import types
 from pathlib import Path
@@ -79,6 +86,90 @@ SERVICE_CALLER: StashKey[bool] = StashKey()
 #: Set by a ``gateway_precheck`` implementation beside its success: the chain step that decided
 #: when the identity was remembered, which the answer stands in for (:func:`stands_for`).
 PRECHECK_STEP: StashKey[str] = StashKey()
+
+
+class _StoreOutage:
+    """Logs a throttle store outage: its first failure at ERROR, then a summary at most every
+    :attr:`EVERY` seconds while it lasts, and its end at WARNING. One line per refused attempt
+    flooded the log of a gateway under attack exactly when its store was down. Thread-safe."""
+
+    EVERY = 60.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._since: float | None = None  # monotonic start of the outage, None while the store answers
+        self._next = 0.0
+        self._refused = self._unsettled = 0  # since the last line
+        self._total = 0  # refused attempts in the whole outage
+
+    def failed(self, request_id: str, detail: str, *, refused: bool = True) -> None:
+        """A call failed: *refused*, an attempt was answered 503; else a reservation may be
+        kept that should have been given back."""
+        now = time.monotonic()
+        with self._lock:
+            if refused:
+                self._refused += 1
+                self._total += 1
+            else:
+                self._unsettled += 1
+            if self._since is None:
+                self._since, self._next = now, now + self.EVERY
+                self._refused = self._unsettled = 0
+                first = True
+            elif now >= self._next:
+                self._next = now + self.EVERY
+                refused_n, unsettled_n = self._refused, self._unsettled
+                self._refused = self._unsettled = 0
+                first = False
+            else:
+                return
+        if first:
+            log.error("throttle store unavailable; %s (fail closed): %s. Logged once per outage, then summed up "
+                      "every %.0f s until the store answers again",
+                      f"password attempt {request_id} refused, and every password attempt until it answers"
+                      if refused else f"attempt {request_id} not settled", detail, self.EVERY)
+        else:
+            log.error("throttle store still unavailable: %d password attempt(s) refused (503) and %d not settled "
+                      "in the last %.0f s: %s", refused_n, unsettled_n, self.EVERY, detail)
+
+    def answered(self) -> None:
+        """The store answered: the end of an outage, if there was one."""
+        if self._since is None:  # the common case, without the lock
+            return
+        with self._lock:
+            if self._since is None:
+                return
+            lasted, total = time.monotonic() - self._since, self._total
+            self._since, self._total = None, 0
+        log.warning("throttle store answers again after %.0f s; %d password attempt(s) were refused meanwhile",
+                    lasted, total)
+
+
+class _Handover:
+    """A ticket reserved on a store thread, and whether its attempt still waits for it: a
+    reservation made after the attempt gave up (its deadline) is given back, not kept as a guess."""
+
+    __slots__ = ("_lock", "_state", "_ticket")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._state = "waiting"
+        self._ticket = None
+
+    def deliver(self, ticket) -> bool:
+        """On the store thread: False when the attempt gave up (the caller gives *ticket* back)."""
+        with self._lock:
+            if self._state == "gave_up":
+                return False
+            self._state, self._ticket = "delivered", ticket
+            return True
+
+    def give_up(self):
+        """On the loop: the ticket already delivered (to give back), or None."""
+        with self._lock:
+            ticket = self._ticket if self._state == "delivered" else None
+            self._state = "gave_up"
+            return ticket
 
 
 def stands_for(attempt: Attempt, answer: Decision) -> str | None:
@@ -239,12 +330,17 @@ class Gateway:
     """The core, as the front doors use it: one per worker process."""
 
     def __init__(self, settings: GatewaySettings, pm: pluggy.PluginManager, plugins: dict[str, Any],
-                 folder: ChainFolder, *, state_dir: Path | None = None) -> None:
+                 folder: ChainFolder, *, state_dir: Path | None = None, workers: int | None = None) -> None:
+        """*workers*: the worker processes actually run (``authgw serve --workers``), else
+        ``workers:``; it decides the throttle store of ``store: auto``."""
         self.settings = settings
         self.pm = pm
         self.plugins = plugins
         self.folder = folder
-        self.throttle = Throttle(settings.throttle, state_dir=state_dir, workers=settings.workers)
+        self.throttle = Throttle(settings.throttle, state_dir=state_dir, workers=workers or settings.workers)
+        #: A network throttle store's calls: threads of their own, a bounded queue (module docstring).
+        self._store_pool = ChainPool(settings.threads, name="authgw-throttle") if self.throttle.blocking else None
+        self._outage = _StoreOutage()
         timing = settings.failure_timing
         self.failure_timing = FailureTiming(enabled=timing.enabled, floor=timing.floor,
                                             percentile=timing.percentile, max_floor=timing.max_floor)
@@ -418,10 +514,72 @@ class Gateway:
                 return str(ipaddress.IPv6Network((int(client) >> (128 - prefix) << (128 - prefix), prefix)))
         return str(client)
 
-    async def _throttle(self, work, *args):
-        if self.throttle.blocking:  # a network store: off the event loop
-            return await asyncio.get_running_loop().run_in_executor(None, work, *args)
-        return work(*args)
+    def carry_over(self, previous: Gateway) -> None:
+        """Take over from *previous* (the configuration a reload replaces) what must outlive the
+        reload, before this one serves: the throttle's counts (:meth:`Throttle.carry_over`) and,
+        when ``failure_timing`` is unchanged, its samples (a fresh floor reopened the timing gap
+        between kinds of refusal after every reload). Metrics carry over in ``build_runtime``."""
+        self.throttle.carry_over(previous.throttle)
+        if self.settings.failure_timing == previous.settings.failure_timing:
+            self.failure_timing = previous.failure_timing
+
+    async def _store_call(self, work: Callable[[Any], Any], deadline: float, *, must_run: bool = False):
+        """``work(None)`` on a throttle store thread, waited for until *deadline* at most. Raises
+        :class:`StoreUnavailable` when the store cannot answer in time; a call still queued then
+        is not made. With *must_run* (giving a reservation back) the call is made however late,
+        the wait for it still ends at *deadline* (a moment at least), and nothing is raised."""
+        pool = self._store_pool
+        assert pool is not None
+        try:
+            future = pool.run(work, None, deadline=None if must_run else deadline)
+        except Overloaded:
+            if must_run:
+                pool.submit(work, None)
+                return None
+            raise StoreUnavailable(f"throttle store: {pool.waiting()} calls wait for it; this one would miss "
+                                   "the attempt's deadline") from None
+        try:
+            if must_run:  # shielded: when the wait ends, the call is still made (it is not unwanted)
+                future.add_done_callback(lambda done: done.cancelled() or done.exception())  # read, if late
+                return await asyncio.wait_for(asyncio.shield(future), timeout=max(0.05, deadline - time.monotonic()))
+            return await asyncio.wait_for(future, timeout=max(0.0, deadline - time.monotonic()))
+        except (asyncio.TimeoutError, DeadlineExpired, Abandoned):
+            if must_run:
+                return None
+            raise StoreUnavailable("throttle store: no answer within the attempt's deadline") from None
+
+    async def _admit_off_loop(self, attempt: Attempt, user: str, client: str | None):
+        handover = _Handover()
+
+        def work(_arg):
+            ticket = self.throttle.admit(user, client)
+            if not handover.deliver(ticket):  # the attempt was refused meanwhile: nobody uses it
+                self._give_back(ticket, attempt.request_id)
+            return ticket
+
+        try:
+            return await self._store_call(work, attempt.deadline)
+        except StoreUnavailable:
+            late = handover.give_up()
+            if late is not None and self._store_pool is not None:
+                self._store_pool.submit(lambda _arg: self._give_back(late, attempt.request_id), None)
+            raise
+
+    def _give_back(self, ticket, request_id: str) -> None:
+        if ticket is not None:
+            self._settle_logged(functools.partial(self.throttle.settle, ticket, Outcome.UNAVAILABLE), request_id)
+
+    def _settle_logged(self, settle: Callable[[], None], request_id: str) -> None:
+        try:
+            settle()
+        except StoreUnavailable as exc:
+            self._outage.failed(request_id, str(exc), refused=False)
+
+    async def _settle_off_loop(self, settle: Callable[[], None], attempt: Attempt) -> None:
+        """Settle on a store thread; waited for while the attempt has time left (at least a
+        moment), then left to finish on its own: the answer is decided already."""
+        await self._store_call(lambda _arg: self._settle_logged(settle, attempt.request_id), attempt.deadline,
+                               must_run=True)
 
     async def authenticate(self, attempt: Attempt) -> Decision:
         """Decide *attempt* within its deadline; the front doors' one entry into the core.
@@ -442,19 +600,20 @@ class Gateway:
         if attempt.password is not None and self.throttle.settings.enabled:  # off: nothing to count or key
             try:
                 user, client = attempt.user_key, self.throttle_client(attempt)
-                # a local store answers at once: only a network store is worth a coroutine and a thread
+                # a local store answers at once: only a network store is worth a coroutine and a
+                # thread, and a wait bounded by the attempt's deadline
                 if self.throttle.blocking:
-                    ticket = await self._throttle(self.throttle.admit, user, client)
+                    ticket = await self._admit_off_loop(attempt, user, client)
                 else:
                     ticket = self.throttle.admit(user, client)
             except StoreUnavailable as exc:
-                log.error("throttle store unavailable; password attempt %s refused (fail closed): %s",
-                          attempt.request_id, exc)
+                self._outage.failed(attempt.request_id, str(exc))  # once per outage, not once per attempt
                 if self.throttle_probe is not None:  # /readyz says so before the next probe
                     self.throttle_probe.failed(str(exc))
                 decision = Decision.deny(Outcome.UNAVAILABLE, step="gateway", reason="throttle_unavailable")
                 self.notify(attempt, decision)
                 return decision
+            self._outage.answered()
             if ticket is None:
                 decision = Decision.deny(Outcome.THROTTLED, step="gateway", reason="throttled")
                 self.notify(attempt, decision)
@@ -476,15 +635,12 @@ class Gateway:
                     decision = await self._run_chain(attempt)
         finally:
             if ticket is not None:
-                try:
-                    settle = functools.partial(self.throttle.settle, ticket, decision.outcome,
-                                               live=not decision.from_cache)
-                    if self.throttle.blocking:
-                        await self._throttle(settle)
-                    else:
-                        settle()
-                except StoreUnavailable as exc:
-                    log.error("throttle store unavailable settling attempt %s: %s", attempt.request_id, exc)
+                settle = functools.partial(self.throttle.settle, ticket, decision.outcome,
+                                           live=not decision.from_cache)
+                if self.throttle.blocking:
+                    await self._settle_off_loop(settle, attempt)
+                else:
+                    self._settle_logged(settle, attempt.request_id)
         if attempt.password is not None and decision.outcome in _REFUSALS:
             elapsed = time.monotonic() - attempt.started
             self.failure_timing.record((decision.step, decision.outcome.value), elapsed)
@@ -658,4 +814,6 @@ class Gateway:
         finally:
             self.shutting_down = None
             self.pool.shutdown()
+            if self._store_pool is not None:
+                self._store_pool.shutdown()
             self.throttle.close()

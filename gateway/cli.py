@@ -20,12 +20,13 @@ from pathlib import Path
 
 import yaml
 
-from gateway.checks import CheckStatus, run_selftest
+from gateway.checks import CheckResult, CheckStatus, SelfTest, run_selftest
 from gateway.config import load_config
 from gateway.errors import AuthgwError, ConfigError, PluginLoadError
 from gateway.logs import authgw_version, setup_logging
 from gateway.registry import one_by_one
 from gateway.runtime import build_runtime, default_config_dir
+from gateway.throttle_stores import StoreUnavailable
 from gateway.yamlfiles import format_path
 
 __all__ = ["main"]
@@ -173,7 +174,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"FAIL  startup: {exc.__class__.__name__}: {exc}")
             failed += 1
         blocked: set[str] = set()
-        for test in runtime.gateway.selftests():
+        for test in [*_core_selftests(runtime.gateway), *runtime.gateway.selftests()]:
             total += 1
             plugin = test.name.split(".", 1)[0]
             if plugin in blocked:
@@ -193,6 +194,23 @@ def cmd_check(args: argparse.Namespace) -> int:
     runtime.close()
     print(f"{total} self-tests, {failed} failed" if total else "no plugin offers self-tests")
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def _core_selftests(gateway) -> list[SelfTest]:
+    """The core's own tests, counted as the plugins' are: a network throttle store (Redis) that
+    does not answer means a 503 for every password login, so ``authgw check`` fails with it."""
+    ping = getattr(gateway.throttle.store, "ping", None)
+    if ping is None:
+        return []
+
+    def run() -> CheckResult:
+        try:
+            return CheckResult.ok(ping())
+        except StoreUnavailable as exc:
+            return CheckResult.fail(f"{exc}; every password login would be refused (503, throttle_unavailable)",
+                                    "start Redis or check throttle.redis (url, password, timeout)")
+
+    return [SelfTest("gateway.throttle_store", run)]
 
 
 def cmd_hash_password(args: argparse.Namespace) -> int:

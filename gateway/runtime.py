@@ -69,11 +69,12 @@ class Runtime:
 
 def build_runtime(config_dir: Path, *, state_dir: Path | None = None,
                   discovered: dict[str, PluginInfo] | None = None, metrics: Metrics | None = None,
-                  config: Config | None = None) -> Runtime:
+                  config: Config | None = None, workers: int | None = None) -> Runtime:
     """Load *config_dir*, build every enabled plugin and the core around them. A reload passes
     the running *metrics*, so counters go on across configurations. With *config* (one loaded
     before, such as the master's validated configuration) conf.d is not read again; files it
-    refers to (users files, keys, ``{file:}`` secrets) are, by the plugins that use them."""
+    refers to (users files, keys, ``{file:}`` secrets) are, by the plugins that use them.
+    *workers*: the worker processes ``authgw serve`` runs (its ``--workers``), else ``workers:``."""
     discovered = discover() if discovered is None else discovered
     config = config or load_config(config_dir, installed=set(discovered), defer=True)
     check_config(config, discovered)  # every problem of the core and the enabled plugins at once
@@ -90,5 +91,5 @@ def build_runtime(config_dir: Path, *, state_dir: Path | None = None,
     bound_steps(pm, config.core.chain, limits.step_concurrency or max(1, config.core.threads // 2),
                 config.core.deadline)
     set_hash_concurrency(limits.hash_concurrency)
-    gateway = Gateway(config.core, pm, plugins, folder, state_dir=state)
+    gateway = Gateway(config.core, pm, plugins, folder, state_dir=state, workers=workers)
     return Runtime(config, gateway, metrics, audit, state)

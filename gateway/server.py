@@ -132,9 +132,12 @@ class _Worker:
     and the running one stays."""
 
     def __init__(self, config_dir: Path, state_dir: Path | None, sockets: list[socket.socket],
-                 extra: dict[str, socket.socket]) -> None:
+                 extra: dict[str, socket.socket], workers: int | None = None) -> None:
         self.config_dir = config_dir
         self.state_dir = state_dir
+        #: The worker processes of this gateway (``--workers`` or ``workers:`` at start; a reload
+        #: cannot change it): every generation's throttle store is chosen for it.
+        self.workers = workers
         self.sockets = sockets
         self.extra = extra
         self.current: _Generation | None = None
@@ -239,11 +242,15 @@ class _Worker:
             return False
         try:
             runtime = await loop.run_in_executor(None, functools.partial(
-                build_runtime, self.config_dir, state_dir=self.state_dir, metrics=old.runtime.metrics, config=config))
+                build_runtime, self.config_dir, state_dir=self.state_dir, metrics=old.runtime.metrics, config=config,
+                workers=self.workers))
         except Exception as exc:
             return self._refused(exc)
         try:
             _restart_only(old.runtime.config.core, runtime.config.core)
+            # Throttle counts (and failure-timing samples) go on, as metrics do: a reload must
+            # never hand guessers a fresh budget.
+            runtime.gateway.carry_over(old.runtime.gateway)
             new = await self._start_generation(runtime)
         except Exception as exc:
             runtime.discard()
@@ -324,12 +331,14 @@ def _note_early_hup(signum, frame) -> None:
 
 async def _serve_worker(config_dir: Path, state_dir: Path | None, sockets: list[socket.socket],
                         extra: dict[str, socket.socket], runtime: Runtime | None = None,
-                        config: Config | None = None, link: socket.socket | None = None) -> None:
+                        config: Config | None = None, link: socket.socket | None = None,
+                        workers: int | None = None) -> None:
     """Serve until SIGTERM/SIGINT. Alone (no *link*), SIGHUP reloads conf.d here; a worker of a
-    master builds *config* (the master's) and takes reloads over its *link*."""
+    master builds *config* (the master's) and takes reloads over its *link*. *workers*: how many
+    worker processes the gateway runs (it chooses the throttle store of ``store: auto``)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    worker = _Worker(config_dir, state_dir, sockets, extra)
+    worker = _Worker(config_dir, state_dir, sockets, extra, workers)
     hups = 0
 
     def on_hup() -> None:
@@ -348,7 +357,7 @@ async def _serve_worker(config_dir: Path, state_dir: Path | None, sockets: list[
         loop.add_signal_handler(signal.SIGHUP, lambda: log.info(
             "worker %d: SIGHUP ignored; reloads are the master's (kill -HUP %d)", os.getpid(), os.getppid()))
     runtime = runtime or await loop.run_in_executor(None, functools.partial(
-        build_runtime, config_dir, state_dir=state_dir, config=config))
+        build_runtime, config_dir, state_dir=state_dir, config=config, workers=workers))
     await worker.start(runtime)
     names = ", ".join([_url(s) for s in sockets] + [_url(s, "https" if x.ssl_context else "http") + f" ({n})"
                       for n, s in extra.items() for x in runtime.gateway.listeners() if x.name == n])
@@ -415,9 +424,10 @@ def _event_loop_runner(choice: str):
 
 def _worker_main(config_dir: Path, state_dir: Path | None, sockets: list[socket.socket],
                  extra: dict[str, socket.socket], run, runtime: Runtime | None = None,
-                 config: Config | None = None, link: socket.socket | None = None) -> int:
+                 config: Config | None = None, link: socket.socket | None = None,
+                 workers: int | None = None) -> int:
     try:
-        run(_serve_worker(config_dir, state_dir, sockets, extra, runtime, config, link))
+        run(_serve_worker(config_dir, state_dir, sockets, extra, runtime, config, link, workers))
     except Exception:
         log.exception("worker %d failed", os.getpid())
         return EXIT_STARTUP_FAILED
@@ -454,7 +464,9 @@ def serve(config_dir: Path, *, state_dir: Path | None = None, workers: int | Non
     signal.signal(signal.SIGHUP, _note_early_hup)  # until the reload handlers exist
     return_freed_memory()  # inherited by the workers
     # Validate and build everything once in the master: configuration and plugin errors stop here.
-    probe = build_runtime(config_dir, state_dir=state_dir)
+    # `--workers` wins over `workers:`; the count decides the throttle store (`store: auto`), here,
+    # in every worker, at every reload and in every replacement worker.
+    probe = build_runtime(config_dir, state_dir=state_dir, workers=workers)
     settings = probe.config.core
     count = workers or settings.workers
     try:
@@ -467,7 +479,7 @@ def serve(config_dir: Path, *, state_dir: Path | None = None, workers: int | Non
         raise
     try:
         if count == 1:  # serve with the runtime just validated; SIGHUP reloads in this process
-            return _worker_main(config_dir, state_dir, slots[0], extra, run, probe)
+            return _worker_main(config_dir, state_dir, slots[0], extra, run, probe, workers=count)
         probe.discard()  # each worker builds its own after the fork, from probe.config
 
         def worker_main(slot: int, config: Config, link: socket.socket) -> int:
@@ -477,7 +489,8 @@ def serve(config_dir: Path, *, state_dir: Path | None = None, workers: int | Non
                 _pin(slot)
             for other in _distinct(slots) - set(slots[slot]):
                 other.close()  # the master keeps them for the workers of those slots
-            return _worker_main(config_dir, state_dir, slots[slot], extra, run, config=config, link=link)
+            return _worker_main(config_dir, state_dir, slots[slot], extra, run, config=config, link=link,
+                                workers=count)
 
         metrics_dir = _enable_multiprocess_metrics()
         log.info("authgw master %d running %d workers%s", os.getpid(), count,

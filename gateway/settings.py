@@ -33,6 +33,7 @@ from pydantic import (
     Strict,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError, core_schema
 
@@ -471,3 +472,15 @@ class GatewaySettings(PluginSettings):
                 raise ValueError(f"{name!r} is listed twice")
             seen.add(name)
         return value
+
+    @model_validator(mode="after")
+    def _store_answers_within_the_deadline(self) -> GatewaySettings:
+        # Every password login waits for the throttle store: a Redis timeout at or above the
+        # deadline let one call hold an attempt past it (the attempt's wait is bounded by the
+        # deadline anyway, gateway/chain.py, but such a timeout can only end in a 503).
+        redis = self.throttle.redis
+        if self.throttle.enabled and self.throttle.store == "redis" and redis is not None \
+                and redis.timeout >= self.deadline:
+            raise InvalidKey("throttle.redis.timeout", f"{redis.timeout}s is not below the gateway's deadline "
+                             f"({self.deadline}s); every password login waits for the throttle store")
+        return self

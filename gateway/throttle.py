@@ -21,7 +21,12 @@ Decides whether a password attempt may reach the chain, and what its result cost
   resets badPwdCount; a cache answer resets nothing). Trade-off in docs/design.md item 7.
 * **Shared.** ``store: sqlite`` (one file in the state directory) shares the counts between the
   workers of a machine, ``store: redis`` between instances; ``auto`` is ``memory`` for one
-  worker and ``sqlite`` for several. A store that cannot answer fails closed (``UNAVAILABLE``).
+  worker and ``sqlite`` for several, counting the workers of ``authgw serve --workers`` too. A
+  store that cannot answer fails closed (``UNAVAILABLE``).
+* **Kept over a reload.** A reload builds a new :class:`Throttle`; :meth:`Throttle.carry_over`
+  hands it the running ``memory`` store, counts and all (``sqlite`` and ``redis`` keep theirs
+  outside the process), so ``systemctl reload`` never hands guessers a fresh budget. A reload
+  that changes the kind of store says in the log that counts start afresh.
 
 Keys are SHA-256 hashes of ``kind, username, client``: the store never holds a username.
 """
@@ -29,6 +34,7 @@ Keys are SHA-256 hashes of ``kind, username, client``: the store never holds a u
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,9 +42,11 @@ from pathlib import Path
 from gateway.model import Outcome
 from gateway.perprocess import UniqueIds
 from gateway.settings import ThrottleSettings
-from gateway.throttle_stores import MemoryStore, StoreUnavailable, ThrottleStore, open_store
+from gateway.throttle_stores import MemoryStore, StoreUnavailable, ThrottleStore, open_store, store_kind
 
 __all__ = ["StoreUnavailable", "Throttle", "Ticket"]
+
+log = logging.getLogger("authgw.throttle")
 
 #: Refusals that are guesses at a password.
 GUESSES = frozenset({Outcome.INVALID_CREDENTIALS, Outcome.USER_NOT_FOUND})
@@ -68,9 +76,36 @@ class Throttle:
                  clock=time.time) -> None:
         self.settings = settings
         self._clock = clock
+        #: ``memory``, ``sqlite`` or ``redis`` (``auto`` resolved for *workers*, the effective
+        #: worker count), or ``off`` when throttling is disabled.
+        self.kind = store_kind(settings, state_dir, workers) if settings.enabled else "off"
         self.store: ThrottleStore = open_store(settings, state_dir, workers) if settings.enabled else MemoryStore()
         #: The store does network I/O: call it off the event loop.
         self.blocking = self.store.blocking
+        self._handed_on = False  # the store went on to the next generation (carry_over): not closed here
+
+    def _where(self) -> tuple:
+        """What identifies the counts of this store: the same for two stores that share them."""
+        store = self.store
+        if self.kind == "redis":
+            return (self.kind, getattr(store, "location", None), getattr(store, "_prefix", None))
+        if self.kind == "sqlite":
+            return (self.kind, str(getattr(store, "path", "")))
+        return (self.kind, id(store))
+
+    def carry_over(self, previous: Throttle) -> None:
+        """Take over the counts of *previous*, the throttle of the configuration a reload
+        replaces, before this one serves. A ``memory`` store is handed on whole (the retiring
+        generation settles its attempts in flight into it too); ``sqlite`` and ``redis`` keep
+        their counts outside the process. A change of store (memory to sqlite or redis, another
+        Redis server) cannot carry them: it is said in the log."""
+        if previous.kind == self.kind == "memory":
+            self.store = previous.store
+            previous._handed_on = True
+            return
+        if previous.kind != "off" and self.kind != "off" and previous._where() != self._where():
+            log.warning("reload: the throttle store is now %s (was %s); password-guess counts start afresh "
+                        "(guesses counted in the old store are forgotten)", self.kind, previous.kind)
 
     def ticket(self, user_key: str, client: str | None) -> Ticket:
         return Ticket(_TICKET_IDS.next(), _key("u", user_key),
@@ -112,4 +147,5 @@ class Throttle:
             self.store.drop([ticket.user, *([ticket.pair] if ticket.pair else []), *client], ticket.id)
 
     def close(self) -> None:
-        self.store.close()
+        if not self._handed_on:
+            self.store.close()

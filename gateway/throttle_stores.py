@@ -22,7 +22,7 @@ from gateway.health import redis_location
 from gateway.settings import ThrottleSettings
 from gateway.sqlitedb import connect_wal, create_private
 
-__all__ = ["MemoryStore", "RedisStore", "SQLiteStore", "StoreUnavailable", "ThrottleStore", "open_store"]
+__all__ = ["MemoryStore", "RedisStore", "SQLiteStore", "StoreUnavailable", "ThrottleStore", "open_store", "store_kind"]
 
 _MAX_KEYS = 100_000
 
@@ -42,10 +42,19 @@ class ThrottleStore(Protocol):
     def close(self) -> None: ...
 
 
-def open_store(settings: ThrottleSettings, state_dir: Path | None, workers: int) -> ThrottleStore:
+def store_kind(settings: ThrottleSettings, state_dir: Path | None, workers: int) -> str:
+    """The store ``throttle.store`` means for a process of *workers* workers: ``auto`` is
+    ``memory`` for one worker and ``sqlite`` for several. *workers* is the effective count
+    (``authgw serve --workers`` or ``workers:``), not conf.d's alone: a flag of 4 with the
+    default ``workers: 1`` gave each worker a memory store and a budget of its own."""
     kind = settings.store
     if kind == "auto":
         kind = "sqlite" if workers > 1 and state_dir is not None else "memory"
+    return kind
+
+
+def open_store(settings: ThrottleSettings, state_dir: Path | None, workers: int) -> ThrottleStore:
+    kind = store_kind(settings, state_dir, workers)
     if kind == "redis":
         r = settings.redis
         assert r is not None  # the settings model requires it with store: redis

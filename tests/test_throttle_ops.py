@@ -1,0 +1,152 @@
+"""Throttling as operators run it, through real ``authgw serve`` processes (and a real
+redis-server): the store chosen for the workers actually run (``--workers``), counts kept over a
+reload, a frozen Redis store answered within the deadline and logged once, and ``authgw check``
+failing while the store is down. Review findings 1, 2, 3 and 10 (/tmp/review-ops/report.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from support.gateway import GatewayProcess, authgw, static_users, write_conf
+from support.net import free_port, wait_for
+from support.proc import children
+from support.redis import RedisServer
+
+USERS = ("alice", "bob", "carol", "dave")
+
+
+def conf(path: Path, demo_hash: str, **core) -> Path:
+    settings = {"chain": ["static"], "health": {"probe_interval": 3600}, **core}
+    return write_conf(path, {"gateway.yaml": json.dumps(settings),
+                             **static_users({name: demo_hash for name in USERS})})
+
+
+def guesses(gw: GatewayProcess, user: str, count: int) -> list[int]:
+    return [gw.auth(user, f"wrong-{user}-{i}").status for i in range(count)]
+
+
+def reloaded(gw: GatewayProcess, times: int, workers: int = 1) -> None:
+    """SIGHUP the gateway (its master) and wait until every worker says it reloaded, *times*
+    reloads in all."""
+    gw.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: gw.output().count(" reloaded ") >= times * workers, 30, what=f"reload {times}", log=gw.output)
+
+
+def test_the_workers_flag_decides_the_store_for_start_reloads_and_replacements(tmp_path, demo_hash, start_gateway):
+    # conf.d says nothing of workers (1); `--workers 3` runs three. `auto` must be sqlite for all
+    # of them, or each worker counts on its own and the budget is three times the limit.
+    gw = start_gateway(conf(tmp_path / "c", demo_hash), workers=3)
+    statuses = guesses(gw, "alice", 30)
+    assert statuses.count(401) == 3 and statuses.count(429) == 27, statuses
+    assert (gw.state_dir / "throttle.sqlite3").exists()
+
+    reloaded(gw, 1, workers=3)  # each worker builds the new configuration for 3 workers too
+    statuses = guesses(gw, "bob", 30)
+    assert statuses.count(401) == 3, ("after a reload", statuses)
+
+    master = gw.proc.pid
+    before = children(master)
+    os.kill(before[0], signal.SIGKILL)  # a worker of our gateway: its master starts a replacement
+    wait_for(lambda: len(set(children(master)) - set(before)) == 1 and len(children(master)) == 3, 30,
+             what="a replacement worker", log=gw.output)
+    wait_for(lambda: gw.output().count("authgw worker") >= 4, 30, what="the replacement serving", log=gw.output)
+    statuses = guesses(gw, "carol", 45)
+    assert statuses.count(401) == 3, ("with a replacement worker", statuses)
+
+
+def test_a_reload_keeps_the_counts_of_the_memory_store(tmp_path, demo_hash, start_gateway):
+    gw = start_gateway(conf(tmp_path / "c", demo_hash))  # one worker: `auto` is memory
+    seen = []
+    for round_ in range(1, 4):
+        seen += guesses(gw, "alice", 5)
+        reloaded(gw, round_)
+    assert seen.count(401) == 3, seen  # user_client_failures: 3, however many reloads
+    assert guesses(gw, "alice", 2) == [429, 429]
+    assert gw.auth("alice", "demo-password").status == 429, "throttled still, right password or not"
+    assert gw.auth("bob", "demo-password").status == 200
+
+    # A change of store cannot carry the counts: the log says so.
+    (gw.conf_dir / "gateway.yaml").write_text(json.dumps({"chain": ["static"], "health": {"probe_interval": 3600},
+                                                          "throttle": {"store": "sqlite"}}))
+    reloaded(gw, 4)
+    assert "password-guess counts start afresh" in gw.output()
+    assert guesses(gw, "alice", 4).count(401) == 3
+
+
+@pytest.fixture
+def redis(tmp_path):
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        yield server
+    finally:
+        if server.running:
+            os.kill(server.pid, signal.SIGCONT)
+        server.stop()
+
+
+def test_a_frozen_redis_store_is_answered_within_the_deadline_and_logged_once(tmp_path, demo_hash, redis,
+                                                                             start_gateway):
+    deadline = 2.0
+    gw = start_gateway(conf(tmp_path / "c", demo_hash, deadline=deadline,
+                            throttle={"store": "redis", "redis": {"url": redis.url, "timeout": 0.5}}))
+    assert gw.auth("alice", "demo-password").status == 200
+    results: list[tuple[int, float]] = []
+    lock = threading.Lock()
+
+    def attempt(i: int) -> None:
+        started = time.monotonic()
+        try:
+            status = gw.auth(USERS[i % 3], "demo-password", timeout=60).status
+        except OSError as exc:
+            status = repr(exc)
+        with lock:
+            results.append((status, time.monotonic() - started))
+
+    os.kill(redis.pid, signal.SIGSTOP)
+    try:
+        threads = [threading.Thread(target=attempt, args=(i,)) for i in range(200)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=90)
+    finally:
+        os.kill(redis.pid, signal.SIGCONT)
+    assert len(results) == 200
+    assert {status for status, _took in results} == {503}, sorted({str(s) for s, _ in results})
+    slowest = max(took for _status, took in results)
+    assert slowest < deadline + 2, f"the slowest 503 took {slowest:.1f}s; the deadline is {deadline}s"
+    errors = [line for line in gw.output().splitlines() if "ERROR" in line and "throttle store" in line]
+    assert 1 <= len(errors) <= 3, f"{len(errors)} ERROR lines for one outage:\n" + "\n".join(errors[:5])
+    # The store answers again: logins go on, and the end of the outage is logged.
+    wait_for(lambda: gw.auth("dave", "demo-password").status == 200, 15, what="a login after the outage",
+             log=gw.output)
+    assert "throttle store answers again" in gw.output()
+
+
+def test_a_redis_timeout_not_below_the_deadline_is_refused(tmp_path, demo_hash):
+    directory = conf(tmp_path / "c", demo_hash, deadline=2,
+                     throttle={"store": "redis", "redis": {"url": "redis://127.0.0.1:6379/0", "timeout": 3}})
+    result = authgw("config", "check", "--config", str(directory), "--state-dir", str(tmp_path / "state"))
+    assert result.returncode == 2, result
+    assert "throttle.redis.timeout" in result.stderr and "deadline" in result.stderr, result.stderr
+
+
+def test_check_fails_while_the_redis_throttle_store_is_down(tmp_path, demo_hash, redis):
+    def check(url: str):
+        directory = conf(tmp_path / f"c{url.rsplit(':', 1)[1].split('/')[0]}", demo_hash,
+                         throttle={"store": "redis", "redis": {"url": url}})
+        return authgw("check", "--config", str(directory), "--state-dir", str(tmp_path / "state"))
+
+    down = check(f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
+    assert down.returncode == 1, down.stdout + down.stderr  # every password login would get 503
+    assert "FAIL  gateway.throttle_store" in down.stdout and "1 failed" in down.stdout, down.stdout
+    up = check(redis.url)
+    assert up.returncode == 0, up.stdout + up.stderr
+    assert "PASS  gateway.throttle_store" in up.stdout
