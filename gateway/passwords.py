@@ -11,14 +11,17 @@ turn comes (deadline passed, client gone) is not run (:mod:`gateway.slots`, issu
 from __future__ import annotations
 
 import hmac
+import threading
+from collections.abc import Iterable
 
-from argon2 import PasswordHasher, Type
-from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+from argon2 import Parameters, PasswordHasher, Type, extract_parameters
+from argon2.exceptions import Argon2Error, InvalidHashError, VerificationError, VerifyMismatchError
 
 from gateway.pool import check_wanted
 from gateway.slots import FairSlots, usable_cpus
 
-__all__ = ["hash_password", "is_supported_hash", "set_hash_concurrency", "verify_password", "DUMMY_HASH"]
+__all__ = ["hash_password", "hash_parameters", "is_supported_hash", "set_hash_concurrency", "verify_password",
+           "dummy_hash_like", "DUMMY_HASH"]
 
 _HASHER = PasswordHasher(time_cost=2, memory_cost=19 * 1024, parallelism=1, hash_len=32, salt_len=16, type=Type.ID)
 
@@ -59,3 +62,50 @@ def verify_password(encoded: str, password: str) -> bool:
 #: Verified against when a user does not exist, so that an unknown user takes as long as a wrong
 #: password (no user-enumeration by timing). Made once per process, with the same parameters.
 DUMMY_HASH = _HASHER.hash(hmac.new(b"authgw", b"dummy", "sha256").hexdigest())
+
+
+def hash_parameters(encoded: str) -> Parameters | None:
+    """The argon2 parameters of *encoded* (a PHC string), or None when it is not one."""
+    try:
+        return extract_parameters(encoded)
+    except (InvalidHashError, ValueError):
+        return None
+
+
+def _work(params: Parameters) -> tuple[int, int, int]:
+    # Memory times passes is the work; with as much work, fewer lanes take longer (the lanes of
+    # one verification run in parallel).
+    return params.memory_cost * params.time_cost, -params.parallelism, params.hash_len
+
+
+_dummies: dict[tuple[int, ...], str] = {}
+_dummies_lock = threading.Lock()
+
+
+def dummy_hash_like(hashes: Iterable[str]) -> str:
+    """A hash of a secret nobody knows, made with the parameters of the most expensive of
+    *hashes*: verifying a password against it costs what a wrong password costs for that user.
+
+    For the users of one file, so that an unknown user takes as long as a wrong password when
+    their hashes were made with other parameters than :data:`DUMMY_HASH`'s (an imported
+    ``m=65536,t=3,p=4`` hash takes several times as long as the default's). Made once per
+    parameter set and process (it costs one hashing), :data:`DUMMY_HASH` when *hashes* hold
+    none or use the default parameters.
+    """
+    found = {(p.type, p.version, p.salt_len, p.hash_len, p.time_cost, p.memory_cost, p.parallelism): p
+             for p in map(hash_parameters, hashes) if p is not None}
+    for key, params in sorted(found.items(), key=lambda item: _work(item[1]), reverse=True):
+        if _work(params) <= _work(_DEFAULT_PARAMETERS):
+            break  # the default's dummy costs at least as much
+        with _dummies_lock:
+            if key not in _dummies:
+                try:
+                    _dummies[key] = PasswordHasher.from_parameters(params).hash(_DUMMY_SECRET)
+                except (Argon2Error, MemoryError, ValueError):
+                    continue  # parameters argon2 cannot hash with: no user verifies with them either
+            return _dummies[key]
+    return DUMMY_HASH
+
+
+_DUMMY_SECRET = hmac.new(b"authgw", b"dummy", "sha256").hexdigest()
+_DEFAULT_PARAMETERS = extract_parameters(DUMMY_HASH)

@@ -5,6 +5,13 @@ PyYAML's default loaders follow YAML 1.1: ``yes`` becomes ``True``, ``0636`` bec
 product's configuration each of those is a trap, so this loader resolves only ``true``/``false``,
 ``null``/``~``, plain decimal integers and floats; everything else stays a string, a duplicate
 key is an error, and the line of every key and list item is kept for error messages.
+
+What a file may make the loader do is bounded, since a file can be edited by mistake or by
+someone else (the users file is re-read while serving): aliases (``*name``) are refused, so a
+"billion laughs" file cannot expand into gigabytes (no shipped or documented configuration uses
+them), nesting deeper than :data:`MAX_DEPTH` is refused before Python's recursion limit is
+reached, and every failure of the YAML layer (a control character, a number too long to convert)
+is a :class:`ConfigError` naming the file and line, never a traceback.
 """
 
 from __future__ import annotations
@@ -35,10 +42,37 @@ class Mark:
         return f"{self.file}:{self.line}" if self.line else self.file
 
 
+#: Deepest nesting of mappings and lists a file may have, the top level's included (conf.d needs
+#: about 6).
+MAX_DEPTH = 32
+
+
+class _Refused(yaml.MarkedYAMLError):
+    """A construct this loader does not accept; ``problem`` says what to do, at ``problem_mark``."""
+
+
 class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2-core-like implicit typing and nothing more."""
+    """SafeLoader with YAML 1.2-core-like implicit typing and nothing more; no aliases, and
+    nesting bounded by :data:`MAX_DEPTH`."""
 
     yaml_implicit_resolvers: dict[str, list[tuple[str, re.Pattern[str]]]] = {}
+    _depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _Refused(problem=f"`*{event.anchor}` is a YAML alias, and aliases are not expanded in authgw's "
+                                   "files; write the value out (or quote a value that starts with `*`)",
+                           problem_mark=event.start_mark)
+        if not self.check_event(yaml.SequenceStartEvent, yaml.MappingStartEvent):
+            return super().compose_node(parent, index)
+        if self._depth >= MAX_DEPTH:
+            raise _Refused(problem=f"nested more than {MAX_DEPTH} levels deep", problem_mark=self.peek_event().start_mark)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 def _resolver(tag: str, pattern: str, first: str) -> None:
@@ -92,8 +126,9 @@ def load_file(path: Path, marks: dict[KeyPath, Mark]) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{name}: cannot read: {exc}") from None
-    loader = _StrictLoader(text)
+    loader = None
     try:
+        loader = _StrictLoader(text)  # checks every character: may raise ReaderError
         node = loader.get_single_node()
         if node is None:
             return {}
@@ -102,8 +137,19 @@ def load_file(path: Path, marks: dict[KeyPath, Mark]) -> dict[str, Any]:
         return _construct(loader, node, (), name, marks)
     except yaml.MarkedYAMLError as exc:
         raise ConfigError(_yaml_problem(name, text, exc)) from None
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1 if isinstance(exc.position, int) else 1
+        key = _key_at(text, line)
+        code = exc.character if isinstance(exc.character, int) else 0
+        raise ConfigError(f"{name}:{line}: {key + ': ' if key else ''}a character YAML does not allow "
+                          f"(U+{code:04X}, a control character?); remove it") from None
+    except yaml.YAMLError as exc:  # any other failure of the YAML layer: still a config error
+        raise ConfigError(f"{name}: invalid YAML: {exc}") from None
+    except RecursionError:  # not expected (MAX_DEPTH is far below the limit), never a traceback
+        raise ConfigError(f"{name}: nested too deeply") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 #: PyYAML's parser messages, said the way an operator fixes them: (context, problem start) -> text,
@@ -142,6 +188,10 @@ def _key_at(text: str, line: int) -> str:
 def _yaml_problem(name: str, text: str, exc: yaml.MarkedYAMLError) -> str:
     """Rewrite a PyYAML error as ``file:line: key: what to fix`` at the line of the mistake."""
     context, problem = exc.context or "", exc.problem or ""
+    if isinstance(exc, _Refused):
+        line = exc.problem_mark.line + 1 if exc.problem_mark else 1
+        key = _key_at(text, line)
+        return f"{name}:{line}: {key + ': ' if key else ''}{problem}"
     for in_context, starts, hint, at_context in _YAML_HINTS:
         if in_context in context and problem.startswith(starts):
             mark = exc.context_mark if at_context and exc.context_mark else exc.problem_mark or exc.context_mark
@@ -159,9 +209,10 @@ def _construct(loader: _StrictLoader, node: yaml.Node, path: KeyPath, name: str,
         result: dict[str, Any] = {}
         for key_node, value_node in node.value:
             line = key_node.start_mark.line + 1
-            key = loader.construct_object(key_node, deep=True)
+            key = _scalar(loader, key_node, path, name) if isinstance(key_node, yaml.ScalarNode) else None
             if not isinstance(key, str):
-                raise ConfigError(f"{name}:{line}: {format_path(path)}: keys must be strings, not {key!r}")
+                shown = repr(key) if isinstance(key_node, yaml.ScalarNode) else "a list or mapping"
+                raise ConfigError(f"{name}:{line}: {format_path(path)}: keys must be strings, not {shown}")
             key_path = (*path, key)
             if key in result:
                 first = marks[key_path]
@@ -177,7 +228,14 @@ def _construct(loader: _StrictLoader, node: yaml.Node, path: KeyPath, name: str,
             marks[(*path, index)] = Mark(name, item.start_mark.line + 1)
             items.append(_construct(loader, item, (*path, index), name, marks))
         return items
-    return loader.construct_object(node, deep=True)
+    return _scalar(loader, node, path, name)
+
+
+def _scalar(loader: _StrictLoader, node: yaml.Node, path: KeyPath, name: str) -> Any:
+    try:
+        return loader.construct_object(node, deep=True)
+    except ValueError as exc:  # int() of a number longer than Python converts
+        raise ConfigError(f"{name}:{node.start_mark.line + 1}: {format_path(path)}: not a usable value: {exc}") from None
 
 
 def _merge(into: dict[str, Any], new: dict[str, Any], path: KeyPath, marks: dict[KeyPath, Mark],

@@ -14,10 +14,12 @@ Abstains
     same time as a wrong password).
 Settings (``static:`` in conf.d)
     ``users_file`` (path, relative to conf.d), ``case_insensitive`` (default false),
-    ``reload_interval`` (seconds between checks of the file's modification time; 0 disables).
+    ``reload_interval`` (seconds between checks of the file for a change; 0 disables).
 Users file
     ``users: {NAME: {password_hash, display_name, email, groups, subject, disabled}}``; make a
-    hash with ``authgw hash-password``.
+    hash with ``authgw hash-password``. Missing at start-up: a configuration error. Changed while
+    serving: re-read; an edit that cannot be used (any failure to read, parse or validate it) is
+    logged once and the previous users stay; a file that is gone means no users (fail closed).
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ import os
 import stat
 import threading
 import time
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from gateway import (
     Attempt,
@@ -45,8 +49,9 @@ from gateway import (
 )
 from gateway.config import load_yaml_file
 from gateway.errors import ConfigError
-from gateway.passwords import DUMMY_HASH, verify_password
+from gateway.passwords import dummy_hash_like, hash_parameters, verify_password
 from gateway.settings import ValidationContext
+from gateway.yamlfiles import display_name
 
 __all__ = ["StaticPlugin"]
 
@@ -63,11 +68,44 @@ class StaticUser(PluginSettings):
 class UsersFile(PluginSettings):
     users: dict[str, StaticUser] = {}
 
+    @field_validator("users", mode="before")
+    @classmethod
+    def _no_users(cls, value: object) -> object:
+        # `users:` left with no entry (the demo account deleted from the shipped file): no users.
+        return {} if value is None else value
+
 
 class StaticSettings(PluginSettings):
     users_file: ConfigPath = Field(description="YAML users file (relative to conf.d); keep it out of conf.d's top level")
     case_insensitive: bool = Field(False, description="match usernames case-insensitively (casefold)")
     reload_interval: float = Field(2.0, ge=0, description="seconds between checks for a changed users file; 0: never")
+
+
+#: What identifies one version of the users file: a change of any of these re-reads it (a
+#: ``chmod 600`` too, which changes only the mode and ctime); None when it is gone.
+Signature = tuple
+
+
+def _signature(path: Path) -> Signature | None:
+    try:
+        info = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:  # cannot even stat it: a state of its own, logged once until it changes
+        return ("unreadable", exc.errno)
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_mode, info.st_uid)
+
+
+@dataclass(frozen=True)
+class _Users:
+    """One reading of the users file, swapped as a whole."""
+
+    #: The users by lookup key, each with its name as the file spells it.
+    table: dict[str, tuple[str, StaticUser]]
+    #: Verified against for an unknown user: made with the parameters of the file's hashes, so
+    #: that it costs what a wrong password costs (``gateway.passwords.dummy_hash_like``).
+    dummy: str
+    signature: Signature | None
 
 
 class StaticPlugin:
@@ -84,14 +122,20 @@ class StaticPlugin:
         self.challenge = f'Basic realm="{context.gateway.realm}", charset="UTF-8"'
         self._validation = ValidationContext(config_dir=context.config_dir, strict=context.gateway.strict)
         self._lock = threading.Lock()
-        self._users, self._mtime = self._read()
+        if _signature(settings.users_file) is None:
+            raise ConfigError(f"{self.name}.users_file: {display_name(settings.users_file)} not found (a file with no "
+                              "users says `users: {}`; to stop using it, take this step out of the chain)")
+        self._state = self._read()
+        #: The signature of the file as last checked (of the version that failed, when it did).
+        self._seen = self._state.signature
+        self._problem = ""  # why the file as it is now is not in use, for readiness
         self._checked = time.monotonic()
 
     @hookimpl
     def gateway_startup(self) -> None:
         # The shipped conf.d works out of the box with demo/demo: say so loudly at every start,
         # so a gateway exposed with it is not a surprise.
-        _, demo = self._users.get(self._key("demo"), (None, None))
+        _, demo = self._state.table.get(self._key("demo"), (None, None))
         if demo is not None and verify_password(demo.password_hash, "demo"):
             self.log.warning("demo/demo is enabled (the shipped DEMO account): remove it from %s "
                              "before anyone else can reach this gateway", self.settings.users_file)
@@ -101,42 +145,80 @@ class StaticPlugin:
     def _key(self, username: str) -> str:
         return username.casefold() if self.settings.case_insensitive else username
 
-    def _read(self) -> tuple[dict[str, tuple[str, StaticUser]], float]:
-        """The users by lookup key, each with its name as the file spells it (the canonical name
-        the identity carries, whatever case the client typed)."""
+    def _read(self) -> _Users:
+        """Read, validate and index the users file. Raises ConfigError (or anything else) when it
+        cannot be used."""
         path = self.settings.users_file
-        mtime = path.stat().st_mtime if path.exists() else 0.0
-        self._validation.check_private(path, "users file")
+        try:
+            self._validation.check_private(path, "users file")
+        except ValueError as exc:  # strict: a users file others can read is refused
+            raise ConfigError(f"{self.name}.users_file: {exc}") from None
+        # After check_private (which may chmod it), before reading: a change made while reading
+        # gives another signature at the next check, so it is read then.
+        signature = _signature(path)
         users = load_yaml_file(path, UsersFile, self._validation).users
         table = {}
         for name, user in users.items():
             key = self._key(name)
             if key in table:
-                raise ConfigError(f"{path}: users {name!r} and another differ only in case, "
+                raise ConfigError(f"{display_name(path)}: users {name!r} and another differ only in case, "
                                   "but case_insensitive is on")
             table[key] = (name, user)
-        return table, mtime
+        hashes = [user.password_hash for user in users.values()]
+        self._warn_mixed_parameters(hashes)
+        return _Users(table, dummy_hash_like(hashes), signature)
 
-    def _current(self) -> dict[str, tuple[str, StaticUser]]:
-        """The users table, re-read when the file changed (checked every reload_interval)."""
+    def _warn_mixed_parameters(self, hashes: list[str]) -> None:
+        kinds = Counter((p.memory_cost, p.time_cost, p.parallelism)
+                        for p in map(hash_parameters, hashes) if p is not None)
+        if len(kinds) > 1:
+            shown = ", ".join(f"m={m},t={t},p={p} ({n} users)" for (m, t, p), n in kinds.most_common())
+            self.log.warning("users file %s: the password hashes use different argon2 parameters (%s): an unknown "
+                             "user costs as much as the most expensive, so a wrong password for a user with cheaper "
+                             "ones answers sooner; make them all with `authgw hash-password`",
+                             display_name(self.settings.users_file), shown)
+
+    def _current(self) -> _Users:
+        """The users, re-read when the file changed (checked every reload_interval).
+
+        Whatever goes wrong with a new version of the file, the previous users stay and it is
+        logged once (not at every attempt, and never as an attempt's error); a file that is gone
+        means no users at all (fail closed)."""
         interval = self.settings.reload_interval
         if not interval or time.monotonic() - self._checked < interval:
-            return self._users
+            return self._state
         with self._lock:
+            if time.monotonic() - self._checked < interval:  # checked while this thread waited
+                return self._state
             self._checked = time.monotonic()
+            path = self.settings.users_file
+            signature = _signature(path)
+            if signature == self._seen:
+                return self._state
+            self._seen = signature
+            if signature is None:
+                self._state = _Users({}, self._state.dummy, None)
+                self._problem = "the users file is gone"
+                self.log.error("users file %s is gone: no user of it can log in until it is back",
+                               display_name(path))
+                return self._state
             try:
-                mtime = self.settings.users_file.stat().st_mtime
-            except OSError:
-                return self._users
-            if mtime != self._mtime:
-                try:
-                    self._users, self._mtime = self._read()
-                    self.log.info("users file %s reloaded: %d users", self.settings.users_file, len(self._users))
-                except (ConfigError, OSError) as exc:  # keep serving the last good file
-                    self._mtime = mtime
-                    self.log.error("users file %s not reloaded, keeping the previous one: %s",
-                                   self.settings.users_file, exc)
-        return self._users
+                state = self._read()
+            except Exception as exc:  # noqa: BLE001 -- keep serving the last good file, whatever happened
+                # This version, as it is after reading (a chmod may change it); gone meanwhile:
+                # the next check finds it gone.
+                after = _signature(path)
+                self._seen = after if after is not None else signature
+                self._problem = "the last change of the users file was not applied"
+                expected = isinstance(exc, (ConfigError, OSError))
+                self.log.error("users file %s not reloaded, keeping the previous %d users: %s",
+                               display_name(path), len(self._state.table),
+                               exc if expected else f"{exc.__class__.__name__}: {exc}",
+                               exc_info=not expected)
+            else:
+                self._state, self._seen, self._problem = state, state.signature, ""
+                self.log.info("users file %s reloaded: %d users", display_name(path), len(state.table))
+        return self._state
 
     # -- hooks ---------------------------------------------------------------------------------
 
@@ -145,9 +227,10 @@ class StaticPlugin:
         credential = attempt.password
         if credential is None:
             return None
-        found = self._current().get(self._key(credential.username))
+        users = self._current()
+        found = users.table.get(self._key(credential.username))
         if found is None:
-            verify_password(DUMMY_HASH, credential.password)  # same cost as a wrong password
+            verify_password(users.dummy, credential.password)  # same cost as a wrong password
             attempt.note(Outcome.USER_NOT_FOUND, step=self.name, reason="static.user_not_found")
             return None
         name, user = found
@@ -159,7 +242,7 @@ class StaticPlugin:
 
     @hookimpl
     def gateway_lookup_user(self, username: str) -> Identity | None:
-        found = self._current().get(self._key(username))
+        found = self._current().table.get(self._key(username))
         if found is None:
             return None
         # A disabled user is reported, not hidden: None would let the next directory answer for
@@ -177,7 +260,9 @@ class StaticPlugin:
 
     @hookimpl
     def gateway_readiness(self) -> list[ComponentState]:
-        return [ComponentState(f"{self.name}.users_file", True, f"{len(self._users)} users")]
+        detail = f"{len(self._state.table)} users"
+        return [ComponentState(f"{self.name}.users_file", True,
+                               f"{detail}; {self._problem} (see the log)" if self._problem else detail)]
 
     @hookimpl
     def gateway_selftests(self) -> list[SelfTest]:
@@ -187,8 +272,10 @@ class StaticPlugin:
         path = Path(self.settings.users_file)
         try:
             mode = stat.S_IMODE(os.stat(path).st_mode)
-            users, _ = self._read()
-        except (OSError, ConfigError) as exc:
+            users = self._read().table
+        except FileNotFoundError:
+            return CheckResult.fail(f"{path}: not found (no users)", "check the path in static.users_file")
+        except Exception as exc:  # noqa: BLE001 -- the self-test reports, it does not crash
             return CheckResult.fail(f"{path}: {exc}", "check the path in static.users_file and the YAML in it")
         detail = f"{path}: {len(users)} users, mode {mode:o}"
         if mode & 0o077:

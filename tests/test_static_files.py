@@ -1,0 +1,223 @@
+"""The static users file while serving: broken edits, a file that is gone, and the dummy hash.
+
+Findings 4, 7 and 9 of the operations review: a bad edit (a control character, deep nesting, a
+file left 0644 with ``strict: true``) made valid logins fail with ``internal_error`` and a
+traceback every ``reload_interval``; deleting the file changed nothing; and the dummy hash for
+unknown users had fixed argon2 parameters whatever the file's users were hashed with.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from argon2 import PasswordHasher, Type, extract_parameters
+
+from gateway.model import Outcome
+from gateway.passwords import hash_password
+from support.chainhelp import attempt, build, decide
+from support.gateway import authgw, write_conf
+from support.net import wait_for
+
+GOOD = 'users:\n  demo:\n    password_hash: "{h}"\n    display_name: Demo User\n'
+
+
+def serve_users(conf_dir, start_gateway, demo_hash, *, gateway_extra: str = ""):
+    write_conf(conf_dir, {"gateway.yaml": f"chain: [static]\nthrottle: {{enabled: false}}\n{gateway_extra}",
+                          "static.yaml": "static:\n  users_file: users/u.yaml\n  reload_interval: 0.05\n",
+                          "users/u.yaml": GOOD.format(h=demo_hash)})
+    return start_gateway(conf_dir), conf_dir / "users" / "u.yaml"
+
+
+def rewrite(path, text: str, mode: int = 0o600) -> None:
+    """Replace the file as an editor does (a new file, renamed over), with *mode*."""
+    new = path.with_name(path.name + ".new")
+    new.write_text(text)
+    new.chmod(mode)
+    os.replace(new, path)
+
+
+def lines(gateway, text: str) -> list[str]:
+    return [line for line in gateway.output().splitlines() if text in line]
+
+
+BROKEN = {
+    "control character": ("", lambda text: text.replace("Demo User", "Demo\x1bUser"), 0o600,
+                          "users.demo.display_name: a character YAML does not allow (U+001B"),
+    "deep nesting": ("", lambda text: text + "x: " + "[" * 3000 + "]" * 3000 + "\n", 0o600,
+                     "x: nested more than 32 levels deep"),
+    "an alias": ("", lambda text: text.replace("Demo User", "&n Demo User") + "    email: *n\n", 0o600,
+                 "users.demo.email: `*n` is a YAML alias"),
+    "a number too long": ("", lambda text: text + "    subject: " + "9" * 5000 + "\n", 0o600,
+                          "users.demo.subject: not a usable value"),
+    "0644 with strict": ("strict: true\n", lambda text: text.replace("Demo User", "Demo User 2"), 0o644,
+                         "is readable by group or others (mode 644)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_a_broken_edit_keeps_the_previous_users_logged_once_without_errors(conf_dir, start_gateway, demo_hash, case):
+    gateway_extra, edit, mode, expected = BROKEN[case]
+    gateway, users = serve_users(conf_dir, start_gateway, demo_hash, gateway_extra=gateway_extra)
+    assert gateway.auth("demo", "demo-password").status == 200
+    rewrite(users, edit(users.read_text()), mode)
+    statuses = []
+
+    def login() -> int:
+        statuses.append(gateway.auth("demo", "demo-password").status)
+        time.sleep(0.1)  # twice reload_interval: every login may re-check the file
+        return statuses[-1]
+
+    # The file is checked when a login needs it: log in until the edit is seen, then 8 times more.
+    wait_for(lambda: login() and lines(gateway, "not reloaded"), 15, interval=0, what="the refused edit to be logged",
+             log=gateway.output)
+    for _ in range(8):
+        login()
+    assert statuses == [200] * len(statuses), gateway.output()[-3000:]
+    (refused,) = lines(gateway, "not reloaded")  # once per change of the file, not per login or check
+    assert "keeping the previous 1 users" in refused and expected in refused, refused
+    assert "Traceback" not in gateway.output() and '"internal_error"' not in gateway.output()
+    # Fixed: the next check applies it (for the strict case, `chmod 600` alone is a change).
+    if case == "0644 with strict":
+        users.chmod(0o600)
+    else:
+        rewrite(users, GOOD.format(h=demo_hash) + f'  bob:\n    password_hash: "{demo_hash}"\n')
+    wait_for(lambda: login() and lines(gateway, "reloaded:"), 15, interval=0, what="the fixed file to be applied",
+             log=gateway.output)
+    if case != "0644 with strict":
+        assert gateway.auth("bob", "demo-password").status == 200
+    assert gateway.auth("demo", "demo-password").status == 200
+
+
+def test_a_users_file_that_is_gone_means_no_users_and_is_logged(conf_dir, start_gateway, demo_hash):
+    gateway, users = serve_users(conf_dir, start_gateway, demo_hash)
+    assert gateway.auth("demo", "demo-password").status == 200
+    saved = users.read_text()
+    users.unlink()
+    wait_for(lambda: gateway.auth("demo", "demo-password").status == 401, 15,
+             what="demo to be refused once its users file is gone", log=gateway.output)
+    for _ in range(5):
+        assert gateway.auth("demo", "demo-password").status == 401
+        time.sleep(0.1)
+    (gone,) = lines(gateway, "is gone")
+    assert "users file" in gone and "u.yaml" in gone
+    # A reload is refused (a missing users file is a configuration error), and the file stays gone.
+    os.kill(gateway.proc.pid, signal.SIGHUP)
+    wait_for(lambda: lines(gateway, "reload refused"), 15, what="the reload to be refused", log=gateway.output)
+    assert "static.users_file:" in gateway.output().split("reload refused", 1)[1]
+    assert gateway.auth("demo", "demo-password").status == 401
+    assert gateway.get("/healthz").status == 200
+    # Back: its users again.
+    rewrite(users, saved)
+    wait_for(lambda: gateway.auth("demo", "demo-password").status == 200, 15,
+             what="demo to log in again once the file is back", log=gateway.output)
+    assert len(lines(gateway, "is gone")) == 1 and "Traceback" not in gateway.output()
+
+
+def test_a_users_file_missing_at_start_is_a_configuration_error(conf_dir, tmp_path):
+    write_conf(conf_dir, {"gateway.yaml": "chain: [static]\n", "static.yaml": "static:\n  users_file: users/u.yaml\n"})
+    result = authgw("config", "check", "--config", str(conf_dir), "--state-dir", str(tmp_path / "s"))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "static.yaml:2: static.users_file:" in result.stderr and "not found" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    check = authgw("check", "--config", str(conf_dir), "--state-dir", str(tmp_path / "s"))
+    assert check.returncode == 2 and "static.users_file:" in check.stderr, check.stdout + check.stderr
+
+
+def test_the_shipped_users_file_with_the_demo_account_deleted_has_no_users(tmp_path, start_gateway):
+    """README: remove the demo account from conf.d/static/users.yaml; what is left is `users:`."""
+    import shutil
+
+    conf = tmp_path / "conf.d"
+    shutil.copytree(Path(__file__).resolve().parent.parent / "conf.d", conf)
+    users = conf / "static" / "users.yaml"
+    users.write_text("".join(line + "\n" for line in users.read_text().splitlines()
+                             if line.startswith(("#", "users:"))))
+    users.chmod(0o600)
+    result = authgw("config", "check", "--config", str(conf), "--state-dir", str(tmp_path / "s"))
+    assert result.returncode == 0, result.stderr
+    gateway = start_gateway(conf)
+    assert gateway.auth("demo", "demo").status == 401
+    assert "demo/demo is enabled" not in gateway.output()
+
+
+def test_strict_refuses_a_users_file_others_can_read_as_a_config_error(conf_dir, tmp_path, demo_hash):
+    write_conf(conf_dir, {"gateway.yaml": "chain: [static]\nstrict: true\n",
+                          "static.yaml": "static:\n  users_file: users/u.yaml\n", "users/u.yaml": GOOD.format(h=demo_hash)})
+    (conf_dir / "users" / "u.yaml").chmod(0o644)
+    result = authgw("config", "check", "--config", str(conf_dir), "--state-dir", str(tmp_path / "s"))
+    assert result.returncode == 2
+    assert "static.yaml:2: static.users_file: users file" in result.stderr, result.stderr
+    assert "failed to start" not in result.stderr and "ValueError" not in result.stderr
+
+
+# -- the dummy hash: the parameters of the file's users (finding 7) -------------------------------
+
+
+def slow_hash(password: str) -> str:
+    """argon2-cffi's own defaults (RFC 9106 second choice), which the users file accepts."""
+    return PasswordHasher(time_cost=3, memory_cost=65536, parallelism=4, type=Type.ID).hash(password)
+
+
+def same_parameters(a: str, b: str) -> bool:
+    return extract_parameters(a) == extract_parameters(b)  # salts and digests differ, parameters must not
+
+
+def verified_hashes(monkeypatch, runtime, *attempts):
+    """Run *attempts* and return (hash verified, seconds) for each, through the real verification."""
+    import gateway.plugins.static as static
+
+    seen = []
+    real = static.verify_password
+
+    def spy(encoded, password):
+        start = time.perf_counter()
+        try:
+            return real(encoded, password)
+        finally:
+            seen.append((encoded, time.perf_counter() - start))
+
+    monkeypatch.setattr(static, "verify_password", spy)
+    outcomes = [decide(runtime, a).outcome for a in attempts]
+    return outcomes, seen
+
+
+def runtime_with(tmp_path, users_yaml: str, **settings):
+    users = tmp_path / "users.yaml"
+    users.write_text(users_yaml)
+    users.chmod(0o600)
+    return build(tmp_path, {"chain": ["static"]}, {"static": {"users_file": str(users), **settings}},
+                 targets={"static": "gateway.plugins.static:StaticPlugin"}), users
+
+
+def test_an_unknown_user_is_verified_with_the_parameters_of_the_files_users(tmp_path, monkeypatch):
+    alice = slow_hash("pw")
+    runtime, _ = runtime_with(tmp_path, f'users:\n  alice:\n    password_hash: "{alice}"\n')
+    outcomes, seen = verified_hashes(monkeypatch, runtime, attempt("nobody", "x"), attempt("alice", "wrong"),
+                                     attempt("nobody2", "x"), attempt("alice", "wrong2"))
+    assert outcomes == [Outcome.USER_NOT_FOUND, Outcome.INVALID_CREDENTIALS] * 2
+    unknown, wrong = seen[0][0], seen[1][0]
+    assert wrong == alice
+    assert same_parameters(unknown, alice), (extract_parameters(unknown), extract_parameters(alice))
+    assert seen[2][0] == unknown, "the dummy is made once per reading of the file, not per attempt"
+    print(f"\nunknown user: {[round(s * 1000) for h, s in seen[0::2]]} ms, "
+          f"wrong password: {[round(s * 1000) for h, s in seen[1::2]]} ms (for information only)")
+
+
+def test_the_dummy_follows_the_file_and_takes_the_most_expensive_of_mixed_parameters(tmp_path, monkeypatch, caplog):
+    runtime, users = runtime_with(tmp_path, f'users:\n  alice:\n    password_hash: "{hash_password("pw")}"\n',
+                                  reload_interval=0.01)
+    _, seen = verified_hashes(monkeypatch, runtime, attempt("nobody", "x"))
+    assert same_parameters(seen[0][0], hash_password("x"))
+    slow = slow_hash("pw2")
+    users.write_text(f'users:\n  alice:\n    password_hash: "{hash_password("pw")}"\n'
+                     f'  bob:\n    password_hash: "{slow}"\n')
+    os.utime(users, (time.time() + 5, time.time() + 5))
+    time.sleep(0.05)
+    with caplog.at_level("WARNING"):
+        _, seen = verified_hashes(monkeypatch, runtime, attempt("nobody", "x"))
+    assert same_parameters(seen[0][0], slow)
+    assert "use different argon2 parameters" in caplog.text and "m=65536,t=3,p=4 (1 users)" in caplog.text
