@@ -50,7 +50,7 @@ from gateway.lifecycle import (CLOSE_GRACE, SHUTDOWN_GRACE, MessageReader, encod
                                return_freed_memory, write_pidfile)
 from gateway.runtime import Runtime, build_runtime
 from gateway.settings import GatewaySettings, parse_listen
-from gateway.supervisor import EXIT_STARTUP_FAILED, explain, supervise
+from gateway.supervisor import EXIT_STARTUP_FAILED, explain, start_heartbeat, supervise
 
 __all__ = ["serve"]
 
@@ -337,6 +337,7 @@ async def _serve_worker(config_dir: Path, state_dir: Path | None, sockets: list[
     master builds *config* (the master's) and takes reloads over its *link*. *workers*: how many
     worker processes the gateway runs (it chooses the throttle store of ``store: auto``)."""
     loop = asyncio.get_running_loop()
+    start_heartbeat()  # a worker of a master: its watchdog sees this loop turn (gateway/supervisor.py)
     stop = asyncio.Event()
     worker = _Worker(config_dir, state_dir, sockets, extra, workers)
     hups = 0

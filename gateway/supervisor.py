@@ -11,15 +11,27 @@ fails to start is tried again, after 1, 2, 4 ... up to 30 seconds, with an ERROR
 Meanwhile a slot with a listening socket of its own (``reuse_port``) has it closed, or the
 kernel would go on queueing a share of new connections there, for no one to accept; it
 listens again when the next try starts.
+
+A worker whose event loop stops turning (a plugin blocking it, a deadlock, a stuck C call, a
+SIGSTOP) still holds its share of new connections: the master's watchdog catches it. Each worker
+counts its loop's turns, a timer callback every second or so (:func:`start_heartbeat`), in a
+page of memory it shares with the master; the master looks at the counts on every turn of its
+own loop, and a worker whose count has not moved for :data:`WORKER_TIMEOUT` seconds (from its
+fork, for a new one) is named at ERROR, killed with SIGKILL (a frozen process acts on nothing
+else) and replaced as a worker that died is. A worker busy on its threads beats on: only its
+loop must turn. Workers the master is stopping are not watched.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import mmap
 import os
 import select
 import signal
 import socket
+import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,13 +42,23 @@ from gateway.errors import ConfigError
 from gateway.lifecycle import KILL_AFTER, MessageReader, die_with_parent, encode_message
 from gateway.runtime import build_runtime
 
-__all__ = ["EXIT_STARTUP_FAILED", "explain", "supervise"]
+__all__ = ["EXIT_STARTUP_FAILED", "TIMEOUT_VARIABLE", "WORKER_TIMEOUT", "explain", "start_heartbeat", "supervise"]
 
 log = logging.getLogger("authgw.server")
 
 EXIT_STARTUP_FAILED = 3
 _MAX_BACKOFF = 30.0
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+#: Seconds a worker's event loop may go without turning (its heartbeat count unchanged) before
+#: the master kills and replaces it; a new worker has as long from its fork to its first beat.
+#: Not a setting (yet): ``AUTHGW_WORKER_TIMEOUT`` in the master's environment overrides it, for
+#: the tests and for an operator who must (0 turns the watchdog off, e.g. to sit in a debugger).
+WORKER_TIMEOUT = 30.0
+TIMEOUT_VARIABLE = "AUTHGW_WORKER_TIMEOUT"
+_BEAT_EVERY = 1.0  # seconds between beats, or a quarter of the timeout if that is shorter
+_BEAT = struct.Struct("Q")  # the count, in a shared anonymous page per worker
+_beat: tuple[mmap.mmap, float] | None = None  # in a worker: its page and how often to beat
 
 #: Runs in the forked worker: (slot, the configuration to build, its end of the link) -> exit code.
 WorkerMain = Callable[[int, Config, socket.socket], int]
@@ -55,7 +77,11 @@ class _Child:
     started: float
     link: socket.socket
     reader: MessageReader
+    beat: mmap.mmap  # where the worker's loop counts its turns
+    heard: float  # when the master last saw that count move (or the fork)
+    count: int = 0
     serving: bool = False
+    hung: bool = False  # killed by the watchdog, not reaped yet
 
 
 @dataclass
@@ -72,7 +98,7 @@ class _Reload:
 class _Master:
     def __init__(self, config_dir: Path, state_dir: Path | None, slots: list[list[socket.socket]],
                  extra: set[socket.socket], config: Config, worker_main: WorkerMain,
-                 rebind: Callable[[int], list[socket.socket]] | None) -> None:
+                 rebind: Callable[[int], list[socket.socket]] | None, timeout: float = WORKER_TIMEOUT) -> None:
         self.config_dir = config_dir
         self.state_dir = state_dir
         self.count = len(slots)
@@ -94,6 +120,7 @@ class _Master:
         self.reload: _Reload | None = None
         self.reloads = 0
         self.exit_code = 0
+        self.timeout = timeout  # 0: no watchdog
 
     # -- signals ---------------------------------------------------------------------------------
 
@@ -129,10 +156,12 @@ class _Master:
             self._read_links(0.1)  # signals interrupt nothing here: handlers only set flags
             self._reap()
             self._escalate()
+            self._watch()
         self._close_sockets()
         return self.exit_code
 
     def spawn(self, slot: int) -> None:
+        global _beat  # set in the forked worker
         if slot in self.unbound:
             try:
                 self.slots[slot][:] = self.rebind(slot)
@@ -142,6 +171,7 @@ class _Master:
                 return
             self.unbound.discard(slot)
         parent_end, child_end = socket.socketpair()
+        beat = mmap.mmap(-1, _BEAT.size)  # MAP_SHARED: the worker's writes are the master's to read
         # A signal between fork and the child's own handlers would run the master's handler in
         # the child (a SIGTERM there signalled its siblings): held back until they are in place.
         signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
@@ -157,6 +187,9 @@ class _Master:
                     parent_end.close()
                     for child in self.children.values():
                         child.link.close()  # the siblings' links are the master's
+                        child.beat.close()
+                    if self.timeout:
+                        _beat = (beat, min(_BEAT_EVERY, self.timeout / 4))
                     die_with_parent(self.pid)
                     code = self.worker_main(slot, self.accepted, child_end)
                 finally:
@@ -166,7 +199,8 @@ class _Master:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
         child_end.close()
         parent_end.settimeout(2.0)  # a stuck worker costs the master two seconds, not its loop
-        self.children[pid] = _Child(slot, time.monotonic(), parent_end, MessageReader(parent_end))
+        now = time.monotonic()
+        self.children[pid] = _Child(slot, now, parent_end, MessageReader(parent_end), beat, heard=now)
 
     def _start_due(self) -> None:
         now = time.monotonic()
@@ -224,6 +258,7 @@ class _Master:
             while self._take_messages(pid, child):
                 pass
             child.link.close()
+            child.beat.close()
             multiprocess.mark_process_dead(pid)
             if self.reload:
                 self.reload.waiting.discard(pid)
@@ -255,6 +290,32 @@ class _Master:
                       "serve; trying again in %.0f s%s", pid, code, failures, child.slot, serving, self.count, delay,
                       closed)
         self.due[child.slot] = time.monotonic() + delay
+
+    # -- the watchdog ----------------------------------------------------------------------------
+
+    def _watch(self) -> None:
+        """Kill (SIGKILL) each worker whose event loop has not beaten for ``self.timeout``
+        seconds; :meth:`_reap` replaces it. Not while stopping: :meth:`_escalate` has those."""
+        if not self.timeout or self.stop_requested:
+            return
+        now = time.monotonic()
+        for pid, child in self.children.items():
+            (count,) = _BEAT.unpack_from(child.beat)
+            if count != child.count:
+                child.count, child.heard = count, now
+                continue
+            silent = now - child.heard
+            if silent <= self.timeout or child.hung:
+                continue
+            child.hung = True
+            since = f"for {silent:.0f} s" if child.count else f"since it started {silent:.0f} s ago"
+            log.error("worker %d (slot %d) is hung: its event loop has not turned %s (a plugin blocking it, a "
+                      "deadlock, a stuck call, SIGSTOP); killing it (SIGKILL) and starting a new one",
+                      pid, child.slot, since)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     # -- stopping --------------------------------------------------------------------------------
 
@@ -321,6 +382,46 @@ class _Master:
                   ", ".join(map(str, sorted(reload.applied))), ", ".join(map(str, sorted(reload.refused))), reasons)
 
 
+def start_heartbeat() -> None:
+    """In a worker of a master, on its event loop: count the loop's turns for the master's
+    watchdog, once now and then every second or so, for as long as the loop runs. Elsewhere
+    (``--workers 1``, no master; the watchdog off), nothing."""
+    if _beat is None:
+        return
+    page, every = _beat
+    loop = asyncio.get_running_loop()
+    count = 0
+
+    def beat() -> None:
+        nonlocal count
+        count = count % 0xFFFF_FFFF_FFFF_FFFF + 1  # never 0, the count of a worker not heard from yet
+        _BEAT.pack_into(page, 0, count)
+        loop.call_later(every, beat)
+
+    beat()
+
+
+def _timeout() -> float:
+    """:data:`WORKER_TIMEOUT`, or ``$AUTHGW_WORKER_TIMEOUT`` (seconds; 0: no watchdog)."""
+    value = os.environ.get(TIMEOUT_VARIABLE, "").strip()
+    if not value:
+        return WORKER_TIMEOUT
+    try:
+        timeout = float(value)
+        if not timeout >= 0 or timeout == float("inf"):
+            raise ValueError(value)
+    except ValueError:
+        log.error("%s=%r is not a number of seconds; the watchdog uses %.0f s", TIMEOUT_VARIABLE, value,
+                  WORKER_TIMEOUT)
+        return WORKER_TIMEOUT
+    if timeout == 0:
+        log.warning("%s=0: hung workers are not replaced (no watchdog)", TIMEOUT_VARIABLE)
+    elif timeout != WORKER_TIMEOUT:
+        log.warning("%s=%g: a worker whose event loop does not turn for %g s is killed", TIMEOUT_VARIABLE,
+                    timeout, timeout)
+    return timeout
+
+
 def supervise(config_dir: Path, state_dir: Path | None, slots: list[list[socket.socket]], extra: set[socket.socket],
               config: Config, worker_main: WorkerMain, rebind: Callable[[int], list[socket.socket]] | None = None,
               reload_at_once: bool = False) -> int:
@@ -330,6 +431,6 @@ def supervise(config_dir: Path, state_dir: Path | None, slots: list[list[socket.
     begins. With *rebind* (slots with sockets of their own), a slot whose worker fails to start
     has its sockets closed, and ``rebind(slot)`` binds new ones for the next try (in *slots*,
     where ``worker_main`` finds them)."""
-    master = _Master(config_dir, state_dir, slots, extra, config, worker_main, rebind)
+    master = _Master(config_dir, state_dir, slots, extra, config, worker_main, rebind, _timeout())
     master.reload_pending = reload_at_once
     return master.run()

@@ -1,0 +1,164 @@
+"""The master's watchdog (gateway/supervisor.py) through a real ``authgw serve --workers 2``: a
+worker whose event loop no longer turns (SIGSTOP here; a plugin blocking the loop, a deadlock in
+real life) held its share of new connections for ever, and the master, which only handled
+exits, never replaced it. Now it is killed and replaced once silent for the timeout, which
+``AUTHGW_WORKER_TIMEOUT`` shortens for these tests; a worker busy on its threads, its loop
+turning, is left alone."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import threading
+
+import pytest
+
+from support.gateway import static_users, write_conf
+from support.net import wait_for
+from support.proc import children
+
+PASSWORD = "Corr3ct-Horse-Battery"
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="module")
+def alice_hash():
+    from gateway.passwords import hash_password
+
+    return hash_password(PASSWORD)
+
+
+def conf(conf_dir, alice_hash, chain: str = "[static]", extra: dict[str, str] | None = None):
+    # A long deadline: a loaded CI machine can take seconds per login.
+    return write_conf(conf_dir, {"gateway.yaml": f"chain: {chain}\nthrottle:\n  enabled: false\ndeadline: 60\n",
+                                 **static_users({"alice": alice_hash}), **(extra or {})})
+
+
+def serving(gw) -> list[int]:
+    return [int(pid) for pid in re.findall(r"authgw worker (\d+) serving", gw.output())]
+
+
+def hung_lines(gw) -> list[str]:
+    return re.findall(r"worker \d+ \(slot \d+\) is hung: .*", gw.output())
+
+
+def alive(pid: int) -> bool:
+    """*pid* exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_worker_whose_event_loop_is_stopped_is_killed_and_replaced(conf_dir, alice_hash, start_gateway):
+    timeout = 2.0
+    gw = start_gateway(conf(conf_dir, alice_hash), workers=2, env={"AUTHGW_WORKER_TIMEOUT": str(timeout)})
+    wait_for(lambda: len(serving(gw)) == 2, what="two workers serving", log=gw.output)
+    master = gw.proc.pid
+    before = set(children(master))
+    assert len(before) == 2
+    frozen = sorted(before)[0]
+    os.kill(frozen, signal.SIGSTOP)  # it neither accepts nor can act on SIGTERM
+    try:
+        # Generous: the timeout, then a kill, a reap and a fork, on a machine running other tests.
+        bound = 10 * timeout + 20
+        replacement = wait_for(lambda: (set(children(master)) - before) or None, timeout=bound, interval=0.05,
+                               what="a replacement worker", log=gw.output).pop()
+        wait_for(lambda: frozen not in children(master) and not alive(frozen), timeout=bound, interval=0.05,
+                 what="the stopped worker killed and reaped", log=gw.output)
+        wait_for(lambda: replacement in serving(gw), timeout=bound, what="the replacement serving", log=gw.output)
+        lines = hung_lines(gw)
+        assert len(lines) == 1 and lines[0].startswith(f"worker {frozen} "), gw.output()[-3000:]
+        assert "killing it (SIGKILL)" in lines[0]
+        silent = float(re.search(r"has not turned for (\d+) s", lines[0]).group(1))
+        assert silent >= timeout - 0.5  # rounded to whole seconds in the log
+        assert set(children(master)) == (before - {frozen}) | {replacement}
+        # Every new connection is answered again (reuse_port: before, a share of them hung).
+        assert [gw.get("/healthz", timeout=10).status for _ in range(20)] == [200] * 20
+        assert gw.auth("alice", PASSWORD, timeout=30).status == 200
+        assert gw.proc.poll() is None
+    finally:
+        if alive(frozen):
+            os.kill(frozen, signal.SIGCONT)
+    # The master still stops as before, exit code 0, nobody killed by the watchdog on the way.
+    os.kill(master, signal.SIGTERM)
+    assert gw.proc.wait(timeout=30) == 0, gw.output()[-3000:]
+    assert len(hung_lines(gw)) == 1
+
+
+SPINNER = """
+import os
+import time
+
+from gateway import Attempt, PluginContext, PluginSettings, hookimpl
+
+
+class SpinSettings(PluginSettings):
+    seconds: float = 0.0
+    record: str = ""
+
+
+class Spin:
+    '''A chain step that keeps a CPU busy in pure Python (it holds the GIL but for the switch
+    interval) for `seconds`, and records its PID and how long it spun, then abstains.'''
+
+    Settings = SpinSettings
+
+    def __init__(self, settings, context: PluginContext) -> None:
+        self.settings = settings
+
+    @hookimpl
+    def gateway_authenticate(self, attempt: Attempt):
+        start = time.monotonic()
+        total = 0
+        while time.monotonic() - start < self.settings.seconds:
+            total += sum(range(1000))
+        with open(self.settings.record, "a") as f:
+            f.write(f"{os.getpid()} {time.monotonic() - start:.3f}\\n")
+        return None
+"""
+
+
+@pytest.fixture
+def spin_env(tmp_path):
+    from support.fakedist import make_dist
+
+    site = make_dist(tmp_path / "site", "watchdog-test-plugins", {"spin": "watchdog_spin:Spin"},
+                     {"watchdog_spin.py": SPINNER})
+    return {"PYTHONPATH": os.pathsep.join([str(site), TESTS_DIR, os.environ.get("PYTHONPATH", "")])}
+
+
+def test_a_worker_busy_on_its_threads_is_not_killed_while_its_loop_turns(
+        conf_dir, alice_hash, start_gateway, spin_env, tmp_path):
+    timeout = 2.0
+    spin = 4 * timeout  # each request keeps a thread on the CPU for twice the timeout and more
+    record = tmp_path / "spun"
+    conf(conf_dir, alice_hash, "[spin, static]", {"spin.yaml": f"spin:\n  seconds: {spin}\n  record: {record}\n"})
+    gw = start_gateway(conf_dir, workers=2, env={**spin_env, "AUTHGW_WORKER_TIMEOUT": str(timeout)})
+    wait_for(lambda: len(serving(gw)) == 2, what="two workers serving", log=gw.output)
+    master = gw.proc.pid
+    before = set(children(master))
+    statuses: list[object] = []
+
+    def login() -> None:
+        try:
+            statuses.append(gw.auth("alice", PASSWORD, timeout=spin + 60).status)
+        except OSError as exc:
+            statuses.append(repr(exc))
+
+    # Six logins on new connections: with a socket per worker (reuse_port) both workers get some
+    # (all six on one: odds of 1 in 32), two or three CPU-bound threads each.
+    threads = [threading.Thread(target=login) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(spin + 90)
+    assert statuses == [200] * 6, (statuses, gw.output()[-3000:])
+    spun = [line.split() for line in record.read_text().splitlines()]
+    assert len(spun) == 6 and all(float(seconds) >= spin for _, seconds in spun)
+    assert {int(pid) for pid, _ in spun} <= before  # the workers that were busy ...
+    assert set(children(master)) == before  # ... are the ones still running
+    assert hung_lines(gw) == [], gw.output()[-3000:]
+    assert "exited" not in gw.output()
