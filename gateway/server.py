@@ -188,7 +188,7 @@ class _Worker:
             for name, sock in self.extra.items():
                 factory = listeners[name].ssl_context
                 await GuardedSite(generation.runners[name], sock.dup(), self.guard,
-                                  ssl_context=factory() if factory else None).start()
+                                  ssl_context=factory() if factory else None, listener=name).start()
         except BaseException:
             await self._stop_generation(generation)
             raise

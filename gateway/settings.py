@@ -372,9 +372,12 @@ class LimitsSettings(PluginSettings):
     keepalive_timeout: float = Field(75.0, gt=0, le=3600, description="seconds an idle keep-alive "
                                      "connection stays open")
     max_connections: int = Field(4096, ge=1, le=1_000_000, description="open connections per worker, "
-                                 "TLS ones from their TCP accept; more are closed at once (logged)")
+                                 "all its listeners together, TLS ones from their TCP accept; more are "
+                                 "closed at once (logged). With several listeners each keeps a share "
+                                 "of max_connections / (4 x listeners) the others cannot take")
     max_connections_per_client: int = Field(256, ge=1, le=1_000_000, description="open connections "
-                                            "per client address and worker (`trusted_proxies` exempt)")
+                                            "per client address and worker (`trusted_proxies` exempt, and "
+                                            "admitted up to this many beyond `max_connections`)")
 
 
 class HealthSettings(PluginSettings):

@@ -92,13 +92,23 @@ class _RateLimitedWarning:
 
 
 class ConnectionGuard:
-    """The open connections of one worker, across all its sockets."""
+    """The open connections of one worker, across all its sockets.
+
+    ``limits.max_connections`` caps them all together (the process's descriptors), but a flood
+    on one listener must not shut the others out (the relay's or the login door's public port
+    against the forward-auth listener nginx uses): with several listeners, each keeps a reserve
+    of ``max_connections / (4 x listeners)`` that the others cannot take while it is unused. The
+    ``listen:`` sockets are one listener; each plugin listener is one. Connections from
+    ``trusted_proxies`` are exempt from the per-client cap, and may go
+    ``max_connections_per_client`` beyond the cap: a flood from elsewhere does not shut the
+    gateway's own proxy out."""
 
     def __init__(self, limits: LimitsSettings, trusted_proxies=()) -> None:
         self.limits = limits
         self.trusted = tuple(trusted_proxies)
         self.open = 0
         self.per_client: Counter[str] = Counter()
+        self.listeners: Counter[str | None] = Counter()  # open connections by listener (None: listen:)
         self.warn = _RateLimitedWarning()
         self._next_read = 0.0  # loop time before which no held connection reads again
         self._peak = 0  # most connections open at once since the last trim
@@ -118,24 +128,57 @@ class ConnectionGuard:
         self._next_read = now + hold + 1.0 / self.limits.overload_refusals
         return hold
 
-    def admit(self, host: str) -> bool:
-        """Count a new connection from *host*, or refuse it (False) with a logged warning."""
-        if self.open >= self.limits.max_connections:
-            self.warn("max_connections", "%d connections open (limits.max_connections); closing new ones",
-                      self.open)
+    def serve(self, listener: str | None) -> None:
+        """*listener* (a name; ``None``: the ``listen:`` sockets) takes connections through this
+        guard: it has a reserve of its own from now on."""
+        self.listeners[listener] += 0
+
+    def admit(self, host: str, listener: str | None = None) -> bool:
+        """Count a new connection from *host* on *listener*, or refuse it (False) with a
+        logged warning."""
+        limits = self.limits
+        if self.open >= limits.max_connections - self._held_back(False) and not self._room(host, listener):
             return False
-        if self.per_client[host] >= self.limits.max_connections_per_client and not self.trusted_host(host):
+        if self.per_client[host] >= limits.max_connections_per_client and not self.trusted_host(host):
             self.warn("per_client", "%s has %d connections open (limits.max_connections_per_client); "
                       "closing its new ones", host, self.per_client[host])
             return False
         self.open += 1
+        self.listeners[listener] += 1
         self.per_client[host] += 1
         if self.open > self._peak:
             self._peak = self.open
         return True
 
-    def release(self, host: str) -> None:
+    def _held_back(self, listener: str | None | bool) -> int:
+        """Slots the other listeners' unused reserves keep from *listener* (``None`` as a name
+        is the ``listen:`` sockets; pass ``False`` for "any listener": the most that can be held
+        back, every reserve unused but one)."""
+        count = len(self.listeners)
+        if count < 2:
+            return 0
+        reserve = self.limits.max_connections // (4 * count)
+        if listener is False:
+            return (count - 1) * reserve
+        return sum(max(0, reserve - n) for name, n in self.listeners.items() if name != listener)
+
+    def _room(self, host: str, listener: str | None) -> bool:
+        """Near the cap: whether *listener* may take one more (its share, or a trusted proxy's
+        margin beyond the cap); if not, logged."""
+        limits = self.limits
+        if self.open < limits.max_connections - self._held_back(listener):
+            return True
+        if self.open < limits.max_connections + limits.max_connections_per_client and self.trusted_host(host):
+            return True
+        held = self.listeners[listener]
+        self.warn("max_connections", "%d connections open (limits.max_connections), %d on %s; closing its new "
+                  "ones (each listener keeps a share for itself)", self.open, held,
+                  "the listen: sockets" if listener is None else f"listener {listener}")
+        return False
+
+    def release(self, host: str, listener: str | None = None) -> None:
         self.open -= 1
+        self.listeners[listener] -= 1
         self.per_client[host] -= 1
         if self.per_client[host] <= 0:
             del self.per_client[host]
@@ -177,9 +220,10 @@ class GuardedRequestHandler(RequestHandler, _NoDelayAlreadySet):
     """aiohttp's connection protocol with a header timeout, connection caps, and malformed
     requests answered without echoing or logging their bytes."""
 
-    def __init__(self, manager, *, guard: ConnectionGuard, **kwargs) -> None:
+    def __init__(self, manager, *, guard: ConnectionGuard, listener: str | None = None, **kwargs) -> None:
         super().__init__(manager, **kwargs)
         self._guard = guard
+        self._listener = listener  # its name in the guard (None: the listen: sockets)
         self._host: str | None = None  # set when the connection was admitted (and counted)
         self._headers_since: float | None = None
         self._header_timer: asyncio.TimerHandle | None = None
@@ -196,7 +240,7 @@ class GuardedRequestHandler(RequestHandler, _NoDelayAlreadySet):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         host = self.admitted or _peer_host(transport)
-        if self.admitted is None and not self._guard.admit(host):
+        if self.admitted is None and not self._guard.admit(host, self._listener):
             transport.abort()
             return
         self._host = host
@@ -208,7 +252,7 @@ class GuardedRequestHandler(RequestHandler, _NoDelayAlreadySet):
             self._first_request.set_result(None)
         if self._host is None:  # refused in connection_made: aiohttp never saw it
             return
-        self._guard.release(self._host)
+        self._guard.release(self._host, self._listener)
         self._host = None
         if self._hold_timer is not None:
             self._hold_timer.cancel()
@@ -422,16 +466,17 @@ class _TlsAccept(asyncio.Protocol):
     """
 
     def __init__(self, app_factory, tls_protocol, context, guard: ConnectionGuard,
-                 loop: asyncio.AbstractEventLoop) -> None:
+                 loop: asyncio.AbstractEventLoop, listener: str | None = None) -> None:
         self._app_factory = app_factory
         self._tls_protocol = tls_protocol  # the event loop's own TLS protocol class
         self._context = context
         self._guard = guard
         self._loop = loop
+        self._listener = listener
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         host = _peer_host(transport)
-        if not self._guard.admit(host):
+        if not self._guard.admit(host, self._listener):
             transport.abort()
             return
         app = self._app_factory()
@@ -444,7 +489,7 @@ class _TlsAccept(asyncio.Protocol):
             if future.cancelled() or future.exception() is not None:  # no error of this process
                 transport.abort()  # as the loop's own server does with a failed handshake
             if app._host is None:  # the HTTP protocol never had it: failed, timed out or gone
-                self._guard.release(host)
+                self._guard.release(host, self._listener)
                 if self._loop.time() - started >= timeout:
                     self._guard.warn("handshake_timeout", "closed a connection from %s: no TLS handshake within "
                                      "%.0f s (limits.header_timeout)", host, timeout)
@@ -461,10 +506,13 @@ class GuardedSite(web.BaseSite):
     """``web.SockSite`` serving with :class:`GuardedRequestHandler` on an already bound socket;
     on a TLS listener each connection is accepted through :class:`_TlsAccept`."""
 
-    def __init__(self, runner: web.BaseRunner, sock, guard: ConnectionGuard, *, ssl_context=None) -> None:
+    def __init__(self, runner: web.BaseRunner, sock, guard: ConnectionGuard, *, ssl_context=None,
+                 listener: str | None = None) -> None:
         super().__init__(runner, ssl_context=ssl_context, backlog=2048)
         self._sock = sock
         self._guard = guard
+        self._listener = listener  # None: the listen: sockets; else a plugin listener's name
+        guard.serve(listener)
 
     @property
     def name(self) -> str:
@@ -475,10 +523,10 @@ class GuardedSite(web.BaseSite):
         await super().start()
         loop = asyncio.get_running_loop()
         server = self._runner.server
-        guard = self._guard
+        guard, listener = self._guard, self._listener
 
         def protocol() -> GuardedRequestHandler:
-            return GuardedRequestHandler(server, loop=loop, guard=guard, access_log=None,
+            return GuardedRequestHandler(server, loop=loop, guard=guard, listener=listener, access_log=None,
                                          keepalive_timeout=guard.limits.keepalive_timeout,
                                          tcp_keepalive=False)  # inherited from the listening socket (server.bind)
 
@@ -487,7 +535,7 @@ class GuardedSite(web.BaseSite):
         tls_protocol = _UvSSLProtocol if _UvLoop is not None and isinstance(loop, _UvLoop) else _AsyncioSSLProtocol
 
         def tls() -> _TlsAccept:
-            return _TlsAccept(protocol, tls_protocol, context, guard, loop)
+            return _TlsAccept(protocol, tls_protocol, context, guard, loop, listener)
 
         self._server = await loop.create_server(tls if context is not None else protocol, sock=self._sock,
                                                 backlog=self._backlog)
