@@ -124,6 +124,33 @@ def test_the_api_refuses_a_body_whose_content_encoding_does_not_decode(site) -> 
     no_errors_logged(site)
 
 
+@pytest.mark.parametrize("auth, status", [({}, 401), ({"Authorization": f"Bearer {TOKEN}"}, 400)],
+                         ids=["no-token", "too-large"])
+def test_the_api_invites_no_body_it_refuses_and_does_not_wait_for_it(site, auth, status) -> None:
+    """``Expect: 100-continue`` got ``100 Continue`` before the refusal, and the refused body was
+    then waited for (about 11 s) before the connection closed (review of hostile clients)."""
+    with socket.create_connection(("127.0.0.1", site.gw.port), timeout=BODY_TIMEOUT + 10) as sock:
+        send(sock, "/v1/authenticate", {**auth, "Content-Type": "application/json", "Expect": "100-continue",
+                                        "Content-Length": str(50 * 1024 * 1024)}, b"")
+        got, data, closed = answer(sock)
+    assert got == status and not data.startswith(b"HTTP/1.1 100"), data[:200]
+    assert closed
+    no_errors_logged(site)
+
+
+def test_the_api_invites_a_body_it_will_read(site) -> None:
+    body = json.dumps({"username": "nobody-here", "password": "wrong"}).encode()
+    with socket.create_connection(("127.0.0.1", site.gw.port), timeout=BODY_TIMEOUT + 10) as sock:
+        send(sock, "/v1/authenticate", {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json",
+                                        "Expect": "100-continue", "Content-Length": str(len(body))}, b"")
+        interim = sock.recv(4096)
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(body)
+        got, data, _ = answer(sock)
+    assert got == 200 and b'"outcome": "user_not_found"' in data, data  # read and decided
+    no_errors_logged(site)
+
+
 def test_the_door_still_answers_after_all_that(site) -> None:
     browser = site.client()
     assert browser.get(f"{site.url}/login", timeout=10).status_code == 200

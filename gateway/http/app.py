@@ -29,7 +29,7 @@ from gateway.http.answer import Answer
 from gateway.http.clientaddr import ClientAddressResolver, parse_address
 from gateway.http.credentials import (MalformedCredentials, check_password_credential, parse_authorization,
                                       single_authorization)
-from gateway.http.protocol import SERVER_HEADER
+from gateway.http.protocol import SERVER_HEADER, continue_body, no_linger
 from gateway.model import (
     Attempt,
     CertificateCredential,
@@ -242,12 +242,32 @@ class FrontDoor:
                 return name
         return None
 
-    async def api_authenticate(self, request: web.Request) -> web.Response:
+    def _api_refusal(self, request: web.Request) -> web.Response | None:
+        """The answer to a ``/v1/authenticate`` request refused before its body is read (no API
+        token, a declared body too large), or ``None``. Its body is then not waited for: the
+        connection closes once the answer is written."""
         if self.api_client(request) is None:
-            return web.json_response({"error": "unauthorized", "detail": "a valid API token is required"},
-                                     status=401, headers={"WWW-Authenticate": 'Bearer realm="authgw"'})
-        if (request.content_length or 0) > _MAX_JSON_BYTES:  # refused before reading a byte
-            return web.json_response({"error": "bad_request", "detail": "request body too large"}, status=400)
+            refusal = web.json_response({"error": "unauthorized", "detail": "a valid API token is required"},
+                                        status=401, headers={"WWW-Authenticate": 'Bearer realm="authgw"'})
+        elif (request.content_length or 0) > _MAX_JSON_BYTES:
+            refusal = web.json_response({"error": "bad_request", "detail": "request body too large"}, status=400)
+        else:
+            return None
+        no_linger(request)
+        return refusal
+
+    async def api_expect(self, request: web.Request) -> web.Response | None:
+        """``Expect: 100-continue`` on ``/v1/authenticate``: the body is invited only when it will
+        be read; a request refused anyway gets its answer instead of ``100 Continue``."""
+        refusal = self._api_refusal(request)
+        if refusal is not None:
+            return refusal
+        return await continue_body(request)
+
+    async def api_authenticate(self, request: web.Request) -> web.Response:
+        refusal = self._api_refusal(request)
+        if refusal is not None:
+            return refusal
         try:
             body = await asyncio.wait_for(read_body(request, _MAX_JSON_BYTES),
                                           self.gateway.settings.limits.body_timeout)
@@ -385,7 +405,7 @@ def exact_targets(handle, targets: dict):
 def _front_doors(app: web.Application, door: FrontDoor) -> None:
     app[EXACT_TARGETS] = {"/auth": door.forward_auth}
     app.router.add_route("*", "/auth", door.forward_auth)
-    app.router.add_post("/v1/authenticate", door.api_authenticate)
+    app.router.add_post("/v1/authenticate", door.api_authenticate, expect_handler=door.api_expect)
     app.router.add_get("/v1/openapi.json", lambda request: web.json_response(openapi_document(authgw_version())))
     app.router.add_get("/healthz", door.healthz)
     app.router.add_get("/readyz", door.readyz)

@@ -12,6 +12,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from multidict import MultiDictProxy
 
 from gateway.http.app import GATEWAY_KEY
+from gateway.http.protocol import no_linger
 
 __all__ = ["UnreadableForm", "read_form"]
 
@@ -37,24 +38,18 @@ async def read_form(request: web.Request) -> MultiDictProxy:
     size limit is aiohttp's 413 before a byte is read. Either way the connection is closed once
     the answer is written: what is left of the body is not waited for."""
     if (request.content_length or 0) > request.client_max_size:
-        _no_linger(request)
+        no_linger(request)
         raise web.HTTPRequestEntityTooLarge(max_size=request.client_max_size, actual_size=request.content_length)
     try:
         return await asyncio.wait_for(request.post(), _body_timeout(request))
     except asyncio.TimeoutError:
-        _no_linger(request)
+        no_linger(request)
         raise UnreadableForm("the body did not arrive in time") from None
     except _UNREADABLE as exc:
-        _no_linger(request)
+        no_linger(request)
         raise UnreadableForm(f"unreadable body: {exc.__class__.__name__}") from None
 
 
 def _body_timeout(request: web.Request) -> float:
     gateway = request.app.get(GATEWAY_KEY)
     return gateway.settings.limits.body_timeout if gateway is not None else _BODY_TIMEOUT
-
-
-def _no_linger(request: web.Request) -> None:
-    no_linger = getattr(request.protocol, "no_linger", None)  # gateway.http.protocol.GuardedRequestHandler
-    if no_linger is not None:
-        no_linger()

@@ -41,7 +41,7 @@ from asyncio.sslproto import SSLProtocol as _AsyncioSSLProtocol
 from collections import Counter
 from http import HTTPStatus
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.web_protocol import RequestHandler
 
@@ -444,6 +444,26 @@ class GuardedRequestHandler(RequestHandler, _NoDelayAlreadySet):
         # aiohttp's last-resort "Unhandled exception" path: name the error, not its text.
         exc = kw.get("exc_info")
         log.error("connection error: %s", exc.__class__.__name__ if isinstance(exc, BaseException) else args[0])
+
+
+def no_linger(request: web.Request) -> None:
+    """Close *request*'s connection once its answer is written, without waiting for what is left
+    of its body (aiohttp would read and drop it for up to its lingering time)."""
+    close = getattr(request.protocol, "no_linger", None)  # GuardedRequestHandler
+    if close is not None:
+        close()
+
+
+async def continue_body(request: web.Request) -> None:
+    """What aiohttp's default ``Expect`` handler does, for routes whose own handler decides
+    first whether the body is wanted: ``100 Continue`` for ``100-continue`` on HTTP/1.1, 417
+    for any other expectation."""
+    if request.version != HttpVersion11:
+        return
+    if request.headers.get("Expect", "").lower() != "100-continue":
+        raise web.HTTPExpectationFailed(text="Unknown Expect\n")
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0  # the answer's own size starts after it
 
 
 def _peer_host(transport: asyncio.BaseTransport) -> str:
