@@ -18,6 +18,13 @@ A session reused for a new answer has its account checked again (:meth:`SessionM
 the lookup itself is :mod:`.web`'s), at most every :data:`RECHECK_INTERVAL` seconds; the time of
 the last check and the subject the directory knows the account by are kept in the session's
 record, so every worker and instance sees them.
+
+Parked requests are bounded: :class:`SessionManager` refuses a park (:class:`ParkRefused`) when
+the door's per-address budget is spent (:attr:`SessionManager.admit_park`, :mod:`.web`) or when
+:data:`MAX_PARKED` requests are parked in the whole store. The expired records are purged at
+most once a minute, in batches of :data:`PURGE_BATCH` rows on a connection of the purge's own, in
+a thread: never on the event loop. A SQLite file made by this version gives the freed pages back
+(``auto_vacuum = INCREMENTAL``); an older file keeps its size and reuses them (docs/login.md).
 """
 
 from __future__ import annotations
@@ -25,7 +32,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import asyncio
 import json
+import logging
 import secrets
 import sqlite3
 import time
@@ -39,7 +48,46 @@ from gateway.sqlitedb import connect_wal
 
 from .settings import SessionSettings
 
-__all__ = ["RECHECK_INTERVAL", "STORE_ERRORS", "RedisStore", "Session", "SessionManager", "SqliteStore", "identity_from_json", "identity_to_json", "same"]
+__all__ = ["MAX_PARKED", "PURGE_BATCH", "RECHECK_INTERVAL", "STORE_ERRORS", "ParkRefused", "RedisStore", "Session", "SessionManager", "SqliteStore", "identity_from_json", "identity_to_json", "same"]
+
+
+log = logging.getLogger("authgw.plugin.login")
+
+#: Requests parked at once in the whole store (every worker, every instance of a Redis store),
+#: beyond which a new one is refused (503, ``login.too_many_pending``) and nothing is parked: a
+#: parked request is at most about 8 KB, so the pending requests of a flood from more addresses
+#: than the per-address budget holds take at most about 160 MB. Each worker counts them again after
+#: :data:`_COUNT_EVERY` parks of its own or :data:`_COUNT_INTERVAL` seconds, so the bound is
+#: passed by at most ``_COUNT_EVERY`` parks per worker.
+MAX_PARKED = 20_000
+_COUNT_EVERY = 100
+_COUNT_INTERVAL = 10.0
+#: Seconds a client refused for the total bound is asked to wait (``Retry-After``).
+_FULL_RETRY_AFTER = 30
+#: Rows the SQLite purge deletes per statement (one short write transaction each, found by the
+#: ``pending(expires)`` index): other workers' writes wait for one batch at most, not the purge.
+PURGE_BATCH = 500
+#: Free pages one ``PRAGMA incremental_vacuum`` statement may give back to the file system (each
+#: statement its own short write transaction: measured at most about 12 ms, while 30,000 purged
+#: 6 KB records took a 176 MB file down to 17 MB, in about 7 s in the purge's thread).
+_VACUUM_STEP = 100
+#: The WAL file is cut back to this size after a checkpoint (it grows with a burst of writes).
+_JOURNAL_SIZE_LIMIT = 16 << 20
+#: The Redis sorted set of the parked requests' keys, scored by their expiry (the total bound).
+_PARKED_SET = "authgw:login:parked"
+
+
+class ParkRefused(Exception):
+    """A request that was not parked: its client's budget is spent (429,
+    ``login.too_many_requests``) or the store holds :data:`MAX_PARKED` requests (503,
+    ``login.too_many_pending``). Answered by :meth:`.web.LoginDoor.guarded`."""
+
+    def __init__(self, status: int, reason: str, retry_after: int, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.status = status
+        self.reason = reason
+        self.retry_after = max(1, int(retry_after))
+        self.detail = detail
 
 
 def _store_errors() -> tuple[type[BaseException], ...]:
@@ -107,14 +155,27 @@ class SqliteStore:
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.path = path
         self.db = connect_wal(path, timeout=5.0, check_same_thread=False)  # every worker at once
         path.chmod(0o600)
+        # A new file (no tables yet) gives freed pages back: the WAL switch made its header, so the
+        # setting takes with a VACUUM of the empty file. An older file keeps auto_vacuum off
+        # (docs/login.md): its freed pages are reused, it does not shrink.
+        if self.db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0:
+            self.db.execute("PRAGMA auto_vacuum = INCREMENTAL")
+            self.db.execute("VACUUM")
+        self.db.execute(f"PRAGMA journal_size_limit = {_JOURNAL_SIZE_LIMIT}")
+        #: The purge's own connection (:meth:`purge` runs in a thread while the worker's event
+        #: loop uses :attr:`db`; a connection is never used by two threads at once).
+        self._purger: sqlite3.Connection | None = None
         self.db.execute("CREATE TABLE IF NOT EXISTS sessions (key TEXT PRIMARY KEY, data TEXT NOT NULL, "
                         "created REAL NOT NULL, seen REAL NOT NULL)")
         self.db.execute("CREATE TABLE IF NOT EXISTS pending (key TEXT PRIMARY KEY, data TEXT NOT NULL, "
                         "expires REAL NOT NULL)")
         self.db.execute("CREATE TABLE IF NOT EXISTS participants (session TEXT NOT NULL, party TEXT NOT NULL, "
                         "data TEXT NOT NULL, PRIMARY KEY (session, party))")
+        # The purge finds the expired rows by it (a file made before it gets it here).
+        self.db.execute("CREATE INDEX IF NOT EXISTS pending_expires ON pending (expires)")
 
     def put_session(self, key: str, data: dict, now: float) -> None:
         self.db.execute("INSERT INTO sessions VALUES (?, ?, ?, ?)", (key, json.dumps(data), now, now))
@@ -155,12 +216,43 @@ class SqliteStore:
         row = self.db.execute("SELECT data, expires FROM pending WHERE key = ?", (key,)).fetchone()
         return json.loads(row[0]) if row and row[1] > now else None
 
-    def purge(self, now: float, oldest: float) -> None:
-        self.db.execute("DELETE FROM pending WHERE expires < ?", (now,))
-        self.db.execute("DELETE FROM sessions WHERE created < ?", (oldest,))
-        self.db.execute("DELETE FROM participants WHERE session NOT IN (SELECT key FROM sessions)")
+    def count_parked(self, now: float) -> int:
+        """Parked requests in the file (expired ones not purged yet included: a bound errs on
+        the safe side); counted on the primary key's index, by every worker's rows."""
+        return self.db.execute("SELECT COUNT(*) FROM pending WHERE key >= 'p:' AND key < 'p;'").fetchone()[0]
+
+    def purge(self, now: float, oldest: float) -> int:
+        """Delete expired pending records and sessions; returns the pending records deleted.
+
+        Made to run in a thread (:meth:`SessionManager._maybe_purge`): on a connection of its
+        own, in batches of :data:`PURGE_BATCH` rows (each statement its own short transaction,
+        the ``pending(expires)`` index finding them), then the freed pages are given back to the
+        file system, :data:`_VACUUM_STEP` at a time, where the file allows it."""
+        if self._purger is None:
+            self._purger = connect_wal(self.path, timeout=5.0, check_same_thread=False)
+            self._purger.execute(f"PRAGMA journal_size_limit = {_JOURNAL_SIZE_LIMIT}")
+        db = self._purger
+        removed = 0
+        while True:
+            batch = db.execute("DELETE FROM pending WHERE rowid IN (SELECT rowid FROM pending WHERE expires < ? "
+                               "LIMIT ?)", (now, PURGE_BATCH)).rowcount
+            removed += batch
+            if batch < PURGE_BATCH:
+                break
+        while db.execute("DELETE FROM sessions WHERE rowid IN (SELECT rowid FROM sessions WHERE created < ? "
+                         "LIMIT ?)", (oldest, PURGE_BATCH)).rowcount == PURGE_BATCH:
+            pass
+        db.execute("DELETE FROM participants WHERE session NOT IN (SELECT key FROM sessions)")
+        if db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2:  # INCREMENTAL: a file made by this version
+            while db.execute("PRAGMA freelist_count").fetchone()[0] > 0:
+                # Every row must be stepped through: each step frees a page.
+                db.execute(f"PRAGMA incremental_vacuum({_VACUUM_STEP})").fetchall()
+            db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()  # the file is cut at the checkpoint
+        return removed
 
     def close(self) -> None:
+        if self._purger is not None:
+            self._purger.close()
         self.db.close()
 
 
@@ -234,19 +326,36 @@ class RedisStore:
         return {party.decode(): json.loads(data) for party, data in raw.items()}
 
     def put_pending(self, key: str, data: dict, expires: float) -> bool:
-        return bool(self.redis.set(f"authgw:login:p:{key}", json.dumps(data),
-                                   ex=max(1, int(expires - time.time()) + 1), nx=True))
+        ttl = max(1, int(expires - time.time()) + 1)
+        stored = bool(self.redis.set(f"authgw:login:p:{key}", json.dumps(data), ex=ttl, nx=True))
+        if stored and key.startswith("p:"):  # a parked request: counted for the total bound
+            pipe = self.redis.pipeline()
+            pipe.zadd(_PARKED_SET, {key: expires})
+            pipe.zremrangebyscore(_PARKED_SET, "-inf", time.time())
+            pipe.expire(_PARKED_SET, max(ttl, 3600))  # gone an hour after the last park (lifetimes <= 3600 s)
+            pipe.execute()
+        return stored
 
     def take_pending(self, key: str, now: float) -> dict | None:
         raw = self.redis.getdel(f"authgw:login:p:{key}")
+        if raw and key.startswith("p:"):
+            self.redis.zrem(_PARKED_SET, key)
         return json.loads(raw) if raw else None
+
+    def count_parked(self, now: float) -> int:
+        """Parked requests of every instance: a sorted set of their keys by expiry, the expired
+        ones dropped first (Redis expires the records themselves)."""
+        pipe = self.redis.pipeline()
+        pipe.zremrangebyscore(_PARKED_SET, "-inf", now)
+        pipe.zcard(_PARKED_SET)
+        return int(pipe.execute()[1])
 
     def get_pending(self, key: str, now: float) -> dict | None:
         raw = self.redis.get(f"authgw:login:p:{key}")
         return json.loads(raw) if raw else None
 
-    def purge(self, now: float, oldest: float) -> None:
-        pass  # Redis expires keys itself
+    def purge(self, now: float, oldest: float) -> int:
+        return 0  # Redis expires keys itself
 
     def close(self) -> None:
         self.redis.close()
@@ -260,6 +369,14 @@ class SessionManager:
         self.store = store
         self._key = cookie_key
         self._last_purge = None  # wall-clock time of the last purge; None until the first
+        self._purging: asyncio.Task | None = None  # the purge running in a thread, if any
+        #: Called before a request is parked; raises :class:`ParkRefused` when its client's budget
+        #: is spent (set by :class:`.web.LoginDoor`, which knows the request's client address).
+        self.admit_park: Callable[[], None] | None = None
+        self.max_parked = MAX_PARKED
+        self._parked = 0          # parked requests in the store: last count + this worker's parks since
+        self._uncounted = 0       # this worker's parks since the last count
+        self._counted_at = 0.0    # wall-clock time of the last count (0: count at the next park)
 
     # -- signing ---------------------------------------------------------------------------------
 
@@ -403,22 +520,64 @@ class SessionManager:
             self.store.take_pending("idx:" + index, time.time())
 
     def _maybe_purge(self, now: float) -> None:
-        if self._last_purge is None or now - self._last_purge > 60:
+        """Purge expired records, at most once a minute. In a worker (an event loop running) the
+        purge runs in a thread and this returns at once; one purge at a time per worker."""
+        if self._last_purge is not None and now - self._last_purge <= 60:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is None:  # no event loop to keep free (a command, a unit test)
             self._last_purge = now
             self.store.purge(now, now - self.settings.absolute)
+            self._counted_at = 0.0
+            return
+        if self._purging is not None and not self._purging.done():
+            return
+        self._last_purge = now
+        self._purging = loop.create_task(self._purge_in_thread(now, now - self.settings.absolute))
+
+    async def _purge_in_thread(self, now: float, oldest: float) -> None:
+        try:
+            removed = await asyncio.to_thread(self.store.purge, now, oldest)
+            if removed:
+                log.info("login: purged %d expired pending records", removed)
+        except STORE_ERRORS as exc:  # tried again a minute later; the requests are not affected
+            log.warning("login: the purge of expired records failed: %s: %s", exc.__class__.__name__, exc)
+        finally:
+            self._counted_at = 0.0  # the parked requests are counted again at the next park
+
+    def _check_total(self, now: float) -> None:
+        """Refuse a park when :attr:`max_parked` requests are parked in the store (counted
+        again after :data:`_COUNT_EVERY` parks of this worker or :data:`_COUNT_INTERVAL` seconds;
+        every second while full, so that a place freed is seen)."""
+        due = _COUNT_INTERVAL if self._parked < self.max_parked else 1.0
+        if self._uncounted >= _COUNT_EVERY or now - self._counted_at >= due:
+            self._parked, self._uncounted, self._counted_at = self.store.count_parked(now), 0, now
+        if self._parked >= self.max_parked:
+            raise ParkRefused(503, "login.too_many_pending", _FULL_RETRY_AFTER,
+                              f"{self._parked} requests parked, at most {self.max_parked}")
 
     # -- pending logins and replay ----------------------------------------------------------------
 
     def park(self, data: dict, lifetime: float) -> str:
         """Keep *data* (a validated request) for the user's login; returns its single-use id.
 
-        Requests are parked for anyone, before any sign-in: the expired ones are purged here too
-        (at most once a minute), not only when a session is made, or a flood of requests nobody
-        finishes would grow the SQLite file without end (review)."""
+        Requests are parked for anyone, before any sign-in, so parking is bounded (review: a
+        flood of requests nobody finishes grew the SQLite file by gigabytes): the client's budget
+        (:attr:`admit_park`), then the total (:attr:`max_parked`); either raises
+        :class:`ParkRefused` and nothing is parked. The expired ones are purged here too (at most
+        once a minute, off the event loop), not only when a session is made."""
+        if self.admit_park is not None:
+            self.admit_park()
         now = time.time()
         self._maybe_purge(now)
+        self._check_total(now)
         key = secrets.token_urlsafe(24)
         self.store.put_pending("p:" + key, data, now + lifetime)
+        self._parked += 1
+        self._uncounted += 1
         return key
 
     def unpark(self, key: str) -> dict | None:

@@ -22,14 +22,25 @@ form; a directory that cannot answer is a 503, never an answer from the old prof
 form comes from another site (``Sec-Fetch-Site: cross-site``, or an ``Origin`` other than the
 door's); on https the cookies carry the ``__Host-`` prefix, so that no other host (a sibling
 subdomain, a plain-http answer) can plant them.
+
+A protocol request parked for ``/login`` (by :meth:`LoginDoor.begin`, or by any handler through
+``sessions.park``) spends one token of its client's budget (:class:`ParkLimiter`: a bucket of
+:data:`PARK_BURST` per client address and worker, refilled at :data:`PARK_RATE` per second); a
+client without one gets 429 (``login.too_many_requests``) and nothing is parked. The address is
+the one the door computes for an attempt (a trusted proxy's ``X-Forwarded-For``; an IPv6 client
+by its ``throttle.ipv6_prefix`` network). The handler's request is found through a context
+variable that :meth:`LoginDoor.guarded` sets for every route of this door.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import time
+from collections import OrderedDict
+from contextvars import ContextVar
 from typing import Awaitable, Callable
 from urllib.parse import urlsplit
 
@@ -41,9 +52,9 @@ from gateway.http.credentials import MalformedCredentials, parse_authorization, 
 from gateway.logs import printable
 
 from .pages import AUTOSUBMIT_HASH, STYLE_HASH, Pages
-from .sessions import STORE_ERRORS, Session, SessionManager
+from .sessions import STORE_ERRORS, ParkRefused, Session, SessionManager
 
-__all__ = ["AccountUncheckable", "LoginDoor", "Refused"]
+__all__ = ["PARK_BURST", "PARK_CLIENTS", "PARK_RATE", "AccountUncheckable", "LoginDoor", "ParkLimiter", "Refused"]
 
 log = logging.getLogger("authgw.plugin.login")
 
@@ -59,6 +70,58 @@ Answerable = Callable[[dict], None]
 #: The address a completion answers *with a redirect* (OIDC ``response_mode=query``), or ``None``
 #: (an auto-posting page, or no answer); see :meth:`LoginDoor.form_action`.
 Redirect = Callable[[dict], str | None]
+
+
+#: Requests one client address may park at once (per worker), then :data:`PARK_RATE` per second:
+#: 30 a minute, far more than a person starts sign-ins; a flood is refused (429) after it.
+PARK_BURST = 30
+PARK_RATE = 30 / 60
+#: Client addresses whose budgets a worker remembers (the least recently seen is forgotten first:
+#: about 100 bytes each). Past it a flood from many addresses meets the total bound
+#: (:data:`.sessions.MAX_PARKED`).
+PARK_CLIENTS = 10_000
+
+#: The request a login route is handling (set by :meth:`LoginDoor.guarded`): parking finds its
+#: client address here, whichever handler parks.
+_REQUEST: ContextVar[web.Request | None] = ContextVar("authgw_login_request", default=None)
+
+
+class ParkLimiter:
+    """Token buckets by client key, in an LRU of at most *size* keys (memory bounded whatever
+    the number of addresses)."""
+
+    def __init__(self, burst: float = PARK_BURST, rate: float = PARK_RATE, size: int = PARK_CLIENTS) -> None:
+        self.burst, self.rate, self.size = float(burst), float(rate), size
+        self._buckets: OrderedDict[str, list] = OrderedDict()  # key -> [tokens, when, refused since]
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def take(self, key: str, now: float) -> float:
+        """Spend a token of *key*'s bucket at *now* (monotonic seconds): ``0.0`` when there was
+        one, else the seconds until there is (nothing spent)."""
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = [self.burst, now, False]
+            if len(self._buckets) > self.size:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(key)
+            bucket[0] = min(self.burst, bucket[0] + max(0.0, now - bucket[1]) * self.rate)
+            bucket[1] = now
+        if bucket[0] >= 1.0:
+            bucket[0] -= 1.0
+            bucket[2] = False
+            return 0.0
+        return (1.0 - bucket[0]) / self.rate
+
+    def first_refusal(self, key: str) -> bool:
+        """Whether *key* was just refused for the first time since its last token (logged once)."""
+        bucket = self._buckets.get(key)
+        if bucket is None or bucket[2]:
+            return False
+        bucket[2] = True
+        return True
 
 
 class AccountUncheckable(Exception):
@@ -156,6 +219,9 @@ class LoginDoor:
         #: Ends a session and tells the services it was used with (SAML Single Logout, :mod:`.slo`).
         #: Arguments: the request, the sessions to end (store key -> SessionIndex), where to go after.
         self.logout_round: Callable[..., Awaitable[web.StreamResponse]] | None = None
+        self.park_limiter = ParkLimiter()
+        self._full_logged = -math.inf  # monotonic time of the last "not parked" ERROR (the total bound)
+        sessions.admit_park = self._admit_park
 
     # -- responses -------------------------------------------------------------------------------
 
@@ -173,6 +239,42 @@ class LoginDoor:
                     request.remote, printable(exc.detail[:200]))
         response = self.html(self.pages.message("refused", alert=True, reference=reference), 400)
         response.headers["X-Refused-Reason"] = exc.reason
+        return response
+
+    def client_key(self, request: web.Request) -> str:
+        """The client address a budget is kept for: the door's (trusted proxies' forwarded
+        address; the socket peer on a TLS listener authgw terminates), an IPv6 client by its
+        network as the throttle counts it."""
+        attempt = self.door.attempt(request, FRONT_DOOR)
+        return self.door.gateway.throttle_client(attempt) or str(attempt.client)
+
+    def _admit_park(self) -> None:
+        """:attr:`.SessionManager.admit_park`: spend a token of the handled request's client."""
+        request = _REQUEST.get()
+        if request is None:  # not a request of this door (nothing to count it by)
+            return
+        key = self.client_key(request)
+        wait = self.park_limiter.take(key, time.monotonic())
+        if wait:
+            if self.park_limiter.first_refusal(key):  # once per address and spent budget: a flood is not logged whole
+                log.warning("login requests refused: reason=login.too_many_requests client=%s (%d parked requests "
+                            "a minute per address, burst %d)", key, round(self.park_limiter.rate * 60),
+                            self.park_limiter.burst)
+            raise ParkRefused(429, "login.too_many_requests", math.ceil(wait), f"client {key}")
+
+    def not_parked(self, request: web.Request, exc: ParkRefused, json: bool) -> web.Response:
+        """429 or 503 for a request that was not parked (:class:`ParkRefused`), with
+        ``Retry-After`` and ``X-Refused-Reason``."""
+        if exc.status != 429 and time.monotonic() >= self._full_logged + 10:  # a flood is not logged whole
+            self._full_logged = time.monotonic()
+            log.error("login requests not parked: reason=%s (client %s, and every new one for now): %s; logged at "
+                      "most every 10 s", exc.reason, request.remote, exc.detail)
+        headers = {"Retry-After": str(exc.retry_after), "X-Refused-Reason": exc.reason}
+        if json:
+            return web.json_response({"error": "temporarily_unavailable"}, status=exc.status,
+                                     headers={**headers, "Cache-Control": "no-store"})
+        response = self.html(self.pages.message("unavailable", alert=True), exc.status)
+        response.headers.update(headers)
         return response
 
     def _set_cookie(self, response: web.StreamResponse, name: str, value: str) -> None:
@@ -207,12 +309,16 @@ class LoginDoor:
 
     def guarded(self, handler, *, json: bool = False):
         """*handler*, answering 503 (not 500) when the session store cannot be used: sign-ins
-        wait for the store, they are never answered without it (fail closed); and the 400 page of
+        wait for the store, they are never answered without it (fail closed); 429 or 503 for a
+        request that could not be parked (:class:`ParkRefused`); and the 400 page of
         :meth:`refused` for any :class:`Refused` it raises: a body it cannot read
         (:func:`read_form`), a completer's pending request that a reload made unanswerable."""
         async def guarded_handler(request: web.Request) -> web.StreamResponse:
+            token = _REQUEST.set(request)
             try:
                 return await handler(request)
+            except ParkRefused as exc:  # the client's budget or the store's bound: nothing parked
+                return self.not_parked(request, exc, json)
             except Refused as exc:  # an unreadable body; a pending request a reload made unanswerable
                 if json:
                     log.warning("login request refused: reason=%s client=%s %s", exc.reason, request.remote, exc.detail)
@@ -231,6 +337,8 @@ class LoginDoor:
                 response = self.html(self.pages.message("unavailable", alert=True), 503)
                 response.headers["Retry-After"] = "5"
                 return response
+            finally:
+                _REQUEST.reset(token)
 
         return guarded_handler
 
