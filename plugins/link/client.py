@@ -249,7 +249,7 @@ class LinkClient:
             try:
                 await self._linked(http, enrolment, context, url, headers)
             except aiohttp.WSServerHandshakeError as exc:
-                if exc.status not in (401, 403):
+                if exc.status not in (401, 403, 429):  # 429: too_many_links (docs/link-protocol.md)
                     raise
                 # The relay says why in a JSON body the WebSocket handshake does not show.
                 https = "https://" + enrolment.link_url.split("://", 1)[1]

@@ -66,7 +66,7 @@ REQUEST_TYPES = RELAY_TO_CONNECTOR | CONNECTOR_TO_RELAY
 
 #: Error codes (docs/link-protocol.md#errors).
 ERROR_CODES = frozenset({"bad_request", "expired", "replayed", "unknown_type", "unavailable",
-                         "forbidden", "internal", "not_found"})
+                         "forbidden", "internal", "not_found", "too_many_links"})
 
 
 class ProtocolError(Exception):
@@ -198,6 +198,9 @@ def decode(text: str | bytes, *, now: float, guard: ReplayGuard | None = None,
     if deadline > now + skew + MAX_AHEAD:
         raise ProtocolError("bad_request", f"deadline more than {MAX_AHEAD + skew:.0f}s ahead", request_id)
     if guard is not None and not guard.fresh(nonce, deadline + skew, now, request_id):
+        if guard.full:  # fail closed: nothing still inside its window is forgotten to make room
+            raise ProtocolError("replayed", f"too many requests within the replay window ({guard.max_entries} "
+                                "nonces and ids held): refused rather than forget one; try again later", request_id)
         raise ProtocolError("replayed", "this nonce or request id was already used", request_id)
     return Message(request_id, type_, body, float(deadline), nonce)
 
@@ -206,24 +209,45 @@ class ReplayGuard:
     """Nonces and request ids seen and not yet expired. Each is remembered until its request's
     deadline plus the clock skew tolerated, after which :func:`decode` refuses the request as
     expired anyway; :data:`MAX_AHEAD` and the skew bound that. A connector keeps one for its
-    process, not one per link: a request copied onto the next link is a replay too."""
+    process, not one per link: a request copied onto the next link is a replay too; a relay
+    keeps one per connector id, shared by that connector's links (relay/hub.py).
+
+    At most *max_entries* are held: when that many are still inside their window, a new request
+    is refused (``fresh`` is ``False`` and :attr:`full` is set; :func:`decode` answers
+    ``replayed``, saying so) rather than a nonce forgotten that could still be replayed."""
 
     def __init__(self, max_entries: int = 200_000) -> None:
         self._seen: dict[tuple[str, str], float] = {}
         self._max = max_entries
+        self._earliest = math.inf  # no entry expires before this: a full guard is not rescanned for nothing
+        #: the last refusal was for want of room (not a repeat)
+        self.full = False
+
+    @property
+    def max_entries(self) -> int:
+        return self._max
+
+    def __len__(self) -> int:
+        return len(self._seen)
 
     def fresh(self, nonce: str, until: float, now: float, request_id: str | None = None) -> bool:
         """Record the request's nonce (and *request_id*) until *until*, when it can no longer be
-        accepted; ``False`` if either was seen before."""
+        accepted; ``False`` if either was seen before, or if the guard is full of entries still
+        inside their window (:attr:`full`)."""
+        self.full = False
         keys = [("nonce", nonce)] + ([("id", request_id)] if request_id is not None else [])
         if any(key in self._seen for key in keys):
             return False
         if len(self._seen) + len(keys) > self._max:
-            self._seen = {k: u for k, u in self._seen.items() if u >= now}
+            if now > self._earliest:
+                self._seen = {k: u for k, u in self._seen.items() if u >= now}
+                self._earliest = min(self._seen.values(), default=math.inf)
             if len(self._seen) + len(keys) > self._max:  # flooded with live nonces: refuse rather than forget
+                self.full = True
                 return False
         for key in keys:
             self._seen[key] = until
+        self._earliest = min(self._earliest, until)
         return True
 
 

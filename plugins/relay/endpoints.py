@@ -36,7 +36,7 @@ from gateway.http.app import read_body
 from gateway.plugins import linkproto as proto
 
 from .ca import CSRRefused
-from .hub import LinkSession, Unreachable
+from .hub import MAX_LINKS, MAX_PROBES, LinkSession, Unreachable
 from .store import TicketRefused
 
 if TYPE_CHECKING:
@@ -58,8 +58,12 @@ _MAX_CSR_BODY = 16 * 1024
 _MAX_BAD_FRAMES = 20
 #: Seconds a link replaced by a newer one of its connector has to answer what it carries.
 _REPLACED_GRACE = 5.0
+#: Seconds a new link has to say hello (probe or not) before it is closed (1008): a connector
+#: sends it first thing and gives up on it after 10 s itself; a link that says nothing holds a
+#: connection and one of its connector's MAX_LINKS for nothing.
+_HELLO_TIMEOUT = 10.0
 #: Close codes (docs/link-protocol.md#the-link).
-_CLOSE_VERSION, _CLOSE_REPLACED = 4002, 4004
+_CLOSE_VERSION, _CLOSE_REPLACED, _CLOSE_TOO_MANY = 4002, 4004, 4005
 _TOKEN_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
 
 
@@ -229,9 +233,16 @@ class Endpoints:
         """``GET /v1/relay/connectors``: the links this relay process holds, live."""
         if self.door.api_client(request) is None:
             return _refuse(401, "unauthorized", "a valid API token is required")
+        hub = self.plugin.hub
         return web.json_response({"connection": self.settings.connection, "links": [
-            {"connector": s.connector, "version": s.version, "ready": s.ready, "in_flight": s.in_flight,
-             "served": s.served, "not_after": s.not_after} for s in self.plugin.hub.all()]},
+            {"connector": s.connector, "version": s.version, "ready": s.ready, "probe": s.probe,
+             "in_flight": s.in_flight, "served": s.served, "not_after": s.not_after} for s in hub.all()],
+            # what each connector id holds here: open links (said hello or not, replaced ones until
+            # closed) and its replay record (nonces and ids), against their limits
+            "connectors": [{"connector": name, "open_links": len(state.links),
+                            "probes": sum(1 for s in state.links if s.probe),
+                            "replay_entries": len(state.guard), "replay_capacity": state.guard.max_entries}
+                           for name, state in hub.connectors.items()]},
             headers={"Cache-Control": "no-store"})
 
     async def selftest(self, request: web.Request) -> web.Response:
@@ -331,13 +342,24 @@ class Endpoints:
             return _refuse(403, "unknown_connector", "this certificate is not the one enrolled for the connector")
         ws = web.WebSocketResponse(heartbeat=self.settings.ping_interval, max_msg_size=proto.MAX_FRAME,
                                    autoping=True)
-        await ws.prepare(request)
         session = LinkSession(ws, connector, connection, cert.public_key(), cert.not_valid_after_utc.timestamp(),
                               peer=str(request.remote))
         hub = self.plugin.hub
+        # Counted (and given its connector's shared replay record) before the upgrade, with no
+        # await in between: one connector id holds at most MAX_LINKS, however fast it dials.
+        if not hub.admit(session, self.settings.max_clock_skew):
+            return _refuse(429, "too_many_links", f"this connector holds {MAX_LINKS} links at this relay already "
+                           "(its link, probes and links not past hello); close one, and give each connector "
+                           "process its own enrolment")
+        try:
+            await ws.prepare(request)
+        except BaseException:
+            hub.release(session)
+            raise
         hub.add(session)
         self.plugin.ensure_maintenance()
         log.info("connector %s of %s linked from %s", connector, connection, request.remote)
+        no_hello = asyncio.get_running_loop().call_later(_HELLO_TIMEOUT, _close_without_hello, session)
         bad = 0
         try:
             async for msg in ws:
@@ -365,13 +387,18 @@ class Endpoints:
                     else:
                         if message.is_request:
                             await _send(ws, await self._serve(session, message))
+                            if session.refused:  # a probe beyond MAX_PROBES: told, then closed
+                                await ws.close(code=_CLOSE_TOO_MANY, message=b"too many links of this connector")
+                                break
                         else:
                             session.answered(message)
                 if bad >= _MAX_BAD_FRAMES:
                     await ws.close(code=1008, message=b"too many refused frames")
                     break
         finally:
+            no_hello.cancel()
             hub.remove(session)
+            hub.release(session)
             log.info("connector %s link closed (%s)", connector, ws.close_code)
             if hub.router is not None and not hub.holds(connector):  # not when a newer link replaced it
                 try:
@@ -385,6 +412,13 @@ class Endpoints:
         stopping) and ``renew``."""
         if message.type == "hello":
             if message.body.get("probe") is True:  # `authgw check`: answered, never routed to, replaces nothing
+                if not session.ready and not session.probe:
+                    if not self.plugin.hub.may_probe(session):  # logged there, once per burst
+                        session.refused = True
+                        return proto.error(message.id, "too_many_links", f"this connector holds {MAX_PROBES} "
+                                           "probe links at this relay already; try again when one is closed")
+                    session.probe = True
+                session.greeted = True
                 return proto.answer(message.id, {"time": time.time(), "connector": session.connector,
                                                  "not_after": session.not_after})
             if session.closing:  # a newer link of this connector said hello first
@@ -407,6 +441,7 @@ class Endpoints:
                 log.warning("connector %s linked again from %s: closing its older link from %s",
                             session.connector, session.peer, old.peer)
                 asyncio.ensure_future(_close_replaced(old))
+            session.greeted = True
             return proto.answer(message.id, {"time": time.time(), "connector": session.connector,
                                              "not_after": session.not_after})
         if message.type == "drain":
@@ -436,6 +471,22 @@ class Endpoints:
                  cert.not_valid_after_utc.isoformat())
         return proto.answer(message.id, {"certificate": cert.public_bytes(serialization.Encoding.PEM).decode("ascii"),
                                          "ca": self.plugin.ca.pem})
+
+
+def _close_without_hello(session: LinkSession) -> None:
+    """The hello timeout: a link that has not said hello (answered) is closed (1008)."""
+    if session.greeted or session.ws.closed:
+        return
+    log.info("connector %s: closing its link from %s, which said no hello within %gs", session.connector,
+             session.peer, _HELLO_TIMEOUT)
+    asyncio.ensure_future(_close(session.ws, 1008, b"no hello in time"))
+
+
+async def _close(ws: web.WebSocketResponse, code: int, message: bytes) -> None:
+    try:
+        await ws.close(code=code, message=message)
+    except ConnectionError:
+        pass
 
 
 async def _close_replaced(session: LinkSession) -> None:

@@ -10,6 +10,10 @@ Routing rules (docs/connector.md#high-availability):
   (a link just opened must not draw every login of an idle site);
 * a connector id holds one link per relay process: a new link of the id replaces the older one
   (endpoints.py), so opening more links draws no more requests;
+* what one connector id can make this process hold is bounded, not per link: at most
+  :data:`MAX_LINKS` open links (:data:`MAX_PROBES` of them probes), one replay record shared by
+  them (:class:`ConnectorGuard`, sized from the request rate it accepts), and a link that says
+  no ``hello`` is closed (endpoints.py) — a stolen key cannot fill the relay's memory;
 * a password check is sent **once**: when its frame was written and the link then fails, the
   attempt is UNAVAILABLE (``relay.link_lost``), never re-sent to another connector, because the
   first one may have reached the directory and counted a failure towards the lockout;
@@ -21,6 +25,8 @@ Routing rules (docs/connector.md#high-availability):
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
 import random
 import time
 from typing import Any
@@ -29,7 +35,21 @@ from aiohttp import web
 
 from gateway.plugins import linkproto as proto
 
-__all__ = ["Hub", "LinkSession", "Unreachable"]
+__all__ = ["ConnectorGuard", "Hub", "LinkSession", "MAX_LINKS", "MAX_PROBES", "Unreachable"]
+
+log = logging.getLogger("authgw.plugin.relay")
+
+#: Open links one connector id may hold at a relay process: its link, one re-dialled while the
+#: old one is not known dead yet, links that have not said hello yet, and probes. Beyond it a
+#: new link is refused before the WebSocket upgrade (429 ``too_many_links``).
+MAX_LINKS = 8
+#: Of those, links whose hello was a probe (``authgw check``, several workers or operators at once).
+MAX_PROBES = 4
+#: Requests (``hello``, ``renew``, ``drain``) one connector id may send, all its links together:
+#: a burst of :data:`REQUEST_BURST`, then :data:`REQUEST_RATE` a second. A connector sends one
+#: ``hello`` per dial; beyond the rate a request is answered ``unavailable`` (a refused frame).
+REQUEST_BURST = 32
+REQUEST_RATE = 1.0
 
 
 class Unreachable(Exception):
@@ -42,6 +62,55 @@ class Unreachable(Exception):
 
 class _NotSent(Exception):
     """The link closed before the request was written: safe to try another connector."""
+
+
+class ConnectorGuard(proto.ReplayGuard):
+    """The replay record of one connector id at this process, shared by all its links (nonces
+    and ids are unique per sender, not per link: a request copied onto another link of the same
+    connector is a replay too), with the rate limit that sizes it.
+
+    An entry lives until its request's ``deadline + skew``, at most ``MAX_AHEAD + 2 × skew``
+    seconds (the *window*) after it was accepted; at most ``REQUEST_BURST + REQUEST_RATE ×
+    window`` requests are accepted in any window, two entries each (nonce and id), so a
+    connector keeping to the rate never finds it full. When it is full anyway (a wall clock
+    stepping back) a request is refused (``replayed``, saying why), never a live nonce forgotten."""
+
+    def __init__(self, skew: float, clock=time.monotonic) -> None:
+        self.window = proto.MAX_AHEAD + 2 * skew
+        super().__init__(max_entries=2 * (REQUEST_BURST + math.ceil(REQUEST_RATE * self.window)) + 2)
+        self._clock = clock
+        self._tokens = float(REQUEST_BURST)
+        self._at = clock()
+
+    def fresh(self, nonce: str, until: float, now: float, request_id: str | None = None) -> bool:
+        at = self._clock()
+        self._tokens = min(float(REQUEST_BURST), self._tokens + max(0.0, at - self._at) * REQUEST_RATE)
+        self._at = at
+        if self._tokens < 1.0:
+            raise proto.ProtocolError("unavailable", f"too many requests from this connector: at most "
+                                      f"{REQUEST_RATE:g} a second after {REQUEST_BURST}", request_id)
+        self._tokens -= 1.0
+        return super().fresh(nonce, until, now, request_id)
+
+    def live_until(self) -> float:
+        """When its last entry expires (wall clock); ``-inf`` when empty."""
+        return max(self._seen.values(), default=-math.inf)
+
+
+class _Connector:
+    """What one connector id holds at this process: its open links (said hello or not, replaced
+    ones until closed), their shared replay record, and the refusal log's state."""
+
+    def __init__(self, skew: float) -> None:
+        self.links: list[LinkSession] = []
+        self.guard = ConnectorGuard(skew)
+        self.refusing = False  # a burst of refusals is going on: logged once
+        self.refused = 0  # refusals not logged
+        self.last_logged = -math.inf
+
+
+#: Seconds between two WARNINGs about one connector's refused links, whatever the bursts.
+_REFUSAL_LOG_INTERVAL = 60.0
 
 
 class LinkSession:
@@ -57,9 +126,12 @@ class LinkSession:
         self.not_after = not_after
         self.in_flight = 0
         self.pending: dict[str, asyncio.Future] = {}
-        self.guard = proto.ReplayGuard()
+        self.guard: proto.ReplayGuard | None = None  # its connector's, shared (Hub.admit)
         self.version = ""
         self.ready = False  # set once the connector's hello was answered
+        self.greeted = False  # a hello (probe or not) was answered: the hello timeout is over
+        self.probe = False  # its hello was a probe (`authgw check`): never routed to
+        self.refused = False  # its hello was refused for too many links: close it
         self.closing = False
         self.draining = False  # the connector is stopping: no new requests, finish the ones in flight
         self.served = 0
@@ -107,6 +179,68 @@ class Hub:
         self.sessions: dict[str, list[LinkSession]] = {}
         self.max_in_flight = max_in_flight
         self.router = None  # a Router when relay instances share Redis
+        #: per connector id: its open links and their shared replay record (kept, once the last
+        #: link closed, until its nonces expire: a request copied onto the next link is refused)
+        self.connectors: dict[str, _Connector] = {}
+
+    def admit(self, session: LinkSession, skew: float) -> bool:
+        """Count *session* as an open link of its connector and give it the connector's replay
+        record; ``False`` (nothing counted) when the connector holds :data:`MAX_LINKS` already.
+        Synchronous: no other link of the connector is admitted between check and count."""
+        self._forget_idle(time.time())
+        state = self.connectors.get(session.connector)
+        if state is None:
+            state = self.connectors[session.connector] = _Connector(skew)
+        if len(state.links) >= MAX_LINKS:
+            self._refused(state, session, f"it holds {len(state.links)} open links already (at most {MAX_LINKS})")
+            return False
+        state.links.append(session)
+        session.guard = state.guard
+        return True
+
+    def may_probe(self, session: LinkSession) -> bool:
+        """Whether *session* may become a probe link: its connector holds fewer than
+        :data:`MAX_PROBES` (refusals are logged once per burst)."""
+        state = self.connectors.get(session.connector)
+        probes = sum(1 for s in state.links if s.probe) if state is not None else 0
+        if state is not None and probes >= MAX_PROBES:
+            self._refused(state, session, f"its hello is a probe and it holds {probes} probe links already "
+                          f"(at most {MAX_PROBES})")
+            return False
+        return True
+
+    def release(self, session: LinkSession) -> None:
+        """*session*'s WebSocket is closed: it no longer counts against its connector."""
+        state = self.connectors.get(session.connector)
+        if state is None or session not in state.links:
+            return
+        state.links.remove(session)
+        if state.refusing:  # below the limit again: the burst of refusals is over
+            state.refusing = False
+            if state.refused:
+                log.info("connector %s: %d more links refused (too many links) since the last warning",
+                         session.connector, state.refused)
+                state.refused = 0
+
+    def _refused(self, state: _Connector, session: LinkSession, why: str) -> None:
+        """Log a refused link once per burst (and at most once a minute), count the others."""
+        now = time.monotonic()
+        if state.refusing or now - state.last_logged < _REFUSAL_LOG_INTERVAL:
+            state.refused += 1
+            return
+        state.refusing, state.last_logged = True, now
+        more = f" ({state.refused} more refused before)" if state.refused else ""
+        state.refused = 0
+        log.warning("refused a link of connector %s from %s: %s; further refusals are not logged until one of "
+                    "its links closes%s (several processes sharing one enrolment? a stolen key?)",
+                    session.connector, session.peer, why, more)
+
+    def _forget_idle(self, now: float) -> None:
+        """Drop the replay records of connectors with no open link whose entries all expired."""
+        idle = [name for name, state in self.connectors.items()
+                if not state.links and state.guard.live_until() < now]
+        for name in idle:
+            del self.connectors[name]
 
     def add(self, session: LinkSession) -> None:
         self.sessions.setdefault(session.connection, []).append(session)
@@ -122,6 +256,7 @@ class Hub:
             links.remove(old)
             old.closing = True
         session.ready = True
+        session.probe = False
         return replaced
 
     def holds(self, connector: str) -> bool:
