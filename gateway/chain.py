@@ -25,11 +25,12 @@ that hung up are checked as a chain thread would check them; throttling, failure
 audit are the same code on every path. Reads ``deadline``, ``threads``, ``limits.queue``,
 ``limits.queue_wait``, ``failure_timing`` and ``throttle``.
 
-A network throttle store (Redis) is called on threads of its own (``threads`` of them, at most
-4 x ``threads`` calls waiting), never the loop's default executor, and the attempt waits for it
-until its deadline at most: a store that does not answer in time refuses the attempt (503,
-``throttle_unavailable``), and a call whose attempt gave up while it waited is not made. An
-outage is logged at ERROR once, then summed up every minute until the store answers again.
+A network throttle store (Redis) is called on threads of its own (``threads`` of them, never the
+loop's default executor), and the attempt waits for it until its deadline at most: a store that
+does not answer in time refuses the attempt (503, ``throttle_unavailable``), and a call whose
+attempt gave up while it waited is not made. A call that never got a thread by then is this
+worker's burst, not the store's fault: ``overloaded``, nothing said of the store. An outage is
+logged at ERROR once, then summed up every minute until the store answers again.
 """
 
 from __future__ import annotations
@@ -88,6 +89,11 @@ SERVICE_CALLER: StashKey[bool] = StashKey()
 PRECHECK_STEP: StashKey[str] = StashKey()
 
 
+#: Throttle store calls a worker queues at least (``limits.queue`` if larger): a call's wait is
+#: bounded by its attempt's deadline, the queue only by memory.
+_STORE_QUEUE = 4096
+
+
 class _StoreOutage:
     """Logs a throttle store outage: its first failure at ERROR, then a summary at most every
     :attr:`EVERY` seconds while it lasts, and its end at WARNING. One line per refused attempt
@@ -143,6 +149,12 @@ class _StoreOutage:
             self._since, self._total = None, 0
         log.warning("throttle store answers again after %.0f s; %d password attempt(s) were refused meanwhile",
                     lasted, total)
+
+
+class _StoreBusy(StoreUnavailable):
+    """The throttle store's calls of this worker are queued beyond what the attempt can wait for
+    (a burst of logins, not the store failing): the attempt is refused as ``overloaded``, and
+    nothing is said of the store (no outage logged, ``/readyz`` unchanged)."""
 
 
 class _Handover:
@@ -339,7 +351,11 @@ class Gateway:
         self.folder = folder
         self.throttle = Throttle(settings.throttle, state_dir=state_dir, workers=workers or settings.workers)
         #: A network throttle store's calls: threads of their own, a bounded queue (module docstring).
-        self._store_pool = ChainPool(settings.threads, name="authgw-throttle") if self.throttle.blocking else None
+        # Its queue is long (a page of a hundred assets behind Basic auth is a hundred checks at
+        # once): what bounds a call's wait is the attempt's deadline, not the queue.
+        self._store_pool = (ChainPool(settings.threads, name="authgw-throttle",
+                                      max_queue=max(_STORE_QUEUE, settings.limits.queue or 0))
+                            if self.throttle.blocking else None)
         self._outage = _StoreOutage()
         timing = settings.failure_timing
         self.failure_timing = FailureTiming(enabled=timing.enabled, floor=timing.floor,
@@ -526,18 +542,25 @@ class Gateway:
     async def _store_call(self, work: Callable[[Any], Any], deadline: float, *, must_run: bool = False):
         """``work(None)`` on a throttle store thread, waited for until *deadline* at most. Raises
         :class:`StoreUnavailable` when the store cannot answer in time; a call still queued then
-        is not made. With *must_run* (giving a reservation back) the call is made however late,
-        the wait for it still ends at *deadline* (a moment at least), and nothing is raised."""
+        is not made (:class:`_StoreBusy` when it never started: this worker's burst, not the
+        store). With *must_run* (giving a reservation back) the call is made however late, the
+        wait for it still ends at *deadline* (a moment at least), and nothing is raised."""
         pool = self._store_pool
         assert pool is not None
+        started: list[bool] = []
+
+        def call(arg):
+            started.append(True)
+            return work(arg)
+
         try:
-            future = pool.run(work, None, deadline=None if must_run else deadline)
+            future = pool.run(call, None, deadline=None if must_run else deadline)
         except Overloaded:
             if must_run:
                 pool.submit(work, None)
                 return None
-            raise StoreUnavailable(f"throttle store: {pool.waiting()} calls wait for it; this one would miss "
-                                   "the attempt's deadline") from None
+            raise _StoreBusy(f"throttle store: {pool.waiting()} calls of this worker wait for it; this one would "
+                             "miss the attempt's deadline") from None
         try:
             if must_run:  # shielded: when the wait ends, the call is still made (it is not unwanted)
                 future.add_done_callback(lambda done: done.cancelled() or done.exception())  # read, if late
@@ -546,6 +569,8 @@ class Gateway:
         except (asyncio.TimeoutError, DeadlineExpired, Abandoned):
             if must_run:
                 return None
+            if not started:
+                raise _StoreBusy("throttle store: the call waited for a thread until the attempt's deadline") from None
             raise StoreUnavailable("throttle store: no answer within the attempt's deadline") from None
 
     async def _admit_off_loop(self, attempt: Attempt, user: str, client: str | None):
@@ -606,6 +631,10 @@ class Gateway:
                     ticket = await self._admit_off_loop(attempt, user, client)
                 else:
                     ticket = self.throttle.admit(user, client)
+            except _StoreBusy:  # a burst of this worker's own: overloaded (audited), the store is fine
+                decision = Decision.deny(Outcome.UNAVAILABLE, step="gateway", reason="overloaded")
+                self.notify(attempt, decision)
+                return decision
             except StoreUnavailable as exc:
                 self._outage.failed(attempt.request_id, str(exc))  # once per outage, not once per attempt
                 if self.throttle_probe is not None:  # /readyz says so before the next probe

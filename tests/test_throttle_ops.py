@@ -150,3 +150,39 @@ def test_check_fails_while_the_redis_throttle_store_is_down(tmp_path, demo_hash,
     up = check(redis.url)
     assert up.returncode == 0, up.stdout + up.stderr
     assert "PASS  gateway.throttle_store" in up.stdout
+
+
+def test_a_burst_of_logins_is_not_taken_for_a_store_outage(tmp_path, demo_hash, redis, start_gateway):
+    """Every password attempt asks the store; a page of assets behind Basic auth is many at
+    once. With one thread for the store, 40 logins at once used to find its queue (4 x threads)
+    full: 503 ``throttle_unavailable``, an ERROR saying the store was down, and /readyz not
+    ready, while Redis was fine (review of the day's changes)."""
+    users = [f"user{i}" for i in range(40)]
+    directory = write_conf(tmp_path / "c", {
+        "gateway.yaml": json.dumps({"chain": ["static"], "threads": 1, "health": {"probe_interval": 3600},
+                                    "limits": {"queue": 100, "queue_wait": 60}, "deadline": 30,
+                                    "throttle": {"store": "redis", "redis": {"url": redis.url},
+                                                 "client_failures": 1000}}),
+        **static_users({name: demo_hash for name in users})})
+    gw = start_gateway(directory)
+    results: list[int | str] = []
+    lock = threading.Lock()
+    ready = threading.Barrier(len(users))
+
+    def attempt(user: str) -> None:
+        ready.wait(timeout=30)
+        try:
+            status = gw.auth(user, "demo-password", timeout=60).status
+        except OSError as exc:
+            status = repr(exc)
+        with lock:
+            results.append(status)
+
+    threads = [threading.Thread(target=attempt, args=(user,)) for user in users]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=90)
+    output = gw.output()
+    assert "throttle store unavailable" not in output and "throttle_unavailable" not in output, output[-2000:]
+    assert sorted(set(map(str, results))) == ["200"], results
