@@ -223,3 +223,26 @@ def test_attribute_names_that_are_uris_have_the_uri_name_format(idp, tmp_path):
     result = uri_sp.accept(response, request_id)  # pysaml2 maps the urn:oid name by its uri NameFormat
     assert result.attributes["mail"] == ["alice@example.com"] and result.attributes["uid"] == ["alice"]
     assert result.attributes[UPN] == ["alice"]
+
+
+def test_error_responses_spend_the_clients_budget_as_parked_requests_do(slapd, tmp_path):
+    """An error Response is signed at once for a request that needs no credentials (nothing is
+    parked): it spends a token of the client's budget too, so a flood of them is refused (429)
+    rather than signed without end (review of the day's changes)."""
+    site = LoginSite(tmp_path / "idp", slapd, CA.create(), login={"saml": {"service_providers": [
+        {"entity_id": SP_ID, "acs_urls": [ACS], "name_id_format": "emailAddress", "name_id_source": "email"}]}})
+    site.gw = site.start()
+    try:
+        flood_sp = SamlSP(tmp_path / "sp", site.client().get(f"{site.url}/saml/metadata").text, acs=ACS,
+                          entity_id=SP_ID)
+        browser = site.client()
+        reasons = []
+        for _ in range(45):
+            _request_id, location = flood_sp.redirect_request(nameid_format=NAMEID_FORMAT_PERSISTENT)
+            page = browser.get(location)
+            reasons.append((page.status_code, page.headers.get("X-Refused-Reason"), "SAMLResponse" in page.text))
+        signed = [r for r in reasons if r == (200, "saml.nameid_policy_unsupported", True)]
+        refused = [r for r in reasons if r == (429, "login.too_many_requests", False)]
+        assert 30 <= len(signed) < 45 and len(signed) + len(refused) == 45, reasons
+    finally:
+        site.stop()

@@ -623,7 +623,11 @@ class SamlIdp:
     async def error_answer(self, request: web.Request, pending: dict, sp: SamlServiceProvider,
                            why: Unanswerable) -> web.Response:
         """An error Response (no assertion) posted to the request's validated ACS URL, with its
-        RelayState; logged with the reason code, which is also sent as ``X-Refused-Reason``."""
+        RelayState; logged with the reason code, which is also sent as ``X-Refused-Reason``. It
+        spends a token of the client's budget, as a parked request does (signing costs CPU, and
+        the request that asks for it needs no credentials): past it, 429 and nothing signed."""
+        if self.web.sessions.admit_park is not None:
+            self.web.sessions.admit_park()
         log.warning("login request refused: reason=%s client=%s sp=%s status=%s %s", why.reason, request.remote,
                     printable(sp.entity_id[:200]), why.second.rsplit(":", 1)[-1], printable(why.detail[:200]))
         xml = await asyncio.to_thread(self.builder.error, sp, pending["acs"], pending["request_id"] or None, why,
