@@ -63,7 +63,7 @@ class RelayCA:
         directory = state / "relay" / "ca"
         if (directory / "ca.crt").read_text() != self.pem:
             write_atomic(directory / "ca.key", self.key_pem)
-            (directory / "ca.crt").write_text(self.pem)
+            write_atomic(directory / "ca.crt", self.pem.encode("ascii"), mode=0o644)
 
     @property
     def pem(self) -> str:
@@ -132,8 +132,8 @@ class RelayCA:
                 old.with_suffix(".key").unlink(missing_ok=True)
         stem = f"server-{os.getpid()}"
         cert_path, key_path = directory / f"{stem}.crt", directory / f"{stem}.key"
-        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         write_atomic(key_path, _key_pem(key))
+        write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
         return cert_path, key_path
 
     @staticmethod
