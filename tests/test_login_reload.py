@@ -13,6 +13,7 @@ import os
 import secrets
 import signal
 import sqlite3
+from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
@@ -113,3 +114,33 @@ def test_a_request_whose_party_is_still_registered_is_answered(reloaded):
     assert answer.status_code == 200 and hidden(answer.text, "SAMLResponse")
     assert f'<form method="post" action="{KEPT_ACS}"' in answer.text
     assert [c for c in browser.cookies if c.name.endswith("authgw_session")]
+
+
+def test_reloads_leave_no_session_store_connection_behind(tmp_path):
+    """Each generation's session store (and its purge's connection) is closed at its shutdown:
+    before, every reload left the old ones open (review of the day's changes)."""
+    directory = Slapd(tmp_path / "slapd").start()
+    try:
+        site = LoginSite(tmp_path / "site", directory, CA.create(), login={"saml": {"service_providers": [
+            {"entity_id": "https://sp.example.test/", "acs_urls": ["https://sp.example.test/acs"],
+             "idp_initiated": True}]}})
+        site.gw = site.start()
+        pid = int((site.gw.state_dir / "authgw.pid").read_text())
+
+        def store_descriptors() -> int:
+            return sum(1 for fd in Path(f"/proc/{pid}/fd").iterdir()
+                       if "sessions.sqlite3" in os.readlink(fd))
+
+        for reloads in range(1, 5):
+            site.client().get(f"{site.url}/saml/idp?sp=https://sp.example.test/")  # parks: the store is used
+            os.kill(pid, signal.SIGHUP)
+            wait_for(lambda: site.gw.output().count(" reloaded ") >= reloads, 60, what=f"reload {reloads}",
+                     log=site.gw.output)
+            if reloads == 1:
+                after_first = store_descriptors()
+        wait_for(lambda: store_descriptors() <= after_first, 30, what="the retired stores to be closed",
+                 log=site.gw.output)
+    finally:
+        if "site" in locals():
+            site.stop()
+        directory.stop()

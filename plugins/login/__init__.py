@@ -60,6 +60,7 @@ class LoginPlugin:
         self.wsfed = WsFed(settings, self.saml)
         self.oidc = OidcProvider(settings, self.current, self.next)
         self._probe_store: RedisStore | None = None
+        self._managers: list[SessionManager] = []  # the door's session stores, closed at shutdown
         self._sessions_state: ComponentState | None = None
 
     def _store(self):
@@ -88,6 +89,11 @@ class LoginPlugin:
 
     @hookimpl
     def gateway_shutdown(self) -> None:
+        # After the generation's requests: its store connections (the purge's too) would
+        # otherwise outlive it, one more at every reload.
+        for manager in self._managers:
+            manager.store.close()
+        self._managers.clear()
         if self._probe_store is not None:
             self._probe_store.close()
 
@@ -109,6 +115,7 @@ class LoginPlugin:
     def gateway_http_routes(self, door):
         # Built in each worker: the store's connection must not cross a fork.
         sessions = SessionManager(self.settings.sessions, self._store(), self.cookie_key)
+        self._managers.append(sessions)
         web = LoginDoor(door, sessions, self.pages, self.settings, self.context.hook)
         routes = [
             Route("GET", "/login", web.login_get),
