@@ -274,3 +274,22 @@ def test_the_per_address_budget_is_a_bounded_token_bucket():
     for n in range(1000):
         small.take(f"addr{n}", 0.0)
     assert len(small) == 10  # an LRU of addresses: memory does not grow with the addresses seen
+
+
+def test_the_budget_per_client_is_a_setting(tmp_path):
+    """``login.sessions.requests_per_client``: a site behind one NAT raises it; here one lowered."""
+    slapd = Slapd(tmp_path / "slapd").start()
+    try:
+        site = LoginSite(tmp_path / "idp", slapd, CA.create(), login={
+            "sessions": {"requests_per_client": 3},
+            "oidc": {"clients": [{"client_id": "app", "redirect_uris": ["https://app.example.test/cb"],
+                                  "client_secret": {"env": "APP_SECRET"}}]}},
+            env={"APP_SECRET": "s3cret-s3cret-s3cret"})
+        site.gw = site.start()
+        served, answer = flood(site.client(), site.url)
+        assert 3 <= served < 6  # the burst, and what a second or two refills at 3 a minute
+        assert_too_many(answer)
+    finally:
+        if "site" in locals():
+            site.stop()
+        slapd.stop()

@@ -21,7 +21,7 @@ record, so every worker and instance sees them.
 
 Parked requests are bounded: :class:`SessionManager` refuses a park (:class:`ParkRefused`) when
 the door's per-address budget is spent (:attr:`SessionManager.admit_park`, :mod:`.web`) or when
-:data:`MAX_PARKED` requests are parked in the whole store. The expired records are purged at
+``sessions.max_pending`` (:data:`MAX_PARKED` by default) requests are parked in the whole store. The expired records are purged at
 most once a minute, in batches of :data:`PURGE_BATCH` rows on a connection of the purge's own, in
 a thread: never on the event loop. A SQLite file made by this version gives the freed pages back
 (``auto_vacuum = INCREMENTAL``); an older file keeps its size and reuses them (docs/login.md).
@@ -373,7 +373,7 @@ class SessionManager:
         #: Called before a request is parked; raises :class:`ParkRefused` when its client's budget
         #: is spent (set by :class:`.web.LoginDoor`, which knows the request's client address).
         self.admit_park: Callable[[], None] | None = None
-        self.max_parked = MAX_PARKED
+        self.max_parked = settings.max_pending
         self._parked = 0          # parked requests in the store: last count + this worker's parks since
         self._uncounted = 0       # this worker's parks since the last count
         self._counted_at = 0.0    # wall-clock time of the last count (0: count at the next park)

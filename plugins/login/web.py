@@ -25,7 +25,7 @@ subdomain, a plain-http answer) can plant them.
 
 A protocol request parked for ``/login`` (by :meth:`LoginDoor.begin`, or by any handler through
 ``sessions.park``) spends one token of its client's budget (:class:`ParkLimiter`: a bucket of
-:data:`PARK_BURST` per client address and worker, refilled at :data:`PARK_RATE` per second); a
+``sessions.requests_per_client`` per client address and worker, refilled at as many a minute); a
 client without one gets 429 (``login.too_many_requests``) and nothing is parked. The address is
 the one the door computes for an attempt (a trusted proxy's ``X-Forwarded-For``; an IPv6 client
 by its ``throttle.ipv6_prefix`` network). The handler's request is found through a context
@@ -72,8 +72,8 @@ Answerable = Callable[[dict], None]
 Redirect = Callable[[dict], str | None]
 
 
-#: Requests one client address may park at once (per worker), then :data:`PARK_RATE` per second:
-#: 30 a minute, far more than a person starts sign-ins; a flood is refused (429) after it.
+#: The default budget of :class:`ParkLimiter` (the door's is ``sessions.requests_per_client``): 30
+#: at once, then 30 a minute, far more than a person starts sign-ins; a flood is refused (429).
 PARK_BURST = 30
 PARK_RATE = 30 / 60
 #: Client addresses whose budgets a worker remembers (the least recently seen is forgotten first:
@@ -219,7 +219,8 @@ class LoginDoor:
         #: Ends a session and tells the services it was used with (SAML Single Logout, :mod:`.slo`).
         #: Arguments: the request, the sessions to end (store key -> SessionIndex), where to go after.
         self.logout_round: Callable[..., Awaitable[web.StreamResponse]] | None = None
-        self.park_limiter = ParkLimiter()
+        budget = sessions.settings.requests_per_client
+        self.park_limiter = ParkLimiter(burst=budget, rate=budget / 60)
         self._full_logged = -math.inf  # monotonic time of the last "not parked" ERROR (the total bound)
         sessions.admit_park = self._admit_park
 
