@@ -597,3 +597,46 @@ def test_listener_context_without_a_writable_temporary_directory(tmp_path, root,
         assert done == {"client", "server"}, directory  # the chain reached a client knowing only the root
         if directory.exists():
             assert not list(directory.iterdir())
+
+
+@pytest.mark.parametrize("where", ["status", "headers", "body"])
+def test_a_fetch_ends_at_its_deadline_however_slowly_the_server_sends(where):
+    """Every byte restarted the socket timeout, and the deadline was checked only between 64 KiB
+    reads: a responder sending a byte a second held a chain thread for good (review: every
+    certificate login then got 503). The fetch now ends at its deadline, whatever it is reading."""
+    import socket
+    import threading
+
+    from gateway.plugins.client_cert.fetch import FetchError, fetch
+
+    answer = {"status": b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+              "headers": b"HTTP/1.1 200 OK\r\n" + b"X-Slow: 1\r\n" * 50 + b"\r\n",
+              "body": b"HTTP/1.1 200 OK\r\n\r\n" + b"x" * 100}[where]
+    start = {"status": 0, "headers": 17, "body": 19}[where]
+    server = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def drip() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(answer[:start])
+            for byte in answer[start:]:
+                if stop.wait(0.3):
+                    return
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:
+                    return
+
+    thread = threading.Thread(target=drip, daemon=True)
+    thread.start()
+    try:
+        started = time.monotonic()
+        with pytest.raises(FetchError, match="no complete answer within 1.0s"):
+            fetch(f"http://127.0.0.1:{server.getsockname()[1]}/crl", timeout=1.0, max_bytes=1 << 20)
+        assert time.monotonic() - started < 10  # its deadline, not the server's pace (~15 s at least)
+    finally:
+        stop.set()
+        server.close()
+        thread.join(timeout=5)
