@@ -293,3 +293,15 @@ def test_the_budget_per_client_is_a_setting(tmp_path):
         if "site" in locals():
             site.stop()
         slapd.stop()
+
+
+def test_the_session_purge_is_found_by_an_index_too(tmp_path):
+    """Without one on ``sessions(created)`` every purge read the whole table (the sessions' JSON
+    and all) while holding the write lock other workers' session touches wait for."""
+    store = SqliteStore(tmp_path / "s.sqlite3")
+    try:
+        plan = store.db.execute("EXPLAIN QUERY PLAN SELECT rowid FROM sessions WHERE created < ? LIMIT 500",
+                                (0.0,)).fetchall()
+        assert any("sessions_created" in str(row) for row in plan), plan
+    finally:
+        store.close()

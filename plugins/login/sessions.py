@@ -176,6 +176,7 @@ class SqliteStore:
                         "data TEXT NOT NULL, PRIMARY KEY (session, party))")
         # The purge finds the expired rows by it (a file made before it gets it here).
         self.db.execute("CREATE INDEX IF NOT EXISTS pending_expires ON pending (expires)")
+        self.db.execute("CREATE INDEX IF NOT EXISTS sessions_created ON sessions (created)")  # its purge too
 
     def put_session(self, key: str, data: dict, now: float) -> None:
         self.db.execute("INSERT INTO sessions VALUES (?, ?, ?, ?)", (key, json.dumps(data), now, now))
