@@ -640,3 +640,28 @@ def test_a_fetch_ends_at_its_deadline_however_slowly_the_server_sends(where):
         stop.set()
         server.close()
         thread.join(timeout=5)
+
+
+@pytest.mark.parametrize("spelling", ["ｆｒａｎｋ", "fran\u212a", "\u2003frank", "frank\u00a0", "frank\t", "frank\n",
+                                      " frank", "frank ", "fr\u200bank", "frank\u202e", "fr\u00adank"],
+                         ids=["fullwidth", "kelvin", "em-space", "nbsp", "tab", "newline", "space-before",
+                              "space-after", "zero-width", "bidi", "soft-hyphen"])
+def test_a_name_spelt_other_than_plainly_maps_to_no_one(spelling):
+    """With a certificate the name is the whole credential, and a directory matches names
+    loosely: OpenLDAP's caseIgnoreMatch took ``ｆｒａｎｋ``, ``fran<Kelvin sign>`` and ``frank``
+    padded with white space for frank, and the certificate logged in as frank (review of the
+    client_cert plugin). Such a name now maps to no one."""
+    from gateway.plugins.client_cert.mapping import candidates
+    from gateway.plugins.client_cert.settings import MappingRule
+    from support.pki import CA
+
+    ca = CA.create()
+    crafted = ca.issue(spelling, upn=f"{spelling}@example.com", emails=["x@example.com"], client=True)
+    rules = [MappingRule(type="cn"), MappingRule(type="upn"), MappingRule(type="cn", lowercase=True),
+             MappingRule(type="upn", domains=["example.com"], lowercase=True),
+             MappingRule(type="cn", pattern=r"^(?P<user>.+)$")]
+    for rule in rules:
+        assert candidates(rule, crafted.cert) == [], (rule, spelling)
+    plain = ca.issue("Frank Smith", upn="frank@example.com", client=True)
+    assert candidates(MappingRule(type="cn"), plain.cert) == ["Frank Smith"]  # a space inside is a name's
+    assert candidates(MappingRule(type="upn", lowercase=True), plain.cert) == ["frank"]

@@ -27,6 +27,7 @@ import base64
 import binascii
 import hashlib
 import re
+import unicodedata
 from typing import Any, Iterable, Mapping
 
 from cryptography import x509
@@ -112,6 +113,8 @@ def _norm_dn(text: str) -> str:
 
 
 def _shape(rule: MappingRule, value: str) -> str | None:
+    if not _canonical(value):  # the whole value: a pattern's `$` matches before a final newline
+        return None
     if rule.type in ("upn", "email", "subject_email"):
         local, at, domain = value.rpartition("@")
         if rule.domains:
@@ -132,12 +135,27 @@ def _shape(rule: MappingRule, value: str) -> str | None:
             value = match.group(0)
         if value is None:
             return None
+    if not _canonical(value):
+        return None
     if rule.lowercase:
         value = value.lower()
-    value = value.strip()
-    if not value or len(value) > _MAX_NAME or any(ord(c) < 32 or ord(c) == 0x7F for c in value):
+    if not value or len(value) > _MAX_NAME:
         return None
     return value
+
+
+def _canonical(value: str) -> bool:
+    """Whether *value* is a name as the certificate should spell it: no white space around it, no
+    control, format or other unusual character (a space is the one separator allowed), and
+    unchanged by NFKC. With a certificate the name is the whole credential, and directories match
+    names loosely (OpenLDAP's caseIgnoreMatch folds compatibility forms and white space): a
+    certificate naming ``ｆｒａｎｋ`` (fullwidth), ``fran\u212a`` (the Kelvin sign) or
+    ``frank\u00a0`` logged in as frank (review of the client_cert plugin). Such a name maps to no
+    one (``cert.unmapped``)."""
+    if value != value.strip() or unicodedata.normalize("NFKC", value) != value:
+        return False
+    return not any(unicodedata.category(c)[0] == "C" or (unicodedata.category(c)[0] == "Z" and c != " ")
+                   for c in value)
 
 
 def candidates(rule: MappingRule, cert: x509.Certificate) -> list[str]:
