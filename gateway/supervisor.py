@@ -16,8 +16,8 @@ A worker whose event loop stops turning (a plugin blocking it, a deadlock, a stu
 SIGSTOP) still holds its share of new connections: the master's watchdog catches it. Each worker
 counts its loop's turns, a timer callback every second or so (:func:`start_heartbeat`), in a
 page of memory it shares with the master; the master looks at the counts on every turn of its
-own loop, and a worker whose count has not moved for :data:`WORKER_TIMEOUT` seconds (from its
-fork, for a new one) is named at ERROR, killed with SIGKILL (a frozen process acts on nothing
+own loop, and a worker whose count has not moved for :data:`WORKER_TIMEOUT` seconds (a new
+one: from its fork, at least :data:`_FIRST_BEAT_GRACE`) is named at ERROR, killed with SIGKILL (a frozen process acts on nothing
 else) and replaced as a worker that died is. A worker busy on its threads beats on: only its
 loop must turn. Workers the master is stopping are not watched.
 """
@@ -51,12 +51,17 @@ _MAX_BACKOFF = 30.0
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 #: Seconds a worker's event loop may go without turning (its heartbeat count unchanged) before
-#: the master kills and replaces it; a new worker has as long from its fork to its first beat.
+#: the master kills and replaces it; a new worker has as long from its fork to its first beat
+#: (at least :data:`_FIRST_BEAT_GRACE`).
 #: Not a setting (yet): ``AUTHGW_WORKER_TIMEOUT`` in the master's environment overrides it, for
 #: the tests and for an operator who must (0 turns the watchdog off, e.g. to sit in a debugger).
 WORKER_TIMEOUT = 30.0
 TIMEOUT_VARIABLE = "AUTHGW_WORKER_TIMEOUT"
 _BEAT_EVERY = 1.0  # seconds between beats, or a quarter of the timeout if that is shorter
+#: Seconds a new worker has from its fork to its first beat, when the timeout is shorter: its
+#: interpreter and event loop start on a machine that may be busy (a replacement started while
+#: the others serve a burst took over 2 s under load in the tests, and was killed as hung).
+_FIRST_BEAT_GRACE = 30.0
 _BEAT = struct.Struct("Q")  # the count, in a shared anonymous page per worker
 _beat: tuple[mmap.mmap, float] | None = None  # in a worker: its page and how often to beat
 
@@ -305,7 +310,8 @@ class _Master:
                 child.count, child.heard = count, now
                 continue
             silent = now - child.heard
-            if silent <= self.timeout or child.hung:
+            allowed = self.timeout if child.count else max(self.timeout, _FIRST_BEAT_GRACE)
+            if silent <= allowed or child.hung:
                 continue
             child.hung = True
             since = f"for {silent:.0f} s" if child.count else f"since it started {silent:.0f} s ago"
