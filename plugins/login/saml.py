@@ -442,40 +442,42 @@ class ResponseBuilder:
 
     def build(self, sp: SamlServiceProvider, acs: str, identity: Identity, in_response_to: str | None,
               session_index: str, now: dt.datetime, name_id: str | None = None) -> bytes:
+        response = self._response(sp, acs, in_response_to, now)
         E = etree.SubElement
-        response = etree.Element(f"{{{SAMLP}}}Response", nsmap={"samlp": SAMLP, "saml": SAML},
-                                 ID="_" + secrets.token_hex(20), Version="2.0", IssueInstant=instant(now),
-                                 Destination=acs)
-        if in_response_to:
-            response.set("InResponseTo", in_response_to)
-        E(response, f"{{{SAML}}}Issuer").text = self.entity_id
-        if sp.sign_response:
-            E(response, f"{{{DS}}}Signature", Id="placeholder", nsmap={"ds": DS})
         E(E(response, f"{{{SAMLP}}}Status"), f"{{{SAMLP}}}StatusCode", Value=SUCCESS)
         response.append(self.assertion(
             audience=sp.entity_id, identity=identity, name_id_format=sp.name_id_format,
             name_id=name_id or self.name_id(identity, sp.name_id_format, sp.name_id_source), attributes=sp.attributes,
             session_index=session_index, now=now, recipient=acs, in_response_to=in_response_to,
             sign=sp.sign_assertion))
-        signed = self.sign(response) if sp.sign_response else response
-        return etree.tostring(signed, xml_declaration=True, encoding="UTF-8")
+        return self._finished(sp, response)
 
     def error(self, sp: SamlServiceProvider, acs: str, in_response_to: str | None, why: Unanswerable,
               now: dt.datetime) -> bytes:
         """A Response with an error status and no assertion (core 3.2.2.2), to a validated *acs*;
         signed as this SP's Success Responses are (``sign_response``)."""
+        response = self._response(sp, acs, in_response_to, now)
         E = etree.SubElement
+        status = E(response, f"{{{SAMLP}}}Status")
+        E(E(status, f"{{{SAMLP}}}StatusCode", Value=why.status), f"{{{SAMLP}}}StatusCode", Value=why.second)
+        E(status, f"{{{SAMLP}}}StatusMessage").text = why.message
+        return self._finished(sp, response)
+
+    def _response(self, sp: SamlServiceProvider, acs: str, in_response_to: str | None,
+                  now: dt.datetime) -> etree._Element:
+        """A ``samlp:Response`` to *acs* up to its Status: Issuer, and the signature's place
+        when the SP's Responses are signed."""
         response = etree.Element(f"{{{SAMLP}}}Response", nsmap={"samlp": SAMLP, "saml": SAML},
                                  ID="_" + secrets.token_hex(20), Version="2.0", IssueInstant=instant(now),
                                  Destination=acs)
         if in_response_to:
             response.set("InResponseTo", in_response_to)
-        E(response, f"{{{SAML}}}Issuer").text = self.entity_id
+        etree.SubElement(response, f"{{{SAML}}}Issuer").text = self.entity_id
         if sp.sign_response:
-            E(response, f"{{{DS}}}Signature", Id="placeholder", nsmap={"ds": DS})
-        status = E(response, f"{{{SAMLP}}}Status")
-        E(E(status, f"{{{SAMLP}}}StatusCode", Value=why.status), f"{{{SAMLP}}}StatusCode", Value=why.second)
-        E(status, f"{{{SAMLP}}}StatusMessage").text = why.message
+            etree.SubElement(response, f"{{{DS}}}Signature", Id="placeholder", nsmap={"ds": DS})
+        return response
+
+    def _finished(self, sp: SamlServiceProvider, response: etree._Element) -> bytes:
         signed = self.sign(response) if sp.sign_response else response
         return etree.tostring(signed, xml_declaration=True, encoding="UTF-8")
 
