@@ -22,7 +22,6 @@ from gateway.plugins.login.settings import SessionSettings
 
 from support.login import LoginSite
 from support.pki import CA
-from support.redis import RedisServer
 from support.slapd import Slapd
 
 CLIENT = {"client_id": "app", "redirect_uri": "https://app.example.test/cb", "response_type": "code",
@@ -222,13 +221,6 @@ def test_space_is_given_back_after_a_large_purge(tmp_path):
         assert store.db.execute("PRAGMA freelist_count").fetchone()[0] == 0
     finally:
         store.close()
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(params=["sqlite", "redis"])

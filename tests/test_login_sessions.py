@@ -9,17 +9,9 @@ import pytest
 
 from gateway.plugins.login.sessions import RedisStore, SqliteStore
 
-from support.redis import RedisServer
 
 KEY = "k" * 64
 DATA = {"identity": {"subject": "alice", "groups": []}, "index": "_i", "checked": 0.0, "directory": None}
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(params=["sqlite", "redis"])
