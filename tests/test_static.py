@@ -9,16 +9,8 @@ import pytest
 
 from gateway.model import Outcome
 from gateway.passwords import DUMMY_HASH, hash_password, verify_password
-from support.chainhelp import attempt, build, decide
+from support.chainhelp import attempt, decide, static_runtime
 from support.gateway import authgw, write_conf
-
-
-def runtime_with(tmp_path, users_yaml: str, **settings):
-    users = tmp_path / "users.yaml"
-    users.write_text(users_yaml)
-    users.chmod(0o600)
-    return build(tmp_path, {"chain": ["static"]}, {"static": {"users_file": str(users), **settings}},
-                 targets={"static": "gateway.plugins.static:StaticPlugin"}), users
 
 
 def test_hash_password_command_makes_argon2id_hashes_that_verify():
@@ -33,7 +25,7 @@ def test_hash_password_command_makes_argon2id_hashes_that_verify():
 def test_unknown_users_cost_a_hash_verification_too(tmp_path, monkeypatch):
     import gateway.plugins.static as static
 
-    runtime, _ = runtime_with(tmp_path, f'users:\n  alice:\n    password_hash: "{hash_password("pw")}"\n')
+    runtime, _ = static_runtime(tmp_path, f'users:\n  alice:\n    password_hash: "{hash_password("pw")}"\n')
     verified = []
     real = static.verify_password
     monkeypatch.setattr(static, "verify_password", lambda h, p: verified.append(h) or real(h, p))
@@ -47,14 +39,14 @@ def test_plaintext_or_weak_hashes_are_refused_at_start_up(tmp_path):
     from gateway.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"users.yaml:3: users.alice.password_hash: String should match"):
-        runtime_with(tmp_path, "users:\n  alice:\n    password_hash: hunter2\n")
+        static_runtime(tmp_path, "users:\n  alice:\n    password_hash: hunter2\n")
 
 
 def test_case_insensitive_matching_is_opt_in(tmp_path):
     users = f'users:\n  Alice:\n    password_hash: "{hash_password("pw")}"\n'
-    runtime, _ = runtime_with(tmp_path, users)
+    runtime, _ = static_runtime(tmp_path, users)
     assert decide(runtime, attempt("alice", "pw")).outcome is Outcome.USER_NOT_FOUND
-    runtime, _ = runtime_with(tmp_path, users, case_insensitive=True)
+    runtime, _ = static_runtime(tmp_path, users, case_insensitive=True)
     # The identity carries the name as the users file spells it, not as typed (issue 9 item 4).
     for typed in ("alice", "ALICE", "aLiCe"):
         decision = decide(runtime, attempt(typed, "pw"))
@@ -63,7 +55,7 @@ def test_case_insensitive_matching_is_opt_in(tmp_path):
 
 
 def test_the_users_file_is_reloaded_when_it_changes_and_a_broken_edit_keeps_the_old(tmp_path):
-    runtime, users = runtime_with(tmp_path, f'users:\n  alice:\n    password_hash: "{hash_password("one")}"\n',
+    runtime, users = static_runtime(tmp_path, f'users:\n  alice:\n    password_hash: "{hash_password("one")}"\n',
                                   reload_interval=0.01)
     assert decide(runtime, attempt("alice", "one")).success
     users.write_text(f'users:\n  alice:\n    password_hash: "{hash_password("two")}"\n')

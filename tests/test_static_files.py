@@ -18,7 +18,7 @@ from argon2 import PasswordHasher, Type, extract_parameters
 
 from gateway.model import Outcome
 from gateway.passwords import hash_password
-from support.chainhelp import attempt, build, decide
+from support.chainhelp import attempt, decide, static_runtime
 from support.gateway import authgw, write_conf
 from support.net import wait_for
 
@@ -185,17 +185,9 @@ def verified_hashes(monkeypatch, runtime, *attempts):
     return outcomes, seen
 
 
-def runtime_with(tmp_path, users_yaml: str, **settings):
-    users = tmp_path / "users.yaml"
-    users.write_text(users_yaml)
-    users.chmod(0o600)
-    return build(tmp_path, {"chain": ["static"]}, {"static": {"users_file": str(users), **settings}},
-                 targets={"static": "gateway.plugins.static:StaticPlugin"}), users
-
-
 def test_an_unknown_user_is_verified_with_the_parameters_of_the_files_users(tmp_path, monkeypatch):
     alice = slow_hash("pw")
-    runtime, _ = runtime_with(tmp_path, f'users:\n  alice:\n    password_hash: "{alice}"\n')
+    runtime, _ = static_runtime(tmp_path, f'users:\n  alice:\n    password_hash: "{alice}"\n')
     outcomes, seen = verified_hashes(monkeypatch, runtime, attempt("nobody", "x"), attempt("alice", "wrong"),
                                      attempt("nobody2", "x"), attempt("alice", "wrong2"))
     assert outcomes == [Outcome.USER_NOT_FOUND, Outcome.INVALID_CREDENTIALS] * 2
@@ -208,7 +200,7 @@ def test_an_unknown_user_is_verified_with_the_parameters_of_the_files_users(tmp_
 
 
 def test_the_dummy_follows_the_file_and_takes_the_most_expensive_of_mixed_parameters(tmp_path, monkeypatch, caplog):
-    runtime, users = runtime_with(tmp_path, f'users:\n  alice:\n    password_hash: "{hash_password("pw")}"\n',
+    runtime, users = static_runtime(tmp_path, f'users:\n  alice:\n    password_hash: "{hash_password("pw")}"\n',
                                   reload_interval=0.01)
     _, seen = verified_hashes(monkeypatch, runtime, attempt("nobody", "x"))
     assert same_parameters(seen[0][0], hash_password("x"))

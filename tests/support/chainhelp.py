@@ -36,6 +36,16 @@ def build(tmp_path: Path, gateway: dict, sections: dict | None = None,
     return build_runtime(conf, state_dir=tmp_path / "state", discovered=discovered)
 
 
+def static_runtime(tmp_path: Path, users_yaml: str, **settings) -> tuple[Runtime, Path]:
+    """A runtime whose chain is the ``static`` plugin over a users file holding *users_yaml*
+    (0600), with *settings*; and that file."""
+    users = tmp_path / "users.yaml"
+    users.write_text(users_yaml)
+    users.chmod(0o600)
+    return build(tmp_path, {"chain": ["static"]}, {"static": {"users_file": str(users), **settings}},
+                 targets={"static": "gateway.plugins.static:StaticPlugin"}), users
+
+
 def attempt(username: str = "alice", password: str = "pw", deadline: float = 5.0) -> Attempt:
     return Attempt(request_id=uuid.uuid4().hex, client=ipaddress.ip_address("192.0.2.10"), front_door="test",
                    deadline=time.monotonic() + deadline, password=PasswordCredential(username, password))
