@@ -53,7 +53,7 @@ from gateway.checks import CheckResult, ComponentState, Listener, Route, SelfTes
 from gateway.errors import PluginLoadError
 from gateway.failtiming import FailureTiming
 from gateway.health import HealthWatch, Readiness, StoreProbe, decide
-from gateway.model import Attempt, Decision, Outcome
+from gateway.model import Attempt, Decision, IPAddress, Outcome
 from gateway.pool import Abandoned, ChainPool, DeadlineExpired, Overloaded
 from gateway.registry import Planned, hookimpl, one_by_one
 from gateway.settings import GatewaySettings
@@ -523,7 +523,10 @@ class Gateway:
         of it would be a client with a budget of its own."""
         if attempt.front_door == "api" or attempt.stash.get(SERVICE_CALLER, False):
             return None
-        client = attempt.client
+        return self.client_key(attempt.client)
+
+    def client_key(self, client: IPAddress) -> str:
+        """*client* as one client is counted: its address, an IPv6 one's network."""
         if client.version == 6 and client.ipv4_mapped is None:
             prefix = self.settings.throttle.ipv6_prefix
             if prefix < 128:

@@ -26,7 +26,7 @@ from gateway.http.openapi import openapi_document
 from gateway.logs import authgw_version
 from gateway.perprocess import UniqueIds
 from gateway.http.answer import Answer
-from gateway.http.clientaddr import ClientAddressResolver, parse_address
+from gateway.http.clientaddr import ClientAddressResolver, IPAddress, parse_address
 from gateway.http.credentials import (MalformedCredentials, check_password_credential, parse_authorization,
                                       single_authorization)
 from gateway.http.protocol import SERVER_HEADER, continue_body, no_linger
@@ -106,19 +106,10 @@ class FrontDoor:
     # -- building attempts -------------------------------------------------------------------
 
     def attempt(self, request: web.Request, front_door: str, **credentials) -> Attempt:
-        """A new attempt for *request*: request id, client address (believing ``X-Forwarded-For``
-        only from trusted proxies), deadline, public headers, and the given credentials.
-
-        On a connection whose TLS authgw terminated itself (a plugin's TLS listener) no peer is a
-        proxy: a proxy in front of it can only pass TCP through, so every header was written by
-        the client (review of issue 9.1).
-        """
+        """A new attempt for *request*: request id, client address (:meth:`client_of`), deadline,
+        public headers, and the given credentials."""
+        client, trusted = self.client_of(request)
         transport = request.transport
-        if transport is not None and transport.get_extra_info("ssl_object") is not None:
-            client, trusted = self.resolver.resolve(request.remote, ())
-            trusted = False
-        else:
-            client, trusted = self.resolver.resolve(request.remote, request.headers.getall("X-Forwarded-For", ()))
         attempt = Attempt(
             request_id=self.request_ids.next(),
             client=client,
@@ -132,6 +123,16 @@ class FrontDoor:
         if transport is not None:  # a queued attempt whose client hung up is not run (gateway/pool.py)
             attempt.stash[CLIENT_GONE] = transport.is_closing
         return attempt
+
+    def client_of(self, request: web.Request) -> tuple[IPAddress, bool]:
+        """*request*'s client address, believing ``X-Forwarded-For`` only from trusted proxies,
+        and whether its peer is one. On a connection whose TLS authgw terminated itself (a
+        plugin's TLS listener) no peer is a proxy: a proxy in front of it can only pass TCP
+        through, so every header was written by the client (review of issue 9.1)."""
+        transport = request.transport
+        if transport is not None and transport.get_extra_info("ssl_object") is not None:
+            return self.resolver.resolve(request.remote, ())[0], False
+        return self.resolver.resolve(request.remote, request.headers.getall("X-Forwarded-For", ()))
 
     @staticmethod
     def password_credential(username: str, password: str) -> tuple[PasswordCredential, str | None]:

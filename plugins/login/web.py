@@ -246,8 +246,8 @@ class LoginDoor:
         """The client address a budget is kept for: the door's (trusted proxies' forwarded
         address; the socket peer on a TLS listener authgw terminates), an IPv6 client by its
         network as the throttle counts it."""
-        attempt = self.door.attempt(request, FRONT_DOOR)
-        return self.door.gateway.throttle_client(attempt) or str(attempt.client)
+        client, _trusted = self.door.client_of(request)
+        return self.door.gateway.client_key(client)
 
     def _admit_park(self) -> None:
         """:attr:`.SessionManager.admit_park`: spend a token of the handled request's client."""
