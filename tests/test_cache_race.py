@@ -114,3 +114,34 @@ def test_redis_markers_expire_and_are_never_listed(redis_server):
     finally:
         store._redis.delete(store._marker(KEY))
         store.close()
+
+
+def test_an_entry_deleted_while_its_password_is_checked_offline_answers_nothing(tmp_path):
+    """Worker 1 checks a cached password offline (argon2, tens of milliseconds); meanwhile worker
+    2's directory answers that the account is gone and deletes the entry. The refusal wins: the
+    offline check that finishes afterwards allows nothing."""
+    from gateway import Outcome
+    from support.chainhelp import attempt, build, decide
+
+    def runtime(ldap: dict):
+        return build(tmp_path, {"chain": ["ldap"], "plugins": ["cache"]},
+                     {"ldap": ldap, "cache": {"methods": ["ldap"]}},
+                     targets={"cache": "gateway.plugins.cache:CachePlugin", "ldap": "support.testplugins:Directory"})
+
+    password = "correct horse 3b9f"
+    assert decide(runtime({"action": "success"}), attempt("carol", password)).step == "ldap"
+    down = runtime({"action": "unavailable", "lookup": "unavailable"})
+    assert decide(down, attempt("carol", password)).reason == "cache.offline"  # the entry answers
+
+    gone = runtime({"action": "abstain", "lookup": "unknown"})
+    offline = down.gateway.plugins["cache"].offline
+    verify = offline._verify
+
+    def verify_while_another_worker_refuses(encoded, password):
+        assert gone.gateway.pm.hook.gateway_lookup_user(username="carol") is None
+        return verify(encoded, password)
+
+    offline._verify = verify_while_another_worker_refuses
+    decision = decide(down, attempt("carol", password))
+    assert (decision.outcome, decision.from_cache) == (Outcome.UNAVAILABLE, False)
+    assert list(offline.store.scan()) == []

@@ -73,17 +73,17 @@ def test_failures_are_counted_atomically_up_to_the_limit(store):
         thread.join(timeout=30)
     assert results.count(TAKEN) == 5 and results.count(AT_LIMIT) == 75
     assert store.get(key).failures == 5
-    store.give_back_failure(key)
+    assert store.give_back_failure(key) is True
     assert store.get(key).failures == 4
     assert store.take_failure(key, 5) == TAKEN and store.take_failure(key, 5) == AT_LIMIT
     assert store.take_failure(entry(3).key, 5) == GONE
-    store.give_back_failure(entry(3).key)  # never creates an entry
+    assert store.give_back_failure(entry(3).key) is False  # gone, and never created
     assert store.get(entry(3).key) is None
 
 
 def test_give_back_never_goes_below_zero(store):
     store.put(entry(4))
-    store.give_back_failure(entry(4).key)
+    assert store.give_back_failure(entry(4).key) is True  # still there, at zero
     assert store.get(entry(4).key).failures == 0
 
 

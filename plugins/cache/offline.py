@@ -338,7 +338,12 @@ class OfflineCache:
             self.log.info("credential cache: wrong password for a cached user offline (attempt %s)",
                           attempt.request_id)
             return Decision(Outcome.INVALID_CREDENTIALS, self.name, "cache.invalid_password", from_cache=True)
-        self._give_back(row_key)
+        if not self._give_back(row_key):
+            # Deleted while the password was hashed: a refusal seen by another worker (the
+            # directory answered that the account is gone or refused) wins over this copy.
+            self.log.info("credential cache: the entry was deleted while its password was checked offline "
+                          "(attempt %s)", attempt.request_id)
+            return unavailable
         return Decision.allow(identity_from(document, time.time()), step=self.name, reason="cache.offline",
                               from_cache=True)
 
@@ -368,11 +373,13 @@ class OfflineCache:
     def _too_many(self) -> Decision:
         return Decision(Outcome.ACCOUNT_STATE, self.name, "cache.too_many_failures", from_cache=True)
 
-    def _give_back(self, row_key: str) -> None:
+    def _give_back(self, row_key: str) -> bool:
+        """Undo a counted offline attempt; False when the entry is gone or the store failed."""
         try:
-            self.store.give_back_failure(row_key)
+            return self.store.give_back_failure(row_key)
         except StoreError as exc:
             self._failed("returning an offline attempt", exc)
+            return False
 
     def _delete_quietly(self, row_key: str) -> None:
         try:

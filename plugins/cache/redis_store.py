@@ -57,11 +57,12 @@ local m = redis.call('GET', KEYS[2])
 if not m or tonumber(m) < tonumber(ARGV[1]) then redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2]) end
 return redis.call('DEL', KEYS[1])
 """
-# Never creates the hash (HINCRBY on a missing key would, without an expiry).
+# Never creates the hash (HINCRBY on a missing key would, without an expiry); 0 when it is gone.
 _GIVE_BACK = """
 local f = redis.call('HGET', KEYS[1], 'fail')
-if f and tonumber(f) > 0 then redis.call('HINCRBY', KEYS[1], 'fail', -1) end
-return 0
+if not f then return 0 end
+if tonumber(f) > 0 then redis.call('HINCRBY', KEYS[1], 'fail', -1) end
+return 1
 """
 
 
@@ -139,8 +140,8 @@ class RedisStore:
         result = int(self._call("EVALSHA", self._take, keys=[self._name(key)], args=[limit]))
         return {1: TAKEN, 0: AT_LIMIT}.get(result, GONE)
 
-    def give_back_failure(self, key: str) -> None:
-        self._call("EVALSHA", self._give_back, keys=[self._name(key)], args=[])
+    def give_back_failure(self, key: str) -> bool:
+        return bool(int(self._call("EVALSHA", self._give_back, keys=[self._name(key)], args=[])))
 
     def _names(self) -> Iterator[bytes]:
         pattern = _glob_escape(self.prefix.decode("utf-8")).encode("utf-8") + b"*"

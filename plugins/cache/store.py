@@ -78,8 +78,9 @@ class Store(Protocol):
         """Atomically count one offline attempt against *key* before it is verified: TAKEN when
         fewer than *limit* were counted (and now one more is), AT_LIMIT, or GONE (no entry)."""
 
-    def give_back_failure(self, key: str) -> None:
-        """Undo one :meth:`take_failure` (the password was right)."""
+    def give_back_failure(self, key: str) -> bool:
+        """Undo one :meth:`take_failure` (the password was right). False when the entry is gone
+        (deleted meanwhile: a refusal seen by another worker while the password was hashed)."""
 
     def scan(self) -> Iterator[Entry]:
         """Every entry, in no particular order."""
@@ -222,8 +223,10 @@ class SQLiteStore:
             return TAKEN
         return AT_LIMIT if self._run("SELECT 1 FROM entries WHERE key = ?", (key,)).fetchone() else GONE
 
-    def give_back_failure(self, key: str) -> None:
-        self._run("UPDATE entries SET failures = failures - 1 WHERE key = ? AND failures > 0", (key,))
+    def give_back_failure(self, key: str) -> bool:
+        if self._run("UPDATE entries SET failures = failures - 1 WHERE key = ? AND failures > 0", (key,)).rowcount:
+            return True
+        return self._run("SELECT 1 FROM entries WHERE key = ?", (key,)).fetchone() is not None
 
     def scan(self) -> Iterator[Entry]:
         rows = self._run("SELECT key, kid, hash, sealed, stored_at, failures FROM entries "
