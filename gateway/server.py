@@ -36,6 +36,7 @@ import signal
 import socket
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -337,6 +338,7 @@ async def _serve_worker(config_dir: Path, state_dir: Path | None, sockets: list[
     master builds *config* (the master's) and takes reloads over its *link*. *workers*: how many
     worker processes the gateway runs (it chooses the throttle store of ``store: auto``)."""
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(_LoopErrors())
     start_heartbeat()  # a worker of a master: its watchdog sees this loop turn (gateway/supervisor.py)
     stop = asyncio.Event()
     worker = _Worker(config_dir, state_dir, sockets, extra, workers)
@@ -402,6 +404,35 @@ def _follow_master(worker: _Worker, link: socket.socket) -> None:
 
     tell(("serving",))
     loop.add_reader(link.fileno(), on_message)
+
+
+class _LoopErrors:
+    """The worker's event-loop exception handler (errors no task was there to receive).
+
+    A client certificate the ``ssl`` module cannot decode (a UPN that is not UTF-8, say) makes
+    the loop's own TLS protocol raise in its handshake callback, at ``getpeercert()``: the
+    connection is refused, and the default handler logged a traceback for each one, so one CA
+    certificate could fill the log. Those are counted and logged in one line a minute at most;
+    everything else goes to the default handler."""
+
+    EVERY = 60.0
+
+    def __init__(self) -> None:
+        self.undecodable = 0
+        self.next_line = 0.0
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        failure = context.get("exception")
+        if context.get("message") != "SSL handshake failed" or not isinstance(failure, ValueError):
+            loop.default_exception_handler(context)
+            return
+        self.undecodable += 1
+        now = time.monotonic()
+        if now >= self.next_line:
+            log.warning("worker %d: refused %d TLS connection(s) whose client certificate Python's ssl module "
+                        "cannot decode (%s); such refusals are logged once a minute at most",
+                        os.getpid(), self.undecodable, failure.__class__.__name__)
+            self.undecodable, self.next_line = 0, now + self.EVERY
 
 
 def _url(sock: socket.socket, scheme: str = "http") -> str:

@@ -90,6 +90,7 @@ def pki(tmp_path_factory) -> Pki:
     p.add("ambiguous", issuing.issue("Two Names", upns=["alice@example.com", "bob@example.com"], **user))
     p.add("unmapped", issuing.issue("Nobody At All", **user))
     p.add("unknown_user", issuing.issue("zed", **user))
+    p.add("undecodable_upn", issuing.issue("Undecodable", upn=b"\xff\xfe@example.com", **user))
     # Certificates that would log alice in, were it not for the one thing wrong with each.
     alice = dict(upn="alice@example.com")
     p.add("expired", issuing.issue("Alice Example", not_before=now - dt.timedelta(days=10),
@@ -320,6 +321,19 @@ def test_handshake_refuses(gw, pki, cert):
     """OpenSSL refuses these in the handshake (untrusted issuer, validity window, the "SSL
     client" purpose: EKU without clientAuth, keyUsage without digitalSignature)."""
     assert_handshake_refused(gw, pki, cert)
+
+
+def test_a_certificate_python_cannot_decode_is_refused_in_one_log_line(gw, pki):
+    """Its UPN is not UTF-8: the event loop's TLS protocol raises at getpeercert() in its
+    handshake callback. Refused, and counted in one warning a minute rather than a traceback
+    per connection."""
+    before = gw.output()
+    for _ in range(3):
+        assert_handshake_refused(gw, pki, "undecodable_upn")
+    assert tls_get(gw, pki, "alice").status == 200  # the listener goes on
+    new = gw.output()[len(before):]
+    assert "Traceback" not in new and "SSL handshake failed" not in new, new
+    assert new.count("client certificate Python's ssl module cannot decode (UnicodeDecodeError)") == 1, new
 
 
 def test_certificate_without_eku_passes_the_handshake_but_not_the_plugin(gw, pki):

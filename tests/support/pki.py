@@ -36,9 +36,10 @@ def _key(key_type: str = "ec"):
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def _upn(value: str) -> x509.OtherName:
-    # AD smart-card logon: otherName 1.3.6.1.4.1.311.20.2.3, a DER UTF8String.
-    raw = value.encode("utf-8")
+def _upn(value: str | bytes) -> x509.OtherName:
+    # AD smart-card logon: otherName 1.3.6.1.4.1.311.20.2.3, a DER UTF8String (bytes: its
+    # content as given, to make one that is not UTF-8).
+    raw = value if isinstance(value, bytes) else value.encode("utf-8")
     if len(raw) > 127:
         raise ValueError("test UPNs are short")
     return x509.OtherName(UPN_OID, b"\x0c" + bytes([len(raw)]) + raw)
