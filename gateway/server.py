@@ -315,7 +315,7 @@ def _in_thread(function: Callable[[], Any]) -> asyncio.Future:
 
 def _restart_only(old: GatewaySettings, new: GatewaySettings) -> None:
     """Keys the running process cannot change (its sockets, its process layout): say so."""
-    for key in ("listen", "workers", "event_loop", "pin_workers", "reuse_port", "state_dir"):
+    for key in ("listen", "workers", "event_loop", "pin_workers", "reuse_port", "state_dir", "worker_timeout"):
         if getattr(old, key) != getattr(new, key):
             log.warning("reload: `%s` changed; it takes effect at the next restart", key)
 

@@ -432,6 +432,9 @@ class GatewaySettings(PluginSettings):
     reuse_port: bool = Field(True, description="with several workers, give each its own listening socket "
                              "(`SO_REUSEPORT`): the kernel spreads new connections evenly over them; `false`: "
                              "one shared socket, whose bursts one worker often takes whole (docs/operations.md)")
+    worker_timeout: float = Field(30.0, ge=0, le=3600, description="with several workers, seconds a worker's "
+                                  "event loop may go without turning before the master kills and replaces it "
+                                  "(0: no watchdog; a new worker has at least 30 s to its first turn)")
     realm: str = Field("authgw", description="realm of the `WWW-Authenticate: Basic` challenge")
     state_dir: Path | None = Field(None, description="state directory (cache, keys); default "
                                    "`$XDG_DATA_HOME/authgw`; `--state-dir` overrides")

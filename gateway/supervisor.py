@@ -52,9 +52,9 @@ _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 #: Seconds a worker's event loop may go without turning (its heartbeat count unchanged) before
 #: the master kills and replaces it; a new worker has as long from its fork to its first beat
-#: (at least :data:`_FIRST_BEAT_GRACE`).
-#: Not a setting (yet): ``AUTHGW_WORKER_TIMEOUT`` in the master's environment overrides it, for
-#: the tests and for an operator who must (0 turns the watchdog off, e.g. to sit in a debugger).
+#: (at least :data:`_FIRST_BEAT_GRACE`). The default of the ``worker_timeout`` setting;
+#: ``AUTHGW_WORKER_TIMEOUT`` in the master's environment overrides the setting, for the tests and
+#: for an operator who must (0 turns the watchdog off, e.g. to sit in a debugger).
 WORKER_TIMEOUT = 30.0
 TIMEOUT_VARIABLE = "AUTHGW_WORKER_TIMEOUT"
 _BEAT_EVERY = 1.0  # seconds between beats, or a quarter of the timeout if that is shorter
@@ -407,24 +407,25 @@ def start_heartbeat() -> None:
     beat()
 
 
-def _timeout() -> float:
-    """:data:`WORKER_TIMEOUT`, or ``$AUTHGW_WORKER_TIMEOUT`` (seconds; 0: no watchdog)."""
+def _timeout(configured: float) -> float:
+    """The ``worker_timeout`` setting (*configured*), or ``$AUTHGW_WORKER_TIMEOUT`` (seconds; 0:
+    no watchdog)."""
     value = os.environ.get(TIMEOUT_VARIABLE, "").strip()
     if not value:
-        return WORKER_TIMEOUT
-    try:
-        timeout = float(value)
-        if not timeout >= 0 or timeout == float("inf"):
-            raise ValueError(value)
-    except ValueError:
-        log.error("%s=%r is not a number of seconds; the watchdog uses %.0f s", TIMEOUT_VARIABLE, value,
-                  WORKER_TIMEOUT)
-        return WORKER_TIMEOUT
+        timeout, source = configured, "worker_timeout"
+    else:
+        try:
+            timeout, source = float(value), TIMEOUT_VARIABLE
+            if not timeout >= 0 or timeout == float("inf"):
+                raise ValueError(value)
+        except ValueError:
+            log.error("%s=%r is not a number of seconds; the watchdog uses worker_timeout, %g s", TIMEOUT_VARIABLE,
+                      value, configured)
+            return configured
     if timeout == 0:
-        log.warning("%s=0: hung workers are not replaced (no watchdog)", TIMEOUT_VARIABLE)
+        log.warning("%s 0: hung workers are not replaced (no watchdog)", source)
     elif timeout != WORKER_TIMEOUT:
-        log.warning("%s=%g: a worker whose event loop does not turn for %g s is killed", TIMEOUT_VARIABLE,
-                    timeout, timeout)
+        log.warning("%s %g: a worker whose event loop does not turn for %g s is killed", source, timeout, timeout)
     return timeout
 
 
@@ -437,6 +438,7 @@ def supervise(config_dir: Path, state_dir: Path | None, slots: list[list[socket.
     begins. With *rebind* (slots with sockets of their own), a slot whose worker fails to start
     has its sockets closed, and ``rebind(slot)`` binds new ones for the next try (in *slots*,
     where ``worker_main`` finds them)."""
-    master = _Master(config_dir, state_dir, slots, extra, config, worker_main, rebind, _timeout())
+    master = _Master(config_dir, state_dir, slots, extra, config, worker_main, rebind,
+                     _timeout(config.core.worker_timeout))
     master.reload_pending = reload_at_once
     return master.run()

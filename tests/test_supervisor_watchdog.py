@@ -1,9 +1,9 @@
 """The master's watchdog (gateway/supervisor.py) through a real ``authgw serve --workers 2``: a
 worker whose event loop no longer turns (SIGSTOP here; a plugin blocking the loop, a deadlock in
 real life) held its share of new connections for ever, and the master, which only handled
-exits, never replaced it. Now it is killed and replaced once silent for the timeout, which
-``AUTHGW_WORKER_TIMEOUT`` shortens for these tests; a worker busy on its threads, its loop
-turning, is left alone."""
+exits, never replaced it. Now it is killed and replaced once silent for the timeout, which these
+tests shorten (the ``worker_timeout`` setting, or ``AUTHGW_WORKER_TIMEOUT``, which overrides it);
+a worker busy on its threads, its loop turning, is left alone."""
 
 from __future__ import annotations
 
@@ -29,9 +29,9 @@ def alice_hash():
     return hash_password(PASSWORD)
 
 
-def conf(conf_dir, alice_hash, chain: str = "[static]", extra: dict[str, str] | None = None):
+def conf(conf_dir, alice_hash, chain: str = "[static]", extra: dict[str, str] | None = None, core: str = ""):
     # A long deadline: a loaded CI machine can take seconds per login.
-    return write_conf(conf_dir, {"gateway.yaml": f"chain: {chain}\nthrottle:\n  enabled: false\ndeadline: 60\n",
+    return write_conf(conf_dir, {"gateway.yaml": f"chain: {chain}\nthrottle:\n  enabled: false\ndeadline: 60\n{core}",
                                  **static_users({"alice": alice_hash}), **(extra or {})})
 
 
@@ -54,7 +54,7 @@ def alive(pid: int) -> bool:
 
 def test_a_worker_whose_event_loop_is_stopped_is_killed_and_replaced(conf_dir, alice_hash, start_gateway):
     timeout = 2.0
-    gw = start_gateway(conf(conf_dir, alice_hash), workers=2, env={"AUTHGW_WORKER_TIMEOUT": str(timeout)})
+    gw = start_gateway(conf(conf_dir, alice_hash, core=f"worker_timeout: {timeout}\n"), workers=2)
     wait_for(lambda: len(serving(gw)) == 2, what="two workers serving", log=gw.output)
     master = gw.proc.pid
     before = set(children(master))
@@ -79,6 +79,12 @@ def test_a_worker_whose_event_loop_is_stopped_is_killed_and_replaced(conf_dir, a
         assert [gw.get("/healthz", timeout=10).status for _ in range(20)] == [200] * 20
         assert gw.auth("alice", PASSWORD, timeout=30).status == 200
         assert gw.proc.poll() is None
+        assert "worker_timeout 2: a worker whose event loop does not turn for 2 s is killed" in gw.output()
+        # The watchdog is the master's, set up at its start: a reload says a new value waits.
+        conf(conf_dir, alice_hash, core="worker_timeout: 5\n")
+        os.kill(master, signal.SIGHUP)
+        wait_for(lambda: "reload: `worker_timeout` changed; it takes effect at the next restart" in gw.output(),
+                 timeout=60, what="the reload's warning", log=gw.output)
     finally:
         if alive(frozen):
             os.kill(frozen, signal.SIGCONT)
