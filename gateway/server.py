@@ -409,10 +409,10 @@ def _follow_master(worker: _Worker, link: socket.socket) -> None:
 class _LoopErrors:
     """The worker's event-loop exception handler (errors no task was there to receive).
 
-    A client certificate the ``ssl`` module cannot decode (a UPN that is not UTF-8, say) makes
-    the loop's own TLS protocol raise in its handshake callback, at ``getpeercert()``: the
-    connection is refused, and the default handler logged a traceback for each one, so one CA
-    certificate could fill the log. Those are counted and logged in one line a minute at most;
+    A peer certificate the ``ssl`` module cannot decode (a client certificate's UPN that is not
+    UTF-8, say) makes the loop's own TLS protocol raise in its handshake callback, at
+    ``getpeercert()``: the connection is refused, and the default handler logged a traceback for
+    each one, so one certificate from a trusted CA could fill the log. Those are counted and logged in one line a minute at most;
     everything else goes to the default handler."""
 
     EVERY = 60.0
@@ -429,7 +429,7 @@ class _LoopErrors:
         self.undecodable += 1
         now = time.monotonic()
         if now >= self.next_line:
-            log.warning("worker %d: refused %d TLS connection(s) whose client certificate Python's ssl module "
+            log.warning("worker %d: refused %d TLS connection(s) whose peer certificate Python's ssl module "
                         "cannot decode (%s); such refusals are logged once a minute at most",
                         os.getpid(), self.undecodable, failure.__class__.__name__)
             self.undecodable, self.next_line = 0, now + self.EVERY

@@ -333,7 +333,7 @@ def test_a_certificate_python_cannot_decode_is_refused_in_one_log_line(gw, pki):
     assert tls_get(gw, pki, "alice").status == 200  # the listener goes on
     new = gw.output()[len(before):]
     assert "Traceback" not in new and "SSL handshake failed" not in new, new
-    assert new.count("client certificate Python's ssl module cannot decode (UnicodeDecodeError)") == 1, new
+    assert new.count("peer certificate Python's ssl module cannot decode (UnicodeDecodeError)") == 1, new
 
 
 def test_certificate_without_eku_passes_the_handshake_but_not_the_plugin(gw, pki):
