@@ -156,34 +156,48 @@ class Config:
 
 
 _SECRET_WORDS = {"password", "passwd", "passphrase", "pw", "pwd", "secret", "token", "credential", "credentials",
-                 "pepper", "salt", "psk"}
+                 "pepper", "salt", "psk", "cookie", "authorization"}
 #: ``*_key`` names a key (``encryption_key``, ``private_key``); ``key_prefix`` or ``key_file`` do not.
 _SECRET_LAST = {"key", "pin"}
-#: The password of a URL runs to the last ``@`` before the host (``ldap://admin:P@ss@dc1``).
-_URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^/@\s:]*:)(?P<pw>\S*)(?=@[^@\s/?#]*(?:[/?#\s]|$))",
+#: Found anywhere in a key with its separators and case dropped: plurals (``passwords``), one
+#: word (``bindpw``, ``apikey``, ``authtok``) and compounds (``clientSecret``).
+_SECRET_PARTS = ("password", "passwd", "passphrase", "secret", "token", "credential", "apikey", "authtok", "bindpw",
+                 "cookie", "authorization", "pepper", "privatekey")
+#: The password of a URL runs to the last ``@`` before the host (``ldap://admin:P@ss@dc1``); the
+#: user name may hold an ``@`` too (``ldap://svc@corp:pw@dc1``), the password white space (so a
+#: value with two URLs is masked from the first password to the last host: more, never less).
+_URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^/\s:]*:)(?P<pw>[^\n]*)(?=@[^@\s/?#]*(?:[/?#\s]|$))",
                            re.IGNORECASE)
+#: ``user:password@host`` without a scheme (a proxy as curl takes it).
+_BARE_PASSWORD = re.compile(r"^(?P<head>[^\s:/@]+:)(?!//)(?P<pw>[^\n]*)(?=@[^@\s/?#]+$)")
 #: A credential in a URL's query (``redis://host/0?password=...``).
 _QUERY_PASSWORD = re.compile(r"(?P<head>[?&](?:password|passwd|pass|pwd|secret|token)=)[^&#\s]*", re.IGNORECASE)
 
 
 def _secret_key(key: str) -> bool:
-    words = re.split(r"[_\-.]", key.lower())
-    return bool(_SECRET_WORDS & set(words)) or words[-1] in _SECRET_LAST
+    words = [w for w in re.split(r"[_\-.\s]", re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", key).lower()) if w]
+    squashed = "".join(words)
+    return (bool(_SECRET_WORDS & set(words)) or bool(words and words[-1] in _SECRET_LAST)
+            or any(part in squashed for part in _SECRET_PARTS))
 
 
-def _redact(value: Any, key: str = "") -> Any:
+def _redact(value: Any, key: str = "", inherited: bool = False) -> Any:
+    """*value* with what looks like a secret masked; under a key named like a secret
+    (*inherited*), every value is, but references (``{env:}``, ``{file:}``)."""
+    secret = inherited or _secret_key(key)
     if isinstance(value, dict):
         if set(value) in ({"env"}, {"file"}):
             return dict(value)  # a reference is not the secret
-        return {k: _redact(v, str(k)) for k, v in value.items()}
+        return {k: _redact(v, str(k), secret) for k, v in value.items()}
     if isinstance(value, list):
-        return [_redact(v, key) for v in value]
-    if value is not None and not isinstance(value, bool) and _secret_key(key):
+        return [_redact(v, key, secret) for v in value]
+    if value is not None and not isinstance(value, bool) and secret:
         return "<redacted>"
     if isinstance(value, str):
         if "PRIVATE KEY" in value:
             return "<redacted>"
         value = _URL_PASSWORD.sub(lambda m: m.group("head") + "<redacted>", value)
+        value = _BARE_PASSWORD.sub(lambda m: m.group("head") + "<redacted>", value)
         return _QUERY_PASSWORD.sub(lambda m: m.group("head") + "<redacted>", value)
     return value
 

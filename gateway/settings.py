@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import stat
 import types
 import typing
@@ -45,6 +46,7 @@ __all__ = [
     "PluginSettings",
     "Secret",
     "StrictBool",
+    "shown_url",
     "ValidationContext",
 ]
 
@@ -260,6 +262,19 @@ class AuditSettings(PluginSettings):
 #: Query parameters of a Redis URL that carry a credential (redis-py reads ``?password=``, and
 #: it would win over ``password: {env: ...}``).
 _URL_QUERY_SECRETS = frozenset({"password", "passwd", "pass", "pwd", "secret", "token", "username"})
+
+
+def shown_url(url: str) -> str:
+    """*url* as an error message or a log line may show it: nothing up to its last ``@`` (a user
+    name or password, which may hold ``/``, ``?`` or ``@``) and no query or fragment (a
+    credential may be there)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*", scheme):
+        return "(not a URL)" if set("@?#:") & set(url) else url
+    hidden = "***@" if "@" in rest else ""
+    rest = rest.rpartition("@")[2].partition("#")[0]
+    rest, query, _ = rest.partition("?")
+    return f"{scheme}://{hidden}{rest}" + ("?…" if query else "")
 
 
 def redis_url(value: str) -> str:

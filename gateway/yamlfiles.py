@@ -61,8 +61,9 @@ class _StrictLoader(yaml.SafeLoader):
     def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
-            raise _Refused(problem=f"`*{event.anchor}` is a YAML alias, and aliases are not expanded in authgw's "
-                                   "files; write the value out (or quote a value that starts with `*`)",
+            # The alias's name is not shown: it may be a password that starts with `*`.
+            raise _Refused(problem="a YAML alias (a value that starts with `*`), and aliases are not expanded in "
+                                   "authgw's files; write the value out (or quote a value that starts with `*`)",
                            problem_mark=event.start_mark)
         if not self.check_event(yaml.SequenceStartEvent, yaml.MappingStartEvent):
             return super().compose_node(parent, index)

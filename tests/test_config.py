@@ -520,3 +520,71 @@ def test_a_login_url_refused_names_its_file_line_and_key(conf_dir):
                and "localhost.evil.example" in line for line in found), found
     assert any(line.startswith("error: conf.d/login.yaml:11: login.oidc.clients[0].redirect_uris: ")
                and "no fragment" in line for line in found), found
+
+
+def test_config_errors_never_print_the_password_of_a_url(conf_dir):
+    """A URL refused for its form is named without what comes before its host, its query or its
+    fragment: the error that refuses a password in a URL used to print the password (review of
+    secret leakage)."""
+    secret = "S3cretInUrl-9"
+    write_conf(conf_dir, {**USERS, "gateway.yaml": "chain: [static, ldap]\nplugins: [login]\n", "ldap.yaml": f"""\
+        ldap:
+          servers: ["ldap://svc:{secret}@127.0.0.1:389", "ldaps://svc:{secret}@dc2.example/dc=x", "ldap://h?pw={secret}"]
+          base_dn: dc=example,dc=com
+          bind_dn: cn=svc,dc=example,dc=com
+          bind_password: {{env: OPS_TEST_BIND}}
+        """, "login.yaml": f"""\
+        login:
+          base_url: "https://u:{secret}@login.example.test"
+        """})
+    result = check(conf_dir, {"OPS_TEST_BIND": "x"})
+    found = errors(result)
+    assert secret not in result.stdout + result.stderr
+    assert any("conf.d/ldap.yaml:2: ldap.servers: ldap://***@127.0.0.1:389: no user name or password in the URL"
+               in line for line in found), found
+    assert any("conf.d/login.yaml:2: login.base_url: https://***@login.example.test: no user name or password"
+               in line for line in found), found
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("ldap://svc:pw@dc1:389", "ldap://***@dc1:389"),
+    ("ldap://svc@corp:pw@dc2/x?y=1#f", "ldap://***@dc2/x?…"),
+    ("ldap://svc:p/ss@dc1", "ldap://***@dc1"),
+    ("https://h.example/path#frag", "https://h.example/path"),
+    ("ldaps://[::1]:636", "ldaps://[::1]:636"),
+    ("svc:pw@proxy:3128", "(not a URL)"),
+    ("plain-name", "plain-name"),
+])
+def test_shown_url_keeps_only_scheme_host_and_path(url, shown):
+    from gateway.settings import shown_url
+
+    assert shown_url(url) == shown
+
+
+def test_config_show_masks_secrets_under_other_spellings_and_in_odd_urls(conf_dir):
+    """Key names the masking did not know (camelCase, one word, plurals, headers) and URLs it
+    did not match (a user name with an @, no scheme, a space in the password) were printed in
+    clear by ``config show`` (review of secret leakage)."""
+    secrets = [f"Leak{n}-Marker" for n in range(12)]
+    write_conf(conf_dir, {**USERS, "gateway.yaml": "chain: [static]\n", "ldap.yaml": f"""\
+        ldap:
+          bindPassword: {secrets[0]}
+          clientSecret: {secrets[1]}
+          bindpw: {secrets[2]}
+          apikey: {secrets[3]}
+          passwords: [{secrets[4]}]
+          secrets: {{db: {secrets[5]}}}
+          Authorization: Basic {secrets[6]}
+          cookie: session={secrets[7]}
+          servers: ["ldap://svc@corp.example:{secrets[8]}@dc2", "svc:{secrets[9]}@proxy:3128",
+                    "postgresql://u:pass {secrets[10]}@db"]
+          tokens: [{secrets[11]}]
+          bind_password: {{env: KEEP_THIS_REFERENCE}}
+          base_dn: dc=keep,dc=this
+        """})
+    shown = check(conf_dir, None, "show")
+    assert shown.returncode == 0, shown.stderr
+    for secret in secrets:
+        assert secret not in shown.stdout + shown.stderr, secret
+    assert "KEEP_THIS_REFERENCE" in shown.stdout and "dc=keep,dc=this" in shown.stdout
+    assert "ldap://svc@corp.example:<redacted>@dc2" in shown.stdout

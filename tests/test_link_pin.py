@@ -135,3 +135,13 @@ def test_an_operator_certificate_leaves_the_link_on_what_verified_enrolment(tmp_
         _linked(conf, state, env, relay, enrolment["connector"]).stop()
     finally:
         relay.stop()
+
+
+def test_a_ticket_url_with_a_user_name_or_password_is_refused_without_echoing_it(tmp_path):
+    import pytest
+
+    from gateway.plugins.link.enroll import EnrolError, enroll
+
+    with pytest.raises(EnrolError) as refused:
+        enroll("https://u:S3cret-In-Url@127.0.0.1:1/p/TOKEN", tmp_path)
+    assert "no user name or password" in str(refused.value) and "S3cret" not in str(refused.value)

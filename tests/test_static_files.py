@@ -50,7 +50,7 @@ BROKEN = {
     "deep nesting": ("", lambda text: text + "x: " + "[" * 3000 + "]" * 3000 + "\n", 0o600,
                      "x: nested more than 32 levels deep"),
     "an alias": ("", lambda text: text.replace("Demo User", "&n Demo User") + "    email: *n\n", 0o600,
-                 "users.demo.email: `*n` is a YAML alias"),
+                 "users.demo.email: a YAML alias (a value that starts with `*`)"),
     "a number too long": ("", lambda text: text + "    subject: " + "9" * 5000 + "\n", 0o600,
                           "users.demo.subject: not a usable value"),
     "0644 with strict": ("strict: true\n", lambda text: text.replace("Demo User", "Demo User 2"), 0o644,

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from gateway import ConfigPath, PluginSettings, Secret
-from gateway.settings import InvalidKey, InvalidKeys, parse_listen, unmapped_networks
+from gateway.settings import InvalidKey, InvalidKeys, parse_listen, shown_url, unmapped_networks
 
 __all__ = [
     "ClientCertSettings",
@@ -139,7 +139,7 @@ class RevocationSettings(PluginSettings):
     def _urls(cls, value: Any) -> Any:
         for url in [value] if isinstance(value, str) else (value or []):
             if not url.lower().startswith(("http://", "https://")):
-                raise ValueError(f"{url!r}: only http:// and https:// URLs are fetched")
+                raise ValueError(f"{shown_url(url)}: only http:// and https:// URLs are fetched")
         return value
 
 

@@ -19,7 +19,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from gateway import ConfigPath, PluginSettings, Secret
 from gateway.plugins.ldap import wire
 from gateway.plugins.ldap.escaping import fill
-from gateway.settings import InvalidKey, InvalidKeys
+from gateway.settings import InvalidKey, InvalidKeys, shown_url
 
 __all__ = ["GroupSettings", "LdapSettings", "PRESETS", "Preset", "Resolved", "TestLogin", "deadline_problems",
            "resolve"]
@@ -169,12 +169,19 @@ class LdapSettings(PluginSettings):
     @classmethod
     def _check_servers(cls, value: list[str]) -> list[str]:
         for url in value:
+            # Never the URL as written in a message: it may hold a password (shown_url).
             parts = urlsplit(url)
+            if "@" in parts.netloc:
+                raise ValueError(f"{shown_url(url)}: no user name or password in the URL (it would be shown and "
+                                 "logged); the service account is `bind_dn` and `bind_password`")
             if parts.scheme not in ("ldap", "ldaps") or not parts.hostname:
-                raise ValueError(f"{url!r} is not an ldap:// or ldaps:// URL with a host")
-            if parts.path not in ("", "/") or parts.query:
-                raise ValueError(f"{url!r}: give only scheme, host and port (base_dn is a setting of its own)")
-            parts.port  # noqa: B018 - raises ValueError on a bad port
+                raise ValueError(f"{shown_url(url)} is not an ldap:// or ldaps:// URL with a host")
+            if parts.path not in ("", "/") or parts.query or parts.fragment:
+                raise ValueError(f"{shown_url(url)}: give only scheme, host and port (base_dn is a setting of its own)")
+            try:
+                parts.port  # noqa: B018 - raises ValueError on a bad port
+            except ValueError:
+                raise ValueError(f"{shown_url(url)}: the port is not a number from 0 to 65535") from None
         if len(set(value)) != len(value):
             raise ValueError("a server is listed twice")
         return value

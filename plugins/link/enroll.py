@@ -81,7 +81,7 @@ def _call(url: str, handler: _SeenCertificates, body: dict | None = None) -> dic
         if isinstance(reason, ssl.SSLCertVerificationError):
             raise EnrolError(f"cannot verify the relay's certificate ({reason.verify_message}); "
                              "pass the relay's CA with --ca FILE") from None
-        raise EnrolError(f"cannot reach the relay at {urlsplit(url).netloc}: {reason}") from None
+        raise EnrolError(f"cannot reach the relay at {urlsplit(url).netloc.rpartition('@')[2]}: {reason}") from None
     except (OSError, ValueError) as exc:
         raise EnrolError(f"bad answer from the relay: {exc}") from None
     except RecursionError:  # JSON nested deeper than json reads
@@ -91,8 +91,9 @@ def _call(url: str, handler: _SeenCertificates, body: dict | None = None) -> dic
 def enroll(ticket_url: str, state_dir: Path, ca_file: Path | None = None) -> str:
     """Enrol; returns the success line. Raises :class:`EnrolError`."""
     parts = urlsplit(ticket_url)
-    if parts.scheme != "https" or not parts.hostname or not parts.path.startswith("/p/"):
-        raise EnrolError("a ticket URL looks like https://relay.example/p/TOKEN (HTTPS only)")
+    if parts.scheme != "https" or not parts.hostname or not parts.path.startswith("/p/") or "@" in parts.netloc:
+        raise EnrolError("a ticket URL looks like https://relay.example/p/TOKEN (HTTPS only, no user name or "
+                         "password)")
     try:
         context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
         server_ca = ca_file.read_bytes() if ca_file else None

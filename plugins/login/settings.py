@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator, model_validator
 
 from gateway import ConfigPath, PluginSettings, Secret
-from gateway.settings import redis_url
+from gateway.settings import redis_url, shown_url
 
 __all__ = ["LoginSettings", "OidcClient", "OidcSettings", "SamlServiceProvider", "SamlSettings", "SessionSettings", "TlsListenerSettings", "WsFedRelyingParty", "WsFedSettings"]
 
@@ -41,16 +41,16 @@ def _https_or_loopback(url: str, *, fragment: bool = True) -> str:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a port that is not a number
     except ValueError:
-        raise ValueError(f"{url!r} is not a URL") from None
+        raise ValueError(f"{shown_url(url)} is not a URL") from None
     if not url.startswith(("https://", "http://")) or not parts.hostname:
-        raise ValueError(f"{url!r}: use an https:// URL (plain http only on the loopback, for tests)")
+        raise ValueError(f"{shown_url(url)}: use an https:// URL (plain http only on the loopback, for tests)")
     if "@" in parts.netloc:
-        raise ValueError(f"{url!r}: no user name or password in the URL")
+        raise ValueError(f"{shown_url(url)}: no user name or password in the URL")
     if parts.scheme == "http" and not _LOOPBACK.fullmatch(parts.netloc):
-        raise ValueError(f"{url!r}: use an https:// URL (plain http only on the loopback: 127.0.0.1, localhost "
+        raise ValueError(f"{shown_url(url)}: use an https:// URL (plain http only on the loopback: 127.0.0.1, localhost "
                          "or [::1], for tests)")
     if not fragment and "#" in url:
-        raise ValueError(f"{url!r}: no fragment (#) in the URL")
+        raise ValueError(f"{shown_url(url)}: no fragment (#) in the URL")
     return url
 
 
