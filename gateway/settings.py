@@ -380,6 +380,9 @@ class LimitsSettings(PluginSettings):
     header_timeout: float = Field(10.0, gt=0, le=300, description="seconds a client has to send a "
                                   "request's headers (slow-header floods), and to finish its TLS handshake "
                                   "on a TLS listener")
+    max_header_bytes: int = Field(65536, ge=8192, le=1_048_576, description="bytes of a request line and its "
+                                  "headers together (each header line: at most 8,190); more is answered 431 and "
+                                  "the connection closed (memory held per connection)")
     write_timeout: float = Field(10.0, gt=0, le=300, description="seconds an answer may wait on a client that "
                                  "reads nothing (its buffers full) before the connection is closed")
     body_timeout: float = Field(10.0, gt=0, le=300, description="seconds a client has to send a "

@@ -156,3 +156,89 @@ def test_a_client_that_reads_none_of_its_answers_is_let_go_after_write_timeout(c
     finally:
         for sock in stalled:
             sock.close()
+
+
+def _rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+def _endless_headers(port: int, lines: int = 120, size: int = 8000) -> socket.socket:
+    """A request whose headers never end: *lines* lines of *size* bytes, each under aiohttp's
+    8,190 per line, with no blank line after them."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(b"GET /auth HTTP/1.1\r\nHost: x\r\n")
+    try:
+        for n in range(lines):
+            sock.sendall(b"X-Pad-%d: " % n + b"a" * size + b"\r\n")
+    except OSError:
+        pass  # closed by the server once past the budget
+    return sock
+
+
+def _answer(sock: socket.socket) -> bytes:
+    try:
+        return sock.recv(64)
+    except OSError:
+        return b""
+
+
+def test_endless_request_headers_are_refused_past_max_header_bytes(conf_dir, alice_hash, start_gateway):
+    """aiohttp bounds each header line and their number, not their sum: 120 lines of 8,000
+    bytes, never ended, held ~1.5 MB of the worker per connection (gigabytes for a few thousand
+    such connections, review of resource exhaustion). Past ``limits.max_header_bytes`` (64 KiB)
+    the connection is answered 431 and closed."""
+    gw = start_gateway(write_conf(conf_dir, {
+        # A long header timeout: only the byte budget may end these connections in time.
+        "gateway.yaml": "chain: [static]\nthrottle:\n  enabled: false\nlimits:\n  header_timeout: 60\n",
+        **static_users({"alice": alice_hash})}))
+    before = _rss_mib(gw.proc.pid)
+    held = [_endless_headers(gw.port) for _ in range(150)]
+    try:
+        grown = _rss_mib(gw.proc.pid) - before
+        answers = [_answer(sock) for sock in held]
+    finally:
+        for sock in held:
+            sock.close()
+    assert all(a.startswith(b"HTTP/1.1 431 ") for a in answers), {a[:40] for a in answers}
+    # Before: ~1.5 MB each, 200+ MB for these 150; now at most the budget and a read each.
+    assert grown < 60, f"the worker grew by {grown:.0f} MiB"
+    assert "more than 65536 bytes of request headers (limits.max_header_bytes)" in gw.output()
+
+    import http.client
+
+    from support.http import basic
+
+    pads = {f"X-Pad-{n}": "a" * 8000 for n in range(7)}  # 56 KB: large, within the budget
+    conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=30)
+    try:
+        conn.request("GET", "/auth", headers={**pads, "Authorization": basic("alice", PASSWORD)})
+        response = conn.getresponse()
+        response.read()
+        assert response.status == 200
+        # A body of 60 KiB, then the next request on the same connection: the body is not
+        # counted as the next request's headers.
+        conn.request("POST", "/auth", body=b"b" * (60 * 1024), headers={"Authorization": basic("alice", PASSWORD)})
+        response = conn.getresponse()
+        response.read()
+        assert response.status == 200
+        conn.request("GET", "/auth", headers={**pads, "Authorization": basic("alice", PASSWORD)})
+        response = conn.getresponse()
+        response.read()
+        assert response.status == 200
+        assert not response.will_close  # one connection served all three
+    finally:
+        conn.close()
+
+    # Pipelined behind a request being handled (its argon2 check): the next request's endless
+    # headers are bounded too, and the connection is closed.
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
+        sock.sendall(b"GET /auth HTTP/1.1\r\nHost: x\r\nAuthorization: " + basic("alice", PASSWORD).encode()
+                     + b"\r\n\r\nGET /auth HTTP/1.1\r\nHost: x\r\n")
+        try:
+            for n in range(120):
+                sock.sendall(b"X-Pad-%d: " % n + b"a" * 8000 + b"\r\n")
+            while sock.recv(65536):  # the first answer, then the end (a timeout fails the test)
+                pass
+        except (ConnectionResetError, BrokenPipeError):
+            pass  # closed while sending or reading: as good as the end

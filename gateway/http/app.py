@@ -29,7 +29,7 @@ from gateway.http.answer import Answer
 from gateway.http.clientaddr import ClientAddressResolver, IPAddress, parse_address
 from gateway.http.credentials import (MalformedCredentials, check_password_credential, parse_authorization,
                                       single_authorization)
-from gateway.http.protocol import SERVER_HEADER, continue_body, no_linger
+from gateway.http.protocol import MAX_BODY, SERVER_HEADER, continue_body, no_linger
 from gateway.model import (
     Attempt,
     CertificateCredential,
@@ -426,7 +426,7 @@ def build_apps(gateway: Gateway, metrics=None, listeners=()) -> dict[str | None,
                                   "which no plugin asked for")
     apps: dict[str | None, web.Application] = {}
     for name, own in [(None, False), *((x.name, x.own_routes) for x in listeners)]:
-        app = web.Application(client_max_size=64 * 1024)
+        app = web.Application(client_max_size=MAX_BODY)
         app[GATEWAY_KEY] = gateway
         app.on_response_prepare.append(_no_versions)
         if not own:

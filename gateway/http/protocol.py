@@ -14,6 +14,11 @@ connection protocol with those three things decided here instead:
   behind them shares their address), and a new connection is closed at once;
 * **malformed requests** -- answered with a fixed body (``400 Bad Request``) and logged as one
   WARNING line naming the client and the parser's error class, never the bytes;
+* **header bytes** -- aiohttp bounds each header line (8,190 bytes) and their number (128), not
+  their sum: 120 lines of 8,000 bytes, never ended, held ~1.5 MB of a worker per connection,
+  gigabytes for a few thousand. A connection may send ``limits.max_header_bytes`` from the start
+  of a request to the end of its headers (answered ``431`` and closed beyond), and while a
+  request is handled, :data:`MAX_BODY` more (its body, or the next request pipelined behind it);
 * **overload holds** -- a connection answered 503 ``overloaded`` has its next request kept,
   unparsed, for the ``Retry-After`` it was given: at least ``limits.retry_after``, longer past
   ``limits.overload_refusals`` refusals a second (turns spaced to keep to that rate), at most
@@ -54,11 +59,17 @@ try:
 except ImportError:  # pragma: no cover - uvloop is an optional speed-up
     _UvLoop = _UvSSLProtocol = None
 
-__all__ = ["ConnectionGuard", "GuardedSite", "SERVER_HEADER"]
+__all__ = ["ConnectionGuard", "GuardedSite", "MAX_BODY", "SERVER_HEADER"]
 
 log = logging.getLogger("authgw.http")
 
 SERVER_HEADER = "authgw"
+#: The largest request body any listener reads (aiohttp's ``client_max_size``; the JSON API, the
+#: login door's forms).
+MAX_BODY = 64 * 1024
+_HEADERS_TOO_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\nServer: " + SERVER_HEADER.encode() +
+                      b"\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 32\r\n"
+                      b"Connection: close\r\n\r\n431: request headers too large\n")
 _LOG_EVERY = 10.0
 #: Seconds a retiring generation waits for the first request of a connection it accepted: a
 #: client sends it right after connecting; this covers a loaded machine's scheduling delays.
@@ -232,6 +243,8 @@ class GuardedRequestHandler(RequestHandler, _NoDelayAlreadySet):
         self._held: bytearray | None = None  # what the client sent while held (None: not held)
         self._hold_timer: asyncio.TimerHandle | None = None  # ends the hold; set exactly while held
         self._no_linger = False  # close right after this response (no_linger)
+        self._unparsed = 0  # bytes since a request's headers last ended (or its answer, below)
+        self._was_busy = False  # a request was being handled after the previous read
         self._write_timer: asyncio.TimerHandle | None = None  # set exactly while writing is paused
         #: The client, when :class:`_TlsAccept` counted this connection at its TCP accept.
         self.admitted: str | None = None
@@ -329,13 +342,38 @@ class GuardedRequestHandler(RequestHandler, _NoDelayAlreadySet):
             if len(self._held) > _HOLD_BUFFER:
                 self.transport.pause_reading()  # resumed when the hold ends
             return
+        if self._payload_parser is None and not self._upgraded and self._too_many_header_bytes(data):
+            return  # (a WebSocket's frames, after an upgrade, are not requests)
+        counted = self._request_count
         super().data_received(data)
+        if self._request_count != counted:
+            self._unparsed = 0  # a request's headers ended in this read
+        self._was_busy = self._busy()
         if self._first_request is not None and self._request_count and not self._first_request.done():
             self._first_request.set_result(None)
         if self._busy():
             self._headers_since = None
         elif data and self._headers_since is None:
             self._await_headers()  # the first byte of a request after a keep-alive pause
+
+    def _too_many_header_bytes(self, data: bytes) -> bool:
+        """Count *data* against ``limits.max_header_bytes`` (plus :data:`MAX_BODY` while a
+        request is handled); past it, refuse (431 when no answer is under way) and close."""
+        busy = self._busy()
+        if self._was_busy and not busy:
+            self._unparsed = 0  # the previous request is answered: the next one starts here
+        self._unparsed += len(data)
+        limit = self._guard.limits.max_header_bytes + (MAX_BODY if busy else 0)
+        if self._unparsed <= limit or b"\r\n\r\n" in data:
+            return False  # within it, or headers end in this read (then counted from 0 again)
+        self._guard.warn("max_header_bytes", "closed a connection from %s: more than %d bytes of request headers "
+                         "(limits.max_header_bytes)", self._host, self._guard.limits.max_header_bytes)
+        if not busy and self.transport is not None:
+            self.transport.write(_HEADERS_TOO_LARGE)  # else an answer is being written: just close
+        self.force_close()
+        if self.transport is not None:
+            self.transport.close()
+        return True
 
     # -- retirement at reload -------------------------------------------------------------------------
 
