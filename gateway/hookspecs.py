@@ -113,7 +113,9 @@ def gateway_authenticate(attempt: Attempt) -> Decision | None:
     this plugin's kind or the client is outside the plugin's allowed networks. Also return
     ``None`` when the user does not exist in this plugin's backend, after
     ``attempt.note(Outcome.USER_NOT_FOUND, ...)``, and when the backend is unreachable or timed
-    out, after ``attempt.note(Outcome.UNAVAILABLE, ...)``.
+    out, after ``attempt.note(Outcome.UNAVAILABLE, ...)`` (``offline=False`` when the backend's
+    own side already gave what offline answer it could, as a relay's connector does: no cache
+    then answers for this step).
 
     Return a :class:`~gateway.model.Decision` to stop the chain: ``INVALID_CREDENTIALS`` for a
     wrong password, bad token or bad certificate; ``ACCOUNT_STATE`` with a reason for a locked,

@@ -125,11 +125,16 @@ class CertificateCredential:
 
 @dataclass(frozen=True, slots=True)
 class Note:
-    """A step's remark about an attempt it passed on (USER_NOT_FOUND or UNAVAILABLE)."""
+    """A step's remark about an attempt it passed on (USER_NOT_FOUND or UNAVAILABLE).
+
+    ``offline``: whether a cache may answer for the step (an UNAVAILABLE note); false when its
+    backend's own side already gave what offline answer it could (a relay's connector that
+    answered that its directory is down)."""
 
     outcome: Outcome
     step: str
     reason: str
+    offline: bool = True
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -183,15 +188,16 @@ class Attempt:
         """Seconds until the deadline (never negative); size backend timeouts from this."""
         return max(0.0, self.deadline - time.monotonic())
 
-    def note(self, outcome: Outcome, *, step: str, reason: str) -> None:
+    def note(self, outcome: Outcome, *, step: str, reason: str, offline: bool = True) -> None:
         """Record that step *step* passes this attempt on because of *outcome*.
 
         Only :attr:`Outcome.USER_NOT_FOUND` and :attr:`Outcome.UNAVAILABLE` are notes; the core
-        folds them into the result when no step decides (DESIGN.md section 3).
+        folds them into the result when no step decides (DESIGN.md section 3). ``offline=False``
+        on an UNAVAILABLE note: no cache answers for this step (see :class:`Note`).
         """
         if outcome not in (Outcome.USER_NOT_FOUND, Outcome.UNAVAILABLE):
             raise ValueError(f"only USER_NOT_FOUND and UNAVAILABLE can be noted, not {outcome}")
-        self.notes.append(Note(outcome, step, reason))
+        self.notes.append(Note(outcome, step, reason, offline))
 
 
 #: A step that completes a mutual authentication (Kerberos) stores here the ``WWW-Authenticate``

@@ -316,3 +316,33 @@ def test_logins_the_relay_received_at_its_api_get_no_per_client_limit_at_the_con
         if connector is not None and connector.process is not None:
             connector.stop()
         relay.stop()
+
+
+def test_the_relays_cache_answers_only_while_no_connector_does(tmp_path):
+    """A linked connector whose directory is down answers UNAVAILABLE: its own cache had its say,
+    and only it knows what that directory refused since (an account locked there and forgotten
+    by its cache). The relay's cache answered anyway, from its own copy: a refused password got
+    in (review of account state). It now answers only while no connector answers."""
+    own = Slapd(tmp_path / "ldap").start()
+    relay = Relay(tmp_path / "relay").setup().start()
+    connector = None
+    try:
+        own.add_user("dana", "Dana-Passw0rd", cn="Dana D")
+        connector = Connector(tmp_path / "connector", own)
+        connector.enroll(relay.ticket(), relay.ca_file).start().wait_linked(relay)
+        live = relay.login("dana", "Dana-Passw0rd")
+        assert (live.status, live.json()["from_cache"]) == (200, False)  # the relay's cache learns dana
+
+        own.stop()  # the connector's directory is down; the connector stays linked
+        down = relay.login("dana", "Dana-Passw0rd")
+        assert down.status == 503, down.json()
+        assert relay.process.audit()[-1]["from_cache"] is False
+
+        connector.stop()  # no connector: the relay's cache is all there is
+        cached = relay.login("dana", "Dana-Passw0rd")
+        assert (cached.status, cached.json()["from_cache"]) == (200, True)
+    finally:
+        if connector is not None and connector.process is not None:
+            connector.stop()
+        relay.stop()
+        own.stop()

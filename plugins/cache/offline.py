@@ -305,7 +305,8 @@ class OfflineCache:
         step = document["step"]
         noted = {note.outcome: set() for note in attempt.notes}
         for note in attempt.notes:
-            noted[note.outcome].add(note.step)
+            if note.offline or note.outcome is not Outcome.UNAVAILABLE:  # (else its own side answered offline)
+                noted[note.outcome].add(note.step)
         if step in noted.get(Outcome.USER_NOT_FOUND, ()):
             # The directory that proved this user is up and says the user is gone, while another
             # step is unavailable (that made the fold UNAVAILABLE): a refusal, not an outage.

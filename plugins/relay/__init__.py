@@ -11,7 +11,9 @@ Abstains
     reason; with an ``UNAVAILABLE`` note ``relay.no_connector`` (none linked), ``relay.timeout``,
     ``relay.link_lost`` (the link failed after the password was sent: never re-sent),
     ``relay.connector_unavailable`` or ``relay.connector_error``. With ``plugins: [cache]`` and
-    ``cache: {methods: [relay]}`` the cache then answers users it has seen.
+    ``cache: {methods: [relay]}`` the cache then answers users it has seen; not when a connector
+    answered UNAVAILABLE itself (its directory down: its own cache had its say, and only it
+    knows what that directory refused since).
 Settings (``relay:`` in conf.d)
     ``connection``, ``listen``, ``public_url``, ``public_names``, ``certificate``, ``key``,
     ``ticket_lifetime``, ``certificate_lifetime``, ``ping_interval``, ``max_in_flight``,
@@ -252,7 +254,11 @@ class RelayPlugin:
             log.warning("connector answered a malformed decision; denied")
             return Decision.deny(Outcome.ERROR, step=self.name, reason="relay.bad_answer")
         if outcome in (Outcome.USER_NOT_FOUND, Outcome.UNAVAILABLE):
-            attempt.note(outcome, step=self.name, reason=reason or f"relay.{outcome.value}")
+            # A connector that answers its directory is down has had its own cache's say (it
+            # knows what that directory refused since): this relay's cache answers only while no
+            # connector does (relay.no_connector, relay.timeout, relay.link_lost, ...).
+            attempt.note(outcome, step=self.name, reason=reason or f"relay.{outcome.value}",
+                         offline=outcome is not Outcome.UNAVAILABLE)
             return None
         if outcome not in _DECIDING:
             return None
