@@ -19,6 +19,7 @@ from gateway.model import (
     Note,
     Outcome,
     PasswordCredential,
+    SessionCredential,
     UserPage,
 )
 from gateway.registry import PluginContext, hookimpl
@@ -54,6 +55,7 @@ __all__ = [
     "Route",
     "Secret",
     "SelfTest",
+    "SessionCredential",
     "Stash",
     "StashKey",
     "UserPage",

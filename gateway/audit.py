@@ -44,8 +44,10 @@ _KINDS = {(p, n, c): "+".join(kind for kind, present in (("password", p), ("nego
 
 
 def credential_kinds(attempt: Attempt) -> str:
-    """``password``, ``negotiate+certificate``... or ``none`` (a table: this runs per attempt)."""
-    return _KINDS[attempt.password is not None, attempt.negotiate is not None, attempt.certificate is not None]
+    """``password``, ``negotiate+certificate``..., ``session`` (the login door's single sign-on)
+    or ``none`` (a table: this runs per attempt)."""
+    kinds = _KINDS[attempt.password is not None, attempt.negotiate is not None, attempt.certificate is not None]
+    return "session" if attempt.session is not None and kinds == "none" else kinds
 
 
 def encode(record: dict) -> bytes:

@@ -60,7 +60,7 @@ from gateway.settings import GatewaySettings
 from gateway.stash import StashKey
 from gateway.throttle import StoreUnavailable, Throttle
 
-__all__ = ["PRECHECK_STEP", "SERVICE_CALLER", "ChainFolder", "Gateway", "PrecheckStandIn", "fold", "loop_safe", "may_run_on_loop",
+__all__ = ["AFTER_THE_CHAIN", "PRECHECK_STEP", "SERVICE_CALLER", "ChainFolder", "Gateway", "PrecheckStandIn", "fold", "loop_safe", "may_run_on_loop",
            "stands_for"]
 
 log = logging.getLogger("authgw.chain")
@@ -87,6 +87,11 @@ SERVICE_CALLER: StashKey[bool] = StashKey()
 #: Set by a ``gateway_precheck`` implementation beside its success: the chain step that decided
 #: when the identity was remembered, which the answer stands in for (:func:`stands_for`).
 PRECHECK_STEP: StashKey[str] = StashKey()
+#: A :data:`PRECHECK_STEP` that stands for no step: every chain step is asked first, and the
+#: answer decides only when none does. The login door's session reuse: it sets
+#: :data:`PRECHECKED` itself, on an attempt whose only credential is the session
+#: (:class:`~gateway.model.SessionCredential`), so deny lists and wrappers see single sign-on.
+AFTER_THE_CHAIN = "*"
 
 
 #: Throttle store calls a worker queues at least (``limits.queue`` if larger): a call's wait is
@@ -302,7 +307,8 @@ class PrecheckStandIn:
     else the answer; that step and the ones after it are not called. A deny stands for the
     whole chain. A success for no step of this chain is not used: the chain runs as without an
     answer (it stood for the whole chain before, so a hot hit relayed from a connector, whose
-    identity names the connector's step, skipped the relay hub's deny list). The wrappers
+    identity names the connector's step, skipped the relay hub's deny list). An answer standing
+    for :data:`AFTER_THE_CHAIN` comes after every step: each is asked first. The wrappers
     around see the result either way. Without an answer it returns None at once.
     """
 
@@ -325,7 +331,7 @@ class PrecheckStandIn:
             return answer
         steps, names = self._steps.get()
         step = stands_for(attempt, answer)
-        if step not in names:
+        if step not in names and step != AFTER_THE_CHAIN:
             return None  # for no step of this chain: the chain decides, as without an answer
         for impl in steps:
             if impl.plugin_name == step:
@@ -652,7 +658,8 @@ class Gateway:
                 return decision
         decision = _INTERNAL_ERROR  # if cancelled
         try:
-            answer = self.precheck(attempt)
+            # A front door may bring the answer (a reused session: AFTER_THE_CHAIN); else ask.
+            answer = attempt.stash.get(PRECHECKED, None) or self.precheck(attempt)
             if answer is not None and answer.outcome is Outcome.ERROR:  # a precheck crashed: fail closed
                 self.notify(attempt, answer)
                 decision = answer

@@ -27,6 +27,7 @@ __all__ = [
     "Note",
     "Outcome",
     "PasswordCredential",
+    "SessionCredential",
     "UserPage",
     "address_text",
     "canonical_username",
@@ -95,6 +96,21 @@ class PasswordCredential:
 
 
 @dataclass(frozen=True, slots=True)
+class SessionCredential:
+    """A signed-in session of the login door, about to answer a service again (single sign-on):
+    the user it was signed in as. Not a secret, and no chain step accepts it: the session's
+    identity answers unless a step or a wrapper refuses (the login door sets that answer;
+    :data:`gateway.chain.AFTER_THE_CHAIN`), so policies see session reuse as they see sign-ins."""
+
+    username: str
+
+    def __post_init__(self) -> None:
+        canonical = canonical_username(self.username)
+        if canonical != self.username:
+            object.__setattr__(self, "username", canonical)
+
+
+@dataclass(frozen=True, slots=True)
 class NegotiateCredential:
     """The decoded token of an ``Authorization: Negotiate`` header (SPNEGO, RFC 4559)."""
 
@@ -148,6 +164,7 @@ class Attempt:
     :ivar password: the username and password presented (Basic, or the JSON API), if any.
     :ivar negotiate: the SPNEGO/Kerberos token presented (``Authorization: Negotiate``), if any.
     :ivar certificate: the client certificate chain (own TLS listener or a trusted proxy), if any.
+    :ivar session: the login door's signed-in session being reused (single sign-on), if any.
     :ivar peer: the socket peer's address (equal to ``client`` unless a trusted proxy forwarded).
     :ivar trusted_peer: the socket peer is one of ``trusted_proxies``: headers it forwards (such
         as a client certificate) may be believed.
@@ -166,6 +183,7 @@ class Attempt:
     password: PasswordCredential | None = None
     negotiate: NegotiateCredential | None = None
     certificate: CertificateCredential | None = None
+    session: SessionCredential | None = None
     peer: IPAddress | None = None
     trusted_peer: bool = False
     headers: Mapping[str, str] = field(default_factory=dict, repr=False)
@@ -175,8 +193,11 @@ class Attempt:
 
     @property
     def username(self) -> str | None:
-        """The username presented with a password, canonicalised (for logs and plugins)."""
-        return self.password.username if self.password else None
+        """The username presented with a password, or the user of a reused session, canonicalised
+        (for logs and plugins)."""
+        if self.password is not None:
+            return self.password.username
+        return self.session.username if self.session is not None else None
 
     @property
     def user_key(self) -> str | None:

@@ -483,7 +483,7 @@ class OidcProvider:
         record = None
         if scheme.lower() == "bearer" and token and len(token) <= 128:
             record = self.web.sessions.store.get_pending("at:" + _digest(token.strip()), time.time())
-        identity = await self._userinfo_identity(record) if record is not None else None
+        identity = await self._userinfo_identity(record, request) if record is not None else None
         if identity is None:
             return web.json_response({"error": "invalid_token"}, status=401,
                                      headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
@@ -491,16 +491,17 @@ class OidcProvider:
                                  headers={"Cache-Control": "no-store"})
 
 
-    async def _userinfo_identity(self, record: dict) -> Identity | None:
+    async def _userinfo_identity(self, record: dict, request: web.Request) -> Identity | None:
         """The identity to answer for an access token: that of the live session it was issued in,
-        its account checked again (:meth:`.web.LoginDoor.recheck`); ``None`` when the session is
+        its account and the chain's policy checked again (:meth:`.web.LoginDoor.recheck`; the
+        attempt's client is the relying party's server); ``None`` when the session is
         over or the account is gone (that session then ends: no browser is here to take the
         Single Logout round, so its participants are not told)."""
         sessions = self.web.sessions
         session = sessions.by_index(record.get("sid"))
         if session is None or session.identity.subject != identity_from_json(record["identity"]).subject:
             return None
-        checked = await self.web.recheck(session)
+        checked = await self.web.recheck(session, request)
         if checked is None:
             sessions.end_key(session.key, session.index)
             return None

@@ -46,7 +46,8 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from gateway import BackendUnavailable, Decision, Identity, Outcome
+from gateway import BackendUnavailable, Decision, Identity, Outcome, SessionCredential
+from gateway.chain import AFTER_THE_CHAIN, PRECHECK_STEP, PRECHECKED
 from gateway.http import forms
 from gateway.http.credentials import MalformedCredentials, parse_authorization, single_authorization
 from gateway.logs import printable
@@ -373,17 +374,42 @@ class LoginDoor:
     def can_check(self) -> bool:
         return self.hook is not None and bool(self.hook.gateway_lookup_user.get_hookimpls())
 
-    async def recheck(self, session: Session) -> Session | None:
-        """*session* with its account checked again (at most every RECHECK_INTERVAL seconds), its
-        profile refreshed; ``None`` when the account is gone or may not sign in (the caller ends
-        the session). Without any ``gateway_lookup_user`` plugin it is returned as it is."""
-        if not self.can_check() or not self.sessions.recheck_due(session):
+    async def recheck(self, session: Session, request: web.Request) -> Session | None:
+        """*session*, about to answer a service again (*request*): its account checked again in
+        the directory (at most every RECHECK_INTERVAL seconds: ``gateway_lookup_user``, its
+        profile refreshed), then the chain's policy, at every reuse (:meth:`_vouched`). ``None``
+        when the account is gone or may not sign in, or a chain step or wrapper refuses it (the
+        caller ends the session); :class:`AccountUncheckable` when that cannot be told now."""
+        checked: Session | None = session
+        if self.can_check() and self.sessions.recheck_due(session):
+            checked = self.sessions.rechecked(session, await self.lookup(session.identity.username))
+            if checked is None:
+                log.warning("login: the account of %s is gone or may not sign in; its session ends",
+                            printable(session.identity.username))
+                return None
+        return await self._vouched(checked, request)
+
+    async def _vouched(self, session: Session, request: web.Request) -> Session | None:
+        """Single sign-on under the chain's policy: an attempt whose only credential is the
+        session (its user) runs through every chain step and wrapper, the session's identity
+        answering unless one of them refuses (:data:`gateway.chain.AFTER_THE_CHAIN`): a deny
+        list or a group rule ends a session as it refuses a sign-in, and each reuse is audited
+        (``method: session``, reason ``login.session``). A reused session used to answer every
+        service until its ``absolute`` lifetime whatever the policy said (review of account
+        state)."""
+        identity = session.identity
+        attempt = self.door.attempt(request, FRONT_DOOR, session=SessionCredential(identity.username))
+        attempt.stash[PRECHECKED] = Decision.allow(identity, step=FRONT_DOOR, reason="login.session", from_cache=True)
+        attempt.stash[PRECHECK_STEP] = AFTER_THE_CHAIN
+        decision = await self.door.decide(attempt)
+        if decision.success and decision.identity is not None and decision.identity.subject == identity.subject:
             return session
-        checked = self.sessions.rechecked(session, await self.lookup(session.identity.username))
-        if checked is None:
-            log.warning("login: the account of %s is gone or may not sign in; its session ends",
-                        printable(session.identity.username))
-        return checked
+        if decision.outcome is Outcome.UNAVAILABLE:
+            raise AccountUncheckable(f"the chain could not vouch for {printable(identity.username)!s}'s session "
+                                     f"({decision.reason})")
+        log.warning("login: the session of %s is refused (%s, %s: %s); it ends", printable(identity.username),
+                    decision.outcome.value, decision.step, decision.reason)
+        return None
 
     async def end_and_go(self, request: web.Request, session: Session, target: str) -> web.StreamResponse:
         """End *session* as logout does (the Single Logout round for its participants), then
@@ -402,7 +428,7 @@ class LoginDoor:
         no page (``prompt=none``) is declined instead."""
         session = self.session(request)
         if session is not None and self.reusable(session, pending):
-            checked = await self.recheck(session)
+            checked = await self.recheck(session, request)
             if checked is not None:
                 return await self.completers[pending["protocol"]](request, pending, checked)
             key = self.sessions.park(pending, lifetime)
@@ -480,7 +506,7 @@ class LoginDoor:
         peeked = self.sessions.peek(pending_key) if pending_key else None
         if session is not None:
             if peeked is not None and self.reusable(session, peeked):
-                checked = await self.recheck(session)
+                checked = await self.recheck(session, request)
                 if checked is None:
                     return await self.end_and_go(request, session, f"/login?req={pending_key}")
                 pending = self.sessions.unpark(pending_key)
