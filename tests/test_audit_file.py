@@ -26,3 +26,25 @@ def test_audit_file_is_created_private_and_holds_no_password(conf_dir, demo_hash
     records = [json.loads(line) for line in text.splitlines()]  # one JSON object a line
     assert [(r["username"], r["outcome"]) for r in records] == [("alice", "success"), ("alice", "invalid_credentials")]
     assert "demo-password" not in text and "Wrong-Secret-42" not in text
+
+
+def test_a_reload_reopens_the_audit_file_so_it_can_be_rotated(conf_dir, demo_hash, start_gateway, tmp_path):
+    """logrotate moves the file away and reloads the service (docs/operations.md): the lines
+    after the reload go to a new file of the same name, none lost, none into the moved one."""
+    import os
+    import signal
+
+    audit = tmp_path / "audit.jsonl"
+    conf = write_conf(conf_dir, {"gateway.yaml": f"chain: [static]\naudit:\n  file: {audit}\n",
+                                 **static_users({"alice": demo_hash})})
+    gw = start_gateway(conf)
+    assert gw.auth("alice", "demo-password").status == 200
+    wait_for(lambda: audit.exists() and audit.read_text().count("\n") == 1, 10, interval=0.05, what="the first line")
+    rotated = audit.rename(tmp_path / "audit.jsonl.1")
+    os.kill(gw.proc.pid, signal.SIGHUP)
+    wait_for(lambda: "reload" in gw.output().lower() and audit.exists(), 30, interval=0.1,
+             what="the reload and a new audit file")
+    assert gw.auth("alice", "demo-password").status == 200
+    wait_for(lambda: audit.read_text().count("\n") == 1, 10, interval=0.05, what="a line in the new file")
+    assert rotated.read_text().count("\n") == 1
+    assert stat.S_IMODE(audit.stat().st_mode) == 0o600
