@@ -94,6 +94,10 @@ def test_forms_need_the_session_csrf_token_and_a_same_origin(console, conf_dir, 
         text = client.get(path).text
         posts = len(re.findall(r'<form[^>]*method="post"', text))
         assert posts and text.count('name="csrf"') == posts, path
+    # The store keeps neither the session id nor the token (derived from it): its file holds no
+    # value a form could be posted with (review of secret leakage).
+    stored = b"".join(p.read_bytes() for p in gw.state_dir.rglob("console*") if p.is_file())
+    assert stored and client.csrf.encode() not in stored and other.csrf.encode() not in stored
 
 
 def test_another_host_name_is_refused(console, conf_dir, start_gateway):

@@ -40,6 +40,12 @@ def _digest(value: str) -> str:
     return hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+def _csrf(session_id: str) -> str:
+    """A session's CSRF token: derived from its id (the HttpOnly cookie's secret), so the store
+    keeps neither (its ``csrf`` column is left empty; older files' values are not used)."""
+    return _digest("csrf\0" + session_id)
+
+
 @dataclass(frozen=True, slots=True)
 class Session:
     digest: str
@@ -93,22 +99,22 @@ class ConsoleStore:
 
     def new_session(self, ttl: float) -> tuple[str, Session]:
         session_id = secrets.token_urlsafe(32)
-        session = Session(_digest(session_id), secrets.token_urlsafe(32))
+        session = Session(_digest(session_id), _csrf(session_id))
         now = time.time()
         with closing(self._connect()) as conn:
             conn.execute("DELETE FROM sessions WHERE expires <= ?", (now,))
-            conn.execute("INSERT INTO sessions VALUES (?, ?, ?)", (session.digest, session.csrf, now + ttl))
+            conn.execute("INSERT INTO sessions VALUES (?, '', ?)", (session.digest, now + ttl))
         return session_id, session
 
     def session(self, session_id: str, ttl: float) -> Session | None:
         """The live session for a cookie value, its expiry pushed on (idle timeout), or None."""
         digest, now = _digest(session_id), time.time()
         with closing(self._connect()) as conn:
-            row = conn.execute("SELECT csrf FROM sessions WHERE digest = ? AND expires > ?", (digest, now)).fetchone()
+            row = conn.execute("SELECT 1 FROM sessions WHERE digest = ? AND expires > ?", (digest, now)).fetchone()
             if row is None:
                 return None
             conn.execute("UPDATE sessions SET expires = ? WHERE digest = ?", (now + ttl, digest))
-        return Session(digest, row[0])
+        return Session(digest, _csrf(session_id))
 
     def end_session(self, session: Session) -> None:
         with closing(self._connect()) as conn:
