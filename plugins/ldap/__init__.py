@@ -30,7 +30,7 @@ Settings (``ldap:`` in conf.d)
     ``max_groups``, ``base_dn``, ``filter``, ``nested_filter``, ``object_filter``,
     ``name_attribute``, ``cache_ttl``, ``cache_size``, ``page_size``), ``connect_timeout``,
     ``receive_timeout``, ``backoff``, ``pool_size``, ``idle_timeout``, ``allow_expired_password``,
-    ``allow_must_change_password``, ``max_username_length``, ``test_login``. Reference:
+    ``allow_must_change_password``, ``ppolicy_default``, ``max_username_length``, ``test_login``. Reference:
     docs/plugins/ldap.md. From the core: ``health.probe_interval`` (every server is probed,
     service bind included, by ``gateway_probe`` on the core's health round at start-up and
     then periodically; the core logs state changes at WARNING and ``/readyz`` reflects them

@@ -23,7 +23,15 @@ Decides the reason codes the password path uses (:mod:`~gateway.plugins.ldap.adc
     the entry came without it: the service account may not read it (see :data:`ALWAYS_PRESENT`).
 ``ldap.password_expired`` / ``ldap.must_change_password`` (password state only)
     UF_PASSWORD_EXPIRED (0x800000) in the computed attribute; AD ``pwdLastSet: 0`` or ppolicy
-    ``pwdReset: TRUE`` (must change at next logon).
+    ``pwdReset: TRUE`` (must change at next logon). OpenLDAP ppolicy's expiry is not a flag but
+    an age: ``pwdChangedTime`` plus the ``pwdMaxAge`` of the user's policy (an entry of its own,
+    named by ``pwdPolicySubentry`` or the overlay's default). :func:`account_state` cannot see the
+    policy; the caller reads it (the directory, cached) and asks :func:`password_age_state`, which
+    judges as slapd does (``servers/slapd/overlays/ppolicy.c``, slapo-ppolicy(5)): expired when
+    ``now - pwdChangedTime > pwdMaxAge``; no ``pwdChangedTime``, or ``pwdMaxAge`` absent or 0,
+    never expires. Grace logins (``pwdGraceAuthNLimit``) are not counted: they are password
+    binds slapd lets an expired password make so that it can be changed; a login that binds no
+    password uses none, and is answered as the password's state is: expired.
 
 A ppolicy lock whose ``pwdLockoutDuration`` has passed stays in the entry until the user's next
 password bind; until then it still refuses (fail closed). Every value of an attribute counts (a
@@ -40,12 +48,18 @@ import time
 
 from gateway.plugins.ldap.link import Entry
 
-__all__ = ["ALWAYS_PRESENT", "STATE_ATTRIBUTES", "account_state"]
+__all__ = ["ALWAYS_PRESENT", "PPOLICY_AGE_ATTRIBUTES", "STATE_ATTRIBUTES", "account_state", "password_age_state",
+           "policy_dn", "policy_max_age"]
 
+#: What :func:`account_state` judges.
+_JUDGED = ("userAccountControl", "msDS-User-Account-Control-Computed", "accountExpires", "pwdLastSet",
+           "pwdAccountLockedTime", "pwdReset", "nsAccountLock", "pwdStartTime", "pwdEndTime")
+#: ppolicy's password age (operational attributes: returned only when asked for by name), judged
+#: by :func:`password_age_state` with the policy's ``pwdMaxAge``.
+PPOLICY_AGE_ATTRIBUTES = ("pwdChangedTime", "pwdPolicySubentry")
 #: Asked for with every user search. A server ignores attributes it does not know (RFC 4511
 #: section 4.5.1.8), so one list serves every directory family.
-STATE_ATTRIBUTES = ("userAccountControl", "msDS-User-Account-Control-Computed", "accountExpires", "pwdLastSet",
-                    "pwdAccountLockedTime", "pwdReset", "nsAccountLock", "pwdStartTime", "pwdEndTime")
+STATE_ATTRIBUTES = _JUDGED + PPOLICY_AGE_ATTRIBUTES
 
 #: State attributes every user entry of a directory family carries (by preset): absent from a
 #: lookup's answer, the service account may not read them, and "not disabled" cannot be told
@@ -54,7 +68,7 @@ STATE_ATTRIBUTES = ("userAccountControl", "msDS-User-Account-Control-Computed", 
 ALWAYS_PRESENT = {"active_directory": ("userAccountControl",)}
 
 #: The same, as :class:`Entry` folds names: an entry with none of them is a usable account.
-_STATE_FOLDED = frozenset(name.lower() for name in STATE_ATTRIBUTES)
+_STATE_FOLDED = frozenset(name.lower() for name in _JUDGED)
 
 ACCOUNTDISABLE = 0x2
 UF_LOCKOUT = 0x10
@@ -158,3 +172,39 @@ def account_state(entry: Entry, now: float | None = None) -> tuple[str, str]:
     elif last_set is _GARBAGE or 0 in last_set or _true(entry, "pwdReset"):  # type: ignore[operator]
         password = "ldap.must_change_password"
     return account, password
+
+
+def policy_dn(entry: Entry) -> str | None:
+    """The DN in the user's ``pwdPolicySubentry`` (single-valued in slapd's schema: the first
+    value), or None: the overlay's default policy applies then."""
+    texts = [text.strip() for text in _texts(entry, "pwdPolicySubentry")]
+    return next((text for text in texts if text), None)
+
+
+def policy_max_age(policy: Entry) -> int | None:
+    """``pwdMaxAge`` of a ppolicy entry in seconds: 0 when absent (never expires); None when a
+    value does not parse (fail closed: :func:`password_age_state` counts it as expired)."""
+    values = _ints(policy, "pwdMaxAge")
+    if values is _GARBAGE:
+        return None
+    return values[0] if values else 0  # type: ignore[index]
+
+
+def password_age_state(entry: Entry, max_age: int | None, now: float | None = None) -> str:
+    """``ldap.password_expired`` when the entry's ``pwdChangedTime`` is older than *max_age*
+    seconds (the policy's ``pwdMaxAge``; None: it did not parse), else ``""``.
+
+    As slapd judges a bind: ``pwdMaxAge`` 0 never expires, an entry without ``pwdChangedTime``
+    never expires, and the password expires once ``now - pwdChangedTime > pwdMaxAge``. A
+    ``pwdChangedTime`` (or ``pwdMaxAge``) that does not parse refuses (fail closed)."""
+    texts = _texts(entry, "pwdChangedTime")
+    if not texts or max_age == 0:
+        return ""
+    if max_age is None:
+        return "ldap.password_expired"
+    now = time.time() if now is None else now
+    for text in texts:
+        changed = _generalized_time(text)
+        if changed is None or now - changed > max_age:
+            return "ldap.password_expired"
+    return ""

@@ -10,13 +10,16 @@ from __future__ import annotations
 import base64
 import dataclasses
 import secrets
+import threading
+import time
 
 from dataclasses import dataclass, field
 from typing import Any
 
 from gateway import Identity, Outcome
 from gateway.logs import printable
-from gateway.plugins.ldap.accountstate import ALWAYS_PRESENT, STATE_ATTRIBUTES, account_state
+from gateway.plugins.ldap.accountstate import (ALWAYS_PRESENT, STATE_ATTRIBUTES, account_state, password_age_state,
+                                               policy_dn, policy_max_age)
 from gateway.plugins.ldap.adcodes import parse_data_code
 from gateway.plugins.ldap.escaping import FilterTemplate, dn_value, fill, format_guid, plain_name_ok
 from gateway.plugins.ldap.groups import GroupResolver
@@ -25,12 +28,59 @@ from gateway.plugins.ldap.wire import PasswordPolicy
 from gateway.plugins.ldap.pool import BIND, SERVICE, Pool
 from gateway.plugins.ldap.settings import LdapSettings, Resolved
 
-__all__ = ["Directory", "Verdict"]
+__all__ = ["Directory", "PolicyCache", "Verdict"]
 
 _BIND_REFUSED = "ldap.bind_refused"
 #: The password policy control's errors that say why a bind was refused (draft-behera section
 #: 6.2), with the reason codes AD's sub-codes (adcodes.py) and the entry's state use.
 _PPOLICY_REASONS = {0: "ldap.password_expired", 1: "ldap.locked", 2: "ldap.must_change_password"}
+
+
+#: Seconds a ppolicy entry's ``pwdMaxAge`` (or its being unreadable) is reused: policies change
+#: rarely, and a change is seen by lookups this much later at most (binds see it at once).
+POLICY_TTL = 300.0
+#: Policy DNs remembered at most (a directory has a handful; this bounds a broken one).
+POLICY_CACHE_SIZE = 256
+#: Stands for a policy entry the service account could not read (absent, hidden by an ACL, not a
+#: policy): the password age cannot be judged, and is not (logged once per DN).
+UNREADABLE = object()
+
+
+class PolicyCache:
+    """``pwdMaxAge`` of ppolicy entries by DN, each for :data:`POLICY_TTL` seconds, at most
+    :data:`POLICY_CACHE_SIZE` DNs (the oldest goes first). The lock guards the dict only; it
+    is never held across a directory call (two lookups missing at once both read: harmless)."""
+
+    def __init__(self, ttl: float = POLICY_TTL, size: int = POLICY_CACHE_SIZE, clock=time.monotonic) -> None:
+        self.ttl = ttl
+        self.size = size
+        self.clock = clock
+        self._entries: dict[str, tuple[float, object]] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(dn: str) -> str:
+        return dn.strip().lower()
+
+    def get(self, dn: str) -> tuple[bool, object]:
+        """``(True, value)`` when *dn* is known and fresh, else ``(False, None)``."""
+        key = self.key(dn)
+        with self._lock:
+            found = self._entries.get(key)
+            if found is None:
+                return False, None
+            if found[0] <= self.clock():
+                del self._entries[key]
+                return False, None
+            return True, found[1]
+
+    def put(self, dn: str, value: object) -> None:
+        key = self.key(dn)
+        with self._lock:
+            self._entries.pop(key, None)
+            while len(self._entries) >= self.size:
+                del self._entries[next(iter(self._entries))]  # insertion order: the oldest
+            self._entries[key] = (self.clock() + self.ttl, value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +121,10 @@ class Directory:
         self._attributes = list(resolved.user_attributes) + [
             a for a in STATE_ATTRIBUTES if a.lower() not in {u.lower() for u in resolved.user_attributes}]
         self._always_present = ALWAYS_PRESENT.get(settings.preset, ())
+        #: ppolicy entries' pwdMaxAge, for the password age of lookups (password_age_state).
+        self.policies = PolicyCache()
+        #: What was logged once (an unreadable policy, no default policy), bounded.
+        self._told: set[str] = set()
         #: The user filter with ``{username}`` filled, as BER (escaping.FilterTemplate).
         self._user_filter = FilterTemplate(resolved.user_filter)
         #: Bound by ``_equalizing_bind``; random per process, so no entry can be made to match it.
@@ -283,13 +337,65 @@ class Directory:
                              "refused as ldap.account_state_unreadable", username, ", ".join(unreadable))
             state = "ldap.account_state_unreadable"
         if state:
-            # Refused anyway: no group search; the caller answers ACCOUNT_STATE.
+            # Refused anyway: no group search (and no policy read); the caller answers ACCOUNT_STATE.
             return dataclasses.replace(self.identity(entry, username, (), {}), account_state=state,
                                        password_state=password_state)
+        if not password_state:
+            password_state = self.password_age(entry, deadline)
         groups = self.groups.known(entry)
         if groups is None:
             groups = self.pool.call(SERVICE, lambda link: self.groups.resolve(link, entry, username), deadline)
         return dataclasses.replace(self.identity(entry, username, groups, {}), password_state=password_state)
+
+    def password_age(self, entry: Entry, deadline: float) -> str:
+        """OpenLDAP ppolicy's expiry of the entry's password (``ldap.password_expired``) or ``""``:
+        ``pwdChangedTime`` against the ``pwdMaxAge`` of the policy in effect, the entry named by
+        ``pwdPolicySubentry``, else ``ppolicy_default``. A password bind is judged by slapd; a
+        lookup binds no password, so it must judge the age itself, as slapd would.
+
+        Costs nothing for an entry without ``pwdChangedTime`` (slapd: such a password never
+        expires) and one base search per policy every :data:`POLICY_TTL` seconds otherwise.
+        Directory trouble raises (DirectoryUnavailable: the lookup fails closed); a policy the
+        service account cannot read leaves the age unjudged, logged once per DN."""
+        if not entry.get("pwdChangedTime"):
+            return ""
+        dn = policy_dn(entry) or self.s.ppolicy_default
+        if dn is None:
+            self._tell_once("no default", "%s carries pwdChangedTime but no pwdPolicySubentry, and ppolicy_default "
+                            "is not set: the password age of users under the overlay's default policy is not judged "
+                            "on lookups (Kerberos, certificates); set ldap.ppolicy_default to its DN", printable(entry.dn))
+            return ""
+        found, max_age = self.policies.get(dn)
+        if not found:
+            max_age = self.pool.call(SERVICE, lambda link: self._read_policy(link, dn), deadline)
+            self.policies.put(dn, max_age)
+        if max_age is UNREADABLE:
+            return ""
+        return password_age_state(entry, max_age)  # type: ignore[arg-type]
+
+    def _read_policy(self, link: Link, dn: str) -> object:
+        """The policy entry's pwdMaxAge (policy_max_age), or UNREADABLE."""
+        result, entries, _ = link.search(dn, "(objectClass=*)", ["pwdMaxAge", "pwdAttribute"], scope="base")
+        if result.code in TROUBLE_CODES:
+            raise ServerTrouble(f"reading the password policy {printable(dn)} answered {result.code}: {result.message}")
+        # pwdAttribute is a MUST of pwdPolicy: an entry without it is not a policy, or one whose
+        # attributes the service account may not read (then pwdMaxAge would look "not set").
+        if result.code != 0 or len(entries) != 1 or not entries[0].get("pwdAttribute"):
+            self._tell_once(f"policy {PolicyCache.key(dn)}",
+                            "the password policy %s could not be read by the service account (answered %d %s with "
+                            "%d entries, pwdAttribute %s): the password age of its users is not judged on lookups "
+                            "(Kerberos, certificates); let the service account read it (pwdMaxAge, pwdAttribute)",
+                            printable(dn), result.code, printable(result.message), len(entries),
+                            "readable" if entries and entries[0].get("pwdAttribute") else "not seen")
+            return UNREADABLE
+        return policy_max_age(entries[0])
+
+    def _tell_once(self, key: str, message: str, *args: Any) -> None:
+        if key in self._told:
+            return
+        if len(self._told) < 1000:
+            self._told.add(key)
+        self.log.warning(message, *args)
 
     def identity(self, entry: Entry, username: str, groups: tuple[str, ...], extra: dict[str, Any]) -> Identity:
         claims: dict[str, Any] = {"dn": entry.dn}

@@ -88,14 +88,14 @@ class UserSearch:
         after = decode_cursor(cursor).lower() if cursor else None
         ldap_filter = self.filter(query)
         entries = self.d.pool.call(SERVICE, lambda link: self._scan(link, ldap_filter), deadline)
-        users = sorted((self._identity(e) for e in entries), key=lambda i: (i.username.lower(), i.subject))
+        users = sorted((self._identity(e, deadline) for e in entries), key=lambda i: (i.username.lower(), i.subject))
         if after is not None:
             users = [u for u in users if u.username.lower() > after]
         page = users[:limit]
         more = len(users) > limit
         return UserPage(tuple(page), encode_cursor(page[-1].username) if more and page else None)
 
-    def _identity(self, entry: Entry) -> Identity:
+    def _identity(self, entry: Entry, deadline: float) -> Identity:
         d = self.d
         identity = d.identity(entry, "", (), {})
         claims = {k: v for k, v in identity.claims.items() if k not in self._secret_claims}
@@ -103,6 +103,9 @@ class UserSearch:
         unreadable = [attr for attr in d._always_present if not entry.get(attr)]
         if unreadable and not state:
             state = "ldap.account_state_unreadable"  # as a lookup answers: never "enabled" unread
+        if not state and not password_state:
+            # ppolicy's password age, as a lookup judges it (one read per policy, cached).
+            password_state = d.password_age(entry, deadline)
         return dataclasses.replace(identity, claims=claims, account_state=state, password_state=password_state)
 
     def list_groups(self, username: str, deadline: float) -> list[str] | None:

@@ -162,6 +162,9 @@ class LdapSettings(PluginSettings):
     allow_must_change_password: bool = Field(False, description="AD 773, ppolicy changeAfterReset: let a correct "
                                                                 "password that must be changed in (claim "
                                                                 "`must_change_password: true`)")
+    ppolicy_default: str | None = Field(None, min_length=1, description="OpenLDAP ppolicy: the DN of the overlay's default "
+                                        "policy (slapd's `ppolicy_default`, `olcPPolicyDefault`): lookups judge the "
+                                        "password age of users without `pwdPolicySubentry` by its `pwdMaxAge`")
     max_username_length: int = Field(256, ge=1, le=4096, description="longer usernames are not looked up")
     test_login: TestLogin | None = Field(None, description="an account for the optional login self-test")
 
