@@ -116,3 +116,164 @@ def test_expired_parked_requests_are_purged_without_any_sign_in(tmp_path):
         assert pending() == 1 and manager.peek(kept) == {"request": "live"}
     finally:
         store.close()
+
+
+# -- bounded sessions: at most sessions.max_per_user per subject, idle ones purged (review of
+# resource exhaustion: one valid password made 2,386 sessions a minute, none ever capped, and
+# idle-expired sessions stayed until `absolute`) ---------------------------------------------------
+
+import logging
+import sqlite3
+import threading
+import time
+
+from gateway import Identity
+from gateway.plugins.login.sessions import SessionManager
+from gateway.plugins.login.settings import SessionSettings
+
+
+def who(subject: str) -> Identity:
+    return Identity(subject=subject, username=subject, method="password", authenticated_at=time.time())
+
+
+def manager_on(store, **settings) -> SessionManager:
+    return SessionManager(SessionSettings(**settings), store, b"k" * 32)
+
+
+def session_rows(store) -> dict[str, int]:
+    """What the store holds of sessions: records, participants, SessionIndex records."""
+    if isinstance(store, RedisStore):
+        client = store.redis
+        count = lambda pattern: len(client.keys(f"authgw:login:{pattern}"))  # noqa: E731
+        return {"sessions": count("s:*"), "participants": sum(client.hlen(k) for k in client.keys("authgw:login:sp:*")),
+                "indexes": count("p:idx:*")}
+    db = store.db
+    return {"sessions": db.execute("SELECT COUNT(*) FROM sessions").fetchone()[0],
+            "participants": db.execute("SELECT COUNT(*) FROM participants").fetchone()[0],
+            "indexes": db.execute("SELECT COUNT(*) FROM pending WHERE key LIKE 'idx:%'").fetchone()[0]}
+
+
+def test_a_new_session_beyond_max_per_user_ends_the_subjects_oldest_with_its_rows(stores, caplog):
+    """POST /login again and again without the cookie made a session each time, without end."""
+    store, other_worker = stores
+    first, second = manager_on(store, max_per_user=3), manager_on(other_worker, max_per_user=3)
+    made = []
+    for n in range(5):  # two workers, one subject: the bound is the store's, not a worker's
+        cookie, session = (first if n % 2 else second).create(who("alice"))
+        first.add_participant(session, f"https://sp{n}.example.test", {"name_id": f"n{n}", "format": "f",
+                                                                      "index": session.index})
+        made.append((cookie, session))
+        time.sleep(0.01)  # distinct creation times: "oldest" is well defined
+    bob_cookie, bob = first.create(who("bob"))
+    with caplog.at_level(logging.INFO, logger="authgw.plugin.login"):
+        newest_cookie, newest = first.create(who("alice"))
+    live = [first.get(cookie) for cookie, _ in made] + [first.get(newest_cookie)]
+    assert [s is not None for s in live] == [False, False, False, True, True, True]
+    assert first.get(bob_cookie) is not None  # another subject's sessions are not counted
+    for _, ended in made[:3]:  # every row of an ended session went with it
+        assert first.participants(ended.key) == {} and first.key_of_index(ended.index) is None
+        assert store.get_session(ended.key) is None
+    for _, kept in made[3:]:
+        assert first.key_of_index(kept.index) == kept.key and len(first.participants(kept.key)) == 1
+    assert session_rows(store) == {"sessions": 4, "participants": 2, "indexes": 4}
+    assert "older session(s) of alice ended (sessions.max_per_user: 3)" in caplog.text
+    assert "https://sp2.example.test" in caplog.text  # the services not told are named
+    # A logout ends a session with every row that belongs to it, its SessionIndex record too.
+    first.end(newest_cookie)
+    assert first.key_of_index(newest.index) is None
+    assert session_rows(store) == {"sessions": 3, "participants": 2, "indexes": 3}
+
+
+def test_the_cap_holds_when_workers_sign_one_subject_in_at_once(stores):
+    managers = [manager_on(store, max_per_user=4) for store in stores]
+    errors: list[BaseException] = []
+
+    def sign_in(manager) -> None:
+        try:
+            for _ in range(25):
+                manager.create(who("carol"))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=sign_in, args=(m,)) for m in managers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors
+    assert session_rows(stores[0]) == {"sessions": 4, "participants": 0, "indexes": 4}
+
+
+def test_a_reauthentication_over_a_session_keeps_its_index_through_the_cap(stores):
+    """The same user signing in over a session keeps its SessionIndex; the old session's end
+    (and the cap's) must not take the index record that now names the new one."""
+    manager = manager_on(stores[0], max_per_user=1)
+    cookie, old = manager.create(who("dave"))
+    cookie, new = manager.create(who("dave"), cookie)
+    assert new.index == old.index and manager.key_of_index(new.index) == new.key
+    assert manager.get(cookie) is not None
+    assert session_rows(stores[0]) == {"sessions": 1, "participants": 0, "indexes": 1}
+
+
+def test_sessions_idle_past_idle_are_purged_with_their_rows(tmp_path):
+    store = SqliteStore(tmp_path / "sessions.sqlite3")
+    manager = manager_on(store, idle=5, absolute=3600)
+    try:
+        idle = [manager.create(who(f"user{n}"))[1] for n in range(600)]  # more than one purge batch
+        for session in idle:
+            manager.add_participant(session, "https://sp.example.test", {"name_id": "x"})
+        cookie, used = manager.create(who("erin"))
+        manager.add_participant(used, "https://sp.example.test", {"name_id": "y"})
+        store.db.execute("UPDATE sessions SET seen = seen - 10 WHERE key != ?", (used.key,))  # idle 10 s ago
+        assert session_rows(store) == {"sessions": 601, "participants": 601, "indexes": 601}
+        store.purge(time.time(), time.time() - 3600)
+        assert session_rows(store) == {"sessions": 1, "participants": 1, "indexes": 1}
+        assert manager.get(cookie) is not None and manager.key_of_index(used.index) == used.key
+    finally:
+        store.close()
+
+
+def test_the_new_indexes_are_made_on_an_existing_file(tmp_path):
+    path = tmp_path / "old.sqlite3"
+    old = sqlite3.connect(path)  # the schema (and a session) of a file made before them
+    old.execute("CREATE TABLE sessions (key TEXT PRIMARY KEY, data TEXT NOT NULL, created REAL NOT NULL, "
+                "seen REAL NOT NULL)")
+    old.execute("CREATE INDEX sessions_created ON sessions (created)")
+    old.execute("INSERT INTO sessions VALUES ('old', ?, ?, ?)",
+                ('{"identity": {"subject": "frank"}, "index": "_o"}', time.time(), time.time()))
+    old.commit()
+    old.close()
+    store = SqliteStore(path)
+    try:
+        for query, index in (("SELECT rowid FROM sessions WHERE seen < 5 LIMIT 500", "sessions_seen"),
+                             ("SELECT key FROM sessions WHERE json_extract(data, '$.identity.subject') = 'x' "
+                              "ORDER BY created DESC", "sessions_subject")):
+            plan = " ".join(str(row) for row in store.db.execute(f"EXPLAIN QUERY PLAN {query}"))
+            assert index in plan, plan
+        manager = manager_on(store, max_per_user=1)
+        manager.create(who("frank"))  # the session from before the index counts too
+        assert store.get_session("old") is None
+    finally:
+        store.close()
+
+
+def test_a_redis_session_expires_when_idle_with_its_rows(redis_server):
+    redis_server.client().flushdb()
+    store = RedisStore(redis_server.url, 3600)
+    manager = manager_on(store, idle=2, absolute=3600)
+    try:
+        cookie, session = manager.create(who("gina"))
+        manager.add_participant(session, "https://sp.example.test", {"name_id": "x"})
+        names = [f"authgw:login:s:{session.key}", f"authgw:login:sp:{session.key}",
+                 f"authgw:login:p:idx:{session.index}"]
+        assert all(0 < store.redis.ttl(name) <= 3 for name in names), [store.redis.ttl(n) for n in names]
+        time.sleep(1.2)
+        assert manager.get(cookie) is not None  # a use: the idle time starts again, for every key
+        manager.rechecked(session, None)  # an account check is no use: it keeps the expiry
+        assert all(2 <= store.redis.ttl(name) <= 3 for name in names), [store.redis.ttl(n) for n in names]
+        deadline = time.time() + 10
+        while any(store.redis.exists(name) for name in names) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not any(store.redis.exists(name) for name in names)  # gone without any request
+    finally:
+        store.close()

@@ -23,7 +23,15 @@ Parked requests are bounded: :class:`SessionManager` refuses a park (:class:`Par
 the door's per-address budget is spent (:attr:`SessionManager.admit_park`, :mod:`.web`) or when
 ``sessions.max_pending`` (:data:`MAX_PARKED` by default) requests are parked in the whole store. The expired records are purged at
 most once a minute, in batches of :data:`PURGE_BATCH` rows on a connection of the purge's own, in
-a thread: never on the event loop. A SQLite file made by this version gives the freed pages back
+a thread: never on the event loop.
+
+Sessions are bounded too (review: one valid password made 2,386 sessions a minute): a subject
+has at most ``sessions.max_per_user`` live sessions; a sign-in beyond it ends the subject's oldest
+(:meth:`SessionManager.create`). A session ends with every record that belongs to it (its
+participants, its SessionIndex record) whatever ends it: a logout, the cap, the purge of sessions
+past ``absolute`` *or* idle past ``idle`` (SQLite), the key's expiry (Redis: each key of a session
+expires at its idle or absolute end, whichever comes first, renewed by each use). A SQLite change
+is one transaction, a Redis one a Lua script. A SQLite file made by this version gives the freed pages back
 (``auto_vacuum = INCREMENTAL``); an older file keeps its size and reuses them (docs/login.md).
 """
 
@@ -33,8 +41,10 @@ import base64
 import hashlib
 import hmac
 import asyncio
+import contextlib
 import json
 import logging
+import math
 import secrets
 import sqlite3
 import time
@@ -44,6 +54,7 @@ from typing import Any, Callable
 
 from gateway import Identity
 from gateway.health import redis_location
+from gateway.logs import printable
 from gateway.sqlitedb import connect_wal
 
 from .settings import SessionSettings
@@ -75,6 +86,9 @@ _VACUUM_STEP = 100
 _JOURNAL_SIZE_LIMIT = 16 << 20
 #: The Redis sorted set of the parked requests' keys, scored by their expiry (the total bound).
 _PARKED_SET = "authgw:login:parked"
+#: The SQL expression a session row's subject is found by (the ``sessions_subject`` index is on
+#: it: a query must spell it the same way to use the index).
+_SUBJECT = "json_extract(data, '$.identity.subject')"
 
 
 class ParkRefused(Exception):
@@ -168,6 +182,9 @@ class SqliteStore:
         #: The purge's own connection (:meth:`purge` runs in a thread while the worker's event
         #: loop uses :attr:`db`; a connection is never used by two threads at once).
         self._purger: sqlite3.Connection | None = None
+        #: ``sessions.idle``: the purge deletes sessions unused for longer (:meth:`lifetimes`,
+        #: set by :class:`SessionManager`); ``None``: only sessions older than ``absolute`` are.
+        self.idle: float | None = None
         self.db.execute("CREATE TABLE IF NOT EXISTS sessions (key TEXT PRIMARY KEY, data TEXT NOT NULL, "
                         "created REAL NOT NULL, seen REAL NOT NULL)")
         self.db.execute("CREATE TABLE IF NOT EXISTS pending (key TEXT PRIMARY KEY, data TEXT NOT NULL, "
@@ -177,6 +194,42 @@ class SqliteStore:
         # The purge finds the expired rows by it (a file made before it gets it here).
         self.db.execute("CREATE INDEX IF NOT EXISTS pending_expires ON pending (expires)")
         self.db.execute("CREATE INDEX IF NOT EXISTS sessions_created ON sessions (created)")  # its purge too
+        # The purge of idle sessions, and a subject's sessions (the cap, ``sessions.max_per_user``).
+        self.db.execute("CREATE INDEX IF NOT EXISTS sessions_seen ON sessions (seen)")
+        self.db.execute(f"CREATE INDEX IF NOT EXISTS sessions_subject ON sessions ({_SUBJECT}, created)")
+
+    def lifetimes(self, idle: float, absolute: float) -> None:
+        """The sessions' lifetimes (``sessions.idle``, ``sessions.absolute``), for the purge."""
+        self.idle = idle
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _transaction(db: sqlite3.Connection):
+        """One write transaction on *db* (an autocommit connection): every statement in it or
+        none; ``IMMEDIATE`` takes the write lock at once (other workers wait, busy timeout)."""
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:  # SQLite may have rolled back itself (a full disk)
+                db.execute("ROLLBACK")
+            raise
+
+    @staticmethod
+    def _drop_rows_of(db: sqlite3.Connection, ended: list[tuple[str, str]]) -> None:
+        """Delete the rows that belong to the sessions *ended* (``(key, data)`` of session rows
+        just deleted): their participants and their SessionIndex record, when it still names
+        that session (a re-authentication carries the index to the new session)."""
+        if not ended:
+            return
+        db.executemany("DELETE FROM participants WHERE session = ?", [(key,) for key, _ in ended])
+        indexes = []
+        for key, data in ended:
+            index = json.loads(data).get("index")
+            if isinstance(index, str) and index:
+                indexes.append(("idx:" + index, key))
+        db.executemany("DELETE FROM pending WHERE key = ? AND json_extract(data, '$.key') = ?", indexes)
 
     def put_session(self, key: str, data: dict, now: float) -> None:
         self.db.execute("INSERT INTO sessions VALUES (?, ?, ?, ?)", (key, json.dumps(data), now, now))
@@ -192,8 +245,40 @@ class SqliteStore:
         self.db.execute("UPDATE sessions SET data = ? WHERE key = ?", (json.dumps(data), key))
 
     def delete_session(self, key: str) -> None:
-        self.db.execute("DELETE FROM sessions WHERE key = ?", (key,))
-        self.db.execute("DELETE FROM participants WHERE session = ?", (key,))
+        """Delete the session and the rows that belong to it (participants, its SessionIndex
+        record), in one transaction."""
+        with self._transaction(self.db) as db:
+            rows = db.execute("DELETE FROM sessions WHERE key = ? RETURNING key, data", (key,)).fetchall()
+            db.execute("DELETE FROM participants WHERE session = ?", (key,))
+            self._drop_rows_of(db, rows)
+
+    def limit_subject(self, subject: str, keep: str, most: int, now: float, idle: float,
+                      absolute: float) -> list[tuple[str, dict[str, dict]]]:
+        """End the oldest sessions of *subject* beyond *most* (the session *keep*, just made, is
+        always one of those kept), and its sessions that are over (idle, too old) with them; in
+        one transaction, so that workers signing the same subject in at once keep *most* in all.
+        Returns the sessions ended that were live: ``(key, participants)``."""
+        ended: list[tuple[str, dict[str, dict]]] = []
+        with self._transaction(self.db) as db:
+            rows = db.execute(f"SELECT key, created, seen FROM sessions WHERE {_SUBJECT} = ? "
+                              "ORDER BY created DESC, rowid DESC", (subject,)).fetchall()
+            kept, doomed = 1, []
+            for key, created, seen in rows:
+                if key == keep:
+                    continue
+                live = now - created <= absolute and now - seen <= idle
+                if live and kept < most:
+                    kept += 1
+                    continue
+                doomed.append(key)
+                if live:
+                    parties = db.execute("SELECT party, data FROM participants WHERE session = ?", (key,)).fetchall()
+                    ended.append((key, {party: json.loads(data) for party, data in parties}))
+            gone = []
+            for key in doomed:
+                gone += db.execute("DELETE FROM sessions WHERE key = ? RETURNING key, data", (key,)).fetchall()
+            self._drop_rows_of(db, gone)
+        return ended
 
     def put_participant(self, key: str, party: str, data: dict) -> None:
         # One row per (session, party), replaced: a transient NameID changes with each answer.
@@ -225,10 +310,16 @@ class SqliteStore:
     def purge(self, now: float, oldest: float) -> int:
         """Delete expired pending records and sessions; returns the pending records deleted.
 
+        Sessions created before *oldest* (``absolute``) and sessions not used for :attr:`idle`
+        seconds are deleted with the rows that belong to them (participants, SessionIndex
+        records).
+
         Made to run in a thread (:meth:`SessionManager._maybe_purge`): on a connection of its
         own, in batches of :data:`PURGE_BATCH` rows (each statement its own short transaction,
-        the ``pending(expires)`` index finding them), then the freed pages are given back to the
-        file system, :data:`_VACUUM_STEP` at a time, where the file allows it."""
+        the ``pending(expires)`` index finding them; a batch of sessions and their rows one
+        transaction, found by the ``sessions(created)`` or ``sessions(seen)`` index), then the
+        freed pages are given back to the file system, :data:`_VACUUM_STEP` at a time, where
+        the file allows it."""
         if self._purger is None:
             self._purger = connect_wal(self.path, timeout=5.0, check_same_thread=False)
             self._purger.execute(f"PRAGMA journal_size_limit = {_JOURNAL_SIZE_LIMIT}")
@@ -240,9 +331,16 @@ class SqliteStore:
             removed += batch
             if batch < PURGE_BATCH:
                 break
-        while db.execute("DELETE FROM sessions WHERE rowid IN (SELECT rowid FROM sessions WHERE created < ? "
-                         "LIMIT ?)", (oldest, PURGE_BATCH)).rowcount == PURGE_BATCH:
-            pass
+        over = [("created", oldest)] + ([("seen", now - self.idle)] if self.idle is not None else [])
+        for column, before in over:
+            while True:
+                with self._transaction(db):
+                    ended = db.execute(f"DELETE FROM sessions WHERE rowid IN (SELECT rowid FROM sessions WHERE "
+                                       f"{column} < ? LIMIT ?) RETURNING key, data", (before, PURGE_BATCH)).fetchall()
+                    self._drop_rows_of(db, ended)
+                if len(ended) < PURGE_BATCH:
+                    break
+        # Participants left behind: by an earlier version, or noted just as their session ended.
         db.execute("DELETE FROM participants WHERE session NOT IN (SELECT key FROM sessions)")
         if db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2:  # INCREMENTAL: a file made by this version
             while db.execute("PRAGMA freelist_count").fetchone()[0] > 0:
@@ -257,11 +355,106 @@ class SqliteStore:
         self.db.close()
 
 
+#: The Redis keys of the login door: ``s:KEY`` a session (``[data, created, seen]``), ``sp:KEY``
+#: its participants (a hash), ``p:idx:INDEX`` its SessionIndex record (``{"key": KEY}``),
+#: ``u:SHA1(subject)`` the subject's sessions (a sorted set of keys by creation, for
+#: ``sessions.max_per_user``), ``p:...`` the other short-lived records.
+_PREFIX = "authgw:login:"
+
+#: Lua: whether the SessionIndex record *idx* still names the session *key* (a re-authentication
+#: carries the index to the new session: the old one's end must not take it).
+_NAMES = """
+local function names(idx, key)
+  local held = redis.call('GET', idx)
+  if not held then return false end
+  local ok, ref = pcall(cjson.decode, held)
+  return ok and type(ref) == 'table' and ref.key == key
+end
+"""
+#: Lua: end the session *key*: its record, its participants, its SessionIndex record (if it
+#: still names it) and its place in its subject's set; returns the record as it was (or false).
+_END = _NAMES + """
+local function finish(prefix, key)
+  local name = prefix .. 's:' .. key
+  local raw = redis.call('GET', name)
+  redis.call('DEL', name, prefix .. 'sp:' .. key)
+  if not raw then return false end
+  local ok, rec = pcall(cjson.decode, raw)
+  if not ok or type(rec) ~= 'table' or type(rec[1]) ~= 'table' then return raw end
+  local data = rec[1]
+  if type(data.index) == 'string' and data.index ~= '' and names(prefix .. 'p:idx:' .. data.index, key) then
+    redis.call('DEL', prefix .. 'p:idx:' .. data.index)
+  end
+  if type(data.identity) == 'table' and type(data.identity.subject) == 'string' then
+    redis.call('ZREM', prefix .. 'u:' .. redis.sha1hex(data.identity.subject), key)
+  end
+  return raw
+end
+"""
+#: Delete a session and what belongs to it, atomically. KEYS: the record, its participants
+#: (the keys derived from the record are named in the script). ARGV: prefix, key.
+_DELETE = _END + """
+finish(ARGV[1], ARGV[2])
+return 1
+"""
+#: A new session joins its subject's set; beyond ARGV[3] live sessions the oldest of that
+#: subject end (never the new one). Its SessionIndex record and participants get the session's
+#: expiry. Returns ``{key, {party, ...}}`` per session ended. KEYS: the new record.
+#: ARGV: prefix, key, most, the set's expiry (s: ``absolute``), the session's creation time.
+_LIMIT = _END + """
+local prefix, key, most = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local raw = redis.call('GET', KEYS[1])
+if not raw then return {} end
+local data = cjson.decode(raw)[1]
+local set = prefix .. 'u:' .. redis.sha1hex(data.identity.subject)
+redis.call('ZADD', set, ARGV[5], key)
+redis.call('EXPIRE', set, ARGV[4])
+local ms = redis.call('PTTL', KEYS[1])
+if ms > 0 then
+  redis.call('PEXPIRE', prefix .. 'sp:' .. key, ms)
+  if type(data.index) == 'string' and names(prefix .. 'p:idx:' .. data.index, key) then
+    redis.call('PEXPIRE', prefix .. 'p:idx:' .. data.index, ms)
+  end
+end
+local kept, ended = 1, {}
+if redis.call('ZCARD', set) <= most then return ended end  -- the usual case: nothing to look at
+for _, other in ipairs(redis.call('ZREVRANGE', set, 0, -1)) do
+  if other ~= key then
+    if redis.call('EXISTS', prefix .. 's:' .. other) == 0 then
+      redis.call('ZREM', set, other)
+    elseif kept < most then
+      kept = kept + 1
+    else
+      local parties = redis.call('HKEYS', prefix .. 'sp:' .. other)
+      finish(prefix, other)
+      table.insert(ended, {other, parties})
+    end
+  end
+end
+return ended
+"""
 #: Compare-and-set: the new record replaces the old only if the old is still there, unchanged.
 #: The JSON is made in Python (cjson would turn ``[]`` into ``{}`` and round the times).
-_SWAP = """
+#: ARGV[3]: the new expiry in seconds (a use: the participants and the SessionIndex record,
+#: KEYS[2] and KEYS[3], get it too), or 0 to keep the record's (an account check is no use).
+_SWAP = _NAMES + """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+local ttl = tonumber(ARGV[3])
+if ttl == 0 then
+  redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
+  return 1
+end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ttl)
+redis.call('EXPIRE', KEYS[2], ttl)
+if KEYS[3] and names(KEYS[3], ARGV[4]) then redis.call('EXPIRE', KEYS[3], ttl) end
+return 1
+"""
+#: A participant is noted only while its session lives, and expires with it.
+_PARTICIPANT = """
+local ms = redis.call('PTTL', KEYS[1])
+if ms == -2 then return 0 end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+if ms > 0 then redis.call('PEXPIRE', KEYS[2], ms) else redis.call('EXPIRE', KEYS[2], ARGV[3]) end
 return 1
 """
 #: Compare-and-set attempts before a touch or update gives way to the writes that won.
@@ -276,8 +469,23 @@ class RedisStore:
 
         self.redis = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
         self.ttl = int(ttl) + 1
+        #: ``sessions.idle`` and ``sessions.absolute`` (:meth:`lifetimes`): a session's key expires
+        #: when the first of them is reached, so Redis drops idle sessions itself.
+        self.idle = self.absolute = float(ttl)
         self.location = redis_location(url)  # for readiness and errors: no password
         self._swap = self.redis.register_script(_SWAP)
+        self._delete = self.redis.register_script(_DELETE)
+        self._limit = self.redis.register_script(_LIMIT)
+        self._participant = self.redis.register_script(_PARTICIPANT)
+
+    def lifetimes(self, idle: float, absolute: float) -> None:
+        self.idle, self.absolute = idle, absolute
+        self.ttl = int(absolute) + 1
+
+    def _expiry(self, created: float, seen: float, now: float) -> int:
+        """Seconds the session record (used at *seen*) lives from *now*: to its idle or its
+        absolute end, whichever comes first (and a second more, as before)."""
+        return max(1, math.ceil(min(seen + self.idle, created + self.absolute) - now)) + 1
 
     def ping(self) -> str:
         """The health probe's question (raises on failure; at most the 2 s socket timeout)."""
@@ -285,42 +493,62 @@ class RedisStore:
         return f"{self.location}: answers"
 
     def put_session(self, key: str, data: dict, now: float) -> None:
-        self.redis.set(f"authgw:login:s:{key}", json.dumps([data, now, now]), ex=self.ttl)
+        self.redis.set(f"authgw:login:s:{key}", json.dumps([data, now, now]), ex=self._expiry(now, now, now))
 
     def get_session(self, key: str) -> tuple[dict, float, float] | None:
         raw = self.redis.get(f"authgw:login:s:{key}")
         return tuple(json.loads(raw)) if raw else None
 
     def touch_session(self, key: str, now: float) -> None:
-        self._rewrite(key, lambda data, created, seen: [data, created, now])
+        self._rewrite(key, lambda data, created, seen: [data, created, now], now)
 
     def update_session(self, key: str, data: dict) -> None:
         self._rewrite(key, lambda _, created, seen: [data, created, seen])
 
-    def _rewrite(self, key: str, change: Callable[[dict, float, float], list]) -> None:
+    def _rewrite(self, key: str, change: Callable[[dict, float, float], list], now: float | None = None) -> None:
         """Replace the record under *key* with ``change(data, created, seen)``, as SQLite's
         ``UPDATE`` does: never recreating a record deleted meanwhile (a GET then a SET would
         bring back a session that a concurrent logout ended, its cookie valid again), nor
-        overwriting a concurrent touch or update (the write is a compare-and-set, retried)."""
+        overwriting a concurrent touch or update (the write is a compare-and-set, retried).
+        A touch (*now*: a use) sets the expiry of the record, its participants and its
+        SessionIndex record to the session's idle or absolute end; an update keeps it."""
         name = f"authgw:login:s:{key}"
         for _ in range(_REWRITE_TRIES):
             raw = self.redis.get(name)
             if raw is None:
                 return
-            if self._swap(keys=[name], args=[raw, json.dumps(change(*json.loads(raw))), self.ttl]):
+            record = change(*json.loads(raw))
+            keys, ttl = [name], 0
+            if now is not None:
+                ttl = self._expiry(record[1], record[2], now)
+                keys.append(f"authgw:login:sp:{key}")
+                index = record[0].get("index") if isinstance(record[0], dict) else None
+                if isinstance(index, str) and index:
+                    keys.append(f"authgw:login:p:idx:{index}")
+            if self._swap(keys=keys, args=[raw, json.dumps(record), ttl, key]):
                 return
         # Every try lost to other workers' writes of this session: a touch is theirs as well; an
         # account check not stored is made again at the session's next use.
 
     def delete_session(self, key: str) -> None:
-        self.redis.delete(f"authgw:login:s:{key}", f"authgw:login:sp:{key}")
+        """Delete the session and what belongs to it (participants, its SessionIndex record,
+        its place in its subject's set), atomically (a Lua script)."""
+        self._delete(keys=[f"authgw:login:s:{key}", f"authgw:login:sp:{key}"], args=[_PREFIX, key])
+
+    def limit_subject(self, subject: str, keep: str, most: int, now: float, idle: float,
+                      absolute: float) -> list[tuple[str, dict[str, dict]]]:
+        """As :meth:`SqliteStore.limit_subject`, atomically (a Lua script): the session *keep*
+        joins its subject's set, the oldest beyond *most* end. (Over sessions are gone already:
+        their keys expire.) The participants returned are their names only."""
+        ended = self._limit(keys=[f"authgw:login:s:{keep}"],
+                            args=[_PREFIX, keep, most, int(absolute) + 1, repr(now)])
+        return [(other.decode(), {party.decode(): {} for party in parties}) for other, parties in ended]
 
     def put_participant(self, key: str, party: str, data: dict) -> None:
-        # A hash per session (one field per party), expiring with the session's longest life.
-        pipe = self.redis.pipeline()
-        pipe.hset(f"authgw:login:sp:{key}", party, json.dumps(data))
-        pipe.expire(f"authgw:login:sp:{key}", self.ttl)
-        pipe.execute()
+        # A hash per session (one field per party), expiring with the session (not noted when
+        # the session is gone).
+        self._participant(keys=[f"authgw:login:s:{key}", f"authgw:login:sp:{key}"],
+                          args=[party, json.dumps(data), self.ttl])
 
     def get_participants(self, key: str) -> dict[str, dict]:
         raw = self.redis.hgetall(f"authgw:login:sp:{key}")
@@ -368,6 +596,7 @@ class SessionManager:
     def __init__(self, settings: SessionSettings, store, cookie_key: bytes) -> None:
         self.settings = settings
         self.store = store
+        store.lifetimes(settings.idle, settings.absolute)  # the purge (SQLite), the keys' expiry (Redis)
         self._key = cookie_key
         self._last_purge = None  # wall-clock time of the last purge; None until the first
         self._purging: asyncio.Task | None = None  # the purge running in a thread, if any
@@ -426,7 +655,22 @@ class SessionManager:
             self.store.put_participant(key, party, data)
         # SAML Single Logout names the session by its SessionIndex (a cross-site POST has no cookie).
         self.store.put_pending("idx:" + index, {"key": key}, now + self.settings.absolute)
+        self._limit(identity, key, now)
         return f"{value}.{self._mac('session', value)}", Session(key, identity, now, index, 0.0, directory, asked)
+
+    def _limit(self, identity: Identity, key: str, now: float) -> None:
+        """At most ``sessions.max_per_user`` live sessions per subject: beyond it the oldest of
+        the subject's sessions end (the new one, *key*, never does), each with its rows, as
+        :meth:`end_key` ends one. No browser is there to take them through the Single Logout
+        round: their participants are not told (logged), as when a session expires."""
+        most = self.settings.max_per_user
+        ended = self.store.limit_subject(identity.subject, key, most, now, self.settings.idle, self.settings.absolute)
+        if not ended:
+            return
+        told = sorted({party for _, parties in ended for party in parties})
+        log.info("login: %d older session(s) of %s ended (sessions.max_per_user: %d)%s", len(ended),
+                 printable(identity.subject), most,
+                 f"; not told (no Single Logout round): {printable(', '.join(told))}" if told else "")
 
     def get(self, cookie: str | None) -> Session | None:
         """The live session the cookie names, or ``None`` (bad MAC, unknown, idle or too old)."""

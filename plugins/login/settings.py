@@ -72,6 +72,9 @@ class SessionSettings(PluginSettings):
                                      "past it 429. Users behind one NAT or a proxy not in `trusted_proxies` share it")
     max_pending: int = Field(20_000, ge=100, le=10_000_000, description="requests waiting for `/login` in the "
                              "whole store (every worker and instance), about 8 KB each at most; past it 503")
+    max_per_user: int = Field(20, ge=1, le=10_000, description="live sessions one user (subject) may have at "
+                              "once, every browser, worker and instance: a new sign-in beyond it ends that "
+                              "user's oldest sessions (their services are not told: no Single Logout round)")
 
     @model_validator(mode="after")
     def _redis_needs_url(self) -> SessionSettings:
