@@ -244,7 +244,8 @@ class GuardedRequestHandler(RequestHandler, _NoDelayAlreadySet):
         self._hold_timer: asyncio.TimerHandle | None = None  # ends the hold; set exactly while held
         self._no_linger = False  # close right after this response (no_linger)
         self._unparsed = 0  # bytes since a request's headers last ended (or its answer, below)
-        self._was_busy = False  # a request was being handled after the previous read
+        self._was_busy = False  # a request was handled, or its body read, after the previous read
+        self._last_payload = None  # the body of the last request parsed (its bytes may still come)
         self._write_timer: asyncio.TimerHandle | None = None  # set exactly while writing is paused
         #: The client, when :class:`_TlsAccept` counted this connection at its TCP accept.
         self.admitted: str | None = None
@@ -344,11 +345,15 @@ class GuardedRequestHandler(RequestHandler, _NoDelayAlreadySet):
             return
         if self._payload_parser is None and not self._upgraded and self._too_many_header_bytes(data):
             return  # (a WebSocket's frames, after an upgrade, are not requests)
-        counted = self._request_count
+        counted, payload = self._request_count, self._last_payload
+        body_open = payload is not None and not payload.is_eof()
         super().data_received(data)
         if self._request_count != counted:
             self._unparsed = 0  # a request's headers ended in this read
-        self._was_busy = self._busy()
+            self._last_payload = self._messages[-1][1] if self._messages else None
+        elif body_open and payload.is_eof():
+            self._unparsed = 0  # a request's body ended in this read: the next request starts
+        self._was_busy = self._in_request()
         if self._first_request is not None and self._request_count and not self._first_request.done():
             self._first_request.set_result(None)
         if self._busy():
@@ -356,10 +361,17 @@ class GuardedRequestHandler(RequestHandler, _NoDelayAlreadySet):
         elif data and self._headers_since is None:
             self._await_headers()  # the first byte of a request after a keep-alive pause
 
+    def _in_request(self) -> bool:
+        """A request is handled, or its body is still coming (aiohttp reads what the answer did
+        not wait for before the next request): what arrives is not the next request's headers."""
+        payload = self._last_payload
+        return self._busy() or (payload is not None and not payload.is_eof())
+
     def _too_many_header_bytes(self, data: bytes) -> bool:
         """Count *data* against ``limits.max_header_bytes`` (plus :data:`MAX_BODY` while a
-        request is handled); past it, refuse (431 when no answer is under way) and close."""
-        busy = self._busy()
+        request is handled or its body comes); past it, refuse (431 when no answer is under
+        way) and close."""
+        busy = self._in_request()
         if self._was_busy and not busy:
             self._unparsed = 0  # the previous request is answered: the next one starts here
         self._unparsed += len(data)
