@@ -204,6 +204,32 @@ def test_the_cap_holds_when_workers_sign_one_subject_in_at_once(stores):
     assert session_rows(stores[0]) == {"sessions": 4, "participants": 0, "indexes": 4}
 
 
+@pytest.mark.parametrize("first", ["older", "newer"])
+def test_two_sign_ins_at_once_never_end_the_newest_session(stores, first):
+    """Two workers insert a session of one subject each, then each limits (max_per_user 1):
+    each took the other's new session for an older one and ended it, so both sign-ins got a
+    dead cookie (review of this stop). The newest stays, whichever limit runs first; the older
+    one may stay over the cap until the subject's next sign-in (Redis: when the newer limit ran
+    first, the older was not in the subject's set yet)."""
+    now = time.time()
+    older, newer = ("A", now), ("B", now + 0.001)
+
+    def record(key: str) -> dict:
+        return {"identity": {"subject": "frank"}, "index": "_" + key, "checked": 0.0}
+
+    stores[0].put_session(older[0], record(older[0]), older[1])
+    stores[1].put_session(newer[0], record(newer[0]), newer[1])
+    order = [(stores[0], older[0]), (stores[1], newer[0])]
+    for store, key in (order if first == "older" else order[::-1]):
+        store.limit_subject("frank", key, 1, now, 1800, 28800)
+    assert stores[0].get_session("B") is not None
+    if isinstance(stores[0], SqliteStore) or first == "older":
+        assert stores[0].get_session("A") is None
+    stores[0].put_session("C", record("C"), now + 0.002)  # the next sign-in holds the cap again
+    stores[0].limit_subject("frank", "C", 1, now + 0.002, 1800, 28800)
+    assert [k for k in "ABC" if stores[0].get_session(k) is not None] == ["C"]
+
+
 def test_a_reauthentication_over_a_session_keeps_its_index_through_the_cap(stores):
     """The same user signing in over a session keeps its SessionIndex; the old session's end
     (and the cap's) must not take the index record that now names the new one."""

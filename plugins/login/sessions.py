@@ -260,14 +260,21 @@ class SqliteStore:
         Returns the sessions ended that were live: ``(key, participants)``."""
         ended: list[tuple[str, dict[str, dict]]] = []
         with self._transaction(self.db) as db:
-            rows = db.execute(f"SELECT key, created, seen FROM sessions WHERE {_SUBJECT} = ? "
+            rows = db.execute(f"SELECT key, created, seen, rowid FROM sessions WHERE {_SUBJECT} = ? "
                               "ORDER BY created DESC, rowid DESC", (subject,)).fetchall()
+            mine = next(((created, rowid) for key, created, _seen, rowid in rows if key == keep), None)
+            if mine is None:
+                return ended  # ended already by a newer sign-in's limit: nothing of this one to do
             kept, doomed = 1, []
-            for key, created, seen in rows:
+            for key, created, seen, rowid in rows:
                 if key == keep:
                     continue
                 live = now - created <= absolute and now - seen <= idle
-                if live and kept < most:
+                # A session made after *keep* (another worker's sign-in of the same subject, not
+                # limited yet) is never ended here: its own limit ends this one if need be (two
+                # sign-ins at once ended each other's new session).
+                newer = (created, rowid) > mine
+                if newer or (live and kept < most):
                     kept += 1
                     continue
                 doomed.append(key)
@@ -418,11 +425,16 @@ if ms > 0 then
 end
 local kept, ended = 1, {}
 if redis.call('ZCARD', set) <= most then return ended end  -- the usual case: nothing to look at
-for _, other in ipairs(redis.call('ZREVRANGE', set, 0, -1)) do
+local mine = tonumber(ARGV[5])
+local listed = redis.call('ZREVRANGE', set, 0, -1, 'WITHSCORES')
+for i = 1, #listed, 2 do
+  local other, score = listed[i], tonumber(listed[i + 1])
+  -- a session made after this one (another sign-in of the subject) is never ended here
+  local newer = score > mine or (score == mine and other > key)
   if other ~= key then
     if redis.call('EXISTS', prefix .. 's:' .. other) == 0 then
       redis.call('ZREM', set, other)
-    elseif kept < most then
+    elseif newer or kept < most then
       kept = kept + 1
     else
       local parties = redis.call('HKEYS', prefix .. 'sp:' .. other)
