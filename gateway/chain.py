@@ -308,7 +308,8 @@ class PrecheckStandIn:
     whole chain. A success for no step of this chain is not used: the chain runs as without an
     answer (it stood for the whole chain before, so a hot hit relayed from a connector, whose
     identity names the connector's step, skipped the relay hub's deny list). An answer standing
-    for :data:`AFTER_THE_CHAIN` comes after every step: each is asked first. The wrappers
+    for :data:`AFTER_THE_CHAIN` comes after every step: each is asked first, and only its
+    refusals count (a success of a step is not who signed in). The wrappers
     around see the result either way. Without an answer it returns None at once.
     """
 
@@ -339,8 +340,9 @@ class PrecheckStandIn:
             # A policy step before the directory: still asked (with the arguments it declares,
             # as pluggy would call it).
             decision = impl.function(*(attempt for _name in impl.argnames))
-            if decision is not None:
+            if decision is not None and not (step == AFTER_THE_CHAIN and decision.success):
                 return decision
+            # (after the chain, only refusals count: the answer is who signed in)
         return answer
 
 

@@ -28,7 +28,7 @@ SECRET = "rp-secret-value-0123456789"
 PLUGINS = {"session_policy.py": '''
     from pathlib import Path
 
-    from gateway import Attempt, Decision, Outcome, PluginSettings, hookimpl
+    from gateway import Attempt, Decision, Identity, Outcome, PluginSettings, hookimpl
 
 
     class ListSettings(PluginSettings):
@@ -51,6 +51,26 @@ PLUGINS = {"session_policy.py": '''
         def gateway_authenticate(self, attempt: Attempt):
             if attempt.username is not None and attempt.username in listed(self.file):
                 return Decision.deny(Outcome.ACCOUNT_STATE, step=self.name, reason="denyfile.user")
+            return None
+
+
+    class Greedy:
+        """A chain step after the directory that takes any attempt without a password for a
+        sign-in of its own (as a client-certificate step may from a proxy's header), or raises
+        when its file says so."""
+
+        Settings = ListSettings
+
+        def __init__(self, settings, context) -> None:
+            self.file, self.name = settings.file, context.name
+
+        @hookimpl
+        def gateway_authenticate(self, attempt: Attempt):
+            if "raise" in listed(self.file):
+                raise RuntimeError("greedy step broken")
+            if attempt.password is None:
+                return Decision.allow(Identity(subject="someone-else", username="someone-else", method=self.name),
+                                      step=self.name)
             return None
 
 
@@ -79,20 +99,22 @@ def op(tmp_path_factory):
         slapd.add_user(name, f"{name.title()}-pw-1", mail=f"{name}@example.com")
     (base / "secret").write_text(SECRET)
     (base / "secret").chmod(0o600)
-    denied, suspended = base / "denied.txt", base / "suspended.txt"
-    denied.write_text("")
-    suspended.write_text("")
+    denied, suspended, greedy = base / "denied.txt", base / "suspended.txt", base / "greedy.txt"
+    for path in (denied, suspended, greedy):
+        path.write_text("")
     site_dir = make_dist(base / "site", "session-policy-test", {"denyfile": "session_policy:DenyFile",
-                                                                "suspend": "session_policy:Suspend"}, PLUGINS)
+                                                                "suspend": "session_policy:Suspend",
+                                                                "greedy": "session_policy:Greedy"}, PLUGINS)
     env = {"PYTHONPATH": os.pathsep.join([str(site_dir), os.environ.get("PYTHONPATH", "")])}
     site = LoginSite(base / "op", slapd, CA.create(), env=env,
-                     gateway={"chain": ["denyfile", "ldap"], "plugins": ["login", "suspend"]},
+                     gateway={"chain": ["denyfile", "ldap", "greedy"], "plugins": ["login", "suspend"]},
                      login={"oidc": {"clients": [{"client_id": "rp", "redirect_uris": [CB],
                                                   "client_secret": {"file": str(base / "secret")}}]}},
                      extra={"denyfile.yaml": "denyfile: " + json.dumps({"file": str(denied)}),
-                            "suspend.yaml": "suspend: " + json.dumps({"file": str(suspended)})})
+                            "suspend.yaml": "suspend: " + json.dumps({"file": str(suspended)}),
+                            "greedy.yaml": "greedy: " + json.dumps({"file": str(greedy)})})
     site.gw = site.start()
-    site.denied, site.suspended = denied, suspended
+    site.denied, site.suspended, site.greedy = denied, suspended, greedy
     site.config = site.client().get(f"{site.url}/.well-known/openid-configuration").json()
     yield site
     site.stop()
@@ -169,3 +191,23 @@ def test_userinfo_is_refused_once_the_policy_refuses_and_the_session_ends(op):
         op.suspended.write_text("")
     assert client.get(op.config["userinfo_endpoint"]).status_code == 401  # the session stays ended
     assert "signed in as" not in browser.get(f"{op.url}/login").text
+
+
+def test_only_refusals_of_the_chain_end_a_session(op):
+    """A step after the one that proved the user may answer an attempt without a password for a
+    sign-in of its own (the greedy step here; a client-certificate step taking a proxy's
+    header): that is not a refusal, and the session goes on as its own user. A step that fails
+    (ERROR) issues nothing (503) and leaves the session for when it works again."""
+    browser = op.client()
+    signed_in_rp(op, browser, "alice")
+    for _ in range(2):
+        again = reuse(op, browser)
+        assert again.status_code == 303 and again.headers["Location"].startswith(CB + "?code="), again.text
+    op.greedy.write_text("raise\n")
+    try:
+        broken = reuse(op, browser)
+        assert broken.status_code == 503, broken.text
+    finally:
+        op.greedy.write_text("")
+    assert "signed in as" in browser.get(f"{op.url}/login").text
+    assert reuse(op, browser).headers["Location"].startswith(CB + "?code=")

@@ -35,6 +35,7 @@ variable that :meth:`LoginDoor.guarded` sets for every route of this door.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import re
@@ -398,15 +399,18 @@ class LoginDoor:
         service until its ``absolute`` lifetime whatever the policy said (review of account
         state)."""
         identity = session.identity
-        attempt = self.door.attempt(request, FRONT_DOOR, session=SessionCredential(identity.username))
+        # No credential but the session: no headers a trusted proxy forwards (a client
+        # certificate a later step would take for a sign-in of its own, and end the session).
+        attempt = dataclasses.replace(self.door.attempt(request, FRONT_DOOR, session=SessionCredential(identity.username)),
+                                      headers={}, trusted_peer=False)
         attempt.stash[PRECHECKED] = Decision.allow(identity, step=FRONT_DOOR, reason="login.session", from_cache=True)
         attempt.stash[PRECHECK_STEP] = AFTER_THE_CHAIN
         decision = await self.door.decide(attempt)
         if decision.success and decision.identity is not None and decision.identity.subject == identity.subject:
             return session
-        if decision.outcome is Outcome.UNAVAILABLE:
+        if decision.outcome in (Outcome.UNAVAILABLE, Outcome.ERROR):  # no verdict: nothing issued, the session stays
             raise AccountUncheckable(f"the chain could not vouch for {printable(identity.username)!s}'s session "
-                                     f"({decision.reason})")
+                                     f"({decision.outcome.value}: {decision.reason})")
         log.warning("login: the session of %s is refused (%s, %s: %s); it ends", printable(identity.username),
                     decision.outcome.value, decision.step, decision.reason)
         return None
