@@ -155,7 +155,7 @@ class Config:
         return _redact(self.data)
 
 
-_SECRET_WORDS = {"password", "passwd", "passphrase", "pw", "pwd", "secret", "token", "credential", "credentials",
+_SECRET_WORDS = {"password", "passwd", "passphrase", "pass", "pw", "pwd", "secret", "token", "credential", "credentials",
                  "pepper", "salt", "psk", "cookie", "authorization"}
 #: ``*_key`` names a key (``encryption_key``, ``private_key``); ``key_prefix`` or ``key_file`` do not.
 _SECRET_LAST = {"key", "pin"}
@@ -169,7 +169,7 @@ _SECRET_PARTS = ("password", "passwd", "passphrase", "secret", "token", "credent
 _URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^/\s:]*:)(?P<pw>[^\n]*)(?=@[^@\s/?#]*(?:[/?#\s]|$))",
                            re.IGNORECASE)
 #: ``user:password@host`` without a scheme (a proxy as curl takes it).
-_BARE_PASSWORD = re.compile(r"^(?P<head>[^\s:/@]+:)(?!//)(?P<pw>[^\n]*)(?=@[^@\s/?#]+$)")
+_BARE_PASSWORD = re.compile(r"^(?P<head>[^\s:/@]+:)(?!//)(?P<pw>[^\n]*)(?=@[^@\s/?#]+(?:[/?#]\S*)?$)")
 #: A credential in a URL's query (``redis://host/0?password=...``).
 _QUERY_PASSWORD = re.compile(r"(?P<head>[?&](?:password|passwd|pass|pwd|secret|token)=)[^&#\s]*", re.IGNORECASE)
 

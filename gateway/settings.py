@@ -452,7 +452,8 @@ class GatewaySettings(PluginSettings):
                              "one shared socket, whose bursts one worker often takes whole (docs/operations.md)")
     worker_timeout: float = Field(30.0, ge=0, le=3600, description="with several workers, seconds a worker's "
                                   "event loop may go without turning before the master kills and replaces it "
-                                  "(0: no watchdog; a new worker has at least 30 s to its first turn)")
+                                  "(0: no watchdog; else at least 1; a new worker has at least 30 s to its "
+                                  "first turn)")
     realm: str = Field("authgw", description="realm of the `WWW-Authenticate: Basic` challenge")
     state_dir: Path | None = Field(None, description="state directory (cache, keys); default "
                                    "`$XDG_DATA_HOME/authgw`; `--state-dir` overrides")
@@ -467,6 +468,14 @@ class GatewaySettings(PluginSettings):
     api_tokens: list[ApiToken] = Field([], description="clients allowed to call `POST /v1/authenticate`")
     limits: LimitsSettings = Field(LimitsSettings(), description="overload and slow-client limits")
     health: HealthSettings = Field(HealthSettings(), description="backend probes; who sees health details")
+
+    @field_validator("worker_timeout")
+    @classmethod
+    def _watchdog(cls, value: float) -> float:
+        if 0 < value < 1:
+            raise ValueError("0 (no watchdog) or at least 1 second: a loop held up for a moment (a burst of TLS "
+                             "handshakes, the garbage collector) would get its worker killed")
+        return value
 
     @field_validator("trusted_proxies")
     @classmethod

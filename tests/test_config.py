@@ -565,7 +565,7 @@ def test_config_show_masks_secrets_under_other_spellings_and_in_odd_urls(conf_di
     """Key names the masking did not know (camelCase, one word, plurals, headers) and URLs it
     did not match (a user name with an @, no scheme, a space in the password) were printed in
     clear by ``config show`` (review of secret leakage)."""
-    secrets = [f"Leak{n}-Marker" for n in range(12)]
+    secrets = [f"Leak{n}-Marker" for n in range(14)]
     write_conf(conf_dir, {**USERS, "gateway.yaml": "chain: [static]\n", "ldap.yaml": f"""\
         ldap:
           bindPassword: {secrets[0]}
@@ -579,6 +579,8 @@ def test_config_show_masks_secrets_under_other_spellings_and_in_odd_urls(conf_di
           servers: ["ldap://svc@corp.example:{secrets[8]}@dc2", "svc:{secrets[9]}@proxy:3128",
                     "postgresql://u:pass {secrets[10]}@db"]
           tokens: [{secrets[11]}]
+          ldap_pass: {secrets[12]}
+          proxy: "svc:{secrets[13]}@proxy.example:3128/"
           bind_password: {{env: KEEP_THIS_REFERENCE}}
           base_dn: dc=keep,dc=this
         """})
@@ -588,3 +590,14 @@ def test_config_show_masks_secrets_under_other_spellings_and_in_odd_urls(conf_di
         assert secret not in shown.stdout + shown.stderr, secret
     assert "KEEP_THIS_REFERENCE" in shown.stdout and "dc=keep,dc=this" in shown.stdout
     assert "ldap://svc@corp.example:<redacted>@dc2" in shown.stdout
+
+
+@pytest.mark.parametrize("value, ok", [(0, True), (1, True), (30, True), (0.05, False), (0.9, False)])
+def test_worker_timeout_is_off_or_at_least_one_second(conf_dir, value, ok):
+    write_conf(conf_dir, {**USERS, "gateway.yaml": f"chain: [static]\nworker_timeout: {value}\n"})
+    result = check(conf_dir)
+    if ok:
+        assert result.returncode == 0, result.stderr
+    else:
+        (found,) = errors(result)
+        assert "gateway.yaml:2: worker_timeout" in found and "at least 1 second" in found, found

@@ -81,7 +81,7 @@ def test_a_worker_whose_event_loop_is_stopped_is_killed_and_replaced(conf_dir, a
         assert gw.proc.poll() is None
         assert "worker_timeout 2: a worker whose event loop does not turn for 2 s is killed" in gw.output()
         # The watchdog is the master's, set up at its start: a reload says a new value waits.
-        conf(conf_dir, alice_hash, core="worker_timeout: 5\n")
+        conf(conf_dir, alice_hash, core="worker_timeout: 10\n")
         os.kill(master, signal.SIGHUP)
         wait_for(lambda: "reload: `worker_timeout` changed; it takes effect at the next restart" in gw.output(),
                  timeout=60, what="the reload's warning", log=gw.output)
