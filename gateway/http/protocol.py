@@ -17,8 +17,9 @@ connection protocol with those three things decided here instead:
 * **header bytes** -- aiohttp bounds each header line (8,190 bytes) and their number (128), not
   their sum: 120 lines of 8,000 bytes, never ended, held ~1.5 MB of a worker per connection,
   gigabytes for a few thousand. A connection may send ``limits.max_header_bytes`` from the start
-  of a request to the end of its headers (answered ``431`` and closed beyond), and while a
-  request is handled, :data:`MAX_BODY` more (its body, or the next request pipelined behind it);
+  of a request to the end of its headers, also when pipelined behind a request being handled
+  (answered ``431`` and closed beyond, or closed when an answer is under way); a body's bytes
+  are not counted (aiohttp bounds them: ``client_max_size``, :data:`MAX_BODY`);
 * **overload holds** -- a connection answered 503 ``overloaded`` has its next request kept,
   unparsed, for the ``Retry-After`` it was given: at least ``limits.retry_after``, longer past
   ``limits.overload_refusals`` refusals a second (turns spaced to keep to that rate), at most
@@ -353,7 +354,7 @@ class GuardedRequestHandler(RequestHandler, _NoDelayAlreadySet):
             self._last_payload = self._messages[-1][1] if self._messages else None
         elif body_open and payload.is_eof():
             self._unparsed = 0  # a request's body ended in this read: the next request starts
-        self._was_busy = self._in_request()
+        self._was_busy = self._busy()
         if self._first_request is not None and self._request_count and not self._first_request.done():
             self._first_request.set_result(None)
         if self._busy():
@@ -361,22 +362,18 @@ class GuardedRequestHandler(RequestHandler, _NoDelayAlreadySet):
         elif data and self._headers_since is None:
             self._await_headers()  # the first byte of a request after a keep-alive pause
 
-    def _in_request(self) -> bool:
-        """A request is handled, or its body is still coming (aiohttp reads what the answer did
-        not wait for before the next request): what arrives is not the next request's headers."""
-        payload = self._last_payload
-        return self._busy() or (payload is not None and not payload.is_eof())
-
     def _too_many_header_bytes(self, data: bytes) -> bool:
-        """Count *data* against ``limits.max_header_bytes`` (plus :data:`MAX_BODY` while a
-        request is handled or its body comes); past it, refuse (431 when no answer is under
-        way) and close."""
-        busy = self._in_request()
+        """Count *data* against ``limits.max_header_bytes``; past it, refuse (431 when no
+        answer is under way) and close. A request body's bytes are not counted: aiohttp bounds
+        what it keeps of one (``client_max_size``, and its buffer pauses reading)."""
+        payload = self._last_payload
+        if payload is not None and not payload.is_eof():
+            return False  # the last request's body is still coming (even after its answer)
+        busy = self._busy()
         if self._was_busy and not busy:
             self._unparsed = 0  # the previous request is answered: the next one starts here
         self._unparsed += len(data)
-        limit = self._guard.limits.max_header_bytes + (MAX_BODY if busy else 0)
-        if self._unparsed <= limit or b"\r\n\r\n" in data:
+        if self._unparsed <= self._guard.limits.max_header_bytes or b"\r\n\r\n" in data:
             return False  # within it, or headers end in this read (then counted from 0 again)
         self._guard.warn("max_header_bytes", "closed a connection from %s: more than %d bytes of request headers "
                          "(limits.max_header_bytes)", self._host, self._guard.limits.max_header_bytes)
