@@ -42,7 +42,7 @@ from gateway.errors import ConfigError
 from gateway.lifecycle import KILL_AFTER, MessageReader, die_with_parent, encode_message
 from gateway.runtime import build_runtime
 
-__all__ = ["EXIT_STARTUP_FAILED", "TIMEOUT_VARIABLE", "WORKER_TIMEOUT", "explain", "start_heartbeat", "supervise"]
+__all__ = ["EXIT_STARTUP_FAILED", "WORKER_TIMEOUT", "explain", "start_heartbeat", "supervise"]
 
 log = logging.getLogger("authgw.server")
 
@@ -56,7 +56,6 @@ _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 #: ``AUTHGW_WORKER_TIMEOUT`` in the master's environment overrides the setting, for the tests and
 #: for an operator who must (0 turns the watchdog off, e.g. to sit in a debugger).
 WORKER_TIMEOUT = 30.0
-TIMEOUT_VARIABLE = "AUTHGW_WORKER_TIMEOUT"
 _BEAT_EVERY = 1.0  # seconds between beats, or a quarter of the timeout if that is shorter
 #: Seconds a new worker has from its fork to its first beat, when the timeout is shorter: its
 #: interpreter and event loop start on a machine that may be busy (a replacement started while
@@ -408,25 +407,15 @@ def start_heartbeat() -> None:
 
 
 def _timeout(configured: float) -> float:
-    """The ``worker_timeout`` setting (*configured*), or ``$AUTHGW_WORKER_TIMEOUT`` (seconds; 0:
-    no watchdog)."""
-    value = os.environ.get(TIMEOUT_VARIABLE, "").strip()
-    if not value:
-        timeout, source = configured, "worker_timeout"
-    else:
-        try:
-            timeout, source = float(value), TIMEOUT_VARIABLE
-            if not timeout >= 0 or timeout == float("inf"):
-                raise ValueError(value)
-        except ValueError:
-            log.error("%s=%r is not a number of seconds; the watchdog uses worker_timeout, %g s", TIMEOUT_VARIABLE,
-                      value, configured)
-            return configured
-    if timeout == 0:
-        log.warning("%s 0: hung workers are not replaced (no watchdog)", source)
-    elif timeout != WORKER_TIMEOUT:
-        log.warning("%s %g: a worker whose event loop does not turn for %g s is killed", source, timeout, timeout)
-    return timeout
+    """The ``worker_timeout`` setting (seconds; 0: no watchdog), logged when not the default.
+    ``$AUTHGW_WORKER_TIMEOUT`` is that setting's environment override, validated with the rest
+    of the configuration (gateway/config.py, ``apply_environment``)."""
+    if configured == 0:
+        log.warning("worker_timeout 0: hung workers are not replaced (no watchdog)")
+    elif configured != WORKER_TIMEOUT:
+        log.warning("worker_timeout %g: a worker whose event loop does not turn for %g s is killed",
+                    configured, configured)
+    return configured
 
 
 def supervise(config_dir: Path, state_dir: Path | None, slots: list[list[socket.socket]], extra: set[socket.socket],
