@@ -36,7 +36,6 @@ import signal
 import socket
 import tempfile
 import threading
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -46,7 +45,7 @@ from gateway.checks import Listener
 from gateway.config import Config
 from gateway.errors import ConfigError
 from gateway.http.app import EXACT_TARGETS, build_apps, exact_targets
-from gateway.http.protocol import ConnectionGuard, GuardedSite
+from gateway.http.protocol import ConnectionGuard, GuardedSite, RateLimitedWarning
 from gateway.lifecycle import (CLOSE_GRACE, SHUTDOWN_GRACE, MessageReader, encode_message, remove_pidfile,
                                return_freed_memory, write_pidfile)
 from gateway.runtime import Runtime, build_runtime
@@ -412,27 +411,20 @@ class _LoopErrors:
     A peer certificate the ``ssl`` module cannot decode (a client certificate's UPN that is not
     UTF-8, say) makes the loop's own TLS protocol raise in its handshake callback, at
     ``getpeercert()``: the connection is refused, and the default handler logged a traceback for
-    each one, so one certificate from a trusted CA could fill the log. Those are counted and logged in one line a minute at most;
-    everything else goes to the default handler."""
-
-    EVERY = 60.0
+    each one, so one certificate from a trusted CA could fill the log. Those are logged in one
+    line a minute at most, with a count; everything else goes to the default handler."""
 
     def __init__(self) -> None:
-        self.undecodable = 0
-        self.next_line = 0.0
+        self.warn = RateLimitedWarning(every=60.0)
 
     def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         failure = context.get("exception")
         if context.get("message") != "SSL handshake failed" or not isinstance(failure, ValueError):
             loop.default_exception_handler(context)
             return
-        self.undecodable += 1
-        now = time.monotonic()
-        if now >= self.next_line:
-            log.warning("worker %d: refused %d TLS connection(s) whose peer certificate Python's ssl module "
-                        "cannot decode (%s); such refusals are logged once a minute at most",
-                        os.getpid(), self.undecodable, failure.__class__.__name__)
-            self.undecodable, self.next_line = 0, now + self.EVERY
+        self.warn("undecodable_certificate", "worker %d: refused a TLS connection whose peer certificate Python's "
+                  "ssl module cannot decode (%s); such refusals are logged once a minute at most",
+                  os.getpid(), failure.__class__.__name__)
 
 
 def _url(sock: socket.socket, scheme: str = "http") -> str:

@@ -60,7 +60,7 @@ try:
 except ImportError:  # pragma: no cover - uvloop is an optional speed-up
     _UvLoop = _UvSSLProtocol = None
 
-__all__ = ["ConnectionGuard", "GuardedSite", "MAX_BODY", "SERVER_HEADER"]
+__all__ = ["ConnectionGuard", "GuardedSite", "MAX_BODY", "RateLimitedWarning", "SERVER_HEADER"]
 
 log = logging.getLogger("authgw.http")
 
@@ -85,17 +85,18 @@ _BURST = 256
 _TRIM_AFTER = 1.0  # seconds from the fall below an eighth of the peak to the trim
 
 
-class _RateLimitedWarning:
-    """One WARNING per kind per ``_LOG_EVERY`` seconds, counting what it did not log."""
+class RateLimitedWarning:
+    """One WARNING per kind per *every* seconds, counting what it did not log."""
 
-    def __init__(self) -> None:
+    def __init__(self, every: float = _LOG_EVERY) -> None:
+        self.every = every
         self.last: dict[str, float] = {}
         self.skipped: Counter[str] = Counter()
 
     def __call__(self, kind: str, message: str, *args) -> None:
         now = time.monotonic()
         last = self.last.get(kind)
-        if last is not None and now - last < _LOG_EVERY:
+        if last is not None and now - last < self.every:
             self.skipped[kind] += 1
             return
         self.last[kind] = now
@@ -121,7 +122,7 @@ class ConnectionGuard:
         self.open = 0
         self.per_client: Counter[str] = Counter()
         self.listeners: Counter[str | None] = Counter()  # open connections by listener (None: listen:)
-        self.warn = _RateLimitedWarning()
+        self.warn = RateLimitedWarning()
         self._next_read = 0.0  # loop time before which no held connection reads again
         self._peak = 0  # most connections open at once since the last trim
 
@@ -354,10 +355,10 @@ class GuardedRequestHandler(RequestHandler, _NoDelayAlreadySet):
             self._last_payload = self._messages[-1][1] if self._messages else None
         elif body_open and payload.is_eof():
             self._unparsed = 0  # a request's body ended in this read: the next request starts
-        self._was_busy = self._busy()
+        self._was_busy = busy = self._busy()
         if self._first_request is not None and self._request_count and not self._first_request.done():
             self._first_request.set_result(None)
-        if self._busy():
+        if busy:
             self._headers_since = None
         elif data and self._headers_since is None:
             self._await_headers()  # the first byte of a request after a keep-alive pause
