@@ -230,6 +230,26 @@ def test_two_sign_ins_at_once_never_end_the_newest_session(stores, first):
     assert [k for k in "ABC" if stores[0].get_session(k) is not None] == ["C"]
 
 
+def test_a_session_ended_as_it_is_made_leaves_no_index_record(stores):
+    """Another worker's sign-in of the same subject, between this one's session write and its
+    SessionIndex write, ended the new session as the older one (max_per_user 1); the index
+    record written after it named no session and stayed (a flaky count of 5 against 4 in the
+    worker race test). The index record is now written first and goes with the session."""
+    if isinstance(stores[0], RedisStore):
+        pytest.skip("Redis: a session joins its subject's set in its own limit script, so the other "
+                    "sign-in's limit does not see it (the older may stay over the cap, as documented)")
+    first, second = manager_on(stores[0], max_per_user=1), manager_on(stores[1], max_per_user=1)
+    put_session = stores[0].put_session
+
+    def then_another_sign_in(*args, **kwargs):
+        put_session(*args, **kwargs)
+        second.create(who("gina"))
+
+    stores[0].put_session = then_another_sign_in
+    first.create(who("gina"))
+    assert session_rows(stores[0]) == {"sessions": 1, "participants": 0, "indexes": 1}
+
+
 def test_a_reauthentication_over_a_session_keeps_its_index_through_the_cap(stores):
     """The same user signing in over a session keeps its SessionIndex; the old session's end
     (and the cap's) must not take the index record that now names the new one."""

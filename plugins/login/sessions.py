@@ -662,11 +662,14 @@ class SessionManager:
         value = secrets.token_urlsafe(32)
         key = _digest(value)
         index = index or "_" + secrets.token_hex(16)
+        # SAML Single Logout names the session by its SessionIndex (a cross-site POST has no
+        # cookie). Written before the session: another worker's limit may end the session the
+        # moment it exists, and takes its index record with it only if that is there already
+        # (written after, it stayed behind, naming no session).
+        self.store.put_pending("idx:" + index, {"key": key}, now + self.settings.absolute)
         self.store.put_session(key, _record(identity, index, 0.0, directory, asked), now)
         for party, data in carried.items():
             self.store.put_participant(key, party, data)
-        # SAML Single Logout names the session by its SessionIndex (a cross-site POST has no cookie).
-        self.store.put_pending("idx:" + index, {"key": key}, now + self.settings.absolute)
         self._limit(identity, key, now)
         return f"{value}.{self._mac('session', value)}", Session(key, identity, now, index, 0.0, directory, asked)
 
