@@ -429,8 +429,8 @@ def searches(slapd: Slapd) -> int:
     conn = slapd._admin()
     try:
         _, _, entries, _ = conn.search("cn=Search,cn=Operations,cn=Monitor", "(objectClass=*)",
-                                       search_scope="BASE", attributes=["monitorOpCompleted"])
-        value = entries[0]["attributes"]["monitorOpCompleted"]
+                                       search_scope="BASE", attributes=["monitorOpInitiated"])
+        value = entries[0]["attributes"]["monitorOpInitiated"]
         return int(value[0] if isinstance(value, list) else value)
     finally:
         conn.unbind()
