@@ -17,14 +17,17 @@ SIGSTOP) still holds its share of new connections: the master's watchdog catches
 counts its loop's turns, a timer callback every second or so (:func:`start_heartbeat`), in a
 page of memory it shares with the master; the master looks at the counts on every turn of its
 own loop, and a worker whose count has not moved for :data:`WORKER_TIMEOUT` seconds (a new
-one: from its fork, at least :data:`_FIRST_BEAT_GRACE`) is named at ERROR, killed with SIGKILL (a frozen process acts on nothing
-else) and replaced as a worker that died is. A worker busy on its threads beats on: only its
+one: from its fork, at least :data:`_FIRST_BEAT_GRACE`) is named at ERROR, asked for its
+threads' stacks (:data:`_STACKS_SIGNAL`: faulthandler writes them without the stuck thread),
+killed with SIGKILL :data:`_STACKS_GRACE` later (a frozen process acts on nothing else) and
+replaced as a worker that died is. A worker busy on its threads beats on: only its
 loop must turn. Workers the master is stopping are not watched.
 """
 
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import logging
 import mmap
 import os
@@ -32,6 +35,7 @@ import select
 import signal
 import socket
 import struct
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +65,9 @@ _BEAT_EVERY = 1.0  # seconds between beats, or a quarter of the timeout if that 
 #: interpreter and event loop start on a machine that may be busy (a replacement started while
 #: the others serve a burst took over 2 s under load in the tests, and was killed as hung).
 _FIRST_BEAT_GRACE = 30.0
+#: Seconds between asking a hung worker for its threads' stacks and killing it: time to write them.
+_STACKS_GRACE = 1.0
+_STACKS_SIGNAL = signal.SIGUSR2  # in a worker: write every thread's stack to stderr (faulthandler)
 _BEAT = struct.Struct("Q")  # the count, in a shared anonymous page per worker
 _beat: tuple[mmap.mmap, float] | None = None  # in a worker: its page and how often to beat
 
@@ -85,7 +92,7 @@ class _Child:
     heard: float  # when the master last saw that count move (or the fork)
     count: int = 0
     serving: bool = False
-    hung: bool = False  # killed by the watchdog, not reaped yet
+    hung: float | None = None  # when the watchdog found it hung and asked for its stacks
 
 
 @dataclass
@@ -137,10 +144,7 @@ class _Master:
 
     def _kill_all(self, sig: int) -> None:
         for pid in list(self.children):
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
+            _signal(pid, sig)
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -194,6 +198,8 @@ class _Master:
                         child.beat.close()
                     if self.timeout:
                         _beat = (beat, min(_BEAT_EVERY, self.timeout / 4))
+                        # Written by C, without the GIL: a loop blocked in a call shows where.
+                        faulthandler.register(_STACKS_SIGNAL, file=sys.stderr, all_threads=True)
                     die_with_parent(self.pid)
                     code = self.worker_main(slot, self.accepted, child_end)
                 finally:
@@ -298,29 +304,32 @@ class _Master:
     # -- the watchdog ----------------------------------------------------------------------------
 
     def _watch(self) -> None:
-        """Kill (SIGKILL) each worker whose event loop has not beaten for ``self.timeout``
-        seconds; :meth:`_reap` replaces it. Not while stopping: :meth:`_escalate` has those."""
+        """Name each worker whose event loop has not beaten for ``self.timeout`` seconds, have it
+        write its threads' stacks to stderr (where its loop is stuck: a plugin's call, a lock),
+        and kill it (SIGKILL) :data:`_STACKS_GRACE` later; :meth:`_reap` replaces it. Not while
+        stopping: :meth:`_escalate` has those."""
         if not self.timeout or self.stop_requested:
             return
         now = time.monotonic()
         for pid, child in self.children.items():
+            if child.hung is not None:
+                if now - child.hung >= _STACKS_GRACE:
+                    _signal(pid, signal.SIGKILL)  # again at each turn: harmless until it is reaped
+                continue
             (count,) = _BEAT.unpack_from(child.beat)
             if count != child.count:
                 child.count, child.heard = count, now
                 continue
             silent = now - child.heard
             allowed = self.timeout if child.count else max(self.timeout, _FIRST_BEAT_GRACE)
-            if silent <= allowed or child.hung:
+            if silent <= allowed:
                 continue
-            child.hung = True
+            child.hung = now
             since = f"for {silent:.0f} s" if child.count else f"since it started {silent:.0f} s ago"
             log.error("worker %d (slot %d) is hung: its event loop has not turned %s (a plugin blocking it, a "
-                      "deadlock, a stuck call, SIGSTOP); killing it (SIGKILL) and starting a new one",
-                      pid, child.slot, since)
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+                      "deadlock, a stuck call, SIGSTOP); its threads' stacks follow on stderr, then it is killed "
+                      "(SIGKILL) and a new one started", pid, child.slot, since)
+            _signal(pid, _STACKS_SIGNAL)
 
     # -- stopping --------------------------------------------------------------------------------
 
@@ -385,6 +394,13 @@ class _Master:
         log.error("MIXED CONFIGURATION: worker(s) %s serve the new configuration, worker(s) %s refused it and "
                   "serve the one before; remove the cause and send SIGHUP again:%s",
                   ", ".join(map(str, sorted(reload.applied))), ", ".join(map(str, sorted(reload.refused))), reasons)
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:  # exited meanwhile: reaped at the next turn
+        pass
 
 
 def start_heartbeat() -> None:
