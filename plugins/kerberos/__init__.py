@@ -39,6 +39,9 @@ from __future__ import annotations
 import base64
 import ipaddress
 import logging
+import threading
+import time
+from collections import Counter
 from pathlib import Path
 
 from pydantic import Field, model_validator
@@ -74,6 +77,34 @@ __all__ = ["KerberosPlugin", "KerberosSettings"]
 _OPERATOR_REASONS = frozenset({"clock_skew", "wrong_kvno", "key_mismatch", "keytab_entry_missing",
                                "wrong_principal", "unsupported_enctype", "keytab_unavailable",
                                "replay_cache_unavailable", "cross_realm_not_allowed"})
+#: Of those, the ones any client can also cause at will: the ticket header (service, kvno,
+#: enctype) is its own text, and a forged ticket does not decrypt. A warning at most once per
+#: reason every :data:`_WARN_EVERY` seconds (per worker), the others at info: a stale keytab
+#: still shows, a client cannot fill the log with warnings.
+_CLIENT_CAUSABLE = frozenset({"clock_skew", "wrong_kvno", "key_mismatch", "keytab_entry_missing",
+                              "wrong_principal", "unsupported_enctype"})
+_WARN_EVERY = 60.0
+
+
+class _WarningsDue:
+    """Whether a reason's warning is due: once per *every* seconds, counting the others."""
+
+    def __init__(self, every: float) -> None:
+        self.every = every
+        self._lock = threading.Lock()
+        self._last: dict[str, float] = {}
+        self._skipped: Counter[str] = Counter()
+
+    def due(self, reason: str) -> tuple[bool, int]:
+        """``(True, lines logged at info since the last warning)``, or ``(False, 0)``."""
+        now = time.monotonic()
+        with self._lock:
+            last = self._last.get(reason)
+            if last is not None and now - last < self.every:
+                self._skipped[reason] += 1
+                return False, 0
+            self._last[reason] = now
+            return True, self._skipped.pop(reason, 0)
 
 
 class KerberosSettings(PluginSettings):
@@ -132,6 +163,7 @@ class KerberosPlugin:
         self.mapper = PrincipalMapper(settings.realms, settings.rules, settings.lowercase_username)
         self.cross_realm = CrossRealmPolicy(settings.realms, settings.service_principal is not None)
         self._keytab_problem = "not loaded yet"
+        self._warnings = _WarningsDue(_WARN_EVERY)
 
     @property
     def loop_capable(self) -> bool:
@@ -262,9 +294,15 @@ class KerberosPlugin:
 
     def _log(self, attempt: Attempt, reason: str, detail: str) -> None:
         hint = HINTS.get(reason, "")
-        level = logging.WARNING if reason in _OPERATOR_REASONS else logging.INFO
+        level, since = logging.INFO, ""
+        if reason in _CLIENT_CAUSABLE:
+            due, skipped = self._warnings.due(reason)
+            level = logging.WARNING if due else logging.INFO
+            since = f" ({skipped} more at info since the last warning)" if skipped else ""
+        elif reason in _OPERATOR_REASONS:
+            level = logging.WARNING
         # The detail quotes GSSAPI's messages (MIT names the ticket's server in them) and the
         # client's principal: the client's own text, escaped so that it stays on this line.
-        self.log.log(level, "kerberos.%s from %s (attempt %s): %s%s", reason, attempt.client,
-                     attempt.request_id, printable(detail), f"; check: {hint}" if hint else "")
+        self.log.log(level, "kerberos.%s from %s (attempt %s): %s%s%s", reason, attempt.client,
+                     attempt.request_id, printable(detail), f"; check: {hint}" if hint else "", since)
 

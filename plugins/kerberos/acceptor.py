@@ -14,10 +14,20 @@ Each request gets its own context through the *raw* ``accept_sec_context``: the 
 later property read), and code that treats "no exception" as success then accepts replays
 (DESIGN.md section 9). Here success means: no error, no further step wanted, an initiator name,
 and the Kerberos mechanism. Anything else is an :class:`AcceptFailed` with a reason code.
+
+A failure is classified by numbers, never by GSSAPI's message: MIT writes the ticket's clear-text
+server name into it, which the client chooses (``HTTP/replay cache@REALM`` made a forged ticket a
+503 and ``/readyz`` false). The numbers are the RFC 4120 error code of the KRB-ERROR the acceptor
+made (present when the client asked for mutual authentication), else the GSS minor status when
+it is a krb5 code: through SPNEGO it is not, as MIT's mechglue hands out stand-in numbers from
+100000 for minor codes two mechanisms both report. A failure that no code explains is the
+gateway's only when the replay cache, checked here on its own, is unusable.
 """
 
 from __future__ import annotations
 
+import os
+import stat
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +51,19 @@ _KRB_AP_ERR_BAD_INTEGRITY, _KRB_AP_ERR_TKT_EXPIRED, _KRB_AP_ERR_TKT_NYV = 31, 32
 _KRB_AP_ERR_REPEAT, _KRB_AP_ERR_NOT_US, _KRB_AP_ERR_SKEW = 34, 35, 37
 _KRB_AP_ERR_MODIFIED, _KRB_AP_ERR_BADKEYVER, _KRB_AP_ERR_NOKEY = 41, 44, 45
 _KDC_ERR_ETYPE_NOSUPP = 14
+#: The generic code MIT puts in its KRB-ERROR for a failure outside RFC 4120's codes (errno values,
+#: ASN.1, replay cache and keytab errors alike): it says nothing about whose failure it was.
+_KRB_ERR_GENERIC = 60
+
+#: MIT's krb5 com_err table (krb5_err.et, ``ERROR_TABLE_BASE_krb5`` in krb5.h): its codes 0-127
+#: are RFC 4120's error codes plus this base.
+_KRB5_ERR_BASE = -1765328384
+#: The table's replay cache errors (``KRB5_RC_TYPE_EXISTS`` .. ``KRB5_RC_IO_SPACE``,
+#: ``KRB5_RCACHE_BADVNO``, ``KRB5_RC_REQUIRED``) but ``KRB5_RC_REPLAY``, a replay. MIT's ``file2``
+#: cache reports errno values instead; these come from other cache types.
+_KRB5_RC_REPLAY = _KRB5_ERR_BASE + 163
+_RCACHE_ERRORS = frozenset(range(_KRB5_ERR_BASE + 159, _KRB5_ERR_BASE + 173)) - {_KRB5_RC_REPLAY} \
+    | {_KRB5_ERR_BASE + 211, _KRB5_ERR_BASE + 215}
 
 #: What an operator should check, per reason (also in docs/plugins/kerberos.md).
 HINTS = {
@@ -193,9 +216,14 @@ class Acceptor:
     # -- explaining ----------------------------------------------------------------------------------
 
     def explain(self, exc: gssapi.exceptions.GSSError, ticket: TicketInfo | None, index: KeytabIndex) -> AcceptFailed:
+        """Why GSSAPI refused the token, from its status codes; its message is only the detail."""
         message = gss_message(exc)
+        minor = _signed(exc.min_code)
         krb = krb_error_of(exc.token)
-        found = self._from_krb_error(krb.code if krb else None, message, ticket, index)
+        code = krb.code if krb else _rfc_code(minor)
+        if minor == _KRB5_RC_REPLAY:
+            code = _KRB_AP_ERR_REPEAT
+        found = self._from_krb_error(code, message, ticket, index)
         if found is not None:
             return found
         # python-gssapi raises a subclass per GSS status (RFC 2744 section 3.9.1).
@@ -206,26 +234,33 @@ class Acceptor:
         if isinstance(exc, gss.BadMechanismError):
             return AcceptFailed("unsupported_mechanism", message)
         if isinstance(exc, (gss.MissingCredentialsError, gss.InvalidCredentialsError)):
+            # MIT reports these for the acceptor credentials, before it reads the client's token.
             return AcceptFailed("keytab_unavailable", message, unavailable=True)
-        return AcceptFailed("rejected", message)
+        if code is None or code == _KRB_ERR_GENERIC:
+            # What the client's bytes cannot decide: our own file, checked as MIT opens it.
+            problem = self.replay_cache_problem()
+            if not problem and minor in _RCACHE_ERRORS:  # another cache type's own error
+                problem = f"replay cache {self.rcache}: krb5 error {minor} (krb5_err.et)"
+            if problem:
+                return AcceptFailed("replay_cache_unavailable", problem, unavailable=True)
+        about = f"{ticket.describe()}; " if ticket else ""
+        return AcceptFailed("rejected", about + message)
 
     def _from_krb_error(self, code: int | None, message: str, ticket: TicketInfo | None,
                         index: KeytabIndex) -> AcceptFailed | None:
-        lowered = message.lower()
+        """The reason for RFC 4120 error *code*, or for a ticket whose clear-text header (the
+        client's) names no key of the keytab; ``None`` when neither says."""
         about = f"{ticket.describe()}; " if ticket else ""
-        if str(self.rcache) in message or "replay cache" in lowered:
-            # MIT names the file it failed to open or write: our side, not the client's.
-            return AcceptFailed("replay_cache_unavailable", message, unavailable=True)
-        if code in (_KRB_AP_ERR_SKEW, _KRB_AP_ERR_TKT_NYV) or "clock skew" in lowered:
+        if code in (_KRB_AP_ERR_SKEW, _KRB_AP_ERR_TKT_NYV):
             return AcceptFailed("clock_skew", about + (message or "the client's clock differs from ours"))
-        if code == _KRB_AP_ERR_TKT_EXPIRED or "ticket expired" in lowered:
+        if code == _KRB_AP_ERR_TKT_EXPIRED:
             return AcceptFailed("ticket_expired", about + (message or "ticket expired"))
-        if code == _KRB_AP_ERR_REPEAT or "request is a replay" in lowered:
+        if code == _KRB_AP_ERR_REPEAT:
             return AcceptFailed("replay", about + (message or "request is a replay"))
         keyed = self._keytab_reason(ticket, index) if ticket else None
         if keyed is not None:
             return keyed
-        if code == _KDC_ERR_ETYPE_NOSUPP or "encryption type" in lowered or "enctype" in lowered:
+        if code == _KDC_ERR_ETYPE_NOSUPP:
             return AcceptFailed("unsupported_enctype", about + message)
         if code == _KRB_AP_ERR_BADKEYVER:
             return AcceptFailed("wrong_kvno", about + message)
@@ -235,6 +270,25 @@ class Acceptor:
             # Our keytab has this service, kvno and enctype, yet the ticket does not decrypt.
             return AcceptFailed("key_mismatch", f"{about}keytab has {index.describe(ticket.service)}; {message}")
         return None
+
+    def replay_cache_problem(self) -> str:
+        """Why MIT's ``file2`` code cannot use the replay cache, found by opening it as that code
+        does (read-write, created 0600) and by the free space of its file system; ``""`` when
+        nothing is wrong. Only the gateway's own state decides, never anything a client sent."""
+        try:
+            fd = os.open(self.rcache, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                regular = stat.S_ISREG(os.fstat(fd).st_mode)
+                space = os.fstatvfs(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            return f"replay cache {self.rcache}: {exc.strerror}"
+        if not regular:
+            return f"replay cache {self.rcache}: not a regular file"
+        if (space.f_bfree if os.geteuid() == 0 else space.f_bavail) == 0:
+            return f"replay cache {self.rcache}: no space left on its file system"
+        return ""
 
     def _keytab_reason(self, ticket: TicketInfo, index: KeytabIndex) -> AcceptFailed | None:
         """Compare the ticket's clear-text header with the keytab's table of contents."""
@@ -254,6 +308,18 @@ class Acceptor:
                                 f"{ticket.describe()}; keytab {index.path} has {index.describe(ticket.service)}, "
                                 f"no {enctype_name(ticket.etype)} key")
         return None
+
+
+def _signed(status: int) -> int:
+    """A GSS minor status (an ``OM_uint32``) as the signed ``krb5_error_code`` of MIT's tables."""
+    return status - (1 << 32) if status >= 1 << 31 else status
+
+
+def _rfc_code(minor: int) -> int | None:
+    """The RFC 4120 error code a krb5 minor status stands for, or ``None`` for any other status
+    (errno values, other tables, the mechglue's stand-in numbers)."""
+    code = minor - _KRB5_ERR_BASE
+    return code if 0 <= code < 128 else None
 
 
 def _text(name: gss.Name) -> str:
