@@ -94,7 +94,8 @@ class ClientCertPlugin:
         responder = None
         if revocation.ocsp_responder_certificate:
             responder = load_bundle(revocation.ocsp_responder_certificate)[0]
-        self.revocation = RevocationChecker(revocation, self.log, settings.clock_tolerance, responder)
+        self.revocation = RevocationChecker(revocation, self.log, settings.clock_tolerance, responder,
+                                            [*roots, *intermediates])
         self.health = RevocationHealth(self.name, settings, self.revocation, (intermediates or roots)[0])
         #: Certificate headers watched for, to log (and ignore) those the peer does not set.
         self._cert_headers = tuple(dict.fromkeys([*(h.name for h in settings.headers), *_KNOWN_CERT_HEADERS]))

@@ -8,8 +8,16 @@ distribution point covers only certificates whose CRL distribution points name o
 (a relative name is not matched: fail closed). The issuer's CRLs that leave a certificate out make
 its status unknown, never good. Indirect CRLs and delta CRLs are not supported: such CRLs are
 skipped and logged. Fetched CRLs are kept until their ``nextUpdate`` and refreshed in the
-background every ``crl_refresh_interval``; a newly fetched CRL older than the one held is refused
-(no rollback).
+background every ``crl_refresh_interval``.
+
+A URL is fetched over plain http as a rule, so whoever is on the path can serve anything there. A
+fetched CRL is therefore held, and trusted for the no-rollback comparison and for the time of the
+next fetch, only once it is checked (:meth:`CrlStore._refusal`): issued and signed by a CA the URL
+serves, that CA allowed to sign CRLs, its thisUpdate not in the future, and neither older nor
+lower-numbered than the CRL held, nor of another issuer. A URL serves the verified issuer of each
+certificate that names it in its distribution points; a configured URL, the configured CAs and
+the verified issuer of any certificate checked. A CRL that fails is refused and the one held kept (review of the certificate
+plugin: a forged CRL replaced the held one, and one dated 2036 shut the CA's own out).
 """
 
 from __future__ import annotations
@@ -19,22 +27,30 @@ import hashlib
 import logging
 import threading
 import time
+from typing import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from gateway.settings import shown_url
+
 from .fetch import Backoff, FetchError, fetch
 from .settings import RevocationSettings
 from .status import Status, Verdict
 
-__all__ = ["CrlStore", "LoadedCrl", "parse_crl"]
+__all__ = ["CrlStore", "LoadedCrl", "RefusedCrl", "parse_crl"]
 
 UTC = dt.timezone.utc
 _MAX_URLS = 256
 _FILE_CHECK_INTERVAL = 2.0
 _HTTP = ("http://", "https://")  # ldap:// distribution points are not fetched
+_REFUSAL_WARNING_EVERY = 600.0  # seconds between two warnings of a URL's refused CRLs
+
+
+class RefusedCrl(FetchError):
+    """A CRL was fetched but failed a check; the one held is kept. Logged where it is raised."""
 
 
 def parse_crl(data: bytes) -> x509.CertificateRevocationList:
@@ -100,6 +116,11 @@ class LoadedCrl:
     def applies_to(self, cert: x509.Certificate, issuer: x509.Certificate) -> bool:
         if not self.usable or self.crl.issuer != cert.issuer or self.out_of_scope(cert):
             return False
+        return self.signed_by(issuer)
+
+    def signed_by(self, issuer: x509.Certificate) -> bool:
+        """*issuer*'s key signed this CRL and *issuer* may sign CRLs (keyUsage cRLSign); the
+        answer is remembered per key. Names are not compared here."""
         key = _key_id(issuer.public_key())
         with self.lock:
             known = self.verified.get(key)
@@ -141,6 +162,13 @@ def _may_sign_crls(issuer: x509.Certificate) -> bool:
         return True
 
 
+def _crl_number(crl: x509.CertificateRevocationList) -> int | None:
+    try:
+        return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    except x509.ExtensionNotFound:
+        return None
+
+
 def _uris(names: list[x509.GeneralName] | None) -> set[str]:
     return {n.value for n in names or () if isinstance(n, x509.UniformResourceIdentifier)}
 
@@ -172,19 +200,26 @@ def distribution_points(cert: x509.Certificate) -> list[str]:
 
 @dataclass
 class _UrlEntry:
-    crl: LoadedCrl | None = None
+    crl: LoadedCrl | None = None  # the CRL held: always one that passed CrlStore._refusal
+    # The CAs this URL serves, which a fetched CRL is checked against: the configured ones for a
+    # configured URL, and the verified issuers of the certificates checked against it.
+    issuers: set[x509.Certificate] = field(default_factory=set)
     # time.monotonic() of the last successful fetch; None: never. Not 0.0: monotonic() counts
     # from boot, so on a machine up for less than crl_refresh_interval "0.0" would look recent.
     fetched: float | None = None
     used: float = 0.0  # only compared with other entries' (least recently used)
     error: str | None = None  # the last fetch's failure, for readiness; None after a success
+    warned: float | None = None  # time.monotonic() of the last warning of a refused CRL
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class CrlStore:
     """CRLs from files and URLs, thread-safe; :meth:`refresh` is the background job."""
 
-    def __init__(self, settings: RevocationSettings, log: logging.Logger, tolerance: float) -> None:
+    def __init__(self, settings: RevocationSettings, log: logging.Logger, tolerance: float,
+                 cas: Sequence[x509.Certificate] = ()) -> None:
+        """*cas*: the configured CAs (roots and intermediates), which the configured URLs serve
+        from the start."""
         self.settings = settings
         self.log = log
         self.tolerance = tolerance
@@ -192,7 +227,7 @@ class CrlStore:
         self._lock = threading.Lock()
         self._files: dict[Path, tuple[float, LoadedCrl]] = {}
         self._files_checked: float | None = None  # monotonic(); None: never (see _UrlEntry.fetched)
-        self._urls: dict[str, _UrlEntry] = {url: _UrlEntry() for url in settings.crl_urls}
+        self._urls: dict[str, _UrlEntry] = {url: _UrlEntry(issuers=set(cas)) for url in settings.crl_urls}
         for path in settings.crl_files:
             self._files[path] = (path.stat().st_mtime, self._load_file(path))
 
@@ -220,19 +255,70 @@ class CrlStore:
             except (OSError, ValueError) as exc:  # keep the last good one; it will age out
                 self.log.error("CRL file %s not reloaded, keeping the previous one: %s", path, exc)
 
-    def _fetch(self, url: str, entry: _UrlEntry, timeout: float) -> None:
-        """Fetch *url* into *entry* (caller holds ``entry.lock``). Raises FetchError."""
+    def _fetch(self, url: str, entry: _UrlEntry, timeout: float) -> LoadedCrl:
+        """Fetch *url* into *entry* (caller holds ``entry.lock``). Raises FetchError, RefusedCrl."""
         data = fetch(url, timeout=timeout, max_bytes=self.settings.crl_max_bytes,
                      accept="application/pkix-crl")
         try:
             loaded = LoadedCrl.make(parse_crl(data), url, self.log)
         except ValueError as exc:
             raise FetchError(f"{url}: not a CRL ({exc})") from None
-        if entry.crl is not None and loaded.crl.last_update_utc < entry.crl.crl.last_update_utc:
-            raise FetchError(f"{url}: served a CRL older than the one held; kept the newer one")
-        entry.crl = loaded
+        self._keep(url, entry, loaded)
         entry.fetched = time.monotonic()
         entry.error = None
+        return loaded
+
+    def _keep(self, url: str, entry: _UrlEntry, loaded: LoadedCrl) -> None:
+        """Hold *loaded* if it passes the checks, else raise RefusedCrl and keep the CRL held
+        (caller holds ``entry.lock``)."""
+        with self._lock:
+            issuers = list(entry.issuers)
+        why = self._refusal(loaded, entry.crl, issuers)
+        if why:
+            self._warn_refused(url, entry, why)
+            raise RefusedCrl(f"{shown_url(url)}: CRL refused: {why}")
+        entry.crl = loaded
+
+    def _refusal(self, loaded: LoadedCrl, held: LoadedCrl | None, issuers: list[x509.Certificate]) -> str | None:
+        """Why a fetched CRL must not be held, or ``None``. The URL is plain http as a rule, so
+        the issuer is one the URL is known to serve, never one the CRL names for itself."""
+        crl = loaded.crl
+        named = [ca for ca in issuers if ca.subject == crl.issuer]
+        if not named:
+            return f"its issuer {crl.issuer.rfc4514_string()!r} is not a CA this URL serves"
+        if not any(loaded.signed_by(ca) for ca in named):
+            return "its signature does not verify with its issuer's key, or that CA may not sign CRLs"
+        this_update = crl.last_update_utc
+        if this_update > dt.datetime.now(UTC) + dt.timedelta(seconds=self.tolerance):
+            return f"its thisUpdate {this_update.isoformat()} is in the future"
+        if held is None:
+            return None
+        if crl.issuer != held.crl.issuer:
+            return f"its issuer {crl.issuer.rfc4514_string()!r} is not that of the CRL held"
+        if this_update < held.crl.last_update_utc:
+            return (f"it is older than the CRL held (thisUpdate {this_update.isoformat()}, "
+                    f"held {held.crl.last_update_utc.isoformat()}): a rollback")
+        number, held_number = _crl_number(crl), _crl_number(held.crl)
+        if number is not None and held_number is not None and number < held_number:
+            return f"its CRLNumber {number} is lower than the held CRL's {held_number}: a rollback"
+        return None
+
+    def _warn_refused(self, url: str, entry: _UrlEntry, why: str) -> None:
+        # Whoever serves forged CRLs can have one fetched on every refresh: say it now and then.
+        now = time.monotonic()
+        if entry.warned is not None and now - entry.warned < _REFUSAL_WARNING_EVERY:
+            return
+        entry.warned = now
+        kept = "the CRL held is kept" if entry.crl is not None else "no CRL from it is held"
+        self.log.warning("CRL from %s refused, %s: %s (said at most every %.0f s)", shown_url(url), kept, why,
+                         _REFUSAL_WARNING_EVERY)
+
+    def _failed(self, url: str, entry: _UrlEntry, exc: FetchError, what: str) -> str:
+        entry.error = str(exc)
+        self.backoff.failed(url, str(exc))
+        if not isinstance(exc, RefusedCrl):  # warned by _keep, rate-limited
+            self.log.warning("%s: %s", what, exc)
+        return str(exc)
 
     def _after_fetch(self, url: str, entry: _UrlEntry) -> None:
         # A CA that has not published a new CRL keeps serving one past its nextUpdate; fetching it
@@ -254,7 +340,10 @@ class CrlStore:
         """The periodic re-fetch is due: never fetched, or ``crl_refresh_interval`` passed."""
         return entry.fetched is None or time.monotonic() - entry.fetched >= self.settings.crl_refresh_interval
 
-    def _url_crl(self, url: str, deadline: float, now: dt.datetime) -> tuple[LoadedCrl | None, str | None]:
+    def _url_crl(self, url: str, issuer: x509.Certificate, deadline: float,
+                 now: dt.datetime) -> tuple[LoadedCrl | None, str | None]:
+        """The checked CRL held from *url*, fetched if due, and why it may not answer. *issuer*,
+        from a verified path, is a CA this URL serves from now on."""
         with self._lock:
             entry = self._urls.get(url)
             if entry is None:
@@ -263,6 +352,7 @@ class CrlStore:
                     del self._urls[min(learned, key=lambda u: self._urls[u].used)]
                 entry = self._urls[url] = _UrlEntry()
             entry.used = time.monotonic()
+            entry.issuers.add(issuer)
         if not self._needs_fetch(entry, now):
             return entry.crl, None
         blocked = self.backoff.blocked(url)
@@ -279,10 +369,7 @@ class CrlStore:
                 self._after_fetch(url, entry)
             return entry.crl, None
         except FetchError as exc:
-            entry.error = str(exc)
-            self.backoff.failed(url, str(exc))
-            self.log.warning("CRL fetch failed: %s", exc)
-            return entry.crl, str(exc)
+            return entry.crl, self._failed(url, entry, exc, "CRL fetch failed")
         finally:
             entry.lock.release()
 
@@ -302,7 +389,7 @@ class CrlStore:
             urls += [u for u in distribution_points(cert) if u not in urls]
         problems: list[str] = []
         for url in urls:
-            loaded, problem = self._url_crl(url, deadline, now)
+            loaded, problem = self._url_crl(url, issuer, deadline, now)
             if loaded is not None:
                 candidates.append(loaded)
             # A configured URL serves one issuer; its failure matters only to that issuer's certs.
@@ -336,16 +423,14 @@ class CrlStore:
         with self._lock:
             entries = list(self._urls.items())
         for url, entry in entries:
-            due = entry.crl is None or self._needs_fetch(entry, now) or self._refresh_due(entry)
+            due = self._needs_fetch(entry, now) or self._refresh_due(entry)
             if not due or self.backoff.blocked(url) or not entry.lock.acquire(blocking=False):
                 continue
             try:
                 self._fetch(url, entry, self.settings.timeout)
                 self._after_fetch(url, entry)
             except FetchError as exc:
-                entry.error = str(exc)
-                self.backoff.failed(url, str(exc))
-                self.log.warning("background CRL refresh failed: %s", exc)
+                self._failed(url, entry, exc, "background CRL refresh failed")
             finally:
                 entry.lock.release()
 
@@ -362,9 +447,9 @@ class CrlStore:
             return {u: e.error for u, e in self._urls.items() if e.error}
 
     def fetch_now(self, url: str) -> LoadedCrl:
-        """Fetch *url* for a self-test (raises FetchError) and keep the result."""
+        """Fetch *url* for a self-test (raises FetchError) and keep the result if it passes the
+        checks; the self-test judges its signer itself."""
         with self._lock:
             entry = self._urls.setdefault(url, _UrlEntry())
         with entry.lock:
-            self._fetch(url, entry, self.settings.timeout)
-        return entry.crl
+            return self._fetch(url, entry, self.settings.timeout)

@@ -32,10 +32,10 @@ __all__ = ["RevocationChecker"]
 
 class RevocationChecker:
     def __init__(self, settings: RevocationSettings, log: logging.Logger, tolerance: float,
-                 responder_cert: x509.Certificate | None = None) -> None:
+                 responder_cert: x509.Certificate | None = None, cas: Sequence[x509.Certificate] = ()) -> None:
         self.settings = settings
         self.log = log
-        self.crls = CrlStore(settings, log, tolerance)
+        self.crls = CrlStore(settings, log, tolerance, cas)
         self.ocsp = OcspClient(settings, log, tolerance, responder_cert)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
