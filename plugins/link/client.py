@@ -44,7 +44,7 @@ from gateway.plugins import linkproto as proto
 from . import directory, state
 from .settings import LinkSettings
 
-__all__ = ["LinkClient", "LinkStatus", "Proxy", "proxy_for"]
+__all__ = ["LinkClient", "LinkStatus", "Proxy", "check_renewed", "proxy_for"]
 
 log = logging.getLogger("authgw.plugin.link")
 
@@ -506,9 +506,11 @@ class LinkClient:
                 answer = await self._ask(ws, pending, "renew",
                                          {"csr": csr.public_bytes(serialization.Encoding.PEM).decode("ascii")}, reader)
                 cert = x509.load_pem_x509_certificate(answer["certificate"].encode("ascii"))
-                if cert.public_key().public_numbers() != enrolment.key.public_key().public_numbers():
-                    raise ValueError("the renewed certificate is for another key")
-            except Exception as exc:
+                relay_ca = await asyncio.get_running_loop().run_in_executor(
+                    None, (enrolment.directory / "relay-ca.pem").read_bytes)
+                check_renewed(cert, enrolment, x509.load_pem_x509_certificate(relay_ca), self._clock(),
+                              self.settings.max_clock_skew)
+            except Exception as exc:  # the old certificate stays: a bad one stored would end the link for good
                 log.error("link: certificate renewal failed (%s); it expires at %s; retrying in %.0fs", exc,
                           enrolment.certificate.not_valid_after_utc.isoformat(), self.settings.backoff_max)
                 await asyncio.sleep(self.settings.backoff_max)
@@ -518,3 +520,24 @@ class LinkClient:
             enrolment = dataclasses.replace(enrolment, certificate=cert)
             self.status.certificate_not_after = enrolment.not_after
             log.info("link: certificate renewed over the link, valid until %s", cert.not_valid_after_utc.isoformat())
+
+
+def check_renewed(cert: x509.Certificate, enrolment: state.Enrolment, relay_ca: x509.Certificate, now: float,
+                  skew: float) -> None:
+    """Raise :class:`ValueError` unless *cert*, the relay's answer to ``renew``, can replace the
+    enrolment's: our key, issued by the relay CA kept at enrolment (not the one the answer
+    names: that would let a faulty relay move the pin), our connector id as CN, valid now (within
+    *skew*). Stored without these checks, a bad answer would fail every later dial until the
+    connector enrols again."""
+    if cert.public_key().public_numbers() != enrolment.key.public_key().public_numbers():
+        raise ValueError("the renewed certificate is for another key")
+    try:
+        cert.verify_directly_issued_by(relay_ca)
+    except Exception:  # noqa: BLE001 - another issuer, a bad signature, an unusable CA: not the relay CA's
+        raise ValueError("the renewed certificate is not issued by the relay CA") from None
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(names) != 1 or names[0].value != enrolment.connector:
+        raise ValueError(f"the renewed certificate is not for connector {enrolment.connector}")
+    not_before, not_after = cert.not_valid_before_utc.timestamp(), cert.not_valid_after_utc.timestamp()
+    if not_before > now + skew or not_after <= now:
+        raise ValueError("the renewed certificate is not valid now")

@@ -12,12 +12,15 @@
 
 ``HTTPS_PROXY``/``NO_PROXY`` are honoured (urllib tunnels HTTPS with CONNECT; credentials in the
 proxy URL become ``Proxy-Authorization``). Exit 0 on success, else 1 with one line on stderr.
+The ticket URL is checked before any request, and no message shows it or its token: the token
+is the credential that enrols (whoever sends a CSR with it first gets the certificate).
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import re
 import ssl
 import urllib.error
 import urllib.request
@@ -35,6 +38,10 @@ __all__ = ["EnrolError", "enroll"]
 
 _MAX_ANSWER = 64 * 1024
 _TIMEOUT = 15.0
+#: What the relay accepts as a ticket token (plugins/relay/endpoints.py, ``_token``).
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{20,100}")
+_BAD_URL = ("a ticket URL looks like https://relay.example/p/TOKEN (HTTPS only, no user name or password, a token of "
+            "20-100 letters, digits, '-' and '_', nothing after it)")
 
 
 class EnrolError(Exception):
@@ -82,18 +89,34 @@ def _call(url: str, handler: _SeenCertificates, body: dict | None = None) -> dic
             raise EnrolError(f"cannot verify the relay's certificate ({reason.verify_message}); "
                              "pass the relay's CA with --ca FILE") from None
         raise EnrolError(f"cannot reach the relay at {urlsplit(url).netloc.rpartition('@')[2]}: {reason}") from None
+    except http.client.HTTPException as exc:  # not an OSError: a truncated or malformed HTTP answer
+        raise EnrolError(f"bad answer from the relay: {exc.__class__.__name__}") from None
     except (OSError, ValueError) as exc:
         raise EnrolError(f"bad answer from the relay: {exc}") from None
     except RecursionError:  # JSON nested deeper than json reads
         raise EnrolError("bad answer from the relay: not the JSON it answers") from None
 
 
+def _check_ticket_url(url: str) -> None:
+    """Refuse a ticket URL the relay would not take, before any request: a token (or URL) with a
+    space or control character in it otherwise reaches http.client, whose error quotes it."""
+    if not url.isascii() or not url.isprintable() or " " in url:
+        raise EnrolError(_BAD_URL)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        raise EnrolError(_BAD_URL) from None
+    token = parts.path.removeprefix("/p/")
+    if (parts.scheme != "https" or not parts.hostname or "@" in parts.netloc or parts.query or parts.fragment
+            or token == parts.path or not _TOKEN.fullmatch(token)):
+        raise EnrolError(_BAD_URL)
+
+
 def enroll(ticket_url: str, state_dir: Path, ca_file: Path | None = None) -> str:
-    """Enrol; returns the success line. Raises :class:`EnrolError`."""
-    parts = urlsplit(ticket_url)
-    if parts.scheme != "https" or not parts.hostname or not parts.path.startswith("/p/") or "@" in parts.netloc:
-        raise EnrolError("a ticket URL looks like https://relay.example/p/TOKEN (HTTPS only, no user name or "
-                         "password)")
+    """Enrol; returns the success line. Raises :class:`EnrolError`, whose message never holds
+    the ticket URL."""
+    _check_ticket_url(ticket_url)
     try:
         context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
         server_ca = ca_file.read_bytes() if ca_file else None

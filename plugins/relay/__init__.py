@@ -8,12 +8,13 @@ Decides
     ``ACCOUNT_STATE``, ``THROTTLED``, ``ERROR``.
 Abstains
     when the attempt has no password; with a ``USER_NOT_FOUND`` note carrying the connector's
-    reason; with an ``UNAVAILABLE`` note ``relay.no_connector`` (none linked), ``relay.timeout``,
-    ``relay.link_lost`` (the link failed after the password was sent: never re-sent),
-    ``relay.connector_unavailable`` or ``relay.connector_error``. With ``plugins: [cache]`` and
-    ``cache: {methods: [relay]}`` the cache then answers users it has seen; not when a connector
-    answered UNAVAILABLE itself (its directory down: its own cache had its say, and only it
-    knows what that directory refused since).
+    reason; with an ``UNAVAILABLE`` note ``relay.no_connector`` (none linked), ``relay.busy``
+    (every link at ``max_in_flight``), ``relay.timeout``, ``relay.link_lost`` (the link failed
+    after the password was sent: never re-sent), ``relay.connector_unavailable`` or
+    ``relay.connector_error``. With ``plugins: [cache]`` and ``cache: {methods: [relay]}`` the
+    cache then answers users it has seen; not when a connector answered UNAVAILABLE itself (its
+    directory down: its own cache had its say, and only it knows what that directory refused
+    since), nor when the links are busy (a flood must not turn logins into cache answers).
 Settings (``relay:`` in conf.d)
     ``connection``, ``listen``, ``public_url``, ``public_names``, ``certificate``, ``key``,
     ``ticket_lifetime``, ``certificate_lifetime``, ``ping_interval``, ``max_in_flight``,
@@ -244,7 +245,7 @@ class RelayPlugin:
             answer = self._call("authenticate", body, attempt.time_left(), retry=False,
                                 password=attempt.password.password)
         except Unreachable as exc:
-            attempt.note(Outcome.UNAVAILABLE, step=self.name, reason=exc.reason)
+            attempt.note(Outcome.UNAVAILABLE, step=self.name, reason=exc.reason, offline=exc.offline)
             return None
         try:
             outcome = Outcome(answer.get("outcome"))

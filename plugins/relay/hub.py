@@ -5,9 +5,14 @@ thread with :func:`asyncio.run_coroutine_threadsafe`.
 
 Routing rules (docs/connector.md#high-availability):
 
-* a request goes to one **healthy** link of the connection (its ``hello`` answered, not closing,
-  below ``max_in_flight``), the one with the fewest requests in flight, ties broken at random
-  (a link just opened must not draw every login of an idle site);
+* a request goes to one **healthy** link of the connection (its ``hello`` answered, not closing
+  or draining, below ``max_in_flight``: :meth:`Hub.routable`, which requests forwarded from
+  another relay instance pass too), the one with the fewest requests in flight, ties broken at
+  random (a link just opened must not draw every login of an idle site);
+* when links are linked but every one is at ``max_in_flight``, the attempt is UNAVAILABLE
+  ``relay.busy`` with no offline answer: the relay's cache stands in only while no connector is
+  linked (``relay.no_connector``), not during a flood, when it would log in users the directory
+  disabled since;
 * a connector id holds one link per relay process: a new link of the id replaces the older one
   (endpoints.py), so opening more links draws no more requests;
 * what one connector id can make this process hold is bounded, not per link: at most
@@ -53,11 +58,19 @@ REQUEST_RATE = 1.0
 
 
 class Unreachable(Exception):
-    """No connector answered; ``reason`` is the UNAVAILABLE note's reason code."""
+    """No connector answered; ``reason`` is the UNAVAILABLE note's reason code, ``offline``
+    whether a cache may answer instead (:attr:`gateway.model.Note.offline`): not when connectors
+    are linked but busy (``relay.busy``)."""
 
-    def __init__(self, reason: str, detail: str = "") -> None:
+    def __init__(self, reason: str, detail: str = "", *, offline: bool = True) -> None:
         super().__init__(detail or reason)
         self.reason = reason
+        self.offline = offline
+
+
+def busy(detail: str) -> Unreachable:
+    """Every link that could take the request is at ``max_in_flight``."""
+    return Unreachable("relay.busy", detail, offline=False)
 
 
 class _NotSent(Exception):
@@ -143,18 +156,27 @@ class LinkSession:
         failed or time ran out after."""
         if self.closing or self.ws.closed:
             raise _NotSent()
+        loop = asyncio.get_running_loop()
+        until = loop.time() + timeout
         stamp = stamp or proto.new_stamp(now=time.time(), timeout=timeout)
         request_id, frame = proto.request(type_, body_for(stamp), stamp=stamp)
-        future = asyncio.get_running_loop().create_future()
+        future = loop.create_future()
         self.pending[request_id] = future
         self.in_flight += 1
         try:
             try:
-                await self.ws.send_str(frame)
+                # Bounded: a connector that stops reading fills the socket and the write waits
+                # for room, holding this request (and its in_flight) after its answer was due.
+                await asyncio.wait_for(self.ws.send_str(frame), timeout)
             except (ConnectionError, RuntimeError) as exc:
                 raise _NotSent() from exc
+            except asyncio.TimeoutError:
+                # The frame may sit in the transport's buffer and still reach the connector:
+                # not _NotSent, since a password is sent once.
+                raise Unreachable("relay.timeout", f"connector {self.connector} did not read the request "
+                                  "in time") from None
             try:
-                return await asyncio.wait_for(future, timeout)
+                return await asyncio.wait_for(future, max(0.0, until - loop.time()))
             except asyncio.TimeoutError:
                 raise Unreachable("relay.timeout", f"connector {self.connector} did not answer in time") from None
         finally:
@@ -272,10 +294,24 @@ class Hub:
     def all(self) -> list[LinkSession]:
         return [s for links in self.sessions.values() for s in links]
 
+    @staticmethod
+    def serving(session: LinkSession) -> bool:
+        """Whether *session* takes new requests at all: its hello answered (not a probe), not
+        closing, not draining (its connector is stopping), its WebSocket open."""
+        return session.ready and not session.closing and not session.draining and not session.ws.closed
+
+    def routable(self, session: LinkSession) -> bool:
+        """Whether a new request may go to *session* now: serving and below ``max_in_flight``.
+        The one rule for requests from this process and those forwarded by another (router.py)."""
+        return self.serving(session) and session.in_flight < self.max_in_flight
+
+    def saturated(self, sessions, tried: set[int] = frozenset()) -> bool:
+        """Whether some of *sessions* (not in *tried*) serve, all of those at ``max_in_flight``."""
+        serving = [s for s in sessions if self.serving(s) and id(s) not in tried]
+        return bool(serving) and not any(self.routable(s) for s in serving)
+
     def _pick(self, connection: str, tried: set[int]) -> LinkSession | None:
-        healthy = [s for s in self.sessions.get(connection, ())
-                   if s.ready and not s.closing and not s.draining and not s.ws.closed and id(s) not in tried
-                   and s.in_flight < self.max_in_flight]
+        healthy = [s for s in self.sessions.get(connection, ()) if self.routable(s) and id(s) not in tried]
         if not healthy:
             return None
         # Ties (an idle site) at random: idle links stay warm and tested, and a link opened just
@@ -291,13 +327,23 @@ class Hub:
         tried: set[int] = set()
         while True:
             session = self._pick(connection, tried)
-            if session is None and self.router is not None:
-                # No link here: the instance holding one answers (router.py).
-                message = await self.router.forward(connection, type_, body, max(0.05, deadline - time.monotonic()),
-                                                    retry=retry, password=password)
-                return _body(message)
             if session is None:
-                raise Unreachable("relay.no_connector", f"no connector of {connection!r} is online")
+                local_busy = self.saturated(self.sessions.get(connection, ()), tried)
+                if self.router is None:
+                    if local_busy:
+                        raise busy(f"every link of {connection!r} carries {self.max_in_flight} requests")
+                    raise Unreachable("relay.no_connector", f"no connector of {connection!r} is online")
+                # No link free here: the instance holding one answers (router.py).
+                try:
+                    message = await self.router.forward(connection, type_, body,
+                                                        max(0.05, deadline - time.monotonic()),
+                                                        retry=retry, password=password)
+                except Unreachable as exc:
+                    if local_busy and exc.reason == "relay.no_connector":
+                        raise busy(f"every link of {connection!r} here carries {self.max_in_flight} requests "
+                                   "and no other instance took it") from None
+                    raise
+                return _body(message)
             tried.add(id(session))
 
             def body_for(stamp: proto.Stamp, session=session) -> dict[str, Any]:

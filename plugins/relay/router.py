@@ -9,6 +9,10 @@ link of the connection goes to the instance that holds one.
 * The forwarding instance seals the password to the chosen connector's key (its certificate is
   in the registry) under the stamp (id, nonce, deadline) the holder then sends it with: no
   password crosses Redis in clear, and the holder cannot re-address it to another connector.
+* The holder sends a forwarded request only on a link local routing would choose
+  (:meth:`Hub.routable`: not draining, below ``max_in_flight``), and only before its deadline;
+  otherwise it answers ``relay.not_sent`` (``"busy": true`` when the link is at
+  ``max_in_flight``) and the forwarder tries another instance's connector.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from cryptography import x509
 
 from gateway.plugins import linkproto as proto
 
-from .hub import Unreachable, _NotSent
+from .hub import Unreachable, _NotSent, busy
 
 if TYPE_CHECKING:
     from .hub import Hub
@@ -85,21 +89,40 @@ class Router:
                 asyncio.ensure_future(self._handle(json.loads(item[1])))
 
     async def _handle(self, item: dict[str, Any]) -> None:
-        reply = {"unreachable": "relay.no_connector"}
-        session = next((s for s in self.hub.all() if s.connector == item["connector"] and s.ready
-                        and not s.closing), None)
-        if session is not None and "nonce" in item:  # none: an instance of link protocol 1 sealed it
-            try:
-                stamp = proto.Stamp(item["id"], item["nonce"], item["deadline"])
-                message = await session.call(item["type"], lambda _: item["body"], item["timeout"], stamp=stamp)
-                reply = {"message": {"type": message.type, "body": message.body}}
-            except _NotSent:
-                reply = {"unreachable": "relay.not_sent"}
-            except Unreachable as exc:
-                reply = {"unreachable": exc.reason}
+        reply = await self._reply(item)
         key = self._k("reply", item["id"])
         await self.redis.rpush(key, json.dumps(reply))
         await self.redis.expire(key, 60)
+
+    async def _reply(self, item: dict[str, Any]) -> dict[str, Any]:
+        """Send a forwarded request on this instance's link of its connector; the reply item."""
+        links = [s for s in self.hub.all() if s.connector == item["connector"]]
+        session = next((s for s in links if self.hub.routable(s)), None)
+        if session is None:
+            # Draining (a planned restart must fail no login) or at max_in_flight: nothing was
+            # sent, so the forwarder tries another instance (relay.not_sent: what instances
+            # before "busy" knew to retry).
+            if self.hub.saturated(links):
+                return {"unreachable": "relay.not_sent", "busy": True}
+            return {"unreachable": "relay.not_sent" if links else "relay.no_connector"}
+        if "nonce" not in item:  # an instance of link protocol 1 sealed it
+            return {"unreachable": "relay.no_connector"}
+        # The deadline is the stamp's (the forwarder's wall clock): an item that waited in the
+        # inbox past it is not sent, since the user was answered already; the connector would
+        # otherwise check a password nobody waits for, counting towards its lockout.
+        left = min(float(item["timeout"]), float(item["deadline"]) - time.time())
+        if left <= 0:
+            log.info("relay routing: a forwarded %s request for %s arrived past its deadline; not sent",
+                     item["type"], item["connector"])
+            return {"unreachable": "relay.timeout"}
+        try:
+            stamp = proto.Stamp(item["id"], item["nonce"], item["deadline"])
+            message = await session.call(item["type"], lambda _: item["body"], left, stamp=stamp)
+        except _NotSent:
+            return {"unreachable": "relay.not_sent"}
+        except Unreachable as exc:
+            return {"unreachable": exc.reason}
+        return {"message": {"type": message.type, "body": message.body}}
 
     # -- the forwarder's side ------------------------------------------------------------------------
 
@@ -119,6 +142,7 @@ class Router:
 
     async def _forward(self, candidates: list[tuple[str, str]], connection: str, type_: str, body: dict[str, Any],
                        deadline: float, *, retry: bool, password: str | None) -> proto.Message:
+        saturated = False  # a holder's link was at max_in_flight: busy, not "no connector"
         for connector, instance in candidates:
             if not await self.redis.exists(self._k("instance", instance)):
                 continue
@@ -142,10 +166,13 @@ class Router:
             reply = json.loads(item[1])
             if "message" in reply:
                 return proto.Message(request_id, reply["message"]["type"], reply["message"]["body"])
+            saturated = saturated or reply.get("busy") is True
             # Not sent at all, or a read-only request: another instance's connector may answer.
             if reply["unreachable"] in ("relay.not_sent", "relay.no_connector") or retry:
                 continue
             raise Unreachable(reply["unreachable"])
+        if saturated:
+            raise busy(f"every link of {connection!r} that could take it carries its max_in_flight")
         raise Unreachable("relay.no_connector", f"no connector of {connection!r} is online at any relay instance")
 
     async def _public_key(self, connector: str):
