@@ -18,7 +18,7 @@ from pathlib import Path
 import ldap3
 import pytest
 
-from support.console import ConsoleClient, console_link, link_path
+from support.console import SessionClient, console_link
 from support.gateway import GatewayProcess, authgw, write_conf
 from support.net import free_port, wait_for
 from support.redis import RedisServer
@@ -359,8 +359,8 @@ def test_readiness_and_the_console_show_offline_entries_and_the_last_offline_ans
     assert answered and answered.group(1) in _utc_seconds(before, after), detail
     assert "2 offline entries" in detail
 
-    client = ConsoleClient(f"http://127.0.0.1:{port}")
-    assert client.get(link_path(console_link(gateway))).status == 303
+    client = SessionClient(f"http://127.0.0.1:{port}")
+    client.sign_in(console_link(gateway))
     page = client.get("/status").text
     assert f"<li>last offline answer {answered.group(1)} UTC</li>" in page
     assert re.search(r"<li>2 offline entries \(counted \d\d:\d\d:\d\d\)</li>", page), page

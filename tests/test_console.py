@@ -1,6 +1,6 @@
 """The console's access rules, through a real ``authgw serve``: one-time login links, sessions
 across workers, CSRF, Host checks, security headers, escaping, loopback-only plain HTTP, and the
-ticket step's error path."""
+ticket step's error path. (Session path prefixes and lifetimes: test_console_session.py.)"""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import stat
 
 import pytest
 
-from support.console import ConsoleClient, console_conf, console_link, link_path
+from support.console import ConsoleClient, SessionClient, console_conf, console_link, link_path, signed_in
 from support.gateway import authgw
 from support.net import free_port
 from support.pki import CA
@@ -22,14 +22,6 @@ def console(conf_dir, demo_hash):
     return f"http://127.0.0.1:{port}"
 
 
-def signed_in(gw, base: str) -> ConsoleClient:
-    client = ConsoleClient(base)
-    response = client.get(link_path(console_link(gw)))
-    assert response.status == 303 and response.header("Location") == "/setup"
-    assert client.get("/setup").status == 200
-    return client
-
-
 def test_the_one_time_link_works_once_and_only_once(console, conf_dir, start_gateway):
     gw = start_gateway(conf_dir)
     link = console_link(gw)
@@ -38,11 +30,12 @@ def test_the_one_time_link_works_once_and_only_once(console, conf_dir, start_gat
     assert stat.S_IMODE(saved.stat().st_mode) == 0o600
     assert link.startswith(console + "/login/")
 
-    first = ConsoleClient(console)
+    first = SessionClient(console)
     response = first.get(link_path(link))
     assert response.status == 303
     cookie = response.header("Set-Cookie")
     assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+    first.prefix = response.header("Location").removesuffix("setup")
     assert "Set-up" in first.get("/setup").text
 
     second = ConsoleClient(console)
@@ -63,6 +56,7 @@ def test_without_a_session_every_page_is_refused(console, conf_dir, start_gatewa
     forged = ConsoleClient(console)
     forged.cookies["authgw_console"] = "x" * 43
     assert forged.get("/status").status == 401
+    assert forged.get(f"/s/{'y' * 43}/status").status == 401
     assert anonymous.post_form("/log", {}, csrf=False).status == 401
 
 
@@ -106,9 +100,12 @@ def test_another_host_name_is_refused(console, conf_dir, start_gateway):
     # A DNS-rebinding page reaches 127.0.0.1 under its own name: the browser sends that name.
     response = ConsoleClient(console).get(link_path(link), {"Host": f"evil.example:{console.rsplit(':', 1)[1]}"})
     assert response.status == 421
-    client = ConsoleClient(console)
-    assert client.get(link_path(link), {"Host": "localhost"}).status == 303  # not spent by the refusal
-    assert client.get("/setup", {"Host": "attacker.test"}).status == 421
+    client = SessionClient(console)
+    signed = client.get(link_path(link), {"Host": "localhost"})
+    assert signed.status == 303  # not spent by the refusal
+    client.prefix = signed.header("Location").removesuffix("setup")
+    assert client.get("/setup", {"Host": "localhost"}).status == 200
+    assert client.get("/setup", {"Host": "attacker.test"}).status == 421  # a live session, another name
 
 
 def test_pages_carry_a_strict_policy_and_no_inline_script(console, conf_dir, start_gateway):
@@ -288,7 +285,7 @@ def test_the_ticket_is_not_on_the_enrolment_command_line(tmp_path):
                                             **static_users({"alice": hash_password("Alice-Passw0rd")})})
     server = socket.create_server(("127.0.0.1", 0))
     server.settimeout(30)  # bounded: an enrolment that never connects fails the test
-    ticket = f"https://127.0.0.1:{server.getsockname()[1]}/p/SECRET-TICKET-TOKEN"
+    ticket = f"https://127.0.0.1:{server.getsockname()[1]}/p/SECRET-TICKET-TOKEN-0123456789"
     result: list = []
     thread = threading.Thread(target=lambda: result.append(
         enrol(ticket, conf, tmp_path / "state", link_enabled=True)))

@@ -43,7 +43,7 @@ def walked(tmp_path_factory, demo_hash):
         link = console_link(gw)
         with browser() as chromium:
             result = walk(chromium, link, slapd, SERVICE_PASSWORD,
-                          unreachable_ticket=f"https://127.0.0.1:{free_port()}/p/t1",
+                          unreachable_ticket=f"https://127.0.0.1:{free_port()}/p/unreachable-ticket-token-1",
                           ticket=relay.ticket(), ticket_ca=str(relay.ca_file))
         yield gw, relay, result
     finally:

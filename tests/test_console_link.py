@@ -11,7 +11,7 @@ import re
 import pytest
 from cryptography import x509
 
-from support.console import ConsoleClient, console_conf, console_link, link_path
+from support.console import SessionClient, console_conf, console_link
 from support.net import free_port, wait_for
 
 linkenv = pytest.importorskip("support.linkenv")
@@ -27,7 +27,7 @@ def _row(page: str, name: str) -> tuple[str, str, str]:
     return found.group(1), found.group(2), html.unescape(re.sub(r"<[^>]+>", " ", found.group(3)))
 
 
-def _linked_status(client: ConsoleClient, timeout: float = 30.0) -> str:
+def _linked_status(client: SessionClient, timeout: float = 30.0) -> str:
     def linked() -> str | None:
         page = client.get("/status").text
         return page if "round trip" in page and "link.relay_certificate" in page else None
@@ -45,9 +45,8 @@ def test_the_status_page_shows_round_trip_and_certificate_ends(lifetime_days, wa
         console_conf(conf_dir, port, demo_hash, plugins="[console, link]")
         (conf_dir / "link.yaml").write_text("link: {ping_interval: 0.5, backoff_initial: 0.2, backoff_max: 1.0}\n")
         gw = start_gateway(conf_dir)
-        client = ConsoleClient(f"http://127.0.0.1:{port}")
-        assert client.get(link_path(console_link(gw))).status == 303
-        client.get("/setup")
+        client = SessionClient(f"http://127.0.0.1:{port}")
+        client.sign_in(console_link(gw))
         enrolled = client.post_form("/setup/ticket", {"ticket_url": relay.ticket(), "ticket_ca": str(relay.ca_file)})
         assert enrolled.status == 200, enrolled.text
 

@@ -7,9 +7,11 @@ Listener ``console.http``
     HTTP on loopback only, HTTPS with ``tls_cert``/``tls_key`` anywhere else (refused at load
     time otherwise).
 Routes
-    ``/login/{token}`` (one-time link -> session cookie), ``/setup`` (ticket URL via
-    ``authgw link enroll``, directory settings -> ``conf.d/50-console.yaml``), ``/log/{run}``
-    (the configuration log: every plugin's self-tests, live), ``/status``.
+    ``/login/{token}`` (one-time link -> a session under a secret path prefix ``/s/{prefix}/``,
+    its cookie scoped to that path), and below that prefix ``setup`` (ticket URL via
+    ``authgw link enroll``, directory settings -> ``conf.d/50-console.yaml``), ``log/{run}``
+    (the configuration log: every plugin's self-tests, live), ``status``; any other path is the
+    sign-in page or a 404.
 Command
     ``authgw console``: prints a one-time login link and writes it 0600 to
     ``<state_dir>/console-login-link``.
@@ -18,7 +20,7 @@ Hooks
     when the audit log goes to standard error.
 Settings (``console:`` in conf.d; docs/console.md)
     ``listen``, ``tls_cert``, ``tls_key``, ``hosts``, ``login_link_ttl``, ``session_ttl``,
-    ``audit_events``.
+    ``session_lifetime``, ``audit_events``, ``certificate_warning_days``.
 
 Shared state (tokens, sessions, configuration-log runs) is ``<state_dir>/console.sqlite``.
 """

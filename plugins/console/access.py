@@ -3,13 +3,21 @@
 * ``Host`` must name 127.0.0.1, ::1, localhost or a name in ``console.hosts``: a web page the
   operator visits cannot reach the console by re-pointing its own DNS name at 127.0.0.1
   (DNS rebinding) — the browser would send that name.
-* A session comes only from a one-time login link (``authgw console``); its cookie is
-  ``HttpOnly``, ``SameSite=Strict`` and, on the TLS listener, ``Secure``.
+* A session comes only from a one-time login link (``authgw console``). It lives under a path
+  prefix of its own, ``/s/<random token>/``, and its cookie is scoped to that path
+  (``HttpOnly``, ``SameSite=Strict`` and, on the TLS listener, ``Secure``). Browsers send a
+  cookie to every port of a host (RFC 6265 8.5), so a host-wide cookie reached any other web
+  server on 127.0.0.1 the operator's browser visited; a server that does not know the prefix
+  never gets this one. A request must carry both the cookie and the prefix of the same session
+  (compared in constant time); without them it gets the sign-in page, never a page's content.
 * Every POST carries the session's CSRF token (compared in constant time), and a present
   ``Origin`` must be this console's. The form is read once, here (handlers take it from
-  ``request[FORM_KEY]``); a body that cannot be read as a form is a 400, never a 500.
+  ``request[FORM_KEY]``); a body that cannot be read as a form, a charset other than UTF-8, or
+  a value that is not UTF-8 text (a lone surrogate, which a UTF-7 or ``unicode_escape`` body
+  decodes to) is a 400, never a 500 or a saved value that breaks a page.
 * Pages are ``no-store`` and sent with a Content-Security-Policy that allows only the console's
   own script and style files: no inline script, no framing, forms post only to the console.
+  So is the 500 page of a handler that fails.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from multidict import MultiDictProxy
 from gateway.http.forms import UnreadableForm, read_form
 from gateway.plugins.console.store import ConsoleStore, Session
 
-__all__ = ["COOKIE", "FORM_KEY", "SECURITY_HEADERS", "Guard"]
+__all__ = ["COOKIE", "FORM_KEY", "SECURITY_HEADERS", "SESSION_KEY", "SIGN_IN", "Guard"]
 
 log = logging.getLogger("authgw.plugin.console")
 
@@ -39,17 +47,26 @@ SECURITY_HEADERS = {
     "Cache-Control": "no-store",
     "Cross-Origin-Opener-Policy": "same-origin",
 }
+#: The sign-in page's text (401): no session, an ended one, or a URL without its session's prefix.
+SIGN_IN = ("No console session here, or it has ended: open the one-time link that `authgw console` "
+           "prints.")
 SESSION_KEY = web.RequestKey("console_session", Session)
 #: A POST's form, read once by the guard (the CSRF check needs it before the handler runs).
 FORM_KEY = web.RequestKey("console_form", MultiDictProxy)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+#: Charsets a form may name: browsers send UTF-8 forms and name no charset. Others make aiohttp
+#: decode the body as the client says (``utf-7``, ``unicode_escape``), into lone surrogates.
+_FORM_CHARSETS = {"utf-8", "utf8"}
+#: Cookie values tried per request: a browser may also hold a stale one under another path.
+_MAX_COOKIES = 4
 
 
 class Guard:
-    def __init__(self, store: ConsoleStore, session_ttl: float, hosts: list[str], tls: bool,
-                 refuse: Callable[[web.Request, int, str], web.StreamResponse]) -> None:
+    def __init__(self, store: ConsoleStore, session_ttl: float, session_lifetime: float, hosts: list[str],
+                 tls: bool, refuse: Callable[[web.Request, int, str], web.StreamResponse]) -> None:
         self.store = store
         self.session_ttl = session_ttl
+        self.session_lifetime = session_lifetime
         self.hosts = {"127.0.0.1", "::1", "localhost", *(h.lower() for h in hosts)}
         self.tls = tls
         self.refuse = refuse
@@ -74,15 +91,27 @@ class Guard:
             parts.scheme == ("https" if self.tls else "http")
 
     def session(self, request: web.Request) -> Session | None:
-        value = request.cookies.get(COOKIE)
-        if not value or len(value) > 128:
+        """The session named by the cookie and by the ``/s/{prefix}/`` of the URL, both."""
+        path_token = request.match_info.get("prefix", "")
+        if not path_token or len(path_token) > 128:
             return None
-        return self.store.session(value, self.session_ttl)
+        for value in _cookie_values(request)[:_MAX_COOKIES]:
+            if value and len(value) <= 128:
+                session = self.store.session(value, path_token, self.session_ttl, self.session_lifetime)
+                if session is not None:
+                    return session
+        return None
 
-    def set_cookie(self, response: web.StreamResponse, session_id: str) -> None:
-        response.set_cookie(COOKIE, session_id, httponly=True, samesite="Strict", secure=self.tls, path="/")
+    def set_cookie(self, response: web.StreamResponse, session_id: str, session: Session) -> None:
+        # No Max-Age: the cookie ends with the browser; the store ends the session before that.
+        response.set_cookie(COOKIE, session_id, httponly=True, samesite="Strict", secure=self.tls,
+                            path=session.prefix)
 
-    async def refusal(self, request: web.Request, needs_session: bool) -> web.StreamResponse | None:
+    def clear_cookie(self, response: web.StreamResponse, session: Session) -> None:
+        response.del_cookie(COOKIE, path=session.prefix, secure=self.tls, httponly=True, samesite="Strict")
+
+    async def refusal(self, request: web.Request, needs_session: bool,
+                      reads_form: bool = True) -> web.StreamResponse | None:
         """The answer to a request that may not reach its handler, else ``None`` (with the
         session and a POST's form stored on the request)."""
         if not self.host_ok(request):
@@ -90,15 +119,15 @@ class Guard:
                                              "localhost (or the names in console.hosts).")
         session = self.session(request) if needs_session else None
         if needs_session and session is None:
-            return self.refuse(request, 401, "No console session: open the one-time link that "
-                                             "`authgw console` prints.")
-        if request.method == "POST":
+            return self.refuse(request, 401, SIGN_IN)
+        if request.method == "POST" and reads_form:
             if not self.origin_ok(request):
                 return self.refuse(request, 403, "This form was posted from another site.")
             try:
-                form = await read_form(request)
+                form = await _read_utf8_form(request)
             except UnreadableForm as exc:  # its text is the kind of error only, no client value
-                log.warning("console: unreadable form refused: %s %s (%s)", request.method, request.path, exc)
+                # The route's pattern, not the path: the path holds the session's secret prefix.
+                log.warning("console: unreadable form refused: %s %s (%s)", request.method, _route(request), exc)
                 return self.refuse(request, 400, "This form could not be read: reload the page and "
                                                  "submit it again.")
             if needs_session and not _csrf_ok(form, session):
@@ -109,21 +138,75 @@ class Guard:
             request[SESSION_KEY] = session
         return None
 
-    def wrap(self, handler: Handler, *, needs_session: bool = True) -> Handler:
+    def wrap(self, handler: Handler, *, needs_session: bool = True, reads_form: bool = True) -> Handler:
+        """*handler* behind the checks above; *reads_form* False for a handler that answers a
+        POST without its form (the sign-in page)."""
         async def guarded(request: web.Request) -> web.StreamResponse:
-            response = await self.refusal(request, needs_session)
-            if response is None:
-                try:
+            try:
+                response = await self.refusal(request, needs_session, reads_form)
+                if response is None:
                     response = await handler(request)
-                except web.HTTPException as exc:  # redirects and 404s carry the headers too
-                    for name, value in SECURITY_HEADERS.items():
-                        exc.headers.setdefault(name, value)
-                    raise
+            except web.HTTPException as exc:  # redirects and 404s carry the headers too
+                for name, value in SECURITY_HEADERS.items():
+                    exc.headers.setdefault(name, value)
+                raise
+            except Exception as exc:
+                # The core would answer a bare 500, without the policy headers; this page has them.
+                log.error("console: %s %s raised %s", request.method, _route(request), exc.__class__.__name__,
+                          exc_info=exc)
+                response = self._failure(request)
             for name, value in SECURITY_HEADERS.items():
                 response.headers.setdefault(name, value)
             return response
 
         return guarded
+
+    def _failure(self, request: web.Request) -> web.StreamResponse:
+        text = "Something went wrong on this page; the gateway's log says what. Reload the page to try again."
+        try:
+            return self.refuse(request, 500, text)
+        except Exception:  # rendering failed too: a page without the template
+            log.exception("console: the error page could not be rendered")
+            return web.Response(status=500, text=text, content_type="text/plain", charset="utf-8")
+
+
+def _cookie_values(request: web.Request) -> list[str]:
+    """Every value of the session cookie in the request: ``request.cookies`` keeps one of a
+    name, and a browser sends two when it still holds one from before the path prefixes (that
+    one under ``/``, sent after this one)."""
+    values = []
+    for header in request.headers.getall("Cookie", []):
+        for pair in header.split(";"):
+            name, sep, value = pair.strip().partition("=")
+            if sep and name == COOKIE:
+                values.append(value.strip().strip('"'))
+    return values
+
+
+async def _read_utf8_form(request: web.Request) -> MultiDictProxy:
+    """The form, read as UTF-8 text only (RFC 7578 4.6 and the HTML standard's form encoding:
+    browsers send UTF-8). A charset other than UTF-8 is refused before the body is decoded; a
+    field name or value that does not encode as UTF-8 (a lone surrogate from a multipart part's
+    own charset or ``_charset_``) is refused after it: either would reach YAML, files or a page."""
+    charset = request.charset
+    if charset is not None and charset.strip().lower() not in _FORM_CHARSETS:
+        raise UnreadableForm("a charset other than UTF-8")
+    form = await read_form(request)
+    for name, value in form.items():
+        texts = [name, value] if isinstance(value, str) else [name, getattr(value, "filename", "") or ""]
+        for text in texts:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise UnreadableForm("a value that is not UTF-8 text") from None
+    return form
+
+
+def _route(request: web.Request) -> str:
+    info = request.match_info
+    route = getattr(info, "route", None)
+    resource = getattr(route, "resource", None)
+    return resource.canonical if resource is not None else "?"
 
 
 def _csrf_ok(form: MultiDictProxy, session: Session) -> bool:

@@ -1,8 +1,12 @@
 """The console's pages: set-up (ticket, directory), the configuration log, status.
 
 Server-rendered with Jinja2 (autoescape on for every template: a value typed into a field comes
-back as text, never as markup); one small script (``static/console.js``) only makes the log
-update itself, and every page works without it.
+back as text, never as markup); one small script (``static/console.js``) makes the log update
+itself and takes a signed-in browser from a page's plain address (``/setup``) to its session's
+(``/s/<prefix>/setup``); every page works without it.
+
+A session's pages all live under its secret prefix (``access.py`` says why): the links, forms
+and redirects of a page name it; any other path is the sign-in page (401) or a 404.
 """
 
 from __future__ import annotations
@@ -10,22 +14,28 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import re
 from pathlib import Path
 
 import jinja2
 from aiohttp import web
 
 from gateway.plugins.console import setup
-from gateway.plugins.console.access import FORM_KEY, SESSION_KEY, Guard
+from gateway.plugins.console.access import FORM_KEY, SESSION_KEY, SIGN_IN, Guard
 from gateway.plugins.console.configlog import describe, start_run
 from gateway.plugins.console.status import RecentEvents, collect
-from gateway.plugins.console.store import ConsoleStore
+from gateway.plugins.console.store import PREFIX, ConsoleStore
 
 __all__ = ["Pages"]
 
 log = logging.getLogger("authgw.plugin.console")
 HERE = Path(__file__).parent
 STATIC = {"console.js": "application/javascript", "console.css": "text/css"}
+#: Pages of a session (below its prefix) that the sign-in page, reached by their plain address
+#: with GET, can send a signed-in browser on to (``console.js``).
+_RESUMABLE = re.compile(r"(setup|log|status|log/[0-9a-f]{1,32})?")
+#: Plain addresses of the console's pages: without a session prefix they are the sign-in page.
+_PAGES = re.compile(r"/(setup(/ticket|/directory)?|log(/[^/]*)?|api/log/[^/]*|status|logout)?")
 OUTCOMES = ("success", "invalid_credentials", "user_not_found", "account_state", "unavailable",
             "throttled", "not_applicable", "error")
 
@@ -41,55 +51,82 @@ class Pages:
         self.gateway = gateway
         self.env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"),
                                       autoescape=True, undefined=jinja2.StrictUndefined)
-        self.guard = Guard(store, settings.session_ttl, settings.hosts, tls, self.message)
+        self.guard = Guard(store, settings.session_ttl, settings.session_lifetime, settings.hosts, tls, self.message)
 
     # -- rendering ------------------------------------------------------------------------------
 
-    def render(self, request: web.Request, template: str, status: int = 200, **values) -> web.Response:
-        session = request.get(SESSION_KEY)
-        html = self.env.get_template(template).render(csrf=session.csrf if session else "",
-                                                      signed_in=session is not None, page=template, **values)
-        return web.Response(text=html, status=status, content_type="text/html", charset="utf-8")
+    def render(self, request: web.Request, template: str, status: int = 200, *, signed_out: bool = False,
+               resume: str | None = None, **values) -> web.Response:
+        """*signed_out*: the sign-in page or the signed-out one (``console.js`` forgets the prefix
+        it kept on a page under it); *resume*: the page, below a prefix, that the sign-in page of a
+        plain address stands for."""
+        session = None if signed_out else request.get(SESSION_KEY)
+        html = self.env.get_template(template).render(
+            csrf=session.csrf if session else "", base=session.prefix if session else "",
+            signed_in=session is not None, signed_out=signed_out, resume=resume, page=template, **values)
+        # A value that is not UTF-8 text (a lone surrogate in conf.d) is shown as "?", not a 500.
+        return web.Response(body=html.encode("utf-8", "replace"), status=status, content_type="text/html",
+                            charset="utf-8")
 
     def message(self, request: web.Request, status: int, text: str) -> web.Response:
+        if status == 401:  # no session: the sign-in page
+            return self.render(request, "message.html", status=status, title="authgw console", text=text,
+                               signed_out=True, resume=_resume(request))
         return self.render(request, "message.html", status=status, title="authgw console", text=text)
 
     def routes(self) -> list[tuple[str, str, object]]:
-        wrap = self.guard.wrap
+        wrap, session = self.guard.wrap, f"{PREFIX}{{prefix}}"
         return [
-            ("GET", "/", wrap(self.home)),
             ("GET", "/login/{token}", wrap(self.login, needs_session=False)),
-            ("POST", "/logout", wrap(self.logout)),
-            ("GET", "/setup", wrap(self.setup_page)),
-            ("POST", "/setup/ticket", wrap(self.ticket)),
-            ("POST", "/setup/directory", wrap(self.directory)),
-            ("GET", "/log", wrap(self.latest_log)),
-            ("POST", "/log", wrap(self.rerun)),
-            ("GET", "/log/{run}", wrap(self.log_page)),
-            ("GET", "/api/log/{run}", wrap(self.log_json)),
-            ("GET", "/status", wrap(self.status_page)),
             ("GET", "/static/{name}", wrap(self.static, needs_session=False)),
+            ("GET", f"{session}/", wrap(self.home)),
+            ("POST", f"{session}/logout", wrap(self.logout)),
+            ("GET", f"{session}/setup", wrap(self.setup_page)),
+            ("POST", f"{session}/setup/ticket", wrap(self.ticket)),
+            ("POST", f"{session}/setup/directory", wrap(self.directory)),
+            ("GET", f"{session}/log", wrap(self.latest_log)),
+            ("POST", f"{session}/log", wrap(self.rerun)),
+            ("GET", f"{session}/log/{{run}}", wrap(self.log_page)),
+            ("GET", f"{session}/api/log/{{run}}", wrap(self.log_json)),
+            ("GET", f"{session}/status", wrap(self.status_page)),
+            # Last: any other path, with its headers. Below a live session's prefix it is a 404;
+            # elsewhere the sign-in page (the plain address of a page) or a 404, read without a
+            # session or a form.
+            ("*", f"{session}/{{tail:.*}}", wrap(self.not_found, reads_form=False)),
+            ("*", "/{tail:.*}", wrap(self.outside, needs_session=False, reads_form=False)),
         ]
 
     # -- access ---------------------------------------------------------------------------------
 
     async def home(self, request: web.Request) -> web.StreamResponse:
-        raise web.HTTPSeeOther("/setup")
+        raise web.HTTPSeeOther(f"{request[SESSION_KEY].prefix}setup")
+
+    async def not_found(self, request: web.Request) -> web.StreamResponse:
+        return self.message(request, 404, "No such page.")
+
+    async def outside(self, request: web.Request) -> web.StreamResponse:
+        """A path outside every session: the plain address of a page is the sign-in page (a
+        signed-in browser's script goes on to its session's page), anything else a 404."""
+        if _PAGES.fullmatch(request.path):
+            return self.message(request, 401, SIGN_IN)
+        return self.message(request, 404, "No such page.")
 
     async def login(self, request: web.Request) -> web.StreamResponse:
         token = request.match_info["token"]
         if len(token) > 128 or not self.store.redeem_login_token(token):
             return self.message(request, 403, "This login link is used or expired. Run `authgw console` "
                                               "for a new one.")
-        session_id, _ = self.store.new_session(self.settings.session_ttl)
-        response = web.HTTPSeeOther("/setup")
-        self.guard.set_cookie(response, session_id)
+        session_id, session = self.store.new_session(self.settings.session_ttl, self.settings.session_lifetime)
+        response = web.HTTPSeeOther(f"{session.prefix}setup")
+        self.guard.set_cookie(response, session_id, session)
         raise response
 
     async def logout(self, request: web.Request) -> web.StreamResponse:
-        self.store.end_session(request[SESSION_KEY])
-        response = self.message(request, 200, "Signed out.")
-        response.del_cookie("authgw_console", path="/")
+        session = request[SESSION_KEY]
+        self.store.end_session(session)  # server-side: the cookie and the prefix open nothing now
+        response = self.render(request, "message.html", title="authgw console", text="Signed out.",
+                               signed_out=True)
+        self.guard.clear_cookie(response, session)
         return response
 
     async def static(self, request: web.Request) -> web.StreamResponse:
@@ -137,7 +174,8 @@ class Pages:
         reloads = setup.can_reload(self.state_dir)
         run = start_run(self.store, self.config_dir, self.state_dir,
                         after=(lambda: log.info("console: %s", setup.reload_gateway(self.state_dir))) if reloads else None)
-        raise web.HTTPSeeOther(f"/log/{run}?saved={'reload' if reloads else 'restart'}")
+        saved = "reload" if reloads else "restart"
+        raise web.HTTPSeeOther(f"{request[SESSION_KEY].prefix}log/{run}?saved={saved}")
 
     # -- the configuration log -------------------------------------------------------------------
 
@@ -145,11 +183,11 @@ class Pages:
         run = self.store.latest_run()
         if run is None:
             return self.render(request, "log.html", run=None, rows=[], notice="")
-        raise web.HTTPSeeOther(f"/log/{run}")
+        raise web.HTTPSeeOther(f"{request[SESSION_KEY].prefix}log/{run}")
 
     async def rerun(self, request: web.Request) -> web.StreamResponse:
         run = start_run(self.store, self.config_dir, self.state_dir)
-        raise web.HTTPSeeOther(f"/log/{run}")
+        raise web.HTTPSeeOther(f"{request[SESSION_KEY].prefix}log/{run}")
 
     def _rows(self, results) -> list[dict]:
         rows = []
@@ -188,3 +226,11 @@ class Pages:
             None, collect, self.gateway, self.recent, self.settings.audit_events, user, outcome,
             self.settings.certificate_warning_days)
         return self.render(request, "status.html", user=user, outcome=outcome, outcomes=OUTCOMES, **data)
+
+
+def _resume(request: web.Request) -> str | None:
+    """The page below a session prefix that a GET of *request*'s plain address stands for."""
+    if request.method != "GET" or request.path.startswith(PREFIX):
+        return None
+    page = request.path[1:]
+    return page if _RESUMABLE.fullmatch(page) else None

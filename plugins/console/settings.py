@@ -42,6 +42,8 @@ class ConsoleSettings(PluginSettings):
                                                                      "`authgw console` stays valid")
     session_ttl: float = Field(3600.0, gt=0, le=86400, description="seconds a console session lasts "
                                                                    "without activity")
+    session_lifetime: float = Field(43200.0, gt=0, le=604800, description="seconds a console session lasts "
+                                    "at most, however active (then run `authgw console` for a new link)")
     audit_events: int = Field(50, ge=0, le=1000, description="recent audit events shown on the status page")
     certificate_warning_days: float = Field(14.0, ge=0, le=3650, description="the status page warns when a "
                                             "certificate a component reports (the link's, the relay's) ends "

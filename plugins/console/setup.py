@@ -86,16 +86,22 @@ def current_directory(config_dir: Path) -> DirectoryForm:
         return form
     if not isinstance(section, dict):
         return form
-    form.preset = str(section.get("preset", "openldap"))
+    form.preset = _shown(section.get("preset", "openldap"))
     servers = section.get("servers") or []
-    form.servers = " ".join(str(s) for s in servers) if isinstance(servers, list) else ""
+    form.servers = " ".join(_shown(s) for s in servers) if isinstance(servers, list) else ""
     form.start_tls = section.get("start_tls") is True
     form.insecure = section.get("insecure") is True
-    form.base_dn = str(section.get("base_dn") or "")
-    form.bind_dn = str(section.get("bind_dn") or "")
-    form.ca_path = str(section.get("ca_file") or "")
+    form.base_dn = _shown(section.get("base_dn") or "")
+    form.bind_dn = _shown(section.get("bind_dn") or "")
+    form.ca_path = _shown(section.get("ca_file") or "")
     form.password_set = section.get("bind_password") is not None
     return form
+
+
+def _shown(value: object) -> str:
+    """*value* as text a page can carry: YAML's ``"\\uD83F"`` escape gives a lone surrogate,
+    which no UTF-8 page can hold (it is shown as ``?``; the console never writes one)."""
+    return str(value).encode("utf-8", "replace").decode("utf-8")
 
 
 def _section(form: DirectoryForm, existing_password: object) -> tuple[dict, list[str]]:

@@ -2,14 +2,15 @@
 
 A small SQLite file in the state directory (``console.sqlite``, 0600), so that every worker of
 ``authgw serve --workers N`` and the ``authgw console`` command see the same tokens, sessions and
-runs. Only SHA-256 digests of tokens and session ids are stored: the file alone lets nobody in.
-Expiry uses wall-clock time (``time.time``): it is compared across processes, where
-``time.monotonic`` values mean nothing.
+runs. Only SHA-256 digests of tokens, session ids and session path prefixes are stored: the file
+alone lets nobody in. Expiry uses wall-clock time (``time.time``): it is compared across
+processes, where ``time.monotonic`` values mean nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import secrets
 import sqlite3
 import time
@@ -19,11 +20,14 @@ from pathlib import Path
 
 from gateway.sqlitedb import create_private
 
-__all__ = ["ConsoleStore", "Session", "TestRow"]
+__all__ = ["PREFIX", "ConsoleStore", "Session", "TestRow"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tokens (digest TEXT PRIMARY KEY, expires REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS sessions (digest TEXT PRIMARY KEY, csrf TEXT NOT NULL, expires REAL NOT NULL);
+-- Sessions before path prefixes had a host-wide cookie (any port of 127.0.0.1 received it): they end.
+DROP TABLE IF EXISTS sessions;
+CREATE TABLE IF NOT EXISTS console_sessions (digest TEXT PRIMARY KEY, path TEXT NOT NULL, created REAL NOT NULL,
+                                             expires REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS runs (id TEXT PRIMARY KEY, started REAL NOT NULL, finished REAL,
                                  summary TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS results (run TEXT NOT NULL, seq INTEGER NOT NULL, name TEXT NOT NULL,
@@ -42,14 +46,28 @@ def _digest(value: str) -> str:
 
 def _csrf(session_id: str) -> str:
     """A session's CSRF token: derived from its id (the HttpOnly cookie's secret), so the store
-    keeps neither (its ``csrf`` column is left empty; older files' values are not used)."""
+    keeps neither."""
     return _digest("csrf\0" + session_id)
+
+
+def _path_digest(path_token: str) -> str:
+    return _digest("path\0" + path_token)
+
+
+#: The URL path of every page of a session: ``/s/<path token>/``, the session cookie's ``Path``.
+PREFIX = "/s/"
 
 
 @dataclass(frozen=True, slots=True)
 class Session:
+    """A live session. *prefix* (``/s/<token>/``) is a secret of its own, not derived from the
+    session id: a browser sends the cookie only under it, so a server on another port of the
+    same host (cookies ignore ports, RFC 6265 8.5) never receives the cookie, and the cookie
+    replayed without the prefix opens nothing."""
+
     digest: str
     csrf: str
+    prefix: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,28 +115,43 @@ class ConsoleStore:
 
     # -- sessions --------------------------------------------------------------------------------
 
-    def new_session(self, ttl: float) -> tuple[str, Session]:
-        session_id = secrets.token_urlsafe(32)
-        session = Session(_digest(session_id), _csrf(session_id))
+    def new_session(self, ttl: float, lifetime: float) -> tuple[str, Session]:
+        """A new session: its id (the cookie's value) and the session, whose ``prefix`` holds a
+        second random token (256 bits each). It ends after *ttl* seconds without use, and
+        *lifetime* seconds after now however much it is used."""
+        session_id, path_token = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+        session = Session(_digest(session_id), _csrf(session_id), f"{PREFIX}{path_token}/")
         now = time.time()
         with closing(self._connect()) as conn:
-            conn.execute("DELETE FROM sessions WHERE expires <= ?", (now,))
-            conn.execute("INSERT INTO sessions VALUES (?, '', ?)", (session.digest, now + ttl))
+            conn.execute("DELETE FROM console_sessions WHERE expires <= ?", (now,))
+            conn.execute("INSERT INTO console_sessions VALUES (?, ?, ?, ?)",
+                         (session.digest, _path_digest(path_token), now, now + min(ttl, lifetime)))
         return session_id, session
 
-    def session(self, session_id: str, ttl: float) -> Session | None:
-        """The live session for a cookie value, its expiry pushed on (idle timeout), or None."""
+    def session(self, session_id: str, path_token: str, ttl: float, lifetime: float) -> Session | None:
+        """The live session for a cookie value and the path token of the URL, or None. The idle
+        expiry is pushed on, never past *lifetime* seconds after the session began (a stolen
+        or forgotten session does not live for ever by being used)."""
         digest, now = _digest(session_id), time.time()
         with closing(self._connect()) as conn:
-            row = conn.execute("SELECT 1 FROM sessions WHERE digest = ? AND expires > ?", (digest, now)).fetchone()
+            row = conn.execute("SELECT path, created FROM console_sessions WHERE digest = ? AND expires > ?",
+                               (digest, now)).fetchone()
             if row is None:
                 return None
-            conn.execute("UPDATE sessions SET expires = ? WHERE digest = ?", (now + ttl, digest))
-        return Session(digest, _csrf(session_id))
+            path, created = row
+            # Constant time: the path token is a secret the client must show, as a password is.
+            if not hmac.compare_digest(path.encode(), _path_digest(path_token).encode()):
+                return None
+            if created + lifetime <= now:
+                conn.execute("DELETE FROM console_sessions WHERE digest = ?", (digest,))
+                return None
+            conn.execute("UPDATE console_sessions SET expires = ? WHERE digest = ?",
+                         (min(now + ttl, created + lifetime), digest))
+        return Session(digest, _csrf(session_id), f"{PREFIX}{path_token}/")
 
     def end_session(self, session: Session) -> None:
         with closing(self._connect()) as conn:
-            conn.execute("DELETE FROM sessions WHERE digest = ?", (session.digest,))
+            conn.execute("DELETE FROM console_sessions WHERE digest = ?", (session.digest,))
 
     # -- configuration-log runs ------------------------------------------------------------------
 

@@ -4,8 +4,8 @@ client (cookie jar, CSRF token from the last page) over :mod:`support.http`.
     files = console_conf(conf_dir, port, demo_hash)       # chain [static], console on PORT
     gw = start_gateway(conf_dir)
     link = console_link(gw)                                # `authgw console` for that gateway
-    client = ConsoleClient(f"http://127.0.0.1:{port}")
-    client.get(link_path(link))                            # one-time login
+    client = SessionClient(f"http://127.0.0.1:{port}")
+    client.sign_in(link)                                   # one-time login, the session's path
     page = client.get("/setup"); client.post_form("/setup/directory", {...})
 """
 
@@ -111,3 +111,30 @@ class LongLivedCA:
 
         kwargs.setdefault("not_after", dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=365))
         return self.ca.issue(*args, **kwargs)
+
+
+class SessionClient(ConsoleClient):
+    """A :class:`ConsoleClient` that, once signed in, sends a page's plain path (``/setup``)
+    below its session's secret prefix (``/s/<token>/setup``), as the console's own links do.
+    Paths that already name a prefix, the login links and the static files go as they are."""
+
+    prefix = ""
+
+    def sign_in(self, link: str) -> str:
+        response = self.get(link_path(link))
+        location = response.header("Location") or ""
+        assert response.status == 303 and re.fullmatch(r"/s/[A-Za-z0-9_-]{43}/setup", location), location
+        self.prefix = location.removesuffix("setup")
+        assert self.get("/setup").status == 200
+        return self.prefix
+
+    def _send(self, method, path, headers=None, body=None):
+        if self.prefix and path.startswith("/") and not path.startswith(("/s/", "/login/", "/static/")):
+            path = self.prefix + path[1:]
+        return super()._send(method, path, headers, body)
+
+
+def signed_in(gw, base: str) -> SessionClient:
+    client = SessionClient(base)
+    client.sign_in(console_link(gw))
+    return client

@@ -1,10 +1,39 @@
-// Progressive enhancement: the configuration log updates itself while its tests run.
-// Without this script the page is complete and a reload shows the same state.
+// Progressive enhancement: the configuration log updates itself while its tests run, and a
+// signed-in browser that opens a page's plain address (/setup) goes on to its session's page.
+// Without this script every page is complete and a reload shows the same state.
 "use strict";
+
+// A session's pages live under a secret prefix (/s/<token>/), the only path its cookie is sent
+// to: a server on another port of this host never sees the cookie (browsers ignore ports when
+// sending cookies, but not when keeping localStorage). The prefix is kept in this origin's
+// localStorage so that the sign-in page at a plain address can go on to it; it opens nothing
+// without the HttpOnly cookie, and it is forgotten at sign-out or when its session has ended.
+(function () {
+  var KEY = "authgw-console-base";
+  var PREFIX = /^\/s\/[A-Za-z0-9_-]{16,128}\/$/;
+  var data = document.body.dataset;
+  try {
+    var kept = window.localStorage.getItem(KEY);
+    if (data.base) {
+      if (PREFIX.test(data.base)) window.localStorage.setItem(KEY, data.base);
+    } else if (data.signedOut === "yes") {
+      if (location.pathname.indexOf("/s/") === 0) {
+        // Signed out, or this session ended: its prefix leads nowhere now.
+        if (kept && location.pathname.indexOf(kept) === 0) window.localStorage.removeItem(KEY);
+      } else if (kept && PREFIX.test(kept) && data.resume !== undefined &&
+                 /^[a-z0-9\/]*$/.test(data.resume)) {
+        location.replace(kept + data.resume);
+      }
+    }
+  } catch (e) {
+    // localStorage disabled: the plain addresses show the sign-in page, nothing more.
+  }
+})();
+
 (function () {
   var summary = document.getElementById("summary");
   if (!summary || summary.dataset.finished === "yes") return;
-  var run = summary.dataset.run;
+  var api = summary.dataset.api;
   var list = document.getElementById("tests");
 
   function row(test) {
@@ -34,7 +63,7 @@
   }
 
   function poll() {
-    fetch("/api/log/" + encodeURIComponent(run), { credentials: "same-origin", cache: "no-store" })
+    fetch(api, { credentials: "same-origin", cache: "no-store" })
       .then(function (response) { return response.ok ? response.json() : Promise.reject(response.status); })
       .then(function (data) {
         data.rows.forEach(row);
