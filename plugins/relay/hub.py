@@ -13,6 +13,9 @@ Routing rules (docs/connector.md#high-availability):
   ``relay.busy`` with no offline answer: the relay's cache stands in only while no connector is
   linked (``relay.no_connector``), not during a flood, when it would log in users the directory
   disabled since;
+* a connection that lost a link here in the last :data:`RELINK_WINDOW` seconds and has none
+  now holds a call up to :data:`RELINK_WAIT` seconds (within its deadline) for its connector to
+  dial again (:meth:`Hub._relinked`): a dropped link costs a login a short wait, not a 503;
 * a connector id holds one link per relay process: a new link of the id replaces the older one
   (endpoints.py), so opening more links draws no more requests;
 * what one connector id can make this process hold is bounded, not per link: at most
@@ -55,6 +58,12 @@ MAX_PROBES = 4
 #: ``hello`` per dial; beyond the rate a request is answered ``unavailable`` (a refused frame).
 REQUEST_BURST = 32
 REQUEST_RATE = 1.0
+
+
+#: Seconds a call waits for a link of its connection to be ready again, when one was lost here
+#: within the last :data:`RELINK_WINDOW` seconds (:meth:`Hub._relinked`).
+RELINK_WAIT = 3.0
+RELINK_WINDOW = 30.0
 
 
 class Unreachable(Exception):
@@ -204,6 +213,10 @@ class Hub:
         #: per connector id: its open links and their shared replay record (kept, once the last
         #: link closed, until its nonces expire: a request copied onto the next link is refused)
         self.connectors: dict[str, _Connector] = {}
+        #: per connection: when it last lost a ready link here (time.monotonic()), and the calls
+        #: waiting for one to be ready again (see :meth:`_relinked`)
+        self._lost: dict[str, float] = {}
+        self._relink_waiters: dict[str, list[asyncio.Future]] = {}
 
     def admit(self, session: LinkSession, skew: float) -> bool:
         """Count *session* as an open link of its connector and give it the connector's replay
@@ -279,6 +292,9 @@ class Hub:
             old.closing = True
         session.ready = True
         session.probe = False
+        for waiter in self._relink_waiters.pop(session.connection, ()):
+            if not waiter.done():
+                waiter.set_result(None)
         return replaced
 
     def holds(self, connector: str) -> bool:
@@ -286,6 +302,8 @@ class Hub:
         return any(s.connector == connector and s.ready and not s.closing for s in self.all())
 
     def remove(self, session: LinkSession) -> None:
+        if session.ready and not session.closing and not session.probe:
+            self._lost[session.connection] = time.monotonic()
         session.lost()
         links = self.sessions.get(session.connection, [])
         if session in links:
@@ -325,6 +343,7 @@ class Hub:
         error frame becomes :class:`Unreachable` with reason ``relay.connector_error``."""
         deadline = time.monotonic() + timeout
         tried: set[int] = set()
+        relink_waited = False
         while True:
             session = self._pick(connection, tried)
             if session is None:
@@ -332,6 +351,9 @@ class Hub:
                 if self.router is None:
                     if local_busy:
                         raise busy(f"every link of {connection!r} carries {self.max_in_flight} requests")
+                    if not relink_waited and await self._relinked(connection, deadline):
+                        relink_waited = True
+                        continue
                     raise Unreachable("relay.no_connector", f"no connector of {connection!r} is online")
                 # No link free here: the instance holding one answers (router.py).
                 try:
@@ -342,6 +364,10 @@ class Hub:
                     if local_busy and exc.reason == "relay.no_connector":
                         raise busy(f"every link of {connection!r} here carries {self.max_in_flight} requests "
                                    "and no other instance took it") from None
+                    if exc.reason == "relay.no_connector" and not relink_waited \
+                            and await self._relinked(connection, deadline):
+                        relink_waited = True
+                        continue
                     raise
                 return _body(message)
             tried.add(id(session))
@@ -369,6 +395,35 @@ class Hub:
                         and self._pick(connection, tried) is not None:
                     continue
                 raise
+
+
+    async def _relinked(self, connection: str, deadline: float) -> bool:
+        """Whether a link of *connection* was ready again within :data:`RELINK_WAIT` seconds
+        (and the call's deadline), when this process lost one in the last
+        :data:`RELINK_WINDOW` seconds: a connector whose link dropped (a network blip, the
+        connector's loop held up past its pong deadline) dials again at once, and a login that
+        arrives meanwhile waits for it rather than failing with ``relay.no_connector``. A
+        connection with no link lost lately is answered at once."""
+        lost = self._lost.get(connection)
+        now = time.monotonic()
+        if lost is None or now - lost > RELINK_WINDOW:
+            return False
+        wait = min(RELINK_WAIT, deadline - now - 0.1)
+        if wait <= 0:
+            return False
+        waiter = asyncio.get_running_loop().create_future()
+        waiters = self._relink_waiters.setdefault(connection, [])
+        waiters.append(waiter)
+        try:
+            await asyncio.wait_for(waiter, wait)
+            return True
+        except asyncio.TimeoutError:
+            return False
+        finally:
+            if waiter in waiters:
+                waiters.remove(waiter)
+            if not waiters and self._relink_waiters.get(connection) is waiters:
+                del self._relink_waiters[connection]
 
 
 def _body(message: proto.Message) -> dict[str, Any]:
