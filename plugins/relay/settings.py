@@ -41,7 +41,8 @@ class RelaySettings(PluginSettings):
     ticket_lifetime: float = Field(86400.0, gt=0, description="seconds a ticket stays usable")
     certificate_lifetime: float = Field(90 * 86400.0, ge=1, description="seconds a connector certificate is valid; "
                                         "connectors renew at two thirds of it")
-    ping_interval: float = Field(5.0, gt=0, le=60, description="seconds between WebSocket pings on a link")
+    ping_interval: float = Field(5.0, gt=0, le=60, description="seconds of silence on a link before the relay "
+                               "pings it; a ping not answered within half as long closes the link")
     max_in_flight: int = Field(64, ge=1, description="requests one link carries at once")
     max_clock_skew: float = Field(30.0, ge=0, le=300, description="seconds of clock difference with a connector "
                                   "tolerated on the deadlines of its requests (hello, renew, drain)")
