@@ -18,7 +18,7 @@ Abstains
 Settings (``relay:`` in conf.d)
     ``connection``, ``listen``, ``public_url``, ``public_names``, ``certificate``, ``key``,
     ``ticket_lifetime``, ``certificate_lifetime``, ``ping_interval``, ``max_in_flight``,
-    ``max_clock_skew``, ``redis``.
+    ``relink_wait``, ``max_clock_skew``, ``redis``.
 Health
     ``relay.CONNECTION``: the connectors linked to this process; the step cannot answer without
     one (``required``). ``relay.store`` (with ``redis:`` only): a ``PING`` on a client of its
@@ -101,7 +101,7 @@ class RelayPlugin:
         if settings.redis is not None:
             self.ca = RelayCA.from_pem(*self.store.shared_ca(self.ca.key_pem, self.ca.pem.encode()))
             self.ca.save(context.state_dir)
-        self.hub = Hub(settings.max_in_flight)
+        self.hub = Hub(settings.max_in_flight, relink_wait=settings.relink_wait)
         if settings.redis is None and context.gateway.workers > 1:
             self.log.warning("relay: with workers: %d and no `redis:`, a login reaches the connectors linked to "
                              "its own worker only; set workers: 1 or relay.redis", context.gateway.workers)

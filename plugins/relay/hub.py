@@ -13,9 +13,9 @@ Routing rules (docs/connector.md#high-availability):
   ``relay.busy`` with no offline answer: the relay's cache stands in only while no connector is
   linked (``relay.no_connector``), not during a flood, when it would log in users the directory
   disabled since;
-* a connection that lost a link here in the last :data:`RELINK_WINDOW` seconds and has none
-  now holds a call up to :data:`RELINK_WAIT` seconds (within its deadline) for its connector to
-  dial again (:meth:`Hub._relinked`): a dropped link costs a login a short wait, not a 503;
+* a connection that lost a link here less than ``relink_wait`` seconds ago and has none now
+  holds a call until then (within its deadline) for its connector to dial again
+  (:meth:`Hub._relinked`): a dropped link costs a login a short wait, not a 503;
 * a connector id holds one link per relay process: a new link of the id replaces the older one
   (endpoints.py), so opening more links draws no more requests;
 * what one connector id can make this process hold is bounded, not per link: at most
@@ -37,6 +37,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Set
 from typing import Any
 
 from aiohttp import web
@@ -60,10 +61,6 @@ REQUEST_BURST = 32
 REQUEST_RATE = 1.0
 
 
-#: Seconds a call waits for a link of its connection to be ready again, when one was lost here
-#: within the last :data:`RELINK_WINDOW` seconds (:meth:`Hub._relinked`).
-RELINK_WAIT = 3.0
-RELINK_WINDOW = 30.0
 
 
 class Unreachable(Exception):
@@ -206,15 +203,17 @@ class LinkSession:
 
 
 class Hub:
-    def __init__(self, max_in_flight: int) -> None:
+    def __init__(self, max_in_flight: int, relink_wait: float = 3.0) -> None:
         self.sessions: dict[str, list[LinkSession]] = {}
         self.max_in_flight = max_in_flight
+        #: seconds after a lost link during which a call waits for a new one (:meth:`_relinked`)
+        self.relink_wait = relink_wait
         self.router = None  # a Router when relay instances share Redis
         #: per connector id: its open links and their shared replay record (kept, once the last
         #: link closed, until its nonces expire: a request copied onto the next link is refused)
         self.connectors: dict[str, _Connector] = {}
         #: per connection: when it last lost a ready link here (time.monotonic()), and the calls
-        #: waiting for one to be ready again (see :meth:`_relinked`)
+        #: waiting for one to be ready again (:meth:`_relinked`)
         self._lost: dict[str, float] = {}
         self._relink_waiters: dict[str, list[asyncio.Future]] = {}
 
@@ -323,7 +322,7 @@ class Hub:
         The one rule for requests from this process and those forwarded by another (router.py)."""
         return self.serving(session) and session.in_flight < self.max_in_flight
 
-    def saturated(self, sessions, tried: set[int] = frozenset()) -> bool:
+    def saturated(self, sessions, tried: Set[int] = frozenset()) -> bool:
         """Whether some of *sessions* (not in *tried*) serve, all of those at ``max_in_flight``."""
         serving = [s for s in sessions if self.serving(s) and id(s) not in tried]
         return bool(serving) and not any(self.routable(s) for s in serving)
@@ -396,19 +395,16 @@ class Hub:
                     continue
                 raise
 
-
     async def _relinked(self, connection: str, deadline: float) -> bool:
-        """Whether a link of *connection* was ready again within :data:`RELINK_WAIT` seconds
-        (and the call's deadline), when this process lost one in the last
-        :data:`RELINK_WINDOW` seconds: a connector whose link dropped (a network blip, the
-        connector's loop held up past its pong deadline) dials again at once, and a login that
-        arrives meanwhile waits for it rather than failing with ``relay.no_connector``. A
-        connection with no link lost lately is answered at once."""
+        """Whether a link of *connection* is ready again within ``relink_wait`` seconds of
+        this process losing one (and within the call's deadline): a connector whose link dropped
+        (a network blip, the connector's loop held up past its pong deadline) dials again at
+        once, and a login that arrives meanwhile waits for it rather than failing with
+        ``relay.no_connector``. One window per loss, shared by every call: a connector that does
+        not come back costs the logins of those few seconds a wait, not those after."""
         lost = self._lost.get(connection)
         now = time.monotonic()
-        if lost is None or now - lost > RELINK_WINDOW:
-            return False
-        wait = min(RELINK_WAIT, deadline - now - 0.1)
+        wait = min(lost + self.relink_wait - now, deadline - now - 0.1) if lost is not None else 0.0
         if wait <= 0:
             return False
         waiter = asyncio.get_running_loop().create_future()

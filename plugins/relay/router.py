@@ -37,6 +37,9 @@ if TYPE_CHECKING:
 __all__ = ["Router"]
 
 log = logging.getLogger("authgw.plugin.relay")
+#: Seconds by which the clocks of two relay instances may differ when the holder judges a
+#: forwarded request's deadline (the forwarder's wall clock).
+_INSTANCE_SKEW = 1.0
 
 
 class Router:
@@ -109,11 +112,14 @@ class Router:
             return {"unreachable": "relay.no_connector"}
         # The deadline is the stamp's (the forwarder's wall clock): an item that waited in the
         # inbox past it is not sent, since the user was answered already; the connector would
-        # otherwise check a password nobody waits for, counting towards its lockout.
-        left = min(float(item["timeout"]), float(item["deadline"]) - time.time())
+        # otherwise check a password nobody waits for, counting towards its lockout. The two
+        # instances' clocks may differ by a little (_INSTANCE_SKEW).
+        late = time.time() - float(item["deadline"])
+        left = min(float(item["timeout"]), _INSTANCE_SKEW - late)
         if left <= 0:
-            log.info("relay routing: a forwarded %s request for %s arrived past its deadline; not sent",
-                     item["type"], item["connector"])
+            log.info("relay routing: a forwarded %s request for %s arrived %.1f s past its deadline; not sent "
+                     "(often: a long wait in the inbox; else this instance's clock ahead of the forwarder's)",
+                     item["type"], item["connector"], late)
             return {"unreachable": "relay.timeout"}
         try:
             stamp = proto.Stamp(item["id"], item["nonce"], item["deadline"])

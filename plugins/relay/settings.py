@@ -44,6 +44,8 @@ class RelaySettings(PluginSettings):
     ping_interval: float = Field(5.0, gt=0, le=60, description="seconds of silence on a link before the relay "
                                "pings it; a ping not answered within half as long closes the link")
     max_in_flight: int = Field(64, ge=1, description="requests one link carries at once")
+    relink_wait: float = Field(3.0, ge=0, le=30, description="seconds after the relay loses a link during which "
+                               "a login with no link to go to waits for its connector to dial again (0: none)")
     max_clock_skew: float = Field(30.0, ge=0, le=300, description="seconds of clock difference with a connector "
                                   "tolerated on the deadlines of its requests (hello, renew, drain)")
     redis: RedisSettings | None = Field(None, description="share state between relay instances (absent: SQLite "

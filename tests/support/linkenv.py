@@ -43,7 +43,8 @@ class NoDirectory:
 class Relay:
     def __init__(self, directory: Path, *, connection: str = "acme", cache: bool = True,
                  certificate_lifetime: float | None = None, extra: str = "", env: dict | None = None,
-                 plugins: tuple[str, ...] = (), redis_url: str | None = None) -> None:
+                 plugins: tuple[str, ...] = (), redis_url: str | None = None,
+                 settings: dict | None = None) -> None:
         self.directory = directory
         self.connection = connection
         self.conf = directory / "conf.d"
@@ -53,7 +54,7 @@ class Relay:
         self.env = env or {}
         digest = hashlib.sha256(self.token.encode()).hexdigest()
         relay = {"connection": connection, "listen": f"127.0.0.1:{self.port}",
-                 "public_url": f"https://127.0.0.1:{self.port}", "ping_interval": 1.0}
+                 "public_url": f"https://127.0.0.1:{self.port}", "ping_interval": 1.0, **(settings or {})}
         if certificate_lifetime is not None:
             relay["certificate_lifetime"] = certificate_lifetime
         if redis_url is not None:
