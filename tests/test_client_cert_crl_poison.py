@@ -221,3 +221,25 @@ def test_a_configured_urls_crl_is_checked_from_the_start(start, server, issuing)
     _refresh(store, url)
     assert server.hits[path] == 3
     assert (_login(runtime, victim), _login(runtime, good)) == (REVOKED, GOOD)
+
+
+def test_a_url_refused_for_want_of_its_issuer_is_fetched_again_when_it_learns_it(server, issuing):
+    """A configured URL of a CA that is not configured (clients present it): its CRL is refused
+    until a certificate of that CA is checked, and then fetched again at once, not after
+    ``retry_after_failure`` (under hard-fail its certificates were refused meanwhile)."""
+    from gateway.plugins.client_cert.settings import RevocationSettings
+    from gateway.plugins.client_cert.status import Status
+
+    path = "/crl/learned.crl"
+    url = server.put_crl("learned.crl", issuing.crl([]))
+    settings = RevocationSettings(policy="hard-fail", ocsp=False, crl_urls=[url], retry_after_failure=3600)
+    store = CrlStore(settings, logging.getLogger("test"), 300.0, cas=())  # no configured CA serves it
+    store.refresh()
+    assert server.hits[path] == 1 and dict(store.sources())[url] is None
+    assert "not a CA this URL serves" in store.fetch_errors()[url]
+
+    good = issuing.issue("amy", client=True)
+    verdict = store.status(good.cert, issuing.cert, time.monotonic() + 5)
+    assert server.hits[path] == 2  # not blocked for an hour: its issuer is known now
+    assert verdict.status is Status.GOOD, verdict
+    assert url not in store.fetch_errors()

@@ -16,8 +16,9 @@ next fetch, only once it is checked (:meth:`CrlStore._refusal`): issued and sign
 serves, that CA allowed to sign CRLs, its thisUpdate not in the future, and neither older nor
 lower-numbered than the CRL held, nor of another issuer. A URL serves the verified issuer of each
 certificate that names it in its distribution points; a configured URL, the configured CAs and
-the verified issuer of any certificate checked. A CRL that fails is refused and the one held kept (review of the certificate
-plugin: a forged CRL replaced the held one, and one dated 2036 shut the CA's own out).
+the verified issuer of any certificate checked. A CRL that fails is refused and the one held
+kept (review of the certificate plugin: a forged CRL replaced the held one, and one dated 2036
+shut the CA's own out).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import hashlib
 import logging
 import threading
 import time
-from typing import Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -210,6 +211,7 @@ class _UrlEntry:
     used: float = 0.0  # only compared with other entries' (least recently used)
     error: str | None = None  # the last fetch's failure, for readiness; None after a success
     warned: float | None = None  # time.monotonic() of the last warning of a refused CRL
+    refused: bool = False  # the last fetch's CRL failed the checks (an issuer learned since may pass it)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -265,7 +267,7 @@ class CrlStore:
             raise FetchError(f"{url}: not a CRL ({exc})") from None
         self._keep(url, entry, loaded)
         entry.fetched = time.monotonic()
-        entry.error = None
+        entry.error, entry.refused = None, False
         return loaded
 
     def _keep(self, url: str, entry: _UrlEntry, loaded: LoadedCrl) -> None:
@@ -314,9 +316,9 @@ class CrlStore:
                          _REFUSAL_WARNING_EVERY)
 
     def _failed(self, url: str, entry: _UrlEntry, exc: FetchError, what: str) -> str:
-        entry.error = str(exc)
+        entry.error, entry.refused = str(exc), isinstance(exc, RefusedCrl)
         self.backoff.failed(url, str(exc))
-        if not isinstance(exc, RefusedCrl):  # warned by _keep, rate-limited
+        if not entry.refused:  # warned by _keep, rate-limited
             self.log.warning("%s: %s", what, exc)
         return str(exc)
 
@@ -352,7 +354,12 @@ class CrlStore:
                     del self._urls[min(learned, key=lambda u: self._urls[u].used)]
                 entry = self._urls[url] = _UrlEntry()
             entry.used = time.monotonic()
+            learned = issuer not in entry.issuers
             entry.issuers.add(issuer)
+        if learned and entry.refused:
+            # Refused for want of this issuer, say (a configured URL of a CA that only clients
+            # present): fetched again now, not after retry_after_failure.
+            self.backoff.succeeded(url)
         if not self._needs_fetch(entry, now):
             return entry.crl, None
         blocked = self.backoff.blocked(url)

@@ -18,7 +18,7 @@ from cryptography import x509
 
 from gateway import CheckResult, SelfTest
 
-from .crl import LoadedCrl, distribution_points, parse_crl
+from .crl import LoadedCrl, RefusedCrl, distribution_points, parse_crl
 from .fetch import FetchError
 
 if TYPE_CHECKING:
@@ -104,6 +104,9 @@ def _crl_url_test(plugin: ClientCertPlugin, url: str) -> Callable[[], CheckResul
     def run() -> CheckResult:
         try:
             loaded = plugin.revocation.crls.fetch_now(url)
+        except RefusedCrl as exc:
+            return CheckResult.fail(str(exc), "the URL answered a CRL that failed its checks: is it the URL of a "
+                                              "CA in ca_bundle or intermediates, and is that CA's CRL current?")
         except FetchError as exc:
             return CheckResult.fail(str(exc), "is the CRL URL reachable from this host (firewall, proxy)?")
         return _crl_result(plugin, loaded, url)
