@@ -198,8 +198,7 @@ class _Master:
                         child.beat.close()
                     if self.timeout:
                         _beat = (beat, min(_BEAT_EVERY, self.timeout / 4))
-                        # Written by C, without the GIL: a loop blocked in a call shows where.
-                        faulthandler.register(_STACKS_SIGNAL, file=sys.stderr, all_threads=True)
+                        _register_stacks()
                     die_with_parent(self.pid)
                     code = self.worker_main(slot, self.accepted, child_end)
                 finally:
@@ -394,6 +393,16 @@ class _Master:
         log.error("MIXED CONFIGURATION: worker(s) %s serve the new configuration, worker(s) %s refused it and "
                   "serve the one before; remove the cause and send SIGHUP again:%s",
                   ", ".join(map(str, sorted(reload.applied))), ", ".join(map(str, sorted(reload.refused))), reasons)
+
+
+def _register_stacks() -> None:
+    """In a new worker: write every thread's stack on :data:`_STACKS_SIGNAL`, from C and without
+    the GIL, so that a loop blocked in a call shows where. A diagnostic: a worker whose stderr
+    cannot take it (closed, not a file) starts without it (the signal then just ends it)."""
+    try:
+        faulthandler.register(_STACKS_SIGNAL, file=sys.stderr, all_threads=True)
+    except (RuntimeError, OSError, ValueError, AttributeError) as exc:
+        log.warning("worker %d: no stacks of a hung worker (faulthandler: %s)", os.getpid(), exc)
 
 
 def _signal(pid: int, sig: int) -> None:
