@@ -53,9 +53,10 @@ def alive(pid: int) -> bool:
 
 
 def test_a_worker_whose_event_loop_is_stopped_is_killed_and_replaced(conf_dir, alice_hash, start_gateway):
-    # Not shorter: on a CI machine running two suites at once, a healthy worker's loop was once
-    # held up past 2 s and killed too.
-    timeout = 5.0
+    # Not shorter: on a machine running two suites at once, the healthy sibling's loop was once
+    # found silent past 2 s, and once past 5 s (the second suite in a time namespace), and killed
+    # too; its stacks had not reached the log yet when the test read it (an open bug, noted).
+    timeout = 10.0
     gw = start_gateway(conf(conf_dir, alice_hash, core=f"worker_timeout: {timeout}\n"), workers=2)
     wait_for(lambda: len(serving(gw)) == 2, what="two workers serving", log=gw.output)
     master = gw.proc.pid
@@ -72,7 +73,10 @@ def test_a_worker_whose_event_loop_is_stopped_is_killed_and_replaced(conf_dir, a
                  what="the stopped worker killed and reaped", log=gw.output)
         wait_for(lambda: replacement in serving(gw), timeout=bound, what="the replacement serving", log=gw.output)
         lines = hung_lines(gw)
-        assert len(lines) == 1 and lines[0].startswith(f"worker {frozen} "), gw.output()[-3000:]
+        if len(lines) != 1:  # a sibling killed too: its stacks (written as it is killed) say why
+            wait_for(lambda: gw.output().count("most recent call first") >= len(lines) - 1, timeout=10,
+                     interval=0.1, what="the stacks of the workers killed", log=gw.output)
+        assert len(lines) == 1 and lines[0].startswith(f"worker {frozen} "), gw.output()[-8000:]
         assert "then it is killed (SIGKILL)" in lines[0]
         silent = float(re.search(r"has not turned for (\d+) s", lines[0]).group(1))
         assert silent >= timeout - 0.5  # rounded to whole seconds in the log
@@ -81,9 +85,9 @@ def test_a_worker_whose_event_loop_is_stopped_is_killed_and_replaced(conf_dir, a
         assert [gw.get("/healthz", timeout=10).status for _ in range(20)] == [200] * 20
         assert gw.auth("alice", PASSWORD, timeout=30).status == 200
         assert gw.proc.poll() is None
-        assert "worker_timeout 5: a worker whose event loop does not turn for 5 s is killed" in gw.output()
+        assert "worker_timeout 10: a worker whose event loop does not turn for 10 s is killed" in gw.output()
         # The watchdog is the master's, set up at its start: a reload says a new value waits.
-        conf(conf_dir, alice_hash, core="worker_timeout: 10\n")
+        conf(conf_dir, alice_hash, core="worker_timeout: 20\n")
         os.kill(master, signal.SIGHUP)
         wait_for(lambda: "reload: `worker_timeout` changed; it takes effect at the next restart" in gw.output(),
                  timeout=60, what="the reload's warning", log=gw.output)
