@@ -16,11 +16,13 @@ import importlib.metadata as md
 import json
 import logging
 import sys
+import threading
 import time
+from collections import Counter
 
 from gateway import pool
 
-__all__ = ["JsonFormatter", "TEXT_FORMAT", "authgw_version", "printable", "setup_logging"]
+__all__ = ["JsonFormatter", "RateLimitedWarning", "TEXT_FORMAT", "authgw_version", "printable", "setup_logging"]
 
 #: The attempt the event loop's current task is deciding (set by ``Gateway.authenticate``).
 current_request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("authgw_request_id", default=None)
@@ -56,6 +58,37 @@ def _request_id(record: logging.LogRecord) -> str | None:
     working = getattr(pool.current, "arg", None)  # the attempt a chain thread is deciding
     rid = getattr(working, "request_id", None)
     return rid if isinstance(rid, str) else current_request_id.get()
+
+
+class RateLimitedWarning:
+    """One WARNING per kind per *every* seconds on *logger*, counting what it did not log: for
+    what a client can cause at will, so that it cannot fill the log. Thread-safe (chain threads
+    and the event loop may share one)."""
+
+    def __init__(self, logger: logging.Logger, every: float = 60.0) -> None:
+        self.logger = logger
+        self.every = every
+        self._lock = threading.Lock()
+        self._last: dict[str, float] = {}
+        self._skipped: Counter[str] = Counter()
+
+    def due(self, kind: str) -> tuple[bool, int]:
+        """``(True, times not due since the last warning)`` when a warning of *kind* is due,
+        else ``(False, 0)`` (counted)."""
+        now = time.monotonic()
+        with self._lock:
+            last = self._last.get(kind)
+            if last is not None and now - last < self.every:
+                self._skipped[kind] += 1
+                return False, 0
+            self._last[kind] = now
+            return True, self._skipped.pop(kind, 0)
+
+    def __call__(self, kind: str, message: str, *args) -> None:
+        """Log *message* if a warning of *kind* is due, with how many were not logged before it."""
+        due, skipped = self.due(kind)
+        if due:
+            self.logger.warning(message + (f" ({skipped} more since the last warning)" if skipped else ""), *args)
 
 
 class JsonFormatter(logging.Formatter):

@@ -45,7 +45,8 @@ from gateway.checks import Listener
 from gateway.config import Config
 from gateway.errors import ConfigError
 from gateway.http.app import EXACT_TARGETS, build_apps, exact_targets
-from gateway.http.protocol import ConnectionGuard, GuardedSite, RateLimitedWarning
+from gateway.http.protocol import ConnectionGuard, GuardedSite
+from gateway.logs import RateLimitedWarning
 from gateway.lifecycle import (CLOSE_GRACE, SHUTDOWN_GRACE, MessageReader, encode_message, remove_pidfile,
                                return_freed_memory, write_pidfile)
 from gateway.runtime import Runtime, build_runtime
@@ -415,7 +416,8 @@ class _LoopErrors:
     line a minute at most, with a count; everything else goes to the default handler."""
 
     def __init__(self) -> None:
-        self.warn = RateLimitedWarning(every=60.0)
+        # A TLS handshake's refusal: logged where the HTTP layer's other refusals are.
+        self.warn = RateLimitedWarning(logging.getLogger("authgw.http"), every=60.0)
 
     def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         failure = context.get("exception")

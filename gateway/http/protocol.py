@@ -53,6 +53,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from gateway.http.clientaddr import parse_address
 from gateway.lifecycle import trim_freed_memory
+from gateway.logs import RateLimitedWarning
 from gateway.settings import LimitsSettings
 
 try:
@@ -60,7 +61,7 @@ try:
 except ImportError:  # pragma: no cover - uvloop is an optional speed-up
     _UvLoop = _UvSSLProtocol = None
 
-__all__ = ["ConnectionGuard", "GuardedSite", "MAX_BODY", "RateLimitedWarning", "SERVER_HEADER"]
+__all__ = ["ConnectionGuard", "GuardedSite", "MAX_BODY", "SERVER_HEADER"]
 
 log = logging.getLogger("authgw.http")
 
@@ -85,25 +86,6 @@ _BURST = 256
 _TRIM_AFTER = 1.0  # seconds from the fall below an eighth of the peak to the trim
 
 
-class RateLimitedWarning:
-    """One WARNING per kind per *every* seconds, counting what it did not log."""
-
-    def __init__(self, every: float = _LOG_EVERY) -> None:
-        self.every = every
-        self.last: dict[str, float] = {}
-        self.skipped: Counter[str] = Counter()
-
-    def __call__(self, kind: str, message: str, *args) -> None:
-        now = time.monotonic()
-        last = self.last.get(kind)
-        if last is not None and now - last < self.every:
-            self.skipped[kind] += 1
-            return
-        self.last[kind] = now
-        skipped = self.skipped.pop(kind, 0)
-        log.warning(message + (f" ({skipped} more since the last warning)" if skipped else ""), *args)
-
-
 class ConnectionGuard:
     """The open connections of one worker, across all its sockets.
 
@@ -122,7 +104,7 @@ class ConnectionGuard:
         self.open = 0
         self.per_client: Counter[str] = Counter()
         self.listeners: Counter[str | None] = Counter()  # open connections by listener (None: listen:)
-        self.warn = RateLimitedWarning()
+        self.warn = RateLimitedWarning(log, _LOG_EVERY)
         self._next_read = 0.0  # loop time before which no held connection reads again
         self._peak = 0  # most connections open at once since the last trim
 

@@ -39,9 +39,6 @@ from __future__ import annotations
 import base64
 import ipaddress
 import logging
-import threading
-import time
-from collections import Counter
 from pathlib import Path
 
 from pydantic import Field, model_validator
@@ -61,7 +58,7 @@ from gateway import (
     hookimpl,
 )
 from gateway.chain import may_run_on_loop
-from gateway.logs import printable
+from gateway.logs import RateLimitedWarning, printable
 
 from .acceptor import HINTS, AcceptFailed, Acceptor
 from .mapping import CrossRealmPolicy, MappingRule, PrincipalMapper
@@ -84,27 +81,6 @@ _OPERATOR_REASONS = frozenset({"clock_skew", "wrong_kvno", "key_mismatch", "keyt
 _CLIENT_CAUSABLE = frozenset({"clock_skew", "wrong_kvno", "key_mismatch", "keytab_entry_missing",
                               "wrong_principal", "unsupported_enctype"})
 _WARN_EVERY = 60.0
-
-
-class _WarningsDue:
-    """Whether a reason's warning is due: once per *every* seconds, counting the others."""
-
-    def __init__(self, every: float) -> None:
-        self.every = every
-        self._lock = threading.Lock()
-        self._last: dict[str, float] = {}
-        self._skipped: Counter[str] = Counter()
-
-    def due(self, reason: str) -> tuple[bool, int]:
-        """``(True, lines logged at info since the last warning)``, or ``(False, 0)``."""
-        now = time.monotonic()
-        with self._lock:
-            last = self._last.get(reason)
-            if last is not None and now - last < self.every:
-                self._skipped[reason] += 1
-                return False, 0
-            self._last[reason] = now
-            return True, self._skipped.pop(reason, 0)
 
 
 class KerberosSettings(PluginSettings):
@@ -163,7 +139,7 @@ class KerberosPlugin:
         self.mapper = PrincipalMapper(settings.realms, settings.rules, settings.lowercase_username)
         self.cross_realm = CrossRealmPolicy(settings.realms, settings.service_principal is not None)
         self._keytab_problem = "not loaded yet"
-        self._warnings = _WarningsDue(_WARN_EVERY)
+        self._warnings = RateLimitedWarning(self.log, _WARN_EVERY)
 
     @property
     def loop_capable(self) -> bool:
