@@ -355,7 +355,8 @@ class CrlStore:
                 entry = self._urls[url] = _UrlEntry()
             entry.used = time.monotonic()
             learned = issuer not in entry.issuers
-            entry.issuers.add(issuer)
+            if learned:
+                entry.issuers.add(issuer)
         if learned and entry.refused:
             # Refused for want of this issuer, say (a configured URL of a CA that only clients
             # present): fetched again now, not after retry_after_failure.
