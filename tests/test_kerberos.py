@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 
+from support.der import der
 from support.gateway import GatewayProcess, write_conf
 from support.kdc import KDC, write_krb5_conf
 
@@ -178,12 +179,6 @@ def assert_refused(gateway: GatewayProcess, response, reason: str) -> dict:
     assert (line["outcome"], line["reason"], line["step"]) == ("invalid_credentials", f"kerberos.{reason}", "kerberos")
     assert response.header("Remote-User") is None
     return line
-
-
-def der(tag: int, body: bytes) -> bytes:
-    n = len(body)
-    length = bytes([n]) if n < 0x80 else bytes([0x80 | ((n.bit_length() + 7) // 8)]) + n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes([tag]) + length + body
 
 
 NTLM_OID = bytes.fromhex("060a2b06010401823702020a")  # 1.3.6.1.4.1.311.2.2.10

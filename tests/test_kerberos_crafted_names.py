@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from support.der import der
 from support.gateway import GatewayProcess, write_conf
 from support.kdc import KDC
 
@@ -71,14 +72,6 @@ def gateway(request, realm, tmp_path_factory):
 
 
 # -- forging ------------------------------------------------------------------------------------------------
-
-
-def der(tag: int, body: bytes) -> bytes:
-    n = len(body)
-    if n < 0x80:
-        return bytes([tag, n]) + body
-    octets = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes([tag, 0x80 | len(octets)]) + octets + body
 
 
 def integer(n: int) -> bytes:

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from support.der import der
 from support.gateway import authgw, write_conf
 
 from gateway import Attempt, NegotiateCredential, Outcome
@@ -19,14 +20,6 @@ from gateway.plugins.kerberos import KerberosPlugin, KerberosSettings
 from gateway.plugins.kerberos.keytab import KeytabError, read_keytab
 from gateway.plugins.kerberos.mapping import CrossRealmPolicy, MappingRule, PrincipalMapper, split_principal
 from gateway.plugins.kerberos.tokens import TokenProblem, TokenRefused, inspect_token, krb_error_of
-
-
-def der(tag: int, body: bytes) -> bytes:
-    n = len(body)
-    if n < 0x80:
-        return bytes([tag, n]) + body
-    octets = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes([tag, 0x80 | len(octets)]) + octets + body
 
 
 OID = {
