@@ -14,8 +14,7 @@ import uuid
 
 import pytest
 
-from support.console import SessionClient, console_conf, console_link
-from support.net import free_port
+from support.console import SessionClient, console_session
 
 #: A lone surrogate (U+D83F) as each charset writes it in a form body.
 LONE_SURROGATE = {"utf-7": b"a%2B2D8-", "unicode_escape": b"a%5Cud83f", "raw_unicode_escape": b"a%5Cud83f"}
@@ -27,12 +26,7 @@ FIELDS = {"preset": b"openldap", "servers": b"ldaps://127.0.0.1:1", "base_dn": b
 
 @pytest.fixture
 def console(conf_dir, demo_hash, start_gateway):
-    port = free_port()
-    console_conf(conf_dir, port, demo_hash)
-    gw = start_gateway(conf_dir)
-    client = SessionClient(f"http://127.0.0.1:{port}")
-    client.sign_in(console_link(gw))
-    return gw, client
+    return console_session(conf_dir, demo_hash, start_gateway)
 
 
 def _urlencoded(client: SessionClient, path: str, fields: dict[str, bytes], charset: str | None):

@@ -10,11 +10,10 @@ import stat
 import pytest
 import yaml
 
-from support.console import LongLivedCA, console_conf, console_link
+from support.console import LongLivedCA, SessionClient, console_conf, console_link, console_session
 from support.gateway import authgw
 from support.net import free_port, wait_for
 from support.slapd import Slapd
-from test_console import SessionClient
 
 SERVICE_PASSWORD = "Svc-Pa55-7c1e9f3a"
 ALICE = "Al1ce-ldap-password"
@@ -31,12 +30,7 @@ def slapd(tmp_path_factory) -> Slapd:
 
 @pytest.fixture
 def console(conf_dir, demo_hash, start_gateway):
-    port = free_port()
-    console_conf(conf_dir, port, demo_hash)
-    gw = start_gateway(conf_dir)
-    client = SessionClient(f"http://127.0.0.1:{port}")
-    client.sign_in(console_link(gw))
-    return gw, client
+    return console_session(conf_dir, demo_hash, start_gateway)
 
 
 def directory_form(slapd: Slapd, password: str, **overrides) -> dict[str, str]:

@@ -17,7 +17,7 @@ from urllib.parse import urlencode, urlsplit
 
 from support.gateway import authgw, write_conf
 from support.http import Response, request
-from support.net import wait_for
+from support.net import free_port, wait_for
 
 CSRF = re.compile(r'name="csrf" value="([^"]+)"')
 
@@ -138,3 +138,12 @@ def signed_in(gw, base: str) -> SessionClient:
     client = SessionClient(base)
     client.sign_in(console_link(gw))
     return client
+
+
+def console_session(conf_dir, demo_hash: str, start_gateway):
+    """A gateway with the console on a free port (:func:`console_conf`), started, and a client
+    signed in to it: ``(gateway, client)``."""
+    port = free_port()
+    console_conf(conf_dir, port, demo_hash)
+    gw = start_gateway(conf_dir)
+    return gw, signed_in(gw, f"http://127.0.0.1:{port}")
