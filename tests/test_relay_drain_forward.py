@@ -27,10 +27,9 @@ import aiohttp
 import pytest
 
 from gateway.plugins import linkproto as proto
-from plugins.relay.hub import Hub, LinkSession, Unreachable
-from support.linkenv import Connector, NoDirectory, Relay
+from gateway.plugins.relay.hub import Hub, LinkSession, Unreachable
+from support.linkenv import Connector, NoDirectory, Relay, relays_sharing_redis
 from support.net import wait_for
-from support.redis import RedisServer
 from support.slapd import Slapd
 
 _PREFIX = "authgw:relay:"  # relay.redis.key_prefix's default
@@ -121,16 +120,8 @@ def slapd(tmp_path_factory):
 
 @pytest.fixture
 def relays(tmp_path):
-    redis = RedisServer(tmp_path / "redis").start()
-    started = []
-    try:
-        for name in ("a", "b"):
-            started.append(Relay(tmp_path / f"relay-{name}", cache=False, redis_url=redis.url).setup().start())
-        yield started, redis
-    finally:
-        for relay in started:
-            relay.stop()
-        redis.stop()
+    with relays_sharing_redis(tmp_path) as shared:
+        yield shared
 
 
 def test_a_draining_link_gets_no_login_forwarded_from_another_instance(tmp_path, slapd, relays):

@@ -16,7 +16,7 @@ import urllib.request
 
 import pytest
 
-from support.linkenv import Connector, Relay
+from support.linkenv import Connector, Relay, relays_sharing_redis
 from support.net import wait_for
 from support.proc import children
 from support.redis import RedisServer
@@ -33,16 +33,8 @@ def slapd(tmp_path_factory):
 
 @pytest.fixture
 def relays(tmp_path):
-    redis = RedisServer(tmp_path / "redis").start()
-    started = []
-    try:
-        for name in ("a", "b"):
-            started.append(Relay(tmp_path / f"relay-{name}", cache=False, redis_url=redis.url).setup().start())
-        yield started, redis
-    finally:
-        for relay in started:
-            relay.stop()
-        redis.stop()
+    with relays_sharing_redis(tmp_path) as shared:
+        yield shared
 
 
 def test_a_login_at_the_other_instance_is_routed_to_the_link(tmp_path, slapd, relays):

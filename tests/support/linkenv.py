@@ -18,6 +18,7 @@ Everything is stopped by PID by :meth:`stop` (fixtures call it).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -27,8 +28,9 @@ from pathlib import Path
 from support.gateway import GatewayProcess, authgw, write_conf
 from support.http import Response, request
 from support.net import free_port, wait_for
+from support.redis import RedisServer
 
-__all__ = ["Connector", "NoDirectory", "Relay", "listening_ports"]
+__all__ = ["Connector", "NoDirectory", "Relay", "listening_ports", "relays_sharing_redis"]
 
 
 class NoDirectory:
@@ -108,6 +110,22 @@ class Relay:
     def ready_links(self) -> str:
         component = [c for c in self.process.get("/readyz").json()["components"] if c["name"].startswith("relay.")]
         return component[0]["detail"] if component and component[0]["ready"] else ""
+
+
+@contextlib.contextmanager
+def relays_sharing_redis(base: Path, names: tuple[str, ...] = ("a", "b")):
+    """Relay instances of one connection (no cache) sharing a new Redis, started in *base*:
+    ``(relays, redis)``, all stopped at the end."""
+    redis = RedisServer(base / "redis").start()
+    started = []
+    try:
+        for name in names:
+            started.append(Relay(base / f"relay-{name}", cache=False, redis_url=redis.url).setup().start())
+        yield started, redis
+    finally:
+        for relay in started:
+            relay.stop()
+        redis.stop()
 
 
 class Connector:
