@@ -25,7 +25,7 @@ from gateway.plugins.client_cert.crl import CrlStore
 from gateway.runtime import Runtime, build_runtime
 from support.gateway import write_conf
 from support.ocsp import PkiServer
-from support.pki import CA, Issued, write_bundle
+from support.pki import CA, Issued, partition, write_bundle
 
 UTC = dt.timezone.utc
 ISSUING = "poison issuing CA"
@@ -194,6 +194,53 @@ def test_a_lower_crl_number_is_refused_as_a_rollback(start, server, issuing):
     server.put_crl("numbered.crl", next_crl)
     _refresh(store, url)
     assert (_login(runtime, victim), _login(runtime, later), _login(runtime, good)) == (REVOKED, REVOKED, GOOD)
+
+
+def _delta_crl(ca: CA, *, base: int, number: int, this_update: dt.datetime) -> bytes:
+    """A delta CRL of *ca* (RFC 5280 5.2.4) listing nothing, on top of base CRL number *base*."""
+    return (x509.CertificateRevocationListBuilder().issuer_name(ca.cert.subject)
+            .last_update(this_update).next_update(this_update + dt.timedelta(days=1))
+            .add_extension(x509.CRLNumber(number), critical=False)
+            .add_extension(x509.DeltaCRLIndicator(base), critical=True)
+            .sign(ca.key, hashes.SHA256()).public_bytes(serialization.Encoding.DER))
+
+
+NARROWER = ["another partition", "CA certificates only", "a delta CRL"]
+
+
+@pytest.mark.parametrize("kind", NARROWER)
+def test_a_genuine_crl_of_narrower_scope_does_not_replace_the_one_held(start, server, issuing, kind):
+    """Signed by the CA, newer and numbered higher, but about other certificates: whoever is on
+    the plain-http path serves it at this URL. Held, it would leave this URL's certificates
+    without an answer ("unknown"), which soft-fail lets in, revoked ones too."""
+    name = f"narrower-{kind.replace(' ', '-')}.crl"
+    url = server.put_crl(name, b"")
+    revoked, later, good = (issuing.issue("amy", client=True, crl_url=url) for _ in range(3))
+    now = dt.datetime.now(UTC) - dt.timedelta(minutes=5)
+    server.put_crl(name, _crl(issuing, [revoked], number=100, this_update=now))
+    runtime = start("soft-fail")
+    store = _store(runtime)
+    assert (_login(runtime, revoked), _login(runtime, good)) == (REVOKED, GOOD)
+
+    newer = now + dt.timedelta(minutes=1)
+    server.put_crl(name, {
+        "another partition": lambda: issuing.crl([], this_update=newer, idp=partition(url + "-other")),
+        "CA certificates only": lambda: issuing.crl([], this_update=newer, idp=partition(only_contains_ca_certs=True)),
+        "a delta CRL": lambda: _delta_crl(issuing, base=100, number=101, this_update=newer),
+    }[kind]())
+    _refresh(store, url)
+    assert (_login(runtime, revoked), _login(runtime, good)) == (REVOKED, GOOD)
+    assert _decide(runtime, good).identity.claims["certificate_revocation"] == "good"
+    error = store.fetch_errors()[url]
+    assert "CRL refused" in error and ("delta" in error if kind == "a delta CRL" else
+                                       "does not name this URL" in error), error
+
+    # The CA moving this URL to a partition CRL that names it is believed: its next CRL.
+    server.put_crl(name, issuing.crl([revoked, later], this_update=newer + dt.timedelta(minutes=1),
+                                     idp=partition(url)))
+    _refresh(store, url)
+    assert url not in store.fetch_errors()
+    assert (_login(runtime, revoked), _login(runtime, later), _login(runtime, good)) == (REVOKED, REVOKED, GOOD)
 
 
 def test_a_configured_urls_crl_is_checked_from_the_start(start, server, issuing):

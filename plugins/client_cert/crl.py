@@ -275,15 +275,19 @@ class CrlStore:
         (caller holds ``entry.lock``)."""
         with self._lock:
             issuers = list(entry.issuers)
-        why = self._refusal(loaded, entry.crl, issuers)
+        why = self._refusal(url, loaded, entry.crl, issuers)
         if why:
             self._warn_refused(url, entry, why)
             raise RefusedCrl(f"{shown_url(url)}: CRL refused: {why}")
         entry.crl = loaded
 
-    def _refusal(self, loaded: LoadedCrl, held: LoadedCrl | None, issuers: list[x509.Certificate]) -> str | None:
-        """Why a fetched CRL must not be held, or ``None``. The URL is plain http as a rule, so
-        the issuer is one the URL is known to serve, never one the CRL names for itself."""
+    def _refusal(self, url: str, loaded: LoadedCrl, held: LoadedCrl | None,
+                 issuers: list[x509.Certificate]) -> str | None:
+        """Why a CRL fetched from *url* must not be held, or ``None``. The URL is plain http as a
+        rule, so the issuer is one the URL is known to serve, never one the CRL names for itself;
+        and a genuine CRL of that CA with a narrower scope (another partition, CA certificates
+        only, a delta) does not replace the one held, or the certificates the held one covers
+        would lose their answer: "unknown", which soft-fail lets in even when revoked."""
         crl = loaded.crl
         named = [ca for ca in issuers if ca.subject == crl.issuer]
         if not named:
@@ -303,6 +307,11 @@ class CrlStore:
         number, held_number = _crl_number(crl), _crl_number(held.crl)
         if number is not None and held_number is not None and number < held_number:
             return f"its CRLNumber {number} is lower than the held CRL's {held_number}: a rollback"
+        if held.usable and not loaded.usable:
+            return "it is a delta or indirect CRL, which does not replace the complete CRL held"
+        if loaded.idp != held.idp and loaded.idp is not None and url not in _uris(loaded.idp.full_name):
+            return ("its issuingDistributionPoint is not the held CRL's and does not name this URL: "
+                    "the CRL of another partition or of another kind of certificate")
         return None
 
     def _warn_refused(self, url: str, entry: _UrlEntry, why: str) -> None:
