@@ -642,6 +642,98 @@ def test_a_fetch_ends_at_its_deadline_however_slowly_the_server_sends(where):
         thread.join(timeout=5)
 
 
+def test_a_fetch_ends_at_its_deadline_however_slowly_the_name_is_looked_up(monkeypatch):
+    """The C resolver takes no timeout: a DNS server that does not answer held a chain thread
+    for the resolver's own timeouts, seconds per server, past the attempt's deadline. A stalled
+    lookup now ends the fetch at its deadline, and stalled lookups do not pile up threads. (The
+    system resolver is replaced by one that stalls: no DNS server is reachable from a test.)"""
+    import socket
+    import threading
+
+    from gateway.plugins.client_cert import fetch as fetching
+
+    release = threading.Event()
+    real = socket.getaddrinfo
+    asked: list[str] = []
+
+    def stalled(host, *args, **kwargs):
+        asked.append(host)
+        if host.endswith(".stalled.test"):
+            release.wait(30)
+        return real("127.0.0.1", *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", stalled)
+    try:
+        started = time.monotonic()
+        with pytest.raises(fetching.FetchError, match=r"^http://crl\.stalled\.test/a\.crl\?…: the name crl\.stalled\.test "
+                                                        "was not looked up in time$"):
+            fetching.fetch("http://crl.stalled.test/a.crl?token=s3cret", timeout=0.5, max_bytes=1024)
+        assert time.monotonic() - started < 10  # its deadline, not the resolver's (30 s here)
+        for _ in range(7):  # every lookup slot taken by a lookup that does not end
+            with pytest.raises(fetching.FetchError, match="not looked up in time"):
+                fetching.fetch("http://crl.stalled.test/a.crl", timeout=0.05, max_bytes=1024)
+        before = len(asked)
+        with pytest.raises(fetching.FetchError, match="name lookups are backed up"):
+            fetching.fetch("http://crl.stalled.test/a.crl", timeout=5, max_bytes=1024)
+        assert len(asked) == before  # failed at once: no ninth thread
+        # A literal address needs no lookup, so it is fetched even then (here: nothing listens).
+        with pytest.raises(fetching.FetchError, match="ConnectionRefusedError"):
+            fetching.fetch(f"http://127.0.0.1:{free_port()}/a.crl", timeout=5, max_bytes=1024)
+    finally:
+        release.set()
+    # The stalled lookups end: their slots are free again.
+    deadline = time.monotonic() + 10
+    while fetching._LOOKUPS._value < 8 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(fetching.FetchError, match="ConnectionRefusedError"):
+        fetching.fetch(f"http://crl.stalled.test:{free_port()}/a.crl", timeout=5, max_bytes=1024)
+
+
+@pytest.mark.parametrize("name, verified", [("localhost", True), ("elsewhere.example", False)])
+def test_an_https_fetch_checks_the_certificate_for_the_urls_name(tmp_path, monkeypatch, name, verified):
+    """The name is looked up once and the connection made to its address, so the TLS check must
+    still be for the name in the URL (here: a server for *name* reached as ``localhost``)."""
+    import http.server
+    import ssl
+    import threading
+
+    from gateway.plugins.client_cert.fetch import FetchError, fetch
+    from support.pki import CA
+
+    ca = CA.create("fetch test CA")
+    crt, key = ca.issue(name, dns=[name], server=True).write(tmp_path, "server")
+    (tmp_path / "ca.pem").write_bytes(ca.pem)
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))  # the "system" trust store
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "5")
+            self.end_headers()
+            self.wfile.write(b"a crl")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(crt, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"https://localhost:{server.server_address[1]}/a.crl"
+        if verified:
+            assert fetch(url, timeout=5, max_bytes=1024) == b"a crl"
+        else:
+            with pytest.raises(FetchError, match="certificate verify failed: Hostname mismatch"):
+                fetch(url, timeout=5, max_bytes=1024)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
 @pytest.mark.parametrize("spelling", ["ｆｒａｎｋ", "fran\u212a", "\u2003frank", "frank\u00a0", "frank\t", "frank\n",
                                       " frank", "frank ", "fr\u200bank", "frank\u202e", "fr\u00adank"],
                          ids=["fullwidth", "kelvin", "em-space", "nbsp", "tab", "newline", "space-before",
