@@ -151,10 +151,14 @@ class SQLiteStore:
         if self._conn is None or self._pid != os.getpid():
             create_private(self.path)  # private from the first byte
             conn = connect_wal(self.path, timeout=5.0, check_same_thread=False)  # every worker at once
-            conn.execute("PRAGMA synchronous=NORMAL")  # counts may be lost by a power cut, not corrupted
-            conn.execute("CREATE TABLE IF NOT EXISTS failure (key TEXT NOT NULL, at REAL NOT NULL, "
-                         "ticket TEXT NOT NULL)")
-            conn.execute("CREATE INDEX IF NOT EXISTS failure_key ON failure (key, at)")
+            try:
+                conn.execute("PRAGMA synchronous=NORMAL")  # counts may be lost by a power cut, not corrupted
+                conn.execute("CREATE TABLE IF NOT EXISTS failure (key TEXT NOT NULL, at REAL NOT NULL, "
+                             "ticket TEXT NOT NULL)")
+                conn.execute("CREATE INDEX IF NOT EXISTS failure_key ON failure (key, at)")
+            except BaseException:
+                conn.close()  # tried again at the next call
+                raise
             self._conn, self._pid = conn, os.getpid()
         return self._conn
 
@@ -170,7 +174,7 @@ class SQLiteStore:
                     raise
                 db.execute("COMMIT")
                 return result
-            except sqlite3.Error as exc:
+            except (sqlite3.Error, OSError) as exc:  # OSError: the state directory gone, no file descriptor left
                 raise StoreUnavailable(f"throttle store {self.path}: {exc}") from exc
 
     def reserve(self, keys: list[tuple[str, int]], ticket: str, now: float, window: float) -> bool:

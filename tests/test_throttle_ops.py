@@ -186,3 +186,23 @@ def test_a_burst_of_logins_is_not_taken_for_a_store_outage(tmp_path, demo_hash, 
     output = gw.output()
     assert "throttle store unavailable" not in output and "throttle_unavailable" not in output, output[-2000:]
     assert sorted(set(map(str, results))) == ["200"], results
+
+
+def test_a_sqlite_store_that_cannot_be_opened_is_unavailable_not_an_error(tmp_path, demo_hash, start_gateway):
+    """The store's file could not be created (the state directory gone, no file descriptor left
+    in a worker started during a flood): the OSError escaped as a bare 500, with no audit line and
+    no outage logged. It is the store unavailable: 503 ``throttle_unavailable``, audited, and the
+    next attempt once the file can be opened goes on."""
+    gw = start_gateway(conf(tmp_path / "c", demo_hash, throttle={"store": "sqlite"}))
+    state, moved = gw.state_dir, gw.state_dir.with_name(gw.state_dir.name + ".moved")
+    state.rename(moved)  # before the first password attempt, which opens the store
+    try:
+        answer = gw.auth("alice", "demo-password")
+        assert answer.status == 503, (answer.status, answer.body)
+        lines = wait_for(gw.audit, 10, interval=0.05, what="an audit line", log=gw.output)
+        assert [(line["outcome"], line["reason"]) for line in lines] == [("unavailable", "throttle_unavailable")]
+        assert "throttle store" in gw.output() and "Traceback" not in gw.output()
+    finally:
+        moved.rename(state)
+    assert gw.auth("alice", "demo-password").status == 200
+    assert (state / "throttle.sqlite3").exists()
