@@ -245,6 +245,22 @@ def test_api_garbage_is_a_400_never_a_500(api, body):
     assert r.status == 400 and r.json()["error"] == "bad_request"
 
 
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-32-le", "utf-8-sig", "latin-1"])
+def test_api_reads_utf8_json_only_and_echoes_no_byte_of_the_body(api, encoding):
+    """``json.loads`` given bytes guessed UTF-16 and UTF-32 and skipped a BOM: each logged alice
+    in, while a proxy or WAF in front reading UTF-8 saw other bytes. A Latin-1 body's error quoted
+    the byte it stopped at, here one of the password's."""
+    gw, headers = api
+    password = PASSWORD + "é"  # é: 0xe9 in Latin-1, not UTF-8
+    body = json.dumps({"username": "alice", "password": password}, ensure_ascii=False).encode(encoding)
+    r = gw.post("/v1/authenticate", body, headers)
+    assert r.status == 400 and r.json()["error"] == "bad_request", (r.status, r.body)
+    detail = r.json()["detail"]
+    assert detail in ("the body is not UTF-8 text", "the body starts with a byte order mark"), detail
+    assert "0x" not in detail and "position" not in detail
+    assert not gw.audit(), "no attempt ran"
+
+
 # -- plugins in a real server -------------------------------------------------------------------
 
 TEST_PLUGINS = {"acme_plugins.py": '''

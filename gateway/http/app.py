@@ -283,14 +283,16 @@ class FrontDoor:
                 raise ValueError("request body too large")
             if _too_deep(body):
                 raise ValueError("JSON nested too deeply")
-            data = json.loads(body, object_pairs_hook=_unique_keys)
+            data = json.loads(_utf8_text(body), object_pairs_hook=_unique_keys)
             if not isinstance(data, dict) or set(data) - {"username", "password"}:
                 raise ValueError("expected an object with `username` and `password`")
             username, password = data.get("username"), data.get("password")
             if not isinstance(username, str) or not isinstance(password, str):
                 raise ValueError("`username` and `password` must be strings")
         except (ValueError, RecursionError) as exc:  # JSON and UTF-8 decoding errors, nesting
-            return web.json_response({"error": "bad_request", "detail": str(exc).split(":")[0]}, status=400)
+            # The detail is a fixed text: never a byte of the body, which may be a password's.
+            detail = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc).split(":")[0]
+            return web.json_response({"error": "bad_request", "detail": detail}, status=400)
         credential, refused = self.password_credential(username, password)
         attempt = self.attempt(request, "api", password=credential)
         decision = await self.decide(attempt, refused)
@@ -347,6 +349,19 @@ async def read_body(request: web.Request, limit: int) -> bytes:
             break
         body += chunk
     return body
+
+
+def _utf8_text(body: bytes) -> str:
+    """The body as UTF-8 text (RFC 8259 8.1), without a byte order mark. ``json.loads`` given
+    bytes guesses UTF-16 or UTF-32 and skips a BOM, so a body a proxy or WAF in front reads as
+    UTF-8 (or as garbage) would be decided as something else."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("the body is not UTF-8 text") from None
+    if text.startswith("\ufeff"):
+        raise ValueError("the body starts with a byte order mark")
+    return text
 
 
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
