@@ -105,14 +105,48 @@ def test_the_store_reveals_no_username_password_or_profile(tmp_path):
             assert secret.encode() not in data, f"{secret!r} found in {path.name}"
 
 
-@pytest.mark.parametrize("refusal", ["invalid", "account_state", "not_found"])
-def test_a_live_refusal_deletes_the_entry(tmp_path, refusal):
+@pytest.mark.parametrize("refusal, password", [("invalid", PASSWORD), ("account_state", "whatever"),
+                                               ("not_found", "whatever")])
+def test_a_live_refusal_deletes_the_entry(tmp_path, refusal, password):
     login(runtime(tmp_path, "success"))
-    refused = login(runtime(tmp_path, refusal), password="whatever")
+    refusing = runtime(tmp_path, refusal)
+    refused = login(refusing, password=password)
     assert not refused.success
+    assert plugin(refusing).offline.rechecked(30)
     down = runtime(tmp_path, "unavailable")
     assert entries(down) == []
     assert login(down).outcome is Outcome.UNAVAILABLE
+
+
+def test_a_wrong_password_refused_live_keeps_the_entry(tmp_path):
+    """Anyone's wrong guess deleted the entry, so one request before an outage took a user's
+    offline login away (review). Only the directory refusing the cached password itself (changed
+    since, or the account locked) forgets it; a wrong guess is compared with it and kept."""
+    login(runtime(tmp_path, "success"))
+    refusing = runtime(tmp_path, "invalid")
+    for guess in ("guess", PASSWORD.upper(), PASSWORD + " "):
+        assert login(refusing, password=guess).outcome is Outcome.INVALID_CREDENTIALS
+    assert plugin(refusing).offline.rechecked(30)
+    down = runtime(tmp_path, "unavailable")
+    assert len(entries(down)) == 1
+    assert login(down).from_cache and login(down).success
+
+    assert login(refusing).outcome is Outcome.INVALID_CREDENTIALS  # now the cached password itself
+    assert plugin(refusing).offline.rechecked(30)
+    assert entries(down) == []
+    assert login(down).outcome is Outcome.UNAVAILABLE
+
+
+def test_a_flood_of_refused_passwords_forgets_rather_than_queues(tmp_path, monkeypatch):
+    """The comparisons are bounded: past the queue's size an entry is forgotten at once, as
+    every refusal did before the comparison (fail closed)."""
+    from gateway.plugins.cache import offline as offline_module
+
+    login(runtime(tmp_path, "success"))
+    refusing = runtime(tmp_path, "invalid")
+    monkeypatch.setattr(offline_module, "_RECHECKS_QUEUED", 0)
+    assert login(refusing, password="guess").outcome is Outcome.INVALID_CREDENTIALS
+    assert entries(runtime(tmp_path, "unavailable")) == []
 
 
 def test_offline_failures_are_limited_until_the_next_live_login(tmp_path):

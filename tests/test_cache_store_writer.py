@@ -80,8 +80,9 @@ def test_a_captured_row_put_back_with_a_fresh_time_after_a_refusal_is_not_used(t
     assert decide(live, attempt(USER, PASSWORD)).success
     captured = the_entry(live)
     # The directory refuses bob (password changed, account disabled): the row goes.
-    assert decide(runtime(tmp_path, "invalid", cache_settings), attempt(USER, PASSWORD)).outcome \
-        is Outcome.INVALID_CREDENTIALS
+    refusing = runtime(tmp_path, "invalid", cache_settings)
+    assert decide(refusing, attempt(USER, PASSWORD)).outcome is Outcome.INVALID_CREDENTIALS
+    assert offline(refusing).rechecked(30)  # the refused password compared with the cached one
     assert list(offline(live).store.scan()) == []
     # A store writer puts the captured row back, stamped now, failure count 0.
     overwrite(live, replace(captured, stored_at=time.time() + 1, failures=0))

@@ -23,6 +23,7 @@ import hashlib
 import hmac
 import json
 import logging
+import queue
 import re
 import secrets
 import threading
@@ -52,6 +53,10 @@ _REFUSALS = frozenset({Outcome.INVALID_CREDENTIALS, Outcome.ACCOUNT_STATE, Outco
 
 
 _SALT_LEN, _HASH_LEN = 16, 32
+#: Refused passwords waiting to be compared with the cached one (:meth:`OfflineCache.refused`).
+#: Beyond it (a flood of wrong passwords for cached users) an entry is forgotten at once, as
+#: before the comparison existed: fail closed, bounded work.
+_RECHECKS_QUEUED = 256
 _B64 = "[A-Za-z0-9+/]"  # argon2's encoding: standard base64 alphabet, no padding
 _PARAMETERS = re.compile(r"\$([^$]{0,20})\$([^$]{0,20})\$([^$]{0,60})\$")
 
@@ -119,6 +124,9 @@ class OfflineCache:
         self.last_offline_answer: float | None = None
         #: The last store error, for readiness (None when the last operation worked).
         self.store_error: str | None = None
+        self._rechecks: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
+        self._rechecks_pending = 0  # queued or being compared; under _recheck_done's lock
+        self._recheck_done = threading.Condition()
 
     # -- lazily opened state (never in the master process: it forks the workers) ---------------
 
@@ -243,6 +251,76 @@ class OfflineCache:
                 while len(self._tombstones) > _MEMO_LIMIT:
                     self._tombstones.popitem(last=False)
             return False
+
+    # -- a refused password --------------------------------------------------------------------------
+
+    def refused(self, credential: PasswordCredential) -> None:
+        """The directory refused this password: forget the user's entry if it is the cached
+        password (changed since, or the account locked: ppolicy answers a locked account's right
+        password as wrong), keep it if not. Forgetting on any wrong password let anyone wipe a
+        user's offline login with one guess, for the next outage. Compared on a thread of its
+        own, after the answer: an argon2 verify in the answer's time would tell a wrong password
+        for a cached user from one for another."""
+        with self._recheck_done:
+            if self._rechecks_pending >= _RECHECKS_QUEUED:
+                full = True
+            else:
+                full = False
+                self._rechecks_pending += 1
+                start = self._rechecks_pending == 1
+        if full:
+            self.forget(credential.username)
+            return
+        self._rechecks.put((credential.username, credential.password))
+        if start:
+            threading.Thread(target=self._recheck_queued, name="authgw-cache-recheck", daemon=True).start()
+
+    def _recheck_queued(self) -> None:
+        """Compare queued refused passwords until none is left (then the thread ends; the next
+        refusal starts another)."""
+        while True:
+            username, password = self._rechecks.get()
+            try:
+                self._forget_if_cached(username, password)
+            except Exception:  # never lose the thread's count: forget, as before the comparison
+                self.log.exception("credential cache: comparing a refused password failed; the entry is forgotten")
+                self.forget(username)
+            finally:
+                with self._recheck_done:
+                    self._rechecks_pending -= 1
+                    last = self._rechecks_pending == 0
+                    if last:
+                        self._recheck_done.notify_all()
+            if last:
+                return
+
+    def _forget_if_cached(self, username: str, password) -> None:
+        try:
+            keys = self.keys()
+            user_key = self.user_key(username)
+            row_key = keys.row_key(user_key)
+            entry = self.store.get(row_key)
+            self._ok()
+        except (StoreError, KeyFileError) as exc:
+            self._failed("reading an entry the directory refused a password of", exc)
+            self.forget(username)  # cannot compare: as before, fail closed
+            return
+        if entry is None:
+            return
+        if self._opened(keys, row_key, entry) is None or not self.usable_hash(entry.password_hash):
+            self.forget(username)  # not usable offline anyway
+            return
+        with self._hash_slots.held():
+            same = self._verify(entry.password_hash, keys.peppered(user_key, password))
+        if same:
+            self.log.info("credential cache: the directory refused the cached password of a user; "
+                          "entry forgotten")
+            self.forget(username)
+
+    def rechecked(self, timeout: float) -> bool:
+        """Wait until every refused password queued so far is compared (tests, shutdown)."""
+        with self._recheck_done:
+            return self._recheck_done.wait_for(lambda: self._rechecks_pending == 0, timeout)
 
     def proved_by(self, username: str) -> str | None:
         """The step that proved the user whose entry this is (None: no readable entry)."""
@@ -403,6 +481,9 @@ class OfflineCache:
         if decision.success:
             if self.cacheable(attempt, decision):
                 self.remember(attempt, credential, decision.identity, decision.step)
+            return decision
+        if decision.outcome is Outcome.INVALID_CREDENTIALS:
+            self.refused(credential)
             return decision
         if decision.outcome in _REFUSALS:
             self.forget(credential.username)
