@@ -126,6 +126,7 @@ class OfflineCache:
         self.store_error: str | None = None
         self._rechecks: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
         self._rechecks_pending = 0  # queued or being compared; under _recheck_done's lock
+        self._rechecking: dict[str, int] = {}  # the same, by user key (offline answers wait for them)
         self._recheck_done = threading.Condition()
 
     # -- lazily opened state (never in the master process: it forks the workers) ---------------
@@ -261,12 +262,14 @@ class OfflineCache:
         user's offline login with one guess, for the next outage. Compared on a thread of its
         own, after the answer: an argon2 verify in the answer's time would tell a wrong password
         for a cached user from one for another."""
+        user_key = self.user_key(credential.username)
         with self._recheck_done:
             if self._rechecks_pending >= _RECHECKS_QUEUED:
                 full = True
             else:
                 full = False
                 self._rechecks_pending += 1
+                self._rechecking[user_key] = self._rechecking.get(user_key, 0) + 1
                 start = self._rechecks_pending == 1
         if full:
             self.forget(credential.username)
@@ -286,11 +289,15 @@ class OfflineCache:
                 self.log.exception("credential cache: comparing a refused password failed; the entry is forgotten")
                 self.forget(username)
             finally:
+                user_key = self.user_key(username)
                 with self._recheck_done:
                     self._rechecks_pending -= 1
+                    if self._rechecking[user_key] == 1:
+                        del self._rechecking[user_key]
+                    else:
+                        self._rechecking[user_key] -= 1
                     last = self._rechecks_pending == 0
-                    if last:
-                        self._recheck_done.notify_all()
+                    self._recheck_done.notify_all()
             if last:
                 return
 
@@ -317,10 +324,13 @@ class OfflineCache:
                           "entry forgotten")
             self.forget(username)
 
-    def rechecked(self, timeout: float) -> bool:
-        """Wait until every refused password queued so far is compared (tests, shutdown)."""
+    def rechecked(self, timeout: float, user_key: str | None = None) -> bool:
+        """Wait until every refused password queued so far (of *user_key*, or of anyone) is
+        compared; False when *timeout* passed first."""
         with self._recheck_done:
-            return self._recheck_done.wait_for(lambda: self._rechecks_pending == 0, timeout)
+            if user_key is None:
+                return self._recheck_done.wait_for(lambda: self._rechecks_pending == 0, timeout)
+            return self._recheck_done.wait_for(lambda: user_key not in self._rechecking, max(0.0, timeout))
 
     def proved_by(self, username: str) -> str | None:
         """The step that proved the user whose entry this is (None: no readable entry)."""
@@ -351,6 +361,10 @@ class OfflineCache:
             keys = self.keys()
             user_key = self.user_key(credential.username)
             row_key = keys.row_key(user_key)
+            # A password of this user refused live a moment ago, still being compared with the
+            # cached one: the answer waits for the comparison, which may forget the entry.
+            if not self.rechecked(attempt.time_left() - 0.05, user_key):
+                return unavailable
             if row_key in self._tombstones:
                 self.store.forget(row_key, time.time())
                 with self._lock:
