@@ -10,6 +10,7 @@ Every store keeps, per key, the times of the reservations (failures) made in the
 
 from __future__ import annotations
 
+import heapq
 import logging
 import os
 import sqlite3
@@ -71,9 +72,14 @@ class MemoryStore:
     """One worker's counts (``workers: 1``).
 
     At most :data:`_MAX_KEYS` counters (bounded memory under a spray of names and addresses).
-    When that many are live, a reservation that needs a new counter is refused (throttled) until
-    counters expire; a live count is never forgotten. (It used to drop the oldest tenth, live ones
-    too: a spray from new addresses wiped a victim's count and gave a fresh budget of guesses.)
+    When that many are live, the oldest tenth of the counters that hold a **single** failure are
+    dropped (at most once a second): those are what a spray of new names and addresses leaves,
+    and losing one gives a guesser one guess back at most. Counters of two failures or more are
+    never dropped (it used to drop the oldest tenth of all, and a spray from new addresses wiped
+    a victim's count and gave a fresh budget of guesses); when they alone fill the store, a
+    reservation that needs a new counter is refused (throttled) until counters expire. (Refusing
+    at once when full, the rule before, let a spray of ~50,000 guesses refuse every login,
+    however right the password, for the whole window.)
     """
 
     blocking = False
@@ -99,15 +105,31 @@ class MemoryStore:
                     self._next_sweep = now + 1.0
                     for key in [k for k, v in self._keys.items() if not v or v[-1][0] <= horizon]:
                         del self._keys[key]
+                    if len(self._keys) + new > _MAX_KEYS:
+                        self._drop_single_failures(now)
                 if len(self._keys) + new > _MAX_KEYS:
                     if now >= self._next_warning:
                         self._next_warning = now + 60.0
-                        log.warning("throttle: %d live counters (the memory store's limit); password attempts "
-                                    "that need a new one are refused until counters expire", len(self._keys))
+                        log.warning("throttle: %d live counters of two failures or more (the memory store's "
+                                    "limit); password attempts that need a new one are refused until counters "
+                                    "expire", len(self._keys))
                     return False
             for key, _limit in keys:
                 self._keys.setdefault(key, deque()).append((now, ticket))
         return True
+
+    def _drop_single_failures(self, now: float) -> None:
+        """Drop the oldest tenth of the store's size among counters of one failure (lock held)."""
+        single = heapq.nsmallest(max(1, _MAX_KEYS // 10),
+                                 ((times[0][0], key) for key, times in self._keys.items() if len(times) == 1))
+        for _at, key in single:
+            del self._keys[key]
+        if single and now >= self._next_warning:
+            self._next_warning = now + 60.0
+            log.warning("throttle: the memory store is full (%d counters: a spray of new names or addresses); "
+                        "dropped the %d oldest counters of a single failure, counts of two or more are kept "
+                        "(said at most every 60 s; `throttle.store: sqlite` or `redis` holds more)",
+                        len(self._keys) + len(single), len(single))
 
     def drop(self, keys: list[str], ticket: str) -> None:
         with self._lock:
