@@ -213,3 +213,26 @@ def test_the_dummy_follows_the_file_and_takes_the_most_expensive_of_mixed_parame
         _, seen = verified_hashes(monkeypatch, runtime, attempt("nobody", "x"))
     assert same_parameters(seen[0][0], slow)
     assert "use different argon2 parameters" in caplog.text and "m=65536,t=3,p=4 (1 users)" in caplog.text
+
+
+def test_hashes_below_the_owasp_minimum_are_named_at_load_and_by_check(conf_dir, tmp_path, caplog):
+    """The model checked only the `$argon2id$` prefix: a file of m=8,t=1 hashes, some 3,000 times
+    cheaper to crack than the documented minimum, loaded without a word and `authgw check` said
+    PASS (review). Each load now warns, naming the users, and the self-test is a WARN."""
+    weak = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1, type=Type.ID).hash("weak-pw")
+    owasp_floor = PasswordHasher(time_cost=5, memory_cost=7 * 1024, parallelism=1, type=Type.ID).hash("pw")
+    text = (f'users:\n  alice:\n    password_hash: "{hash_password("pw")}"\n'
+            f'  weakling:\n    password_hash: "{weak}"\n  floor:\n    password_hash: "{owasp_floor}"\n')
+    with caplog.at_level("WARNING"):
+        runtime, _ = static_runtime(tmp_path, text)
+    warned = [r.getMessage() for r in caplog.records if "below the OWASP minimum" in r.getMessage()]
+    assert len(warned) == 1 and "1 password hash(es)" in warned[0] and "'weakling'" in warned[0], warned
+    assert "'alice'" not in warned[0] and "'floor'" not in warned[0]
+    assert decide(runtime, attempt("weakling", "weak-pw")).outcome is Outcome.SUCCESS  # still served
+
+    write_conf(conf_dir, {"gateway.yaml": "chain: [static]\n",
+                          "static.yaml": "static:\n  users_file: users/u.yaml\n", "users/u.yaml": text})
+    (conf_dir / "users" / "u.yaml").chmod(0o600)
+    result = authgw("check", "--config", str(conf_dir), "--state-dir", str(tmp_path / "state"))
+    line = next(line for line in result.stdout.splitlines() if "static.users_file" in line)
+    assert "WARN" in line and "below the OWASP minimum" in line and "'weakling'" in line, result.stdout

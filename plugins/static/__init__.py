@@ -108,6 +108,28 @@ class _Users:
     signature: Signature | None
 
 
+#: The cheapest argon2id parameters the OWASP Password Storage Cheat Sheet accepts (m=7 MiB, t=5;
+#: its list trades memory for passes, m x t of 35,840 KiB at least, m=19 MiB t=2 the first).
+_MIN_MEMORY_KIB, _MIN_WORK = 7 * 1024, 7 * 1024 * 5
+
+
+def _weak_users(users: dict[str, StaticUser]) -> list[str]:
+    """The users whose hash is cheaper than OWASP's minimum (or does not say its parameters)."""
+    weak = []
+    for name, user in users.items():
+        found = hash_parameters(user.password_hash)
+        if found is None or found.memory_cost < _MIN_MEMORY_KIB or found.memory_cost * found.time_cost < _MIN_WORK:
+            weak.append(name)
+    return sorted(weak)
+
+
+def _weak_message(weak: list[str]) -> str:
+    shown = ", ".join(repr(name) for name in weak[:5]) + (f" and {len(weak) - 5} more" if len(weak) > 5 else "")
+    return (f"{len(weak)} password hash(es) below the OWASP minimum for argon2id (m=19 MiB and t=2, or as much "
+            f"work): {shown}; a copy of the file is that much cheaper to crack, and a wrong password for them "
+            f"answers sooner than an unknown user's; make them again with `authgw hash-password`")
+
+
 class StaticPlugin:
     """Registered as ``static``."""
 
@@ -166,6 +188,9 @@ class StaticPlugin:
             table[key] = (name, user)
         hashes = [user.password_hash for user in users.values()]
         self._warn_mixed_parameters(hashes)
+        weak = _weak_users(users)
+        if weak:
+            self.log.warning("users file %s: %s", display_name(path), _weak_message(weak))
         return _Users(table, dummy_hash_like(hashes), signature)
 
     def _warn_mixed_parameters(self, hashes: list[str]) -> None:
@@ -280,4 +305,8 @@ class StaticPlugin:
         detail = f"{path}: {len(users)} users, mode {mode:o}"
         if mode & 0o077:
             return CheckResult.warn(detail, f"the file holds password hashes; chmod 600 {path}")
+        weak = _weak_users(dict(users.values()))
+        if weak:
+            return CheckResult.warn(f"{detail}; {_weak_message(weak)}",
+                                    "make those users' hashes again with `authgw hash-password`")
         return CheckResult.ok(detail)
