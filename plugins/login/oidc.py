@@ -29,9 +29,24 @@ twice (``oidc.repeated_parameter``), a ``response_mode`` other than ``query``/``
 of seconds; ``request_not_supported`` / ``request_uri_not_supported`` (OIDC Core 6.1, 6.2: request
 objects are not read); ``unsupported_response_type`` (not ``code``); ``invalid_scope`` (no
 ``openid``, ``oidc.scope_missing_openid``); ``login_required`` for ``prompt=none`` when no session
-may answer (none, too old for ``max_age``, its account gone: no page is ever shown). ``login``
+may answer (none, too old for ``max_age``, its account gone, another user's than the request
+names: no page is ever shown). ``login``
 among the ``prompt`` values, or a sign-in older than ``max_age`` (``0``: any), makes the user
-sign in again; ``auth_time`` is always in the id_token.
+sign in again; ``auth_time`` is always in the id_token, and ``acr``: the SAML authentication
+context class of the session's sign-in (:func:`.saml.authn_context_class`).
+
+Who and how (OIDC Core 3.1.2.1, 5.5.1): an ``id_token_hint`` must be an id_token this provider
+signed (current, next or previous key; its issuer; expired is fine: it only names the user), else
+``invalid_request`` (``oidc.id_token_hint_invalid``); a ``claims`` parameter must be a JSON object
+of objects (``invalid_request``, ``oidc.claims_invalid``). Its ``sub`` (``id_token`` or
+``userinfo``) with ``value``/``values`` and the hint's ``sub`` name the users the answer may be
+about: a session of another user does not answer (the form is shown; ``prompt=none``:
+``login_required``), and a code is only made for one of them, also after a new sign-in
+(``login_required``, ``oidc.subject_mismatch``). An essential ``id_token`` ``acr`` with
+``value``/``values`` must be met by the sign-in (``unmet_authentication_requirements``,
+``oidc.acr_unmet``: at once when none of the provider's classes is listed, else when the answer
+is made). ``acr_values`` is voluntary (3.1.2.1) and not enforced: the id_token's ``acr`` says
+what the sign-in was.
 At ``/oidc/token`` (RFC 6749 section 5.2 JSON errors): ``invalid_request`` (a parameter given
 twice), ``invalid_client`` (secret or client JWT; a ``client_secret_basic`` pair is taken
 form-decoded, as RFC 6749 section 2.3.1 has it, or as sent), ``invalid_grant`` (unknown, used or
@@ -67,8 +82,10 @@ from joserfc.jwk import ECKey, KeySet, RSAKey
 
 from gateway import Identity, Route
 from gateway.http.credentials import MalformedCredentials, single_authorization
+from gateway.logs import printable
 
 from .keys import KeyPair
+from .saml import ISSUED_CONTEXTS, authn_context_class
 from .sessions import identity_from_json, identity_to_json, same
 from .settings import LoginSettings, OidcClient
 from .web import Refused, read_form
@@ -80,6 +97,12 @@ log = logging.getLogger("authgw.plugin.login")
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 MAX_PARAM = 2048
 MAX_HINT = 8192  # an id_token with many groups is longer than the other parameters
+#: The ``acr`` values (OIDC Core 2, 3.1.2.1, 5.5.1.1) this provider states, one per sign-in method:
+#: the SAML authentication context classes its assertions carry (password over TLS, Kerberos,
+#: client certificate); the id_token's ``acr`` is the one of the session's sign-in.
+ACR_VALUES = ISSUED_CONTEXTS
+#: The most values a ``claims`` request's ``values`` may list.
+MAX_CLAIM_VALUES = 16
 
 
 def _rsa(pair: KeyPair) -> RSAKey:
@@ -182,7 +205,8 @@ class OidcProvider:
             "request_parameter_supported": False, "request_uri_parameter_supported": False,
             "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "private_key_jwt"],
             "token_endpoint_auth_signing_alg_values_supported": ["RS256", "ES256"],
-            "claims_supported": ["sub", "name", "preferred_username", "email", "groups", "nonce", "auth_time"]})
+            "claims_parameter_supported": True, "acr_values_supported": list(ACR_VALUES),
+            "claims_supported": ["sub", "name", "preferred_username", "email", "groups", "nonce", "auth_time", "acr"]})
 
     async def jwks(self, request: web.Request) -> web.Response:
         return web.json_response(self.public, headers={"Cache-Control": "max-age=300"})
@@ -193,7 +217,7 @@ class OidcProvider:
         """The pending authorization for a request's parameters (a multidict of strings):
         :class:`Refused` (a page) while its client and ``redirect_uri`` are not known to be good,
         :class:`AuthorizationError` (answered at that ``redirect_uri``) after; no I/O."""
-        if any(len(v) > MAX_PARAM for _, v in query.items()):
+        if any(len(v) > (MAX_HINT if k == "id_token_hint" else MAX_PARAM) for k, v in query.items()):
             raise Refused("login.parameter_too_large", "an authorization parameter")
         # Which client and where to answer must be beyond doubt before anything is sent there.
         repeated = _repeated(query, frozenset({"client_id", "redirect_uri"}))
@@ -246,6 +270,31 @@ class OidcProvider:
             raise error("invalid_request", "max_age is not a number of seconds", "oidc.max_age_invalid")
         pending.update(force_authn="login" in prompts, prompt_none="none" in prompts,
                        max_age=int(max_age) if max_age is not None else None)
+        # Who the answer may be about (OIDC Core 3.1.2.1 id_token_hint, 5.5.1 a claims "sub" with
+        # a value) and how the user must have signed in (5.5.1.1 an essential "acr"): checked
+        # when the answer is made (complete), and a session of another user does not answer.
+        # An empty parameter is an absent one (RFC 6749 3.1).
+        try:
+            subjects, essential_acr = _claims_request(query.get("claims") or None)
+        except ValueError as exc:
+            raise error("invalid_request", f"claims: {exc}", "oidc.claims_invalid") from None
+        hint = query.get("id_token_hint")
+        if hint:
+            claims = self._verified_hint(hint)
+            if claims is None:  # expired is fine (it only names the user); ours and intact it must be
+                raise error("invalid_request", "id_token_hint is not an id_token of this provider",
+                            "oidc.id_token_hint_invalid")
+            subjects.append({claims["sub"]})
+        if subjects:
+            allowed = set.intersection(*subjects)
+            if not allowed:
+                raise error("invalid_request", "id_token_hint and claims name different users", "oidc.claims_invalid")
+            pending["principals"] = sorted(allowed)
+        if essential_acr is not None:
+            if not set(essential_acr) & set(ACR_VALUES):  # no sign-in here could: a failed authentication
+                raise error("unmet_authentication_requirements", "no sign-in method of this provider meets the "
+                            "essential acr", "oidc.acr_unmet")
+            pending["acr"] = essential_acr
         return pending
 
     async def authorize(self, request: web.Request) -> web.StreamResponse:
@@ -301,11 +350,33 @@ class OidcProvider:
 
     async def complete(self, request: web.Request, pending: dict, session) -> web.StreamResponse:
         self.answer_target(pending)  # before a code exists
+        identity = session.identity
+        # No code for another user than the request names (OIDC Core 5.5.1: "MUST NOT reply with
+        # an ID Token or Access Token for a different user"), from a live session (only when
+        # prompt=none declined nothing: web.reusable) or after a new sign-in; the new session
+        # stays, as SAML's subject_mismatch leaves it.
+        principals = pending.get("principals")
+        if principals is not None and identity.subject not in principals:
+            return self._refuse(pending, "login_required", "the user signed in is not the one the request names",
+                                "oidc.subject_mismatch", identity)
+        # An essential acr the sign-in does not meet is a failed authentication (5.5.1.1).
+        acr = pending.get("acr")
+        if acr is not None and authn_context_class(identity) not in acr:
+            return self._refuse(pending, "unmet_authentication_requirements",
+                                "the sign-in does not meet the essential acr", "oidc.acr_unmet", identity)
         code = secrets.token_urlsafe(32)
         grant = {**pending, "identity": identity_to_json(session.identity), "sid": session.index}
         self.web.sessions.store.put_pending("code:" + _digest(code), grant,
                                             time.time() + self.settings.oidc.code_lifetime)
         return self._answer(pending, [("code", code)])
+
+    def _refuse(self, pending: dict, error: str, description: str, reason: str, identity: Identity) -> web.Response:
+        """*error* at the ``redirect_uri`` for a request the signed-in user's session may not
+        answer; logged with *reason* and the user."""
+        log.warning("oidc authorization answered with error=%s reason=%s (%s; signed in: %s, by %s) client=%s",
+                    error, reason, description, printable(identity.username[:100]), authn_context_class(identity),
+                    pending["client_id"])
+        return self.error_answer(pending, error, description)
 
     def _answer(self, pending: dict, fields: list[tuple[str, str]]) -> web.Response:
         """*fields* (with ``iss`` and ``state``) to the validated ``redirect_uri``, by the
@@ -430,6 +501,7 @@ class OidcProvider:
         now = int(time.time())
         claims = {"iss": self.issuer, "sub": identity.subject, "aud": client.client_id, "iat": now,
                   "exp": now + lifetime, "auth_time": int(identity.authenticated_at), "sid": grant["sid"],
+                  "acr": authn_context_class(identity),
                   **self._profile(identity, grant["scope"])}
         if grant["nonce"]:
             claims["nonce"] = grant["nonce"]
@@ -509,13 +581,21 @@ class OidcProvider:
 
     # -- RP-initiated logout -------------------------------------------------------------------------
 
-    def _hint(self, token: str) -> dict:
+    def _verified_hint(self, token: str) -> dict | None:
+        """The claims of an id_token this provider signed (current, next or previous key) with
+        its issuer and a subject, expired or not (a hint only names a user); else ``None``."""
         try:
             claims = jwt.decode(token, self.own_keys, algorithms=["RS256"]).claims
-        except (JoseError, ValueError, TypeError):
-            raise Refused("oidc.id_token_hint_invalid", "not signed by this provider") from None
-        if claims.get("iss") != self.issuer or not claims.get("sub"):
-            raise Refused("oidc.id_token_hint_invalid", "another issuer")
+        except (JoseError, ValueError, TypeError, RecursionError):
+            return None
+        if claims.get("iss") != self.issuer or not isinstance(claims.get("sub"), str) or not claims["sub"]:
+            return None
+        return claims
+
+    def _hint(self, token: str) -> dict:
+        claims = self._verified_hint(token)
+        if claims is None:
+            raise Refused("oidc.id_token_hint_invalid", "not an id_token signed by this provider")
         return claims
 
     def check_logout(self, params) -> tuple[dict | None, str | None]:
@@ -563,6 +643,68 @@ class OidcProvider:
         if session is not None and session.key in ending:
             self.web.drop_cookie(response)
         return response
+
+
+def _claim_request(member: dict | None, name: str) -> dict | None:
+    """The request for the claim *name* in a ``claims`` member (OIDC Core 5.5.1): ``None`` when
+    not requested (or requested with ``null``: no condition), else ``{"essential", "allowed"}``
+    (``allowed``: the set ``value`` or ``values`` name, ``None`` without either). ``ValueError``
+    for what 5.5.1 does not define: a request that is not an object, ``essential`` not a
+    boolean, ``value`` not a string, ``values`` not a short list of strings, or both."""
+    request = member.get(name) if member is not None else None
+    if request is None:
+        return None
+    if not isinstance(request, dict):
+        raise ValueError(f"the request for {name} is neither null nor an object")
+    essential = request.get("essential", False)
+    if not isinstance(essential, bool):
+        raise ValueError(f"{name}: essential is not a boolean")
+    if "value" in request and "values" in request:
+        raise ValueError(f"{name}: both value and values")
+    allowed = None
+    if "value" in request:
+        if not isinstance(request["value"], str):
+            raise ValueError(f"{name}: value is not a string")
+        allowed = {request["value"]}
+    elif "values" in request:
+        values = request["values"]
+        if (not isinstance(values, list) or not 0 < len(values) <= MAX_CLAIM_VALUES
+                or not all(isinstance(v, str) for v in values)):
+            raise ValueError(f"{name}: values is not a list of up to {MAX_CLAIM_VALUES} strings")
+        allowed = set(values)
+    return {"essential": essential, "allowed": allowed}
+
+
+def _claims_request(text: str | None) -> tuple[list[set[str]], list[str] | None]:
+    """What a ``claims`` parameter (OIDC Core 5.5; at most :data:`MAX_PARAM` characters, like
+    every parameter) asks that this provider must honour: the sets of subjects a ``sub`` with
+    ``value``/``values`` allows (in ``id_token`` or ``userinfo``: the same subject either way),
+    and the values an essential ``id_token`` ``acr`` allows (``None``: not asked; a voluntary
+    one is not a condition). Other claims are not conditions either (the scopes decide what is
+    returned). ``ValueError`` for a parameter that is not a JSON object of objects (deep
+    nesting included)."""
+    if text is None:
+        return [], None
+    try:
+        claims = json.loads(text)
+    except (ValueError, RecursionError):
+        raise ValueError("not JSON") from None
+    if not isinstance(claims, dict):
+        raise ValueError("not a JSON object")
+    members = {}
+    for name in ("id_token", "userinfo"):
+        member = claims.get(name)
+        if member is not None and not isinstance(member, dict):
+            raise ValueError(f"{name} is not an object")
+        members[name] = member
+    subjects = []
+    for member in members.values():
+        sub = _claim_request(member, "sub")
+        if sub is not None and sub["allowed"] is not None:
+            subjects.append(sub["allowed"])
+    acr = _claim_request(members["id_token"], "acr")
+    essential = acr is not None and acr["essential"] and acr["allowed"] is not None
+    return subjects, (sorted(acr["allowed"]) if essential else None)
 
 
 def _digest(text: str) -> str:

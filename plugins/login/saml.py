@@ -10,7 +10,9 @@ size and decoding (``login.*``), ``saml.not_authn_request``, ``saml.unknown_sp``
 ``saml.request_expired``, then, for SPs with a ``request_certificate``,
 ``saml.signature_missing`` / ``saml.signature_invalid``, ``saml.destination_mismatch`` (a signed
 message must name its Destination) and ``saml.request_replayed``; a ``<saml:Subject>`` that is not
-one ``<saml:NameID>`` is ``saml.subject_unsupported``. These get the generic 400 page.
+one ``<saml:NameID>`` is ``saml.subject_unsupported``, a ``<samlp:RequestedAuthnContext>`` that
+is not one, with a schema ``Comparison`` and 1 to 16 class (or declaration) references,
+``login.malformed``. These get the generic 400 page.
 
 A request that passed them is answered at its (validated) ACS URL, signed as the SP's Success
 Responses are; with an error status instead of an assertion (core section 3.2.2.2) when it asks
@@ -20,7 +22,12 @@ session is looked at), ``IsPassive`` where no session may answer (``Responder``/
 ``saml.no_passive``; also with ``ForceAuthn``), a ``<saml:Subject>`` other than the NameID this
 SP would be given for the user signed in (``Responder``/``UnknownPrincipal``,
 ``saml.subject_mismatch``, checked when the answer is made: after a fresh sign-in as for a
-reused session, so that no assertion ever names someone the request did not, core 3.4.1.4).
+reused session, so that no assertion ever names someone the request did not, core 3.4.1.4), a
+``RequestedAuthnContext`` the sign-in does not meet (``Responder``/``NoAuthnContext``,
+``saml.authn_context_unmet``, core 3.3.2.2.1: at once when no class authgw states could meet
+it, else when the answer is made, by the class of the session's sign-in, :func:`context_satisfies`),
+and a user whose ``name_id_source`` field is empty (``Responder``/``InvalidNameIDPolicy``,
+``saml.name_id_unavailable``: never another field in its place).
 :class:`RequestChecker` and :class:`ResponseBuilder` are sans-I/O (time is passed in); the
 handlers at the bottom do the HTTP.
 
@@ -78,6 +85,24 @@ AUTHN_CONTEXT = {
     "client_cert": "urn:oasis:names:tc:SAML:2.0:ac:classes:X509",
 }
 PASSWORD_CONTEXT = "urn:oasis:names:tc:SAML:2.0:ac:classes:PasswordProtectedTransport"
+#: The authentication context classes authgw states (core 2.7.2.2, authn-context 3.4): one per
+#: sign-in method, as :func:`authn_context_class` gives them.
+ISSUED_CONTEXTS = (PASSWORD_CONTEXT, AUTHN_CONTEXT["kerberos"], AUTHN_CONTEXT["client_cert"])
+#: authgw's order of the classes (a partial order; core 3.3.2.2.1 leaves it to the responder):
+#: each class, and the classes it is at least as strong as. A password over TLS is at least
+#: ``Password`` (and ``unspecified``); a Kerberos ticket or a client certificate is at least a
+#: password over TLS; Kerberos and X509 are not compared with each other.
+_WEAKER = ("urn:oasis:names:tc:SAML:2.0:ac:classes:unspecified", "urn:oasis:names:tc:SAML:2.0:ac:classes:Password")
+AT_LEAST = {
+    PASSWORD_CONTEXT: frozenset({PASSWORD_CONTEXT, *_WEAKER}),
+    AUTHN_CONTEXT["kerberos"]: frozenset({AUTHN_CONTEXT["kerberos"], PASSWORD_CONTEXT, *_WEAKER}),
+    AUTHN_CONTEXT["client_cert"]: frozenset({AUTHN_CONTEXT["client_cert"], PASSWORD_CONTEXT, *_WEAKER}),
+}
+#: RequestedAuthnContext (core 3.3.2.2.1): its Comparison values (``exact`` when absent), and
+#: the most class references read from one (more is refused as malformed).
+COMPARISONS = ("exact", "minimum", "maximum", "better")
+MAX_CONTEXT_REFS = 16
+MAX_CONTEXT_REF_CHARS = 1024
 #: Attribute NameFormats (core sections 8.2.2, 8.2.3): a name that is a URI (has a ``:``, as
 #: ``urn:oid:...`` and ``http://schemas.xmlsoap.org/claims/UPN``) is not an ``xs:Name``.
 ATTRNAME_BASIC = "urn:oasis:names:tc:SAML:2.0:attrname-format:basic"
@@ -86,6 +111,7 @@ ATTRNAME_URI = "urn:oasis:names:tc:SAML:2.0:attrname-format:uri"
 STATUS = "urn:oasis:names:tc:SAML:2.0:status:"
 SUCCESS, REQUESTER, RESPONDER = STATUS + "Success", STATUS + "Requester", STATUS + "Responder"
 NO_PASSIVE, UNKNOWN_PRINCIPAL = STATUS + "NoPassive", STATUS + "UnknownPrincipal"
+NO_AUTHN_CONTEXT = STATUS + "NoAuthnContext"
 INVALID_NAMEID_POLICY = STATUS + "InvalidNameIDPolicy"
 #: NameID Formats a request may name without asking for one (core 3.4.1.1, 8.3.1).
 UNSPECIFIED = "urn:oasis:names:tc:SAML:1.1:nameid-format:unspecified"
@@ -121,6 +147,9 @@ class AuthnRequest:
     subject: dict | None = None
     #: ``NameIDPolicy``: ``{"format", "sp_name_qualifier"}``, or ``None`` without one.
     name_id_policy: dict | None = None
+    #: ``RequestedAuthnContext``: ``{"comparison", "class_refs", "decl_refs"}`` (the lists of
+    #: AuthnContextClassRef and AuthnContextDeclRef values, one of them empty), or ``None``.
+    authn_context: dict | None = None
 
 
 def _children(element: etree._Element, tag: str) -> list[etree._Element]:
@@ -154,6 +183,61 @@ def _read_name_id_policy(root: etree._Element) -> dict | None:
     return {"format": policies[0].get("Format"), "sp_name_qualifier": policies[0].get("SPNameQualifier")}
 
 
+def _read_authn_context(root: etree._Element) -> dict | None:
+    """The request's ``<samlp:RequestedAuthnContext>`` (core 3.3.2.2.1), read strictly: at most
+    one, a ``Comparison`` of the schema's four values (``exact`` when absent), one to
+    :data:`MAX_CONTEXT_REFS` references, all ``AuthnContextClassRef`` or all
+    ``AuthnContextDeclRef`` (the schema's choice), each a non-empty URI of at most
+    :data:`MAX_CONTEXT_REF_CHARS` characters; anything else is ``login.malformed``."""
+    found = _children(root, f"{{{SAMLP}}}RequestedAuthnContext")
+    if not found:
+        return None
+    if len(found) > 1:
+        raise Refused("login.malformed", "more than one RequestedAuthnContext")
+    comparison = found[0].get("Comparison", "exact")
+    if comparison not in COMPARISONS:
+        raise Refused("login.malformed", f"RequestedAuthnContext Comparison {comparison[:40]!r}")
+    refs: dict[str, list[str]] = {f"{{{SAML}}}AuthnContextClassRef": [], f"{{{SAML}}}AuthnContextDeclRef": []}
+    parts = [child for child in found[0] if isinstance(child.tag, str)]  # not comments
+    for part in parts:
+        if part.tag not in refs or len(part):
+            raise Refused("login.malformed", f"RequestedAuthnContext holds {etree.QName(part).localname[:60]}")
+        value = (part.text or "").strip()
+        if not value or len(value) > MAX_CONTEXT_REF_CHARS:
+            raise Refused("login.malformed", "an empty or overlong authentication context reference")
+        refs[part.tag].append(value)
+    classes, declarations = refs.values()
+    if not parts or len(parts) > MAX_CONTEXT_REFS or (classes and declarations):
+        raise Refused("login.malformed", f"RequestedAuthnContext with {len(classes)} class and "
+                                         f"{len(declarations)} declaration references")
+    return {"comparison": comparison, "class_refs": classes, "decl_refs": declarations}
+
+
+def authn_context_class(identity: Identity) -> str:
+    """The AuthnContextClassRef a sign-in by *identity*'s method is stated with (and, in OIDC,
+    its ``acr``)."""
+    return AUTHN_CONTEXT.get(identity.method, PASSWORD_CONTEXT)
+
+
+def context_satisfies(requested: dict, issued: str) -> bool:
+    """Whether a sign-in stated as the class *issued* meets *requested* (core 3.3.2.2.1, by
+    authgw's order :data:`AT_LEAST`): ``exact``, one of the classes; ``minimum``, at least as
+    strong as one of them; ``better``, stronger than every one; ``maximum``, not stronger than
+    one of them. Declaration references are never met (authgw states no declarations)."""
+    refs = requested["class_refs"]
+    if not refs:
+        return False
+    weaker = AT_LEAST.get(issued, frozenset({issued}))
+    comparison = requested["comparison"]
+    if comparison == "exact":
+        return issued in refs
+    if comparison == "minimum":
+        return any(ref in weaker for ref in refs)
+    if comparison == "better":
+        return all(ref in weaker and ref != issued for ref in refs)
+    return any(issued in AT_LEAST.get(ref, frozenset({ref})) for ref in refs)  # maximum
+
+
 def read_authn_request(root: etree._Element) -> AuthnRequest:
     if root.tag != f"{{{SAMLP}}}AuthnRequest" or root.get("Version") != "2.0":
         raise Refused("saml.not_authn_request", str(root.tag)[:100])
@@ -164,7 +248,8 @@ def read_authn_request(root: etree._Element) -> AuthnRequest:
     return AuthnRequest(request_id, issuer.strip(), root.get("AssertionConsumerServiceURL"),
                         root.get("AssertionConsumerServiceIndex"), root.get("ProtocolBinding"),
                         root.get("Destination"), root.get("IssueInstant", ""), root.get("ForceAuthn") in ("true", "1"),
-                        root.get("IsPassive") in ("true", "1"), _read_subject(root), _read_name_id_policy(root))
+                        root.get("IsPassive") in ("true", "1"), _read_subject(root), _read_name_id_policy(root),
+                        _read_authn_context(root))
 
 
 @dataclass(frozen=True)
@@ -180,13 +265,16 @@ class Unanswerable:
 
 
 def unanswerable(idp: str, sp: SamlServiceProvider, policy: dict | None, subject: dict | None,
-                 name_id: str | None = None) -> Unanswerable | None:
-    """What in a request's ``NameIDPolicy`` and ``<saml:Subject>`` *sp* cannot be given (core
-    3.4.1.1, 3.4.1.4): a policy Format other than ``unspecified`` and the one this SP is issued
-    (``encrypted`` included: not supported), or another ``SPNameQualifier``; a Subject in another
-    Format, qualified by another IdP than *idp* (this entity id) or for another SP, naming a
-    transient identifier (never issued twice), or, with *name_id* (the NameID the signed-in user
-    would get), naming someone else. ``None``: fine."""
+                 name_id: str | None = None, authn_context: dict | None = None,
+                 issued_context: str | None = None) -> Unanswerable | None:
+    """What in a request's ``NameIDPolicy``, ``RequestedAuthnContext`` and ``<saml:Subject>``
+    *sp* cannot be given (core 3.4.1.1, 3.3.2.2.1, 3.4.1.4): a policy Format other than
+    ``unspecified`` and the one this SP is issued (``encrypted`` included: not supported), or
+    another ``SPNameQualifier``; an authentication context that no class authgw states could
+    meet, or, with *issued_context* (the class of the signed-in user's sign-in), that this one
+    does not meet; a Subject in another Format, qualified by another IdP than *idp* (this entity
+    id) or for another SP, naming a transient identifier (never issued twice), or, with *name_id*
+    (the NameID the signed-in user would get), naming someone else. ``None``: fine."""
     issued_format = NAMEID_FORMATS[sp.name_id_format]
     if policy is not None:
         if policy["format"] not in (None, UNSPECIFIED, issued_format):
@@ -196,6 +284,15 @@ def unanswerable(idp: str, sp: SamlServiceProvider, policy: dict | None, subject
             return Unanswerable("saml.nameid_policy_unsupported", REQUESTER, INVALID_NAMEID_POLICY,
                                 "NameIDPolicy SPNameQualifier is not the requester",
                                 str(policy["sp_name_qualifier"])[:200])
+    if authn_context is not None:
+        candidates = ISSUED_CONTEXTS if issued_context is None else (issued_context,)
+        if not any(context_satisfies(authn_context, issued) for issued in candidates):
+            asked = authn_context["class_refs"] or [f"declaration {d}" for d in authn_context["decl_refs"]]
+            detail = f"{authn_context['comparison']} {' '.join(asked)}"[:300]
+            if issued_context is not None:
+                detail += f"; the sign-in is {issued_context}"
+            return Unanswerable("saml.authn_context_unmet", RESPONDER, NO_AUTHN_CONTEXT,
+                                "the requested authentication context cannot be met", detail)
     if subject is None:
         return None
     other = None
@@ -401,10 +498,15 @@ class ResponseBuilder:
         value = getattr(identity, field)
         return [str(v) for v in value] if isinstance(value, tuple) else ([value] if value else [])
 
-    def name_id(self, identity: Identity, fmt: str, source: str) -> str:
+    def name_id(self, identity: Identity, fmt: str, source: str) -> str | None:
+        """The NameID for *identity*: a new random one (``transient``), else the value of its
+        *source* field; ``None`` when that is empty: nothing may be issued then (another
+        field in its place could be another account's value at the SP, e.g. a user name that
+        looks like someone's mail address). The default source, ``username``, is never empty."""
         if fmt == "transient":
             return "_" + secrets.token_hex(16)
-        return (self._value(identity, source) or [identity.username])[0]
+        values = self._value(identity, source)
+        return values[0] if values and values[0] else None
 
     def assertion(self, *, audience: str, identity: Identity, name_id_format: str, name_id: str,
                   attributes: dict[str, str], session_index: str, now: dt.datetime, recipient: str | None = None,
@@ -429,8 +531,7 @@ class ResponseBuilder:
         E(E(conditions, f"{{{SAML}}}AudienceRestriction"), f"{{{SAML}}}Audience").text = audience
         authn = E(assertion, f"{{{SAML}}}AuthnStatement", SessionIndex=session_index,
                   AuthnInstant=instant(dt.datetime.fromtimestamp(identity.authenticated_at, dt.timezone.utc)))
-        E(E(authn, f"{{{SAML}}}AuthnContext"), f"{{{SAML}}}AuthnContextClassRef").text = \
-            AUTHN_CONTEXT.get(identity.method, PASSWORD_CONTEXT)
+        E(E(authn, f"{{{SAML}}}AuthnContext"), f"{{{SAML}}}AuthnContextClassRef").text = authn_context_class(identity)
         if attributes:
             statement = E(assertion, f"{{{SAML}}}AttributeStatement")
             for name, field in attributes.items():
@@ -442,12 +543,15 @@ class ResponseBuilder:
 
     def build(self, sp: SamlServiceProvider, acs: str, identity: Identity, in_response_to: str | None,
               session_index: str, now: dt.datetime, name_id: str | None = None) -> bytes:
+        name_id = name_id or self.name_id(identity, sp.name_id_format, sp.name_id_source)
+        if not name_id:  # SamlIdp.complete answers an error Response before this
+            raise ValueError(f"no {sp.name_id_source} for the NameID of {identity.username!r}")
         response = self._response(sp, acs, in_response_to, now)
         E = etree.SubElement
         E(E(response, f"{{{SAMLP}}}Status"), f"{{{SAMLP}}}StatusCode", Value=SUCCESS)
         response.append(self.assertion(
             audience=sp.entity_id, identity=identity, name_id_format=sp.name_id_format,
-            name_id=name_id or self.name_id(identity, sp.name_id_format, sp.name_id_source), attributes=sp.attributes,
+            name_id=name_id, attributes=sp.attributes,
             session_index=session_index, now=now, recipient=acs, in_response_to=in_response_to,
             sign=sp.sign_assertion))
         return self._finished(sp, response)
@@ -549,6 +653,19 @@ class SamlIdp:
         data = decode_post(text, max_parameter=limits.max_parameter_bytes)
         return BindingMessage(field, data, self.relay_state(params.get("RelayState")), None)
 
+    @staticmethod
+    def carries_signature(message: BindingMessage, root: etree._Element) -> bool:
+        """Whether *message* comes signed (HTTP-Redirect: a ``Signature`` parameter; HTTP-POST:
+        an enveloped ``ds:Signature``); :meth:`verify_signed` checks it."""
+        if message.query is not None:
+            return message.query.signature is not None
+        return root.find(f"{{{DS}}}Signature") is not None
+
+    def verified(self, message: BindingMessage, sp: SamlServiceProvider, root: etree._Element) -> bool:
+        """Whether :meth:`verify_signed` (which passed) checked a signature on *message*: the
+        SP has a ``request_certificate`` and the message came signed."""
+        return sp.entity_id in self.checker.certificates and self.carries_signature(message, root)
+
     def verify_signed(self, message: BindingMessage, sp: SamlServiceProvider, root: etree._Element,
                       required: bool = True) -> etree._Element:
         """For SPs with a ``request_certificate``: the signature (either binding) and replay
@@ -557,8 +674,7 @@ class SamlIdp:
         if sp.entity_id not in self.checker.certificates:
             return root
         query = message.query
-        signed = query.signature is not None if query is not None else root.find(f"{{{DS}}}Signature") is not None
-        if not required and not signed:
+        if not required and not self.carries_signature(message, root):
             return root
         if query is not None:
             self.checker.verify_redirect_signature(sp, query)
@@ -595,9 +711,10 @@ class SamlIdp:
                    "relay_state": message.relay_state, "force_authn": authn.force_authn,
                    # IsPassive: no page may be shown; without a session that may answer, web.py
                    # declines (no_passive), ForceAuthn or not (a new sign-in needs the form).
-                   "prompt_none": authn.is_passive, "subject": authn.subject, "name_id_policy": authn.name_id_policy}
+                   "prompt_none": authn.is_passive, "subject": authn.subject, "name_id_policy": authn.name_id_policy,
+                   "authn_context": authn.authn_context}
         # What no user's session can satisfy is answered at once, before any session is used.
-        why = unanswerable(self.entity_id, sp, authn.name_id_policy, authn.subject)
+        why = unanswerable(self.entity_id, sp, authn.name_id_policy, authn.subject, authn_context=authn.authn_context)
         if why is not None:
             return await self.error_answer(request, pending, sp, why)
         return await self.web.begin(request, pending, limits.saml.request_lifetime)
@@ -651,11 +768,21 @@ class SamlIdp:
 
     async def complete(self, request: web.Request, pending: dict, session) -> web.Response:
         sp = self.answer_target(pending)
-        name_id = self.builder.name_id(session.identity, sp.name_id_format, sp.name_id_source)
-        # The request's Subject against the user signed in (checked again in full: a reload may
-        # have changed the SP's NameID format while the request waited). Nothing is issued, and
-        # the SP not recorded as a participant, for another user.
-        why = unanswerable(self.entity_id, sp, pending.get("name_id_policy"), pending.get("subject"), name_id)
+        identity = session.identity
+        name_id = self.builder.name_id(identity, sp.name_id_format, sp.name_id_source)
+        if name_id is None:
+            # The NameID's source field is empty for this user: nothing is issued (fail closed;
+            # another value in its place could be another account's at the SP).
+            return await self.error_answer(request, pending, sp, Unanswerable(
+                "saml.name_id_unavailable", RESPONDER, INVALID_NAMEID_POLICY,
+                "the user has no value for this service's NameID",
+                f"user {identity.username[:100]} has no {sp.name_id_source} (name_id_source) for the NameID"))
+        # The request's Subject and RequestedAuthnContext against the user signed in and how
+        # (checked again in full: a reload may have changed the SP's NameID format while the
+        # request waited). Nothing is issued, and the SP not recorded as a participant, for
+        # another user or another kind of sign-in than asked.
+        why = unanswerable(self.entity_id, sp, pending.get("name_id_policy"), pending.get("subject"), name_id,
+                           pending.get("authn_context"), authn_context_class(identity))
         if why is not None:
             return await self.error_answer(request, pending, sp, why)
         # Single Logout tells this SP about the logout with the NameID and index as issued here.

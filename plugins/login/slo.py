@@ -3,14 +3,16 @@
 ``/saml/slo`` takes, by HTTP-Redirect or HTTP-POST:
 
 * a ``LogoutRequest`` from a registered SP that has an ``slo_url``: authgw ends the sessions its
-  ``SessionIndex`` names (where that SP got an assertion, with this NameID) and the browser's own
-  (when its cookie comes along), then sends a signed LogoutRequest to every *other* SP that got
-  an assertion in those sessions, one after another through the browser (to its registered
-  ``slo_url``, by its ``slo_binding``: HTTP-POST or HTTP-Redirect; the NameID and SessionIndex
-  as issued), checks each LogoutResponse, and finally sends a signed LogoutResponse to the
-  initiating SP the same way: ``Success``, or ``Success``
-  with the second-level ``PartialLogout`` when another participant could not be logged out
-  (no ``slo_url``, a refusal, a bad or missing signature);
+  ``SessionIndex`` names (where that SP got an assertion, with this NameID), and the browser's own
+  (when its cookie comes along) only when it is one of those or the request was signed and its
+  signature verified (an unsigned one, from an SP without ``request_certificate`` or with
+  ``signed_logout: false``, is a GET any page can make), then sends a signed LogoutRequest to
+  every *other* SP that got an assertion in those sessions, one after another through the
+  browser (to its registered ``slo_url``, by its ``slo_binding``: HTTP-POST or HTTP-Redirect;
+  the NameID and SessionIndex as issued), checks each LogoutResponse, and finally sends a signed
+  LogoutResponse to the initiating SP the same way: ``Success``, or ``Success`` with the
+  second-level ``PartialLogout`` when another participant could not be logged out (no
+  ``slo_url``, a refusal, a bad or missing signature);
 * a ``LogoutResponse`` from such an SP, found by its ``InResponseTo`` (the random ID of the
   request authgw sent, kept server-side with the rest of the round, single use).
 
@@ -90,7 +92,9 @@ class SingleLogout:
             if message.destination is not None and message.destination != self.url:
                 raise Refused("saml.destination_mismatch", message.destination[:200])
             self._check_times(message.issue_instant, message.not_on_or_after, now)
-            message = read_logout(self.idp.verify_signed(received, sp, root, sp.signed_logout), "request")
+            signed = self.idp.verify_signed(received, sp, root, sp.signed_logout)
+            verified = self.idp.verified(received, sp, root)  # a signature was there, and it verified
+            message = read_logout(signed, "request")
         except Refused as exc:
             return self.web.refused(request, exc)
         sessions = self.web.sessions
@@ -105,13 +109,23 @@ class SingleLogout:
                 log.warning("single logout: %s named a session it has no part in; it stays", sp.entity_id)
                 continue
             ending[key] = index
+        # The browser's own session ends when the request named it (above: its SessionIndex, with
+        # the NameID this SP was issued in it), or when the SP signed the request and the
+        # signature verified. An unsigned request (an SP without request_certificate, or with
+        # signed_logout: false) is a cross-site GET any page can make: it names no session of
+        # this browser by chance, so it does not end that one because its cookie came along.
         own = self.web.session(request)
-        if own is not None:
-            ending.setdefault(own.key, own.index)
+        if own is not None and own.key not in ending:
+            if verified:
+                ending[own.key] = own.index
+            else:
+                log.warning("single logout: an unsigned LogoutRequest from %s did not name the browser's own "
+                            "session; it stays", sp.entity_id)
         state = self._round(ending, initiator=sp.entity_id)
         state.update(request_id=message.id, relay_state=received.relay_state)
         response = await self.next_step(state)
-        self.web.drop_cookie(response)
+        if own is not None and own.key in ending:
+            self.web.drop_cookie(response)
         return response
 
     def first_redirects(self, session) -> list[str]:

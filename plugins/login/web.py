@@ -354,8 +354,14 @@ class LoginDoor:
     def reusable(session: Session, pending: dict) -> bool:
         """Whether *pending* may be answered from *session* without a new sign-in: not when it
         forces one (``ForceAuthn``, ``prompt=login``), nor when the sign-in is older than its
-        ``max_age`` (OIDC Core section 3.1.2.1; ``max_age=0``: always a new one)."""
+        ``max_age`` (OIDC Core section 3.1.2.1; ``max_age=0``: always a new one), nor when it
+        names the user it is for (``principals``: the subjects an OIDC ``id_token_hint`` or
+        ``claims`` ``sub`` allow) and the session is another's: that request waits for a
+        sign-in (the completer checks who signed in), or, when it may show no page, is declined."""
         if pending.get("force_authn"):
+            return False
+        principals = pending.get("principals")
+        if principals is not None and session.identity.subject not in principals:
             return False
         max_age = pending.get("max_age")
         return max_age is None or (max_age > 0 and time.time() - session.identity.authenticated_at <= max_age)

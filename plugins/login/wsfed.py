@@ -14,7 +14,9 @@ ask for a sign-in newer than the session's, as OIDC's ``max_age`` and ``prompt=l
 
 Named checks: ``wsfed.unsupported_action`` (any other ``wa``),
 ``wsfed.unknown_realm``, ``wsfed.reply_not_registered`` (``wreply`` must be one of the realm's
-``reply_urls`` exactly), ``login.parameter_too_large`` (``wctx`` over 4 KiB).
+``reply_urls`` exactly), ``login.parameter_too_large`` (``wctx`` over 4 KiB); when the token would
+be made, ``wsfed.name_id_unavailable`` (the realm's ``name_id_source`` is empty for the user: no
+token, never another field in its place).
 """
 
 from __future__ import annotations
@@ -143,7 +145,10 @@ class WsFed:
             return self.web.refused(request, exc)
         return await self.web.begin(request, pending, self.settings.saml.request_lifetime)
 
-    def token_response(self, realm: str, identity, session_index: str, now: dt.datetime) -> bytes:
+    def token_response(self, realm: str, identity, session_index: str, now: dt.datetime,
+                       name_id: str | None = None) -> bytes:
+        """The ``wresult`` for *identity*; *name_id* as :meth:`complete` made it (else made here:
+        ``ValueError`` when the relying party's ``name_id_source`` is empty for this user)."""
         party = self.parties[realm]
         E = etree.SubElement
         rstr = etree.Element(f"{{{TRUST}}}RequestSecurityTokenResponse", nsmap={"t": TRUST})
@@ -153,7 +158,9 @@ class WsFed:
         applies = E(rstr, f"{{{WSP}}}AppliesTo", nsmap={"wsp": WSP})
         E(E(applies, f"{{{WSA}}}EndpointReference", nsmap={"wsa": WSA}), f"{{{WSA}}}Address").text = realm
         token = E(rstr, f"{{{TRUST}}}RequestedSecurityToken")
-        name_id = self.builder.name_id(identity, party.name_id_format, party.name_id_source)
+        name_id = name_id or self.builder.name_id(identity, party.name_id_format, party.name_id_source)
+        if not name_id:
+            raise ValueError(f"no {party.name_id_source} for the NameID of {identity.username!r}")
         if party.token == "saml11":
             token.append(self.saml11_assertion(party, identity, name_id, now))
         else:
@@ -211,8 +218,17 @@ class WsFed:
 
     async def complete(self, request: web.Request, pending: dict, session) -> web.Response:
         party = self.answer_target(pending)
-        wresult = await asyncio.to_thread(self.token_response, party.realm, session.identity, session.index,
-                                          dt.datetime.now(dt.timezone.utc))
+        identity = session.identity
+        name_id = self.builder.name_id(identity, party.name_id_format, party.name_id_source)
+        if name_id is None:
+            # Fail closed, as SAML does: the NameID's source field is empty for this user, and
+            # another value in its place (the user name) could be another account's at the relying
+            # party. The error page (the session stays); the log names the user and the field.
+            return self.web.refused(request, Refused(
+                "wsfed.name_id_unavailable", f"user {identity.username[:100]} has no {party.name_id_source} "
+                                             f"(name_id_source) for the NameID of {party.realm[:100]}"))
+        wresult = await asyncio.to_thread(self.token_response, party.realm, identity, session.index,
+                                          dt.datetime.now(dt.timezone.utc), name_id)
         fields = [("wa", "wsignin1.0"), ("wresult", wresult.decode())]
         if pending["wctx"]:
             fields.append(("wctx", pending["wctx"]))
