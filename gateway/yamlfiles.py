@@ -65,6 +65,11 @@ class _StrictLoader(yaml.SafeLoader):
             raise _Refused(problem="a YAML alias (a value that starts with `*`), and aliases are not expanded in "
                                    "authgw's files; write the value out (or quote a value that starts with `*`)",
                            problem_mark=event.start_mark)
+        event = self.peek_event()
+        if getattr(event, "tag", None) is not None:
+            # Nor the tag's text: it may be a password that starts with `!`.
+            raise _Refused(problem="a YAML tag (a value that starts with `!`), and tags are not read in authgw's "
+                                   "files; quote a value that starts with `!`", problem_mark=event.start_mark)
         if not self.check_event(yaml.SequenceStartEvent, yaml.MappingStartEvent):
             return super().compose_node(parent, index)
         if self._depth >= MAX_DEPTH:
@@ -145,7 +150,7 @@ def load_file(path: Path, marks: dict[KeyPath, Mark]) -> dict[str, Any]:
         raise ConfigError(f"{name}:{line}: {key + ': ' if key else ''}a character YAML does not allow "
                           f"(U+{code:04X}, a control character?); remove it") from None
     except yaml.YAMLError as exc:  # any other failure of the YAML layer: still a config error
-        raise ConfigError(f"{name}: invalid YAML: {exc}") from None
+        raise ConfigError(f"{name}: invalid YAML: {_unquoted(str(exc))}") from None
     except RecursionError:  # not expected (MAX_DEPTH is far below the limit), never a traceback
         raise ConfigError(f"{name}: nested too deeply") from None
     finally:
@@ -198,11 +203,18 @@ def _yaml_problem(name: str, text: str, exc: yaml.MarkedYAMLError) -> str:
             mark = exc.context_mark if at_context and exc.context_mark else exc.problem_mark or exc.context_mark
             break
     else:
-        hint = f"invalid YAML: {problem or context}"
+        # PyYAML's own words, with what they quote of the file taken out: a tag, an escape or a
+        # character it stopped at may be part of a password written there.
+        hint = f"invalid YAML: {_unquoted(problem or context)}"
         mark = exc.problem_mark or exc.context_mark
     line = mark.line + 1 if mark else 1
     key = _key_at(text, line)
     return f"{name}:{line}: {key + ': ' if key else ''}{hint}"
+
+
+def _unquoted(message: str) -> str:
+    """*message* without what it quotes (``'...'`` or ``"..."``: text of the file)."""
+    return re.sub(r"'.*'|\".*\"", "(not shown)", message)
 
 
 def _construct(loader: _StrictLoader, node: yaml.Node, path: KeyPath, name: str, marks: dict[KeyPath, Mark]) -> Any:

@@ -79,3 +79,23 @@ def test_nesting_up_to_the_limit_and_anchors_without_aliases_are_read(tmp_path):
     path.write_text("x: " + "[" * MAX_DEPTH + "1" + "]" * MAX_DEPTH + "\n")
     with pytest.raises(ConfigError, match=f"x.yaml:1: x: nested more than {MAX_DEPTH} levels deep"):
         load_file(path, {})
+
+
+@pytest.mark.parametrize("value", ["!Summer-PLANT-70", "!!PLANTpw2", "!<PLANTpw3> x", "!PLANT!pw24 x", "|PLANT",
+                                   "&X!PLANT", "!!str PLANT", '"pass\\qPLANT"'],
+                         ids=["tag", "secondary tag", "verbatim tag", "tag handle", "block indicator", "anchor",
+                              "str tag", "bad escape"])
+def test_a_password_written_unquoted_is_never_quoted_by_the_error(conf_dir, value):
+    """A password that starts with `!` is a YAML tag: PyYAML's message quoted it in full ("could
+    not determine a constructor for the tag '!Summer-PLANT-70'"), into `config check`, `config
+    show` and the reload's log line (review of secret leakage). Tags are refused by name now, and
+    whatever else PyYAML says is shown without what it quotes of the file."""
+    write_conf(conf_dir, {**USERS, "gateway.yaml": "chain: [static]\n",
+                          "static.yaml": f"static:\n  users_file: static/users.yaml\n  realm_note: {value}\n"})
+    result = check(conf_dir)
+    assert result.returncode == 2, result.stdout + result.stderr[-3000:]
+    assert "PLANT" not in result.stdout + result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: conf.d/static.yaml:3: static.realm_note: "), errors
+    if value.startswith("!"):
+        assert "a YAML tag (a value that starts with `!`)" in errors[0] or "invalid YAML" in errors[0], errors
