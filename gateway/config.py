@@ -171,7 +171,8 @@ _URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^/\s:]*:)(?P<pw>[^\n]
 #: ``user:password@host`` without a scheme (a proxy as curl takes it).
 _BARE_PASSWORD = re.compile(r"^(?P<head>[^\s:/@]+:)(?!//)(?P<pw>[^\n]*)(?=@[^@\s/?#]+(?:[/?#]\S*)?$)")
 #: A credential in a URL's query (``redis://host/0?password=...``).
-_QUERY_PASSWORD = re.compile(r"(?P<head>[?&](?:password|passwd|pass|pwd|secret|token)=)[^&#\s]*", re.IGNORECASE)
+_QUERY_PASSWORD = re.compile(r"(?P<head>[?&][\w.-]*(?:pass|pwd|secret|token|credential)[\w.-]*=)[^&#\s]*",
+                             re.IGNORECASE)
 
 
 def _secret_key(key: str) -> bool:

@@ -261,7 +261,14 @@ class AuditSettings(PluginSettings):
 
 #: Query parameters of a Redis URL that carry a credential (redis-py reads ``?password=``, and
 #: it would win over ``password: {env: ...}``).
-_URL_QUERY_SECRETS = frozenset({"password", "passwd", "pass", "pwd", "secret", "token", "username"})
+#: A URL query parameter whose name holds one of these carries a credential (redis-py takes any:
+#: ``ssl_password``, the TLS client key's, as well as ``password``).
+_URL_QUERY_SECRET_WORDS = ("pass", "pwd", "secret", "token", "credential")
+
+
+def _secret_query_name(name: str) -> bool:
+    name = name.lower()
+    return name in ("username", "user") or any(word in name for word in _URL_QUERY_SECRET_WORDS)
 
 
 def shown_url(url: str) -> str:
@@ -285,7 +292,7 @@ def redis_url(value: str) -> str:
         raise ValueError("`redis://HOST:PORT/DB` or `rediss://` (TLS)")
     if parts.password is not None:
         raise ValueError("no password in the URL (it would be shown and logged); use `password: {env: NAME}`")
-    if any(name.lower() in _URL_QUERY_SECRETS for name, _ in parse_qsl(parts.query, keep_blank_values=True)):
+    if any(_secret_query_name(name) for name, _ in parse_qsl(parts.query, keep_blank_values=True)):
         raise ValueError("no credential in the URL's query (it would be shown and logged, and win over "
                          "`password:`); use `password: {env: NAME}`")
     if not parts.hostname:

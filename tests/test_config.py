@@ -437,13 +437,27 @@ def test_config_show_redacts_a_password_with_an_at_sign_a_query_password_and_pw_
 
 
 @pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/0?password=x", "rediss://127.0.0.1/0?PWD=x",
-                                 "redis://u:pw@127.0.0.1/0", "redis:///0"])
+                                 "redis://u:pw@127.0.0.1/0", "redis:///0",
+                                 # redis-py takes any query parameter: this is the TLS client key's
+                                 "rediss://127.0.0.1:6380/0?ssl_keyfile=/k.pem&ssl_password=SslPw-Plant",
+                                 "redis://127.0.0.1/0?client_secret=x", "redis://127.0.0.1/0?user=x"])
 def test_no_redis_url_carries_a_credential(conf_dir, url):
     write_conf(conf_dir, {**USERS, "gateway.yaml": f"chain: [static]\nthrottle:\n  store: redis\n  redis:\n"
                                                    f"    url: '{url}'\n"})
-    (found,) = errors(check(conf_dir))
+    result = check(conf_dir)
+    (found,) = errors(result)
     assert "gateway.yaml:5: throttle.redis.url" in found and ("credential" in found or "password" in found
                                                               or "no host" in found), found
+    assert "SslPw-Plant" not in result.stdout + result.stderr
+
+
+def test_config_show_redacts_any_credential_named_in_a_url_query():
+    from gateway.config import _redact
+
+    shown = _redact({"urls": ["https://h.example/x?ssl_password=SslPw-Plant-1&a=1",
+                              "https://h.example/?api_token=Tok-Plant-2", "https://h.example/?keyfile=/etc/k.pem"]})
+    assert shown == {"urls": ["https://h.example/x?ssl_password=<redacted>&a=1",
+                              "https://h.example/?api_token=<redacted>", "https://h.example/?keyfile=/etc/k.pem"]}
 
 
 def test_snapshot_a_check_across_list_entries_points_at_the_entry_at_fault(conf_dir):
