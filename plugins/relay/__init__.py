@@ -203,12 +203,14 @@ class RelayPlugin:
                         continue
                     if revoked is not None and session.connector in revoked:
                         log.warning("connector %s revoked: closing its link", session.connector)
+                        session.closing = True  # closed on purpose: no relink window to wait out
                         self.hub.remove(session)
                         await session.ws.close(code=4003, message=b"revoked")
                     elif session.not_after <= now:
                         # TLS checked the certificate once, at the handshake; its end ends the link.
                         log.warning("connector %s: certificate expired without renewal; closing its link "
                                     "(it must re-enrol with a new ticket)", session.connector)
+                        session.closing = True
                         self.hub.remove(session)
                         await session.ws.close(code=4001, message=b"certificate expired")
                 if revoked is not None and time.monotonic() - last_seen_write >= self.settings.ping_interval:

@@ -402,7 +402,8 @@ class Endpoints:
             log.info("connector %s link closed (%s)", connector, ws.close_code)
             if hub.router is not None and not hub.holds(connector):  # not when a newer link replaced it
                 try:
-                    await hub.router.unlinked(connection, connector)
+                    # A ready link lost: every instance learns of the relink window (router.py).
+                    await hub.router.unlinked(connection, connector, lost=session.dropped)
                 except Exception as exc:  # the route entry goes stale; forwarders skip dead instances
                     log.warning("relay routing: cannot unregister %s: %s", connector, exc)
         return ws

@@ -13,9 +13,14 @@ Routing rules (docs/connector.md#high-availability):
   ``relay.busy`` with no offline answer: the relay's cache stands in only while no connector is
   linked (``relay.no_connector``), not during a flood, when it would log in users the directory
   disabled since;
-* a connection that lost a link here less than ``relink_wait`` seconds ago and has none now
-  holds a call until then (within its deadline) for its connector to dial again
-  (:meth:`Hub._relinked`): a dropped link costs a login a short wait, not a 503;
+* a connection that lost a ready link less than ``relink_wait`` seconds ago, here or at another
+  relay instance sharing Redis (``PREFIX lost:<connection>``, router.py), and has no link to go
+  to now holds a call until then (within its deadline) for its connector to dial again, here or
+  at any instance (the load balancer may send it to another one), then tries again: a link
+  here, else forwarded (:meth:`Hub._relinked`): a dropped link costs a login a short wait, not
+  a 503. One window per loss, shared by every call and every instance; nothing is waited for
+  when nothing was lost, nor after a forwarded request may have been handed on (a password is
+  sent once); with Redis unavailable the wait is this process's own, as with one instance;
 * a connector id holds one link per relay process: a new link of the id replaces the older one
   (endpoints.py), so opening more links draws no more requests;
 * what one connector id can make this process hold is bounded, not per link: at most
@@ -63,15 +68,26 @@ REQUEST_RATE = 1.0
 
 
 
+#: Seconds between two looks at the routes in Redis while calls wait for a lost link to come
+#: back at another relay instance (:meth:`Hub._watch_routes`, one task per connection).
+RELINK_POLL = 0.15
+
+
 class Unreachable(Exception):
     """No connector answered; ``reason`` is the UNAVAILABLE note's reason code, ``offline``
     whether a cache may answer instead (:attr:`gateway.model.Note.offline`): not when connectors
-    are linked but busy (``relay.busy``)."""
+    are linked but busy (``relay.busy``). For ``relay.no_connector`` from another instance
+    (router.py): ``unsent``, that nothing was handed on (to a link or to another instance's
+    inbox), so the call may be tried again; ``routes``, the ``(connector, instance)`` routes of
+    other instances the forwarder found (and that failed), ``None`` when Redis did not say."""
 
-    def __init__(self, reason: str, detail: str = "", *, offline: bool = True) -> None:
+    def __init__(self, reason: str, detail: str = "", *, offline: bool = True, unsent: bool = True,
+                 routes: Set[tuple[str, str]] | None = None) -> None:
         super().__init__(detail or reason)
         self.reason = reason
         self.offline = offline
+        self.unsent = unsent
+        self.routes = routes
 
 
 def busy(detail: str) -> Unreachable:
@@ -152,6 +168,7 @@ class LinkSession:
         self.probe = False  # its hello was a probe (`authgw check`): never routed to
         self.refused = False  # its hello was refused for too many links: close it
         self.closing = False
+        self.dropped = False  # lost while ready (not replaced, not a probe): a relink window began
         self.draining = False  # the connector is stopping: no new requests, finish the ones in flight
         self.served = 0
 
@@ -202,6 +219,30 @@ class LinkSession:
                 future.set_exception(Unreachable("relay.link_lost", f"the link to {self.connector} closed"))
 
 
+class _Waiter:
+    """A call waiting for a link of its connection (:meth:`Hub._relinked`): *future* is set when
+    one is ready here (:meth:`Hub.make_ready`) or at another live instance (:meth:`Hub._watch_routes`:
+    a route not in *known*, the routes of other instances that failed this call already)."""
+
+    __slots__ = ("future", "known")
+
+    def __init__(self, future: asyncio.Future, known: Set[tuple[str, str]] | None) -> None:
+        self.future = future
+        self.known = None if known is None else set(known)
+
+
+class _Relink:
+    """One call's relink window (:meth:`Hub._relinked`): when its wait ends (monotonic; ``None``
+    before its first wait), and whether one more try is due when the window (not the deadline)
+    ends."""
+
+    __slots__ = ("until", "last_try")
+
+    def __init__(self) -> None:
+        self.until: float | None = None
+        self.last_try = False
+
+
 class Hub:
     def __init__(self, max_in_flight: int, relink_wait: float = 3.0) -> None:
         self.sessions: dict[str, list[LinkSession]] = {}
@@ -212,10 +253,12 @@ class Hub:
         #: per connector id: its open links and their shared replay record (kept, once the last
         #: link closed, until its nonces expire: a request copied onto the next link is refused)
         self.connectors: dict[str, _Connector] = {}
-        #: per connection: when it last lost a ready link here (time.monotonic()), and the calls
-        #: waiting for one to be ready again (:meth:`_relinked`)
+        #: per connection: when it last lost a ready link here (time.monotonic(); with Redis, every
+        #: instance also knows of it: router.py ``lost:``), the calls waiting for one to be ready
+        #: again (:meth:`_relinked`), and the task watching Redis's routes for them
         self._lost: dict[str, float] = {}
-        self._relink_waiters: dict[str, list[asyncio.Future]] = {}
+        self._relink_waiters: dict[str, list[_Waiter]] = {}
+        self._watchers: dict[str, asyncio.Task] = {}
 
     def admit(self, session: LinkSession, skew: float) -> bool:
         """Count *session* as an open link of its connector and give it the connector's replay
@@ -292,8 +335,8 @@ class Hub:
         session.ready = True
         session.probe = False
         for waiter in self._relink_waiters.pop(session.connection, ()):
-            if not waiter.done():
-                waiter.set_result(None)
+            if not waiter.future.done():
+                waiter.future.set_result(None)
         return replaced
 
     def holds(self, connector: str) -> bool:
@@ -301,8 +344,12 @@ class Hub:
         return any(s.connector == connector and s.ready and not s.closing for s in self.all())
 
     def remove(self, session: LinkSession) -> None:
+        """*session* is closed or closing: out of routing, what it carries fails. A ready link
+        lost (not replaced, not a probe) opens its connection's relink window here; the link's
+        handler tells the other instances (``session.dropped``, :meth:`Router.unlinked`)."""
         if session.ready and not session.closing and not session.probe:
             self._lost[session.connection] = time.monotonic()
+            session.dropped = True
         session.lost()
         links = self.sessions.get(session.connection, [])
         if session in links:
@@ -342,7 +389,7 @@ class Hub:
         error frame becomes :class:`Unreachable` with reason ``relay.connector_error``."""
         deadline = time.monotonic() + timeout
         tried: set[int] = set()
-        relink_waited = False
+        relink = _Relink()
         while True:
             session = self._pick(connection, tried)
             if session is None:
@@ -350,8 +397,7 @@ class Hub:
                 if self.router is None:
                     if local_busy:
                         raise busy(f"every link of {connection!r} carries {self.max_in_flight} requests")
-                    if not relink_waited and await self._relinked(connection, deadline):
-                        relink_waited = True
+                    if await self._relinked(connection, deadline, relink):
                         continue
                     raise Unreachable("relay.no_connector", f"no connector of {connection!r} is online")
                 # No link free here: the instance holding one answers (router.py).
@@ -363,9 +409,10 @@ class Hub:
                     if local_busy and exc.reason == "relay.no_connector":
                         raise busy(f"every link of {connection!r} here carries {self.max_in_flight} requests "
                                    "and no other instance took it") from None
-                    if exc.reason == "relay.no_connector" and not relink_waited \
-                            and await self._relinked(connection, deadline):
-                        relink_waited = True
+                    # Only when nothing was handed on: Redis lost after the request went to another
+                    # instance's inbox may have let its connector check the password.
+                    if exc.reason == "relay.no_connector" and exc.unsent \
+                            and await self._relinked(connection, deadline, relink, exc.routes):
                         continue
                     raise
                 return _body(message)
@@ -395,31 +442,82 @@ class Hub:
                     continue
                 raise
 
-    async def _relinked(self, connection: str, deadline: float) -> bool:
-        """Whether a link of *connection* is ready again within ``relink_wait`` seconds of
-        this process losing one (and within the call's deadline): a connector whose link dropped
-        (a network blip, the connector's loop held up past its pong deadline) dials again at
-        once, and a login that arrives meanwhile waits for it rather than failing with
-        ``relay.no_connector``. One window per loss, shared by every call: a connector that does
-        not come back costs the logins of those few seconds a wait, not those after."""
-        lost = self._lost.get(connection)
-        now = time.monotonic()
-        wait = min(lost + self.relink_wait - now, deadline - now - 0.1) if lost is not None else 0.0
+    async def _relinked(self, connection: str, deadline: float, relink: _Relink,
+                        failed: Set[tuple[str, str]] | None = None) -> bool:
+        """Whether the call should try again: a link of *connection* is ready again, here or at
+        another relay instance, within ``relink_wait`` seconds of a relay instance losing one
+        (and within the call's deadline). A connector whose link dropped (a network blip, the
+        connector's loop held up past its pong deadline) dials again at once, possibly through a
+        load balancer to another instance, and a login that arrives meanwhile waits for it rather
+        than failing with ``relay.no_connector``. One window per loss, shared by every call and,
+        through Redis (``PREFIX lost:<connection>``), by every instance: a connector that does
+        not come back costs the logins of those few seconds a wait, not those after.
+
+        With Redis, a link ready at another live instance ends the wait too: a route there that
+        is not one of *failed* (what the forward just tried) or that came back since
+        (:meth:`_watch_routes`); and when the window ends before the deadline the call tries once
+        more, for what that watch cannot see. *relink* is the call's: it waits again, if a try
+        failed, only within the same window. Redis unavailable: the wait is this process's own."""
+        if relink.until is None:  # the call's first wait: its window, from the last loss known
+            now = time.monotonic()
+            lost = self._lost.get(connection)
+            end = lost + self.relink_wait if lost is not None else -math.inf
+            if self.router is not None and self.relink_wait > 0:
+                shared = await self.router.loss_left(connection, max(0.0, min(self.relink_wait, deadline - now)))
+                if shared > 0:
+                    end = max(end, time.monotonic() + min(shared, self.relink_wait))
+            relink.until = min(end, deadline - 0.1)
+            # A router's view of other instances may miss a link (a route written again within one
+            # look, an instance of an older version): one more try when the window ends in time.
+            relink.last_try = self.router is not None and time.monotonic() < end < deadline - 0.1
+        wait = relink.until - time.monotonic()
         if wait <= 0:
-            return False
-        waiter = asyncio.get_running_loop().create_future()
+            last, relink.last_try = relink.last_try, False
+            return last
+        waiter = _Waiter(asyncio.get_running_loop().create_future(), failed)
         waiters = self._relink_waiters.setdefault(connection, [])
         waiters.append(waiter)
+        if self.router is not None:
+            task = self._watchers.get(connection)
+            if task is None or task.done():
+                self._watchers[connection] = asyncio.get_running_loop().create_task(self._watch_routes(connection))
         try:
-            await asyncio.wait_for(waiter, wait)
+            await asyncio.wait_for(waiter.future, wait)
             return True
         except asyncio.TimeoutError:
-            return False
+            last, relink.last_try = relink.last_try, False
+            return last
         finally:
             if waiter in waiters:
                 waiters.remove(waiter)
             if not waiters and self._relink_waiters.get(connection) is waiters:
                 del self._relink_waiters[connection]
+
+    async def _watch_routes(self, connection: str) -> None:
+        """While calls wait for a link of *connection* (:meth:`_relinked`), look at its routes in
+        Redis every :data:`RELINK_POLL` seconds and wake those for which a link is ready at
+        another live instance: a route that failed them (``known``) is not one, unless it went
+        away and came back since. One task per connection, whatever the number of calls; it
+        ends with the last of them (each bounded by its window). Redis unavailable: nobody is
+        woken by it (a link here still wakes them)."""
+        try:
+            while self._relink_waiters.get(connection):
+                try:
+                    routes = await self.router.routes_elsewhere(connection)
+                except Exception:  # noqa: BLE001 - Redis away or slow: the local wait goes on
+                    routes = None
+                if routes is not None:
+                    for waiter in list(self._relink_waiters.get(connection, ())):
+                        if waiter.known is None:  # the forward did not say: what is there failed it
+                            waiter.known = set(routes)
+                            continue
+                        waiter.known &= routes  # gone since: back later, it is a new link
+                        if routes - waiter.known and not waiter.future.done():
+                            waiter.future.set_result(None)
+                await asyncio.sleep(RELINK_POLL)
+        finally:
+            if self._watchers.get(connection) is asyncio.current_task():
+                del self._watchers[connection]
 
 
 def _body(message: proto.Message) -> dict[str, Any]:

@@ -3,6 +3,14 @@ link of the connection goes to the instance that holds one.
 
 * ``PREFIX route:<connection>`` (hash): connector id -> instance id, written when a link is
   ready, removed when it closes; ``PREFIX instance:<id>`` (expiring key) says an instance is alive.
+* ``PREFIX lost:<connection>`` (expiring key, ``PX`` = ``relink_wait``, value the instance id):
+  written, before the route entry is removed, when an instance loses a ready link (not one a
+  newer link of its connector replaced, not a probe): the connection's relink window, known to
+  every instance. A request finding no link at any instance within it waits (hub.py
+  ``Hub._relinked``, within its deadline and this instance's own ``relink_wait``) until a link
+  is ready here or a route to a live other instance appears (polled every ``RELINK_POLL``
+  seconds by one task per connection while calls wait), then is tried again; a connector dialling
+  again after a blip may land on any instance behind the load balancer.
 * A forwarded request is a JSON item pushed to ``PREFIX inbox:<instance>``; the holder answers on
   ``PREFIX reply:<request id>`` (a list, expiring). Lists with BLPOP, not pub/sub: an item waits
   for a consumer busy for a moment instead of being lost.
@@ -13,6 +21,11 @@ link of the connection goes to the instance that holds one.
   (:meth:`Hub.routable`: not draining, below ``max_in_flight``), and only before its deadline;
   otherwise it answers ``relay.not_sent`` (``"busy": true`` when the link is at
   ``max_in_flight``) and the forwarder tries another instance's connector.
+* ``relay.no_connector`` from :meth:`Router.forward` says whether nothing was handed on
+  (``Unreachable.unsent``): Redis lost after a request went to an inbox may have let the holder
+  send it, and a password is sent once, so such a call is not tried again after a relink wait.
+* Every Redis command a wait makes is bounded by ``redis.timeout``; Redis unavailable, a wait is
+  the instance's own (as with one instance) and no error of the step: ``relay.no_connector``.
 """
 
 from __future__ import annotations
@@ -54,6 +67,7 @@ class Router:
         self.redis = redis.asyncio.Redis.from_url(
             settings.url, password=settings.password.reveal() if settings.password else None,
             socket_connect_timeout=settings.timeout, decode_responses=True)
+        self.timeout = settings.timeout
         self._keys: dict[str, Any] = {}
         self._lost = (redis.RedisError, OSError)  # Redis gone mid-way (imported here: an optional extra)
 
@@ -65,9 +79,52 @@ class Router:
     async def linked(self, connection: str, connector: str) -> None:
         await self.redis.hset(self._k("route", connection), connector, self.instance)
 
-    async def unlinked(self, connection: str, connector: str) -> None:
+    async def unlinked(self, connection: str, connector: str, *, lost: bool = False) -> None:
+        """*connector*'s link here closed and no newer one of it is ready here: its route entry
+        goes (unless another instance wrote it since). *lost*: the link was ready (not replaced,
+        not a probe): the connection's relink window opens at every instance first, so that one
+        finding the route gone finds the window (``lost:``)."""
+        if lost and self.hub.relink_wait > 0:
+            try:
+                await asyncio.wait_for(self.redis.set(self._k("lost", connection), self.instance,
+                                                      px=max(1, int(self.hub.relink_wait * 1000))), self.timeout)
+            except Exception as exc:  # noqa: BLE001 - the other instances do not wait; the route goes still
+                log.info("relay routing: cannot tell the other instances that a link of %s was lost: %s",
+                         connection, exc.__class__.__name__)
         if await self.redis.hget(self._k("route", connection), connector) == self.instance:
             await self.redis.hdel(self._k("route", connection), connector)
+
+    # -- a relink window (hub.Hub._relinked) -----------------------------------------------------------
+
+    async def loss_left(self, connection: str, within: float) -> float:
+        """Seconds left of *connection*'s relink window (an instance lost a link of it), ``0.0``
+        when none, or when Redis does not answer within *within* seconds (and ``redis.timeout``)."""
+        if within <= 0:
+            return 0.0
+        try:
+            ms = await asyncio.wait_for(self.redis.pttl(self._k("lost", connection)), min(within, self.timeout))
+        except Exception:  # noqa: BLE001 - Redis away: the wait is this instance's own
+            return 0.0
+        return ms / 1000 if isinstance(ms, int) and ms > 0 else 0.0
+
+    async def routes_elsewhere(self, connection: str) -> set[tuple[str, str]]:
+        """The ``(connector, instance)`` routes of *connection* at other instances that are alive;
+        bounded by ``redis.timeout`` (raises when Redis does not answer)."""
+
+        async def look() -> set[tuple[str, str]]:
+            routes = await self.redis.hgetall(self._k("route", connection))
+            others = {(c, i) for c, i in routes.items() if i != self.instance}
+            instances = sorted({i for _, i in others})
+            if not instances:
+                return set()
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for instance in instances:
+                    pipe.exists(self._k("instance", instance))
+                alive = await pipe.execute()
+            live = {i for i, n in zip(instances, alive) if n}
+            return {(c, i) for c, i in others if i in live}
+
+        return await asyncio.wait_for(look(), self.timeout)
 
     async def heartbeat(self) -> None:
         await self.redis.set(self._k("instance", self.instance), "1", ex=max(2, int(3 * self.ping_interval)))
@@ -141,13 +198,17 @@ class Router:
             raise Unreachable("relay.no_connector", f"Redis unavailable: {exc}") from None
         candidates = [(c, i) for c, i in routes.items() if i != self.instance]
         random.shuffle(candidates)
+        pushed: list[str] = []  # request ids handed to another instance's inbox
         try:
-            return await self._forward(candidates, connection, type_, body, deadline, retry=retry, password=password)
+            return await self._forward(candidates, connection, type_, body, deadline, retry=retry, password=password,
+                                       pushed=pushed)
         except self._lost as exc:  # Redis lost mid-way: unavailable (503), not an error of the step
-            raise Unreachable("relay.no_connector", f"Redis unavailable: {exc.__class__.__name__}") from None
+            # After a push the holder may have sent it (a password is sent once): not unsent.
+            raise Unreachable("relay.no_connector", f"Redis unavailable: {exc.__class__.__name__}",
+                              unsent=not pushed) from None
 
     async def _forward(self, candidates: list[tuple[str, str]], connection: str, type_: str, body: dict[str, Any],
-                       deadline: float, *, retry: bool, password: str | None) -> proto.Message:
+                       deadline: float, *, retry: bool, password: str | None, pushed: list[str]) -> proto.Message:
         saturated = False  # a holder's link was at max_in_flight: busy, not "no connector"
         for connector, instance in candidates:
             if not await self.redis.exists(self._k("instance", instance)):
@@ -163,6 +224,7 @@ class Router:
                 if key is None:
                     continue
                 sealed["password"] = proto.seal_password(key, password, stamp, connector=connector, body=body)
+            pushed.append(request_id)
             await self.redis.rpush(self._k("inbox", instance), json.dumps(
                 {"id": request_id, "nonce": stamp.nonce, "deadline": stamp.deadline, "connector": connector,
                  "type": type_, "body": sealed, "timeout": left}))
@@ -179,7 +241,10 @@ class Router:
             raise Unreachable(reply["unreachable"])
         if saturated:
             raise busy(f"every link of {connection!r} that could take it carries its max_in_flight")
-        raise Unreachable("relay.no_connector", f"no connector of {connection!r} is online at any relay instance")
+        # Nothing was sent: every holder answered so (or none was alive), so a relink wait may
+        # try again; the routes tried are not a link come back (hub.Hub._watch_routes).
+        raise Unreachable("relay.no_connector", f"no connector of {connection!r} is online at any relay instance",
+                          routes=frozenset(candidates))
 
     async def _public_key(self, connector: str):
         record = await asyncio.get_running_loop().run_in_executor(None, self.store.connector, connector)
