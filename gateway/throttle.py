@@ -136,6 +136,12 @@ class Throttle:
         if not ticket.id:
             return
         if outcome in GUESSES:
+            if outcome is Outcome.USER_NOT_FOUND:
+                # A name no directory knows: the memory store may drop its one failure when full
+                # (a spray's), never an existing user's count.
+                unknown = getattr(self.store, "unknown_user", None)
+                if unknown is not None:
+                    unknown(ticket.user)
             return
         client = [ticket.client] if ticket.client else []
         if outcome is Outcome.ACCOUNT_STATE:

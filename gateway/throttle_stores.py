@@ -26,6 +26,9 @@ from gateway.sqlitedb import connect_wal, create_private
 __all__ = ["MemoryStore", "RedisStore", "SQLiteStore", "StoreUnavailable", "ThrottleStore", "open_store", "store_kind"]
 
 _MAX_KEYS = 100_000
+#: How the throttle's per-user counters start (gateway.throttle.Throttle.ticket: ``u``, ``p``
+#: for a user and client pair, ``c`` for a client).
+_USER_PREFIX = "u"
 
 log = logging.getLogger("authgw.throttle")
 
@@ -72,14 +75,16 @@ class MemoryStore:
     """One worker's counts (``workers: 1``).
 
     At most :data:`_MAX_KEYS` counters (bounded memory under a spray of names and addresses).
-    When that many are live, the oldest tenth of the counters that hold a **single** failure are
-    dropped (at most once a second): those are what a spray of new names and addresses leaves,
-    and losing one gives a guesser one guess back at most. Counters of two failures or more are
-    never dropped (it used to drop the oldest tenth of all, and a spray from new addresses wiped
-    a victim's count and gave a fresh budget of guesses); when they alone fill the store, a
-    reservation that needs a new counter is refused (throttled) until counters expire. (Refusing
-    at once when full, the rule before, let a spray of ~50,000 guesses refuse every login,
-    however right the password, for the whole window.)
+    When that many are live, the oldest tenth of the counters that hold a **single** failure and
+    are not an existing user's are dropped (at most once a second): a (user, client) pair's or a
+    client's, whose user count still holds, or the count of a name no directory knows
+    (:meth:`unknown_user`). Those are what a spray of new names and addresses leaves. A user's
+    count is never dropped while the user may exist (dropping the oldest single ones let a
+    guesser wipe a victim's first failure with a spray, again and again), nor is any count of
+    two failures or more; when those alone fill the store, a reservation that needs a new
+    counter is refused (throttled) until counters expire. (Refusing at once when full, the rule
+    before, let a spray of ~50,000 guesses refuse every login, however right the password, for
+    the whole window.)
     """
 
     blocking = False
@@ -88,6 +93,7 @@ class MemoryStore:
         self._lock = threading.Lock()
         self._keys: dict[str, deque[tuple[float, str]]] = {}
         self._next_sweep = 0.0  # when full: the earliest time to look for expired counters again
+        self._unknown: set[str] = set()  # user counters of names no directory knows (droppable)
         self._next_warning = 0.0
 
     def reserve(self, keys: list[tuple[str, int]], ticket: str, now: float, window: float) -> bool:
@@ -105,6 +111,7 @@ class MemoryStore:
                     self._next_sweep = now + 1.0
                     for key in [k for k, v in self._keys.items() if not v or v[-1][0] <= horizon]:
                         del self._keys[key]
+                        self._unknown.discard(key)
                     if len(self._keys) + new > _MAX_KEYS:
                         self._drop_single_failures(now)
                 if len(self._keys) + new > _MAX_KEYS:
@@ -121,15 +128,25 @@ class MemoryStore:
     def _drop_single_failures(self, now: float) -> None:
         """Drop the oldest tenth of the store's size among counters of one failure (lock held)."""
         single = heapq.nsmallest(max(1, _MAX_KEYS // 10),
-                                 ((times[0][0], key) for key, times in self._keys.items() if len(times) == 1))
+                                 ((times[0][0], key) for key, times in self._keys.items()
+                                  if len(times) == 1 and (not key.startswith(_USER_PREFIX) or key in self._unknown)))
         for _at, key in single:
             del self._keys[key]
+            self._unknown.discard(key)
         if single and now >= self._next_warning:
             self._next_warning = now + 60.0
             log.warning("throttle: the memory store is full (%d counters: a spray of new names or addresses); "
-                        "dropped the %d oldest counters of a single failure, counts of two or more are kept "
-                        "(said at most every 60 s; `throttle.store: sqlite` or `redis` holds more)",
+                        "dropped the %d oldest counters of a single failure of a client or of a name no directory "
+                        "knows; users' counts are kept (said at most every 60 s; `throttle.store: sqlite` or "
+                        "`redis` holds more)",
                         len(self._keys) + len(single), len(single))
+
+    def unknown_user(self, key: str) -> None:
+        """*key*, a user's counter, is of a name no directory knows (its attempt's outcome
+        ``USER_NOT_FOUND``): with one failure, it may be dropped when the store is full."""
+        with self._lock:
+            if key in self._keys:
+                self._unknown.add(key)
 
     def drop(self, keys: list[str], ticket: str) -> None:
         with self._lock:
@@ -141,11 +158,13 @@ class MemoryStore:
                         self._keys[key] = kept
                     else:
                         del self._keys[key]
+                        self._unknown.discard(key)
 
     def clear(self, keys: list[str]) -> None:
         with self._lock:
             for key in keys:
                 self._keys.pop(key, None)
+                self._unknown.discard(key)
 
     def close(self) -> None:
         pass

@@ -232,11 +232,11 @@ def test_a_spray_of_new_addresses_never_wipes_a_users_count_from_the_memory_stor
     now = [1_000_000.0]
     throttle = Throttle(ThrottleSettings(store="memory"), clock=lambda: now[0])
 
-    def guess(user: str, client: str) -> bool:
+    def guess(user: str, client: str, outcome: Outcome = Outcome.INVALID_CREDENTIALS) -> bool:
         ticket = throttle.admit(user, client)
         if ticket is None:
             return False
-        throttle.settle(ticket, Outcome.INVALID_CREDENTIALS)
+        throttle.settle(ticket, outcome)
         return True
 
     def login(user: str, client: str) -> bool:
@@ -250,21 +250,50 @@ def test_a_spray_of_new_addresses_never_wipes_a_users_count_from_the_memory_stor
         return sum(guess(user, f"198.51.100.{n}") for n in range(1, 9))  # a new client each time
 
     assert budget("alice") == 4  # user_failures
+    # Bob's first wrong guess: the oldest counter of one failure when the spray fills the store.
+    # Dropping it gave a guesser one more guess at bob per spray, again and again (review).
+    assert guess("bob", "203.0.113.9")
     refused = 0
     with caplog.at_level(logging.WARNING, logger="authgw.throttle"):
         # A new name from a new /64 each time, three new counters a guess, 5 a second: a tenth of
         # the store freed each second keeps up (with 100,000 counters: 3,333 guesses a second).
         for n in range(2000):
             now[0] += 0.2
-            refused += not guess(f"spray{n}", f"2001:db8:{n:x}::1")
+            refused += not guess(f"spray{n}", f"2001:db8:{n:x}::1", Outcome.USER_NOT_FOUND)
             if n % 100 == 99:
                 # Meanwhile a user who never failed logs in, from an address never seen.
                 assert login(f"user{n}", f"192.0.2.{n // 100}"), n
     assert refused < 200, refused  # the spray goes on too: the store is not stuck full
     assert any("dropped the" in r.getMessage() and "single failure" in r.getMessage() for r in caplog.records)
     assert budget("alice") == 0  # her four guesses are still counted
+    assert budget("bob") == 3  # and bob's one
     now[0] += 1801  # the window passes: counters expire and are swept, new ones are taken again
-    assert guess("bob", "192.0.2.1") and budget("alice") == 4
+    assert guess("carol", "192.0.2.1") and budget("alice") == 4
+
+
+def test_a_memory_store_full_of_existing_users_single_failures_refuses_rather_than_forgets(monkeypatch):
+    """A user's count is dropped only when its name is unknown to every directory: a spray of
+    names that exist (an employee list) fills the store with counts that stay, and then a new
+    counter is refused, as before, rather than wipe one."""
+    import gateway.throttle_stores as stores
+    from gateway.model import Outcome
+    from gateway.settings import ThrottleSettings
+    from gateway.throttle import Throttle
+
+    monkeypatch.setattr(stores, "_MAX_KEYS", 300)
+    now = [1_000_000.0]
+    throttle = Throttle(ThrottleSettings(store="memory"), clock=lambda: now[0])
+    ticket = throttle.admit("victim", "198.51.100.1")
+    throttle.settle(ticket, Outcome.INVALID_CREDENTIALS)
+    admitted = 0
+    for n in range(400):
+        now[0] += 1.5  # a sweep each time
+        ticket = throttle.admit(f"employee{n}", None)  # no client: one counter a guess
+        if ticket is not None:
+            admitted += 1
+            throttle.settle(ticket, Outcome.INVALID_CREDENTIALS)
+    assert admitted < 300  # full of counts that stay: the rest refused
+    assert len(throttle.store._keys[throttle.ticket("victim", None).user]) == 1  # the victim's first guess kept
 
 
 def test_a_memory_store_full_of_counts_of_two_refuses_rather_than_forgets(monkeypatch, caplog):
