@@ -205,7 +205,8 @@ def _delta_crl(ca: CA, *, base: int, number: int, this_update: dt.datetime) -> b
             .sign(ca.key, hashes.SHA256()).public_bytes(serialization.Encoding.DER))
 
 
-NARROWER = ["another partition", "CA certificates only", "a delta CRL"]
+NARROWER = ["another partition", "CA certificates only", "a delta CRL", "CA certificates only, naming this URL",
+            "attribute certificates only, naming this URL", "some reasons only, naming this URL"]
 
 
 @pytest.mark.parametrize("kind", NARROWER)
@@ -227,12 +228,20 @@ def test_a_genuine_crl_of_narrower_scope_does_not_replace_the_one_held(start, se
         "another partition": lambda: issuing.crl([], this_update=newer, idp=partition(url + "-other")),
         "CA certificates only": lambda: issuing.crl([], this_update=newer, idp=partition(only_contains_ca_certs=True)),
         "a delta CRL": lambda: _delta_crl(issuing, base=100, number=101, this_update=newer),
+        "CA certificates only, naming this URL":
+            lambda: issuing.crl([], this_update=newer, idp=partition(url, only_contains_ca_certs=True)),
+        "attribute certificates only, naming this URL":
+            lambda: issuing.crl([], this_update=newer, idp=partition(url, only_contains_attribute_certs=True)),
+        "some reasons only, naming this URL":
+            lambda: issuing.crl([], this_update=newer, idp=partition(url, only_some_reasons=frozenset(
+                {x509.ReasonFlags.key_compromise}))),
     }[kind]())
     _refresh(store, url)
     assert (_login(runtime, revoked), _login(runtime, good)) == (REVOKED, GOOD)
     assert _decide(runtime, good).identity.claims["certificate_revocation"] == "good"
     error = store.fetch_errors()[url]
     assert "CRL refused" in error and ("delta" in error if kind == "a delta CRL" else
+                                       "covers less than the CRL held" in error if "naming this URL" in kind else
                                        "does not name this URL" in error), error
 
     # The CA moving this URL to a partition CRL that names it is believed: its next CRL.

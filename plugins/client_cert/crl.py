@@ -170,6 +170,19 @@ def _crl_number(crl: x509.CertificateRevocationList) -> int | None:
         return None
 
 
+def _narrowing(idp: x509.IssuingDistributionPoint | None) -> set[str]:
+    """What of an issuingDistributionPoint leaves certificates out of a CRL (RFC 5280 5.2.5)."""
+    if idp is None:
+        return set()
+    found = {name for name, on in (("user certificates only", idp.only_contains_user_certs),
+                                   ("CA certificates only", idp.only_contains_ca_certs),
+                                   ("attribute certificates only", idp.only_contains_attribute_certs),
+                                   ("some reasons only", idp.only_some_reasons is not None),
+                                   ("an indirect CRL", idp.indirect_crl),
+                                   ("a distribution point by relative name", idp.relative_name is not None)) if on}
+    return found
+
+
 def _uris(names: list[x509.GeneralName] | None) -> set[str]:
     return {n.value for n in names or () if isinstance(n, x509.UniformResourceIdentifier)}
 
@@ -309,9 +322,14 @@ class CrlStore:
             return f"its CRLNumber {number} is lower than the held CRL's {held_number}: a rollback"
         if held.usable and not loaded.usable:
             return "it is a delta or indirect CRL, which does not replace the complete CRL held"
-        if loaded.idp != held.idp and loaded.idp is not None and url not in _uris(loaded.idp.full_name):
-            return ("its issuingDistributionPoint is not the held CRL's and does not name this URL: "
-                    "the CRL of another partition or of another kind of certificate")
+        if loaded.idp != held.idp and loaded.idp is not None:
+            if url not in _uris(loaded.idp.full_name):
+                return ("its issuingDistributionPoint is not the held CRL's and does not name this URL: "
+                        "the CRL of another partition or of another kind of certificate")
+            narrower = _narrowing(loaded.idp) - _narrowing(held.idp)
+            if narrower:
+                return (f"it covers less than the CRL held ({', '.join(sorted(narrower))}), though it names "
+                        "this URL")
         return None
 
     def _warn_refused(self, url: str, entry: _UrlEntry, why: str) -> None:
