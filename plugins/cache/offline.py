@@ -284,10 +284,14 @@ class OfflineCache:
         while True:
             username, password = self._rechecks.get()
             try:
-                self._forget_if_cached(username, password)
-            except Exception:  # never lose the thread's count: forget, as before the comparison
-                self.log.exception("credential cache: comparing a refused password failed; the entry is forgotten")
-                self.forget(username)
+                try:
+                    self._forget_if_cached(username, password)
+                except Exception:  # forget, as before the comparison
+                    self.log.exception("credential cache: comparing a refused password failed; the entry is "
+                                       "forgotten")
+                    self.forget(username)
+            except BaseException:  # noqa: BLE001 - never end the thread with items queued and counted
+                self.log.exception("credential cache: forgetting an entry after a refused password failed")
             finally:
                 user_key = self.user_key(username)
                 with self._recheck_done:

@@ -277,7 +277,7 @@ class CrlStore:
         try:
             loaded = LoadedCrl.make(parse_crl(data), url, self.log)
         except ValueError as exc:
-            raise FetchError(f"{url}: not a CRL ({exc})") from None
+            raise FetchError(f"{shown_url(url)}: not a CRL ({exc})") from None
         self._keep(url, entry, loaded)
         entry.fetched = time.monotonic()
         entry.error, entry.refused = None, False
@@ -353,7 +353,7 @@ class CrlStore:
         # A CA that has not published a new CRL keeps serving one past its nextUpdate; fetching it
         # again on every login would not help, so such a URL backs off like a failed one.
         if self._needs_fetch(entry, dt.datetime.now(UTC)):
-            self.backoff.failed(url, f"{url}: the CRL served is past its nextUpdate")
+            self.backoff.failed(url, f"{shown_url(url)}: the CRL served is past its nextUpdate")
         else:
             self.backoff.succeeded(url)
 
@@ -395,9 +395,9 @@ class CrlStore:
             return entry.crl, f"recent fetch failed: {blocked}"
         timeout = min(self.settings.timeout, deadline - time.monotonic() - 0.1)
         if timeout <= 0.05:
-            return entry.crl, f"{url}: no time left to fetch"
+            return entry.crl, f"{shown_url(url)}: no time left to fetch"
         if not entry.lock.acquire(timeout=timeout):
-            return entry.crl, f"{url}: another fetch is still running"
+            return entry.crl, f"{shown_url(url)}: another fetch is still running"
         try:
             if self._needs_fetch(entry, now):  # another thread may have fetched meanwhile
                 self._fetch(url, entry, timeout)

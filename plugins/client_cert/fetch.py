@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import http.client
 import ipaddress
+import math
 import queue
 import socket
 import ssl
@@ -58,6 +59,7 @@ def fetch(url: str, *, timeout: float, max_bytes: int, body: bytes | None = None
     else:
         conn = _HTTPConnection(parts.hostname, port, timeout=timeout)
     conn.addresses = _resolve(parts.hostname, port, deadline, shown)
+    conn.deadline = deadline
     conn.timeout = max(0.01, deadline - time.monotonic())  # what the lookup left, for the connect
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
 
@@ -154,13 +156,17 @@ class _HTTPConnection(http.client.HTTPConnection):
     """Connects to :attr:`addresses`, looked up already: the name is not looked up again."""
 
     addresses: list[tuple] = []
+    deadline: float = math.inf  # the fetch's: every address tried shares what is left of it
 
     def connect(self) -> None:
         error: OSError = OSError("no address to connect to")
         for family, type_, proto, _, sockaddr in self.addresses:
+            left = min(self.timeout, self.deadline - time.monotonic())
+            if left <= 0:
+                raise TimeoutError("no time left to connect")
             sock = socket.socket(family, type_, proto)
             try:
-                sock.settimeout(self.timeout)
+                sock.settimeout(left)
                 sock.connect(sockaddr)
             except OSError as exc:
                 sock.close()

@@ -28,6 +28,8 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, p
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, SignatureAlgorithmOID
 
+from gateway.settings import shown_url
+
 from .fetch import Backoff, FetchError, fetch
 from .settings import RevocationSettings
 from .status import Status, Verdict
@@ -110,7 +112,7 @@ class OcspClient:
                 continue
             timeout = min(self.settings.timeout, deadline - time.monotonic() - 0.1)
             if timeout <= 0.05:
-                problems.append(f"{url}: no time left to ask")
+                problems.append(f"{shown_url(url)}: no time left to ask")
                 break
             try:
                 verdict, expires = self.ask(url, cert, issuer, timeout)
@@ -123,7 +125,7 @@ class OcspClient:
             if verdict.status in (Status.GOOD, Status.REVOKED):
                 self._remember(key, verdict, expires)
                 return verdict
-            problems.append(f"{url}: {verdict.detail}")
+            problems.append(f"{shown_url(url)}: {verdict.detail}")
         return Verdict(Status.UNKNOWN, "; ".join(problems))
 
     def _remember(self, key: tuple[bytes, int], verdict: Verdict, expires: dt.datetime | None) -> None:
@@ -246,7 +248,7 @@ class OcspClient:
         try:
             response = ocsp.load_der_ocsp_response(data)
         except ValueError:
-            raise FetchError(f"{url}: the answer is not an OCSP response") from None
+            raise FetchError(f"{shown_url(url)}: the answer is not an OCSP response") from None
         return response.response_status.name.lower()
 
 
