@@ -397,7 +397,7 @@ class Hub:
                 if self.router is None:
                     if local_busy:
                         raise busy(f"every link of {connection!r} carries {self.max_in_flight} requests")
-                    if await self._relinked(connection, deadline, relink):
+                    if await self._relinked(connection, deadline, relink, tried=tried):
                         continue
                     raise Unreachable("relay.no_connector", f"no connector of {connection!r} is online")
                 # No link free here: the instance holding one answers (router.py).
@@ -412,7 +412,7 @@ class Hub:
                     # Only when nothing was handed on: Redis lost after the request went to another
                     # instance's inbox may have let its connector check the password.
                     if exc.reason == "relay.no_connector" and exc.unsent \
-                            and await self._relinked(connection, deadline, relink, exc.routes):
+                            and await self._relinked(connection, deadline, relink, exc.routes, tried=tried):
                         continue
                     raise
                 return _body(message)
@@ -443,7 +443,7 @@ class Hub:
                 raise
 
     async def _relinked(self, connection: str, deadline: float, relink: _Relink,
-                        failed: Set[tuple[str, str]] | None = None) -> bool:
+                        failed: Set[tuple[str, str]] | None = None, *, tried: Set[int] = frozenset()) -> bool:
         """Whether the call should try again: a link of *connection* is ready again, here or at
         another relay instance, within ``relink_wait`` seconds of a relay instance losing one
         (and within the call's deadline). A connector whose link dropped (a network blip, the
@@ -470,6 +470,10 @@ class Hub:
             # A router's view of other instances may miss a link (a route written again within one
             # look, an instance of an older version): one more try when the window ends in time.
             relink.last_try = self.router is not None and time.monotonic() < end < deadline - 0.1
+        # A link ready here while this call awaited Redis (the forward, the window) woke nobody:
+        # it was not waiting yet. Not one the call tried already (no loop on a link that failed).
+        if self._pick(connection, set(tried)) is not None:
+            return True
         wait = relink.until - time.monotonic()
         if wait <= 0:
             last, relink.last_try = relink.last_try, False
@@ -486,7 +490,7 @@ class Hub:
             return True
         except asyncio.TimeoutError:
             last, relink.last_try = relink.last_try, False
-            return last
+            return last or self._pick(connection, set(tried)) is not None
         finally:
             if waiter in waiters:
                 waiters.remove(waiter)
