@@ -13,8 +13,7 @@ import pytest
 
 from support.browser import chromium
 from support.kdc import KDC, write_krb5_conf
-from support.login import LoginSite
-from support.net import free_port
+from support.login import LoginSite, certificate_listener
 from support.pki import CA
 from support.slapd import Slapd
 
@@ -111,27 +110,21 @@ def test_chromium_outside_the_networks_or_without_a_ticket_gets_the_form(inside,
 
 def test_a_client_certificate_on_the_tls_listener_signs_in(world, tmp_path):
     ca = world["ca"]
-    roots = tmp_path / "roots.pem"
-    roots.write_bytes(ca.pem)
-    server_cert, server_key = ca.issue("localhost", dns=["localhost"], ips=["127.0.0.1"], server=True).write(tmp_path, "tls")
-    port = free_port()
-    settings = {"ca_bundle": str(roots), "listener": {"address": f"127.0.0.1:{port}", "certificate": str(server_cert),
-                                                      "key": str(server_key)},
-                "revocation": {"policy": "off"}, "mapping": {"lookup": True, "rules": [{"type": "cn", "pattern": "^[a-z]+$"}]}}
+    certificate_files, cert_url = certificate_listener(tmp_path, ca)
     site = LoginSite(tmp_path / "site", world["slapd"], ca, gateway={"chain": ["client_cert", "ldap"]},
-                     extra={"client_cert.yaml": "client_cert: " + json.dumps(settings)})
+                     extra=certificate_files)
     site.start()
     try:
         cert, key = ca.issue("alice", client=True).write(tmp_path, "alice")
-        context = ssl.create_default_context(cafile=str(roots))
+        context = ssl.create_default_context(cadata=ca.pem.decode())
         context.load_cert_chain(cert, key)
-        with urllib.request.urlopen(f"https://localhost:{port}/login", context=context, timeout=15) as response:
+        with urllib.request.urlopen(f"{cert_url}/login", context=context, timeout=15) as response:
             body = response.read().decode()
             cookies = " ".join(response.headers.get_all("Set-Cookie"))
         assert "You are signed in as Alice Liddell." in body and "authgw_session=" in cookies
-        bare = ssl.create_default_context(cafile=str(roots))
+        bare = ssl.create_default_context(cadata=ca.pem.decode())
         try:  # without a certificate: the listener refuses or the form is shown, never a session
-            with urllib.request.urlopen(f"https://localhost:{port}/login", context=bare, timeout=15) as response:
+            with urllib.request.urlopen(f"{cert_url}/login", context=bare, timeout=15) as response:
                 assert "signed in" not in response.read().decode()
         except (ssl.SSLError, OSError):
             pass

@@ -20,8 +20,7 @@ from authlib.oidc.core import CodeIDToken
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from support.login import LoginSite
-from support.net import free_port
+from support.login import LoginSite, certificate_listener
 from support.pki import CA
 from support.slapd import Slapd
 
@@ -40,20 +39,13 @@ def op(tmp_path_factory):
     (base / "secret").write_text(SECRET)
     (base / "secret").chmod(0o600)
     ca = CA.create()
-    roots = base / "roots.pem"
-    roots.write_bytes(ca.pem)
-    cert, key = ca.issue("localhost", dns=["localhost"], ips=["127.0.0.1"], server=True).write(base, "tls")
-    port = free_port()
-    client_cert = {"ca_bundle": str(roots), "listener": {"address": f"127.0.0.1:{port}", "certificate": str(cert),
-                                                         "key": str(key)},
-                   "revocation": {"policy": "off"},
-                   "mapping": {"lookup": True, "rules": [{"type": "cn", "pattern": "^[a-z]+$"}]}}
+    certificate_files, cert_url = certificate_listener(base, ca)
     site = LoginSite(base / "op", slapd, ca, gateway={"chain": ["client_cert", "ldap"]},
                      login={"oidc": {"clients": [{"client_id": "rp", "redirect_uris": [CB],
                                                   "client_secret": {"file": str(base / "secret")}}]}},
-                     extra={"client_cert.yaml": "client_cert: " + json.dumps(client_cert)})
+                     extra=certificate_files)
     site.gw = site.start()
-    site.cert_url = f"https://localhost:{port}"
+    site.cert_url = cert_url
     site.alice_cert = ca.issue("alice", client=True).write(base, "alice")
     site.config = site.client().get(f"{site.url}/.well-known/openid-configuration").json()
     yield site

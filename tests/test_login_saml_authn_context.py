@@ -9,20 +9,15 @@ RequestedAuthnContext, an unknown Comparison, mixed references) is refused as ma
 from __future__ import annotations
 
 import base64
-import datetime as dt
-import json
 import re
-import secrets
-import zlib
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlsplit
 
 import pytest
 from saml2.response import StatusNoAuthnContext
 from saml2.saml import AuthnContextClassRef
 from saml2.samlp import RequestedAuthnContext
 
-from support.login import LoginSite, hidden
-from support.net import free_port
+from support.login import LoginSite, certificate_listener, hidden, unsigned_authn_request
 from support.pki import CA
 from support.saml_sp import SamlSP
 from support.slapd import Slapd
@@ -40,21 +35,14 @@ def idp(tmp_path_factory):
     slapd = Slapd(base / "slapd").start()
     slapd.add_user("alice", "Alice-pw-1", cn="Alice Liddell", mail="alice@example.com")
     ca = CA.create()
-    roots = base / "roots.pem"
-    roots.write_bytes(ca.pem)
-    cert, key = ca.issue("localhost", dns=["localhost"], ips=["127.0.0.1"], server=True).write(base, "tls")
-    port = free_port()
-    client_cert = {"ca_bundle": str(roots), "listener": {"address": f"127.0.0.1:{port}", "certificate": str(cert),
-                                                         "key": str(key)},
-                   "revocation": {"policy": "off"},
-                   "mapping": {"lookup": True, "rules": [{"type": "cn", "pattern": "^[a-z]+$"}]}}
+    certificate_files, cert_url = certificate_listener(base, ca)
     site = LoginSite(base / "idp", slapd, ca, gateway={"chain": ["client_cert", "ldap"]},
                      login={"saml": {"service_providers": [
                          {"entity_id": SP_ID, "acs_urls": [ACS], "name_id_format": "emailAddress",
                           "name_id_source": "email"}]}},
-                     extra={"client_cert.yaml": "client_cert: " + json.dumps(client_cert)})
+                     extra=certificate_files)
     site.gw = site.start()
-    site.cert_url = f"https://localhost:{port}"
+    site.cert_url = cert_url
     site.alice_cert = tuple(str(p) for p in ca.issue("alice", client=True).write(base, "alice"))
     site.metadata = site.client().get(f"{site.url}/saml/metadata").text
     yield site
@@ -163,14 +151,7 @@ def test_a_context_no_sign_in_method_has_is_answered_at_once(idp, sp):
 
 def raw_request(idp, body: str) -> str:
     """An unsigned HTTP-Redirect AuthnRequest from SP_ID with *body* after its Issuer."""
-    now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    xml = (f'<samlp:AuthnRequest xmlns:samlp="urn:oasis:names:tc:SAML:2.0:protocol" '
-           f'xmlns:saml="urn:oasis:names:tc:SAML:2.0:assertion" ID="_{secrets.token_hex(8)}" Version="2.0" '
-           f'IssueInstant="{now}" Destination="{idp.url}/saml/sso"><saml:Issuer>{SP_ID}</saml:Issuer>{body}'
-           f'</samlp:AuthnRequest>')
-    packer = zlib.compressobj(9, zlib.DEFLATED, -15)
-    data = base64.b64encode(packer.compress(xml.encode()) + packer.flush()).decode()
-    return f"{idp.url}/saml/sso?" + urlencode({"SAMLRequest": data})
+    return unsigned_authn_request(idp.url, SP_ID, body)
 
 
 CLASS = f"<saml:AuthnContextClassRef>{PASSWORD}</saml:AuthnContextClassRef>"

@@ -8,17 +8,14 @@ serve`` and slapd."""
 from __future__ import annotations
 
 import base64
-import datetime as dt
 import re
-import secrets
-import zlib
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlsplit
 
 import pytest
 from saml2.response import StatusInvalidNameidPolicy, StatusNoPassive, StatusUnknownPrincipal
 from saml2.saml import NAMEID_FORMAT_EMAILADDRESS, NAMEID_FORMAT_PERSISTENT, NameID, Subject
 
-from support.login import LoginSite, hidden
+from support.login import LoginSite, hidden, unsigned_authn_request
 from support.pki import CA
 from support.saml_sp import SamlSP
 from support.slapd import Slapd
@@ -165,14 +162,7 @@ def test_a_subject_is_checked_after_a_fresh_sign_in_too(idp, sp):
 
 def redirect_request(idp, body: str) -> str:
     """An unsigned HTTP-Redirect AuthnRequest from SP_ID with *body* after its Issuer."""
-    now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    xml = (f'<samlp:AuthnRequest xmlns:samlp="urn:oasis:names:tc:SAML:2.0:protocol" '
-           f'xmlns:saml="urn:oasis:names:tc:SAML:2.0:assertion" ID="_{secrets.token_hex(8)}" Version="2.0" '
-           f'IssueInstant="{now}" Destination="{idp.url}/saml/sso"><saml:Issuer>{SP_ID}</saml:Issuer>{body}'
-           f'</samlp:AuthnRequest>')
-    packer = zlib.compressobj(9, zlib.DEFLATED, -15)
-    data = base64.b64encode(packer.compress(xml.encode()) + packer.flush()).decode()
-    return f"{idp.url}/saml/sso?" + urlencode({"SAMLRequest": data})
+    return unsigned_authn_request(idp.url, SP_ID, body)
 
 
 @pytest.mark.parametrize("subject", [

@@ -13,17 +13,50 @@ The login listener's certificate (from *ca*) names ``localhost`` and ``127.0.0.1
 
 from __future__ import annotations
 
+import base64
+import datetime as dt
 import html
 import json
 import re
+import secrets
+import zlib
 from pathlib import Path
+from urllib.parse import urlencode
 
 import requests
 
 from support.gateway import GatewayProcess, write_conf
 from support.net import free_port
 
-__all__ = ["LoginSite", "hidden"]
+__all__ = ["LoginSite", "certificate_listener", "hidden", "unsigned_authn_request"]
+
+
+def certificate_listener(directory: Path, ca) -> tuple[dict[str, str], str]:
+    """The ``client_cert`` plugin on a TLS listener of its own (a server certificate from *ca*,
+    clients of *ca* trusted, a lowercase CN looked up as the user name, no revocation): the
+    conf.d file for ``LoginSite(extra=...)``, and the listener's URL."""
+    roots = directory / "roots.pem"
+    roots.write_bytes(ca.pem)
+    cert, key = ca.issue("localhost", dns=["localhost"], ips=["127.0.0.1"], server=True).write(directory, "tls")
+    port = free_port()
+    settings = {"ca_bundle": str(roots),
+                "listener": {"address": f"127.0.0.1:{port}", "certificate": str(cert), "key": str(key)},
+                "revocation": {"policy": "off"},
+                "mapping": {"lookup": True, "rules": [{"type": "cn", "pattern": "^[a-z]+$"}]}}
+    return {"client_cert.yaml": "client_cert: " + json.dumps(settings)}, f"https://localhost:{port}"
+
+
+def unsigned_authn_request(idp_url: str, issuer: str, body: str) -> str:
+    """The URL of an unsigned HTTP-Redirect AuthnRequest from *issuer* to the IdP at *idp_url*,
+    with *body* (raw XML, as a hostile or unusual SP would write it) after its Issuer."""
+    now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    xml = (f'<samlp:AuthnRequest xmlns:samlp="urn:oasis:names:tc:SAML:2.0:protocol" '
+           f'xmlns:saml="urn:oasis:names:tc:SAML:2.0:assertion" ID="_{secrets.token_hex(8)}" Version="2.0" '
+           f'IssueInstant="{now}" Destination="{idp_url}/saml/sso"><saml:Issuer>{issuer}</saml:Issuer>{body}'
+           f'</samlp:AuthnRequest>')
+    packer = zlib.compressobj(9, zlib.DEFLATED, -15)
+    data = base64.b64encode(packer.compress(xml.encode()) + packer.flush()).decode()
+    return f"{idp_url}/saml/sso?" + urlencode({"SAMLRequest": data})
 
 
 def hidden(page: str, name: str) -> str | None:
