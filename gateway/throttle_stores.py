@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Protocol
 
 from gateway.health import redis_location
+from gateway.logs import RateLimitedWarning
 from gateway.settings import ThrottleSettings
 from gateway.sqlitedb import connect_wal, create_private
 
@@ -94,7 +95,7 @@ class MemoryStore:
         self._keys: dict[str, deque[tuple[float, str]]] = {}
         self._next_sweep = 0.0  # when full: the earliest time to look for expired counters again
         self._unknown: set[str] = set()  # user counters of names no directory knows (droppable)
-        self._next_warning = 0.0
+        self._warn = RateLimitedWarning(log)  # a spray must not fill the log either
 
     def reserve(self, keys: list[tuple[str, int]], ticket: str, now: float, window: float) -> bool:
         horizon = now - window
@@ -113,19 +114,17 @@ class MemoryStore:
                         del self._keys[key]
                         self._unknown.discard(key)
                     if len(self._keys) + new > _MAX_KEYS:
-                        self._drop_single_failures(now)
+                        self._drop_single_failures()
                 if len(self._keys) + new > _MAX_KEYS:
-                    if now >= self._next_warning:
-                        self._next_warning = now + 60.0
-                        log.warning("throttle: %d live counters of two failures or more (the memory store's "
-                                    "limit); password attempts that need a new one are refused until counters "
-                                    "expire", len(self._keys))
+                    self._warn("full", "throttle: %d live counters, users' counts and counters of two failures or "
+                               "more (the memory store's limit); password attempts that need a new one are "
+                               "refused until counters expire", len(self._keys))
                     return False
             for key, _limit in keys:
                 self._keys.setdefault(key, deque()).append((now, ticket))
         return True
 
-    def _drop_single_failures(self, now: float) -> None:
+    def _drop_single_failures(self) -> None:
         """Drop the oldest tenth of the store's size among counters of one failure (lock held)."""
         single = heapq.nsmallest(max(1, _MAX_KEYS // 10),
                                  ((times[0][0], key) for key, times in self._keys.items()
@@ -133,13 +132,11 @@ class MemoryStore:
         for _at, key in single:
             del self._keys[key]
             self._unknown.discard(key)
-        if single and now >= self._next_warning:
-            self._next_warning = now + 60.0
-            log.warning("throttle: the memory store is full (%d counters: a spray of new names or addresses); "
-                        "dropped the %d oldest counters of a single failure of a client or of a name no directory "
-                        "knows; users' counts are kept (said at most every 60 s; `throttle.store: sqlite` or "
-                        "`redis` holds more)",
-                        len(self._keys) + len(single), len(single))
+        if single:
+            self._warn("dropped", "throttle: the memory store is full (%d counters: a spray of new names or "
+                       "addresses); dropped the %d oldest counters of a single failure of a client or of a name no "
+                       "directory knows; users' counts are kept (said at most every 60 s; `throttle.store: sqlite` "
+                       "or `redis` holds more)", len(self._keys) + len(single), len(single))
 
     def unknown_user(self, key: str) -> None:
         """*key*, a user's counter, is of a name no directory knows (its attempt's outcome

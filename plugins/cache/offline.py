@@ -124,9 +124,10 @@ class OfflineCache:
         self.last_offline_answer: float | None = None
         #: The last store error, for readiness (None when the last operation worked).
         self.store_error: str | None = None
-        self._rechecks: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
-        self._rechecks_pending = 0  # queued or being compared; under _recheck_done's lock
-        self._rechecking: dict[str, int] = {}  # the same, by user key (offline answers wait for them)
+        self._rechecks: queue.SimpleQueue[tuple[str, str, object]] = queue.SimpleQueue()
+        #: Refused passwords queued or being compared, by user key (offline answers wait for
+        #: theirs); under _recheck_done's lock.
+        self._rechecking: dict[str, int] = {}
         self._recheck_done = threading.Condition()
 
     # -- lazily opened state (never in the master process: it forks the workers) ---------------
@@ -264,28 +265,24 @@ class OfflineCache:
         for a cached user from one for another."""
         user_key = self.user_key(credential.username)
         with self._recheck_done:
-            if self._rechecks_pending >= _RECHECKS_QUEUED:
-                full = True
-            else:
-                full = False
-                self._rechecks_pending += 1
+            pending = sum(self._rechecking.values())
+            if pending < _RECHECKS_QUEUED:
                 self._rechecking[user_key] = self._rechecking.get(user_key, 0) + 1
-                start = self._rechecks_pending == 1
-        if full:
+        if pending >= _RECHECKS_QUEUED:
             self.forget(credential.username)
             return
-        self._rechecks.put((credential.username, credential.password))
-        if start:
+        self._rechecks.put((credential.username, user_key, credential.password))
+        if pending == 0:  # no thread is comparing: start one
             threading.Thread(target=self._recheck_queued, name="authgw-cache-recheck", daemon=True).start()
 
     def _recheck_queued(self) -> None:
         """Compare queued refused passwords until none is left (then the thread ends; the next
         refusal starts another)."""
         while True:
-            username, password = self._rechecks.get()
+            username, user_key, password = self._rechecks.get()
             try:
                 try:
-                    self._forget_if_cached(username, password)
+                    self._forget_if_cached(username, user_key, password)
                 except Exception:  # forget, as before the comparison
                     self.log.exception("credential cache: comparing a refused password failed; the entry is "
                                        "forgotten")
@@ -293,22 +290,19 @@ class OfflineCache:
             except BaseException:  # noqa: BLE001 - never end the thread with items queued and counted
                 self.log.exception("credential cache: forgetting an entry after a refused password failed")
             finally:
-                user_key = self.user_key(username)
                 with self._recheck_done:
-                    self._rechecks_pending -= 1
                     if self._rechecking[user_key] == 1:
                         del self._rechecking[user_key]
                     else:
                         self._rechecking[user_key] -= 1
-                    last = self._rechecks_pending == 0
+                    last = not self._rechecking
                     self._recheck_done.notify_all()
             if last:
                 return
 
-    def _forget_if_cached(self, username: str, password) -> None:
+    def _forget_if_cached(self, username: str, user_key: str, password) -> None:
         try:
             keys = self.keys()
-            user_key = self.user_key(username)
             row_key = keys.row_key(user_key)
             entry = self.store.get(row_key)
             self._ok()
@@ -333,7 +327,7 @@ class OfflineCache:
         compared; False when *timeout* passed first."""
         with self._recheck_done:
             if user_key is None:
-                return self._recheck_done.wait_for(lambda: self._rechecks_pending == 0, timeout)
+                return self._recheck_done.wait_for(lambda: not self._rechecking, timeout)
             return self._recheck_done.wait_for(lambda: user_key not in self._rechecking, max(0.0, timeout))
 
     def proved_by(self, username: str) -> str | None:
