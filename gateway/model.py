@@ -31,6 +31,7 @@ __all__ = [
     "UserPage",
     "address_text",
     "canonical_username",
+    "plainly_spelt",
 ]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -79,6 +80,15 @@ def canonical_username(name: str) -> str:
     if not name.isascii():
         name = "".join(ch for ch in name if unicodedata.category(ch) != "Cf")
     return " ".join(name.split())
+
+
+def plainly_spelt(name: str) -> bool:
+    """Whether *name* is already in its one spelling (:func:`canonical_username`) and holds no
+    control character: what a name that is the whole credential (a certificate's, a Kerberos
+    principal's) must be. Directories match names loosely (OpenLDAP's caseIgnoreMatch folds
+    compatibility forms and white space), so such a name spelt otherwise, ``ａｌｉｃｅ``
+    (full-width) or ``alice`` with a no-break space, would be another user's."""
+    return name == canonical_username(name) and not any(unicodedata.category(ch)[0] == "C" for ch in name)
 
 
 @dataclass(frozen=True, slots=True)

@@ -141,6 +141,17 @@ def test_escaped_principals_split_like_mit():
     assert PrincipalMapper(["R"], [], False).map(r"a\/b@R").username == "a/b"
 
 
+@pytest.mark.parametrize("principal", [r"\bob@R", r"\tom@R", r"\nancy@R", r"al\0ice@R"])
+def test_mits_escapes_for_control_characters_are_read_as_them(principal):
+    r"""MIT's display form writes backspace, TAB, LF and NUL as ``\b \t \n \0``. Dropping the
+    backslash mapped the principal backspace+``ob`` to bob (review of the Kerberos plugin):
+    they are read as the control characters they stand for, which map to no one."""
+    mapped = PrincipalMapper(["R"], [], False).map(principal)
+    assert (mapped.username, mapped.reason) == (None, "principal_not_mapped")
+    assert split_principal(r"\bob@R") == (["\bob"], "R")
+    assert split_principal(r"a\xb@R") == (["axb"], "R")  # any other escaped character stands for itself
+
+
 @pytest.mark.parametrize("principal", [
     "alice@CORP.EXAMPLE", "HTTP/web.corp.example@CORP.EXAMPLE", "alice", "", "@", "@R", "a@", "/", "a//b@R",
     "a/b/c@R", "a@b@c", "a@R/x", "host/a@R@S/t", "üser/ünicode@RÉALM", "a b@R", "/a@", "a\tb@R",

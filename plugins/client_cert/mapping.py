@@ -27,12 +27,13 @@ import base64
 import binascii
 import hashlib
 import re
-import unicodedata
 from typing import Any, Iterable, Mapping
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
+
+from gateway.model import plainly_spelt
 
 from .settings import MappingRule
 
@@ -145,17 +146,12 @@ def _shape(rule: MappingRule, value: str) -> str | None:
 
 
 def _canonical(value: str) -> bool:
-    """Whether *value* is a name as the certificate should spell it: no white space around it, no
-    control, format or other unusual character (a space is the one separator allowed), and
-    unchanged by NFKC. With a certificate the name is the whole credential, and directories match
-    names loosely (OpenLDAP's caseIgnoreMatch folds compatibility forms and white space): a
+    """Whether *value* is a name as the certificate should spell it (:func:`plainly_spelt`). With
+    a certificate the name is the whole credential, and directories match names loosely: a
     certificate naming ``ｆｒａｎｋ`` (fullwidth), ``fran\u212a`` (the Kelvin sign) or
     ``frank\u00a0`` logged in as frank (review of the client_cert plugin). Such a name maps to no
     one (``cert.unmapped``)."""
-    if value != value.strip() or unicodedata.normalize("NFKC", value) != value:
-        return False
-    return not any(unicodedata.category(c)[0] == "C" or (unicodedata.category(c)[0] == "Z" and c != " ")
-                   for c in value)
+    return plainly_spelt(value)
 
 
 def candidates(rule: MappingRule, cert: x509.Certificate) -> list[str]:

@@ -246,6 +246,15 @@ class KerberosPlugin:
                                  printable(principal), exc.reason, attempt.request_id)
                 attempt.note(Outcome.UNAVAILABLE, step=self.name, reason="kerberos.directory_unavailable")
                 return None
+            if found is not None and self._other_case(username, found.username):
+                # MIT principals are case-sensitive, directories match names ignoring case:
+                # ``ALICE@REALM`` is not alice unless the operator says the realm ignores case
+                # (``lowercase_username``, as AD's does). Review of the Kerberos plugin.
+                self.log.info("kerberos: %s maps to %r, which the directory knows as %r; refused "
+                              "(lowercase_username: true if the realm ignores case, as AD's does); attempt %s",
+                              printable(principal), username, found.username, attempt.request_id)
+                return Decision.deny(Outcome.INVALID_CREDENTIALS, step=self.name,
+                                     reason="kerberos.principal_not_mapped")
             if found is not None:
                 refusal = found.refusal(password_state_refuses=self.settings.password_state_refuses)
                 if refusal:
@@ -263,6 +272,13 @@ class KerberosPlugin:
                 attempt.note(Outcome.USER_NOT_FOUND, step=self.name, reason="kerberos.user_not_found")
                 return None
         return Identity(subject=f"kerberos:{principal}", username=username, method=self.name, claims=claims)
+
+    def _other_case(self, username: str, known_as: str | None) -> bool:
+        """Whether the directory found *username* under a spelling that differs from it only in
+        case, and case matters (not ``lowercase_username``). A rule mapping to another attribute
+        (a UPN looked up, the account name answered) is the directory's to match."""
+        return (not self.settings.lowercase_username and bool(known_as) and known_as != username
+                and known_as.casefold() == username.casefold())
 
     def _refuse(self, attempt: Attempt, reason: str, detail: str) -> Decision:
         self._log(attempt, reason, detail)

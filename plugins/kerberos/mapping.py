@@ -27,10 +27,9 @@ from dataclasses import dataclass
 from pydantic import Field, field_validator
 
 from gateway import PluginSettings
+from gateway.model import plainly_spelt
 
 __all__ = ["CrossRealmPolicy", "MappingRule", "Mapped", "PrincipalMapper", "split_principal"]
-
-_USERNAME_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class MappingRule(PluginSettings):
@@ -57,12 +56,21 @@ def split_principal(principal: str) -> tuple[list[str], str]:
     return _split_escaped(principal)
 
 
+#: What MIT's display form (krb5_unparse_name) writes for the characters it cannot show, read
+#: back as krb5_parse_name reads them: any other escaped character stands for itself.
+_MIT_ESCAPES = {"n": "\n", "t": "\t", "b": "\b", "0": "\0"}
+
+
 def _split_escaped(principal: str) -> tuple[list[str], str]:
     components, current, realm, in_realm = [], [], [], False
     chars = iter(principal)
     for ch in chars:
         if ch == "\\":
-            (realm if in_realm else current).append(next(chars, ""))
+            # ``\b`` is a backspace, not a b: dropping the backslash mapped the principal
+            # backspace+``ob`` to bob (review of the Kerberos plugin). The control character
+            # decoded here makes the name unusable (PrincipalMapper._finish).
+            escaped = next(chars, "")
+            (realm if in_realm else current).append(_MIT_ESCAPES.get(escaped, escaped))
         elif ch == "@" and not in_realm:
             in_realm = True
         elif ch == "/" and not in_realm:
@@ -90,9 +98,16 @@ class PrincipalMapper:
         self.lowercase = lowercase
 
     def _finish(self, username: str, principal: str) -> Mapped:
-        if not username or _USERNAME_FORBIDDEN.search(username):
+        # The directory finds a user by this name as loosely as it matches strings (case,
+        # compatibility forms, white space), while MIT principals are exact: ``ａｌｉｃｅ`` and
+        # ``alice`` with a no-break space are principals of their own and logged in as alice
+        # (review of the Kerberos plugin). Only a name in its one spelling maps to anyone; case
+        # is checked against the directory's own spelling (KerberosPlugin._identity).
+        if self.lowercase:
+            username = username.lower()
+        if not username or not plainly_spelt(username):
             return Mapped(None, "principal_not_mapped", f"{principal} maps to an unusable username")
-        return Mapped(username.lower() if self.lowercase else username)
+        return Mapped(username)
 
     def map(self, principal: str) -> Mapped:
         for pattern, template in self.rules:
