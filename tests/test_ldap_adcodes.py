@@ -9,9 +9,11 @@ XXX, vNNNN``. The formats are documented in test_ldap_units.py (AD_MESSAGES).
 from __future__ import annotations
 
 
+import json
+
 import pytest
 
-from support.gateway import GatewayProcess
+from support.gateway import GatewayProcess, authgw, write_conf
 from support.ldapgw import api_login, ldap_gateways
 from support.slapd import Slapd
 
@@ -36,6 +38,10 @@ def directory(tmp_path_factory) -> Slapd:
     for uid, (code, _, _) in STATES.items():
         slapd.add_user(uid, "pw", cn=uid, mail=f"{uid}@example.com", groups=["users"],
                        bind_error=(49, TEMPLATE.format(code)))
+    # A server that quotes the bind DN in its message, and a DN that holds "data 532": a wrong
+    # password, whatever the text says.
+    slapd.add_user("echo", "pw", bind_error=(49, f"invalid credentials for {slapd.user_dn('echo')} (data 532)"))
+    slapd.add_user("echo-ad", "pw", bind_error=(49, "CN=data 773,OU=Staff " + TEMPLATE.format("52e")))
     slapd.add_user("slow", "pw", bind_delay=3)
     slapd.add_user("fine", "pw")
     yield slapd
@@ -89,6 +95,15 @@ def test_expired_and_must_change_pass_only_when_the_operator_allows_it(start, di
     assert api(only_expired, "newbie", "pw")[1]["reason"] == "ldap.must_change_password"
 
 
+def test_a_quoted_data_code_is_not_ads_word_and_lets_no_one_in(start, directory) -> None:
+    # allow_expired_password / allow_must_change_password admit AD's 532 / 773; a message that
+    # merely holds "data 532" or "data 773" (a quoted DN) must stay a wrong password.
+    lenient = start(directory.plugin_settings("plain", allow_expired_password=True, allow_must_change_password=True))
+    for uid in ("echo", "echo-ad"):
+        status, body = api(lenient, uid, "pw")
+        assert (status, body["outcome"], body["reason"]) == (200, "invalid_credentials", "ldap.invalid_password"), uid
+
+
 def test_a_bind_that_hangs_is_unavailable_never_a_wrong_password(start, directory) -> None:
     gw = start(directory.plugin_settings("plain", receive_timeout=0.5, backoff=60))
     response = gw.auth("slow", "pw")
@@ -97,3 +112,16 @@ def test_a_bind_that_hangs_is_unavailable_never_a_wrong_password(start, director
     assert (line["outcome"], line["reason"]) == ("unavailable", "ldap.unavailable")
     # The only server is retried at once for the next attempt (nothing else could answer).
     assert gw.auth("fine", "pw").status == 200
+
+
+def test_check_names_the_ad_sub_code_of_a_refused_service_account(directory, tmp_path) -> None:
+    # The sub-code is read from the server's own message, not from the text wrapped around it.
+    secret = tmp_path / "service-password"
+    secret.write_text("pw")
+    secret.chmod(0o600)
+    settings = directory.plugin_settings("plain", bind_dn=directory.user_dn("locked"),
+                                         bind_password={"file": str(secret)})
+    conf = write_conf(tmp_path / "conf.d", {"gateway.yaml": json.dumps({"chain": ["ldap"]}),
+                                            "ldap.yaml": "ldap: " + json.dumps(settings)})
+    out = authgw("check", "--config", str(conf), "--state-dir", str(tmp_path / "state")).stdout
+    assert "FAIL  ldap.bind" in out and "(AD: account locked out)" in out, out

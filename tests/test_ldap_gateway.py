@@ -184,6 +184,22 @@ def test_empty_password_through_auth_makes_no_bind(gw, directory) -> None:
     assert directory.bind_count() == before
 
 
+NUL_PASSWORDS = ["\x00", "\x00" + PASSWORDS["alice"], PASSWORDS["alice"] + "\x00", PASSWORDS["alice"] + "\x00junk"]
+
+
+def test_a_password_holding_nul_makes_no_bind(gw, directory) -> None:
+    # A server in C may read the password up to its NUL: "\0" would be an unauthenticated bind
+    # (success), "right\0junk" the right password. Refused by the plugin before any bind.
+    before = directory.bind_count()
+    for password in NUL_PASSWORDS:
+        response = gw.auth("alice", password)
+        assert response.status == 401, repr(password)
+        line = gw.audit_for(response.header("X-Request-Id"))
+        assert (line["outcome"], line["reason"], line["step"]) == \
+            ("invalid_credentials", "ldap.nul_in_password", "ldap"), repr(password)
+    assert directory.bind_count() == before
+
+
 def _context(tmp_path: Path, directory_hook=None) -> PluginContext:
     return PluginContext(name="ldap", config_dir=tmp_path, state_dir=tmp_path,
                          gateway=GatewaySettings(chain=["ldap"]), hook=directory_hook,  # type: ignore[arg-type]
@@ -206,6 +222,11 @@ def test_the_plugin_itself_refuses_an_empty_password_before_any_network_call(tmp
     decision = plugin.gateway_authenticate(_attempt("alice", ""))
     assert decision is not None and decision.outcome is Outcome.INVALID_CREDENTIALS
     assert decision.reason == "ldap.empty_password"
+    assert (directory.bind_count(), directory.connection_count()) == (binds, connections)
+    for password in NUL_PASSWORDS:  # and one a server in C could read as empty, or as the right one
+        decision = plugin.gateway_authenticate(_attempt("alice", password))
+        assert decision is not None and decision.outcome is Outcome.INVALID_CREDENTIALS
+        assert decision.reason == "ldap.nul_in_password"
     assert (directory.bind_count(), directory.connection_count()) == (binds, connections)
     plugin.gateway_shutdown()
 

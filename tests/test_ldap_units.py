@@ -227,6 +227,28 @@ def test_messages_without_a_known_ad_code_give_none(message) -> None:
     assert parse_data_code(message) is None
 
 
+REAL_52E = "80090308: LdapErr: DSID-0C09044E, comment: AcceptSecurityContext error, data 52e, v4563"
+
+
+@pytest.mark.parametrize("message, code", [
+    # a server that quotes the bind DN, which holds "data 532", before AD's own text
+    (f"bind of CN=data 532,OU=Staff,DC=corp,DC=example,DC=com refused: {REAL_52E}", None),
+    (f"CN=x data 532, {REAL_52E}", None),
+    # ... or after it: the first field of AD's shape is the answer
+    (f"{REAL_52E} (bind DN CN=data 532,OU=Staff,DC=corp,DC=example,DC=com)\x00", "52e"),
+    (f"{REAL_52E}, data 532", "52e"),
+    # not AD's shape at all: no code, whatever it says
+    ("invalid credentials for uid=data 532,ou=people,dc=example,dc=com", None),
+    ("data 532", None),
+    ("data 773, v4563", None),
+    ("LdapErr: DSID-0C09044E, comment: AcceptSecurityContext error, data 532, v4563", None),  # no HRESULT
+    ("80090308: LdapErr: DSID-0C09044E, comment: AcceptSecurityContext error, data 5320, v4563", None),
+])
+def test_the_ad_code_is_read_only_from_ads_exact_shape_at_the_start(message, code) -> None:
+    parsed = parse_data_code(message)
+    assert (parsed.code if parsed else None) == code
+
+
 def test_every_documented_code_is_mapped_once() -> None:
     assert sorted(AD_CODES) == ["525", "52e", "530", "531", "532", "533", "701", "773", "775"]
     assert len({c.reason for c in AD_CODES.values()}) == len(AD_CODES)

@@ -11,8 +11,9 @@ expired accounts are reported with the password path's reason codes, never as us
 Decides
     password attempts whose user the directory holds: ``SUCCESS`` (identity with the mapped
     attributes and groups), ``INVALID_CREDENTIALS`` (``ldap.invalid_password``,
-    ``ldap.ambiguous_user``, ``ldap.bind_refused``, and ``ldap.empty_password``, refused before
-    any network call: an empty simple bind is an anonymous bind, RFC 4513 section 5.1.2),
+    ``ldap.ambiguous_user``, ``ldap.bind_refused``; ``ldap.empty_password`` and
+    ``ldap.nul_in_password`` before any network call: an empty simple bind is an anonymous
+    bind, RFC 4513 section 5.1.2, and a server in C may take a NUL for the password's end),
     ``ACCOUNT_STATE`` from AD's bind sub-codes
     (``ldap.locked``, ``ldap.disabled``, ``ldap.password_expired``, ...; see
     :mod:`~gateway.plugins.ldap.adcodes`), or after a successful bind from the entry's state
@@ -122,6 +123,10 @@ class LdapPlugin:
         # bind that servers report as success. Refuse it here, before any network traffic.
         if not credential.password:
             return Decision.deny(Outcome.INVALID_CREDENTIALS, step=self.name, reason="ldap.empty_password")
+        # A server written in C may read the password as a NUL-terminated string: "\0" would be
+        # the unauthenticated bind above, and "right\0anything" the right password.
+        if "\x00" in credential.password:
+            return Decision.deny(Outcome.INVALID_CREDENTIALS, step=self.name, reason="ldap.nul_in_password")
         if not username or len(username) > self.settings.max_username_length:
             attempt.note(Outcome.USER_NOT_FOUND, step=self.name, reason="ldap.user_not_found")
             return None

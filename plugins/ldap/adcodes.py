@@ -6,8 +6,10 @@ AD answers every failed simple bind with resultCode 49 (invalidCredentials, RFC 
     80090308: LdapErr: DSID-0C09044E, comment: AcceptSecurityContext error, data 775, v4563
 
 ``data XXX`` is the Win32 error in hex (775 = ERROR_ACCOUNT_LOCKED_OUT, 0x775 = 1909). The
-DSID and the trailing version vary by Windows release (``v1db1``, ``v2580``, ``v4563``...),
-Samba AD prints the same ``data`` field. Only the sub-code is read here.
+DSID and the trailing version vary by Windows release (``v1db1``, ``v2580``, ``v4563``...);
+Samba AD prints the same text. Only the sub-code is read here, and only from a message of
+exactly that shape, from its first character: ``data 532`` anywhere else (a bind DN a server
+quotes) is not AD's word.
 
 AD reports the state codes (530-533, 701, 773) only when the password was right; 52e is a
 wrong password; 525 is an unknown user; 775 (locked) is reported whatever the password.
@@ -45,15 +47,20 @@ AD_CODES: dict[str, AdCode] = {c.code: c for c in (
     AdCode("775", "ldap.locked", Outcome.ACCOUNT_STATE, "account locked out"),
 )}
 
-# "data 775," — the hex digits after the word "data", as AD and Samba print them.
-_DATA = re.compile(r"\bdata\s+([0-9a-fA-F]{1,8})\b")
+# AD's and Samba's message from its start: the HRESULT in 8 hex digits, "LdapErr", the DSID, the
+# comment, and the Win32 error after "data". Matched at the start only, not searched for: a
+# server that quotes the bind DN in its message (a DN holding "data 532") must not turn a wrong
+# password into a state that allow_expired_password or allow_must_change_password lets in.
+_AD_MESSAGE = re.compile(r"[0-9A-Fa-f]{8}: LdapErr: DSID-[0-9A-Fa-f]+, "
+                         r"comment: AcceptSecurityContext error, data ([0-9A-Fa-f]{1,8})\b")
 
 
 def parse_data_code(message: str | None) -> AdCode | None:
-    """The known AD sub-code in a bind diagnosticMessage, or ``None`` (other servers, unknown)."""
+    """The known AD sub-code of a bind diagnosticMessage in AD's exact shape, or ``None`` (other
+    servers, other shapes, unknown codes)."""
     if not message:
         return None
-    match = _DATA.search(message)
+    match = _AD_MESSAGE.match(message)
     if match is None:
         return None
     return AD_CODES.get(match.group(1).lower())

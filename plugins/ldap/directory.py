@@ -28,7 +28,7 @@ from gateway.plugins.ldap.wire import PasswordPolicy
 from gateway.plugins.ldap.pool import BIND, SERVICE, Pool
 from gateway.plugins.ldap.settings import LdapSettings, Resolved
 
-__all__ = ["Directory", "PolicyCache", "Verdict"]
+__all__ = ["Directory", "Matches", "PolicyCache", "Verdict"]
 
 _BIND_REFUSED = "ldap.bind_refused"
 #: The password policy control's errors that say why a bind was refused (draft-behera section
@@ -93,6 +93,24 @@ class Verdict:
     detail: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class Matches:
+    """What the user search found. ``more``: the server said that more entries match than it
+    sent (sizeLimitExceeded), so the name is ambiguous whatever number came back."""
+
+    entries: tuple[Entry, ...]
+    more: bool = False
+
+    @property
+    def ambiguous(self) -> bool:
+        return self.more or len(self.entries) > 1
+
+    @property
+    def one(self) -> Entry | None:
+        """The entry, when exactly one matches; else ``None`` (none, or ambiguous)."""
+        return None if self.ambiguous or not self.entries else self.entries[0]
+
+
 @dataclass(slots=True)
 class _Bound:
     """A user bind's result and, for direct bind, what was read as the user."""
@@ -136,21 +154,26 @@ class Directory:
 
     # -- finding users --------------------------------------------------------------------------
 
-    def find(self, link: Link, username: str) -> list[Entry]:
+    def find(self, link: Link, username: str) -> Matches:
         # Size limit 2: one entry is the answer, two are enough to know it is ambiguous.
         result, entries, _ = link.search(self.s.base_dn, self._user_filter(username), self._attributes,
                                          scope=self._scope, size_limit=2)
         if result.code in TROUBLE_CODES:
             raise ServerTrouble(f"user search answered {result.code}: {result.message}")
-        if result.code not in (0, 4):  # success; sizeLimitExceeded (2 entries: ambiguous anyway)
+        if result.code == 4:
+            # sizeLimitExceeded: more entries match than were sent. Under the size limit of 2
+            # asked here that is two or more, ambiguous; a server whose own limit is lower
+            # (slapd's sizelimit 1) sends one entry with it, which is not the only match.
+            return Matches(tuple(entries), more=True)
+        if result.code != 0:
             # An errored search (noSuchObject, insufficientAccessRights, timeLimitExceeded...) may
             # be incomplete: its entries never make a match.
             self.log.warning("user search for %r under %s answered %d: %s",
                              username, self.s.base_dn, result.code, result.message)
-            return []
-        return entries
+            return Matches(())
+        return Matches(tuple(entries))
 
-    def search_user(self, username: str, deadline: float) -> list[Entry]:
+    def search_user(self, username: str, deadline: float) -> Matches:
         return self.pool.call(SERVICE, lambda link: self.find(link, username), deadline)
 
     # -- logging in -----------------------------------------------------------------------------
@@ -158,14 +181,14 @@ class Directory:
     def login(self, username: str, password: str, deadline: float) -> Verdict:
         if self.s.direct_bind is not None:
             return self._direct_login(username, password, deadline)
-        entries = self.search_user(username, deadline)
-        if not entries:
-            self._equalizing_bind(deadline)
-            return Verdict(Outcome.USER_NOT_FOUND, "ldap.user_not_found")
-        if len(entries) > 1:
+        matches = self.search_user(username, deadline)
+        if matches.ambiguous:
             self.log.warning("username %r matches several entries under %s; refused", username, self.s.base_dn)
             return Verdict(Outcome.INVALID_CREDENTIALS, "ldap.ambiguous_user")
-        entry = entries[0]
+        entry = matches.one
+        if entry is None:
+            self._equalizing_bind(deadline)
+            return Verdict(Outcome.USER_NOT_FOUND, "ldap.user_not_found")
         bound = self.pool.call(BIND, lambda link: self._bind(link, entry.dn, password), deadline)
         verdict, extra = self._judge(bound, username)
         if verdict is not None:
@@ -322,12 +345,12 @@ class Directory:
     # -- profile ----------------------------------------------------------------------------------
 
     def lookup(self, username: str, deadline: float) -> Identity | None:
-        entries = self.search_user(username, deadline)
-        if len(entries) != 1:
-            if entries:
+        matches = self.search_user(username, deadline)
+        entry = matches.one
+        if entry is None:
+            if matches.ambiguous:
                 self.log.warning("lookup of %r matches several entries; answered as unknown", username)
             return None
-        entry = entries[0]
         state, password_state = account_state(entry)
         unreadable = [attr for attr in self._always_present if not entry.get(attr)]
         if unreadable and not state:

@@ -38,12 +38,17 @@ _EMPTY_PAGES = 3
 
 
 class LinkBroken(Exception):
-    """The connection failed (socket, TLS, timeout); the server may be at fault."""
+    """The connection failed (socket, TLS, timeout); the server may be at fault.
 
-    def __init__(self, detail: str, *, timeout: bool = False, connect: bool = False) -> None:
+    ``sent``: the failing request had gone out whole, so the server may have acted on it (the
+    link broke while its answer was awaited or read). A password bind that was sent may have
+    been counted as a bad password already: the pool does not send it again (pool.py)."""
+
+    def __init__(self, detail: str, *, timeout: bool = False, connect: bool = False, sent: bool = False) -> None:
         super().__init__(detail)
         self.timeout = timeout
         self.connect = connect
+        self.sent = sent
 
 
 class ServerTrouble(Exception):
@@ -190,6 +195,7 @@ class Link:
             self._sendall(build(message_id))
             self._asked = True
         except OSError as exc:
+            # Not sent whole: the server cannot have read the request, let alone acted on it.
             raise LinkBroken(describe(exc), timeout=isinstance(exc, TimeoutError)) from None
         return message_id
 
@@ -203,7 +209,8 @@ class Link:
                     raise wire.ProtocolError("the server sent a notice of disconnection")
                 # an answer to an abandoned request: skip it
         except (OSError, wire.ProtocolError, IndexError, ValueError) as exc:
-            raise LinkBroken(describe(exc), timeout=isinstance(exc, TimeoutError)) from None
+            # Only called after _send: the request is with the server, which may have done it.
+            raise LinkBroken(describe(exc), timeout=isinstance(exc, TimeoutError), sent=True) from None
 
     def bind(self, dn: str, password: str) -> Result:
         """A simple bind on this connection (RFC 4511 section 4.2: a new bind replaces the
@@ -211,12 +218,12 @@ class Link:
         message_id = self._send(lambda mid: wire.bind_request(mid, dn, password))
         tag, body, controls = self._receive(message_id)
         if tag != wire.BIND_RESPONSE:
-            raise LinkBroken(f"unexpected answer {tag:#x} to a bind")
+            raise LinkBroken(f"unexpected answer {tag:#x} to a bind", sent=True)
         try:
             # The control rides in the same answer: no extra round trip. Unreadable = absent.
             return Result(*wire.parse_result(body), wire.password_policy(controls) if controls else None)
         except (wire.ProtocolError, IndexError, ValueError) as exc:
-            raise LinkBroken(describe(exc)) from None
+            raise LinkBroken(describe(exc), sent=True) from None
 
     def search(self, base: str, filter_: str | bytes, attributes: list[str] | tuple[str, ...], *,
                scope: str = "subtree", size_limit: int = 0, paged_size: int | None = None,
@@ -237,9 +244,9 @@ class Link:
                     next_cookie = wire.paged_cookie(controls) if paged_size and controls else None
                     return result, entries, next_cookie
                 elif tag != wire.SEARCH_REFERENCE:  # continuation references are not followed
-                    raise LinkBroken(f"unexpected answer {tag:#x} to a search")
+                    raise LinkBroken(f"unexpected answer {tag:#x} to a search", sent=True)
             except (wire.ProtocolError, IndexError, ValueError) as exc:
-                raise LinkBroken(describe(exc)) from None
+                raise LinkBroken(describe(exc), sent=True) from None
 
     def search_pages(self, base: str, filter_: str, attributes: list[str] | tuple[str, ...], *, page_size: int,
                      limit: int, scope: str = "subtree", size_limit: int = 0) -> tuple[Result, list[Entry]]:
@@ -271,11 +278,11 @@ class Link:
         message_id = self._send(lambda mid: wire.extended_request(mid, wire.WHO_AM_I_OID))
         tag, body, _ = self._receive(message_id)
         if tag != wire.EXTENDED_RESPONSE:
-            raise LinkBroken(f"unexpected answer {tag:#x} to an extended request")
+            raise LinkBroken(f"unexpected answer {tag:#x} to an extended request", sent=True)
         try:
             code, message, value = wire.parse_extended(body)
         except (wire.ProtocolError, IndexError, ValueError) as exc:
-            raise LinkBroken(describe(exc)) from None
+            raise LinkBroken(describe(exc), sent=True) from None
         return Result(code, message), (value or b"").decode("utf-8", errors="replace")
 
     def close(self) -> None:

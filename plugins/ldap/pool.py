@@ -15,7 +15,9 @@ Connections are pooled per server and per kind:
 A link taken from the pool is checked for readability first: an idle LDAP connection has
 nothing to read unless the server closed it or sent a Notice of Disconnection (RFC 4511 section
 4.4.1). Either way it is dropped. A reused link that still fails mid-operation is retried once
-on a fresh connection before the server is blamed.
+on a fresh connection before the server is blamed, and an operation that fails on a fresh one
+goes to the next server; except a user bind that was sent whole before the link broke (without
+a timeout): the server may have counted it as a bad password, and it is not sent again.
 """
 
 from __future__ import annotations
@@ -51,7 +53,12 @@ class DirectoryUnavailable(Exception):
 
 
 class ServiceBindFailed(Exception):
-    """The service account was refused; the configuration, not the server, is at fault."""
+    """The service account was refused; the configuration, not the server, is at fault.
+    ``message``: the server's diagnosticMessage, as sent (AD's sub-code is read from it)."""
+
+    def __init__(self, detail: str, message: str = "") -> None:
+        super().__init__(detail)
+        self.message = message
 
 
 @dataclass(eq=False)
@@ -171,7 +178,8 @@ class Pool:
                 raise ServerTrouble(f"service bind answered {result.code}: {result.message}")
             if not result.ok:
                 link.close()
-                raise ServiceBindFailed(f"service account bind refused ({result.code}: {result.message})")
+                raise ServiceBindFailed(f"service account bind refused ({result.code}: {result.message})",
+                                        result.message)
             server.service_refused = ""
         return link
 
@@ -214,7 +222,9 @@ class Pool:
 
     def call(self, kind: str, operation: Callable[[Link], T], deadline: float) -> T:
         """Run *operation* on a link of *kind*, failing over to the next server on connect
-        failures, broken connections, timeouts and busy answers, until *deadline*.
+        failures, broken connections, timeouts and busy answers, until *deadline*. A ``bind``
+        operation whose request went out whole before the connection broke (no timeout) is
+        not run again: one guess, one bind.
 
         :raises DirectoryUnavailable: no server could answer in time.
         """
@@ -236,6 +246,22 @@ class Pool:
                     reused = link is not None and link.reused
                     if link is not None:
                         link.close()
+                    if kind == BIND and exc.sent and not exc.timeout:
+                        # One guess, one bind. The bind went out whole and the connection broke
+                        # before its answer: a DC or load balancer that reset it after the server
+                        # checked the password has counted a bad one (AD's badPwdCount). Sent
+                        # again, here or to the next server, one guess would count two, while the
+                        # throttle keeps below the lockout threshold counting one. (A timeout still
+                        # fails over, as below: a hung server must not stop every login.)
+                        if reused:
+                            self._drain(server)  # a stale pooled link: its siblings are too
+                        else:
+                            self._mark_down(server, str(exc))
+                        lost = (f"{server.url}: the connection was lost after the bind was sent ({exc}); "
+                                "not sent again, since the server may have counted it")
+                        self.log.warning("LDAP server %s", lost)
+                        problems.append(lost)
+                        raise DirectoryUnavailable("ldap.unavailable", "; ".join(problems)) from None
                     if reused and not fresh_only and not exc.timeout:
                         # A pooled link the server had closed (restart, idle timeout): so are its
                         # siblings, opened before the same event. One fresh try, same server.

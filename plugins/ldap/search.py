@@ -110,10 +110,9 @@ class UserSearch:
 
     def list_groups(self, username: str, deadline: float) -> list[str] | None:
         d = self.d
-        entries = d.search_user(username, deadline)
-        if len(entries) != 1:
+        entry = d.search_user(username, deadline).one
+        if entry is None:  # unknown or ambiguous
             return None
-        entry = entries[0]
         groups = d.groups.known(entry)
         if groups is None:
             groups = d.pool.call(SERVICE, lambda link: d.groups.resolve(link, entry, username), deadline)

@@ -154,7 +154,7 @@ def _bind(plugin: LdapPlugin) -> CheckResult:
         try:
             link = plugin.pool.open(server, SERVICE, deadline)
         except ServiceBindFailed as exc:
-            ad = parse_data_code(str(exc))
+            ad = parse_data_code(exc.message)
             extra = f" (AD: {ad.meaning})" if ad else ""
             return CheckResult.fail(f"{server.name}: {exc}{extra}",
                                     "check ldap.bind_dn (the full DN, or user@domain for AD) and the secret "

@@ -8,7 +8,8 @@ slapd. Answers are written with ldap3's pyasn1 definitions of RFC 4511; requests
 a small BER reader (pyasn1 0.6 cannot decode ldap3's definition of an ``and`` filter).
 
 Runs in the test process, one thread per connection, on 127.0.0.1; :meth:`FakeAD.stop` closes
-every socket. ``requests`` counts what was asked, by operation.
+every socket. ``requests`` counts what was asked, by operation. :class:`DroppingAD` closes
+connections after reading a bind, unanswered.
 """
 
 from __future__ import annotations
@@ -122,8 +123,14 @@ class FakeAD:
                 self._connections.append(conn)
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
+    def _drops(self, kind: str, request: dict, seen: collections.Counter) -> bool:
+        """Whether to close the connection instead of answering this request (*seen*: this
+        connection's requests so far, this one included). Subclasses play servers that reset."""
+        return False
+
     def _serve(self, conn: socket.socket) -> None:
         buffer, bound, pages = b"", None, 0
+        seen: collections.Counter = collections.Counter()
         try:
             while True:
                 size = _framed(buffer)
@@ -136,7 +143,8 @@ class FakeAD:
                 mid, kind, request, paged = _read(buffer[:size])
                 buffer = buffer[size:]
                 self.requests[kind] += 1
-                if kind == "unbindRequest":
+                seen[kind] += 1
+                if kind == "unbindRequest" or self._drops(kind, request, seen):
                     return
                 if kind == "bindRequest":
                     dn = self._account(request["name"])
@@ -182,6 +190,29 @@ class FakeAD:
             authz = f"u:{self.domain}\\{self.users[bound]['samaccountname'][0]}"
         response["responseValue"] = ResponseValue(authz.encode())
         return response
+
+
+class DroppingAD(FakeAD):
+    """A FakeAD that reads the *drop_at*-th bind of each connection, then closes the connection
+    without answering it, as a domain controller or a load balancer that resets a connection
+    after the password was checked. ``binds`` counts the binds read, by bind name, those
+    dropped included (what AD would count against the account)."""
+
+    def __init__(self, users: dict[str, dict[str, list[str]]], *, drop_at: int, **kwargs) -> None:
+        self.drop_at = drop_at
+        self.binds: collections.Counter = collections.Counter()
+        self.dropped = 0
+        super().__init__(users, **kwargs)
+
+    def _drops(self, kind: str, request: dict, seen: collections.Counter) -> bool:
+        if kind != "bindRequest":
+            return False
+        with self._lock:
+            self.binds[request["name"].lower()] += 1
+            if seen[kind] != self.drop_at:
+                return False
+            self.dropped += 1
+        return True
 
 
 def _framed(buffer: bytes) -> int | None:
