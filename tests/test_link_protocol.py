@@ -61,6 +61,27 @@ def test_each_check_refuses_its_frame(changes, code):
     assert refused.value.request_id in ("abc", None)
 
 
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity"])
+def test_numbers_json_has_not_are_refused(number):
+    """Python's json reads NaN and Infinity; a connector's answer holding one reached the
+    identity, and the relay's /v1/authenticate then answered invalid JSON (review of the relay)."""
+    text = '{"v": %d, "id": "abc", "type": "answer", "body": {"outcome": "success", "identity": ' \
+           '{"subject": "s", "username": "u", "claims": {"n": %s}}}}' % (proto.VERSION, number)
+    with pytest.raises(proto.ProtocolError) as refused:
+        proto.decode(text, now=NOW)
+    assert refused.value.code == "bad_request"
+
+
+def test_the_relay_dates_a_connectors_proof_by_its_own_clock():
+    """The login was proved in this call: its time is the relay's, not whatever the connector
+    says (``1e300`` made SAML's AuthnInstant an OverflowError)."""
+    from gateway.plugins.relay import _identity
+
+    before = time.time()
+    for said in (1e300, -1e300, 0, NOW):
+        assert before <= _identity({"subject": "s", "username": "u", "authenticated_at": said}).authenticated_at <= time.time()
+
+
 @pytest.mark.parametrize("text", ["not json", "[1]", json.dumps({"id": "", "v": 1}), "x" * (proto.MAX_FRAME + 1)])
 def test_garbage_is_a_bad_request(text):
     with pytest.raises(proto.ProtocolError) as refused:

@@ -135,3 +135,42 @@ def test_a_reusable_connection_ticket_enrols_several_connectors_each_with_its_ow
     assert status == 200
     fourth = Connector(tmp_path / "c4", slapd=NoDirectory()).cli("link", "enroll", url, "--ca", str(relay.ca_file))
     assert fourth.returncode == 1 and "ticket_used" in fourth.stderr
+
+
+def test_enrolments_racing_for_one_id_spend_one_use_of_a_reusable_ticket(relay):
+    """Of enrolments naming one new id at once, one wins; the others' uses of the ticket are given
+    back, so the ticket still enrols as many connectors as it says (review of the relay: 8 at once
+    on a 3-use ticket used it up, and enrolled one connector)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    url = relay.ticket("--uses", "3")
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: _post(url, relay.ca_file, _csr("acme-abcdef01")), range(8)))
+    statuses = sorted(status for status, _ in answers)
+    assert statuses.count(200) == 1 and set(statuses) <= {200, 400, 410}, answers
+    assert [_post(url, relay.ca_file, _csr(f"acme-0000000{i}"))[0] for i in (1, 2)] == [200, 200]
+    status, body = _post(url, relay.ca_file, _csr("acme-00000003"))
+    assert (status, body["error"]) == (410, "ticket_used")
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_a_use_given_back_counts_again(kind, tmp_path, request):
+    from gateway.plugins.relay.settings import RedisSettings
+    from gateway.plugins.relay.store import RedisStore, SQLiteStore, TicketRefused
+
+    if kind == "sqlite":
+        store = SQLiteStore(tmp_path / "relay.sqlite3")
+    else:
+        server = request.getfixturevalue("redis_server")
+        store = RedisStore(RedisSettings(url=server.url, key_prefix=f"giveback{time.monotonic_ns()}:"))
+    now = time.time()
+    store.add_connection("acme")
+    store.add_ticket("acme", "t" * 43, "", now + 600, uses=1)
+    assert store.use_ticket("t" * 43, now)[0] == "acme"
+    for _ in range(2):  # refused uses of a used-up ticket leave nothing to give back into
+        with pytest.raises(TicketRefused):
+            store.use_ticket("t" * 43, now)
+    store.give_back("t" * 43)
+    assert store.use_ticket("t" * 43, now)[0] == "acme"
+    with pytest.raises(TicketRefused):
+        store.use_ticket("t" * 43, now)

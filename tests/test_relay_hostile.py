@@ -376,3 +376,48 @@ def test_one_connector_id_gets_one_key_even_from_enrolments_at_once(tmp_path):
         _no_server_errors(relay)
     finally:
         relay.stop()
+
+
+def _masked(payload: bytes, opcode: int) -> bytes:
+    """One client frame (masked, RFC 6455 section 5.2), *payload* under 64 KiB."""
+    mask = os.urandom(4)
+    size = bytes([0x80 | len(payload)]) if len(payload) < 126 else bytes([0x80 | 126]) + len(payload).to_bytes(2, "big")
+    return bytes([0x80 | opcode]) + size + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def test_a_connector_that_stops_reading_holds_up_no_other_revocation(tmp_path):
+    """A revoked link is closed in a task of its own: the close waits for the link's writes to
+    drain, and a connector that reads nothing held the relay's whole maintenance round (every other
+    revocation and expiry, the heartbeat) until the write guard cut it (review of the relay). The
+    guard waits a minute here, longer than the test waits."""
+    relay = Relay(tmp_path / "relay", extra="limits: {write_timeout: 60}\n", settings={"ping_interval": 5.0}).setup().start()
+    stuck = Connector(tmp_path / "stuck", NoDirectory()).enroll(relay.ticket(), relay.ca_file)
+    other = Connector(tmp_path / "other", NoDirectory()).enroll(relay.ticket(), relay.ca_file)
+    raw = socket.socket()
+    try:
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+        raw.connect(("127.0.0.1", relay.port))
+        sock = _context(relay, stuck).wrap_socket(raw, server_hostname="127.0.0.1")
+        assert b" 101 " in _upgrade(sock)
+        sock.sendall(_masked(proto.request("hello", {"version": "x"}, now=time.time(), timeout=5)[1].encode(), 0x1))
+        assert b'"answer"' in sock.recv(4096)
+        # Pings, never reading the pongs, until the relay's writes to this link back up and it
+        # stops reading (the send then times out): under a million, a few MB.
+        sock.settimeout(2.0)
+        pings = _masked(b"", 0x9) * 1000
+        with pytest.raises(TimeoutError):
+            for _ in range(5000):
+                sock.sendall(pings)
+        other.start()
+        other.wait_linked(relay)
+        assert relay.cli("relay", "revoke", stuck.connector_id).returncode == 0
+        wait_for(lambda: f"connector {stuck.connector_id} revoked" in relay.process.output(), 30,
+                 what="the relay to close the stuck link")
+        assert relay.cli("relay", "revoke", other.connector_id).returncode == 0
+        wait_for(lambda: "revoked" in other.process.output(), 30, what="the other connector to be told")
+        assert "read none of its answers" not in relay.process.output()  # the guard did not free it
+        _no_server_errors(relay)
+    finally:
+        raw.close()
+        other.stop()
+        relay.stop()

@@ -149,6 +149,12 @@ def error(request_id: str | None, code: str, detail: str, *, version: int = VERS
     return _dump({"v": version, "id": request_id or "", "type": ERROR, "body": {"code": code, "detail": detail}})
 
 
+def _not_json(name: str) -> None:
+    """Python reads ``NaN`` and ``Infinity``, RFC 8259 JSON has no such numbers: a frame holding
+    one is refused, so none reaches an identity, a claim or a JSON answer (review of the relay)."""
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def decode(text: str | bytes, *, now: float, guard: ReplayGuard | None = None,
            accept: frozenset[str] = REQUEST_TYPES, skew: float = 0.0) -> Message:
     """Parse and check one frame. Requests are checked for version, type (*accept*), deadline
@@ -163,7 +169,7 @@ def decode(text: str | bytes, *, now: float, guard: ReplayGuard | None = None,
     if len(text) > MAX_FRAME:
         raise ProtocolError("bad_request", f"frame larger than {MAX_FRAME} bytes")
     try:
-        data = json.loads(text)
+        data = json.loads(text, parse_constant=_not_json)
     except (ValueError, UnicodeDecodeError, RecursionError):  # nested deeper than json can read: not ours
         raise ProtocolError("bad_request", "not JSON") from None
     if not isinstance(data, dict):

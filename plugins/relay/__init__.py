@@ -65,7 +65,7 @@ from gateway.plugins import linkproto as proto
 
 from .ca import RelayCA
 from .cli import relay_command
-from .endpoints import Endpoints, log
+from .endpoints import Endpoints, close_link, log
 from .hub import Hub, Unreachable
 from .settings import RelaySettings
 from .router import Router
@@ -110,6 +110,8 @@ class RelayPlugin:
         self._listener: Listener | None = None
         self._maintenance: asyncio.Task | None = None
         self._inbox: asyncio.Task | None = None
+        #: Links the maintenance round is closing, each in its own task (:meth:`_end`).
+        self._ending: set[asyncio.Task] = set()
         #: The Redis store's health (``redis:`` only), made on the worker's first health round.
         self._store_probe: StoreProbe | None = None
         self._probe_client: RedisStore | None = None
@@ -205,14 +207,14 @@ class RelayPlugin:
                         log.warning("connector %s revoked: closing its link", session.connector)
                         session.closing = True  # closed on purpose: no relink window to wait out
                         self.hub.remove(session)
-                        await session.ws.close(code=4003, message=b"revoked")
+                        self._end(session, 4003, b"revoked")
                     elif session.not_after <= now:
                         # TLS checked the certificate once, at the handshake; its end ends the link.
                         log.warning("connector %s: certificate expired without renewal; closing its link "
                                     "(it must re-enrol with a new ticket)", session.connector)
                         session.closing = True
                         self.hub.remove(session)
-                        await session.ws.close(code=4001, message=b"certificate expired")
+                        self._end(session, 4001, b"certificate expired")
                 if revoked is not None and time.monotonic() - last_seen_write >= self.settings.ping_interval:
                     last_seen_write = time.monotonic()
                     until = time.time() + 3 * self.settings.ping_interval
@@ -222,6 +224,15 @@ class RelayPlugin:
                                                        session.version, until)
             except Exception:  # the registry may be busy; try again next round
                 log.exception("relay maintenance failed")
+
+    def _end(self, session, code: int, message: bytes) -> None:
+        """Close *session*'s link (already out of routing) in a task of its own: a close waits
+        for the link's writes to drain, and a connector that stops reading would hold it until
+        the write guard (``limits.write_timeout``) cut it, and with it every other revocation,
+        expiry and heartbeat of this round (review of the relay)."""
+        task = asyncio.get_running_loop().create_task(close_link(session.ws, code, message))
+        self._ending.add(task)
+        task.add_done_callback(self._ending.discard)
 
     # -- calling connectors from worker threads ------------------------------------------------------
 
@@ -340,6 +351,11 @@ class RelayPlugin:
 def _text(value: Any, limit: int = 1024) -> str:
     if not isinstance(value, str):
         raise TypeError("expected a string")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate ("\ud800" in JSON): no text, no header
+            raise TypeError("expected text, not a lone surrogate") from None
     return value[:limit]
 
 
@@ -357,7 +373,10 @@ def _identity(data: Any) -> Identity:
                     method=_text(data.get("method", "relay"), 64),
                     display_name=_text(data.get("display_name", "")), email=_text(data.get("email", "")),
                     groups=tuple(_text(g) for g in groups), claims=claims,
-                    authenticated_at=float(data.get("authenticated_at", time.time())),
+                    # The relay's own clock, as the answer comes: the proof is this call's. The
+                    # connector's value was taken as it came, NaN and Infinity included, which
+                    # made /v1/authenticate's JSON invalid and SAML's AuthnInstant an error.
+                    authenticated_at=time.time(),
                     account_state=_text(data.get("account_state", ""), 100),
                     password_state=_text(data.get("password_state", ""), 100))
 

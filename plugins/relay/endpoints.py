@@ -213,6 +213,8 @@ class Endpoints:
             if reusable:  # the id must still be new: two enrolments naming it at once, one wins
                 if not await self._store(store.add_connector, connector, connection, cert.serial_number,
                                          cert.not_valid_after_utc.timestamp(), pem):
+                    # Not this ticket's fault: its use counts again (a refused CSR does not burn it).
+                    await self._store(store.give_back, token)
                     return _refuse(400, "csr_wrong_name", f"{connector} was enrolled meanwhile; name a new id")
             else:
                 await self._store(store.record_connector, connector, connection, cert.serial_number,
@@ -480,10 +482,10 @@ def _close_without_hello(session: LinkSession) -> None:
         return
     log.info("connector %s: closing its link from %s, which said no hello within %gs", session.connector,
              session.peer, _HELLO_TIMEOUT)
-    asyncio.ensure_future(_close(session.ws, 1008, b"no hello in time"))
+    asyncio.ensure_future(close_link(session.ws, 1008, b"no hello in time"))
 
 
-async def _close(ws: web.WebSocketResponse, code: int, message: bytes) -> None:
+async def close_link(ws: web.WebSocketResponse, code: int, message: bytes) -> None:
     try:
         await ws.close(code=code, message=message)
     except ConnectionError:

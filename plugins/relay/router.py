@@ -145,8 +145,16 @@ class Router:
             if away:
                 log.warning("relay routing: Redis answers again")
             away = False
-            if item is not None:
-                asyncio.ensure_future(self._handle(json.loads(item[1])))
+            if item is None:
+                continue
+            try:
+                forwarded = json.loads(item[1])
+                if not isinstance(forwarded, dict) or not isinstance(forwarded.get("id"), str):
+                    raise ValueError("not a forwarded request")
+            except (ValueError, RecursionError):  # only whoever can write to Redis; never end the inbox
+                log.warning("relay routing: dropped an unreadable item from this instance's inbox")
+                continue
+            asyncio.ensure_future(self._handle(forwarded))
 
     async def _handle(self, item: dict[str, Any]) -> None:
         reply = await self._reply(item)

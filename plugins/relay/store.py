@@ -109,6 +109,10 @@ class SQLiteStore:
             raise TicketRefused("ticket_used", "this ticket was already used; each ticket enrols one connector")
         return connection, connector
 
+    def give_back(self, token: str) -> None:
+        """Undo one :meth:`use_ticket` whose enrolment then failed (its id was taken meanwhile)."""
+        self._db().execute("UPDATE tickets SET uses = uses + 1, used = NULL WHERE hash = ?", (token_hash(token),))
+
     # -- connectors -------------------------------------------------------------------------------
 
     def record_connector(self, connector: str, connection: str, serial: int, not_after: float, cert: str) -> None:
@@ -208,10 +212,18 @@ class RedisStore:
         key = self._k("ticket", token_hash(token))
         left = self.redis.hincrby(key, "uses", -1)  # atomic: of racing enrolments, only `uses` win
         if left < 0:
+            self.redis.hincrby(key, "uses", 1)  # back to 0: a use given back (give_back) counts again
             raise TicketRefused("ticket_used", "this ticket was already used; each ticket enrols one connector")
         if left == 0:
             self.redis.hset(key, "used", repr(now))
         return connection, connector
+
+    def give_back(self, token: str) -> None:
+        """As :meth:`SQLiteStore.give_back`."""
+        key = self._k("ticket", token_hash(token))
+        if self.redis.exists(key):
+            self.redis.hdel(key, "used")
+            self.redis.hincrby(key, "uses", 1)
 
     def record_connector(self, connector: str, connection: str, serial: int, not_after: float, cert: str) -> None:
         key = self._k("connector", connector)
