@@ -34,7 +34,7 @@ import time
 
 from gateway import Attempt, Command, Decision, Listener, PluginContext, Route, hookimpl
 from gateway.files import write_atomic
-from gateway.plugins.console.settings import ConsoleSettings
+from gateway.plugins.console.settings import ConsoleSettings, listen_address
 from gateway.plugins.console.status import RecentEvents
 from gateway.plugins.console.store import ConsoleStore
 
@@ -67,7 +67,10 @@ class ConsolePlugin:
         return context
 
     def url(self) -> str:
-        host, _, port = self.settings.listen.rpartition(":")
+        """The console's base URL with the address it binds (``listen`` is an IP literal, never
+        a name that could resolve to another address: settings.py says why)."""
+        address, port = listen_address(self.settings.listen)
+        host = f"[{address}]" if address.version == 6 else str(address)
         return f"{'https' if self.tls else 'http'}://{host}:{port}"
 
     # -- hooks ----------------------------------------------------------------------------------
@@ -105,6 +108,7 @@ class ConsolePlugin:
         print(f"Open this link in a browser on this machine (it works once, for {minutes:.0f} minutes):",
               file=sys.stderr)
         print(link)
-        print(f"(also written to {path}; over SSH: ssh -L {self.settings.listen.rpartition(':')[2]}:"
-              f"{self.settings.listen} THIS-HOST, see docs/console.md)", file=sys.stderr)
+        forward = self.url().split("://", 1)[1]
+        print(f"(also written to {path}; over SSH: ssh -L {forward.rpartition(':')[2]}:{forward} THIS-HOST, "
+              "see docs/console.md)", file=sys.stderr)
         return 0

@@ -1,8 +1,9 @@
 """Who may use the console, and the headers every answer carries.
 
-* ``Host`` must name 127.0.0.1, ::1, localhost or a name in ``console.hosts``: a web page the
-  operator visits cannot reach the console by re-pointing its own DNS name at 127.0.0.1
-  (DNS rebinding) — the browser would send that name.
+* ``Host`` must name 127.0.0.1, ::1, localhost, the address of ``console.listen`` (which the
+  printed link names) or a name in ``console.hosts``: a web page the operator visits cannot
+  reach the console by re-pointing its own DNS name at 127.0.0.1 (DNS rebinding) — the browser
+  would send that name.
 * A session comes only from a one-time login link (``authgw console``). It lives under a path
   prefix of its own, ``/s/<random token>/``, and its cookie is scoped to that path
   (``HttpOnly``, ``SameSite=Strict`` and, on the TLS listener, ``Secure``). Browsers send a
@@ -14,7 +15,8 @@
   ``Origin`` must be this console's. The form is read once, here (handlers take it from
   ``request[FORM_KEY]``); a body that cannot be read as a form, a charset other than UTF-8, or
   a value that is not UTF-8 text (a lone surrogate, which a UTF-7 or ``unicode_escape`` body
-  decodes to) is a 400, never a 500 or a saved value that breaks a page.
+  decodes to) is a 400, never a 500 or a saved value that breaks a page. A body over the
+  gateway's limit for every listener (``MAX_BODY``, 64 KiB) is the console's own 413 page.
 * Pages are ``no-store`` and sent with a Content-Security-Policy that allows only the console's
   own script and style files: no inline script, no framing, forms post only to the console.
   So is the 500 page of a handler that fails.
@@ -31,6 +33,7 @@ from aiohttp import web
 from multidict import MultiDictProxy
 
 from gateway.http.forms import UnreadableForm, read_form
+from gateway.http.protocol import MAX_BODY, no_linger
 from gateway.plugins.console.store import ConsoleStore, Session
 
 __all__ = ["COOKIE", "FORM_KEY", "SECURITY_HEADERS", "SESSION_KEY", "SIGN_IN", "Guard"]
@@ -125,6 +128,11 @@ class Guard:
                 return self.refuse(request, 403, "This form was posted from another site.")
             try:
                 form = await _read_utf8_form(request)
+            except web.HTTPRequestEntityTooLarge:  # declared, or found while reading a chunked body
+                no_linger(request)
+                return self.refuse(request, 413, f"This form is larger than {MAX_BODY // 1024} KiB, the "
+                                                 "console's limit: upload only the CA's certificate, or give "
+                                                 "the path of a larger CA file instead.")
             except UnreadableForm as exc:  # its text is the kind of error only, no client value
                 # The route's pattern, not the path: the path holds the session's secret prefix.
                 log.warning("console: unreadable form refused: %s %s (%s)", request.method, _route(request), exc)

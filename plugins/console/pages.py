@@ -23,6 +23,7 @@ from aiohttp import web
 from gateway.plugins.console import setup
 from gateway.plugins.console.access import FORM_KEY, SESSION_KEY, SIGN_IN, Guard
 from gateway.plugins.console.configlog import describe, start_run
+from gateway.plugins.console.settings import listen_address
 from gateway.plugins.console.status import RecentEvents, collect
 from gateway.plugins.console.store import PREFIX, ConsoleStore
 
@@ -51,7 +52,9 @@ class Pages:
         self.gateway = gateway
         self.env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"),
                                       autoescape=True, undefined=jinja2.StrictUndefined)
-        self.guard = Guard(store, settings.session_ttl, settings.session_lifetime, settings.hosts, tls, self.message)
+        # The address the printed link names (listen: 127.0.0.2 is loopback too) is a host name of its own.
+        hosts = [*settings.hosts, str(listen_address(settings.listen)[0])]
+        self.guard = Guard(store, settings.session_ttl, settings.session_lifetime, hosts, tls, self.message)
 
     # -- rendering ------------------------------------------------------------------------------
 
@@ -143,7 +146,7 @@ class Pages:
             form.password_set = setup.current_directory(self.config_dir).password_set
         return self.render(request, "setup.html", status=status, form=form, presets=setup.PRESETS,
                            ticket_message=ticket_message, ticket_ok=ticket_ok, errors=list(errors),
-                           ticket_url=ticket_url,
+                           ticket_url=ticket_url, upload_kib=setup.UPLOAD_LIMIT // 1024,
                            config_dir=str(self.config_dir), console_file=setup.CONSOLE_FILE)
 
     async def setup_page(self, request: web.Request) -> web.StreamResponse:

@@ -3,6 +3,11 @@
 The console manages the directory settings and shows status, so it must not be reachable from
 the network by accident: a listen address that is not loopback needs a TLS certificate and key,
 and is refused at load time (with the file and line of ``listen``) otherwise.
+
+``listen`` is an IP address, never a host name: a name such as ``localhost`` resolves to more
+than one address (127.0.0.1 and ::1) while the console binds one of them, and the browser that
+opens the printed link may try the other first — where another local user's server, bound to
+the free one, receives the one-time token. With an IP literal the link names the address bound.
 """
 
 from __future__ import annotations
@@ -14,18 +19,21 @@ from pydantic import Field, ValidationInfo, field_validator
 from gateway import ConfigPath, PluginSettings
 from gateway.settings import parse_listen
 
-__all__ = ["ConsoleSettings", "is_loopback"]
+__all__ = ["ConsoleSettings", "listen_address"]
 
 DEFAULT_LISTEN = "127.0.0.1:8357"
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
+def listen_address(value: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
+    """``HOST:PORT`` of ``console.listen`` as (IP address, port); ``ValueError`` for a host name."""
+    host, port = parse_listen(value)
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
+        return ipaddress.ip_address(host), port
     except ValueError:
-        return False
+        raise ValueError(f"{value}: give an IP address, not a host name (127.0.0.1:{port} or [::1]:{port}): "
+                         "a name such as localhost resolves to several addresses and the console binds one, "
+                         "so a browser could take the one-time link to a server of another user on the "
+                         "other (docs/console.md)") from None
 
 
 class ConsoleSettings(PluginSettings):
@@ -34,7 +42,7 @@ class ConsoleSettings(PluginSettings):
     tls_cert: ConfigPath | None = Field(None, description="PEM certificate (chain) of the console's HTTPS "
                                                           "listener; required for a non-loopback `listen`")
     tls_key: ConfigPath | None = Field(None, description="PEM private key of `tls_cert` (keep it 0600)")
-    listen: str = Field(DEFAULT_LISTEN, description="`HOST:PORT` of the console; plain HTTP only on loopback")
+    listen: str = Field(DEFAULT_LISTEN, description="`IP:PORT` of the console (an address, not a name: `127.0.0.1:8357`, `[::1]:8357`); plain HTTP only on loopback")
     hosts: list[str] = Field([], description="extra host names the browser may use in `Host` (besides "
                                              "127.0.0.1, ::1 and localhost); others are refused "
                                              "(DNS rebinding)")
@@ -52,9 +60,9 @@ class ConsoleSettings(PluginSettings):
     @field_validator("listen")
     @classmethod
     def _check_listen(cls, value: str, info: ValidationInfo) -> str:
-        host, _ = parse_listen(value)
+        address, _ = listen_address(value)
         tls = info.data.get("tls_cert") is not None and info.data.get("tls_key") is not None
-        if not is_loopback(host) and not tls:
+        if not address.is_loopback and not tls:
             raise ValueError(f"{value} is not a loopback address: the console serves plain HTTP only on "
                              "127.0.0.1/::1; set tls_cert and tls_key to listen elsewhere, or reach it "
                              "through an SSH tunnel (docs/console.md)")

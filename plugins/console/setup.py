@@ -11,15 +11,23 @@ and ``chain:`` is a one-line list, ``ldap`` is put first in it (the only edit ou
 console's own file); any other shape is left to the operator with a message naming the line.
 
 One save at a time, across workers (an exclusive ``flock`` on ``<state_dir>/console-save.lock``
-from the check to the last file written); each file is written to a temporary file of its own
-(``mkstemp``), then renamed over the old one.
+from the check to the last file written). A save changes all its files or none
+(:func:`_put_in_place`): every new file is first written and synced to a temporary file of its
+own beside its target, and only then are they renamed into place — the secrets and
+``50-console.yaml`` before the chain edit, so that each step leaves a configuration that loads
+(an ``ldap:`` section outside the chain is ignored; a chain naming ``ldap`` without one is not).
+A write that fails puts back what was already renamed, from a link to each replaced file kept
+until the end, and the form names the path and the error. A symlinked file (``gateway.yaml`` ->
+elsewhere) is written through: the link stays and its target changes.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -34,6 +42,8 @@ import yaml
 
 from gateway.config import load_config
 from gateway.errors import AuthgwError, ConfigError
+from gateway.http.protocol import MAX_BODY
+from gateway.settings import shown_url
 from gateway.yamlfiles import display_name
 
 __all__ = ["CONSOLE_FILE", "DirectoryForm", "can_reload", "current_directory", "enrol", "reload_gateway",
@@ -47,6 +57,10 @@ SAVE_LOCK = "console-save.lock"  # in the state directory
 PRESETS = {"active_directory": "Active Directory", "openldap": "OpenLDAP", "freeipa": "FreeIPA"}
 _CHAIN_LINE = re.compile(r"^(chain:\s*\[)([^\]#]*)(\]\s*(#.*)?)$")
 ENROL_TIMEOUT = 60.0
+#: The whole form's limit (every listener's, ``MAX_BODY``): a larger body is refused before it is
+#: read (access.py), so an upload is never cut short here.
+UPLOAD_LIMIT = MAX_BODY
+_PEM_BLOCK = re.compile(rb"-----BEGIN ([^-\r\n]{0,64})-----")
 
 
 @dataclass
@@ -70,7 +84,7 @@ class DirectoryForm:
             return value.strip()[:limit] if isinstance(value, str) else ""
 
         upload = data.get("ca_upload")
-        raw = upload.file.read(256 * 1024) if hasattr(upload, "file") else b""
+        raw = upload.file.read(UPLOAD_LIMIT) if hasattr(upload, "file") else b""
         return cls(preset=text("preset"), servers=text("servers"), start_tls=data.get("start_tls") == "on",
                    insecure=data.get("insecure") == "on", base_dn=text("base_dn"), bind_dn=text("bind_dn"),
                    password=data.get("password", "") if isinstance(data.get("password", ""), str) else "",
@@ -88,7 +102,9 @@ def current_directory(config_dir: Path) -> DirectoryForm:
         return form
     form.preset = _shown(section.get("preset", "openldap"))
     servers = section.get("servers") or []
-    form.servers = " ".join(_shown(s) for s in servers) if isinstance(servers, list) else ""
+    # A user name or password in a URL is never shown (the ldap plugin refuses one anyway); a save
+    # that sends the shown URL back keeps the stored one (_stored_servers).
+    form.servers = " ".join(_shown(shown_url(str(s))) for s in servers) if isinstance(servers, list) else ""
     form.start_tls = section.get("start_tls") is True
     form.insecure = section.get("insecure") is True
     form.base_dn = _shown(section.get("base_dn") or "")
@@ -104,11 +120,21 @@ def _shown(value: object) -> str:
     return str(value).encode("utf-8", "replace").decode("utf-8")
 
 
-def _section(form: DirectoryForm, existing_password: object) -> tuple[dict, list[str]]:
+def _stored_servers(servers: list[str], stored: object) -> list[str]:
+    """*servers* from the form, each URL the set-up page showed in place of a stored one (its
+    user name, password or query hidden: :func:`current_directory`) replaced by the stored one,
+    so that a save of an unchanged field never writes the hidden form over the real URL."""
+    if not isinstance(stored, list):
+        return servers
+    real = {_shown(shown_url(str(url))): str(url) for url in stored if _shown(shown_url(str(url))) != str(url)}
+    return [real.get(url, url) for url in servers]
+
+
+def _section(form: DirectoryForm, existing_password: object, stored_servers: object = None) -> tuple[dict, list[str]]:
     problems = []
     if form.preset not in PRESETS:
         problems.append("preset: choose Active Directory, OpenLDAP or FreeIPA")
-    servers = [s for s in re.split(r"[\s,]+", form.servers) if s]
+    servers = _stored_servers([s for s in re.split(r"[\s,]+", form.servers) if s], stored_servers)
     if not servers:
         problems.append("connection string: give at least one ldaps:// or ldap:// URL")
     if not form.password and existing_password is None and form.bind_dn:
@@ -129,29 +155,176 @@ def _section(form: DirectoryForm, existing_password: object) -> tuple[dict, list
     return section, problems
 
 
-def _check_upload(data: bytes) -> str | None:
+def _ca_certificates(data: bytes) -> tuple[bytes, str | None]:
+    """The uploaded CA file as the certificates it holds, re-encoded (nothing else of the upload
+    is stored), or a problem. A block that is not a certificate — a private key sent by mistake —
+    is refused, and never shown: the CA file is readable by others (0644)."""
     from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
 
+    labels = {label.strip().decode("ascii", "replace") for label in _PEM_BLOCK.findall(data)}
+    others = sorted(label for label in labels if label != "CERTIFICATE")
+    if others:
+        shown = ", ".join(label if re.fullmatch(r"[A-Z0-9 ]{1,40}", label) else "?" for label in others)
+        return b"", (f"CA upload: holds a PEM block that is not a certificate ({shown}); upload only the CA's "
+                     "certificates (-----BEGIN CERTIFICATE-----), never a private key: nothing saved")
     try:
-        x509.load_pem_x509_certificates(data)
+        certificates = x509.load_pem_x509_certificates(data)
     except ValueError:
-        return "CA upload: not a PEM certificate (-----BEGIN CERTIFICATE-----)"
-    return None
+        return b"", "CA upload: not a PEM certificate (-----BEGIN CERTIFICATE-----)"
+    return b"".join(cert.public_bytes(Encoding.PEM) for cert in certificates), None
 
 
 def _write_file(path: Path, data: bytes, mode: int) -> None:
-    """Replace *path* with *data*: a temporary file of this write's own beside it (0600 from its
-    creation, ``mkstemp``), given *mode*, then renamed over *path*."""
+    """Replace *path* in the validation copy with *data* (the copy holds no symlinks)."""
     path.parent.mkdir(mode=0o700, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
+        os.fchmod(out.fileno(), mode)
+
+
+@dataclass
+class _Write:
+    """One file of a save: *name* below conf.d, *target* the file it replaces (a symlink's
+    target), its temporary file and the link to the replaced file while the save runs."""
+
+    name: str
+    data: bytes = field(repr=False)  # the password, for one
+    mode: int
+    target: Path | None = None
+    tmp: Path | None = None
+    backup: Path | None = None  # the replaced file, until every file is in place
+    made_dir: Path | None = None
+    renamed: bool = False
+
+
+class _WriteFailed(Exception):
+    """A file of a save could not be written; the message is for the form."""
+
+
+def _put_in_place(config_dir: Path, writes: list[_Write]) -> None:
+    """All of *writes* in place, in their order, or none: raises :class:`_WriteFailed` after
+    putting back what was renamed. Each rename replaces one whole file, and *writes* comes in
+    an order where every prefix loads (``_save_directory``)."""
+    current = writes[0]
     try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            os.fchmod(out.fileno(), mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        for current in writes:
+            _prepare(config_dir, current)
+        for current in writes:
+            os.replace(current.tmp, current.target)
+            current.renamed = True
+    except OSError as exc:
+        problem = _os_problem(exc, config_dir / current.name, current.tmp)
+        kept = _roll_back(writes)
+        _discard(writes)
+        raise _WriteFailed(f"{problem}: nothing saved" if not kept else
+                           f"{problem}; could not put back {'; '.join(kept)}") from None
+    for directory in dict.fromkeys(write.target.parent for write in writes):
+        _fsync_dir(directory)  # the renames themselves survive a crash
+    _discard(writes)
+
+
+def _prepare(config_dir: Path, write: _Write) -> None:
+    """*write*'s data synced to a temporary file beside its target, and a link to the file it
+    replaces: everything that can fail for want of space or rights happens before a rename."""
+    path = config_dir / write.name
+    if path.is_symlink():  # written through: the operator's link stays, its target changes
+        path = Path(os.path.realpath(path))
+        if not path.is_file():
+            raise FileNotFoundError(errno.ENOENT, "a symlink to a missing file or not to a file",
+                                    str(config_dir / write.name))
+    parent = path.parent
+    if parent.is_symlink() and not parent.exists():
+        raise FileNotFoundError(errno.ENOENT, f"a symlink to {os.readlink(parent)}, which does not exist",
+                                str(parent))
+    if not parent.is_dir():
+        parent.mkdir(mode=0o700)
+        write.made_dir = parent
+    write.target = path
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)  # 0600 from its creation
+    write.tmp = Path(tmp)
+    with os.fdopen(fd, "wb") as out:
+        out.write(write.data)
+        out.flush()
+        os.fchmod(out.fileno(), write.mode)
+        os.fsync(out.fileno())
+    if path.exists():
+        write.backup = _backup(path)
+
+
+def _backup(path: Path) -> Path:
+    """A second name for *path*'s file (a hard link: owner and mode kept), or a 0600 copy where
+    the file system has no hard links, until the save is over."""
+    backup = path.with_name(f".{path.name}.{secrets.token_hex(6)}.bak")
+    try:
+        os.link(path, backup, follow_symlinks=False)
+        return backup
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK, errno.EXDEV):
+            raise
+    fd = os.open(backup, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(path.read_bytes())
+        os.fchmod(out.fileno(), path.stat().st_mode & 0o7777)
+        os.fsync(out.fileno())
+    return backup
+
+
+def _roll_back(writes: list[_Write]) -> list[str]:
+    """Put back every renamed file (newest first); what could not be, with where it is kept."""
+    kept = []
+    for write in reversed([w for w in writes if w.renamed]):
+        try:
+            if write.backup is not None:
+                os.replace(write.backup, write.target)
+                write.backup = None
+            else:
+                write.target.unlink()
+            write.renamed = False
+        except OSError as exc:
+            where = f"the previous file is kept as {write.backup}" if write.backup else "it was new"
+            kept.append(f"{display_name(write.target)} ({exc.strerror or exc.__class__.__name__}; {where})")
+            write.backup = None  # never removed: it is the only copy
+    return kept
+
+
+def _discard(writes: list[_Write]) -> None:
+    """Remove the temporary files and links of *writes*, and a directory made for them."""
+    for write in writes:
+        for path in (write.tmp, write.backup):
+            if path is not None:
+                try:
+                    path.unlink(missing_ok=True)
+                except OSError:
+                    pass
+        write.tmp = write.backup = None
+        if write.made_dir is not None and not write.renamed:
+            try:
+                write.made_dir.rmdir()  # only when empty
+            except OSError:
+                pass
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _os_problem(exc: OSError, path: Path, tmp: Path | None) -> str:
+    """``PATH: could not be written (the OS error)`` for the form, with the path the error
+    names when it is another one (the directory, a symlink's target), never a temporary file."""
+    where = Path(exc.filename) if exc.filename else None
+    other = f"{display_name(where)}: " if where is not None and where not in (path, tmp) else ""
+    return f"{display_name(path)}: could not be written ({other}{exc.strerror or exc.__class__.__name__})"
 
 
 @contextmanager
@@ -198,12 +371,16 @@ def _save_directory(form: DirectoryForm, config_dir: Path, state_dir: Path) -> l
     from gateway.runtime import build_runtime
 
     try:
-        existing = (load_config(config_dir).data.get("ldap") or {}).get("bind_password")
+        stored = load_config(config_dir).data.get("ldap") or {}
+        existing, stored_servers = stored.get("bind_password"), stored.get("servers")
     except (ConfigError, AttributeError):
-        existing = None
-    if form.ca_upload and (problem := _check_upload(form.ca_upload)):
-        return [problem]
-    section, problems = _section(form, existing)
+        existing = stored_servers = None
+    ca = b""
+    if form.ca_upload:
+        ca, problem = _ca_certificates(form.ca_upload)
+        if problem:
+            return [problem]
+    section, problems = _section(form, existing, stored_servers)
     if problems:
         return problems
     with tempfile.TemporaryDirectory(prefix="authgw-console-") as tmp:
@@ -215,35 +392,38 @@ def _save_directory(form: DirectoryForm, config_dir: Path, state_dir: Path) -> l
         except OSError as exc:  # shutil.Error too; e.g. a symlink loop
             return [f"{display_name(config_dir)}: could not be copied to check it ({exc.__class__.__name__}): "
                     "nothing saved"]
-        staged: dict[str, tuple[bytes, int]] = {}
         try:
             chain_edit = _chain_with_ldap(copy)
         except ConfigError as exc:
             return _real_names(exc.problems, copy, config_dir)
         if isinstance(chain_edit, str):
             return _real_names([chain_edit], copy, config_dir)
-        if chain_edit is not None:  # keep the operator's file mode
-            staged[chain_edit[0].name] = (chain_edit[1].encode(), chain_edit[0].stat().st_mode & 0o777)
+        # In the order they are put in place: each step leaves a configuration that loads.
+        writes = []
         if form.password:
-            staged[PASSWORD_FILE] = (form.password.encode("utf-8"), 0o600)
-        if form.ca_upload:
-            staged[CA_FILE] = (form.ca_upload, 0o644)
+            writes.append(_Write(PASSWORD_FILE, form.password.encode("utf-8"), 0o600))
+        if ca:
+            writes.append(_Write(CA_FILE, ca, 0o644))
         text = ("# Written by the authgw console (docs/console.md). The password is in "
                 f"{PASSWORD_FILE} (0600).\n" + yaml.safe_dump({"ldap": section}, sort_keys=False))
-        staged[CONSOLE_FILE] = (text.encode("utf-8"), 0o644)
+        writes.append(_Write(CONSOLE_FILE, text.encode("utf-8"), 0o644))
+        if chain_edit is not None:  # keep the operator's file mode
+            writes.append(_Write(chain_edit[0].name, chain_edit[1].encode(), chain_edit[0].stat().st_mode & 0o777))
         inside = copy.resolve()
-        for name, (data, mode) in staged.items():
-            if not (copy / name).parent.resolve().is_relative_to(inside):  # the copy has no symlinks: never
-                return [f"{display_name(config_dir)}/{name}: leads out of conf.d: nothing saved"]
-            _write_file(copy / name, data, mode)
+        for write in writes:
+            if not (copy / write.name).parent.resolve().is_relative_to(inside):  # the copy has no symlinks: never
+                return [f"{display_name(config_dir)}/{write.name}: leads out of conf.d: nothing saved"]
+            _write_file(copy / write.name, write.data, write.mode)
         try:
             build_runtime(copy, state_dir=state_dir).discard()
         except ConfigError as exc:
             return _real_names(exc.problems, copy, config_dir)
         except (AuthgwError, OSError) as exc:
             return _real_names([str(exc)], copy, config_dir)
-        for name, (data, mode) in staged.items():
-            _write_file(config_dir / name, data, mode)
+    try:
+        _put_in_place(config_dir, writes)
+    except _WriteFailed as exc:
+        return [str(exc)]
     return []
 
 
