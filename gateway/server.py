@@ -152,7 +152,7 @@ class _Worker:
 
     async def start(self, runtime: Runtime) -> None:
         settings = runtime.config.core
-        self.guard = ConnectionGuard(settings.limits, settings.trusted_proxies)
+        self.guard = ConnectionGuard(settings.limits, settings.trusted_proxies, settings.throttle.ipv6_prefix)
         self.current = await self._start_generation(runtime)
 
     def _listeners(self, runtime: Runtime) -> dict[str, Listener]:

@@ -49,7 +49,9 @@ __all__ = ["StoreUnavailable", "Throttle", "Ticket"]
 log = logging.getLogger("authgw.throttle")
 
 #: Refusals that are guesses at a password.
-GUESSES = frozenset({Outcome.INVALID_CREDENTIALS, Outcome.USER_NOT_FOUND})
+#: What counts as a guess. ERROR too: a step that crashed is answered as a refusal (401), and a
+#: crash after a right password (a bug in a later lookup) must not be a free oracle.
+GUESSES = frozenset({Outcome.INVALID_CREDENTIALS, Outcome.USER_NOT_FOUND, Outcome.ERROR})
 
 
 #: Reservation ids, unique across every process sharing a store.

@@ -246,9 +246,19 @@ def _construct(loader: _StrictLoader, node: yaml.Node, path: KeyPath, name: str,
 
 def _scalar(loader: _StrictLoader, node: yaml.Node, path: KeyPath, name: str) -> Any:
     try:
-        return loader.construct_object(node, deep=True)
+        value = loader.construct_object(node, deep=True)
     except ValueError as exc:  # int() of a number longer than Python converts
         raise ConfigError(f"{name}:{node.start_mark.line + 1}: {format_path(path)}: not a usable value: {exc}") from None
+    if isinstance(value, str) and not value.isascii() and _SURROGATE.search(value):
+        # "\ud800" in a double-quoted YAML string is no character: nothing can write it as
+        # UTF-8 (a header, a log line, an XML assertion), and a user's name holding one reset
+        # every answer of their logins (review of the front door).
+        raise ConfigError(f"{name}:{node.start_mark.line + 1}: {format_path(path)}: not text: a lone surrogate "
+                          "escape (\\uD800-\\uDFFF); write the character itself, or its \\U escape")
+    return value
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _merge(into: dict[str, Any], new: dict[str, Any], path: KeyPath, marks: dict[KeyPath, Mark],

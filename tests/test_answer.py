@@ -173,3 +173,26 @@ def test_exact_targets_go_straight_to_their_handler_and_the_rest_to_the_router()
 
     assert asyncio.run(main()) == [("/auth", b"direct\n"), ("/auth?x=1", b"routed\n"), ("/other", b"routed\n"),
                                    ("/auth expect", b"routed\n")]
+
+
+def test_a_header_value_from_an_identity_is_always_writable():
+    """A lone surrogate cannot be written as UTF-8: the answer's encode raised after a logged
+    success and the client got a reset (review of the front door). Control characters go, a
+    surrogate becomes "?"."""
+    from gateway.http.app import _header_value
+
+    assert _header_value("bad \ud800 name\r\nX-Injected: 1") == "bad ? nameX-Injected: 1"
+    assert _header_value("Zoë Ünal") == "Zoë Ünal"
+    assert _header_value("bad \ud800 name").encode("utf-8")
+
+
+def test_a_group_name_holding_a_comma_is_left_out_of_remote_groups(caplog):
+    """``project-x, admins`` would read as two groups, admins among them, to a backend that
+    splits Remote-Groups on commas (review of the front door)."""
+    from gateway.http.app import _groups_header
+
+    assert _groups_header(("staff", "ops")) == "staff,ops"
+    assert _groups_header(()) == ""
+    with caplog.at_level("WARNING", logger="authgw.http"):
+        assert _groups_header(("staff", "project-x, admins", "ops")) == "staff,ops"
+    assert "'project-x, admins'" in caplog.text and "left out of Remote-Groups" in caplog.text

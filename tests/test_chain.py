@@ -218,6 +218,26 @@ def test_throttling_refuses_before_the_chain_after_repeated_failures(tmp_path):
     assert decide(runtime, other).outcome is Outcome.INVALID_CREDENTIALS
 
 
+def test_a_step_that_crashes_on_a_password_counts_as_a_guess(tmp_path):
+    """A crash is answered as a refusal (401): one that happened only after a right password (a
+    bug in a later lookup) would be a free oracle if it were not counted (review of the front
+    door). It is throttled as a wrong password is."""
+    runtime = build(tmp_path, {"chain": ["a"], "throttle": {"user_failures": 3, "client_failures": 100}},
+                    {"a": {"action": "raise"}})
+    outcomes = [decide(runtime).outcome for _ in range(4)]
+    assert outcomes == [Outcome.ERROR] * 3 + [Outcome.THROTTLED]
+    assert steps_called() == ["a", "a", "a"]
+
+
+def test_a_step_that_crashes_on_a_password_is_answered_as_slowly_as_a_refusal(tmp_path):
+    """The floor of failure timing holds for a crash too (the delay is a sleep: a lower bound)."""
+    runtime = build(tmp_path, {"chain": ["a"], "throttle": {"enabled": False}, "failure_timing": {"floor": 0.3}},
+                    {"a": {"action": "raise"}})
+    started = time.monotonic()
+    assert decide(runtime).outcome is Outcome.ERROR
+    assert time.monotonic() - started >= 0.3
+
+
 # -- a plugin that breaks its contract in a hook the core calls plugin by plugin ----------------
 
 

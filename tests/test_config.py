@@ -90,6 +90,21 @@ def test_malformed_yaml_names_file_and_line(conf_dir):
     assert "gateway.yaml:1: chain: a `[` list is not closed" in problem
 
 
+def test_a_lone_surrogate_escape_is_no_text(conf_dir, tmp_path, demo_hash):
+    """``"\\ud800"`` in a double-quoted YAML string is no character: a user's name holding one
+    reset every answer of their logins (review of the front door). Refused where it is, in
+    conf.d and in a file a plugin reads (the static users file)."""
+    write_conf(conf_dir, {"gateway.yaml": 'chain: [static]\nstatic:\n  users_file: "a\\ud800b"\n'})
+    (problem,) = problems(conf_dir)
+    assert "gateway.yaml:3: static.users_file: not text: a lone surrogate escape" in problem
+    users = tmp_path / "users.yaml"
+    users.write_text(f'users:\n  sur:\n    password_hash: "{demo_hash}"\n    display_name: "bad \\ud800 name"\n')
+    users.chmod(0o600)
+    write_conf(conf_dir, {"gateway.yaml": f"chain: [static]\nstatic:\n  users_file: {users}\n"})
+    result = authgw("config", "check", "--config", str(conf_dir))
+    assert result.returncode != 0 and "users.yaml:4: users.sur.display_name: not text" in result.stdout + result.stderr
+
+
 class _WithSecret(PluginSettings):
     password: Secret
 

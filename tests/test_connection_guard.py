@@ -50,3 +50,17 @@ def test_held_connections_get_turns_at_the_refusal_rate_up_to_max_hold():
     assert holds == [1.0, 1.5, 2.0, 2.5, 3.0]
     assert guard.hold_after_refusal(100.0) == 3.0
     assert guard.hold_after_refusal(110.0) == 1.0  # the turns have passed: back to retry_after
+
+
+def test_ipv6_clients_are_counted_by_their_network_as_the_throttle_counts_them():
+    """A host is given a /64 and may connect from any address in it: counted address by address,
+    one host could take every connection (review of the front door)."""
+    guard = ConnectionGuard(LimitsSettings(max_connections_per_client=3), ipv6_prefix=64)
+    assert [guard.admit(f"2001:db8:0:1::{i:x}") for i in range(1, 5)] == [True, True, True, False]
+    assert guard.admit("2001:db8:0:2::1")  # another /64
+    assert [guard.admit(h) for h in ("192.0.2.7", "::ffff:192.0.2.7", "192.0.2.7", "192.0.2.7")] \
+        == [True, True, True, False]  # an IPv4-mapped address is that IPv4 client
+    guard.release("2001:db8:0:1::2")  # any address of the network frees one of its slots
+    assert guard.admit("2001:db8:0:1::ffff") and not guard.admit("2001:db8:0:1::abcd")
+    wide = ConnectionGuard(LimitsSettings(max_connections_per_client=1), ipv6_prefix=128)
+    assert wide.admit("2001:db8::1") and wide.admit("2001:db8::2")

@@ -13,6 +13,7 @@ import hashlib
 import asyncio
 import hmac
 import json
+import logging
 import math
 import time
 from collections.abc import Mapping
@@ -23,13 +24,13 @@ from aiohttp.web_protocol import RequestPayloadError
 from gateway.chain import CLIENT_GONE, Gateway
 from gateway.errors import PluginLoadError
 from gateway.http.openapi import openapi_document
-from gateway.logs import authgw_version
+from gateway.logs import RateLimitedWarning, authgw_version
 from gateway.perprocess import UniqueIds
 from gateway.http.answer import Answer
 from gateway.http.clientaddr import ClientAddressResolver, IPAddress, parse_address
 from gateway.http.credentials import (MalformedCredentials, check_password_credential, parse_authorization,
                                       single_authorization)
-from gateway.http.protocol import MAX_BODY, SERVER_HEADER, continue_body, no_linger
+from gateway.http.protocol import MAX_BODY, SERVER_HEADER, content_encoded, continue_body, no_linger
 from gateway.model import (
     Attempt,
     CertificateCredential,
@@ -61,8 +62,29 @@ _UNSAFE = {c: None for c in range(32)} | {0x7F: None}
 
 def _header_value(text: str) -> str:
     # isprintable() is False for every character _UNSAFE removes (and for some it keeps, such
-    # as U+2028): a printable value, the usual case, needs no copy.
-    return text if text.isprintable() else text.translate(_UNSAFE)
+    # as U+2028): a printable value, the usual case, needs no copy. A lone surrogate (an
+    # identity from a YAML or JSON escape) cannot be written as UTF-8: it became a reset
+    # connection after a logged success (review of the front door); it is written as "?".
+    if text.isprintable():
+        return text
+    return text.translate(_UNSAFE).encode("utf-8", "replace").decode("utf-8")
+
+
+_groups_warning = RateLimitedWarning(logging.getLogger("authgw.http"))
+
+
+def _groups_header(groups: tuple[str, ...]) -> str:
+    """``Remote-Groups``: the names, comma-separated. A name holding a comma is left out (with a
+    warning): ``project-x, admins`` would read as two groups, ``admins`` among them, to a
+    backend that splits on commas (review of the front door)."""
+    joined = ",".join(groups)
+    if not groups or joined.count(",") == len(groups) - 1:  # no name holds a comma: the usual case
+        return _header_value(joined)
+    left_out = [g for g in groups if "," in g]
+    _groups_warning("comma", "group name(s) %s hold a comma: left out of Remote-Groups (a backend splitting it "
+                    "on commas would read several groups); rename them, or read groups from /v1/authenticate",
+                    ", ".join(map(repr, left_out[:5])))
+    return _header_value(",".join(g for g in groups if "," not in g))
 
 
 class PublicHeaders(Mapping[str, str]):
@@ -193,7 +215,7 @@ class FrontDoor:
             identity = decision.identity
             headers.update({
                 "Remote-User": _header_value(identity.username),
-                "Remote-Groups": _header_value(",".join(identity.groups)),
+                "Remote-Groups": _groups_header(identity.groups),
                 "Remote-Email": _header_value(identity.email),
                 "Remote-Name": _header_value(identity.display_name),
                 "Remote-Auth-Source": "cache" if decision.from_cache else "live",
@@ -275,7 +297,8 @@ class FrontDoor:
         except (asyncio.TimeoutError, RequestPayloadError) as exc:
             # Any body the API cannot read is a 400 (issue 10 item 5); the connection is not reused.
             detail = ("the body did not arrive in time" if isinstance(exc, asyncio.TimeoutError)
-                      else "the body could not be decoded (Content-Encoding)")
+                      else "a body with a Content-Encoding is not accepted")
+            no_linger(request)  # what is left of it is not waited for
             return web.json_response({"error": "bad_request", "detail": detail},
                                      status=400, headers={"Connection": "close"})
         try:
@@ -340,8 +363,10 @@ class FrontDoor:
 
 async def read_body(request: web.Request, limit: int) -> bytes:
     """The request body, or its first ``limit + 1`` bytes when it is longer (so the caller can
-    refuse it). Bound the wait with ``asyncio.wait_for(..., limits.body_timeout)``; a
-    ``Content-Encoding`` that does not decode raises ``RequestPayloadError``."""
+    refuse it). Bound the wait with ``asyncio.wait_for(..., limits.body_timeout)``; a body with
+    a ``Content-Encoding`` raises ``RequestPayloadError`` before a byte is read."""
+    if content_encoded(request):
+        raise RequestPayloadError("a Content-Encoding is not accepted")
     body = b""
     while len(body) <= limit:  # read() returns what has arrived, not all of it
         chunk = await request.content.read(limit + 1 - len(body))

@@ -12,7 +12,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from multidict import MultiDictProxy
 
 from gateway.http.app import GATEWAY_KEY
-from gateway.http.protocol import no_linger
+from gateway.http.protocol import content_encoded, no_linger
 
 __all__ = ["UnreadableForm", "read_form"]
 
@@ -37,6 +37,9 @@ async def read_form(request: web.Request) -> MultiDictProxy:
     does not come in time raises :class:`UnreadableForm`; a declared ``Content-Length`` over the
     size limit is aiohttp's 413 before a byte is read. Either way the connection is closed once
     the answer is written: what is left of the body is not waited for."""
+    if content_encoded(request):  # never decoded (protocol.py, auto_decompress): not a form
+        no_linger(request)
+        raise UnreadableForm("a body with a Content-Encoding is not accepted")
     if (request.content_length or 0) > request.client_max_size:
         no_linger(request)
         raise web.HTTPRequestEntityTooLarge(max_size=request.client_max_size, actual_size=request.content_length)

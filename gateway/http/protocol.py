@@ -40,6 +40,7 @@ Every limit hit is logged at WARNING, at most once per 10 s per kind, with the c
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import threading
 import time
@@ -98,9 +99,10 @@ class ConnectionGuard:
     ``max_connections_per_client`` beyond the cap: a flood from elsewhere does not shut the
     gateway's own proxy out."""
 
-    def __init__(self, limits: LimitsSettings, trusted_proxies=()) -> None:
+    def __init__(self, limits: LimitsSettings, trusted_proxies=(), ipv6_prefix: int = 64) -> None:
         self.limits = limits
         self.trusted = tuple(trusted_proxies)
+        self.ipv6_prefix = ipv6_prefix
         self.open = 0
         self.per_client: Counter[str] = Counter()
         self.listeners: Counter[str | None] = Counter()  # open connections by listener (None: listen:)
@@ -128,19 +130,35 @@ class ConnectionGuard:
         guard: it has a reserve of its own from now on."""
         self.listeners[listener] += 0
 
+    def client(self, host: str) -> str:
+        """Whom a connection from *host* counts against: its address, or for IPv6 its network of
+        ``throttle.ipv6_prefix`` bits, as the throttle counts clients. One host is given a /64
+        and may connect from any of its addresses: counted one by one, it could take every
+        connection of ``limits.max_connections`` (review of the front door)."""
+        if ":" not in host:
+            return host
+        try:
+            address = ipaddress.IPv6Address(host.split("%", 1)[0])
+        except ValueError:
+            return host
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, self.ipv6_prefix), strict=False))
+
     def admit(self, host: str, listener: str | None = None) -> bool:
         """Count a new connection from *host* on *listener*, or refuse it (False) with a
         logged warning."""
         limits = self.limits
         if self.open >= limits.max_connections - self._held_back(False) and not self._room(host, listener):
             return False
-        if self.per_client[host] >= limits.max_connections_per_client and not self.trusted_host(host):
+        client = self.client(host)
+        if self.per_client[client] >= limits.max_connections_per_client and not self.trusted_host(host):
             self.warn("per_client", "%s has %d connections open (limits.max_connections_per_client); "
-                      "closing its new ones", host, self.per_client[host])
+                      "closing its new ones", client, self.per_client[client])
             return False
         self.open += 1
         self.listeners[listener] += 1
-        self.per_client[host] += 1
+        self.per_client[client] += 1
         if self.open > self._peak:
             self._peak = self.open
         return True
@@ -174,9 +192,10 @@ class ConnectionGuard:
     def release(self, host: str, listener: str | None = None) -> None:
         self.open -= 1
         self.listeners[listener] -= 1
-        self.per_client[host] -= 1
-        if self.per_client[host] <= 0:
-            del self.per_client[host]
+        client = self.client(host)
+        self.per_client[client] -= 1
+        if self.per_client[client] <= 0:
+            del self.per_client[client]
         if self._peak >= _BURST and self.open <= self._peak // 8:
             # A burst of connections is ending: once the rest of it has closed too, give back the
             # memory its buffers left in holes of glibc's heaps (issue 10: RSS after a burst near
@@ -476,6 +495,14 @@ class GuardedRequestHandler(RequestHandler, _NoDelayAlreadySet):
         log.error("connection error: %s", exc.__class__.__name__ if isinstance(exc, BaseException) else args[0])
 
 
+def content_encoded(request: web.Request) -> bool:
+    """Whether *request*'s body comes with a ``Content-Encoding`` (other than ``identity``).
+    Request bodies are not decoded here (``auto_decompress`` is off): such a body is refused,
+    never read as if it were plain."""
+    return any(value.strip().lower() not in ("", "identity")
+               for value in request.headers.getall("Content-Encoding", ()))
+
+
 def no_linger(request: web.Request) -> None:
     """Close *request*'s connection once its answer is written, without waiting for what is left
     of its body (aiohttp would read and drop it for up to its lingering time)."""
@@ -576,8 +603,13 @@ class GuardedSite(web.BaseSite):
         guard, listener = self._guard, self._listener
 
         def protocol() -> GuardedRequestHandler:
+            # auto_decompress off: aiohttp inflates a gzip or deflate body on the event loop, and
+            # reading a body nobody asked for (lingering after the answer) does not yield while
+            # the inflater has output: 2 MB of gzip held a worker's loop 2 s, and a few dozen such
+            # requests every worker's past the watchdog (review of the front door). No handler
+            # accepts an encoded body (content_encoded); the raw bytes are what is read or dropped.
             return GuardedRequestHandler(server, loop=loop, guard=guard, listener=listener, access_log=None,
-                                         keepalive_timeout=guard.limits.keepalive_timeout,
+                                         keepalive_timeout=guard.limits.keepalive_timeout, auto_decompress=False,
                                          tcp_keepalive=False)  # inherited from the listening socket (server.bind)
 
         context = self._ssl_context
