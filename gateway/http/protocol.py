@@ -43,7 +43,6 @@ import asyncio
 import ipaddress
 import logging
 import threading
-import time
 from asyncio.sslproto import SSLProtocol as _AsyncioSSLProtocol
 from collections import Counter
 from http import HTTPStatus
