@@ -118,6 +118,8 @@ def test_strip_realm_with_an_allowlist_and_rules():
     # a rule must match the whole principal, not a prefix
     assert mapper.map("bob@EU.CORP.EXAMPLE.EVIL").reason == "realm_not_allowed"
     assert PrincipalMapper(["R"], [], True).map("Alice@R").username == "alice"
+    # lower-cased only once plainly spelt, and plainly spelt after: the Kelvin sign lowers to k
+    assert PrincipalMapper(["R"], [], True).map("fran\u212a@R").reason == "principal_not_mapped"
 
 
 def test_only_a_named_realms_kdc_may_name_another_realms_principals():
@@ -294,3 +296,13 @@ def test_a_refusal_naming_a_forged_service_is_logged_on_one_line(tmp_path, monke
     assert record.levelno == logging.WARNING
     assert message.isprintable() and "FORGED" in message, message
     assert "HTTP/evil\\n2026-01-01" in message and "\\x1b[2K\\u2028\\x00" in message
+
+
+def test_the_spelling_check_folds_more_loosely_than_any_directory():
+    """The directory's answer is compared with the mapped name through a fold looser than any
+    directory's matching: slapd lowers character by character (``İ`` to ``i``), which
+    ``casefold`` alone would not match (review of this stop's diff)."""
+    from gateway.plugins.kerberos import _folded
+
+    assert _folded("al\u0130ce") == _folded("ALICE") == _folded("Al\u00efce") == _folded("alice")
+    assert _folded("bob") != _folded("alice")

@@ -39,6 +39,7 @@ from __future__ import annotations
 import base64
 import ipaddress
 import logging
+import unicodedata
 from pathlib import Path
 
 from pydantic import Field, model_validator
@@ -117,6 +118,13 @@ class KerberosSettings(PluginSettings):
             raise ValueError("set `realms` (strip_realm allowlist) or `rules`: without them no principal "
                              "maps to a username")
         return self
+
+
+def _folded(name: str) -> str:
+    """*name* with case and accents folded away, more loosely than any directory matches names:
+    slapd lowers character by character (``İ`` to ``i``), which ``str.casefold`` does not."""
+    decomposed = unicodedata.normalize("NFKD", name.casefold())
+    return "".join(ch for ch in decomposed if not unicodedata.combining(ch))
 
 
 class KerberosPlugin:
@@ -274,11 +282,17 @@ class KerberosPlugin:
         return Identity(subject=f"kerberos:{principal}", username=username, method=self.name, claims=claims)
 
     def _other_case(self, username: str, known_as: str | None) -> bool:
-        """Whether the directory found *username* under a spelling that differs from it only in
-        case, and case matters (not ``lowercase_username``). A rule mapping to another attribute
-        (a UPN looked up, the account name answered) is the directory's to match."""
-        return (not self.settings.lowercase_username and bool(known_as) and known_as != username
-                and known_as.casefold() == username.casefold())
+        """Whether the directory found *username* under another spelling of the same letters (case,
+        accents, ``İ`` for ``i``: what a directory's matching folds), where it may not: always,
+        unless the realm ignores case (``lowercase_username``) and the two differ in case only.
+        A name made by a rule that the directory answers with another attribute's value (a UPN
+        looked up, the account name answered) is not another spelling, and is the directory's
+        to match."""
+        if not known_as or known_as == username:
+            return False
+        if self.settings.lowercase_username and known_as.lower() == username:  # *username* is lowered
+            return False
+        return _folded(known_as) == _folded(username)
 
     def _refuse(self, attempt: Attempt, reason: str, detail: str) -> Decision:
         self._log(attempt, reason, detail)

@@ -103,10 +103,12 @@ class PrincipalMapper:
         # ``alice`` with a no-break space are principals of their own and logged in as alice
         # (review of the Kerberos plugin). Only a name in its one spelling maps to anyone; case
         # is checked against the directory's own spelling (KerberosPlugin._identity).
-        if self.lowercase:
-            username = username.lower()
         if not username or not plainly_spelt(username):
             return Mapped(None, "principal_not_mapped", f"{principal} maps to an unusable username")
+        if self.lowercase:
+            username = username.lower()  # before and after: "fran\u212a" (Kelvin sign) lowers to frank
+            if not plainly_spelt(username):
+                return Mapped(None, "principal_not_mapped", f"{principal} maps to an unusable username")
         return Mapped(username)
 
     def map(self, principal: str) -> Mapped:
