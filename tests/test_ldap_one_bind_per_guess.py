@@ -111,11 +111,19 @@ def test_a_bind_reset_unanswered_does_not_fail_over_to_the_next_server(start, se
 
 
 class ScriptedLink:
-    """Stands for a Link: ``reused`` as the pool sets it; closing is recorded."""
+    """Stands for a Link: ``reused`` as the pool sets it; closing is recorded. *idle*: seconds since
+    its last use; *forgotten*: a middlebox forgot it, so its next request is reset."""
 
-    def __init__(self, server, reused: bool) -> None:
+    def __init__(self, server, reused: bool, idle: float = 0.0, forgotten: bool = False) -> None:
         self.server, self.reused, self.closed = server, reused, False
-        self.last_used = time.monotonic()
+        self.last_used = time.monotonic() - idle
+        self.forgotten, self.asked = forgotten, 0
+
+    def who_am_i(self):
+        self.asked += 1
+        if self.forgotten:
+            raise LinkBroken("connection reset by peer", sent=True)
+        return None, "dn:cn=someone"
 
     def settimeout(self, seconds: float, deadline: float = 0.0) -> None:
         pass
@@ -170,6 +178,23 @@ def test_a_sent_user_bind_that_broke_runs_once_on_a_reused_or_a_fresh_link() -> 
     assert run(pool, BIND, [LinkBroken("closed", sent=True)]) == ([A], "ldap.unavailable")  # fresh link
     assert pool.servers[0].failures == 1  # a fresh connection broke: the server is blamed, B goes first
     assert run(pool, BIND, [LinkBroken("closed", sent=True)]) == ([B], "ldap.unavailable")
+
+
+def test_a_bind_link_idle_a_while_is_asked_who_it_is_before_it_carries_a_password() -> None:
+    """A load balancer or firewall that forgot an idle connection resets it at its next packet:
+    that packet is a password-less Who am I?, and the bind goes on a fresh link (before, the
+    bind was reset there and, not being sent again, was a 503) (review of this stop's diff)."""
+    for forgotten in (True, False):
+        pool = ScriptedPool([A])
+        idle = ScriptedLink(pool.servers[0], reused=True, idle=60, forgotten=forgotten)
+        pool._take_idle = lambda server, kind, link=idle: link if not idle.asked else None
+        assert run(pool, BIND, []) == ([A], "answered")
+        assert idle.asked == 1 and idle.closed is forgotten and pool.opened == ([A] if forgotten else [])
+    # a link in use a moment ago is not asked: no round trip on a busy gateway's logins
+    pool = ScriptedPool([A])
+    recent = ScriptedLink(pool.servers[0], reused=True, idle=1)
+    pool._take_idle = lambda server, kind: recent
+    assert run(pool, BIND, []) == ([A], "answered") and recent.asked == 0
 
 
 def test_what_was_not_sent_whole_and_service_operations_are_retried_as_before() -> None:

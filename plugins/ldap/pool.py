@@ -43,6 +43,10 @@ T = TypeVar("T")
 SERVICE = "service"
 BIND = "bind"
 
+#: Seconds a pooled bind link may sit idle before a password goes over it unchecked: past them
+#: it is asked "Who am I?" first (Pool._still_there). Links of a busy gateway never wait this long.
+_PROBE_IDLE = 20.0
+
 class DirectoryUnavailable(Exception):
     """No server could serve the operation. ``reason`` is a stable ``ldap.*`` code."""
 
@@ -241,6 +245,12 @@ class Pool:
                 try:
                     link = (None if fresh_only else self._take_idle(server, kind)) or self.open(server, kind, deadline)
                     link.settimeout(budget, deadline)
+                    if kind == BIND and link.reused and time.monotonic() - link.last_used > _PROBE_IDLE:
+                        if not self._still_there(link):  # forgotten by a middlebox: a fresh one
+                            link.close()
+                            self._drain(server)
+                            fresh_only = True
+                            continue
                     value = operation(link)
                 except LinkBroken as exc:
                     reused = link is not None and link.reused
@@ -296,6 +306,17 @@ class Pool:
                 self._release(link, kind)
                 return value
         raise DirectoryUnavailable(reason, "; ".join(problems) or "no server configured")
+
+    @staticmethod
+    def _still_there(link: Link) -> bool:
+        """A round trip without a password (Who am I?) on a bind link that sat idle: a load
+        balancer or firewall that forgot the connection resets it at its next packet, and that
+        packet must not be a password bind, which would not be sent again (one guess, one bind)."""
+        try:
+            link.who_am_i()
+        except LinkBroken:
+            return False
+        return True
 
     def _drain(self, server: Server) -> None:
         with self._lock:
