@@ -61,7 +61,7 @@ def test_each_check_refuses_its_frame(changes, code):
     assert refused.value.request_id in ("abc", None)
 
 
-@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity"])
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e400", "-1E999"])
 def test_numbers_json_has_not_are_refused(number):
     """Python's json reads NaN and Infinity; a connector's answer holding one reached the
     identity, and the relay's /v1/authenticate then answered invalid JSON (review of the relay)."""

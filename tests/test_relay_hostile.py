@@ -164,6 +164,18 @@ def test_a_connector_of_another_protocol_version_is_told_and_closed(relay, ident
     _no_server_errors(relay)
 
 
+def test_the_link_takes_no_compressed_frames(relay, identity):
+    """permessage-deflate is not offered back: no frame is inflated on the relay's event loop
+    (review of this stop's diff; request bodies are not inflated either)."""
+    async def extensions() -> str | None:
+        async with aiohttp.ClientSession() as http:
+            async with http.ws_connect(f"wss://127.0.0.1:{relay.port}/link", ssl=_context(relay, identity),
+                                       compress=15) as ws:
+                return ws._response.headers.get("Sec-WebSocket-Extensions")
+
+    assert asyncio.run(extensions()) is None
+
+
 def test_an_oversized_frame_closes_that_link_only(relay, identity):
     received = asyncio.run(_link(relay, _context(relay, identity), ["x" * (proto.MAX_FRAME + 10)]))
     # aiohttp answers "message too big" (1009, RFC 6455 7.4.1) and drops the connection: the

@@ -155,6 +155,15 @@ def _not_json(name: str) -> None:
     raise ValueError(f"{name} is not a JSON number")
 
 
+def _finite(text: str) -> float:
+    """A JSON number with a fraction or exponent; ``1e400`` is valid JSON that Python reads as
+    infinity, which no JSON answer can carry: refused as NaN is."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:20]} is too large a number")
+    return value
+
+
 def decode(text: str | bytes, *, now: float, guard: ReplayGuard | None = None,
            accept: frozenset[str] = REQUEST_TYPES, skew: float = 0.0) -> Message:
     """Parse and check one frame. Requests are checked for version, type (*accept*), deadline
@@ -169,7 +178,7 @@ def decode(text: str | bytes, *, now: float, guard: ReplayGuard | None = None,
     if len(text) > MAX_FRAME:
         raise ProtocolError("bad_request", f"frame larger than {MAX_FRAME} bytes")
     try:
-        data = json.loads(text, parse_constant=_not_json)
+        data = json.loads(text, parse_constant=_not_json, parse_float=_finite)
     except (ValueError, UnicodeDecodeError, RecursionError):  # nested deeper than json can read: not ours
         raise ProtocolError("bad_request", "not JSON") from None
     if not isinstance(data, dict):

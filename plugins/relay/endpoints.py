@@ -343,7 +343,7 @@ class Endpoints:
             log.warning("refused a link from connector %s: its key is not the one enrolled", connector)
             return _refuse(403, "unknown_connector", "this certificate is not the one enrolled for the connector")
         ws = web.WebSocketResponse(heartbeat=self.settings.ping_interval, max_msg_size=proto.MAX_FRAME,
-                                   autoping=True)
+                                   autoping=True, compress=False)  # no frame is inflated on the loop
         session = LinkSession(ws, connector, connection, cert.public_key(), cert.not_valid_after_utc.timestamp(),
                               peer=str(request.remote))
         hub = self.plugin.hub

@@ -155,6 +155,17 @@ class SQLiteStore:
             self._local.db = None
 
 
+#: One use of a ticket counted again, if the ticket is still there (HINCRBY alone would make it
+#: again, as a hash without `expires`); ARGV[1] "1": a use given back, so not used up any more.
+_ADD_USE = """
+if redis.call('HEXISTS', KEYS[1], 'expires') == 1 then
+  if ARGV[1] == '1' then redis.call('HDEL', KEYS[1], 'used') end
+  return redis.call('HINCRBY', KEYS[1], 'uses', 1)
+end
+return false
+"""
+
+
 class RedisStore:
     """The same registry in Redis, for several relay instances (``relay: {redis: ...}``).
 
@@ -212,18 +223,23 @@ class RedisStore:
         key = self._k("ticket", token_hash(token))
         left = self.redis.hincrby(key, "uses", -1)  # atomic: of racing enrolments, only `uses` win
         if left < 0:
-            self.redis.hincrby(key, "uses", 1)  # back to 0: a use given back (give_back) counts again
+            self._add_use(keys=[key], args=["0"])  # back to 0: a use given back (give_back) counts again
             raise TicketRefused("ticket_used", "this ticket was already used; each ticket enrols one connector")
         if left == 0:
             self.redis.hset(key, "used", repr(now))
         return connection, connector
 
     def give_back(self, token: str) -> None:
-        """As :meth:`SQLiteStore.give_back`."""
-        key = self._k("ticket", token_hash(token))
-        if self.redis.exists(key):
-            self.redis.hdel(key, "used")
-            self.redis.hincrby(key, "uses", 1)
+        """As :meth:`SQLiteStore.give_back`: one script, so a ticket that expired meanwhile is not
+        made again as a hash of ``uses`` alone."""
+        self._add_use(keys=[self._k("ticket", token_hash(token))], args=["1"])
+
+    @property
+    def _add_use(self):
+        script = getattr(self, "_add_use_script", None)
+        if script is None:
+            script = self._add_use_script = self.redis.register_script(_ADD_USE)
+        return script
 
     def record_connector(self, connector: str, connection: str, serial: int, not_after: float, cert: str) -> None:
         key = self._k("connector", connector)
