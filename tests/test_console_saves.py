@@ -46,17 +46,30 @@ def test_a_host_name_in_listen_is_refused_with_the_file_and_line(conf_dir, demo_
     other's name too, and a browser trying ::1 first gave the token to whoever bound [::1]:PORT."""
     port = free_port()
     console_conf(conf_dir, port, demo_hash)
-    for name in ("localhost", "console.example", "ip6-localhost"):
+    for name in ("console.example", "ip6-localhost"):
         (conf_dir / "console.yaml").write_text(f"console:\n  hosts: [console.example]\n  listen: {name}:{port}\n")
         result = config_check(conf_dir, tmp_path / "state")
         assert result.returncode == 2, (name, result.stdout, result.stderr)
         assert re.search(rf"console\.yaml:3: console\.listen: {name}:{port}: give an IP address, not a host name "
                          rf"\(127\.0\.0\.1:{port} or \[::1\]:{port}\)", result.stderr), result.stderr
     # A name is refused with TLS too: the link would still name the address the name resolves to.
-    cert, key = CA.create().issue("localhost", dns=["localhost"]).write(tmp_path, "console")
-    (conf_dir / "console.yaml").write_text(f"console:\n  listen: localhost:{port}\n  tls_cert: {cert}\n"
+    cert, key = CA.create().issue("console.example", dns=["console.example"]).write(tmp_path, "console")
+    (conf_dir / "console.yaml").write_text(f"console:\n  listen: console.example:{port}\n  tls_cert: {cert}\n"
                                            f"  tls_key: {key}\n")
     assert "give an IP address" in config_check(conf_dir, tmp_path / "state").stderr
+
+
+def test_localhost_in_listen_is_127_0_0_1_and_the_link_says_so(conf_dir, demo_hash, start_gateway):
+    """The one name older configurations hold keeps working: bound, and named in the link, as
+    127.0.0.1, never as the name a browser may resolve to ::1 first."""
+    port = free_port()
+    console_conf(conf_dir, port, demo_hash)
+    (conf_dir / "console.yaml").write_text(f"console:\n  listen: localhost:{port}\n")
+    gw = start_gateway(conf_dir)
+    result = authgw("console", "--config", str(gw.conf_dir), "--state-dir", str(gw.state_dir))
+    assert result.returncode == 0, result.stderr
+    assert re.fullmatch(rf"http://127\.0\.0\.1:{port}/login/[A-Za-z0-9_-]+", result.stdout.strip()), result.stdout
+    assert signed_in(gw, f"http://127.0.0.1:{port}").get("/status").status == 200
 
 
 def _ipv6_loopback() -> bool:

@@ -25,13 +25,17 @@ DEFAULT_LISTEN = "127.0.0.1:8357"
 
 
 def listen_address(value: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
-    """``HOST:PORT`` of ``console.listen`` as (IP address, port); ``ValueError`` for a host name."""
+    """``HOST:PORT`` of ``console.listen`` as (IP address, port); ``ValueError`` for a host name.
+    ``localhost``, the one name older configurations hold, is 127.0.0.1: bound, and named in the
+    link, as that address."""
     host, port = parse_listen(value)
+    if host == "localhost":
+        host = "127.0.0.1"
     try:
         return ipaddress.ip_address(host), port
     except ValueError:
         raise ValueError(f"{value}: give an IP address, not a host name (127.0.0.1:{port} or [::1]:{port}): "
-                         "a name such as localhost resolves to several addresses and the console binds one, "
+                         "a name may resolve to several addresses and the console binds one, "
                          "so a browser could take the one-time link to a server of another user on the "
                          "other (docs/console.md)") from None
 
@@ -68,4 +72,5 @@ class ConsoleSettings(PluginSettings):
                              "through an SSH tunnel (docs/console.md)")
         if (info.data.get("tls_cert") is None) != (info.data.get("tls_key") is None):
             raise ValueError("tls_cert and tls_key go together")
-        return value
+        address, port = listen_address(value)
+        return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"  # what is bound
