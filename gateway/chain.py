@@ -658,7 +658,7 @@ class Gateway:
                 decision = Decision.deny(Outcome.THROTTLED, step="gateway", reason="throttled")
                 self.notify(attempt, decision)
                 return decision
-        decision = _INTERNAL_ERROR  # if cancelled
+        decision = _CLIENT_GONE  # if cancelled: not a guess (settle), nor a crash
         try:
             # A front door may bring the answer (a reused session: AFTER_THE_CHAIN); else ask.
             answer = attempt.stash.get(PRECHECKED, None) or self.precheck(attempt)

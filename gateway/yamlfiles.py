@@ -250,9 +250,13 @@ def _scalar(loader: _StrictLoader, node: yaml.Node, path: KeyPath, name: str) ->
     except ValueError as exc:  # int() of a number longer than Python converts
         raise ConfigError(f"{name}:{node.start_mark.line + 1}: {format_path(path)}: not a usable value: {exc}") from None
     if isinstance(value, str) and not value.isascii() and _SURROGATE.search(value):
-        # "\ud800" in a double-quoted YAML string is no character: nothing can write it as
-        # UTF-8 (a header, a log line, an XML assertion), and a user's name holding one reset
-        # every answer of their logins (review of the front door).
+        # "\ud83d\ude00" is how JSON-style writers escape one character (an emoji): PyYAML
+        # leaves the two halves apart, joined here. A half alone is no character: nothing can
+        # write it as UTF-8 (a header, a log line, an XML assertion), and a user's name holding
+        # one reset every answer of their logins (review of the front door).
+        value = value.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "surrogatepass")
+        if not _SURROGATE.search(value):
+            return value
         raise ConfigError(f"{name}:{node.start_mark.line + 1}: {format_path(path)}: not text: a lone surrogate "
                           "escape (\\uD800-\\uDFFF); write the character itself, or its \\U escape")
     return value

@@ -97,6 +97,9 @@ def test_a_lone_surrogate_escape_is_no_text(conf_dir, tmp_path, demo_hash):
     write_conf(conf_dir, {"gateway.yaml": 'chain: [static]\nstatic:\n  users_file: "a\\ud800b"\n'})
     (problem,) = problems(conf_dir)
     assert "gateway.yaml:3: static.users_file: not text: a lone surrogate escape" in problem
+    # the two halves of one character, as JSON-style writers escape an emoji: that character
+    data, _, _ = load_directory(write_conf(tmp_path / "pair", {"a.yaml": 'x: "\\ud83d\\ude00 ok"\n'}))
+    assert data["x"] == "\U0001f600 ok"
     users = tmp_path / "users.yaml"
     users.write_text(f'users:\n  sur:\n    password_hash: "{demo_hash}"\n    display_name: "bad \\ud800 name"\n')
     users.chmod(0o600)

@@ -64,3 +64,12 @@ def test_ipv6_clients_are_counted_by_their_network_as_the_throttle_counts_them()
     assert guard.admit("2001:db8:0:1::ffff") and not guard.admit("2001:db8:0:1::abcd")
     wide = ConnectionGuard(LimitsSettings(max_connections_per_client=1), ipv6_prefix=128)
     assert wide.admit("2001:db8::1") and wide.admit("2001:db8::2")
+    # A trusted proxy is exempt and counted by its own address: not in its neighbours' count.
+    import ipaddress
+
+    proxied = ConnectionGuard(LimitsSettings(max_connections_per_client=2),
+                              [ipaddress.ip_network("2001:db8:0:9::5/128")], ipv6_prefix=64)
+    assert all(proxied.admit("2001:db8:0:9::5") for _ in range(10))
+    assert [proxied.admit(f"2001:db8:0:9::{i}") for i in (6, 7, 8)] == [True, True, False]
+    # link-local addresses with their zone are counted by address, zone and all
+    assert proxied.admit("fe80::1%eth0") and proxied.admit("fe80::1%eth1") and proxied.admit("fe80::2%eth0")

@@ -267,13 +267,16 @@ class FrontDoor:
 
     def _api_refusal(self, request: web.Request) -> web.Response | None:
         """The answer to a ``/v1/authenticate`` request refused before its body is read (no API
-        token, a declared body too large), or ``None``. Its body is then not waited for: the
+        token, a declared body too large, a ``Content-Encoding``), or ``None``. Its body is then not waited for: the
         connection closes once the answer is written."""
         if self.api_client(request) is None:
             refusal = web.json_response({"error": "unauthorized", "detail": "a valid API token is required"},
                                         status=401, headers={"WWW-Authenticate": 'Bearer realm="authgw"'})
         elif (request.content_length or 0) > _MAX_JSON_BYTES:
             refusal = web.json_response({"error": "bad_request", "detail": "request body too large"}, status=400)
+        elif content_encoded(request):  # never inflated (protocol.py): not invited either
+            refusal = web.json_response({"error": "bad_request",
+                                         "detail": "a body with a Content-Encoding is not accepted"}, status=400)
         else:
             return None
         no_linger(request)

@@ -55,7 +55,8 @@ def openapi_document(version: str) -> dict[str, Any]:
                 "400": {**_error("bad_request", "expected an object with `username` and `password`"),
                         "description": "The body is not a JSON object of two strings (each key once) in UTF-8 "
                                        "without a byte order mark (RFC 8259; UTF-16 and UTF-32 are refused), is "
-                                       "over 8 KiB, is nested deeper than 32, or did not arrive within "
+                                       "over 8 KiB, is nested deeper than 32, comes with a `Content-Encoding` "
+                                       "(no request body is inflated: send it plain), or did not arrive within "
                                        "`limits.body_timeout`. `detail` is a fixed text, never a byte of the body."},
                 "401": {**_error("unauthorized", "a valid API token is required"),
                         "description": "No valid API token (`Authorization: Bearer TOKEN`).",

@@ -134,10 +134,10 @@ class ConnectionGuard:
         ``throttle.ipv6_prefix`` bits, as the throttle counts clients. One host is given a /64
         and may connect from any of its addresses: counted one by one, it could take every
         connection of ``limits.max_connections`` (review of the front door)."""
-        if ":" not in host:
+        if ":" not in host or "%" in host:  # IPv4; a link-local address with its zone: by address
             return host
         try:
-            address = ipaddress.IPv6Address(host.split("%", 1)[0])
+            address = ipaddress.IPv6Address(host)
         except ValueError:
             return host
         if address.ipv4_mapped is not None:
@@ -150,8 +150,11 @@ class ConnectionGuard:
         limits = self.limits
         if self.open >= limits.max_connections - self._held_back(False) and not self._room(host, listener):
             return False
-        client = self.client(host)
-        if self.per_client[client] >= limits.max_connections_per_client and not self.trusted_host(host):
+        trusted = self.trusted_host(host)
+        # A trusted proxy is exempt from the cap, and counted by its own address: in its
+        # network's count it would shut its untrusted neighbours out.
+        client = host if trusted else self.client(host)
+        if self.per_client[client] >= limits.max_connections_per_client and not trusted:
             self.warn("per_client", "%s has %d connections open (limits.max_connections_per_client); "
                       "closing its new ones", client, self.per_client[client])
             return False
@@ -191,7 +194,7 @@ class ConnectionGuard:
     def release(self, host: str, listener: str | None = None) -> None:
         self.open -= 1
         self.listeners[listener] -= 1
-        client = self.client(host)
+        client = host if self.trusted_host(host) else self.client(host)
         self.per_client[client] -= 1
         if self.per_client[client] <= 0:
             del self.per_client[client]
