@@ -299,9 +299,12 @@ def _discard(writes: list[_Write]) -> None:
                 except OSError:
                     pass
         write.tmp = write.backup = None
+    # Then the directories made (a later write's temporary file may have been in one): each
+    # goes only when empty, so never one a renamed file is in.
+    for write in reversed(writes):
         if write.made_dir is not None and not write.renamed:
             try:
-                write.made_dir.rmdir()  # only when empty
+                write.made_dir.rmdir()
             except OSError:
                 pass
 
