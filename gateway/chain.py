@@ -77,8 +77,6 @@ _REFUSALS = frozenset({Outcome.INVALID_CREDENTIALS, Outcome.USER_NOT_FOUND, Outc
 #: deadline passed (:mod:`gateway.pool`). Decisions are immutable: one of each serves every attempt.
 _CLIENT_GONE = Decision.deny(Outcome.UNAVAILABLE, step="gateway", reason="client_gone")
 _DEADLINE_EXCEEDED = Decision.deny(Outcome.UNAVAILABLE, step="gateway", reason="deadline_exceeded")
-#: The answer of an attempt whose deciding was cancelled or broke before it had one.
-_INTERNAL_ERROR = Decision.deny(Outcome.ERROR, step="gateway", reason="internal_error")
 #: The ``gateway_precheck`` answer of an attempt, for :class:`PrecheckStandIn`.
 PRECHECKED: StashKey[Decision] = StashKey()
 #: Set by a front door whose attempt comes from a service acting for many users (a connector's
