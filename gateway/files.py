@@ -12,13 +12,15 @@ import os
 import secrets
 from pathlib import Path
 
-__all__ = ["write_atomic"]
+__all__ = ["write_atomic", "write_beside"]
 
 _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def write_atomic(path: Path, data: bytes, *, mode: int = 0o600) -> None:
-    """Replace *path* with *data*, with permissions *mode* (the umask does not apply)."""
+def write_beside(path: Path, data: bytes, *, mode: int = 0o600) -> Path:
+    """*data*, synced, in a new temporary file beside *path*, with permissions *mode* (the umask
+    does not apply): the caller renames it over *path*, or removes it. For several files that
+    change together (the console's saves): every one is written before any is renamed."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = os.open(temporary, _FLAGS, mode)
     try:
@@ -28,9 +30,19 @@ def write_atomic(path: Path, data: bytes, *, mode: int = 0o600) -> None:
             out.write(data)
             out.flush()
             os.fsync(out.fileno())
-        os.replace(temporary, path)
     except BaseException:
         if fd >= 0:
             os.close(fd)
+        temporary.unlink(missing_ok=True)
+        raise
+    return temporary
+
+
+def write_atomic(path: Path, data: bytes, *, mode: int = 0o600) -> None:
+    """Replace *path* with *data*, with permissions *mode* (the umask does not apply)."""
+    temporary = write_beside(path, data, mode=mode)
+    try:
+        os.replace(temporary, path)
+    except BaseException:
         temporary.unlink(missing_ok=True)
         raise

@@ -42,6 +42,7 @@ import yaml
 
 from gateway.config import load_config
 from gateway.errors import AuthgwError, ConfigError
+from gateway.files import write_beside
 from gateway.http.protocol import MAX_BODY
 from gateway.settings import shown_url
 from gateway.yamlfiles import display_name
@@ -242,13 +243,7 @@ def _prepare(config_dir: Path, write: _Write) -> None:
         parent.mkdir(mode=0o700)
         write.made_dir = parent
     write.target = path
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)  # 0600 from its creation
-    write.tmp = Path(tmp)
-    with os.fdopen(fd, "wb") as out:
-        out.write(write.data)
-        out.flush()
-        os.fchmod(out.fileno(), write.mode)
-        os.fsync(out.fileno())
+    write.tmp = write_beside(path, write.data, mode=write.mode)
     if path.exists():
         write.backup = _backup(path)
 
