@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from gateway.errors import ConfigError
-from gateway.settings import GatewaySettings, InvalidKey, InvalidKeys, ValidationContext
+from gateway.settings import URL_QUERY_SECRET_WORDS, GatewaySettings, InvalidKey, InvalidKeys, ValidationContext
 from gateway.yamlfiles import (
     KeyPath,
     Mark,
@@ -171,7 +171,7 @@ _URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^/\s:]*:)(?P<pw>[^\n]
 #: ``user:password@host`` without a scheme (a proxy as curl takes it).
 _BARE_PASSWORD = re.compile(r"^(?P<head>[^\s:/@]+:)(?!//)(?P<pw>[^\n]*)(?=@[^@\s/?#]+(?:[/?#]\S*)?$)")
 #: A credential in a URL's query (``redis://host/0?password=...``).
-_QUERY_PASSWORD = re.compile(r"(?P<head>[?&][\w.-]*(?:pass|pwd|secret|token|credential)[\w.-]*=)[^&#\s]*",
+_QUERY_PASSWORD = re.compile(rf"(?P<head>[?&][\w.-]*(?:{'|'.join(URL_QUERY_SECRET_WORDS)})[\w.-]*=)[^&#\s]*",
                              re.IGNORECASE)
 
 

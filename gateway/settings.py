@@ -259,16 +259,15 @@ class AuditSettings(PluginSettings):
         return value
 
 
-#: Query parameters of a Redis URL that carry a credential (redis-py reads ``?password=``, and
-#: it would win over ``password: {env: ...}``).
 #: A URL query parameter whose name holds one of these carries a credential (redis-py takes any:
-#: ``ssl_password``, the TLS client key's, as well as ``password``).
-_URL_QUERY_SECRET_WORDS = ("pass", "pwd", "secret", "token", "credential")
+#: ``ssl_password``, the TLS client key's, as well as ``password``, and it would win over
+#: ``password: {env: ...}``). ``config show`` masks such values (config.py).
+URL_QUERY_SECRET_WORDS = ("pass", "pwd", "secret", "token", "credential")
 
 
 def _secret_query_name(name: str) -> bool:
     name = name.lower()
-    return name in ("username", "user") or any(word in name for word in _URL_QUERY_SECRET_WORDS)
+    return name in ("username", "user") or any(word in name for word in URL_QUERY_SECRET_WORDS)
 
 
 def shown_url(url: str) -> str:
