@@ -141,9 +141,7 @@ class Throttle:
             if outcome is Outcome.USER_NOT_FOUND:
                 # A name no directory knows: the memory store may drop its one failure when full
                 # (a spray's), never an existing user's count.
-                unknown = getattr(self.store, "unknown_user", None)
-                if unknown is not None:
-                    unknown(ticket.user)
+                self.store.unknown_user(ticket.user)
             return
         client = [ticket.client] if ticket.client else []
         if outcome is Outcome.ACCOUNT_STATE:

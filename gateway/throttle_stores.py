@@ -43,6 +43,7 @@ class ThrottleStore(Protocol):
 
     def reserve(self, keys: list[tuple[str, int]], ticket: str, now: float, window: float) -> bool: ...
     def drop(self, keys: list[str], ticket: str) -> None: ...
+    def unknown_user(self, key: str) -> None: ...
     def clear(self, keys: list[str]) -> None: ...
     def close(self) -> None: ...
 
@@ -233,6 +234,9 @@ class SQLiteStore:
 
         return self._run(work)
 
+    def unknown_user(self, key: str) -> None:
+        """Nothing: this store keeps every count until it expires (only the memory store drops)."""
+
     def drop(self, keys: list[str], ticket: str) -> None:
         if keys:
             self._run(lambda db: db.executemany("DELETE FROM failure WHERE key = ? AND ticket = ?",
@@ -292,6 +296,9 @@ class RedisStore:
         names = [self._prefix + key for key, _limit in keys]
         args = [int(now * 1000), int(window * 1000), ticket, *(limit for _key, limit in keys)]
         return bool(self._call(lambda: self._reserve(keys=names, args=args)))
+
+    def unknown_user(self, key: str) -> None:
+        """Nothing: this store keeps every count until it expires (only the memory store drops)."""
 
     def drop(self, keys: list[str], ticket: str) -> None:
         if keys:
