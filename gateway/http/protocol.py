@@ -133,8 +133,10 @@ class ConnectionGuard:
         """Whom a connection from *host* counts against: its address, or for IPv6 its network of
         ``throttle.ipv6_prefix`` bits, as the throttle counts clients. One host is given a /64
         and may connect from any of its addresses: counted one by one, it could take every
-        connection of ``limits.max_connections`` (review of the front door)."""
-        if ":" not in host or "%" in host:  # IPv4; a link-local address with its zone: by address
+        connection of ``limits.max_connections`` (review of the front door). A trusted proxy is
+        counted by its own address: in its network's count it would shut its untrusted
+        neighbours out."""
+        if ":" not in host or "%" in host or self.trusted_host(host):  # IPv4; a zone; a proxy
             return host
         try:
             address = ipaddress.IPv6Address(host)
@@ -150,11 +152,8 @@ class ConnectionGuard:
         limits = self.limits
         if self.open >= limits.max_connections - self._held_back(False) and not self._room(host, listener):
             return False
-        trusted = self.trusted_host(host)
-        # A trusted proxy is exempt from the cap, and counted by its own address: in its
-        # network's count it would shut its untrusted neighbours out.
-        client = host if trusted else self.client(host)
-        if self.per_client[client] >= limits.max_connections_per_client and not trusted:
+        client = self.client(host)
+        if self.per_client[client] >= limits.max_connections_per_client and not self.trusted_host(host):
             self.warn("per_client", "%s has %d connections open (limits.max_connections_per_client); "
                       "closing its new ones", client, self.per_client[client])
             return False
@@ -194,7 +193,7 @@ class ConnectionGuard:
     def release(self, host: str, listener: str | None = None) -> None:
         self.open -= 1
         self.listeners[listener] -= 1
-        client = host if self.trusted_host(host) else self.client(host)
+        client = self.client(host)
         self.per_client[client] -= 1
         if self.per_client[client] <= 0:
             del self.per_client[client]
