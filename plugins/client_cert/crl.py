@@ -174,13 +174,12 @@ def _narrowing(idp: x509.IssuingDistributionPoint | None) -> set[str]:
     """What of an issuingDistributionPoint leaves certificates out of a CRL (RFC 5280 5.2.5)."""
     if idp is None:
         return set()
-    found = {name for name, on in (("user certificates only", idp.only_contains_user_certs),
-                                   ("CA certificates only", idp.only_contains_ca_certs),
-                                   ("attribute certificates only", idp.only_contains_attribute_certs),
-                                   ("some reasons only", idp.only_some_reasons is not None),
-                                   ("an indirect CRL", idp.indirect_crl),
-                                   ("a distribution point by relative name", idp.relative_name is not None)) if on}
-    return found
+    return {name for name, on in (("user certificates only", idp.only_contains_user_certs),
+                                  ("CA certificates only", idp.only_contains_ca_certs),
+                                  ("attribute certificates only", idp.only_contains_attribute_certs),
+                                  ("some reasons only", idp.only_some_reasons is not None),
+                                  ("an indirect CRL", idp.indirect_crl),
+                                  ("a distribution point by relative name", idp.relative_name is not None)) if on}
 
 
 def _uris(names: list[x509.GeneralName] | None) -> set[str]:

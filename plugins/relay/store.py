@@ -183,6 +183,7 @@ class RedisStore:
                                           socket_timeout=settings.timeout, socket_connect_timeout=settings.timeout,
                                           decode_responses=True)
         self.location = redis_location(settings.url)  # for readiness and errors: no password
+        self._add_use = self.redis.register_script(_ADD_USE)  # made here, sent to Redis on first use
 
     def ping(self) -> str:
         """The health probe's round trip (``PING``, within ``redis.timeout``). Raises with the
@@ -234,12 +235,6 @@ class RedisStore:
         made again as a hash of ``uses`` alone."""
         self._add_use(keys=[self._k("ticket", token_hash(token))], args=["1"])
 
-    @property
-    def _add_use(self):
-        script = getattr(self, "_add_use_script", None)
-        if script is None:
-            script = self._add_use_script = self.redis.register_script(_ADD_USE)
-        return script
 
     def record_connector(self, connector: str, connection: str, serial: int, not_after: float, cert: str) -> None:
         key = self._k("connector", connector)
