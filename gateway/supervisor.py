@@ -67,6 +67,10 @@ _BEAT_EVERY = 1.0  # seconds between beats, or a quarter of the timeout if that 
 _FIRST_BEAT_GRACE = 30.0
 #: Seconds between asking a hung worker for its threads' stacks and killing it: time to write them.
 _STACKS_GRACE = 1.0
+#: Seconds a hung worker that has not yet taken the stacks signal (the kernel has not run it:
+#: a machine starved of CPU) is waited for beyond the grace: a SIGKILL pending beside it is
+#: taken first, and the stacks were lost (seen in the tests, two suites on two cores).
+_STACKS_MAX_WAIT = 10.0
 _STACKS_SIGNAL = signal.SIGUSR2  # in a worker: write every thread's stack to stderr (faulthandler)
 _BEAT = struct.Struct("Q")  # the count, in a shared anonymous page per worker
 _beat: tuple[mmap.mmap, float] | None = None  # in a worker: its page and how often to beat
@@ -305,14 +309,16 @@ class _Master:
     def _watch(self) -> None:
         """Name each worker whose event loop has not beaten for ``self.timeout`` seconds, have it
         write its threads' stacks to stderr (where its loop is stuck: a plugin's call, a lock),
-        and kill it (SIGKILL) :data:`_STACKS_GRACE` later; :meth:`_reap` replaces it. Not while
+        and kill it (SIGKILL) :data:`_STACKS_GRACE` later, once it has taken that signal (at most
+        :data:`_STACKS_MAX_WAIT`); :meth:`_reap` replaces it. Not while
         stopping: :meth:`_escalate` has those."""
         if not self.timeout or self.stop_requested:
             return
         now = time.monotonic()
         for pid, child in self.children.items():
             if child.hung is not None:
-                if now - child.hung >= _STACKS_GRACE:
+                waited = now - child.hung
+                if waited >= _STACKS_GRACE and (waited >= _STACKS_MAX_WAIT or not _signal_pending(pid, _STACKS_SIGNAL)):
                     _signal(pid, signal.SIGKILL)  # again at each turn: harmless until it is reaped
                 continue
             (count,) = _BEAT.unpack_from(child.beat)
@@ -403,6 +409,20 @@ def _register_stacks() -> None:
         faulthandler.register(_STACKS_SIGNAL, file=sys.stderr, all_threads=True)
     except (RuntimeError, OSError, ValueError, AttributeError) as exc:
         log.warning("worker %d: no stacks of a hung worker (faulthandler: %s)", os.getpid(), exc)
+
+
+def _signal_pending(pid: int, sig: int) -> bool:
+    """Whether *sig*, sent to process *pid*, waits still for one of its threads to take it
+    (``ShdPnd`` of /proc/PID/status): the kernel has not run the process since. Not for a
+    stopped process (SIGSTOP: it will not run), nor when /proc does not say."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            fields = dict(line.split(":", 1) for line in status if ":" in line)
+        if fields.get("State", "").strip().startswith(("T", "t")):
+            return False
+        return bool(int(fields["ShdPnd"], 16) >> (sig - 1) & 1)
+    except (OSError, KeyError, ValueError):
+        return False
 
 
 def _signal(pid: int, sig: int) -> None:

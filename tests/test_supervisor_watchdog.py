@@ -244,3 +244,29 @@ def test_a_worker_whose_loop_a_plugin_blocks_is_killed_and_its_stacks_say_where(
              what="a replacement serving", log=gw.output)
     assert gw.auth("alice", PASSWORD, timeout=30).status == 401  # the blocker abstains: no one vouches
     assert len(hung_lines(gw)) == 1
+
+
+def test_a_hung_worker_is_killed_only_once_it_has_taken_the_stacks_signal():
+    """On a machine starved of CPU a hung worker was not run within the grace: the SIGKILL sent
+    beside the still pending stacks signal was taken first, and the stacks were lost (seen twice
+    in CI-like runs). The watchdog waits, up to _STACKS_MAX_WAIT, for the signal to be taken;
+    not for a stopped process, which will not take it."""
+    import signal
+    import subprocess
+    import sys
+
+    from gateway.supervisor import _signal_pending
+
+    child = subprocess.Popen([sys.executable, "-c", "import signal, time\n"
+                              "signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR2])\n"
+                              "print('ready', flush=True)\ntime.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "ready\n"
+        assert not _signal_pending(child.pid, signal.SIGUSR2)
+        child.send_signal(signal.SIGUSR2)  # blocked: it stays pending, as for a process not run
+        wait_for(lambda: _signal_pending(child.pid, signal.SIGUSR2), timeout=10, what="the signal pending")
+        child.send_signal(signal.SIGSTOP)
+        wait_for(lambda: not _signal_pending(child.pid, signal.SIGUSR2), timeout=10, what="stopped: not waited for")
+    finally:
+        child.kill()
+        child.wait(10)
