@@ -5,7 +5,8 @@ Every store keeps, per key, the times of the reservations (failures) made in the
 ``window`` seconds, each tagged with its attempt's ticket, and offers three operations:
 ``reserve`` (check every key against its limit and add the ticket to all of them, atomically),
 ``drop`` (take one ticket back) and ``clear`` (forget keys). Times are wall-clock
-(:func:`time.time`) because they are compared across processes and machines.
+(:func:`time.time`) because they are compared across processes; the Redis store, shared by
+machines, uses Redis's clock instead of each instance's.
 """
 
 from __future__ import annotations
@@ -252,15 +253,22 @@ class SQLiteStore:
         self._conn = None
 
 
-# KEYS: the keys; ARGV[1] now (ms), ARGV[2] window (ms), ARGV[3] ticket, ARGV[3+i] limit of KEYS[i].
+# KEYS: the keys; ARGV[1] unused (was the caller's time), ARGV[2] window (ms), ARGV[3] ticket,
+# ARGV[3+i] limit of KEYS[i]. The time is Redis's own (TIME): instances whose clocks differ would
+# otherwise place their failures apart, and one running ahead by a window would drop every other
+# instance's counts at its next guess. Effects replication (Redis 7's only mode) lets a script
+# that writes read TIME; on Redis 5 and 6 `replicate_commands` turns it on.
 _RESERVE = """
-local horizon = tonumber(ARGV[1]) - tonumber(ARGV[2])
+if redis.replicate_commands then redis.replicate_commands() end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local horizon = now - tonumber(ARGV[2])
 for i, key in ipairs(KEYS) do
   redis.call('ZREMRANGEBYSCORE', key, '-inf', horizon)
   if redis.call('ZCARD', key) >= tonumber(ARGV[3 + i]) then return 0 end
 end
 for i, key in ipairs(KEYS) do
-  redis.call('ZADD', key, ARGV[1], ARGV[3])
+  redis.call('ZADD', key, now, ARGV[3])
   redis.call('PEXPIRE', key, ARGV[2])
 end
 return 1
@@ -293,6 +301,7 @@ class RedisStore:
             raise StoreUnavailable(f"throttle store {self.location}: {exc.__class__.__name__}") from None
 
     def reserve(self, keys: list[tuple[str, int]], ticket: str, now: float, window: float) -> bool:
+        """As the other stores, except that *now* is Redis's time, not the caller's (:data:`_RESERVE`)."""
         names = [self._prefix + key for key, _limit in keys]
         args = [int(now * 1000), int(window * 1000), ticket, *(limit for _key, limit in keys)]
         return bool(self._call(lambda: self._reserve(keys=names, args=args)))

@@ -179,6 +179,40 @@ def test_instances_share_the_counts_through_redis(tmp_path, directory, start_gat
         redis.stop()
 
 
+def test_instances_whose_clocks_differ_count_on_redis_s_clock(tmp_path):
+    """Two instances sharing Redis, one's clock an hour behind (open list of stop 35): each
+    failure was scored by its instance's time, so the instance ahead dropped the other's as
+    older than the window at its next guess, and each instance's guesses went uncounted by the
+    other. Redis's own clock scores them now: three guesses in all, whoever takes them."""
+    import time
+
+    from gateway.model import Outcome
+    from gateway.settings import ThrottleSettings
+    from gateway.throttle import Throttle
+
+    redis = RedisServer(tmp_path / "redis").start()
+    try:
+        settings = ThrottleSettings(store="redis", user_failures=3, user_client_failures=3, client_failures=100,
+                                    window=600, redis={"url": redis.url})
+        behind = Throttle(settings, clock=lambda: time.time() - 3600)
+        ahead = Throttle(settings, clock=time.time)
+        admitted = []
+        for n in range(12):
+            throttle = (behind, ahead)[n % 2]
+            ticket = throttle.admit("bob", f"192.0.2.{n}")
+            admitted.append(ticket is not None)
+            if ticket is not None:
+                throttle.settle(ticket, Outcome.INVALID_CREDENTIALS)
+        assert admitted.count(True) == 3, admitted
+        scores = [score for key in redis.client().keys("*") for _m, score in redis.client().zrange(key, 0, -1,
+                                                                                                  withscores=True)]
+        assert scores and all(abs(score / 1000 - time.time()) < 60 for score in scores), scores
+        behind.close()
+        ahead.close()
+    finally:
+        redis.stop()
+
+
 def test_a_victim_keeps_logging_in_from_a_client_that_has_not_failed(tmp_path, directory, start_gateway):
     gw = start_gateway(conf(tmp_path / "c", directory, throttle={}))  # the defaults
 
