@@ -216,7 +216,7 @@ class AuditLog:
     def gateway_auth_finished(self, attempt: Attempt, decision: Decision) -> None:
         identity = decision.identity
         username = attempt.username
-        line = encode({
+        record = {
             "time": self._time(),
             "event": "authgw.attempt",
             "request_id": attempt.request_id,
@@ -230,7 +230,12 @@ class AuditLog:
             "from_cache": decision.from_cache,
             "subject": identity.subject if identity else None,
             "latency_ms": round((time.monotonic() - attempt.started) * 1000, 2),
-        })
+        }
+        if identity is not None and username is not None and identity.username != username:
+            # signed in under another name than the one presented (a UPN login answered with the
+            # account name, a relayed login): the audit says which, so a search for either finds it
+            record["signed_in_as"] = identity.username
+        line = encode(record)
         if self._writer is not None:
             self._writer.add(line)
             return

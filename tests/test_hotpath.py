@@ -106,7 +106,9 @@ def test_audit_file_gets_every_line_at_close_and_soon_without(tmp_path):
     records = [json.loads(line) for line in text.splitlines()]
     assert [r["username"] for r in records] == ["first"] + names
     assert list(records[0]) == ["time", "event", "request_id", "client", "front_door", "username", "method",
-                                "outcome", "reason", "step", "from_cache", "subject", "latency_ms"]
+                                "outcome", "reason", "step", "from_cache", "subject", "latency_ms", "signed_in_as"]
+    assert records[0]["signed_in_as"] == "alice"  # "first" signed in as alice
+    assert all("signed_in_as" not in r for r in records[1:])  # refusals sign no one in
     assert WRONG not in text and PASSWORD not in text
     with pytest.raises(ValueError):  # a late line is refused loudly, not sent anywhere else
         log.gateway_auth_finished(_attempt("late"), Decision.allow(identity, step="static"))

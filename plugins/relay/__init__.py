@@ -5,7 +5,9 @@ hold outbound WebSocket links; the chain step ``relay`` forwards password attemp
 Decides
     password attempts, with the connector's outcome and reason code as its own (``step`` is
     ``relay``): ``SUCCESS`` with the connector's identity, ``INVALID_CREDENTIALS``,
-    ``ACCOUNT_STATE``, ``THROTTLED``, ``ERROR``.
+    ``ACCOUNT_STATE``, ``THROTTLED``, ``ERROR``; ``ERROR`` ``relay.bad_answer`` for an answer out
+    of shape, ``relay.identity_mismatch`` for a success naming another user than the one asked
+    for (``answered_names``, :func:`same_user`).
 Abstains
     when the attempt has no password; with a ``USER_NOT_FOUND`` note carrying the connector's
     reason; with an ``UNAVAILABLE`` note ``relay.no_connector`` (none linked), ``relay.busy``
@@ -18,7 +20,7 @@ Abstains
 Settings (``relay:`` in conf.d)
     ``connection``, ``listen``, ``public_url``, ``public_names``, ``certificate``, ``key``,
     ``ticket_lifetime``, ``certificate_lifetime``, ``ping_interval``, ``max_in_flight``,
-    ``relink_wait``, ``max_clock_skew``, ``redis``.
+    ``relink_wait``, ``max_clock_skew``, ``redis``, ``answered_names``.
 Health
     ``relay.CONNECTION``: the connectors linked to this process; the step cannot answer without
     one (``required``). ``relay.store`` (with ``redis:`` only): a ``PING`` on a client of its
@@ -59,6 +61,8 @@ from gateway import (
     UserPage,
     hookimpl,
 )
+from gateway.logs import printable
+from gateway.model import canonical_username
 
 from gateway.health import StoreProbe
 from gateway.plugins import linkproto as proto
@@ -75,6 +79,8 @@ __all__ = ["RelayPlugin"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 #: Outcomes a connector may answer that stop the relay's chain; the others are notes or nothing.
+#: What a connector's ``reason`` may hold (it is logged and audited): reason codes, not text.
+_REASON = re.compile(r"[A-Za-z0-9_.:-]{0,100}")
 _DECIDING = {Outcome.SUCCESS, Outcome.INVALID_CREDENTIALS, Outcome.ACCOUNT_STATE, Outcome.THROTTLED, Outcome.ERROR}
 _MAINTENANCE_INTERVAL = 1.0
 
@@ -262,11 +268,15 @@ class RelayPlugin:
             return None
         try:
             outcome = Outcome(answer.get("outcome"))
-            reason = str(answer.get("reason") or "")[:100]
+            reason = answer.get("reason") or ""
+            if not isinstance(reason, str) or not _REASON.fullmatch(reason):
+                raise ValueError("a reason is a code")
             identity = _identity(answer.get("identity")) if outcome is Outcome.SUCCESS else None
         except (ValueError, TypeError, KeyError):
             log.warning("connector answered a malformed decision; denied")
             return Decision.deny(Outcome.ERROR, step=self.name, reason="relay.bad_answer")
+        if identity is not None and not self._answers_for(attempt.password.username, identity.username):
+            return Decision.deny(Outcome.ERROR, step=self.name, reason="relay.identity_mismatch")
         if outcome in (Outcome.USER_NOT_FOUND, Outcome.UNAVAILABLE):
             # A connector that answers its directory is down has had its own cache's say (it
             # knows what that directory refused since): this relay's cache answers only while no
@@ -291,7 +301,25 @@ class RelayPlugin:
             raise BackendUnavailable(f"no connector answered: {exc.reason}") from None
         if not answer.get("found"):
             return None
-        return _identity(answer.get("identity"))
+        try:
+            identity = _identity(answer.get("identity"))
+        except (ValueError, TypeError, KeyError):
+            raise BackendUnavailable("relay.bad_answer: a malformed identity") from None
+        if not self._answers_for(username, identity.username):
+            raise BackendUnavailable("relay.identity_mismatch: the connector answered for another user")
+        return identity
+
+    def _answers_for(self, asked: str, answered: str) -> bool:
+        """Whether a connector's identity *answered* is the user *asked* for (``answered_names``);
+        else it is logged. A connector that answered a login or a look-up of one user with
+        another's identity signed that user in as the other, while this relay's audit line and
+        cache named the one asked for (review of the relay's trust in connectors)."""
+        if self.settings.answered_names == "any" or same_user(asked, answered):
+            return True
+        log.warning("relay: a connector of %s answered for %s as %s; refused (relay.answered_names: any, "
+                    "if that connection's directory signs login names in as other account names)",
+                    self.settings.connection, printable(asked), printable(answered))
+        return False
 
     @hookimpl
     def gateway_search_users(self, query: str, limit: int, cursor: str | None) -> UserPage | None:
@@ -332,7 +360,7 @@ class RelayPlugin:
 
     @hookimpl
     def gateway_readiness(self) -> list[ComponentState]:
-        links = [s for s in self.hub.all() if s.ready and not s.closing]
+        links = [s for s in self.hub.sessions.get(self.settings.connection, ()) if s.ready and not s.closing]
         # required: a ready store alone must not make the step look able to answer.
         states = [ComponentState(f"{self.name}.{self.settings.connection}", bool(links),
                                  f"{len(links)} connector link(s): " + ", ".join(s.connector for s in links)
@@ -359,10 +387,32 @@ def _text(value: Any, limit: int = 1024) -> str:
     return value[:limit]
 
 
+def same_user(asked: str, answered: str) -> bool:
+    """Whether *answered*, the name in a connector's identity, is the user *asked* for: the same
+    name in any case or spacing (directories ignore both), or the account name of a UPN
+    (``alice@corp.example``) or down-level (``CORP\\alice``) login, as the ldap plugin's AD
+    preset answers them."""
+    asked, answered = canonical_username(asked).casefold(), canonical_username(answered).casefold()
+    if not answered:
+        return False
+    if asked == answered:
+        return True
+    local, at, _domain = asked.rpartition("@")
+    if at and local == answered:
+        return True
+    _domain, backslash, account = asked.partition("\\")
+    return bool(backslash) and account == answered
+
+
 def _identity(data: Any) -> Identity:
     """An identity from a connector's answer, every field type-checked and bounded."""
     if not isinstance(data, dict):
         raise TypeError("identity must be an object")
+    username, subject = data["username"], data["subject"]
+    if not isinstance(username, str) or not 0 < len(username) <= 256 or not username.isprintable():
+        raise TypeError("username must be a printable name of at most 256 characters")
+    if not isinstance(subject, str) or not subject or not subject.isprintable():
+        raise TypeError("subject must be printable text")
     groups = data.get("groups", [])
     if not isinstance(groups, list) or len(groups) > 10_000:
         raise TypeError("groups must be a list")

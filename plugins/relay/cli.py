@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 from gateway import Command
+from gateway.logs import printable
 from gateway.plugins.linkproto.cli import accept_common_options as _common
 
 if TYPE_CHECKING:
@@ -89,7 +90,7 @@ def relay_command(plugin: RelayPlugin) -> Command:
             for c in store.connectors():
                 state = ("revoked" if c.revoked is not None else "expired" if c.not_after < now
                          else "online" if c.online_until is not None and c.online_until >= now else "offline")
-                print(f"{c.id:<28} {c.connection:<16} {state:<8} {c.version or '-':<10} {_when(c.last_seen):<21} "
+                print(f"{c.id:<28} {c.connection:<16} {state:<8} {printable(c.version) if c.version else '-':<10} {_when(c.last_seen):<21} "
                       f"{_when(c.not_after)}")
             return EXIT_OK
         if args.relay_command == "revoke":

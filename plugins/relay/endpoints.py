@@ -328,6 +328,12 @@ class Endpoints:
             return _unavailable()
         if known is None or known.connection != connection:
             return _refuse(403, "unknown_connector", "this certificate names no enrolled connector")
+        if connection != self.settings.connection:
+            # Another connection's connector (its registry is shared): this relay forwards to
+            # `relay.connection` only, so such a link would count as ready and serve nothing.
+            log.warning("refused a link from connector %s of connection %s: this relay serves %s",
+                        connector, connection, self.settings.connection)
+            return _refuse(403, "wrong_connection", "this relay does not serve this connector's connection")
         if known.revoked is not None:
             log.warning("refused a link from revoked connector %s", connector)
             return _refuse(403, "revoked", "this connector was revoked; enrol again with a new ticket")
@@ -426,7 +432,9 @@ class Endpoints:
                                                  "not_after": session.not_after})
             if session.closing:  # a newer link of this connector said hello first
                 return proto.error(message.id, "unavailable", "a newer link of this connector replaced this one")
-            session.version = str(message.body.get("version", ""))[:64]
+            version = message.body.get("version", "")
+            # shown in `authgw relay connectors`: printable text only (a terminal's escapes are not)
+            session.version = version[:64] if isinstance(version, str) and version.isprintable() else "?"
             try:  # recorded before the link is used: with the registry gone it fails closed, as a new link does
                 await self._store(self.plugin.store.seen, session.connector, session.version,
                                   time.time() + 3 * self.settings.ping_interval)

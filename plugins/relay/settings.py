@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
@@ -50,6 +51,11 @@ class RelaySettings(PluginSettings):
                                   "tolerated on the deadlines of its requests (hello, renew, drain)")
     redis: RedisSettings | None = Field(None, description="share state between relay instances (absent: SQLite "
                                         "in the state directory, one instance)")
+    answered_names: Literal["same", "any"] = Field(
+        "same", description="`same`: a connector's identity must name the user asked for (in any case, or the "
+        "account name of a UPN or DOMAIN\\name login), else the login is refused (`relay.identity_mismatch`); "
+        "`any`: the connection's directory signs login names in as other account names (an e-mail address as "
+        "`jsmith`), and its connectors' answers are taken as they come")
 
     @field_validator("public_url")
     @classmethod

@@ -1,0 +1,203 @@
+"""What the relay takes from a connector's answer (review of the relay's trust in connectors).
+
+A real relay (``authgw serve``) and a connector enrolled with ``authgw link enroll``, whose link is
+then spoken by a hand-written client: it opens each sealed password with its own key and answers
+as a connector whose directory, or whose code, says what the test wants. A connector that
+answered the login of one user with another's identity signed that user in as the other, while
+the relay's audit line and cache named the one asked for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+import threading
+import time
+
+import aiohttp
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from gateway.plugins import linkproto as proto
+from gateway.plugins.relay import same_user
+from support.linkenv import Connector, NoDirectory, Relay
+from support.net import wait_for
+
+
+class ScriptedConnector:
+    """An enrolled connector's link, answering ``authenticate`` with ``answers[username]``
+    (a decision's body) and recording what it was asked."""
+
+    def __init__(self, relay: Relay, enrolled: Connector, *, version: str = "1.0") -> None:
+        self.relay, self.enrolled, self.version = relay, enrolled, version
+        self.answers: dict[str, dict] = {}
+        self.asked: list[tuple[str, str]] = []
+        self.status: int | None = None  # the link's HTTP status when it was refused
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    def _context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(self.relay.ca_file))
+        link = self.enrolled.state / "link"
+        context.load_cert_chain(str(link / "cert.pem"), str(link / "key.pem"))
+        return context
+
+    async def _run(self) -> None:
+        key = serialization.load_pem_private_key((self.enrolled.state / "link" / "key.pem").read_bytes(), None)
+        async with aiohttp.ClientSession() as http:
+            try:
+                ws = await http.ws_connect(f"wss://127.0.0.1:{self.relay.port}/link", ssl=self._context())
+            except aiohttp.WSServerHandshakeError as exc:
+                self.status = exc.status
+                return
+            async with ws:
+                await ws.send_str(proto.request("hello", {"version": self.version}, now=time.time(), timeout=5)[1])
+                while not self._stop.is_set():
+                    try:
+                        frame = await ws.receive(timeout=0.2)
+                    except asyncio.TimeoutError:
+                        continue
+                    if frame.type != aiohttp.WSMsgType.TEXT:
+                        return
+                    data = json.loads(frame.data)
+                    if data["type"] in ("answer", "error"):
+                        continue
+                    message = proto.Message(data["id"], data["type"], data["body"], data.get("deadline"),
+                                            data.get("nonce"))
+                    if message.type != "authenticate":
+                        await ws.send_str(proto.error(message.id, "unknown_type", "not scripted"))
+                        continue
+                    username = message.body["username"]
+                    password = proto.open_password(key, message.body["password"], message,
+                                                   connector=self.enrolled.connector_id)
+                    self.asked.append((username, password))
+                    await ws.send_str(proto.answer(message.id, self.answers[username]))
+
+    def start(self) -> ScriptedConnector:
+        self._thread.start()
+        return self
+
+    def wait_linked(self) -> ScriptedConnector:
+        wait_for(lambda: self.enrolled.connector_id in self.relay.ready_links(), 15, what="the scripted link")
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def success(username: str, **identity) -> dict:
+    return {"outcome": "success", "reason": "", "step": "ldap", "from_cache": False,
+            "identity": {"subject": f"uid={username},ou=people,dc=example,dc=com", "username": username,
+                         "method": "ldap", "groups": ["staff"], **identity}}
+
+
+@pytest.fixture(scope="module")
+def relays(tmp_path_factory):
+    """Two relays of one connection, without caches: ``same`` (the default) and ``any``, each
+    with its scripted connector linked."""
+    base = tmp_path_factory.mktemp("relay-answers")
+    started, pairs = [], {}
+    try:
+        for names in ("same", "any"):
+            settings = {"answered_names": names} if names == "any" else {}
+            relay = Relay(base / names, cache=False, settings=settings).setup().start()
+            started.append(relay)
+            enrolled = Connector(base / f"{names}-connector", NoDirectory()).enroll(relay.ticket(), relay.ca_file)
+            scripted = ScriptedConnector(relay, enrolled, version="1.0\x1b[2J\x1b]0;owned\x07").start()
+            started.append(scripted)
+            pairs[names] = (relay, scripted.wait_linked())
+        yield pairs
+    finally:
+        for thing in reversed(started):
+            thing.stop()
+
+
+def test_a_connector_answering_for_another_user_signs_no_one_in(relays):
+    relay, connector = relays["same"]
+    connector.answers["mallory"] = success("admin", groups=["domain admins"])
+    answer = relay.login("mallory", "mallory-pw").json()
+    assert connector.asked[-1] == ("mallory", "mallory-pw")
+    assert (answer["outcome"], answer["reason"], answer["identity"]) == ("error", "relay.identity_mismatch", None)
+    assert relay.process.auth("mallory", "mallory-pw").status == 401
+    assert all(line["outcome"] != "success" for line in relay.process.audit() if line["username"] == "mallory")
+    assert "answered for mallory as admin; refused" in relay.process.output()
+
+
+@pytest.mark.parametrize("asked, answered", [("Alice", "alice"), ("alice@corp.example", "alice"),
+                                             ("CORP\\alice", "alice"), ("bob ", "Bob")])
+def test_a_connector_may_answer_with_the_account_name_of_what_was_typed(relays, asked, answered):
+    relay, connector = relays["same"]
+    connector.answers[asked.strip()] = success(answered)
+    answer = relay.login(asked, "pw").json()
+    assert (answer["outcome"], answer["identity"]["username"]) == ("success", answered), answer
+    line = [x for x in relay.process.audit() if x["username"] == asked.strip()][-1]
+    assert line["signed_in_as"] == answered and line["username"] == asked.strip()
+
+
+def test_with_answered_names_any_the_connectors_name_is_taken_and_audited(relays):
+    relay, connector = relays["any"]
+    connector.answers["john.smith@corp.example"] = success("jsmith")
+    answer = relay.login("john.smith@corp.example", "pw").json()
+    assert (answer["outcome"], answer["identity"]["username"]) == ("success", "jsmith")
+    line = [x for x in relay.process.audit() if x["username"] == "john.smith@corp.example"][-1]
+    assert line["signed_in_as"] == "jsmith"
+
+
+def test_an_audit_line_names_no_second_user_when_the_names_agree(relays):
+    relay, connector = relays["same"]
+    connector.answers["carol"] = success("carol")
+    assert relay.login("carol", "pw").json()["outcome"] == "success"
+    line = [x for x in relay.process.audit() if x["username"] == "carol"][-1]
+    assert "signed_in_as" not in line
+
+
+@pytest.mark.parametrize("answer", [
+    {**success("dave"), "reason": "ok\r\nforged log line"},
+    {**success("dave"), "reason": "x" * 101},
+    success("dave\n"),
+    success("dave", subject=""),
+    success("d" * 257),
+], ids=["reason-crlf", "reason-long", "username-newline", "subject-empty", "username-long"])
+def test_a_connectors_answer_out_of_shape_is_refused_not_trimmed(relays, answer):
+    relay, connector = relays["same"]
+    connector.answers["dave"] = answer
+    result = relay.login("dave", "pw").json()
+    assert (result["outcome"], result["reason"], result["identity"]) == ("error", "relay.bad_answer", None)
+    assert "forged log line" not in relay.process.output()
+
+
+def test_a_connectors_version_reaches_the_operators_terminal_as_text(relays):
+    relay, _connector = relays["same"]
+    listing = relay.cli("relay", "connectors")
+    assert listing.returncode == 0, listing.stderr
+    assert "\x1b" not in listing.stdout and "\x07" not in listing.stdout
+    assert " ? " in listing.stdout
+
+
+def test_a_connector_of_another_connection_gets_no_link_and_no_readiness(relays, tmp_path):
+    relay, _connector = relays["same"]
+    assert relay.cli("relay", "connection", "add", "other").returncode == 0
+    ticket = relay.cli("relay", "ticket", "other")
+    assert ticket.returncode == 0, ticket.stderr
+    enrolled = Connector(tmp_path / "other", NoDirectory()).enroll(ticket.stdout.strip(), relay.ca_file)
+    stranger = ScriptedConnector(relay, enrolled).start()
+    try:
+        wait_for(lambda: stranger.status is not None, 15, what="the stranger's link refused")
+        assert stranger.status == 403
+        assert enrolled.connector_id not in relay.process.get("/readyz").text
+        assert "this relay serves acme" in relay.process.output()
+    finally:
+        stranger.stop()
+
+
+def test_what_counts_as_the_user_asked_for():
+    assert same_user("alice", "ALICE") and same_user("ａｌｉｃｅ", "alice") and same_user("alice ", "alice")
+    assert same_user("alice@corp.example", "alice") and same_user("CORP\\alice", "Alice")
+    assert not same_user("mallory", "admin")
+    assert not same_user("alice", "")
+    assert not same_user("alice@corp.example", "corp.example")
+    assert not same_user("admin@corp.example", "alice")
+    assert not same_user("CORP\\alice", "CORP")
+    assert not same_user("alice", "alice@corp.example")  # the other way round: another account
