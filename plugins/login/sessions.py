@@ -309,6 +309,14 @@ class SqliteStore:
         row = self.db.execute("SELECT data, expires FROM pending WHERE key = ?", (key,)).fetchone()
         return json.loads(row[0]) if row and row[1] > now else None
 
+    def get_pendings(self, keys: list[str], now: float) -> dict[str, dict]:
+        """:meth:`get_pending` of several keys in one statement (on the primary key's index)."""
+        if not keys:
+            return {}
+        rows = self.db.execute(f"SELECT key, data, expires FROM pending WHERE key IN ({', '.join('?' * len(keys))})",
+                               keys).fetchall()
+        return {key: json.loads(data) for key, data, expires in rows if expires > now}
+
     def count_parked(self, now: float) -> int:
         """Parked requests in the file (expired ones not purged yet included: a bound errs on
         the safe side); counted on the primary key's index, by every worker's rows."""
@@ -595,6 +603,13 @@ class RedisStore:
         raw = self.redis.get(f"authgw:login:p:{key}")
         return json.loads(raw) if raw else None
 
+    def get_pendings(self, keys: list[str], now: float) -> dict[str, dict]:
+        """:meth:`get_pending` of several keys in one round trip (``MGET``)."""
+        if not keys:
+            return {}
+        raws = self.redis.mget([f"authgw:login:p:{key}" for key in keys])
+        return {key: json.loads(raw) for key, raw in zip(keys, raws) if raw}
+
     def purge(self, now: float, oldest: float) -> int:
         return 0  # Redis expires keys itself
 
@@ -769,6 +784,15 @@ class SessionManager:
         """The store key of the live session with this SAML SessionIndex, or ``None``."""
         record = self.store.get_pending("idx:" + index, time.time()) if 0 < len(index) <= 64 else None
         return record["key"] if record is not None else None
+
+    def keys_of_indexes(self, indexes: list[str]) -> dict[str, str]:
+        """The store keys of the live sessions with these SAML SessionIndexes (index -> key), in
+        one store round trip whatever their number (the caller bounds it: a LogoutRequest holds
+        at most :data:`.logout.MAX_SESSION_INDEXES`), each index looked up once."""
+        wanted = list(dict.fromkeys(index for index in indexes if isinstance(index, str) and 0 < len(index) <= 64))
+        found = self.store.get_pendings(["idx:" + index for index in wanted], time.time())
+        return {index: record["key"] for index in wanted
+                if isinstance(record := found.get("idx:" + index), dict) and isinstance(record.get("key"), str)}
 
     def participants(self, key: str) -> dict[str, dict]:
         return self.store.get_participants(key)

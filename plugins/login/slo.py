@@ -12,7 +12,11 @@
   the NameID and SessionIndex as issued), checks each LogoutResponse, and finally sends a signed
   LogoutResponse to the initiating SP the same way: ``Success``, or ``Success`` with the
   second-level ``PartialLogout`` when another participant could not be logged out (no
-  ``slo_url``, a refusal, a bad or missing signature);
+  ``slo_url``, a refusal, a bad or missing signature; ``Success`` also when the request ended
+  no session: :func:`.logout.logout_response`). At most :data:`.logout.MAX_SESSION_INDEXES`
+  ``SessionIndex`` elements (more: ``login.malformed``), looked up in one store round trip; an unsigned request spends a token
+  of the client's budget first (``login.too_many_requests``, 429, past it), as a SAML error
+  Response does;
 * a ``LogoutResponse`` from such an SP, found by its ``InResponseTo`` (the random ID of the
   request authgw sent, kept server-side with the rest of the round, single use).
 
@@ -26,8 +30,10 @@ given. Reads
 Named checks: the decoding checks of :mod:`.xmlsafe`, ``saml.not_logout_request``,
 ``saml.not_logout_response``, ``saml.unknown_sp``, ``saml.slo_not_registered``,
 ``saml.destination_mismatch``, ``saml.request_expired``, ``saml.logout_unknown`` (a
-LogoutResponse to nothing authgw sent, or sent too long ago), and the signature and replay
-checks of SSO. Only registered ``slo_url`` addresses are ever posted to.
+LogoutResponse to nothing authgw sent, or sent too long ago), ``login.malformed`` (too many
+SessionIndex elements), and the signature and replay checks of SSO; ``login.too_many_requests``
+(429) for an unsigned LogoutRequest past its client's budget. Only registered ``slo_url``
+addresses are ever posted to.
 """
 
 from __future__ import annotations
@@ -98,11 +104,14 @@ class SingleLogout:
         except Refused as exc:
             return self.web.refused(request, exc)
         sessions = self.web.sessions
+        if not verified and sessions.admit_park is not None:
+            # An unsigned LogoutRequest needs no credential, yet it is answered with a signed
+            # LogoutResponse (CPU) after store lookups: it spends a token of the client's budget,
+            # as a SAML error Response does (past it, 429 and nothing looked up, ended or signed).
+            sessions.admit_park()
         ending: dict[str, str | None] = {}  # store key -> SessionIndex
-        for index in message.session_indexes:
-            key = sessions.key_of_index(index)
-            if key is None:
-                continue
+        # The indexes (at most MAX_SESSION_INDEXES, each once: read_logout) in one store round trip.
+        for index, key in sessions.keys_of_indexes(message.session_indexes).items():
             issued = sessions.participants(key).get(sp.entity_id)
             if issued is None or issued["name_id"] != message.name_id:
                 # Not a session this SP was told about, or not for this subject: not its to end.
@@ -121,6 +130,8 @@ class SingleLogout:
             else:
                 log.warning("single logout: an unsigned LogoutRequest from %s did not name the browser's own "
                             "session; it stays", sp.entity_id)
+        if not ending:
+            log.info("single logout: a LogoutRequest from %s ended no session", sp.entity_id)
         state = self._round(ending, initiator=sp.entity_id)
         state.update(request_id=message.id, relay_state=received.relay_state)
         response = await self.next_step(state)
