@@ -349,6 +349,12 @@ def _not_enabled(name: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if "serve" in argv:
+        # SIGHUP's default is to die: a reload sent while the configuration is read would stop
+        # the service. Noted from here on, and served once the gateway can reload (under
+        # systemd, `Type=notify` holds reloads until READY=1: gateway/lifecycle.py).
+        from gateway.server import note_early_hups
+        note_early_hups()
     parser, commands, common = _parser()
     try:
         first = next((a for a in argv if not a.startswith("-")), None)

@@ -7,6 +7,10 @@ master.
 * A worker asks the kernel for SIGTERM when its master dies (``PR_SET_PDEATHSIG``), so a killed
   master leaves no orphan holding the port (issue 10).
 * Memory used for a burst is given back (:func:`return_freed_memory`).
+* Under systemd (``Type=notify``, ``NOTIFY_SOCKET`` set) the process holding the reload handler
+  says ``READY=1`` once it has it (:func:`notify_ready`): systemd holds a ``systemctl reload``
+  until then, so a SIGHUP never reaches a process still starting, whose default for it is to
+  die.
 * A stop is bounded: in-flight requests get :data:`SHUTDOWN_GRACE` in all, the plugins'
   ``gateway_shutdown`` :data:`CLOSE_GRACE` after that, and the master kills (SIGKILL) a worker
   still running :data:`KILL_AFTER` seconds after its SIGTERM (under systemd's
@@ -30,7 +34,7 @@ from typing import Any
 
 from gateway.files import write_atomic
 
-__all__ = ["CLOSE_GRACE", "KILL_AFTER", "PID_FILE", "SHUTDOWN_GRACE", "MessageReader", "die_with_parent",
+__all__ = ["CLOSE_GRACE", "KILL_AFTER", "PID_FILE", "SHUTDOWN_GRACE", "MessageReader", "die_with_parent", "notify_ready",
            "encode_message", "remove_pidfile", "return_freed_memory", "write_pidfile"]
 
 log = logging.getLogger("authgw.server")
@@ -59,6 +63,23 @@ def remove_pidfile(path: Path) -> None:
             path.unlink()
     except OSError:
         pass
+
+
+def notify_ready() -> None:
+    """Tell systemd this service is started (``READY=1`` to ``$NOTIFY_SOCKET``, the
+    ``sd_notify`` protocol: one datagram to a Unix socket, ``@`` for the abstract namespace),
+    and unset the variable so that no child process says it again. Nothing without the variable
+    (not under systemd, or ``Type=exec``); a failure is logged, never fatal."""
+    address = os.environ.pop("NOTIFY_SOCKET", "")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto(f"READY=1\nMAINPID={os.getpid()}".encode(), address)
+    except OSError as exc:
+        logging.getLogger("authgw").warning("could not tell systemd the service is ready (NOTIFY_SOCKET): %s", exc)
 
 
 def die_with_parent(parent: int) -> None:

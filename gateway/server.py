@@ -47,8 +47,8 @@ from gateway.errors import ConfigError
 from gateway.http.app import EXACT_TARGETS, build_apps, exact_targets
 from gateway.http.protocol import ConnectionGuard, GuardedSite
 from gateway.logs import RateLimitedWarning
-from gateway.lifecycle import (CLOSE_GRACE, SHUTDOWN_GRACE, MessageReader, encode_message, remove_pidfile,
-                               return_freed_memory, write_pidfile)
+from gateway.lifecycle import (CLOSE_GRACE, SHUTDOWN_GRACE, MessageReader, encode_message, notify_ready,
+                               remove_pidfile, return_freed_memory, write_pidfile)
 from gateway.runtime import Runtime, build_runtime
 from gateway.settings import GatewaySettings, parse_listen
 from gateway.supervisor import EXIT_STARTUP_FAILED, explain, start_heartbeat, supervise
@@ -330,6 +330,11 @@ def _note_early_hup(signum, frame) -> None:
     _early_hups += 1
 
 
+def note_early_hups() -> None:
+    """Note SIGHUPs from now until the reload handlers exist (``authgw serve`` calls it first)."""
+    signal.signal(signal.SIGHUP, _note_early_hup)
+
+
 async def _serve_worker(config_dir: Path, state_dir: Path | None, sockets: list[socket.socket],
                         extra: dict[str, socket.socket], runtime: Runtime | None = None,
                         config: Config | None = None, link: socket.socket | None = None,
@@ -368,6 +373,8 @@ async def _serve_worker(config_dir: Path, state_dir: Path | None, sockets: list[
         _follow_master(worker, link)
     log.info("authgw worker %d serving on %s; chain: %s; event loop: %s", os.getpid(), names,
              " -> ".join(runtime.config.core.chain), type(loop).__module__.split(".")[0])
+    if link is None:
+        notify_ready()  # alone, this process is the service: serving, and SIGHUP reloads
     if hups:
         worker.request_reload()
     try:
@@ -487,7 +494,7 @@ def _enable_multiprocess_metrics() -> str:
 
 def serve(config_dir: Path, *, state_dir: Path | None = None, workers: int | None = None,
           listen: list[str] | None = None) -> int:
-    signal.signal(signal.SIGHUP, _note_early_hup)  # until the reload handlers exist
+    note_early_hups()  # until the reload handlers exist (cli.main did already, for `authgw serve`)
     return_freed_memory()  # inherited by the workers
     # Validate and build everything once in the master: configuration and plugin errors stop here.
     # `--workers` wins over `workers:`; the count decides the throttle store (`store: auto`), here,

@@ -43,7 +43,7 @@ from typing import Callable
 
 from gateway.config import Config
 from gateway.errors import ConfigError
-from gateway.lifecycle import KILL_AFTER, MessageReader, die_with_parent, encode_message
+from gateway.lifecycle import KILL_AFTER, MessageReader, die_with_parent, encode_message, notify_ready
 from gateway.runtime import build_runtime
 
 __all__ = ["EXIT_STARTUP_FAILED", "WORKER_TIMEOUT", "explain", "start_heartbeat", "supervise"]
@@ -158,6 +158,7 @@ class _Master:
         signal.signal(signal.SIGHUP, self.on_hup)
         for slot in range(self.count):
             self.spawn(slot)
+        notify_ready()  # SIGHUP is the master's to take now (the sockets are bound, the workers forked)
         while self.children or (self.due and not self.stop_requested):
             if self.stop_requested and self.stopping_since is None:
                 self._begin_stop()

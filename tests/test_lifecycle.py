@@ -140,6 +140,30 @@ def test_sighup_before_anything_else_does_not_kill_a_single_worker(conf_dir, ali
     assert gw.proc.poll() is None and gw.auth("alice", PASSWORD).status == 200
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_under_systemd_ready_is_said_once_a_sighup_reloads(conf_dir, alice_hash, start_gateway, workers):
+    """``Type=notify``: systemd holds ``systemctl reload`` until READY=1, so a SIGHUP never
+    reaches a process still reading its configuration, for which SIGHUP's default is to die
+    (review of the life cycle: a HUP 0.05-0.4 s after start killed the service). READY=1 comes
+    from the service's main process, once SIGHUP reloads there; a HUP at once is a reload."""
+    import secrets
+
+    name = f"authgw-test-{secrets.token_hex(6)}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind("\0" + name)  # the abstract namespace, as systemd's `@...` addresses
+        notify.settimeout(60)
+        gw = start_gateway(conf(conf_dir, alice_hash, "r0"), workers=workers, env={"NOTIFY_SOCKET": "@" + name})
+        message = notify.recv(4096).decode()
+        os.kill(gw.proc.pid, signal.SIGHUP)
+        fields = dict(line.split("=", 1) for line in message.splitlines())
+        assert fields == {"READY": "1", "MAINPID": str(gw.proc.pid)}, message
+        wait_for(lambda: " reloaded " in gw.output() or gw.proc.poll() is not None, what="the reload")
+        assert gw.proc.poll() is None and gw.auth("alice", PASSWORD).status == 200
+        notify.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            notify.recv(4096)  # said once: the workers and the reload say nothing
+
+
 def test_a_reload_whose_start_up_fails_shuts_down_the_plugins_it_started(tmp_path, monkeypatch):
     # In-process, the worker's own reload: the new configuration adds a plugin whose
     # gateway_startup raises. The reload is refused and the running generation stays; the

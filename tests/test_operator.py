@@ -174,9 +174,9 @@ UNIT = ROOT / "tools" / "authgw.service"
 
 def test_the_systemd_unit_has_the_promised_shape():
     text = UNIT.read_text()
-    for line in ["Type=exec", "ExecReload=/bin/kill -HUP $MAINPID", "User=authgw", "StateDirectory=authgw",
-                 "LogsDirectory=authgw", "NoNewPrivileges=yes", "ProtectSystem=strict", "PrivateTmp=yes",
-                 "ProtectHome=yes"]:
+    for line in ["Type=notify", "NotifyAccess=main", "ExecReload=/bin/kill -HUP $MAINPID", "User=authgw",
+                 "StateDirectory=authgw", "LogsDirectory=authgw", "NoNewPrivileges=yes", "ProtectSystem=strict",
+                 "PrivateTmp=yes", "ProtectHome=yes"]:
         assert f"\n{line}\n" in text, line
 
 
