@@ -295,6 +295,12 @@ def _check_contract(pm: pluggy.PluginManager, name: str, plugin: Any, info: Plug
         if is_step and (impl.wrapper or impl.hookwrapper):
             raise PluginLoadError(f"{info.describe()} is a chain step, but its gateway_authenticate is a wrapper; "
                                   "list it under `plugins:` instead")
+        if not is_step and not (impl.wrapper or impl.hookwrapper):
+            # pluggy would call it after every step, as a step the operator never put in
+            # `chain:` (one that always allows let anyone in; review of plugin loading)
+            raise PluginLoadError(f"{info.describe()} implements gateway_authenticate but is not in `chain:`; "
+                                  "list it in `chain:` where it should decide, or make the hook a wrapper "
+                                  "(@hookimpl(wrapper=True)) if it only wraps the chain")
     if is_step and not impls:
         raise PluginLoadError(f"{info.describe()} is listed in `chain:` but does not implement gateway_authenticate")
 

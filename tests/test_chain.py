@@ -207,6 +207,19 @@ def test_plugins_breaking_the_contract_stop_start_up(tmp_path, target, message):
     assert "plugin 'bad'" in str(excinfo.value)
 
 
+def test_a_plugin_deciding_logins_outside_the_chain_stops_start_up(tmp_path):
+    """A plain gateway_authenticate on a plugin under `plugins:` was called after every step,
+    a step the operator never listed: one that allows let anyone in while the log said
+    `chain: a` (review of plugin loading). It is refused at load; a wrapper is fine."""
+    with pytest.raises(PluginLoadError) as excinfo:
+        build(tmp_path, {"chain": ["a"], "plugins": ["yes"]}, {"a": {"action": "invalid"}, "yes": {"action": "success"}},
+              targets={"yes": "support.testplugins:Step"})
+    assert "plugin 'yes'" in str(excinfo.value) and "is not in `chain:`" in str(excinfo.value)
+    runtime = build(tmp_path, {"chain": ["a"], "plugins": ["w"]}, {"a": {"action": "invalid"}},
+                    targets={"w": "support.testplugins:Wrapper"})
+    assert decide(runtime).outcome is Outcome.INVALID_CREDENTIALS
+
+
 def test_throttling_refuses_before_the_chain_after_repeated_failures(tmp_path):
     runtime = build(tmp_path, {"chain": ["a"], "throttle": {"user_failures": 3, "client_failures": 100}},
                     {"a": {"action": "invalid"}})
