@@ -156,7 +156,7 @@ class Config:
 
 
 _SECRET_WORDS = {"password", "passwd", "passphrase", "pass", "pw", "pwd", "secret", "token", "credential", "credentials",
-                 "pepper", "salt", "psk", "cookie", "authorization"}
+                 "pepper", "salt", "psk", "cookie", "authorization", "hmac", "seed", "jwk", "otp"}
 #: ``*_key`` names a key (``encryption_key``, ``private_key``); ``key_prefix`` or ``key_file`` do not.
 _SECRET_LAST = {"key", "pin"}
 #: Found anywhere in a key with its separators and case dropped: plurals (``passwords``), one

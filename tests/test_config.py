@@ -597,7 +597,7 @@ def test_config_show_masks_secrets_under_other_spellings_and_in_odd_urls(conf_di
     """Key names the masking did not know (camelCase, one word, plurals, headers) and URLs it
     did not match (a user name with an @, no scheme, a space in the password) were printed in
     clear by ``config show`` (review of secret leakage)."""
-    secrets = [f"Leak{n}-Marker" for n in range(14)]
+    secrets = [f"Leak{n}-Marker" for n in range(17)]
     write_conf(conf_dir, {**USERS, "gateway.yaml": "chain: [static]\n", "ldap.yaml": f"""\
         ldap:
           bindPassword: {secrets[0]}
@@ -613,6 +613,9 @@ def test_config_show_masks_secrets_under_other_spellings_and_in_odd_urls(conf_di
           tokens: [{secrets[11]}]
           ldap_pass: {secrets[12]}
           proxy: "svc:{secrets[13]}@proxy.example:3128/"
+          session_hmac: {secrets[14]}
+          otp_seed: {secrets[15]}
+          signing: {{jwk: {{d: {secrets[16]}}}}}
           bind_password: {{env: KEEP_THIS_REFERENCE}}
           base_dn: dc=keep,dc=this
         """})
