@@ -332,7 +332,8 @@ def test_sigterm_while_a_replacement_waits_its_back_off_stops_the_master(conf_di
     from support.proc import children
 
     gw = start_gateway(conf(conf_dir, alice_hash, "r0"), workers=2)
-    before = set(serving(gw))
+    wait_for(lambda: len(serving(gw)) >= 2, what="two workers serving", log=gw.output)
+    before = set(children(gw.proc.pid))  # both workers: taken once both serve, or one may pass for a replacement
     kill_a_worker(gw)
     replacement = wait_for(lambda: set(children(gw.proc.pid)) - before, interval=0.01, what="the replacement",
                            log=gw.output).pop()
