@@ -38,6 +38,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError, core_schema
 
+from gateway.yamlfiles import foreign_owner
+
 __all__ = [
     "ConfigPath",
     "GatewaySettings",
@@ -91,21 +93,25 @@ class ValidationContext:
         return path if path.is_absolute() else (self.config_dir / path)
 
     def check_private(self, path: Path, what: str) -> None:
-        """Warn (or, in strict mode, fail) when a file holding secrets is readable by others.
+        """Warn (or, in strict mode, fail) when a file holding secrets is readable by others, or
+        belongs to someone but root and the user authgw runs as.
 
         A world-readable file of ours is made 0600 instead, once, with a warning saying so: git
         and archives do not keep modes, so every fresh clone has the shipped users file 0644, and
         a warning on every command teaches operators to ignore warnings. Taking read access away
         from others never widens anything. A group-readable file (a deliberate 0640 for a service
         group) and another user's file are left alone and warned about; strict mode changes
-        nothing and fails.
+        nothing and fails. Another user's file is one its owner can rewrite at will (a users
+        file: who logs in, as what; review of the core), so it is named whatever its mode. The
+        file is the one a symlink points to.
         """
         try:
             info = path.stat()
         except OSError:
             return
         mode = info.st_mode
-        if mode & stat.S_IRWXO and not self.strict and info.st_uid == os.geteuid():
+        euid = os.geteuid()
+        if mode & stat.S_IRWXO and not self.strict and info.st_uid == euid:
             try:
                 os.chmod(path, stat.S_IMODE(mode) & 0o700)
             except OSError:
@@ -115,11 +121,16 @@ class ValidationContext:
                                       f"archives do not keep modes); changed it to {stat.S_IMODE(mode) & 0o700:o}",
                                       str(path)))
                 return
+        problems = []
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            message = f"{what} {path} is readable by group or others (mode {stat.S_IMODE(mode):o}); chmod 600 it"
-            if self.strict:
-                raise ValueError(message)
-            self.warnings.append((message, str(path)))
+            problems.append(f"{what} {path} is readable by group or others (mode {stat.S_IMODE(mode):o}); chmod 600 it")
+        foreign = foreign_owner(info.st_uid, str(path))
+        if foreign:
+            owner, fix = foreign
+            problems.append(f"{what} {path} {owner}, so its owner can change it at will; {fix}")
+        if problems and self.strict:
+            raise ValueError("; ".join(problems))
+        self.warnings.extend((message, str(path)) for message in problems)
 
 
 def _context(info: ValidationInfo) -> ValidationContext:

@@ -10,14 +10,25 @@ What a file may make the loader do is bounded, since a file can be edited by mis
 someone else (the users file is re-read while serving): aliases (``*name``) are refused, so a
 "billion laughs" file cannot expand into gigabytes (no shipped or documented configuration uses
 them), nesting deeper than :data:`MAX_DEPTH` is refused before Python's recursion limit is
-reached, and every failure of the YAML layer (a control character, a number too long to convert)
-is a :class:`ConfigError` naming the file and line, never a traceback.
+reached, every failure of the YAML layer (a control character, a number too long to convert)
+is a :class:`ConfigError` naming the file and line, never a traceback, and a file larger than
+:data:`MAX_CONFD_BYTES` (conf.d) or :data:`MAX_FILE_BYTES` (a users file) is refused before it
+is read (a 28 MB conf.d file took 95 s and 1.4 GB to check).
+
+What conf.d is made of is checked too (review of the core): every ``*.yaml`` entry must be a
+regular file (a dangling symlink dropped a lockout policy without a word), and conf.d and its
+``*.yaml`` files must be writable by their owner alone and owned by root or the user authgw
+runs as (sshd's ``StrictModes``): whoever can write them decides who logs in. That is a warning,
+and an error with ``strict: true``.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import pwd
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,10 +37,12 @@ import yaml
 
 from gateway.errors import ConfigError
 
-__all__ = ["KeyPath", "Mark", "display_name", "format_path", "load_directory", "load_file", "parse_scalar",
-           "referenced_paths", "unread_files"]
+__all__ = ["KeyPath", "Mark", "display_name", "foreign_owner", "format_path", "load_directory", "load_file",
+           "owner_of", "parse_scalar", "referenced_paths", "unread_files"]
 
 KeyPath = tuple[str | int, ...]
+
+log = logging.getLogger("authgw.config")
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +58,13 @@ class Mark:
 #: Deepest nesting of mappings and lists a file may have, the top level's included (conf.d needs
 #: about 6).
 MAX_DEPTH = 32
+
+#: Largest ``conf.d/*.yaml`` file read: the biggest real one (a long ``api_tokens`` list) is some
+#: kilobytes; parsing costs about 50 times a file's size in memory and 3 s per MB.
+MAX_CONFD_BYTES = 16 << 20
+#: Largest file :func:`load_file` reads otherwise (the static users file: 100,000 users with
+#: argon2id hashes and a few groups are about 15 MB).
+MAX_FILE_BYTES = 64 << 20
 
 
 class _Refused(yaml.MarkedYAMLError):
@@ -126,12 +146,51 @@ def format_path(path: KeyPath) -> str:
     return out or "(top level)"
 
 
-def load_file(path: Path, marks: dict[KeyPath, Mark]) -> dict[str, Any]:
-    name = display_name(path)
+def _read_text(path: Path, name: str, max_bytes: int) -> str:
+    """*path*'s text, if it is a regular file of at most *max_bytes*: both checked on the opened
+    file (``fstat``) before anything is read. Opened non-blocking, so a FIFO is refused, not
+    waited on. Newlines as ``Path.read_text`` gives them (universal newlines)."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except OSError as exc:
         raise ConfigError(f"{name}: cannot read: {exc}") from None
+    with os.fdopen(fd, "rb") as file:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"{name}: not read: {_kind(info.st_mode)}, not a regular file")
+        if info.st_size > max_bytes:
+            raise ConfigError(f"{name}: not read: {info.st_size:,} bytes, more than the {_size(max_bytes)} a file "
+                              "may have here")
+        try:
+            data = file.read(max_bytes + 1)
+        except OSError as exc:
+            raise ConfigError(f"{name}: cannot read: {exc}") from None
+    if len(data) > max_bytes:  # grew since fstat
+        raise ConfigError(f"{name}: not read: more than the {_size(max_bytes)} a file may have here")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{name}: cannot read: {exc}") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
+
+
+def _size(count: int) -> str:
+    return f"{count >> 20} MiB" if count and not count % (1 << 20) else f"{count:,} bytes"
+
+
+def _kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "not a file"
+
+
+def load_file(path: Path, marks: dict[KeyPath, Mark], max_bytes: int = MAX_FILE_BYTES) -> dict[str, Any]:
+    """Read one YAML file strictly (see the module docstring): a mapping, with the mark of every
+    key path added to *marks*. A file larger than *max_bytes* is refused unread."""
+    name = display_name(path)
+    text = _read_text(path, name, max_bytes)
     loader = None
     try:
         loader = _StrictLoader(text)  # checks every character: may raise ReaderError
@@ -299,8 +358,10 @@ def unread_files(directory: Path, referenced: set[Path] = frozenset()) -> tuple[
     """
     errors, warnings = [], []
     for path in sorted(directory.iterdir()):
-        if path.name.startswith(".") or not path.is_file() or path.suffix == ".yaml":
-            continue
+        if path.name.startswith(".") or path.suffix == ".yaml":
+            continue  # *.yaml: load_directory's, whatever it is
+        if path.suffix != ".yml" and not path.is_file():
+            continue  # a sub-directory; a `*.yml` is an error even as a dangling link
         if path.resolve() in referenced:
             continue
         name = display_name(path)
@@ -332,26 +393,130 @@ def referenced_paths(data: Any, directory: Path) -> set[Path]:
     return found
 
 
+def _user_name(uid: int) -> str | None:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except (KeyError, OverflowError):
+        return None
+
+
+def owner_of(uid: int) -> str:
+    """``nobody (uid 65534)``, or ``uid 65534`` when the user has no name."""
+    name = _user_name(uid)
+    return f"{name} (uid {uid})" if name else f"uid {uid}"
+
+
+def foreign_owner(uid: int, shown: str) -> tuple[str, str] | None:
+    """For a file (*shown*: its name) owned by *uid*: ``None`` when that is root or the user
+    authgw runs as, else who owns it, who should, and the ``chown`` that makes it so."""
+    euid = os.geteuid()
+    if uid in (0, euid):
+        return None
+    if euid == 0:
+        return f"belongs to {owner_of(uid)}, not to root, the user authgw runs as", f"chown root {shown}"
+    return (f"belongs to {owner_of(uid)}, neither to root nor to {owner_of(euid)}, the user authgw runs as",
+            f"chown root {shown} (or chown {_user_name(euid) or euid} {shown})")
+
+
+def _insecure(path: Path, info: os.stat_result, what: str) -> list[str]:
+    """What is wrong with *path* (*info*: its ``stat``, symlinks followed) holding configuration:
+    writable by group or others, or owned by someone but root and the user authgw runs as
+    (sshd's ``StrictModes``). Each problem says how to fix it."""
+    problems = []
+    name = display_name(path)
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & 0o022:
+        problems.append(f"{name}: {what} is writable by group or others (mode {mode:o}): whoever can write it "
+                        f"decides who logs in; chmod go-w {name}")
+    foreign = foreign_owner(info.st_uid, name)
+    if foreign:
+        owner, fix = foreign
+        problems.append(f"{name}: {what} {owner}: its owner decides who logs in; {fix}")
+    return problems
+
+
+#: The permission warnings last logged for each path (by this process): a reload or a console page
+#: that loads the same conf.d again does not repeat them; a changed or new problem is logged.
+_warned: dict[str, str] = {}
+
+
+def _warn(path: Path, problems: list[str]) -> None:
+    key = str(path)
+    text = "\n".join(problems)
+    if not problems:
+        _warned.pop(key, None)
+        return
+    if _warned.get(key) == text:
+        return
+    if len(_warned) >= 1024:  # validation copies in temporary directories (the console's)
+        _warned.clear()
+    _warned[key] = text
+    for problem in problems:
+        log.warning("%s (an error with `strict: true`)", problem)
+
+
+def _strict(data: dict[str, Any]) -> bool:
+    """Whether ``strict`` is on, as :class:`gateway.config.Config` will see it: ``AUTHGW_STRICT``
+    (applied over conf.d) or else the merged files' ``strict:``; only ``true`` is on."""
+    if "AUTHGW_STRICT" in os.environ:
+        return parse_scalar(os.environ["AUTHGW_STRICT"]) is True
+    return data.get("strict") is True
+
+
 def load_directory(directory: Path) -> tuple[dict[str, Any], dict[KeyPath, Mark], list[Path]]:
     """Read and merge every ``*.yaml`` file of *directory* in lexical order.
 
-    Dot-files and sub-directories are skipped; other files are reported by :func:`unread_files`.
+    Dot-files and sub-directories (not named ``*.yaml``) are skipped; other files are reported by
+    :func:`unread_files`. A ``*.yaml`` entry that is not a readable regular file (a dangling symlink, a directory, a
+    FIFO) is an error: running without what it was meant to set is worse than not starting.
+    The directory and every ``*.yaml`` file (a symlink's target) are checked with
+    :func:`_insecure`: warned about, and errors when ``strict`` is on.
+
     Returns the merged data, the mark of every key path, and the files read. Every file's
     problems are collected before raising, so one run shows them all.
     """
-    if not directory.is_dir():
+    try:
+        dir_info = directory.stat()
+    except OSError:
+        dir_info = None
+    if dir_info is None or not stat.S_ISDIR(dir_info.st_mode):
         raise ConfigError(f"{display_name(directory)}: configuration directory not found")
-    files = sorted(p for p in directory.iterdir() if p.suffix == ".yaml" and not p.name.startswith(".") and p.is_file())
     merged: dict[str, Any] = {}
     marks: dict[KeyPath, Mark] = {}
     problems: list[str] = []
-    for path in files:
+    files: list[Path] = []
+    unsafe: dict[Path, list[str]] = {directory: _insecure(directory, dir_info, "the configuration directory")}
+    for path in sorted(p for p in directory.iterdir() if p.suffix == ".yaml" and not p.name.startswith(".")):
+        name = display_name(path)
+        try:
+            info = path.stat()  # the target of a symlink; never opened here (a FIFO would block)
+        except OSError as exc:
+            if path.is_symlink():
+                problems.append(f"{name}: not read: a symlink to {os.readlink(path)}, which cannot be reached "
+                                f"({exc.strerror}); a `*.yaml` file that is not there is an error, not skipped")
+            else:
+                problems.append(f"{name}: cannot read: {exc.strerror}")
+            continue
+        if not stat.S_ISREG(info.st_mode):
+            problems.append(f"{name}: not read: {_kind(info.st_mode)}, not a regular file; every `*.yaml` entry "
+                            "of conf.d must be a configuration file (rename it, or move it out)")
+            continue
+        # A symlink (config management, a secrets mount): its target is checked, not the link
+        # (whose own mode Linux ignores) nor the directories on the way.
+        what = f"the file it links to, {os.path.realpath(path)}," if path.is_symlink() else "a configuration file"
+        unsafe[path] = _insecure(path, info, what)
+        files.append(path)
         file_marks: dict[KeyPath, Mark] = {}
         try:
-            data = load_file(path, file_marks)
+            data = load_file(path, file_marks, MAX_CONFD_BYTES)
             _merge(merged, data, (), marks, file_marks)
         except ConfigError as exc:
             problems.extend(exc.problems)
+    if _strict(merged):
+        problems[:0] = [problem for found in unsafe.values() for problem in found]
+    else:
+        for path, found in unsafe.items():
+            _warn(path, found)
     if problems:
         raise ConfigError(problems)
     return merged, marks, files
