@@ -9,10 +9,18 @@ previous one a rotation left, ``signing-previous.*``, until the next rotation), 
 
 RP-initiated logout needs an ``id_token_hint`` this provider signed (current, next or previous
 key; an expired one is fine, it only names the session): without one any page could log the user out,
-so the user is asked instead (the "Sign out" button). It ends the session the hint's ``sid``
-names and the browser's own when it is the hint's subject (with the SAML Single Logout round of
-:mod:`.slo`), then redirects to ``post_logout_redirect_uri`` (with ``state``) only when it is one
-of the client's ``post_logout_redirect_uris`` exactly. Checks: ``oidc.id_token_hint_invalid``,
+so the user is asked instead (the "Sign out" button). Only the browser's own session is ever
+ended: without asking when the hint is of it (its ``sid`` is the session's index; a hint without
+``sid``: its ``sub`` is the session's user), with the SAML Single Logout round of :mod:`.slo`.
+A hint of any other session (another browser's, another user's, an earlier one) ends nothing,
+whoever holds it (id_tokens travel in logout URLs, so in history and proxy logs): a browser with
+a session of its own is asked (OpenID Connect RP-Initiated Logout 1.0 section 2: the "Sign out"
+page, whose confirmation goes on to the ``post_logout_redirect_uri``), one without goes straight
+to it (nothing to end here) or sees "signed out". The ``post_logout_redirect_uri`` (with
+``state``) is only ever one of the client's ``post_logout_redirect_uris`` exactly. A POST that
+comes without the session cookie (a relying party's page posting across sites: ``SameSite=Lax``)
+is kept (single use, the client's budget) and continued at ``GET /oidc/logout?held=``, which
+carries it. Checks: ``oidc.id_token_hint_invalid``,
 ``oidc.unknown_client``, ``oidc.client_mismatch`` (``client_id`` not the hint's audience),
 ``oidc.post_logout_redirect_uri_not_registered``, ``login.parameter_too_large``.
 
@@ -50,10 +58,14 @@ what the sign-in was.
 At ``/oidc/token`` (RFC 6749 section 5.2 JSON errors): ``invalid_request`` (a parameter given
 twice), ``invalid_client`` (secret or client JWT; a ``client_secret_basic`` pair is taken
 form-decoded, as RFC 6749 section 2.3.1 has it, or as sent), ``invalid_grant`` (unknown, used or
-expired code; another client's; redirect_uri or PKCE verifier mismatch). Codes and
-client-assertion ``jti`` are single use (the session store); a code presented again revokes the
-access token issued from it (RFC 6749 section 4.1.2; a tombstone ``code-used:`` names it while the
-code or the token could be in use).
+expired code; another client's, refused before the code is used up; redirect_uri or PKCE
+verifier mismatch), ``invalid_client`` also for a client assertion whose ``exp``, ``nbf`` or
+``iat`` is not a finite number. Codes and client-assertion ``jti`` are single use (the session
+store); a code its own client presents again revokes the access token issued from it (RFC 6749
+section 4.1.2; a tombstone ``code-used:`` names it and that client while the code or the token
+could be in use); another client presenting it revokes nothing. A code's record keeps only what
+the token endpoint reads (:data:`GRANT_FIELDS`, the identity, the ``sid``), and codes answered
+from an existing session spend its user's budget (:meth:`.web.LoginDoor.admit_answer`).
 ``/oidc/userinfo`` answers while the sign-in session the token was issued in lives and its account
 passes the account check of :mod:`.web` (else ``invalid_token``), with the profile as that check
 refreshed it.
@@ -66,6 +78,7 @@ import base64
 import hashlib
 import json
 import logging
+import math
 import re
 import secrets
 import time
@@ -152,6 +165,9 @@ def _repeated(params, names: frozenset) -> list[str]:
     return sorted(k for k, n in counts.items() if n > 1)
 
 
+#: What a code's record keeps of its authorization request: what the token endpoint reads.
+GRANT_FIELDS = ("client_id", "redirect_uri", "challenge", "nonce", "scope")
+
 #: max_age: ASCII digits, up to about 31 years (str.isdigit() takes "²").
 _MAX_AGE = re.compile(r"[0-9]{1,9}")
 
@@ -184,6 +200,7 @@ class OidcProvider:
         web_door.answerable["oidc"] = self.answer_target
         web_door.redirects["oidc"] = self.redirect_of
         web_door.declined["oidc"] = self.login_required
+        web_door.logout_target = self.logout_target
         return [Route("GET", "/.well-known/openid-configuration", self.discovery),
                 Route("GET", "/oidc/jwks", self.jwks), Route("GET", "/oidc/authorize", self.authorize),
                 Route("POST", "/oidc/authorize", self.authorize),
@@ -365,7 +382,9 @@ class OidcProvider:
             return self._refuse(pending, "unmet_authentication_requirements",
                                 "the sign-in does not meet the essential acr", "oidc.acr_unmet", identity)
         code = secrets.token_urlsafe(32)
-        grant = {**pending, "identity": identity_to_json(session.identity), "sid": session.index}
+        # Only what the token endpoint reads (not state, mode, prompt, max_age, principals, acr).
+        grant = {**{name: pending[name] for name in GRANT_FIELDS},
+                 "identity": identity_to_json(session.identity), "sid": session.index}
         self.web.sessions.store.put_pending("code:" + _digest(code), grant,
                                             time.time() + self.settings.oidc.code_lifetime)
         return self._answer(pending, [("code", code)])
@@ -450,13 +469,15 @@ class OidcProvider:
         audience = claims.get("aud")
         audiences = audience if isinstance(audience, list) else [audience]
         exp, now, skew = claims.get("exp"), time.time(), self.settings.clock_skew
+        # exp, nbf and iat must be finite numbers: a NaN passes both bounds of exp (every
+        # comparison with it is false) and made the jti's expiry NaN (a 500 with Redis).
         if (claims.get("iss") != issuer or claims.get("sub") != issuer
                 or not all(isinstance(a, str) for a in audiences) or not {self.token_url, self.issuer} & set(audiences)
-                or not isinstance(exp, (int, float)) or isinstance(exp, bool) or exp < now - skew
+                or not _finite_number(exp) or exp < now - skew
                 or exp > now + MAX_ASSERTION_LIFETIME + skew
                 or not isinstance(claims.get("jti"), str)
-                or (claims.get("nbf") is not None and not (isinstance(claims["nbf"], (int, float))
-                                                           and claims["nbf"] <= now + skew))):
+                or any(claims.get(name) is not None and not _finite_number(claims[name]) for name in ("nbf", "iat"))
+                or (claims.get("nbf") is not None and claims["nbf"] > now + skew)):
             return None
         # Remembered until it expires: a captured assertion is refused for as long as it is valid.
         if not self.web.sessions.first_use("oidc-jti", f"{issuer} {claims['jti']}", exp - now + skew):
@@ -477,19 +498,26 @@ class OidcProvider:
         if not code:
             return _error("invalid_grant", description="unknown, used or expired code")
         store, code_key = self.web.sessions.store, _digest(code)
-        grant = store.take_pending("code:" + code_key, time.time())
+        # Another client's code is refused before it is taken (RFC 6749 4.1.3: the code must have
+        # been issued to the authenticated client): it stays redeemable by its own client, and
+        # no tombstone names a token of it.
+        grant = store.get_pending("code:" + code_key, time.time())
+        if grant is not None and grant["client_id"] != client.client_id:
+            log.warning("oidc: client %s presented a code issued to another client: invalid_grant",
+                        printable(client.client_id[:100]))
+            return _error("invalid_grant", description="unknown, used or expired code")
+        grant = store.take_pending("code:" + code_key, time.time()) if grant is not None else None
         if grant is None:
-            self._code_replayed(code_key)
+            self._code_replayed(code_key, client.client_id)
             return _error("invalid_grant", description="unknown, used or expired code")
         # The code is redeemed now (whatever follows): the tombstone names the access token it is
-        # about to give, so that a second redemption can revoke it (RFC 6749 4.1.2), and is kept
-        # while either the code or that token could still be in use.
+        # about to give and the client it was issued to, so that a second redemption by that
+        # client can revoke it (RFC 6749 4.1.2), and is kept while either the code or that token
+        # could still be in use.
         access = secrets.token_urlsafe(32)
         lifetime = int(self.settings.oidc.token_lifetime)
-        store.put_pending("code-used:" + code_key, {"at": [_digest(access)]},
+        store.put_pending("code-used:" + code_key, {"at": [_digest(access)], "client_id": client.client_id},
                           time.time() + max(self.settings.oidc.code_lifetime, lifetime) + 1)
-        if grant["client_id"] != client.client_id:
-            return _error("invalid_grant", description="unknown, used or expired code")
         if form.get("redirect_uri") != grant["redirect_uri"]:
             return _error("invalid_grant", description="redirect_uri differs")
         verifier = str(form.get("code_verifier", ""))
@@ -509,7 +537,7 @@ class OidcProvider:
         id_token = await asyncio.to_thread(jwt.encode, {"alg": "RS256", "kid": self.signing.kid}, claims, self.signing)
         store.put_pending("at:" + _digest(access), {"identity": grant["identity"], "scope": grant["scope"],
                                                     "sid": grant["sid"]}, now + lifetime)
-        if store.get_pending("code-replayed:" + code_key, time.time()) is not None:
+        if store.get_pending(_replay_mark(code_key, client.client_id), time.time()) is not None:
             # A second redemption came while this one ran, before its tombstone named the token
             # or before the token was stored: it could not revoke it, so it is not given.
             store.take_pending("at:" + _digest(access), time.time())
@@ -519,16 +547,20 @@ class OidcProvider:
                                   "id_token": id_token, "scope": grant["scope"]},
                                  headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
 
-    def _code_replayed(self, code_key: str) -> None:
-        """A code that is not (or no longer) redeemable was presented by an authenticated client:
-        when it was redeemed before, the access token issued from it is revoked (RFC 6749
-        section 4.1.2: "SHOULD revoke ... all tokens previously issued based on that
-        authorization code"). The mark left first tells a redemption still running that it must
-        not give its token (it checks after storing it; see :meth:`token`)."""
+    def _code_replayed(self, code_key: str, client_id: str) -> None:
+        """A code that is not (or no longer) redeemable was presented by the authenticated client
+        *client_id*: when it was redeemed before, by that same client, the access token issued
+        from it is revoked (RFC 6749 section 4.1.2: "SHOULD revoke ... all tokens previously
+        issued based on that authorization code"). Another client presenting it gets
+        ``invalid_grant`` and changes nothing: it could otherwise burn a code it read somewhere
+        and revoke the token its own client was given. The mark left first (per client) tells a
+        redemption by that client still running that it must not give its token (it checks after
+        storing it; see :meth:`token`)."""
         store, now = self.web.sessions.store, time.time()
-        store.put_pending("code-replayed:" + code_key, {}, now + max(self.settings.oidc.code_lifetime, 60))
+        store.put_pending(_replay_mark(code_key, client_id), {}, now + max(self.settings.oidc.code_lifetime, 60))
         tombstone = store.get_pending("code-used:" + code_key, now)
-        if tombstone is None:
+        # (A tombstone an earlier version wrote names no client: it is taken as this one's.)
+        if tombstone is None or tombstone.get("client_id", client_id) != client_id:
             return
         revoked = [digest for digest in tombstone.get("at", []) if store.take_pending("at:" + digest, now) is not None]
         if revoked:
@@ -598,8 +630,9 @@ class OidcProvider:
             raise Refused("oidc.id_token_hint_invalid", "not an id_token signed by this provider")
         return claims
 
-    def check_logout(self, params) -> tuple[dict | None, str | None]:
-        """The hint's claims and the URL to go to afterwards, or :class:`Refused` (no I/O)."""
+    def check_logout(self, params) -> tuple[dict | None, dict | None]:
+        """The hint's claims and where to go afterwards (``client_id``, the registered ``uri``,
+        ``state``: :meth:`logout_target`), or :class:`Refused` (no I/O)."""
         if any(len(v) > (MAX_HINT if k == "id_token_hint" else MAX_PARAM) for k, v in params.items()):
             raise Refused("login.parameter_too_large", "a logout parameter")
         hint = params.get("id_token_hint", "")
@@ -617,32 +650,71 @@ class OidcProvider:
             raise Refused("oidc.unknown_client", client_id[:100])
         if uri not in client.post_logout_redirect_uris:
             raise Refused("oidc.post_logout_redirect_uri_not_registered", uri[:200])
-        if params.get("state"):
-            uri += ("&" if "?" in uri else "?") + urlencode({"state": params["state"]})
-        return claims, uri
+        return claims, {"client_id": client.client_id, "uri": uri, "state": params.get("state", "")}
+
+    def logout_target(self, target: dict) -> str | None:
+        """Where a logout the user confirmed goes (:meth:`.web.LoginDoor.confirm_logout`): the
+        ``post_logout_redirect_uri`` kept when it was asked, if it is still one of its client's
+        (a reload may have removed it; then the signed-out page), with its ``state``."""
+        client = self.clients.get(target.get("client_id", ""))
+        uri = target.get("uri", "")
+        if client is None or uri not in client.post_logout_redirect_uris:
+            return None
+        return _with_state(uri, target.get("state", ""))
+
+    @staticmethod
+    def _own_session(claims: dict, session) -> bool:
+        """Whether the hint belongs to *session* (the browser's): its ``sid`` is the session's
+        index, or, for a hint without one, its ``sub`` is the session's user."""
+        sid = claims.get("sid")
+        if session.identity.subject != claims["sub"]:
+            return False
+        return sid is None or sid == session.index
 
     async def end_session(self, request: web.Request) -> web.StreamResponse:
-        params = request.query if request.method == "GET" else await read_form(request)
+        """RP-initiated logout. Only the browser's own session is ever ended, and without asking
+        only when the hint is of that session (OpenID Connect RP-Initiated Logout 1.0 section
+        2: the user is asked when the hint is not of the current session). A POST that came
+        without the session cookie (a relying party's page posting across sites: the
+        ``SameSite=Lax`` cookie stays behind) is continued at a GET, which carries it."""
+        if request.method == "POST":
+            form = await read_form(request)
+            params = {k: v for k, v in form.items() if isinstance(v, str)}
+        else:
+            held = request.query.get("held")
+            if held is not None:  # a POST continued here; used once (a reload asks nothing of it)
+                record = self.web.sessions.release(held[:64])
+                params = record.get("oidc_logout", {}) if record is not None else {}
+            else:
+                params = {k: v for k, v in request.query.items()}
         try:
-            claims, after = self.check_logout({k: v for k, v in params.items() if isinstance(v, str)})
+            claims, target = self.check_logout(params)
         except Refused as exc:
             return self.web.refused(request, exc)
+        after = self.logout_target(target) if target is not None else None
+        if request.method == "POST" and self.web.cookie not in request.cookies:
+            key = self.web.sessions.hold({"oidc_logout": params}, 600)
+            raise web.HTTPSeeOther(f"/oidc/logout?{urlencode({'held': key})}", headers={"Cache-Control": "no-store"})
         session = self.web.session(request)
         if claims is None:  # nothing proves the request comes from the relying party: ask the user
             if session is None:
                 return self.web.html(self.web.pages.message("signed_out"))
             raise web.HTTPSeeOther("/login", headers={"Cache-Control": "no-store"})  # "signed in as", Sign out
-        ending: dict[str, str | None] = {}
-        if session is not None and (session.index == claims.get("sid") or session.identity.subject == claims["sub"]):
-            ending[session.key] = session.index
-        sid = claims.get("sid")
-        key = self.web.sessions.key_of_index(sid) if isinstance(sid, str) else None
-        if key is not None:
-            ending.setdefault(key, sid)
-        response = await self.web.logout_round(request, ending, after)
-        if session is not None and session.key in ending:
+        if session is not None and self._own_session(claims, session):
+            response = await self.web.logout_round(request, {session.key: session.index}, after)
             self.web.drop_cookie(response)
-        return response
+            return response
+        # The hint is not of this browser's session (another browser's, another user's, an old
+        # one's, or this browser has none): the session it names is not ended from here, whoever
+        # holds the hint (id_tokens travel in logout URLs: history, proxy logs).
+        log.info("oidc logout: the id_token_hint (client %s) is not of the browser's session: %s",
+                 printable(str(target["client_id"] if target else claims.get("aud"))[:100]),
+                 "the user is asked" if session is not None else "it has none, nothing is ended")
+        if session is None:  # nothing to end here: back to the relying party, or "signed out"
+            if after is not None:
+                return web.Response(status=303, headers={"Location": after, "Cache-Control": "no-store"})
+            return self.web.html(self.web.pages.message("signed_out"))
+        return self.web.confirm_logout(request, session, target, after)
 
 
 def _claim_request(member: dict | None, name: str) -> dict | None:
@@ -705,6 +777,22 @@ def _claims_request(text: str | None) -> tuple[list[set[str]], list[str] | None]
     acr = _claim_request(members["id_token"], "acr")
     essential = acr is not None and acr["essential"] and acr["allowed"] is not None
     return subjects, (sorted(acr["allowed"]) if essential else None)
+
+
+def _with_state(uri: str, state: str) -> str:
+    """*uri* (a registered ``post_logout_redirect_uri``) with the request's ``state``."""
+    return uri + ("&" if "?" in uri else "?") + urlencode({"state": state}) if state else uri
+
+
+def _replay_mark(code_key: str, client_id: str) -> str:
+    """The store key of the mark a presentation of a used code by *client_id* leaves."""
+    return "code-replayed:" + _digest(f"{code_key} {client_id}")
+
+
+def _finite_number(value) -> bool:
+    """A JSON number that is a number: not a boolean, not NaN or an infinity (Python's JSON
+    reader takes ``NaN`` and ``Infinity``, which pass or fail every comparison)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _digest(text: str) -> str:

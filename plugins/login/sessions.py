@@ -21,7 +21,10 @@ record, so every worker and instance sees them.
 
 Parked requests are bounded: :class:`SessionManager` refuses a park (:class:`ParkRefused`) when
 the door's per-address budget is spent (:attr:`SessionManager.admit_park`, :mod:`.web`) or when
-``sessions.max_pending`` (:data:`MAX_PARKED` by default) requests are parked in the whole store. The expired records are purged at
+``sessions.max_pending`` (:data:`MAX_PARKED` by default) requests are parked in the whole store
+(:meth:`SessionManager.hold`, what a logout continues with, is bounded the same way). A pending
+record's expiry must be a finite number: a NaN or an infinity is refused with ``ValueError`` (a
+caller that did not check its input), never stored. The expired records are purged at
 most once a minute, in batches of :data:`PURGE_BATCH` rows on a connection of the purge's own, in
 a thread: never on the event loop.
 
@@ -156,6 +159,17 @@ def _digest(text: str) -> str:
 def _record(identity: Identity, index: str, checked: float, directory: str | None, asked: bool = True) -> dict[str, Any]:
     return {"identity": identity_to_json(identity), "index": index, "checked": checked, "directory": directory,
             "asked": asked}
+
+
+def _finite(expires: float) -> float:
+    """*expires*, a pending record's expiry: a NaN or an infinity is a caller's error (its input
+    was not checked), refused here before anything is stored, the same in both stores. SQLite
+    kept an infinity for good (no purge deletes it) and silently dropped a NaN (stored as NULL,
+    against ``NOT NULL``, ignored: read as a replay); Redis could not be given a TTL (a
+    ``ValueError`` or ``OverflowError`` deep in the store, a 500)."""
+    if isinstance(expires, bool) or not isinstance(expires, (int, float)) or not math.isfinite(expires):
+        raise ValueError(f"a pending record's expiry must be a finite number of seconds, not {expires!r}")
+    return expires
 
 
 def same(a: str, b: str) -> bool:
@@ -296,7 +310,9 @@ class SqliteStore:
         return {party: json.loads(data) for party, data in rows}
 
     def put_pending(self, key: str, data: dict, expires: float) -> bool:
-        """Store *data* under *key* unless the key is taken (then ``False``: a replay)."""
+        """Store *data* under *key* unless the key is taken (then ``False``: a replay).
+        *expires* must be a finite number (:func:`_finite`)."""
+        _finite(expires)
         cursor = self.db.execute("INSERT OR IGNORE INTO pending VALUES (?, ?, ?)", (key, json.dumps(data), expires))
         return cursor.rowcount == 1
 
@@ -575,7 +591,7 @@ class RedisStore:
         return {party.decode(): json.loads(data) for party, data in raw.items()}
 
     def put_pending(self, key: str, data: dict, expires: float) -> bool:
-        ttl = max(1, int(expires - time.time()) + 1)
+        ttl = max(1, int(_finite(expires) - time.time()) + 1)
         stored = bool(self.redis.set(f"authgw:login:p:{key}", json.dumps(data), ex=ttl, nx=True))
         if stored and key.startswith("p:"):  # a parked request: counted for the total bound
             pipe = self.redis.pipeline()
@@ -863,6 +879,25 @@ class SessionManager:
         self._parked += 1
         self._uncounted += 1
         return key
+
+    def hold(self, data: dict, lifetime: float) -> str:
+        """Keep *data* for a later request of the same browser under a single-use id, apart from
+        the parked requests (``h:``: ``/login?req=`` never reads it): what an OIDC logout
+        continues with at a GET (the browser's cookie), or once the user confirmed it. Bounded
+        as :meth:`park` is: the client's budget, then the total (not counted in it)."""
+        if self.admit_park is not None:
+            self.admit_park()
+        now = time.time()
+        self._check_total(now)
+        key = secrets.token_urlsafe(24)
+        self.store.put_pending("h:" + key, data, now + lifetime)
+        return key
+
+    def release(self, key: str) -> dict | None:
+        """The data :meth:`hold` kept under *key*, once."""
+        if not key or len(key) > 64:
+            return None
+        return self.store.take_pending("h:" + key, time.time())
 
     def unpark(self, key: str) -> dict | None:
         if not key or len(key) > 64:

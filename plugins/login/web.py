@@ -30,6 +30,19 @@ client without one gets 429 (``login.too_many_requests``) and nothing is parked.
 the one the door computes for an attempt (a trusted proxy's ``X-Forwarded-For``; an IPv6 client
 by its ``throttle.ipv6_prefix`` network). The handler's request is found through a context
 variable that :meth:`LoginDoor.guarded` sets for every route of this door.
+
+A request answered from an existing session without a new sign-in (a SAML Response, a
+WS-Federation token, an OIDC code: :meth:`LoginDoor.begin`, and ``/login?req=`` with a session)
+spends a token of its *user's* budget (:meth:`LoginDoor.admit_answer`: the same
+``sessions.requests_per_client``, kept per subject and worker apart from the addresses', so users
+behind one NAT do not share it), before the account check, the chain and any signature; past it
+429 (``login.too_many_requests``) and nothing is stored or signed. A person's few sign-ins a
+minute across services are far below it; one session cookie in a loop is not.
+
+An OIDC logout that does not prove it is the browser's own session's is confirmed by the user
+(:meth:`LoginDoor.confirm_logout`: the "signed in as" page and its Sign out button); where the
+confirmed logout goes is kept single use under an id in the button's address
+(:meth:`.SessionManager.hold`) and checked again by the protocol then (:attr:`LoginDoor.logout_target`).
 """
 
 from __future__ import annotations
@@ -43,7 +56,7 @@ import time
 from collections import OrderedDict
 from contextvars import ContextVar
 from typing import Awaitable, Callable
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 from aiohttp import web
 
@@ -223,6 +236,12 @@ class LoginDoor:
         self.logout_round: Callable[..., Awaitable[web.StreamResponse]] | None = None
         budget = sessions.settings.requests_per_client
         self.park_limiter = ParkLimiter(burst=budget, rate=budget / 60)
+        #: Answers made from an existing session (no new sign-in), by the session's user: the
+        #: same budget, kept apart from the addresses' (users behind one NAT each have theirs).
+        self.answer_limiter = ParkLimiter(burst=budget, rate=budget / 60)
+        #: Where a confirmed logout goes (:meth:`confirm_logout`): the protocol that asked checks
+        #: the address it kept again (a reload may have removed it); ``None``: the signed-out page.
+        self.logout_target: Callable[[dict], str | None] | None = None
         self._full_logged = -math.inf  # monotonic time of the last "not parked" ERROR (the total bound)
         sessions.admit_park = self._admit_park
 
@@ -264,6 +283,26 @@ class LoginDoor:
                             "a minute per address, burst %d)", key, round(self.park_limiter.rate * 60),
                             self.park_limiter.burst)
             raise ParkRefused(429, "login.too_many_requests", math.ceil(wait), f"client {key}")
+
+    def admit_answer(self, session: Session) -> None:
+        """Spend a token of the budget of *session*'s user (its subject) before a service is
+        answered from the session without a new sign-in (a SAML Response, a WS-Federation token,
+        an OIDC code): ``sessions.requests_per_client`` at once, then as many a minute, per
+        worker. Past it :class:`ParkRefused` (429, ``login.too_many_requests``) and nothing is
+        checked, signed or stored. A request parked for ``/login`` spent its client address's
+        token already; one answered from a session spends its user's as well, wherever it comes
+        from (review: one session cookie had 3,000 codes stored in 9 s, 1,000 SAML answers
+        signed in 2.2 s)."""
+        identity, request = session.identity, _REQUEST.get()
+        wait = self.answer_limiter.take(identity.subject, time.monotonic())
+        if wait:
+            if self.answer_limiter.first_refusal(identity.subject):  # once per user and spent budget
+                log.warning("login requests refused: reason=login.too_many_requests user=%s client=%s (%d answers "
+                            "from a user's sessions a minute, burst %d)", printable(identity.username[:100]),
+                            self.client_key(request) if request is not None else "-",
+                            round(self.answer_limiter.rate * 60), self.answer_limiter.burst)
+            raise ParkRefused(429, "login.too_many_requests", math.ceil(wait),
+                              f"user {printable(identity.username[:100])}")
 
     def not_parked(self, request: web.Request, exc: ParkRefused, json: bool) -> web.Response:
         """429 or 503 for a request that was not parked (:class:`ParkRefused`), with
@@ -438,6 +477,7 @@ class LoginDoor:
         no page (``prompt=none``) is declined instead."""
         session = self.session(request)
         if session is not None and self.reusable(session, pending):
+            self.admit_answer(session)  # before the account check, the chain and the answer
             checked = await self.recheck(session, request)
             if checked is not None:
                 return await self.completers[pending["protocol"]](request, pending, checked)
@@ -483,16 +523,30 @@ class LoginDoor:
         target = redirect(pending) if redirect is not None else None
         return form_targets([target] if target else [])
 
-    def _signed_in_page(self, request: web.Request, session: Session) -> web.Response:
+    def _signed_in_page(self, request: web.Request, session: Session, then: str = "",
+                        after: str | None = None) -> web.Response:
         """"Signed in as", with the Sign out button; its ``form-action`` admits the Single Logout
-        addresses ``POST /logout`` may redirect to first (:func:`form_targets`)."""
+        addresses ``POST /logout`` may redirect to first (:func:`form_targets`), and *after*,
+        where a confirmed logout then goes (*then*: the :meth:`.SessionManager.hold` id of it)."""
         cookie, token = self.sessions.csrf_pair(request.cookies.get(self.csrf_cookie))
         name = session.identity.display_name or session.identity.username
         targets = self.logout_redirects(session) if self.logout_redirects is not None else []
-        response = self.html(self.pages.message("signed_in", name=name, logout="/logout", csrf=token),
-                             form_action=form_targets(targets))
+        action = f"/logout?{urlencode({'then': then})}" if then else "/logout"
+        response = self.html(self.pages.message("signed_in", name=name, logout=action, csrf=token),
+                             form_action=form_targets(targets + ([after] if after else [])))
         self._set_cookie(response, self.csrf_cookie, cookie)
         return response
+
+    def confirm_logout(self, request: web.Request, session: Session, target: dict | None = None,
+                       after: str | None = None) -> web.Response:
+        """Ask the user whether to sign out (OpenID Connect RP-Initiated Logout 1.0 section 2: a
+        logout request that does not prove it is this browser's own session's): the "signed in
+        as" page with its Sign out button, whose ``POST /logout`` (CSRF-checked, same site) ends
+        the browser's session and then goes to *after*: *target* is what
+        :attr:`logout_target` checks again then, kept single use under an id in the button's
+        address (:meth:`.SessionManager.hold`, spending the client's budget)."""
+        then = self.sessions.hold(target, 600) if target is not None else ""
+        return self._signed_in_page(request, session, then, after if then else None)
 
     async def _signed_in(self, request: web.Request, decision: Decision, pending_key: str) -> web.StreamResponse:
         # The pending request is checked before the session is made: one a reload made
@@ -516,6 +570,7 @@ class LoginDoor:
         peeked = self.sessions.peek(pending_key) if pending_key else None
         if session is not None:
             if peeked is not None and self.reusable(session, peeked):
+                self.admit_answer(session)  # the request waits, unused, when it is spent
                 checked = await self.recheck(session, request)
                 if checked is None:
                     return await self.end_and_go(request, session, f"/login?req={pending_key}")
@@ -582,12 +637,17 @@ class LoginDoor:
             if self.cross_site(request):
                 return self._refuse_cross_site(request, "")
             if self.sessions.csrf_ok(request.cookies.get(self.csrf_cookie), str(form.get("csrf", ""))):
+                # A logout the user was asked to confirm (confirm_logout) goes on where it was to.
+                then = request.query.get("then", "")
+                target = self.sessions.release(then) if then else None
+                after = self.logout_target(target) if target is not None and self.logout_target is not None else None
                 session = self.session(request)
                 if session is not None and self.logout_round is not None:
-                    response = await self.logout_round(request, {session.key: session.index})
+                    response = await self.logout_round(request, {session.key: session.index}, after)
                 else:
                     self.sessions.end(request.cookies.get(self.cookie))
-                    response = self.html(self.pages.message("signed_out"))
+                    response = (web.Response(status=303, headers={"Location": after, "Cache-Control": "no-store"})
+                                if after else self.html(self.pages.message("signed_out")))
                 self.drop_cookie(response)
                 return response
         return self._form(request, "", status=403 if request.method == "POST" else 200,
