@@ -295,14 +295,22 @@ def _check_contract(pm: pluggy.PluginManager, name: str, plugin: Any, info: Plug
         if is_step and (impl.wrapper or impl.hookwrapper):
             raise PluginLoadError(f"{info.describe()} is a chain step, but its gateway_authenticate is a wrapper; "
                                   "list it under `plugins:` instead")
-        if not is_step and not (impl.wrapper or impl.hookwrapper):
-            # pluggy would call it after every step, as a step the operator never put in
-            # `chain:` (one that always allows let anyone in; review of plugin loading)
-            raise PluginLoadError(f"{info.describe()} implements gateway_authenticate but is not in `chain:`; "
-                                  "list it in `chain:` where it should decide, or make the hook a wrapper "
-                                  "(@hookimpl(wrapper=True)) if it only wraps the chain")
     if is_step and not impls:
         raise PluginLoadError(f"{info.describe()} is listed in `chain:` but does not implement gateway_authenticate")
+
+
+def _decides_no_login(pm: pluggy.PluginManager, name: str, plugin: Any) -> None:
+    """A plugin under ``plugins:`` (not a chain step) decides no login: a ``gateway_authenticate``
+    of its that is not a wrapper is taken out of the hook (its other hooks, lookups and groups,
+    serve). Left in, pluggy called it after every step, a step the operator never put in
+    ``chain:``: one that always allows let anyone in while the log said ``chain: static``
+    (review of plugin loading). A directory plugin listed there for lookups only (``plugins:
+    [ldap]`` beside ``chain: [kerberos]``) keeps working, and now checks no password."""
+    caller = pm.hook.gateway_authenticate
+    if any(i.plugin_name == name and not (i.wrapper or i.hookwrapper) for i in caller.get_hookimpls()):
+        caller._remove_plugin(plugin)  # pluggy's own unregister does this, hook by hook
+        log.info("plugin %s is under `plugins:`, not `chain:`: it decides no login (its lookups and groups "
+                 "serve); list it in `chain:` where it should check credentials", name)
 
 
 def check_config(config: Config, discovered: dict[str, PluginInfo]) -> None:
@@ -355,6 +363,8 @@ def build_plugin_manager(config: Config, *, state_dir: Path, core_plugins: list[
         except pluggy.PluginValidationError as exc:
             raise PluginLoadError(f"{discovered[name].describe()}: {exc}") from exc
         _check_contract(pm, name, plugins[name], discovered[name], is_step=name in config.core.chain)
+        if name not in config.core.chain:
+            _decides_no_login(pm, name, plugins[name])
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:

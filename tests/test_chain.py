@@ -207,17 +207,23 @@ def test_plugins_breaking_the_contract_stop_start_up(tmp_path, target, message):
     assert "plugin 'bad'" in str(excinfo.value)
 
 
-def test_a_plugin_deciding_logins_outside_the_chain_stops_start_up(tmp_path):
+def test_a_plugin_outside_the_chain_decides_no_login(tmp_path, caplog):
     """A plain gateway_authenticate on a plugin under `plugins:` was called after every step,
     a step the operator never listed: one that allows let anyone in while the log said
-    `chain: a` (review of plugin loading). It is refused at load; a wrapper is fine."""
-    with pytest.raises(PluginLoadError) as excinfo:
-        build(tmp_path, {"chain": ["a"], "plugins": ["yes"]}, {"a": {"action": "invalid"}, "yes": {"action": "success"}},
-              targets={"yes": "support.testplugins:Step"})
-    assert "plugin 'yes'" in str(excinfo.value) and "is not in `chain:`" in str(excinfo.value)
+    `chain: a` (review of plugin loading). It is taken out of the hook, its other hooks kept
+    (a directory listed there for lookups only); a wrapper there still wraps the chain."""
+    caplog.set_level("INFO", logger="authgw.plugins")
+    runtime = build(tmp_path, {"chain": ["a"], "plugins": ["yes"]},
+                    {"a": {"action": "not_found"}, "yes": {"action": "success"}})
+    assert decide(runtime).outcome is Outcome.USER_NOT_FOUND
+    assert steps_called() == ["a"]
+    assert [i for i in runtime.gateway.pm.hook.gateway_precheck.get_hookimpls() if i.plugin_name == "yes"]  # kept
+    assert "plugin yes is under `plugins:`, not `chain:`: it decides no login" in caplog.text
+    testplugins.CALLS.clear()
     runtime = build(tmp_path, {"chain": ["a"], "plugins": ["w"]}, {"a": {"action": "invalid"}},
                     targets={"w": "support.testplugins:Wrapper"})
     assert decide(runtime).outcome is Outcome.INVALID_CREDENTIALS
+    assert ("w", "gateway_authenticate:after:invalid_credentials") in testplugins.CALLS
 
 
 def test_throttling_refuses_before_the_chain_after_repeated_failures(tmp_path):
