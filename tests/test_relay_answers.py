@@ -126,7 +126,8 @@ def test_a_connector_answering_for_another_user_signs_no_one_in(relays):
 
 
 @pytest.mark.parametrize("asked, answered", [("Alice", "alice"), ("alice@corp.example", "alice"),
-                                             ("CORP\\alice", "alice"), ("bob ", "Bob")])
+                                             ("CORP\\alice", "alice"), ("bob ", "Bob"),
+                                             ("erin", "erin@corp.example")])
 def test_a_connector_may_answer_with_the_account_name_of_what_was_typed(relays, asked, answered):
     relay, connector = relays["same"]
     connector.answers[asked.strip()] = success(answered)
@@ -154,17 +155,26 @@ def test_an_audit_line_names_no_second_user_when_the_names_agree(relays):
 
 
 @pytest.mark.parametrize("answer", [
-    {**success("dave"), "reason": "ok\r\nforged log line"},
-    {**success("dave"), "reason": "x" * 101},
     success("dave\n"),
     success("dave", subject=""),
     success("d" * 257),
-], ids=["reason-crlf", "reason-long", "username-newline", "subject-empty", "username-long"])
-def test_a_connectors_answer_out_of_shape_is_refused_not_trimmed(relays, answer):
+], ids=["username-newline", "subject-empty", "username-long"])
+def test_a_connectors_identity_out_of_shape_is_refused_not_trimmed(relays, answer):
     relay, connector = relays["same"]
     connector.answers["dave"] = answer
     result = relay.login("dave", "pw").json()
     assert (result["outcome"], result["reason"], result["identity"]) == ("error", "relay.bad_answer", None)
+
+
+@pytest.mark.parametrize("reason", ["ok\r\nforged log line", "x" * 101, "The password is wrong."])
+def test_a_connectors_reason_that_is_no_code_is_replaced_and_its_outcome_stands(relays, reason):
+    """A reason is logged and audited: free text (a third-party step's) or a forged log line
+    becomes `relay.bad_reason`, and the connector's outcome is kept (not turned into ERROR)."""
+    relay, connector = relays["same"]
+    connector.answers["frank"] = {"outcome": "invalid_credentials", "reason": reason, "step": "ldap",
+                                  "from_cache": False}
+    result = relay.login("frank", "pw").json()
+    assert (result["outcome"], result["reason"]) == ("invalid_credentials", "relay.bad_reason")
     assert "forged log line" not in relay.process.output()
 
 
@@ -200,4 +210,7 @@ def test_what_counts_as_the_user_asked_for():
     assert not same_user("alice@corp.example", "corp.example")
     assert not same_user("admin@corp.example", "alice")
     assert not same_user("CORP\\alice", "CORP")
-    assert not same_user("alice", "alice@corp.example")  # the other way round: another account
+    assert same_user("alice", "alice@corp.example")  # a connector answering with the UPN
+    assert not same_user("alice", "bob@corp.example") and not same_user("alice@corp.example", "bob")
+    assert not same_user("@corp.example", "") and not same_user("alice@", "alice@x")
+    assert not same_user("john.smith@corp.example", "jsmith")  # needs answered_names: any

@@ -270,7 +270,9 @@ class RelayPlugin:
             outcome = Outcome(answer.get("outcome"))
             reason = answer.get("reason") or ""
             if not isinstance(reason, str) or not _REASON.fullmatch(reason):
-                raise ValueError("a reason is a code")
+                # logged and audited: a code only; the outcome stands (a step of the
+                # connector's may give free text)
+                reason = "relay.bad_reason"
             identity = _identity(answer.get("identity")) if outcome is Outcome.SUCCESS else None
         except (ValueError, TypeError, KeyError):
             log.warning("connector answered a malformed decision; denied")
@@ -389,19 +391,23 @@ def _text(value: Any, limit: int = 1024) -> str:
 
 def same_user(asked: str, answered: str) -> bool:
     """Whether *answered*, the name in a connector's identity, is the user *asked* for: the same
-    name in any case or spacing (directories ignore both), or the account name of a UPN
-    (``alice@corp.example``) or down-level (``CORP\\alice``) login, as the ldap plugin's AD
-    preset answers them."""
+    name in any case or spacing (directories ignore both), or one is the other's account name
+    with a domain: ``alice@corp.example`` or ``CORP\\alice`` typed and ``alice`` answered (the
+    ldap plugin's AD preset), or ``alice`` typed and ``alice@corp.example`` answered (a connector
+    whose ``username`` attribute is the UPN)."""
     asked, answered = canonical_username(asked).casefold(), canonical_username(answered).casefold()
-    if not answered:
+    if not answered or not asked:
         return False
-    if asked == answered:
-        return True
-    local, at, _domain = asked.rpartition("@")
-    if at and local == answered:
-        return True
-    _domain, backslash, account = asked.partition("\\")
-    return bool(backslash) and account == answered
+    return asked == answered or _account(asked) == answered or _account(answered) == asked
+
+
+def _account(name: str) -> str | None:
+    """The account name in ``name@domain`` or ``DOMAIN\\name``, else None."""
+    local, at, domain = name.rpartition("@")
+    if at and local and domain:
+        return local
+    domain, backslash, account = name.partition("\\")
+    return account if backslash and domain and account else None
 
 
 def _identity(data: Any) -> Identity:

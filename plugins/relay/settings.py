@@ -52,8 +52,9 @@ class RelaySettings(PluginSettings):
     redis: RedisSettings | None = Field(None, description="share state between relay instances (absent: SQLite "
                                         "in the state directory, one instance)")
     answered_names: Literal["same", "any"] = Field(
-        "same", description="`same`: a connector's identity must name the user asked for (in any case, or the "
-        "account name of a UPN or DOMAIN\\name login), else the login is refused (`relay.identity_mismatch`); "
+        "same", description="`same`: a connector's identity must name the user asked for (in any case; or "
+        "`alice` for `alice@corp.example` or `CORP\\alice`, or `alice@corp.example` for `alice`), else the login "
+        "is refused (`relay.identity_mismatch`); "
         "`any`: the connection's directory signs login names in as other account names (an e-mail address as "
         "`jsmith`), and its connectors' answers are taken as they come")
 
