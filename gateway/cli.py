@@ -23,6 +23,7 @@ import yaml
 from gateway.checks import CheckResult, CheckStatus, SelfTest, run_selftest
 from gateway.config import load_config
 from gateway.errors import AuthgwError, ConfigError, PluginLoadError
+from gateway.lifecycle import note_early_hups
 from gateway.logs import authgw_version, setup_logging
 from gateway.registry import one_by_one
 from gateway.runtime import build_runtime, default_config_dir
@@ -123,8 +124,6 @@ def cmd_config_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    from gateway.registry import discover
-
     from gateway.registry import discover, load
 
     found = discover()
@@ -353,7 +352,6 @@ def main(argv: list[str] | None = None) -> int:
         # SIGHUP's default is to die: a reload sent while the configuration is read would stop
         # the service. Noted from here on, and served once the gateway can reload (under
         # systemd, `Type=notify` holds reloads until READY=1: gateway/lifecycle.py).
-        from gateway.server import note_early_hups
         note_early_hups()
     parser, commands, common = _parser()
     try:

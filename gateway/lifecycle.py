@@ -34,8 +34,9 @@ from typing import Any
 
 from gateway.files import write_atomic
 
-__all__ = ["CLOSE_GRACE", "KILL_AFTER", "PID_FILE", "SHUTDOWN_GRACE", "MessageReader", "die_with_parent", "notify_ready",
-           "encode_message", "remove_pidfile", "return_freed_memory", "write_pidfile"]
+__all__ = ["CLOSE_GRACE", "KILL_AFTER", "PID_FILE", "SHUTDOWN_GRACE", "MessageReader", "die_with_parent", "early_hups",
+           "encode_message", "forget_early_hups", "note_early_hups", "notify_ready", "remove_pidfile",
+           "return_freed_memory", "write_pidfile"]
 
 log = logging.getLogger("authgw.server")
 
@@ -63,6 +64,35 @@ def remove_pidfile(path: Path) -> None:
             path.unlink()
     except OSError:
         pass
+
+
+_early_hups = 0  # SIGHUPs received before this process's reload handling was in place
+
+
+def _note_early_hup(signum, frame) -> None:
+    # Neither ignored (the configuration may have changed after this process read it) nor
+    # fatal (SIGHUP's default): noted, and served once the process can reload.
+    global _early_hups
+    _early_hups += 1
+
+
+def note_early_hups() -> None:
+    """Note SIGHUPs from now until the reload handlers exist (:func:`early_hups`). ``authgw
+    serve`` calls it first thing in ``cli.main``; what comes before (Python loading the
+    ``gateway`` package, about half a second) still dies of a SIGHUP: under systemd
+    ``Type=notify`` holds reloads until :func:`notify_ready`."""
+    signal.signal(signal.SIGHUP, _note_early_hup)
+
+
+def early_hups() -> int:
+    """How many SIGHUPs :func:`note_early_hups` noted."""
+    return _early_hups
+
+
+def forget_early_hups() -> None:
+    """A forked worker's: the SIGHUPs noted are its master's to serve."""
+    global _early_hups
+    _early_hups = 0
 
 
 def notify_ready() -> None:

@@ -47,8 +47,9 @@ from gateway.errors import ConfigError
 from gateway.http.app import EXACT_TARGETS, build_apps, exact_targets
 from gateway.http.protocol import ConnectionGuard, GuardedSite
 from gateway.logs import RateLimitedWarning
-from gateway.lifecycle import (CLOSE_GRACE, SHUTDOWN_GRACE, MessageReader, encode_message, notify_ready,
-                               remove_pidfile, return_freed_memory, write_pidfile)
+from gateway.lifecycle import (CLOSE_GRACE, SHUTDOWN_GRACE, MessageReader, early_hups, encode_message,
+                               forget_early_hups, note_early_hups, notify_ready, remove_pidfile,
+                               return_freed_memory, write_pidfile)
 from gateway.runtime import Runtime, build_runtime
 from gateway.settings import GatewaySettings, parse_listen
 from gateway.supervisor import EXIT_STARTUP_FAILED, explain, start_heartbeat, supervise
@@ -320,21 +321,6 @@ def _restart_only(old: GatewaySettings, new: GatewaySettings) -> None:
             log.warning("reload: `%s` changed; it takes effect at the next restart", key)
 
 
-_early_hups = 0  # SIGHUPs received before a process's reload handling was in place
-
-
-def _note_early_hup(signum, frame) -> None:
-    # Neither ignored (the configuration may have changed after this process read it) nor
-    # fatal (SIGHUP's default): noted, and served once the process can reload.
-    global _early_hups
-    _early_hups += 1
-
-
-def note_early_hups() -> None:
-    """Note SIGHUPs from now until the reload handlers exist (``authgw serve`` calls it first)."""
-    signal.signal(signal.SIGHUP, _note_early_hup)
-
-
 async def _serve_worker(config_dir: Path, state_dir: Path | None, sockets: list[socket.socket],
                         extra: dict[str, socket.socket], runtime: Runtime | None = None,
                         config: Config | None = None, link: socket.socket | None = None,
@@ -360,7 +346,7 @@ async def _serve_worker(config_dir: Path, state_dir: Path | None, sockets: list[
         loop.add_signal_handler(sig, stop.set)
     if link is None:
         loop.add_signal_handler(signal.SIGHUP, on_hup)
-        hups += _early_hups
+        hups += early_hups()
     else:
         loop.add_signal_handler(signal.SIGHUP, lambda: log.info(
             "worker %d: SIGHUP ignored; reloads are the master's (kill -HUP %d)", os.getpid(), os.getppid()))
@@ -516,8 +502,7 @@ def serve(config_dir: Path, *, state_dir: Path | None = None, workers: int | Non
         probe.discard()  # each worker builds its own after the fork, from probe.config
 
         def worker_main(slot: int, config: Config, link: socket.socket) -> int:
-            global _early_hups
-            _early_hups = 0  # the master's, not this worker's
+            forget_early_hups()  # the master's, not this worker's
             if settings.pin_workers:
                 _pin(slot)
             for other in _distinct(slots) - set(slots[slot]):
@@ -532,7 +517,7 @@ def serve(config_dir: Path, *, state_dir: Path | None = None, workers: int | Non
             own = len(_distinct(slots)) > len(slots[0])  # reuse_port: a socket per slot
             return supervise(config_dir, state_dir, slots, set(extra.values()), probe.config, worker_main,
                              rebind=functools.partial(_rebind, listen or settings.listen) if own else None,
-                             reload_at_once=_early_hups > 0)
+                             reload_at_once=early_hups() > 0)
         finally:
             shutil.rmtree(metrics_dir, ignore_errors=True)
     finally:
