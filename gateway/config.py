@@ -162,7 +162,9 @@ _SECRET_LAST = {"key", "pin"}
 #: Found anywhere in a key with its separators and case dropped: plurals (``passwords``), one
 #: word (``bindpw``, ``apikey``, ``authtok``) and compounds (``clientSecret``).
 _SECRET_PARTS = ("password", "passwd", "passphrase", "secret", "token", "credential", "apikey", "authtok", "bindpw",
-                 "cookie", "authorization", "pepper", "privatekey")
+                 "cookie", "authorization", "pepper", "privatekey", "hmac", "jwk", "seed", "totp")
+#: A JSON Web Key's private members (RFC 7518 section 6): masked in any mapping with a ``kty``.
+_JWK_PRIVATE = {"d", "p", "q", "dp", "dq", "qi", "k", "oth"}
 #: The password of a URL runs to the last ``@`` before the host (``ldap://admin:P@ss@dc1``); the
 #: user name may hold an ``@`` too (``ldap://svc@corp:pw@dc1``), the password white space (so a
 #: value with two URLs is masked from the first password to the last host: more, never less).
@@ -189,7 +191,8 @@ def _redact(value: Any, key: str = "", inherited: bool = False) -> Any:
     if isinstance(value, dict):
         if set(value) in ({"env"}, {"file"}):
             return dict(value)  # a reference is not the secret
-        return {k: _redact(v, str(k), secret) for k, v in value.items()}
+        jwk = "kty" in value
+        return {k: _redact(v, str(k), secret or (jwk and k in _JWK_PRIVATE)) for k, v in value.items()}
     if isinstance(value, list):
         return [_redact(v, key, secret) for v in value]
     if value is not None and not isinstance(value, bool) and secret:

@@ -597,7 +597,7 @@ def test_config_show_masks_secrets_under_other_spellings_and_in_odd_urls(conf_di
     """Key names the masking did not know (camelCase, one word, plurals, headers) and URLs it
     did not match (a user name with an @, no scheme, a space in the password) were printed in
     clear by ``config show`` (review of secret leakage)."""
-    secrets = [f"Leak{n}-Marker" for n in range(17)]
+    secrets = [f"Leak{n}-Marker" for n in range(21)]
     write_conf(conf_dir, {**USERS, "gateway.yaml": "chain: [static]\n", "ldap.yaml": f"""\
         ldap:
           bindPassword: {secrets[0]}
@@ -616,6 +616,9 @@ def test_config_show_masks_secrets_under_other_spellings_and_in_odd_urls(conf_di
           session_hmac: {secrets[14]}
           otp_seed: {secrets[15]}
           signing: {{jwk: {{d: {secrets[16]}}}}}
+          keys: [{{kty: RSA, n: keep-this-modulus, d: {secrets[17]}, p: {secrets[18]}}}]
+          signing_jwks: {secrets[19]}
+          hmacs: [{secrets[20]}]
           bind_password: {{env: KEEP_THIS_REFERENCE}}
           base_dn: dc=keep,dc=this
         """})
@@ -624,6 +627,7 @@ def test_config_show_masks_secrets_under_other_spellings_and_in_odd_urls(conf_di
     for secret in secrets:
         assert secret not in shown.stdout + shown.stderr, secret
     assert "KEEP_THIS_REFERENCE" in shown.stdout and "dc=keep,dc=this" in shown.stdout
+    assert "keep-this-modulus" in shown.stdout  # a JWK's public members are shown
     assert "ldap://svc@corp.example:<redacted>@dc2" in shown.stdout
 
 
