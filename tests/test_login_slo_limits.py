@@ -173,10 +173,52 @@ def test_a_flood_of_unsigned_logout_requests_from_one_client_is_refused_after_it
     assert int(page.headers["Retry-After"]) >= 1
     assert hidden(page.text, "SAMLResponse") is None  # nothing signed
     index_lookups(site)
-    assert send(site, xml, "203.0.113.5").status_code == 429
-    assert index_lookups(site) == []  # nothing looked up for a refused one
+    page = send(site, xml, "203.0.113.5")
+    assert page.status_code == 429 and "SAMLResponse" not in page.text  # refused, nothing signed
+    # A refused one costs its single bounded lookup (whether it would end a session is known only
+    # after it: one that does is never refused), and no more: one MGET of the one index.
+    assert index_lookups(site) == [["MGET", "authgw:login:p:idx:_flood"]]
     # another client behind the same trusted proxy has a budget of its own
     logout_response(send(site, xml, "203.0.113.6"))
+
+
+def test_a_logout_that_ends_the_users_session_is_answered_when_their_address_has_spent_its_budget(site, tmp_path):
+    """Users behind one NAT share their address's budget with its sign-ins: a user who signs out
+    at the SP once it is spent still ends their authgw session (refused, it would survive, and
+    the next sign-in at the SP would be silent: a shared machine). Only requests that end no
+    session spend the budget."""
+    client = "203.0.113.7"
+    sp = SamlSP(tmp_path / "sp", site.metadata, acs=ACS, entity_id=SP, slo=SLO)
+    browser = site.client()
+    request_id, location = sp.redirect_request()
+    page = browser.get(location)
+    assert urlsplit(page.url).path == "/login"
+    signed_in = sp.accept(hidden(site.sign_in(browser, "alice", "Alice-pw-1", url=page.url).text, "SAMLResponse"),
+                          request_id)
+    assert "signed in as" in browser.get(f"{site.url}/login").text
+    # the address's budget spent by requests that end nothing (others behind the same NAT)
+    nothing = logout_request(site, ["_spent"])
+    for _ in range(FLOOD):
+        page = send(site, nothing, client)
+        if page.status_code != 200:
+            break
+    else:
+        pytest.fail(f"{FLOOD} unsigned LogoutRequests from one address were all answered")
+    assert page.status_code == 429 and page.headers["X-Refused-Reason"] == "login.too_many_requests"
+    # the user's own logout, from that address, names their live session: it ends and is answered
+    request_id = "_" + secrets.token_hex(8)
+    xml = logout_request(site, [signed_in.session_index], name_id=signed_in.name_id, request_id=request_id)
+    page = send(site, xml, client, relay_state="rs")
+    response = logout_response(page)
+    assert status_codes(response) == [STATUS + "Success"] and response.get("InResponseTo") == request_id
+    assert hidden(page.text, "RelayState") == "rs"
+    assert sp.accept_logout(hidden(page.text, "SAMLResponse")).status.status_code.status_code is None
+    assert 'id="password"' in browser.get(f"{site.url}/login").text  # signed out: the next sign-in asks
+    # the budget is still spent for requests that end nothing; the same one again ends nothing now
+    for again in (nothing, xml):
+        page = send(site, again, client)
+        assert page.status_code == 429 and page.headers["X-Refused-Reason"] == "login.too_many_requests"
+        assert "SAMLResponse" not in page.text
 
 
 def test_the_sqlite_store_reads_several_pending_records_in_one_statement(tmp_path):

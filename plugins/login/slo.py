@@ -14,9 +14,11 @@
   second-level ``PartialLogout`` when another participant could not be logged out (no
   ``slo_url``, a refusal, a bad or missing signature; ``Success`` also when the request ended
   no session: :func:`.logout.logout_response`). At most :data:`.logout.MAX_SESSION_INDEXES`
-  ``SessionIndex`` elements (more: ``login.malformed``), looked up in one store round trip; an unsigned request spends a token
-  of the client's budget first (``login.too_many_requests``, 429, past it), as a SAML error
-  Response does;
+  ``SessionIndex`` elements (more: ``login.malformed``), looked up in one store round trip; an
+  unsigned request that ends no session then spends a token of the client's budget
+  (``login.too_many_requests``, 429, past it, nothing signed), as a SAML error Response does; one
+  that ends a session is never refused by the budget (users behind one NAT share it with their
+  sign-ins);
 * a ``LogoutResponse`` from such an SP, found by its ``InResponseTo`` (the random ID of the
   request authgw sent, kept server-side with the rest of the round, single use).
 
@@ -32,8 +34,8 @@ Named checks: the decoding checks of :mod:`.xmlsafe`, ``saml.not_logout_request`
 ``saml.destination_mismatch``, ``saml.request_expired``, ``saml.logout_unknown`` (a
 LogoutResponse to nothing authgw sent, or sent too long ago), ``login.malformed`` (too many
 SessionIndex elements), and the signature and replay checks of SSO; ``login.too_many_requests``
-(429) for an unsigned LogoutRequest past its client's budget. Only registered ``slo_url``
-addresses are ever posted to.
+(429) for an unsigned LogoutRequest that ends no session, past its client's budget. Only
+registered ``slo_url`` addresses are ever posted to.
 """
 
 from __future__ import annotations
@@ -104,11 +106,6 @@ class SingleLogout:
         except Refused as exc:
             return self.web.refused(request, exc)
         sessions = self.web.sessions
-        if not verified and sessions.admit_park is not None:
-            # An unsigned LogoutRequest needs no credential, yet it is answered with a signed
-            # LogoutResponse (CPU) after store lookups: it spends a token of the client's budget,
-            # as a SAML error Response does (past it, 429 and nothing looked up, ended or signed).
-            sessions.admit_park()
         ending: dict[str, str | None] = {}  # store key -> SessionIndex
         # The indexes (at most MAX_SESSION_INDEXES, each once: read_logout) in one store round trip.
         for index, key in sessions.keys_of_indexes(message.session_indexes).items():
@@ -131,6 +128,15 @@ class SingleLogout:
                 log.warning("single logout: an unsigned LogoutRequest from %s did not name the browser's own "
                             "session; it stays", sp.entity_id)
         if not ending:
+            if not verified and sessions.admit_park is not None:
+                # An unsigned LogoutRequest needs no credential, yet it is answered with a signed
+                # LogoutResponse (CPU): one that ends no session spends a token of the client's
+                # budget, as a SAML error Response does (past it, 429 and nothing signed). Only
+                # after the lookup (one round trip, at most MAX_SESSION_INDEXES): a user's logout
+                # that ends their session is never refused, although users behind one NAT share
+                # the address's budget with their sign-ins (refused, it would leave the session
+                # alive and the next sign-in at an SP silent: a shared machine).
+                sessions.admit_park()
             log.info("single logout: a LogoutRequest from %s ended no session", sp.entity_id)
         state = self._round(ending, initiator=sp.entity_id)
         state.update(request_id=message.id, relay_state=received.relay_state)
