@@ -19,7 +19,8 @@ What conf.d is made of is checked too (review of the core): every ``*.yaml`` ent
 regular file (a dangling symlink dropped a lockout policy without a word), and conf.d and its
 ``*.yaml`` files must be writable by their owner alone and owned by root or the user authgw
 runs as (sshd's ``StrictModes``): whoever can write them decides who logs in. That is a warning,
-and an error with ``strict: true``.
+and an error with ``strict: true``. The write bits do not count on a read-only mount (a
+Kubernetes ConfigMap volume), where nobody can write.
 """
 
 from __future__ import annotations
@@ -418,14 +419,27 @@ def foreign_owner(uid: int, shown: str) -> tuple[str, str] | None:
             f"chown root {shown} (or chown {_user_name(euid) or euid} {shown})")
 
 
+def _read_only(path: Path) -> bool:
+    """Whether *path* (a symlink's target) is on a file system mounted read-only."""
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
 def _insecure(path: Path, info: os.stat_result, what: str) -> list[str]:
     """What is wrong with *path* (*info*: its ``stat``, symlinks followed) holding configuration:
     writable by group or others, or owned by someone but root and the user authgw runs as
-    (sshd's ``StrictModes``). Each problem says how to fix it."""
+    (sshd's ``StrictModes``). Each problem says how to fix it.
+
+    The write bits are not judged on a read-only file system: nobody can write the path there,
+    and ``chmod`` is impossible. A Kubernetes ConfigMap or Secret volume is mounted read-only
+    with its directory 0777 (review of the core: ``config check`` with strict failed on every
+    such mount, and every start warned)."""
     problems = []
     name = display_name(path)
     mode = stat.S_IMODE(info.st_mode)
-    if mode & 0o022:
+    if mode & 0o022 and not _read_only(path):
         problems.append(f"{name}: {what} is writable by group or others (mode {mode:o}): whoever can write it "
                         f"decides who logs in; chmod go-w {name}")
     foreign = foreign_owner(info.st_uid, name)
@@ -472,8 +486,11 @@ def load_directory(directory: Path) -> tuple[dict[str, Any], dict[KeyPath, Mark]
     The directory and every ``*.yaml`` file (a symlink's target) are checked with
     :func:`_insecure`: warned about, and errors when ``strict`` is on.
 
-    Returns the merged data, the mark of every key path, and the files read. Every file's
-    problems are collected before raising, so one run shows them all.
+    Returns the merged data, the mark of every key path, and the files read. The problems found
+    here (every file's, and with ``strict`` the permission problems, those first) are collected
+    and raised together, so one run shows them all; but they are raised before anything is
+    validated (:func:`gateway.config.load_config` gets no data), so a setting's problem (a wrong
+    key, a bad value, a plugin's) shows only in the next run, once these are fixed.
     """
     try:
         dir_info = directory.stat()

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from support.gateway import GatewayProcess, write_conf
 from support.redis import RedisServer
+
+# The tests write conf.d and users files with plain writes (support.gateway.write_conf) and
+# expect the modes a umask of 022 gives (0644 files, 0755 directories): conf.d's permission
+# checks and strict mode judge them. Under `umask 002` (Debian and Ubuntu user accounts, some CI
+# images) every such file is group-writable, so strict runs failed and warnings appeared where
+# none were expected. Set for the whole run, and inherited by the `authgw` processes started.
+os.umask(0o022)
 
 
 @pytest.fixture

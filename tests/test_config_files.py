@@ -44,7 +44,7 @@ as_root = pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another
 def check(conf: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """``authgw config check`` run from the directory above *conf*, so files read ``conf.d/x.yaml``."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("AUTHGW_")}
-    return subprocess.run([sys.executable, "-m", "gateway", "config", "check", "--config", "conf.d",
+    return subprocess.run([sys.executable, "-m", "gateway", "config", "check", "--config", conf.name,
                            "--state-dir", str(conf.parent / "state")],
                           capture_output=True, text=True, cwd=conf.parent, env={**clean, **(env or {})}, timeout=60)
 
@@ -254,6 +254,95 @@ def test_a_reload_onto_a_users_file_another_user_owns_is_refused_when_strict(con
     write_conf(conf_dir, {"gateway.yaml": "chain: [static]\n"})
     warned = check(conf_dir)
     assert warned.returncode == 0 and f"users file {theirs} belongs to {NOBODY_NAME}" in warned.stderr, warned.stderr
+
+
+# -- A on a read-only mount: nobody can write there (review of the core) ------------------------------
+
+
+@pytest.fixture
+def read_only_mount():
+    """``read_only_mount(source, target)``: *source* bind-mounted read-only at *target* (made if
+    missing), unmounted at teardown; the test is skipped where mounting is not permitted."""
+    mounted: list[Path] = []
+
+    def mount(source: Path, target: Path) -> Path:
+        if os.geteuid() != 0:
+            pytest.skip("a read-only bind mount needs root")
+        target.mkdir(exist_ok=True)
+        bind = subprocess.run(["mount", "--bind", str(source), str(target)], capture_output=True, text=True)
+        if bind.returncode:
+            pytest.skip(f"mount --bind is not permitted here (a container without CAP_SYS_ADMIN?): "
+                        f"{bind.stderr.strip()}")
+        mounted.append(target)
+        ro = subprocess.run(["mount", "-o", "remount,ro,bind", str(target)], capture_output=True, text=True)
+        if ro.returncode:
+            pytest.skip(f"remounting read-only is not permitted here: {ro.stderr.strip()}")
+        assert os.statvfs(target).f_flag & os.ST_RDONLY
+        return target
+
+    yield mount
+    for target in reversed(mounted):
+        subprocess.run(["umount", str(target)], check=True)
+
+
+def configmap(directory: Path, files: dict[str, str], mode: int = 0o644) -> Path:
+    """*files* laid out as kubelet lays out a ConfigMap volume: a 0777 directory, the files (*mode*)
+    in a version directory, ``..data`` linked to it and each name linked to ``..data/name``."""
+    directory.mkdir()
+    version = directory / "..2026_12_04_10_00_00.000000001"
+    version.mkdir()
+    for name, text in files.items():
+        (version / name).write_text(text)
+        (version / name).chmod(mode)
+        (directory / name).symlink_to(f"..data/{name}")
+    (directory / "..data").symlink_to(version.name)
+    directory.chmod(0o777)
+    return directory
+
+
+def test_a_read_only_configmap_mount_is_neither_warned_about_nor_refused_when_strict(tmp_path, demo_hash,
+                                                                                   read_only_mount):
+    """The review's case: a Kubernetes ConfigMap volume (a 0777 directory, read-only) failed
+    ``config check`` with strict ("chmod go-w", impossible there) and warned at every start."""
+    users = tmp_path / "users.yaml"
+    users.write_text(f'users:\n  alice:\n    password_hash: "{demo_hash}"\n')
+    users.chmod(0o600)
+    source = configmap(tmp_path / "configmap", {"gateway.yaml": "chain: [static]\n",
+                                                "static.yaml": f"static:\n  users_file: {users}\n"})
+    # Writable, the same tree is what it was: the checks apply.
+    assert errors(check(source, {"AUTHGW_STRICT": "true"}))[0].startswith(
+        "error: configmap: the configuration directory is writable by group or others (mode 777)")
+    conf = read_only_mount(source, tmp_path / "conf.d")
+    ok = check(conf)
+    assert ok.returncode == 0 and "writable" not in ok.stderr and "WARNING" not in ok.stderr, ok.stderr
+    strict = check(conf, {"AUTHGW_STRICT": "true"})
+    assert strict.returncode == 0 and "writable" not in strict.stderr, strict.stderr
+
+
+def test_a_link_to_a_file_on_a_read_only_mount_is_judged_by_its_owner_alone(conf_dir, demo_hash, tmp_path,
+                                                                          read_only_mount):
+    """Each ``*.yaml`` link's target is judged where it lives: group- or world-writable on a
+    read-only mount is fine, another user's file is still named, and the writable source is not."""
+    base(conf_dir, demo_hash)
+    source = tmp_path / "secrets-source"
+    source.mkdir()
+    (source / "throttle.yaml").write_text("throttle:\n  user_failures: 2\n")
+    (source / "throttle.yaml").chmod(0o666)
+    secrets = read_only_mount(source, tmp_path / "secrets")
+    (conf_dir / "20-throttle.yaml").symlink_to(secrets / "throttle.yaml")
+    ok = check(conf_dir, {"AUTHGW_STRICT": "true"})
+    assert ok.returncode == 0 and "writable" not in ok.stderr, ok.stderr
+    (conf_dir / "20-throttle.yaml").unlink()
+    (conf_dir / "20-throttle.yaml").symlink_to(source / "throttle.yaml")  # the same file, writable
+    assert errors(check(conf_dir, {"AUTHGW_STRICT": "true"})) == [
+        f"error: conf.d/20-throttle.yaml: the file it links to, {source / 'throttle.yaml'}, is writable by group "
+        f"or others (mode 666): whoever can write it decides who logs in; chmod go-w conf.d/20-throttle.yaml"]
+    (conf_dir / "20-throttle.yaml").unlink()
+    (conf_dir / "20-throttle.yaml").symlink_to(secrets / "throttle.yaml")
+    os.chown(source / "throttle.yaml", NOBODY, NOBODY)  # seen through the read-only mount too
+    (found,) = errors(check(conf_dir, {"AUTHGW_STRICT": "true"}))
+    assert found.startswith(f"error: conf.d/20-throttle.yaml: the file it links to, {secrets / 'throttle.yaml'}, "
+                            f"belongs to {NOBODY_NAME}"), found
 
 
 # -- C: file sizes ----------------------------------------------------------------------------------
