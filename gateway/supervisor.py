@@ -71,6 +71,13 @@ _STACKS_GRACE = 1.0
 #: a machine starved of CPU) is waited for beyond the grace: a SIGKILL pending beside it is
 #: taken first, and the stacks were lost (seen in the tests, two suites on two cores).
 _STACKS_MAX_WAIT = 10.0
+#: How many timeouts the watchdog waits for a worker whose event loop has not turned while the
+#: loop's thread keeps waking up (its voluntary context switches grow): a thread waiting for the
+#: GIL wakes every switch interval (5 ms) to ask for it, one that is blocked (a plugin's sleep or
+#: call, a lock, SIGSTOP) does not. CPU-bound threads of a worker on a loaded machine kept its
+#: loop from the GIL past a 10 s timeout in the tests (two suites on two cores): it was killed
+#: while it answered its requests.
+_STARVED_TIMEOUTS = 3.0
 _STACKS_SIGNAL = signal.SIGUSR2  # in a worker: write every thread's stack to stderr (faulthandler)
 _BEAT = struct.Struct("Q")  # the count, in a shared anonymous page per worker
 _beat: tuple[mmap.mmap, float] | None = None  # in a worker: its page and how often to beat
@@ -97,6 +104,10 @@ class _Child:
     count: int = 0
     serving: bool = False
     hung: float | None = None  # when the watchdog found it hung and asked for its stacks
+    #: During a silence: when the loop thread's wake-ups were last counted, and how many then.
+    sampled: tuple[float, int | None] | None = None
+    waking: bool = False  # the loop thread woke up within the last counting window
+    starved_said: bool = False
 
 
 @dataclass
@@ -311,8 +322,9 @@ class _Master:
         """Name each worker whose event loop has not beaten for ``self.timeout`` seconds, have it
         write its threads' stacks to stderr (where its loop is stuck: a plugin's call, a lock),
         and kill it (SIGKILL) :data:`_STACKS_GRACE` later, once it has taken that signal (at most
-        :data:`_STACKS_MAX_WAIT`); :meth:`_reap` replaces it. Not while
-        stopping: :meth:`_escalate` has those."""
+        :data:`_STACKS_MAX_WAIT`); :meth:`_reap` replaces it. A worker whose loop thread kept
+        waking up in the last half timeout (starved of the GIL, not blocked) has up to
+        :data:`_STARVED_TIMEOUTS` timeouts. Not while stopping: :meth:`_escalate` has those."""
         if not self.timeout or self.stop_requested:
             return
         now = time.monotonic()
@@ -325,10 +337,21 @@ class _Master:
             (count,) = _BEAT.unpack_from(child.beat)
             if count != child.count:
                 child.count, child.heard = count, now
+                child.sampled, child.waking, child.starved_said = None, False, False
                 continue
             silent = now - child.heard
             allowed = self.timeout if child.count else max(self.timeout, _FIRST_BEAT_GRACE)
+            if silent > allowed / 2:
+                _count_wakeups(pid, child, now, allowed / 2)
             if silent <= allowed:
+                continue
+            if child.count and child.waking and silent <= _STARVED_TIMEOUTS * allowed:
+                if not child.starved_said:
+                    child.starved_said = True
+                    log.warning("worker %d (slot %d): its event loop has not turned for %.0f s, but its thread keeps "
+                                "waking up (starved of the GIL by the worker's busy threads, or polling in a plugin's "
+                                "call); it is taken for hung after %.0f s", pid, child.slot, silent,
+                                _STARVED_TIMEOUTS * allowed)
                 continue
             child.hung = now
             since = f"for {silent:.0f} s" if child.count else f"since it started {silent:.0f} s ago"
@@ -410,6 +433,24 @@ def _register_stacks() -> None:
         faulthandler.register(_STACKS_SIGNAL, file=sys.stderr, all_threads=True)
     except (RuntimeError, OSError, ValueError, AttributeError) as exc:
         log.warning("worker %d: no stacks of a hung worker (faulthandler: %s)", os.getpid(), exc)
+
+
+def _count_wakeups(pid: int, child: _Child, now: float, window: float) -> None:
+    """Once every *window* seconds of a silence, count the wake-ups of *pid*'s event loop thread
+    (its main thread's ``voluntary_ctxt_switches``) and say whether it woke since the last count
+    (``child.waking``; not before two counts)."""
+    if child.sampled is not None and now - child.sampled[0] < window:
+        return
+    try:
+        with open(f"/proc/{pid}/task/{pid}/status") as status:
+            line = next(line for line in status if line.startswith("voluntary_ctxt_switches:"))
+        wakeups: int | None = int(line.split()[1])
+    except (OSError, StopIteration, ValueError, IndexError):
+        wakeups = None
+    if child.sampled is not None:
+        before = child.sampled[1]
+        child.waking = wakeups is not None and before is not None and wakeups > before
+    child.sampled = (now, wakeups)
 
 
 def _signal_pending(pid: int, sig: int) -> bool:

@@ -246,6 +246,53 @@ def test_a_worker_whose_loop_a_plugin_blocks_is_killed_and_its_stacks_say_where(
     assert len(hung_lines(gw)) == 1
 
 
+POLLER = """
+import time
+
+from gateway import Attempt, PluginContext, PluginSettings, hookimpl
+
+
+class Poller:
+    # A chain step on the event loop that polls for 4 s with 5 ms sleeps: the loop does not
+    # turn, while its thread wakes up 200 times a second, as one waiting for the GIL does.
+
+    Settings = PluginSettings
+    loop_capable = True
+
+    def __init__(self, settings, context: PluginContext) -> None:
+        pass
+
+    @hookimpl
+    def gateway_authenticate(self, attempt: Attempt):
+        if attempt.username == "poller":
+            end = time.monotonic() + 4.0
+            while time.monotonic() < end:
+                time.sleep(0.005)
+        return None
+"""
+
+
+def test_a_worker_whose_loop_thread_keeps_waking_gets_more_time_than_a_blocked_one(
+        conf_dir, alice_hash, start_gateway, tmp_path):
+    """A loop silent past the timeout while its thread keeps waking up (voluntary context
+    switches: what a thread starved of the GIL by the worker's busy threads does) is not blocked:
+    it has _STARVED_TIMEOUTS timeouts, where a blocked one (the test above) is killed after one.
+    A worker with CPU-bound chain threads on a loaded machine was killed while it answered (two
+    suites on two cores, a 10 s timeout)."""
+    from support.fakedist import make_dist
+
+    site = make_dist(tmp_path / "site", "watchdog-test-poller", {"poller": "watchdog_poll:Poller"},
+                     {"watchdog_poll.py": POLLER})
+    env = {"PYTHONPATH": os.pathsep.join([str(site), TESTS_DIR, os.environ.get("PYTHONPATH", "")]),
+           "AUTHGW_WORKER_TIMEOUT": "2"}
+    gw = start_gateway(conf(conf_dir, alice_hash, "[poller]"), workers=2, env=env)  # on the loop: alone
+    wait_for(lambda: len(serving(gw)) == 2, what="two workers serving", log=gw.output)
+    before = set(children(gw.proc.pid))
+    assert gw.auth("poller", PASSWORD, timeout=60).status == 401  # answered (the poller abstains)
+    assert "its event loop has not turned for" in gw.output() and "keeps waking up" in gw.output()
+    assert hung_lines(gw) == [] and set(children(gw.proc.pid)) == before, gw.output()[-3000:]
+
+
 def test_a_hung_worker_is_killed_only_once_it_has_taken_the_stacks_signal():
     """On a machine starved of CPU a hung worker was not run within the grace: the SIGKILL sent
     beside the still pending stacks signal was taken first, and the stacks were lost (seen twice
