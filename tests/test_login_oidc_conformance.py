@@ -17,10 +17,9 @@ from authlib.jose import JsonWebKey, jwt as authlib_jwt
 from authlib.oidc.core import CodeIDToken
 
 from support.gateway import authgw
-from support.login import LoginSite, hidden
+from support.login import LoginSite, hidden, site_on_store
 from support.net import wait_for
 from support.pki import CA
-from support.redis import RedisServer
 from support.slapd import Slapd
 
 CB = "https://rp.example.test/callback"
@@ -60,17 +59,9 @@ def op(tmp_path_factory, slapd):
 
 @pytest.fixture(scope="module", params=["sqlite", "redis"])
 def any_store(request, tmp_path_factory, slapd, op):
-    if request.param == "sqlite":
-        yield op
-        return
     base = tmp_path_factory.mktemp("oidc-redis")
-    redis = RedisServer(base / "redis").start()
-    site = make_site(base, slapd, sessions={"store": "redis", "redis_url": redis.url})
-    try:
+    with site_on_store(request.param, base, lambda base, **login: make_site(base, slapd, **login), op) as site:
         yield site
-    finally:
-        site.stop()
-        redis.stop()
 
 
 def rp(op, client_id="rp", method="client_secret_post", **kw) -> OAuth2Session:

@@ -34,7 +34,7 @@ from joserfc.jwk import RSAKey
 
 from gateway.plugins.login.sessions import RedisStore, SqliteStore
 
-from support.login import LoginSite, hidden
+from support.login import LoginSite, hidden, site_on_store
 from support.pki import CA
 from support.redis import RedisServer
 from support.saml_sp import rsa_pair
@@ -87,17 +87,9 @@ def op(tmp_path_factory, slapd):
 
 @pytest.fixture(scope="module", params=["sqlite", "redis"])
 def any_store(request, tmp_path_factory, slapd, op):
-    if request.param == "sqlite":
-        yield op
-        return
     base = tmp_path_factory.mktemp("oidc-review-redis")
-    redis = RedisServer(base / "redis").start()
-    site = make_site(base, slapd, sessions={"store": "redis", "redis_url": redis.url})
-    try:
+    with site_on_store(request.param, base, lambda base, **login: make_site(base, slapd, **login), op) as site:
         yield site
-    finally:
-        site.stop()
-        redis.stop()
 
 
 @pytest.fixture(scope="module")

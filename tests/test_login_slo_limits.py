@@ -138,7 +138,8 @@ def test_a_request_that_ends_no_session_is_answered_success_and_logged(site, tmp
     sp.accept_logout(hidden(page.text, "SAMLResponse"))  # checks the signature and the status
 
 
-def test_a_session_index_named_twice_is_read_once_and_its_session_ends(site, tmp_path):
+def signed_in_at_sp(site, tmp_path):
+    """alice signed in at the SP through pysaml2: the SP, her browser, and what the SP accepted."""
     sp = SamlSP(tmp_path / "sp", site.metadata, acs=ACS, entity_id=SP, slo=SLO)
     browser = site.client()
     request_id, location = sp.redirect_request()
@@ -147,6 +148,11 @@ def test_a_session_index_named_twice_is_read_once_and_its_session_ends(site, tmp
     signed_in = sp.accept(hidden(site.sign_in(browser, "alice", "Alice-pw-1", url=page.url).text, "SAMLResponse"),
                           request_id)
     assert "signed in as" in browser.get(f"{site.url}/login").text
+    return sp, browser, signed_in
+
+
+def test_a_session_index_named_twice_is_read_once_and_its_session_ends(site, tmp_path):
+    sp, browser, signed_in = signed_in_at_sp(site, tmp_path)
     index_lookups(site)
     xml = logout_request(site, [signed_in.session_index] * 2, name_id=signed_in.name_id)
     page = send(site, xml, "203.0.113.4")
@@ -188,14 +194,7 @@ def test_a_logout_that_ends_the_users_session_is_answered_when_their_address_has
     the next sign-in at the SP would be silent: a shared machine). Only requests that end no
     session spend the budget."""
     client = "203.0.113.7"
-    sp = SamlSP(tmp_path / "sp", site.metadata, acs=ACS, entity_id=SP, slo=SLO)
-    browser = site.client()
-    request_id, location = sp.redirect_request()
-    page = browser.get(location)
-    assert urlsplit(page.url).path == "/login"
-    signed_in = sp.accept(hidden(site.sign_in(browser, "alice", "Alice-pw-1", url=page.url).text, "SAMLResponse"),
-                          request_id)
-    assert "signed in as" in browser.get(f"{site.url}/login").text
+    sp, browser, signed_in = signed_in_at_sp(site, tmp_path)
     # the address's budget spent by requests that end nothing (others behind the same NAT)
     nothing = logout_request(site, ["_spent"])
     for _ in range(FLOOD):

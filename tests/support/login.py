@@ -14,6 +14,7 @@ The login listener's certificate (from *ca*) names ``localhost`` and ``127.0.0.1
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import html
 import json
@@ -28,7 +29,7 @@ import requests
 from support.gateway import GatewayProcess, write_conf
 from support.net import free_port
 
-__all__ = ["LoginSite", "certificate_listener", "hidden", "unsigned_authn_request"]
+__all__ = ["LoginSite", "certificate_listener", "hidden", "site_on_store", "unsigned_authn_request"]
 
 
 def certificate_listener(directory: Path, ca) -> tuple[dict[str, str], str]:
@@ -57,6 +58,27 @@ def unsigned_authn_request(idp_url: str, issuer: str, body: str) -> str:
     packer = zlib.compressobj(9, zlib.DEFLATED, -15)
     data = base64.b64encode(packer.compress(xml.encode()) + packer.flush()).decode()
     return f"{idp_url}/saml/sso?" + urlencode({"SAMLRequest": data})
+
+
+@contextlib.contextmanager
+def site_on_store(kind: str, base: Path, make_site, sqlite_site):
+    """The site of a test parametrised by session store: *sqlite_site* as it is for ``sqlite``;
+    for ``redis``, ``make_site(base, sessions=...)`` over a new redis-server in *base*, both
+    stopped at the end."""
+    if kind == "sqlite":
+        yield sqlite_site
+        return
+    from support.redis import RedisServer
+
+    redis = RedisServer(base / "redis").start()
+    try:
+        site = make_site(base, sessions={"store": "redis", "redis_url": redis.url})
+        try:
+            yield site
+        finally:
+            site.stop()
+    finally:
+        redis.stop()
 
 
 def hidden(page: str, name: str) -> str | None:
