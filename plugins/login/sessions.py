@@ -798,8 +798,7 @@ class SessionManager:
 
     def key_of_index(self, index: str) -> str | None:
         """The store key of the live session with this SAML SessionIndex, or ``None``."""
-        record = self.store.get_pending("idx:" + index, time.time()) if 0 < len(index) <= 64 else None
-        return record["key"] if record is not None else None
+        return self.keys_of_indexes([index]).get(index)
 
     def keys_of_indexes(self, indexes: list[str]) -> dict[str, str]:
         """The store keys of the live sessions with these SAML SessionIndexes (index -> key), in

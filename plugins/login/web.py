@@ -210,6 +210,20 @@ def _message_key(decision: Decision) -> str:
 _STATUS = {"throttled": 429, "unavailable": 503}
 
 
+def _spend(limiter: ParkLimiter, key: str, who: Callable[[], tuple[str, str]], budget: str) -> None:
+    """Spend a token of *key*'s budget in *limiter*, or raise :class:`ParkRefused` (429,
+    ``login.too_many_requests``), logged once per key and spent budget (a flood is not logged
+    whole). *who*, asked only then: who is refused, as logged and as the refusal's detail;
+    *budget*: what is counted."""
+    wait = limiter.take(key, time.monotonic())
+    if wait:
+        logged, detail = who()
+        if limiter.first_refusal(key):
+            log.warning("login requests refused: reason=login.too_many_requests %s (%d %s, burst %d)", logged,
+                        round(limiter.rate * 60), budget, limiter.burst)
+        raise ParkRefused(429, "login.too_many_requests", math.ceil(wait), detail)
+
+
 class LoginDoor:
     def __init__(self, door, sessions: SessionManager, pages: Pages, settings, hook=None) -> None:
         self.door = door
@@ -276,13 +290,7 @@ class LoginDoor:
         if request is None:  # not a request of this door (nothing to count it by)
             return
         key = self.client_key(request)
-        wait = self.park_limiter.take(key, time.monotonic())
-        if wait:
-            if self.park_limiter.first_refusal(key):  # once per address and spent budget: a flood is not logged whole
-                log.warning("login requests refused: reason=login.too_many_requests client=%s (%d parked requests "
-                            "a minute per address, burst %d)", key, round(self.park_limiter.rate * 60),
-                            self.park_limiter.burst)
-            raise ParkRefused(429, "login.too_many_requests", math.ceil(wait), f"client {key}")
+        _spend(self.park_limiter, key, lambda: (f"client={key}", f"client {key}"), "parked requests a minute per address")
 
     def admit_answer(self, session: Session) -> None:
         """Spend a token of the budget of *session*'s user (its subject) before a service is
@@ -293,16 +301,12 @@ class LoginDoor:
         token already; one answered from a session spends its user's as well, wherever it comes
         from (review: one session cookie had 3,000 codes stored in 9 s, 1,000 SAML answers
         signed in 2.2 s)."""
-        identity, request = session.identity, _REQUEST.get()
-        wait = self.answer_limiter.take(identity.subject, time.monotonic())
-        if wait:
-            if self.answer_limiter.first_refusal(identity.subject):  # once per user and spent budget
-                log.warning("login requests refused: reason=login.too_many_requests user=%s client=%s (%d answers "
-                            "from a user's sessions a minute, burst %d)", printable(identity.username[:100]),
-                            self.client_key(request) if request is not None else "-",
-                            round(self.answer_limiter.rate * 60), self.answer_limiter.burst)
-            raise ParkRefused(429, "login.too_many_requests", math.ceil(wait),
-                              f"user {printable(identity.username[:100])}")
+        def who() -> tuple[str, str]:
+            request, user = _REQUEST.get(), printable(session.identity.username[:100])
+            client = self.client_key(request) if request is not None else "-"
+            return f"user={user} client={client}", f"user {user}"
+
+        _spend(self.answer_limiter, session.identity.subject, who, "answers from a user's sessions a minute")
 
     def not_parked(self, request: web.Request, exc: ParkRefused, json: bool) -> web.Response:
         """429 or 503 for a request that was not parked (:class:`ParkRefused`), with
