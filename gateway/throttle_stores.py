@@ -253,23 +253,23 @@ class SQLiteStore:
         self._conn = None
 
 
-# KEYS: the keys; ARGV[1] unused (was the caller's time), ARGV[2] window (ms), ARGV[3] ticket,
-# ARGV[3+i] limit of KEYS[i]. The time is Redis's own (TIME): instances whose clocks differ would
-# otherwise place their failures apart, and one running ahead by a window would drop every other
-# instance's counts at its next guess. Effects replication (Redis 7's only mode) lets a script
+# KEYS: the keys; ARGV[1] window (ms), ARGV[2] ticket, ARGV[2+i] limit of KEYS[i]. The time is
+# Redis's own (TIME), not the caller's: instances whose clocks differ would otherwise place their
+# failures apart, and one running ahead by a window would drop every other instance's counts at
+# its next guess. Effects replication (Redis 7's only mode) lets a script
 # that writes read TIME; on Redis 5 and 6 `replicate_commands` turns it on.
 _RESERVE = """
 if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local horizon = now - tonumber(ARGV[2])
+local horizon = now - tonumber(ARGV[1])
 for i, key in ipairs(KEYS) do
   redis.call('ZREMRANGEBYSCORE', key, '-inf', horizon)
-  if redis.call('ZCARD', key) >= tonumber(ARGV[3 + i]) then return 0 end
+  if redis.call('ZCARD', key) >= tonumber(ARGV[2 + i]) then return 0 end
 end
 for i, key in ipairs(KEYS) do
-  redis.call('ZADD', key, now, ARGV[3])
-  redis.call('PEXPIRE', key, ARGV[2])
+  redis.call('ZADD', key, now, ARGV[2])
+  redis.call('PEXPIRE', key, ARGV[1])
 end
 return 1
 """
@@ -303,7 +303,7 @@ class RedisStore:
     def reserve(self, keys: list[tuple[str, int]], ticket: str, now: float, window: float) -> bool:
         """As the other stores, except that *now* is Redis's time, not the caller's (:data:`_RESERVE`)."""
         names = [self._prefix + key for key, _limit in keys]
-        args = [int(now * 1000), int(window * 1000), ticket, *(limit for _key, limit in keys)]
+        args = [int(window * 1000), ticket, *(limit for _key, limit in keys)]
         return bool(self._call(lambda: self._reserve(keys=names, args=args)))
 
     def unknown_user(self, key: str) -> None:
