@@ -180,39 +180,65 @@ def test_a_worker_busy_on_its_threads_is_not_killed_while_its_loop_turns(
     assert "exited" not in gw.output()
 
 
-BLOCKER = """
+LOOP_STEPS = """
 import time
 
 from gateway import Attempt, PluginContext, PluginSettings, hookimpl
 
 
-class Blocker:
-    '''A chain step that runs on the event loop (loop_capable) and then breaks that promise: it
-    sleeps there, as a plugin calling a blocking library would, and the loop stops turning.'''
+class _OnTheLoop:
+    # A chain step that runs on the event loop (loop_capable) and then breaks that promise for
+    # the user it is named after, holding the loop in `hold`.
 
     Settings = PluginSettings
     loop_capable = True
+    user = ""
 
     def __init__(self, settings, context: PluginContext) -> None:
         pass
 
     @hookimpl
     def gateway_authenticate(self, attempt: Attempt):
-        if attempt.username == "blocker":
-            time.sleep(600)
+        if attempt.username == self.user:
+            self.hold()
         return None
+
+
+class Blocker(_OnTheLoop):
+    # Sleeps there, as a plugin calling a blocking library would: the loop stops turning.
+    user = "blocker"
+
+    def hold(self):
+        time.sleep(600)
+
+
+class Poller(_OnTheLoop):
+    # Polls for 4 s with 5 ms sleeps: the loop does not turn, while its thread wakes up 200 times
+    # a second, as one waiting for the GIL does.
+    user = "poller"
+
+    def hold(self):
+        end = time.monotonic() + 4.0
+        while time.monotonic() < end:
+            time.sleep(0.005)
 """
+
+
+def loop_steps_env(tmp_path, timeout: float) -> dict[str, str]:
+    """The environment of a gateway whose steps `blocker` and `poller` hold its event loop
+    (:data:`LOOP_STEPS`), with the watchdog's timeout *timeout*."""
+    from support.fakedist import make_dist
+
+    site = make_dist(tmp_path / "site", "watchdog-test-loop-steps",
+                     {"blocker": "watchdog_block:Blocker", "poller": "watchdog_block:Poller"},
+                     {"watchdog_block.py": LOOP_STEPS})
+    return {"PYTHONPATH": os.pathsep.join([str(site), TESTS_DIR, os.environ.get("PYTHONPATH", "")]),
+            "AUTHGW_WORKER_TIMEOUT": str(timeout)}
 
 
 def test_a_worker_whose_loop_a_plugin_blocks_is_killed_and_its_stacks_say_where(
         conf_dir, alice_hash, start_gateway, tmp_path):
-    from support.fakedist import make_dist
-
-    site = make_dist(tmp_path / "site", "watchdog-test-blocker", {"blocker": "watchdog_block:Blocker"},
-                     {"watchdog_block.py": BLOCKER})
-    env = {"PYTHONPATH": os.pathsep.join([str(site), TESTS_DIR, os.environ.get("PYTHONPATH", "")]),
-           "AUTHGW_WORKER_TIMEOUT": "5"}
-    gw = start_gateway(conf(conf_dir, alice_hash, "[blocker]"), workers=2, env=env)
+    gw = start_gateway(conf(conf_dir, alice_hash, "[blocker]"), workers=2, env=loop_steps_env(tmp_path, 5))
     wait_for(lambda: len(serving(gw)) == 2, what="two workers serving", log=gw.output)
     master = gw.proc.pid
     before = set(children(master))
@@ -246,32 +272,6 @@ def test_a_worker_whose_loop_a_plugin_blocks_is_killed_and_its_stacks_say_where(
     assert len(hung_lines(gw)) == 1
 
 
-POLLER = """
-import time
-
-from gateway import Attempt, PluginContext, PluginSettings, hookimpl
-
-
-class Poller:
-    # A chain step on the event loop that polls for 4 s with 5 ms sleeps: the loop does not
-    # turn, while its thread wakes up 200 times a second, as one waiting for the GIL does.
-
-    Settings = PluginSettings
-    loop_capable = True
-
-    def __init__(self, settings, context: PluginContext) -> None:
-        pass
-
-    @hookimpl
-    def gateway_authenticate(self, attempt: Attempt):
-        if attempt.username == "poller":
-            end = time.monotonic() + 4.0
-            while time.monotonic() < end:
-                time.sleep(0.005)
-        return None
-"""
-
-
 def test_a_worker_whose_loop_thread_keeps_waking_gets_more_time_than_a_blocked_one(
         conf_dir, alice_hash, start_gateway, tmp_path):
     """A loop silent past the timeout while its thread keeps waking up (voluntary context
@@ -279,13 +279,8 @@ def test_a_worker_whose_loop_thread_keeps_waking_gets_more_time_than_a_blocked_o
     it has _STARVED_TIMEOUTS timeouts, where a blocked one (the test above) is killed after one.
     A worker with CPU-bound chain threads on a loaded machine was killed while it answered (two
     suites on two cores, a 10 s timeout)."""
-    from support.fakedist import make_dist
-
-    site = make_dist(tmp_path / "site", "watchdog-test-poller", {"poller": "watchdog_poll:Poller"},
-                     {"watchdog_poll.py": POLLER})
-    env = {"PYTHONPATH": os.pathsep.join([str(site), TESTS_DIR, os.environ.get("PYTHONPATH", "")]),
-           "AUTHGW_WORKER_TIMEOUT": "2"}
-    gw = start_gateway(conf(conf_dir, alice_hash, "[poller]"), workers=2, env=env)  # on the loop: alone
+    gw = start_gateway(conf(conf_dir, alice_hash, "[poller]"), workers=2,  # on the loop: alone in the chain
+                       env=loop_steps_env(tmp_path, 2))
     wait_for(lambda: len(serving(gw)) == 2, what="two workers serving", log=gw.output)
     before = set(children(gw.proc.pid))
     assert gw.auth("poller", PASSWORD, timeout=60).status == 401  # answered (the poller abstains)
