@@ -26,7 +26,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 
 import greenlet
 
-__all__ = ["blocking", "on_loop", "run", "wait", "wait_io"]
+__all__ = ["blocking", "expire", "on_loop", "run", "running_on", "wait", "wait_io"]
 
 T = TypeVar("T")
 
@@ -110,6 +110,14 @@ def on_loop() -> bool:
     return isinstance(greenlet.getcurrent(), _Spawned)
 
 
+def running_on(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether *loop* is the loop running in this thread."""
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
+
+
 def wait(awaitable: Awaitable[T]) -> T:
     """The result of *awaitable*, awaited by the loop while this greenlet is parked."""
     current = greenlet.getcurrent()
@@ -118,7 +126,8 @@ def wait(awaitable: Awaitable[T]) -> T:
     return current.driver.switch(awaitable)
 
 
-def _expire(future: asyncio.Future) -> None:
+def expire(future: asyncio.Future) -> None:
+    """Fail *future* with :class:`TimeoutError` unless it is done: a wait's timer."""
     if not future.done():
         future.set_exception(TimeoutError("timed out"))
 
@@ -138,7 +147,7 @@ def wait_io(sock: socket.socket, *, write: bool = False, timeout: float) -> None
         loop.add_writer(fd, _ready, future)
     else:
         loop.add_reader(fd, _ready, future)
-    timer = loop.call_later(timeout, _expire, future)
+    timer = loop.call_later(timeout, expire, future)
     try:
         wait(future)
     finally:

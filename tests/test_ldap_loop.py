@@ -108,12 +108,14 @@ def runtime(tmp_path, ldap: dict, chain=("ldap",), plugins=(), targets=None, sec
     return rt, spy
 
 
-def run(rt, coro):
+def run(rt, coro, loop: str = "asyncio"):
     async def main():
         try:
             return await coro
         finally:
             rt.gateway.pm.hook.gateway_shutdown()  # the pooled links, closed on their loop
+    if loop == "uvloop":  # the loop `authgw serve` runs (event_loop: auto)
+        return pytest.importorskip("uvloop").run(main())
     return asyncio.run(main())
 
 
@@ -282,3 +284,90 @@ def test_a_blocking_wrapper_or_step_keeps_ldap_logins_on_the_pool(directory, tmp
     second = attempt("erin", PASSWORD)
     assert run(mixed, mixed.gateway.authenticate(second)).outcome is Outcome.SUCCESS
     assert spy.threads[second.request_id].startswith("authgw-chain")
+
+
+def pooled_links(rt) -> list:
+    pool = rt.gateway.pm.get_plugin("ldap").pool
+    return [link for server in pool.servers for queue in server.idle.values() for link in queue]
+
+
+def registered(loop, fd: int) -> bool:
+    """Whether *loop* watches *fd* for reading (asking takes the registration away)."""
+    return loop.remove_reader(fd)
+
+
+@pytest.mark.parametrize("mode,loop", [("plain", "asyncio"), ("ldaps", "asyncio"), ("plain", "uvloop")])
+def test_a_pooled_link_stays_watched_until_its_server_closes_it_then_the_loop_lets_it_go(tmp_path, mode, loop):
+    # Between logins a pooled link's socket stays registered with the loop (no add_reader and
+    # remove_reader per answer). The server closing it while it is idle makes it readable with
+    # nobody waiting: the loop must drop the registration (else an unread socket would wake it
+    # on every turn) and the next login must take a fresh link.
+    slapd = Slapd(tmp_path / "slapd", tls=CA.create() if mode == "ldaps" else None).start()
+    try:
+        slapd.add_user("erin", PASSWORD, groups=["ops"])
+        rt, spy = runtime(tmp_path / "gw", slapd.plugin_settings(mode))
+
+        async def scenario():
+            loop = asyncio.get_running_loop()
+            first = await rt.gateway.authenticate(attempt("erin", PASSWORD))
+            links = pooled_links(rt)
+            watched = [link._watched_by is loop for link in links]
+            await loop.run_in_executor(None, slapd.restart)
+            for _ in range(200):  # the FINs arrive within milliseconds; bounded either way
+                if all(link._watched_by is None for link in links):
+                    break
+                await asyncio.sleep(0.01)
+            let_go = [link._watched_by is None and not registered(loop, link._watched_fd) for link in links]
+            second = await rt.gateway.authenticate(attempt("erin", PASSWORD))
+            return first, watched, let_go, second, links, pooled_links(rt)
+
+        first, watched, let_go, second, before, after = run(rt, scenario(), loop)
+    finally:
+        slapd.stop()
+    assert first.outcome is Outcome.SUCCESS and second.outcome is Outcome.SUCCESS
+    assert len(before) == 2 and watched == [True, True]  # the service link and the bind link
+    assert let_go == [True, True]
+    assert not set(map(id, before)) & set(map(id, after))  # the closed ones were dropped, not used
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_link_closed_from_a_chain_thread_is_let_go_by_its_loop_before_its_socket_closes(directory, tmp_path, loop):
+    # The registration must go before the socket closes: left behind, the loop would watch a
+    # descriptor number the next socket may get (libuv aborts the process on such a mix-up).
+    rt, spy = runtime(tmp_path, directory.plugin_settings("plain"))
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        assert (await rt.gateway.authenticate(attempt("erin", PASSWORD))).outcome is Outcome.SUCCESS
+        link = pooled_links(rt)[0]
+        fd, sock = link._watched_fd, link.conn.socket
+        assert link._watched_by is loop
+        closer = threading.Thread(target=link.close)
+        closer.start()
+        await loop.run_in_executor(None, closer.join)
+        for _ in range(100):
+            if sock.fileno() == -1:
+                break
+            await asyncio.sleep(0.01)
+        return sock.fileno(), link._watched_by, registered(loop, fd)
+
+    fileno, watched_by, still_registered = run(rt, scenario(), loop)
+    assert fileno == -1 and watched_by is None and not still_registered
+
+
+def test_a_link_coming_back_after_its_pool_closed_is_closed_not_kept(directory, tmp_path):
+    # a login in flight when a reload or a stop closes the plugin's pool: its links are not
+    # kept by the closed pool (open, and watched by the loop, for as long as the process runs)
+    rt, spy = runtime(tmp_path, directory.plugin_settings("plain"))
+
+    async def scenario():
+        assert (await rt.gateway.authenticate(attempt("erin", PASSWORD))).outcome is Outcome.SUCCESS
+        pool = rt.gateway.pm.get_plugin("ldap").pool
+        server = pool.servers[0]
+        link = pool._take_idle(server, "bind")  # as an operation in flight holds it
+        pool.close()
+        pool._release(link, "bind")
+        return link.conn.closed, pooled_links(rt)
+
+    closed, kept = run(rt, scenario())
+    assert closed and kept == []

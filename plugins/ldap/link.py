@@ -5,11 +5,14 @@ closes it; the binds and searches of the hot path go over its socket through :mo
 
 A link works from a chain thread (a blocking socket with a timeout) and from the event loop (a
 login whose chain runs there, :mod:`gateway.aio`): there its socket is non-blocking and each wait
-for the server parks the login's greenlet, with the same timeout.
+for the server parks the login's greenlet, with the same timeout. On the loop the socket stays
+registered for reading between operations (:meth:`Link._wait_readable`): registering it for each
+answer and removing it after was a third of a wait's CPU (docs/performance.md).
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import select
 import ssl
@@ -101,7 +104,7 @@ class Link:
     searches go over its socket through :mod:`wire`. Used by one attempt at a time."""
 
     __slots__ = ("conn", "server", "created", "last_used", "reused", "_reader", "_next_id", "_on_loop",
-                 "_answer_time", "_deadline", "_until", "_asked")
+                 "_answer_time", "_deadline", "_until", "_asked", "_watched_by", "_watched_fd", "_waiter", "_idle_wakes")
 
     def __init__(self, conn: ldap3.Connection, server: Server) -> None:
         self.conn = conn
@@ -115,6 +118,10 @@ class Link:
         self._deadline = math.inf  # the attempt's, set with it
         self._until = 0.0  # when the answer to the last request must be complete (set by _send)
         self._asked = False  # a request went out since the last read: its answer cannot be there yet
+        self._watched_by: asyncio.AbstractEventLoop | None = None  # the loop the socket is registered with
+        self._watched_fd = -1  # and its descriptor there
+        self._waiter: asyncio.Future | None = None  # what a greenlet waiting for an answer is parked on
+        self._idle_wakes = 0  # readiness callbacks with nobody waiting, since the last wait
 
     def alive(self) -> bool:
         """Nothing is pending on an idle connection; readable means closed or disconnected."""
@@ -163,12 +170,12 @@ class Link:
             # read, which would fail (EAGAIN, raised and caught) on nearly every request.
             self._asked = False
             if not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
-                aio.wait_io(sock, timeout=self._left())
+                self._wait_readable()
         while True:
             try:
                 return sock.recv(size)
             except (BlockingIOError, ssl.SSLWantReadError):
-                aio.wait_io(sock, timeout=self._left())
+                self._wait_readable()
             except ssl.SSLWantWriteError:  # TLS may need to write before it can read
                 aio.wait_io(sock, write=True, timeout=self._left())
 
@@ -185,7 +192,50 @@ class Link:
             except (BlockingIOError, ssl.SSLWantWriteError):
                 aio.wait_io(sock, write=True, timeout=self._left())
             except ssl.SSLWantReadError:
-                aio.wait_io(sock, timeout=self._left())
+                self._wait_readable()
+
+    def _wait_readable(self) -> None:
+        """Park the login's greenlet until the socket is readable, within the answer's time.
+
+        The socket is registered with the loop at the first wait and stays registered while the
+        link is pooled. Readiness with no greenlet waiting comes once after an answer was read
+        (the loop saw the socket readable in the same turn as the greenlet read it); twice in a
+        row, the socket is readable with nobody to read it (the server closed the idle
+        connection, or sent a Notice of Disconnection), and the registration is taken back, so
+        that an unread socket cannot wake the loop over and over; :meth:`alive` then finds it
+        readable and the pool drops the link. :meth:`close` takes it back before the socket
+        closes."""
+        left = self._left()
+        loop = asyncio.get_running_loop()
+        if self._watched_by is not loop:
+            self._unwatch()
+            fd = self.conn.socket.fileno()
+            loop.add_reader(fd, self._readable)
+            self._watched_by, self._watched_fd = loop, fd
+        self._waiter = future = loop.create_future()
+        self._idle_wakes = 0
+        timer = loop.call_later(left, aio.expire, future)
+        try:
+            aio.wait(future)
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+    def _readable(self) -> None:
+        waiter = self._waiter
+        if waiter is None:  # nobody waits for an answer: see _wait_readable
+            self._idle_wakes += 1
+            if self._idle_wakes > 1:
+                self._unwatch()
+        elif not waiter.done():
+            waiter.set_result(None)
+
+    def _unwatch(self) -> None:
+        """Take the socket's registration back from the loop it is with. On that loop's thread,
+        or while it does not run: :meth:`close` from another thread hands the close to it."""
+        loop, self._watched_by = self._watched_by, None
+        if loop is not None and not loop.is_closed():
+            loop.remove_reader(self._watched_fd)
 
     def _send(self, build) -> int:
         message_id = self._next_id
@@ -286,6 +336,18 @@ class Link:
         return Result(code, message), (value or b"").decode("utf-8", errors="replace")
 
     def close(self) -> None:
+        loop = self._watched_by
+        if loop is not None:
+            if loop.is_running() and not aio.running_on(loop):
+                # From a chain thread (a pool drained after a failure there, a probe): the
+                # registration must go before the socket closes, or the loop would be left
+                # watching a descriptor number the next socket may get. The loop does both.
+                try:
+                    loop.call_soon_threadsafe(self.close)
+                    return
+                except RuntimeError:  # closed meanwhile: nothing left to take back
+                    pass
+            self._unwatch()
         try:
             self.conn.unbind()
         except Exception:  # noqa: BLE001 - closing a broken connection may fail in any way

@@ -111,6 +111,7 @@ class Pool:
         self.log = log
         self.active: Server | None = None
         self._lock = threading.Lock()
+        self._closed = False  # close() ran: a link coming back from an operation is closed, not kept
 
     # -- server selection ----------------------------------------------------------------------
 
@@ -331,13 +332,14 @@ class Pool:
         link.reused = False
         with self._lock:
             queue = link.server.idle[kind]
-            if link.server.down_until <= link.last_used and len(queue) < self.pool_size:
+            if not self._closed and link.server.down_until <= link.last_used and len(queue) < self.pool_size:
                 queue.append(link)
                 return
         link.close()
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             links = [link for s in self.servers for q in s.idle.values() for link in q]
             for server in self.servers:
                 for queue in server.idle.values():
