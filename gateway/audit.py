@@ -4,20 +4,14 @@ Fields: ``time`` (UTC, RFC 3339), ``request_id``, ``client``, ``front_door``, ``
 ``method`` (the credential kinds presented), ``outcome``, ``reason``, ``step``, ``from_cache``,
 ``subject`` (on success) and ``latency_ms``. Never a password, token, certificate or hash.
 
-Reads ``audit.file`` (``-`` is standard error). Lines to a file are written in batches, one
-``write`` each: at most :data:`FLUSH_INTERVAL` seconds after the attempt (sooner when
-:data:`MAX_BATCH` lines wait), and all of them on a clean stop (``gateway_shutdown`` and
-``close``, which SIGTERM reaches) or interpreter exit. A process killed outright (SIGKILL, the
-OOM killer, a segfault) loses at most the lines of its last :data:`FLUSH_INTERVAL`; what was
-written is in the kernel and survives the process. Lines to standard error stay one ``write``
-each, in order with the log records they sit between.
-
-In a worker the batches are written by its event loop, not by a thread (:class:`_BatchWriter`).
+Reads ``audit.file`` (``-`` is standard error). Each line is written, one ``write``, before
+the attempt is answered (:class:`_LineWriter`): a process killed outright (SIGKILL, the OOM
+killer, the watchdog, a segfault) has lost no line of an attempt it answered. Lines to standard
+error are one ``write`` each too, in order with the log records they sit between.
 """
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import json
 import logging
@@ -26,16 +20,19 @@ import stat
 import sys
 import threading
 import time
+from collections import deque
 
 import orjson
 
 from gateway.model import Attempt, Decision, address_text
 from gateway.registry import hookimpl
 
-__all__ = ["AuditLog", "credential_kinds", "FLUSH_INTERVAL", "MAX_BATCH"]
+__all__ = ["AuditLog", "credential_kinds", "MAX_PENDING"]
 
-FLUSH_INTERVAL = 0.1  # seconds: the most a crash (not a clean stop) can lose
-MAX_BATCH = 512  # lines: wake the writer early under load, bounding the memory a batch holds
+#: Lines kept in memory while the audit file refuses writes (disk full); older ones are dropped.
+MAX_PENDING = 100_000
+
+_log = logging.getLogger("authgw.audit")
 
 
 _KINDS = {(p, n, c): "+".join(kind for kind, present in (("password", p), ("negotiate", n), ("certificate", c))
@@ -59,136 +56,102 @@ def encode(record: dict) -> bytes:
         return (json.dumps(record, ensure_ascii=True, default=str) + "\n").encode()
 
 
-class _BatchWriter:
-    """Appends lines to a file descriptor, a batch per ``write``.
+class _LineWriter:
+    """Appends each line to a file descriptor with one ``write``, when the attempt is told
+    (``gateway_auth_finished`` runs before the attempt's answer is written): an answer that
+    left has its line in the kernel, which keeps it whatever happens to the process next
+    (SIGKILL, the OOM killer, the watchdog, a segfault). A ``write`` to a local file's page
+    cache costs ~1.2 µs; the batches this replaced saved less than that per line, and lost up to
+    the last 100 ms of lines (accepted logins among them) when a worker was killed.
 
-    The hot path only appends to a list under a lock (~0.2 µs). The batch is written by the
-    worker's event loop once the server hands it over (:meth:`use_loop`), with a timer its first
-    line sets (lines added on other threads reach it through ``call_soon_threadsafe``, once per
-    batch); without one (commands, tests, a loop that has closed), by a thread of its own,
-    started by the first line, so that a runtime built only to validate a configuration (or in
-    a master before it forks) never has one.
-
-    Not a thread in a worker: a thread that wakes up needs the GIL, which the loop holds nearly
-    all the time and releases at every callback; the woken thread loses the race again and
-    again until the switch interval forces a hand-over, and each round costs both threads CPU
-    (in-process, with one GIL release per attempt: ~600 wake-ups and ~4 ms of the writer's CPU
-    per batch, 8 µs an attempt; docs/performance.md). The loop's write goes to the page cache
-    of a local file: ~0.2 ms per 100 KB batch, at most every :data:`FLUSH_INTERVAL` or
-    :data:`MAX_BATCH` lines (``audit.file`` on a network file system would stall the loop).
+    A write the file refuses (disk full) keeps the line, and those after it, in order, for the
+    next line's write, :meth:`flush` and exit; the error is logged when writes start failing
+    and when they work again, not per line. At most :data:`MAX_PENDING` lines are kept: older
+    ones are dropped, and counted in the log.
     """
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
-        self._lock = threading.Lock()  # guards _pending
-        self._write_lock = threading.Lock()  # one flusher at a time: batches stay in order
-        self._pending: list[bytes] = []
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._closed = False
+        self._lock = threading.Lock()  # one writer at a time: lines stay whole and in order
+        self._pending: deque[bytes] = deque()  # not written yet: oldest first
+        self._failing = False
+        self._torn = False  # the first waiting line is the rest of one partly written
+        self._dropped = 0
         atexit.register(self.flush)
-
-    def use_loop(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Write the batches from *loop* (a worker's, which runs as long as this log is open)."""
-        self._loop = loop
 
     def add(self, line: bytes) -> None:
         with self._lock:
-            if self._closed:  # as a closed file would: a line must not go astray silently
+            if self._fd < 0:  # as a closed file would: a line must not go astray silently
                 raise ValueError("the audit log is closed")
             self._pending.append(line)
-            waiting = len(self._pending)
-        if waiting == 1:
-            self._arrange(FLUSH_INTERVAL)
-        elif waiting == MAX_BATCH:
-            self._arrange(0.0)
+            self._write_pending()
 
-    def _arrange(self, delay: float) -> None:
-        """Have the waiting lines written within *delay* seconds."""
-        loop = self._loop
-        if loop is not None:
+    def _write_pending(self) -> None:
+        """Write the waiting lines, oldest first; the lock is held."""
+        pending = self._pending
+        while pending:
+            line = pending[0]
             try:
-                here = asyncio.get_running_loop()
-            except RuntimeError:
-                here = None
-            try:
-                if here is not loop:
-                    loop.call_soon_threadsafe(self._arrange, delay)
-                elif delay > 0:
-                    loop.call_later(delay, self._write_from_loop)
-                else:
-                    loop.call_soon(self._write_from_loop)
+                written = os.write(self._fd, line)
+            except OSError as exc:
+                self._refused(exc)
                 return
-            except RuntimeError:  # the loop has closed: the thread writes from now on
-                self._loop = None
-        with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="authgw-audit", daemon=True)
-                self._thread.start()
-        if delay <= 0:
-            self._wake.set()
+            if written < len(line):  # short: the disk filled up mid-line; the rest goes first
+                pending[0] = line[written:]
+                self._torn = True
+            else:
+                pending.popleft()
+                self._torn = False
+        if self._failing:
+            self._failing = False
+            _log.warning("the audit log takes writes again: the lines kept meanwhile are written%s",
+                         f", but the {self._dropped} oldest of them were dropped" if self._dropped else "")
+            self._dropped = 0
 
-    def _write_from_loop(self) -> None:
-        try:
-            self.flush()
-        except OSError as exc:  # disk full, say: report it; the lines are kept for the next batch
-            logging.getLogger("authgw.audit").error("cannot write the audit log: %s", exc)
-            self._arrange(FLUSH_INTERVAL)
-
-    def _run(self) -> None:
-        while not self._closed:
-            self._wake.wait(FLUSH_INTERVAL)
-            self._wake.clear()
-            try:
-                self.flush()
-            except OSError as exc:  # disk full, say: report it and keep the lines for the next try
-                logging.getLogger("authgw.audit").error("cannot write the audit log: %s", exc)
+    def _refused(self, exc: OSError) -> None:
+        if not self._failing:
+            self._failing = True
+            _log.error("cannot write the audit log: %s; its lines are kept in memory (up to %d) until it "
+                       "takes them", exc, MAX_PENDING)
+        excess = len(self._pending) - MAX_PENDING
+        if excess > 0:
+            head = self._pending.popleft() if self._torn else None  # its start is in the file: kept
+            for _ in range(excess):
+                self._pending.popleft()
+            if head is not None:
+                self._pending.appendleft(head)
+            if not self._dropped:
+                _log.error("the audit log still refuses writes: dropping its oldest waiting lines")
+            self._dropped += excess
 
     def flush(self) -> None:
-        with self._write_lock:
-            with self._lock:
-                lines, self._pending = self._pending, []
-            if not lines or self._fd < 0:  # closed: a timer that fires late writes nothing
-                return
-            data = memoryview(b"".join(lines))
-            try:
-                while data:
-                    data = data[os.write(self._fd, data):]
-            except OSError:
-                rest = bytes(data)
-                with self._lock:  # not lost: first in the next batch
-                    self._pending.insert(0, rest)
-                raise
+        """Write the lines a refused write kept, if the file takes them now."""
+        with self._lock:
+            if self._pending and self._fd >= 0:
+                self._write_pending()
 
     def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        self._wake.set()
         atexit.unregister(self.flush)
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=5)
-        try:
-            self.flush()
-        finally:
-            with self._write_lock:
-                os.close(self._fd)
-                self._fd = -1
+        with self._lock:
+            if self._fd < 0:
+                return
+            if self._pending:
+                self._write_pending()
+            os.close(self._fd)
+            self._fd = -1
 
 
 class AuditLog:
     """Registered by the core as ``core.audit``.
 
     Lines are written straight to the stream (not through :mod:`logging`, whose per-record
-    machinery cost more than everything else the core does for an attempt): to a file in
-    batches (:class:`_BatchWriter`), to standard error one ``write`` per line under a lock so
-    that lines from concurrent attempts never interleave.
+    machinery cost more than everything else the core does for an attempt): one ``write`` per
+    line, to a file (:class:`_LineWriter`) or to standard error, under a lock so that lines
+    from concurrent attempts never interleave.
     """
 
     def __init__(self, destination: str) -> None:
-        self._writer = None if destination == "-" else _BatchWriter(self._open(destination))
+        self._writer = None if destination == "-" else _LineWriter(self._open(destination))
         self._lock = threading.Lock()
         self._second = -1
         self._stamp = ""
@@ -243,17 +206,12 @@ class AuditLog:
         with self._lock:
             stream.write(line.decode())
 
-    def use_loop(self, loop) -> None:
-        """Write the file's batches from *loop*, the worker's event loop (:class:`_BatchWriter`)."""
-        if self._writer is not None:
-            self._writer.use_loop(loop)
-
     @hookimpl
     def gateway_shutdown(self) -> None:
         self.flush()
 
     def flush(self) -> None:
-        """Write every waiting line now."""
+        """Write the lines a refused write kept, if the file takes them now."""
         if self._writer is not None:
             self._writer.flush()
 

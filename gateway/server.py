@@ -168,7 +168,6 @@ class _Worker:
         loop = asyncio.get_running_loop()
         listeners = self._listeners(runtime)
         generation = _Generation(runtime)
-        runtime.audit.use_loop(loop)  # its batches written by this loop, not a thread (gateway/audit.py)
         try:
             # In the try: when one plugin's start-up fails, those already started are shut down
             # (their threads and pools), not left running beside the generation that stays.
