@@ -175,15 +175,20 @@ def test_exact_targets_go_straight_to_their_handler_and_the_rest_to_the_router()
                                    ("/auth expect", b"routed\n")]
 
 
-def test_a_header_value_from_an_identity_is_always_writable():
+def test_a_header_value_from_an_identity_is_always_writable(caplog):
     """A lone surrogate cannot be written as UTF-8: the answer's encode raised after a logged
-    success and the client got a reset (review of the front door). Control characters go, a
-    surrogate becomes "?"."""
+    success and the client got a reset (review of the front door); it becomes "?". A value with
+    a control character is sent empty: without the character it would be another value
+    (review of what the gateway writes)."""
     from gateway.http.app import _header_value
 
-    assert _header_value("bad \ud800 name\r\nX-Injected: 1") == "bad ? nameX-Injected: 1"
+    with caplog.at_level("WARNING", logger="authgw.http"):
+        assert _header_value("bad name\r\nX-Injected: 1", "name") == ""
+        assert _header_value("ceo@example.com\x7f", "email") == ""
+    assert "email holds a control character: Remote-Email sent empty" in caplog.text
     assert _header_value("Zoë Ünal") == "Zoë Ünal"
-    assert _header_value("bad \ud800 name").encode("utf-8")
+    assert _header_value("bad \ud800 name") == "bad ? name"
+    assert _header_value("line\u2028separator") == "line\u2028separator"  # not a control character: as it is
 
 
 def test_a_group_name_holding_a_comma_is_left_out_of_remote_groups(caplog):
@@ -196,3 +201,4 @@ def test_a_group_name_holding_a_comma_is_left_out_of_remote_groups(caplog):
     with caplog.at_level("WARNING", logger="authgw.http"):
         assert _groups_header(("staff", "project-x, admins", "ops")) == "staff,ops"
     assert "'project-x, admins'" in caplog.text and "left out of Remote-Groups" in caplog.text
+    assert _groups_header(("adm\x00ins", "ops", "adm\x7fins", "a\ud800b")) == "ops,a?b"

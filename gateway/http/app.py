@@ -59,15 +59,27 @@ _PRIVATE_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
 #: Characters that may not reach a response header (header injection / response splitting).
 _UNSAFE = {c: None for c in range(32)} | {0x7F: None}
 
+_identity_warning = RateLimitedWarning(logging.getLogger("authgw.http"))
 
-def _header_value(text: str) -> str:
-    # isprintable() is False for every character _UNSAFE removes (and for some it keeps, such
-    # as U+2028): a printable value, the usual case, needs no copy. A lone surrogate (an
-    # identity from a YAML or JSON escape) cannot be written as UTF-8: it became a reset
-    # connection after a logged success (review of the front door); it is written as "?".
+
+def _header_value(text: str, field: str = "") -> str:
+    """*text* as a response header's value. A value holding a control character is not sent
+    (an empty value, with a warning): taking the characters out made another value of it, so
+    a directory's ``mail: "ceo@example.com\\x7f"`` reached the backend as the CEO's address
+    (review of what the gateway writes). HTTP has no way to send them.
+
+    isprintable() is False for every character _UNSAFE holds (and for some it does not, such as
+    U+2028, sent as they are): a printable value, the usual case, needs no copy. A lone
+    surrogate (an identity from a YAML or JSON escape) cannot be written as UTF-8: it became a
+    reset connection after a logged success (review of the front door); it is written as "?"."""
     if text.isprintable():
         return text
-    return text.translate(_UNSAFE).encode("utf-8", "replace").decode("utf-8")
+    if len(text.translate(_UNSAFE)) != len(text):
+        _identity_warning(f"control:{field}", "the identity's %s holds a control character: %s sent empty (its "
+                          "characters cannot be sent, and leaving them out would make another value of it)",
+                          field or "value", f"Remote-{field.capitalize()}" if field else "the header")
+        return ""
+    return text.encode("utf-8", "replace").decode("utf-8")
 
 
 _groups_warning = RateLimitedWarning(logging.getLogger("authgw.http"))
@@ -76,15 +88,18 @@ _groups_warning = RateLimitedWarning(logging.getLogger("authgw.http"))
 def _groups_header(groups: tuple[str, ...]) -> str:
     """``Remote-Groups``: the names, comma-separated. A name holding a comma is left out (with a
     warning): ``project-x, admins`` would read as two groups, ``admins`` among them, to a
-    backend that splits on commas (review of the front door)."""
+    backend that splits on commas (review of the front door). So is a name holding a control
+    character: without it ``adm\\x00ins`` read as ``admins`` (review of what the gateway writes)."""
     joined = ",".join(groups)
-    if not groups or joined.count(",") == len(groups) - 1:  # no name holds a comma: the usual case
-        return _header_value(joined)
-    left_out = [g for g in groups if "," in g]
-    _groups_warning("comma", "group name(s) %s hold a comma: left out of Remote-Groups (a backend splitting it "
-                    "on commas would read several groups); rename them, or read groups from /v1/authenticate",
-                    ", ".join(map(repr, left_out[:5])))
-    return _header_value(",".join(g for g in groups if "," not in g))
+    if not groups or (joined.count(",") == len(groups) - 1 and joined.isprintable()):  # the usual case
+        return joined
+    left_out = [g for g in groups if "," in g or len(g.translate(_UNSAFE)) != len(g)]
+    if left_out:
+        _groups_warning("comma", "group name(s) %s hold a comma or a control character: left out of Remote-Groups "
+                        "(a backend splitting it on commas would read several groups; without the control "
+                        "character it would read as another group); rename them, or read groups from "
+                        "/v1/authenticate", ", ".join(map(repr, left_out[:5])))
+    return _header_value(",".join(g for g in groups if g not in left_out), "groups")
 
 
 class PublicHeaders(Mapping[str, str]):
@@ -214,10 +229,10 @@ class FrontDoor:
         if decision.success:
             identity = decision.identity
             headers.update({
-                "Remote-User": _header_value(identity.username),
+                "Remote-User": _header_value(identity.username, "user"),
                 "Remote-Groups": _groups_header(identity.groups),
-                "Remote-Email": _header_value(identity.email),
-                "Remote-Name": _header_value(identity.display_name),
+                "Remote-Email": _header_value(identity.email, "email"),
+                "Remote-Name": _header_value(identity.display_name, "name"),
                 "Remote-Auth-Source": "cache" if decision.from_cache else "live",
             })
             mutual = attempt.stash.get(MUTUAL_AUTH_KEY, None)
