@@ -330,7 +330,8 @@ def assertion(op, **claims) -> str:
 
 #: Times that are not finite numbers (Python's JSON reader takes NaN and Infinity), each refused.
 NOT_FINITE = [{"exp": float("nan")}, {"exp": float("inf")}, {"exp": float("-inf")}, {"nbf": float("nan")},
-              {"iat": float("nan")}, {"iat": float("inf")}, {"iat": True}, {"iat": "now"}]
+              {"iat": float("nan")}, {"iat": float("inf")}, {"iat": True}, {"iat": "now"},
+              {"nbf": 10**400}, {"iat": -10**400}]  # integers no float holds: math.isfinite raised (a 500)
 
 
 def test_a_client_assertion_whose_times_are_not_finite_numbers_is_invalid_client(any_store):

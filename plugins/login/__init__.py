@@ -66,7 +66,7 @@ class LoginPlugin:
     def _store(self):
         sessions = self.settings.sessions
         if sessions.store == "redis":
-            return RedisStore(sessions.redis_url, sessions.absolute)
+            return RedisStore(sessions.redis_url, sessions.absolute, timeout=sessions.redis_timeout)
         return SqliteStore(self.context.state_dir / "login" / "sessions.sqlite3")
 
     @hookimpl

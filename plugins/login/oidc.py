@@ -68,7 +68,9 @@ the token endpoint reads (:data:`GRANT_FIELDS`, the identity, the ``sid``), and 
 from an existing session spend its user's budget (:meth:`.web.LoginDoor.admit_answer`).
 ``/oidc/userinfo`` answers while the sign-in session the token was issued in lives and its account
 passes the account check of :mod:`.web` (else ``invalid_token``), with the profile as that check
-refreshed it.
+refreshed it. A bearer token that cannot be one of ours (not the 43 URL-safe characters of
+:data:`_ACCESS_TOKEN`) is ``invalid_token`` without asking the session store: an anonymous
+client cannot make the door wait for it.
 """
 
 from __future__ import annotations
@@ -170,6 +172,10 @@ GRANT_FIELDS = ("client_id", "redirect_uri", "challenge", "nonce", "scope")
 
 #: max_age: ASCII digits, up to about 31 years (str.isdigit() takes "²").
 _MAX_AGE = re.compile(r"[0-9]{1,9}")
+#: The shape of the access tokens :meth:`OidcProvider.token` issues: ``secrets.token_urlsafe(32)``,
+#: 32 random bytes in unpadded base64url. Another is refused before any store lookup.
+_ACCESS_TOKEN_BYTES = 32
+_ACCESS_TOKEN = re.compile(r"[A-Za-z0-9_-]{43}")
 
 #: The longest a client assertion may still be valid when it arrives (RFC 7523 leaves it to the
 #: server): its jti is remembered that long, so a longer one would make the replay store hold
@@ -514,7 +520,7 @@ class OidcProvider:
         # about to give and the client it was issued to, so that a second redemption by that
         # client can revoke it (RFC 6749 4.1.2), and is kept while either the code or that token
         # could still be in use.
-        access = secrets.token_urlsafe(32)
+        access = secrets.token_urlsafe(_ACCESS_TOKEN_BYTES)
         lifetime = int(self.settings.oidc.token_lifetime)
         store.put_pending("code-used:" + code_key, {"at": [_digest(access)], "client_id": client.client_id},
                           time.time() + max(self.settings.oidc.code_lifetime, lifetime) + 1)
@@ -585,8 +591,9 @@ class OidcProvider:
         except MalformedCredentials:
             scheme = token = ""
         record = None
-        if scheme.lower() == "bearer" and token and len(token) <= 128:
-            record = self.web.sessions.store.get_pending("at:" + _digest(token.strip()), time.time())
+        token = token.strip()
+        if scheme.lower() == "bearer" and _ACCESS_TOKEN.fullmatch(token):  # else not one of ours: not looked up
+            record = self.web.sessions.store.get_pending("at:" + _digest(token), time.time())
         identity = await self._userinfo_identity(record, request) if record is not None else None
         if identity is None:
             return web.json_response({"error": "invalid_token"}, status=401,
@@ -791,8 +798,14 @@ def _replay_mark(code_key: str, client_id: str) -> str:
 
 def _finite_number(value) -> bool:
     """A JSON number that is a number: not a boolean, not NaN or an infinity (Python's JSON
-    reader takes ``NaN`` and ``Infinity``, which pass or fail every comparison)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    reader takes ``NaN`` and ``Infinity``, which pass or fail every comparison), and an integer
+    no float can hold (``10**400``: math.isfinite raised OverflowError, a 500) is none either."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _digest(text: str) -> str:

@@ -36,6 +36,13 @@ past ``absolute`` *or* idle past ``idle`` (SQLite), the key's expiry (Redis: eac
 expires at its idle or absolute end, whichever comes first, renewed by each use). A SQLite change
 is one transaction, a Redis one a Lua script. A SQLite file made by this version gives the freed pages back
 (``auto_vacuum = INCREMENTAL``); an older file keeps its size and reuses them (docs/login.md).
+
+The Redis store's calls block the worker's event loop (the door's handlers make them): each is
+bounded by ``sessions.redis_timeout`` and, after a call that could not reach Redis, a circuit
+breaker refuses every call at once for :data:`BREAKER_WINDOW` seconds, then lets one through to
+try (review: a hung Redis held the loop for the 2 s socket timeout per request, one request after
+another, ``/healthz`` and ``/auth`` waiting behind them). A refused call raises the store's usual
+error, answered 503.
 """
 
 from __future__ import annotations
@@ -45,11 +52,13 @@ import hashlib
 import hmac
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import math
 import secrets
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -62,7 +71,9 @@ from gateway.sqlitedb import connect_wal
 
 from .settings import SessionSettings
 
-__all__ = ["MAX_PARKED", "PURGE_BATCH", "RECHECK_INTERVAL", "STORE_ERRORS", "ParkRefused", "RedisStore", "Session", "SessionManager", "SqliteStore", "identity_from_json", "identity_to_json", "same"]
+__all__ = ["BREAKER_WINDOW", "CLOCK_TOLERANCE", "MAX_PARKED", "PURGE_BATCH", "RECHECK_INTERVAL", "STORE_ERRORS",
+           "ParkRefused", "RedisStore", "Session", "SessionManager", "SqliteStore", "identity_from_json",
+           "identity_to_json", "same", "within"]
 
 
 log = logging.getLogger("authgw.plugin.login")
@@ -139,6 +150,17 @@ def identity_from_json(data: dict[str, Any]) -> Identity:
 #: checked again; its first reuse after sign-in always is. (A constant for now: it would be a
 #: ``login.sessions`` setting.)
 RECHECK_INTERVAL = 60.0
+#: Seconds a stored time may lie ahead of this host's clock (another host's clock runs a little
+#: ahead of it, sharing a Redis store). Further ahead, the clock stepped back (an NTP correction
+#: of a clock that ran fast): a session's age, a sign-in's and an account check's would be
+#: negative, and each would count as fresh for as long as the step (review of time).
+CLOCK_TOLERANCE = 60.0
+
+
+def within(age: float, limit: float) -> bool:
+    """Whether *age* (now less a stored time) is at most *limit*, and not negative by more than
+    :data:`CLOCK_TOLERANCE` (a time from the future is past every limit)."""
+    return -CLOCK_TOLERANCE <= age <= limit
 
 
 @dataclass(frozen=True)
@@ -495,20 +517,154 @@ return 1
 """
 #: Compare-and-set attempts before a touch or update gives way to the writes that won.
 _REWRITE_TRIES = 5
+#: Seconds a session Redis that did not answer (``sessions.redis_timeout``) or refused the
+#: connection is left alone: every call fails at once meanwhile (the request is answered 503, as
+#: when Redis fails), then one call is let through to try it (review: each call blocked the
+#: worker's event loop for the whole socket timeout, one request after another, until the
+#: worker watchdog killed the worker with every request it held).
+BREAKER_WINDOW = 5.0
+#: ``sessions.redis_timeout`` when the store is made without it (the health probe's store).
+DEFAULT_REDIS_TIMEOUT = 0.5
+
+
+class _Breaker:
+    """The circuit breaker of a :class:`RedisStore`: closed while Redis answers; open for
+    :data:`BREAKER_WINDOW` seconds after a call failed to reach it (a timeout, a refused or lost
+    connection), every call meanwhile refused at once; then half open: the next call is let
+    through (one at a time), its success closes the breaker, its failure opens it again. A
+    worker's event loop thus waits for a hung Redis once per window, not once per request. The
+    outage is logged once at ERROR when it opens and once at WARNING when it closes. Thread-safe
+    (the door's handlers, the purge's thread)."""
+
+    def __init__(self, location: str, window: float = BREAKER_WINDOW) -> None:
+        self.location = location
+        self.window = window
+        self._lock = threading.Lock()
+        self._retry_at: float | None = None  # monotonic time of the next try; None: closed
+        self._probing = False  # a call let through to try Redis is under way
+        self._since = 0.0      # monotonic start of the outage
+        self._refused = 0      # calls refused at once in this outage
+
+    @property
+    def closed(self) -> bool:
+        return self._retry_at is None
+
+    def admit(self) -> bool:
+        """Whether a call may ask Redis; ``True`` when it is the probe of a half-open breaker.
+        Raises ``redis.ConnectionError`` (a store error: the request is answered 503) while open."""
+        if self._retry_at is None:  # the common case, without the lock
+            return False
+        with self._lock:
+            if self._retry_at is None:
+                return False
+            now = time.monotonic()
+            if now >= self._retry_at and not self._probing:
+                self._probing = True
+                return True
+            self._refused += 1
+            failed = now - self._since
+        import redis
+
+        raise redis.ConnectionError(f"{self.location}: not asked: unavailable for {failed:.1f} s "
+                                    f"(tried again at most every {self.window:.0f} s)")
+
+    def failed(self, probe: bool, exc: BaseException) -> None:
+        """A call did not reach Redis: the breaker opens (again) for a window."""
+        now = time.monotonic()
+        with self._lock:
+            first = self._retry_at is None
+            if first:
+                self._since, self._refused = now, 0
+            self._retry_at = now + self.window
+            if probe:
+                self._probing = False
+        if first:
+            log.error("login session store unavailable (fail closed: sign-ins and answers are refused, 503): "
+                      "%s: %s: %s. Not asked for %.0f s, then tried again by one request at a time; logged once "
+                      "per outage", self.location, exc.__class__.__name__, exc, self.window)
+
+    def answered(self, probe: bool) -> None:
+        """Redis answered a call (whatever it answered): the end of an outage, if there was one."""
+        if self._retry_at is None and not probe:  # the common case, without the lock
+            return
+        with self._lock:
+            if probe:
+                self._probing = False
+            if self._retry_at is None:
+                return
+            lasted, refused = time.monotonic() - self._since, self._refused
+            self._retry_at, self._refused = None, 0
+        log.warning("login session store %s answers again after %.0f s; %d request(s) were refused at once "
+                    "meanwhile (503)", self.location, lasted, refused)
+
+    def abandoned(self, probe: bool) -> None:
+        """A call ended otherwise (an error before or after Redis, not of the connection): the
+        breaker stays as it is; a probe's turn goes to the next call."""
+        if probe:
+            with self._lock:
+                self._probing = False
+
+
+def _breaker(method):
+    """A :class:`RedisStore` method guarded by its :class:`_Breaker`."""
+    @functools.wraps(method)
+    def guarded(self, *args, **kwargs):
+        probe = self.breaker.admit()
+        try:
+            result = method(self, *args, **kwargs)
+        except self._unreachable as exc:
+            self.breaker.failed(probe, exc)
+            raise
+        except BaseException:
+            # Redis answered with an error (a ResponseError), or the caller's data was refused:
+            # not a sign of an outage, nor of its end.
+            self.breaker.abandoned(probe)
+            raise
+        self.breaker.answered(probe)
+        return result
+
+    return guarded
 
 
 class RedisStore:
-    """The same records in Redis, with server-side expiry (several gateway instances)."""
+    """The same records in Redis, with server-side expiry (several gateway instances).
 
-    def __init__(self, url: str, ttl: float) -> None:
+    Its calls block (the door's handlers make them on the worker's event loop): each is bounded
+    by *timeout* (``sessions.redis_timeout``: connecting, then each answer; no retry), and a
+    :class:`_Breaker` refuses every call at once for :data:`BREAKER_WINDOW` seconds after one
+    could not reach Redis. A refused call raises ``redis.ConnectionError``, as a failed one does
+    (:data:`STORE_ERRORS`: the door answers 503)."""
+
+    def __init__(self, url: str, ttl: float, timeout: float = DEFAULT_REDIS_TIMEOUT) -> None:
         import redis  # authgw[redis]
 
-        self.redis = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        self._url = url
         self.ttl = int(ttl) + 1
         #: ``sessions.idle`` and ``sessions.absolute`` (:meth:`lifetimes`): a session's key expires
         #: when the first of them is reached, so Redis drops idle sessions itself.
         self.idle = self.absolute = float(ttl)
         self.location = redis_location(url)  # for readiness and errors: no password
+        #: What a call that did not reach Redis raises (``BusyLoadingError`` is a ``ConnectionError``);
+        #: an error Redis answered (``ResponseError``) is not one.
+        self._unreachable = (redis.ConnectionError, redis.TimeoutError, OSError)
+        self.breaker = _Breaker(self.location)
+        self.redis = None
+        self.use_timeout(timeout)
+
+    def use_timeout(self, timeout: float) -> None:
+        """Bound each call by *timeout* seconds (a new client: connections already made are
+        closed)."""
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        if self.redis is not None:
+            self.redis.close()
+        self.timeout = float(timeout)
+        # No retry: a retried call would block the event loop again (redis-py 6 and later retry
+        # a timeout by default).
+        self.redis = redis.Redis.from_url(self._url, socket_timeout=self.timeout, socket_connect_timeout=self.timeout,
+                                          retry=Retry(NoBackoff(), 0))
         self._swap = self.redis.register_script(_SWAP)
         self._delete = self.redis.register_script(_DELETE)
         self._limit = self.redis.register_script(_LIMIT)
@@ -524,20 +680,26 @@ class RedisStore:
         return max(1, math.ceil(min(seen + self.idle, created + self.absolute) - now)) + 1
 
     def ping(self) -> str:
-        """The health probe's question (raises on failure; at most the 2 s socket timeout)."""
+        """The health probe's question (raises on failure; at most the socket timeout). Asks Redis
+        whatever the breaker says: the probe runs off the event loop, and readiness reports
+        what Redis answers now."""
         self.redis.ping()
         return f"{self.location}: answers"
 
+    @_breaker
     def put_session(self, key: str, data: dict, now: float) -> None:
         self.redis.set(f"authgw:login:s:{key}", json.dumps([data, now, now]), ex=self._expiry(now, now, now))
 
+    @_breaker
     def get_session(self, key: str) -> tuple[dict, float, float] | None:
         raw = self.redis.get(f"authgw:login:s:{key}")
         return tuple(json.loads(raw)) if raw else None
 
+    @_breaker
     def touch_session(self, key: str, now: float) -> None:
         self._rewrite(key, lambda data, created, seen: [data, created, now], now)
 
+    @_breaker
     def update_session(self, key: str, data: dict) -> None:
         self._rewrite(key, lambda _, created, seen: [data, created, seen])
 
@@ -566,11 +728,13 @@ class RedisStore:
         # Every try lost to other workers' writes of this session: a touch is theirs as well; an
         # account check not stored is made again at the session's next use.
 
+    @_breaker
     def delete_session(self, key: str) -> None:
         """Delete the session and what belongs to it (participants, its SessionIndex record,
         its place in its subject's set), atomically (a Lua script)."""
         self._delete(keys=[f"authgw:login:s:{key}", f"authgw:login:sp:{key}"], args=[_PREFIX, key])
 
+    @_breaker
     def limit_subject(self, subject: str, keep: str, most: int, now: float, idle: float,
                       absolute: float) -> list[tuple[str, dict[str, dict]]]:
         """As :meth:`SqliteStore.limit_subject`, atomically (a Lua script): the session *keep*
@@ -580,16 +744,19 @@ class RedisStore:
                             args=[_PREFIX, keep, most, int(absolute) + 1, repr(now)])
         return [(other.decode(), {party.decode(): {} for party in parties}) for other, parties in ended]
 
+    @_breaker
     def put_participant(self, key: str, party: str, data: dict) -> None:
         # A hash per session (one field per party), expiring with the session (not noted when
         # the session is gone).
         self._participant(keys=[f"authgw:login:s:{key}", f"authgw:login:sp:{key}"],
                           args=[party, json.dumps(data), self.ttl])
 
+    @_breaker
     def get_participants(self, key: str) -> dict[str, dict]:
         raw = self.redis.hgetall(f"authgw:login:sp:{key}")
         return {party.decode(): json.loads(data) for party, data in raw.items()}
 
+    @_breaker
     def put_pending(self, key: str, data: dict, expires: float) -> bool:
         ttl = max(1, int(_finite(expires) - time.time()) + 1)
         stored = bool(self.redis.set(f"authgw:login:p:{key}", json.dumps(data), ex=ttl, nx=True))
@@ -601,12 +768,14 @@ class RedisStore:
             pipe.execute()
         return stored
 
+    @_breaker
     def take_pending(self, key: str, now: float) -> dict | None:
         raw = self.redis.getdel(f"authgw:login:p:{key}")
         if raw and key.startswith("p:"):
             self.redis.zrem(_PARKED_SET, key)
         return json.loads(raw) if raw else None
 
+    @_breaker
     def count_parked(self, now: float) -> int:
         """Parked requests of every instance: a sorted set of their keys by expiry, the expired
         ones dropped first (Redis expires the records themselves)."""
@@ -615,10 +784,12 @@ class RedisStore:
         pipe.zcard(_PARKED_SET)
         return int(pipe.execute()[1])
 
+    @_breaker
     def get_pending(self, key: str, now: float) -> dict | None:
         raw = self.redis.get(f"authgw:login:p:{key}")
         return json.loads(raw) if raw else None
 
+    @_breaker
     def get_pendings(self, keys: list[str], now: float) -> dict[str, dict]:
         """:meth:`get_pending` of several keys in one round trip (``MGET``)."""
         if not keys:
@@ -640,6 +811,8 @@ class SessionManager:
         self.settings = settings
         self.store = store
         store.lifetimes(settings.idle, settings.absolute)  # the purge (SQLite), the keys' expiry (Redis)
+        if isinstance(store, RedisStore) and store.timeout != settings.redis_timeout:
+            store.use_timeout(settings.redis_timeout)  # each call's bound (the breaker's window is fixed)
         self._key = cookie_key
         self._last_purge = None  # wall-clock time of the last purge; None until the first
         self._purging: asyncio.Task | None = None  # the purge running in a thread, if any
@@ -740,7 +913,7 @@ class SessionManager:
             return None
         data, created, seen = record
         now = time.time()
-        if now - created > self.settings.absolute or now - seen > self.settings.idle:
+        if not within(now - created, self.settings.absolute) or not within(now - seen, self.settings.idle):
             self.store.delete_session(key)
             return None
         return Session(key, identity_from_json(data["identity"]), created, data["index"],
@@ -750,7 +923,7 @@ class SessionManager:
 
     @staticmethod
     def recheck_due(session: Session) -> bool:
-        return time.time() - session.checked >= RECHECK_INTERVAL
+        return not -CLOCK_TOLERANCE <= time.time() - session.checked < RECHECK_INTERVAL
 
     def rechecked(self, session: Session, found: Identity | None) -> Session | None:
         """*session* after the directory answered *found* (a ``gateway_lookup_user`` answer for

@@ -58,12 +58,18 @@ class SessionSettings(PluginSettings):
     """Browser sessions. The cookie holds a random id signed with a key from the state
     directory; the session itself is kept server-side, so every worker and instance sees it."""
 
-    idle: float = Field(1800.0, gt=0, description="seconds without a request after which a session ends")
-    absolute: float = Field(28800.0, gt=0, description="seconds after login after which a session ends anyway")
+    idle: float = Field(1800.0, gt=0, le=366 * 86400, description="seconds without a request after which a session ends")
+    absolute: float = Field(28800.0, gt=0, le=366 * 86400,
+                            description="seconds after login after which a session ends anyway (at most a year)")
     store: Literal["sqlite", "redis"] = Field(
         "sqlite", description="`sqlite` (a file in the state directory, shared by this machine's workers) "
         "or `redis` (shared by several instances)")
     redis_url: str = Field("", description="`redis://HOST:PORT/DB` when `store: redis`")
+    redis_timeout: float = Field(0.5, gt=0, le=10, description="with `store: redis`, seconds one call to Redis "
+                                 "may take (connecting, then each answer); past it the request is answered 503 "
+                                 "and, for the next 5 s, every request that needs the store is answered 503 at "
+                                 "once, without asking Redis; then one request tries it again. The call blocks "
+                                 "the worker, so keep it short")
     cookie_name: str = Field("authgw_session", pattern=r"^[A-Za-z0-9_-]{1,64}$", description="session cookie name")
     secure_cookie: bool = Field(True, description="mark cookies `Secure` (turn off only for plain-HTTP tests)")
     requests_per_client: int = Field(30, ge=1, le=1_000_000, description="sign-ins one client address may "
@@ -203,7 +209,7 @@ class OidcClient(PluginSettings):
 
 class OidcSettings(PluginSettings):
     code_lifetime: float = Field(60.0, gt=0, le=600, description="seconds an authorization code may be redeemed")
-    token_lifetime: float = Field(300.0, gt=0, le=86400, description="seconds id_token and access_token are valid")
+    token_lifetime: float = Field(300.0, ge=1, le=86400, description="seconds id_token and access_token are valid")
     clients: list[OidcClient] = Field([], description="registered relying parties")
 
     @field_validator("clients")

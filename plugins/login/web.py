@@ -64,14 +64,17 @@ from gateway import BackendUnavailable, Decision, Identity, Outcome, SessionCred
 from gateway.chain import AFTER_THE_CHAIN, PRECHECK_STEP, PRECHECKED
 from gateway.http import forms
 from gateway.http.credentials import MalformedCredentials, parse_authorization, single_authorization
-from gateway.logs import printable
+from gateway.logs import RateLimitedWarning, printable
 
 from .pages import AUTOSUBMIT_HASH, STYLE_HASH, Pages
-from .sessions import STORE_ERRORS, ParkRefused, Session, SessionManager
+from .sessions import STORE_ERRORS, ParkRefused, Session, SessionManager, within
 
 __all__ = ["PARK_BURST", "PARK_CLIENTS", "PARK_RATE", "AccountUncheckable", "LoginDoor", "ParkLimiter", "Refused"]
 
 log = logging.getLogger("authgw.plugin.login")
+#: A store outage refuses every request of its length: one line a minute (the store's own client
+#: logs the outage's start and end once each, plugins/login/sessions.py).
+_store_warning = RateLimitedWarning(log)
 
 CSRF_COOKIE = "authgw_csrf"
 FRONT_DOOR = "login"
@@ -376,7 +379,7 @@ class LoginDoor:
                 if isinstance(exc, AccountUncheckable):
                     log.error("login: nothing issued: %s", exc)
                 else:
-                    log.error("login session store unavailable: %s: %s", exc.__class__.__name__, exc)
+                    _store_warning("store", "login session store unavailable: %s: %s", exc.__class__.__name__, exc)
                 if json:
                     return web.json_response({"error": "temporarily_unavailable"}, status=503,
                                              headers={"Retry-After": "5", "Cache-Control": "no-store"})
@@ -407,7 +410,7 @@ class LoginDoor:
         if principals is not None and session.identity.subject not in principals:
             return False
         max_age = pending.get("max_age")
-        return max_age is None or (max_age > 0 and time.time() - session.identity.authenticated_at <= max_age)
+        return max_age is None or (max_age > 0 and within(time.time() - session.identity.authenticated_at, max_age))
 
     async def lookup(self, username: str) -> Identity | None:
         """``gateway_lookup_user`` (off the event loop: a directory's lookup may block);
