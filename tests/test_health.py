@@ -72,6 +72,19 @@ def test_details_and_metrics_only_for_the_allowed_addresses(directory, start):
     assert directory.ldaps_url not in text and "ldap.server" not in text
 
 
+def test_a_proxy_on_the_same_host_does_not_lend_its_clients_the_details(directory, start):
+    # nginx on loopback (details_from's default) in front: its clients reached /readyz's details
+    # and /metrics through it, since only the socket peer was checked (review of what the
+    # gateway writes). The client it forwards for must be allowed too.
+    gw = start(directory.plugin_settings("ldaps"), trusted_proxies=["127.0.0.0/8"])
+    outsider = {"X-Forwarded-For": "203.0.113.9"}
+    assert gw.get("/readyz", outsider).json() == {"ready": True}
+    assert gw.get("/metrics", outsider).status == 404
+    local = {"X-Forwarded-For": "127.0.0.1"}  # a client on the proxy's host, as the proxy says
+    assert "components" in gw.get("/readyz", local).json() and gw.get("/metrics", local).status == 200
+    assert "components" in gw.get("/readyz").json()  # the proxy's own request (no X-Forwarded-For)
+
+
 def test_a_certificate_step_does_not_hide_that_no_password_login_can_be_served(directory, tmp_path, start_gateway):
     # chain [client_cert, ldap] with the service account refused: certificates could still log
     # in, but every password login would get 503, so a load balancer must be told.

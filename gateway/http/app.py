@@ -356,10 +356,16 @@ class FrontDoor:
         return Answer(200, f"ok authgw {authgw_version()}\n", {})
 
     def sees_details(self, request: web.Request) -> bool:
-        """Health details (backend URLs, file paths) and /metrics only for ``health.details_from``
-        (the socket peer: a proxy in front would otherwise lend every client its address)."""
+        """Health details (backend URLs, file paths) and /metrics only for ``health.details_from``:
+        the socket peer, and when that peer is a trusted proxy, the client it forwards for too.
+        The peer alone let every client of a proxy on the same host (loopback, the default) read
+        them through it (review of what the gateway writes)."""
+        networks = self.gateway.settings.health.details_from
         peer = parse_address(request.remote or "")
-        return peer is not None and any(peer in net for net in self.gateway.settings.health.details_from)
+        if peer is None or not any(peer in net for net in networks):
+            return False
+        client, proxied = self.client_of(request)
+        return not proxied or any(client in net for net in networks)
 
     async def readyz(self, request: web.Request) -> web.Response:
         health = self.gateway.health()  # one snapshot: the health thread decides concurrently

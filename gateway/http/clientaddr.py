@@ -4,6 +4,12 @@ Behind trusted proxies, ``X-Forwarded-For`` is walked from the right (the hop ne
 skipping trusted hops; the first untrusted address is the client. Everything to the left of it
 was written by the client itself and is ignored. A peer that is not a trusted proxy cannot move
 its address at all.
+
+A trusted proxy's ``X-Forwarded-For`` whose hop cannot be read where the client should be
+(``unknown``, an obfuscated identifier, an empty value) names no client: the address is then
+:data:`UNKNOWN_CLIENT`, in no network an operator lists (Kerberos ranges, ``details_from``), not
+the proxy's own, which sat in those lists and shared its throttle budget with every client
+behind it. A trusted peer that sends no ``X-Forwarded-For`` at all is the client itself.
 """
 
 from __future__ import annotations
@@ -12,10 +18,14 @@ import functools
 import ipaddress
 from typing import Iterable
 
-__all__ = ["ClientAddressResolver"]
+__all__ = ["UNKNOWN_CLIENT", "ClientAddressResolver"]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+#: The client of a trusted proxy whose X-Forwarded-For names none it can read: the first address
+#: of the discard-only prefix (RFC 6666, 100::/64), which no client has.
+UNKNOWN_CLIENT = ipaddress.IPv6Address("100::")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -50,11 +60,13 @@ class ClientAddressResolver:
         address = parse_address(peer or "") or ipaddress.ip_address("0.0.0.0")
         if not self.trusted or not self.is_trusted(address):
             return address, False
+        if not forwarded_for:
+            return address, True  # the proxy's own request (a health check), or one that forwards none
         hops = [hop for value in forwarded_for for hop in value.split(",")]
         for hop in reversed(hops):
             parsed = parse_address(hop)
-            if parsed is None:  # garbage left of a trusted hop: stop at the last hop we can trust
-                break
+            if parsed is None:  # where the client should be: garbage, so no client we can name
+                return UNKNOWN_CLIENT, True
             address = parsed
             if not self.is_trusted(parsed):
                 break
