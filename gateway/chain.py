@@ -594,6 +594,8 @@ class Gateway:
         try:
             return await self._store_call(work, attempt.deadline)
         except StoreUnavailable:
+            # A reservation delivered after the wait ended is given back here; one whose call
+            # raised (a Redis timeout: Redis may still run it) the store takes back itself.
             late = handover.give_up()
             if late is not None and self._store_pool is not None:
                 self._store_pool.submit(lambda _arg: self._give_back(late, attempt.request_id), None)

@@ -314,7 +314,9 @@ class ThrottleRedisSettings(PluginSettings):
     url: str = Field(pattern=r"^rediss?://", description="`redis://HOST:PORT/DB` or `rediss://` (TLS); no password in it")
     password: Secret | None = Field(None, description="Redis password (`{env:}`/`{file:}`)")
     key_prefix: str = Field("authgw:throttle:", description="prepended to every key (keys are hashes, never usernames)")
-    timeout: float = Field(0.5, gt=0, le=10, description="seconds per Redis call; no answer refuses the attempt (503)")
+    timeout: float = Field(0.5, gt=0, le=10, description="seconds one Redis call may take in all (connecting, "
+                           "sending, reading the whole answer); a call not answered by then refuses the attempt "
+                           "(503), and its reservation is taken back once Redis answers again")
 
     @field_validator("url")
     @classmethod
@@ -333,7 +335,7 @@ class ThrottleSettings(PluginSettings):
     user_client_failures: int = Field(3, ge=1, description="guesses per username from one client within `window` "
                                       "before that client gets 429 for that user (others may still log in)")
     client_failures: int = Field(30, ge=1, description="guesses per client address (any usernames) within `window` before 429")
-    window: float = Field(1800.0, gt=0, description="seconds a guess is remembered; at least the directory's "
+    window: float = Field(1800.0, gt=0, le=30 * 86400, description="seconds a guess is remembered; at least the directory's "
                           "lockout observation window")
     ipv6_prefix: int = Field(64, ge=32, le=128, description="an IPv6 client is counted by its network of this "
                              "length (a /64 is one host's: every address in it is one client), 128: by address")

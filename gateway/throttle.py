@@ -22,7 +22,9 @@ Decides whether a password attempt may reach the chain, and what its result cost
 * **Shared.** ``store: sqlite`` (one file in the state directory) shares the counts between the
   workers of a machine, ``store: redis`` between instances; ``auto`` is ``memory`` for one
   worker and ``sqlite`` for several, counting the workers of ``authgw serve --workers`` too. A
-  store that cannot answer fails closed (``UNAVAILABLE``).
+  store that cannot answer fails closed (``UNAVAILABLE``), and that attempt counts as no guess:
+  a reservation whose call failed may still be made (a frozen Redis runs it when it wakes), so
+  the Redis store takes it back once Redis answers again (``RedisStore._unsure``).
 * **Kept over a reload.** A reload builds a new :class:`Throttle`; :meth:`Throttle.carry_over`
   hands it the running ``memory`` store, counts and all (``sqlite`` and ``redis`` keep theirs
   outside the process), so ``systemctl reload`` never hands guessers a fresh budget. A reload
@@ -75,12 +77,16 @@ class Ticket:
 
 class Throttle:
     def __init__(self, settings: ThrottleSettings, *, state_dir: Path | None = None, workers: int = 1,
-                 clock=time.time) -> None:
+                 clock=None) -> None:
         self.settings = settings
-        self._clock = clock
         #: ``memory``, ``sqlite`` or ``redis`` (``auto`` resolved for *workers*, the effective
         #: worker count), or ``off`` when throttling is disabled.
         self.kind = store_kind(settings, state_dir, workers) if settings.enabled else "off"
+        # The memory store's counts live in this process: dated by the monotonic clock, which an
+        # NTP step does not move (a step forward of a window freed every guess at once; review
+        # of time). SQLite's are shared by the workers and outlive a boot: wall-clock seconds.
+        # Redis dates them itself (its TIME).
+        self._clock = clock or (time.monotonic if self.kind in ("memory", "off") else time.time)
         self.store: ThrottleStore = open_store(settings, state_dir, workers) if settings.enabled else MemoryStore()
         #: The store does network I/O: call it off the event loop.
         self.blocking = self.store.blocking

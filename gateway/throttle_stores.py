@@ -16,6 +16,7 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 from collections import deque
 from pathlib import Path
 from typing import Protocol
@@ -253,32 +254,131 @@ class SQLiteStore:
         self._conn = None
 
 
-# KEYS: the keys; ARGV[1] window (ms), ARGV[2] ticket, ARGV[2+i] limit of KEYS[i]. The time is
-# Redis's own (TIME), not the caller's: instances whose clocks differ would otherwise place their
-# failures apart, and one running ahead by a window would drop every other instance's counts at
-# its next guess. Effects replication (Redis 7's only mode) lets a script
-# that writes read TIME; on Redis 5 and 6 `replicate_commands` turns it on.
+# KEYS[1]: the ticket's tombstone; KEYS[1 + i]: the counters; ARGV[1] window (ms), ARGV[2] ticket,
+# ARGV[2 + i] limit of KEYS[1 + i]. The time is Redis's own (TIME), not the caller's: instances
+# whose clocks differ would otherwise place their failures apart, and one running ahead by a
+# window would drop every other instance's counts at its next guess. Effects replication (Redis
+# 7's only mode) lets a script that writes read TIME; on Redis 5 and 6 `replicate_commands` turns
+# it on. The tombstone is set by :meth:`RedisStore._retract` for a call the gateway gave up on: a
+# call that Redis runs late (it sat in a socket buffer while Redis was frozen, or in the network)
+# then adds nothing (-1), whichever of the two Redis runs first.
 _RESERVE = """
 if redis.replicate_commands then redis.replicate_commands() end
+if redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local horizon = now - tonumber(ARGV[1])
-for i, key in ipairs(KEYS) do
-  redis.call('ZREMRANGEBYSCORE', key, '-inf', horizon)
-  if redis.call('ZCARD', key) >= tonumber(ARGV[2 + i]) then return 0 end
+for i = 2, #KEYS do
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', horizon)
+  if redis.call('ZCARD', KEYS[i]) >= tonumber(ARGV[1 + i]) then return 0 end
 end
-for i, key in ipairs(KEYS) do
-  redis.call('ZADD', key, now, ARGV[2])
-  redis.call('PEXPIRE', key, ARGV[1])
+for i = 2, #KEYS do
+  redis.call('ZADD', KEYS[i], now, ARGV[2])
+  redis.call('PEXPIRE', KEYS[i], ARGV[1])
 end
 return 1
 """
+
+#: Tickets of failed calls that may still land, kept to be taken back (:meth:`RedisStore._retract`).
+_MAX_UNSURE = 10_000
+#: Tickets taken back per round trip.
+_RETRACT_BATCH = 256
+#: How long a tombstone outlives its ticket's failed call at least (ms): a call that sat in the
+#: network (a partition; the kernel retransmits a closed socket's data for minutes) still finds it.
+_TOMBSTONE_MIN_MS = 15 * 60 * 1000
+
+
+class _CallDeadline(threading.local):
+    """When the store call of this thread must end (``time.monotonic``), or None."""
+
+    at: float | None = None
+
+
+class _BoundedSocket:
+    """A Redis connection's socket whose blocking reads and writes end by the deadline of the
+    store call in progress on this thread (:class:`_CallDeadline`). redis-py's ``socket_timeout``
+    bounds each read alone: a Redis sending its answer a byte at a time kept a call for seconds.
+    Shortens a timeout, never lengthens it; a poll (timeout 0, redis-py's ``can_read``) is left
+    alone. Everything else is the socket's."""
+
+    __slots__ = ("_deadline", "_sock")
+
+    def __init__(self, sock, deadline: _CallDeadline) -> None:
+        self._sock = sock
+        self._deadline = deadline
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+    def _io(self, op, *args):
+        at = self._deadline.at
+        if at is None:
+            return op(*args)
+        current = self._sock.gettimeout()
+        if current == 0:
+            return op(*args)
+        left = at - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the throttle store call's time is up")
+        if current is not None and current <= left:
+            return op(*args)
+        self._sock.settimeout(left)
+        try:
+            return op(*args)
+        finally:
+            self._sock.settimeout(current)
+
+    def recv(self, *args):
+        return self._io(self._sock.recv, *args)
+
+    def recv_into(self, *args):
+        return self._io(self._sock.recv_into, *args)
+
+    def send(self, *args):
+        return self._io(self._sock.send, *args)
+
+    def sendall(self, *args):
+        return self._io(self._sock.sendall, *args)
+
+
+def _bounded_connection_class(base: type, deadline: _CallDeadline) -> type:
+    """*base* (redis-py's ``Connection``, ``SSLConnection``, ...) whose sockets are
+    :class:`_BoundedSocket`, and whose connecting ends by the call's deadline too."""
+
+    def _connect(self):
+        at = deadline.at
+        configured = self.socket_connect_timeout
+        if at is not None:
+            left = at - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the throttle store call's time is up")
+            if configured is None or configured > left:
+                self.socket_connect_timeout = left
+        try:
+            return _BoundedSocket(super(bounded, self)._connect(), deadline)
+        finally:
+            self.socket_connect_timeout = configured
+
+    bounded = type(f"Bounded{base.__name__}", (base,), {"_connect": _connect})
+    return bounded
 
 
 class RedisStore:
     """Counts shared by gateway instances: one sorted set per key (member ticket, score time),
     expiring after the window. The check-and-add is one Lua script, which Redis runs atomically.
-    Needs the ``redis`` package (``authgw[redis]``)."""
+    Needs the ``redis`` package (``authgw[redis]``).
+
+    ``timeout`` bounds each call whole (connecting, sending, every read of the answer), not each
+    socket read alone (:class:`_BoundedSocket`).
+
+    A call that failed (no answer in time, a connection lost) may still be run by Redis: a Redis
+    frozen for a moment runs what sat in its socket buffers when it wakes, after the attempt was
+    answered 503. Such a reservation must count as no guess, so the ticket is remembered
+    (:meth:`_unsure`, at most :data:`_MAX_UNSURE`) and taken back once Redis answers again: a
+    tombstone that makes the reservation's late run add nothing, and a ``ZREM`` of what it
+    added if it ran already (:meth:`_retract`, before the next reservation and at each health
+    probe). No clock is compared: Redis's order of the two decides, and either is right.
+    """
 
     blocking = True
 
@@ -290,33 +390,121 @@ class RedisStore:
         self._errors = (redis.RedisError, OSError)
         self.location = redis_location(url)  # for readiness and errors: no password
         self._prefix = prefix
+        self._timeout = timeout
+        self._deadline = _CallDeadline()
         self._client = redis.Redis.from_url(url, password=password, socket_timeout=timeout,
                                             socket_connect_timeout=timeout, decode_responses=False)
+        pool = self._client.connection_pool
+        if hasattr(getattr(pool, "connection_class", None), "_connect"):  # else: socket_timeout per read
+            pool.connection_class = _bounded_connection_class(pool.connection_class, self._deadline)
         self._reserve = self._client.register_script(_RESERVE)
+        self._unsure_lock = threading.Lock()
+        self._retracting = threading.Lock()
+        #: ticket -> (Redis keys, tombstone lifetime in ms), oldest first
+        self._unsure_tickets: dict[str, tuple[frozenset[str], int]] = {}
+        self._warn = RateLimitedWarning(log)
 
     def _call(self, what, *args):
+        self._deadline.at = time.monotonic() + self._timeout
         try:
             return what(*args)
         except self._errors as exc:
             raise StoreUnavailable(f"throttle store {self.location}: {exc.__class__.__name__}") from None
+        finally:
+            self._deadline.at = None
+
+    def _unsure(self, names: list[str], ticket: str, window: float | None) -> None:
+        """Remember that *ticket* may be (or come to be) reserved on *names*: its call failed."""
+        ttl = max(_TOMBSTONE_MIN_MS, int((window or 0) * 1000))
+        with self._unsure_lock:
+            known = self._unsure_tickets.get(ticket)
+            if known is not None:
+                self._unsure_tickets[ticket] = (known[0] | frozenset(names), max(known[1], ttl))
+                return
+            self._unsure_tickets[ticket] = (frozenset(names), ttl)
+            dropped = 0
+            while len(self._unsure_tickets) > _MAX_UNSURE:
+                del self._unsure_tickets[next(iter(self._unsure_tickets))]
+                dropped += 1
+        if dropped:
+            self._warn("unsure", "throttle: %d reservations left by failed calls to the store %s wait to be taken "
+                       "back (the most kept); the oldest was forgotten: if Redis ran it, it counts as a guess "
+                       "until it expires", _MAX_UNSURE, self.location)
+
+    def _retract(self, names: list[str] | None = None) -> None:
+        """Take back the reservations of failed calls (:meth:`_unsure`); raises
+        :class:`StoreUnavailable` when Redis still does not answer (they stay remembered).
+        One thread takes back all of them; another meanwhile takes back those on *names*
+        (its own keys, so that its reservation never counts them) and goes on."""
+        if not self._unsure_tickets:
+            return
+        mine = self._retracting.acquire(blocking=False)
+        try:
+            with self._unsure_lock:
+                entries = list(self._unsure_tickets.items())
+            if not mine:
+                wanted = set(names or ())
+                entries = [entry for entry in entries if not entry[1][0].isdisjoint(wanted)]
+            taken = 0
+            for start in range(0, len(entries), _RETRACT_BATCH):
+                batch = entries[start:start + _RETRACT_BATCH]
+
+                def work(batch=batch):
+                    pipe = self._client.pipeline(transaction=False)
+                    for ticket, (keys, ttl) in batch:
+                        pipe.set(self._tombstone(ticket), b"1", px=ttl)  # first: a later run adds nothing
+                        for key in keys:
+                            pipe.zrem(key, ticket)  # and what an earlier run added goes
+                    pipe.execute()
+
+                self._call(work)
+                with self._unsure_lock:
+                    for ticket, value in batch:
+                        if self._unsure_tickets.get(ticket) is value:  # not failed again meanwhile
+                            del self._unsure_tickets[ticket]
+                taken += len(batch)
+            if taken:
+                log.info("throttle: took back %d reservations left by failed calls to the store %s (attempts "
+                         "answered 503 count as no guess)", taken, self.location)
+        finally:
+            if mine:
+                self._retracting.release()
+
+    def _tombstone(self, ticket: str) -> str:
+        return f"{self._prefix}x{ticket}"
 
     def reserve(self, keys: list[tuple[str, int]], ticket: str, now: float, window: float) -> bool:
-        """As the other stores, except that *now* is Redis's time, not the caller's (:data:`_RESERVE`)."""
+        """As the other stores, except that *now* is Redis's time, not the caller's (:data:`_RESERVE`).
+        Raises :class:`StoreUnavailable` when Redis does not answer; the reservation it may
+        still make is then taken back later (:meth:`_unsure`)."""
         names = [self._prefix + key for key, _limit in keys]
+        self._retract(names)  # first: reservations of refused attempts must not count against this one
         args = [int(window * 1000), ticket, *(limit for _key, limit in keys)]
-        return bool(self._call(lambda: self._reserve(keys=names, args=args)))
+        try:
+            return self._call(lambda: self._reserve(keys=[self._tombstone(ticket), *names], args=args)) == 1
+        except StoreUnavailable:
+            self._unsure(names, ticket, window)
+            raise
 
     def unknown_user(self, key: str) -> None:
         """Nothing: this store keeps every count until it expires (only the memory store drops)."""
 
     def drop(self, keys: list[str], ticket: str) -> None:
+        """Take *ticket* back from *keys*; when Redis does not answer, it is taken back later
+        (:meth:`_unsure`), and :class:`StoreUnavailable` raised."""
         if keys:
+            names = [self._prefix + key for key in keys]
+
             def work():
                 pipe = self._client.pipeline(transaction=False)
-                for key in keys:
-                    pipe.zrem(self._prefix + key, ticket)
+                for name in names:
+                    pipe.zrem(name, ticket)
                 pipe.execute()
-            self._call(work)
+            try:
+                self._call(work)
+            except StoreUnavailable:
+                self._unsure(names, ticket, None)
+                raise
 
     def clear(self, keys: list[str]) -> None:
         if keys:
@@ -324,8 +512,14 @@ class RedisStore:
 
     def ping(self) -> str:
         """Whether Redis answers (the core's health probe, :mod:`gateway.health`): the
-        location, or raises :class:`StoreUnavailable`. Bounded by ``throttle.redis.timeout``."""
+        location, or raises :class:`StoreUnavailable`. Bounded by ``throttle.redis.timeout``.
+        Then takes back the reservations of failed calls (:meth:`_retract`), so that they go
+        without waiting for the next password attempt; best effort."""
         self._call(self._client.ping)
+        try:
+            self._retract()
+        except StoreUnavailable as exc:
+            log.debug("throttle: reservations of failed calls not taken back yet: %s", exc)
         return f"{self.location}: answers"
 
     def close(self) -> None:
