@@ -26,10 +26,18 @@ EXIT_OK, EXIT_FAILED = 0, 1
 
 
 def _when(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+    """A stored time as UTC text; ``?`` for one no date holds: a row with ``stored_at`` ``1e20``
+    (tampered, or written under a bad clock) raised OverflowError and ended the listing (review
+    of time)."""
+    try:
+        return datetime.fromtimestamp(timestamp, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+    except (OverflowError, OSError, ValueError, TypeError):
+        return "?"
 
 
 def _age(seconds: float) -> str:
+    if not -1e15 < seconds < 1e15:  # NaN, infinity and times no clock gives: unknown (see _when)
+        return "?"
     seconds = max(0, int(seconds))
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:

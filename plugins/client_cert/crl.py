@@ -39,7 +39,7 @@ from gateway.settings import shown_url
 
 from .fetch import Backoff, FetchError, fetch
 from .settings import RevocationSettings
-from .status import Status, Verdict
+from .status import Status, Verdict, later_than
 
 __all__ = ["CrlStore", "LoadedCrl", "RefusedCrl", "parse_crl"]
 
@@ -139,12 +139,14 @@ class LoadedCrl:
         return self.idp is not None and self.idp.only_some_reasons is not None
 
     def too_old(self, now: dt.datetime, settings: RevocationSettings, tolerance: float) -> str | None:
+        # Compared as differences, never a date plus seconds: a nextUpdate in year 9999 is "not
+        # too old", not an OverflowError (review of time).
         next_update = self.crl.next_update_utc
-        if self.crl.last_update_utc > now + dt.timedelta(seconds=tolerance):
+        if later_than(self.crl.last_update_utc, now, tolerance):
             return f"CRL {self.source} has thisUpdate in the future"
-        if next_update is not None and now > next_update + dt.timedelta(seconds=settings.crl_grace):
+        if next_update is not None and later_than(now, next_update, settings.crl_grace):
             return f"CRL {self.source} is too old: nextUpdate was {next_update.isoformat()}"
-        if settings.crl_max_age and now > self.crl.last_update_utc + dt.timedelta(seconds=settings.crl_max_age):
+        if settings.crl_max_age and later_than(now, self.crl.last_update_utc, settings.crl_max_age):
             return f"CRL {self.source} is too old: thisUpdate {self.crl.last_update_utc.isoformat()}"
         return None
 
@@ -307,7 +309,7 @@ class CrlStore:
         if not any(loaded.signed_by(ca) for ca in named):
             return "its signature does not verify with its issuer's key, or that CA may not sign CRLs"
         this_update = crl.last_update_utc
-        if this_update > dt.datetime.now(UTC) + dt.timedelta(seconds=self.tolerance):
+        if later_than(this_update, dt.datetime.now(UTC), self.tolerance):
             return f"its thisUpdate {this_update.isoformat()} is in the future"
         if held is None:
             return None

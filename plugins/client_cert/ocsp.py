@@ -32,7 +32,7 @@ from gateway.settings import shown_url
 
 from .fetch import Backoff, FetchError, fetch
 from .settings import RevocationSettings
-from .status import Status, Verdict
+from .status import Status, Verdict, later_than, plus_seconds
 
 __all__ = ["OcspClient", "responder_urls"]
 
@@ -179,12 +179,13 @@ class OcspClient:
         for single in response.responses:
             if single.serial_number != cert.serial_number or not _same_issuer(single, issuer):
                 continue
-            if single.this_update_utc > now + self.tolerance:
+            # No date plus seconds is compared: a nextUpdate in year 9999 overflowed (review of time).
+            if later_than(single.this_update_utc, now, self.tolerance.total_seconds()):
                 return Verdict(Status.UNKNOWN, "the response's thisUpdate is in the future"), None
             next_update = single.next_update_utc
             if next_update is None:
-                next_update = single.this_update_utc + dt.timedelta(seconds=self.settings.ocsp_max_age)
-            if now > next_update + self.tolerance:
+                next_update = plus_seconds(single.this_update_utc, self.settings.ocsp_max_age)
+            if later_than(now, next_update, self.tolerance.total_seconds()):
                 return Verdict(Status.UNKNOWN, f"the response is too old (fresh until {next_update.isoformat()})"), None
             if single.certificate_status == ocsp.OCSPCertStatus.GOOD:
                 return Verdict(Status.GOOD, "OCSP: good"), next_update
@@ -230,7 +231,8 @@ class OcspClient:
         if ExtendedKeyUsageOID.OCSP_SIGNING not in ekus:
             return "the responder certificate lacks the OCSPSigning EKU"
         now = dt.datetime.now(UTC)
-        if not signer.not_valid_before_utc - self.tolerance <= now <= signer.not_valid_after_utc + self.tolerance:
+        slack = self.tolerance.total_seconds()  # notAfter 99991231235959Z (RFC 5280 4.1.2.5) + slack overflowed
+        if later_than(signer.not_valid_before_utc, now, slack) or later_than(now, signer.not_valid_after_utc, slack):
             return "the responder certificate is not valid now"
         return None
 

@@ -34,6 +34,11 @@ EKU_NAMES = {
     "anyExtendedKeyUsage": "2.5.29.37.0",
 }
 
+#: The longest of the revocation ages and graces (``crl_grace``, ``crl_max_age``, ``ocsp_max_age``):
+#: a year. Unbounded, ``1e12`` or ``.inf`` seconds overflowed the date arithmetic of every
+#: certificate login into ``internal_error``, a refusal even under soft-fail (review of time).
+MAX_REVOCATION_AGE = 365 * 86400.0
+
 _OID = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+$")
 _HEADER = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
 
@@ -112,10 +117,12 @@ class RevocationSettings(PluginSettings):
     crl_files: list[ConfigPath] = Field([], description="CRL files (PEM or DER), re-read when they change")
     crl_urls: list[str] = Field([], description="CRLs to fetch (http/https) besides the distribution points")
     crl_distribution_points: bool = Field(True, description="fetch the CRLs named in the certificate (CDP)")
-    crl_grace: float = Field(0.0, ge=0, description="seconds a CRL stays usable after its `nextUpdate`")
-    crl_max_age: float | None = Field(None, gt=0, description="seconds after `thisUpdate` when a CRL is too old "
-                                                             "anyway (also bounds CRLs without `nextUpdate`)")
-    crl_refresh_interval: float = Field(300.0, ge=5, description="seconds between background re-fetches of CRLs")
+    crl_grace: float = Field(0.0, ge=0, le=MAX_REVOCATION_AGE,
+                             description="seconds a CRL stays usable after its `nextUpdate` (at most a year)")
+    crl_max_age: float | None = Field(None, gt=0, le=MAX_REVOCATION_AGE,
+                                      description="seconds after `thisUpdate` when a CRL is too old anyway (also "
+                                                  "bounds CRLs without `nextUpdate`; at most a year)")
+    crl_refresh_interval: float = Field(300.0, ge=5, allow_inf_nan=False, description="seconds between background re-fetches of CRLs")
     crl_max_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="largest CRL fetched")
     ocsp: bool = Field(True, description="ask the OCSP responder named in the certificate (AIA)")
     ocsp_responder: str | None = Field(None, description="ask this OCSP responder instead (http/https URL)")
@@ -123,11 +130,12 @@ class RevocationSettings(PluginSettings):
         None, description="a responder certificate trusted to sign answers itself (RFC 6960 4.2.2.2)")
     ocsp_nonce: bool = Field(True, description="send a nonce (RFC 8954); an answer with another nonce is refused")
     ocsp_require_nonce: bool = Field(False, description="refuse answers that carry no nonce")
-    ocsp_max_age: float = Field(3600.0, gt=0, description="age limit, in seconds, of answers without `nextUpdate`")
-    ocsp_cache_seconds: float = Field(300.0, ge=0, description="seconds an answer is reused (never past "
+    ocsp_max_age: float = Field(3600.0, gt=0, le=MAX_REVOCATION_AGE,
+                                description="age limit, in seconds, of answers without `nextUpdate` (at most a year)")
+    ocsp_cache_seconds: float = Field(300.0, ge=0, allow_inf_nan=False, description="seconds an answer is reused (never past "
                                                               "`nextUpdate`); 0: no cache")
     timeout: float = Field(3.0, gt=0, le=60, description="seconds per CRL or OCSP fetch (also capped by the deadline)")
-    retry_after_failure: float = Field(10.0, ge=0, description="seconds a URL that failed is not asked again")
+    retry_after_failure: float = Field(10.0, ge=0, allow_inf_nan=False, description="seconds a URL that failed is not asked again")
 
     @model_validator(mode="before")
     @classmethod
@@ -248,7 +256,7 @@ class ClientCertSettings(PluginSettings):
     max_chain_depth: int = Field(6, ge=1, le=16, description="longest path accepted, in CA certificates")
     revocation: RevocationSettings = Field(description="revocation policy; there is no default: choose one")
     mapping: MappingSettings = Field(MappingSettings(), description="certificate to user")
-    verify_cache_seconds: float = Field(60.0, ge=0, description="seconds a verified path is remembered "
+    verify_cache_seconds: float = Field(60.0, ge=0, allow_inf_nan=False, description="seconds a verified path is remembered "
                                                                "(validity is checked on every attempt)")
 
     @field_validator("extended_key_usages", "required_policies")

@@ -164,6 +164,30 @@ def _finite(text: str) -> float:
     return value
 
 
+def _unix_time(value: Any) -> float | None:
+    """*value* as a finite float, or ``None`` when it is no JSON number or none a clock can hold:
+    ``10**400`` is a valid JSON integer that :func:`math.isfinite` and :class:`float` refuse with
+    an ``OverflowError`` (review of time: it dropped the link instead of refusing the frame)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        value = float(value)
+    except OverflowError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _integer(text: str) -> int:
+    """A JSON integer; one beyond what a float holds (``10**400``) is refused as ``1e400`` is:
+    any arithmetic with a float on it raises ``OverflowError`` rather than ``ValueError``."""
+    value = int(text)
+    try:
+        float(value)
+    except OverflowError:
+        raise ValueError(f"{text[:20]}... is too large a number") from None
+    return value
+
+
 def decode(text: str | bytes, *, now: float, guard: ReplayGuard | None = None,
            accept: frozenset[str] = REQUEST_TYPES, skew: float = 0.0) -> Message:
     """Parse and check one frame. Requests are checked for version, type (*accept*), deadline
@@ -178,7 +202,7 @@ def decode(text: str | bytes, *, now: float, guard: ReplayGuard | None = None,
     if len(text) > MAX_FRAME:
         raise ProtocolError("bad_request", f"frame larger than {MAX_FRAME} bytes")
     try:
-        data = json.loads(text, parse_constant=_not_json, parse_float=_finite)
+        data = json.loads(text, parse_constant=_not_json, parse_float=_finite, parse_int=_integer)
     except (ValueError, UnicodeDecodeError, RecursionError):  # nested deeper than json can read: not ours
         raise ProtocolError("bad_request", "not JSON") from None
     if not isinstance(data, dict):
@@ -202,8 +226,8 @@ def decode(text: str | bytes, *, now: float, guard: ReplayGuard | None = None,
         return Message(request_id, type_, body)
     if type_ not in accept:
         raise ProtocolError("unknown_type", f"request type {type_[:40]!r} is not served here", request_id)
-    deadline, nonce = data.get("deadline"), data.get("nonce")
-    if isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or not math.isfinite(deadline):
+    deadline, nonce = _unix_time(data.get("deadline")), data.get("nonce")
+    if deadline is None:
         raise ProtocolError("bad_request", "`deadline` must be a Unix time", request_id)
     if not isinstance(nonce, str) or not 16 <= len(nonce) <= 64:
         raise ProtocolError("bad_request", "`nonce` must be a string of 16-64 characters", request_id)
@@ -217,7 +241,7 @@ def decode(text: str | bytes, *, now: float, guard: ReplayGuard | None = None,
             raise ProtocolError("replayed", f"too many requests within the replay window ({guard.max_entries} "
                                 "nonces and ids held): refused rather than forget one; try again later", request_id)
         raise ProtocolError("replayed", "this nonce or request id was already used", request_id)
-    return Message(request_id, type_, body, float(deadline), nonce)
+    return Message(request_id, type_, body, deadline, nonce)
 
 
 class ReplayGuard:

@@ -167,7 +167,14 @@ class RelayCA:
             raise CSRRefused("csr_wrong_name", f"the CSR must name exactly CN={connector_id}")
         if not (isinstance(public_key, ec.EllipticCurvePublicKey) and isinstance(public_key.curve, ec.SECP256R1)):
             raise CSRRefused("csr_wrong_key", "the connector key must be P-256 (passwords are sealed to it)")
+        if not 0 < lifetime < float("inf"):  # NaN fails this too
+            raise ValueError(f"a certificate lifetime is finite seconds > 0, not {lifetime!r}")
         now = dt.datetime.now(UTC)
+        # Never past the CA's own end (a certificate outliving its CA validates nowhere), and so
+        # never a date beyond year 9999 either: 3e11 seconds raised OverflowError (review of time).
+        lifetime = min(lifetime, (self.cert.not_valid_after_utc - now).total_seconds())
+        if lifetime <= 0:
+            raise ValueError(f"the relay CA expired at {self.cert.not_valid_after_utc.isoformat()}")
         backdate = min(_BACKDATE, dt.timedelta(seconds=lifetime / 10))  # tests use lifetimes of seconds
         subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, connection),
                              x509.NameAttribute(NameOID.COMMON_NAME, connector_id)])

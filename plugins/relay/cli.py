@@ -18,6 +18,8 @@ from gateway import Command
 from gateway.logs import printable
 from gateway.plugins.linkproto.cli import accept_common_options as _common
 
+from .settings import MAX_TICKET_LIFETIME
+
 if TYPE_CHECKING:
     from . import RelayPlugin
 
@@ -27,9 +29,27 @@ EXIT_OK, EXIT_FAILED = 0, 1
 
 
 def _when(timestamp: float | None) -> str:
+    """A stored time as UTC text; ``?`` for one no date holds (a tampered row, a bad clock:
+    ``1e20`` or ``inf`` raised OverflowError and ended the listing; review of time)."""
     if timestamp is None:
         return "-"
-    return datetime.fromtimestamp(timestamp, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+    try:
+        return datetime.fromtimestamp(timestamp, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+    except (OverflowError, OSError, ValueError, TypeError):
+        return "?"
+
+
+def _lifetime(text: str) -> float:
+    """``--lifetime``: finite seconds > 0 and at most :data:`MAX_TICKET_LIFETIME`, checked before
+    anything is stored (``1e308`` stored a ticket then failed to print it; ``nan`` an
+    IntegrityError). argparse prints the refusal and exits 2."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value <= MAX_TICKET_LIFETIME:  # NaN and infinity fail this too
+        raise argparse.ArgumentTypeError(f"{text!r}: give seconds > 0 and at most {MAX_TICKET_LIFETIME:.0f} (30 days)")
+    return value
 
 
 def relay_command(plugin: RelayPlugin) -> Command:
@@ -45,8 +65,9 @@ def relay_command(plugin: RelayPlugin) -> Command:
         ticket.add_argument("connection")
         ticket.add_argument("--uses", type=int, default=1, metavar="N",
                             help="a reusable connection ticket: N connectors may enrol with it, each with its own key")
-        ticket.add_argument("--lifetime", type=float, metavar="SECONDS",
-                            help=f"seconds the ticket stays usable (default {plugin.settings.ticket_lifetime:.0f})")
+        ticket.add_argument("--lifetime", type=_lifetime, metavar="SECONDS",
+                            help=f"seconds the ticket stays usable (default {plugin.settings.ticket_lifetime:.0f}, "
+                                 f"at most {MAX_TICKET_LIFETIME:.0f})")
         _common(sub.add_parser("connectors", help="enrolled connectors: online, version, last seen, certificate expiry"))
         _common(sub.add_parser("revoke", help="cut a connector off now and refuse it from then on")).add_argument("connector")
 
@@ -67,10 +88,7 @@ def relay_command(plugin: RelayPlugin) -> Command:
                 print(f"error: no connection {args.connection!r}; create it with: authgw relay connection add NAME",
                       file=sys.stderr)
                 return EXIT_FAILED
-            lifetime = args.lifetime or plugin.settings.ticket_lifetime
-            if lifetime <= 0:
-                print("error: --lifetime must be positive", file=sys.stderr)
-                return EXIT_FAILED
+            lifetime = args.lifetime if args.lifetime is not None else plugin.settings.ticket_lifetime
             if args.uses < 1:
                 print("error: --uses must be at least 1", file=sys.stderr)
                 return EXIT_FAILED

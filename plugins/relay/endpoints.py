@@ -197,11 +197,15 @@ class Endpoints:
                         or await self._store(store.connector, connector) is not None:
                     raise CSRRefused("csr_wrong_name", f"the CSR must name a new connector id: CN={connection}-"
                                      "<8 hex digits> (as GET on the ticket suggests)")
-            # Check the CSR before using the ticket up: a typo should not cost a new ticket.
-            self.plugin.ca.sign(csr, connector_id=connector, connection=connection, lifetime=1)
-            connection, _ = await self._store(store.use_ticket, token, time.time())
+            # Sign before using the ticket up: a typo in the CSR should not cost a new ticket,
+            # nor should a signing that fails (the connector got a 500 and lost its ticket).
             cert = self.plugin.ca.sign(csr, connector_id=connector, connection=connection,
                                        lifetime=self.settings.certificate_lifetime)
+            used, _ = await self._store(store.use_ticket, token, time.time())
+            if used != connection:  # not expected: a ticket keeps its connection
+                connection = used
+                cert = self.plugin.ca.sign(csr, connector_id=connector, connection=connection,
+                                           lifetime=self.settings.certificate_lifetime)
         except TicketRefused as exc:
             return _refuse(410 if exc.code != "ticket_unknown" else 404, exc.code, exc.detail)
         except CSRRefused as exc:
@@ -468,6 +472,9 @@ class Endpoints:
                                        lifetime=self.settings.certificate_lifetime)
         except CSRRefused as exc:
             return proto.error(message.id, "bad_request", f"{exc.code}: {exc.detail}")
+        except ValueError as exc:  # the relay CA expired: answered, the link (and its loop) lives on
+            log.error("cannot renew connector %s's certificate: %s", session.connector, exc)
+            return proto.error(message.id, "internal", "the relay cannot sign certificates now")
         if cert.public_key().public_numbers() != session.public_key.public_numbers():
             # Renewal keeps the key the link was authenticated with; a new key needs a new ticket.
             return proto.error(message.id, "forbidden", "renewal must keep the connector's key")

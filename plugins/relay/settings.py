@@ -10,7 +10,16 @@ from pydantic import Field, field_validator, model_validator
 from gateway import ConfigPath, PluginSettings, Secret
 from gateway.settings import redis_url
 
-__all__ = ["RedisSettings", "RelaySettings"]
+__all__ = ["MAX_CERTIFICATE_LIFETIME", "MAX_TICKET_LIFETIME", "RedisSettings", "RelaySettings"]
+
+DAY = 86400.0
+#: The longest a ticket stays usable (``ticket_lifetime``, ``authgw relay ticket --lifetime``): a
+#: ticket is a bearer secret for one enrolment, made when the connector is about to be set up.
+MAX_TICKET_LIFETIME = 30 * DAY
+#: The longest connector certificate (``certificate_lifetime``): a year, well inside the relay
+#: CA's ten; connectors renew over the link at two thirds of it. Unbounded, ``1e9`` outlived the
+#: CA and ``3e11`` overflowed the signing (after the ticket was used up; review of time).
+MAX_CERTIFICATE_LIFETIME = 365 * DAY
 
 
 class RedisSettings(PluginSettings):
@@ -39,9 +48,11 @@ class RelaySettings(PluginSettings):
                                     "itself; default: the host of `public_url`")
     certificate: ConfigPath | None = Field(None, description="listener certificate (PEM); default: issued by the relay CA")
     key: ConfigPath | None = Field(None, description="its private key (PEM, 0600)")
-    ticket_lifetime: float = Field(86400.0, gt=0, description="seconds a ticket stays usable")
-    certificate_lifetime: float = Field(90 * 86400.0, ge=1, description="seconds a connector certificate is valid; "
-                                        "connectors renew at two thirds of it")
+    ticket_lifetime: float = Field(86400.0, gt=0, le=MAX_TICKET_LIFETIME,
+                                   description="seconds a ticket stays usable (at most 30 days)")
+    certificate_lifetime: float = Field(90 * 86400.0, ge=1, le=MAX_CERTIFICATE_LIFETIME,
+                                        description="seconds a connector certificate is valid (at most a year, and "
+                                        "never past the relay CA's end); connectors renew at two thirds of it")
     ping_interval: float = Field(5.0, gt=0, le=60, description="seconds of silence on a link before the relay "
                                "pings it; a ping not answered within half as long closes the link")
     max_in_flight: int = Field(64, ge=1, description="requests one link carries at once")
