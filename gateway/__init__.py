@@ -10,6 +10,7 @@ from gateway.chain import loop_safe
 from gateway.checks import CheckResult, CheckStatus, Command, ComponentState, Listener, Route, SelfTest
 from gateway.errors import AuthgwError, BackendUnavailable, ConfigError, PluginLoadError
 from gateway.model import (
+    FORWARDED_CERTIFICATE_KEY,
     MUTUAL_AUTH_KEY,
     Attempt,
     CertificateCredential,
@@ -29,6 +30,7 @@ from gateway.stash import Stash, StashKey
 __version__ = "0.1.0"
 
 __all__ = [
+    "FORWARDED_CERTIFICATE_KEY",
     "MUTUAL_AUTH_KEY",
     "Attempt",
     "AuthgwError",

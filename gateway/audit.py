@@ -24,7 +24,7 @@ from collections import deque
 
 import orjson
 
-from gateway.model import Attempt, Decision, address_text
+from gateway.model import FORWARDED_CERTIFICATE_KEY, Attempt, Decision, address_text
 from gateway.registry import hookimpl
 
 __all__ = ["AuditLog", "credential_kinds", "MAX_PENDING"]
@@ -42,8 +42,10 @@ _KINDS = {(p, n, c): "+".join(kind for kind, present in (("password", p), ("nego
 
 def credential_kinds(attempt: Attempt) -> str:
     """``password``, ``negotiate+certificate``..., ``session`` (the login door's single sign-on)
-    or ``none`` (a table: this runs per attempt)."""
-    kinds = _KINDS[attempt.password is not None, attempt.negotiate is not None, attempt.certificate is not None]
+    or ``none`` (a table: this runs per attempt). A certificate is the TLS handshake's or one a
+    trusted proxy forwarded (:data:`~gateway.model.FORWARDED_CERTIFICATE_KEY`)."""
+    certificate = attempt.certificate is not None or attempt.stash.get(FORWARDED_CERTIFICATE_KEY, False)
+    kinds = _KINDS[attempt.password is not None, attempt.negotiate is not None, certificate]
     return "session" if attempt.session is not None and kinds == "none" else kinds
 
 
@@ -51,9 +53,14 @@ def encode(record: dict) -> bytes:
     """One JSON object and a newline, UTF-8. orjson: ~1 µs against ~11 µs for :mod:`json` (measured
     on this record). A string orjson refuses (a lone surrogate) falls back to escaped ASCII."""
     try:
-        return orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
+        line = orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
     except orjson.JSONEncodeError:
         return (json.dumps(record, ensure_ascii=True, default=str) + "\n").encode()
+    if line.isascii():  # nearly always
+        return line
+    # U+0085, U+2028, U+2029 are valid raw in JSON, and line readers split on them (Python's
+    # splitlines(), some shippers): a directory's display name made two lines of one record
+    return line.replace(b"\xc2\x85", b"\\u0085").replace(b"\xe2\x80\xa8", b"\\u2028").replace(b"\xe2\x80\xa9", b"\\u2029")
 
 
 class _LineWriter:

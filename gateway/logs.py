@@ -108,7 +108,17 @@ class JsonFormatter(logging.Formatter):
             entry["request_id"] = rid
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
+        return one_line(json.dumps(entry, ensure_ascii=False))
+
+
+#: Characters valid raw in JSON that line readers split on (Python's str.splitlines(), some log
+#: shippers): a value holding one made two lines of one record (review of what the gateway writes).
+_LINE_BREAKS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
+def one_line(text: str) -> str:
+    """*text*, one JSON document, with the line breaks JSON allows raw escaped."""
+    return text if text.isascii() else text.translate(_LINE_BREAKS)
 
 
 def setup_logging(level: str = "INFO", fmt: str = "text") -> None:

@@ -22,6 +22,7 @@ __all__ = [
     "CertificateCredential",
     "Decision",
     "Identity",
+    "FORWARDED_CERTIFICATE_KEY",
     "MUTUAL_AUTH_KEY",
     "NegotiateCredential",
     "Note",
@@ -234,6 +235,12 @@ class Attempt:
 #: A step that completes a mutual authentication (Kerberos) stores here the ``WWW-Authenticate``
 #: value the front door sends with its 200 answer (RFC 4559 section 5).
 MUTUAL_AUTH_KEY: StashKey[str] = StashKey()
+
+#: A step that read a client certificate a trusted proxy forwarded in a header (not the TLS
+#: handshake's, :attr:`Attempt.certificate`) sets this, so that the audit line's ``method``
+#: says a certificate was presented (``none`` before: a search for certificate logins missed
+#: every proxied one).
+FORWARDED_CERTIFICATE_KEY: StashKey[bool] = StashKey()
 
 # ---------------------------------------------------------------------------------------------
 # Identity and decision

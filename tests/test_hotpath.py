@@ -118,6 +118,27 @@ def test_each_audit_line_is_in_the_file_when_the_attempt_is_told(tmp_path):
         log.gateway_auth_finished(_attempt("late"), Decision.allow(identity, step="static"))
 
 
+def test_an_audit_line_and_a_json_log_line_stay_one_line_for_any_value(tmp_path):
+    # U+0085, U+2028 and U+2029 are valid raw in JSON and line readers split on them: a subject
+    # or display name from a directory made two lines of one record (review of what the gateway
+    # writes). They are escaped; the values read back the same.
+    import logging
+
+    from gateway.logs import JsonFormatter
+
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(str(path))
+    subject = "uid=eve\u2028,\u0085ou=x\u2029 Zoë"
+    log.gateway_auth_finished(_attempt("eve"), Decision.allow(Identity(subject=subject, username="eve",
+                                                                        method="static"), step="static"))
+    log.close()
+    text = path.read_text()
+    assert len(text.splitlines()) == 1 and json.loads(text)["subject"] == subject
+    record = logging.LogRecord("authgw", logging.WARNING, __file__, 1, "name %s", (subject,), None)
+    line = JsonFormatter().format(record)
+    assert len(line.splitlines()) == 1 and json.loads(line)["message"] == f"name {subject}"
+
+
 def test_audit_lines_the_disk_refuses_are_kept_in_order_and_written_once_it_takes_them(tmp_path, caplog, monkeypatch):
     path = tmp_path / "audit.jsonl"
     log = AuditLog(str(path))

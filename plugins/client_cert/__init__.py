@@ -46,6 +46,7 @@ from gateway import (
     Attempt,
     BackendUnavailable,
     ComponentState,
+    FORWARDED_CERTIFICATE_KEY,
     Decision,
     Identity,
     Listener,
@@ -180,12 +181,13 @@ class ClientCertPlugin:
         values = _header_values(attempt.headers, source.name)
         if not values:
             return None
+        if len(values) == 1 and values[0].strip() in ("", "-"):
+            return None  # nginx: the client presented no certificate
+        attempt.stash[FORWARDED_CERTIFICATE_KEY] = True  # presented, whatever it holds (the audit's method)
         if len(values) > 1:
             # The proxy must set the header, replacing any the client sent; two copies mean one
             # of them may be the client's own.
             raise CertError("cert.malformed", f"the {source.name} header came {len(values)} times")
-        if values[0].strip() in ("", "-"):
-            return None  # nginx: the client presented no certificate
         chain = parse_pem_header(values[0]) if source.format == "pem" else parse_xfcc(values[0])
         return (chain, "header") if chain else None
 
