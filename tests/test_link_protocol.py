@@ -426,3 +426,43 @@ def test_a_flood_of_requests_is_held_bounded_and_the_rest_refused_at_once(tmp_pa
         GATE.set()
         client.close()
         runtime.discard()
+
+
+def test_a_renewal_falls_due_when_the_clock_jumps_past_it(tmp_path, monkeypatch):
+    # The renewal slept until a moment of the wall clock in one sleep: a host suspended (or a
+    # clock stepped forward) past that moment renewed only when the original sleep ran out
+    # (review of time). It looks at the clock at least every RENEWAL_CHECK seconds now.
+    from gateway.plugins.link import client as link_client
+
+    monkeypatch.setattr(link_client, "RENEWAL_CHECK", 0.05)
+    runtime, client, key = _connector(tmp_path)
+    now = [time.time()]
+    client._clock = lambda: now[0]
+
+    async def main():
+        relay = ScriptedRelay()
+        url = await relay.start()
+        http = aiohttp.ClientSession()
+        try:
+            enrolment = SimpleNamespace(link_url=url, connector=CONNECTOR, key=key, not_after=now[0] + 4 * 3600,
+                                        renew_at=now[0] + 2 * 3600)
+            task = asyncio.ensure_future(client._linked(http, enrolment, False, None, None))
+            link = await relay.accept()
+            await asyncio.sleep(0.2)  # not due: nothing asked
+            assert all(frame.get("type") != "renew" for frame in list(link.frames._queue) if isinstance(frame, dict))
+            now[0] += 2 * 3600 + 1  # the host slept two hours
+            while True:
+                frame = await asyncio.wait_for(link.frames.get(), 5)
+                if isinstance(frame, dict) and frame.get("type") == "renew":
+                    break
+            await link.ws.close()
+            await asyncio.wait_for(task, 5)
+        finally:
+            await http.close()
+            await relay.runner.cleanup()
+
+    try:
+        asyncio.run(main())
+    finally:
+        client.close()
+        runtime.discard()

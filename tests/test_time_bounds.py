@@ -197,6 +197,15 @@ def test_a_connector_certificate_never_outlives_the_relay_ca(tmp_path):
             ca.sign(_csr("acme-00000001"), connector_id="acme-00000001", connection="acme", lifetime=lifetime)
 
 
+def test_the_relay_listener_certificate_lasts_as_long_as_the_relay_ca(tmp_path):
+    """It lasted 365 days and is issued only at start: a relay that ran a year lost every
+    connector at once (review of time)."""
+    ca = RelayCA.load_or_create(tmp_path, "acme")
+    cert_path, _key = ca.server_certificate(tmp_path / "tls", ["relay.example", "127.0.0.1"])
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    assert cert.not_valid_after_utc == ca.cert.not_valid_after_utc
+
+
 # -- link frames --------------------------------------------------------------------------------------------
 
 

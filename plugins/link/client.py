@@ -55,6 +55,8 @@ _HELLO_TIMEOUT = 10.0
 _MAX_OVERRUNS = 20
 _MAX_USERNAME = 256
 _MAX_PASSWORD = 1024
+#: Seconds between looks at the clock while a certificate renewal is not due yet.
+RENEWAL_CHECK = 3600.0
 
 
 def _identity_json(identity) -> dict[str, Any]:
@@ -498,7 +500,10 @@ class LinkClient:
         """At two thirds of the certificate's life, send a CSR for the same name and key over
         the link and store the new certificate: this link goes on, the next dial presents it."""
         while True:
-            await asyncio.sleep(max(0.0, enrolment.renew_at - self._clock()))
+            # An hour at a time: one sleep until a moment of the wall clock would oversleep a
+            # suspended host or a clock stepped forward by as much (review of time).
+            while (left := enrolment.renew_at - self._clock()) > 0:
+                await asyncio.sleep(min(left, RENEWAL_CHECK))
             csr = (x509.CertificateSigningRequestBuilder()
                    .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, enrolment.connector)]))
                    .sign(enrolment.key, hashes.SHA256()))

@@ -86,7 +86,7 @@ class SingleLogout:
         when, skew = _parse_instant(issued), self.idp.checker.skew
         if when > now + skew or when < now - self.idp.checker.lifetime - skew:
             raise Refused("saml.request_expired", issued[:40])
-        if not_on_or_after is not None and _parse_instant(not_on_or_after) < now - skew:
+        if not_on_or_after is not None and _parse_instant(not_on_or_after) <= now - skew:  # "not on": at it, past
             raise Refused("saml.request_expired", f"NotOnOrAfter {not_on_or_after[:40]}")
 
     async def logout(self, request: web.Request, received: BindingMessage) -> web.StreamResponse:

@@ -103,7 +103,11 @@ class RelayCA:
 
     def server_certificate(self, directory: Path, names: list[str]) -> tuple[Path, Path]:
         """Issue the listener's certificate for *names* (DNS names or IP addresses) into
-        *directory*; returns ``(cert, key)`` paths. Re-issued at every start (it is cheap)."""
+        *directory*; returns ``(cert, key)`` paths. Re-issued at every start (it is cheap).
+
+        Valid as long as the relay's CA: a relay is not restarted for its listener, and one that
+        ran a year on a 365-day certificate lost every connector at once (review of time). A
+        shorter life would protect nothing: the key lies beside the CA's own key."""
         key = ec.generate_private_key(ec.SECP256R1())
         sans: list[x509.GeneralName] = []
         for name in names:
@@ -116,7 +120,7 @@ class RelayCA:
                 .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
                 .issuer_name(self.cert.subject).public_key(key.public_key())
                 .serial_number(x509.random_serial_number())
-                .not_valid_before(now - _BACKDATE).not_valid_after(now + dt.timedelta(days=365))
+                .not_valid_before(now - _BACKDATE).not_valid_after(self.cert.not_valid_after_utc)
                 .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
                 .add_extension(x509.SubjectAlternativeName(sans), critical=False)
                 .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
