@@ -157,8 +157,14 @@ class AuditLog:
     from concurrent attempts never interleave.
     """
 
-    def __init__(self, destination: str) -> None:
-        self._writer = None if destination == "-" else _LineWriter(self._open(destination))
+    def __init__(self, destination: str, *, create: bool = True) -> None:
+        """*create*: open (and create) the file now, as ``authgw serve`` does, so that a file it
+        cannot write stops it at start. Commands that only read the configuration (``config
+        check``, ``config show``, ``check``, plugin commands) open it at their first line, if
+        any: run with sudo, they created the file root-owned before the service's first start
+        (review of what the gateway writes)."""
+        self._destination = destination
+        self._writer = _LineWriter(self._open(destination)) if create and destination != "-" else None
         self._lock = threading.Lock()
         self._second = -1
         self._stamp = ""
@@ -206,12 +212,21 @@ class AuditLog:
             # account name, a relayed login): the audit says which, so a search for either finds it
             record["signed_in_as"] = identity.username
         line = encode(record)
-        if self._writer is not None:
-            self._writer.add(line)
+        writer = self._writer
+        if writer is None and self._destination != "-":
+            writer = self._open_late()
+        if writer is not None:
+            writer.add(line)
             return
         stream = sys.stderr  # looked up per line: tests and daemons swap stderr
         with self._lock:
             stream.write(line.decode())
+
+    def _open_late(self) -> _LineWriter:
+        with self._lock:
+            if self._writer is None:
+                self._writer = _LineWriter(self._open(self._destination))
+            return self._writer
 
     @hookimpl
     def gateway_shutdown(self) -> None:

@@ -62,7 +62,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
-    runtime = build_runtime(_config_dir(args), state_dir=args.state_dir)
+    runtime = build_runtime(_config_dir(args), state_dir=args.state_dir, serving=False)
     config = runtime.config
     runtime.discard()
     print(f"configuration OK: {config.directory} ({len(config.files)} files); "
@@ -72,7 +72,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
-    runtime = build_runtime(_config_dir(args), state_dir=args.state_dir)
+    runtime = build_runtime(_config_dir(args), state_dir=args.state_dir, serving=False)
     shown = runtime.config.redacted()
     runtime.discard()
     print(f"# merged from: {', '.join(str(f) for f in runtime.config.files)} (secrets shown as references)")
@@ -156,7 +156,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     config_dir = _config_dir(args)
-    runtime = build_runtime(config_dir, state_dir=args.state_dir)
+    runtime = build_runtime(config_dir, state_dir=args.state_dir, serving=False)
     config = runtime.config
     print(f"authgw configuration log  {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
     print(f"  config    {config.directory} ({', '.join(f.name for f in config.files)})")
@@ -311,7 +311,7 @@ def _add_plugin_commands(argv: list[str], commands: argparse._SubParsersAction,
     discovered = discover()
     enabled: set[str] = set()
     try:
-        runtime = build_runtime(_config_dir(known), state_dir=known.state_dir, discovered=discovered)
+        runtime = build_runtime(_config_dir(known), state_dir=known.state_dir, discovered=discovered, serving=False)
     except (ConfigError, PluginLoadError, OSError):
         if not listing:
             raise

@@ -48,3 +48,23 @@ def test_a_reload_reopens_the_audit_file_so_it_can_be_rotated(conf_dir, demo_has
     wait_for(lambda: audit.read_text().count("\n") == 1, 10, interval=0.05, what="a line in the new file")
     assert rotated.read_text().count("\n") == 1
     assert stat.S_IMODE(audit.stat().st_mode) == 0o600
+
+
+def test_commands_that_do_not_serve_leave_the_audit_file_alone(conf_dir, demo_hash, start_gateway, tmp_path):
+    """`authgw config check` (or `config show`, `check`, `--help`) created the audit file: run
+    with sudo before the service's first start, it was root's, and the service could not write
+    it (review of what the gateway writes). Only `serve` creates it, at start."""
+    from support.gateway import authgw
+
+    audit = tmp_path / "audit" / "audit.jsonl"
+    audit.parent.mkdir()
+    conf = write_conf(conf_dir, {"gateway.yaml": f"chain: [static]\naudit:\n  file: {audit}\n",
+                                 **static_users({"alice": demo_hash})})
+    for command in (["config", "check"], ["config", "show"], ["--help"]):
+        result = authgw(*command, "--config", str(conf), "--state-dir", str(tmp_path / "state"))
+        assert result.returncode == 0, (command, result.stderr[-2000:])
+        assert not audit.exists(), command
+    gw = start_gateway(conf)
+    assert audit.exists() and audit.read_text() == ""  # at start, before any attempt
+    assert gw.auth("alice", "demo-password").status == 200
+    assert json.loads(audit.read_text())["username"] == "alice"

@@ -89,7 +89,7 @@ def _tests(store: ConsoleStore, run: str, config_dir: Path, state_dir: Path) -> 
     from gateway.runtime import build_runtime
 
     try:
-        runtime = build_runtime(config_dir, state_dir=state_dir)
+        runtime = build_runtime(config_dir, state_dir=state_dir, serving=False)
     except ConfigError as exc:
         store.finish(run, "configuration error: " + "; ".join(exc.problems))
         return

@@ -413,7 +413,7 @@ def _save_directory(form: DirectoryForm, config_dir: Path, state_dir: Path) -> l
                 return [f"{display_name(config_dir)}/{write.name}: leads out of conf.d: nothing saved"]
             _write_file(copy / write.name, write.data, write.mode)
         try:
-            build_runtime(copy, state_dir=state_dir).discard()
+            build_runtime(copy, state_dir=state_dir, serving=False).discard()
         except ConfigError as exc:
             return _real_names(exc.problems, copy, config_dir)
         except (AuthgwError, OSError) as exc:
