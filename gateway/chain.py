@@ -65,6 +65,9 @@ __all__ = ["AFTER_THE_CHAIN", "PRECHECK_STEP", "SERVICE_CALLER", "ChainFolder", 
 
 log = logging.getLogger("authgw.chain")
 
+#: Characters no response header can carry (and that, taken out, would make another name).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
 #: The decision an attempt was first told with (in a 1-tuple, unique to that call).
 _TOLD: StashKey[tuple] = StashKey()
 #: A header value: no control character (CR or LF would end the header; gateway/http/app.py).
@@ -292,6 +295,15 @@ class ChainFolder:
         if not isinstance(decision, Decision):
             log.error("a chain step returned %r instead of a Decision; denied", type(decision).__name__)
             return Decision.deny(Outcome.ERROR, step="unknown", reason="internal_error")
+        identity = decision.identity
+        if identity is not None and not identity.username.isprintable() and _CONTROL.search(identity.username):
+            # No header can carry it, and without its control characters it would name another
+            # user: Remote-User was sent empty, which some proxies fill with the client's own
+            # (review of this stop's diff). A typed name with one is refused before the chain;
+            # this is a directory's, a principal's or a certificate's.
+            log.error("step %r signed in a username holding a control character (%r); denied (fail closed)",
+                      decision.step, identity.username)
+            return Decision.deny(Outcome.ERROR, step=decision.step, reason="unrepresentable_username")
         return decision
 
 

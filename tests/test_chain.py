@@ -424,3 +424,19 @@ def test_the_plugin_manager_counts_every_change_to_what_it_calls():
     pm.set_blocked("one")  # unregisters
     assert planned.get() == 5 and made[-1] == 0
     assert planned.get() == 5
+
+
+def test_a_username_no_header_can_carry_is_not_signed_in(tmp_path, caplog):
+    # A directory (or a principal, a certificate) naming the user with a control character:
+    # Remote-User could only go out empty or altered, and some proxies fill an empty one with the
+    # client's own (review of this stop's diff). An error, with the step named; a name that is
+    # merely not ASCII is signed in as it is.
+    for name in ("bad", "good"):
+        (tmp_path / name).mkdir()
+    bad = build(tmp_path / "bad", {"chain": ["a"]}, {"a": {"action": "success", "success_as": "mal\x7flory"}})
+    with caplog.at_level(logging.ERROR, logger="authgw"):
+        decision = decide(bad)
+    assert (decision.outcome, decision.step, decision.reason) == (Outcome.ERROR, "a", "unrepresentable_username")
+    assert "control character" in caplog.text
+    good = build(tmp_path / "good", {"chain": ["a"]}, {"a": {"action": "success", "success_as": "zoë\u2028x"}})
+    assert decide(good).identity.username == "zoë\u2028x"

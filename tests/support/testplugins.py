@@ -22,6 +22,8 @@ class StepSettings(PluginSettings):
                     "raise", "sleep", "not_a_decision", "bytes", "crlf", "strings"] = "abstain"
     sleep: float = 0.0
     challenge: str | None = None
+    #: with ``success``: the username of the identity (default: the one presented)
+    success_as: str | None = None
 
 
 class Step:
@@ -50,7 +52,7 @@ class Step:
         elif action == "account_state":
             return Decision.deny(Outcome.ACCOUNT_STATE, step=self.name, reason=f"{self.name}.locked")
         elif action == "success":
-            user = attempt.username or "anonymous"
+            user = self.settings.success_as or attempt.username or "anonymous"
             return Decision.allow(Identity(subject=f"{self.name}:{user}", username=user, method=self.name,
                                            groups=("g1", "g2")), step=self.name)
         elif action == "raise":
