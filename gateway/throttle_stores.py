@@ -23,6 +23,7 @@ from typing import Protocol
 
 from gateway.health import redis_location
 from gateway.logs import RateLimitedWarning
+from gateway.redis_deadline import CallDeadline, bounded_connection_class
 from gateway.settings import ThrottleSettings
 from gateway.sqlitedb import connect_wal, create_private
 
@@ -288,88 +289,13 @@ _RETRACT_BATCH = 256
 _TOMBSTONE_MIN_MS = 15 * 60 * 1000
 
 
-class _CallDeadline(threading.local):
-    """When the store call of this thread must end (``time.monotonic``), or None."""
-
-    at: float | None = None
-
-
-class _BoundedSocket:
-    """A Redis connection's socket whose blocking reads and writes end by the deadline of the
-    store call in progress on this thread (:class:`_CallDeadline`). redis-py's ``socket_timeout``
-    bounds each read alone: a Redis sending its answer a byte at a time kept a call for seconds.
-    Shortens a timeout, never lengthens it; a poll (timeout 0, redis-py's ``can_read``) is left
-    alone. Everything else is the socket's."""
-
-    __slots__ = ("_deadline", "_sock")
-
-    def __init__(self, sock, deadline: _CallDeadline) -> None:
-        self._sock = sock
-        self._deadline = deadline
-
-    def __getattr__(self, name):
-        return getattr(self._sock, name)
-
-    def _io(self, op, *args):
-        at = self._deadline.at
-        if at is None:
-            return op(*args)
-        current = self._sock.gettimeout()
-        if current == 0:
-            return op(*args)
-        left = at - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("the throttle store call's time is up")
-        if current is not None and current <= left:
-            return op(*args)
-        self._sock.settimeout(left)
-        try:
-            return op(*args)
-        finally:
-            self._sock.settimeout(current)
-
-    def recv(self, *args):
-        return self._io(self._sock.recv, *args)
-
-    def recv_into(self, *args):
-        return self._io(self._sock.recv_into, *args)
-
-    def send(self, *args):
-        return self._io(self._sock.send, *args)
-
-    def sendall(self, *args):
-        return self._io(self._sock.sendall, *args)
-
-
-def _bounded_connection_class(base: type, deadline: _CallDeadline) -> type:
-    """*base* (redis-py's ``Connection``, ``SSLConnection``, ...) whose sockets are
-    :class:`_BoundedSocket`, and whose connecting ends by the call's deadline too."""
-
-    def _connect(self):
-        at = deadline.at
-        configured = self.socket_connect_timeout
-        if at is not None:
-            left = at - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("the throttle store call's time is up")
-            if configured is None or configured > left:
-                self.socket_connect_timeout = left
-        try:
-            return _BoundedSocket(super(bounded, self)._connect(), deadline)
-        finally:
-            self.socket_connect_timeout = configured
-
-    bounded = type(f"Bounded{base.__name__}", (base,), {"_connect": _connect})
-    return bounded
-
-
 class RedisStore:
     """Counts shared by gateway instances: one sorted set per key (member ticket, score time),
     expiring after the window. The check-and-add is one Lua script, which Redis runs atomically.
     Needs the ``redis`` package (``authgw[redis]``).
 
     ``timeout`` bounds each call whole (connecting, sending, every read of the answer), not each
-    socket read alone (:class:`_BoundedSocket`).
+    socket read alone (:mod:`gateway.redis_deadline`).
 
     A call that failed (no answer in time, a connection lost) may still be run by Redis: a Redis
     frozen for a moment runs what sat in its socket buffers when it wakes, after the attempt was
@@ -391,12 +317,12 @@ class RedisStore:
         self.location = redis_location(url)  # for readiness and errors: no password
         self._prefix = prefix
         self._timeout = timeout
-        self._deadline = _CallDeadline()
+        self._deadline = CallDeadline()
         self._client = redis.Redis.from_url(url, password=password, socket_timeout=timeout,
                                             socket_connect_timeout=timeout, decode_responses=False)
         pool = self._client.connection_pool
         if hasattr(getattr(pool, "connection_class", None), "_connect"):  # else: socket_timeout per read
-            pool.connection_class = _bounded_connection_class(pool.connection_class, self._deadline)
+            pool.connection_class = bounded_connection_class(pool.connection_class, self._deadline)
         self._reserve = self._client.register_script(_RESERVE)
         self._unsure_lock = threading.Lock()
         self._retracting = threading.Lock()
@@ -434,17 +360,20 @@ class RedisStore:
     def _retract(self, names: list[str] | None = None) -> None:
         """Take back the reservations of failed calls (:meth:`_unsure`); raises
         :class:`StoreUnavailable` when Redis still does not answer (they stay remembered).
-        One thread takes back all of them; another meanwhile takes back those on *names*
-        (its own keys, so that its reservation never counts them) and goes on."""
+        With *names* (a reservation's keys: an attempt waits), only those on them, at most a
+        batch: one round trip, so that an attempt after a long outage is not held up by the
+        others' (the health probe takes back all of them, one thread at a time)."""
         if not self._unsure_tickets:
             return
-        mine = self._retracting.acquire(blocking=False)
+        mine = names is None and self._retracting.acquire(blocking=False)
+        if names is None and not mine:
+            return  # another thread takes them all back
         try:
             with self._unsure_lock:
                 entries = list(self._unsure_tickets.items())
-            if not mine:
-                wanted = set(names or ())
-                entries = [entry for entry in entries if not entry[1][0].isdisjoint(wanted)]
+            if names is not None:
+                wanted = set(names)
+                entries = [entry for entry in entries if not entry[1][0].isdisjoint(wanted)][:_RETRACT_BATCH]
             taken = 0
             for start in range(0, len(entries), _RETRACT_BATCH):
                 batch = entries[start:start + _RETRACT_BATCH]
@@ -478,7 +407,14 @@ class RedisStore:
         Raises :class:`StoreUnavailable` when Redis does not answer; the reservation it may
         still make is then taken back later (:meth:`_unsure`)."""
         names = [self._prefix + key for key, _limit in keys]
-        self._retract(names)  # first: reservations of refused attempts must not count against this one
+        try:
+            self._retract(names)  # first: reservations of refused attempts must not count against this one
+        except StoreUnavailable as exc:
+            # Redis down: the reservation below fails too. Redis refusing only the taking back
+            # (an ACL without SET, say) must not refuse every password attempt (review of this
+            # stop's diff): they stay to be taken back, and may count until they expire.
+            self._warn("retract", "throttle: reservations left by failed calls to the store %s not taken back yet: "
+                       "%s", self.location, exc)
         args = [int(window * 1000), ticket, *(limit for _key, limit in keys)]
         try:
             return self._call(lambda: self._reserve(keys=[self._tombstone(ticket), *names], args=args)) == 1

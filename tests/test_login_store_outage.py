@@ -278,3 +278,31 @@ def test_the_redis_timeout_is_range_checked(value):
     with pytest.raises(ValidationError, match="redis_timeout"):
         SessionSettings(store="redis", redis_url="redis://127.0.0.1:6379/0", redis_timeout=value)
     assert SessionSettings(store="redis", redis_url="redis://127.0.0.1:6379/0").redis_timeout == 0.5
+
+
+def test_a_redis_dribbling_its_answer_holds_a_call_no_longer_than_the_timeout(tmp_path):
+    # redis_timeout bounded each read only: a Redis sending a byte every 0.1 s held one call
+    # 2.6 s on the event loop, and as every call succeeded the breaker never opened (review of
+    # this stop's diff). The whole call is bounded now, and one past it opens the breaker.
+    from test_throttle_redis_outage import LaggyProxy
+
+    from gateway.plugins.login.sessions import RedisStore
+    from support.redis import RedisServer
+
+    server = RedisServer(tmp_path / "redis").start()
+    laggy = LaggyProxy(server.port)
+    laggy.interval = 0.1
+    store = RedisStore(laggy.url, 3600, timeout=0.5)
+    try:
+        store.put_pending("x", {"a": "b" * 200}, time.time() + 100)
+        laggy.mode = "dribble"
+        started = time.monotonic()
+        with pytest.raises(Exception) as raised:
+            store.get_pending("x", time.time())
+        took = time.monotonic() - started
+        assert "Timeout" in type(raised.value).__name__ or isinstance(raised.value, OSError)
+        assert took < 1.5, f"one call took {took:.1f} s with redis_timeout 0.5"
+        assert not store.breaker.closed
+    finally:
+        laggy.close()
+        server.stop()

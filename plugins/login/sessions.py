@@ -66,6 +66,7 @@ from typing import Any, Callable
 
 from gateway import Identity
 from gateway.health import redis_location
+from gateway.redis_deadline import CallDeadline, bounded_connection_class
 from gateway.logs import printable
 from gateway.sqlitedb import connect_wal
 
@@ -611,7 +612,8 @@ def _breaker(method):
     def guarded(self, *args, **kwargs):
         probe = self.breaker.admit()
         try:
-            result = method(self, *args, **kwargs)
+            with self.deadline.within(self.timeout):  # the whole call, not each read of it
+                result = method(self, *args, **kwargs)
         except self._unreachable as exc:
             self.breaker.failed(probe, exc)
             raise
@@ -630,7 +632,8 @@ class RedisStore:
     """The same records in Redis, with server-side expiry (several gateway instances).
 
     Its calls block (the door's handlers make them on the worker's event loop): each is bounded
-    by *timeout* (``sessions.redis_timeout``: connecting, then each answer; no retry), and a
+    by *timeout* in all (``sessions.redis_timeout``: connecting, sending, reading the whole
+    answer; no retry), and a
     :class:`_Breaker` refuses every call at once for :data:`BREAKER_WINDOW` seconds after one
     could not reach Redis. A refused call raises ``redis.ConnectionError``, as a failed one does
     (:data:`STORE_ERRORS`: the door answers 503)."""
@@ -648,6 +651,10 @@ class RedisStore:
         #: an error Redis answered (``ResponseError``) is not one.
         self._unreachable = (redis.ConnectionError, redis.TimeoutError, OSError)
         self.breaker = _Breaker(self.location)
+        #: Each call's deadline (:mod:`gateway.redis_deadline`): redis-py's socket_timeout bounds
+        #: each read alone, and a Redis dribbling its answer held the event loop for seconds
+        #: with every call a success to the breaker (review of this stop's diff).
+        self.deadline = CallDeadline()
         self.redis = None
         self.use_timeout(timeout)
 
@@ -665,6 +672,8 @@ class RedisStore:
         # a timeout by default).
         self.redis = redis.Redis.from_url(self._url, socket_timeout=self.timeout, socket_connect_timeout=self.timeout,
                                           retry=Retry(NoBackoff(), 0))
+        pool = self.redis.connection_pool
+        pool.connection_class = bounded_connection_class(pool.connection_class, self.deadline)
         self._swap = self.redis.register_script(_SWAP)
         self._delete = self.redis.register_script(_DELETE)
         self._limit = self.redis.register_script(_LIMIT)
@@ -683,7 +692,8 @@ class RedisStore:
         """The health probe's question (raises on failure; at most the socket timeout). Asks Redis
         whatever the breaker says: the probe runs off the event loop, and readiness reports
         what Redis answers now."""
-        self.redis.ping()
+        with self.deadline.within(self.timeout):
+            self.redis.ping()
         return f"{self.location}: answers"
 
     @_breaker
