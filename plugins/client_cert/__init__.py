@@ -181,15 +181,18 @@ class ClientCertPlugin:
         values = _header_values(attempt.headers, source.name)
         if not values:
             return None
-        if len(values) == 1 and values[0].strip() in ("", "-"):
-            return None  # nginx: the client presented no certificate
-        attempt.stash[FORWARDED_CERTIFICATE_KEY] = True  # presented, whatever it holds (the audit's method)
         if len(values) > 1:
             # The proxy must set the header, replacing any the client sent; two copies mean one
             # of them may be the client's own.
+            attempt.stash[FORWARDED_CERTIFICATE_KEY] = True  # the audit's method: presented, refused
             raise CertError("cert.malformed", f"the {source.name} header came {len(values)} times")
+        if values[0].strip() in ("", "-"):
+            return None  # nginx: the client presented no certificate
         chain = parse_pem_header(values[0]) if source.format == "pem" else parse_xfcc(values[0])
-        return (chain, "header") if chain else None
+        if not chain:
+            return None  # an XFCC without a certificate element: none presented
+        attempt.stash[FORWARDED_CERTIFICATE_KEY] = True  # the audit's method (the handshake's is attempt.certificate)
+        return chain, "header"
 
     @hookimpl
     def gateway_authenticate(self, attempt: Attempt) -> Decision | None:
