@@ -88,6 +88,8 @@ def pki(tmp_path_factory) -> Pki:
     p.add("frank", issuing.issue("frank", **user))
     p.add("gina", issuing.issue("gina", **user))  # disabled in the static users file
     p.add("ambiguous", issuing.issue("Two Names", upns=["alice@example.com", "bob@example.com"], **user))
+    # bob's UPN beside one no user is spelt as: it names two identities, so nobody (it logged in as bob)
+    p.add("ambiguous_misspelt", issuing.issue("Two Names", upns=["al\nice@example.com", "bob@example.com"], **user))
     p.add("unmapped", issuing.issue("Nobody At All", **user))
     p.add("unknown_user", issuing.issue("zed", **user))
     p.add("undecodable_upn", issuing.issue("Undecodable", upn=b"\xff\xfe@example.com", **user))
@@ -417,6 +419,7 @@ def test_mapping_rules(gw, pki, cert, user):
 
 def test_ambiguous_certificate_is_denied(gw, pki):
     assert_denied(gw, tls_get(gw, pki, "ambiguous"), "cert.ambiguous")
+    assert_denied(gw, tls_get(gw, pki, "ambiguous_misspelt"), "cert.ambiguous")
 
 
 def test_unmapped_certificate_is_user_not_found(gw, pki):

@@ -277,3 +277,13 @@ def test_relay_connectors_print_a_time_no_date_holds_as_unknown(relay):
     assert result.returncode == 0, result.stderr
     line = [row for row in result.stdout.splitlines() if row.startswith("acme-0000000f")]
     assert len(line) == 1 and line[0].split()[-2:] == ["?", "?"], result.stdout
+
+
+def test_a_cache_refresh_window_past_the_entries_life_is_refused():
+    """refresh_after at or past max_age: an active user's entry, not renewed by logins within
+    refresh_after, aged out between two of them (review of time)."""
+    from gateway.plugins.cache.settings import CacheSettings
+
+    with pytest.raises(ValueError, match="refresh_after"):
+        CacheSettings.model_validate({"max_age": 600, "refresh_after": 600})
+    assert CacheSettings.model_validate({"max_age": 600, "refresh_after": 300}).refresh_after == 300

@@ -129,4 +129,9 @@ class CacheSettings(PluginSettings):
     def _store_configured(self) -> CacheSettings:
         if self.store == "redis" and self.redis is None:
             raise InvalidKey("store", "store: redis needs a `redis:` section with at least `url`")
+        if self.refresh_after >= self.max_age:
+            # a repeat live login within refresh_after does not renew the entry: past max_age an
+            # active user's entry would age out between two of its logins (review of time)
+            raise InvalidKey("refresh_after", f"must be below max_age ({self.max_age:g} s): a user who logs in "
+                                              "often would otherwise lose the entry")
         return self

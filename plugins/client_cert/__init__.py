@@ -60,7 +60,7 @@ from gateway.chain import may_run_on_loop
 
 from .headers import parse_pem_header, parse_xfcc
 from .listener import build_listener
-from .mapping import candidates, directory_binding_matches, thumbprint
+from .mapping import candidates, directory_binding_matches, misspelt, thumbprint
 from .health import RevocationHealth
 from .revocation import RevocationChecker
 from .selftests import selftests
@@ -232,6 +232,8 @@ class ClientCertPlugin:
         looked_up: list[str] = []
         for rule in mapping.rules:
             names = candidates(rule, leaf)
+            if names and misspelt(rule, leaf):  # a good name beside one spelt so it is none
+                names += [ascii(raw)[:80] for raw in misspelt(rule, leaf)]
             if len(names) > 1:
                 self.log.info("certificate maps to %d names by rule %s (%s); refused: %s [request %s]",
                               len(names), rule.type, ", ".join(names), describe(leaf), attempt.request_id)

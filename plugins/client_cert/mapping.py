@@ -37,7 +37,7 @@ from gateway.model import plainly_spelt
 
 from .settings import MappingRule
 
-__all__ = ["UPN_OID", "candidates", "directory_binding_matches", "thumbprint"]
+__all__ = ["UPN_OID", "candidates", "directory_binding_matches", "misspelt", "thumbprint"]
 
 UPN_OID = x509.ObjectIdentifier("1.3.6.1.4.1.311.20.2.3")
 _MAX_NAME = 256
@@ -162,6 +162,13 @@ def candidates(rule: MappingRule, cert: x509.Certificate) -> list[str]:
         if name is not None and name not in names:
             names.append(name)
     return names
+
+
+def misspelt(rule: MappingRule, cert: x509.Certificate) -> list[str]:
+    """The values *rule* reads in *cert* that are not names as a certificate should spell them
+    (:func:`_canonical`): beside a good one, they make the certificate name two identities
+    (``al\\nice@`` and ``bob@``), and it names nobody (review of what the gateway writes)."""
+    return [raw for raw in _raw_values(rule, cert) if not _canonical(raw)]
 
 
 # -- directory binding ---------------------------------------------------------------------------

@@ -135,7 +135,8 @@ class RevocationSettings(PluginSettings):
     ocsp_cache_seconds: float = Field(300.0, ge=0, allow_inf_nan=False, description="seconds an answer is reused (never past "
                                                               "`nextUpdate`); 0: no cache")
     timeout: float = Field(3.0, gt=0, le=60, description="seconds per CRL or OCSP fetch (also capped by the deadline)")
-    retry_after_failure: float = Field(10.0, ge=0, allow_inf_nan=False, description="seconds a URL that failed is not asked again")
+    retry_after_failure: float = Field(10.0, ge=0, le=3600, allow_inf_nan=False,
+                                       description="seconds a URL that failed is not asked again (at most an hour)")
 
     @model_validator(mode="before")
     @classmethod
