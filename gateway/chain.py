@@ -383,7 +383,7 @@ class Gateway:
         self.unready_reason: str | None = None  # set by readiness()
         self.degraded: tuple[str, ...] = ()  # set by readiness()
         self.shutting_down: str | None = None  # the plugin in its gateway_shutdown, during shutdown()
-        ping = getattr(self.throttle.store, "ping", None)  # a network store: every password login needs it
+        ping = getattr(self.throttle.store, "ping", None)  # a shared store: every password login needs it
         self.throttle_probe = StoreProbe("gateway.throttle_store", ping) if ping else None
         self.health_watch = HealthWatch(self, settings.health.probe_interval)
         # The chain steps that can serve password logins (a plugin without ``credentials`` is

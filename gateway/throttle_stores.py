@@ -249,6 +249,13 @@ class SQLiteStore:
         if keys:
             self._run(lambda db: db.executemany("DELETE FROM failure WHERE key = ?", [(key,) for key in keys]))
 
+    def ping(self) -> str:
+        """Whether the file serves (the core's health probe): a store that cannot be read or
+        written refuses every password login (503), and ``/readyz`` said ready (review of the
+        state directory). Raises :class:`StoreUnavailable`, naming the file."""
+        self._run(lambda db: db.execute("SELECT 1 FROM failure LIMIT 1").fetchall())
+        return f"{self.path}: answers"
+
     def close(self) -> None:
         if self._conn is not None and self._pid == os.getpid():
             self._conn.close()

@@ -64,6 +64,29 @@ def test_a_stopped_redis_throttle_store_makes_readyz_false_and_its_return_is_not
         redis.stop()
 
 
+def test_a_sqlite_throttle_store_that_cannot_be_read_makes_readyz_false(tmp_path, start_gateway, alice_hash):
+    # Garbage in throttle.sqlite3 (a full or damaged disk): every password login was 503 while
+    # /readyz said ready, and a load balancer kept sending them (review of the state directory).
+    core = {"chain": ["static"], "health": {"probe_interval": 1}, "throttle": {"store": "sqlite"}}
+    gw = start_gateway(write_conf(tmp_path / "conf.d", {"gateway.yaml": json.dumps(core),
+                                                        **static_users({"alice": alice_hash})}))
+    store = gw.state_dir / "throttle.sqlite3"
+    assert gw.auth("alice", PASSWORD).status == 200
+    assert {"name": "gateway.throttle_store", "ready": True, "detail": f"{store}: answers"} \
+        in gw.get("/readyz").json()["components"]
+    gw.stop()
+    for extra in store.parent.glob("throttle.sqlite3-*"):
+        extra.unlink()
+    store.write_bytes(b"not a database, " * 512)
+    gw.start()
+    body = gw.get("/readyz")
+    assert body.status == 503 and body.json()["reason"] == "gateway.throttle_store unavailable"
+    assert gw.auth("alice", PASSWORD).status == 503  # fail closed, as /readyz says
+    store.unlink()  # the operator removes it: a new one is made, and the probe notices
+    wait_for(lambda: gw.get("/readyz").status == 200, 15)
+    assert gw.auth("alice", PASSWORD).status == 200
+
+
 # -- Kerberos keytab --------------------------------------------------------------------------------
 
 SPN = "HTTP/localhost@EXAMPLE.TEST"

@@ -138,7 +138,11 @@ class LinkPlugin:
                     print(f"error: enrolment failed: {exc}", file=sys.stderr)
                     return 1
                 return 0
-            enrolment = state.load(self.state_dir)
+            try:
+                enrolment = state.load(self.state_dir)
+            except state.EnrolmentDamaged as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 1
             if enrolment is None:
                 print("not enrolled: run `authgw link enroll TICKET_URL`")
                 return 1

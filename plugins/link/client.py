@@ -202,11 +202,13 @@ class LinkClient:
                 self.status.detail = "another worker of this connector holds the link"
                 await asyncio.sleep(self.settings.backoff_initial)
                 continue
-            enrolment = await loop.run_in_executor(None, state.load, self.state_dir)
-            problem = ""
-            if enrolment is None:
+            try:
+                enrolment, problem = await loop.run_in_executor(None, state.load, self.state_dir), ""
+            except state.EnrolmentDamaged as exc:  # said, and looked at again after the back-off
+                enrolment, problem = None, str(exc)
+            if enrolment is None and not problem:
                 problem = "not enrolled: run `authgw link enroll TICKET_URL`"
-            elif enrolment.not_after <= self._clock():
+            elif enrolment is not None and enrolment.not_after <= self._clock():
                 expired = enrolment.certificate.not_valid_after_utc.strftime("%Y-%m-%d %H:%M:%SZ")
                 problem = (f"the link certificate expired at {expired}: "
                            "re-enrol with a new ticket (authgw link enroll TICKET_URL)")

@@ -34,9 +34,14 @@ def _when(timestamp: float) -> str:
 
 
 def selftests(plugin) -> list[SelfTest]:
-    enrolment = state.load(plugin.state_dir)
+    try:
+        enrolment, damaged = state.load(plugin.state_dir), None
+    except state.EnrolmentDamaged as exc:
+        enrolment, damaged = None, str(exc)
 
     def enrolled() -> CheckResult:
+        if damaged is not None:
+            return CheckResult.fail(damaged, "restore the files from a backup, or enrol again with a new ticket")
         if enrolment is None:
             return CheckResult.fail("this connector is not enrolled", "authgw link enroll TICKET_URL (from the relay "
                                     "operator: authgw relay ticket CONNECTION)")

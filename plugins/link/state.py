@@ -88,15 +88,30 @@ class Enrolment:
         return context
 
 
+class EnrolmentDamaged(Exception):
+    """An enrolment whose files are there but cannot be read (truncated, missing one, not PEM):
+    the message names the directory and what is wrong with it."""
+
+
+_PARTS = ("link.json", "cert.pem", "key.pem")
+
+
 def load(state_dir: Path) -> Enrolment | None:
-    """The current enrolment, or ``None`` when there is none (yet)."""
+    """The current enrolment, or ``None`` when there is none (yet).
+
+    :raises EnrolmentDamaged: some of its files are there, but not all, or one cannot be read.
+        Taken for "not enrolled" or left to end the link's task, it stopped the link without a
+        word until a restart (review of the state directory)."""
     path = state_dir / "link"
+    if not any((path / name).exists() for name in _PARTS):
+        return None
     try:
         info = json.loads((path / "link.json").read_text())
         cert = x509.load_pem_x509_certificate((path / "cert.pem").read_bytes())
         key = serialization.load_pem_private_key((path / "key.pem").read_bytes(), None)
-    except FileNotFoundError:
-        return None
-    # An enrolment written before pinning (no "pinned") keeps the trust it had.
-    return Enrolment(path, info["link_url"], info["connection"], info["connector"], cert, key,
-                     (path / "server-ca.pem").exists(), info.get("pinned") is True)
+        # An enrolment written before pinning (no "pinned") keeps the trust it had.
+        return Enrolment(path, info["link_url"], info["connection"], info["connector"], cert, key,
+                         (path / "server-ca.pem").exists(), info.get("pinned") is True)
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # JSONDecodeError and PEM errors are ValueErrors
+        raise EnrolmentDamaged(f"the enrolment in {path} is damaged ({exc.__class__.__name__}: {exc}); restore "
+                               "its files, or enrol again: authgw link enroll TICKET_URL") from None

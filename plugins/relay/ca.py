@@ -97,8 +97,12 @@ class RelayCA:
                 for leftover in staging.iterdir():
                     leftover.unlink()
                 staging.rmdir()
-        key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), None)
-        cert = x509.load_pem_x509_certificate((directory / "ca.crt").read_bytes())
+        try:
+            key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), None)
+            cert = x509.load_pem_x509_certificate((directory / "ca.crt").read_bytes())
+        except ValueError as exc:  # damaged: say which files, not only OpenSSL's words (review of the state directory)
+            raise ValueError(f"the relay CA in {directory} cannot be read ({exc}); restore ca.key and ca.crt from a "
+                             "backup (a new CA would need every connector enrolled again)") from None
         return cls(key, cert)
 
     def server_certificate(self, directory: Path, names: list[str]) -> tuple[Path, Path]:
