@@ -105,7 +105,7 @@ class _Child:
     serving: bool = False
     hung: float | None = None  # when the watchdog found it hung and asked for its stacks
     #: During a silence: when the loop thread's wake-ups were last counted, and how many then.
-    sampled: tuple[float, int | None] | None = None
+    sampled: tuple[float, tuple[int, ...] | None] | None = None
     waking: bool = False  # the loop thread woke up within the last counting window
     starved_said: bool = False
 
@@ -437,19 +437,28 @@ def _register_stacks() -> None:
 
 def _count_wakeups(pid: int, child: _Child, now: float, window: float) -> None:
     """Once every *window* seconds of a silence, count the wake-ups of *pid*'s event loop thread
-    (its main thread's ``voluntary_ctxt_switches``) and say whether it woke since the last count
-    (``child.waking``; not before two counts)."""
+    (its main thread's ``voluntary_ctxt_switches``, with its scheduler counts: time on the CPU,
+    time waiting for one, times run) and say whether it woke since the last count
+    (``child.waking``; not before two counts). The scheduler counts are for a thread so starved
+    of CPU (two suites on two cores, the worker's busy threads) that it did not get to wait for
+    the GIL even once in the window: it was killed as hung while its worker answered. A thread
+    blocked for good (a lock, a sleep, a stuck call, SIGSTOP) changes none of them."""
     if child.sampled is not None and now - child.sampled[0] < window:
         return
     try:
         with open(f"/proc/{pid}/task/{pid}/status") as status:
             line = next(line for line in status if line.startswith("voluntary_ctxt_switches:"))
-        wakeups: int | None = int(line.split()[1])
+        wakeups: tuple | None = (int(line.split()[1]),)
+        try:
+            with open(f"/proc/{pid}/task/{pid}/schedstat") as schedstat:
+                wakeups += tuple(int(field) for field in schedstat.read().split()[:3])
+        except (OSError, ValueError):
+            pass  # a kernel without scheduler statistics: the switches alone
     except (OSError, StopIteration, ValueError, IndexError):
         wakeups = None
     if child.sampled is not None:
         before = child.sampled[1]
-        child.waking = wakeups is not None and before is not None and wakeups > before
+        child.waking = wakeups is not None and before is not None and wakeups != before
     child.sampled = (now, wakeups)
 
 

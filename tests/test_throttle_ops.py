@@ -193,16 +193,21 @@ def test_a_sqlite_store_that_cannot_be_opened_is_unavailable_not_an_error(tmp_pa
     in a worker started during a flood): the OSError escaped as a bare 500, with no audit line and
     no outage logged. It is the store unavailable: 503 ``throttle_unavailable``, audited, and the
     next attempt once the file can be opened goes on."""
+    # The file cannot be made: a directory holds its name. (The health round opens the store at
+    # start since the state directory review, so a state directory moved away after start no
+    # longer keeps it from opening.)
+    state = tmp_path / "state0"  # start_gateway's for its first gateway
+    blocker = state / "throttle.sqlite3"
+    blocker.mkdir(parents=True, mode=0o700)
+    state.chmod(0o700)
     gw = start_gateway(conf(tmp_path / "c", demo_hash, throttle={"store": "sqlite"}))
-    state, moved = gw.state_dir, gw.state_dir.with_name(gw.state_dir.name + ".moved")
-    state.rename(moved)  # before the first password attempt, which opens the store
-    try:
-        answer = gw.auth("alice", "demo-password")
-        assert answer.status == 503, (answer.status, answer.body)
-        lines = wait_for(gw.audit, 10, interval=0.05, what="an audit line", log=gw.output)
-        assert [(line["outcome"], line["reason"]) for line in lines] == [("unavailable", "throttle_unavailable")]
-        assert "throttle store" in gw.output() and "Traceback" not in gw.output()
-    finally:
-        moved.rename(state)
+    assert gw.state_dir == state
+    answer = gw.auth("alice", "demo-password")
+    assert answer.status == 503, (answer.status, answer.body)
+    lines = wait_for(gw.audit, 10, interval=0.05, what="an audit line", log=gw.output)
+    assert [(line["outcome"], line["reason"]) for line in lines] == [("unavailable", "throttle_unavailable")]
+    assert "throttle store" in gw.output() and "Traceback" not in gw.output()
+    assert gw.get("/readyz").status == 503  # and readiness says so (it said ready before)
+    blocker.rmdir()
     assert gw.auth("alice", "demo-password").status == 200
-    assert (state / "throttle.sqlite3").exists()
+    assert (state / "throttle.sqlite3").is_file()
