@@ -16,7 +16,6 @@ import logging
 import os
 import sqlite3
 import threading
-import time
 from collections import deque
 from pathlib import Path
 from typing import Protocol
@@ -338,13 +337,11 @@ class RedisStore:
         self._warn = RateLimitedWarning(log)
 
     def _call(self, what, *args):
-        self._deadline.at = time.monotonic() + self._timeout
         try:
-            return what(*args)
+            with self._deadline.within(self._timeout):
+                return what(*args)
         except self._errors as exc:
             raise StoreUnavailable(f"throttle store {self.location}: {exc.__class__.__name__}") from None
-        finally:
-            self._deadline.at = None
 
     def _unsure(self, names: list[str], ticket: str, window: float | None) -> None:
         """Remember that *ticket* may be (or come to be) reserved on *names*: its call failed."""

@@ -232,7 +232,7 @@ class ClientCertPlugin:
         looked_up: list[str] = []
         for rule in mapping.rules:
             names = candidates(rule, leaf)
-            if names and misspelt(rule, leaf):  # a good name beside one spelt so it is none
+            if names:  # a good name beside one spelt so it is none: two identities
                 names += [ascii(raw)[:80] for raw in misspelt(rule, leaf)]
             if len(names) > 1:
                 self.log.info("certificate maps to %d names by rule %s (%s); refused: %s [request %s]",
