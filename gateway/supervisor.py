@@ -364,7 +364,8 @@ class _Master:
             since = f"for {silent:.0f} s" if child.count else f"since it started {silent:.0f} s ago"
             log.error("worker %d (slot %d) is hung: its event loop has not turned %s (a plugin blocking it, a "
                       "deadlock, a stuck call, SIGSTOP); its threads' stacks follow on stderr, then it is killed "
-                      "(SIGKILL) and a new one started", pid, child.slot, since)
+                      "(SIGKILL) and a new one started; its loop thread in the kernel: %s", pid, child.slot, since,
+                      _kernel_view(pid, child))
             _signal(pid, _STACKS_SIGNAL)
 
     # -- stopping --------------------------------------------------------------------------------
@@ -468,6 +469,31 @@ def _count_wakeups(pid: int, child: _Child, now: float, window: float) -> None:
         child.waking = wakeups is not None and before is not None and wakeups != before
         child.judged = True
     child.sampled = (now, wakeups)
+
+
+def _kernel_view(pid: int, child: _Child) -> str:
+    """What the kernel says of *pid*'s event loop thread as it is found hung, for the log: its
+    state (R running or runnable, S sleeping, D in I/O, T stopped), where it sleeps (``wchan``),
+    its kernel stack when /proc shows it (root), its wake-up counts at the last two looks, and
+    the states of the worker's other threads. A Python stack cannot say whether a thread waits
+    on a lock, for the CPU or in a system call; this can."""
+
+    def read(name: str, tid: int = pid) -> str:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/{name}") as f:
+                return f.read().strip()
+        except (OSError, ValueError):
+            return "?"
+
+    state = read("stat").rsplit(")", 1)[-1].split()[:1] or ["?"]
+    stack = " < ".join(line.split(" ", 1)[-1] for line in read("stack").splitlines()[:8])
+    try:
+        others = sorted(int(tid) for tid in os.listdir(f"/proc/{pid}/task") if int(tid) != pid)
+    except (OSError, ValueError):
+        others = []
+    states = ",".join((read("stat", tid).rsplit(")", 1)[-1].split()[:1] or ["?"])[0] for tid in others)
+    return (f"state {state[0]}, wchan {read('wchan') or '-'}, stack [{stack or '?'}], counts {child.sampled} "
+            f"then {child.waking and 'changed' or 'unchanged'}; other threads [{states}]")
 
 
 def _signal_pending(pid: int, sig: int) -> bool:

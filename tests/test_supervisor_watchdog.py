@@ -78,6 +78,8 @@ def test_a_worker_whose_event_loop_is_stopped_is_killed_and_replaced(conf_dir, a
                      interval=0.1, what="the stacks of the workers killed", log=gw.output)
         assert len(lines) == 1 and lines[0].startswith(f"worker {frozen} "), gw.output()[-8000:]
         assert "then it is killed (SIGKILL)" in lines[0]
+        # What the kernel says of its loop thread (what tells a lock from a starved CPU): stopped.
+        assert re.search(r"its loop thread in the kernel: state [tT], wchan \S+, stack \[", lines[0]), lines[0]
         silent = float(re.search(r"has not turned for (\d+) s", lines[0]).group(1))
         assert silent >= timeout - 0.5  # rounded to whole seconds in the log
         assert set(children(master)) == (before - {frozen}) | {replacement}
@@ -146,8 +148,8 @@ def test_a_worker_busy_on_its_threads_is_not_killed_while_its_loop_turns(
         conf_dir, alice_hash, start_gateway, spin_env, tmp_path):
     # 10 s, not 2 or 5: with another suite loading both cores, this worker's loop was once found
     # silent past 2 s, and once past 5 s, and killed. Not reproduced since (30 runs at 2 s beside
-    # a full suite, or beside CPU and disk hogs); the watchdog now logs a killed worker's stacks,
-    # so a next time says what held the loop.
+    # a full suite, or beside CPU and disk hogs); the watchdog now logs a killed worker's stacks
+    # and its loop thread's state in the kernel, so a next time says what held the loop.
     timeout = 10.0
     spin = 2 * timeout + 2  # each request keeps a thread on the CPU for twice the timeout and more
     record = tmp_path / "spun"
@@ -256,6 +258,8 @@ def test_a_worker_whose_loop_a_plugin_blocks_is_killed_and_its_stacks_say_where(
                      log=gw.output)
     blocked = int(lines[0].split()[1])
     assert blocked in before
+    # The kernel's view: asleep in the plugin's time.sleep, not waiting for the CPU or the GIL.
+    assert re.search(r"in the kernel: state S, wchan \S*nanosleep", lines[0]), lines[0]
     wait_for(lambda: not alive(blocked), timeout=60, interval=0.05, what="the blocked worker killed",
              log=gw.output)
     thread.join(60)
