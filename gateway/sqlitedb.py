@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import stat
 import time
 from os import PathLike
 
-__all__ = ["connect_wal", "create_private"]
+__all__ = ["connect_wal", "create_private", "refuse_planted"]
+
+#: The files SQLite keeps beside a database, which it opens (and follows) by name.
+_SIBLINGS = ("", "-wal", "-shm", "-journal")
 
 
 def create_private(path: str | PathLike[str]) -> None:
@@ -30,9 +34,40 @@ def create_private(path: str | PathLike[str]) -> None:
         pass
 
 
+def refuse_planted(path: str | PathLike[str]) -> None:
+    """Raise :class:`sqlite3.DatabaseError` when *path*, or a file SQLite keeps beside it (its
+    ``-wal``, ``-shm``, ``-journal``), is a symbolic link, not a regular file, or a hard link
+    (another name for it elsewhere). SQLite opens these by name and follows links: one planted
+    in the state directory would have the gateway's counts, sessions or cached credentials
+    written into the file it points at (another store, a key file), or read from one another
+    user controls. Python's ``sqlite3`` cannot pass ``SQLITE_OPEN_NOFOLLOW``, so this looks
+    first; the directory is the gateway user's (0700, checked at start), so nothing can be
+    planted between the look and the open by anyone who could not write the files anyway."""
+    for suffix in _SIBLINGS:
+        name = f"{os.fspath(path)}{suffix}"
+        try:
+            info = os.lstat(name)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise sqlite3.DatabaseError(f"{name}: {exc.strerror or exc}") from None
+        if stat.S_ISLNK(info.st_mode):
+            what = "a symbolic link"
+        elif not stat.S_ISREG(info.st_mode):
+            what = "not a regular file"
+        elif info.st_nlink > 1:
+            what = f"a file with {info.st_nlink} names (hard links)"
+        else:
+            continue
+        raise sqlite3.DatabaseError(f"{name} is {what}, where the gateway keeps a file of its own: it is not "
+                                    f"followed; remove it (the gateway creates the file afresh)")
+
+
 def connect_wal(path: str | PathLike[str], *, timeout: float = 5.0, check_same_thread: bool = True,
                 isolation_level: str | None = None) -> sqlite3.Connection:
-    """A connection to *path* in WAL mode, with a busy timeout of *timeout* seconds."""
+    """A connection to *path* in WAL mode, with a busy timeout of *timeout* seconds; a link
+    planted in its place is refused (:func:`refuse_planted`)."""
+    refuse_planted(path)
     conn = sqlite3.connect(path, timeout=timeout, isolation_level=isolation_level,
                            check_same_thread=check_same_thread)
     try:

@@ -9,9 +9,12 @@ gateway stopped. Measured here with plain ``sqlite3`` before the fix: 7 failures
 from __future__ import annotations
 
 import multiprocessing
+import os
 import sqlite3
 import subprocess
 import sys
+
+import pytest
 
 from gateway.sqlitedb import connect_wal
 
@@ -104,3 +107,26 @@ def test_create_private_makes_a_private_file_and_leaves_an_existing_one(tmp_path
     path.chmod(0o640)
     create_private(path)
     assert path.read_bytes() == b"kept" and path.stat().st_mode & 0o777 == 0o640
+
+
+def test_a_planted_link_fifo_or_second_name_is_refused_before_sqlite_opens_it(tmp_path) -> None:
+    from gateway.sqlitedb import refuse_planted
+
+    path = tmp_path / "store.sqlite3"
+    refuse_planted(path)  # nothing there yet: SQLite creates it
+    connect_wal(path).close()
+    refuse_planted(path)  # its own files, -wal and -shm included
+    other = tmp_path / "other"
+    other.write_bytes(b"")
+    for planted, what in ((lambda name: name.symlink_to(other), "a symbolic link"),
+                          (lambda name: os.mkfifo(name), "not a regular file"),
+                          (lambda name: os.link(other, name), "a file with 2 names")):
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            name = tmp_path / f"store.sqlite3{suffix}"
+            if name.exists() or name.is_symlink():
+                name.unlink()
+            planted(name)
+            with pytest.raises(sqlite3.DatabaseError, match=f"{name} is {what}"):
+                connect_wal(path)
+            name.unlink()
+    assert other.read_bytes() == b""

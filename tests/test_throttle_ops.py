@@ -211,3 +211,28 @@ def test_a_sqlite_store_that_cannot_be_opened_is_unavailable_not_an_error(tmp_pa
     blocker.rmdir()
     assert gw.auth("alice", "demo-password").status == 200
     assert (state / "throttle.sqlite3").is_file()
+
+
+def test_a_link_planted_for_the_sqlite_store_is_not_followed(tmp_path, demo_hash, start_gateway):
+    """SQLite opens the store, and the ``-wal`` and ``-shm`` files beside it, by name, and
+    follows links: one planted in the state directory had the failure counts written into the
+    file it named (here another file of the gateway's user). It is refused, named in the log,
+    and the store is unavailable (fail closed) until the link is gone (review of the state
+    directory, left from the last stop)."""
+    state = tmp_path / "state0"  # start_gateway's for its first gateway
+    state.mkdir(mode=0o700)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"")  # empty: SQLite would take it for a new database and write one there
+    (state / "throttle.sqlite3").symlink_to(victim)
+    gw = start_gateway(conf(tmp_path / "c", demo_hash, throttle={"store": "sqlite"}))
+    answer = gw.auth("alice", "wrong")
+    assert answer.status == 503, (answer.status, answer.body)
+    assert f"{state / 'throttle.sqlite3'} is a symbolic link" in gw.output(), gw.output()[-3000:]
+    assert victim.read_bytes() == b""
+    assert gw.get("/readyz").status == 503
+
+    (state / "throttle.sqlite3").unlink()  # the -wal and -shm files: test_sqlitedb.py
+    assert gw.auth("alice", "wrong").status == 401  # counted in a file of its own
+    assert gw.auth("alice", "demo-password").status == 200
+    assert (state / "throttle.sqlite3").is_file() and not (state / "throttle.sqlite3").is_symlink()
+    assert victim.read_bytes() == b""

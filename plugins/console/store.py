@@ -18,7 +18,7 @@ from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.sqlitedb import create_private
+from gateway.sqlitedb import create_private, refuse_planted
 
 __all__ = ["PREFIX", "ConsoleStore", "Session", "TestRow"]
 
@@ -90,6 +90,7 @@ class ConsoleStore:
         if not self._ready:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             create_private(self.path)
+        refuse_planted(self.path)
         conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
         conn.execute("PRAGMA busy_timeout = 5000")
         if not self._ready:
