@@ -13,6 +13,7 @@ error are one ``write`` each too, in order with the log records they sit between
 from __future__ import annotations
 
 import atexit
+import errno
 import json
 import logging
 import os
@@ -174,7 +175,15 @@ class AuditLog:
         """Append to *path*, creating it 0600: audit lines name users and client addresses.
         An existing file keeps its mode (a log shipper may read it through its group), but one
         that others can read is reported."""
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            # Not followed: a link planted where the log goes (a directory a log group can write
+            # to) would have the gateway append to whatever file of its user the link names.
+            raise OSError(exc.errno, "the audit log is a symbolic link, which is not followed: set audit.file "
+                                     "to the file it names", path) from None
         mode = stat.S_IMODE(os.fstat(fd).st_mode)
         if mode & 0o007:
             logging.getLogger("authgw.audit").warning("audit log %s is readable by others (mode %o); chmod 600 it "

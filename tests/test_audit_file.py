@@ -68,3 +68,60 @@ def test_commands_that_do_not_serve_leave_the_audit_file_alone(conf_dir, demo_ha
     assert audit.exists() and audit.read_text() == ""  # at start, before any attempt
     assert gw.auth("alice", "demo-password").status == 200
     assert json.loads(audit.read_text())["username"] == "alice"
+
+
+def test_a_link_planted_where_the_audit_log_goes_is_not_followed(conf_dir, demo_hash, tmp_path):
+    """The audit file was opened following links: one planted at its name (in a log directory a
+    log group can write to) had the gateway append attempt lines to whatever file of its user the
+    link named, its keys or its stores. Not followed: ``authgw serve`` stops at start naming the
+    file and the fix, and the file the link names is left as it was."""
+    import signal
+    import subprocess
+    import sys
+
+    from support.net import free_port
+
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious\n")
+    audit = tmp_path / "logs" / "audit.jsonl"
+    audit.parent.mkdir()
+    audit.symlink_to(victim)
+    conf = write_conf(conf_dir, {"gateway.yaml": f"chain: [static]\naudit:\n  file: {audit}\n",
+                                 **static_users({"alice": demo_hash})})
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(conf), "--state-dir",
+                             str(tmp_path / "state"), "--listen", f"127.0.0.1:{free_port()}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode != 0, output[-2000:]
+    assert f"the audit log is a symbolic link, which is not followed: set audit.file to the file it names: " \
+           f"'{audit}'" in output, output[-2000:]
+    assert "Traceback" not in output
+    assert victim.read_bytes() == b"precious\n"
+
+
+def test_a_reload_onto_a_planted_audit_link_is_refused_and_lines_go_on(conf_dir, demo_hash, start_gateway, tmp_path):
+    """logrotate moved the file away and a link was planted at its name before the reload: the
+    reload is refused (its reason logged), and the lines go on to the file open before."""
+    import os
+    import signal
+
+    audit = tmp_path / "audit.jsonl"
+    conf = write_conf(conf_dir, {"gateway.yaml": f"chain: [static]\naudit:\n  file: {audit}\n",
+                                 **static_users({"alice": demo_hash})})
+    gw = start_gateway(conf)
+    assert gw.auth("alice", "demo-password").status == 200
+    rotated = audit.rename(tmp_path / "audit.jsonl.1")
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious\n")
+    audit.symlink_to(victim)
+    os.kill(gw.proc.pid, signal.SIGHUP)
+    wait_for(lambda: "the audit log is a symbolic link" in gw.output(), 30, interval=0.1,
+             what="the reload's refusal", log=gw.output)
+    assert gw.auth("alice", "demo-password").status == 200
+    wait_for(lambda: rotated.read_text().count("\n") == 2, 10, interval=0.05, what="the line in the open file")
+    assert victim.read_bytes() == b"precious\n"
