@@ -36,9 +36,8 @@ def create_private(path: str | PathLike[str]) -> None:
 
 def refuse_planted(path: str | PathLike[str]) -> None:
     """Raise :class:`sqlite3.DatabaseError` when *path*, or a file SQLite keeps beside it (its
-    ``-wal``, ``-shm``, ``-journal``), is a symbolic link, not a regular file, or a hard link
-    (another name for it elsewhere). SQLite opens these by name and follows links: one planted
-    in the state directory would have the gateway's counts, sessions or cached credentials
+    ``-wal``, ``-shm``, ``-journal``), is a symbolic link or not a regular file. SQLite opens
+    these by name and follows links: one planted in the state directory would have the gateway's counts, sessions or cached credentials
     written into the file it points at (another store, a key file), or read from one another
     user controls. Python's ``sqlite3`` cannot pass ``SQLITE_OPEN_NOFOLLOW``, so this looks
     first; the directory is the gateway user's (0700, checked at start), so nothing can be
@@ -55,9 +54,7 @@ def refuse_planted(path: str | PathLike[str]) -> None:
             what = "a symbolic link"
         elif not stat.S_ISREG(info.st_mode):
             what = "not a regular file"
-        elif info.st_nlink > 1:
-            what = f"a file with {info.st_nlink} names (hard links)"
-        else:
+        else:  # a second name (hard link) is not refused: backups made with `cp -al` (rsnapshot) make them
             continue
         raise sqlite3.DatabaseError(f"{name} is {what}, where the gateway keeps a file of its own: it is not "
                                     f"followed; remove it (the gateway creates the file afresh)")
