@@ -466,9 +466,24 @@ def _count_wakeups(pid: int, child: _Child, now: float, window: float) -> None:
         wakeups = None
     if child.sampled is not None:
         before = child.sampled[1]
-        child.waking = wakeups is not None and before is not None and wakeups != before
+        # Runnable now (state R) is waking too: a thread woken but given no CPU since (two suites
+        # on two cores, a virtual CPU the host does not run) changes none of the counts, which
+        # are kept as it gets on a CPU; one blocked on a lock, a sleep or a call is asleep (S, D)
+        # or stopped (T).
+        child.waking = (wakeups is not None and before is not None and wakeups != before) or _thread_state(pid) == "R"
         child.judged = True
     child.sampled = (now, wakeups)
+
+
+def _thread_state(pid: int, tid: int | None = None) -> str:
+    """The kernel's one-letter state of thread *tid* (the main one by default) of *pid*: R
+    running or runnable, S asleep, D in uninterruptible I/O, T stopped...; ``?`` when /proc
+    does not say."""
+    try:
+        with open(f"/proc/{pid}/task/{tid or pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "?"
 
 
 def _kernel_view(pid: int, child: _Child) -> str:
@@ -478,22 +493,22 @@ def _kernel_view(pid: int, child: _Child) -> str:
     the states of the worker's other threads. A Python stack cannot say whether a thread waits
     on a lock, for the CPU or in a system call; this can."""
 
-    def read(name: str, tid: int = pid) -> str:
+    def read(name: str) -> str:
         try:
-            with open(f"/proc/{pid}/task/{tid}/{name}") as f:
+            with open(f"/proc/{pid}/task/{pid}/{name}") as f:
                 return f.read().strip()
         except (OSError, ValueError):
             return "?"
 
-    state = read("stat").rsplit(")", 1)[-1].split()[:1] or ["?"]
     stack = " < ".join(line.split(" ", 1)[-1] for line in read("stack").splitlines()[:8])
     try:
         others = sorted(int(tid) for tid in os.listdir(f"/proc/{pid}/task") if int(tid) != pid)
     except (OSError, ValueError):
         others = []
-    states = ",".join((read("stat", tid).rsplit(")", 1)[-1].split()[:1] or ["?"])[0] for tid in others)
-    return (f"state {state[0]}, wchan {read('wchan') or '-'}, stack [{stack or '?'}], counts {child.sampled} "
-            f"then {child.waking and 'changed' or 'unchanged'}; other threads [{states}]")
+    states = ",".join(_thread_state(pid, tid) for tid in others)
+    counts = child.sampled[1] if child.sampled is not None else None
+    return (f"state {_thread_state(pid)}, wchan {read('wchan') or '-'}, stack [{stack or '?'}], wake-up counts "
+            f"{counts} ({'waking' if child.waking else 'no change'} since the look before); other threads [{states}]")
 
 
 def _signal_pending(pid: int, sig: int) -> bool:

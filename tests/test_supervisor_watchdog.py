@@ -316,3 +316,31 @@ def test_a_hung_worker_is_killed_only_once_it_has_taken_the_stacks_signal():
     finally:
         child.kill()
         child.wait(10)
+
+
+def test_the_kernel_state_the_watchdog_reads_tells_runnable_from_asleep_and_stopped():
+    """A loop thread woken but given no CPU since (two suites on two cores, a virtual CPU the
+    host does not run) changes none of the wake-up counts, which the kernel keeps as a thread
+    gets on a CPU: the watchdog takes a runnable one (R) for waking, not blocked. What it reads,
+    for real processes: one computing is R, one sleeping is S, one stopped is T."""
+    import subprocess
+    import sys
+    import time
+
+    from gateway.supervisor import _thread_state
+
+    spinning = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    sleeping = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        wait_for(lambda: _thread_state(sleeping.pid) == "S", timeout=30, interval=0.05, what="a sleeping process")
+        # A computing process is R whenever it is looked at (running, or runnable between slices).
+        assert {_thread_state(spinning.pid) for _ in range(20)} == {"R"}
+        os.kill(sleeping.pid, signal.SIGSTOP)
+        wait_for(lambda: _thread_state(sleeping.pid) == "T", timeout=10, interval=0.05, what="a stopped process")
+        os.kill(sleeping.pid, signal.SIGCONT)
+        time.sleep(0.05)
+    finally:
+        for proc in (spinning, sleeping):
+            proc.kill()
+            proc.wait()
+    assert _thread_state(spinning.pid) == "?"  # gone: /proc does not say
