@@ -110,10 +110,10 @@ def mint(kdc: KDC, ccache: Path, count: int, out: Path) -> Path:
 
 
 def gateway(base: Path, name: str, files: dict[str, dict], workers: int, env: dict | None = None,
-            reuse_port: bool = True) -> GatewayProcess:
+            reuse_port: bool = True, pin_workers: bool = True) -> GatewayProcess:
     """``authgw serve`` with *files* (conf.d name -> settings) and the benchmark's common settings:
     throttling off (Apache has none), the audit log on, to a file (Apache logs every request)."""
-    core = {"throttle": {"enabled": False}, "log_level": "WARNING", "reuse_port": reuse_port,
+    core = {"throttle": {"enabled": False}, "log_level": "WARNING", "reuse_port": reuse_port, "pin_workers": pin_workers,
             "audit": {"file": str(base / f"audit-{name}.log")}}
     core.update(files.pop("gateway.yaml"))
     texts = {"gateway.yaml": json.dumps(core), **{k: json.dumps(v) for k, v in files.items()}}
@@ -197,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
                              "fetches memberOf in its one search")
     parser.add_argument("--shared-socket", action="store_true",
                         help="authgw's workers share one listening socket (reuse_port: false)")
+    parser.add_argument("--unpinned", action="store_true", help="authgw's workers not pinned to CPUs (pin_workers: false)")
     parser.add_argument("--only", default=",".join(ROWS), help="rows to run, comma-separated: " + ",".join(ROWS))
     parser.add_argument("--json", type=Path, help="also write every round's figures here")
     args = parser.parse_args(argv)
@@ -330,7 +331,8 @@ def setup(base: Path, args: argparse.Namespace, only: list[str], started: list) 
     gateways: dict[str, GatewayProcess] = {}
 
     def start(name: str, files: dict, env: dict | None = None) -> GatewayProcess:
-        gw = gateway(base, name, files, args.workers, env, reuse_port=not args.shared_socket)
+        gw = gateway(base, name, files, args.workers, env, reuse_port=not args.shared_socket,
+                     pin_workers=not args.unpinned)
         started.append(gw)
         gateways[name] = gw
         return gw
