@@ -2,7 +2,8 @@
 
 Fields: ``time`` (UTC, RFC 3339), ``request_id``, ``client``, ``front_door``, ``username``,
 ``method`` (the credential kinds presented), ``outcome``, ``reason``, ``step``, ``from_cache``,
-``subject`` (on success) and ``latency_ms``. Never a password, token, certificate or hash.
+``subject`` (on success) and ``latency_ms``; ``signed_in_as`` and ``answered_by`` only when
+they say something. Never a password, token, certificate or hash.
 
 Reads ``audit.file`` (``-`` is standard error). Each line is written, one ``write``, before
 the attempt is answered (:class:`_LineWriter`): a process killed outright (SIGKILL, the OOM
@@ -220,6 +221,10 @@ class AuditLog:
             # signed in under another name than the one presented (a UPN login answered with the
             # account name, a relayed login): the audit says which, so a search for either finds it
             record["signed_in_as"] = identity.username
+        if decision.answered_by:
+            # which of the step's backends answered (a relay's connector, by the id the relay
+            # enrolled and linked it under): the one to revoke when it vouched falsely
+            record["answered_by"] = decision.answered_by
         line = encode(record)
         writer = self._writer
         if writer is None and self._destination != "-":

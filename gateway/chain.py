@@ -229,11 +229,12 @@ def may_run_on_loop(impl: pluggy.HookImpl) -> bool:
 
 def fold(attempt: Attempt) -> Decision:
     """The result when every step passed (DESIGN.md section 3): UNAVAILABLE over USER_NOT_FOUND
-    over NOT_APPLICABLE. The first note of the winning kind names the step and reason."""
+    over NOT_APPLICABLE. The first note of the winning kind names the step and reason (and
+    who answered so, for the audit line)."""
     for outcome in (Outcome.UNAVAILABLE, Outcome.USER_NOT_FOUND):
         for note in attempt.notes:
             if note.outcome is outcome:
-                return Decision.deny(outcome, step=note.step, reason=note.reason)
+                return Decision.deny(outcome, step=note.step, reason=note.reason, answered_by=note.answered_by)
     return Decision.deny(Outcome.NOT_APPLICABLE, step="", reason="no_applicable_credentials")
 
 

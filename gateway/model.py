@@ -156,12 +156,16 @@ class Note:
 
     ``offline``: whether a cache may answer for the step (an UNAVAILABLE note); false when its
     backend's own side already gave what offline answer it could (a relay's connector that
-    answered that its directory is down)."""
+    answered that its directory is down).
+
+    ``answered_by``: which of the step's backends answered, when the step knows it and it matters
+    (:attr:`Decision.answered_by`); it stays with the note into the folded decision."""
 
     outcome: Outcome
     step: str
     reason: str
     offline: bool = True
+    answered_by: str = ""
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -220,16 +224,18 @@ class Attempt:
         """Seconds until the deadline (never negative); size backend timeouts from this."""
         return max(0.0, self.deadline - time.monotonic())
 
-    def note(self, outcome: Outcome, *, step: str, reason: str, offline: bool = True) -> None:
+    def note(self, outcome: Outcome, *, step: str, reason: str, offline: bool = True,
+             answered_by: str = "") -> None:
         """Record that step *step* passes this attempt on because of *outcome*.
 
         Only :attr:`Outcome.USER_NOT_FOUND` and :attr:`Outcome.UNAVAILABLE` are notes; the core
         folds them into the result when no step decides (DESIGN.md section 3). ``offline=False``
         on an UNAVAILABLE note: no cache answers for this step (see :class:`Note`).
+        ``answered_by``: the backend that answered so (:attr:`Decision.answered_by`).
         """
         if outcome not in (Outcome.USER_NOT_FOUND, Outcome.UNAVAILABLE):
             raise ValueError(f"only USER_NOT_FOUND and UNAVAILABLE can be noted, not {outcome}")
-        self.notes.append(Note(outcome, step, reason, offline))
+        self.notes.append(Note(outcome, step, reason, offline, answered_by))
 
 
 #: A step that completes a mutual authentication (Kerberos) stores here the ``WWW-Authenticate``
@@ -318,6 +324,10 @@ class Decision:
         in docs/reasons.md; empty for a plain success.
     :ivar step: the name of the chain step (or wrapper) that decided.
     :ivar from_cache: the credential cache answered, not the live backend.
+    :ivar answered_by: which of the step's backends answered, by the step's own name for it (the
+        relay: the id of the connector whose link it sent the request on, never a name the
+        answer gives), for the audit line; empty when the step does not say. Several backends
+        that vouch alike (a relay's connectors): the audit tells which one vouched.
     """
 
     outcome: Outcome
@@ -325,6 +335,7 @@ class Decision:
     reason: str = ""
     identity: Identity | None = None
     from_cache: bool = False
+    answered_by: str = ""
 
     def __post_init__(self) -> None:
         if (self.outcome is Outcome.SUCCESS) != (self.identity is not None):
@@ -335,9 +346,10 @@ class Decision:
         return self.outcome is Outcome.SUCCESS
 
     @classmethod
-    def allow(cls, identity: Identity, *, step: str, reason: str = "", from_cache: bool = False) -> Decision:
-        return cls(Outcome.SUCCESS, step, reason, identity, from_cache)
+    def allow(cls, identity: Identity, *, step: str, reason: str = "", from_cache: bool = False,
+              answered_by: str = "") -> Decision:
+        return cls(Outcome.SUCCESS, step, reason, identity, from_cache, answered_by)
 
     @classmethod
-    def deny(cls, outcome: Outcome, *, step: str, reason: str) -> Decision:
-        return cls(outcome, step, reason)
+    def deny(cls, outcome: Outcome, *, step: str, reason: str, answered_by: str = "") -> Decision:
+        return cls(outcome, step, reason, answered_by=answered_by)

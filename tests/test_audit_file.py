@@ -125,3 +125,42 @@ def test_a_reload_onto_a_planted_audit_link_is_refused_and_lines_go_on(conf_dir,
     assert gw.auth("alice", "demo-password").status == 200
     wait_for(lambda: rotated.read_text().count("\n") == 2, 10, interval=0.05, what="the line in the open file")
     assert victim.read_bytes() == b"precious\n"
+
+
+def test_answered_by_is_in_the_line_only_when_a_step_names_who_answered(tmp_path):
+    """A relay's connectors all vouch for users; its audit line said ``step: relay`` and not
+    which connector answered, so one vouching falsely could not be told from the others. The
+    name is the relay's own (its enrolment, never a connector's answer), and whatever it holds
+    it stays one field of one line; a line of a step that names no one has no such field. A
+    connector's USER_NOT_FOUND note that becomes the decision (the core's fold) keeps it."""
+    import ipaddress
+    import time
+
+    from gateway.audit import AuditLog
+    from gateway.chain import fold
+    from gateway.model import Attempt, Decision, Identity, Outcome, PasswordCredential
+
+    def attempt(request_id: str) -> Attempt:
+        return Attempt(request_id, ipaddress.ip_address("192.0.2.7"), "api", time.monotonic() + 5,
+                       password=PasswordCredential("alice", "Wrong-Secret-42"))
+
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(str(path))
+    hostile = 'acme-1\n{"event": "authgw.attempt", "outcome": "success"}\u2028\u0085"x'
+    log.gateway_auth_finished(attempt("r1"), Decision.deny(Outcome.INVALID_CREDENTIALS, step="relay",
+                                                           reason="ldap.invalid_password", answered_by=hostile))
+    log.gateway_auth_finished(attempt("r2"), Decision.allow(Identity("uid=alice", "alice", "relay"), step="relay",
+                                                            answered_by="acme-0a1b2c3d"))
+    noted = attempt("r3")
+    noted.note(Outcome.USER_NOT_FOUND, step="relay", reason="ldap.user_not_found", answered_by="acme-4e5f6a7b")
+    log.gateway_auth_finished(noted, fold(noted))
+    log.gateway_auth_finished(attempt("r4"), Decision.allow(Identity("alice", "alice", "static"), step="static"))
+    log.close()
+    lines = path.read_text().splitlines()  # splits on U+2028 and U+0085 too: they must be escaped
+    records = [json.loads(line) for line in lines]
+    assert [r["request_id"] for r in records] == ["r1", "r2", "r3", "r4"]
+    assert records[0]["answered_by"] == hostile and records[0]["outcome"] == "invalid_credentials"
+    assert (records[1]["outcome"], records[1]["answered_by"]) == ("success", "acme-0a1b2c3d")
+    assert (records[2]["outcome"], records[2]["step"], records[2]["answered_by"]) == \
+        ("user_not_found", "relay", "acme-4e5f6a7b")
+    assert "answered_by" not in records[3]

@@ -57,9 +57,9 @@ def test_the_model_reference_documents_every_field_and_the_decision_constructors
             (row,) = [line for line in section.splitlines() if line.startswith(f"| `{f.name}` |")
                       and line in section.split(f"### `{cls.__name__}`")[1].split("### ")[0]]
             assert not row.rstrip().endswith("|  |"), f"{cls.__name__}.{f.name} needs an :ivar: in its docstring"
-    assert "`Decision.allow(identity: Identity, *, step: str, reason: str = '', from_cache: bool = False) -> " \
-           "Decision`" in section
-    assert "`Decision.deny(outcome: Outcome, *, step: str, reason: str) -> Decision`" in section
+    assert "`Decision.allow(identity: Identity, *, step: str, reason: str = '', from_cache: bool = False, " \
+           "answered_by: str = '') -> Decision`" in section
+    assert "`Decision.deny(outcome: Outcome, *, step: str, reason: str, answered_by: str = '') -> Decision`" in section
     assert "DESIGN.md section 3" not in text and "[design.md](design.md)" in text
 
 

@@ -178,6 +178,29 @@ def test_a_connectors_reason_that_is_no_code_is_replaced_and_its_outcome_stands(
     assert "forged log line" not in relay.process.output()
 
 
+def test_the_audit_names_the_connector_by_the_relays_record_not_by_its_answer(relays):
+    """The relay's audit line names the connector that answered (``answered_by``): the id the
+    relay enrolled it under and took from its link's certificate. An answer that names another
+    connector (or forges the audit's field) changes nothing: a connector that vouches falsely
+    cannot put another's name on it. A refused answer (another user's identity) names it too."""
+    relay, connector = relays["same"]
+    me = connector.enrolled.connector_id
+    assert me in relay.cli("relay", "connectors").stdout and me in relay.ready_links()
+    forged = {"answered_by": "acme-00000000", "connector": "acme-00000000"}
+    connector.answers["gina"] = {**success("gina"), **forged}
+    connector.answers["hank"] = {"outcome": "invalid_credentials", "reason": "ldap.invalid_password",
+                                 "step": "ldap", "from_cache": False, **forged}
+    connector.answers["ivan"] = {"outcome": "user_not_found", "reason": "ldap.user_not_found", "step": "ldap",
+                                 "from_cache": False, **forged}
+    connector.answers["mallory"] = success("admin")
+    for username, outcome in (("gina", "success"), ("hank", "invalid_credentials"), ("ivan", "user_not_found"),
+                              ("mallory", "error")):
+        answer = relay.login(username, "pw").json()
+        assert answer["outcome"] == outcome, answer
+        line = relay.process.audit_for(answer["request_id"])
+        assert (line["outcome"], line["step"], line["answered_by"]) == (outcome, "relay", me)
+
+
 def test_a_connectors_version_reaches_the_operators_terminal_as_text(relays):
     relay, _connector = relays["same"]
     listing = relay.cli("relay", "connectors")

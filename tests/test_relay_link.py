@@ -82,6 +82,28 @@ def test_password_logins_through_the_relay(site, slapd):
                                                         "invalid_credentials", "user_not_found"]
 
 
+def test_the_relays_audit_line_names_the_connector_that_answered(site):
+    """The relay's audit line said ``step: relay`` and not which connector answered: one that
+    vouched falsely (compromised) could not be told from the others of its connection. It names
+    it now by the id the relay enrolled it under (``answered_by``): a success, a wrong password,
+    and a user not found (a note of the connector's answer that became the decision)."""
+    relay, connectors = site
+    enrolled = relay.cli("relay", "connectors").stdout
+    for username, password, outcome in (("alice", "Alice-Passw0rd", "success"),
+                                        ("alice", "wrong-password", "invalid_credentials"),
+                                        ("nobody", "whatever-1", "user_not_found")):
+        before = [len(c.process.audit()) for c in connectors]
+        response = relay.login(username, password)
+        assert response.json()["outcome"] == outcome
+        # the connector that decided wrote its own line before it answered
+        (answering,) = [c for c, b in zip(connectors, before) if len(c.process.audit()) > b]
+        line = relay.process.audit_for(response.json()["request_id"])
+        assert (line["outcome"], line["step"], line["answered_by"]) == (outcome, "relay", answering.connector_id)
+        assert answering.connector_id in enrolled and answering.connector_id in relay.ready_links()
+        # a line of another step (the connector's own ldap step) names no one
+        assert "answered_by" not in answering.process.audit()[-1]
+
+
 def test_connectors_never_listen_for_the_link(site):
     _, connectors = site
     for connector in connectors:
@@ -131,6 +153,9 @@ def test_no_connector_online_cached_users_from_the_cache_others_503(site):
     assert relay.login("alice", "wrong-password").json()["outcome"] == "invalid_credentials"
     other = relay.login("carol", "Carol-Passw0rd")
     assert other.status == 503 and other.json()["reason"] == "relay.no_connector"
+    # no connector answered either: the cache's line and the relay's 503 name none
+    assert "answered_by" not in relay.process.audit_for(cached.json()["request_id"])
+    assert "answered_by" not in relay.process.audit_for(other.json()["request_id"])
     assert relay.process.auth("carol", "Carol-Passw0rd").status == 503
     connectors[0].start().wait_linked(relay)
     live = relay.login("carol", "Carol-Passw0rd")
@@ -337,10 +362,13 @@ def test_the_relays_cache_answers_only_while_no_connector_does(tmp_path):
         down = relay.login("dana", "Dana-Passw0rd")
         assert down.status == 503, down.json()
         assert relay.process.audit()[-1]["from_cache"] is False
+        # the connector answered UNAVAILABLE (a note that became the decision): it is named
+        assert relay.process.audit_for(down.json()["request_id"])["answered_by"] == connector.connector_id
 
         connector.stop()  # no connector: the relay's cache is all there is
         cached = relay.login("dana", "Dana-Passw0rd")
         assert (cached.status, cached.json()["from_cache"]) == (200, True)
+        assert "answered_by" not in relay.process.audit_for(cached.json()["request_id"])
     finally:
         if connector is not None and connector.process is not None:
             connector.stop()

@@ -51,8 +51,11 @@ def test_a_login_at_the_other_instance_is_routed_to_the_link(tmp_path, slapd, re
             response = relay.login("alice", "Alice-Passw0rd")
             assert response.status == 200, response.text
             assert response.json()["identity"]["groups"] == ["staff"]
+            # b's audit names the connector a's link reached, as a's own does
+            assert relay.process.audit_for(response.json()["request_id"])["answered_by"] == connector.connector_id
         wrong = b.login("alice", "not-Her-passw0rd")
         assert (wrong.json()["outcome"], wrong.json()["reason"]) == ("invalid_credentials", "ldap.invalid_password")
+        assert b.process.audit_for(wrong.json()["request_id"])["answered_by"] == connector.connector_id
         assert b"Alice-Passw0rd" not in b"".join(redis.client().dump(k) or b"" for k in redis.client().keys("*"))
         # revoked through b's command line: a cuts the link it holds
         assert b.cli("relay", "revoke", connector.connector_id).returncode == 0

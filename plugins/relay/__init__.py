@@ -7,7 +7,9 @@ Decides
     ``relay``): ``SUCCESS`` with the connector's identity, ``INVALID_CREDENTIALS``,
     ``ACCOUNT_STATE``, ``THROTTLED``, ``ERROR``; ``ERROR`` ``relay.bad_answer`` for an answer out
     of shape, ``relay.identity_mismatch`` for a success naming another user than the one asked
-    for (``answered_names``, :func:`same_user`).
+    for (``answered_names``, :func:`same_user`). What comes of a connector's answer, a note
+    included, names that connector (``answered_by`` in the audit line): the id of the link the
+    request went on, never one the answer gives (:meth:`Hub.ask`).
 Abstains
     when the attempt has no password; with a ``USER_NOT_FOUND`` note carrying the connector's
     reason; with an ``UNAVAILABLE`` note ``relay.no_connector`` (none linked), ``relay.busy``
@@ -243,11 +245,12 @@ class RelayPlugin:
     # -- calling connectors from worker threads ------------------------------------------------------
 
     def _call(self, type_: str, body: dict[str, Any], timeout: float, *, retry: bool,
-              password: str | None = None) -> dict[str, Any]:
+              password: str | None = None) -> tuple[dict[str, Any], str]:
+        """The answer's body and the id of the connector that answered (:meth:`Hub.ask`)."""
         if self.loop is None:
             raise Unreachable("relay.no_connector", "the relay is not serving")
         future = asyncio.run_coroutine_threadsafe(
-            self.hub.call(self.settings.connection, type_, body, timeout, retry=retry, password=password), self.loop)
+            self.hub.ask(self.settings.connection, type_, body, timeout, retry=retry, password=password), self.loop)
         try:
             return future.result(timeout + 0.5)
         except concurrent.futures.TimeoutError:
@@ -261,10 +264,13 @@ class RelayPlugin:
         body = {"username": attempt.password.username, "client": str(attempt.client),
                 "request_id": attempt.request_id, "front_door": attempt.front_door}
         try:
-            answer = self._call("authenticate", body, attempt.time_left(), retry=False,
-                                password=attempt.password.password)
+            # connector: the link this relay sent the password on (Hub.ask), for the audit line's
+            # answered_by on whatever comes of its answer, refusals of the answer included
+            answer, connector = self._call("authenticate", body, attempt.time_left(), retry=False,
+                                           password=attempt.password.password)
         except Unreachable as exc:
-            attempt.note(Outcome.UNAVAILABLE, step=self.name, reason=exc.reason, offline=exc.offline)
+            attempt.note(Outcome.UNAVAILABLE, step=self.name, reason=exc.reason, offline=exc.offline,
+                         answered_by=exc.connector)
             return None
         try:
             outcome = Outcome(answer.get("outcome"))
@@ -275,16 +281,17 @@ class RelayPlugin:
                 reason = "relay.bad_reason"
             identity = _identity(answer.get("identity")) if outcome is Outcome.SUCCESS else None
         except (ValueError, TypeError, KeyError):
-            log.warning("connector answered a malformed decision; denied")
-            return Decision.deny(Outcome.ERROR, step=self.name, reason="relay.bad_answer")
+            log.warning("connector %s answered a malformed decision; denied", connector)
+            return Decision.deny(Outcome.ERROR, step=self.name, reason="relay.bad_answer", answered_by=connector)
         if identity is not None and not self._answers_for(attempt.password.username, identity.username):
-            return Decision.deny(Outcome.ERROR, step=self.name, reason="relay.identity_mismatch")
+            return Decision.deny(Outcome.ERROR, step=self.name, reason="relay.identity_mismatch",
+                                 answered_by=connector)
         if outcome in (Outcome.USER_NOT_FOUND, Outcome.UNAVAILABLE):
             # A connector that answers its directory is down has had its own cache's say (it
             # knows what that directory refused since): this relay's cache answers only while no
             # connector does (relay.no_connector, relay.timeout, relay.link_lost, ...).
             attempt.note(outcome, step=self.name, reason=reason or f"relay.{outcome.value}",
-                         offline=outcome is not Outcome.UNAVAILABLE)
+                         offline=outcome is not Outcome.UNAVAILABLE, answered_by=connector)
             return None
         if outcome not in _DECIDING:
             return None
@@ -292,13 +299,13 @@ class RelayPlugin:
             # A connector's cache answer stays one here: settled as a live success it would
             # clear this relay's throttle counts, and be stored by its cache as a live login.
             return Decision.allow(identity, step=self.name, reason=reason,
-                                  from_cache=answer.get("from_cache") is True)
-        return Decision.deny(outcome, step=self.name, reason=reason)
+                                  from_cache=answer.get("from_cache") is True, answered_by=connector)
+        return Decision.deny(outcome, step=self.name, reason=reason, answered_by=connector)
 
     @hookimpl
     def gateway_lookup_user(self, username: str) -> Identity | None:
         try:
-            answer = self._call("lookup_user", {"username": username}, 5.0, retry=True)
+            answer, _ = self._call("lookup_user", {"username": username}, 5.0, retry=True)
         except Unreachable as exc:
             raise BackendUnavailable(f"no connector answered: {exc.reason}") from None
         if not answer.get("found"):
@@ -327,7 +334,7 @@ class RelayPlugin:
     def gateway_search_users(self, query: str, limit: int, cursor: str | None) -> UserPage | None:
         body = {"query": query, "limit": max(1, min(int(limit), proto.MAX_SEARCH_LIMIT)), "cursor": cursor}
         try:
-            answer = self._call("search_users", body, 10.0, retry=True)
+            answer, _ = self._call("search_users", body, 10.0, retry=True)
         except Unreachable as exc:
             if exc.reason == "relay.connector_error" and str(exc).startswith("bad_request:"):
                 raise ValueError(str(exc)) from None  # the caller's cursor or query
@@ -339,7 +346,7 @@ class RelayPlugin:
     @hookimpl
     def gateway_list_groups(self, username: str) -> list[str] | None:
         try:
-            answer = self._call("list_groups", {"username": username}, 10.0, retry=True)
+            answer, _ = self._call("list_groups", {"username": username}, 10.0, retry=True)
         except Unreachable as exc:
             raise BackendUnavailable(f"no connector answered: {exc.reason}") from None
         if not answer.get("found"):

@@ -79,15 +79,18 @@ class Unreachable(Exception):
     are linked but busy (``relay.busy``). For ``relay.no_connector`` from another instance
     (router.py): ``unsent``, that nothing was handed on (to a link or to another instance's
     inbox), so the call may be tried again; ``routes``, the ``(connector, instance)`` routes of
-    other instances the forwarder found (and that failed), ``None`` when Redis did not say."""
+    other instances the forwarder found (and that failed), ``None`` when Redis did not say.
+    ``connector``: the connector whose error frame this is (``relay.connector_unavailable``,
+    ``relay.connector_error``: it answered), empty otherwise."""
 
     def __init__(self, reason: str, detail: str = "", *, offline: bool = True, unsent: bool = True,
-                 routes: Set[tuple[str, str]] | None = None) -> None:
+                 routes: Set[tuple[str, str]] | None = None, connector: str = "") -> None:
         super().__init__(detail or reason)
         self.reason = reason
         self.offline = offline
         self.unsent = unsent
         self.routes = routes
+        self.connector = connector
 
 
 def busy(detail: str) -> Unreachable:
@@ -385,8 +388,19 @@ class Hub:
 
     async def call(self, connection: str, type_: str, body: dict[str, Any], timeout: float, *,
                    retry: bool, password: str | None = None) -> dict[str, Any]:
-        """Send *type_* to one connector of *connection*; return the answer's body. A connector's
-        error frame becomes :class:`Unreachable` with reason ``relay.connector_error``."""
+        """Send *type_* to one connector of *connection*; return the answer's body (:meth:`ask`
+        says which connector answered too). A connector's error frame becomes
+        :class:`Unreachable` with reason ``relay.connector_error``."""
+        answer, _ = await self.ask(connection, type_, body, timeout, retry=retry, password=password)
+        return answer
+
+    async def ask(self, connection: str, type_: str, body: dict[str, Any], timeout: float, *,
+                  retry: bool, password: str | None = None) -> tuple[dict[str, Any], str]:
+        """As :meth:`call`, and the id of the connector that answered: the one whose link the
+        request went on, here or at the instance holding it (router.py: the connector the
+        forwarder chose and sealed the password to, which the holder sends to alone). This
+        relay's own record of the link, from its enrolment and certificate, never a name the
+        answer gives: a connector that vouches falsely cannot put another's name on it."""
         deadline = time.monotonic() + timeout
         tried: set[int] = set()
         relink = _Relink()
@@ -402,9 +416,9 @@ class Hub:
                     raise Unreachable("relay.no_connector", f"no connector of {connection!r} is online")
                 # No link free here: the instance holding one answers (router.py).
                 try:
-                    message = await self.router.forward(connection, type_, body,
-                                                        max(0.05, deadline - time.monotonic()),
-                                                        retry=retry, password=password)
+                    message, connector = await self.router.forward(connection, type_, body,
+                                                                   max(0.05, deadline - time.monotonic()),
+                                                                   retry=retry, password=password)
                 except Unreachable as exc:
                     if local_busy and exc.reason == "relay.no_connector":
                         raise busy(f"every link of {connection!r} here carries {self.max_in_flight} requests "
@@ -415,7 +429,7 @@ class Hub:
                             and await self._relinked(connection, deadline, relink, exc.routes, tried=tried):
                         continue
                     raise
-                return _body(message)
+                return _body(message, connector), connector
             tried.add(id(session))
 
             def body_for(stamp: proto.Stamp, session=session) -> dict[str, Any]:
@@ -433,7 +447,7 @@ class Hub:
                     continue
                 raise
             try:
-                return _body(message)
+                return _body(message, session.connector), session.connector
             except Unreachable as exc:
                 # A read-only request whose connector's directory did not answer: another
                 # connector (another site, another domain controller) may reach its own.
@@ -524,11 +538,14 @@ class Hub:
                 del self._watchers[connection]
 
 
-def _body(message: proto.Message) -> dict[str, Any]:
-    """The answer's body; a connector's error frame becomes :class:`Unreachable`."""
+def _body(message: proto.Message, connector: str) -> dict[str, Any]:
+    """The answer's body; a connector's error frame becomes :class:`Unreachable` naming
+    *connector*, the one that sent it."""
     if message.type == proto.ERROR:
         code = message.body.get("code")
         if code == "unavailable":
-            raise Unreachable("relay.connector_unavailable", str(message.body.get("detail"))[:200])
-        raise Unreachable("relay.connector_error", f"{code}: {str(message.body.get('detail'))[:200]}")
+            raise Unreachable("relay.connector_unavailable", str(message.body.get("detail"))[:200],
+                              connector=connector)
+        raise Unreachable("relay.connector_error", f"{code}: {str(message.body.get('detail'))[:200]}",
+                          connector=connector)
     return message.body

@@ -198,7 +198,11 @@ class Router:
     # -- the forwarder's side ------------------------------------------------------------------------
 
     async def forward(self, connection: str, type_: str, body: dict[str, Any], timeout: float, *,
-                      retry: bool, password: str | None) -> proto.Message:
+                      retry: bool, password: str | None) -> tuple[proto.Message, str]:
+        """Hand the request to an instance holding a link of *connection*; its connector's answer
+        and that connector's id: the one this instance chose from the routes (ids the holders
+        took from their links' certificates) and sealed the password to, which the holder sends
+        it to and to no other (:meth:`_reply`); not a name its reply or the answer gives."""
         deadline = time.monotonic() + timeout
         try:
             routes = await self.redis.hgetall(self._k("route", connection))
@@ -216,7 +220,8 @@ class Router:
                               unsent=not pushed) from None
 
     async def _forward(self, candidates: list[tuple[str, str]], connection: str, type_: str, body: dict[str, Any],
-                       deadline: float, *, retry: bool, password: str | None, pushed: list[str]) -> proto.Message:
+                       deadline: float, *, retry: bool, password: str | None,
+                       pushed: list[str]) -> tuple[proto.Message, str]:
         saturated = False  # a holder's link was at max_in_flight: busy, not "no connector"
         for connector, instance in candidates:
             if not await self.redis.exists(self._k("instance", instance)):
@@ -241,7 +246,7 @@ class Router:
                 raise Unreachable("relay.timeout", f"relay instance {instance} did not answer")
             reply = json.loads(item[1])
             if "message" in reply:
-                return proto.Message(request_id, reply["message"]["type"], reply["message"]["body"])
+                return proto.Message(request_id, reply["message"]["type"], reply["message"]["body"]), connector
             saturated = saturated or reply.get("busy") is True
             # Not sent at all, or a read-only request: another instance's connector may answer.
             if reply["unreachable"] in ("relay.not_sent", "relay.no_connector") or retry:
