@@ -32,7 +32,7 @@ __all__ = ["MAX_HEADER_CHARS", "parse_pem_header", "parse_xfcc", "split_xfcc"]
 MAX_HEADER_CHARS = 64 * 1024
 MAX_CHAIN = 10
 
-_PEM_BLOCK = re.compile(r"-----BEGIN CERTIFICATE-----(.*?)-----END CERTIFICATE-----", re.S)
+_BEGIN, _END = "-----BEGIN CERTIFICATE-----", "-----END CERTIFICATE-----"
 _B64 = re.compile(r"^[A-Za-z0-9+/]+={0,2}$")
 
 
@@ -53,10 +53,25 @@ def _b64(text: str) -> bytes:
         raise CertError("cert.malformed", "the certificate is not valid base64") from None
 
 
+def _pem_blocks(text: str) -> list[str]:
+    """What lies between each BEGIN and the first END after it, in one pass: the regular
+    expression this replaces looked for an END from every BEGIN, so a header of BEGINs alone
+    took time in its length squared (0.8 s for 64 KiB, found by the parsers' fuzzing)."""
+    blocks: list[str] = []
+    pos = 0
+    while (begin := text.find(_BEGIN, pos)) >= 0:
+        end = text.find(_END, begin + len(_BEGIN))
+        if end < 0:
+            break  # no END after this BEGIN, so none after a later one either
+        blocks.append(text[begin + len(_BEGIN):end])
+        pos = end + len(_END)
+    return blocks
+
+
 def decode_pem_chain(text: str) -> tuple[bytes, ...]:
     """PEM blocks (leaf first), or bare base64 DER certificates separated by commas (Traefik's
     ``X-Forwarded-Tls-Client-Cert``), to DER."""
-    blocks = _PEM_BLOCK.findall(text) if "-----BEGIN" in text else text.split(",")
+    blocks = _pem_blocks(text) if "-----BEGIN" in text else text.split(",")
     if not blocks:
         raise CertError("cert.malformed", "PEM armour without a complete CERTIFICATE block")
     if len(blocks) > MAX_CHAIN:

@@ -118,7 +118,10 @@ def search_request(message_id: int, base: str, scope: str, filter_ber: bytes, at
 
 def compile_filter(text: str) -> bytes:
     """Parse a string filter and return its BER encoding; raises :class:`FilterError`."""
-    ber, end = _filter(text, 0)
+    try:
+        ber, end = _filter(text, 0)
+    except RecursionError:  # nested deeper than Python recurses: a FilterError, as callers catch
+        raise FilterError("filter nested too deeply") from None
     if end != len(text):
         raise FilterError(f"text after the filter at offset {end}")
     return ber
@@ -295,6 +298,10 @@ def parse_entry(body: bytes) -> tuple[str, dict[str, list[bytes]]]:
         _, t_start, t_end = _header(body, a_start)
         name = bytes(body[t_start:t_end]).decode("ascii", errors="replace")
         _, v_pos, v_end = _header(body, t_end)
+        # Each element inside its container: values that ran on over the next attributes would be
+        # read again as values of each of them (n attributes in O(n) bytes, O(n^2) values).
+        if not v_end <= a_end <= stop:
+            raise ProtocolError("attribute overruns its container")
         values = []
         while v_pos < v_end:
             length = body[v_pos + 1]
@@ -305,6 +312,8 @@ def parse_entry(body: bytes) -> tuple[str, dict[str, list[bytes]]]:
             else:
                 _, v_start, v_pos = _header(body, v_pos)
                 values.append(bytes(body[v_start:v_pos]))
+        if v_pos > v_end:
+            raise ProtocolError("value overruns its attribute")
         attributes[name] = values
         pos = a_end
     return dn, attributes

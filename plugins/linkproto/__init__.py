@@ -188,6 +188,15 @@ def _integer(text: str) -> int:
     return value
 
 
+def _utf8(text: str) -> bool:
+    """Whether *text* encodes as UTF-8: JSON escapes can spell lone surrogates, which do not."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def decode(text: str | bytes, *, now: float, guard: ReplayGuard | None = None,
            accept: frozenset[str] = REQUEST_TYPES, skew: float = 0.0) -> Message:
     """Parse and check one frame. Requests are checked for version, type (*accept*), deadline
@@ -208,7 +217,9 @@ def decode(text: str | bytes, *, now: float, guard: ReplayGuard | None = None,
     if not isinstance(data, dict):
         raise ProtocolError("bad_request", "a frame is a JSON object")
     request_id = data.get("id")
-    if not isinstance(request_id, str) or not 0 < len(request_id) <= 64:
+    # Not text in UTF-8 (a lone surrogate, "\ud800" in JSON): the id is echoed in the answer or the
+    # refusal, a text frame that could not be sent (the read loop raised, the link dropped).
+    if not isinstance(request_id, str) or not 0 < len(request_id) <= 64 or not _utf8(request_id):
         raise ProtocolError("bad_request", "`id` must be a string of 1-64 characters")
     version, type_, body = data.get("v"), data.get("type"), data.get("body")
     if version != VERSION:
