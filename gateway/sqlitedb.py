@@ -37,9 +37,9 @@ def create_private(path: str | PathLike[str]) -> None:
 def refuse_planted(path: str | PathLike[str]) -> None:
     """Raise :class:`sqlite3.DatabaseError` when *path*, or a file SQLite keeps beside it (its
     ``-wal``, ``-shm``, ``-journal``), is a symbolic link or not a regular file. SQLite opens
-    these by name and follows links: one planted in the state directory would have the gateway's counts, sessions or cached credentials
-    written into the file it points at (another store, a key file), or read from one another
-    user controls. Python's ``sqlite3`` cannot pass ``SQLITE_OPEN_NOFOLLOW``, so this looks
+    these by name and follows links: one planted in the state directory would have the
+    gateway's counts, sessions or cached credentials written into the file it points at
+    (another store, a key file), or read from one another user controls. Python's ``sqlite3`` cannot pass ``SQLITE_OPEN_NOFOLLOW``, so this looks
     first; the directory is the gateway user's (0700, checked at start), so nothing can be
     planted between the look and the open by anyone who could not write the files anyway."""
     for suffix in _SIBLINGS:

@@ -450,7 +450,8 @@ def _count_wakeups(pid: int, child: _Child, now: float, window: float) -> None:
     (``child.waking``; not before two counts). The scheduler counts are for a thread so starved
     of CPU (two suites on two cores, the worker's busy threads) that it did not get to wait for
     the GIL even once in the window: it was killed as hung while its worker answered. A thread
-    blocked for good (a lock, a sleep, a stuck call, SIGSTOP) changes none of them."""
+    blocked for good (a lock, a sleep, a stuck call, SIGSTOP) changes none of them; nor does one
+    woken and given no CPU since, which is why a thread found runnable (state R) is waking too."""
     if child.sampled is not None and now - child.sampled[0] < window:
         return
     try:
@@ -470,7 +471,8 @@ def _count_wakeups(pid: int, child: _Child, now: float, window: float) -> None:
         # on two cores, a virtual CPU the host does not run) changes none of the counts, which
         # are kept as it gets on a CPU; one blocked on a lock, a sleep or a call is asleep (S, D)
         # or stopped (T).
-        child.waking = (wakeups is not None and before is not None and wakeups != before) or _thread_state(pid) == "R"
+        moved = wakeups is not None and before is not None and wakeups != before
+        child.waking = moved or _thread_state(pid) == "R"
         child.judged = True
     child.sampled = (now, wakeups)
 
@@ -489,8 +491,8 @@ def _thread_state(pid: int, tid: int | None = None) -> str:
 def _kernel_view(pid: int, child: _Child) -> str:
     """What the kernel says of *pid*'s event loop thread as it is found hung, for the log: its
     state (R running or runnable, S sleeping, D in I/O, T stopped), where it sleeps (``wchan``),
-    its kernel stack when /proc shows it (root), its wake-up counts at the last two looks, and
-    the states of the worker's other threads. A Python stack cannot say whether a thread waits
+    its kernel stack when /proc shows it (root), its wake-up counts at the last look and
+    whether they had moved since the one before, and the states of the worker's other threads. A Python stack cannot say whether a thread waits
     on a lock, for the CPU or in a system call; this can."""
 
     def read(name: str) -> str:
