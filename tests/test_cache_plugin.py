@@ -293,6 +293,7 @@ def test_two_installs_with_the_same_secrets_share_a_redis_store(tmp_path, monkey
         assert login(live).success
         ready = plugin(live).gateway_readiness()[0]
         assert not ready.ready and "redis://127.0.0.1" in ready.detail
+        assert ready.detail.count("redis://127.0.0.1") == 1, ready.detail  # the error names the store once
         assert login(runtime(tmp_path / "two", "unavailable", settings)).outcome is Outcome.UNAVAILABLE
 
 
@@ -302,7 +303,8 @@ def test_an_error_in_the_cache_never_changes_a_live_decision(tmp_path):
     rt = runtime(tmp_path, "success", {"sqlite": {"path": str(blocker / "cache.sqlite3")}})
     decision = login(rt)
     assert decision.success and decision.step == "ldap"
-    assert not plugin(rt).gateway_readiness()[0].ready
+    ready = plugin(rt).gateway_readiness()[0]
+    assert not ready.ready and ready.detail.count(f"sqlite:{blocker / 'cache.sqlite3'}") == 1, ready.detail
 
 
 def test_sqlite_store_passes_integrity_check_after_use(tmp_path):

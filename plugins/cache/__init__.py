@@ -255,8 +255,9 @@ class CachePlugin:
         offline = f"; last offline answer {_utc(answered)} UTC" if answered is not None else "; no offline answer yet"
         # A fallback for the chain's steps (docs/design.md point 16) only while it holds users
         # whose offline answer it could give.
-        return [ComponentState(f"{self.name}.store", error is None,
-                               (f"{where}: {error}" if error else f"{where}: ok") + entries + offline + hot,
+        # A store's errors name it already (StoreError: "sqlite:/path: ..."): not said twice.
+        said = (error if error.startswith(f"{where}:") else f"{where}: {error}") if error else f"{where}: ok"
+        return [ComponentState(f"{self.name}.store", error is None, said + entries + offline + hot,
                                fallback=error is None and counted is not None and counted[0] > 0)]
 
     @hookimpl
