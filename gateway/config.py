@@ -72,6 +72,7 @@ class Config:
     #: Keep the core's problems in :attr:`problems` instead of raising them (see module docstring).
     defer: bool = False
     #: Problems found so far (only with ``defer``); the caller adds the plugins' and raises.
+    #: Given: problems found before (a strict conf.d's permissions), raised with these.
     problems: list[str] = field(default_factory=list)
     core: GatewaySettings | None = field(init=False)
     context: ValidationContext = field(init=False)
@@ -81,7 +82,8 @@ class Config:
         self.context = ValidationContext(config_dir=self.directory, strict=strict)
         core_keys = set(GatewaySettings.model_fields)
         core_data = {k: v for k, v in self.data.items() if k in core_keys}
-        problems, warnings = unread_files(self.directory, referenced_paths(self.data, self.directory))
+        found, warnings = unread_files(self.directory, referenced_paths(self.data, self.directory))
+        problems = [*self.problems, *found]  # given: strict conf.d permission problems (load_config)
         for warning in warnings:
             log.warning("%s", warning)
         if self.installed is not None:
@@ -315,8 +317,9 @@ def load_yaml_file(path: Path, model: type[M], context: ValidationContext) -> M:
 
 def load_config(directory: Path, installed: set[str] | None = None, *, defer: bool = False) -> Config:
     """Read *directory*, apply ``AUTHGW_...`` overrides and validate the core settings."""
-    data, marks, files = load_directory(directory)
+    insecure: list[str] = []  # strict: conf.d's permission problems, raised with the settings' (Config)
+    data, marks, files = load_directory(directory, insecure=insecure)
     known = set(GatewaySettings.model_fields) | (installed or set()) | {k for k in data if isinstance(data[k], dict)}
     environment = apply_environment(data, marks, known)
     return Config(directory=directory, data=data, marks=marks, files=files, installed=installed,
-                  environment=environment, defer=defer)
+                  environment=environment, defer=defer, problems=insecure)

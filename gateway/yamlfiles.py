@@ -477,7 +477,8 @@ def _strict(data: dict[str, Any]) -> bool:
     return data.get("strict") is True
 
 
-def load_directory(directory: Path) -> tuple[dict[str, Any], dict[KeyPath, Mark], list[Path]]:
+def load_directory(directory: Path, *, insecure: list[str] | None = None,
+                   ) -> tuple[dict[str, Any], dict[KeyPath, Mark], list[Path]]:
     """Read and merge every ``*.yaml`` file of *directory* in lexical order.
 
     Dot-files and sub-directories (not named ``*.yaml``) are skipped; other files are reported by
@@ -488,9 +489,10 @@ def load_directory(directory: Path) -> tuple[dict[str, Any], dict[KeyPath, Mark]
 
     Returns the merged data, the mark of every key path, and the files read. The problems found
     here (every file's, and with ``strict`` the permission problems, those first) are collected
-    and raised together, so one run shows them all; but they are raised before anything is
-    validated (:func:`gateway.config.load_config` gets no data), so a setting's problem (a wrong
-    key, a bad value, a plugin's) shows only in the next run, once these are fixed.
+    and raised together, so one run shows them all. With *insecure* (a list), the permission
+    problems of a conf.d whose files all read are put there instead of raised: the caller
+    (:func:`gateway.config.load_config`) raises them with the settings' own problems, which a
+    strict ``config check`` otherwise showed only in the next run, once the modes were fixed.
     """
     try:
         dir_info = directory.stat()
@@ -530,7 +532,11 @@ def load_directory(directory: Path) -> tuple[dict[str, Any], dict[KeyPath, Mark]
         except ConfigError as exc:
             problems.extend(exc.problems)
     if _strict(merged):
-        problems[:0] = [problem for found in unsafe.values() for problem in found]
+        found_unsafe = [problem for found in unsafe.values() for problem in found]
+        if insecure is not None and not problems:
+            insecure.extend(found_unsafe)
+        else:
+            problems[:0] = found_unsafe
     else:
         for path, found in unsafe.items():
             _warn(path, found)

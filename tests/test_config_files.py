@@ -155,6 +155,23 @@ def test_a_world_writable_conf_d_is_warned_about_and_an_error_when_strict(conf_d
     assert fixed.returncode == 0 and "writable" not in fixed.stderr, fixed.stderr
 
 
+def test_a_strict_check_shows_permission_and_setting_problems_in_one_run(conf_dir, demo_hash):
+    """Strict mode's permission errors were raised before anything was validated: an operator who
+    fixed the modes learnt of a wrong key or value only at the next run (left from earlier
+    stops). Both kinds now come in the one run, the permission problems first."""
+    base(conf_dir, demo_hash, "chain: [static]\nstrict: true\ndeadline: soon\n")
+    (conf_dir / "static.yaml").write_text("static:\n  users_file: static/users.yaml\n  colour: blue\n")
+    (conf_dir / "static.yaml").chmod(0o666)
+    found = errors(check(conf_dir))
+    assert found[0].startswith("error: conf.d/static.yaml: a configuration file is writable by group or others"), found
+    assert any(line.startswith("error: conf.d/gateway.yaml:3: deadline:") for line in found), found
+    assert any(line.startswith("error: conf.d/static.yaml:3: static.colour:") for line in found), found
+    # A file that does not read (bad YAML) still stops there: its settings are not known.
+    (conf_dir / "gateway.yaml").write_text("chain: [static\nstrict: true\n")
+    found = errors(check(conf_dir))
+    assert any("conf.d/gateway.yaml" in line for line in found) and not any("colour" in line for line in found), found
+
+
 @as_root
 def test_conf_d_or_a_file_of_it_another_user_owns_is_warned_about_and_an_error_when_strict(conf_dir, demo_hash):
     base(conf_dir, demo_hash)
