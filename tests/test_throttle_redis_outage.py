@@ -199,19 +199,18 @@ def test_a_reservation_redis_runs_after_it_was_taken_back_adds_nothing(redis, pr
 
 def test_the_redis_timeout_bounds_a_whole_call_not_each_read(redis, proxy):
     """A Redis that answers a byte every 0.3 s, with ``timeout: 0.5``: each read is within the
-    socket timeout, the call took seconds (the connection's handshake and the answer)."""
+    socket timeout, so with each read bounded alone the calls succeeded after seconds (the
+    connection's handshake and the answer). Bounded whole, they fail: that they fail at all is
+    the proof. No time is asserted (a bound of 3 s failed once with two suites on two cores)."""
     proxy.mode = "dribble"
     store = RedisStore(proxy.url, prefix=PREFIX, password=None, timeout=0.5)
     try:
-        started = time.monotonic()
         with pytest.raises(StoreUnavailable):
             store.reserve([("ubob", 4)], "slow", 0, 600)
-        took = time.monotonic() - started
-        assert took < 3, f"one call took {took:.1f}s with timeout 0.5"
-        started = time.monotonic()
         with pytest.raises(StoreUnavailable):
             store.ping()
-        assert time.monotonic() - started < 3
+        proxy.mode = "pass"  # and the store is not left broken: the next call goes through
+        assert store.ping().endswith("answers")
     finally:
         store.close()
 
