@@ -31,10 +31,14 @@ UNKNOWN_CLIENT = ipaddress.IPv6Address("100::")
 @functools.lru_cache(maxsize=4096)
 def parse_address(text: str) -> IPAddress | None:
     text = text.strip()
-    if text.startswith("["):  # [v6]:port as some proxies write it
-        text = text[1:].split("]", 1)[0]
+    if text.startswith("["):  # [v6] or [v6]:port, as some proxies write it; nothing else
+        text, closed, port = text[1:].partition("]")
+        if not closed or (port and not (port[:1] == ":" and port[1:].isdigit())):
+            return None  # "[::1" or "[::1]x": unreadable, not ::1
     elif text.count(":") == 1:  # v4:port
-        text = text.split(":", 1)[0]
+        text, _, port = text.partition(":")
+        if not port.isdigit():
+            return None
     try:
         address = ipaddress.ip_address(text)
     except ValueError:
