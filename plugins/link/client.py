@@ -336,8 +336,12 @@ class LinkClient:
             await self._ask(ws, pending, "drain", {}, reader)
         except Exception as exc:  # the link is going anyway
             log.warning("link: drain not acknowledged: %s", exc)
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=grace)
+        # Every request read before the relay's acknowledgement has its task by now; one read
+        # after it (a relay that wrote it as it took the drain) is answered too, within the grace.
+        loop = asyncio.get_running_loop()
+        end = loop.time() + grace
+        while self._tasks and (left := end - loop.time()) > 0:
+            await asyncio.wait(set(self._tasks), timeout=left)
         await ws.close(code=1001, message=b"connector stopping")
 
     async def _ask(self, ws, pending: dict[str, asyncio.Future], type_: str, body: dict[str, Any],

@@ -193,7 +193,7 @@ class LinkSession:
             try:
                 # Bounded: a connector that stops reading fills the socket and the write waits
                 # for room, holding this request (and its in_flight) after its answer was due.
-                await asyncio.wait_for(self.ws.send_str(frame), timeout)
+                await asyncio.wait_for(self._write(frame), timeout)
             except (ConnectionError, RuntimeError) as exc:
                 raise _NotSent() from exc
             except asyncio.TimeoutError:
@@ -209,6 +209,17 @@ class LinkSession:
             self.in_flight -= 1
             self.served += 1
             self.pending.pop(request_id, None)
+
+    async def _write(self, frame: str) -> None:
+        """Write *frame*, unless the connector said it is stopping (or the link is closing) by
+        now: ``wait_for`` runs this a turn of the loop after the link was picked, and the
+        connector's ``drain`` may have been taken and acknowledged meanwhile. A request written
+        after that acknowledgement reached a connector that had stopped waiting for new ones,
+        and its login fell to the cache (the CI-like run). The check and the write happen in one
+        step of the loop (aiohttp writes a small frame to the transport before it awaits)."""
+        if self.draining or self.closing or self.ws.closed:
+            raise _NotSent()
+        await self.ws.send_str(frame)
 
     def answered(self, message: proto.Message) -> None:
         future = self.pending.get(message.id)
