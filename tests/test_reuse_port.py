@@ -65,7 +65,11 @@ def test_a_burst_of_connections_is_spread_over_the_workers(conf_dir, demo_hash, 
     assert len(listening) == 2  # one per worker slot (one shared socket without reuse_port)
     workers = workers_of(gw)
     assert len(workers) == 2
-    assert [len(socket_inodes(pid) & set(listening)) for pid in workers] == [1, 1]  # each its own
+    # Each its own: a worker closes the other slots' sockets first thing after the fork, which
+    # on a loaded machine can come after the gateway answers through the first worker (seen:
+    # [1, 2] in a CI-like run). Waited for, bounded: one that keeps another's socket fails.
+    wait_for(lambda: [len(socket_inodes(pid) & set(listening)) for pid in workers] == [1, 1], 30, interval=0.05,
+             what="each worker holding its own listening socket alone")
 
     # 64 connections opened together (as wrk opens its connections), one request each, kept open
     # while the sockets are counted. Hashed over two sockets, the chance that either worker gets
