@@ -477,40 +477,41 @@ def _count_wakeups(pid: int, child: _Child, now: float, window: float) -> None:
     child.sampled = (now, wakeups)
 
 
+def _task_file(pid: int, name: str, tid: int | None = None) -> str:
+    """The text of ``/proc/PID/task/TID/NAME`` (the main thread's by default), stripped; ``?``
+    when /proc does not say."""
+    try:
+        with open(f"/proc/{pid}/task/{tid or pid}/{name}") as f:
+            return f.read().strip()
+    except (OSError, ValueError):
+        return "?"
+
+
 def _thread_state(pid: int, tid: int | None = None) -> str:
     """The kernel's one-letter state of thread *tid* (the main one by default) of *pid*: R
     running or runnable, S asleep, D in uninterruptible I/O, T stopped...; ``?`` when /proc
     does not say."""
-    try:
-        with open(f"/proc/{pid}/task/{tid or pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return "?"
+    fields = _task_file(pid, "stat", tid).rsplit(")", 1)
+    return fields[1].split()[0] if len(fields) == 2 and fields[1].split() else "?"
 
 
 def _kernel_view(pid: int, child: _Child) -> str:
     """What the kernel says of *pid*'s event loop thread as it is found hung, for the log: its
     state (R running or runnable, S sleeping, D in I/O, T stopped), where it sleeps (``wchan``),
     its kernel stack when /proc shows it (root), its wake-up counts at the last look and
-    whether they had moved since the one before, and the states of the worker's other threads. A Python stack cannot say whether a thread waits
-    on a lock, for the CPU or in a system call; this can."""
-
-    def read(name: str) -> str:
-        try:
-            with open(f"/proc/{pid}/task/{pid}/{name}") as f:
-                return f.read().strip()
-        except (OSError, ValueError):
-            return "?"
-
-    stack = " < ".join(line.split(" ", 1)[-1] for line in read("stack").splitlines()[:8])
+    whether they had moved since the one before, and the states of the worker's other threads.
+    A Python stack cannot say whether a thread waits on a lock, for the CPU or in a system
+    call; this can."""
+    stack = " < ".join(line.split(" ", 1)[-1] for line in _task_file(pid, "stack").splitlines()[:8])
     try:
         others = sorted(int(tid) for tid in os.listdir(f"/proc/{pid}/task") if int(tid) != pid)
     except (OSError, ValueError):
         others = []
     states = ",".join(_thread_state(pid, tid) for tid in others)
     counts = child.sampled[1] if child.sampled is not None else None
-    return (f"state {_thread_state(pid)}, wchan {read('wchan') or '-'}, stack [{stack or '?'}], wake-up counts "
-            f"{counts} ({'waking' if child.waking else 'no change'} since the look before); other threads [{states}]")
+    return (f"state {_thread_state(pid)}, wchan {_task_file(pid, 'wchan') or '-'}, stack [{stack or '?'}], "
+            f"wake-up counts {counts} ({'waking' if child.waking else 'no change'} since the look before); "
+            f"other threads [{states}]")
 
 
 def _signal_pending(pid: int, sig: int) -> bool:
