@@ -108,12 +108,11 @@ def test_a_form_body_whose_content_encoding_does_not_decode_is_a_400(site, path,
 
 def test_a_declared_length_over_the_cap_is_a_413_before_the_body(site) -> None:
     with tls(site) as sock:
-        started = time.monotonic()
         send(sock, "/login", {"Content-Type": "application/x-www-form-urlencoded",
                               "Content-Length": str(10 * 1024 * 1024)}, b"")
         status, _, closed = answer(sock)
+    # a 413, not the 400 of a body waited for BODY_TIMEOUT: refused before its body
     assert (status, closed) == (413, True)
-    assert time.monotonic() - started < BODY_TIMEOUT  # not waited for
     no_errors_logged(site)
 
 

@@ -112,10 +112,9 @@ def test_a_server_paging_without_progress_is_not_followed_forever(start) -> None
     directory = FakeAD(USERS, group_pages="empty")
     try:
         gateway = start(settings(directory, groups={"source": "search", "nested": False}), deadline=3.0)
-        started = time.monotonic()
         body = api(gateway, "jdoe", "jane-pw")
-        assert body["outcome"] == "unavailable", body
-        assert time.monotonic() - started < 3.0
+        # the server's trouble, not the attempt's deadline (3 s), ended it
+        assert (body["outcome"], body["reason"]) == ("unavailable", "ldap.unavailable"), body
         # a few empty pages, then the server is in trouble: not thousands of requests until the deadline
         assert directory.requests["searchRequest"] < 10, directory.requests
     finally:
@@ -127,12 +126,11 @@ def test_the_deadline_holds_inside_a_paged_search(start) -> None:
     directory = FakeAD(USERS, group_pages="slow", page_delay=0.2)
     try:
         gateway = start(settings(directory, groups={"source": "search", "nested": False}), deadline=2.0)
-        started = time.monotonic()
         body = api(gateway, "jdoe", "jane-pw")
-        took = time.monotonic() - started
+        # The deadline's answer: without it the pages go on for as long as the server sends them.
         assert (body["outcome"], body["reason"]) == ("unavailable", "ldap.timeout"), body
-        assert took < 2.0 + 1.0, took
         pages = directory.requests["searchRequest"]
+        assert pages <= 2.0 / 0.2 + 1, pages  # no more pages than the deadline leaves time for
         time.sleep(0.5)
         assert directory.requests["searchRequest"] <= pages + 1  # nothing goes on asking after the answer
     finally:

@@ -393,10 +393,10 @@ def test_a_stopping_gateway_refuses_new_connections_and_finishes_those_in_flight
     time.sleep(1)  # in the step's sleep
     os.kill(gw.proc.pid, signal.SIGTERM)
     time.sleep(0.5)
-    started = time.monotonic()
-    with pytest.raises(ConnectionRefusedError):  # not queued, unanswered, until the process exits
+    # Refused, not accepted into a backlog that is never answered (a listener still open would
+    # take the connection, and the refusal would not come).
+    with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", gw.port), timeout=5).close()
-    assert time.monotonic() - started < 1
     in_flight.join(30)
     assert answers == [200]
     assert gw.proc.wait(timeout=10) == 0

@@ -173,13 +173,12 @@ def test_a_hung_session_store_stalls_the_worker_once_not_once_per_request(door, 
                          ids=["short", "44", "42", "alphabet", "padded", "128"])
 def test_a_token_that_is_not_one_of_ours_is_refused_without_asking_the_store(door, redis_server, token):
     with stopped(redis_server):
-        started = time.monotonic()
         answer = door.client().get(door.userinfo, headers={"Authorization": f"Bearer {token}"}, timeout=60)
-        took = time.monotonic() - started
+    # A 401, not the 503 of a hung store asked (a timeout, or the open breaker's refusal): the
+    # store was not asked.
     assert answer.status_code == 401, (answer.status_code, answer.text[:200])
     assert answer.json() == {"error": "invalid_token"}
     assert 'error="invalid_token"' in answer.headers["WWW-Authenticate"]
-    assert took < TIMEOUT, took  # the store was not asked (it would have timed out)
 
 
 # -- the breaker of the store ----------------------------------------------------------------------

@@ -387,7 +387,9 @@ def test_a_trusted_proxys_connection_is_not_held_after_a_refusal(conf_dir, alice
     conn.request("GET", "/healthz", headers={"X-Forwarded-For": "192.0.2.2"})
     r = conn.getresponse()
     r.read()
-    assert r.status == 200 and time.monotonic() - started < 1.0, time.monotonic() - started
+    # Not held for Retry-After (the bug held it that long or more): a bound on a wait, with slack
+    # for a loaded machine, not a benchmark.
+    assert r.status == 200 and time.monotonic() - started < 5, time.monotonic() - started
     conn.close()
     for thread in background:
         thread.join(60)

@@ -256,9 +256,12 @@ def test_enrolment_waits_for_no_body_of_an_unknown_ticket_and_bounds_a_slow_one(
         ticket = relay.ticket()
         made_up = "/p/" + "A" * 43
         status, took, closed = _slow_enrol(relay, made_up, wait=5)
-        assert status.startswith(b"HTTP/1.1 404") and took < 1 and closed, (status, took, closed)
+        # a 404, not the 400 of a body waited for: the made-up ticket was refused before its body
+        assert status.startswith(b"HTTP/1.1 404") and closed, (status, took, closed)
+        # a real ticket's body is waited for body_timeout (1 s), and no longer: an answer within the
+        # socket's 5 s wait, and the connection closed
         status, took, closed = _slow_enrol(relay, urlsplit(ticket).path, wait=5)
-        assert status.startswith(b"HTTP/1.1 400") and 0.9 < took < 4 and closed, (status, took, closed)
+        assert status.startswith(b"HTTP/1.1 400") and 0.9 < took and closed, (status, took, closed)
         # the ticket was only looked at: it still enrols a connector
         Connector(tmp_path / "connector", NoDirectory()).enroll(ticket, relay.ca_file)
         _no_server_errors(relay)
