@@ -218,6 +218,30 @@ def gateway_list_groups(username: str) -> list[str] | None:
     """
 
 
+@hookspec(firstresult=True)
+def gateway_answerer_revoked(step: str, answered_by: str) -> bool | None:
+    """Whether the backend that answered a past login of step *step* has been revoked since.
+
+    A plugin that keeps successes to answer again later (the credential cache, offline and hot)
+    asks before it answers on the word of a backend that a step named in
+    :attr:`~gateway.model.Decision.answered_by`: a relay's connector that vouched falsely and
+    was revoked for it must not go on vouching through the cache. ``True``: the answer is no
+    longer taken (the cache forgets it); ``False``: it stands.
+
+    Runs on the event loop for a hot-cache hit: answer from memory, no I/O.
+
+    :param step: the chain step whose decision named the backend.
+    :param answered_by: the backend's id, as that step named it.
+    :return: ``True`` or ``False`` for a backend of this plugin's step, ``None`` when *step* is
+        not this plugin's (the next plugin is asked; no answer at all means not revoked). Raise
+        :class:`~gateway.errors.BackendUnavailable` when this process cannot tell yet (its list
+        of revocations not read since it started): the caller then does not answer, and does
+        not forget.
+
+    .. versionadded:: 0.2
+    """
+
+
 @hookspec
 def gateway_challenges(attempt: Attempt) -> str | None:
     """Offer a ``WWW-Authenticate`` challenge for a 401 answer to this attempt.

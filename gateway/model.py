@@ -327,7 +327,9 @@ class Decision:
     :ivar answered_by: which of the step's backends answered, by the step's own name for it (the
         relay: the id of the connector whose link it sent the request on, never a name the
         answer gives), for the audit line; empty when the step does not say. Several backends
-        that vouch alike (a relay's connectors): the audit tells which one vouched.
+        that vouch alike (a relay's connectors): the audit tells which one vouched. On a cache
+        answer (``from_cache``), the backend whose earlier answer it repeats; the cache asks
+        ``gateway_answerer_revoked`` before it answers on that backend's word.
     """
 
     outcome: Outcome

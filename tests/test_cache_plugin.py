@@ -432,3 +432,89 @@ def test_hot_cache_ignores_attempts_with_other_credentials(tmp_path):
     both = Attempt(request_id="y", client=both.client, front_door="test", deadline=both.deadline,
                    password=PasswordCredential(USER, PASSWORD), negotiate=NegotiateCredential(b"t"))
     assert plugin(rt).precheck(both) is None
+
+
+# -- answers resting on a backend revoked since ------------------------------------------------------
+
+
+@pytest.fixture
+def vouching():
+    """:class:`support.testplugins.Vouching`'s backends, reset around the test."""
+    state = testplugins.VOUCHING
+    state.update(by="backend-1", revoked=set(), unknown=False)
+    yield state
+    state.update(by="backend-1", revoked=set(), unknown=False)
+
+
+def vouched(tmp_path: Path, cache: dict | None = None):
+    return build(tmp_path, {"chain": ["vouch"], "plugins": ["cache"]},
+                 {"vouch": {"action": "success"}, "cache": {"methods": ["vouch"], **(cache or {})}},
+                 targets={"cache": CACHE, "vouch": "support.testplugins:Vouching"})
+
+
+def set_action(rt, action: str) -> None:
+    step = rt.gateway.plugins["vouch"]
+    step.settings = type(step.settings)(action=action)
+
+
+def test_an_offline_entry_resting_on_a_revoked_backend_is_deleted_not_answered(tmp_path, vouching):
+    # A relay's connector that vouched falsely (a compromised one) and was revoked for it went
+    # on vouching through the relay's cache: its link closed, but the passwords it had vouched
+    # for were answered offline until max_age.
+    rt = vouched(tmp_path)
+    live = login(rt)
+    assert (live.outcome, live.answered_by) == (Outcome.SUCCESS, "backend-1")
+    vouching["by"] = "backend-2"
+    assert login(rt, "bob", "bob-pw").answered_by == "backend-2"
+    set_action(rt, "unavailable")
+    offline = login(rt)
+    # the cache's answer names the backend whose word it repeats, for the audit line
+    assert (offline.outcome, offline.reason, offline.from_cache, offline.answered_by) == \
+        (Outcome.SUCCESS, "cache.offline", True, "backend-1")
+
+    vouching["unknown"] = True  # cannot tell (the list of revocations not read yet): no answer, nothing lost
+    assert login(rt).outcome is Outcome.UNAVAILABLE
+    assert len(entries(rt)) == 2
+    vouching["unknown"] = False
+
+    vouching["revoked"] = {"backend-1"}
+    refused = login(rt)
+    assert (refused.outcome, refused.from_cache) == (Outcome.UNAVAILABLE, False)
+    assert len(entries(rt)) == 1  # deleted, for every worker sharing the store
+    vouching["revoked"] = set()
+    assert login(rt).outcome is Outcome.UNAVAILABLE  # gone, not hidden
+    other = login(rt, "bob", "bob-pw")  # what another backend vouched for stands
+    assert (other.outcome, other.from_cache, other.answered_by) == (Outcome.SUCCESS, True, "backend-2")
+
+
+def test_a_hot_hit_resting_on_a_revoked_backend_is_asked_live(tmp_path, vouching):
+    rt = vouched(tmp_path, HOT)
+    login(rt)
+    hit = login(rt)
+    assert (hit.reason, hit.from_cache, hit.answered_by) == ("cache.hot", True, "backend-1")
+
+    vouching["unknown"] = True  # cannot tell: the chain answers, live
+    testplugins.CALLS.clear()
+    assert login(rt).from_cache is False and ("vouch", "gateway_authenticate") in testplugins.CALLS
+    vouching["unknown"] = False
+
+    vouching["revoked"], vouching["by"] = {"backend-1"}, "backend-2"
+    testplugins.CALLS.clear()
+    live = login(rt)
+    assert (live.from_cache, live.answered_by) == (False, "backend-2")
+    assert ("vouch", "gateway_authenticate") in testplugins.CALLS
+    hit = login(rt)  # what the backend still trusted vouched for is remembered again
+    assert (hit.reason, hit.answered_by) == ("cache.hot", "backend-2")
+
+
+def test_a_hit_that_names_no_backend_asks_nobody(tmp_path, vouching):
+    # The check costs a hook call only where a step names its backends (the relay): an LDAP
+    # hot hit, the forward-auth hot path, is not slowed by it.
+    rt = build(tmp_path, {"chain": ["ldap", "vouch"], "plugins": ["cache"]},
+               {"ldap": {"action": "success"}, "vouch": {"action": "success"}, "cache": {"methods": ["ldap"], **HOT}},
+               targets={"cache": CACHE, "vouch": "support.testplugins:Vouching"})
+    login(rt)
+    testplugins.CALLS.clear()
+    hit = login(rt)
+    assert (hit.reason, hit.answered_by) == ("cache.hot", "")
+    assert ("vouch", "gateway_answerer_revoked") not in testplugins.CALLS

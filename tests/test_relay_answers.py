@@ -237,3 +237,80 @@ def test_what_counts_as_the_user_asked_for():
     assert not same_user("alice", "bob@corp.example") and not same_user("alice@corp.example", "bob")
     assert not same_user("@corp.example", "") and not same_user("alice@", "alice@x")
     assert not same_user("john.smith@corp.example", "jsmith")  # needs answered_names: any
+
+
+# -- a connector revoked for vouching falsely -------------------------------------------------------
+
+
+def _evil(relay: Relay, base, answers: dict) -> ScriptedConnector:
+    """A connector that vouches for whatever password it is sent (a compromised one), linked."""
+    enrolled = Connector(base, NoDirectory()).enroll(relay.ticket(), relay.ca_file)
+    scripted = ScriptedConnector(relay, enrolled).start().wait_linked()
+    scripted.answers.update(answers)
+    return scripted
+
+
+def _revoke(relay: Relay, connector: ScriptedConnector) -> None:
+    result = relay.cli("relay", "revoke", connector.enrolled.connector_id)
+    assert result.returncode == 0, result.stderr
+
+
+def test_a_revoked_connector_vouches_no_more_through_the_relays_offline_cache(tmp_path):
+    """The revocation closed the connector's link, but the passwords it had vouched for stayed
+    in the relay's cache: with no connector online, they were answered offline until max_age."""
+    relay = Relay(tmp_path / "relay").setup().start()
+    evil = None
+    try:
+        evil = _evil(relay, tmp_path / "evil", {"alice": success("alice")})
+        me = evil.enrolled.connector_id
+        assert relay.login("alice", "evil-pw").json()["outcome"] == "success"
+        assert f"vouched for by {me}" in relay.cli("cache", "show", "alice").stdout
+        evil.stop()
+        wait_for(lambda: me not in relay.ready_links(), 15, what="the link to close")
+        offline = relay.login("alice", "evil-pw").json()
+        assert (offline["outcome"], offline["reason"], offline["from_cache"]) == ("success", "cache.offline", True)
+        # the cache's line names the connector whose word it repeats: a search for it finds this login too
+        assert relay.process.audit_for(offline["request_id"])["answered_by"] == me
+
+        _revoke(relay, evil)
+        refused = wait_for(lambda: (lambda a: a if a.status == 503 else None)(relay.login("alice", "evil-pw")),
+                           10, interval=0.2, what="the offline answer to stop")
+        assert refused.json()["reason"] == "relay.no_connector"
+        assert "revoked since; deleted" in relay.process.output()
+        assert relay.cli("cache", "show", "alice").stdout.startswith("no entry for alice")
+        assert relay.login("alice", "evil-pw").status == 503
+    finally:
+        if evil is not None:
+            evil.stop()
+        relay.stop()
+
+
+def test_a_revoked_connectors_hot_cache_answers_are_asked_again_live(tmp_path):
+    """Within hot.ttl a repeat of the same credentials is answered from memory: after the
+    revocation, the false vouch was repeated to every forward-auth request for the ttl."""
+    relay = Relay(tmp_path / "relay", cache_settings={"hot": {"enabled": True, "ttl": 600}}).setup().start()
+    started = []
+    try:
+        evil = _evil(relay, tmp_path / "evil", {"alice": success("alice")})
+        started.append(evil)
+        me = evil.enrolled.connector_id
+        assert relay.login("alice", "evil-pw").json()["outcome"] == "success"
+        hit = relay.login("alice", "evil-pw").json()
+        assert (hit["outcome"], hit["reason"]) == ("success", "cache.hot")
+        assert relay.process.audit_for(hit["request_id"])["answered_by"] == me
+        honest = _evil(relay, tmp_path / "honest", {"alice": {"outcome": "invalid_credentials",
+                                                              "reason": "ldap.invalid_password", "step": "ldap",
+                                                              "from_cache": False}})
+        started.append(honest)
+
+        _revoke(relay, evil)
+        wait_for(lambda: me not in relay.ready_links(), 15, what="the revoked link to close")
+        asked = len(honest.asked)
+        answer = relay.login("alice", "evil-pw").json()
+        assert (answer["outcome"], answer["reason"]) == ("invalid_credentials", "ldap.invalid_password"), answer
+        assert honest.asked[asked:] == [("alice", "evil-pw")]
+        assert relay.process.audit_for(answer["request_id"])["answered_by"] == honest.enrolled.connector_id
+    finally:
+        for scripted in started:
+            scripted.stop()
+        relay.stop()

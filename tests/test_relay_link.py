@@ -146,6 +146,9 @@ def test_a_link_opened_just_now_does_not_capture_the_logins_of_an_idle_site():
 def test_no_connector_online_cached_users_from_the_cache_others_503(site):
     relay, connectors = site
     assert relay.login("alice", "Alice-Passw0rd").json()["from_cache"] is False
+    # the connector whose answer the cache stored first (alice logged in before, through either)
+    vouched = relay.cli("cache", "show", "alice").stdout.split("vouched for by ", 1)[1].split()[0]
+    assert vouched in {c.connector_id for c in connectors}, vouched
     for connector in connectors:
         connector.stop()
     cached = relay.login("alice", "Alice-Passw0rd")
@@ -153,8 +156,8 @@ def test_no_connector_online_cached_users_from_the_cache_others_503(site):
     assert relay.login("alice", "wrong-password").json()["outcome"] == "invalid_credentials"
     other = relay.login("carol", "Carol-Passw0rd")
     assert other.status == 503 and other.json()["reason"] == "relay.no_connector"
-    # no connector answered either: the cache's line and the relay's 503 name none
-    assert "answered_by" not in relay.process.audit_for(cached.json()["request_id"])
+    # the cache's line names the connector whose answer it repeats; the relay's 503, no one
+    assert relay.process.audit_for(cached.json()["request_id"])["answered_by"] == vouched
     assert "answered_by" not in relay.process.audit_for(other.json()["request_id"])
     assert relay.process.auth("carol", "Carol-Passw0rd").status == 503
     connectors[0].start().wait_linked(relay)
@@ -368,7 +371,8 @@ def test_the_relays_cache_answers_only_while_no_connector_does(tmp_path):
         connector.stop()  # no connector: the relay's cache is all there is
         cached = relay.login("dana", "Dana-Passw0rd")
         assert (cached.status, cached.json()["from_cache"]) == (200, True)
-        assert "answered_by" not in relay.process.audit_for(cached.json()["request_id"])
+        # the cache's line names the connector whose earlier answer it repeats
+        assert relay.process.audit_for(cached.json()["request_id"])["answered_by"] == connector.connector_id
     finally:
         if connector is not None and connector.process is not None:
             connector.stop()

@@ -43,6 +43,7 @@ import time
 
 from gateway import (
     Attempt,
+    BackendUnavailable,
     CheckResult,
     Command,
     ComponentState,
@@ -54,6 +55,7 @@ from gateway import (
     loop_safe,
 )
 from gateway.chain import PRECHECK_STEP
+from gateway.logs import printable
 from gateway.model import address_text, canonical_username
 from gateway.plugins.cache.cli import cache_command
 from gateway.plugins.cache.hot import HotCache
@@ -77,7 +79,8 @@ class CachePlugin:
         self.log = context.log
         self.hook = context.hook
         self.state_dir = context.state_dir
-        self.offline = OfflineCache(settings, context.state_dir, name=self.name, log=self.log)
+        self.offline = OfflineCache(settings, context.state_dir, name=self.name, log=self.log,
+                                    revoked=self.answerer_revoked)
         hot = settings.hot
         self.hot = HotCache(hot.ttl, hot.max_entries) if settings.enabled and hot.enabled else None
         self.tally = EntryTally(self._count_entries, self.log)
@@ -134,15 +137,36 @@ class CachePlugin:
         """The hot cache's answer before the chain: a success, or None to run the chain."""
         if not self._hot_eligible(attempt):
             return None
-        hit = self.hot.lookup(self._hot_token(attempt))
+        token = self._hot_token(attempt)
+        hit = self.hot.lookup(token)
         if hit is None:
             return None
+        if hit.answered_by:
+            revoked = self.answerer_revoked(hit.step, hit.answered_by)
+            if revoked is not False:  # revoked since (forgotten), or cannot tell: the chain answers live
+                if revoked:
+                    self.hot.discard(token)
+                return None
         if hit.step:  # stand in for the step that decided (a relayed identity names the connector's)
             attempt.stash[PRECHECK_STEP] = hit.step
         return hit.answer or self._hot_answer(hit.identity)
 
-    def _hot_answer(self, identity: Identity) -> Decision:
-        return Decision.allow(identity, step=self.name, reason="cache.hot", from_cache=True)
+    def _hot_answer(self, identity: Identity, answered_by: str = "") -> Decision:
+        # answered_by: the backend whose live answer this one repeats (the audit line names it)
+        return Decision.allow(identity, step=self.name, reason="cache.hot", from_cache=True, answered_by=answered_by)
+
+    def answerer_revoked(self, step: str, answered_by: str) -> bool | None:
+        """Whether the backend *answered_by* of *step*, on whose word an entry rests, was revoked
+        since (``gateway_answerer_revoked``): True, False, or None when that cannot be told (the
+        entry is then not answered, nor forgotten)."""
+        try:
+            return self.hook.gateway_answerer_revoked(step=step, answered_by=answered_by) is True
+        except BackendUnavailable:
+            return None
+        except Exception:  # a plugin's bug: no answer on the word of a backend nobody can vouch for
+            self.log.exception("credential cache: gateway_answerer_revoked raised; the cache does not answer "
+                               "on the word of %s", printable(answered_by))
+            return None
 
     @hookimpl
     def gateway_precheck(self, attempt: Attempt) -> Decision | None:
@@ -161,7 +185,7 @@ class CachePlugin:
                 return decision
             if self._hot_eligible(attempt) and self.offline.cacheable(attempt, decision):
                 self.hot.put(self._hot_token(attempt), attempt.user_key, decision.identity, decision.step,
-                             self._hot_answer(decision.identity))
+                             self._hot_answer(decision.identity, decision.answered_by), decision.answered_by)
             self.tally.changed()  # it may have learned or forgotten a user: recount on the tally's thread
             return self.offline.after_chain(attempt, decision)
         except Exception:  # the cache must never turn a live decision into an error

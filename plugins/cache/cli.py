@@ -112,7 +112,8 @@ def _show(cache: OfflineCache, username: str) -> int:
         ("display name", printable(doc.get("display_name", ""))),
         ("email", printable(doc.get("email", ""))),
         ("groups", ", ".join(printable(g) for g in doc.get("groups", ()))),
-        ("proved by", printable(doc.get("step", "?"))),
+        ("proved by", printable(doc.get("step", "?"))
+                      + (f", vouched for by {printable(str(doc['answered_by']))}" if doc.get("answered_by") else "")),
         ("stored", f"{_when(entry.stored_at)} ({_age(report.age)} ago, at the last live login)"),
         ("expires", _when(entry.stored_at + cache.settings.max_age)),
         ("offline failures", f"{entry.failures} of {cache.settings.max_offline_failures}"),

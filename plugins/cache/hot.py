@@ -38,6 +38,9 @@ class _Hit:
     #: What the cache answers for this hit, made once when it is remembered (decisions are
     #: immutable); None when the caller gave none.
     answer: Any = None
+    #: The backend of ``step`` that vouched (``Decision.answered_by``; empty: the step named
+    #: none): a hit is asked about it before it answers (revoked since?).
+    answered_by: str = ""
 
 
 def _field(value: str) -> bytes:
@@ -88,16 +91,24 @@ class HotCache:
             self._entries.move_to_end(token)
             return hit
 
-    def put(self, token: bytes, user_key: str, identity: Identity, step: str = "", answer: Any = None) -> None:
+    def put(self, token: bytes, user_key: str, identity: Identity, step: str = "", answer: Any = None,
+            answered_by: str = "") -> None:
         with self._lock:
             old = self._entries.pop(token, None)
             if old is not None:
                 self._unindex(token, old.user_key)
-            self._entries[token] = _Hit(self._clock() + self.ttl, identity, user_key, step, answer)
+            self._entries[token] = _Hit(self._clock() + self.ttl, identity, user_key, step, answer, answered_by)
             self._by_user.setdefault(user_key, set()).add(token)
             while len(self._entries) > self.max_entries:
                 oldest, hit = self._entries.popitem(last=False)
                 self._unindex(oldest, hit.user_key)
+
+    def discard(self, token: bytes) -> None:
+        """Drop one entry (its backend was revoked); nothing when it is gone already."""
+        with self._lock:
+            hit = self._entries.get(token)
+            if hit is not None:
+                self._drop(token, hit)
 
     def forget_user(self, user_key: str) -> int:
         """Drop every entry of one user (any password, any client); returns how many."""

@@ -151,14 +151,17 @@ class CacheKeys:
     def _aad(self, row_key: str) -> bytes:
         return _VERSION + b"\0" + row_key.encode("ascii")
 
-    def seal(self, row_key: str, identity: Identity, step: str, stored_at: float) -> bytes:
-        """AES-256-GCM over the identity, the name of the step that proved it and *stored_at*,
-        the time of that live login (the entry's ``stored_at``; the sealed copy is the one
-        ``max_age`` is judged by)."""
+    def seal(self, row_key: str, identity: Identity, step: str, stored_at: float, answered_by: str = "") -> bytes:
+        """AES-256-GCM over the identity, the name of the step that proved it, *stored_at*, the
+        time of that live login (the entry's ``stored_at``; the sealed copy is the one
+        ``max_age`` is judged by), and *answered_by*, the backend of that step that vouched
+        (``Decision.answered_by``; left out when the step named none)."""
         document = identity.to_json()
         document.pop("authenticated_at", None)
         document["step"] = step
         document["stored_at"] = stored_at
+        if answered_by:
+            document["answered_by"] = answered_by
         plaintext = json.dumps(document, separators=(",", ":"), default=str).encode("utf-8")
         nonce = secrets.token_bytes(12)  # random 96-bit nonces: NIST SP 800-38D section 8.2.2
         return nonce + self.aead.encrypt(nonce, plaintext, self._aad(row_key))

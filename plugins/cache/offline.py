@@ -12,7 +12,10 @@ The rules (DESIGN.md section 3, docs/plugins/cache.md):
   wrong ones the user is refused until a live login; an unknown, expired or unreadable entry
   leaves the decision UNAVAILABLE. ``max_age`` counts from the time sealed in the entry; an
   entry whose stored time differs from it was changed in the store and is deleted; a password
-  hash with argon2 parameters other than the configured ones is never verified (absent).
+  hash with argon2 parameters other than the configured ones is never verified (absent);
+* an entry sealed with the backend that vouched (``Decision.answered_by``: a relay's connector)
+  is answered only while that backend is not revoked (``gateway_answerer_revoked``): revoked,
+  the entry is deleted; while its plugin cannot tell, it is not answered.
 
 Store errors never change a live decision; they only keep the cache out (and are logged).
 """
@@ -31,6 +34,7 @@ import time
 import unicodedata
 from collections import OrderedDict
 from pathlib import Path
+from typing import Callable
 
 from argon2 import PasswordHasher, Type
 from argon2.low_level import ARGON2_VERSION
@@ -101,8 +105,12 @@ def identity_from(document: dict, authenticated_at: float) -> Identity:
 
 class OfflineCache:
     def __init__(self, settings: CacheSettings, state_dir: Path, *, name: str = "cache",
-                 log: logging.Logger | None = None) -> None:
+                 log: logging.Logger | None = None,
+                 revoked: Callable[[str, str], bool | None] = lambda step, answered_by: None) -> None:
         self.settings = settings
+        #: ``revoked(step, answered_by)``: whether the backend an entry rests on was revoked
+        #: since (True: the entry is deleted; None: cannot tell, no answer; False: it stands).
+        self.revoked = revoked
         self.state_dir = state_dir
         self.name = name
         self.log = log or logging.getLogger(f"authgw.plugin.{name}")
@@ -190,8 +198,12 @@ class OfflineCache:
         mark.update(b"\0" + password.encode("utf-8", "surrogatepass"))
         return mark.digest()
 
-    def remember(self, attempt: Attempt, credential: PasswordCredential, identity: Identity, step: str) -> bool:
-        """Store a live success; False when skipped or failed (the live decision stands anyway)."""
+    def remember(self, attempt: Attempt, credential: PasswordCredential, identity: Identity, step: str,
+                 answered_by: str = "") -> bool:
+        """Store a live success; False when skipped or failed (the live decision stands anyway).
+        *answered_by* (the backend of *step* that vouched) is sealed with it; a later success
+        with the same password and profile within ``refresh_after`` keeps the entry, and the
+        name of the backend that vouched first."""
         try:
             keys = self.keys()
             user_key = self.user_key(credential.username)
@@ -216,7 +228,8 @@ class OfflineCache:
                 password_hash = self.hasher.hash(keys.peppered(user_key, credential.password))
             finally:
                 self._hash_slots.release()
-            self.store.put(Entry(row_key, keys.kid, password_hash, keys.seal(row_key, identity, step, now), now))
+            sealed = keys.seal(row_key, identity, step, now, answered_by)
+            self.store.put(Entry(row_key, keys.kid, password_hash, sealed, now))
             with self._lock:
                 self._tombstones.pop(row_key, None)
                 self._memo[row_key] = (mark, now)
@@ -393,6 +406,18 @@ class OfflineCache:
         if document.get("step") not in self.settings.methods:
             return unavailable
         step = document["step"]
+        answered_by = document.get("answered_by", "")
+        if answered_by:
+            verdict = self.revoked(step, str(answered_by))
+            if verdict is None:
+                return unavailable  # cannot tell whether it was revoked: no answer on its word
+            if verdict:
+                # A backend revoked (a relay's connector that vouched falsely): what it vouched
+                # for is not answered again, by this process or any other sharing the store.
+                self.log.warning("credential cache: an entry rests on the word of %s (%s), revoked since; deleted "
+                                 "(attempt %s)", printable(str(answered_by)), step, attempt.request_id)
+                self._delete_quietly(row_key)
+                return unavailable
         noted = {note.outcome: set() for note in attempt.notes}
         for note in attempt.notes:
             if note.offline or note.outcome is not Outcome.UNAVAILABLE:  # (else its own side answered offline)
@@ -435,8 +460,9 @@ class OfflineCache:
             self.log.info("credential cache: the entry was deleted while its password was checked offline "
                           "(attempt %s)", attempt.request_id)
             return unavailable
+        # answered_by: the backend whose live answer this one repeats (the audit line names it)
         return Decision.allow(identity_from(document, time.time()), step=self.name, reason="cache.offline",
-                              from_cache=True)
+                              from_cache=True, answered_by=str(answered_by))
 
     def usable_hash(self, encoded: str) -> bool:
         """Whether *encoded* is an argon2id hash made with the configured parameters (the only
@@ -492,7 +518,7 @@ class OfflineCache:
             return decision
         if decision.success:
             if self.cacheable(attempt, decision):
-                self.remember(attempt, credential, decision.identity, decision.step)
+                self.remember(attempt, credential, decision.identity, decision.step, decision.answered_by)
             return decision
         if decision.outcome is Outcome.INVALID_CREDENTIALS:
             self.refused(credential)

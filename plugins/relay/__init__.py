@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import re
 import ssl
 import time
@@ -123,6 +124,9 @@ class RelayPlugin:
         #: The Redis store's health (``redis:`` only), made on the worker's first health round.
         self._store_probe: StoreProbe | None = None
         self._probe_client: RedisStore | None = None
+        #: The revoked connectors as the registry last listed them (each maintenance round);
+        #: None until this process has read them once (:meth:`gateway_answerer_revoked`).
+        self._revoked: frozenset[str] | None = None
 
     @staticmethod
     def valid_name(name: str) -> bool:
@@ -189,12 +193,15 @@ class RelayPlugin:
         if router is not None:
             self._inbox = loop.create_task(router.serve())
         away = False  # the registry failed last round: said once, not every second of an outage
+        with contextlib.suppress(Exception):  # read now, not a round later: the cache waits for it
+            self._revoked = frozenset(await loop.run_in_executor(None, self.store.revoked))
         while True:
             await asyncio.sleep(_MAINTENANCE_INTERVAL)
             try:
                 if router is not None:
                     await router.heartbeat()
                 revoked = await loop.run_in_executor(None, self.store.revoked)
+                self._revoked = frozenset(revoked)  # before any link is closed for it: see answerer_revoked
             except Exception as exc:  # noqa: BLE001 - Redis away or SQLite busy: try again next round
                 revoked = None
                 if not away:
@@ -317,6 +324,20 @@ class RelayPlugin:
         if not self._answers_for(username, identity.username):
             raise BackendUnavailable("relay.identity_mismatch: the connector answered for another user")
         return identity
+
+    @hookimpl
+    def gateway_answerer_revoked(self, step: str, answered_by: str) -> bool | None:
+        """Whether the connector a cached answer of this step rests on was revoked: the cache
+        then forgets it, so a connector revoked for vouching falsely stops vouching through this
+        relay's cache within a maintenance round (a second), as its link closes. From memory (a
+        hot-cache hit asks on the event loop); before the first read of the registry, nobody can
+        tell, and the cache does not answer (fail closed)."""
+        if step != self.name:
+            return None
+        revoked = self._revoked
+        if revoked is None:
+            raise BackendUnavailable("relay: the revoked connectors were not read yet")
+        return answered_by in revoked
 
     def _answers_for(self, asked: str, answered: str) -> bool:
         """Whether a connector's identity *answered* is the user *asked* for (``answered_names``);

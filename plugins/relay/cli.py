@@ -116,7 +116,8 @@ def relay_command(plugin: RelayPlugin) -> Command:
                 print(f"error: no enrolled connector {args.connector!r} (see: authgw relay connectors)", file=sys.stderr)
                 return EXIT_FAILED
             done = store.revoke(args.connector)
-            print(f"connector {args.connector} " + ("revoked; its link closes within a second" if done
+            print(f"connector {args.connector} " + ("revoked; its link closes within a second, and the relay's cache "
+                                                     "no longer answers on its word" if done
                                                      else "was already revoked"))
             return EXIT_OK
         return EXIT_FAILED

@@ -46,7 +46,7 @@ class Relay:
     def __init__(self, directory: Path, *, connection: str = "acme", cache: bool = True,
                  certificate_lifetime: float | None = None, extra: str = "", env: dict | None = None,
                  plugins: tuple[str, ...] = (), redis_url: str | None = None,
-                 settings: dict | None = None) -> None:
+                 settings: dict | None = None, cache_settings: dict | None = None) -> None:
         self.directory = directory
         self.connection = connection
         self.conf = directory / "conf.d"
@@ -68,7 +68,7 @@ class Relay:
             "relay.yaml": "relay: " + json.dumps(relay) + "\n",
         }
         if cache:
-            files["cache.yaml"] = "cache: {methods: [relay]}\n"
+            files["cache.yaml"] = "cache: " + json.dumps({"methods": ["relay"], **(cache_settings or {})}) + "\n"
         write_conf(self.conf, files)
         self.process: GatewayProcess | None = None
 

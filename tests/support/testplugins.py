@@ -221,6 +221,35 @@ class Relayed(Step):
         return Decision.allow(Identity(subject=f"remote:{user}", username=user, method="ldap"), step=self.name)
 
 
+class Vouching(Step):
+    """A step whose backends vouch under names, as a relay's connectors do: a success names
+    ``VOUCHING["by"]`` as its ``answered_by``, and ``gateway_answerer_revoked`` answers from
+    ``VOUCHING["revoked"]``, or cannot tell (raises BackendUnavailable) while
+    ``VOUCHING["unknown"]``. Other actions are :class:`Step`'s."""
+
+    @hookimpl
+    def gateway_authenticate(self, attempt: Attempt) -> Decision | None:
+        if self.settings.action != "success":
+            return super().gateway_authenticate(attempt)
+        CALLS.append((self.name, "gateway_authenticate"))
+        user = attempt.username or "anonymous"
+        return Decision.allow(Identity(subject=f"{self.name}:{user}", username=user, method=self.name),
+                              step=self.name, answered_by=VOUCHING["by"])
+
+    @hookimpl
+    def gateway_answerer_revoked(self, step: str, answered_by: str) -> bool | None:
+        CALLS.append((self.name, "gateway_answerer_revoked"))
+        if step != self.name:
+            return None
+        if VOUCHING["unknown"]:
+            raise BackendUnavailable("the revocations were not read yet")
+        return answered_by in VOUCHING["revoked"]
+
+
+#: :class:`Vouching`'s backends (tests reset it).
+VOUCHING: dict = {"by": "backend-1", "revoked": set(), "unknown": False}
+
+
 class Refresher:
     """Starts a thread in ``gateway_startup`` and stops it in ``gateway_shutdown`` (as a key or
     list refresher does); ``RUNNING`` names the live ones."""
