@@ -219,24 +219,25 @@ def gateway_list_groups(username: str) -> list[str] | None:
 
 
 @hookspec(firstresult=True)
-def gateway_answerer_revoked(step: str, answered_by: str) -> bool | None:
-    """Whether the backend that answered a past login of step *step* has been revoked since.
+def gateway_answerer_revoked(answered_by: str) -> bool | None:
+    """Whether the backend that answered a past login has been revoked since.
 
-    A plugin that keeps successes to answer again later (the credential cache, offline and hot)
-    asks before it answers on the word of a backend that a step named in
-    :attr:`~gateway.model.Decision.answered_by`: a relay's connector that vouched falsely and
-    was revoked for it must not go on vouching through the cache. ``True``: the answer is no
-    longer taken (the cache forgets it); ``False``: it stands.
+    Whatever keeps a success to answer on it again later asks this before it does, for a
+    success whose step named its backend (:attr:`~gateway.model.Decision.answered_by`): the
+    credential cache before an offline or hot answer, the login door before a session signs in
+    to a service again. A relay's connector that vouched falsely and was revoked for it must not
+    go on vouching through them. ``True``: the success is no longer taken (the cache forgets
+    it, the session ends); ``False``: it stands.
 
-    Runs on the event loop for a hot-cache hit: answer from memory, no I/O.
+    Runs on the event loop: answer from memory, no I/O.
 
-    :param step: the chain step whose decision named the backend.
-    :param answered_by: the backend's id, as that step named it.
-    :return: ``True`` or ``False`` for a backend of this plugin's step, ``None`` when *step* is
-        not this plugin's (the next plugin is asked; no answer at all means not revoked). Raise
+    :param answered_by: the backend's id, as the step named it (a relay's connector:
+        ``CONNECTION-xxxxxxxx``).
+    :return: ``True`` or ``False`` for an id this plugin gave, ``None`` for any other (the next
+        plugin is asked; no answer at all means not revoked). Raise
         :class:`~gateway.errors.BackendUnavailable` when this process cannot tell yet (its list
-        of revocations not read since it started): the caller then does not answer, and does
-        not forget.
+        of revocations not read since it started): the caller then does not answer on that
+        word, and forgets nothing.
 
     .. versionadded:: 0.2
     """

@@ -21,7 +21,7 @@ import pluggy
 from gateway import hookspecs
 from gateway.config import Config, KeyPath
 from gateway.config import did_you_mean
-from gateway.errors import ConfigError, PluginLoadError
+from gateway.errors import BackendUnavailable, ConfigError, PluginLoadError
 from gateway.settings import GatewaySettings, PluginSettings
 from gateway.yamlfiles import format_path
 
@@ -268,6 +268,20 @@ def one_by_one(impls: list) -> list:
     (a wrapper cannot be loaded; one registered by hand is left out rather than called as a
     plain function)."""
     return [impl for impl in impls if not (impl.wrapper or impl.hookwrapper)]
+
+
+def answerer_revoked(hook: Any, answered_by: str, caller: logging.Logger) -> bool | None:
+    """``gateway_answerer_revoked`` as the keepers of successes need it: ``True`` (revoked
+    since), ``False`` (it stands; also when no plugin claims the id), ``None`` when it cannot be
+    told now: a plugin raised :class:`BackendUnavailable`, or failed (logged to *caller*), and
+    nothing is answered on that backend's word."""
+    try:
+        return hook.gateway_answerer_revoked(answered_by=answered_by) is True
+    except BackendUnavailable:
+        return None
+    except Exception:  # noqa: BLE001 - a plugin's bug: no answer on the word of a backend nobody can vouch for
+        caller.exception("gateway_answerer_revoked raised for %r; nothing is answered on its word", answered_by[:100])
+        return None
 
 
 def _check_contract(pm: pluggy.PluginManager, name: str, plugin: Any, info: PluginInfo, is_step: bool) -> None:

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import ssl
 import threading
 import time
 
 import aiohttp
 import pytest
+import requests
 from cryptography.hazmat.primitives import serialization
 
 from gateway.plugins import linkproto as proto
@@ -27,11 +29,13 @@ from support.net import wait_for
 
 class ScriptedConnector:
     """An enrolled connector's link, answering ``authenticate`` with ``answers[username]``
-    (a decision's body) and recording what it was asked."""
+    (a decision's body), ``lookup_user`` with ``lookups[username]`` (an identity; else not
+    found), and recording what it was asked."""
 
     def __init__(self, relay: Relay, enrolled: Connector, *, version: str = "1.0") -> None:
         self.relay, self.enrolled, self.version = relay, enrolled, version
         self.answers: dict[str, dict] = {}
+        self.lookups: dict[str, dict] = {}
         self.asked: list[tuple[str, str]] = []
         self.status: int | None = None  # the link's HTTP status when it was refused
         self._stop = threading.Event()
@@ -65,6 +69,10 @@ class ScriptedConnector:
                         continue
                     message = proto.Message(data["id"], data["type"], data["body"], data.get("deadline"),
                                             data.get("nonce"))
+                    if message.type == "lookup_user":
+                        found = self.lookups.get(message.body["username"])
+                        await ws.send_str(proto.answer(message.id, {"found": found is not None, "identity": found}))
+                        continue
                     if message.type != "authenticate":
                         await ws.send_str(proto.error(message.id, "unknown_type", "not scripted"))
                         continue
@@ -313,4 +321,64 @@ def test_a_revoked_connectors_hot_cache_answers_are_asked_again_live(tmp_path):
     finally:
         for scripted in started:
             scripted.stop()
+        relay.stop()
+
+
+def test_a_revoked_connectors_login_sessions_end_at_their_next_use(tmp_path):
+    """A relay's login door (OpenID Connect here) signed a browser in on a connector's word; the
+    session went on answering services, for hours, after the connector was revoked for vouching
+    falsely. It now ends at its next use, as a session whose account is gone does."""
+    from authlib.integrations.requests_client import OAuth2Session
+
+    from support.gateway import write_conf
+    from support.login import hidden
+    from support.net import free_port
+    from support.pki import CA
+
+    ca, port, callback = CA.create(), free_port(), "https://rp.example.test/callback"
+    cert, key = ca.issue("localhost", dns=["localhost"], ips=["127.0.0.1"], server=True).write(tmp_path, "login")
+    (tmp_path / "ca.pem").write_bytes(ca.pem)
+    (tmp_path / "secret").write_text("rp-secret-value-0123456789")
+    (tmp_path / "secret").chmod(0o600)
+    door = f"https://localhost:{port}"
+    relay = Relay(tmp_path / "relay", cache=False, plugins=("login",))
+    write_conf(relay.conf, {"login.yaml": "login: " + json.dumps({
+        "base_url": door, "listener": {"address": f"127.0.0.1:{port}", "certificate": str(cert), "key": str(key)},
+        "oidc": {"clients": [{"client_id": "rp", "redirect_uris": [callback],
+                              "client_secret": {"file": str(tmp_path / "secret")}}]}})})
+    relay.setup().start()
+    evil = None
+    try:
+        evil = _evil(relay, tmp_path / "evil", {"alice": success("alice")})
+        evil.lookups["alice"] = success("alice")["identity"]
+        me = evil.enrolled.connector_id
+        browser = requests.Session()
+        browser.trust_env, browser.verify = False, str(tmp_path / "ca.pem")
+        client = OAuth2Session("rp", "rp-secret-value-0123456789", scope="openid", redirect_uri=callback,
+                               code_challenge_method="S256")
+        authorize = f"{door}/oidc/authorize"
+
+        def sso() -> requests.Response:
+            uri, _ = client.create_authorization_url(authorize, code_verifier=secrets.token_urlsafe(48),
+                                                     nonce=secrets.token_urlsafe(16))
+            return browser.get(uri, allow_redirects=False, timeout=15)
+
+        page = browser.get(f"{door}/login", timeout=15)
+        signed_in = browser.post(f"{door}/login", data={"csrf": hidden(page.text, "csrf"), "username": "alice",
+                                                        "password": "evil-pw"}, timeout=15)
+        assert signed_in.status_code == 200 and "signed in as" in signed_in.text, signed_in.text[:300]
+        first = sso()  # the session answers a service, on the connector's word
+        assert first.status_code == 303 and first.headers["Location"].startswith(callback + "?"), first.text[:300]
+
+        _revoke(relay, evil)
+        wait_for(lambda: me not in relay.ready_links(), 15, what="the revoked link to close")
+        ended = sso()
+        assert ended.status_code in (302, 303) and not ended.headers["Location"].startswith(callback), ended.headers
+        assert "/login" in ended.headers["Location"]
+        assert f"rests on the word of {me}, revoked since; it ends" in relay.process.output()
+        again = sso()  # the session is gone, not refused once: the sign-in form
+        assert again.status_code in (302, 303) and not again.headers["Location"].startswith(callback)
+    finally:
+        if evil is not None:
+            evil.stop()
         relay.stop()

@@ -43,7 +43,6 @@ import time
 
 from gateway import (
     Attempt,
-    BackendUnavailable,
     CheckResult,
     Command,
     ComponentState,
@@ -55,8 +54,8 @@ from gateway import (
     loop_safe,
 )
 from gateway.chain import PRECHECK_STEP
-from gateway.logs import printable
 from gateway.model import address_text, canonical_username
+from gateway.registry import answerer_revoked
 from gateway.plugins.cache.cli import cache_command
 from gateway.plugins.cache.hot import HotCache
 from gateway.plugins.cache.keys import KeyFileError, key_file_problem, sources
@@ -142,7 +141,7 @@ class CachePlugin:
         if hit is None:
             return None
         if hit.answered_by:
-            revoked = self.answerer_revoked(hit.step, hit.answered_by)
+            revoked = self.answerer_revoked(hit.answered_by)
             if revoked is not False:  # revoked since (forgotten), or cannot tell: the chain answers live
                 if revoked:
                     self.hot.discard(token)
@@ -155,18 +154,11 @@ class CachePlugin:
         # answered_by: the backend whose live answer this one repeats (the audit line names it)
         return Decision.allow(identity, step=self.name, reason="cache.hot", from_cache=True, answered_by=answered_by)
 
-    def answerer_revoked(self, step: str, answered_by: str) -> bool | None:
-        """Whether the backend *answered_by* of *step*, on whose word an entry rests, was revoked
-        since (``gateway_answerer_revoked``): True, False, or None when that cannot be told (the
-        entry is then not answered, nor forgotten)."""
-        try:
-            return self.hook.gateway_answerer_revoked(step=step, answered_by=answered_by) is True
-        except BackendUnavailable:
-            return None
-        except Exception:  # a plugin's bug: no answer on the word of a backend nobody can vouch for
-            self.log.exception("credential cache: gateway_answerer_revoked raised; the cache does not answer "
-                               "on the word of %s", printable(answered_by))
-            return None
+    def answerer_revoked(self, answered_by: str) -> bool | None:
+        """Whether the backend *answered_by*, on whose word an entry rests, was revoked since:
+        True, False, or None when that cannot be told (the entry is then not answered, nor
+        forgotten)."""
+        return answerer_revoked(self.hook, answered_by, self.log)
 
     @hookimpl
     def gateway_precheck(self, attempt: Attempt) -> Decision | None:

@@ -106,10 +106,10 @@ def identity_from(document: dict, authenticated_at: float) -> Identity:
 class OfflineCache:
     def __init__(self, settings: CacheSettings, state_dir: Path, *, name: str = "cache",
                  log: logging.Logger | None = None,
-                 revoked: Callable[[str, str], bool | None] = lambda step, answered_by: None) -> None:
+                 revoked: Callable[[str], bool | None] = lambda answered_by: None) -> None:
         self.settings = settings
-        #: ``revoked(step, answered_by)``: whether the backend an entry rests on was revoked
-        #: since (True: the entry is deleted; None: cannot tell, no answer; False: it stands).
+        #: ``revoked(answered_by)``: whether the backend an entry rests on was revoked since
+        #: (True: the entry is deleted; None: cannot tell, no answer; False: it stands).
         self.revoked = revoked
         self.state_dir = state_dir
         self.name = name
@@ -408,7 +408,7 @@ class OfflineCache:
         step = document["step"]
         answered_by = document.get("answered_by", "")
         if answered_by:
-            verdict = self.revoked(step, str(answered_by))
+            verdict = self.revoked(str(answered_by))
             if verdict is None:
                 return unavailable  # cannot tell whether it was revoked: no answer on its word
             if verdict:

@@ -173,15 +173,20 @@ class Session:
     checked: float = 0.0            # when the directory last vouched for the account (0: never)
     directory: str | None = None    # the subject the directory knows the account by; None: unknown to it
     asked: bool = True              # False: the directory could not answer at sign-in (not asked yet)
+    answered_by: str = ""           # the backend that vouched at sign-in (Decision.answered_by): a relay's connector
 
 
 def _digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def _record(identity: Identity, index: str, checked: float, directory: str | None, asked: bool = True) -> dict[str, Any]:
-    return {"identity": identity_to_json(identity), "index": index, "checked": checked, "directory": directory,
-            "asked": asked}
+def _record(identity: Identity, index: str, checked: float, directory: str | None, asked: bool = True,
+            answered_by: str = "") -> dict[str, Any]:
+    record = {"identity": identity_to_json(identity), "index": index, "checked": checked, "directory": directory,
+              "asked": asked}
+    if answered_by:
+        record["answered_by"] = answered_by
+    return record
 
 
 def _finite(expires: float) -> float:
@@ -849,7 +854,7 @@ class SessionManager:
     # -- sessions --------------------------------------------------------------------------------
 
     def create(self, identity: Identity, old_cookie: str | None = None, *,
-               directory: str | None = None, asked: bool = True) -> tuple[str, Session]:
+               directory: str | None = None, asked: bool = True, answered_by: str = "") -> tuple[str, Session]:
         """A new session (and cookie value) for *identity*; the previous one, if any, ends.
 
         The services the previous session answered (its Single Logout participants) are carried
@@ -858,7 +863,8 @@ class SessionManager:
         name the session by it); another subject's sign-in gets a new one, and the old index no
         longer names a session. *directory* is the subject the directory knows the account by
         (:meth:`rechecked`), *asked* false when the directory could not answer at sign-in; the
-        account is checked again at the session's first reuse."""
+        account is checked again at the session's first reuse. *answered_by* is the backend that
+        vouched for the sign-in (``Decision.answered_by``): the session ends when it is revoked."""
         now = time.time()
         index, carried = "", {}
         old = self._unsign(old_cookie)
@@ -881,11 +887,12 @@ class SessionManager:
         # moment it exists, and takes its index record with it only if that is there already
         # (written after, it stayed behind, naming no session).
         self.store.put_pending("idx:" + index, {"key": key}, now + self.settings.absolute)
-        self.store.put_session(key, _record(identity, index, 0.0, directory, asked), now)
+        self.store.put_session(key, _record(identity, index, 0.0, directory, asked, answered_by), now)
         for party, data in carried.items():
             self.store.put_participant(key, party, data)
         self._limit(identity, key, now)
-        return f"{value}.{self._mac('session', value)}", Session(key, identity, now, index, 0.0, directory, asked)
+        return (f"{value}.{self._mac('session', value)}",
+                Session(key, identity, now, index, 0.0, directory, asked, answered_by))
 
     def _limit(self, identity: Identity, key: str, now: float) -> None:
         """At most ``sessions.max_per_user`` live sessions per subject: beyond it the oldest of
@@ -927,7 +934,8 @@ class SessionManager:
             self.store.delete_session(key)
             return None
         return Session(key, identity_from_json(data["identity"]), created, data["index"],
-                       data.get("checked", 0.0), data.get("directory"), data.get("asked", True))
+                       data.get("checked", 0.0), data.get("directory"), data.get("asked", True),
+                       str(data.get("answered_by", "")))
 
     # -- the account behind a session ----------------------------------------------------------------
 
@@ -957,7 +965,8 @@ class SessionManager:
             directory = found.subject
             identity = replace(session.identity, display_name=found.display_name, email=found.email,
                                groups=tuple(found.groups))
-        self.store.update_session(session.key, _record(identity, session.index, now, directory))
+        self.store.update_session(session.key, _record(identity, session.index, now, directory,
+                                                       answered_by=session.answered_by))
         return replace(session, identity=identity, checked=now, directory=directory, asked=True)
 
     def end_index(self, index: str) -> bool:

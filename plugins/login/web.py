@@ -65,6 +65,7 @@ from gateway.chain import AFTER_THE_CHAIN, PRECHECK_STEP, PRECHECKED
 from gateway.http import forms
 from gateway.http.credentials import MalformedCredentials, parse_authorization, single_authorization
 from gateway.logs import RateLimitedWarning, printable
+from gateway.registry import answerer_revoked
 
 from .pages import AUTOSUBMIT_HASH, STYLE_HASH, Pages
 from .sessions import STORE_ERRORS, ParkRefused, Session, SessionManager, within
@@ -432,7 +433,18 @@ class LoginDoor:
         the directory (at most every RECHECK_INTERVAL seconds: ``gateway_lookup_user``, its
         profile refreshed), then the chain's policy, at every reuse (:meth:`_vouched`). ``None``
         when the account is gone or may not sign in, or a chain step or wrapper refuses it (the
-        caller ends the session); :class:`AccountUncheckable` when that cannot be told now."""
+        caller ends the session); :class:`AccountUncheckable` when that cannot be told now.
+        First of all, a session whose sign-in a backend vouched for (a relay's connector) ends
+        when that backend was revoked since (``gateway_answerer_revoked``)."""
+        if session.answered_by and self.hook is not None:
+            revoked = answerer_revoked(self.hook, session.answered_by, log)
+            if revoked is None:
+                raise AccountUncheckable(f"whether {printable(session.answered_by)!s}, which vouched for this "
+                                         "session, was revoked cannot be told now")
+            if revoked:
+                log.warning("login: the session of %s rests on the word of %s, revoked since; it ends",
+                            printable(session.identity.username), printable(session.answered_by))
+                return None
         checked: Session | None = session
         if self.can_check() and self.sessions.recheck_due(session):
             checked = self.sessions.rechecked(session, await self.lookup(session.identity.username))
@@ -563,7 +575,7 @@ class LoginDoor:
             self.answerable[pending["protocol"]](pending)
         directory, asked = await self._directory_of(decision.identity)
         value, session = self.sessions.create(decision.identity, request.cookies.get(self.cookie),
-                                              directory=directory, asked=asked)
+                                              directory=directory, asked=asked, answered_by=decision.answered_by)
         if pending is not None:
             response = await self.completers[pending["protocol"]](request, pending, session)
         else:

@@ -326,13 +326,14 @@ class RelayPlugin:
         return identity
 
     @hookimpl
-    def gateway_answerer_revoked(self, step: str, answered_by: str) -> bool | None:
-        """Whether the connector a cached answer of this step rests on was revoked: the cache
-        then forgets it, so a connector revoked for vouching falsely stops vouching through this
-        relay's cache within a maintenance round (a second), as its link closes. From memory (a
-        hot-cache hit asks on the event loop); before the first read of the registry, nobody can
-        tell, and the cache does not answer (fail closed)."""
-        if step != self.name:
+    def gateway_answerer_revoked(self, answered_by: str) -> bool | None:
+        """Whether the connector a cached answer or a login session rests on was revoked: the
+        cache then forgets it and the session ends, so a connector revoked for vouching falsely
+        stops vouching within a maintenance round (a second), as its link closes. Only the ids
+        of this relay's connection (``CONNECTION-xxxxxxxx``, exactly: ``acme`` does not answer
+        for ``acme-eu``'s). From memory (asked on the event loop); before the first read of the
+        registry nobody can tell, and nothing is answered on its word (fail closed)."""
+        if answered_by.rpartition("-")[0] != self.settings.connection:
             return None
         revoked = self._revoked
         if revoked is None:

@@ -237,9 +237,9 @@ class Vouching(Step):
                               step=self.name, answered_by=VOUCHING["by"])
 
     @hookimpl
-    def gateway_answerer_revoked(self, step: str, answered_by: str) -> bool | None:
+    def gateway_answerer_revoked(self, answered_by: str) -> bool | None:
         CALLS.append((self.name, "gateway_answerer_revoked"))
-        if step != self.name:
+        if not answered_by.startswith("backend-"):
             return None
         if VOUCHING["unknown"]:
             raise BackendUnavailable("the revocations were not read yet")
