@@ -382,3 +382,24 @@ def test_a_revoked_connectors_login_sessions_end_at_their_next_use(tmp_path):
         if evil is not None:
             evil.stop()
         relay.stop()
+
+
+def test_a_relay_answers_for_its_own_connections_connector_ids_only():
+    # Two relay steps of two connections in one gateway (acme, acme-eu): the first asked must
+    # not answer "not revoked" for the other's connector, or firstresult would stop there.
+    from types import SimpleNamespace
+
+    from gateway import BackendUnavailable
+    from gateway.plugins.relay import RelayPlugin
+
+    relay = SimpleNamespace(settings=SimpleNamespace(connection="acme"), _revoked=frozenset({"acme-0a1b2c3d"}))
+
+    def ask(answered_by: str):
+        return RelayPlugin.gateway_answerer_revoked(relay, answered_by)
+
+    assert (ask("acme-0a1b2c3d"), ask("acme-ffffffff")) == (True, False)
+    assert [ask(other) for other in ("acme-eu-0a1b2c3d", "other-0a1b2c3d", "acme", "")] == [None] * 4
+    relay._revoked = None  # not read yet: cannot tell for its own, still silent for others
+    with pytest.raises(BackendUnavailable):
+        ask("acme-ffffffff")
+    assert ask("acme-eu-0a1b2c3d") is None
