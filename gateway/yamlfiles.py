@@ -147,16 +147,22 @@ def format_path(path: KeyPath) -> str:
     return out or "(top level)"
 
 
-def _read_text(path: Path, name: str, max_bytes: int) -> str:
+def _read_text(path: Path, name: str, max_bytes: int, checked: os.stat_result | None = None) -> str:
     """*path*'s text, if it is a regular file of at most *max_bytes*: both checked on the opened
     file (``fstat``) before anything is read. Opened non-blocking, so a FIFO is refused, not
-    waited on. Newlines as ``Path.read_text`` gives them (universal newlines)."""
+    waited on. Newlines as ``Path.read_text`` gives them (universal newlines). With *checked*
+    (the ``stat`` its permissions were judged by), the file opened must be that very file: one
+    put in its place between the check and the reading (a rename over it, a symlink swapped) is
+    refused, not read unchecked."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
     except OSError as exc:
         raise ConfigError(f"{name}: cannot read: {exc}") from None
     with os.fdopen(fd, "rb") as file:
         info = os.fstat(fd)
+        if checked is not None and (info.st_dev, info.st_ino) != (checked.st_dev, checked.st_ino):
+            raise ConfigError(f"{name}: not read: replaced by another file while it was checked; if that was "
+                              "an update, run again")
         if not stat.S_ISREG(info.st_mode):
             raise ConfigError(f"{name}: not read: {_kind(info.st_mode)}, not a regular file")
         if info.st_size > max_bytes:
@@ -187,11 +193,13 @@ def _kind(mode: int) -> str:
     return "not a file"
 
 
-def load_file(path: Path, marks: dict[KeyPath, Mark], max_bytes: int = MAX_FILE_BYTES) -> dict[str, Any]:
+def load_file(path: Path, marks: dict[KeyPath, Mark], max_bytes: int = MAX_FILE_BYTES,
+              checked: os.stat_result | None = None) -> dict[str, Any]:
     """Read one YAML file strictly (see the module docstring): a mapping, with the mark of every
-    key path added to *marks*. A file larger than *max_bytes* is refused unread."""
+    key path added to *marks*. A file larger than *max_bytes* is refused unread; with *checked*,
+    so is any file but the one that ``stat`` describes (:func:`_read_text`)."""
     name = display_name(path)
-    text = _read_text(path, name, max_bytes)
+    text = _read_text(path, name, max_bytes, checked)
     loader = None
     try:
         loader = _StrictLoader(text)  # checks every character: may raise ReaderError
@@ -527,7 +535,7 @@ def load_directory(directory: Path, *, insecure: list[str] | None = None,
         files.append(path)
         file_marks: dict[KeyPath, Mark] = {}
         try:
-            data = load_file(path, file_marks, MAX_CONFD_BYTES)
+            data = load_file(path, file_marks, MAX_CONFD_BYTES, checked=info)  # the file judged, or none
             _merge(merged, data, (), marks, file_marks)
         except ConfigError as exc:
             problems.extend(exc.problems)

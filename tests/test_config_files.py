@@ -206,6 +206,39 @@ def test_a_symlinked_file_is_judged_by_its_target(conf_dir, demo_hash, tmp_path)
             "others (mode 646)") in warned.stderr
 
 
+def test_a_file_put_in_place_of_the_checked_one_before_it_is_read_is_refused(conf_dir, demo_hash, tmp_path,
+                                                                             monkeypatch):
+    """The permissions were judged on a ``stat`` of the path, and the file opened later by name:
+    a link swapped (or a file renamed over it) in between had its settings read unjudged, a
+    world-writable file's under ``strict`` too. The swap is made at the moment the loader opens
+    the file (os.open wrapped: the attacker's move, exactly between the two)."""
+    base(conf_dir, demo_hash)
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "throttle.yaml").write_text("throttle:\n  user_failures: 2\n")
+    (site / "throttle.yaml").chmod(0o644)
+    (site / "planted.yaml").write_text("throttle:\n  enabled: false\n")
+    (site / "planted.yaml").chmod(0o666)
+    link = conf_dir / "20-throttle.yaml"
+    link.symlink_to(site / "throttle.yaml")
+    real_open = os.open
+
+    def swapping_open(path, *args, **kwargs):
+        if str(path) == str(link) and link.resolve() == site / "throttle.yaml":
+            link.unlink()
+            link.symlink_to(site / "planted.yaml")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setenv("AUTHGW_STRICT", "true")
+    monkeypatch.setattr(yamlfiles.os, "open", swapping_open)
+    with pytest.raises(ConfigError, match="20-throttle.yaml: not read: replaced by another file while it was checked"):
+        load_directory(conf_dir)
+    monkeypatch.setattr(yamlfiles.os, "open", real_open)
+    # read again: the file now there is judged (and refused under strict) like any other
+    with pytest.raises(ConfigError, match="planted.yaml, is writable by group or others"):
+        load_directory(conf_dir)
+
+
 def test_permission_warnings_are_logged_once_per_change_not_at_every_load(conf_dir, demo_hash, caplog):
     """A reload (or a console page) loading the same conf.d again does not repeat them."""
     base(conf_dir, demo_hash)
