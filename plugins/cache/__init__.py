@@ -55,7 +55,6 @@ from gateway import (
 )
 from gateway.chain import PRECHECK_STEP
 from gateway.model import address_text, canonical_username
-from gateway.registry import answerer_revoked
 from gateway.plugins.cache.cli import cache_command
 from gateway.plugins.cache.hot import HotCache
 from gateway.plugins.cache.keys import KeyFileError, key_file_problem, sources
@@ -63,6 +62,7 @@ from gateway.plugins.cache.offline import OfflineCache
 from gateway.plugins.cache.settings import CacheSettings
 from gateway.plugins.cache.store import SQLiteStore, StoreError
 from gateway.plugins.cache.tally import EntryTally
+from gateway.registry import answerer_revoked
 
 __all__ = ["CachePlugin", "CacheSettings"]
 
