@@ -32,6 +32,7 @@ __all__ = [
     "UserPage",
     "address_text",
     "canonical_username",
+    "folded_username",
     "plainly_spelt",
 ]
 
@@ -81,6 +82,22 @@ def canonical_username(name: str) -> str:
     if not name.isascii():
         name = "".join(ch for ch in name if unicodedata.category(ch) != "Cf")
     return " ".join(name.split())
+
+
+def folded_username(name: str) -> str:
+    """The key under which every spelling of one name meets, case included: the throttle's
+    budget (:attr:`Attempt.user_key`), the credential cache's row and hot entries. At least as
+    loose as the directories' own matching, or a spelling they take for the account would get a
+    budget, and a cache row, of its own: :func:`canonical_username`, then ``İ`` (U+0130) read as
+    ``I``, then case-folded. ``str.casefold`` turns ``İ`` into ``i`` and a combining dot above,
+    while slapd lowers it to ``i`` and binds ``alİce`` as ``alice``: every ``i`` of a name
+    doubled the throttle's budget, and a refusal seen under ``alice`` left ``alİce``'s offline
+    row answering (review of the forward-auth door). Only that letter: a fold that also drops
+    accents would merge other users' names."""
+    name = canonical_username(name)
+    if not name.isascii():
+        name = name.replace("\u0130", "I")
+    return name.casefold()
 
 
 def plainly_spelt(name: str) -> bool:
@@ -216,9 +233,9 @@ class Attempt:
 
     @property
     def user_key(self) -> str | None:
-        """The username as throttling keys it: canonical and case-folded, so that no spelling
-        of one name (``bob``, ``" BOB"``, ``ｂｏｂ``) gets a budget of its own."""
-        return self.password.username.casefold() if self.password else None
+        """The username as throttling keys it (:func:`folded_username`), so that no spelling of
+        one name (``bob``, ``" BOB"``, ``ｂｏｂ``, ``bİll``) gets a budget of its own."""
+        return folded_username(self.password.username) if self.password else None
 
     def time_left(self) -> float:
         """Seconds until the deadline (never negative); size backend timeouts from this."""

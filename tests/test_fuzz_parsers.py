@@ -635,7 +635,7 @@ import ipaddress  # noqa: E402
 from gateway.http.clientaddr import UNKNOWN_CLIENT, ClientAddressResolver, parse_address  # noqa: E402
 from gateway.http.credentials import (MAX_PASSWORD_BYTES, MAX_TOKEN_BYTES, MAX_USERNAME_BYTES,  # noqa: E402
                                       MalformedCredentials, parse_authorization)
-from gateway.model import NegotiateCredential, PasswordCredential, canonical_username  # noqa: E402
+from gateway.model import NegotiateCredential, PasswordCredential, canonical_username, folded_username  # noqa: E402
 
 HEADER_ALPHABET = "BasicNegotiate: =+/AZaz09-_\t\x00é\udcff"
 
@@ -677,6 +677,19 @@ def test_basic_round_trip(username, password):
     if ":" not in username and password and username.strip() and username.isprintable():
         assert credential is not None or len(username.encode()) > MAX_USERNAME_BYTES or \
             not canonical_username(username)
+
+
+@fuzz(300)
+@given(st.text(alphabet="abcikmIKMé \u00a0\uff49", min_size=1, max_size=12), st.lists(st.booleans(), min_size=1))
+def test_folded_username_is_stable_and_as_loose_as_the_directory_on_dotted_i(name, flips):
+    """The key of a name (throttle, cache rows, hot entries) is the key of every spelling slapd
+    binds as that name: any i or I written İ (U+0130, which slapd lowers to i), any letter's case
+    swapped; and a key is its own key."""
+    spelled = "".join("\u0130" if ch in "iI" and flip else ch.swapcase() if flip else ch
+                      for ch, flip in zip(name, flips * len(name)))
+    key = folded_username(name)
+    assert folded_username(spelled) == key
+    assert folded_username(key) == key
 
 
 @fuzz(500)

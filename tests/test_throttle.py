@@ -20,6 +20,9 @@ from support.slapd import Slapd
 
 TOKEN = secrets.token_urlsafe(32)
 SPELLINGS = ["bob", " bob", "bob ", "bob\u00a0", "\uff42\uff4f\uff42", "\u3000bob", "b\u200bob", "BOB"]
+#: slapd binds each of these as kim: it lowers U+0130 (capital I with a dot above) to i, while
+#: str.casefold gives i and a combining dot (another key), also from I + U+0307 (NFKC composes it).
+DOTTED = ["kim", "K\u0130M", "k\u0130m", "KI\u0307M"]
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +30,7 @@ def slapd(tmp_path_factory):
     server = Slapd(tmp_path_factory.mktemp("ldap")).start()
     server.add_user("bob", "bob-Passw0rd", cn="Bob Builder", mail="bob@example.com")
     server.add_user("carol", "carol-Passw0rd", cn="Carol", mail="carol@example.com")
+    server.add_user("kim", "kim-Passw0rd", cn="Kim", mail="kim@example.com")
     yield server
     server.stop()
 
@@ -99,6 +103,36 @@ def test_the_identity_is_the_directorys_name_and_the_offline_cache_keeps_one_row
         if not directory.running:
             directory.start()
         directory.set_password("bob", "bob-Passw0rd")
+
+
+def test_a_dotted_capital_i_is_the_i_the_directory_reads_for_the_throttle_and_the_cache(tmp_path, directory,
+                                                                                         start_gateway):
+    """Review of the forward-auth door: each i of a name doubled the throttle's budget (`kİm` had
+    one of its own), and a refusal seen under `kim` left the offline row of `kİm` answering the
+    old password while the directory was down (a deleted account logged in from the cache)."""
+    gw = start_gateway(conf(tmp_path / "c", directory, throttle={"user_failures": 2, "window": 600},
+                            plugins=("cache",)))
+    for spelling in DOTTED:
+        answer = api(gw, spelling, "kim-Passw0rd")
+        assert (answer["outcome"], answer["identity"]["username"]) == ("success", "kim"), (spelling, answer)
+    with sqlite3.connect(gw.state_dir / "cache.sqlite3") as db:
+        assert db.execute("SELECT count(*) FROM entries").fetchone()[0] == 1, "one row, whatever the spelling"
+    outcomes = [api(gw, DOTTED[i % len(DOTTED)], f"guess-{i}")["outcome"] for i in range(8)]
+    assert outcomes == ["invalid_credentials"] * 2 + ["throttled"] * 6, outcomes
+
+    refusing = start_gateway(conf(tmp_path / "d", directory, throttle={"enabled": False}, plugins=("cache",)))
+    for spelling in DOTTED:
+        assert api(refusing, spelling, "kim-Passw0rd")["outcome"] == "success"
+    directory.set_password("kim", "kim-Newer-Passw0rd")
+    try:
+        assert api(refusing, "kim", "kim-Passw0rd")["outcome"] == "invalid_credentials"  # forgets every spelling
+        directory.stop()
+        for spelling in DOTTED:
+            assert api(refusing, spelling, "kim-Passw0rd")["outcome"] != "success", spelling
+    finally:
+        if not directory.running:
+            directory.start()
+        directory.set_password("kim", "kim-Passw0rd")
 
 
 def test_the_addresses_of_one_ipv6_network_are_one_client(tmp_path, directory, start_gateway):

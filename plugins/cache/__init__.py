@@ -54,7 +54,7 @@ from gateway import (
     loop_safe,
 )
 from gateway.chain import PRECHECK_STEP
-from gateway.model import address_text, canonical_username
+from gateway.model import address_text, canonical_username, folded_username
 from gateway.plugins.cache.cli import cache_command
 from gateway.plugins.cache.hot import HotCache
 from gateway.plugins.cache.keys import KeyFileError, key_file_problem, sources
@@ -224,7 +224,7 @@ class CachePlugin:
             except Exception:  # never turn the directory's answer into an error
                 self.log.exception("credential cache: forgetting a refused account failed")
             if self.hot is not None:
-                self.hot.forget_user(name.casefold())
+                self.hot.forget_user(folded_username(name))
         self.tally.changed()
 
     @hookimpl

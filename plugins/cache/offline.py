@@ -42,6 +42,7 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 
 from gateway import Attempt, Decision, Identity, Outcome, PasswordCredential
 from gateway.logs import printable
+from gateway.model import folded_username
 from gateway.plugins.cache.keys import CacheKeys, KeyFileError, load_keys, sealed_time
 from gateway.plugins.cache.settings import CacheSettings
 from gateway.plugins.cache.store import AT_LIMIT, FUTURE_TOLERANCE, GONE, Entry, SQLiteStore, Store, StoreError
@@ -77,10 +78,11 @@ def _hash_format(memory_cost: int, time_cost: int, parallelism: int) -> re.Patte
 
 
 def normalise(username: str, mode: str) -> str:
-    """The username as entries are keyed. ``casefold`` applies NFKC first, so that visually equal
-    spellings (full-width letters, ligatures) meet, as Unicode's caseless matching advises."""
+    """The username as entries are keyed. ``casefold``: :func:`gateway.model.folded_username`
+    (NFKC first, so that visually equal spellings meet, as Unicode's caseless matching advises;
+    ``İ`` as the ``i`` directories read it), the key the throttle and the hot cache use too."""
     if mode == "casefold":
-        return unicodedata.normalize("NFKC", username).casefold()
+        return folded_username(unicodedata.normalize("NFKC", username))
     return username
 
 

@@ -65,7 +65,7 @@ from gateway import (
     hookimpl,
 )
 from gateway.logs import printable
-from gateway.model import canonical_username
+from gateway.model import folded_username
 
 from gateway.health import StoreProbe
 from gateway.plugins import linkproto as proto
@@ -424,7 +424,7 @@ def same_user(asked: str, answered: str) -> bool:
     with a domain: ``alice@corp.example`` or ``CORP\\alice`` typed and ``alice`` answered (the
     ldap plugin's AD preset), or ``alice`` typed and ``alice@corp.example`` answered (a connector
     whose ``username`` attribute is the UPN)."""
-    asked, answered = canonical_username(asked).casefold(), canonical_username(answered).casefold()
+    asked, answered = folded_username(asked), folded_username(answered)
     if not answered or not asked:
         return False
     return asked == answered or _account(asked) == answered or _account(answered) == asked
