@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from gateway import Decision, Identity, Outcome, hookimpl
+from gateway import CheckResult, Decision, Identity, Outcome, SelfTest, hookimpl
 from gateway.http.app import FrontDoor
 from gateway.plugins import linkproto as proto
 from gateway.plugins.link.client import LinkClient
@@ -234,6 +234,10 @@ def test_back_off_grows_is_capped_and_jittered(tmp_path):
 
 GATE = threading.Event()  # the directory answers lookups once set
 LOOKUPS: list[str] = []
+THREADS: list[str] = []  # the thread each lookup ran on
+SELFTESTS: list[float] = []  # one per run of the directory's self-test
+#: A lookup of this name answers an identity larger than a link frame (a thousand long groups).
+CROWDED = "crowded"
 
 
 class Directory:
@@ -252,8 +256,19 @@ class Directory:
     @hookimpl
     def gateway_lookup_user(self, username):
         LOOKUPS.append(username)
+        THREADS.append(threading.current_thread().name)
+        if username == CROWDED:
+            return Identity(subject=f"uid={username}", username=username, method="dir",
+                            groups=tuple(f"cn=project-{n:04d}-{'x' * 50},ou=groups" for n in range(1000)))
         GATE.wait(20)
         return None
+
+    @hookimpl
+    def gateway_selftests(self):
+        def run():
+            SELFTESTS.append(time.monotonic())
+            return CheckResult.ok("a test login")
+        return [SelfTest("dir.login", run)]
 
 
 class ScriptedRelay:
@@ -466,3 +481,187 @@ def test_a_renewal_falls_due_when_the_clock_jumps_past_it(tmp_path, monkeypatch)
     finally:
         client.close()
         runtime.discard()
+
+
+# -- what a hostile relay could make of the connector (review of the connector's side) ----------
+
+
+def test_a_full_replay_guard_forgets_in_the_order_windows_end_not_by_rebuilding():
+    # A full guard rebuilt its whole table whenever one window had ended: a relay choosing
+    # deadlines a few milliseconds apart made each frame cost tens of milliseconds of the
+    # connector's event loop. Taken in CPU time of this thread (no wall clock): a call on the
+    # full guard now costs about what one on an empty guard does, not a thousand times more.
+    guard = proto.ReplayGuard(max_entries=20_000)
+    for n in range(10_000):  # 20,000 entries (nonce and id), windows ending 1 ms apart
+        assert guard.fresh(f"n{n:015d}", NOW + 0.001 * n, NOW, f"id{n}")
+    assert len(guard) == 20_000 and not guard.fresh("x" * 16, NOW + 60, NOW, "x")  # full of live ones
+    assert guard.full
+
+    def cost(target, start) -> float:
+        began = time.thread_time()
+        for n in range(300):
+            clock = start + 0.001 * n
+            assert target.fresh(f"m{n:015d}", clock + 60, clock, f"jd{n}")
+        return time.thread_time() - began
+
+    full = cost(guard, NOW + 0.0005)  # each call finds one window ended: room for one request
+    empty = cost(proto.ReplayGuard(max_entries=20_000), NOW)
+    assert full < 50 * max(empty, 0.001), (full, empty)
+    assert len(guard) == 20_000
+    assert not guard.fresh(f"n{9_999:015d}", NOW + 70, NOW + 1)  # a live nonce is still a replay
+
+
+def _linked(tmp_path, body, **settings):
+    """Run ``body(client, link)`` with *client* (a connector) linked to a scripted relay."""
+    runtime, client, key = _connector(tmp_path, **settings)
+
+    async def main():
+        relay = ScriptedRelay()
+        url = await relay.start()
+        try:
+            task = await _dial(client, key, url)
+            link = await relay.accept()
+            await body(client, link, key)
+            if not link.ws.closed:
+                await link.ws.close()
+            await asyncio.wait_for(task, 10)
+        finally:
+            await relay.runner.cleanup()
+
+    try:
+        asyncio.run(main())
+    finally:
+        GATE.set()
+        client.close()
+        runtime.discard()
+
+
+def test_an_answer_larger_than_a_frame_fails_its_request_alone(tmp_path, caplog):
+    # The relay reads at most a frame: a larger answer (a user in a thousand long-named groups)
+    # closed the whole link (1009), failing every request on it, at each login of that user.
+    async def body(client, link, key):
+        request_id, frame = proto.request("lookup_user", {"username": CROWDED}, now=time.time(), timeout=5)
+        await link.ws.send_str(frame)
+        answer = await _answer_to(link, request_id)
+        assert (answer["type"], answer["body"]["code"]) == ("error", "internal"), answer
+        assert "does not fit one link frame" in answer["body"]["detail"]
+        request_id, frame = _authenticate(key)  # the link is still up and serves the next request
+        await link.ws.send_str(frame)
+        assert (await _answer_to(link, request_id))["body"]["outcome"] == "success"
+
+    _linked(tmp_path, body)
+    assert any("more than a link frame" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("kind, body", [
+    ("lookup_user", {"username": "al\ud800ice"}),
+    ("list_groups", {"username": "al\ud800ice"}),
+    ("search_users", {"query": "al\ud800", "limit": 5}),
+    ("lookup_user", {"username": "alice\x1b[2J"}),
+], ids=["lookup-surrogate", "groups-surrogate", "search-surrogate", "lookup-control"])
+def test_a_name_that_is_not_printable_text_is_a_bad_request_before_the_directory(tmp_path, kind, body):
+    # A lone surrogate (JSON can spell one) cannot be encoded for the directory: it failed in
+    # the LDAP pool, closing its connection, with a traceback, at each request.
+    LOOKUPS.clear()
+
+    async def run(client, link, key):
+        request_id, frame = proto.request(kind, body, now=time.time(), timeout=5)
+        await link.ws.send_str(frame.replace("\ud800", "\\ud800"))  # as JSON spells it: UTF-8 has no such character
+        answer = await _answer_to(link, request_id)
+        assert (answer["type"], answer["body"]["code"]) == ("error", "bad_request"), answer
+
+    _linked(tmp_path, run)
+    assert LOOKUPS == []
+
+
+def test_refused_frames_are_logged_rate_limited_and_a_flood_closes_the_link(tmp_path, caplog):
+    # Each refused frame was a WARNING (with the frame's text quoted, any size), and a relay
+    # could send them for ever.
+    async def body(client, link, key):
+        for n in range(25):
+            await link.ws.send_str(json.dumps({"v": "9" * 5000, "id": f"r{n}", "type": "ping", "body": {}}))
+            if link.ws.closed:
+                break
+        closed = None
+        while closed is None:
+            frame = await asyncio.wait_for(link.frames.get(), 5)
+            if isinstance(frame, tuple):
+                closed = frame
+            else:
+                assert len(frame["body"]["detail"]) <= 200, frame
+        assert closed == ("closed", 1008)
+
+    _linked(tmp_path, body)
+    # one WARNING a minute for the process (another test's refusals may have taken this minute's)
+    refusals = [r.getMessage() for r in caplog.records if "refused a request" in r.getMessage()]
+    assert len(refusals) <= 1 and all(len(line) < 400 for line in refusals), refusals
+
+
+def test_the_relays_words_reach_the_log_and_readyz_as_one_printable_line(tmp_path):
+    runtime, client, key = _connector(tmp_path)
+
+    async def main():
+        relay = ScriptedRelay()
+        url = await relay.start()
+        try:
+            task = await _dial(client, key, url)
+            link = await asyncio.wait_for(relay.links.get(), 5)
+            hello = await asyncio.wait_for(link.frames.get(), 5)
+            await link.ws.send_str(proto.error(hello["id"], "forbidden", "no such thing\n2026-01-01 00:00:00,000 "
+                                               "INFO forged: link up\x1b[2K\x1b[1A"))
+            with pytest.raises(ConnectionError) as refused:
+                await asyncio.wait_for(task, 5)
+            return str(refused.value)
+        finally:
+            await relay.runner.cleanup()
+
+    try:
+        said = asyncio.run(main())
+    finally:
+        client.close()
+        runtime.discard()
+    assert "forbidden: no such thing" in said and "\n" not in said and "\x1b" not in said, said
+
+
+def test_directory_questions_run_on_threads_of_their_own_bounded_by_max_concurrent(tmp_path):
+    # On the loop's default executor, lookups given up on at their deadline went on holding its
+    # threads: the login door's signing and look-ups (asyncio.to_thread) waited behind them.
+    GATE.clear()
+    LOOKUPS.clear()
+    THREADS.clear()
+
+    async def body(client, link, key):
+        sent = []
+        for n in range(6):
+            request_id, frame = proto.request("lookup_user", {"username": f"slow{n}"}, now=time.time(), timeout=0.5)
+            sent.append(request_id)
+            await link.ws.send_str(frame)
+        answers = {}
+        while len(answers) < len(sent):  # in any order
+            frame = await asyncio.wait_for(link.frames.get(), 5)
+            answers[frame["id"]] = frame["body"].get("code")
+        assert answers == {request_id: "unavailable" for request_id in sent}
+        assert await asyncio.to_thread(lambda: "the default executor is free") == "the default executor is free"
+        GATE.set()
+
+    _linked(tmp_path, body, max_concurrent=2)
+    assert len(LOOKUPS) == 2, LOOKUPS  # two threads; the questions queued behind them were never run
+    assert all(name.startswith("authgw-link-directory") for name in THREADS), THREADS
+
+
+def test_self_test_results_are_reused_for_a_minute_not_run_again(tmp_path):
+    # Each run may try the directory's test login: a relay asking back to back turned a stale
+    # test password into the account's lockout at the directory.
+    SELFTESTS.clear()
+
+    async def body(client, link, key):
+        answers = []
+        for _ in range(3):
+            request_id, frame = proto.request("selftest", {}, now=time.time(), timeout=10)
+            await link.ws.send_str(frame)
+            answers.append((await _answer_to(link, request_id, timeout=15))["body"])
+        assert answers[0] == answers[1] == answers[2]
+        assert {"name": "dir.login", "status": "pass", "detail": "a test login", "hint": ""} in answers[0]["results"]
+
+    _linked(tmp_path, body)
+    assert len(SELFTESTS) == 1, SELFTESTS

@@ -19,7 +19,9 @@ import collections
 import dataclasses
 import fcntl
 import ipaddress
+import json
 import logging
+import math
 import os
 import random
 import statistics
@@ -39,6 +41,7 @@ from cryptography.x509.oid import NameOID
 from gateway import Attempt, BackendUnavailable, PasswordCredential
 from gateway.chain import SERVICE_CALLER
 from gateway.checks import run_selftest
+from gateway.logs import RateLimitedWarning, printable
 from gateway.plugins import linkproto as proto
 
 from . import directory, state
@@ -47,16 +50,33 @@ from .settings import LinkSettings
 __all__ = ["LinkClient", "LinkStatus", "Proxy", "check_renewed", "proxy_for"]
 
 log = logging.getLogger("authgw.plugin.link")
+#: Refused frames: one WARNING a minute, counting the others (a relay can send them at will).
+_refusals = RateLimitedWarning(log)
 
 _HELLO_TIMEOUT = 10.0
 #: Requests refused in a row for want of room after which the link is closed (1008), as the
 #: relay closes a link after as many refused frames: an honest relay stays under its own
 #: ``max_in_flight`` (64), below what is held here by default (2 x ``max_concurrent``).
 _MAX_OVERRUNS = 20
+#: Frames refused in a row (not JSON, expired, replayed, out of shape) after which the link is
+#: closed (1008), as the relay closes a link after as many: each was logged and answered.
+_MAX_REFUSED = 20
+#: Characters of a peer's text (a refusal's detail, a relay's error) kept in a log line or frame.
+_MAX_DETAIL = 200
+#: Seconds a self-test run's results answer the relay's next requests: each run may try the
+#: directory's test login (``ldap.test_login``), and a relay asking back to back turned a stale
+#: test password into the account's lockout at the directory.
+SELFTEST_REUSE = 60.0
 _MAX_USERNAME = 256
 _MAX_PASSWORD = 1024
 #: Seconds between looks at the clock while a certificate renewal is not due yet.
 RENEWAL_CHECK = 3600.0
+
+
+def _peer_text(text: str) -> str:
+    """The relay's words (a refusal's code and detail) as they may reach the log, ``/readyz``
+    and the console: printable (no terminal escapes, no forged line) and cut."""
+    return printable(text)[:_MAX_DETAIL]
 
 
 def _identity_json(identity) -> dict[str, Any]:
@@ -146,7 +166,13 @@ class LinkClient:
         self.status = LinkStatus()
         self._busy = asyncio.Semaphore(settings.max_concurrent)
         self._selftesting: asyncio.Future | None = None  # the self-test run going on, if any
+        self._selftest_started = -math.inf  # monotonic time the last run started
         self._selftest_pool: ThreadPoolExecutor | None = None
+        #: The relay's directory questions (lookup_user, search_users, list_groups): threads of
+        #: their own, max_concurrent of them. On the loop's default executor, questions given up
+        #: on at their deadline went on holding its threads, and the login door's signing and
+        #: look-ups (asyncio.to_thread) waited behind them (review of the link).
+        self._directory_pool: ThreadPoolExecutor | None = None
         self._tasks: set[asyncio.Task] = set()  # one per request from the relay, running or waiting
         #: requests held at once: max_concurrent running, as many waiting for a slot
         self._max_held = 2 * settings.max_concurrent
@@ -160,8 +186,9 @@ class LinkClient:
     def close(self) -> None:
         """Let the self-test thread go (a test still hanging ends by itself, unwaited), and the
         link to another worker or generation."""
-        if self._selftest_pool is not None:
-            self._selftest_pool.shutdown(wait=False, cancel_futures=True)
+        for pool in (self._selftest_pool, self._directory_pool):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
         if self._lock is not None:
             os.close(self._lock)
             self._lock = None
@@ -259,8 +286,8 @@ class LinkClient:
                 https = "https://" + enrolment.link_url.split("://", 1)[1]
                 async with http.get(https, ssl=context, proxy=url, proxy_headers=headers) as response:
                     try:
-                        problem = await response.json(content_type=None)
-                        why = f"{problem['error']}: {problem['detail']}"
+                        problem = json.loads(await response.content.read(4096))  # a few words, not a flood
+                        why = _peer_text(f"{problem['error']}: {problem['detail']}")
                     except Exception:
                         why = f"HTTP {exc.status}"
                 raise ConnectionError(f"the relay refused the link: {why}") from None
@@ -360,7 +387,8 @@ class LinkClient:
         finally:
             pending.pop(request_id, None)
         if message.type == proto.ERROR:
-            raise ConnectionError(f"the relay refused {type_}: {message.body['code']}: {message.body['detail']}")
+            raise ConnectionError(f"the relay refused {type_}: "
+                                  + _peer_text(f"{message.body['code']}: {message.body['detail']}"))
         if type_ == "hello" and isinstance(message.body.get("time"), (int, float)):
             received = self._clock()
             self.status.round_trip = received - sent
@@ -369,6 +397,7 @@ class LinkClient:
 
     async def _read(self, ws, enrolment: state.Enrolment, pending: dict[str, asyncio.Future]) -> None:
         overruns = 0  # requests refused in a row for want of room
+        refused = 0  # frames refused in a row
         async for msg in ws:
             if msg.type == aiohttp.WSMsgType.PING:
                 await ws.pong(msg.data)
@@ -385,10 +414,18 @@ class LinkClient:
                 message = proto.decode(msg.data, now=self._clock(), skew=self.settings.max_clock_skew,
                                        guard=self._guard, accept=proto.RELAY_TO_CONNECTOR)
             except proto.ProtocolError as exc:
-                log.warning("link: refused a request: %s", exc)
-                await ws.send_str(proto.error(exc.request_id, exc.code, exc.detail,
+                # The detail may quote the frame (a version of any size): cut, and printable.
+                detail = printable(str(exc.detail))[:_MAX_DETAIL]
+                _refusals("refused", "link: refused a request: %s: %s", exc.code, detail)
+                await ws.send_str(proto.error(exc.request_id, exc.code, detail,
                                               version=exc.peer_version or proto.VERSION))
+                refused += 1
+                if refused >= _MAX_REFUSED:
+                    log.warning("link: the relay sent %d refused frames in a row; closing the link", refused)
+                    await ws.close(code=1008, message=b"too many refused frames")
+                    return
                 continue
+            refused = 0
             if not message.is_request:
                 future = pending.get(message.id)
                 if future is not None and not future.done():
@@ -421,6 +458,15 @@ class LinkClient:
                     raise BackendUnavailable("no request slot free before the deadline (max_concurrent)")
                 body = await self._serve(enrolment, message)
                 frame = proto.answer(message.id, body)
+                if len(frame) > proto.MAX_FRAME // 4 and len(frame.encode()) > proto.MAX_FRAME:
+                    # The relay reads at most a frame: a larger one closed the whole link (1009),
+                    # and every request on it failed, at each login of that user (a thousand
+                    # long group names, a photo claim). This request fails alone, and says why.
+                    _refusals("oversized", "link: the answer to %s is %d bytes, more than a link frame (%d): answered "
+                              "as an error; map fewer claims or lower groups.max_groups", message.type,
+                              len(frame.encode()), proto.MAX_FRAME)
+                    frame = proto.error(message.id, "internal", f"the answer does not fit one link frame "
+                                                                f"({proto.MAX_FRAME} bytes)")
             except proto.ProtocolError as exc:
                 frame = proto.error(message.id, exc.code, exc.detail)
             except BackendUnavailable as exc:
@@ -462,20 +508,32 @@ class LinkClient:
                     "identity": _identity_json(decision.identity) if decision.identity else None}
         if message.type == "lookup_user":
             username = body.get("username")
-            if not isinstance(username, str) or not 0 < len(username) <= _MAX_USERNAME:
-                raise proto.ProtocolError("bad_request", "`username` must be 1-256 characters", message.id)
-            loop = asyncio.get_running_loop()
-            identity = await asyncio.wait_for(
-                loop.run_in_executor(None, lambda: self.hook.gateway_lookup_user(username=username)),
-                self._time_left(message))
+            # printable: a lone surrogate cannot be encoded for the directory (it failed in the
+            # pool, with a traceback and a new connection per request)
+            if not isinstance(username, str) or not 0 < len(username) <= _MAX_USERNAME or not username.isprintable():
+                raise proto.ProtocolError("bad_request", "`username` must be 1-256 printable characters", message.id)
+            identity = await self.directory_call(lambda: self.hook.gateway_lookup_user(username=username),
+                                                 self._time_left(message))
             return {"found": identity is not None, "identity": _identity_json(identity) if identity else None}
         if message.type == "search_users":
-            return await directory.search_users(self.hook, body, message.id, self._time_left(message))
+            return await directory.search_users(self.hook, body, message.id, self._time_left(message),
+                                                run=self.directory_call)
         if message.type == "list_groups":
-            return await directory.list_groups(self.hook, body, message.id, self._time_left(message))
+            return await directory.list_groups(self.hook, body, message.id, self._time_left(message),
+                                               run=self.directory_call)
         if message.type == "selftest":
             return {"results": await self._selftest_run(self._time_left(message))}
         raise proto.ProtocolError("unknown_type", f"{message.type} is not served", message.id)
+
+    async def directory_call(self, fn: Callable[[], Any], time_left: float) -> Any:
+        """*fn* (a directory hook) on this link's own threads, waited for *time_left* seconds
+        (:class:`asyncio.TimeoutError` then). A question given up on before it started is not
+        run; one already running ends by itself, holding one of these threads, not the loop's."""
+        if self._directory_pool is None:
+            self._directory_pool = ThreadPoolExecutor(max_workers=self.settings.max_concurrent,
+                                                      thread_name_prefix="authgw-link-directory")
+        loop = asyncio.get_running_loop()
+        return await asyncio.wait_for(loop.run_in_executor(self._directory_pool, fn), time_left)
 
     async def _selftest_run(self, time_left: float) -> list[dict[str, str]]:
         """One run of the self-tests at a time, answered within the request's deadline. A run
@@ -485,6 +543,11 @@ class LinkClient:
         this link's own."""
         if self._selftesting is not None and not self._selftesting.done():
             raise BackendUnavailable("a self-test run is still going on")
+        last = self._selftesting
+        if last is not None and time.monotonic() - self._selftest_started < SELFTEST_REUSE \
+                and not last.cancelled() and last.exception() is None:
+            return last.result()  # the last run's results: no new test login yet
+        self._selftest_started = time.monotonic()
         if self._selftest_pool is None:
             self._selftest_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="authgw-link-selftest")
         self._selftesting = asyncio.get_running_loop().run_in_executor(None, self._selftests)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from gateway.plugins import linkproto as proto
 
@@ -43,10 +43,16 @@ async def _run(fn, time_left: float):
     return await asyncio.wait_for(loop.run_in_executor(None, fn), time_left)
 
 
-async def search_users(hook, body: dict[str, Any], message_id: str, time_left: float) -> dict[str, Any]:
+Runner = Callable[[Callable[[], Any], float], Awaitable[Any]]
+
+
+async def search_users(hook, body: dict[str, Any], message_id: str, time_left: float, *,
+                       run: Runner = _run) -> dict[str, Any]:
     query, limit, cursor = body.get("query", ""), body.get("limit"), body.get("cursor")
-    if not isinstance(query, str) or len(query) > _MAX_QUERY:
-        raise proto.ProtocolError("bad_request", f"`query` must be a string of at most {_MAX_QUERY} characters",
+    # Printable: a lone surrogate (JSON can spell one) cannot be encoded for the directory, and
+    # failed in the pool, costing its connection (review of the connector's side of the link).
+    if not isinstance(query, str) or len(query) > _MAX_QUERY or not query.isprintable():
+        raise proto.ProtocolError("bad_request", f"`query` must be printable text of at most {_MAX_QUERY} characters",
                                   message_id)
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= proto.MAX_SEARCH_LIMIT:
         raise proto.ProtocolError("bad_request", f"`limit` must be an integer 1-{proto.MAX_SEARCH_LIMIT}", message_id)
@@ -54,7 +60,7 @@ async def search_users(hook, body: dict[str, Any], message_id: str, time_left: f
         raise proto.ProtocolError("bad_request", "`cursor` must be null or the `next_cursor` of a previous answer",
                                   message_id)
     try:
-        page = await _run(lambda: hook.gateway_search_users(query=query, limit=limit, cursor=cursor), time_left)
+        page = await run(lambda: hook.gateway_search_users(query=query, limit=limit, cursor=cursor), time_left)
     except ValueError as exc:  # a cursor the directory plugin did not issue
         raise proto.ProtocolError("bad_request", str(exc)[:200], message_id) from None
     if page is None:
@@ -63,11 +69,12 @@ async def search_users(hook, body: dict[str, Any], message_id: str, time_left: f
     return _fits({"found": True, "users": users, "next_cursor": page.next_cursor}, message_id)
 
 
-async def list_groups(hook, body: dict[str, Any], message_id: str, time_left: float) -> dict[str, Any]:
+async def list_groups(hook, body: dict[str, Any], message_id: str, time_left: float, *,
+                      run: Runner = _run) -> dict[str, Any]:
     username = body.get("username")
-    if not isinstance(username, str) or not 0 < len(username) <= _MAX_USERNAME:
-        raise proto.ProtocolError("bad_request", "`username` must be 1-256 characters", message_id)
-    groups = await _run(lambda: hook.gateway_list_groups(username=username), time_left)
+    if not isinstance(username, str) or not 0 < len(username) <= _MAX_USERNAME or not username.isprintable():
+        raise proto.ProtocolError("bad_request", "`username` must be 1-256 printable characters", message_id)
+    groups = await run(lambda: hook.gateway_list_groups(username=username), time_left)
     if groups is None:
         return {"found": False, "groups": []}
     return _fits({"found": True, "groups": sorted(str(g) for g in groups)}, message_id)
