@@ -761,6 +761,14 @@ def test_a_hop_with_anything_beside_its_address_and_port_is_unreadable():
     assert resolver.resolve("10.1.2.3", ["198.51.100.7:x"]) == (UNKNOWN_CLIENT, True)
 
 
+def test_a_hops_zone_is_dropped_and_its_address_kept():
+    # ipaddress keeps fe80::1%<any text> as the address's scope: the proxy's interface name, or
+    # a newline and a forged line, went into the audit line and the throttle's keys as written.
+    for text in ("fe80::1%eth0", "[fe80::1%eth0]:443", "fe80::1%\nforged", "fe80::1%25"):
+        parsed = parse_address(text)
+        assert parsed == ipaddress.ip_address("fe80::1") and "%" not in str(parsed), (text, parsed)
+
+
 @fuzz(500)
 @given(st.one_of(st.text(max_size=60), st.text(alphabet=XFF_ALPHABET, max_size=60)),
        st.lists(st.one_of(st.text(max_size=60), st.text(alphabet=XFF_ALPHABET, max_size=60)), max_size=3))

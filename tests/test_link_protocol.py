@@ -665,3 +665,19 @@ def test_self_test_results_are_reused_for_a_minute_not_run_again(tmp_path):
 
     _linked(tmp_path, body)
     assert len(SELFTESTS) == 1, SELFTESTS
+
+
+def test_a_client_address_with_a_zone_is_a_bad_request(tmp_path):
+    # ipaddress reads fe80::1%<any text> (a newline, an escape) as an address: it went into the
+    # audit line and the throttle's keys as the relay wrote it.
+    async def body(client, link, key):
+        stamp = proto.new_stamp(now=time.time(), timeout=10)
+        fields = {"username": "alice", "client": "fe80::1%\nforged", "request_id": "r", "front_door": "forward_auth"}
+        fields["password"] = proto.seal_password(key.public_key(), "Corr3ct-horse", stamp, connector=CONNECTOR,
+                                                 body=fields)
+        request_id, frame = proto.request("authenticate", fields, stamp=stamp)
+        await link.ws.send_str(frame)
+        answer = await _answer_to(link, request_id)
+        assert (answer["type"], answer["body"]["code"]) == ("error", "bad_request"), answer
+
+    _linked(tmp_path, body)

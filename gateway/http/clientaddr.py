@@ -43,8 +43,13 @@ def parse_address(text: str) -> IPAddress | None:
         address = ipaddress.ip_address(text)
     except ValueError:
         return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        return address.ipv4_mapped
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped:
+            return address.ipv4_mapped
+        if address.scope_id is not None:
+            # fe80::1%<zone>: the zone is the proxy's interface name, any text ipaddress keeps
+            # (it reached the audit line and the throttle's keys as written); the address stays
+            return ipaddress.IPv6Address(address.packed)
     return address
 
 

@@ -20,6 +20,7 @@ import base64
 import dataclasses
 
 from gateway import Identity, UserPage
+from gateway.logs import printable
 from gateway.plugins.ldap.accountstate import account_state
 from gateway.plugins.ldap.escaping import contains, fill_search
 from gateway.plugins.ldap.link import TROUBLE_CODES, Entry, Link, ServerTrouble
@@ -75,7 +76,7 @@ class UserSearch:
             raise ServerTrouble(f"directory search answered {result.code}: {result.message}")
         if result.code == 4 or len(entries) >= MAX_SCAN:  # sizeLimitExceeded: bounded on purpose
             self.d.log.warning("directory search %s reached its bound of %d entries; answered from those",
-                               query, MAX_SCAN)
+                               printable(query), MAX_SCAN)
             return entries[:MAX_SCAN]
         if result.code != 0:
             self.d.log.warning("directory search under %s answered %d: %s", s.base_dn, result.code, result.message)

@@ -497,6 +497,9 @@ class LinkClient:
                 client = ipaddress.ip_address(str(body.get("client", "")))
             except ValueError:
                 raise proto.ProtocolError("bad_request", "`client` must be an IP address", message.id) from None
+            if getattr(client, "scope_id", None) is not None:  # fe80::1%<any text>: audited and keyed on
+                raise proto.ProtocolError("bad_request", "`client` must be an IP address without a zone",
+                                          message.id)
             attempt = Attempt(request_id=self.door.request_ids.next(), client=client, front_door="link",
                               deadline=time.monotonic() + min(self._time_left(message), proto.MAX_AHEAD),
                               password=PasswordCredential(username, password), peer=None)
