@@ -168,7 +168,7 @@ attr_names = st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVW
 ldap_values = st.lists(st.binary(max_size=300), max_size=5)
 
 
-from gateway.plugins.linkproto import _utf8  # noqa: E402 - text that encodes (no lone surrogates)
+from gateway.plugins.linkproto import utf8 as _utf8  # noqa: E402 - text that encodes (no lone surrogates)
 
 safe_text = st.text(max_size=80).filter(_utf8)
 entries = st.tuples(safe_text, st.dictionaries(attr_names, ldap_values, max_size=6))

@@ -558,7 +558,7 @@ def test_an_answer_larger_than_a_frame_fails_its_request_alone(tmp_path, caplog)
     ("list_groups", {"username": "al\ud800ice"}),
     ("search_users", {"query": "al\ud800", "limit": 5}),
     ("lookup_user", {"username": "alice\x1b[2J"}),
-], ids=["lookup-surrogate", "groups-surrogate", "search-surrogate", "lookup-control"])
+], ids=["lookup-surrogate", "groups-surrogate", "search-surrogate", "lookup-control"])  # a query's controls match literally
 def test_a_name_that_is_not_printable_text_is_a_bad_request_before_the_directory(tmp_path, kind, body):
     # A lone surrogate (JSON can spell one) cannot be encoded for the directory: it failed in
     # the LDAP pool, closing its connection, with a traceback, at each request.

@@ -49,10 +49,11 @@ Runner = Callable[[Callable[[], Any], float], Awaitable[Any]]
 async def search_users(hook, body: dict[str, Any], message_id: str, time_left: float, *,
                        run: Runner = _run) -> dict[str, Any]:
     query, limit, cursor = body.get("query", ""), body.get("limit"), body.get("cursor")
-    # Printable: a lone surrogate (JSON can spell one) cannot be encoded for the directory, and
-    # failed in the pool, costing its connection (review of the connector's side of the link).
-    if not isinstance(query, str) or len(query) > _MAX_QUERY or not query.isprintable():
-        raise proto.ProtocolError("bad_request", f"`query` must be printable text of at most {_MAX_QUERY} characters",
+    # Text: a lone surrogate (JSON can spell one) cannot be encoded for the directory, and failed
+    # in the pool, costing its connection (review of the connector's side of the link). Other
+    # characters, controls included, are matched literally (escaped, RFC 4515).
+    if not isinstance(query, str) or len(query) > _MAX_QUERY or not proto.utf8(query):
+        raise proto.ProtocolError("bad_request", f"`query` must be UTF-8 text of at most {_MAX_QUERY} characters",
                                   message_id)
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= proto.MAX_SEARCH_LIMIT:
         raise proto.ProtocolError("bad_request", f"`limit` must be an integer 1-{proto.MAX_SEARCH_LIMIT}", message_id)

@@ -46,7 +46,7 @@ except ImportError:  # pragma: no cover - depends on the installed cryptography
 __all__ = [
     "ANSWER", "ERROR", "MAX_AHEAD", "MAX_FRAME", "MAX_SEARCH_LIMIT", "REQUEST_TYPES", "SEALED_FIELDS", "VERSION",
     "Message", "ProtocolError", "ReplayGuard", "Stamp", "answer", "decode", "error", "new_id", "new_stamp",
-    "open_password", "password_info", "request", "seal_password",
+    "open_password", "password_info", "request", "seal_password", "utf8",
 ]
 
 #: 2: the sealed password is bound to the request's whole context (version 1: to its id only).
@@ -189,7 +189,7 @@ def _integer(text: str) -> int:
     return value
 
 
-def _utf8(text: str) -> bool:
+def utf8(text: str) -> bool:
     """Whether *text* encodes as UTF-8: JSON escapes can spell lone surrogates, which do not."""
     try:
         text.encode("utf-8")
@@ -220,7 +220,7 @@ def decode(text: str | bytes, *, now: float, guard: ReplayGuard | None = None,
     request_id = data.get("id")
     # Not text in UTF-8 (a lone surrogate, "\ud800" in JSON): the id is echoed in the answer or the
     # refusal, a text frame that could not be sent (the read loop raised, the link dropped).
-    if not isinstance(request_id, str) or not 0 < len(request_id) <= 64 or not _utf8(request_id):
+    if not isinstance(request_id, str) or not 0 < len(request_id) <= 64 or not utf8(request_id):
         raise ProtocolError("bad_request", "`id` must be a string of 1-64 characters")
     version, type_, body = data.get("v"), data.get("type"), data.get("body")
     if version != VERSION:
