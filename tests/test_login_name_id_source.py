@@ -32,11 +32,15 @@ def idp(tmp_path_factory):
     slapd = Slapd(base / "slapd").start()
     slapd.add_user("alice", "Alice-pw-1", cn="Alice Liddell", mail="alice@example.com")
     slapd.add_user("alice@example.com", "Mallory-pw-1", cn="Mallory")  # no mail; a name like alice's address
+    # values XML cannot carry (a vertical tab, a SOH): lxml raised while the answer was built
+    slapd.add_user("bob", "Bob-pw-1", cn="Bob \x0b Builder", mail="bob@example.com")
+    slapd.add_user("dave", "Dave-pw-1", cn="Dave", mail="dave\x01@example.com")
+    mapped = {"displayName": "display_name"}
     site = LoginSite(base / "idp", slapd, CA.create(), login={
         "saml": {"service_providers": [{"entity_id": SP_ID, "acs_urls": [ACS], "name_id_format": "emailAddress",
-                                        "name_id_source": "email"}]},
+                                        "name_id_source": "email", "attributes": mapped}]},
         "wsfed": {"relying_parties": [{"realm": REALM, "reply_urls": [REPLY], "name_id_format": "emailAddress",
-                                       "name_id_source": "email"}]}})
+                                       "name_id_source": "email", "attributes": mapped}]}})
     site.gw = site.start()
     site.metadata = site.client().get(f"{site.url}/saml/metadata").text
     yield site
@@ -93,3 +97,27 @@ def test_ws_federation_issues_no_token_when_the_name_id_source_is_empty(idp):
     wresult = hidden(page.text, "wresult")
     assert re.search(r'Format="urn:oasis:names:tc:SAML:1.1:nameid-format:emailAddress"[^>]*>alice@example.com<',
                      wresult)
+
+
+def test_a_directory_value_xml_cannot_carry_is_never_a_500(idp, sp):
+    """Review of the login door: a display name with a control character made every SAML and
+    WS-Federation answer for that user a 500, after the session was made. An attribute's value
+    is now sent with U+FFFD in the character's place; a NameID is not sent altered (another
+    identifier could be another account's): no NameID, as for an empty source."""
+    page, request_id, _ = saml_answer(idp, sp, "bob", "Bob-pw-1")
+    result = sp.accept(hidden(page.text, "SAMLResponse"), request_id)
+    assert (result.name_id, result.attributes["displayName"]) == ("bob@example.com", ["Bob \ufffd Builder"])
+    browser = idp.client()
+    params = {"wa": "wsignin1.0", "wtrealm": REALM}
+    page = idp.sign_in(browser, "bob", "Bob-pw-1", url=browser.get(f"{idp.url}/wsfed", params=params).url)
+    assert page.status_code == 200 and "Bob \ufffd Builder" in hidden(page.text, "wresult")
+
+    page, request_id, _ = saml_answer(idp, sp, "dave", "Dave-pw-1")
+    assert page.headers["X-Refused-Reason"] == "saml.name_id_unavailable"
+    with pytest.raises(StatusInvalidNameidPolicy):
+        sp.accept(hidden(page.text, "SAMLResponse"), request_id)
+    browser = idp.client()
+    page = idp.sign_in(browser, "dave", "Dave-pw-1", url=browser.get(f"{idp.url}/wsfed", params=params).url)
+    assert page.status_code == 400 and page.headers["X-Refused-Reason"] == "wsfed.name_id_unavailable"
+    assert "the email of dave holds a character XML cannot carry" in idp.gw.output()
+    assert "Traceback" not in idp.gw.output() and "a request handler raised" not in idp.gw.output()

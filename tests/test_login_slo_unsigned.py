@@ -20,6 +20,7 @@ from support.saml_sp import SamlSP, rsa_pair
 from support.slapd import Slapd
 
 OPEN, LAX = "https://open.example.test/", "https://lax.example.test/"
+CALLBACK, SECRET = "https://rp.example.test/callback", "rp-secret-value-0123456789"
 ACS = {sp: sp + "acs" for sp in (OPEN, LAX)}
 SLO = {sp: sp + "slo" for sp in (OPEN, LAX)}
 
@@ -30,7 +31,11 @@ def site(tmp_path_factory):
     slapd = Slapd(base / "slapd").start()
     slapd.add_user("alice", "Alice-pw-1", cn="Alice Liddell", mail="alice@example.com")
     lax_keys = rsa_pair(base / "sp", "lax", "lax.example.test")
-    login = LoginSite(base / "idp", slapd, CA.create(), login={"saml": {"service_providers": [
+    (base / "secret").write_text(SECRET)
+    (base / "secret").chmod(0o600)
+    login = LoginSite(base / "idp", slapd, CA.create(), login={"oidc": {"clients": [
+        {"client_id": "rp", "redirect_uris": [CALLBACK], "client_secret": {"file": str(base / "secret")}}]},
+        "saml": {"service_providers": [
         # no request_certificate: its LogoutRequests are unsigned
         {"entity_id": OPEN, "acs_urls": [ACS[OPEN]], "slo_url": SLO[OPEN], "name_id_format": "emailAddress",
          "name_id_source": "email"},
@@ -114,3 +119,38 @@ def test_a_signed_logout_request_that_verifies_ends_the_browsers_session(site, t
     assert "Signature=" in location
     browser.get(location)
     assert not signed_in(site, browser)
+
+
+def test_an_id_tokens_sid_names_no_session_at_the_saml_logout(site, tmp_path):
+    """Review of the login door: an id_token's ``sid`` was the session's SAML SessionIndex, and its
+    ``email`` the NameID an SP is issued: anyone holding one of a user's id_tokens (logout URLs,
+    history, a relying party's logs) forged an unsigned LogoutRequest in an SP's name and ended
+    that user's whole session from a client with no cookie. Each client now gets its own sid."""
+    import base64
+    import hashlib
+    import json
+    import secrets
+    from urllib.parse import parse_qs, urlencode
+
+    sp = make_sp(site, tmp_path, OPEN, sign=False)
+    victim = site.client()
+    result = sso(site, sp, victim)
+    verifier = secrets.token_urlsafe(48)
+    challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).decode().rstrip("=")
+    authorized = victim.get(f"{site.url}/oidc/authorize?" + urlencode({
+        "client_id": "rp", "redirect_uri": CALLBACK, "response_type": "code", "scope": "openid email",
+        "code_challenge": challenge, "code_challenge_method": "S256"}), allow_redirects=False)
+    code = parse_qs(urlsplit(authorized.headers["Location"]).query)["code"][0]
+    tokens = site.client().post(f"{site.url}/oidc/token", data={
+        "grant_type": "authorization_code", "code": code, "redirect_uri": CALLBACK, "code_verifier": verifier},
+        auth=("rp", SECRET)).json()
+    payload = tokens["id_token"].split(".")[1]
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    assert claims["email"] == result.name_id and claims["sid"] and claims["sid"] != result.session_index
+
+    forged = unsigned_logout_request(site, sp, result.__class__(**{**result.__dict__, "session_index": claims["sid"]}))
+    site.client().get(forged)  # no cookie: the id_token's holder, not the victim's browser
+    assert signed_in(site, victim)
+    # the id_token still names its session as its client knows it: a logout hint ends it there
+    ended = victim.get(f"{site.url}/oidc/logout?" + urlencode({"id_token_hint": tokens["id_token"]}))
+    assert ended.status_code == 200 and not signed_in(site, victim)

@@ -533,8 +533,11 @@ class OidcProvider:
             return _error("invalid_grant", description="PKCE verifier does not match")
         identity = identity_from_json(grant["identity"])
         now = int(time.time())
+        # sid: the client's own name for the session (SessionManager.public_sid); the grant and
+        # the access token keep the index, which finds the session here
         claims = {"iss": self.issuer, "sub": identity.subject, "aud": client.client_id, "iat": now,
-                  "exp": now + lifetime, "auth_time": int(identity.authenticated_at), "sid": grant["sid"],
+                  "exp": now + lifetime, "auth_time": int(identity.authenticated_at),
+                  "sid": self.web.sessions.public_sid(grant["sid"], client.client_id),
                   "acr": authn_context_class(identity),
                   **self._profile(identity, grant["scope"])}
         if grant["nonce"]:
@@ -669,14 +672,20 @@ class OidcProvider:
             return None
         return _with_state(uri, target.get("state", ""))
 
-    @staticmethod
-    def _own_session(claims: dict, session) -> bool:
-        """Whether the hint belongs to *session* (the browser's): its ``sid`` is the session's
-        index, or, for a hint without one, its ``sub`` is the session's user."""
+    def _own_session(self, claims: dict, session) -> bool:
+        """Whether the hint belongs to *session* (the browser's): its ``sid`` is the session's,
+        as the hint's client was told it (:meth:`.sessions.SessionManager.public_sid`), or, for
+        a hint without one, its ``sub`` is the session's user."""
         sid = claims.get("sid")
         if session.identity.subject != claims["sub"]:
             return False
-        return sid is None or sid == session.index
+        if sid is None:
+            return True
+        audience = claims.get("aud")
+        if isinstance(audience, list):
+            audience = audience[0] if len(audience) == 1 else None
+        return isinstance(sid, str) and isinstance(audience, str) and \
+            same(sid, self.web.sessions.public_sid(session.index, audience))
 
     async def end_session(self, request: web.Request) -> web.StreamResponse:
         """RP-initiated logout. Only the browser's own session is ever ended, and without asking

@@ -397,6 +397,10 @@ BINDING_PARAMETERS = ("SAMLRequest", "SAMLResponse", "RelayState", "SigAlg", "Si
 MESSAGE_FIELDS = ("SAMLRequest", "SAMLResponse")
 #: An AssertionConsumerServiceIndex (xs:unsignedShort), in ASCII digits (str.isdigit() takes "²").
 _INDEX = re.compile(r"[0-9]{1,5}")
+#: What XML 1.0 cannot carry (section 2.2): C0 controls but tab, CR and LF; U+FFFE, U+FFFF. A
+#: directory value holding one made lxml raise while the answer was built: a 500 at every
+#: sign-in of that user, or of every member of a group so named (review of the login door).
+_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
 
 def once(params) -> None:
@@ -494,9 +498,15 @@ class ResponseBuilder:
                            reference_uri="#" + element.get(id_attribute))
 
     @staticmethod
-    def _value(identity: Identity, field: str) -> list[str]:
+    def _raw(identity: Identity, field: str) -> list[str]:
         value = getattr(identity, field)
         return [str(v) for v in value] if isinstance(value, tuple) else ([value] if value else [])
+
+    @classmethod
+    def _value(cls, identity: Identity, field: str) -> list[str]:
+        """*field*'s values as an attribute carries them: a character XML cannot carry is sent
+        as U+FFFD (a group so renamed names no other group; the rest of the value is kept)."""
+        return [_NOT_XML.sub("\ufffd", value) for value in cls._raw(identity, field)]
 
     def name_id(self, identity: Identity, fmt: str, source: str) -> str | None:
         """The NameID for *identity*: a new random one (``transient``), else the value of its
@@ -505,7 +515,12 @@ class ResponseBuilder:
         looks like someone's mail address). The default source, ``username``, is never empty."""
         if fmt == "transient":
             return "_" + secrets.token_hex(16)
-        values = self._value(identity, source)
+        values = self._raw(identity, source)
+        if values and _NOT_XML.search(values[0]):
+            # Not sent altered: an identifier changed is another one, maybe another account's.
+            log.warning("login: the %s of %s holds a character XML cannot carry; no NameID from it",
+                        source, printable(identity.username))
+            return None
         return values[0] if values and values[0] else None
 
     def assertion(self, *, audience: str, identity: Identity, name_id_format: str, name_id: str,
@@ -785,13 +800,14 @@ class SamlIdp:
                            pending.get("authn_context"), authn_context_class(identity))
         if why is not None:
             return await self.error_answer(request, pending, sp, why)
-        # Single Logout tells this SP about the logout with the NameID and index as issued here.
-        self.web.sessions.add_participant(session, sp.entity_id, {
-            "name_id": name_id, "format": NAMEID_FORMATS[sp.name_id_format], "index": session.index})
         # Two RSA signatures and C14N take milliseconds: off the event loop, so /auth is not held up.
         xml = await asyncio.to_thread(self.builder.build, sp, pending["acs"], session.identity,
                                       pending["request_id"] or None, session.index, dt.datetime.now(dt.timezone.utc),
                                       name_id)
+        # Single Logout tells this SP about the logout with the NameID and index as issued here;
+        # recorded once the answer is built (one that could not be is no participation).
+        self.web.sessions.add_participant(session, sp.entity_id, {
+            "name_id": name_id, "format": NAMEID_FORMATS[sp.name_id_format], "index": session.index})
         fields = [("SAMLResponse", base64.b64encode(xml).decode())]
         if pending["relay_state"]:
             fields.append(("RelayState", pending["relay_state"]))

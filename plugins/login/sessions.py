@@ -841,6 +841,14 @@ class SessionManager:
 
     # -- signing ---------------------------------------------------------------------------------
 
+    def public_sid(self, index: str, client_id: str) -> str:
+        """The OpenID Connect ``sid`` of the session with SessionIndex *index*, as *client_id* is
+        told it: a keyed hash, its own for each client, never the index itself. The index is
+        what an unsigned SAML LogoutRequest proves a session by (with the NameID, which is often
+        the id_token's ``preferred_username``): anyone holding one of a user's id_tokens ended
+        that user's whole session at ``/saml/slo``, from any client (review of the login door)."""
+        return "_" + self._mac("oidc-sid", f"{client_id}\0{index}")
+
     def _mac(self, purpose: str, value: str) -> str:
         mac = hmac.new(self._key, f"{purpose}:{value}".encode("utf-8", "surrogatepass"), hashlib.sha256).digest()
         return base64.urlsafe_b64encode(mac[:24]).decode().rstrip("=")
