@@ -235,7 +235,10 @@ class Attempt:
     def user_key(self) -> str | None:
         """The username as throttling keys it (:func:`folded_username`), so that no spelling of
         one name (``bob``, ``" BOB"``, ``ｂｏｂ``, ``bİll``) gets a budget of its own."""
-        return folded_username(self.password.username) if self.password else None
+        if self.password is None:
+            return None
+        name = self.password.username  # canonical already (PasswordCredential)
+        return name.casefold() if name.isascii() else folded_username(name)  # ASCII: nothing else to fold
 
     def time_left(self) -> float:
         """Seconds until the deadline (never negative); size backend timeouts from this."""
