@@ -195,13 +195,28 @@ class _Master:
                 self.due[slot] = time.monotonic() + _MAX_BACKOFF
                 return
             self.unbound.discard(slot)
-        parent_end, child_end = socket.socketpair()
-        beat = mmap.mmap(-1, _BEAT.size)  # MAP_SHARED: the worker's writes are the master's to read
+        made: list = []
+        try:
+            parent_end, child_end = socket.socketpair()
+            made += [parent_end, child_end]
+            beat = mmap.mmap(-1, _BEAT.size)  # MAP_SHARED: the worker's writes are the master's to read
+            made.append(beat)
+        except OSError as exc:
+            for thing in made:
+                thing.close()
+            self._cannot_spawn(slot, exc)
+            return
         # A signal between fork and the child's own handlers would run the master's handler in
         # the child (a SIGTERM there signalled its siblings): held back until they are in place.
         signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
         try:
-            pid = os.fork()
+            try:
+                pid = os.fork()
+            except OSError as exc:  # EAGAIN: a pids limit (systemd TasksMax=, a container's); ENOMEM
+                for thing in made:
+                    thing.close()
+                self._cannot_spawn(slot, exc)
+                return
             if pid == 0:  # worker
                 code = 1
                 try:
@@ -227,6 +242,33 @@ class _Master:
         parent_end.settimeout(2.0)  # a stuck worker costs the master two seconds, not its loop
         now = time.monotonic()
         self.children[pid] = _Child(slot, now, parent_end, MessageReader(parent_end), beat, heard=now)
+
+    def _cannot_spawn(self, slot: int, exc: OSError) -> None:
+        """A worker for *slot* could not be made (no process, descriptor or memory to spare):
+        tried again with the back-off of a failed start, the workers that serve go on. The
+        error left the master's loop: the master exited, and every worker with it (review of
+        reliability: one worker's crash under a pids limit became a whole outage). At the first
+        start, with nothing serving yet, it still stops the gateway, saying why."""
+        if not self.served:
+            raise exc
+        failures = self.failures[slot] = self.failures.get(slot, 0) + 1
+        delay = min(2.0 ** (failures - 1), _MAX_BACKOFF)
+        serving = sum(c.serving for c in self.children.values())
+        closed = self._close_slot(slot)
+        log.error("slot %d: no worker could be started (%s), %d time(s) in a row; %d of %d workers serve; trying "
+                  "again in %.0f s (a process or file limit: TasksMax=, LimitNOFILE=)%s", slot, exc, failures, serving,
+                  self.count, delay, closed)
+        self.due[slot] = time.monotonic() + delay
+
+    def _close_slot(self, slot: int) -> str:
+        """Close *slot*'s listening sockets while no worker serves it (reuse_port: connections
+        would wait in a queue nobody accepts from); rebound at its next start. What to log."""
+        if self.rebind is None or slot in self.unbound:
+            return ""
+        for sock in self.slots[slot]:
+            sock.close()
+        self.unbound.add(slot)
+        return "; its listening socket is closed meanwhile (new connections go to the others)"
 
     def _start_due(self) -> None:
         now = time.monotonic()
@@ -306,12 +348,7 @@ class _Master:
             failures = self.failures[child.slot] = self.failures.get(child.slot, 0) + 1
             delay = min(2.0 ** (failures - 1), _MAX_BACKOFF)
             serving = sum(c.serving for c in self.children.values())
-            closed = ""
-            if self.rebind is not None and child.slot not in self.unbound:
-                for sock in self.slots[child.slot]:
-                    sock.close()
-                self.unbound.add(child.slot)
-                closed = "; its listening socket is closed meanwhile (new connections go to the others)"
+            closed = self._close_slot(child.slot)
             log.error("worker %d failed to start (exit %s), %d time(s) in a row on slot %d; %d of %d workers "
                       "serve; trying again in %.0f s%s", pid, code, failures, child.slot, serving, self.count, delay,
                       closed)

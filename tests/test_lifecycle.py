@@ -307,6 +307,31 @@ def test_a_replacement_worker_serves_the_accepted_configuration_not_conf_d_as_it
     assert realms(gw) == {realm("r2")}
 
 
+def test_a_replacement_the_master_cannot_make_is_retried_and_the_master_stays(conf_dir, alice_hash, start_gateway):
+    # socketpair(), mmap() and fork() failing in the master (a pids limit, TasksMax=; no file
+    # descriptor left) raised out of its loop: the master exited, and every worker with it.
+    # Here the master has no descriptor to spare (its own RLIMIT_NOFILE, lowered from outside
+    # to what it holds), and a worker is killed: the replacement's socketpair fails.
+    import resource
+
+    gw = start_gateway(conf(conf_dir, alice_hash, "r0"), workers=2)
+    master = master_pid(gw)
+    wait_for(lambda: len(serving(gw)) == 2, what="two workers serving", log=gw.output)
+    limits = resource.prlimit(master, resource.RLIMIT_NOFILE)
+    held = len(os.listdir(f"/proc/{master}/fd"))
+    resource.prlimit(master, resource.RLIMIT_NOFILE, (held, limits[1]))
+    try:
+        kill_a_worker(gw)
+        wait_for(lambda: gw.output().count("no worker could be started") >= 2, timeout=20,
+                 what="two failed attempts to make a worker", log=gw.output)
+        assert gw.proc.poll() is None and master_pid(gw) == master
+        assert gw.auth("alice", PASSWORD, timeout=10).status == 200  # the other worker serves meanwhile
+    finally:
+        resource.prlimit(master, resource.RLIMIT_NOFILE, limits)
+    wait_for(lambda: len(serving(gw)) == 3, timeout=30, what="the replacement serving", log=gw.output)
+    assert gw.proc.poll() is None and gw.auth("alice", PASSWORD).status == 200
+
+
 def test_a_replacement_that_fails_to_start_is_retried_while_the_others_serve(
         conf_dir, alice_hash, start_gateway, plugin_env, tmp_path):
     failing = tmp_path / "failing-pid"
