@@ -441,7 +441,14 @@ class _Master:
         except Exception as exc:
             log.error("reload refused, the running configuration stays: %s", explain(exc))
             return
-        self.reload = _Reload(self.reloads, previous=self.accepted, waiting=set(self.children))
+        previous, unsettled = self.accepted, self.reload
+        if unsettled is not None and not unsettled.applied:
+            # A SIGHUP while the workers still build the last one, which none has applied yet (and
+            # may all refuse): what this reload falls back to is what ran before both. Taking the
+            # last one's as "before" restored a configuration every worker refused, and the next
+            # replacement worker served it (review of reliability).
+            previous = unsettled.previous
+        self.reload = _Reload(self.reloads, previous=previous, waiting=set(self.children))
         self.accepted = runtime.config
         log.info("reload: %s is valid; workers reload it", self.config_dir)
         for pid, child in self.children.items():

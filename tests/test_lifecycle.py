@@ -478,6 +478,31 @@ def test_a_reload_some_workers_refuse_is_logged_as_a_mixed_configuration(
     assert realms(gw) == {realm("r1")}
 
 
+def test_two_reloads_every_worker_refuses_leave_the_configuration_before_both(
+        conf_dir, alice_hash, start_gateway, plugin_env, tmp_path):
+    # The second SIGHUP came while the workers still built the first: its "configuration before"
+    # was the first's, which every worker then refused too, and which the master restored as
+    # the one accepted: the next replacement worker served it (review of reliability).
+    failing = tmp_path / "failing-pid"
+    conf(conf_dir, alice_hash, "r0")
+    gw = start_gateway(conf_dir, workers=2, env=plugin_env)
+    wait_for(lambda: len(serving(gw)) == 2, what="two workers serving", log=gw.output)
+    failing.write_text("all")
+    (conf_dir / "failsin.yaml").write_text(f"failsin:\n  pid_file: {failing}\n  delay: 3\n")
+    (conf_dir / "gateway.yaml").write_text(gateway_yaml("r1", "plugins: [failsin]\n"))
+    os.kill(master_pid(gw), signal.SIGHUP)
+    wait_for(lambda: "workers reload it" in gw.output(), what="the first reload sent", log=gw.output)
+    (conf_dir / "gateway.yaml").write_text(gateway_yaml("r2", "plugins: [failsin]\n"))
+    os.kill(master_pid(gw), signal.SIGHUP)  # while the workers still build the first
+    wait_for(lambda: gw.output().count("workers reload it") == 2, what="the second reload sent", log=gw.output)
+    wait_for(lambda: "reload refused by every worker" in gw.output(), timeout=30, what="the refusals",
+             log=gw.output)
+    failing.unlink()
+    kill_a_worker(gw)
+    wait_for(lambda: len(serving(gw)) == 3, what="the replacement serving", log=gw.output)
+    assert realms(gw) == {realm("r0")}
+
+
 def test_a_reload_every_worker_refuses_is_not_what_a_replacement_starts_with(
         conf_dir, alice_hash, start_gateway, plugin_env, tmp_path):
     failing = tmp_path / "failing-pid"

@@ -337,6 +337,8 @@ class HangingShutdown:
 
 class StartupFailsInSettings(PluginSettings):
     pid_file: str
+    #: seconds its start-up takes before it fails (a backend that times out)
+    delay: float = 0.0
 
 
 class StartupFailsIn:
@@ -347,6 +349,7 @@ class StartupFailsIn:
 
     def __init__(self, settings: StartupFailsInSettings, context: PluginContext) -> None:
         self.pid_file = settings.pid_file
+        self.delay = settings.delay
 
     @hookimpl
     def gateway_startup(self) -> None:
@@ -358,4 +361,5 @@ class StartupFailsIn:
         except FileNotFoundError:
             return
         if failing in (str(os.getpid()), "all"):
+            time.sleep(self.delay)
             raise RuntimeError("backend unreachable at start-up")
