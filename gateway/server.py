@@ -165,13 +165,14 @@ class _Worker:
         return listeners
 
     async def _start_generation(self, runtime: Runtime) -> _Generation:
-        loop = asyncio.get_running_loop()
         listeners = self._listeners(runtime)
         generation = _Generation(runtime)
         try:
             # In the try: when one plugin's start-up fails, those already started are shut down
             # (their threads and pools), not left running beside the generation that stays.
-            await loop.run_in_executor(None, runtime.gateway.startup)
+            # On a daemon thread: a start-up that hangs (a backend that does not answer) must not
+            # keep a stopping process from exiting, as a thread of the loop's executor would.
+            await _in_thread(runtime.gateway.startup)
             apps = build_apps(runtime.gateway, runtime.metrics, list(listeners.values()))
             for name, app in apps.items():
                 # aiohttp waits this long for a request in flight, cancels it, and waits as long
@@ -276,7 +277,15 @@ class _Worker:
     async def stop(self) -> None:
         self.wanted = None
         if self.reloading is not None and not self.reloading.done():
-            await asyncio.wait([self.reloading])
+            # A reload still starting (a plugin's start-up waiting on a backend) has the close
+            # grace, then is given up: a stop waited for it without end, and the process went on
+            # accepting after SIGTERM (review of reliability).
+            done, _ = await asyncio.wait([self.reloading], timeout=CLOSE_GRACE)
+            if not done:
+                log.warning("worker %d: a reload still starting after %.0f s is given up; stopping", os.getpid(),
+                            CLOSE_GRACE)
+                self.reloading.cancel()
+                await asyncio.wait([self.reloading], timeout=CLOSE_GRACE)
         # This process's own references first: once the generation's sites close theirs, the
         # kernel refuses new connections (unless another process still holds the socket).
         for sock in (*self.sockets, *self.extra.values()):

@@ -361,5 +361,7 @@ class StartupFailsIn:
         except FileNotFoundError:
             return
         if failing in (str(os.getpid()), "all"):
+            with open(self.pid_file + ".started", "a") as f:  # for tests that wait for it
+                f.write(f"{os.getpid()}\n")
             time.sleep(self.delay)
             raise RuntimeError("backend unreachable at start-up")
