@@ -175,10 +175,15 @@ class SQLiteStore:
 
     One connection per process (opened after the fork), WAL, ``BEGIN IMMEDIATE`` around each
     reservation so that check-and-add is atomic across workers. A transaction is a few dozen
-    microseconds, so it runs on the event loop.
+    microseconds, so it runs on the event loop, and waits at most :attr:`BUSY_TIMEOUT` for a
+    lock another process holds: then the store is unavailable (fail closed, 503). It waited 5 s,
+    on the loop: a lock held (an operator's ``sqlite3`` shell mid-transaction, a backup, a
+    sibling stopped inside a transaction) froze every request of the worker, ``/healthz``
+    included, 5 s per password attempt (review of reliability).
     """
 
     blocking = False
+    BUSY_TIMEOUT = 0.1
     _PURGE_EVERY = 60.0
 
     def __init__(self, path: Path) -> None:
@@ -191,7 +196,7 @@ class SQLiteStore:
     def _db(self) -> sqlite3.Connection:
         if self._conn is None or self._pid != os.getpid():
             create_private(self.path)  # private from the first byte
-            conn = connect_wal(self.path, timeout=5.0, check_same_thread=False)  # every worker at once
+            conn = connect_wal(self.path, timeout=self.BUSY_TIMEOUT, check_same_thread=False)  # every worker at once
             try:
                 conn.execute("PRAGMA synchronous=NORMAL")  # counts may be lost by a power cut, not corrupted
                 conn.execute("CREATE TABLE IF NOT EXISTS failure (key TEXT NOT NULL, at REAL NOT NULL, "

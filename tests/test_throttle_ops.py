@@ -213,6 +213,34 @@ def test_a_sqlite_store_that_cannot_be_opened_is_unavailable_not_an_error(tmp_pa
     assert (state / "throttle.sqlite3").is_file()
 
 
+def test_a_lock_held_on_the_sqlite_store_is_an_outage_not_a_frozen_worker(tmp_path, demo_hash, start_gateway):
+    """Review of reliability: a write lock held on throttle.sqlite3 (an operator's sqlite3 shell
+    mid-transaction, a backup tool, a sibling stopped inside a transaction) made each password
+    attempt wait 5 s for it on the event loop: /healthz and every other request of the worker
+    waited behind them. The wait is now the store's BUSY_TIMEOUT; then the store is unavailable."""
+    import concurrent.futures
+    import sqlite3
+
+    from gateway.throttle_stores import SQLiteStore
+
+    gw = start_gateway(conf(tmp_path / "c", demo_hash, throttle={"store": "sqlite"}))
+    assert gw.auth("alice", "demo-password").status == 200  # the store exists, in WAL
+    holder = sqlite3.connect(gw.state_dir / "throttle.sqlite3", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            logins = [pool.submit(gw.auth, "alice", "demo-password", timeout=60) for _ in range(3)]
+            # A bound on a wait, not a benchmark: three attempts at 5 s each held the loop 15 s.
+            assert gw.get("/healthz", timeout=4 * 3 * SQLiteStore.BUSY_TIMEOUT + 3).status == 200
+            assert [login.result().status for login in logins] == [503] * 3  # fail closed
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert gw.auth("alice", "demo-password").status == 200
+    reasons = {line["reason"] for line in gw.audit() if line["outcome"] == "unavailable"}
+    assert reasons == {"throttle_unavailable"}, reasons
+
+
 def test_a_link_planted_for_the_sqlite_store_is_not_followed(tmp_path, demo_hash, start_gateway):
     """SQLite opens the store, and the ``-wal`` and ``-shm`` files beside it, by name, and
     follows links: one planted in the state directory had the failure counts written into the
