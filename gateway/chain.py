@@ -79,6 +79,8 @@ _REFUSALS = frozenset({Outcome.INVALID_CREDENTIALS, Outcome.USER_NOT_FOUND, Outc
 #: An attempt given up before it ran, or before its costly part: its client hung up, or its
 #: deadline passed (:mod:`gateway.pool`). Decisions are immutable: one of each serves every attempt.
 _CLIENT_GONE = Decision.deny(Outcome.UNAVAILABLE, step="gateway", reason="client_gone")
+#: A request cancelled by the server while its chain ran: a stop, or a reload, whose grace ran out.
+_CANCELLED = Decision.deny(Outcome.UNAVAILABLE, step="gateway", reason="cancelled")
 _DEADLINE_EXCEEDED = Decision.deny(Outcome.UNAVAILABLE, step="gateway", reason="deadline_exceeded")
 #: The ``gateway_precheck`` answer of an attempt, for :class:`PrecheckStandIn`.
 PRECHECKED: StashKey[Decision] = StashKey()
@@ -726,9 +728,16 @@ class Gateway:
             log.warning("attempt %s exceeded its deadline (%.1fs); a plugin did not answer in time",
                         attempt.request_id, self.settings.deadline)
             decision = _DEADLINE_EXCEEDED
-            if self._claim(attempt, decision):  # now, on the loop: a late answer is not told first
-                self.pool.submit(functools.partial(self._tell, attempt), decision)
+            # Told now, on the loop (as a pre-checked attempt is): queued on the chain pool behind
+            # the busy threads, the line was dropped with the queue at a stop or reload, for an
+            # attempt already answered 503 (review of reliability).
+            self.notify(attempt, decision)
             return decision
+        except asyncio.CancelledError:
+            # Cancelled while its chain ran (a stop or a reload whose grace ran out): told now,
+            # while this generation's audit log is open; its step's late answer is not told.
+            self.notify(attempt, _CANCELLED)
+            raise
         except Exception:  # the pool itself failed (decide and notify never raise): fail closed
             log.exception("attempt %s: the chain pool failed", attempt.request_id)
             decision = Decision.deny(Outcome.ERROR, step="gateway", reason="internal_error")

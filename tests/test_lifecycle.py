@@ -538,3 +538,44 @@ def test_a_reload_every_worker_refuses_is_not_what_a_replacement_starts_with(
     kill_a_worker(gw)
     wait_for(lambda: len(serving(gw)) == 3, what="the replacement serving", log=gw.output)
     assert realms(gw) == {realm("r0")}
+
+
+def test_attempts_answered_past_their_deadline_are_audited_before_a_stop(
+        conf_dir, alice_hash, start_gateway, plugin_env):
+    # Their audit line was queued on the chain pool, behind the threads still in the slow step:
+    # a stop (or a reload) dropped that queue, and attempts answered 503 were never audited
+    # (review of reliability).
+    conf(conf_dir, alice_hash, "r0")
+    (conf_dir / "gateway.yaml").write_text(
+        gateway_yaml("r0", "threads: 2\n").replace("[static]", "[slowstep, static]").replace("deadline: 60", "deadline: 1"))
+    (conf_dir / "slowstep.yaml").write_text("slowstep:\n  action: sleep\n  sleep: 4\n")
+    gw = start_gateway(conf_dir, env=plugin_env)
+    answers: list = []
+    logins = [threading.Thread(target=lambda: answers.append(gw.auth("alice", PASSWORD, timeout=30)))
+              for _ in range(2)]
+    for login in logins:
+        login.start()
+    for login in logins:
+        login.join(30)
+    assert [a.status for a in answers] == [503, 503]
+    os.kill(gw.proc.pid, signal.SIGTERM)  # while both threads still sleep in the step
+    assert gw.proc.wait(timeout=60) == 0
+    audited = {line["request_id"]: line["reason"] for line in gw.audit()}
+    assert {audited.get(a.header("X-Request-Id")) for a in answers} == {"deadline_exceeded"}, audited
+
+
+def test_a_request_cancelled_at_a_stop_is_audited(conf_dir, alice_hash, start_gateway, plugin_env):
+    # A chain slower than the stop's grace (a deadline above 10 s) is cancelled with no answer;
+    # it had no audit line at all (review of reliability).
+    conf(conf_dir, alice_hash, "r0")
+    (conf_dir / "gateway.yaml").write_text(gateway_yaml("r0").replace("[static]", "[slowstep, static]"))
+    (conf_dir / "slowstep.yaml").write_text("slowstep:\n  action: sleep\n  sleep: 40\n")
+    gw = start_gateway(conf_dir, env=plugin_env)
+    in_flight = threading.Thread(target=lambda: _ignore_errors(lambda: gw.auth("alice", PASSWORD, timeout=60)))
+    in_flight.start()
+    wait_for(lambda: "authgw_attempts_in_flight 1.0" in gw.get("/metrics").body.decode(), 20,
+             what="the attempt in its step", log=gw.output)
+    os.kill(gw.proc.pid, signal.SIGTERM)
+    assert gw.proc.wait(timeout=60) == 0
+    in_flight.join(60)
+    assert [(line["outcome"], line["reason"]) for line in gw.audit()] == [("unavailable", "cancelled")]
