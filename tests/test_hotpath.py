@@ -165,6 +165,22 @@ def test_audit_lines_the_disk_refuses_are_kept_in_order_and_written_once_it_take
     log.close()
 
 
+def test_audit_lines_still_refused_when_the_file_is_left_are_counted_in_the_log(tmp_path, caplog, monkeypatch):
+    # Lines kept while the disk was full, and still refused at exit or reload, went without a
+    # word (review of reliability): the service log is their one record.
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(str(path))
+    ok = Decision.allow(Identity(subject="uid=alice", username="alice", method="static"), step="static")
+    writer = log._writer
+    good_fd, writer._fd = writer._fd, os.open("/dev/full", os.O_WRONLY)  # the disk is full
+    monkeypatch.setattr(audit_module, "MAX_PENDING", 3)
+    for name in ("kept1", "kept2", "kept3", "kept4", "kept5"):
+        log.gateway_auth_finished(_attempt(name), ok)
+    os.close(good_fd)
+    log.close()
+    assert "5 line(s) of answered attempts are lost" in caplog.records[-1].getMessage()  # 3 kept, 2 dropped
+
+
 def _conf(conf_dir, password_hash, audit_path, workers_extra=""):
     return write_conf(conf_dir, {
         "gateway.yaml": f"chain: [static]\nthrottle:\n  enabled: false\naudit:\n  file: {audit_path}\n{workers_extra}",
