@@ -179,11 +179,14 @@ class SQLiteStore:
     lock another process holds: then the store is unavailable (fail closed, 503). It waited 5 s,
     on the loop: a lock held (an operator's ``sqlite3`` shell mid-transaction, a backup, a
     sibling stopped inside a transaction) froze every request of the worker, ``/healthz``
-    included, 5 s per password attempt (review of reliability).
+    included, 5 s per password attempt (review of reliability). Half a second still covers a
+    sibling worker descheduled inside its transaction on a loaded machine, which a shorter wait
+    would turn into refused logins; a wait off the loop when the lock is taken is the fix that
+    would stall nothing (docs/design.md).
     """
 
     blocking = False
-    BUSY_TIMEOUT = 0.1
+    BUSY_TIMEOUT = 0.5
     _PURGE_EVERY = 60.0
 
     def __init__(self, path: Path) -> None:
