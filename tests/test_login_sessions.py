@@ -261,6 +261,26 @@ def test_a_reauthentication_over_a_session_keeps_its_index_through_the_cap(store
     assert session_rows(stores[0]) == {"sessions": 1, "participants": 0, "indexes": 1}
 
 
+def test_a_lock_held_on_the_sqlite_store_is_an_outage_not_a_frozen_loop(tmp_path):
+    # The worker's connection is used on its event loop: a lock held by another process (an
+    # operator's sqlite3 shell mid-transaction) made each call wait 5 s there, /auth included.
+    import time
+
+    store = SqliteStore(tmp_path / "sessions.sqlite3")
+    holder = sqlite3.connect(tmp_path / "sessions.sqlite3", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        started = time.monotonic()
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            store.put_pending("k", {"v": 1}, time.time() + 60)
+        # a bound on a wait, not a benchmark: the store's BUSY_TIMEOUT (0.5 s), not 5 s
+        assert time.monotonic() - started < 5 * SqliteStore.BUSY_TIMEOUT
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert store.put_pending("k", {"v": 1}, time.time() + 60) and store.get_pending("k", time.time()) == {"v": 1}
+
+
 def test_sessions_idle_past_idle_are_purged_with_their_rows(tmp_path):
     store = SqliteStore(tmp_path / "sessions.sqlite3")
     manager = manager_on(store, idle=5, absolute=3600)

@@ -207,7 +207,17 @@ def same(a: str, b: str) -> bool:
 
 
 class SqliteStore:
-    """One SQLite file; each worker opens its own connection (SQLite locks across processes)."""
+    """One SQLite file; each worker opens its own connection (SQLite locks across processes).
+
+    The worker's connection is used on its event loop: once the file is set up (5 s, as every
+    worker may make it at once), it waits at most :attr:`BUSY_TIMEOUT` for a lock another
+    process holds, then the store is unavailable (the door's 503). It waited 5 s per call, on
+    the loop: a lock held (an operator's ``sqlite3`` shell mid-transaction, a backup) froze every
+    request of the worker, ``/auth`` included (the throttle's store had the same; review of
+    reliability). Half a second covers a sibling worker descheduled inside its transaction.
+    """
+
+    BUSY_TIMEOUT = 0.5
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -239,6 +249,7 @@ class SqliteStore:
         # The purge of idle sessions, and a subject's sessions (the cap, ``sessions.max_per_user``).
         self.db.execute("CREATE INDEX IF NOT EXISTS sessions_seen ON sessions (seen)")
         self.db.execute(f"CREATE INDEX IF NOT EXISTS sessions_subject ON sessions ({_SUBJECT}, created)")
+        self.db.execute(f"PRAGMA busy_timeout = {int(self.BUSY_TIMEOUT * 1000)}")  # set up: the loop's wait now
 
     def lifetimes(self, idle: float, absolute: float) -> None:
         """The sessions' lifetimes (``sessions.idle``, ``sessions.absolute``), for the purge."""
