@@ -313,9 +313,14 @@ class SqliteStore:
         Returns the sessions ended that were live: ``(key, participants)``."""
         ended: list[tuple[str, dict[str, dict]]] = []
         with self._transaction(self.db) as db:
+            # Oldest and newest are in the order the sessions were written (rowid: SQLite gives a
+            # new row a rowid above every row there), not by their ``created`` time: that is taken
+            # before the writes, which may wait for the lock while another worker signs the same
+            # subject in several times, and a session written last but dated first was kept as
+            # "newer" by none and over the cap by all (5 against 4 in the worker race test).
             rows = db.execute(f"SELECT key, created, seen, rowid FROM sessions WHERE {_SUBJECT} = ? "
-                              "ORDER BY created DESC, rowid DESC", (subject,)).fetchall()
-            mine = next(((created, rowid) for key, created, _seen, rowid in rows if key == keep), None)
+                              "ORDER BY rowid DESC", (subject,)).fetchall()
+            mine = next((rowid for key, _created, _seen, rowid in rows if key == keep), None)
             if mine is None:
                 return ended  # ended already by a newer sign-in's limit: nothing of this one to do
             kept, doomed = 1, []
@@ -323,11 +328,10 @@ class SqliteStore:
                 if key == keep:
                     continue
                 live = now - created <= absolute and now - seen <= idle
-                # A session made after *keep* (another worker's sign-in of the same subject, not
+                # A session written after *keep* (another worker's sign-in of the same subject, not
                 # limited yet) is never ended here: its own limit ends this one if need be (two
                 # sign-ins at once ended each other's new session).
-                newer = (created, rowid) > mine
-                if newer or (live and kept < most):
+                if rowid > mine or (live and kept < most):
                     kept += 1
                     continue
                 doomed.append(key)
@@ -470,14 +474,21 @@ return 1
 #: A new session joins its subject's set; beyond ARGV[3] live sessions the oldest of that
 #: subject end (never the new one). Its SessionIndex record and participants get the session's
 #: expiry. Returns ``{key, {party, ...}}`` per session ended. KEYS: the new record.
-#: ARGV: prefix, key, most, the set's expiry (s: ``absolute``), the session's creation time.
+#: ARGV: prefix, key, most, the set's expiry (s: ``absolute``), the session's creation time
+#: (its score, raised above every member's: the set is in the order the sessions joined).
 _LIMIT = _END + """
 local prefix, key, most = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local raw = redis.call('GET', KEYS[1])
 if not raw then return {} end
 local data = cjson.decode(raw)[1]
 local set = prefix .. 'u:' .. redis.sha1hex(data.identity.subject)
-redis.call('ZADD', set, ARGV[5], key)
+-- Scored in the order the sessions join (this script, atomic): above every member, so that the
+-- one joining is the newest and the cap holds exactly. Its ``created`` time is taken before its
+-- writes; another worker may sign the subject in several times meanwhile (SQLite: rowid order).
+local score = tonumber(ARGV[5])
+local top = redis.call('ZREVRANGE', set, 0, 0, 'WITHSCORES')
+if top[2] and tonumber(top[2]) >= score then score = tonumber(top[2]) + 0.001 end
+redis.call('ZADD', set, score, key)
 redis.call('EXPIRE', set, ARGV[4])
 local ms = redis.call('PTTL', KEYS[1])
 if ms > 0 then
@@ -488,16 +499,12 @@ if ms > 0 then
 end
 local kept, ended = 1, {}
 if redis.call('ZCARD', set) <= most then return ended end  -- the usual case: nothing to look at
-local mine = tonumber(ARGV[5])
-local listed = redis.call('ZREVRANGE', set, 0, -1, 'WITHSCORES')
-for i = 1, #listed, 2 do
-  local other, score = listed[i], tonumber(listed[i + 1])
-  -- a session made after this one (another sign-in of the subject) is never ended here
-  local newer = score > mine or (score == mine and other > key)
+local listed = redis.call('ZREVRANGE', set, 0, -1)
+for _, other in ipairs(listed) do
   if other ~= key then
     if redis.call('EXISTS', prefix .. 's:' .. other) == 0 then
       redis.call('ZREM', set, other)
-    elseif newer or kept < most then
+    elseif kept < most then
       kept = kept + 1
     else
       local parties = redis.call('HKEYS', prefix .. 'sp:' .. other)
