@@ -58,7 +58,7 @@ from gateway.pool import Abandoned, ChainPool, DeadlineExpired, Overloaded
 from gateway.registry import Planned, hookimpl, one_by_one
 from gateway.settings import GatewaySettings
 from gateway.stash import StashKey
-from gateway.throttle import StoreUnavailable, Throttle
+from gateway.throttle import StoreLocked, StoreUnavailable, Throttle
 
 __all__ = ["AFTER_THE_CHAIN", "PRECHECK_STEP", "SERVICE_CALLER", "ChainFolder", "Gateway", "PrecheckStandIn", "fold", "loop_safe", "may_run_on_loop",
            "stands_for"]
@@ -374,9 +374,10 @@ class Gateway:
         #: A network throttle store's calls: threads of their own, a bounded queue (module docstring).
         # Its queue is long (a page of a hundred assets behind Basic auth is a hundred checks at
         # once): what bounds a call's wait is the attempt's deadline, not the queue.
-        self._store_pool = (ChainPool(settings.threads, name="authgw-throttle",
-                                      max_queue=max(_STORE_QUEUE, settings.limits.queue or 0))
-                            if self.throttle.blocking else None)
+        # A local store's calls run on the loop, and on these threads only when the SQLite file's
+        # lock is held by another process (StoreLocked): the threads start at the first call.
+        self._store_pool = ChainPool(settings.threads, name="authgw-throttle",
+                                     max_queue=max(_STORE_QUEUE, settings.limits.queue or 0))
         self._outage = _StoreOutage()
         timing = settings.failure_timing
         self.failure_timing = FailureTiming(enabled=timing.enabled, floor=timing.floor,
@@ -570,7 +571,6 @@ class Gateway:
         store). With *must_run* (giving a reservation back) the call is made however late, the
         wait for it still ends at *deadline* (a moment at least), and nothing is raised."""
         pool = self._store_pool
-        assert pool is not None
         started: list[bool] = []
 
         def call(arg):
@@ -612,7 +612,7 @@ class Gateway:
             # A reservation delivered after the wait ended is given back here; one whose call
             # raised (a Redis timeout: Redis may still run it) the store takes back itself.
             late = handover.give_up()
-            if late is not None and self._store_pool is not None:
+            if late is not None:
                 self._store_pool.submit(lambda _arg: self._give_back(late, attempt.request_id), None)
             raise
 
@@ -623,8 +623,19 @@ class Gateway:
     def _settle_logged(self, settle: Callable[[], None], request_id: str) -> None:
         try:
             settle()
+        except StoreLocked:
+            raise  # on the loop: made again on a thread (_settled_on_loop)
         except StoreUnavailable as exc:
             self._outage.failed(request_id, str(exc), refused=False)
+
+    def _settled_on_loop(self, settle: Callable[[], None], request_id: str) -> bool:
+        """Settle on the loop; False when the store's lock is held by another process, to be
+        settled again off the loop (every step of a settle may be made twice: each deletes)."""
+        try:
+            self._settle_logged(settle, request_id)
+        except StoreLocked:
+            return False
+        return True
 
     async def _settle_off_loop(self, settle: Callable[[], None], attempt: Attempt) -> None:
         """Settle on a store thread; waited for while the attempt has time left (at least a
@@ -656,7 +667,10 @@ class Gateway:
                 if self.throttle.blocking:
                     ticket = await self._admit_off_loop(attempt, user, client)
                 else:
-                    ticket = self.throttle.admit(user, client)
+                    try:
+                        ticket = self.throttle.admit(user, client)
+                    except StoreLocked:  # another process holds the file: wait for it on a thread
+                        ticket = await self._admit_off_loop(attempt, user, client)
             except _StoreBusy:  # a burst of this worker's own: overloaded (audited), the store is fine
                 decision = Decision.deny(Outcome.UNAVAILABLE, step="gateway", reason="overloaded")
                 self.notify(attempt, decision)
@@ -693,10 +707,8 @@ class Gateway:
             if ticket is not None:
                 settle = functools.partial(self.throttle.settle, ticket, decision.outcome,
                                            live=not decision.from_cache)
-                if self.throttle.blocking:
+                if self.throttle.blocking or not self._settled_on_loop(settle, attempt.request_id):
                     await self._settle_off_loop(settle, attempt)
-                else:
-                    self._settle_logged(settle, attempt.request_id)
         if attempt.password is not None and (decision.outcome in _REFUSALS or decision.outcome is Outcome.ERROR):
             elapsed = time.monotonic() - attempt.started
             if decision.outcome is not Outcome.ERROR:  # a crash's time sets no floor
@@ -880,6 +892,5 @@ class Gateway:
         finally:
             self.shutting_down = None
             self.pool.shutdown()
-            if self._store_pool is not None:
-                self._store_pool.shutdown()
+            self._store_pool.shutdown()
             self.throttle.close()

@@ -44,9 +44,9 @@ from pathlib import Path
 from gateway.model import Outcome
 from gateway.perprocess import UniqueIds
 from gateway.settings import ThrottleSettings
-from gateway.throttle_stores import MemoryStore, StoreUnavailable, ThrottleStore, open_store, store_kind
+from gateway.throttle_stores import MemoryStore, StoreLocked, StoreUnavailable, ThrottleStore, open_store, store_kind
 
-__all__ = ["StoreUnavailable", "Throttle", "Ticket"]
+__all__ = ["StoreLocked", "StoreUnavailable", "Throttle", "Ticket"]
 
 log = logging.getLogger("authgw.throttle")
 

@@ -11,6 +11,7 @@ machines, uses Redis's clock instead of each instance's.
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import logging
 import os
@@ -26,7 +27,8 @@ from gateway.redis_deadline import CallDeadline, bounded_connection_class
 from gateway.settings import ThrottleSettings
 from gateway.sqlitedb import connect_wal, create_private
 
-__all__ = ["MemoryStore", "RedisStore", "SQLiteStore", "StoreUnavailable", "ThrottleStore", "open_store", "store_kind"]
+__all__ = ["MemoryStore", "RedisStore", "SQLiteStore", "StoreLocked", "StoreUnavailable", "ThrottleStore", "open_store",
+           "store_kind"]
 
 _MAX_KEYS = 100_000
 #: How the throttle's per-user counters start (gateway.throttle.Throttle.ticket: ``u``, ``p``
@@ -170,36 +172,60 @@ class MemoryStore:
         pass
 
 
+class StoreLocked(StoreUnavailable):
+    """A call made on the event loop found the store's lock held by another process, and was not
+    made (nothing to undo): the caller makes it again off the loop, where waiting stalls nothing."""
+
+
+#: SQLite's primary result codes for a lock held elsewhere (extended codes carry them in the low byte).
+_SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
+
+
+def _lock_held(exc: sqlite3.Error) -> bool:
+    return (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in (_SQLITE_BUSY, _SQLITE_LOCKED)
+
+
+def _on_event_loop() -> bool:
+    """Whether this thread runs an event loop (where a call must not wait)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
 class SQLiteStore:
     """Counts shared by the workers of one machine: ``throttle.sqlite3`` in the state directory.
 
-    One connection per process (opened after the fork), WAL, ``BEGIN IMMEDIATE`` around each
+    Two connections per process (opened after the fork), WAL, ``BEGIN IMMEDIATE`` around each
     reservation so that check-and-add is atomic across workers. A transaction is a few dozen
-    microseconds, so it runs on the event loop, and waits at most :attr:`BUSY_TIMEOUT` for a
-    lock another process holds: then the store is unavailable (fail closed, 503). It waited 5 s,
-    on the loop: a lock held (an operator's ``sqlite3`` shell mid-transaction, a backup, a
-    sibling stopped inside a transaction) froze every request of the worker, ``/healthz``
-    included, 5 s per password attempt (review of reliability). Half a second still covers a
-    sibling worker descheduled inside its transaction on a loaded machine, which a shorter wait
-    would turn into refused logins; a wait off the loop when the lock is taken is the fix that
-    would stall nothing (docs/design.md).
+    microseconds, so it runs on the event loop, on a connection that never waits: a lock another
+    process holds (a sibling inside its transaction, an operator's ``sqlite3`` shell, a backup)
+    raises :class:`StoreLocked`, and the caller makes the call again on a thread, on the other
+    connection, which waits up to :attr:`BUSY_TIMEOUT` (and the attempt's deadline). The loop
+    waited for the lock itself, 5 s and then 0.5 s per call: a lock held froze every request of
+    the worker, ``/healthz`` included, per password attempt (review of reliability). Then the
+    store is unavailable (fail closed, 503).
     """
 
     blocking = False
-    BUSY_TIMEOUT = 0.5
+    BUSY_TIMEOUT = 5.0
     _PURGE_EVERY = 60.0
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._pid = -1
-        self._conn: sqlite3.Connection | None = None
-        self._lock = threading.Lock()
+        #: Per process: ``True`` the event loop's connection (no wait), ``False`` the threads'.
+        self._conns: dict[bool, sqlite3.Connection] = {}
+        self._locks = {True: threading.Lock(), False: threading.Lock()}
         self._purged_at: float | None = None
 
-    def _db(self) -> sqlite3.Connection:
-        if self._conn is None or self._pid != os.getpid():
+    def _db(self, on_loop: bool) -> sqlite3.Connection:
+        conn = self._conns.get(on_loop)
+        if conn is None:
             create_private(self.path)  # private from the first byte
-            conn = connect_wal(self.path, timeout=self.BUSY_TIMEOUT, check_same_thread=False)  # every worker at once
+            conn = connect_wal(self.path, timeout=0.0 if on_loop else self.BUSY_TIMEOUT,  # every worker at once
+                               check_same_thread=False)
             try:
                 conn.execute("PRAGMA synchronous=NORMAL")  # counts may be lost by a power cut, not corrupted
                 conn.execute("CREATE TABLE IF NOT EXISTS failure (key TEXT NOT NULL, at REAL NOT NULL, "
@@ -208,23 +234,35 @@ class SQLiteStore:
             except BaseException:
                 conn.close()  # tried again at the next call
                 raise
-            self._conn, self._pid = conn, os.getpid()
-        return self._conn
+            self._conns[on_loop] = conn
+        return conn
 
     def _run(self, work):
-        with self._lock:
+        if self._pid != os.getpid():  # a fork: the parent's connections are not this process's to use
+            self._conns, self._pid = {}, os.getpid()
+            self._locks = {True: threading.Lock(), False: threading.Lock()}
+        # On an event loop's thread: the connection that never waits. Its lock is only taken on a
+        # loop's thread, so it is free unless another loop of this process has it: off the loop then.
+        on_loop = _on_event_loop()
+        lock = self._locks[on_loop]
+        if not lock.acquire(blocking=not on_loop):
+            raise StoreLocked(f"throttle store {self.path}: in use by another event loop of this process")
+        try:
+            db = self._db(on_loop)
+            db.execute("BEGIN IMMEDIATE")
             try:
-                db = self._db()
-                db.execute("BEGIN IMMEDIATE")
-                try:
-                    result = work(db)
-                except BaseException:
-                    db.execute("ROLLBACK")
-                    raise
-                db.execute("COMMIT")
-                return result
-            except (sqlite3.Error, OSError) as exc:  # OSError: the state directory gone, no file descriptor left
-                raise StoreUnavailable(f"throttle store {self.path}: {exc}") from exc
+                result = work(db)
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+            return result
+        except (sqlite3.Error, OSError) as exc:  # OSError: the state directory gone, no file descriptor left
+            if on_loop and isinstance(exc, sqlite3.Error) and _lock_held(exc):
+                raise StoreLocked(f"throttle store {self.path}: locked by another process") from exc
+            raise StoreUnavailable(f"throttle store {self.path}: {exc}") from exc
+        finally:
+            lock.release()
 
     def reserve(self, keys: list[tuple[str, int]], ticket: str, now: float, window: float) -> bool:
         horizon = now - window
@@ -264,9 +302,10 @@ class SQLiteStore:
         return f"{self.path}: answers"
 
     def close(self) -> None:
-        if self._conn is not None and self._pid == os.getpid():
-            self._conn.close()
-        self._conn = None
+        if self._pid == os.getpid():
+            for conn in self._conns.values():
+                conn.close()
+        self._conns = {}
 
 
 # KEYS[1]: the ticket's tombstone; KEYS[1 + i]: the counters; ARGV[1] window (ms), ARGV[2] ticket,

@@ -213,15 +213,21 @@ def test_a_sqlite_store_that_cannot_be_opened_is_unavailable_not_an_error(tmp_pa
     assert (state / "throttle.sqlite3").is_file()
 
 
-def test_a_lock_held_on_the_sqlite_store_is_an_outage_not_a_frozen_worker(tmp_path, demo_hash, start_gateway):
+def test_a_lock_held_on_the_sqlite_store_is_waited_for_off_the_loop(tmp_path, demo_hash, start_gateway):
     """Review of reliability: a write lock held on throttle.sqlite3 (an operator's sqlite3 shell
     mid-transaction, a backup tool, a sibling stopped inside a transaction) made each password
-    attempt wait 5 s for it on the event loop: /healthz and every other request of the worker
-    waited behind them. The wait is now the store's BUSY_TIMEOUT; then the store is unavailable."""
+    attempt wait for it on the event loop (5 s, then 0.5 s): /healthz and every other request of
+    the worker waited behind them, one attempt at a time. An attempt that finds the lock held now
+    waits for it on a thread: the loop goes on serving, and the attempts are answered once the
+    lock is let go; one held past the attempt's deadline is an outage (503, fail closed)."""
     import concurrent.futures
     import sqlite3
 
-    from gateway.throttle_stores import SQLiteStore
+    def in_flight() -> float | None:
+        for line in gw.get("/metrics").body.decode().splitlines():
+            if line.startswith("authgw_attempts_in_flight "):
+                return float(line.rsplit(" ", 1)[1])
+        return None
 
     gw = start_gateway(conf(tmp_path / "c", demo_hash, throttle={"store": "sqlite"}))
     assert gw.auth("alice", "demo-password").status == 200  # the store exists, in WAL
@@ -230,11 +236,19 @@ def test_a_lock_held_on_the_sqlite_store_is_an_outage_not_a_frozen_worker(tmp_pa
     try:
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             logins = [pool.submit(gw.auth, "alice", "demo-password", timeout=60) for _ in range(3)]
-            # A bound on a wait, not a benchmark: three attempts at 5 s each held the loop 15 s.
-            assert gw.get("/healthz", timeout=4 * 3 * SQLiteStore.BUSY_TIMEOUT + 3).status == 200
-            assert [login.result().status for login in logins] == [503] * 3  # fail closed
+            # The loop answers /metrics while the three wait for the lock together (on the loop
+            # they waited one after another, and none of them could be answered before the lock
+            # is let go: they are still waiting here).
+            wait_for(lambda: in_flight() == 3, 30, interval=0.05, what="three attempts waiting at once")
+            assert gw.get("/healthz").status == 200
+            assert not any(login.done() for login in logins)
+            holder.execute("ROLLBACK")
+            assert [login.result().status for login in logins] == [200] * 3
+        holder.execute("BEGIN IMMEDIATE")  # held past the attempt's deadline (5 s): an outage
+        assert gw.auth("alice", "demo-password", timeout=60).status == 503
     finally:
-        holder.execute("ROLLBACK")
+        if holder.in_transaction:
+            holder.execute("ROLLBACK")
         holder.close()
     assert gw.auth("alice", "demo-password").status == 200
     reasons = {line["reason"] for line in gw.audit() if line["outcome"] == "unavailable"}
@@ -264,3 +278,35 @@ def test_a_link_planted_for_the_sqlite_store_is_not_followed(tmp_path, demo_hash
     assert gw.auth("alice", "demo-password").status == 200
     assert (state / "throttle.sqlite3").is_file() and not (state / "throttle.sqlite3").is_symlink()
     assert victim.read_bytes() == b""
+
+
+def test_the_sqlite_store_never_waits_for_a_lock_on_an_event_loop(tmp_path):
+    """The store's own side of the test above: on an event loop's thread a held lock is
+    StoreLocked at once, with nothing written (the call is made again off the loop); on another
+    thread the call waits for the lock, and is made once it is let go."""
+    import asyncio
+    import sqlite3
+
+    from gateway.throttle_stores import SQLiteStore, StoreLocked
+
+    store = SQLiteStore(tmp_path / "throttle.sqlite3")
+    assert store.reserve([("u:k", 5)], "t1", time.time(), 60)
+    holder = sqlite3.connect(tmp_path / "throttle.sqlite3", isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")
+
+    async def on_a_loop() -> bool:
+        return store.reserve([("u:k", 5)], "t2", time.time(), 60)
+
+    try:
+        with pytest.raises(StoreLocked):
+            asyncio.run(on_a_loop())
+        threading.Timer(0.2, holder.execute, ("ROLLBACK",)).start()  # within BUSY_TIMEOUT (5 s)
+        assert store.reserve([("u:k", 5)], "t3", time.time(), 60)  # off a loop: waits, then made
+    finally:
+        if holder.in_transaction:
+            holder.execute("ROLLBACK")
+    tickets = [row[0] for row in holder.execute("SELECT ticket FROM failure ORDER BY ticket")]
+    assert tickets == ["t1", "t3"]
+    assert asyncio.run(on_a_loop())  # the lock free: on the loop at once
+    holder.close()
+    store.close()
