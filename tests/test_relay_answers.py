@@ -29,13 +29,15 @@ from support.net import wait_for
 
 class ScriptedConnector:
     """An enrolled connector's link, answering ``authenticate`` with ``answers[username]``
-    (a decision's body), ``lookup_user`` with ``lookups[username]`` (an identity; else not
-    found), and recording what it was asked."""
+    (a decision's body) or ``errors[username]`` (an error frame), ``lookup_user`` with
+    ``lookups[username]`` (an identity; else not found), and recording what it was asked."""
 
     def __init__(self, relay: Relay, enrolled: Connector, *, version: str = "1.0") -> None:
         self.relay, self.enrolled, self.version = relay, enrolled, version
         self.answers: dict[str, dict] = {}
         self.lookups: dict[str, dict] = {}
+        #: ``authenticate`` of these users is answered with an error frame: (code, detail).
+        self.errors: dict[str, tuple[str, str]] = {}
         self.asked: list[tuple[str, str]] = []
         self.status: int | None = None  # the link's HTTP status when it was refused
         self._stop = threading.Event()
@@ -80,6 +82,9 @@ class ScriptedConnector:
                     password = proto.open_password(key, message.body["password"], message,
                                                    connector=self.enrolled.connector_id)
                     self.asked.append((username, password))
+                    if username in self.errors:
+                        await ws.send_str(proto.error(message.id, *self.errors[username]))
+                        continue
                     await ws.send_str(proto.answer(message.id, self.answers[username]))
 
     def start(self) -> ScriptedConnector:
@@ -293,6 +298,31 @@ def test_a_revoked_connector_vouches_no_more_through_the_relays_offline_cache(tm
         relay.stop()
 
 
+def test_a_linked_connectors_error_frame_is_not_answered_from_the_relays_cache(tmp_path):
+    """A connector answering an error frame (busy at its max_concurrent under a flood, past the
+    deadline, failing) had the relay's offline cache answer instead: a flood on a linked
+    connector turned logins into cache answers, for a user the directory may have disabled
+    since (review of the relay). A connector answered: its error is the answer, 503."""
+    relay = Relay(tmp_path / "relay").setup().start()
+    connector = None
+    try:
+        connector = _evil(relay, tmp_path / "connector", {"alice": success("alice")})
+        assert relay.login("alice", "pw").json()["outcome"] == "success"  # cached
+        for code, reason in (("unavailable", "relay.connector_unavailable"), ("internal", "relay.connector_error")):
+            connector.errors["alice"] = (code, "the connector is busy: 8 requests held")
+            answer = relay.login("alice", "pw")
+            assert answer.status == 503, answer.text
+            assert (answer.json()["reason"], answer.json()["from_cache"]) == (reason, False)
+        connector.stop()  # no connector linked: now the cache answers, as it should
+        wait_for(lambda: connector.enrolled.connector_id not in relay.ready_links(), 15, what="the link to close")
+        offline = relay.login("alice", "pw").json()
+        assert (offline["outcome"], offline["reason"]) == ("success", "cache.offline")
+    finally:
+        if connector is not None:
+            connector.stop()
+        relay.stop()
+
+
 def test_a_revoked_connectors_hot_cache_answers_are_asked_again_live(tmp_path):
     """Within hot.ttl a repeat of the same credentials is answered from memory: after the
     revocation, the false vouch was repeated to every forward-auth request for the ttl."""
@@ -399,6 +429,10 @@ def test_a_relay_answers_for_its_own_connections_connector_ids_only():
 
     assert (ask("acme-0a1b2c3d"), ask("acme-ffffffff")) == (True, False)
     assert [ask(other) for other in ("acme-eu-0a1b2c3d", "other-0a1b2c3d", "acme", "")] == [None] * 4
+    # An id the registry lists as revoked is revoked whatever its name: one a reusable ticket let
+    # a connector choose before ids were checked whole escaped revocation by its name.
+    relay._revoked = frozenset({"acme-0a1b2c3d", "acme-x-0a1b2c3d"})
+    assert ask("acme-x-0a1b2c3d") is True
     relay._revoked = None  # not read yet: cannot tell for its own, still silent for others
     with pytest.raises(BackendUnavailable):
         ask("acme-ffffffff")

@@ -127,8 +127,11 @@ def test_a_reusable_connection_ticket_enrols_several_connectors_each_with_its_ow
     assert first.connector_id.startswith("acme-") and second.connector_id.startswith("acme-")
     keys = {(c.state / "link" / "key.pem").read_bytes() for c in (first, second)}
     assert len(keys) == 2
-    # an existing connector's name, or one not of the connection's form, is refused (no use spent)
-    for name in (first.connector_id, "acme-zzzzzzzz", "other-0123abcd"):
+    # an existing connector's name, or one not of the connection's form, is refused (no use spent):
+    # a final newline (`relay revoke acme-0123abcd` could not name it), or another name before the
+    # digits (revocation took acme-x-... for another connection's connector; review of the relay)
+    for name in (first.connector_id, "acme-zzzzzzzz", "other-0123abcd", "acme-0123abcd\n", "acme-x-0123abcd",
+                 "acme-eu-0123abcd"):
         status, body = _post(url, relay.ca_file, _csr(name))
         assert (status, body["error"]) == (400, "csr_wrong_name")
     status, body = _post(url, relay.ca_file, _csr("acme-0123abcd"))

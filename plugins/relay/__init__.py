@@ -130,7 +130,7 @@ class RelayPlugin:
 
     @staticmethod
     def valid_name(name: str) -> bool:
-        return bool(_NAME.match(name))
+        return bool(_NAME.fullmatch(name))  # not match: ``$`` lets a final newline through
 
     # -- listener and routes ------------------------------------------------------------------------
 
@@ -332,10 +332,13 @@ class RelayPlugin:
         stops vouching within a maintenance round (a second), as its link closes. Only the ids
         of this relay's connection (``CONNECTION-xxxxxxxx``, exactly: ``acme`` does not answer
         for ``acme-eu``'s). From memory (asked on the event loop); before the first read of the
-        registry nobody can tell, and nothing is answered on its word (fail closed)."""
-        if answered_by.rpartition("-")[0] != self.settings.connection:
-            return None
+        registry nobody can tell, and nothing is answered on its word (fail closed). An id the
+        registry lists as revoked is revoked whatever its name: one enrolled with a reusable
+        ticket before ids were checked whole (``acme-x-0a1b2c3d``) escaped this by its name."""
         revoked = self._revoked
+        ours = answered_by.rpartition("-")[0] == self.settings.connection
+        if not ours and (revoked is None or answered_by not in revoked):
+            return None
         if revoked is None:
             raise BackendUnavailable("relay: the revoked connectors were not read yet")
         return answered_by in revoked

@@ -100,7 +100,6 @@ def _unavailable() -> web.Response:
     return _refuse(503, "store_unavailable", "the relay cannot read its registry now; try again later")
 
 
-_REUSABLE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}-[0-9a-f]{8}$")
 
 
 def _new_connector_id(connection: str) -> str:
@@ -193,7 +192,11 @@ class Endpoints:
             if not connector:  # reusable ticket: the CSR names a new id of this connection
                 reusable = True
                 connector = self.plugin.ca.requested_name(csr)
-                if not _REUSABLE_ID.match(connector) or not connector.startswith(connection + "-") \
+                # Exactly CONNECTION-<8 hex>, matched whole: a pattern with ``$`` let a final
+                # newline through (an id that `relay revoke` could not name), and one that only
+                # began with the connection let a connector choose ``acme-x-0a1b2c3d``, which
+                # revocation took for another connection's (review of the relay).
+                if not re.fullmatch(re.escape(connection) + r"-[0-9a-f]{8}", connector) \
                         or await self._store(store.connector, connector) is not None:
                     raise CSRRefused("csr_wrong_name", f"the CSR must name a new connector id: CN={connection}-"
                                      "<8 hex digits> (as GET on the ticket suggests)")

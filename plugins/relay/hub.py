@@ -551,12 +551,16 @@ class Hub:
 
 def _body(message: proto.Message, connector: str) -> dict[str, Any]:
     """The answer's body; a connector's error frame becomes :class:`Unreachable` naming
-    *connector*, the one that sent it."""
+    *connector*, the one that sent it. Not one a cache may answer for (``offline`` false): a
+    connector answered, busy (``max_concurrent``), past the deadline or failing. A flood on a
+    linked connector turned logins into this relay's cache answers, which ``relay.busy`` is
+    there to prevent, and could sign in a user the directory had disabled since (review of
+    the relay)."""
     if message.type == proto.ERROR:
         code = message.body.get("code")
         if code == "unavailable":
             raise Unreachable("relay.connector_unavailable", str(message.body.get("detail"))[:200],
-                              connector=connector)
+                              offline=False, connector=connector)
         raise Unreachable("relay.connector_error", f"{code}: {str(message.body.get('detail'))[:200]}",
-                          connector=connector)
+                          offline=False, connector=connector)
     return message.body
