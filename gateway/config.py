@@ -67,6 +67,8 @@ class Config:
     files: list[Path]
     #: Installed plugin names; when given, unknown top-level keys are checked too.
     installed: set[str] | None = None
+    #: The real conf.d when *directory* is a copy of it being checked (:attr:`ValidationContext.outside`).
+    paths_from: Path | None = None
     #: Key paths set by ``AUTHGW_...`` variables, and the variable's name.
     environment: dict[KeyPath, str] = field(default_factory=dict)
     #: Keep the core's problems in :attr:`problems` instead of raising them (see module docstring).
@@ -79,7 +81,7 @@ class Config:
 
     def __post_init__(self) -> None:
         strict = self.data.get("strict") is True  # a non-boolean `strict` is an error below
-        self.context = ValidationContext(config_dir=self.directory, strict=strict)
+        self.context = ValidationContext(config_dir=self.directory, strict=strict, outside=self.paths_from)
         core_keys = set(GatewaySettings.model_fields)
         core_data = {k: v for k, v in self.data.items() if k in core_keys}
         found, warnings = unread_files(self.directory, referenced_paths(self.data, self.directory))
@@ -315,11 +317,13 @@ def load_yaml_file(path: Path, model: type[M], context: ValidationContext) -> M:
     return validate(model, data, (), marks, context, display_name(path))
 
 
-def load_config(directory: Path, installed: set[str] | None = None, *, defer: bool = False) -> Config:
-    """Read *directory*, apply ``AUTHGW_...`` overrides and validate the core settings."""
+def load_config(directory: Path, installed: set[str] | None = None, *, defer: bool = False,
+                paths_from: Path | None = None) -> Config:
+    """Read *directory*, apply ``AUTHGW_...`` overrides and validate the core settings. *paths_from*:
+    the real conf.d when *directory* is a copy of it (relative paths that lead out start there)."""
     insecure: list[str] = []  # strict: conf.d's permission problems, raised with the settings' (Config)
     data, marks, files = load_directory(directory, insecure=insecure)
     known = set(GatewaySettings.model_fields) | (installed or set()) | {k for k in data if isinstance(data[k], dict)}
     environment = apply_environment(data, marks, known)
     return Config(directory=directory, data=data, marks=marks, files=files, installed=installed,
-                  environment=environment, defer=defer, problems=insecure)
+                  environment=environment, defer=defer, problems=insecure, paths_from=paths_from)

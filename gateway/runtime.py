@@ -69,16 +69,18 @@ class Runtime:
 
 def build_runtime(config_dir: Path, *, state_dir: Path | None = None,
                   discovered: dict[str, PluginInfo] | None = None, metrics: Metrics | None = None,
-                  config: Config | None = None, workers: int | None = None, serving: bool = True) -> Runtime:
+                  config: Config | None = None, workers: int | None = None, serving: bool = True,
+                  paths_from: Path | None = None) -> Runtime:
     """Load *config_dir*, build every enabled plugin and the core around them. A reload passes
     the running *metrics*, so counters go on across configurations. With *config* (one loaded
     before, such as the master's validated configuration) conf.d is not read again; files it
     refers to (users files, keys, ``{file:}`` secrets) are, by the plugins that use them.
     *workers*: the worker processes ``authgw serve`` runs (its ``--workers``), else ``workers:``.
     *serving*: False for commands that do not serve: the audit file is opened only if they
-    write a line (:class:`~gateway.audit.AuditLog`)."""
+    write a line (:class:`~gateway.audit.AuditLog`). *paths_from*: the real conf.d when *config_dir*
+    is a copy of it being checked (:func:`~gateway.config.load_config`)."""
     discovered = discover() if discovered is None else discovered
-    config = config or load_config(config_dir, installed=set(discovered), defer=True)
+    config = config or load_config(config_dir, installed=set(discovered), defer=True, paths_from=paths_from)
     check_config(config, discovered)  # every problem of the core and the enabled plugins at once
     state = ensure_state_dir(state_dir or config.core.state_dir or default_state_dir())
     audit = AuditLog(config.core.audit.file, create=serving)

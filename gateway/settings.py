@@ -82,6 +82,10 @@ class ValidationContext:
 
     config_dir: Path
     strict: bool = False
+    #: Where a relative path that leads out of :attr:`config_dir` (``../tls/ca.pem``) starts, when
+    #: that is a copy of conf.d being checked (the console's save): the real conf.d, so that the
+    #: path names the file the running gateway will read, not one beside the copy.
+    outside: Path | None = None
     #: The core's ``deadline`` once the core settings are valid (None before, or when they are
     #: not): plugins check their own timeouts against it while validating, so that a timeout
     #: above it is reported with every other problem of the run (issue 11 item 1).
@@ -90,7 +94,11 @@ class ValidationContext:
 
     def resolve(self, value: str | os.PathLike[str]) -> Path:
         path = Path(os.path.expanduser(value))
-        return path if path.is_absolute() else (self.config_dir / path)
+        if path.is_absolute():
+            return path
+        if self.outside is not None and Path(os.path.normpath(path)).parts[:1] == ("..",):
+            return self.outside / path
+        return self.config_dir / path
 
     def check_private(self, path: Path, what: str) -> None:
         """Warn (or, in strict mode, fail) when a file holding secrets is readable by others, or

@@ -247,3 +247,48 @@ def test_saves_at_once_are_one_after_the_other(conf_dir, demo_hash, start_gatewa
         assert sorted(p.name for p in (conf_dir / "console").iterdir()) == ["ldap-bind-password"]
         assert not list(conf_dir.glob(".*"))
     assert "Traceback" not in gw.output()
+
+
+def test_a_path_leading_out_of_conf_d_is_the_one_the_gateway_reads(slapd, console, conf_dir):
+    """The save is checked on a copy of conf.d in a temporary directory: `../ca.pem` was read
+    beside the copy, so a save of what `authgw config check` passes was refused, and an existing
+    `users_file: ../users.yaml` refused every save (review of the console)."""
+    gw, client = console
+    (conf_dir.parent / "ldap-ca.pem").write_bytes(slapd.ca_file.read_bytes())
+    response = client.post_form("/setup/directory", directory_form(slapd, SERVICE_PASSWORD, ca_path="../ldap-ca.pem"))
+    assert response.status == 303, response.text
+    assert yaml.safe_load((conf_dir / "50-console.yaml").read_text())["ldap"]["ca_file"] == "../ldap-ca.pem"
+    assert set(statuses(client.wait_run(response.header("Location"))).values()) == {"pass"}
+    refused = client.post_form("/setup/directory", directory_form(slapd, "", ca_path="../no-such-ca.pem"))
+    assert refused.status == 400 and "no-such-ca.pem" in refused.text
+    assert "authgw-console-" not in refused.text
+
+
+@pytest.mark.parametrize("field, value, said", [
+    ("password", "pw-typed\r\n", "line break"),  # read back without it: another password bound
+    ("password", "pw\x00typed", "NUL"),
+    ("servers", "ldaps://" + "a" * 64 + ".example.com", "not a valid DNS name"),  # every login a traceback
+])
+def test_a_value_the_gateway_would_read_otherwise_is_refused(slapd, console, conf_dir, field, value, said):
+    gw, client = console
+    form = directory_form(slapd, SERVICE_PASSWORD)
+    form[field] = value
+    refused = client.post_form("/setup/directory", form)
+    assert refused.status == 400 and said in refused.text, refused.text[-2000:]
+    assert slapd.base_dn in refused.text  # the form comes back as typed
+    assert not (conf_dir / "50-console.yaml").exists() and not (conf_dir / "console").exists()
+
+
+@pytest.mark.parametrize("shape", ["console a file", "password file a directory"])
+def test_a_secrets_path_that_cannot_be_written_is_named_not_a_500(slapd, console, conf_dir, shape):
+    gw, client = console
+    if shape == "console a file":
+        (conf_dir / "console").write_text("not a directory")
+    else:
+        (conf_dir / "console" / "ldap-bind-password").mkdir(parents=True)
+    refused = client.post_form("/setup/directory", directory_form(slapd, SERVICE_PASSWORD))
+    assert refused.status == 400, refused.text[-2000:]
+    assert "console/ldap-bind-password: could not be written" in refused.text and "nothing saved" in refused.text
+    assert slapd.base_dn in refused.text
+    assert not (conf_dir / "50-console.yaml").exists()
+    assert "Traceback" not in gw.output()

@@ -141,6 +141,10 @@ def _section(form: DirectoryForm, existing_password: object, stored_servers: obj
     if not form.password and existing_password is None and form.bind_dn:
         # An empty password is an unauthenticated bind (RFC 4513 5.1.2): never send one.
         problems.append("password: the service account needs its password")
+    if any(c in form.password for c in "\r\n\0"):
+        # A {file:} secret is read without its final line break: saved as typed, another
+        # password would be sent (a browser's password field sends none; a hand-made POST can).
+        problems.append("password: has a line break or NUL character: nothing saved")
     section: dict = {"preset": form.preset, "servers": servers, "base_dn": form.base_dn}
     if form.start_tls:
         section["start_tls"] = True
@@ -411,9 +415,16 @@ def _save_directory(form: DirectoryForm, config_dir: Path, state_dir: Path) -> l
         for write in writes:
             if not (copy / write.name).parent.resolve().is_relative_to(inside):  # the copy has no symlinks: never
                 return [f"{display_name(config_dir)}/{write.name}: leads out of conf.d: nothing saved"]
-            _write_file(copy / write.name, write.data, write.mode)
+            try:
+                _write_file(copy / write.name, write.data, write.mode)
+            except OSError as exc:  # conf.d/console a file, the password file a directory: a 500 lost the form
+                return [f"{display_name(config_dir)}/{write.name}: could not be written "
+                        f"({exc.strerror or exc.__class__.__name__}): nothing saved"]
         try:
-            build_runtime(copy, state_dir=state_dir, serving=False).discard()
+            # Relative paths that lead out of conf.d (``../tls/ca.pem``) start from the real one:
+            # from the copy they named files beside it, in the temporary directory, and a save
+            # of a conf.d that `authgw config check` passes was refused (review of the console).
+            build_runtime(copy, state_dir=state_dir, serving=False, paths_from=config_dir).discard()
         except ConfigError as exc:
             return _real_names(exc.problems, copy, config_dir)
         except (AuthgwError, OSError) as exc:

@@ -217,8 +217,8 @@ class Pool:
                 conn.start_tls()
                 if not conn.tls_started:  # ldap3 may decline without raising: never go on in clear
                     raise LDAPExceptionError("StartTLS did not start")
-        except (LDAPExceptionError, OSError) as exc:  # ssl.SSLError is an OSError
-            try:
+        except (LDAPExceptionError, OSError, UnicodeError) as exc:  # ssl.SSLError is an OSError; a name
+            try:                                                    # the resolver cannot encode: UnicodeError
                 conn.unbind()
             except Exception:  # noqa: BLE001
                 pass

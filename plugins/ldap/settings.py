@@ -185,6 +185,14 @@ class LdapSettings(PluginSettings):
                 parts.port  # noqa: B018 - raises ValueError on a bad port
             except ValueError:
                 raise ValueError(f"{shown_url(url)}: the port is not a number from 0 to 65535") from None
+            try:
+                # As the resolver will encode it: a label over 63 characters (or an empty one)
+                # passed here and failed every connection with a UnicodeError, each login a
+                # traceback and a refusal, the chain's later steps included (review of the console).
+                parts.hostname.encode("idna")
+            except UnicodeError:
+                raise ValueError(f"{shown_url(url)}: the host is not a valid DNS name (labels of 1 to 63 "
+                                 "characters, 253 in all)") from None
         if len(set(value)) != len(value):
             raise ValueError("a server is listed twice")
         return value
