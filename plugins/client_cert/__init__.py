@@ -21,7 +21,7 @@ Abstains
     absent header from the proxy means none), when a certificate header comes from a peer that
     is not a trusted proxy or is not the one header that proxy sets (ignored and logged); with a
     ``USER_NOT_FOUND`` note ``cert.unmapped`` (no rule found a name) or ``cert.user_not_found``
-    (the directory knows none of the names); with an ``UNAVAILABLE`` note
+    (the directory knows none of the names as the certificate spells them); with an ``UNAVAILABLE`` note
     ``cert.directory_unavailable`` when ``gateway_lookup_user`` cannot reach the directory.
 Settings (``client_cert:`` in conf.d)
     ``ca_bundle``, ``intermediates``, ``listener`` (``address``, ``certificate``, ``key``,
@@ -57,10 +57,12 @@ from gateway import (
 )
 
 from gateway.chain import may_run_on_loop
+from gateway.logs import printable
+from gateway.model import folded_username
 
 from .headers import parse_pem_header, parse_xfcc
 from .listener import build_listener
-from .mapping import candidates, directory_binding_matches, misspelt, thumbprint
+from .mapping import candidates, directory_binding_matches, misspelt, subject_syntax_in_values, thumbprint
 from .health import RevocationHealth
 from .revocation import RevocationChecker
 from .selftests import selftests
@@ -239,6 +241,8 @@ class ClientCertPlugin:
                               len(names), rule.type, ", ".join(names), describe(leaf), attempt.request_id)
                 return Decision.deny(Outcome.INVALID_CREDENTIALS, step=self.name, reason="cert.ambiguous")
             if not names:
+                if rule.type == "subject":
+                    self._log_subject_syntax(attempt, leaf)
                 continue
             username = names[0]
             if not mapping.lookup:
@@ -251,6 +255,18 @@ class ClientCertPlugin:
                 attempt.note(Outcome.UNAVAILABLE, step=self.name, reason="cert.directory_unavailable")
                 return None
             if identity is None:
+                looked_up.append(username)
+                continue
+            if self._other_spelling(rule, username, identity.username):
+                # Directories find a name ignoring case, and slapd reads ``İ`` as ``i``: without
+                # this, certificates for ``ALICE`` and ``alİce`` logged in as alice (review of
+                # the client_cert plugin; the Kerberos plugin's ``_other_case``). The directory
+                # does not know the name the certificate holds, so it is refused as an unknown
+                # one, and a client cannot tell from the answer that alice exists.
+                self.log.info("certificate names %r by rule %s, which the directory knows only as %r; taken as "
+                              "unknown (a rule with `lowercase: true` accepts names that differ in case only): "
+                              "%s [request %s]", username, rule.type, identity.username, describe(leaf),
+                              attempt.request_id)
                 looked_up.append(username)
                 continue
             refusal = identity.refusal(password_state_refuses=mapping.password_state_refuses)
@@ -273,6 +289,28 @@ class ClientCertPlugin:
                       describe(leaf), attempt.request_id)
         attempt.note(Outcome.USER_NOT_FOUND, step=self.name, reason=reason)
         return None
+
+    def _log_subject_syntax(self, attempt: Attempt, leaf: x509.Certificate) -> None:
+        odd = subject_syntax_in_values(leaf)
+        if odd:
+            self.log.info("certificate not mapped by rule subject: its subject's values hold RFC 4514 syntax "
+                          "(%s), which a pattern could read as an RDN boundary: %s [request %s]",
+                          printable("; ".join(odd)), describe(leaf), attempt.request_id)
+
+    @staticmethod
+    def _other_spelling(rule: MappingRule, username: str, known_as: str | None) -> bool:
+        """Whether the directory found *username* under another spelling of the same letters
+        (case, ``İ`` for ``i``: what :func:`~gateway.model.folded_username` folds, at least as
+        loosely as a directory matches names). A rule with ``lowercase`` is the operator's word
+        that names differ in case only, so the directory's ``Alice`` is that rule's ``alice``;
+        no other spelling is. A name that the directory answers with another attribute's value
+        (a full UPN looked up, the account name answered) is not another spelling, and is the
+        directory's to match."""
+        if not known_as or known_as == username:
+            return False
+        if rule.lowercase and known_as.lower() == username:
+            return False
+        return folded_username(known_as) == folded_username(username)
 
     def trusted_identity(self, username: str, leaf: x509.Certificate, claims: dict[str, Any]) -> Identity:
         display_name, email = _profile(leaf)

@@ -19,6 +19,21 @@ the directory's identity must carry the presented certificate in its claims, eit
   ``X509:<SHA1-PUKEY>hex`` (SHA-1 of the certificate, as ``certutil`` computes it).
 
 The weak forms (``<I>..<S>``, ``<S>`` alone, ``<RFC822>``) are not accepted.
+
+The ``subject`` rule searches the operator's pattern in the RFC 4514 text, where the structure
+(``,`` between RDNs, ``+`` inside one, ``=`` after a type) and the values are spelt with the same
+characters, and the values are what the certificate's holder asked the CA for. A CN
+``eve,CN=admin``, printed ``CN=eve\\,CN=admin,OU=staff``, matched ``CN=(?P<user>[^,]+),OU=staff``
+at ``CN=admin`` and logged in as admin (review of the client_cert plugin). The escape cannot
+help a pattern that is not anchored at an RDN boundary, and patterns are the operator's to
+write; so a subject with any value holding a character the text would escape (RFC 4514 section
+2.4: ``,`` ``+`` ``"`` ``\\`` ``<`` ``>`` ``;`` NUL, a leading ``#`` or space, a trailing space)
+or an ``=`` (with which a pattern finds ``TYPE=`` inside a value) maps to no one by this rule,
+and the plugin logs why (:func:`subject_syntax_in_values`). The text a pattern sees then has
+structure exactly where the certificate's Name has it. Rewriting the values instead (a hex
+escape for every such character) would be as safe, but would change the names that existing
+patterns yield; a subject with a comma in a value (``O=Example\\, Inc.``) is left to the rules
+that read one attribute (``cn``) or to the explicit tables.
 """
 
 from __future__ import annotations
@@ -37,10 +52,14 @@ from gateway.model import plainly_spelt
 
 from .settings import MappingRule
 
-__all__ = ["UPN_OID", "candidates", "directory_binding_matches", "misspelt", "thumbprint"]
+__all__ = ["UPN_OID", "candidates", "directory_binding_matches", "misspelt", "subject_syntax_in_values",
+           "thumbprint"]
 
 UPN_OID = x509.ObjectIdentifier("1.3.6.1.4.1.311.20.2.3")
 _MAX_NAME = 256
+#: Characters of RFC 4514 text's structure that a value may not hold for the ``subject`` rule
+#: (section 2.4 escapes all but ``=``; the module docstring says why ``=`` is refused too).
+_RDN_SYNTAX = frozenset(',+"\\<>;=\0')
 
 
 def thumbprint(cert: x509.Certificate) -> str:
@@ -97,7 +116,7 @@ def _raw_values(rule: MappingRule, cert: x509.Certificate) -> list[str]:
     if kind == "subject_email":
         return [str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.EMAIL_ADDRESS)]
     if kind == "subject":
-        return [cert.subject.rfc4514_string()]
+        return [] if subject_syntax_in_values(cert) else [cert.subject.rfc4514_string()]
     if kind == "issuer_serial":
         issuer = _norm_dn(cert.issuer.rfc4514_string())
         serial = f"{cert.serial_number:x}"
@@ -106,6 +125,22 @@ def _raw_values(rule: MappingRule, cert: x509.Certificate) -> list[str]:
         user = rule.thumbprints.get(thumbprint(cert))
         return [user] if user else []
     raise ValueError(f"unknown rule type {kind}")
+
+
+def subject_syntax_in_values(cert: x509.Certificate) -> list[str]:
+    """The subject's attribute values that hold what RFC 4514 text spells its structure with
+    (:data:`_RDN_SYNTAX`, a leading ``#`` or space, a trailing space), as ``TYPE=value`` texts
+    escaped for a log line: with any, the ``subject`` rule maps to no one (module docstring).
+    A value that is not a string (a BIT STRING) is printed as ``#`` and hex digits, which hold
+    none of them."""
+    found = []
+    for attribute in cert.subject:
+        value = attribute.value
+        if not isinstance(value, str):
+            continue
+        if _RDN_SYNTAX.intersection(value) or value.startswith(("#", " ")) or value.endswith(" "):
+            found.append(attribute.rfc4514_string())
+    return found
 
 
 def _norm_dn(text: str) -> str:

@@ -11,7 +11,12 @@ An answer counts only when all of these hold:
 * it has a single response for exactly this issuer and serial, with ``thisUpdate`` not in the
   future and ``nextUpdate`` (or, without one, ``ocsp_max_age``) not passed (section 4.2.2.1).
 
-Anything else is "unknown" (not "good"): the revocation policy then decides.
+Anything else is "unknown" (not "good"): the revocation policy then decides. That includes an
+answer that cannot be judged at all: whoever is on the path to a plain-http responder can send
+anything, and an exception while reading it (a certificate with a key type ``cryptography`` does
+not know, an undecodable name) made every login of that CA an internal error, even under
+soft-fail (review of the client_cert plugin). Such an answer is logged, rate-limited and
+without a traceback, and counts as "unknown", as an unreachable responder does.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, p
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, SignatureAlgorithmOID
 
+from gateway.logs import RateLimitedWarning, printable
 from gateway.settings import shown_url
 
 from .fetch import Backoff, FetchError, fetch
@@ -85,6 +91,9 @@ class OcspClient:
         self.tolerance = dt.timedelta(seconds=tolerance)
         self.responder_cert = responder_cert
         self.backoff = Backoff(settings.retry_after_failure)
+        # An unreadable answer is the responder's (or the path's) doing, once per login: at most
+        # one warning a minute, or a forger fills the log.
+        self._warn_unreadable = RateLimitedWarning(log)
         self._cache: dict[tuple[bytes, int], tuple[float, Verdict]] = {}
         self._lock = threading.Lock()
 
@@ -158,7 +167,13 @@ class OcspClient:
             response = ocsp.load_der_ocsp_response(data)
         except ValueError:
             return Verdict(Status.UNKNOWN, "the answer is not an OCSP response"), None
-        return self.judge(response, cert, issuer, nonce)
+        try:
+            return self.judge(response, cert, issuer, nonce)
+        except Exception as exc:  # the answer is attacker-controlled; see the module docstring
+            what = f"{type(exc).__name__}: {printable(exc)[:200]}"
+            self._warn_unreadable("ocsp.unreadable", "OCSP answer from %s could not be judged (%s); taken as "
+                                  "unknown", shown_url(url), what)
+            return Verdict(Status.UNKNOWN, f"the answer could not be judged ({what})"), None
 
     def judge(self, response: ocsp.OCSPResponse, cert: x509.Certificate, issuer: x509.Certificate,
               nonce: bytes | None) -> tuple[Verdict, dt.datetime | None]:
@@ -201,11 +216,9 @@ class OcspClient:
         candidates: list[x509.Certificate] = [issuer, *response.certificates]
         if self.responder_cert is not None:
             candidates.append(self.responder_cert)
+        by_name, by_key = response.responder_name, response.responder_key_hash
         for signer in candidates:
-            if response.responder_name is not None:
-                if signer.subject != response.responder_name:
-                    continue
-            elif response.responder_key_hash != key_hash(signer):
+            if not _is_responder(signer, by_name, by_key):
                 continue
             if signer is not issuer and signer is not self.responder_cert:
                 problem = self._delegate_problem(signer, issuer)
@@ -252,6 +265,20 @@ class OcspClient:
         except ValueError:
             raise FetchError(f"{shown_url(url)}: the answer is not an OCSP response") from None
         return response.response_status.name.lower()
+
+
+def _is_responder(signer: x509.Certificate, by_name: x509.Name | None, by_key: bytes | None) -> bool:
+    """Whether *signer* is the certificate the ResponderID names (RFC 6960 4.2.2.3). The
+    certificates a response carries are read here before any signature is checked, so one that
+    cannot be read (a public-key algorithm ``cryptography`` does not support raises
+    UnsupportedAlgorithm, an undecodable subject ValueError) is nobody's signer, not an error
+    that fails the login."""
+    try:
+        if by_name is not None:
+            return signer.subject == by_name
+        return by_key == key_hash(signer)
+    except Exception:
+        return False
 
 
 def _same_issuer(single: ocsp.OCSPSingleResponse, issuer: x509.Certificate) -> bool:
