@@ -757,3 +757,17 @@ def test_a_name_spelt_other_than_plainly_maps_to_no_one(spelling):
     plain = ca.issue("Frank Smith", upn="frank@example.com", client=True)
     assert candidates(MappingRule(type="cn"), plain.cert) == ["Frank Smith"]  # a space inside is a name's
     assert candidates(MappingRule(type="upn", lowercase=True), plain.cert) == ["frank"]
+
+
+def test_a_header_name_or_oid_ending_in_a_line_break_is_refused():
+    # The patterns ended in `$`, which re.match lets match before a final newline.
+    from pydantic import ValidationError
+
+    from gateway.plugins.client_cert.settings import HeaderSource, _oid
+
+    assert HeaderSource(name="X-SSL-Client-Cert", format="pem").name == "x-ssl-client-cert"
+    with pytest.raises(ValidationError, match="not an HTTP header name"):
+        HeaderSource(name="X-SSL-Client-Cert\n", format="pem")
+    assert _oid("1.3.6.1.5.5.7.3.2") == "1.3.6.1.5.5.7.3.2"
+    with pytest.raises(ValueError, match="not a dotted OID"):
+        _oid("1.3.6.1.5.5.7.3.2\n")

@@ -225,3 +225,25 @@ def test_a_server_on_another_port_gets_no_cookie_from_the_signed_in_browser(cons
         _refused_everywhere(_replay(console, cookies[0]["value"], csrf), prefix)
     finally:
         other.close()
+
+
+def test_a_lock_held_on_the_console_store_is_a_503_not_a_frozen_worker(console, conf_dir, start_gateway):
+    """The console's store is used on the worker's event loop and waited 5 s for a lock another
+    process holds; any web page can make the operator's browser send GET /login/<anything> (a
+    DELETE) to 127.0.0.1. It waits ConsoleStore.BUSY_TIMEOUT (0.5 s), then answers its 503 page,
+    not a 500 with a traceback (review of the console)."""
+    import sqlite3
+
+    gw = start_gateway(conf_dir)
+    link = console_link(gw)  # the store exists
+    holder = sqlite3.connect(gw.state_dir / "console.sqlite", isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        busy = ConsoleClient(console).get("/login/" + "x" * 43)
+        assert busy.status == 503 and "busy or unavailable" in busy.text, (busy.status, busy.text[:500])
+        assert busy.header("Content-Security-Policy")
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert "its store could not be used" in gw.output() and "Traceback" not in gw.output()
+    SessionClient(console).sign_in(link)  # the link was not spent by the refused call

@@ -45,7 +45,7 @@ _HEADER = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
 
 def _oid(value: str) -> str:
     value = EKU_NAMES.get(value, value)
-    if not _OID.match(value):
+    if not _OID.fullmatch(value):  # not match: `$` lets a final newline through
         raise ValueError(f"{value!r} is not a dotted OID")
     return value
 
@@ -91,7 +91,7 @@ class HeaderSource(PluginSettings):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not _HEADER.match(value):
+        if not _HEADER.fullmatch(value):
             raise ValueError(f"{value!r} is not an HTTP header name")
         if value.lower() in ("authorization", "proxy-authorization", "cookie"):
             raise ValueError(f"{value} never reaches plugins; use another header")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import sqlite3
 from typing import Awaitable, Callable
 from urllib.parse import urlsplit
 
@@ -34,6 +35,7 @@ from multidict import MultiDictProxy
 
 from gateway.http.forms import UnreadableForm, read_form
 from gateway.http.protocol import MAX_BODY, no_linger
+from gateway.logs import printable
 from gateway.plugins.console.store import ConsoleStore, Session
 
 __all__ = ["COOKIE", "FORM_KEY", "SECURITY_HEADERS", "SESSION_KEY", "SIGN_IN", "Guard"]
@@ -158,6 +160,11 @@ class Guard:
                 for name, value in SECURITY_HEADERS.items():
                     exc.headers.setdefault(name, value)
                 raise
+            except sqlite3.OperationalError as exc:  # a lock held past ConsoleStore.BUSY_TIMEOUT, a full disk
+                log.warning("console: %s %s: its store could not be used (%s)", request.method, _route(request),
+                            printable(exc))
+                response = self.refuse(request, 503, "The console's store is busy or unavailable; try again in a "
+                                                     "moment. The gateway's log says why.")
             except Exception as exc:
                 # The core would answer a bare 500, without the policy headers; this page has them.
                 log.error("console: %s %s raised %s", request.method, _route(request), exc.__class__.__name__,

@@ -82,6 +82,15 @@ class TestRow:
 
 
 class ConsoleStore:
+    """The console's one-time links, sessions and self-test runs, in SQLite: a connection per
+    call, made on the worker's event loop. It waits at most :attr:`BUSY_TIMEOUT` for a lock
+    another process holds (a sibling worker's call, a backup): it waited 5 s, and a request
+    any web page can make a browser send to 127.0.0.1 (``GET /login/<anything>``, a DELETE)
+    would then hold ``/auth`` of that worker as long (review of the console; the login door's
+    session store has the same bound)."""
+
+    BUSY_TIMEOUT = 0.5
+
     def __init__(self, path: Path) -> None:
         self.path = path
         self._ready = False
@@ -91,8 +100,8 @@ class ConsoleStore:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             create_private(self.path)
         refuse_planted(self.path)
-        conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
-        conn.execute("PRAGMA busy_timeout = 5000")
+        conn = sqlite3.connect(self.path, timeout=self.BUSY_TIMEOUT, isolation_level=None)
+        conn.execute(f"PRAGMA busy_timeout = {int(self.BUSY_TIMEOUT * 1000)}")
         if not self._ready:
             conn.executescript(_SCHEMA)
             self._ready = True
