@@ -251,14 +251,18 @@ class _Master:
         start, with nothing serving yet, it still stops the gateway, saying why."""
         if not self.served:
             raise exc
-        failures = self.failures[slot] = self.failures.get(slot, 0) + 1
-        delay = min(2.0 ** (failures - 1), _MAX_BACKOFF)
-        serving = sum(c.serving for c in self.children.values())
-        closed = self._close_slot(slot)
+        failures, delay, serving, closed = self._failed_start(slot)
         log.error("slot %d: no worker could be started (%s), %d time(s) in a row; %d of %d workers serve; trying "
                   "again in %.0f s (a process or file limit: TasksMax=, LimitNOFILE=)%s", slot, exc, failures, serving,
                   self.count, delay, closed)
         self.due[slot] = time.monotonic() + delay
+
+    def _failed_start(self, slot: int) -> tuple[int, float, int, str]:
+        """Count a failed start on *slot* and close its sockets: the failures in a row, the
+        back-off before the next try, the workers that serve meanwhile, what to log of the slot."""
+        failures = self.failures[slot] = self.failures.get(slot, 0) + 1
+        serving = sum(c.serving for c in self.children.values())
+        return failures, min(2.0 ** (failures - 1), _MAX_BACKOFF), serving, self._close_slot(slot)
 
     def _close_slot(self, slot: int) -> str:
         """Close *slot*'s listening sockets while no worker serves it (reuse_port: connections
@@ -345,10 +349,7 @@ class _Master:
             self.on_stop(signal.SIGTERM, None)
             return
         else:
-            failures = self.failures[child.slot] = self.failures.get(child.slot, 0) + 1
-            delay = min(2.0 ** (failures - 1), _MAX_BACKOFF)
-            serving = sum(c.serving for c in self.children.values())
-            closed = self._close_slot(child.slot)
+            failures, delay, serving, closed = self._failed_start(child.slot)
             log.error("worker %d failed to start (exit %s), %d time(s) in a row on slot %d; %d of %d workers "
                       "serve; trying again in %.0f s%s", pid, code, failures, child.slot, serving, self.count, delay,
                       closed)
