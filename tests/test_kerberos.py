@@ -267,6 +267,27 @@ def test_windows_style_spnego_and_bare_kerberos_tokens_log_in(krb, main):
         assert response.header("WWW-Authenticate").startswith("Negotiate ")
 
 
+def test_a_token_under_microsofts_kerberos_oid_is_kerberos_not_a_keytab_outage(krb, main):
+    """The acceptor's credentials were for MIT's default mechanisms, without Microsoft's Kerberos
+    OID, which the token check lets through: a token under that OID, 22 bytes and no ticket, was
+    a 503 blaming the keytab, /readyz false, a warning per request; a real ticket under it never
+    logged in (review of the Kerberos plugin)."""
+    crafted = der(0x60, MS_KRB5_OID + b"\x01\x00" + der(0x6E, der(0x30, b"")))  # an AP-REQ with nothing in it
+    for token in (crafted, der(0x60, SPNEGO_OID + der(0xA0, der(0x30, der(0xA0, der(0x30, MS_KRB5_OID))
+                                                              + der(0xA2, der(0x04, crafted)))))):
+        response = negotiate(main, token)
+        assert response.status == 401 and response.header("Retry-After") is None, response.body
+        assert audit_of(main, response)["outcome"] == "invalid_credentials"
+        assert main.get("/readyz").status == 200
+    (bare,) = krb["example"].mint(krb["caches"]["alice"], [(SPN, 1)], mech="1.2.840.113554.1.2.2",
+                                  env=krb["env"])[0]
+    assert KRB5_OID in bare[:16]
+    relabelled = bare.replace(KRB5_OID, MS_KRB5_OID, 1)
+    response = negotiate(main, relabelled)
+    assert response.status == 200 and response.header("Remote-User") == "alice"
+    assert "keytab" not in "".join(line for line in main.output().splitlines() if "WARNING" in line)
+
+
 def test_a_user_the_directory_does_not_know_is_not_logged_in(krb, main):
     response = negotiate(main, mint(krb, "bob")[0])
     assert response.status == 401

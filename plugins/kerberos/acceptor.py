@@ -37,11 +37,17 @@ import gssapi.raw as gss
 from gssapi.raw import ext_cred_store, ext_rfc4178
 
 from .keytab import KeytabError, KeytabIndex, file_signature, read_keytab
-from .tokens import KRB5_OID, KRB5_OIDS, NegotiateToken, TicketInfo, enctype_name, krb_error_of
+from .tokens import KRB5_MS_OID, KRB5_OID, KRB5_OIDS, SPNEGO_OID, NegotiateToken, TicketInfo, enctype_name, krb_error_of
 
 __all__ = ["AcceptFailed", "Accepted", "Acceptor", "HINTS", "gss_message"]
 
 _KRB5 = gssapi.OID.from_int_seq(KRB5_OID)
+_KRB5_MS = gssapi.OID.from_int_seq(KRB5_MS_OID)
+#: The mechanisms the acceptor's credentials are for. Named: MIT's default set leaves out
+#: Microsoft's Kerberos OID, which the token check lets through (Windows sends it), and such a
+#: token, 22 bytes without a ticket, failed for want of credentials: a 503 blaming the keytab,
+#: ``/readyz`` false until the next probe, a warning per request (review of the Kerberos plugin).
+_ACCEPTED_MECHS = [_KRB5, _KRB5_MS, gssapi.OID.from_int_seq(SPNEGO_OID)]
 #: The Kerberos mechanisms as GSSAPI OIDs: compared as such (an OID's dotted_form is built in
 #: Python on each read, a microsecond or more per login).
 _KRB5_MECHS = frozenset(map(gssapi.OID.from_int_seq, KRB5_OIDS))
@@ -177,7 +183,8 @@ class Acceptor:
                 return loaded
             try:
                 index = read_keytab(self.keytab)
-                creds = ext_cred_store.acquire_cred_from(self.store(), name=self.acceptor_name(), usage="accept").creds
+                creds = ext_cred_store.acquire_cred_from(self.store(), name=self.acceptor_name(), usage="accept",
+                                                         mechs=_ACCEPTED_MECHS).creds
             except (OSError, KeytabError) as exc:
                 raise AcceptFailed("keytab_unavailable", f"keytab {self.keytab}: {exc}", unavailable=True) from None
             except gssapi.exceptions.GSSError as exc:
@@ -185,7 +192,7 @@ class Acceptor:
                                    unavailable=True) from None
             # SPNEGO may only settle on Kerberos here, whatever mechanisms (gss-ntlmssp...) the
             # host has installed: NTLM is refused (DESIGN.md section 7), never a fallback.
-            ext_rfc4178.set_neg_mechs(creds, [_KRB5])
+            ext_rfc4178.set_neg_mechs(creds, [_KRB5, _KRB5_MS])
             self._loaded = _Loaded(creds, index)
             return self._loaded
 
@@ -234,8 +241,13 @@ class Acceptor:
         if isinstance(exc, gss.BadMechanismError):
             return AcceptFailed("unsupported_mechanism", message)
         if isinstance(exc, (gss.MissingCredentialsError, gss.InvalidCredentialsError)):
-            # MIT reports these for the acceptor credentials, before it reads the client's token.
-            return AcceptFailed("keytab_unavailable", message, unavailable=True)
+            # MIT reports these for the acceptor credentials, before it reads the client's token;
+            # but also for a token of a mechanism they are not for, which is the client's doing:
+            # the gateway's fault only when its keytab, checked here on its own, cannot be read.
+            problem = self.keytab_problem()
+            if problem:
+                return AcceptFailed("keytab_unavailable", problem, unavailable=True)
+            return AcceptFailed("unsupported_mechanism", message)
         if code is None or code == _KRB_ERR_GENERIC:
             # What the client's bytes cannot decide: our own file, checked as MIT opens it.
             problem = self.replay_cache_problem()
@@ -270,6 +282,15 @@ class Acceptor:
             # Our keytab has this service, kvno and enctype, yet the ticket does not decrypt.
             return AcceptFailed("key_mismatch", f"{about}keytab has {index.describe(ticket.service)}; {message}")
         return None
+
+    def keytab_problem(self) -> str:
+        """Why the keytab cannot be read now (as :meth:`load` reads it); ``""`` when it can.
+        Only the gateway's own file decides, never anything a client sent."""
+        try:
+            read_keytab(self.keytab)
+        except (OSError, KeytabError) as exc:
+            return f"keytab {self.keytab}: {exc}"
+        return ""
 
     def replay_cache_problem(self) -> str:
         """Why MIT's ``file2`` code cannot use the replay cache, found by opening it as that code

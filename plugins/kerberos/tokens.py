@@ -18,7 +18,7 @@ from gateway.logs import printable
 
 from .der import DERError, TLV, children, oid_text, read_int, read_one, tagged
 
-__all__ = ["KRB5_OIDS", "NTLM_OID", "SPNEGO_OID", "KrbError", "NegotiateToken", "TicketInfo", "TokenProblem",
+__all__ = ["KRB5_MS_OID", "KRB5_OID", "KRB5_OIDS", "NTLM_OID", "SPNEGO_OID", "KrbError", "NegotiateToken", "TicketInfo", "TokenProblem",
            "TokenRefused", "enctype_name", "inspect_token", "krb_error_of", "unparse_principal"]
 
 SPNEGO_OID = "1.3.6.1.5.5.2"
