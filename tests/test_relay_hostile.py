@@ -116,6 +116,52 @@ def test_forged_expired_replayed_and_malformed_requests_are_refused(relay, ident
     _no_server_errors(relay)
 
 
+def test_renew_and_drain_need_a_link_that_said_hello_not_a_probe(relay, identity):
+    """A link that had not said hello, or a probe link (`authgw check`), was served renew and
+    drain (review of the relay)."""
+    now = time.time()
+
+    def request(type_: str, body: dict) -> str:
+        return proto.request(type_, body, now=now, timeout=5)[1]
+
+    for opening in ([], [request("hello", {"version": "test", "probe": True})]):
+        frames = opening + [request("renew", {"csr": "x"}), request("drain", {})]
+        received = asyncio.run(_link(relay, _context(relay, identity), frames))
+        said = [(m["body"]["code"], m["body"]["detail"]) if m["type"] == "error" else m["type"] for m in received]
+        assert said[len(opening):] == [("bad_request", "renew needs a link that said hello, not a probe"),
+                                       ("bad_request", "drain needs a link that said hello, not a probe")], said
+    _no_server_errors(relay)
+
+
+def test_a_connector_revoked_while_linked_renews_nothing(relay, tmp_path):
+    """Revocation closes the link within a maintenance round (a second); a renewal asked meanwhile
+    was signed (a certificate revocation still refuses at the next link, but none is made)."""
+    connector = Connector(tmp_path / "revoked", NoDirectory()).enroll(relay.ticket(), relay.ca_file)
+    key = serialization.load_pem_private_key((connector.state / "link" / "key.pem").read_bytes(), None)
+    csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([
+        x509.NameAttribute(NameOID.COMMON_NAME, connector.connector_id)])).sign(key, hashes.SHA256())
+    pem = csr.public_bytes(serialization.Encoding.PEM).decode()
+
+    async def renew_after_revoking() -> list:
+        async with aiohttp.ClientSession() as http:
+            async with http.ws_connect(f"wss://127.0.0.1:{relay.port}/link", ssl=_context(relay, connector)) as ws:
+                await ws.send_str(proto.request("hello", {"version": "test"}, now=time.time(), timeout=5)[1])
+                assert json.loads((await ws.receive(timeout=10)).data)["type"] == "answer"
+                revoked = await asyncio.get_running_loop().run_in_executor(
+                    None, relay.cli, "relay", "revoke", connector.connector_id)
+                assert revoked.returncode == 0, revoked.stderr
+                await ws.send_str(proto.request("renew", {"csr": pem}, now=time.time(), timeout=5)[1])
+                received = []
+                while (msg := await ws.receive(timeout=10)).type == aiohttp.WSMsgType.TEXT:
+                    received.append(json.loads(msg.data))
+                return received
+
+    received = asyncio.run(renew_after_revoking())
+    # Refused, or the link closed first: never a certificate.
+    assert [m["body"]["code"] for m in received] in ([], ["forbidden"]), received
+    _no_server_errors(relay)
+
+
 def test_a_new_link_of_a_connector_replaces_its_older_one(relay, identity):
     # One connector identity held any number of links, and new links won routing ties: a stolen
     # key (or a copied enrolment) drew most of the connection's password checks.

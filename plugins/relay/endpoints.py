@@ -462,6 +462,10 @@ class Endpoints:
             session.greeted = True
             return proto.answer(message.id, {"time": time.time(), "connector": session.connector,
                                              "not_after": session.not_after})
+        if not session.greeted or session.probe:
+            # A connector's link, after its hello: a probe link (`authgw check`) is answered and
+            # never routed to, and renews nothing (review of the relay).
+            return proto.error(message.id, "bad_request", f"{message.type} needs a link that said hello, not a probe")
         if message.type == "drain":
             session.draining = True
             log.info("connector %s is stopping: no new requests on its link", session.connector)
@@ -470,6 +474,12 @@ class Endpoints:
         csr = message.body.get("csr")
         if not isinstance(csr, str) or len(csr) > _MAX_CSR_BODY:
             return proto.error(message.id, "bad_request", "renew needs `csr`")
+        try:  # revoked since the link was made: its link closes within a second; no new certificate meanwhile
+            record = await self._store(self.plugin.store.connector, session.connector)
+        except StoreUnavailable:
+            return proto.error(message.id, "unavailable", "the relay cannot read its registry now; try again later")
+        if record is None or record.revoked is not None:
+            return proto.error(message.id, "forbidden", "this connector is revoked")
         try:
             cert = self.plugin.ca.sign(csr, connector_id=session.connector, connection=session.connection,
                                        lifetime=self.settings.certificate_lifetime)
