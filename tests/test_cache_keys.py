@@ -69,7 +69,7 @@ def test_sealed_identities_open_only_on_their_row_with_their_key(tmp_path):
     keys = load_keys(tmp_path / "a", None, None, create=True)
     other = load_keys(tmp_path / "b", None, None, create=True)
     row = keys.row_key("alice")
-    sealed = keys.seal(row, ident(), "ldap", 1234.5)
+    sealed = keys.seal(row, ident(), "ldap", 1234.5, password_hash="$argon2id$x")
     assert b"Alice" not in sealed and b"wonderland" not in sealed and b"alice" not in sealed
     document = keys.open(row, sealed)
     assert document["groups"] == ["wonderland", "staff"] and document["step"] == "ldap"

@@ -58,7 +58,8 @@ def age(rt, entry: Entry, at: float) -> None:
     offline = plugin(rt).offline
     keys = offline.keys()
     document = keys.open(entry.key, entry.sealed)
-    sealed = keys.seal(entry.key, identity_from(document, at), document["step"], at)
+    sealed = keys.seal(entry.key, identity_from(document, at), document["step"], at,
+                       password_hash=entry.password_hash)
     offline.store.delete(entry.key)  # put never writes over a newer entry
     offline.store.put(Entry(entry.key, entry.kid, entry.password_hash, sealed, at))
 

@@ -67,12 +67,15 @@ def overwrite(rt, entry: Entry) -> None:
             b"at": repr(entry.stored_at).encode(), b"fail": str(entry.failures).encode()})
 
 
-def sealed_at(rt, entry: Entry, at: float) -> Entry:
-    """*entry* as a live login at *at* would have written it (for an entry older than now)."""
+def sealed_at(rt, entry: Entry, at: float, password_hash: str | None = None) -> Entry:
+    """*entry* as a live login at *at* would have written it (for an entry older than now), with
+    *password_hash* in place of its own when given."""
     keys = offline(rt).keys()
     document = keys.open(entry.key, entry.sealed)
-    return replace(entry, sealed=keys.seal(entry.key, identity_from(document, at), document["step"], at),
-                   stored_at=at)
+    password_hash = entry.password_hash if password_hash is None else password_hash
+    return replace(entry, sealed=keys.seal(entry.key, identity_from(document, at), document["step"], at,
+                                           password_hash=password_hash),
+                   stored_at=at, password_hash=password_hash)
 
 
 def test_a_captured_row_put_back_with_a_fresh_time_after_a_refusal_is_not_used(tmp_path, cache_settings):
@@ -129,7 +132,10 @@ def test_a_hash_with_other_argon2_parameters_is_never_verified(tmp_path, cache_s
     live = runtime(tmp_path, "success", cache_settings)
     assert decide(live, attempt(USER, PASSWORD)).success
     entry = the_entry(live)
-    overwrite(live, replace(entry, password_hash=change(entry.password_hash)))
+    # Sealed with the changed hash, as a gateway configured with those parameters would have
+    # written it: a store writer's change alone fails the sealed hash digest first (see
+    # test_cache_review.py); this checks the parameter check on its own.
+    overwrite(live, sealed_at(live, entry, entry.stored_at, change(entry.password_hash)))
 
     down = runtime(tmp_path, "unavailable", cache_settings)
     verified = []

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from gateway import Command
 from gateway.logs import printable
-from gateway.plugins.cache.keys import CacheKeys, KeyFileError, sealed_time
+from gateway.plugins.cache.keys import CacheKeys, KeyFileError, hash_bound, sealed_time
 from gateway.plugins.cache.store import Entry, StoreError
 
 if TYPE_CHECKING:
@@ -54,12 +54,15 @@ class _Report:
         self.document = keys.open(entry.key, entry.sealed) if keys is not None and entry.kid == keys.kid else None
         self.age = now - entry.stored_at
         sealed_at = sealed_time(self.document) if self.document is not None else None
+        bound = hash_bound(self.document, entry.password_hash) if self.document is not None else None
         if self.document is None:
             self.state = "unreadable (written with other keys)"
-        elif sealed_at is None:
+        elif sealed_at is None or bound is None:
             self.state = "not used offline (written by an older version; the next live login replaces it)"
         elif sealed_at != entry.stored_at:
             self.state = "not used offline (its time was changed in the store)"
+        elif not bound:
+            self.state = "not used offline (its password hash was changed in the store)"
         elif not cache.usable_hash(entry.password_hash):
             self.state = "not used offline (hashed with other argon2 parameters; the next live login replaces it)"
         elif self.age > settings.max_age:
@@ -125,12 +128,15 @@ def _show(cache: OfflineCache, username: str) -> int:
 
 
 def _purge(cache: OfflineCache, username: str | None, expired: bool) -> int:
+    # A purge forgets (leaves a "forgotten at" marker) rather than only deleting: a live login
+    # that the directory accepted before the operator disabled the account may still be
+    # hashing, and would otherwise write the entry back after the purge (review of purge).
     if username is not None:
         keys = _keys(cache)
-        deleted = keys is not None and cache.store.delete(keys.row_key(cache.user_key(username)))
+        deleted = keys is not None and cache.store.forget(keys.row_key(cache.user_key(username)), time.time())
         print(f"deleted the entry for {printable(username)}" if deleted else f"no entry for {printable(username)}")
         return EXIT_OK if deleted else EXIT_FAILED
-    removed = cache.purge_expired() if expired else cache.store.purge()
+    removed = cache.purge_expired() if expired else cache.store.forget_all(time.time())
     print(f"deleted {removed} {'expired ' if expired else ''}entries from {cache.store.location}")
     print("(hot caches live in the gateway's memory and expire by themselves within hot.ttl)")
     return EXIT_OK

@@ -7,11 +7,13 @@ processes starting together agree on one):
 * the **pepper** keys an HMAC applied to the password before argon2id (the OWASP "pre-hashing
   pepper"), and the HMAC that turns a username into the store's row key. A stolen database
   without the pepper can neither be brute-forced offline nor be read for usernames.
-* the **encryption key** seals the identity (profile, groups), the step that proved it and the
-  time of that live login with AES-256-GCM; the row key is the associated data, so a ciphertext
-  copied onto another user's row does not open. The store's own copy of the time is not
-  authenticated: offline answers compare it with the sealed one (a row put back by someone
-  who can write to the store, with a fresh time, must not live past ``max_age``).
+* the **encryption key** seals the identity (profile, groups), the step that proved it, the
+  time of that live login and a SHA-256 digest of the row's password hash with AES-256-GCM; the
+  row key is the associated data, so a ciphertext copied onto another user's row does not open.
+  The store's own copies of the time and the hash are not authenticated: offline answers
+  compare them with the sealed ones (a row put back by someone who can write to the store,
+  with a fresh time, must not live past ``max_age``; an old hash of the same user written into
+  the current row must not make the old password work offline).
 
 Each secret is stretched with HKDF-SHA256 (RFC 5869) into separate keys per purpose.
 """
@@ -36,7 +38,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from gateway import Identity, Secret
 
-__all__ = ["CacheKeys", "KeyFileError", "KeySource", "key_file_problem", "load_keys", "sealed_time"]
+__all__ = ["CacheKeys", "KeyFileError", "KeySource", "hash_bound", "key_file_problem", "load_keys", "sealed_time"]
 
 PEPPER_FILE = "cache-pepper.key"
 ENCRYPTION_FILE = "cache-encryption.key"
@@ -151,15 +153,18 @@ class CacheKeys:
     def _aad(self, row_key: str) -> bytes:
         return _VERSION + b"\0" + row_key.encode("ascii")
 
-    def seal(self, row_key: str, identity: Identity, step: str, stored_at: float, answered_by: str = "") -> bytes:
+    def seal(self, row_key: str, identity: Identity, step: str, stored_at: float, answered_by: str = "", *,
+             password_hash: str) -> bytes:
         """AES-256-GCM over the identity, the name of the step that proved it, *stored_at*, the
         time of that live login (the entry's ``stored_at``; the sealed copy is the one
-        ``max_age`` is judged by), and *answered_by*, the backend of that step that vouched
-        (``Decision.answered_by``; left out when the step named none)."""
+        ``max_age`` is judged by), *answered_by*, the backend of that step that vouched
+        (``Decision.answered_by``; left out when the step named none), and the digest of
+        *password_hash*, the entry's hash (see :func:`hash_bound`)."""
         document = identity.to_json()
         document.pop("authenticated_at", None)
         document["step"] = step
         document["stored_at"] = stored_at
+        document["hash_sha256"] = _hash_digest(password_hash)
         if answered_by:
             document["answered_by"] = answered_by
         plaintext = json.dumps(document, separators=(",", ":"), default=str).encode("utf-8")
@@ -183,6 +188,21 @@ def sealed_time(document: dict) -> float | None:
     who can write to the store can change it (and the failure count), not the sealed copy."""
     value = document.get("stored_at")
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _hash_digest(password_hash: str) -> str:
+    return hashlib.sha256(password_hash.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def hash_bound(document: dict, password_hash: str) -> bool | None:
+    """Whether *password_hash*, the store's copy, is the hash sealed with the entry; None for an
+    entry sealed without the digest (an older version). Like the time, the hash column is not
+    authenticated: a writer of the store could put an older hash of the same user (a backup, a
+    replica) into the current row, and the old password would verify offline."""
+    sealed = document.get("hash_sha256")
+    if not isinstance(sealed, str):
+        return None
+    return hmac.compare_digest(sealed.encode("ascii", "replace"), _hash_digest(password_hash).encode("ascii"))
 
 
 def sources(state_dir: Path, pepper: Secret | None, encryption_key: Secret | None) -> tuple[KeySource, KeySource]:

@@ -11,8 +11,9 @@ The rules (DESIGN.md section 3, docs/plugins/cache.md):
   a SUCCESS with ``from_cache``, a wrong one INVALID_CREDENTIALS; after ``max_offline_failures``
   wrong ones the user is refused until a live login; an unknown, expired or unreadable entry
   leaves the decision UNAVAILABLE. ``max_age`` counts from the time sealed in the entry; an
-  entry whose stored time differs from it was changed in the store and is deleted; a password
-  hash with argon2 parameters other than the configured ones is never verified (absent);
+  entry whose stored time differs from it was changed in the store and is deleted, and so is
+  one whose password hash is not the one sealed with it; a password hash with argon2
+  parameters other than the configured ones is never verified (absent);
 * an entry sealed with the backend that vouched (``Decision.answered_by``: a relay's connector)
   is answered only while that backend is not revoked (``gateway_answerer_revoked``): revoked,
   the entry is deleted; while its plugin cannot tell, it is not answered.
@@ -43,7 +44,7 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 from gateway import Attempt, Decision, Identity, Outcome, PasswordCredential
 from gateway.logs import printable
 from gateway.model import folded_username
-from gateway.plugins.cache.keys import CacheKeys, KeyFileError, load_keys, sealed_time
+from gateway.plugins.cache.keys import CacheKeys, KeyFileError, hash_bound, load_keys, sealed_time
 from gateway.plugins.cache.settings import CacheSettings
 from gateway.plugins.cache.store import AT_LIMIT, FUTURE_TOLERANCE, GONE, Entry, SQLiteStore, Store, StoreError
 from gateway.slots import FairSlots, usable_cpus
@@ -230,7 +231,7 @@ class OfflineCache:
                 password_hash = self.hasher.hash(keys.peppered(user_key, credential.password))
             finally:
                 self._hash_slots.release()
-            sealed = keys.seal(row_key, identity, step, now, answered_by)
+            sealed = keys.seal(row_key, identity, step, now, answered_by, password_hash=password_hash)
             self.store.put(Entry(row_key, keys.kid, password_hash, sealed, now))
             with self._lock:
                 self._tombstones.pop(row_key, None)
@@ -327,7 +328,9 @@ class OfflineCache:
             return
         if entry is None:
             return
-        if self._opened(keys, row_key, entry) is None or not self.usable_hash(entry.password_hash):
+        document = self._opened(keys, row_key, entry)
+        if (document is None or not hash_bound(document, entry.password_hash)
+                or not self.usable_hash(entry.password_hash)):
             self.forget(username)  # not usable offline anyway
             return
         with self._hash_slots.held():
@@ -398,6 +401,17 @@ class OfflineCache:
             # Only a writer of the store changes one without the other (put writes both at
             # once): a captured row put back after a refusal deleted it, with a fresh time.
             self.log.warning("credential cache: an entry's stored time is not the one sealed with it "
+                             "(changed in the store); deleted (attempt %s)", attempt.request_id)
+            self._delete_quietly(row_key)
+            return unavailable
+        bound = hash_bound(document, entry.password_hash)
+        if bound is None:
+            return unavailable  # sealed by a version that did not bind the hash: replaced at the next live login
+        if not bound:
+            # As for the time: only a writer of the store changes the hash without the sealed
+            # part, for instance an older hash of this user copied into the current row, which
+            # would make the old (changed) password work offline.
+            self.log.warning("credential cache: an entry's password hash is not the one sealed with it "
                              "(changed in the store); deleted (attempt %s)", attempt.request_id)
             self._delete_quietly(row_key)
             return unavailable

@@ -34,13 +34,16 @@ if tonumber(f) >= tonumber(ARGV[1]) then return 0 end
 redis.call('HINCRBY', KEYS[1], 'fail', 1)
 return 1
 """
-# KEYS[1] entry, KEYS[2] its "forgotten at" marker; ARGV: at, expire_ms, kid, hash, sealed, fail,
-# tolerance. Never writes an entry stamped before the marker (a refusal meanwhile); replaces the
-# entry unless the one held was stored later (two instances storing one user at once keep the
-# newer), but not more than FUTURE_TOLERANCE later (a clock far ahead); 1: written.
+# KEYS[1] entry, KEYS[2] its "forgotten at" marker, KEYS[3] the store-wide "purged at" marker;
+# ARGV: at, expire_ms, kid, hash, sealed, fail, tolerance. Never writes an entry stamped before
+# either marker (a refusal, or the operator's purge, meanwhile); replaces the entry unless the
+# one held was stored later (two instances storing one user at once keep the newer), but not
+# more than FUTURE_TOLERANCE later (a clock far ahead); 1: written.
 _PUT = """
 local forgotten = redis.call('GET', KEYS[2])
 if forgotten and tonumber(forgotten) >= tonumber(ARGV[1]) then return 0 end
+local purged = redis.call('GET', KEYS[3])
+if purged and tonumber(purged) >= tonumber(ARGV[1]) then return 0 end
 local at = redis.call('HGET', KEYS[1], 'at')
 if at and tonumber(at) > tonumber(ARGV[1]) and tonumber(at) <= tonumber(ARGV[1]) + tonumber(ARGV[7]) then
   return 0
@@ -56,6 +59,12 @@ _FORGET = """
 local m = redis.call('GET', KEYS[2])
 if not m or tonumber(m) < tonumber(ARGV[1]) then redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2]) end
 return redis.call('DEL', KEYS[1])
+"""
+# KEYS[1] the store-wide marker; ARGV: at, marker lifetime in ms. As _FORGET's marker, for every key.
+_MARK_PURGED = """
+local m = redis.call('GET', KEYS[1])
+if not m or tonumber(m) < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) end
+return 1
 """
 # Never creates the hash (HINCRBY on a missing key would, without an expiry); 0 when it is gone.
 _GIVE_BACK = """
@@ -93,6 +102,7 @@ class RedisStore:
         self._take = self._redis.register_script(_TAKE)
         self._give_back = self._redis.register_script(_GIVE_BACK)
         self._forget = self._redis.register_script(_FORGET)
+        self._mark_purged = self._redis.register_script(_MARK_PURGED)
 
     def _name(self, key: str) -> bytes:
         return self.prefix + key.encode("ascii")
@@ -100,6 +110,10 @@ class RedisStore:
     def _marker(self, key: str) -> bytes:
         # Not 64 hex digits after the prefix: scan, purge and `cache list` never take it for a row.
         return self.prefix + b"forgotten:" + key.encode("ascii")
+
+    def _purged_marker(self) -> bytes:
+        # Not a row either (see _marker); one per key prefix, so per cache sharing this Redis.
+        return self.prefix + b"purged"
 
     def _call(self, what: str, function, *args, **kwargs):
         try:
@@ -125,7 +139,8 @@ class RedisStore:
         # One Lua script: Redis runs it atomically, so nobody sees a partial entry and no other
         # writer slips in between the comparison and the write.
         expire_ms = int((entry.stored_at + self.max_age) * 1000)
-        return bool(int(self._call("EVALSHA", self._put, keys=[self._name(entry.key), self._marker(entry.key)], args=[
+        keys = [self._name(entry.key), self._marker(entry.key), self._purged_marker()]
+        return bool(int(self._call("EVALSHA", self._put, keys=keys, args=[
             repr(entry.stored_at).encode(), expire_ms, entry.kid.encode(), entry.password_hash.encode(),
             entry.sealed, str(entry.failures).encode(), repr(FUTURE_TOLERANCE).encode()])))
 
@@ -135,6 +150,14 @@ class RedisStore:
     def forget(self, key: str, at: float) -> bool:
         return bool(int(self._call("EVALSHA", self._forget, keys=[self._name(key), self._marker(key)],
                                    args=[repr(at).encode(), int(FORGOTTEN_FOR * 1000)])))
+
+    def forget_all(self, at: float) -> int:
+        # Marker first, as in _FORGET: a write that lands while the rows are deleted one by one
+        # is either refused (stamped before *at*) or deleted with them (fail closed: a later live
+        # login writes the entry again).
+        self._call("EVALSHA", self._mark_purged, keys=[self._purged_marker()],
+                   args=[repr(at).encode(), int(FORGOTTEN_FOR * 1000)])
+        return self.purge()
 
     def take_failure(self, key: str, limit: int) -> int:
         result = int(self._call("EVALSHA", self._take, keys=[self._name(key)], args=[limit]))

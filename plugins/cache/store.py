@@ -70,9 +70,16 @@ class Store(Protocol):
         """Remove the entry; True when there was one."""
 
     def forget(self, key: str, at: float) -> bool:
-        """Delete the entry because the directory refused the user at time *at*, and keep a
-        marker for :data:`FORGOTTEN_FOR` seconds so that a write stamped before *at* is refused
-        (:meth:`put` returns False). True when there was an entry."""
+        """Delete the entry because the directory refused the user at time *at* (or the operator
+        purged it then), and keep a marker for :data:`FORGOTTEN_FOR` seconds so that a write
+        stamped before *at* is refused (:meth:`put` returns False). True when there was an entry."""
+
+    def forget_all(self, at: float) -> int:
+        """Delete every entry because the operator purged the whole cache at time *at*, and keep
+        one store-wide marker for :data:`FORGOTTEN_FOR` seconds so that a write stamped before
+        *at*, whatever its key, is refused (:meth:`put` returns False), as :meth:`forget` does
+        for one key: a live login already hashing when the purge ran must not write its entry
+        back afterwards. Returns how many entries were deleted."""
 
     def take_failure(self, key: str, limit: int) -> int:
         """Atomically count one offline attempt against *key* before it is verified: TAKEN when
@@ -86,7 +93,9 @@ class Store(Protocol):
         """Every entry, in no particular order."""
 
     def purge(self, older_than: float | None = None) -> int:
-        """Delete entries stored before the time *older_than* (all when None); returns how many."""
+        """Delete entries stored before the time *older_than* (all when None); returns how many.
+        Leaves no marker: writes under way land afterwards (the operator's purge uses
+        :meth:`forget_all`)."""
 
     def probe(self) -> str:
         """Write, read back and delete a probe entry; a short description. Raises StoreError."""
@@ -113,6 +122,9 @@ CREATE INDEX IF NOT EXISTS forgotten_at ON forgotten (at);
 PRAGMA user_version = 1;
 """
 _PROBE_KEY = "probe"
+#: The key of :meth:`SQLiteStore.forget_all`'s store-wide marker in the ``forgotten`` table: row
+#: keys are 64 hex digits, so it never names a row.
+_EVERY_KEY = "*"
 
 
 class SQLiteStore:
@@ -196,14 +208,15 @@ class SQLiteStore:
         # The upsert's WHERE makes the write conditional inside SQLite's write lock: no window
         # between reading the stored time and writing. The SELECT's WHERE refuses a write
         # stamped before a refusal's marker, whether it would insert or update (the WHERE also
-        # keeps SQLite's INSERT ... SELECT ... ON CONFLICT parse unambiguous).
+        # keeps SQLite's INSERT ... SELECT ... ON CONFLICT parse unambiguous). The store-wide
+        # marker of an operator's purge refuses it the same way.
         return self._run("INSERT INTO entries (key, kid, hash, sealed, stored_at, failures) SELECT ?, ?, ?, ?, ?, ? "
-                         "WHERE NOT EXISTS (SELECT 1 FROM forgotten WHERE key = ? AND at >= ?) "
+                         "WHERE NOT EXISTS (SELECT 1 FROM forgotten WHERE key IN (?, ?) AND at >= ?) "
                          "ON CONFLICT (key) DO UPDATE SET kid = excluded.kid, hash = excluded.hash, "
                          "sealed = excluded.sealed, stored_at = excluded.stored_at, failures = excluded.failures "
                          "WHERE excluded.stored_at >= entries.stored_at OR entries.stored_at > excluded.stored_at + ?",
                          (entry.key, entry.kid, entry.password_hash, entry.sealed, entry.stored_at,
-                          entry.failures, entry.key, entry.stored_at, FUTURE_TOLERANCE)).rowcount > 0
+                          entry.failures, entry.key, _EVERY_KEY, entry.stored_at, FUTURE_TOLERANCE)).rowcount > 0
 
     def delete(self, key: str) -> bool:
         return self._run("DELETE FROM entries WHERE key = ?", (key,)).rowcount > 0
@@ -216,6 +229,15 @@ class SQLiteStore:
         self._run("INSERT INTO forgotten (key, at) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET at = "
                   "max(forgotten.at, excluded.at)", (key, at))
         return self.delete(key)
+
+    def forget_all(self, at: float) -> int:
+        # Marker first, as in forget. Per-key markers at or before *at* say no more than the
+        # store-wide one and go; a later one (another instance's clock ahead) is kept. Pruned
+        # with the others at the next forget, once FORGOTTEN_FOR has passed.
+        self._run("DELETE FROM forgotten WHERE at <= ? AND key != ?", (at, _EVERY_KEY))
+        self._run("INSERT INTO forgotten (key, at) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET at = "
+                  "max(forgotten.at, excluded.at)", (_EVERY_KEY, at))
+        return self._run("DELETE FROM entries WHERE key != ?", (_PROBE_KEY,)).rowcount
 
     def take_failure(self, key: str, limit: int) -> int:
         if self._run("UPDATE entries SET failures = failures + 1 WHERE key = ? AND failures < ?",
