@@ -65,8 +65,9 @@ __all__ = ["AFTER_THE_CHAIN", "PRECHECK_STEP", "SERVICE_CALLER", "ChainFolder", 
 
 log = logging.getLogger("authgw.chain")
 
-#: Characters no response header can carry (and that, taken out, would make another name).
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: Characters no response header may carry (and that, taken out, would make another name): the
+#: set gateway/http/app.py's ``_UNSAFE`` keeps out of ``Remote-*`` (C0, DEL, C1, U+2028, U+2029).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 #: The decision an attempt was first told with (in a 1-tuple, unique to that call).
 _TOLD: StashKey[tuple] = StashKey()

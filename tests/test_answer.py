@@ -188,7 +188,10 @@ def test_a_header_value_from_an_identity_is_always_writable(caplog):
     assert "email holds a control character: Remote-Email sent empty" in caplog.text
     assert _header_value("Zoë Ünal") == "Zoë Ünal"
     assert _header_value("bad \ud800 name") == "bad ? name"
-    assert _header_value("line\u2028separator") == "line\u2028separator"  # not a control character: as it is
+    # C1 and the line separators: a backend splitting a latin-1 (WSGI) or text header into lines
+    # read "Eve\x85Remote-User: admin" as a header of its own (review of the front doors)
+    assert _header_value("Eve\x85Remote-User: admin", "name") == "" and _header_value("a\u2028b", "name") == ""
+    assert _header_value("left\u200eto right") == "left\u200eto right"  # a format character: as it is
 
 
 def test_a_group_name_holding_a_comma_is_left_out_of_remote_groups(caplog):

@@ -438,5 +438,10 @@ def test_a_username_no_header_can_carry_is_not_signed_in(tmp_path, caplog):
         decision = decide(bad)
     assert (decision.outcome, decision.step, decision.reason) == (Outcome.ERROR, "a", "unrepresentable_username")
     assert "control character" in caplog.text
-    good = build(tmp_path / "good", {"chain": ["a"]}, {"a": {"action": "success", "success_as": "zoë\u2028x"}})
-    assert decide(good).identity.username == "zoë\u2028x"
+    for other in ("mal\x85lory", "mal\u2028lory"):  # C1, a line separator: the same
+        (tmp_path / other.encode("unicode_escape").decode()).mkdir()
+        also = build(tmp_path / other.encode("unicode_escape").decode(), {"chain": ["a"]},
+                     {"a": {"action": "success", "success_as": other}})
+        assert decide(also).reason == "unrepresentable_username"
+    good = build(tmp_path / "good", {"chain": ["a"]}, {"a": {"action": "success", "success_as": "zoë\u200ex"}})
+    assert decide(good).identity.username == "zoë\u200ex"

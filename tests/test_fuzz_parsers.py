@@ -711,6 +711,18 @@ def test_negotiate_round_trip(token, scheme):
     assert _checked_credential(scheme + base64.b64encode(token).decode()) == NegotiateCredential(token)
 
 
+def test_only_http_whitespace_is_taken_around_the_credentials():
+    # str.strip() took Unicode whitespace too: a no-break space after the base64 signed in
+    # (review of the front doors). HTTP's whitespace is space and tab.
+    good = "Basic " + base64.b64encode(b"alice:pw").decode()
+    assert parse_authorization(f" {good}\t").username == "alice"
+    for odd in (good + "\u00a0", good + "\u2003"):
+        with pytest.raises(MalformedCredentials):
+            parse_authorization(odd)
+    assert parse_authorization("\u00a0" + good) is None  # no scheme this gateway reads
+    assert parse_authorization(good.replace(" ", "\u00a0")) is None
+
+
 def test_authorization_sizes_are_refused_before_decoding():
     for header in ("Basic " + "QUFB" * 100_000, "Negotiate " + "QUFB" * 100_000, "Basic " + "=" * 10**6):
         with pytest.raises(MalformedCredentials):

@@ -100,8 +100,12 @@ def test_an_identity_value_holding_a_control_character_never_reaches_the_applica
     # "adm\x7fins" and "ops" reached the application as a member of admins, and a mail of
     # "ceo@example.com\x7f" as the CEO's (review of what the gateway writes). The group is left
     # out, the mail sent empty.
+    # C1 and the line separators too: a backend reading the header as latin-1 (WSGI) and
+    # splitting lines read "Eve\x85Remote-User: admin" as a line of its own, and str.split()
+    # "users\x85admins" as a group admins (review of the front doors).
     gw, nginx = site("", users='  mallory:\n    password_hash: "HASH"\n    email: "ceo@example.com\\x7f"\n'
-                         '    display_name: "The\\x00Boss"\n    groups: ["adm\\x7fins", "ops", "adm\\u0000ins"]\n')
+                         '    display_name: "Eve\\x85Remote-User: admin"\n'
+                         '    groups: ["adm\\x7fins", "ops", "adm\\u0000ins", "users\\x85admins", "a\\u2028b"]\n')
     r = request(nginx.url, "GET", "/page", {"Authorization": basic("mallory", "demo-password")})
     assert r.status == 200, r.body
     assert r.text == "user=mallory authorization=[]\ngroups=[ops] email=[] name=[] source=[live]\n", r.text

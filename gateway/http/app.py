@@ -56,8 +56,12 @@ _MAX_JSON_BYTES = 8 * 1024
 _MAX_JSON_DEPTH = 32
 #: Headers not copied to ``Attempt.headers``: credentials reach plugins typed, or not at all.
 _PRIVATE_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
-#: Characters that may not reach a response header (header injection / response splitting).
-_UNSAFE = {c: None for c in range(32)} | {0x7F: None}
+#: Characters that may not reach a response header (header injection / response splitting): C0,
+#: DEL and C1 controls, and the Unicode line and paragraph separators. A backend that reads a
+#: header as latin-1 (WSGI) and splits lines broke ``Eve\u0085Remote-User: admin`` into a line of
+#: its own, and ``str.split()`` read ``users\u0085admins`` as a group ``admins`` (review of the
+#: front doors).
+_UNSAFE = {c: None for c in range(32)} | {c: None for c in range(0x7F, 0xA0)} | {0x2028: None, 0x2029: None}
 
 _identity_warning = RateLimitedWarning(logging.getLogger("authgw.http"))
 
@@ -69,7 +73,7 @@ def _header_value(text: str, field: str = "") -> str:
     (review of what the gateway writes). HTTP has no way to send them.
 
     isprintable() is False for every character _UNSAFE holds (and for some it does not, such as
-    U+2028, sent as they are): a printable value, the usual case, needs no copy. A lone
+    U+200E, sent as they are): a printable value, the usual case, needs no copy. A lone
     surrogate (an identity from a YAML or JSON escape) cannot be written as UTF-8: it became a
     reset connection after a logged success (review of the front door); it is written as "?"."""
     if text.isprintable():
@@ -291,7 +295,8 @@ class FrontDoor:
             refusal = web.json_response({"error": "bad_request", "detail": "request body too large"}, status=400)
         elif content_encoded(request):  # never inflated (protocol.py): not invited either
             refusal = web.json_response({"error": "bad_request",
-                                         "detail": "a body with a Content-Encoding is not accepted"}, status=400)
+                                         "detail": "a body with a Content-Encoding, or a Transfer-Encoding "
+                                                   "other than chunked, is not accepted"}, status=400)
         else:
             return None
         no_linger(request)
@@ -390,7 +395,7 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     refuse it). Bound the wait with ``asyncio.wait_for(..., limits.body_timeout)``; a body with
     a ``Content-Encoding`` raises ``RequestPayloadError`` before a byte is read."""
     if content_encoded(request):
-        raise RequestPayloadError("a Content-Encoding is not accepted")
+        raise RequestPayloadError("a Content-Encoding, or a Transfer-Encoding other than chunked, is not accepted")
     body = b""
     while len(body) <= limit:  # read() returns what has arrived, not all of it
         chunk = await request.content.read(limit + 1 - len(body))

@@ -59,7 +59,7 @@ def _b64(data: str, limit: int) -> bytes:
     if len(data) > limit * 4 // 3 + 4:
         raise MalformedCredentials("credentials_too_long")
     try:
-        return b64decode(data.strip(), validate=True)
+        return b64decode(data.strip(" \t"), validate=True)  # not str.strip(): NBSP is not HTTP's whitespace
     except (binascii.Error, ValueError):
         raise MalformedCredentials("malformed_authorization") from None
 
@@ -81,7 +81,7 @@ def parse_authorization(header: str | None) -> PasswordCredential | NegotiateCre
     """``Basic`` gives a password credential, ``Negotiate`` a token; other schemes are ignored."""
     if not header:
         return None
-    scheme, _, data = header.strip().partition(" ")
+    scheme, _, data = header.strip(" \t").partition(" ")
     scheme = scheme.lower()
     if scheme == "basic":
         raw = _b64(data, MAX_USERNAME_BYTES + MAX_PASSWORD_BYTES + 1)

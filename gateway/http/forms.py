@@ -39,7 +39,7 @@ async def read_form(request: web.Request) -> MultiDictProxy:
     the answer is written: what is left of the body is not waited for."""
     if content_encoded(request):  # never decoded (protocol.py, auto_decompress): not a form
         no_linger(request)
-        raise UnreadableForm("a body with a Content-Encoding is not accepted")
+        raise UnreadableForm("a body with a Content-Encoding, or a Transfer-Encoding other than chunked, is not accepted")
     if (request.content_length or 0) > request.client_max_size:
         no_linger(request)
         raise web.HTTPRequestEntityTooLarge(max_size=request.client_max_size, actual_size=request.content_length)

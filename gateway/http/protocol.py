@@ -375,9 +375,14 @@ class GuardedRequestHandler(RequestHandler, _NoDelayAlreadySet):
         busy = self._busy()
         if self._was_busy and not busy:
             self._unparsed = 0  # the previous request is answered: the next one starts here
+        end = data.find(b"\r\n\r\n")
+        head = self._unparsed + (len(data) if end < 0 else end + 4)  # up to the end of the headers
         self._unparsed += len(data)
-        if self._unparsed <= self._guard.limits.max_header_bytes or b"\r\n\r\n" in data:
-            return False  # within it, or headers end in this read (then counted from 0 again)
+        if head <= self._guard.limits.max_header_bytes:
+            # Within it (a read that ends the headers counts up to their end, then from 0 again
+            # for the next request). A read that ended them was not counted at all: 56 KiB, a
+            # pause, then 100 KiB more and the end in one read passed a limit of 64 KiB.
+            return False
         self._guard.warn("max_header_bytes", "closed a connection from %s: more than %d bytes of request headers "
                          "(limits.max_header_bytes)", self._host, self._guard.limits.max_header_bytes)
         if not busy and self.transport is not None:
@@ -497,11 +502,15 @@ class GuardedRequestHandler(RequestHandler, _NoDelayAlreadySet):
 
 
 def content_encoded(request: web.Request) -> bool:
-    """Whether *request*'s body comes with a ``Content-Encoding`` (other than ``identity``).
-    Request bodies are not decoded here (``auto_decompress`` is off): such a body is refused,
-    never read as if it were plain."""
-    return any(value.strip().lower() not in ("", "identity")
-               for value in request.headers.getall("Content-Encoding", ()))
+    """Whether *request*'s body comes with a ``Content-Encoding`` (other than ``identity``), or
+    a ``Transfer-Encoding`` other than ``chunked`` alone. Request bodies are not decoded here
+    (``auto_decompress`` is off): such a body is refused, never read as if it were plain.
+    aiohttp reads ``gzip, chunked`` as chunked and hands the gzip bytes on as they are: a proxy
+    that decodes them would have read another body (review of the front doors)."""
+    if any(value.strip().lower() not in ("", "identity") for value in request.headers.getall("Content-Encoding", ())):
+        return True
+    codings = [c.strip().lower() for v in request.headers.getall("Transfer-Encoding", ()) for c in v.split(",")]
+    return bool(codings) and codings != ["chunked"]
 
 
 def no_linger(request: web.Request) -> None:
