@@ -183,6 +183,66 @@ def test_an_unreadable_ocsp_answer_is_unknown_not_an_internal_error(tmp_path, ca
     assert "the response is not signed by the CA or a responder it authorised" in output
 
 
+def _responder(answer) -> tuple[ThreadingHTTPServer, str]:
+    """An OCSP responder on loopback answering each request's body with ``answer(body)``."""
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            body = answer(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/ocsp-response")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="ocsp", daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}/ocsp"
+
+
+def test_a_signed_revoked_answer_that_cannot_be_read_is_revoked_not_unknown(tmp_path, ca):
+    """The CA's own responder says "revoked" with a reason code ``cryptography`` does not read
+    (7, unused in RFC 5280): taken as unknown, soft-fail let the revoked certificate in (review
+    of this stop's diff). A signed answer is the CA's word: revoked."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    def answer(body: bytes) -> bytes:
+        request = ocsp.load_der_ocsp_request(body)
+        now = dt.datetime.now(UTC)
+        response = (ocsp.OCSPResponseBuilder().add_response_by_hash(
+            issuer_name_hash=request.issuer_name_hash, issuer_key_hash=request.issuer_key_hash,
+            serial_number=request.serial_number, algorithm=request.hash_algorithm,
+            cert_status=ocsp.OCSPCertStatus.REVOKED, this_update=now - dt.timedelta(minutes=1),
+            next_update=now + dt.timedelta(hours=1), revocation_time=now - dt.timedelta(hours=1),
+            revocation_reason=x509.ReasonFlags.key_compromise)
+            .responder_id(ocsp.OCSPResponderEncoding.HASH, ca.cert).sign(ca.key, hashes.SHA256()))
+        der, tbs = response.public_bytes(serialization.Encoding.DER), response.tbs_response_bytes
+        odd = tbs.replace(bytes.fromhex("a0030a0101"), bytes.fromhex("a0030a0107"))  # CRLReason 1 -> 7
+        assert odd != tbs
+        while len(signature := ca.key.sign(odd, ec.ECDSA(hashes.SHA256()))) != len(response.signature):
+            pass  # the DER around it keeps its lengths: a signature as long as the first
+        return der.replace(tbs, odd).replace(response.signature, signature)
+
+    server, url = _responder(answer)
+    root = write_bundle(tmp_path / "root.pem", ca)
+    gateway = _start(tmp_path, _settings(root, revocation={"policy": "soft-fail", "retry_after_failure": 0},
+                                         mapping={"rules": ["cn"], "lookup": False}), ["client_cert"])
+    try:
+        response, audit = _login(gateway, ca.issue("rita", client=True, ocsp_url=url))
+        assert response.status == 401 and response.header("Remote-User") is None, audit
+        assert audit["reason"] == "cert.revoked", audit
+        assert "revoked (its reason or time cannot be read)" in gateway.output()
+    finally:
+        gateway.stop()
+        server.shutdown()
+        server.server_close()
+
+
 # -- RFC 4514 syntax inside a subject value ----------------------------------------------------------
 
 

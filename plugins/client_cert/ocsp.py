@@ -16,7 +16,10 @@ answer that cannot be judged at all: whoever is on the path to a plain-http resp
 anything, and an exception while reading it (a certificate with a key type ``cryptography`` does
 not know, an undecodable name) made every login of that CA an internal error, even under
 soft-fail (review of the client_cert plugin). Such an answer is logged, rate-limited and
-without a traceback, and counts as "unknown", as an unreachable responder does.
+without a traceback, and counts as "unknown", as an unreachable responder does. Only until its
+signature is checked, though: a signed answer is the CA's word, and one that cannot be read
+(a "revoked" with a reason code ``cryptography`` does not know) is taken as revoked, never as
+unknown, which soft-fail lets in (:meth:`OcspClient.judge`).
 """
 
 from __future__ import annotations
@@ -169,7 +172,8 @@ class OcspClient:
             return Verdict(Status.UNKNOWN, "the answer is not an OCSP response"), None
         try:
             return self.judge(response, cert, issuer, nonce)
-        except Exception as exc:  # the answer is attacker-controlled; see the module docstring
+        except _Unreadable as unreadable:  # before its signature: anyone's bytes; see the module docstring
+            exc = unreadable.__cause__
             what = f"{type(exc).__name__}: {printable(exc)[:200]}"
             self._warn_unreadable("ocsp.unreadable", "OCSP answer from %s could not be judged (%s); taken as "
                                   "unknown", shown_url(url), what)
@@ -177,11 +181,29 @@ class OcspClient:
 
     def judge(self, response: ocsp.OCSPResponse, cert: x509.Certificate, issuer: x509.Certificate,
               nonce: bytes | None) -> tuple[Verdict, dt.datetime | None]:
-        if response.response_status != ocsp.OCSPResponseStatus.SUCCESSFUL:
-            return Verdict(Status.UNKNOWN, f"responder answered {response.response_status.name.lower()}"), None
-        problem = self._check_signer(response, issuer)
+        """The verdict of *response*. Until its signature is checked it is anyone's bytes: one
+        that cannot be read raises :class:`_Unreadable` ("unknown", the policy decides). Once an
+        authorised responder's signature holds, it is the CA's word, and may say revoked: one
+        that cannot be read is taken as revoked. Taken as unknown, a correctly signed "revoked"
+        with a reason code ``cryptography`` does not read (7) let the certificate in under
+        soft-fail (review of this stop's diff)."""
+        try:
+            if response.response_status != ocsp.OCSPResponseStatus.SUCCESSFUL:
+                return Verdict(Status.UNKNOWN, f"responder answered {response.response_status.name.lower()}"), None
+            problem = self._check_signer(response, issuer)
+        except Exception as exc:
+            raise _Unreadable() from exc
         if problem:
             return Verdict(Status.UNKNOWN, problem), None
+        try:
+            return self._signed_verdict(response, cert, issuer, nonce)
+        except Exception as exc:
+            return Verdict(Status.REVOKED, f"OCSP: a signed answer that cannot be read ({type(exc).__name__}): "
+                                           "taken as revoked"), None
+
+    def _signed_verdict(self, response: ocsp.OCSPResponse, cert: x509.Certificate, issuer: x509.Certificate,
+                        nonce: bytes | None) -> tuple[Verdict, dt.datetime | None]:
+        """What *response*, signed by an authorised responder, says of *cert*."""
         try:
             echoed = response.extensions.get_extension_for_class(x509.OCSPNonce).value.nonce
         except x509.ExtensionNotFound:
@@ -205,8 +227,11 @@ class OcspClient:
             if single.certificate_status == ocsp.OCSPCertStatus.GOOD:
                 return Verdict(Status.GOOD, "OCSP: good"), next_update
             if single.certificate_status == ocsp.OCSPCertStatus.REVOKED:
-                reason = single.revocation_reason.name if single.revocation_reason else "unspecified"
-                when = single.revocation_time_utc.isoformat()
+                try:
+                    reason = single.revocation_reason.name if single.revocation_reason else "unspecified"
+                    when = single.revocation_time_utc.isoformat()
+                except Exception:  # noqa: BLE001 - a reason code cryptography does not know: revoked all the same
+                    return Verdict(Status.REVOKED, "OCSP: revoked (its reason or time cannot be read)"), next_update
                 return Verdict(Status.REVOKED, f"OCSP: revoked at {when} ({reason})"), next_update
             return Verdict(Status.UNKNOWN, "the responder does not know this certificate"), None
         return Verdict(Status.UNKNOWN, "the response has no answer for this certificate"), None
@@ -265,6 +290,10 @@ class OcspClient:
         except ValueError:
             raise FetchError(f"{shown_url(url)}: the answer is not an OCSP response") from None
         return response.response_status.name.lower()
+
+
+class _Unreadable(Exception):
+    """An OCSP answer that could not be read before its signature was checked (the cause)."""
 
 
 def _is_responder(signer: x509.Certificate, by_name: x509.Name | None, by_key: bytes | None) -> bool:
