@@ -26,7 +26,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 
 import greenlet
 
-__all__ = ["blocking", "expire", "on_loop", "run", "running_on", "wait", "wait_io"]
+__all__ = ["blocking", "expire", "in_loop_thread", "on_loop", "run", "running_on", "wait", "wait_io"]
 
 T = TypeVar("T")
 
@@ -108,6 +108,15 @@ async def run(fn: Callable[..., T], *args: Any) -> T:
 def on_loop() -> bool:
     """Whether this code runs in a greenlet of :func:`run` (so it must not block)."""
     return isinstance(greenlet.getcurrent(), _Spawned)
+
+
+def in_loop_thread() -> bool:
+    """Whether this thread runs an event loop now (a call here must not wait on a lock)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def running_on(loop: asyncio.AbstractEventLoop) -> bool:

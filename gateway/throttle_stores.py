@@ -11,7 +11,6 @@ machines, uses Redis's clock instead of each instance's.
 
 from __future__ import annotations
 
-import asyncio
 import heapq
 import logging
 import os
@@ -21,6 +20,7 @@ from collections import deque
 from pathlib import Path
 from typing import Protocol
 
+from gateway.aio import in_loop_thread
 from gateway.health import redis_location
 from gateway.logs import RateLimitedWarning
 from gateway.redis_deadline import CallDeadline, bounded_connection_class
@@ -185,15 +185,6 @@ def _lock_held(exc: sqlite3.Error) -> bool:
     return (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in (_SQLITE_BUSY, _SQLITE_LOCKED)
 
 
-def _on_event_loop() -> bool:
-    """Whether this thread runs an event loop (where a call must not wait)."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
-
-
 class SQLiteStore:
     """Counts shared by the workers of one machine: ``throttle.sqlite3`` in the state directory.
 
@@ -243,7 +234,7 @@ class SQLiteStore:
             self._locks = {True: threading.Lock(), False: threading.Lock()}
         # On an event loop's thread: the connection that never waits. Its lock is only taken on a
         # loop's thread, so it is free unless another loop of this process has it: off the loop then.
-        on_loop = _on_event_loop()
+        on_loop = in_loop_thread()
         lock = self._locks[on_loop]
         if not lock.acquire(blocking=not on_loop):
             raise StoreLocked(f"throttle store {self.path}: in use by another event loop of this process")

@@ -268,6 +268,7 @@ def test_a_path_leading_out_of_conf_d_is_the_one_the_gateway_reads(slapd, consol
     ("password", "pw-typed\r\n", "line break"),  # read back without it: another password bound
     ("password", "pw\x00typed", "NUL"),
     ("servers", "ldaps://" + "a" * 64 + ".example.com", "not a valid DNS name"),  # every login a traceback
+    ("servers", "ldaps://" + ".".join(["a" * 63] * 4), "not a valid DNS name"),  # 255 characters in all
 ])
 def test_a_value_the_gateway_would_read_otherwise_is_refused(slapd, console, conf_dir, field, value, said):
     gw, client = console

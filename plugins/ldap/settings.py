@@ -189,7 +189,8 @@ class LdapSettings(PluginSettings):
                 # As the resolver will encode it: a label over 63 characters (or an empty one)
                 # passed here and failed every connection with a UnicodeError, each login a
                 # traceback and a refusal, the chain's later steps included (review of the console).
-                parts.hostname.encode("idna")
+                if len(parts.hostname.encode("idna").rstrip(b".")) > 253:
+                    raise UnicodeError("too long")
             except UnicodeError:
                 raise ValueError(f"{shown_url(url)}: the host is not a valid DNS name (labels of 1 to 63 "
                                  "characters, 253 in all)") from None
