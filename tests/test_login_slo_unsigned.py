@@ -154,3 +154,25 @@ def test_an_id_tokens_sid_names_no_session_at_the_saml_logout(site, tmp_path):
     # the id_token still names its session as its client knows it: a logout hint ends it there
     ended = victim.get(f"{site.url}/oidc/logout?" + urlencode({"id_token_hint": tokens["id_token"]}))
     assert ended.status_code == 200 and not signed_in(site, victim)
+
+
+def test_a_session_index_told_to_one_sp_ends_nothing_in_another_sps_name(site, tmp_path):
+    """Every SP (and WS-Federation relying party) was told the session's one SessionIndex: whoever
+    held any of a user's assertions (here LAX's) forged an unsigned LogoutRequest as OPEN, whose
+    NameID (the mail) is no secret, ended the user's whole session from a browser without its
+    cookie, and drove the logout round of the other SPs (review of the login door). Each party is
+    told its own; the SLO endpoint takes only the one told to the SP that asks."""
+    open_sp, lax_sp = make_sp(site, tmp_path, OPEN, sign=False), make_sp(site, tmp_path, LAX, sign=False)
+    victim = site.client()
+    at_open = sso(site, open_sp, victim)
+    at_lax = sso(site, lax_sp, victim)
+    assert at_open.session_index != at_lax.session_index
+    forged = {**at_open.__dict__, "session_index": at_lax.session_index}
+    site.client().get(unsigned_logout_request(site, open_sp, at_open.__class__(**forged)))
+    assert signed_in(site, victim)
+    assert "named a session it has no part in; it stays" in site.gw.output()
+    # Nor does WS-Federation's sign-out, a GET any page can send, on a door with no relying party
+    refused = victim.get(f"{site.url}/wsfed?wa=wsignout1.0", headers={"Sec-Fetch-Site": "cross-site"})
+    assert refused.status_code == 400 and signed_in(site, victim)
+    site.client().get(unsigned_logout_request(site, open_sp, at_open))  # OPEN's own index: its logout
+    assert not signed_in(site, victim)

@@ -801,13 +801,14 @@ class SamlIdp:
         if why is not None:
             return await self.error_answer(request, pending, sp, why)
         # Two RSA signatures and C14N take milliseconds: off the event loop, so /auth is not held up.
+        told = self.web.sessions.party_index(session.index, sp.entity_id)  # this SP's own SessionIndex
         xml = await asyncio.to_thread(self.builder.build, sp, pending["acs"], session.identity,
-                                      pending["request_id"] or None, session.index, dt.datetime.now(dt.timezone.utc),
+                                      pending["request_id"] or None, told, dt.datetime.now(dt.timezone.utc),
                                       name_id)
         # Single Logout tells this SP about the logout with the NameID and index as issued here;
         # recorded once the answer is built (one that could not be is no participation).
         self.web.sessions.add_participant(session, sp.entity_id, {
-            "name_id": name_id, "format": NAMEID_FORMATS[sp.name_id_format], "index": session.index})
+            "name_id": name_id, "format": NAMEID_FORMATS[sp.name_id_format], "index": told})
         fields = [("SAMLResponse", base64.b64encode(xml).decode())]
         if pending["relay_state"]:
             fields.append(("RelayState", pending["relay_state"]))

@@ -867,6 +867,24 @@ class SessionManager:
         that user's whole session at ``/saml/slo``, from any client (review of the login door)."""
         return "_" + self._mac("oidc-sid", f"{client_id}\0{index}")
 
+    def party_index(self, index: str, party: str) -> str:
+        """The SAML SessionIndex *party* (an SP's entity id, a WS-Federation realm) is told for the
+        session with index *index*: the index and a keyed hash of it for that party, its own for
+        each. An unsigned LogoutRequest proves a session by its index (with the NameID, often the
+        user name): every party was told the same one, so whoever held any one of a user's
+        assertions or WS-Federation tokens ended that user's whole session as another SP, and
+        drove the logout round of the others (review of the login door). :meth:`told_index`
+        finds the session's own index again; the SLO endpoint requires the value told to the SP
+        that asks."""
+        tag = self._mac("saml-index", f"{party}\0{index}")[:22]
+        return f"{index}.{tag}"
+
+    @staticmethod
+    def told_index(told: str) -> str:
+        """The session's own index in a SessionIndex :meth:`party_index` made (or one issued
+        before, which is the index itself)."""
+        return told.partition(".")[0]
+
     def _mac(self, purpose: str, value: str) -> str:
         mac = hmac.new(self._key, f"{purpose}:{value}".encode("utf-8", "surrogatepass"), hashlib.sha256).digest()
         return base64.urlsafe_b64encode(mac[:24]).decode().rstrip("=")

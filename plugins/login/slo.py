@@ -51,6 +51,7 @@ from gateway import Route
 
 from .logout import SUCCESS, encode, logout_request, logout_response, read_logout
 from .saml import BindingMessage, SamlIdp, _parse_instant
+from .sessions import same
 from .xmlsafe import parse_xml
 from .web import Refused
 
@@ -108,10 +109,12 @@ class SingleLogout:
         sessions = self.web.sessions
         ending: dict[str, str | None] = {}  # store key -> SessionIndex
         # The indexes (at most MAX_SESSION_INDEXES, each once: read_logout) in one store round trip.
-        for index, key in sessions.keys_of_indexes(message.session_indexes).items():
+        told = {sessions.told_index(index): index for index in message.session_indexes}
+        for index, key in sessions.keys_of_indexes(list(told)).items():
             issued = sessions.participants(key).get(sp.entity_id)
-            if issued is None or issued["name_id"] != message.name_id:
-                # Not a session this SP was told about, or not for this subject: not its to end.
+            if issued is None or issued["name_id"] != message.name_id or not same(str(issued.get("index", "")), told[index]):
+                # Not a session this SP was told about, not for this subject, or by an index told
+                # to another party (each its own: SessionManager.party_index): not its to end.
                 log.warning("single logout: %s named a session it has no part in; it stays", sp.entity_id)
                 continue
             ending[key] = index

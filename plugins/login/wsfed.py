@@ -112,7 +112,11 @@ class WsFed:
         return int(value) * 60
 
     def signout_reply(self, query) -> str | None:
-        """Where to go after ``wsignout1.0``: ``None`` or a registered ``wreply`` (no I/O)."""
+        """Where to go after ``wsignout1.0``: ``None`` or a registered ``wreply`` (no I/O). Not
+        answered when no relying party is configured: the route is there all the same, and any
+        page could end a session of a door that speaks no WS-Federation (review of the login door)."""
+        if not self.parties:
+            raise Refused("wsfed.unknown_realm", "no WS-Federation relying party is configured")
         realm = query.get("wtrealm")
         if realm is not None and realm not in self.parties:
             raise Refused("wsfed.unknown_realm", realm[:200])
@@ -227,7 +231,8 @@ class WsFed:
             return self.web.refused(request, Refused(
                 "wsfed.name_id_unavailable", f"user {identity.username[:100]} has no {party.name_id_source} "
                                              f"(name_id_source) for the NameID of {party.realm[:100]}"))
-        wresult = await asyncio.to_thread(self.token_response, party.realm, identity, session.index,
+        wresult = await asyncio.to_thread(self.token_response, party.realm, identity,
+                                          self.web.sessions.party_index(session.index, party.realm),
                                           dt.datetime.now(dt.timezone.utc), name_id)
         fields = [("wa", "wsignin1.0"), ("wresult", wresult.decode())]
         if pending["wctx"]:
