@@ -38,6 +38,12 @@ TROUBLE_CODES = frozenset({51, 52, 80})  # busy, unavailable, other
 #: Empty pages in a row a paged search accepts before it calls the server's paging broken (AD
 #: may send an empty page with a cookie when a page's time runs out; not forever).
 _EMPTY_PAGES = 3
+#: Reads on the event loop without a wait before the loop gets a turn (a server streaming).
+_BURST = 64
+#: Answers to other (abandoned) requests skipped while waiting for one answer.
+_MAX_SKIPPED = 100
+#: Entries one search reads at most when it asked for no size or page limit (a base search).
+_MAX_ENTRIES = 10_000
 
 
 class LinkBroken(Exception):
@@ -104,7 +110,8 @@ class Link:
     searches go over its socket through :mod:`wire`. Used by one attempt at a time."""
 
     __slots__ = ("conn", "server", "created", "last_used", "reused", "_reader", "_next_id", "_on_loop",
-                 "_answer_time", "_deadline", "_until", "_asked", "_watched_by", "_watched_fd", "_waiter", "_idle_wakes")
+                 "_answer_time", "_deadline", "_until", "_asked", "_watched_by", "_watched_fd", "_waiter", "_idle_wakes",
+                 "_burst")
 
     def __init__(self, conn: ldap3.Connection, server: Server) -> None:
         self.conn = conn
@@ -122,6 +129,7 @@ class Link:
         self._watched_fd = -1  # and its descriptor there
         self._waiter: asyncio.Future | None = None  # what a greenlet waiting for an answer is parked on
         self._idle_wakes = 0  # readiness callbacks with nobody waiting, since the last wait
+        self._burst = 0  # reads on the loop without a wait, since the last wait
 
     def alive(self) -> bool:
         """Nothing is pending on an idle connection; readable means closed or disconnected."""
@@ -171,6 +179,14 @@ class Link:
             self._asked = False
             if not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
                 self._wait_readable()
+        # A server that never stops sending is never waited for: the answer's time is checked
+        # before each read, and the loop gets a turn every _BURST reads. It was checked only in
+        # a wait: a directory streaming entries held the worker's loop, /healthz included, for
+        # as long as it sent (64 s in the review of the LDAP plugin, 3 GB read).
+        self._left()
+        self._burst += 1
+        if self._burst > _BURST:
+            self._wait_readable()
         while True:
             try:
                 return sock.recv(size)
@@ -213,7 +229,7 @@ class Link:
             loop.add_reader(fd, self._readable)
             self._watched_by, self._watched_fd = loop, fd
         self._waiter = future = loop.create_future()
-        self._idle_wakes = 0
+        self._idle_wakes = self._burst = 0
         timer = loop.call_later(left, aio.expire, future)
         try:
             aio.wait(future)
@@ -251,13 +267,14 @@ class Link:
 
     def _receive(self, message_id: int) -> tuple[int, bytes, bytes]:
         try:
-            while True:
+            for _ in range(_MAX_SKIPPED + 1):
                 got, tag, body, controls = self._reader.message()
                 if got == message_id:
                     return tag, body, controls
                 if got == 0:  # Notice of Disconnection (RFC 4511 section 4.4.1)
                     raise wire.ProtocolError("the server sent a notice of disconnection")
-                # an answer to an abandoned request: skip it
+                # an answer to an abandoned request: skip it (a few; not an endless stream)
+            raise wire.ProtocolError(f"more than {_MAX_SKIPPED} answers to other requests")
         except (OSError, wire.ProtocolError, IndexError, ValueError) as exc:
             # Only called after _send: the request is with the server, which may have done it.
             raise LinkBroken(describe(exc), timeout=isinstance(exc, TimeoutError), sent=True) from None
@@ -284,10 +301,15 @@ class Link:
         message_id = self._send(lambda mid: wire.search_request(mid, base, scope, filter_ber, attributes, size_limit,
                                                                  paged_size, cookie or b""))
         entries: list[Entry] = []
+        # No more entries than asked for: a server that sends them without end was read without
+        # end, into memory (review of the LDAP plugin).
+        most = size_limit or paged_size or _MAX_ENTRIES
         while True:
             tag, body, controls = self._receive(message_id)
             try:
                 if tag == wire.SEARCH_ENTRY:
+                    if len(entries) >= most:
+                        raise LinkBroken(f"more than the {most} entries asked for", sent=True)
                     entries.append(Entry(*wire.parse_entry(body)))
                 elif tag == wire.SEARCH_DONE:
                     result = Result(*wire.parse_result(body))

@@ -22,6 +22,7 @@ a timeout): the server may have counted it as a bad password, and it is not sent
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections import deque
@@ -63,6 +64,38 @@ class ServiceBindFailed(Exception):
     def __init__(self, detail: str, message: str = "") -> None:
         super().__init__(detail)
         self.message = message
+
+
+class _Cutoff:
+    """Shut *conn*'s socket after *seconds* unless :meth:`done` comes first (a timer thread)."""
+
+    def __init__(self, conn: ldap3.Connection, seconds: float) -> None:
+        self._conn = conn
+        self._lock = threading.Lock()
+        self._over = False
+        self.fired = False
+        self._timer = threading.Timer(seconds, self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _fire(self) -> None:
+        with self._lock:
+            if self._over:
+                return
+            self._over = self.fired = True
+        sock = getattr(self._conn, "socket", None)
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def done(self) -> bool:
+        """The set-up is over: no shut from now on. False when the deadline shut it first."""
+        with self._lock:
+            self._over = True
+        self._timer.cancel()
+        return not self.fired
 
 
 @dataclass(eq=False)
@@ -210,6 +243,11 @@ class Pool:
         conn = ldap3.Connection(target, client_strategy=ldap3.SAFE_SYNC, raise_exceptions=False,
                                 check_names=False, auto_referrals=False, read_only=True, auto_escape=False,
                                 return_empty_attributes=False, receive_timeout=None)
+        # ldap3's socket timeouts bound each read, not the whole: a server (or anyone on the path
+        # to it, before TLS) answering StartTLS or the TLS handshake a byte at a time held this
+        # thread, the first health round and so the worker's start for as long as it liked
+        # (review of the LDAP plugin). At the deadline the socket is shut: the read ends.
+        cut = _Cutoff(conn, max(0.05, deadline - time.monotonic()))
         try:
             conn.open()
             conn.socket.settimeout(max(0.05, min(self.receive_timeout, deadline - time.monotonic())))
@@ -217,11 +255,17 @@ class Pool:
                 conn.start_tls()
                 if not conn.tls_started:  # ldap3 may decline without raising: never go on in clear
                     raise LDAPExceptionError("StartTLS did not start")
+            if not cut.done():
+                raise LDAPExceptionError("the connection was not set up before the deadline")
         except (LDAPExceptionError, OSError, UnicodeError) as exc:  # ssl.SSLError is an OSError; a name
-            try:                                                    # the resolver cannot encode: UnicodeError
+            cut.done()                                              # the resolver cannot encode: UnicodeError
+            try:
                 conn.unbind()
             except Exception:  # noqa: BLE001
                 pass
+            if cut.fired:
+                raise LinkBroken("the connection was not set up before the deadline", timeout=True,
+                                 connect=True) from None
             raise LinkBroken(describe(exc), timeout=isinstance(exc, TimeoutError), connect=True) from None
         return conn
 
