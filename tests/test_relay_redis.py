@@ -156,8 +156,9 @@ def test_the_relay_store_on_redis_is_probed_and_a_stop_leaves_the_local_links_se
 
 
 def test_a_renewal_while_the_relay_store_is_down_keeps_the_link_and_is_asked_again(tmp_path, slapd):
-    """The renewal cannot be recorded: the connector gets an ``unavailable`` answer (not a dropped
-    link), keeps its certificate and link, and renews once Redis is back."""
+    """The registry cannot be read (whether the connector was revoked since) nor the renewal
+    recorded: the connector gets an ``unavailable`` answer (not a dropped link), keeps its
+    certificate and link, and renews once Redis is back."""
     lifetime = 40.0  # renewal at two thirds: room for a slow start before Redis is stopped
     redis = RedisServer(tmp_path / "redis").start()
     relay = Relay(tmp_path / "relay", cache=False, redis_url=redis.url, certificate_lifetime=lifetime)
@@ -169,7 +170,7 @@ def test_a_renewal_while_the_relay_store_is_down_keeps_the_link_and_is_asked_aga
         redis.stop()
         wait_for(lambda: "certificate renewal failed" in connector.process.output(), lifetime,
                  what="the renewal to be refused", log=connector.process.output)
-        assert "cannot record the renewal" in connector.process.output()
+        assert "the relay cannot read its registry now" in connector.process.output()
         assert connector.connector_id in relay.ready_links()
         assert relay.login("alice", "Alice-Passw0rd").status == 200
         redis.start()

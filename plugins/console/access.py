@@ -66,6 +66,15 @@ _FORM_CHARSETS = {"utf-8", "utf8"}
 _MAX_COOKIES = 4
 
 
+#: SQLite's result codes for a store that cannot be used now (busy, locked, read-only, I/O error,
+#: full, cannot open): its 503 page. Others (no such table...) are bugs: the 500 page.
+_STORE_TROUBLE = frozenset({5, 6, 8, 10, 13, 14})
+
+
+def _store_trouble(exc: BaseException) -> bool:
+    return isinstance(exc, sqlite3.OperationalError) and (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in _STORE_TROUBLE
+
+
 class Guard:
     def __init__(self, store: ConsoleStore, session_ttl: float, session_lifetime: float, hosts: list[str],
                  tls: bool, refuse: Callable[[web.Request, int, str], web.StreamResponse]) -> None:
@@ -160,16 +169,17 @@ class Guard:
                 for name, value in SECURITY_HEADERS.items():
                     exc.headers.setdefault(name, value)
                 raise
-            except sqlite3.OperationalError as exc:  # a lock held past ConsoleStore.BUSY_TIMEOUT, a full disk
-                log.warning("console: %s %s: its store could not be used (%s)", request.method, _route(request),
-                            printable(exc))
-                response = self.refuse(request, 503, "The console's store is busy or unavailable; try again in a "
-                                                     "moment. The gateway's log says why.")
             except Exception as exc:
-                # The core would answer a bare 500, without the policy headers; this page has them.
-                log.error("console: %s %s raised %s", request.method, _route(request), exc.__class__.__name__,
-                          exc_info=exc)
-                response = self._failure(request)
+                if _store_trouble(exc):  # a lock held past ConsoleStore.BUSY_TIMEOUT, a full disk
+                    log.warning("console: %s %s: its store could not be used (%s)", request.method,
+                                _route(request), printable(exc))
+                    response = self.refuse(request, 503, "The console's store is busy or unavailable; try again "
+                                                         "in a moment. The gateway's log says why.")
+                else:
+                    # The core would answer a bare 500, without the policy headers; this page has them.
+                    log.error("console: %s %s raised %s", request.method, _route(request), exc.__class__.__name__,
+                              exc_info=exc)
+                    response = self._failure(request)
             for name, value in SECURITY_HEADERS.items():
                 response.headers.setdefault(name, value)
             return response

@@ -478,7 +478,7 @@ class Endpoints:
             record = await self._store(self.plugin.store.connector, session.connector)
         except StoreUnavailable:
             return proto.error(message.id, "unavailable", "the relay cannot read its registry now; try again later")
-        if record is None or record.revoked is not None:
+        if record is not None and record.revoked is not None:  # (none: a registry that lost it; recorded anew)
             return proto.error(message.id, "forbidden", "this connector is revoked")
         try:
             cert = self.plugin.ca.sign(csr, connector_id=session.connector, connection=session.connection,

@@ -166,6 +166,15 @@ return false
 """
 
 
+#: A linked connector's version and times, written only into a record that exists.
+_SEEN = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'version', ARGV[1], 'last_seen', ARGV[2], 'online_until', ARGV[3])
+end
+return 1
+"""
+
+
 class RedisStore:
     """The same registry in Redis, for several relay instances (``relay: {redis: ...}``).
 
@@ -184,6 +193,7 @@ class RedisStore:
                                           decode_responses=True)
         self.location = redis_location(settings.url)  # for readiness and errors: no password
         self._add_use = self.redis.register_script(_ADD_USE)  # made here, sent to Redis on first use
+        self._seen = self.redis.register_script(_SEEN)
 
     def ping(self) -> str:
         """The health probe's round trip (``PING``, within ``redis.timeout``). Raises with the
@@ -258,10 +268,15 @@ class RedisStore:
         return self._row(connector, row) if row else None
 
     @staticmethod
-    def _row(connector: str, row: dict) -> Connector:
+    def _row(connector: str, row: dict) -> Connector | None:
+        """The record, or None for one without its enrolment's fields: a Redis that lost its data
+        (restarted without persistence) kept only what the link wrote since, and every look-up
+        of that connector raised KeyError, a 500 at each of its links (review of this stop)."""
         def number(name: str) -> float | None:
             return float(row[name]) if name in row else None
 
+        if not {"connection", "serial", "not_after", "enrolled"} <= row.keys():
+            return None
         return Connector(connector, row["connection"], row["serial"], float(row["not_after"]), float(row["enrolled"]),
                          number("revoked"), row.get("version", ""), number("last_seen"), number("online_until"),
                          row.get("cert", ""))
@@ -283,8 +298,9 @@ class RedisStore:
         return {c for c, flag in zip(ids, pipe.execute()) if flag}
 
     def seen(self, connector: str, version: str, online_until: float) -> None:
-        self.redis.hset(self._k("connector", connector), mapping={
-            "version": version[:64], "last_seen": repr(time.time()), "online_until": repr(online_until)})
+        """Only on a record that exists (a Lua script): a bare HSET made one of these fields
+        alone when the record was gone (a Redis that lost its data)."""
+        self._seen(keys=[self._k("connector", connector)], args=[version[:64], repr(time.time()), repr(online_until)])
 
     def shared_ca(self, key_pem: bytes, cert_pem: bytes) -> tuple[bytes, bytes]:
         """The relay CA all instances use: the first instance's (SET NX), so that a connector
