@@ -609,3 +609,49 @@ def test_wire_who_am_i_request_and_answers() -> None:
                     b"\x0a\x01\x00\x04\x00"):       # no diagnosticMessage
         with pytest.raises(wire.ProtocolError):
             wire.parse_extended(hostile)
+
+
+@pytest.mark.parametrize("sent, limit, kept", [(600, 1000, 600), (1001, 1000, None)])
+def test_a_server_without_paging_answers_a_paged_search_at_once_up_to_what_is_kept(sent, limit, kept):
+    """Paging is a non-critical control: a directory without it sends every group at once, a
+    page bigger than asked. That is read up to what the search keeps in all (``max_groups``); the
+    cap on entries read, against a server sending without end, first took the page size for it
+    and refused 600 groups (review of this stop's diff)."""
+    import socket
+    import threading
+
+    from gateway.plugins.ldap import wire
+    from gateway.plugins.ldap.link import Link, LinkBroken
+
+    def tlv(tag: int, content: bytes) -> bytes:
+        n = len(content)
+        head = bytes((n,)) if n < 0x80 else bytes((0x80 | ((n.bit_length() + 7) // 8),)) + n.to_bytes(
+            (n.bit_length() + 7) // 8, "big")
+        return bytes((tag,)) + head + content
+
+    def serve(sock) -> None:
+        message_id = wire.Reader(sock).message()[0]
+
+        def message(op: bytes) -> bytes:
+            return tlv(0x30, tlv(0x02, message_id.to_bytes(4, "big", signed=True)) + op)
+
+        sock.sendall(b"".join(message(tlv(0x64, tlv(0x04, f"cn=g{i},dc=x".encode()) + tlv(0x30, b"")))
+                              for i in range(sent)) + message(tlv(0x65, tlv(0x0A, b"\x00") + tlv(0x04, b"") * 2)))
+
+    class Connection:  # what a Link uses of an ldap3.Connection
+        closed = False
+
+        def __init__(self, sock) -> None:
+            self.socket = sock
+
+    left, right = socket.socketpair()
+    with left, right:
+        threading.Thread(target=serve, args=(right,), daemon=True).start()
+        link = Link(Connection(left), None)
+        link.settimeout(30.0, time.monotonic() + 30)
+        if kept is None:
+            with pytest.raises(LinkBroken, match="more than the 1000 entries"):
+                link.search_pages("dc=x", "(member=cn=a,dc=x)", ("cn",), page_size=500, limit=limit)
+        else:
+            result, entries = link.search_pages("dc=x", "(member=cn=a,dc=x)", ("cn",), page_size=500, limit=limit)
+            assert result.ok and len(entries) == kept

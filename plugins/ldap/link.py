@@ -294,8 +294,10 @@ class Link:
 
     def search(self, base: str, filter_: str | bytes, attributes: list[str] | tuple[str, ...], *,
                scope: str = "subtree", size_limit: int = 0, paged_size: int | None = None,
-               cookie: bytes | None = None) -> tuple[Result, list[Entry], bytes | None]:
-        """A search with *filter_* as RFC 4515 text, or already encoded (:class:`FilterTemplate`)."""
+               cookie: bytes | None = None, most: int | None = None) -> tuple[Result, list[Entry], bytes | None]:
+        """A search with *filter_* as RFC 4515 text, or already encoded (:class:`FilterTemplate`).
+        At most *most* entries are read (default: *size_limit*, else :data:`_MAX_ENTRIES`); a
+        server sending more is broken (:class:`LinkBroken`)."""
         # FilterError: a bug or a bad template, not the server
         filter_ber = filter_ if isinstance(filter_, bytes) else wire.compile_filter(filter_)
         message_id = self._send(lambda mid: wire.search_request(mid, base, scope, filter_ber, attributes, size_limit,
@@ -303,7 +305,7 @@ class Link:
         entries: list[Entry] = []
         # No more entries than asked for: a server that sends them without end was read without
         # end, into memory (review of the LDAP plugin).
-        most = size_limit or paged_size or _MAX_ENTRIES
+        most = most or size_limit or _MAX_ENTRIES
         while True:
             tag, body, controls = self._receive(message_id)
             try:
@@ -333,8 +335,11 @@ class Link:
         cookie: bytes | None = None
         empty = 0
         while True:
+            # A page holds at most what is kept in all: paging is a non-critical control, and a
+            # server without it answers everything at once (a page bigger than asked).
             result, page, cookie = self.search(base, filter_, attributes, scope=scope, size_limit=size_limit,
-                                               paged_size=page_size, cookie=cookie)
+                                               paged_size=page_size, cookie=cookie,
+                                               most=max(page_size, limit, size_limit))
             entries.extend(page)
             if not result.ok or not cookie or len(entries) >= limit:
                 return result, entries
