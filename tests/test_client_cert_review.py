@@ -117,6 +117,28 @@ def test_lowercase_rule_accepts_case_only(ldap_gateways, ca, cn, user):
 _EC_PUBLIC_KEY, _UNKNOWN_KEY_TYPE = bytes.fromhex("06072a8648ce3d0201"), bytes.fromhex("06072a8648ce3d0209")
 
 
+def _responder(answer) -> tuple[ThreadingHTTPServer, str]:
+    """An OCSP responder on loopback answering each request's body with ``answer(body)``."""
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            body = answer(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/ocsp-response")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="ocsp", daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}/ocsp"
+
+
 @pytest.fixture(scope="module")
 def forged_ocsp():
     """An OCSP responder on loopback whose answers say "good", signed by a key of no CA the
@@ -136,28 +158,10 @@ def forged_ocsp():
             .responder_id(ocsp.OCSPResponderEncoding.HASH, attacker.cert).certificates([unreadable]))
         return builder.sign(attacker.key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args) -> None:
-            pass
-
-        def do_POST(self) -> None:
-            body = answer(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
-            self.send_response(200)
-            self.send_header("Content-Type", "application/ocsp-response")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, name="forged-ocsp", daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/ocsp"
+    server, url = _responder(answer)
+    yield url
     server.shutdown()
     server.server_close()
-    thread.join(timeout=5)
 
 
 @pytest.mark.parametrize("policy", ["soft-fail", "hard-fail"])
@@ -181,28 +185,6 @@ def test_an_unreadable_ocsp_answer_is_unknown_not_an_internal_error(tmp_path, ca
         gateway.stop()
     assert "internal_error" not in output and "Traceback" not in output and "UnsupportedAlgorithm" not in output
     assert "the response is not signed by the CA or a responder it authorised" in output
-
-
-def _responder(answer) -> tuple[ThreadingHTTPServer, str]:
-    """An OCSP responder on loopback answering each request's body with ``answer(body)``."""
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args) -> None:
-            pass
-
-        def do_POST(self) -> None:
-            body = answer(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
-            self.send_response(200)
-            self.send_header("Content-Type", "application/ocsp-response")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, name="ocsp", daemon=True).start()
-    return server, f"http://127.0.0.1:{server.server_address[1]}/ocsp"
 
 
 def test_a_signed_revoked_answer_that_cannot_be_read_is_revoked_not_unknown(tmp_path, ca):
