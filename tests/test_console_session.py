@@ -227,11 +227,11 @@ def test_a_server_on_another_port_gets_no_cookie_from_the_signed_in_browser(cons
         other.close()
 
 
-def test_a_lock_held_on_the_console_store_is_a_503_not_a_frozen_worker(console, conf_dir, start_gateway):
-    """The console's store is used on the worker's event loop and waited 5 s for a lock another
-    process holds; any web page can make the operator's browser send GET /login/<anything> (a
-    DELETE) to 127.0.0.1. It waits ConsoleStore.BUSY_TIMEOUT (0.5 s), then answers its 503 page,
-    not a 500 with a traceback (review of the console)."""
+def test_a_lock_held_on_the_console_store_is_its_503_page_not_a_500(console, conf_dir, start_gateway):
+    """A lock another process holds on the console's store past ConsoleStore.BUSY_TIMEOUT (a
+    backup, a sqlite3 shell) answered the 500 page with a traceback; any web page can make the
+    operator's browser send GET /login/<anything> (a DELETE) to 127.0.0.1. Now its 503 page
+    (review of the console)."""
     import sqlite3
 
     gw = start_gateway(conf_dir)
