@@ -17,10 +17,16 @@ import stat
 import time
 from os import PathLike
 
-__all__ = ["connect_wal", "create_private", "refuse_planted"]
+__all__ = ["connect_wal", "create_private", "refuse_planted", "result_code"]
 
 #: The files SQLite keeps beside a database, which it opens (and follows) by name.
 _SIBLINGS = ("", "-wal", "-shm", "-journal")
+
+
+def result_code(exc: BaseException) -> int:
+    """SQLite's primary result code of *exc* (5 busy, 6 locked, 13 full...; an extended code
+    carries it in its low byte), 0 when it has none."""
+    return getattr(exc, "sqlite_errorcode", 0) & 0xFF
 
 
 def create_private(path: str | PathLike[str]) -> None:

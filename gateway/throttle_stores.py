@@ -25,7 +25,7 @@ from gateway.health import redis_location
 from gateway.logs import RateLimitedWarning
 from gateway.redis_deadline import CallDeadline, bounded_connection_class
 from gateway.settings import ThrottleSettings
-from gateway.sqlitedb import connect_wal, create_private
+from gateway.sqlitedb import connect_wal, create_private, result_code
 
 __all__ = ["MemoryStore", "RedisStore", "SQLiteStore", "StoreLocked", "StoreUnavailable", "ThrottleStore", "open_store",
            "store_kind"]
@@ -177,12 +177,12 @@ class StoreLocked(StoreUnavailable):
     made (nothing to undo): the caller makes it again off the loop, where waiting stalls nothing."""
 
 
-#: SQLite's primary result codes for a lock held elsewhere (extended codes carry them in the low byte).
+#: SQLite's primary result codes for a lock held elsewhere.
 _SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
 
 
 def _lock_held(exc: sqlite3.Error) -> bool:
-    return (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in (_SQLITE_BUSY, _SQLITE_LOCKED)
+    return result_code(exc) in (_SQLITE_BUSY, _SQLITE_LOCKED)
 
 
 class SQLiteStore:

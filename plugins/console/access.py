@@ -36,6 +36,7 @@ from multidict import MultiDictProxy
 from gateway.http.forms import UnreadableForm, read_form
 from gateway.http.protocol import MAX_BODY, no_linger
 from gateway.logs import printable
+from gateway.sqlitedb import result_code
 from gateway.plugins.console.store import ConsoleStore, Session
 
 __all__ = ["COOKIE", "FORM_KEY", "SECURITY_HEADERS", "SESSION_KEY", "SIGN_IN", "Guard"]
@@ -72,7 +73,7 @@ _STORE_TROUBLE = frozenset({5, 6, 8, 10, 13, 14})
 
 
 def _store_trouble(exc: BaseException) -> bool:
-    return isinstance(exc, sqlite3.OperationalError) and (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in _STORE_TROUBLE
+    return isinstance(exc, sqlite3.OperationalError) and result_code(exc) in _STORE_TROUBLE
 
 
 class Guard:
