@@ -183,10 +183,36 @@ def test_token_endpoint_refuses_wrong_secret_verifier_and_client(op):
     body = {"grant_type": "authorization_code", "code": code, "redirect_uri": CB, "code_verifier": verifier}
     post = op.client().post
     assert post(op.config["token_endpoint"], data=body, auth=("rp", "wrong")).json()["error"] == "invalid_client"
-    wrong = post(op.config["token_endpoint"], data={**body, "code_verifier": "x" * 43}, auth=("rp", SECRET))
-    assert wrong.json()["error"] == "invalid_grant"
-    # The failed verifier consumed the code: it cannot be retried with the right one.
+    for change in ({"code_verifier": "x" * 43}, {"code_verifier": ""}, {"redirect_uri": CB + "/"}):
+        wrong = post(op.config["token_endpoint"], data={**body, **change}, auth=("rp", SECRET))
+        assert (wrong.status_code, wrong.json()["error"]) == (400, "invalid_grant"), change
+    # Who read the code but lacks the verifier could not use it up: its client still redeems it, once.
+    assert post(op.config["token_endpoint"], data=body, auth=("rp", SECRET)).json()["id_token"]
     assert post(op.config["token_endpoint"], data=body, auth=("rp", SECRET)).json()["error"] == "invalid_grant"
+
+
+def test_a_client_authenticates_one_way_and_names_no_other_client(op):
+    client = rp(op)
+    answer, verifier, _ = authorize(op, client)
+    code = parse_qs(urlsplit(answer.headers["Location"]).query)["code"][0]
+    body = {"grant_type": "authorization_code", "code": code, "redirect_uri": CB, "code_verifier": verifier}
+    post = op.client().post
+    for extra, auth in [({"client_id": "rp-jwt"}, ("rp", SECRET)),  # Basic for rp, the body names another
+                        ({"client_id": "rp-jwt", "client_secret": SECRET}, None),
+                        ({"client_secret": SECRET}, ("rp", SECRET)),  # two methods at once
+                        ({"client_id": "rp", "client_secret": SECRET, "client_assertion": "x.y.z"}, None)]:
+        refused = post(op.config["token_endpoint"], data={**body, **extra}, auth=auth)
+        assert (refused.status_code, refused.json()["error"]) == (401, "invalid_client"), extra
+        assert refused.headers["WWW-Authenticate"].startswith("Basic")
+    # the same client named in the body, or in the body alone, is accepted: the code was not used up
+    token = post(op.config["token_endpoint"], data={**body, "client_id": "rp"}, auth=("rp", SECRET))
+    assert token.status_code == 200 and token.json()["id_token"]
+    answer, verifier, _ = authorize(op, client)
+    code = parse_qs(urlsplit(answer.headers["Location"]).query)["code"][0]
+    posted = post(op.config["token_endpoint"], data={"grant_type": "authorization_code", "code": code,
+                                                     "redirect_uri": CB, "code_verifier": verifier,
+                                                     "client_id": "rp", "client_secret": SECRET})
+    assert posted.status_code == 200 and posted.json()["id_token"]
 
 
 def challenge() -> dict:

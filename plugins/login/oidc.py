@@ -433,6 +433,23 @@ class OidcProvider:
             return self._assertion_client(str(form.get("client_assertion", "")))
         return self._secret_client([(str(form.get("client_id", "")), str(form.get("client_secret", "")))])
 
+    def _authenticated(self, request: web.Request, form) -> OidcClient | None:
+        """:meth:`_client`, when the request names no other: a ``client_id`` in the body must be
+        the authenticated client's (RFC 6749 section 3.2.1, RFC 7523 section 3), and a request
+        using more than one method (Basic, a secret or an assertion in the body) is refused
+        (section 2.3)."""
+        client = self._client(request, form)
+        if client is None:
+            return None
+        named = form.get("client_id")
+        if named is not None and named != client.client_id:
+            log.warning("oidc: client %s named client_id %s in the body: invalid_client",
+                        printable(client.client_id[:100]), printable(str(named)[:100]))
+            return None
+        basic = request.headers.get("Authorization", "").lstrip(" \t")[:6].lower() == "basic "
+        methods = basic + ("client_secret" in form) + ("client_assertion" in form)
+        return client if methods == 1 else None
+
     def _basic_client(self, raw: str) -> OidcClient | None:
         """``client_secret_basic``. RFC 6749 section 2.3.1 form-encodes id and secret before
         joining them with ``:``, but common clients (Authlib, many others) send them as they are,
@@ -495,7 +512,7 @@ class OidcProvider:
         repeated = _repeated(form, TOKEN_PARAMETERS)
         if repeated:  # RFC 6749 3.1 and 5.2: a repeated parameter is invalid_request
             return _error("invalid_request", description=f"{', '.join(repeated)} given more than once")
-        client = self._client(request, form)
+        client = self._authenticated(request, form)
         if client is None:
             return _error("invalid_client", 401)
         if form.get("grant_type") != "authorization_code":
@@ -512,6 +529,17 @@ class OidcProvider:
             log.warning("oidc: client %s presented a code issued to another client: invalid_grant",
                         printable(client.client_id[:100]))
             return _error("invalid_grant", description="unknown, used or expired code")
+        if grant is not None:
+            # Checked before the code is taken: a request without the right verifier (one who
+            # read the code somewhere, the case PKCE is for) or with another redirect_uri must
+            # not use it up for the client it was issued to.
+            if form.get("redirect_uri") != grant["redirect_uri"]:
+                return _error("invalid_grant", description="redirect_uri differs")
+            verifier = str(form.get("code_verifier", ""))
+            computed = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode("utf-8", "surrogatepass")).digest()
+                                                ).decode().rstrip("=")
+            if not verifier or not same(computed, grant["challenge"]):
+                return _error("invalid_grant", description="PKCE verifier does not match")
         grant = store.take_pending("code:" + code_key, time.time()) if grant is not None else None
         if grant is None:
             self._code_replayed(code_key, client.client_id)
@@ -524,13 +552,6 @@ class OidcProvider:
         lifetime = int(self.settings.oidc.token_lifetime)
         store.put_pending("code-used:" + code_key, {"at": [_digest(access)], "client_id": client.client_id},
                           time.time() + max(self.settings.oidc.code_lifetime, lifetime) + 1)
-        if form.get("redirect_uri") != grant["redirect_uri"]:
-            return _error("invalid_grant", description="redirect_uri differs")
-        verifier = str(form.get("code_verifier", ""))
-        computed = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode("utf-8", "surrogatepass")).digest()
-                                            ).decode().rstrip("=")
-        if not verifier or not same(computed, grant["challenge"]):
-            return _error("invalid_grant", description="PKCE verifier does not match")
         identity = identity_from_json(grant["identity"])
         now = int(time.time())
         # sid: the client's own name for the session (SessionManager.public_sid); the grant and
