@@ -110,6 +110,7 @@ def test_the_relay_store_on_redis_is_probed_and_a_stop_leaves_the_local_links_se
         store = _components(relay)["relay.store"]
         assert (store["ready"], store["detail"]) == (True, f"{where}: answers")
 
+        redis.client().save()  # a Redis with persistence: back with its data (one without: the next test)
         redis.stop()
         store = wait_for(lambda: (c := _components(relay)["relay.store"])["ready"] is False and c,
                          what="relay.store to be seen down", log=relay.process.output)
@@ -167,6 +168,7 @@ def test_a_renewal_while_the_relay_store_is_down_keeps_the_link_and_is_asked_aga
         relay.setup().start()
         connector = Connector(tmp_path / "c1", slapd, link={"backoff_max": 1.0})
         connector.enroll(relay.ticket(), relay.ca_file).start().wait_linked(relay)
+        redis.client().save()  # a Redis with persistence: back with its registry
         redis.stop()
         wait_for(lambda: "certificate renewal failed" in connector.process.output(), lifetime,
                  what="the renewal to be refused", log=connector.process.output)
@@ -256,5 +258,41 @@ def test_a_hello_while_the_relay_store_is_down_is_refused_as_unavailable(tmp_pat
         output = relay.process.output()
         assert "Traceback" not in output and "a request handler raised" not in output, output[-3000:]
     finally:
+        relay.stop()
+        redis.stop()
+
+
+def test_a_connector_whose_record_redis_lost_is_cut_off_and_vouches_no_more(tmp_path, slapd):
+    """A Redis that lost its data (restarted without persistence, flushed) forgot the connector:
+    ``relay revoke`` could no longer name it, and its link stayed up, answering logins, with the
+    relay's cache repeating its word. Now a linked connector missing from the registry is cut
+    off as a revoked one is, and nothing is answered on its word: it must enrol again."""
+    redis = RedisServer(tmp_path / "redis").start()
+    relay = Relay(tmp_path / "relay", redis_url=redis.url)
+    connector = None
+    try:
+        relay.setup().start()
+        connector = Connector(tmp_path / "c1", slapd).enroll(relay.ticket(), relay.ca_file).start()
+        connector.wait_linked(relay)
+        me = connector.connector_id
+        time.sleep(1.5)  # a maintenance round that reads the record: the link is not cut for being new
+        assert me in relay.ready_links()
+        answer = relay.login("alice", "Alice-Passw0rd").json()
+        assert (answer["outcome"], answer["from_cache"]) == ("success", False)
+        assert f"vouched for by {me}" in relay.cli("cache", "show", "alice").stdout
+
+        redis.client().flushall()
+        wait_for(lambda: me not in relay.ready_links(), 10, what="the forgotten connector's link to be cut",
+                 log=relay.process.output)
+        assert f"connector {me} is no longer in the registry" in relay.process.output()
+        refused = relay.login("alice", "Alice-Passw0rd")
+        assert refused.status == 503 and refused.json()["from_cache"] is False, refused.text
+        assert relay.cli("cache", "show", "alice").stdout.startswith("no entry for alice")
+        time.sleep(2.5)  # it dials again, and is refused: no record, no link
+        assert me not in relay.ready_links()
+        assert relay.login("alice", "Alice-Passw0rd").status == 503
+    finally:
+        if connector is not None:
+            connector.stop()
         relay.stop()
         redis.stop()

@@ -127,6 +127,13 @@ class RelayPlugin:
         #: The revoked connectors as the registry last listed them (each maintenance round);
         #: None until this process has read them once (:meth:`gateway_answerer_revoked`).
         self._revoked: frozenset[str] | None = None
+        #: The connectors the registry listed as enrolled at the same read, and those this
+        #: process admitted a link from since (id -> monotonic time), which that read may not
+        #: list yet. A linked connector missing from both lost its record (a Redis that lost
+        #: its data): nothing is answered on its word and its link is closed, as for a
+        #: revocation, which could no longer be recorded for it.
+        self._enrolled: frozenset[str] = frozenset()
+        self._admitted: dict[str, float] = {}
 
     @staticmethod
     def valid_name(name: str) -> bool:
@@ -194,14 +201,13 @@ class RelayPlugin:
             self._inbox = loop.create_task(router.serve())
         away = False  # the registry failed last round: said once, not every second of an outage
         with contextlib.suppress(Exception):  # read now, not a round later: the cache waits for it
-            self._revoked = frozenset(await loop.run_in_executor(None, self.store.revoked))
+            await self._read_standing(loop)
         while True:
             await asyncio.sleep(_MAINTENANCE_INTERVAL)
             try:
                 if router is not None:
                     await router.heartbeat()
-                revoked = await loop.run_in_executor(None, self.store.revoked)
-                self._revoked = frozenset(revoked)  # before any link is closed for it: see answerer_revoked
+                revoked = await self._read_standing(loop)  # before any link is closed for it
             except Exception as exc:  # noqa: BLE001 - Redis away or SQLite busy: try again next round
                 revoked = None
                 if not away:
@@ -223,6 +229,12 @@ class RelayPlugin:
                         session.closing = True  # closed on purpose: no relink window to wait out
                         self.hub.remove(session)
                         self._end(session, 4003, b"revoked")
+                    elif revoked is not None and not self._standing(session.connector):
+                        log.warning("connector %s is no longer in the registry (its record was lost or removed): "
+                                    "closing its link; it must enrol again with a new ticket", session.connector)
+                        session.closing = True
+                        self.hub.remove(session)
+                        self._end(session, 4003, b"unknown connector")
                     elif session.not_after <= now:
                         # TLS checked the certificate once, at the handshake; its end ends the link.
                         log.warning("connector %s: certificate expired without renewal; closing its link "
@@ -239,6 +251,22 @@ class RelayPlugin:
                                                        session.version, until)
             except Exception:  # the registry may be busy; try again next round
                 log.exception("relay maintenance failed")
+
+    async def _read_standing(self, loop: asyncio.AbstractEventLoop) -> frozenset[str]:
+        """Read who is enrolled and who is revoked; the revoked ones."""
+        started = time.monotonic()
+        enrolled, revoked = await loop.run_in_executor(None, self.store.standing)
+        self._enrolled, self._revoked = frozenset(enrolled), frozenset(revoked)
+        # an admission before this read began is in it, or its record is gone since
+        self._admitted = {c: at for c, at in self._admitted.items() if at >= started}
+        return self._revoked
+
+    def admitted(self, connector: str) -> None:
+        """A link from *connector* was let in on its registry record, just read."""
+        self._admitted[connector] = time.monotonic()
+
+    def _standing(self, connector: str) -> bool:
+        return connector in self._enrolled or connector in self._admitted
 
     def _end(self, session, code: int, message: bytes) -> None:
         """Close *session*'s link (already out of routing) in a task of its own: a close waits
@@ -334,14 +362,17 @@ class RelayPlugin:
         for ``acme-eu``'s). From memory (asked on the event loop); before the first read of the
         registry nobody can tell, and nothing is answered on its word (fail closed). An id the
         registry lists as revoked is revoked whatever its name: one enrolled with a reusable
-        ticket before ids were checked whole (``acme-x-0a1b2c3d``) escaped this by its name."""
+        ticket before ids were checked whole (``acme-x-0a1b2c3d``) escaped this by its name. One
+        of this connection's ids the registry no longer lists (its record lost with a Redis's
+        data, where ``relay revoke`` cannot name it) counts as revoked too, unless this process
+        let a link from it in since that read."""
         revoked = self._revoked
         ours = answered_by.rpartition("-")[0] == self.settings.connection
         if not ours and (revoked is None or answered_by not in revoked):
             return None
         if revoked is None:
             raise BackendUnavailable("relay: the revoked connectors were not read yet")
-        return answered_by in revoked
+        return answered_by in revoked or (ours and not self._standing(answered_by))
 
     def _answers_for(self, asked: str, answered: str) -> bool:
         """Whether a connector's identity *answered* is the user *asked* for (``answered_names``);

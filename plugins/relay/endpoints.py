@@ -355,6 +355,7 @@ class Endpoints:
             # one key per connector: the registry's (renewal keeps it), not another certificate for the id
             log.warning("refused a link from connector %s: its key is not the one enrolled", connector)
             return _refuse(403, "unknown_connector", "this certificate is not the one enrolled for the connector")
+        self.plugin.admitted(connector)
         ws = web.WebSocketResponse(heartbeat=self.settings.ping_interval, max_msg_size=proto.MAX_FRAME,
                                    autoping=True, compress=False)  # no frame is inflated on the loop
         session = LinkSession(ws, connector, connection, cert.public_key(), cert.not_valid_after_utc.timestamp(),
@@ -478,7 +479,9 @@ class Endpoints:
             record = await self._store(self.plugin.store.connector, session.connector)
         except StoreUnavailable:
             return proto.error(message.id, "unavailable", "the relay cannot read its registry now; try again later")
-        if record is not None and record.revoked is not None:  # (none: a registry that lost it; recorded anew)
+        if record is None:  # a registry that lost it: its link is cut (maintenance), nothing renewed
+            return proto.error(message.id, "forbidden", "this connector is not enrolled; enrol again with a new ticket")
+        if record.revoked is not None:
             return proto.error(message.id, "forbidden", "this connector is revoked")
         try:
             cert = self.plugin.ca.sign(csr, connector_id=session.connector, connection=session.connection,

@@ -144,6 +144,11 @@ class SQLiteStore:
     def revoked(self) -> set[str]:
         return {row[0] for row in self._db().execute("SELECT id FROM connectors WHERE revoked IS NOT NULL")}
 
+    def standing(self) -> tuple[set[str], set[str]]:
+        """(the connectors enrolled, the revoked ones among them), in one read."""
+        rows = self._db().execute("SELECT id, revoked IS NOT NULL FROM connectors").fetchall()
+        return {row[0] for row in rows}, {row[0] for row in rows if row[1]}
+
     def seen(self, connector: str, version: str, online_until: float) -> None:
         self._db().execute("UPDATE connectors SET version = ?, last_seen = ?, online_until = ? WHERE id = ?",
                            (version[:64], time.time(), online_until, connector))
@@ -296,6 +301,21 @@ class RedisStore:
         for connector in ids:
             pipe.hexists(self._k("connector", connector), "revoked")
         return {c for c, flag in zip(ids, pipe.execute()) if flag}
+
+    def standing(self) -> tuple[set[str], set[str]]:
+        """(the connectors with a whole enrolment record, the revoked ones), in one round trip
+        after the list: an id whose record a Redis lost is not enrolled (:meth:`_row`)."""
+        ids = sorted(self.redis.smembers(self._k("connectors")))
+        pipe = self.redis.pipeline()
+        for connector in ids:
+            pipe.hmget(self._k("connector", connector), "connection", "serial", "not_after", "enrolled", "revoked")
+        enrolled, revoked = set(), set()
+        for connector, fields in zip(ids, pipe.execute()):
+            if all(value is not None for value in fields[:4]):
+                enrolled.add(connector)
+            if fields[4] is not None:
+                revoked.add(connector)
+        return enrolled, revoked
 
     def seen(self, connector: str, version: str, online_until: float) -> None:
         """Only on a record that exists (a Lua script): a bare HSET made one of these fields
