@@ -380,3 +380,69 @@ def test_a_deleted_account_gets_no_code_and_no_userinfo(op):
     assert info.status_code == 401 and info.json()["error"] == "invalid_token"
     assert not signed_in(op, second)
     assert tokens[0].get(op.config["userinfo_endpoint"]).status_code == 401  # its session is over
+
+
+def test_a_code_from_a_session_that_has_ended_since_gets_no_token(op):
+    """A code given just before the user signed out made an id_token for a session that was over
+    (review: 200 and a fresh id_token after POST /logout; OIDC has no back channel to recall it)."""
+    browser = op.client()
+    answer, verifier, _ = authorize(op, rp(op), browser)
+    code = parse_qs(urlsplit(answer.headers["Location"]).query)["code"][0]
+    page = browser.get(f"{op.url}/login")
+    assert "You are signed out." in browser.post(f"{op.url}/logout", data={"csrf": hidden(page.text, "csrf")}).text
+    refused = op.client().post(op.config["token_endpoint"], data={
+        "grant_type": "authorization_code", "code": code, "redirect_uri": CB, "code_verifier": verifier},
+        auth=("rp", SECRET))
+    assert (refused.status_code, refused.json()["error"]) == (400, "invalid_grant")
+    assert "id_token" not in refused.text
+    assert "a code of a session that has ended since" in op.gw.output()
+
+
+def test_token_and_userinfo_requests_are_answered_as_the_rfcs_say(op):
+    client = rp(op)
+    answer, verifier, _ = authorize(op, client)
+    code = parse_qs(urlsplit(answer.headers["Location"]).query)["code"][0]
+    body = {"grant_type": "authorization_code", "code": code, "redirect_uri": CB, "code_verifier": verifier}
+    post = op.client().post
+    for missing in ("grant_type", "redirect_uri", "code"):  # RFC 6749 5.2: invalid_request, code not used up
+        refused = post(op.config["token_endpoint"], data={k: v for k, v in body.items() if k != missing},
+                       auth=("rp", SECRET))
+        assert (refused.status_code, refused.json()["error"]) == (400, "invalid_request"), missing
+    json_body = post(op.config["token_endpoint"], json=body, auth=("rp", SECRET))
+    assert (json_body.status_code, json_body.json()["error"]) == (400, "invalid_request")
+    token = post(op.config["token_endpoint"], data=body, auth=("rp", SECRET)).json()
+    assert token["id_token"]
+    # a private_key_jwt client naming another client_id in the body (RFC 7523 3): invalid_client
+    jwt_client = rp(op, "rp-jwt", op.rp_key, token_endpoint_auth_method=PrivateKeyJWT(op.config["token_endpoint"]))
+    answer, verifier, _ = authorize(op, jwt_client)
+    from joserfc import jwt
+    from joserfc.jwk import RSAKey
+    assertion = jwt.encode({"alg": "RS256"}, {"iss": "rp-jwt", "sub": "rp-jwt", "aud": op.config["token_endpoint"],
+                                              "exp": int(time.time()) + 60, "jti": str(uuid.uuid4())},
+                           RSAKey.import_key(op.rp_key))
+    named = post(op.config["token_endpoint"], data={
+        "grant_type": "authorization_code", "code": parse_qs(urlsplit(answer.headers["Location"]).query)["code"][0],
+        "redirect_uri": CB, "code_verifier": verifier, "client_id": "rp",
+        "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+        "client_assertion": assertion})
+    assert (named.status_code, named.json()["error"]) == (401, "invalid_client")
+    userinfo = op.config["userinfo_endpoint"]
+    bare = op.client().get(userinfo)  # RFC 6750 3.1: no token, no error code in the challenge
+    assert (bare.status_code, bare.headers["WWW-Authenticate"]) == (401, "Bearer")
+    assert bare.headers["Cache-Control"] == "no-store"
+    wrong = op.client().get(userinfo, headers={"Authorization": "Bearer " + "x" * 43})
+    assert wrong.headers["WWW-Authenticate"] == 'Bearer error="invalid_token"'
+    bearer = {"Authorization": "Bearer " + token["access_token"]}
+    assert op.client().get(userinfo, headers=bearer).json()["sub"]
+    for method in ("DELETE", "PUT", "OPTIONS"):
+        assert op.client().request(method, userinfo, headers=bearer).status_code == 405, method
+
+
+@pytest.mark.parametrize("change, error", [
+    ({"scope": "openid\x85profile"}, "invalid_scope"),  # RFC 6749 3.3: scope tokens are separated by spaces
+    ({"code_challenge": "!" * 43}, "invalid_request"),  # never the BASE64URL of a SHA-256: never redeemable
+    ({"code_challenge": "a" * 44}, "invalid_request"),
+])
+def test_an_authorization_request_with_an_odd_scope_or_challenge_is_answered_at_the_redirect_uri(op, change, error):
+    answer, _ = start(op, op.client(), **change)
+    assert answer.status_code == 303 and callback(answer)["error"] == error

@@ -116,6 +116,37 @@ def test_a_forwarded_header_on_the_tls_listener_does_not_buy_a_new_budget(door):
     assert other.status_code == 303
 
 
+def test_failed_client_authentications_at_the_token_endpoint_spend_the_addresses_budget(door):
+    """A client secret was guessed at /oidc/token without limit and without a log line (review:
+    2,000 guesses in 2 s, all 401, nothing logged). Failed client authentications now spend a
+    budget per client address; past it the answer is 429 before any secret is compared (the
+    right one is not told either), and another address is served."""
+    url, forwarded = f"{door.gw.url}/oidc/token", {"X-Forwarded-For": "203.0.113.50"}
+    body = {"grant_type": "authorization_code", "code": "no-such-code", "redirect_uri": "https://app.example.test/cb",
+            "code_verifier": "v" * 43}
+    browser = door.client()
+    failed = 0
+    for failed in range(FLOOD):
+        answer = browser.post(url, data=body, auth=("app", f"guess-{failed}"), headers=forwarded, timeout=15)
+        if answer.status_code != 401:
+            break
+        assert answer.json()["error"] == "invalid_client"
+    else:
+        pytest.fail(f"{FLOOD} failed client authentications from one address were all answered 401")
+    assert failed >= 30
+    assert answer.status_code == 429 and int(answer.headers["Retry-After"]) >= 1, answer.text
+    assert answer.headers["Cache-Control"] == "no-store"
+    right = browser.post(url, data=body, auth=("app", "s3cret-s3cret-s3cret"), headers=forwarded, timeout=15)
+    assert right.status_code == 429  # past the budget, right or wrong is not told
+    other = browser.post(url, data=body, auth=("app", "s3cret-s3cret-s3cret"),
+                         headers={"X-Forwarded-For": "203.0.113.51"}, timeout=15)
+    assert (other.status_code, other.json()["error"]) == (400, "invalid_grant")  # authenticated; no such code
+    output = door.gw.output()
+    assert "reason=oidc.invalid_client client_id=app client=203.0.113.50" in output
+    assert output.count("reason=oidc.too_many_client_failures client=203.0.113.50") == 1  # once, not per request
+    assert "guess-" not in output and "s3cret" not in output
+
+
 # -- the store ----------------------------------------------------------------------------------
 
 

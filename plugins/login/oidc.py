@@ -103,7 +103,7 @@ from .keys import KeyPair
 from .saml import ISSUED_CONTEXTS, authn_context_class
 from .sessions import identity_from_json, identity_to_json, same
 from .settings import LoginSettings, OidcClient
-from .web import Refused, read_form
+from .web import ParkLimiter, Refused, read_form
 
 __all__ = ["AuthorizationError", "OidcProvider"]
 
@@ -126,7 +126,24 @@ def _rsa(pair: KeyPair) -> RSAKey:
     return key
 
 
+#: RFC 7636 4.2: an S256 challenge is the BASE64URL of a SHA-256, without padding: 43 characters.
+_S256_CHALLENGE = re.compile(r"[A-Za-z0-9_-]{43}")
+
+
+def _claimed_client(request: web.Request, form) -> str:
+    """The client id a token request claims (Basic's user part, else the body's), for the log."""
+    scheme, _, value = request.headers.get("Authorization", "").strip().partition(" ")
+    if scheme.lower() == "basic":
+        try:
+            return unquote_plus(base64.b64decode(value.strip(), validate=True).decode().partition(":")[0])
+        except (ValueError, UnicodeDecodeError):
+            return "(unreadable Basic credentials)"
+    return str(form.get("client_id", "(assertion)" if "client_assertion" in form else ""))
+
+
 def _error(code: str, status: int = 400, description: str = "") -> web.Response:
+    if code != "invalid_client":  # (logged where it is decided, with the client's address)
+        log.warning("oidc token request refused: error=%s %s", code, description)
     body = {"error": code, **({"error_description": description} if description else {})}
     headers = {"Cache-Control": "no-store"}
     if code == "invalid_client":
@@ -202,6 +219,10 @@ class OidcProvider:
 
     def routes(self, web_door) -> list[Route]:
         self.web = web_door
+        budget = web_door.sessions.settings.requests_per_client
+        #: Failed client authentications at the token endpoint, by client address: a secret is
+        #: not guessed at thousands a second (each worker keeps its own, as the door's budgets).
+        self.auth_failures = ParkLimiter(burst=budget, rate=budget / 60)
         web_door.completers["oidc"] = self.complete
         web_door.answerable["oidc"] = self.answer_target
         web_door.redirects["oidc"] = self.redirect_of
@@ -210,7 +231,8 @@ class OidcProvider:
         return [Route("GET", "/.well-known/openid-configuration", self.discovery),
                 Route("GET", "/oidc/jwks", self.jwks), Route("GET", "/oidc/authorize", self.authorize),
                 Route("POST", "/oidc/authorize", self.authorize),
-                Route("POST", "/oidc/token", self.token), Route("*", "/oidc/userinfo", self.userinfo),
+                Route("POST", "/oidc/token", self.token), Route("GET", "/oidc/userinfo", self.userinfo),
+                Route("POST", "/oidc/userinfo", self.userinfo),
                 Route("GET", "/oidc/logout", self.end_session), Route("POST", "/oidc/logout", self.end_session)]
 
     # -- discovery ---------------------------------------------------------------------------------
@@ -277,10 +299,10 @@ class OidcProvider:
             raise error("invalid_request", "response_type is missing", "oidc.unsupported_response_type")
         if query["response_type"] != "code":
             raise error("unsupported_response_type", "only the code flow (response_type=code) is supported")
-        if "openid" not in query.get("scope", "").split():
+        if "openid" not in query.get("scope", "").split(" "):  # RFC 6749 3.3: spaces only, not U+0085
             raise error("invalid_scope", "the openid scope is required", "oidc.scope_missing_openid")
         # RFC 7636 4.4.1: a missing challenge or another transform is invalid_request.
-        if not 43 <= len(challenge) <= 128:
+        if not _S256_CHALLENGE.fullmatch(challenge):  # a BASE64URL SHA-256: anything else never matches a verifier
             raise error("invalid_request", "code_challenge (PKCE, S256) is required", "oidc.pkce_required")
         if query.get("code_challenge_method") != "S256":
             raise error("invalid_request", "code_challenge_method must be S256", "oidc.pkce_required")
@@ -512,14 +534,29 @@ class OidcProvider:
         repeated = _repeated(form, TOKEN_PARAMETERS)
         if repeated:  # RFC 6749 3.1 and 5.2: a repeated parameter is invalid_request
             return _error("invalid_request", description=f"{', '.join(repeated)} given more than once")
+        address = self.web.client_key(request)
+        wait = self.auth_failures.wait(address, time.monotonic())
+        if wait:  # before any secret is compared: past the budget, right or wrong is not told
+            if self.auth_failures.first_refusal(address):
+                log.warning("oidc token requests refused: reason=oidc.too_many_client_failures client=%s "
+                            "(%d failed client authentications a minute per address, burst %d)", address,
+                            round(self.auth_failures.rate * 60), self.auth_failures.burst)
+            response = _error("invalid_request", 429, "too many failed client authentications; try again later")
+            response.headers["Retry-After"] = str(math.ceil(wait))
+            return response
         client = self._authenticated(request, form)
         if client is None:
+            self.auth_failures.take(address, time.monotonic())
+            log.warning("oidc token request refused: reason=oidc.invalid_client client_id=%s client=%s",
+                        printable(_claimed_client(request, form)[:100]), address)
             return _error("invalid_client", 401)
+        if "grant_type" not in form:
+            return _error("invalid_request", description="grant_type is missing")
         if form.get("grant_type") != "authorization_code":
             return _error("unsupported_grant_type")
         code = str(form.get("code", ""))[:MAX_PARAM]
-        if not code:
-            return _error("invalid_grant", description="unknown, used or expired code")
+        if not code or "redirect_uri" not in form:  # RFC 6749 4.1.3: both required
+            return _error("invalid_request", description="code and redirect_uri are required")
         store, code_key = self.web.sessions.store, _digest(code)
         # Another client's code is refused before it is taken (RFC 6749 4.1.3: the code must have
         # been issued to the authenticated client): it stays redeemable by its own client, and
@@ -553,6 +590,14 @@ class OidcProvider:
         store.put_pending("code-used:" + code_key, {"at": [_digest(access)], "client_id": client.client_id},
                           time.time() + max(self.settings.oidc.code_lifetime, lifetime) + 1)
         identity = identity_from_json(grant["identity"])
+        # The session the code was issued in must still be there: a code given just before the
+        # user signed out (here, by an RP's or a SAML logout, or an account check) made an
+        # id_token for a session that was over, and OIDC has no back channel to take it back.
+        session = self.web.sessions.by_index(grant["sid"])
+        if session is None or session.identity.subject != identity.subject:
+            log.warning("oidc: a code of a session that has ended since (client=%s): invalid_grant",
+                        printable(client.client_id[:100]))
+            return _error("invalid_grant", description="the session this code was issued in has ended")
         now = int(time.time())
         # sid: the client's own name for the session (SessionManager.public_sid); the grant and
         # the access token keep the index, which finds the session here
@@ -599,7 +644,7 @@ class OidcProvider:
 
     @staticmethod
     def _profile(identity, scope: str) -> dict:
-        scopes = set(scope.split())
+        scopes = set(scope.split(" "))
         claims: dict = {}
         if "profile" in scopes:
             claims.update(name=identity.display_name or identity.username, preferred_username=identity.username)
@@ -620,8 +665,10 @@ class OidcProvider:
             record = self.web.sessions.store.get_pending("at:" + _digest(token), time.time())
         identity = await self._userinfo_identity(record, request) if record is not None else None
         if identity is None:
+            # RFC 6750 3.1: a request without a token gets the scheme alone, no error code
+            challenge = 'Bearer error="invalid_token"' if "Authorization" in request.headers else "Bearer"
             return web.json_response({"error": "invalid_token"}, status=401,
-                                     headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+                                     headers={"WWW-Authenticate": challenge, "Cache-Control": "no-store"})
         return web.json_response({"sub": identity.subject, **self._profile(identity, record["scope"])},
                                  headers={"Cache-Control": "no-store"})
 

@@ -134,6 +134,15 @@ class ParkLimiter:
             return 0.0
         return (1.0 - bucket[0]) / self.rate
 
+    def wait(self, key: str, now: float) -> float:
+        """The seconds until *key*'s bucket holds a token at *now*, nothing spent (``0.0``: one
+        is there)."""
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            return 0.0
+        tokens = min(self.burst, bucket[0] + max(0.0, now - bucket[1]) * self.rate)
+        return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate
+
     def first_refusal(self, key: str) -> bool:
         """Whether *key* was just refused for the first time since its last token (logged once)."""
         bucket = self._buckets.get(key)
