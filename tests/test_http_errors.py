@@ -89,6 +89,18 @@ def test_malformed_requests_leak_nothing_to_logs_or_responses(gw):
     assert "refused a malformed request from 127.0.0.1" in log
 
 
+@pytest.mark.parametrize("line", ["GET /auth", "GET /auth HTTP/0.9", "GET /auth HTTP/2.0"])
+def test_a_request_in_another_http_version_is_505_in_http_1(gw, line):
+    """aiohttp answers in the version the request line names: ``HTTP/0.9 200 OK`` (or 2.0) with
+    HTTP/1 headers, which no client or proxy reads right. Only 1.0 and 1.1 are answered."""
+    basic = f"Authorization: Basic {b64('alice:' + PASSWORD)}\r\n"
+    answer = raw(gw, f"{line}\r\n{basic}\r\n".encode())
+    assert answer.startswith(b"HTTP/1.0 505 HTTP Version Not Supported\r\n"), answer[:200]
+    assert raw(gw, f"GET /auth HTTP/1.0\r\n{basic}\r\n".encode()).startswith(b"HTTP/1.0 200 ")
+    assert "refused a malformed request from 127.0.0.1: error (505)" in gw.output()
+    assert gw.auth("alice", PASSWORD).status == 200
+
+
 def test_no_server_versions_in_any_response(gw):
     for r in (gw.auth("alice", PASSWORD), gw.auth("alice", "wrong"), gw.get("/nowhere"), gw.get("/healthz")):
         assert r.header("Server") == "authgw", r.header("Server")

@@ -47,9 +47,11 @@ from asyncio.sslproto import SSLProtocol as _AsyncioSSLProtocol
 from collections import Counter
 from http import HTTPStatus
 
-from aiohttp import HttpVersion11, web
+from aiohttp import HttpVersion10, HttpVersion11, web
 from aiohttp.base_protocol import BaseProtocol
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.http_parser import RawRequestMessage
+from aiohttp.streams import EMPTY_PAYLOAD
+from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
 from gateway.http.clientaddr import parse_address
 from gateway.lifecycle import trim_freed_memory
@@ -231,6 +233,10 @@ class _NoDelayAlreadySet(BaseProtocol):
         self.transport = transport  # type: ignore[assignment]
 
 
+#: The HTTP versions answered (:meth:`GuardedRequestHandler._refuse_other_versions`).
+_VERSIONS = (HttpVersion11, HttpVersion10)
+
+
 class GuardedRequestHandler(RequestHandler, _NoDelayAlreadySet):
     """aiohttp's connection protocol with a header timeout, connection caps, and malformed
     requests answered without echoing or logging their bytes."""
@@ -354,6 +360,7 @@ class GuardedRequestHandler(RequestHandler, _NoDelayAlreadySet):
         super().data_received(data)
         if self._request_count != counted:
             self._unparsed = 0  # a request's headers ended in this read
+            self._refuse_other_versions(self._request_count - counted)
             self._last_payload = self._messages[-1][1] if self._messages else None
         elif body_open and payload.is_eof():
             self._unparsed = 0  # a request's body ended in this read: the next request starts
@@ -364,6 +371,18 @@ class GuardedRequestHandler(RequestHandler, _NoDelayAlreadySet):
             self._headers_since = None
         elif data and self._headers_since is None:
             self._await_headers()  # the first byte of a request after a keep-alive pause
+
+    def _refuse_other_versions(self, parsed: int) -> None:
+        """The last *parsed* requests queued, each answered ``505`` (as HTTP/1.0, then closed)
+        unless it is HTTP/1.0 or 1.1. aiohttp answers in the version the request line names: a
+        line without one (HTTP/0.9) or with ``HTTP/2.0`` got ``HTTP/0.9 200 OK`` or
+        ``HTTP/2.0 200 OK`` with HTTP/1 headers, a status line no client or proxy reads right.
+        (aiohttp's own way to answer an unparsable request: an ``_ErrInfo`` in the queue.)"""
+        queue = self._messages
+        for at in range(len(queue) - parsed, len(queue)):
+            message = queue[at][0]
+            if isinstance(message, RawRequestMessage) and message.version not in _VERSIONS:
+                queue[at] = (_ErrInfo(status=505, exc=None, message=""), EMPTY_PAYLOAD)
 
     def _too_many_header_bytes(self, data: bytes) -> bool:
         """Count *data* against ``limits.max_header_bytes``; past it, refuse (431 when no
