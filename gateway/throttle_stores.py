@@ -24,6 +24,7 @@ from gateway.aio import in_loop_thread
 from gateway.health import redis_location
 from gateway.logs import RateLimitedWarning
 from gateway.redis_deadline import CallDeadline, bounded_connection_class
+from gateway.redis_eviction import EvictionWatch
 from gateway.settings import ThrottleSettings
 from gateway.sqlitedb import connect_wal, create_private, result_code
 
@@ -373,8 +374,16 @@ class RedisStore:
         #: ticket -> (Redis keys, tombstone lifetime in ms), oldest first
         self._unsure_tickets: dict[str, tuple[frozenset[str], int]] = {}
         self._warn = RateLimitedWarning(log)
+        #: Whether this Redis may evict the counts, as each health probe last found: while it
+        #: may, the store is not used (a count evicted is a lockout gone).
+        self._eviction = EvictionWatch("throttle store")
 
     def _call(self, what, *args):
+        if self._eviction.problem is not None:
+            raise StoreUnavailable(f"throttle store {self.location}: {self._eviction.problem}")
+        return self._raw_call(what, *args)
+
+    def _raw_call(self, what, *args):
         try:
             with self._deadline.within(self._timeout):
                 return what(*args)
@@ -489,11 +498,16 @@ class RedisStore:
             self._call(self._client.delete, *(self._prefix + key for key in keys))
 
     def ping(self) -> str:
-        """Whether Redis answers (the core's health probe, :mod:`gateway.health`): the
-        location, or raises :class:`StoreUnavailable`. Bounded by ``throttle.redis.timeout``.
+        """Whether Redis answers and keeps its keys (the core's health probe,
+        :mod:`gateway.health`): the location, or raises :class:`StoreUnavailable`, also for a
+        Redis that may evict the counts (:func:`.eviction_problem`; the store is then not used
+        until a probe finds otherwise). Bounded by ``throttle.redis.timeout``.
         Then takes back the reservations of failed calls (:meth:`_retract`), so that they go
         without waiting for the next password attempt; best effort."""
-        self._call(self._client.ping)
+        self._raw_call(self._client.ping)
+        problem = self._raw_call(self._eviction.check, self._client, self.location)
+        if problem is not None:
+            raise StoreUnavailable(f"throttle store {self.location}: {problem}")
         try:
             self._retract()
         except StoreUnavailable as exc:

@@ -29,6 +29,7 @@ import ssl
 from urllib.parse import urlsplit
 
 from gateway import Command, ComponentState, Listener, PluginContext, Route, hookimpl
+from gateway.redis_eviction import EvictingRedis, EvictionWatch
 
 from .keys import KeyStore
 from .oidc import OidcProvider
@@ -60,13 +61,16 @@ class LoginPlugin:
         self.wsfed = WsFed(settings, self.saml)
         self.oidc = OidcProvider(settings, self.current, self.next)
         self._probe_store: RedisStore | None = None
+        #: What the probe found of the Redis's eviction policy, shared by the door's stores.
+        self._eviction = EvictionWatch("login session store")
         self._managers: list[SessionManager] = []  # the door's session stores, closed at shutdown
         self._sessions_state: ComponentState | None = None
 
     def _store(self):
         sessions = self.settings.sessions
         if sessions.store == "redis":
-            return RedisStore(sessions.redis_url, sessions.absolute, timeout=sessions.redis_timeout)
+            return RedisStore(sessions.redis_url, sessions.absolute, timeout=sessions.redis_timeout,
+                              eviction=self._eviction)
         return SqliteStore(self.context.state_dir / "login" / "sessions.sqlite3")
 
     @hookimpl
@@ -80,8 +84,9 @@ class LoginPlugin:
         try:
             self._sessions_state = ComponentState("login.sessions", True, self._probe_store.ping())
         except Exception as exc:  # noqa: BLE001 - any failure means the store is down
-            self._sessions_state = ComponentState("login.sessions", False,
-                                                  f"{self._probe_store.location}: {exc.__class__.__name__}")
+            detail = str(exc) if isinstance(exc, EvictingRedis) else \
+                f"{self._probe_store.location}: {exc.__class__.__name__}"  # (the first holds no secret)
+            self._sessions_state = ComponentState("login.sessions", False, detail)
 
     @hookimpl
     def gateway_readiness(self) -> list[ComponentState] | None:

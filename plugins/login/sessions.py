@@ -67,6 +67,7 @@ from typing import Any, Callable
 from gateway import Identity
 from gateway.health import redis_location
 from gateway.redis_deadline import CallDeadline, bounded_connection_class
+from gateway.redis_eviction import EvictingRedis, EvictionWatch
 from gateway.logs import printable
 from gateway.sqlitedb import connect_wal
 
@@ -629,10 +630,31 @@ class _Breaker:
                 self._probing = False
 
 
+def _decoded(raw: bytes | None, kind: type):
+    """The JSON record *raw* of a Redis key, if it is a *kind* (``dict`` or ``list``); else None,
+    as an absent record is (logged). A value this store did not write (another application
+    sharing the database, bytes that are not UTF-8) was a 500 with a traceback at every request
+    naming it (review of the Redis stores)."""
+    if not raw:
+        return None
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        value = None
+    if not isinstance(value, kind):
+        log.warning("login store: a record that is not one of this store's is taken as absent")
+        return None
+    return value
+
+
 def _breaker(method):
     """A :class:`RedisStore` method guarded by its :class:`_Breaker`."""
     @functools.wraps(method)
     def guarded(self, *args, **kwargs):
+        if self.eviction.problem is not None:  # a replay mark or a code could be evicted: not used
+            import redis
+
+            raise redis.ConnectionError(f"{self.location}: {self.eviction.problem}")
         probe = self.breaker.admit()
         try:
             with self.deadline.within(self.timeout):  # the whole call, not each read of it
@@ -661,10 +683,14 @@ class RedisStore:
     could not reach Redis. A refused call raises ``redis.ConnectionError``, as a failed one does
     (:data:`STORE_ERRORS`: the door answers 503)."""
 
-    def __init__(self, url: str, ttl: float, timeout: float = DEFAULT_REDIS_TIMEOUT) -> None:
+    def __init__(self, url: str, ttl: float, timeout: float = DEFAULT_REDIS_TIMEOUT,
+                 eviction: EvictionWatch | None = None) -> None:
         import redis  # authgw[redis]
 
         self._url = url
+        #: Whether this Redis may evict keys, as the plugin's health probe last found (shared by
+        #: the worker's stores): while it may, no call is made (503).
+        self.eviction = eviction or EvictionWatch("login session store")
         self.ttl = int(ttl) + 1
         #: ``sessions.idle`` and ``sessions.absolute`` (:meth:`lifetimes`): a session's key expires
         #: when the first of them is reached, so Redis drops idle sessions itself.
@@ -717,6 +743,9 @@ class RedisStore:
         what Redis answers now."""
         with self.deadline.within(self.timeout):
             self.redis.ping()
+            problem = self.eviction.check(self.redis, self.location)
+        if problem is not None:
+            raise EvictingRedis(f"{self.location}: {problem}")
         return f"{self.location}: answers"
 
     @_breaker
@@ -725,8 +754,8 @@ class RedisStore:
 
     @_breaker
     def get_session(self, key: str) -> tuple[dict, float, float] | None:
-        raw = self.redis.get(f"authgw:login:s:{key}")
-        return tuple(json.loads(raw)) if raw else None
+        record = _decoded(self.redis.get(f"authgw:login:s:{key}"), list)
+        return tuple(record) if record is not None else None
 
     @_breaker
     def touch_session(self, key: str, now: float) -> None:
@@ -787,7 +816,8 @@ class RedisStore:
     @_breaker
     def get_participants(self, key: str) -> dict[str, dict]:
         raw = self.redis.hgetall(f"authgw:login:sp:{key}")
-        return {party.decode(): json.loads(data) for party, data in raw.items()}
+        decoded = {party.decode(errors="replace"): _decoded(data, dict) for party, data in raw.items()}
+        return {party: data for party, data in decoded.items() if data is not None}
 
     @_breaker
     def put_pending(self, key: str, data: dict, expires: float) -> bool:
@@ -806,7 +836,7 @@ class RedisStore:
         raw = self.redis.getdel(f"authgw:login:p:{key}")
         if raw and key.startswith("p:"):
             self.redis.zrem(_PARKED_SET, key)
-        return json.loads(raw) if raw else None
+        return _decoded(raw, dict)
 
     @_breaker
     def count_parked(self, now: float) -> int:
@@ -819,8 +849,7 @@ class RedisStore:
 
     @_breaker
     def get_pending(self, key: str, now: float) -> dict | None:
-        raw = self.redis.get(f"authgw:login:p:{key}")
-        return json.loads(raw) if raw else None
+        return _decoded(self.redis.get(f"authgw:login:p:{key}"), dict)
 
     @_breaker
     def get_pendings(self, keys: list[str], now: float) -> dict[str, dict]:
@@ -828,7 +857,8 @@ class RedisStore:
         if not keys:
             return {}
         raws = self.redis.mget([f"authgw:login:p:{key}" for key in keys])
-        return {key: json.loads(raw) for key, raw in zip(keys, raws) if raw}
+        decoded = {key: _decoded(raw, dict) for key, raw in zip(keys, raws)}
+        return {key: data for key, data in decoded.items() if data is not None}
 
     def purge(self, now: float, oldest: float) -> int:
         return 0  # Redis expires keys itself
@@ -952,14 +982,17 @@ class SessionManager:
                  printable(identity.subject), most,
                  f"; not told (no Single Logout round): {printable(', '.join(told))}" if told else "")
 
-    def get(self, cookie: str | None) -> Session | None:
-        """The live session the cookie names, or ``None`` (bad MAC, unknown, idle or too old)."""
+    def get(self, cookie: str | None, *, touch: bool = True) -> Session | None:
+        """The live session the cookie names, or ``None`` (bad MAC, unknown, idle or too old);
+        a use of it (its idle time starts again) unless *touch* is false: a sign-out does not
+        need the write (a Redis refusing writes, full under ``noeviction``, refused the touch,
+        and the session it was to end lived on)."""
         value = self._unsign(cookie)
         if value is None:
             return None
         key = _digest(value)
         session = self._live(key)
-        if session is not None:
+        if session is not None and touch:
             self.store.touch_session(key, time.time())
         return session
 
@@ -972,14 +1005,20 @@ class SessionManager:
         record = self.store.get_session(key)
         if record is None:
             return None
-        data, created, seen = record
-        now = time.time()
-        if not within(now - created, self.settings.absolute) or not within(now - seen, self.settings.idle):
+        try:
+            data, created, seen = record
+            now = time.time()
+            live = within(now - created, self.settings.absolute) and within(now - seen, self.settings.idle)
+            session = Session(key, identity_from_json(data["identity"]), created, data["index"],
+                              data.get("checked", 0.0), data.get("directory"), data.get("asked", True),
+                              str(data.get("answered_by", ""))) if live else None
+        except (ValueError, TypeError, KeyError, AttributeError):
+            # not a record this store wrote (see _decoded): no session, and it goes
+            log.warning("login: a session record that cannot be read is deleted")
+            session = None
+        if session is None:
             self.store.delete_session(key)
-            return None
-        return Session(key, identity_from_json(data["identity"]), created, data["index"],
-                       data.get("checked", 0.0), data.get("directory"), data.get("asked", True),
-                       str(data.get("answered_by", "")))
+        return session
 
     # -- the account behind a session ----------------------------------------------------------------
 

@@ -403,8 +403,8 @@ class LoginDoor:
 
     # -- sessions ---------------------------------------------------------------------------------
 
-    def session(self, request: web.Request) -> Session | None:
-        return self.sessions.get(request.cookies.get(self.cookie))
+    def session(self, request: web.Request, *, touch: bool = True) -> Session | None:
+        return self.sessions.get(request.cookies.get(self.cookie), touch=touch)
 
     @staticmethod
     def reusable(session: Session, pending: dict) -> bool:
@@ -669,7 +669,7 @@ class LoginDoor:
                 then = request.query.get("then", "")
                 target = self.sessions.release(then) if then else None
                 after = self.logout_target(target) if target is not None and self.logout_target is not None else None
-                session = self.session(request)
+                session = self.session(request, touch=False)  # ended next: no write before the delete
                 if session is not None and self.logout_round is not None:
                     response = await self.logout_round(request, {session.key: session.index}, after)
                 else:

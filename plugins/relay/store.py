@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.health import redis_location
+from gateway.redis_eviction import EvictionWatch
 from gateway.sqlitedb import connect_wal
 
 __all__ = ["Connector", "RedisStore", "SQLiteStore", "TicketRefused", "token_hash"]
@@ -197,6 +198,7 @@ class RedisStore:
                                           socket_timeout=settings.timeout, socket_connect_timeout=settings.timeout,
                                           decode_responses=True)
         self.location = redis_location(settings.url)  # for readiness and errors: no password
+        self._eviction = EvictionWatch("relay store")
         self._add_use = self.redis.register_script(_ADD_USE)  # made here, sent to Redis on first use
         self._seen = self.redis.register_script(_SEEN)
 
@@ -205,8 +207,11 @@ class RedisStore:
         location and the error's class only: what ``/readyz`` shows holds no secret."""
         try:
             self.redis.ping()
+            problem = self._eviction.check(self.redis, self.location)
         except Exception as exc:  # noqa: BLE001 - refused, timed out, wrong password: all "down"
             raise ConnectionError(f"{self.location}: {exc.__class__.__name__}") from None
+        if problem is not None:  # tickets' uses, the CA key, routes: not ready (the log says it once)
+            raise ConnectionError(f"{self.location}: {problem}")
         return f"{self.location}: answers"
 
     def _k(self, *parts: str) -> str:
