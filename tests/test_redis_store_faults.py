@@ -88,12 +88,7 @@ def _sign_in(gw):
 def test_a_login_session_store_on_an_evicting_redis_is_not_used(tmp_path, start_gateway):
     redis = RedisServer(tmp_path / "redis").start()
     try:
-        core = {"chain": ["static"], "plugins": ["login"], "throttle": {"enabled": False},
-                "health": {"probe_interval": 1}}
-        login = {"base_url": "https://login.example.test", "sessions": {"store": "redis", "redis_url": redis.url}}
-        gw = start_gateway(write_conf(tmp_path / "conf.d", {"gateway.yaml": json.dumps(core),
-                                                            "login.yaml": "login: " + json.dumps(login),
-                                                            **static_users({"alice": _hash()})}))
+        gw = _login_gateway(tmp_path, start_gateway, redis)
         assert "Sign out" in _sign_in(gw).text  # signed in: the session is in Redis
         _evicting(redis)
         sessions = wait_for(lambda: (c := _components(gw)["login.sessions"])["ready"] is False and c,
@@ -133,7 +128,8 @@ def test_the_relay_store_reports_an_evicting_redis_as_not_ready(tmp_path):
 
 
 def _login_gateway(tmp_path, start_gateway, redis):
-    core = {"chain": ["static"], "plugins": ["login"], "throttle": {"enabled": False}}
+    core = {"chain": ["static"], "plugins": ["login"], "throttle": {"enabled": False},
+            "health": {"probe_interval": 1}}
     login = {"base_url": "https://login.example.test", "sessions": {"store": "redis", "redis_url": redis.url}}
     return start_gateway(write_conf(tmp_path / "conf.d", {"gateway.yaml": json.dumps(core),
                                                           "login.yaml": "login: " + json.dumps(login),
