@@ -189,15 +189,27 @@ class AuditLog:
         An existing file keeps its mode (a log shipper may read it through its group), but one
         that others can read is reported."""
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            # Non-blocking: a FIFO put where the log goes was waited on for a reader, and start-up
+            # or a reload hung with it (review of the supervisor); it is refused below.
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK,
+                         0o600)
         except OSError as exc:
+            if exc.errno == errno.ENXIO:  # a FIFO nobody reads
+                raise OSError(exc.errno, "the audit log is a FIFO, not a regular file: set audit.file to a file, "
+                                         "or - for standard error", path) from None
             if exc.errno != errno.ELOOP:
                 raise
             # Not followed: a link planted where the log goes (a directory a log group can write
             # to) would have the gateway append to whatever file of its user the link names.
             raise OSError(exc.errno, "the audit log is a symbolic link, which is not followed: set audit.file "
                                      "to the file it names", path) from None
-        mode = stat.S_IMODE(os.fstat(fd).st_mode)
+        info = os.fstat(fd)
+        if not (stat.S_ISREG(info.st_mode) or stat.S_ISCHR(info.st_mode)):  # (/dev/null is a device)
+            os.close(fd)
+            raise OSError(errno.EINVAL, "the audit log is not a regular file: set audit.file to a file, or - for "
+                                        "standard error", path)
+        os.set_blocking(fd, True)  # each line one whole write, as before
+        mode = stat.S_IMODE(info.st_mode)
         if mode & 0o007:
             logging.getLogger("authgw.audit").warning("audit log %s is readable by others (mode %o); chmod 600 it "
                                                       "(or 640 with the log reader's group)", path, mode)

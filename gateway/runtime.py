@@ -85,15 +85,19 @@ def build_runtime(config_dir: Path, *, state_dir: Path | None = None,
     state = ensure_state_dir(state_dir or config.core.state_dir or default_state_dir())
     audit = AuditLog(config.core.audit.file, create=serving)
     metrics = metrics or Metrics()
-    pm, plugins = build_plugin_manager(
-        config, state_dir=state, discovered=discovered,
-        core_plugins=[("core.audit", audit), ("core.metrics", metrics)],
-    )
-    folder = ChainFolder(pm)  # it names culprits from the plugin manager it is registered in
-    pm.register(folder, name="core.chain")
-    limits = config.core.limits
-    bound_steps(pm, config.core.chain, limits.step_concurrency or max(1, config.core.threads // 2),
-                config.core.deadline)
-    set_hash_concurrency(limits.hash_concurrency)
-    gateway = Gateway(config.core, pm, plugins, folder, state_dir=state, workers=workers)
+    try:
+        pm, plugins = build_plugin_manager(
+            config, state_dir=state, discovered=discovered,
+            core_plugins=[("core.audit", audit), ("core.metrics", metrics)],
+        )
+        folder = ChainFolder(pm)  # it names culprits from the plugin manager it is registered in
+        pm.register(folder, name="core.chain")
+        limits = config.core.limits
+        bound_steps(pm, config.core.chain, limits.step_concurrency or max(1, config.core.threads // 2),
+                    config.core.deadline)
+        set_hash_concurrency(limits.hash_concurrency)
+        gateway = Gateway(config.core, pm, plugins, folder, state_dir=state, workers=workers)
+    except BaseException:
+        audit.close()  # a reload refused here left its audit file open, one more at each (review)
+        raise
     return Runtime(config, gateway, metrics, audit, state)

@@ -324,7 +324,8 @@ def _in_thread(function: Callable[[], Any]) -> asyncio.Future:
 
 def _restart_only(old: GatewaySettings, new: GatewaySettings) -> None:
     """Keys the running process cannot change (its sockets, its process layout): say so."""
-    for key in ("listen", "workers", "event_loop", "pin_workers", "reuse_port", "state_dir", "worker_timeout"):
+    for key in ("listen", "workers", "event_loop", "pin_workers", "reuse_port", "state_dir", "worker_timeout",
+                "log_level", "log_format"):
         if getattr(old, key) != getattr(new, key):
             log.warning("reload: `%s` changed; it takes effect at the next restart", key)
 
@@ -396,7 +397,16 @@ def _follow_master(worker: _Worker, link: socket.socket) -> None:
         tell(("reloaded", number) if applied else ("refused", number, worker.refusal))
 
     def on_message() -> None:
-        messages = reader.read()
+        try:
+            messages = reader.read()
+        except Exception as exc:  # noqa: BLE001 - a frame that does not read: the link is out of step
+            # No later message could be read either: this worker would serve its configuration
+            # for good. It stops (its requests answered) and the master starts another.
+            log.error("worker %d: a message from the master does not read (%s): stopping; the master "
+                      "starts a worker with its configuration", os.getpid(), exc.__class__.__name__)
+            loop.remove_reader(link.fileno())
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
         if messages is None:
             loop.remove_reader(link.fileno())
             return
@@ -455,6 +465,9 @@ def _worker_main(config_dir: Path, state_dir: Path | None, sockets: list[socket.
                  workers: int | None = None) -> int:
     try:
         run(_serve_worker(config_dir, state_dir, sockets, extra, runtime, config, link, workers))
+    except ConfigError as exc:  # what to fix, not a traceback at every retry of a replacement
+        log.error("worker %d failed: the configuration does not start:%s", os.getpid(), explain(exc))
+        return EXIT_STARTUP_FAILED
     except Exception:
         log.exception("worker %d failed", os.getpid())
         return EXIT_STARTUP_FAILED
@@ -494,6 +507,10 @@ def serve(config_dir: Path, *, state_dir: Path | None = None, workers: int | Non
     # `--workers` wins over `workers:`; the count decides the throttle store (`store: auto`), here,
     # in every worker, at every reload and in every replacement worker.
     probe = build_runtime(config_dir, state_dir=state_dir, workers=workers)
+    # The state directory is the one this start found (--state-dir, else `state_dir:`), for
+    # every worker, reload and replacement: a reload read a changed `state_dir:` again, and the
+    # throttle's counts (a guesser's budget) started afresh in the new one (review).
+    state_dir = probe.state_dir
     settings = probe.config.core
     count = workers or settings.workers
     try:

@@ -38,7 +38,11 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError, core_schema
 
-from gateway.yamlfiles import foreign_owner
+from gateway.errors import ConfigError
+from gateway.yamlfiles import foreign_owner, read_regular
+
+#: The most a ``{file: PATH}`` secret file may hold (a password, a key: far less).
+_MAX_SECRET_BYTES = 64 * 1024
 
 __all__ = [
     "ConfigPath",
@@ -212,10 +216,16 @@ class Secret:
         else:
             path = ctx.resolve(where)
             try:
-                secret = path.read_text(encoding="utf-8").rstrip("\r\n")
-            except (OSError, UnicodeDecodeError) as exc:
+                # A regular file of at most 64 KiB, opened non-blocking: a FIFO hung `config check`
+                # and a reload, /dev/zero read until memory ran out (review of the supervisor).
+                secret = read_regular(path, "secret file", _MAX_SECRET_BYTES).decode("utf-8").rstrip("\r\n")
+            except ConfigError as exc:
                 raise PydanticCustomError("secret_file", "cannot read secret file {path}: {err}",
-                                          {"path": str(path), "err": exc.__class__.__name__}) from None
+                                          {"path": str(path),
+                                           "err": str(exc).removeprefix("secret file: ")}) from None
+            except UnicodeDecodeError:  # (its message would show a byte of the secret)
+                raise PydanticCustomError("secret_file", "cannot read secret file {path}: {err}",
+                                          {"path": str(path), "err": "not UTF-8"}) from None
             ctx.check_private(path, "secret file")
         if not secret:
             raise PydanticCustomError("secret_empty", "the secret referenced by {ref} is empty", {"ref": f"{kind}:{where}"})

@@ -27,6 +27,7 @@ loop must turn. Workers the master is stopping are not watched.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import faulthandler
 import logging
 import mmap
@@ -455,8 +456,16 @@ class _Master:
         for pid, child in self.children.items():
             try:
                 child.link.sendall(message)
-            except OSError as exc:  # exiting, or stuck: it is replaced with the new configuration
-                log.warning("reload: worker %d did not take the configuration: %s", pid, exc)
+            except OSError as exc:
+                # Exiting, or stuck (its link full: a stopped or starved worker). Part of the
+                # message may be on the link: the worker could read no later one, and served
+                # the old configuration for good (a 1.4 MB message to a stopped worker; a user
+                # removed since still signed in there). It is killed, and its replacement
+                # starts with the new configuration.
+                log.warning("reload: worker %d did not take the configuration (%s): killing it; its replacement "
+                            "starts with the new configuration", pid, exc)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
                 self.reload.waiting.discard(pid)
         self._settle_reload()
 

@@ -39,6 +39,7 @@ import yaml
 from gateway.errors import ConfigError
 
 __all__ = ["KeyPath", "Mark", "display_name", "foreign_owner", "format_path", "load_directory", "load_file",
+           "read_regular",
            "owner_of", "parse_scalar", "referenced_paths", "unread_files"]
 
 KeyPath = tuple[str | int, ...]
@@ -147,18 +148,14 @@ def format_path(path: KeyPath) -> str:
     return out or "(top level)"
 
 
-def _read_text(path: Path, name: str, max_bytes: int, checked: os.stat_result | None = None) -> str:
-    """*path*'s text, if it is a regular file of at most *max_bytes*: both checked on the opened
-    file (``fstat``) before anything is read. Opened non-blocking, so a FIFO is refused, not
-    waited on. Newlines as ``Path.read_text`` gives them (universal newlines). With *checked*
-    (the ``stat`` its permissions were judged by), the file opened must be that very file: one
-    put in its place between the check and the reading (a rename over it, a symlink swapped) is
-    refused, not read unchecked."""
+def read_regular(path: Path, name: str, max_bytes: int, checked: os.stat_result | None = None) -> bytes:
+    """*path*'s bytes, if it is a regular file of at most *max_bytes* (:func:`_read_text`);
+    else :class:`ConfigError` naming *name* (its text holds none of the file's bytes)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
     except OSError as exc:
         raise ConfigError(f"{name}: cannot read: {exc}") from None
-    with os.fdopen(fd, "rb") as file:
+    try:  # the type is checked before a file object is made (a directory: no fd left open)
         info = os.fstat(fd)
         if checked is not None and (info.st_dev, info.st_ino) != (checked.st_dev, checked.st_ino):
             raise ConfigError(f"{name}: not read: replaced by another file while it was checked; if that was "
@@ -168,16 +165,37 @@ def _read_text(path: Path, name: str, max_bytes: int, checked: os.stat_result | 
         if info.st_size > max_bytes:
             raise ConfigError(f"{name}: not read: {info.st_size:,} bytes, more than the {_size(max_bytes)} a file "
                               "may have here")
-        try:
-            data = file.read(max_bytes + 1)
-        except OSError as exc:
-            raise ConfigError(f"{name}: cannot read: {exc}") from None
-    if len(data) > max_bytes:  # grew since fstat
+        chunks, size = [], 0
+        while size <= max_bytes:
+            try:
+                chunk = os.read(fd, max_bytes + 1 - size)
+            except OSError as exc:
+                raise ConfigError(f"{name}: cannot read: {exc}") from None
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    if size > max_bytes:  # grew since fstat
         raise ConfigError(f"{name}: not read: more than the {_size(max_bytes)} a file may have here")
+    return b"".join(chunks)
+
+
+def _read_text(path: Path, name: str, max_bytes: int, checked: os.stat_result | None = None) -> str:
+    """*path*'s text, if it is a regular file of at most *max_bytes*: both checked on the opened
+    file (``fstat``) before anything is read. Opened non-blocking, so a FIFO is refused, not
+    waited on. Newlines as ``Path.read_text`` gives them (universal newlines). With *checked*
+    (the ``stat`` its permissions were judged by), the file opened must be that very file: one
+    put in its place between the check and the reading (a rename over it, a symlink swapped) is
+    refused, not read unchecked."""
+    data = read_regular(path, name, max_bytes, checked)
     try:
         text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{name}: cannot read: {exc}") from None
+    except UnicodeDecodeError as exc:  # where, not the bytes (the file may hold a secret)
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - data.rfind(b"\n", 0, exc.start)
+        raise ConfigError(f"{name}:{line}: not UTF-8 (column {column}); save the file as UTF-8") from None
     return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
 
 

@@ -4,6 +4,7 @@ PID file contract, and workers that die with their master."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -579,3 +580,38 @@ def test_a_request_cancelled_at_a_stop_is_audited(conf_dir, alice_hash, start_ga
     assert gw.proc.wait(timeout=60) == 0
     in_flight.join(60)
     assert [(line["outcome"], line["reason"]) for line in gw.audit()] == [("unavailable", "cancelled")]
+
+
+def test_a_worker_that_cannot_take_a_reload_whole_is_replaced_with_it(conf_dir, alice_hash, start_gateway):
+    """A reload message larger than the link's buffer, sent to a worker that does not read (here
+    SIGSTOPped: starved or stuck in real life), was left half-sent: that worker could read no
+    later message and served the configuration before for good, every later reload a traceback
+    in its log and nothing said by the master (review of the supervisor: half the logins of a
+    user removed since still signed in). It is killed, and its replacement starts with the new
+    configuration."""
+    from support.proc import children
+
+    # 4,000 API tokens: a message of about a megabyte, far more than a socket buffer holds
+    tokens = "".join(f"  - name: t{n}\n    sha256: {n:064x}\n" for n in range(4000))
+    gw = start_gateway(conf(conf_dir, alice_hash, "r0"), workers=2)
+    wait_for(lambda: len(serving(gw)) == 2, what="two workers serving", log=gw.output)
+    stuck = children(gw.proc.pid)[0]
+    (conf_dir / "gateway.yaml").write_text(gateway_yaml("r1", "api_tokens:\n" + tokens))
+    os.kill(stuck, signal.SIGSTOP)
+    try:
+        os.kill(master_pid(gw), signal.SIGHUP)
+        wait_for(lambda: f"reload: worker {stuck} did not take the configuration" in gw.output(), timeout=60,
+                 what="the master to give up sending", log=gw.output)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # (killed and reaped already)
+            os.kill(stuck, signal.SIGCONT)
+    wait_for(lambda: stuck not in children(gw.proc.pid) and len(serving(gw)) == 3, timeout=60,
+             what="the stuck worker replaced", log=gw.output)
+    wait_for(lambda: realms(gw, 10) == {realm("r1")}, timeout=60, what="the other worker's reload", log=gw.output)
+    assert realms(gw) == {realm("r1")}  # every worker serves the new configuration
+    (conf_dir / "gateway.yaml").write_text(gateway_yaml("r2"))
+    os.kill(master_pid(gw), signal.SIGHUP)
+    wait_for(lambda: realms(gw, 10) == {realm("r2")}, timeout=60, what="the next reload everywhere",
+             log=gw.output)
+    assert realms(gw) == {realm("r2")}
+    assert "Traceback" not in gw.output()

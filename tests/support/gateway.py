@@ -43,9 +43,10 @@ def authgw(*args: str, env: dict[str, str] | None = None, input: str | None = No
 
 class GatewayProcess:
     def __init__(self, conf_dir: Path, state_dir: Path, *, env: dict[str, str] | None = None,
-                 workers: int = 1, host: str = "127.0.0.1") -> None:
+                 workers: int = 1, host: str = "127.0.0.1", state_flag: bool = True) -> None:
         self.conf_dir = conf_dir
         self.state_dir = state_dir
+        self.state_flag = state_flag  # False: no --state-dir (conf.d's `state_dir:` decides)
         self.host = host
         self.port = free_port(host)
         self.env = {**os.environ, **(env or {})}
@@ -61,7 +62,7 @@ class GatewayProcess:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gateway", "serve", "--config", str(self.conf_dir),
-             "--state-dir", str(self.state_dir), "--workers", str(self.workers),
+             *(["--state-dir", str(self.state_dir)] if self.state_flag else []), "--workers", str(self.workers),
              "--listen", f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"],
             stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
         wait_for_port(self.host, self.port, timeout=timeout, proc=self.proc)
