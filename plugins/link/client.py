@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import random
+import ssl
 import statistics
 import time
 import urllib.request
@@ -47,13 +48,20 @@ from gateway.plugins import linkproto as proto
 from . import directory, state
 from .settings import LinkSettings
 
-__all__ = ["LinkClient", "LinkStatus", "Proxy", "check_renewed", "proxy_for"]
+__all__ = ["LinkClient", "LinkStatus", "Misdirected", "Proxy", "Redirected", "check_renewed", "no_redirects",
+           "proxy_for", "require_tls"]
 
 log = logging.getLogger("authgw.plugin.link")
 #: Refused frames: one WARNING a minute, counting the others (a relay can send them at will).
 _refusals = RateLimitedWarning(log)
 
 _HELLO_TIMEOUT = 10.0
+#: Seconds a stopping connector waits for the relay to acknowledge ``drain``: the rest of its
+#: budget (``drain``'s *budget*) goes to the requests in flight. At 10 s, a relay that never
+#: acknowledged held the stop past the server's 5 s for every plugin's shutdown (review of the link).
+_DRAIN_ACK = 2.0
+#: Seconds of a drain's budget kept for the WebSocket close handshake.
+_CLOSE_RESERVE = 0.5
 #: Requests refused in a row for want of room after which the link is closed (1008), as the
 #: relay closes a link after as many refused frames: an honest relay stays under its own
 #: ``max_in_flight`` (64), below what is held here by default (2 x ``max_concurrent``).
@@ -77,6 +85,48 @@ def _peer_text(text: str) -> str:
     """The relay's words (a refusal's code and detail) as they may reach the log, ``/readyz``
     and the console: printable (no terminal escapes, no forged line) and cut."""
     return printable(text)[:_MAX_DETAIL]
+
+
+class Misdirected(ConnectionError):
+    """The link would not be with the relay as enrolled (a redirect, no TLS): refused before
+    ``hello``, and logged as an ERROR at each dial, not a WARNING like a network failure."""
+
+
+class Redirected(Misdirected):
+    """The relay (or what stands in front of it) answered the link or its refusal with a
+    redirect. The link follows none: a ``302`` to ``http://`` made the connector re-dial in
+    cleartext, say hello and answer ``authenticate`` to the unauthenticated peer, a password
+    oracle, even with the relay CA pinned (review of the link). The message names the status,
+    not the ``Location`` (it may hold anything)."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"the relay answered with a redirect (HTTP {status}); the link follows no redirect: "
+                         "check link_url in link.json and what stands in front of the relay")
+        self.status = status
+
+
+async def _refuse_redirect(session, context, params: aiohttp.TraceRequestRedirectParams) -> None:
+    params.response.close()
+    raise Redirected(params.response.status)
+
+
+def no_redirects() -> aiohttp.TraceConfig:
+    """For the link's :class:`aiohttp.ClientSession` (``trace_configs``): a redirect raises
+    :class:`Redirected` before it is followed. ``ws_connect`` takes no ``allow_redirects``
+    (aiohttp 3.14); this hook runs before each hop, for every request of the session."""
+    trace = aiohttp.TraceConfig()
+    trace.on_request_redirect.append(_refuse_redirect)
+    return trace
+
+
+def require_tls(ws) -> None:
+    """Raise :class:`Misdirected` unless the WebSocket *ws* runs over TLS: a link without
+    it has no relay certificate verified and no client certificate presented, and must not carry
+    a ``hello``, let alone a sealed password's answer. aiohttp dials a ``ws://`` URL in
+    cleartext even when given an SSL context (a ``link.json`` edited by hand, or a redirect had
+    one been followed)."""
+    if ws.get_extra_info("ssl_object") is None:
+        raise Misdirected("the link is not TLS (wss://); refused before hello")
 
 
 def _identity_json(identity) -> dict[str, Any]:
@@ -182,6 +232,9 @@ class LinkClient:
         self._lock: int | None = None  # fd of STATE_DIR/link/link.lock while this client may dial
         self._live: tuple | None = None  # (ws, pending, reader) of the link while it is up
         self._pings: dict[bytes, float] = {}  # payload of a ping in flight -> monotonic time sent
+        #: how the current link ended when the relay did not close it ("closed by the connector
+        #: (1007: ...)", "lost (...)"), or None
+        self._closed_why: str | None = None
 
     def close(self) -> None:
         """Let the self-test thread go (a test still hanging ends by itself, unwaited), and the
@@ -257,7 +310,8 @@ class LinkClient:
                 raise
             except Exception as exc:  # every failure means: wait, then dial again (never exit)
                 self.status.detail = f"{exc.__class__.__name__}: {exc}"
-                log.warning("link to %s failed: %s", enrolment.link_url, self.status.detail)
+                log.log(logging.ERROR if isinstance(exc, Misdirected) else logging.WARNING,
+                        "link to %s failed: %s", enrolment.link_url, self.status.detail)
             finally:
                 self.status.connected = False
             if time.monotonic() - started > 2 * self.settings.backoff_max:
@@ -276,7 +330,8 @@ class LinkClient:
         # once open, is not (its pings are).
         dial = aiohttp.ClientTimeout(total=None, connect=self.settings.dial_timeout,
                                      sock_read=self.settings.dial_timeout)
-        async with aiohttp.ClientSession(timeout=dial) as http:  # no trust_env: the proxy was chosen above
+        # no trust_env: the proxy was chosen above; no redirect followed (no_redirects)
+        async with aiohttp.ClientSession(timeout=dial, trace_configs=[no_redirects()]) as http:
             try:
                 await self._linked(http, enrolment, context, url, headers)
             except aiohttp.WSServerHandshakeError as exc:
@@ -284,7 +339,10 @@ class LinkClient:
                     raise
                 # The relay says why in a JSON body the WebSocket handshake does not show.
                 https = "https://" + enrolment.link_url.split("://", 1)[1]
-                async with http.get(https, ssl=context, proxy=url, proxy_headers=headers) as response:
+                async with http.get(https, ssl=context, proxy=url, proxy_headers=headers,
+                                    allow_redirects=False) as response:
+                    if 300 <= response.status < 400:
+                        raise Redirected(response.status)
                     try:
                         problem = json.loads(await response.content.read(4096))  # a few words, not a flood
                         why = _peer_text(f"{problem['error']}: {problem['detail']}")
@@ -298,6 +356,9 @@ class LinkClient:
                                    # autoping off: pongs reach _read, which times them (latency)
                                    # and answers the relay's pings itself
                                    autoping=False, timeout=aiohttp.ClientWSTimeout(ws_close=5.0)) as ws:
+            if isinstance(context, ssl.SSLContext):  # (in-process tests dial a plain ws:// with ssl=False)
+                require_tls(ws)
+            self._closed_why = None
             pending: dict[str, asyncio.Future] = {}
             self._pings.clear()
             self.status.round_trips.clear()
@@ -325,7 +386,9 @@ class LinkClient:
                 reader.cancel()
                 for future in pending.values():
                     future.cancel()
-            close = f"closed by the relay ({ws.close_code})"
+            # A close this end made (a missing pong, a frame that is not UTF-8, too many refused
+            # frames, a drain) is not the relay's doing: saying so sent operators to the relay.
+            close = self._closed_why or f"closed by the relay ({ws.close_code})"
             self.status.detail = close
             log.warning("link to %s %s", enrolment.link_url, close)
 
@@ -353,33 +416,40 @@ class LinkClient:
                 return
             await asyncio.sleep(self.settings.ping_interval)
 
-    async def drain(self, grace: float) -> None:
-        """A clean stop: tell the relay to send nothing new, answer what is in flight (at most
-        *grace* seconds), then close. A planned restart of one connector fails no login."""
+    async def drain(self, budget: float) -> None:
+        """A clean stop within *budget* seconds in all: tell the relay to send nothing new (its
+        acknowledgement awaited at most ``_DRAIN_ACK``), answer what is in flight, then close.
+        A planned restart of one connector fails no login; a relay that never acknowledges
+        does not hold the stop past the server's shutdown budget (``CLOSE_GRACE``)."""
         if self._live is None:
             return
         ws, pending, reader = self._live
+        loop = asyncio.get_running_loop()
+        end = loop.time() + budget
         try:
-            await self._ask(ws, pending, "drain", {}, reader)
+            await self._ask(ws, pending, "drain", {}, reader, timeout=min(_DRAIN_ACK, budget / 2))
         except Exception as exc:  # the link is going anyway
             log.warning("link: drain not acknowledged: %s", exc)
         # Every request read before the relay's acknowledgement has its task by now; one read
-        # after it (a relay that wrote it as it took the drain) is answered too, within the grace.
-        loop = asyncio.get_running_loop()
-        end = loop.time() + grace
-        while self._tasks and (left := end - loop.time()) > 0:
+        # after it (a relay that wrote it as it took the drain) is answered too, within the budget.
+        while self._tasks and (left := end - _CLOSE_RESERVE - loop.time()) > 0:
             await asyncio.wait(set(self._tasks), timeout=left)
-        await ws.close(code=1001, message=b"connector stopping")
+        self._closed_why = "closed by the connector (1001: stopping)"
+        try:
+            await asyncio.wait_for(ws.close(code=1001, message=b"connector stopping"),
+                                   max(end - loop.time(), 0.1))
+        except asyncio.TimeoutError:  # the relay does not answer the close: going regardless
+            pass
 
     async def _ask(self, ws, pending: dict[str, asyncio.Future], type_: str, body: dict[str, Any],
-                   reader: asyncio.Future) -> dict[str, Any]:
-        request_id, frame = proto.request(type_, body, now=self._clock(), timeout=_HELLO_TIMEOUT)
+                   reader: asyncio.Future, timeout: float = _HELLO_TIMEOUT) -> dict[str, Any]:
+        request_id, frame = proto.request(type_, body, now=self._clock(), timeout=timeout)
         future = asyncio.get_running_loop().create_future()
         pending[request_id] = future
         sent = self._clock()
         try:
             await ws.send_str(frame)
-            done, _ = await asyncio.wait({future, reader}, timeout=_HELLO_TIMEOUT,
+            done, _ = await asyncio.wait({future, reader}, timeout=timeout,
                                          return_when=asyncio.FIRST_COMPLETED)
             if future not in done:
                 raise ConnectionError(f"no answer to {type_} from the relay")
@@ -398,6 +468,7 @@ class LinkClient:
     async def _read(self, ws, enrolment: state.Enrolment, pending: dict[str, asyncio.Future]) -> None:
         overruns = 0  # requests refused in a row for want of room
         refused = 0  # frames refused in a row
+        helloed = False  # the relay answered our hello (before it, the one answer awaited is the hello's)
         async for msg in ws:
             if msg.type == aiohttp.WSMsgType.PING:
                 await ws.pong(msg.data)
@@ -406,6 +477,16 @@ class LinkClient:
                 sent = self._pings.pop(msg.data, None)
                 if sent is not None:
                     self.status.add_round_trip(time.monotonic() - sent)
+                continue
+            if msg.type == aiohttp.WSMsgType.ERROR:
+                # aiohttp closes the link itself: no pong in time (1006), a text frame that is
+                # not UTF-8 (1007), a frame over max_msg_size (1009)
+                error = ws.exception() or msg.data
+                what = _peer_text(f"{error.__class__.__name__}: {error}" if str(error) else error.__class__.__name__)
+                if isinstance(error, (aiohttp.ServerTimeoutError, aiohttp.WebSocketError)):
+                    self._closed_why = f"closed by the connector ({ws.close_code}: {what})"
+                else:  # the connection failed under the link (reset, TLS error): nobody closed it
+                    self._closed_why = f"lost ({ws.close_code}: {what})"
                 continue
             if msg.type != aiohttp.WSMsgType.TEXT:
                 continue
@@ -422,15 +503,30 @@ class LinkClient:
                 refused += 1
                 if refused >= _MAX_REFUSED:
                     log.warning("link: the relay sent %d refused frames in a row; closing the link", refused)
+                    self._closed_why = "closed by the connector (1008: too many refused frames)"
+                    await ws.close(code=1008, message=b"too many refused frames")
+                    return
+                continue
+            if not message.is_request:
+                refused = 0
+                future = pending.get(message.id)
+                if future is not None and not future.done():
+                    helloed = True
+                    future.set_result(message)
+                continue
+            if not helloed:
+                # The relay sends no request before it answers hello (docs/link-protocol.md): one
+                # that does is not a relay that has taken this link, and gets no answer but this.
+                _refusals("refused", "link: refused a %s request sent before the hello was answered", message.type)
+                await ws.send_str(proto.error(message.id, "bad_request", "no request before the hello is answered"))
+                refused += 1
+                if refused >= _MAX_REFUSED:
+                    log.warning("link: the relay sent %d refused frames in a row; closing the link", refused)
+                    self._closed_why = "closed by the connector (1008: too many refused frames)"
                     await ws.close(code=1008, message=b"too many refused frames")
                     return
                 continue
             refused = 0
-            if not message.is_request:
-                future = pending.get(message.id)
-                if future is not None and not future.done():
-                    future.set_result(message)
-                continue
             if len(self._tasks) >= self._max_held:
                 # Counted here, before any task: a relay sending faster than the directory
                 # answers gets refusals, not a task (and its frame kept) per request.
@@ -441,6 +537,7 @@ class LinkClient:
                     log.warning("link: the relay sent %d requests in a row beyond %d held (max_concurrent %d "
                                 "and as many waiting); closing the link", overruns, self._max_held,
                                 self.settings.max_concurrent)
+                    self._closed_why = "closed by the connector (1008: too many requests beyond max_concurrent)"
                     await ws.close(code=1008, message=b"too many requests beyond max_concurrent")
                     return
                 continue
@@ -570,12 +667,19 @@ class LinkClient:
 
     async def _renew_when_due(self, ws, pending, enrolment: state.Enrolment, reader) -> None:
         """At two thirds of the certificate's life, send a CSR for the same name and key over
-        the link and store the new certificate: this link goes on, the next dial presents it."""
+        the link and store the new certificate: this link goes on, the next dial presents it.
+        Renewals are at least ``backoff_max`` apart, whatever the relay answers: one answering
+        with certificates whose renewal point had passed made 131 renewals a second, forever
+        (review of the link; ``check_renewed`` refuses those now as well)."""
+        asked = -math.inf  # monotonic time of the last renew request
         while True:
             # An hour at a time: one sleep until a moment of the wall clock would oversleep a
             # suspended host or a clock stepped forward by as much (review of time).
             while (left := enrolment.renew_at - self._clock()) > 0:
                 await asyncio.sleep(min(left, RENEWAL_CHECK))
+            if (gap := asked + self.settings.backoff_max - time.monotonic()) > 0:
+                await asyncio.sleep(gap)
+            asked = time.monotonic()
             csr = (x509.CertificateSigningRequestBuilder()
                    .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, enrolment.connector)]))
                    .sign(enrolment.key, hashes.SHA256()))
@@ -605,7 +709,9 @@ def check_renewed(cert: x509.Certificate, enrolment: state.Enrolment, relay_ca: 
     enrolment's: our key, issued by the relay CA kept at enrolment (not the one the answer
     names: that would let a faulty relay move the pin), our connector id as CN, valid now (within
     *skew*). Stored without these checks, a bad answer would fail every later dial until the
-    connector enrols again."""
+    connector enrols again. And it must improve on the current one: end later, with its own
+    renewal point (two thirds of its life) still ahead; one already due was stored and renewed
+    again at once, in a loop as fast as the relay answered (review of the link)."""
     if cert.public_key().public_numbers() != enrolment.key.public_key().public_numbers():
         raise ValueError("the renewed certificate is for another key")
     try:
@@ -618,3 +724,7 @@ def check_renewed(cert: x509.Certificate, enrolment: state.Enrolment, relay_ca: 
     not_before, not_after = cert.not_valid_before_utc.timestamp(), cert.not_valid_after_utc.timestamp()
     if not_before > now + skew or not_after <= now:
         raise ValueError("the renewed certificate is not valid now")
+    if not_after <= enrolment.not_after:
+        raise ValueError("the renewed certificate ends no later than the current one")
+    if not_before + (not_after - not_before) * 2 / 3 <= now:
+        raise ValueError("the renewed certificate is due for renewal already (two thirds of its life are over)")

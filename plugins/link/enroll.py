@@ -32,11 +32,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from gateway.logs import printable
+
 from . import state
 
 __all__ = ["EnrolError", "enroll"]
 
 _MAX_ANSWER = 64 * 1024
+#: Characters of the relay's words (an error's detail, its connector id, link URL) shown.
+_MAX_WORDS = 200
 _TIMEOUT = 15.0
 #: What the relay accepts as a ticket token (plugins/relay/endpoints.py, ``_token``).
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{20,100}")
@@ -46,6 +50,23 @@ _BAD_URL = ("a ticket URL looks like https://relay.example/p/TOKEN (HTTPS only, 
 
 class EnrolError(Exception):
     """Enrolment failed; the message is the one line the operator sees."""
+
+
+def _words(text: object) -> str:
+    """The relay's words as they may reach the operator's terminal: printable and cut. Printed
+    raw, a refusal's detail set the terminal's title (OSC) and forged an "enrolled as
+    connector" line (review of the link)."""
+    return printable(text)[:_MAX_WORDS]
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """Enrolment follows no redirect: urllib's default handler followed a ``302`` from the
+    relay's HTTPS to plain ``http://``, sending the ticket's CSR (and the token in the path) in
+    cleartext (review of the link). The message names the status, not the ``Location``."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        raise EnrolError(f"the relay redirected the enrolment (HTTP {code}); enrolment follows no redirect: "
+                         "use the ticket URL as the relay printed it")
 
 
 class _SeenCertificates(urllib.request.HTTPSHandler):
@@ -72,7 +93,7 @@ def _call(url: str, handler: _SeenCertificates, body: dict | None = None) -> dic
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, method="GET" if body is None else "POST",
                                      headers={"Accept": "application/json", "Content-Type": "application/json"})
-    opener = urllib.request.build_opener(handler)
+    opener = urllib.request.build_opener(handler, _NoRedirects())
     try:
         with opener.open(request, timeout=_TIMEOUT) as response:
             return json.loads(response.read(_MAX_ANSWER))
@@ -82,17 +103,18 @@ def _call(url: str, handler: _SeenCertificates, body: dict | None = None) -> dic
             detail = f"{problem['error']}: {problem['detail']}"
         except Exception:  # not our relay's JSON: say what HTTP said
             detail = f"HTTP {exc.code} {exc.reason}"
-        raise EnrolError(f"the relay refused: {detail}") from None
+        raise EnrolError(f"the relay refused: {_words(detail)}") from None
     except urllib.error.URLError as exc:
         reason = exc.reason
         if isinstance(reason, ssl.SSLCertVerificationError):
             raise EnrolError(f"cannot verify the relay's certificate ({reason.verify_message}); "
                              "pass the relay's CA with --ca FILE") from None
-        raise EnrolError(f"cannot reach the relay at {urlsplit(url).netloc.rpartition('@')[2]}: {reason}") from None
+        raise EnrolError(f"cannot reach the relay at {urlsplit(url).netloc.rpartition('@')[2]}: "
+                         f"{_words(reason)}") from None
     except http.client.HTTPException as exc:  # not an OSError: a truncated or malformed HTTP answer
         raise EnrolError(f"bad answer from the relay: {exc.__class__.__name__}") from None
     except (OSError, ValueError) as exc:
-        raise EnrolError(f"bad answer from the relay: {exc}") from None
+        raise EnrolError(f"bad answer from the relay: {_words(exc)}") from None
     except RecursionError:  # JSON nested deeper than json reads
         raise EnrolError("bad answer from the relay: not the JSON it answers") from None
 
@@ -145,26 +167,26 @@ def enroll(ticket_url: str, state_dir: Path, ca_file: Path | None = None) -> str
     names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     if not names or names[0].value != connector:
         raise EnrolError("the relay returned a certificate for another name")
-    if urlsplit(link_url).scheme != "wss":
-        raise EnrolError("the relay's link URL is not wss://")
+    if not isinstance(connection, str) or not isinstance(link_url, str) or urlsplit(link_url).scheme != "wss":
+        raise EnrolError("the relay's link URL is not wss:// (or its connection not a name)")
     pinned = bool(https.seen) and all(_issued_by(der, relay_ca) for der in https.seen)
 
-    directory = state.directory(state_dir)
-    state.write_file(directory / "key.pem", key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()), private=True)
-    state.write_file(directory / "cert.pem", cert.public_bytes(serialization.Encoding.PEM))
-    state.write_file(directory / "relay-ca.pem", relay_ca.public_bytes(serialization.Encoding.PEM))
-    if server_ca is not None:
-        state.write_file(directory / "server-ca.pem", server_ca)
-    else:
-        (directory / "server-ca.pem").unlink(missing_ok=True)
-    state.write_file(directory / "link.json", json.dumps(
-        {"link_url": link_url, "connection": connection, "connector": connector, "pinned": pinned}, indent=1).encode())
+    # Together: a re-enrolment killed after key.pem was replaced left the old key gone and a
+    # certificate that no longer matched it, which `link status` called fine (review of the link).
+    state.write_enrolment(state.directory(state_dir), [
+        ("key.pem", key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption()), True),
+        ("cert.pem", cert.public_bytes(serialization.Encoding.PEM), False),
+        ("relay-ca.pem", relay_ca.public_bytes(serialization.Encoding.PEM), False),
+        ("server-ca.pem", server_ca, False),
+        ("link.json", json.dumps({"link_url": link_url, "connection": connection, "connector": connector,
+                                  "pinned": pinned}, indent=1).encode(), False),
+    ])
     trust = "the relay CA, pinned" if pinned else \
         ("the CA of --ca" if server_ca is not None else "the system's CAs (not pinned: the relay's certificate "
                                                         "is not its CA's; --ca FILE narrows it)")
-    return (f"enrolled as connector {connector} of connection {connection}; certificate valid until "
-            f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M:%SZ}; link {link_url}, verified with {trust}")
+    return (f"enrolled as connector {_words(connector)} of connection {_words(connection)}; certificate valid "
+            f"until {cert.not_valid_after_utc:%Y-%m-%d %H:%M:%SZ}; link {_words(link_url)}, verified with {trust}")
 
 
 def _issued_by(der: bytes, ca: x509.Certificate) -> bool:

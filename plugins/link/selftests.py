@@ -18,10 +18,11 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from gateway import CheckResult, SelfTest
+from gateway.logs import printable
 from gateway.plugins import linkproto as proto
 
 from . import state
-from .client import Proxy, proxy_for
+from .client import Proxy, no_redirects, proxy_for, require_tls
 
 __all__ = ["selftests"]
 
@@ -122,7 +123,8 @@ def selftests(plugin) -> list[SelfTest]:
             return CheckResult.fail(f"the relay refused the link (HTTP {exc.status})",
                                     "revoked or unknown connector? ask the relay operator (authgw relay connectors)")
         except Exception as exc:
-            return CheckResult.fail(f"the link did not come up: {exc.__class__.__name__}: {exc}")
+            # printable: the relay's words (an error's detail) reach the operator's terminal
+            return CheckResult.fail(printable(f"the link did not come up: {exc.__class__.__name__}: {exc}")[:300])
         detail = f"hello answered in {round_trip * 1000:.0f} ms; clock skew {skew:+.3f}s"
         if abs(skew) > plugin.settings.max_clock_skew:
             return CheckResult.warn(detail, f"clocks differ by more than max_clock_skew "
@@ -141,20 +143,31 @@ def selftests(plugin) -> list[SelfTest]:
 
 async def _hello(plugin, enrolment: state.Enrolment, proxy: Proxy | None) -> tuple[float, float]:
     """Dial the link (through the proxy, with the pinned CA and our certificate), send hello;
-    returns (round trip, clock skew) in seconds."""
-    async with aiohttp.ClientSession() as http:  # no trust_env: the proxy is the link's (proxy_for)
+    returns (round trip, clock skew) in seconds. As the link does: no redirect followed, TLS or
+    nothing. The answer is awaited ``_TIMEOUT`` seconds in all, not per frame: a relay sending
+    frames of other ids each second held ``authgw check`` forever (review of the link)."""
+    # no trust_env: the proxy is the link's (proxy_for)
+    async with aiohttp.ClientSession(trace_configs=[no_redirects()]) as http:
         async with http.ws_connect(enrolment.link_url, ssl=enrolment.ssl_context(),
                                    proxy=proxy.url if proxy else None, proxy_headers=proxy.headers if proxy else None,
                                    max_msg_size=proto.MAX_FRAME,
                                    timeout=aiohttp.ClientWSTimeout(ws_receive=_TIMEOUT, ws_close=2.0)) as ws:
+            require_tls(ws)
             sent = time.time()
             # probe: the relay answers, but neither routes to this link nor lets it replace the
             # connector's own (one link per connector id)
             request_id, frame = proto.request("hello", {"version": "check", "time": sent, "probe": True,
                                                         "not_after": enrolment.not_after}, now=sent, timeout=_TIMEOUT)
             await ws.send_str(frame)
+            loop = asyncio.get_running_loop()
+            end = loop.time() + _TIMEOUT
             while True:
-                msg = await ws.receive(timeout=_TIMEOUT)
+                if (left := end - loop.time()) <= 0:
+                    raise ConnectionError(f"no answer to hello within {_TIMEOUT:.0f}s")
+                try:
+                    msg = await ws.receive(timeout=left)
+                except asyncio.TimeoutError:
+                    raise ConnectionError(f"no answer to hello within {_TIMEOUT:.0f}s") from None
                 if msg.type != aiohttp.WSMsgType.TEXT:
                     raise ConnectionError(f"the relay closed the link ({ws.close_code})")
                 message = proto.decode(msg.data, now=time.time())

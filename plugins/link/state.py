@@ -12,12 +12,17 @@ What the link trusts for the relay's certificate (:meth:`Enrolment.ssl_context`)
   enrolment: the ``--ca`` file, or the system's CAs; the relay CA as well. Such a link is only
   as safe from a rogue CA as the host's store: re-enrol with ``--ca`` to narrow it.
 
-Files are replaced by rename, so a reader sees the old enrolment or the new one, never half.
+Each file is replaced by rename, so a reader sees the old file or the new one, never half of it.
+An enrolment's files change together (:func:`write_enrolment`): all written beside first, then
+renamed, ``link.json`` last. A process killed between two renames leaves files of two
+enrolments: :func:`load` finds that (the certificate not for the key, or not for the connector
+``link.json`` names) and says the enrolment is damaged, rather than dialling with them.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +30,11 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
-from gateway.files import write_atomic
+from gateway.files import write_atomic, write_beside
 
-__all__ = ["Enrolment", "directory", "load", "write_file"]
+__all__ = ["Enrolment", "EnrolmentDamaged", "directory", "load", "write_enrolment", "write_file"]
 
 
 def directory(state_dir: Path) -> Path:
@@ -39,6 +45,33 @@ def directory(state_dir: Path) -> Path:
 
 def write_file(path: Path, data: bytes, private: bool = False) -> None:
     write_atomic(path, data, mode=0o600 if private else 0o644)
+
+
+def write_enrolment(path: Path, files: list[tuple[str, bytes | None, bool]]) -> None:
+    """Replace the enrolment in *path* with *files*, ``(name, data or None to remove, private)``
+    in the order given (``link.json`` last): every file is written and synced beside its name
+    before any is renamed, so a failure while writing (a full disk) leaves the old enrolment
+    whole; the directory is synced after the renames, so a power cut does not undo some."""
+    staged: list[tuple[str, Path | None]] = []
+    try:
+        for name, data, private in files:
+            staged.append((name, None if data is None else
+                           write_beside(path / name, data, mode=0o600 if private else 0o644)))
+    except BaseException:
+        for _, temporary in staged:
+            if temporary is not None:
+                temporary.unlink(missing_ok=True)
+        raise
+    for name, temporary in staged:
+        if temporary is None:
+            (path / name).unlink(missing_ok=True)
+        else:
+            os.replace(temporary, path / name)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -109,9 +142,23 @@ def load(state_dir: Path) -> Enrolment | None:
         info = json.loads((path / "link.json").read_text())
         cert = x509.load_pem_x509_certificate((path / "cert.pem").read_bytes())
         key = serialization.load_pem_private_key((path / "key.pem").read_bytes(), None)
+        _check_together(cert, key, info)
         # An enrolment written before pinning (no "pinned") keeps the trust it had.
         return Enrolment(path, info["link_url"], info["connection"], info["connector"], cert, key,
                          (path / "server-ca.pem").exists(), info.get("pinned") is True)
     except (OSError, ValueError, KeyError, TypeError) as exc:  # JSONDecodeError and PEM errors are ValueErrors
         raise EnrolmentDamaged(f"the enrolment in {path} is damaged ({exc.__class__.__name__}: {exc}); restore "
                                "its files, or enrol again: authgw link enroll TICKET_URL") from None
+
+
+def _check_together(cert: x509.Certificate, key, info: dict) -> None:
+    """Raise :class:`ValueError` unless *cert* is for *key* and for the connector *info*
+    (``link.json``) names: files of two enrolments (a re-enrolment killed between its renames)
+    otherwise made `link status` exit 0 and the link fail every dial on a TLS error
+    (``KEY_VALUES_MISMATCH``), forever (review of the link)."""
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if cert.public_key().public_bytes(*spki) != key.public_key().public_bytes(*spki):
+        raise ValueError("cert.pem is not the certificate of key.pem")
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if [name.value for name in names] != [info["connector"]]:
+        raise ValueError(f"cert.pem is not for the connector link.json names ({info['connector']!r})")
