@@ -106,6 +106,10 @@ class CachePlugin:
             self.offline.store_error = str(exc)
             self.log.error("credential cache store unavailable at start-up (offline logins off until it "
                            "answers): %s", exc)
+        kept = self.offline.resume_forgets()
+        if kept:
+            self.log.warning("credential cache: %d refusals the store had not taken before this start are retried "
+                             "(those users are not answered offline here meanwhile)", kept)
         self.tally.start()
 
     @hookimpl
@@ -244,8 +248,12 @@ class CachePlugin:
     def gateway_probe(self) -> None:
         """A Redis store is shared and remote: PING it every ``health.probe_interval`` so that
         ``/readyz`` knows it is down (or back) before an offline answer is needed. SQLite is a
-        local file whose errors the next operation reports."""
-        if not self.settings.enabled or self.settings.store != "redis":
+        local file whose errors the next operation reports. Refusals the store did not take,
+        kept in the state directory by any worker, are retried (:meth:`OfflineCache.resume_forgets`)."""
+        if not self.settings.enabled:
+            return
+        self.offline.resume_forgets()
+        if self.settings.store != "redis":
             return
         try:
             self.offline.store.ping()
@@ -268,12 +276,14 @@ class CachePlugin:
         entries = (f"; {counted[0]} offline entries (counted {_utc(counted[1])})" if counted
                    else "; offline entries not counted yet")
         answered = self.offline.last_offline_answer
+        pending = self.offline.pending_forgets()
+        waiting = f"; {pending} refused users not yet deleted from the store (retried)" if pending else ""
         offline = f"; last offline answer {_utc(answered)} UTC" if answered is not None else "; no offline answer yet"
         # A fallback for the chain's steps (docs/design.md point 16) only while it holds users
         # whose offline answer it could give.
         # A store's errors name it already (StoreError: "sqlite:/path: ..."): not said twice.
         said = (error if error.startswith(f"{where}:") else f"{where}: {error}") if error else f"{where}: ok"
-        return [ComponentState(f"{self.name}.store", error is None, said + entries + offline + hot,
+        return [ComponentState(f"{self.name}.store", error is None, said + entries + offline + waiting + hot,
                                fallback=error is None and counted is not None and counted[0] > 0)]
 
     @hookimpl
@@ -309,6 +319,8 @@ class CachePlugin:
         except StoreError as exc:
             hint = ("check redis.url, redis.password and that Redis answers from this host"
                     if self.settings.store == "redis" else "check that the state directory is writable")
+            if getattr(self.offline.store, "unusable", None):
+                hint = "CONFIG SET maxmemory-policy noeviction (and in redis.conf), or give this Redis no maxmemory"
             return CheckResult.fail(str(exc), hint)
         store = self.offline.store
         if isinstance(store, SQLiteStore):

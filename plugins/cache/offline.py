@@ -18,7 +18,9 @@ The rules (DESIGN.md section 3, docs/plugins/cache.md):
   is answered only while that backend is not revoked (``gateway_answerer_revoked``): revoked,
   the entry is deleted; while its plugin cannot tell, it is not answered.
 
-Store errors never change a live decision; they only keep the cache out (and are logged).
+Store errors never change a live decision; they only keep the cache out (and are logged). A
+deletion the store did not take is kept in the state directory and retried until it lands
+(:mod:`gateway.plugins.cache.pending`); meanwhile this instance answers that user nothing offline.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from gateway import Attempt, Decision, Identity, Outcome, PasswordCredential
 from gateway.logs import printable
 from gateway.model import folded_username
 from gateway.plugins.cache.keys import CacheKeys, KeyFileError, hash_bound, load_keys, sealed_time
+from gateway.plugins.cache.pending import LIMIT as PENDING_LIMIT, PENDING_FILE, PendingForgets
 from gateway.plugins.cache.settings import CacheSettings
 from gateway.plugins.cache.store import AT_LIMIT, FUTURE_TOLERANCE, GONE, Entry, SQLiteStore, Store, StoreError
 from gateway.slots import FairSlots, usable_cpus
@@ -57,6 +60,12 @@ _PURGE_EVERY = 3600.0
 #: Outcomes by which a live directory says "no" to this username.
 _REFUSALS = frozenset({Outcome.INVALID_CREDENTIALS, Outcome.ACCOUNT_STATE, Outcome.USER_NOT_FOUND})
 
+
+#: Seconds between two rounds of retrying the deletions the store did not take (:meth:`OfflineCache.
+#: retry_forgets`); the longest one round goes on (the next round continues); deletions per batch.
+RETRY_EVERY = 2.0
+_RETRY_ROUND = 5.0
+_RETRY_BATCH = 256
 
 _SALT_LEN, _HASH_LEN = 16, 32
 #: Refused passwords waiting to be compared with the cached one (:meth:`OfflineCache.refused`).
@@ -87,7 +96,7 @@ def normalise(username: str, mode: str) -> str:
     return username
 
 
-def make_store(settings: CacheSettings, state_dir: Path) -> Store:
+def make_store(settings: CacheSettings, state_dir: Path, log: logging.Logger | None = None) -> Store:
     if settings.store == "redis":
         from gateway.plugins.cache.redis_store import RedisStore
 
@@ -95,7 +104,7 @@ def make_store(settings: CacheSettings, state_dir: Path) -> Store:
         assert redis is not None  # the settings model requires it
         return RedisStore(redis.url, max_age=settings.max_age, key_prefix=redis.key_prefix, username=redis.username,
                           password=redis.password.reveal() if redis.password else None, timeout=redis.timeout,
-                          ca_file=redis.ca_file)
+                          ca_file=redis.ca_file, log=log)
     return SQLiteStore(settings.sqlite.path or state_dir / SQLITE_FILE, settings.sqlite.busy_timeout)
 
 
@@ -129,7 +138,14 @@ class OfflineCache:
         self._store: Store | None = None
         self._memo_key = secrets.token_bytes(32)
         self._memo: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
-        self._tombstones: OrderedDict[str, None] = OrderedDict()
+        #: Deletions the store did not take in this worker: row key -> time of the refusal (also
+        #: kept in STATE_DIR/cache-forgets.sqlite3 for the other workers and a restart).
+        self._tombstones: OrderedDict[str, float] = OrderedDict()
+        self._pending = PendingForgets(state_dir / PENDING_FILE,
+                                       settings.sqlite.busy_timeout if settings.store == "sqlite" else 5.0)
+        self._retry_round = threading.Lock()  # one round at a time
+        self._retrier_lock = threading.Lock()
+        self._retrier: threading.Event | None = None  # the running retry thread's stop signal
         self._last_purge = 0.0
         #: When this worker last answered from the store (time.time(); None: not yet).
         self.last_offline_answer: float | None = None
@@ -156,7 +172,7 @@ class OfflineCache:
         if self._store is None:
             with self._lock:
                 if self._store is None:
-                    self._store = make_store(self.settings, self.state_dir)
+                    self._store = make_store(self.settings, self.state_dir, self.log)
         return self._store
 
     @property
@@ -165,6 +181,11 @@ class OfflineCache:
         return self._store.location if self._store is not None else self.settings.store
 
     def close(self) -> None:
+        with self._retrier_lock:
+            stop, self._retrier = self._retrier, None
+        if stop is not None:
+            stop.set()  # what is left is retried at the next start (it is kept in the state directory)
+        self._pending.close()
         if self._store is not None:
             self._store.close()
 
@@ -175,10 +196,15 @@ class OfflineCache:
         return self.keys().row_key(self.user_key(username))
 
     def _ok(self) -> None:
-        self.store_error = None
+        # A store that answers but is known not to be used (a Redis that may evict keys) stays
+        # reported as such: deleting still works there.
+        self.store_error = getattr(self._store, "unusable", None)
 
     def _failed(self, what: str, exc: Exception) -> None:
         self.store_error = str(exc)
+        if self.store_error == getattr(self._store, "unusable", None):  # logged once by the store
+            self.log.debug("credential cache: %s refused: %s", what, exc)
+            return
         self.log.error("credential cache: %s failed: %s", what, exc)
 
     def purge_expired(self, now: float | None = None) -> int:
@@ -232,9 +258,9 @@ class OfflineCache:
             finally:
                 self._hash_slots.release()
             sealed = keys.seal(row_key, identity, step, now, answered_by, password_hash=password_hash)
+            self._retry_forget(row_key)  # a refusal of this user the store did not take yet goes first
             self.store.put(Entry(row_key, keys.kid, password_hash, sealed, now))
             with self._lock:
-                self._tombstones.pop(row_key, None)
                 self._memo[row_key] = (mark, now)
                 self._memo.move_to_end(row_key)
                 while len(self._memo) > _MEMO_LIMIT:
@@ -248,27 +274,163 @@ class OfflineCache:
             return False
 
     def forget(self, username: str) -> bool:
-        """Delete a username's entry after the directory refused it. When the store cannot be
-        reached, the entry is remembered as deleted in this process (a tombstone), so it is not
-        used offline here, and the deletion is retried at its next use."""
+        """Delete a username's entry after the directory refused it. When the store does not
+        take it, the refusal is kept (in this process and in the state directory: a tombstone),
+        so that this instance does not answer the user offline, and the deletion is retried in
+        the background until it lands (:meth:`retry_forgets`): other workers and instances
+        sharing the store could answer the refused password offline until then."""
         try:
             row_key = self.row_key(username)
         except KeyFileError as exc:
             self._failed("deleting an entry", exc)
             return False
+        at = time.time()
         with self._lock:
             self._memo.pop(row_key, None)
         try:
-            deleted = self.store.forget(row_key, time.time())
+            deleted = self.store.forget(row_key, at)
             self._ok()
             return deleted
         except StoreError as exc:
-            self._failed("deleting an entry the directory refused", exc)
-            with self._lock:
-                self._tombstones[row_key] = None
-                while len(self._tombstones) > _MEMO_LIMIT:
-                    self._tombstones.popitem(last=False)
+            self._failed("deleting an entry the directory refused (retried until the store takes it)", exc)
+            self._keep_pending(row_key, at)
             return False
+
+    # -- deletions the store did not take ------------------------------------------------------------
+
+    def _keep_pending(self, row_key: str, at: float) -> None:
+        with self._lock:
+            self._tombstones[row_key] = max(at, self._tombstones.get(row_key, at))
+            self._tombstones.move_to_end(row_key)
+            while len(self._tombstones) > PENDING_LIMIT:
+                self._tombstones.popitem(last=False)
+        try:
+            dropped = self._pending.add(row_key, at)
+        except StoreError as exc:
+            self.log.error("credential cache: a refusal the store did not take could not be kept in the state "
+                           "directory (retried by this worker only, lost at a restart): %s", exc)
+            dropped = 0
+        if dropped:
+            self.log.error("credential cache: more than %d refusals wait for the store; the %d oldest were dropped "
+                           "(their entries may still answer offline elsewhere until max_age)", PENDING_LIMIT, dropped)
+        self._start_retrying(RETRY_EVERY)
+
+    def pending_forgets(self) -> int:
+        """How many refusals this worker keeps for the store (memory only, for readiness)."""
+        return len(self._tombstones)
+
+    def resume_forgets(self) -> int:
+        """At start-up and at each health round: retry the refusals kept in the state directory
+        (by a previous run, or a worker gone since) on this worker's retry thread. Returns how
+        many are kept."""
+        try:
+            kept = self._pending.count()
+        except StoreError as exc:
+            self.log.error("credential cache: reading the refusals the store did not take failed: %s", exc)
+            return 0
+        if kept:
+            self._start_retrying(0.0)
+        return kept
+
+    def _start_retrying(self, first_in: float) -> None:
+        with self._retrier_lock:
+            if self._retrier is not None:
+                return
+            stop = self._retrier = threading.Event()
+        threading.Thread(target=self._retry_loop, args=(stop, first_in), name="authgw-cache-forget",
+                         daemon=True).start()
+
+    def _retry_loop(self, stop: threading.Event, first_in: float) -> None:
+        """Retry every :data:`RETRY_EVERY` seconds until nothing is kept (then the thread ends;
+        the next failed deletion starts another) or :meth:`close`."""
+        wait = first_in
+        while not stop.wait(wait):
+            wait = RETRY_EVERY
+            try:
+                self.retry_forgets()
+            except Exception:  # noqa: BLE001 - the thread must go on while something is kept
+                self.log.exception("credential cache: retrying deletions the store did not take failed")
+            try:
+                left = self._pending.count()
+            except StoreError:  # logged by retry_forgets; this worker's own are in memory
+                left = 0
+            with self._retrier_lock:
+                if self._retrier is not stop:
+                    return
+                if not left and not self._tombstones:
+                    self._retrier = None
+                    return
+
+    def retry_forgets(self) -> int:
+        """One round: retry the kept refusals, oldest first, until none is left, the store fails
+        (the rest waits for the next round) or the round has run :data:`_RETRY_ROUND` seconds.
+        A refusal older than ``max_age`` (plus the clock tolerance) is dropped: its entry is
+        not answered any more. Returns how many landed."""
+        if not self._retry_round.acquire(blocking=False):
+            return 0
+        landed = 0
+        try:
+            started = time.monotonic()
+            horizon = time.time() - self.settings.max_age - FUTURE_TOLERANCE
+            done: set[str] = set()
+            while time.monotonic() - started < _RETRY_ROUND:
+                with self._lock:
+                    todo = {key: at for key, at in self._tombstones.items() if key not in done}
+                try:
+                    self._pending.expire(horizon)
+                    for key, at in self._pending.due(_RETRY_BATCH + len(done)):
+                        if key not in done:
+                            todo[key] = max(at, todo.get(key, at))
+                except StoreError as exc:
+                    self.log.error("credential cache: reading the refusals the store did not take failed: %s", exc)
+                if not todo:
+                    break
+                for key, at in sorted(todo.items(), key=lambda item: item[1])[:_RETRY_BATCH]:
+                    done.add(key)
+                    if at >= horizon:
+                        try:
+                            self.store.forget(key, at, older_only=True)
+                        except StoreError as exc:
+                            self.store_error = str(exc)
+                            self.log.debug("credential cache: a deletion the store did not take failed again: %s",
+                                           exc)
+                            return landed
+                        landed += 1
+                    self._landed(key, at)
+            if landed:
+                self._ok()
+                self.log.warning("credential cache: %d deletions of refused entries, which the store had not taken, "
+                                 "landed", landed)
+            return landed
+        finally:
+            self._retry_round.release()
+
+    def _retry_forget(self, row_key: str) -> bool:
+        """Retry the kept refusal of *row_key* now, if there is one; False when it is still kept
+        (the store failed again). Raises StoreError when the state directory cannot tell."""
+        with self._lock:
+            at = self._tombstones.get(row_key)
+        if at is None:
+            at = self._pending.held(row_key)
+        if at is None:
+            return True
+        try:
+            self.store.forget(row_key, at, older_only=True)
+        except StoreError as exc:
+            self._failed("deleting an entry the directory refused (retried)", exc)
+            return False
+        self._landed(row_key, at)
+        return True
+
+    def _landed(self, row_key: str, at: float) -> None:
+        with self._lock:
+            if self._tombstones.get(row_key, at + 1) <= at:
+                del self._tombstones[row_key]
+        try:
+            self._pending.landed(row_key, at)
+        except StoreError as exc:
+            self.log.error("credential cache: a deletion that landed could not be removed from the state "
+                           "directory (retried again): %s", exc)
 
     # -- a refused password --------------------------------------------------------------------------
 
@@ -381,10 +543,10 @@ class OfflineCache:
             # cached one: the answer waits for the comparison, which may forget the entry.
             if not self.rechecked(attempt.time_left() - 0.05, user_key):
                 return unavailable
-            if row_key in self._tombstones:
-                self.store.forget(row_key, time.time())
-                with self._lock:
-                    self._tombstones.pop(row_key, None)
+            # A refusal of this user the store did not take (kept by any worker of this instance):
+            # no answer from the entry it was meant to delete, whether the retry lands now or not.
+            if row_key in self._tombstones or self._pending.held(row_key) is not None:
+                self._retry_forget(row_key)
                 return unavailable
             entry = self.store.get(row_key)
             self._ok()

@@ -12,6 +12,7 @@ Needs the ``redis`` package (``pip install 'authgw[redis]'``), imported only whe
 
 from __future__ import annotations
 
+import logging
 import re
 import secrets
 import time
@@ -21,6 +22,7 @@ from urllib.parse import urlsplit
 
 from gateway.plugins.cache.store import (AT_LIMIT, FORGOTTEN_FOR, FUTURE_TOLERANCE, GONE, TAKEN, Entry,
                                          StoreError)
+from gateway.redis_eviction import eviction_problem
 
 __all__ = ["RedisStore"]
 
@@ -53,12 +55,24 @@ redis.call('HSET', KEYS[1], 'kid', ARGV[3], 'hash', ARGV[4], 'sealed', ARGV[5], 
 redis.call('PEXPIREAT', KEYS[1], ARGV[2])
 return 1
 """
-# KEYS[1] entry, KEYS[2] marker; ARGV: at, marker lifetime in ms. Keeps the latest refusal time;
-# the server expires the marker (bounded growth whatever the number of refused names).
+# KEYS[1] entry, KEYS[2] marker; ARGV: at, marker lifetime in ms, older_only ("1": keep an entry
+# stamped after `at`, up to ARGV[4] seconds later: a retried forget), tolerance. Keeps the latest
+# refusal time; the server expires the marker (bounded growth whatever the number of refused
+# names). DEL comes first: a Redis at its maxmemory with noeviction refuses a script's first
+# write if it would add memory (SET, `OutOfMemoryError`), never DEL, and once the script has
+# written the marker's SET is let through too. With the marker first, a full Redis kept the
+# entry of a password the directory had refused (review of the Redis stores).
 _FORGET = """
+local deleted = 0
+local at = redis.call('HGET', KEYS[1], 'at')
+local stamped = at and tonumber(at)
+if ARGV[3] ~= '1' or not stamped or stamped <= tonumber(ARGV[1])
+   or stamped > tonumber(ARGV[1]) + tonumber(ARGV[4]) then
+  deleted = redis.call('DEL', KEYS[1])
+end
 local m = redis.call('GET', KEYS[2])
 if not m or tonumber(m) < tonumber(ARGV[1]) then redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2]) end
-return redis.call('DEL', KEYS[1])
+return deleted
 """
 # KEYS[1] the store-wide marker; ARGV: at, marker lifetime in ms. As _FORGET's marker, for every key.
 _MARK_PURGED = """
@@ -80,8 +94,24 @@ def _glob_escape(text: str) -> str:
 
 
 class RedisStore:
+    """Entries in a shared Redis.
+
+    **Eviction.** A Redis with ``maxmemory`` and a policy that evicts (``volatile-*``, a common
+    managed default, picks among keys with a time to live: every key of this store) may delete a
+    "forgotten at" marker, and a write of an older login then re-creates the entry of a refused
+    password, or an entry's offline failure count with it. :meth:`probe` and :meth:`ping` (the
+    health round, off the event loop) ask :func:`gateway.redis_eviction.eviction_problem`; while
+    it answers, :attr:`unusable` says why and every read or write that could lead to an offline
+    answer (:meth:`get`, :meth:`put`, :meth:`take_failure`, :meth:`give_back_failure`,
+    :meth:`scan`) raises :class:`StoreError` with it: the cache answers nothing offline, as when
+    Redis is down. Deleting (:meth:`delete`, :meth:`forget`, :meth:`forget_all`, :meth:`purge`)
+    goes on: it never lets a password work, and a refusal must not wait. One ERROR line per
+    change of the answer, per process.
+    """
+
     def __init__(self, url: str, *, max_age: float, key_prefix: str = "authgw:cache:", username: str | None = None,
-                 password: str | None = None, timeout: float = 1.0, ca_file: Path | None = None) -> None:
+                 password: str | None = None, timeout: float = 1.0, ca_file: Path | None = None,
+                 log: logging.Logger | None = None) -> None:
         try:
             import redis
         except ImportError as exc:  # the core's loader names the extra for top-level imports only
@@ -103,6 +133,10 @@ class RedisStore:
         self._give_back = self._redis.register_script(_GIVE_BACK)
         self._forget = self._redis.register_script(_FORGET)
         self._mark_purged = self._redis.register_script(_MARK_PURGED)
+        self.log = log or logging.getLogger("authgw.plugin.cache")
+        #: Why the store is not used (its eviction policy), as the StoreError says it; None: usable
+        #: (or not asked yet: the first probe or ping asks).
+        self.unusable: str | None = None
 
     def _name(self, key: str) -> bytes:
         return self.prefix + key.encode("ascii")
@@ -114,6 +148,25 @@ class RedisStore:
     def _purged_marker(self) -> bytes:
         # Not a row either (see _marker); one per key prefix, so per cache sharing this Redis.
         return self.prefix + b"purged"
+
+    def _usable(self) -> None:
+        if self.unusable is not None:
+            raise StoreError(self.unusable)
+
+    def _check_eviction(self) -> None:
+        """Ask whether this Redis may evict keys (after a command that reached it); remember the
+        answer, log a change once, and raise :class:`StoreError` while it may."""
+        problem = eviction_problem(self._redis)
+        said = f"{self.location}: {problem}" if problem else None
+        if said != self.unusable:
+            if said is not None:
+                self.log.error("credential cache: the Redis store is not used (no offline answers) until its "
+                               "eviction policy is fixed: %s", said)
+            else:
+                self.log.warning("credential cache: the Redis store %s no longer evicts keys (maxmemory-policy "
+                                 "noeviction, or no maxmemory): used again", self.location)
+            self.unusable = said
+        self._usable()
 
     def _call(self, what: str, function, *args, **kwargs):
         try:
@@ -132,12 +185,14 @@ class RedisStore:
     # -- the interface ----------------------------------------------------------------------------
 
     def get(self, key: str) -> Entry | None:
+        self._usable()
         fields = self._call("HGETALL", self._redis.hgetall, self._name(key))
         return self._entry(key, fields) if fields else None
 
     def put(self, entry: Entry) -> bool:
         # One Lua script: Redis runs it atomically, so nobody sees a partial entry and no other
         # writer slips in between the comparison and the write.
+        self._usable()
         expire_ms = int((entry.stored_at + self.max_age) * 1000)
         keys = [self._name(entry.key), self._marker(entry.key), self._purged_marker()]
         return bool(int(self._call("EVALSHA", self._put, keys=keys, args=[
@@ -147,9 +202,10 @@ class RedisStore:
     def delete(self, key: str) -> bool:
         return bool(self._call("DEL", self._redis.delete, self._name(key)))
 
-    def forget(self, key: str, at: float) -> bool:
+    def forget(self, key: str, at: float, older_only: bool = False) -> bool:
         return bool(int(self._call("EVALSHA", self._forget, keys=[self._name(key), self._marker(key)],
-                                   args=[repr(at).encode(), int(FORGOTTEN_FOR * 1000)])))
+                                   args=[repr(at).encode(), int(FORGOTTEN_FOR * 1000), b"1" if older_only else b"0",
+                                         repr(FUTURE_TOLERANCE).encode()])))
 
     def forget_all(self, at: float) -> int:
         # Marker first, as in _FORGET: a write that lands while the rows are deleted one by one
@@ -160,10 +216,12 @@ class RedisStore:
         return self.purge()
 
     def take_failure(self, key: str, limit: int) -> int:
+        self._usable()
         result = int(self._call("EVALSHA", self._take, keys=[self._name(key)], args=[limit]))
         return {1: TAKEN, 0: AT_LIMIT}.get(result, GONE)
 
     def give_back_failure(self, key: str) -> bool:
+        self._usable()
         return bool(int(self._call("EVALSHA", self._give_back, keys=[self._name(key)], args=[])))
 
     def _names(self) -> Iterator[bytes]:
@@ -173,6 +231,7 @@ class RedisStore:
                 yield name
 
     def scan(self) -> Iterator[Entry]:
+        self._usable()
         for name in self._names():
             entry = self.get(name[len(self.prefix):].decode("ascii"))
             if entry is not None:
@@ -199,12 +258,16 @@ class RedisStore:
         info = self._call("INFO", self._redis.info, "server")
         started = time.monotonic()
         self._call("PING", self._redis.ping)
+        took = time.monotonic() - started
+        self._check_eviction()
         return (f"{self.location}: writable, redis {info.get('redis_version', '?')}, "
-                f"ping {1000 * (time.monotonic() - started):.1f} ms")
+                f"ping {1000 * took:.1f} ms")
 
     def ping(self) -> str:
-        """PING within ``redis.timeout``: the health probe's cheap question (raises StoreError)."""
+        """PING within ``redis.timeout``, then whether Redis may evict keys (``INFO memory``,
+        :meth:`_check_eviction`): the health probe's question (raises StoreError)."""
         self._call("PING", self._redis.ping)
+        self._check_eviction()
         return f"{self.location}: answers"
 
     def close(self) -> None:

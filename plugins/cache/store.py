@@ -69,10 +69,15 @@ class Store(Protocol):
     def delete(self, key: str) -> bool:
         """Remove the entry; True when there was one."""
 
-    def forget(self, key: str, at: float) -> bool:
+    def forget(self, key: str, at: float, older_only: bool = False) -> bool:
         """Delete the entry because the directory refused the user at time *at* (or the operator
         purged it then), and keep a marker for :data:`FORGOTTEN_FOR` seconds so that a write
-        stamped before *at* is refused (:meth:`put` returns False). True when there was an entry."""
+        stamped before *at* is refused (:meth:`put` returns False). True when there was an entry
+        (and it was deleted).
+
+        *older_only* (a forget retried after it failed, maybe long after *at*): an entry stamped
+        after *at*, no more than :data:`FUTURE_TOLERANCE` later, is kept: a live login after the
+        refusal stored it, as the marker would have let it."""
 
     def forget_all(self, at: float) -> int:
         """Delete every entry because the operator purged the whole cache at time *at*, and keep
@@ -221,13 +226,16 @@ class SQLiteStore:
     def delete(self, key: str) -> bool:
         return self._run("DELETE FROM entries WHERE key = ?", (key,)).rowcount > 0
 
-    def forget(self, key: str, at: float) -> bool:
+    def forget(self, key: str, at: float, older_only: bool = False) -> bool:
         # Marker first: a write that slips in between the two statements is then either refused
         # (stamped before *at*) or removed by the delete (fail closed: a later live login
         # writes the entry again).
         self._run("DELETE FROM forgotten WHERE at < ?", (at - FORGOTTEN_FOR,))
         self._run("INSERT INTO forgotten (key, at) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET at = "
                   "max(forgotten.at, excluded.at)", (key, at))
+        if older_only:
+            return self._run("DELETE FROM entries WHERE key = ? AND (stored_at <= ? OR stored_at > ?)",
+                             (key, at, at + FUTURE_TOLERANCE)).rowcount > 0
         return self.delete(key)
 
     def forget_all(self, at: float) -> int:
