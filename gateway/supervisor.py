@@ -94,6 +94,11 @@ def explain(exc: Exception) -> str:
     return f"{exc.__class__.__name__}: {exc}"
 
 
+class _Abandoned(BaseException):
+    """Raised by the stop handler into a reload's build (not an ``Exception``: nothing in the
+    build takes it for a failure of its own)."""
+
+
 @dataclass
 class _Child:
     slot: int
@@ -149,12 +154,17 @@ class _Master:
         self.reloads = 0
         self.exit_code = 0
         self.timeout = timeout  # 0: no watchdog
+        self.building = False  # a reload's configuration is being built (:meth:`on_stop`)
 
     # -- signals ---------------------------------------------------------------------------------
 
     def on_stop(self, signum, frame) -> None:
         self.stop_requested = True
         self._kill_all(signal.SIGTERM)
+        if self.building:
+            # A reload's build runs in this loop (a large conf.d file takes seconds): the stop
+            # does not wait for it, with the listening sockets open and nobody accepting.
+            raise _Abandoned()
 
     def on_hup(self, signum, frame) -> None:
         self.reload_pending = True
@@ -435,14 +445,22 @@ class _Master:
     def _reload(self) -> None:
         """Build conf.d once here (its errors logged once, not once per worker); when it is
         valid, it is the accepted configuration and each worker builds and swaps it in."""
+        log.info("reload: reading %s", self.config_dir)
         try:
+            self.building = True
             runtime = build_runtime(self.config_dir, state_dir=self.state_dir)
+            self.building = False
             runtime.discard()
             self.reloads += 1
             message = encode_message(("reload", self.reloads, runtime.config))
+        except _Abandoned:
+            log.warning("reload abandoned: the gateway is stopping")
+            return
         except Exception as exc:
             log.error("reload refused, the running configuration stays: %s", explain(exc))
             return
+        finally:
+            self.building = False
         previous, unsettled = self.accepted, self.reload
         if unsettled is not None and not unsettled.applied:
             # A SIGHUP while the workers still build the last one, which none has applied yet (and

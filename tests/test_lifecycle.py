@@ -615,3 +615,20 @@ def test_a_worker_that_cannot_take_a_reload_whole_is_replaced_with_it(conf_dir, 
              log=gw.output)
     assert realms(gw) == {realm("r2")}
     assert "Traceback" not in gw.output()
+
+
+def test_a_stop_during_a_long_reload_build_does_not_wait_for_it(conf_dir, alice_hash, start_gateway):
+    """The master builds a reload in its own loop: a SIGTERM then stopped the workers at once,
+    but the master finished the build first (22 s for a 4 MiB file) with its listening sockets
+    open and nobody accepting (review of the supervisor). The stop abandons the build."""
+    gw = start_gateway(conf(conf_dir, alice_hash, "r0"), workers=2)
+    wait_for(lambda: len(serving(gw)) == 2, what="two workers serving", log=gw.output)
+    (conf_dir / "zz-long.yaml").write_text("x:\n" + "- 1\n" * 1_500_000)  # seconds of YAML to read
+    os.kill(master_pid(gw), signal.SIGHUP)
+    wait_for(lambda: "reload: reading" in gw.output(), timeout=30, what="the build to start", log=gw.output)
+    gw.proc.send_signal(signal.SIGTERM)
+    gw.proc.wait(timeout=120)
+    output = gw.output()
+    assert "reload abandoned: the gateway is stopping" in output, output[-3000:]
+    assert "reload refused" not in output and "is valid; workers reload it" not in output
+    assert "Traceback" not in output
