@@ -144,6 +144,7 @@ def test_failed_client_authentications_at_the_token_endpoint_spend_the_addresses
     output = door.gw.output()
     assert "reason=oidc.invalid_client client_id=app client=203.0.113.50" in output
     assert output.count("reason=oidc.too_many_client_failures client=203.0.113.50") == 1  # once, not per request
+    assert "too many failed client authentications" not in output  # nor a line per refused request
     assert "guess-" not in output and "s3cret" not in output
 
 

@@ -141,8 +141,9 @@ def _claimed_client(request: web.Request, form) -> str:
     return str(form.get("client_id", "(assertion)" if "client_assertion" in form else ""))
 
 
-def _error(code: str, status: int = 400, description: str = "") -> web.Response:
-    if code != "invalid_client":  # (logged where it is decided, with the client's address)
+def _error(code: str, status: int = 400, description: str = "", *, logged: bool = False) -> web.Response:
+    """An OAuth error answer (RFC 6749 section 5.2), logged unless the caller did (*logged*)."""
+    if not logged and code != "invalid_client":  # (invalid_client: logged where it is decided)
         log.warning("oidc token request refused: error=%s %s", code, description)
     body = {"error": code, **({"error_description": description} if description else {})}
     headers = {"Cache-Control": "no-store"}
@@ -541,7 +542,9 @@ class OidcProvider:
                 log.warning("oidc token requests refused: reason=oidc.too_many_client_failures client=%s "
                             "(%d failed client authentications a minute per address, burst %d)", address,
                             round(self.auth_failures.rate * 60), self.auth_failures.burst)
-            response = _error("invalid_request", 429, "too many failed client authentications; try again later")
+            # (logged once per address and spent budget, above: not a line per request of a flood)
+            response = _error("invalid_request", 429, "too many failed client authentications; try again later",
+                              logged=True)
             response.headers["Retry-After"] = str(math.ceil(wait))
             return response
         client = self._authenticated(request, form)
