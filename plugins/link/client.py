@@ -465,6 +465,16 @@ class LinkClient:
             self.status.skew = message.body["time"] - (sent + received) / 2
         return message.body
 
+    async def _too_many_refused(self, ws, refused: int) -> bool:
+        """Close the link (1008) once the relay has sent :data:`_MAX_REFUSED` refused frames in
+        a row; whether it was closed."""
+        if refused < _MAX_REFUSED:
+            return False
+        log.warning("link: the relay sent %d refused frames in a row; closing the link", refused)
+        self._closed_why = "closed by the connector (1008: too many refused frames)"
+        await ws.close(code=1008, message=b"too many refused frames")
+        return True
+
     async def _read(self, ws, enrolment: state.Enrolment, pending: dict[str, asyncio.Future]) -> None:
         overruns = 0  # requests refused in a row for want of room
         refused = 0  # frames refused in a row
@@ -501,10 +511,7 @@ class LinkClient:
                 await ws.send_str(proto.error(exc.request_id, exc.code, detail,
                                               version=exc.peer_version or proto.VERSION))
                 refused += 1
-                if refused >= _MAX_REFUSED:
-                    log.warning("link: the relay sent %d refused frames in a row; closing the link", refused)
-                    self._closed_why = "closed by the connector (1008: too many refused frames)"
-                    await ws.close(code=1008, message=b"too many refused frames")
+                if await self._too_many_refused(ws, refused):
                     return
                 continue
             if not message.is_request:
@@ -520,10 +527,7 @@ class LinkClient:
                 _refusals("refused", "link: refused a %s request sent before the hello was answered", message.type)
                 await ws.send_str(proto.error(message.id, "bad_request", "no request before the hello is answered"))
                 refused += 1
-                if refused >= _MAX_REFUSED:
-                    log.warning("link: the relay sent %d refused frames in a row; closing the link", refused)
-                    self._closed_why = "closed by the connector (1008: too many refused frames)"
-                    await ws.close(code=1008, message=b"too many refused frames")
+                if await self._too_many_refused(ws, refused):
                     return
                 continue
             refused = 0
