@@ -27,7 +27,6 @@ loop must turn. Workers the master is stopping are not watched.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import faulthandler
 import logging
 import mmap
@@ -115,6 +114,9 @@ class _Child:
     waking: bool = False  # the loop thread woke up within the last counting window
     judged: bool = False  # waking was worked out in this silence (two counts were taken)
     starved_said: bool = False
+    #: What the master still has to send it (a reload message larger than the link's buffer, or
+    #: one it has not read yet): sent as the link takes it (:meth:`_Master._send_waiting`).
+    outbox: bytearray = field(default_factory=bytearray)
 
 
 @dataclass
@@ -294,10 +296,16 @@ class _Master:
 
     def _read_links(self, timeout: float) -> None:
         links = {child.link: pid for pid, child in self.children.items()}
+        sending = [child.link for child in self.children.values() if child.outbox]
         try:
-            ready, _, _ = select.select(list(links), [], [], timeout)
+            ready, writable, _ = select.select(list(links), sending, [], timeout)
         except (OSError, ValueError):  # a link closed meanwhile: its worker is reaped below
-            ready = []
+            ready, writable = [], []
+        for link in writable:
+            pid = links[link]
+            child = self.children.get(pid)
+            if child is not None:
+                self._send_waiting(pid, child)
         for link in ready:
             pid = links[link]
             child = self.children.get(pid)
@@ -448,8 +456,10 @@ class _Master:
         log.info("reload: reading %s", self.config_dir)
         try:
             self.building = True
-            runtime = build_runtime(self.config_dir, state_dir=self.state_dir)
-            self.building = False
+            try:
+                runtime = build_runtime(self.config_dir, state_dir=self.state_dir)
+            finally:
+                self.building = False  # before any handler below: a second SIGTERM is only a flag
             runtime.discard()
             self.reloads += 1
             message = encode_message(("reload", self.reloads, runtime.config))
@@ -459,8 +469,6 @@ class _Master:
         except Exception as exc:
             log.error("reload refused, the running configuration stays: %s", explain(exc))
             return
-        finally:
-            self.building = False
         previous, unsettled = self.accepted, self.reload
         if unsettled is not None and not unsettled.applied:
             # A SIGHUP while the workers still build the last one, which none has applied yet (and
@@ -471,21 +479,32 @@ class _Master:
         self.reload = _Reload(self.reloads, previous=previous, waiting=set(self.children))
         self.accepted = runtime.config
         log.info("reload: %s is valid; workers reload it", self.config_dir)
-        for pid, child in self.children.items():
-            try:
-                child.link.sendall(message)
-            except OSError as exc:
-                # Exiting, or stuck (its link full: a stopped or starved worker). Part of the
-                # message may be on the link: the worker could read no later one, and served
-                # the old configuration for good (a 1.4 MB message to a stopped worker; a user
-                # removed since still signed in there). It is killed, and its replacement
-                # starts with the new configuration.
-                log.warning("reload: worker %d did not take the configuration (%s): killing it; its replacement "
-                            "starts with the new configuration", pid, exc)
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-                self.reload.waiting.discard(pid)
+        for pid, child in list(self.children.items()):
+            # Queued whole and sent as the link takes it: a message larger than the link's
+            # buffer, to a worker not reading yet (starting, starved, stopped), was sent with a
+            # 2 s timeout and left half-sent, and that worker could read no later message: it
+            # served the old configuration for good (review of the supervisor: a user removed
+            # since still signed in on half the connections).
+            child.outbox += message
+            self._send_waiting(pid, child)
         self._settle_reload()
+
+    def _send_waiting(self, pid: int, child: _Child) -> None:
+        """Send what *child*'s link takes now of its outbox, without waiting."""
+        while child.outbox:
+            try:
+                if not select.select([], [child.link], [], 0)[1]:
+                    return  # the rest when it reads (_read_links watches the link)
+                sent = child.link.send(child.outbox)
+            except (BlockingIOError, InterruptedError, TimeoutError):
+                return
+            except (OSError, ValueError) as exc:  # exiting: reaped soon, its replacement starts with the new one
+                log.warning("reload: worker %d did not take the configuration: %s", pid, exc)
+                child.outbox.clear()
+                if self.reload is not None:
+                    self.reload.waiting.discard(pid)
+                return
+            del child.outbox[:sent]
 
     def _settle_reload(self) -> None:
         reload = self.reload
