@@ -423,18 +423,22 @@ def test_a_relay_answers_for_its_own_connections_connector_ids_only():
     from gateway.plugins.relay import RelayPlugin
 
     relay = SimpleNamespace(settings=SimpleNamespace(connection="acme"), _revoked=frozenset({"acme-0a1b2c3d"}),
-                            _enrolled=frozenset({"acme-0a1b2c3d", "acme-ffffffff"}), _admitted={})
+                            _enrolled=frozenset({"acme-0a1b2c3d", "acme-ffffffff"}), _admitted={},
+                            _known={"acme-0a1b2c3d", "acme-ffffffff", "acme-12345678"})
     relay._standing = lambda connector: RelayPlugin._standing(relay, connector)
 
     def ask(answered_by: str):
         return RelayPlugin.gateway_answerer_revoked(relay, answered_by)
 
     assert (ask("acme-0a1b2c3d"), ask("acme-ffffffff")) == (True, False)
-    # one of ours the registry no longer lists (a Redis lost it) counts as revoked, unless a link
-    # from it was let in since that read
+    # one of ours the registry listed before and no longer lists (a Redis lost it) counts as
+    # revoked, unless a link from it was let in since that read; one never listed cannot be told
+    # (enrolled since the last read, at another worker)
     assert ask("acme-12345678") is True
     relay._admitted["acme-12345678"] = 1.0
     assert ask("acme-12345678") is False
+    with pytest.raises(BackendUnavailable):
+        ask("acme-99999999")
     assert [ask(other) for other in ("acme-eu-0a1b2c3d", "other-0a1b2c3d", "acme", "")] == [None] * 4
     # An id the registry lists as revoked is revoked whatever its name: one a reusable ticket let
     # a connector choose before ids were checked whole escaped revocation by its name.

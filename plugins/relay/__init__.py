@@ -134,6 +134,9 @@ class RelayPlugin:
         #: revocation, which could no longer be recorded for it.
         self._enrolled: frozenset[str] = frozenset()
         self._admitted: dict[str, float] = {}
+        #: Every connector a read of the registry listed in this process: one listed before and
+        #: missing now lost its record; one never listed may have enrolled since the last read.
+        self._known: set[str] = set()
 
     @staticmethod
     def valid_name(name: str) -> bool:
@@ -257,6 +260,7 @@ class RelayPlugin:
         started = time.monotonic()
         enrolled, revoked = await loop.run_in_executor(None, self.store.standing)
         self._enrolled, self._revoked = frozenset(enrolled), frozenset(revoked)
+        self._known |= enrolled
         # an admission before this read began is in it, or its record is gone since
         self._admitted = {c: at for c, at in self._admitted.items() if at >= started}
         return self._revoked
@@ -363,16 +367,21 @@ class RelayPlugin:
         registry nobody can tell, and nothing is answered on its word (fail closed). An id the
         registry lists as revoked is revoked whatever its name: one enrolled with a reusable
         ticket before ids were checked whole (``acme-x-0a1b2c3d``) escaped this by its name. One
-        of this connection's ids the registry no longer lists (its record lost with a Redis's
-        data, where ``relay revoke`` cannot name it) counts as revoked too, unless this process
-        let a link from it in since that read."""
+        of this connection's ids the registry listed before and no longer lists (its record lost
+        with a Redis's data, where ``relay revoke`` cannot name it) counts as revoked too, unless
+        this process let a link from it in since that read; one it never listed cannot be told
+        yet (enrolled since that read, at another worker or instance: not ended for that)."""
         revoked = self._revoked
         ours = answered_by.rpartition("-")[0] == self.settings.connection
         if not ours and (revoked is None or answered_by not in revoked):
             return None
         if revoked is None:
             raise BackendUnavailable("relay: the revoked connectors were not read yet")
-        return answered_by in revoked or (ours and not self._standing(answered_by))
+        if answered_by in revoked or not ours or self._standing(answered_by):
+            return answered_by in revoked
+        if answered_by in self._known:
+            return True
+        raise BackendUnavailable(f"relay: connector {answered_by} is not in the registry as last read")
 
     def _answers_for(self, asked: str, answered: str) -> bool:
         """Whether a connector's identity *answered* is the user *asked* for (``answered_names``);
