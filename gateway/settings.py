@@ -506,6 +506,15 @@ class GatewaySettings(PluginSettings):
     limits: LimitsSettings = Field(LimitsSettings(), description="overload and slow-client limits")
     health: HealthSettings = Field(HealthSettings(), description="backend probes; who sees health details")
 
+    @field_validator("realm")
+    @classmethod
+    def _quotable_realm(cls, value: str) -> str:
+        # Written between quotes in every challenge: a `"` or `\\` made the header malformed, and a
+        # control character had every challenge dropped with an ERROR (review of the endpoints).
+        if not 1 <= len(value) <= 100 or not value.isprintable() or '"' in value or "\\" in value:
+            raise ValueError('1 to 100 printable characters, without `"` or `\\`')
+        return value
+
     @field_validator("worker_timeout")
     @classmethod
     def _watchdog(cls, value: float) -> float:

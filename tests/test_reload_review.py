@@ -5,6 +5,7 @@ throttle's counts started afresh), errors that named neither line nor file."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -121,3 +122,13 @@ def test_a_changed_state_dir_waits_for_the_restart(tmp_path):
         assert not (second / "throttle.sqlite3").exists()
     finally:
         gw.stop()
+
+
+def test_a_realm_that_cannot_be_quoted_is_refused_with_its_key(tmp_path):
+    """Written between quotes in every challenge: `my "realm` made a malformed header, and a
+    control character had every challenge dropped with an ERROR (review of the endpoints)."""
+    for realm in ('my "realm', "a\\\\b", "x\\u0085y"):
+        conf = write_conf(tmp_path / f"conf-{len(realm)}-{ord(realm[-2])}", {
+            "gateway.yaml": f"chain: [static]\nrealm: {json.dumps(realm)}\n", **static_users({"alice": _hash()})})
+        found = _errors(authgw("config", "check", "--config", str(conf), timeout=30))
+        assert "gateway.yaml:2: realm:" in found and "printable characters" in found, found

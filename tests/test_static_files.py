@@ -221,12 +221,18 @@ def test_hashes_below_the_owasp_minimum_are_named_at_load_and_by_check(conf_dir,
     PASS (review). Each load now warns, naming the users, and the self-test is a WARN."""
     weak = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1, type=Type.ID).hash("weak-pw")
     owasp_floor = PasswordHasher(time_cost=5, memory_cost=7 * 1024, parallelism=1, type=Type.ID).hash("pw")
+    # OWASP's memory and time, but a 4-byte tag and an 8-byte salt: a copy of the file gives a
+    # colliding password in about 2**32 tries (review of the endpoints)
+    short = PasswordHasher(time_cost=2, memory_cost=19 * 1024, parallelism=1, hash_len=4, salt_len=8,
+                           type=Type.ID).hash("short-pw")
     text = (f'users:\n  alice:\n    password_hash: "{hash_password("pw")}"\n'
-            f'  weakling:\n    password_hash: "{weak}"\n  floor:\n    password_hash: "{owasp_floor}"\n')
+            f'  weakling:\n    password_hash: "{weak}"\n  floor:\n    password_hash: "{owasp_floor}"\n'
+            f'  short:\n    password_hash: "{short}"\n')
     with caplog.at_level("WARNING"):
         runtime, _ = static_runtime(tmp_path, text)
     warned = [r.getMessage() for r in caplog.records if "below the OWASP minimum" in r.getMessage()]
-    assert len(warned) == 1 and "1 password hash(es)" in warned[0] and "'weakling'" in warned[0], warned
+    assert len(warned) == 1 and "2 password hash(es)" in warned[0] and "'weakling'" in warned[0], warned
+    assert "'short'" in warned[0] and "a tag and a salt of 16 bytes" in warned[0]
     assert "'alice'" not in warned[0] and "'floor'" not in warned[0]
     assert decide(runtime, attempt("weakling", "weak-pw")).outcome is Outcome.SUCCESS  # still served
 

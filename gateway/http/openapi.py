@@ -51,7 +51,10 @@ def openapi_document(version: str) -> dict[str, Any]:
                 "200": {**decision, "description": "The chain decided. `outcome` says how: `success` with an "
                                                    "`identity`, or a denial (`invalid_credentials`, "
                                                    "`user_not_found`, `account_state`, `not_applicable`, "
-                                                   "`error`) with `identity: null`."},
+                                                   "`error`) with `identity: null`. The API is for trusted "
+                                                   "services holding a token: it tells an unknown user from a "
+                                                   "wrong password (`/auth` does not), so a token holder can "
+                                                   "tell which names exist."},
                 "400": {**_error("bad_request", "expected an object with `username` and `password`"),
                         "description": "The body is not a JSON object of two strings (each key once) in UTF-8 "
                                        "without a byte order mark (RFC 8259; UTF-16 and UTF-32 are refused), is "

@@ -111,14 +111,19 @@ class _Users:
 #: The cheapest argon2id parameters the OWASP Password Storage Cheat Sheet accepts (m=7 MiB, t=5;
 #: its list trades memory for passes, m x t of 35,840 KiB at least, m=19 MiB t=2 the first).
 _MIN_MEMORY_KIB, _MIN_WORK = 7 * 1024, 7 * 1024 * 5
+#: The shortest argon2 tag and salt that are not weak, in bytes (argon2-cffi makes 32 and 16).
+_MIN_BYTES = 16
 
 
 def _weak_users(users: dict[str, StaticUser]) -> list[str]:
-    """The users whose hash is cheaper than OWASP's minimum (or does not say its parameters)."""
+    """The users whose hash is cheaper than OWASP's minimum (or does not say its parameters), or
+    whose tag or salt is shorter than 16 bytes (a 4-byte tag verified, and a copy of the file
+    then gives a colliding password in about 2**32 tries: review of the endpoints)."""
     weak = []
     for name, user in users.items():
         found = hash_parameters(user.password_hash)
-        if found is None or found.memory_cost < _MIN_MEMORY_KIB or found.memory_cost * found.time_cost < _MIN_WORK:
+        if (found is None or found.memory_cost < _MIN_MEMORY_KIB or found.memory_cost * found.time_cost < _MIN_WORK
+                or found.hash_len < _MIN_BYTES or found.salt_len < _MIN_BYTES):
             weak.append(name)
     return sorted(weak)
 
@@ -126,7 +131,7 @@ def _weak_users(users: dict[str, StaticUser]) -> list[str]:
 def _weak_message(weak: list[str]) -> str:
     shown = ", ".join(repr(name) for name in weak[:5]) + (f" and {len(weak) - 5} more" if len(weak) > 5 else "")
     return (f"{len(weak)} password hash(es) below the OWASP minimum for argon2id (m=19 MiB and t=2, or as much "
-            f"work): {shown}; a copy of the file is that much cheaper to crack, and a wrong password for them "
+            f"work; a tag and a salt of 16 bytes at least): {shown}; a copy of the file is that much cheaper to crack, and a wrong password for them "
             f"answers sooner than an unknown user's; make them again with `authgw hash-password`")
 
 
