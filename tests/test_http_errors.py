@@ -137,3 +137,15 @@ def test_a_body_that_never_arrives_times_out(conf_dir, alice_hash, start_gateway
         answer = sock.recv(65536)
     assert answer.startswith(b"HTTP/1.1 400"), answer
     assert b'"error": "bad_request"' in answer and b"did not arrive in time" in answer
+
+
+def test_refused_api_tokens_are_said_once_a_minute_never_the_token(gw):
+    """Requests without a valid token left no trace at all (review of the endpoints)."""
+    wrong = "tok-" + "0" * 48
+    for headers in ({"Authorization": f"Bearer {wrong}"}, {}, {"Authorization": f"Bearer {wrong}"}):
+        answer = gw.post("/v1/authenticate", b'{"username": "alice", "password": "x"}',
+                         {"Content-Type": "application/json", **headers})
+        assert answer.status == 401
+    log = gw.output()
+    assert log.count("refused /v1/authenticate requests without a valid API token (last from 127.0.0.1)") == 1
+    assert wrong not in log and TOKEN not in log

@@ -87,6 +87,7 @@ def _header_value(text: str, field: str = "") -> str:
 
 
 _groups_warning = RateLimitedWarning(logging.getLogger("authgw.http"))
+_token_warning = RateLimitedWarning(logging.getLogger("authgw.http"))
 
 
 def _groups_header(groups: tuple[str, ...]) -> str:
@@ -289,6 +290,10 @@ class FrontDoor:
         token, a declared body too large, a ``Content-Encoding``), or ``None``. Its body is then not waited for: the
         connection closes once the answer is written."""
         if self.api_client(request) is None:
+            # Said (at most a line a minute, with a count): refused tokens left no trace at all
+            # (review of the endpoints). Never the token.
+            _token_warning("api_token", "refused /v1/authenticate requests without a valid API token (last from %s)",
+                           self.client_of(request)[0])
             refusal = web.json_response({"error": "unauthorized", "detail": "a valid API token is required"},
                                         status=401, headers={"WWW-Authenticate": 'Bearer realm="authgw"'})
         elif (request.content_length or 0) > _MAX_JSON_BYTES:
