@@ -26,7 +26,7 @@ from collections import deque
 
 import orjson
 
-from gateway.model import FORWARDED_CERTIFICATE_KEY, Attempt, Decision, address_text
+from gateway.model import API_CLIENT_KEY, FORWARDED_CERTIFICATE_KEY, Attempt, Decision, address_text
 from gateway.registry import hookimpl
 
 __all__ = ["AuditLog", "credential_kinds", "MAX_PENDING"]
@@ -245,6 +245,9 @@ class AuditLog:
             # signed in under another name than the one presented (a UPN login answered with the
             # account name, a relayed login): the audit says which, so a search for either finds it
             record["signed_in_as"] = identity.username
+        api_client = attempt.stash.get(API_CLIENT_KEY, None)
+        if api_client is not None:  # which service called /v1/authenticate (its token's name)
+            record["api_client"] = api_client
         if decision.answered_by:
             # which of the step's backends answered (a relay's connector, by the id the relay
             # enrolled and linked it under): the one to revoke when it vouched falsely

@@ -22,6 +22,7 @@ __all__ = [
     "CertificateCredential",
     "Decision",
     "Identity",
+    "API_CLIENT_KEY",
     "FORWARDED_CERTIFICATE_KEY",
     "MUTUAL_AUTH_KEY",
     "NegotiateCredential",
@@ -267,6 +268,10 @@ MUTUAL_AUTH_KEY: StashKey[str] = StashKey()
 #: says a certificate was presented (``none`` before: a search for certificate logins missed
 #: every proxied one).
 FORWARDED_CERTIFICATE_KEY: StashKey[bool] = StashKey()
+
+#: The name (``api_tokens[].name``) of the API token a ``/v1/authenticate`` attempt came with,
+#: for the audit line's ``api_client``: which service made the call.
+API_CLIENT_KEY: StashKey[str] = StashKey()
 
 # ---------------------------------------------------------------------------------------------
 # Identity and decision

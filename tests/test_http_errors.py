@@ -149,3 +149,16 @@ def test_refused_api_tokens_are_said_once_a_minute_never_the_token(gw):
     log = gw.output()
     assert log.count("refused /v1/authenticate requests without a valid API token (last from 127.0.0.1)") == 1
     assert wrong not in log and TOKEN not in log
+
+
+def test_an_api_attempt_is_audited_with_the_name_of_its_token(gw):
+    """The audit could not say which service made an API call: the token's name was worked out
+    and dropped (review of the endpoints)."""
+    answer = gw.post("/v1/authenticate", json.dumps({"username": "alice", "password": PASSWORD}).encode(),
+                     {"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"})
+    assert answer.status == 200 and answer.json()["outcome"] == "success"
+    line = gw.audit_for(answer.json()["request_id"])
+    assert line["api_client"] == "svc" and line["front_door"] == "api"
+    assert TOKEN not in gw.output()
+    forward = gw.auth("alice", PASSWORD)
+    assert "api_client" not in gw.audit_for(forward.header("X-Request-Id"))

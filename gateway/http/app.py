@@ -32,6 +32,7 @@ from gateway.http.credentials import (MalformedCredentials, check_password_crede
                                       single_authorization)
 from gateway.http.protocol import MAX_BODY, SERVER_HEADER, content_encoded, continue_body, no_linger
 from gateway.model import (
+    API_CLIENT_KEY,
     Attempt,
     CertificateCredential,
     MUTUAL_AUTH_KEY,
@@ -346,6 +347,9 @@ class FrontDoor:
             return web.json_response({"error": "bad_request", "detail": detail}, status=400)
         credential, refused = self.password_credential(username, password)
         attempt = self.attempt(request, "api", password=credential)
+        api_client = self.api_client(request)  # (a name, checked in _api_refusal: not None here)
+        if api_client is not None:
+            attempt.stash[API_CLIENT_KEY] = api_client
         decision = await self.decide(attempt, refused)
         status = {Outcome.UNAVAILABLE: 503, Outcome.THROTTLED: 429}.get(decision.outcome, 200)
         headers = {"Cache-Control": "no-store"}
