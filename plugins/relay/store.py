@@ -142,9 +142,6 @@ class SQLiteStore:
                                  (time.time(), connector))
         return cur.rowcount == 1
 
-    def revoked(self) -> set[str]:
-        return {row[0] for row in self._db().execute("SELECT id FROM connectors WHERE revoked IS NOT NULL")}
-
     def standing(self) -> tuple[set[str], set[str]]:
         """(the connectors enrolled, the revoked ones among them), in one read."""
         rows = self._db().execute("SELECT id, revoked IS NOT NULL FROM connectors").fetchall()
@@ -299,13 +296,6 @@ class RedisStore:
         if not self.redis.exists(self._k("connector", connector)):
             return False
         return bool(self.redis.hsetnx(self._k("connector", connector), "revoked", repr(time.time())))
-
-    def revoked(self) -> set[str]:
-        ids = sorted(self.redis.smembers(self._k("connectors")))
-        pipe = self.redis.pipeline()
-        for connector in ids:
-            pipe.hexists(self._k("connector", connector), "revoked")
-        return {c for c, flag in zip(ids, pipe.execute()) if flag}
 
     def standing(self) -> tuple[set[str], set[str]]:
         """(the connectors with a whole enrolment record, the revoked ones), in one round trip
