@@ -286,11 +286,11 @@ class FrontDoor:
                 return name
         return None
 
-    def _api_refusal(self, request: web.Request) -> web.Response | None:
+    def _api_refusal(self, request: web.Request, client: str | None) -> web.Response | None:
         """The answer to a ``/v1/authenticate`` request refused before its body is read (no API
         token, a declared body too large, a ``Content-Encoding``), or ``None``. Its body is then not waited for: the
         connection closes once the answer is written."""
-        if self.api_client(request) is None:
+        if client is None:  # (:meth:`api_client`)
             # Said (at most a line a minute, with a count): refused tokens left no trace at all
             # (review of the endpoints). Never the token.
             _token_warning("api_token", "refused /v1/authenticate requests without a valid API token (last from %s)",
@@ -311,13 +311,14 @@ class FrontDoor:
     async def api_expect(self, request: web.Request) -> web.Response | None:
         """``Expect: 100-continue`` on ``/v1/authenticate``: the body is invited only when it will
         be read; a request refused anyway gets its answer instead of ``100 Continue``."""
-        refusal = self._api_refusal(request)
+        refusal = self._api_refusal(request, self.api_client(request))
         if refusal is not None:
             return refusal
         return await continue_body(request)
 
     async def api_authenticate(self, request: web.Request) -> web.Response:
-        refusal = self._api_refusal(request)
+        client = self.api_client(request)
+        refusal = self._api_refusal(request, client)
         if refusal is not None:
             return refusal
         try:
@@ -347,9 +348,7 @@ class FrontDoor:
             return web.json_response({"error": "bad_request", "detail": detail}, status=400)
         credential, refused = self.password_credential(username, password)
         attempt = self.attempt(request, "api", password=credential)
-        api_client = self.api_client(request)  # (a name, checked in _api_refusal: not None here)
-        if api_client is not None:
-            attempt.stash[API_CLIENT_KEY] = api_client
+        attempt.stash[API_CLIENT_KEY] = client  # (a token's name: _api_refusal refused None)
         decision = await self.decide(attempt, refused)
         status = {Outcome.UNAVAILABLE: 503, Outcome.THROTTLED: 429}.get(decision.outcome, 200)
         headers = {"Cache-Control": "no-store"}
