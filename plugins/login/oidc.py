@@ -130,14 +130,26 @@ def _rsa(pair: KeyPair) -> RSAKey:
 _S256_CHALLENGE = re.compile(r"[A-Za-z0-9_-]{43}")
 
 
+def _basic(request: web.Request) -> tuple[bool, str | None]:
+    """Whether a token request authenticates with Basic, and its decoded ``id:secret`` (None: not
+    base64 of UTF-8). Raises :class:`MalformedCredentials` for two ``Authorization`` headers."""
+    scheme, _, value = (single_authorization(request.headers) or "").partition(" ")
+    if scheme.lower() != "basic":
+        return False, None
+    try:
+        return True, base64.b64decode(value, validate=True).decode()
+    except (ValueError, UnicodeDecodeError):
+        return True, None
+
+
 def _claimed_client(request: web.Request, form) -> str:
     """The client id a token request claims (Basic's user part, else the body's), for the log."""
-    scheme, _, value = request.headers.get("Authorization", "").strip().partition(" ")
-    if scheme.lower() == "basic":
-        try:
-            return unquote_plus(base64.b64decode(value.strip(), validate=True).decode().partition(":")[0])
-        except (ValueError, UnicodeDecodeError):
-            return "(unreadable Basic credentials)"
+    try:
+        basic, raw = _basic(request)
+    except MalformedCredentials:
+        return "(two Authorization headers)"
+    if basic:
+        return unquote_plus(raw.partition(":")[0]) if raw is not None else "(unreadable Basic credentials)"
     return str(form.get("client_id", "(assertion)" if "client_assertion" in form else ""))
 
 
@@ -443,15 +455,11 @@ class OidcProvider:
     def _client(self, request: web.Request, form) -> OidcClient | None:
         """The authenticated client (secret in Basic or the body, or a signed JWT), or ``None``."""
         try:
-            scheme, _, value = (single_authorization(request.headers) or "").partition(" ")
-        except MalformedCredentials:
+            basic, raw = _basic(request)
+        except MalformedCredentials:  # two Authorization headers: no client
             return None
-        if scheme.lower() == "basic":
-            try:
-                raw = base64.b64decode(value, validate=True).decode()
-            except (ValueError, UnicodeDecodeError):
-                return None
-            return self._basic_client(raw)
+        if basic:
+            return self._basic_client(raw) if raw is not None else None
         if form.get("client_assertion_type") == ASSERTION_TYPE:
             return self._assertion_client(str(form.get("client_assertion", "")))
         return self._secret_client([(str(form.get("client_id", "")), str(form.get("client_secret", "")))])
@@ -469,8 +477,7 @@ class OidcProvider:
             log.warning("oidc: client %s named client_id %s in the body: invalid_client",
                         printable(client.client_id[:100]), printable(str(named)[:100]))
             return None
-        basic = request.headers.get("Authorization", "").lstrip(" \t")[:6].lower() == "basic "
-        methods = basic + ("client_secret" in form) + ("client_assertion" in form)
+        methods = _basic(request)[0] + ("client_secret" in form) + ("client_assertion" in form)
         return client if methods == 1 else None
 
     def _basic_client(self, raw: str) -> OidcClient | None:
