@@ -32,12 +32,16 @@ class CallDeadline(threading.local):
 
     @contextlib.contextmanager
     def within(self, seconds: float) -> Iterator[None]:
-        """A call of at most *seconds*, in all."""
-        self.at = time.monotonic() + seconds
+        """A call of at most *seconds*, in all. Inside another ``within`` (several calls made
+        for one purpose, such as the throttle's take-back and reservation for one attempt), the
+        earlier end holds: an inner call never extends the whole."""
+        outer = self.at
+        at = time.monotonic() + seconds
+        self.at = at if outer is None else min(outer, at)
         try:
             yield
         finally:
-            self.at = None
+            self.at = outer
 
 
 class _BoundedSocket:

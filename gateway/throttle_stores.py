@@ -458,20 +458,23 @@ class RedisStore:
         Raises :class:`StoreUnavailable` when Redis does not answer; the reservation it may
         still make is then taken back later (:meth:`_unsure`)."""
         names = [self._prefix + key for key, _limit in keys]
-        try:
-            self._retract(names)  # first: reservations of refused attempts must not count against this one
-        except StoreUnavailable as exc:
-            # Redis down: the reservation below fails too. Redis refusing only the taking back
-            # (an ACL without SET, say) must not refuse every password attempt (review of this
-            # stop's diff): they stay to be taken back, and may count until they expire.
-            self._warn("retract", "throttle: reservations left by failed calls to the store %s not taken back yet: "
-                       "%s", self.location, exc)
         args = [int(window * 1000), ticket, *(limit for _key, limit in keys)]
-        try:
-            return self._call(lambda: self._reserve(keys=[self._tombstone(ticket), *names], args=args)) == 1
-        except StoreUnavailable:
-            self._unsure(names, ticket, window)
-            raise
+        # One deadline for both calls: ``redis.timeout`` is what an attempt waits for the store
+        # in all, not per call (a Redis hanging on the take-back held an attempt twice as long).
+        with self._deadline.within(self._timeout):
+            try:
+                self._retract(names)  # first: reservations of refused attempts must not count against this one
+            except StoreUnavailable as exc:
+                # Redis down: the reservation below fails too. Redis refusing only the taking
+                # back (an ACL without SET, say) must not refuse every password attempt (review
+                # of this stop's diff): they stay to be taken back, and may count until they expire.
+                self._warn("retract", "throttle: reservations left by failed calls to the store %s not taken back "
+                           "yet: %s", self.location, exc)
+            try:
+                return self._call(lambda: self._reserve(keys=[self._tombstone(ticket), *names], args=args)) == 1
+            except StoreUnavailable:
+                self._unsure(names, ticket, window)
+                raise
 
     def unknown_user(self, key: str) -> None:
         """Nothing: this store keeps every count until it expires (only the memory store drops)."""

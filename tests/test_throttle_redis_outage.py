@@ -102,7 +102,8 @@ def test_reservations_that_timed_out_while_redis_was_frozen_count_as_no_guess(re
 class LaggyProxy:
     """A TCP proxy in front of Redis, its mode read per chunk: ``pass``; ``hold`` (a request
     arriving now is kept until :meth:`release`, as a network that delivers late); ``dribble``
-    (answers sent a byte every *interval* seconds)."""
+    (answers sent a byte every *interval* seconds); ``slow writes`` (a reservation or a taking
+    back reaches Redis *interval* seconds late)."""
 
     def __init__(self, port: int, *, interval: float = 0.3) -> None:
         self.target = port
@@ -143,6 +144,8 @@ class LaggyProxy:
                 if self.mode == "hold":
                     self.held += 1
                     self.released.wait(60)
+                elif self.mode == "slow writes" and (b"ZREM" in data or b"EVALSHA" in data):
+                    time.sleep(self.interval)  # the throttle's own calls arrive late; a connection's set-up does not
                 upstream.sendall(data)
         except OSError:
             pass
@@ -211,6 +214,31 @@ def test_the_redis_timeout_bounds_a_whole_call_not_each_read(redis, proxy):
             store.ping()
         proxy.mode = "pass"  # and the store is not left broken: the next call goes through
         assert store.ping().endswith("answers")
+    finally:
+        store.close()
+
+
+def test_the_redis_timeout_bounds_an_attempts_calls_together(redis, proxy):
+    """An attempt that first takes back a failed call's reservation, then reserves: two calls,
+    each 0.3 s late, against ``timeout: 0.5``. Each call alone is within the timeout, so with
+    the timeout per call the attempt waited 0.6 s and was admitted; the timeout is what an
+    attempt waits in all, so it is refused (503), and its own reservation is taken back later."""
+    proxy.interval = 0.3
+    store = RedisStore(proxy.url, prefix=PREFIX, password=None, timeout=0.5)
+    try:
+        assert store.reserve([("ubob", 4)], "warm", 0, 600)
+        proxy.mode = "hold"
+        with pytest.raises(StoreUnavailable):
+            store.reserve([("ubob", 4)], "failed", 0, 600)  # to be taken back by the next attempt
+        proxy.mode = "slow writes"
+        proxy.release()
+        with pytest.raises(StoreUnavailable):
+            store.reserve([("ubob", 4)], "both", 0, 600)
+        proxy.mode = "pass"  # nothing left broken, and neither refused attempt counts
+        assert store.reserve([("ubob", 4)], "next", 0, 600)
+        store.ping()
+        wait_for(lambda: members(redis) == {(PREFIX + "ubob").encode(): [b"warm", b"next"]}, 10,
+                 what="only the admitted reservations counted")
     finally:
         store.close()
 
