@@ -9,12 +9,18 @@ the test.
   soft-fail.
 * The ``subject`` rule read a comma escaped inside a CN (``CN=eve\\,CN=admin,OU=staff``) as an
   RDN boundary and mapped the certificate to admin.
+* A UPN or emailAddress with two ``@`` (``pat@partner.test@corp.test``) passed ``domains:
+  [corp.test]`` and, with the domain stripped, named ``pat@partner.test``: a user of another
+  domain, whom a real slapd finds by mail.
+* ``POST /v1/authenticate`` answered "success" for the certificate its trusted proxy forwarded (the
+  calling service's) whatever username and password it was asked about.
 """
 
 from __future__ import annotations
 
 import base64
 import datetime as dt
+import hashlib
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -26,8 +32,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import NameOID
 
-from support.gateway import GatewayProcess, write_conf
-from support.http import Response
+from support.gateway import GatewayProcess, static_users, write_conf
+from support.http import Response, request
 from support.pki import CA, Issued, write_bundle
 from support.slapd import Slapd
 
@@ -269,3 +275,93 @@ def test_subject_rule_never_reads_a_value_as_structure(subject_gateway, ca, valu
     assert (audit["outcome"], audit["reason"]) == ("user_not_found", "cert.unmapped")
     assert f"certificate not mapped by rule subject: its subject's values hold RFC 4514 syntax " \
            f"({x509.NameAttribute(NameOID.COMMON_NAME, value).rfc4514_string()})" in subject_gateway.output()
+
+
+# -- a mailbox with two `@` --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def domain_gateway(tmp_path_factory, slapd, ca):
+    """Names from corp.test only, the domain stripped, looked up in a real slapd by uid or mail:
+    ``pat`` is a user of another domain (``pat@partner.test``)."""
+    slapd.add_user("pat", "pat-pw", mail="pat@partner.test")
+    base = tmp_path_factory.mktemp("domain-gw")
+    root = write_bundle(base / "root.pem", ca)
+    by_uid_or_mail = "(&(objectClass=inetOrgPerson)(|(uid={username})(mail={username})))"
+    ldap = slapd.plugin_settings(mode="plain", user_filter=by_uid_or_mail)
+    rules = [{"type": kind, "domains": ["corp.test"], "strip_domain": True} for kind in ("upn", "subject_email")]
+    gateway = _start(base, _settings(root, revocation="off", mapping={"rules": rules}), ["client_cert", "ldap"],
+                     {"ldap.yaml": json.dumps({"ldap": ldap})})
+    yield gateway
+    gateway.stop()
+
+
+def _mailbox_cert(ca: CA, kind: str, value: str) -> Issued:
+    if kind == "upn":
+        return ca.issue("placeholder", client=True, upn=value)
+    return ca.issue("placeholder", client=True, extra_name=[x509.NameAttribute(NameOID.EMAIL_ADDRESS, value)])
+
+
+@pytest.mark.parametrize("kind", ["upn", "subject_email"])
+def test_a_name_of_the_allowed_domain_logs_in(domain_gateway, ca, kind):
+    response, audit = _login(domain_gateway, _mailbox_cert(ca, kind, "alice@corp.test"))
+    assert response.status == 200, audit
+    assert response.header("Remote-User") == "alice"
+
+
+@pytest.mark.parametrize("kind", ["upn", "subject_email"])
+def test_a_mailbox_with_two_ats_passes_no_domain_filter(domain_gateway, ca, kind):
+    """``domains`` read the text after the last ``@``, and stripping it left ``pat@partner.test``,
+    another domain's user, whom the directory found by mail: a login as pat."""
+    response, audit = _login(domain_gateway, _mailbox_cert(ca, kind, "pat@partner.test@corp.test"))
+    assert response.status == 401, audit
+    assert response.header("Remote-User") is None
+    assert (audit["outcome"], audit["reason"], audit["username"]) == ("user_not_found", "cert.unmapped", None)
+
+
+# -- the API and a forwarded certificate ---------------------------------------------------------------
+
+_API_TOKEN = "agw_client_cert_review_" + "k" * 24
+
+
+@pytest.fixture(scope="module")
+def api_gateway(tmp_path_factory, ca):
+    from gateway.passwords import hash_password
+
+    base = tmp_path_factory.mktemp("api-gw")
+    root = write_bundle(base / "root.pem", ca)
+    digest = hash_password("alice-pw")
+    core_files = static_users({"alice": digest, "bob": digest})
+    settings = _settings(root, revocation="off", mapping={"rules": ["cn"]})
+    core = {"chain": ["client_cert", "static"], "trusted_proxies": ["127.0.0.1/32"], "throttle": {"enabled": False},
+            "health": {"probe_interval": 3600},
+            "api_tokens": [{"name": "portal", "sha256": hashlib.sha256(_API_TOKEN.encode()).hexdigest()}]}
+    conf = write_conf(base / "conf.d", {"gateway.yaml": json.dumps(core),
+                                        "client_cert.yaml": json.dumps({"client_cert": settings}), **core_files})
+    gateway = GatewayProcess(conf, base / "state").start()
+    yield gateway
+    gateway.stop()
+
+
+def _api(gateway: GatewayProcess, username: str, password: str, headers: dict[str, str]) -> dict:
+    response = request(gateway.url, "POST", "/v1/authenticate",
+                       {"Authorization": f"Bearer {_API_TOKEN}", "Content-Type": "application/json", **headers},
+                       body=json.dumps({"username": username, "password": password}).encode())
+    assert response.status == 200, response.body
+    return response.json()
+
+
+def test_a_forwarded_certificate_still_logs_in_at_auth(api_gateway, ca):
+    response, audit = _login(api_gateway, ca.issue("bob", client=True))
+    assert response.status == 200, audit
+    assert response.header("Remote-User") == "bob"
+
+
+@pytest.mark.parametrize("password, outcome, user",
+                         [("wrong", "invalid_credentials", None), ("alice-pw", "success", "alice")])
+def test_the_api_answers_for_the_password_not_a_forwarded_certificate(api_gateway, ca, password, outcome, user):
+    """The service calling the API through its trusted proxy presented bob's certificate; asked
+    whether alice's password holds, the API said "success" as bob, for any password."""
+    answer = _api(api_gateway, "alice", password, {HEADER: base64.b64encode(ca.issue("bob", client=True).der).decode()})
+    assert (answer["outcome"], answer["step"]) == (outcome, "static"), answer
+    assert (answer["identity"] or {}).get("username") == user

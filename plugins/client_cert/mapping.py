@@ -60,6 +60,8 @@ _MAX_NAME = 256
 #: Characters of RFC 4514 text's structure that a value may not hold for the ``subject`` rule
 #: (section 2.4 escapes all but ``=``; the module docstring says why ``=`` is refused too).
 _RDN_SYNTAX = frozenset(',+"\\<>;=\0')
+#: The rules whose values are mailboxes (``local@domain``), which ``domains`` and ``strip_domain`` read.
+_MAILBOX_RULES = frozenset({"upn", "email", "subject_email"})
 
 
 def thumbprint(cert: x509.Certificate) -> str:
@@ -149,9 +151,9 @@ def _norm_dn(text: str) -> str:
 
 
 def _shape(rule: MappingRule, value: str) -> str | None:
-    if not _canonical(value):  # the whole value: a pattern's `$` matches before a final newline
+    if not _readable(rule, value):  # the whole value: a pattern's `$` matches before a final newline
         return None
-    if rule.type in ("upn", "email", "subject_email"):
+    if rule.type in _MAILBOX_RULES:
         local, at, domain = value.rpartition("@")
         if rule.domains:
             if not at or domain.casefold() not in {d.casefold() for d in rule.domains}:
@@ -189,6 +191,16 @@ def _canonical(value: str) -> bool:
     return plainly_spelt(value)
 
 
+def _readable(rule: MappingRule, value: str) -> bool:
+    """Whether *value*, as the certificate holds it, can name anyone by *rule*: plainly spelt
+    (:func:`_canonical`), and for the mailbox rules one mailbox, ``local@domain`` with one ``@``.
+    ``domains`` and ``strip_domain`` read the domain after the last ``@``, so a UPN
+    ``admin@partner.test@corp.test`` passed ``domains: [corp.test]`` and named
+    ``admin@partner.test``, which the directory finds as another domain's user (the ``active_directory``
+    preset looks names up by userPrincipalName too; review of the client_cert plugin)."""
+    return _canonical(value) and (rule.type not in _MAILBOX_RULES or value.count("@") <= 1)
+
+
 def candidates(rule: MappingRule, cert: x509.Certificate) -> list[str]:
     """The distinct user names *rule* finds in *cert*, in order."""
     names: list[str] = []
@@ -201,9 +213,10 @@ def candidates(rule: MappingRule, cert: x509.Certificate) -> list[str]:
 
 def misspelt(rule: MappingRule, cert: x509.Certificate) -> list[str]:
     """The values *rule* reads in *cert* that are not names as a certificate should spell them
-    (:func:`_canonical`): beside a good one, they make the certificate name two identities
-    (``al\\nice@`` and ``bob@``), and it names nobody (review of what the gateway writes)."""
-    return [raw for raw in _raw_values(rule, cert) if not _canonical(raw)]
+    (:func:`_readable`): beside a good one, they make the certificate name two identities
+    (``al\\nice@`` and ``bob@``, or ``bob@`` and ``admin@partner.test@``), and it names nobody
+    (review of what the gateway writes)."""
+    return [raw for raw in _raw_values(rule, cert) if not _readable(rule, raw)]
 
 
 # -- directory binding ---------------------------------------------------------------------------
