@@ -148,9 +148,11 @@ class FrontDoor:
 
     # -- building attempts -------------------------------------------------------------------
 
-    def attempt(self, request: web.Request, front_door: str, **credentials) -> Attempt:
+    def attempt(self, request: web.Request, front_door: str, *, forwarded: bool = True, **credentials) -> Attempt:
         """A new attempt for *request*: request id, client address (:meth:`client_of`), deadline,
-        public headers, and the given credentials."""
+        public headers, and the given credentials. With *forwarded* false the attempt carries
+        no headers and no trusted peer: nothing a proxy forwards (a client certificate) can
+        answer for it; its client address is still the one a trusted proxy forwards for."""
         client, trusted = self.client_of(request)
         transport = request.transport
         attempt = Attempt(
@@ -159,8 +161,8 @@ class FrontDoor:
             front_door=front_door,
             deadline=time.monotonic() + self.gateway.settings.deadline,
             peer=parse_address(request.remote or ""),
-            trusted_peer=trusted,
-            headers=PublicHeaders(request.headers),
+            trusted_peer=trusted and forwarded,
+            headers=PublicHeaders(request.headers) if forwarded else {},
             **credentials,
         )
         if transport is not None:  # a queued attempt whose client hung up is not run (gateway/pool.py)
@@ -347,7 +349,10 @@ class FrontDoor:
             detail = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc).split(":")[0]
             return web.json_response({"error": "bad_request", "detail": detail}, status=400)
         credential, refused = self.password_credential(username, password)
-        attempt = self.attempt(request, "api", password=credential)
+        # The API asks whether this username and password hold: the request's headers are the
+        # calling service's, so no plugin may read them as the user's (a certificate forwarded
+        # for the service answered "success" for any password: review of client certificates).
+        attempt = self.attempt(request, "api", forwarded=False, password=credential)
         attempt.stash[API_CLIENT_KEY] = client  # (a token's name: _api_refusal refused None)
         decision = await self.decide(attempt, refused)
         status = {Outcome.UNAVAILABLE: 503, Outcome.THROTTLED: 429}.get(decision.outcome, 200)

@@ -38,7 +38,9 @@ def openapi_document(version: str) -> dict[str, Any]:
                            "for a user. It is a password oracle: every caller needs an API token (`authgw "
                            "api-token NAME`, stored as its SHA-256 under `api_tokens:`), failures are throttled "
                            "per user, and a wrong password and an unknown user get the same answer shape. "
-                           "Reason codes: docs/reasons.md and each plugin's page.",
+                           "Only the username and password are checked: the request's headers (a client "
+                           "certificate a trusted proxy forwards, say) are the calling service's, and no "
+                           "plugin reads them. Reason codes: docs/reasons.md and each plugin's page.",
         },
         "paths": {"/v1/authenticate": {"post": {
             "operationId": "authenticate",

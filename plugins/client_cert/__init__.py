@@ -19,7 +19,9 @@ Decides
 Abstains
     when the attempt has no certificate (so Basic or Negotiate can answer: an empty, ``-`` or
     absent header from the proxy means none), when a certificate header comes from a peer that
-    is not a trusted proxy or is not the one header that proxy sets (ignored and logged); with a
+    is not a trusted proxy or is not the one header that proxy sets (ignored and logged), at the
+    API front door (``/v1/authenticate`` checks a username and password, and a forwarded
+    certificate there is the calling service's); with a
     ``USER_NOT_FOUND`` note ``cert.unmapped`` (no rule found a name) or ``cert.user_not_found``
     (the directory knows none of the names as the certificate spells them); with an ``UNAVAILABLE`` note
     ``cert.directory_unavailable`` when ``gateway_lookup_user`` cannot reach the directory.
@@ -167,6 +169,12 @@ class ClientCertPlugin:
         """
         if attempt.certificate is not None:
             return attempt.certificate.chain, attempt.certificate.source
+        if attempt.front_door == "api":
+            # The API asks whether a username and password hold; a certificate its trusted proxy
+            # forwards is the calling service's, not that user's. Read, it answered "success" as
+            # the service's certificate user for any name and any password (review of the
+            # client_cert plugin).
+            return None
         source = self.header_for(attempt) if attempt.trusted_peer else None
         ignored = [name for name in self._cert_headers
                    if (source is None or name != source.name) and _header_values(attempt.headers, name)]
