@@ -34,6 +34,8 @@ _BIND_REFUSED = "ldap.bind_refused"
 #: The password policy control's errors that say why a bind was refused (draft-behera section
 #: 6.2), with the reason codes AD's sub-codes (adcodes.py) and the entry's state use.
 _PPOLICY_REASONS = {0: "ldap.password_expired", 1: "ldap.locked", 2: "ldap.must_change_password"}
+#: AD's constructed ``DOMAIN\\sAMAccountName`` of an entry, as "Who am I?" names a bound account.
+_PRINCIPAL_NAME = "msDS-PrincipalName"
 
 
 #: Seconds a ppolicy entry's ``pwdMaxAge`` (or its being unreadable) is reused: policies change
@@ -151,6 +153,9 @@ class Directory:
         #: A direct-bind template that is a DN gets RFC 4514 escaping; any other (a UPN or
         #: DOMAIN\\name) only accepts names without syntax characters.
         self._direct_is_dn = "=" in direct.split("{username}", 1)[0]
+        #: What a "Who am I?" entry is read with: AD's own DOMAIN\\name for it too (_bound_entry).
+        self._who_attributes = tuple(self._attributes) + (
+            () if _PRINCIPAL_NAME.lower() in {a.lower() for a in self._attributes} else (_PRINCIPAL_NAME,))
 
     # -- finding users --------------------------------------------------------------------------
 
@@ -337,10 +342,32 @@ class Directory:
         account = name.rpartition("\\")[2]
         if kind == "u" and "\\" in name and plain_name_ok(account):
             query = fill("(sAMAccountName={username})", username=account)
-            found, entries, _ = link.search(self.s.base_dn, query, self._attributes, scope=self._scope, size_limit=2)
-            return found, entries, f"{query} under {self.s.base_dn}"
+            found, entries, _ = link.search(self.s.base_dn, query, self._who_attributes, scope=self._scope,
+                                            size_limit=2)
+            where = f"{query} under {self.s.base_dn}"
+            if found.ok and len(entries) == 1:
+                # A sAMAccountName is unique in its domain only: a DC binds the UPN of a user of
+                # another domain of the forest (EU\\jsmith), and a search of this domain for
+                # "jsmith" finds CORP\\jsmith, another person, whose profile and groups that login
+                # got (review of the LDAP plugin). The entry must be the one the server named.
+                principal = self._principal_name(link, entries[0])
+                if principal is not None and principal.casefold() != name.casefold():
+                    return Result(0, ""), [], f"{where}, which found {principal!r}, not {name!r} (another domain's)"
+            return found, entries, where
         # anonymous (empty), or a user id this gateway cannot turn into an entry
         return Result(0, ""), [], f"the identity {authz!r} (Who am I?)"
+
+    @staticmethod
+    def _principal_name(link: Link, entry: Entry) -> str | None:
+        """AD's ``DOMAIN\\sAMAccountName`` of *entry* (``msDS-PrincipalName``, constructed: read
+        again at the entry when the search left it out), or ``None`` from a directory without it."""
+        values = entry.get(_PRINCIPAL_NAME)
+        if not values:
+            result, entries, _ = link.search(entry.dn, "(objectClass=*)", (_PRINCIPAL_NAME,), scope="base")
+            if result.code in TROUBLE_CODES:
+                raise ServerTrouble(f"reading {_PRINCIPAL_NAME} answered {result.code}: {result.message}")
+            values = entries[0].get(_PRINCIPAL_NAME) if result.ok and len(entries) == 1 else []
+        return _text(values[0]) if values else None
 
     # -- profile ----------------------------------------------------------------------------------
 
