@@ -355,12 +355,26 @@ class ThrottleSettings(PluginSettings):
     client_failures: int = Field(30, ge=1, description="guesses per client address (any usernames) within `window` before 429")
     window: float = Field(1800.0, gt=0, le=30 * 86400, description="seconds a guess is remembered; at least the directory's "
                           "lockout observation window")
+    user_domains: list[str] = Field(
+        default_factory=list, description="domains whose spellings of a name spend that name's budget: `name@DOMAIN` "
+        "and `DOMAIN\\name` count as `name` (case-insensitive). With Active Directory list its UPN suffixes and "
+        "NetBIOS name (`[corp.example.com, CORP]`): it takes `alice`, `alice@corp.example.com` and `CORP\\alice` for "
+        "one account, which would otherwise have a budget per spelling")
     ipv6_prefix: int = Field(64, ge=32, le=128, description="an IPv6 client is counted by its network of this "
                              "length (a /64 is one host's: every address in it is one client), 128: by address")
     store: Literal["auto", "memory", "sqlite", "redis"] = Field(
         "auto", description="where counts live: `memory` (one worker), `sqlite` (the workers of this machine, "
         "in the state directory), `redis` (several instances); `auto`: memory for one worker, else sqlite")
     redis: ThrottleRedisSettings | None = Field(None, description="the Redis server, with `store: redis`")
+
+    @field_validator("user_domains")
+    @classmethod
+    def _plain_domains(cls, value: list[str]) -> list[str]:
+        for domain in value:
+            if not 0 < len(domain) <= 253 or any(c in domain for c in "@\\/ ") or not domain.isprintable():
+                raise ValueError(f"{domain!r}: a domain name (`corp.example.com`) or NetBIOS name (`CORP`), "
+                                 "without `@`, `\\`, `/` or spaces")
+        return value
 
     @field_validator("redis")
     @classmethod

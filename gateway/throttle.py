@@ -41,7 +41,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.model import Outcome
+from gateway.model import Outcome, folded_username
 from gateway.perprocess import UniqueIds
 from gateway.settings import ThrottleSettings
 from gateway.throttle_stores import MemoryStore, StoreLocked, StoreUnavailable, ThrottleStore, open_store, store_kind
@@ -79,6 +79,7 @@ class Throttle:
     def __init__(self, settings: ThrottleSettings, *, state_dir: Path | None = None, workers: int = 1,
                  clock=None) -> None:
         self.settings = settings
+        self._domains = frozenset(map(folded_username, settings.user_domains))  # folded as user keys are
         #: ``memory``, ``sqlite`` or ``redis`` (``auto`` resolved for *workers*, the effective
         #: worker count), or ``off`` when throttling is disabled.
         self.kind = store_kind(settings, state_dir, workers) if settings.enabled else "off"
@@ -115,7 +116,27 @@ class Throttle:
             log.warning("reload: the throttle store is now %s (was %s); password-guess counts start afresh "
                         "(guesses counted in the old store are forgotten)", self.kind, previous.kind)
 
+    def budget_name(self, user_key: str) -> str:
+        """The name whose budget *user_key* (folded) spends: ``name@DOMAIN`` and ``DOMAIN\\name``
+        for a domain of ``user_domains`` are ``name``. Active Directory's preset finds one account
+        by its sAMAccountName and by its UPN, and a direct bind takes ``CORP\\name`` too: each
+        spelling had a budget of its own, so an attacker had two or three times the guesses, and
+        the gateway's guesses could reach the directory's lockout threshold (review of the LDAP
+        plugin)."""
+        domains = self._domains
+        if domains:
+            if "\\" in user_key:
+                domain, _, name = user_key.partition("\\")
+                if name and domain in domains:
+                    return name
+            elif "@" in user_key:
+                name, _, domain = user_key.rpartition("@")
+                if name and domain in domains:
+                    return name
+        return user_key
+
     def ticket(self, user_key: str, client: str | None) -> Ticket:
+        user_key = self.budget_name(user_key)
         return Ticket(_TICKET_IDS.next(), _key("u", user_key),
                       None if client is None else _key("p", user_key, client),
                       None if client is None else _key("c", client))

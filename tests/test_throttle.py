@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from support.fakead import FakeAD
 from support.gateway import GatewayProcess, write_conf
 from support.redis import RedisServer
 from support.slapd import Slapd
@@ -407,3 +408,51 @@ def test_reservation_ids_are_unique_in_a_process_and_across_forked_workers():
     assert os.waitpid(pid, 0)[1] == 0
     assert len(theirs) == 1000 and not theirs & mine
     assert {i[:16] for i in theirs} != {i[:16] for i in mine}  # another prefix, not just later numbers
+
+
+# -- one account, several spellings (Active Directory) ------------------------------------------
+
+AD_BASE = "DC=corp,DC=example,DC=com"
+AD_SERVICE = f"CN=svc-authgw,OU=Service,{AD_BASE}"
+AD_USERS = {
+    AD_SERVICE: {"objectClass": ["user"], "sAMAccountName": ["svc-authgw"], "password": ["svc-pw"]},
+    f"CN=Alice Archer,OU=Staff,{AD_BASE}": {
+        "objectClass": ["top", "person", "user"], "objectCategory": ["person"], "userAccountControl": ["512"],
+        "sAMAccountName": ["alice"], "userPrincipalName": ["alice@corp.example.com"], "password": ["alice-pw"]},
+}
+
+
+@pytest.fixture(scope="module")
+def ad():
+    directory = FakeAD(AD_USERS)
+    yield directory
+    directory.stop()
+
+
+@pytest.mark.parametrize("user_domains", [[], ["corp.example.com", "CORP"]])
+def test_the_spellings_active_directory_takes_for_one_account_share_its_budget(tmp_path, ad, start_gateway,
+                                                                               user_domains):
+    """The active_directory preset finds alice by her sAMAccountName and by her UPN: each
+    spelling had a budget of its own, so 3 guesses per user reached the directory as 6 (more
+    with more UPN suffixes), enough to cross a lockout threshold set just above the gateway's
+    limit. With ``user_domains`` they are one budget; without, as before (the control)."""
+    secret = tmp_path / "bind-password"
+    secret.write_text("svc-pw")
+    secret.chmod(0o600)
+    ldap = {"preset": "active_directory", "servers": [ad.url], "insecure": True, "base_dn": AD_BASE,
+            "bind_dn": AD_SERVICE, "bind_password": {"file": str(secret)},
+            "groups": {"source": "memberof", "nested": False}, "backoff": 0}
+    core = {"chain": ["ldap"], "health": {"probe_interval": 3600},
+            "throttle": {"user_failures": 3, "window": 600, "user_domains": user_domains},
+            "api_tokens": [{"name": "portal", "sha256": hashlib.sha256(TOKEN.encode()).hexdigest()}]}
+    gw = start_gateway(write_conf(tmp_path / "c", {"gateway.yaml": json.dumps(core),
+                                                   "ldap.yaml": "ldap: " + json.dumps(ldap)}))
+    spellings = ["alice", "alice@corp.example.com", "Alice@CORP.example.com"]
+    outcomes = [api(gw, spellings[i % 3], f"guess-{i}")["outcome"] for i in range(12)]
+    refused = outcomes.count("invalid_credentials")
+    if user_domains:
+        assert (refused, outcomes.count("throttled")) == (3, 9), outcomes
+        assert api(gw, "alice", "alice-pw")["outcome"] == "throttled", "the account's budget is spent"
+    else:
+        assert refused == 6, outcomes  # alice's budget, and her UPN's (case folded)
+    gw.stop()
