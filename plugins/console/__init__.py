@@ -14,7 +14,8 @@ Routes
     sign-in page or a 404.
 Command
     ``authgw console``: prints a one-time login link and writes it 0600 to
-    ``<state_dir>/console-login-link``.
+    ``<state_dir>/console-login-link``, only while a socket of this gateway's user listens on
+    ``console.listen`` (``listening.py``: another user's server there would get the link).
 Hooks
     ``gateway_auth_finished`` keeps the last audit events of this worker for the status page
     when the audit log goes to standard error.
@@ -28,12 +29,14 @@ Shared state (tokens, sessions, configuration-log runs) is ``<state_dir>/console
 from __future__ import annotations
 
 import argparse
+import os
 import ssl
 import sys
 import time
 
 from gateway import Attempt, Command, Decision, Listener, PluginContext, Route, hookimpl
 from gateway.files import write_atomic
+from gateway.plugins.console.listening import listening_uids
 from gateway.plugins.console.settings import ConsoleSettings, listen_address
 from gateway.plugins.console.status import RecentEvents
 from gateway.plugins.console.store import ConsoleStore
@@ -100,6 +103,10 @@ class ConsolePlugin:
     # -- authgw console -------------------------------------------------------------------------
 
     def _command(self, args: argparse.Namespace) -> int:
+        problem = self._not_ours()
+        if problem:
+            print(f"error: {problem}: no link printed", file=sys.stderr)
+            return 1
         token = self.store.new_login_token(self.settings.login_link_ttl)
         link = f"{self.url()}/login/{token}"
         path = self.context.state_dir / LINK_FILE
@@ -112,3 +119,28 @@ class ConsolePlugin:
         print(f"(also written to {path}; over SSH: ssh -L {forward.rpartition(':')[2]}:{forward} THIS-HOST, "
               "see docs/console.md)", file=sys.stderr)
         return 0
+
+    def _not_ours(self) -> str:
+        """Why the link must not be printed (listening.py): nothing listens on the console's
+        address yet, or a socket of a user who is neither this command's nor the state
+        directory's owner (the gateway's) does; empty when the console is there."""
+        address, port = listen_address(self.settings.listen)
+        where = self.url().split("://", 1)[1]
+        owners = listening_uids(address, port)
+        if owners is None:  # not Linux: nothing to ask
+            print(f"warning: could not check who listens on {where}: open the link only while authgw serves "
+                  "the console there", file=sys.stderr)
+            return ""
+        if not owners:
+            return (f"nothing listens on {where}: start `authgw serve` with this configuration "
+                    "(`plugins: [console]`), then run `authgw console` again")
+        ours = {os.geteuid()}
+        try:
+            ours.add(self.context.state_dir.stat().st_uid)
+        except OSError:
+            pass
+        others = sorted(owners - ours)
+        if others:
+            return (f"{where} is held by another user (uid {', '.join(map(str, others))}), not by this gateway's "
+                    "console: that server would receive the one-time link; stop it, then start the console")
+        return ""

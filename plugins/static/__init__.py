@@ -4,8 +4,10 @@ For demos, and for break-glass accounts that must work when the directory does n
 
 Decides
     password attempts for users in the file: ``SUCCESS`` (the identity carries the name as the
-    users file spells it, also with ``case_insensitive``), ``INVALID_CREDENTIALS`` (wrong
-    password), ``ACCOUNT_STATE`` with ``static.disabled`` (right password, ``disabled: true``).
+    users file spells it, also with ``case_insensitive``, in the core's one spelling of names:
+    NFKC, white space trimmed; two names that are one so are refused), ``INVALID_CREDENTIALS``
+    (wrong password), ``ACCOUNT_STATE`` with ``static.disabled`` (right password,
+    ``disabled: true``).
     ``gateway_lookup_user`` answers for users in the file, a disabled one with
     ``account_state: static.disabled``.
 Abstains
@@ -49,6 +51,7 @@ from gateway import (
 )
 from gateway.config import load_yaml_file
 from gateway.errors import ConfigError
+from gateway.model import canonical_username
 from gateway.passwords import dummy_hash_like, hash_parameters, verify_password
 from gateway.settings import ValidationContext
 from gateway.yamlfiles import display_name
@@ -172,9 +175,9 @@ class StaticPlugin:
     def _key(self, username: str) -> str:
         return username.casefold() if self.settings.case_insensitive else username
 
-    def _read(self) -> _Users:
+    def _read(self, read: list[Signature | None] | None = None) -> _Users:
         """Read, validate and index the users file. Raises ConfigError (or anything else) when it
-        cannot be used."""
+        cannot be used. *read* gets the signature of the version read, also when it fails."""
         path = self.settings.users_file
         try:
             self._validation.check_private(path, "users file")
@@ -183,14 +186,22 @@ class StaticPlugin:
         # After check_private (which may chmod it), before reading: a change made while reading
         # gives another signature at the next check, so it is read then.
         signature = _signature(path)
+        if read is not None:
+            read.append(signature)
         users = load_yaml_file(path, UsersFile, self._validation).users
-        table = {}
+        table, written = {}, {}
         for name, user in users.items():
-            key = self._key(name)
-            if key in table:
-                raise ConfigError(f"{display_name(path)}: users {name!r} and another differ only in case, "
-                                  "but case_insensitive is on")
-            table[key] = (name, user)
+            # Indexed as the core spells the names it is given (canonical_username: NFKC, white
+            # space trimmed): a name saved otherwise (`José` decomposed, as some editors save it;
+            # `bob `) was never found, however typed (review of the console and static users).
+            spelt = canonical_username(name)
+            key = self._key(spelt)
+            if key in written:
+                first = written[key]
+                why = ("are one name as the gateway reads usernames (docs/configuration.md, Usernames)"
+                       if canonical_username(first) == spelt else "differ only in case, but case_insensitive is on")
+                raise ConfigError(f"{display_name(path)}: users {first!r} and {name!r} {why}: keep one")
+            table[key], written[key] = (spelt, user), name
         hashes = [user.password_hash for user in users.values()]
         self._warn_mixed_parameters(hashes)
         weak = _weak_users(users)
@@ -232,13 +243,16 @@ class StaticPlugin:
                 self.log.error("users file %s is gone: no user of it can log in until it is back",
                                display_name(path))
                 return self._state
+            read: list[Signature | None] = []
             try:
-                state = self._read()
+                state = self._read(read)
             except Exception as exc:  # noqa: BLE001 -- keep serving the last good file, whatever happened
-                # This version, as it is after reading (a chmod may change it); gone meanwhile:
-                # the next check finds it gone.
-                after = _signature(path)
-                self._seen = after if after is not None else signature
+                # The version that was read, as check_private left it (it may chmod it), never the
+                # file as it is now: an edit finished while a broken version was parsed (a write
+                # in place read half-way, a fix saved a moment after a typo) was taken for the
+                # broken one and never applied, its old passwords still accepted (review of the
+                # console and static users). Gone meanwhile: the next check finds it gone.
+                self._seen = read[0] if read and read[0] is not None else signature
                 self._problem = "the last change of the users file was not applied"
                 expected = isinstance(exc, (ConfigError, OSError))
                 self.log.error("users file %s not reloaded, keeping the previous %d users: %s",
