@@ -238,6 +238,20 @@ def context_satisfies(requested: dict, issued: str) -> bool:
     return any(issued in AT_LEAST.get(ref, frozenset({ref})) for ref in refs)  # maximum
 
 
+def _boolean(root: etree._Element, name: str) -> bool:
+    """An ``xs:boolean`` attribute (``false`` when absent). Its whitespace is collapsed (XML Schema
+    part 2, 3.2.2): ``ForceAuthn=" true "`` was read as false, and the request answered from the
+    session without the new sign-in it asks for. A value that is no boolean is refused, not read
+    as false; ``True`` is read as true (the reading that asks more of the sign-in)."""
+    value = root.get(name)
+    if value is None:
+        return False
+    value = value.strip(" \t\r\n").lower()
+    if value not in ("true", "1", "false", "0"):
+        raise Refused("login.malformed", f"{name} is not a boolean: {value[:20]!r}")
+    return value in ("true", "1")
+
+
 def read_authn_request(root: etree._Element) -> AuthnRequest:
     if root.tag != f"{{{SAMLP}}}AuthnRequest" or root.get("Version") != "2.0":
         raise Refused("saml.not_authn_request", str(root.tag)[:100])
@@ -247,8 +261,8 @@ def read_authn_request(root: etree._Element) -> AuthnRequest:
         raise Refused("saml.not_authn_request", "no Issuer or ID")
     return AuthnRequest(request_id, issuer.strip(), root.get("AssertionConsumerServiceURL"),
                         root.get("AssertionConsumerServiceIndex"), root.get("ProtocolBinding"),
-                        root.get("Destination"), root.get("IssueInstant", ""), root.get("ForceAuthn") in ("true", "1"),
-                        root.get("IsPassive") in ("true", "1"), _read_subject(root), _read_name_id_policy(root),
+                        root.get("Destination"), root.get("IssueInstant", ""), _boolean(root, "ForceAuthn"),
+                        _boolean(root, "IsPassive"), _read_subject(root), _read_name_id_policy(root),
                         _read_authn_context(root))
 
 
@@ -643,7 +657,13 @@ class SamlIdp:
     def relay_state(self, value) -> str:
         if value is not None and not isinstance(value, str):  # a multipart file part
             raise Refused("login.malformed", "RelayState is not text")
-        size = len(value.encode("utf-8", "surrogatepass")) if value is not None else 0
+        try:
+            size = len(value.encode("utf-8")) if value is not None else 0
+        except UnicodeEncodeError:
+            # A lone surrogate: a form body in charset=utf-7 (or a part so labelled) decodes to
+            # one. It was parked, then the answer page carrying it could not be written: a 500
+            # after the user signed in, and at /saml/slo after the sessions had ended.
+            raise Refused("login.malformed", "RelayState is not Unicode text") from None
         if size > self.settings.max_relay_state_bytes:
             raise Refused("login.relay_state_too_large", f"{size} bytes")
         return value or ""
