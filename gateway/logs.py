@@ -22,7 +22,8 @@ from collections import Counter
 
 from gateway import pool
 
-__all__ = ["JsonFormatter", "RateLimitedWarning", "TEXT_FORMAT", "authgw_version", "printable", "setup_logging"]
+__all__ = ["JsonFormatter", "RateLimitedWarning", "TEXT_FORMAT", "TextFormatter", "authgw_version", "printable",
+           "setup_logging"]
 
 #: The attempt the event loop's current task is deciding (set by ``Gateway.authenticate``).
 current_request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("authgw_request_id", default=None)
@@ -121,10 +122,25 @@ def one_line(text: str) -> str:
     return text if text.isascii() else text.translate(_LINE_BREAKS)
 
 
+class TextFormatter(logging.Formatter):
+    """:data:`TEXT_FORMAT`, each message on one line: its characters that are not printable
+    escaped (:func:`printable`), whatever the call site passed. Values a client chose reach log
+    messages in many places (an Issuer, a header, an error's detail), and one forgotten
+    ``printable`` let a ``&#10;`` in a LogoutResponse's Issuer write a line of its choosing into
+    the log (review of the login door). A traceback keeps its lines."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = printable(record.message)
+        return super().formatMessage(record)
+
+
 def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     """Send the service log to standard error (the journal under systemd) in *fmt*."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -48,6 +48,7 @@ from aiohttp import web
 from lxml import etree
 
 from gateway import Route
+from gateway.logs import printable
 
 from .logout import SUCCESS, encode, logout_request, logout_response, read_logout
 from .saml import BindingMessage, SamlIdp, _parse_instant
@@ -234,7 +235,10 @@ class SingleLogout:
             self._check_confirmation(expected, message, received, root)
             state["told"].append(expected)
         except Refused as exc:
-            log.warning("single logout: %s did not confirm: reason=%s %s", expected, exc.reason, exc.detail[:200])
+            # The detail quotes the answer (its Issuer, Destination, status): escaped, so a LogoutResponse
+            # whose Issuer holds "&#10;" cannot start a forged log line (the user's own browser carries it).
+            log.warning("single logout: %s did not confirm: reason=%s %s", expected, exc.reason,
+                        printable(exc.detail[:200]))
             state["failed"].append(expected)
         return await self.next_step(state)
 
