@@ -8,6 +8,7 @@ import base64
 import datetime as dt
 import re
 import secrets
+import textwrap
 import zlib
 
 import pytest
@@ -167,3 +168,31 @@ def test_force_authn_and_is_passive_are_read_as_xml_schema_booleans(site):
     still = browser.get(f"{site.url}/saml/sso", allow_redirects=False, params={
         "SAMLRequest": _deflated(authn_request(site, attributes=' ForceAuthn=" false " IsPassive="0"'))})
     assert still.status_code == 200 and hidden(still.text, "SAMLResponse")
+
+
+def test_a_service_provider_sent_unsigned_assertions_is_a_configuration_error(tmp_path):
+    """`sign_response: false` and `sign_assertion: false` together sent assertions with no
+    signature at all, which anyone can write: refused, naming the file, line and key."""
+    from support.gateway import authgw, write_conf
+
+    users = tmp_path / "users.yaml"
+    users.write_text("users: {}\n")
+    users.chmod(0o600)
+    conf = write_conf(tmp_path / "conf", {"gateway.yaml": textwrap.dedent(f"""\
+        chain: [static]
+        plugins: [login]
+        static:
+          users_file: {users}
+        login:
+          base_url: https://login.example.com
+          saml:
+            service_providers:
+              - entity_id: https://sp.example.com
+                acs_urls: [https://sp.example.com/acs]
+                sign_response: false
+                sign_assertion: false
+        """)})
+    result = authgw("config", "check", "--config", str(conf), "--state-dir", str(tmp_path / "state"))
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert re.search(r"gateway\.yaml:\d+: login\.saml\.service_providers\[0\]: .*unsigned assertions", output), output

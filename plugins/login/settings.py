@@ -140,6 +140,15 @@ class SamlServiceProvider(PluginSettings):
     def _check_slo(cls, value: str | None) -> str | None:
         return None if value is None else _https_or_loopback(value)
 
+    @model_validator(mode="after")
+    def _signed(self):
+        # Neither signed, an assertion is anyone's to write: an SP that takes it (one configured
+        # not to require a signature, say) takes a forged one just as well (review of the login door).
+        if not (self.sign_response or self.sign_assertion):
+            raise ValueError("`sign_response` and `sign_assertion` are both false: the SP would get "
+                             "unsigned assertions, which anyone can forge; keep at least one")
+        return self
+
 
 class WsFedRelyingParty(PluginSettings):
     """One WS-Federation relying party (an Auth0 ADFS connection, Entra domain federation)."""
