@@ -417,9 +417,15 @@ class RelayPlugin:
         if not answer.get("found"):
             return None
         groups = answer.get("groups")
-        if not isinstance(groups, list) or len(groups) > 10_000:
-            raise BackendUnavailable("relay.bad_answer: groups must be a list")
-        return [_text(g) for g in groups]
+        try:
+            if not isinstance(groups, list) or len(groups) > 10_000:
+                raise TypeError("groups must be a list")
+            return [_text(g) for g in groups]
+        except TypeError as exc:
+            # The hook's word for an answer it cannot take: a group that is no text (a number,
+            # a lone surrogate) raised TypeError through it, a 500 in the plugin that asked
+            # (review of the relay side).
+            raise BackendUnavailable(f"relay.bad_answer: {exc}") from None
 
     @hookimpl
     def gateway_probe(self) -> None:

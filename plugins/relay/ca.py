@@ -28,6 +28,9 @@ __all__ = ["CSRRefused", "RelayCA"]
 UTC = dt.timezone.utc
 #: Connector certificates are backdated this much, for connectors whose clock runs a little behind.
 _BACKDATE = dt.timedelta(minutes=1)
+#: What loading a CSR raises for one that is not a CSR: InvalidVersion (a version other than 1,
+#: the field 0) is no ValueError, and was a 500 at enrolment (review of the relay side).
+_UNREADABLE = (ValueError, UnicodeEncodeError, x509.InvalidVersion)
 
 
 class CSRRefused(Exception):
@@ -149,7 +152,7 @@ class RelayCA:
         """The CN a CSR asks for ("" when it has none or does not parse; :meth:`sign` says why)."""
         try:
             names = x509.load_pem_x509_csr(csr_pem.encode("ascii")).subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-        except (ValueError, UnicodeEncodeError):
+        except (*_UNREADABLE, TypeError):  # TypeError: a subject that does not read (sign)
             return ""
         return str(names[0].value) if len(names) == 1 else ""
 
@@ -158,7 +161,7 @@ class RelayCA:
         ticket named) and the key P-256: the relay seals passwords to it with HPKE."""
         try:
             csr = x509.load_pem_x509_csr(csr_pem.encode("ascii"))
-        except (ValueError, UnicodeEncodeError):
+        except _UNREADABLE:
             raise CSRRefused("csr_malformed", "the CSR is not a PEM certificate request") from None
         try:
             # A key or signature algorithm (or an elliptic curve) the library does not know
@@ -170,8 +173,15 @@ class RelayCA:
                                               "the connector key must be P-256") from None
         if not signed:
             raise CSRRefused("csr_malformed", "the CSR's signature does not verify")
-        names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-        if len(names) != 1 or names[0].value != connector_id or len(csr.subject) != 1:
+        try:
+            # The subject's values are decoded only now: a CN that is an INTEGER, a BIT STRING or
+            # a UTF8String that is not UTF-8 loads and verifies, then raised here, a 500 at
+            # enrolment and a link handler's crash at renewal (review of the relay side).
+            subject = csr.subject
+        except (ValueError, TypeError):
+            raise CSRRefused("csr_malformed", "the CSR's subject cannot be read") from None
+        names = subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        if len(names) != 1 or names[0].value != connector_id or len(subject) != 1:
             raise CSRRefused("csr_wrong_name", f"the CSR must name exactly CN={connector_id}")
         if not (isinstance(public_key, ec.EllipticCurvePublicKey) and isinstance(public_key.curve, ec.SECP256R1)):
             raise CSRRefused("csr_wrong_key", "the connector key must be P-256 (passwords are sealed to it)")
