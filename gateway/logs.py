@@ -22,7 +22,7 @@ from collections import Counter
 
 from gateway import pool
 
-__all__ = ["JsonFormatter", "RateLimitedWarning", "TEXT_FORMAT", "TextFormatter", "authgw_version", "printable",
+__all__ = ["JsonFormatter", "MULTILINE", "RateLimitedWarning", "TEXT_FORMAT", "TextFormatter", "authgw_version", "printable",
            "setup_logging"]
 
 #: The attempt the event loop's current task is deciding (set by ``Gateway.authenticate``).
@@ -127,14 +127,22 @@ class TextFormatter(logging.Formatter):
     escaped (:func:`printable`), whatever the call site passed. Values a client chose reach log
     messages in many places (an Issuer, a header, an error's detail), and one forgotten
     ``printable`` let a ``&#10;`` in a LogoutResponse's Issuer write a line of its choosing into
-    the log (review of the login door). A traceback keeps its lines."""
+    the log (review of the login door). A traceback keeps its lines, and so does a message
+    logged with ``extra=MULTILINE`` (a refused configuration's problems, one a line), whose
+    caller escaped each line itself."""
 
     def __init__(self) -> None:
         super().__init__(TEXT_FORMAT)
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        record.message = printable(record.message)
+        if not getattr(record, "lines", False):
+            record.message = printable(record.message)
         return super().formatMessage(record)
+
+
+#: ``log.error(..., extra=MULTILINE)``: the message's line breaks are meant (:class:`TextFormatter`);
+#: every value in it must have been made :func:`printable` by the caller.
+MULTILINE = {"lines": True}
 
 
 def setup_logging(level: str = "INFO", fmt: str = "text") -> None:

@@ -46,7 +46,7 @@ from gateway.config import Config
 from gateway.errors import ConfigError
 from gateway.http.app import EXACT_TARGETS, build_apps, exact_targets
 from gateway.http.protocol import ConnectionGuard, GuardedSite
-from gateway.logs import RateLimitedWarning
+from gateway.logs import MULTILINE, RateLimitedWarning
 from gateway.lifecycle import (CLOSE_GRACE, SHUTDOWN_GRACE, MessageReader, early_hups, encode_message,
                                forget_early_hups, note_early_hups, notify_ready, remove_pidfile,
                                return_freed_memory, write_pidfile)
@@ -271,7 +271,7 @@ class _Worker:
 
     def _refused(self, exc: Exception) -> bool:
         self.refusal = explain(exc)
-        log.error("reload refused, the running configuration stays: %s", self.refusal)
+        log.error("reload refused, the running configuration stays: %s", self.refusal, extra=MULTILINE)
         return False
 
     async def stop(self) -> None:
@@ -466,7 +466,7 @@ def _worker_main(config_dir: Path, state_dir: Path | None, sockets: list[socket.
     try:
         run(_serve_worker(config_dir, state_dir, sockets, extra, runtime, config, link, workers))
     except ConfigError as exc:  # what to fix, not a traceback at every retry of a replacement
-        log.error("worker %d failed: the configuration does not start:%s", os.getpid(), explain(exc))
+        log.error("worker %d failed: the configuration does not start:%s", os.getpid(), explain(exc), extra=MULTILINE)
         return EXIT_STARTUP_FAILED
     except Exception:
         log.exception("worker %d failed", os.getpid())

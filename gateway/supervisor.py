@@ -44,6 +44,7 @@ from typing import Callable
 from gateway.config import Config
 from gateway.errors import ConfigError
 from gateway.lifecycle import KILL_AFTER, MessageReader, die_with_parent, encode_message, notify_ready
+from gateway.logs import MULTILINE, printable
 from gateway.runtime import build_runtime
 
 __all__ = ["EXIT_STARTUP_FAILED", "WORKER_TIMEOUT", "explain", "start_heartbeat", "supervise"]
@@ -87,10 +88,11 @@ WorkerMain = Callable[[int, Config, socket.socket], int]
 
 
 def explain(exc: Exception) -> str:
-    """A refused configuration's problems, one a line, for the log."""
+    """A refused configuration's problems, one a line, for the log (``extra=MULTILINE``):
+    each problem made printable, so that only these line breaks are in it."""
     if isinstance(exc, ConfigError):
-        return "\n  " + "\n  ".join(exc.problems)
-    return f"{exc.__class__.__name__}: {exc}"
+        return "\n  " + "\n  ".join(map(printable, exc.problems))
+    return printable(f"{exc.__class__.__name__}: {exc}")
 
 
 class _Abandoned(BaseException):
@@ -467,7 +469,7 @@ class _Master:
             log.warning("reload abandoned: the gateway is stopping")
             return
         except Exception as exc:
-            log.error("reload refused, the running configuration stays: %s", explain(exc))
+            log.error("reload refused, the running configuration stays: %s", explain(exc), extra=MULTILINE)
             return
         previous, unsettled = self.accepted, self.reload
         if unsettled is not None and not unsettled.applied:
@@ -513,15 +515,17 @@ class _Master:
         self.reload = None
         if not reload.refused:
             return
+        # each reason is a worker's explain(): printable but for its own line breaks
         reasons = "".join(f"\n  worker {pid}: {reason}" for pid, reason in sorted(reload.refused.items()))
         if not reload.applied:
             if self.reloads == reload.number:
                 self.accepted = reload.previous  # what replacement workers build, too
-            log.error("reload refused by every worker, the running configuration stays:%s", reasons)
+            log.error("reload refused by every worker, the running configuration stays:%s", reasons, extra=MULTILINE)
             return
         log.error("MIXED CONFIGURATION: worker(s) %s serve the new configuration, worker(s) %s refused it and "
                   "serve the one before; remove the cause and send SIGHUP again:%s",
-                  ", ".join(map(str, sorted(reload.applied))), ", ".join(map(str, sorted(reload.refused))), reasons)
+                  ", ".join(map(str, sorted(reload.applied))), ", ".join(map(str, sorted(reload.refused))), reasons,
+                  extra=MULTILINE)
 
 
 def _register_stacks() -> None:
