@@ -558,12 +558,20 @@ class GatewaySettings(PluginSettings):
 
     @field_validator("chain", "plugins")
     @classmethod
-    def _unique(cls, value: list[str]) -> list[str]:
-        seen = set()
-        for name in value:
+    def _unique(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        # At the item's own line. A plugin in `chain:` and in `plugins:` was built twice, and its
+        # second registration ended `config check` and `serve` in a traceback, and a reload in
+        # "ValueError: Plugin name already registered" (review of the configuration).
+        steps = info.data.get("chain", []) if info.field_name == "plugins" else []
+        seen: dict[str, int] = {}
+        for index, name in enumerate(value):
             if name in seen:
-                raise ValueError(f"{name!r} is listed twice")
-            seen.add(name)
+                raise InvalidKey(str(index), f"{name!r} is listed twice (also at [{seen[name]}])")
+            if name in steps:
+                raise InvalidKey(str(index), f"{name!r} is a chain step already (chain[{steps.index(name)}]); "
+                                 "list a plugin in `chain:` or in `plugins:`, not both (a chain step's lookups "
+                                 "and groups serve too)")
+            seen[name] = index
         return value
 
     @model_validator(mode="after")

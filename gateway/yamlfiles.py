@@ -124,6 +124,8 @@ def parse_scalar(text: str) -> Any:
     try:
         tag = loader.resolve(yaml.ScalarNode, text, (True, False))
         return loader.construct_object(yaml.ScalarNode(tag, text), deep=True)
+    except ValueError:  # an int of more digits than Python converts: the text, which validation refuses
+        return text
     finally:
         loader.dispose()
 
@@ -237,6 +239,14 @@ def load_file(path: Path, marks: dict[KeyPath, Mark], max_bytes: int = MAX_FILE_
                           f"(U+{code:04X}, a control character?); remove it") from None
     except yaml.YAMLError as exc:  # any other failure of the YAML layer: still a config error
         raise ConfigError(f"{name}: invalid YAML: {_unquoted(str(exc))}") from None
+    except (ValueError, OverflowError):
+        # PyYAML's scanner converts as it reads: `"\U0011FFFF"` (chr() of no character) and a
+        # `%YAML` version of 5,000 digits (int()) raised out of the loader, a traceback for
+        # `config check` and a reload refused without file or line (review of the configuration).
+        line = loader.line + 1 if loader is not None else 1
+        key = _key_at(text, line)
+        raise ConfigError(f"{name}:{line}: {key + ': ' if key else ''}not a usable value: a `\\U` escape "
+                          "above \\U0010FFFF (no character), or a number too long to convert") from None
     except RecursionError:  # not expected (MAX_DEPTH is far below the limit), never a traceback
         raise ConfigError(f"{name}: nested too deeply") from None
     finally:
