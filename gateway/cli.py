@@ -213,10 +213,20 @@ def _core_selftests(gateway) -> list[SelfTest]:
 
 
 def cmd_hash_password(args: argparse.Namespace) -> int:
+    from gateway.http.credentials import MAX_PASSWORD_BYTES
     from gateway.passwords import hash_password
 
     if args.stdin or not sys.stdin.isatty():
-        password = sys.stdin.readline().rstrip("\r\n")
+        # Bytes, read up to a bound and decoded as UTF-8 whatever the locale: logins are decoded
+        # so (RFC 7617). Read as text, a byte that is not UTF-8 ended in a traceback quoting it
+        # (`'\udcff' in position 1`: a byte of the password, and where), and a password longer
+        # than a login may carry got a hash nobody can ever log in with (review of the CLI).
+        raw = sys.stdin.buffer.readline(MAX_PASSWORD_BYTES + 3).rstrip(b"\r\n")
+        try:
+            password = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            print("refusing: the password is not UTF-8 text (logins are decoded as UTF-8)", file=sys.stderr)
+            return EXIT_FAILED
     else:
         password = getpass.getpass("Password: ")
         if getpass.getpass("Again: ") != password:
@@ -225,15 +235,29 @@ def cmd_hash_password(args: argparse.Namespace) -> int:
     if not password:
         print("refusing to hash an empty password", file=sys.stderr)
         return EXIT_FAILED
+    try:
+        size = len(password.encode("utf-8"))
+    except UnicodeEncodeError:  # a terminal's undecodable byte (surrogateescape)
+        print("refusing: the password is not UTF-8 text (logins are decoded as UTF-8)", file=sys.stderr)
+        return EXIT_FAILED
+    if size > MAX_PASSWORD_BYTES:
+        print(f"refusing: the password is longer than the {MAX_PASSWORD_BYTES} bytes a login may carry "
+              "(the gateway refuses longer ones, so nobody could log in with it)", file=sys.stderr)
+        return EXIT_FAILED
     print(hash_password(password))
     return EXIT_OK
 
 
 def cmd_api_token(args: argparse.Namespace) -> int:
+    if not args.name.strip():
+        print("error: give the client a name (an `api_tokens:` entry needs one)", file=sys.stderr)
+        return EXIT_FAILED
     token = "agw_" + secrets.token_urlsafe(32)
     digest = hashlib.sha256(token.encode()).hexdigest()
-    print(f"token (give it to the client; it is not stored): {token}", file=sys.stderr)
+    # The token once, on standard output only: a copy on standard error reached the terminal,
+    # the CI log or the journal when the output was captured (`TOKEN=$(authgw api-token ci)`).
     print(token)
+    print("the token is on standard output: give it to the client (it is not stored)", file=sys.stderr)
     print("add to conf.d/gateway.yaml under api_tokens:", file=sys.stderr)
     print(json.dumps({"name": args.name, "sha256": digest}), file=sys.stderr)
     return EXIT_OK
