@@ -252,7 +252,7 @@ class PluginSettings(BaseModel):
     """Base class of every plugin's settings: unknown keys are errors, booleans are strict
     (``true``/``false`` only), and settings are frozen."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
 
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:

@@ -119,3 +119,21 @@ def test_api_token_prints_the_token_once_on_standard_output():
 
     nameless = authgw("api-token", " ")
     assert nameless.returncode == 1 and not nameless.stdout
+
+
+def test_an_infinite_or_nan_number_is_an_error_at_its_line(tmp_path):
+    """`.inf` passed every float without an upper bound: `ldap.backoff: .inf` would put a
+    server aside until restart after one failure, `static.reload_interval: .inf` never read the
+    users file again. Settings take finite numbers only, as `.nan` was already refused."""
+    from support.gateway import authgw, write_conf
+
+    users = tmp_path / "users.yaml"
+    users.write_text("users: {}\n")
+    users.chmod(0o600)
+    for value in (".inf", "-.inf", ".nan"):
+        conf = write_conf(tmp_path / f"conf{value}", {
+            "gateway.yaml": f"chain: [static]\nstatic:\n  users_file: {users}\n  reload_interval: {value}\n"})
+        result = authgw("config", "check", "--config", str(conf))
+        output = result.stdout + result.stderr
+        assert result.returncode == 2 and "gateway.yaml:4: static.reload_interval: Input should be a finite number" \
+            in output, (value, output)
