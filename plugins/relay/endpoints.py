@@ -406,8 +406,8 @@ class Endpoints:
                             if session.refused:  # a probe beyond MAX_PROBES: told, then closed
                                 await ws.close(code=_CLOSE_TOO_MANY, message=b"too many links of this connector")
                                 break
-                        else:
-                            session.answered(message)
+                        elif not session.answered(message) and message.id:
+                            bad += 1  # an answer to nothing this link asked (or a second one)
                 if bad >= _MAX_BAD_FRAMES:
                     await ws.close(code=1008, message=b"too many refused frames")
                     break
