@@ -6,7 +6,8 @@
   sign SAML answers now;
 * ``signing-next.key``/``.crt``: the next pair, published in the metadata beside the current one
   so that service providers trust it before it signs (rollover without a flag day);
-* ``cookie.key``: 32 random bytes for the HMAC of session cookies and CSRF tokens.
+* ``cookie.key``: 32 random bytes for the HMAC of session cookies and CSRF tokens (a shorter
+  file, say a copy cut short, is refused at start: never an HMAC key anyone could guess).
 
 They are made on first start under an exclusive ``flock`` (the master and every worker build
 the plugin). ``authgw saml rotate`` makes *next* current and a fresh *next*; the old current is
@@ -37,6 +38,8 @@ __all__ = ["KeyPair", "KeyStore"]
 #: Certificates in SAML metadata are trust anchors, not CA-validated: their validity period is
 #: not checked by most SPs, and rollover is by `rotate`, so they are made long-lived.
 CERT_DAYS = 3650
+#: The cookie key's size (``cookie.key``: 256 bits); a shorter file is refused, never used.
+COOKIE_KEY_BYTES = 32
 
 
 @dataclass(frozen=True)
@@ -111,11 +114,19 @@ class KeyStore:
                     self._save(slot, _new_pair(self.common_name))
             cookie = self.directory / "cookie.key"
             if not cookie.exists():
-                write_atomic(cookie, secrets.token_bytes(32))
+                write_atomic(cookie, secrets.token_bytes(COOKIE_KEY_BYTES))
+            cookie_key = cookie.read_bytes()
+            if len(cookie_key) < COOKIE_KEY_BYTES:
+                # Fail closed: an empty or short key (a copy cut short, a file made by hand) is an
+                # HMAC key anyone can guess, and with it the per-SP SessionIndex tags, the OIDC
+                # sids and the CSRF tokens (review of the login door).
+                raise ValueError(f"{cookie} holds {len(cookie_key)} bytes, fewer than {COOKIE_KEY_BYTES}: copy it "
+                                 "whole from another instance sharing the sessions, or delete it to make a new one "
+                                 "(every browser then signs in again)")
             current = self._load("current")
             if self._path("previous", "key").exists() and self._path("previous", "crt").exists():
                 current = KeyPair(current.key, current.cert, replaced=self._load("previous"))
-            return current, self._load("next"), cookie.read_bytes()
+            return current, self._load("next"), cookie_key
 
     def rotate(self) -> tuple[KeyPair, KeyPair]:
         """Make *next* current and a new *next*. Running gateways pick it up when reloaded
