@@ -111,6 +111,11 @@ class Pages:
 
     def message(self, key: str, *, alert: bool = False, reference: str = "", logout: str = "", csrf: str = "",
                 **values: str) -> str:
-        text = self.messages[key].format(**values) if values else self.messages[key]
+        # Each ``{name}`` is replaced, and nothing else is read in the text: an operator's string
+        # is not a format string (``signed_in: "Angemeldet als {benutzer}"`` or a lone ``}``
+        # passed the configuration check and made every "signed in" page a 500).
+        text = self.messages[key]
+        for name, value in values.items():
+            text = text.replace("{" + name + "}", value)
         return self._message.render(m=self.messages, title=self.title, text=text, alert=alert,
                                     reference=reference, logout=logout, csrf=csrf)

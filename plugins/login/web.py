@@ -362,9 +362,14 @@ class LoginDoor:
 
     def auto_post(self, url: str, fields: list[tuple[str, str]]) -> web.Response:
         """The answer page: a form that posts *fields* to *url* (a registered address) on load,
-        or when the user presses Continue without JavaScript."""
-        origin = "/".join(url.split("/", 3)[:3])
-        return self.html(self.pages.post(url, fields), form_action=origin, script=True)
+        or when the user presses Continue without JavaScript. ``form-action`` is the URL's
+        origin as a browser reads it (:func:`_origin`): the text before the third ``/`` of a
+        registered ``https://sp.example?x=1`` (no path) was ``https://sp.example?x=1``, a source
+        Chromium ignores as invalid, leaving ``form-action 'none'``: every answer there was
+        blocked (review of the login door)."""
+        origin = _origin(url)
+        return self.html(self.pages.post(url, fields), script=True,
+                         form_action=origin if _CSP_ORIGIN.fullmatch(origin) else "'none'")
 
     def guarded(self, handler, *, json: bool = False):
         """*handler*, answering 503 (not 500) when the session store cannot be used: sign-ins
