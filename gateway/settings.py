@@ -325,6 +325,10 @@ def redis_url(value: str) -> str:
                          "`password:`); use `password: {env: NAME}`")
     if not parts.hostname:
         raise ValueError("the URL names no host")
+    try:
+        parts.port  # noqa: B018 - read to check it: every use of the URL (readiness, errors) reads it
+    except ValueError:
+        raise ValueError("the URL's port is not a number from 0 to 65535") from None
     return value
 
 
@@ -332,8 +336,9 @@ class ThrottleRedisSettings(PluginSettings):
     url: str = Field(pattern=r"^rediss?://", description="`redis://HOST:PORT/DB` or `rediss://` (TLS); no password in it")
     password: Secret | None = Field(None, description="Redis password (`{env:}`/`{file:}`)")
     key_prefix: str = Field("authgw:throttle:", description="prepended to every key (keys are hashes, never usernames)")
-    timeout: float = Field(0.5, gt=0, le=10, description="seconds one Redis call may take in all (connecting, "
-                           "sending, reading the whole answer); a call not answered by then refuses the attempt "
+    timeout: float = Field(0.5, gt=0, le=10, description="seconds an attempt's Redis calls may take in all "
+                           "(connecting, sending, reading the whole answer; the taking back of failed calls' "
+                           "reservations and its own reservation together); not answered by then, the attempt is refused "
                            "(503), and its reservation is taken back once Redis answers again")
 
     @field_validator("url")

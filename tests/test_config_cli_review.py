@@ -137,3 +137,16 @@ def test_an_infinite_or_nan_number_is_an_error_at_its_line(tmp_path):
         output = result.stdout + result.stderr
         assert result.returncode == 2 and "gateway.yaml:4: static.reload_interval: Input should be a finite number" \
             in output, (value, output)
+
+
+def test_a_redis_url_with_a_port_out_of_range_is_an_error_at_its_line(tmp_path):
+    """`redis://h:99999/0` passed validation; reading its port (readiness, error messages) then
+    raised ValueError wherever the URL was named."""
+    from support.gateway import authgw, write_conf
+
+    conf = write_conf(tmp_path / "conf", {"gateway.yaml": "chain: [static]\nstatic:\n  users_file: /nonexistent\n"
+                                          "throttle:\n  store: redis\n  redis:\n    url: redis://127.0.0.1:99999/0\n"})
+    result = authgw("config", "check", "--config", str(conf))
+    output = result.stdout + result.stderr
+    assert result.returncode == 2 and "gateway.yaml:7: throttle.redis.url: the URL's port is not a number from 0 " \
+        "to 65535" in output, output
