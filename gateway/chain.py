@@ -713,7 +713,11 @@ class Gateway:
         if attempt.password is not None and (decision.outcome in _REFUSALS or decision.outcome is Outcome.ERROR):
             elapsed = time.monotonic() - attempt.started
             if decision.outcome is not Outcome.ERROR:  # a crash's time sets no floor
-                self.failure_timing.record((decision.step, decision.outcome.value), elapsed)
+                # Per reason, not per (step, outcome): a step's instant refusals (ldap's
+                # nul_in_password) shared the samples of its slow ones (a wrong password's bind),
+                # and seventy of them pulled the floor down to an unknown user's time
+                # (gateway/failtiming.py).
+                self.failure_timing.record((decision.step, decision.outcome.value, decision.reason), elapsed)
             # A crash is answered as a refusal (401), and as slowly: one after a right password
             # only (a bug in a later lookup) would otherwise tell it apart (review of the front door).
             delay = self.failure_timing.delay(elapsed, attempt.time_left())

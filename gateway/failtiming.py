@@ -7,9 +7,13 @@ password (which stops at ``ldap``). Reads ``failure_timing: {enabled, floor, per
 max_floor}``.
 
 The floor is *adaptive* by default: the worker keeps the last :data:`SAMPLES` unpadded durations
-of refusals per (step, outcome), and pads every refusal to the highest per-kind ``percentile``
-(the slowest way to fail), capped at ``max_floor`` and at the attempt's deadline. An attacker
-cannot pull the floor down: the slow kind's samples only change when that slow kind happens.
+of refusals per kind, (step, outcome, reason), and pads every refusal to the highest per-kind
+``percentile`` (the slowest way to fail), capped at ``max_floor`` and at the attempt's deadline.
+An attacker cannot pull the floor down: the slow kind's samples only change when that slow kind
+happens. A kind is a reason, not a (step, outcome): ``ldap`` refuses a password holding a NUL at
+once with the outcome of a wrong password, which costs a bind, and refusals of the first kind,
+sent by the dozen, diluted the samples of the second until unknown users answered in a search's
+time and known ones in a bind's (review of the front door).
 A configured ``floor`` (seconds) is used as a minimum. Successes are never delayed.
 """
 
@@ -34,24 +38,23 @@ class FailureTiming:
         self.percentile = percentile
         self.max_floor = max_floor
         self._lock = threading.Lock()
-        self._samples: dict[tuple[str, str], deque[float]] = {}
+        self._samples: dict[tuple[str, ...], deque[float]] = {}
+        self._levels: dict[tuple[str, ...], float] = {}  # each kind's percentile, once it has enough samples
         self._target = floor
 
-    def record(self, kind: tuple[str, str], duration: float) -> None:
+    def record(self, kind: tuple[str, ...], duration: float) -> None:
         """An unpadded refusal of *kind* took *duration* seconds."""
         if not self.enabled:
             return
         with self._lock:
-            if kind not in self._samples and len(self._samples) >= 256:  # steps x outcomes: bounded
+            if kind not in self._samples and len(self._samples) >= 256:  # steps x reasons: bounded
                 return
             samples = self._samples.setdefault(kind, deque(maxlen=SAMPLES))
             samples.append(duration)
-            target = self.floor
-            for values in self._samples.values():
-                if len(values) >= _MIN_SAMPLES:
-                    ordered = sorted(values)
-                    target = max(target, ordered[min(len(ordered) - 1, int(len(ordered) * self.percentile))])
-            self._target = min(target, self.max_floor)
+            if len(samples) >= _MIN_SAMPLES:  # only this kind's level changed: sorted alone
+                ordered = sorted(samples)
+                self._levels[kind] = ordered[min(len(ordered) - 1, int(len(ordered) * self.percentile))]
+            self._target = min(max(self.floor, max(self._levels.values(), default=0.0)), self.max_floor)
 
     def delay(self, elapsed: float, time_left: float) -> float:
         """Seconds to wait before answering a refusal that took *elapsed* seconds."""
