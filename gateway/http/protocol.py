@@ -148,13 +148,14 @@ class ConnectionGuard:
             return str(address.ipv4_mapped)
         return str(ipaddress.IPv6Network((address, self.ipv6_prefix), strict=False))
 
-    def admit(self, host: str, listener: str | None = None) -> bool:
+    def admit(self, host: str, listener: str | None = None, client: str | None = None) -> bool:
         """Count a new connection from *host* on *listener*, or refuse it (False) with a
-        logged warning."""
+        logged warning. *client*: whom it counts against, :meth:`client` of *host* now (the
+        default); pass the same to :meth:`release`."""
         limits = self.limits
         if self.open >= limits.max_connections - self._held_back(False) and not self._room(host, listener):
             return False
-        client = self.client(host)
+        client = client or self.client(host)
         if self.per_client[client] >= limits.max_connections_per_client and not self.trusted_host(host):
             self.warn("per_client", "%s has %d connections open (limits.max_connections_per_client); "
                       "closing its new ones", client, self.per_client[client])
@@ -192,10 +193,15 @@ class ConnectionGuard:
                   "the listen: sockets" if listener is None else f"listener {listener}")
         return False
 
-    def release(self, host: str, listener: str | None = None) -> None:
+    def release(self, host: str, listener: str | None = None, client: str | None = None) -> None:
+        """Count off a connection :meth:`admit` counted, against the *client* it was counted
+        against. Worked out again here, it changed with a reload that made an IPv6 host a
+        trusted proxy (its address, not its /64) or no longer one: the /64 kept the counts of
+        connections open at that reload for good, and its clients were refused past
+        ``max_connections_per_client`` minus those (review of the front door)."""
         self.open -= 1
         self.listeners[listener] -= 1
-        client = self.client(host)
+        client = client or self.client(host)
         self.per_client[client] -= 1
         if self.per_client[client] <= 0:
             del self.per_client[client]
@@ -246,6 +252,7 @@ class GuardedRequestHandler(RequestHandler, _NoDelayAlreadySet):
         self._guard = guard
         self._listener = listener  # its name in the guard (None: the listen: sockets)
         self._host: str | None = None  # set when the connection was admitted (and counted)
+        self._client: str | None = None  # whom the guard counted it against (ConnectionGuard.client)
         self._headers_since: float | None = None
         self._header_timer: asyncio.TimerHandle | None = None
         self._first_request: asyncio.Future | None = None  # set while retirement waits for it
@@ -257,17 +264,20 @@ class GuardedRequestHandler(RequestHandler, _NoDelayAlreadySet):
         self._was_busy = False  # a request was handled, or its body read, after the previous read
         self._last_payload = None  # the body of the last request parsed (its bytes may still come)
         self._write_timer: asyncio.TimerHandle | None = None  # set exactly while writing is paused
-        #: The client, when :class:`_TlsAccept` counted this connection at its TCP accept.
+        #: The client, when :class:`_TlsAccept` counted this connection at its TCP accept, and
+        #: whom it counted it against.
         self.admitted: str | None = None
+        self.admitted_as: str | None = None
 
     # -- connection caps --------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         host = self.admitted or _peer_host(transport)
-        if self.admitted is None and not self._guard.admit(host, self._listener):
+        client = self.admitted_as or self._guard.client(host)
+        if self.admitted is None and not self._guard.admit(host, self._listener, client):
             transport.abort()
             return
-        self._host = host
+        self._host, self._client = host, client
         super().connection_made(transport)
         self._await_headers()
 
@@ -276,7 +286,7 @@ class GuardedRequestHandler(RequestHandler, _NoDelayAlreadySet):
             self._first_request.set_result(None)
         if self._host is None:  # refused in connection_made: aiohttp never saw it
             return
-        self._guard.release(self._host, self._listener)
+        self._guard.release(self._host, self._listener, self._client)
         self._host = None
         if self._hold_timer is not None:
             self._hold_timer.cancel()
@@ -582,11 +592,12 @@ class _TlsAccept(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         host = _peer_host(transport)
-        if not self._guard.admit(host, self._listener):
+        client = self._guard.client(host)
+        if not self._guard.admit(host, self._listener, client):
             transport.abort()
             return
         app = self._app_factory()
-        app.admitted = host
+        app.admitted, app.admitted_as = host, client
         timeout = self._guard.limits.header_timeout
         started = self._loop.time()
         waiter = self._loop.create_future()
@@ -595,7 +606,7 @@ class _TlsAccept(asyncio.Protocol):
             if future.cancelled() or future.exception() is not None:  # no error of this process
                 transport.abort()  # as the loop's own server does with a failed handshake
             if app._host is None:  # the HTTP protocol never had it: failed, timed out or gone
-                self._guard.release(host, self._listener)
+                self._guard.release(host, self._listener, client)
                 if self._loop.time() - started >= timeout:
                     self._guard.warn("handshake_timeout", "closed a connection from %s: no TLS handshake within "
                                      "%.0f s (limits.header_timeout)", host, timeout)
