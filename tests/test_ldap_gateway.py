@@ -231,6 +231,19 @@ def test_the_plugin_itself_refuses_an_empty_password_before_any_network_call(tmp
     plugin.gateway_shutdown()
 
 
+def test_a_username_too_long_to_look_up_is_noted_under_a_code_of_its_own(tmp_path, directory) -> None:
+    """Refused at once, it has its own reason: under ``ldap.user_not_found`` (a search's, and an
+    equalizing bind's, time) such refusals sent by the dozen pulled that kind's failure floor down
+    (gateway/failtiming.py keeps samples per reason)."""
+    plugin = _plugin(tmp_path, {**directory.plugin_settings("ldaps"), "max_username_length": 8})
+    searches = directory.connection_count()
+    attempt = _attempt("a" * 9, "a-password")
+    assert plugin.gateway_authenticate(attempt) is None
+    assert [(n.outcome, n.reason) for n in attempt.notes] == [(Outcome.USER_NOT_FOUND, "ldap.username_too_long")]
+    assert directory.connection_count() == searches  # not looked up
+    plugin.gateway_shutdown()
+
+
 # ---------------------------------------------------------------------------------------------
 # Input safety
 # ---------------------------------------------------------------------------------------------

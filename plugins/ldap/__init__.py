@@ -128,7 +128,9 @@ class LdapPlugin:
         if "\x00" in credential.password:
             return Decision.deny(Outcome.INVALID_CREDENTIALS, step=self.name, reason="ldap.nul_in_password")
         if not username or len(username) > self.settings.max_username_length:
-            attempt.note(Outcome.USER_NOT_FOUND, step=self.name, reason="ldap.user_not_found")
+            # A code of its own: refused at once, it must not share the samples of a search's
+            # user_not_found, or it would pull that kind's failure floor down (gateway/failtiming.py).
+            attempt.note(Outcome.USER_NOT_FOUND, step=self.name, reason="ldap.username_too_long")
             return None
         try:
             verdict = self.directory.login(username, credential.password, attempt.deadline)
