@@ -22,7 +22,7 @@ from collections import Counter
 
 from gateway import pool
 
-__all__ = ["JsonFormatter", "MULTILINE", "RateLimitedWarning", "TEXT_FORMAT", "TextFormatter", "authgw_version", "printable",
+__all__ = ["JsonFormatter", "MULTILINE", "RateLimitedWarning", "TEXT_FORMAT", "TextFormatter", "authgw_version", "printable", "problem_lines",
            "setup_logging"]
 
 #: The attempt the event loop's current task is deciding (set by ``Gateway.authenticate``).
@@ -143,6 +143,16 @@ class TextFormatter(logging.Formatter):
 #: ``log.error(..., extra=MULTILINE)``: the message's line breaks are meant (:class:`TextFormatter`);
 #: every value in it must have been made :func:`printable` by the caller.
 MULTILINE = {"lines": True}
+
+
+def problem_lines(exc: BaseException) -> str:
+    """*exc* for a message logged with ``extra=MULTILINE``: a configuration error's problems
+    (``ConfigError.problems``: file, line, key), each made printable, several one an indented
+    line; one problem, or any other exception, on the message's own line."""
+    problems = getattr(exc, "problems", None) or [str(exc)]
+    if len(problems) == 1:
+        return printable(problems[0])
+    return "\n  " + "\n  ".join(map(printable, problems))
 
 
 def setup_logging(level: str = "INFO", fmt: str = "text") -> None:

@@ -173,7 +173,7 @@ def test_a_users_file_name_in_another_spelling_logs_in_as_typed(conf_dir, start_
 
 
 @pytest.mark.parametrize("first, second, said", [
-    ("alice", "ａｌｉｃｅ", "are one name as the gateway reads usernames"),
+    ("ａｌｉｃｅ", "alice\u200b", "are one name as the gateway reads usernames"),
     ("Alice", "alice", "differ only in case, but case_insensitive is on"),
 ])
 def test_two_users_file_names_the_gateway_reads_as_one_are_refused(conf_dir, tmp_path, demo_hash, first, second,
@@ -186,3 +186,43 @@ def test_two_users_file_names_the_gateway_reads_as_one_are_refused(conf_dir, tmp
     result = authgw("config", "check", "--config", str(conf_dir), "--state-dir", str(tmp_path / "state"))
     assert result.returncode != 0
     assert f"users {first!r} and {second!r} {said}" in result.stderr, result.stderr
+
+
+def test_a_name_the_gateway_reads_as_another_the_file_holds_is_ignored_not_refused(conf_dir, tmp_path, demo_hash,
+                                                                                   start_gateway):
+    """`bob` and `"bob "` in one file: before names were read in the core's spelling, `bob`
+    logged in and `"bob "` could not; refusing the file would keep a working break-glass file
+    from starting after an upgrade. `bob` stays the user, the other is ignored with a warning."""
+    other = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$" + "A" * 43
+    write_conf(conf_dir, {"gateway.yaml": "chain: [static]\n",
+                          "static.yaml": "static:\n  users_file: users/u.yaml\n",
+                          "users/u.yaml": f'users:\n  "bob ":\n    password_hash: "{other}"\n'
+                                          f'  bob:\n    password_hash: "{demo_hash}"\n'})
+    (conf_dir / "users" / "u.yaml").chmod(0o600)
+    result = authgw("config", "check", "--config", str(conf_dir), "--state-dir", str(tmp_path / "state"))
+    assert result.returncode == 0, result.stderr
+    gateway = start_gateway(conf_dir)
+    assert gateway.auth("bob", "demo-password").status == 200
+    assert "user 'bob ' is 'bob' as the gateway reads usernames" in gateway.output()
+
+
+def test_the_listener_check_reads_an_address_with_a_zone(tmp_path):
+    """`console.listen: "[fe80::1%lo]:8357"`: /proc/net/tcp6 prints no zone, and an address
+    with one equals none without it, so the command always said nothing listened."""
+    import ipaddress
+    import sys
+
+    from gateway.plugins.console.listening import listening_uids
+
+    def word_hex(address) -> str:
+        raw = ipaddress.ip_address(address).packed
+        return "".join(f"{int.from_bytes(raw[i:i + 4], sys.byteorder):08X}" for i in range(0, len(raw), 4))
+
+    (tmp_path / "tcp6").write_text(
+        "  sl  local_address                         remote_address                        st tx_queue rx_queue tr "
+        "tm->when retrnsmt   uid  timeout inode\n"
+        f"   0: {word_hex('fe80::1')}:20A5 {word_hex('::')}:0000 0A 00000000:00000000 00:00000000 00000000  "
+        "1234        0 4242 1 0000000000000000 100 0 0 10 0\n")
+    assert listening_uids(ipaddress.ip_address("fe80::1%lo"), 0x20A5, proc=tmp_path) == {1234}
+    assert listening_uids(ipaddress.ip_address("fe80::1"), 0x20A5, proc=tmp_path) == {1234}
+    assert listening_uids(ipaddress.ip_address("fe80::2%lo"), 0x20A5, proc=tmp_path) == set()

@@ -44,3 +44,11 @@ def test_a_refused_configuration_keeps_one_problem_a_line_each_escaped():
     reason = explain(ConfigError(["gateway.yaml:3: chain: unknown plugin 'x\nFORGED'", "ldap.yaml:1: ldap.url: bad"]))
     lines = _logged("reload refused, the running configuration stays: %s", reason, extra=MULTILINE).splitlines()
     assert lines[1:] == ["  gateway.yaml:3: chain: unknown plugin 'x\\nFORGED'", "  ldap.yaml:1: ldap.url: bad"], lines
+
+
+def test_a_users_file_refused_for_several_problems_says_each_on_its_line():
+    from gateway.logs import problem_lines
+
+    assert problem_lines(ConfigError(["u.yaml:3: users.a: bad\nFORGED"])) == "u.yaml:3: users.a: bad\\nFORGED"
+    assert problem_lines(ConfigError(["u.yaml:3: a", "u.yaml:5: b"])) == "\n  u.yaml:3: a\n  u.yaml:5: b"
+    assert problem_lines(OSError(2, "No such file")) == "[Errno 2] No such file"

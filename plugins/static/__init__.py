@@ -51,6 +51,7 @@ from gateway import (
 )
 from gateway.config import load_yaml_file
 from gateway.errors import ConfigError
+from gateway.logs import MULTILINE, printable, problem_lines
 from gateway.model import canonical_username
 from gateway.passwords import dummy_hash_like, hash_parameters, verify_password
 from gateway.settings import ValidationContext
@@ -198,6 +199,17 @@ class StaticPlugin:
             key = self._key(spelt)
             if key in written:
                 first = written[key]
+                if canonical_username(first) == spelt and (first == spelt) != (name == spelt):
+                    # One of them is written as typed names are read: it is the user, as it was
+                    # before names were read so (the other one could never log in). Refusing
+                    # the file would keep a working break-glass file from starting after an
+                    # upgrade (review of this stop's diff).
+                    plain, other = (first, name) if first == spelt else (name, first)
+                    table[key], written[key] = (spelt, users[plain]), plain
+                    self.log.warning("users file %s: user %r is %r as the gateway reads usernames (NFKC, white "
+                                     "space trimmed), which the file names too: it is ignored; remove it",
+                                     display_name(path), other, plain)
+                    continue
                 why = ("are one name as the gateway reads usernames (docs/configuration.md, Usernames)"
                        if canonical_username(first) == spelt else "differ only in case, but case_insensitive is on")
                 raise ConfigError(f"{display_name(path)}: users {first!r} and {name!r} {why}: keep one")
@@ -255,10 +267,11 @@ class StaticPlugin:
                 self._seen = read[0] if read and read[0] is not None else signature
                 self._problem = "the last change of the users file was not applied"
                 expected = isinstance(exc, (ConfigError, OSError))
+                # one problem a line (a ConfigError's file:line: key), each escaped
                 self.log.error("users file %s not reloaded, keeping the previous %d users: %s",
-                               display_name(path), len(self._state.table),
-                               exc if expected else f"{exc.__class__.__name__}: {exc}",
-                               exc_info=not expected)
+                               printable(display_name(path)), len(self._state.table),
+                               problem_lines(exc) if expected else printable(f"{exc.__class__.__name__}: {exc}"),
+                               exc_info=not expected, extra=MULTILINE)
             else:
                 self._state, self._seen, self._problem = state, state.signature, ""
                 self.log.info("users file %s reloaded: %d users", display_name(path), len(state.table))
