@@ -102,6 +102,25 @@ def test_another_domains_account_of_the_same_name_does_not_lend_its_profile(star
         dc.stop()
 
 
+def test_a_directory_without_msds_principalname_is_asked_for_it_once(start) -> None:
+    """A directory that names accounts ``u:DOMAIN\\name`` but has no msDS-PrincipalName (an
+    AD-compatible server): the first login reads the entry again for it, then no login does
+    (an extra round trip per login that checked nothing; review of this stop's diff)."""
+    users = {dn: {k: v for k, v in attrs.items() if k != "msDS-PrincipalName"} for dn, attrs in FOREST.items()}
+    dc = ForestDC(users)
+    try:
+        gateway = start(direct_ad(dc))
+        assert api_login(gateway, TOKEN, "john.smith", "john-pw")[1]["outcome"] == "success"
+        first = dc.requests["searchRequest"]
+        assert api_login(gateway, TOKEN, "john.smith", "john-pw")[1]["outcome"] == "success"
+        again = dc.requests["searchRequest"] - first
+        assert api_login(gateway, TOKEN, "john.smith", "john-pw")[1]["outcome"] == "success"
+        assert dc.requests["searchRequest"] - first == 2 * again, "every login reads the entry again"
+        assert first >= again + 1  # the first login's base read
+    finally:
+        dc.stop()
+
+
 class ManyValues:
     """Answers every bind with success and a search with one entry of *values* empty values."""
 

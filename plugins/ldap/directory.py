@@ -154,6 +154,9 @@ class Directory:
         #: DOMAIN\\name) only accepts names without syntax characters.
         self._direct_is_dn = "=" in direct.split("{username}", 1)[0]
         #: What a "Who am I?" entry is read with: AD's own DOMAIN\\name for it too (_bound_entry).
+        #: The directory answered an entry without msDS-PrincipalName at a base read: it has
+        #: none (not AD), and no later login pays that read (_principal_name).
+        self._no_principal_name = False
         self._who_attributes = tuple(self._attributes) + (
             () if _PRINCIPAL_NAME.lower() in {a.lower() for a in self._attributes} else (_PRINCIPAL_NAME,))
 
@@ -357,16 +360,18 @@ class Directory:
         # anonymous (empty), or a user id this gateway cannot turn into an entry
         return Result(0, ""), [], f"the identity {authz!r} (Who am I?)"
 
-    @staticmethod
-    def _principal_name(link: Link, entry: Entry) -> str | None:
+    def _principal_name(self, link: Link, entry: Entry) -> str | None:
         """AD's ``DOMAIN\\sAMAccountName`` of *entry* (``msDS-PrincipalName``, constructed: read
-        again at the entry when the search left it out), or ``None`` from a directory without it."""
+        again at the entry when the search left it out), or ``None`` from a directory without it
+        (found once: a base read that returns the entry without it is not made again)."""
         values = entry.get(_PRINCIPAL_NAME)
-        if not values:
+        if not values and not self._no_principal_name:
             result, entries, _ = link.search(entry.dn, "(objectClass=*)", (_PRINCIPAL_NAME,), scope="base")
             if result.code in TROUBLE_CODES:
                 raise ServerTrouble(f"reading {_PRINCIPAL_NAME} answered {result.code}: {result.message}")
             values = entries[0].get(_PRINCIPAL_NAME) if result.ok and len(entries) == 1 else []
+            if result.ok and len(entries) == 1 and not values:
+                self._no_principal_name = True
         return _text(values[0]) if values else None
 
     # -- profile ----------------------------------------------------------------------------------
