@@ -42,7 +42,8 @@ def _reaching(address: IPAddress) -> set[IPAddress]:
 def listening_uids(address: IPAddress, port: int, proc: Path = Path("/proc/net")) -> set[int] | None:
     """The owners (uids) of the TCP sockets listening where a connection to *address*:*port*
     arrives; ``None`` when the system does not say (no ``/proc/net/tcp``: not Linux)."""
-    reaching = _reaching(address)
+    # /proc/net/tcp6 prints no zone, and an address with one (fe80::1%lo) equals none without it
+    reaching = _reaching(ipaddress.ip_address(str(address).partition("%")[0]))
     owners: set[int] = set()
     read_any = False
     for name in ("tcp", "tcp6"):
