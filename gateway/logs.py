@@ -22,8 +22,8 @@ from collections import Counter
 
 from gateway import pool
 
-__all__ = ["JsonFormatter", "MULTILINE", "RateLimitedWarning", "TEXT_FORMAT", "TextFormatter", "authgw_version", "printable", "problem_lines",
-           "setup_logging"]
+__all__ = ["JsonFormatter", "MULTILINE", "RateLimitedWarning", "TEXT_FORMAT", "TextFormatter", "authgw_version",
+           "printable", "problem_lines", "setup_logging"]
 
 #: The attempt the event loop's current task is deciding (set by ``Gateway.authenticate``).
 current_request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("authgw_request_id", default=None)

@@ -338,8 +338,8 @@ class ThrottleRedisSettings(PluginSettings):
     key_prefix: str = Field("authgw:throttle:", description="prepended to every key (keys are hashes, never usernames)")
     timeout: float = Field(0.5, gt=0, le=10, description="seconds an attempt's Redis calls may take in all "
                            "(connecting, sending, reading the whole answer; the taking back of failed calls' "
-                           "reservations and its own reservation together); not answered by then, the attempt is refused "
-                           "(503), and its reservation is taken back once Redis answers again")
+                           "reservations and its own reservation together); not answered by then, the attempt is "
+                           "refused (503), and its reservation is taken back once Redis answers again")
 
     @field_validator("url")
     @classmethod
