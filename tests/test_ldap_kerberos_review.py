@@ -16,15 +16,13 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 
 import pytest
 from ldap3.protocol.rfc4511 import ResponseValue
 
 from support.fakead import FakeAD
 from support.ldapgw import api_login, ldap_gateways
-from support.net import free_port
-from test_ldap_hostile_server import _gateway, _header, _message, _result, _tlv
+from test_ldap_hostile_server import HostileDirectory, _gateway, _header, _message, _result, _tlv
 
 TOKEN = "review-token"
 BASE = "DC=corp,DC=example,DC=com"
@@ -121,32 +119,15 @@ def test_a_directory_without_msds_principalname_is_asked_for_it_once(start) -> N
         dc.stop()
 
 
-class ManyValues:
+class ManyValues(HostileDirectory):
     """Answers every bind with success and a search with one entry of *values* empty values."""
 
     def __init__(self, values: int) -> None:
-        self.port = free_port()
+        super().__init__("many values")
         self.searches = 0
         self._entry = _tlv(0x04, b"uid=victim,dc=example,dc=com") + _tlv(
             0x30, _tlv(0x30, _tlv(0x04, b"cn") + _tlv(0x31, b"\x04\x00" * values)))
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._thread.start()
-        self._server = asyncio.run_coroutine_threadsafe(
-            asyncio.start_server(self._handle, "127.0.0.1", self.port), self._loop).result(10)
-
-    def stop(self) -> None:
-        async def shutdown() -> None:
-            self._server.close()
-            tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-        asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
+        self.start()
 
     async def _handle(self, reader, writer) -> None:
         buf = b""

@@ -23,7 +23,7 @@ from cryptography.x509.oid import NameOID
 
 from gateway.plugins import linkproto as proto
 from gateway.plugins.relay.ca import RelayCA
-from support.linkenv import Connector, NoDirectory, Relay
+from support.linkenv import Connector, NoDirectory, Relay, link_tls
 from support.net import wait_for
 from support.pki import self_signed, unknown_algorithm_csrs
 
@@ -40,14 +40,6 @@ def identity(relay, tmp_path_factory):
     """An enrolled connector's state directory (not running): the test plays that connector."""
     connector = Connector(tmp_path_factory.mktemp("forger"), NoDirectory()).enroll(relay.ticket(), relay.ca_file)
     return connector
-
-
-def _context(relay, identity=None) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=str(relay.ca_file))
-    if identity is not None:
-        link = identity.state / "link"
-        context.load_cert_chain(str(link / "cert.pem"), str(link / "key.pem"))
-    return context
 
 
 async def _link(relay, context, frames, *, wait: float = 1.0) -> list:
@@ -81,13 +73,13 @@ def _no_server_errors(relay) -> None:
 def test_the_link_needs_a_certificate_from_the_relay_ca(relay):
     async def without():
         async with aiohttp.ClientSession() as http:
-            async with http.get(f"https://127.0.0.1:{relay.port}/link", ssl=_context(relay)) as resp:
+            async with http.get(f"https://127.0.0.1:{relay.port}/link", ssl=link_tls(relay)) as resp:
                 return resp.status, await resp.json()
 
     status, body = asyncio.run(without())
     assert (status, body["error"]) == (401, "certificate_required")
     foreign = self_signed("acme-forged")
-    context = _context(relay)
+    context = link_tls(relay)
     directory = relay.directory / "foreign"
     directory.mkdir(exist_ok=True)
     cert, key = foreign.write(directory, "foreign")
@@ -108,7 +100,7 @@ def test_forged_expired_replayed_and_malformed_requests_are_refused(relay, ident
                                                     "body": {"csr": "garbage"}})]
     frames += [json.dumps({"v": proto.VERSION, "id": f"odd-{i}", "type": "renew", "deadline": now + 5, "nonce": f"{i}" * 20,
                            "body": {"csr": pem}}) for i, pem in enumerate(unknown_algorithm_csrs(identity.connector_id))]
-    received = asyncio.run(_link(relay, _context(relay, identity), frames))
+    received = asyncio.run(_link(relay, link_tls(relay, identity), frames))
     errors = [(m["body"]["code"] if m["type"] == "error" else m["type"]) for m in received]
     assert errors == ["unknown_type", "answer", "replayed", "expired", "bad_request", "bad_request", "bad_request",
                       "bad_request", "bad_request"]
@@ -126,7 +118,7 @@ def test_renew_and_drain_need_a_link_that_said_hello_not_a_probe(relay, identity
 
     for opening in ([], [request("hello", {"version": "test", "probe": True})]):
         frames = opening + [request("renew", {"csr": "x"}), request("drain", {})]
-        received = asyncio.run(_link(relay, _context(relay, identity), frames))
+        received = asyncio.run(_link(relay, link_tls(relay, identity), frames))
         said = [(m["body"]["code"], m["body"]["detail"]) if m["type"] == "error" else m["type"] for m in received]
         assert said[len(opening):] == [("bad_request", "renew needs a link that said hello, not a probe"),
                                        ("bad_request", "drain needs a link that said hello, not a probe")], said
@@ -144,7 +136,7 @@ def test_a_connector_revoked_while_linked_renews_nothing(relay, tmp_path):
 
     async def renew_after_revoking() -> list:
         async with aiohttp.ClientSession() as http:
-            async with http.ws_connect(f"wss://127.0.0.1:{relay.port}/link", ssl=_context(relay, connector)) as ws:
+            async with http.ws_connect(f"wss://127.0.0.1:{relay.port}/link", ssl=link_tls(relay, connector)) as ws:
                 await ws.send_str(proto.request("hello", {"version": "test"}, now=time.time(), timeout=5)[1])
                 assert json.loads((await ws.receive(timeout=10)).data)["type"] == "answer"
                 revoked = await asyncio.get_running_loop().run_in_executor(
@@ -175,17 +167,17 @@ def test_a_new_link_of_a_connector_replaces_its_older_one(relay, identity):
 
     async def two_links():
         async with aiohttp.ClientSession() as http:
-            first = await http.ws_connect(f"wss://127.0.0.1:{relay.port}/link", ssl=_context(relay, identity))
+            first = await http.ws_connect(f"wss://127.0.0.1:{relay.port}/link", ssl=link_tls(relay, identity))
             await first.send_str(proto.request("hello", {"version": "first"}, now=time.time(), timeout=5)[1])
             assert json.loads((await first.receive(timeout=5)).data)["type"] == "answer"
             assert links().count(identity.connector_id) == 1
             # `authgw check` dials a probe: answered, never routed to, replaces nothing
-            probe = await http.ws_connect(f"wss://127.0.0.1:{relay.port}/link", ssl=_context(relay, identity))
+            probe = await http.ws_connect(f"wss://127.0.0.1:{relay.port}/link", ssl=link_tls(relay, identity))
             await probe.send_str(proto.request("hello", {"version": "check", "probe": True}, now=time.time(),
                                                timeout=5)[1])
             assert json.loads((await probe.receive(timeout=5)).data)["type"] == "answer"
             await probe.close()
-            second = await http.ws_connect(f"wss://127.0.0.1:{relay.port}/link", ssl=_context(relay, identity))
+            second = await http.ws_connect(f"wss://127.0.0.1:{relay.port}/link", ssl=link_tls(relay, identity))
             await second.send_str(proto.request("hello", {"version": "second"}, now=time.time(), timeout=5)[1])
             assert json.loads((await second.receive(timeout=5)).data)["type"] == "answer"
             closing = await first.receive(timeout=5)
@@ -205,7 +197,7 @@ def test_a_new_link_of_a_connector_replaces_its_older_one(relay, identity):
 def test_a_connector_of_another_protocol_version_is_told_and_closed(relay, identity):
     old = json.loads(proto.request("hello", {"version": "0.0.1"}, now=time.time(), timeout=5)[1])
     old["v"] = 1
-    received = asyncio.run(_link(relay, _context(relay, identity), [json.dumps(old)]))
+    received = asyncio.run(_link(relay, link_tls(relay, identity), [json.dumps(old)]))
     assert received[0]["v"] == 1 and received[0]["body"]["code"] == "bad_request"  # readable by a version-1 end
     assert "version 1" in received[0]["body"]["detail"] and f"speaks {proto.VERSION}" in received[0]["body"]["detail"]
     assert received[1] == ("closed", 4002)
@@ -218,7 +210,7 @@ def test_the_link_takes_no_compressed_frames(relay, identity):
     (review of this stop's diff; request bodies are not inflated either)."""
     async def extensions() -> str | None:
         async with aiohttp.ClientSession() as http:
-            async with http.ws_connect(f"wss://127.0.0.1:{relay.port}/link", ssl=_context(relay, identity),
+            async with http.ws_connect(f"wss://127.0.0.1:{relay.port}/link", ssl=link_tls(relay, identity),
                                        compress=15) as ws:
                 return ws._response.headers.get("Sec-WebSocket-Extensions")
 
@@ -226,11 +218,11 @@ def test_the_link_takes_no_compressed_frames(relay, identity):
 
 
 def test_an_oversized_frame_closes_that_link_only(relay, identity):
-    received = asyncio.run(_link(relay, _context(relay, identity), ["x" * (proto.MAX_FRAME + 10)]))
+    received = asyncio.run(_link(relay, link_tls(relay, identity), ["x" * (proto.MAX_FRAME + 10)]))
     # aiohttp answers "message too big" (1009, RFC 6455 7.4.1) and drops the connection: the
     # client sees 1009 or an abnormal closure, depending on which arrives first
     assert len(received) == 1 and received[0][0] == "closed" and received[0][1] in (1006, 1009)
-    assert asyncio.run(_link(relay, _context(relay, identity), [proto.request("hello", {}, now=time.time(),
+    assert asyncio.run(_link(relay, link_tls(relay, identity), [proto.request("hello", {}, now=time.time(),
                                                                               timeout=5)[1]]))[0]["type"] == "answer"
     _no_server_errors(relay)
 
@@ -243,7 +235,7 @@ def test_slow_loris_clients_do_not_stop_enrolment_or_links(relay, identity):
             sock.sendall(b"\x16\x03\x01")  # the start of a TLS record, then nothing
             slow.append(sock)
         # served while 30 handshakes hang
-        received = asyncio.run(_link(relay, _context(relay, identity),
+        received = asyncio.run(_link(relay, link_tls(relay, identity),
                                      [proto.request("hello", {}, now=time.time(), timeout=5)[1]], wait=0.5))
         assert received[0]["type"] == "answer"
     finally:
@@ -373,7 +365,7 @@ def test_a_certificate_expired_since_a_resumed_tls_session_gets_no_link(tmp_path
     try:
         connector = Connector(tmp_path / "c", NoDirectory()).enroll(relay.ticket(), relay.ca_file)
         cert = x509.load_pem_x509_certificate((connector.state / "link" / "cert.pem").read_bytes())
-        context = _context(relay, connector)
+        context = link_tls(relay, connector)
 
         def tls(session=None):
             return context.wrap_socket(socket.create_connection(("127.0.0.1", relay.port), timeout=5),
@@ -461,7 +453,7 @@ def test_a_connector_that_stops_reading_holds_up_no_other_revocation(tmp_path):
     try:
         raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
         raw.connect(("127.0.0.1", relay.port))
-        sock = _context(relay, stuck).wrap_socket(raw, server_hostname="127.0.0.1")
+        sock = link_tls(relay, stuck).wrap_socket(raw, server_hostname="127.0.0.1")
         assert b" 101 " in _upgrade(sock)
         sock.sendall(_masked(proto.request("hello", {"version": "x"}, now=time.time(), timeout=5)[1].encode(), 0x1))
         assert b'"answer"' in sock.recv(4096)

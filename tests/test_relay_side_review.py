@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import ssl
 import time
 import urllib.error
 import urllib.request
@@ -22,7 +21,7 @@ from cryptography.x509.oid import NameOID
 
 from gateway.plugins import linkproto as proto
 from support.der import der
-from support.linkenv import Connector, NoDirectory, Relay
+from support.linkenv import Connector, NoDirectory, Relay, link_tls
 
 #: A relay-side plugin calling gateway_list_groups as its hookspec says: BackendUnavailable is
 #: the hook's word for "cannot answer" (503 here); anything else escapes (a 500).
@@ -58,14 +57,6 @@ def relay(tmp_path_factory):
     server = Relay(base / "relay", plugins=("groupsprobe",), env={"PYTHONPATH": str(site)}).setup().start()
     yield server
     server.stop()
-
-
-def _context(relay, identity=None) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=str(relay.ca_file))
-    if identity is not None:
-        link = identity.state / "link"
-        context.load_cert_chain(str(link / "cert.pem"), str(link / "key.pem"))
-    return context
 
 
 def _no_server_errors(relay) -> None:
@@ -117,7 +108,7 @@ def _post(relay, url: str, csr: str) -> tuple[int, dict | bytes]:
     request = urllib.request.Request(url, data=json.dumps({"csr": csr}).encode(),
                                      headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(request, context=_context(relay), timeout=30) as response:
+        with urllib.request.urlopen(request, context=link_tls(relay), timeout=30) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:
         body = exc.read()
@@ -128,7 +119,7 @@ def _post(relay, url: str, csr: str) -> tuple[int, dict | bytes]:
 
 
 def _info(relay, url: str) -> dict:
-    with urllib.request.urlopen(url, context=_context(relay), timeout=30) as response:
+    with urllib.request.urlopen(url, context=link_tls(relay), timeout=30) as response:
         return json.loads(response.read())
 
 
@@ -161,7 +152,7 @@ def test_a_renewal_with_such_a_csr_is_refused_and_the_link_lives_on(relay, tmp_p
 
     async def renewals() -> tuple[list, dict]:
         async with aiohttp.ClientSession() as http:
-            async with http.ws_connect(f"wss://127.0.0.1:{relay.port}/link", ssl=_context(relay, identity)) as ws:
+            async with http.ws_connect(f"wss://127.0.0.1:{relay.port}/link", ssl=link_tls(relay, identity)) as ws:
                 await ws.send_str(request("hello", {"version": "test"}))
                 assert json.loads((await ws.receive(timeout=10)).data)["type"] == "answer"
                 refused = []
@@ -191,7 +182,7 @@ def test_a_connector_answering_groups_that_are_no_text_is_unavailable_to_the_hoo
 
     async def answer_groups():
         async with aiohttp.ClientSession() as http:
-            async with http.ws_connect(f"wss://127.0.0.1:{relay.port}/link", ssl=_context(relay, identity)) as ws:
+            async with http.ws_connect(f"wss://127.0.0.1:{relay.port}/link", ssl=link_tls(relay, identity)) as ws:
                 await ws.send_str(proto.request("hello", {"version": "test"}, now=time.time(), timeout=5)[1])
                 assert json.loads((await ws.receive(timeout=10)).data)["type"] == "answer"
                 asked = asyncio.get_running_loop().run_in_executor(None, relay.process.get, "/probe/groups/alice")
@@ -224,7 +215,7 @@ def test_answers_to_requests_never_sent_close_the_link_and_one_late_answer_does_
 
     async def link():
         async with aiohttp.ClientSession() as http:
-            async with http.ws_connect(f"wss://127.0.0.1:{relay.port}/link", ssl=_context(relay, identity)) as ws:
+            async with http.ws_connect(f"wss://127.0.0.1:{relay.port}/link", ssl=link_tls(relay, identity)) as ws:
                 await ws.send_str(proto.request("hello", {"version": "test"}, now=time.time(), timeout=5)[1])
                 assert json.loads((await ws.receive(timeout=10)).data)["type"] == "answer"
                 frames: asyncio.Queue = asyncio.Queue()

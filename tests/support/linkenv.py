@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import secrets
+import ssl
 from pathlib import Path
 
 from support.gateway import GatewayProcess, authgw, write_conf
@@ -40,6 +41,16 @@ class NoDirectory:
     def plugin_settings(self, mode, **overrides):
         return {"preset": "openldap", "base_dn": "dc=example,dc=com", "servers": ["ldap://127.0.0.1:9"],
                 "insecure": True, "direct_bind": "uid={username},ou=people,dc=example,dc=com", **overrides}
+
+
+def link_tls(relay: "Relay", identity: "Connector | None" = None) -> ssl.SSLContext:
+    """A client TLS context for *relay*'s listener: its CA, and *identity*'s enrolled link
+    certificate when given (a connector played by a test)."""
+    context = ssl.create_default_context(cafile=str(relay.ca_file))
+    if identity is not None:
+        link = identity.state / "link"
+        context.load_cert_chain(str(link / "cert.pem"), str(link / "key.pem"))
+    return context
 
 
 class Relay:
