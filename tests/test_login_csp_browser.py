@@ -11,57 +11,15 @@ from __future__ import annotations
 import base64
 import hashlib
 import secrets
-import ssl
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
 
 from support.browser import chromium
 from support.login import LoginSite
-from support.net import free_port
 from support.pki import CA
+from support.recorder import Recorder
 from support.slapd import Slapd
-
-
-class Recorder:
-    """An HTTPS server on 127.0.0.1 that answers every GET and POST with a page naming the path,
-    and keeps the paths (with their query) it was sent."""
-
-    def __init__(self, certificate, key_dir) -> None:
-        self.port = free_port()
-        self.url = f"https://127.0.0.1:{self.port}"
-        self.hits: list[str] = []
-        cert, key = certificate.write(key_dir, f"recorder-{self.port}")
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(cert, key)
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                owner.hits.append(self.path)
-                body = b"<h1 id='reached'>reached</h1>"
-                self.send_response(200)
-                self.send_header("Content-Type", "text/html")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def do_POST(self):
-                self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                self.do_GET()
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +68,7 @@ def test_chromium_follows_the_oidc_query_answer_to_the_redirect_uri(world):
         page.wait_for_url(lambda now: now.startswith(rp.url + "/cb"), timeout=15000)
         query = parse_qs(urlsplit(page.url).query)
         assert query["state"] == ["st-q"] and query["code"] and not blocked
-        assert [hit for hit in rp.hits if hit.startswith("/cb?")]
+        assert [path for path in rp.paths() if path.startswith("/cb?")]
         # The plain form (no pending request) still admits no other origin.
         plain = browser.new_page().goto(f"{site.url}/login")
         assert "form-action 'self';" in plain.headers["content-security-policy"]
