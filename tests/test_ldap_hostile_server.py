@@ -101,30 +101,35 @@ class HostileDirectory:
                         break
                     message, buf = buf[start:end], buf[end:]
                     id_start, id_end = _header(message, 0)
-                    message_id, op = message[id_start:id_end], message[id_end]
-                    if op == 0x60:  # bind
-                        writer.write(_message(message_id, _result(0x61)))
-                    elif op == 0x63 and self.mode == "flood":
-                        entry = _message(message_id, _tlv(0x64, _tlv(0x04, b"uid=x,dc=example,dc=com") + _tlv(0x30, b"")))
-                        await self._stream(writer, entry * 2000)
-                    elif op == 0x63 and self.mode == "wrongid":
-                        other = ((int.from_bytes(message_id, "big") + 7) % 0x7F).to_bytes(1, "big")
-                        await self._stream(writer, _message(other, _result(0x65)) * 2000)
-                    elif op == 0x77 and self.mode == "starttls":
-                        writer.write(b"\x30\x84\x7f\xff\xff\xff\x02\x01" + message_id[-1:])
-                        self.streaming.set()
-                        for _ in range(DRIBBLE_CAP):
-                            await writer.drain()
-                            await asyncio.sleep(1.0)
-                            writer.write(b"\x04")
-                        return
-                    elif op == 0x42:  # unbind
+                    if not await self._answer(writer, message[id_start:id_end], message[id_end]):
                         return
                     await writer.drain()
         except (ConnectionError, asyncio.CancelledError):
             pass
         finally:
             writer.close()
+
+    async def _answer(self, writer, message_id: bytes, op: int) -> bool:
+        """Answer one request (its message id's octets, its protocolOp tag); False: hang up."""
+        if op == 0x60:  # bind
+            writer.write(_message(message_id, _result(0x61)))
+        elif op == 0x63 and self.mode == "flood":
+            entry = _message(message_id, _tlv(0x64, _tlv(0x04, b"uid=x,dc=example,dc=com") + _tlv(0x30, b"")))
+            await self._stream(writer, entry * 2000)
+        elif op == 0x63 and self.mode == "wrongid":
+            other = ((int.from_bytes(message_id, "big") + 7) % 0x7F).to_bytes(1, "big")
+            await self._stream(writer, _message(other, _result(0x65)) * 2000)
+        elif op == 0x77 and self.mode == "starttls":
+            writer.write(b"\x30\x84\x7f\xff\xff\xff\x02\x01" + message_id[-1:])
+            self.streaming.set()
+            for _ in range(DRIBBLE_CAP):
+                await writer.drain()
+                await asyncio.sleep(1.0)
+                writer.write(b"\x04")
+            return False
+        elif op == 0x42:  # unbind
+            return False
+        return True
 
 
 def _gateway(tmp_path, port: int, **ldap) -> GatewayProcess:
