@@ -258,7 +258,7 @@ class OfflineCache:
             finally:
                 self._hash_slots.release()
             sealed = keys.seal(row_key, identity, step, now, answered_by, password_hash=password_hash)
-            self._retry_forget(row_key)  # a refusal of this user the store did not take yet goes first
+            self._retry_forget(row_key, self._kept(row_key))  # a refusal the store did not take yet goes first
             self.store.put(Entry(row_key, keys.kid, password_hash, sealed, now))
             with self._lock:
                 self._memo[row_key] = (mark, now)
@@ -405,13 +405,16 @@ class OfflineCache:
         finally:
             self._retry_round.release()
 
-    def _retry_forget(self, row_key: str) -> bool:
-        """Retry the kept refusal of *row_key* now, if there is one; False when it is still kept
-        (the store failed again). Raises StoreError when the state directory cannot tell."""
+    def _kept(self, row_key: str) -> float | None:
+        """When *row_key*'s refusal the store did not take was made, if one is kept (by this
+        worker, or by any in the state directory). Raises StoreError when the file cannot tell."""
         with self._lock:
             at = self._tombstones.get(row_key)
-        if at is None:
-            at = self._pending.held(row_key)
+        return at if at is not None else self._pending.held(row_key)
+
+    def _retry_forget(self, row_key: str, at: float | None) -> bool:
+        """Retry the kept refusal of *row_key* made at *at* (:meth:`_kept`; None: nothing kept)
+        now; False when it is still kept (the store failed again)."""
         if at is None:
             return True
         try:
@@ -545,8 +548,9 @@ class OfflineCache:
                 return unavailable
             # A refusal of this user the store did not take (kept by any worker of this instance):
             # no answer from the entry it was meant to delete, whether the retry lands now or not.
-            if row_key in self._tombstones or self._pending.held(row_key) is not None:
-                self._retry_forget(row_key)
+            kept = self._kept(row_key)
+            if kept is not None:
+                self._retry_forget(row_key, kept)
                 return unavailable
             entry = self.store.get(row_key)
             self._ok()
