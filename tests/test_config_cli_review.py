@@ -17,20 +17,7 @@ import sys
 
 from support.gateway import GatewayProcess, authgw, static_users, write_conf
 from support.net import wait_for
-
-PASSWORD = "Corr3ct-Horse-Battery"
-
-
-def _hash(password: str = PASSWORD) -> str:
-    from gateway.passwords import hash_password
-
-    return hash_password(password)
-
-
-def _errors(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert "Traceback" not in result.stderr, result.stderr
-    return result.stderr
+from test_reload_review import PASSWORD, _errors, _hash
 
 
 def test_a_plugin_in_chain_and_in_plugins_is_an_error_at_its_line_and_a_reload_keeps_running(tmp_path):

@@ -172,18 +172,23 @@ def test_a_users_file_name_in_another_spelling_logs_in_as_typed(conf_dir, start_
         assert gateway.auth(typed.encode(), b"wrong").status == 401, typed
 
 
+def _check_users(conf_dir, tmp_path, users: dict[str, str], static: str = ""):
+    """``authgw config check`` of a chain of ``static`` with these users (name: hash), in order."""
+    listed = "".join(f'  "{name}":\n    password_hash: "{digest}"\n' for name, digest in users.items())
+    write_conf(conf_dir, {"gateway.yaml": "chain: [static]\n",
+                          "static.yaml": "static:\n  users_file: users/u.yaml\n" + static,
+                          "users/u.yaml": "users:\n" + listed})
+    (conf_dir / "users" / "u.yaml").chmod(0o600)
+    return authgw("config", "check", "--config", str(conf_dir), "--state-dir", str(tmp_path / "state"))
+
+
 @pytest.mark.parametrize("first, second, said", [
     ("ａｌｉｃｅ", "alice\u200b", "are one name as the gateway reads usernames"),
     ("Alice", "alice", "differ only in case, but case_insensitive is on"),
 ])
 def test_two_users_file_names_the_gateway_reads_as_one_are_refused(conf_dir, tmp_path, demo_hash, first, second,
                                                                     said):
-    write_conf(conf_dir, {"gateway.yaml": "chain: [static]\n",
-                          "static.yaml": "static:\n  users_file: users/u.yaml\n  case_insensitive: true\n",
-                          "users/u.yaml": f'users:\n  "{first}":\n    password_hash: "{demo_hash}"\n'
-                                          f'  "{second}":\n    password_hash: "{demo_hash}"\n'})
-    (conf_dir / "users" / "u.yaml").chmod(0o600)
-    result = authgw("config", "check", "--config", str(conf_dir), "--state-dir", str(tmp_path / "state"))
+    result = _check_users(conf_dir, tmp_path, {first: demo_hash, second: demo_hash}, "  case_insensitive: true\n")
     assert result.returncode != 0
     assert f"users {first!r} and {second!r} {said}" in result.stderr, result.stderr
 
@@ -194,12 +199,7 @@ def test_a_name_the_gateway_reads_as_another_the_file_holds_is_ignored_not_refus
     logged in and `"bob "` could not; refusing the file would keep a working break-glass file
     from starting after an upgrade. `bob` stays the user, the other is ignored with a warning."""
     other = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$" + "A" * 43
-    write_conf(conf_dir, {"gateway.yaml": "chain: [static]\n",
-                          "static.yaml": "static:\n  users_file: users/u.yaml\n",
-                          "users/u.yaml": f'users:\n  "bob ":\n    password_hash: "{other}"\n'
-                                          f'  bob:\n    password_hash: "{demo_hash}"\n'})
-    (conf_dir / "users" / "u.yaml").chmod(0o600)
-    result = authgw("config", "check", "--config", str(conf_dir), "--state-dir", str(tmp_path / "state"))
+    result = _check_users(conf_dir, tmp_path, {"bob ": other, "bob": demo_hash})
     assert result.returncode == 0, result.stderr
     gateway = start_gateway(conf_dir)
     assert gateway.auth("bob", "demo-password").status == 200

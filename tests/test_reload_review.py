@@ -17,10 +17,10 @@ from support.net import wait_for
 PASSWORD = "Corr3ct-Horse-Battery"
 
 
-def _hash() -> str:
+def _hash(password: str = PASSWORD) -> str:
     from gateway.passwords import hash_password
 
-    return hash_password(PASSWORD)
+    return hash_password(password)
 
 
 def _errors(result: subprocess.CompletedProcess) -> str:
