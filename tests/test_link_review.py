@@ -29,8 +29,8 @@ from cryptography.hazmat.primitives import serialization
 
 from gateway.plugins import linkproto as proto
 from support.gateway import authgw
-from support.hostile_relay import (CONNECTOR, HandEnrolled, HostileRelay, answer_hello, connector_certificate,
-                                   connector_conf, frames, pem)
+from support.hostile_relay import (CONNECTOR, HandEnrolled, HostileRelay, after_hello, answer_hello,
+                                   connector_certificate, connector_conf, frames, pem)
 from support.linkenv import Connector, NoDirectory, Relay
 from support.net import wait_for
 from support.pki import CA
@@ -159,24 +159,18 @@ def test_a_renewed_certificate_already_due_or_shorter_is_not_stored(tmp_path, st
     renewals = []
     connector: HandEnrolled | None = None
 
-    async def link(request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse()
-        await ws.prepare(request)
-        async for frame in frames(ws):
-            if frame["type"] == "hello":
-                await answer_hello(ws, frame)
-            elif frame["type"] == "renew":
-                renewals.append(frame)
-                now = time.time()
-                # due: ends later than the current one (by 100 s, beyond X.509's whole seconds),
-                # its two thirds long past; shorter: its renewal point ahead, its end before ours
-                not_before, not_after = (now - 3000, now + 700) if answer == "due" else (now - 10, now + 500)
-                cert = connector_certificate(ca, connector.key.public_key(), not_before=not_before,
-                                             not_after=not_after)
-                await ws.send_str(proto.answer(frame["id"], {"certificate": pem(cert), "ca": ca.pem.decode()}))
-        return ws
+    async def renew(ws, frame: dict) -> None:
+        if frame["type"] == "renew":
+            renewals.append(frame)
+            now = time.time()
+            # due: ends later than the current one (by 100 s, beyond X.509's whole seconds),
+            # its two thirds long past; shorter: its renewal point ahead, its end before ours
+            not_before, not_after = (now - 3000, now + 700) if answer == "due" else (now - 10, now + 500)
+            cert = connector_certificate(ca, connector.key.public_key(), not_before=not_before,
+                                         not_after=not_after)
+            await ws.send_str(proto.answer(frame["id"], {"certificate": pem(cert), "ca": ca.pem.decode()}))
 
-    relay = HostileRelay(tmp_path, ca, [("GET", "/link", link)]).start()
+    relay = HostileRelay(tmp_path, ca, [("GET", "/link", after_hello(renew))]).start()
     stack.append(relay)
     now = time.time()  # renewal due at once: two thirds of the current certificate's life are over
     connector = HandEnrolled(tmp_path / "c", ca, f"wss://127.0.0.1:{relay.port}/link",
@@ -318,17 +312,11 @@ def test_stopping_stays_within_the_shutdown_budget_when_drain_is_not_acknowledge
     ca = CA.create("relay CA")
     drains = []
 
-    async def link(request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse()
-        await ws.prepare(request)
-        async for frame in frames(ws):
-            if frame["type"] == "hello":
-                await answer_hello(ws, frame)
-            elif frame["type"] == "drain":
-                drains.append(frame)  # never acknowledged
-        return ws
+    async def drain(ws, frame: dict) -> None:
+        if frame["type"] == "drain":
+            drains.append(frame)  # never acknowledged
 
-    relay = HostileRelay(tmp_path, ca, [("GET", "/link", link)]).start()
+    relay = HostileRelay(tmp_path, ca, [("GET", "/link", after_hello(drain))]).start()
     stack.append(relay)
     connector = HandEnrolled(tmp_path / "c", ca, f"wss://127.0.0.1:{relay.port}/link").start()
     stack.append(connector)

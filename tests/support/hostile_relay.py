@@ -121,6 +121,23 @@ async def answer_hello(ws, frame: dict) -> None:
                                                  "not_after": frame["body"]["not_after"]}))
 
 
+def after_hello(on_frame):
+    """A relay's ``/link`` handler (for :class:`HostileRelay`) that answers each ``hello`` and
+    hands every other frame to ``await on_frame(ws, frame)``."""
+
+    async def link(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for frame in frames(ws):
+            if frame["type"] == "hello":
+                await answer_hello(ws, frame)
+            else:
+                await on_frame(ws, frame)
+        return ws
+
+    return link
+
+
 def connector_conf(conf: Path, link: dict | None = None) -> Path:
     """A connector's conf.d in *conf*: chain ``[static]`` (alice), plugins ``[link]`` with fast
     back-off and pings (0.2-2 s, 1 s) and *link*'s settings."""
