@@ -161,12 +161,16 @@ def test_a_renewal_while_the_relay_store_is_down_keeps_the_link_and_is_asked_aga
     recorded: the connector gets an ``unavailable`` answer (not a dropped link), keeps its
     certificate and link, and renews once Redis is back."""
     lifetime = 40.0  # renewal at two thirds: room for a slow start before Redis is stopped
+    # One link all along, for half a minute: pings 5 s apart at both ends (a pong may take half
+    # as long). With the fixtures' 1 s, a pong 0.5 s late on a loaded machine (two suites on two
+    # cores) ended the link once, and no new one is let in while the registry is down.
     redis = RedisServer(tmp_path / "redis").start()
-    relay = Relay(tmp_path / "relay", cache=False, redis_url=redis.url, certificate_lifetime=lifetime)
+    relay = Relay(tmp_path / "relay", cache=False, redis_url=redis.url, certificate_lifetime=lifetime,
+                  settings={"ping_interval": 5.0})
     connector = None
     try:
         relay.setup().start()
-        connector = Connector(tmp_path / "c1", slapd, link={"backoff_max": 1.0})
+        connector = Connector(tmp_path / "c1", slapd, link={"backoff_max": 1.0, "ping_interval": 5.0})
         connector.enroll(relay.ticket(), relay.ca_file).start().wait_linked(relay)
         redis.client().save()  # a Redis with persistence: back with its registry
         redis.stop()
