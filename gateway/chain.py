@@ -308,6 +308,11 @@ class ChainFolder:
             log.error("step %r signed in a username holding a control character (%r); denied (fail closed)",
                       decision.step, identity.username)
             return Decision.deny(Outcome.ERROR, step=decision.step, reason="unrepresentable_username")
+        if identity is not None and (shape := identity.shape_error()):
+            # A third party's: the built-in plugins give the documented shape. Before, the
+            # success was audited and the answer was a 500 (groups holding a number).
+            log.error("step %r signed in an identity with %s; denied (fail closed)", decision.step, shape)
+            return Decision.deny(Outcome.ERROR, step=decision.step, reason="malformed_identity")
         return decision
 
 

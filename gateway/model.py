@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import functools
 import ipaddress
+import json
 import time
 import unicodedata
 from dataclasses import dataclass, field
@@ -308,6 +309,28 @@ class Identity:
     authenticated_at: float = field(default_factory=time.time)
     account_state: str = ""
     password_state: str = ""
+
+    def shape_error(self) -> str:
+        """What no header, token or audit line could carry faithfully in a plugin's identity,
+        in a few words; ``""`` when it has the documented shape (text fields, groups a tuple or
+        list of texts, JSON-safe claims). The core refuses a success with such an identity
+        (``malformed_identity``) rather than answer it with a 500 after auditing a success."""
+        texts = (self.subject, self.username, self.method, self.display_name, self.email,
+                 self.account_state, self.password_state)
+        if not all(type(text) is str for text in texts):
+            return "a field that is not text (subject, username, method, display_name, email)"
+        if not isinstance(self.groups, (tuple, list)) or not all(type(group) is str for group in self.groups):
+            return "groups that are not a tuple of texts"
+        if not isinstance(self.claims, Mapping):
+            return "claims that are not a mapping"
+        if self.claims:
+            try:
+                json.dumps(dict(self.claims), allow_nan=False)
+            except (TypeError, ValueError, RecursionError):
+                return "claims that are not JSON"
+        if type(self.authenticated_at) not in (int, float):
+            return "an authenticated_at that is not a number"
+        return ""
 
     def refusal(self, *, password_state_refuses: bool = False) -> str:
         """The reason code to refuse this identity with (``ACCOUNT_STATE``), or ``""``."""

@@ -270,7 +270,7 @@ def test_api_reads_utf8_json_only_and_echoes_no_byte_of_the_body(api, encoding):
 # -- plugins in a real server -------------------------------------------------------------------
 
 TEST_PLUGINS = {"acme_plugins.py": '''
-    from gateway import Decision, Outcome, hookimpl
+    from gateway import Decision, Identity, Outcome, hookimpl
 
     class Unreachable:
         def __init__(self, settings, context):
@@ -295,6 +295,31 @@ TEST_PLUGINS = {"acme_plugins.py": '''
         @hookimpl
         def gateway_autenticate(self, attempt):
             return None
+
+    class OddIdentity:
+        """Signs anyone in with an identity of the wrong shape, as the plugin's class says."""
+        fields = {}
+
+        def __init__(self, settings, context):
+            self.name = context.name
+
+        @hookimpl
+        def gateway_authenticate(self, attempt):
+            identity = Identity(subject="s-1", username=attempt.username, method=self.name,
+                                **self.fields)
+            return Decision.allow(identity, step=self.name)
+
+    class NumberGroup(OddIdentity):
+        fields = {"groups": ("staff", 7)}
+
+    class TextGroups(OddIdentity):
+        fields = {"groups": "admins"}
+
+    class ObjectClaim(OddIdentity):
+        fields = {"claims": {"badge": object()}}
+
+    class NumberEmail(OddIdentity):
+        fields = {"email": 12}
 ''', "needs_extra.py": "import acme_fancy_dependency_xyz\n"}
 
 
@@ -304,6 +329,10 @@ def acme_env(tmp_path):
         "acme_unreachable": "acme_plugins:Unreachable",
         "acme_explodes": "acme_plugins:Explodes",
         "acme_typo": "acme_plugins:Typo",
+        "acme_number_group": "acme_plugins:NumberGroup",
+        "acme_text_groups": "acme_plugins:TextGroups",
+        "acme_object_claim": "acme_plugins:ObjectClaim",
+        "acme_number_email": "acme_plugins:NumberEmail",
         "acme_fancy": "needs_extra:Plugin",
     }, TEST_PLUGINS, requires=['acme-fancy-dependency-xyz>=1; extra == "fancy"'])
     return {"PYTHONPATH": str(site)}
@@ -315,6 +344,20 @@ def test_every_backend_unavailable_is_503_with_retry_after(conf_dir, alice_hash,
     assert r.status == 503 and r.header("Retry-After") == "5"
     assert gw.audit()[-1]["reason"] == "acme.unreachable"
     assert gw.get("/readyz").status == 200  # the plugin reports no components
+
+
+@pytest.mark.parametrize("step", ["acme_number_group", "acme_text_groups", "acme_object_claim", "acme_number_email"])
+def test_an_identity_of_the_wrong_shape_is_refused_not_a_500(conf_dir, alice_hash, start_gateway, acme_env, step):
+    """A third party's identity whose groups are not strings (or are one string), whose claims
+    are not JSON, or whose email is not text: no header or token can carry it faithfully. Before,
+    the success was audited and the answer was a 500; it is an error (fail closed), named."""
+    gw = start_gateway(static_conf(conf_dir, alice_hash, chain=f"[{step}]"), env=acme_env)
+    r = gw.auth("alice", "anything")
+    assert r.status == 401 and r.header("Remote-User") is None
+    entry = gw.audit()[-1]
+    assert (entry["outcome"], entry["reason"], entry["step"]) == ("error", "malformed_identity", step)
+    assert f"step '{step}' signed in an identity" in gw.output()
+    assert gw.get("/healthz").status == 200
 
 
 def test_a_raising_plugin_gives_401_and_the_next_request_still_works(conf_dir, alice_hash, start_gateway, acme_env):
