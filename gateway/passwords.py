@@ -10,6 +10,7 @@ turn comes (deadline passed, client gone) is not run (:mod:`gateway.slots`, issu
 
 from __future__ import annotations
 
+import binascii
 import hmac
 import threading
 from collections.abc import Iterable
@@ -55,8 +56,21 @@ def verify_password(encoded: str, password: str) -> bool:
         check_wanted()
         try:
             return _HASHER.verify(encoded, password)
-        except (VerifyMismatchError, VerificationError, InvalidHashError):
+        except VerifyMismatchError:
             return False
+        except (VerificationError, InvalidHashError):
+            # A hash that does not read (a file's "locked" marker, a value cut short) answered
+            # at once, where a wrong password costs a hashing: which users hold one showed in
+            # the timing (review of the console and static users). It costs a hashing too.
+            _verify_quietly(DUMMY_HASH, password)
+            return False
+
+
+def _verify_quietly(encoded: str, password: str) -> None:
+    try:
+        _HASHER.verify(encoded, password)
+    except Argon2Error:
+        pass
 
 
 #: Verified against when a user does not exist, so that an unknown user takes as long as a wrong
@@ -70,6 +84,19 @@ def hash_parameters(encoded: str) -> Parameters | None:
         return extract_parameters(encoded)
     except (InvalidHashError, ValueError):
         return None
+
+
+def readable_hash(encoded: str) -> bool:
+    """Whether *encoded* reads as an argon2 PHC string, its salt and tag base64 included (what
+    :func:`hash_parameters` does not check), without hashing. A password never matches one that
+    does not; :func:`verify_password` still costs a hashing for it."""
+    if hash_parameters(encoded) is None:
+        return False
+    *_, salt, tag = encoded.split("$")
+    try:
+        return all(binascii.a2b_base64(part + "=" * (-len(part) % 4), strict_mode=True) for part in (salt, tag))
+    except (binascii.Error, ValueError):
+        return False
 
 
 def _work(params: Parameters) -> tuple[int, int, int]:

@@ -53,7 +53,7 @@ from gateway.config import load_yaml_file
 from gateway.errors import ConfigError
 from gateway.logs import MULTILINE, printable, problem_lines
 from gateway.model import canonical_username
-from gateway.passwords import dummy_hash_like, hash_parameters, verify_password
+from gateway.passwords import dummy_hash_like, hash_parameters, readable_hash, verify_password
 from gateway.settings import ValidationContext
 from gateway.yamlfiles import display_name
 
@@ -110,6 +110,8 @@ class _Users:
     #: that it costs what a wrong password costs (``gateway.passwords.dummy_hash_like``).
     dummy: str
     signature: Signature | None
+    #: The users (as the table spells them) whose hash does not read: no password logs them in.
+    unreadable: frozenset[str] = frozenset()
 
 
 #: The cheapest argon2id parameters the OWASP Password Storage Cheat Sheet accepts (m=7 MiB, t=5;
@@ -126,14 +128,30 @@ def _weak_users(users: dict[str, StaticUser]) -> list[str]:
     weak = []
     for name, user in users.items():
         found = hash_parameters(user.password_hash)
-        if (found is None or found.memory_cost < _MIN_MEMORY_KIB or found.memory_cost * found.time_cost < _MIN_WORK
+        if found is None:
+            continue  # unreadable: _unreadable_users
+        if (found.memory_cost < _MIN_MEMORY_KIB or found.memory_cost * found.time_cost < _MIN_WORK
                 or found.hash_len < _MIN_BYTES or found.salt_len < _MIN_BYTES):
             weak.append(name)
     return sorted(weak)
 
 
+def _unreadable_users(users: dict[str, StaticUser]) -> list[str]:
+    return sorted(name for name, user in users.items() if not readable_hash(user.password_hash))
+
+
+def _shown(names: list[str]) -> str:
+    return ", ".join(repr(name) for name in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def _unreadable_message(names: list[str]) -> str:
+    return (f"{len(names)} password hash(es) that do not read as argon2id: {_shown(names)}; no password logs "
+            "them in (to lock an account, say `disabled: true`; to set a password, make a hash with "
+            "`authgw hash-password`)")
+
+
 def _weak_message(weak: list[str]) -> str:
-    shown = ", ".join(repr(name) for name in weak[:5]) + (f" and {len(weak) - 5} more" if len(weak) > 5 else "")
+    shown = _shown(weak)
     return (f"{len(weak)} password hash(es) below the OWASP minimum for argon2id (m=19 MiB and t=2, or as much "
             f"work; a tag and a salt of 16 bytes at least): {shown}; a copy of the file is that much cheaper to crack, and a wrong password for them "
             f"answers sooner than an unknown user's; make them again with `authgw hash-password`")
@@ -216,10 +234,17 @@ class StaticPlugin:
             table[key], written[key] = (spelt, user), name
         hashes = [user.password_hash for user in users.values()]
         self._warn_mixed_parameters(hashes)
-        weak = _weak_users(users)
+        unreadable = _unreadable_users(users)
+        if unreadable:
+            # Served (a file may mark locked accounts so), not refused: a wrong password for them
+            # costs a hashing as any other does (gateway.passwords.verify_password). Before, they
+            # were reported as weak hashes (review of the console and static users).
+            self.log.warning("users file %s: %s", display_name(path), _unreadable_message(unreadable))
+        weak = [name for name in _weak_users(users) if name not in unreadable]
         if weak:
             self.log.warning("users file %s: %s", display_name(path), _weak_message(weak))
-        return _Users(table, dummy_hash_like(hashes), signature)
+        unreadable = frozenset(spelt for spelt, user in table.values() if not readable_hash(user.password_hash))
+        return _Users(table, dummy_hash_like(hashes), signature, unreadable)
 
     def _warn_mixed_parameters(self, hashes: list[str]) -> None:
         kinds = Counter((p.memory_cost, p.time_cost, p.parallelism)
@@ -291,6 +316,9 @@ class StaticPlugin:
             attempt.note(Outcome.USER_NOT_FOUND, step=self.name, reason="static.user_not_found")
             return None
         name, user = found
+        if name in users.unreadable:
+            verify_password(users.dummy, credential.password)  # costs what a wrong password costs
+            return Decision.deny(Outcome.INVALID_CREDENTIALS, step=self.name, reason="static.invalid_password")
         if not verify_password(user.password_hash, credential.password):
             return Decision.deny(Outcome.INVALID_CREDENTIALS, step=self.name, reason="static.invalid_password")
         if user.disabled:
@@ -337,8 +365,11 @@ class StaticPlugin:
         detail = f"{path}: {len(users)} users, mode {mode:o}"
         if mode & 0o077:
             return CheckResult.warn(detail, f"the file holds password hashes; chmod 600 {path}")
-        weak = _weak_users(dict(users.values()))
-        if weak:
-            return CheckResult.warn(f"{detail}; {_weak_message(weak)}",
+        listed = dict(users.values())
+        unreadable = _unreadable_users(listed)
+        weak = [name for name in _weak_users(listed) if name not in unreadable]
+        problems = ([_unreadable_message(unreadable)] if unreadable else []) + ([_weak_message(weak)] if weak else [])
+        if problems:
+            return CheckResult.warn("; ".join([detail, *problems]),
                                     "make those users' hashes again with `authgw hash-password`")
         return CheckResult.ok(detail)
