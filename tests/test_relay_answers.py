@@ -10,6 +10,7 @@ the relay's audit line and cache named the one asked for.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import ssl
@@ -40,6 +41,10 @@ class ScriptedConnector:
         self.errors: dict[str, tuple[str, str]] = {}
         self.asked: list[tuple[str, str]] = []
         self.status: int | None = None  # the link's HTTP status when it was refused
+        #: set: ``authenticate`` answers wait for it (a connector slow to answer)
+        self.hold: threading.Event | None = None
+        self.greeted = threading.Event()  # the relay answered this link's hello
+        self._later: set[asyncio.Future] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
 
@@ -68,6 +73,7 @@ class ScriptedConnector:
                         return
                     data = json.loads(frame.data)
                     if data["type"] in ("answer", "error"):
+                        self.greeted.set()
                         continue
                     message = proto.Message(data["id"], data["type"], data["body"], data.get("deadline"),
                                             data.get("nonce"))
@@ -82,10 +88,18 @@ class ScriptedConnector:
                     password = proto.open_password(key, message.body["password"], message,
                                                    connector=self.enrolled.connector_id)
                     self.asked.append((username, password))
+                    if self.hold is not None:  # answered later; pings are answered meanwhile
+                        self._later.add(asyncio.ensure_future(self._answer_when_let(ws, message.id, username)))
+                        continue
                     if username in self.errors:
                         await ws.send_str(proto.error(message.id, *self.errors[username]))
                         continue
                     await ws.send_str(proto.answer(message.id, self.answers[username]))
+
+    async def _answer_when_let(self, ws, request_id: str, username: str) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.hold.wait, 30)
+        with contextlib.suppress(ConnectionError):  # the relay closed the link meanwhile
+            await ws.send_str(proto.answer(request_id, self.answers[username]))
 
     def start(self) -> ScriptedConnector:
         self._thread.start()
@@ -295,6 +309,42 @@ def test_a_revoked_connector_vouches_no_more_through_the_relays_offline_cache(tm
     finally:
         if evil is not None:
             evil.stop()
+        relay.stop()
+
+
+def test_a_link_replaced_then_revoked_has_its_answers_in_flight_refused(tmp_path):
+    """A link replaced by a newer one of its connector is out of the hub's routing, and has
+    5 s to answer what it carries. A revocation closed the newer link only: the replaced one's
+    late "success" was still taken, a revoked connector signing a user in (review of stop 42,
+    left then). The revocation now fails what the replaced link carries too."""
+    relay = Relay(tmp_path / "relay", cache=False, extra="deadline: 30\n").setup().start()
+    old = new = login = None
+    try:
+        enrolled = Connector(tmp_path / "connector", NoDirectory()).enroll(relay.ticket(), relay.ca_file)
+        old = ScriptedConnector(relay, enrolled).start().wait_linked()
+        old.answers["alice"] = success("alice")
+        old.hold = threading.Event()
+        answers = []
+        login = threading.Thread(target=lambda: answers.append(relay.login("alice", "pw")))
+        login.start()
+        wait_for(lambda: old.asked, 10, what="the login to reach the link")
+        new = ScriptedConnector(relay, enrolled).start()
+        assert new.greeted.wait(10), "the newer link's hello was answered: the older one is replaced"
+        _revoke(relay, new)
+        wait_for(lambda: enrolled.connector_id not in relay.ready_links(), 10, what="the revocation to close the link")
+        old.hold.set()  # the replaced link answers "success" now
+        login.join(40)
+        (answer,) = answers
+        assert answer.status == 503 and answer.json()["outcome"] != "success", answer.json()
+        assert answer.json()["reason"] == "relay.link_lost"
+    finally:
+        for thing in (old, new):
+            if thing is not None:
+                if thing.hold is not None:
+                    thing.hold.set()
+                thing.stop()
+        if login is not None:
+            login.join(40)
         relay.stop()
 
 

@@ -245,6 +245,8 @@ class RelayPlugin:
                         session.closing = True
                         self.hub.remove(session)
                         self._end(session, 4001, b"certificate expired")
+                if revoked is not None:
+                    self._end_replaced(revoked)
                 if revoked is not None and time.monotonic() - last_seen_write >= self.settings.ping_interval:
                     last_seen_write = time.monotonic()
                     until = time.time() + 3 * self.settings.ping_interval
@@ -271,6 +273,20 @@ class RelayPlugin:
 
     def _standing(self, connector: str) -> bool:
         return connector in self._enrolled or connector in self._admitted
+
+    def _end_replaced(self, revoked: frozenset[str]) -> None:
+        """Fail what the replaced links of revoked connectors (or of ones no longer in the
+        registry) still carry, and close them: out of routing, they had a grace to answer, and a
+        late "success" of theirs was taken after the revocation had closed the newer link
+        (review of stop 42)."""
+        for name, state in self.hub.connectors.items():
+            if name not in revoked and self._standing(name):
+                continue
+            for session in list(state.links):
+                if session.closing and (session.pending or not session.ws.closed):
+                    session.lost()
+                    if not session.ws.closed:
+                        self._end(session, 4003, b"revoked")
 
     def _end(self, session, code: int, message: bytes) -> None:
         """Close *session*'s link (already out of routing) in a task of its own: a close waits
