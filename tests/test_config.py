@@ -554,6 +554,31 @@ def test_a_login_url_refused_names_its_file_line_and_key(conf_dir):
                and "no fragment" in line for line in found), found
 
 
+def test_a_page_string_placeholder_the_page_does_not_replace_names_its_file_line_and_key(conf_dir):
+    """`signed_in: "Angemeldet als {benutzer}"` passed the check and showed `{benutzer}` on every
+    "signed in" page (review of the login door, left then). Only the default's own `{name}` is
+    replaced: another is a configuration error; a lone brace is text."""
+    write_conf(conf_dir, {**USERS, "gateway.yaml": "chain: [static]\nplugins: [login]\n", "login.yaml": """\
+        login:
+          base_url: https://login.example.test
+          messages:
+            username: "Benutzer {"
+            signed_in: "Angemeldet als {benutzer} }"
+        """})
+    found = errors(check(conf_dir))
+    assert any(line.startswith("error: conf.d/login.yaml:3: login.messages: ")
+               and "messages.signed_in: {benutzer} is not replaced (use {name})" in line for line in found), found
+    assert len(found) == 1, found
+    write_conf(conf_dir, {"login.yaml": """\
+        login:
+          base_url: https://login.example.test
+          messages:
+            signed_in: "Angemeldet als {name} }"
+        """})
+    result = check(conf_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_config_errors_never_print_the_password_of_a_url(conf_dir):
     """A URL refused for its form is named without what comes before its host, its query or its
     fragment: the error that refuses a password in a URL used to print the password (review of

@@ -27,6 +27,9 @@ NAMEID_FORMATS = {
 IDENTITY_FIELDS = Literal["username", "subject", "email", "display_name", "groups"]
 
 
+#: A ``{name}`` in a page string, which the page replaces with a value.
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
 #: The host (and port) of a plain http:// URL: the loopback itself, nothing that starts like it.
 _LOOPBACK = re.compile(r"(127\.0\.0\.1|localhost|\[::1\])(:[0-9]{1,5})?", re.IGNORECASE)
 
@@ -281,4 +284,13 @@ class LoginSettings(PluginSettings):
         unknown = sorted(set(value) - set(MESSAGES))
         if unknown:
             raise ValueError(f"unknown message keys {', '.join(unknown)}; known: {', '.join(MESSAGES)}")
+        for key, text in value.items():
+            # Only the default's own {name}s are replaced (LoginPages.message); another one
+            # (`Angemeldet als {benutzer}`) showed on every page as written.
+            known = set(_PLACEHOLDER.findall(MESSAGES[key]))
+            stray = sorted(set(_PLACEHOLDER.findall(text)) - known)
+            if stray:
+                offered = f"use {', '.join('{' + n + '}' for n in sorted(known))}" if known else "it has none"
+                raise ValueError(f"messages.{key}: {', '.join('{' + n + '}' for n in stray)} is not replaced "
+                                 f"({offered})")
         return value
