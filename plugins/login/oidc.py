@@ -66,9 +66,10 @@ section 4.1.2; a tombstone ``code-used:`` names it and that client while the cod
 could be in use); another client presenting it revokes nothing. A code's record keeps only what
 the token endpoint reads (:data:`GRANT_FIELDS`, the identity, the ``sid``), and codes answered
 from an existing session spend its user's budget (:meth:`.web.LoginDoor.admit_answer`).
-``/oidc/userinfo`` answers while the sign-in session the token was issued in lives and its account
-passes the account check of :mod:`.web` (else ``invalid_token``), with the profile as that check
-refreshed it. A bearer token that cannot be one of ours (not the 43 URL-safe characters of
+``/oidc/userinfo`` answers while the token's client is registered (a reload that removes a client
+ends its tokens, ``oidc.unknown_client``), the sign-in session the token was issued in lives and
+its account passes the account check of :mod:`.web` (else ``invalid_token``), with the profile as
+that check refreshed it. A bearer token that cannot be one of ours (not the 43 URL-safe characters of
 :data:`_ACCESS_TOKEN`) is ``invalid_token`` without asking the session store: an anonymous
 client cannot make the door wait for it.
 """
@@ -149,7 +150,12 @@ def _claimed_client(request: web.Request, form) -> str:
     except MalformedCredentials:
         return "(two Authorization headers)"
     if basic:
-        return unquote_plus(raw.partition(":")[0]) if raw is not None else "(unreadable Basic credentials)"
+        if raw is None:
+            return "(unreadable Basic credentials)"
+        # Without a ':' the whole credential is the secret as much as an id (a client sending
+        # an API key as Basic): it is not logged (docs/security.md: never log a secret).
+        user, colon, _ = raw.partition(":")
+        return unquote_plus(user) if colon else "(Basic credentials without ':')"
     return str(form.get("client_id", "(assertion)" if "client_assertion" in form else ""))
 
 
@@ -257,6 +263,9 @@ class OidcProvider:
             "jwks_uri": f"{self.issuer}/oidc/jwks", "response_types_supported": ["code"],
             "end_session_endpoint": f"{self.issuer}/oidc/logout",
             "response_modes_supported": ["query", "form_post"], "grant_types_supported": ["authorization_code"],
+            # RFC 9207 section 3: every answer at the redirect_uri carries `iss`; a relying party
+            # checks it (mix-up defence) only when this says so (absent: false).
+            "authorization_response_iss_parameter_supported": True,
             "subject_types_supported": ["public"], "id_token_signing_alg_values_supported": ["RS256"],
             "code_challenge_methods_supported": ["S256"], "scopes_supported": ["openid", "profile", "email", "groups"],
             # OIDC Core 6: no request objects (request_uri_parameter_supported is true when omitted).
@@ -621,7 +630,8 @@ class OidcProvider:
         claims["at_hash"] = base64.urlsafe_b64encode(hashlib.sha256(access.encode()).digest()[:16]).decode().rstrip("=")
         id_token = await asyncio.to_thread(jwt.encode, {"alg": "RS256", "kid": self.signing.kid}, claims, self.signing)
         store.put_pending("at:" + _digest(access), {"identity": grant["identity"], "scope": grant["scope"],
-                                                    "sid": grant["sid"]}, now + lifetime)
+                                                    "sid": grant["sid"], "client_id": client.client_id},
+                          now + lifetime)
         if store.get_pending(_replay_mark(code_key, client.client_id), time.time()) is not None:
             # A second redemption came while this one ran, before its tombstone named the token
             # or before the token was stored: it could not revoke it, so it is not given.
@@ -686,9 +696,18 @@ class OidcProvider:
     async def _userinfo_identity(self, record: dict, request: web.Request) -> Identity | None:
         """The identity to answer for an access token: that of the live session it was issued in,
         its account and the chain's policy checked again (:meth:`.web.LoginDoor.recheck`; the
-        attempt's client is the relying party's server); ``None`` when the session is
-        over or the account is gone (that session then ends: no browser is here to take the
-        Single Logout round, so its participants are not told)."""
+        attempt's client is the relying party's server); ``None`` when the token's client is no
+        longer registered, the session is over or the account is gone (that session then ends:
+        no browser is here to take the Single Logout round, so its participants are not told)."""
+        # The client must still be registered: a reload that removes one (a relying party
+        # retired or compromised) ends its tokens here as it ends its codes at /oidc/token; they
+        # answered until they expired, up to `token_lifetime` (a day). A token recorded before
+        # tokens named their client (an earlier version, up to a day ago) is taken as it was.
+        client_id = record.get("client_id")
+        if client_id is not None and client_id not in self.clients:
+            log.warning("oidc userinfo refused: reason=oidc.unknown_client (an access token of client %s, which is "
+                        "no longer registered)", printable(str(client_id)[:100]))
+            return None
         sessions = self.web.sessions
         session = sessions.by_index(record.get("sid"))
         if session is None or session.identity.subject != identity_from_json(record["identity"]).subject:
@@ -874,8 +893,13 @@ def _claims_request(text: str | None) -> tuple[list[set[str]], list[str] | None]
 
 
 def _with_state(uri: str, state: str) -> str:
-    """*uri* (a registered ``post_logout_redirect_uri``) with the request's ``state``."""
-    return uri + ("&" if "?" in uri else "?") + urlencode({"state": state}) if state else uri
+    """*uri* (a registered ``post_logout_redirect_uri``) with the request's ``state`` in its
+    query, before a fragment (RFC 3986 section 3: appended after a ``#`` it was part of the
+    fragment, which the browser never sends: the relying party did not get it)."""
+    if not state:
+        return uri
+    base, hash_, fragment = uri.partition("#")
+    return base + ("&" if "?" in base else "?") + urlencode({"state": state}) + hash_ + fragment
 
 
 def _replay_mark(code_key: str, client_id: str) -> str:
