@@ -166,7 +166,8 @@ _SECRET_LAST = {"key", "pin"}
 #: Found anywhere in a key with its separators and case dropped: plurals (``passwords``), one
 #: word (``bindpw``, ``apikey``, ``authtok``) and compounds (``clientSecret``).
 _SECRET_PARTS = ("password", "passwd", "passphrase", "secret", "token", "credential", "apikey", "authtok", "bindpw",
-                 "cookie", "authorization", "pepper", "privatekey", "hmac", "jwk", "seed", "totp")
+                 "cookie", "authorization", "pepper", "privatekey", "privkey", "accesskey", "signingkey",
+                 "masterkey", "sharedkey", "authkey", "hmac", "jwk", "seed", "totp")
 #: A JSON Web Key's private members (RFC 7518 section 6): masked in any mapping with a ``kty``.
 _JWK_PRIVATE = {"d", "p", "q", "dp", "dq", "qi", "k", "oth"}
 #: The password of a URL runs to the last ``@`` before the host (``ldap://admin:P@ss@dc1``); the

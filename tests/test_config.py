@@ -622,7 +622,7 @@ def test_config_show_masks_secrets_under_other_spellings_and_in_odd_urls(conf_di
     """Key names the masking did not know (camelCase, one word, plurals, headers) and URLs it
     did not match (a user name with an @, no scheme, a space in the password) were printed in
     clear by ``config show`` (review of secret leakage)."""
-    secrets = [f"Leak{n}-Marker" for n in range(21)]
+    secrets = [f"Leak{n}-Marker" for n in range(25)]
     write_conf(conf_dir, {**USERS, "gateway.yaml": "chain: [static]\n", "ldap.yaml": f"""\
         ldap:
           bindPassword: {secrets[0]}
@@ -644,6 +644,10 @@ def test_config_show_masks_secrets_under_other_spellings_and_in_odd_urls(conf_di
           keys: [{{kty: RSA, n: keep-this-modulus, d: {secrets[17]}, p: {secrets[18]}}}]
           signing_jwks: {secrets[19]}
           hmacs: [{secrets[20]}]
+          privkey: {secrets[21]}
+          awsAccessKey: {secrets[22]}
+          signingkeys: [{secrets[23]}]
+          MasterKey: {secrets[24]}
           bind_password: {{env: KEEP_THIS_REFERENCE}}
           base_dn: dc=keep,dc=this
         """})
