@@ -27,7 +27,7 @@ import pytest
 
 from gateway.passwords import hash_password
 from support.console import ConsoleClient, SessionClient, console_conf, console_link, link_path
-from support.gateway import authgw, write_conf
+from support.gateway import GatewayProcess, authgw, write_conf
 from support.http import request
 from support.net import free_port, wait_for
 
@@ -226,3 +226,28 @@ def test_the_listener_check_reads_an_address_with_a_zone(tmp_path):
     assert listening_uids(ipaddress.ip_address("fe80::1%lo"), 0x20A5, proc=tmp_path) == {1234}
     assert listening_uids(ipaddress.ip_address("fe80::1"), 0x20A5, proc=tmp_path) == {1234}
     assert listening_uids(ipaddress.ip_address("fe80::2%lo"), 0x20A5, proc=tmp_path) == set()
+
+
+def test_a_link_printed_before_the_console_restarted_opens_nothing(conf_dir, demo_hash, tmp_path, start_gateway):
+    """`authgw console` checked who listened when it printed the link, but the link stayed good
+    for 15 minutes across a restart: while the console was down, another local user could bind
+    its address, receive the token from the operator's browser, and open a session with it once
+    the console was up again (review of the console, left then). The link is tied to the
+    listening sockets the command saw; a restarted console listens on new ones and refuses it."""
+    port = free_port()
+    console_conf(conf_dir, port, demo_hash)
+    first = start_gateway(conf_dir)
+    link = console_link(first)
+    spare = console_link(first)
+    first.stop()
+    second = GatewayProcess(conf_dir, first.state_dir).start()
+    try:
+        page = ConsoleClient(f"http://127.0.0.1:{port}").get(link_path(link))
+        assert page.status == 403 and "before it restarted" in page.text, (page.status, page.text[:300])
+        assert "printed before the console last started was refused" in second.output()
+        assert ConsoleClient(f"http://127.0.0.1:{port}").get(link_path(link)).status == 403  # spent
+        assert ConsoleClient(f"http://127.0.0.1:{port}").get(link_path(spare)).status == 403
+        # A link printed for the console as it runs now works.
+        SessionClient(f"http://127.0.0.1:{port}").sign_in(console_link(second))
+    finally:
+        second.stop()

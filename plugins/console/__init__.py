@@ -36,7 +36,7 @@ import time
 
 from gateway import Attempt, Command, Decision, Listener, PluginContext, Route, hookimpl
 from gateway.files import write_atomic
-from gateway.plugins.console.listening import listening_uids
+from gateway.plugins.console.listening import listening_sockets
 from gateway.plugins.console.settings import ConsoleSettings, listen_address
 from gateway.plugins.console.status import RecentEvents
 from gateway.plugins.console.store import ConsoleStore
@@ -103,11 +103,11 @@ class ConsolePlugin:
     # -- authgw console -------------------------------------------------------------------------
 
     def _command(self, args: argparse.Namespace) -> int:
-        problem = self._not_ours()
+        problem, sockets = self._not_ours()
         if problem:
             print(f"error: {problem}: no link printed", file=sys.stderr)
             return 1
-        token = self.store.new_login_token(self.settings.login_link_ttl)
+        token = self.store.new_login_token(self.settings.login_link_ttl, sockets)
         link = f"{self.url()}/login/{token}"
         path = self.context.state_dir / LINK_FILE
         write_atomic(path, f"{link}\n".encode())
@@ -120,27 +120,28 @@ class ConsolePlugin:
               "see docs/console.md)", file=sys.stderr)
         return 0
 
-    def _not_ours(self) -> str:
+    def _not_ours(self) -> tuple[str, frozenset[int]]:
         """Why the link must not be printed (listening.py): nothing listens on the console's
         address yet, or a socket of a user who is neither this command's nor the state
-        directory's owner (the gateway's) does; empty when the console is there."""
+        directory's owner (the gateway's) does; empty when the console is there. And the
+        listening sockets the link is tied to (none where the system does not name them)."""
         address, port = listen_address(self.settings.listen)
         where = self.url().split("://", 1)[1]
-        owners = listening_uids(address, port)
-        if owners is None:  # not Linux: nothing to ask
+        sockets = listening_sockets(address, port)
+        if sockets is None:  # not Linux: nothing to ask
             print(f"warning: could not check who listens on {where}: open the link only while authgw serves "
                   "the console there", file=sys.stderr)
-            return ""
-        if not owners:
+            return "", frozenset()
+        if not sockets:
             return (f"nothing listens on {where}: start `authgw serve` with this configuration "
-                    "(`plugins: [console]`), then run `authgw console` again")
+                    "(`plugins: [console]`), then run `authgw console` again"), frozenset()
         ours = {os.geteuid()}
         try:
             ours.add(self.context.state_dir.stat().st_uid)
         except OSError:
             pass
-        others = sorted(owners - ours)
+        others = sorted(set(sockets.values()) - ours)
         if others:
             return (f"{where} is held by another user (uid {', '.join(map(str, others))}), not by this gateway's "
-                    "console: that server would receive the one-time link; stop it, then start the console")
-        return ""
+                    "console: that server would receive the one-time link; stop it, then start the console"), frozenset()
+        return "", frozenset(sockets)

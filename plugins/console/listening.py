@@ -9,6 +9,11 @@ the link, and opened a session with it once the console was up (review of the co
 names the owner of every TCP socket (the ``uid`` column of ``/proc/net/tcp`` and
 ``/proc/net/tcp6``); an address held by a socket of another user is refused, and so is one where
 nothing listens yet (the token would wait there for 15 minutes for whoever binds first).
+
+The link is also tied to the sockets the command saw (their inodes): a gateway restarted after
+the link was printed listens on new ones, and refuses it. Meanwhile another user may have bound
+the address and received the token when the operator opened the link (review of the console
+and static users file); with the console up again, that token opens nothing.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import ipaddress
 import sys
 from pathlib import Path
 
-__all__ = ["listening_uids"]
+__all__ = ["listening_sockets", "listening_uids"]
 
 _LISTEN = "0A"  # TCP_LISTEN in include/net/tcp_states.h, as /proc/net/tcp prints it
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -42,9 +47,18 @@ def _reaching(address: IPAddress) -> set[IPAddress]:
 def listening_uids(address: IPAddress, port: int, proc: Path = Path("/proc/net")) -> set[int] | None:
     """The owners (uids) of the TCP sockets listening where a connection to *address*:*port*
     arrives; ``None`` when the system does not say (no ``/proc/net/tcp``: not Linux)."""
+    sockets = listening_sockets(address, port, proc)
+    return None if sockets is None else set(sockets.values())
+
+
+def listening_sockets(address: IPAddress, port: int, proc: Path = Path("/proc/net")) -> dict[int, int] | None:
+    """The TCP sockets listening where a connection to *address*:*port* arrives, as {inode:
+    owner uid}; ``None`` when the system does not say (not Linux). A socket's inode names it
+    for its life: a console that restarted listens on new ones (``authgw console`` ties its
+    link to those it saw)."""
     # /proc/net/tcp6 prints no zone, and an address with one (fe80::1%lo) equals none without it
     reaching = _reaching(ipaddress.ip_address(str(address).partition("%")[0]))
-    owners: set[int] = set()
+    owners: dict[int, int] = {}
     read_any = False
     for name in ("tcp", "tcp6"):
         try:
@@ -54,12 +68,12 @@ def listening_uids(address: IPAddress, port: int, proc: Path = Path("/proc/net")
         read_any = True
         for line in lines:
             fields = line.split()
-            if len(fields) < 8 or fields[3] != _LISTEN:
+            if len(fields) < 10 or fields[3] != _LISTEN:
                 continue
             host, _, port_text = fields[1].partition(":")
             try:
                 if int(port_text, 16) == port and _address(host) in reaching:
-                    owners.add(int(fields[7]))
+                    owners[int(fields[9])] = int(fields[7])
             except ValueError:
                 continue
     return owners if read_any else None

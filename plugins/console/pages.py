@@ -23,6 +23,7 @@ from aiohttp import web
 from gateway.plugins.console import setup
 from gateway.plugins.console.access import FORM_KEY, SESSION_KEY, SIGN_IN, Guard
 from gateway.plugins.console.configlog import describe, start_run
+from gateway.plugins.console.listening import listening_sockets
 from gateway.plugins.console.settings import listen_address
 from gateway.plugins.console.status import RecentEvents, collect
 from gateway.plugins.console.store import PREFIX, ConsoleStore
@@ -116,13 +117,28 @@ class Pages:
 
     async def login(self, request: web.Request) -> web.StreamResponse:
         token = request.match_info["token"]
-        if len(token) > 128 or not self.store.redeem_login_token(token):
+        tied = self.store.redeem_login_token(token) if len(token) <= 128 else None
+        if tied is None:
             return self.message(request, 403, "This login link is used or expired. Run `authgw console` "
                                               "for a new one.")
+        if tied and not self._listening_on(tied):
+            # Printed for a console that has restarted since: while it was down, another local
+            # user could bind its address and receive the token from the operator's browser
+            # (listening.py). Spent, not honoured.
+            log.warning("console: a login link printed before the console last started was refused (spent); "
+                        "run `authgw console` for a new one")
+            return self.message(request, 403, "This login link was printed for the console before it restarted. "
+                                              "Run `authgw console` for a new one.")
         session_id, session = self.store.new_session(self.settings.session_ttl, self.settings.session_lifetime)
         response = web.HTTPSeeOther(f"{session.prefix}setup")
         self.guard.set_cookie(response, session_id, session)
         raise response
+
+    def _listening_on(self, tied: frozenset[int]) -> bool:
+        """Whether one of the sockets a link is tied to still listens on the console's address
+        (a reload keeps them; a restart does not). Not Linux: nothing to compare, it does."""
+        current = listening_sockets(*listen_address(self.settings.listen))
+        return current is None or bool(tied & current.keys())
 
     async def logout(self, request: web.Request) -> web.StreamResponse:
         session = request[SESSION_KEY]

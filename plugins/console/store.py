@@ -24,6 +24,8 @@ __all__ = ["PREFIX", "ConsoleStore", "Session", "TestRow"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tokens (digest TEXT PRIMARY KEY, expires REAL NOT NULL);
+-- The listening sockets (inodes, comma-separated) `authgw console` saw when it printed a link.
+CREATE TABLE IF NOT EXISTS token_sockets (digest TEXT PRIMARY KEY, inodes TEXT NOT NULL);
 -- Sessions before path prefixes had a host-wide cookie (any port of 127.0.0.1 received it): they end.
 DROP TABLE IF EXISTS sessions;
 CREATE TABLE IF NOT EXISTS console_sessions (digest TEXT PRIMARY KEY, path TEXT NOT NULL, created REAL NOT NULL,
@@ -113,19 +115,32 @@ class ConsoleStore:
 
     # -- one-time login links --------------------------------------------------------------------
 
-    def new_login_token(self, ttl: float) -> str:
+    def new_login_token(self, ttl: float, sockets: frozenset[int] = frozenset()) -> str:
+        """A new one-time login token, valid *ttl* seconds, tied to the listening *sockets*
+        (inodes; none: not tied, where the system does not name them)."""
         token = secrets.token_urlsafe(32)
         now = time.time()
-        with closing(self._connect()) as conn:
+        digest = _digest(token)
+        with closing(self._connect()) as conn, conn:
+            conn.execute("BEGIN IMMEDIATE")
             conn.execute("DELETE FROM tokens WHERE expires <= ?", (now,))
-            conn.execute("INSERT INTO tokens VALUES (?, ?)", (_digest(token), now + ttl))
+            conn.execute("DELETE FROM token_sockets WHERE digest NOT IN (SELECT digest FROM tokens)")
+            conn.execute("INSERT INTO tokens VALUES (?, ?)", (digest, now + ttl))
+            if sockets:
+                conn.execute("INSERT OR REPLACE INTO token_sockets VALUES (?, ?)",
+                             (digest, ",".join(map(str, sorted(sockets)))))
         return token
 
-    def redeem_login_token(self, token: str) -> bool:
-        """True once for a valid token: the DELETE is the one atomic step every worker races on."""
-        with closing(self._connect()) as conn:
-            cursor = conn.execute("DELETE FROM tokens WHERE digest = ? AND expires > ?", (_digest(token), time.time()))
-            return cursor.rowcount == 1
+    def redeem_login_token(self, token: str) -> frozenset[int] | None:
+        """Once for a valid token, the listening sockets it is tied to (empty: not tied); else
+        ``None``. The DELETE is the one atomic step every worker races on."""
+        digest = _digest(token)
+        with closing(self._connect()) as conn, conn:
+            conn.execute("BEGIN IMMEDIATE")
+            if conn.execute("DELETE FROM tokens WHERE digest = ? AND expires > ?", (digest, time.time())).rowcount != 1:
+                return None
+            rows = conn.execute("DELETE FROM token_sockets WHERE digest = ? RETURNING inodes", (digest,)).fetchall()
+        return frozenset(int(inode) for (text,) in rows for inode in text.split(",") if inode.isdigit())
 
     # -- sessions --------------------------------------------------------------------------------
 
