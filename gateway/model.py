@@ -315,11 +315,11 @@ class Identity:
         in a few words; ``""`` when it has the documented shape (text fields, groups a tuple or
         list of texts, JSON-safe claims). The core refuses a success with such an identity
         (``malformed_identity``) rather than answer it with a 500 after auditing a success."""
-        texts = (self.subject, self.username, self.method, self.display_name, self.email,
-                 self.account_state, self.password_state)
-        if not all(type(text) is str for text in texts):
+        if not (type(self.subject) is type(self.username) is type(self.method) is type(self.display_name)
+                is type(self.email) is type(self.account_state) is type(self.password_state) is str):
             return "a field that is not text (subject, username, method, display_name, email)"
-        if not isinstance(self.groups, (tuple, list)) or not all(type(group) is str for group in self.groups):
+        groups = self.groups
+        if not isinstance(groups, (tuple, list)) or not all(type(group) is str for group in groups):
             return "groups that are not a tuple of texts"
         if not isinstance(self.claims, Mapping):
             return "claims that are not a mapping"
