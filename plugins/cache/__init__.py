@@ -58,7 +58,7 @@ from gateway.model import address_text, canonical_username, folded_username
 from gateway.plugins.cache.cli import cache_command
 from gateway.plugins.cache.hot import HotCache
 from gateway.plugins.cache.keys import KeyFileError, key_file_problem, sources
-from gateway.plugins.cache.offline import OfflineCache
+from gateway.plugins.cache.offline import ALIAS_HASH, OfflineCache
 from gateway.plugins.cache.settings import CacheSettings
 from gateway.plugins.cache.store import SQLiteStore, StoreError
 from gateway.plugins.cache.tally import EntryTally
@@ -120,7 +120,10 @@ class CachePlugin:
     def _count_entries(self) -> int:
         store = self.offline.store
         # SQLite counts in one statement; Redis has no per-prefix count, so its entries are scanned.
-        return store.count() if isinstance(store, SQLiteStore) else sum(1 for _ in store.scan())
+        # Rows of another login name only point at an account's entry: not counted.
+        if isinstance(store, SQLiteStore):
+            return store.count(ALIAS_HASH)
+        return sum(1 for entry in store.scan() if entry.password_hash != ALIAS_HASH)
 
     # -- per attempt -----------------------------------------------------------------------------------
 
@@ -180,8 +183,12 @@ class CachePlugin:
             if decision.from_cache:  # a hot hit: nothing to learn or forget, the store untouched
                 return decision
             if self._hot_eligible(attempt) and self.offline.cacheable(attempt, decision):
+                # Forgotten under the directory's own username too: a refusal of the account seen
+                # under it (another login name, a Kerberos or certificate lookup) ends this hit.
+                account = decision.identity.username
                 self.hot.put(self._hot_token(attempt), attempt.user_key, decision.identity, decision.step,
-                             self._hot_answer(decision.identity, decision.answered_by), decision.answered_by)
+                             self._hot_answer(decision.identity, decision.answered_by), decision.answered_by,
+                             also=(folded_username(account),) if account else ())
             self.tally.changed()  # it may have learned or forgotten a user: recount on the tally's thread
             return self.offline.after_chain(attempt, decision)
         except Exception:  # the cache must never turn a live decision into an error

@@ -57,6 +57,9 @@ class _Report:
         bound = hash_bound(self.document, entry.password_hash) if self.document is not None else None
         if self.document is None:
             self.state = "unreadable (written with other keys)"
+        elif "alias_of" in self.document:
+            # Another login name of an account: its entry, under the directory's username, answers.
+            self.state = f"another name of {printable(str(self.document['alias_of']))} (whose entry answers)"
         elif sealed_at is None or bound is None:
             self.state = "not used offline (written by an older version; the next live login replaces it)"
         elif sealed_at != entry.stored_at:
@@ -74,7 +77,9 @@ class _Report:
 
     @property
     def username(self) -> str:
-        return printable(self.document["username"]) if self.document else f"? ({self.entry.key[:12]}...)"
+        if not self.document:
+            return f"? ({self.entry.key[:12]}...)"
+        return printable(str(self.document.get("username", "(another name)")))
 
 
 def _keys(cache: OfflineCache) -> CacheKeys | None:
@@ -132,8 +137,8 @@ def _purge(cache: OfflineCache, username: str | None, expired: bool) -> int:
     # that the directory accepted before the operator disabled the account may still be
     # hashing, and would otherwise write the entry back after the purge (review of purge).
     if username is not None:
-        keys = _keys(cache)
-        deleted = keys is not None and cache.store.forget(keys.row_key(cache.user_key(username)), time.time())
+        # Another login name of an account forgets the account's entry too (OfflineCache.forget_now).
+        deleted = _keys(cache) is not None and cache.forget_now(username, time.time())
         print(f"deleted the entry for {printable(username)}" if deleted else f"no entry for {printable(username)}")
         return EXIT_OK if deleted else EXIT_FAILED
     removed = cache.purge_expired() if expired else cache.store.forget_all(time.time())

@@ -32,7 +32,9 @@ __all__ = ["HotCache"]
 class _Hit:
     expires: float
     identity: Identity
-    user_key: str
+    #: The user keys a refusal forgets this hit under: the name given, and the directory's own
+    #: username when the user logged in under another name of the account (a mail address).
+    user_keys: tuple[str, ...]
     #: The chain step that decided when the success was remembered: the hit stands in for it.
     step: str = ""
     #: What the cache answers for this hit, made once when it is remembered (decisions are
@@ -92,16 +94,20 @@ class HotCache:
             return hit
 
     def put(self, token: bytes, user_key: str, identity: Identity, step: str = "", answer: Any = None,
-            answered_by: str = "") -> None:
+            answered_by: str = "", also: tuple[str, ...] = ()) -> None:
+        """Remember a success for *token*, forgotten by :meth:`forget_user` under *user_key* and
+        under each key in *also*."""
+        user_keys = tuple(dict.fromkeys((user_key, *also)))
         with self._lock:
             old = self._entries.pop(token, None)
             if old is not None:
-                self._unindex(token, old.user_key)
-            self._entries[token] = _Hit(self._clock() + self.ttl, identity, user_key, step, answer, answered_by)
-            self._by_user.setdefault(user_key, set()).add(token)
+                self._unindex(token, old.user_keys)
+            self._entries[token] = _Hit(self._clock() + self.ttl, identity, user_keys, step, answer, answered_by)
+            for key in user_keys:
+                self._by_user.setdefault(key, set()).add(token)
             while len(self._entries) > self.max_entries:
                 oldest, hit = self._entries.popitem(last=False)
-                self._unindex(oldest, hit.user_key)
+                self._unindex(oldest, hit.user_keys)
 
     def discard(self, token: bytes) -> None:
         """Drop one entry (its backend was revoked); nothing when it is gone already."""
@@ -115,7 +121,9 @@ class HotCache:
         with self._lock:
             tokens = self._by_user.pop(user_key, set())
             for token in tokens:
-                self._entries.pop(token, None)
+                hit = self._entries.pop(token, None)
+                if hit is not None:
+                    self._unindex(token, hit.user_keys)
             return len(tokens)
 
     def clear(self) -> None:
@@ -125,11 +133,12 @@ class HotCache:
 
     def _drop(self, token: bytes, hit: _Hit) -> None:
         self._entries.pop(token, None)
-        self._unindex(token, hit.user_key)
+        self._unindex(token, hit.user_keys)
 
-    def _unindex(self, token: bytes, user_key: str) -> None:
-        tokens = self._by_user.get(user_key)
-        if tokens is not None:
-            tokens.discard(token)
-            if not tokens:
-                del self._by_user[user_key]
+    def _unindex(self, token: bytes, user_keys: tuple[str, ...]) -> None:
+        for user_key in user_keys:
+            tokens = self._by_user.get(user_key)
+            if tokens is not None:
+                tokens.discard(token)
+                if not tokens:
+                    del self._by_user[user_key]

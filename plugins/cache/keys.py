@@ -163,10 +163,20 @@ class CacheKeys:
         document = identity.to_json()
         document.pop("authenticated_at", None)
         document["step"] = step
-        document["stored_at"] = stored_at
-        document["hash_sha256"] = _hash_digest(password_hash)
         if answered_by:
             document["answered_by"] = answered_by
+        return self._seal(row_key, document, stored_at, password_hash)
+
+    def seal_alias(self, row_key: str, account: str, step: str, stored_at: float, *, password_hash: str) -> bytes:
+        """The sealed document of a row that only names the account's own row: *account* is the
+        username the directory gave (``Identity.username``) when the user logged in live under
+        another name (a mail address, a userPrincipalName). Sealed like an entry (the row key is
+        the associated data), so a writer of the store cannot point one name at another account."""
+        return self._seal(row_key, {"alias_of": account, "step": step}, stored_at, password_hash)
+
+    def _seal(self, row_key: str, document: dict, stored_at: float, password_hash: str) -> bytes:
+        document["stored_at"] = stored_at
+        document["hash_sha256"] = _hash_digest(password_hash)
         plaintext = json.dumps(document, separators=(",", ":"), default=str).encode("utf-8")
         nonce = secrets.token_bytes(12)  # random 96-bit nonces: NIST SP 800-38D section 8.2.2
         return nonce + self.aead.encrypt(nonce, plaintext, self._aad(row_key))

@@ -3,7 +3,10 @@
 The rules (DESIGN.md section 3, docs/plugins/cache.md):
 
 * a live SUCCESS of a password attempt, decided by a step listed in ``methods``, stores the
-  argon2id hash of the peppered password and the sealed identity;
+  argon2id hash of the peppered password and the sealed identity under the account's own
+  username (``Identity.username``); logged in under another name of the account (a mail
+  address, a userPrincipalName), that name's row only points at the account's, so a refusal
+  under any name of an account reaches its one entry;
 * a live INVALID_CREDENTIALS, ACCOUNT_STATE or USER_NOT_FOUND for a username deletes its entry,
   so a password the directory has refused never works offline again (with a short-lived
   "forgotten at" marker, so a write of an older login already under way cannot re-create it);
@@ -52,7 +55,7 @@ from gateway.plugins.cache.settings import CacheSettings
 from gateway.plugins.cache.store import AT_LIMIT, FUTURE_TOLERANCE, GONE, Entry, SQLiteStore, Store, StoreError
 from gateway.slots import FairSlots, usable_cpus
 
-__all__ = ["OfflineCache", "make_store", "normalise"]
+__all__ = ["ALIAS_HASH", "OfflineCache", "make_store", "normalise"]
 
 SQLITE_FILE = "cache.sqlite3"
 _MEMO_LIMIT = 100_000
@@ -68,6 +71,8 @@ _RETRY_ROUND = 5.0
 _RETRY_BATCH = 256
 
 _SALT_LEN, _HASH_LEN = 16, 32
+#: The hash column of a row that only names the row of the account (:meth:`OfflineCache._point`).
+ALIAS_HASH = "alias"
 #: Refused passwords waiting to be compared with the cached one (:meth:`OfflineCache.refused`).
 #: Beyond it (a flood of wrong passwords for cached users) an entry is forgotten at once, as
 #: before the comparison existed: fail closed, bounded work.
@@ -232,11 +237,20 @@ class OfflineCache:
         """Store a live success; False when skipped or failed (the live decision stands anyway).
         *answered_by* (the backend of *step* that vouched) is sealed with it; a later success
         with the same password and profile within ``refresh_after`` keeps the entry, and the
-        name of the backend that vouched first."""
+        name of the backend that vouched first.
+
+        The entry is the account's: it is stored under the username the directory gave
+        (``identity.username``). A login under another name of the account (a mail address, a
+        userPrincipalName) stores the entry there and, under the name given,
+        a row that only points at it. So one account has one entry whatever name it logs in
+        with: a password changed, or an account refused, under any of its names is refused
+        under all (review of the cache, third round)."""
         try:
             keys = self.keys()
-            user_key = self.user_key(credential.username)
+            name_key = self.user_key(credential.username)
+            user_key = self.user_key(identity.username) if identity.username else name_key
             row_key = keys.row_key(user_key)
+            alias_row = keys.row_key(name_key) if name_key != user_key else None
             now = time.time()
             mark = self._credential_mark(row_key, credential.password, identity, step)
             memo = self._memo.get(row_key)
@@ -248,6 +262,8 @@ class OfflineCache:
                 current = self.store.get(row_key)
                 if (current is not None and current.kid == keys.kid and current.failures == 0
                         and current.stored_at >= memo[1] and self.usable_hash(current.password_hash)):
+                    if alias_row is not None:
+                        self._point(keys, alias_row, identity.username, step, now)
                     return False
             if not self._hash_slots.acquire(timeout=max(0.0, attempt.time_left() - 0.05)):
                 self.log.warning("credential cache: no hashing slot before the deadline; %s not stored",
@@ -258,6 +274,10 @@ class OfflineCache:
             finally:
                 self._hash_slots.release()
             sealed = keys.seal(row_key, identity, step, now, answered_by, password_hash=password_hash)
+            if alias_row is not None:
+                # The pointer first: a refusal under the name given that reads it meanwhile
+                # forgets the account's row too, and its marker refuses the entry's write below.
+                self._point(keys, alias_row, identity.username, step, now)
             self._retry_forget(row_key, self._kept(row_key))  # a refusal the store did not take yet goes first
             self.store.put(Entry(row_key, keys.kid, password_hash, sealed, now))
             with self._lock:
@@ -273,28 +293,107 @@ class OfflineCache:
             self._failed("storing a live login", exc)
             return False
 
+    def _point(self, keys: CacheKeys, alias_row: str, account: str, step: str, now: float) -> None:
+        """Write the row of another name of *account*: it names the account's row and holds no
+        password hash (:data:`ALIAS_HASH` is no argon2 hash: nothing verifies against it)."""
+        self._retry_forget(alias_row, self._kept(alias_row))
+        sealed = keys.seal_alias(alias_row, account, step, now, password_hash=ALIAS_HASH)
+        self.store.put(Entry(alias_row, keys.kid, ALIAS_HASH, sealed, now))
+
+    def _resolve(self, keys: CacheKeys, row_key: str, user_key: str, entry: Entry | None,
+                 ) -> tuple[str, str, Entry | None, dict | None]:
+        """The account behind *entry* (the row of *user_key*): ``(user_key, row_key, entry,
+        document)`` of the row that holds the password hash. A pointer row (:meth:`_point`) is
+        followed once (its own sealed time and hash checked as an entry's are; never a pointer
+        to a pointer). ``document`` is None when nothing usable is there: an entry of another
+        account under this name (written by a version that stored each name's own entry, or
+        put there by a writer of the store) included. Raises StoreError."""
+        document = self._opened(keys, row_key, entry)
+        if document is None:
+            return user_key, row_key, entry, None
+        if "alias_of" not in document:
+            if not self._own(document, user_key):
+                return user_key, row_key, entry, None  # another account's entry: never answered under this name
+            return user_key, row_key, entry, document
+        stored_at = sealed_time(document)
+        if (stored_at is None or stored_at != entry.stored_at or time.time() - stored_at > self.settings.max_age
+                or entry.password_hash != ALIAS_HASH or not hash_bound(document, entry.password_hash)):
+            return user_key, row_key, entry, None
+        account_key = self.user_key(str(document["alias_of"]))
+        if account_key == user_key:
+            return user_key, row_key, entry, None
+        account_row = keys.row_key(account_key)
+        account_entry = self.store.get(account_row)
+        account_document = self._opened(keys, account_row, account_entry)
+        if account_document is None or "alias_of" in account_document or not self._own(account_document, account_key):
+            return account_key, account_row, account_entry, None
+        return account_key, account_row, account_entry, account_document
+
+    def _own(self, document: dict, user_key: str) -> bool:
+        """Whether an entry's sealed identity is the account of the row of *user_key* (an identity
+        without a username is stored under the name given)."""
+        username = str(document.get("username", ""))
+        return not username or self.user_key(username) == user_key
+
+    def _account_row(self, keys: CacheKeys, row_key: str) -> str | None:
+        """The account row a pointer row *row_key* names (None: not a readable pointer). Raises
+        StoreError."""
+        document = self._opened(keys, row_key, self.store.get(row_key))
+        if document is None or "alias_of" not in document:
+            return None
+        account_row = keys.row_key(self.user_key(str(document["alias_of"])))
+        return account_row if account_row != row_key else None
+
     def forget(self, username: str) -> bool:
-        """Delete a username's entry after the directory refused it. When the store does not
-        take it, the refusal is kept (in this process and in the state directory: a tombstone),
-        so that this instance does not answer the user offline, and the deletion is retried in
-        the background until it lands (:meth:`retry_forgets`): other workers and instances
-        sharing the store could answer the refused password offline until then."""
+        """Delete a username's entry after the directory refused it, and the entry of the
+        account it names when it is another name of an account (a pointer row: the refusal is
+        the account's). When the store does not take it, the refusal is kept (in this process
+        and in the state directory: a tombstone), so that this instance does not answer the user
+        offline, and the deletion is retried in the background until it lands
+        (:meth:`retry_forgets`): other workers and instances sharing the store could answer the
+        refused password offline until then."""
         try:
-            row_key = self.row_key(username)
+            keys = self.keys()
+            row_key = keys.row_key(self.user_key(username))
         except KeyFileError as exc:
             self._failed("deleting an entry", exc)
             return False
         at = time.time()
         with self._lock:
             self._memo.pop(row_key, None)
+        account_row = None
         try:
-            deleted = self.store.forget(row_key, at)
+            account_row = self._account_row(keys, row_key)
+            deleted = self._forget_rows(row_key, account_row, at)
             self._ok()
             return deleted
         except StoreError as exc:
             self._failed("deleting an entry the directory refused (retried until the store takes it)", exc)
-            self._keep_pending(row_key, at)
+            # The retry of the name's row finds the pointer again (it is deleted last); the
+            # account's row, when known, is kept too, so that no worker here answers it meanwhile.
+            for key in (row_key, account_row):
+                if key is not None:
+                    self._keep_pending(key, at)
             return False
+
+    def _forget_rows(self, row_key: str, account_row: str | None, at: float, older_only: bool = False) -> bool:
+        """``store.forget`` *row_key* and, when it is another name's row, *account_row*, the
+        account's row it points at (:meth:`_account_row`): the account's first, so that a failure
+        in between leaves the pointer for the retry to follow. Raises StoreError."""
+        deleted = False
+        if account_row is not None:
+            with self._lock:
+                self._memo.pop(account_row, None)
+            deleted = self.store.forget(account_row, at, older_only)
+        return self.store.forget(row_key, at, older_only) or deleted
+
+    def forget_now(self, username: str, at: float) -> bool:
+        """The operator's purge of one user (``authgw cache purge USER``): as :meth:`forget`, the
+        account's entry too when *username* is another name of it, but a store error is raised
+        (the command says so) rather than kept for a retry. Raises StoreError, KeyFileError."""
+        keys = self.keys(create=False)
+        row_key = keys.row_key(self.user_key(username))
+        return self._forget_rows(row_key, self._account_row(keys, row_key), at)
 
     # -- deletions the store did not take ------------------------------------------------------------
 
@@ -389,8 +488,8 @@ class OfflineCache:
                     done.add(key)
                     if at >= horizon:
                         try:
-                            self.store.forget(key, at, older_only=True)
-                        except StoreError as exc:
+                            self._forget_rows(key, self._account_row(self.keys(), key), at, older_only=True)
+                        except (StoreError, KeyFileError) as exc:
                             self.store_error = str(exc)
                             self.log.debug("credential cache: a deletion the store did not take failed again: %s",
                                            exc)
@@ -405,6 +504,15 @@ class OfflineCache:
         finally:
             self._retry_round.release()
 
+    def _nothing_kept(self, row_key: str) -> bool:
+        """True when no refusal of *row_key* waits for the store; else it is retried now and the
+        answer is False (whether the retry lands or not). Raises StoreError."""
+        kept = self._kept(row_key)
+        if kept is None:
+            return True
+        self._retry_forget(row_key, kept)
+        return False
+
     def _kept(self, row_key: str) -> float | None:
         """When *row_key*'s refusal the store did not take was made, if one is kept (by this
         worker, or by any in the state directory). Raises StoreError when the file cannot tell."""
@@ -418,8 +526,8 @@ class OfflineCache:
         if at is None:
             return True
         try:
-            self.store.forget(row_key, at, older_only=True)
-        except StoreError as exc:
+            self._forget_rows(row_key, self._account_row(self.keys(), row_key), at, older_only=True)
+        except (StoreError, KeyFileError) as exc:
             self._failed("deleting an entry the directory refused (retried)", exc)
             return False
         self._landed(row_key, at)
@@ -493,7 +601,12 @@ class OfflineCache:
             return
         if entry is None:
             return
-        document = self._opened(keys, row_key, entry)
+        try:
+            user_key, row_key, entry, document = self._resolve(keys, row_key, user_key, entry)
+        except StoreError as exc:
+            self._failed("reading the entry of the account the directory refused a password of", exc)
+            self.forget(username)
+            return
         if (document is None or not hash_bound(document, entry.password_hash)
                 or not self.usable_hash(entry.password_hash)):
             self.forget(username)  # not usable offline anyway
@@ -548,16 +661,20 @@ class OfflineCache:
                 return unavailable
             # A refusal of this user the store did not take (kept by any worker of this instance):
             # no answer from the entry it was meant to delete, whether the retry lands now or not.
-            kept = self._kept(row_key)
-            if kept is not None:
-                self._retry_forget(row_key, kept)
+            if not self._nothing_kept(row_key):
                 return unavailable
             entry = self.store.get(row_key)
+            # Another name of an account: the account's own row answers, and whatever holds
+            # that row back (a refusal being compared or kept) holds this name back too.
+            name_key = user_key
+            user_key, row_key, entry, document = self._resolve(keys, row_key, name_key, entry)
+            if user_key != name_key and (not self.rechecked(attempt.time_left() - 0.05, user_key)
+                                         or not self._nothing_kept(row_key)):
+                return unavailable
             self._ok()
         except (StoreError, KeyFileError) as exc:
             self._failed("an offline lookup", exc)
             return unavailable
-        document = self._opened(keys, row_key, entry)
         if document is None:
             return unavailable
         stored_at = sealed_time(document)

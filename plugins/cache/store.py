@@ -270,9 +270,10 @@ class SQLiteStore:
             return self._run("DELETE FROM entries").rowcount
         return self._run("DELETE FROM entries WHERE stored_at < ?", (older_than,)).rowcount
 
-    def count(self) -> int:
-        """How many entries are stored (for the readiness line; never on an attempt's path)."""
-        return self._run("SELECT count(*) FROM entries").fetchone()[0]
+    def count(self, but_hash: str | None = None) -> int:
+        """How many entries are stored (for the readiness line; never on an attempt's path),
+        not counting those whose hash column is *but_hash*."""
+        return self._run("SELECT count(*) FROM entries WHERE hash IS NOT ?", (but_hash,)).fetchone()[0]
 
     def probe(self) -> str:
         probe = Entry(_PROBE_KEY, "probe", "probe", b"probe", time.time())
