@@ -152,6 +152,8 @@ class LinkPlugin:
             print(f"connector {enrolment.connector} of connection {enrolment.connection}\n"
                   f"link      {enrolment.link_url}\n"
                   f"expires   {enrolment.certificate.not_valid_after_utc:%Y-%m-%d %H:%M:%SZ}")
+            if enrolment.key_warning:
+                print(f"warning: {enrolment.key_warning}", file=sys.stderr)
             return 0
 
         return [Command("link", "this connector's enrolment at a relay", add_arguments, run)]

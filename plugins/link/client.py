@@ -39,7 +39,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 
-from gateway import Attempt, BackendUnavailable, PasswordCredential
+from gateway import Attempt, BackendUnavailable
 from gateway.chain import SERVICE_CALLER
 from gateway.checks import run_selftest
 from gateway.logs import RateLimitedWarning, printable
@@ -275,7 +275,7 @@ class LinkClient:
 
     async def run(self) -> None:
         failures = 0
-        said = ""
+        said = warned = ""
         loop = asyncio.get_running_loop()
         while True:
             if not await loop.run_in_executor(None, self._may_dial):
@@ -294,6 +294,9 @@ class LinkClient:
                            "re-enrol with a new ticket (authgw link enroll TICKET_URL)")
             if enrolment is not None:
                 self.status.certificate_not_after = enrolment.not_after
+                if enrolment.key_warning and enrolment.key_warning != warned:
+                    log.warning("link: %s", enrolment.key_warning)  # once, and again should it change
+                warned = enrolment.key_warning
             if problem:
                 if problem != said:
                     log.error("link: %s", problem)
@@ -601,12 +604,17 @@ class LinkClient:
             if getattr(client, "scope_id", None) is not None:  # fe80::1%<any text>: audited and keyed on
                 raise proto.ProtocolError("bad_request", "`client` must be an IP address without a zone",
                                           message.id)
+            # Checked as every front door checks a typed name and password, before the chain: an
+            # empty password (an anonymous bind), one over 1 KiB, or a name empty or over 256 bytes
+            # once canonicalised went from the relay to every step (review of the connector's side
+            # of the link). Refused the same way, audited, never throttled.
+            credential, refused = self.door.password_credential(username, password)
             attempt = Attempt(request_id=self.door.request_ids.next(), client=client, front_door="link",
                               deadline=time.monotonic() + min(self._time_left(message), proto.MAX_AHEAD),
-                              password=PasswordCredential(username, password), peer=None)
+                              password=credential, peer=None)
             if body.get("front_door") == "api":  # the relay's API: its `client` is a portal, not a user's
                 attempt.stash[SERVICE_CALLER] = True
-            decision = await self.door.decide(attempt)
+            decision = await self.door.decide(attempt, refused)
             return {"outcome": decision.outcome.value, "reason": decision.reason, "step": decision.step,
                     "from_cache": decision.from_cache,
                     "identity": _identity_json(decision.identity) if decision.identity else None}
@@ -695,13 +703,18 @@ class LinkClient:
                     None, (enrolment.directory / "relay-ca.pem").read_bytes)
                 check_renewed(cert, enrolment, x509.load_pem_x509_certificate(relay_ca), self._clock(),
                               self.settings.max_clock_skew)
+                # Stored within the retry: a write that failed (a full disk, a read-only or
+                # damaged state directory) ended this task without a word, and no renewal was
+                # tried again while the link lasted, until the certificate expired under it
+                # (review of the connector's side of the link).
+                await asyncio.get_running_loop().run_in_executor(
+                    None, state.write_file, enrolment.directory / "cert.pem",
+                    cert.public_bytes(serialization.Encoding.PEM))
             except Exception as exc:  # the old certificate stays: a bad one stored would end the link for good
                 log.error("link: certificate renewal failed (%s); it expires at %s; retrying in %.0fs", exc,
                           enrolment.certificate.not_valid_after_utc.isoformat(), self.settings.backoff_max)
                 await asyncio.sleep(self.settings.backoff_max)
                 continue
-            await asyncio.get_running_loop().run_in_executor(
-                None, state.write_file, enrolment.directory / "cert.pem", cert.public_bytes(serialization.Encoding.PEM))
             enrolment = dataclasses.replace(enrolment, certificate=cert)
             self.status.certificate_not_after = enrolment.not_after
             log.info("link: certificate renewed over the link, valid until %s", cert.not_valid_after_utc.isoformat())

@@ -22,6 +22,7 @@ import http.client
 import json
 import re
 import ssl
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -42,6 +43,8 @@ _MAX_ANSWER = 64 * 1024
 #: Characters of the relay's words (an error's detail, its connector id, link URL) shown.
 _MAX_WORDS = 200
 _TIMEOUT = 15.0
+#: Seconds one request of enrolment may take in all (connection, TLS, the whole answer).
+_DEADLINE = 30.0
 #: What the relay accepts as a ticket token (plugins/relay/endpoints.py, ``_token``).
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{20,100}")
 _BAD_URL = ("a ticket URL looks like https://relay.example/p/TOKEN (HTTPS only, no user name or password, a token of "
@@ -90,13 +93,41 @@ class _SeenCertificates(urllib.request.HTTPSHandler):
 
 
 def _call(url: str, handler: _SeenCertificates, body: dict | None = None) -> dict:
+    """One request of enrolment, answered within :data:`_DEADLINE` seconds in all. urllib's
+    timeout bounds each read, not the answer: a relay (or what answers in its place) sending a
+    byte every few seconds held ``authgw link enroll`` for hours (review of the connector's side
+    of the link). The request runs on a thread of its own, left behind when it is given up on
+    (the command ends, and the thread with it)."""
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["answer"] = _exchange(url, handler, body)
+        except BaseException as exc:  # noqa: BLE001 - raised again on the caller's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, name="authgw-enrol", daemon=True)
+    thread.start()
+    thread.join(_DEADLINE)
+    if thread.is_alive():
+        raise EnrolError(f"the relay at {urlsplit(url).netloc.rpartition('@')[2]} did not answer within "
+                         f"{_DEADLINE:.0f}s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["answer"]
+
+
+def _exchange(url: str, handler: _SeenCertificates, body: dict | None) -> dict:
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, method="GET" if body is None else "POST",
                                      headers={"Accept": "application/json", "Content-Type": "application/json"})
     opener = urllib.request.build_opener(handler, _NoRedirects())
     try:
         with opener.open(request, timeout=_TIMEOUT) as response:
-            return json.loads(response.read(_MAX_ANSWER))
+            answer = json.loads(response.read(_MAX_ANSWER))
+        if not isinstance(answer, dict):  # a list or a string: `.get` raised, a traceback for the operator
+            raise ValueError("not the JSON object it answers")
+        return answer
     except urllib.error.HTTPError as exc:
         try:
             problem = json.loads(exc.read(_MAX_ANSWER))
@@ -147,8 +178,10 @@ def enroll(ticket_url: str, state_dir: Path, ca_file: Path | None = None) -> str
     https = _SeenCertificates(context)
     info = _call(ticket_url, https)
     connector = info.get("connector")
-    if not isinstance(connector, str) or not connector:
-        raise EnrolError("the relay's ticket information names no connector")
+    # A certificate's CN holds 1-64 characters: a longer id raised from the CSR builder, a
+    # traceback (review of the connector's side of the link). The relay's ids are far shorter.
+    if not isinstance(connector, str) or not 0 < len(connector) <= 64 or not connector.isprintable():
+        raise EnrolError("the relay's ticket information names no connector (an id of 1-64 printable characters)")
 
     key = ec.generate_private_key(ec.SECP256R1())
     csr = (x509.CertificateSigningRequestBuilder()

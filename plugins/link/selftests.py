@@ -52,6 +52,9 @@ def selftests(plugin) -> list[SelfTest]:
         if enrolment.not_after <= now:
             return CheckResult.fail(f"the link certificate expired at {_when(enrolment.not_after)}: {_REENROL}",
                                     "an expired certificate cannot be renewed over the link")
+        if enrolment.key_warning:
+            return CheckResult.warn(f"{detail}; {enrolment.key_warning}", "key.pem must be readable by authgw's user "
+                                    "alone (chmod 600, chown to that user)")
         if enrolment.renew_at <= now:
             return CheckResult.warn(detail + "; renewal is due", "the connector renews over the live link: "
                                     "is `authgw serve` running and linked?")

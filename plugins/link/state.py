@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import ssl
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from cryptography.x509.oid import NameOID
 
 from gateway.files import write_atomic, write_beside
 
-__all__ = ["Enrolment", "EnrolmentDamaged", "directory", "load", "write_enrolment", "write_file"]
+__all__ = ["Enrolment", "EnrolmentDamaged", "directory", "key_exposure", "load", "write_enrolment", "write_file"]
 
 
 def directory(state_dir: Path) -> Path:
@@ -85,6 +86,9 @@ class Enrolment:
     has_server_ca: bool
     #: The relay's certificate at enrolment was the relay CA's: the link trusts that CA alone.
     pinned: bool = False
+    #: What is wrong with ``key.pem``'s permissions ("" when nothing): said by ``link status``,
+    #: ``authgw check`` and the log (:func:`key_exposure`).
+    key_warning: str = ""
 
     @property
     def not_before(self) -> float:
@@ -140,15 +144,43 @@ def load(state_dir: Path) -> Enrolment | None:
         return None
     try:
         info = json.loads((path / "link.json").read_text())
+        # Text, or every user of the enrolment fails its own way: `link status` printed a number
+        # as the link and exited 0, `authgw check` reported an AttributeError of its self-tests.
+        if not isinstance(info, dict) or not all(isinstance(info.get(name), str) and info[name]
+                                                 for name in ("link_url", "connection", "connector")):
+            raise ValueError("link.json does not name the link URL, connection and connector as text")
         cert = x509.load_pem_x509_certificate((path / "cert.pem").read_bytes())
         key = serialization.load_pem_private_key((path / "key.pem").read_bytes(), None)
         _check_together(cert, key, info)
         # An enrolment written before pinning (no "pinned") keeps the trust it had.
         return Enrolment(path, info["link_url"], info["connection"], info["connector"], cert, key,
-                         (path / "server-ca.pem").exists(), info.get("pinned") is True)
+                         (path / "server-ca.pem").exists(), info.get("pinned") is True,
+                         key_exposure(path / "key.pem"))
     except (OSError, ValueError, KeyError, TypeError) as exc:  # JSONDecodeError and PEM errors are ValueErrors
         raise EnrolmentDamaged(f"the enrolment in {path} is damaged ({exc.__class__.__name__}: {exc}); restore "
                                "its files, or enrol again: authgw link enroll TICKET_URL") from None
+
+
+def key_exposure(path: Path) -> str:
+    """What opens the private key at *path* to others than authgw's user, or ``""``.
+
+    Whoever reads ``key.pem`` can link as this connector: its hello replaces this connector's
+    link at the relay, which then sends it logins, their passwords sealed to that very key. Such
+    a key (restored from a backup, copied with ``cp``, 0644) was used without a word, where
+    conf.d's secret files are warned about (review of the connector's side of the link)."""
+    try:
+        info = path.stat()
+    except OSError:
+        return ""
+    problems = []
+    if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        problems.append(f"is open to group or others (mode {stat.S_IMODE(info.st_mode):o}); chmod 600 {path}")
+    if info.st_uid not in (0, os.geteuid()):
+        problems.append(f"belongs to uid {info.st_uid}, not to the user authgw runs as; chown it")
+    if not problems:
+        return ""
+    return (f"the link's private key {path} " + "; it ".join(problems) + ". Whoever reads it can link as this "
+            "connector: enrol again (a new key) if someone may have")
 
 
 def _check_together(cert: x509.Certificate, key, info: dict) -> None:
