@@ -511,6 +511,11 @@ class GatewaySettings(PluginSettings):
                                   "(0: no watchdog; else at least 1; a new worker has at least 30 s to its "
                                   "first turn)")
     realm: str = Field("authgw", description="realm of the `WWW-Authenticate: Basic` challenge")
+    identity_headers: Literal["utf-8", "percent"] = Field(
+        "utf-8", description="how `/auth` writes the `Remote-*` values: `utf-8` as they are; `percent`: each byte "
+        "outside printable ASCII, and `%` (and `,` in a group name), percent-encoded (RFC 3986), for a backend "
+        "that reads headers as latin-1 (WSGI), where the UTF-8 of `х` or `Å` holds a byte it reads as white "
+        "space (docs/configuration.md)")
     state_dir: Path | None = Field(None, description="state directory (cache, keys); default "
                                    "`$XDG_DATA_HOME/authgw`; `--state-dir` overrides")
     strict: bool = Field(False, description="make permission warnings errors")

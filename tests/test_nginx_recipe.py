@@ -119,3 +119,31 @@ def test_a_user_in_hundreds_of_groups_gets_through_the_recipe(site):
     r = request(nginx.url, "GET", "/page", {"Authorization": basic("frank", "demo-password")})
     assert r.status == 200, (r.status, nginx.error_log()[-2000:])
     assert r.text.splitlines()[1].startswith("groups=[group-number-0000,") and "group-number-0299]" in r.text
+
+
+@pytest.mark.parametrize("mode", ["utf-8", "percent"])
+def test_identity_headers_percent_keeps_a_latin_1_backend_from_reading_white_space(site, mode):
+    """The UTF-8 of `х` is D1 85 and of `Р` D0 A0: a backend reading headers as latin-1 (WSGI)
+    reads NEL and NBSP there, and `str.split()` read `хadmins` as the group `admins` (left from
+    the reviews of the front doors). `identity_headers: percent` writes every byte outside
+    printable ASCII (and `%`, and `,` in a group name) percent-encoded; a group holding a comma
+    is then kept, not left out."""
+    from urllib.parse import unquote
+
+    gw, nginx = site(f"identity_headers: {mode}\n",
+                     users='  asa:\n    password_hash: "HASH"\n    display_name: "Åsa Р 100%"\n'
+                           '    email: "åsa@example.com"\n    groups: ["хadmins", "R&D, Europe", "ops"]\n')
+    r = request(nginx.url, "GET", "/page", {"Authorization": basic("asa", "demo-password")})
+    assert r.status == 200, r.body
+    as_wsgi = r.body.decode("latin-1")  # what a WSGI application is given
+    groups = re.search(r"groups=\[(.*?)\] email=\[(.*?)\] name=\[(.*?)\]", as_wsgi)
+    if mode == "utf-8":
+        words = [word for group in groups.group(1).split(",") for word in group.split()]
+        assert "admins" in words, "the problem this setting is for"
+        assert groups.group(1).encode("latin-1").decode() == "хadmins,ops"  # the comma's group left out
+        return
+    assert groups.group(1) == "%D1%85admins,R&D%2C Europe,ops", groups.group(1)
+    assert [unquote(g) for g in groups.group(1).split(",")] == ["хadmins", "R&D, Europe", "ops"]
+    assert "admins" not in [word for group in groups.group(1).split(",") for word in group.split()]
+    assert unquote(groups.group(2)) == "åsa@example.com" and unquote(groups.group(3)) == "Åsa Р 100%"
+    assert groups.group(1).isascii() and groups.group(3).isascii()

@@ -17,6 +17,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping
+from urllib.parse import quote
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
@@ -89,6 +90,36 @@ def _header_value(text: str, field: str = "") -> str:
 
 _groups_warning = RateLimitedWarning(logging.getLogger("authgw.http"))
 _token_warning = RateLimitedWarning(logging.getLogger("authgw.http"))
+
+#: What ``identity_headers: percent`` leaves as it is: printable ASCII but ``%`` and ``,``.
+_PERCENT_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) not in "%,")
+
+
+def _percent(text: str) -> str:
+    """*text* with each byte of its UTF-8 outside printable ASCII, and ``%`` and ``,``,
+    percent-encoded (RFC 3986 section 2.1): a backend reading the header as latin-1 (WSGI)
+    read the second byte of ``х`` (D1 85) as NEL, and ``str.split()`` split ``хadmins`` into a
+    group ``admins``; NBSP (A0, in ``Р`` and ``à``) likewise."""
+    return text if text.isascii() and "%" not in text and "," not in text else quote(text, safe=_PERCENT_SAFE)
+
+
+def _identity_headers(identity, percent: bool) -> dict[str, str]:
+    """The ``Remote-*`` headers of a signed-in identity (``identity_headers``)."""
+    if not percent:
+        return {"Remote-User": _header_value(identity.username, "user"),
+                "Remote-Groups": _groups_header(identity.groups),
+                "Remote-Email": _header_value(identity.email, "email"),
+                "Remote-Name": _header_value(identity.display_name, "name")}
+    # A value a control character keeps from being sent is sent empty (a group left out), as in
+    # utf-8; a comma in a group name is written %2C, so that group is kept.
+    groups = [g for g in identity.groups if len(g.translate(_UNSAFE)) == len(g)]
+    if len(groups) != len(identity.groups):
+        _groups_warning("control", "group name(s) %s hold a control character: left out of Remote-Groups",
+                        ", ".join(repr(g) for g in identity.groups if g not in groups)[:500])
+    return {"Remote-User": _percent(_header_value(identity.username, "user")),
+            "Remote-Groups": ",".join(_percent(_header_value(g, "groups")) for g in groups),
+            "Remote-Email": _percent(_header_value(identity.email, "email")),
+            "Remote-Name": _percent(_header_value(identity.display_name, "name"))}
 
 
 def _groups_header(groups: tuple[str, ...]) -> str:
@@ -236,13 +267,8 @@ class FrontDoor:
         headers = {"X-Request-Id": attempt.request_id, "Cache-Control": "no-store"}
         if decision.success:
             identity = decision.identity
-            headers.update({
-                "Remote-User": _header_value(identity.username, "user"),
-                "Remote-Groups": _groups_header(identity.groups),
-                "Remote-Email": _header_value(identity.email, "email"),
-                "Remote-Name": _header_value(identity.display_name, "name"),
-                "Remote-Auth-Source": "cache" if decision.from_cache else "live",
-            })
+            headers.update(_identity_headers(identity, self.gateway.settings.identity_headers == "percent"))
+            headers["Remote-Auth-Source"] = "cache" if decision.from_cache else "live"
             mutual = attempt.stash.get(MUTUAL_AUTH_KEY, None)
             if mutual:
                 headers["WWW-Authenticate"] = mutual
