@@ -43,7 +43,8 @@ def idp(tmp_path_factory, slapd):
     site = LoginSite(directory, slapd, CA.create(), login={"saml": {"service_providers": [
         sp_settings(slo_url=SLO), sp_settings(entity_id="https://other.example.test/", acs_urls=["https://other.example.test/acs"],
                                    name_id_format="persistent", name_id_source="username", attributes={},
-                                   sign_response=False, idp_initiated=True)]}})
+                                   sign_response=False, idp_initiated=True,
+                                   idp_initiated_relay_states=["/home"])]}})
     site.gw = site.start()
     site.metadata = site.client().get(f"{site.url}/saml/metadata").text
     yield site
@@ -121,6 +122,23 @@ def test_idp_initiated_only_where_allowed_and_unsigned_response_with_signed_asse
     assert "<ds:Signature" in base64.b64decode(fields["SAMLResponse"]).split(b"<saml:Assertion")[1].decode()
     result = other.accept(fields["SAMLResponse"], None)
     assert result.name_id == "alice" and result.name_id_format.endswith(":persistent")
+
+
+def test_an_idp_initiated_login_carries_only_a_relay_state_its_sp_lists(idp):
+    """Anyone can write `/saml/idp?sp=...&RelayState=https://evil.example/`, and SPs read the
+    RelayState as where to go after the login: the user was signed in at the SP, unsolicited,
+    and sent on to the attacker's page (left from an earlier review). Only the SP's
+    `idp_initiated_relay_states` pass, exactly; another is refused before any page."""
+    browser = idp.client()
+    idp.sign_in(browser, "alice", "Alice-pw-1")
+    for value in ("https://evil.example/", "/home/../../evil", "/HOME"):
+        page = browser.get(f"{idp.url}/saml/idp", params={"sp": "https://other.example.test/", "RelayState": value})
+        assert page.status_code == 400 and page.headers["X-Refused-Reason"] == "saml.relay_state_not_allowed", value
+        assert "SAMLResponse" not in page.text
+    action, fields = answer(browser.get(f"{idp.url}/saml/idp",
+                                        params={"sp": "https://other.example.test/", "RelayState": "/home"}))
+    assert action == "https://other.example.test/acs" and fields["RelayState"] == "/home"
+    assert "reason=saml.relay_state_not_allowed" in idp.gw.output()
 
 
 def test_rotation_moves_next_to_current_and_the_sp_still_trusts_it(idp, sp, slapd, tmp_path):

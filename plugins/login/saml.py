@@ -760,6 +760,11 @@ class SamlIdp:
             if not sp.idp_initiated:
                 raise Refused("saml.idp_initiated_refused", sp.entity_id[:200])
             relay_state = self.relay_state(request.query.get("RelayState"))
+            if relay_state and relay_state not in sp.idp_initiated_relay_states:
+                # Anyone can write this link, and SPs read RelayState as where to go after the
+                # login: `?RelayState=https://evil.example/` signed a user in at the SP and sent
+                # them on there (an open redirect by way of the SP), unsolicited.
+                raise Refused("saml.relay_state_not_allowed", relay_state[:200])
         except Refused as exc:
             return self.web.refused(request, exc)
         pending = {"protocol": "saml", "sp": sp.entity_id, "acs": sp.acs_urls[0], "request_id": "",

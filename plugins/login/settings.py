@@ -123,6 +123,9 @@ class SamlServiceProvider(PluginSettings):
         None, description="PEM certificate the SP signs its AuthnRequests with; when set, unsigned or badly "
         "signed requests are refused")
     idp_initiated: bool = Field(False, description="allow logins started here (`/saml/idp?sp=ENTITY_ID`)")
+    idp_initiated_relay_states: list[str] = Field(
+        [], description="the RelayState values a login started here may carry to this SP, exactly (an SP "
+        "reads it as where to go after the login, and anyone can write the link); another is refused")
     slo_url: str | None = Field(None, description="the SP's Single Logout endpoint (HTTP-POST binding): the "
                                 "LogoutResponse to its LogoutRequest is posted there, and so is a LogoutRequest "
                                 "when the user logs out elsewhere; without it the SP's LogoutRequests are refused")
