@@ -263,7 +263,13 @@ class OfflineCache:
                 if (current is not None and current.kid == keys.kid and current.failures == 0
                         and current.stored_at >= memo[1] and self.usable_hash(current.password_hash)):
                     if alias_row is not None:
-                        self._point(keys, alias_row, identity.username, step, now)
+                        # Written again only when this process has not written it within
+                        # refresh_after: a pointer another process deleted meanwhile (a refusal
+                        # there) stays deleted until then, which fails closed.
+                        seen = self._memo.get(alias_row)
+                        if (seen is None or seen[0] != _pointer_mark(identity.username)
+                                or now - seen[1] >= self.settings.refresh_after):
+                            self._point(keys, alias_row, identity.username, step, now)
                     return False
             if not self._hash_slots.acquire(timeout=max(0.0, attempt.time_left() - 0.05)):
                 self.log.warning("credential cache: no hashing slot before the deadline; %s not stored",
@@ -280,11 +286,7 @@ class OfflineCache:
                 self._point(keys, alias_row, identity.username, step, now)
             self._retry_forget(row_key, self._kept(row_key))  # a refusal the store did not take yet goes first
             self.store.put(Entry(row_key, keys.kid, password_hash, sealed, now))
-            with self._lock:
-                self._memo[row_key] = (mark, now)
-                self._memo.move_to_end(row_key)
-                while len(self._memo) > _MEMO_LIMIT:
-                    self._memo.popitem(last=False)
+            self._memorise(row_key, mark, now)
             self._ok()
             if now - self._last_purge > _PURGE_EVERY and isinstance(self.store, SQLiteStore):
                 self.purge_expired(now)  # Redis expires entries itself (PEXPIREAT)
@@ -299,6 +301,15 @@ class OfflineCache:
         self._retry_forget(alias_row, self._kept(alias_row))
         sealed = keys.seal_alias(alias_row, account, step, now, password_hash=ALIAS_HASH)
         self.store.put(Entry(alias_row, keys.kid, ALIAS_HASH, sealed, now))
+        self._memorise(alias_row, _pointer_mark(account), now)
+
+    def _memorise(self, row_key: str, mark: bytes, now: float) -> None:
+        """Note that this process wrote *row_key* (an entry with *mark*, or a pointer) at *now*."""
+        with self._lock:
+            self._memo[row_key] = (mark, now)
+            self._memo.move_to_end(row_key)
+            while len(self._memo) > _MEMO_LIMIT:
+                self._memo.popitem(last=False)
 
     def _resolve(self, keys: CacheKeys, row_key: str, user_key: str, entry: Entry | None,
                  ) -> tuple[str, str, Entry | None, dict | None]:
@@ -831,3 +842,8 @@ class OfflineCache:
                 self.last_offline_answer = time.time()  # wall clock, for the readiness line only
             return answered
         return decision
+
+
+def _pointer_mark(account: str) -> bytes:
+    """The memo's mark of a pointer row to *account* (an entry's mark is an HMAC: never this)."""
+    return b"alias\0" + account.encode("utf-8", "surrogatepass")
