@@ -230,14 +230,20 @@ def flood(site, browser, url: str, params: dict) -> tuple[int, object]:
     """GET *url* from *browser* until the first answer that is not one; (answers before, it)."""
     for served in range(FLOOD):
         answer = browser.get(url, params=params, allow_redirects=False, timeout=15)
-        if answer.status_code == 429:
+        if "X-Refused-Reason" in answer.headers:
             return served, answer
         assert answer.status_code in (200, 303), (answer.status_code, answer.headers.get("X-Refused-Reason"))
     pytest.fail(f"{FLOOD} answers from one session were all given")
 
 
 def assert_too_many(answer) -> None:
-    assert answer.status_code == 429 and answer.headers["X-Refused-Reason"] == "login.too_many_requests"
+    """429 (a SAML or WS-Federation request, a page); an OIDC authorization request, whose
+    redirect_uri is validated, is told at it (303, error=temporarily_unavailable)."""
+    if answer.status_code == 303:
+        assert "error=temporarily_unavailable" in answer.headers["Location"], answer.headers["Location"]
+    else:
+        assert answer.status_code == 429, answer.status_code
+    assert answer.headers["X-Refused-Reason"] == "login.too_many_requests"
     assert int(answer.headers["Retry-After"]) >= 1
     assert "code=" not in answer.headers.get("Location", "") and "SAMLResponse" not in answer.text
 

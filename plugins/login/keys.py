@@ -9,6 +9,9 @@
 * ``cookie.key``: 32 random bytes for the HMAC of session cookies and CSRF tokens (a shorter
   file, say a copy cut short, is refused at start: never an HMAC key anyone could guess).
 
+Each pair is checked at load: a key that is not its certificate's (a rotation cut short between
+the two files) stops the start or the reload, naming both files.
+
 They are made on first start under an exclusive ``flock`` (the master and every worker build
 the plugin). ``authgw saml rotate`` makes *next* current and a fresh *next*; the old current is
 kept as ``signing-previous.*``: :meth:`KeyStore.ensure` hands it on as the current pair's
@@ -96,9 +99,41 @@ class KeyStore:
         return self.directory / f"signing-{slot}.{ext}"
 
     def _load(self, slot: str) -> KeyPair:
-        key = serialization.load_pem_private_key(self._path(slot, "key").read_bytes(), None)
-        cert = x509.load_pem_x509_certificate(self._path(slot, "crt").read_bytes())
+        """The pair of *slot*; :class:`ValueError` naming both files when the key is not the
+        certificate's. A rotation cut short between its two files (a full disk, a crash: each is
+        replaced atomically, not both together) left a key that signed every SAML answer while
+        the metadata (and each answer's KeyInfo) carried the other key's certificate, and
+        nothing said so: every service provider refused the signatures (review of the web
+        layer). Fail closed, at start, at each reload (every worker loads the pairs again) and
+        before a rotation (which would carry the mismatch on into ``signing-previous``)."""
+        key_file, cert_file = self._path(slot, "key"), self._path(slot, "crt")
+        try:
+            key = serialization.load_pem_private_key(key_file.read_bytes(), None)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{key_file} is not an unencrypted PEM private key ({exc})") from None
+        try:
+            cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+        except ValueError as exc:
+            raise ValueError(f"{cert_file} is not a PEM certificate ({exc})") from None
+        if not isinstance(key, rsa.RSAPrivateKey):
+            raise ValueError(f"{key_file} is not an RSA key")
+        if cert.public_key() != key.public_key():
+            raise ValueError(f"{key_file} is not the key of {cert_file}: {self._mismatch_hint(slot, key)}")
         return KeyPair(key, cert)
+
+    def _mismatch_hint(self, slot: str, key) -> str:
+        """What to do with *slot*'s key that is not its certificate's, as far as the directory tells."""
+        for other in ("current", "next", "previous"):
+            path = self._path(other, "crt")
+            try:
+                found = other != slot and x509.load_pem_x509_certificate(path.read_bytes()).public_key() == \
+                    key.public_key()
+            except (OSError, ValueError):
+                continue
+            if found:
+                return (f"it is the key of {path.name} (a rotation cut short?); copy {path.name} over "
+                        f"{self._path(slot, 'crt').name}, or put back both files from a copy")
+        return "put back both files from a copy, or delete both to make a new pair (services must then be given it)"
 
     def _save(self, slot: str, pair: KeyPair) -> None:
         write_atomic(self._path(slot, "key"), pair.key_pem)

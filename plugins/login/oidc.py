@@ -246,6 +246,7 @@ class OidcProvider:
         web_door.answerable["oidc"] = self.answer_target
         web_door.redirects["oidc"] = self.redirect_of
         web_door.declined["oidc"] = self.login_required
+        web_door.unavailable["oidc"] = self.temporarily_unavailable
         web_door.logout_target = self.logout_target
         return [Route("GET", "/.well-known/openid-configuration", self.discovery),
                 Route("GET", "/oidc/jwks", self.jwks), Route("GET", "/oidc/authorize", self.authorize),
@@ -385,8 +386,7 @@ class OidcProvider:
                      exc.description, exc.pending["client_id"])
             return self.error_answer(exc.pending, exc.error, exc.description)
         if request.method == "POST":
-            key = self.web.sessions.park(pending, 600)
-            raise web.HTTPSeeOther(f"/login?req={key}", headers={"Cache-Control": "no-store"})
+            return await self.web.wait_at_login(request, pending, 600)
         return await self.web.begin(request, pending, 600)
 
     def answer_target(self, pending: dict) -> OidcClient:
@@ -410,6 +410,12 @@ class OidcProvider:
     async def login_required(self, request: web.Request, pending: dict) -> web.StreamResponse:
         """``prompt=none`` and no session may answer: the RP is told, no page is shown."""
         return self.error_answer(pending, "login_required")
+
+    async def temporarily_unavailable(self, request: web.Request, pending: dict) -> web.StreamResponse:
+        """The request cannot be served now (a spent budget, the session store or the directory
+        down): the RP is told at its validated ``redirect_uri`` (RFC 6749 section 4.1.2.1), no
+        page is shown."""
+        return self.error_answer(pending, "temporarily_unavailable")
 
     def error_answer(self, pending: dict, error: str, description: str = "") -> web.Response:
         fields = [("error", error)] + ([("error_description", description)] if description else [])

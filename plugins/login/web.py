@@ -37,7 +37,13 @@ spends a token of its *user's* budget (:meth:`LoginDoor.admit_answer`: the same
 ``sessions.requests_per_client``, kept per subject and worker apart from the addresses', so users
 behind one NAT do not share it), before the account check, the chain and any signature; past it
 429 (``login.too_many_requests``) and nothing is stored or signed. A person's few sign-ins a
-minute across services are far below it; one session cookie in a loop is not.
+minute across services are far below it; one session cookie in a loop is not. A validated request
+whose protocol can be told at its return address (:attr:`LoginDoor.unavailable`: OIDC's
+``error=temporarily_unavailable`` at the ``redirect_uri``) is answered there instead of with the
+429, or 503 when the store or the directory cannot be used (:meth:`LoginDoor._served`).
+
+``GET /logout`` ends nothing (any site can make a browser send it): it shows a signed-in user the
+Sign out button, anyone else the "signed out" page.
 
 An OIDC logout that does not prove it is the browser's own session's is confirmed by the user
 (:meth:`LoginDoor.confirm_logout`: the "signed in as" page and its Sign out button); where the
@@ -56,9 +62,10 @@ import time
 from collections import OrderedDict
 from contextvars import ContextVar
 from typing import Awaitable, Callable
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import unquote, urlencode, urlsplit
 
 from aiohttp import web
+from yarl import URL
 
 from gateway import BackendUnavailable, Decision, Identity, Outcome, SessionCredential
 from gateway.chain import AFTER_THE_CHAIN, PRECHECK_STEP, PRECHECKED
@@ -83,6 +90,11 @@ FRONT_DOOR = "login"
 Completer = Callable[[web.Request, dict, Session], Awaitable[web.StreamResponse]]
 #: Answers a pending request that may show no page (OIDC ``prompt=none``) when no session can.
 Declined = Callable[[web.Request, dict], Awaitable[web.StreamResponse]]
+#: Answers a validated pending request at its return address when it cannot be served now (its
+#: client's or user's budget spent, the session store or the directory unavailable), for a
+#: protocol that has such an answer: OIDC's ``error=temporarily_unavailable`` at the registered
+#: ``redirect_uri`` (RFC 6749 section 4.1.2.1, OIDC Core 3.1.2.6); see :meth:`LoginDoor.begin`.
+Unavailable = Callable[[web.Request, dict], Awaitable[web.StreamResponse]]
 #: Raises :class:`Refused` when a pending request can no longer be answered: a reload removed
 #: its client, service provider or return address while the user signed in.
 Answerable = Callable[[dict], None]
@@ -158,10 +170,20 @@ class AccountUncheckable(Exception):
 
 
 def _origin(url: str) -> str:
-    """The serialized origin of *url* (RFC 6454 section 6.1): scheme, host, non-default port."""
+    """The serialized origin of *url* (RFC 6454 section 6.1): scheme, host, non-default port; a
+    host name as a browser serializes it (WHATWG URL: percent-decoded, then UTS #46 ToASCII):
+    ``https://bücher.example`` is ``https://xn--bcher-kva.example``. CSP sources are ASCII (CSP 3
+    ``host-char``) and matched against that form, so a registered IDN address was left out of
+    ``form-action`` (or made it ``'none'``) and the browser blocked the answer (review of the web
+    layer). A host that cannot be encoded is returned as it was (and fails :data:`_CSP_ORIGIN`)."""
     parts = urlsplit(url)
     default = {"https": 443, "http": 80}.get(parts.scheme)
     host = parts.hostname or ""
+    if (not host.isascii() or "%" in host) and ":" not in unquote(host):  # (no IP literal is encoded)
+        try:
+            host = URL.build(scheme="https", host=unquote(host)).raw_host or host  # yarl: idna, UTS #46
+        except (ValueError, UnicodeError):
+            pass
     host = f"[{host}]" if ":" in host else host
     port = f":{parts.port}" if parts.port not in (None, default) else ""
     return f"{parts.scheme}://{host}{port}"
@@ -253,6 +275,7 @@ class LoginDoor:
         self.origin = _origin(settings.base_url)
         self.completers: dict[str, Completer] = {}
         self.declined: dict[str, Declined] = {}
+        self.unavailable: dict[str, Unavailable] = {}
         self.answerable: dict[str, Answerable] = {}
         self.redirects: dict[str, Redirect] = {}
         #: The Single Logout addresses ``POST /logout`` for a session may redirect the browser to
@@ -321,13 +344,25 @@ class LoginDoor:
 
         _spend(self.answer_limiter, session.identity.subject, who, "answers from a user's sessions a minute")
 
+    def _log_unserved(self, request: web.Request, exc: Exception) -> None:
+        """Log why *request* is not served now (:class:`ParkRefused`, a store error,
+        :class:`AccountUncheckable`), as briefly as a flood of them needs: a spent budget was
+        logged where it was spent (:func:`_spend`), the store's outage once a minute, the total
+        bound at most every 10 s."""
+        if isinstance(exc, ParkRefused):
+            if exc.status != 429 and time.monotonic() >= self._full_logged + 10:
+                self._full_logged = time.monotonic()
+                log.error("login requests not parked: reason=%s (client %s, and every new one for now): %s; logged "
+                          "at most every 10 s", exc.reason, request.remote, exc.detail)
+        elif isinstance(exc, AccountUncheckable):
+            log.error("login: nothing issued: %s", exc)
+        else:
+            _store_warning("store", "login session store unavailable: %s: %s", exc.__class__.__name__, exc)
+
     def not_parked(self, request: web.Request, exc: ParkRefused, json: bool) -> web.Response:
         """429 or 503 for a request that was not parked (:class:`ParkRefused`), with
         ``Retry-After`` and ``X-Refused-Reason``."""
-        if exc.status != 429 and time.monotonic() >= self._full_logged + 10:  # a flood is not logged whole
-            self._full_logged = time.monotonic()
-            log.error("login requests not parked: reason=%s (client %s, and every new one for now): %s; logged at "
-                      "most every 10 s", exc.reason, request.remote, exc.detail)
+        self._log_unserved(request, exc)
         headers = {"Retry-After": str(exc.retry_after), "X-Refused-Reason": exc.reason}
         if json:
             return web.json_response({"error": "temporarily_unavailable"}, status=exc.status,
@@ -391,10 +426,7 @@ class LoginDoor:
                                              status=400, headers={"Cache-Control": "no-store"})
                 return self.refused(request, exc)
             except (*STORE_ERRORS, AccountUncheckable) as exc:
-                if isinstance(exc, AccountUncheckable):
-                    log.error("login: nothing issued: %s", exc)
-                else:
-                    _store_warning("store", "login session store unavailable: %s: %s", exc.__class__.__name__, exc)
+                self._log_unserved(request, exc)
                 if json:
                     return web.json_response({"error": "temporarily_unavailable"}, status=503,
                                              headers={"Retry-After": "5", "Cache-Control": "no-store"})
@@ -507,19 +539,59 @@ class LoginDoor:
     async def begin(self, request: web.Request, pending: dict, lifetime: float) -> web.StreamResponse:
         """Continue a validated protocol request: at once with a live session that may answer it,
         else after ``/login`` (the request parked under a single-use id); a request that may show
-        no page (``prompt=none``) is declined instead."""
-        session = self.session(request)
-        if session is not None and self.reusable(session, pending):
-            self.admit_answer(session)  # before the account check, the chain and the answer
-            checked = await self.recheck(session, request)
-            if checked is not None:
-                return await self.completers[pending["protocol"]](request, pending, checked)
-            key = self.sessions.park(pending, lifetime)
-            return await self.end_and_go(request, session, f"/login?req={key}")
-        if pending.get("prompt_none"):
-            return await self.declined[pending["protocol"]](request, pending)
+        no page (``prompt=none``) is declined instead. One that cannot be served now is answered
+        as :meth:`_served` says."""
+        async def serve() -> web.StreamResponse:
+            session = self.session(request)
+            if session is not None and self.reusable(session, pending):
+                self.admit_answer(session)  # before the account check, the chain and the answer
+                checked = await self.recheck(session, request)
+                if checked is not None:
+                    return await self.completers[pending["protocol"]](request, pending, checked)
+                key = self.sessions.park(pending, lifetime)
+                return await self.end_and_go(request, session, f"/login?req={key}")
+            if pending.get("prompt_none"):
+                return await self.declined[pending["protocol"]](request, pending)
+            return self._to_login(pending, lifetime)
+
+        return await self._served(request, pending, serve)
+
+    async def wait_at_login(self, request: web.Request, pending: dict, lifetime: float) -> web.StreamResponse:
+        """Park a validated protocol request for ``/login`` and send the browser there, whatever
+        session it has (a cross-site POST, which carries no ``SameSite=Lax`` cookie: ``/login``
+        answers it from the session). One that cannot be parked now is answered as
+        :meth:`_served` says."""
+        async def serve() -> web.StreamResponse:
+            return self._to_login(pending, lifetime)
+
+        return await self._served(request, pending, serve)
+
+    def _to_login(self, pending: dict, lifetime: float) -> web.Response:
         key = self.sessions.park(pending, lifetime)
-        raise web.HTTPSeeOther(f"/login?req={key}", headers={"Cache-Control": "no-store"})
+        return web.Response(status=303, headers={"Location": f"/login?req={key}", "Cache-Control": "no-store"})
+
+    async def _served(self, request: web.Request, pending: dict,
+                      serve: Callable[[], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        """``serve()`` for validated *pending*; when it cannot be served now (the user's or the
+        client address's budget spent, the session store or the directory unavailable: nothing
+        was stored or signed) and its protocol answers that at the return address
+        (:attr:`unavailable`; the address was validated before *pending* was made), answered
+        there rather than with the 429/503 page of :meth:`guarded`: a relying party asking with
+        ``prompt=none`` (an iframe, a silent renewal) can show no page, and OAuth answers a
+        request whose ``redirect_uri`` is known at it (RFC 6749 section 4.1.2.1:
+        ``temporarily_unavailable``, "needed because a 503 ... cannot be returned to the client
+        via an HTTP redirect"; review of the web layer: it got the HTML page)."""
+        try:
+            return await serve()
+        except (ParkRefused, *STORE_ERRORS, AccountUncheckable) as exc:
+            unavailable = self.unavailable.get(pending["protocol"])
+            if unavailable is None:
+                raise  # the page of guarded()
+            self._log_unserved(request, exc)
+            response = await unavailable(request, pending)
+            if isinstance(exc, ParkRefused):
+                response.headers.update({"Retry-After": str(exc.retry_after), "X-Refused-Reason": exc.reason})
+            return response
 
     # -- /login -------------------------------------------------------------------------------------
 
@@ -557,7 +629,7 @@ class LoginDoor:
         return form_targets([target] if target else [])
 
     def _signed_in_page(self, request: web.Request, session: Session, then: str = "",
-                        after: str | None = None) -> web.Response:
+                        after: str | None = None, *, status: int = 200) -> web.Response:
         """"Signed in as", with the Sign out button; its ``form-action`` admits the Single Logout
         addresses ``POST /logout`` may redirect to first (:func:`form_targets`), and *after*,
         where a confirmed logout then goes (*then*: the :meth:`.SessionManager.hold` id of it)."""
@@ -565,7 +637,7 @@ class LoginDoor:
         name = session.identity.display_name or session.identity.username
         targets = self.logout_redirects(session) if self.logout_redirects is not None else []
         action = f"/logout?{urlencode({'then': then})}" if then else "/logout"
-        response = self.html(self.pages.message("signed_in", name=name, logout=action, csrf=token),
+        response = self.html(self.pages.message("signed_in", name=name, logout=action, csrf=token), status,
                              form_action=form_targets(targets + ([after] if after else [])))
         self._set_cookie(response, self.csrf_cookie, cookie)
         return response
@@ -637,10 +709,14 @@ class LoginDoor:
         negotiate = next((o for o in offers if o.lower().startswith("negotiate")), None)
         return self._form(request, pending_key, status=401 if negotiate else 200, challenge=negotiate)
 
-    def _refuse_cross_site(self, request: web.Request, pending_key: str) -> web.Response:
+    @staticmethod
+    def _log_cross_site(request: web.Request) -> None:
         log.warning("login form refused: reason=login.cross_site client=%s origin=%s sec-fetch-site=%s",
                     request.remote, printable(request.headers.get("Origin", "-")[:200]),
                     printable(request.headers.get("Sec-Fetch-Site", "-")[:40]))
+
+    def _refuse_cross_site(self, request: web.Request, pending_key: str) -> web.Response:
+        self._log_cross_site(request)
         response = self._form(request, pending_key, status=403, error="csrf")
         response.headers["X-Refused-Reason"] = "login.cross_site"
         return response
@@ -665,11 +741,13 @@ class LoginDoor:
                           username=username[:256] if refused is None else "")
 
     async def logout(self, request: web.Request) -> web.StreamResponse:
+        refused = None  # why a POST is refused: login.cross_site, login.csrf
         if request.method == "POST":
             form = await read_form(request)
             if self.cross_site(request):
-                return self._refuse_cross_site(request, "")
-            if self.sessions.csrf_ok(request.cookies.get(self.csrf_cookie), str(form.get("csrf", ""))):
+                self._log_cross_site(request)
+                refused = "login.cross_site"
+            elif self.sessions.csrf_ok(request.cookies.get(self.csrf_cookie), str(form.get("csrf", ""))):
                 # A logout the user was asked to confirm (confirm_logout) goes on where it was to.
                 then = request.query.get("then", "")
                 target = self.sessions.release(then) if then else None
@@ -683,5 +761,20 @@ class LoginDoor:
                                 if after else self.html(self.pages.message("signed_out")))
                 self.drop_cookie(response)
                 return response
-        return self._form(request, "", status=403 if request.method == "POST" else 200,
-                          error="csrf" if request.method == "POST" else "")
+            else:
+                log.warning("logout refused: reason=login.csrf client=%s", request.remote)
+                refused = "login.csrf"
+        # A GET (a typed or linked /logout) ends nothing: any site can make a browser send one.
+        # With a session it shows the Sign out button, as does a refused post (a token that
+        # expired, a form on another site): the sign-in form it showed told a user still signed
+        # in that they were signed out (review of the web layer).
+        session = self.session(request)
+        if session is not None:
+            response = self._signed_in_page(request, session, status=403 if refused else 200)
+        elif refused:
+            response = self._form(request, "", status=403, error="csrf")
+        else:
+            response = self.html(self.pages.message("signed_out"))
+        if refused == "login.cross_site":
+            response.headers["X-Refused-Reason"] = refused
+        return response
