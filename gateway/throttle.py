@@ -85,8 +85,9 @@ class Throttle:
         self.kind = store_kind(settings, state_dir, workers) if settings.enabled else "off"
         # The memory store's counts live in this process: dated by the monotonic clock, which an
         # NTP step does not move (a step forward of a window freed every guess at once; review
-        # of time). SQLite's are shared by the workers and outlive a boot: wall-clock seconds.
-        # Redis dates them itself (its TIME).
+        # of time). SQLite's are shared by the workers and outlive a boot: the store dates them
+        # by the boot clock, the wall clock only setting where a boot's seconds start
+        # (SQLiteStore._now). Redis dates them itself (its TIME).
         self._clock = clock or (time.monotonic if self.kind in ("memory", "off") else time.time)
         self.store: ThrottleStore = open_store(settings, state_dir, workers) if settings.enabled else MemoryStore()
         #: The store does network I/O: call it off the event loop.

@@ -4,9 +4,10 @@ or Redis shared by instances. Reads ``throttle.store`` and ``throttle.redis``.
 Every store keeps, per key, the times of the reservations (failures) made in the last
 ``window`` seconds, each tagged with its attempt's ticket, and offers three operations:
 ``reserve`` (check every key against its limit and add the ticket to all of them, atomically),
-``drop`` (take one ticket back) and ``clear`` (forget keys). Times are wall-clock
-(:func:`time.time`) because they are compared across processes; the Redis store, shared by
-machines, uses Redis's clock instead of each instance's.
+``drop`` (take one ticket back) and ``clear`` (forget keys). The memory store's times are the
+monotonic clock's (one process); the SQLite store's are the store's own seconds, which pass with
+the machine's boot clock and not with wall-clock steps (:class:`SQLiteStore`); the Redis store,
+shared by machines, uses Redis's clock instead of each instance's.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 from collections import deque
 from pathlib import Path
 from typing import Protocol
@@ -173,6 +175,26 @@ class MemoryStore:
         pass
 
 
+def _read_boot_id() -> str | None:
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+_BOOT_ID = _read_boot_id()
+#: The boot clock: CLOCK_BOOTTIME where there is one (a suspended host's sleep passes too).
+_UPTIME = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
+
+
+def _boot_clock() -> tuple[str | None, float]:
+    """This boot's id and seconds since it (:class:`SQLiteStore`): ``(None, 0.0)`` without a boot id."""
+    if _BOOT_ID is None:
+        return None, 0.0
+    return _BOOT_ID, time.clock_gettime(_UPTIME)
+
+
 class StoreLocked(StoreUnavailable):
     """A call made on the event loop found the store's lock held by another process, and was not
     made (nothing to undo): the caller makes it again off the loop, where waiting stalls nothing."""
@@ -198,14 +220,25 @@ class SQLiteStore:
     waited for the lock itself, 5 s and then 0.5 s per call: a lock held froze every request of
     the worker, ``/healthz`` included, per password attempt (review of reliability). Then the
     store is unavailable (fail closed, 503).
+
+    Failures are dated in the store's own seconds, not the wall clock's: within one boot they
+    pass with the kernel's boot clock (``CLOCK_BOOTTIME``, the same for every process of the
+    machine, suspend included, never stepped), offset to the wall clock once per boot (the
+    ``clock`` row); a new boot goes on from the wall clock, or from the store's latest failure
+    when the wall clock is behind it. Dated by :func:`time.time`, a wall-clock step forward of a
+    window freed every guess at once, and a step back of hours (an RTC or NTP correction)
+    refused the users it had throttled for those hours (review of the throttle). Without a boot
+    id (not Linux) the wall clock dates them, as before.
     """
 
     blocking = False
     BUSY_TIMEOUT = 5.0
     _PURGE_EVERY = 60.0
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, boot_clock=None) -> None:
         self.path = path
+        #: ``() -> (boot id, seconds since that boot)``, or ``(None, 0.0)`` where unknown.
+        self._boot_clock = boot_clock or _boot_clock
         self._pid = -1
         #: Per process: ``True`` the event loop's connection (no wait), ``False`` the threads'.
         self._conns: dict[bool, sqlite3.Connection] = {}
@@ -223,6 +256,8 @@ class SQLiteStore:
                 conn.execute("CREATE TABLE IF NOT EXISTS failure (key TEXT NOT NULL, at REAL NOT NULL, "
                              "ticket TEXT NOT NULL)")
                 conn.execute("CREATE INDEX IF NOT EXISTS failure_key ON failure (key, at)")
+                conn.execute("CREATE TABLE IF NOT EXISTS clock (id INTEGER PRIMARY KEY CHECK (id = 0), "
+                             "boot TEXT NOT NULL, offset REAL NOT NULL)")
             except BaseException:
                 conn.close()  # tried again at the next call
                 raise
@@ -256,20 +291,37 @@ class SQLiteStore:
         finally:
             lock.release()
 
+    def _now(self, db: sqlite3.Connection, wall: float) -> float:
+        """The store's time (in a transaction): the boot clock plus this boot's offset, set by
+        the first call of a boot from *wall*, or from the latest failure when *wall* is behind it."""
+        boot, uptime = self._boot_clock()
+        if boot is None:
+            return wall
+        row = db.execute("SELECT boot, offset FROM clock WHERE id = 0").fetchone()
+        if row is not None and row[0] == boot:
+            return uptime + row[1]
+        (latest,) = db.execute("SELECT max(at) FROM failure").fetchone()
+        start = wall if latest is None else max(wall, latest)
+        db.execute("INSERT OR REPLACE INTO clock (id, boot, offset) VALUES (0, ?, ?)", (boot, start - uptime))
+        return start
+
     def reserve(self, keys: list[tuple[str, int]], ticket: str, now: float, window: float) -> bool:
-        horizon = now - window
+        """As the other stores, except that *now* (the wall clock) only sets the store's time at
+        the first call of a boot (:meth:`_now`)."""
 
         def work(db: sqlite3.Connection) -> bool:
-            if self._purged_at is None or now - self._purged_at > self._PURGE_EVERY:
+            store_now = self._now(db, now)
+            horizon = store_now - window
+            if self._purged_at is None or not 0 <= store_now - self._purged_at <= self._PURGE_EVERY:
                 db.execute("DELETE FROM failure WHERE at <= ?", (horizon,))
-                self._purged_at = now
+                self._purged_at = store_now
             for key, limit in keys:
                 (count,) = db.execute("SELECT count(*) FROM failure WHERE key = ? AND at > ?",
                                       (key, horizon)).fetchone()
                 if count >= limit:
                     return False
             db.executemany("INSERT INTO failure (key, at, ticket) VALUES (?, ?, ?)",
-                           [(key, now, ticket) for key, _limit in keys])
+                           [(key, store_now, ticket) for key, _limit in keys])
             return True
 
         return self._run(work)
@@ -307,7 +359,9 @@ class SQLiteStore:
 # 7's only mode) lets a script that writes read TIME; on Redis 5 and 6 `replicate_commands` turns
 # it on. The tombstone is set by :meth:`RedisStore._retract` for a call the gateway gave up on: a
 # call that Redis runs late (it sat in a socket buffer while Redis was frozen, or in the network)
-# then adds nothing (-1), whichever of the two Redis runs first.
+# then adds nothing (-1), whichever of the two Redis runs first. A failure dated after now was
+# counted before Redis's clock stepped back: it is dated now, so that it lasts a window more at
+# most (it lasted the step more: hours for a clock corrected by hours).
 _RESERVE = """
 if redis.replicate_commands then redis.replicate_commands() end
 if redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
@@ -316,6 +370,10 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local horizon = now - tonumber(ARGV[1])
 for i = 2, #KEYS do
   redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', horizon)
+  local ahead = redis.call('ZRANGEBYSCORE', KEYS[i], '(' .. now, '+inf')
+  for _, member in ipairs(ahead) do
+    redis.call('ZADD', KEYS[i], now, member)
+  end
   if redis.call('ZCARD', KEYS[i]) >= tonumber(ARGV[1 + i]) then return 0 end
 end
 for i = 2, #KEYS do

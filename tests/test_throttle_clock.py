@@ -33,7 +33,10 @@ def test_a_wall_clock_step_frees_no_guess_of_the_memory_store(monkeypatch):
     throttle.close()
 
 
-def test_the_sqlite_store_shared_across_workers_and_boots_keeps_wall_clock_seconds(tmp_path):
+def test_the_sqlite_store_shared_across_workers_and_boots_is_given_the_wall_clock_to_start_a_boot(tmp_path):
+    """The monotonic clock starts again at each boot: the store is given wall-clock seconds, which
+    only set where a boot's seconds start; it dates failures by the boot clock
+    (test_throttle_review3.py)."""
     throttle = Throttle(ThrottleSettings(store="sqlite"), state_dir=tmp_path, workers=2)
-    assert throttle._clock is time.time  # the monotonic clock starts again at each boot
+    assert throttle._clock is time.time
     throttle.close()
