@@ -260,3 +260,34 @@ def test_a_link_json_whose_names_are_not_text_is_a_damaged_enrolment(tmp_path, f
     check = authgw("check", *args)
     assert "FAIL  link.enrolment" in check.stdout and "is damaged" in check.stdout, check.stdout
     assert "raised" not in check.stdout
+
+
+# -- 7. stray answers between refused frames --------------------------------------------------------------------
+
+
+def test_stray_answers_between_refused_frames_do_not_keep_a_hostile_relays_link_open(tmp_path, stack):
+    """An answer to nothing the connector asked reset its count of refused frames in a row, so a
+    relay alternating garbage and stray answers was never closed (1008), however long it went on
+    (left by the review of the connector's side of the link). A stray answer counts as refused."""
+    ca = CA.create("relay CA")
+    closed: list[int | None] = []
+
+    async def link(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for frame in frames(ws):
+            if frame["type"] == "hello":
+                await answer_hello(ws, frame)
+                for n in range(40):
+                    await ws.send_str("not a frame")
+                    await ws.send_str(proto.answer(f"stray-{n}", {}))
+        closed.append(ws.close_code)
+        return ws
+
+    relay = HostileRelay(tmp_path, ca, [("GET", "/link", link)]).start()
+    stack.append(relay)
+    connector = HandEnrolled(tmp_path / "c", ca, f"wss://127.0.0.1:{relay.port}/link").start()
+    stack.append(connector)
+    wait_for(lambda: closed, 30, what="the link to close", log=connector.output)
+    assert closed[0] == 1008, closed
+    assert "refused frames in a row; closing the link" in connector.output()

@@ -518,11 +518,18 @@ class LinkClient:
                     return
                 continue
             if not message.is_request:
-                refused = 0
                 future = pending.get(message.id)
                 if future is not None and not future.done():
+                    refused = 0
                     helloed = True
                     future.set_result(message)
+                    continue
+                # An answer to nothing this end asked (or asked and got already) is a refused
+                # frame too: one in between reset the count, and a relay alternating garbage
+                # and stray answers was never closed (review of the connector's side of the link).
+                refused += 1
+                if await self._too_many_refused(ws, refused):
+                    return
                 continue
             if not helloed:
                 # The relay sends no request before it answers hello (docs/link-protocol.md): one

@@ -156,7 +156,7 @@ def load(state_dir: Path) -> Enrolment | None:
         return Enrolment(path, info["link_url"], info["connection"], info["connector"], cert, key,
                          (path / "server-ca.pem").exists(), info.get("pinned") is True,
                          key_exposure(path / "key.pem"))
-    except (OSError, ValueError, KeyError, TypeError) as exc:  # JSONDecodeError and PEM errors are ValueErrors
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:  # JSONDecodeError and PEM errors are ValueErrors
         raise EnrolmentDamaged(f"the enrolment in {path} is damaged ({exc.__class__.__name__}: {exc}); restore "
                                "its files, or enrol again: authgw link enroll TICKET_URL") from None
 
