@@ -168,6 +168,10 @@ class KerberosPlugin:
     @hookimpl
     def gateway_startup(self) -> None:
         self.acceptor.rcache.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self.acceptor.rcache.exists() and not self.acceptor.rcache.is_file():
+            # MIT would wait for ever on a FIFO's read, and fail every login on anything else.
+            raise RuntimeError(f"kerberos.replay_cache {self.acceptor.rcache} is not a regular file; "
+                               "remove it (MIT creates the file) or point replay_cache elsewhere")
         try:
             loaded = self.acceptor.load()
         except AcceptFailed as exc:
@@ -188,7 +192,7 @@ class KerberosPlugin:
             return None
         token = attempt.negotiate.token
         try:
-            accepted = self.acceptor.accept(token, inspect_token(token))
+            accepted = self.acceptor.accept(token, inspect_token(token), attempt.deadline)
             self._keytab_problem = ""
         except TokenRefused as exc:
             return self._refuse(attempt, exc.problem.value, exc.detail)

@@ -8,6 +8,10 @@ the next request without a restart.
 
 The replay cache stays on: MIT's ``file2`` cache is safe for several processes, so every worker
 shares one file and a token accepted by one worker is a replay for all (RFC 4120 section 3.2.3).
+MIT takes that file's lock with ``F_OFD_SETLKW`` and waits for it without end; on the event loop
+(``loop_capable``) a lock another process kept, or a FIFO at the cache's path, froze the whole
+worker, ``/healthz`` included (review of the Kerberos plugin). There the accept first waits,
+parked (:mod:`gateway.aio`) and until the attempt's deadline, for the lock to be free.
 
 Each request gets its own context through the *raw* ``accept_sec_context``: the high-level
 ``SecurityContext.step()`` defers some failures (it returns the error token and raises only on a
@@ -26,15 +30,21 @@ gateway's only when the replay cache, checked here on its own, is unusable.
 
 from __future__ import annotations
 
+import asyncio
+import fcntl
 import os
 import stat
+import struct
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import gssapi
 import gssapi.raw as gss
 from gssapi.raw import ext_cred_store, ext_rfc4178
+
+from gateway import aio
 
 from .keytab import KeytabError, KeytabIndex, file_signature, read_keytab
 from .tokens import KRB5_MS_OID, KRB5_OID, KRB5_OIDS, SPNEGO_OID, NegotiateToken, TicketInfo, enctype_name, krb_error_of
@@ -70,6 +80,15 @@ _KRB5_ERR_BASE = -1765328384
 _KRB5_RC_REPLAY = _KRB5_ERR_BASE + 163
 _RCACHE_ERRORS = frozenset(range(_KRB5_ERR_BASE + 159, _KRB5_ERR_BASE + 173)) - {_KRB5_RC_REPLAY} \
     | {_KRB5_ERR_BASE + 211, _KRB5_ERR_BASE + 215}
+
+#: ``F_OFD_GETLK`` asks who would stop a write lock on the whole file (start 0, length 0, and
+#: ``l_pid`` 0 as OFD requests need): ``l_type`` first, everything else zero, in any ``struct
+#: flock`` layout; the kernel writes its answer into the same bytes (``l_type`` first again).
+_WHOLE_FILE_WRITE_LOCK = struct.pack("h", fcntl.F_WRLCK) + bytes(62)
+_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", None)  # Linux; MIT locks with it there
+#: Between two looks at a locked replay cache: from a millisecond (another worker's store takes
+#: microseconds) up to this.
+_LOCK_POLL_MAX = 0.05
 
 #: What an operator should check, per reason (also in docs/plugins/kerberos.md).
 HINTS = {
@@ -198,8 +217,11 @@ class Acceptor:
 
     # -- accepting ---------------------------------------------------------------------------------
 
-    def accept(self, token: bytes, info: NegotiateToken) -> Accepted:
+    def accept(self, token: bytes, info: NegotiateToken, deadline: float | None = None) -> Accepted:
+        """Accept *token*; by :func:`time.monotonic` *deadline* on the event loop."""
         loaded = self.load()
+        if deadline is not None and aio.on_loop():
+            self.wait_for_replay_cache(deadline)
         try:
             result = gss.accept_sec_context(token, acceptor_creds=loaded.creds)
         except gssapi.exceptions.GSSError as exc:
@@ -219,6 +241,40 @@ class Acceptor:
         if target is None:
             raise AcceptFailed("rejected", "the context names no acceptor")
         return Accepted(_text(result.initiator_name), _text(target), result.token or b"")
+
+    def wait_for_replay_cache(self, deadline: float) -> None:
+        """Park this greenlet until MIT's ``file2`` code can take the replay cache's lock at once,
+        or raise ``replay_cache_unavailable`` at *deadline*; also for a path that is not a regular
+        file, whose read MIT would wait on for ever. A lock taken between this look and MIT's
+        is another worker's store, held for microseconds."""
+        delay = 0.001
+        while True:
+            try:
+                fd = os.open(self.rcache, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            except FileNotFoundError:
+                return  # MIT creates it
+            except OSError:
+                return  # MIT fails to open it too, and explain() says why
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise AcceptFailed("replay_cache_unavailable", f"replay cache {self.rcache}: not a regular file",
+                                       unavailable=True)
+                if _OFD_GETLK is None:
+                    return
+                answer = fcntl.fcntl(fd, _OFD_GETLK, _WHOLE_FILE_WRITE_LOCK)
+            except OSError:
+                return  # a file system without locks: MIT does without them too
+            finally:
+                os.close(fd)
+            if struct.unpack_from("h", answer)[0] == fcntl.F_UNLCK:
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AcceptFailed("replay_cache_unavailable",
+                                   f"replay cache {self.rcache}: locked by another process until the deadline",
+                                   unavailable=True)
+            aio.wait(asyncio.sleep(min(delay, left)))
+            delay = min(delay * 2, _LOCK_POLL_MAX)
 
     # -- explaining ----------------------------------------------------------------------------------
 

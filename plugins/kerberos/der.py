@@ -15,6 +15,10 @@ __all__ = ["DERError", "TLV", "children", "oid_text", "read_int", "read_one", "t
 
 #: Tokens are at most 64 KiB (the front door's limit); four length octets are plenty.
 _MAX_LENGTH_OCTETS = 4
+#: The mechanisms SPNEGO names take 6 to 10 octets. A client's longer OID names none of them,
+#: and its text went whole into the log: 6,000 one-octet arcs made a 24 KB line per request,
+#: one octet-run arc a big integer built at quadratic cost (review of the Kerberos plugin).
+_MAX_OID_OCTETS = 32
 
 
 class DERError(ValueError):
@@ -95,6 +99,8 @@ def oid_text(item: TLV) -> str:
     raw = item.value
     if item.tag != 0x06 or not raw or raw[-1] & 0x80:
         raise DERError("expected an OBJECT IDENTIFIER")
+    if len(raw) > _MAX_OID_OCTETS:
+        raise DERError(f"an OBJECT IDENTIFIER of {len(raw)} octets names no mechanism")
     return _dotted(raw)
 
 

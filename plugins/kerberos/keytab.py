@@ -9,6 +9,7 @@ GSSAPI reads the keys itself. Key bytes are skipped, not kept.
 from __future__ import annotations
 
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,9 +67,18 @@ def file_signature(path: Path) -> tuple[int, int, int]:
 
 
 def read_keytab(path: Path) -> KeytabIndex:
-    """Read *path*'s table of contents. Raises ``OSError`` or :class:`KeytabError`."""
-    signature = file_signature(path)
-    data = Path(path).read_bytes()
+    """Read *path*'s table of contents. Raises ``OSError`` or :class:`KeytabError`.
+
+    Opened without blocking and read only when it is a regular file: a FIFO put at the
+    keytab's path blocked the first login's open, on the event loop the whole worker (review of
+    the Kerberos plugin); MIT could not read keys from one anyway."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as file:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise KeytabError(f"{path} is not a regular file")
+        signature = (st.st_ino, st.st_mtime_ns, st.st_size)
+        data = file.read()
     if data[:2] != b"\x05\x02":
         raise KeytabError(f"{path} is not a version 0x502 keytab (first bytes {data[:2].hex() or 'empty'})")
     entries = []

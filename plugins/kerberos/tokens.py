@@ -28,6 +28,8 @@ KRB5_MS_OID = "1.2.840.48018.1.2.2"
 KRB5_OIDS = frozenset({KRB5_OID, KRB5_MS_OID})
 NTLM_OID = "1.3.6.1.4.1.311.2.2.10"
 NTLMSSP_SIGNATURE = b"NTLMSSP\x00"
+#: How many of a client's SPNEGO mechanisms a refusal names.
+_LISTED = 4
 
 #: RFC 3961/3962/8009 and RFC 4757 numbers, with MIT's names (as ``klist -e`` prints them).
 ENCTYPES = {
@@ -165,7 +167,9 @@ def inspect_token(token: bytes) -> NegotiateToken:
     # that sends NTLMSSP, leads with NTLM, or offers nothing but NTLM wants NTLM, which this
     # plugin never negotiates; anything but Kerberos first would need a second round trip,
     # which stateless forward-auth cannot carry.
-    listed = ", ".join(mechs) or "none"
+    # Named in the log line: a few, as a client may list thousands (each OID is short, above).
+    listed = ", ".join(mechs[:_LISTED]) + (f" and {len(mechs) - _LISTED} more" if len(mechs) > _LISTED else "") \
+        if mechs else "none"
     if mech_token.startswith(NTLMSSP_SIGNATURE) or (mechs and mechs[0] == NTLM_OID) or \
             (NTLM_OID in mechs and not KRB5_OIDS.intersection(mechs)):
         raise TokenRefused(TokenProblem.NTLM, f"SPNEGO offering NTLM (mechanisms {listed})")
