@@ -306,3 +306,18 @@ def test_the_spelling_check_folds_more_loosely_than_any_directory():
 
     assert _folded("al\u0130ce") == _folded("ALICE") == _folded("Al\u00efce") == _folded("alice")
     assert _folded("bob") != _folded("alice")
+
+
+def test_an_ipv4_mapped_allowed_network_is_the_ipv4_network_it_names(tmp_path):
+    """The core unwraps an IPv4-mapped client (`::ffff:10.1.2.3`) to IPv4 before matching, so
+    `allowed_networks: ['::ffff:10.0.0.0/104']` matched nobody (review of the Kerberos plugin):
+    it is read as 10.0.0.0/8, as trusted_proxies is."""
+    import ipaddress
+
+    from gateway.plugins.kerberos import KerberosSettings
+
+    keytab = tmp_path / "http.keytab"
+    keytab.write_bytes(b"\x05\x02")
+    settings = KerberosSettings.model_validate({"allowed_networks": ["::ffff:10.0.0.0/104", "192.0.2.0/24"],
+                                                "keytab": str(keytab), "realms": ["EXAMPLE.TEST"]})
+    assert settings.allowed_networks == [ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("192.0.2.0/24")]

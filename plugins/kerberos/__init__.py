@@ -42,7 +42,7 @@ import logging
 import unicodedata
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from gateway import (
     MUTUAL_AUTH_KEY,
@@ -60,6 +60,7 @@ from gateway import (
 )
 from gateway.chain import may_run_on_loop
 from gateway.logs import RateLimitedWarning, printable
+from gateway.settings import unmapped_networks
 
 from .acceptor import HINTS, AcceptFailed, Acceptor
 from .mapping import CrossRealmPolicy, MappingRule, PrincipalMapper
@@ -111,6 +112,13 @@ class KerberosSettings(PluginSettings):
     replay_cache: ConfigPath | None = Field(
         None, description="MIT file2 replay cache shared by all workers; default "
                           "STATE_DIR/kerberos/replay.rcache2")
+
+    @field_validator("allowed_networks")
+    @classmethod
+    def _unmapped(cls, value):
+        # The core unwraps an IPv4-mapped client to IPv4 before matching: `::ffff:10.0.0.0/104`
+        # never matched (review of the Kerberos plugin); it is the IPv4 network it names.
+        return unmapped_networks(value)
 
     @model_validator(mode="after")
     def _some_mapping(self) -> KerberosSettings:
