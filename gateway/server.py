@@ -45,7 +45,7 @@ from gateway.checks import Listener
 from gateway.config import Config
 from gateway.errors import ConfigError
 from gateway.http.app import EXACT_TARGETS, build_apps, exact_targets
-from gateway.http.protocol import ConnectionGuard, GuardedSite
+from gateway.http.protocol import ConnectionGuard, GuardedSite, hand_over
 from gateway.logs import MULTILINE, RateLimitedWarning
 from gateway.lifecycle import (CLOSE_GRACE, SHUTDOWN_GRACE, MessageReader, early_hups, encode_message,
                                forget_early_hups, note_early_hups, notify_ready, remove_pidfile,
@@ -130,8 +130,8 @@ class _Generation:
 class _Worker:
     """The serving side of one process. SIGHUP builds a new generation from conf.d beside the
     running one (on duplicates of the same listening sockets), then retires the old one: it
-    stops accepting and finishes its requests in flight. An invalid configuration is logged
-    and the running one stays."""
+    stops accepting, hands its connections between requests over to the new one, and finishes
+    its requests in flight. An invalid configuration is logged and the running one stays."""
 
     def __init__(self, config_dir: Path, state_dir: Path | None, sockets: list[socket.socket],
                  extra: dict[str, socket.socket], workers: int | None = None) -> None:
@@ -150,6 +150,7 @@ class _Worker:
         self.reloading: asyncio.Task | None = None
         self.refusal = ""  # why the last reload was refused
         self.retiring: set[asyncio.Task] = set()
+        self.stopping = False
 
     async def start(self, runtime: Runtime) -> None:
         settings = runtime.config.core
@@ -259,15 +260,29 @@ class _Worker:
             return self._refused(exc)
         self.guard.limits = runtime.config.core.limits
         self.guard.trusted = tuple(runtime.config.core.trusted_proxies)
+        # The per-client cap counts an IPv6 client by its network as the throttle does: a changed
+        # prefix reached the throttle at the reload and the cap only at the next restart.
+        self.guard.ipv6_prefix = runtime.config.core.throttle.ipv6_prefix
         self.current = new
         # The old generation stops accepting before the reload is said done: it listened on the
         # same sockets, and until its retirement ran, a connection made after "reloaded" could
         # still reach it and be served with the configuration before.
         await self._stop_accepting(old)
+        # Its connections between requests go on with the new generation rather than being
+        # closed under a request their client may be sending (gateway/http/protocol.py).
+        for name, runner in old.runners.items():
+            if runner.server is not None:
+                hand_over(runner.server, functools.partial(self._server, name))
         log.warning("worker %d reloaded %s; chain: %s", os.getpid(), self.config_dir,
                     " -> ".join(runtime.config.core.chain))
         self._retire(old)
         return True
+
+    def _server(self, listener: str | None):
+        """The aiohttp server of *listener* (None: the ``listen:`` sockets) in the generation
+        serving now; None once the worker stops."""
+        runner = self.current.runners.get(listener) if self.current is not None and not self.stopping else None
+        return runner.server if runner is not None else None
 
     def _refused(self, exc: Exception) -> bool:
         self.refusal = explain(exc)
@@ -276,6 +291,7 @@ class _Worker:
 
     async def stop(self) -> None:
         self.wanted = None
+        self.stopping = True  # a retiring generation's connections are no longer handed over
         if self.reloading is not None and not self.reloading.done():
             # A reload still starting (a plugin's start-up waiting on a backend) has the close
             # grace, then is given up: a stop waited for it without end, and the process went on

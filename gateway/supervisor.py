@@ -12,6 +12,13 @@ Meanwhile a slot with a listening socket of its own (``reuse_port``) has it clos
 kernel would go on queueing a share of new connections there, for no one to accept; it
 listens again when the next try starts.
 
+A reload's conf.d is read and validated once, in a process of its own (a large file takes tens
+of seconds): the master's loop goes on meanwhile, reaping, replacing and watching workers, and
+a stop kills that process rather than wait for it. Each worker says which reload it applied,
+also one a later SIGHUP overtook, so the master knows what each serves: workers left on
+different configurations are a mixed configuration, and a reload every worker refused leaves
+replacements building what the workers serve.
+
 A worker whose event loop stops turning (a plugin blocking it, a deadlock, a stuck C call, a
 SIGSTOP) still holds its share of new connections: the master's watchdog catches it. Each worker
 counts its loop's turns, a timer callback every second or so (:func:`start_heartbeat`), in a
@@ -95,9 +102,14 @@ def explain(exc: Exception) -> str:
     return printable(f"{exc.__class__.__name__}: {exc}")
 
 
-class _Abandoned(BaseException):
-    """Raised by the stop handler into a reload's build (not an ``Exception``: nothing in the
-    build takes it for a failure of its own)."""
+@dataclass
+class _Builder:
+    """The process reading conf.d for a reload (:meth:`_Master._start_build`)."""
+
+    pid: int
+    link: socket.socket
+    reader: MessageReader
+    answer: tuple | None = None  # ("valid", configuration) or ("refused", the problems)
 
 
 @dataclass
@@ -116,6 +128,9 @@ class _Child:
     waking: bool = False  # the loop thread woke up within the last counting window
     judged: bool = False  # waking was worked out in this silence (two counts were taken)
     starved_said: bool = False
+    #: The reload whose configuration it serves (0: the start's), as it last said: a worker
+    #: reports every reload it applied, also one a later SIGHUP overtook.
+    serves: int = 0
     #: What the master still has to send it (a reload message larger than the link's buffer, or
     #: one it has not read yet): sent as the link takes it (:meth:`_Master._send_waiting`).
     outbox: bytearray = field(default_factory=bytearray)
@@ -126,7 +141,6 @@ class _Reload:
     """One accepted SIGHUP while the workers' answers come in."""
 
     number: int
-    previous: Config
     waiting: set[int]
     applied: list[int] = field(default_factory=list)
     refused: dict[int, str] = field(default_factory=dict)
@@ -144,6 +158,9 @@ class _Master:
         self.rebind = rebind
         self.unbound: set[int] = set()  # slots whose sockets are closed until their next try
         self.accepted = config
+        self.accepted_number = 0  # the reload that made it (0: the start)
+        #: The configurations some worker serves, or that replacements build, by reload number.
+        self.configs: dict[int, Config] = {0: config}
         self.worker_main = worker_main
         self.pid = os.getpid()
         self.children: dict[int, _Child] = {}
@@ -158,17 +175,18 @@ class _Master:
         self.reloads = 0
         self.exit_code = 0
         self.timeout = timeout  # 0: no watchdog
-        self.building = False  # a reload's configuration is being built (:meth:`on_stop`)
+        #: The process reading conf.d for a reload, while it runs: the master's loop goes on
+        #: meanwhile (reaping, replacing and watching workers).
+        self.builder: _Builder | None = None
 
     # -- signals ---------------------------------------------------------------------------------
 
     def on_stop(self, signum, frame) -> None:
         self.stop_requested = True
         self._kill_all(signal.SIGTERM)
-        if self.building:
-            # A reload's build runs in this loop (a large conf.d file takes seconds): the stop
-            # does not wait for it, with the listening sockets open and nobody accepting.
-            raise _Abandoned()
+        if self.builder is not None:
+            # A large conf.d file takes seconds to read: the stop does not wait for it.
+            _signal(self.builder.pid, signal.SIGKILL)
 
     def on_hup(self, signum, frame) -> None:
         self.reload_pending = True
@@ -186,12 +204,12 @@ class _Master:
         for slot in range(self.count):
             self.spawn(slot)
         notify_ready()  # SIGHUP is the master's to take now (the sockets are bound, the workers forked)
-        while self.children or (self.due and not self.stop_requested):
+        while self.children or self.builder or (self.due and not self.stop_requested):
             if self.stop_requested and self.stopping_since is None:
                 self._begin_stop()
-            if self.reload_pending and not self.stop_requested:
+            if self.reload_pending and not self.stop_requested and self.builder is None:
                 self.reload_pending = False
-                self._reload()
+                self._start_build()
             self._start_due()
             self._read_links(0.1)  # signals interrupt nothing here: handlers only set flags
             self._reap()
@@ -240,9 +258,7 @@ class _Master:
                     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reloads come over the link
                     signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
                     parent_end.close()
-                    for child in self.children.values():
-                        child.link.close()  # the siblings' links are the master's
-                        child.beat.close()
+                    self._close_links()  # the siblings' (and a builder's) are the master's
                     if self.timeout:
                         _beat = (beat, min(_BEAT_EVERY, self.timeout / 4))
                         _register_stacks()
@@ -256,7 +272,16 @@ class _Master:
         child_end.close()
         parent_end.settimeout(2.0)  # a stuck worker costs the master two seconds, not its loop
         now = time.monotonic()
-        self.children[pid] = _Child(slot, now, parent_end, MessageReader(parent_end), beat, heard=now)
+        self.children[pid] = _Child(slot, now, parent_end, MessageReader(parent_end), beat, heard=now,
+                                    serves=self.accepted_number)
+
+    def _close_links(self) -> None:
+        """In a forked child: close the master's ends of its links to the other processes."""
+        for child in self.children.values():
+            child.link.close()
+            child.beat.close()
+        if self.builder is not None:
+            self.builder.link.close()
 
     def _cannot_spawn(self, slot: int, exc: OSError) -> None:
         """A worker for *slot* could not be made (no process, descriptor or memory to spare):
@@ -299,10 +324,15 @@ class _Master:
     def _read_links(self, timeout: float) -> None:
         links = {child.link: pid for pid, child in self.children.items()}
         sending = [child.link for child in self.children.values() if child.outbox]
+        builder = self.builder
         try:
-            ready, writable, _ = select.select(list(links), sending, [], timeout)
+            ready, writable, _ = select.select(list(links) + ([builder.link] if builder else []), sending, [],
+                                               timeout)
         except (OSError, ValueError):  # a link closed meanwhile: its worker is reaped below
             ready, writable = [], []
+        if builder is not None and builder.link in ready:
+            ready.remove(builder.link)
+            self._read_builder(builder)
         for link in writable:
             pid = links[link]
             child = self.children.get(pid)
@@ -325,7 +355,9 @@ class _Master:
         if message[0] == "serving":
             child.serving = self.served = True
             self.failures.pop(child.slot, None)
-        elif message[0] in ("reloaded", "refused") and self.reload and message[1] == self.reload.number:
+        elif message[0] == "reloaded" and message[1] in self.configs:
+            child.serves = message[1]  # an overtaken reload's too: it serves that one now
+        if message[0] in ("reloaded", "refused") and self.reload and message[1] == self.reload.number:
             self.reload.waiting.discard(pid)
             if message[0] == "reloaded":
                 self.reload.applied.append(pid)
@@ -343,6 +375,9 @@ class _Master:
                 return
             if pid == 0:
                 return
+            if self.builder is not None and pid == self.builder.pid:
+                self._builder_exited(os.waitstatus_to_exitcode(status))
+                continue
             child = self.children.pop(pid, None)
             if child is None:
                 continue
@@ -452,34 +487,96 @@ class _Master:
 
     # -- reloading -------------------------------------------------------------------------------
 
-    def _reload(self) -> None:
-        """Build conf.d once here (its errors logged once, not once per worker); when it is
-        valid, it is the accepted configuration and each worker builds and swaps it in."""
+    def _start_build(self) -> None:
+        """Read and validate conf.d for a reload in a process of its own (its errors logged
+        once, not once per worker); :meth:`_built` goes on when it answers. The master's loop
+        used to do it: a large conf.d file took it 20-40 s, during which a worker that died was
+        neither reaped nor replaced (its slot's socket queued a share of new connections for
+        no one: 4 of 10 logins timed out) and a hung one was not killed (review of the
+        supervisor)."""
         log.info("reload: reading %s", self.config_dir)
         try:
-            self.building = True
+            ours, theirs = socket.socketpair()
+        except OSError as exc:
+            log.error("reload refused, the running configuration stays: %s", exc)
+            return
+        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)  # as in spawn(): the child's handlers first
+        try:
             try:
-                runtime = build_runtime(self.config_dir, state_dir=self.state_dir)
-            finally:
-                self.building = False  # before any handler below: a second SIGTERM is only a flag
-            runtime.discard()
-            self.reloads += 1
-            message = encode_message(("reload", self.reloads, runtime.config))
-        except _Abandoned:
+                pid = os.fork()
+            except OSError as exc:
+                ours.close()
+                theirs.close()
+                log.error("reload refused, the running configuration stays: no process to read conf.d (%s)", exc)
+                return
+            if pid == 0:  # the builder
+                code = 1
+                try:
+                    for sig in (signal.SIGTERM, signal.SIGINT):
+                        signal.signal(sig, signal.SIG_DFL)
+                    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+                    ours.close()
+                    self._close_links()
+                    for sock in {sock for slot in self.slots for sock in slot} | self.extra:
+                        sock.close()  # a dead worker's slot, closed by the master, must not listen on here
+                    die_with_parent(self.pid)
+                    theirs.sendall(encode_message(_build(self.config_dir, self.state_dir)))
+                    code = 0
+                finally:
+                    os._exit(code)
+        finally:
+            if os.getpid() == self.pid:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+        theirs.close()
+        ours.setblocking(False)
+        self.builder = _Builder(pid, ours, MessageReader(ours))
+
+    def _read_builder(self, builder: _Builder) -> None:
+        messages = builder.reader.read()
+        if messages:
+            builder.answer = messages[0]
+
+    def _builder_exited(self, code: int) -> None:
+        from prometheus_client import multiprocess
+
+        builder, self.builder = self.builder, None
+        # What it wrote before it exited is in the link; then its end (bounded all the same,
+        # should a process it started hold the link: reading stops when nothing more comes).
+        builder.link.settimeout(1.0)
+        while builder.answer is None:
+            size = len(builder.reader.buffer)
+            messages = builder.reader.read()
+            if messages:
+                builder.answer = messages[0]
+            elif messages is None or len(builder.reader.buffer) == size:
+                break
+        builder.link.close()
+        multiprocess.mark_process_dead(builder.pid)
+        if self.stop_requested:
             log.warning("reload abandoned: the gateway is stopping")
-            return
-        except Exception as exc:
-            log.error("reload refused, the running configuration stays: %s", explain(exc), extra=MULTILINE)
-            return
-        previous, unsettled = self.accepted, self.reload
-        if unsettled is not None and not unsettled.applied:
-            # A SIGHUP while the workers still build the last one, which none has applied yet (and
-            # may all refuse): what this reload falls back to is what ran before both. Taking the
-            # last one's as "before" restored a configuration every worker refused, and the next
-            # replacement worker served it (review of reliability).
-            previous = unsettled.previous
-        self.reload = _Reload(self.reloads, previous=previous, waiting=set(self.children))
-        self.accepted = runtime.config
+        elif builder.answer is None:
+            log.error("reload refused, the running configuration stays: reading conf.d ended without an answer "
+                      "(exit %s)", code)
+        elif builder.answer[0] == "refused":
+            log.error("reload refused, the running configuration stays: %s", builder.answer[1], extra=MULTILINE)
+        else:
+            self._built(builder.answer[1])
+
+    def _built(self, config: Config) -> None:
+        """conf.d is valid: it is the accepted configuration, and each worker builds and swaps
+        it in."""
+        self.reloads += 1
+        message = encode_message(("reload", self.reloads, config))
+        # A reload this one overtakes (its answers no longer awaited) may still be applied, or
+        # refused, by each worker: what each serves is kept per worker (_Child.serves), and what
+        # this one falls back to is worked out from that once it settles. Taking the overtaken
+        # reload's "before" made the master believe the workers served the start's configuration
+        # while they served the overtaken one: no MIXED CONFIGURATION was logged, and a
+        # replacement built the start's (review of the supervisor).
+        self.reload = _Reload(self.reloads, waiting=set(self.children))
+        self.accepted, self.accepted_number = config, self.reloads
+        self.configs[self.reloads] = config
         log.info("reload: %s is valid; workers reload it", self.config_dir)
         for pid, child in list(self.children.items()):
             # Queued whole and sent as the link takes it: a message larger than the link's
@@ -513,19 +610,46 @@ class _Master:
         if reload is None or reload.waiting:
             return
         self.reload = None
-        if not reload.refused:
+        served: dict[int, list[int]] = {}  # reload number -> the workers that serve it
+        for pid, child in sorted(self.children.items()):
+            served.setdefault(child.serves, []).append(pid)
+        if served and reload.number not in served:
+            # Every worker refused it: replacements build what the workers serve (the newest, when
+            # they differ), not a configuration none of them runs.
+            self.accepted_number = max(served)
+            self.accepted = self.configs[self.accepted_number]
+        self.configs = {n: c for n, c in self.configs.items() if n in served or n == self.accepted_number}
+        if not reload.refused and len(served) <= 1:
             return
         # each reason is a worker's explain(): printable but for its own line breaks
         reasons = "".join(f"\n  worker {pid}: {reason}" for pid, reason in sorted(reload.refused.items()))
-        if not reload.applied:
-            if self.reloads == reload.number:
-                self.accepted = reload.previous  # what replacement workers build, too
+        if len(served) <= 1:
             log.error("reload refused by every worker, the running configuration stays:%s", reasons, extra=MULTILINE)
             return
-        log.error("MIXED CONFIGURATION: worker(s) %s serve the new configuration, worker(s) %s refused it and "
-                  "serve the one before; remove the cause and send SIGHUP again:%s",
-                  ", ".join(map(str, sorted(reload.applied))), ", ".join(map(str, sorted(reload.refused))), reasons,
+
+        def named(number: int) -> str:
+            return ("the new configuration" if number == reload.number else
+                    "the configuration of the start" if number == 0 else f"the configuration of reload {number}")
+
+        serving = ", ".join(f"worker(s) {', '.join(map(str, pids))} serve {named(number)}"
+                            for number, pids in sorted(served.items(), reverse=True))
+        refused = f"; worker(s) {', '.join(map(str, sorted(reload.refused)))} refused it" if reload.refused else ""
+        log.error("MIXED CONFIGURATION: %s%s; remove the cause and send SIGHUP again:%s", serving, refused, reasons,
                   extra=MULTILINE)
+
+
+def _build(config_dir: Path, state_dir: Path | None) -> tuple:
+    """In the builder process: conf.d read, validated and its plugins built once (then
+    discarded), as ``("valid", configuration)`` or ``("refused", the problems for the log)``."""
+    from prometheus_client import values
+
+    values.ValueClass = values.MutexValue  # its metrics are thrown away: no files of its own to the workers'
+    try:
+        runtime = build_runtime(config_dir, state_dir=state_dir)
+    except Exception as exc:
+        return ("refused", explain(exc))
+    runtime.discard()
+    return ("valid", runtime.config)
 
 
 def _register_stacks() -> None:

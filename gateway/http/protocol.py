@@ -25,13 +25,18 @@ connection protocol with those three things decided here instead:
   ``limits.overload_refusals`` refusals a second (turns spaced to keep to that rate), at most
   ``limits.max_hold``. A client resending at once cannot keep the event loop refusing and take
   the CPU from the logins; one that closes meanwhile is seen at once;
-* **retirement at reload** -- a connection the retiring generation accepted whose first request
-  has not arrived yet is not an idle keep-alive connection: its client sent (or is sending) a
-  request on a fresh connection and, unlike one on a reused connection, does not retry it. aiohttp
-  closes it at once and drops those bytes; here it is given up to 2 s (within
-  ``limits.header_timeout`` and the shutdown grace) to send that request, which is answered. A
-  connection silent for longer is a browser's preconnect or idle, and is closed as idle ones are.
-  Responses of a retiring generation carry ``Connection: close``.
+* **retirement at reload** -- an idle keep-alive connection of the retiring generation goes on
+  with the new generation, which answers its next request (:func:`hand_over`): aiohttp closed
+  it, and a request its client sent meanwhile got no answer (a proxy resends only idempotent
+  ones: a POST, the login door's form or ``/v1/authenticate``, became a 502 at reloads under
+  load). A connection the retiring generation accepted whose first request has not arrived yet
+  is not an idle keep-alive connection: its client sent (or is sending) a request on a fresh
+  connection and, unlike one on a reused connection, does not retry it. aiohttp closes it at
+  once and drops those bytes; here it is given up to 2 s (within ``limits.header_timeout`` and
+  the shutdown grace) to send that request, which is answered, as is a request held after an
+  overload refusal. A connection silent for longer is a browser's preconnect or idle, and is
+  closed as idle ones are (so at a stop). Responses of a retiring generation carry
+  ``Connection: close``.
 
 Every limit hit is logged at WARNING, at most once per 10 s per kind, with the count since.
 ``Server:`` carries no versions (``authgw``). Reads ``limits.*`` and ``trusted_proxies``.
@@ -46,12 +51,14 @@ import threading
 from asyncio.sslproto import SSLProtocol as _AsyncioSSLProtocol
 from collections import Counter
 from http import HTTPStatus
+from typing import Callable
 
 from aiohttp import HttpVersion10, HttpVersion11, web
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
+from aiohttp.web_server import Server
 
 from gateway.http.clientaddr import parse_address
 from gateway.lifecycle import trim_freed_memory
@@ -63,7 +70,7 @@ try:
 except ImportError:  # pragma: no cover - uvloop is an optional speed-up
     _UvLoop = _UvSSLProtocol = None
 
-__all__ = ["ConnectionGuard", "GuardedSite", "MAX_BODY", "SERVER_HEADER"]
+__all__ = ["ConnectionGuard", "GuardedSite", "MAX_BODY", "SERVER_HEADER", "hand_over"]
 
 log = logging.getLogger("authgw.http")
 
@@ -71,9 +78,10 @@ SERVER_HEADER = "authgw"
 #: The largest request body any listener reads (aiohttp's ``client_max_size``; the JSON API, the
 #: login door's forms).
 MAX_BODY = 64 * 1024
+_HEADERS_TOO_LARGE_BODY = b"431: request headers too large\n"
 _HEADERS_TOO_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\nServer: " + SERVER_HEADER.encode() +
-                      b"\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 32\r\n"
-                      b"Connection: close\r\n\r\n431: request headers too large\n")
+                      b"\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n"
+                      b"Connection: close\r\n\r\n" % len(_HEADERS_TOO_LARGE_BODY) + _HEADERS_TOO_LARGE_BODY)
 _LOG_EVERY = 10.0
 #: Seconds a retiring generation waits for the first request of a connection it accepted: a
 #: client sends it right after connecting; this covers a loaded machine's scheduling delays.
@@ -239,7 +247,7 @@ class _NoDelayAlreadySet(BaseProtocol):
         self.transport = transport  # type: ignore[assignment]
 
 
-#: The HTTP versions answered (:meth:`GuardedRequestHandler._refuse_other_versions`).
+#: The HTTP versions answered (:meth:`GuardedRequestHandler._refuse_unanswerable`).
 _VERSIONS = (HttpVersion11, HttpVersion10)
 
 
@@ -256,6 +264,9 @@ class GuardedRequestHandler(RequestHandler, _NoDelayAlreadySet):
         self._headers_since: float | None = None
         self._header_timer: asyncio.TimerHandle | None = None
         self._first_request: asyncio.Future | None = None  # set while retirement waits for it
+        #: At a reload: the server of the new generation this connection goes on with, or None
+        #: when there is none any more (the worker stops) (:func:`hand_over`).
+        self._successor: Callable[[], Server | None] | None = None
         self._hold: float | None = None  # seconds to hold the next request after this response
         self._held: bytearray | None = None  # what the client sent while held (None: not held)
         self._hold_timer: asyncio.TimerHandle | None = None  # ends the hold; set exactly while held
@@ -370,7 +381,7 @@ class GuardedRequestHandler(RequestHandler, _NoDelayAlreadySet):
         super().data_received(data)
         if self._request_count != counted:
             self._unparsed = 0  # a request's headers ended in this read
-            self._refuse_other_versions(self._request_count - counted)
+            self._refuse_unanswerable(self._request_count - counted)
             self._last_payload = self._messages[-1][1] if self._messages else None
         elif body_open and payload.is_eof():
             self._unparsed = 0  # a request's body ended in this read: the next request starts
@@ -382,17 +393,31 @@ class GuardedRequestHandler(RequestHandler, _NoDelayAlreadySet):
         elif data and self._headers_since is None:
             self._await_headers()  # the first byte of a request after a keep-alive pause
 
-    def _refuse_other_versions(self, parsed: int) -> None:
-        """The last *parsed* requests queued, each answered ``505`` (as HTTP/1.0, then closed)
-        unless it is HTTP/1.0 or 1.1. aiohttp answers in the version the request line names: a
-        line without one (HTTP/0.9) or with ``HTTP/2.0`` got ``HTTP/0.9 200 OK`` or
-        ``HTTP/2.0 200 OK`` with HTTP/1 headers, a status line no client or proxy reads right.
-        (aiohttp's own way to answer an unparsable request: an ``_ErrInfo`` in the queue.)"""
+    def _refuse_unanswerable(self, parsed: int) -> None:
+        """The last *parsed* requests queued, each refused (answered, then the connection closed)
+        when no answer to it can be read right:
+
+        * a version other than HTTP/1.0 and 1.1: ``505`` in HTTP/1.0. aiohttp answers in the
+          version the request line names: a line without one (HTTP/0.9) or with ``HTTP/2.0`` got
+          ``HTTP/0.9 200 OK`` or ``HTTP/2.0 200 OK`` with HTTP/1 headers, a status line no client
+          or proxy reads right;
+        * an HTTP/1.0 request with ``Transfer-Encoding``: ``400``. Its framing is faulty
+          (RFC 9112 section 6.1: treated so and the connection closed, whatever else it says);
+          aiohttp read it as chunked and kept the connection for the bytes after it, which a
+          proxy that reads HTTP/1.0 framing by the RFC takes for the body: a request smuggled
+          past it (review of the supervisor and the HTTP layer).
+
+        (aiohttp's own way to answer an unparsable request: an ``_ErrInfo`` in the queue; its
+        answer closes the connection, so nothing queued after it is answered.)"""
         queue = self._messages
         for at in range(len(queue) - parsed, len(queue)):
             message = queue[at][0]
-            if isinstance(message, RawRequestMessage) and message.version not in _VERSIONS:
+            if not isinstance(message, RawRequestMessage):
+                continue
+            if message.version not in _VERSIONS:
                 queue[at] = (_ErrInfo(status=505, exc=None, message=""), EMPTY_PAYLOAD)
+            elif message.version == HttpVersion10 and "Transfer-Encoding" in message.headers:
+                queue[at] = (_ErrInfo(status=400, exc=None, message=""), EMPTY_PAYLOAD)
 
     def _too_many_header_bytes(self, data: bytes) -> bool:
         """Count *data* against ``limits.max_header_bytes``; past it, refuse (431 when no
@@ -421,7 +446,34 @@ class GuardedRequestHandler(RequestHandler, _NoDelayAlreadySet):
             self.transport.close()
         return True
 
-    # -- retirement at reload -------------------------------------------------------------------------
+    # -- hand-over at reload, retirement at a stop ------------------------------------------------------
+
+    def _between_requests(self) -> bool:
+        """An idle keep-alive connection: open, a request answered, none in progress or queued,
+        and aiohttp's loop waiting for the next. Not a new connection whose first request has not
+        come, nor one held after an overload refusal (:meth:`shutdown` has the retiring
+        generation answer those), nor a WebSocket (the relay's link)."""
+        if self.transport is None or self._close or self._force_close or self._upgraded or self._unread():
+            return False
+        if self._messages or self._request_in_progress or self._current_request is not None:
+            return False
+        return self._waiter is not None and not self._waiter.done()
+
+    def _hand_over(self) -> bool:
+        """Go on with the successor's server, if this connection is between requests: aiohttp's
+        loop takes the request handler and factory afresh for each request, so the next one is
+        the new generation's. Its counts in the guard stay (one guard for every generation)."""
+        server = self._successor() if self._successor is not None else None
+        if server is None or not self._between_requests():
+            return False
+        transport = self._manager._connections.pop(self, None)
+        if transport is None:
+            return False
+        self._successor = None
+        server._connections[self] = transport
+        self._manager = server
+        self._request_handler, self._request_factory = server.request_handler, server.request_factory
+        return True
 
     def _fresh(self) -> bool:
         """Accepted, open, and no request received yet (not even partly parsed)."""
@@ -434,11 +486,20 @@ class GuardedRequestHandler(RequestHandler, _NoDelayAlreadySet):
 
     def close(self) -> None:
         # aiohttp's pre-shutdown close() would drop such a request's bytes (data_received
-        # ignores them once closing); shutdown() below serves that request.
-        if not self._unread():
+        # ignores them once closing); shutdown() below serves that request, or hands the
+        # connection over.
+        if self._successor is None and not self._unread():
             super().close()
 
     async def shutdown(self, timeout: float | None = 15.0) -> None:
+        if self._successor is not None:
+            for _ in range(3):  # a request just answered: aiohttp's loop waits for the next in a turn
+                if self._hand_over():
+                    return
+                if self._request_in_progress or self._messages:
+                    break  # answered here, with Connection: close
+                await asyncio.sleep(0)
+            self._successor = None
         if self._held is not None:  # parse the held request now: this generation answers it
             self._hold_timer.cancel()
             self._end_hold()
@@ -528,6 +589,18 @@ class GuardedRequestHandler(RequestHandler, _NoDelayAlreadySet):
         # aiohttp's last-resort "Unhandled exception" path: name the error, not its text.
         exc = kw.get("exc_info")
         log.error("connection error: %s", exc.__class__.__name__ if isinstance(exc, BaseException) else args[0])
+
+
+def hand_over(server: Server, successor: Callable[[], Server | None]) -> None:
+    """At a reload: the idle keep-alive connections of *server* (the retiring generation's, which
+    no longer accepts) go on with ``successor()`` (the new generation's server for the same
+    listener, None once there is none): those idle now at once, the others if their request is
+    answered by the time the retiring generation shuts its connections down (else that answer
+    says ``Connection: close``)."""
+    for handler in server.connections:
+        if isinstance(handler, GuardedRequestHandler):
+            handler._successor = successor
+            handler._hand_over()
 
 
 def content_encoded(request: web.Request) -> bool:
@@ -648,8 +721,13 @@ class GuardedSite(web.BaseSite):
             # the inflater has output: 2 MB of gzip held a worker's loop 2 s, and a few dozen such
             # requests every worker's past the watchdog (review of the front door). No handler
             # accepts an encoded body (content_encoded); the raw bytes are what is read or dropped.
+            # One header line may take the whole header budget (limits.max_header_bytes, which
+            # bounds them all): aiohttp's own 8,190 bytes refused the Negotiate token of a user
+            # in many AD groups (a PAC of up to MaxTokenSize, 48,000 bytes) with a 400 before
+            # the plugin saw it (review of the Kerberos plugin).
             return GuardedRequestHandler(server, loop=loop, guard=guard, listener=listener, access_log=None,
                                          keepalive_timeout=guard.limits.keepalive_timeout, auto_decompress=False,
+                                         max_field_size=guard.limits.max_header_bytes,
                                          tcp_keepalive=False)  # inherited from the listening socket (server.bind)
 
         context = self._ssl_context
