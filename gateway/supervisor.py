@@ -531,6 +531,11 @@ class _Master:
         theirs.close()
         ours.setblocking(False)
         self.builder = _Builder(pid, ours, MessageReader(ours))
+        if self.stop_requested:
+            # A SIGTERM held while forking ran its handler before the builder was known here:
+            # the stop then waited for the whole read (a minute for a large conf.d; review of
+            # this stop's diff).
+            _signal(pid, signal.SIGKILL)
 
     def _read_builder(self, builder: _Builder) -> None:
         messages = builder.reader.read()

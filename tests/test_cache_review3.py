@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 
 import ldap3
 import pytest
@@ -178,3 +179,57 @@ def test_a_refusal_under_another_name_kept_while_redis_was_frozen_reaches_the_ac
         for name in (uid, mail):
             offline = gateway.auth(name, OLD)
             assert offline.status in (401, 503) and offline.header("Remote-User") is None, (name, offline.status)
+
+
+def test_a_refusal_under_another_name_while_its_login_hashes_leaves_no_entry_of_the_account(tmp_path):
+    """A live success under `alice@example.org` (the account `alice`) is hashing its entry when
+    another worker handles a refusal of that name (the account was just locked). The refusal
+    found no pointer yet, so it marked the name's row alone; the pointer was then refused by that
+    mark, but the account's entry was written under `alice` and answered offline after the lock
+    (review of this stop's diff). A refused pointer now writes no entry, and forgets what the
+    account's row held from before the login. Real OfflineCache and SQLite store; the refusal
+    runs from inside the real hashing (the window)."""
+    import ipaddress
+
+    from gateway import Attempt, Decision, Identity, Outcome, PasswordCredential
+    from gateway.plugins.cache.offline import OfflineCache
+    from gateway.plugins.cache.settings import CacheSettings
+
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    cache = OfflineCache(CacheSettings(methods=["ldap"]), state)
+    identity = Identity(subject="s-1", username="alice", method="ldap")
+
+    def attempt(name: str) -> Attempt:
+        return Attempt(request_id=name, client=ipaddress.ip_address("127.0.0.1"), front_door="api",
+                       deadline=time.monotonic() + 30, password=PasswordCredential(name, "Passw0rd-1"))
+
+    # An entry of the account from an earlier login under its own name (an earlier password).
+    assert cache.remember(attempt("alice"), PasswordCredential("alice", "Earlier-pw-0"), identity, "ldap")
+
+    class RefusedMeanwhile:
+        def __init__(self, real):
+            self.real = real
+
+        def hash(self, secret):
+            digest = self.real.hash(secret)
+            cache.forget("alice@example.org")  # another worker: the directory refuses the name now
+            return digest
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+    real, cache.hasher = cache.hasher, RefusedMeanwhile(cache.hasher)
+    try:
+        credential = PasswordCredential("alice@example.org", "Passw0rd-1")
+        assert cache.remember(attempt("alice@example.org"), credential, identity, "ldap") is False
+    finally:
+        cache.hasher = real
+    keys = cache.keys()
+    assert cache.store.get(keys.row_key(cache.user_key("alice"))) is None
+    for name in ("alice", "alice@example.org"):
+        offline = attempt(name)
+        offline.note(Outcome.UNAVAILABLE, step="ldap", reason="ldap.unavailable")
+        decision = cache.after_chain(offline, Decision.deny(Outcome.UNAVAILABLE, step="ldap", reason="ldap.unavailable"))
+        assert decision.outcome is Outcome.UNAVAILABLE, (name, decision)
+    cache.close()

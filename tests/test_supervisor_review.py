@@ -334,3 +334,37 @@ def test_a_worker_that_dies_while_the_master_reads_a_long_conf_d_is_replaced_mea
                     timeout=300, what="the refusal of the long file", log=gw.output).group(0)
     assert "zz-long.yaml:1: x: unknown key" in gw.output().split("reload refused")[1], line
     assert realms(gw) == {realm("r0")} and "Traceback" not in gw.output()
+
+
+def test_a_stop_that_arrives_while_the_builder_is_forked_does_not_wait_for_the_read(tmp_path, demo_hash):
+    """Signals are blocked around the builder's fork; a SIGTERM held there ran its handler before
+    the master knew the builder, which was then left to read the whole of conf.d: the stop took
+    a minute for a large file (review of this stop's diff). The master kills a builder it forks
+    once a stop was asked for; the stop ends within a bounded wait that the read alone exceeds."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from support.net import wait_for_port
+
+    conf = write_conf(tmp_path / "conf.d", {"gateway.yaml": "chain: [static]\nthrottle:\n  enabled: false\n",
+                                            **static_users({"alice": demo_hash})})
+    port = free_port()
+    tests = str(Path(__file__).parent)
+    with open(tmp_path / "log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "support.sigterm_at_build_fork", "serve", "--config", str(conf),
+                                 "--state-dir", str(tmp_path / "state"), "--workers", "2",
+                                 "--listen", f"127.0.0.1:{port}"], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONPATH": tests})
+    try:
+        wait_for_port("127.0.0.1", port, timeout=30, proc=proc)
+        output = lambda: (tmp_path / "log").read_text()  # noqa: E731
+        wait_for(lambda: output().count("serving on") >= 2, 30, what="two workers serving", log=output)
+        (conf / "zz-long.yaml").write_text("x:\n" + "- 1\n" * 3_000_000)  # a minute or more of YAML to read
+        os.kill(proc.pid, signal.SIGHUP)
+        assert proc.wait(timeout=30) == 0, output()[-3000:]
+        assert "reload abandoned: the gateway is stopping" in output()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)

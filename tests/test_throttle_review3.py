@@ -76,22 +76,23 @@ def test_a_wall_clock_step_forward_frees_no_guess_of_the_sqlite_store(tmp_path):
 
 
 def test_a_wall_clock_step_back_keeps_nobody_throttled_past_the_window(tmp_path):
-    wall = [time.time()]
-    throttle = sqlite_throttle(tmp_path, wall, window=1.0)
+    """Dated by the wall clock, failures counted before a step back of 3 h stayed "in the future"
+    until the clock caught up: the user stayed refused 3 h past the window. The store's time is
+    the boot clock's (stepped here by hand: a window passes, the wall clock goes back 3 h)."""
+    boot = ["boot-1", 50_000.0]
+    store = SQLiteStore(tmp_path / "throttle.sqlite3", boot_clock=lambda: tuple(boot))
+    wall = time.time()
+    alice, bob = [("alice", 3)], [("bob", 3)]
     try:
-        assert [guess(throttle) for _ in range(4)] == [True, True, True, False]
-        wall[0] -= 3 * 3600  # the wall clock stepped three hours back
-        # The window (1 s) passes in real time: the user may guess again. Dated by the wall
-        # clock, the failures stayed "in the future" until the clock caught up: three hours.
-        end = time.monotonic() + 15
-        freed = False
-        while not freed and time.monotonic() < end:
-            time.sleep(0.25)
-            freed = guess(throttle, "alice")
-        assert freed, "a wall-clock step back kept a throttled user refused past the window"
-        assert guess(throttle, "bob")  # and others as ever
+        assert [store.reserve(alice, f"t{i}", wall, 600) for i in range(4)] == [True, True, True, False]
+        wall -= 3 * 3600  # the wall clock stepped three hours back
+        boot[1] += 599
+        assert not store.reserve(alice, "t4", wall, 600), "still within the window"
+        boot[1] += 2  # the window has passed
+        assert store.reserve(alice, "t5", wall, 600), "a wall-clock step back kept a throttled user refused"
+        assert store.reserve(bob, "t6", wall, 600)  # and others as ever
     finally:
-        throttle.close()
+        store.close()
 
 
 def test_the_sqlite_store_goes_on_from_its_failures_after_a_reboot_whose_clock_is_behind(tmp_path):

@@ -29,14 +29,14 @@ connection protocol with those three things decided here instead:
   with the new generation, which answers its next request (:func:`hand_over`): aiohttp closed
   it, and a request its client sent meanwhile got no answer (a proxy resends only idempotent
   ones: a POST, the login door's form or ``/v1/authenticate``, became a 502 at reloads under
-  load). A connection the retiring generation accepted whose first request has not arrived yet
-  is not an idle keep-alive connection: its client sent (or is sending) a request on a fresh
-  connection and, unlike one on a reused connection, does not retry it. aiohttp closes it at
-  once and drops those bytes; here it is given up to 2 s (within ``limits.header_timeout`` and
-  the shutdown grace) to send that request, which is answered, as is a request held after an
-  overload refusal. A connection silent for longer is a browser's preconnect or idle, and is
-  closed as idle ones are (so at a stop). Responses of a retiring generation carry
-  ``Connection: close``.
+  load). So does a connection the retiring generation accepted whose first request has not
+  begun to arrive. One whose first request is arriving is not an idle keep-alive connection:
+  its client sent a request on a fresh connection and, unlike one on a reused connection, does
+  not retry it. aiohttp closes it at once and drops those bytes; here it is given up to 2 s
+  (within ``limits.header_timeout`` and the shutdown grace) to send that request, which is
+  answered, as is a request held after an overload refusal. At a stop, a connection silent
+  for longer is a browser's preconnect or idle, and is closed as idle ones are. Responses of a
+  retiring generation carry ``Connection: close``.
 
 Every limit hit is logged at WARNING, at most once per 10 s per kind, with the count since.
 ``Server:`` carries no versions (``authgw``). Reads ``limits.*`` and ``trusted_proxies``.
@@ -449,10 +449,12 @@ class GuardedRequestHandler(RequestHandler, _NoDelayAlreadySet):
     # -- hand-over at reload, retirement at a stop ------------------------------------------------------
 
     def _between_requests(self) -> bool:
-        """An idle keep-alive connection: open, a request answered, none in progress or queued,
-        and aiohttp's loop waiting for the next. Not a new connection whose first request has not
-        come, nor one held after an overload refusal (:meth:`shutdown` has the retiring
-        generation answer those), nor a WebSocket (the relay's link)."""
+        """A connection waiting for its next request: open, none in progress or queued, no byte
+        of one received, and aiohttp's loop waiting for it: an idle keep-alive connection, and
+        a new one whose first request has not begun to arrive (the new generation answers it as
+        well). Not one whose request is partly received, nor one held after an overload refusal
+        (:meth:`shutdown` has the retiring generation answer those), nor a WebSocket (the
+        relay's link)."""
         if self.transport is None or self._close or self._force_close or self._upgraded or self._unread():
             return False
         if self._messages or self._request_in_progress or self._current_request is not None:

@@ -268,8 +268,9 @@ class OfflineCache:
                         # there) stays deleted until then, which fails closed.
                         seen = self._memo.get(alias_row)
                         if (seen is None or seen[0] != _pointer_mark(identity.username)
-                                or now - seen[1] >= self.settings.refresh_after):
-                            self._point(keys, alias_row, identity.username, step, now)
+                                or now - seen[1] >= self.settings.refresh_after) \
+                                and not self._point(keys, alias_row, identity.username, step, now):
+                            self._pointer_refused(row_key, now)
                     return False
             if not self._hash_slots.acquire(timeout=max(0.0, attempt.time_left() - 0.05)):
                 self.log.warning("credential cache: no hashing slot before the deadline; %s not stored",
@@ -280,10 +281,12 @@ class OfflineCache:
             finally:
                 self._hash_slots.release()
             sealed = keys.seal(row_key, identity, step, now, answered_by, password_hash=password_hash)
-            if alias_row is not None:
+            if alias_row is not None and not self._point(keys, alias_row, identity.username, step, now):
                 # The pointer first: a refusal under the name given that reads it meanwhile
-                # forgets the account's row too, and its marker refuses the entry's write below.
-                self._point(keys, alias_row, identity.username, step, now)
+                # forgets the account's row too. One that came before it (found no pointer, so
+                # marked the name's row alone) refuses the pointer: then no entry is written.
+                self._pointer_refused(row_key, now)
+                return False
             self._retry_forget(row_key, self._kept(row_key))  # a refusal the store did not take yet goes first
             self.store.put(Entry(row_key, keys.kid, password_hash, sealed, now))
             self._memorise(row_key, mark, now)
@@ -295,13 +298,28 @@ class OfflineCache:
             self._failed("storing a live login", exc)
             return False
 
-    def _point(self, keys: CacheKeys, alias_row: str, account: str, step: str, now: float) -> None:
+    def _point(self, keys: CacheKeys, alias_row: str, account: str, step: str, now: float) -> bool:
         """Write the row of another name of *account*: it names the account's row and holds no
-        password hash (:data:`ALIAS_HASH` is no argon2 hash: nothing verifies against it)."""
+        password hash (:data:`ALIAS_HASH` is no argon2 hash: nothing verifies against it).
+        False when the store refuses it: a refusal under that name marked the row after *now*
+        (or a later login wrote its own pointer)."""
         self._retry_forget(alias_row, self._kept(alias_row))
         sealed = keys.seal_alias(alias_row, account, step, now, password_hash=ALIAS_HASH)
-        self.store.put(Entry(alias_row, keys.kid, ALIAS_HASH, sealed, now))
+        if not self.store.put(Entry(alias_row, keys.kid, ALIAS_HASH, sealed, now)):
+            return False
         self._memorise(alias_row, _pointer_mark(account), now)
+        return True
+
+    def _pointer_refused(self, row_key: str, now: float) -> None:
+        """The pointer to *row_key* (the account's row) was refused: a refusal under the other
+        name came while this login hashed, before the pointer told it whose the name is, and
+        marked the name's row alone (review of this stop's diff: the account's entry was then
+        written and answered offline after the account was locked). That refusal may be the
+        account's: what the account's row holds from before *now* is forgotten too (a later
+        login's entry, stamped after *now*, stays)."""
+        with self._lock:
+            self._memo.pop(row_key, None)
+        self.store.forget(row_key, now, older_only=True)
 
     def _memorise(self, row_key: str, mark: bytes, now: float) -> None:
         """Note that this process wrote *row_key* (an entry with *mark*, or a pointer) at *now*."""
