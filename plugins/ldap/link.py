@@ -44,6 +44,9 @@ _BURST = 64
 _MAX_SKIPPED = 100
 #: Entries one search reads at most when it asked for no size or page limit (a base search).
 _MAX_ENTRIES = 10_000
+#: Seconds a wait's timer may fire before the wait's end and still end it: uvloop's timers
+#: count whole milliseconds (a timer of its own for each wait fired as early).
+_TIMER_SLACK = 0.001
 
 
 class LinkBroken(Exception):
@@ -111,7 +114,7 @@ class Link:
 
     __slots__ = ("conn", "server", "created", "last_used", "reused", "_reader", "_next_id", "_on_loop",
                  "_answer_time", "_deadline", "_until", "_asked", "_watched_by", "_watched_fd", "_waiter", "_idle_wakes",
-                 "_burst")
+                 "_burst", "_timer", "_timer_at", "_wait_until")
 
     def __init__(self, conn: ldap3.Connection, server: Server) -> None:
         self.conn = conn
@@ -130,6 +133,9 @@ class Link:
         self._waiter: asyncio.Future | None = None  # what a greenlet waiting for an answer is parked on
         self._idle_wakes = 0  # readiness callbacks with nobody waiting, since the last wait
         self._burst = 0  # reads on the loop without a wait, since the last wait
+        self._timer: asyncio.TimerHandle | None = None  # the waits' timeout on the loop (_wait_readable)
+        self._timer_at = 0.0  # the loop time it fires at
+        self._wait_until = 0.0  # the loop time the current wait times out at
 
     def alive(self) -> bool:
         """Nothing is pending on an idle connection; readable means closed or disconnected."""
@@ -201,7 +207,17 @@ class Link:
             sock.settimeout(self._left())  # sendall's timeout is for all of it (Python 3.5+)
             sock.sendall(data)
             return
-        view = memoryview(data)
+        try:  # nearly always sent whole at once: no view, no slices
+            sent = sock.send(data)
+        except (BlockingIOError, ssl.SSLWantWriteError):
+            sent = 0
+            aio.wait_io(sock, write=True, timeout=self._left())
+        except ssl.SSLWantReadError:
+            sent = 0
+            self._wait_readable()
+        if sent == len(data):
+            return
+        view = memoryview(data)[sent:]
         while view:
             try:
                 view = view[sock.send(view):]
@@ -220,7 +236,14 @@ class Link:
         connection, or sent a Notice of Disconnection), and the registration is taken back, so
         that an unread socket cannot wake the loop over and over; :meth:`alive` then finds it
         readable and the pool drops the link. :meth:`close` takes it back before the socket
-        closes."""
+        closes.
+
+        The wait's timeout is a timer the link keeps armed from one wait to the next: a timer
+        made and cancelled for every answer cost an LDAP login ~7 µs of gateway CPU on uvloop
+        (two answers; issue 15, tools/bench/ldap_cpu.py). It is moved only when a wait must end
+        before it fires; firing earlier than the current wait's end, it is set again for that
+        end (:meth:`_timed_out`); firing with nobody waiting, it is dropped until the next wait.
+        So every wait still ends by its own time, as a timer of its own would end it."""
         left = self._left()
         loop = asyncio.get_running_loop()
         if self._watched_by is not loop:
@@ -230,12 +253,29 @@ class Link:
             self._watched_by, self._watched_fd = loop, fd
         self._waiter = future = loop.create_future()
         self._idle_wakes = self._burst = 0
-        timer = loop.call_later(left, aio.expire, future)
+        self._wait_until = until = loop.time() + left
+        timer = self._timer
+        if timer is None or self._timer_at > until:
+            if timer is not None:
+                timer.cancel()
+            self._timer, self._timer_at = loop.call_at(until, self._timed_out), until
         try:
             aio.wait(future)
         finally:
-            timer.cancel()
             self._waiter = None
+
+    def _timed_out(self) -> None:
+        """The link's timer (see :meth:`_wait_readable`), on its loop: the current wait's time
+        is up (the timer's resolution: a millisecond), or the timer is set again for it."""
+        self._timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return  # nobody waits: the next wait arms a timer
+        loop = asyncio.get_running_loop()
+        if loop.time() >= self._wait_until - _TIMER_SLACK:
+            aio.expire(waiter)
+        else:
+            self._timer, self._timer_at = loop.call_at(self._wait_until, self._timed_out), self._wait_until
 
     def _readable(self) -> None:
         waiter = self._waiter
@@ -250,15 +290,19 @@ class Link:
         """Take the socket's registration back from the loop it is with. On that loop's thread,
         or while it does not run: :meth:`close` from another thread hands the close to it."""
         loop, self._watched_by = self._watched_by, None
+        timer, self._timer = self._timer, None  # armed on that loop only
         if loop is not None and not loop.is_closed():
             loop.remove_reader(self._watched_fd)
+            if timer is not None:
+                timer.cancel()
 
-    def _send(self, build) -> int:
+    def _send(self, build, *args) -> int:
+        """``build(message_id, *args)`` sent whole; returns the message ID."""
         message_id = self._next_id
         self._next_id = message_id + 1 if message_id < 0x7FFFFFFF else 1000
         self._until = min(time.monotonic() + self._answer_time, self._deadline)  # this request's answer
         try:
-            self._sendall(build(message_id))
+            self._sendall(build(message_id, *args))
             self._asked = True
         except OSError as exc:
             # Not sent whole: the server cannot have read the request, let alone acted on it.
@@ -267,13 +311,18 @@ class Link:
 
     def _receive(self, message_id: int) -> tuple[int, bytes, bytes]:
         try:
-            for _ in range(_MAX_SKIPPED + 1):
-                got, tag, body, controls = self._reader.message()
-                if got == message_id:
-                    return tag, body, controls
+            got, tag, body, controls = self._reader.message()
+            if got == message_id:  # nearly always
+                return tag, body, controls
+            for _ in range(_MAX_SKIPPED):
                 if got == 0:  # Notice of Disconnection (RFC 4511 section 4.4.1)
                     raise wire.ProtocolError("the server sent a notice of disconnection")
                 # an answer to an abandoned request: skip it (a few; not an endless stream)
+                got, tag, body, controls = self._reader.message()
+                if got == message_id:
+                    return tag, body, controls
+            if got == 0:
+                raise wire.ProtocolError("the server sent a notice of disconnection")
             raise wire.ProtocolError(f"more than {_MAX_SKIPPED} answers to other requests")
         except (OSError, wire.ProtocolError, IndexError, ValueError) as exc:
             # Only called after _send: the request is with the server, which may have done it.
@@ -282,7 +331,7 @@ class Link:
     def bind(self, dn: str, password: str) -> Result:
         """A simple bind on this connection (RFC 4511 section 4.2: a new bind replaces the
         connection's identity; a failed one leaves it anonymous)."""
-        message_id = self._send(lambda mid: wire.bind_request(mid, dn, password))
+        message_id = self._send(wire.bind_request, dn, password)
         tag, body, controls = self._receive(message_id)
         if tag != wire.BIND_RESPONSE:
             raise LinkBroken(f"unexpected answer {tag:#x} to a bind", sent=True)
@@ -300,8 +349,8 @@ class Link:
         server sending more is broken (:class:`LinkBroken`)."""
         # FilterError: a bug or a bad template, not the server
         filter_ber = filter_ if isinstance(filter_, bytes) else wire.compile_filter(filter_)
-        message_id = self._send(lambda mid: wire.search_request(mid, base, scope, filter_ber, attributes, size_limit,
-                                                                 paged_size, cookie or b""))
+        message_id = self._send(wire.search_request, base, scope, filter_ber, attributes, size_limit, paged_size,
+                                cookie or b"")
         entries: list[Entry] = []
         # No more entries than asked for: a server that sends them without end was read without
         # end, into memory (review of the LDAP plugin).
@@ -352,7 +401,7 @@ class Link:
     def who_am_i(self) -> tuple[Result, str]:
         """The server's name for the identity this connection is bound as (RFC 4532): its
         authzId, ``dn:<DN>`` or ``u:<user id>`` (AD: ``u:DOMAIN\\name``), empty for anonymous."""
-        message_id = self._send(lambda mid: wire.extended_request(mid, wire.WHO_AM_I_OID))
+        message_id = self._send(wire.extended_request, wire.WHO_AM_I_OID)
         tag, body, _ = self._receive(message_id)
         if tag != wire.EXTENDED_RESPONSE:
             raise LinkBroken(f"unexpected answer {tag:#x} to an extended request", sent=True)

@@ -83,11 +83,15 @@ def _message(message_id: int, op: bytes, controls: bytes = b"") -> bytes:
     return _tlv(0x30, _int(0x02, message_id) + op + (_tlv(0xA0, controls) if controls else b""))
 
 
+#: The password policy request control in its ``[0] Controls`` wrapper, as every bind sends it.
+_PPOLICY_CONTROLS = _tlv(0xA0, _PPOLICY_REQUEST)
+
+
 def bind_request(message_id: int, dn: str, password: str, *, ppolicy: bool = True) -> bytes:
     """BindRequest, LDAPv3, simple authentication (RFC 4511 section 4.2), asking for the
     password policy response control (OpenLDAP's ppolicy says why it refused in it)."""
     body = b"\x02\x01\x03" + _tlv(0x04, dn.encode("utf-8")) + _tlv(0x80, password.encode("utf-8"))
-    return _message(message_id, _tlv(0x60, body), _PPOLICY_REQUEST if ppolicy else b"")
+    return _tlv(0x30, _int(0x02, message_id) + _tlv(0x60, body) + (_PPOLICY_CONTROLS if ppolicy else b""))
 
 
 def extended_request(message_id: int, oid: bytes) -> bytes:
@@ -104,13 +108,20 @@ def _selection(attributes: tuple[str, ...]) -> bytes:
                 else b"\x04\x031.1")
 
 
+@functools.lru_cache(maxsize=64)
+def _search_head(base: str, scope: str, size_limit: int) -> bytes:
+    """What a SearchRequest holds before its filter: the base, the scope, aliases never
+    dereferenced, the size limit, no time limit, types and values. A login's user search asks
+    the same each time (five TLVs a login before); base reads of other entries are few."""
+    return (_tlv(0x04, base.encode("utf-8")) + _int(0x0A, SCOPES[scope]) + b"\x0a\x01\x00"
+            + _int(0x02, size_limit) + b"\x02\x01\x00" + b"\x01\x01\x00")
+
+
 def search_request(message_id: int, base: str, scope: str, filter_ber: bytes, attributes: Sequence[str],
                    size_limit: int = 0, paged_size: int | None = None, cookie: bytes = b"") -> bytes:
     """SearchRequest (RFC 4511 section 4.5.1), aliases never dereferenced, no time limit.
     *attributes* are names (ASCII, RFC 4512 section 2.5)."""
-    body = (_tlv(0x04, base.encode("utf-8")) + _int(0x0A, SCOPES[scope]) + b"\x0a\x01\x00"
-            + _int(0x02, size_limit) + b"\x02\x01\x00" + b"\x01\x01\x00" + filter_ber
-            + _selection(tuple(attributes)))
+    body = _search_head(base, scope, size_limit) + filter_ber + _selection(tuple(attributes))
     controls = b""
     if paged_size:
         value = _tlv(0x30, _int(0x02, paged_size) + _tlv(0x04, cookie))
@@ -267,12 +278,23 @@ def _header(data: bytes | memoryview, pos: int) -> tuple[int, int, int]:
 
 def parse_result(body: bytes) -> tuple[int, str]:
     """(resultCode, diagnosticMessage) of an LDAPResult body (RFC 4511 section 4.1.9)."""
-    tag, start, end = _header(body, 0)
+    # _header's short form inlined for the three elements (two results a login); the long
+    # form (a diagnostic message of 128 bytes or more) goes through _header, as before.
+    tag, first = body[0], body[1]
+    if first < 0x80:
+        start, end = 2, 2 + first
+    else:
+        tag, start, end = _header(body, 0)
     if tag != 0x0A:
         raise ProtocolError("LDAPResult without a resultCode")
     code = int.from_bytes(body[start:end], "big")
-    _, start, end = _header(body, end)          # matchedDN
-    _, start, end = _header(body, end)          # diagnosticMessage
+    first = body[end + 1]                       # matchedDN
+    end = end + 2 + first if first < 0x80 else _header(body, end)[2]
+    first = body[end + 1]                       # diagnosticMessage
+    if first < 0x80:
+        start, end = end + 2, end + 2 + first
+    else:
+        _, start, end = _header(body, end)
     return code, bytes(body[start:end]).decode("utf-8", errors="replace")
 
 
@@ -300,10 +322,27 @@ def parse_entry(body: bytes) -> tuple[str, dict[str, list[bytes]]]:
     attributes: dict[str, list[bytes]] = {}
     budget = MAX_ENTRY_VALUES
     while pos < stop:
-        _, a_start, a_end = _header(body, pos)
-        _, t_start, t_end = _header(body, a_start)
+        # _header inlined for the short form, as most attributes' elements are (a login reads a
+        # dozen): the attribute's SEQUENCE, its type, its SET of values; the long form as before.
+        length = body[pos + 1]
+        if length < 0x80:
+            a_start = pos + 2
+            a_end = a_start + length
+        else:
+            _, a_start, a_end = _header(body, pos)
+        length = body[a_start + 1]
+        if length < 0x80:
+            t_start = a_start + 2
+            t_end = t_start + length
+        else:
+            _, t_start, t_end = _header(body, a_start)
         name = bytes(body[t_start:t_end]).decode("ascii", errors="replace")
-        _, v_pos, v_end = _header(body, t_end)
+        length = body[t_end + 1]
+        if length < 0x80:
+            v_pos = t_end + 2
+            v_end = v_pos + length
+        else:
+            _, v_pos, v_end = _header(body, t_end)
         # Each element inside its container: values that ran on over the next attributes would be
         # read again as values of each of them (n attributes in O(n) bytes, O(n^2) values).
         if not v_end <= a_end <= stop:
@@ -435,32 +474,46 @@ class Reader:
 
     def message(self) -> tuple[int, int, bytes, bytes]:
         """The next message: (messageID, protocolOp tag, protocolOp body, controls)."""
+        buffer = self.buffer
         while True:
-            if len(self.buffer) >= 2:
-                first = self.buffer[1]
+            if len(buffer) >= 2:
+                first = buffer[1]
                 need = 2 + (first if first < 0x80 else (first & 0x7F))
-                if len(self.buffer) >= need:
-                    tag, start, end = _header(self.buffer, 0)
+                if len(buffer) >= need:
+                    if first < 0x80:  # _header's short form, inlined (a login reads three messages)
+                        tag, start, end = buffer[0], 2, need
+                    else:
+                        tag, start, end = _header(buffer, 0)
                     if tag != 0x30:
                         raise ProtocolError("an LDAPMessage is a SEQUENCE")
                     if end > MAX_MESSAGE:
                         raise ProtocolError(f"a message of {end} bytes is over the {MAX_MESSAGE} limit")
-                    if len(self.buffer) >= end:
-                        data = bytes(self.buffer[start:end])
-                        del self.buffer[:end]
+                    if len(buffer) >= end:
+                        data = bytes(buffer[start:end])
+                        del buffer[:end]
                         return self._split(data)
             chunk = self.sock.recv(65536)
             if not chunk:
                 raise ProtocolError("the server closed the connection")
-            self.buffer += chunk
+            buffer += chunk
 
     @staticmethod
     def _split(data: bytes) -> tuple[int, int, bytes, bytes]:
-        tag, start, end = _header(data, 0)
+        # _header's short form inlined for the messageID and the protocolOp; the long form (a
+        # protocolOp of 128 bytes or more: most entries) and the controls through _header.
+        tag, first = data[0], data[1]
+        if first < 0x80:
+            start, end = 2, 2 + first
+        else:
+            tag, start, end = _header(data, 0)
         if tag != 0x02:
             raise ProtocolError("an LDAPMessage starts with its messageID")
         message_id = int.from_bytes(data[start:end], "big", signed=True)
-        op_tag, op_start, op_end = _header(data, end)
+        op_tag, first = data[end], data[end + 1]
+        if first < 0x80:
+            op_start, op_end = end + 2, end + 2 + first
+        else:
+            op_tag, op_start, op_end = _header(data, end)
         controls = b""
         if op_end < len(data):
             c_tag, c_start, c_end = _header(data, op_end)
