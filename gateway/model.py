@@ -279,6 +279,17 @@ API_CLIENT_KEY: StashKey[str] = StashKey()
 # ---------------------------------------------------------------------------------------------
 
 
+def _plain_claims(claims: Mapping[str, Any]) -> bool:
+    """Whether *claims* hold texts and lists of texts under text keys only (the LDAP plugin's
+    ``attributes:``): JSON as they are, without the cost of writing them (issue 15)."""
+    for key, value in claims.items():
+        if type(key) is not str:
+            return False
+        if type(value) is not str and not (type(value) in (list, tuple) and all(type(v) is str for v in value)):
+            return False
+    return True
+
+
 @dataclass(frozen=True, slots=True)
 class Identity:
     """Who a successful attempt proved the client to be.
@@ -323,7 +334,7 @@ class Identity:
             return "groups that are not a tuple of texts"
         if not isinstance(self.claims, Mapping):
             return "claims that are not a mapping"
-        if self.claims:
+        if self.claims and not _plain_claims(self.claims):
             try:
                 json.dumps(dict(self.claims), allow_nan=False)
             except (TypeError, ValueError, RecursionError):
