@@ -197,7 +197,8 @@ def test_only_refusals_of_the_chain_end_a_session(op):
     """A step after the one that proved the user may answer an attempt without a password for a
     sign-in of its own (the greedy step here; a client-certificate step taking a proxy's
     header): that is not a refusal, and the session goes on as its own user. A step that fails
-    (ERROR) issues nothing (503) and leaves the session for when it works again."""
+    (ERROR) issues nothing and leaves the session for when it works again: the relying party is
+    told at its redirect_uri (error=temporarily_unavailable; a 503 page before)."""
     browser = op.client()
     signed_in_rp(op, browser, "alice")
     for _ in range(2):
@@ -206,7 +207,9 @@ def test_only_refusals_of_the_chain_end_a_session(op):
     op.greedy.write_text("raise\n")
     try:
         broken = reuse(op, browser)
-        assert broken.status_code == 503, broken.text
+        assert broken.status_code == 303, broken.text
+        assert broken.headers["Location"].startswith(CB + "?error=temporarily_unavailable&"), broken.headers
+        assert "code=" not in broken.headers["Location"]
     finally:
         op.greedy.write_text("")
     assert "signed in as" in browser.get(f"{op.url}/login").text
