@@ -253,10 +253,7 @@ class _Master:
             if pid == 0:  # worker
                 code = 1
                 try:
-                    for sig in (signal.SIGTERM, signal.SIGINT):
-                        signal.signal(sig, signal.SIG_DFL)
-                    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reloads come over the link
-                    signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+                    _child_signals()
                     parent_end.close()
                     self._close_links()  # the siblings' (and a builder's) are the master's
                     if self.timeout:
@@ -512,10 +509,7 @@ class _Master:
             if pid == 0:  # the builder
                 code = 1
                 try:
-                    for sig in (signal.SIGTERM, signal.SIGINT):
-                        signal.signal(sig, signal.SIG_DFL)
-                    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-                    signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+                    _child_signals()
                     ours.close()
                     self._close_links()
                     for sock in {sock for slot in self.slots for sock in slot} | self.extra:
@@ -641,6 +635,16 @@ class _Master:
         refused = f"; worker(s) {', '.join(map(str, sorted(reload.refused)))} refused it" if reload.refused else ""
         log.error("MIXED CONFIGURATION: %s%s; remove the cause and send SIGHUP again:%s", serving, refused, reasons,
                   extra=MULTILINE)
+
+
+def _child_signals() -> None:
+    """In a process the master forked (a worker, a reload's builder): SIGTERM and SIGINT back to
+    their default, SIGHUP ignored (a worker's reloads come over its link), then the signals held
+    around the fork let through."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
 
 
 def _build(config_dir: Path, state_dir: Path | None) -> tuple:
