@@ -56,3 +56,13 @@ def redis_server(tmp_path_factory):
     """A redis-server of the test module's own (a module may define its own to override it)."""
     with RedisServer(tmp_path_factory.mktemp("redis")) as server:
         yield server
+
+
+@pytest.fixture
+def stack():
+    """Things to stop at the end of the test (relays, connectors: anything with ``stop()``), last
+    started first."""
+    started = []
+    yield started
+    for thing in reversed(started):
+        thing.stop()

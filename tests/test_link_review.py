@@ -38,15 +38,6 @@ from support.pki import CA
 TOKEN = "T0KEN_abcdefghijklmnopqrstuvwxyz0123"
 
 
-@pytest.fixture
-def stack():
-    """Things to stop at the end of the test (relays and connectors), last started first."""
-    started = []
-    yield started
-    for thing in reversed(started):
-        thing.stop()
-
-
 def _cleartext_link(seen: list):
     """A cleartext /link that does what an attacker would with a connector that says hello:
     answer it and ask about alice. *seen* gets every connection and frame."""

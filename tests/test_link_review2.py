@@ -33,15 +33,6 @@ from support.pki import CA
 TOKEN = "T0KEN_abcdefghijklmnopqrstuvwxyz0123"
 
 
-@pytest.fixture
-def stack():
-    """Things to stop at the end of the test (relays and connectors), last started first."""
-    started = []
-    yield started
-    for thing in reversed(started):
-        thing.stop()
-
-
 # -- 1. a renewal whose certificate cannot be stored ---------------------------------------------------------
 
 
