@@ -1,8 +1,9 @@
 """SAML 2.0 identity provider: the Web Browser SSO profile (SAML profiles section 4.1).
 
-AuthnRequests arrive by HTTP-Redirect or HTTP-POST at ``/saml/sso``; the Response goes back by
-HTTP-POST to a registered Assertion Consumer Service URL only. Reads ``login.saml``,
-``login.entity_id``, ``login.base_url``, ``login.clock_skew`` and the size limits.
+AuthnRequests arrive by HTTP-Redirect or HTTP-POST at ``/saml/sso`` (a POST without the session
+cookie, which a cross-site POST never carries, waits at ``/login``, where a session answers it);
+the Response goes back by HTTP-POST to a registered Assertion Consumer Service URL only. Reads
+``login.saml``, ``login.entity_id``, ``login.base_url``, ``login.clock_skew`` and the size limits.
 
 A request passes named checks, each with its own reason code (docs/reasons.md), in this order:
 size and decoding (``login.*``), ``saml.not_authn_request``, ``saml.unknown_sp``,
@@ -10,9 +11,9 @@ size and decoding (``login.*``), ``saml.not_authn_request``, ``saml.unknown_sp``
 ``saml.request_expired``, then, for SPs with a ``request_certificate``,
 ``saml.signature_missing`` / ``saml.signature_invalid``, ``saml.destination_mismatch`` (a signed
 message must name its Destination) and ``saml.request_replayed``; a ``<saml:Subject>`` that is not
-one ``<saml:NameID>`` is ``saml.subject_unsupported``, a ``<samlp:RequestedAuthnContext>`` that
-is not one, with a schema ``Comparison`` and 1 to 16 class (or declaration) references,
-``login.malformed``. These get the generic 400 page.
+one ``<saml:NameID>`` of at most :data:`MAX_NAME_ID_CHARS` characters is
+``saml.subject_unsupported``, a ``<samlp:RequestedAuthnContext>`` that is not one, with a schema
+``Comparison`` and 1 to 16 class (or declaration) references, ``login.malformed``. These get the generic 400 page.
 
 A request that passed them is answered at its (validated) ACS URL, signed as the SP's Success
 Responses are; with an error status instead of an assertion (core section 3.2.2.2) when it asks
@@ -103,6 +104,9 @@ AT_LEAST = {
 COMPARISONS = ("exact", "minimum", "maximum", "better")
 MAX_CONTEXT_REFS = 16
 MAX_CONTEXT_REF_CHARS = 1024
+#: The longest ``<saml:Subject>`` NameID read from a request: a request waiting for ``/login`` is
+#: parked in the session store with it (a persistent identifier is at most 256, core 8.3.7).
+MAX_NAME_ID_CHARS = 1024
 #: Attribute NameFormats (core sections 8.2.2, 8.2.3): a name that is a URI (has a ``:``, as
 #: ``urn:oid:...`` and ``http://schemas.xmlsoap.org/claims/UPN``) is not an ``xs:Name``.
 ATTRNAME_BASIC = "urn:oasis:names:tc:SAML:2.0:attrname-format:basic"
@@ -170,7 +174,13 @@ def _read_subject(root: etree._Element) -> dict | None:
         names = ", ".join(etree.QName(child).localname for child in parts) or "nothing"
         raise Refused("saml.subject_unsupported", f"a Subject with {names[:100]}, not one NameID")
     name_id = parts[0]
-    return {"name_id": (name_id.text or "").strip(), "format": name_id.get("Format"),
+    value = (name_id.text or "").strip()
+    if len(value) > MAX_NAME_ID_CHARS:
+        # 250,000 characters deflate to 750 bytes of query, and each such request (anyone's, no
+        # credential) parked a 250 KB record until the sign-in: sessions.max_pending of them, 5 GB
+        # of store (review of the XML protocols). No NameID issued is that long: refused, unread.
+        raise Refused("saml.subject_unsupported", f"a NameID of {len(value)} characters")
+    return {"name_id": value, "format": name_id.get("Format"),
             "name_qualifier": name_id.get("NameQualifier"), "sp_name_qualifier": name_id.get("SPNameQualifier")}
 
 
@@ -752,6 +762,12 @@ class SamlIdp:
         why = unanswerable(self.entity_id, sp, authn.name_id_policy, authn.subject, authn_context=authn.authn_context)
         if why is not None:
             return await self.error_answer(request, pending, sp, why)
+        if request.method == "POST" and self.web.session(request, touch=False) is None:
+            # HTTP-POST binding: an SP's page posts cross-site, and the browser does not send its
+            # SameSite=Lax session cookie with that POST. Taken as "no session", IsPassive was
+            # answered NoPassive for a user who was signed in. The request waits at /login (a GET,
+            # which gets the cookie), where a session answers it or IsPassive is declined there.
+            return await self.web.wait_at_login(request, pending, limits.saml.request_lifetime)
         return await self.web.begin(request, pending, limits.saml.request_lifetime)
 
     async def idp_initiated(self, request: web.Request) -> web.StreamResponse:
