@@ -299,21 +299,43 @@ class ChainFolder:
         if not isinstance(decision, Decision):
             log.error("a chain step returned %r instead of a Decision; denied", type(decision).__name__)
             return Decision.deny(Outcome.ERROR, step="unknown", reason="internal_error")
-        identity = decision.identity
-        if identity is not None and not identity.username.isprintable() and _CONTROL.search(identity.username):
-            # No header can carry it, and without its control characters it would name another
-            # user: Remote-User was sent empty, which some proxies fill with the client's own
-            # (review of this stop's diff). A typed name with one is refused before the chain;
-            # this is a directory's, a principal's or a certificate's.
-            log.error("step %r signed in a username holding a control character (%r); denied (fail closed)",
-                      decision.step, identity.username)
-            return Decision.deny(Outcome.ERROR, step=decision.step, reason="unrepresentable_username")
-        if identity is not None and (shape := identity.shape_error()):
-            # A third party's: the built-in plugins give the documented shape. Before, the
-            # success was audited and the answer was a 500 (groups holding a number).
-            log.error("step %r signed in an identity with %s; denied (fail closed)", decision.step, shape)
-            return Decision.deny(Outcome.ERROR, step=decision.step, reason="malformed_identity")
+        return _vetted(attempt, decision)
+
+
+#: The success :func:`_vetted` last passed for an attempt: :meth:`Gateway.decide` checks only a
+#: decision a wrapper made after the fold (a hot hit's identity is not checked twice).
+_VETTED: StashKey[Decision] = StashKey()
+
+
+def _vetted(attempt: Attempt, decision: Decision) -> Decision:
+    """*decision*, or an ``ERROR`` deny when it signs in an identity no header can carry.
+
+    Checked where the steps' decision leaves the fold (so no wrapper, the cache included, sees or
+    remembers such an identity) and again on what the wrappers return: a policy wrapper that
+    rewrote a success with a group that is a number had it audited and answered with a 500, and
+    one with an empty username or a line feed in it a 200 with an empty ``Remote-User`` (review
+    of the front door)."""
+    identity = decision.identity
+    if identity is None or attempt.stash.get(_VETTED, None) is decision:
         return decision
+    if shape := identity.shape_error():
+        # A third party's: the built-in plugins give the documented shape. Before, the
+        # success was audited and the answer was a 500 (groups holding a number).
+        log.error("step %r signed in an identity with %s; denied (fail closed)", decision.step, shape)
+        return Decision.deny(Outcome.ERROR, step=decision.step, reason="malformed_identity")
+    name = identity.username
+    if not name or name[0].isspace() or name[-1].isspace() or (not name.isprintable() and _CONTROL.search(name)):
+        # No header can carry it: without its control characters it would name another user,
+        # and white space at its ends is not part of a header's value (RFC 9110 section 5.5), so
+        # a directory entry found by its mail whose uid is "admin " reached the application
+        # behind nginx as admin (review of the front door). An empty Remote-User is one some
+        # proxies fill with the client's own. A typed name is refused or trimmed before the
+        # chain; this is a directory's, a principal's or a certificate's.
+        log.error("step %r signed in a username no header can carry: empty, with white space at an end or "
+                  "holding a control character (%r); denied (fail closed)", decision.step, name)
+        return Decision.deny(Outcome.ERROR, step=decision.step, reason="unrepresentable_username")
+    attempt.stash[_VETTED] = decision
+    return decision
 
 
 class PrecheckStandIn:
@@ -461,7 +483,7 @@ class Gateway:
             return self._crashed(exc, attempt, "around the chain")
         if not isinstance(decision, Decision):
             return Decision.deny(Outcome.ERROR, step="unknown", reason="internal_error")
-        return decision
+        return _vetted(attempt, decision)  # a wrapper's success too
 
     def _plan_precheck(self) -> list[tuple[Callable[..., Any], bool]] | None:
         impls = self.pm.hook.gateway_precheck.get_hookimpls()

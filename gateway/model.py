@@ -95,11 +95,13 @@ def folded_username(name: str) -> str:
     while slapd lowers it to ``i`` and binds ``alİce`` as ``alice``: every ``i`` of a name
     doubled the throttle's budget, and a refusal seen under ``alice`` left ``alİce``'s offline
     row answering (review of the forward-auth door). Only that letter: a fold that also drops
-    accents would merge other users' names."""
+    accents would merge other users' names. Then NFKC again: case folding decomposes some
+    letters (``ΐ`` folds to three code points, ``Ϊ́``, its capital, to two), which slapd takes for
+    one name; a name holding one had two budgets (second review of the front door)."""
     name = canonical_username(name)
-    if not name.isascii():
-        name = name.replace("\u0130", "I")
-    return name.casefold()
+    if name.isascii():
+        return name.casefold()
+    return unicodedata.normalize("NFKC", name.replace("\u0130", "I").casefold())
 
 
 def plainly_spelt(name: str) -> bool:

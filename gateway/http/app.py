@@ -15,6 +15,7 @@ import hmac
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Mapping
 from urllib.parse import quote
@@ -90,6 +91,7 @@ def _header_value(text: str, field: str = "") -> str:
 
 _groups_warning = RateLimitedWarning(logging.getLogger("authgw.http"))
 _token_warning = RateLimitedWarning(logging.getLogger("authgw.http"))
+_mutual_warning = RateLimitedWarning(logging.getLogger("authgw.http"))
 
 #: What ``identity_headers: percent`` leaves as it is: printable ASCII but ``%`` and ``,``.
 _PERCENT_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) not in "%,")
@@ -111,31 +113,45 @@ def _identity_headers(identity, percent: bool) -> dict[str, str]:
                 "Remote-Email": _header_value(identity.email, "email"),
                 "Remote-Name": _header_value(identity.display_name, "name")}
     # A value a control character keeps from being sent is sent empty (a group left out), as in
-    # utf-8; a comma in a group name is written %2C, so that group is kept.
-    groups = [g for g in identity.groups if len(g.translate(_UNSAFE)) == len(g)]
+    # utf-8, and so is a group with white space at an end (not encoded: %20 is a printable
+    # space's spelling too); a comma in a group name is written %2C, so that group is kept.
+    groups = [g for g in identity.groups if len(g.translate(_UNSAFE)) == len(g) and not _loose_ends(g)]
     if len(groups) != len(identity.groups):
-        _groups_warning("control", "group name(s) %s hold a control character: left out of Remote-Groups",
-                        ", ".join(repr(g) for g in identity.groups if g not in groups)[:500])
+        _groups_warning("control", "group name(s) %s hold a control character or white space at an end: left out "
+                        "of Remote-Groups", ", ".join(repr(g) for g in identity.groups if g not in groups)[:500])
     return {"Remote-User": _percent(_header_value(identity.username, "user")),
             "Remote-Groups": ",".join(_percent(_header_value(g, "groups")) for g in groups),
             "Remote-Email": _percent(_header_value(identity.email, "email")),
             "Remote-Name": _percent(_header_value(identity.display_name, "name"))}
 
 
+#: A name with white space at an end, in a list of names joined by commas (commas only between
+#: them): ``\s`` is what ``str.strip()`` takes off.
+_LOOSE_END = re.compile(r"(?:^|,)\s|\s(?:,|$)")
+
+
+def _loose_ends(name: str) -> bool:
+    return name != name.strip()
+
+
 def _groups_header(groups: tuple[str, ...]) -> str:
     """``Remote-Groups``: the names, comma-separated. A name holding a comma is left out (with a
     warning): ``project-x, admins`` would read as two groups, ``admins`` among them, to a
     backend that splits on commas (review of the front door). So is a name holding a control
-    character: without it ``adm\\x00ins`` read as ``admins`` (review of what the gateway writes)."""
+    character: without it ``adm\\x00ins`` read as ``admins`` (review of what the gateway writes).
+    So is a name with white space at an end: `` admins`` reached the application behind nginx
+    as ``admins`` (nginx drops it at the start of a value, RFC 9110 section 5.5; a backend
+    splitting on commas and stripping, anywhere) (second review of the front door)."""
     joined = ",".join(groups)
-    if not groups or (joined.count(",") == len(groups) - 1 and joined.isprintable()):  # the usual case
+    if not groups or (joined.count(",") == len(groups) - 1 and joined.isprintable()
+                      and not _LOOSE_END.search(joined)):  # the usual case
         return joined
-    left_out = [g for g in groups if "," in g or len(g.translate(_UNSAFE)) != len(g)]
+    left_out = [g for g in groups if "," in g or len(g.translate(_UNSAFE)) != len(g) or _loose_ends(g)]
     if left_out:
-        _groups_warning("comma", "group name(s) %s hold a comma or a control character: left out of Remote-Groups "
-                        "(a backend splitting it on commas would read several groups; without the control "
-                        "character it would read as another group); rename them, or read groups from "
-                        "/v1/authenticate", ", ".join(map(repr, left_out[:5])))
+        _groups_warning("comma", "group name(s) %s hold a comma, a control character or white space at an end: "
+                        "left out of Remote-Groups (a backend splitting it on commas would read several groups; "
+                        "without the control character or the white space it would read as another group); "
+                        "rename them, or read groups from /v1/authenticate", ", ".join(map(repr, left_out[:5])))
     return _header_value(",".join(g for g in groups if g not in left_out), "groups")
 
 
@@ -271,7 +287,11 @@ class FrontDoor:
             headers["Remote-Auth-Source"] = "cache" if decision.from_cache else "live"
             mutual = attempt.stash.get(MUTUAL_AUTH_KEY, None)
             if mutual:
-                headers["WWW-Authenticate"] = mutual
+                if isinstance(mutual, str) and mutual.isascii() and mutual.isprintable():
+                    headers["WWW-Authenticate"] = mutual
+                else:  # a third party's: the answer could not be written, the connection was reset
+                    _mutual_warning("mutual", "a step's MUTUAL_AUTH_KEY token is not a header value (%s): the "
+                                    "success is answered without it", type(mutual).__name__)
             return Answer(200, "", headers)
         return self.denied(request, attempt, decision, headers)
 
