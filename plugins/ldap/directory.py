@@ -469,7 +469,7 @@ class Directory:
                 break
         return Identity(
             subject=self._subject(entry),
-            username=_first(entry, self.r.username_attr) or username,
+            username=entry.login_name(self.r.username_attr, username) or username,
             method=self.name,
             display_name=display,
             email=_first(entry, self.r.email_attr),

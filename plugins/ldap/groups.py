@@ -100,8 +100,8 @@ class GroupResolver:
             # The name as the entry spells it, not as typed: memberUid is case-exact where uid is
             # not, so "ALICE" found alice's entry and fewer of her groups, and that list was
             # cached for her (review of the LDAP plugin).
-            spelt = user.get(self.r.username_attr)
-            query = fill(self.r.group_filter, dn=user.dn, username=_text(spelt[0]) if spelt else username)
+            spelt = user.login_name(self.r.username_attr, username)
+            query = fill(self.r.group_filter, dn=user.dn, username=spelt if spelt is not None else username)
             for entry in self._search(link, query):
                 if entry.dn.lower() not in names:
                     names[entry.dn.lower()] = self._name(entry)

@@ -97,6 +97,23 @@ class Entry:
             return values
         return self.folded.get(name.lower(), [])
 
+    def login_name(self, attr: str, typed: str) -> str | None:
+        """The user's name in *attr* as the entry spells it: of several values (``uid`` is
+        multi-valued), the one *typed* names, else the first; ``None`` without a value. The first
+        alone let an entry whose ``uid`` was ``[admin, eve]`` log in as ``eve`` and sign in as
+        ``admin``, with the groups that name ``admin`` in ``memberUid``, while ``admin`` itself
+        matched two entries and was refused (review of the LDAP plugin)."""
+        values = self.get(attr)
+        if not values:
+            return None
+        texts = [v.decode("utf-8", errors="replace") if isinstance(v, (bytes, bytearray)) else v for v in values]
+        if len(texts) > 1 and typed:
+            wanted = typed.casefold()
+            for text in texts:
+                if text.casefold() == wanted:
+                    return text
+        return texts[0]
+
 
 def describe(exc: BaseException) -> str:
     text = str(exc) or exc.__class__.__name__
@@ -114,7 +131,7 @@ class Link:
 
     __slots__ = ("conn", "server", "created", "last_used", "reused", "_reader", "_next_id", "_on_loop",
                  "_answer_time", "_deadline", "_until", "_asked", "_watched_by", "_watched_fd", "_waiter", "_idle_wakes",
-                 "_burst", "_timer", "_timer_at", "_wait_until")
+                 "_burst", "_timer", "_timer_at", "_wait_until", "_poll")
 
     def __init__(self, conn: ldap3.Connection, server: Server) -> None:
         self.conn = conn
@@ -136,6 +153,13 @@ class Link:
         self._timer: asyncio.TimerHandle | None = None  # the waits' timeout on the loop (_wait_readable)
         self._timer_at = 0.0  # the loop time it fires at
         self._wait_until = 0.0  # the loop time the current wait times out at
+        # For alive(): poll(2), not select(2), which refuses a descriptor from FD_SETSIZE (1024)
+        # on (ValueError). A worker holding a thousand client connections (max_connections is
+        # 4096) gets no lower descriptors, and every pooled link looked dead: each login opened
+        # two connections (TCP, TLS, a service bind) and pooled nothing (review of the LDAP
+        # plugin). Registered once: a poll of a ready-made set is cheaper than a select.
+        self._poll = select.poll()
+        self._poll.register(conn.socket.fileno(), select.POLLIN)
 
     def alive(self) -> bool:
         """Nothing is pending on an idle connection; readable means closed or disconnected."""
@@ -145,10 +169,10 @@ class Link:
         try:
             if isinstance(sock, ssl.SSLSocket) and sock.pending():
                 return False
-            readable, _, _ = select.select([sock], [], [], 0)
+            events = self._poll.poll(0)  # readable, hung up or in error: any event is not idle
         except (OSError, ValueError):
             return False
-        return not readable
+        return not events
 
     def settimeout(self, seconds: float, deadline: float = math.inf) -> None:
         """The time each answer may take from its request, in all: a server that dribbles an

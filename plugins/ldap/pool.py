@@ -257,8 +257,13 @@ class Pool:
                     raise LDAPExceptionError("StartTLS did not start")
             if not cut.done():
                 raise LDAPExceptionError("the connection was not set up before the deadline")
-        except (LDAPExceptionError, OSError, UnicodeError) as exc:  # ssl.SSLError is an OSError; a name
-            cut.done()                                              # the resolver cannot encode: UnicodeError
+        except Exception as exc:  # noqa: BLE001 - whatever ldap3 raises here, the server or the path to it caused
+            # Not only LDAPExceptionError, OSError (ssl.SSLError) and UnicodeError (a name the
+            # resolver cannot encode): ldap3's decoder raises KeyError or IndexError on a malformed
+            # StartTLS answer, which anyone on the path can send (it is plaintext). Raised as they
+            # were, they skipped the next server and made every login a crash, a 401 the throttle
+            # counts as a guess (review of the LDAP plugin).
+            cut.done()
             try:
                 conn.unbind()
             except Exception:  # noqa: BLE001
@@ -266,7 +271,10 @@ class Pool:
             if cut.fired:
                 raise LinkBroken("the connection was not set up before the deadline", timeout=True,
                                  connect=True) from None
-            raise LinkBroken(describe(exc), timeout=isinstance(exc, TimeoutError), connect=True) from None
+            detail = describe(exc)
+            if not isinstance(exc, (LDAPExceptionError, OSError, UnicodeError)):
+                detail = f"an answer ldap3 could not read while connecting ({exc.__class__.__name__}: {detail})"
+            raise LinkBroken(detail, timeout=isinstance(exc, TimeoutError), connect=True) from None
         return conn
 
     def call(self, kind: str, operation: Callable[[Link], T], deadline: float) -> T:
