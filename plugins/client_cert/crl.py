@@ -14,11 +14,20 @@ A URL is fetched over plain http as a rule, so whoever is on the path can serve 
 fetched CRL is therefore held, and trusted for the no-rollback comparison and for the time of the
 next fetch, only once it is checked (:meth:`CrlStore._refusal`): issued and signed by a CA the URL
 serves, that CA allowed to sign CRLs, its thisUpdate not in the future, and neither older nor
-lower-numbered than the CRL held, nor of another issuer. A URL serves the verified issuer of each
+lower-numbered than the CRL held of the same CA. A URL serves the verified issuer of each
 certificate that names it in its distribution points; a configured URL, the configured CAs and
 the verified issuer of any certificate checked. A CRL that fails is refused and the one held
 kept (review of the certificate plugin: a forged CRL replaced the held one, and one dated 2036
 shut the CA's own out).
+
+A URL that serves several CAs (a configured one serves them all) holds one CRL per CA, each
+compared only with that CA's. With one CRL per URL, the first CRL held pinned the URL to its
+issuer: another configured CA's genuine CRL served there once, at start-up, by whoever is on the
+path (a root's CRL at the issuing CA's URL) was held, and the issuing CA's own CRLs were refused
+from then on as "of another issuer" until a restart. Its certificates had no CRL: revoked ones
+logged in under soft-fail, and hard-fail refused them all, with readiness saying the CRL was fresh
+(review of the certificate plugin). Which CRL a URL served last still decides when it is fetched
+again.
 """
 
 from __future__ import annotations
@@ -215,7 +224,9 @@ def distribution_points(cert: x509.Certificate) -> list[str]:
 
 @dataclass
 class _UrlEntry:
-    crl: LoadedCrl | None = None  # the CRL held: always one that passed CrlStore._refusal
+    crl: LoadedCrl | None = None  # the CRL the URL served last that was held (its nextUpdate: the next fetch)
+    # The CRLs held, one per CA (issuer name), each one that passed CrlStore._refusal against that CA's.
+    crls: dict[x509.Name, LoadedCrl] = field(default_factory=dict)
     # The CAs this URL serves, which a fetched CRL is checked against: the configured ones for a
     # configured URL, and the verified issuers of the certificates checked against it.
     issuers: set[x509.Certificate] = field(default_factory=set)
@@ -289,19 +300,21 @@ class CrlStore:
         (caller holds ``entry.lock``)."""
         with self._lock:
             issuers = list(entry.issuers)
-        why = self._refusal(url, loaded, entry.crl, issuers)
+        why = self._refusal(url, loaded, entry.crls.get(loaded.crl.issuer), issuers)
         if why:
             self._warn_refused(url, entry, why)
             raise RefusedCrl(f"{shown_url(url)}: CRL refused: {why}")
-        entry.crl = loaded
+        entry.crls[loaded.crl.issuer] = entry.crl = loaded
 
     def _refusal(self, url: str, loaded: LoadedCrl, held: LoadedCrl | None,
                  issuers: list[x509.Certificate]) -> str | None:
-        """Why a CRL fetched from *url* must not be held, or ``None``. The URL is plain http as a
-        rule, so the issuer is one the URL is known to serve, never one the CRL names for itself;
-        and a genuine CRL of that CA with a narrower scope (another partition, CA certificates
-        only, a delta) does not replace the one held, or the certificates the held one covers
-        would lose their answer: "unknown", which soft-fail lets in even when revoked."""
+        """Why a CRL fetched from *url* must not be held, or ``None``; *held* is the CRL held
+        from *url* of the same issuer. The URL is plain http as a rule, so the issuer is one the
+        URL is known to serve, never one the CRL names for itself; and a genuine CRL of that CA
+        with a narrower scope (another partition, CA certificates only, a delta) does not replace
+        the one held, or the certificates the held one covers would lose their answer: "unknown",
+        which soft-fail lets in even when revoked. Another CA's CRL replaces nothing: it is held
+        beside (module docstring)."""
         crl = loaded.crl
         named = [ca for ca in issuers if ca.subject == crl.issuer]
         if not named:
@@ -313,8 +326,6 @@ class CrlStore:
             return f"its thisUpdate {this_update.isoformat()} is in the future"
         if held is None:
             return None
-        if crl.issuer != held.crl.issuer:
-            return f"its issuer {crl.issuer.rfc4514_string()!r} is not that of the CRL held"
         if this_update < held.crl.last_update_utc:
             return (f"it is older than the CRL held (thisUpdate {this_update.isoformat()}, "
                     f"held {held.crl.last_update_utc.isoformat()}): a rollback")
@@ -371,9 +382,9 @@ class CrlStore:
         return entry.fetched is None or time.monotonic() - entry.fetched >= self.settings.crl_refresh_interval
 
     def _url_crl(self, url: str, issuer: x509.Certificate, deadline: float,
-                 now: dt.datetime) -> tuple[LoadedCrl | None, str | None]:
-        """The checked CRL held from *url*, fetched if due, and why it may not answer. *issuer*,
-        from a verified path, is a CA this URL serves from now on."""
+                 now: dt.datetime) -> tuple[list[LoadedCrl], str | None]:
+        """The checked CRLs held from *url* (one per CA), fetched if due, and why they may not
+        answer. *issuer*, from a verified path, is a CA this URL serves from now on."""
         with self._lock:
             entry = self._urls.get(url)
             if entry is None:
@@ -390,22 +401,22 @@ class CrlStore:
             # present): fetched again now, not after retry_after_failure.
             self.backoff.succeeded(url)
         if not self._needs_fetch(entry, now):
-            return entry.crl, None
+            return list(entry.crls.values()), None
         blocked = self.backoff.blocked(url)
         if blocked:
-            return entry.crl, f"recent fetch failed: {blocked}"
+            return list(entry.crls.values()), f"recent fetch failed: {blocked}"
         timeout = min(self.settings.timeout, deadline - time.monotonic() - 0.1)
         if timeout <= 0.05:
-            return entry.crl, f"{shown_url(url)}: no time left to fetch"
+            return list(entry.crls.values()), f"{shown_url(url)}: no time left to fetch"
         if not entry.lock.acquire(timeout=timeout):
-            return entry.crl, f"{shown_url(url)}: another fetch is still running"
+            return list(entry.crls.values()), f"{shown_url(url)}: another fetch is still running"
         try:
             if self._needs_fetch(entry, now):  # another thread may have fetched meanwhile
                 self._fetch(url, entry, timeout)
                 self._after_fetch(url, entry)
-            return entry.crl, None
+            return list(entry.crls.values()), None
         except FetchError as exc:
-            return entry.crl, self._failed(url, entry, exc, "CRL fetch failed")
+            return list(entry.crls.values()), self._failed(url, entry, exc, "CRL fetch failed")
         finally:
             entry.lock.release()
 
@@ -425,11 +436,10 @@ class CrlStore:
             urls += [u for u in distribution_points(cert) if u not in urls]
         problems: list[str] = []
         for url in urls:
-            loaded, problem = self._url_crl(url, issuer, deadline, now)
-            if loaded is not None:
-                candidates.append(loaded)
-            # A configured URL serves one issuer; its failure matters only to that issuer's certs.
-            if problem and (url not in self.settings.crl_urls or (loaded and loaded.applies_to(cert, issuer))):
+            held, problem = self._url_crl(url, issuer, deadline, now)
+            candidates.extend(held)
+            # A configured URL may serve one issuer; its failure matters only to that issuer's certs.
+            if problem and (url not in self.settings.crl_urls or any(c.applies_to(cert, issuer) for c in held)):
                 problems.append(problem)
         applicable = [c for c in candidates if c.applies_to(cert, issuer)]
         for loaded in applicable:
@@ -482,10 +492,13 @@ class CrlStore:
         with self._lock:
             return {u: e.error for u, e in self._urls.items() if e.error}
 
-    def fetch_now(self, url: str) -> LoadedCrl:
+    def fetch_now(self, url: str, issuers: Sequence[x509.Certificate] = ()) -> LoadedCrl:
         """Fetch *url* for a self-test (raises FetchError) and keep the result if it passes the
-        checks; the self-test judges its signer itself."""
+        checks; the self-test judges its signer itself. *issuers*: CAs the URL serves besides those
+        it is known to (a distribution point of a configured intermediate serves that CA's issuer,
+        which no certificate checked has taught it yet)."""
         with self._lock:
             entry = self._urls.setdefault(url, _UrlEntry())
+            entry.issuers.update(issuers)
         with entry.lock:
             return self._fetch(url, entry, self.settings.timeout)

@@ -156,7 +156,7 @@ def _shape(rule: MappingRule, value: str) -> str | None:
     if rule.type in _MAILBOX_RULES:
         local, at, domain = value.rpartition("@")
         if rule.domains:
-            if not at or domain.casefold() not in {d.casefold() for d in rule.domains}:
+            if not at or _domain_key(domain) not in {_domain_key(d) for d in rule.domains}:
                 return None
         strip = rule.strip_domain if rule.strip_domain is not None else rule.type == "upn"
         if strip and at:
@@ -180,6 +180,18 @@ def _shape(rule: MappingRule, value: str) -> str | None:
     if not value or len(value) > _MAX_NAME:
         return None
     return value
+
+
+#: A-Z to a-z and nothing else: the case DNS names ignore (RFC 4343).
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def _domain_key(domain: str) -> str:
+    """*domain* as ``domains`` compares it: without regard to ASCII case, as DNS compares names,
+    and no other folding. ``str.casefold`` read ``ß`` as ``ss``: a UPN ``admin@groß.test``, of
+    another domain (IDNA 2008 ``xn--gro-7ka.test``), passed ``domains: [gross.test]`` and named
+    admin (review of the client_cert plugin)."""
+    return domain.translate(_ASCII_LOWER)
 
 
 def _canonical(value: str) -> bool:

@@ -146,8 +146,12 @@ def check_email_constraints(path: Sequence[x509.Certificate]) -> None:
         where = f"the rfc822Name constraints of {ca.subject.rfc4514_string()!r}"
         for email in emails:
             address = _mailbox(email)
-            if not all(address):
-                raise CertError("cert.untrusted", f"subject emailAddress {email!r} is not a mailbox, "
+            if not all(address) or not email.isascii():
+                # A mailbox is ASCII (IA5String, as rfc822Name constraints are): one that is not
+                # is compared with none. Case-folded, ``admin@groß.test`` was inside ``gross.test``
+                # and a CA constrained to that domain named admin of another (review of the
+                # client_cert plugin).
+                raise CertError("cert.untrusted", f"subject emailAddress {email!r} is not an ASCII mailbox, "
                                                   f"so cannot be checked against {where}")
             if permitted and not any(_mailbox_within(address, c) for c in permitted):
                 raise CertError("cert.untrusted", f"subject emailAddress {email!r} is outside {where}")
