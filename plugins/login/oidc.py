@@ -104,7 +104,7 @@ from .keys import KeyPair
 from .saml import ISSUED_CONTEXTS, authn_context_class
 from .sessions import identity_from_json, identity_to_json, same
 from .settings import LoginSettings, OidcClient
-from .web import ParkLimiter, Refused, read_form
+from .web import ParkLimiter, Refused, read_form, request_cookie
 
 __all__ = ["AuthorizationError", "OidcProvider"]
 
@@ -811,7 +811,7 @@ class OidcProvider:
         except Refused as exc:
             return self.web.refused(request, exc)
         after = self.logout_target(target) if target is not None else None
-        if request.method == "POST" and self.web.cookie not in request.cookies:
+        if request.method == "POST" and request_cookie(request, self.web.cookie) is None:  # read as the door reads it
             key = self.web.sessions.hold({"oidc_logout": params}, 600)
             raise web.HTTPSeeOther(f"/oidc/logout?{urlencode({'held': key})}", headers={"Cache-Control": "no-store"})
         session = self.web.session(request)

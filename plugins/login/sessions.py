@@ -201,6 +201,15 @@ def _finite(expires: float) -> float:
     return expires
 
 
+def _usable(key) -> bool:
+    """Whether *key*, from a request (a ``req`` or ``then`` id, a SessionIndex, an
+    ``InResponseTo``), can name a record: ids made here are at most 64 printable ASCII
+    characters. Anything else names nothing, and is not handed to the store: a lone surrogate
+    (a form in ``charset=utf-7``) cannot be encoded for SQLite or Redis (a 500; review of the
+    sessions)."""
+    return isinstance(key, str) and 0 < len(key) <= 64 and key.isascii() and key.isprintable()
+
+
 def same(a: str, b: str) -> bool:
     """Constant-time equality of two strings from anywhere (``hmac.compare_digest`` refuses
     non-ASCII ``str``: a hostile cookie must not turn into a 500)."""
@@ -1054,7 +1063,7 @@ class SessionManager:
 
     def end_index(self, index: str) -> bool:
         """End the session with this SAML SessionIndex; ``True`` when there was one."""
-        record = self.store.take_pending("idx:" + index, time.time()) if 0 < len(index) <= 64 else None
+        record = self.store.take_pending("idx:" + index, time.time()) if _usable(index) else None
         if record is not None:
             self.store.delete_session(record["key"])
         return record is not None
@@ -1079,7 +1088,7 @@ class SessionManager:
         """The store keys of the live sessions with these SAML SessionIndexes (index -> key), in
         one store round trip whatever their number (the caller bounds it: a LogoutRequest holds
         at most :data:`.logout.MAX_SESSION_INDEXES`), each index looked up once."""
-        wanted = list(dict.fromkeys(index for index in indexes if isinstance(index, str) and 0 < len(index) <= 64))
+        wanted = list(dict.fromkeys(index for index in indexes if _usable(index)))
         found = self.store.get_pendings(["idx:" + index for index in wanted], time.time())
         return {index: record["key"] for index in wanted
                 if isinstance(record := found.get("idx:" + index), dict) and isinstance(record.get("key"), str)}
@@ -1169,18 +1178,18 @@ class SessionManager:
 
     def release(self, key: str) -> dict | None:
         """The data :meth:`hold` kept under *key*, once."""
-        if not key or len(key) > 64:
+        if not _usable(key):
             return None
         return self.store.take_pending("h:" + key, time.time())
 
     def unpark(self, key: str) -> dict | None:
-        if not key or len(key) > 64:
+        if not _usable(key):
             return None
         return self.store.take_pending("p:" + key, time.time())
 
     def peek(self, key: str) -> dict | None:
         """The parked data without using it up (a page that only shows the form)."""
-        if not key or len(key) > 64:
+        if not _usable(key):
             return None
         return self.store.get_pending("p:" + key, time.time())
 
@@ -1189,7 +1198,7 @@ class SessionManager:
         self.store.put_pending("m:" + key, data, time.time() + lifetime)
 
     def unpark_as(self, key: str) -> dict | None:
-        if not key or len(key) > 64:
+        if not _usable(key):
             return None
         return self.store.take_pending("m:" + key, time.time())
 

@@ -77,7 +77,8 @@ from gateway.registry import answerer_revoked
 from .pages import AUTOSUBMIT_HASH, STYLE_HASH, Pages
 from .sessions import STORE_ERRORS, ParkRefused, Session, SessionManager, within
 
-__all__ = ["PARK_BURST", "PARK_CLIENTS", "PARK_RATE", "AccountUncheckable", "LoginDoor", "ParkLimiter", "Refused"]
+__all__ = ["PARK_BURST", "PARK_CLIENTS", "PARK_RATE", "AccountUncheckable", "LoginDoor", "ParkLimiter", "Refused",
+           "pending_key_of", "request_cookie"]
 
 log = logging.getLogger("authgw.plugin.login")
 #: A store outage refuses every request of its length: one line a minute (the store's own client
@@ -162,6 +163,33 @@ class ParkLimiter:
             return False
         bucket[2] = True
         return True
+
+
+def request_cookie(request: web.Request, name: str) -> str | None:
+    """The cookie *name* as the browser sent it: each ``Cookie`` header split at ``;`` only (RFC
+    6265 section 5.4), the name matched exactly, the value taken whole. aiohttp's parser (the
+    grammar of ``http.cookies``) also ends a value at white space, so a cookie that a sibling host
+    (or a plain-http answer) set for the parent domain, ``x=a __Host-authgw_session=ID.MAC``,
+    which a browser keeps and sends as one cookie, was read as the door's session cookie: the
+    attacker's own session, planted in the victim's browser past the ``__Host-`` prefix (login
+    CSRF: the victim's next answer to a service was the attacker's; review of the sessions). A
+    name sent twice is no cookie: the door sets each of its cookies once, at ``Path=/``."""
+    values = [value.strip() for header in request.headers.getall("Cookie", ())
+              for key, sep, value in (pair.partition("=") for pair in header.split(";"))
+              if sep and key.strip() == name]
+    return values[0] if len(values) == 1 else None
+
+
+#: What a parked request's id looks like (``secrets.token_urlsafe``, :meth:`.SessionManager.park`).
+_PENDING_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def pending_key_of(value) -> str:
+    """The parked request's id a ``req`` parameter names, or ``""`` for anything that is not one:
+    it is looked up in the store and written back into the form. A field that decoded to a lone
+    surrogate (a body in ``charset=utf-7`` or ``unicode_escape``) could be neither: a 500
+    (review of the sessions)."""
+    return value if isinstance(value, str) and _PENDING_KEY.fullmatch(value) else ""
 
 
 class AccountUncheckable(Exception):
@@ -441,7 +469,7 @@ class LoginDoor:
     # -- sessions ---------------------------------------------------------------------------------
 
     def session(self, request: web.Request, *, touch: bool = True) -> Session | None:
-        return self.sessions.get(request.cookies.get(self.cookie), touch=touch)
+        return self.sessions.get(request_cookie(request, self.cookie), touch=touch)
 
     @staticmethod
     def reusable(session: Session, pending: dict) -> bool:
@@ -597,7 +625,7 @@ class LoginDoor:
 
     def _form(self, request: web.Request, pending: str, *, status: int = 200, error: str = "",
               username: str = "", challenge: str | None = None) -> web.Response:
-        cookie, token = self.sessions.csrf_pair(request.cookies.get(self.csrf_cookie))
+        cookie, token = self.sessions.csrf_pair(request_cookie(request, self.csrf_cookie))
         response = self.html(self.pages.form(action="/login", csrf=token, pending=pending, username=username,
                                              error=error), status, form_action=self.form_action(pending))
         if challenge:
@@ -633,7 +661,7 @@ class LoginDoor:
         """"Signed in as", with the Sign out button; its ``form-action`` admits the Single Logout
         addresses ``POST /logout`` may redirect to first (:func:`form_targets`), and *after*,
         where a confirmed logout then goes (*then*: the :meth:`.SessionManager.hold` id of it)."""
-        cookie, token = self.sessions.csrf_pair(request.cookies.get(self.csrf_cookie))
+        cookie, token = self.sessions.csrf_pair(request_cookie(request, self.csrf_cookie))
         name = session.identity.display_name or session.identity.username
         targets = self.logout_redirects(session) if self.logout_redirects is not None else []
         action = f"/logout?{urlencode({'then': then})}" if then else "/logout"
@@ -660,7 +688,7 @@ class LoginDoor:
         if pending is not None:
             self.answerable[pending["protocol"]](pending)
         directory, asked = await self._directory_of(decision.identity)
-        value, session = self.sessions.create(decision.identity, request.cookies.get(self.cookie),
+        value, session = self.sessions.create(decision.identity, request_cookie(request, self.cookie),
                                               directory=directory, asked=asked, answered_by=decision.answered_by)
         if pending is not None:
             response = await self.completers[pending["protocol"]](request, pending, session)
@@ -670,7 +698,7 @@ class LoginDoor:
         return response
 
     async def login_get(self, request: web.Request) -> web.StreamResponse:
-        pending_key = request.query.get("req", "")[:64]
+        pending_key = pending_key_of(request.query.get("req", ""))
         session = self.session(request)
         peeked = self.sessions.peek(pending_key) if pending_key else None
         if session is not None:
@@ -723,10 +751,10 @@ class LoginDoor:
 
     async def login_post(self, request: web.Request) -> web.StreamResponse:
         form = await read_form(request)
-        pending_key = str(form.get("req", ""))[:64]
+        pending_key = pending_key_of(form.get("req", ""))
         if self.cross_site(request):  # login CSRF: another site signing this browser in
             return self._refuse_cross_site(request, pending_key)
-        if not self.sessions.csrf_ok(request.cookies.get(self.csrf_cookie), str(form.get("csrf", ""))):
+        if not self.sessions.csrf_ok(request_cookie(request, self.csrf_cookie), str(form.get("csrf", ""))):
             log.warning("login form refused: reason=login.csrf client=%s", request.remote)
             return self._form(request, pending_key, status=403, error="csrf")
         username, password = form.get("username", ""), form.get("password", "")
@@ -740,6 +768,20 @@ class LoginDoor:
         return self._form(request, pending_key, status=_STATUS.get(key, 401), error=key,
                           username=username[:256] if refused is None else "")
 
+    async def _sign_out(self, request: web.Request) -> web.StreamResponse:
+        """End the browser's session (a ``POST /logout`` that passed the checks): the Single
+        Logout round, then where a confirmed logout was to go (:meth:`confirm_logout`)."""
+        then = request.query.get("then", "")
+        target = self.sessions.release(then) if then else None
+        after = self.logout_target(target) if target is not None and self.logout_target is not None else None
+        session = self.session(request, touch=False)  # ended next: no write before the delete
+        if session is not None and self.logout_round is not None:
+            return await self.logout_round(request, {session.key: session.index}, after)
+        self.sessions.end(request_cookie(request, self.cookie))
+        if after:
+            return web.Response(status=303, headers={"Location": after, "Cache-Control": "no-store"})
+        return self.html(self.pages.message("signed_out"))
+
     async def logout(self, request: web.Request) -> web.StreamResponse:
         refused = None  # why a POST is refused: login.cross_site, login.csrf
         if request.method == "POST":
@@ -747,18 +789,17 @@ class LoginDoor:
             if self.cross_site(request):
                 self._log_cross_site(request)
                 refused = "login.cross_site"
-            elif self.sessions.csrf_ok(request.cookies.get(self.csrf_cookie), str(form.get("csrf", ""))):
-                # A logout the user was asked to confirm (confirm_logout) goes on where it was to.
-                then = request.query.get("then", "")
-                target = self.sessions.release(then) if then else None
-                after = self.logout_target(target) if target is not None and self.logout_target is not None else None
-                session = self.session(request, touch=False)  # ended next: no write before the delete
-                if session is not None and self.logout_round is not None:
-                    response = await self.logout_round(request, {session.key: session.index}, after)
-                else:
-                    self.sessions.end(request.cookies.get(self.cookie))
-                    response = (web.Response(status=303, headers={"Location": after, "Cache-Control": "no-store"})
-                                if after else self.html(self.pages.message("signed_out")))
+            elif self.sessions.csrf_ok(request_cookie(request, self.csrf_cookie), str(form.get("csrf", ""))):
+                try:
+                    response = await self._sign_out(request)
+                except STORE_ERRORS as exc:
+                    # The user asked to sign out: this browser forgets its session even when the
+                    # store cannot end it now. It kept the cookie, and the session answered again
+                    # once the store was back, for whoever used the browser next (review of the
+                    # sessions). The record ends at its idle time; its services are not told.
+                    self._log_unserved(request, exc)
+                    response = self.html(self.pages.message("unavailable", alert=True), 503)
+                    response.headers["Retry-After"] = "5"
                 self.drop_cookie(response)
                 return response
             else:
