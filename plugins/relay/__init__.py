@@ -107,6 +107,9 @@ class RelayPlugin:
         else:
             self.store = SQLiteStore(context.state_dir / "relay" / "relay.sqlite3")
         self.ca = RelayCA.load_or_create(context.state_dir, settings.connection)
+        exposed = RelayCA.key_exposure(context.state_dir)
+        if exposed:
+            self.log.warning("relay: %s", exposed)
         if settings.redis is not None:
             self.ca = RelayCA.from_pem(*self.store.shared_ca(self.ca.key_pem, self.ca.pem.encode()))
             self.ca.save(context.state_dir)
@@ -247,6 +250,13 @@ class RelayPlugin:
                         self._end(session, 4001, b"certificate expired")
                 if revoked is not None:
                     self._end_replaced(revoked)
+                if revoked is not None and router is not None:
+                    # after the closes above: a link closed for them is no route
+                    try:
+                        await router.restore(self.settings.connection)
+                    except Exception as exc:  # noqa: BLE001 - Redis away since the read: next round
+                        log.info("relay routing: cannot look at the routes of the links held here (%s)",
+                                 exc.__class__.__name__)
                 if revoked is not None and time.monotonic() - last_seen_write >= self.settings.ping_interval:
                     last_seen_write = time.monotonic()
                     until = time.time() + 3 * self.settings.ping_interval

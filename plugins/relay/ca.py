@@ -12,6 +12,7 @@ import datetime as dt
 import ipaddress
 import os
 import secrets
+import stat
 import tempfile
 from pathlib import Path
 
@@ -107,6 +108,21 @@ class RelayCA:
             raise ValueError(f"the relay CA in {directory} cannot be read ({exc}); restore ca.key and ca.crt from a "
                              "backup (a new CA would need every connector enrolled again)") from None
         return cls(key, cert)
+
+    @staticmethod
+    def key_exposure(state: Path) -> str:
+        """What is wrong with the CA key's file mode, ``""`` when nothing: whoever reads it can
+        issue certificates connectors trust for the relay (and be sent their requests). One
+        restored or copied 0644 was used without a word, where the connector's own key is said
+        (plugins/link/state.py)."""
+        path = state / "relay" / "ca" / "ca.key"
+        try:
+            mode = stat.S_IMODE(path.stat().st_mode)
+        except OSError:
+            return ""
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            return f"the relay CA's private key {path} is open to group or others (mode {mode:o}); chmod 600 {path}"
+        return ""
 
     def server_certificate(self, directory: Path, names: list[str]) -> tuple[Path, Path]:
         """Issue the listener's certificate for *names* (DNS names or IP addresses) into

@@ -52,6 +52,22 @@ def _lifetime(text: str) -> float:
     return value
 
 
+#: The most connectors one ticket may enrol (``--uses``): a larger count is no plan, and one
+#: beyond 64 bits was a traceback from SQLite, or a ticket Redis could never count down.
+MAX_TICKET_USES = 100_000
+
+
+def _uses(text: str) -> int:
+    """``--uses``: a whole number from 1 to :data:`MAX_TICKET_USES` (argparse prints the refusal)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= value <= MAX_TICKET_USES:
+        raise argparse.ArgumentTypeError(f"{text!r}: give 1 to {MAX_TICKET_USES}")
+    return value
+
+
 def relay_command(plugin: RelayPlugin) -> Command:
     store = plugin.store
 
@@ -63,7 +79,7 @@ def relay_command(plugin: RelayPlugin) -> Command:
         _common(connection_sub.add_parser("list", help="list connections"))
         ticket = _common(sub.add_parser("ticket", help="print a one-time enrolment ticket URL for a connector"))
         ticket.add_argument("connection")
-        ticket.add_argument("--uses", type=int, default=1, metavar="N",
+        ticket.add_argument("--uses", type=_uses, default=1, metavar="N",
                             help="a reusable connection ticket: N connectors may enrol with it, each with its own key")
         ticket.add_argument("--lifetime", type=_lifetime, metavar="SECONDS",
                             help=f"seconds the ticket stays usable (default {plugin.settings.ticket_lifetime:.0f}, "
@@ -89,9 +105,6 @@ def relay_command(plugin: RelayPlugin) -> Command:
                       file=sys.stderr)
                 return EXIT_FAILED
             lifetime = args.lifetime if args.lifetime is not None else plugin.settings.ticket_lifetime
-            if args.uses < 1:
-                print("error: --uses must be at least 1", file=sys.stderr)
-                return EXIT_FAILED
             token = secrets.token_urlsafe(32)
             connector = f"{args.connection}-{secrets.token_hex(4)}" if args.uses == 1 else ""
             expires = time.time() + lifetime

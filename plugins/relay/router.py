@@ -94,6 +94,32 @@ class Router:
         if await self.redis.hget(self._k("route", connection), connector) == self.instance:
             await self.redis.hdel(self._k("route", connection), connector)
 
+    async def restore(self, connection: str) -> None:
+        """Write again the route entries of the links held here that Redis lost (a restart from
+        a snapshot older than the link, a failover, an eviction): a route is written once, at
+        the link's hello, and without it no other instance forwards to the link, so the logins
+        they received were ``relay.no_connector`` until the connector dialled again (review of
+        the relay side). ``HSETNX``: an entry another instance wrote since (a newer link of the
+        connector there) stays. One that closed while this ran is taken out again, as its own
+        :meth:`unlinked` may have gone before."""
+        held = sorted({s.connector for s in self.hub.all()
+                       if s.connection == connection and s.ready and not s.closing})
+        if not held:
+            return
+        key = self._k("route", connection)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for connector in held:
+                pipe.hsetnx(key, connector, self.instance)
+            written = await asyncio.wait_for(pipe.execute(), self.timeout)
+        for connector, new in zip(held, written):
+            if not new:
+                continue
+            if self.hub.holds(connector):
+                log.warning("relay routing: the route to connector %s, linked here, was missing in Redis "
+                            "(lost with its data?); written again", connector)
+            else:
+                await self.unlinked(connection, connector)
+
     # -- a relink window (hub.Hub._relinked) -----------------------------------------------------------
 
     async def loss_left(self, connection: str, within: float) -> float:
