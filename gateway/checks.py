@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import argparse
 import enum
-from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
-from dataclasses import dataclass
 import ssl
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 __all__ = ["CheckResult", "CheckStatus", "Command", "ComponentState", "Listener", "Route", "SelfTest",
@@ -59,15 +60,50 @@ class SelfTest:
     prerequisite: bool = False
 
 
-def run_selftest(pool: ThreadPoolExecutor, test: SelfTest) -> CheckResult:
-    """*test*'s result, run on *pool* so that a hung test fails after :data:`SELFTEST_TIMEOUT`
-    instead of holding the caller; an exception it raises is a failure that names it."""
-    try:
-        return pool.submit(test.run).result(timeout=SELFTEST_TIMEOUT)
-    except FutureTimeout:
-        return CheckResult.fail(f"no answer within {SELFTEST_TIMEOUT:.0f}s", "a backend hangs or a timeout is too long")
-    except Exception as exc:
+#: Tests that gave no answer within their time and whose thread still runs, by name: not started
+#: again while it does, so that a backend that hangs costs one thread per test, not one per run.
+_hung: dict[str, threading.Thread] = {}
+_hung_lock = threading.Lock()
+_HANG_HINT = "a backend hangs or a timeout is too long"
+
+
+def run_selftest(pool: ThreadPoolExecutor | None, test: SelfTest) -> CheckResult:
+    """*test*'s result; a failure after :data:`SELFTEST_TIMEOUT` when it hangs, a failure naming
+    what it raised or returned when that is no :class:`CheckResult`.
+
+    Each test runs on a daemon thread of its own (*pool* is not used; callers still pass one).
+    On a shared one-thread pool, a test that hung held the pool: every test after it failed
+    "no answer" without having run, and ``authgw check`` never ended, waiting for the pool's
+    thread at exit (review of the configuration and the command line). A test whose last run
+    still hangs is not started again."""
+    with _hung_lock:
+        earlier = _hung.get(test.name)
+        if earlier is not None and earlier.is_alive():
+            return CheckResult.fail("its last run has not ended yet (no answer)", _HANG_HINT)
+        _hung.pop(test.name, None)
+    box: dict[str, Any] = {}
+    thread = threading.Thread(target=_run_into, args=(test, box), name=f"authgw-selftest {test.name}"[:60],
+                              daemon=True)
+    thread.start()
+    thread.join(SELFTEST_TIMEOUT)
+    if thread.is_alive():
+        with _hung_lock:
+            _hung[test.name] = thread
+        return CheckResult.fail(f"no answer within {SELFTEST_TIMEOUT:.0f}s", _HANG_HINT)
+    if "error" in box:
+        exc = box["error"]
         return CheckResult.fail(f"the test raised {exc.__class__.__name__}: {exc}")
+    result = box.get("result")
+    if not isinstance(result, CheckResult):  # `authgw check` ended in an AttributeError on None
+        return CheckResult.fail(f"the test returned {type(result).__name__}, not a CheckResult")
+    return result
+
+
+def _run_into(test: SelfTest, box: dict[str, Any]) -> None:
+    try:
+        box["result"] = test.run()
+    except BaseException as exc:  # noqa: BLE001 - even SystemExit: a failed test, not the caller's exit
+        box["error"] = exc
 
 
 @dataclass(frozen=True, slots=True)

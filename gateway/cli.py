@@ -15,7 +15,6 @@ import logging
 import secrets
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
@@ -166,30 +165,29 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"  listen    {', '.join(config.core.listen)}")
     failed = 0
     total = 0
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        try:
-            runtime.gateway.startup()
-        except Exception as exc:
-            print(f"FAIL  startup: {exc.__class__.__name__}: {exc}")
+    try:
+        runtime.gateway.startup()
+    except Exception as exc:
+        print(f"FAIL  startup: {exc.__class__.__name__}: {exc}")
+        failed += 1
+    blocked: set[str] = set()
+    for test in [*_core_selftests(runtime.gateway), *runtime.gateway.selftests()]:
+        total += 1
+        plugin = test.name.split(".", 1)[0]
+        if plugin in blocked:
+            print(f"SKIP  {test.name}: an earlier test of {plugin} failed")
+            continue
+        result = run_selftest(None, test)  # each on a thread of its own: a hung one holds nothing
+        print(f"{result.status.value.upper():<5} {test.name}: {result.detail}")
+        if result.hint and result.status is not CheckStatus.PASS:
+            print(f"      hint: {result.hint}")
+        if result.status is CheckStatus.FAIL:
             failed += 1
-        blocked: set[str] = set()
-        for test in [*_core_selftests(runtime.gateway), *runtime.gateway.selftests()]:
-            total += 1
-            plugin = test.name.split(".", 1)[0]
-            if plugin in blocked:
-                print(f"SKIP  {test.name}: an earlier test of {plugin} failed")
-                continue
-            result = run_selftest(pool, test)
-            print(f"{result.status.value.upper():<5} {test.name}: {result.detail}")
-            if result.hint and result.status is not CheckStatus.PASS:
-                print(f"      hint: {result.hint}")
-            if result.status is CheckStatus.FAIL:
-                failed += 1
-                if test.prerequisite:
-                    blocked.add(plugin)
-        ready, components = runtime.gateway.readiness()
-        for component in components:
-            print(f"{'READY' if component.ready else 'DOWN':<5} {component.name}: {component.detail}")
+            if test.prerequisite:
+                blocked.add(plugin)
+    ready, components = runtime.gateway.readiness()
+    for component in components:
+        print(f"{'READY' if component.ready else 'DOWN':<5} {component.name}: {component.detail}")
     runtime.close()
     print(f"{total} self-tests, {failed} failed" if total else "no plugin offers self-tests")
     return EXIT_FAILED if failed else EXIT_OK
@@ -266,6 +264,35 @@ def cmd_api_token(args: argparse.Namespace) -> int:
 # -- parser -----------------------------------------------------------------------------------
 
 
+def _workers(text: str) -> int:
+    """``--workers``: what ``workers:`` accepts (1 to 64). ``-1`` ended ``serve`` in an
+    IndexError after binding its sockets, and ``0`` was taken as "not given"."""
+    from gateway.settings import GatewaySettings
+
+    metadata = GatewaySettings.model_fields["workers"].metadata
+    low = next(m.ge for m in metadata if getattr(m, "ge", None) is not None)
+    high = next(m.le for m in metadata if getattr(m, "le", None) is not None)
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not low <= count <= high:
+        raise argparse.ArgumentTypeError(f"{count} is not from {low} to {high} (as `workers:`)")
+    return count
+
+
+def _listen(text: str) -> str:
+    """``--listen``: a ``HOST:PORT`` as ``listen:`` takes it (a traceback from the socket code
+    before)."""
+    from gateway.settings import parse_listen
+
+    try:
+        parse_listen(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def _parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction, argparse.ArgumentParser]:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", metavar="DIR",
@@ -279,9 +306,10 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction, argp
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", parents=[common], help="run the gateway in the foreground")
-    serve.add_argument("--workers", type=int, metavar="N",
+    serve.add_argument("--workers", type=_workers, metavar="N",
                        help="worker processes sharing the sockets (default: `workers:` in conf.d, which defaults to 1)")
-    serve.add_argument("--listen", action="append", metavar="HOST:PORT", help="override `listen:` (repeatable)")
+    serve.add_argument("--listen", action="append", type=_listen, metavar="HOST:PORT",
+                       help="override `listen:` (repeatable)")
     serve.set_defaults(func=cmd_serve)
 
     config = commands.add_parser("config", help="validate or show the configuration")
@@ -315,7 +343,7 @@ def _plugin_commands(pm) -> list[list]:
     for impl in reversed(one_by_one(pm.hook.gateway_commands.get_hookimpls())):
         try:
             batches.append(list(impl.function() or ()))
-        except Exception as exc:  # noqa: BLE001 - reported; the other plugins' commands stay
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - reported; the other plugins' commands stay
             print(f"authgw: plugin {impl.plugin_name!r} could not list its commands: "
                   f"{exc.__class__.__name__}: {exc}", file=sys.stderr)
     return batches

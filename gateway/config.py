@@ -54,6 +54,11 @@ _MESSAGES = {
     "extra_forbidden": "unknown key",
     "missing": "required key is missing",
     "bool_type": "expected true or false (yes, no, on, off, 1 and 0 are not booleans here)",
+    # An `IPv4Network | IPv6Network` item was two errors, one per member (review of the configuration).
+    "ip_v4_network": "not an IP network: write it in CIDR form with the host bits zero (`10.0.0.0/8`, "
+                     "`192.0.2.7/32`, `fd00::/8`)",
+    "ip_v6_network": "not an IP network: write it in CIDR form with the host bits zero (`10.0.0.0/8`, "
+                     "`192.0.2.7/32`, `fd00::/8`)",
 }
 
 
@@ -288,7 +293,7 @@ def validate(model: type[M], data: Any, prefix: KeyPath, marks: dict[KeyPath, Ma
     except ValidationError as exc:
         problems = []
         for error in exc.errors(include_url=False, include_input=False):
-            path = (*prefix, *error["loc"])
+            path = (*prefix, *_key_path(data, error["loc"]))
             blamed = (error.get("ctx") or {}).get("error")
             if isinstance(blamed, InvalidKeys):  # several cross-field problems: one error each
                 for problem in blamed.problems:
@@ -302,13 +307,47 @@ def validate(model: type[M], data: Any, prefix: KeyPath, marks: dict[KeyPath, Ma
             message = message.removeprefix("Value error, ")
             if error["type"] == "extra_forbidden":
                 message += did_you_mean(str(path[-1]), _field_names(model))
-            problems.append(locate(marks, path, f"{format_path(path)}: {message}", fallback))
+            problem = locate(marks, path, f"{format_path(path)}: {message}", fallback)
+            if problem not in problems:  # each member of a union said it at the same key
+                problems.append(problem)
         raise ConfigError(problems) from None
     finally:
         for message, _where in context.warnings:
             log.warning("%s", message)
         context.warnings.clear()
     return result
+
+
+def _key_path(data: Any, loc: tuple[str | int, ...]) -> KeyPath:
+    """The keys and list indexes of *data* that pydantic's *loc* names, without the names it
+    puts between them for the members of a union: ``trusted_proxies[0].lax-or-strict[lax=function-
+    plain[ip_v4_network_validator()],...]`` was the key an error named (review of the
+    configuration). A name under a value that is not a mapping, one no key can be (brackets), or
+    one followed by a key of the mapping it is not in, is such a name."""
+    path: list[str | int] = []
+    node: Any = data
+    for index, part in enumerate(loc):
+        member = isinstance(part, str) and ("[" in part or "(" in part)
+        if isinstance(node, dict) and isinstance(part, str):
+            if part in node:
+                node = node[part]
+                path.append(part)
+                continue
+            following = loc[index + 1] if index + 1 < len(loc) else None
+            if member or (isinstance(following, str) and following in node):
+                continue
+            path.append(part)  # a key not written: one that is missing, a default refused
+            node = _ABSENT
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+            path.append(part)
+        elif node is _ABSENT and not member:
+            path.append(part)
+        # else: a union member's name, or a name under a value: no key of the file
+    return tuple(path)
+
+
+_ABSENT = object()
 
 
 def load_yaml_file(path: Path, model: type[M], context: ValidationContext) -> M:

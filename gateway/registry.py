@@ -177,7 +177,9 @@ def load(info: PluginInfo) -> Any:
         hint = (f"; install the extra: pip install '{info.distribution}[{extra}]'" if extra
                 else f"; is {info.distribution} installed completely?")
         raise PluginLoadError(f"{info.describe()} cannot be imported: {exc}{hint}") from exc
-    except Exception as exc:  # a plugin's import-time bug must not look like ours
+    except (Exception, SystemExit) as exc:  # a plugin's import-time bug must not look like ours
+        # SystemExit too: a plugin that calls sys.exit() while importing ended `config check`
+        # with status 0 and no word, and `authgw --help` with nothing (review of plugin loading).
         raise PluginLoadError(f"{info.describe()} failed while importing: {exc.__class__.__name__}: {exc}") from exc
 
 
@@ -297,6 +299,16 @@ def _check_contract(pm: pluggy.PluginManager, name: str, plugin: Any, info: Plug
         if not marked:
             raise PluginLoadError(f"{info.describe()} defines {attr!r} without @gateway.hookimpl; "
                                   "it would never be called")
+    for hook_name, caller in vars(pm.hook).items():
+        # An implementation of a hook authgw does not have (a misspelt `specname=`) is never
+        # called. pluggy's check_pending named the object, not the plugin, and with
+        # `optionalhook=True` let it load without a word: a precheck meant to refuse was never asked.
+        if hook_name.startswith("_") or caller.has_spec():
+            continue
+        if any(i.plugin_name == name for i in caller.get_hookimpls()):
+            close = difflib.get_close_matches(hook_name, sorted(known), n=1)
+            raise PluginLoadError(f"{info.describe()} implements {hook_name!r}, which is not an authgw hook; "
+                                  "it would never be called" + (f"; did you mean {close[0]!r}?" if close else ""))
     for hook in ONE_BY_ONE:
         if any(i.wrapper or i.hookwrapper for i in getattr(pm.hook, hook).get_hookimpls() if i.plugin_name == name):
             raise PluginLoadError(f"{info.describe()}: {hook} may not be a wrapper; the core calls each plugin's "
@@ -311,6 +323,17 @@ def _check_contract(pm: pluggy.PluginManager, name: str, plugin: Any, info: Plug
                                   "list it under `plugins:` instead")
     if is_step and not impls:
         raise PluginLoadError(f"{info.describe()} is listed in `chain:` but does not implement gateway_authenticate")
+
+
+def _one_object_one_name(names: list[str], plugins: dict[str, Any], discovered: dict[str, PluginInfo]) -> None:
+    """A module or object plugin is one object, whatever entry point names it: enabled under
+    two names it ended `config check` and `serve` in pluggy's ValueError and a traceback."""
+    first: dict[int, str] = {}
+    for name in names:
+        other = first.setdefault(id(plugins[name]), name)
+        if other != name:
+            raise PluginLoadError(f"{discovered[name].describe()} is the same object as plugin {other!r} "
+                                  f"({discovered[other].value}); enable it under one name only")
 
 
 def _decides_no_login(pm: pluggy.PluginManager, name: str, plugin: Any) -> None:
@@ -363,20 +386,28 @@ def build_plugin_manager(config: Config, *, state_dir: Path, core_plugins: list[
             problems.extend(exc.problems)
         except PluginLoadError:
             raise
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
+            # SystemExit too: from a plugin's constructor it ended `config check` and `serve` with
+            # status 0 and no word, and a reload onto it stopped the serving gateway.
             raise PluginLoadError(f"{discovered[name].describe()} failed to start: "
                                   f"{exc.__class__.__name__}: {exc}") from exc
     if problems:
         raise ConfigError(problems)
+    _one_object_one_name(config.enabled, plugins, discovered)
 
     # pluggy calls the last-registered implementation first: register in reverse so the first
     # step of `chain:` is asked first, and `plugins:` come after the chain steps.
     for name in reversed(config.enabled):
         try:
             pm.register(plugins[name], name=name)
+            _check_contract(pm, name, plugins[name], discovered[name], is_step=name in config.core.chain)
         except pluggy.PluginValidationError as exc:
             raise PluginLoadError(f"{discovered[name].describe()}: {exc}") from exc
-        _check_contract(pm, name, plugins[name], discovered[name], is_step=name in config.core.chain)
+        except PluginLoadError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - reading its attributes raised (a property): name it
+            raise PluginLoadError(f"{discovered[name].describe()} cannot be registered: "
+                                  f"{exc.__class__.__name__}: {exc}") from exc
         if name not in config.core.chain:
             _decides_no_login(pm, name, plugins[name])
     try:

@@ -399,7 +399,7 @@ def unread_files(directory: Path, referenced: set[Path] = frozenset()) -> tuple[
             continue  # *.yaml: load_directory's, whatever it is
         if path.suffix != ".yml" and not path.is_file():
             continue  # a sub-directory; a `*.yml` is an error even as a dangling link
-        if path.resolve() in referenced:
+        if _resolved(path) in referenced:
             continue
         name = display_name(path)
         if path.suffix == ".yml":
@@ -410,6 +410,15 @@ def unread_files(directory: Path, referenced: set[Path] = frozenset()) -> tuple[
             warnings.append(f"{name}: not read ({kind}); only `*.yaml` files of "
                             f"{display_name(directory)} are configuration")
     return errors, warnings
+
+
+def _resolved(path: Path) -> Path | None:
+    """*path* resolved, or None for a symbolic link loop (``x.yml -> x.yml``: a traceback from
+    every command before)."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):
+        return None
 
 
 def referenced_paths(data: Any, directory: Path) -> set[Path]:

@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 from support.gateway import GatewayProcess, authgw, static_users, write_conf
-from support.net import wait_for
+from support.net import free_port, wait_for
 
 PASSWORD = "Corr3ct-Horse-Battery"
 
@@ -54,7 +54,7 @@ def test_a_fifo_as_the_audit_file_stops_the_start_with_its_reason(tmp_path):
         "gateway.yaml": f"chain: [static]\naudit:\n  file: {tmp_path / 'audit.fifo'}\n",
         **static_users({"alice": _hash()})})
     started = subprocess.run([sys.executable, "-m", "gateway", "serve", "--config", str(conf), "--state-dir",
-                              str(tmp_path / "state"), "--listen", "127.0.0.1:0"],
+                              str(tmp_path / "state"), "--listen", f"127.0.0.1:{free_port()}"],
                              capture_output=True, text=True, timeout=60)
     assert started.returncode != 0
     assert "the audit log is a FIFO, not a regular file" in started.stderr, started.stderr[-2000:]
