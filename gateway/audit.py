@@ -74,7 +74,8 @@ class _LineWriter:
     the last 100 ms of lines (accepted logins among them) when a worker was killed.
 
     A write the file refuses (disk full) keeps the line, and those after it, in order, for the
-    next line's write, :meth:`flush` and exit; the error is logged when writes start failing
+    next line's write, :meth:`flush` and exit; so does one it takes in part, its start cut off
+    the file again (:meth:`_take_back`); the error is logged when writes start failing
     and when they work again, not per line. At most :data:`MAX_PENDING` lines are kept: older
     ones are dropped, and counted in the log.
     """
@@ -105,8 +106,12 @@ class _LineWriter:
             except OSError as exc:
                 self._refused(exc)
                 return
-            if written < len(line):  # short: the disk filled up mid-line; the rest goes first
-                pending[0] = line[written:]
+            if written < len(line):  # short: the disk filled up mid-line
+                if self._take_back(written):  # the line waits whole, as one refused
+                    self._refused(OSError(errno.ENOSPC, "a line was written in part (disk full); its start "
+                                                        "was taken back"))
+                    return
+                pending[0] = line[written:]  # something follows the start already: the rest goes first
                 self._torn = True
             else:
                 pending.popleft()
@@ -116,6 +121,20 @@ class _LineWriter:
             _log.warning("the audit log takes writes again: the lines kept meanwhile are written%s",
                          f", but the {self._dropped} oldest of them were dropped" if self._dropped else "")
             self._dropped = 0
+
+    def _take_back(self, written: int) -> bool:
+        """Cut the *written* bytes this writer appended last off the file, if they still end it.
+        Left there, another worker appending once the disk took writes again had its line glued
+        to the torn start, and this line's rest came after it: two records that did not parse
+        (review of the audit and static users)."""
+        try:
+            end = os.lseek(self._fd, 0, os.SEEK_CUR)  # O_APPEND: where this write ended
+            if os.fstat(self._fd).st_size != end:
+                return False
+            os.ftruncate(self._fd, end - written)
+        except OSError:
+            return False
+        return True
 
     def _refused(self, exc: OSError) -> None:
         if not self._failing:

@@ -22,7 +22,7 @@ from gateway.pool import check_wanted
 from gateway.slots import FairSlots, usable_cpus
 
 __all__ = ["hash_password", "hash_parameters", "is_supported_hash", "set_hash_concurrency", "verify_password",
-           "dummy_hash_like", "DUMMY_HASH"]
+           "dummy_hash_like", "DUMMY_HASH", "MAX_LANES", "MAX_WORK_KIB"]
 
 _HASHER = PasswordHasher(time_cost=2, memory_cost=19 * 1024, parallelism=1, hash_len=32, salt_len=16, type=Type.ID)
 
@@ -58,10 +58,14 @@ def verify_password(encoded: str, password: str) -> bool:
             return _HASHER.verify(encoded, password)
         except VerifyMismatchError:
             return False
-        except (VerificationError, InvalidHashError):
+        except (VerificationError, InvalidHashError, ValueError):
             # A hash that does not read (a file's "locked" marker, a value cut short) answered
             # at once, where a wrong password costs a hashing: which users hold one showed in
             # the timing (review of the console and static users). It costs a hashing too.
+            # ValueError: argon2-cffi encodes the hash as ASCII, and a digit of another script
+            # (`m=1\u0669456`, which int() reads) raised UnicodeEncodeError out of the step: an
+            # internal_error and a traceback per attempt, answered at once (review of the audit
+            # and static users).
             _verify_quietly(DUMMY_HASH, password)
             return False
 
@@ -69,7 +73,7 @@ def verify_password(encoded: str, password: str) -> bool:
 def _verify_quietly(encoded: str, password: str) -> None:
     try:
         _HASHER.verify(encoded, password)
-    except Argon2Error:
+    except (Argon2Error, ValueError):
         pass
 
 
@@ -78,19 +82,37 @@ def _verify_quietly(encoded: str, password: str) -> None:
 DUMMY_HASH = _HASHER.hash(hmac.new(b"authgw", b"dummy", "sha256").hexdigest())
 
 
+#: The most work a hash may ask of a verification, in KiB of memory times passes: 4 GiB for one
+#: pass, twice RFC 9106's first recommended option (2 GiB, t=1). A users file's hash beyond it
+#: (a typo, `t=3000`) cost minutes a login, and the dummy made for it held up the file's reload
+#: with every login waiting (review of the audit and static users).
+MAX_WORK_KIB = 1 << 22
+#: The most lanes a hash may have: argon2-cffi runs one thread per lane for each verification.
+MAX_LANES = 64
+
+
 def hash_parameters(encoded: str) -> Parameters | None:
-    """The argon2 parameters of *encoded* (a PHC string), or None when it is not one."""
+    """The argon2 parameters of *encoded* (a PHC string, which is ASCII), or None when it is not one."""
+    if not encoded.isascii():  # int() reads other scripts' digits; argon2 refuses to verify them
+        return None
     try:
         return extract_parameters(encoded)
     except (InvalidHashError, ValueError):
         return None
 
 
+def _verifiable(params: Parameters) -> bool:
+    return (0 < params.parallelism <= MAX_LANES and 0 < params.time_cost
+            and 0 < params.memory_cost * params.time_cost <= MAX_WORK_KIB)
+
+
 def readable_hash(encoded: str) -> bool:
     """Whether *encoded* reads as an argon2 PHC string, its salt and tag base64 included (what
-    :func:`hash_parameters` does not check), without hashing. A password never matches one that
-    does not; :func:`verify_password` still costs a hashing for it."""
-    if hash_parameters(encoded) is None:
+    :func:`hash_parameters` does not check), asking for no more than :data:`MAX_WORK_KIB` and
+    :data:`MAX_LANES`, without hashing. A password never matches one that does not;
+    :func:`verify_password` still costs a hashing for it."""
+    params = hash_parameters(encoded)
+    if params is None or not _verifiable(params):
         return False
     *_, salt, tag = encoded.split("$")
     try:
@@ -120,7 +142,7 @@ def dummy_hash_like(hashes: Iterable[str]) -> str:
     none or use the default parameters.
     """
     found = {(p.type, p.version, p.salt_len, p.hash_len, p.time_cost, p.memory_cost, p.parallelism): p
-             for p in map(hash_parameters, hashes) if p is not None}
+             for p in map(hash_parameters, hashes) if p is not None and _verifiable(p)}
     for key, params in sorted(found.items(), key=lambda item: _work(item[1]), reverse=True):
         if _work(params) <= _work(_DEFAULT_PARAMETERS):
             break  # the default's dummy costs at least as much
@@ -128,7 +150,7 @@ def dummy_hash_like(hashes: Iterable[str]) -> str:
             if key not in _dummies:
                 try:
                     _dummies[key] = PasswordHasher.from_parameters(params).hash(_DUMMY_SECRET)
-                except (Argon2Error, MemoryError, ValueError):
+                except (Argon2Error, MemoryError, OverflowError, ValueError):
                     continue  # parameters argon2 cannot hash with: no user verifies with them either
             return _dummies[key]
     return DUMMY_HASH

@@ -145,7 +145,8 @@ def _shown(names: list[str]) -> str:
 
 
 def _unreadable_message(names: list[str]) -> str:
-    return (f"{len(names)} password hash(es) that do not read as argon2id: {_shown(names)}; no password logs "
+    return (f"{len(names)} password hash(es) that do not read as argon2id, or ask for more work than authgw "
+            f"verifies (memory times passes over 4 GiB, or over 64 lanes): {_shown(names)}; no password logs "
             "them in (to lock an account, say `disabled: true`; to set a password, make a hash with "
             "`authgw hash-password`)")
 
@@ -265,42 +266,53 @@ class StaticPlugin:
         interval = self.settings.reload_interval
         if not interval or time.monotonic() - self._checked < interval:
             return self._state
-        with self._lock:
-            if time.monotonic() - self._checked < interval:  # checked while this thread waited
+        # Another thread checking or re-reading the file: go on with the users as they are. Every
+        # login waited for the reading, and a new hash's dummy (one hashing, of seconds for
+        # expensive parameters) answered them all 503 past their deadline (review of the audit
+        # and static users).
+        if not self._lock.acquire(blocking=False):
+            return self._state
+        try:
+            if time.monotonic() - self._checked < interval:  # another thread has just checked
                 return self._state
             self._checked = time.monotonic()
-            path = self.settings.users_file
-            signature = _signature(path)
-            if signature == self._seen:
-                return self._state
-            self._seen = signature
-            if signature is None:
-                self._state = _Users({}, self._state.dummy, None)
-                self._problem = "the users file is gone"
-                self.log.error("users file %s is gone: no user of it can log in until it is back",
-                               display_name(path))
-                return self._state
-            read: list[Signature | None] = []
-            try:
-                state = self._read(read)
-            except Exception as exc:  # noqa: BLE001 -- keep serving the last good file, whatever happened
-                # The version that was read, as check_private left it (it may chmod it), never the
-                # file as it is now: an edit finished while a broken version was parsed (a write
-                # in place read half-way, a fix saved a moment after a typo) was taken for the
-                # broken one and never applied, its old passwords still accepted (review of the
-                # console and static users). Gone meanwhile: the next check finds it gone.
-                self._seen = read[0] if read and read[0] is not None else signature
-                self._problem = "the last change of the users file was not applied"
-                expected = isinstance(exc, (ConfigError, OSError))
-                # one problem a line (a ConfigError's file:line: key), each escaped
-                self.log.error("users file %s not reloaded, keeping the previous %d users: %s",
-                               printable(display_name(path)), len(self._state.table),
-                               problem_lines(exc) if expected else printable(f"{exc.__class__.__name__}: {exc}"),
-                               exc_info=not expected, extra=MULTILINE)
-            else:
-                self._state, self._seen, self._problem = state, state.signature, ""
-                self.log.info("users file %s reloaded: %d users", display_name(path), len(state.table))
+            self._reload_if_changed()
+        finally:
+            self._lock.release()
         return self._state
+
+    def _reload_if_changed(self) -> None:
+        """Re-read the users file if its signature changed; the lock is held."""
+        path = self.settings.users_file
+        signature = _signature(path)
+        if signature == self._seen:
+            return
+        self._seen = signature
+        if signature is None:
+            self._state = _Users({}, self._state.dummy, None)
+            self._problem = "the users file is gone"
+            self.log.error("users file %s is gone: no user of it can log in until it is back", display_name(path))
+            return
+        read: list[Signature | None] = []
+        try:
+            state = self._read(read)
+        except Exception as exc:  # noqa: BLE001 -- keep serving the last good file, whatever happened
+            # The version that was read, as check_private left it (it may chmod it), never the
+            # file as it is now: an edit finished while a broken version was parsed (a write
+            # in place read half-way, a fix saved a moment after a typo) was taken for the
+            # broken one and never applied, its old passwords still accepted (review of the
+            # console and static users). Gone meanwhile: the next check finds it gone.
+            self._seen = read[0] if read and read[0] is not None else signature
+            self._problem = "the last change of the users file was not applied"
+            expected = isinstance(exc, (ConfigError, OSError))
+            # one problem a line (a ConfigError's file:line: key), each escaped
+            self.log.error("users file %s not reloaded, keeping the previous %d users: %s",
+                           printable(display_name(path)), len(self._state.table),
+                           problem_lines(exc) if expected else printable(f"{exc.__class__.__name__}: {exc}"),
+                           exc_info=not expected, extra=MULTILINE)
+        else:
+            self._state, self._seen, self._problem = state, state.signature, ""
+            self.log.info("users file %s reloaded: %d users", display_name(path), len(state.table))
 
     # -- hooks ---------------------------------------------------------------------------------
 
