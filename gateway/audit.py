@@ -126,7 +126,10 @@ class _LineWriter:
         """Cut the *written* bytes this writer appended last off the file, if they still end it.
         Left there, another worker appending once the disk took writes again had its line glued
         to the torn start, and this line's rest came after it: two records that did not parse
-        (review of the audit and static users)."""
+        (review of the audit and static users). Not atomic: a line another worker appends
+        between the ``fstat`` and the ``ftruncate`` is cut off with it (seen only by forcing that
+        order: the disk must take writes again within those microseconds). Closing that would
+        take a lock around every writer's every line."""
         try:
             end = os.lseek(self._fd, 0, os.SEEK_CUR)  # O_APPEND: where this write ended
             if os.fstat(self._fd).st_size != end:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import enum
+import os
+import queue
 import ssl
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -60,35 +62,91 @@ class SelfTest:
     prerequisite: bool = False
 
 
-#: Tests that gave no answer within their time and whose thread still runs, by name: not started
-#: again while it does, so that a backend that hangs costs one thread per test, not one per run.
-_hung: dict[str, threading.Thread] = {}
+#: Tests that gave no answer within their time, by name, with the thread still running them and
+#: the event their end sets: not started again while it runs, so that a backend that hangs costs
+#: one thread per test, not one per run.
+_hung: dict[str, tuple[threading.Thread, threading.Event]] = {}
+#: Runner threads waiting for a test, the most recent last (guarded by ``_hung_lock``).
+_idle: list[_Runner] = []
+#: The most runner threads kept waiting: one per caller running tests at the same moment.
+MAX_IDLE_RUNNERS = 2
 _hung_lock = threading.Lock()
 _HANG_HINT = "a backend hangs or a timeout is too long"
+
+
+class _Runner(threading.Thread):
+    """A daemon thread that runs self-tests one after another, and is used again for the next
+    test once one has ended (:data:`_idle`). A test that hangs keeps its runner; the next test
+    gets another. A thread per test instead cost what a plugin keeps per thread, for as long as
+    the plugin lives: the offline cache's SQLite store keeps a connection (three descriptors) per
+    thread until it is closed, and the link client runs the self-tests of the serving gateway at
+    each request of the relay, one more connection each time (review of this stop's diff)."""
+
+    def __init__(self) -> None:
+        super().__init__(name="authgw-selftest", daemon=True)
+        self._jobs: queue.SimpleQueue[tuple[SelfTest, dict[str, Any], threading.Event]] = queue.SimpleQueue()
+
+    def submit(self, test: SelfTest, box: dict[str, Any], done: threading.Event) -> None:
+        self._jobs.put((test, box, done))
+
+    def run(self) -> None:
+        while True:
+            test, box, done = self._jobs.get()
+            self.name = f"authgw-selftest {test.name}"[:60]
+            _run_into(test, box)
+            self.name = "authgw-selftest"
+            with _hung_lock:  # idle before the caller is told: its next test finds this thread
+                keep = len(_idle) < MAX_IDLE_RUNNERS
+                if keep:
+                    _idle.append(self)
+            done.set()
+            if not keep:
+                return
+
+
+def _runner() -> _Runner:
+    """An idle runner, or a new one (the caller holds ``_hung_lock``)."""
+    while _idle:
+        runner = _idle.pop()
+        if runner.is_alive():  # not one of a parent process (threads do not survive a fork)
+            return runner
+    runner = _Runner()
+    runner.start()
+    return runner
+
+
+def _after_fork() -> None:
+    global _hung_lock
+    _hung_lock = threading.Lock()
+    _idle.clear()
+    _hung.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
 
 
 def run_selftest(pool: ThreadPoolExecutor | None, test: SelfTest) -> CheckResult:
     """*test*'s result; a failure after :data:`SELFTEST_TIMEOUT` when it hangs, a failure naming
     what it raised or returned when that is no :class:`CheckResult`.
 
-    Each test runs on a daemon thread of its own (*pool* is not used; callers still pass one).
-    On a shared one-thread pool, a test that hung held the pool: every test after it failed
-    "no answer" without having run, and ``authgw check`` never ended, waiting for the pool's
-    thread at exit (review of the configuration and the command line). A test whose last run
-    still hangs is not started again."""
+    Each test runs on a daemon runner thread (:class:`_Runner`; *pool* is not used, callers still
+    pass one) that no hung test holds. On a shared one-thread pool, a test that hung held the
+    pool: every test after it failed "no answer" without having run, and ``authgw check`` never
+    ended, waiting for the pool's thread at exit (review of the configuration and the command
+    line). A test whose last run still hangs is not started again."""
+    box: dict[str, Any] = {}
+    done = threading.Event()
     with _hung_lock:
         earlier = _hung.get(test.name)
-        if earlier is not None and earlier.is_alive():
+        if earlier is not None and earlier[0].is_alive() and not earlier[1].is_set():
             return CheckResult.fail("its last run has not ended yet (no answer)", _HANG_HINT)
         _hung.pop(test.name, None)
-    box: dict[str, Any] = {}
-    thread = threading.Thread(target=_run_into, args=(test, box), name=f"authgw-selftest {test.name}"[:60],
-                              daemon=True)
-    thread.start()
-    thread.join(SELFTEST_TIMEOUT)
-    if thread.is_alive():
+        runner = _runner()
+    runner.submit(test, box, done)
+    if not done.wait(SELFTEST_TIMEOUT):
         with _hung_lock:
-            _hung[test.name] = thread
+            _hung[test.name] = (runner, done)
         return CheckResult.fail(f"no answer within {SELFTEST_TIMEOUT:.0f}s", _HANG_HINT)
     if "error" in box:
         exc = box["error"]

@@ -197,7 +197,8 @@ class StaticPlugin:
 
     def _read(self, read: list[Signature | None] | None = None) -> _Users:
         """Read, validate and index the users file. Raises ConfigError (or anything else) when it
-        cannot be used. *read* gets the signature of the version read, also when it fails."""
+        cannot be used. *read* gets the signature of the version read, also when it fails; at a
+        reload, the users read are in use before the dummy of a new parameter set is made."""
         path = self.settings.users_file
         try:
             self._validation.check_private(path, "users file")
@@ -245,6 +246,12 @@ class StaticPlugin:
         if weak:
             self.log.warning("users file %s: %s", display_name(path), _weak_message(weak))
         unreadable = frozenset(spelt for spelt, user in table.values() if not readable_hash(user.password_hash))
+        if read is not None:
+            # A reload: the edit applies now, with the dummy in use, while the new one is made
+            # (one hashing with the new parameters: seconds). The logins that do not wait for
+            # this reload were answered from the users as they were meanwhile, and a user the
+            # edit removed or disabled logged in (review of this stop's diff).
+            self._state = _Users(table, self._state.dummy, signature, unreadable)
         return _Users(table, dummy_hash_like(hashes), signature, unreadable)
 
     def _warn_mixed_parameters(self, hashes: list[str]) -> None:
