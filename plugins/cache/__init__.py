@@ -224,8 +224,17 @@ class CachePlugin:
         except Exception:  # never turn the directory's answer into an error
             self.log.exception("credential cache: reading the entry of a user no directory knows failed")
             return
-        if step is not None and step in asked:
-            self.forget_refused(username)
+        if step is None or step not in asked:
+            return
+        name = canonical_username(username)
+        try:
+            # the row may be another user's whose name only folds like this one (ß as ss): kept
+            self.offline.forget_unknown(name)
+        except Exception:  # never turn the directory's answer into an error
+            self.log.exception("credential cache: forgetting an account no directory knows failed")
+        if self.hot is not None:
+            self.hot.forget_user(folded_username(name))
+        self.tally.changed()
 
     def forget_refused(self, *names: str) -> None:
         """Forget the offline entry and this process's hot entries of every spelling given."""

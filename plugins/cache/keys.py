@@ -167,12 +167,17 @@ class CacheKeys:
             document["answered_by"] = answered_by
         return self._seal(row_key, document, stored_at, password_hash)
 
-    def seal_alias(self, row_key: str, account: str, step: str, stored_at: float, *, password_hash: str) -> bytes:
+    def seal_alias(self, row_key: str, account: str, step: str, stored_at: float, *, password_hash: str,
+                   name: str = "") -> bytes:
         """The sealed document of a row that only names the account's own row: *account* is the
         username the directory gave (``Identity.username``) when the user logged in live under
-        another name (a mail address, a userPrincipalName). Sealed like an entry (the row key is
-        the associated data), so a writer of the store cannot point one name at another account."""
-        return self._seal(row_key, {"alias_of": account, "step": step}, stored_at, password_hash)
+        another name (a mail address, a userPrincipalName), *name* that name as it was given.
+        Sealed like an entry (the row key is the associated data), so a writer of the store
+        cannot point one name at another account."""
+        document = {"alias_of": account, "step": step}
+        if name:
+            document["name"] = name
+        return self._seal(row_key, document, stored_at, password_hash)
 
     def _seal(self, row_key: str, document: dict, stored_at: float, password_hash: str) -> bytes:
         document["stored_at"] = stored_at

@@ -48,14 +48,14 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 
 from gateway import Attempt, Decision, Identity, Outcome, PasswordCredential
 from gateway.logs import printable
-from gateway.model import folded_username
+from gateway.model import canonical_username, folded_username
 from gateway.plugins.cache.keys import CacheKeys, KeyFileError, hash_bound, load_keys, sealed_time
 from gateway.plugins.cache.pending import LIMIT as PENDING_LIMIT, PENDING_FILE, PendingForgets
 from gateway.plugins.cache.settings import CacheSettings
 from gateway.plugins.cache.store import AT_LIMIT, FUTURE_TOLERANCE, GONE, Entry, SQLiteStore, Store, StoreError
 from gateway.slots import FairSlots, usable_cpus
 
-__all__ = ["ALIAS_HASH", "OfflineCache", "make_store", "normalise"]
+__all__ = ["ALIAS_HASH", "OfflineCache", "make_store", "normalise", "same_name"]
 
 SQLITE_FILE = "cache.sqlite3"
 _MEMO_LIMIT = 100_000
@@ -269,7 +269,7 @@ class OfflineCache:
                         seen = self._memo.get(alias_row)
                         if (seen is None or seen[0] != _pointer_mark(identity.username)
                                 or now - seen[1] >= self.settings.refresh_after) \
-                                and not self._point(keys, alias_row, identity.username, step, now):
+                                and not self._point(keys, alias_row, identity.username, step, now, credential.username):
                             self._pointer_refused(row_key, now)
                     return False
             if not self._hash_slots.acquire(timeout=max(0.0, attempt.time_left() - 0.05)):
@@ -281,7 +281,8 @@ class OfflineCache:
             finally:
                 self._hash_slots.release()
             sealed = keys.seal(row_key, identity, step, now, answered_by, password_hash=password_hash)
-            if alias_row is not None and not self._point(keys, alias_row, identity.username, step, now):
+            if alias_row is not None and not self._point(keys, alias_row, identity.username, step, now,
+                                                         credential.username):
                 # The pointer first: a refusal under the name given that reads it meanwhile
                 # forgets the account's row too. One that came before it (found no pointer, so
                 # marked the name's row alone) refuses the pointer: then no entry is written.
@@ -298,13 +299,13 @@ class OfflineCache:
             self._failed("storing a live login", exc)
             return False
 
-    def _point(self, keys: CacheKeys, alias_row: str, account: str, step: str, now: float) -> bool:
-        """Write the row of another name of *account*: it names the account's row and holds no
-        password hash (:data:`ALIAS_HASH` is no argon2 hash: nothing verifies against it).
-        False when the store refuses it: a refusal under that name marked the row after *now*
-        (or a later login wrote its own pointer)."""
+    def _point(self, keys: CacheKeys, alias_row: str, account: str, step: str, now: float, name: str) -> bool:
+        """Write the row of *name*, another name of *account*: it names the account's row and
+        holds no password hash (:data:`ALIAS_HASH` is no argon2 hash: nothing verifies against
+        it). False when the store refuses it: a refusal under that name marked the row after
+        *now* (or a later login wrote its own pointer)."""
         self._retry_forget(alias_row, self._kept(alias_row))
-        sealed = keys.seal_alias(alias_row, account, step, now, password_hash=ALIAS_HASH)
+        sealed = keys.seal_alias(alias_row, account, step, now, password_hash=ALIAS_HASH, name=name)
         if not self.store.put(Entry(alias_row, keys.kid, ALIAS_HASH, sealed, now)):
             return False
         self._memorise(alias_row, _pointer_mark(account), now)
@@ -415,6 +416,29 @@ class OfflineCache:
                 self._memo.pop(account_row, None)
             deleted = self.store.forget(account_row, at, older_only)
         return self.store.forget(row_key, at, older_only) or deleted
+
+    def forget_unknown(self, username: str) -> bool:
+        """The directory that was asked knows no user named *username*: forget its entry as
+        :meth:`forget` does, unless the row under its key was written for a name the directory
+        does not take for *username* (:func:`same_name`). The row key folds case fully
+        (``ß`` as ``ss``, ``ς`` as ``σ``), which directories do not: slapd has ``strasse`` and
+        ``straße`` as two users, so a login as ``jeßica`` (no such user) deleted ``jessica``'s
+        entry, or followed the pointer of ``jessica.smith@…`` to it: one request by anyone took
+        a user's offline login away (review of the cache, fourth round). A row that does not
+        say its name (none readable, written by an older version) is forgotten, as before."""
+        try:
+            keys = self.keys()
+            row_key = keys.row_key(self.user_key(username))
+            document = self._opened(keys, row_key, self.store.get(row_key))
+        except (StoreError, KeyFileError):
+            return self.forget(username)  # cannot tell whose row it is: fail closed
+        if document is not None:
+            recorded = str(document.get("name", "") if "alias_of" in document else document.get("username", ""))
+            if recorded and not same_name(username, recorded):
+                self.log.info("credential cache: a name no directory knows folds like a cached user's "
+                              "other name; that user's entry is kept")
+                return False
+        return self.forget(username)
 
     def forget_now(self, username: str, at: float) -> bool:
         """The operator's purge of one user (``authgw cache purge USER``): as :meth:`forget`, the
@@ -753,7 +777,7 @@ class OfflineCache:
         if step in noted.get(Outcome.USER_NOT_FOUND, ()):
             # The directory that proved this user is up and says the user is gone, while another
             # step is unavailable (that made the fold UNAVAILABLE): a refusal, not an outage.
-            self.forget(credential.username)
+            self.forget_unknown(credential.username)
             return unavailable
         if step not in noted.get(Outcome.UNAVAILABLE, ()):
             return unavailable  # only an outage of the directory that proved the user counts
@@ -851,6 +875,9 @@ class OfflineCache:
         if decision.outcome is Outcome.INVALID_CREDENTIALS:
             self.refused(credential)
             return decision
+        if decision.outcome is Outcome.USER_NOT_FOUND:
+            self.forget_unknown(credential.username)
+            return decision
         if decision.outcome in _REFUSALS:
             self.forget(credential.username)
             return decision
@@ -860,6 +887,17 @@ class OfflineCache:
                 self.last_offline_answer = time.time()  # wall clock, for the readiness line only
             return answered
         return decision
+
+
+def same_name(typed: str, recorded: str) -> bool:
+    """Whether a directory may take the name *typed* for *recorded*: equal but for case, letter
+    by letter as LDAP servers map it (``İ`` as ``I``; ``Σ`` lowered to ``σ`` wherever it stands,
+    not to a final ``ς``), never full case folding, which makes ``ß`` ``ss``."""
+    def plain(name: str) -> str:
+        name = canonical_username(name).replace("\u0130", "I")
+        return unicodedata.normalize("NFKC", "".join(ch.lower() for ch in name))
+
+    return plain(typed) == plain(recorded)
 
 
 def _pointer_mark(account: str) -> bytes:
