@@ -59,7 +59,8 @@ At ``/oidc/token`` (RFC 6749 section 5.2 JSON errors): ``invalid_request`` (a pa
 twice), ``invalid_client`` (secret or client JWT; a ``client_secret_basic`` pair is taken
 form-decoded, as RFC 6749 section 2.3.1 has it, or as sent), ``invalid_grant`` (unknown, used or
 expired code; another client's, refused before the code is used up; redirect_uri or PKCE
-verifier mismatch), ``invalid_client`` also for a client assertion whose ``exp``, ``nbf`` or
+verifier mismatch, or a ``code_verifier`` that is not 43 to 128 unreserved characters: RFC 7636
+4.1), ``invalid_client`` also for a client assertion whose ``exp``, ``nbf`` or
 ``iat`` is not a finite number. Codes and client-assertion ``jti`` are single use (the session
 store); a code its own client presents again revokes the access token issued from it (RFC 6749
 section 4.1.2; a tombstone ``code-used:`` names it and that client while the code or the token
@@ -129,6 +130,10 @@ def _rsa(pair: KeyPair) -> RSAKey:
 
 #: RFC 7636 4.2: an S256 challenge is the BASE64URL of a SHA-256, without padding: 43 characters.
 _S256_CHALLENGE = re.compile(r"[A-Za-z0-9_-]{43}")
+#: RFC 7636 4.1: a code_verifier is 43 to 128 unreserved characters (at least 256 bits as its
+#: clients make it). A shorter one is found from its challenge, which travels in the browser's
+#: URL (history, proxy and referrer logs), by trying every value: it protects the code from no one.
+_CODE_VERIFIER = re.compile(r"[A-Za-z0-9._~-]{43,128}")
 
 
 def _basic(request: web.Request) -> tuple[bool, str | None]:
@@ -597,10 +602,12 @@ class OidcProvider:
             # not use it up for the client it was issued to.
             if form.get("redirect_uri") != grant["redirect_uri"]:
                 return _error("invalid_grant", description="redirect_uri differs")
-            verifier = str(form.get("code_verifier", ""))
-            computed = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode("utf-8", "surrogatepass")).digest()
-                                                ).decode().rstrip("=")
-            if not verifier or not same(computed, grant["challenge"]):
+            verifier = form.get("code_verifier", "")
+            if not isinstance(verifier, str) or not _CODE_VERIFIER.fullmatch(verifier):
+                # (a verifier of one character, "a", redeemed the code its challenge was made for)
+                return _error("invalid_grant", description="code_verifier is not 43 to 128 unreserved characters")
+            computed = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).decode().rstrip("=")
+            if not same(computed, grant["challenge"]):
                 return _error("invalid_grant", description="PKCE verifier does not match")
         grant = store.take_pending("code:" + code_key, time.time()) if grant is not None else None
         if grant is None:
