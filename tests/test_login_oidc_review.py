@@ -278,6 +278,26 @@ def test_answers_from_one_session_spend_its_users_budget_in_every_protocol(tight
     assert "reason=login.too_many_requests user=alice" in tight.gw.output()
 
 
+def test_a_posted_prompt_none_past_the_budget_is_answered_at_the_redirect_uri(tight):
+    """A POSTed authorization request waits at /login for the session (its cookie does not come
+    with a cross-site POST); there, past the user's budget, it got the 429 page, which a
+    prompt=none request (an iframe, a silent renewal) must never get (third review of the OIDC
+    provider): it is answered at its redirect_uri as a GET past the budget is."""
+    bob = signed_in_browser(tight, "bob", "Bob-pw-1")
+    uri, state = rp(tight).create_authorization_url(tight.config["authorization_endpoint"],
+                                                    code_verifier=secrets.token_urlsafe(48), prompt="none")
+    params = {k: v[0] for k, v in parse_qs(urlsplit(uri).query).items()}
+    _, refused = flood(tight, bob, tight.config["authorization_endpoint"], params)
+    assert_too_many(refused)
+    posted = bob.post(tight.config["authorization_endpoint"], data=params, allow_redirects=False)
+    assert posted.status_code == 303 and posted.headers["Location"].startswith("/login?req="), posted.headers
+    answer = bob.get(tight.url + posted.headers["Location"], allow_redirects=False)
+    assert_too_many(answer)
+    assert answer.status_code == 303 and answer.headers["Location"].startswith(CB + "?"), answer.status_code
+    assert parse_qs(urlsplit(answer.headers["Location"]).query)["state"] == [state]
+    # the request was answered: it is not answered again from the session later
+    assert bob.get(tight.url + posted.headers["Location"], allow_redirects=False).status_code != 303
+
 def test_a_code_record_keeps_only_what_the_token_endpoint_reads(op):
     browser = signed_in_browser(op)
     code, verifier = code_of(op, browser)

@@ -599,7 +599,8 @@ class LoginDoor:
         return web.Response(status=303, headers={"Location": f"/login?req={key}", "Cache-Control": "no-store"})
 
     async def _served(self, request: web.Request, pending: dict,
-                      serve: Callable[[], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+                      serve: Callable[[], Awaitable[web.StreamResponse | None]], *,
+                      parked: str = "") -> web.StreamResponse | None:
         """``serve()`` for validated *pending*; when it cannot be served now (the user's or the
         client address's budget spent, the session store or the directory unavailable: nothing
         was stored or signed) and its protocol answers that at the return address
@@ -608,13 +609,19 @@ class LoginDoor:
         ``prompt=none`` (an iframe, a silent renewal) can show no page, and OAuth answers a
         request whose ``redirect_uri`` is known at it (RFC 6749 section 4.1.2.1:
         ``temporarily_unavailable``, "needed because a 503 ... cannot be returned to the client
-        via an HTTP redirect"; review of the web layer: it got the HTML page)."""
+        via an HTTP redirect"; review of the web layer: it got the HTML page). *parked*: the id
+        *pending* waits under for ``/login``, used up when it is answered so."""
         try:
             return await serve()
         except (ParkRefused, *STORE_ERRORS, AccountUncheckable) as exc:
             unavailable = self.unavailable.get(pending["protocol"])
             if unavailable is None:
                 raise  # the page of guarded()
+            if parked:
+                try:
+                    self.sessions.unpark(parked)  # answered now: not again from a session later
+                except STORE_ERRORS:
+                    pass  # the store is what failed: the record ends at its lifetime
             self._log_unserved(request, exc)
             response = await unavailable(request, pending)
             if isinstance(exc, ParkRefused):
@@ -703,13 +710,23 @@ class LoginDoor:
         peeked = self.sessions.peek(pending_key) if pending_key else None
         if session is not None:
             if peeked is not None and self.reusable(session, peeked):
-                self.admit_answer(session)  # the request waits, unused, when it is spent
-                checked = await self.recheck(session, request)
-                if checked is None:
-                    return await self.end_and_go(request, session, f"/login?req={pending_key}")
-                pending = self.sessions.unpark(pending_key)
-                if pending is not None:
+                async def reuse() -> web.StreamResponse | None:
+                    self.admit_answer(session)  # the request waits, unused, when it is spent
+                    checked = await self.recheck(session, request)
+                    if checked is None:
+                        return await self.end_and_go(request, session, f"/login?req={pending_key}")
+                    pending = self.sessions.unpark(pending_key)
+                    if pending is None:
+                        return None
                     return await self.completers[pending["protocol"]](request, pending, checked)
+
+                # A request that waited here (an OIDC POST: its cross-site POST carried no cookie)
+                # and cannot be served now is answered at its return address as at its first
+                # arrival: it got the 429 page, which prompt=none must never get (third review
+                # of the OIDC provider).
+                response = await self._served(request, peeked, reuse, parked=pending_key)
+                if response is not None:
+                    return response
             elif peeked is None:
                 return self._signed_in_page(request, session)
             # ForceAuthn / prompt=login / max_age: the user proves it again; the request waits, unused.
