@@ -1,5 +1,13 @@
 """The console's pages: set-up (ticket, directory), the configuration log, status.
 
+Blocking work (an enrolment, a save, the status page's reads) runs on the console's own few
+threads (:func:`_console_pool`), never on the event loop's default executor, which the core
+shares: its reload builds the new configuration there, and the link and the login door look
+users up there. An enrolment waits up to a minute for a relay that does not answer; a few
+presses of **Enrol** held every default thread, and a ``SIGHUP`` reload waited for them (34 s,
+review of the console). One enrolment runs at a time in a worker; another press meanwhile is
+told so at once.
+
 Server-rendered with Jinja2 (autoescape on for every template: a value typed into a field comes
 back as text, never as markup); one small script (``static/console.js``) makes the log update
 itself and takes a signed-in browser from a page's plain address (``/setup``) to its session's
@@ -14,7 +22,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jinja2
@@ -38,6 +49,13 @@ STATIC = {"console.js": "application/javascript", "console.css": "text/css"}
 _RESUMABLE = re.compile(r"(setup|log|status|log/[0-9a-f]{1,32})?")
 #: Plain addresses of the console's pages: without a session prefix they are the sign-in page.
 _PAGES = re.compile(r"/(setup(/ticket|/directory)?|log(/[^/]*)?|api/log/[^/]*|status|logout)?")
+#: Threads of the console's blocking work in a worker: an enrolment, a save (waiting for the
+#: save lock), the status page's reads.
+_POOL_THREADS = 3
+_pool: tuple[int, ThreadPoolExecutor] | None = None
+_pool_lock = threading.Lock()
+#: Held while an enrolment runs in this worker (released by its thread, when it ends).
+_enrolling = threading.Lock()
 OUTCOMES = ("success", "invalid_credentials", "user_not_found", "account_state", "unavailable",
             "throttled", "not_applicable", "error")
 
@@ -175,9 +193,13 @@ class Pages:
         url = url.strip() if isinstance(url, str) else ""
         ca = ca.strip() if isinstance(ca, str) else ""
         settings = self.gateway.settings
-        ok, line = await asyncio.get_running_loop().run_in_executor(None, functools.partial(
-            setup.enrol, url, self.config_dir, self.state_dir, ca,
-            link_enabled="link" in (*settings.chain, *settings.plugins)))
+        if not _enrolling.acquire(blocking=False):
+            return self._setup(request, status=409, ticket_url=url[:2048], ticket_message=(
+                "An enrolment is running already (it waits up to a minute for the relay): its result "
+                "is shown where it was started. Try again when it has ended."))
+        enrol = functools.partial(setup.enrol, url, self.config_dir, self.state_dir, ca,
+                                  link_enabled="link" in (*settings.chain, *settings.plugins))
+        ok, line = await _off_loop(_released_after(enrol, _enrolling), holding=_enrolling)
         if ok and setup.can_reload(self.state_dir):  # the running link plugin picks the enrolment up
             line = f"{line} ({setup.reload_gateway(self.state_dir)})"
         return self._setup(request, status=200 if ok else 400, ticket_message=line, ticket_ok=ok,
@@ -185,8 +207,7 @@ class Pages:
 
     async def directory(self, request: web.Request) -> web.StreamResponse:
         form = setup.DirectoryForm.from_post(request[FORM_KEY])
-        loop = asyncio.get_running_loop()
-        problems = await loop.run_in_executor(None, setup.save_directory, form, self.config_dir, self.state_dir)
+        problems = await _off_loop(setup.save_directory, form, self.config_dir, self.state_dir)
         if problems:
             form.password = ""  # never echoed back
             return self._setup(request, form=form, status=400, errors=problems)
@@ -241,10 +262,43 @@ class Pages:
         user = request.query.get("user", "")[:256]
         outcome = request.query.get("outcome", "")
         outcome = outcome if outcome in OUTCOMES else ""
-        data = await asyncio.get_running_loop().run_in_executor(
-            None, collect, self.gateway, self.recent, self.settings.audit_events, user, outcome,
+        data = await _off_loop(
+            collect, self.gateway, self.recent, self.settings.audit_events, user, outcome,
             self.settings.certificate_warning_days)
         return self.render(request, "status.html", user=user, outcome=outcome, outcomes=OUTCOMES, **data)
+
+
+def _console_pool() -> ThreadPoolExecutor:
+    """This process's console threads (made at the first use: a worker forked from a master that
+    never used them gets its own)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool[0] != os.getpid():
+            _pool = (os.getpid(), ThreadPoolExecutor(_POOL_THREADS, thread_name_prefix="authgw-console"))
+        return _pool[1]
+
+
+async def _off_loop(fn, *args, holding: threading.Lock | None = None):
+    """``fn(*args)`` on the console's threads, waited for. *holding*: a lock *fn* releases when it
+    ends, released here when it could not be started."""
+    try:
+        future = _console_pool().submit(fn, *args)
+    except BaseException:
+        if holding is not None:
+            holding.release()
+        raise
+    return await asyncio.wrap_future(future)
+
+
+def _released_after(fn, lock: threading.Lock):
+    """*fn*, releasing *lock* when it has run: in its thread, so that a request given up
+    meanwhile (the browser closed) does not let a second enrolment start beside it."""
+    def run():
+        try:
+            return fn()
+        finally:
+            lock.release()
+    return run
 
 
 def _resume(request: web.Request) -> str | None:

@@ -45,7 +45,7 @@ from gateway.errors import AuthgwError, ConfigError
 from gateway.files import write_beside
 from gateway.http.protocol import MAX_BODY
 from gateway.settings import shown_url
-from gateway.yamlfiles import display_name
+from gateway.yamlfiles import display_name, parse_scalar
 
 __all__ = ["CONSOLE_FILE", "DirectoryForm", "can_reload", "current_directory", "enrol", "reload_gateway",
            "save_directory"]
@@ -158,6 +158,21 @@ def _section(form: DirectoryForm, existing_password: object, stored_servers: obj
     elif form.ca_path:
         section["ca_file"] = form.ca_path
     return section, problems
+
+
+class _Dumper(yaml.SafeDumper):
+    """``safe_dump`` that quotes every string conf.d's loader would read as something else.
+    PyYAML quotes what *it* would read as a number (YAML 1.1: ``1.5e+5``), not what authgw's
+    loader reads (``gateway.yamlfiles``: ``1.5e5`` is a float there), so a base DN or CA path
+    typed as ``1.5e5`` was written plain and refused as "not a string" (review of the console)."""
+
+
+def _quoted_when_not_text(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = None if isinstance(parse_scalar(value), str) else "'"
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _quoted_when_not_text)
 
 
 def _ca_certificates(data: bytes) -> tuple[bytes, str | None]:
@@ -407,7 +422,7 @@ def _save_directory(form: DirectoryForm, config_dir: Path, state_dir: Path) -> l
         if ca:
             writes.append(_Write(CA_FILE, ca, 0o644))
         text = ("# Written by the authgw console (docs/console.md). The password is in "
-                f"{PASSWORD_FILE} (0600).\n" + yaml.safe_dump({"ldap": section}, sort_keys=False))
+                f"{PASSWORD_FILE} (0600).\n" + yaml.dump({"ldap": section}, Dumper=_Dumper, sort_keys=False))
         writes.append(_Write(CONSOLE_FILE, text.encode("utf-8"), 0o644))
         if chain_edit is not None:  # keep the operator's file mode
             writes.append(_Write(chain_edit[0].name, chain_edit[1].encode(), chain_edit[0].stat().st_mode & 0o777))
