@@ -29,6 +29,7 @@ from datetime import datetime, timezone
 
 import gateway
 from gateway import Command, ComponentState, PluginContext, Route, SelfTest, hookimpl
+from gateway.logs import printable
 
 from gateway.plugins.linkproto.cli import accept_common_options
 
@@ -149,8 +150,9 @@ class LinkPlugin:
             if enrolment is None:
                 print("not enrolled: run `authgw link enroll TICKET_URL`")
                 return 1
-            print(f"connector {enrolment.connector} of connection {enrolment.connection}\n"
-                  f"link      {enrolment.link_url}\n"
+            # printable: link.json holds the relay's words (written by an older enrolment, or by hand)
+            print(f"connector {printable(enrolment.connector)} of connection {printable(enrolment.connection)}\n"
+                  f"link      {printable(enrolment.link_url)}\n"
                   f"expires   {enrolment.certificate.not_valid_after_utc:%Y-%m-%d %H:%M:%SZ}")
             if enrolment.key_warning:
                 print(f"warning: {enrolment.key_warning}", file=sys.stderr)

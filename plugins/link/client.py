@@ -710,6 +710,17 @@ class LinkClient:
                     None, (enrolment.directory / "relay-ca.pem").read_bytes)
                 check_renewed(cert, enrolment, x509.load_pem_x509_certificate(relay_ca), self._clock(),
                               self.settings.max_clock_skew)
+                if not await asyncio.get_running_loop().run_in_executor(None, self._still_enrolled, enrolment):
+                    # `authgw link enroll` ran while this link lasted: a certificate of the old key
+                    # stored over the new enrolment's cert.pem left it damaged (not for key.pem),
+                    # a ticket spent and the connector unable to dial until enrolled once more
+                    # (review of the connector's side of the link). The next dial takes the new one.
+                    log.warning("link: the enrolment in %s changed since this link opened (authgw link enroll); "
+                                "the certificate renewed for %s is not stored, and the link is closed to dial "
+                                "with the new enrolment", enrolment.directory, enrolment.connector)
+                    self._closed_why = "closed by the connector (1000: enrolled again)"
+                    await ws.close(code=1000, message=b"enrolled again")
+                    return
                 # Stored within the retry: a write that failed (a full disk, a read-only or
                 # damaged state directory) ended this task without a word, and no renewal was
                 # tried again while the link lasted, until the certificate expired under it
@@ -725,6 +736,28 @@ class LinkClient:
             enrolment = dataclasses.replace(enrolment, certificate=cert)
             self.status.certificate_not_after = enrolment.not_after
             log.info("link: certificate renewed over the link, valid until %s", cert.not_valid_after_utc.isoformat())
+
+    def _still_enrolled(self, enrolment: state.Enrolment) -> bool:
+        """Whether ``STATE_DIR/link`` still holds *enrolment*, the one this link opened with: not
+        when ``key.pem`` is another key or ``link.json`` names another connector (enrolled again
+        since, or being: ``key.pem`` is renamed first). What cannot be read is left to the write
+        that follows, to fail there and be retried (a damaged ``cert.pem`` is what it replaces)."""
+        directory = state.directory(self.state_dir)
+        try:
+            key = serialization.load_pem_private_key((directory / "key.pem").read_bytes(), None)
+            if _spki(key) != _spki(enrolment.key):
+                return False
+        except (OSError, ValueError, TypeError):
+            pass
+        try:
+            info = json.loads((directory / "link.json").read_text())
+            return not isinstance(info, dict) or info.get("connector") in (None, enrolment.connector)
+        except (OSError, ValueError, RecursionError):
+            return True
+
+
+def _spki(key) -> bytes:
+    return key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def check_renewed(cert: x509.Certificate, enrolment: state.Enrolment, relay_ca: x509.Certificate, now: float,
