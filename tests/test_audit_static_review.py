@@ -8,12 +8,11 @@ from __future__ import annotations
 import base64
 import http.client
 import json
-import os
 import threading
 import time
 from pathlib import Path
 
-from support.gateway import authgw, write_conf
+from support.gateway import authgw, replace_file, users_yaml, write_conf
 from support.net import wait_for
 
 SALT = base64.b64encode(b"s" * 16).decode().rstrip("=")
@@ -30,20 +29,10 @@ def _serve(conf_dir, start_gateway, users: dict[str, str], gateway_extra: str = 
     write_conf(conf_dir, {
         "gateway.yaml": f"chain: [static]\nthrottle: {{enabled: false}}\n{gateway_extra}",
         "static.yaml": "static:\n  users_file: users/u.yaml\n  reload_interval: 0.05\n",
-        "users/u.yaml": _users_yaml(users),
+        "users/u.yaml": users_yaml(users),
     })
     return start_gateway(conf_dir), conf_dir / "users" / "u.yaml"
 
-
-def _users_yaml(users: dict[str, str]) -> str:
-    return "users:\n" + "".join(f'  {name}:\n    password_hash: "{digest}"\n' for name, digest in users.items())
-
-
-def _rewrite(path, text: str) -> None:
-    new = path.with_name(path.name + ".new")
-    new.write_text(text)
-    new.chmod(0o600)
-    os.replace(new, path)
 
 
 def test_a_hash_with_a_digit_of_another_script_is_a_wrong_password_not_an_internal_error(
@@ -73,7 +62,7 @@ def test_a_hash_asking_for_minutes_of_work_does_not_stall_the_users_file_reload(
     hash is beyond what authgw verifies (unreadable, warned), and the reload goes on at once."""
     gateway, users = _serve(conf_dir, start_gateway, {"alice": demo_hash})
     assert gateway.auth("alice", "demo-password").status == 200
-    _rewrite(users, _users_yaml({"alice": demo_hash, "dave": _hash("m=19456,t=100000,p=1")}))
+    replace_file(users, users_yaml({"alice": demo_hash, "dave": _hash("m=19456,t=100000,p=1")}))
     statuses = []
 
     def login() -> bool:
@@ -93,7 +82,7 @@ def test_other_logins_go_on_while_a_users_file_edit_is_being_read(conf_dir, star
     go on with the users as they were."""
     gateway, users = _serve(conf_dir, start_gateway, {"alice": demo_hash}, gateway_extra="deadline: 120\n")
     assert gateway.auth("alice", "demo-password").status == 200
-    _rewrite(users, _users_yaml({"alice": demo_hash, "erin": _hash("m=19456,t=200,p=1")}))
+    replace_file(users, users_yaml({"alice": demo_hash, "erin": _hash("m=19456,t=200,p=1")}))
     time.sleep(0.2)  # past reload_interval since the last check: the next login checks the file
     reloader = threading.Thread(target=lambda: gateway.auth("nobody", "anything-at-all", timeout=120))
     reloader.start()  # finds the change: reads the file, then makes a dummy with erin's parameters
@@ -114,7 +103,7 @@ def test_a_hash_whose_memory_overflows_argon2_is_unreadable_not_a_start_failure(
     the line unnamed); at a reload, a traceback."""
     write_conf(conf_dir, {"gateway.yaml": "chain: [static]\n",
                           "static.yaml": "static:\n  users_file: users/u.yaml\n",
-                          "users/u.yaml": _users_yaml({"alice": demo_hash,
+                          "users/u.yaml": users_yaml({"alice": demo_hash,
                                                        "frank": _hash("m=99999999999999999999,t=2,p=1")})})
     result = authgw("config", "check", "--config", str(conf_dir), "--state-dir", str(tmp_path / "s"))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -159,7 +148,7 @@ def test_a_line_the_full_disk_tore_is_not_glued_to_another_workers_line_after_it
     audit = tmp_path / "audit.jsonl"
     write_conf(conf_dir, {"gateway.yaml": f"chain: [static]\nthrottle: {{enabled: false}}\naudit:\n  file: {audit}\n",
                           "static.yaml": "static:\n  users_file: users/u.yaml\n",
-                          "users/u.yaml": _users_yaml({"alice": demo_hash})})
+                          "users/u.yaml": users_yaml({"alice": demo_hash})})
     gateway = start_gateway(conf_dir, workers=2)
     torn, other = _worker_connections(gateway).values()
     workers = [int(pid) for pid in

@@ -12,11 +12,11 @@
 from __future__ import annotations
 
 import base64
-import os
 import threading
 import time
 
 import pytest
+from support.gateway import replace_file, users_yaml, write_conf
 from support.net import wait_for
 
 import gateway.checks
@@ -95,33 +95,21 @@ _SALT = base64.b64encode(b"s" * 16).decode().rstrip("=")
 _TAG = base64.b64encode(b"t" * 32).decode().rstrip("=")
 
 
-def _users_yaml(users: dict[str, str]) -> str:
-    return "users:\n" + "".join(f'  {name}:\n    password_hash: "{digest}"\n' for name, digest in users.items())
-
-
-def _rewrite(path, text: str) -> None:
-    new = path.with_name(path.name + ".new")
-    new.write_text(text)
-    new.chmod(0o600)
-    os.replace(new, path)
-
 
 def test_a_user_an_edit_removed_logs_in_no_more_while_the_reload_makes_its_dummy(conf_dir, start_gateway,
                                                                                   demo_hash):
     """The edit removes bob and adds erin, whose parameters cost about a hundred logins' hashing
     for the new dummy. A login of bob's while that dummy is made (the edit read, the reload not
     ended) was answered from the users as they were: 200."""
-    from support.gateway import write_conf
-
     write_conf(conf_dir, {
         "gateway.yaml": "chain: [static]\nthrottle: {enabled: false}\ndeadline: 120\n",
         "static.yaml": "static:\n  users_file: users/u.yaml\n  reload_interval: 0.05\n",
-        "users/u.yaml": _users_yaml({"alice": demo_hash, "bob": demo_hash}),
+        "users/u.yaml": users_yaml({"alice": demo_hash, "bob": demo_hash}),
     })
     gateway = start_gateway(conf_dir)
     assert gateway.auth("bob", "demo-password").status == 200
     erin = f"$argon2id$v=19$m=19456,t=200,p=1${_SALT}${_TAG}"
-    _rewrite(conf_dir / "users" / "u.yaml", _users_yaml({"alice": demo_hash, "erin": erin}))
+    replace_file(conf_dir / "users" / "u.yaml", users_yaml({"alice": demo_hash, "erin": erin}))
     time.sleep(0.2)  # past reload_interval: the next login checks the file
     reloader = threading.Thread(target=lambda: gateway.auth("nobody", "anything-at-all", timeout=120))
     reloader.start()

@@ -17,9 +17,20 @@ from support.net import free_port, wait_for, wait_for_port
 def static_users(users: dict[str, str]) -> dict[str, str]:
     """The conf.d files of the ``static`` plugin with *users* (name -> password hash), for
     :func:`write_conf`."""
-    return {"static.yaml": "static:\n  users_file: users/users.yaml\n",
-            "users/users.yaml": "users:\n" + "".join(f'  {name}:\n    password_hash: "{digest}"\n'
-                                                        for name, digest in users.items())}
+    return {"static.yaml": "static:\n  users_file: users/users.yaml\n", "users/users.yaml": users_yaml(users)}
+
+
+def users_yaml(users: dict[str, str]) -> str:
+    """A ``static`` users file's text with *users* (name -> password hash)."""
+    return "users:\n" + "".join(f'  {name}:\n    password_hash: "{digest}"\n' for name, digest in users.items())
+
+
+def replace_file(path: Path, text: str) -> None:
+    """Replace *path* with *text* at once (mode 0600, renamed over it), as an editor saving does."""
+    new = path.with_name(path.name + ".new")
+    new.write_text(text)
+    new.chmod(0o600)
+    os.replace(new, path)
 
 
 def write_conf(directory: Path, files: dict[str, str]) -> Path:
