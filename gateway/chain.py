@@ -481,7 +481,9 @@ class Gateway:
             decision = self.pm.hook.gateway_authenticate(attempt=attempt)
         except BaseException as exc:  # a wrapper raised outside the ChainFolder (SystemExit too)
             return self._crashed(exc, attempt, "around the chain")
-        if not isinstance(decision, Decision):
+        if not isinstance(decision, Decision):  # a wrapper's: the fold answers a Decision
+            log.error("a plugins: wrapper returned %r instead of a Decision; denied (fail closed)",
+                      type(decision).__name__)
             return Decision.deny(Outcome.ERROR, step="unknown", reason="internal_error")
         return _vetted(attempt, decision)  # a wrapper's success too
 

@@ -120,6 +120,16 @@ PLUGINS = {"review2_plugins.py": '''
     class EmptyPolicy(Policy):
         identity = {"username": ""}
 
+    class Stray:
+        """A policy wrapper that returns something that is no Decision."""
+        def __init__(self, settings, context):
+            self.name = context.name
+
+        @hookimpl(wrapper=True)
+        def gateway_authenticate(self, attempt):
+            yield
+            return "allow"
+
     class Mutual:
         """A step completing a mutual authentication with a token that is no header value."""
         def __init__(self, settings, context):
@@ -138,6 +148,7 @@ def plugins_env(tmp_path):
     site = make_dist(tmp_path / "site", "review2-plugins", {
         "policy": "review2_plugins:Policy", "control_policy": "review2_plugins:ControlPolicy",
         "empty_policy": "review2_plugins:EmptyPolicy", "mutual": "review2_plugins:Mutual",
+        "stray": "review2_plugins:Stray",
     }, PLUGINS)
     return {"PYTHONPATH": str(site)}
 
@@ -160,6 +171,17 @@ def test_a_wrappers_identity_is_checked_as_a_steps_is(conf_dir, demo_hash, start
     assert (entry["outcome"], entry["reason"], entry["step"]) == ("error", reason, wrapper), entry
     assert gw.auth("alice", "demo-password").status == 401 and gw.get("/healthz").status == 200
 
+
+
+def test_a_wrapper_that_returns_no_decision_is_denied_and_said(conf_dir, demo_hash, start_gateway, plugins_env):
+    """Denied as before, and now with a line naming what came back (it was a silent 401)."""
+    conf = write_conf(conf_dir, {"gateway.yaml": "chain: [static]\nplugins: [stray]\n",
+                                 **static_users({"alice": demo_hash})})
+    gw = start_gateway(conf, env=plugins_env)
+    r = gw.auth("alice", "demo-password")
+    assert r.status == 401 and r.header("Remote-User") is None
+    assert (gw.audit()[-1]["outcome"], gw.audit()[-1]["reason"]) == ("error", "internal_error")
+    assert "wrapper returned 'str' instead of a Decision" in gw.output()
 
 def test_a_mutual_authentication_token_that_is_no_header_value_is_dropped_not_the_answer(
         conf_dir, start_gateway, plugins_env):
