@@ -287,7 +287,9 @@ async def _off_loop(fn, *args, holding: threading.Lock | None = None):
         if holding is not None:
             holding.release()
         raise
-    return await asyncio.wrap_future(future)
+    # Shielded: a request cancelled meanwhile must not cancel work not started yet, which would
+    # never release *holding* (every later enrolment refused until a restart).
+    return await asyncio.shield(asyncio.wrap_future(future))
 
 
 def _released_after(fn, lock: threading.Lock):
