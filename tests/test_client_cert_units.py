@@ -503,7 +503,8 @@ def test_selftests(tmp_path, root, issuing, server):
 
 @pytest.mark.parametrize("settings, message", [
     ({"ca_bundle": "root.pem"}, "client_cert.revocation: required key is missing"),
-    ({"ca_bundle": "root.pem", "revocation": "sometimes"}, "client_cert.revocation.policy"),
+    ({"ca_bundle": "root.pem", "revocation": "sometimes"},
+     "client_cert.revocation: Input should be 'off', 'soft-fail' or 'hard-fail'"),
     ({"ca_bundle": "root.pem", "revocation": "off", "mapping": {"rules": ["subject"]}}, "needs a `pattern`"),
     ({"ca_bundle": "root.pem", "revocation": "off", "headers": [{"name": "Authorization", "format": "pem"}]},
      "never reaches plugins"),
