@@ -9,7 +9,6 @@ import os
 import queue
 import ssl
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
@@ -126,15 +125,15 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork)
 
 
-def run_selftest(pool: ThreadPoolExecutor | None, test: SelfTest) -> CheckResult:
+def run_selftest(test: SelfTest) -> CheckResult:
     """*test*'s result; a failure after :data:`SELFTEST_TIMEOUT` when it hangs, a failure naming
     what it raised or returned when that is no :class:`CheckResult`.
 
-    Each test runs on a daemon runner thread (:class:`_Runner`; *pool* is not used, callers still
-    pass one) that no hung test holds. On a shared one-thread pool, a test that hung held the
-    pool: every test after it failed "no answer" without having run, and ``authgw check`` never
-    ended, waiting for the pool's thread at exit (review of the configuration and the command
-    line). A test whose last run still hangs is not started again."""
+    Each test runs on a daemon runner thread (:class:`_Runner`) that no hung test holds. On a
+    shared one-thread pool, a test that hung held the pool: every test after it failed "no
+    answer" without having run, and ``authgw check`` never ended, waiting for the pool's thread
+    at exit (review of the configuration and the command line). A test whose last run still
+    hangs is not started again."""
     box: dict[str, Any] = {}
     done = threading.Event()
     with _hung_lock:

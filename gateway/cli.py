@@ -177,7 +177,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         if plugin in blocked:
             print(f"SKIP  {test.name}: an earlier test of {plugin} failed")
             continue
-        result = run_selftest(None, test)  # each on a thread of its own: a hung one holds nothing
+        result = run_selftest(test)  # each on a runner thread: a hung one holds nothing
         print(f"{result.status.value.upper():<5} {test.name}: {result.detail}")
         if result.hint and result.status is not CheckStatus.PASS:
             print(f"      hint: {result.hint}")

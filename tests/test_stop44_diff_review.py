@@ -41,7 +41,7 @@ def test_self_test_runs_keep_one_connection_of_a_per_thread_store(store):
         return CheckResult.ok(store.probe())
 
     for _ in range(10):
-        assert run_selftest(None, SelfTest("cache.store", probe)).status is CheckStatus.PASS
+        assert run_selftest(SelfTest("cache.store", probe)).status is CheckStatus.PASS
     assert len(threads) == 1
     assert len(store._connections) == 1
 
@@ -61,19 +61,19 @@ def test_a_hung_test_holds_no_other_and_is_not_started_again(monkeypatch):
             ended.set()
 
     try:
-        hung = run_selftest(None, SelfTest("t.hangs", hangs))
+        hung = run_selftest(SelfTest("t.hangs", hangs))
         assert (hung.status, hung.detail) == (CheckStatus.FAIL, "no answer within 0s")
         other = threading.get_ident
-        ran = run_selftest(None, SelfTest("t.other", lambda: CheckResult.ok(str(other()))))
+        ran = run_selftest(SelfTest("t.other", lambda: CheckResult.ok(str(other()))))
         assert ran == CheckResult.ok(ran.detail) and int(ran.detail) != starts[0]  # another thread
-        again = run_selftest(None, SelfTest("t.hangs", hangs))
+        again = run_selftest(SelfTest("t.hangs", hangs))
         assert again.detail == "its last run has not ended yet (no answer)"
         assert len(starts) == 1
     finally:
         release.set()
     assert ended.wait(10)
     for _ in range(100):  # the runner marks its run ended just after the test returns
-        result = run_selftest(None, SelfTest("t.hangs", hangs))
+        result = run_selftest(SelfTest("t.hangs", hangs))
         if result.detail != "its last run has not ended yet (no answer)":
             break
         time.sleep(0.02)
@@ -84,9 +84,9 @@ def test_a_test_raising_system_exit_is_a_failure_and_its_runner_goes_on():
     def exits() -> CheckResult:
         raise SystemExit(3)
 
-    failed = run_selftest(None, SelfTest("t.exits", exits))
+    failed = run_selftest(SelfTest("t.exits", exits))
     assert (failed.status, failed.detail) == (CheckStatus.FAIL, "the test raised SystemExit: 3")
-    assert run_selftest(None, SelfTest("t.after", lambda: CheckResult.ok("fine"))) == CheckResult.ok("fine")
+    assert run_selftest(SelfTest("t.after", lambda: CheckResult.ok("fine"))) == CheckResult.ok("fine")
 
 
 # -- the static users file's reload -------------------------------------------------------------

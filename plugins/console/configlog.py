@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -100,25 +99,24 @@ def _tests(store: ConsoleStore, run: str, config_dir: Path, state_dir: Path) -> 
     try:
         tests = list(runtime.gateway.selftests())
         store.plan(run, [t.name for t in tests])
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            try:
-                runtime.gateway.startup()
-            except Exception as exc:  # the tests below show which backend; say it once here too
-                log.warning("console self-tests: start-up failed: %s: %s", exc.__class__.__name__, exc)
-            blocked: set[str] = set()
-            for seq, test in enumerate(tests):
-                plugin = test.name.split(".", 1)[0]
-                if plugin in blocked:
-                    store.record(run, seq, "skip", f"an earlier test of {plugin} failed")
-                    continue
-                store.record(run, seq, "running")
-                result = run_selftest(pool, test)
-                hint = result.hint if result.status is not CheckStatus.PASS else ""
-                store.record(run, seq, result.status.value, result.detail, hint)
-                if result.status is CheckStatus.FAIL:
-                    failed += 1
-                    if test.prerequisite:
-                        blocked.add(plugin)
+        try:
+            runtime.gateway.startup()
+        except Exception as exc:  # the tests below show which backend; say it once here too
+            log.warning("console self-tests: start-up failed: %s: %s", exc.__class__.__name__, exc)
+        blocked: set[str] = set()
+        for seq, test in enumerate(tests):
+            plugin = test.name.split(".", 1)[0]
+            if plugin in blocked:
+                store.record(run, seq, "skip", f"an earlier test of {plugin} failed")
+                continue
+            store.record(run, seq, "running")
+            result = run_selftest(test)
+            hint = result.hint if result.status is not CheckStatus.PASS else ""
+            store.record(run, seq, result.status.value, result.detail, hint)
+            if result.status is CheckStatus.FAIL:
+                failed += 1
+                if test.prerequisite:
+                    blocked.add(plugin)
         summary = (f"{len(tests)} tests, {failed} failed" if tests else "no enabled plugin offers self-tests")
     except Exception as exc:
         log.exception("console self-test run %s failed", run)

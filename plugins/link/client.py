@@ -217,7 +217,6 @@ class LinkClient:
         self._busy = asyncio.Semaphore(settings.max_concurrent)
         self._selftesting: asyncio.Future | None = None  # the self-test run going on, if any
         self._selftest_started = -math.inf  # monotonic time the last run started
-        self._selftest_pool: ThreadPoolExecutor | None = None
         #: The relay's directory questions (lookup_user, search_users, list_groups): threads of
         #: their own, max_concurrent of them. On the loop's default executor, questions given up
         #: on at their deadline went on holding its threads, and the login door's signing and
@@ -237,11 +236,10 @@ class LinkClient:
         self._closed_why: str | None = None
 
     def close(self) -> None:
-        """Let the self-test thread go (a test still hanging ends by itself, unwaited), and the
-        link to another worker or generation."""
-        for pool in (self._selftest_pool, self._directory_pool):
-            if pool is not None:
-                pool.shutdown(wait=False, cancel_futures=True)
+        """Let the directory threads go (a question still hanging ends by itself, unwaited), and
+        the link to another worker or generation."""
+        if self._directory_pool is not None:
+            self._directory_pool.shutdown(wait=False, cancel_futures=True)
         if self._lock is not None:
             os.close(self._lock)
             self._lock = None
@@ -658,8 +656,8 @@ class LinkClient:
         """One run of the self-tests at a time, answered within the request's deadline. A run
         still going (a test that hangs) refuses the next request as unavailable: repeated
         requests cannot pile up threads, nor hold the link's request slots (``max_concurrent``)
-        that logins need; each test is bounded by ``run_selftest``'s timeout on a thread of
-        this link's own."""
+        that logins need; each test is bounded by ``run_selftest``'s timeout on a runner thread
+        of its own."""
         if self._selftesting is not None and not self._selftesting.done():
             raise BackendUnavailable("a self-test run is still going on")
         last = self._selftesting
@@ -667,8 +665,6 @@ class LinkClient:
                 and not last.cancelled() and last.exception() is None:
             return last.result()  # the last run's results: no new test login yet
         self._selftest_started = time.monotonic()
-        if self._selftest_pool is None:
-            self._selftest_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="authgw-link-selftest")
         self._selftesting = asyncio.get_running_loop().run_in_executor(None, self._selftests)
         return await asyncio.wait_for(asyncio.shield(self._selftesting), time_left)
 
@@ -677,7 +673,7 @@ class LinkClient:
         for test in self.door.gateway.selftests():  # plugin by plugin: one raising loses only its own
             if test.name.startswith("link."):
                 continue  # the relay asked through the link: it works
-            result = run_selftest(self._selftest_pool, test)  # a hung test fails after its timeout
+            result = run_selftest(test)  # a hung test fails after its timeout
             results.append({"name": test.name, "status": result.status.value, "detail": result.detail,
                             "hint": result.hint})
         return results
