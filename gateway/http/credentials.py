@@ -15,7 +15,7 @@ from base64 import b64decode
 from gateway.model import NegotiateCredential, PasswordCredential
 
 __all__ = ["MalformedCredentials", "parse_authorization", "check_password_credential", "single_authorization",
-           "MAX_USERNAME_BYTES", "MAX_PASSWORD_BYTES"]
+           "cookie_values", "MAX_USERNAME_BYTES", "MAX_PASSWORD_BYTES"]
 
 MAX_USERNAME_BYTES = 256
 MAX_PASSWORD_BYTES = 1024
@@ -99,3 +99,19 @@ def parse_authorization(header: str | None) -> PasswordCredential | NegotiateCre
             raise MalformedCredentials("malformed_authorization")
         return NegotiateCredential(token)
     return None
+
+
+def cookie_values(headers, name: str) -> list[str]:
+    """Every value of the cookie *name* in *headers*' ``Cookie`` fields, in order: each split at
+    ``;`` only (RFC 6265 section 5.4), the name matched exactly, the value taken whole (its
+    surrounding DQUOTEs dropped). aiohttp's ``request.cookies`` keeps one value of a name, and
+    ends a value at white space: ``x=a __Host-authgw_session=ID``, a cookie a sibling host can set
+    for the parent domain and browsers send as one, was read as the login door's session
+    (review of the sessions)."""
+    values = []
+    for header in headers.getall("Cookie", ()):
+        for pair in header.split(";"):
+            key, sep, value = pair.strip().partition("=")
+            if sep and key == name:
+                values.append(value.strip().strip('"'))
+    return values

@@ -33,6 +33,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 from multidict import MultiDictProxy
 
+from gateway.http.credentials import cookie_values
 from gateway.http.forms import UnreadableForm, read_form
 from gateway.http.protocol import MAX_BODY, no_linger
 from gateway.logs import printable
@@ -110,7 +111,9 @@ class Guard:
         path_token = request.match_info.get("prefix", "")
         if not path_token or len(path_token) > 128:
             return None
-        for value in _cookie_values(request)[:_MAX_COOKIES]:
+        # every value: a browser still holding one from before the path prefixes (under `/`)
+        # sends two, this one first
+        for value in cookie_values(request.headers, COOKIE)[:_MAX_COOKIES]:
             if value and len(value) <= 128:
                 session = self.store.session(value, path_token, self.session_ttl, self.session_lifetime)
                 if session is not None:
@@ -194,19 +197,6 @@ class Guard:
         except Exception:  # rendering failed too: a page without the template
             log.exception("console: the error page could not be rendered")
             return web.Response(status=500, text=text, content_type="text/plain", charset="utf-8")
-
-
-def _cookie_values(request: web.Request) -> list[str]:
-    """Every value of the session cookie in the request: ``request.cookies`` keeps one of a
-    name, and a browser sends two when it still holds one from before the path prefixes (that
-    one under ``/``, sent after this one)."""
-    values = []
-    for header in request.headers.getall("Cookie", []):
-        for pair in header.split(";"):
-            name, sep, value = pair.strip().partition("=")
-            if sep and name == COOKIE:
-                values.append(value.strip().strip('"'))
-    return values
 
 
 async def _read_utf8_form(request: web.Request) -> MultiDictProxy:

@@ -70,7 +70,7 @@ from yarl import URL
 from gateway import BackendUnavailable, Decision, Identity, Outcome, SessionCredential
 from gateway.chain import AFTER_THE_CHAIN, PRECHECK_STEP, PRECHECKED
 from gateway.http import forms
-from gateway.http.credentials import MalformedCredentials, parse_authorization, single_authorization
+from gateway.http.credentials import MalformedCredentials, cookie_values, parse_authorization, single_authorization
 from gateway.logs import RateLimitedWarning, printable
 from gateway.registry import answerer_revoked
 
@@ -166,17 +166,10 @@ class ParkLimiter:
 
 
 def request_cookie(request: web.Request, name: str) -> str | None:
-    """The cookie *name* as the browser sent it: each ``Cookie`` header split at ``;`` only (RFC
-    6265 section 5.4), the name matched exactly, the value taken whole. aiohttp's parser (the
-    grammar of ``http.cookies``) also ends a value at white space, so a cookie that a sibling host
-    (or a plain-http answer) set for the parent domain, ``x=a __Host-authgw_session=ID.MAC``,
-    which a browser keeps and sends as one cookie, was read as the door's session cookie: the
-    attacker's own session, planted in the victim's browser past the ``__Host-`` prefix (login
-    CSRF: the victim's next answer to a service was the attacker's; review of the sessions). A
-    name sent twice is no cookie: the door sets each of its cookies once, at ``Path=/``."""
-    values = [value.strip() for header in request.headers.getall("Cookie", ())
-              for key, sep, value in (pair.partition("=") for pair in header.split(";"))
-              if sep and key.strip() == name]
+    """The cookie *name* as the browser sent it (:func:`gateway.http.credentials.cookie_values`:
+    whole, not as aiohttp's parser splits it at white space; review of the sessions). A name
+    sent twice is no cookie: the door sets each of its cookies once, at ``Path=/``."""
+    values = cookie_values(request.headers, name)
     return values[0] if len(values) == 1 else None
 
 
