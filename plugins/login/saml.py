@@ -67,7 +67,7 @@ from gateway.logs import printable
 from .keys import KeyPair
 from .settings import NAMEID_FORMATS, LoginSettings, SamlServiceProvider
 from .xmlsafe import decode_post, inflate_redirect, parse_xml
-from .web import Refused, read_form
+from .web import Refused, read_form, request_cookie
 
 __all__ = ["AuthnRequest", "BindingMessage", "RedirectQuery", "RequestChecker", "ResponseBuilder", "SamlIdp",
            "read_redirect_query"]
@@ -762,7 +762,7 @@ class SamlIdp:
         why = unanswerable(self.entity_id, sp, authn.name_id_policy, authn.subject, authn_context=authn.authn_context)
         if why is not None:
             return await self.error_answer(request, pending, sp, why)
-        if request.method == "POST" and self.web.session(request, touch=False) is None:
+        if request.method == "POST" and request_cookie(request, self.web.cookie) is None:
             # HTTP-POST binding: an SP's page posts cross-site, and the browser does not send its
             # SameSite=Lax session cookie with that POST. Taken as "no session", IsPassive was
             # answered NoPassive for a user who was signed in. The request waits at /login (a GET,
