@@ -302,9 +302,7 @@ class Acceptor:
             st = os.stat(self._rcache_path)
         except OSError:
             return None
-        if not stat.S_ISREG(st.st_mode):
-            raise AcceptFailed("replay_cache_unavailable", f"replay cache {self.rcache}: not a regular file",
-                               unavailable=True)
+        self._regular(st)
         held = self._rcache_held
         if held is not None and held.file == (st.st_dev, st.st_ino):
             return held.fd
@@ -317,12 +315,16 @@ class Acceptor:
             opened = os.fstat(fd)  # the path may have changed again since the stat
         except OSError:
             return None
-        if not stat.S_ISREG(opened.st_mode):
-            raise AcceptFailed("replay_cache_unavailable", f"replay cache {self.rcache}: not a regular file",
-                               unavailable=True)
+        self._regular(opened)
         held.file = (opened.st_dev, opened.st_ino)
         self._rcache_held = held
         return fd
+
+    def _regular(self, st: os.stat_result) -> None:
+        """Refuse a replay cache that is not a regular file (a FIFO: MIT's read waits for ever)."""
+        if not stat.S_ISREG(st.st_mode):
+            raise AcceptFailed("replay_cache_unavailable", f"replay cache {self.rcache}: not a regular file",
+                               unavailable=True)
 
     # -- explaining ----------------------------------------------------------------------------------
 
