@@ -36,6 +36,9 @@ _BIND_REFUSED = "ldap.bind_refused"
 _PPOLICY_REASONS = {0: "ldap.password_expired", 1: "ldap.locked", 2: "ldap.must_change_password"}
 #: AD's constructed ``DOMAIN\\sAMAccountName`` of an entry, as "Who am I?" names a bound account.
 _PRINCIPAL_NAME = "msDS-PrincipalName"
+#: Entries a second user search reads when the first (size limit 2) found several: enough for a
+#: user and a few entries only the directory's loose matching takes for them (Directory._narrowed).
+_MATCH_LIMIT = 16
 
 
 #: Seconds a ppolicy entry's ``pwdMaxAge`` (or its being unreadable) is reused: policies change
@@ -172,14 +175,47 @@ class Directory:
             # sizeLimitExceeded: more entries match than were sent. Under the size limit of 2
             # asked here that is two or more, ambiguous; a server whose own limit is lower
             # (slapd's sizelimit 1) sends one entry with it, which is not the only match.
-            return Matches(tuple(entries), more=True)
+            return self._narrowed(link, username, Matches(tuple(entries), more=True))
         if result.code != 0:
             # An errored search (noSuchObject, insufficientAccessRights, timeLimitExceeded...) may
             # be incomplete: its entries never make a match.
             self.log.warning("user search for %r under %s answered %d: %s",
                              username, self.s.base_dn, result.code, result.message)
             return Matches(())
+        if len(entries) > 1:
+            return self._narrowed(link, username, Matches(tuple(entries)))
         return Matches(tuple(entries))
+
+    def _narrowed(self, link: Link, username: str, matches: Matches) -> Matches:
+        """Of several matches, the one entry whose login name is *username* in its one spelling
+        (:meth:`Entry.spelt_as`), when exactly one is; else *matches*, ambiguous.
+
+        The directory matches loosely (RFC 4518: white space at the ends and doubled inside is
+        insignificant, compatibility forms fold), so an entry anyone may create with the uid
+        ``admin `` matched ``(uid=admin)`` too, and the administrator was refused (items left by
+        the review of the LDAP plugin). Such a name is never signed in (no header can carry it,
+        ``gateway.chain._vetted``), so its entry cannot be the user. A case variant (``ADMIN``)
+        is spelt so: two users, refused, since an application behind may not tell them apart.
+        Matches the server cut short are read again, up to :data:`_MATCH_LIMIT`, and refused
+        when even those are not all: off the hot path (one entry matches a login)."""
+        if matches.more:
+            result, entries, _ = link.search(self.s.base_dn, self._user_filter(username), self._attributes,
+                                             scope=self._scope, size_limit=_MATCH_LIMIT)
+            if result.code in TROUBLE_CODES:
+                raise ServerTrouble(f"user search answered {result.code}: {result.message}")
+            if result.code != 0:  # still more than were sent, or an errored search: unknown
+                return matches
+            matches = Matches(tuple(entries))
+        named = tuple(entry for entry in matches.entries if entry.spelt_as(self.r.username_attr, username))
+        if len(named) != 1:
+            return matches
+        others = [printable(entry.dn) for entry in matches.entries if entry is not named[0]]
+        self._tell_once(f"narrowed {named[0].dn.lower()}",
+                        "username %r matches %d entries under %s; only %s has it as %s in its one spelling and is "
+                        "the user; the others (%s) are not signed in by this name", username,
+                        len(matches.entries), self.s.base_dn, printable(named[0].dn), self.r.username_attr,
+                        "; ".join(others)[:1000])
+        return Matches(named)
 
     def search_user(self, username: str, deadline: float) -> Matches:
         return self.pool.call(SERVICE, lambda link: self.find(link, username), deadline)
@@ -197,6 +233,8 @@ class Directory:
         if entry is None:
             self._equalizing_bind(deadline)
             return Verdict(Outcome.USER_NOT_FOUND, "ldap.user_not_found")
+        if self.ambiguously_named(entry, username):
+            return Verdict(Outcome.INVALID_CREDENTIALS, "ldap.ambiguous_user")
         bound = self.pool.call(BIND, lambda link: self._bind(link, entry.dn, password), deadline)
         verdict, extra = self._judge(bound, username)
         if verdict is not None:
@@ -212,6 +250,18 @@ class Directory:
         if groups is None:
             groups = self.pool.call(SERVICE, lambda link: self.groups.resolve(link, entry, username), deadline)
         return Verdict(Outcome.SUCCESS, identity=self.identity(entry, username, groups, extra))
+
+    def ambiguously_named(self, entry: Entry, username: str) -> bool:
+        """*entry* has several login names and *username* is none of them (it was found by its
+        mail), or two: which one it signs in as is unknown. The first was taken, and the
+        directory's order of values is no rule: ``uid: [admin, eve]`` found by eve's mail signed
+        in as ``admin`` (items left by the review of the LDAP plugin). Refused, logged."""
+        if not entry.names_ambiguously(self.r.username_attr, username):
+            return False
+        self.log.warning("%r found %s, whose %s has several values and names none of them (or several); "
+                         "which one is the user is unknown; refused as ldap.ambiguous_user", username,
+                         printable(entry.dn), self.r.username_attr)
+        return True
 
     def _equalizing_bind(self, deadline: float) -> None:
         """Spend the bind an existing user would cost, so that an unknown user and a wrong
@@ -298,6 +348,8 @@ class Directory:
             self.log.warning("%r bound as %r, but %s; refused as ldap.account_state_unreadable", username, bind_name,
                              printable(bound.unread or f"the entry has no {', '.join(unreadable)}"))
             return Verdict(Outcome.ACCOUNT_STATE, "ldap.account_state_unreadable")
+        if self.ambiguously_named(entry, username):
+            return Verdict(Outcome.INVALID_CREDENTIALS, "ldap.ambiguous_user")
         state, _ = account_state(entry)
         if state:  # as in login(): the entry's flags refuse even a right password
             self.log.info("%r bound but the entry says %s; refused", username, state)
@@ -382,6 +434,8 @@ class Directory:
         if entry is None:
             if matches.ambiguous:
                 self.log.warning("lookup of %r matches several entries; answered as unknown", username)
+            return None
+        if self.ambiguously_named(entry, username):
             return None
         state, password_state = account_state(entry)
         unreadable = [attr for attr in self._always_present if not entry.get(attr)]

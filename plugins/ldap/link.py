@@ -24,6 +24,7 @@ import ldap3
 from ldap3.core.exceptions import LDAPCertificateError
 
 from gateway import aio
+from gateway.model import folded_username, plainly_spelt
 from gateway.plugins.ldap import wire
 
 if TYPE_CHECKING:
@@ -44,6 +45,12 @@ _BURST = 64
 _MAX_SKIPPED = 100
 #: Entries one search reads at most when it asked for no size or page limit (a base search).
 _MAX_ENTRIES = 10_000
+#: Continuation references (RFC 4511 section 4.5.3) one search skips at most, and their bytes: AD
+#: sends a few (its DNS and configuration partitions), a directory with referral objects one for
+#: each in scope. Without a bound a server sending them without end was read until the answer's
+#: time ran out, the login waiting all of it (review of the LDAP plugin, items left).
+_MAX_REFERENCES = 1000
+_MAX_REFERENCE_BYTES = 1024 * 1024
 #: Seconds a wait's timer may fire before the wait's end and still end it: uvloop's timers
 #: count whole milliseconds (a timer of its own for each wait fired as early).
 _TIMER_SLACK = 0.001
@@ -56,11 +63,15 @@ class LinkBroken(Exception):
     link broke while its answer was awaited or read). A password bind that was sent may have
     been counted as a bad password already: the pool does not send it again (pool.py)."""
 
-    def __init__(self, detail: str, *, timeout: bool = False, connect: bool = False, sent: bool = False) -> None:
+    def __init__(self, detail: str, *, timeout: bool = False, connect: bool = False, sent: bool = False,
+                 short: bool = False) -> None:
         super().__init__(detail)
         self.timeout = timeout
         self.connect = connect
         self.sent = sent
+        #: A connect timeout whose wait the attempt's deadline made shorter than the server is
+        #: due (``Pool._connect``): no evidence against the server.
+        self.short = short
 
 
 class ServerTrouble(Exception):
@@ -98,21 +109,42 @@ class Entry:
         return self.folded.get(name.lower(), [])
 
     def login_name(self, attr: str, typed: str) -> str | None:
-        """The user's name in *attr* as the entry spells it: of several values (``uid`` is
-        multi-valued), the one *typed* names, else the first; ``None`` without a value. The first
-        alone let an entry whose ``uid`` was ``[admin, eve]`` log in as ``eve`` and sign in as
-        ``admin``, with the groups that name ``admin`` in ``memberUid``, while ``admin`` itself
-        matched two entries and was refused (review of the LDAP plugin)."""
+        """The user's name in *attr* as the entry spells it: its only value; of several (``uid``
+        is multi-valued), the one *typed* names (spelt so, else the one that is *typed* in
+        :func:`~gateway.model.folded_username`'s spelling, as loose as the directory's matching);
+        ``None`` without a value, or when *typed* names none of several, or two (see
+        :meth:`names_ambiguously`). Without *typed* (a listing): the first.
+
+        The first alone let an entry whose ``uid`` was ``[admin, eve]`` log in as ``eve`` and sign
+        in as ``admin`` (review of the LDAP plugin), and, found by its mail, sign in as ``admin``
+        still (items left by that review): a directory's order of values is no rule."""
         values = self.get(attr)
         if not values:
             return None
         texts = [v.decode("utf-8", errors="replace") if isinstance(v, (bytes, bytearray)) else v for v in values]
-        if len(texts) > 1 and typed:
-            wanted = typed.casefold()
-            for text in texts:
-                if text.casefold() == wanted:
-                    return text
-        return texts[0]
+        if len(texts) == 1 or not typed:
+            return texts[0]
+        if typed in texts:
+            return typed
+        wanted = folded_username(typed)
+        named = {text for text in texts if folded_username(text) == wanted}
+        return named.pop() if len(named) == 1 else None
+
+    def names_ambiguously(self, attr: str, typed: str) -> bool:
+        """The entry has values of *attr*, and which one *typed* stands for is unknown
+        (:meth:`login_name`): several login names, the entry found by another attribute."""
+        return len(self.get(attr)) > 1 and self.login_name(attr, typed) is None  # one value: never
+
+    def spelt_as(self, attr: str, typed: str) -> bool:
+        """A value of *attr* is *typed* in its one spelling: canonical (no white space at an end,
+        :func:`~gateway.model.plainly_spelt`) and, case folded, the typed name folded. A uid
+        ``admin `` or ``ａｄｍｉｎ`` matches ``(uid=admin)`` in the directory, but is not so spelt."""
+        wanted = folded_username(typed)
+        for value in self.get(attr):
+            text = value.decode("utf-8", errors="replace") if isinstance(value, (bytes, bytearray)) else value
+            if plainly_spelt(text) and folded_username(text) == wanted:
+                return True
+        return False
 
 
 def describe(exc: BaseException) -> str:
@@ -379,6 +411,7 @@ class Link:
         # No more entries than asked for: a server that sends them without end was read without
         # end, into memory (review of the LDAP plugin).
         most = most or size_limit or _MAX_ENTRIES
+        references = referred = 0
         while True:
             tag, body, controls = self._receive(message_id)
             try:
@@ -390,7 +423,13 @@ class Link:
                     result = Result(*wire.parse_result(body))
                     next_cookie = wire.paged_cookie(controls) if paged_size and controls else None
                     return result, entries, next_cookie
-                elif tag != wire.SEARCH_REFERENCE:  # continuation references are not followed
+                elif tag == wire.SEARCH_REFERENCE:  # not followed, only counted
+                    references += 1
+                    referred += len(body)
+                    if references > _MAX_REFERENCES or referred > _MAX_REFERENCE_BYTES:
+                        raise LinkBroken(f"more than {_MAX_REFERENCES} continuation references or "
+                                         f"{_MAX_REFERENCE_BYTES} bytes of them to one search", sent=True)
+                else:
                     raise LinkBroken(f"unexpected answer {tag:#x} to a search", sent=True)
             except (wire.ProtocolError, IndexError, ValueError) as exc:
                 raise LinkBroken(describe(exc), sent=True) from None

@@ -235,7 +235,13 @@ class Pool:
             return self._connects
 
     def _connect(self, server: Server, deadline: float) -> ldap3.Connection:
-        connect_timeout = max(0.05, min(self.connect_timeout, deadline - time.monotonic()))
+        left = deadline - time.monotonic()
+        connect_timeout = max(0.05, min(self.connect_timeout, left))
+        # Whether the wait under way is shorter than the server is due, because the attempt's
+        # deadline is near: such a timeout says nothing against the server (LinkBroken.short).
+        # One slow attempt marked a healthy server down for `backoff` seconds, out of /readyz
+        # and of rotation (items left by the review of the LDAP plugin).
+        short = connect_timeout < self.connect_timeout
         # A fresh ldap3.Server per connection: ldap3 remembers failed addresses on the object for
         # a while, which would hide a directory that has just come back.
         target = ldap3.Server(server.host, port=server.port, use_ssl=server.use_ssl, tls=self.tls,
@@ -250,7 +256,9 @@ class Pool:
         cut = _Cutoff(conn, max(0.05, deadline - time.monotonic()))
         try:
             conn.open()
-            conn.socket.settimeout(max(0.05, min(self.receive_timeout, deadline - time.monotonic())))
+            read_timeout = min(self.receive_timeout, deadline - time.monotonic())
+            short = read_timeout < self.receive_timeout
+            conn.socket.settimeout(max(0.05, read_timeout))
             if self.start_tls and not server.use_ssl:
                 conn.start_tls()
                 if not conn.tls_started:  # ldap3 may decline without raising: never go on in clear
@@ -269,12 +277,15 @@ class Pool:
             except Exception:  # noqa: BLE001
                 pass
             if cut.fired:
-                raise LinkBroken("the connection was not set up before the deadline", timeout=True,
-                                 connect=True) from None
+                # At the deadline. Given a connect and an answer's time (as a probe is), the set-up
+                # is the server's fault (one dribbling StartTLS); given less, not evidence.
+                raise LinkBroken("the connection was not set up before the deadline", timeout=True, connect=True,
+                                 short=left < self.connect_timeout + self.receive_timeout) from None
             detail = describe(exc)
             if not isinstance(exc, (LDAPExceptionError, OSError, UnicodeError)):
                 detail = f"an answer ldap3 could not read while connecting ({exc.__class__.__name__}: {detail})"
-            raise LinkBroken(detail, timeout=isinstance(exc, TimeoutError), connect=True) from None
+            timeout = isinstance(exc, TimeoutError)
+            raise LinkBroken(detail, timeout=timeout, connect=True, short=timeout and short) from None
         return conn
 
     def call(self, kind: str, operation: Callable[[Link], T], deadline: float) -> T:
@@ -331,8 +342,8 @@ class Pool:
                         self._drain(server)
                         fresh_only = True
                         continue
-                    if exc.timeout and not exc.connect and (budget < self.receive_timeout
-                                                            or time.monotonic() >= deadline):
+                    if exc.timeout and (exc.short if exc.connect else (budget < self.receive_timeout
+                                                                        or time.monotonic() >= deadline)):
                         # The attempt's deadline cut the wait short: not evidence against the server.
                         raise DirectoryUnavailable("ldap.timeout", f"{server.url}: {exc}") from None
                     problems.append(f"{server.url}: {exc}")

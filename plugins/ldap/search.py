@@ -112,7 +112,7 @@ class UserSearch:
     def list_groups(self, username: str, deadline: float) -> list[str] | None:
         d = self.d
         entry = d.search_user(username, deadline).one
-        if entry is None:  # unknown or ambiguous
+        if entry is None or d.ambiguously_named(entry, username):  # unknown or ambiguous
             return None
         groups = d.groups.known(entry)
         if groups is None:
