@@ -48,14 +48,14 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 
 from gateway import Attempt, Decision, Identity, Outcome, PasswordCredential
 from gateway.logs import printable
-from gateway.model import canonical_username, folded_username
+from gateway.model import canonical_username
 from gateway.plugins.cache.keys import CacheKeys, KeyFileError, hash_bound, load_keys, sealed_time
 from gateway.plugins.cache.pending import LIMIT as PENDING_LIMIT, PENDING_FILE, PendingForgets
 from gateway.plugins.cache.settings import CacheSettings
 from gateway.plugins.cache.store import AT_LIMIT, FUTURE_TOLERANCE, GONE, Entry, SQLiteStore, Store, StoreError
 from gateway.slots import FairSlots, usable_cpus
 
-__all__ = ["ALIAS_HASH", "OfflineCache", "make_store", "normalise", "same_name"]
+__all__ = ["ALIAS_HASH", "OfflineCache", "lowered", "make_store", "normalise", "same_name"]
 
 SQLITE_FILE = "cache.sqlite3"
 _MEMO_LIMIT = 100_000
@@ -93,12 +93,26 @@ def _hash_format(memory_cost: int, time_cost: int, parallelism: int) -> re.Patte
 
 
 def normalise(username: str, mode: str) -> str:
-    """The username as entries are keyed. ``casefold``: :func:`gateway.model.folded_username`
-    (NFKC first, so that visually equal spellings meet, as Unicode's caseless matching advises;
-    ``İ`` as the ``i`` directories read it), the key the throttle and the hot cache use too."""
+    """The username as entries are keyed. ``casefold``: :func:`lowered`, the spelling a
+    directory matches names by, so that one account's spellings meet in one row and two
+    accounts keep two."""
     if mode == "casefold":
-        return folded_username(unicodedata.normalize("NFKC", username))
+        return lowered(username)
     return username
+
+
+def lowered(name: str) -> str:
+    """*name* as LDAP servers compare it, ignoring case: :func:`canonical_username`, ``İ`` as
+    ``I``, each letter lowered on its own (``Σ`` to ``σ`` wherever it stands, not to a final
+    ``ς``), then NFKC. Never full case folding (:func:`gateway.model.folded_username`), which
+    makes ``ß`` ``ss`` and ``ς`` ``σ``: slapd keeps ``strasse`` and ``straße`` as two users, and
+    a row keyed by the full fold was both users' (one's live login replaced the other's
+    offline entry, one's refusal deleted it; review of the cache, fifth round)."""
+    name = canonical_username(name)
+    if name.isascii():
+        return name.lower()
+    name = name.replace("\u0130", "I")
+    return unicodedata.normalize("NFKC", "".join(ch.lower() for ch in name))
 
 
 def make_store(settings: CacheSettings, state_dir: Path, log: logging.Logger | None = None) -> Store:
@@ -349,6 +363,11 @@ class OfflineCache:
         if (stored_at is None or stored_at != entry.stored_at or time.time() - stored_at > self.settings.max_age
                 or entry.password_hash != ALIAS_HASH or not hash_bound(document, entry.password_hash)):
             return user_key, row_key, entry, None
+        name = document.get("name")
+        if isinstance(name, str) and name and self.user_key(name) != user_key:
+            # Written for another name under an older key (the full case fold: ``jeßica@…``'s
+            # pointer in ``jessica@…``'s row): that name's, not this one's.
+            return user_key, row_key, entry, None
         account_key = self.user_key(str(document["alias_of"]))
         if account_key == user_key:
             return user_key, row_key, entry, None
@@ -420,12 +439,12 @@ class OfflineCache:
     def forget_unknown(self, username: str) -> bool:
         """The directory that was asked knows no user named *username*: forget its entry as
         :meth:`forget` does, unless the row under its key was written for a name the directory
-        does not take for *username* (:func:`same_name`). The row key folds case fully
-        (``ß`` as ``ss``, ``ς`` as ``σ``), which directories do not: slapd has ``strasse`` and
-        ``straße`` as two users, so a login as ``jeßica`` (no such user) deleted ``jessica``'s
-        entry, or followed the pointer of ``jessica.smith@…`` to it: one request by anyone took
-        a user's offline login away (review of the cache, fourth round). A row that does not
-        say its name (none readable, written by an older version) is forgotten, as before."""
+        does not take for *username* (:func:`same_name`). Until the fifth round the row key
+        folded case fully (``ß`` as ``ss``, ``ς`` as ``σ``), which directories do not: slapd
+        has ``strasse`` and ``straße`` as two users, so a login as ``jeßica`` (no such user)
+        deleted ``jessica``'s entry, or followed the pointer of ``jessica.smith@…`` to it
+        (review of the cache, fourth round); rows keyed so live until ``max_age``. A row that
+        does not say its name (none readable, written by an older version) is forgotten."""
         try:
             keys = self.keys()
             row_key = keys.row_key(self.user_key(username))
@@ -890,14 +909,9 @@ class OfflineCache:
 
 
 def same_name(typed: str, recorded: str) -> bool:
-    """Whether a directory may take the name *typed* for *recorded*: equal but for case, letter
-    by letter as LDAP servers map it (``İ`` as ``I``; ``Σ`` lowered to ``σ`` wherever it stands,
-    not to a final ``ς``), never full case folding, which makes ``ß`` ``ss``."""
-    def plain(name: str) -> str:
-        name = canonical_username(name).replace("\u0130", "I")
-        return unicodedata.normalize("NFKC", "".join(ch.lower() for ch in name))
-
-    return plain(typed) == plain(recorded)
+    """Whether a directory may take the name *typed* for *recorded*: equal but for case
+    (:func:`lowered`)."""
+    return lowered(typed) == lowered(recorded)
 
 
 def _pointer_mark(account: str) -> bytes:

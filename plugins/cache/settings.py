@@ -94,8 +94,9 @@ class CacheSettings(PluginSettings):
     methods: list[str] = Field(default_factory=lambda: ["ldap"], min_length=1,
                                description="chain steps whose password successes are cached")
     usernames: Literal["exact", "casefold"] = Field("casefold",
-                                                    description="`casefold` (NFKC + casefold, İ read as I: "
-                                                                "LDAP and AD names ignore case) or `exact` "
+                                                    description="`casefold` (letters lowered one by one, "
+                                                                "İ read as I, NFKC: LDAP and AD names ignore "
+                                                                "case; never ß as ss) or `exact` "
                                                                 "(case-sensitive sources only)")
     pepper: Secret | None = Field(None, description="secret mixed into every password hash; default a key "
                                                     "file `cache-pepper.key` in the state directory")
