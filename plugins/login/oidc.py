@@ -244,8 +244,9 @@ class OidcProvider:
     def routes(self, web_door) -> list[Route]:
         self.web = web_door
         budget = web_door.sessions.settings.requests_per_client
-        #: Failed client authentications at the token endpoint, by client address: a secret is
-        #: not guessed at thousands a second (each worker keeps its own, as the door's budgets).
+        #: Failed client authentications at the token endpoint, by client address and the
+        #: registered client they claim to be (:meth:`_failure_key`): a secret is not guessed at
+        #: thousands a second (each worker keeps its own, as the door's budgets).
         self.auth_failures = ParkLimiter(burst=budget, rate=budget / 60)
         web_door.completers["oidc"] = self.complete
         web_door.answerable["oidc"] = self.answer_target
@@ -484,6 +485,35 @@ class OidcProvider:
             return self._assertion_client(str(form.get("client_assertion", "")))
         return self._secret_client([(str(form.get("client_id", "")), str(form.get("client_secret", "")))])
 
+    def _failure_key(self, request: web.Request, form) -> str:
+        """The registered client a token request claims to be, whose budget of failed client
+        authentications it spends (:attr:`auth_failures`, with the client address), or ``""``
+        for any other claim: clients of one cloud share an address, and one's wrong secret
+        spent the budget of all (review of the login door); ids made up do not buy budgets (all
+        share the one of ``""``). The claim is not verified: one who claims another's id spends
+        that id's budget at this address, as guessing its secret must."""
+        try:
+            basic, raw = _basic(request)
+        except MalformedCredentials:
+            return ""
+        if basic:
+            if raw is None:
+                return ""
+            user = unquote_plus(raw.partition(":")[0])  # as _basic_client reads it, either way
+            if user in self.clients:
+                return user
+            return next((client_id for client_id in self.clients if raw.startswith(client_id + ":")), "")
+        if form.get("client_assertion_type") == ASSERTION_TYPE:
+            try:  # the unverified iss, as _assertion_client reads it to choose the key
+                assertion = str(form.get("client_assertion", ""))[:MAX_ASSERTION_BYTES]
+                payload = assertion.split(".")[1]
+                claimed = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["iss"]
+            except (KeyError, ValueError, IndexError, TypeError, RecursionError):
+                return ""
+        else:
+            claimed = form.get("client_id")
+        return claimed if isinstance(claimed, str) and claimed in self.clients else ""
+
     def _authenticated(self, request: web.Request, form) -> OidcClient | None:
         """:meth:`_client`, when the request names no other: a ``client_id`` in the body must be
         the authenticated client's (RFC 6749 section 3.2.1, RFC 7523 section 3), and a request
@@ -563,20 +593,23 @@ class OidcProvider:
         if repeated:  # RFC 6749 3.1 and 5.2: a repeated parameter is invalid_request
             return _error("invalid_request", description=f"{', '.join(repeated)} given more than once")
         address = self.web.client_key(request)
-        wait = self.auth_failures.wait(address, time.monotonic())
+        claimed = self._failure_key(request, form)
+        key = f"{address} {claimed}"
+        wait = self.auth_failures.wait(key, time.monotonic())
         if wait:  # before any secret is compared: past the budget, right or wrong is not told
-            if self.auth_failures.first_refusal(address):
+            if self.auth_failures.first_refusal(key):
                 log.warning("oidc token requests refused: reason=oidc.too_many_client_failures client=%s "
-                            "(%d failed client authentications a minute per address, burst %d)", address,
+                            "client_id=%s (%d failed client authentications a minute per address and client, "
+                            "burst %d)", address, printable(claimed[:100]) or "(unregistered)",
                             round(self.auth_failures.rate * 60), self.auth_failures.burst)
-            # (logged once per address and spent budget, above: not a line per request of a flood)
+            # (logged once per address, client and spent budget, above: not a line per request of a flood)
             response = _error("invalid_request", 429, "too many failed client authentications; try again later",
                               logged=True)
             response.headers["Retry-After"] = str(math.ceil(wait))
             return response
         client = self._authenticated(request, form)
         if client is None:
-            self.auth_failures.take(address, time.monotonic())
+            self.auth_failures.take(key, time.monotonic())
             log.warning("oidc token request refused: reason=oidc.invalid_client client_id=%s client=%s",
                         printable(_claimed_client(request, form)[:100]), address)
             return _error("invalid_client", 401)

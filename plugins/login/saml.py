@@ -48,6 +48,7 @@ import datetime as dt
 import logging
 import re
 import secrets
+import time
 from dataclasses import dataclass
 from urllib.parse import unquote_plus
 
@@ -67,7 +68,7 @@ from gateway.logs import printable
 from .keys import KeyPair
 from .settings import NAMEID_FORMATS, LoginSettings, SamlServiceProvider
 from .xmlsafe import decode_post, inflate_redirect, parse_xml
-from .web import Refused, read_form, request_cookie
+from .web import ParkLimiter, Refused, read_form, request_cookie
 
 __all__ = ["AuthnRequest", "BindingMessage", "RedirectQuery", "RequestChecker", "ResponseBuilder", "SamlIdp",
            "read_redirect_query"]
@@ -115,6 +116,7 @@ ATTRNAME_URI = "urn:oasis:names:tc:SAML:2.0:attrname-format:uri"
 STATUS = "urn:oasis:names:tc:SAML:2.0:status:"
 SUCCESS, REQUESTER, RESPONDER = STATUS + "Success", STATUS + "Requester", STATUS + "Responder"
 NO_PASSIVE, UNKNOWN_PRINCIPAL = STATUS + "NoPassive", STATUS + "UnknownPrincipal"
+REQUEST_DENIED = STATUS + "RequestDenied"
 NO_AUTHN_CONTEXT = STATUS + "NoAuthnContext"
 INVALID_NAMEID_POLICY = STATUS + "InvalidNameIDPolicy"
 #: NameID Formats a request may name without asking for one (core 3.4.1.1, 8.3.1).
@@ -654,9 +656,14 @@ class SamlIdp:
 
     def routes(self, web_door) -> list[Route]:
         self.web = web_door
+        budget = web_door.sessions.settings.requests_per_client
+        #: Error Responses for requests that cannot be served now (:meth:`unavailable`), by client
+        #: address: each may be signed, and the requests refused are those past a budget already.
+        self.refusals = ParkLimiter(burst=budget, rate=budget / 60)
         web_door.completers["saml"] = self.complete
         web_door.declined["saml"] = self.no_passive
         web_door.answerable["saml"] = self.answer_target
+        web_door.unavailable["saml"] = self.unavailable
         return [Route("GET", "/saml/metadata", self.metadata_handler), Route("GET", "/saml/sso", self.sso),
                 Route("POST", "/saml/sso", self.sso), Route("GET", "/saml/idp", self.idp_initiated)]
 
@@ -805,14 +812,36 @@ class SamlIdp:
             self.web.sessions.admit_park()
         log.warning("login request refused: reason=%s client=%s sp=%s status=%s %s", why.reason, request.remote,
                     printable(sp.entity_id[:200]), why.second.rsplit(":", 1)[-1], printable(why.detail[:200]))
+        response = await self._error_post(pending, sp, why)
+        response.headers["X-Refused-Reason"] = why.reason
+        return response
+
+    async def _error_post(self, pending: dict, sp: SamlServiceProvider, why: Unanswerable) -> web.Response:
+        """The page posting the error Response for *why* to *pending*'s ACS, with its RelayState."""
         xml = await asyncio.to_thread(self.builder.error, sp, pending["acs"], pending["request_id"] or None, why,
                                       dt.datetime.now(dt.timezone.utc))
         fields = [("SAMLResponse", base64.b64encode(xml).decode())]
         if pending["relay_state"]:
             fields.append(("RelayState", pending["relay_state"]))
-        response = self.web.auto_post(pending["acs"], fields)
-        response.headers["X-Refused-Reason"] = why.reason
-        return response
+        return self.web.auto_post(pending["acs"], fields)
+
+    async def unavailable(self, request: web.Request, pending: dict) -> web.Response | None:
+        """A request from an SP that cannot be served now (:attr:`.web.LoginDoor.unavailable`: its
+        client's or user's budget spent, the session store or the directory down) is answered at
+        its validated ACS with ``Responder``/``RequestDenied`` (core 3.2.2.2: "able to process
+        the request but has chosen not to respond"), as OIDC answers at the ``redirect_uri``; it
+        got the 429/503 page, where an SP's ``IsPassive`` request may show none and the SP never
+        learns why the user did not come back (review of the login door). ``None`` (the page):
+        an IdP-initiated request (no SP asked; the user is at the door), and past a bound of its
+        own per client address, since each answer may be signed and these requests are the ones
+        a budget already refused. The refusal was logged where it was decided."""
+        if not pending["request_id"]:
+            return None
+        sp = self.answer_target(pending)
+        if self.refusals.take(self.web.client_key(request), time.monotonic()):
+            return None
+        return await self._error_post(pending, sp, Unanswerable(
+            "login.unavailable", RESPONDER, REQUEST_DENIED, "the request cannot be served now; try again later"))
 
     async def no_passive(self, request: web.Request, pending: dict) -> web.Response:
         """``IsPassive`` and no session may answer (none, ``ForceAuthn``, its account gone): the

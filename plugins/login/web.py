@@ -94,8 +94,10 @@ Declined = Callable[[web.Request, dict], Awaitable[web.StreamResponse]]
 #: Answers a validated pending request at its return address when it cannot be served now (its
 #: client's or user's budget spent, the session store or the directory unavailable), for a
 #: protocol that has such an answer: OIDC's ``error=temporarily_unavailable`` at the registered
-#: ``redirect_uri`` (RFC 6749 section 4.1.2.1, OIDC Core 3.1.2.6); see :meth:`LoginDoor.begin`.
-Unavailable = Callable[[web.Request, dict], Awaitable[web.StreamResponse]]
+#: ``redirect_uri`` (RFC 6749 section 4.1.2.1, OIDC Core 3.1.2.6), SAML's ``Responder`` /
+#: ``RequestDenied`` Response at the ACS; see :meth:`LoginDoor.begin`. ``None``: not for this
+#: request, or not now (the 429/503 page of :meth:`LoginDoor.guarded`).
+Unavailable = Callable[[web.Request, dict], Awaitable[web.StreamResponse | None]]
 #: Raises :class:`Refused` when a pending request can no longer be answered: a reload removed
 #: its client, service provider or return address while the user signed in.
 Answerable = Callable[[dict], None]
@@ -294,6 +296,7 @@ class LoginDoor:
         self.cookie = prefix + settings.sessions.cookie_name
         self.csrf_cookie = prefix + CSRF_COOKIE
         self.origin = _origin(settings.base_url)
+        self.secure_origin = self.origin.startswith("https://")
         self.completers: dict[str, Completer] = {}
         self.declined: dict[str, Declined] = {}
         self.unavailable: dict[str, Unavailable] = {}
@@ -407,14 +410,18 @@ class LoginDoor:
         request was sent to (another listener of the door, e.g. ``client_cert``'s). ``Origin:
         null`` is another site's: the door's pages send their origin (``Referrer-Policy:
         same-origin``). Requests without these headers (non-browser clients) pass: the CSRF
-        token still applies."""
+        token still applies. When ``base_url`` is https, the listener's own origin counts only
+        in https: a door reached in plain http behind a proxy that ends TLS took ``Origin:
+        http://<its host>`` (a plain-http page of the same host, which anyone on the path can
+        write) as its own (review of the login door)."""
         if request.headers.get("Sec-Fetch-Site", "").lower() == "cross-site":
             return True
         origin = request.headers.get("Origin")
         if origin is None:
             return False
-        own = f"{'https' if request.secure else 'http'}://{request.host}"
-        return origin.lower() not in (self.origin.lower(), own.lower())
+        scheme = "https" if request.secure else "http"
+        own = [f"{scheme}://{request.host}".lower()] if scheme == "https" or not self.secure_origin else []
+        return origin.lower() not in (self.origin.lower(), *own)
 
     def auto_post(self, url: str, fields: list[tuple[str, str]]) -> web.Response:
         """The answer page: a form that posts *fields* to *url* (a registered address) on load,
@@ -602,21 +609,23 @@ class LoginDoor:
         ``prompt=none`` (an iframe, a silent renewal) can show no page, and OAuth answers a
         request whose ``redirect_uri`` is known at it (RFC 6749 section 4.1.2.1:
         ``temporarily_unavailable``, "needed because a 503 ... cannot be returned to the client
-        via an HTTP redirect"; review of the web layer: it got the HTML page). *parked*: the id
-        *pending* waits under for ``/login``, used up when it is answered so."""
+        via an HTTP redirect"; review of the web layer: it got the HTML page); SAML answers an
+        SP's request at its ACS (review of the login door). *parked*: the id *pending* waits
+        under for ``/login``, used up when it is answered so (not when the protocol has no
+        answer for it there: the page, and the request waits)."""
         try:
             return await serve()
         except (ParkRefused, *STORE_ERRORS, AccountUncheckable) as exc:
             unavailable = self.unavailable.get(pending["protocol"])
-            if unavailable is None:
-                raise  # the page of guarded()
+            response = await unavailable(request, pending) if unavailable is not None else None
+            if response is None:
+                raise  # the page of guarded(): the protocol has no answer there for this request, or not now
             if parked:
                 try:
                     self.sessions.unpark(parked)  # answered now: not again from a session later
                 except STORE_ERRORS:
                     pass  # the store is what failed: the record ends at its lifetime
             self._log_unserved(request, exc)
-            response = await unavailable(request, pending)
             if isinstance(exc, ParkRefused):
                 response.headers.update({"Retry-After": str(exc.retry_after), "X-Refused-Reason": exc.reason})
             return response
