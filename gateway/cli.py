@@ -86,7 +86,7 @@ def cmd_config_schema(args: argparse.Namespace) -> int:
     installed plugins' sections as plain mappings (they are ignored with a warning)."""
     from pydantic.json_schema import models_json_schema
 
-    from gateway.registry import discover, load
+    from gateway.registry import discover, load, plugin_attribute
     from gateway.settings import GatewaySettings, PluginSettings
 
     discovered = discover()
@@ -94,7 +94,7 @@ def cmd_config_schema(args: argparse.Namespace) -> int:
     models: dict[str, type[PluginSettings]] = {}
     for name in config.enabled:
         if name in discovered:
-            settings = getattr(load(discovered[name]), "Settings", None)
+            settings = plugin_attribute(discovered[name], load(discovered[name]), "Settings")
             if inspect.isclass(settings) and issubclass(settings, PluginSettings):
                 models[name] = settings
     keys, schema = models_json_schema([(GatewaySettings, "validation"), *((m, "validation") for m in models.values())],
@@ -357,7 +357,7 @@ def _add_plugin_commands(argv: list[str], commands: argparse._SubParsersAction,
     plugin that says how to enable it, so ``--help`` shows every command there is. With
     *listing* (``authgw --help``) a configuration that cannot be built only hides the real ones.
     """
-    from gateway.registry import discover, load
+    from gateway.registry import discover, load, plugin_attribute
 
     known, _ = common.parse_known_args(argv)
     discovered = discover()
@@ -382,9 +382,9 @@ def _add_plugin_commands(argv: list[str], commands: argparse._SubParsersAction,
             continue
         try:
             obj = load(info)
+            offers = inspect.isclass(obj) and callable(plugin_attribute(info, obj, "gateway_commands"))
         except PluginLoadError:
             continue  # `authgw plugins` says why; --help still works
-        offers = inspect.isclass(obj) and callable(getattr(obj, "gateway_commands", None))
         if offers:
             sub = commands.add_parser(name, help=f"commands of the {name} plugin (not enabled: add `{name}` to "
                                                  "`plugins:` or `chain:` in conf.d)", add_help=False)

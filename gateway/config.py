@@ -21,6 +21,7 @@ Problems are collected, not raised one by one: with ``defer=True`` the core's pr
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 import os
 import re
@@ -54,6 +55,9 @@ _MESSAGES = {
     "extra_forbidden": "unknown key",
     "missing": "required key is missing",
     "bool_type": "expected true or false (yes, no, on, off, 1 and 0 are not booleans here)",
+    # Numbers are strict (gateway/settings.py): `retry_after: true` was taken as 1, `threads: '3'` as 3.
+    "int_type": "expected a whole number, written as one (`3`; true, false, '3' and 3.0 are not whole numbers here)",
+    "float_type": "expected a number, written as one (`2.5` or `3`; true, false and '2.5' are not numbers here)",
     # An `IPv4Network | IPv6Network` item was two errors, one per member (review of the configuration).
     "ip_v4_network": "not an IP network: write it in CIDR form with the host bits zero (`10.0.0.0/8`, "
                      "`192.0.2.7/32`, `fd00::/8`)",
@@ -166,8 +170,13 @@ class Config:
 
 _SECRET_WORDS = {"password", "passwd", "passphrase", "pass", "pw", "pwd", "secret", "token", "credential", "credentials",
                  "pepper", "salt", "psk", "cookie", "authorization", "hmac", "seed", "jwk", "otp"}
-#: ``*_key`` names a key (``encryption_key``, ``private_key``); ``key_prefix`` or ``key_file`` do not.
-_SECRET_LAST = {"key", "pin"}
+#: ``*_key`` and ``*_keys`` name keys (``encryption_key``, ``session_keys``, ``keys``); ``key_prefix``
+#: or ``key_file`` do not. A ticket is a bearer secret (the relay's enrolment); ``ticket_lifetime`` is not.
+_SECRET_LAST = {"key", "keys", "pin", "pins", "ticket", "tickets"}
+#: ``public_key``, ``public_keys``: public, and an operator needs to see which (the login plugin's
+#: ``public_key`` of an OIDC client is the path of a PEM public key); a PEM private key written
+#: there, or a JWK's private members, are masked all the same.
+_PUBLIC = {"public", "pub"}
 #: Found anywhere in a key with its separators and case dropped: plurals (``passwords``), one
 #: word (``bindpw``, ``apikey``, ``authtok``) and compounds (``clientSecret``).
 _SECRET_PARTS = ("password", "passwd", "passphrase", "secret", "token", "credential", "apikey", "authtok", "bindpw",
@@ -175,6 +184,9 @@ _SECRET_PARTS = ("password", "passwd", "passphrase", "secret", "token", "credent
                  "masterkey", "sharedkey", "authkey", "hmac", "jwk", "seed", "totp")
 #: A JSON Web Key's private members (RFC 7518 section 6): masked in any mapping with a ``kty``.
 _JWK_PRIVATE = {"d", "p", "q", "dp", "dq", "qi", "k", "oth"}
+#: A JWK's public members (RFC 7517 section 4, RFC 7518 section 6): under a name like a secret
+#: (``signing_jwks``), only these are shown.
+_JWK_PUBLIC = {"kty", "kid", "use", "key_ops", "alg", "n", "e", "crv", "x", "y", "x5u", "x5c", "x5t", "x5t#S256"}
 #: The password of a URL runs to the last ``@`` before the host (``ldap://admin:P@ss@dc1``); the
 #: user name may hold an ``@`` too (``ldap://svc@corp:pw@dc1``), the password white space (so a
 #: value with two URLs is masked from the first password to the last host: more, never less).
@@ -190,19 +202,41 @@ _QUERY_PASSWORD = re.compile(rf"(?P<head>[?&][\w.-]*(?:{'|'.join(URL_QUERY_SECRE
 def _secret_key(key: str) -> bool:
     words = [w for w in re.split(r"[_\-.\s]", re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", key).lower()) if w]
     squashed = "".join(words)
-    return (bool(_SECRET_WORDS & set(words)) or bool(words and words[-1] in _SECRET_LAST)
+    # Plurals too: `psks`, `salts`, `otps` are lists of what `psk`, `salt`, `otp` name.
+    singular = {w[:-1] for w in words if w.endswith("s")}
+    return (bool(_SECRET_WORDS & (set(words) | singular))
+            or bool(words and words[-1] in _SECRET_LAST and not _PUBLIC & set(words[:-1]))
             or any(part in squashed for part in _SECRET_PARTS))
+
+
+def _is_reference(value: Any) -> bool:
+    return isinstance(value, dict) and set(value) in ({"env"}, {"file"})
+
+
+def _is_jwk(value: Any) -> bool:
+    return isinstance(value, dict) and "kty" in value
+
+
+def _is_jwks(value: Any) -> bool:
+    """A JWK set's ``keys``: a list of JWKs."""
+    return isinstance(value, list) and bool(value) and all(_is_jwk(item) for item in value)
 
 
 def _redact(value: Any, key: str = "", inherited: bool = False) -> Any:
     """*value* with what looks like a secret masked; under a key named like a secret
-    (*inherited*), every value is, but references (``{env:}``, ``{file:}``)."""
+    (*inherited*), every value is, but references (``{env:}``, ``{file:}``), and so is every key
+    of a mapping there: ``api_keys: {sk-...: alice}`` has its secrets in the keys."""
     secret = inherited or _secret_key(key)
     if isinstance(value, dict):
-        if set(value) in ({"env"}, {"file"}):
+        if _is_reference(value):
             return dict(value)  # a reference is not the secret
-        jwk = "kty" in value
-        return {k: _redact(v, str(k), secret or (jwk and k in _JWK_PRIVATE)) for k, v in value.items()}
+        if _is_jwk(value):  # its public members are shown, under any name (a JWKS's `keys`)
+            return {k: _redact(v, str(k), k in _JWK_PRIVATE or (secret and k not in _JWK_PUBLIC))
+                    for k, v in value.items()}
+        if secret:
+            return {(k if _is_reference(v) or _is_jwk(v) or _is_jwks(v) else f"<redacted {n}>"):
+                    _redact(v, str(k), True) for n, (k, v) in enumerate(value.items(), 1)}
+        return {k: _redact(v, str(k)) for k, v in value.items()}
     if isinstance(value, list):
         return [_redact(v, key, secret) for v in value]
     if value is not None and not isinstance(value, bool) and secret:
@@ -210,10 +244,27 @@ def _redact(value: Any, key: str = "", inherited: bool = False) -> Any:
     if isinstance(value, str):
         if "PRIVATE KEY" in value:
             return "<redacted>"
+        try:  # a JWKS written as a JSON string: its private members
+            embedded = _embedded_json(value)
+            if embedded is not None and (shown := _redact(embedded, key)) != embedded:
+                return json.dumps(shown)
+        except RecursionError:  # `[[[[...`, nested deeper than conf.d's YAML may be: not shown
+            return "<redacted>"
         value = _URL_PASSWORD.sub(lambda m: m.group("head") + "<redacted>", value)
         value = _BARE_PASSWORD.sub(lambda m: m.group("head") + "<redacted>", value)
         return _QUERY_PASSWORD.sub(lambda m: m.group("head") + "<redacted>", value)
     return value
+
+
+def _embedded_json(value: str) -> Any:
+    """A JSON object or array written as a string value (``'{"keys": [...]}'``), else None."""
+    if not value.lstrip().startswith(("{", "[")):
+        return None
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        return None
+    return parsed if isinstance(parsed, (dict, list)) else None
 
 
 def did_you_mean(key: str, candidates: set[str]) -> str:

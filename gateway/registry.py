@@ -26,7 +26,7 @@ from gateway.settings import GatewaySettings, PluginSettings
 from gateway.yamlfiles import format_path
 
 __all__ = ["ENTRY_POINT_GROUP", "Planned", "PluginContext", "PluginInfo", "PluginManager", "build_plugin_manager",
-           "check_config", "discover", "hookimpl"]
+           "check_config", "discover", "hookimpl", "plugin_attribute"]
 
 ENTRY_POINT_GROUP = "authgw.plugins"
 PROJECT = "authgw"
@@ -183,14 +183,48 @@ def load(info: PluginInfo) -> Any:
         raise PluginLoadError(f"{info.describe()} failed while importing: {exc.__class__.__name__}: {exc}") from exc
 
 
-def instantiate(name: str, obj: Any, config: Config, context: PluginContext) -> Any:
+def plugin_attribute(info: PluginInfo, obj: Any, attr: str) -> Any:
+    """``getattr(obj, attr, None)`` of a plugin's class or object, a failure named as the plugin's.
+
+    A ``__getattr__`` (or a metaclass's) that raises for every name, a hostile or broken plugin's,
+    ended `config check`, `config schema` and `authgw --help` (for a plugin merely installed) in
+    a traceback, and one that calls ``sys.exit()`` a reload in the serving gateway's exit
+    (review of plugin loading)."""
+    try:
+        return getattr(obj, attr, None)
+    except (Exception, SystemExit) as exc:
+        raise PluginLoadError(f"{info.describe()}: reading its attribute {attr!r} raised "
+                              f"{exc.__class__.__name__}: {exc}") from exc
+
+
+#: The attributes the core reads from a built plugin when it has them (docs/plugins.md), and one no
+#: plugin has: each must answer, or be missing (AttributeError), before the plugin is registered;
+#: the core reads them later, at start-up and per attempt, without a plugin's name at hand.
+_READ_ATTRIBUTES = ("credentials", "loop_capable", "passes_when_unavailable", "__authgw_absent__")
+#: What a step's ``credentials`` may name (docs/plugins.md, "What a step checks").
+_CREDENTIALS = ("password", "negotiate", "certificate")
+
+
+def _check_attributes(info: PluginInfo, plugin: Any) -> None:
+    """Refuse, naming the plugin, a plugin whose attributes cannot be read, or whose
+    ``credentials`` is not a tuple of :data:`_CREDENTIALS` (``credentials = 5`` ended `config
+    check` in "TypeError: argument of type 'int' is not iterable")."""
+    values = {attr: plugin_attribute(info, plugin, attr) for attr in _READ_ATTRIBUTES}
+    credentials = values["credentials"]
+    if credentials is not None and not (isinstance(credentials, (tuple, list, set, frozenset))
+                                        and all(isinstance(c, str) and c in _CREDENTIALS for c in credentials)):
+        raise PluginLoadError(f"{info.describe()}: its `credentials` must be a tuple of "
+                              f"{', '.join(repr(c) for c in _CREDENTIALS)}, not {credentials!r:.100}")
+
+
+def instantiate(name: str, obj: Any, config: Config, context: PluginContext, info: PluginInfo) -> Any:
     """Build the object to register: a plugin class gets its validated settings and the context."""
     section = config.section(name)
     if not inspect.isclass(obj):
         if section:
             raise ConfigError(config.locate((name,), f"{name}: this plugin takes no settings"))
         return obj
-    settings_model = getattr(obj, "Settings", None) or _NoSettings
+    settings_model = plugin_attribute(info, obj, "Settings") or _NoSettings
     if not (inspect.isclass(settings_model) and issubclass(settings_model, PluginSettings)):
         raise PluginLoadError(f"plugin {name!r}: {obj.__name__}.Settings must derive from gateway.PluginSettings")
     settings = config.validate(settings_model, section, (name,))
@@ -228,7 +262,7 @@ def settings_problems(config: Config, discovered: dict[str, PluginInfo]) -> list
         if name not in discovered:
             continue
         obj = load(discovered[name])
-        settings_model = getattr(obj, "Settings", None) if inspect.isclass(obj) else None
+        settings_model = plugin_attribute(discovered[name], obj, "Settings") if inspect.isclass(obj) else None
         if not (inspect.isclass(settings_model) and issubclass(settings_model, PluginSettings)):
             continue
         try:
@@ -381,7 +415,7 @@ def build_plugin_manager(config: Config, *, state_dir: Path, core_plugins: list[
         context = PluginContext(name=name, config_dir=config.directory, state_dir=state_dir,
                                 gateway=config.core, hook=pm.hook, log=logging.getLogger(f"authgw.plugin.{name}"))
         try:
-            plugins[name] = instantiate(name, classes[name], config, context)
+            plugins[name] = instantiate(name, classes[name], config, context, discovered[name])
         except ConfigError as exc:
             problems.extend(exc.problems)
         except PluginLoadError:
@@ -393,6 +427,8 @@ def build_plugin_manager(config: Config, *, state_dir: Path, core_plugins: list[
                                   f"{exc.__class__.__name__}: {exc}") from exc
     if problems:
         raise ConfigError(problems)
+    for name in config.enabled:
+        _check_attributes(discovered[name], plugins[name])
     _one_object_one_name(config.enabled, plugins, discovered)
 
     # pluggy calls the last-registered implementation first: register in reverse so the first

@@ -5,9 +5,11 @@ Plugins declare settings as pydantic models deriving from :class:`PluginSettings
 wrong types and missing keys are rejected before the plugin is built, with file, line and key
 path (see :mod:`gateway.config`).
 
-Booleans are strict in every model deriving from :class:`PluginSettings` (the core's and every
-plugin's, built-in or not): only ``true``/``false`` are accepted, never ``yes``, ``on``, ``1`` or
-the string ``"true"``. A validator that checks several keys raises :class:`InvalidKey` to name
+Booleans and numbers are strict in every model deriving from :class:`PluginSettings` (the core's
+and every plugin's, built-in or not): only ``true``/``false`` are booleans, never ``yes``, ``on``,
+``1`` or the string ``"true"``; a whole number is written as one (``3``: not ``true``, ``'3'`` or
+``3.0``); a number where a fraction may be meant (``float``) is ``2.5`` or ``3``, never ``true`` or
+``'2.5'``. A validator that checks several keys raises :class:`InvalidKey` to name
 the key at fault, so the error points at that key's own line.
 """
 
@@ -17,8 +19,6 @@ import ipaddress
 import os
 import re
 import stat
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -242,30 +242,43 @@ def _resolve_path(value: Any, info: ValidationInfo) -> Path:
 ConfigPath = Annotated[Path, PlainValidator(_resolve_path, json_schema_input_type=str), PlainSerializer(str)]
 
 
-def _is_bool(annotation: Any) -> bool:
-    if annotation is bool:
-        return True
-    return typing.get_origin(annotation) in (typing.Union, types.UnionType) and bool in typing.get_args(annotation)
+#: Core schema types validated strictly wherever they sit (a field, a list item, a mapping's value,
+#: a member of a union, a nested model).
+_STRICT_TYPES = ("bool", "int", "float")
+
+
+def _strict_scalars(schema: Any) -> Any:
+    """*schema* (a pydantic core schema) with every ``bool``, ``int`` and ``float`` in it strict."""
+    seen: set[int] = set()
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            if node.get("type") in _STRICT_TYPES:
+                node["strict"] = True
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
+    return schema
 
 
 class PluginSettings(BaseModel):
-    """Base class of every plugin's settings: unknown keys are errors, booleans are strict
-    (``true``/``false`` only), and settings are frozen."""
+    """Base class of every plugin's settings: unknown keys are errors, booleans and numbers are
+    strict (see the module docstring), and settings are frozen."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
 
     @classmethod
-    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
-        # pydantic's lax bool accepts "yes", "on", "1" and 1: in a security product's
-        # configuration `insecure: on` must be an error, not True. Done here, once, so that every
-        # model (third-party plugins too) is strict without having to remember a special type.
-        changed = False
-        for field_info in cls.model_fields.values():
-            if _is_bool(field_info.annotation) and not any(isinstance(m, Strict) for m in field_info.metadata):
-                field_info.metadata.append(Strict())
-                changed = True
-        if changed:
-            cls.model_rebuild(force=True, raise_errors=False)
+    def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+        # pydantic's lax mode took `insecure: on` as True, `retry_after: true` as 1 and
+        # `threads: '3'` as 3: in a security product's configuration each is an error at its
+        # line. Done on the schema, once, so that every model (third-party plugins too) is strict
+        # without a special type, and so are `list[int]`, `dict[str, float]` and `int | None`.
+        # A strict `float` still takes an int (`deadline: 5`).
+        return _strict_scalars(handler(source))
 
 
 # ---------------------------------------------------------------------------------------------

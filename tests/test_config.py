@@ -407,8 +407,8 @@ def test_environment_variables_override_scalar_keys_and_show_their_source(conf_d
     assert "# throttle.enabled: from $AUTHGW_THROTTLE__ENABLED" in shown.stdout
     assert "not-a-key-but-a-secret-reference" not in shown.stdout
     bad = errors(check(conf_dir, {"AUTHGW_THROTTLE__ENABLED": "on", "AUTHGW_DEADLINE": "soon"}))
-    assert bad == ["error: $AUTHGW_DEADLINE: deadline: Input should be a valid number, unable to parse string as a "
-                   "number",
+    assert bad == ["error: $AUTHGW_DEADLINE: deadline: expected a number, written as one (`2.5` or `3`; true, false "
+                   "and '2.5' are not numbers here)",
                    "error: $AUTHGW_THROTTLE__ENABLED: throttle.enabled: expected true or false (yes, no, on, off, 1 "
                    "and 0 are not booleans here)"]
 
