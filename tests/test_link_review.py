@@ -290,10 +290,13 @@ def test_enrolment_shows_the_relays_words_printable(tmp_path, stack):
     assert refused.returncode == 1 and "ticket_unknown" in refused.stderr
     assert "\x1b" not in refused.stderr and "\x07" not in refused.stderr and len(refused.stderr.splitlines()) == 1
     refuse[0] = False
-    enrolled = enrol()
-    assert enrolled.returncode == 0, enrolled.stderr
-    assert "\x1b" not in enrolled.stdout and "\x07" not in enrolled.stdout and len(enrolled.stdout.splitlines()) == 1
-    assert enrolled.stdout.startswith(f"enrolled as connector {CONNECTOR} of connection acme\\x1b]0;owned")
+    # A link URL and a connection with control characters are refused (tests/test_link_left45.py),
+    # and the refusal shows them printable too.
+    refused = enrol()
+    assert refused.returncode == 1 and len(refused.stderr.splitlines()) == 1, refused.stderr
+    assert "\x1b" not in refused.stderr and "\x07" not in refused.stderr
+    assert "the relay's link URL 'wss://127.0.0.1:1/link\\x1b]0;owned" in refused.stderr
+    assert not (tmp_path / "state" / "link" / "link.json").exists()
 
 
 # -- 7. stopping within the shutdown budget ---------------------------------------------------------------

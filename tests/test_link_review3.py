@@ -109,16 +109,15 @@ FORGED = "\n\x1b]0;pwned\x07connector admin-00000000 of connection root"
 
 @pytest.mark.parametrize("field", ["link_url", "connection"])
 def test_link_status_shows_the_relays_words_printable(tmp_path, stack, ca, field):
-    """The enrolment answer's ``link_url`` (checked for its scheme only) or ``connection`` (for
-    being text) with a newline and an OSC sequence are stored as sent (enrolment shows them
-    printable); ``authgw link status`` printed them raw: a forged ``connector`` line, the
-    terminal's title set."""
+    """A ``link_url`` or ``connection`` in ``link.json`` with a newline and an OSC sequence (an
+    older version's enrolment stored them as the relay sent them; enrolment now refuses them,
+    test_link_left45.py): ``authgw link status`` printed them raw, a forged ``connector`` line,
+    the terminal's title set."""
 
     async def ticket(request: web.Request) -> web.Response:
         words = {"connection": "acme", "connector": "acme-0123abcd", "link_url": "wss://127.0.0.1:1/link"}
         if request.method == "GET":
             return web.json_response({"protocol": 2, **words})
-        words[field] += FORGED
         csr = x509.load_pem_x509_csr((await request.json())["csr"].encode())
         now = time.time()
         cert = connector_certificate(ca, csr.public_key(), not_before=now - 60, not_after=now + 86400)
@@ -131,6 +130,9 @@ def test_link_status_shows_the_relays_words_printable(tmp_path, stack, ca, field
     args = ("--config", str(tmp_path / "conf.d"), "--state-dir", str(tmp_path / "state"))
     enrol = authgw("link", "enroll", f"{relay.url}/p/{TOKEN}", "--ca", str(tmp_path / "ca.pem"), *args)
     assert enrol.returncode == 0, enrol
+    link_json = tmp_path / "state" / "link" / "link.json"  # as an older enrolment (or a hand) wrote it
+    written = json.loads(link_json.read_text())
+    link_json.write_text(json.dumps({**written, field: written[field] + FORGED}))
     status = authgw("link", "status", *args)
     assert status.returncode == 0, status
     assert "\x1b" not in status.stdout and "\x07" not in status.stdout, status.stdout

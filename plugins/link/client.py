@@ -71,14 +71,22 @@ _MAX_OVERRUNS = 20
 _MAX_REFUSED = 20
 #: Characters of a peer's text (a refusal's detail, a relay's error) kept in a log line or frame.
 _MAX_DETAIL = 200
-#: Seconds a self-test run's results answer the relay's next requests: each run may try the
-#: directory's test login (``ldap.test_login``), and a relay asking back to back turned a stale
-#: test password into the account's lockout at the directory.
-SELFTEST_REUSE = 60.0
+#: Seconds a self-test run's results answer the relay's next requests (measured from the run's
+#: start): each run may try the directory's test login (``ldap.test_login``). A relay asking back
+#: to back turned a stale test password into the account's lockout at the directory; at 60 s, one
+#: asking once a minute (a monitor, or a hostile relay in a loop) still made a failed bind a
+#: minute, 30 in a lockout window of 30 minutes (review of the connector's side of the link).
+#: At 300 s, at most 6 in such a window, 12 an hour. A new configuration (a reload) starts afresh.
+SELFTEST_REUSE = 300.0
 _MAX_USERNAME = 256
 _MAX_PASSWORD = 1024
 #: Seconds between looks at the clock while a certificate renewal is not due yet.
 RENEWAL_CHECK = 3600.0
+#: Seconds between looks at ``STATE_DIR/link`` for a new enrolment while a link is up (a stat of
+#: two files; the enrolment is read again only when one of them changed).
+ENROLMENT_CHECK = 1.0
+#: Seconds a link retired for a new enrolment gives the requests it carries (as a stopping one).
+_RETIRE_BUDGET = 4.0
 
 
 def _peer_text(text: str) -> str:
@@ -217,6 +225,7 @@ class LinkClient:
         self._busy = asyncio.Semaphore(settings.max_concurrent)
         self._selftesting: asyncio.Future | None = None  # the self-test run going on, if any
         self._selftest_started = -math.inf  # monotonic time the last run started
+        self._selftest_ran_at = 0.0  # wall-clock time the last run started, told to the relay (``ran_at``)
         #: The relay's directory questions (lookup_user, search_users, list_groups): threads of
         #: their own, max_concurrent of them. On the loop's default executor, questions given up
         #: on at their deadline went on holding its threads, and the login door's signing and
@@ -234,6 +243,8 @@ class LinkClient:
         #: how the current link ended when the relay did not close it ("closed by the connector
         #: (1007: ...)", "lost (...)"), or None
         self._closed_why: str | None = None
+        #: the link just ended for a new enrolment: dial with it at once, not after a back-off
+        self._enrolled_again = False
 
     def close(self) -> None:
         """Let the directory threads go (a question still hanging ends by itself, unwaited), and
@@ -317,6 +328,9 @@ class LinkClient:
                 self.status.connected = False
             if time.monotonic() - started > 2 * self.settings.backoff_max:
                 failures = 0  # it was up a good while: this is a fresh outage
+            if self._enrolled_again:  # closed by this end, to take the new enrolment up
+                self._enrolled_again, failures = False, 0
+                continue
             wait = self.delay(failures)
             failures += 1
             log.info("link: dialling again in %.1fs", wait)
@@ -376,11 +390,13 @@ class LinkClient:
                          self.status.skew if self.status.skew is not None else 0.0)
                 renewer = asyncio.ensure_future(self._renew_when_due(ws, pending, enrolment, reader))
                 pinger = asyncio.ensure_future(self._ping(ws))
+                watcher = asyncio.ensure_future(self._watch_enrolment(ws, pending, enrolment, reader))
                 try:
                     await reader
                 finally:
                     renewer.cancel()
                     pinger.cancel()
+                    watcher.cancel()
             finally:
                 self._live = None
                 self.status.relay_certificate_not_after = None
@@ -424,7 +440,11 @@ class LinkClient:
         does not hold the stop past the server's shutdown budget (``CLOSE_GRACE``)."""
         if self._live is None:
             return
-        ws, pending, reader = self._live
+        await self._retire(*self._live, budget, 1001, "stopping", b"connector stopping")
+
+    async def _retire(self, ws, pending, reader, budget: float, code: int, why: str, message: bytes) -> None:
+        """Drain the link *ws* (above) and close it with *code* and *message* (*why* for the log),
+        within *budget* seconds."""
         loop = asyncio.get_running_loop()
         end = loop.time() + budget
         try:
@@ -435,12 +455,67 @@ class LinkClient:
         # after it (a relay that wrote it as it took the drain) is answered too, within the budget.
         while self._tasks and (left := end - _CLOSE_RESERVE - loop.time()) > 0:
             await asyncio.wait(set(self._tasks), timeout=left)
-        self._closed_why = "closed by the connector (1001: stopping)"
+        self._closed_why = f"closed by the connector ({code}: {why})"
         try:
-            await asyncio.wait_for(ws.close(code=1001, message=b"connector stopping"),
-                                   max(end - loop.time(), 0.1))
+            await asyncio.wait_for(ws.close(code=code, message=message), max(end - loop.time(), 0.1))
         except asyncio.TimeoutError:  # the relay does not answer the close: going regardless
             pass
+
+    async def _watch_enrolment(self, ws, pending, enrolment: state.Enrolment, reader) -> None:
+        """Retire this link once ``STATE_DIR/link`` holds another enrolment than the one it was
+        opened with (``authgw link enroll`` run while the connector serves, without a reload).
+        The link of the retired identity ran on until it dropped or renewed (weeks), answering
+        as the old connector while the relay listed the new one offline (review of the connector's
+        side of the link). Its requests are answered first (a drain), then the run loop dials
+        with the new enrolment at once. An enrolment being written (or damaged) is left alone."""
+        loop = asyncio.get_running_loop()
+        seen: object = None
+        while True:
+            marks = await loop.run_in_executor(None, self._enrolment_marks)
+            if marks != seen:
+                seen = marks
+                now = await loop.run_in_executor(None, self._current_enrolment, enrolment)
+                if now is not None:
+                    break
+            await asyncio.sleep(ENROLMENT_CHECK)
+        await self._retire_for(ws, pending, reader, enrolment, now)
+
+    async def _retire_for(self, ws, pending, reader, enrolment: state.Enrolment, now: str) -> None:
+        if self._enrolled_again:  # being retired already (the watcher, or a renewal answered meanwhile)
+            return
+        self._enrolled_again = True
+        log.warning("link: the enrolment in %s changed since this link opened (authgw link enroll): it holds %s; "
+                    "the link of connector %s is drained and closed, to dial with the new enrolment",
+                    enrolment.directory, now, enrolment.connector)
+        await self._retire(ws, pending, reader, _RETIRE_BUDGET, 1000, "enrolled again", b"enrolled again")
+
+    def _enrolment_marks(self) -> tuple:
+        """What changes when an enrolment's ``key.pem`` or ``link.json`` is replaced (they are
+        renamed over: another inode), for :meth:`_watch_enrolment`."""
+        marks = []
+        for name in ("key.pem", "link.json"):
+            try:
+                info = (self.state_dir / "link" / name).stat()
+            except OSError:
+                marks.append(None)
+            else:
+                marks.append((info.st_ino, info.st_mtime_ns, info.st_size))
+        return tuple(marks)
+
+    def _current_enrolment(self, enrolment: state.Enrolment) -> str | None:
+        """What ``STATE_DIR/link`` holds instead of *enrolment* ("the enrolment of connector X",
+        "no enrolment"), or ``None`` while it still holds it (a renewed certificate is the same
+        enrolment), or holds one being written or damaged (the next dial says so)."""
+        try:
+            current = state.load(self.state_dir)
+        except state.EnrolmentDamaged:
+            return None
+        if current is None:
+            return "no enrolment"
+        if (current.connector, current.link_url, _spki(current.key)) == \
+                (enrolment.connector, enrolment.link_url, _spki(enrolment.key)):
+            return None
+        return f"the enrolment of connector {printable(current.connector)}"
 
     async def _ask(self, ws, pending: dict[str, asyncio.Future], type_: str, body: dict[str, Any],
                    reader: asyncio.Future, timeout: float = _HELLO_TIMEOUT) -> dict[str, Any]:
@@ -639,7 +714,7 @@ class LinkClient:
             return await directory.list_groups(self.hook, body, message.id, self._time_left(message),
                                                run=self.directory_call)
         if message.type == "selftest":
-            return {"results": await self._selftest_run(self._time_left(message))}
+            return await self._selftest_run(self._time_left(message))
         raise proto.ProtocolError("unknown_type", f"{message.type} is not served", message.id)
 
     async def directory_call(self, fn: Callable[[], Any], time_left: float) -> Any:
@@ -652,21 +727,24 @@ class LinkClient:
         loop = asyncio.get_running_loop()
         return await asyncio.wait_for(loop.run_in_executor(self._directory_pool, fn), time_left)
 
-    async def _selftest_run(self, time_left: float) -> list[dict[str, str]]:
+    async def _selftest_run(self, time_left: float) -> dict[str, Any]:
         """One run of the self-tests at a time, answered within the request's deadline. A run
         still going (a test that hangs) refuses the next request as unavailable: repeated
         requests cannot pile up threads, nor hold the link's request slots (``max_concurrent``)
         that logins need; each test is bounded by ``run_selftest``'s timeout on a runner thread
-        of its own."""
+        of its own. A run's results answer the requests of the next :data:`SELFTEST_REUSE`
+        seconds, with its start (``ran_at``): the relay learns how old they are, the directory
+        sees no test login."""
         if self._selftesting is not None and not self._selftesting.done():
             raise BackendUnavailable("a self-test run is still going on")
         last = self._selftesting
         if last is not None and time.monotonic() - self._selftest_started < SELFTEST_REUSE \
                 and not last.cancelled() and last.exception() is None:
-            return last.result()  # the last run's results: no new test login yet
-        self._selftest_started = time.monotonic()
-        self._selftesting = asyncio.get_running_loop().run_in_executor(None, self._selftests)
-        return await asyncio.wait_for(asyncio.shield(self._selftesting), time_left)
+            return {"results": last.result(), "ran_at": self._selftest_ran_at}  # no new test login yet
+        self._selftest_started, self._selftest_ran_at = time.monotonic(), self._clock()
+        ran_at, self._selftesting = self._selftest_ran_at, asyncio.get_running_loop().run_in_executor(
+            None, self._selftests)
+        return {"results": await asyncio.wait_for(asyncio.shield(self._selftesting), time_left), "ran_at": ran_at}
 
     def _selftests(self) -> list[dict[str, str]]:
         results = []
@@ -707,15 +785,12 @@ class LinkClient:
                 check_renewed(cert, enrolment, x509.load_pem_x509_certificate(relay_ca), self._clock(),
                               self.settings.max_clock_skew)
                 if not await asyncio.get_running_loop().run_in_executor(None, self._still_enrolled, enrolment):
-                    # `authgw link enroll` ran while this link lasted: a certificate of the old key
-                    # stored over the new enrolment's cert.pem left it damaged (not for key.pem),
-                    # a ticket spent and the connector unable to dial until enrolled once more
-                    # (review of the connector's side of the link). The next dial takes the new one.
-                    log.warning("link: the enrolment in %s changed since this link opened (authgw link enroll); "
-                                "the certificate renewed for %s is not stored, and the link is closed to dial "
-                                "with the new enrolment", enrolment.directory, enrolment.connector)
-                    self._closed_why = "closed by the connector (1000: enrolled again)"
-                    await ws.close(code=1000, message=b"enrolled again")
+                    # `authgw link enroll` ran while this link lasted (since _watch_enrolment last
+                    # looked): a certificate of the old key stored over the new enrolment's cert.pem
+                    # left it damaged (not for key.pem), a ticket spent and the connector unable to
+                    # dial until enrolled once more (review of the connector's side of the link).
+                    await self._retire_for(ws, pending, reader, enrolment,
+                                           "another enrolment (the renewed certificate is not stored)")
                     return
                 # Stored within the retry: a write that failed (a full disk, a read-only or
                 # damaged state directory) ended this task without a word, and no renewal was

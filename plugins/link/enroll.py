@@ -47,6 +47,10 @@ _TIMEOUT = 15.0
 _DEADLINE = 30.0
 #: What the relay accepts as a ticket token (plugins/relay/endpoints.py, ``_token``).
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{20,100}")
+#: A connection name as the relay takes it (plugins/relay/settings.py, ``connection``).
+_CONNECTION = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+#: Characters of a link URL (the relay's is ``wss://HOST[:PORT]/link``).
+_MAX_LINK_URL = 2048
 _BAD_URL = ("a ticket URL looks like https://relay.example/p/TOKEN (HTTPS only, no user name or password, a token of "
             "20-100 letters, digits, '-' and '_', nothing after it)")
 
@@ -166,6 +170,27 @@ def _check_ticket_url(url: str) -> None:
         raise EnrolError(_BAD_URL)
 
 
+def _check_link_url(link_url: object) -> None:
+    """Raise :class:`EnrolError` unless *link_url*, from the relay's answer, is a link URL the
+    connector can dial: ``wss://HOST[:PORT]/PATH`` in printable ASCII, no user name or password,
+    no query or fragment. Stored as sent before, a URL with control characters reached link.json
+    and the log, one with a bracket left open raised a traceback here, and one with a port that
+    is not a number, or no host, was stored and failed every dial and ``authgw check`` after
+    (review of the connector's side of the link)."""
+    bad = EnrolError(f"the relay's link URL '{_words(link_url)}' is not wss://HOST[:PORT]/PATH in printable ASCII "
+                     "(no user name or password, query or fragment); nothing was written")
+    if not isinstance(link_url, str) or not 0 < len(link_url) <= _MAX_LINK_URL or not link_url.isascii() \
+            or not link_url.isprintable() or " " in link_url:
+        raise bad
+    try:
+        parts = urlsplit(link_url)
+        port = parts.port  # raises ValueError for a port that is not a number (or out of range)
+    except ValueError:
+        raise bad from None
+    if parts.scheme != "wss" or not parts.hostname or port == 0 or "@" in parts.netloc or parts.query or parts.fragment:
+        raise bad
+
+
 def enroll(ticket_url: str, state_dir: Path, ca_file: Path | None = None) -> str:
     """Enrol; returns the success line. Raises :class:`EnrolError`, whose message never holds
     the ticket URL."""
@@ -200,8 +225,13 @@ def enroll(ticket_url: str, state_dir: Path, ca_file: Path | None = None) -> str
     names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     if not names or names[0].value != connector:
         raise EnrolError("the relay returned a certificate for another name")
-    if not isinstance(connection, str) or not isinstance(link_url, str) or urlsplit(link_url).scheme != "wss":
-        raise EnrolError("the relay's link URL is not wss:// (or its connection not a name)")
+    _check_link_url(link_url)
+    # The relay's connection names are letters, digits, '.', '_' and '-' (plugins/relay/settings.py).
+    # Any text was stored before: a newline or an escape sequence reached link.json, the log and
+    # every later display of it, and an empty name left an enrolment `link status` called damaged.
+    if not isinstance(connection, str) or not _CONNECTION.fullmatch(connection):
+        raise EnrolError(f"the relay's connection name '{_words(connection)}' is not 1-63 letters, digits, '.', "
+                         "'_' and '-' (starting with a letter or digit); nothing was written")
     pinned = bool(https.seen) and all(_issued_by(der, relay_ca) for der in https.seen)
 
     # Together: a re-enrolment killed after key.pem was replaced left the old key gone and a

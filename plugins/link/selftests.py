@@ -39,6 +39,13 @@ def selftests(plugin) -> list[SelfTest]:
         enrolment, damaged = state.load(plugin.state_dir), None
     except state.EnrolmentDamaged as exc:
         enrolment, damaged = None, str(exc)
+    if enrolment is not None:
+        try:
+            parts = urlsplit(enrolment.link_url)
+            host, port = parts.hostname or "", parts.port or 443
+        except ValueError:  # a port that is not a number (link.json edited by hand): every test was lost
+            enrolment, damaged = None, (f"the link URL in {plugin.state_dir / 'link' / 'link.json'} "
+                                        f"({printable(enrolment.link_url)[:200]}) is not wss://HOST[:PORT]/PATH")
 
     def enrolled() -> CheckResult:
         if damaged is not None:
@@ -63,8 +70,6 @@ def selftests(plugin) -> list[SelfTest]:
     tests = [SelfTest(f"{plugin.name}.enrolment", enrolled, prerequisite=True)]
     if enrolment is None:
         return tests
-    parts = urlsplit(enrolment.link_url)
-    host, port = parts.hostname or "", parts.port or 443
     proxy = proxy_for(plugin.settings, enrolment.link_url)  # the link's own choice (client.py)
 
     def dns() -> CheckResult:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import re
 import secrets
 import sqlite3
@@ -266,7 +267,11 @@ class Endpoints:
         results = body.get("results")
         if not isinstance(results, list):
             return _refuse(502, "relay.bad_answer", "the connector's answer has no results")
-        return web.json_response({"results": results}, headers={"Cache-Control": "no-store"})
+        answer: dict = {"results": results}
+        ran_at = body.get("ran_at")  # when the connector's run began: results are reused for minutes
+        if isinstance(ran_at, (int, float)) and not isinstance(ran_at, bool) and math.isfinite(ran_at):
+            answer["ran_at"] = ran_at
+        return web.json_response(answer, headers={"Cache-Control": "no-store"})
 
     async def users(self, request: web.Request) -> web.Response:
         """``GET /v1/relay/users?q=TEXT&limit=N&cursor=C``: one page of a directory search on a
