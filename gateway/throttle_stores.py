@@ -200,12 +200,16 @@ class StoreLocked(StoreUnavailable):
     made (nothing to undo): the caller makes it again off the loop, where waiting stalls nothing."""
 
 
-#: SQLite's primary result codes for a lock held elsewhere.
-_SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
+#: SQLite's primary result codes for a lock held elsewhere, and for a file that may not grow.
+_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_FULL = 5, 6, 13
 
 
 def _lock_held(exc: sqlite3.Error) -> bool:
     return result_code(exc) in (_SQLITE_BUSY, _SQLITE_LOCKED)
+
+
+class _CapReached(Exception):
+    """A reservation's rows did not fit in the SQLite store's :attr:`SQLiteStore.MAX_BYTES`."""
 
 
 class SQLiteStore:
@@ -229,11 +233,25 @@ class SQLiteStore:
     window freed every guess at once, and a step back of hours (an RTC or NTP correction)
     refused the users it had throttled for those hours (review of the throttle). Without a boot
     id (not Linux) the wall clock dates them, as before.
+
+    The file holds :attr:`MAX_BYTES` at most (SQLite's ``max_page_count``, set on every
+    connection): a flood of new names and addresses grew it without bound, as many rows as
+    guesses admitted within the window (three each; 30 days at most). When a reservation does not
+    fit, the expired failures are deleted and it is tried once more; when it still does not fit,
+    it is refused (throttled, 429) and said in the log (at most once a minute) until failures
+    expire. No live count is ever deleted to make room, so no guesser is freed of one; the price
+    is that a flood filling the store refuses every password attempt, a right one too, until its
+    failures expire. The memory store drops single failures of clients and unknown names when it
+    is full (:class:`MemoryStore`); here the cap is some 1.5 million rows, half a million
+    guesses. Expired failures are found by their own index (``failure_at``): a purge of the
+    whole file ran on the event loop every minute.
     """
 
     blocking = False
     BUSY_TIMEOUT = 5.0
     _PURGE_EVERY = 60.0
+    #: The largest the file (WAL aside) may grow: some 180 bytes a row with its two indexes.
+    MAX_BYTES = 256 * 1024 * 1024
 
     def __init__(self, path: Path, *, boot_clock=None) -> None:
         self.path = path
@@ -244,6 +262,7 @@ class SQLiteStore:
         self._conns: dict[bool, sqlite3.Connection] = {}
         self._locks = {True: threading.Lock(), False: threading.Lock()}
         self._purged_at: float | None = None
+        self._warn = RateLimitedWarning(log)
 
     def _db(self, on_loop: bool) -> sqlite3.Connection:
         conn = self._conns.get(on_loop)
@@ -256,8 +275,12 @@ class SQLiteStore:
                 conn.execute("CREATE TABLE IF NOT EXISTS failure (key TEXT NOT NULL, at REAL NOT NULL, "
                              "ticket TEXT NOT NULL)")
                 conn.execute("CREATE INDEX IF NOT EXISTS failure_key ON failure (key, at)")
+                conn.execute("CREATE INDEX IF NOT EXISTS failure_at ON failure (at)")
                 conn.execute("CREATE TABLE IF NOT EXISTS clock (id INTEGER PRIMARY KEY CHECK (id = 0), "
                              "boot TEXT NOT NULL, offset REAL NOT NULL)")
+                # Per connection; never below the file's size (SQLite keeps a larger file's as its cap).
+                (page_size,) = conn.execute("PRAGMA page_size").fetchone()
+                conn.execute(f"PRAGMA max_page_count = {max(1, self.MAX_BYTES // page_size)}")
             except BaseException:
                 conn.close()  # tried again at the next call
                 raise
@@ -274,22 +297,37 @@ class SQLiteStore:
         lock = self._locks[on_loop]
         if not lock.acquire(blocking=not on_loop):
             raise StoreLocked(f"throttle store {self.path}: in use by another event loop of this process")
+        db = None
         try:
             db = self._db(on_loop)
             db.execute("BEGIN IMMEDIATE")
             try:
                 result = work(db)
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:  # SQLite ends some failed transactions itself (SQLITE_FULL)
+                    db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
             return result
         except (sqlite3.Error, OSError) as exc:  # OSError: the state directory gone, no file descriptor left
             if on_loop and isinstance(exc, sqlite3.Error) and _lock_held(exc):
                 raise StoreLocked(f"throttle store {self.path}: locked by another process") from exc
+            if db is not None and result_code(exc) == _SQLITE_FULL and self._at_cap(db):
+                raise _CapReached() from exc  # not the disk: that is an outage (below)
             raise StoreUnavailable(f"throttle store {self.path}: {exc}") from exc
         finally:
             lock.release()
+
+    @staticmethod
+    def _at_cap(db: sqlite3.Connection) -> bool:
+        """Whether the file is at its ``max_page_count`` (a reservation may need a few pages
+        more than are left), rather than the disk full."""
+        try:
+            (pages,) = db.execute("PRAGMA page_count").fetchone()
+            (cap,) = db.execute("PRAGMA max_page_count").fetchone()
+        except sqlite3.Error:
+            return False
+        return pages + 16 >= cap
 
     def _now(self, db: sqlite3.Connection, wall: float) -> float:
         """The store's time (in a transaction): the boot clock plus this boot's offset, set by
@@ -309,10 +347,10 @@ class SQLiteStore:
         """As the other stores, except that *now* (the wall clock) only sets the store's time at
         the first call of a boot (:meth:`_now`)."""
 
-        def work(db: sqlite3.Connection) -> bool:
+        def work(db: sqlite3.Connection, full: bool = False) -> bool:
             store_now = self._now(db, now)
             horizon = store_now - window
-            if self._purged_at is None or not 0 <= store_now - self._purged_at <= self._PURGE_EVERY:
+            if full or self._purged_at is None or not 0 <= store_now - self._purged_at <= self._PURGE_EVERY:
                 db.execute("DELETE FROM failure WHERE at <= ?", (horizon,))
                 self._purged_at = store_now
             for key, limit in keys:
@@ -324,7 +362,17 @@ class SQLiteStore:
                            [(key, store_now, ticket) for key, _limit in keys])
             return True
 
-        return self._run(work)
+        try:
+            return self._run(work)
+        except _CapReached:
+            pass
+        try:
+            return self._run(lambda db: work(db, full=True))  # the expired failures make room, if any
+        except _CapReached:
+            self._warn("full", "throttle: the SQLite store %s is full (%d MiB: a flood of new names or addresses); "
+                       "password attempts are refused (429) until failures expire; no count is forgotten",
+                       self.path, self.MAX_BYTES // (1024 * 1024))
+            return False
 
     def unknown_user(self, key: str) -> None:
         """Nothing: this store keeps every count until it expires (only the memory store drops)."""
