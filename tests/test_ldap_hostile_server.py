@@ -20,7 +20,7 @@ import threading
 import pytest
 
 from support.gateway import GatewayProcess, write_conf
-from support.net import free_port
+from support.loopserver import LoopServer
 
 STREAM_CAP = 4 * 1024 * 1024  # bytes a streaming mode sends before it falls silent
 DRIBBLE_CAP = 90  # bytes (a second each) the StartTLS answer dribbles before the server closes
@@ -51,34 +51,14 @@ def _header(buf: bytes, pos: int) -> tuple[int, int]:
     return start, start + int.from_bytes(buf[pos + 2:start], "big")
 
 
-class HostileDirectory:
+class HostileDirectory(LoopServer):
     """Answers binds with success; a search (``flood``: entries, ``wrongid``: answers to another
     message id) or a StartTLS (``starttls``: a 2 GB message, a byte a second) without end."""
 
     def __init__(self, mode: str) -> None:
-        self.mode, self.port = mode, free_port()
+        super().__init__()
+        self.mode = mode
         self.streaming = threading.Event()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-
-    def start(self) -> HostileDirectory:
-        self._thread.start()
-        self._server = asyncio.run_coroutine_threadsafe(
-            asyncio.start_server(self._handle, "127.0.0.1", self.port), self._loop).result(10)
-        return self
-
-    def stop(self) -> None:
-        async def shutdown() -> None:
-            self._server.close()
-            tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-        asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
 
     async def _stream(self, writer, chunk: bytes) -> None:
         self.streaming.set()
@@ -87,7 +67,7 @@ class HostileDirectory:
             await writer.drain()
         await asyncio.sleep(120)  # silent, the connection open
 
-    async def _handle(self, reader, writer) -> None:
+    async def handle(self, reader, writer) -> None:
         buf = b""
         try:
             while data := await reader.read(65536):

@@ -33,7 +33,7 @@ from gateway.registry import PluginContext
 from gateway.settings import GatewaySettings
 from support.gateway import GatewayProcess, write_conf
 from support.ldapgw import api_login, ldap_gateways
-from support.net import free_port
+from support.loopserver import LoopServer
 from support.pki import CA
 from support.slapd import Slapd
 
@@ -146,37 +146,17 @@ def _header(buf: bytes, pos: int) -> tuple[int, int]:
     return start, start + int.from_bytes(buf[pos + 2:start], "big")
 
 
-class ReferringDirectory:
+class ReferringDirectory(LoopServer):
     """Answers binds with success and every search with SearchResultReference messages (RFC 4511
     section 4.5.3) and nothing else: *size* bytes of URI each, at most *cap* bytes in all, then
     silence with the connection open."""
 
     def __init__(self, size: int, cap: int = 24 * 1024 * 1024) -> None:
-        self.size, self.cap, self.port = size, cap, free_port()
+        super().__init__()
+        self.size, self.cap = size, cap
         self.searched = threading.Event()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
 
-    def start(self) -> ReferringDirectory:
-        self._thread.start()
-        self._server = asyncio.run_coroutine_threadsafe(
-            asyncio.start_server(self._handle, "127.0.0.1", self.port), self._loop).result(10)
-        return self
-
-    def stop(self) -> None:
-        async def shutdown() -> None:
-            self._server.close()
-            tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-        asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
-
-    async def _handle(self, reader, writer) -> None:
+    async def handle(self, reader, writer) -> None:
         buf = b""
         try:
             while data := await reader.read(65536):
