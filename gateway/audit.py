@@ -74,8 +74,8 @@ class _LineWriter:
     the last 100 ms of lines (accepted logins among them) when a worker was killed.
 
     A write the file refuses (disk full) keeps the line, and those after it, in order, for the
-    next line's write, :meth:`flush` and exit; so does one it takes in part, its start cut off
-    the file again (:meth:`_take_back`); the error is logged when writes start failing
+    next line's write, :meth:`flush` and exit; so does one it takes in part, its start blanked
+    out where it is (:meth:`_blank`); the error is logged when writes start failing
     and when they work again, not per line. At most :data:`MAX_PENDING` lines are kept: older
     ones are dropped, and counted in the log.
     """
@@ -107,11 +107,11 @@ class _LineWriter:
                 self._refused(exc)
                 return
             if written < len(line):  # short: the disk filled up mid-line
-                if self._take_back(written):  # the line waits whole, as one refused
+                if not written or self._blank(written):  # the line waits whole, as one refused
                     self._refused(OSError(errno.ENOSPC, "a line was written in part (disk full); its start "
-                                                        "was taken back"))
+                                                        "was blanked out"))
                     return
-                pending[0] = line[written:]  # something follows the start already: the rest goes first
+                pending[0] = line[written:]  # its start could not be blanked out: the rest goes first
                 self._torn = True
             else:
                 pending.popleft()
@@ -122,22 +122,30 @@ class _LineWriter:
                          f", but the {self._dropped} oldest of them were dropped" if self._dropped else "")
             self._dropped = 0
 
-    def _take_back(self, written: int) -> bool:
-        """Cut the *written* bytes this writer appended last off the file, if they still end it.
-        Left there, another worker appending once the disk took writes again had its line glued
-        to the torn start, and this line's rest came after it: two records that did not parse
-        (review of the audit and static users). Not atomic: a line another worker appends
-        between the ``fstat`` and the ``ftruncate`` is cut off with it (seen only by forcing that
-        order: the disk must take writes again within those microseconds). Closing that would
-        take a lock around every writer's every line."""
+    def _blank(self, written: int) -> bool:
+        """Overwrite the *written* bytes this writer appended last with spaces and a newline, where
+        they are: JSON whitespace, a blank line to a line reader, whatever was appended after them
+        meanwhile. Left as they were, another worker's line was glued to the torn start and this
+        line's rest came after it: two records that did not parse (review of the audit and static
+        users). Cut off the file instead (``ftruncate`` while ``fstat`` said they still ended it),
+        a line another worker appended between the two was cut with them: an answered attempt
+        with no line (left from that review; reproduced by holding the worker in ``ftruncate``).
+        Written in place, not cut, no lock is needed, on this rare path or on the hot one.
+        Through a description of the file's own: ``pwrite`` on an ``O_APPEND`` one appends
+        (pwrite(2), BUGS); ``/proc/self/fd`` names the file this one writes, renamed or not."""
         try:
             end = os.lseek(self._fd, 0, os.SEEK_CUR)  # O_APPEND: where this write ended
-            if os.fstat(self._fd).st_size != end:
-                return False
-            os.ftruncate(self._fd, end - written)
+            fd = os.open(f"/proc/self/fd/{self._fd}", os.O_WRONLY | os.O_CLOEXEC)
         except OSError:
             return False
-        return True
+        try:
+            if os.fstat(fd).st_size < end:  # cut short since (logrotate's copytruncate): the start went with it
+                return True
+            return os.pwrite(fd, b" " * (written - 1) + b"\n", end - written) == written
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
 
     def _refused(self, exc: OSError) -> None:
         if not self._failing:

@@ -140,9 +140,9 @@ def test_a_line_the_full_disk_tore_is_not_glued_to_another_workers_line_after_it
     """The disk fills up mid-line (a short write): the worker kept the line's rest, and wrote it
     with its next line once the disk took writes again. Another worker writing first had its
     line appended to the torn start, and the rest came after it: two records that did not parse,
-    one of them a line the other worker had kept whole. Now the start is taken back (the file
-    cut back to where it was, while nothing follows it) and the line waits whole, as one the disk
-    refused; every answered attempt has one line that parses."""
+    one of them a line the other worker had kept whole. Now the start is blanked out where it is
+    (a blank line) and the line waits whole, as one the disk refused; every answered attempt has
+    one line that parses."""
     import resource
 
     audit = tmp_path / "audit.jsonl"
