@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 from gateway.plugins.cache.store import (AT_LIMIT, FORGOTTEN_FOR, FUTURE_TOLERANCE, GONE, TAKEN, Entry,
                                          StoreError)
-from gateway.redis_eviction import eviction_problem
+from gateway.redis_eviction import EvictionWatch, refused
 
 __all__ = ["RedisStore"]
 
@@ -100,7 +100,8 @@ class RedisStore:
     managed default, picks among keys with a time to live: every key of this store) may delete a
     "forgotten at" marker, and a write of an older login then re-creates the entry of a refused
     password, or an entry's offline failure count with it. :meth:`probe` and :meth:`ping` (the
-    health round, off the event loop) ask :func:`gateway.redis_eviction.eviction_problem`; while
+    health round, off the event loop) ask :func:`gateway.redis_eviction.eviction_problem` through
+    an :class:`~gateway.redis_eviction.EvictionWatch`, as the throttle and the login door do; while
     it answers, :attr:`unusable` says why and every read or write that could lead to an offline
     answer (:meth:`get`, :meth:`put`, :meth:`take_failure`, :meth:`give_back_failure`,
     :meth:`scan`) raises :class:`StoreError` with it: the cache answers nothing offline, as when
@@ -134,9 +135,13 @@ class RedisStore:
         self._forget = self._redis.register_script(_FORGET)
         self._mark_purged = self._redis.register_script(_MARK_PURGED)
         self.log = log or logging.getLogger("authgw.plugin.cache")
-        #: Why the store is not used (its eviction policy), as the StoreError says it; None: usable
-        #: (or not asked yet: the first probe or ping asks).
-        self.unusable: str | None = None
+        #: What the last probe or ping found of this Redis's eviction policy (one line per change).
+        self._eviction = EvictionWatch(
+            "credential cache: the Redis store", logger=self.log,
+            error_line="{what} is not used (no offline answers) until its eviction policy is fixed: "
+                       "{location}: {problem}",
+            fixed_line="{what} {location} no longer evicts keys (maxmemory-policy noeviction, or no maxmemory): "
+                       "used again")
 
     def _name(self, key: str) -> bytes:
         return self.prefix + key.encode("ascii")
@@ -149,23 +154,21 @@ class RedisStore:
         # Not a row either (see _marker); one per key prefix, so per cache sharing this Redis.
         return self.prefix + b"purged"
 
+    @property
+    def unusable(self) -> str | None:
+        """Why the store is not used (its eviction policy), as the StoreError says it; None: usable
+        (or not asked yet: the first probe or ping asks)."""
+        problem = self._eviction.problem
+        return f"{self.location}: {problem}" if problem is not None else None
+
     def _usable(self) -> None:
         if self.unusable is not None:
             raise StoreError(self.unusable)
 
     def _check_eviction(self) -> None:
-        """Ask whether this Redis may evict keys (after a command that reached it); remember the
-        answer, log a change once, and raise :class:`StoreError` while it may."""
-        problem = eviction_problem(self._redis)
-        said = f"{self.location}: {problem}" if problem else None
-        if said != self.unusable:
-            if said is not None:
-                self.log.error("credential cache: the Redis store is not used (no offline answers) until its "
-                               "eviction policy is fixed: %s", said)
-            else:
-                self.log.warning("credential cache: the Redis store %s no longer evicts keys (maxmemory-policy "
-                                 "noeviction, or no maxmemory): used again", self.location)
-            self.unusable = said
+        """Ask whether this Redis may evict keys (after a command that reached it), and raise
+        :class:`StoreError` while it may, or when it did not answer (the last answer stands)."""
+        self._call("INFO memory", self._eviction.check, self._redis, self.location)
         self._usable()
 
     def _call(self, what: str, function, *args, **kwargs):
@@ -255,13 +258,24 @@ class RedisStore:
         self._call("DEL", self._redis.delete, name)
         if back != value:
             raise StoreError(f"{self.location}: the probe key did not read back")
-        info = self._call("INFO", self._redis.info, "server")
+        version = self._version()
         started = time.monotonic()
         self._call("PING", self._redis.ping)
         took = time.monotonic() - started
         self._check_eviction()
-        return (f"{self.location}: writable, redis {info.get('redis_version', '?')}, "
+        return (f"{self.location}: writable, redis {version}, "
                 f"ping {1000 * took:.1f} ms")
+
+    def _version(self) -> str:
+        """The server's version for :meth:`probe`, or ``?`` when Redis refuses ``INFO`` to this
+        user (an ACL without it): that failed the probe, a start-up ERROR and ``authgw check``
+        FAIL, of a store the health round then used (review of the eviction watch)."""
+        try:
+            return str(self._call("INFO", self._redis.info, "server").get("redis_version", "?"))
+        except StoreError as exc:
+            if refused(exc.__cause__):
+                return "?"
+            raise
 
     def ping(self) -> str:
         """PING within ``redis.timeout``, then whether Redis may evict keys (``INFO memory``,
