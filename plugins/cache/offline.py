@@ -107,12 +107,32 @@ def lowered(name: str) -> str:
     ``ς``), then NFKC. Never full case folding (:func:`gateway.model.folded_username`), which
     makes ``ß`` ``ss`` and ``ς`` ``σ``: slapd keeps ``strasse`` and ``straße`` as two users, and
     a row keyed by the full fold was both users' (one's live login replaced the other's
-    offline entry, one's refusal deleted it; review of the cache, fifth round)."""
+    offline entry, one's refusal deleted it; review of the cache, fifth round).
+
+    Only the letters whose lower case Unicode 3.2 already had (:func:`_lower`): slapd's case
+    tables are that old, and keep ``STRAẞE`` and ``straße``, ``Ⱥnna`` and ``ⱥnna``, Cherokee and
+    Georgian capitals and their small letters as two users each; lowered by today's tables they
+    shared one row again (review of this session's changes). A directory that lowers more
+    (a spelling keyed apart from its account's row) gets a pointer row (:meth:`OfflineCache.remember`)."""
     name = canonical_username(name)
     if name.isascii():
         return name.lower()
     name = name.replace("\u0130", "I")
-    return unicodedata.normalize("NFKC", "".join(ch.lower() for ch in name))
+    return unicodedata.normalize("NFKC", "".join(_lower(ch) for ch in name))
+
+
+#: The Unicode 3.2 character database (Python keeps it for IDNA): the case tables slapd lowers by.
+_UCD_3_2 = unicodedata.ucd_3_2_0
+
+
+def _lower(ch: str) -> str:
+    """*ch* lowered when it and its lower case were cased letters already in Unicode 3.2."""
+    low = ch.lower()
+    if low == ch or ch.isascii():
+        return low
+    if _UCD_3_2.category(ch) in ("Lu", "Lt") and all(_UCD_3_2.category(c)[0] == "L" for c in low):
+        return low
+    return ch
 
 
 def make_store(settings: CacheSettings, state_dir: Path, log: logging.Logger | None = None) -> Store:
@@ -389,6 +409,11 @@ class OfflineCache:
         StoreError."""
         document = self._opened(keys, row_key, self.store.get(row_key))
         if document is None or "alias_of" not in document:
+            return None
+        name = document.get("name")
+        if isinstance(name, str) and name and keys.row_key(self.user_key(name)) != row_key:
+            # Written for another name under an older key (as in _resolve): a refusal of the
+            # name whose row it is now is not that account's (review of this session's changes).
             return None
         account_row = keys.row_key(self.user_key(str(document["alias_of"])))
         return account_row if account_row != row_key else None

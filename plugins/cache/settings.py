@@ -95,7 +95,8 @@ class CacheSettings(PluginSettings):
                                description="chain steps whose password successes are cached")
     usernames: Literal["exact", "casefold"] = Field("casefold",
                                                     description="`casefold` (letters lowered one by one, "
-                                                                "İ read as I, NFKC: LDAP and AD names ignore "
+                                                                "as Unicode 3.2 lowers them, as slapd does; İ "
+                                                                "read as I; NFKC: LDAP and AD names ignore "
                                                                 "case; never ß as ss) or `exact` "
                                                                 "(case-sensitive sources only)")
     pepper: Secret | None = Field(None, description="secret mixed into every password hash; default a key "
