@@ -217,8 +217,9 @@ def test_attribute_names_that_are_uris_have_the_uri_name_format(idp, tmp_path):
 
 def test_error_responses_spend_the_clients_budget_as_parked_requests_do(slapd, tmp_path):
     """An error Response is signed at once for a request that needs no credentials (nothing is
-    parked): it spends a token of the client's budget too, so a flood of them is refused (429)
-    rather than signed without end (review of the day's changes)."""
+    parked): it spends a token of the client's budget too; past it the request is told
+    RequestDenied at its ACS, within that answer's own bound, then refused (429): a flood is
+    never signed without end (review of the day's changes; review of the login door)."""
     site = LoginSite(tmp_path / "idp", slapd, CA.create(), login={"saml": {"service_providers": [
         {"entity_id": SP_ID, "acs_urls": [ACS], "name_id_format": "emailAddress", "name_id_source": "email"}]}})
     site.gw = site.start()
@@ -227,12 +228,14 @@ def test_error_responses_spend_the_clients_budget_as_parked_requests_do(slapd, t
                           entity_id=SP_ID)
         browser = site.client()
         reasons = []
-        for _ in range(45):
+        for _ in range(90):
             _request_id, location = flood_sp.redirect_request(nameid_format=NAMEID_FORMAT_PERSISTENT)
             page = browser.get(location)
             reasons.append((page.status_code, page.headers.get("X-Refused-Reason"), "SAMLResponse" in page.text))
         signed = [r for r in reasons if r == (200, "saml.nameid_policy_unsupported", True)]
+        denied = [r for r in reasons if r == (200, "login.too_many_requests", True)]
         refused = [r for r in reasons if r == (429, "login.too_many_requests", False)]
-        assert 30 <= len(signed) < 45 and len(signed) + len(refused) == 45, reasons
+        assert 30 <= len(signed) < 60 and 30 <= len(denied) < 60 and refused, reasons
+        assert len(signed) + len(denied) + len(refused) == 90, reasons
     finally:
         site.stop()

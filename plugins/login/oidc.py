@@ -413,8 +413,9 @@ class OidcProvider:
         answers with a page."""
         return pending["redirect_uri"] if pending["mode"] == "query" else None
 
-    async def login_required(self, request: web.Request, pending: dict) -> web.StreamResponse:
-        """``prompt=none`` and no session may answer: the RP is told, no page is shown."""
+    async def login_required(self, request: web.Request, pending: dict, *, parked: bool = False) -> web.StreamResponse:
+        """``prompt=none`` and no session may answer: the RP is told, no page is shown (a redirect,
+        nothing signed: *parked* or not, nothing is spent)."""
         return self.error_answer(pending, "login_required")
 
     async def temporarily_unavailable(self, request: web.Request, pending: dict) -> web.StreamResponse:

@@ -765,10 +765,12 @@ class SamlIdp:
                    # declines (no_passive), ForceAuthn or not (a new sign-in needs the form).
                    "prompt_none": authn.is_passive, "subject": authn.subject, "name_id_policy": authn.name_id_policy,
                    "authn_context": authn.authn_context}
-        # What no user's session can satisfy is answered at once, before any session is used.
+        # What no user's session can satisfy is answered at once, before any session is used;
+        # past the client's budget, as any request of this SP that cannot be served now
+        # (RequestDenied at the ACS, web.served): it got the 429 page (review of the login door).
         why = unanswerable(self.entity_id, sp, authn.name_id_policy, authn.subject, authn_context=authn.authn_context)
         if why is not None:
-            return await self.error_answer(request, pending, sp, why)
+            return await self.web.served(request, pending, lambda: self.error_answer(request, pending, sp, why))
         if request.method == "POST" and request_cookie(request, self.web.cookie) is None:
             # HTTP-POST binding: an SP's page posts cross-site, and the browser does not send its
             # SameSite=Lax session cookie with that POST. Taken as "no session", IsPassive was
@@ -803,12 +805,14 @@ class SamlIdp:
         return sp
 
     async def error_answer(self, request: web.Request, pending: dict, sp: SamlServiceProvider,
-                           why: Unanswerable) -> web.Response:
+                           why: Unanswerable, *, spend: bool = True) -> web.Response:
         """An error Response (no assertion) posted to the request's validated ACS URL, with its
-        RelayState; logged with the reason code, which is also sent as ``X-Refused-Reason``. It
-        spends a token of the client's budget, as a parked request does (signing costs CPU, and
-        the request that asks for it needs no credentials): past it, 429 and nothing signed."""
-        if self.web.sessions.admit_park is not None:
+        RelayState; logged with the reason code, which is also sent as ``X-Refused-Reason``. With
+        *spend*, it spends a token of the client's budget, as a parked request does (signing
+        costs CPU, and the request that asks for it needs no credentials): past it
+        :class:`.web.ParkRefused`, nothing signed. Not for an answer made when a sign-in or a
+        session's answer was already counted (:meth:`complete`)."""
+        if spend and self.web.sessions.admit_park is not None:
             self.web.sessions.admit_park()
         log.warning("login request refused: reason=%s client=%s sp=%s status=%s %s", why.reason, request.remote,
                     printable(sp.entity_id[:200]), why.second.rsplit(":", 1)[-1], printable(why.detail[:200]))
@@ -843,13 +847,17 @@ class SamlIdp:
         return await self._error_post(pending, sp, Unanswerable(
             "login.unavailable", RESPONDER, REQUEST_DENIED, "the request cannot be served now; try again later"))
 
-    async def no_passive(self, request: web.Request, pending: dict) -> web.Response:
+    async def no_passive(self, request: web.Request, pending: dict, *, parked: bool = False) -> web.Response:
         """``IsPassive`` and no session may answer (none, ``ForceAuthn``, its account gone): the
-        SP is told ``NoPassive`` (core 3.4.1), no page is shown."""
+        SP is told ``NoPassive`` (core 3.4.1), no page is shown. A request declined at its
+        arrival spends a token of its client's budget for the signature; one *parked* for
+        ``/login`` (an HTTP-POST request) spent it when parked, and is declined once (its record
+        is single use)."""
         sp = self.answer_target(pending)
         return await self.error_answer(request, pending, sp, Unanswerable(
             "saml.no_passive", RESPONDER, NO_PASSIVE, "the user cannot be signed in without a page",
-            "IsPassive and no session may answer" + (" (ForceAuthn)" if pending.get("force_authn") else "")))
+            "IsPassive and no session may answer" + (" (ForceAuthn)" if pending.get("force_authn") else "")),
+            spend=not parked)
 
     async def complete(self, request: web.Request, pending: dict, session) -> web.Response:
         sp = self.answer_target(pending)
@@ -861,15 +869,20 @@ class SamlIdp:
             return await self.error_answer(request, pending, sp, Unanswerable(
                 "saml.name_id_unavailable", RESPONDER, INVALID_NAMEID_POLICY,
                 "the user has no value for this service's NameID",
-                f"user {identity.username[:100]} has no {sp.name_id_source} (name_id_source) for the NameID"))
+                f"user {identity.username[:100]} has no {sp.name_id_source} (name_id_source) for the NameID"),
+                spend=False)
         # The request's Subject and RequestedAuthnContext against the user signed in and how
         # (checked again in full: a reload may have changed the SP's NameID format while the
         # request waited). Nothing is issued, and the SP not recorded as a participant, for
-        # another user or another kind of sign-in than asked.
+        # another user or another kind of sign-in than asked. Its answer spends no address token,
+        # as an assertion spends none: the sign-in (the chain's throttle) or the session's
+        # answer (the user's budget, web.admit_answer) was counted. It spent one: a user who
+        # signed in from an address whose budget was spent (a NAT) got the 429 page and no
+        # session cookie, the request used up and the SP never told (review of the login door).
         why = unanswerable(self.entity_id, sp, pending.get("name_id_policy"), pending.get("subject"), name_id,
                            pending.get("authn_context"), authn_context_class(identity))
         if why is not None:
-            return await self.error_answer(request, pending, sp, why)
+            return await self.error_answer(request, pending, sp, why, spend=False)
         # Two RSA signatures and C14N take milliseconds: off the event loop, so /auth is not held up.
         told = self.web.sessions.party_index(session.index, sp.entity_id)  # this SP's own SessionIndex
         xml = await asyncio.to_thread(self.builder.build, sp, pending["acs"], session.identity,

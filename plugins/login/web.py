@@ -40,7 +40,7 @@ behind one NAT do not share it), before the account check, the chain and any sig
 minute across services are far below it; one session cookie in a loop is not. A validated request
 whose protocol can be told at its return address (:attr:`LoginDoor.unavailable`: OIDC's
 ``error=temporarily_unavailable`` at the ``redirect_uri``) is answered there instead of with the
-429, or 503 when the store or the directory cannot be used (:meth:`LoginDoor._served`).
+429, or 503 when the store or the directory cannot be used (:meth:`LoginDoor.served`).
 
 ``GET /logout`` ends nothing (any site can make a browser send it): it shows a signed-in user the
 Sign out button, anyone else the "signed out" page.
@@ -90,7 +90,9 @@ FRONT_DOOR = "login"
 #: Completes a pending request for a session: returns the answer page (e.g. a SAML POST form).
 Completer = Callable[[web.Request, dict, Session], Awaitable[web.StreamResponse]]
 #: Answers a pending request that may show no page (OIDC ``prompt=none``) when no session can.
-Declined = Callable[[web.Request, dict], Awaitable[web.StreamResponse]]
+#: ``parked``: the request was parked for ``/login`` (its client's token spent then), not declined
+#: on its arrival.
+Declined = Callable[..., Awaitable[web.StreamResponse]]
 #: Answers a validated pending request at its return address when it cannot be served now (its
 #: client's or user's budget spent, the session store or the directory unavailable), for a
 #: protocol that has such an answer: OIDC's ``error=temporarily_unavailable`` at the registered
@@ -568,7 +570,7 @@ class LoginDoor:
         """Continue a validated protocol request: at once with a live session that may answer it,
         else after ``/login`` (the request parked under a single-use id); a request that may show
         no page (``prompt=none``) is declined instead. One that cannot be served now is answered
-        as :meth:`_served` says."""
+        as :meth:`served` says."""
         async def serve() -> web.StreamResponse:
             session = self.session(request)
             if session is not None and self.reusable(session, pending):
@@ -582,23 +584,23 @@ class LoginDoor:
                 return await self.declined[pending["protocol"]](request, pending)
             return self._to_login(pending, lifetime)
 
-        return await self._served(request, pending, serve)
+        return await self.served(request, pending, serve)
 
     async def wait_at_login(self, request: web.Request, pending: dict, lifetime: float) -> web.StreamResponse:
         """Park a validated protocol request for ``/login`` and send the browser there, whatever
         session it has (a cross-site POST, which carries no ``SameSite=Lax`` cookie: ``/login``
         answers it from the session). One that cannot be parked now is answered as
-        :meth:`_served` says."""
+        :meth:`served` says."""
         async def serve() -> web.StreamResponse:
             return self._to_login(pending, lifetime)
 
-        return await self._served(request, pending, serve)
+        return await self.served(request, pending, serve)
 
     def _to_login(self, pending: dict, lifetime: float) -> web.Response:
         key = self.sessions.park(pending, lifetime)
         return web.Response(status=303, headers={"Location": f"/login?req={key}", "Cache-Control": "no-store"})
 
-    async def _served(self, request: web.Request, pending: dict,
+    async def served(self, request: web.Request, pending: dict,
                       serve: Callable[[], Awaitable[web.StreamResponse | None]], *,
                       parked: str = "") -> web.StreamResponse | None:
         """``serve()`` for validated *pending*; when it cannot be served now (the user's or the
@@ -726,7 +728,7 @@ class LoginDoor:
                 # and cannot be served now is answered at its return address as at its first
                 # arrival: it got the 429 page, which prompt=none must never get (third review
                 # of the OIDC provider).
-                response = await self._served(request, peeked, reuse, parked=pending_key)
+                response = await self.served(request, peeked, reuse, parked=pending_key)
                 if response is not None:
                     return response
             elif peeked is None:
@@ -735,7 +737,10 @@ class LoginDoor:
         if peeked is not None and peeked.get("prompt_none"):  # no page may be shown: declined
             pending = self.sessions.unpark(pending_key)
             if pending is not None:
-                return await self.declined[pending["protocol"]](request, pending)
+                # Parked, it spent its client's token then: SAML's NoPassive spent a second one,
+                # and a POSTed IsPassive request got the 429 page, which it may not show, once its
+                # address's budget was spent meanwhile (review of the login door).
+                return await self.declined[pending["protocol"]](request, pending, parked=True)
         certificate = self.door.tls_certificate(request)
         if certificate is not None:
             decision = await self.door.decide(self.door.attempt(request, FRONT_DOOR, certificate=certificate))
