@@ -83,6 +83,9 @@ _OPERATOR_REASONS = frozenset({"clock_skew", "wrong_kvno", "key_mismatch", "keyt
 _CLIENT_CAUSABLE = frozenset({"clock_skew", "wrong_kvno", "key_mismatch", "keytab_entry_missing",
                               "wrong_principal", "unsupported_enctype"})
 _WARN_EVERY = 60.0
+#: The most of a refusal's detail a log line shows: GSSAPI's messages quote names from the
+#: client's ticket, which may be tens of kilobytes (one such line per request).
+_DETAIL_SHOWN = 2000
 
 
 class KerberosSettings(PluginSettings):
@@ -320,7 +323,10 @@ class KerberosPlugin:
         elif reason in _OPERATOR_REASONS:
             level = logging.WARNING
         # The detail quotes GSSAPI's messages (MIT names the ticket's server in them) and the
-        # client's principal: the client's own text, escaped so that it stays on this line.
+        # client's principal: the client's own text, escaped so that it stays on this line, and
+        # cut short so that a client's long names do not fill the log.
+        if len(detail) > _DETAIL_SHOWN:
+            detail = f"{detail[:_DETAIL_SHOWN]}... ({len(detail)} characters)"
         self.log.log(level, "kerberos.%s from %s (attempt %s): %s%s%s", reason, attempt.client,
                      attempt.request_id, printable(detail), f"; check: {hint}" if hint else "", since)
 

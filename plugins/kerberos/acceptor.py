@@ -10,8 +10,10 @@ The replay cache stays on: MIT's ``file2`` cache is safe for several processes, 
 shares one file and a token accepted by one worker is a replay for all (RFC 4120 section 3.2.3).
 MIT takes that file's lock with ``F_OFD_SETLKW`` and waits for it without end; on the event loop
 (``loop_capable``) a lock another process kept, or a FIFO at the cache's path, froze the whole
-worker, ``/healthz`` included (review of the Kerberos plugin). There the accept first waits,
-parked (:mod:`gateway.aio`) and until the attempt's deadline, for the lock to be free.
+worker, ``/healthz`` included (review of the Kerberos plugin); on a chain thread it kept the
+thread past the attempt's 503 for as long as the lock was held. So the accept first waits,
+until the attempt's deadline, for the lock to be free: parked (:mod:`gateway.aio`) on the loop,
+asleep on a thread.
 
 Each request gets its own context through the *raw* ``accept_sec_context``: the high-level
 ``SecurityContext.step()`` defers some failures (it returns the error token and raises only on a
@@ -234,9 +236,12 @@ class Acceptor:
     # -- accepting ---------------------------------------------------------------------------------
 
     def accept(self, token: bytes, info: NegotiateToken, deadline: float | None = None) -> Accepted:
-        """Accept *token*; by :func:`time.monotonic` *deadline* on the event loop."""
+        """Accept *token*, by :func:`time.monotonic` *deadline* when one is given."""
         loaded = self.load()
-        if deadline is not None and aio.on_loop():
+        if deadline is not None:
+            # On a chain thread too: MIT's own wait for the lock has no end, and kept the thread
+            # after the attempt's 503, for as long as another process held the lock (with
+            # `threads: 1`, every later login of the worker waited behind it).
             self.wait_for_replay_cache(deadline)
         try:
             result = gss.accept_sec_context(token, acceptor_creds=loaded.creds)
@@ -263,18 +268,19 @@ class Acceptor:
         ``replay_cache_unavailable`` at *deadline*; also for a path that is not a regular file,
         whose read MIT would wait on for ever. A lock seen held is most often another worker's
         store, over in microseconds: it is looked at again for up to :data:`_LOCK_SPIN` before
-        this greenlet is parked (the loop serving) between looks, as for a process that holds
-        it. Parking at once cost about 25 µs a login under load, when one in fifty found
-        another worker's store under way (tools/bench/kerberos_cpu.py). A lock taken between
-        the last look and MIT's is another worker's store too."""
+        the caller waits between looks, as for a process that holds it (on the event loop its
+        greenlet is parked, the loop serving; a chain thread sleeps). Parking at once cost about
+        25 µs a login under load, when one in fifty found another worker's store under way
+        (tools/bench/kerberos_cpu.py). A lock taken between the last look and MIT's is another
+        worker's store too."""
         spin_until = 0.0
         delay = 0.001
         while True:
-            fd = self._replay_cache_fd()
-            if fd is None or _OFD_GETLK is None:
+            held = self._replay_cache_file()
+            if held is None or _OFD_GETLK is None:
                 return
-            try:
-                answer = fcntl.fcntl(fd, _OFD_GETLK, _WHOLE_FILE_WRITE_LOCK)
+            try:  # *held* keeps its descriptor open meanwhile, whatever another thread swaps in
+                answer = fcntl.fcntl(held.fd, _OFD_GETLK, _WHOLE_FILE_WRITE_LOCK)
             except OSError:
                 return  # a file system without locks: MIT does without them too
             if struct.unpack_from("h", answer)[0] == fcntl.F_UNLCK:
@@ -289,11 +295,14 @@ class Acceptor:
                 raise AcceptFailed("replay_cache_unavailable",
                                    f"replay cache {self.rcache}: locked by another process until the deadline",
                                    unavailable=True)
-            aio.wait(asyncio.sleep(min(delay, left)))
+            if aio.on_loop():
+                aio.wait(asyncio.sleep(min(delay, left)))
+            else:
+                time.sleep(min(delay, left))
             delay = min(delay * 2, _LOCK_POLL_MAX)
 
-    def _replay_cache_fd(self) -> int | None:
-        """A descriptor of the file now at the replay cache's path, to ask about its locks; kept
+    def _replay_cache_file(self) -> _HeldFile | None:
+        """The file now at the replay cache's path, open to ask about its locks; kept
         open while the path names the same file, so a login costs a ``stat`` rather than an
         ``open`` and a ``close`` (MIT replaces an expired cache by renaming a new one over it).
         None where there is nothing to ask: MIT creates a missing file, and explain() says
@@ -305,7 +314,7 @@ class Acceptor:
         self._regular(st)
         held = self._rcache_held
         if held is not None and held.file == (st.st_dev, st.st_ino):
-            return held.fd
+            return held
         try:
             fd = os.open(self._rcache_path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
@@ -318,7 +327,7 @@ class Acceptor:
         self._regular(opened)
         held.file = (opened.st_dev, opened.st_ino)
         self._rcache_held = held
-        return fd
+        return held
 
     def _regular(self, st: os.stat_result) -> None:
         """Refuse a replay cache that is not a regular file (a FIFO: MIT's read waits for ever)."""

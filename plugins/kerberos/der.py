@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 from typing import NamedTuple
 
-__all__ = ["DERError", "TLV", "children", "oid_text", "read_int", "read_one", "tagged"]
+__all__ = ["DERError", "TLV", "TooMany", "children", "oid_text", "read_int", "read_one", "tagged"]
 
 #: Tokens are at most 64 KiB (the front door's limit); four length octets are plenty.
 _MAX_LENGTH_OCTETS = 4
@@ -19,10 +19,18 @@ _MAX_LENGTH_OCTETS = 4
 #: and its text went whole into the log: 6,000 one-octet arcs made a 24 KB line per request,
 #: one octet-run arc a big integer built at quadratic cost (review of the Kerberos plugin).
 _MAX_OID_OCTETS = 32
+#: The most elements read inside one constructed element. The SEQUENCEs of SPNEGO and Kerberos
+#: hold at most 13 fields, a service name a few components: a client's service name of 10,000
+#: components cost 12 ms of Python per request (review of the Kerberos plugin).
+MOST_CHILDREN = 16
 
 
 class DERError(ValueError):
     """The bytes are not the DER the caller expected."""
+
+
+class TooMany(DERError):
+    """A constructed element holds more elements than the caller reads."""
 
 
 class TLV(NamedTuple):
@@ -64,11 +72,14 @@ def read_one(data: bytes, pos: int = 0, limit: int | None = None) -> TLV:
     return TLV(tag, data, pos, pos + length)
 
 
-def children(parent: TLV) -> list[TLV]:
-    """The elements inside a constructed element, in order; they must fill it exactly."""
-    items = []
+def children(parent: TLV, most: int = MOST_CHILDREN) -> list[TLV]:
+    """The elements inside a constructed element, in order; they must fill it exactly, and be
+    no more than *most* (else :class:`TooMany`, before the rest is read)."""
+    items: list[TLV] = []
     pos = parent.start
     while pos < parent.end:
+        if len(items) == most:
+            raise TooMany(f"more than {most} elements in one")
         item = read_one(parent.data, pos, parent.end)
         items.append(item)
         pos = item.end

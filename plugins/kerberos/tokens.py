@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from gateway.logs import printable
 
-from .der import DERError, TLV, children, oid_text, read_int, read_one, tagged
+from .der import DERError, TLV, TooMany, children, oid_text, read_int, read_one, tagged
 
 __all__ = ["KRB5_MS_OID", "KRB5_OID", "KRB5_OIDS", "NTLM_OID", "SPNEGO_OID", "KrbError", "NegotiateToken", "TicketInfo", "TokenProblem",
            "TokenRefused", "enctype_name", "inspect_token", "krb_error_of", "unparse_principal"]
@@ -30,6 +30,11 @@ NTLM_OID = "1.3.6.1.4.1.311.2.2.10"
 NTLMSSP_SIGNATURE = b"NTLMSSP\x00"
 #: How many of a client's SPNEGO mechanisms a refusal names.
 _LISTED = 4
+#: The most mechanisms a NegTokenInit may list (Windows lists four or five). Each costs a
+#: microsecond or more here and in MIT's SPNEGO: 4,000 of them, 11 ms a request.
+_MOST_MECHS = 32
+#: How much of a ticket's service name a log line shows (real ones are a few dozen characters).
+_SHOWN = 200
 
 #: RFC 3961/3962/8009 and RFC 4757 numbers, with MIT's names (as ``klist -e`` prints them).
 ENCTYPES = {
@@ -75,9 +80,12 @@ class TicketInfo:
 
     def describe(self) -> str:
         """For logs: the service name and realm are the client's unauthenticated bytes, so they
-        are escaped (a newline in them would start a forged log line)."""
+        are escaped (a newline in them would start a forged log line) and cut short (a 40 KB
+        realm made a 40 KB line per request)."""
         kvno = "no kvno" if self.kvno is None else f"kvno {self.kvno}"
-        return f"ticket for {printable(self.service)} ({kvno}, {enctype_name(self.etype)})"
+        service = self.service if len(self.service) <= _SHOWN else \
+            f"{self.service[:_SHOWN]}... ({len(self.service)} characters)"
+        return f"ticket for {printable(service)} ({kvno}, {enctype_name(self.etype)})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +165,11 @@ def inspect_token(token: bytes) -> NegotiateToken:
             raise DERError("an initial SPNEGO token must be a NegTokenInit")
         (init_seq,) = children(choice)
         init = tagged(init_seq)
-        mechs = tuple(oid_text(m) for m in children(init[0])) if 0 in init else ()
+        try:
+            mechs = tuple(oid_text(m) for m in children(init[0], _MOST_MECHS)) if 0 in init else ()
+        except TooMany:
+            raise TokenRefused(TokenProblem.UNSUPPORTED_MECHANISM,
+                               f"SPNEGO listing more than {_MOST_MECHS} mechanisms") from None
         mech_token = init[2].value if 2 in init else b""
     except TokenRefused:
         raise
