@@ -8,7 +8,9 @@ Offline logins (a ``wrapper=True`` around the whole chain; it sees the folded de
     of a cached user; ``INVALID_CREDENTIALS`` (``cache.invalid_password``) for a wrong one;
     ``ACCOUNT_STATE`` (``cache.too_many_failures``) after ``max_offline_failures`` wrong ones.
     Learns from live password successes of the steps in ``methods``; forgets a user on a live
-    ``INVALID_CREDENTIALS``, ``ACCOUNT_STATE`` or ``USER_NOT_FOUND``.
+    ``INVALID_CREDENTIALS``, ``ACCOUNT_STATE`` or ``USER_NOT_FOUND``, under any name of the
+    account: a refused name with no entry of its own (a mail never used to log in) is looked up
+    with the step that refused it, whose ``gateway_lookup_user`` names the account.
 Refused accounts on every path (a ``wrapper=True`` around ``gateway_lookup_user``)
     forgets a user's offline entry and this process's hot entries whenever the directory's
     answer reports the account refused (``Identity.refusal``), or when no plugin knows the user
@@ -43,6 +45,7 @@ import time
 
 from gateway import (
     Attempt,
+    BackendUnavailable,
     CheckResult,
     Command,
     ComponentState,
@@ -79,7 +82,7 @@ class CachePlugin:
         self.hook = context.hook
         self.state_dir = context.state_dir
         self.offline = OfflineCache(settings, context.state_dir, name=self.name, log=self.log,
-                                    revoked=self.answerer_revoked)
+                                    revoked=self.answerer_revoked, account_of=self.account_of)
         hot = settings.hot
         self.hot = HotCache(hot.ttl, hot.max_entries) if settings.enabled and hot.enabled else None
         self.tally = EntryTally(self._count_entries, self.log)
@@ -166,6 +169,32 @@ class CachePlugin:
         True, False, or None when that cannot be told (the entry is then not answered, nor
         forgotten)."""
         return answerer_revoked(self.hook, answered_by, self.log)
+
+    def account_of(self, step: str, username: str) -> str | None:
+        """The directory's own username of the account that the chain step *step* finds under
+        *username* (its own ``gateway_lookup_user``, not the first plugin's: a refusal is that
+        step's), its hot entries forgotten; None when the step has no lookup, knows no such
+        user or cannot tell. Called for a refusal under a name that may be another of the
+        account's (:meth:`OfflineCache.forget_account`)."""
+        impl = next((impl for impl in self.hook.gateway_lookup_user.get_hookimpls()
+                     if impl.plugin_name == step and not (impl.wrapper or impl.hookwrapper)), None)
+        if impl is None:
+            return None
+        try:
+            identity = impl.function(username)
+        except BackendUnavailable as exc:
+            self.log.warning("credential cache: %s could not name the account of a refused login name (%s); the "
+                             "entry of that account under its own name stays until max_age or its own refusal",
+                             step, exc)
+            return None
+        except Exception:  # never turn the directory's refusal into an error
+            self.log.exception("credential cache: looking up the account of a refused login name failed")
+            return None
+        if not isinstance(identity, Identity) or not identity.username:
+            return None
+        if self.hot is not None:
+            self.hot.forget_user(folded_username(identity.username))
+        return identity.username
 
     @hookimpl
     def gateway_precheck(self, attempt: Attempt) -> Decision | None:

@@ -77,6 +77,9 @@ ALIAS_HASH = "alias"
 #: Beyond it (a flood of wrong passwords for cached users) an entry is forgotten at once, as
 #: before the comparison existed: fail closed, bounded work.
 _RECHECKS_QUEUED = 256
+#: Lookups of a refused name's account on threads of their own at a time (:meth:`OfflineCache.
+#: forget_account`); beyond it the refusal's own thread looks up.
+_FINDERS = 16
 _B64 = "[A-Za-z0-9+/]"  # argon2's encoding: standard base64 alphabet, no padding
 _PARAMETERS = re.compile(r"\$([^$]{0,20})\$([^$]{0,20})\$([^$]{0,60})\$")
 
@@ -157,11 +160,15 @@ def identity_from(document: dict, authenticated_at: float) -> Identity:
 class OfflineCache:
     def __init__(self, settings: CacheSettings, state_dir: Path, *, name: str = "cache",
                  log: logging.Logger | None = None,
-                 revoked: Callable[[str], bool | None] = lambda answered_by: None) -> None:
+                 revoked: Callable[[str], bool | None] = lambda answered_by: None,
+                 account_of: Callable[[str, str], str | None] = lambda step, username: None) -> None:
         self.settings = settings
         #: ``revoked(answered_by)``: whether the backend an entry rests on was revoked since
         #: (True: the entry is deleted; None: cannot tell, no answer; False: it stands).
         self.revoked = revoked
+        #: ``account_of(step, username)``: the directory's own username of the account the chain
+        #: step *step* finds under *username* now (its ``gateway_lookup_user``), or None.
+        self.account_of = account_of
         self.state_dir = state_dir
         self.name = name
         self.log = log or logging.getLogger(f"authgw.plugin.{name}")
@@ -190,11 +197,15 @@ class OfflineCache:
         self.last_offline_answer: float | None = None
         #: The last store error, for readiness (None when the last operation worked).
         self.store_error: str | None = None
-        self._rechecks: queue.SimpleQueue[tuple[str, str, object]] = queue.SimpleQueue()
+        self._rechecks: queue.SimpleQueue[tuple[str, str, object, str]] = queue.SimpleQueue()
         #: Refused passwords queued or being compared, by user key (offline answers wait for
         #: theirs); under _recheck_done's lock.
         self._rechecking: dict[str, int] = {}
         self._recheck_done = threading.Condition()
+        #: Refusals whose account is being looked up (:meth:`forget_account`); under
+        #: _recheck_done's lock. Offline answers wait for them, whoever they are for.
+        self._finding = 0
+        self._finders = threading.BoundedSemaphore(_FINDERS)
 
     # -- lazily opened state (never in the master process: it forks the workers) ---------------
 
@@ -484,6 +495,107 @@ class OfflineCache:
                 return False
         return self.forget(username)
 
+    def forget_account(self, step: str, username: str, timeout: float) -> None:
+        """The chain step *step* refused *username* for account state (disabled, locked,
+        expired): forget the entry of the account that name is, which :meth:`forget` does not
+        reach when the name has no row of its own yet (a mail never used to log in, under a
+        ``user_filter`` that takes the uid or the mail): the account's row stayed answerable
+        offline until ``max_age`` (review of the cache's refusal paths). The account is asked of
+        *step* (:attr:`account_of`) on a thread of its own, waited for until *timeout*: a
+        directory that answered the refusal and then hangs does not hold the answer past its
+        deadline. Offline answers wait for the lookup meanwhile (:meth:`accounts_found`)."""
+        done = threading.Event()
+
+        def find() -> None:
+            try:
+                self._forget_account(step, username)
+            except Exception:  # noqa: BLE001 - never end the thread unaccounted
+                self.log.exception("credential cache: forgetting the account of a name refused for account state failed")
+            finally:
+                self._found()
+                done.set()
+
+        with self._recheck_done:
+            self._finding += 1
+        if not self._finders.acquire(blocking=False):
+            find()  # many at once: on the refusal's own thread (fail closed, bounded)
+            return
+
+        def run() -> None:
+            try:
+                find()
+            finally:
+                self._finders.release()
+
+        threading.Thread(target=run, name="authgw-cache-account", daemon=True).start()
+        done.wait(max(0.0, timeout))
+
+    def _forget_account(self, step: str, username: str) -> None:
+        found = self._account_entry(step, username)
+        if found is not None:
+            self.forget(found[0])
+
+    def _account_entry(self, step: str, username: str) -> tuple[str, str, Entry, dict] | None:
+        """``(account, row_key, entry, document)`` of the entry of the account *username* names
+        for the chain step *step* (:attr:`account_of`), when that is another name's row: None
+        when the step names none, names *username* itself, or the row is not the account's own
+        entry proved by *step*: a pointer row of that name (another account's, which forget()
+        would follow), or another directory's user of that name, is never touched."""
+        account = self.account_of(step, username)
+        if not account:
+            return None
+        account_key = self.user_key(account)
+        if account_key == self.user_key(username):
+            return None  # the name's own row: forget() and the comparison reached it
+        try:
+            keys = self.keys()
+            row_key = keys.row_key(account_key)
+            entry = self.store.get(row_key)
+        except (StoreError, KeyFileError) as exc:
+            # Not kept for a retry as forget() keeps a row: whose row it is cannot be told.
+            self._failed("reading the entry of an account refused under another name", exc)
+            return None
+        document = self._opened(keys, row_key, entry)
+        if (document is None or "alias_of" in document or not self._own(document, account_key)
+                or document.get("step") != step):
+            return None
+        return account, row_key, entry, document
+
+    def _forget_account_if_cached(self, step: str, username: str, user_key: str, password) -> None:
+        """A password refused under a name with no row: when the name is another of an account's
+        (its mail), the account's entry is forgotten if it holds that password. Before, the
+        account's old password, refused live under its mail after a change (or its right one
+        after ppolicy locked it), kept working offline under its uid (review of the cache's
+        refusal paths). Offline answers wait meanwhile (:meth:`accounts_found`)."""
+        with self._recheck_done:
+            self._finding += 1
+        try:
+            found = self._account_entry(step, username)
+            if found is None:
+                return
+            account, _row_key, entry, document = found
+            if not hash_bound(document, entry.password_hash) or not self.usable_hash(entry.password_hash):
+                return  # not answered offline anyway; one guess under another name deletes nothing
+            with self._hash_slots.held():
+                same = self._verify(entry.password_hash, self.keys().peppered(self.user_key(account), password))
+            if same:
+                self.log.info("credential cache: the directory refused an account's cached password under "
+                              "another of its names; entry forgotten")
+                self.forget(account)
+        finally:
+            self._found()
+
+    def _found(self) -> None:
+        with self._recheck_done:
+            self._finding -= 1
+            self._recheck_done.notify_all()
+
+    def accounts_found(self, timeout: float) -> bool:
+        """Wait until no refused name's account is being looked up (:meth:`forget_account`);
+        False when *timeout* passed first."""
+        with self._recheck_done:
+            return self._recheck_done.wait_for(lambda: not self._finding, max(0.0, timeout))
+
     def forget_now(self, username: str, at: float) -> bool:
         """The operator's purge of one user (``authgw cache purge USER``): as :meth:`forget`, the
         account's entry too when *username* is another name of it, but a store error is raised
@@ -642,13 +754,15 @@ class OfflineCache:
 
     # -- a refused password --------------------------------------------------------------------------
 
-    def refused(self, credential: PasswordCredential) -> None:
+    def refused(self, credential: PasswordCredential, step: str = "") -> None:
         """The directory refused this password: forget the user's entry if it is the cached
         password (changed since, or the account locked: ppolicy answers a locked account's right
         password as wrong), keep it if not. Forgetting on any wrong password let anyone wipe a
         user's offline login with one guess, for the next outage. Compared on a thread of its
         own, after the answer: an argon2 verify in the answer's time would tell a wrong password
-        for a cached user from one for another."""
+        for a cached user from one for another. A name with no row of its own is looked up with
+        *step*, the step that refused it: the password may be that of the account's entry
+        (:meth:`_forget_account_if_cached`)."""
         user_key = self.user_key(credential.username)
         with self._recheck_done:
             pending = sum(self._rechecking.values())
@@ -657,7 +771,7 @@ class OfflineCache:
         if pending >= _RECHECKS_QUEUED:
             self.forget(credential.username)
             return
-        self._rechecks.put((credential.username, user_key, credential.password))
+        self._rechecks.put((credential.username, user_key, credential.password, step))
         if pending == 0:  # no thread is comparing: start one
             threading.Thread(target=self._recheck_queued, name="authgw-cache-recheck", daemon=True).start()
 
@@ -665,10 +779,10 @@ class OfflineCache:
         """Compare queued refused passwords until none is left (then the thread ends; the next
         refusal starts another)."""
         while True:
-            username, user_key, password = self._rechecks.get()
+            username, user_key, password, step = self._rechecks.get()
             try:
                 try:
-                    self._forget_if_cached(username, user_key, password)
+                    self._forget_if_cached(username, user_key, password, step)
                 except Exception:  # forget, as before the comparison
                     self.log.exception("credential cache: comparing a refused password failed; the entry is "
                                        "forgotten")
@@ -686,7 +800,7 @@ class OfflineCache:
             if last:
                 return
 
-    def _forget_if_cached(self, username: str, user_key: str, password) -> None:
+    def _forget_if_cached(self, username: str, user_key: str, password, step: str = "") -> None:
         try:
             keys = self.keys()
             row_key = keys.row_key(user_key)
@@ -697,6 +811,10 @@ class OfflineCache:
             self.forget(username)  # cannot compare: as before, fail closed
             return
         if entry is None:
+            # An empty password or one with a NUL never logged in (ldap refuses it before any
+            # bind): no entry holds it, and it costs the directory no lookup.
+            if step and password and "\0" not in password:
+                self._forget_account_if_cached(step, username, user_key, password)
             return
         try:
             user_key, row_key, entry, document = self._resolve(keys, row_key, user_key, entry)
@@ -755,6 +873,9 @@ class OfflineCache:
             # A password of this user refused live a moment ago, still being compared with the
             # cached one: the answer waits for the comparison, which may forget the entry.
             if not self.rechecked(attempt.time_left() - 0.05, user_key):
+                return unavailable
+            # An account refused under another name, not known yet: it may be this one.
+            if not self.accounts_found(attempt.time_left() - 0.05):
                 return unavailable
             # A refusal of this user the store did not take (kept by any worker of this instance):
             # no answer from the entry it was meant to delete, whether the retry lands now or not.
@@ -917,13 +1038,15 @@ class OfflineCache:
                 self.remember(attempt, credential, decision.identity, decision.step, decision.answered_by)
             return decision
         if decision.outcome is Outcome.INVALID_CREDENTIALS:
-            self.refused(credential)
+            self.refused(credential, decision.step)
             return decision
         if decision.outcome is Outcome.USER_NOT_FOUND:
             self.forget_unknown(credential.username)
             return decision
         if decision.outcome in _REFUSALS:
             self.forget(credential.username)
+            if decision.outcome is Outcome.ACCOUNT_STATE:
+                self.forget_account(decision.step, credential.username, attempt.time_left() - 0.05)
             return decision
         if decision.outcome is Outcome.UNAVAILABLE:
             answered = self.answer(attempt, credential, decision)
