@@ -12,6 +12,7 @@ import os
 import socket
 import ssl
 import time
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -441,15 +442,26 @@ def _masked(payload: bytes, opcode: int) -> bytes:
     return bytes([0x80 | opcode]) + size + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 
+def _unsent(port: int, peer: int) -> int:
+    """Bytes the kernel holds unsent on the connection from 127.0.0.1:*port* to :*peer*."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].split(":")[1], 16) == port and int(fields[2].split(":")[1], 16) == peer:
+            return int(fields[4].split(":")[0], 16)
+    return 0
+
+
 def test_a_connector_that_stops_reading_holds_up_no_other_revocation(tmp_path):
     """A revoked link is closed in a task of its own: the close waits for the link's writes to
     drain, and a connector that reads nothing held the relay's whole maintenance round (every other
     revocation and expiry, the heartbeat) until the write guard cut it (review of the relay). The
     guard waits a minute here, longer than the test waits."""
-    relay = Relay(tmp_path / "relay", extra="limits: {write_timeout: 60}\n", settings={"ping_interval": 5.0}).setup().start()
+    relay = Relay(tmp_path / "relay", extra="limits: {write_timeout: 60, max_connections_per_client: 1024}\n",
+                  settings={"ping_interval": 5.0, "max_in_flight": 512}).setup().start()
     stuck = Connector(tmp_path / "stuck", NoDirectory()).enroll(relay.ticket(), relay.ca_file)
     other = Connector(tmp_path / "other", NoDirectory()).enroll(relay.ticket(), relay.ca_file)
     raw = socket.socket()
+    callers: list[socket.socket] = []
     try:
         raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
         raw.connect(("127.0.0.1", relay.port))
@@ -457,13 +469,18 @@ def test_a_connector_that_stops_reading_holds_up_no_other_revocation(tmp_path):
         assert b" 101 " in _upgrade(sock)
         sock.sendall(_masked(proto.request("hello", {"version": "x"}, now=time.time(), timeout=5)[1].encode(), 0x1))
         assert b'"answer"' in sock.recv(4096)
-        # Pings, never reading the pongs, until the relay's writes to this link back up and it
-        # stops reading (the send then times out): under a million, a few MB.
-        sock.settimeout(2.0)
-        pings = _masked(b"", 0x9) * 1000
-        with pytest.raises(TimeoutError):
-            for _ in range(5000):
-                sock.sendall(pings)
+        # Directory requests for this link (the only one of its connection), each a frame of
+        # over a kilobyte, which it never reads, until the relay's writes to it back up: 400 API
+        # calls on connections of their own, left waiting (pings did it before; the relay now
+        # closes a link that floods them).
+        request = (f"GET /v1/relay/users?q=a&cursor={'c' * 1000} HTTP/1.1\r\nHost: relay\r\n"
+                   f"Authorization: Bearer {relay.token}\r\n\r\n").encode()
+        for _ in range(400):
+            caller = socket.create_connection(("127.0.0.1", relay.process.port), timeout=10)
+            callers.append(caller)
+            caller.sendall(request)
+        wait_for(lambda: _unsent(relay.port, sock.getsockname()[1]) > 64 * 1024, 30,
+                 what="the relay's writes to the stuck link to back up")
         other.start()
         other.wait_linked(relay)
         assert relay.cli("relay", "revoke", stuck.connector_id).returncode == 0
@@ -475,5 +492,7 @@ def test_a_connector_that_stops_reading_holds_up_no_other_revocation(tmp_path):
         _no_server_errors(relay)
     finally:
         raw.close()
+        for caller in callers:
+            caller.close()
         other.stop()
         relay.stop()

@@ -110,9 +110,21 @@ class RelayPlugin:
         exposed = RelayCA.key_exposure(context.state_dir)
         if exposed:
             self.log.warning("relay: %s", exposed)
+        #: What is wrong with the relay CA Redis holds (another than this instance's), ``""``
+        #: when nothing: said at ERROR once, shown in ``/readyz`` as ``relay.ca`` (:meth:`_check_ca`).
+        self.ca_conflict = ""
+        self._ca_other = ""  # the fingerprint of that other CA
         if settings.redis is not None:
-            self.ca = RelayCA.from_pem(*self.store.shared_ca(self.ca.key_pem, self.ca.pem.encode()))
-            self.ca.save(context.state_dir)
+            key_pem, cert_pem, _ = self.store.shared_ca(self.ca.key_pem, self.ca.pem.encode())
+            shared = RelayCA.from_pem(key_pem, cert_pem)
+            if shared.pem == self.ca.pem or not self.ca.shared_in(context.state_dir):
+                self.ca = shared  # a new instance adopts the CA of the others
+                self.ca.save(context.state_dir)
+            else:
+                # This instance's CA was shared (connectors were enrolled with it) and Redis now
+                # holds another: written by an instance that found it missing (Redis lost its
+                # data). Adopting it overwrote the CA every connector pins, without a word.
+                self._ca_conflict(shared.fingerprint, self.log)
         self.hub = Hub(settings.max_in_flight, relink_wait=settings.relink_wait)
         if settings.redis is None and context.gateway.workers > 1:
             self.log.warning("relay: with workers: %d and no `redis:`, a login reaches the connectors linked to "
@@ -213,6 +225,7 @@ class RelayPlugin:
             try:
                 if router is not None:
                     await router.heartbeat()
+                    await loop.run_in_executor(None, self._check_ca)
                 revoked = await self._read_standing(loop)  # before any link is closed for it
             except Exception as exc:  # noqa: BLE001 - Redis away or SQLite busy: try again next round
                 revoked = None
@@ -298,6 +311,38 @@ class RelayPlugin:
                     if not session.ws.closed:
                         self._end(session, 4003, b"revoked")
 
+    def _check_ca(self) -> None:
+        """Write this instance's CA back to Redis when Redis lost it (SET NX: never over
+        another's), and say when Redis holds another one (:attr:`ca_conflict`). A CA lost from
+        Redis stayed lost: the next instance to start made its own and wrote it, one that
+        restarted then adopted it over the one its connectors were enrolled with, and links
+        were refused by the TLS handshake at one instance or the other (review of the relay side)."""
+        try:
+            key_pem, cert_pem, written = self.store.shared_ca(self.ca.key_pem, self.ca.pem.encode())
+            fingerprint = RelayCA.from_pem(key_pem, cert_pem).fingerprint
+        except ValueError:  # garbage under the key: not ours to overwrite either
+            fingerprint, written = "(not a relay CA)", False
+        if written:
+            log.warning("relay: the relay CA was missing in Redis (its data lost, evicted, a failover?); this "
+                        "instance wrote its own back (SHA-256 %s)", self.ca.fingerprint)
+        if fingerprint == self.ca.fingerprint:
+            if self._ca_other:
+                log.warning("relay: Redis holds this instance's relay CA again (SHA-256 %s)", self.ca.fingerprint)
+            self._ca_other, self.ca_conflict = "", ""
+        elif fingerprint != self._ca_other:  # said once per CA found there
+            self._ca_conflict(fingerprint, log)
+
+    def _ca_conflict(self, fingerprint: str, logger) -> None:
+        self._ca_other = fingerprint
+        self.ca_conflict = (f"Redis holds another relay CA (SHA-256 {fingerprint}) than this instance's "
+                            f"(SHA-256 {self.ca.fingerprint}): connectors enrolled with one are refused by "
+                            "the instances using the other. This instance keeps its own and overwrites "
+                            "nothing. Keep the CA the connectors were enrolled with: delete the key "
+                            f"{self.settings.redis.key_prefix}ca (an instance holding it writes it back within "
+                            "a second), then restart the instances that made the other one after moving their "
+                            f"STATE_DIR/relay/ca away (here: {self.state_dir / 'relay' / 'ca'})")
+        logger.error("relay: %s", self.ca_conflict)
+
     def _end(self, session, code: int, message: bytes) -> None:
         """Close *session*'s link (already out of routing) in a task of its own: a close waits
         for the link's writes to drain, and a connector that stops reading would hold it until
@@ -344,7 +389,7 @@ class RelayPlugin:
                 # logged and audited: a code only; the outcome stands (a step of the
                 # connector's may give free text)
                 reason = "relay.bad_reason"
-            identity = _identity(answer.get("identity")) if outcome is Outcome.SUCCESS else None
+            identity = _identity(answer.get("identity"), self.name) if outcome is Outcome.SUCCESS else None
         except (ValueError, TypeError, KeyError):
             log.warning("connector %s answered a malformed decision; denied", connector)
             return Decision.deny(Outcome.ERROR, step=self.name, reason="relay.bad_answer", answered_by=connector)
@@ -376,7 +421,7 @@ class RelayPlugin:
         if not answer.get("found"):
             return None
         try:
-            identity = _identity(answer.get("identity"))
+            identity = _identity(answer.get("identity"), self.name)
         except (ValueError, TypeError, KeyError):
             raise BackendUnavailable("relay.bad_answer: a malformed identity") from None
         if not self._answers_for(username, identity.username):
@@ -473,6 +518,8 @@ class RelayPlugin:
                                  if links else "no connector linked", required=True)]
         if self._store_probe is not None:
             states.append(self._store_probe.state())
+        if self.ca_conflict:  # not required: the links held here still serve
+            states.append(ComponentState(f"{self.name}.ca", False, self.ca_conflict))
         return states
 
     @hookimpl
@@ -514,8 +561,13 @@ def _account(name: str) -> str | None:
     return account if backslash and domain and account else None
 
 
-def _identity(data: Any) -> Identity:
-    """An identity from a connector's answer, every field type-checked and bounded."""
+def _identity(data: Any, method: str = "relay") -> Identity:
+    """An identity from a connector's answer, every field type-checked and bounded. Its
+    ``method`` is *method*, the relay step's name, whatever the answer says: the relay asked for
+    a password check, and the login doors state the method to relying parties (SAML's
+    AuthnContextClassRef, WS-Fed's AuthenticationMethod, OIDC's ``acr``). A connector answering
+    ``kerberos`` or ``client_cert`` had a password sign-in stated as Kerberos or X509, meeting
+    what an SP asked of a stronger one (review of the relay side)."""
     if not isinstance(data, dict):
         raise TypeError("identity must be an object")
     username, subject = data["username"], data["subject"]
@@ -530,7 +582,7 @@ def _identity(data: Any) -> Identity:
     if not isinstance(claims, dict):
         raise TypeError("claims must be an object")
     return Identity(subject=_text(data["subject"]), username=_text(data["username"], 256),
-                    method=_text(data.get("method", "relay"), 64),
+                    method=method,
                     display_name=_text(data.get("display_name", "")), email=_text(data.get("email", "")),
                     groups=tuple(_text(g) for g in groups), claims=claims,
                     # The relay's own clock, as the answer comes: the proof is this call's. The
@@ -550,6 +602,6 @@ def search_page(answer: dict[str, Any]) -> UserPage:
             raise TypeError("users must be a list")
         if cursor is not None:
             cursor = _text(cursor)
-        return UserPage(tuple(_identity({**u, "method": "relay"}) for u in users), cursor)
+        return UserPage(tuple(_identity(u) for u in users), cursor)
     except (TypeError, KeyError, ValueError, AttributeError) as exc:
         raise BackendUnavailable(f"relay.bad_answer: {exc}") from None

@@ -3,7 +3,8 @@ certificates from their CSRs (enrolment and renewal) and, unless the operator gi
 relay listener's own server certificate.
 
 Files under ``STATE_DIR/relay/ca/``: ``ca.key`` (0600, P-256) and ``ca.crt``. The directory is
-created whole by a rename, so two processes starting at once end up with the same CA.
+created whole by a rename, so two processes starting at once end up with the same CA. With
+``redis:``, ``shared`` holds the SHA-256 of the CA the instances share (:meth:`RelayCA.save`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ __all__ = ["CSRRefused", "RelayCA"]
 UTC = dt.timezone.utc
 #: Connector certificates are backdated this much, for connectors whose clock runs a little behind.
 _BACKDATE = dt.timedelta(minutes=1)
+#: Beside ``ca.crt``: the SHA-256 of the CA this instance shares with the others in Redis.
+_SHARED = "shared"
 #: What loading a CSR raises for one that is not a CSR: InvalidVersion (a version other than 1,
 #: the field 0) is no ValueError, and was a 500 at enrolment (review of the relay side).
 _UNREADABLE = (ValueError, UnicodeEncodeError, x509.InvalidVersion)
@@ -62,12 +65,30 @@ class RelayCA:
         return cls(serialization.load_pem_private_key(key_pem, None), x509.load_pem_x509_certificate(cert_pem))
 
     def save(self, state: Path) -> None:
-        """Write this CA over the state directory's (an instance adopting the shared CA), so
-        that ``STATE_DIR/relay/ca/ca.crt`` is always the CA connectors are given."""
+        """Write this CA, the one the relay instances share in Redis, over the state directory's
+        (an instance adopting the shared CA), so that ``STATE_DIR/relay/ca/ca.crt`` is always
+        the CA connectors are given; and mark it shared (:meth:`shared_in`)."""
         directory = state / "relay" / "ca"
         if (directory / "ca.crt").read_text() != self.pem:
             write_atomic(directory / "ca.key", self.key_pem)
             write_atomic(directory / "ca.crt", self.pem.encode("ascii"), mode=0o644)
+        if not self.shared_in(state):
+            write_atomic(directory / _SHARED, self.fingerprint.encode("ascii") + b"\n", mode=0o644)
+
+    def shared_in(self, state: Path) -> bool:
+        """Whether this CA is the one *state* holds as the CA the instances shared (``shared``
+        beside it: its certificate's SHA-256): connectors may have been enrolled with it at any
+        instance. A CA without the mark was made by this instance and never used (its first
+        start, or Redis unreachable then), and gives way to the shared one."""
+        try:
+            return (state / "relay" / "ca" / _SHARED).read_text().strip() == self.fingerprint
+        except OSError:
+            return False
+
+    @property
+    def fingerprint(self) -> str:
+        """The certificate's SHA-256, in hex: what the logs name a CA by."""
+        return self.cert.fingerprint(hashes.SHA256()).hex()
 
     @property
     def pem(self) -> str:

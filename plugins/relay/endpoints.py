@@ -115,6 +115,14 @@ async def _send(ws: web.WebSocketResponse, frame: str) -> None:
         pass
 
 
+async def _pong(ws: web.WebSocketResponse, payload: bytes) -> None:
+    """Answer a ping (RFC 6455 5.5.3: the same payload), unless the peer already went away."""
+    try:
+        await ws.pong(payload)
+    except ConnectionError:
+        pass
+
+
 def _token(request: web.Request) -> str | None:
     token = request.match_info.get("token", "")
     return token if 20 <= len(token) <= 100 and set(token) <= _TOKEN_CHARS else None
@@ -361,8 +369,11 @@ class Endpoints:
             log.warning("refused a link from connector %s: its key is not the one enrolled", connector)
             return _refuse(403, "unknown_connector", "this certificate is not the one enrolled for the connector")
         self.plugin.admitted(connector)
+        # autoping off: pings and pongs reach the loop below, which counts them against the
+        # connector's budget (Hub.control_frame) and answers the pings itself. The heartbeat
+        # does not need it: any frame received ends its wait for a pong.
         ws = web.WebSocketResponse(heartbeat=self.settings.ping_interval, max_msg_size=proto.MAX_FRAME,
-                                   autoping=True, compress=False)  # no frame is inflated on the loop
+                                   autoping=False, compress=False)  # no frame is inflated on the loop
         session = LinkSession(ws, connector, connection, cert.public_key(), cert.not_valid_after_utc.timestamp(),
                               peer=str(request.remote))
         hub = self.plugin.hub
@@ -384,6 +395,13 @@ class Endpoints:
         bad = 0
         try:
             async for msg in ws:
+                if msg.type in (WSMsgType.PING, WSMsgType.PONG):
+                    if not hub.control_frame(session):
+                        await _cut(request, ws, 1008, b"too many pings")
+                        break
+                    if msg.type == WSMsgType.PING:
+                        await _pong(ws, msg.data)
+                    continue
                 if msg.type == WSMsgType.BINARY:
                     bad += 1
                     await _send(ws, proto.error(None, "bad_request", "text frames only"))
@@ -526,6 +544,18 @@ async def close_link(ws: web.WebSocketResponse, code: int, message: bytes) -> No
         await ws.close(code=code, message=message)
     except ConnectionError:
         pass
+
+
+async def _cut(request: web.Request, ws: web.WebSocketResponse, code: int, message: bytes) -> None:
+    """Fail the WebSocket connection (RFC 6455 7.1.7): the close frame, then the TCP connection
+    closed without waiting for the peer's close frame. A close waits up to 10 s for it, reading
+    and dropping every frame before it: a connector flooding pings that never answers the close
+    kept the relay parsing its flood all that time, link after link."""
+    closing = asyncio.ensure_future(close_link(ws, code, message))
+    await asyncio.sleep(0)  # its first step writes the close frame
+    if request.transport is not None:
+        request.transport.close()  # the close frame is still sent; what comes after reaches no parser
+    await closing
 
 
 async def _close_replaced(session: LinkSession) -> None:

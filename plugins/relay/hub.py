@@ -49,7 +49,7 @@ from aiohttp import web
 
 from gateway.plugins import linkproto as proto
 
-__all__ = ["ConnectorGuard", "Hub", "LinkSession", "MAX_LINKS", "MAX_PROBES", "Unreachable"]
+__all__ = ["ConnectorGuard", "ControlBudget", "Hub", "LinkSession", "MAX_LINKS", "MAX_PROBES", "Unreachable"]
 
 log = logging.getLogger("authgw.plugin.relay")
 
@@ -64,7 +64,15 @@ MAX_PROBES = 4
 #: ``hello`` per dial; beyond the rate a request is answered ``unavailable`` (a refused frame).
 REQUEST_BURST = 32
 REQUEST_RATE = 1.0
-
+#: WebSocket pings and pongs one connector id may send, all its links together: a burst of
+#: :data:`CONTROL_BURST`, then :data:`CONTROL_RATE` a second; beyond it the link that sent one
+#: is closed (1008). A connector pings once per ``ping_interval`` and answers the relay's pings:
+#: a few a second at most. Answered inside aiohttp (``autoping``), they were counted nowhere: one
+#: connector's flood of pings over one link made the relay's worker answer 130,000 a second,
+#: and a third of the logins of every connection it served ran past their 5 s deadline (review
+#: of the relay side).
+CONTROL_BURST = 100
+CONTROL_RATE = 50.0
 
 
 
@@ -135,13 +143,36 @@ class ConnectorGuard(proto.ReplayGuard):
         return max(self._seen.values(), default=-math.inf)
 
 
+class ControlBudget:
+    """The WebSocket pings and pongs one connector id may still send (a token bucket:
+    :data:`CONTROL_BURST`, refilled at :data:`CONTROL_RATE` a second)."""
+
+    def __init__(self, clock=time.monotonic) -> None:
+        self._clock = clock
+        self._tokens = float(CONTROL_BURST)
+        self._at = clock()
+        self.closed = 0  # links closed for spending it
+        self.last_logged = -math.inf
+
+    def spend(self) -> bool:
+        """Take one frame; False when none is left (the link that sent it is closed)."""
+        at = self._clock()
+        self._tokens = min(float(CONTROL_BURST), self._tokens + max(0.0, at - self._at) * CONTROL_RATE)
+        self._at = at
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
+
+
 class _Connector:
     """What one connector id holds at this process: its open links (said hello or not, replaced
-    ones until closed), their shared replay record, and the refusal log's state."""
+    ones until closed), their shared replay record and ping budget, and the refusal log's state."""
 
     def __init__(self, skew: float) -> None:
         self.links: list[LinkSession] = []
         self.guard = ConnectorGuard(skew)
+        self.control = ControlBudget()
         self.refusing = False  # a burst of refusals is going on: logged once
         self.refused = 0  # refusals not logged
         self.last_logged = -math.inf
@@ -168,6 +199,7 @@ class LinkSession:
         #: most _UNANSWERED_KEPT: the one late answer each may still get (:meth:`answered`).
         self.unanswered: dict[str, None] = {}
         self.guard: proto.ReplayGuard | None = None  # its connector's, shared (Hub.admit)
+        self.control: ControlBudget | None = None  # its connector's pings and pongs, shared (Hub.admit)
         self.version = ""
         self.ready = False  # set once the connector's hello was answered
         self.greeted = False  # a hello (probe or not) was answered: the hello timeout is over
@@ -313,7 +345,26 @@ class Hub:
             return False
         state.links.append(session)
         session.guard = state.guard
+        session.control = state.control
         return True
+
+    def control_frame(self, session: LinkSession) -> bool:
+        """*session* received a WebSocket ping or pong: False when its connector spent its
+        budget (:data:`CONTROL_RATE`), and the link is to be closed. Said once a minute per
+        connector, with the count of links closed since."""
+        budget = session.control
+        if budget is None or budget.spend():
+            return True
+        budget.closed += 1
+        now = time.monotonic()
+        if now - budget.last_logged >= _REFUSAL_LOG_INTERVAL:
+            budget.last_logged = now
+            log.warning("closing a link of connector %s from %s: it sent WebSocket pings and pongs beyond %d, then "
+                        "%g a second (%d link(s) of it closed for that since the last warning; a hostile or "
+                        "broken connector)", session.connector, session.peer, CONTROL_BURST, CONTROL_RATE,
+                        budget.closed)
+            budget.closed = 0
+        return False
 
     def may_probe(self, session: LinkSession) -> bool:
         """Whether *session* may become a probe link: its connector holds fewer than

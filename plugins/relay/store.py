@@ -317,16 +317,24 @@ class RedisStore:
         alone when the record was gone (a Redis that lost its data)."""
         self._seen(keys=[self._k("connector", connector)], args=[version[:64], repr(time.time()), repr(online_until)])
 
-    def shared_ca(self, key_pem: bytes, cert_pem: bytes) -> tuple[bytes, bytes]:
-        """The relay CA all instances use: the first instance's (SET NX), so that a connector
-        enrolled at one instance is trusted by all. Redis then holds the CA key: protect it
-        as the CA itself (ACL user, TLS, no shared database)."""
+    def shared_ca(self, key_pem: bytes, cert_pem: bytes) -> tuple[bytes, bytes, bool]:
+        """The relay CA all instances use, and whether this call wrote it: the first instance's
+        (SET NX), so that a connector enrolled at one instance is trusted by all; when Redis
+        lost it, the first instance to ask again writes its own back (never over another).
+        Redis then holds the CA key: protect it as the CA itself (ACL user, TLS, no shared
+        database). Raises ValueError for a value that is no relay CA."""
         import json as _json
 
         key = self._k("ca")
-        self.redis.set(key, _json.dumps({"key": key_pem.decode(), "cert": cert_pem.decode()}), nx=True)
-        stored = _json.loads(self.redis.get(key))
-        return stored["key"].encode(), stored["cert"].encode()
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(key, _json.dumps({"key": key_pem.decode(), "cert": cert_pem.decode()}), nx=True)
+        pipe.get(key)
+        written, value = pipe.execute()
+        try:
+            stored = _json.loads(value)
+            return stored["key"].encode(), stored["cert"].encode(), bool(written)
+        except (TypeError, ValueError, KeyError, AttributeError, RecursionError):
+            raise ValueError(f"{self.location}: the key {key} holds no relay CA") from None
 
     def close(self) -> None:
         self.redis.close()
