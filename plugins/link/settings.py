@@ -13,7 +13,7 @@ class LinkSettings(PluginSettings):
     """The connector's outbound link to a relay. Where to connect comes from enrolment
     (``authgw link enroll TICKET_URL``), kept in the state directory, not here."""
 
-    ping_interval: float = Field(5.0, gt=0, le=60, description="seconds between WebSocket pings; a ping "
+    ping_interval: float = Field(5.0, ge=0.1, le=60, description="seconds between WebSocket pings; a ping "
                                  "not answered within half as long closes the link, which is dialled again")
     backoff_initial: float = Field(0.5, gt=0, le=60, description="seconds before the first re-dial (jittered)")
     backoff_max: float = Field(30.0, gt=0, le=3600, description="longest wait between re-dials (jittered)")
