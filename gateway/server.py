@@ -52,7 +52,7 @@ from gateway.lifecycle import (CLOSE_GRACE, SHUTDOWN_GRACE, MessageReader, early
                                return_freed_memory, write_pidfile)
 from gateway.runtime import Runtime, build_runtime
 from gateway.settings import GatewaySettings, parse_listen
-from gateway.supervisor import EXIT_STARTUP_FAILED, explain, start_heartbeat, supervise
+from gateway.supervisor import EXIT_STARTUP_FAILED, explain, start_grace, start_heartbeat, supervise
 
 __all__ = ["serve"]
 
@@ -165,7 +165,8 @@ class _Worker:
                               f"({', '.join(sorted(listeners)) or 'none'}); that needs a restart")
         return listeners
 
-    async def _start_generation(self, runtime: Runtime) -> _Generation:
+    async def _start_generation(self, runtime: Runtime, grace: float | None = None) -> _Generation:
+        """*runtime* started and listening; *grace*: seconds its plugins' start-up may take."""
         listeners = self._listeners(runtime)
         generation = _Generation(runtime)
         try:
@@ -173,7 +174,15 @@ class _Worker:
             # (their threads and pools), not left running beside the generation that stays.
             # On a daemon thread: a start-up that hangs (a backend that does not answer) must not
             # keep a stopping process from exiting, as a thread of the loop's executor would.
-            await _in_thread(runtime.gateway.startup)
+            starting = _in_thread(runtime.gateway.startup)
+            try:
+                await asyncio.wait_for(asyncio.shield(starting), grace)
+            except asyncio.TimeoutError:
+                # A reload's start-up that never returned held every later reload behind it: the
+                # worker served its configuration for good, and the master said nothing (review
+                # of the supervisor). Given up (its thread left behind), the reload refused.
+                raise RuntimeError(f"the plugins' gateway_startup has not returned after {grace:.0f} s (a backend "
+                                   "one waits on?); given up") from None
             apps = build_apps(runtime.gateway, runtime.metrics, list(listeners.values()))
             for name, app in apps.items():
                 # aiohttp waits this long for a request in flight, cancels it, and waits as long
@@ -254,7 +263,7 @@ class _Worker:
             # Throttle counts (and failure-timing samples) go on, as metrics do: a reload must
             # never hand guessers a fresh budget.
             runtime.gateway.carry_over(old.runtime.gateway)
-            new = await self._start_generation(runtime)
+            new = await self._start_generation(runtime, start_grace(old.runtime.config.core.worker_timeout))
         except Exception as exc:
             runtime.discard()
             return self._refused(exc)

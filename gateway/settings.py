@@ -522,7 +522,8 @@ class GatewaySettings(PluginSettings):
     worker_timeout: float = Field(30.0, ge=0, le=3600, description="with several workers, seconds a worker's "
                                   "event loop may go without turning before the master kills and replaces it "
                                   "(0: no watchdog; else at least 1; a new worker has at least 30 s to its "
-                                  "first turn)")
+                                  "first turn, and as long, max(worker_timeout, 30 s), to serve, as a "
+                                  "reload's plugin start-up to finish)")
     realm: str = Field("authgw", description="realm of the `WWW-Authenticate: Basic` challenge")
     identity_headers: Literal["utf-8", "percent"] = Field(
         "utf-8", description="how `/auth` writes the `Remote-*` values: `utf-8` as they are; `percent`: each byte "

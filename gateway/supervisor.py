@@ -28,7 +28,10 @@ one: from its fork, at least :data:`_FIRST_BEAT_GRACE`) is named at ERROR, asked
 threads' stacks (:data:`_STACKS_SIGNAL`: faulthandler writes them without the stuck thread),
 killed with SIGKILL :data:`_STACKS_GRACE` later (a frozen process acts on nothing else) and
 replaced as a worker that died is. A worker busy on its threads beats on: only its
-loop must turn. Workers the master is stopping are not watched.
+loop must turn. Workers the master is stopping are not watched. A new worker's loop turns while
+its plugins start (on a thread): one not serving :func:`start_grace` seconds after its fork (a
+start-up waiting for ever on a backend) is killed the same way, as a failed start, once some
+worker has served; a worker's reload gives up such a start-up after as long (gateway/server.py).
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ from gateway.lifecycle import KILL_AFTER, MessageReader, die_with_parent, encode
 from gateway.logs import MULTILINE, printable
 from gateway.runtime import build_runtime
 
-__all__ = ["EXIT_STARTUP_FAILED", "WORKER_TIMEOUT", "explain", "start_heartbeat", "supervise"]
+__all__ = ["EXIT_STARTUP_FAILED", "WORKER_TIMEOUT", "explain", "start_grace", "start_heartbeat", "supervise"]
 
 log = logging.getLogger("authgw.server")
 
@@ -92,6 +95,16 @@ _beat: tuple[mmap.mmap, float] | None = None  # in a worker: its page and how of
 
 #: Runs in the forked worker: (slot, the configuration to build, its end of the link) -> exit code.
 WorkerMain = Callable[[int, Config, socket.socket], int]
+
+
+def start_grace(timeout: float) -> float | None:
+    """Seconds a worker's plugins have to start (``gateway_startup``), in a new worker or in a
+    reload, for a watchdog *timeout* (the ``worker_timeout`` setting): as long as a new worker has
+    to its first beat (at least :data:`_FIRST_BEAT_GRACE`); None (no bound) when the watchdog is
+    off. A start-up that waits for ever (a backend it connects to without a timeout) is given up:
+    it used to leave a new worker's socket queueing its share of new connections for no one, and
+    a worker's reload pending for good, with every later reload waiting behind it."""
+    return max(timeout, _FIRST_BEAT_GRACE) if timeout else None
 
 
 def explain(exc: Exception) -> str:
@@ -220,6 +233,8 @@ class _Master:
 
     def spawn(self, slot: int) -> None:
         global _beat  # set in the forked worker
+        if self.stop_requested:  # asked for during the start's spawns: no worker to start, then stop
+            return
         if slot in self.unbound:
             try:
                 self.slots[slot][:] = self.rebind(slot)
@@ -271,6 +286,11 @@ class _Master:
         now = time.monotonic()
         self.children[pid] = _Child(slot, now, parent_end, MessageReader(parent_end), beat, heard=now,
                                     serves=self.accepted_number)
+        if self.stop_requested:
+            # A SIGTERM held while forking ran its handler before this worker was known: it was
+            # not told to stop, served on after "listening sockets closed" and was killed
+            # (SIGKILL) KILL_AFTER seconds into the stop (review of the supervisor).
+            _signal(pid, signal.SIGTERM)
 
     def _close_links(self) -> None:
         """In a forked child: close the master's ends of its links to the other processes."""
@@ -425,6 +445,20 @@ class _Master:
                 waited = now - child.hung
                 if waited >= _STACKS_GRACE and (waited >= _STACKS_MAX_WAIT or not _signal_pending(pid, _STACKS_SIGNAL)):
                     _signal(pid, signal.SIGKILL)  # again at each turn: harmless until it is reaped
+                continue
+            if not child.serving and self.served and now - child.started > start_grace(self.timeout):
+                # Its loop turns (start-up runs on a thread), so the beats said nothing: a new
+                # worker whose plugins' start-up never returned held its slot's socket, whose
+                # share of new connections waited for no one, for good and without a word
+                # (review of the supervisor). Killed as a failed start: its slot's socket is
+                # closed until the next try, which the back-off spaces out. (At the first start,
+                # with nothing serving yet, it is left to start: no worker serves either way.)
+                child.hung = now
+                log.error("worker %d (slot %d) has not started serving %.0f s after its fork (a plugin's "
+                          "gateway_startup that does not return: a backend it waits on?); its threads' stacks "
+                          "follow on stderr, then it is killed (SIGKILL) and started again", pid, child.slot,
+                          now - child.started)
+                _signal(pid, _STACKS_SIGNAL)
                 continue
             (count,) = _BEAT.unpack_from(child.beat)
             if count != child.count:
