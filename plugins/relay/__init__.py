@@ -72,7 +72,7 @@ from gateway.plugins import linkproto as proto
 
 from .ca import RelayCA
 from .cli import relay_command
-from .endpoints import Endpoints, close_link, log
+from .endpoints import STORE_ERRORS, Endpoints, close_link, log
 from .hub import Hub, Unreachable
 from .settings import RelaySettings
 from .router import Router
@@ -277,7 +277,12 @@ class RelayPlugin:
                         if session.ready:
                             await loop.run_in_executor(None, self.store.seen, session.connector,
                                                        session.version, until)
-            except Exception:  # the registry may be busy; try again next round
+            except STORE_ERRORS as exc:  # the registry went away since the read: next round
+                # A traceback for every Redis restart between the read and the write (review of
+                # this stop's changes: a relay whose Redis stopped mid-round).
+                log.warning("relay maintenance: the registry stopped answering during the round (%s); tried "
+                            "again next round", exc.__class__.__name__)
+            except Exception:  # what is not the registry's: say where
                 log.exception("relay maintenance failed")
 
     async def _read_standing(self, loop: asyncio.AbstractEventLoop) -> frozenset[str]:

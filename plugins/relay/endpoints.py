@@ -48,7 +48,7 @@ try:
 except ImportError:  # authgw[redis] not installed: the SQLite registry only
     RedisError = sqlite3.Error
 #: The registry's own failures (not a refusal of what the client sent).
-_STORE_ERRORS = (sqlite3.Error, RedisError)
+STORE_ERRORS = (sqlite3.Error, RedisError)
 
 __all__ = ["Endpoints"]
 
@@ -137,7 +137,7 @@ class Endpoints:
     async def _store(self, method, *args):
         try:
             return await asyncio.get_running_loop().run_in_executor(None, method, *args)
-        except _STORE_ERRORS as exc:
+        except STORE_ERRORS as exc:
             # INFO: the health round already said it at WARNING, once; connectors retry often.
             log.info("relay registry unavailable (%s): refused %s", exc.__class__.__name__, method.__name__)
             raise StoreUnavailable() from None
