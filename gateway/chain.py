@@ -43,6 +43,7 @@ import re
 import threading
 import time
 import types
+import unicodedata
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -334,6 +335,16 @@ def _vetted(attempt: Attempt, decision: Decision) -> Decision:
         log.error("step %r signed in a username no header can carry: empty, with white space at an end or "
                   "holding a control character (%r); denied (fail closed)", decision.step, name)
         return Decision.deny(Outcome.ERROR, step=decision.step, reason="unrepresentable_username")
+    if not name.isascii() and not unicodedata.is_normalized("NFKC", name):
+        # A directory's uid "ａｄｍｉｎ" (full width) is found by a typed "admin": LDAP matches
+        # names in NFKC (RFC 4518), so it is the same name to slapd. Signed in as spelt, it reached
+        # an application that folds names (Django's normalize_username, any NFKC lookup) as
+        # admin. A typed name is in NFKC before the chain; this is a directory's, a principal's or
+        # a certificate's, and its entry is to be fixed, not guessed at.
+        log.error("step %r signed in a username not in Unicode normal form KC (%r, %r in that form), which "
+                  "directories and applications take for that other spelling; denied (fail closed)",
+                  decision.step, name, unicodedata.normalize("NFKC", name))
+        return Decision.deny(Outcome.ERROR, step=decision.step, reason="unnormalised_username")
     attempt.stash[_VETTED] = decision
     return decision
 
