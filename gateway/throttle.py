@@ -87,7 +87,8 @@ class Throttle:
         # NTP step does not move (a step forward of a window freed every guess at once; review
         # of time). SQLite's are shared by the workers and outlive a boot: the store dates them
         # by the boot clock, the wall clock only setting where a boot's seconds start
-        # (SQLiteStore._now). Redis dates them itself (its TIME).
+        # (SQLiteStore._now). Redis dates them itself (its TIME, with a step of it forward taken
+        # out: RedisStore.reserve).
         self._clock = clock or (time.monotonic if self.kind in ("memory", "off") else time.time)
         self.store: ThrottleStore = open_store(settings, state_dir, workers) if settings.enabled else MemoryStore()
         #: The store does network I/O: call it off the event loop.
@@ -113,6 +114,9 @@ class Throttle:
             self.store = previous.store
             previous._handed_on = True
             return
+        if self.kind == "redis" and previous._where() == self._where():
+            # what a step of Redis's clock is measured against: a reload must not let one pass unseen
+            self.store.seen = getattr(previous.store, "seen", None)
         if previous.kind != "off" and self.kind != "off" and previous._where() != self._where():
             log.warning("reload: the throttle store is now %s (was %s); password-guess counts start afresh "
                         "(guesses counted in the old store are forgotten)", self.kind, previous.kind)

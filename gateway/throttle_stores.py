@@ -7,7 +7,8 @@ Every store keeps, per key, the times of the reservations (failures) made in the
 ``drop`` (take one ticket back) and ``clear`` (forget keys). The memory store's times are the
 monotonic clock's (one process); the SQLite store's are the store's own seconds, which pass with
 the machine's boot clock and not with wall-clock steps (:class:`SQLiteStore`); the Redis store,
-shared by machines, uses Redis's clock instead of each instance's.
+shared by machines, uses Redis's clock instead of each instance's, with its steps forward taken
+out (:data:`_RESERVE`).
 """
 
 from __future__ import annotations
@@ -245,6 +246,16 @@ class SQLiteStore:
     is full (:class:`MemoryStore`); here the cap is some 1.5 million rows, half a million
     guesses. Expired failures are found by their own index (``failure_at``): a purge of the
     whole file ran on the event loop every minute.
+
+    The WAL (``throttle.sqlite3-wal``) is bounded too, at :attr:`MAX_WAL_BYTES`. SQLite cannot
+    checkpoint past a reader's snapshot, so while one is held (a backup, an operator's
+    ``sqlite3`` shell inside a transaction) every transaction is appended to the WAL: a flood of
+    new names grew it by some 28 KB a guess, 1.4 GB for 50,000 guesses with a database of 27 MB,
+    past the cap on the file and on to a full disk (items left by the review of the throttle).
+    When the WAL is past its bound, a reservation first checkpoints it (``TRUNCATE``, without
+    waiting for readers); when that cannot empty it, the attempt is refused (429) as when the
+    file is full, and said in the log, until the reader lets go. ``journal_size_limit`` gives
+    the disk back once a WAL is reset.
     """
 
     blocking = False
@@ -252,6 +263,14 @@ class SQLiteStore:
     _PURGE_EVERY = 60.0
     #: The largest the file (WAL aside) may grow: some 180 bytes a row with its two indexes.
     MAX_BYTES = 256 * 1024 * 1024
+    #: The largest the WAL may grow while a reader keeps it from being checkpointed (it stays
+    #: some 4 MiB otherwise); past it reservations are refused. A sixth of the file's cap: a
+    #: full purge of expired failures can write tens of MiB in one transaction.
+    MAX_WAL_BYTES = 64 * 1024 * 1024
+    #: What a WAL is truncated to when it is reset (SQLite's ``journal_size_limit``).
+    _WAL_KEPT_BYTES = 16 * 1024 * 1024
+    #: Seconds between two tries of a checkpoint a reader blocked (each writes out what it can).
+    _CHECKPOINT_EVERY = 1.0
 
     def __init__(self, path: Path, *, boot_clock=None) -> None:
         self.path = path
@@ -262,6 +281,7 @@ class SQLiteStore:
         self._conns: dict[bool, sqlite3.Connection] = {}
         self._locks = {True: threading.Lock(), False: threading.Lock()}
         self._purged_at: float | None = None
+        self._checkpoint_tried: float | None = None  # monotonic time of the last blocked checkpoint
         self._warn = RateLimitedWarning(log)
 
     def _db(self, on_loop: bool) -> sqlite3.Connection:
@@ -281,13 +301,45 @@ class SQLiteStore:
                 # Per connection; never below the file's size (SQLite keeps a larger file's as its cap).
                 (page_size,) = conn.execute("PRAGMA page_size").fetchone()
                 conn.execute(f"PRAGMA max_page_count = {max(1, self.MAX_BYTES // page_size)}")
+                conn.execute(f"PRAGMA journal_size_limit = {min(self._WAL_KEPT_BYTES, self.MAX_WAL_BYTES)}")
             except BaseException:
                 conn.close()  # tried again at the next call
                 raise
             self._conns[on_loop] = conn
         return conn
 
-    def _run(self, work):
+    def _wal_bytes(self) -> int:
+        try:
+            return os.stat(f"{self.path}-wal").st_size
+        except OSError:  # none yet; a directory gone is the transaction's to say
+            return 0
+
+    def _wal_full(self) -> bool:
+        """Whether the WAL is past :attr:`MAX_WAL_BYTES` and a checkpoint, tried at most every
+        :attr:`_CHECKPOINT_EVERY` seconds and never waiting, cannot bring it back under."""
+        if self._wal_bytes() <= self.MAX_WAL_BYTES:
+            self._checkpoint_tried = None
+            return False
+        tried, now = self._checkpoint_tried, time.monotonic()
+        if tried is None or not 0 <= now - tried < self._CHECKPOINT_EVERY:
+            self._checkpoint_tried = now
+            try:
+                self._run(self._checkpoint, transaction=False)
+            except StoreUnavailable:  # a writer or a reader holds it: still full
+                pass
+        return self._wal_bytes() > self.MAX_WAL_BYTES
+
+    @staticmethod
+    def _checkpoint(db: sqlite3.Connection) -> None:
+        # TRUNCATE waits for readers through the busy handler: not here (this may be the loop)
+        (timeout,) = db.execute("PRAGMA busy_timeout").fetchone()
+        db.execute("PRAGMA busy_timeout = 0")
+        try:
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        finally:
+            db.execute(f"PRAGMA busy_timeout = {int(timeout)}")
+
+    def _run(self, work, *, transaction: bool = True):
         if self._pid != os.getpid():  # a fork: the parent's connections are not this process's to use
             self._conns, self._pid = {}, os.getpid()
             self._locks = {True: threading.Lock(), False: threading.Lock()}
@@ -300,6 +352,8 @@ class SQLiteStore:
         db = None
         try:
             db = self._db(on_loop)
+            if not transaction:
+                return work(db)
             db.execute("BEGIN IMMEDIATE")
             try:
                 result = work(db)
@@ -362,6 +416,12 @@ class SQLiteStore:
                            [(key, store_now, ticket) for key, _limit in keys])
             return True
 
+        if self._wal_full():
+            self._warn("wal", "throttle: the SQLite store's WAL %s-wal is past %d MiB and cannot be checkpointed: a "
+                       "reader holds an old snapshot of the file (a backup, a sqlite3 shell inside a transaction); "
+                       "password attempts are refused (429) until it lets go; no count is forgotten",
+                       self.path, self.MAX_WAL_BYTES // (1024 * 1024))
+            return False
         try:
             return self._run(work)
         except _CapReached:
@@ -400,36 +460,93 @@ class SQLiteStore:
         self._conns = {}
 
 
-# KEYS[1]: the ticket's tombstone; KEYS[1 + i]: the counters; ARGV[1] window (ms), ARGV[2] ticket,
-# ARGV[2 + i] limit of KEYS[1 + i]. The time is Redis's own (TIME), not the caller's: instances
-# whose clocks differ would otherwise place their failures apart, and one running ahead by a
-# window would drop every other instance's counts at its next guess. Effects replication (Redis
-# 7's only mode) lets a script that writes read TIME; on Redis 5 and 6 `replicate_commands` turns
-# it on. The tombstone is set by :meth:`RedisStore._retract` for a call the gateway gave up on: a
-# call that Redis runs late (it sat in a socket buffer while Redis was frozen, or in the network)
-# then adds nothing (-1), whichever of the two Redis runs first. A failure dated after now was
-# counted before Redis's clock stepped back: it is dated now, so that it lasts a window more at
-# most (it lasted the step more: hours for a clock corrected by hours).
+# KEYS[1]: the ticket's tombstone; KEYS[2]: the store's clock (a hash); KEYS[2 + i]: the
+# counters; ARGV[1] window (ms), ARGV[2] ticket, ARGV[3] the latest store time the caller can
+# account for (ms, -1: none), ARGV[4] the counters' lifetime (ms), ARGV[4 + i] limit of KEYS[2 + i].
+#
+# The time is the store's: Redis's own (TIME) plus the clock hash's ``offset``, not the caller's:
+# instances whose clocks differ would otherwise place their failures apart, and one running ahead
+# by a window would drop every other instance's counts at its next guess. Effects replication
+# (Redis 7's only mode) lets a script that writes read TIME; on Redis 5 and 6 `replicate_commands`
+# turns it on. Redis's clock may step forward (NTP, a VM resumed): every failure would then be
+# behind the window at once. So the caller sends ARGV[3], the store time it last saw plus what
+# its own boot clock counted since (and a tolerance): a store time past it is a step, answered
+# -2 without a change, and the caller takes the step out of the offset (:data:`_STEP`) and asks
+# again (a call Redis runs late, after its caller gave up, may answer -2 too: nothing is changed
+# but by a caller that reads the answer). Key expiry is Redis's clock too: counters live ARGV[4],
+# two windows and :data:`_STEP_MARGIN_MS`, so that a step up to a window and that margin loses no
+# live count; a larger one may have, and the clock's ``hold`` then refuses every reservation (-3)
+# for a window, by which time any count lost would have expired anyway.
+# The tombstone is set by :meth:`RedisStore._retract` for a call the gateway gave up on: a call
+# that Redis runs late (it sat in a socket buffer while Redis was frozen, or in the network) then
+# adds nothing (-1), whichever of the two Redis runs first. A failure dated after now was counted
+# before Redis's clock stepped back: it is dated now, so that it lasts a window more at most (it
+# lasted the step more: hours for a clock corrected by hours); a hold is cut to a window likewise.
 _RESERVE = """
 if redis.replicate_commands then redis.replicate_commands() end
-if redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
+if redis.call('EXISTS', KEYS[1]) == 1 then return {-1, 0, 0} end
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local horizon = now - tonumber(ARGV[1])
-for i = 2, #KEYS do
+local clock = redis.call('HMGET', KEYS[2], 'offset', 'hold')
+local offset = tonumber(clock[1]) or 0
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + offset
+local bound = tonumber(ARGV[3])
+if bound >= 0 and now > bound then return {-2, now, offset} end
+local window = tonumber(ARGV[1])
+local hold = tonumber(clock[2]) or 0
+if hold > now + window then
+  redis.call('HSET', KEYS[2], 'hold', now + window)
+  hold = now + window
+end
+if now < hold then return {-3, now, offset} end
+local horizon = now - window
+for i = 3, #KEYS do
   redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', horizon)
   local ahead = redis.call('ZRANGEBYSCORE', KEYS[i], '(' .. now, '+inf')
   for _, member in ipairs(ahead) do
     redis.call('ZADD', KEYS[i], now, member)
   end
-  if redis.call('ZCARD', KEYS[i]) >= tonumber(ARGV[1 + i]) then return 0 end
+  if redis.call('ZCARD', KEYS[i]) >= tonumber(ARGV[2 + i]) then return {0, now, offset} end
 end
-for i = 2, #KEYS do
+for i = 3, #KEYS do
   redis.call('ZADD', KEYS[i], now, ARGV[2])
-  redis.call('PEXPIRE', KEYS[i], ARGV[1])
+  redis.call('PEXPIRE', KEYS[i], ARGV[4])
 end
+return {1, now, offset}
+"""
+
+# KEYS[1]: the store's clock; ARGV[1] the offset the step was seen with, ARGV[2] the step (ms),
+# ARGV[3] the window (ms), ARGV[4] the counters' lifetime (ms). Takes the step out of the offset
+# unless another instance did (the offset changed). Steps within one lifetime add up (a key set
+# before the first lives through both): past the margin a key may be gone, so the reservations
+# are held for a window (1 returned; 0: already taken out).
+_STEP = """
+if redis.replicate_commands then redis.replicate_commands() end
+local c = redis.call('HMGET', KEYS[1], 'offset', 'debt', 'debt_at')
+local offset = tonumber(c[1]) or 0
+if offset ~= tonumber(ARGV[1]) then return 0 end
+local t = redis.call('TIME')
+local step = tonumber(ARGV[2])
+local window = tonumber(ARGV[3])
+local life = tonumber(ARGV[4])
+offset = offset - step
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + offset
+local debt = tonumber(c[2]) or 0
+if not c[3] or now - tonumber(c[3]) > life then debt = 0 end
+debt = debt + step
+redis.call('HSET', KEYS[1], 'offset', offset, 'debt', debt, 'debt_at', now)
+if debt > life - window then redis.call('HSET', KEYS[1], 'hold', now + window) end
 return 1
 """
+
+#: How much longer than the window a counter lives (ms): a forward step of Redis's clock up to
+#: this loses no key (:data:`_RESERVE`).
+_STEP_MARGIN_MS = 5 * 60 * 1000
+
+
+def _uptime() -> float:
+    """This machine's boot clock (seconds): what the Redis store measures Redis's clock against."""
+    return time.clock_gettime(_UPTIME)
+
 
 #: Tickets of failed calls that may still land, kept to be taken back (:meth:`RedisStore._retract`).
 _MAX_UNSURE = 10_000
@@ -442,7 +559,7 @@ _TOMBSTONE_MIN_MS = 15 * 60 * 1000
 
 class RedisStore:
     """Counts shared by gateway instances: one sorted set per key (member ticket, score time),
-    expiring after the window. The check-and-add is one Lua script, which Redis runs atomically.
+    expiring two windows and a margin after its latest failure (:data:`_RESERVE`). The check-and-add is one Lua script, which Redis runs atomically.
     Needs the ``redis`` package (``authgw[redis]``).
 
     ``timeout`` bounds each call whole (connecting, sending, every read of the answer), not each
@@ -455,6 +572,12 @@ class RedisStore:
     tombstone that makes the reservation's late run add nothing, and a ``ZREM`` of what it
     added if it ran already (:meth:`_retract`, before the next reservation and at each health
     probe). No clock is compared: Redis's order of the two decides, and either is right.
+
+    Failures are dated by Redis's clock, measured against this machine's boot clock: a step of
+    Redis's clock forward (more than the boot clock counted since the last answer) is taken out
+    of the store's time, kept in Redis (``PREFIX clock``) for every instance, instead of expiring
+    every count at once; one past the counters' margin refuses (503) for a window (:data:`_RESERVE`).
+    Only an instance that saw the store before the step can tell it: one started after it cannot.
     """
 
     blocking = True
@@ -475,6 +598,10 @@ class RedisStore:
         if hasattr(getattr(pool, "connection_class", None), "_connect"):  # else: socket_timeout per read
             pool.connection_class = bounded_connection_class(pool.connection_class, self._deadline)
         self._reserve = self._client.register_script(_RESERVE)
+        self._step = self._client.register_script(_STEP)
+        #: (store time in ms, :func:`_uptime` when it was read) of the last answer: what a step of
+        #: Redis's clock is measured against (:data:`_RESERVE`). A reload hands it on.
+        self.seen: tuple[int, float] | None = None
         self._unsure_lock = threading.Lock()
         self._retracting = threading.Lock()
         #: ticket -> (Redis keys, tombstone lifetime in ms), oldest first
@@ -559,13 +686,29 @@ class RedisStore:
     def _tombstone(self, ticket: str) -> str:
         return f"{self._prefix}x{ticket}"
 
+    def _bound(self) -> tuple[int, int, float]:
+        """``(the latest store time this instance can account for, or -1; the store time it expects;
+        now on the boot clock)``: the last store time seen plus the boot clock's seconds since,
+        with room for two calls' time (the last answer's, read after Redis's clock, and this one)
+        and for clocks that run at rates apart (NTP slews by 500 ppm at most)."""
+        now = _uptime()
+        seen = self.seen
+        if seen is None:
+            return -1, -1, now
+        elapsed = max(0.0, now - seen[1])
+        expected = seen[0] + int(elapsed * 1000)
+        return expected + int((2 * self._timeout + 1.0 + elapsed / 1000) * 1000), expected, now
+
     def reserve(self, keys: list[tuple[str, int]], ticket: str, now: float, window: float) -> bool:
-        """As the other stores, except that *now* is Redis's time, not the caller's (:data:`_RESERVE`).
-        Raises :class:`StoreUnavailable` when Redis does not answer; the reservation it may
-        still make is then taken back later (:meth:`_unsure`)."""
+        """As the other stores, except that *now* is the store's time, not the caller's
+        (:data:`_RESERVE`). Raises :class:`StoreUnavailable` when Redis does not answer (the
+        reservation it may still make is then taken back later: :meth:`_unsure`), and while a
+        step of Redis's clock forward may have lost counts (for a window)."""
         names = [self._prefix + key for key, _limit in keys]
-        args = [int(window * 1000), ticket, *(limit for _key, limit in keys)]
-        # One deadline for both calls: ``redis.timeout`` is what an attempt waits for the store
+        window_ms = int(window * 1000)
+        life_ms = 2 * window_ms + _STEP_MARGIN_MS
+        limits = [limit for _key, limit in keys]
+        # One deadline for every call: ``redis.timeout`` is what an attempt waits for the store
         # in all, not per call (a Redis hanging on the take-back held an attempt twice as long).
         with self._deadline.within(self._timeout):
             try:
@@ -576,11 +719,42 @@ class RedisStore:
                 # of this stop's diff): they stay to be taken back, and may count until they expire.
                 self._warn("retract", "throttle: reservations left by failed calls to the store %s not taken back "
                            "yet: %s", self.location, exc)
-            try:
-                return self._call(lambda: self._reserve(keys=[self._tombstone(ticket), *names], args=args)) == 1
-            except StoreUnavailable:
-                self._unsure(names, ticket, window)
-                raise
+            for _turn in range(2):
+                bound, expected, asked = self._bound()
+                args = [window_ms, ticket, bound, life_ms, *limits]
+                try:
+                    code, store_now, offset = self._call(
+                        lambda args=args: self._reserve(keys=[self._tombstone(ticket), self._clock_key, *names],
+                                                        args=args))
+                except StoreUnavailable:
+                    self._unsure(names, ticket, window)
+                    raise
+                if code != -2:
+                    break
+                # Redis's clock is ahead of what passed here: a step forward. Taken out of the store's
+                # time (the counts stay within their window), then asked again.
+                step = int(store_now) - expected
+                self._warn("step", "throttle: the clock of the store %s jumped ahead by %.0f s (more than this "
+                           "machine's clock counted since its last answer); the step is taken out of the "
+                           "store's time, so no count expires early", self.location, step / 1000)
+                step_args = [int(offset), step, window_ms, life_ms]
+                self._call(lambda step_args=step_args: self._step(keys=[self._clock_key], args=step_args))
+            else:
+                raise StoreUnavailable(f"throttle store {self.location}: its clock keeps jumping ahead")
+            if code == -1:
+                return False
+            self.seen = (int(store_now), asked)
+            if code == -3:
+                self._warn("hold", "throttle: the clock of the store %s jumped ahead by more than the counts "
+                           "outlive their window: counts may have expired early; password attempts are refused "
+                           "(503) until a window has passed", self.location)
+                raise StoreUnavailable(f"throttle store {self.location}: its clock jumped ahead; counts are "
+                                       f"held for a window")
+            return code == 1
+
+    @property
+    def _clock_key(self) -> str:
+        return f"{self._prefix}clock"
 
     def unknown_user(self, key: str) -> None:
         """Nothing: this store keeps every count until it expires (only the memory store drops)."""
