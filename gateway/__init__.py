@@ -12,6 +12,7 @@ from gateway.errors import AuthgwError, BackendUnavailable, ConfigError, PluginL
 from gateway.model import (
     FORWARDED_CERTIFICATE_KEY,
     MUTUAL_AUTH_KEY,
+    REFUSED_ACCOUNT_KEY,
     Attempt,
     CertificateCredential,
     Decision,
@@ -32,6 +33,7 @@ __version__ = "0.1.0"
 __all__ = [
     "FORWARDED_CERTIFICATE_KEY",
     "MUTUAL_AUTH_KEY",
+    "REFUSED_ACCOUNT_KEY",
     "Attempt",
     "AuthgwError",
     "BackendUnavailable",

@@ -26,6 +26,7 @@ __all__ = [
     "API_CLIENT_KEY",
     "FORWARDED_CERTIFICATE_KEY",
     "MUTUAL_AUTH_KEY",
+    "REFUSED_ACCOUNT_KEY",
     "NegotiateCredential",
     "Note",
     "Outcome",
@@ -265,6 +266,13 @@ class Attempt:
 #: A step that completes a mutual authentication (Kerberos) stores here the ``WWW-Authenticate``
 #: value the front door sends with its 200 answer (RFC 4559 section 5).
 MUTUAL_AUTH_KEY: StashKey[str] = StashKey()
+
+#: A step whose directory refused a found account (its password or its state) names the account
+#: here: step name -> the username a success of that account would have carried. A wrapper that
+#: keeps rows under usernames (the credential cache) reaches the account's rows with it when the
+#: name refused was another of the account's (its mail, its UPN), with no second lookup. Only a
+#: step's own directory's refusal of that very entry may be named: the cache forgets on its word.
+REFUSED_ACCOUNT_KEY: StashKey[dict[str, str]] = StashKey()
 
 #: A step that read a client certificate a trusted proxy forwarded in a header (not the TLS
 #: handshake's, :attr:`Attempt.certificate`) sets this, so that the audit line's ``method``

@@ -9,8 +9,10 @@ Offline logins (a ``wrapper=True`` around the whole chain; it sees the folded de
     ``ACCOUNT_STATE`` (``cache.too_many_failures``) after ``max_offline_failures`` wrong ones.
     Learns from live password successes of the steps in ``methods``; forgets a user on a live
     ``INVALID_CREDENTIALS``, ``ACCOUNT_STATE`` or ``USER_NOT_FOUND``, under any name of the
-    account: a refused name with no entry of its own (a mail never used to log in) is looked up
-    with the step that refused it, whose ``gateway_lookup_user`` names the account.
+    account: a refused name with no entry of its own (a mail never used to log in) reaches the
+    account the refusing step named in the attempt's stash (``REFUSED_ACCOUNT_KEY``; the LDAP plugin
+    names the entry its directory refused), else the one that step's ``gateway_lookup_user``
+    finds.
 Refused accounts on every path (a ``wrapper=True`` around ``gateway_lookup_user``)
     forgets a user's offline entry and this process's hot entries whenever the directory's
     answer reports the account refused (``Identity.refusal``), or when no plugin knows the user
@@ -61,7 +63,7 @@ from gateway.model import address_text, canonical_username, folded_username
 from gateway.plugins.cache.cli import cache_command
 from gateway.plugins.cache.hot import HotCache
 from gateway.plugins.cache.keys import KeyFileError, key_file_problem, sources
-from gateway.plugins.cache.offline import ALIAS_HASH, OfflineCache
+from gateway.plugins.cache.offline import ALIAS_HASH, OfflineCache, refused_account
 from gateway.plugins.cache.settings import CacheSettings
 from gateway.plugins.cache.store import SQLiteStore, StoreError
 from gateway.plugins.cache.tally import EntryTally
@@ -218,6 +220,12 @@ class CachePlugin:
                 self.hot.put(self._hot_token(attempt), attempt.user_key, decision.identity, decision.step,
                              self._hot_answer(decision.identity, decision.answered_by), decision.answered_by,
                              also=(folded_username(account),) if account else ())
+            account = refused_account(attempt, decision.step) if not decision.success else None
+            if account is not None and self.hot is not None:
+                # The account the step's directory refused, named by the step (another name of
+                # it may have been typed): its hot entries end with the refusal, as auth_finished
+                # ends the typed name's.
+                self.hot.forget_user(folded_username(account))
             self.tally.changed()  # it may have learned or forgotten a user: recount on the tally's thread
             return self.offline.after_chain(attempt, decision)
         except Exception:  # the cache must never turn a live decision into an error

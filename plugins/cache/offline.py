@@ -46,7 +46,7 @@ from argon2 import PasswordHasher, Type
 from argon2.low_level import ARGON2_VERSION
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
-from gateway import Attempt, Decision, Identity, Outcome, PasswordCredential
+from gateway import REFUSED_ACCOUNT_KEY, Attempt, Decision, Identity, Outcome, PasswordCredential
 from gateway.logs import printable
 from gateway.model import canonical_username
 from gateway.plugins.cache.keys import CacheKeys, KeyFileError, hash_bound, load_keys, sealed_time
@@ -157,6 +157,12 @@ def identity_from(document: dict, authenticated_at: float) -> Identity:
                     claims=dict(document.get("claims") or {}), authenticated_at=authenticated_at)
 
 
+def refused_account(attempt: Attempt, step: str) -> str | None:
+    """The account *step* named as refused by its directory in *attempt* (``REFUSED_ACCOUNT_KEY``),
+    or None when it named none (a third-party step: the cache looks the name up instead)."""
+    return attempt.stash.get(REFUSED_ACCOUNT_KEY, {}).get(step) or None
+
+
 class OfflineCache:
     def __init__(self, settings: CacheSettings, state_dir: Path, *, name: str = "cache",
                  log: logging.Logger | None = None,
@@ -197,10 +203,12 @@ class OfflineCache:
         self.last_offline_answer: float | None = None
         #: The last store error, for readiness (None when the last operation worked).
         self.store_error: str | None = None
-        self._rechecks: queue.SimpleQueue[tuple[str, str, object, str]] = queue.SimpleQueue()
-        #: Refused passwords queued or being compared, by user key (offline answers wait for
-        #: theirs); under _recheck_done's lock.
+        self._rechecks: queue.SimpleQueue[tuple[str, tuple[str, ...], object, str, str | None]] = queue.SimpleQueue()
+        #: Refused passwords queued or being compared, by the user key of the name refused and of
+        #: the account named as refused (offline answers wait for theirs); and how many in all.
+        #: Under _recheck_done's lock.
         self._rechecking: dict[str, int] = {}
+        self._queued = 0
         self._recheck_done = threading.Condition()
         #: Refusals whose account is being looked up (:meth:`forget_account`); under
         #: _recheck_done's lock. Offline answers wait for them, whoever they are for.
@@ -495,7 +503,7 @@ class OfflineCache:
                 return False
         return self.forget(username)
 
-    def forget_account(self, step: str, username: str, timeout: float) -> None:
+    def forget_account(self, step: str, username: str, timeout: float, account: str | None = None) -> None:
         """The chain step *step* refused *username* for account state (disabled, locked,
         expired): forget the entry of the account that name is, which :meth:`forget` does not
         reach when the name has no row of its own yet (a mail never used to log in, under a
@@ -503,7 +511,19 @@ class OfflineCache:
         offline until ``max_age`` (review of the cache's refusal paths). The account is asked of
         *step* (:attr:`account_of`) on a thread of its own, waited for until *timeout*: a
         directory that answered the refusal and then hangs does not hold the answer past its
-        deadline. Offline answers wait for the lookup meanwhile (:meth:`accounts_found`)."""
+        deadline. Offline answers wait for the lookup meanwhile (:meth:`accounts_found`).
+
+        When *step* named the account its directory refused (*account*,
+        ``REFUSED_ACCOUNT_KEY``), that account's entry is forgotten here and now,
+        with no lookup: none costs the directory a second search, and a step without a lookup
+        (LDAP direct bind without a service account) can name it too."""
+        if account:
+            try:
+                self._forget_account(step, username, account)
+            except Exception:  # noqa: BLE001 - never turn the directory's refusal into an error
+                self.log.exception("credential cache: forgetting the account of a name refused for account state "
+                                   "failed")
+            return
         done = threading.Event()
 
         def find() -> None:
@@ -530,18 +550,20 @@ class OfflineCache:
         threading.Thread(target=run, name="authgw-cache-account", daemon=True).start()
         done.wait(max(0.0, timeout))
 
-    def _forget_account(self, step: str, username: str) -> None:
-        found = self._account_entry(step, username)
+    def _forget_account(self, step: str, username: str, account: str | None = None) -> None:
+        found = self._account_entry(step, username, account)
         if found is not None:
             self.forget(found[0])
 
-    def _account_entry(self, step: str, username: str) -> tuple[str, str, Entry, dict] | None:
+    def _account_entry(self, step: str, username: str, account: str | None = None,
+                       ) -> tuple[str, str, Entry, dict] | None:
         """``(account, row_key, entry, document)`` of the entry of the account *username* names
-        for the chain step *step* (:attr:`account_of`), when that is another name's row: None
+        for the chain step *step* (*account*, the one *step* named as refused, else
+        :attr:`account_of`), when that is another name's row: None
         when the step names none, names *username* itself, or the row is not the account's own
         entry proved by *step*: a pointer row of that name (another account's, which forget()
         would follow), or another directory's user of that name, is never touched."""
-        account = self.account_of(step, username)
+        account = account or self.account_of(step, username)
         if not account:
             return None
         account_key = self.user_key(account)
@@ -561,7 +583,8 @@ class OfflineCache:
             return None
         return account, row_key, entry, document
 
-    def _forget_account_if_cached(self, step: str, username: str, user_key: str, password) -> None:
+    def _forget_account_if_cached(self, step: str, username: str, user_key: str, password,
+                                  account: str | None = None) -> None:
         """A password refused under a name with no row: when the name is another of an account's
         (its mail), the account's entry is forgotten if it holds that password. Before, the
         account's old password, refused live under its mail after a change (or its right one
@@ -570,7 +593,7 @@ class OfflineCache:
         with self._recheck_done:
             self._finding += 1
         try:
-            found = self._account_entry(step, username)
+            found = self._account_entry(step, username, account)
             if found is None:
                 return
             account, _row_key, entry, document = found
@@ -754,24 +777,34 @@ class OfflineCache:
 
     # -- a refused password --------------------------------------------------------------------------
 
-    def refused(self, credential: PasswordCredential, step: str = "") -> None:
+    def refused(self, credential: PasswordCredential, step: str = "", account: str | None = None) -> None:
         """The directory refused this password: forget the user's entry if it is the cached
         password (changed since, or the account locked: ppolicy answers a locked account's right
         password as wrong), keep it if not. Forgetting on any wrong password let anyone wipe a
         user's offline login with one guess, for the next outage. Compared on a thread of its
         own, after the answer: an argon2 verify in the answer's time would tell a wrong password
-        for a cached user from one for another. A name with no row of its own is looked up with
-        *step*, the step that refused it: the password may be that of the account's entry
-        (:meth:`_forget_account_if_cached`)."""
+        for a cached user from one for another. A name with no row of its own may be another of
+        an account's: *account*, the account *step* (the step that refused it) named as refused
+        (``REFUSED_ACCOUNT_KEY``), else the one *step*'s lookup finds; the password
+        may be that of the account's entry (:meth:`_forget_account_if_cached`)."""
         user_key = self.user_key(credential.username)
+        # The account's own key too: an offline answer under the account's name waits for this
+        # comparison, which may forget its entry. It waited for its own name's only, and behind
+        # a queue of other refused passwords the old password refused under the mail logged in
+        # offline under the uid (items left by the review of the cache's refusal paths).
+        keys = tuple(dict.fromkeys((user_key, self.user_key(account) if account else user_key)))
         with self._recheck_done:
-            pending = sum(self._rechecking.values())
+            pending = self._queued
             if pending < _RECHECKS_QUEUED:
-                self._rechecking[user_key] = self._rechecking.get(user_key, 0) + 1
+                self._queued += 1
+                for key in keys:
+                    self._rechecking[key] = self._rechecking.get(key, 0) + 1
         if pending >= _RECHECKS_QUEUED:
             self.forget(credential.username)
+            if account:
+                self._forget_account(step, credential.username, account)
             return
-        self._rechecks.put((credential.username, user_key, credential.password, step))
+        self._rechecks.put((credential.username, keys, credential.password, step, account))
         if pending == 0:  # no thread is comparing: start one
             threading.Thread(target=self._recheck_queued, name="authgw-cache-recheck", daemon=True).start()
 
@@ -779,10 +812,11 @@ class OfflineCache:
         """Compare queued refused passwords until none is left (then the thread ends; the next
         refusal starts another)."""
         while True:
-            username, user_key, password, step = self._rechecks.get()
+            username, keys, password, step, account = self._rechecks.get()
+            user_key = keys[0]
             try:
                 try:
-                    self._forget_if_cached(username, user_key, password, step)
+                    self._forget_if_cached(username, user_key, password, step, account)
                 except Exception:  # forget, as before the comparison
                     self.log.exception("credential cache: comparing a refused password failed; the entry is "
                                        "forgotten")
@@ -791,16 +825,19 @@ class OfflineCache:
                 self.log.exception("credential cache: forgetting an entry after a refused password failed")
             finally:
                 with self._recheck_done:
-                    if self._rechecking[user_key] == 1:
-                        del self._rechecking[user_key]
-                    else:
-                        self._rechecking[user_key] -= 1
-                    last = not self._rechecking
+                    for key in keys:
+                        if self._rechecking[key] == 1:
+                            del self._rechecking[key]
+                        else:
+                            self._rechecking[key] -= 1
+                    self._queued -= 1
+                    last = not self._queued
                     self._recheck_done.notify_all()
             if last:
                 return
 
-    def _forget_if_cached(self, username: str, user_key: str, password, step: str = "") -> None:
+    def _forget_if_cached(self, username: str, user_key: str, password, step: str = "",
+                          account: str | None = None) -> None:
         try:
             keys = self.keys()
             row_key = keys.row_key(user_key)
@@ -814,7 +851,7 @@ class OfflineCache:
             # An empty password or one with a NUL never logged in (ldap refuses it before any
             # bind): no entry holds it, and it costs the directory no lookup.
             if step and password and "\0" not in password:
-                self._forget_account_if_cached(step, username, user_key, password)
+                self._forget_account_if_cached(step, username, user_key, password, account)
             return
         try:
             user_key, row_key, entry, document = self._resolve(keys, row_key, user_key, entry)
@@ -1037,8 +1074,11 @@ class OfflineCache:
             if self.cacheable(attempt, decision):
                 self.remember(attempt, credential, decision.identity, decision.step, decision.answered_by)
             return decision
+        # The account the refusing step's directory refused, when the step named it (the LDAP
+        # plugin does): no lookup of the name is needed to reach the account's rows.
+        account = refused_account(attempt, decision.step)
         if decision.outcome is Outcome.INVALID_CREDENTIALS:
-            self.refused(credential, decision.step)
+            self.refused(credential, decision.step, account)
             return decision
         if decision.outcome is Outcome.USER_NOT_FOUND:
             self.forget_unknown(credential.username)
@@ -1046,7 +1086,7 @@ class OfflineCache:
         if decision.outcome in _REFUSALS:
             self.forget(credential.username)
             if decision.outcome is Outcome.ACCOUNT_STATE:
-                self.forget_account(decision.step, credential.username, attempt.time_left() - 0.05)
+                self.forget_account(decision.step, credential.username, attempt.time_left() - 0.05, account)
             return decision
         if decision.outcome is Outcome.UNAVAILABLE:
             answered = self.answer(attempt, credential, decision)

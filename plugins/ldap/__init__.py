@@ -18,7 +18,9 @@ Decides
     (``ldap.locked``, ``ldap.disabled``, ``ldap.password_expired``, ...; see
     :mod:`~gateway.plugins.ldap.adcodes`), or after a successful bind from the entry's state
     attributes (``ldap.disabled``, ``ldap.locked``, ``ldap.account_expired``). Lookups also answer
-    ``ldap.account_state_unreadable`` (AD entry without ``userAccountControl``).
+    ``ldap.account_state_unreadable`` (AD entry without ``userAccountControl``). A refusal of a
+    found entry's bind or state names that account in the attempt's stash
+    (``REFUSED_ACCOUNT_KEY``) for the credential cache.
 Abstains
     when the attempt has no password; when the username is empty or longer than
     ``max_username_length``, noting ``USER_NOT_FOUND``; when no entry matches,
@@ -54,6 +56,7 @@ from gateway import (
     Identity,
     Outcome,
     PluginContext,
+    REFUSED_ACCOUNT_KEY,
     SelfTest,
     UserPage,
     hookimpl,
@@ -144,6 +147,10 @@ class LdapPlugin:
         if verdict.outcome is Outcome.USER_NOT_FOUND:
             attempt.note(Outcome.USER_NOT_FOUND, step=self.name, reason=verdict.reason)
             return None
+        # The account whose bind or state the directory refused (never one only searched for):
+        # the credential cache forgets its rows under its own name, asking no second search.
+        if verdict.account:
+            attempt.stash.setdefault(REFUSED_ACCOUNT_KEY, {})[self.name] = verdict.account
         return Decision.deny(verdict.outcome, step=self.name, reason=verdict.reason)
 
     @hookimpl

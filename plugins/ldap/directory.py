@@ -90,12 +90,16 @@ class PolicyCache:
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
-    """What a login came to. ``identity`` is set exactly for SUCCESS."""
+    """What a login came to. ``identity`` is set exactly for SUCCESS. ``account``: for a refusal
+    by the directory of a found entry (its bind refused, or its state after a bind), the username
+    that entry would have signed in as, for the credential cache (``gateway.REFUSED_ACCOUNT_KEY``); empty when no entry's bind or state refused (none found, an ambiguous name, a
+    direct bind refused before its entry could be read)."""
 
     outcome: Outcome
     reason: str = ""
     identity: Identity | None = None
     detail: str = ""
+    account: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,14 +242,15 @@ class Directory:
         bound = self.pool.call(BIND, lambda link: self._bind(link, entry.dn, password), deadline)
         verdict, extra = self._judge(bound, username)
         if verdict is not None:
-            return verdict
+            # The bind of this entry's DN was refused: the refusal is this account's.
+            return dataclasses.replace(verdict, account=self.signed_in_as(entry, username))
         state, _ = account_state(entry)
         if state:
             # The password was right, but a directory that does not enforce its own flags on
             # binds (nsAccountLock without the 389-DS plugin, an expired accountExpires read
             # before AD's replication caught up) still says no: the same answer as every path.
             self.log.info("%r bound but the entry says %s; refused", username, state)
-            return Verdict(Outcome.ACCOUNT_STATE, state)
+            return Verdict(Outcome.ACCOUNT_STATE, state, account=self.signed_in_as(entry, username))
         groups = self.groups.known(entry)
         if groups is None:
             groups = self.pool.call(SERVICE, lambda link: self.groups.resolve(link, entry, username), deadline)
@@ -337,9 +342,13 @@ class Directory:
             return Verdict(Outcome.USER_NOT_FOUND, "ldap.user_not_found")
         bound = self.pool.call(BIND, lambda link: self._direct_bind(link, bind_name, username, password), deadline)
         verdict, extra = self._judge(bound, username)
-        if verdict is not None:
-            return verdict
         entry = bound.entry
+        if verdict is not None:
+            # A bind refused outright names no entry (none was read); one that succeeded and was
+            # refused by its password policy read the entry it opened, by the server's word.
+            if entry is not None and not entry.names_ambiguously(self.r.username_attr, username):
+                return dataclasses.replace(verdict, account=self.signed_in_as(entry, username))
+            return verdict
         unreadable = [attr for attr in self._always_present if entry is not None and not entry.get(attr)]
         if entry is None or unreadable:
             # The password was right, but whose entry it opens (and its flags) is unknown: a
@@ -353,7 +362,9 @@ class Directory:
         state, _ = account_state(entry)
         if state:  # as in login(): the entry's flags refuse even a right password
             self.log.info("%r bound but the entry says %s; refused", username, state)
-            return Verdict(Outcome.ACCOUNT_STATE, state)
+            # The entry the bind opened (Who am I?): without a service account no lookup can
+            # name the account of a UPN, and its rows under its own name must go (the cache).
+            return Verdict(Outcome.ACCOUNT_STATE, state, account=self.signed_in_as(entry, username))
         groups = bound.groups
         if groups is None:
             groups = self.pool.call(SERVICE, lambda link: self.groups.resolve(link, entry, username), deadline)
@@ -523,13 +534,17 @@ class Directory:
                 break
         return Identity(
             subject=self._subject(entry),
-            username=entry.login_name(self.r.username_attr, username) or username,
+            username=self.signed_in_as(entry, username),
             method=self.name,
             display_name=display,
             email=_first(entry, self.r.email_attr),
             groups=groups,
             claims=claims,
         )
+
+    def signed_in_as(self, entry: Entry, username: str) -> str:
+        """The username *entry*, found or bound under *username*, signs in as."""
+        return entry.login_name(self.r.username_attr, username) or username
 
     def _subject(self, entry: Entry) -> str:
         values = entry.get(self.r.subject_attr)

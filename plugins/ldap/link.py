@@ -147,6 +147,29 @@ class Entry:
         return False
 
 
+def close_connection(conn: ldap3.Connection) -> None:
+    """Unbind *conn* and close its socket, whatever happens to the unbind. ldap3's ``unbind``
+    sends the request and only then closes: when the send fails (a connection the server reset,
+    a socket shut at the deadline, a non-blocking socket whose buffer is full) it raises before
+    the close, and the socket stayed open until a garbage collection found the connection (one
+    per pooled link after a directory restart)."""
+    try:
+        conn.unbind()
+    except Exception:  # noqa: BLE001 - unbinding a broken connection may fail in any way
+        pass
+    sock = getattr(conn, "socket", None)
+    if sock is None:
+        return
+    try:
+        conn.strategy.close()  # ldap3's own close: shut, close, the connection marked closed
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        sock.close()  # closing twice is harmless; never left to the garbage collector
+    except OSError:
+        pass
+
+
 def describe(exc: BaseException) -> str:
     text = str(exc) or exc.__class__.__name__
     if isinstance(exc, LDAPCertificateError) and "doesn't match any name in" in text:
@@ -487,7 +510,4 @@ class Link:
                 except RuntimeError:  # closed meanwhile: nothing left to take back
                     pass
             self._unwatch()
-        try:
-            self.conn.unbind()
-        except Exception:  # noqa: BLE001 - closing a broken connection may fail in any way
-            pass
+        close_connection(self.conn)

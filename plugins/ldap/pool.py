@@ -35,7 +35,7 @@ import ldap3
 from ldap3.core.exceptions import LDAPExceptionError
 
 from gateway import aio
-from gateway.plugins.ldap.link import TROUBLE_CODES, Link, LinkBroken, ServerTrouble, describe
+from gateway.plugins.ldap.link import TROUBLE_CODES, Link, LinkBroken, ServerTrouble, close_connection, describe
 
 __all__ = ["BIND", "SERVICE", "DirectoryUnavailable", "Pool", "Server", "ServiceBindFailed"]
 
@@ -272,10 +272,7 @@ class Pool:
             # were, they skipped the next server and made every login a crash, a 401 the throttle
             # counts as a guess (review of the LDAP plugin).
             cut.done()
-            try:
-                conn.unbind()
-            except Exception:  # noqa: BLE001
-                pass
+            close_connection(conn)  # shut at the deadline, its unbind cannot be sent
             if cut.fired:
                 # At the deadline. Given a connect and an answer's time (as a probe is), the set-up
                 # is the server's fault (one dribbling StartTLS); given less, not evidence.
