@@ -286,20 +286,6 @@ def test_beyond_the_total_bound_nothing_is_parked(store):
     assert manager.peek(manager.park({"r": "again"}, 600)) == {"r": "again"}
 
 
-def test_the_per_address_budget_is_a_bounded_token_bucket():
-    from gateway.plugins.login.web import ParkLimiter
-
-    limiter = ParkLimiter(burst=3, rate=1.0, size=100)
-    assert [limiter.take("a", 0.0) for _ in range(4)][:3] == [0.0, 0.0, 0.0]
-    assert limiter.take("a", 0.0) == pytest.approx(1.0)  # a token comes back in a second
-    assert limiter.take("b", 0.0) == 0.0  # another address is not touched
-    assert limiter.take("a", 1.0) == 0.0
-    small = ParkLimiter(burst=3, rate=1.0, size=10)
-    for n in range(1000):
-        small.take(f"addr{n}", 0.0)
-    assert len(small) == 10  # an LRU of addresses: memory does not grow with the addresses seen
-
-
 def test_the_budget_per_client_is_a_setting(tmp_path):
     """``login.sessions.requests_per_client``: a site behind one NAT raises it; here one lowered."""
     slapd = Slapd(tmp_path / "slapd").start()

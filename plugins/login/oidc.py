@@ -105,7 +105,7 @@ from .keys import KeyPair
 from .saml import ISSUED_CONTEXTS, authn_context_class
 from .sessions import identity_from_json, identity_to_json, same
 from .settings import LoginSettings, OidcClient
-from .web import ParkLimiter, Refused, read_form, request_cookie
+from .web import Refused, SharedBudget, read_form, request_cookie
 
 __all__ = ["AuthorizationError", "OidcProvider"]
 
@@ -246,14 +246,14 @@ class OidcProvider:
         budget = web_door.sessions.settings.requests_per_client
         #: Failed client authentications at the token endpoint, by client address and the
         #: registered client they claim to be (:meth:`_failure_key`): a secret is not guessed at
-        #: thousands a second (each worker keeps its own, as the door's budgets).
-        self.auth_failures = ParkLimiter(burst=budget, rate=budget / 60)
+        #: thousands a second (in the session store, shared by every worker).
+        self.auth_failures = SharedBudget(web_door.sessions, "oidc-client-failures", burst=budget, rate=budget / 60)
         web_door.completers["oidc"] = self.complete
         web_door.answerable["oidc"] = self.answer_target
         web_door.redirects["oidc"] = self.redirect_of
         web_door.declined["oidc"] = self.login_required
         web_door.unavailable["oidc"] = self.temporarily_unavailable
-        web_door.logout_target = self.logout_target
+        web_door.logout_targets["oidc"] = self.logout_target
         return [Route("GET", "/.well-known/openid-configuration", self.discovery),
                 Route("GET", "/oidc/jwks", self.jwks), Route("GET", "/oidc/authorize", self.authorize),
                 Route("POST", "/oidc/authorize", self.authorize),
@@ -596,7 +596,7 @@ class OidcProvider:
         address = self.web.client_key(request)
         claimed = self._failure_key(request, form)
         key = f"{address} {claimed}"
-        wait = self.auth_failures.wait(key, time.monotonic())
+        wait = self.auth_failures.wait(key)
         if wait:  # before any secret is compared: past the budget, right or wrong is not told
             if self.auth_failures.first_refusal(key):
                 log.warning("oidc token requests refused: reason=oidc.too_many_client_failures client=%s "
@@ -610,7 +610,7 @@ class OidcProvider:
             return response
         client = self._authenticated(request, form)
         if client is None:
-            self.auth_failures.take(key, time.monotonic())
+            self.auth_failures.take(key)
             log.warning("oidc token request refused: reason=oidc.invalid_client client_id=%s client=%s",
                         printable(_claimed_client(request, form)[:100]), address)
             return _error("invalid_client", 401)

@@ -48,7 +48,6 @@ import datetime as dt
 import logging
 import re
 import secrets
-import time
 from dataclasses import dataclass
 from urllib.parse import unquote_plus
 
@@ -66,9 +65,10 @@ from gateway import Identity, Route
 from gateway.logs import printable
 
 from .keys import KeyPair
+from .sessions import STORE_ERRORS
 from .settings import NAMEID_FORMATS, LoginSettings, SamlServiceProvider
 from .xmlsafe import decode_post, inflate_redirect, parse_xml
-from .web import ParkLimiter, Refused, read_form, request_cookie
+from .web import Refused, SharedBudget, read_form, request_cookie
 
 __all__ = ["AuthnRequest", "BindingMessage", "RedirectQuery", "RequestChecker", "ResponseBuilder", "SamlIdp",
            "read_redirect_query"]
@@ -659,7 +659,7 @@ class SamlIdp:
         budget = web_door.sessions.settings.requests_per_client
         #: Error Responses for requests that cannot be served now (:meth:`unavailable`), by client
         #: address: each may be signed, and the requests refused are those past a budget already.
-        self.refusals = ParkLimiter(burst=budget, rate=budget / 60)
+        self.refusals = SharedBudget(web_door.sessions, "saml-refusals", burst=budget, rate=budget / 60)
         web_door.completers["saml"] = self.complete
         web_door.declined["saml"] = self.no_passive
         web_door.answerable["saml"] = self.answer_target
@@ -842,7 +842,10 @@ class SamlIdp:
         if not pending["request_id"]:
             return None
         sp = self.answer_target(pending)
-        if self.refusals.take(self.web.client_key(request), time.monotonic()):
+        try:
+            if self.refusals.take(self.web.client_key(request)):
+                return None
+        except STORE_ERRORS:  # the bound cannot be counted (the store is down): the page, nothing signed
             return None
         return await self._error_post(pending, sp, Unanswerable(
             "login.unavailable", RESPONDER, REQUEST_DENIED, "the request cannot be served now; try again later"))

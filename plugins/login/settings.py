@@ -76,10 +76,10 @@ class SessionSettings(PluginSettings):
     cookie_name: str = Field("authgw_session", pattern=r"^[A-Za-z0-9_-]{1,64}$", description="session cookie name")
     secure_cookie: bool = Field(True, description="mark cookies `Secure` (turn off only for plain-HTTP tests)")
     requests_per_client: int = Field(30, ge=1, le=1_000_000, description="sign-ins one client address may "
-                                     "start per worker (SAML, WS-Federation, OIDC requests waiting for `/login`, "
+                                     "start (SAML, WS-Federation, OIDC requests waiting for `/login`, "
                                      "SAML error Responses, unsigned SAML LogoutRequests): a burst of this many, then this many a minute; "
                                      "past it 429. Users behind one NAT or a proxy not in `trusted_proxies` share it. "
-                                     "The same budget, per user and worker, bounds the answers given from a user's "
+                                     "Counted in the session store, shared by the workers (and instances, with Redis). The same budget, per user, bounds the answers given from a user's "
                                      "existing sessions (SAML Responses, WS-Federation tokens, OIDC codes)")
     max_pending: int = Field(20_000, ge=100, le=10_000_000, description="requests waiting for `/login` in the "
                              "whole store (every worker and instance), about 8 KB each at most; past it 503")

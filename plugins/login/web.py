@@ -24,8 +24,9 @@ door's); on https the cookies carry the ``__Host-`` prefix, so that no other hos
 subdomain, a plain-http answer) can plant them.
 
 A protocol request parked for ``/login`` (by :meth:`LoginDoor.begin`, or by any handler through
-``sessions.park``) spends one token of its client's budget (:class:`ParkLimiter`: a bucket of
-``sessions.requests_per_client`` per client address and worker, refilled at as many a minute); a
+``sessions.park``) spends one token of its client's budget (:class:`SharedBudget`: a bucket of
+``sessions.requests_per_client`` per client address in the session store, shared by the workers,
+refilled at as many a minute); a
 client without one gets 429 (``login.too_many_requests``) and nothing is parked. The address is
 the one the door computes for an attempt (a trusted proxy's ``X-Forwarded-For``; an IPv6 client
 by its ``throttle.ipv6_prefix`` network). The handler's request is found through a context
@@ -34,7 +35,7 @@ variable that :meth:`LoginDoor.guarded` sets for every route of this door.
 A request answered from an existing session without a new sign-in (a SAML Response, a
 WS-Federation token, an OIDC code: :meth:`LoginDoor.begin`, and ``/login?req=`` with a session)
 spends a token of its *user's* budget (:meth:`LoginDoor.admit_answer`: the same
-``sessions.requests_per_client``, kept per subject and worker apart from the addresses', so users
+``sessions.requests_per_client``, kept per subject in the store apart from the addresses', so users
 behind one NAT do not share it), before the account check, the chain and any signature; past it
 429 (``login.too_many_requests``) and nothing is stored or signed. A person's few sign-ins a
 minute across services are far below it; one session cookie in a loop is not. A validated request
@@ -48,7 +49,7 @@ Sign out button, anyone else the "signed out" page.
 An OIDC logout that does not prove it is the browser's own session's is confirmed by the user
 (:meth:`LoginDoor.confirm_logout`: the "signed in as" page and its Sign out button); where the
 confirmed logout goes is kept single use under an id in the button's address
-(:meth:`.SessionManager.hold`) and checked again by the protocol then (:attr:`LoginDoor.logout_target`).
+(:meth:`.SessionManager.hold`) and checked again by the protocol then (:attr:`LoginDoor.logout_targets`).
 """
 
 from __future__ import annotations
@@ -77,8 +78,8 @@ from gateway.registry import answerer_revoked
 from .pages import AUTOSUBMIT_HASH, STYLE_HASH, Pages
 from .sessions import STORE_ERRORS, ParkRefused, Session, SessionManager, within
 
-__all__ = ["PARK_BURST", "PARK_CLIENTS", "PARK_RATE", "AccountUncheckable", "LoginDoor", "ParkLimiter", "Refused",
-           "pending_key_of", "request_cookie"]
+__all__ = ["PARK_CLIENTS", "AccountUncheckable", "LoginDoor", "Refused", "SharedBudget", "pending_key_of",
+           "request_cookie"]
 
 log = logging.getLogger("authgw.plugin.login")
 #: A store outage refuses every request of its length: one line a minute (the store's own client
@@ -108,65 +109,14 @@ Answerable = Callable[[dict], None]
 Redirect = Callable[[dict], str | None]
 
 
-#: The default budget of :class:`ParkLimiter` (the door's is ``sessions.requests_per_client``): 30
-#: at once, then 30 a minute, far more than a person starts sign-ins; a flood is refused (429).
-PARK_BURST = 30
-PARK_RATE = 30 / 60
-#: Client addresses whose budgets a worker remembers (the least recently seen is forgotten first:
-#: about 100 bytes each). Past it a flood from many addresses meets the total bound
-#: (:data:`.sessions.MAX_PARKED`).
+#: Keys whose refusal a worker remembers having logged (:meth:`SharedBudget.first_refusal`; the
+#: least recently refused is forgotten first, about 100 bytes each). The budgets themselves are
+#: in the session store.
 PARK_CLIENTS = 10_000
 
 #: The request a login route is handling (set by :meth:`LoginDoor.guarded`): parking finds its
 #: client address here, whichever handler parks.
 _REQUEST: ContextVar[web.Request | None] = ContextVar("authgw_login_request", default=None)
-
-
-class ParkLimiter:
-    """Token buckets by client key, in an LRU of at most *size* keys (memory bounded whatever
-    the number of addresses)."""
-
-    def __init__(self, burst: float = PARK_BURST, rate: float = PARK_RATE, size: int = PARK_CLIENTS) -> None:
-        self.burst, self.rate, self.size = float(burst), float(rate), size
-        self._buckets: OrderedDict[str, list] = OrderedDict()  # key -> [tokens, when, refused since]
-
-    def __len__(self) -> int:
-        return len(self._buckets)
-
-    def take(self, key: str, now: float) -> float:
-        """Spend a token of *key*'s bucket at *now* (monotonic seconds): ``0.0`` when there was
-        one, else the seconds until there is (nothing spent)."""
-        bucket = self._buckets.get(key)
-        if bucket is None:
-            bucket = self._buckets[key] = [self.burst, now, False]
-            if len(self._buckets) > self.size:
-                self._buckets.popitem(last=False)
-        else:
-            self._buckets.move_to_end(key)
-            bucket[0] = min(self.burst, bucket[0] + max(0.0, now - bucket[1]) * self.rate)
-            bucket[1] = now
-        if bucket[0] >= 1.0:
-            bucket[0] -= 1.0
-            bucket[2] = False
-            return 0.0
-        return (1.0 - bucket[0]) / self.rate
-
-    def wait(self, key: str, now: float) -> float:
-        """The seconds until *key*'s bucket holds a token at *now*, nothing spent (``0.0``: one
-        is there)."""
-        bucket = self._buckets.get(key)
-        if bucket is None:
-            return 0.0
-        tokens = min(self.burst, bucket[0] + max(0.0, now - bucket[1]) * self.rate)
-        return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate
-
-    def first_refusal(self, key: str) -> bool:
-        """Whether *key* was just refused for the first time since its last token (logged once)."""
-        bucket = self._buckets.get(key)
-        if bucket is None or bucket[2]:
-            return False
-        bucket[2] = True
-        return True
 
 
 def request_cookie(request: web.Request, name: str) -> str | None:
@@ -270,12 +220,49 @@ def _message_key(decision: Decision) -> str:
 _STATUS = {"throttled": 429, "unavailable": 503}
 
 
-def _spend(limiter: ParkLimiter, key: str, who: Callable[[], tuple[str, str]], budget: str) -> None:
+class SharedBudget:
+    """Token buckets by key in the session store (:meth:`.SessionManager.take_token`), shared by
+    every worker of the gateway (and every instance, with Redis): *burst* at once, then *rate* a
+    second. With a bucket per worker (in memory, before), ``--workers N`` gave a flood N times
+    the budget (review of the login door). A store error propagates (the door's 503: fail
+    closed, nothing answered as if a token were there). Only whether a refusal was logged is the
+    worker's own (:meth:`first_refusal`: a line per worker and spent budget)."""
+
+    def __init__(self, sessions: SessionManager, name: str, burst: float, rate: float,
+                 size: int = PARK_CLIENTS) -> None:
+        self.sessions, self.name = sessions, name
+        self.burst, self.rate, self.size = float(burst), float(rate), size
+        self._refused: OrderedDict[str, bool] = OrderedDict()  # keys refused since their last token
+
+    def take(self, key: str) -> float:
+        """Spend a token of *key*'s bucket: ``0.0`` when there was one, else the seconds until
+        one is due (nothing spent)."""
+        wait = self.sessions.take_token(self.name, key, self.burst, self.rate)
+        if not wait:
+            self._refused.pop(key, None)
+        return wait
+
+    def wait(self, key: str) -> float:
+        """The seconds until *key*'s bucket holds a token (``0.0``: it does), nothing spent."""
+        return self.sessions.take_token(self.name, key, self.burst, self.rate, spend=False)
+
+    def first_refusal(self, key: str) -> bool:
+        """Whether this is this worker's first refusal of *key* since its last token (logged once)."""
+        if key in self._refused:
+            self._refused.move_to_end(key)
+            return False
+        self._refused[key] = True
+        if len(self._refused) > self.size:
+            self._refused.popitem(last=False)
+        return True
+
+
+def _spend(limiter: SharedBudget, key: str, who: Callable[[], tuple[str, str]], budget: str) -> None:
     """Spend a token of *key*'s budget in *limiter*, or raise :class:`ParkRefused` (429,
     ``login.too_many_requests``), logged once per key and spent budget (a flood is not logged
     whole). *who*, asked only then: who is refused, as logged and as the refusal's detail;
     *budget*: what is counted."""
-    wait = limiter.take(key, time.monotonic())
+    wait = limiter.take(key)
     if wait:
         logged, detail = who()
         if limiter.first_refusal(key):
@@ -311,13 +298,14 @@ class LoginDoor:
         #: Arguments: the request, the sessions to end (store key -> SessionIndex), where to go after.
         self.logout_round: Callable[..., Awaitable[web.StreamResponse]] | None = None
         budget = sessions.settings.requests_per_client
-        self.park_limiter = ParkLimiter(burst=budget, rate=budget / 60)
+        self.park_limiter = SharedBudget(sessions, "park", burst=budget, rate=budget / 60)
         #: Answers made from an existing session (no new sign-in), by the session's user: the
         #: same budget, kept apart from the addresses' (users behind one NAT each have theirs).
-        self.answer_limiter = ParkLimiter(burst=budget, rate=budget / 60)
-        #: Where a confirmed logout goes (:meth:`confirm_logout`): the protocol that asked checks
-        #: the address it kept again (a reload may have removed it); ``None``: the signed-out page.
-        self.logout_target: Callable[[dict], str | None] | None = None
+        self.answer_limiter = SharedBudget(sessions, "answer", burst=budget, rate=budget / 60)
+        #: Where a confirmed logout goes (:meth:`confirm_logout`), by the protocol that asked (the
+        #: kept target's ``protocol``; OIDC's when it has none): it checks the address it kept
+        #: again (a reload may have removed it); ``None``: the signed-out page.
+        self.logout_targets: dict[str, Callable[[dict], str | None]] = {}
         self._full_logged = -math.inf  # monotonic time of the last "not parked" ERROR (the total bound)
         sessions.admit_park = self._admit_park
 
@@ -357,9 +345,9 @@ class LoginDoor:
     def admit_answer(self, session: Session) -> None:
         """Spend a token of the budget of *session*'s user (its subject) before a service is
         answered from the session without a new sign-in (a SAML Response, a WS-Federation token,
-        an OIDC code): ``sessions.requests_per_client`` at once, then as many a minute, per
-        worker. Past it :class:`ParkRefused` (429, ``login.too_many_requests``) and nothing is
-        checked, signed or stored. A request parked for ``/login`` spent its client address's
+        an OIDC code): ``sessions.requests_per_client`` at once, then as many a minute, in the
+        store (every worker's). Past it :class:`ParkRefused` (429, ``login.too_many_requests``)
+        and nothing is checked, signed or stored. A request parked for ``/login`` spent its client address's
         token already; one answered from a session spends its user's as well, wherever it comes
         from (review: one session cookie had 3,000 codes stored in 9 s, 1,000 SAML answers
         signed in 2.2 s)."""
@@ -687,7 +675,7 @@ class LoginDoor:
         logout request that does not prove it is this browser's own session's): the "signed in
         as" page with its Sign out button, whose ``POST /logout`` (CSRF-checked, same site) ends
         the browser's session and then goes to *after*: *target* is what
-        :attr:`logout_target` checks again then, kept single use under an id in the button's
+        :attr:`logout_targets` checks again then, kept single use under an id in the button's
         address (:meth:`.SessionManager.hold`, spending the client's budget)."""
         then = self.sessions.hold(target, 600) if target is not None else ""
         return self._signed_in_page(request, session, then, after if then else None)
@@ -701,12 +689,28 @@ class LoginDoor:
         directory, asked = await self._directory_of(decision.identity)
         value, session = self.sessions.create(decision.identity, request_cookie(request, self.cookie),
                                               directory=directory, asked=asked, answered_by=decision.answered_by)
-        if pending is not None:
-            response = await self.completers[pending["protocol"]](request, pending, session)
-        else:
-            response = self._signed_in_page(request, session)
+        try:
+            if pending is not None:
+                response = await self.completers[pending["protocol"]](request, pending, session)
+            else:
+                response = self._signed_in_page(request, session)
+        except BaseException:
+            # No cookie goes out with a failed completion (a store error noting the SP, storing
+            # the code: the 503 page): the new session would be nobody's, yet counted in the
+            # user's sessions and alive until its idle end (review of the login door).
+            self._abandon(session)
+            raise
         self._set_cookie(response, self.cookie, value)
         return response
+
+    def _abandon(self, session: Session) -> None:
+        """End *session*, made for a sign-in whose answer failed (its cookie never sent); when
+        the store cannot (it is what failed), the record ends at its idle time, and is logged."""
+        try:
+            self.sessions.end_key(session.key, session.index)
+        except STORE_ERRORS as exc:
+            log.error("login: a session made for a sign-in whose answer failed could not be ended (%s: %s); its "
+                      "cookie was not sent, it ends at its idle time", exc.__class__.__name__, exc)
 
     async def login_get(self, request: web.Request) -> web.StreamResponse:
         pending_key = pending_key_of(request.query.get("req", ""))
@@ -797,7 +801,8 @@ class LoginDoor:
         Logout round, then where a confirmed logout was to go (:meth:`confirm_logout`)."""
         then = request.query.get("then", "")
         target = self.sessions.release(then) if then else None
-        after = self.logout_target(target) if target is not None and self.logout_target is not None else None
+        check = self.logout_targets.get(target.get("protocol", "oidc")) if isinstance(target, dict) else None
+        after = check(target) if check is not None else None
         session = self.session(request, touch=False)  # ended next: no write before the delete
         if session is not None and self.logout_round is not None:
             return await self.logout_round(request, {session.key: session.index}, after)

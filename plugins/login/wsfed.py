@@ -7,7 +7,10 @@ Auth0's ADFS connections and Entra domain federation accept). Reads ``login.wsfe
 ``wa=wsignout1.0`` (and ``wsignoutcleanup1.0``) ends the browser's session, with the SAML
 Single Logout round of :mod:`.slo` for the SAML SPs of that session, then redirects to ``wreply``
 when it is one of the realm's ``reply_urls`` or ``signout_urls`` (of any realm when no
-``wtrealm`` is given), exactly; else it shows "signed out".
+``wtrealm`` is given), exactly; else it shows "signed out". A GET the browser says comes from
+another site (``Sec-Fetch-Site: cross-site`` / ``same-site``) for a browser with a session is
+confirmed first (the "signed in as" page and its Sign out button): a GET any page can send
+ended the session (logout CSRF).
 
 ``wfresh`` (minutes; ``0``: sign in again) and ``prompt=login`` (Entra ID's ``NativeSupport``)
 ask for a sign-in newer than the session's, as OIDC's ``max_age`` and ``prompt=login`` do.
@@ -59,6 +62,7 @@ class WsFed:
         self.web = web_door
         web_door.completers["wsfed"] = self.complete
         web_door.answerable["wsfed"] = self.answer_target
+        web_door.logout_targets["wsfed"] = self.signout_target
         return [Route("GET", "/wsfed", self.signin),
                 Route("GET", "/FederationMetadata/2007-06/FederationMetadata.xml", self.metadata_handler)]
 
@@ -128,14 +132,35 @@ class WsFed:
             raise Refused("wsfed.reply_not_registered", reply[:200])
         return reply
 
+    def signout_target(self, target: dict) -> str | None:
+        """Where a sign-out the user confirmed goes (:meth:`.web.LoginDoor.confirm_logout`): the
+        ``wreply`` kept when it was asked, if it is still registered (a reload may have removed
+        it; then the signed-out page)."""
+        query = {"wreply": target.get("reply", "")}
+        if target.get("realm") is not None:
+            query["wtrealm"] = target["realm"]
+        try:
+            return self.signout_reply(query)
+        except Refused:
+            return None
+
     async def signout(self, request: web.Request) -> web.StreamResponse:
-        # A plain GET, as the profile has it: any page can end the session (not more), so
-        # nothing is refused for lack of a token; the redirect is checked like a sign-in's.
+        # A plain GET, as the profile has it, and any page can send it (logout CSRF). A browser
+        # that says it comes from another site (Sec-Fetch-Site: cross-site or same-site) and has
+        # a session here is asked first: the "signed in as" page, whose Sign out button (a
+        # same-origin POST with the CSRF token) ends the session and then goes to the registered
+        # wreply, kept server-side (single use). It ended the session at once from any page
+        # (review of the login door). A relying party's top-level GET gets the page too (the
+        # profile lets the IdP show one); a browser with no session here has nothing to end.
+        # The redirect is checked like a sign-in's, before anything else.
         try:
             reply = self.signout_reply(request.query)
         except Refused as exc:
             return self.web.refused(request, exc)
-        session = self.web.session(request)
+        session = self.web.session(request, touch=False)
+        if session is not None and request.headers.get("Sec-Fetch-Site", "").lower() in ("cross-site", "same-site"):
+            target = {"protocol": "wsfed", "realm": request.query.get("wtrealm"), "reply": reply} if reply else None
+            return self.web.confirm_logout(request, session, target, reply)
         response = await self.web.logout_round(request, {session.key: session.index} if session else {}, reply)
         self.web.drop_cookie(response)
         return response
