@@ -17,33 +17,17 @@ Waits are bounded and wait for events, never for a time to pass.
 from __future__ import annotations
 
 import itertools
-import time
 import json
 import os
 
-import ldap3
 import pytest
 
-from support.gateway import write_conf
+from support.cacheenv import cache_conf, directory, disable, slapd_fixture, source, user, write_secrets  # noqa: F401
 from support.redis import RedisServer
-from support.slapd import Slapd
 
 _N = itertools.count(os.getpid() * 100)
 
-
-@pytest.fixture(scope="module")
-def slapd(tmp_path_factory):
-    server = Slapd(tmp_path_factory.mktemp("ldap")).start()
-    yield server
-    if server.running:
-        server.stop()
-
-
-@pytest.fixture
-def directory(slapd):
-    if not slapd.running:
-        slapd.start()
-    return slapd
+slapd = slapd_fixture()
 
 
 @pytest.fixture(scope="module")
@@ -55,44 +39,15 @@ def redis(tmp_path_factory):
 def cache_yaml(tmp_path, store: str, redis) -> str:
     if store == "sqlite":
         return "cache: {}\n"
-    for name in ("pepper", "encryption"):
-        path = tmp_path / f"{name}.secret"
-        path.write_text(f"{name}-" + "s" * 40)
-        path.chmod(0o600)
+    pepper, encryption = write_secrets(tmp_path)
     prefix = f"t{next(_N)}:"
     return json.dumps({"cache": {"store": "redis", "redis": {"url": redis.url, "key_prefix": prefix},
-                                 "pepper": {"file": str(tmp_path / "pepper.secret")},
-                                 "encryption_key": {"file": str(tmp_path / "encryption.secret")}}})
+                                 "pepper": {"file": str(pepper)},
+                                 "encryption_key": {"file": str(encryption)}}})
 
 
 def start(tmp_path, directory, start_gateway, store, redis):
-    conf_dir = write_conf(tmp_path / "conf.d", {
-        "gateway.yaml": """\
-            chain: [ldap]
-            plugins: [cache]
-            throttle: {enabled: false}
-            health: {probe_interval: 3600}
-            workers: 1
-            deadline: 5
-        """,
-        "ldap.yaml": "ldap: " + json.dumps(directory.plugin_settings("plain", backoff=0)),
-        "cache.yaml": cache_yaml(tmp_path, store, redis),
-    })
-    return start_gateway(conf_dir)
-
-
-def source(response) -> str | None:
-    return response.header("Remote-Auth-Source")
-
-
-def user(response) -> str | None:
-    name = response.header("Remote-User")
-    return name.encode("latin-1").decode() if name is not None else None
-
-
-def disable(directory: Slapd, uid: str) -> None:
-    directory.modify(directory.user_dn(uid), {"objectClass": [(ldap3.MODIFY_ADD, ["authgwAccountState"])],
-                                              "nsAccountLock": [(ldap3.MODIFY_REPLACE, ["TRUE"])]})
+    return start_gateway(cache_conf(tmp_path, directory, cache_yaml(tmp_path, store, redis)))
 
 
 STORES = ["sqlite", "redis"]
@@ -161,26 +116,15 @@ def test_a_pointer_row_written_under_the_old_full_fold_answers_no_other_name(tmp
     (another mail, maybe another user's), and it led to ``jeßica-1``'s entry. Its sealed name
     now has to be the name typed, up to case."""
     from gateway import Outcome
-    from gateway.plugins.cache.offline import ALIAS_HASH
-    from gateway.plugins.cache.store import Entry
-    from support.chainhelp import attempt, build, decide
-
-    def runtime(action: str):
-        return build(tmp_path, {"chain": ["ldap"], "plugins": ["cache"]},
-                     {"ldap": {"action": action, "success_as": "jeßica-1"}, "cache": {}},
-                     targets={"cache": "gateway.plugins.cache:CachePlugin"})
+    from support.cacheenv import old_fold_pointer, runtime
+    from support.chainhelp import attempt, decide
 
     account, mail, password = "jeßica-1", "jeßica-1@example.com", "right-Passw0rd"
-    live = runtime("success")
+    live = runtime(tmp_path, {"action": "success", "success_as": account})
     assert decide(live, attempt(mail, password)).success  # the account's entry, and its mail's pointer
-    offline = live.gateway.plugins["cache"].offline
-    keys = offline.keys()
-    old_row = keys.row_key("jessica-1@example.com")  # what the full fold made of the mail
-    now = time.time()
-    offline.store.put(Entry(old_row, keys.kid, ALIAS_HASH,
-                            keys.seal_alias(old_row, account, "ldap", now, password_hash=ALIAS_HASH, name=mail), now))
+    old_fold_pointer(live, mail, account, "jessica-1@example.com")  # what the full fold made of the mail
 
-    down = runtime("unavailable")
+    down = runtime(tmp_path, {"action": "unavailable", "success_as": account})
     answered = decide(down, attempt(mail, password))
     assert answered.success and answered.from_cache and answered.identity.username == account
     for other in ("jessica-1@example.com", "JESSICA-1@example.com"):
@@ -191,11 +135,11 @@ def test_a_pointer_row_written_under_the_old_full_fold_answers_no_other_name(tmp
 def test_a_refusal_seen_by_a_lookup_forgets_only_the_refused_account(tmp_path):
     """The other path of a refusal: ``gateway_lookup_user`` (Kerberos, certificates) finds
     ``straße-2`` disabled. Before, that deleted ``strasse-2``'s entry too (one row)."""
-    from support.chainhelp import attempt, build, decide
+    from support.cacheenv import runtime as cache_runtime
+    from support.chainhelp import attempt, decide
 
     def runtime(ldap: dict):
-        return build(tmp_path, {"chain": ["ldap"], "plugins": ["cache"]}, {"ldap": ldap, "cache": {}},
-                     targets={"cache": "gateway.plugins.cache:CachePlugin", "ldap": "support.testplugins:Directory"})
+        return cache_runtime(tmp_path, ldap, ldap_target="support.testplugins:Directory")
 
     # the refused account first: before, the later login took the row (the first test's case)
     accounts = {"straße-2": "sharp-Passw0rd", "strasse-2": "plain-Passw0rd"}

@@ -28,64 +28,29 @@ import json
 import sqlite3
 
 import ldap3
-import pytest
 
-from support.gateway import GatewayProcess, write_conf
+from support.cacheenv import TWO_NAMES, cache_conf, directory, disable, lock, slapd_fixture  # noqa: F401 - fixtures
+from support.gateway import GatewayProcess
 from support.net import wait_for
 from support.slapd import Slapd
 from test_cache_slapd import new_user, source
 
-#: The AD preset's shape on slapd: an account logs in with its uid or its mail.
-TWO_NAMES = "(&(objectClass=inetOrgPerson)(|(uid={username})(mail={username})))"
 OLD, NEW = "first-Passw0rd", "second-Passw0rd"
 #: How long a test waits for something that should happen (a guard against a hang, never a bound
 #: on how fast anything runs).
 HANG = 60
 
-
-@pytest.fixture(scope="module")
-def slapd(tmp_path_factory):
-    server = Slapd(tmp_path_factory.mktemp("ldap"), ppolicy=True).start()  # ppolicy: accounts can be locked
-    yield server
-    if server.running:
-        server.stop()
-
-
-@pytest.fixture
-def directory(slapd):
-    if not slapd.running:
-        slapd.start()
-    return slapd
+slapd = slapd_fixture(ppolicy=True)  # ppolicy: accounts can be locked
 
 
 def start(tmp_path, directory: Slapd, start_gateway, hot: bool = False) -> GatewayProcess:
     cache = {"cache": {"hot": {"enabled": True, "ttl": 600}}} if hot else {"cache": {}}
-    return start_gateway(write_conf(tmp_path / "conf.d", {
-        "gateway.yaml": """\
-            chain: [ldap]
-            plugins: [cache]
-            throttle: {enabled: false}
-            health: {probe_interval: 3600}
-            workers: 1
-            deadline: 5
-        """,
-        "ldap.yaml": "ldap: " + json.dumps(directory.plugin_settings("plain", backoff=0, user_filter=TWO_NAMES)),
-        "cache.yaml": json.dumps(cache),
-    }))
+    return start_gateway(cache_conf(tmp_path, directory, json.dumps(cache), user_filter=TWO_NAMES))
 
 
 def rows(gateway: GatewayProcess) -> int:
     with sqlite3.connect(gateway.state_dir / "cache.sqlite3") as db:
         return db.execute("SELECT count(*) FROM entries").fetchone()[0]
-
-
-def disable(directory: Slapd, uid: str) -> None:
-    directory.modify(directory.user_dn(uid), {"objectClass": [(ldap3.MODIFY_ADD, ["authgwAccountState"])],
-                                              "nsAccountLock": [(ldap3.MODIFY_REPLACE, ["TRUE"])]})
-
-
-def lock(directory: Slapd, uid: str) -> None:
-    directory.modify(directory.user_dn(uid), {"pwdAccountLockedTime": [(ldap3.MODIFY_REPLACE, ["000001010000Z"])]})
 
 
 def expire(directory: Slapd, uid: str) -> None:

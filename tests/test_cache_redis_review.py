@@ -34,7 +34,8 @@ import pytest
 
 from gateway import Outcome
 from gateway.plugins.cache.store import Entry, SQLiteStore, StoreError
-from support.chainhelp import attempt, build
+from support.cacheenv import runtime as cache_runtime, write_secrets
+from support.chainhelp import attempt
 from support.gateway import GatewayProcess
 from support.net import wait_for
 from support.redis import RedisServer
@@ -48,16 +49,13 @@ _ROW = re.compile(rb"^gw:[0-9a-f]{64}$")
 
 
 def cache_yaml(tmp_path, redis) -> str:
-    for name in ("pepper", "encryption"):
-        path = tmp_path / f"{name}.secret"
-        path.write_text(f"{name}-" + "s" * 40)
-        path.chmod(0o600)
+    pepper, encryption = write_secrets(tmp_path)
     return f"""\
         cache:
           store: redis
           redis: {{url: "{redis.url}", key_prefix: "gw:", timeout: 0.5}}
-          pepper: {{file: {tmp_path / 'pepper.secret'}}}
-          encryption_key: {{file: {tmp_path / 'encryption.secret'}}}
+          pepper: {{file: {pepper}}}
+          encryption_key: {{file: {encryption}}}
     """
 
 
@@ -214,10 +212,7 @@ def test_a_redis_that_may_evict_keys_is_not_used_and_readyz_says_why(tmp_path, d
 
 
 def runtime(tmp_path, action: str, cache: dict):
-    # Runtimes over one state directory share the key files, the store and the refusals kept
-    # for it, as the worker processes of one instance do.
-    return build(tmp_path, {"chain": ["ldap"], "plugins": ["cache"]}, {"ldap": {"action": action}, "cache": cache},
-                 targets={"cache": "gateway.plugins.cache:CachePlugin"})
+    return cache_runtime(tmp_path, {"action": action}, cache=cache)
 
 
 def decide(rt, username: str, password: str):

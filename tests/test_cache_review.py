@@ -31,9 +31,9 @@ import pytest
 from gateway import Outcome
 from gateway.plugins.cache.cli import cache_command
 from gateway.plugins.cache.store import Entry, SQLiteStore
-from support.chainhelp import attempt, build
+from support.cacheenv import runtime as cache_runtime
+from support.chainhelp import attempt
 
-CACHE = "gateway.plugins.cache:CachePlugin"
 USER, OTHER = "alice-7c41", "bob-7c41"
 OLD_PASSWORD, NEW_PASSWORD = "Old-Passw0rd 7c41", "New-Passw0rd 7c41"
 #: How long a test waits for something that should happen at once (a guard against a hang,
@@ -52,8 +52,7 @@ def runtime(tmp_path: Path, action: str, cache: dict):
     # Runtimes over one state directory share the key files and the store, as worker
     # processes (and the `authgw cache` command) do. refresh_after 0: every live login hashes
     # and writes, so that a repeat of the same password is a write under way too.
-    return build(tmp_path, {"chain": ["ldap"], "plugins": ["cache"]},
-                 {"ldap": {"action": action}, "cache": {"refresh_after": 0, **cache}}, targets={"cache": CACHE})
+    return cache_runtime(tmp_path, {"action": action}, cache={"refresh_after": 0, **cache})
 
 
 def offline(rt):

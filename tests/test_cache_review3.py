@@ -19,40 +19,24 @@ Waits are bounded (:data:`HANG`) and wait for events, never for a time to pass.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
 
-import ldap3
 import pytest
 
-from support.gateway import authgw, write_conf
+from support.cacheenv import TWO_NAMES, cache_conf, directory, lock, slapd_fixture  # noqa: F401 - fixtures
+from support.gateway import authgw
 from support.net import wait_for
 from support.redis import RedisServer
-from support.slapd import Slapd
 from test_cache_slapd import new_user, source
 
-
-@pytest.fixture(scope="module")
-def slapd(tmp_path_factory):
-    server = Slapd(tmp_path_factory.mktemp("ldap"), ppolicy=True).start()  # ppolicy: accounts can be locked
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def directory(slapd):
-    if not slapd.running:
-        slapd.start()
-    return slapd
+slapd = slapd_fixture(ppolicy=True)  # ppolicy: accounts can be locked
 
 #: How long a test waits for something that should happen (a guard against a hang, never a bound
 #: on how fast anything runs).
 HANG = 60
 OLD, NEW = "first-Passw0rd", "second-Passw0rd"
-#: The AD preset's shape on slapd: an account logs in with its uid or its mail.
-TWO_NAMES = "(&(objectClass=inetOrgPerson)(|(uid={username})(mail={username})))"
 
 
 def cache_yaml(kind: str, redis_server=None, extra: str = "") -> str:
@@ -66,23 +50,7 @@ _PREFIXES = iter(range(1, 1_000_000))
 
 
 def conf(tmp_path, slapd, cache: str = "cache: {}\n", name: str = "conf.d"):
-    ldap = slapd.plugin_settings("plain", backoff=0, user_filter=TWO_NAMES)
-    return write_conf(tmp_path / name, {
-        "gateway.yaml": """\
-            chain: [ldap]
-            plugins: [cache]
-            throttle: {enabled: false}
-            health: {probe_interval: 3600}
-            workers: 1
-            deadline: 5
-        """,
-        "ldap.yaml": "ldap: " + json.dumps(ldap),
-        "cache.yaml": cache,
-    })
-
-
-def lock(slapd, uid: str) -> None:
-    slapd.modify(slapd.user_dn(uid), {"pwdAccountLockedTime": [(ldap3.MODIFY_REPLACE, ["000001010000Z"])]})
+    return cache_conf(tmp_path, slapd, cache, name=name, user_filter=TWO_NAMES)
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "redis"])

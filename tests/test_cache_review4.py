@@ -14,40 +14,16 @@ Waits are bounded and wait for events, never for a time to pass.
 
 from __future__ import annotations
 
-import json
-
-import pytest
-
-from support.gateway import write_conf
-from support.slapd import Slapd
+from support.cacheenv import TWO_NAMES, cache_conf, slapd_fixture
 from test_cache_slapd import source
 
 PASSWORD = "first-Passw0rd"
-#: An account logs in with its uid or its mail (the Active Directory preset's shape on slapd).
-TWO_NAMES = "(&(objectClass=inetOrgPerson)(|(uid={username})(mail={username})))"
 
-
-@pytest.fixture(scope="module")
-def slapd(tmp_path_factory):
-    server = Slapd(tmp_path_factory.mktemp("ldap")).start()
-    yield server
-    if server.running:
-        server.stop()
+slapd = slapd_fixture()
 
 
 def conf(tmp_path, slapd):
-    return write_conf(tmp_path / "conf.d", {
-        "gateway.yaml": """\
-            chain: [ldap]
-            plugins: [cache]
-            throttle: {enabled: false}
-            health: {probe_interval: 3600}
-            workers: 1
-            deadline: 5
-        """,
-        "ldap.yaml": "ldap: " + json.dumps(slapd.plugin_settings("plain", backoff=0, user_filter=TWO_NAMES)),
-        "cache.yaml": "cache: {}\n",
-    })
+    return cache_conf(tmp_path, slapd, user_filter=TWO_NAMES)
 
 
 def test_a_name_that_only_folds_like_a_users_does_not_take_away_their_offline_login(tmp_path, slapd,

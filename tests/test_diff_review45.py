@@ -13,62 +13,17 @@
 from __future__ import annotations
 
 import itertools
-import json
 import os
-import time
 
-import ldap3
-import pytest
-
-from support.gateway import write_conf
-from support.slapd import Slapd
+from support.cacheenv import cache_conf, directory, disable, slapd_fixture, source, user  # noqa: F401 - fixtures
 
 _N = itertools.count(os.getpid() * 100 + 45)
 
-
-@pytest.fixture(scope="module")
-def slapd(tmp_path_factory):
-    server = Slapd(tmp_path_factory.mktemp("ldap")).start()
-    yield server
-    if server.running:
-        server.stop()
-
-
-@pytest.fixture
-def directory(slapd):
-    if not slapd.running:
-        slapd.start()
-    return slapd
+slapd = slapd_fixture()
 
 
 def _start_cached(tmp_path, directory, start_gateway):
-    conf_dir = write_conf(tmp_path / "conf.d", {
-        "gateway.yaml": """\
-            chain: [ldap]
-            plugins: [cache]
-            throttle: {enabled: false}
-            health: {probe_interval: 3600}
-            workers: 1
-            deadline: 5
-        """,
-        "ldap.yaml": "ldap: " + json.dumps(directory.plugin_settings("plain", backoff=0)),
-        "cache.yaml": "cache: {}\n",
-    })
-    return start_gateway(conf_dir)
-
-
-def _source(response) -> str | None:
-    return response.header("Remote-Auth-Source")
-
-
-def _user(response) -> str | None:
-    name = response.header("Remote-User")
-    return name.encode("latin-1").decode() if name is not None else None
-
-
-def _disable(directory: Slapd, uid: str) -> None:
-    directory.modify(directory.user_dn(uid), {"objectClass": [(ldap3.MODIFY_ADD, ["authgwAccountState"])],
-                                              "nsAccountLock": [(ldap3.MODIFY_REPLACE, ["TRUE"])]})
+    return start_gateway(cache_conf(tmp_path, directory))
 
 
 # -- 1. letters Python lowers and slapd does not -----------------------------------------------------
@@ -85,17 +40,17 @@ def test_accounts_slapd_keeps_apart_by_a_letter_it_does_not_lower_keep_their_own
         directory.add_user(refused, "refused-Passw0rd")
         for uid, password in ((kept, "kept-Passw0rd"), (refused, "refused-Passw0rd")):
             live = gateway.auth(uid, password)
-            assert (live.status, _source(live), _user(live)) == (200, "live", uid), (uid, live.status)
-        _disable(directory, refused)
+            assert (live.status, source(live), user(live)) == (200, "live", uid), (uid, live.status)
+        disable(directory, refused)
         answer = gateway.auth(refused, "refused-Passw0rd")
-        assert answer.status in (401, 403) and _user(answer) is None, (refused, answer.status)
+        assert answer.status in (401, 403) and user(answer) is None, (refused, answer.status)
     directory.stop()
     for kept, refused in pairs:
         offline = gateway.auth(kept, "kept-Passw0rd")
-        assert (offline.status, _source(offline), _user(offline)) == (200, "cache", kept), \
+        assert (offline.status, source(offline), user(offline)) == (200, "cache", kept), \
             (kept, offline.status, gateway.output()[-2000:])
         gone = gateway.auth(refused, "refused-Passw0rd")
-        assert gone.status == 503 and _user(gone) is None, (refused, gone.status)
+        assert gone.status == 503 and user(gone) is None, (refused, gone.status)
 
 
 # -- 2. a pointer row an older version keyed by the full case fold ----------------------------------
@@ -106,26 +61,18 @@ def test_a_refusal_under_a_name_an_old_pointer_row_is_keyed_by_keeps_the_other_a
     ``jessica-3@…``. After it, that is the row of another name; ``_resolve`` no longer follows
     it, but a refusal of that other name (any wrong password, an account-state refusal, the
     operator's purge) still did, and deleted ``jeßica-3``'s entry."""
-    from gateway.plugins.cache.offline import ALIAS_HASH
-    from gateway.plugins.cache.store import Entry
-    from support.chainhelp import attempt, build, decide
+    from support.cacheenv import old_fold_pointer, runtime as cache_runtime
+    from support.chainhelp import attempt, decide
 
     account, mail, password = "jeßica-3", "jeßica-3@example.com", "right-Passw0rd"
     other = "jessica-3@example.com"  # another user's mail, which the old fold made the row of `mail`
 
     def runtime(action: str):
-        return build(tmp_path, {"chain": ["ldap"], "plugins": ["cache"]},
-                     {"ldap": {"action": action, "success_as": account}, "cache": {}},
-                     targets={"cache": "gateway.plugins.cache:CachePlugin"})
+        return cache_runtime(tmp_path, {"action": action, "success_as": account})
 
     live = runtime("success")
     assert decide(live, attempt(mail, password)).success  # the account's entry, and its mail's pointer
-    offline = live.gateway.plugins["cache"].offline
-    keys = offline.keys()
-    old_row = keys.row_key("jessica-3@example.com")
-    now = time.time()
-    offline.store.put(Entry(old_row, keys.kid, ALIAS_HASH,
-                            keys.seal_alias(old_row, account, "ldap", now, password_hash=ALIAS_HASH, name=mail), now))
+    old_fold_pointer(live, mail, account, "jessica-3@example.com")
 
     for action in ("invalid", "account_state"):
         refusing = runtime(action)

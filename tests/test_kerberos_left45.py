@@ -19,16 +19,13 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
 from support.der import der
 from support.gateway import GatewayProcess, write_conf
-from support.kdc import KDC
-
-SPN = "HTTP/localhost@EXAMPLE.TEST"
-INSIDE = ("127.0.0.3", 0)
+from support.krbenv import (INSIDE, KRB5_OID, SPNEGO_OID, kerberos_yaml, outcome, plugin_lines, realm_fixture, start,
+                            tokens)
 
 # Holds a POSIX (fcntl) write lock on argv[1], as another process of the host might, until
 # killed (at most two minutes: the test stays bounded even if it is never killed).
@@ -40,47 +37,12 @@ LOCKER = textwrap.dedent("""
     time.sleep(120)
 """)
 
-
-@pytest.fixture(scope="module")
-def realm(tmp_path_factory):
-    d = tmp_path_factory.mktemp("krbleft45")
-    kdc = KDC(d / "kdc", "EXAMPLE.TEST").start()
-    try:
-        for user in ("alice", "bob"):
-            kdc.add_principal(user, "pw-" + user)
-        keytab = kdc.add_service("HTTP/localhost", d / "http.keytab")
-        caches = {user: kdc.kinit(user, "pw-" + user, d / f"{user}.cc") for user in ("alice", "bob")}
-        yield {"kdc": kdc, "keytab": keytab, "caches": caches, "dir": d}
-    finally:
-        kdc.stop()
-
-
-def start(base: Path, realm: dict, files: dict[str, str], *, workers: int = 1) -> GatewayProcess:
-    conf = write_conf(base / "conf.d", files)
-    gateway = GatewayProcess(conf, base / "state", env=realm["kdc"].env, workers=workers)
-    try:
-        return gateway.start()
-    except (RuntimeError, TimeoutError) as exc:
-        raise RuntimeError(f"{exc}; log:\n{gateway.output()}") from None
-
-
-def kerberos_yaml(keytab: Path, extra: str = "") -> str:
-    return (f"kerberos:\n  allowed_networks: [127.0.0.0/8]\n  keytab: {keytab}\n  service_principal: {SPN}\n"
-            f"  realms: [EXAMPLE.TEST]\n{extra}")
-
-
-def tokens(realm: dict, user: str = "alice", count: int = 1) -> list[bytes]:
-    return realm["kdc"].mint(realm["caches"][user], [(SPN, count)])[0]
+realm = realm_fixture("krbleft45", "alice", "bob")
 
 
 def negotiate(gateway: GatewayProcess, token: bytes, timeout: float = 30.0):
     return gateway.get("/auth", {"Authorization": "Negotiate " + base64.b64encode(token).decode()},
                        source_address=INSIDE, timeout=timeout)
-
-
-def outcome(gateway: GatewayProcess, response) -> tuple[int, str, str]:
-    line = gateway.audit_for(response.header("X-Request-Id"))
-    return response.status, line["outcome"], line["reason"]
 
 
 # -- a chain thread waits for a locked replay cache until the deadline, not for ever --------------------
@@ -150,10 +112,6 @@ def test_a_fifo_at_the_replay_caches_path_does_not_take_a_chain_thread(realm, th
 # -- what a forged ticket's header costs: log lines and CPU --------------------------------------------
 
 
-KRB5_OID = bytes.fromhex("06092a864886f712010202")
-SPNEGO_OID = bytes.fromhex("06062b0601050502")
-
-
 def forged_ap_req(names: list[bytes], realm: bytes = b"EXAMPLE.TEST", cipher: bytes = bytes(32)) -> bytes:
     """A bare RFC 4121 AP-REQ token whose ticket names *names*@*realm* and opens with no key."""
     sname = der(0x30, der(0xA0, der(0x02, b"\x01")) + der(0xA1, der(0x30, b"".join(der(0x1B, n) for n in names))))
@@ -178,12 +136,6 @@ def forged(realm, tmp_path_factory):
                                   "kerberos.yaml": kerberos_yaml(realm["keytab"])})
     yield gateway
     gateway.stop()
-
-
-def plugin_lines(gateway: GatewayProcess, response) -> list[str]:
-    request_id = gateway.audit_for(response.header("X-Request-Id"))["request_id"]
-    return [line for line in gateway.output().splitlines()
-            if "authgw.plugin.kerberos" in line and f"(attempt {request_id})" in line]
 
 
 @pytest.mark.parametrize("token", [

@@ -18,19 +18,15 @@ import subprocess
 import sys
 import textwrap
 import threading
-from pathlib import Path
 
 import pytest
 
 from support.der import der
 from support.gateway import GatewayProcess, write_conf
-from support.kdc import KDC
+from support.krbenv import (INSIDE, KRB5_OID, SPNEGO_OID, kerberos_yaml, outcome, plugin_lines, realm_fixture, start,
+                            tokens)
 
-SPN = "HTTP/localhost@EXAMPLE.TEST"
-INSIDE = ("127.0.0.3", 0)
-KRB5_OID = bytes.fromhex("06092a864886f712010202")
 MS_KRB5_OID = bytes.fromhex("06092a864882f712010202")
-SPNEGO_OID = bytes.fromhex("06062b0601050502")
 
 # Holds a POSIX (fcntl) write lock on argv[1], as another process of the host might, until
 # killed (at most a minute: the test stays bounded even if it is never killed).
@@ -42,34 +38,7 @@ LOCKER = textwrap.dedent("""
     time.sleep(60)
 """)
 
-
-@pytest.fixture(scope="module")
-def realm(tmp_path_factory):
-    d = tmp_path_factory.mktemp("krbreview2")
-    kdc = KDC(d / "kdc", "EXAMPLE.TEST").start()
-    try:
-        for user in ("alice", "bob", "alice/admin"):
-            kdc.add_principal(user, "pw-" + user.replace("/", "-"))
-        keytab = kdc.add_service("HTTP/localhost", d / "http.keytab")
-        caches = {user: kdc.kinit(user, "pw-" + user.replace("/", "-"), d / f"{user.replace('/', '_')}.cc")
-                  for user in ("alice", "bob", "alice/admin")}
-        yield {"kdc": kdc, "keytab": keytab, "caches": caches, "dir": d}
-    finally:
-        kdc.stop()
-
-
-def start(base: Path, realm: dict, files: dict[str, str], *, workers: int = 1, state: Path | None = None) -> GatewayProcess:
-    conf = write_conf(base / "conf.d", files)
-    gateway = GatewayProcess(conf, state or base / "state", env=realm["kdc"].env, workers=workers)
-    try:
-        return gateway.start()
-    except (RuntimeError, TimeoutError) as exc:
-        raise RuntimeError(f"{exc}; log:\n{gateway.output()}") from None
-
-
-def kerberos_yaml(keytab: Path, extra: str = "") -> str:
-    return (f"kerberos:\n  allowed_networks: [127.0.0.0/8]\n  keytab: {keytab}\n  service_principal: {SPN}\n"
-            f"  realms: [EXAMPLE.TEST]\n{extra}")
+realm = realm_fixture("krbreview2", "alice", "bob", "alice/admin")
 
 
 @pytest.fixture
@@ -88,18 +57,9 @@ def live(realm, tmp_path):
     gateway.stop()
 
 
-def tokens(realm: dict, user: str = "alice", count: int = 1, mech: str = "1.3.6.1.5.5.2") -> list[bytes]:
-    return realm["kdc"].mint(realm["caches"][user], [(SPN, count)], mech=mech)[0]
-
-
 def negotiate(gateway: GatewayProcess, token: bytes, timeout: float = 15.0):
     return gateway.get("/auth", {"Authorization": "Negotiate " + base64.b64encode(token).decode()},
                        source_address=INSIDE, timeout=timeout)
-
-
-def outcome(gateway: GatewayProcess, response) -> tuple[int, str, str]:
-    line = gateway.audit_for(response.header("X-Request-Id"))
-    return response.status, line["outcome"], line["reason"]
 
 
 def healthz(gateway: GatewayProcess) -> int:
@@ -200,12 +160,6 @@ def test_a_fifo_at_the_keytabs_path_is_unavailable_not_a_hang(realm, live):
 
 
 # -- what a client can make the plugin write ---------------------------------------------------------------
-
-
-def plugin_lines(gateway: GatewayProcess, response) -> list[str]:
-    request_id = gateway.audit_for(response.header("X-Request-Id"))["request_id"]
-    return [line for line in gateway.output().splitlines()
-            if "authgw.plugin.kerberos" in line and f"(attempt {request_id})" in line]
 
 
 @pytest.mark.parametrize("shape", ["long-oid", "many-mechanisms"])

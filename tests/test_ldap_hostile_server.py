@@ -19,39 +19,15 @@ import threading
 
 import pytest
 
+from support.der import der
 from support.gateway import GatewayProcess, write_conf
-from support.loopserver import LoopServer
+from support.hostile_ldap import LdapMessageServer, message, result
 
 STREAM_CAP = 4 * 1024 * 1024  # bytes a streaming mode sends before it falls silent
 DRIBBLE_CAP = 90  # bytes (a second each) the StartTLS answer dribbles before the server closes
 
 
-def _tlv(tag: int, content: bytes) -> bytes:
-    n = len(content)
-    if n < 0x80:
-        return bytes((tag, n)) + content
-    raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes((tag, 0x80 | len(raw))) + raw + content
-
-
-def _message(message_id: bytes, op: bytes) -> bytes:
-    return _tlv(0x30, _tlv(0x02, message_id) + op)
-
-
-def _result(tag: int, code: int = 0) -> bytes:
-    return _tlv(tag, _tlv(0x0A, bytes((code,))) + _tlv(0x04, b"") + _tlv(0x04, b""))
-
-
-def _header(buf: bytes, pos: int) -> tuple[int, int]:
-    first = buf[pos + 1]
-    if first < 0x80:
-        return pos + 2, pos + 2 + first
-    count = first & 0x7F
-    start = pos + 2 + count
-    return start, start + int.from_bytes(buf[pos + 2:start], "big")
-
-
-class HostileDirectory(LoopServer):
+class HostileDirectory(LdapMessageServer):
     """Answers binds with success; a search (``flood``: entries, ``wrongid``: answers to another
     message id) or a StartTLS (``starttls``: a 2 GB message, a byte a second) without end."""
 
@@ -67,38 +43,15 @@ class HostileDirectory(LoopServer):
             await writer.drain()
         await asyncio.sleep(120)  # silent, the connection open
 
-    async def handle(self, reader, writer) -> None:
-        buf = b""
-        try:
-            while data := await reader.read(65536):
-                buf += data
-                while len(buf) >= 2:
-                    try:
-                        start, end = _header(buf, 0)
-                    except IndexError:
-                        break
-                    if len(buf) < end:
-                        break
-                    message, buf = buf[start:end], buf[end:]
-                    id_start, id_end = _header(message, 0)
-                    if not await self._answer(writer, message[id_start:id_end], message[id_end]):
-                        return
-                    await writer.drain()
-        except (ConnectionError, asyncio.CancelledError):
-            pass
-        finally:
-            writer.close()
-
-    async def _answer(self, writer, message_id: bytes, op: int) -> bool:
-        """Answer one request (its message id's octets, its protocolOp tag); False: hang up."""
+    async def answer(self, writer, message_id: bytes, op: int) -> bool:
         if op == 0x60:  # bind
-            writer.write(_message(message_id, _result(0x61)))
+            writer.write(message(message_id, result(0x61)))
         elif op == 0x63 and self.mode == "flood":
-            entry = _message(message_id, _tlv(0x64, _tlv(0x04, b"uid=x,dc=example,dc=com") + _tlv(0x30, b"")))
+            entry = message(message_id, der(0x64, der(0x04, b"uid=x,dc=example,dc=com") + der(0x30, b"")))
             await self._stream(writer, entry * 2000)
         elif op == 0x63 and self.mode == "wrongid":
             other = ((int.from_bytes(message_id, "big") + 7) % 0x7F).to_bytes(1, "big")
-            await self._stream(writer, _message(other, _result(0x65)) * 2000)
+            await self._stream(writer, message(other, result(0x65)) * 2000)
         elif op == 0x77 and self.mode == "starttls":
             writer.write(b"\x30\x84\x7f\xff\xff\xff\x02\x01" + message_id[-1:])
             self.streaming.set()

@@ -18,9 +18,11 @@ from __future__ import annotations
 import pytest
 from ldap3.protocol.rfc4511 import ResponseValue
 
+from support.der import der
 from support.fakead import FakeAD
+from support.hostile_ldap import message, result
 from support.ldapgw import api_login, ldap_gateways
-from test_ldap_hostile_server import HostileDirectory, _gateway, _message, _result, _tlv
+from test_ldap_hostile_server import HostileDirectory, _gateway
 
 TOKEN = "review-token"
 BASE = "DC=corp,DC=example,DC=com"
@@ -123,16 +125,16 @@ class ManyValues(HostileDirectory):
     def __init__(self, values: int) -> None:
         super().__init__("many values")
         self.searches = 0
-        self._entry = _tlv(0x04, b"uid=victim,dc=example,dc=com") + _tlv(
-            0x30, _tlv(0x30, _tlv(0x04, b"cn") + _tlv(0x31, b"\x04\x00" * values)))
+        self._entry = der(0x04, b"uid=victim,dc=example,dc=com") + der(
+            0x30, der(0x30, der(0x04, b"cn") + der(0x31, b"\x04\x00" * values)))
         self.start()
 
-    async def _answer(self, writer, message_id: bytes, op: int) -> bool:
+    async def answer(self, writer, message_id: bytes, op: int) -> bool:
         if op == 0x63:  # search
             self.searches += 1
-            writer.write(_message(message_id, _tlv(0x64, self._entry)) + _message(message_id, _result(0x65)))
+            writer.write(message(message_id, der(0x64, self._entry)) + message(message_id, result(0x65)))
             return True
-        return await super()._answer(writer, message_id, op)  # binds succeed, an unbind hangs up
+        return await super().answer(writer, message_id, op)  # binds succeed, an unbind hangs up
 
 
 def test_an_entry_of_endless_tiny_values_is_a_broken_server_not_decoded(tmp_path) -> None:

@@ -30,9 +30,10 @@ from gateway.plugins.ldap import LdapPlugin
 from gateway.plugins.ldap.pool import SERVICE, DirectoryUnavailable, Pool
 from gateway.registry import PluginContext
 from gateway.settings import GatewaySettings
+from support.der import der
 from support.gateway import GatewayProcess, write_conf
+from support.hostile_ldap import LdapMessageServer, message, result
 from support.ldapgw import api_login, ldap_gateways
-from support.loopserver import LoopServer
 from support.pki import CA
 from support.slapd import Slapd
 
@@ -129,23 +130,7 @@ def test_entries_whose_uid_has_white_space_at_an_end_do_not_lock_the_user_out(ga
 # -- continuation references without end ------------------------------------------------------------
 
 
-def _tlv(tag: int, content: bytes) -> bytes:
-    n = len(content)
-    if n < 0x80:
-        return bytes((tag, n)) + content
-    raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes((tag, 0x80 | len(raw))) + raw + content
-
-
-def _header(buf: bytes, pos: int) -> tuple[int, int]:
-    first = buf[pos + 1]
-    if first < 0x80:
-        return pos + 2, pos + 2 + first
-    start = pos + 2 + (first & 0x7F)
-    return start, start + int.from_bytes(buf[pos + 2:start], "big")
-
-
-class ReferringDirectory(LoopServer):
+class ReferringDirectory(LdapMessageServer):
     """Answers binds with success and every search with SearchResultReference messages (RFC 4511
     section 4.5.3) and nothing else: *size* bytes of URI each, at most *cap* bytes in all, then
     silence with the connection open."""
@@ -155,40 +140,21 @@ class ReferringDirectory(LoopServer):
         self.size, self.cap = size, cap
         self.searched = threading.Event()
 
-    async def handle(self, reader, writer) -> None:
-        buf = b""
-        try:
-            while data := await reader.read(65536):
-                buf += data
-                while len(buf) >= 2:
-                    try:
-                        start, end = _header(buf, 0)
-                    except IndexError:
-                        break
-                    if len(buf) < end:
-                        break
-                    message, buf = buf[start:end], buf[end:]
-                    id_start, id_end = _header(message, 0)
-                    message_id, op = message[id_start:id_end], message[id_end]
-                    if op == 0x60:  # bind
-                        writer.write(_tlv(0x30, _tlv(0x02, message_id) + _tlv(
-                            0x61, _tlv(0x0A, b"\x00") + _tlv(0x04, b"") + _tlv(0x04, b""))))
-                    elif op == 0x63:  # search
-                        uri = b"ldap://elsewhere.example/dc=example,dc=com??sub?" + b"x" * self.size
-                        reference = _tlv(0x30, _tlv(0x02, message_id) + _tlv(0x73, _tlv(0x04, uri)))
-                        self.searched.set()
-                        chunk = reference * max(1, 65536 // len(reference))
-                        for _ in range(self.cap // len(chunk) + 1):
-                            writer.write(chunk)
-                            await writer.drain()
-                        await asyncio.sleep(120)
-                    elif op == 0x42:  # unbind
-                        return
-                    await writer.drain()
-        except (ConnectionError, asyncio.CancelledError):
-            pass
-        finally:
-            writer.close()
+    async def answer(self, writer, message_id: bytes, op: int) -> bool:
+        if op == 0x60:  # bind
+            writer.write(message(message_id, result(0x61)))
+        elif op == 0x63:  # search
+            uri = b"ldap://elsewhere.example/dc=example,dc=com??sub?" + b"x" * self.size
+            reference = message(message_id, der(0x73, der(0x04, uri)))
+            self.searched.set()
+            chunk = reference * max(1, 65536 // len(reference))
+            for _ in range(self.cap // len(chunk) + 1):
+                writer.write(chunk)
+                await writer.drain()
+            await asyncio.sleep(120)
+        elif op == 0x42:  # unbind
+            return False
+        return True
 
 
 @pytest.mark.parametrize("size", [0, 60_000], ids=["many-small", "few-large"])

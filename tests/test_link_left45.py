@@ -33,20 +33,12 @@ from gateway.registry import hookimpl
 from support.chainhelp import build
 from support.gateway import authgw
 from support.hostile_relay import CONNECTOR, HandEnrolled, HostileRelay, connector_certificate, connector_conf, pem
+from support.linkdir import slapd  # noqa: F401 - fixture
 from support.linkenv import Connector, Relay
 from support.net import wait_for
 from support.pki import CA
-from support.slapd import Slapd
 
 TOKEN = "T0KEN_abcdefghijklmnopqrstuvwxyz0123"
-
-
-@pytest.fixture(scope="module")
-def slapd(tmp_path_factory):
-    server = Slapd(tmp_path_factory.mktemp("ldap")).start()
-    server.add_user("alice", "Alice-Passw0rd", cn="Alice A", mail="alice@example.com", groups=["staff"])
-    yield server
-    server.stop()
 
 
 # -- 1. a re-enrolment while serving ---------------------------------------------------------------------

@@ -16,10 +16,8 @@ import pytest
 import requests
 from saml2.response import StatusRequestDenied
 
-from support.login import LoginSite, hidden
-from support.pki import CA
-from support.saml_sp import SamlSP
-from support.slapd import Slapd
+from support.login import hidden
+from support.logindoor import no_5xx, saml_door
 
 BUDGET = 5
 #: More requests than a budget of 5 and what it refills while they are sent.
@@ -35,25 +33,13 @@ SECRETS = {"APP_SECRET": "s3cret-s3cret-s3cret", "OTHER_SECRET": "0ther-0ther-0t
 
 @pytest.fixture(scope="module")
 def door(tmp_path_factory):
-    base = tmp_path_factory.mktemp("left45")
-    slapd = Slapd(base / "slapd").start()
-    slapd.add_user("alice", "Alice-pw-1", mail="alice@example.com")
-    site = LoginSite(base / "idp", slapd, CA.create(), gateway={"trusted_proxies": ["127.0.0.1/32"]}, login={
+    login = {
         "sessions": {"requests_per_client": BUDGET},
         "oidc": {"clients": [APP, OTHER]},
-        "saml": {"service_providers": [{"entity_id": SP_ID, "acs_urls": [ACS], "idp_initiated": True}]}},
-        env=SECRETS)
-    site.gw = site.start()
-    site.sp = SamlSP(base / "sp", site.client().get(f"{site.url}/saml/metadata", timeout=15).text, acs=ACS,
-                     entity_id=SP_ID)
-    yield site
-    site.stop()
-    slapd.stop()
-
-
-def no_5xx(site) -> None:
-    output = site.gw.output()
-    assert "Traceback" not in output and "a request handler raised" not in output, output[-3000:]
+        "saml": {"service_providers": [{"entity_id": SP_ID, "acs_urls": [ACS], "idp_initiated": True}]},
+    }
+    with saml_door(tmp_path_factory.mktemp("left45"), login, sp_id=SP_ID, acs=ACS, env=SECRETS) as site:
+        yield site
 
 
 # -- the CSRF origin check ----------------------------------------------------------------------

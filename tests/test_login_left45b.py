@@ -18,10 +18,8 @@ from saml2.response import StatusNoAuthnContext, StatusNoPassive, StatusRequestD
 from saml2.saml import AuthnContextClassRef
 from saml2.samlp import RequestedAuthnContext
 
-from support.login import LoginSite, hidden
-from support.pki import CA
-from support.saml_sp import SamlSP
-from support.slapd import Slapd
+from support.login import hidden
+from support.logindoor import no_5xx, saml_door
 
 BUDGET = 5
 #: More requests than a budget of 5 and what it refills while they are sent.
@@ -35,23 +33,12 @@ KERBEROS = "urn:oasis:names:tc:SAML:2.0:ac:classes:Kerberos"
 
 @pytest.fixture(scope="module")
 def door(tmp_path_factory):
-    base = tmp_path_factory.mktemp("left45b")
-    slapd = Slapd(base / "slapd").start()
-    slapd.add_user("alice", "Alice-pw-1", mail="alice@example.com")
-    site = LoginSite(base / "idp", slapd, CA.create(), gateway={"trusted_proxies": ["127.0.0.1/32"]}, login={
+    login = {
         "sessions": {"requests_per_client": BUDGET, "secure_cookie": False},
-        "saml": {"service_providers": [{"entity_id": SP_ID, "acs_urls": [ACS], "name_id_format": "persistent"}]}})
-    site.gw = site.start()
-    site.sp = SamlSP(base / "sp", site.client().get(f"{site.url}/saml/metadata", timeout=15).text, acs=ACS,
-                     entity_id=SP_ID)
-    yield site
-    site.stop()
-    slapd.stop()
-
-
-def no_5xx(site) -> None:
-    output = site.gw.output()
-    assert "Traceback" not in output and "a request handler raised" not in output, output[-3000:]
+        "saml": {"service_providers": [{"entity_id": SP_ID, "acs_urls": [ACS], "name_id_format": "persistent"}]},
+    }
+    with saml_door(tmp_path_factory.mktemp("left45b"), login, sp_id=SP_ID, acs=ACS) as site:
+        yield site
 
 
 class Proxied:

@@ -18,17 +18,9 @@ import pytest
 
 from gateway.plugins import linkproto as proto
 from support.gateway import authgw
+from support.linkdir import slapd  # noqa: F401 - fixture
 from support.linkenv import Connector, NoDirectory, Relay, link_tls, relays_sharing_redis
 from support.net import free_port, wait_for
-from support.slapd import Slapd
-
-
-@pytest.fixture(scope="module")
-def slapd(tmp_path_factory):
-    server = Slapd(tmp_path_factory.mktemp("ldap")).start()
-    server.add_user("alice", "Alice-Passw0rd", cn="Alice A", mail="alice@example.com", groups=["staff"])
-    yield server
-    server.stop()
 
 
 def _hello() -> str:

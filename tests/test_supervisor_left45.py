@@ -13,51 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from support.fakedist import make_dist
 from support.gateway import static_users, write_conf
 from support.net import free_port, wait_for, wait_for_port
 from support.proc import children
-
-PASSWORD = "Corr3ct-Horse-Battery"
-TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-
-
-@pytest.fixture(scope="module")
-def alice_hash():
-    from gateway.passwords import hash_password
-
-    return hash_password(PASSWORD)
-
-
-def gateway_yaml(realm: str, extra: str = "") -> str:
-    return f"chain: [static]\nthrottle:\n  enabled: false\ndeadline: 60\nrealm: {realm}\n{extra}"
-
-
-def realm(name: str) -> str:
-    return f'Basic realm="{name}", charset="UTF-8"'
-
-
-def realms(gw, count: int = 30) -> set[str]:
-    """The realms answered on *count* new connections (two workers on reuse_port sockets: all on
-    one has odds of 2**-29)."""
-    return {gw.auth("alice", "wrong", timeout=30).header("WWW-Authenticate") for _ in range(count)}
-
-
-def serving(gw) -> list[int]:
-    return [int(pid) for pid in re.findall(r"authgw worker (\d+) serving", gw.output())]
-
-
-def master_pid(gw) -> int:
-    return int((gw.state_dir / "authgw.pid").read_text())
-
-
-def alive(pid: int) -> bool:
-    """*pid* exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+from support.supervisorenv import (PASSWORD, TESTS_DIR, alice_hash, alive, conf, gateway_yaml, master_pid,  # noqa: F401
+                                   plugins_env, realm, realms, serving)
 
 
 # -- a stop while the master forks a worker -------------------------------------------------------
@@ -103,7 +63,7 @@ def test_a_stop_that_arrives_while_a_worker_is_forked_stops_that_worker_too(tmp_
     killed it (SIGKILL) KILL_AFTER (17) seconds into the stop, its requests cut (review of the
     supervisor). Now a worker forked once a stop was asked for is told to stop at once, and no
     further one is forked."""
-    conf = write_conf(tmp_path / "conf.d", {"gateway.yaml": gateway_yaml("r0"), **static_users({"alice": alice_hash})})
+    conf_dir = conf(tmp_path / "conf.d", alice_hash, "r0")
     script = tmp_path / "sigterm_at_spawn.py"
     script.write_text(_SIGTERM_AT_SPAWN)
     flag = tmp_path / "armed"
@@ -113,7 +73,7 @@ def test_a_stop_that_arrives_while_a_worker_is_forked_stops_that_worker_too(tmp_
     log_path = tmp_path / "log"
     output = lambda: log_path.read_text(errors="replace")  # noqa: E731
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, str(script), "serve", "--config", str(conf),
+        proc = subprocess.Popen([sys.executable, str(script), "serve", "--config", str(conf_dir),
                                  "--state-dir", str(tmp_path / "state"), "--workers", "2",
                                  "--listen", f"127.0.0.1:{port}"], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, "SPAWN_FLAG": str(flag), "PYTHONPATH": TESTS_DIR})
@@ -178,9 +138,8 @@ class HangsAtStart:
 
 @pytest.fixture
 def plugin_env(tmp_path):
-    site = make_dist(tmp_path / "site", "supervisor-left45-plugins", {"hangsatstart": "left45_hangs:HangsAtStart"},
-                     {"left45_hangs.py": _HANGS_AT_START})
-    return {"PYTHONPATH": os.pathsep.join([str(site), TESTS_DIR, os.environ.get("PYTHONPATH", "")])}
+    return plugins_env(tmp_path / "site", "supervisor-left45-plugins", {"hangsatstart": "left45_hangs:HangsAtStart"},
+                       {"left45_hangs.py": _HANGS_AT_START})
 
 
 def test_a_reload_whose_plugin_start_up_never_returns_is_refused_and_the_next_reload_applies(
@@ -192,8 +151,7 @@ def test_a_reload_whose_plugin_start_up_never_returns_is_refused_and_the_next_re
     Now the start-up has the start grace (the worker timeout, at least 30 s); then the reload is
     refused, which the master reports, and the next one applies."""
     waiting = tmp_path / "waiting"
-    gw = start_gateway(write_conf(conf_dir, {"gateway.yaml": gateway_yaml("r0"), **static_users({"alice": alice_hash})}),
-                       workers=2, env=plugin_env)
+    gw = start_gateway(conf(conf_dir, alice_hash, "r0"), workers=2, env=plugin_env)
     wait_for(lambda: len(serving(gw)) == 2, what="two workers serving", log=gw.output)
     stuck = serving(gw)[0]
     waiting.write_text(f"{stuck}\n")  # its start-up waits; the other worker's does not
@@ -210,7 +168,7 @@ def test_a_reload_whose_plugin_start_up_never_returns_is_refused_and_the_next_re
     os.kill(master_pid(gw), signal.SIGHUP)
     wait_for(lambda: gw.output().count(" reloaded ") >= 3, timeout=60, what="the next reload in both workers",
              log=gw.output)
-    assert realms(gw) == {realm("r2")}
+    assert realms(gw, timeout=30) == {realm("r2")}
     assert alive(stuck) and gw.auth("alice", PASSWORD).status == 200
     waiting.unlink()  # the thread left behind ends
     assert gw.proc.poll() is None and "Traceback" not in gw.output()

@@ -15,47 +15,12 @@ import socket
 
 import pytest
 
-from support.fakedist import make_dist
 from support.gateway import static_users, write_conf
 from support.http import basic
 from support.net import free_port, wait_for
 from support.proc import children
-
-PASSWORD = "Corr3ct-Horse-Battery"
-TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-
-
-@pytest.fixture(scope="module")
-def alice_hash():
-    from gateway.passwords import hash_password
-
-    return hash_password(PASSWORD)
-
-
-def gateway_yaml(realm: str, extra: str = "") -> str:
-    return f"chain: [static]\nthrottle:\n  enabled: false\ndeadline: 60\nrealm: {realm}\n{extra}"
-
-
-def conf(conf_dir, alice_hash, realm: str, extra: str = ""):
-    return write_conf(conf_dir, {"gateway.yaml": gateway_yaml(realm, extra), **static_users({"alice": alice_hash})})
-
-
-def realm(name: str) -> str:
-    return f'Basic realm="{name}", charset="UTF-8"'
-
-
-def realms(gw, count: int = 30) -> set[str]:
-    """The realms answered on *count* new connections (two workers on reuse_port sockets: all on
-    one has odds of 2**-29)."""
-    return {gw.auth("alice", "wrong").header("WWW-Authenticate") for _ in range(count)}
-
-
-def serving(gw) -> list[int]:
-    return [int(pid) for pid in re.findall(r"authgw worker (\d+) serving", gw.output())]
-
-
-def master_pid(gw) -> int:
-    return int((gw.state_dir / "authgw.pid").read_text())
+from support.supervisorenv import (PASSWORD, alice_hash, conf, gateway_yaml, master_pid, plugins_env,  # noqa: F401
+                                   realm, realms, serving)
 
 
 _SLOW_START = '''
@@ -85,10 +50,9 @@ class SlowStart:
 
 @pytest.fixture
 def plugin_env(tmp_path):
-    site = make_dist(tmp_path / "site", "supervisor-review-plugins", {
+    return plugins_env(tmp_path / "site", "supervisor-review-plugins", {
         "slowstart": "review_slow_start:SlowStart", "failsin": "support.testplugins:StartupFailsIn"},
         {"review_slow_start.py": _SLOW_START})
-    return {"PYTHONPATH": os.pathsep.join([str(site), TESTS_DIR, os.environ.get("PYTHONPATH", "")])}
 
 
 # -- reloads that overtake each other ---------------------------------------------------------------
