@@ -34,6 +34,10 @@ Health
     connector, revoked or not, gets in; the links already up stay, a revocation closes them
     within a second of Redis answering again, an expiry at once; a renewal is answered
     ``unavailable`` and asked again). A process holding no link is not ready either way.
+    A Redis that may evict keys (``maxmemory`` with a policy other than ``noeviction``) makes
+    ``relay.store`` not ready, saying so, and closes enrolment (503 ``store_unavailable``) until
+    it is fixed: an evicted connector record frees its id, revoked or not; the rest of what the
+    relay keeps there fails closed when evicted (docs/link-protocol.md).
     SQLite is a local file: nothing to probe, its errors surface on the next operation.
 Commands
     ``authgw relay connection add NAME``, ``authgw relay ticket CONNECTION``,
@@ -49,6 +53,8 @@ import re
 import ssl
 import time
 from typing import Any
+
+from cryptography.exceptions import UnsupportedAlgorithm
 
 from gateway import (
     Attempt,
@@ -86,6 +92,8 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _REASON = re.compile(r"[A-Za-z0-9_.:-]{0,100}")
 _DECIDING = {Outcome.SUCCESS, Outcome.INVALID_CREDENTIALS, Outcome.ACCOUNT_STATE, Outcome.THROTTLED, Outcome.ERROR}
 _MAINTENANCE_INTERVAL = 1.0
+#: What the CA conflict names a value under the CA key that is no relay CA this instance can read.
+_NOT_A_CA = "(not a relay CA)"
 
 
 class RelayPlugin:
@@ -114,13 +122,24 @@ class RelayPlugin:
         #: when nothing: said at ERROR once, shown in ``/readyz`` as ``relay.ca`` (:meth:`_check_ca`).
         self.ca_conflict = ""
         self._ca_other = ""  # the fingerprint of that other CA
+        #: :meth:`_check_ca`'s memory: this instance's CA as PEM (key, certificate), and the
+        #: last value read from Redis with its fingerprint (parsed again only when it changes).
+        self._ca_own: tuple[bytes, bytes] | None = None
+        self._ca_seen: tuple[bytes, bytes, str] | None = None
         if settings.redis is not None:
-            key_pem, cert_pem, _ = self.store.shared_ca(self.ca.key_pem, self.ca.pem.encode())
-            shared = RelayCA.from_pem(key_pem, cert_pem)
-            if shared.pem == self.ca.pem or not self.ca.shared_in(context.state_dir):
+            try:
+                key_pem, cert_pem, _ = self.store.shared_ca(self.ca.key_pem, self.ca.pem.encode())
+                shared = RelayCA.from_pem(key_pem, cert_pem)
+            except (ValueError, TypeError, UnsupportedAlgorithm):
+                # No relay CA this instance can read (an encrypted key, garbage): it keeps its
+                # own and overwrites nothing, as for another CA. It stopped every start, the
+                # command line's too: `authgw relay revoke` could not be run (review of the relay).
+                shared = None
+                self._ca_conflict(_NOT_A_CA, self.log)
+            if shared is not None and (shared.pem == self.ca.pem or not self.ca.shared_in(context.state_dir)):
                 self.ca = shared  # a new instance adopts the CA of the others
                 self.ca.save(context.state_dir)
-            else:
+            elif shared is not None:
                 # This instance's CA was shared (connectors were enrolled with it) and Redis now
                 # holds another: written by an instance that found it missing (Redis lost its
                 # data). Adopting it overwrote the CA every connector pins, without a word.
@@ -225,7 +244,7 @@ class RelayPlugin:
             try:
                 if router is not None:
                     await router.heartbeat()
-                    await loop.run_in_executor(None, self._check_ca)
+                    await self._check_ca_safely(loop)
                 revoked = await self._read_standing(loop)  # before any link is closed for it
             except Exception as exc:  # noqa: BLE001 - Redis away or SQLite busy: try again next round
                 revoked = None
@@ -316,17 +335,42 @@ class RelayPlugin:
                     if not session.ws.closed:
                         self._end(session, 4003, b"revoked")
 
+    async def _check_ca_safely(self, loop: asyncio.AbstractEventLoop) -> None:
+        """:meth:`_check_ca`, whose failure never keeps the round from reading revocations: a
+        value under the CA key that raised anything but ValueError (a private key that is
+        encrypted, of an unsupported type) failed every round before the registry was read, and
+        a revoked connector kept its link (review of the relay, items left). Redis not answering
+        is raised (the round's registry warning)."""
+        try:
+            await loop.run_in_executor(None, self._check_ca)
+        except STORE_ERRORS:
+            raise
+        except Exception:  # noqa: BLE001 - not the registry's: said, and the round goes on
+            log.exception("relay: the check of the relay CA in Redis failed")
+
     def _check_ca(self) -> None:
         """Write this instance's CA back to Redis when Redis lost it (SET NX: never over
         another's), and say when Redis holds another one (:attr:`ca_conflict`). A CA lost from
         Redis stayed lost: the next instance to start made its own and wrote it, one that
         restarted then adopted it over the one its connectors were enrolled with, and links
         were refused by the TLS handshake at one instance or the other (review of the relay side)."""
+        if self._ca_own is None:  # this instance's CA does not change while it runs
+            self._ca_own = (self.ca.key_pem, self.ca.pem.encode())
         try:
-            key_pem, cert_pem, written = self.store.shared_ca(self.ca.key_pem, self.ca.pem.encode())
-            fingerprint = RelayCA.from_pem(key_pem, cert_pem).fingerprint
+            key_pem, cert_pem, written = self.store.shared_ca(*self._ca_own)
+            # Parsed only when it changed since the last round (it is read every second): the
+            # same bytes are the same CA.
+            if self._ca_seen is None or self._ca_seen[:2] != (key_pem, cert_pem):
+                try:
+                    seen = RelayCA.from_pem(key_pem, cert_pem).fingerprint
+                except (ValueError, TypeError, UnsupportedAlgorithm):
+                    # An encrypted or unsupported key raises TypeError or UnsupportedAlgorithm:
+                    # it failed every round before the registry was read (_check_ca_safely).
+                    seen = _NOT_A_CA
+                self._ca_seen = (key_pem, cert_pem, seen)
+            fingerprint = self._ca_seen[2]
         except ValueError:  # garbage under the key: not ours to overwrite either
-            fingerprint, written = "(not a relay CA)", False
+            fingerprint, written = _NOT_A_CA, False
         if written:
             log.warning("relay: the relay CA was missing in Redis (its data lost, evicted, a failover?); this "
                         "instance wrote its own back (SHA-256 %s)", self.ca.fingerprint)
@@ -510,7 +554,8 @@ class RelayPlugin:
         if self.settings.redis is None:
             return
         if self._store_probe is None:
-            self._probe_client = RedisStore(self.settings.redis)
+            # the serving store's eviction watch: what the probe finds gates enrolment (endpoints.py)
+            self._probe_client = RedisStore(self.settings.redis, eviction=self.store.eviction)
             self._store_probe = StoreProbe(f"{self.name}.store", self._probe_client.ping)
         self._store_probe.probe()
 

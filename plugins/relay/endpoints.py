@@ -11,12 +11,19 @@ Every refusal is a 4xx with ``{"error": CODE, "detail": ...}``; nothing a client
 produce a 5xx (bodies are size-capped, JSON is type-checked, the CSR is parsed defensively).
 When the registry cannot be read (its Redis is down), enrolment and new links are refused with
 503 ``store_unavailable``: no connector, revoked or not, gets a link its registry entry was not
-checked for (the links already up go on; ``/readyz`` shows ``relay.store``).
+checked for (the links already up go on; ``/readyz`` shows ``relay.store``). While that Redis
+may evict keys (``maxmemory`` with a policy other than ``noeviction``), enrolment is refused the
+same way: an evicted record would free a revoked connector's id for a new enrolment.
+
+Before the registry is read, new links are bounded in rate per connector id (429
+``too_many_dials``) and requests without a certificate per client address (429
+``too_many_requests``): :data:`.hub.DIAL_RATE`, :data:`.hub.ANONYMOUS_RATE`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import math
@@ -37,7 +44,8 @@ from gateway.http.app import read_body
 from gateway.plugins import linkproto as proto
 
 from .ca import CSRRefused
-from .hub import MAX_LINKS, MAX_PROBES, LinkSession, Unreachable
+from .hub import ANONYMOUS_BURST, ANONYMOUS_RATE, DIAL_BURST, DIAL_RATE, MAX_LINKS, MAX_PROBES, LinkSession, \
+    Unreachable
 from .store import TicketRefused
 
 if TYPE_CHECKING:
@@ -123,6 +131,21 @@ async def _pong(ws: web.WebSocketResponse, payload: bytes) -> None:
         pass
 
 
+def _network(request: web.Request) -> str:
+    """The client a request comes from, as the rate bound before identification counts it: its
+    address, an IPv6 one by its /64 (one host holds a whole /64), an IPv4-mapped one as IPv4."""
+    remote = request.remote or ""
+    try:
+        address = ipaddress.ip_address(remote.split("%", 1)[0])
+    except ValueError:
+        return remote
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
+
+
 def _token(request: web.Request) -> str | None:
     token = request.match_info.get("token", "")
     return token if 20 <= len(token) <= 100 and set(token) <= _TOKEN_CHARS else None
@@ -133,6 +156,36 @@ class Endpoints:
         self.plugin = plugin
         self.door = door
         self.settings = plugin.settings
+
+    def _anonymous_refusal(self, request: web.Request) -> web.Response | None:
+        """A 429 (connection closed) when the request's client spent its budget of requests
+        before identification (:data:`~.hub.ANONYMOUS_RATE`), else None. Checked before the
+        registry is read or a body waited for."""
+        key = _network(request)
+        budgets = self.plugin.hub.anonymous
+        if budgets.take(key):
+            return None
+        count = budgets.should_log(key)
+        if count is not None:
+            log.warning("refused %d request(s) from %s at the relay listener without a connector certificate "
+                        "(enrolment or a link without one) beyond %d, then %g a second; said at most once a minute",
+                        count, key, ANONYMOUS_BURST, ANONYMOUS_RATE)
+        return _closing(request, _refuse(429, "too_many_requests", "too many requests from this address; "
+                                         "try again in a few seconds"))
+
+    def _evicting(self, request: web.Request) -> web.Response | None:
+        """A 503 while the registry's Redis may evict keys (the health probe's finding), else
+        None. Enrolment is what an eviction turns into a fail-open: a connector's record evicted
+        (``allkeys-*``) makes its id free again, and a revoked connector's id enrolled anew was
+        no longer revoked; tickets expire, so a ``volatile-*`` policy evicts them first. The
+        links already up, new links of enrolled connectors (a record evicted is refused) and
+        revocations go on; ``/readyz`` shows ``relay.store`` not ready, saying why."""
+        problem = getattr(self.plugin.store, "evicting", None)
+        if problem is None:
+            return None
+        log.info("relay: refused an enrolment request: the registry's Redis may evict keys")
+        return _closing(request, _refuse(503, "store_unavailable", "the relay's registry may lose keys now "
+                                         "(its Redis evicts keys); enrolment is closed until the operator fixes it"))
 
     async def _store(self, method, *args):
         try:
@@ -145,6 +198,9 @@ class Endpoints:
     # -- enrolment ---------------------------------------------------------------------------------
 
     async def ticket_info(self, request: web.Request) -> web.Response:
+        refused = self._anonymous_refusal(request) or self._evicting(request)
+        if refused is not None:
+            return refused
         token = _token(request)
         if token is None:
             return _refuse(404, "ticket_unknown", "no such ticket; ask the relay operator for a new one")
@@ -165,6 +221,9 @@ class Endpoints:
         # request that cannot be a real enrolment (no such ticket, a body too large), and the
         # body must arrive within limits.body_timeout. Before, a slow body held the connection
         # for ever: a few thousand of them filled max_connections and stopped every listener.
+        refused = self._anonymous_refusal(request) or self._evicting(request)
+        if refused is not None:
+            return refused
         token = _token(request)
         if token is None:
             return _closing(request, _refuse(404, "ticket_unknown",
@@ -336,12 +395,27 @@ class Endpoints:
     async def link(self, request: web.Request) -> web.StreamResponse:
         presented = self.door.tls_certificate(request)
         if presented is None:
+            refused = self._anonymous_refusal(request)
+            if refused is not None:
+                return refused
             return _refuse(401, "certificate_required", "the link needs the connector certificate from enrolment")
         cert = x509.load_der_x509_certificate(presented.leaf)  # OpenSSL verified it against the relay CA
         names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
         units = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
         connector = names[0].value if names else ""
         connection = units[0].value if units else ""
+        # New links are bounded in rate per connector id (the certificate's, verified), before
+        # the registry is read: bounded in number only, one dialling in a loop cost a registry
+        # read, an upgrade and two log lines a link, and other connectors' logins waited.
+        dials = self.plugin.hub.dials
+        if not dials.take(connector):
+            count = dials.should_log(connector)
+            if count is not None:
+                log.warning("refused %d new link(s) of connector %s (last from %s): more than %d, then %g a "
+                            "second; said at most once a minute (a connector dialling in a loop? a stolen key?)",
+                            count, connector, request.remote, DIAL_BURST, DIAL_RATE)
+            return _closing(request, _refuse(429, "too_many_dials", f"this connector opened more than {DIAL_BURST} "
+                                             f"links, then {DIAL_RATE:g} a second; dial again in a few seconds"))
         try:
             known = await self._store(self.plugin.store.connector, connector)
         except StoreUnavailable:  # revocations cannot be checked: fail closed

@@ -26,7 +26,9 @@ Routing rules (docs/connector.md#high-availability):
 * what one connector id can make this process hold is bounded, not per link: at most
   :data:`MAX_LINKS` open links (:data:`MAX_PROBES` of them probes), one replay record shared by
   them (:class:`ConnectorGuard`, sized from the request rate it accepts), and a link that says
-  no ``hello`` is closed (endpoints.py) — a stolen key cannot fill the relay's memory;
+  no ``hello`` is closed (endpoints.py) — a stolen key cannot fill the relay's memory; new links
+  are bounded in rate too (:data:`DIAL_BURST`, :data:`DIAL_RATE`, checked before the registry
+  is read), and requests before identification per client address (:data:`ANONYMOUS_RATE`);
 * a password check is sent **once**: when its frame was written and the link then fails, the
   attempt is UNAVAILABLE (``relay.link_lost``), never re-sent to another connector, because the
   first one may have reached the directory and counted a failure towards the lockout;
@@ -49,7 +51,8 @@ from aiohttp import web
 
 from gateway.plugins import linkproto as proto
 
-__all__ = ["ConnectorGuard", "ControlBudget", "Hub", "LinkSession", "MAX_LINKS", "MAX_PROBES", "Unreachable"]
+__all__ = ["ConnectorGuard", "ControlBudget", "DialBudgets", "Hub", "LinkSession", "MAX_LINKS", "MAX_PROBES",
+           "Unreachable"]
 
 log = logging.getLogger("authgw.plugin.relay")
 
@@ -73,6 +76,25 @@ REQUEST_RATE = 1.0
 #: of the relay side).
 CONTROL_BURST = 100
 CONTROL_RATE = 50.0
+#: New links one connector id may open at a relay process: a burst of :data:`DIAL_BURST`, then
+#: :data:`DIAL_RATE` a second; beyond it ``/link`` is refused (429 ``too_many_dials``) before the
+#: registry is read. Bounded in number only (:data:`MAX_LINKS`), a connector dialling in a loop
+#: (a stolen key, a broken connector) cost the relay a registry read, a WebSocket upgrade and
+#: two log lines per link, 150 links a second from one client, and the other connectors'
+#: logins waited behind them (review of the relay, items left). A connector dials once per
+#: network blip and backs off: the burst lets one re-dial at once after many blips in a row.
+DIAL_BURST = 20
+DIAL_RATE = 1.0
+#: Requests one client address (an IPv6 client by its /64) may make at the relay's listener
+#: before it is identified (enrolment, ``/p/TOKEN``, and a ``/link`` without a certificate),
+#: each a registry read for enrolment: a burst of :data:`ANONYMOUS_BURST`, then
+#: :data:`ANONYMOUS_RATE` a second (429 ``too_many_requests`` beyond it). Identified links are
+#: bounded per connector id only: behind a TCP load balancer every connector has one address.
+ANONYMOUS_BURST = 60
+ANONYMOUS_RATE = 2.0
+#: Keys a :class:`DialBudgets` table keeps at most; a full table forgets the one used least
+#: recently (a forgotten key starts again from a full burst).
+_BUDGET_KEYS = 4096
 
 
 
@@ -163,6 +185,54 @@ class ControlBudget:
             return False
         self._tokens -= 1.0
         return True
+
+
+class DialBudgets:
+    """Token buckets by key (a connector id, a client network): *burst*, refilled at *rate* a
+    second. O(1) a look, in memory; at most :data:`_BUDGET_KEYS` keys, the least recently used
+    forgotten beyond (a forgotten key starts again from a full burst)."""
+
+    def __init__(self, burst: int, rate: float, clock=time.monotonic) -> None:
+        self.burst, self.rate = float(burst), rate
+        self._clock = clock
+        self._buckets: dict[str, list[float]] = {}  # key -> [tokens, at]; insertion order = recency
+        self.refused: dict[str, int] = {}  # refusals not logged yet, per key
+        self._logged: dict[str, float] = {}
+
+    def take(self, key: str) -> bool:
+        """Spend one token of *key*; False (nothing spent) when it has none left."""
+        at = self._clock()
+        bucket = self._buckets.pop(key, None)
+        if bucket is None:
+            bucket = [self.burst, at]
+            if len(self._buckets) >= _BUDGET_KEYS:
+                self._forget()
+        tokens = min(self.burst, bucket[0] + max(0.0, at - bucket[1]) * self.rate)
+        self._buckets[key] = bucket  # the most recent last
+        bucket[1] = at
+        if tokens < 1.0:
+            bucket[0] = tokens
+            return False
+        bucket[0] = tokens - 1.0
+        return True
+
+    def _forget(self) -> None:
+        """Forget the key used least recently (the first: a take moves its key last), O(1): a
+        scan for full buckets at each new key cost a flood from many networks the whole table."""
+        oldest = next(iter(self._buckets))
+        del self._buckets[oldest]
+        self.refused.pop(oldest, None)
+        self._logged.pop(oldest, None)
+
+    def should_log(self, key: str, interval: float = 60.0) -> int | None:
+        """A refusal of *key*: the count of refusals since the last line when one is due now
+        (at most one per *interval* per key), else None (counted)."""
+        at = self._clock()
+        self.refused[key] = self.refused.get(key, 0) + 1
+        if at - self._logged.get(key, -math.inf) < interval:
+            return None
+        self._logged[key] = at
+        return self.refused.pop(key)
 
 
 class _Connector:
@@ -331,6 +401,9 @@ class Hub:
         self._lost: dict[str, float] = {}
         self._relink_waiters: dict[str, list[_Waiter]] = {}
         self._watchers: dict[str, asyncio.Task] = {}
+        #: new links per connector id, and requests per client network before identification
+        self.dials = DialBudgets(DIAL_BURST, DIAL_RATE)
+        self.anonymous = DialBudgets(ANONYMOUS_BURST, ANONYMOUS_RATE)
 
     def admit(self, session: LinkSession, skew: float) -> bool:
         """Count *session* as an open link of its connector and give it the connector's replay

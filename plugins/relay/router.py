@@ -183,7 +183,15 @@ class Router:
             asyncio.ensure_future(self._handle(forwarded))
 
     async def _handle(self, item: dict[str, Any]) -> None:
-        reply = await self._reply(item)
+        try:
+            reply = await self._reply(item)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            # An item without its fields (only whoever writes to Redis): nothing was sent on a
+            # link (the stamp and body are read before), answered so; before, the task died with
+            # a traceback and its forwarder waited out its deadline (review of the relay).
+            log.warning("relay routing: dropped a malformed forwarded request from this instance's inbox (%s)",
+                        exc.__class__.__name__)
+            reply = {"unreachable": "relay.not_sent"}
         key = self._k("reply", item["id"])
         await self.redis.rpush(key, json.dumps(reply))
         await self.redis.expire(key, 60)

@@ -186,7 +186,7 @@ class RedisStore:
     ``HSETNX used``: of two instances racing, one wins.
     """
 
-    def __init__(self, settings) -> None:
+    def __init__(self, settings, eviction: EvictionWatch | None = None) -> None:
         import redis
 
         self.prefix = settings.key_prefix
@@ -195,7 +195,11 @@ class RedisStore:
                                           socket_timeout=settings.timeout, socket_connect_timeout=settings.timeout,
                                           decode_responses=True)
         self.location = redis_location(settings.url)  # for readiness and errors: no password
-        self._eviction = EvictionWatch("relay store")
+        #: What the health probe last found of this Redis's eviction policy; the probe's own
+        #: client shares the serving store's (:attr:`evicting`).
+        self._eviction = eviction or EvictionWatch(
+            "relay store", error_line="{what} {location}: enrolment is refused until its eviction policy is fixed: "
+            "{problem}", fixed_line="{what} {location}: its eviction policy keeps keys again; enrolment is open")
         self._add_use = self.redis.register_script(_ADD_USE)  # made here, sent to Redis on first use
         self._seen = self.redis.register_script(_SEEN)
 
@@ -210,6 +214,15 @@ class RedisStore:
         if problem is not None:  # tickets' uses, the CA key, routes: not ready (the log says it once)
             raise ConnectionError(f"{self.location}: {problem}")
         return f"{self.location}: answers"
+
+    @property
+    def eviction(self) -> EvictionWatch:
+        return self._eviction
+
+    @property
+    def evicting(self) -> str | None:
+        """Why this Redis may evict the registry's keys (the last probe's finding), else None."""
+        return self._eviction.problem
 
     def _k(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
@@ -228,13 +241,18 @@ class RedisStore:
 
     def ticket(self, token: str, now: float) -> tuple[str, str, float]:
         row = self.redis.hgetall(self._k("ticket", token_hash(token)))
-        if not row:
-            raise TicketRefused("ticket_unknown", "no such ticket; ask the relay operator for a new one")
+        try:
+            expires = float(row["expires"])
+            connection, connector = row["connection"], row["connector"]
+        except (KeyError, ValueError):
+            # none, or not a whole ticket (a hash of `uses` alone, made by HINCRBY on a ticket
+            # evicted between the read and the use): unknown, not a KeyError (500) at each request
+            raise TicketRefused("ticket_unknown", "no such ticket; ask the relay operator for a new one") from None
         if "used" in row:
             raise TicketRefused("ticket_used", "this ticket was already used; each ticket enrols one connector")
-        if float(row["expires"]) < now:
+        if expires < now:
             raise TicketRefused("ticket_expired", "this ticket has expired; ask the relay operator for a new one")
-        return row["connection"], row["connector"], float(row["expires"])
+        return connection, connector, expires
 
     def use_ticket(self, token: str, now: float) -> tuple[str, str]:
         connection, connector, _ = self.ticket(token, now)
@@ -263,6 +281,11 @@ class RedisStore:
     def add_connector(self, connector: str, connection: str, serial: int, not_after: float, cert: str) -> bool:
         """As :meth:`SQLiteStore.add_connector`: the id is claimed by HSETNX, atomically."""
         key = self._k("connector", connector)
+        if self.redis.sismember(self._k("connectors"), connector):
+            # Listed, its record gone (evicted, lost with Redis's data): the id was enrolled,
+            # perhaps revoked, and a connector naming it is not new. Enrolled again, a revoked
+            # id came back unrevoked (review of the relay, items left).
+            return False
         if not self.redis.hsetnx(key, "connection", connection):
             return False
         self.redis.hset(key, mapping={"enrolled": repr(time.time()), "serial": f"{serial:x}",
