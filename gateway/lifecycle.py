@@ -95,12 +95,14 @@ def forget_early_hups() -> None:
     _early_hups = 0
 
 
-def notify_ready() -> None:
+def notify_ready(address: str | None = None) -> None:
     """Tell systemd this service is started (``READY=1`` to ``$NOTIFY_SOCKET``, the
     ``sd_notify`` protocol: one datagram to a Unix socket, ``@`` for the abstract namespace),
     and unset the variable so that no child process says it again. Nothing without the variable
-    (not under systemd, or ``Type=exec``); a failure is logged, never fatal."""
-    address = os.environ.pop("NOTIFY_SOCKET", "")
+    (not under systemd, or ``Type=exec``); a failure is logged, never fatal. *address*: the
+    variable's value, taken from the environment earlier (a master forks its workers first)."""
+    if address is None:
+        address = os.environ.pop("NOTIFY_SOCKET", "")
     if not address:
         return
     if address.startswith("@"):

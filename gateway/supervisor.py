@@ -31,13 +31,23 @@ replaced as a worker that died is. A worker busy on its threads beats on: only i
 loop must turn. Workers the master is stopping are not watched. A new worker's loop turns while
 its plugins start (on a thread): one not serving :func:`start_grace` seconds after its fork (a
 start-up waiting for ever on a backend) is killed the same way, as a failed start, once some
-worker has served; a worker's reload gives up such a start-up after as long (gateway/server.py).
+worker has served, and at the very first start fails the start (exit 3) saying so, where the
+master waited for it without end; a worker's reload gives up such a start-up after as long
+(gateway/server.py). A retried slot's socket is bound again without listening: its worker
+listens once it serves, so the try's start-up holds no share of new connections.
+
+A reload's reader that makes no progress (a conf.d file on a network mount whose server died:
+its read never returns) is named with the file it waits on (the reader says which file it reads,
+:data:`gateway.yamlfiles.reading_hook`) after :data:`_BUILD_SLOW` seconds, and given up after
+:func:`start_grace`: the reload is refused, and SIGHUPs sent meanwhile, one pending reload, are
+read afresh. It used to hold every later reload behind it, without a word.
 """
 
 from __future__ import annotations
 
 import asyncio
 import faulthandler
+import functools
 import logging
 import mmap
 import os
@@ -51,6 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from gateway import yamlfiles
 from gateway.config import Config
 from gateway.errors import ConfigError
 from gateway.lifecycle import KILL_AFTER, MessageReader, die_with_parent, encode_message, notify_ready
@@ -89,6 +100,13 @@ _STACKS_MAX_WAIT = 10.0
 #: loop from the GIL past a 10 s timeout in the tests (two suites on two cores): it was killed
 #: while it answered its requests.
 _STARVED_TIMEOUTS = 3.0
+#: Seconds a reload's reading of conf.d may make no progress (no CPU used, not runnable: waiting
+#: on a file of a dead network mount, say) before the log says which file it waits on; it is
+#: given up after :func:`start_grace`. A large file read slowly is progress: it uses CPU.
+_BUILD_SLOW = 10.0
+#: Readers given up that the kernel has not let die yet (a read of a FUSE or hard NFS mount ends
+#: only when its server answers): past that many, a reload is refused rather than start one more.
+_MAX_ABANDONED = 4
 _STACKS_SIGNAL = signal.SIGUSR2  # in a worker: write every thread's stack to stderr (faulthandler)
 _BEAT = struct.Struct("Q")  # the count, in a shared anonymous page per worker
 _beat: tuple[mmap.mmap, float] | None = None  # in a worker: its page and how often to beat
@@ -123,6 +141,14 @@ class _Builder:
     link: socket.socket
     reader: MessageReader
     answer: tuple | None = None  # ("valid", configuration) or ("refused", the problems)
+    #: The file it said it reads (looks at) now, None between files (gateway/yamlfiles.py).
+    reading: str | None = None
+    started: float = field(default_factory=time.monotonic)
+    looked: float = 0.0  # when its CPU time was last read
+    ticks: int | None = None  # its CPU time then
+    moved: float = field(default_factory=time.monotonic)  # when it last made progress
+    slow_said: bool = False
+    hup_said: bool = False  # a SIGHUP waits for it: said once
 
 
 @dataclass
@@ -191,6 +217,11 @@ class _Master:
         #: The process reading conf.d for a reload, while it runs: the master's loop goes on
         #: meanwhile (reaping, replacing and watching workers).
         self.builder: _Builder | None = None
+        self.notify = ""  # $NOTIFY_SOCKET until READY=1 is said (once a worker serves)
+        #: Readers given up that have not exited yet (stuck in the kernel): reaped when they do.
+        self.abandoned: dict[int, _Builder] = {}
+        #: Each slot's addresses (family, address), for binding it again (:meth:`_bind_quiet`).
+        self.addresses: dict[int, list[tuple[int, tuple]]] = {}
 
     # -- signals ---------------------------------------------------------------------------------
 
@@ -214,20 +245,33 @@ class _Master:
         signal.signal(signal.SIGTERM, self.on_stop)
         signal.signal(signal.SIGINT, self.on_stop)
         signal.signal(signal.SIGHUP, self.on_hup)
+        # READY=1 once a worker serves (systemd's Type=notify), not once the workers are forked:
+        # said at the fork, `systemctl start` succeeded for a gateway whose workers then never
+        # served (a start-up waiting on a backend), and systemd's start timeout never applied.
+        # SIGHUP is the master's to take from here on all the same; taken out of the environment
+        # before the forks, so that no worker says it.
+        self.notify = os.environ.pop("NOTIFY_SOCKET", "")
         for slot in range(self.count):
             self.spawn(slot)
-        notify_ready()  # SIGHUP is the master's to take now (the sockets are bound, the workers forked)
         while self.children or self.builder or (self.due and not self.stop_requested):
             if self.stop_requested and self.stopping_since is None:
                 self._begin_stop()
-            if self.reload_pending and not self.stop_requested and self.builder is None:
-                self.reload_pending = False
-                self._start_build()
+            if self.reload_pending and not self.stop_requested:
+                if self.builder is None:
+                    self.reload_pending = False
+                    self._start_build()
+                elif not self.builder.hup_said:
+                    # Coalesced: any number of SIGHUPs meanwhile are one reload, read once this one ends.
+                    self.builder.hup_said = True
+                    log.info("reload: SIGHUP noted; it waits for the reading under way (%.0f s so far%s), then "
+                             "conf.d is read again", time.monotonic() - self.builder.started,
+                             f", at {printable(self.builder.reading)}" if self.builder.reading else "")
             self._start_due()
             self._read_links(0.1)  # signals interrupt nothing here: handlers only set flags
             self._reap()
             self._escalate()
             self._watch()
+            self._watch_builder()
         self._close_sockets()
         return self.exit_code
 
@@ -237,7 +281,7 @@ class _Master:
             return
         if slot in self.unbound:
             try:
-                self.slots[slot][:] = self.rebind(slot)
+                self.slots[slot][:] = self._bind_quiet(slot)
             except OSError as exc:
                 log.error("slot %d cannot listen again: %s; trying again in %.0f s", slot, exc, _MAX_BACKOFF)
                 self.due[slot] = time.monotonic() + _MAX_BACKOFF
@@ -326,10 +370,34 @@ class _Master:
         would wait in a queue nobody accepts from); rebound at its next start. What to log."""
         if self.rebind is None or slot in self.unbound:
             return ""
+        self.addresses[slot] = [_address_of(sock) for sock in self.slots[slot]]
         for sock in self.slots[slot]:
             sock.close()
         self.unbound.add(slot)
         return "; its listening socket is closed meanwhile (new connections go to the others)"
+
+    def _bind_quiet(self, slot: int) -> list[socket.socket]:
+        """New sockets for *slot*, in its addresses' ``SO_REUSEPORT`` groups, bound but not
+        listening: the worker's server listens on them once its plugins have started and it
+        serves (asyncio and uvloop call ``listen`` on a socket they are given). Bound listening
+        (``rebind``), a retried slot's socket took its share of new connections from the fork
+        on, for the whole of a start-up that then failed (up to the start grace, each try): they
+        waited for no one and were reset when the try was killed (review of the supervisor).
+        Not listening, it is no member the kernel picks, and they go to the workers that serve."""
+        made: list[socket.socket] = []
+        try:
+            for family, address, options in self.addresses[slot]:
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                made.append(sock)
+                for level, name, value in options:
+                    sock.setsockopt(level, name, value)
+                sock.bind(address)
+                sock.setblocking(False)
+        except BaseException:
+            for sock in made:
+                sock.close()
+            raise
+        return made
 
     def _start_due(self) -> None:
         now = time.monotonic()
@@ -372,6 +440,9 @@ class _Master:
         if message[0] == "serving":
             child.serving = self.served = True
             self.failures.pop(child.slot, None)
+            if self.notify:
+                notify_ready(self.notify)
+                self.notify = ""
         elif message[0] == "reloaded" and message[1] in self.configs:
             child.serves = message[1]  # an overtaken reload's too: it serves that one now
         if message[0] in ("reloaded", "refused") and self.reload and message[1] == self.reload.number:
@@ -394,6 +465,11 @@ class _Master:
                 return
             if self.builder is not None and pid == self.builder.pid:
                 self._builder_exited(os.waitstatus_to_exitcode(status))
+                continue
+            if pid in self.abandoned:
+                self.abandoned.pop(pid).link.close()
+                multiprocess.mark_process_dead(pid)
+                log.info("reload: the reader of conf.d given up (process %d) has ended", pid)
                 continue
             child = self.children.pop(pid, None)
             if child is None:
@@ -446,18 +522,30 @@ class _Master:
                 if waited >= _STACKS_GRACE and (waited >= _STACKS_MAX_WAIT or not _signal_pending(pid, _STACKS_SIGNAL)):
                     _signal(pid, signal.SIGKILL)  # again at each turn: harmless until it is reaped
                 continue
-            if not child.serving and self.served and now - child.started > start_grace(self.timeout):
+            if not child.serving and now - child.started > start_grace(self.timeout):
                 # Its loop turns (start-up runs on a thread), so the beats said nothing: a new
                 # worker whose plugins' start-up never returned held its slot's socket, whose
                 # share of new connections waited for no one, for good and without a word
                 # (review of the supervisor). Killed as a failed start: its slot's socket is
-                # closed until the next try, which the back-off spaces out. (At the first start,
-                # with nothing serving yet, it is left to start: no worker serves either way.)
+                # closed until the next try, which the back-off spaces out.
+                # At the very first start, with no worker serving yet, it was waited for without
+                # end: the sockets took connections nobody answered, the log said nothing after
+                # "running N workers" (and systemd had READY=1). The start fails instead, as a
+                # start-up that raises does (exit 3: systemd's Restart= tries again), saying why.
+                if not self.served and any(other.hung is not None for other in self.children.values()):
+                    # The start fails already: one worker's stacks are enough, and two written
+                    # at once to the one stderr come out interleaved, unreadable.
+                    child.hung = now
+                    log.error("worker %d (slot %d) has not started serving either; it is killed (SIGKILL)",
+                              pid, child.slot)
+                    continue
                 child.hung = now
+                then = ("and started again" if self.served else
+                        "and, no worker serving yet, the start fails (exit 3) as when a start-up fails")
                 log.error("worker %d (slot %d) has not started serving %.0f s after its fork (a plugin's "
                           "gateway_startup that does not return: a backend it waits on?); its threads' stacks "
-                          "follow on stderr, then it is killed (SIGKILL) and started again", pid, child.slot,
-                          now - child.started)
+                          "follow on stderr (the plugin's module is in them), then it is killed (SIGKILL) %s",
+                          pid, child.slot, now - child.started, then)
                 _signal(pid, _STACKS_SIGNAL)
                 continue
             (count,) = _BEAT.unpack_from(child.beat)
@@ -525,6 +613,11 @@ class _Master:
         neither reaped nor replaced (its slot's socket queued a share of new connections for
         no one: 4 of 10 logins timed out) and a hung one was not killed (review of the
         supervisor)."""
+        if len(self.abandoned) >= _MAX_ABANDONED:
+            log.error("reload refused, the running configuration stays: %d readings of conf.d given up are still "
+                      "stuck in the kernel (processes %s: a dead network mount?); fix the mount, then SIGHUP again",
+                      len(self.abandoned), ", ".join(map(str, sorted(self.abandoned))))
+            return
         log.info("reload: reading %s", self.config_dir)
         try:
             ours, theirs = socket.socketpair()
@@ -549,6 +642,7 @@ class _Master:
                     for sock in {sock for slot in self.slots for sock in slot} | self.extra:
                         sock.close()  # a dead worker's slot, closed by the master, must not listen on here
                     die_with_parent(self.pid)
+                    yamlfiles.reading_hook = functools.partial(_tell_reading, theirs)
                     theirs.sendall(encode_message(_build(self.config_dir, self.state_dir)))
                     code = 0
                 finally:
@@ -566,9 +660,55 @@ class _Master:
             _signal(pid, signal.SIGKILL)
 
     def _read_builder(self, builder: _Builder) -> None:
-        messages = builder.reader.read()
-        if messages:
-            builder.answer = messages[0]
+        _take_answer(builder, builder.reader.read())
+
+    def _watch_builder(self) -> None:
+        """Name a reload's reading of conf.d that makes no progress (no CPU used and not waiting
+        for a CPU) for :data:`_BUILD_SLOW` seconds, with the file it waits on, and give it up
+        (killed, the reload refused) after :func:`start_grace`. A file of a dead network mount
+        held the reader for good: nothing was logged after "reload: reading", and every later
+        SIGHUP waited behind it, the running configuration served for good (review of the
+        supervisor). A stop does not wait for a reader the kernel will not let die."""
+        builder = self.builder
+        now = time.monotonic()
+        if builder is None or now - builder.looked < 1.0:
+            return
+        builder.looked = now
+        pid = builder.pid
+        if self.stop_requested:
+            if self.stopping_since is not None and now - self.stopping_since > _STACKS_MAX_WAIT / 2:
+                log.warning("reload abandoned: the reader of conf.d (process %d) has not ended at SIGKILL (in the "
+                            "kernel: %s); the master stops without it", pid, _reader_view(pid))
+                self._abandon(builder)
+            return
+        ticks = _cpu_ticks(pid)
+        if ticks is None:  # exited: reaped at the next turn
+            return
+        if ticks != builder.ticks or _thread_state(pid) == "R":
+            builder.ticks, builder.moved = ticks, now
+            return
+        still = now - builder.moved
+        where = (f"waiting on {printable(builder.reading)}" if builder.reading else
+                 "not in a read of a file (its plugins being built: one waiting on a backend?)")
+        grace = start_grace(self.timeout)
+        if grace is not None and still >= grace:
+            log.error("reload refused, the running configuration stays: reading %s has made no progress for %.0f s, "
+                      "%s (a dead network mount?; the reader in the kernel: %s); given up (process %d killed); "
+                      "send SIGHUP again once it reads", self.config_dir, still, where, _reader_view(pid), pid)
+            _signal(pid, signal.SIGKILL)
+            self._abandon(builder)
+        elif still >= _BUILD_SLOW and not builder.slow_said:
+            builder.slow_said = True
+            log.warning("reload: still reading %s after %.0f s, no progress for %.0f s: %s (the reader, process %d, "
+                        "in the kernel: %s); the workers serve the configuration before, SIGHUPs wait for it, and "
+                        "it is given up %s", self.config_dir, now - builder.started, still, where, pid,
+                        _reader_view(pid), f"after {grace:.0f} s without progress" if grace else
+                        "never (worker_timeout 0)")
+
+    def _abandon(self, builder: _Builder) -> None:
+        """Stop waiting for *builder* (killed): reaped when the kernel lets it end."""
+        self.builder = None
+        self.abandoned[builder.pid] = builder
 
     def _builder_exited(self, code: int) -> None:
         from prometheus_client import multiprocess
@@ -581,7 +721,7 @@ class _Master:
             size = len(builder.reader.buffer)
             messages = builder.reader.read()
             if messages:
-                builder.answer = messages[0]
+                _take_answer(builder, messages)
             elif messages is None or len(builder.reader.buffer) == size:
                 break
         builder.link.close()
@@ -679,6 +819,46 @@ def _child_signals() -> None:
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+
+
+def _take_answer(builder: _Builder, messages: list | None) -> None:
+    """What a reload's reader said: the file it reads now, and its answer."""
+    for message in messages or []:
+        if message[0] == "reading":
+            builder.reading = message[1]
+        elif builder.answer is None:
+            builder.answer = message
+
+
+def _tell_reading(link: socket.socket, name: str | None) -> None:
+    """In a reload's reader: tell the master which file is read now (None: none)."""
+    try:
+        link.sendall(encode_message(("reading", name)))
+    except OSError:
+        pass  # the master is gone: this process is told to end
+
+
+def _cpu_ticks(pid: int) -> int | None:
+    """The CPU time *pid* has used (clock ticks, user and system), None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _reader_view(pid: int) -> str:
+    return f"state {_thread_state(pid)}, wchan {_task_file(pid, 'wchan') or '-'}"
+
+
+def _address_of(sock: socket.socket) -> tuple[int, tuple, list[tuple[int, int, int]]]:
+    """What binds a socket like *sock* again: its family, address and options."""
+    options = [(socket.SOL_SOCKET, socket.SO_REUSEADDR), (socket.SOL_SOCKET, socket.SO_REUSEPORT),
+               (socket.SOL_SOCKET, socket.SO_KEEPALIVE), (socket.IPPROTO_TCP, socket.TCP_NODELAY)]
+    if sock.family == socket.AF_INET6:
+        options.append((socket.IPPROTO_IPV6, socket.IPV6_V6ONLY))
+    return sock.family, sock.getsockname(), [(level, name, sock.getsockopt(level, name)) for level, name in options]
 
 
 def _build(config_dir: Path, state_dir: Path | None) -> tuple:

@@ -32,14 +32,14 @@ import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
 from gateway.errors import ConfigError
 
 __all__ = ["KeyPath", "Mark", "display_name", "foreign_owner", "format_path", "load_directory", "load_file",
-           "read_regular",
+           "read_regular", "reading_hook",
            "owner_of", "parse_scalar", "referenced_paths", "unread_files"]
 
 KeyPath = tuple[str | int, ...]
@@ -55,6 +55,18 @@ class Mark:
     def __str__(self) -> str:
         # Line 0: not from a file (an AUTHGW_... environment variable).
         return f"{self.file}:{self.line}" if self.line else self.file
+
+
+#: Told the name of each file as it is looked at or read, and None once that is done (nothing
+#: when None). The process reading conf.d for a reload tells its master (gateway/supervisor.py),
+#: so that a read that never ends (a file on a network mount whose server died: its ``stat``
+#: may answer, its read does not) is named in the log, not waited on without a word.
+reading_hook: Callable[[str | None], None] | None = None
+
+
+def _reading(name: str | None) -> None:
+    if reading_hook is not None:
+        reading_hook(name)
 
 
 #: Deepest nesting of mappings and lists a file may have, the top level's included (conf.d needs
@@ -153,6 +165,14 @@ def format_path(path: KeyPath) -> str:
 def read_regular(path: Path, name: str, max_bytes: int, checked: os.stat_result | None = None) -> bytes:
     """*path*'s bytes, if it is a regular file of at most *max_bytes* (:func:`_read_text`);
     else :class:`ConfigError` naming *name* (its text holds none of the file's bytes)."""
+    _reading(name)
+    try:
+        return _read_regular(path, name, max_bytes, checked)
+    finally:
+        _reading(None)
+
+
+def _read_regular(path: Path, name: str, max_bytes: int, checked: os.stat_result | None) -> bytes:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
     except OSError as exc:
@@ -552,15 +572,18 @@ def load_directory(directory: Path, *, insecure: list[str] | None = None,
     unsafe: dict[Path, list[str]] = {directory: _insecure(directory, dir_info, "the configuration directory")}
     for path in sorted(p for p in directory.iterdir() if p.suffix == ".yaml" and not p.name.startswith(".")):
         name = display_name(path)
+        _reading(name)  # a stat on a dead network mount waits too
         try:
             info = path.stat()  # the target of a symlink; never opened here (a FIFO would block)
         except OSError as exc:
+            _reading(None)
             if path.is_symlink():
                 problems.append(f"{name}: not read: a symlink to {os.readlink(path)}, which cannot be reached "
                                 f"({exc.strerror}); a `*.yaml` file that is not there is an error, not skipped")
             else:
                 problems.append(f"{name}: cannot read: {exc.strerror}")
             continue
+        _reading(None)
         if not stat.S_ISREG(info.st_mode):
             problems.append(f"{name}: not read: {_kind(info.st_mode)}, not a regular file; every `*.yaml` entry "
                             "of conf.d must be a configuration file (rename it, or move it out)")
