@@ -152,10 +152,12 @@ class _Worker:
         self.retiring: set[asyncio.Task] = set()
         self.stopping = False
 
-    async def start(self, runtime: Runtime) -> None:
+    async def start(self, runtime: Runtime, grace: float | None = None) -> None:
+        """The first generation; *grace*: seconds its plugins' start-up may take (None: the master
+        bounds it, killing a worker not serving in time)."""
         settings = runtime.config.core
         self.guard = ConnectionGuard(settings.limits, settings.trusted_proxies, settings.throttle.ipv6_prefix)
-        self.current = await self._start_generation(runtime)
+        self.current = await self._start_generation(runtime, grace)
 
     def _listeners(self, runtime: Runtime) -> dict[str, Listener]:
         listeners = {listener.name: listener for listener in runtime.gateway.listeners()}
@@ -386,7 +388,11 @@ async def _serve_worker(config_dir: Path, state_dir: Path | None, sockets: list[
             "worker %d: SIGHUP ignored; reloads are the master's (kill -HUP %d)", os.getpid(), os.getppid()))
     runtime = runtime or await loop.run_in_executor(None, functools.partial(
         build_runtime, config_dir, state_dir=state_dir, config=config, workers=workers))
-    await worker.start(runtime)
+    # Alone (no master to watch it), the start-up is bounded here: a plugin's gateway_startup
+    # that never returned kept `authgw serve` starting for good, its socket taking connections no
+    # one answered and nothing logged (review of the supervisor). Under a master, the master
+    # bounds it (and names the worker): two bounds would race to say why.
+    await worker.start(runtime, start_grace(runtime.config.core.worker_timeout) if link is None else None)
     names = ", ".join([_url(s) for s in sockets] + [_url(s, "https" if x.ssl_context else "http") + f" ({n})"
                       for n, s in extra.items() for x in runtime.gateway.listeners() if x.name == n])
     if link is not None:  # the master first: once this line is logged, the master has been told

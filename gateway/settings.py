@@ -523,7 +523,8 @@ class GatewaySettings(PluginSettings):
                                   "event loop may go without turning before the master kills and replaces it "
                                   "(0: no watchdog; else at least 1; a new worker has at least 30 s to its "
                                   "first turn, and as long, max(worker_timeout, 30 s), to serve, as a "
-                                  "reload's plugin start-up to finish)")
+                                  "reload's plugin start-up to finish; past it the first start fails, with "
+                                  "one worker too)")
     realm: str = Field("authgw", description="realm of the `WWW-Authenticate: Basic` challenge")
     identity_headers: Literal["utf-8", "percent"] = Field(
         "utf-8", description="how `/auth` writes the `Remote-*` values: `utf-8` as they are; `percent`: each byte "

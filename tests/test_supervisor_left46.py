@@ -302,6 +302,35 @@ def test_a_first_start_whose_plugin_start_up_never_returns_fails_saying_why(conf
         gw.stop()
 
 
+def test_a_lone_gateways_first_start_whose_plugin_start_up_never_returns_fails_saying_why(
+        conf_dir, alice_hash, plugin_env, tmp_path):
+    """With one worker there is no master to watch the start: a plugin's start-up that never
+    returned kept `authgw serve --workers 1` starting for good, its socket taking connections no
+    one answered and nothing logged. It is bounded by the same grace, and the start fails."""
+    waiting = tmp_path / "waiting"
+    waiting.write_text("all\n")
+    write_conf(conf_dir, {"gateway.yaml": gateway_yaml("r0", "plugins: [hangsatstart]\n"),
+                          "hangsatstart.yaml": f"hangsatstart:\n  pid_file: {waiting}\n",
+                          **static_users({"alice": alice_hash})})
+    gw = GatewayProcess(conf_dir, tmp_path / "state", workers=1, env=plugin_env)
+    gw._log = open(gw.log_path, "ab")
+    gw.proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(conf_dir), "--state-dir", str(gw.state_dir),
+         "--workers", "1", "--listen", f"127.0.0.1:{gw.port}"], stdout=gw._log, stderr=subprocess.STDOUT, env=gw.env)
+    try:
+        wait_for(lambda: Path(f"{waiting}.waiting").exists(), timeout=60, what="the start-up waiting",
+                 log=gw.output)
+        try:
+            code = gw.proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            code = None
+        assert code == 3, gw.output()[-4000:]  # before: still starting when the wait ran out
+        assert re.search(r"gateway_startup has not returned after \d+ s", gw.output()), gw.output()[-4000:]
+    finally:
+        waiting.unlink(missing_ok=True)
+        gw.stop()
+
+
 def test_the_socket_of_a_slot_whose_replacement_is_retried_takes_no_connections_before_it_serves(
         conf_dir, alice_hash, start_gateway, plugin_env, tmp_path):
     """A slot whose replacement failed to start has its socket closed until the next try; the
