@@ -103,7 +103,7 @@ def test_a_connector_dialling_in_a_loop_is_bounded_in_rate_and_others_log_in(tmp
         started = time.monotonic()
         link = hostile.state / "link"
         flood = subprocess.Popen([sys.executable, "-c", _FLOOD, str(relay.port), str(relay.ca_file),
-                                  str(link / "cert.pem"), str(link / "key.pem"), "15", "16"],
+                                  str(link / "cert.pem"), str(link / "key.pem"), "6", "8"],
                                  stdout=subprocess.PIPE, text=True)
         wait_for(lambda: "too_many_dials" in relay.process.output() or "new link(s) of connector" in
                  relay.process.output() or flood.poll() is not None, 30, what="the flood to start")
