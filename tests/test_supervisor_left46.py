@@ -25,45 +25,12 @@ from support.fakedist import make_dist
 from support.gateway import GatewayProcess, static_users, write_conf
 from support.net import wait_for, wait_for_port
 from support.proc import children
-
-PASSWORD = "Corr3ct-Horse-Battery"
-TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-
-
-@pytest.fixture(scope="module")
-def alice_hash():
-    from gateway.passwords import hash_password
-
-    return hash_password(PASSWORD)
-
-
-def gateway_yaml(realm: str, extra: str = "") -> str:
-    return f"chain: [static]\nthrottle:\n  enabled: false\ndeadline: 60\nrealm: {realm}\n{extra}"
-
-
-def realm(name: str) -> str:
-    return f'Basic realm="{name}", charset="UTF-8"'
+from support.supervisorenv import TESTS_DIR, alice_hash, alive, gateway_yaml, master_pid, realm, serving  # noqa: F401
+from support.supervisorenv import realms as _realms
 
 
 def realms(gw, count: int = 30) -> set[str]:
-    return {gw.auth("alice", "wrong", timeout=30).header("WWW-Authenticate") for _ in range(count)}
-
-
-def serving(gw) -> list[int]:
-    return [int(pid) for pid in re.findall(r"authgw worker (\d+) serving", gw.output())]
-
-
-def master_pid(gw) -> int:
-    return int((gw.state_dir / "authgw.pid").read_text())
-
-
-def alive(pid: int) -> bool:
-    """*pid* exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+    return _realms(gw, count, timeout=30)
 
 
 # -- a file system that never answers a read --------------------------------------------------------
