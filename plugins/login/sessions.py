@@ -70,6 +70,7 @@ from gateway.redis_deadline import CallDeadline, bounded_connection_class
 from gateway.redis_eviction import EvictingRedis, EvictionWatch
 from gateway.logs import printable
 from gateway.sqlitedb import connect_wal
+from gateway.throttle_stores import _boot_clock
 
 from .settings import SessionSettings
 
@@ -244,9 +245,12 @@ class SqliteStore:
 
     BUSY_TIMEOUT = 0.5
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, boot_clock=None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.path = path
+        #: ``() -> (boot id, seconds since that boot)`` (:func:`gateway.throttle_stores._boot_clock`):
+        #: what the budgets' time passes with (:meth:`_bucket_now`).
+        self._boot_clock = boot_clock or _boot_clock
         self.db = connect_wal(path, timeout=5.0, check_same_thread=False)  # every worker at once
         path.chmod(0o600)
         # A new file (no tables yet) gives freed pages back: the WAL switch made its header, so the
@@ -279,6 +283,9 @@ class SqliteStore:
         self.db.execute("CREATE TABLE IF NOT EXISTS buckets (key TEXT PRIMARY KEY, tokens REAL NOT NULL, "
                         "at REAL NOT NULL, full REAL NOT NULL)")
         self.db.execute("CREATE INDEX IF NOT EXISTS buckets_full ON buckets (full)")
+        # Where this boot's seconds start in the buckets' time (:meth:`_bucket_now`).
+        self.db.execute("CREATE TABLE IF NOT EXISTS bucket_clock (id INTEGER PRIMARY KEY CHECK (id = 0), "
+                        "boot TEXT NOT NULL, offset REAL NOT NULL)")
         self.db.execute(f"PRAGMA busy_timeout = {int(self.BUSY_TIMEOUT * 1000)}")  # set up: the loop's wait now
 
     def lifetimes(self, idle: float, absolute: float) -> None:
@@ -406,13 +413,41 @@ class SqliteStore:
                                keys).fetchall()
         return {key: json.loads(data) for key, data, expires in rows if expires > now}
 
-    def take_token(self, key: str, burst: float, rate: float, now: float, spend: bool = True) -> float:
+    def _bucket_now(self, db: sqlite3.Connection, wall: float, *, write: bool) -> float | None:
+        """The buckets' time: this machine's boot clock plus this boot's offset, set (*write*, in
+        a transaction) by the first spend of a boot from *wall*, or from the latest bucket when
+        *wall* is behind it. Not the wall clock (as the throttle's SQLite store): a step of it
+        forward refilled every bucket at once (and the purge deleted them all), a step back left
+        every bucket as empty as it was for the step's length (review of the shared budgets).
+        *write* false and this boot not set yet: ``None``. Without a boot id: *wall*."""
+        boot, uptime = self._boot_clock()
+        if boot is None:
+            return wall
+        row = db.execute("SELECT boot, offset FROM bucket_clock WHERE id = 0").fetchone()
+        if row is not None and row[0] == boot:
+            return uptime + row[1]
+        if not write:
+            return None
+        (latest,) = db.execute("SELECT max(at) FROM buckets").fetchone()
+        start = wall if latest is None else max(wall, latest)
+        db.execute("INSERT OR REPLACE INTO bucket_clock (id, boot, offset) VALUES (0, ?, ?)", (boot, start - uptime))
+        return start
+
+    def take_token(self, key: str, burst: float, rate: float, now: float | None, spend: bool = True) -> float:
         """Spend a token of the bucket *key* (:func:`_refill`); see :meth:`SessionManager.take_token`.
-        One write transaction when a token is spent, a read otherwise."""
+        One write transaction when a token is spent, a read otherwise. *now*: ``None``, the
+        buckets' own time (:meth:`_bucket_now`, what the door uses); a number, that time."""
         if not spend:
             row = self.db.execute("SELECT tokens, at FROM buckets WHERE key = ?", (key,)).fetchone()
+            if now is None:
+                wall = time.time()
+                now = self._bucket_now(self.db, wall, write=False)
+                if now is None:  # no spend this boot yet: as the first spend will date it
+                    now = wall if row is None else max(wall, float(row[1]))
             return _wait(_refill(row, burst, rate, now), rate)
         with self._transaction(self.db) as db:
+            if now is None:
+                now = self._bucket_now(db, time.time(), write=True)
             tokens = _refill(db.execute("SELECT tokens, at FROM buckets WHERE key = ?", (key,)).fetchone(),
                              burst, rate, now)
             if tokens < 1.0:
@@ -460,8 +495,12 @@ class SqliteStore:
                     self._drop_rows_of(db, ended)
                 if len(ended) < PURGE_BATCH:
                     break
-        while db.execute("DELETE FROM buckets WHERE rowid IN (SELECT rowid FROM buckets WHERE full < ? LIMIT ?)",
-                         (now, PURGE_BATCH)).rowcount == PURGE_BATCH:
+        # Full buckets, by the buckets' time (*now* before a spend of this boot set it).
+        full_at = self._bucket_now(db, now, write=False)
+        full_at = now if full_at is None else full_at
+        while db.execute(
+                "DELETE FROM buckets WHERE rowid IN (SELECT rowid FROM buckets WHERE full < ? LIMIT ?)",
+                (full_at, PURGE_BATCH)).rowcount == PURGE_BATCH:
             pass
         # Participants left behind: by an earlier version, or noted just as their session ended.
         db.execute("DELETE FROM participants WHERE session NOT IN (SELECT key FROM sessions)")
@@ -1176,10 +1215,10 @@ class SessionManager:
         budget with ``--workers N`` (review of the login door: 48 parks and 59 wrong secrets
         where 30 was the budget, on two workers). A store that cannot be used raises its error
         (:data:`STORE_ERRORS`: the door answers 503, nothing is spent or counted as free)."""
-        now = time.time()
         if spend:
-            self._maybe_purge(now)  # full buckets go with the expired records
-        return self.store.take_token(_digest(f"{budget} {key}"), burst, rate, now, spend)
+            self._maybe_purge(time.time())  # full buckets go with the expired records
+        # None: the store's own time (SQLite's passes with the boot clock, Redis's is Redis's)
+        return self.store.take_token(_digest(f"{budget} {key}"), burst, rate, None, spend)
 
     def _maybe_purge(self, now: float) -> None:
         """Purge expired records, at most once a minute. In a worker (an event loop running) the
