@@ -328,7 +328,14 @@ class RedisStore:
         for connector in ids:
             pipe.hmget(self._k("connector", connector), "connection", "serial", "not_after", "enrolled", "revoked")
         enrolled, revoked = set(), set()
-        for connector, fields in zip(ids, pipe.execute()):
+        for connector, fields in zip(ids, pipe.execute(raise_on_error=False)):
+            if isinstance(fields, Exception):
+                if str(fields).startswith("WRONGTYPE"):
+                    # A record of another Redis type is no record (not enrolled: its links are
+                    # closed). Raised, it failed the whole read, every round, and no revocation
+                    # of any connector was applied (review of stop 46).
+                    continue
+                raise fields
             if all(value is not None for value in fields[:4]):
                 enrolled.add(connector)
             if fields[4] is not None:
@@ -352,7 +359,15 @@ class RedisStore:
         pipe = self.redis.pipeline(transaction=False)
         pipe.set(key, _json.dumps({"key": key_pem.decode(), "cert": cert_pem.decode()}), nx=True)
         pipe.get(key)
-        written, value = pipe.execute()
+        written, value = pipe.execute(raise_on_error=False)
+        for answer in (written, value):
+            if isinstance(answer, Exception):
+                if str(answer).startswith("WRONGTYPE"):
+                    # Another Redis type under the key (a hash, a list): no relay CA, as garbage
+                    # is. Raised as the registry's error, it skipped every round's revocations
+                    # and stopped `authgw relay revoke` (review of stop 46).
+                    raise ValueError(f"{self.location}: the key {key} holds no relay CA") from None
+                raise answer
         try:
             stored = _json.loads(value)
             return stored["key"].encode(), stored["cert"].encode(), bool(written)
