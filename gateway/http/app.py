@@ -44,7 +44,7 @@ from gateway.model import (
     PasswordCredential,
 )
 
-__all__ = ["EXACT_TARGETS", "FrontDoor", "build_apps", "exact_targets"]
+__all__ = ["BodyCutShort", "EXACT_TARGETS", "FrontDoor", "build_apps", "exact_targets", "read_body"]
 
 GATEWAY_KEY = web.AppKey("gateway", Gateway)
 #: Handlers the connection calls for an exact request target, before aiohttp's router
@@ -375,6 +375,7 @@ class FrontDoor:
         except (asyncio.TimeoutError, RequestPayloadError) as exc:
             # Any body the API cannot read is a 400 (issue 10 item 5); the connection is not reused.
             detail = ("the body did not arrive in time" if isinstance(exc, asyncio.TimeoutError)
+                      else str(exc) if isinstance(exc, BodyCutShort)
                       else "a body with a Content-Encoding is not accepted")
             no_linger(request)  # what is left of it is not waited for
             return web.json_response({"error": "bad_request", "detail": detail},
@@ -449,15 +450,25 @@ class FrontDoor:
                             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
+class BodyCutShort(RequestPayloadError):
+    """:func:`read_body`: the connection closed before the request's body ended."""
+
+
 async def read_body(request: web.Request, limit: int) -> bytes:
     """The request body, or its first ``limit + 1`` bytes when it is longer (so the caller can
     refuse it). Bound the wait with ``asyncio.wait_for(..., limits.body_timeout)``; a body with
-    a ``Content-Encoding`` raises ``RequestPayloadError`` before a byte is read."""
+    a ``Content-Encoding`` raises ``RequestPayloadError`` before a byte is read, a connection
+    closed before the body ended :class:`BodyCutShort` (a ``RequestPayloadError`` too)."""
     if content_encoded(request):
         raise RequestPayloadError("a Content-Encoding, or a Transfer-Encoding other than chunked, is not accepted")
     body = b""
     while len(body) <= limit:  # read() returns what has arrived, not all of it
-        chunk = await request.content.read(limit + 1 - len(body))
+        try:
+            chunk = await request.content.read(limit + 1 - len(body))
+        except ConnectionResetError:
+            # The client closed its connection before the body ended: its error, not a handler's
+            # (it was logged at ERROR with a traceback, once a request: review of the doors).
+            raise BodyCutShort("the connection closed before the body ended") from None
         if not chunk:
             break
         body += chunk

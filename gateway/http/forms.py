@@ -20,7 +20,8 @@ __all__ = ["UnreadableForm", "read_form"]
 #: (UnicodeDecodeError), an unknown or non-text charset (LookupError), a multipart body without
 #: its boundary or cut short (ValueError), an unknown transfer or content encoding of a part
 #: (RuntimeError, aiohttp ``multipart.py``), a malformed part header (``BadHttpMessage``), a
-#: ``Content-Encoding`` that does not decode (``RequestPayloadError``).
+#: ``Content-Encoding`` that does not decode (``RequestPayloadError``). A connection closed before
+#: the body ended (``ConnectionResetError``) is unreadable too (:func:`read_form`).
 _UNREADABLE = (ValueError, LookupError, UnicodeDecodeError, AssertionError, RuntimeError, HttpProcessingError,
                RequestPayloadError)
 #: ``limits.body_timeout``'s default, for an application built without a gateway (tests).
@@ -51,6 +52,12 @@ async def read_form(request: web.Request) -> MultiDictProxy:
     except _UNREADABLE as exc:
         no_linger(request)
         raise UnreadableForm(f"unreadable body: {exc.__class__.__name__}") from None
+    except ConnectionResetError:
+        # The client closed its connection before the body ended (aiohttp's payload says so):
+        # a client gone, not a failure of the door. Left to the handler, it was logged at ERROR
+        # with a traceback, once a request (the login door's, anonymous: the log filled), and
+        # the login door took it for its session store's (review of the doors).
+        raise UnreadableForm("the connection closed before the body ended") from None
 
 
 def _body_timeout(request: web.Request) -> float:

@@ -574,7 +574,12 @@ class GuardedRequestHandler(RequestHandler, _NoDelayAlreadySet):
         # aiohttp's own version logs a traceback whose message holds the raw request bytes and
         # echoes *message* (those bytes again) in the body: neither may happen here.
         remote = self._host or "?"
-        if status >= 500 and exc is not None:
+        if isinstance(exc, ConnectionResetError) and (self.transport is None or self.transport.is_closing()):
+            # A handler reading from a client that has gone (a plugin route reading its body
+            # itself): the client's doing, said briefly, not an ERROR with a traceback a request.
+            self._guard.warn("client_gone", "a client closed its connection before its request was read "
+                             "(last: %s)", request.remote or remote)
+        elif status >= 500 and exc is not None:
             log.error("a request handler raised %s (client %s)", exc.__class__.__name__, remote, exc_info=exc)
         else:
             self._guard.warn(f"bad_request_{status}", "refused a malformed request from %s: %s (%d)", remote,
