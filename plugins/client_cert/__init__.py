@@ -101,6 +101,9 @@ class ClientCertPlugin:
             responder = load_bundle(revocation.ocsp_responder_certificate)[0]
         self.revocation = RevocationChecker(revocation, self.log, settings.clock_tolerance, responder,
                                             [*roots, *intermediates])
+        #: The CAs the operator configured: an ``X509:<I>..<SR>..`` mapping names one of them
+        #: (:meth:`map_user`), never a CA of the same name from a client's forwarded chain.
+        self._configured_cas = frozenset([*roots, *intermediates])
         self.health = RevocationHealth(self.name, settings, self.revocation, (intermediates or roots)[0])
         #: Certificate headers watched for, to log (and ignore) those the peer does not set.
         self._cert_headers = tuple(dict.fromkeys([*(h.name for h in settings.headers), *_KNOWN_CERT_HEADERS]))
@@ -219,7 +222,7 @@ class ClientCertPlugin:
             self.log.info("certificate refused (%s) from %s via %s: %s%s [request %s]", exc.reason, attempt.client,
                           source, exc.detail, _describe_der(chain), attempt.request_id)
             return Decision.deny(Outcome.INVALID_CREDENTIALS, step=self.name, reason=exc.reason)
-        return self.map_user(attempt, path[0], revocation)
+        return self.map_user(attempt, path[0], revocation, path[1] if len(path) > 1 else None)
 
     def check_revocation(self, path: list[x509.Certificate], attempt: Attempt) -> str:
         """``good``, ``unknown`` (allowed under soft-fail) or ``not_checked``; raises CertError."""
@@ -236,12 +239,28 @@ class ClientCertPlugin:
                          verdict.detail, describe(path[0]), attempt.request_id)
         return "unknown"
 
-    def map_user(self, attempt: Attempt, leaf: x509.Certificate, revocation: str) -> Decision | None:
+    def map_user(self, attempt: Attempt, leaf: x509.Certificate, revocation: str,
+                 issuer: x509.Certificate | None = None) -> Decision | None:
+        """*issuer*: the CA that issued *leaf* on its verified path (``None``: *leaf* is itself a
+        configured certificate). An ``X509:<I>..<SR>..`` mapping names a CA by its name only, and
+        any CA the gateway trusts can make another of that name (a partner CA without a path
+        length limit), whose certificate a proxy forwards with the client's chain: such a
+        certificate with alice's serial met her mapping and logged in as alice (stop 46 review).
+        It counts only when *issuer* is a CA of ``ca_bundle`` or ``intermediates``; so does an
+        ``issuer_serial`` rule's table, which names CAs the same way."""
         mapping = self.settings.mapping
         claims = {**_leaf_claims(leaf), "certificate_revocation": revocation}
         looked_up: list[str] = []
+        configured_issuer = issuer is None or issuer in self._configured_cas
         for rule in mapping.rules:
             names = candidates(rule, leaf)
+            if names and rule.type == "issuer_serial" and not configured_issuer:
+                # The table names the CA by its name: a CA of that name from a client's chain is
+                # another CA (see above), and its serials are its own.
+                self.log.info("certificate not mapped by rule issuer_serial: its issuer %r is not a configured CA "
+                              "but one of the same name from the presented chain: %s [request %s]",
+                              issuer.subject.rfc4514_string(), describe(leaf), attempt.request_id)
+                names = []
             if names:  # a good name beside one spelt so it is none: two identities
                 names += [ascii(raw)[:80] for raw in misspelt(rule, leaf)]
             if len(names) > 1:
@@ -284,7 +303,8 @@ class ClientCertPlugin:
                 self.log.info("certificate of %r refused: the account state is %s: %s [request %s]", username,
                               refusal, describe(leaf), attempt.request_id)
                 return Decision.deny(Outcome.ACCOUNT_STATE, step=self.name, reason=refusal)
-            if mapping.require_directory_match and not directory_binding_matches(identity.claims, leaf):
+            if mapping.require_directory_match and not directory_binding_matches(
+                    identity.claims, leaf, issuer_serial=configured_issuer):
                 self.log.info("the directory entry of %r holds no matching certificate mapping; refused: %s "
                               "[request %s]", username, describe(leaf), attempt.request_id)
                 return Decision.deny(Outcome.INVALID_CREDENTIALS, step=self.name, reason="cert.directory_mismatch")

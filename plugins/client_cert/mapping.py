@@ -15,8 +15,11 @@ the directory's identity must carry the presented certificate in its claims, eit
 
 * ``userCertificate``: the DER certificates stored for the user (bytes, or base64/PEM text), or
 * ``altSecurityIdentities``: strong mappings ``X509:<I>issuer<SR>serial`` (serial as AD writes
-  it, byte-reversed hex, or in natural order), ``X509:<SKI>hex`` (subjectKeyIdentifier),
-  ``X509:<SHA1-PUKEY>hex`` (SHA-1 of the certificate, as ``certutil`` computes it).
+  it, byte-reversed hex, or in natural order; only when the issuer on the verified path is a
+  configured CA, not one of that name from the client's chain), ``X509:<SKI>hex``
+  (subjectKeyIdentifier, only when it is derived from the certificate's own key:
+  :func:`key_identifiers`), ``X509:<SHA1-PUKEY>hex`` (SHA-1 of the certificate, as ``certutil``
+  computes it).
 
 The weak forms (``<I>..<S>``, ``<S>`` alone, ``<RFC822>``) are not accepted.
 
@@ -46,6 +49,7 @@ from typing import Any, Iterable, Mapping
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa, x448, x25519
 from cryptography.x509.oid import NameOID
 
 from gateway.model import plainly_spelt
@@ -267,12 +271,46 @@ def strong_mappings(cert: x509.Certificate) -> set[str]:
     issuers = {issuer.rfc4514_string(), x509.Name(list(reversed(list(issuer)))).rfc4514_string()}
     found = {f"x509:<i>{_norm_dn(i)}<sr>{s}" for i in issuers for s in serials}
     try:
-        ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest.hex()
-        found.add(f"x509:<ski>{ski}")
+        ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
     except x509.ExtensionNotFound:
-        pass
+        ski = None
+    if ski is not None and ski in key_identifiers(cert):
+        found.add(f"x509:<ski>{ski.hex()}")
     found.add(f"x509:<sha1-pukey>{hashlib.sha1(cert.public_bytes(serialization.Encoding.DER)).hexdigest()}")
     return found
+
+
+def key_identifiers(cert: x509.Certificate) -> set[bytes]:
+    """The subjectKeyIdentifiers that *cert*'s own public key yields by the methods CAs use (RFC
+    5280 4.2.1.2: SHA-1 of the subjectPublicKey, or ``0100`` and its last 60 bits; RFC 7093: the
+    leftmost 160 bits of its SHA-256, -384 or -512, or of the SHA-256 of the whole
+    SubjectPublicKeyInfo). The SKI is an extension the issuing CA writes: any CA the gateway trusts
+    (the partner CA the docs warn of) could copy alice's SKI, which is public, into a certificate
+    for its own key and meet alice's ``X509:<SKI>`` mapping (stop 46 review). Only an SKI derived
+    from the certificate's own key (which the TLS handshake proved the client holds) binds it."""
+    try:
+        public_key = cert.public_key()
+        spki = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        key = _subject_public_key(public_key)
+    except Exception:  # noqa: BLE001 - a key type cryptography cannot read: no SKI binds it (fail closed)
+        return set()
+    sha1 = hashlib.sha1(key).digest()
+    return {sha1, bytes([0x40 | (sha1[12] & 0x0F)]) + sha1[13:], hashlib.sha256(key).digest()[:20],
+            hashlib.sha384(key).digest()[:20], hashlib.sha512(key).digest()[:20], hashlib.sha256(spki).digest()[:20]}
+
+
+def _subject_public_key(public_key) -> bytes:
+    """The contents of a SubjectPublicKeyInfo's subjectPublicKey BIT STRING, as cryptography
+    encodes each key type (RSAPublicKey in DER, an EC point uncompressed, EdDSA and ECDH keys
+    raw); another type raises (no SKI binds it)."""
+    if isinstance(public_key, rsa.RSAPublicKey):
+        return public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.PKCS1)
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        return public_key.public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+    if isinstance(public_key, (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey, x25519.X25519PublicKey,
+                               x448.X448PublicKey)):
+        return public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    raise TypeError(f"no subjectPublicKey encoding for {type(public_key).__name__}")
 
 
 def _norm_mapping(text: str) -> str:
@@ -283,16 +321,21 @@ def _norm_mapping(text: str) -> str:
     return re.sub(r"\s+", "", text).lower()
 
 
-def directory_binding_matches(claims: Mapping[str, Any], cert: x509.Certificate) -> bool:
+def directory_binding_matches(claims: Mapping[str, Any], cert: x509.Certificate, *,
+                              issuer_serial: bool = True) -> bool:
     """True when the directory's claims hold *cert* (``userCertificate``) or a strong
     ``altSecurityIdentities`` mapping to it. Claim names are matched case-insensitively, and an
-    LDAP option such as ``;binary`` is ignored."""
+    LDAP option such as ``;binary`` is ignored. *issuer_serial* false: the ``X509:<I>..<SR>..``
+    forms do not count (the issuer on the verified path is not a configured CA, only one of the
+    same name: ``ClientCertPlugin.map_user``)."""
     lowered = {str(k).lower().split(";")[0]: v for k, v in claims.items()}  # userCertificate;binary
     der = cert.public_bytes(serialization.Encoding.DER)
     for value in _listed(lowered.get("usercertificate")) or ():
         if _as_der(value) == der:
             return True
     strong = strong_mappings(cert)
+    if not issuer_serial:
+        strong = {m for m in strong if not m.startswith("x509:<i>")}
     for value in _listed(lowered.get("altsecurityidentities")):
         if isinstance(value, str) and _norm_mapping(value) in strong:
             return True

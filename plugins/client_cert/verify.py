@@ -14,7 +14,8 @@ with its own reason code:
                           signature, an expired or unusable CA on the path), or a subject
                           emailAddress outside a CA's rfc822Name name constraints
 ``cert.wrong_usage``      no acceptable extendedKeyUsage, or keyUsage without digitalSignature
-``cert.policy_missing``   a required certificate policy OID is not asserted
+``cert.policy_missing``   a required certificate policy OID is not asserted by the leaf, or a CA
+                          on the path below the trust anchor lists its policies without it
 """
 
 from __future__ import annotations
@@ -186,6 +187,43 @@ def check_usage(cert: x509.Certificate, usage: UsagePolicy) -> None:
             raise CertError("cert.policy_missing", f"certificate policies {sorted(missing)} not asserted")
 
 
+#: RFC 5280 4.2.1.4: a CA certificate asserting it is certified for every policy.
+_ANY_POLICY = "2.5.29.32.0"
+
+
+def check_path_policies(path: Sequence[x509.Certificate], required: frozenset[str]) -> None:
+    """Every CA certificate on the verified *path* (leaf first) below the trust anchor that says
+    which policies it is certified for (certificatePolicies) must name each ``required_policies``
+    OID, or anyPolicy: the leaf's own assertion is what its issuing CA wrote, and a root's
+    low-assurance issuing CA, certified for another policy only, wrote the high-assurance OID into
+    a leaf that then logged in (stop 46 review; OpenSSL ``-policy OID -explicit_policy`` refuses
+    it). A CA's anyPolicy counts unless a CA above it on the path carries inhibitAnyPolicy (any
+    skipCerts, conservatively); policy mappings are not followed (a mapping CA must assert the
+    required OID itself). A CA certificate without certificatePolicies constrains nothing, as
+    Windows reads it (AD CS subordinate CAs commonly have none); RFC 5280 would refuse its leaves.
+    The trust anchor (the path's last certificate) is not judged, as RFC 5280 section 6.1 does
+    not process its extensions."""
+    if not required:
+        return
+    inhibited = False
+    for ca in reversed(path[1:-1]):  # from just below the trust anchor down to the leaf's issuer
+        try:
+            asserted = {p.policy_identifier.dotted_string
+                        for p in ca.extensions.get_extension_for_class(x509.CertificatePolicies).value}
+        except x509.ExtensionNotFound:
+            asserted = None
+        if asserted is not None and (_ANY_POLICY not in asserted or inhibited):
+            missing = required - asserted
+            if missing:
+                raise CertError("cert.policy_missing", f"CA {ca.subject.rfc4514_string()!r} on the path is not "
+                                                       f"certified for policies {sorted(missing)}")
+        try:
+            ca.extensions.get_extension_for_class(x509.InhibitAnyPolicy)
+            inhibited = True
+        except x509.ExtensionNotFound:
+            pass
+
+
 class TrustStore:
     """Roots, intermediates and a small cache of verified chains (thread-safe)."""
 
@@ -235,6 +273,7 @@ class TrustStore:
         path = self._build(leaf, extra, at)
         check_email_constraints(path)
         check_usage(path[0], self.usage)
+        check_path_policies(path, self.usage.required_policies)
         self._remember(key, path)
         return path
 
