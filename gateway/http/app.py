@@ -32,7 +32,7 @@ from gateway.http.answer import Answer
 from gateway.http.clientaddr import ClientAddressResolver, IPAddress, parse_address
 from gateway.http.credentials import (MalformedCredentials, check_password_credential, parse_authorization,
                                       single_authorization)
-from gateway.http.protocol import MAX_BODY, SERVER_HEADER, content_encoded, continue_body, no_linger
+from gateway.http.protocol import MAX_BODY, SERVER_HEADER, MalformedBody, content_encoded, continue_body, no_linger
 from gateway.model import (
     API_CLIENT_KEY,
     Attempt,
@@ -375,7 +375,7 @@ class FrontDoor:
         except (asyncio.TimeoutError, RequestPayloadError) as exc:
             # Any body the API cannot read is a 400 (issue 10 item 5); the connection is not reused.
             detail = ("the body did not arrive in time" if isinstance(exc, asyncio.TimeoutError)
-                      else str(exc) if isinstance(exc, BodyCutShort)
+                      else str(exc) if isinstance(exc, (BodyCutShort, MalformedBody))
                       else "a body with a Content-Encoding is not accepted")
             no_linger(request)  # what is left of it is not waited for
             return web.json_response({"error": "bad_request", "detail": detail},

@@ -14,6 +14,12 @@ connection protocol with those three things decided here instead:
   behind them shares their address), and a new connection is closed at once;
 * **malformed requests** -- answered with a fixed body (``400 Bad Request``) and logged as one
   WARNING line naming the client and the parser's error class, never the bytes;
+* **malformed bodies** -- a body whose framing breaks after its headers were handed on (a chunk
+  size that is not hexadecimal, a chunk not ended by CRLF) fails the read of that body at once
+  (:class:`MalformedBody`, a 400 from the door reading it), and the connection is closed once
+  its answer is written. aiohttp's parser queued the error as the next request's, so the body
+  being read waited for ``limits.body_timeout`` (the doors answered "the body did not arrive in
+  time" 10 s later);
 * **header bytes** -- aiohttp bounds each header line (8,190 bytes) and their number (128), not
   their sum: 120 lines of 8,000 bytes, never ended, held ~1.5 MB of a worker per connection,
   gigabytes for a few thousand. A connection may send ``limits.max_header_bytes`` from the start
@@ -57,7 +63,7 @@ from aiohttp import HttpVersion10, HttpVersion11, web
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD
-from aiohttp.web_protocol import RequestHandler, _ErrInfo
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 from aiohttp.web_server import Server
 
 from gateway.http.clientaddr import parse_address
@@ -70,7 +76,7 @@ try:
 except ImportError:  # pragma: no cover - uvloop is an optional speed-up
     _UvLoop = _UvSSLProtocol = None
 
-__all__ = ["ConnectionGuard", "GuardedSite", "MAX_BODY", "SERVER_HEADER", "hand_over"]
+__all__ = ["ConnectionGuard", "GuardedSite", "MAX_BODY", "MalformedBody", "SERVER_HEADER", "hand_over"]
 
 log = logging.getLogger("authgw.http")
 
@@ -94,6 +100,14 @@ _HOLD_BUFFER = 8 * 1024
 #: is given back to the system (:func:`gateway.lifecycle.trim_freed_memory`).
 _BURST = 256
 _TRIM_AFTER = 1.0  # seconds from the fall below an eighth of the peak to the trim
+
+
+class MalformedBody(RequestPayloadError):
+    """What reading a request body raises when its framing broke after its headers arrived (a
+    malformed chunk): the client's error, a 400. Its text is fixed, never the client's bytes."""
+
+    def __init__(self) -> None:
+        super().__init__("the body is malformed (its chunked framing)")
 
 
 class ConnectionGuard:
@@ -274,6 +288,7 @@ class GuardedRequestHandler(RequestHandler, _NoDelayAlreadySet):
         self._unparsed = 0  # bytes since a request's headers last ended (or its answer, below)
         self._was_busy = False  # a request was handled, or its body read, after the previous read
         self._last_payload = None  # the body of the last request parsed (its bytes may still come)
+        self._malformed = None  # a body failed with MalformedBody: its request's answer closes the connection
         self._write_timer: asyncio.TimerHandle | None = None  # set exactly while writing is paused
         #: The client, when :class:`_TlsAccept` counted this connection at its TCP accept, and
         #: whom it counted it against.
@@ -382,7 +397,9 @@ class GuardedRequestHandler(RequestHandler, _NoDelayAlreadySet):
         if self._request_count != counted:
             self._unparsed = 0  # a request's headers ended in this read
             self._refuse_unanswerable(self._request_count - counted)
-            self._last_payload = self._messages[-1][1] if self._messages else None
+            # A body that broke stays the last one: what its client sends after it is no headers.
+            if not (body_open and not payload.is_eof() and self._malformed_body(payload)):
+                self._last_payload = self._messages[-1][1] if self._messages else None
         elif body_open and payload.is_eof():
             self._unparsed = 0  # a request's body ended in this read: the next request starts
         self._was_busy = busy = self._busy()
@@ -392,6 +409,28 @@ class GuardedRequestHandler(RequestHandler, _NoDelayAlreadySet):
             self._headers_since = None
         elif data and self._headers_since is None:
             self._await_headers()  # the first byte of a request after a keep-alive pause
+
+    def _malformed_body(self, payload) -> bool:
+        """The open body *payload* broke its framing in this read: aiohttp's parser (the C one)
+        raised, and aiohttp queued the error as a request of its own (400, answered after the
+        one whose body it is), leaving *payload* open: the handler reading it waited for
+        ``limits.body_timeout``. The error is the body's: the read fails now
+        (:class:`MalformedBody`), the request's answer closes the connection (nothing after a
+        broken framing can be read), and one queued 400 is not written after it. An answer
+        already written (aiohttp reading the rest of the body before the next request): closed
+        at once. Whether it was so (else the body had ended and a request was parsed)."""
+        error = self._messages[-1][0] if self._messages else None
+        if not isinstance(error, _ErrInfo):
+            return False
+        self._messages.pop()
+        self._guard.warn("malformed_body", "refused a malformed request body from %s: %s (400)", self._host,
+                         error.exc.__class__.__name__ if error.exc is not None else "error")
+        payload.set_exception(MalformedBody())
+        if self._request_in_progress or any(queued is payload for _, queued in self._messages):
+            self._malformed = payload  # finish_response closes the connection after its answer
+        else:
+            self.force_close()
+        return True
 
     def _refuse_unanswerable(self, parsed: int) -> None:
         """The last *parsed* requests queued, each refused (answered, then the connection closed)
@@ -522,6 +561,8 @@ class GuardedRequestHandler(RequestHandler, _NoDelayAlreadySet):
         # and the answer says so (``Connection: close``), or a keep-alive client sends its next
         # request into the closing connection and gets none.
         close_unread, self._no_linger = self._no_linger and not request.content.is_eof(), False
+        if self._malformed is not None and request.content is self._malformed:
+            self._malformed, close_unread = None, True  # a broken framing: nothing after it is read
         if close_unread:
             resp.force_close()
         try:
@@ -574,6 +615,8 @@ class GuardedRequestHandler(RequestHandler, _NoDelayAlreadySet):
         # aiohttp's own version logs a traceback whose message holds the raw request bytes and
         # echoes *message* (those bytes again) in the body: neither may happen here.
         remote = self._host or "?"
+        if isinstance(exc, MalformedBody):  # a handler that let it through: the client's error
+            status = 400
         if isinstance(exc, ConnectionResetError) and (self.transport is None or self.transport.is_closing()):
             # A handler reading from a client that has gone (a plugin route reading its body
             # itself): the client's doing, said briefly, not an ERROR with a traceback a request.

@@ -457,6 +457,25 @@ class SqliteStore:
                        (key, tokens, now, now + (burst - tokens) / rate))
         return 0.0
 
+    def give_back_token(self, key: str, burst: float, rate: float, now: float | None) -> None:
+        """Give back a token :meth:`take_token` spent from the bucket *key*, in one write
+        transaction (a spend of another worker meanwhile is counted, not overwritten); see
+        :meth:`SessionManager.give_back_token`. A bucket full again (or gone with the purge)
+        gets nothing: it never holds more than *burst*."""
+        with self._transaction(self.db) as db:
+            if now is None:
+                now = self._bucket_now(db, time.time(), write=True)
+            row = db.execute("SELECT tokens, at FROM buckets WHERE key = ?", (key,)).fetchone()
+            if row is None:
+                return
+            tokens = min(float(burst), _refill(row, burst, rate, now) + 1.0)
+            if tokens >= burst:  # full: the same as no row
+                db.execute("DELETE FROM buckets WHERE key = ?", (key,))
+                return
+            at = max(now, float(row[1]))  # a clock stepped back does not date the bucket earlier
+            db.execute("INSERT OR REPLACE INTO buckets VALUES (?, ?, ?, ?)",
+                       (key, tokens, at, at + (burst - tokens) / rate))
+
     def count_parked(self, now: float) -> int:
         """Parked requests in the file (expired ones not purged yet included: a bound errs on
         the safe side); counted on the primary key's index, by every worker's rows."""
@@ -647,6 +666,26 @@ if ARGV[3] == '1' then
 end
 return '0'
 """
+#: Lua: :meth:`RedisStore.give_back_token`, atomically (as :data:`_TOKEN`). A bucket full again
+#: (its key expired) gets nothing back.
+_GIVE_BACK = """
+if redis.replicate_commands then pcall(redis.replicate_commands) end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local burst, rate = tonumber(ARGV[1]), tonumber(ARGV[2])
+local v = redis.call('HMGET', KEYS[1], 't', 'a')
+if not (v[1] and v[2]) then return 0 end
+local at = tonumber(v[2])
+local tokens = math.min(burst, tonumber(v[1]) + math.max(0, now - at) * rate + 1)
+if tokens >= burst then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+at = math.max(now, at)
+redis.call('HSET', KEYS[1], 't', tostring(tokens), 'a', tostring(at))
+redis.call('PEXPIRE', KEYS[1], math.ceil((burst - tokens) / rate * 1000) + 1000)
+return 1
+"""
 #: Compare-and-set attempts before a touch or update gives way to the writes that won.
 _REWRITE_TRIES = 5
 #: Seconds a session Redis that did not answer (``sessions.redis_timeout``) or refused the
@@ -835,6 +874,7 @@ class RedisStore:
         self._limit = self.redis.register_script(_LIMIT)
         self._participant = self.redis.register_script(_PARTICIPANT)
         self._token = self.redis.register_script(_TOKEN)
+        self._give_back = self.redis.register_script(_GIVE_BACK)
 
     def lifetimes(self, idle: float, absolute: float) -> None:
         self.idle, self.absolute = idle, absolute
@@ -973,6 +1013,11 @@ class RedisStore:
         """As :meth:`SqliteStore.take_token`, in one Lua script (*now* is not used: Redis's clock is)."""
         return float(self._token(keys=[f"authgw:login:b:{key}"], args=[repr(float(burst)), repr(float(rate)),
                                                                         "1" if spend else "0"]))
+
+    @_breaker
+    def give_back_token(self, key: str, burst: float, rate: float, now: float) -> None:
+        """As :meth:`SqliteStore.give_back_token`, in one Lua script (Redis's clock)."""
+        self._give_back(keys=[f"authgw:login:b:{key}"], args=[repr(float(burst)), repr(float(rate))])
 
     def purge(self, now: float, oldest: float) -> int:
         return 0  # Redis expires keys itself
@@ -1219,6 +1264,15 @@ class SessionManager:
             self._maybe_purge(time.time())  # full buckets go with the expired records
         # None: the store's own time (SQLite's passes with the boot clock, Redis's is Redis's)
         return self.store.take_token(_digest(f"{budget} {key}"), burst, rate, None, spend)
+
+    def give_back_token(self, budget: str, key: str, burst: float, rate: float) -> None:
+        """Give back a token :meth:`take_token` spent from *key*'s bucket of *budget*, in one
+        atomic step of the store (another worker's spend meanwhile is kept), never filling it past
+        *burst*. For a budget of failures spent before the attempt it counts (so that concurrent
+        attempts in several workers cannot all pass a check on its last token, review of stop
+        46), given back when the attempt succeeds. A store error propagates (the token stays
+        spent: fail closed)."""
+        self.store.give_back_token(_digest(f"{budget} {key}"), burst, rate, None)
 
     def _maybe_purge(self, now: float) -> None:
         """Purge expired records, at most once a minute. In a worker (an event loop running) the

@@ -242,6 +242,13 @@ class SharedBudget:
             self._refused.pop(key, None)
         return wait
 
+    def give_back(self, key: str) -> None:
+        """Give back a token :meth:`take` spent of *key*'s bucket (atomically in the store: never
+        past *burst*, another worker's spend meanwhile kept): a budget of failures is spent
+        before the attempt and given back when it succeeds, so that no two workers can both pass
+        a check on its last token."""
+        self.sessions.give_back_token(self.name, key, self.burst, self.rate)
+
     def wait(self, key: str) -> float:
         """The seconds until *key*'s bucket holds a token (``0.0``: it does), nothing spent."""
         return self.sessions.take_token(self.name, key, self.burst, self.rate, spend=False)
