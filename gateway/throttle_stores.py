@@ -73,7 +73,7 @@ def open_store(settings: ThrottleSettings, state_dir: Path | None, workers: int)
         r = settings.redis
         assert r is not None  # the settings model requires it with store: redis
         return RedisStore(r.url, prefix=r.key_prefix, password=r.password.reveal() if r.password else None,
-                          timeout=r.timeout)
+                          timeout=r.timeout, window=settings.window)
     if kind == "sqlite":
         if state_dir is None:
             raise ValueError("throttle.store: sqlite needs a state directory")
@@ -197,8 +197,10 @@ def _boot_clock() -> tuple[str | None, float]:
 
 
 class StoreLocked(StoreUnavailable):
-    """A call made on the event loop found the store's lock held by another process, and was not
-    made (nothing to undo): the caller makes it again off the loop, where waiting stalls nothing."""
+    """A call made on the event loop found the store's lock held by another process, or found
+    that it would be long (a checkpoint of a WAL a reader held back: :meth:`SQLiteStore._run`),
+    and was not made (nothing to undo): the caller makes it again off the loop, where waiting
+    stalls nothing."""
 
 
 #: SQLite's primary result codes for a lock held elsewhere, and for a file that may not grow.
@@ -255,7 +257,17 @@ class SQLiteStore:
     When the WAL is past its bound, a reservation first checkpoints it (``TRUNCATE``, without
     waiting for readers); when that cannot empty it, the attempt is refused (429) as when the
     file is full, and said in the log, until the reader lets go. ``journal_size_limit`` gives
-    the disk back once a WAL is reset.
+    the disk back once a WAL is reset. The health probe (:meth:`ping`) says so too, and tries
+    the checkpoint itself: ``/readyz`` is false while the WAL is full, and true again once a
+    checkpoint empties it, with no password attempt needed (a load balancer sends none then).
+
+    A WAL larger than :attr:`_WAL_KEPT_BYTES` is one a reader held back (or a large purge
+    wrote), and its checkpoint copies all of it into the file: some 90 ms for 64 MiB
+    (``TRUNCATE``), 60 ms for the checkpoint SQLite makes itself at a commit once the reader let
+    go, 15 ms for 15 MiB. Each stalled every request of the worker when made on the event loop
+    (items left by the review of the throttle), so while the WAL is that large the loop's calls
+    raise :class:`StoreLocked` and are made on the store's threads, as for a lock held; on the
+    loop a checkpoint copies no more than SQLite's ordinary one at a commit (4 MiB).
     """
 
     blocking = False
@@ -267,8 +279,10 @@ class SQLiteStore:
     #: some 4 MiB otherwise); past it reservations are refused. A sixth of the file's cap: a
     #: full purge of expired failures can write tens of MiB in one transaction.
     MAX_WAL_BYTES = 64 * 1024 * 1024
-    #: What a WAL is truncated to when it is reset (SQLite's ``journal_size_limit``).
-    _WAL_KEPT_BYTES = 16 * 1024 * 1024
+    #: What a WAL is truncated to when it is reset (SQLite's ``journal_size_limit``), and the
+    #: most a call on the event loop may find in it: SQLite's own checkpoint at a commit keeps it
+    #: under 4 MiB (1,000 pages); larger, a reader held it back and its checkpoint is long.
+    _WAL_KEPT_BYTES = 4 * 1024 * 1024
     #: Seconds between two tries of a checkpoint a reader blocked (each writes out what it can).
     _CHECKPOINT_EVERY = 1.0
 
@@ -316,12 +330,15 @@ class SQLiteStore:
 
     def _wal_full(self) -> bool:
         """Whether the WAL is past :attr:`MAX_WAL_BYTES` and a checkpoint, tried at most every
-        :attr:`_CHECKPOINT_EVERY` seconds and never waiting, cannot bring it back under."""
+        :attr:`_CHECKPOINT_EVERY` seconds and never waiting, cannot bring it back under. Raises
+        :class:`StoreLocked` on the event loop when a checkpoint is due (made off the loop)."""
         if self._wal_bytes() <= self.MAX_WAL_BYTES:
             self._checkpoint_tried = None
             return False
         tried, now = self._checkpoint_tried, time.monotonic()
         if tried is None or not 0 <= now - tried < self._CHECKPOINT_EVERY:
+            if in_loop_thread():
+                raise StoreLocked(f"throttle store {self.path}: its WAL is checkpointed off the event loop")
             self._checkpoint_tried = now
             try:
                 self._run(self._checkpoint, transaction=False)
@@ -331,7 +348,7 @@ class SQLiteStore:
 
     @staticmethod
     def _checkpoint(db: sqlite3.Connection) -> None:
-        # TRUNCATE waits for readers through the busy handler: not here (this may be the loop)
+        # TRUNCATE waits for readers through the busy handler: not here (an attempt waits)
         (timeout,) = db.execute("PRAGMA busy_timeout").fetchone()
         db.execute("PRAGMA busy_timeout = 0")
         try:
@@ -346,6 +363,9 @@ class SQLiteStore:
         # On an event loop's thread: the connection that never waits. Its lock is only taken on a
         # loop's thread, so it is free unless another loop of this process has it: off the loop then.
         on_loop = in_loop_thread()
+        if on_loop and self._wal_bytes() > self._WAL_KEPT_BYTES:  # its checkpoint is long: class docstring
+            raise StoreLocked(f"throttle store {self.path}: its WAL is past {self._WAL_KEPT_BYTES // (1024 * 1024)} "
+                              "MiB; the call is made off the event loop")
         lock = self._locks[on_loop]
         if not lock.acquire(blocking=not on_loop):
             raise StoreLocked(f"throttle store {self.path}: in use by another event loop of this process")
@@ -449,8 +469,13 @@ class SQLiteStore:
     def ping(self) -> str:
         """Whether the file serves (the core's health probe): a store that cannot be read or
         written refuses every password login (503), and ``/readyz`` said ready (review of the
-        state directory). Raises :class:`StoreUnavailable`, naming the file."""
+        state directory); nor does one whose WAL is full (:meth:`_wal_full`, tried here too),
+        which refuses every one (429). Raises :class:`StoreUnavailable`, naming the file."""
         self._run(lambda db: db.execute("SELECT 1 FROM failure LIMIT 1").fetchall())
+        if self._wal_full():
+            raise StoreUnavailable(f"throttle store {self.path}: its WAL is past "
+                                   f"{self.MAX_WAL_BYTES // (1024 * 1024)} MiB and a reader keeps it from being "
+                                   "checkpointed; password attempts are refused (429) until it lets go")
         return f"{self.path}: answers"
 
     def close(self) -> None:
@@ -538,6 +563,26 @@ if debt > life - window then redis.call('HSET', KEYS[1], 'hold', now + window) e
 return 1
 """
 
+# KEYS[1]: the store's clock; ARGV[1] the window (ms), -1 unknown. What is left of the clock's
+# ``hold`` in ms (0: none), for the health probe (:meth:`RedisStore.ping`): every reservation is
+# refused meanwhile. A hold more than a window ahead (Redis's clock stepped back since) is cut
+# to a window, as :data:`_RESERVE` does: no reservation may come to cut it while ``/readyz``
+# keeps the load balancer's logins away.
+_HELD = """
+if redis.replicate_commands then redis.replicate_commands() end
+local t = redis.call('TIME')
+local clock = redis.call('HMGET', KEYS[1], 'offset', 'hold')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + (tonumber(clock[1]) or 0)
+local hold = tonumber(clock[2]) or 0
+local window = tonumber(ARGV[1])
+if window >= 0 and hold > now + window then
+  redis.call('HSET', KEYS[1], 'hold', now + window)
+  hold = now + window
+end
+if now < hold then return hold - now end
+return 0
+"""
+
 #: How much longer than the window a counter lives (ms): a forward step of Redis's clock up to
 #: this loses no key (:data:`_RESERVE`).
 _STEP_MARGIN_MS = 5 * 60 * 1000
@@ -578,11 +623,16 @@ class RedisStore:
     of the store's time, kept in Redis (``PREFIX clock``) for every instance, instead of expiring
     every count at once; one past the counters' margin refuses (503) for a window (:data:`_RESERVE`).
     Only an instance that saw the store before the step can tell it: one started after it cannot.
+    The health probe (:meth:`ping`) reports the store down while that hold lasts, on every
+    instance that shares it: ``/readyz`` said ready again at the next probe, and a load balancer
+    kept sending logins that were all refused.
     """
 
     blocking = True
 
-    def __init__(self, url: str, *, prefix: str, password: str | None, timeout: float) -> None:
+    def __init__(self, url: str, *, prefix: str, password: str | None, timeout: float,
+                 window: float | None = None) -> None:
+        """*window*: ``throttle.window``, the longest a hold may last (:data:`_HELD`)."""
         try:
             import redis
         except ImportError as exc:
@@ -599,6 +649,8 @@ class RedisStore:
             pool.connection_class = bounded_connection_class(pool.connection_class, self._deadline)
         self._reserve = self._client.register_script(_RESERVE)
         self._step = self._client.register_script(_STEP)
+        self._held = self._client.register_script(_HELD)
+        self._window_ms = -1 if window is None else int(window * 1000)
         #: (store time in ms, :func:`_uptime` when it was read) of the last answer: what a step of
         #: Redis's clock is measured against (:data:`_RESERVE`). A reload hands it on.
         self.seen: tuple[int, float] | None = None
@@ -705,7 +757,7 @@ class RedisStore:
         reservation it may still make is then taken back later: :meth:`_unsure`), and while a
         step of Redis's clock forward may have lost counts (for a window)."""
         names = [self._prefix + key for key, _limit in keys]
-        window_ms = int(window * 1000)
+        window_ms = self._window_ms = int(window * 1000)
         life_ms = 2 * window_ms + _STEP_MARGIN_MS
         limits = [limit for _key, limit in keys]
         # One deadline for every call: ``redis.timeout`` is what an attempt waits for the store
@@ -786,7 +838,8 @@ class RedisStore:
         Redis that may evict the counts (:func:`.eviction_problem`; the store is then not used
         until a probe finds otherwise). Bounded by ``throttle.redis.timeout``.
         Then takes back the reservations of failed calls (:meth:`_retract`), so that they go
-        without waiting for the next password attempt; best effort."""
+        without waiting for the next password attempt; best effort. Last, raises while a step
+        of Redis's clock holds every reservation (:data:`_HELD`)."""
         self._raw_call(self._client.ping)
         problem = self._raw_call(self._eviction.check, self._client, self.location)
         if problem is not None:
@@ -795,6 +848,11 @@ class RedisStore:
             self._retract()
         except StoreUnavailable as exc:
             log.debug("throttle: reservations of failed calls not taken back yet: %s", exc)
+        window_ms = self._window_ms
+        held = self._raw_call(lambda: self._held(keys=[self._clock_key], args=[window_ms]))
+        if int(held) > 0:
+            raise StoreUnavailable(f"throttle store {self.location}: its clock jumped ahead; password attempts are "
+                                   f"refused (503) for {int(held) / 1000:.0f} s more")
         return f"{self.location}: answers"
 
     def close(self) -> None:
