@@ -22,24 +22,16 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from gateway.plugins import linkproto as proto
+from support.linkdir import slapd  # noqa: F401 - fixture
 from support.linkenv import Connector, NoDirectory, Relay, link_tls
 from support.net import wait_for
 from support.redis import RedisServer
-from support.slapd import Slapd
 
 
 #: The documented bounds (docs/link-protocol.md, "Limits per connector id"): new links per
 #: connector id, and requests before identification per client address (a burst, then a rate).
 DIAL_BURST, DIAL_RATE = 20, 1.0
 ANONYMOUS_BURST, ANONYMOUS_RATE = 60, 2.0
-
-
-@pytest.fixture(scope="module")
-def slapd(tmp_path_factory):
-    server = Slapd(tmp_path_factory.mktemp("ldap")).start()
-    server.add_user("alice", "Alice-Passw0rd", cn="Alice A", groups=["staff"])
-    yield server
-    server.stop()
 
 
 @pytest.fixture

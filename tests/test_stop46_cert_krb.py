@@ -306,11 +306,16 @@ def serial_gw(serial_world, tmp_path_factory):
                     "rules": [{"type": "upn", "domains": ["corp.example.com"]}]},
     }
     ldap = slapd.plugin_settings(mode="plain", attributes={"altSecurityIdentities": "description"})
-    base = tmp_path_factory.mktemp("serial_gw")
+    yield from _behind_xfcc_proxy(tmp_path_factory.mktemp("serial_gw"), settings, ldap)
+
+
+def _behind_xfcc_proxy(base: Path, client_cert: dict, ldap: dict):
+    """A gateway with the chain ``client_cert, ldap`` that trusts 127.0.0.1 to forward client
+    certificates (the fixtures' body: started, yielded, stopped)."""
     conf = write_conf(base / "conf.d", {
         "gateway.yaml": json.dumps({"chain": ["client_cert", "ldap"], "trusted_proxies": ["127.0.0.1/32"],
                                     "throttle": {"enabled": False}}),
-        "client_cert.yaml": json.dumps({"client_cert": settings}),
+        "client_cert.yaml": json.dumps({"client_cert": client_cert}),
         "ldap.yaml": json.dumps({"ldap": ldap}),
     })
     gateway = GatewayProcess(conf, base / "state").start()
@@ -357,16 +362,7 @@ def table_gw(serial_world, tmp_path_factory):
         "mapping": {"lookup": True, "rules": [{"type": "issuer_serial", "certificates": [
             {"issuer": alice.issuer.rfc4514_string(), "serial": f"{alice.serial_number:x}", "user": "alice"}]}]},
     }
-    base = tmp_path_factory.mktemp("table_gw")
-    conf = write_conf(base / "conf.d", {
-        "gateway.yaml": json.dumps({"chain": ["client_cert", "ldap"], "trusted_proxies": ["127.0.0.1/32"],
-                                    "throttle": {"enabled": False}}),
-        "client_cert.yaml": json.dumps({"client_cert": settings}),
-        "ldap.yaml": json.dumps({"ldap": slapd.plugin_settings(mode="plain")}),
-    })
-    gateway = GatewayProcess(conf, base / "state").start()
-    yield gateway
-    gateway.stop()
+    yield from _behind_xfcc_proxy(tmp_path_factory.mktemp("table_gw"), settings, slapd.plugin_settings(mode="plain"))
 
 
 def test_the_issuer_serial_rule_names_alice_by_her_certificate(serial_world, table_gw):

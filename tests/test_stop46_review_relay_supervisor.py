@@ -5,18 +5,10 @@ from __future__ import annotations
 
 import pytest
 
+from support.linkdir import slapd  # noqa: F401 - fixture
 from support.linkenv import Connector, Relay
 from support.net import wait_for
 from support.redis import RedisServer
-from support.slapd import Slapd
-
-
-@pytest.fixture(scope="module")
-def slapd(tmp_path_factory):
-    server = Slapd(tmp_path_factory.mktemp("ldap")).start()
-    server.add_user("alice", "Alice-Passw0rd", cn="Alice A", groups=["staff"])
-    yield server
-    server.stop()
 
 
 @pytest.fixture
