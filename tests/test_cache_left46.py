@@ -25,6 +25,7 @@ import time
 
 import pytest
 
+from support.cacheenv import GATEWAY_YAML, cache_conf
 from support.fakead import FakeAD
 from support.gateway import GatewayProcess, write_conf
 from support.net import wait_for
@@ -61,14 +62,7 @@ def direct_gateway(tmp_path, directory: FakeAD, start_gateway) -> GatewayProcess
             "direct_bind": "{username}@corp.example.com", "groups": {"source": "memberof", "nested": False},
             "connect_timeout": 0.5, "receive_timeout": 1.0, "backoff": 0}
     return start_gateway(write_conf(tmp_path / "conf.d", {
-        "gateway.yaml": """\
-            chain: [ldap]
-            plugins: [cache]
-            throttle: {enabled: false}
-            health: {probe_interval: 3600}
-            workers: 1
-            deadline: 5
-        """,
+        "gateway.yaml": GATEWAY_YAML,
         "ldap.yaml": "ldap: " + json.dumps(ldap),
         "cache.yaml": json.dumps({"cache": {"hot": {"enabled": True, "ttl": 600}}}),
     }))
@@ -120,20 +114,9 @@ def searches(directory: Slapd) -> int:
 
 
 def slapd_gateway(tmp_path, directory: Slapd, start_gateway) -> GatewayProcess:
-    return start_gateway(write_conf(tmp_path / "conf.d", {
-        "gateway.yaml": """\
-            chain: [ldap]
-            plugins: [cache]
-            throttle: {enabled: false}
-            health: {probe_interval: 3600}
-            workers: 1
-            deadline: 5
-        """,
-        # groups from memberOf: a login's only search is the user search
-        "ldap.yaml": "ldap: " + json.dumps(directory.plugin_settings("plain", backoff=0, user_filter=TWO_NAMES,
-                                                                     groups={"source": "memberof"})),
-        "cache.yaml": json.dumps({"cache": {}}),
-    }))
+    # groups from memberOf: a login's only search is the user search
+    return start_gateway(cache_conf(tmp_path, directory, json.dumps({"cache": {}}), user_filter=TWO_NAMES,
+                                    groups={"source": "memberof"}))
 
 
 def test_a_password_refused_under_the_mail_costs_the_directory_one_search_and_still_forgets(

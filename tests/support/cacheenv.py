@@ -20,7 +20,7 @@ import pytest
 from support.gateway import write_conf
 from support.slapd import Slapd
 
-__all__ = ["TWO_NAMES", "cache_conf", "directory", "disable", "lock", "old_fold_pointer", "runtime",
+__all__ = ["GATEWAY_YAML", "TWO_NAMES", "cache_conf", "directory", "disable", "lock", "old_fold_pointer", "runtime",
            "slapd_fixture", "source", "user", "write_secrets"]
 
 #: An account logs in with its uid or its mail (the Active Directory preset's shape on slapd).
@@ -49,20 +49,25 @@ def directory(slapd):
     return slapd
 
 
+#: gateway.yaml of :func:`cache_conf`: one worker deciding ``chain: [ldap]`` with ``plugins:
+#: [cache]``, no throttle, no health probe (a probe is a bind), a 5 s deadline.
+GATEWAY_YAML = """\
+    chain: [ldap]
+    plugins: [cache]
+    throttle: {enabled: false}
+    health: {probe_interval: 3600}
+    workers: 1
+    deadline: 5
+"""
+
+
 def cache_conf(tmp_path: Path, slapd: Slapd, cache: str = "cache: {}\n", *, name: str = "conf.d",
                **ldap) -> Path:
     """conf.d for one worker deciding ``chain: [ldap]`` with ``plugins: [cache]``: no throttle,
     no health probe (a probe is a bind), a 5 s deadline; the LDAP plugin on *slapd* in plain
     LDAP with no backoff (and *ldap*'s settings), the cache as *cache* (its YAML file)."""
     return write_conf(tmp_path / name, {
-        "gateway.yaml": """\
-            chain: [ldap]
-            plugins: [cache]
-            throttle: {enabled: false}
-            health: {probe_interval: 3600}
-            workers: 1
-            deadline: 5
-        """,
+        "gateway.yaml": GATEWAY_YAML,
         "ldap.yaml": "ldap: " + json.dumps(slapd.plugin_settings("plain", backoff=0, **ldap)),
         "cache.yaml": cache,
     })
