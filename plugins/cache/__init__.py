@@ -53,6 +53,7 @@ from gateway import (
     ComponentState,
     Decision,
     Identity,
+    Outcome,
     PluginContext,
     SelfTest,
     hookimpl,
@@ -198,6 +199,25 @@ class CachePlugin:
             self.hot.forget_user(folded_username(identity.username))
         return identity.username
 
+    def pointed_account(self, attempt: Attempt, step: str) -> str | None:
+        """The account whose other name the attempt's username is, by its pointer row that *step*
+        proved (:meth:`OfflineCache.remember`), or None: no such row, or the store cannot tell.
+
+        For a refusal for account state that names no account: with ``direct_bind`` and no
+        service account, AD refuses a disabled account's bind outright (``data 533``), so the
+        LDAP plugin reads no entry and cannot name it, and has no lookup. Refused under
+        ``dana.jones`` (a UPN), Dana's hot entries under ``dana`` answered 200 for ``hot.ttl``
+        (item left by the last stop); the offline row was forgotten through this pointer."""
+        credential = attempt.password
+        if credential is None or not credential.username:
+            return None
+        try:
+            return self.offline.pointed_account(credential.username, step)
+        except (StoreError, KeyFileError) as exc:
+            self.log.warning("credential cache: the account of a name refused for account state could not be read "
+                             "(%s); that account's hot entries under its own name stay until hot.ttl", exc)
+            return None
+
     @hookimpl
     def gateway_precheck(self, attempt: Attempt) -> Decision | None:
         return self.precheck(attempt)
@@ -221,10 +241,13 @@ class CachePlugin:
                              self._hot_answer(decision.identity, decision.answered_by), decision.answered_by,
                              also=(folded_username(account),) if account else ())
             account = refused_account(attempt, decision.step) if not decision.success else None
+            if account is None and decision.outcome is Outcome.ACCOUNT_STATE and self.hot is not None:
+                # read before after_chain forgets the typed name's row, the pointer included
+                account = self.pointed_account(attempt, decision.step)
             if account is not None and self.hot is not None:
                 # The account the step's directory refused, named by the step (another name of
-                # it may have been typed): its hot entries end with the refusal, as auth_finished
-                # ends the typed name's.
+                # it may have been typed) or by the typed name's pointer row: its hot entries end
+                # with the refusal, as auth_finished ends the typed name's.
                 self.hot.forget_user(folded_username(account))
             self.tally.changed()  # it may have learned or forgotten a user: recount on the tally's thread
             return self.offline.after_chain(attempt, decision)

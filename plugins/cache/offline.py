@@ -437,6 +437,21 @@ class OfflineCache:
         account_row = keys.row_key(self.user_key(str(document["alias_of"])))
         return account_row if account_row != row_key else None
 
+    def pointed_account(self, username: str, step: str) -> str | None:
+        """The account *username* is another name of, by the pointer row *step* proved
+        (:meth:`remember`), or None: no such row, one another step wrote, or one written for
+        another name under an older key. Raises StoreError, KeyFileError."""
+        keys = self.keys()
+        user_key = self.user_key(username)
+        row_key = keys.row_key(user_key)
+        document = self._opened(keys, row_key, self.store.get(row_key))
+        if document is None or "alias_of" not in document or document.get("step") != step:
+            return None
+        name = document.get("name")
+        if isinstance(name, str) and name and self.user_key(name) != user_key:
+            return None  # as in _account_row
+        return str(document["alias_of"]) or None
+
     def forget(self, username: str) -> bool:
         """Delete a username's entry after the directory refused it, and the entry of the
         account it names when it is another name of an account (a pointer row: the refusal is

@@ -38,11 +38,15 @@ class FakeAD:
     ``"u"`` (AD), ``"dn"``, ``"anonymous"`` (an empty authzId) or ``"unsupported"``.
     *group_pages*: how group searches page: ``None`` as asked (one page), ``"empty"`` an empty
     page with a new cookie forever, ``"slow"`` one new group per page after *page_delay* seconds,
-    forever."""
+    forever. *refuse*: DN -> an AD sub-code (``"533"`` disabled, ``"775"`` locked...) its bind is
+    refused with (49) when the password is right, as AD refuses an account for its state; a
+    wrong password is ``data 52e`` still. Tests may change it while the server runs."""
 
     def __init__(self, users: dict[str, dict[str, list[str]]], *, domain: str = "CORP",
                  dns_domain: str = "corp.example.com", hidden: set[str] = frozenset(), who_am_i: str = "u",
-                 group_pages: str | None = None, page_delay: float = 0.2) -> None:
+                 group_pages: str | None = None, page_delay: float = 0.2,
+                 refuse: dict[str, str] | None = None) -> None:
+        self.refuse: dict[str, str] = dict(refuse or {})
         self.users = {dn: {k.lower(): v for k, v in attrs.items()} for dn, attrs in users.items()}
         self.domain, self.dns_domain = domain, dns_domain
         self.hidden = {dn.lower() for dn in hidden}
@@ -148,7 +152,13 @@ class FakeAD:
                     return
                 if kind == "bindRequest":
                     dn = self._account(request["name"])
-                    if dn is not None and request["password"] and request["password"] in self.users[dn].get("password", []):
+                    right = (dn is not None and request["password"]
+                             and request["password"] in self.users[dn].get("password", []))
+                    if right and dn in self.refuse:
+                        bound = None
+                        refused = WRONG_PASSWORD.replace("data 52e", f"data {self.refuse[dn]}")
+                        conn.sendall(_answer(mid, "bindResponse", _result(BindResponse(), 49, refused)))
+                    elif right:
                         bound = dn
                         conn.sendall(_answer(mid, "bindResponse", _result(BindResponse(), 0)))
                     else:
