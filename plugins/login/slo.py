@@ -4,9 +4,10 @@
 
 * a ``LogoutRequest`` from a registered SP that has an ``slo_url``: authgw ends the sessions its
   ``SessionIndex`` names (where that SP got an assertion, with this NameID), and the browser's own
-  (when its cookie comes along) only when it is one of those or the request was signed and its
-  signature verified (an unsigned one, from an SP without ``request_certificate`` or with
-  ``signed_logout: false``, is a GET any page can make), then sends a signed LogoutRequest to
+  (when its cookie comes along) only when it is one of those or the request was signed, its
+  signature verified and its NameID is the browser's user as that SP knows them (an unsigned
+  one, from an SP without ``request_certificate`` or with ``signed_logout: false``, is a GET any
+  page can make; a signed one names whoever signed out at the SP), then sends a signed LogoutRequest to
   every *other* SP that got an assertion in those sessions, one after another through the
   browser (to its registered ``slo_url``, by its ``slo_binding``: HTTP-POST or HTTP-Redirect;
   the NameID and SessionIndex as issued), checks each LogoutResponse, and finally sends a signed
@@ -120,17 +121,18 @@ class SingleLogout:
                 continue
             ending[key] = index
         # The browser's own session ends when the request named it (above: its SessionIndex, with
-        # the NameID this SP was issued in it), or when the SP signed the request and the
-        # signature verified. An unsigned request (an SP without request_certificate, or with
-        # signed_logout: false) is a cross-site GET any page can make: it names no session of
-        # this browser by chance, so it does not end that one because its cookie came along.
+        # the NameID this SP was issued in it), or when the SP signed the request, the signature
+        # verified and its NameID is the browser's user as this SP knows them. An unsigned
+        # request (an SP without request_certificate, or with signed_logout: false) is a
+        # cross-site GET any page can make: it names no session of this browser by chance, so it
+        # does not end that one because its cookie came along.
         own = self.web.session(request)
         if own is not None and own.key not in ending:
-            if verified:
+            if verified and self._names_user_of(own, sp, message.name_id):
                 ending[own.key] = own.index
             else:
-                log.warning("single logout: an unsigned LogoutRequest from %s did not name the browser's own "
-                            "session; it stays", sp.entity_id)
+                log.warning("single logout: %s LogoutRequest from %s did not name the browser's own "
+                            "session; it stays", "a signed" if verified else "an unsigned", sp.entity_id)
         if not ending:
             if not verified and sessions.admit_park is not None:
                 # An unsigned LogoutRequest needs no credential, yet it is answered with a signed
@@ -148,6 +150,23 @@ class SingleLogout:
         if own is not None and own.key in ending:
             self.web.drop_cookie(response)
         return response
+
+    def _names_user_of(self, own, sp, name_id: str | None) -> bool:
+        """Whether *name_id* (a verified LogoutRequest's) is the user of the browser's session
+        *own* as *sp* knows them: the NameID *sp* was issued in it, or, when *sp* got no assertion
+        in it (the SP's session began in an earlier one), the NameID it would be issued. A signed
+        LogoutRequest is the SP's word about its own user: anyone who signed out there holds one
+        (a URL) for themselves, and sent a victim's browser with it, ending the victim's whole
+        session and their other SPs' (review of the XML protocols)."""
+        if not name_id:
+            return False
+        issued = self.web.sessions.participants(own.key).get(sp.entity_id)
+        if issued is not None:
+            return same(str(issued.get("name_id", "")), name_id)
+        if sp.name_id_format == "transient":  # never issued twice: only the record above names it
+            return False
+        expected = self.idp.builder.name_id(own.identity, sp.name_id_format, sp.name_id_source)
+        return expected is not None and same(expected, name_id)
 
     def first_redirects(self, session) -> list[str]:
         """The addresses ``POST /logout`` for *session* may redirect the browser to first: the
