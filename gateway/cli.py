@@ -194,18 +194,26 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def _core_selftests(gateway) -> list[SelfTest]:
-    """The core's own tests, counted as the plugins' are: a network throttle store (Redis) that
-    does not answer means a 503 for every password login, so ``authgw check`` fails with it."""
-    ping = getattr(gateway.throttle.store, "ping", None)
+    """The core's own tests, counted as the plugins' are: a shared throttle store (Redis, or the
+    workers' SQLite file) that does not answer means a 503 for every password login, and one
+    that refuses them all (a SQLite WAL a reader holds) a 429, so ``authgw check`` fails with it.
+    The hint is the store's own (a SQLite store's operator was told to start Redis)."""
+    store = gateway.throttle.store
+    ping = getattr(store, "ping", None)
     if ping is None:
         return []
+
+    def explain(exc: StoreUnavailable) -> tuple[str, str]:
+        if hasattr(store, "explain"):  # the SQLite store: its file, a reader holding its WAL
+            return store.explain(exc)
+        return (f"{exc}; every password login would be refused (503, throttle_unavailable)",
+                "start Redis or check throttle.redis (url, password, timeout)")
 
     def run() -> CheckResult:
         try:
             return CheckResult.ok(ping())
         except StoreUnavailable as exc:
-            return CheckResult.fail(f"{exc}; every password login would be refused (503, throttle_unavailable)",
-                                    "start Redis or check throttle.redis (url, password, timeout)")
+            return CheckResult.fail(*explain(exc))
 
     return [SelfTest("gateway.throttle_store", run)]
 

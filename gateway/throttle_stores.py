@@ -268,6 +268,17 @@ class SQLiteStore:
     (items left by the review of the throttle), so while the WAL is that large the loop's calls
     raise :class:`StoreLocked` and are made on the store's threads, as for a lock held; on the
     loop a checkpoint copies no more than SQLite's ordinary one at a commit (4 MiB).
+
+    Nor does the loop make that ordinary one: SQLite checkpoints at a commit once the WAL passes
+    1,000 pages, and under a flood of new names that stalled the loop 5-19 ms every 4 MiB of
+    WAL (items left by the last stop). The loop's connection makes none (``wal_autocheckpoint``
+    0): the loop's commit that takes the WAL past :attr:`_WAL_KEPT_BYTES` starts one
+    (``PASSIVE``) on a thread, one at a time per process (:meth:`_checkpoint_soon`). The file's
+    size measures what the WAL holds because ``journal_size_limit`` is that same size: a WAL
+    reset is cut back to it at its first commit and grows past it only when its frames do. Until
+    a checkpoint resets it the loop's calls are made on the threads (above), whose connection
+    keeps SQLite's checkpoint at a commit: one that did not complete (a reader, another
+    process's checkpoint) is made again there, never skipped for good.
     """
 
     blocking = False
@@ -296,6 +307,7 @@ class SQLiteStore:
         self._locks = {True: threading.Lock(), False: threading.Lock()}
         self._purged_at: float | None = None
         self._checkpoint_tried: float | None = None  # monotonic time of the last blocked checkpoint
+        self._checkpointing = threading.Lock()  # held while this process's checkpoint thread runs
         self._warn = RateLimitedWarning(log)
 
     def _db(self, on_loop: bool) -> sqlite3.Connection:
@@ -316,6 +328,8 @@ class SQLiteStore:
                 (page_size,) = conn.execute("PRAGMA page_size").fetchone()
                 conn.execute(f"PRAGMA max_page_count = {max(1, self.MAX_BYTES // page_size)}")
                 conn.execute(f"PRAGMA journal_size_limit = {min(self._WAL_KEPT_BYTES, self.MAX_WAL_BYTES)}")
+                if on_loop:  # its checkpoint at a commit copies up to 4 MiB: made on a thread (_checkpoint_soon)
+                    conn.execute("PRAGMA wal_autocheckpoint = 0")
             except BaseException:
                 conn.close()  # tried again at the next call
                 raise
@@ -356,10 +370,35 @@ class SQLiteStore:
         finally:
             db.execute(f"PRAGMA busy_timeout = {int(timeout)}")
 
+    def _checkpoint_soon(self) -> None:
+        """Checkpoint the WAL on a thread if it is past the size SQLite would have checkpointed
+        at, unless this process's checkpoint thread is running already (class docstring)."""
+        if self._wal_bytes() <= self._WAL_KEPT_BYTES or not self._checkpointing.acquire(blocking=False):
+            return
+        try:
+            threading.Thread(target=self._checkpoint_off_loop, name="authgw-throttle-checkpoint", daemon=True).start()
+        except RuntimeError:  # no thread to be had: the threads' connection checkpoints at its next commit
+            self._checkpointing.release()
+
+    def _checkpoint_off_loop(self) -> None:
+        try:
+            self._run(self._passive_checkpoint, transaction=False)
+        except StoreUnavailable:  # the file's trouble is the next reservation's to report
+            pass
+        finally:
+            self._checkpointing.release()
+
+    @staticmethod
+    def _passive_checkpoint(db: sqlite3.Connection) -> None:
+        # PASSIVE waits for no reader nor writer: it copies what it can (none if another process
+        # is checkpointing), and the threads' connection tries again at its commits (class docstring)
+        db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
     def _run(self, work, *, transaction: bool = True):
         if self._pid != os.getpid():  # a fork: the parent's connections are not this process's to use
             self._conns, self._pid = {}, os.getpid()
             self._locks = {True: threading.Lock(), False: threading.Lock()}
+            self._checkpointing = threading.Lock()  # the parent's checkpoint thread is not here
         # On an event loop's thread: the connection that never waits. Its lock is only taken on a
         # loop's thread, so it is free unless another loop of this process has it: off the loop then.
         on_loop = in_loop_thread()
@@ -382,6 +421,8 @@ class SQLiteStore:
                     db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
+            if on_loop:  # the loop's connection makes no checkpoint itself (_db)
+                self._checkpoint_soon()
             return result
         except (sqlite3.Error, OSError) as exc:  # OSError: the state directory gone, no file descriptor left
             if on_loop and isinstance(exc, sqlite3.Error) and _lock_held(exc):
@@ -477,6 +518,19 @@ class SQLiteStore:
                                    f"{self.MAX_WAL_BYTES // (1024 * 1024)} MiB and a reader keeps it from being "
                                    "checkpointed; password attempts are refused (429) until it lets go")
         return f"{self.path}: answers"
+
+    def explain(self, exc: StoreUnavailable) -> tuple[str, str]:
+        """What a failed :meth:`ping` means for logins, and what the operator can do about it
+        (``authgw check``): it told an operator of this store to start Redis."""
+        if self._wal_bytes() > self.MAX_WAL_BYTES:
+            return (str(exc),  # it says so: 429 until the reader lets go
+                    f"a reader holds an old snapshot of {self.path}, so its WAL ({self.path}-wal) cannot be "
+                    "checkpointed: a backup or a sqlite3 shell inside a transaction on that file; end it (let the "
+                    "backup finish, or COMMIT or quit the shell). Password attempts are refused until it lets "
+                    "go, then the store serves again by itself; no count is lost")
+        return (f"{exc}; every password login would be refused (503, throttle_unavailable)",
+                f"check {self.path}: the state directory must be the gateway user's and writable, the disk not "
+                "full, and no other process may hold a transaction on the file (a sqlite3 shell) for long")
 
     def close(self) -> None:
         if self._pid == os.getpid():
