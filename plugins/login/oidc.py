@@ -601,7 +601,7 @@ class OidcProvider:
         # authenticates: checked first and spent only on a failure, concurrent wrong secrets in
         # two workers all passed the check on the last token (review of stop 46: 2 comparisons on
         # a budget of 1 for 16 addresses of 40).
-        wait = self.auth_failures.take(key)
+        wait = await self.auth_failures.spend(key)  # a lock held on the store: waited for off the loop
         if wait:  # past the budget, right or wrong is not told
             if self.auth_failures.first_refusal(key):
                 log.warning("oidc token requests refused: reason=oidc.too_many_client_failures client=%s "
@@ -618,7 +618,7 @@ class OidcProvider:
             log.warning("oidc token request refused: reason=oidc.invalid_client client_id=%s client=%s",
                         printable(_claimed_client(request, form)[:100]), address)
             return _error("invalid_client", 401)
-        self.auth_failures.give_back(key)  # a success spends nothing
+        await self.auth_failures.give_back(key)  # a success spends nothing
         if "grant_type" not in form:
             return _error("invalid_request", description="grant_type is missing")
         if form.get("grant_type") != "authorization_code":
@@ -858,6 +858,7 @@ class OidcProvider:
             return self.web.refused(request, exc)
         after = self.logout_target(target) if target is not None else None
         if request.method == "POST" and request_cookie(request, self.web.cookie) is None:  # read as the door reads it
+            await self.web.prepay_park()  # its token, off the event loop
             key = self.web.sessions.hold({"oidc_logout": params}, 600)
             raise web.HTTPSeeOther(f"/oidc/logout?{urlencode({'held': key})}", headers={"Cache-Control": "no-store"})
         session = self.web.session(request)
@@ -879,7 +880,7 @@ class OidcProvider:
             if after is not None:
                 return web.Response(status=303, headers={"Location": after, "Cache-Control": "no-store"})
             return self.web.html(self.web.pages.message("signed_out"))
-        return self.web.confirm_logout(request, session, target, after)
+        return await self.web.confirm_logout(request, session, target, after)
 
 
 def _claim_request(member: dict | None, name: str) -> dict | None:

@@ -812,8 +812,8 @@ class SamlIdp:
         costs CPU, and the request that asks for it needs no credentials): past it
         :class:`.web.ParkRefused`, nothing signed. Not for an answer made when a sign-in or a
         session's answer was already counted (:meth:`complete`)."""
-        if spend and self.web.sessions.admit_park is not None:
-            self.web.sessions.admit_park()
+        if spend:
+            await self.web.spend_park()
         log.warning("login request refused: reason=%s client=%s sp=%s status=%s %s", why.reason, request.remote,
                     printable(sp.entity_id[:200]), why.second.rsplit(":", 1)[-1], printable(why.detail[:200]))
         response = await self._error_post(pending, sp, why)
@@ -843,7 +843,7 @@ class SamlIdp:
             return None
         sp = self.answer_target(pending)
         try:
-            if self.refusals.take(self.web.client_key(request)):
+            if await self.refusals.spend(self.web.client_key(request)):
                 return None
         except STORE_ERRORS:  # the bound cannot be counted (the store is down): the page, nothing signed
             return None

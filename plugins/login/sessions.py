@@ -47,11 +47,12 @@ error, answered 503.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import concurrent.futures
+import contextlib
 import hashlib
 import hmac
-import asyncio
-import contextlib
 import functools
 import json
 import logging
@@ -69,8 +70,9 @@ from gateway.health import redis_location
 from gateway.redis_deadline import CallDeadline, bounded_connection_class
 from gateway.redis_eviction import EvictingRedis, EvictionWatch
 from gateway.logs import printable
-from gateway.sqlitedb import connect_wal
-from gateway.throttle_stores import _boot_clock
+from gateway.sqlitedb import connect_wal, result_code
+from gateway import throttle_stores
+from gateway.throttle_stores import _STEP, _STEP_MARGIN_MS, _boot_clock
 
 from .settings import SessionSettings
 
@@ -101,6 +103,8 @@ PURGE_BATCH = 500
 _VACUUM_STEP = 100
 #: The WAL file is cut back to this size after a checkpoint (it grows with a burst of writes).
 _JOURNAL_SIZE_LIMIT = 16 << 20
+#: SQLite's primary result codes for a lock another connection holds.
+_SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
 #: The Redis sorted set of the parked requests' keys, scored by their expiry (the total bound).
 _PARKED_SET = "authgw:login:parked"
 #: The SQL expression a session row's subject is found by (the ``sessions_subject`` index is on
@@ -241,9 +245,20 @@ class SqliteStore:
     the loop: a lock held (an operator's ``sqlite3`` shell mid-transaction, a backup) froze every
     request of the worker, ``/auth`` included (the throttle's store had the same; review of
     reliability). Half a second covers a sibling worker descheduled inside its transaction.
+
+    The door's budgets are checked at every request that parks or answers, before anything
+    else: their spends (:meth:`take_token_off_loop`, :meth:`give_back_token_off_loop`) are
+    tried on the loop on a connection that never waits, and when the lock is held, made again on
+    the store's budget thread, which waits up to :attr:`BUDGET_WAIT` in all (then the door's
+    503), as the throttle's store does. They waited :attr:`BUSY_TIMEOUT` on the loop, and the
+    worker answered nothing meanwhile, ``/healthz`` and ``/auth`` included (items left by stop 46).
     """
 
     BUSY_TIMEOUT = 0.5
+    #: Seconds a budget check waits for a lock held elsewhere, off the event loop (queued behind
+    #: other checks included), before the store is unavailable (503): longer than the loop's
+    #: :attr:`BUSY_TIMEOUT`, since the wait holds up only the request that waits.
+    BUDGET_WAIT = 2.0
 
     def __init__(self, path: Path, *, boot_clock=None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -287,6 +302,12 @@ class SqliteStore:
         self.db.execute("CREATE TABLE IF NOT EXISTS bucket_clock (id INTEGER PRIMARY KEY CHECK (id = 0), "
                         "boot TEXT NOT NULL, offset REAL NOT NULL)")
         self.db.execute(f"PRAGMA busy_timeout = {int(self.BUSY_TIMEOUT * 1000)}")  # set up: the loop's wait now
+        #: The budgets' connections (:meth:`take_token_off_loop`): ``True`` the event loop's, which
+        #: never waits for a lock; ``False`` the budget thread's, which waits up to :attr:`BUDGET_WAIT`.
+        loop_db = connect_wal(path, timeout=5.0, check_same_thread=False)  # set up as self.db, then:
+        loop_db.execute("PRAGMA busy_timeout = 0")
+        self._budget_db: dict[bool, sqlite3.Connection] = {True: loop_db}
+        self._budget_thread: concurrent.futures.ThreadPoolExecutor | None = None
 
     def lifetimes(self, idle: float, absolute: float) -> None:
         """The sessions' lifetimes (``sessions.idle``, ``sessions.absolute``), for the purge."""
@@ -436,16 +457,72 @@ class SqliteStore:
     def take_token(self, key: str, burst: float, rate: float, now: float | None, spend: bool = True) -> float:
         """Spend a token of the bucket *key* (:func:`_refill`); see :meth:`SessionManager.take_token`.
         One write transaction when a token is spent, a read otherwise. *now*: ``None``, the
-        buckets' own time (:meth:`_bucket_now`, what the door uses); a number, that time."""
+        buckets' own time (:meth:`_bucket_now`, what the door uses); a number, that time.
+        On the worker's connection: a lock held elsewhere is waited for where this runs (up to
+        :attr:`BUSY_TIMEOUT`); in a worker, :meth:`take_token_off_loop`."""
+        return self._take(self.db, key, burst, rate, now, spend)
+
+    def give_back_token(self, key: str, burst: float, rate: float, now: float | None) -> None:
+        """Give back a token :meth:`take_token` spent from the bucket *key*, in one write
+        transaction (a spend of another worker meanwhile is counted, not overwritten); see
+        :meth:`SessionManager.give_back_token`. A bucket full again (or gone with the purge)
+        gets nothing: it never holds more than *burst*. On the worker's connection, as
+        :meth:`take_token`; in a worker, :meth:`give_back_token_off_loop`."""
+        self._give_back(self.db, key, burst, rate, now)
+
+    async def take_token_off_loop(self, key: str, burst: float, rate: float, spend: bool = True) -> float:
+        """:meth:`take_token` at the buckets' own time, never waiting on the event loop
+        (:meth:`_budget_call`)."""
+        return await self._budget_call(self._take, key, burst, rate, None, spend)
+
+    async def give_back_token_off_loop(self, key: str, burst: float, rate: float) -> None:
+        """:meth:`give_back_token` at the buckets' own time, never waiting on the event loop."""
+        await self._budget_call(self._give_back, key, burst, rate, None)
+
+    async def _budget_call(self, work, *args):
+        """``work(db, *args)`` on the loop's budget connection, which never waits; when another
+        process holds the lock (an operator's ``sqlite3`` shell mid-transaction, a backup, a
+        sibling worker inside its transaction) nothing was changed, and it is made again on the
+        store's budget thread, which waits up to :attr:`BUDGET_WAIT` from now, then raises the
+        lock's ``sqlite3.OperationalError`` (a store error: the door's 503)."""
+        try:
+            return work(self._budget_db[True], *args)
+        except sqlite3.OperationalError as exc:
+            if result_code(exc) not in (_SQLITE_BUSY, _SQLITE_LOCKED):
+                raise
+        deadline = time.monotonic() + self.BUDGET_WAIT
+        if self._budget_thread is None:
+            # One thread: checks that wait for the lock queue behind each other, each within its
+            # own deadline, and hold none of the loop's default executor (SAML signing, reloads).
+            self._budget_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="login-budgets")
+        return await asyncio.get_running_loop().run_in_executor(
+            self._budget_thread, functools.partial(self._waited, deadline, work, *args))
+
+    def _waited(self, deadline: float, work, *args):
+        """``work(db, *args)`` on the budget thread's connection, waiting for the lock until
+        *deadline* (monotonic) at most."""
+        left = deadline - time.monotonic()
+        if left <= 0:  # queued behind checks that waited its whole time: the lock is still held
+            raise sqlite3.OperationalError(f"{self.path}: database is locked (budget checks waited "
+                                           f"{self.BUDGET_WAIT:.1f} s)")
+        db = self._budget_db.get(False)
+        if db is None:
+            db = self._budget_db[False] = connect_wal(self.path, timeout=left, check_same_thread=False)
+        db.execute(f"PRAGMA busy_timeout = {max(1, int(left * 1000))}")
+        return work(db, *args)
+
+    def _take(self, db: sqlite3.Connection, key: str, burst: float, rate: float, now: float | None,
+              spend: bool) -> float:
+        """:meth:`take_token` on the connection *db*."""
         if not spend:
-            row = self.db.execute("SELECT tokens, at FROM buckets WHERE key = ?", (key,)).fetchone()
+            row = db.execute("SELECT tokens, at FROM buckets WHERE key = ?", (key,)).fetchone()
             if now is None:
                 wall = time.time()
-                now = self._bucket_now(self.db, wall, write=False)
+                now = self._bucket_now(db, wall, write=False)
                 if now is None:  # no spend this boot yet: as the first spend will date it
                     now = wall if row is None else max(wall, float(row[1]))
             return _wait(_refill(row, burst, rate, now), rate)
-        with self._transaction(self.db) as db:
+        with self._transaction(db):
             if now is None:
                 now = self._bucket_now(db, time.time(), write=True)
             tokens = _refill(db.execute("SELECT tokens, at FROM buckets WHERE key = ?", (key,)).fetchone(),
@@ -457,12 +534,9 @@ class SqliteStore:
                        (key, tokens, now, now + (burst - tokens) / rate))
         return 0.0
 
-    def give_back_token(self, key: str, burst: float, rate: float, now: float | None) -> None:
-        """Give back a token :meth:`take_token` spent from the bucket *key*, in one write
-        transaction (a spend of another worker meanwhile is counted, not overwritten); see
-        :meth:`SessionManager.give_back_token`. A bucket full again (or gone with the purge)
-        gets nothing: it never holds more than *burst*."""
-        with self._transaction(self.db) as db:
+    def _give_back(self, db: sqlite3.Connection, key: str, burst: float, rate: float, now: float | None) -> None:
+        """:meth:`give_back_token` on the connection *db*."""
+        with self._transaction(db):
             if now is None:
                 now = self._bucket_now(db, time.time(), write=True)
             row = db.execute("SELECT tokens, at FROM buckets WHERE key = ?", (key,)).fetchone()
@@ -531,6 +605,10 @@ class SqliteStore:
         return removed
 
     def close(self) -> None:
+        if self._budget_thread is not None:
+            self._budget_thread.shutdown(wait=True)  # a check under way ends within BUDGET_WAIT
+        for db in self._budget_db.values():
+            db.close()
         if self._purger is not None:
             self._purger.close()
         self.db.close()
@@ -646,45 +724,64 @@ redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 if ms > 0 then redis.call('PEXPIRE', KEYS[2], ms) else redis.call('EXPIRE', KEYS[2], ARGV[3]) end
 return 1
 """
-#: Lua: :meth:`RedisStore.take_token`, atomically. The time is Redis's own (``TIME``), so the
-#: instances' clocks do not matter; the key expires when the bucket is full again.
-_TOKEN = """
+#: The Redis hash of the buckets' clock (``offset``, ``hold``, ...: the throttle's
+#: :data:`gateway.throttle_stores._STEP` keeps it): the buckets' time is Redis's ``TIME`` plus
+#: ``offset``, with every step of Redis's clock forward an instance measured taken out of it.
+_CLOCK = "authgw:login:clock"
+#: Lua, the start of :data:`_TOKEN` and :data:`_GIVE_BACK`. KEYS[1] the bucket, KEYS[2] the
+#: clock; ARGV[1] burst, ARGV[2] rate, ARGV[3] the latest time (ms) the caller can account for
+#: (-1: none), ARGV[4] how much longer than its refill a bucket's key lives (ms). A time past
+#: ARGV[3] is a step of Redis's clock forward: ``{-2, now, offset}`` and nothing changed (the
+#: caller takes the step out of the offset and asks again). While a step that may have lost
+#: keys holds the buckets (``hold``, cut to a refill if Redis's clock stepped back since):
+#: ``{-3, ...}``. A bucket dated after now (Redis's clock stepped back) is dated now: it
+#: refills from now, not from the end of the step. Then ``tokens`` is the bucket's, refilled.
+_CLOCKED = """
 if redis.replicate_commands then pcall(redis.replicate_commands) end
 local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local clock = redis.call('HMGET', KEYS[2], 'offset', 'hold')
+local offset = tonumber(clock[1]) or 0
+local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + offset
+local bound = tonumber(ARGV[3])
+if bound >= 0 and ms > bound then return {-2, '0', ms, offset} end
 local burst, rate = tonumber(ARGV[1]), tonumber(ARGV[2])
-local tokens = burst
+local refill = math.ceil(burst / rate * 1000)
+local hold = tonumber(clock[2]) or 0
+if hold > ms + refill then
+  hold = ms + refill
+  redis.call('HSET', KEYS[2], 'hold', hold)
+end
+if ms < hold then return {-3, '0', ms, offset} end
+local now = ms / 1000
+local tokens, at = burst, nil
 local v = redis.call('HMGET', KEYS[1], 't', 'a')
 if v[1] and v[2] then
-  tokens = math.min(burst, tonumber(v[1]) + math.max(0, now - tonumber(v[2])) * rate)
+  at = math.min(now, tonumber(v[2]))
+  tokens = math.min(burst, tonumber(v[1]) + (now - at) * rate)
 end
-if tokens < 1 then return tostring((1 - tokens) / rate) end
-if ARGV[3] == '1' then
-  tokens = tokens - 1
-  redis.call('HSET', KEYS[1], 't', tostring(tokens), 'a', tostring(now))
-  redis.call('PEXPIRE', KEYS[1], math.ceil((burst - tokens) / rate * 1000) + 1000)
+local function keep(left)
+  redis.call('HSET', KEYS[1], 't', tostring(left), 'a', tostring(now))
+  redis.call('PEXPIRE', KEYS[1], math.ceil((burst - left) / rate * 1000) + 1000 + tonumber(ARGV[4]))
 end
-return '0'
+"""
+#: Lua: :meth:`RedisStore.take_token`, atomically, on the buckets' clock (:data:`_CLOCKED`:
+#: Redis's own, so the instances' clocks do not matter, with its steps forward taken out).
+#: ARGV[5]: '1' spend, '0' only the wait. ``{1, wait}``, or a code of :data:`_CLOCKED`.
+_TOKEN = _CLOCKED + """
+if tokens < 1 then
+  if at and tonumber(v[2]) > now then keep(tokens) end  -- dated now: refilled from now on
+  return {1, tostring((1 - tokens) / rate), ms, offset}
+end
+if ARGV[5] == '1' then keep(tokens - 1) end
+return {1, '0', ms, offset}
 """
 #: Lua: :meth:`RedisStore.give_back_token`, atomically (as :data:`_TOKEN`). A bucket full again
-#: (its key expired) gets nothing back.
-_GIVE_BACK = """
-if redis.replicate_commands then pcall(redis.replicate_commands) end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local burst, rate = tonumber(ARGV[1]), tonumber(ARGV[2])
-local v = redis.call('HMGET', KEYS[1], 't', 'a')
-if not (v[1] and v[2]) then return 0 end
-local at = tonumber(v[2])
-local tokens = math.min(burst, tonumber(v[1]) + math.max(0, now - at) * rate + 1)
-if tokens >= burst then
-  redis.call('DEL', KEYS[1])
-  return 1
-end
-at = math.max(now, at)
-redis.call('HSET', KEYS[1], 't', tostring(tokens), 'a', tostring(at))
-redis.call('PEXPIRE', KEYS[1], math.ceil((burst - tokens) / rate * 1000) + 1000)
-return 1
+#: (its key gone) gets nothing back.
+_GIVE_BACK = _CLOCKED + """
+if not at then return {1, '0', ms, offset} end
+tokens = math.min(burst, tokens + 1)
+if tokens >= burst then redis.call('DEL', KEYS[1]) else keep(tokens) end
+return {1, '0', ms, offset}
 """
 #: Compare-and-set attempts before a touch or update gives way to the writes that won.
 _REWRITE_TRIES = 5
@@ -851,6 +948,9 @@ class RedisStore:
         #: with every call a success to the breaker (review of this stop's diff).
         self.deadline = CallDeadline()
         self.redis = None
+        #: (buckets' time in ms, boot clock) of the last answer of a budget script: what a step of
+        #: Redis's clock is measured against (:meth:`_on_clock`).
+        self._seen: tuple[int, float] | None = None
         self.use_timeout(timeout)
 
     def use_timeout(self, timeout: float) -> None:
@@ -875,6 +975,7 @@ class RedisStore:
         self._participant = self.redis.register_script(_PARTICIPANT)
         self._token = self.redis.register_script(_TOKEN)
         self._give_back = self.redis.register_script(_GIVE_BACK)
+        self._step = self.redis.register_script(_STEP)  # the throttle's, on the buckets' clock
 
     def lifetimes(self, idle: float, absolute: float) -> None:
         self.idle, self.absolute = idle, absolute
@@ -1010,14 +1111,71 @@ class RedisStore:
 
     @_breaker
     def take_token(self, key: str, burst: float, rate: float, now: float, spend: bool = True) -> float:
-        """As :meth:`SqliteStore.take_token`, in one Lua script (*now* is not used: Redis's clock is)."""
-        return float(self._token(keys=[f"authgw:login:b:{key}"], args=[repr(float(burst)), repr(float(rate)),
-                                                                        "1" if spend else "0"]))
+        """As :meth:`SqliteStore.take_token`, in one Lua script (*now* is not used: the buckets'
+        clock is, :meth:`_on_clock`)."""
+        return float(self._on_clock(self._token, key, burst, rate, "1" if spend else "0"))
 
     @_breaker
     def give_back_token(self, key: str, burst: float, rate: float, now: float) -> None:
-        """As :meth:`SqliteStore.give_back_token`, in one Lua script (Redis's clock)."""
-        self._give_back(keys=[f"authgw:login:b:{key}"], args=[repr(float(burst)), repr(float(rate))])
+        """As :meth:`SqliteStore.give_back_token`, in one Lua script (the buckets' clock)."""
+        self._on_clock(self._give_back, key, burst, rate)
+
+    def _on_clock(self, script, key: str, burst: float, rate: float, *more: str) -> bytes:
+        """*script* (:data:`_TOKEN`, :data:`_GIVE_BACK`) on the bucket *key*, dated by Redis's
+        clock as this instance measures it against its own boot clock, as the throttle's Redis
+        store dates failures (:class:`gateway.throttle_stores.RedisStore`): a step of Redis's
+        clock forward (NTP, a VM resumed) refilled every bucket at once, one more burst of
+        guesses (a password form's, a client secret's at ``/oidc/token``) for each step; it is
+        taken out of the buckets' time (``authgw:login:clock``, shared by every instance) and
+        the call made again. One larger than the keys' margin (:data:`_STEP_MARGIN_MS`) may have
+        expired buckets early: every check is refused (503) for a refill. A step back refills
+        nothing for its length and freezes no bucket (:data:`_CLOCKED`). Only an instance that
+        saw Redis before a step can tell it."""
+        refill_ms = math.ceil(burst / rate * 1000)
+        for _turn in range(2):
+            bound, expected, asked = self._clock_bound()
+            code, answer, store_ms, offset = script(keys=[f"{_PREFIX}b:{key}", _CLOCK], args=[
+                repr(float(burst)), repr(float(rate)), bound, _STEP_MARGIN_MS, *more])
+            if code != -2:
+                break
+            step = int(store_ms) - expected
+            log.warning("login: the clock of the session store %s jumped ahead by %.0f s (more than this machine's "
+                        "clock counted since its last answer); the step is taken out of the budgets' time, so no "
+                        "budget refills with it", self.location, step / 1000)
+            self._step(keys=[_CLOCK], args=[int(offset), step, refill_ms, refill_ms + 1000 + _STEP_MARGIN_MS])
+        else:
+            import redis
+
+            raise redis.RedisError(f"{self.location}: its clock keeps jumping ahead")
+        self._seen = (int(store_ms), asked)
+        if code == -3:
+            import redis
+
+            raise redis.RedisError(f"{self.location}: its clock jumped ahead by more than the budgets' margin; "
+                                   "budgets are held (503) until a refill has passed")
+        return answer
+
+    def _clock_bound(self) -> tuple[int, int, float]:
+        """``(the latest store time, ms, this instance can account for, or -1; the store time it
+        expects; now on the boot clock)``, as :meth:`gateway.throttle_stores.RedisStore._bound`:
+        the last store time seen plus what the boot clock counted since, with room for two
+        calls' time and clocks that run at rates apart."""
+        now = throttle_stores._uptime()
+        seen = self._seen
+        if seen is None:
+            return -1, -1, now
+        elapsed = max(0.0, now - seen[1])
+        expected = seen[0] + int(elapsed * 1000)
+        return expected + int((2 * self.timeout + 1.0 + elapsed / 1000) * 1000), expected, now
+
+    async def take_token_off_loop(self, key: str, burst: float, rate: float, spend: bool = True) -> float:
+        """:meth:`take_token`, on the loop as every call of this store (bounded by its timeout
+        and its breaker)."""
+        return self.take_token(key, burst, rate, 0.0, spend)
+
+    async def give_back_token_off_loop(self, key: str, burst: float, rate: float) -> None:
+        """:meth:`give_back_token`, on the loop as every call of this store."""
+        self.give_back_token(key, burst, rate, 0.0)
 
     def purge(self, now: float, oldest: float) -> int:
         return 0  # Redis expires keys itself
@@ -1252,27 +1410,37 @@ class SessionManager:
         if index:
             self.store.take_pending("idx:" + index, time.time())
 
-    def take_token(self, budget: str, key: str, burst: float, rate: float, *, spend: bool = True) -> float:
+    async def take_token(self, budget: str, key: str, burst: float, rate: float, *, spend: bool = True) -> float:
         """Spend a token of *key*'s bucket of the budget named *budget* (*burst* at most, refilled
         at *rate* a second): ``0.0`` when one was spent, else the seconds until one can be (nothing
         spent). *spend* false: only that wait, nothing spent. The bucket is in the store, shared by
         every worker (and, with Redis, every instance): a bucket per worker gave a flood N times the
         budget with ``--workers N`` (review of the login door: 48 parks and 59 wrong secrets
         where 30 was the budget, on two workers). A store that cannot be used raises its error
-        (:data:`STORE_ERRORS`: the door answers 503, nothing is spent or counted as free)."""
+        (:data:`STORE_ERRORS`: the door answers 503, nothing is spent or counted as free). A lock
+        held on the SQLite store is waited for off the event loop
+        (:meth:`SqliteStore.take_token_off_loop`)."""
         if spend:
             self._maybe_purge(time.time())  # full buckets go with the expired records
-        # None: the store's own time (SQLite's passes with the boot clock, Redis's is Redis's)
-        return self.store.take_token(_digest(f"{budget} {key}"), burst, rate, None, spend)
+        return await self.store.take_token_off_loop(_digest(f"{budget} {key}"), burst, rate, spend)
 
-    def give_back_token(self, budget: str, key: str, burst: float, rate: float) -> None:
+    async def give_back_token(self, budget: str, key: str, burst: float, rate: float) -> None:
         """Give back a token :meth:`take_token` spent from *key*'s bucket of *budget*, in one
         atomic step of the store (another worker's spend meanwhile is kept), never filling it past
         *burst*. For a budget of failures spent before the attempt it counts (so that concurrent
         attempts in several workers cannot all pass a check on its last token, review of stop
         46), given back when the attempt succeeds. A store error propagates (the token stays
-        spent: fail closed)."""
-        self.store.give_back_token(_digest(f"{budget} {key}"), burst, rate, None)
+        spent: fail closed). Off the event loop, as :meth:`take_token`."""
+        await self.store.give_back_token_off_loop(_digest(f"{budget} {key}"), burst, rate)
+
+    def take_token_now(self, budget: str, key: str, burst: float, rate: float, *, spend: bool = True) -> float:
+        """:meth:`take_token` for a caller that cannot await it: a lock held on the SQLite store
+        is waited for where it runs, on the event loop in a worker (up to
+        :attr:`SqliteStore.BUSY_TIMEOUT`)."""
+        if spend:
+            self._maybe_purge(time.time())
+        # None: the store's own time (SQLite's passes with the boot clock, Redis's is Redis's)
+        return self.store.take_token(_digest(f"{budget} {key}"), burst, rate, None, spend)
 
     def _maybe_purge(self, now: float) -> None:
         """Purge expired records, at most once a minute. In a worker (an event loop running) the

@@ -134,7 +134,7 @@ class SingleLogout:
                 log.warning("single logout: %s LogoutRequest from %s did not name the browser's own "
                             "session; it stays", "a signed" if verified else "an unsigned", sp.entity_id)
         if not ending:
-            if not verified and sessions.admit_park is not None:
+            if not verified:
                 # An unsigned LogoutRequest needs no credential, yet it is answered with a signed
                 # LogoutResponse (CPU): one that ends no session spends a token of the client's
                 # budget, as a SAML error Response does (past it, 429 and nothing signed). Only
@@ -142,7 +142,7 @@ class SingleLogout:
                 # that ends their session is never refused, although users behind one NAT share
                 # the address's budget with their sign-ins (refused, it would leave the session
                 # alive and the next sign-in at an SP silent: a shared machine).
-                sessions.admit_park()
+                await self.web.spend_park()
             log.info("single logout: a LogoutRequest from %s ended no session", sp.entity_id)
         state = self._round(ending, initiator=sp.entity_id)
         state.update(request_id=message.id, relay_state=received.relay_state)

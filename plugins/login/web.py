@@ -117,6 +117,8 @@ PARK_CLIENTS = 10_000
 #: The request a login route is handling (set by :meth:`LoginDoor.guarded`): parking finds its
 #: client address here, whichever handler parks.
 _REQUEST: ContextVar[web.Request | None] = ContextVar("authgw_login_request", default=None)
+#: The request's key marking a park token :meth:`LoginDoor.prepay_park` spent, not used yet.
+_PARK_PREPAID = "authgw.login.park_prepaid"
 
 
 def request_cookie(request: web.Request, name: str) -> str | None:
@@ -234,24 +236,32 @@ class SharedBudget:
         self.burst, self.rate, self.size = float(burst), float(rate), size
         self._refused: OrderedDict[str, bool] = OrderedDict()  # keys refused since their last token
 
-    def take(self, key: str) -> float:
+    async def spend(self, key: str) -> float:
         """Spend a token of *key*'s bucket: ``0.0`` when there was one, else the seconds until
-        one is due (nothing spent)."""
-        wait = self.sessions.take_token(self.name, key, self.burst, self.rate)
+        one is due (nothing spent). A lock held on the store is waited for off the event loop
+        (:meth:`.SessionManager.take_token`): the worker answers its other requests meanwhile."""
+        return self._spent(key, await self.sessions.take_token(self.name, key, self.burst, self.rate))
+
+    def take(self, key: str) -> float:
+        """:meth:`spend` for a caller that cannot await it: a lock held on the SQLite store is
+        waited for on the event loop (up to half a second), stalling the worker's other requests."""
+        return self._spent(key, self.sessions.take_token_now(self.name, key, self.burst, self.rate))
+
+    def _spent(self, key: str, wait: float) -> float:
         if not wait:
             self._refused.pop(key, None)
         return wait
 
-    def give_back(self, key: str) -> None:
-        """Give back a token :meth:`take` spent of *key*'s bucket (atomically in the store: never
+    async def give_back(self, key: str) -> None:
+        """Give back a token :meth:`spend` spent of *key*'s bucket (atomically in the store: never
         past *burst*, another worker's spend meanwhile kept): a budget of failures is spent
         before the attempt and given back when it succeeds, so that no two workers can both pass
-        a check on its last token."""
-        self.sessions.give_back_token(self.name, key, self.burst, self.rate)
+        a check on its last token. Off the event loop, as :meth:`spend`."""
+        await self.sessions.give_back_token(self.name, key, self.burst, self.rate)
 
-    def wait(self, key: str) -> float:
+    async def wait(self, key: str) -> float:
         """The seconds until *key*'s bucket holds a token (``0.0``: it does), nothing spent."""
-        return self.sessions.take_token(self.name, key, self.burst, self.rate, spend=False)
+        return await self.sessions.take_token(self.name, key, self.burst, self.rate, spend=False)
 
     def first_refusal(self, key: str) -> bool:
         """Whether this is this worker's first refusal of *key* since its last token (logged once)."""
@@ -264,12 +274,21 @@ class SharedBudget:
         return True
 
 
-def _spend(limiter: SharedBudget, key: str, who: Callable[[], tuple[str, str]], budget: str) -> None:
-    """Spend a token of *key*'s budget in *limiter*, or raise :class:`ParkRefused` (429,
-    ``login.too_many_requests``), logged once per key and spent budget (a flood is not logged
-    whole). *who*, asked only then: who is refused, as logged and as the refusal's detail;
-    *budget*: what is counted."""
-    wait = limiter.take(key)
+async def _spend(limiter: SharedBudget, key: str, who: Callable[[], tuple[str, str]], budget: str) -> None:
+    """Spend a token of *key*'s budget in *limiter* (off the event loop when the store's lock is
+    held), or raise :class:`ParkRefused` (429, ``login.too_many_requests``), logged once per key
+    and spent budget (a flood is not logged whole). *who*, asked only then: who is refused, as
+    logged and as the refusal's detail; *budget*: what is counted."""
+    _refuse_past(limiter, key, await limiter.spend(key), who, budget)
+
+
+def _spend_now(limiter: SharedBudget, key: str, who: Callable[[], tuple[str, str]], budget: str) -> None:
+    """:func:`_spend` for a caller that cannot await it (:meth:`SharedBudget.take`)."""
+    _refuse_past(limiter, key, limiter.take(key), who, budget)
+
+
+def _refuse_past(limiter: SharedBudget, key: str, wait: float, who: Callable[[], tuple[str, str]],
+                 budget: str) -> None:
     if wait:
         logged, detail = who()
         if limiter.first_refusal(key):
@@ -342,14 +361,43 @@ class LoginDoor:
         return self.door.gateway.client_key(client)
 
     def _admit_park(self) -> None:
-        """:attr:`.SessionManager.admit_park`: spend a token of the handled request's client."""
+        """:attr:`.SessionManager.admit_park`: spend a token of the handled request's client,
+        unless :meth:`prepay_park` spent it already for this park (then that token is used up)."""
+        request = _REQUEST.get()
+        if request is None:  # not a request of this door (nothing to count it by)
+            return
+        if request.pop(_PARK_PREPAID, False):
+            return
+        key = self.client_key(request)
+        _spend_now(self.park_limiter, key, lambda: (f"client={key}", f"client {key}"),
+                   "parked requests a minute per address")
+
+    async def prepay_park(self) -> None:
+        """Spend the handled request's client token for the ``sessions.park`` or
+        ``sessions.hold`` that follows, off the event loop when the store's lock is held: those
+        are not coroutines (the SAML and WS-Federation code calls them too), and spent there a
+        token waited for the lock on the loop, the worker answering nothing else meanwhile
+        (items left by stop 46). Raises :class:`ParkRefused` as the park would; the token is
+        for one park."""
+        request = _REQUEST.get()
+        if request is None:
+            return
+        await self.spend_park()
+        request[_PARK_PREPAID] = True
+
+    async def spend_park(self) -> None:
+        """Spend the handled request's client token as a park would, for an answer that costs a
+        park's work and parks nothing (a SAML error Response, the signed answer to an unsigned
+        LogoutRequest that ends no session), off the event loop when the store's lock is held.
+        Raises :class:`ParkRefused`."""
         request = _REQUEST.get()
         if request is None:  # not a request of this door (nothing to count it by)
             return
         key = self.client_key(request)
-        _spend(self.park_limiter, key, lambda: (f"client={key}", f"client {key}"), "parked requests a minute per address")
+        await _spend(self.park_limiter, key, lambda: (f"client={key}", f"client {key}"),
+                     "parked requests a minute per address")
 
-    def admit_answer(self, session: Session) -> None:
+    async def admit_answer(self, session: Session) -> None:
         """Spend a token of the budget of *session*'s user (its subject) before a service is
         answered from the session without a new sign-in (a SAML Response, a WS-Federation token,
         an OIDC code): ``sessions.requests_per_client`` at once, then as many a minute, in the
@@ -363,7 +411,7 @@ class LoginDoor:
             client = self.client_key(request) if request is not None else "-"
             return f"user={user} client={client}", f"user {user}"
 
-        _spend(self.answer_limiter, session.identity.subject, who, "answers from a user's sessions a minute")
+        await _spend(self.answer_limiter, session.identity.subject, who, "answers from a user's sessions a minute")
 
     def _log_unserved(self, request: web.Request, exc: Exception) -> None:
         """Log why *request* is not served now (:class:`ParkRefused`, a store error,
@@ -569,15 +617,16 @@ class LoginDoor:
         async def serve() -> web.StreamResponse:
             session = self.session(request)
             if session is not None and self.reusable(session, pending):
-                self.admit_answer(session)  # before the account check, the chain and the answer
+                await self.admit_answer(session)  # before the account check, the chain and the answer
                 checked = await self.recheck(session, request)
                 if checked is not None:
                     return await self.completers[pending["protocol"]](request, pending, checked)
+                await self.prepay_park()
                 key = self.sessions.park(pending, lifetime)
                 return await self.end_and_go(request, session, f"/login?req={key}")
             if pending.get("prompt_none"):
                 return await self.declined[pending["protocol"]](request, pending)
-            return self._to_login(pending, lifetime)
+            return await self._to_login(pending, lifetime)
 
         return await self.served(request, pending, serve)
 
@@ -587,11 +636,12 @@ class LoginDoor:
         answers it from the session). One that cannot be parked now is answered as
         :meth:`served` says."""
         async def serve() -> web.StreamResponse:
-            return self._to_login(pending, lifetime)
+            return await self._to_login(pending, lifetime)
 
         return await self.served(request, pending, serve)
 
-    def _to_login(self, pending: dict, lifetime: float) -> web.Response:
+    async def _to_login(self, pending: dict, lifetime: float) -> web.Response:
+        await self.prepay_park()
         key = self.sessions.park(pending, lifetime)
         return web.Response(status=303, headers={"Location": f"/login?req={key}", "Cache-Control": "no-store"})
 
@@ -676,15 +726,18 @@ class LoginDoor:
         self._set_cookie(response, self.csrf_cookie, cookie)
         return response
 
-    def confirm_logout(self, request: web.Request, session: Session, target: dict | None = None,
-                       after: str | None = None) -> web.Response:
+    async def confirm_logout(self, request: web.Request, session: Session, target: dict | None = None,
+                             after: str | None = None) -> web.Response:
         """Ask the user whether to sign out (OpenID Connect RP-Initiated Logout 1.0 section 2: a
         logout request that does not prove it is this browser's own session's): the "signed in
         as" page with its Sign out button, whose ``POST /logout`` (CSRF-checked, same site) ends
         the browser's session and then goes to *after*: *target* is what
         :attr:`logout_targets` checks again then, kept single use under an id in the button's
         address (:meth:`.SessionManager.hold`, spending the client's budget)."""
-        then = self.sessions.hold(target, 600) if target is not None else ""
+        then = ""
+        if target is not None:
+            await self.prepay_park()  # the hold's token, off the event loop
+            then = self.sessions.hold(target, 600)
         return self._signed_in_page(request, session, then, after if then else None)
 
     async def _signed_in(self, request: web.Request, decision: Decision, pending_key: str) -> web.StreamResponse:
@@ -726,7 +779,7 @@ class LoginDoor:
         if session is not None:
             if peeked is not None and self.reusable(session, peeked):
                 async def reuse() -> web.StreamResponse | None:
-                    self.admit_answer(session)  # the request waits, unused, when it is spent
+                    await self.admit_answer(session)  # the request waits, unused, when it is spent
                     checked = await self.recheck(session, request)
                     if checked is None:
                         return await self.end_and_go(request, session, f"/login?req={pending_key}")

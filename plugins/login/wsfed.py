@@ -160,7 +160,7 @@ class WsFed:
         session = self.web.session(request, touch=False)
         if session is not None and request.headers.get("Sec-Fetch-Site", "").lower() in ("cross-site", "same-site"):
             target = {"protocol": "wsfed", "realm": request.query.get("wtrealm"), "reply": reply} if reply else None
-            return self.web.confirm_logout(request, session, target, reply)
+            return await self.web.confirm_logout(request, session, target, reply)
         response = await self.web.logout_round(request, {session.key: session.index} if session else {}, reply)
         self.web.drop_cookie(response)
         return response
