@@ -7,7 +7,9 @@ Offline logins (a ``wrapper=True`` around the whole chain; it sees the folded de
     password: ``SUCCESS`` with ``from_cache`` (reason ``cache.offline``) for the right password
     of a cached user; ``INVALID_CREDENTIALS`` (``cache.invalid_password``) for a wrong one;
     ``ACCOUNT_STATE`` (``cache.too_many_failures``) after ``max_offline_failures`` wrong ones.
-    Learns from live password successes of the steps in ``methods``; forgets a user on a live
+    Learns from live password successes of the steps in ``methods``, except a success whose
+    identity carries a ``password_state`` (a ppolicy grace login: the directory counts each
+    one), which forgets the user instead; forgets a user on a live
     ``INVALID_CREDENTIALS``, ``ACCOUNT_STATE`` or ``USER_NOT_FOUND``, under any name of the
     account: a refused name with no entry of its own (a mail never used to log in) reaches the
     account the refusing step named in the attempt's stash (``REFUSED_ACCOUNT_KEY``; the LDAP plugin
@@ -18,6 +20,8 @@ Refused accounts on every path (a ``wrapper=True`` around ``gateway_lookup_user`
     answer reports the account refused (``Identity.refusal``), or when no plugin knows the user
     and the step that proved the entry was asked (a deleted account): Kerberos and certificate
     refusals carry no password username, and the cached password must die with the account.
+    A plugin that cannot look anyone up (``looks_up_users = False``: the ldap plugin without a
+    service account) is not counted among the directories that do not know the user.
 Hot cache (``gateway_precheck``, before the chain; off by default)
     answers ``SUCCESS`` with ``from_cache`` (reason ``cache.hot``) for the exact credentials,
     client and front door of a live success less than ``hot.ttl`` seconds old. The answer
@@ -233,6 +237,14 @@ class CachePlugin:
         try:
             if decision.from_cache:  # a hot hit: nothing to learn or forget, the store untouched
                 return decision
+            if decision.success and decision.identity is not None and decision.identity.password_state:
+                # A success with a password the directory reports expired: a grace login (slapd's
+                # pwdGraceAuthNLimit), which the directory counts. Neither kept nor repeated, or an
+                # expired password would sign in past the limit (hot) or until max_age (offline);
+                # a row learned before it expired goes too, as a lookup's password state ends it.
+                if attempt.password is not None and decision.step in self.settings.methods:
+                    self.forget_refused(attempt.password.username, decision.identity.username)
+                return decision
             if self._hot_eligible(attempt) and self.offline.cacheable(attempt, decision):
                 # Forgotten under the directory's own username too: a refusal of the account seen
                 # under it (another login name, a Kerberos or certificate lookup) ends this hit.
@@ -278,7 +290,7 @@ class CachePlugin:
         as a password attempt's ``USER_NOT_FOUND`` does. A deleted account's password must not
         keep working offline until ``max_age``."""
         asked = {impl.plugin_name for impl in self.hook.gateway_lookup_user.get_hookimpls()
-                 if not (impl.wrapper or impl.hookwrapper)}
+                 if not (impl.wrapper or impl.hookwrapper) and _looks_up_users(impl.plugin)}
         try:
             step = self.offline.proved_by(canonical_username(username)) if username else None
         except Exception:  # never turn the directory's answer into an error
@@ -418,6 +430,18 @@ class CachePlugin:
         per = (time.perf_counter() - started) / 2 * 1000
         return CheckResult.ok(f"argon2id m={a.memory_cost} KiB t={a.time_cost} p={a.parallelism}: "
                               f"{per:.0f} ms per hash (OWASP minimum m=19456 t=2 p=1)")
+
+
+def _looks_up_users(plugin: object) -> bool:
+    """Whether *plugin*'s ``None`` to a lookup means "no such user". A plugin that cannot look
+    anyone up says ``looks_up_users = False`` (the ldap plugin with ``direct_bind`` and no
+    service account): its ``None`` is no word that an account is gone, and a Kerberos login
+    or a login session's recheck forgot the password that step had proved (review of the ldap
+    plugin)."""
+    try:
+        return getattr(plugin, "looks_up_users", True) is not False
+    except Exception:  # noqa: BLE001 - a plugin's property that raises says nothing: as before
+        return True
 
 
 def _utc(stamp: float) -> str:

@@ -10,17 +10,20 @@ expired accounts are reported with the password path's reason codes, never as us
 
 Decides
     password attempts whose user the directory holds: ``SUCCESS`` (identity with the mapped
-    attributes and groups), ``INVALID_CREDENTIALS`` (``ldap.invalid_password``,
-    ``ldap.ambiguous_user``, ``ldap.bind_refused``; ``ldap.empty_password`` and
+    attributes and groups; a ppolicy grace login's with ``password_state``
+    ``ldap.password_expired``, so the credential cache does not keep it),
+    ``INVALID_CREDENTIALS`` (``ldap.invalid_password``, ``ldap.ambiguous_user``,
+    ``ldap.bind_refused``; ``ldap.empty_password`` and
     ``ldap.nul_in_password`` before any network call: an empty simple bind is an anonymous
     bind, RFC 4513 section 5.1.2, and a server in C may take a NUL for the password's end),
     ``ACCOUNT_STATE`` from AD's bind sub-codes
     (``ldap.locked``, ``ldap.disabled``, ``ldap.password_expired``, ...; see
     :mod:`~gateway.plugins.ldap.adcodes`), or after a successful bind from the entry's state
-    attributes (``ldap.disabled``, ``ldap.locked``, ``ldap.account_expired``). Lookups also answer
-    ``ldap.account_state_unreadable`` (AD entry without ``userAccountControl``). A refusal of a
-    found entry's bind or state names that account in the attempt's stash
-    (``REFUSED_ACCOUNT_KEY``) for the credential cache.
+    attributes (``ldap.disabled``, ``ldap.locked``, ``ldap.account_expired``), and
+    ``ldap.account_state_unreadable`` when an AD entry came without ``userAccountControl`` and no
+    bind vouched for the account (a lookup; a bind AD refused that ``allow_expired_password`` or
+    ``allow_must_change_password`` lets through). A refusal of a found entry's bind or state
+    names that account in the attempt's stash (``REFUSED_ACCOUNT_KEY``) for the credential cache.
 Abstains
     when the attempt has no password; when the username is empty or longer than
     ``max_username_length``, noting ``USER_NOT_FOUND``; when no entry matches,
@@ -108,6 +111,9 @@ class LdapPlugin:
                          idle_timeout=settings.idle_timeout, service=service, log=self.log)
         self.groups = GroupResolver(self.resolved, settings.groups, self.log)
         self.directory = Directory(self.name, settings, self.resolved, self.pool, self.groups, self.log)
+        #: Without a service account nobody searches: every lookup answers None, which says
+        #: nothing of the user (the credential cache must not take it for a deleted account).
+        self.looks_up_users = settings.bind_dn is not None
         self.search = UserSearch(self.directory)
         plain = [u for u in settings.servers if u.startswith("ldap://")] if not settings.start_tls else []
         if plain:

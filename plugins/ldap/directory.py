@@ -39,6 +39,8 @@ _PRINCIPAL_NAME = "msDS-PrincipalName"
 #: Entries a second user search reads when the first (size limit 2) found several: enough for a
 #: user and a few entries only the directory's loose matching takes for them (Directory._narrowed).
 _MATCH_LIMIT = 16
+#: The claim of a bind ppolicy allowed by grace: the password expired (graceAuthNsRemaining).
+_GRACE = "grace_logins_remaining"
 
 
 #: Seconds a ppolicy entry's ``pwdMaxAge`` (or its being unreadable) is reused: policies change
@@ -251,10 +253,36 @@ class Directory:
             # before AD's replication caught up) still says no: the same answer as every path.
             self.log.info("%r bound but the entry says %s; refused", username, state)
             return Verdict(Outcome.ACCOUNT_STATE, state, account=self.signed_in_as(entry, username))
+        unreadable = self.unreadable_state(entry)
+        if bound.code != 0 and unreadable:
+            # AD refused this bind (532/773) and allow_expired_password or
+            # allow_must_change_password lets it through: no bind vouched for the account, only
+            # the entry can, and AD's order of checks is not documented to answer 533 (disabled)
+            # first. A state the service account cannot read is not "enabled": refused, as a
+            # lookup and the direct bind refuse it.
+            self.log.warning("%r: AD answered %s, let through by the operator, but the entry has no %s; the service "
+                             "account may not read it; refused as ldap.account_state_unreadable", username,
+                             printable(bound.message[:120]), ", ".join(unreadable))
+            return Verdict(Outcome.ACCOUNT_STATE, "ldap.account_state_unreadable",
+                           account=self.signed_in_as(entry, username))
         groups = self.groups.known(entry)
         if groups is None:
             groups = self.pool.call(SERVICE, lambda link: self.groups.resolve(link, entry, username), deadline)
-        return Verdict(Outcome.SUCCESS, identity=self.identity(entry, username, groups, extra))
+        return self._success(entry, username, groups, extra)
+
+    def unreadable_state(self, entry: Entry) -> list[str]:
+        """The state attributes the preset's directory always carries that *entry* came without
+        (:data:`~gateway.plugins.ldap.accountstate.ALWAYS_PRESENT`): not read, so unknown."""
+        return [attr for attr in self._always_present if not entry.get(attr)]
+
+    def _success(self, entry: Entry, username: str, groups: tuple[str, ...], extra: dict[str, Any]) -> Verdict:
+        identity = self.identity(entry, username, groups, extra)
+        if _GRACE in extra:
+            # ppolicy let an expired password bind by grace (pwdGraceAuthNLimit), a login slapd
+            # counts. Said as the password's state: the credential cache neither keeps nor repeats
+            # such a login (a repeat must spend a grace bind, or the limit would not hold).
+            identity = dataclasses.replace(identity, password_state="ldap.password_expired")
+        return Verdict(Outcome.SUCCESS, identity=identity)
 
     def ambiguously_named(self, entry: Entry, username: str) -> bool:
         """*entry* has several login names and *username* is none of them (it was found by its
@@ -327,7 +355,7 @@ class Directory:
         if policy.time_before_expiration is not None:
             claims["password_expires_in"] = policy.time_before_expiration
         if policy.grace_authns_remaining is not None:
-            claims["grace_logins_remaining"] = policy.grace_authns_remaining
+            claims[_GRACE] = policy.grace_authns_remaining
         if claims:
             self.log.info("password of %r: %s", username, claims)
         return claims
@@ -349,7 +377,7 @@ class Directory:
             if entry is not None and not entry.names_ambiguously(self.r.username_attr, username):
                 return dataclasses.replace(verdict, account=self.signed_in_as(entry, username))
             return verdict
-        unreadable = [attr for attr in self._always_present if entry is not None and not entry.get(attr)]
+        unreadable = self.unreadable_state(entry) if entry is not None else []
         if entry is None or unreadable:
             # The password was right, but whose entry it opens (and its flags) is unknown: a
             # directory that does not enforce its own flags on binds would let a disabled
@@ -368,7 +396,7 @@ class Directory:
         groups = bound.groups
         if groups is None:
             groups = self.pool.call(SERVICE, lambda link: self.groups.resolve(link, entry, username), deadline)
-        return Verdict(Outcome.SUCCESS, identity=self.identity(entry, username, groups, extra))
+        return self._success(entry, username, groups, extra)
 
     def _direct_bind(self, link: Link, bind_name: str, username: str, password: str) -> _Bound:
         """Bind as the user, then read the profile (and groups) over the same connection."""
@@ -449,7 +477,7 @@ class Directory:
         if self.ambiguously_named(entry, username):
             return None
         state, password_state = account_state(entry)
-        unreadable = [attr for attr in self._always_present if not entry.get(attr)]
+        unreadable = self.unreadable_state(entry)
         if unreadable and not state:
             # A lookup answers for logins that bind no password: the directory never judges
             # them, so a state the service account cannot read must not pass for "enabled".

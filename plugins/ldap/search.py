@@ -101,7 +101,7 @@ class UserSearch:
         identity = d.identity(entry, "", (), {})
         claims = {k: v for k, v in identity.claims.items() if k not in self._secret_claims}
         state, password_state = account_state(entry)
-        unreadable = [attr for attr in d._always_present if not entry.get(attr)]
+        unreadable = d.unreadable_state(entry)
         if unreadable and not state:
             state = "ldap.account_state_unreadable"  # as a lookup answers: never "enabled" unread
         if not state and not password_state:
