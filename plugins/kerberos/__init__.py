@@ -11,7 +11,8 @@ Decides
     ``ntlm_not_supported``, ``malformed_token``, ``unsupported_mechanism``, ``replay``,
     ``clock_skew``, ``ticket_expired``, ``wrong_kvno``, ``key_mismatch``,
     ``keytab_entry_missing``, ``wrong_principal``, ``unsupported_enctype``, ``anonymous``,
-    ``cross_realm_not_allowed``, ``realm_not_allowed``, ``principal_not_mapped``, ``rejected``.
+    ``cross_realm_not_allowed``, ``realm_not_allowed``, ``principal_not_mapped``,
+    ``principal_not_utf8``, ``rejected``.
     Each failure is logged with what to check (docs/plugins/kerberos.md). ``ACCOUNT_STATE`` with
     the directory's reason code (``ldap.disabled``, ``ldap.locked``, ``ldap.account_expired``,
     ``static.disabled``; password states only with ``password_state_refuses``) when the looked-up

@@ -132,6 +132,8 @@ HINTS = {
     "principal_not_mapped": "the principal has an instance (user/admin@REALM) or maps to an unusable "
                             "name: add a kerberos.rules entry if it should log in",
     "anonymous": "an anonymous (PKINIT) ticket proves no user",
+    "principal_not_utf8": "the KDC named a principal whose bytes are not UTF-8, which no username can "
+                          "stand for: rename it in the KDC (or the trusted realm's) if it should log in",
     "replay_cache_unavailable": "the replay cache cannot be written: check kerberos.replay_cache (default "
                                 "STATE_DIR/kerberos/), its owner, mode and free space",
     "keytab_unavailable": "the keytab cannot be read by the gateway's user, or has no usable key: "
@@ -261,7 +263,7 @@ class Acceptor:
                                      mech=False, flags=False, locally_init=False, complete=False).target_name
         if target is None:
             raise AcceptFailed("rejected", "the context names no acceptor")
-        return Accepted(_text(result.initiator_name), _text(target), result.token or b"")
+        return Accepted(_text(result.initiator_name, "client"), _text(target, "service"), result.token or b"")
 
     def wait_for_replay_cache(self, deadline: float) -> None:
         """Return once MIT's ``file2`` code can take the replay cache's lock at once, or raise
@@ -271,8 +273,15 @@ class Acceptor:
         the caller waits between looks, as for a process that holds it (on the event loop its
         greenlet is parked, the loop serving; a chain thread sleeps). Parking at once cost about
         25 µs a login under load, when one in fifty found another worker's store under way
-        (tools/bench/kerberos_cpu.py). A lock taken between the last look and MIT's is another
-        worker's store too."""
+        (tools/bench/kerberos_cpu.py).
+
+        This look only keeps MIT's wait off the loop and the threads; it protects nothing against
+        replays, and need not be atomic with MIT's lock: MIT finds and writes a token's record
+        under that lock in one step (``k5_rcfile2_store``), its own descriptor per store, so
+        workers and threads exclude each other there. A lock taken between this look and MIT's
+        is another worker's store (MIT waits microseconds), or a local process of the gateway's
+        user (or root), which can read the keytab anyway: a lock needs the file open, and MIT
+        creates it 0600. A remote client can make a login wait only as long as a store."""
         spin_until = 0.0
         delay = 0.001
         while True:
@@ -304,7 +313,8 @@ class Acceptor:
     def _replay_cache_file(self) -> _HeldFile | None:
         """The file now at the replay cache's path, open to ask about its locks; kept
         open while the path names the same file, so a login costs a ``stat`` rather than an
-        ``open`` and a ``close`` (MIT replaces an expired cache by renaming a new one over it).
+        ``open`` and a ``close``. (MIT's ``file2`` code never renames the file, it writes over
+        expired records; the path names another file only when someone replaced it.)
         None where there is nothing to ask: MIT creates a missing file, and explain() says
         why one it cannot open fails."""
         try:
@@ -458,8 +468,18 @@ def _rfc_code(minor: int) -> int | None:
     return code if 0 <= code < 128 else None
 
 
-def _text(name: gss.Name) -> str:
-    return gss.display_name(name, name_type=False).name.decode("utf-8", "replace")
+def _text(name: gss.Name, role: str) -> str:
+    """*name* as text, refusing one that is not UTF-8. MIT's principals are bytes, and its KDC
+    creates and (with ``disable_pac``, as before 1.20; a trusted realm's KDC names whom it likes)
+    issues tickets for ``alice\\xff`` and ``alice\\xfe`` alike: decoded with replacement
+    characters, both logged in as ``alice\\ufffd``, one username and subject for two accounts
+    (Kerberos review, items left). No decoding of such bytes is safe to map, so none is tried."""
+    raw = gss.display_name(name, name_type=False).name
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise AcceptFailed("principal_not_utf8", f"the {role} principal {raw.decode('utf-8', 'backslashreplace')} "
+                                                 "is not UTF-8") from None
 
 
 def gss_message(exc: gssapi.exceptions.GSSError) -> str:
