@@ -134,13 +134,14 @@ def test_directory_binding_by_alt_security_identities(bound, issuing):
     ski = x509.SubjectKeyIdentifier.from_public_key(cert.cert.public_key()).digest.hex().upper()
     sha1 = hashlib.sha1(cert.der).hexdigest()
     strong = [f"X509:<I>{x500_issuer}<SR>{serial[::-1].hex()}",  # AD: serial bytes reversed
-              f"X509:<I>CN=units issuing CA, O=authgw tests<SR>{serial.hex()}",
+              f"X509:<I>CN=units issuing CA, O=authgw tests<SR>{serial[::-1].hex().upper()}",
               f"X509:<SKI>{ski}", f"X509:<SHA1-PUKEY>{sha1}"]
     for mapping in strong:
         directory.claims = {"altSecurityIdentities": [mapping]}
         assert gateway.decide(_attempt(cert)).success, mapping
     weak = [f"X509:<I>{x500_issuer}<S>O=authgw tests,CN=Alice", "X509:<S>O=authgw tests,CN=Alice",
-            "X509:<RFC822>alice@example.com", f"X509:<SKI>{'00' * 20}"]
+            "X509:<RFC822>alice@example.com", f"X509:<SKI>{'00' * 20}",
+            f"X509:<I>{x500_issuer}<SR>{serial.hex()}"]  # forward: only with mapping.serial_order
     for mapping in weak:
         directory.claims = {"altSecurityIdentities": mapping}
         assert gateway.decide(_attempt(cert)).reason == "cert.directory_mismatch", mapping

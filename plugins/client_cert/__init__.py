@@ -31,7 +31,7 @@ Settings (``client_cert:`` in conf.d)
     (``name``, ``format: pem|xfcc``, ``proxies``), ``clock_tolerance``, ``extended_key_usages``,
     ``require_digital_signature``, ``required_policies``, ``max_chain_depth``, ``revocation``
     (``policy: off|soft-fail|hard-fail``, CRL and OCSP settings), ``mapping`` (``rules``,
-    ``lookup``, ``require_directory_match``, ``password_state_refuses``), ``verify_cache_seconds``.
+    ``lookup``, ``require_directory_match``, ``serial_order``, ``password_state_refuses``), ``verify_cache_seconds``.
     From the core: ``health.probe_interval`` (CRL sources and a configured OCSP responder are
     probed in the background; ``/readyz`` reports them, :mod:`~gateway.plugins.client_cert.health`).
 """
@@ -64,7 +64,8 @@ from gateway.model import folded_username
 
 from .headers import parse_pem_header, parse_xfcc
 from .listener import build_listener
-from .mapping import candidates, directory_binding_matches, misspelt, subject_syntax_in_values, thumbprint
+from .mapping import (candidates, directory_binding_matches, issuer_serial_orders, lowers_letter_for_letter,
+                      misspelt, subject_syntax_in_values, thumbprint)
 from .health import RevocationHealth
 from .revocation import RevocationChecker
 from .selftests import selftests
@@ -117,6 +118,10 @@ class ClientCertPlugin:
                 if not any(net.version == t.version and net.subnet_of(t) for t in trusted):  # type: ignore[arg-type]
                     self.log.warning("%s: headers: %s is named for %s but is not in trusted_proxies; its "
                                      "header will be ignored", self.name, net, source.name)
+        if settings.mapping.require_directory_match and settings.mapping.serial_order == "either":
+            self.log.warning("%s: mapping.serial_order is `either`: a certificate whose serial is the byte-reverse "
+                             "of a mapped certificate's meets that X509:<I>..<SR>.. mapping; use it only while "
+                             "rewriting the directory's mappings in one order", self.name)
         if settings.listener is None and not settings.headers:
             self.log.warning("%s has neither a listener nor headers: it will never see a certificate "
                              "(unless another plugin's listener hands one over)", self.name)
@@ -270,6 +275,8 @@ class ClientCertPlugin:
             if not names:
                 if rule.type == "subject":
                     self._log_subject_syntax(attempt, leaf)
+                elif rule.lowercase:
+                    self._log_no_lowercase(attempt, rule, leaf)
                 continue
             username = names[0]
             if not mapping.lookup:
@@ -303,10 +310,8 @@ class ClientCertPlugin:
                 self.log.info("certificate of %r refused: the account state is %s: %s [request %s]", username,
                               refusal, describe(leaf), attempt.request_id)
                 return Decision.deny(Outcome.ACCOUNT_STATE, step=self.name, reason=refusal)
-            if mapping.require_directory_match and not directory_binding_matches(
-                    identity.claims, leaf, issuer_serial=configured_issuer):
-                self.log.info("the directory entry of %r holds no matching certificate mapping; refused: %s "
-                              "[request %s]", username, describe(leaf), attempt.request_id)
+            if mapping.require_directory_match and not self._directory_binds(attempt, username, identity.claims,
+                                                                              leaf, configured_issuer):
                 return Decision.deny(Outcome.INVALID_CREDENTIALS, step=self.name, reason="cert.directory_mismatch")
             merged = {k: v for k, v in identity.claims.items() if _json_safe(v)}
             return Decision.allow(dataclasses.replace(identity, method=self.name, claims={**merged, **claims}),
@@ -317,6 +322,47 @@ class ClientCertPlugin:
                       describe(leaf), attempt.request_id)
         attempt.note(Outcome.USER_NOT_FOUND, step=self.name, reason=reason)
         return None
+
+    def _directory_binds(self, attempt: Attempt, username: str, claims: dict[str, Any], leaf: x509.Certificate,
+                         configured_issuer: bool) -> bool:
+        """Whether the directory's *claims* for *username* bind *leaf* (``require_directory_match``),
+        logging why not. An ``X509:<I>..<SR>..`` mapping is read in the byte order
+        ``serial_order`` names: read in both, alice's mapping was met by a certificate of the same
+        CA whose serial is the byte-reverse of hers (stop 47). A mapping that names the
+        certificate only in the other order is either one written in that order (a directory
+        filled from ``openssl x509 -serial``, a migration) or such a certificate: the log line
+        says which setting reads it, and the certificate is refused."""
+        order = self.settings.mapping.serial_order
+        if directory_binding_matches(claims, leaf, issuer_serial=configured_issuer, serial_order=order):
+            if order == "either" and issuer_serial_orders(claims, leaf) == {"forward"}:
+                self.log.info("the directory entry of %r names this certificate by an X509:<I>..<SR>.. mapping with "
+                              "its serial in forward byte order, accepted under mapping.serial_order: either; rewrite "
+                              "it byte-reversed, as Active Directory writes it (KB5014754), and set serial_order: "
+                              "reversed: %s [request %s]", username, describe(leaf), attempt.request_id)
+            return True
+        other = issuer_serial_orders(claims, leaf) if configured_issuer else set()
+        if other:
+            found = "forward" if order == "reversed" else "reversed"  # `either` would have matched it
+            self.log.warning(
+                "the directory entry of %r names this certificate by an X509:<I>..<SR>.. mapping only with its "
+                "serial in %s byte order, and mapping.serial_order is %s; refused. Active Directory writes the "
+                "serial byte-reversed (KB5014754), `openssl x509 -serial` prints it forward. If the directory's "
+                "mappings are written %s, set mapping.serial_order: %s (or `either` while rewriting them, which "
+                "lets a certificate whose serial is the byte-reverse of a mapped one's meet that mapping); else "
+                "this is another certificate of that CA whose serial is the byte-reverse of the mapped one's: %s "
+                "[request %s]", username, found, order, found, found, describe(leaf), attempt.request_id)
+        else:
+            self.log.info("the directory entry of %r holds no matching certificate mapping; refused: %s "
+                          "[request %s]", username, describe(leaf), attempt.request_id)
+        return False
+
+    def _log_no_lowercase(self, attempt: Attempt, rule: MappingRule, leaf: x509.Certificate) -> None:
+        odd = [raw for raw in misspelt(rule, leaf) if not lowers_letter_for_letter(raw)]
+        if odd:
+            self.log.info("certificate not mapped by rule %s with `lowercase: true`: %s holds a letter whose "
+                          "lowercase is not one letter (U+0130, capital I with dot above: i and U+0307 by Unicode, "
+                          "i to a Turkish reader and to slapd); it names no one by this rule: %s [request %s]",
+                          rule.type, ", ".join(ascii(raw)[:80] for raw in odd), describe(leaf), attempt.request_id)
 
     def _log_subject_syntax(self, attempt: Attempt, leaf: x509.Certificate) -> None:
         odd = subject_syntax_in_values(leaf)

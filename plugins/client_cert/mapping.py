@@ -14,9 +14,10 @@ Directory binding (``require_directory_match``), like AD strong certificate mapp
 the directory's identity must carry the presented certificate in its claims, either
 
 * ``userCertificate``: the DER certificates stored for the user (bytes, or base64/PEM text), or
-* ``altSecurityIdentities``: strong mappings ``X509:<I>issuer<SR>serial`` (serial as AD writes
-  it, byte-reversed hex, or in natural order; only when the issuer on the verified path is a
-  configured CA, not one of that name from the client's chain), ``X509:<SKI>hex``
+* ``altSecurityIdentities``: strong mappings ``X509:<I>issuer<SR>serial`` (the serial in the
+  byte order ``serial_order`` names, by default as AD writes it, byte-reversed hex:
+  :func:`serial_spellings`; only when the issuer on the verified path is a configured CA, not
+  one of that name from the client's chain), ``X509:<SKI>hex``
   (subjectKeyIdentifier, only when it is derived from the certificate's own key:
   :func:`key_identifiers`), ``X509:<SHA1-PUKEY>hex`` (SHA-1 of the certificate, as ``certutil``
   computes it).
@@ -56,8 +57,8 @@ from gateway.model import plainly_spelt
 
 from .settings import MappingRule
 
-__all__ = ["UPN_OID", "candidates", "directory_binding_matches", "misspelt", "subject_syntax_in_values",
-           "thumbprint"]
+__all__ = ["SERIAL_ORDERS", "UPN_OID", "candidates", "directory_binding_matches", "issuer_serial_orders",
+           "lowers_letter_for_letter", "misspelt", "serial_spellings", "subject_syntax_in_values", "thumbprint"]
 
 UPN_OID = x509.ObjectIdentifier("1.3.6.1.4.1.311.20.2.3")
 _MAX_NAME = 256
@@ -213,8 +214,22 @@ def _readable(rule: MappingRule, value: str) -> bool:
     ``domains`` and ``strip_domain`` read the domain after the last ``@``, so a UPN
     ``admin@partner.test@corp.test`` passed ``domains: [corp.test]`` and named
     ``admin@partner.test``, which the directory finds as another domain's user (the ``active_directory``
-    preset looks names up by userPrincipalName too; review of the client_cert plugin)."""
-    return _canonical(value) and (rule.type not in _MAILBOX_RULES or value.count("@") <= 1)
+    preset looks names up by userPrincipalName too; review of the client_cert plugin). With
+    ``lowercase``, a value that does not lower letter for letter (:func:`lowers_letter_for_letter`)."""
+    return (_canonical(value) and (rule.type not in _MAILBOX_RULES or value.count("@") <= 1)
+            and (not rule.lowercase or lowers_letter_for_letter(value)))
+
+
+def lowers_letter_for_letter(value: str) -> bool:
+    """Whether ``lowercase`` can lower *value* letter for letter into a name in its one spelling.
+    ``İ`` (U+0130) cannot, the one letter in Unicode: ``str.lower`` makes it ``i`` and U+0307
+    COMBINING DOT ABOVE, while a Turkish reader (and a CA uppercasing ``alice`` in a Turkish
+    locale) takes it for ``i``, and slapd lowers it to ``i``. A certificate for ``ALİCE`` or
+    ``alİce`` logged in as the account ``ali\\u0307ce`` beside alice, and without that account
+    named ``ali\\u0307ce`` to the services behind a rule without ``lookup`` (stop 47). Such a
+    value names no one by a ``lowercase`` rule; a rule without it reads the name as spelt."""
+    lowered = value.lower()
+    return len(lowered) == len(value) and _canonical(lowered)
 
 
 def candidates(rule: MappingRule, cert: x509.Certificate) -> list[str]:
@@ -263,13 +278,39 @@ def _listed(value: Any) -> Iterable[Any]:
     return value if isinstance(value, (list, tuple, set, frozenset)) else ()
 
 
-def strong_mappings(cert: x509.Certificate) -> set[str]:
-    """The ``altSecurityIdentities`` values that strongly name *cert*, normalised."""
-    serial = cert.serial_number.to_bytes(max(1, (cert.serial_number.bit_length() + 8) // 8), "big")
-    serials = {serial.hex(), serial[::-1].hex(), serial.lstrip(b"\0").hex(), serial.lstrip(b"\0")[::-1].hex()}
+#: The byte orders of ``serial_order``: AD's (KB5014754: ``X509:<I>IssuerName<SR>1200000000AC11000000002B``
+#: names the certificate whose serial ``certutil`` and ``openssl`` print ``2B0000000011AC0000000012``)
+#: and the order of the DER INTEGER, as ``openssl x509 -serial`` prints it.
+SERIAL_ORDERS = {"reversed": ("reversed",), "forward": ("forward",), "either": ("reversed", "forward")}
+
+
+def serial_spellings(cert: x509.Certificate, order: str) -> set[str]:
+    """The hex spellings of *cert*'s serial number in byte *order* (``reversed``, ``forward``):
+    the DER INTEGER's octets, with and without a leading zero octet (the sign octet of a serial
+    whose top bit is set, which tools differ in showing). One order only: a serial read in both
+    orders is also the byte-reverse of another serial, and a certificate the same CA issued with
+    that serial (``0x3412`` beside ``0x1234``, which a CA numbering its certificates in sequence
+    issues in time) met the first one's mapping (stop 47)."""
+    number = cert.serial_number
+    octets = number.to_bytes(max(1, (number.bit_length() + 8) // 8), "big", signed=True)
+    forms = {octets, octets.lstrip(b"\0") or octets}  # never the empty string (serial 0)
+    if order == "reversed":
+        forms = {form[::-1] for form in forms}
+    return {form.hex() for form in forms}
+
+
+def _issuer_serial_mappings(cert: x509.Certificate, order: str) -> set[str]:
+    """The normalised ``X509:<I>..<SR>..`` mappings naming *cert*, its serial in byte *order*
+    and its issuer in either RDN order (RFC 4514 text, or X.500 order as AD writes it)."""
     issuer = cert.issuer
     issuers = {issuer.rfc4514_string(), x509.Name(list(reversed(list(issuer)))).rfc4514_string()}
-    found = {f"x509:<i>{_norm_dn(i)}<sr>{s}" for i in issuers for s in serials}
+    return {f"x509:<i>{_norm_dn(i)}<sr>{s}" for i in issuers for s in serial_spellings(cert, order)}
+
+
+def strong_mappings(cert: x509.Certificate, serial_order: str = "reversed") -> set[str]:
+    """The ``altSecurityIdentities`` values that strongly name *cert*, normalised; the serial of
+    ``X509:<I>..<SR>..`` in the byte orders *serial_order* reads (:data:`SERIAL_ORDERS`)."""
+    found = {m for order in SERIAL_ORDERS[serial_order] for m in _issuer_serial_mappings(cert, order)}
     try:
         ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
     except x509.ExtensionNotFound:
@@ -321,22 +362,41 @@ def _norm_mapping(text: str) -> str:
     return re.sub(r"\s+", "", text).lower()
 
 
+def _claim(claims: Mapping[str, Any], name: str) -> Iterable[Any]:
+    """The values of claim *name* (lower case), matched case-insensitively and without an LDAP
+    option such as ``;binary``."""
+    lowered = {str(k).lower().split(";")[0]: v for k, v in claims.items()}  # userCertificate;binary
+    return _listed(lowered.get(name))
+
+
+def _mappings(claims: Mapping[str, Any]) -> set[str]:
+    """The directory's ``altSecurityIdentities`` values, normalised."""
+    return {_norm_mapping(value) for value in _claim(claims, "altsecurityidentities") if isinstance(value, str)}
+
+
 def directory_binding_matches(claims: Mapping[str, Any], cert: x509.Certificate, *,
-                              issuer_serial: bool = True) -> bool:
+                              issuer_serial: bool = True, serial_order: str = "reversed") -> bool:
     """True when the directory's claims hold *cert* (``userCertificate``) or a strong
     ``altSecurityIdentities`` mapping to it. Claim names are matched case-insensitively, and an
     LDAP option such as ``;binary`` is ignored. *issuer_serial* false: the ``X509:<I>..<SR>..``
     forms do not count (the issuer on the verified path is not a configured CA, only one of the
-    same name: ``ClientCertPlugin.map_user``)."""
-    lowered = {str(k).lower().split(";")[0]: v for k, v in claims.items()}  # userCertificate;binary
+    same name: ``ClientCertPlugin.map_user``); *serial_order*: the byte order of their serial
+    (:func:`serial_spellings`)."""
     der = cert.public_bytes(serialization.Encoding.DER)
-    for value in _listed(lowered.get("usercertificate")) or ():
+    for value in _claim(claims, "usercertificate"):
         if _as_der(value) == der:
             return True
-    strong = strong_mappings(cert)
+    strong = strong_mappings(cert, serial_order)
     if not issuer_serial:
         strong = {m for m in strong if not m.startswith("x509:<i>")}
-    for value in _listed(lowered.get("altsecurityidentities")):
-        if isinstance(value, str) and _norm_mapping(value) in strong:
-            return True
-    return False
+    return not strong.isdisjoint(_mappings(claims))
+
+
+def issuer_serial_orders(claims: Mapping[str, Any], cert: x509.Certificate) -> set[str]:
+    """The byte orders (``reversed``, ``forward``) in which an ``X509:<I>..<SR>..`` mapping of
+    *claims* names *cert*: both for a serial that reads the same either way, none without such a
+    mapping. For the log line that tells an operator a mapping is in the other order than
+    ``serial_order`` reads (``ClientCertPlugin.map_user``)."""
+    mappings = _mappings(claims)
+    return {order for order in ("reversed", "forward")
+            if not mappings.isdisjoint(_issuer_serial_mappings(cert, order))}

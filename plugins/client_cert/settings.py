@@ -229,6 +229,11 @@ class MappingSettings(PluginSettings):
     require_directory_match: bool = Field(
         False, description="the directory entry must also hold this certificate (`userCertificate` or a strong "
                            "`altSecurityIdentities` mapping); needs `lookup`")
+    serial_order: Literal["reversed", "forward", "either"] = Field(
+        "reversed", description="byte order of the serial in `X509:<I>..<SR>..` mappings: `reversed` as Active "
+                                "Directory writes it (KB5014754), `forward` as `openssl x509 -serial` prints it, "
+                                "`either` only while migrating (a certificate whose serial is the byte-reverse of "
+                                "a mapped one's then meets that mapping)")
 
     password_state_refuses: bool = Field(
         False, description="an expired or must-change password (as the directory reports it) also refuses "
