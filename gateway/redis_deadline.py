@@ -9,6 +9,13 @@ for the calling thread, and the connections of a client whose pool uses
 raises ``TimeoutError`` (redis-py's ``TimeoutError`` to the caller) and redis-py drops that
 connection, so no half-read answer is left on a pooled one.
 
+An answer is bounded in size too (:data:`MAX_ANSWER_BYTES` a call: a bulk string announced at
+1 GB and sent fast held ~500 MB per call within 0.5 s), and an answer that is no Redis answer
+(an array nested 200,000 deep: ``RecursionError`` in redis-py's parser; a handshake answered
+``+PONG``: ``AttributeError``) is a broken connection, dropped, ``redis.ConnectionError`` to the
+caller: such errors passed the stores' ``except RedisError`` and every ``/auth`` was a 500 with a
+2,000-frame traceback (review of the reliability modules).
+
     deadline = CallDeadline()
     pool.connection_class = bounded_connection_class(pool.connection_class, deadline)
     with deadline.within(0.5):
@@ -18,30 +25,47 @@ connection, so no half-read answer is left on a pooled one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import threading
 import time
 from collections.abc import Iterator
 
-__all__ = ["CallDeadline", "bounded_connection_class"]
+__all__ = ["CallDeadline", "MAX_ANSWER_BYTES", "bounded_connection_class"]
+
+#: Bytes one call may read (its answers, a pipeline's included): the gateway's answers are small
+#: (counts, session records of bounded forms, ``INFO memory``), so far more is no Redis of ours.
+MAX_ANSWER_BYTES = 16 * 1024 * 1024
 
 
 class CallDeadline(threading.local):
     """When the Redis call of this thread must end (``time.monotonic``), or None."""
 
     at: float | None = None
+    #: Bytes the call may still read (:data:`MAX_ANSWER_BYTES`), while :attr:`at` is set.
+    left: int = 0
 
     @contextlib.contextmanager
     def within(self, seconds: float) -> Iterator[None]:
         """A call of at most *seconds*, in all. Inside another ``within`` (several calls made
         for one purpose, such as the throttle's take-back and reservation for one attempt), the
-        earlier end holds: an inner call never extends the whole."""
+        earlier end holds: an inner call never extends the whole, nor its bytes."""
         outer = self.at
         at = time.monotonic() + seconds
         self.at = at if outer is None else min(outer, at)
+        if outer is None:
+            self.left = MAX_ANSWER_BYTES
         try:
             yield
         finally:
             self.at = outer
+
+    def took(self, count: int) -> None:
+        """*count* bytes were read for the call in progress; raises past its budget (an
+        ``OSError``: redis-py drops the connection and raises its ``ConnectionError``)."""
+        if self.at is not None:
+            self.left -= count
+            if self.left < 0:
+                raise OSError(errno.EMSGSIZE, f"a Redis answer over {MAX_ANSWER_BYTES} bytes")
 
 
 class _BoundedSocket:
@@ -79,10 +103,14 @@ class _BoundedSocket:
             self._sock.settimeout(current)
 
     def recv(self, *args):
-        return self._io(self._sock.recv, *args)
+        data = self._io(self._sock.recv, *args)
+        self._deadline.took(len(data))
+        return data
 
     def recv_into(self, *args):
-        return self._io(self._sock.recv_into, *args)
+        count = self._io(self._sock.recv_into, *args)
+        self._deadline.took(count)
+        return count
 
     def send(self, *args):
         return self._io(self._sock.send, *args)
@@ -91,9 +119,22 @@ class _BoundedSocket:
         return self._io(self._sock.sendall, *args)
 
 
+def _not_redis(connection, exc: Exception):
+    """The connection's peer sent what no Redis sends: drop the connection (nothing of it may be
+    read again) and say so as a connection failure, which the stores answer fail-closed (503)."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    connection.disconnect()
+    return RedisConnectionError(f"the Redis server sent what is not a Redis answer ({exc.__class__.__name__})")
+
+
 def bounded_connection_class(base: type, deadline: CallDeadline) -> type:
     """*base* (redis-py's ``Connection``, ``SSLConnection``, ...) whose sockets are
-    :class:`_BoundedSocket`, and whose connecting ends by the call's deadline too."""
+    :class:`_BoundedSocket`, whose connecting ends by the call's deadline too, and whose
+    answers that are not Redis's raise ``redis.ConnectionError`` (:func:`_not_redis`)."""
+    from redis.exceptions import RedisError
+
+    expected = (RedisError, OSError)
 
     def _connect(self):
         at = deadline.at
@@ -109,5 +150,22 @@ def bounded_connection_class(base: type, deadline: CallDeadline) -> type:
         finally:
             self.socket_connect_timeout = configured
 
-    bounded = type(f"Bounded{base.__name__}", (base,), {"_connect": _connect})
+    def connect(self, *args, **kwargs):
+        try:
+            return super(bounded, self).connect(*args, **kwargs)
+        except expected:
+            raise
+        except Exception as exc:  # the handshake's answer (HELLO, AUTH, SELECT) was no Redis answer
+            raise _not_redis(self, exc) from None
+
+    def read_response(self, *args, **kwargs):
+        try:
+            return super(bounded, self).read_response(*args, **kwargs)
+        except expected:
+            raise
+        except Exception as exc:  # RecursionError (nested arrays), a malformed length ...
+            raise _not_redis(self, exc) from None
+
+    bounded = type(f"Bounded{base.__name__}", (base,), {
+        "_connect": _connect, "connect": connect, "read_response": read_response})
     return bounded
