@@ -4,6 +4,7 @@ requests made by pysaml2 (independent of the code under test)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import http.client
 import re
@@ -326,17 +327,20 @@ def test_a_signature_opens_one_request_even_if_it_was_checked_over_another():
     from gateway.plugins.login.saml import BindingMessage, SamlIdp, read_redirect_query
 
     seen: set[str] = set()
+
+    async def first_use(ns, ident, _):
+        return not ((ns, ident) in seen or seen.add((ns, ident)))
+
     sp = SimpleNamespace(entity_id=SIGNED_ID)
     idp = SimpleNamespace(
         checker=SimpleNamespace(certificates={SIGNED_ID: None}, verify_redirect_signature=lambda sp, query: None),
         settings=SimpleNamespace(saml=SimpleNamespace(request_lifetime=300), clock_skew=120),
-        web=SimpleNamespace(sessions=SimpleNamespace(first_use=lambda ns, ident, _: not (
-            (ns, ident) in seen or seen.add((ns, ident))))))
+        web=SimpleNamespace(sessions=SimpleNamespace(afirst_use=first_use)))
     query = read_redirect_query("SAMLRequest=a&SigAlg=s&Signature=" + quote(base64.b64encode(b"sig").decode()))
     message = BindingMessage("SAMLRequest", b"", "", query)
-    SamlIdp.verify_signed(idp, message, sp, parse_xml(b'<r ID="_one" Destination="d"/>'))
+    asyncio.run(SamlIdp.verify_signed(idp, message, sp, parse_xml(b'<r ID="_one" Destination="d"/>')))
     with pytest.raises(Refused) as caught:
-        SamlIdp.verify_signed(idp, message, sp, parse_xml(b'<r ID="_two" Destination="d"/>'))
+        asyncio.run(SamlIdp.verify_signed(idp, message, sp, parse_xml(b'<r ID="_two" Destination="d"/>')))
     assert caught.value.reason == "saml.request_replayed"
 
 

@@ -718,7 +718,7 @@ class SamlIdp:
         SP has a ``request_certificate`` and the message came signed."""
         return sp.entity_id in self.checker.certificates and self.carries_signature(message, root)
 
-    def verify_signed(self, message: BindingMessage, sp: SamlServiceProvider, root: etree._Element,
+    async def verify_signed(self, message: BindingMessage, sp: SamlServiceProvider, root: etree._Element,
                       required: bool = True) -> etree._Element:
         """For SPs with a ``request_certificate``: the signature (either binding) and replay
         checks; returns the element to read (only what was signed). Not *required* (an SP's
@@ -743,9 +743,9 @@ class SamlIdp:
         # read, it still opens one request at most).
         window = self.settings.saml.request_lifetime + 2 * self.settings.clock_skew
         sessions = self.web.sessions
-        if not sessions.first_use("saml", f"{sp.entity_id} {root.get('ID')}", window):
+        if not await sessions.afirst_use("saml", f"{sp.entity_id} {root.get('ID')}", window):
             raise Refused("saml.request_replayed", str(root.get("ID"))[:100])
-        if not sessions.first_use("saml-signature", f"{sp.entity_id} {signature.hex()}", window):
+        if not await sessions.afirst_use("saml-signature", f"{sp.entity_id} {signature.hex()}", window):
             raise Refused("saml.request_replayed", f"signature of {str(root.get('ID'))[:100]} seen before")
         return root
 
@@ -756,7 +756,7 @@ class SamlIdp:
             root = parse_xml(message.data)
             authn = read_authn_request(root)
             sp, acs = self.checker.check(authn, dt.datetime.now(dt.timezone.utc))
-            authn = read_authn_request(self.verify_signed(message, sp, root))
+            authn = read_authn_request(await self.verify_signed(message, sp, root))
         except Refused as exc:
             return self.web.refused(request, exc)
         pending = {"protocol": "saml", "sp": sp.entity_id, "acs": acs, "request_id": authn.id,
@@ -893,7 +893,7 @@ class SamlIdp:
                                       name_id)
         # Single Logout tells this SP about the logout with the NameID and index as issued here;
         # recorded once the answer is built (one that could not be is no participation).
-        self.web.sessions.add_participant(session, sp.entity_id, {
+        await self.web.sessions.aadd_participant(session, sp.entity_id, {
             "name_id": name_id, "format": NAMEID_FORMATS[sp.name_id_format], "index": told})
         fields = [("SAMLResponse", base64.b64encode(xml).decode())]
         if pending["relay_state"]:

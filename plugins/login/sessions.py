@@ -51,6 +51,7 @@ import asyncio
 import base64
 import concurrent.futures
 import contextlib
+import contextvars
 import hashlib
 import hmac
 import functools
@@ -110,6 +111,10 @@ _PARKED_SET = "authgw:login:parked"
 #: The SQL expression a session row's subject is found by (the ``sessions_subject`` index is on
 #: it: a query must spell it the same way to use the index).
 _SUBJECT = "json_extract(data, '$.identity.subject')"
+
+
+#: True while a sync form of a :class:`SessionManager` operation runs it (:meth:`SessionManager._now`).
+_AT_ONCE: contextvars.ContextVar[bool] = contextvars.ContextVar("authgw_login_sessions_at_once", default=False)
 
 
 class ParkRefused(Exception):
@@ -252,6 +257,11 @@ class SqliteStore:
     the store's budget thread, which waits up to :attr:`BUDGET_WAIT` in all (then the door's
     503), as the throttle's store does. They waited :attr:`BUSY_TIMEOUT` on the loop, and the
     worker answered nothing meanwhile, ``/healthz`` and ``/auth`` included (items left by stop 46).
+    The door's session writes are made the same way (:meth:`call`, waiting up to
+    :attr:`STORE_WAIT`): the touch of every request carrying a session cookie, a park, a
+    sign-in's session, a single-use take waited :attr:`BUSY_TIMEOUT` on the loop each (items
+    left by stop 47). Their sync forms (:class:`SessionManager`'s methods without the ``a``)
+    still wait where they run, for callers that cannot await (a command, a unit test).
     """
 
     BUSY_TIMEOUT = 0.5
@@ -259,6 +269,8 @@ class SqliteStore:
     #: other checks included), before the store is unavailable (503): longer than the loop's
     #: :attr:`BUSY_TIMEOUT`, since the wait holds up only the request that waits.
     BUDGET_WAIT = 2.0
+    #: The same for a session operation (:meth:`call`).
+    STORE_WAIT = 2.0
 
     def __init__(self, path: Path, *, boot_clock=None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -266,7 +278,9 @@ class SqliteStore:
         #: ``() -> (boot id, seconds since that boot)`` (:func:`gateway.throttle_stores._boot_clock`):
         #: what the budgets' time passes with (:meth:`_bucket_now`).
         self._boot_clock = boot_clock or _boot_clock
-        self.db = connect_wal(path, timeout=5.0, check_same_thread=False)  # every worker at once
+        #: The connection a store method uses in this thread, when not the worker's (:meth:`db`).
+        self._bound = threading.local()
+        self._db = connect_wal(path, timeout=5.0, check_same_thread=False)  # every worker at once
         path.chmod(0o600)
         # A new file (no tables yet) gives freed pages back: the WAL switch made its header, so the
         # setting takes with a VACUUM of the empty file. An older file keeps auto_vacuum off
@@ -302,8 +316,8 @@ class SqliteStore:
         self.db.execute("CREATE TABLE IF NOT EXISTS bucket_clock (id INTEGER PRIMARY KEY CHECK (id = 0), "
                         "boot TEXT NOT NULL, offset REAL NOT NULL)")
         self.db.execute(f"PRAGMA busy_timeout = {int(self.BUSY_TIMEOUT * 1000)}")  # set up: the loop's wait now
-        #: The budgets' connections (:meth:`take_token_off_loop`): ``True`` the event loop's, which
-        #: never waits for a lock; ``False`` the budget thread's, which waits up to :attr:`BUDGET_WAIT`.
+        #: The connections of :meth:`_off_loop` (the budgets, the door's session calls): ``True`` the
+        #: event loop's, which never waits for a lock; ``False`` the store thread's, which waits.
         loop_db = connect_wal(path, timeout=5.0, check_same_thread=False)  # set up as self.db, then:
         loop_db.execute("PRAGMA busy_timeout = 0")
         self._budget_db: dict[bool, sqlite3.Connection] = {True: loop_db}
@@ -312,6 +326,27 @@ class SqliteStore:
     def lifetimes(self, idle: float, absolute: float) -> None:
         """The sessions' lifetimes (``sessions.idle``, ``sessions.absolute``), for the purge."""
         self.idle = idle
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        """The connection the store's methods use: the worker's, which waits up to
+        :attr:`BUSY_TIMEOUT`, unless :meth:`call` bound another to this thread for the call."""
+        bound = getattr(self._bound, "db", None)
+        return self._db if bound is None else bound
+
+    @contextlib.contextmanager
+    def _bound_to(self, db: sqlite3.Connection):
+        self._bound.db = db
+        try:
+            yield
+        finally:
+            self._bound.db = None
+
+    async def call(self, method, *args):
+        """``method(*args)``, a method of this store, never waiting on the event loop for a lock
+        another process holds (:meth:`_off_loop`, up to :attr:`STORE_WAIT`). Each method is one
+        statement or one transaction: a try refused for the lock changed nothing."""
+        return await self._off_loop(self.STORE_WAIT, method, *args)
 
     @staticmethod
     @contextlib.contextmanager
@@ -472,44 +507,51 @@ class SqliteStore:
 
     async def take_token_off_loop(self, key: str, burst: float, rate: float, spend: bool = True) -> float:
         """:meth:`take_token` at the buckets' own time, never waiting on the event loop
-        (:meth:`_budget_call`)."""
-        return await self._budget_call(self._take, key, burst, rate, None, spend)
+        (:meth:`_off_loop`)."""
+        return await self._off_loop(self.BUDGET_WAIT, self._on_bound, self._take, key, burst, rate, None, spend)
 
     async def give_back_token_off_loop(self, key: str, burst: float, rate: float) -> None:
         """:meth:`give_back_token` at the buckets' own time, never waiting on the event loop."""
-        await self._budget_call(self._give_back, key, burst, rate, None)
+        await self._off_loop(self.BUDGET_WAIT, self._on_bound, self._give_back, key, burst, rate, None)
 
-    async def _budget_call(self, work, *args):
-        """``work(db, *args)`` on the loop's budget connection, which never waits; when another
-        process holds the lock (an operator's ``sqlite3`` shell mid-transaction, a backup, a
-        sibling worker inside its transaction) nothing was changed, and it is made again on the
-        store's budget thread, which waits up to :attr:`BUDGET_WAIT` from now, then raises the
-        lock's ``sqlite3.OperationalError`` (a store error: the door's 503)."""
+    def _on_bound(self, work, *args):
+        """``work(db, *args)`` on the connection bound to this thread (the budgets' steps)."""
+        return work(self.db, *args)
+
+    async def _off_loop(self, wait: float, work, *args):
+        """``work(*args)`` on the loop's connection, which never waits; when another process
+        holds the lock (an operator's ``sqlite3`` shell mid-transaction, a backup, a sibling
+        worker inside its transaction) nothing was changed, and it is made again on the store's
+        thread, which waits up to *wait* seconds from now, then raises the lock's
+        ``sqlite3.OperationalError`` (a store error: the door's 503). A read never waits for a
+        writer (WAL): it is answered on the loop."""
         try:
-            return work(self._budget_db[True], *args)
+            with self._bound_to(self._budget_db[True]):
+                return work(*args)
         except sqlite3.OperationalError as exc:
             if result_code(exc) not in (_SQLITE_BUSY, _SQLITE_LOCKED):
                 raise
-        deadline = time.monotonic() + self.BUDGET_WAIT
+        deadline = time.monotonic() + wait
         if self._budget_thread is None:
-            # One thread: checks that wait for the lock queue behind each other, each within its
+            # One thread: calls that wait for the lock queue behind each other, each within its
             # own deadline, and hold none of the loop's default executor (SAML signing, reloads).
-            self._budget_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="login-budgets")
+            self._budget_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="login-store")
         return await asyncio.get_running_loop().run_in_executor(
             self._budget_thread, functools.partial(self._waited, deadline, work, *args))
 
     def _waited(self, deadline: float, work, *args):
-        """``work(db, *args)`` on the budget thread's connection, waiting for the lock until
+        """``work(*args)`` on the store thread's connection, waiting for the lock until
         *deadline* (monotonic) at most."""
         left = deadline - time.monotonic()
-        if left <= 0:  # queued behind checks that waited its whole time: the lock is still held
-            raise sqlite3.OperationalError(f"{self.path}: database is locked (budget checks waited "
-                                           f"{self.BUDGET_WAIT:.1f} s)")
+        if left <= 0:  # queued behind calls that waited their whole time: the lock is still held
+            raise sqlite3.OperationalError(f"{self.path}: database is locked (the store's calls waited their "
+                                           "time behind it)")
         db = self._budget_db.get(False)
         if db is None:
             db = self._budget_db[False] = connect_wal(self.path, timeout=left, check_same_thread=False)
         db.execute(f"PRAGMA busy_timeout = {max(1, int(left * 1000))}")
-        return work(db, *args)
+        with self._bound_to(db):
+            return work(*args)
 
     def _take(self, db: sqlite3.Connection, key: str, burst: float, rate: float, now: float | None,
               spend: bool) -> float:
@@ -611,7 +653,7 @@ class SqliteStore:
             db.close()
         if self._purger is not None:
             self._purger.close()
-        self.db.close()
+        self._db.close()
 
 
 #: The Redis keys of the login door: ``s:KEY`` a session (``[data, created, seen]``), ``sp:KEY``
@@ -1168,6 +1210,11 @@ class RedisStore:
         expected = seen[0] + int(elapsed * 1000)
         return expected + int((2 * self.timeout + 1.0 + elapsed / 1000) * 1000), expected, now
 
+    async def call(self, method, *args):
+        """``method(*args)``, a method of this store, on the loop as every call of this store
+        (bounded by its timeout and its breaker)."""
+        return method(*args)
+
     async def take_token_off_loop(self, key: str, burst: float, rate: float, spend: bool = True) -> float:
         """:meth:`take_token`, on the loop as every call of this store (bounded by its timeout
         and its breaker)."""
@@ -1185,7 +1232,16 @@ class RedisStore:
 
 
 class SessionManager:
-    """Cookies, CSRF tokens and the store, for one worker."""
+    """Cookies, CSRF tokens and the store, for one worker.
+
+    Each operation that may write to the store is a coroutine, ``a`` and its name (``aget``,
+    ``apark``, ``acreate`` ..., as Django's async ORM names its own): the door's handlers await
+    it, and the store makes each of its calls without holding the event loop for a lock held
+    elsewhere (:meth:`SqliteStore.call`). Its sync form (``get``, ``park``, ``create`` ...) is
+    the same code made where it runs (:meth:`_now`), for a caller that cannot await. The reads
+    (:meth:`peek`, :meth:`participants`, :meth:`keys_of_indexes`) are sync only: in WAL mode a
+    reader never waits for a writer.
+    """
 
     def __init__(self, settings: SessionSettings, store, cookie_key: bytes) -> None:
         self.settings = settings
@@ -1203,6 +1259,28 @@ class SessionManager:
         self._parked = 0          # parked requests in the store: last count + this worker's parks since
         self._uncounted = 0       # this worker's parks since the last count
         self._counted_at = 0.0    # wall-clock time of the last count (0: count at the next park)
+
+    async def _call(self, method, *args):
+        """``method(*args)``, a method of the store: at once where it runs when a sync form drives
+        this (:meth:`_now`), else by the store's :meth:`~SqliteStore.call` (SQLite: off the event
+        loop when the lock is held; Redis: on the loop, bounded by its deadline and breaker)."""
+        if _AT_ONCE.get():
+            return method(*args)
+        return await self.store.call(method, *args)
+
+    @staticmethod
+    def _now(operation):
+        """The result of *operation*, a coroutine of this class, run to its end here: every store
+        call in it is made at once (:data:`_AT_ONCE`), so it never suspends."""
+        token = _AT_ONCE.set(True)
+        try:
+            operation.send(None)
+        except StopIteration as done:
+            return done.value
+        finally:
+            _AT_ONCE.reset(token)
+        operation.close()
+        raise RuntimeError("a session operation waited in its sync form")
 
     # -- signing ---------------------------------------------------------------------------------
 
@@ -1244,8 +1322,8 @@ class SessionManager:
 
     # -- sessions --------------------------------------------------------------------------------
 
-    def create(self, identity: Identity, old_cookie: str | None = None, *,
-               directory: str | None = None, asked: bool = True, answered_by: str = "") -> tuple[str, Session]:
+    async def acreate(self, identity: Identity, old_cookie: str | None = None, *,
+                      directory: str | None = None, asked: bool = True, answered_by: str = "") -> tuple[str, Session]:
         """A new session (and cookie value) for *identity*; the previous one, if any, ends.
 
         The services the previous session answered (its Single Logout participants) are carried
@@ -1261,14 +1339,14 @@ class SessionManager:
         old = self._unsign(old_cookie)
         if old:
             old_key = _digest(old)
-            record = self.store.get_session(old_key)
+            record = await self._call(self.store.get_session, old_key)
             if record is not None:
-                carried = self.store.get_participants(old_key)
+                carried = await self._call(self.store.get_participants, old_key)
                 old_index = record[0]["index"]
-                self.store.take_pending("idx:" + old_index, now)
+                await self._call(self.store.take_pending, "idx:" + old_index, now)
                 if record[0]["identity"]["subject"] == identity.subject:
                     index = old_index
-            self.store.delete_session(old_key)
+            await self._call(self.store.delete_session, old_key)
         self._maybe_purge(now)
         value = secrets.token_urlsafe(32)
         key = _digest(value)
@@ -1277,21 +1355,28 @@ class SessionManager:
         # cookie). Written before the session: another worker's limit may end the session the
         # moment it exists, and takes its index record with it only if that is there already
         # (written after, it stayed behind, naming no session).
-        self.store.put_pending("idx:" + index, {"key": key}, now + self.settings.absolute)
-        self.store.put_session(key, _record(identity, index, 0.0, directory, asked, answered_by), now)
+        await self._call(self.store.put_pending, "idx:" + index, {"key": key}, now + self.settings.absolute)
+        await self._call(self.store.put_session, key, _record(identity, index, 0.0, directory, asked, answered_by),
+                         now)
         for party, data in carried.items():
-            self.store.put_participant(key, party, data)
-        self._limit(identity, key, now)
+            await self._call(self.store.put_participant, key, party, data)
+        await self._limit(identity, key, now)
         return (f"{value}.{self._mac('session', value)}",
                 Session(key, identity, now, index, 0.0, directory, asked, answered_by))
 
-    def _limit(self, identity: Identity, key: str, now: float) -> None:
+    def create(self, identity: Identity, old_cookie: str | None = None, *,
+               directory: str | None = None, asked: bool = True, answered_by: str = "") -> tuple[str, Session]:
+        """:meth:`acreate`, made where it runs (:meth:`_now`)."""
+        return self._now(self.acreate(identity, old_cookie, directory=directory, asked=asked, answered_by=answered_by))
+
+    async def _limit(self, identity: Identity, key: str, now: float) -> None:
         """At most ``sessions.max_per_user`` live sessions per subject: beyond it the oldest of
         the subject's sessions end (the new one, *key*, never does), each with its rows, as
         :meth:`end_key` ends one. No browser is there to take them through the Single Logout
         round: their participants are not told (logged), as when a session expires."""
         most = self.settings.max_per_user
-        ended = self.store.limit_subject(identity.subject, key, most, now, self.settings.idle, self.settings.absolute)
+        ended = await self._call(self.store.limit_subject, identity.subject, key, most, now, self.settings.idle,
+                                 self.settings.absolute)
         if not ended:
             return
         told = sorted({party for _, parties in ended for party in parties})
@@ -1299,7 +1384,7 @@ class SessionManager:
                  printable(identity.subject), most,
                  f"; not told (no Single Logout round): {printable(', '.join(told))}" if told else "")
 
-    def get(self, cookie: str | None, *, touch: bool = True) -> Session | None:
+    async def aget(self, cookie: str | None, *, touch: bool = True) -> Session | None:
         """The live session the cookie names, or ``None`` (bad MAC, unknown, idle or too old);
         a use of it (its idle time starts again) unless *touch* is false: a sign-out does not
         need the write (a Redis refusing writes, full under ``noeviction``, refused the touch,
@@ -1308,18 +1393,26 @@ class SessionManager:
         if value is None:
             return None
         key = _digest(value)
-        session = self._live(key)
+        session = await self._live(key)
         if session is not None and touch:
-            self.store.touch_session(key, time.time())
+            await self._call(self.store.touch_session, key, time.time())
         return session
 
-    def by_index(self, index: str) -> Session | None:
+    def get(self, cookie: str | None, *, touch: bool = True) -> Session | None:
+        """:meth:`aget`, made where it runs (:meth:`_now`)."""
+        return self._now(self.aget(cookie, touch=touch))
+
+    async def aby_index(self, index: str) -> Session | None:
         """The live session with this SessionIndex (an OIDC ``sid``), not counted as a use."""
         key = self.key_of_index(index) if isinstance(index, str) else None
-        return self._live(key) if key is not None else None
+        return await self._live(key) if key is not None else None
 
-    def _live(self, key: str) -> Session | None:
-        record = self.store.get_session(key)
+    def by_index(self, index: str) -> Session | None:
+        """:meth:`aby_index`, made where it runs (:meth:`_now`)."""
+        return self._now(self.aby_index(index))
+
+    async def _live(self, key: str) -> Session | None:
+        record = await self._call(self.store.get_session, key)
         if record is None:
             return None
         try:
@@ -1334,7 +1427,7 @@ class SessionManager:
             log.warning("login: a session record that cannot be read is deleted")
             session = None
         if session is None:
-            self.store.delete_session(key)
+            await self._call(self.store.delete_session, key)
         return session
 
     # -- the account behind a session ----------------------------------------------------------------
@@ -1343,7 +1436,7 @@ class SessionManager:
     def recheck_due(session: Session) -> bool:
         return not -CLOCK_TOLERANCE <= time.time() - session.checked < RECHECK_INTERVAL
 
-    def rechecked(self, session: Session, found: Identity | None) -> Session | None:
+    async def arechecked(self, session: Session, found: Identity | None) -> Session | None:
         """*session* after the directory answered *found* (a ``gateway_lookup_user`` answer for
         its user): ``None`` when the account is gone (unknown now, though the directory knew it
         in this session; known by another subject: a new account with the old name) or may not
@@ -1365,28 +1458,44 @@ class SessionManager:
             directory = found.subject
             identity = replace(session.identity, display_name=found.display_name, email=found.email,
                                groups=tuple(found.groups))
-        self.store.update_session(session.key, _record(identity, session.index, now, directory,
+        await self._call(self.store.update_session, session.key, _record(identity, session.index, now, directory,
                                                        answered_by=session.answered_by))
         return replace(session, identity=identity, checked=now, directory=directory, asked=True)
 
-    def end_index(self, index: str) -> bool:
+    def rechecked(self, session: Session, found: Identity | None) -> Session | None:
+        """:meth:`arechecked`, made where it runs (:meth:`_now`)."""
+        return self._now(self.arechecked(session, found))
+
+    async def aend_index(self, index: str) -> bool:
         """End the session with this SAML SessionIndex; ``True`` when there was one."""
-        record = self.store.take_pending("idx:" + index, time.time()) if _usable(index) else None
+        record = await self._call(self.store.take_pending, "idx:" + index, time.time()) if _usable(index) else None
         if record is not None:
-            self.store.delete_session(record["key"])
+            await self._call(self.store.delete_session, record["key"])
         return record is not None
 
-    def end(self, cookie: str | None) -> None:
+    def end_index(self, index: str) -> bool:
+        """:meth:`aend_index`, made where it runs (:meth:`_now`)."""
+        return self._now(self.aend_index(index))
+
+    async def aend(self, cookie: str | None) -> None:
         value = self._unsign(cookie)
         if value:
-            self.store.delete_session(_digest(value))
+            await self._call(self.store.delete_session, _digest(value))
+
+    def end(self, cookie: str | None) -> None:
+        """:meth:`aend`, made where it runs (:meth:`_now`)."""
+        return self._now(self.aend(cookie))
 
     # -- Single Logout: who was told about a session -------------------------------------------------
 
-    def add_participant(self, session: Session, party: str, data: dict) -> None:
+    async def aadd_participant(self, session: Session, party: str, data: dict) -> None:
         """Note that *party* (a SAML SP's entity id) got an answer in *session*, with *data* as
         issued (NameID, its format, SessionIndex): logout is propagated to it with exactly these."""
-        self.store.put_participant(session.key, party, data)
+        await self._call(self.store.put_participant, session.key, party, data)
+
+    def add_participant(self, session: Session, party: str, data: dict) -> None:
+        """:meth:`aadd_participant`, made where it runs (:meth:`_now`)."""
+        return self._now(self.aadd_participant(session, party, data))
 
     def key_of_index(self, index: str) -> str | None:
         """The store key of the live session with this SAML SessionIndex, or ``None``."""
@@ -1404,11 +1513,15 @@ class SessionManager:
     def participants(self, key: str) -> dict[str, dict]:
         return self.store.get_participants(key)
 
-    def end_key(self, key: str, index: str | None) -> None:
+    async def aend_key(self, key: str, index: str | None) -> None:
         """End the session stored under *key* (its participants are forgotten with it)."""
-        self.store.delete_session(key)
+        await self._call(self.store.delete_session, key)
         if index:
-            self.store.take_pending("idx:" + index, time.time())
+            await self._call(self.store.take_pending, "idx:" + index, time.time())
+
+    def end_key(self, key: str, index: str | None) -> None:
+        """:meth:`aend_key`, made where it runs (:meth:`_now`)."""
+        return self._now(self.aend_key(key, index))
 
     async def take_token(self, budget: str, key: str, burst: float, rate: float, *, spend: bool = True) -> float:
         """Spend a token of *key*'s bucket of the budget named *budget* (*burst* at most, refilled
@@ -1484,7 +1597,7 @@ class SessionManager:
 
     # -- pending logins and replay ----------------------------------------------------------------
 
-    def park(self, data: dict, lifetime: float) -> str:
+    async def apark(self, data: dict, lifetime: float) -> str:
         """Keep *data* (a validated request) for the user's login; returns its single-use id.
 
         Requests are parked for anyone, before any sign-in, so parking is bounded (review: a
@@ -1498,12 +1611,16 @@ class SessionManager:
         self._maybe_purge(now)
         self._check_total(now)
         key = secrets.token_urlsafe(24)
-        self.store.put_pending("p:" + key, data, now + lifetime)
+        await self._call(self.store.put_pending, "p:" + key, data, now + lifetime)
         self._parked += 1
         self._uncounted += 1
         return key
 
-    def hold(self, data: dict, lifetime: float) -> str:
+    def park(self, data: dict, lifetime: float) -> str:
+        """:meth:`apark`, made where it runs (:meth:`_now`)."""
+        return self._now(self.apark(data, lifetime))
+
+    async def ahold(self, data: dict, lifetime: float) -> str:
         """Keep *data* for a later request of the same browser under a single-use id, apart from
         the parked requests (``h:``: ``/login?req=`` never reads it): what an OIDC logout
         continues with at a GET (the browser's cookie), or once the user confirmed it. Bounded
@@ -1513,19 +1630,31 @@ class SessionManager:
         now = time.time()
         self._check_total(now)
         key = secrets.token_urlsafe(24)
-        self.store.put_pending("h:" + key, data, now + lifetime)
+        await self._call(self.store.put_pending, "h:" + key, data, now + lifetime)
         return key
 
-    def release(self, key: str) -> dict | None:
+    def hold(self, data: dict, lifetime: float) -> str:
+        """:meth:`ahold`, made where it runs (:meth:`_now`)."""
+        return self._now(self.ahold(data, lifetime))
+
+    async def arelease(self, key: str) -> dict | None:
         """The data :meth:`hold` kept under *key*, once."""
         if not _usable(key):
             return None
-        return self.store.take_pending("h:" + key, time.time())
+        return await self._call(self.store.take_pending, "h:" + key, time.time())
 
-    def unpark(self, key: str) -> dict | None:
+    def release(self, key: str) -> dict | None:
+        """:meth:`arelease`, made where it runs (:meth:`_now`)."""
+        return self._now(self.arelease(key))
+
+    async def aunpark(self, key: str) -> dict | None:
         if not _usable(key):
             return None
-        return self.store.take_pending("p:" + key, time.time())
+        return await self._call(self.store.take_pending, "p:" + key, time.time())
+
+    def unpark(self, key: str) -> dict | None:
+        """:meth:`aunpark`, made where it runs (:meth:`_now`)."""
+        return self._now(self.aunpark(key))
 
     def peek(self, key: str) -> dict | None:
         """The parked data without using it up (a page that only shows the form)."""
@@ -1533,18 +1662,31 @@ class SessionManager:
             return None
         return self.store.get_pending("p:" + key, time.time())
 
-    def park_as(self, key: str, data: dict, lifetime: float) -> None:
+    async def apark_as(self, key: str, data: dict, lifetime: float) -> None:
         """Keep *data* under a key the caller made (a random message ID it sent), single use."""
-        self.store.put_pending("m:" + key, data, time.time() + lifetime)
+        await self._call(self.store.put_pending, "m:" + key, data, time.time() + lifetime)
 
-    def unpark_as(self, key: str) -> dict | None:
+    def park_as(self, key: str, data: dict, lifetime: float) -> None:
+        """:meth:`apark_as`, made where it runs (:meth:`_now`)."""
+        return self._now(self.apark_as(key, data, lifetime))
+
+    async def aunpark_as(self, key: str) -> dict | None:
         if not _usable(key):
             return None
-        return self.store.take_pending("m:" + key, time.time())
+        return await self._call(self.store.take_pending, "m:" + key, time.time())
+
+    def unpark_as(self, key: str) -> dict | None:
+        """:meth:`aunpark_as`, made where it runs (:meth:`_now`)."""
+        return self._now(self.aunpark_as(key))
+
+    async def afirst_use(self, namespace: str, ident: str, lifetime: float) -> bool:
+        """``True`` the first time *ident* is seen within *lifetime* seconds (replay refusal)."""
+        return await self._call(self.store.put_pending, f"seen:{namespace}:{_digest(ident)}", {},
+                                time.time() + lifetime)
 
     def first_use(self, namespace: str, ident: str, lifetime: float) -> bool:
-        """``True`` the first time *ident* is seen within *lifetime* seconds (replay refusal)."""
-        return self.store.put_pending(f"seen:{namespace}:{_digest(ident)}", {}, time.time() + lifetime)
+        """:meth:`afirst_use`, made where it runs (:meth:`_now`)."""
+        return self._now(self.afirst_use(namespace, ident, lifetime))
 
     # -- CSRF --------------------------------------------------------------------------------------
 

@@ -103,7 +103,7 @@ class SingleLogout:
             if message.destination is not None and message.destination != self.url:
                 raise Refused("saml.destination_mismatch", message.destination[:200])
             self._check_times(message.issue_instant, message.not_on_or_after, now)
-            signed = self.idp.verify_signed(received, sp, root, sp.signed_logout)
+            signed = await self.idp.verify_signed(received, sp, root, sp.signed_logout)
             verified = self.idp.verified(received, sp, root)  # a signature was there, and it verified
             message = read_logout(signed, "request")
         except Refused as exc:
@@ -126,7 +126,7 @@ class SingleLogout:
         # request (an SP without request_certificate, or with signed_logout: false) is a
         # cross-site GET any page can make: it names no session of this browser by chance, so it
         # does not end that one because its cookie came along.
-        own = self.web.session(request)
+        own = await self.web.asession(request)
         if own is not None and own.key not in ending:
             if verified and self._names_user_of(own, sp, message.name_id):
                 ending[own.key] = own.index
@@ -144,7 +144,7 @@ class SingleLogout:
                 # alive and the next sign-in at an SP silent: a shared machine).
                 await self.web.spend_park()
             log.info("single logout: a LogoutRequest from %s ended no session", sp.entity_id)
-        state = self._round(ending, initiator=sp.entity_id)
+        state = await self._round(ending, initiator=sp.entity_id)
         state.update(request_id=message.id, relay_state=received.relay_state)
         response = await self.next_step(state)
         if own is not None and own.key in ending:
@@ -179,11 +179,11 @@ class SingleLogout:
                           after: str | None = None) -> web.StreamResponse:
         """End the sessions in *ending* (store key -> SessionIndex), tell every SP that got an
         assertion in them, then show "signed out" or go to *after* (a registered address)."""
-        state = self._round(ending, initiator=None)
+        state = await self._round(ending, initiator=None)
         state["after"] = after
         return await self.next_step(state)
 
-    def _round(self, ending: dict[str, str | None], initiator: str | None) -> dict:
+    async def _round(self, ending: dict[str, str | None], initiator: str | None) -> dict:
         """End the sessions in *ending*; the state of the logout round for their participants."""
         sessions, queue, failed = self.web.sessions, [], []
         for key, index in ending.items():
@@ -198,7 +198,7 @@ class SingleLogout:
                     failed.append(party)  # it cannot be told: the logout is partial
                 else:
                     queue.append(target)
-            sessions.end_key(key, index)
+            await sessions.aend_key(key, index)
         return {"initiator": initiator, "queue": queue, "failed": failed, "told": []}
 
     async def next_step(self, state: dict) -> web.Response:
@@ -214,7 +214,7 @@ class SingleLogout:
                 sp_name_qualifier=sp.entity_id, session_index=target["index"], now=dt.datetime.now(dt.timezone.utc),
                 lifetime=self.lifetime)
             state["sent"] = sp.entity_id
-            self.web.sessions.park_as(message.get("ID"), state, self.lifetime.total_seconds())
+            await self.web.sessions.apark_as(message.get("ID"), state, self.lifetime.total_seconds())
             return await self._send(sp, message)
         return await self.finish(state)
 
@@ -244,14 +244,14 @@ class SingleLogout:
         try:
             root = parse_xml(received.data)
             message = read_logout(root, "response")
-            state = self.web.sessions.unpark_as(message.in_response_to or "")
+            state = await self.web.sessions.aunpark_as(message.in_response_to or "")
             if state is None:
                 raise Refused("saml.logout_unknown", str(message.in_response_to)[:100])
         except Refused as exc:
             return self.web.refused(request, exc)
         expected = state.pop("sent")
         try:
-            self._check_confirmation(expected, message, received, root)
+            await self._check_confirmation(expected, message, received, root)
             state["told"].append(expected)
         except Refused as exc:
             # The detail quotes the answer (its Issuer, Destination, status): escaped, so a LogoutResponse
@@ -261,13 +261,13 @@ class SingleLogout:
             state["failed"].append(expected)
         return await self.next_step(state)
 
-    def _check_confirmation(self, expected: str, message, received: BindingMessage, root: etree._Element) -> None:
+    async def _check_confirmation(self, expected: str, message, received: BindingMessage, root: etree._Element) -> None:
         if message.issuer != expected:
             raise Refused("saml.unknown_sp", f"a LogoutResponse for {expected[:100]} from {message.issuer[:100]}")
         sp = self.idp.checker.provider(expected)
         if message.destination is not None and message.destination != self.url:
             raise Refused("saml.destination_mismatch", message.destination[:200])
-        signed = read_logout(self.idp.verify_signed(received, sp, root, sp.signed_logout), "response")
+        signed = read_logout(await self.idp.verify_signed(received, sp, root, sp.signed_logout), "response")
         if signed.in_response_to != message.in_response_to or signed.issuer != expected:
             raise Refused("saml.signature_invalid", "the signature does not cover the response")
         if signed.status != SUCCESS:

@@ -513,7 +513,14 @@ class LoginDoor:
 
     # -- sessions ---------------------------------------------------------------------------------
 
+    async def asession(self, request: web.Request, *, touch: bool = True) -> Session | None:
+        """The browser's live session (:meth:`.SessionManager.aget`: its use written without
+        holding the event loop for a lock held on the store elsewhere)."""
+        return await self.sessions.aget(request_cookie(request, self.cookie), touch=touch)
+
     def session(self, request: web.Request, *, touch: bool = True) -> Session | None:
+        """:meth:`asession` for a caller that cannot await (a lock held on the SQLite store is
+        waited for on the event loop, up to its ``BUSY_TIMEOUT``)."""
         return self.sessions.get(request_cookie(request, self.cookie), touch=touch)
 
     @staticmethod
@@ -566,7 +573,7 @@ class LoginDoor:
                 return None
         checked: Session | None = session
         if self.can_check() and self.sessions.recheck_due(session):
-            checked = self.sessions.rechecked(session, await self.lookup(session.identity.username))
+            checked = await self.sessions.arechecked(session, await self.lookup(session.identity.username))
             if checked is None:
                 log.warning("login: the account of %s is gone or may not sign in; its session ends",
                             printable(session.identity.username))
@@ -604,7 +611,7 @@ class LoginDoor:
         if self.logout_round is not None:
             response = await self.logout_round(request, {session.key: session.index}, target)
         else:
-            self.sessions.end_key(session.key, session.index)
+            await self.sessions.aend_key(session.key, session.index)
             response = web.Response(status=303, headers={"Location": target, "Cache-Control": "no-store"})
         self.drop_cookie(response)
         return response
@@ -615,14 +622,14 @@ class LoginDoor:
         no page (``prompt=none``) is declined instead. One that cannot be served now is answered
         as :meth:`served` says."""
         async def serve() -> web.StreamResponse:
-            session = self.session(request)
+            session = await self.asession(request)
             if session is not None and self.reusable(session, pending):
                 await self.admit_answer(session)  # before the account check, the chain and the answer
                 checked = await self.recheck(session, request)
                 if checked is not None:
                     return await self.completers[pending["protocol"]](request, pending, checked)
                 await self.prepay_park()
-                key = self.sessions.park(pending, lifetime)
+                key = await self.sessions.apark(pending, lifetime)
                 return await self.end_and_go(request, session, f"/login?req={key}")
             if pending.get("prompt_none"):
                 return await self.declined[pending["protocol"]](request, pending)
@@ -642,7 +649,7 @@ class LoginDoor:
 
     async def _to_login(self, pending: dict, lifetime: float) -> web.Response:
         await self.prepay_park()
-        key = self.sessions.park(pending, lifetime)
+        key = await self.sessions.apark(pending, lifetime)
         return web.Response(status=303, headers={"Location": f"/login?req={key}", "Cache-Control": "no-store"})
 
     async def served(self, request: web.Request, pending: dict,
@@ -669,7 +676,7 @@ class LoginDoor:
                 raise  # the page of guarded(): the protocol has no answer there for this request, or not now
             if parked:
                 try:
-                    self.sessions.unpark(parked)  # answered now: not again from a session later
+                    await self.sessions.aunpark(parked)  # answered now: not again from a session later
                 except STORE_ERRORS:
                     pass  # the store is what failed: the record ends at its lifetime
             self._log_unserved(request, exc)
@@ -737,18 +744,19 @@ class LoginDoor:
         then = ""
         if target is not None:
             await self.prepay_park()  # the hold's token, off the event loop
-            then = self.sessions.hold(target, 600)
+            then = await self.sessions.ahold(target, 600)
         return self._signed_in_page(request, session, then, after if then else None)
 
     async def _signed_in(self, request: web.Request, decision: Decision, pending_key: str) -> web.StreamResponse:
         # The pending request is checked before the session is made: one a reload made
         # unanswerable is refused (a 400 page), and no session is left behind without its cookie.
-        pending = self.sessions.unpark(pending_key) if pending_key else None
+        pending = await self.sessions.aunpark(pending_key) if pending_key else None
         if pending is not None:
             self.answerable[pending["protocol"]](pending)
         directory, asked = await self._directory_of(decision.identity)
-        value, session = self.sessions.create(decision.identity, request_cookie(request, self.cookie),
-                                              directory=directory, asked=asked, answered_by=decision.answered_by)
+        value, session = await self.sessions.acreate(decision.identity, request_cookie(request, self.cookie),
+                                                     directory=directory, asked=asked,
+                                                     answered_by=decision.answered_by)
         try:
             if pending is not None:
                 response = await self.completers[pending["protocol"]](request, pending, session)
@@ -758,23 +766,23 @@ class LoginDoor:
             # No cookie goes out with a failed completion (a store error noting the SP, storing
             # the code: the 503 page): the new session would be nobody's, yet counted in the
             # user's sessions and alive until its idle end (review of the login door).
-            self._abandon(session)
+            await self._abandon(session)
             raise
         self._set_cookie(response, self.cookie, value)
         return response
 
-    def _abandon(self, session: Session) -> None:
+    async def _abandon(self, session: Session) -> None:
         """End *session*, made for a sign-in whose answer failed (its cookie never sent); when
         the store cannot (it is what failed), the record ends at its idle time, and is logged."""
         try:
-            self.sessions.end_key(session.key, session.index)
+            await self.sessions.aend_key(session.key, session.index)
         except STORE_ERRORS as exc:
             log.error("login: a session made for a sign-in whose answer failed could not be ended (%s: %s); its "
                       "cookie was not sent, it ends at its idle time", exc.__class__.__name__, exc)
 
     async def login_get(self, request: web.Request) -> web.StreamResponse:
         pending_key = pending_key_of(request.query.get("req", ""))
-        session = self.session(request)
+        session = await self.asession(request)
         peeked = self.sessions.peek(pending_key) if pending_key else None
         if session is not None:
             if peeked is not None and self.reusable(session, peeked):
@@ -783,7 +791,7 @@ class LoginDoor:
                     checked = await self.recheck(session, request)
                     if checked is None:
                         return await self.end_and_go(request, session, f"/login?req={pending_key}")
-                    pending = self.sessions.unpark(pending_key)
+                    pending = await self.sessions.aunpark(pending_key)
                     if pending is None:
                         return None
                     return await self.completers[pending["protocol"]](request, pending, checked)
@@ -799,7 +807,7 @@ class LoginDoor:
                 return self._signed_in_page(request, session)
             # ForceAuthn / prompt=login / max_age: the user proves it again; the request waits, unused.
         if peeked is not None and peeked.get("prompt_none"):  # no page may be shown: declined
-            pending = self.sessions.unpark(pending_key)
+            pending = await self.sessions.aunpark(pending_key)
             if pending is not None:
                 # Parked, it spent its client's token then: SAML's NoPassive spent a second one,
                 # and a POSTed IsPassive request got the 429 page, which it may not show, once its
@@ -860,13 +868,13 @@ class LoginDoor:
         """End the browser's session (a ``POST /logout`` that passed the checks): the Single
         Logout round, then where a confirmed logout was to go (:meth:`confirm_logout`)."""
         then = request.query.get("then", "")
-        target = self.sessions.release(then) if then else None
+        target = await self.sessions.arelease(then) if then else None
         check = self.logout_targets.get(target.get("protocol", "oidc")) if isinstance(target, dict) else None
         after = check(target) if check is not None else None
-        session = self.session(request, touch=False)  # ended next: no write before the delete
+        session = await self.asession(request, touch=False)  # ended next: no write before the delete
         if session is not None and self.logout_round is not None:
             return await self.logout_round(request, {session.key: session.index}, after)
-        self.sessions.end(request_cookie(request, self.cookie))
+        await self.sessions.aend(request_cookie(request, self.cookie))
         if after:
             return web.Response(status=303, headers={"Location": after, "Cache-Control": "no-store"})
         return self.html(self.pages.message("signed_out"))
@@ -898,7 +906,7 @@ class LoginDoor:
         # With a session it shows the Sign out button, as does a refused post (a token that
         # expired, a form on another site): the sign-in form it showed told a user still signed
         # in that they were signed out (review of the web layer).
-        session = self.session(request)
+        session = await self.asession(request)
         if session is not None:
             response = self._signed_in_page(request, session, status=403 if refused else 200)
         elif refused:

@@ -157,7 +157,7 @@ class WsFed:
             reply = self.signout_reply(request.query)
         except Refused as exc:
             return self.web.refused(request, exc)
-        session = self.web.session(request, touch=False)
+        session = await self.web.asession(request, touch=False)
         if session is not None and request.headers.get("Sec-Fetch-Site", "").lower() in ("cross-site", "same-site"):
             target = {"protocol": "wsfed", "realm": request.query.get("wtrealm"), "reply": reply} if reply else None
             return await self.web.confirm_logout(request, session, target, reply)
