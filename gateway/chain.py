@@ -583,9 +583,14 @@ class Gateway:
         only the per-user limit applies to them: at the API front door, and for an attempt a
         relay forwarded from its own API (:data:`SERVICE_CALLER`). An IPv6 client is counted by
         its network (``throttle.ipv6_prefix``, a /64: what one host is given), or every address
-        of it would be a client with a budget of its own."""
+        of it would be a client with a budget of its own. An address a relay names (the ``link``
+        door) is counted apart from the same address at this gateway's own doors: a hostile
+        relay naming ``client: 10.0.0.5`` in wrong passwords spent that intranet address's
+        budget here, and its users got 429 at ``/auth`` (fourth review of the link)."""
         if attempt.front_door == "api" or attempt.stash.get(SERVICE_CALLER, False):
             return None
+        if attempt.front_door == "link":
+            return "link " + self.client_key(attempt.client)
         return self.client_key(attempt.client)
 
     def client_key(self, client: IPAddress) -> str:

@@ -25,6 +25,7 @@ import ssl
 import threading
 import urllib.error
 import urllib.request
+from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -222,9 +223,14 @@ def enroll(ticket_url: str, state_dir: Path, ca_file: Path | None = None) -> str
         raise EnrolError(f"the relay's answer is not a usable certificate: {exc.__class__.__name__}") from None
     if cert.public_key().public_numbers() != key.public_key().public_numbers():
         raise EnrolError("the relay returned a certificate for another key")
-    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    if not names or names[0].value != connector:
+    # Exactly our name, as state.load and a renewal take it: a certificate naming another
+    # connector beside ours was stored over a working enrolment, which was then called damaged.
+    if [name.value for name in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)] != [connector]:
         raise EnrolError("the relay returned a certificate for another name")
+    # One that has ended would replace a working enrolment with one that cannot link.
+    if cert.not_valid_after_utc <= datetime.now(timezone.utc):
+        raise EnrolError("the relay returned a certificate that expired at "
+                         f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M:%SZ}; nothing was written")
     _check_link_url(link_url)
     # The relay's connection names are letters, digits, '.', '_' and '-' (plugins/relay/settings.py).
     # Any text was stored before: a newline or an escape sequence reached link.json, the log and
