@@ -449,8 +449,9 @@ class OidcProvider:
         # Only what the token endpoint reads (not state, mode, prompt, max_age, principals, acr).
         grant = {**{name: pending[name] for name in GRANT_FIELDS},
                  "identity": identity_to_json(session.identity), "sid": session.index}
-        self.web.sessions.store.put_pending("code:" + _digest(code), grant,
-                                            time.time() + self.settings.oidc.code_lifetime)
+        store = self.web.sessions.store
+        await store.call(store.put_pending, "code:" + _digest(code), grant,
+                         time.time() + self.settings.oidc.code_lifetime)
         return self._answer(pending, [("code", code)])
 
     def _refuse(self, pending: dict, error: str, description: str, reason: str, identity: Identity) -> web.Response:
@@ -475,7 +476,7 @@ class OidcProvider:
 
     # -- token ---------------------------------------------------------------------------------------
 
-    def _client(self, request: web.Request, form) -> OidcClient | None:
+    async def _client(self, request: web.Request, form) -> OidcClient | None:
         """The authenticated client (secret in Basic or the body, or a signed JWT), or ``None``."""
         try:
             basic, raw = _basic(request)
@@ -484,7 +485,7 @@ class OidcProvider:
         if basic:
             return self._basic_client(raw) if raw is not None else None
         if form.get("client_assertion_type") == ASSERTION_TYPE:
-            return self._assertion_client(str(form.get("client_assertion", "")))
+            return await self._assertion_client(str(form.get("client_assertion", "")))
         return self._secret_client([(str(form.get("client_id", "")), str(form.get("client_secret", "")))])
 
     def _failure_key(self, request: web.Request, form) -> str:
@@ -516,12 +517,12 @@ class OidcProvider:
             claimed = form.get("client_id")
         return claimed if isinstance(claimed, str) and claimed in self.clients else ""
 
-    def _authenticated(self, request: web.Request, form) -> OidcClient | None:
+    async def _authenticated(self, request: web.Request, form) -> OidcClient | None:
         """:meth:`_client`, when the request names no other: a ``client_id`` in the body must be
         the authenticated client's (RFC 6749 section 3.2.1, RFC 7523 section 3), and a request
         using more than one method (Basic, a secret or an assertion in the body) is refused
         (section 2.3)."""
-        client = self._client(request, form)
+        client = await self._client(request, form)
         if client is None:
             return None
         named = form.get("client_id")
@@ -558,7 +559,7 @@ class OidcProvider:
                 found = client
         return found
 
-    def _assertion_client(self, assertion: str) -> OidcClient | None:
+    async def _assertion_client(self, assertion: str) -> OidcClient | None:
         """``private_key_jwt`` (RFC 7523 section 3): a JWT signed by the client's registered key,
         ``iss`` = ``sub`` = client id, ``aud`` this token endpoint or issuer, unexpired, ``jti``
         used once."""
@@ -585,7 +586,7 @@ class OidcProvider:
                 or (claims.get("nbf") is not None and claims["nbf"] > now + skew)):
             return None
         # Remembered until it expires: a captured assertion is refused for as long as it is valid.
-        if not self.web.sessions.first_use("oidc-jti", f"{issuer} {claims['jti']}", exp - now + skew):
+        if not await self.web.sessions.afirst_use("oidc-jti", f"{issuer} {claims['jti']}", exp - now + skew):
             return None
         return self.clients.get(issuer)
 
@@ -613,7 +614,7 @@ class OidcProvider:
                               logged=True)
             response.headers["Retry-After"] = str(math.ceil(wait))
             return response
-        client = self._authenticated(request, form)
+        client = await self._authenticated(request, form)
         if client is None:  # the token stays spent
             log.warning("oidc token request refused: reason=oidc.invalid_client client_id=%s client=%s",
                         printable(_claimed_client(request, form)[:100]), address)
@@ -648,9 +649,9 @@ class OidcProvider:
             computed = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).decode().rstrip("=")
             if not same(computed, grant["challenge"]):
                 return _error("invalid_grant", description="PKCE verifier does not match")
-        grant = store.take_pending("code:" + code_key, time.time()) if grant is not None else None
+        grant = await store.call(store.take_pending, "code:" + code_key, time.time()) if grant is not None else None
         if grant is None:
-            self._code_replayed(code_key, client.client_id)
+            await self._code_replayed(code_key, client.client_id)
             return _error("invalid_grant", description="unknown, used or expired code")
         # The code is redeemed now (whatever follows): the tombstone names the access token it is
         # about to give and the client it was issued to, so that a second redemption by that
@@ -658,13 +659,14 @@ class OidcProvider:
         # could still be in use.
         access = secrets.token_urlsafe(_ACCESS_TOKEN_BYTES)
         lifetime = int(self.settings.oidc.token_lifetime)
-        store.put_pending("code-used:" + code_key, {"at": [_digest(access)], "client_id": client.client_id},
-                          time.time() + max(self.settings.oidc.code_lifetime, lifetime) + 1)
+        await store.call(store.put_pending, "code-used:" + code_key,
+                         {"at": [_digest(access)], "client_id": client.client_id},
+                         time.time() + max(self.settings.oidc.code_lifetime, lifetime) + 1)
         identity = identity_from_json(grant["identity"])
         # The session the code was issued in must still be there: a code given just before the
         # user signed out (here, by an RP's or a SAML logout, or an account check) made an
         # id_token for a session that was over, and OIDC has no back channel to take it back.
-        session = self.web.sessions.by_index(grant["sid"])
+        session = await self.web.sessions.aby_index(grant["sid"])
         if session is None or session.identity.subject != identity.subject:
             log.warning("oidc: a code of a session that has ended since (client=%s): invalid_grant",
                         printable(client.client_id[:100]))
@@ -681,20 +683,21 @@ class OidcProvider:
             claims["nonce"] = grant["nonce"]
         claims["at_hash"] = base64.urlsafe_b64encode(hashlib.sha256(access.encode()).digest()[:16]).decode().rstrip("=")
         id_token = await asyncio.to_thread(jwt.encode, {"alg": "RS256", "kid": self.signing.kid}, claims, self.signing)
-        store.put_pending("at:" + _digest(access), {"identity": grant["identity"], "scope": grant["scope"],
-                                                    "sid": grant["sid"], "client_id": client.client_id},
-                          now + lifetime)
+        await store.call(store.put_pending, "at:" + _digest(access),
+                         {"identity": grant["identity"], "scope": grant["scope"], "sid": grant["sid"],
+                          "client_id": client.client_id},
+                         now + lifetime)
         if store.get_pending(_replay_mark(code_key, client.client_id), time.time()) is not None:
             # A second redemption came while this one ran, before its tombstone named the token
             # or before the token was stored: it could not revoke it, so it is not given.
-            store.take_pending("at:" + _digest(access), time.time())
+            await store.call(store.take_pending, "at:" + _digest(access), time.time())
             log.warning("oidc: code redeemed twice at once (client=%s): no token given", client.client_id)
             return _error("invalid_grant", description="unknown, used or expired code")
         return web.json_response({"access_token": access, "token_type": "Bearer", "expires_in": lifetime,
                                   "id_token": id_token, "scope": grant["scope"]},
                                  headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
 
-    def _code_replayed(self, code_key: str, client_id: str) -> None:
+    async def _code_replayed(self, code_key: str, client_id: str) -> None:
         """A code that is not (or no longer) redeemable was presented by the authenticated client
         *client_id*: when it was redeemed before, by that same client, the access token issued
         from it is revoked (RFC 6749 section 4.1.2: "SHOULD revoke ... all tokens previously
@@ -704,12 +707,14 @@ class OidcProvider:
         redemption by that client still running that it must not give its token (it checks after
         storing it; see :meth:`token`)."""
         store, now = self.web.sessions.store, time.time()
-        store.put_pending(_replay_mark(code_key, client_id), {}, now + max(self.settings.oidc.code_lifetime, 60))
+        await store.call(store.put_pending, _replay_mark(code_key, client_id), {},
+                         now + max(self.settings.oidc.code_lifetime, 60))
         tombstone = store.get_pending("code-used:" + code_key, now)
         # (A tombstone an earlier version wrote names no client: it is taken as this one's.)
         if tombstone is None or tombstone.get("client_id", client_id) != client_id:
             return
-        revoked = [digest for digest in tombstone.get("at", []) if store.take_pending("at:" + digest, now) is not None]
+        revoked = [digest for digest in tombstone.get("at", [])
+                   if await store.call(store.take_pending, "at:" + digest, now) is not None]
         if revoked:
             log.warning("oidc: an authorization code was redeemed again: %d access token(s) issued from it revoked",
                         len(revoked))
@@ -761,12 +766,12 @@ class OidcProvider:
                         "no longer registered)", printable(str(client_id)[:100]))
             return None
         sessions = self.web.sessions
-        session = sessions.by_index(record.get("sid"))
+        session = await sessions.aby_index(record.get("sid"))
         if session is None or session.identity.subject != identity_from_json(record["identity"]).subject:
             return None
         checked = await self.web.recheck(session, request)
         if checked is None:
-            sessions.end_key(session.key, session.index)
+            await sessions.aend_key(session.key, session.index)
             return None
         return checked.identity
 
@@ -848,7 +853,7 @@ class OidcProvider:
         else:
             held = request.query.get("held")
             if held is not None:  # a POST continued here; used once (a reload asks nothing of it)
-                record = self.web.sessions.release(held[:64])
+                record = await self.web.sessions.arelease(held[:64])
                 params = record.get("oidc_logout", {}) if record is not None else {}
             else:
                 params = {k: v for k, v in request.query.items()}
@@ -859,9 +864,9 @@ class OidcProvider:
         after = self.logout_target(target) if target is not None else None
         if request.method == "POST" and request_cookie(request, self.web.cookie) is None:  # read as the door reads it
             await self.web.prepay_park()  # its token, off the event loop
-            key = self.web.sessions.hold({"oidc_logout": params}, 600)
+            key = await self.web.sessions.ahold({"oidc_logout": params}, 600)
             raise web.HTTPSeeOther(f"/oidc/logout?{urlencode({'held': key})}", headers={"Cache-Control": "no-store"})
-        session = self.web.session(request)
+        session = await self.web.asession(request)
         if claims is None:  # nothing proves the request comes from the relying party: ask the user
             if session is None:
                 return self.web.html(self.web.pages.message("signed_out"))
