@@ -318,10 +318,23 @@ class SqliteStore:
         self.db.execute(f"PRAGMA busy_timeout = {int(self.BUSY_TIMEOUT * 1000)}")  # set up: the loop's wait now
         #: The connections of :meth:`_off_loop` (the budgets, the door's session calls): ``True`` the
         #: event loop's, which never waits for a lock; ``False`` the store thread's, which waits.
-        loop_db = connect_wal(path, timeout=5.0, check_same_thread=False)  # set up as self.db, then:
+        loop_db = self._connect(5.0)  # set up as self.db, then:
         loop_db.execute("PRAGMA busy_timeout = 0")
         self._budget_db: dict[bool, sqlite3.Connection] = {True: loop_db}
         self._budget_thread: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def _connect(self, timeout: float) -> sqlite3.Connection:
+        """Another connection to the file (:meth:`_off_loop`'s), with the worker's WAL size limit:
+        ``journal_size_limit`` is a connection's own, applied by the connection whose commit first
+        follows a WAL reset. These connections make nearly every write, and without it a WAL a
+        reader or a burst had grown (82 MiB) was never cut back (review of stop 47's diff)."""
+        db = connect_wal(self.path, timeout=timeout, check_same_thread=False)
+        try:
+            db.execute(f"PRAGMA journal_size_limit = {_JOURNAL_SIZE_LIMIT}")
+        except BaseException:
+            db.close()
+            raise
+        return db
 
     def lifetimes(self, idle: float, absolute: float) -> None:
         """The sessions' lifetimes (``sessions.idle``, ``sessions.absolute``), for the purge."""
@@ -548,7 +561,7 @@ class SqliteStore:
                                            "time behind it)")
         db = self._budget_db.get(False)
         if db is None:
-            db = self._budget_db[False] = connect_wal(self.path, timeout=left, check_same_thread=False)
+            db = self._budget_db[False] = self._connect(left)
         db.execute(f"PRAGMA busy_timeout = {max(1, int(left * 1000))}")
         with self._bound_to(db):
             return work(*args)
