@@ -745,9 +745,13 @@ class LinkClient:
             # pool, with a traceback and a new connection per request)
             if not isinstance(username, str) or not 0 < len(username) <= _MAX_USERNAME or not username.isprintable():
                 raise proto.ProtocolError("bad_request", "`username` must be 1-256 printable characters", message.id)
-            identity = await self.directory_call(lambda: self.hook.gateway_lookup_user(username=username),
-                                                 self._time_left(message))
-            return {"found": identity is not None, "identity": _identity_json(identity) if identity else None}
+            identity, looked_up = await self.directory_call(
+                lambda: (self.hook.gateway_lookup_user(username=username), self._looks_up_users()),
+                self._time_left(message))
+            answer = {"found": identity is not None, "identity": _identity_json(identity) if identity else None}
+            if identity is None and not looked_up:
+                answer["looked_up"] = False
+            return answer
         if message.type == "search_users":
             return await directory.search_users(self.hook, body, message.id, self._time_left(message),
                                                 run=self.directory_call)
@@ -757,6 +761,12 @@ class LinkClient:
         if message.type == "selftest":
             return await self._selftest_run(self._time_left(message))
         raise proto.ProtocolError("unknown_type", f"{message.type} is not served", message.id)
+
+    def _looks_up_users(self) -> bool:
+        """Whether some directory plugin that can look users up answered the lookup just made."""
+        return any(getattr(impl.plugin, "looks_up_users", True) is not False
+                   for impl in self.hook.gateway_lookup_user.get_hookimpls()
+                   if not (impl.wrapper or impl.hookwrapper))
 
     async def directory_call(self, fn: Callable[[], Any], time_left: float) -> Any:
         """*fn* (a directory hook) on this link's own threads, waited for *time_left* seconds

@@ -19,6 +19,9 @@ Abstains
     cache then answers users it has seen; not when a connector answered UNAVAILABLE itself (its
     directory down: its own cache had its say, and only it knows what that directory refused
     since), nor when the links are busy (a flood must not turn logins into cache answers).
+    A lookup a connector answers ``found: false`` with ``looked_up: false`` (its directory cannot
+    look anyone up) is ``None``, which the cache does not take for a deleted account
+    (:attr:`RelayPlugin.looks_up_users`).
 Settings (``relay:`` in conf.d)
     ``connection``, ``listen``, ``public_url``, ``public_names``, ``certificate``, ``key``,
     ``ticket_lifetime``, ``certificate_lifetime``, ``ping_interval``, ``max_in_flight``,
@@ -49,6 +52,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import contextvars
 import re
 import ssl
 import time
@@ -92,6 +96,9 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _REASON = re.compile(r"[A-Za-z0-9_.:-]{0,100}")
 _DECIDING = {Outcome.SUCCESS, Outcome.INVALID_CREDENTIALS, Outcome.ACCOUNT_STATE, Outcome.THROTTLED, Outcome.ERROR}
 _MAINTENANCE_INTERVAL = 1.0
+#: Whether the connector that answered the lookup last made in this context (a chain thread, a
+#: greenlet, ``asyncio.to_thread``'s copy) looked the user up: :attr:`RelayPlugin.looks_up_users`.
+_LOOKED_UP: contextvars.ContextVar[bool] = contextvars.ContextVar("authgw_relay_looked_up", default=True)
 #: What the CA conflict names a value under the CA key that is no relay CA this instance can read.
 _NOT_A_CA = "(not a relay CA)"
 
@@ -144,7 +151,7 @@ class RelayPlugin:
                 # holds another: written by an instance that found it missing (Redis lost its
                 # data). Adopting it overwrote the CA every connector pins, without a word.
                 self._ca_conflict(shared.fingerprint, self.log)
-        self.hub = Hub(settings.max_in_flight, relink_wait=settings.relink_wait)
+        self.hub = Hub(settings.max_in_flight, relink_wait=settings.relink_wait, workers=context.gateway.workers)
         if settings.redis is None and context.gateway.workers > 1:
             self.log.warning("relay: with workers: %d and no `redis:`, a login reaches the connectors linked to "
                              "its own worker only; set workers: 1 or relay.redis", context.gateway.workers)
@@ -461,13 +468,28 @@ class RelayPlugin:
                                   from_cache=answer.get("from_cache") is True, answered_by=connector)
         return Decision.deny(outcome, step=self.name, reason=reason, answered_by=connector)
 
+    @property
+    def looks_up_users(self) -> bool:
+        """Whether this step's ``None`` to the lookup just made (in this context) means "no such
+        user": not when the connector that answered it said its directory cannot look anyone up
+        (``looked_up: false``: the ldap plugin with ``direct_bind`` and no service account). The
+        credential cache reads it as each forget is decided (``_looks_up_users``): a Kerberos
+        login at the relay, or a login session's recheck, took that connector's ``found: false``
+        for a deleted account and forgot the password the ``relay`` step proved, which then got
+        503 in the next outage of the link (items left by the review of the ldap plugin)."""
+        return _LOOKED_UP.get()
+
     @hookimpl
     def gateway_lookup_user(self, username: str) -> Identity | None:
+        _LOOKED_UP.set(True)  # a lookup that raises or finds says nothing of the connector's directory
         try:
             answer, _ = self._call("lookup_user", {"username": username}, 5.0, retry=True)
         except Unreachable as exc:
             raise BackendUnavailable(f"no connector answered: {exc.reason}") from None
         if not answer.get("found"):
+            # Only an explicit false counts: a connector that does not say (an older version)
+            # is taken at its word, as before, and the cache forgets (fail closed).
+            _LOOKED_UP.set(answer.get("looked_up") is not False)
             return None
         try:
             identity = _identity(answer.get("identity"), self.name)

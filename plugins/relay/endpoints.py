@@ -17,7 +17,8 @@ same way: an evicted record would free a revoked connector's id for a new enrolm
 
 Before the registry is read, new links are bounded in rate per connector id (429
 ``too_many_dials``) and requests without a certificate per client address (429
-``too_many_requests``): :data:`.hub.DIAL_RATE`, :data:`.hub.ANONYMOUS_RATE`.
+``too_many_requests``): :data:`.hub.DIAL_RATE`, :data:`.hub.ANONYMOUS_RATE`, budgets of the
+relay as a whole, each worker holding its share (:class:`.hub.DialBudgets`).
 """
 
 from __future__ import annotations

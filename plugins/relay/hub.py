@@ -28,7 +28,8 @@ Routing rules (docs/connector.md#high-availability):
   them (:class:`ConnectorGuard`, sized from the request rate it accepts), and a link that says
   no ``hello`` is closed (endpoints.py) — a stolen key cannot fill the relay's memory; new links
   are bounded in rate too (:data:`DIAL_BURST`, :data:`DIAL_RATE`, checked before the registry
-  is read), and requests before identification per client address (:data:`ANONYMOUS_RATE`);
+  is read), and requests before identification per client address (:data:`ANONYMOUS_RATE`),
+  each the relay's whole budget shared out among its workers (:class:`DialBudgets`);
 * a password check is sent **once**: when its frame was written and the link then fails, the
   attempt is UNAVAILABLE (``relay.link_lost``), never re-sent to another connector, because the
   first one may have reached the directory and counted a failure towards the lockout;
@@ -76,13 +77,14 @@ REQUEST_RATE = 1.0
 #: of the relay side).
 CONTROL_BURST = 100
 CONTROL_RATE = 50.0
-#: New links one connector id may open at a relay process: a burst of :data:`DIAL_BURST`, then
-#: :data:`DIAL_RATE` a second; beyond it ``/link`` is refused (429 ``too_many_dials``) before the
-#: registry is read. Bounded in number only (:data:`MAX_LINKS`), a connector dialling in a loop
-#: (a stolen key, a broken connector) cost the relay a registry read, a WebSocket upgrade and
-#: two log lines per link, 150 links a second from one client, and the other connectors'
-#: logins waited behind them (review of the relay, items left). A connector dials once per
-#: network blip and backs off: the burst lets one re-dial at once after many blips in a row.
+#: New links one connector id may open at a relay (its workers together): a burst of
+#: :data:`DIAL_BURST`, then :data:`DIAL_RATE` a second; beyond it ``/link`` is refused (429
+#: ``too_many_dials``) before the registry is read. Bounded in number only (:data:`MAX_LINKS`),
+#: a connector dialling in a loop (a stolen key, a broken connector) cost the relay a registry
+#: read, a WebSocket upgrade and two log lines per link, 150 links a second from one client,
+#: and the other connectors' logins waited behind them (review of the relay, items left). A
+#: connector dials once per network blip and backs off: the burst lets one re-dial at once
+#: after many blips in a row.
 DIAL_BURST = 20
 DIAL_RATE = 1.0
 #: Requests one client address (an IPv6 client by its /64) may make at the relay's listener
@@ -189,11 +191,25 @@ class ControlBudget:
 
 class DialBudgets:
     """Token buckets by key (a connector id, a client network): *burst*, refilled at *rate* a
-    second. O(1) a look, in memory; at most :data:`_BUDGET_KEYS` keys, the least recently used
-    forgotten beyond (a forgotten key starts again from a full burst)."""
+    second, for the relay as a whole; this process, one of *workers*, keeps its share of each
+    (a *workers*-th of the burst, at least one, and of the rate). O(1) a look, in memory; at
+    most :data:`_BUDGET_KEYS` keys, the least recently used forgotten beyond (a forgotten key
+    starts again from a full burst).
 
-    def __init__(self, burst: int, rate: float, clock=time.monotonic) -> None:
-        self.burst, self.rate = float(burst), rate
+    Shares, not one bucket in the relay's store: the workers together admit at most the budget
+    (each worker held all of it, and ``workers: 2`` let a client dial and look tickets up twice
+    as much), and the path a flood takes costs no store write and has no store to wait for or
+    lose (the budgets are there to spare the registry its reads). The price: a client whose
+    connections all reach one worker gets that worker's share only. The workers accept from
+    the relay listener's one socket, each new connection going to a worker free to take it, a
+    refusal closes the connection, and a connector dials again after a back-off: a client
+    spending its budget meets every worker. *workers* is ``workers:`` (a plugin is not told
+    ``authgw serve --workers``: run with more workers than it says, the relay admits more than
+    its budget, one share a worker; with fewer, less)."""
+
+    def __init__(self, burst: int, rate: float, clock=time.monotonic, *, workers: int = 1) -> None:
+        share = max(1, workers)
+        self.burst, self.rate = max(1.0, burst / share), rate / share
         self._clock = clock
         self._buckets: dict[str, list[float]] = {}  # key -> [tokens, at]; insertion order = recency
         self.refused: dict[str, int] = {}  # refusals not logged yet, per key
@@ -386,7 +402,7 @@ class _Relink:
 
 
 class Hub:
-    def __init__(self, max_in_flight: int, relink_wait: float = 3.0) -> None:
+    def __init__(self, max_in_flight: int, relink_wait: float = 3.0, *, workers: int = 1) -> None:
         self.sessions: dict[str, list[LinkSession]] = {}
         self.max_in_flight = max_in_flight
         #: seconds after a lost link during which a call waits for a new one (:meth:`_relinked`)
@@ -401,9 +417,10 @@ class Hub:
         self._lost: dict[str, float] = {}
         self._relink_waiters: dict[str, list[_Waiter]] = {}
         self._watchers: dict[str, asyncio.Task] = {}
-        #: new links per connector id, and requests per client network before identification
-        self.dials = DialBudgets(DIAL_BURST, DIAL_RATE)
-        self.anonymous = DialBudgets(ANONYMOUS_BURST, ANONYMOUS_RATE)
+        #: new links per connector id, and requests per client network before identification:
+        #: this worker's share of the relay's budgets (*workers*: the processes serving it)
+        self.dials = DialBudgets(DIAL_BURST, DIAL_RATE, workers=workers)
+        self.anonymous = DialBudgets(ANONYMOUS_BURST, ANONYMOUS_RATE, workers=workers)
 
     def admit(self, session: LinkSession, skew: float) -> bool:
         """Count *session* as an open link of its connector and give it the connector's replay
