@@ -53,7 +53,7 @@ class RelaySettings(PluginSettings):
     certificate_lifetime: float = Field(90 * 86400.0, ge=1, le=MAX_CERTIFICATE_LIFETIME,
                                         description="seconds a connector certificate is valid (at most a year, and "
                                         "never past the relay CA's end); connectors renew at two thirds of it")
-    ping_interval: float = Field(5.0, gt=0, le=60, description="seconds of silence on a link before the relay "
+    ping_interval: float = Field(5.0, ge=0.1, le=60, description="seconds of silence on a link before the relay "
                                "pings it; a ping not answered within half as long closes the link")
     max_in_flight: int = Field(64, ge=1, description="requests one link carries at once")
     relink_wait: float = Field(3.0, ge=0, le=30, description="seconds after the relay loses a link during which "
