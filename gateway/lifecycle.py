@@ -15,6 +15,8 @@ master.
   ``gateway_shutdown`` :data:`CLOSE_GRACE` after that, and the master kills (SIGKILL) a worker
   still running :data:`KILL_AFTER` seconds after its SIGTERM (under systemd's
   ``TimeoutStopSec=20``).
+* A start-up that goes on for :data:`SLOW_STARTUP` seconds is named by the plugin it is in
+  (:class:`StartupWatch`), in the log and to the master.
 * The master and each worker share a *link* (a socket pair) of pickled tuples
   (:func:`send_message`, :class:`MessageReader`): the master hands a reload's configuration
   over it, and the worker says it serves and how each reload went.
@@ -29,13 +31,16 @@ import pickle
 import signal
 import socket
 import struct
+import sys
+import threading
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from gateway.files import write_atomic
 
-__all__ = ["CLOSE_GRACE", "KILL_AFTER", "PID_FILE", "SHUTDOWN_GRACE", "MessageReader", "die_with_parent", "early_hups",
-           "encode_message", "forget_early_hups", "note_early_hups", "notify_ready", "remove_pidfile",
+__all__ = ["CLOSE_GRACE", "KILL_AFTER", "PID_FILE", "SHUTDOWN_GRACE", "SLOW_STARTUP", "MessageReader", "StartupWatch",
+           "die_with_parent", "early_hups", "encode_message", "forget_early_hups", "note_early_hups", "notify_ready", "remove_pidfile",
            "return_freed_memory", "write_pidfile"]
 
 log = logging.getLogger("authgw.server")
@@ -47,6 +52,10 @@ _M_MMAP_THRESHOLD = -3  # <malloc.h>
 SHUTDOWN_GRACE = 10.0  # in-flight requests of a stopping or retiring generation, all told
 CLOSE_GRACE = 5.0  # the plugins' gateway_shutdown, all together; then the process goes on without them
 KILL_AFTER = SHUTDOWN_GRACE + CLOSE_GRACE + 2.0
+#: Seconds a start-up (building the plugins, their gateway_startup) may take before the log
+#: names the plugin it is in; the master gives it up after its start grace (gateway/supervisor.py).
+SLOW_STARTUP = 10.0
+_LOOK_EVERY = 1.0  # seconds between looks at a start-up's stack
 _LENGTH = struct.Struct("!I")
 
 
@@ -189,3 +198,81 @@ class MessageReader:
             messages.append(pickle.loads(bytes(self.buffer[_LENGTH.size:_LENGTH.size + length])))
             del self.buffer[:_LENGTH.size + length]
         return messages
+
+
+class StartupWatch:
+    """Where a start-up is, by plugin: once a second after the first, a thread of its own looks
+    at the stack of the thread doing it (``sys._current_frames``) and names the innermost plugin
+    on it (:func:`gateway.registry.where_in_plugins`). It says where to *tell* each time that
+    changes (a worker tells its master, which names it when it gives the start-up up), and logs
+    it at WARNING once, after :data:`SLOW_STARTUP` seconds. The stacks written when a worker is
+    given up name modules only: with ten plugins the operator had to work out which one hung
+    (the note of the last stop). Nothing changes how the hooks are called: the stack is read
+    from outside, and only code names and line numbers are kept from it."""
+
+    def __init__(self, what: str, tell: Callable[[str], None] | None = None) -> None:
+        self.what = what  # "worker 123: the start-up": for the log
+        self.tell = tell
+        #: The plugin manager, once built: the objects registered in it name plugins too.
+        self.pm: Any = None
+        self.thread: int | None = None  # the thread doing the start-up now (:meth:`following`)
+        self.started = time.monotonic()
+        self._discovered: dict | None = None
+        self._told = ""
+        self._done = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    def following(self, function: Callable[[], Any]) -> Callable[[], Any]:
+        """*function*, watched on whichever thread runs it."""
+        def run() -> Any:
+            self.thread = threading.get_ident()
+            try:
+                return function()
+            finally:
+                self.thread = None  # an executor's thread goes on to other work
+
+        return run
+
+    def start(self) -> StartupWatch:
+        self._watcher = threading.Thread(target=self._run, name="authgw-startup-watch", daemon=True)
+        self._watcher.start()
+        return self
+
+    def stop(self) -> None:
+        self._done.set()
+        if self._watcher is not None and self._watcher is not threading.current_thread():
+            self._watcher.join(5.0)
+
+    def where(self) -> str:
+        """Where the start-up is now (``it is ...``)."""
+        from gateway.registry import discover, plugin_places, where_in_plugins
+
+        if self._discovered is None:
+            try:
+                self._discovered = discover()
+            except Exception:  # noqa: BLE001 - the start-up reports it; here, no entry point names a plugin
+                self._discovered = {}
+        frame = sys._current_frames().get(self.thread)
+        try:
+            return where_in_plugins(frame, plugin_places(self._discovered, self.pm))
+        finally:
+            del frame  # no reference to another thread's frames is kept
+
+    def _run(self) -> None:
+        said = False
+        while not self._done.wait(_LOOK_EVERY):
+            if self.thread is None:  # between two steps of the start-up
+                continue
+            try:
+                where = self.where()
+            except Exception as exc:  # noqa: BLE001 - a diagnostic: the start-up goes on without it
+                log.warning("%s: cannot tell where it is (%s)", self.what, exc.__class__.__name__)
+                return
+            if where != self._told and self.tell is not None and not self._done.is_set():
+                self._told = where
+                self.tell(where)
+            elapsed = time.monotonic() - self.started
+            if not said and elapsed >= SLOW_STARTUP and not self._done.is_set():
+                said = True
+                log.warning("%s has not finished after %.0f s; it is %s", self.what, elapsed, where)
+

@@ -11,7 +11,9 @@ import difflib
 import importlib.metadata as md
 import inspect
 import logging
+import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -26,7 +28,7 @@ from gateway.settings import GatewaySettings, PluginSettings
 from gateway.yamlfiles import format_path
 
 __all__ = ["ENTRY_POINT_GROUP", "Planned", "PluginContext", "PluginInfo", "PluginManager", "build_plugin_manager",
-           "check_config", "discover", "hookimpl", "plugin_attribute"]
+           "check_config", "discover", "hookimpl", "plugin_attribute", "plugin_places", "where_in_plugins"]
 
 ENTRY_POINT_GROUP = "authgw.plugins"
 PROJECT = "authgw"
@@ -451,3 +453,84 @@ def build_plugin_manager(config: Config, *, state_dir: Path, core_plugins: list[
     except pluggy.PluginValidationError as exc:
         raise PluginLoadError(str(exc)) from exc
     return pm, plugins
+
+
+# -- which plugin a thread is in --------------------------------------------------------------------
+
+#: The core's own code (this package), for naming where a stack that is in no plugin waits.
+_CORE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _place_of(module: Any) -> str | None:
+    """Where *module*'s code is: a package's directory (its submodules too) or the module's file."""
+    file = getattr(module, "__file__", None)
+    if not isinstance(file, str):
+        return None
+    file = os.path.abspath(file)
+    return os.path.dirname(file) + os.sep if os.path.basename(file) == "__init__.py" else file
+
+
+def plugin_places(discovered: dict[str, PluginInfo], pm: pluggy.PluginManager | None = None) -> list[tuple[str, str]]:
+    """``(place, description)`` of every plugin whose code is loaded, the most specific place
+    first: its entry point's module and, once registered in *pm*, the module of the object it
+    registered (which may be another: an entry point that imports its class from elsewhere).
+    A place is a package's directory or a module's file (:func:`_place_of`). Nothing is
+    imported: a plugin whose module is not loaded yet runs no code."""
+    places: dict[str, list[str]] = {}
+
+    def add(name: str, module: Any) -> None:
+        info = discovered[name]
+        place = _place_of(module)
+        if place and place != _CORE:  # a plugin object of the core's package itself is no place of its own
+            described = (f"plugin {name!r} (module {getattr(module, '__name__', '?')}, distribution "
+                         f"{info.distribution} {info.version})")
+            if described not in places.setdefault(place, []):
+                places[place].append(described)
+
+    for name, info in discovered.items():
+        module = sys.modules.get(info.value.split(":")[0].strip())
+        if module is not None:
+            add(name, module)
+    for name, plugin in (pm.list_name_plugin() if pm is not None else []):
+        if name in discovered and plugin is not None:
+            add(name, inspect.getmodule(plugin))
+    # Two plugins of one module (entry points to two classes of it) are both named: the module
+    # alone cannot tell which (a frame's locals could, and they are not read: secrets).
+    return sorted(((place, " or ".join(named)) for place, named in places.items()), key=lambda p: -len(p[0]))
+
+
+def _frame_text(frame: Any) -> str:
+    """``function (module, line N)``: no locals, no arguments (a password may be one). The
+    module's name says which library a frame is in (``ldap3.strategy.sync``), where its file's
+    name may not (``strategy/sync.py``)."""
+    code = frame.f_code
+    module = frame.f_globals.get("__name__")
+    if not isinstance(module, str):
+        module = os.sep.join(os.path.abspath(code.co_filename).split(os.sep)[-2:])
+    return f"{getattr(code, 'co_qualname', code.co_name)} ({module}, line {frame.f_lineno})"
+
+
+def where_in_plugins(frame: Any, places: list[tuple[str, str]]) -> str:
+    """Where a thread whose innermost frame is *frame* is, for the log (``it is ...``): in the
+    innermost plugin on its stack (a library the plugin called, ldap3 or a socket read, is
+    further in), at the plugin's frame and, when it differs, waiting in the innermost one; else
+    not inside a plugin, at the core's innermost frame. Code names and line numbers only: no
+    locals, no arguments (a password may be one)."""
+    if frame is None:
+        return "not running: the thread has ended"
+    innermost, core = frame, None
+    while frame is not None:
+        file = os.path.abspath(frame.f_code.co_filename)
+        for place, described in places:
+            if file == place or place.endswith(os.sep) and file.startswith(place):
+                return f"in {described}, at {_frame_text(frame)}{_waiting(frame, innermost)}"
+        if core is None and file.startswith(_CORE):
+            core = frame
+        frame = frame.f_back
+    if core is None:
+        return f"not inside a plugin, at {_frame_text(innermost)}"
+    return f"not inside a plugin, at the core's {_frame_text(core)}{_waiting(core, innermost)}"
+
+
+def _waiting(frame: Any, innermost: Any) -> str:
+    return "" if frame is innermost else f", waiting in {_frame_text(innermost)}"

@@ -47,7 +47,7 @@ from gateway.errors import ConfigError
 from gateway.http.app import EXACT_TARGETS, build_apps, exact_targets
 from gateway.http.protocol import ConnectionGuard, GuardedSite, hand_over
 from gateway.logs import MULTILINE, RateLimitedWarning
-from gateway.lifecycle import (CLOSE_GRACE, SHUTDOWN_GRACE, MessageReader, early_hups, encode_message,
+from gateway.lifecycle import (CLOSE_GRACE, SHUTDOWN_GRACE, MessageReader, StartupWatch, early_hups, encode_message,
                                forget_early_hups, note_early_hups, notify_ready, remove_pidfile,
                                return_freed_memory, write_pidfile)
 from gateway.runtime import Runtime, build_runtime
@@ -152,12 +152,12 @@ class _Worker:
         self.retiring: set[asyncio.Task] = set()
         self.stopping = False
 
-    async def start(self, runtime: Runtime, grace: float | None = None) -> None:
+    async def start(self, runtime: Runtime, grace: float | None = None, watch: StartupWatch | None = None) -> None:
         """The first generation; *grace*: seconds its plugins' start-up may take (None: the master
-        bounds it, killing a worker not serving in time)."""
+        bounds it, killing a worker not serving in time); *watch*: where it is, by plugin."""
         settings = runtime.config.core
         self.guard = ConnectionGuard(settings.limits, settings.trusted_proxies, settings.throttle.ipv6_prefix)
-        self.current = await self._start_generation(runtime, grace)
+        self.current = await self._start_generation(runtime, grace, watch)
 
     def _listeners(self, runtime: Runtime) -> dict[str, Listener]:
         listeners = {listener.name: listener for listener in runtime.gateway.listeners()}
@@ -167,8 +167,10 @@ class _Worker:
                               f"({', '.join(sorted(listeners)) or 'none'}); that needs a restart")
         return listeners
 
-    async def _start_generation(self, runtime: Runtime, grace: float | None = None) -> _Generation:
-        """*runtime* started and listening; *grace*: seconds its plugins' start-up may take."""
+    async def _start_generation(self, runtime: Runtime, grace: float | None = None,
+                                watch: StartupWatch | None = None) -> _Generation:
+        """*runtime* started and listening; *grace*: seconds its plugins' start-up may take;
+        *watch*: names the plugin it is in, in the log and in the message of a start-up given up."""
         listeners = self._listeners(runtime)
         generation = _Generation(runtime)
         try:
@@ -176,15 +178,20 @@ class _Worker:
             # (their threads and pools), not left running beside the generation that stays.
             # On a daemon thread: a start-up that hangs (a backend that does not answer) must not
             # keep a stopping process from exiting, as a thread of the loop's executor would.
-            starting = _in_thread(runtime.gateway.startup)
+            starting = _in_thread(watch.following(runtime.gateway.startup) if watch else runtime.gateway.startup)
             try:
                 await asyncio.wait_for(asyncio.shield(starting), grace)
             except asyncio.TimeoutError:
+                if starting.done():
+                    # The plugin's own TimeoutError (a socket timeout; asyncio's is the same class
+                    # since Python 3.11): a start-up that failed, not one that never returned.
+                    raise
                 # A reload's start-up that never returned held every later reload behind it: the
                 # worker served its configuration for good, and the master said nothing (review
                 # of the supervisor). Given up (its thread left behind), the reload refused.
-                raise RuntimeError(f"the plugins' gateway_startup has not returned after {grace:.0f} s (a backend "
-                                   "one waits on?); given up") from None
+                where = f"; it is {watch.where()}" if watch else " (a backend one waits on?)"
+                raise RuntimeError(f"the plugins' gateway_startup has not returned after {grace:.0f} s{where}; "
+                                   "given up") from None
             apps = build_apps(runtime.gateway, runtime.metrics, list(listeners.values()))
             for name, app in apps.items():
                 # aiohttp waits this long for a request in flight, cancels it, and waits as long
@@ -254,21 +261,27 @@ class _Worker:
         old = self.current
         if old is None:
             return False
+        watch = StartupWatch(f"worker {os.getpid()}: a reload's start-up").start()
         try:
-            runtime = await loop.run_in_executor(None, functools.partial(
-                build_runtime, self.config_dir, state_dir=self.state_dir, metrics=old.runtime.metrics, config=config,
-                workers=self.workers))
-        except Exception as exc:
-            return self._refused(exc)
-        try:
-            _restart_only(old.runtime.config.core, runtime.config.core)
-            # Throttle counts (and failure-timing samples) go on, as metrics do: a reload must
-            # never hand guessers a fresh budget.
-            runtime.gateway.carry_over(old.runtime.gateway)
-            new = await self._start_generation(runtime, start_grace(old.runtime.config.core.worker_timeout))
-        except Exception as exc:
-            runtime.discard()
-            return self._refused(exc)
+            try:
+                runtime = await loop.run_in_executor(None, watch.following(functools.partial(
+                    build_runtime, self.config_dir, state_dir=self.state_dir, metrics=old.runtime.metrics,
+                    config=config, workers=self.workers)))
+            except Exception as exc:
+                return self._refused(exc)
+            watch.pm = runtime.gateway.pm
+            try:
+                _restart_only(old.runtime.config.core, runtime.config.core)
+                # Throttle counts (and failure-timing samples) go on, as metrics do: a reload must
+                # never hand guessers a fresh budget.
+                runtime.gateway.carry_over(old.runtime.gateway)
+                new = await self._start_generation(runtime, start_grace(old.runtime.config.core.worker_timeout),
+                                                   watch)
+            except Exception as exc:
+                runtime.discard()
+                return self._refused(exc)
+        finally:
+            watch.stop()
         self.guard.limits = runtime.config.core.limits
         self.guard.trusted = tuple(runtime.config.core.trusted_proxies)
         # The per-client cap counts an IPv6 client by its network as the throttle does: a changed
@@ -386,13 +399,20 @@ async def _serve_worker(config_dir: Path, state_dir: Path | None, sockets: list[
     else:
         loop.add_signal_handler(signal.SIGHUP, lambda: log.info(
             "worker %d: SIGHUP ignored; reloads are the master's (kill -HUP %d)", os.getpid(), os.getppid()))
-    runtime = runtime or await loop.run_in_executor(None, functools.partial(
-        build_runtime, config_dir, state_dir=state_dir, config=config, workers=workers))
-    # Alone (no master to watch it), the start-up is bounded here: a plugin's gateway_startup
-    # that never returned kept `authgw serve` starting for good, its socket taking connections no
-    # one answered and nothing logged (review of the supervisor). Under a master, the master
-    # bounds it (and names the worker): two bounds would race to say why.
-    await worker.start(runtime, start_grace(runtime.config.core.worker_timeout) if link is None else None)
+    # Names the plugin a start-up that goes on is in: in the log, and to the master, which gives
+    # the start-up up and says so (the stacks it has written name only modules).
+    watch = StartupWatch(f"worker {os.getpid()}: the start-up", _tell_where(link)).start()
+    try:
+        runtime = runtime or await loop.run_in_executor(None, watch.following(functools.partial(
+            build_runtime, config_dir, state_dir=state_dir, config=config, workers=workers)))
+        watch.pm = runtime.gateway.pm
+        # Alone (no master to watch it), the start-up is bounded here: a plugin's gateway_startup
+        # that never returned kept `authgw serve` starting for good, its socket taking connections no
+        # one answered and nothing logged (review of the supervisor). Under a master, the master
+        # bounds it (and names the worker): two bounds would race to say why.
+        await worker.start(runtime, start_grace(runtime.config.core.worker_timeout) if link is None else None, watch)
+    finally:
+        watch.stop()  # before the link is the loop's (_follow_master): the watch tells on it
     names = ", ".join([_url(s) for s in sockets] + [_url(s, "https" if x.ssl_context else "http") + f" ({n})"
                       for n, s in extra.items() for x in runtime.gateway.listeners() if x.name == n])
     if link is not None:  # the master first: once this line is logged, the master has been told
@@ -410,6 +430,22 @@ async def _serve_worker(config_dir: Path, state_dir: Path | None, sockets: list[
         if link is not None:
             loop.remove_reader(link.fileno())
         await worker.stop()
+
+
+def _tell_where(link: socket.socket | None) -> Callable[[str], None] | None:
+    """What tells the master where this worker's start-up is (:class:`StartupWatch`)."""
+    if link is None:
+        return None
+
+    def tell(where: str) -> None:
+        try:
+            # Without waiting: this thread must not hold the link half-written when the loop
+            # takes it over (a few hundred bytes go whole into an empty enough buffer, or not at all).
+            link.send(encode_message(("starting", where[:1000])), socket.MSG_DONTWAIT)
+        except OSError:
+            pass  # the master is gone (this worker is told to stop) or not reading: it is in the log too
+
+    return tell
 
 
 def _follow_master(worker: _Worker, link: socket.socket) -> None:

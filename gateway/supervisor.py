@@ -34,7 +34,10 @@ start-up waiting for ever on a backend) is killed the same way, as a failed star
 worker has served, and at the very first start fails the start (exit 3) saying so, where the
 master waited for it without end; a worker's reload gives up such a start-up after as long
 (gateway/server.py). A retried slot's socket is bound again without listening: its worker
-listens once it serves, so the try's start-up holds no share of new connections.
+listens once it serves, so the try's start-up holds no share of new connections. A worker says
+where its start-up is once it has taken a second (the plugin it is in, by its stack:
+:class:`gateway.lifecycle.StartupWatch`), and the lines that give it up name that plugin; the
+stacks name only modules.
 
 A reload's reader that makes no progress (a conf.d file on a network mount whose server died:
 its read never returns) is named with the file it waits on (the reader says which file it reads,
@@ -161,6 +164,9 @@ class _Child:
     heard: float  # when the master last saw that count move (or the fork)
     count: int = 0
     serving: bool = False
+    #: Where its start-up is, as it last said (``in plugin 'x' (module m, distribution d), at
+    #: ...``: gateway.lifecycle.StartupWatch), for the lines that give that start-up up.
+    starting: str = ""
     hung: float | None = None  # when the watchdog found it hung and asked for its stacks
     #: During a silence: when the loop thread's wake-ups were last counted, and how many then.
     sampled: tuple[float, tuple[int, ...] | None] | None = None
@@ -437,7 +443,9 @@ class _Master:
         return bool(messages)
 
     def _on_message(self, pid: int, child: _Child, message: tuple) -> None:
-        if message[0] == "serving":
+        if message[0] == "starting":
+            child.starting = printable(str(message[1]))
+        elif message[0] == "serving":
             child.serving = self.served = True
             self.failures.pop(child.slot, None)
             if self.notify:
@@ -493,15 +501,15 @@ class _Master:
             log.warning("worker %d exited (%s); starting a new one", pid, code)
             delay = 1.0 if time.monotonic() - child.started < 1.0 else 0.0  # no spinning
         elif not self.served:
-            log.error("worker %d failed to start; stopping", pid)
+            log.error("worker %d failed to start; stopping%s", pid, _where(child))
             self.exit_code = EXIT_STARTUP_FAILED
             self.on_stop(signal.SIGTERM, None)
             return
         else:
             failures, delay, serving, closed = self._failed_start(child.slot)
             log.error("worker %d failed to start (exit %s), %d time(s) in a row on slot %d; %d of %d workers "
-                      "serve; trying again in %.0f s%s", pid, code, failures, child.slot, serving, self.count, delay,
-                      closed)
+                      "serve; trying again in %.0f s%s%s", pid, code, failures, child.slot, serving, self.count, delay,
+                      closed, _where(child))
         self.due[child.slot] = time.monotonic() + delay
 
     # -- the watchdog ----------------------------------------------------------------------------
@@ -536,16 +544,16 @@ class _Master:
                     # The start fails already: one worker's stacks are enough, and two written
                     # at once to the one stderr come out interleaved, unreadable.
                     child.hung = now
-                    log.error("worker %d (slot %d) has not started serving either; it is killed (SIGKILL)",
-                              pid, child.slot)
+                    log.error("worker %d (slot %d) has not started serving either%s; it is killed (SIGKILL)",
+                              pid, child.slot, _where(child, "is"))
                     continue
                 child.hung = now
                 then = ("and started again" if self.served else
                         "and, no worker serving yet, the start fails (exit 3) as when a start-up fails")
-                log.error("worker %d (slot %d) has not started serving %.0f s after its fork (a plugin's "
-                          "gateway_startup that does not return: a backend it waits on?); its threads' stacks "
-                          "follow on stderr (the plugin's module is in them), then it is killed (SIGKILL) %s",
-                          pid, child.slot, now - child.started, then)
+                log.error("worker %d (slot %d) has not started serving %.0f s after its fork%s; its threads' "
+                          "stacks follow on stderr, then it is killed (SIGKILL) %s", pid, child.slot,
+                          now - child.started, _where(child, "is") or " (a plugin's gateway_startup that does not "
+                          "return: a backend it waits on?)", then)
                 _signal(pid, _STACKS_SIGNAL)
                 continue
             (count,) = _BEAT.unpack_from(child.beat)
@@ -809,6 +817,13 @@ class _Master:
         refused = f"; worker(s) {', '.join(map(str, sorted(reload.refused)))} refused it" if reload.refused else ""
         log.error("MIXED CONFIGURATION: %s%s; remove the cause and send SIGHUP again:%s", serving, refused, reasons,
                   extra=MULTILINE)
+
+
+def _where(child: _Child, tense: str = "was") -> str:
+    """Where *child*'s start-up is as it last said, for a line that gives it up: the plugin it
+    is in (the stacks name only modules; with ten plugins the operator had to work it out), or
+    nothing when it said nothing (a start-up under a second, or an older worker)."""
+    return f"; its start-up {tense} {child.starting}" if child.starting and not child.serving else ""
 
 
 def _child_signals() -> None:
