@@ -18,8 +18,8 @@ import threading
 import time
 from pathlib import Path
 
-from plugins.login.sessions import _JOURNAL_SIZE_LIMIT, SessionManager, SqliteStore
-from plugins.login.settings import SessionSettings
+from gateway.plugins.login.sessions import _JOURNAL_SIZE_LIMIT, SessionManager, SqliteStore
+from gateway.plugins.login.settings import SessionSettings
 
 #: Records written while a reader holds its snapshot: each of ~20 kB, some 55 MiB of WAL in all.
 _BURST = 1000

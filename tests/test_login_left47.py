@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-import threading
 import time
 
 import pytest
@@ -22,9 +21,10 @@ import pytest
 from support.login import LoginSite
 from support.pki import CA
 from support.slapd import Slapd
+from support.heldlock import Pending, healthz, held_lock, one_worker
 
-from plugins.login.sessions import SessionManager, SqliteStore
-from plugins.login.settings import SessionSettings
+from gateway.plugins.login.sessions import SessionManager, SqliteStore
+from gateway.plugins.login.settings import SessionSettings
 
 REDIRECT = "https://app.example.test/cb"
 CLIENT = {"client_id": "app", "redirect_uri": REDIRECT, "response_type": "code",
@@ -41,8 +41,7 @@ def door(tmp_path_factory):
                          login={"oidc": {"clients": [{"client_id": "app", "redirect_uris": [REDIRECT],
                                                       "client_secret": {"env": "APP_SECRET"}}]}},
                          env={"APP_SECRET": "s3cret-s3cret-s3cret"})
-        site.gw = site.start(workers=1)
-        site.db = site.dir / "state0" / "login" / "sessions.sqlite3"
+        one_worker(site)
         try:
             yield site
         finally:
@@ -51,47 +50,11 @@ def door(tmp_path_factory):
         slapd.stop()
 
 
-class Pending:
-    """A request sent from a thread; its answer (or exception) once :attr:`done` is set."""
-
-    def __init__(self, send) -> None:
-        self.done = threading.Event()
-        self.answer = self.error = None
-
-        def run():
-            try:
-                self.answer = send()
-            except Exception as exc:  # noqa: BLE001 - reported by the test
-                self.error = exc
-            finally:
-                self.done.set()
-
-        threading.Thread(target=run, daemon=True).start()
-
-    def result(self):
-        assert self.done.wait(30), "the login request was never answered"
-        assert self.error is None, self.error
-        return self.answer
-
-
 def authorize(site, address: str, state: str):
     browser = site.client()
     browser.headers["Connection"] = "close"
     return browser.get(f"{site.gw.url}/oidc/authorize", params={**CLIENT, "state": state},
                        headers={"X-Forwarded-For": address}, allow_redirects=False, timeout=25)
-
-
-def healthz(site):
-    browser = site.client()
-    browser.headers["Connection"] = "close"
-    return browser.get(f"{site.gw.url}/healthz", timeout=25)
-
-
-def held_lock(site) -> sqlite3.Connection:
-    """The session store's write lock, held as an operator's ``sqlite3`` shell holds it."""
-    holder = sqlite3.connect(site.db, isolation_level=None)
-    holder.execute("BEGIN IMMEDIATE")
-    return holder
 
 
 def test_the_worker_answers_while_a_budget_check_waits_for_a_held_lock(door):
@@ -219,7 +182,7 @@ def test_budget_checks_queued_behind_a_held_lock_each_give_up_within_their_wait(
 #: step back left every spent bucket empty for its length.
 from test_throttle_left46 import SteppedRedis, step_library  # noqa: E402,F401 - the fixture is used by name
 
-from plugins.login.sessions import STORE_ERRORS, RedisStore  # noqa: E402
+from gateway.plugins.login.sessions import STORE_ERRORS, RedisStore  # noqa: E402
 
 BURST, RATE = 3, 1.0  # a token a second: time passing is seen within the test
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-import threading
 import time
 
 import pytest
@@ -24,10 +23,11 @@ import pytest
 from support.login import LoginSite
 from support.pki import CA
 from support.slapd import Slapd
+from support.heldlock import Pending, healthz, held_lock, one_worker
 
 from gateway import Identity
-from plugins.login.sessions import SessionManager, SqliteStore
-from plugins.login.settings import SessionSettings
+from gateway.plugins.login.sessions import SessionManager, SqliteStore
+from gateway.plugins.login.settings import SessionSettings
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +37,7 @@ def door(tmp_path_factory):
     try:
         slapd.add_user("alice", "Alice-pw-1", mail="alice@example.com")
         site = LoginSite(base / "idp", slapd, CA.create())
-        site.gw = site.start(workers=1)
-        site.db = site.dir / "state0" / "login" / "sessions.sqlite3"
+        one_worker(site)
         try:
             yield site
         finally:
@@ -47,48 +46,12 @@ def door(tmp_path_factory):
         slapd.stop()
 
 
-class Pending:
-    """A request sent from a thread; its answer (or exception) once :attr:`done` is set."""
-
-    def __init__(self, send) -> None:
-        self.done = threading.Event()
-        self.answer = self.error = None
-
-        def run():
-            try:
-                self.answer = send()
-            except Exception as exc:  # noqa: BLE001 - reported by the test
-                self.error = exc
-            finally:
-                self.done.set()
-
-        threading.Thread(target=run, daemon=True).start()
-
-    def result(self):
-        assert self.done.wait(30), "the request was never answered"
-        assert self.error is None, self.error
-        return self.answer
-
-
 def signed_in(site):
     browser = site.client()
     answer = site.sign_in(browser, "alice", "Alice-pw-1")
     assert answer.status_code == 200 and "Sign out" in answer.text, answer.text[:500]
     browser.headers["Connection"] = "close"
     return browser
-
-
-def healthz(site):
-    browser = site.client()
-    browser.headers["Connection"] = "close"
-    return browser.get(f"{site.gw.url}/healthz", timeout=25)
-
-
-def held_lock(site) -> sqlite3.Connection:
-    """The session store's write lock, held as an operator's ``sqlite3`` shell holds it."""
-    holder = sqlite3.connect(site.db, isolation_level=None)
-    holder.execute("BEGIN IMMEDIATE")
-    return holder
 
 
 def last_seen(site) -> list[float]:

@@ -30,14 +30,13 @@ from authlib.integrations.requests_client import OAuth2Session
 from support.login import LoginSite
 from support.pki import CA
 from support.slapd import Slapd
+from support.heldlock import Pending, healthz, held_lock, one_worker
 
 from gateway.plugins.login.keys import _new_pair
 from gateway.plugins.login.oidc import OidcProvider, _digest
 from gateway.plugins.login.sessions import SessionManager, SqliteStore
 from gateway.plugins.login.settings import LoginSettings, SessionSettings
 
-# One shape of helper for a request that waits, and of the held lock, with the door's test.
-from test_login_left47b import Pending, healthz, held_lock
 
 CB = "https://rp.example.test/callback"
 BYE = "https://rp.example.test/signed-out"
@@ -56,8 +55,7 @@ def op(tmp_path_factory):
             {"client_id": "rp", "redirect_uris": [CB], "client_secret": {"file": str(base / "secret")},
              "post_logout_redirect_uris": [BYE]}]}})
         try:
-            site.gw = site.start(workers=1)
-            site.db = site.dir / "state0" / "login" / "sessions.sqlite3"
+            one_worker(site)
             site.config = site.client().get(f"{site.url}/.well-known/openid-configuration").json()
             yield site
         finally:
