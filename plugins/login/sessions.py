@@ -58,6 +58,7 @@ import functools
 import json
 import logging
 import math
+import os
 import secrets
 import sqlite3
 import threading
@@ -262,6 +263,19 @@ class SqliteStore:
     sign-in's session, a single-use take waited :attr:`BUSY_TIMEOUT` on the loop each (items
     left by stop 47). Their sync forms (:class:`SessionManager`'s methods without the ``a``)
     still wait where they run, for callers that cannot await (a command, a unit test).
+
+    The loop's connection makes no checkpoint (``wal_autocheckpoint`` 0): SQLite's own, at the
+    commit that takes the WAL past 1,000 pages, copied 4 MiB into the file on the loop, every
+    request of the worker waiting (items left by stop 47; the throttle's store had the same).
+    Its commit that leaves the WAL past :data:`_JOURNAL_SIZE_LIMIT` starts one (``PASSIVE``) on
+    the store's thread instead, one at a time per process (:meth:`_checkpoint_soon`). The WAL
+    file's size measures what it holds past that limit: a WAL reset is cut back to the limit at
+    its first commit (every connection of this store has it) and grows past it only when its
+    frames do. While it is past, every call is made on the store's thread (as for a lock held),
+    behind that checkpoint, on a connection that keeps SQLite's checkpoint at a commit: one that
+    did not complete (a reader holding a snapshot, another process's or the purge's checkpoint
+    under way) is made again there, never skipped for good, and the first write after a
+    complete one resets the WAL and cuts the file back.
     """
 
     BUSY_TIMEOUT = 0.5
@@ -320,8 +334,11 @@ class SqliteStore:
         #: event loop's, which never waits for a lock; ``False`` the store thread's, which waits.
         loop_db = self._connect(5.0)  # set up as self.db, then:
         loop_db.execute("PRAGMA busy_timeout = 0")
+        loop_db.execute("PRAGMA wal_autocheckpoint = 0")  # made on the store's thread (class docstring)
         self._budget_db: dict[bool, sqlite3.Connection] = {True: loop_db}
         self._budget_thread: concurrent.futures.ThreadPoolExecutor | None = None
+        #: The checkpoint the loop's commits started on the store's thread, if any (:meth:`_checkpoint_soon`).
+        self._checkpointing: concurrent.futures.Future | None = None
 
     def _connect(self, timeout: float) -> sqlite3.Connection:
         """Another connection to the file (:meth:`_off_loop`'s), with the worker's WAL size limit:
@@ -537,20 +554,67 @@ class SqliteStore:
         worker inside its transaction) nothing was changed, and it is made again on the store's
         thread, which waits up to *wait* seconds from now, then raises the lock's
         ``sqlite3.OperationalError`` (a store error: the door's 503). A read never waits for a
-        writer (WAL): it is answered on the loop."""
-        try:
-            with self._bound_to(self._budget_db[True]):
-                return work(*args)
-        except sqlite3.OperationalError as exc:
-            if result_code(exc) not in (_SQLITE_BUSY, _SQLITE_LOCKED):
-                raise
+        writer (WAL): it is answered on the loop. While the WAL is past its limit every call is
+        made on the thread, behind the checkpoint (class docstring)."""
+        if not self._wal_past_limit():
+            try:
+                with self._bound_to(self._budget_db[True]):
+                    result = work(*args)
+            except sqlite3.OperationalError as exc:
+                if result_code(exc) not in (_SQLITE_BUSY, _SQLITE_LOCKED):
+                    raise
+            else:
+                if self._wal_past_limit():  # this commit took it past: the loop's connection makes no checkpoint
+                    self._checkpoint_soon()
+                return result
         deadline = time.monotonic() + wait
+        return await asyncio.get_running_loop().run_in_executor(
+            self._store_thread(), functools.partial(self._waited, deadline, work, *args))
+
+    def _store_thread(self) -> concurrent.futures.ThreadPoolExecutor:
         if self._budget_thread is None:
             # One thread: calls that wait for the lock queue behind each other, each within its
             # own deadline, and hold none of the loop's default executor (SAML signing, reloads).
             self._budget_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="login-store")
-        return await asyncio.get_running_loop().run_in_executor(
-            self._budget_thread, functools.partial(self._waited, deadline, work, *args))
+        return self._budget_thread
+
+    def _wal_past_limit(self) -> bool:
+        """Whether the WAL holds more than :data:`_JOURNAL_SIZE_LIMIT` (class docstring)."""
+        try:
+            return os.stat(f"{self.path}-wal").st_size > _JOURNAL_SIZE_LIMIT
+        except OSError:  # none yet; a directory gone is the next call's to report
+            return False
+
+    def _checkpoint_soon(self) -> None:
+        """Checkpoint the WAL on the store's thread, unless the last one started is still queued
+        or under way. The same thread as the calls that wait for a lock, not one of its own: those
+        wait only while another process holds the write lock, when this worker's commits cannot
+        grow the WAL, so a checkpoint queued behind them is not late; one ahead of them takes
+        from their wait only the time of a PASSIVE checkpoint (it waits for no lock): copying
+        the 16 MiB of WAL it is started at (measured 2 to 28 ms). And the calls made while the WAL
+        is past the limit must follow it there (the first write after it resets the WAL)."""
+        if self._checkpointing is not None and not self._checkpointing.done():
+            return
+        try:
+            self._checkpointing = self._store_thread().submit(self._checkpoint)
+        except RuntimeError:  # the store is closing: nothing to keep small
+            pass
+
+    def _checkpoint(self) -> None:
+        """A PASSIVE checkpoint on the store thread's connection: it copies what it can now
+        (up to a reader's snapshot; none while another checkpoint of the file runs) and waits
+        for no lock. What it leaves is copied by a later one (class docstring)."""
+        try:
+            self._thread_db(5.0).execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except (sqlite3.Error, OSError) as exc:  # the file's trouble is the next write's to report
+            log.debug("login: a checkpoint of %s failed: %s", self.path, exc)
+
+    def _thread_db(self, timeout: float) -> sqlite3.Connection:
+        """The store thread's connection (made at its first use, *timeout* for setting it up)."""
+        db = self._budget_db.get(False)
+        if db is None:
+            db = self._budget_db[False] = self._connect(timeout)
+        return db
 
     def _waited(self, deadline: float, work, *args):
         """``work(*args)`` on the store thread's connection, waiting for the lock until
@@ -559,9 +623,7 @@ class SqliteStore:
         if left <= 0:  # queued behind calls that waited their whole time: the lock is still held
             raise sqlite3.OperationalError(f"{self.path}: database is locked (the store's calls waited their "
                                            "time behind it)")
-        db = self._budget_db.get(False)
-        if db is None:
-            db = self._budget_db[False] = self._connect(left)
+        db = self._thread_db(left)
         db.execute(f"PRAGMA busy_timeout = {max(1, int(left * 1000))}")
         with self._bound_to(db):
             return work(*args)
