@@ -145,7 +145,13 @@ def test_calls_against_hostile_redis_leak_no_descriptor_or_thread(tmp_path):
             for i in range(30):
                 with pytest.raises(StoreUnavailable):
                     store.reserve([("u:x", 5)], f"t{i}", 0, 60)
-            assert fds() <= before + 1 and threading.active_count() <= threads + 1
+            # The hostile server's side of each connection is this process's too, closed by its
+            # thread once it reads the client's close: a leak is what is still open once those
+            # threads have caught up (a loaded machine showed 2 descriptors in between).
+            settled = time.monotonic() + 10
+            while (fds() > before + 1 or threading.active_count() > threads + 1) and time.monotonic() < settled:
+                time.sleep(0.05)
+            assert fds() <= before + 1 and threading.active_count() <= threads + 1, (fds(), before)
             store.close()
 
 
