@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 from gateway.plugins.cache.store import (AT_LIMIT, FORGOTTEN_FOR, FUTURE_TOLERANCE, GONE, TAKEN, Entry,
                                          StoreError)
+from gateway.redis_deadline import CallDeadline, bounded_connection_class
 from gateway.redis_eviction import EvictionWatch, refused
 
 __all__ = ["RedisStore"]
@@ -108,6 +109,14 @@ class RedisStore:
     Redis is down. Deleting (:meth:`delete`, :meth:`forget`, :meth:`forget_all`, :meth:`purge`)
     goes on: it never lets a password work, and a refusal must not wait. One ERROR line per
     change of the answer, per process.
+
+    **Each command within ``redis.timeout``, in all** (:mod:`gateway.redis_deadline`): connecting,
+    sending and the whole answer, at most :data:`~gateway.redis_deadline.MAX_ANSWER_BYTES` of it.
+    An answer that is no Redis answer (arrays nested 200,000 deep, ``+PONG`` to the handshake) is a
+    :class:`StoreError`, as Redis down is: it raised ``RecursionError`` or ``AttributeError``
+    through :meth:`_call`: no worker started (``gateway_startup`` takes a StoreError only), and
+    later every login and health probe logged a traceback (~150 KB each for the nested arrays)
+    while ``/readyz`` said the store was ok (stop 47).
     """
 
     def __init__(self, url: str, *, max_age: float, key_prefix: str = "authgw:cache:", username: str | None = None,
@@ -118,6 +127,9 @@ class RedisStore:
         except ImportError as exc:  # the core's loader names the extra for top-level imports only
             raise StoreError("store: redis needs the redis package: pip install 'authgw[redis]'") from exc
         self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
+        self._timeout = timeout
+        #: The command in progress on this thread ends by it (:meth:`_call`).
+        self._deadline = CallDeadline()
         parts = urlsplit(url)
         self.location = f"{parts.scheme}://{parts.hostname or ''}{':' + str(parts.port) if parts.port else ''}{parts.path}"
         self.prefix = key_prefix.encode("utf-8")
@@ -129,6 +141,8 @@ class RedisStore:
             options["ssl_ca_certs"] = str(ca_file)
         # redis-py's pool is thread-safe and notices a fork (it checks the pid on checkout).
         self._redis = redis.Redis.from_url(url, **options)
+        pool = self._redis.connection_pool
+        pool.connection_class = bounded_connection_class(pool.connection_class, self._deadline)
         self._put = self._redis.register_script(_PUT)
         self._take = self._redis.register_script(_TAKE)
         self._give_back = self._redis.register_script(_GIVE_BACK)
@@ -172,8 +186,10 @@ class RedisStore:
         self._usable()
 
     def _call(self, what: str, function, *args, **kwargs):
+        """*function* (one command: a script's NOSCRIPT reload included) within ``redis.timeout``."""
         try:
-            return function(*args, **kwargs)
+            with self._deadline.within(self._timeout):
+                return function(*args, **kwargs)
         except self._errors as exc:
             raise StoreError(f"{self.location}: {what}: {exc.__class__.__name__}: {exc}") from exc
 
@@ -229,7 +245,15 @@ class RedisStore:
 
     def _names(self) -> Iterator[bytes]:
         pattern = _glob_escape(self.prefix.decode("utf-8")).encode("utf-8") + b"*"
-        for name in self._call("SCAN", lambda: list(self._redis.scan_iter(match=pattern, count=1000))):
+        # Each SCAN is a command of its own (within redis.timeout), not the whole walk of a store
+        # that may hold many entries; the names are all read before any is used, as before.
+        names, cursor = [], 0
+        while True:
+            cursor, batch = self._call("SCAN", self._redis.scan, cursor, match=pattern, count=1000)
+            names.extend(batch)
+            if not int(cursor):
+                break
+        for name in names:
             if _ROW.match(name[len(self.prefix):]):
                 yield name
 
