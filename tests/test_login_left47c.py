@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 from gateway import Identity
-from plugins.login.sessions import _JOURNAL_SIZE_LIMIT, SessionManager, SqliteStore
-from plugins.login.settings import SessionSettings
+from gateway.plugins.login.sessions import _JOURNAL_SIZE_LIMIT, SessionManager, SqliteStore
+from gateway.plugins.login.settings import SessionSettings
 
 #: A parked request's size (the door's are at most about 8 kB): 5,000 of them are some 60 MiB
 #: of WAL frames, past the limit several times.
