@@ -87,34 +87,9 @@ RENEWAL_CHECK = 3600.0
 ENROLMENT_CHECK = 1.0
 #: Seconds a link retired for a new enrolment gives the requests it carries (as a stopping one).
 _RETIRE_BUDGET = 4.0
-#: WebSocket pings and pongs a relay may send on one link: a burst of :data:`CONTROL_BURST`, then
-#: :data:`CONTROL_RATE` a second (the bound the relay puts on a connector's). An honest relay pings
-#: once per its ``ping_interval`` and answers this end's pings: a few a second. Each was answered
-#: without count on the event loop the connector's own front doors share: a relay flooding pings
-#: took this connector's ``/auth`` from a 64 ms median to 4.2 s (review of the link, fourth round).
-CONTROL_BURST = 100
-CONTROL_RATE = 50.0
 #: Seconds a link cut for a flood waits for the relay's close frame before dropping the connection:
 #: aiohttp's close reads (and drops) what comes until then, the rest of the flood included.
 _CUT_WAIT = 0.5
-
-
-class ControlBudget:
-    """The WebSocket pings and pongs a relay may still send on a link (a token bucket:
-    :data:`CONTROL_BURST`, refilled at :data:`CONTROL_RATE` a second)."""
-
-    def __init__(self, now: float) -> None:
-        self._tokens = float(CONTROL_BURST)
-        self._at = now
-
-    def spend(self, now: float) -> bool:
-        """Take one frame received at *now* (monotonic seconds); False when none is left."""
-        self._tokens = min(float(CONTROL_BURST), self._tokens + max(0.0, now - self._at) * CONTROL_RATE)
-        self._at = now
-        if self._tokens < 1.0:
-            return False
-        self._tokens -= 1.0
-        return True
 
 
 def _peer_text(text: str) -> str:
@@ -591,11 +566,14 @@ class LinkClient:
         overruns = 0  # requests refused in a row for want of room
         refused = 0  # frames refused in a row
         helloed = False  # the relay answered our hello (before it, the one answer awaited is the hello's)
-        control = ControlBudget(time.monotonic())
+        # The relay's pings and pongs, bounded as the relay bounds a connector's: each was answered
+        # without count on the loop this connector's own front doors share, and a relay flooding
+        # pings took its /auth from a 64 ms median to 4.2 s (review of the link, fourth round).
+        control = proto.ControlBudget()
         async for msg in ws:
-            if msg.type in (aiohttp.WSMsgType.PING, aiohttp.WSMsgType.PONG) and not control.spend(time.monotonic()):
+            if msg.type in (aiohttp.WSMsgType.PING, aiohttp.WSMsgType.PONG) and not control.spend():
                 log.warning("link: the relay sent WebSocket pings and pongs beyond %d, then %g a second; "
-                            "closing the link", CONTROL_BURST, CONTROL_RATE)
+                            "closing the link", proto.CONTROL_BURST, proto.CONTROL_RATE)
                 await self._cut(ws, 1008, "too many pings")
                 return
             if msg.type == aiohttp.WSMsgType.PING:

@@ -33,6 +33,7 @@ import heapq
 import json
 import math
 import secrets
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,8 +45,8 @@ except ImportError:  # pragma: no cover - depends on the installed cryptography
     hpke = None
 
 __all__ = [
-    "ANSWER", "ERROR", "MAX_AHEAD", "MAX_FRAME", "MAX_SEARCH_LIMIT", "REQUEST_TYPES", "SEALED_FIELDS", "VERSION",
-    "Message", "ProtocolError", "ReplayGuard", "Stamp", "answer", "decode", "error", "new_id", "new_stamp",
+    "ANSWER", "CONTROL_BURST", "CONTROL_RATE", "ERROR", "MAX_AHEAD", "MAX_FRAME", "MAX_SEARCH_LIMIT", "REQUEST_TYPES", "SEALED_FIELDS", "VERSION",
+    "ControlBudget", "Message", "ProtocolError", "ReplayGuard", "Stamp", "answer", "decode", "error", "new_id", "new_stamp",
     "open_password", "password_info", "request", "seal_password", "utf8",
 ]
 
@@ -58,6 +59,32 @@ MAX_FRAME = 64 * 1024
 MAX_AHEAD = 120.0
 #: Most users one ``search_users`` answer holds: a page of profiles must fit one frame.
 MAX_SEARCH_LIMIT = 100
+#: WebSocket pings and pongs either end accepts from the other: a burst of :data:`CONTROL_BURST`,
+#: then :data:`CONTROL_RATE` a second (:class:`ControlBudget`); beyond it the link is closed
+#: (1008 "too many pings"). An honest end pings once per ``ping_interval`` and answers the
+#: other's pings: a few a second at most.
+CONTROL_BURST = 100
+CONTROL_RATE = 50.0
+
+
+class ControlBudget:
+    """The WebSocket pings and pongs the other end may still send (a token bucket:
+    :data:`CONTROL_BURST`, refilled at :data:`CONTROL_RATE` a second)."""
+
+    def __init__(self, clock=time.monotonic) -> None:
+        self._clock = clock
+        self._tokens = float(CONTROL_BURST)
+        self._at = clock()
+
+    def spend(self) -> bool:
+        """Take one frame; False when none is left (the link that sent it is to be closed)."""
+        at = self._clock()
+        self._tokens = min(float(CONTROL_BURST), self._tokens + max(0.0, at - self._at) * CONTROL_RATE)
+        self._at = at
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
 
 ANSWER, ERROR = "answer", "error"
 #: Requests the relay sends to a connector, and those a connector sends to the relay.

@@ -68,15 +68,13 @@ MAX_PROBES = 4
 #: ``hello`` per dial; beyond the rate a request is answered ``unavailable`` (a refused frame).
 REQUEST_BURST = 32
 REQUEST_RATE = 1.0
-#: WebSocket pings and pongs one connector id may send, all its links together: a burst of
-#: :data:`CONTROL_BURST`, then :data:`CONTROL_RATE` a second; beyond it the link that sent one
-#: is closed (1008). A connector pings once per ``ping_interval`` and answers the relay's pings:
-#: a few a second at most. Answered inside aiohttp (``autoping``), they were counted nowhere: one
-#: connector's flood of pings over one link made the relay's worker answer 130,000 a second,
-#: and a third of the logins of every connection it served ran past their 5 s deadline (review
-#: of the relay side).
-CONTROL_BURST = 100
-CONTROL_RATE = 50.0
+#: WebSocket pings and pongs one connector id may send, all its links together, are bounded by
+#: the link protocol's :data:`~gateway.plugins.linkproto.CONTROL_BURST` and ``CONTROL_RATE``;
+#: beyond them the link that sent one is closed (1008). Answered inside aiohttp (``autoping``),
+#: they were counted nowhere: one connector's flood of pings over one link made the relay's
+#: worker answer 130,000 a second, and a third of the logins of every connection it served ran
+#: past their 5 s deadline (review of the relay side).
+CONTROL_BURST, CONTROL_RATE = proto.CONTROL_BURST, proto.CONTROL_RATE
 #: New links one connector id may open at a relay (its workers together): a burst of
 #: :data:`DIAL_BURST`, then :data:`DIAL_RATE` a second; beyond it ``/link`` is refused (429
 #: ``too_many_dials``) before the registry is read. Bounded in number only (:data:`MAX_LINKS`),
@@ -167,26 +165,14 @@ class ConnectorGuard(proto.ReplayGuard):
         return max(self._seen.values(), default=-math.inf)
 
 
-class ControlBudget:
-    """The WebSocket pings and pongs one connector id may still send (a token bucket:
-    :data:`CONTROL_BURST`, refilled at :data:`CONTROL_RATE` a second)."""
+class ControlBudget(proto.ControlBudget):
+    """The WebSocket pings and pongs one connector id may still send, all its links together
+    (:class:`gateway.plugins.linkproto.ControlBudget`), with what the relay logs of it."""
 
     def __init__(self, clock=time.monotonic) -> None:
-        self._clock = clock
-        self._tokens = float(CONTROL_BURST)
-        self._at = clock()
+        super().__init__(clock)
         self.closed = 0  # links closed for spending it
         self.last_logged = -math.inf
-
-    def spend(self) -> bool:
-        """Take one frame; False when none is left (the link that sent it is closed)."""
-        at = self._clock()
-        self._tokens = min(float(CONTROL_BURST), self._tokens + max(0.0, at - self._at) * CONTROL_RATE)
-        self._at = at
-        if self._tokens < 1.0:
-            return False
-        self._tokens -= 1.0
-        return True
 
 
 class DialBudgets:
